@@ -1,0 +1,34 @@
+#include <torch/library.h>
+#include "activation.h"
+#include "common.h"
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> act_derivs_cpu(const at::Tensor& z, const at::Tensor& g, int64_t kind, double slope) {
+  TORCH_CHECK(z.sizes() == g.sizes(), "act_derivs: z ", z.sizes(), " and g ", g.sizes(), " differ in shape");
+  TORCH_CHECK(z.scalar_type() == g.scalar_type(), "act_derivs: dtype mismatch");
+  TORCH_CHECK(kind >= 0 && kind <= FC_GELU, "act_derivs: unknown activation kind ", kind);
+  auto zc = z.contiguous(), gc = g.contiguous();
+  auto d1 = at::empty_like(zc), d2g = at::empty_like(zc);
+  const int64_t n = zc.numel();
+  AT_DISPATCH_FLOATING_TYPES(zc.scalar_type(), "act_derivs_cpu", [&] {
+    const scalar_t* zp = zc.data_ptr<scalar_t>();
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    scalar_t* d1p = d1.data_ptr<scalar_t>();
+    scalar_t* d2p = d2g.data_ptr<scalar_t>();
+    const scalar_t s = static_cast<scalar_t>(slope);
+    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t a, b;
+        fc_act_derivs<scalar_t>(kind, zp[i], s, a, b);
+        d1p[i] = a;
+        d2p[i] = b * gp[i];
+      }
+    });
+  });
+  return {d1, d2g};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcurv, CPU, m) { m.impl("act_derivs", &act_derivs_cpu); }

@@ -1,0 +1,17 @@
+// Schemas of the fastcurv operators. Each op has one implementation file per device
+// (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu) and a pure-torch reference in src/fastcurv/ops/.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastcurv, m) {
+  // Hessian of softmax cross-entropy w.r.t. the logits applied to tangents:
+  // out[b,k,n,:] = scale * p * (t - <p, t>), p = probs[b,n,:], t = tangent[b,k,n,:].
+  m.def("softmax_ce_hvp(Tensor probs, Tensor tangent, float scale) -> Tensor");
+  // Activation derivatives at the pre-activation z, and the second-order term times the
+  // backpropagated gradient g: returns (sigma'(z), sigma''(z) * g). kind: see ops/activation.py.
+  m.def("act_derivs(Tensor z, Tensor g, int kind, float slope) -> (Tensor, Tensor)");
+  // Backward R-op of an element-wise activation, broadcast over K probes:
+  // out[b,k,:] = d1[b,:] * rg[b,k,:] + d2g[b,:] * rz[b,k,:].
+  m.def("act_rop_bwd(Tensor d1, Tensor d2g, Tensor rz, Tensor rg) -> Tensor");
+  // Exact pairwise agreement counts between integer predictions preds[R, M]: out[i,j] = #{m : preds[i,m] == preds[j,m]}.
+  m.def("agreement_counts(Tensor preds) -> Tensor");
+}

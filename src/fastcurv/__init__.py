@@ -1,0 +1,32 @@
+"""fastcurv: curvature, sharpness and function-space measures for many replicas at once."""
+import torch  # noqa: F401  (load torch before the compiled extension)
+
+from . import ops
+from ._ext import cpu_extension_loaded, cuda_extension_loaded, kernel_impl, set_kernel_impl, use_kernels
+from .operator import HessianOperator, hvp
+from .replicas import ReplicaSet
+from .sharpness import SharpnessResult, batched_sharpness
+from .solvers import hutchinson, hutchpp, lanczos, power_iteration, slq
+
+__version__ = "0.1.0"
+
+cpu_extension_loaded()
+
+__all__ = [
+    "HessianOperator",
+    "ReplicaSet",
+    "SharpnessResult",
+    "batched_sharpness",
+    "cpu_extension_loaded",
+    "cuda_extension_loaded",
+    "hutchinson",
+    "hutchpp",
+    "hvp",
+    "kernel_impl",
+    "lanczos",
+    "ops",
+    "power_iteration",
+    "set_kernel_impl",
+    "slq",
+    "use_kernels",
+]

@@ -1,0 +1,121 @@
+"""Loading of the compiled kernels and the choice between them and the torch references.
+
+``torch.ops.fastcurv.*`` is registered by ``fastcurv._C`` (C++ CPU kernels) and, when it was
+built, ``fastcurv._cuda`` (CUDA kernels). Every op also has a pure-torch reference in
+``fastcurv.ops``; :func:`set_kernel_impl` selects which one the wrappers call.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_loaded: dict[str, str | None] = {}
+_errors: dict[str, str] = {}
+_IMPLS = ("auto", "ext", "torch", "triton", "cuda")
+_impl = os.environ.get("FASTCURV_KERNELS", "auto")
+
+
+def _load(name: str) -> bool:
+    if name in _loaded:
+        return _loaded[name] is not None
+    paths = sorted(glob.glob(os.path.join(_HERE, f"{name}*.so")) + glob.glob(os.path.join(_HERE, f"{name}*.pyd")))
+    _loaded[name] = None
+    if not paths:
+        _errors[name] = f"no compiled library {name}*.so next to {_HERE} (was the package built?)"
+        return False
+    try:
+        torch.ops.load_library(paths[0])
+        _loaded[name] = paths[0]
+    except OSError as exc:  # wrong torch ABI, missing symbols
+        _errors[name] = f"{paths[0]}: {exc}"
+    return _loaded[name] is not None
+
+
+def cpu_extension_loaded() -> bool:
+    """True when the C++ CPU kernels (``fastcurv._C``) are registered."""
+    return _load("_C")
+
+
+def cuda_extension_loaded() -> bool:
+    """True when the CUDA kernels (``fastcurv._cuda``) are registered (needs ``_C`` first)."""
+    return cpu_extension_loaded() and _load("_cuda")
+
+
+def extension_error(name: str = "_C") -> str | None:
+    """Why an extension did not load, or None."""
+    _load(name)
+    return _errors.get(name)
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether ``torch.ops.fastcurv.<op>`` has a compiled kernel for ``device_type`` ('cpu', 'cuda')."""
+    if device_type == "cuda":
+        cuda_extension_loaded()
+    elif not cpu_extension_loaded():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcurv::{op}", key)
+    except RuntimeError:
+        return False
+
+
+def kernel_impl() -> str:
+    """The current kernel choice: 'auto', 'ext' (compiled C++/CUDA), 'triton', 'cuda' or 'torch'."""
+    return _impl
+
+
+def set_kernel_impl(impl: str) -> None:
+    """Select the kernels the op wrappers call.
+
+    'auto' (default): compiled C++ on CPU tensors; on CUDA tensors Triton when installed, else
+    the CUDA extension, else torch. 'ext': compiled kernels (C++ on CPU, CUDA on GPU).
+    'triton' / 'cuda': force that GPU path. 'torch': the pure-torch references everywhere.
+    """
+    global _impl
+    if impl not in _IMPLS:
+        raise ValueError(f"kernel impl must be one of {_IMPLS}, got {impl!r}")
+    _impl = impl
+
+
+@contextlib.contextmanager
+def use_kernels(impl: str):
+    """Context manager form of :func:`set_kernel_impl`."""
+    old = _impl
+    set_kernel_impl(impl)
+    try:
+        yield
+    finally:
+        set_kernel_impl(old)
+
+
+def choose(op: str, device: torch.device) -> str:
+    """Which implementation an op wrapper should call for tensors on ``device``:
+    'ext', 'triton' or 'torch'."""
+    impl = _impl
+    if impl == "torch":
+        return "torch"
+    if device.type == "cuda":
+        if impl in ("auto", "triton"):
+            from . import triton_kernels
+
+            if triton_kernels.available() and triton_kernels.supports(op):
+                return "triton"
+            if impl == "triton":
+                raise RuntimeError(f"Triton kernel for {op} requested but Triton is not usable here")
+        if has_kernel(op, "cuda"):
+            return "ext"
+        if impl in ("ext", "cuda"):
+            raise RuntimeError(f"CUDA kernel for {op} requested but fastcurv._cuda is not built/loaded: {extension_error('_cuda')}")
+        return "torch"
+    if device.type == "cpu" and impl != "triton" and has_kernel(op, "cpu"):
+        return "ext"
+    if impl == "ext":
+        raise RuntimeError(f"compiled kernel for {op} requested but not available: {extension_error('_C')}")
+    if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    return "torch"

@@ -1,0 +1,14 @@
+"""Hessian-vector product backends. Each computes, for the active replicas and K probes,
+the full-data Hessian applied to per-parameter tangents ``[Ra, K, *shape]``.
+
+* ``autograd``: the oracle; per-replica double backward, graph rebuilt for every matvec.
+* ``func``: torch.func; vmapped over replicas, linearized once per batch and reused.
+* ``fused``: fastcurv's R-op engine with compact per-batch caches (supported layer graphs only).
+"""
+from .autograd import AutogradBackend
+from .base import Backend
+from .func import FuncBackend
+
+BACKENDS = {"autograd": AutogradBackend, "func": FuncBackend}
+
+__all__ = ["Backend", "AutogradBackend", "FuncBackend", "BACKENDS"]

@@ -1,0 +1,110 @@
+"""Reading the data once per matvec for all replicas, with optional caching on the device."""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+
+DEFAULT_CACHE_BYTES = 2 << 30  # batches are kept on the device up to this size (cache_data="auto")
+
+
+def is_single_batch(data) -> bool:
+    """True for one ``(inputs, targets)`` pair of tensors rather than a loader."""
+    return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+
+
+def _split(item, i: int):
+    if isinstance(item, dict):
+        for kx, ky in (("inputs", "targets"), ("x", "y"), ("input", "target"), ("image", "label")):
+            if kx in item and ky in item:
+                return item[kx], item[ky]
+        raise TypeError(f"batch {i} is a dict with keys {sorted(item)}; expected (inputs, targets) or keys inputs/targets")
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise TypeError(f"batch {i} is a {type(item).__name__}; the loader must yield (inputs, targets) pairs")
+    return item[0], item[1]
+
+
+class Batches:
+    """The batches of ``data`` (a loader or one ``(inputs, targets)`` pair), moved to ``device``.
+
+    The first pass (done at construction) validates every batch, counts the samples and, when
+    ``cache`` allows, keeps the batches on the device so that later passes do not re-read the
+    loader. Iterating yields ``(index, inputs, targets)``.
+
+    Args:
+        cache: True, False or "auto" (cache when the batches take at most ``max_cache_bytes``).
+    """
+
+    def __init__(self, data, *, device, dtype, cache="auto", max_cache_bytes: int = DEFAULT_CACHE_BYTES):
+        if cache not in (True, False, "auto"):
+            raise ValueError(f"cache_data must be True, False or 'auto', got {cache!r}")
+        self.source = [tuple(data)] if is_single_batch(data) else data
+        self.device, self.dtype = torch.device(device), dtype
+        self.cache: list | None = [] if cache in (True, "auto") else None
+        self.sizes: list[int] = []
+        nbytes = 0
+        for i, (x, y) in enumerate(self._read()):
+            self.sizes.append(x.shape[0])
+            if self.cache is not None:
+                nbytes += x.numel() * x.element_size() + y.numel() * y.element_size()
+                if cache == "auto" and nbytes > max_cache_bytes:
+                    self.cache = None
+                else:
+                    self.cache.append((x, y))
+        if not self.sizes:
+            raise ValueError("the data loader yielded no batches (empty loader)")
+        self.num_samples = sum(self.sizes)
+        if self.num_samples == 0:
+            raise ValueError("the data loader yielded only empty batches")
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def _read(self) -> Iterable:
+        try:
+            iterator = iter(self.source)
+        except TypeError:
+            raise TypeError(f"data must be a loader (iterable of (inputs, targets)) or one (inputs, targets) pair, got {type(self.source).__name__}") from None
+        for i, item in enumerate(iterator):
+            x, y = _split(item, i)
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                raise TypeError(f"batch {i}: inputs and targets must be tensors, got {type(x).__name__} and {type(y).__name__}")
+            if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+                raise ValueError(f"batch {i}: inputs {tuple(x.shape)} and targets {tuple(y.shape)} disagree on the batch size")
+            if x.is_floating_point():
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"batch {i}: the inputs contain NaN or Inf")
+                x = x.to(self.device, self.dtype)
+            else:
+                x = x.to(self.device)
+            if y.is_floating_point():
+                if not torch.isfinite(y).all():
+                    raise ValueError(f"batch {i}: the targets contain NaN or Inf")
+                y = y.to(self.device, self.dtype)
+            else:
+                y = y.to(self.device)
+            yield x, y
+
+    def __iter__(self):
+        if self.cache is not None:
+            yield from ((i, x, y) for i, (x, y) in enumerate(self.cache))
+            return
+        n = 0
+        for i, (x, y) in enumerate(self._read()):
+            if i >= len(self.sizes) or x.shape[0] != self.sizes[i]:
+                raise RuntimeError(
+                    "the loader yielded different batches on a later pass (sizes changed); use a deterministic loader or cache_data=True"
+                )
+            n += 1
+            yield i, x, y
+        if n != len(self.sizes):
+            raise RuntimeError(f"the loader yielded {n} batches on a later pass but {len(self.sizes)} on the first")
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    def warn_if_uncached(self):
+        if self.cache is None:
+            warnings.warn("batches are not cached (over the memory limit); the loader is read once per matvec", stacklevel=3)

@@ -1,0 +1,89 @@
+"""Loss functions and exact sample-count weighting over a whole data set.
+
+Conventions (documented in the README):
+* ``"cross_entropy"``: softmax cross-entropy on logits ``[N, C]`` with integer labels ``[N]``.
+* ``"mse"``: squared error, torch's ``MSELoss`` convention: ``mean`` divides by the number of
+  output *entries* (N x outputs per sample), ``sum`` sums them.
+* a callable ``loss(outputs, targets) -> scalar``: its own reduction over the batch is given by
+  ``loss_reduction`` ("mean" over samples, the default, as torch's losses do; or "sum").
+
+The full-data loss is L = (1/N) * sum_i l_i for ``reduction="mean"`` (N = all samples of the
+loader, so a ragged last batch is weighted exactly) and sum_i l_i for ``reduction="sum"``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+REDUCTIONS = ("mean", "sum")
+
+
+class Loss:
+    """A loss with the weighting that turns per-batch values into the full-data loss.
+
+    ``kind`` is "cross_entropy", "mse" or "callable"; :meth:`batch_loss` returns the batch's
+    contribution to the full-data loss, so summing it over batches gives L exactly.
+    """
+
+    def __init__(self, loss: str | Callable = "cross_entropy", reduction: str = "mean", loss_reduction: str = "mean"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
+        if isinstance(loss, str):
+            key = loss.lower().replace("-", "_")
+            aliases = {"ce": "cross_entropy", "crossentropy": "cross_entropy", "cross_entropy": "cross_entropy", "mse": "mse"}
+            if key not in aliases:
+                raise ValueError(f"unknown loss {loss!r}: use 'cross_entropy', 'mse' or a callable(outputs, targets)")
+            self.kind, self.fn = aliases[key], None
+        elif callable(loss):
+            self.kind, self.fn = "callable", loss
+        else:
+            raise TypeError(f"loss must be a name or a callable, got {type(loss).__name__}")
+        self.reduction = reduction
+        self.loss_reduction = loss_reduction
+        self.num_samples: int | None = None
+
+    def __repr__(self):
+        return f"Loss({self.kind}, reduction={self.reduction})"
+
+    def scale(self, outputs_per_sample: int = 1) -> float:
+        """Factor from a *summed* per-entry loss to the batch's share of the full-data loss."""
+        if self.reduction == "sum":
+            return 1.0
+        denom = self.num_samples * (outputs_per_sample if self.kind == "mse" else 1)
+        return 1.0 / denom
+
+    def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Raise a clear error for targets that do not fit the outputs (outputs without replica axis)."""
+        if self.kind == "cross_entropy":
+            if targets.is_floating_point():
+                if targets.shape != outputs.shape:
+                    raise ValueError(f"soft cross-entropy targets have shape {tuple(targets.shape)}, outputs {tuple(outputs.shape)}")
+                return
+            if targets.dim() != 1 or targets.shape[0] != outputs.shape[0] or outputs.dim() != 2:
+                raise ValueError(
+                    f"cross_entropy expects logits [N, C] and integer labels [N]; got outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}"
+                )
+            C = outputs.shape[-1]
+            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= C):
+                raise ValueError(
+                    f"labels out of range: found labels in [{int(targets.min())}, {int(targets.max())}] but the model has {C} classes"
+                )
+        elif self.kind == "mse" and targets.shape != outputs.shape:
+            raise ValueError(f"mse expects targets shaped like the outputs {tuple(outputs.shape)}, got {tuple(targets.shape)}")
+
+    def batch_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """This batch's share of the full-data loss (one replica; outputs ``[n, ...]``)."""
+        n = outputs.shape[0]
+        if self.kind == "cross_entropy":
+            return F.cross_entropy(outputs, targets, reduction="sum") * self.scale()
+        if self.kind == "mse":
+            return F.mse_loss(outputs, targets, reduction="sum") * self.scale(outputs[0].numel())
+        value = self.fn(outputs, targets)
+        if value.dim() != 0:
+            raise ValueError(f"a callable loss must return a scalar; got shape {tuple(value.shape)}")
+        per_sum = value * n if self.loss_reduction == "mean" else value
+        return per_sum * self.scale()

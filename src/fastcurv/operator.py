@@ -1,0 +1,217 @@
+"""The batched Hessian operator: R replicas x K probes per pass over the data."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import grad, vmap
+
+from .backends import BACKENDS
+from .data import Batches
+from .losses import Loss
+from .replicas import ReplicaSet
+
+BACKEND_CHOICES = ("auto", "autograd", "func", "fused")
+
+
+def select_backend(replicas: ReplicaSet, requested: str) -> tuple[str, str]:
+    """Pick a backend name and say why. ``auto`` prefers the fused engine when it supports the
+    model, else torch.func (any model torch.func can run)."""
+    if requested not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {requested!r}")
+    fused = BACKENDS.get("fused")
+    if requested == "fused":
+        if fused is None:
+            raise ValueError("the fused backend is not available in this build")
+        ok, why = fused.supports(replicas)
+        if not ok:
+            raise ValueError(f"the fused backend does not support this model: {why}")
+        return "fused", "requested"
+    if requested != "auto":
+        return requested, "requested"
+    if fused is not None:
+        ok, why = fused.supports(replicas)
+        if ok:
+            return "fused", "auto: the fused R-op engine supports every layer of this model (fastest)"
+        return "func", f"auto: fused engine not usable ({why}); torch.func works for any model it can trace"
+    return "func", "auto: torch.func (vmapped, linearized once per batch)"
+
+
+class HessianOperator:
+    """Full-data Hessians of R same-architecture replicas as one batched linear operator.
+
+    ``H_r = d^2 L_r / d theta_r^2`` with L_r the loss of replica r over every batch of ``data``
+    (exact sample weighting, see :mod:`fastcurv.losses`). :meth:`matvec` applies all R Hessians
+    to K probe vectors each in one pass over the data.
+
+    Args:
+        models: list of ``nn.Module`` replicas of one architecture (or a :class:`ReplicaSet`).
+        data: a loader yielding ``(inputs, targets)`` or one ``(inputs, targets)`` batch.
+        loss: "cross_entropy" (default), "mse", or a callable ``loss(outputs, targets)``.
+        reduction: "mean" (default, over all samples of ``data``) or "sum".
+        loss_reduction: reduction of a callable loss over its batch ("mean" or "sum").
+        backend: "auto", "autograd", "func" or "fused" (see :mod:`fastcurv.backends`).
+        bn_mode: "eval" (default: BatchNorm running statistics, no dropout) or "batch" (BatchNorm
+            batch statistics; dropout still off). The models themselves are never modified.
+        cache_data: keep the batches on the device (True/False/"auto", up to 2 GiB).
+        backend_options: passed to the backend (e.g. ``{"reuse": False}`` for "func").
+    """
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module] | ReplicaSet,
+        data,
+        *,
+        loss: str | Callable = "cross_entropy",
+        reduction: str = "mean",
+        loss_reduction: str = "mean",
+        backend: str = "auto",
+        bn_mode: str = "eval",
+        cache_data="auto",
+        backend_options: dict | None = None,
+    ):
+        self.replicas = models if isinstance(models, ReplicaSet) else ReplicaSet(models, bn_mode=bn_mode)
+        rs = self.replicas
+        self.batches = Batches(data, device=rs.device, dtype=rs.dtype, cache=cache_data)
+        self.loss = Loss(loss, reduction, loss_reduction)
+        self.loss.num_samples = self.batches.num_samples
+        self._check_first_batch()
+        self.backend_name, self.backend_reason = select_backend(rs, backend)
+        self._auto = backend == "auto"
+        self._backend_options = backend_options or {}
+        self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **self._backend_options)
+        self.failed = ~rs.finite.clone()
+        self.num_passes = 0
+        self.num_matvecs = 0
+
+    # --- shape facts -------------------------------------------------------------------------
+    @property
+    def R(self) -> int:
+        return self.replicas.R
+
+    @property
+    def P(self) -> int:
+        return self.replicas.P
+
+    @property
+    def dtype(self):
+        return self.replicas.dtype
+
+    @property
+    def device(self):
+        return self.replicas.device
+
+    @property
+    def num_samples(self) -> int:
+        return self.batches.num_samples
+
+    def _check_first_batch(self):
+        rs = self.replicas
+        _, x, y = next(iter(self.batches))
+        r = int(rs.finite.nonzero()[0]) if rs.finite.any() else 0
+        with torch.no_grad():
+            try:
+                out = rs.call({n: t[r] for n, t in rs.params.items()}, {n: t[r] for n, t in rs.buffers.items()}, x)
+            except RuntimeError as exc:
+                raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): {exc}") from exc
+        self.loss.check_targets(out, y)
+
+    # --- products ----------------------------------------------------------------------------
+    def matvec(self, V: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Hessian-vector products for every replica and probe.
+
+        V: ``[R, P]`` or ``[R, K, P]``; with ``idx`` (a 1-D index tensor of replicas) the leading
+        axis holds those replicas only. Returns the same shape. Replicas whose parameters or
+        products are non-finite get NaN rows and are recorded in :attr:`failed`.
+        """
+        rs = self.replicas
+        single = V.dim() == 2
+        V3 = V.unsqueeze(1) if single else V
+        rows = torch.arange(rs.R) if idx is None else idx.to("cpu", torch.long).flatten()
+        if V3.dim() != 3 or V3.shape[0] != len(rows) or V3.shape[2] != rs.P:
+            raise ValueError(
+                f"vectors must be [{len(rows)}, P] or [{len(rows)}, K, P] with P = {rs.P}; got {tuple(V.shape)}"
+            )
+        if V3.dtype != rs.dtype or V3.device != rs.device:
+            V3 = V3.to(rs.device, rs.dtype)
+        out = torch.full_like(V3, float("nan"))
+        good = ~self.failed[rows]
+        if good.any():
+            sub = rows[good]
+            run_idx = None if len(sub) == rs.R else sub.to(rs.device)
+            vin = V3 if bool(good.all()) else V3[good.to(V3.device)]
+            res = self._run(rs.unflatten(vin), run_idx)
+            flat = rs.flatten(res, lead=2)
+            out[good.to(V3.device)] = flat
+            bad_now = ~torch.isfinite(flat.reshape(len(sub), -1)).all(dim=1).cpu()
+            if bad_now.any():
+                newly = sub[bad_now]
+                self.failed[newly] = True
+                out[torch.isin(rows, newly).to(out.device)] = float("nan")
+                warnings.warn(f"replicas {newly.tolist()} produced non-finite Hessian products: flagged, results NaN", RuntimeWarning, stacklevel=2)
+        self.num_passes += 1
+        self.num_matvecs += V3.shape[1]
+        return out.squeeze(1) if single else out
+
+    def _run(self, vecs, idx):
+        try:
+            return self.backend.matvec(vecs, idx)
+        except (RuntimeError, NotImplementedError) as exc:
+            if not (self._auto and self.backend_name == "func"):
+                raise
+            warnings.warn(
+                f"torch.func could not differentiate this model ({exc.__class__.__name__}: {str(exc)[:200]}); "
+                "falling back to the 'autograd' backend",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.backend_name, self.backend_reason = "autograd", f"auto: torch.func failed ({str(exc)[:120]})"
+            self.backend = BACKENDS["autograd"](self.replicas, self.loss, self.batches)
+            return self.backend.matvec(vecs, idx)
+
+    def __matmul__(self, V):
+        return self.matvec(V)
+
+    def loss_and_gradient(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-data loss ``[Ra]`` and gradient ``[Ra, P]`` of replicas ``idx`` (all when None),
+        computed for all of them at once (vmapped); the cost unit of fastcurv's benchmarks."""
+        rs, loss = self.replicas, self.loss
+        params, buffers = rs.subset(idx)
+        Ra = next(iter(params.values())).shape[0]
+        total = torch.zeros(Ra, dtype=rs.dtype, device=rs.device)
+        grads = [torch.zeros_like(params[n]) for n in rs.names]
+        for _, x, y in self.batches:
+
+            def one(p, b):
+                value = loss.batch_loss(rs.call(p, b, x), y)
+                return value, value
+
+            g, value = vmap(grad(one, has_aux=True))(params, buffers)
+            total += value
+            for j, n in enumerate(rs.names):
+                grads[j] += g[n]
+        return total, rs.flatten(grads)
+
+    def dense(self, replica: int = 0) -> torch.Tensor:
+        """The full ``[P, P]`` Hessian of one replica, column by column (small models only)."""
+        rs = self.replicas
+        if rs.P > 20000:
+            raise ValueError(f"dense Hessian of P = {rs.P} parameters is too large; use matvec-based solvers")
+        cols = []
+        eye = torch.eye(rs.P, dtype=rs.dtype, device=rs.device)
+        idx = torch.tensor([replica])
+        for chunk in eye.split(64):
+            cols.append(self.matvec(chunk.unsqueeze(0), idx=idx)[0])
+        return torch.cat(cols).T.contiguous()
+
+
+def hvp(models, data, vectors: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Hessian-vector products of the full-data loss for every replica.
+
+    models: list of replicas of one architecture. data: a loader or one ``(inputs, targets)``
+    batch. vectors: ``[R, P]`` or ``[R, K, P]`` in ``model.parameters()`` order. Returns the same
+    shape. Keyword arguments are those of :class:`HessianOperator`.
+    """
+    return HessianOperator(models, data, **kwargs).matvec(vectors)

@@ -1,0 +1,19 @@
+"""Thin wrappers over ``torch.ops.fastcurv.*``, one module per op, each with its pure-torch reference.
+
+The wrapper dispatches on the tensors' device and :func:`fastcurv.set_kernel_impl`
+(compiled C++ on CPU; Triton or CUDA on GPU; the torch reference anywhere).
+"""
+from .activation import ACTIVATIONS, act_derivs, act_derivs_reference, activation_kind
+from .act_rop_bwd import act_rop_bwd, act_rop_bwd_reference
+from .softmax_ce_hvp import softmax_ce_hvp, softmax_ce_hvp_reference
+
+__all__ = [
+    "ACTIVATIONS",
+    "activation_kind",
+    "act_derivs",
+    "act_derivs_reference",
+    "act_rop_bwd",
+    "act_rop_bwd_reference",
+    "softmax_ce_hvp",
+    "softmax_ce_hvp_reference",
+]

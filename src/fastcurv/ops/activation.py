@@ -1,0 +1,61 @@
+"""Element-wise activation derivatives: sigma'(z) and sigma''(z) * g, computed once per batch."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _ext
+
+# Keep in sync with csrc/cpu/activation.h (FcActivation).
+ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5}
+
+
+def activation_kind(name: str) -> int:
+    """Integer code of an activation name (see :data:`ACTIVATIONS`)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+def act_derivs_reference(z: torch.Tensor, g: torch.Tensor, kind: int, slope: float = 0.0):
+    """``(sigma'(z), sigma''(z) * g)`` in plain torch."""
+    if kind == ACTIVATIONS["relu"]:
+        d1, d2 = (z > 0).to(z.dtype), torch.zeros_like(z)
+    elif kind == ACTIVATIONS["leaky_relu"]:
+        d1, d2 = torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope)), torch.zeros_like(z)
+    elif kind == ACTIVATIONS["tanh"]:
+        t = torch.tanh(z)
+        d1 = 1 - t * t
+        d2 = -2 * t * d1
+    elif kind == ACTIVATIONS["sigmoid"]:
+        s = torch.sigmoid(z)
+        d1 = s * (1 - s)
+        d2 = d1 * (1 - 2 * s)
+    elif kind == ACTIVATIONS["gelu"]:
+        phi = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+        d1 = cdf + z * phi
+        d2 = phi * (2 - z * z)
+    elif kind == ACTIVATIONS["identity"]:
+        d1, d2 = torch.ones_like(z), torch.zeros_like(z)
+    else:
+        raise ValueError(f"unknown activation kind {kind}")
+    return d1, d2 * g
+
+
+def act_derivs(z: torch.Tensor, g: torch.Tensor, kind: int, slope: float = 0.0):
+    """First derivative of the activation at ``z`` and second derivative times ``g``.
+
+    z, g: same shape (any). Returns ``(d1, d2g)`` of that shape. These are the multipliers of the
+    activation's R-op: forward ``a' = d1 * z'``, backward ``g_z' = d1 * g_a' + d2g * z'``.
+    """
+    impl = _ext.choose("act_derivs", z.device)
+    if impl == "ext":
+        return torch.ops.fastcurv.act_derivs(z, g, int(kind), float(slope))
+    if impl == "triton":
+        from .. import triton_kernels
+
+        return triton_kernels.act_derivs(z, g, int(kind), float(slope))
+    return act_derivs_reference(z, g, kind, slope)

@@ -1,0 +1,173 @@
+"""Stacking R same-architecture models into one batched parameter set (replica axis R).
+
+Flat vector layout used everywhere in fastcurv: ``[R, P]`` or ``[R, K, P]``, P = the number of
+parameter entries in ``model.parameters()`` order, each parameter flattened row-major.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+BN_MODES = ("eval", "batch")
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def validate_models(models: Sequence[nn.Module]) -> None:
+    """Raise a clear error when ``models`` cannot be stacked as replicas of one architecture."""
+    if isinstance(models, nn.Module):
+        raise TypeError("models must be a list of nn.Module replicas, not a single module; wrap it as [model]")
+    models = list(models)
+    if not models:
+        raise ValueError("models is empty: pass a list of at least one nn.Module")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"replica {i} is a {type(m).__name__}, not an nn.Module")
+    ref_params = list(models[0].named_parameters())
+    if not ref_params:
+        raise ValueError("replica 0 has no parameters: there is no curvature to compute")
+    dtypes = {p.dtype for _, p in ref_params}
+    devices = {p.device for _, p in ref_params}
+    if len(dtypes) > 1:
+        raise ValueError(f"replica 0 mixes parameter dtypes {sorted(map(str, dtypes))}; convert the model to one dtype")
+    if len(devices) > 1:
+        raise ValueError(f"replica 0 has parameters on several devices {sorted(map(str, devices))}; move it to one device")
+    if not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"parameters must be floating point, got {next(iter(dtypes))}")
+    ref_types = [type(mod) for _, mod in models[0].named_modules()]
+    for i, m in enumerate(models[1:], start=1):
+        params = list(m.named_parameters())
+        for (n0, p0), (n, p) in zip(ref_params, params):
+            if n0 != n:
+                raise ValueError(f"replica {i} differs from replica 0: parameter {n!r} where replica 0 has {n0!r}")
+            if p.shape != p0.shape:
+                raise ValueError(
+                    f"replica {i} differs from replica 0: parameter {n!r} has shape {tuple(p.shape)}, replica 0 has {tuple(p0.shape)}"
+                )
+            if p.dtype != p0.dtype:
+                raise ValueError(f"replica {i} has dtype {p.dtype} for {n!r} but replica 0 has {p0.dtype}: mixed dtypes")
+            if p.device != p0.device:
+                raise ValueError(
+                    f"replica {i} has {n!r} on {p.device} but replica 0 is on {p0.device}: move all replicas to one device"
+                )
+        if len(params) != len(ref_params):
+            extra = params[len(ref_params)][0] if len(params) > len(ref_params) else ref_params[len(params)][0]
+            raise ValueError(
+                f"replica {i} differs from replica 0: {len(params)} parameters vs {len(ref_params)} (first unmatched: {extra!r})"
+            )
+        types = [type(mod) for _, mod in m.named_modules()]
+        if types != ref_types:
+            for j, (a, b) in enumerate(zip(ref_types, types)):
+                if a is not b:
+                    break
+            else:
+                j = min(len(types), len(ref_types))
+            names = [n for n, _ in m.named_modules()]
+            where = repr(names[j]) if j < len(names) else "(end)"
+            got = types[j].__name__ if j < len(types) else "nothing"
+            want = ref_types[j].__name__ if j < len(ref_types) else "nothing"
+            raise ValueError(f"replica {i} differs from replica 0: module {where} is {got}, replica 0 has {want}")
+
+
+def functional_base(model: nn.Module, bn_mode: str = "eval") -> nn.Module:
+    """A parameter-free (meta) copy of ``model`` in the mode fastcurv evaluates it in.
+
+    ``bn_mode='eval'``: everything in eval mode (BatchNorm running statistics, no dropout).
+    ``bn_mode='batch'``: BatchNorm normalizes with the statistics of each batch (running
+    statistics are neither used nor updated); dropout stays off. The user's models are not touched.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    base = copy.deepcopy(model).to("meta")
+    base.eval()
+    if bn_mode == "batch":
+        for mod in base.modules():
+            if isinstance(mod, _BN_TYPES):
+                mod.train()
+                mod.track_running_stats = False
+                mod.running_mean = None
+                mod.running_var = None
+                mod.num_batches_tracked = None
+    return base
+
+
+class ReplicaSet:
+    """R replicas of one architecture, their parameters stacked along a leading axis.
+
+    Attributes:
+        params: ``{name: [R, *shape]}`` detached parameter tensors, ``model.parameters()`` order.
+        buffers: ``{name: [R, *shape]}`` the buffers the functional model uses.
+        finite: ``[R]`` bool, False for replicas whose parameters contain NaN or Inf.
+        R, P: number of replicas and of parameter entries per replica.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], *, bn_mode: str = "eval"):
+        validate_models(models)
+        models = list(models)
+        self.bn_mode = bn_mode
+        self.base = functional_base(models[0], bn_mode)
+        self.names = [n for n, _ in models[0].named_parameters()]
+        self.shapes = [tuple(p.shape) for _, p in models[0].named_parameters()]
+        self.numels = [int(torch.Size(s).numel()) for s in self.shapes]
+        self.P = sum(self.numels)
+        self.R = len(models)
+        with torch.no_grad():
+            self.params = {
+                n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]) for n in self.names
+            }
+            buffer_names = [n for n, b in self.base.named_buffers() if b is not None]
+            self.buffers = {n: torch.stack([dict(m.named_buffers())[n].detach() for m in models]) for n in buffer_names}
+        first = self.params[self.names[0]]
+        self.dtype, self.device = first.dtype, first.device
+        finite = torch.ones(self.R, dtype=torch.bool, device=self.device)
+        for t in self.params.values():
+            finite &= torch.isfinite(t.reshape(self.R, -1)).all(dim=1)
+        self.finite = finite.cpu()
+        bad = (~self.finite).nonzero().flatten().tolist()
+        if bad:
+            warnings.warn(
+                f"replicas {bad} have non-finite (NaN/Inf) parameters: their results will be NaN and flagged",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    # --- flat layout -------------------------------------------------------------------------
+    def flatten(self, tensors: Sequence[torch.Tensor], lead: int = 1) -> torch.Tensor:
+        """Concatenate per-parameter tensors ``[*lead_dims, *shape]`` into ``[*lead_dims, P]``."""
+        lead_shape = tensors[0].shape[:lead]
+        return torch.cat([t.reshape(*lead_shape, -1) for t in tensors], dim=-1)
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Split ``[..., P]`` into per-parameter views ``[..., *shape]``."""
+        if flat.shape[-1] != self.P:
+            raise ValueError(f"vectors have {flat.shape[-1]} entries in the last axis, the models have P = {self.P}")
+        lead = flat.shape[:-1]
+        return [c.reshape(*lead, *s) for c, s in zip(flat.split(self.numels, dim=-1), self.shapes)]
+
+    def flat_params(self) -> torch.Tensor:
+        """``[R, P]`` parameters of all replicas."""
+        return self.flatten([self.params[n] for n in self.names])
+
+    def subset(self, idx: torch.Tensor | None):
+        """``(params, buffers)`` dicts restricted to replicas ``idx`` (all when None)."""
+        if idx is None:
+            return self.params, self.buffers
+        return ({n: t[idx] for n, t in self.params.items()}, {n: t[idx] for n, t in self.buffers.items()})
+
+    # --- evaluation --------------------------------------------------------------------------
+    def call(self, params: dict, buffers: dict, x):
+        """Run one replica's functional model: ``params``/``buffers`` without the replica axis."""
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def forward(self, x, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs of replicas ``idx`` (all when None) on the batch ``x``: ``[R, N, ...]``."""
+        params, buffers = self.subset(idx)
+        return vmap(self.call, in_dims=(0, 0, None))(params, buffers, x)

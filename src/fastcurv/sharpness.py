@@ -1,0 +1,209 @@
+"""``batched_sharpness``: curvature measures for every replica in one job."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .operator import HessianOperator
+from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
+
+MEASURES = ("lambda_max", "lambda_min", "top_k", "trace", "spectrum")
+TRACE_METHODS = ("auto", "deflated", "hutch++", "hutchinson")
+
+
+@dataclass
+class SharpnessResult:
+    """Per-replica results of :func:`batched_sharpness`.
+
+    values: ``{column: [R] tensor}`` (``lambda_max``, ``trace``, ``lambda_1..k`` for top_k, ...).
+    stderr: standard errors of stochastic estimates (``trace``). error_bounds: eigenvalue error
+    estimates. iterations: matvecs per replica for each solver. converged: ``[R]`` bool per solver.
+    ok: ``[R]`` False for replicas whose parameters or products were non-finite (their values are
+    NaN). flags: one human-readable string per replica (empty when all is well).
+    spectrum: the SLQ spectral density when requested.
+    """
+
+    values: dict = field(default_factory=dict)
+    stderr: dict = field(default_factory=dict)
+    error_bounds: dict = field(default_factory=dict)
+    iterations: dict = field(default_factory=dict)
+    converged: dict = field(default_factory=dict)
+    ok: torch.Tensor | None = None
+    flags: list = field(default_factory=list)
+    spectrum: SpectralDensity | None = None
+    backend: str = ""
+    backend_reason: str = ""
+    num_matvecs: int = 0
+    seconds: float = 0.0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.values[name]
+
+    def __repr__(self):
+        cols = ", ".join(self.values)
+        return f"SharpnessResult(R={len(self.flags)}, measures=[{cols}], backend={self.backend!r}, matvecs={self.num_matvecs})"
+
+    def to_pandas(self):
+        """One row per replica: each measure, its stderr / error bound, iterations, converged, flags."""
+        import pandas as pd
+
+        df = pd.DataFrame({"replica": range(len(self.flags))})
+        for name, v in self.values.items():
+            df[name] = v.numpy()
+            if name in self.stderr:
+                df[f"{name}_stderr"] = self.stderr[name].numpy()
+            if name in self.error_bounds:
+                df[f"{name}_error"] = self.error_bounds[name].numpy()
+        for name, it in self.iterations.items():
+            df[f"{name}_iters"] = it.numpy()
+        for name, c in self.converged.items():
+            df[f"{name}_converged"] = c.numpy()
+        df["ok"] = self.ok.numpy()
+        df["flags"] = self.flags
+        return df.set_index("replica")
+
+
+class _Progress:
+    def __init__(self, op, enabled):
+        self.op = op
+        self.bar = tqdm(total=None, unit="matvec", desc="fastcurv", disable={False: True, None: None, True: False}[enabled], leave=False)
+        self._last = 0
+
+    def stage(self, name):
+        self.bar.set_description(f"fastcurv {name}")
+
+    def tick(self, *_):
+        self.bar.update(self.op.num_matvecs - self._last)
+        self._last = self.op.num_matvecs
+
+    def close(self):
+        self.tick()
+        self.bar.close()
+
+
+def batched_sharpness(
+    models,
+    data,
+    *,
+    measures=("lambda_max", "trace"),
+    loss="cross_entropy",
+    reduction: str = "mean",
+    backend: str = "auto",
+    bn_mode: str = "eval",
+    seed: int = 0,
+    common_random_numbers: bool = True,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    eig_solver: str = "lanczos",
+    top_k: int = 5,
+    trace_method: str = "auto",
+    trace_probes: int = 30,
+    slq_steps: int = 60,
+    slq_draws: int = 1,
+    progress: bool | None = None,
+    cache_data="auto",
+    **operator_kwargs,
+) -> SharpnessResult:
+    """Curvature measures of the full-data loss for every replica at once.
+
+    Args:
+        models: list of R replicas of one architecture. data: loader or one (inputs, targets) batch.
+        measures: any of "lambda_max" (top Hessian eigenvalue), "lambda_min", "top_k" (the
+            ``top_k`` largest, columns lambda_1..), "trace" (with a standard error), "spectrum" (SLQ
+            spectral density, in ``result.spectrum``).
+        seed: seeds every probe; with ``common_random_numbers=True`` (default) every replica gets
+            the same probes and batches, so differences between replicas are less noisy.
+        tol: relative accuracy of eigenvalues. max_iter: matvecs per eigen-solve at most.
+        eig_solver: "lanczos" (default) or "power" (PyHessian's rule; largest modulus).
+        trace_method: "auto" (Krylov-deflated Hutchinson reusing the lambda_max Lanczos basis when
+            there is one, else Hutch++), "deflated", "hutch++" or "hutchinson". trace_probes: the
+            number of stochastic probes (Hutch++: total matvec budget).
+        slq_steps, slq_draws: SLQ Lanczos steps and start vectors.
+        progress: tqdm bar (None: only on a terminal; False: off).
+        Other keywords (loss, reduction, backend, bn_mode, cache_data, ...) go to
+        :class:`fastcurv.HessianOperator`.
+    """
+    if isinstance(measures, str):
+        measures = (measures,)
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown:
+        raise ValueError(f"unknown measures {unknown}; available: {MEASURES}")
+    if trace_method not in TRACE_METHODS:
+        raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {trace_method!r}")
+    if eig_solver not in ("lanczos", "power"):
+        raise ValueError(f"eig_solver must be 'lanczos' or 'power', got {eig_solver!r}")
+    t0 = time.perf_counter()
+    op = HessianOperator(models, data, loss=loss, reduction=reduction, backend=backend, bn_mode=bn_mode,
+                         cache_data=cache_data, **operator_kwargs)
+    out = SharpnessResult(backend=op.backend_name, backend_reason=op.backend_reason)
+    bar = _Progress(op, progress)
+    crn = common_random_numbers
+    deflate = "trace" in measures and trace_method in ("auto", "deflated") and eig_solver == "lanczos"
+    if trace_method == "deflated" and not ("lambda_max" in measures or "top_k" in measures or eig_solver == "lanczos"):
+        raise ValueError("trace_method='deflated' reuses the Lanczos basis of lambda_max/top_k: request one of them")
+    basis = None
+    try:
+        top = None
+        if "top_k" in measures or "lambda_max" in measures or (deflate and trace_method == "deflated"):
+            k = top_k if "top_k" in measures else 1
+            bar.stage("top eigenvalues")
+            if eig_solver == "power":
+                if k > 1:
+                    raise ValueError("top_k needs eig_solver='lanczos'")
+                top = power_iteration(op, max_iter=max_iter, tol=tol, seed=seed, common=crn, callback=bar.tick)
+            else:
+                top = lanczos(op, k=k, max_iter=max_iter, tol=tol, seed=seed, common=crn, keep_basis=deflate, callback=bar.tick)
+                basis = top
+            if "lambda_max" in measures:
+                out.values["lambda_max"] = top.eigenvalues[:, 0]
+                out.error_bounds["lambda_max"] = top.error_bounds[:, 0]
+            if "top_k" in measures:
+                for i in range(k):
+                    out.values[f"lambda_{i + 1}"] = top.eigenvalues[:, i]
+            name = "top_k" if "top_k" in measures else "lambda_max"
+            out.iterations[name] = top.iterations
+            out.converged[name] = top.converged
+        if "lambda_min" in measures:
+            bar.stage("bottom eigenvalue")
+            low = lanczos(op, k=1, which="smallest", max_iter=max_iter, tol=tol, seed=seed + 7, common=crn, callback=bar.tick)
+            out.values["lambda_min"] = low.eigenvalues[:, 0]
+            out.error_bounds["lambda_min"] = low.error_bounds[:, 0]
+            out.iterations["lambda_min"] = low.iterations
+            out.converged["lambda_min"] = low.converged
+        if "trace" in measures:
+            bar.stage("trace")
+            if basis is not None and basis.basis is not None:
+                tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, basis=basis.basis,
+                                basis_trace=basis.tridiag_trace, callback=bar.tick)
+            elif trace_method == "hutchinson":
+                tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, callback=bar.tick)
+            else:
+                tr = hutchpp(op, num_matvecs=max(6, trace_probes), seed=seed + 1, common=crn, callback=bar.tick)
+            out.values["trace"] = tr.trace
+            out.stderr["trace"] = tr.stderr
+        if "spectrum" in measures:
+            bar.stage("spectrum")
+            out.spectrum = slq(op, num_steps=slq_steps, num_draws=slq_draws, seed=seed + 2, common=crn, callback=bar.tick)
+    finally:
+        bar.close()
+    out.ok = ~op.failed
+    for name, t in out.values.items():
+        t[op.failed] = float("nan")
+    flags = []
+    finite = op.replicas.finite
+    for r in range(op.R):
+        f = []
+        if not bool(finite[r]):
+            f.append("non-finite parameters")
+        elif bool(op.failed[r]):
+            f.append("non-finite Hessian products")
+        else:
+            f += [f"{name} not converged" for name, c in out.converged.items() if not bool(c[r])]
+        flags.append("; ".join(f))
+    out.flags = flags
+    out.num_matvecs = op.num_matvecs
+    out.seconds = time.perf_counter() - t0
+    return out

@@ -1,0 +1,22 @@
+"""Krylov and stochastic solvers batched over replicas, with per-replica convergence.
+
+All take a :class:`fastcurv.HessianOperator` (anything with ``matvec(V, idx)``, ``R``, ``P``,
+``dtype``, ``device`` and a ``failed`` mask) and return results holding ``[R]`` tensors.
+"""
+from .lanczos import EigenResult, lanczos
+from .power import power_iteration
+from .probes import probe_vectors
+from .slq import SpectralDensity, slq
+from .trace import TraceResult, hutchinson, hutchpp
+
+__all__ = [
+    "EigenResult",
+    "lanczos",
+    "power_iteration",
+    "probe_vectors",
+    "SpectralDensity",
+    "slq",
+    "TraceResult",
+    "hutchinson",
+    "hutchpp",
+]

@@ -1,0 +1,184 @@
+"""Lanczos with full reorthogonalization, one Krylov space per replica, run in lock step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .probes import probe_vectors
+
+
+@dataclass
+class EigenResult:
+    """Extreme eigenvalues per replica.
+
+    eigenvalues: ``[R, k]`` (largest first for which="largest", smallest first for "smallest").
+    residuals: ``[R, k]`` Ritz residual norms ``|beta_m s_m|``; error_bounds: ``[R, k]`` the
+    estimate ``min(r, r^2 / gap)`` of ``|theta - lambda|``. iterations: ``[R]`` matvecs used.
+    converged: ``[R]`` bool. eigenvectors: ``[R, k, P]`` Ritz vectors when requested.
+    basis / tridiag_trace: the orthonormal Krylov basis ``[R, m, P]`` (zero rows past each
+    replica's last step) and ``trace(Q^T H Q)`` ``[R]``, kept for trace deflation when requested.
+    """
+
+    eigenvalues: torch.Tensor
+    residuals: torch.Tensor
+    error_bounds: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+    eigenvectors: torch.Tensor | None = None
+    basis: torch.Tensor | None = None
+    tridiag_trace: torch.Tensor | None = None
+    alphas: torch.Tensor | None = None
+    betas: torch.Tensor | None = None
+
+
+def _tridiag(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Symmetric tridiagonal ``[B, n, n]`` from diagonals alpha ``[B, n]`` and beta ``[B, n-1]``."""
+    T = torch.diag_embed(alpha)
+    if beta.shape[-1]:
+        T = T + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+    return T
+
+
+def _ritz_errors(theta: torch.Tensor, resid: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """min(r, r^2/gap) for the Ritz values at positions ``pick`` (gap to the nearest other one)."""
+    n = theta.shape[-1]
+    if n == 1:
+        return resid
+    sel = theta.gather(1, pick)
+    diff = (theta.unsqueeze(1) - sel.unsqueeze(2)).abs()
+    diff.scatter_(2, pick.unsqueeze(2), float("inf"))
+    gap = diff.min(dim=2).values.clamp_min(1e-300)
+    return torch.minimum(resid, resid * resid / gap)
+
+
+def lanczos(
+    op,
+    *,
+    k: int = 1,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    which: str = "largest",
+    v0: torch.Tensor | None = None,
+    seed: int = 0,
+    common: bool = True,
+    min_iter: int = 0,
+    return_vectors: bool = False,
+    keep_basis: bool = False,
+    callback: Callable[[int, int], None] | None = None,
+) -> EigenResult:
+    """Top-k (or bottom-k) eigenvalues of each replica's Hessian by Lanczos.
+
+    Every replica runs its own Krylov space from the same start vector (common random numbers)
+    and stops on its own when all its k Ritz values have error estimate ``<= tol * |theta|``;
+    converged replicas drop out of later matvecs. Tridiagonal eigenproblems are solved in float64;
+    every new vector is reorthogonalized against the whole basis.
+
+    Args:
+        op: the batched operator. k: how many eigenvalues. max_iter: matvecs per replica at most.
+        tol: relative accuracy target. which: "largest" (algebraic) or "smallest".
+        v0: start vectors ``[R, P]`` (default: Gaussian from ``seed``). min_iter: do at least this
+        many steps (e.g. to build a basis for trace deflation). callback(step, n_active) per step.
+    """
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    R, P = op.R, op.P
+    m = min(max_iter, P)
+    f64 = torch.float64
+    if v0 is None:
+        g = torch.Generator().manual_seed(seed)
+        v0 = probe_vectors(R, 1, P, generator=g, kind="gaussian", common=common, dtype=op.dtype, device=op.device)[:, 0]
+    q0 = v0 / v0.norm(dim=-1, keepdim=True)
+    cap = min(m + 1, 24)
+    Q = torch.zeros(R, cap, P, dtype=op.dtype, device=op.device)
+    Q[:, 0] = q0
+    alpha = torch.zeros(R, m, dtype=f64)
+    beta = torch.zeros(R, m + 1, dtype=f64)
+    eig = torch.full((R, k), float("nan"), dtype=f64)
+    res = torch.full((R, k), float("nan"), dtype=f64)
+    err = torch.full((R, k), float("nan"), dtype=f64)
+    vecs_S: dict[int, torch.Tensor] = {}
+    iters = torch.zeros(R, dtype=torch.long)
+    converged = torch.zeros(R, dtype=torch.bool)
+    active = ~op.failed.clone()
+    sign = 1.0 if which == "largest" else -1.0
+
+    for j in range(m):
+        ai = active.nonzero().flatten()
+        if len(ai) == 0:
+            break
+        if j + 1 >= Q.shape[1]:
+            Q = torch.cat([Q, torch.zeros(R, min(Q.shape[1], m + 1 - Q.shape[1]), P, dtype=Q.dtype, device=Q.device)], 1)
+        full = len(ai) == R
+        dev_ai = ai.to(op.device)
+        qj = Q[:, j] if full else Q[dev_ai, j]
+        w = op.matvec(qj, idx=None if full else ai)
+        a = (w * qj).sum(-1)
+        w = w - a.unsqueeze(-1) * qj
+        if j > 0:
+            prev = Q[:, j - 1] if full else Q[dev_ai, j - 1]
+            w = w - beta[ai, j].to(w.dtype).to(w.device).unsqueeze(-1) * prev
+        basis = Q[:, : j + 1] if full else Q[dev_ai, : j + 1]
+        w = w - torch.bmm(basis.transpose(1, 2), torch.bmm(basis, w.unsqueeze(-1))).squeeze(-1)
+        b = w.norm(dim=-1)
+        alpha[ai, j] = a.to(f64).cpu()
+        beta[ai, j + 1] = b.to(f64).cpu()
+        newq = w / b.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-1)
+        if full:
+            Q[:, j + 1] = newq
+        else:
+            Q[dev_ai, j + 1] = newq
+        iters[ai] = j + 1
+        if callback is not None:
+            callback(j + 1, len(ai))
+
+        n = j + 1
+        T = _tridiag(alpha[ai, :n], beta[ai, 1:n])
+        finite = torch.isfinite(T.reshape(len(ai), -1)).all(1) & ~op.failed[ai]
+        T = torch.where(finite.view(-1, 1, 1), T, torch.zeros_like(T))
+        theta, S = torch.linalg.eigh(T)
+        kk = min(k, n)
+        pick = (torch.arange(n - 1, n - 1 - kk, -1) if sign > 0 else torch.arange(kk)).expand(len(ai), kk)
+        bcur = beta[ai, n]
+        r = (bcur.unsqueeze(1) * S[:, n - 1, :].gather(1, pick).abs())
+        e = _ritz_errors(theta, r, pick)
+        th = theta.gather(1, pick)
+        scale = th.abs().clamp_min(1e-30)
+        breakdown = bcur <= 1e-10 * theta.abs().max(dim=1).values.clamp_min(1e-30)
+        done = (kk == k) & ((e <= tol * scale).all(dim=1) | breakdown) & (n >= min_iter)
+        done |= breakdown & (n >= min_iter)
+        last = n == m
+        stop = done | ~finite | torch.tensor(last).expand_as(done)
+        for local in stop.nonzero().flatten().tolist():
+            rr = int(ai[local])
+            if bool(finite[local]):
+                eig[rr, :kk], res[rr, :kk], err[rr, :kk] = th[local], r[local], e[local]
+                converged[rr] = bool(done[local])
+                if return_vectors:
+                    vecs_S[rr] = S[local][:, pick[local]]
+            Q[rr, n] = 0  # the next (unused) direction is not part of this replica's basis
+            active[rr] = False
+
+    failed = op.failed.clone()
+    eig[failed], res[failed], err[failed] = float("nan"), float("nan"), float("nan")
+    converged &= ~failed
+    eigenvectors = None
+    if return_vectors:
+        eigenvectors = torch.full((R, k, P), float("nan"), dtype=op.dtype, device=op.device)
+        for rr, S_r in vecs_S.items():
+            n = int(iters[rr])
+            eigenvectors[rr, : S_r.shape[1]] = (S_r.T.to(op.dtype).to(op.device) @ Q[rr, :n])
+    out = EigenResult(eig, res, err, iters, converged, eigenvectors)
+    if keep_basis:
+        n_max = int(iters.max()) if len(iters) else 0
+        out.basis = Q[:, :n_max]
+        tri = torch.zeros(R, dtype=f64)
+        for rr in range(R):
+            tri[rr] = alpha[rr, : int(iters[rr])].sum()
+        tri[failed] = float("nan")
+        out.tridiag_trace = tri
+    out.alphas, out.betas = alpha, beta
+    return out
