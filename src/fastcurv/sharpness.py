@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .measures import load_all as _load_measures
 from .operator import HessianOperator
 from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
 
@@ -105,6 +106,7 @@ def batched_sharpness(
     slq_draws: int = 1,
     progress: bool | None = None,
     cache_data="auto",
+    measure_options: dict | None = None,
     **operator_kwargs,
 ) -> SharpnessResult:
     """Curvature measures of the full-data loss for every replica at once.
@@ -123,14 +125,18 @@ def batched_sharpness(
             number of stochastic probes (Hutch++: total matvec budget).
         slq_steps, slq_draws: SLQ Lanczos steps and start vectors.
         progress: tqdm bar (None: only on a terminal; False: off).
+        measure_options: ``{measure: {option: value}}`` for registered measures (see
+            :mod:`fastcurv.measures`), e.g. ``{"rho_sharpness": {"rho": 0.05}}``.
         Other keywords (loss, reduction, backend, bn_mode, cache_data, ...) go to
         :class:`fastcurv.HessianOperator`.
     """
     if isinstance(measures, str):
         measures = (measures,)
-    unknown = [m for m in measures if m not in MEASURES]
+    extra = _load_measures()
+    unknown = [m for m in measures if m not in MEASURES and m not in extra]
     if unknown:
-        raise ValueError(f"unknown measures {unknown}; available: {MEASURES}")
+        raise ValueError(f"unknown measures {unknown}; available: {MEASURES + tuple(sorted(extra))}")
+    measure_options = measure_options or {}
     if trace_method not in TRACE_METHODS:
         raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {trace_method!r}")
     if eig_solver not in ("lanczos", "power"):
@@ -187,6 +193,17 @@ def batched_sharpness(
         if "spectrum" in measures:
             bar.stage("spectrum")
             out.spectrum = slq(op, num_steps=slq_steps, num_draws=slq_draws, seed=seed + 2, common=crn, callback=bar.tick)
+        for name in measures:
+            if name in MEASURES:
+                continue
+            bar.stage(name)
+            for col, mv in extra[name](op, seed=seed, common=crn, **measure_options.get(name, {})).items():
+                out.values[col] = mv.value
+                if mv.stderr is not None:
+                    out.stderr[col] = mv.stderr
+                if mv.converged is not None:
+                    out.converged[col] = mv.converged
+            bar.tick()
     finally:
         bar.close()
     out.ok = ~op.failed
