@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import nn
 from torch.func import grad, jvp, linearize, vmap
 
 from .base import Backend
@@ -40,12 +41,26 @@ class FuncBackend(Backend):
             set of active replicas and the linearization (which holds the primal forward and
             backward) is reused, so a matvec costs only the tangent passes. "auto" reuses when the
             estimated size of these graphs fits in ``reuse_bytes``.
+        mode: "forward" (torch.func forward-over-reverse, ``jvp(grad)``), "graph" (vmapped forward,
+            then plain autograd double backward through a retained graph) or "auto": "graph" when
+            BatchNorm uses batch statistics, because torch.func's nested transforms (``jvp(grad)``,
+            ``vjp(grad)``, ``hessian``) give wrong second derivatives through batch-statistics
+            BatchNorm in torch 2.13 (checked against finite differences in tests/test_operator.py);
+            "forward" otherwise.
     """
 
     name = "func"
 
-    def __init__(self, replicas, loss, batches, reuse="auto", reuse_bytes: int = DEFAULT_REUSE_BYTES):
+    def __init__(self, replicas, loss, batches, reuse="auto", reuse_bytes: int = DEFAULT_REUSE_BYTES, mode="auto"):
         super().__init__(replicas, loss, batches)
+        if mode not in ("auto", "forward", "graph"):
+            raise ValueError(f"mode must be 'auto', 'forward' or 'graph', got {mode!r}")
+        if mode == "auto":
+            batch_bn = replicas.bn_mode == "batch" and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in replicas.base.modules()
+            )
+            mode = "graph" if batch_bn else "forward"
+        self.mode = mode
         if reuse not in (True, False, "auto"):
             raise ValueError(f"reuse must be True, False or 'auto', got {reuse!r}")
         if reuse == "auto":
@@ -71,12 +86,63 @@ class FuncBackend(Backend):
         hit = self._linear.get(i)
         if hit is not None and hit[0] == key:
             return hit[1]
-        params, buffers = self.replicas.subset(idx)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*get_attr Node.*")
-            _, fn = linearize(self._grad_map(buffers, x, y), params)
+        if hit is not None and key is not None:
+            # While at least half of the cached replicas are still active, run the cached
+            # linearization with zero tangents for the others instead of tracing a new one.
+            cached = list(range(self.replicas.R)) if hit[0] is None else list(hit[0])
+            where = {r: j for j, r in enumerate(cached)}
+            if all(r in where for r in key) and 2 * len(key) >= len(cached):
+                return self._padded(hit[1], torch.tensor([where[r] for r in key]), len(cached))
+        fn = self._linear_map(x, y, idx)
         self._linear[i] = (key, fn)
         return fn
+
+    @staticmethod
+    def _padded(fn, pos, n):
+        dev_pos = None
+
+        def apply(v):
+            nonlocal dev_pos
+            first = next(iter(v.values()))
+            dev_pos = pos.to(first.device) if dev_pos is None else dev_pos
+            full = {}
+            for name, t in v.items():
+                z = torch.zeros((n, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                z[dev_pos] = t
+                full[name] = z
+            return {name: t[dev_pos] for name, t in fn(full).items()}
+
+        return apply
+
+    def _linear_map(self, x, y, idx):
+        """``v -> H v`` on one batch for replicas ``idx``, with the primal work done once."""
+        params, buffers = self.replicas.subset(idx)
+        if self.mode == "graph":
+            return self._graph_map(params, buffers, x, y)
+        gmap = self._grad_map(buffers, x, y)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*get_attr Node.*")
+            return linearize(gmap, params)[1]
+
+    def _graph_map(self, params, buffers, x, y):
+        rs, loss = self.replicas, self.loss
+        leaves = [params[n].detach().requires_grad_(True) for n in rs.names]
+
+        def one(p, b):
+            return loss.batch_loss(rs.call(p, b, x), y)
+
+        total = vmap(one)(dict(zip(rs.names, leaves)), buffers).sum()
+        grads = torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True)
+        used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
+
+        def apply(v):
+            if not used:
+                return {n: torch.zeros_like(v[n]) for n in rs.names}
+            hv = torch.autograd.grad([grads[j] for j in used], leaves, grad_outputs=[v[rs.names[j]] for j in used],
+                                     retain_graph=True, allow_unused=True)
+            return {n: (h if h is not None else torch.zeros_like(v[n])) for n, h in zip(rs.names, hv)}
+
+        return apply
 
     def matvec(self, vecs, idx):
         rs = self.replicas
@@ -84,8 +150,8 @@ class FuncBackend(Backend):
         out = [torch.zeros_like(v) for v in vecs]
         params, buffers = rs.subset(idx)
         for i, x, y in self.batches:
-            if self.reuse:
-                fn = self._linearized(i, x, y, idx)
+            if self.reuse or self.mode == "graph":
+                fn = self._linearized(i, x, y, idx) if self.reuse else self._linear_map(x, y, idx)
                 for k in range(K):
                     hv = fn({n: v[:, k] for n, v in zip(rs.names, vecs)})
                     for j, n in enumerate(rs.names):

@@ -1,0 +1,59 @@
+"""Dense float64 references used by the tests."""
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fastcurv.replicas import functional_base
+
+
+def dense_hessian(model: nn.Module, batches, loss="cross_entropy", reduction="mean", bn_mode="eval"):
+    """The full-data Hessian ``[P, P]`` of one model by plain autograd
+    (``torch.autograd.functional.hessian`` of the flat loss). Not torch.func: its nested transforms
+    (``hessian``, ``jacrev(jacrev)``) get batch-statistics BatchNorm wrong (see test_operator.py)."""
+    base = functional_base(model, bn_mode)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    buffers = {n: b for n, b in model.named_buffers() if n in dict(base.named_buffers()) and dict(base.named_buffers())[n] is not None}
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    N = sum(x.shape[0] for x, _ in batches)
+
+    def f(v):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = s.numel()
+            params[n] = v[i : i + k].view(s)
+            i += k
+        total = 0
+        for x, y in batches:
+            out = functional_call(base, (params, buffers), (x,))
+            if loss == "cross_entropy":
+                l = nn.functional.cross_entropy(out, y, reduction="sum")
+                total = total + (l / N if reduction == "mean" else l)
+            elif loss == "mse":
+                l = nn.functional.mse_loss(out, y, reduction="sum")
+                total = total + (l / (N * out[0].numel()) if reduction == "mean" else l)
+            else:
+                l = loss(out, y) * x.shape[0]
+                total = total + (l / N if reduction == "mean" else l)
+        return total
+
+    return torch.autograd.functional.hessian(f, flat)
+
+
+class DenseOperator:
+    """A batched operator over explicit symmetric matrices ``[R, P, P]`` (for solver tests)."""
+
+    def __init__(self, mats):
+        self.mats = mats
+        self.R, self.P = mats.shape[0], mats.shape[1]
+        self.dtype, self.device = mats.dtype, mats.device
+        self.failed = torch.zeros(self.R, dtype=torch.bool)
+        self.num_matvecs = 0
+
+    def matvec(self, V, idx=None):
+        single = V.dim() == 2
+        V3 = V.unsqueeze(1) if single else V
+        M = self.mats if idx is None else self.mats[idx]
+        out = torch.einsum("rpq,rkq->rkp", M, V3)
+        self.num_matvecs += V3.shape[1]
+        return out.squeeze(1) if single else out

@@ -1,0 +1,195 @@
+"""Every backend's Hessian-vector products against dense float64 Hessians (torch.func.hessian)."""
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from models import cnn, mlp, replicas
+from oracle import dense_hessian
+
+BACKENDS = ["autograd", "func", "auto"]
+
+
+def ragged(x, y, sizes):
+    out, i = [], 0
+    for s in sizes:
+        out.append((x[i : i + s], y[i : i + s]))
+        i += s
+    return out
+
+
+def check_against_dense(models, batches, backend, **kw):
+    op = fastcurv.HessianOperator(models, batches, backend=backend, **kw)
+    gen = torch.Generator().manual_seed(1)
+    V = torch.randn(len(models), 3, op.P, generator=gen, dtype=torch.float64)
+    HV = op.matvec(V)
+    for r, m in enumerate(models):
+        H = dense_hessian(m, batches, loss=kw.get("loss", "cross_entropy"), reduction=kw.get("reduction", "mean"),
+                          bn_mode=kw.get("bn_mode", "eval"))
+        torch.testing.assert_close(HV[r], V[r] @ H.T, rtol=1e-9, atol=1e-11)
+    return op
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU, nn.GELU, nn.Sigmoid])
+def test_mlp_cross_entropy_ragged(backend, act):
+    models = replicas(lambda: mlp(act), R=3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(23, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (23,), generator=gen)
+    check_against_dense(models, ragged(x, y, [10, 10, 3]), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mlp_mse(backend, reduction):
+    models = replicas(lambda: mlp(nn.Tanh, (4, 6, 2)), R=2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(17, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(17, 2, generator=gen, dtype=torch.float64)
+    check_against_dense(models, ragged(x, y, [8, 8, 1]), backend, loss="mse", reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", ["autograd", "func"])
+def test_callable_loss(backend):
+    def smooth_l1(out, y):
+        return nn.functional.smooth_l1_loss(out, y, reduction="sum") / out.shape[0]
+
+    models = replicas(lambda: mlp(nn.Tanh, (3, 5, 2)), R=2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(9, 2, generator=gen, dtype=torch.float64) * 0.1
+    check_against_dense(models, ragged(x, y, [5, 4]), backend, loss=smooth_l1)
+
+
+@pytest.mark.parametrize("backend", ["autograd", "func"])
+@pytest.mark.parametrize("pool", ["max", "avg", "adaptive"])
+def test_cnn_batchnorm_eval(backend, pool):
+    models = replicas(lambda: cnn(pool), R=2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 1, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    check_against_dense(models, ragged(x, y, [4, 3]), backend)
+
+
+@pytest.mark.parametrize("backend", ["autograd", "func"])
+def test_batchnorm_batch_statistics(backend):
+    models = replicas(lambda: cnn("avg"), R=2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    op = check_against_dense(models, ragged(x, y, [4, 4]), backend, bn_mode="batch")
+    # batch statistics really differ from running statistics
+    op_eval = fastcurv.HessianOperator(models, ragged(x, y, [4, 4]), backend=backend)
+    V = torch.randn(2, op.P, dtype=torch.float64, generator=gen)
+    assert (op.matvec(V) - op_eval.matvec(V)).abs().max() > 1e-6
+    # the user's models are left in their own mode
+    assert all(m.training for m in models)
+
+
+def test_linear_regression_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(31, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(31, 1, generator=gen, dtype=torch.float64)
+    model = nn.Linear(4, 1, bias=False).double()
+    op = fastcurv.HessianOperator([model], ragged(X, y, [16, 15]), loss="mse")
+    expected = 2 * X.T @ X / 31
+    torch.testing.assert_close(op.dense(0), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_equals_loop_and_probe_layout():
+    models = replicas(lambda: mlp(nn.Tanh, (6, 8, 4)), R=4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 6, generator=gen)
+    y = torch.randint(0, 4, (20,), generator=gen)
+    op = fastcurv.HessianOperator(models, (x, y))
+    V = torch.randn(4, 5, op.P, generator=gen)
+    HV = op.matvec(V)
+    for r, m in enumerate(models):
+        single = fastcurv.hvp([m], (x, y), V[r : r + 1])
+        torch.testing.assert_close(HV[r : r + 1], single, rtol=1e-4, atol=1e-6)
+        for k in (0, 4):
+            torch.testing.assert_close(HV[r, k], fastcurv.hvp([m], (x, y), V[r : r + 1, k])[0], rtol=1e-4, atol=1e-6)
+    # idx selects a subset of replicas
+    idx = torch.tensor([3, 1])
+    torch.testing.assert_close(op.matvec(V[idx], idx=idx), HV[idx], rtol=1e-4, atol=1e-6)
+
+
+def test_loader_read_once_per_matvec_and_cache():
+    class CountingLoader:
+        def __init__(self, batches):
+            self.batches, self.passes = batches, 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(self.batches)
+
+    models = replicas(lambda: mlp(nn.Tanh), R=5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=gen)
+    loader = CountingLoader(ragged(x, y, [6, 6]))
+    op = fastcurv.HessianOperator(models, loader, cache_data=False)
+    first = loader.passes
+    op.matvec(torch.randn(5, 2, op.P, dtype=torch.float64))
+    assert loader.passes == first + 1  # one pass for all 5 replicas and both probes
+    loader2 = CountingLoader(ragged(x, y, [6, 6]))
+    op2 = fastcurv.HessianOperator(models, loader2, cache_data=True)
+    op2.matvec(torch.randn(5, op.P, dtype=torch.float64))
+    op2.matvec(torch.randn(5, op.P, dtype=torch.float64))
+    assert loader2.passes == 1  # cached on the device after the first pass
+
+
+def test_func_reuse_matches_fresh():
+    models = replicas(lambda: mlp(nn.GELU), R=3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=gen)
+    V = torch.randn(3, 2, sum(p.numel() for p in models[0].parameters()), generator=gen, dtype=torch.float64)
+    a = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse": True})
+    b = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse": False})
+    torch.testing.assert_close(a.matvec(V), b.matvec(V))
+    torch.testing.assert_close(a.matvec(V[[2, 0]], idx=torch.tensor([2, 0])), b.matvec(V)[[2, 0]])
+
+
+def test_gradient_matches_autograd():
+    models = replicas(lambda: mlp(nn.Tanh), R=2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=gen)
+    op = fastcurv.HessianOperator(models, ragged(x, y, [7, 3]))
+    loss, grad = op.loss_and_gradient()
+    for r, m in enumerate(models):
+        m.zero_grad()
+        l = nn.functional.cross_entropy(m(x), y)
+        l.backward()
+        torch.testing.assert_close(loss[r], l.detach())
+        torch.testing.assert_close(grad[r], torch.cat([p.grad.flatten() for p in m.parameters()]))
+
+
+def test_batch_statistics_against_finite_differences():
+    """Guards the reason the func backend uses reverse-over-reverse for batch-statistics BatchNorm:
+    every backend must match central differences of the exact gradient."""
+    models = replicas(lambda: cnn("avg"), R=1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    batches = ragged(x, y, [4, 4])
+    v = torch.randn(1, sum(p.numel() for p in models[0].parameters()), generator=gen, dtype=torch.float64)
+    eps = 1e-5
+
+    def grad_at(delta):
+        m = models[0]
+        with torch.no_grad():
+            for p, d in zip(m.parameters(), fastcurv.ReplicaSet([m]).unflatten(delta[0])):
+                p.add_(d)
+        g = fastcurv.HessianOperator([m], batches, bn_mode="batch").loss_and_gradient()[1]
+        with torch.no_grad():
+            for p, d in zip(m.parameters(), fastcurv.ReplicaSet([m]).unflatten(delta[0])):
+                p.sub_(d)
+        return g
+
+    fd = (grad_at(eps * v) - grad_at(-eps * v)) / (2 * eps)
+    for backend in ["autograd", "func"]:
+        hv = fastcurv.HessianOperator(models, batches, backend=backend, bn_mode="batch").matvec(v)
+        torch.testing.assert_close(hv, fd, rtol=1e-5, atol=1e-7)
