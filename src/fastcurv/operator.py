@@ -16,27 +16,23 @@ from .replicas import ReplicaSet
 BACKEND_CHOICES = ("auto", "autograd", "func", "fused")
 
 
-def select_backend(replicas: ReplicaSet, requested: str) -> tuple[str, str]:
+def select_backend(replicas: ReplicaSet, requested: str, loss: Loss | None = None) -> tuple[str, str]:
     """Pick a backend name and say why. ``auto`` prefers the fused engine when it supports the
     model, else torch.func (any model torch.func can run)."""
     if requested not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {requested!r}")
-    fused = BACKENDS.get("fused")
+    fused = BACKENDS["fused"]
     if requested == "fused":
-        if fused is None:
-            raise ValueError("the fused backend is not available in this build")
-        ok, why = fused.supports(replicas)
+        ok, why = fused.supports(replicas, loss)
         if not ok:
             raise ValueError(f"the fused backend does not support this model: {why}")
         return "fused", "requested"
     if requested != "auto":
         return requested, "requested"
-    if fused is not None:
-        ok, why = fused.supports(replicas)
-        if ok:
-            return "fused", "auto: the fused R-op engine supports every layer of this model (fastest)"
-        return "func", f"auto: fused engine not usable ({why}); torch.func works for any model it can trace"
-    return "func", "auto: torch.func (vmapped, linearized once per batch)"
+    ok, why = fused.supports(replicas, loss)
+    if ok:
+        return "fused", "auto: the fused R-op engine supports every layer and the loss of this model (fastest)"
+    return "func", f"auto: fused engine not usable ({why}); torch.func works for any model it can trace"
 
 
 class HessianOperator:
@@ -78,7 +74,7 @@ class HessianOperator:
         self.loss = Loss(loss, reduction, loss_reduction)
         self.loss.num_samples = self.batches.num_samples
         self._check_first_batch()
-        self.backend_name, self.backend_reason = select_backend(rs, backend)
+        self.backend_name, self.backend_reason = select_backend(rs, backend, self.loss)
         self._auto = backend == "auto"
         self._backend_options = backend_options or {}
         self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **self._backend_options)
@@ -176,8 +172,12 @@ class HessianOperator:
 
     def loss_and_gradient(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-data loss ``[Ra]`` and gradient ``[Ra, P]`` of replicas ``idx`` (all when None),
-        computed for all of them at once (vmapped); the cost unit of fastcurv's benchmarks."""
+        computed for all of them at once (batched GEMMs with the fused engine, else vmapped
+        torch.func); the cost unit of fastcurv's benchmarks."""
         rs, loss = self.replicas, self.loss
+        if hasattr(self.backend, "loss_and_gradient"):
+            total, grads = self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device))
+            return total, rs.flatten(grads)
         params, buffers = rs.subset(idx)
         Ra = next(iter(params.values())).shape[0]
         total = torch.zeros(Ra, dtype=rs.dtype, device=rs.device)

@@ -8,7 +8,8 @@ the full-data Hessian applied to per-parameter tangents ``[Ra, K, *shape]``.
 from .autograd import AutogradBackend
 from .base import Backend
 from .func import FuncBackend
+from .fused import FusedBackend
 
-BACKENDS = {"autograd": AutogradBackend, "func": FuncBackend}
+BACKENDS = {"autograd": AutogradBackend, "func": FuncBackend, "fused": FusedBackend}
 
-__all__ = ["Backend", "AutogradBackend", "FuncBackend", "BACKENDS"]
+__all__ = ["Backend", "AutogradBackend", "FuncBackend", "FusedBackend", "BACKENDS"]

@@ -1,0 +1,88 @@
+"""The fused R-op engine against dense float64 Hessians and the autograd oracle."""
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from models import replicas
+from oracle import dense_hessian
+
+ACTS = [nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid]
+
+
+def chain(act, bias=True):
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5, bias=bias), act(), nn.Dropout(0.3),
+                         nn.Sequential(nn.Linear(5, 4, bias=bias), nn.Linear(4, 4, bias=bias)), act(), nn.Linear(4, 3, bias=bias))
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("R,K", [(1, 1), (3, 4)])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("kernels", ["ext", "torch"])
+def test_fused_against_dense(act, R, K, loss, kernels):
+    models = replicas(lambda: chain(act, bias=R == 3), R=R)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(13, 2, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (13,), generator=gen) if loss == "cross_entropy" else torch.randn(13, 3, generator=gen, dtype=torch.float64)
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+    if kernels == "ext" and not fastcurv.cpu_extension_loaded():
+        pytest.skip("C++ extension not built")
+    with fastcurv.use_kernels(kernels):
+        op = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss)
+        V = torch.randn(R, K, op.P, generator=gen, dtype=torch.float64)
+        HV = op.matvec(V)
+        HV2 = op.matvec(V)  # second matvec reuses the cached per-batch state
+    for r in range(R):
+        H = dense_hessian(models[r], batches, loss=loss)
+        torch.testing.assert_close(HV[r], V[r] @ H.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(HV2, HV, rtol=0, atol=0)
+
+
+def test_fused_float32_against_autograd_and_subsets():
+    models = replicas(lambda: chain(nn.GELU), R=4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 6, generator=gen)
+    y = torch.randint(0, 3, (40,), generator=gen)
+    fused = fastcurv.HessianOperator(models, (x, y), backend="fused")
+    oracle = fastcurv.HessianOperator(models, (x, y), backend="autograd")
+    V = torch.randn(4, 2, fused.P, generator=gen)
+    torch.testing.assert_close(fused.matvec(V), oracle.matvec(V), rtol=1e-4, atol=1e-6)
+    idx = torch.tensor([3, 0])
+    torch.testing.assert_close(fused.matvec(V[idx], idx=idx), oracle.matvec(V)[idx], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_without_cache_recomputes_exactly():
+    models = replicas(lambda: chain(nn.Tanh), R=2)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=gen)
+    a = fastcurv.HessianOperator(models, (x, y), backend="fused")
+    b = fastcurv.HessianOperator(models, (x, y), backend="fused", backend_options={"cache_bytes": 0})
+    V = torch.randn(2, 3, a.P, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(a.matvec(V), b.matvec(V))
+    assert b.backend._cache == {} and a.backend._cache
+
+
+def test_auto_prefers_fused_and_explains():
+    models = replicas(lambda: chain(nn.ReLU), R=2)
+    op = fastcurv.HessianOperator(models, (torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])))
+    assert op.backend_name == "fused" and "fused" in op.backend_reason
+    conv = replicas(lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)), R=2)
+    op2 = fastcurv.HessianOperator(conv, (torch.randn(4, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])))
+    assert op2.backend_name == "func" and "Conv2d" in op2.backend_reason
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_fused_gradient_matches_autograd(loss):
+    models = replicas(lambda: chain(nn.Tanh), R=3)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(11, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (11,), generator=gen) if loss == "cross_entropy" else torch.randn(11, 3, generator=gen, dtype=torch.float64)
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    fused = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss)
+    func = fastcurv.HessianOperator(models, batches, backend="func", loss=loss)
+    (l1, g1), (l2, g2) = fused.loss_and_gradient(), func.loss_and_gradient()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2)
+    l3, g3 = fused.loss_and_gradient(torch.tensor([2, 0]))
+    torch.testing.assert_close(g3, g2[[2, 0]])
