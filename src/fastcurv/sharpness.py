@@ -101,7 +101,7 @@ def batched_sharpness(
     eig_solver: str = "lanczos",
     top_k: int = 5,
     trace_method: str = "auto",
-    trace_probes: int = 30,
+    trace_probes: int | None = None,
     slq_steps: int = 60,
     slq_draws: int = 1,
     progress: bool | None = None,
@@ -122,7 +122,8 @@ def batched_sharpness(
         eig_solver: "lanczos" (default) or "power" (PyHessian's rule; largest modulus).
         trace_method: "auto" (Krylov-deflated Hutchinson reusing the lambda_max Lanczos basis when
             there is one, else Hutch++), "deflated", "hutch++" or "hutchinson". trace_probes: the
-            number of stochastic probes (Hutch++: total matvec budget).
+            number of stochastic probes (Hutch++: total matvec budget); default 10 for the
+            deflated estimator (the Krylov basis already holds the dominant part), else 30.
         slq_steps, slq_draws: SLQ Lanczos steps and start vectors.
         progress: tqdm bar (None: only on a terminal; False: off).
         measure_options: ``{measure: {option: value}}`` for registered measures (see
@@ -151,6 +152,8 @@ def batched_sharpness(
     if trace_method == "deflated" and not ("lambda_max" in measures or "top_k" in measures or eig_solver == "lanczos"):
         raise ValueError("trace_method='deflated' reuses the Lanczos basis of lambda_max/top_k: request one of them")
     basis = None
+    if trace_probes is None:
+        trace_probes = 10 if deflate else 30
     try:
         top = None
         if "top_k" in measures or "lambda_max" in measures or (deflate and trace_method == "deflated"):

@@ -92,15 +92,21 @@ def lanczos(
         g = torch.Generator().manual_seed(seed)
         v0 = probe_vectors(R, 1, P, generator=g, kind="gaussian", common=common, dtype=op.dtype, device=op.device)[:, 0]
     q0 = v0 / v0.norm(dim=-1, keepdim=True)
+    # Q holds the Krylov bases of the replicas in `rows` (slot[r] = r's row). When fewer than 3/4
+    # of the stored rows are still active, Q is compacted to the active ones, so that the
+    # reorthogonalization (which reads the whole basis every step) shrinks with the active set.
     cap = min(m + 1, 24)
     Q = torch.zeros(R, cap, P, dtype=op.dtype, device=op.device)
     Q[:, 0] = q0
+    rows = torch.arange(R)
+    slot = torch.arange(R)
     alpha = torch.zeros(R, m, dtype=f64)
     beta = torch.zeros(R, m + 1, dtype=f64)
     eig = torch.full((R, k), float("nan"), dtype=f64)
     res = torch.full((R, k), float("nan"), dtype=f64)
     err = torch.full((R, k), float("nan"), dtype=f64)
-    vecs_S: dict[int, torch.Tensor] = {}
+    eigenvectors = torch.full((R, k, P), float("nan"), dtype=op.dtype, device=op.device) if return_vectors else None
+    finished: dict[int, torch.Tensor] = {}
     iters = torch.zeros(R, dtype=torch.long)
     converged = torch.zeros(R, dtype=torch.bool)
     active = ~op.failed.clone()
@@ -110,27 +116,35 @@ def lanczos(
         ai = active.nonzero().flatten()
         if len(ai) == 0:
             break
+        if len(ai) < 0.75 * len(rows):
+            Q = Q.index_select(0, slot[ai].to(op.device))
+            rows = ai.clone()
+            slot = torch.full((R,), -1, dtype=torch.long)
+            slot[rows] = torch.arange(len(rows))
         if j + 1 >= Q.shape[1]:
-            Q = torch.cat([Q, torch.zeros(R, min(Q.shape[1], m + 1 - Q.shape[1]), P, dtype=Q.dtype, device=Q.device)], 1)
-        full = len(ai) == R
-        dev_ai = ai.to(op.device)
-        qj = Q[:, j] if full else Q[dev_ai, j]
-        w = op.matvec(qj, idx=None if full else ai)
+            grow = min(Q.shape[1], m + 1 - Q.shape[1])
+            Q = torch.cat([Q, Q.new_zeros(Q.shape[0], grow, P)], 1)
+        every = len(ai) == len(rows)
+        pa = slot[ai].to(op.device)
+        qj = Q[:, j] if every else Q[pa, j]
+        w = op.matvec(qj, idx=None if len(ai) == R else ai)
         a = (w * qj).sum(-1)
         w = w - a.unsqueeze(-1) * qj
         if j > 0:
-            prev = Q[:, j - 1] if full else Q[dev_ai, j - 1]
+            prev = Q[:, j - 1] if every else Q[pa, j - 1]
             w = w - beta[ai, j].to(w.dtype).to(w.device).unsqueeze(-1) * prev
-        basis = Q[:, : j + 1] if full else Q[dev_ai, : j + 1]
-        w = w - torch.bmm(basis.transpose(1, 2), torch.bmm(basis, w.unsqueeze(-1))).squeeze(-1)
+        basis = Q[:, : j + 1]
+        wf = w if every else w.new_zeros(len(rows), P).index_copy_(0, pa, w)
+        wf = wf - torch.bmm(basis.transpose(1, 2), torch.bmm(basis, wf.unsqueeze(-1))).squeeze(-1)
+        w = wf if every else wf.index_select(0, pa)
         b = w.norm(dim=-1)
         alpha[ai, j] = a.to(f64).cpu()
         beta[ai, j + 1] = b.to(f64).cpu()
         newq = w / b.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-1)
-        if full:
+        if every:
             Q[:, j + 1] = newq
         else:
-            Q[dev_ai, j + 1] = newq
+            Q[pa, j + 1] = newq
         iters[ai] = j + 1
         if callback is not None:
             callback(j + 1, len(ai))
@@ -150,31 +164,30 @@ def lanczos(
         breakdown = bcur <= 1e-10 * theta.abs().max(dim=1).values.clamp_min(1e-30)
         done = (kk == k) & ((e <= tol * scale).all(dim=1) | breakdown) & (n >= min_iter)
         done |= breakdown & (n >= min_iter)
-        last = n == m
-        stop = done | ~finite | torch.tensor(last).expand_as(done)
+        stop = done | ~finite | torch.tensor(n == m).expand_as(done)
         for local in stop.nonzero().flatten().tolist():
             rr = int(ai[local])
+            sr = int(slot[rr])
             if bool(finite[local]):
                 eig[rr, :kk], res[rr, :kk], err[rr, :kk] = th[local], r[local], e[local]
                 converged[rr] = bool(done[local])
                 if return_vectors:
-                    vecs_S[rr] = S[local][:, pick[local]]
-            Q[rr, n] = 0  # the next (unused) direction is not part of this replica's basis
+                    S_r = S[local][:, pick[local]]
+                    eigenvectors[rr, :kk] = S_r.T.to(op.dtype).to(op.device) @ Q[sr, :n]
+            Q[sr, n] = 0  # the next (unused) direction is not part of this replica's basis
+            if keep_basis:
+                finished[rr] = Q[sr, :n].clone()
             active[rr] = False
 
     failed = op.failed.clone()
     eig[failed], res[failed], err[failed] = float("nan"), float("nan"), float("nan")
     converged &= ~failed
-    eigenvectors = None
-    if return_vectors:
-        eigenvectors = torch.full((R, k, P), float("nan"), dtype=op.dtype, device=op.device)
-        for rr, S_r in vecs_S.items():
-            n = int(iters[rr])
-            eigenvectors[rr, : S_r.shape[1]] = (S_r.T.to(op.dtype).to(op.device) @ Q[rr, :n])
     out = EigenResult(eig, res, err, iters, converged, eigenvectors)
     if keep_basis:
         n_max = int(iters.max()) if len(iters) else 0
-        out.basis = Q[:, :n_max]
+        out.basis = torch.zeros(R, n_max, P, dtype=op.dtype, device=op.device)
+        for rr, B in finished.items():
+            out.basis[rr, : B.shape[0]] = B
         tri = torch.zeros(R, dtype=f64)
         for rr in range(R):
             tri[rr] = alpha[rr, : int(iters[rr])].sum()

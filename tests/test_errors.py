@@ -1,0 +1,139 @@
+"""Bad input gets a clear error naming the problem; one bad replica never loses the others."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from models import mlp, replicas
+
+
+def data(n=12, d=5, c=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randint(0, c, (n,), generator=gen)
+
+
+def test_empty_model_list():
+    with pytest.raises(ValueError, match="models is empty"):
+        fastcurv.HessianOperator([], data())
+
+
+def test_single_module_instead_of_list():
+    with pytest.raises(TypeError, match="list of nn.Module"):
+        fastcurv.HessianOperator(mlp().double(), data())
+
+
+def test_architecture_mismatch_names_replica_and_parameter():
+    ms = [mlp().double(), mlp().double(), mlp(sizes=(5, 8, 3)).double()]
+    with pytest.raises(ValueError, match=r"replica 2 .*'0.weight'.*\(8, 5\)"):
+        fastcurv.HessianOperator(ms, data())
+
+
+def test_module_type_mismatch():
+    ms = [mlp(nn.Tanh).double(), mlp(nn.ReLU).double()]
+    with pytest.raises(ValueError, match=r"replica 1 .*module '1' is ReLU.*Tanh"):
+        fastcurv.HessianOperator(ms, data())
+
+
+def test_mixed_dtypes():
+    with pytest.raises(ValueError, match="dtype"):
+        fastcurv.HessianOperator([mlp().double(), mlp().float()], data())
+
+
+def test_model_without_parameters():
+    with pytest.raises(ValueError, match="no parameters"):
+        fastcurv.HessianOperator([nn.ReLU()], data())
+
+
+def test_empty_loader():
+    with pytest.raises(ValueError, match="no batches"):
+        fastcurv.HessianOperator([mlp().double()], [])
+
+
+def test_wrong_batch_structure_and_shapes():
+    x, y = data()
+    with pytest.raises(TypeError, match="batch 0"):
+        fastcurv.HessianOperator([mlp().double()], [x])
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        fastcurv.HessianOperator([mlp().double()], [(x, y[:5])])
+    with pytest.raises(ValueError, match="cannot run on the first batch"):
+        fastcurv.HessianOperator([mlp().double()], [(torch.randn(12, 7, dtype=torch.float64), y)])
+
+
+def test_labels_out_of_range():
+    x, y = data()
+    y[3] = 7
+    with pytest.raises(ValueError, match=r"labels out of range.*3 classes"):
+        fastcurv.HessianOperator([mlp().double()], (x, y))
+
+
+def test_nan_in_data():
+    x, y = data()
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fastcurv.HessianOperator([mlp().double()], (x, y))
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="backend"):
+        fastcurv.HessianOperator([mlp().double()], data(), backend="magic")
+    with pytest.raises(ValueError, match="unknown loss"):
+        fastcurv.HessianOperator([mlp().double()], data(), loss="hinge")
+    with pytest.raises(ValueError, match="unknown measures"):
+        fastcurv.batched_sharpness([mlp().double()], data(), measures=("flatness!",), progress=False)
+    with pytest.raises(ValueError, match="bn_mode"):
+        fastcurv.HessianOperator([mlp().double()], data(), bn_mode="train")
+
+
+def test_vector_shape_mismatch():
+    op = fastcurv.HessianOperator(replicas(mlp, 2), data())
+    with pytest.raises(ValueError, match=r"P = \d+"):
+        op.matvec(torch.randn(2, op.P + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[2, P\]"):
+        op.matvec(torch.randn(3, op.P, dtype=torch.float64))
+
+
+def test_fused_requested_for_unsupported_model_names_module():
+    ms = replicas(lambda: nn.Sequential(nn.Linear(5, 4), nn.Softplus(), nn.Linear(4, 3)), 2)
+    with pytest.raises(ValueError, match="Softplus"):
+        fastcurv.HessianOperator(ms, data(), backend="fused")
+    op = fastcurv.HessianOperator(ms, data())
+    assert op.backend_name == "func" and "Softplus" in op.backend_reason
+
+
+@pytest.mark.parametrize("backend", ["autograd", "func", "fused"])
+def test_nan_replica_is_flagged_and_others_unaffected(backend):
+    ms = replicas(mlp, 4)
+    x, y = data()
+    clean = fastcurv.batched_sharpness(ms, (x, y), backend=backend, progress=False)
+    with torch.no_grad():
+        ms[2][0].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"replicas \[2\]"):
+        res = fastcurv.batched_sharpness(ms, (x, y), backend=backend, progress=False)
+    assert math.isnan(res["lambda_max"][2]) and math.isnan(res["trace"][2])
+    assert not res.ok[2] and "non-finite parameters" in res.flags[2]
+    keep = [0, 1, 3]
+    torch.testing.assert_close(res["lambda_max"][keep], clean["lambda_max"][keep])
+    torch.testing.assert_close(res["trace"][keep], clean["trace"][keep])
+    assert res.to_pandas().loc[2, "flags"] == "non-finite parameters"
+
+
+class ExpScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x * torch.exp(self.log_scale)
+
+
+def test_replica_whose_products_blow_up_is_flagged():
+    ms = replicas(lambda: nn.Sequential(nn.Linear(5, 3), ExpScale()), 3)
+    x, y = data()
+    with torch.no_grad():
+        ms[1][1].log_scale.fill_(800.0)  # a finite parameter whose outputs overflow
+    res = fastcurv.batched_sharpness(ms, (x, y), backend="func", progress=False)
+    assert not res.ok[1] and math.isnan(res["lambda_max"][1])
+    assert "non-finite Hessian products" in res.flags[1]
+    assert res.ok[0] and res.ok[2] and torch.isfinite(res["lambda_max"][[0, 2]]).all()

@@ -1,0 +1,92 @@
+"""The compiled CPU kernels: loaded (in CI), and equal to their torch references."""
+import os
+
+import pytest
+import torch
+
+import fastcurv
+from fastcurv import ops
+from fastcurv.ops.activation import ACTIVATIONS
+
+
+def test_extension_loaded_in_ci():
+    if not os.environ.get("CI"):
+        pytest.skip("only enforced in CI (set CI=1)")
+    assert fastcurv.cpu_extension_loaded(), fastcurv._ext.extension_error()
+    for op in ("softmax_ce_hvp", "act_derivs", "act_rop_bwd", "agreement_counts"):
+        assert fastcurv._ext.has_kernel(op, "cpu"), op
+
+
+needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [1, 4])
+def test_softmax_ce_hvp(dtype, K):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 5, generator=gen, dtype=dtype)
+    logits[0, 0] = 1e4  # large logits: saturated softmax
+    logits[1, 1] = 0.0
+    p = torch.softmax(logits, -1)
+    t = torch.randn(3, K, 7, 5, generator=gen, dtype=dtype)
+    t[2] = 0
+    with fastcurv.use_kernels("ext"):
+        got = ops.softmax_ce_hvp(p, t, 0.3)
+    torch.testing.assert_close(got, ops.softmax_ce_hvp_reference(p, t, 0.3))
+
+
+@needs_ext
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_act_derivs(name, dtype):
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 33, generator=gen, dtype=dtype) * 3
+    z[0, :3] = torch.tensor([0.0, 50.0, -50.0], dtype=dtype)
+    g = torch.randn(4, 33, generator=gen, dtype=dtype)
+    kind = ACTIVATIONS[name]
+    with fastcurv.use_kernels("ext"):
+        d1, d2g = ops.act_derivs(z, g, kind, 0.1)
+    r1, r2 = ops.act_derivs_reference(z, g, kind, 0.1)
+    torch.testing.assert_close(d1, r1)
+    torch.testing.assert_close(d2g, r2)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["tanh", "gelu", "sigmoid"])
+def test_act_derivs_match_autograd(name):
+    z = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    f = {"tanh": torch.tanh, "gelu": torch.nn.functional.gelu, "sigmoid": torch.sigmoid}[name]
+    (d1_auto,) = torch.autograd.grad(f(z).sum(), z, create_graph=True)
+    (d2_auto,) = torch.autograd.grad(d1_auto.sum(), z)
+    g = torch.randn(50, dtype=torch.float64)
+    d1, d2g = ops.act_derivs(z.detach(), g, ACTIVATIONS[name])
+    torch.testing.assert_close(d1, d1_auto.detach())
+    torch.testing.assert_close(d2g, d2_auto * g)
+
+
+@needs_ext
+@pytest.mark.parametrize("K", [1, 3])
+def test_act_rop_bwd(K):
+    gen = torch.Generator().manual_seed(2)
+    d1, d2g = torch.randn(5, 17, generator=gen), torch.randn(5, 17, generator=gen)
+    rz, rg = torch.randn(5, K, 17, generator=gen), torch.randn(5, K, 17, generator=gen)
+    with fastcurv.use_kernels("ext"):
+        got = ops.act_rop_bwd(d1, d2g, rz, rg)
+    torch.testing.assert_close(got, ops.act_rop_bwd_reference(d1, d2g, rz, rg))
+
+
+@needs_ext
+def test_op_errors_name_the_problem():
+    with pytest.raises(RuntimeError, match="probs must be"):
+        torch.ops.fastcurv.softmax_ce_hvp(torch.randn(3, 4), torch.randn(3, 1, 3, 4), 1.0)
+    with pytest.raises(RuntimeError, match="unknown activation kind"):
+        torch.ops.fastcurv.act_derivs(torch.randn(3), torch.randn(3), 99, 0.0)
+
+
+def test_kernel_choice_switch():
+    with fastcurv.use_kernels("torch"):
+        assert fastcurv.kernel_impl() == "torch"
+        assert fastcurv._ext.choose("softmax_ce_hvp", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError):
+        fastcurv.set_kernel_impl("fortran")

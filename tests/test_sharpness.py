@@ -1,0 +1,56 @@
+"""batched_sharpness end to end against dense eigendecompositions."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from models import mlp, replicas
+from oracle import dense_hessian
+
+
+@pytest.fixture(scope="module")
+def setup():
+    models = replicas(lambda: mlp(nn.Tanh, (5, 8, 3)), R=3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=gen)
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    eigs = [np.linalg.eigvalsh(dense_hessian(m, batches).numpy()) for m in models]
+    return models, batches, eigs
+
+
+@pytest.mark.parametrize("backend", ["fused", "func"])
+def test_default_job(setup, backend):
+    models, batches, eigs = setup
+    res = fastcurv.batched_sharpness(models, batches, backend=backend, progress=False, trace_probes=40)
+    assert res.backend == backend
+    for r, ev in enumerate(eigs):
+        assert abs(float(res["lambda_max"][r]) - ev[-1]) <= 1e-3 * abs(ev[-1])
+        assert abs(float(res["trace"][r]) - ev.sum()) <= 4 * float(res.stderr["trace"][r]) + 1e-9
+    assert res.converged["lambda_max"].all() and res.ok.all()
+    df = res.to_pandas()
+    assert list(df.index) == [0, 1, 2]
+    assert {"lambda_max", "trace", "trace_stderr", "lambda_max_iters", "lambda_max_converged", "flags"} <= set(df.columns)
+
+
+def test_all_builtin_measures(setup, tmp_path):
+    models, batches, eigs = setup
+    res = fastcurv.batched_sharpness(models, batches, measures=("top_k", "lambda_min", "trace", "spectrum"), top_k=3,
+                                     trace_method="hutch++", trace_probes=30, slq_steps=40, progress=False)
+    for r, ev in enumerate(eigs):
+        np.testing.assert_allclose([float(res[f"lambda_{i}"][r]) for i in (1, 2, 3)], ev[::-1][:3], rtol=2e-3)
+        assert abs(float(res["lambda_min"][r]) - ev[0]) <= 1e-3 * abs(ev[0]) + 1e-6
+    grid, dens = res.spectrum.density()
+    assert dens.shape == (3, grid.shape[0])
+    res.spectrum.plot(path=tmp_path / "esd.png")
+    assert (tmp_path / "esd.png").stat().st_size > 1000
+
+
+def test_power_solver_option(setup):
+    models, batches, eigs = setup
+    res = fastcurv.batched_sharpness(models, batches, measures=("lambda_max",), eig_solver="power", tol=1e-6,
+                                     max_iter=500, progress=False)
+    for r, ev in enumerate(eigs):
+        dominant = ev[np.argmax(np.abs(ev))]
+        assert abs(float(res["lambda_max"][r]) - dominant) <= 1e-3 * abs(dominant)

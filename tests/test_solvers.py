@@ -1,0 +1,131 @@
+"""Krylov and stochastic solvers against dense eigendecompositions and known spectra."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from fastcurv.solvers import hutchinson, hutchpp, lanczos, power_iteration, slq
+from models import mlp, replicas
+from oracle import DenseOperator
+
+
+def spd_with_spectrum(eigs, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = len(eigs)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return Q @ torch.diag(torch.as_tensor(eigs, dtype=torch.float64)) @ Q.T
+
+
+def random_symmetric(R, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(R, n, n, generator=gen, dtype=torch.float64)
+    return (A + A.transpose(1, 2)) / 2
+
+
+def test_lanczos_top_and_bottom_match_eigh():
+    mats = random_symmetric(4, 60, 0)
+    op = DenseOperator(mats)
+    top = lanczos(op, k=3, tol=1e-8, max_iter=60)
+    bottom = lanczos(op, k=2, which="smallest", tol=1e-8, max_iter=60)
+    for r in range(4):
+        ev = np.linalg.eigvalsh(mats[r].numpy())
+        np.testing.assert_allclose(top.eigenvalues[r].numpy(), ev[::-1][:3], rtol=1e-6)
+        np.testing.assert_allclose(bottom.eigenvalues[r].numpy(), ev[:2], rtol=1e-6)
+    assert top.converged.all() and bottom.converged.all()
+    # the reported error estimate bounds the true error
+    ev_top = torch.tensor([np.linalg.eigvalsh(m.numpy())[-1] for m in mats])
+    assert ((top.eigenvalues[:, 0] - ev_top).abs() <= top.error_bounds[:, 0] + 1e-10).all()
+
+
+def test_lanczos_ritz_vectors_and_per_replica_iterations():
+    # replica 0 has a huge spectral gap (converges fast), replica 1 a clustered top (slow)
+    a = spd_with_spectrum([100.0] + list(np.linspace(0, 1, 79)), 1)
+    b = spd_with_spectrum(list(np.linspace(0.9, 1.0, 80)), 2)
+    op = DenseOperator(torch.stack([a, b]))
+    res = lanczos(op, k=1, tol=1e-6, max_iter=80, return_vectors=True)
+    assert res.iterations[0] < res.iterations[1]
+    v, theta = res.eigenvectors[0, 0], float(res.eigenvalues[0, 0])
+    # the Ritz pair's residual is the one reported (eigenvalue accuracy is its square over the gap)
+    assert abs(float((a @ v - theta * v).norm()) - float(res.residuals[0, 0])) < 1e-8
+    assert abs(theta - 100.0) <= float(res.error_bounds[0, 0]) + 1e-12
+    assert abs(float(v.norm()) - 1) < 1e-10
+
+
+def test_lanczos_not_converged_is_flagged():
+    op = DenseOperator(random_symmetric(2, 200, 3))
+    res = lanczos(op, k=1, tol=1e-12, max_iter=5)
+    assert not res.converged.any()
+    assert (res.iterations == 5).all()
+
+
+def test_power_iteration_matches_dominant_eigenvalue():
+    a = spd_with_spectrum([10.0, 3.0] + [1.0] * 30, 4)
+    op = DenseOperator(a.unsqueeze(0))
+    res = power_iteration(op, tol=1e-8, max_iter=200)
+    assert res.converged[0]
+    assert abs(float(res.eigenvalues[0, 0]) - 10.0) < 1e-5
+
+
+def test_hutchinson_and_hutchpp_errors_within_stderr_and_hutchpp_better():
+    eigs = 1.0 / np.arange(1, 201) ** 2
+    A = spd_with_spectrum(eigs, 5)
+    op = DenseOperator(A.unsqueeze(0))
+    exact = float(eigs.sum())
+    err_h, err_pp, inside = [], [], 0
+    for seed in range(20):
+        h = hutchinson(op, num_probes=30, seed=seed)
+        pp = hutchpp(op, num_matvecs=30, seed=seed)
+        err_h.append(abs(float(h.trace[0]) - exact))
+        err_pp.append(abs(float(pp.trace[0]) - exact))
+        inside += abs(float(pp.trace[0]) - exact) <= 3 * float(pp.stderr[0]) + 1e-12
+    assert np.mean(err_pp) < 0.2 * np.mean(err_h)
+    assert inside >= 17  # about 99.7% expected for a Gaussian error
+    # the Hutch++ relative error bound for PSD matrices: O(1/m)
+    assert np.mean(err_pp) / exact < 3.0 / 30
+
+
+def test_deflated_trace_with_lanczos_basis_is_unbiased_and_tight():
+    eigs = [50.0, 20.0, 10.0] + list(np.linspace(-1, 1, 97))
+    A = spd_with_spectrum(eigs, 6)
+    op = DenseOperator(A.unsqueeze(0))
+    exact = float(np.sum(eigs))
+    lz = lanczos(op, k=1, tol=1e-6, max_iter=40, keep_basis=True)
+    B = lz.basis
+    torch.testing.assert_close(torch.einsum("rip,rjp->rij", B, B)[0], torch.eye(B.shape[1], dtype=B.dtype), atol=1e-10, rtol=0)
+    ests = [float(hutchinson(op, num_probes=20, seed=s, basis=lz.basis, basis_trace=lz.tridiag_trace).trace[0]) for s in range(30)]
+    plain = [float(hutchinson(op, num_probes=20, seed=s).trace[0]) for s in range(30)]
+    assert abs(np.mean(ests) - exact) < 3 * np.std(ests) / np.sqrt(30) + 1e-9
+    assert np.std(ests) < np.std(plain)
+
+
+def test_slq_moments():
+    eigs = np.linspace(-2, 5, 50)
+    A = spd_with_spectrum(eigs, 7)
+    op = DenseOperator(A.unsqueeze(0))
+    dens = slq(op, num_steps=50, num_draws=8, seed=0)
+    w = dens.weights[0]
+    torch.testing.assert_close(w.sum(-1), torch.ones(8, dtype=torch.float64))  # each draw is a probability measure
+    nodes = dens.nodes[0]
+    assert nodes.min() >= eigs.min() - 1e-8 and nodes.max() <= eigs.max() + 1e-8
+    # first moment = v^T A v / |v|^2 per draw; its mean estimates trace / P
+    assert abs(float((w * nodes).sum(-1).mean()) - eigs.mean()) < 0.5
+    grid, d = dens.density(sigma2=0.05)
+    integral = float(torch.trapezoid(d[0], grid))
+    assert abs(integral - 1) < 0.05
+
+
+def test_common_random_numbers_identical_replicas_identical_results():
+    m = replicas(lambda: mlp(nn.Tanh), R=1)[0]
+    twins = [m, m]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(15, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (15,), generator=gen)
+    res = fastcurv.batched_sharpness(twins, (x, y), progress=False, seed=3)
+    # same probes and batches for both: equal up to the rounding of batched GEMMs
+    torch.testing.assert_close(res["lambda_max"][0], res["lambda_max"][1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(res["trace"][0], res["trace"][1], rtol=1e-12, atol=0)
+    again = fastcurv.batched_sharpness(twins, (x, y), progress=False, seed=3)
+    assert torch.equal(again["trace"], res["trace"])
+    indep = fastcurv.batched_sharpness(twins, (x, y), progress=False, seed=3, common_random_numbers=False)
+    assert abs(float(indep["trace"][0] - indep["trace"][1])) > 1e-6
