@@ -9,6 +9,7 @@ import glob
 import os
 import shutil
 
+import torch
 from setuptools import setup
 from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -39,6 +40,10 @@ def _cuda_root():
     return None
 
 
+# The stable ABI is pinned to the torch the package is built against (e.g. 0x020d000000000000 = 2.13).
+_major, _minor = (int(v) for v in torch.__version__.split(".")[:2])
+TARGET = f"-DTORCH_TARGET_VERSION=0x{_major:02x}{_minor:02x}000000000000"
+
 cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
 want_cuda = os.environ.get("FASTCURV_CUDA", "auto")
 if cuda_sources and want_cuda != "0":
@@ -59,11 +64,11 @@ if cuda_sources and want_cuda != "0":
                 library_dirs=[os.path.join(root, "lib64")],
                 libraries=["cudart_static", "dl", "rt", "pthread"],
                 extra_compile_args={
-                    "cxx": ["-O3", "-g0", "-DTORCH_TARGET_VERSION=0x020d000000000000"],
+                    "cxx": ["-O3", "-g0", TARGET],
                     "nvcc": [
                         "-O3",
                         "-std=c++20",
-                        "-DTORCH_TARGET_VERSION=0x020d000000000000",
+                        TARGET,
                         "-gencode=arch=compute_80,code=sm_80",
                         "-gencode=arch=compute_90,code=sm_90",
                         "-gencode=arch=compute_90,code=compute_90",

@@ -1,0 +1,162 @@
+"""Benchmarks of the fastcurv kernels: each op under every implementation available here.
+
+CPU: the C++ extension ('ext') against the pure-torch reference ('torch').
+CUDA: Triton ('triton'), the CUDA extension ('cuda') and the torch reference ('torch');
+``linear_rop``: the fused Triton kernel against the torch reference (batched cuBLAS GEMMs).
+
+Run as pytest-benchmark tests::
+
+    python -m pytest benchmarks/bench_kernels.py --benchmark-only -p no:cacheprovider
+
+or as a script that prints times and speed-ups relative to 'torch' and writes JSON::
+
+    python benchmarks/bench_kernels.py --json bench_kernels.json
+
+Default sizes (a slice of the W1 workload: R=20 replicas, N=500 rows, hidden 128, C=10, K=4) run in
+about a minute on a 2-core CPU; ``FASTCURV_BENCH_FULL=1`` (or ``--full``) uses W1 itself (R=100,
+N=1000, K=8). Timings on shared machines are noisy: compare medians from one run, never gate CI on them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+
+import fastcurv
+from fastcurv import _ext
+from fastcurv.ops import (
+    ACTIVATIONS,
+    act_derivs_reference,
+    act_rop_bwd_reference,
+    softmax_ce_hvp_reference,
+)
+from fastcurv.ops.linear_rop import linear_rop_reference
+
+HAVE_CUDA = torch.cuda.is_available()
+try:  # Triton only on a GPU here: the interpreter is a correctness tool, not a benchmark target
+    from fastcurv import triton_kernels
+
+    HAVE_TRITON = HAVE_CUDA and triton_kernels.available() and os.environ.get("TRITON_INTERPRET") != "1"
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+
+def sizes(full: bool | None = None) -> dict:
+    if full is None:
+        full = os.environ.get("FASTCURV_BENCH_FULL") == "1"
+    if full:
+        return dict(R=100, N=1000, H=128, C=10, K=8, I=784)
+    return dict(R=20, N=500, H=128, C=10, K=4, I=784)
+
+
+def make_inputs(op: str, device: str, dtype=torch.float32, full: bool | None = None) -> tuple:
+    s = sizes(full)
+    R, N, H, C, K, I = s["R"], s["N"], s["H"], s["C"], s["K"], s["I"]
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).to(device)  # noqa: E731
+    if op == "softmax_ce_hvp":
+        return (rnd(R, N, C).softmax(-1), rnd(R, K, N, C), 1.0 / N)
+    if op == "act_derivs":
+        return (rnd(R, N, H), rnd(R, N, H), ACTIVATIONS["tanh"], 0.0)
+    if op == "act_rop_bwd":
+        return (rnd(R, N * H), rnd(R, N * H), rnd(R, K, N * H), rnd(R, K, N * H))
+    if op == "linear_rop":  # the first hidden layer of W1: input shared by all replicas
+        x = rnd(N, I)
+        return (x.expand(R, N, I), None, rnd(R, H, I) / I**0.5, rnd(R, K, H, I), rnd(R, H), rnd(R, K, H), "relu", 0.0)
+    raise KeyError(op)
+
+
+REFERENCES = {
+    "softmax_ce_hvp": softmax_ce_hvp_reference,
+    "act_derivs": act_derivs_reference,
+    "act_rop_bwd": act_rop_bwd_reference,
+    "linear_rop": linear_rop_reference,
+}
+
+
+def implementations(op: str, device: str) -> dict:
+    """name -> callable for every implementation of ``op`` usable on ``device`` here."""
+    impls = {"torch": REFERENCES[op]}
+    if op != "linear_rop" and _ext.has_kernel(op, device):
+        impls["cuda" if device == "cuda" else "ext"] = getattr(torch.ops.fastcurv, op)
+    if device == "cuda" and HAVE_TRITON and triton_kernels.supports(op):
+        impls["triton"] = triton_kernels.OPS[op]
+    return impls
+
+
+def cases():
+    devices = ["cpu"] + (["cuda"] if HAVE_CUDA else [])
+    out = []
+    for device in devices:
+        for op in REFERENCES:
+            for impl in ("torch", "ext", "cuda", "triton"):
+                out.append(pytest.param(op, impl, device, id=f"{op}-{impl}-{device}"))
+    return out
+
+
+def _synced(fn, args, device):
+    if device == "cuda":
+        def run():
+            fn(*args)
+            torch.cuda.synchronize()
+    else:
+        def run():
+            fn(*args)
+    return run
+
+
+@pytest.mark.parametrize("op,impl,device", cases())
+def test_kernel(benchmark, op, impl, device):
+    impls = implementations(op, device)
+    if impl not in impls:
+        pytest.skip(f"{impl} not available for {op} on {device}")
+    args = make_inputs(op, device)
+    benchmark.group = f"{op}-{device}"
+    benchmark.extra_info.update(sizes())
+    benchmark(_synced(impls[impl], args, device))
+
+
+# ----------------------------------------------------------------------------- script mode
+
+
+def _time(run, repeat: int) -> float:
+    run()  # warm-up / compilation
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        run()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None, help="write the results to this file")
+    ap.add_argument("--full", action="store_true", help="W1 sizes (R=100, N=1000, K=8)")
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args(argv)
+    results = []
+    for device in ["cpu"] + (["cuda"] if HAVE_CUDA else []):
+        for op in REFERENCES:
+            inputs = make_inputs(op, device, full=args.full or None)
+            times = {name: _time(_synced(fn, inputs, device), args.repeat) for name, fn in implementations(op, device).items()}
+            base = times["torch"]
+            for name, t in times.items():
+                results.append(dict(op=op, device=device, impl=name, median_ms=t * 1e3, speedup_vs_torch=base / t))
+                print(f"{op:15s} {device:4s} {name:7s} {t * 1e3:9.3f} ms   x{base / t:5.2f} vs torch")
+    meta = dict(sizes=sizes(args.full or None), torch=torch.__version__, fastcurv=fastcurv.__version__,
+                threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name() if HAVE_CUDA else None)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
