@@ -3,11 +3,16 @@
 The wrapper dispatches on the tensors' device and :func:`fastcurv.set_kernel_impl`
 (compiled C++ on CPU; Triton or CUDA on GPU; the torch reference anywhere).
 """
+from .agreement_counts import AgreementCounts, agreement_counts, agreement_counts_naive, agreement_counts_onehot
 from .activation import ACTIVATIONS, act_derivs, act_derivs_reference, activation_kind
 from .act_rop_bwd import act_rop_bwd, act_rop_bwd_reference
 from .softmax_ce_hvp import softmax_ce_hvp, softmax_ce_hvp_reference
 
 __all__ = [
+    "AgreementCounts",
+    "agreement_counts",
+    "agreement_counts_naive",
+    "agreement_counts_onehot",
     "ACTIVATIONS",
     "activation_kind",
     "act_derivs",

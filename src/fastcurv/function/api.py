@@ -1,0 +1,215 @@
+"""``function_measures``: function-space measures for every replica from one pass over the data."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops.agreement_counts import agreement_counts
+from ..replicas import ReplicaSet
+from . import pairwise, simplicity, weakness
+from .predictions import collect_predictions
+
+MEASURES = ("disagreement", "gde", "soft", "weakness", "perturbation_weakness", "simplicity")
+DEFAULT_MEASURES = ("disagreement", "gde", "weakness", "simplicity")
+
+
+@dataclass
+class FunctionMeasuresResult:
+    """Per-replica results of :func:`function_measures`.
+
+    values: ``{column: float64 [R]}``. pairwise: ``{name: [R, R]}`` (``disagreement``, ``js``,
+    ``tv``, ``l2`` float64; ``agree``/``both_correct``/``both_wrong_same``/
+    ``both_wrong_different`` int64 counts). summary: scalars (``gde_estimate``,
+    ``mean_test_error``, ...). ok: ``[R]`` False for replicas with non-finite weights or outputs
+    (their values and pairwise rows are NaN; they are left out of every other replica's means).
+    flags: one string per replica (empty when all is well).
+    """
+
+    values: dict = field(default_factory=dict)
+    pairwise: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    ok: torch.Tensor | None = None
+    flags: list = field(default_factory=list)
+    num_examples: int = 0
+    seconds: float = 0.0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.values[name]
+
+    def __repr__(self):
+        return f"FunctionMeasuresResult(R={len(self.flags)}, M={self.num_examples}, measures=[{', '.join(self.values)}])"
+
+    def to_pandas(self):
+        """One row per replica: every measure column, ``ok`` and ``flags``."""
+        import pandas as pd
+
+        df = pd.DataFrame({"replica": range(len(self.flags))})
+        for name, v in self.values.items():
+            df[name] = v.numpy()
+        df["ok"] = self.ok.numpy()
+        df["flags"] = self.flags
+        return df.set_index("replica")
+
+
+def _nan_rows(mat: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    mat = mat.double().clone()
+    mat[~ok] = float("nan")
+    mat[:, ~ok] = float("nan")
+    return mat
+
+
+def function_measures(
+    models,
+    data,
+    *,
+    measures=DEFAULT_MEASURES,
+    soft=pairwise.SOFT,
+    taus=(0.01, 0.05, 0.1, 0.25, 0.5),
+    tau_modes=("relative", "absolute"),
+    perturb_sigmas=(0.01, 0.05, 0.1),
+    delta: float = 0.01,
+    num_draws: int = 8,
+    bisect_steps: int = 12,
+    sigma_max: float = 8.0,
+    probe_size: int = 512,
+    codecs=simplicity.CODECS,
+    pacbayes_sigma: float | None = None,
+    num_train: int | None = None,
+    init_models=None,
+    bn_mode: str = "eval",
+    seed: int = 0,
+    probs_dtype: torch.dtype | None = None,
+    max_rows: int = 1 << 19,
+) -> FunctionMeasuresResult:
+    """Function-space measures of R replicas, all replicas evaluated together.
+
+    Args:
+        models: list of R replicas of one architecture (or a :class:`fastcurv.ReplicaSet`) whose
+            outputs are logits ``[batch, K]``.
+        data: a loader yielding inputs or ``(inputs, targets)``, or one such batch. Use the test
+            set (targets optional: disagreement needs none).
+        measures: any of
+            "disagreement": column ``disagreement``, each replica's mean prediction disagreement
+            with the others; ``pairwise["disagreement"]`` and ``pairwise["agree"]`` (counts).
+            "gde": ``summary["gde_estimate"]`` = mean pairwise disagreement, Jiang et al.'s
+            estimate of the mean test error; with targets also the column ``test_error``,
+            ``summary["mean_test_error"]`` and the per-pair counts both_correct /
+            both_wrong_same / both_wrong_different in ``pairwise``.
+            "soft": columns ``js``, ``tv``, ``l2`` (mean over the other replicas of the mean over
+            examples of Jensen-Shannon divergence in nats, total variation, L2 distance of the
+            softmax outputs) and their ``[R, R]`` matrices (``soft`` selects a subset). Costs
+            ``R^2 M K`` and keeps the probabilities ``[R, M, K]`` in memory.
+            "weakness": permission-profile log-weakness (bits per input) for every tau in
+            ``taus`` and mode in ``tau_modes`` (columns ``weakness_rel_tau0.1`` ...) and
+            ``mean_entropy`` (nats); see :mod:`fastcurv.function.weakness`.
+            "perturbation_weakness": on the first ``probe_size`` inputs, ``perturb_weakness_sigma<s>``
+            (fraction of ``num_draws`` multiplicative perturbations leaving every prediction
+            unchanged) for s in ``perturb_sigmas``, and ``perturb_sigma_star`` (bisected noise
+            where agreement falls to ``1 - delta``).
+            "simplicity": ``compressed_bytes_<codec>`` (8-bit quantised weights), ``sq_weight_norm``,
+            ``pacbayes_mag_kl`` and the ``pacbayes_mag_sigma`` it uses (``pacbayes_sigma`` when
+            given, else bisected magnitude-aware noise where probe accuracy drops by 0.1, or
+            agreement falls to 0.9 without targets). ``num_train`` (default: examples in
+            ``data``) and ``init_models`` (default: zero init) enter the KL term.
+        seed: seeds the perturbation draws (the same draws for every replica shape, and for every
+            bisection step: common random numbers).
+        max_rows: at most this many replica x example rows per forward call.
+    """
+    if isinstance(measures, str):
+        measures = (measures,)
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown:
+        raise ValueError(f"unknown measures {unknown}; available: {MEASURES}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if num_draws < 1 or bisect_steps < 1:
+        raise ValueError("num_draws and bisect_steps must be at least 1")
+    t0 = time.perf_counter()
+    rs = models if isinstance(models, ReplicaSet) else ReplicaSet(models, bn_mode=bn_mode)
+    R = rs.R
+    acc = weakness.PermissionWeakness(R, taus, tau_modes) if "weakness" in measures else None
+    need_probe = "perturbation_weakness" in measures or ("simplicity" in measures and pacbayes_sigma is None)
+    preds = collect_predictions(rs, data, keep_probs="soft" in measures, probs_dtype=probs_dtype,
+                                accumulators=(acc,) if acc else (), probe_size=probe_size if need_probe else 0,
+                                max_rows=max_rows)
+    ok = preds.finite.clone()
+    M = preds.num_examples
+    out = FunctionMeasuresResult(num_examples=M)
+    V = out.values
+
+    if "disagreement" in measures or "gde" in measures:
+        D, A = pairwise.disagreement_matrix(preds.labels)
+        out.pairwise["agree"] = A
+        out.pairwise["disagreement"] = _nan_rows(D, ok)
+        if "disagreement" in measures:
+            V["disagreement"] = pairwise.mean_over_others(D, ok)
+        if "gde" in measures:
+            out.summary["gde_estimate"] = pairwise.mean_off_diagonal(D, ok)
+            if preds.targets is not None:
+                counts = agreement_counts(preds.labels, preds.targets.to(torch.int32))
+                err = 1.0 - counts.correct.double() / M
+                V["test_error"] = err
+                out.summary["mean_test_error"] = float(err[ok].mean()) if ok.any() else float("nan")
+                for name in ("both_correct", "both_wrong_same", "both_wrong_different"):
+                    out.pairwise[name] = getattr(counts, name)
+    if "soft" in measures:
+        mats = pairwise.soft_matrices(preds.probs, soft)
+        for name, mat in mats.items():
+            V[name] = pairwise.mean_over_others(mat, ok)
+            out.pairwise[name] = _nan_rows(mat, ok)
+    if acc is not None:
+        V.update(acc.results())
+
+    probe = preds.probe_inputs
+    probe_ref = preds.labels[:, : probe.shape[0]] if probe is not None else None
+    sat = torch.zeros(R, dtype=torch.bool)
+    if "perturbation_weakness" in measures:
+        for s in perturb_sigmas:
+            _, unchanged = weakness.perturbation_agreement(rs, probe, probe_ref, torch.full((R,), float(s)),
+                                                           num_draws=num_draws, seed=seed)
+            V[f"perturb_weakness_sigma{s:g}"] = unchanged
+        star, sat_star = weakness.bisect_sigma(rs, probe, probe_ref, torch.full((R,), 1.0 - delta), num_draws=num_draws,
+                                     seed=seed + 1, steps=bisect_steps, sigma_max=sigma_max)
+        V["perturb_sigma_star"] = star
+        sat |= sat_star
+    if "simplicity" in measures:
+        V.update(simplicity.compressed_sizes(rs.params, rs.finite, codecs))
+        flat = rs.flat_params()
+        V["sq_weight_norm"] = simplicity.sq_weight_norm(flat)
+        if pacbayes_sigma is not None:
+            sig = torch.full((R,), float(pacbayes_sigma), dtype=torch.float64)
+        else:
+            tg = preds.targets[: probe.shape[0]] if preds.targets is not None else None
+            if tg is not None:
+                base = (probe_ref.long() == tg[None]).double().mean(1)
+                target = base - 0.1
+            else:
+                target = torch.full((R,), 0.9, dtype=torch.float64)
+            sig, sat_sig = weakness.bisect_sigma(rs, probe, probe_ref, target, num_draws=num_draws, seed=seed + 2,
+                                        steps=bisect_steps, sigma_max=sigma_max, kind="magnitude", targets=tg)
+            sat |= sat_sig
+        init = None
+        if init_models is not None:
+            init = ReplicaSet(init_models, bn_mode=bn_mode).flat_params()
+        V["pacbayes_mag_sigma"] = sig
+        V["pacbayes_mag_kl"] = simplicity.pacbayes_mag_kl(flat, sig, num_train or M, init)
+
+    for name in V:
+        V[name] = V[name].double().cpu()
+        V[name][~ok] = float("nan")
+    out.ok = ok
+    flags = []
+    for r in range(R):
+        f = []
+        if not bool(rs.finite[r]):
+            f.append("non-finite parameters")
+        elif not bool(ok[r]):
+            f.append("non-finite outputs")
+        elif bool(sat[r]):
+            f.append(f"noise bisection not bracketed in [sigma_max * 2^-20, sigma_max={sigma_max:g}] (sigma values are bounds)")
+        flags.append("; ".join(f))
+    out.flags = flags
+    out.seconds = time.perf_counter() - t0
+    return out

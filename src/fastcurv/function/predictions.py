@@ -1,0 +1,149 @@
+"""One pass over a loader producing the predictions of all R replicas at once.
+
+The replicas are evaluated together (``ReplicaSet.forward``, vmapped over the replica axis) in
+chunks of replicas so that ``replicas x batch`` rows fit in memory. Only what the measures need is
+kept: argmax labels ``[R, M]`` in the smallest integer dtype, optionally softmax probabilities
+``[R, M, K]``, the targets when the loader has them, and streaming per-example accumulators
+(:class:`Accumulator`) that never store the probabilities.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..replicas import ReplicaSet
+
+
+def label_dtype(num_classes: int) -> torch.dtype:
+    """Smallest integer dtype that holds class indices ``0 .. num_classes - 1``."""
+    if num_classes <= 256:
+        return torch.uint8
+    if num_classes <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+class Accumulator:
+    """Per-replica sums over examples, fed one ``[Rc, N, K]`` probability chunk at a time."""
+
+    def update(self, idx: torch.Tensor, probs: torch.Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class Predictions:
+    """Outputs of all replicas on the examples of one pass.
+
+    labels: ``[R, M]`` argmax classes (uint8/int16/int32). probs: ``[R, M, K]`` softmax
+    probabilities or None. targets: ``[M]`` int64 true classes or None. finite: ``[R]`` False where
+    a replica produced a non-finite logit. probe_inputs: the first ``probe_size`` inputs.
+    """
+
+    labels: torch.Tensor
+    probs: torch.Tensor | None
+    targets: torch.Tensor | None
+    finite: torch.Tensor
+    num_classes: int
+    probe_inputs: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_examples(self) -> int:
+        return self.labels.shape[1]
+
+
+def _split_item(item, i: int):
+    """``(inputs, targets or None)`` from a loader item: a tensor, a tuple/list, or a dict."""
+    if isinstance(item, torch.Tensor):
+        return item, None
+    if isinstance(item, dict):
+        for kx, ky in (("inputs", "targets"), ("x", "y"), ("input", "target"), ("image", "label")):
+            if kx in item:
+                return item[kx], item.get(ky)
+        raise TypeError(f"batch {i} is a dict with keys {sorted(item)}; expected inputs/targets (or x/y)")
+    if isinstance(item, (tuple, list)) and len(item) >= 1 and isinstance(item[0], torch.Tensor):
+        y = item[1] if len(item) > 1 else None
+        return item[0], y
+    raise TypeError(f"batch {i} is a {type(item).__name__}; the loader must yield inputs or (inputs, targets)")
+
+
+def iterate(data):
+    """Batches of ``data``: a loader, one ``(inputs, targets)`` pair, or one inputs tensor."""
+    if isinstance(data, torch.Tensor):
+        return [data]
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        if data[0].shape[:1] == data[1].shape[:1] and data[1].dim() <= 1:
+            return [tuple(data)]
+    return data
+
+
+def collect_predictions(
+    replicas: ReplicaSet,
+    data,
+    *,
+    keep_probs: bool = False,
+    probs_dtype: torch.dtype | None = None,
+    accumulators: tuple = (),
+    probe_size: int = 0,
+    max_rows: int = 1 << 19,
+) -> Predictions:
+    """Evaluate every replica on every batch of ``data`` once.
+
+    Args:
+        keep_probs: also store softmax probabilities ``[R, M, K]`` (``probs_dtype``; default: the
+            models' dtype).
+        accumulators: :class:`Accumulator` objects fed every probability chunk.
+        probe_size: keep the first ``probe_size`` inputs (for perturbation measures).
+        max_rows: at most this many ``replica x example`` rows per forward call (memory bound).
+    """
+    R = replicas.R
+    labels, probs, targets, probes = [], [], [], []
+    finite = torch.ones(R, dtype=torch.bool)
+    have_targets = True
+    num_classes = None
+    n_probe = 0
+    with torch.no_grad():
+        for i, item in enumerate(iterate(data)):
+            x, y = _split_item(item, i)
+            if x.shape[0] == 0:
+                continue
+            x = x.to(replicas.device, replicas.dtype) if x.is_floating_point() else x.to(replicas.device)
+            if y is None or y.dim() != 1 or y.is_floating_point():
+                have_targets = False
+            elif have_targets:
+                targets.append(y.to("cpu", torch.int64))
+            if n_probe < probe_size:
+                probes.append(x[: probe_size - n_probe])
+                n_probe += probes[-1].shape[0]
+            N = x.shape[0]
+            chunk = max(1, min(R, max_rows // N))
+            lab_b, prob_b = [], []
+            for r0 in range(0, R, chunk):
+                idx = torch.arange(r0, min(R, r0 + chunk), device=replicas.device)
+                out = replicas.forward(x, idx)
+                if out.dim() != 3:
+                    raise ValueError(f"models must output logits [batch, classes]; got per-replica shape {tuple(out.shape[1:])}")
+                if num_classes is None:
+                    num_classes = out.shape[-1]
+                finite[idx.cpu()] &= torch.isfinite(out).flatten(1).all(1).cpu()
+                p = torch.softmax(out.to(torch.float64) if out.dtype == torch.float64 else out.float(), dim=-1)
+                for acc in accumulators:
+                    acc.update(idx, p)
+                lab_b.append(out.argmax(-1).to(label_dtype(num_classes)).cpu())
+                if keep_probs:
+                    prob_b.append(p.to(probs_dtype or p.dtype).cpu())
+            labels.append(torch.cat(lab_b))
+            if keep_probs:
+                probs.append(torch.cat(prob_b))
+    if not labels:
+        raise ValueError("the data yielded no examples")
+    tgt = torch.cat(targets) if have_targets and targets else None
+    return Predictions(
+        labels=torch.cat(labels, dim=1),
+        probs=torch.cat(probs, dim=1) if keep_probs else None,
+        targets=tgt,
+        finite=finite & replicas.finite,
+        num_classes=num_classes,
+        probe_inputs=torch.cat(probes) if probes else None,
+    )

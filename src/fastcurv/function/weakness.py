@@ -1,0 +1,131 @@
+"""Weakness of R replicas: two operationalizations of Bennett's notion (ours; his estimator for
+networks is not published, see reference/measures.md sections 3.13 and 5.3).
+
+1. **Permission-profile log-weakness** (closed form of Bennett's output permission profiles).
+   Class k is *permitted* at input x when ``p_k(x) >= tau * max_j p_j(x)`` (relative threshold)
+   or ``p_k(x) >= tau`` (absolute threshold); the argmax class is always permitted, so the number
+   of permitted classes ``a(x) >= 1``. Score: ``W = mean_x log2(2^a(x) - 1)`` bits per input,
+   over unlabelled probe inputs, for a sweep of tau. It is 0 for a fully committed network and
+   ``log2(2^K - 1)`` when every class is permitted everywhere (it rewards uncommitted outputs, so
+   the mean prediction entropy is reported next to it).
+2. **Perturbation weakness.** Multiplicative weight noise ``theta * (1 + sigma * xi)``,
+   ``xi ~ N(0, I)`` (invariant to diagonal rescalings of the weights). ``w_hat(sigma)`` is the
+   fraction of ``num_draws`` draws that leave *every* probe prediction unchanged, and ``sigma*``
+   is the noise level, found by bisection in log space, at which the mean agreement of the
+   perturbed predictions with the replica's own falls to ``1 - delta``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..replicas import ReplicaSet
+from .predictions import Accumulator
+
+
+def log2_weakness_terms(a: torch.Tensor) -> torch.Tensor:
+    """``log2(2^a - 1)`` for integer ``a >= 1``, computed stably as ``a + log2(1 - 2^-a)``."""
+    a = a.double()
+    return a + torch.log2(-torch.expm1(-a * math.log(2.0)))
+
+
+class PermissionWeakness(Accumulator):
+    """Streaming permission-profile log-weakness for several (mode, tau) pairs, plus entropy."""
+
+    def __init__(self, R: int, taus=(0.01, 0.05, 0.1, 0.25, 0.5), modes=("relative", "absolute")):
+        for m in modes:
+            if m not in ("relative", "absolute"):
+                raise ValueError(f"weakness threshold mode must be 'relative' or 'absolute', got {m!r}")
+        for t in taus:
+            if not 0 < float(t) <= 1:
+                raise ValueError(f"weakness tau must be in (0, 1], got {t}")
+        self.keys = [(m, float(t)) for m in modes for t in taus]
+        self.sums = {k: torch.zeros(R, dtype=torch.float64) for k in self.keys}
+        self.entropy = torch.zeros(R, dtype=torch.float64)
+        self.count = 0
+
+    def update(self, idx: torch.Tensor, probs: torch.Tensor) -> None:
+        idx = idx.cpu()
+        pmax = probs.amax(-1, keepdim=True)
+        for mode, tau in self.keys:
+            thr = tau * pmax if mode == "relative" else torch.full_like(pmax, tau)
+            a = ((probs >= thr) | (probs == pmax)).sum(-1)  # [Rc, N], argmax always permitted
+            self.sums[(mode, tau)][idx] += log2_weakness_terms(a).sum(-1).cpu()
+        ent = -torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs)).sum(-1)
+        self.entropy[idx] += ent.double().sum(-1).cpu()
+        if int(idx[0]) == 0:
+            self.count += probs.shape[1]
+
+    @staticmethod
+    def column(mode: str, tau: float) -> str:
+        return f"weakness_{'rel' if mode == 'relative' else 'abs'}_tau{tau:g}"
+
+    def results(self) -> dict:
+        n = max(self.count, 1)
+        out = {self.column(m, t): s / n for (m, t), s in self.sums.items()}
+        out["mean_entropy"] = self.entropy / n
+        return out
+
+
+def _perturbed_labels(rs: ReplicaSet, x: torch.Tensor, sigma: torch.Tensor, noise: list, kind: str, eps: float):
+    """Argmax predictions ``[R, N]`` of every replica with its weights perturbed at its own ``sigma``."""
+    params = {}
+    for (n, p), xi in zip(rs.params.items(), noise):
+        s = sigma.to(p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
+        if kind == "multiplicative":
+            params[n] = p * (1 + s * xi)
+        else:  # magnitude-aware additive noise, std sqrt(sigma^2 theta^2 + eps^2)
+            params[n] = p + xi * torch.sqrt(s.square() * p.square() + eps * eps)
+    from torch.func import vmap
+
+    out = vmap(rs.call, in_dims=(0, 0, None))(params, rs.buffers, x)
+    return out.argmax(-1)
+
+
+def _draw(rs: ReplicaSet, seed: int, d: int) -> list:
+    """Draw ``d``: one noise tensor per parameter, shared by every replica (common random numbers,
+    so a replica's values do not depend on which other replicas are evaluated with it)."""
+    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + d)
+    return [torch.randn(p.shape[1:], generator=g, dtype=p.dtype).to(p.device)[None] for p in rs.params.values()]
+
+
+def perturbation_agreement(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, sigma: torch.Tensor, *, num_draws: int,
+                           seed: int, kind: str = "multiplicative", eps: float = 1e-3, targets: torch.Tensor | None = None):
+    """Per replica ``(mean agreement with ref, fraction of draws with every prediction unchanged)``
+    over ``num_draws`` draws (the same draws for every call with this seed: common random numbers).
+    With ``targets``, the first value is the mean accuracy instead of the agreement."""
+    ref = ref.to(x.device).long()
+    agree = torch.zeros(rs.R, dtype=torch.float64)
+    unchanged = torch.zeros(rs.R, dtype=torch.float64)
+    with torch.no_grad():
+        for d in range(num_draws):
+            lab = _perturbed_labels(rs, x, sigma.to(x.device), _draw(rs, seed, d), kind, eps)
+            same = lab == ref
+            if targets is not None:
+                agree += (lab == targets.to(x.device)[None]).double().mean(1).cpu()
+            else:
+                agree += same.double().mean(1).cpu()
+            unchanged += same.all(1).double().cpu()
+    return agree / num_draws, unchanged / num_draws
+
+
+def bisect_sigma(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, target: torch.Tensor, *, num_draws: int,
+                 seed: int, steps: int = 12, sigma_max: float = 8.0, kind: str = "multiplicative", eps: float = 1e-3,
+                 targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Per replica, the noise level where the (agreement or accuracy) curve crosses ``target``.
+
+    Geometric bisection on ``[sigma_max * 2^-20, sigma_max]``, all replicas in lock-step.
+    Returns ``(sigma [R], saturated [R] bool)``; ``saturated`` marks replicas whose crossing was
+    not bracketed (still above target near ``sigma_max``, or already below near the lower end).
+    """
+    lo0, hi0 = sigma_max * 2.0**-20, float(sigma_max)
+    lo = torch.full((rs.R,), lo0, dtype=torch.float64)
+    hi = torch.full((rs.R,), hi0, dtype=torch.float64)
+    for _ in range(steps):
+        mid = torch.sqrt(lo * hi)
+        val, _ = perturbation_agreement(rs, x, ref, mid, num_draws=num_draws, seed=seed, kind=kind, eps=eps, targets=targets)
+        above = val > target
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    return torch.sqrt(lo * hi), (hi == hi0) | (lo == lo0)

@@ -1,0 +1,205 @@
+"""Function-space measures: definitions against direct computations, invariance under Dinh
+rescaling (while lambda_max changes ~alpha^2), NaN replicas, streaming."""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from fastcurv.function import collect_predictions, label_dtype
+from fastcurv.function.weakness import log2_weakness_terms
+
+K = 3
+FUNCTION_COLUMNS = None  # filled from the first result
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, K)).double()
+
+
+def _models(R=4, seed=0):
+    torch.manual_seed(seed)
+    return [_mlp() for _ in range(R)]
+
+
+def _data(n=200, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, K, (n,), generator=g)
+
+
+def _loader(x, y, bs=64):
+    return [(x[i : i + bs], y[i : i + bs]) for i in range(0, len(x), bs)]
+
+
+def _logits(models, x):
+    with torch.no_grad():
+        return torch.stack([m(x) for m in models])
+
+
+FAST = dict(probe_size=96, num_draws=3, bisect_steps=6, perturb_sigmas=(0.01, 0.1), taus=(0.1, 0.5))
+ALL = ("disagreement", "gde", "soft", "weakness", "perturbation_weakness", "simplicity")
+
+
+def test_disagreement_gde_soft_match_direct_computation():
+    from scipy.spatial.distance import jensenshannon
+
+    models = _models(4)
+    x, y = _data()
+    res = fastcurv.function_measures(models, _loader(x, y), measures=("disagreement", "gde", "soft"))
+    logits = _logits(models, x)
+    lab, p = logits.argmax(-1), logits.softmax(-1)
+    R = len(models)
+    D = torch.tensor([[float((lab[i] != lab[j]).double().mean()) for j in range(R)] for i in range(R)], dtype=torch.float64)
+    for i in range(R):
+        others = [j for j in range(R) if j != i]
+        assert res["disagreement"][i] == pytest.approx(float(D[i, others].mean()), abs=1e-12)
+        assert res["test_error"][i] == pytest.approx(float((lab[i] != y).double().mean()), abs=1e-12)
+        j = others[0]
+        js = sum(jensenshannon(p[i, m].numpy(), p[j, m].numpy()) ** 2 for m in range(len(x))) / len(x)
+        tv = float(0.5 * (p[i] - p[j]).abs().sum(-1).mean())
+        l2 = float((p[i] - p[j]).norm(dim=-1).mean())
+        assert res.pairwise["js"][i, j] == pytest.approx(js, rel=1e-6, abs=1e-12)
+        assert res.pairwise["tv"][i, j] == pytest.approx(tv, rel=1e-9)
+        assert res.pairwise["l2"][i, j] == pytest.approx(l2, rel=1e-9)
+        assert res.pairwise["both_correct"][i, j] == int(((lab[i] == y) & (lab[j] == y)).sum())
+    assert res.summary["gde_estimate"] == pytest.approx(float(D.sum() / (R * (R - 1))), abs=1e-12)
+    assert torch.equal(res.pairwise["agree"], fastcurv.agreement_counts(lab))
+    df = res.to_pandas()
+    assert list(df.index) == list(range(R)) and "disagreement" in df and df["ok"].all()
+
+
+def test_permission_weakness_matches_definition_and_extremes():
+    models = _models(3)
+    x, y = _data(150)
+    res = fastcurv.function_measures(models, _loader(x, y, 50), measures=("weakness",), taus=(0.1, 0.5))
+    p = _logits(models, x).softmax(-1)
+    pmax = p.amax(-1, keepdim=True)
+    for mode, col in (("rel", "weakness_rel_tau0.5"), ("abs", "weakness_abs_tau0.1")):
+        tau = 0.5 if mode == "rel" else 0.1
+        thr = tau * pmax if mode == "rel" else torch.full_like(pmax, tau)
+        a = ((p >= thr) | (p == pmax)).sum(-1).double()
+        expect = torch.log2(2.0**a - 1).mean(1)
+        assert torch.allclose(res[col], expect, atol=1e-12)
+    ent = -(p * p.log()).sum(-1).mean(1)
+    assert torch.allclose(res["mean_entropy"], ent, atol=1e-12)
+    # a constant-output network permits every class: log2(2^K - 1); a saturated one only the argmax: 0
+    flat, sharp = _mlp(), _mlp()
+    with torch.no_grad():
+        for m in flat.parameters():
+            m.zero_()
+        sharp[4].weight.mul_(1e4)
+        sharp[4].bias.mul_(1e4)
+    r2 = fastcurv.function_measures([flat, sharp], (x, y), measures=("weakness",), taus=(0.5,))
+    assert r2["weakness_rel_tau0.5"][0] == pytest.approx(math.log2(2**K - 1))
+    assert r2["weakness_rel_tau0.5"][1] == pytest.approx(0.0, abs=0.02)
+    assert torch.allclose(log2_weakness_terms(torch.tensor([1, 2, 60])), torch.tensor([0.0, math.log2(3), 60.0], dtype=torch.float64))
+
+
+def _rescale(model, alpha):
+    """Dinh et al. T_alpha on layers (2, 4): W2, b2 -> alpha W2, alpha b2; W4 -> W4 / alpha."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m[2].weight.mul_(alpha)
+        m[2].bias.mul_(alpha)
+        m[4].weight.div_(alpha)
+    return m
+
+
+def test_function_measures_invariant_under_rescaling_while_lambda_max_scales():
+    models = _models(3, seed=3)
+    x, y = _data(160, seed=4)
+    kw = dict(measures=ALL, pacbayes_sigma=0.1, **FAST)
+    base = fastcurv.function_measures(models, _loader(x, y), **kw)
+    lam = {1.0: fastcurv.batched_sharpness(models, (x, y), measures=("lambda_max",), progress=False)["lambda_max"]}
+    for alpha in (10.0, 100.0):
+        scaled = [_rescale(m, alpha) for m in models]
+        assert torch.allclose(_logits(scaled, x), _logits(models, x), rtol=1e-9, atol=1e-9)
+        res = fastcurv.function_measures(scaled, _loader(x, y), **kw)
+        function_cols = [c for c in base.values if not c.startswith(("compressed_bytes", "sq_weight_norm", "pacbayes"))]
+        assert "perturb_sigma_star" in function_cols and "js" in function_cols and "weakness_rel_tau0.1" in function_cols
+        for c in function_cols:
+            assert torch.allclose(res[c], base[c], rtol=1e-7, atol=1e-10), c
+        assert torch.equal(res.pairwise["agree"], base.pairwise["agree"])
+        # the encoding-dependent simplicity measures do change
+        assert not torch.allclose(res["sq_weight_norm"], base["sq_weight_norm"], rtol=1e-3)
+        lam[alpha] = fastcurv.batched_sharpness(scaled, (x, y), measures=("lambda_max",), progress=False)["lambda_max"]
+    # lambda_max grows by a large factor, and between alpha = 10 and 100 by about (100 / 10)^2
+    assert (lam[10.0] / lam[1.0] > 5).all(), lam
+    ratio = lam[100.0] / lam[10.0]
+    assert ((ratio > 50) & (ratio < 200)).all(), ratio
+
+
+def test_nan_replica_is_flagged_and_others_unaffected():
+    models = _models(4, seed=5)
+    x, y = _data(128, seed=6)
+    bad = copy.deepcopy(models[1])
+    with torch.no_grad():
+        bad[0].weight[0, 0] = float("nan")
+    kw = dict(measures=ALL, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = fastcurv.function_measures([models[0], bad, models[2], models[3]], _loader(x, y), **kw)
+    ref = fastcurv.function_measures([models[0], models[2], models[3]], _loader(x, y), **kw)
+    assert res.ok.tolist() == [True, False, True, True]
+    assert "non-finite parameters" in res.flags[1] and "non-finite" not in res.flags[0]
+    for c, v in res.values.items():
+        assert torch.isnan(v[1]), c
+        assert torch.allclose(v[[0, 2, 3]], ref[c], rtol=1e-12, atol=1e-12, equal_nan=True), c
+    assert torch.isnan(res.pairwise["disagreement"][1]).all()
+    assert res.summary["gde_estimate"] == pytest.approx(ref.summary["gde_estimate"])
+
+
+def test_prediction_pass_streams_and_keeps_small_labels():
+    from fastcurv import ReplicaSet
+
+    models = _models(5, seed=7)
+    x, y = _data(130, seed=8)
+    rs = ReplicaSet(models)
+    full = collect_predictions(rs, _loader(x, y, 40), keep_probs=True)
+    tiny = collect_predictions(rs, _loader(x, y, 40), keep_probs=True, max_rows=7)  # one replica per call
+    unlabelled = collect_predictions(rs, [x[:70], x[70:]])
+    assert full.labels.dtype == torch.uint8 and full.labels.shape == (5, 130)
+    assert torch.equal(full.labels, tiny.labels) and torch.allclose(full.probs, tiny.probs)
+    assert torch.equal(full.labels.long(), _logits(models, x).argmax(-1))
+    assert torch.equal(full.targets, y) and unlabelled.targets is None and unlabelled.probs is None
+    assert torch.equal(unlabelled.labels, full.labels)
+    assert label_dtype(10) == torch.uint8 and label_dtype(1000) == torch.int16 and label_dtype(10**6) == torch.int32
+    # without targets gde gives the estimate but no test error
+    r = fastcurv.function_measures(models, [x[:70], x[70:]], measures=("gde",))
+    assert "test_error" not in r.values and r.summary["gde_estimate"] > 0
+
+
+def test_simplicity_columns():
+    from fastcurv.function.simplicity import pacbayes_mag_kl, quantized_bytes
+
+    models = _models(2, seed=9)
+    x, y = _data(64)
+    res = fastcurv.function_measures(models, (x, y), measures=("simplicity",), pacbayes_sigma=0.05, num_train=1000)
+    for r, m in enumerate(models):
+        theta = torch.cat([p.detach().flatten() for p in m.parameters()])
+        assert res["sq_weight_norm"][r] == pytest.approx(float(theta.square().sum()))
+        P, s2, eps = theta.numel(), 0.05**2, 1e-3
+        kl = 0.25 * torch.log((eps**2 + (s2 + 1) * theta.square().sum() / P) / (eps**2 + s2 * theta.square())).sum()
+        assert res["pacbayes_mag_kl"][r] == pytest.approx(float(kl + math.log(1000 / 0.05) + 10))
+        assert res["compressed_bytes_zlib"][r] > 0 and res["compressed_bytes_lzma"][r] > 0
+    # constant weights compress far better than random ones
+    const = [torch.ones(1000)]
+    rnd = [torch.randn(1000, generator=torch.Generator().manual_seed(0))]
+    import zlib
+
+    assert len(zlib.compress(quantized_bytes(const))) < len(zlib.compress(quantized_bytes(rnd))) / 5
+    assert pacbayes_mag_kl(torch.ones(1, 4), torch.tensor([0.1]), 10).shape == (1,)
+
+
+def test_bad_arguments():
+    models = _models(2)
+    x, y = _data(32)
+    with pytest.raises(ValueError, match="unknown measures"):
+        fastcurv.function_measures(models, (x, y), measures=("flatness",))
+    with pytest.raises(ValueError, match="tau"):
+        fastcurv.function_measures(models, (x, y), measures=("weakness",), taus=(0.0,))
+    with pytest.raises(ValueError, match="no examples"):
+        fastcurv.function_measures(models, [], measures=("disagreement",))
