@@ -1,0 +1,126 @@
+"""The ``fastcurv`` command line.
+
+* ``fastcurv demo``: train a small population on the embedded digits, print its sharpness table
+  and correlations, write a report folder (see :func:`fastcurv.demo.demo`).
+* ``fastcurv study``: the same pipeline on MNIST / Fashion-MNIST / digits with any settings, from
+  flags or a YAML / JSON config file (flags override the file); see :func:`fastcurv.demo.run_study`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _floats(text: str):
+    """'0.1' -> 0.1; '0.1,0.05' -> [0.1, 0.05] (one value per replica)."""
+    vals = [float(v) for v in str(text).split(",") if v.strip()]
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _ints(text: str):
+    return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+def _load_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"fastcurv: config file {path} not found")
+    text = p.read_text()
+    if p.suffix.lower() == ".json":
+        cfg = json.loads(text)
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise SystemExit("fastcurv: reading a YAML config needs PyYAML (pip install pyyaml), or use a .json file") from None
+        cfg = yaml.safe_load(text) or {}
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"fastcurv: {path} must hold a mapping of settings, got {type(cfg).__name__}")
+    return {k.replace("-", "_"): v for k, v in cfg.items()}
+
+
+def _add_study_flags(p: argparse.ArgumentParser):
+    S = argparse.SUPPRESS  # absent flags do not override the config file
+    p.add_argument("--config", help="YAML or JSON file with study settings (flags override it)")
+    p.add_argument("--data", default=S, help="digits (embedded, default), mnist or fashion-mnist")
+    p.add_argument("--data-root", default=S, help="folder with the IDX files (default: search FASTCURV_DATA, ../shared/data, ...)")
+    p.add_argument("--n-train", type=int, default=S, help="random training subset size (mnist / fashion-mnist)")
+    p.add_argument("--n-test", type=int, default=S, help="random test subset size")
+    p.add_argument("--hidden", type=_ints, default=S, help="hidden widths, e.g. 512,512 (default 32)")
+    p.add_argument("--activation", default=S)
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=S)
+    p.add_argument("--lr", type=_floats, default=S, help="learning rate, or one per replica: 0.1,0.05,...")
+    p.add_argument("--momentum", type=_floats, default=S)
+    p.add_argument("--weight-decay", type=_floats, default=S)
+    p.add_argument("--sam-rho", type=_floats, default=S, help="SAM radius (0: plain optimizer)")
+    p.add_argument("--batch-size", type=int, default=S)
+    p.add_argument("--epochs", type=int, default=S, help="epochs (the maximum with --target-loss)")
+    p.add_argument("--target-loss", type=float, default=S, help="stop each replica at this training loss")
+    p.add_argument("--measures", type=lambda s: tuple(s.split(",")), default=S,
+                   help="comma-separated: lambda_max,trace,lambda_min,top_k")
+    p.add_argument("--target", choices=("test_acc", "test_loss", "gap"), default=S)
+    p.add_argument("--n-boot", type=int, default=S, help="bootstrap resamples for the CI")
+    p.add_argument("--checkpoint", default=S, help="training checkpoint file (resumes when it exists)")
+    p.add_argument("--threads", type=int, default=S, help="torch threads (1 is fastest for tiny models)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fastcurv", description="Curvature and sharpness for many replicas at once.")
+    ap.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = ap.add_subparsers(dest="command")
+
+    d = sub.add_parser("demo", help="train a small population on the embedded digits, print its sharpness table")
+    d.add_argument("--replicas", type=int, default=8, help="number of replicas R (default 8)")
+    d.add_argument("--seed", type=int, default=0, help="first seed; replicas use seed..seed+R-1")
+    d.add_argument("--out", default="fastcurv-demo", help="report folder (default ./fastcurv-demo)")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 15)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("study", help="train, measure, correlate and report (flags or --config file)")
+    s.add_argument("--replicas", type=int, default=argparse.SUPPRESS)
+    s.add_argument("--seed", type=int, default=argparse.SUPPRESS)
+    s.add_argument("--out", default=argparse.SUPPRESS, help="report folder (default ./fastcurv-report)")
+    s.add_argument("--no-progress", action="store_true")
+    _add_study_flags(s)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        ap.print_help()
+        return 2
+    progress = False if args.no_progress else None
+    if args.command == "demo":
+        from .demo import demo
+
+        extra = {} if args.epochs is None else {"epochs": args.epochs}
+        demo(replicas=args.replicas, seed=args.seed, out=args.out, progress=progress, **extra)
+        return 0
+    from .demo import _STUDY_ARGS, run_study
+
+    cfg = _load_config(args.config) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "no_progress", "version")}
+    cfg.update(flags)
+    if "hidden" in cfg and isinstance(cfg["hidden"], int):
+        cfg["hidden"] = [cfg["hidden"]]
+    unknown = sorted(set(cfg) - set(_STUDY_ARGS) - {"progress"})
+    if unknown:
+        raise SystemExit(f"fastcurv study: unknown setting(s) {unknown}; known: {', '.join(sorted(_STUDY_ARGS))}")
+    try:
+        run_study(progress=progress, **cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"fastcurv study: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Rank correlations between per-replica measures and a generalization target.
+
+Conventions (see the project's measures reference, section 4):
+
+* Spearman rho with the two-sided p-value of ``scipy.stats.spearmanr`` (t distribution, n - 2 dof);
+* a percentile bootstrap confidence interval for rho, resampling networks (rows) with replacement;
+* Kendall tau-b with the p-value of ``scipy.stats.kendalltau`` (exact for small tie-free samples).
+
+Rows where the measure or the target is NaN/Inf (e.g. diverged replicas) are dropped pairwise and
+``n`` reports how many were used.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy import stats as _st
+
+COLUMNS = ("measure", "n", "spearman_rho", "spearman_p", "ci_low", "ci_high", "kendall_tau", "kendall_p")
+
+
+def _clean(x, y):
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"measure and target have different lengths ({x.size} and {y.size})")
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep]
+
+
+def _degenerate(x, y) -> bool:
+    return x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0
+
+
+def spearman(x, y) -> tuple[float, float]:
+    """Spearman rho and its two-sided p-value (scipy); NaN when fewer than 3 finite pairs or a constant input."""
+    x, y = _clean(x, y)
+    if _degenerate(x, y):
+        return float("nan"), float("nan")
+    r = _st.spearmanr(x, y)
+    return float(r.statistic), float(r.pvalue)
+
+
+def kendall(x, y) -> tuple[float, float]:
+    """Kendall tau-b and its two-sided p-value (scipy); NaN when degenerate as in :func:`spearman`."""
+    x, y = _clean(x, y)
+    if _degenerate(x, y):
+        return float("nan"), float("nan")
+    r = _st.kendalltau(x, y)
+    return float(r.statistic), float(r.pvalue)
+
+
+def bootstrap_indices(n: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    """``[n_boot, n]`` row indices drawn with replacement (numpy PCG64 seeded with ``seed``)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _rowwise_spearman(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Spearman rho of each row pair (average ranks for ties), NaN where a row is constant."""
+    rx = _st.rankdata(xs, axis=1)
+    ry = _st.rankdata(ys, axis=1)
+    rx -= rx.mean(axis=1, keepdims=True)
+    ry -= ry.mean(axis=1, keepdims=True)
+    num = (rx * ry).sum(axis=1)
+    den = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def bootstrap_spearman_ci(x, y, *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval for Spearman rho, resampling (x, y) pairs with replacement.
+
+    Resamples whose measure or target is constant are skipped. Returns (low, high); NaN when degenerate.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be positive, got {n_boot}")
+    x, y = _clean(x, y)
+    if _degenerate(x, y):
+        return float("nan"), float("nan")
+    idx = bootstrap_indices(x.size, n_boot, seed)
+    rho = np.empty(n_boot)
+    chunk = max(1, 2_000_000 // x.size)
+    for i in range(0, n_boot, chunk):
+        j = idx[i:i + chunk]
+        rho[i:i + chunk] = _rowwise_spearman(x[j], y[j])
+    rho = rho[np.isfinite(rho)]
+    if rho.size == 0:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    lo, hi = np.quantile(rho, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def correlations(df, target: str, measures: Sequence[str] | None = None, *, n_boot: int = 10_000,
+                 level: float = 0.95, seed: int = 0):
+    """One row per measure: n, Spearman rho, p, bootstrap CI, Kendall tau, p (a pandas DataFrame).
+
+    Args:
+        df: one row per replica (e.g. ``SharpnessResult.to_pandas()`` joined with test accuracy).
+        target: the generalization column (test accuracy, test loss, gap, ...).
+        measures: columns to correlate (default: every numeric column except ``target`` and
+            bookkeeping columns ending in ``_stderr``, ``_error``, ``_iters``, ``_converged``).
+        n_boot, level, seed: bootstrap resamples, confidence level, RNG seed.
+    """
+    import pandas as pd
+
+    if target not in df.columns:
+        raise KeyError(f"target column {target!r} not in the table (columns: {list(df.columns)})")
+    if measures is None:
+        skip = ("_stderr", "_error", "_iters", "_converged")
+        measures = [c for c in df.columns if c != target and pd.api.types.is_numeric_dtype(df[c])
+                    and not pd.api.types.is_bool_dtype(df[c]) and not str(c).endswith(skip)]
+    missing = [m for m in measures if m not in df.columns]
+    if missing:
+        raise KeyError(f"measure columns {missing} not in the table (columns: {list(df.columns)})")
+    rows = []
+    for m in measures:
+        x, y = _clean(df[m].to_numpy(dtype=np.float64), df[target].to_numpy(dtype=np.float64))
+        rho, p = spearman(x, y)
+        lo, hi = bootstrap_spearman_ci(x, y, n_boot=n_boot, level=level, seed=seed)
+        tau, tp = kendall(x, y)
+        rows.append({"measure": m, "n": int(x.size), "spearman_rho": rho, "spearman_p": p, "ci_low": lo,
+                     "ci_high": hi, "kendall_tau": tau, "kendall_p": tp})
+    return pd.DataFrame(rows, columns=list(COLUMNS)).set_index("measure")

@@ -1,0 +1,553 @@
+"""Training a population of R replicas of one architecture in ONE batched job.
+
+The R replicas' parameters are stacked along a leading axis (``torch.func.stack_module_state``) and
+one forward/backward (``torch.func.functional_call`` under ``vmap``) trains them all. Each replica
+has its own initialization seed and its own data order, and optionally its own learning rate,
+momentum, weight decay and SAM radius (a hyperparameter grid in one job).
+
+Optimizers follow ``torch.optim`` exactly (same update formulas), so a batched run equals a loop
+that trains each model with ``torch.optim.SGD`` / ``torch.optim.Adam`` / ``torch.optim.AdamW`` on the
+same batches (checked in the tests):
+
+* ``"sgd"``: ``g += wd*w; buf = momentum*buf + g; w -= lr*buf`` (``nesterov``: ``w -= lr*(g + momentum*buf)``);
+* ``"adam"``: L2 weight decay added to the gradient, bias-corrected moments;
+* ``"adamw"``: decoupled weight decay ``w *= 1 - lr*wd`` before the Adam step.
+
+SAM (Foret et al. 2021) with radius ``sam_rho > 0``: the gradient used by the optimizer is taken at
+``w + rho * g / ||g||`` (``g`` the minibatch gradient at ``w``, norm over all parameters of the
+replica); it costs a second forward/backward per step.
+
+Divergence: a replica whose minibatch loss becomes NaN/Inf is marked diverged, its parameters are
+set to NaN (so later measures flag it) and it stops training; the others are unaffected.
+With ``target_loss``, a replica stops (is frozen) once its full training-set loss, evaluated at the
+end of an epoch, is at most ``target_loss``; the job ends when every replica has stopped or after
+``epochs`` epochs.
+
+Checkpoints: with ``checkpoint=path`` the whole state (parameters, optimizer state, masks, history)
+is written atomically at the end of every epoch; calling again with the same arguments and path
+resumes after the last completed epoch and gives the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from tqdm.auto import tqdm
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LOSSES = ("cross_entropy", "mse")
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "elu": nn.ELU,
+               "silu": nn.SiLU, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
+_CKPT_VERSION = 1
+
+
+def mlp(sizes: Sequence[int], activation: str = "relu", *, bias: bool = True, flatten: bool = True) -> nn.Sequential:
+    """A multilayer perceptron ``Linear(sizes[0], sizes[1]), act, ..., Linear(sizes[-2], sizes[-1])``.
+
+    ``sizes``: layer widths including input and output, e.g. ``(784, 128, 128, 10)``.
+    ``activation``: one of ``ACTIVATIONS`` (none after the last layer). ``flatten``: start with
+    ``nn.Flatten()`` so image batches ``[N, 1, 28, 28]`` work as well as ``[N, 784]``.
+    """
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or any(s < 1 for s in sizes):
+        raise ValueError(f"sizes must list at least an input and an output width, all positive; got {sizes}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; available: {sorted(ACTIVATIONS)}")
+    layers: list[nn.Module] = [nn.Flatten()] if flatten else []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+def epoch_order(data_seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The data order (a permutation of ``range(n)``) a replica with ``data_seed`` uses in ``epoch``.
+
+    A pure function of (data_seed, epoch), so a resumed run sees the same batches.
+    """
+    state = np.random.SeedSequence([int(data_seed) & 0xFFFFFFFF, int(epoch), 0x5EED]).generate_state(2, dtype=np.uint64)
+    g = torch.Generator().manual_seed(int(state[0] & np.uint64(2**63 - 1)))
+    return torch.randperm(n, generator=g)
+
+
+def init_replicas(builder, seeds: Sequence[int]) -> list[nn.Module]:
+    """One model per seed: ``builder()`` (a zero-argument callable) under ``torch.manual_seed(seed)``.
+
+    ``builder`` may also be an ``nn.Module`` template: each replica is a deep copy whose submodules'
+    ``reset_parameters()`` are called under the seed. The global RNG state is left unchanged.
+    """
+    models = []
+    for s in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(s))
+            if isinstance(builder, nn.Module):
+                m = copy.deepcopy(builder)
+                for mod in m.modules():
+                    own = list(mod.parameters(recurse=False))
+                    if own and not hasattr(mod, "reset_parameters"):
+                        raise ValueError(f"cannot re-initialize {type(mod).__name__}: it has no reset_parameters(); "
+                                         "pass a builder function instead of a module")
+                    if own:
+                        mod.reset_parameters()
+            elif callable(builder):
+                m = builder()
+                if not isinstance(m, nn.Module):
+                    raise TypeError(f"builder() returned a {type(m).__name__}, not an nn.Module")
+            else:
+                raise TypeError("builder must be a zero-argument callable returning an nn.Module, or an nn.Module")
+        models.append(m)
+    return models
+
+
+@dataclass
+class TrainHistory:
+    """What happened during :func:`train_population`.
+
+    train_loss: one ``[R]`` list per completed epoch (full training-set loss when evaluated, else
+    the sample-weighted mean of the epoch's minibatch losses; NaN for diverged replicas).
+    epochs_run, steps: per replica, epochs / optimizer steps actually taken. diverged, reached_target:
+    per-replica bools. seconds: wall time of this call. resumed_from_epoch: epochs found in the
+    checkpoint (0 when starting fresh).
+    """
+
+    train_loss: list = field(default_factory=list)
+    epochs_run: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    diverged: list = field(default_factory=list)
+    reached_target: list = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from_epoch: int = 0
+
+    def final_loss(self) -> list:
+        """Last finite training loss recorded for each replica (NaN if none, e.g. diverged at once)."""
+        R = len(self.train_loss[0]) if self.train_loss else len(self.diverged)
+        out = [float("nan")] * R
+        for r in range(R):
+            for row in reversed(self.train_loss):
+                if not math.isnan(row[r]):
+                    out[r] = row[r]
+                    break
+        return out
+
+    def to_pandas(self):
+        """One row per replica: final train loss, epochs, steps, diverged, reached_target."""
+        import pandas as pd
+
+        return pd.DataFrame({"train_loss": self.final_loss(), "epochs": self.epochs_run, "steps": self.steps,
+                             "diverged": self.diverged, "reached_target": self.reached_target}).rename_axis("replica")
+
+
+def _per_replica(value, R: int, name: str, dtype, device) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.dim() == 0:
+        t = t.expand(R)
+    if t.shape != (R,):
+        raise ValueError(f"{name} must be a number or a sequence of one value per replica (R={R}), got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all() or (t < 0).any():
+        raise ValueError(f"{name} must be finite and non-negative, got {t.tolist()}")
+    return t.to(device=device, dtype=dtype)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _loss_fn(name: str):
+    if name == "cross_entropy":
+        def f(out, y):  # out [R, b, C], y [R, b] -> [R]
+            R, b = y.shape
+            return F.cross_entropy(out.reshape(R * b, -1), y.reshape(-1), reduction="none").view(R, b).mean(1)
+    elif name == "mse":
+        def f(out, y):
+            return ((out - y.reshape(out.shape).to(out.dtype)) ** 2).reshape(out.shape[0], -1).mean(1)
+    else:
+        raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+    return f
+
+
+def _atomic_save(obj, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _data_digest(x: torch.Tensor, y: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    for t in (x, y):
+        a = t.detach().cpu().contiguous()
+        h.update(str((tuple(a.shape), str(a.dtype))).encode())
+        h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    return h.hexdigest()
+
+
+def train_population(
+    builder,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    replicas: int | None = None,
+    seeds: Sequence[int] | None = None,
+    data_seeds: Sequence[int] | None = None,
+    optimizer: str = "sgd",
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=0.0,
+    nesterov: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    sam_rho=0.0,
+    batch_size: int = 64,
+    epochs: int = 10,
+    target_loss: float | None = None,
+    eval_train: bool | None = None,
+    loss: str = "cross_entropy",
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    device=None,
+    dtype: torch.dtype | None = None,
+    callback: Callable | None = None,
+    chunk_size: int | None = None,
+) -> tuple[list[nn.Module], TrainHistory]:
+    """Train R replicas of one architecture at once; returns ``(models, history)``.
+
+    Args:
+        builder: zero-argument callable returning a fresh model (e.g. ``lambda: mlp([784, 128, 10])``),
+            or a template module (re-initialized per seed, see :func:`init_replicas`).
+        x, y: the whole training set, ``[N, ...]`` inputs and ``[N]`` int64 labels (cross-entropy)
+            or ``[N, ...]`` float targets (MSE). Moved to ``device``/``dtype`` once.
+        replicas / seeds: R, or the initialization seed of each replica (default ``range(R)``).
+        data_seeds: per-replica seeds of the data order (default: ``seeds``); see :func:`epoch_order`.
+        optimizer: "sgd", "adam" or "adamw". lr, momentum, weight_decay, sam_rho: a number, or one
+            value per replica (a hyperparameter grid). ``momentum`` is Adam's unused for Adam/AdamW.
+        batch_size: minibatch size (the last batch of an epoch is smaller when it does not divide N).
+        epochs: number of epochs (the maximum when ``target_loss`` is set).
+        target_loss: stop each replica once its full training-set loss is <= this.
+        eval_train: evaluate the full training-set loss after every epoch (default: only when
+            ``target_loss`` is set; otherwise the history holds the mean minibatch loss).
+        loss: "cross_entropy" (mean over the batch) or "mse" (mean over all output entries).
+        checkpoint: file written atomically after every epoch; if it exists, training resumes from
+            it (the settings must match, ``epochs`` may grow).
+        progress: tqdm bar with the mean/min/max per-replica loss (None: only on a terminal).
+        device, dtype: where and in which precision to train (default: the built model's).
+        callback: ``callback(epoch, history)`` after each epoch (after the checkpoint is written).
+        chunk_size: replicas per forward/backward/update group within a step (default: as many as
+            keep about 24 MiB of parameters, gradients and optimizer state together, so the
+            optimizer update runs from cache). Results do not depend on it.
+    """
+    t_start = time.perf_counter()
+    if seeds is None:
+        if replicas is None:
+            raise ValueError("give replicas=R or seeds=[...]")
+        seeds = list(range(int(replicas)))
+    seeds = [int(s) for s in seeds]
+    if replicas is not None and int(replicas) != len(seeds):
+        raise ValueError(f"replicas={replicas} but {len(seeds)} seeds were given")
+    R = len(seeds)
+    if R < 1:
+        raise ValueError("need at least one replica")
+    data_seeds = seeds if data_seeds is None else [int(s) for s in data_seeds]
+    if len(data_seeds) != R:
+        raise ValueError(f"data_seeds has {len(data_seeds)} entries, expected one per replica (R={R})")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    loss_fn = _loss_fn(loss)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"x and y must hold the same, non-zero number of samples; got {len(x)} and {len(y)}")
+    if loss == "cross_entropy" and (y.is_floating_point() or y.dim() != 1):
+        raise ValueError(f"cross_entropy needs integer class labels y of shape [N], got {y.dtype} {tuple(y.shape)}")
+
+    models = init_replicas(builder, seeds)
+    ref = next(models[0].parameters(), None)
+    if ref is None:
+        raise ValueError("the model has no parameters to train")
+    device = torch.device(device) if device is not None else ref.device
+    dtype = dtype or ref.dtype
+    for m in models:
+        m.to(device=device, dtype=dtype).train()
+    for mod in models[0].modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            raise NotImplementedError("batched training of models with BatchNorm is not supported (running statistics "
+                                      "cannot be updated per replica under vmap); use a model without BatchNorm")
+    has_dropout = any(isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 for mod in models[0].modules())
+
+    params, buffers = stack_module_state(models)
+    names = list(params)
+    params = {n: p.detach().clone().contiguous() for n, p in params.items()}
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def one(p, b, xb):
+        return functional_call(base, (p, b), (xb,))
+
+    fwd = vmap(one, in_dims=(0, 0, 0), randomness="different" if has_dropout else "error")
+    fwd_shared = vmap(one, in_dims=(0, 0, None), randomness="different" if has_dropout else "error")
+
+    x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+    y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
+    N = len(x)
+    hp = {k: _per_replica(v, R, k, dtype, device) for k, v in
+          (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho))}
+    use_sam = bool((hp["sam_rho"] > 0).any())
+    b1, b2 = float(betas[0]), float(betas[1])
+    if eval_train is None:
+        eval_train = target_loss is not None
+
+    # optimizer state (zeros, so the first SGD step gives buf = g as torch.optim does)
+    state = {"step": torch.zeros(R, dtype=torch.int64, device=device)}
+    if optimizer == "sgd":
+        state["buf"] = {n: torch.zeros_like(params[n]) for n in names}
+    else:
+        state["m"] = {n: torch.zeros_like(params[n]) for n in names}
+        state["v"] = {n: torch.zeros_like(params[n]) for n in names}
+    diverged = torch.zeros(R, dtype=torch.bool, device=device)
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    epochs_run = torch.zeros(R, dtype=torch.int64)
+    history = TrainHistory()
+    start_epoch = 0
+
+    fingerprint = {
+        "version": _CKPT_VERSION, "seeds": seeds, "data_seeds": data_seeds, "optimizer": optimizer,
+        "hp": {k: v.double().cpu().tolist() for k, v in hp.items()}, "nesterov": bool(nesterov), "betas": [b1, b2],
+        "eps": float(eps), "batch_size": int(batch_size), "target_loss": target_loss, "loss": loss,
+        "eval_train": bool(eval_train), "dtype": str(dtype), "data": _data_digest(x, y),
+        "params": [[n, list(params[n].shape[1:])] for n in names],
+    }
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        old = json.loads(ck["fingerprint"])
+        if old != json.loads(json.dumps(fingerprint)):
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != json.loads(json.dumps(fingerprint)).get(k))
+            raise ValueError(f"checkpoint {ckpt_path} was written with different settings ({', '.join(diff)}); "
+                             "use another path or the original settings")
+        params = {n: ck["params"][n].to(device=device, dtype=dtype) for n in names}
+        state = ck["state"]
+        diverged, done = ck["diverged"].to(device), ck["done"].to(device)
+        epochs_run = ck["epochs_run"].cpu()
+        h = ck["history"]
+        history.train_loss, start_epoch = [list(r) for r in h["train_loss"]], int(ck["epoch"])
+        history.resumed_from_epoch = start_epoch
+
+    def total_loss(p, bufs, xb, yb, active):
+        losses = loss_fn(fwd(p, bufs, xb), yb)
+        return torch.where(active, losses, torch.zeros_like(losses)).sum(), losses
+
+    def grads_at(p, bufs, xb, yb, active):
+        leaf = {n: t.detach().requires_grad_(True) for n, t in p.items()}
+        total, losses = total_loss(leaf, bufs, xb, yb, active)
+        g = torch.autograd.grad(total, [leaf[n] for n in names])
+        return dict(zip(names, g)), losses.detach()
+
+    @torch.no_grad()
+    def full_loss(p):
+        out = torch.zeros(R, dtype=torch.float64, device=device)
+        chunk = max(1, min(N, (1 << 24) // max(1, R * int(np.prod(x.shape[1:])))))
+        for i in range(0, N, chunk):
+            xb, yb = x[i:i + chunk], y[i:i + chunk]
+            o = fwd_shared(p, buffers, xb)
+            out += loss_fn(o, yb.unsqueeze(0).expand(R, *yb.shape)).double() * len(xb)
+        return out / N
+
+    @torch.no_grad()
+    def step(p, g, active, sl):
+        """One optimizer step, in place, for the replicas in ``active``; the others keep parameters and state.
+
+        Inactive replicas get identity coefficients (learning rate 0, momentum/beta 1, gradient
+        scale 0) instead of a masked copy, so the common all-active case costs no extra passes.
+        """
+        all_active = bool(active.all())
+        steps = state["step"][sl]
+        steps += active.long()
+        a = active.to(dtype)
+        lr_ = hp["lr"][sl] * a
+        wd = hp["weight_decay"][sl] * a
+        wd_any = bool((wd != 0).any())
+        momentum_ = hp["momentum"][sl]
+        if optimizer == "sgd":
+            mom = torch.where(active, momentum_, torch.ones_like(momentum_))
+        else:
+            t = steps.to(dtype)
+            bc1 = torch.where(steps > 0, 1 - b1 ** t, torch.ones_like(t))
+            bc2 = torch.where(steps > 0, 1 - b2 ** t, torch.ones_like(t))
+            beta1 = torch.where(active, torch.full_like(a, b1), torch.ones_like(a))
+            beta2 = torch.where(active, torch.full_like(a, b2), torch.ones_like(a))
+            step_size = lr_ / bc1
+            sqrt_bc2 = bc2.sqrt()
+        for n in names:
+            w, gn = p[n], g[n]
+            if not all_active:
+                gn = torch.where(_bcast(active, gn), gn, torch.zeros_like(gn))
+            if optimizer == "sgd":
+                if wd_any:
+                    gn = gn.addcmul(w, _bcast(wd, w))
+                buf = state["buf"][n][sl]
+                buf.mul_(_bcast(mom, w)).add_(gn)
+                d = gn.addcmul(buf, _bcast(momentum_, w)) if nesterov else buf
+                w.addcmul_(d, _bcast(lr_, w), value=-1)
+            else:
+                if optimizer == "adam" and wd_any:
+                    gn = gn.addcmul(w, _bcast(wd, w))
+                elif optimizer == "adamw" and wd_any:
+                    w.mul_(_bcast(1 - lr_ * wd, w))
+                m, v = state["m"][n][sl], state["v"][n][sl]
+                m.mul_(_bcast(beta1, w)).add_(gn * _bcast(1 - beta1, w))
+                v.mul_(_bcast(beta2, w)).addcmul_(gn, gn * _bcast(1 - beta2, w))
+                denom = v.sqrt().div_(_bcast(sqrt_bc2, w)).add_(eps)
+                w.sub_(m.div(denom).mul_(_bcast(step_size, w)))
+
+    @torch.no_grad()
+    def kill(p, bad):
+        """Set the parameters of replicas ``bad`` to NaN, in place (``p`` may hold views)."""
+        for n in names:
+            p[n][bad] = float("nan")
+
+    if chunk_size is None:  # keep one group's parameters, gradients and optimizer state within ~24 MiB
+        per_replica = sum(t[0].numel() for t in params.values()) * torch.finfo(dtype).bits // 8 * 3
+        chunk_size = max(1, min(R, (24 << 20) // max(1, per_replica)))
+    chunks = [slice(c, min(R, c + int(chunk_size))) for c in range(0, R, int(chunk_size))]
+
+    steps_per_epoch = -(-N // batch_size)
+    bar = tqdm(total=epochs, initial=min(start_epoch, epochs), desc="fastcurv train", unit="epoch",
+               disable={False: True, None: None, True: False}[progress], leave=False)
+    try:
+        for epoch in range(start_epoch, epochs):
+            if bool((done | diverged).all()):
+                break
+            active_epoch = ~(done | diverged)
+            orders = torch.stack([epoch_order(s, epoch, N) for s in data_seeds]).to(device)  # [R, N]
+            loss_sum = torch.zeros(R, dtype=torch.float64, device=device)
+            for k in range(steps_per_epoch):
+                idx = orders[:, k * batch_size:(k + 1) * batch_size]
+                xb, yb = x[idx], y[idx]
+                for sl in chunks:
+                    pc = {n: params[n][sl] for n in names}  # views: updated in place
+                    bc = {n: b[sl] for n, b in buffers.items()}
+                    active = ~(done[sl] | diverged[sl])
+                    xc, yc = xb[sl], yb[sl]
+                    g, losses = grads_at(pc, bc, xc, yc, active)
+                    bad = active & ~torch.isfinite(losses)
+                    if use_sam:
+                        Rc = len(active)
+                        sq = sum(gn.reshape(Rc, -1).double().pow(2).sum(1) for gn in g.values())
+                        scale = (hp["sam_rho"][sl] / (sq.sqrt().to(dtype) + 1e-12))
+                        pert = {n: pc[n] + _bcast(scale, pc[n]) * g[n] for n in names}
+                        g, _ = grads_at(pert, bc, xc, yc, active)
+                    if bool(bad.any()):
+                        diverged[sl] |= bad
+                        kill(pc, bad)
+                        active = active & ~bad
+                    step(pc, g, active, sl)
+                    loss_sum[sl] += torch.where(active, losses.double(), torch.zeros_like(losses.double())) * idx.shape[1]
+            epochs_run += active_epoch.cpu().long()
+            if eval_train:
+                ep_loss = full_loss(params)
+            else:
+                ep_loss = loss_sum / N
+            ep_loss = torch.where(active_epoch & ~diverged, ep_loss, torch.full_like(ep_loss, float("nan")))
+            # replicas whose parameters became non-finite without a non-finite loss
+            nonfinite = ~torch.stack([torch.isfinite(params[n].reshape(R, -1)).all(1) for n in names]).all(0)
+            newly = nonfinite & ~diverged
+            if bool(newly.any()):
+                diverged |= newly
+                kill(params, newly)
+            if eval_train:
+                newly = ~torch.isfinite(ep_loss) & active_epoch & ~diverged
+                diverged |= newly
+                kill(params, newly)
+            if target_loss is not None:
+                done |= active_epoch & ~diverged & (ep_loss <= target_loss)
+            history.train_loss.append(ep_loss.cpu().tolist())
+            if ckpt_path is not None:
+                _atomic_save({
+                    "fingerprint": json.dumps(fingerprint), "epoch": epoch + 1,
+                    "params": {n: t.detach().cpu() for n, t in params.items()},
+                    "state": _to_cpu(state), "diverged": diverged.cpu(), "done": done.cpu(), "epochs_run": epochs_run,
+                    "history": {"train_loss": history.train_loss},
+                }, ckpt_path)
+            alive = ep_loss[torch.isfinite(ep_loss)]
+            post = {"alive": f"{int((~diverged).sum())}/{R}"}
+            if len(alive):
+                post.update(loss_mean=f"{alive.mean():.4g}", min=f"{alive.min():.3g}", max=f"{alive.max():.3g}")
+            if target_loss is not None:
+                post["done"] = int(done.sum())
+            bar.set_postfix(post)
+            bar.update(1)
+            if callback is not None:
+                callback(epoch, history)
+    finally:
+        bar.close()
+
+    history.epochs_run = epochs_run.tolist()
+    history.steps = state["step"].cpu().tolist()
+    history.diverged = diverged.cpu().tolist()
+    history.reached_target = done.cpu().tolist()
+    history.seconds = time.perf_counter() - t_start
+    with torch.no_grad():
+        for r, m in enumerate(models):
+            for n, p in m.named_parameters():
+                p.copy_(params[n][r])
+            m.eval()
+    return models, history
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def evaluate_population(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 2048,
+                        loss: str = "cross_entropy") -> dict:
+    """Per-replica loss and (for cross-entropy) accuracy on ``(x, y)``, all replicas in one pass per batch.
+
+    Returns ``{"loss": [R] float64, "accuracy": [R] float64 (fraction in [0, 1])}`` (NaN rows for
+    replicas with non-finite parameters).
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("models is empty")
+    params, buffers = stack_module_state(models)
+    params = {n: p.detach() for n, p in params.items()}
+    base = copy.deepcopy(models[0]).to("meta").eval()
+    fwd = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None))
+    ref = next(iter(params.values()))
+    R, N = len(models), len(x)
+    loss_fn = _loss_fn(loss)
+    tot_loss = torch.zeros(R, dtype=torch.float64)
+    correct = torch.zeros(R, dtype=torch.float64)
+    for i in range(0, N, batch_size):
+        xb = x[i:i + batch_size].to(ref.device, ref.dtype if x.is_floating_point() else x.dtype)
+        yb = y[i:i + batch_size].to(ref.device)
+        out = fwd(params, buffers, xb)
+        tot_loss += loss_fn(out, yb.unsqueeze(0).expand(R, *yb.shape)).double().cpu() * len(xb)
+        if loss == "cross_entropy":
+            correct += (out.argmax(-1) == yb).double().sum(1).cpu()
+    res = {"loss": tot_loss / N}
+    if loss == "cross_entropy":
+        acc = correct / N
+        finite = torch.tensor([all(torch.isfinite(p).all() for p in m.parameters()) for m in models])
+        acc[~finite] = float("nan")
+        res["accuracy"] = acc
+    return res

@@ -1,0 +1,50 @@
+"""The demo and the study runner end to end, tiny settings, into a temporary folder."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from fastcurv.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_demo_cli_writes_report(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["demo", "--replicas", "4", "--epochs", "2", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "lambda_max" in printed and "Rank correlation with test_acc" in printed and str(out) in printed
+    for name in ("results.csv", "correlations.csv", "report.md", "config.json", "lambda_max_vs_test_acc.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    table = pd.read_csv(out / "results.csv", index_col="replica")
+    assert list(table["seed"]) == [0, 1, 2, 3]
+    assert table["lambda_max"].notna().all() and (table["lambda_max"] > 0).all()
+    assert table["trace"].notna().all()
+    assert table["test_acc"].between(0, 1).all()
+    corr = pd.read_csv(out / "correlations.csv", index_col="measure")
+    assert set(corr.index) == {"lambda_max", "trace"} and (corr["n"] == 4).all()
+    assert (out / "lambda_max_vs_test_acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["replicas"] == 4 and "torch" in cfg["versions"]
+    assert "| lambda_max |" in (out / "report.md").read_text()
+
+
+def test_study_from_json_config_with_flag_override(tmp_path):
+    cfg = tmp_path / "study.json"
+    cfg.write_text(json.dumps({"data": "digits", "hidden": [8], "replicas": 3, "epochs": 1, "measures": ["lambda_max"],
+                               "target": "gap", "n_boot": 50, "lr": [0.05, 0.1, 0.2]}))
+    out = tmp_path / "study"
+    assert main(["study", "--config", str(cfg), "--replicas", "3", "--out", str(out), "--no-progress"]) == 0
+    table = pd.read_csv(out / "results.csv", index_col="replica")
+    assert len(table) == 3 and "gap" in table and (out / "lambda_max_vs_gap.png").is_file()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"replicas": 2, "widths": [3]}))
+    with pytest.raises(SystemExit, match="unknown setting"):
+        main(["study", "--config", str(bad), "--out", str(out), "--no-progress"])

@@ -1,0 +1,71 @@
+"""fastcurv.stats against scipy directly."""
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as st
+
+from fastcurv import stats
+
+
+def _xy(n=40, seed=0, ties=False):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    y = 0.5 * x + rng.normal(size=n)
+    if ties:
+        x = np.round(x, 1)
+        y = np.round(y, 0)
+    return x, y
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_spearman_and_kendall_match_scipy(ties):
+    x, y = _xy(ties=ties)
+    rho, p = stats.spearman(x, y)
+    ref = st.spearmanr(x, y)
+    assert rho == pytest.approx(ref.statistic, abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-9)
+    tau, tp = stats.kendall(x, y)
+    ref = st.kendalltau(x, y)
+    assert tau == pytest.approx(ref.statistic, abs=1e-12) and tp == pytest.approx(ref.pvalue, rel=1e-9)
+
+
+def test_rowwise_spearman_matches_scipy_on_resamples_with_ties():
+    x, y = _xy(n=25, seed=3)
+    idx = stats.bootstrap_indices(25, 50, seed=1)
+    got = stats._rowwise_spearman(x[idx], y[idx])
+    want = [st.spearmanr(x[i], y[i]).statistic for i in idx]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_bootstrap_ci_equals_scipy_loop_percentiles():
+    x, y = _xy(n=30, seed=5)
+    lo, hi = stats.bootstrap_spearman_ci(x, y, n_boot=300, seed=7, level=0.9)
+    idx = stats.bootstrap_indices(30, 300, seed=7)
+    rhos = np.array([st.spearmanr(x[i], y[i]).statistic for i in idx])
+    rhos = rhos[np.isfinite(rhos)]
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(rhos, [0.05, 0.95])), abs=1e-12)
+    rho, _ = stats.spearman(x, y)
+    assert lo < rho < hi
+
+
+def test_correlations_table_drops_nan_rows_and_skips_bookkeeping():
+    x, y = _xy(n=30, seed=2)
+    df = pd.DataFrame({"lambda_max": x, "trace": -x + 0.1 * y, "trace_stderr": np.ones(30), "acc": y,
+                       "ok": np.ones(30, dtype=bool)})
+    df.loc[4, "lambda_max"] = np.nan
+    tab = stats.correlations(df, "acc", n_boot=200)
+    assert list(tab.index) == ["lambda_max", "trace"]
+    keep = np.isfinite(df["lambda_max"].to_numpy())
+    ref = st.spearmanr(x[keep], y[keep])
+    assert tab.loc["lambda_max", "n"] == 29
+    assert tab.loc["lambda_max", "spearman_rho"] == pytest.approx(ref.statistic)
+    assert tab.loc["lambda_max", "spearman_p"] == pytest.approx(ref.pvalue)
+    assert tab.loc["trace", "kendall_tau"] == pytest.approx(st.kendalltau(df["trace"], y).statistic)
+    with pytest.raises(KeyError, match="target column 'gap'"):
+        stats.correlations(df, "gap")
+
+
+def test_degenerate_inputs_give_nan():
+    assert np.isnan(stats.spearman([1, 1, 1, 1], [1, 2, 3, 4])[0])
+    assert np.isnan(stats.kendall([1, 2], [2, 1])[0])
+    with pytest.raises(ValueError, match="different lengths"):
+        stats.spearman([1, 2, 3], [1, 2])

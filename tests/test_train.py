@@ -1,0 +1,230 @@
+"""Batched population training against a per-model loop with torch.optim (float64)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcurv.train import epoch_order, evaluate_population, init_replicas, mlp, train_population
+
+SIZES = (6, 5, 4, 3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest and avoids OpenMP waits on shared CI cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _data(n=21, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, SIZES[0], generator=g, dtype=torch.float64)
+    y = torch.randint(0, SIZES[-1], (n,), generator=g)
+    return x, y
+
+
+def builder():
+    return mlp(SIZES, "tanh").double()
+
+
+def _sam_grad(m, xb, yb, rho):
+    loss = F.cross_entropy(m(xb), yb)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    eps = [rho * g / (norm + 1e-12) for g in grads]
+    with torch.no_grad():
+        for p, e in zip(m.parameters(), eps):
+            p.add_(e)
+    loss2 = F.cross_entropy(m(xb), yb)
+    g2 = torch.autograd.grad(loss2, list(m.parameters()))
+    with torch.no_grad():
+        for p, e in zip(m.parameters(), eps):
+            p.sub_(e)
+    return g2
+
+
+def reference_loop(x, y, seeds, *, optimizer, lrs, epochs, batch_size, weight_decay=0.0, momentum=0.9, rho=0.0,
+                   nesterov=False):
+    """Each replica alone, torch.optim, the same batches (epoch_order) and the same initialization."""
+    models = init_replicas(builder, seeds)
+    for r, m in enumerate(models):
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(m.parameters(), lr=lrs[r], momentum=momentum, weight_decay=weight_decay,
+                                  nesterov=nesterov)
+        elif optimizer == "adam":
+            opt = torch.optim.Adam(m.parameters(), lr=lrs[r], weight_decay=weight_decay)
+        else:
+            opt = torch.optim.AdamW(m.parameters(), lr=lrs[r], weight_decay=weight_decay)
+        for e in range(epochs):
+            order = epoch_order(seeds[r], e, len(x))
+            for k in range(0, len(x), batch_size):
+                idx = order[k:k + batch_size]
+                opt.zero_grad()
+                if rho > 0:
+                    for p, g in zip(m.parameters(), _sam_grad(m, x[idx], y[idx], rho)):
+                        p.grad = g
+                else:
+                    F.cross_entropy(m(x[idx]), y[idx]).backward()
+                opt.step()
+    return models
+
+
+def _assert_same(models_a, models_b, atol=1e-10):
+    assert len(models_a) == len(models_b)
+    for r, (a, b) in enumerate(zip(models_a, models_b)):
+        for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, atol=atol, rtol=1e-9, msg=lambda s: f"replica {r} {n}: {s}")
+
+
+@pytest.mark.parametrize("optimizer,kwargs", [
+    ("sgd", dict(weight_decay=0.01)),
+    ("sgd", dict(weight_decay=0.0, nesterov=True)),
+    ("adam", dict(weight_decay=0.01)),
+    ("adamw", dict(weight_decay=0.05)),
+])
+def test_batched_equals_loop(optimizer, kwargs):
+    x, y = _data()
+    seeds = [3, 7, 11]
+    lrs = [0.1, 0.05, 0.2] if optimizer == "sgd" else [0.01, 0.003, 0.02]
+    models, hist = train_population(builder, x, y, seeds=seeds, optimizer=optimizer, lr=lrs, batch_size=8, epochs=2,
+                                    progress=False, **kwargs)
+    ref = reference_loop(x, y, seeds, optimizer=optimizer, lrs=lrs, epochs=2, batch_size=8, **kwargs)
+    _assert_same(models, ref)
+    assert hist.steps == [6, 6, 6]  # ceil(21 / 8) = 3 steps per epoch, ragged last batch
+    assert hist.diverged == [False] * 3
+    # the models really moved away from their initialization
+    init = init_replicas(builder, seeds)
+    assert all((a.weight - b.weight).abs().max() > 1e-3 for a, b in zip(
+        [m[1] for m in models], [m[1] for m in init]))
+
+
+def test_sam_equals_loop():
+    x, y = _data(n=16)
+    seeds = [0, 1]
+    models, _ = train_population(builder, x, y, seeds=seeds, lr=0.1, momentum=0.9, sam_rho=0.05, batch_size=8,
+                                 epochs=2, progress=False)
+    ref = reference_loop(x, y, seeds, optimizer="sgd", lrs=[0.1, 0.1], epochs=2, batch_size=8, rho=0.05)
+    _assert_same(models, ref)
+    plain = reference_loop(x, y, seeds, optimizer="sgd", lrs=[0.1, 0.1], epochs=2, batch_size=8)
+    assert any((a.weight - b.weight).abs().max() > 1e-6 for a, b in zip([m[1] for m in models], [m[1] for m in plain]))
+
+
+def test_per_replica_sam_grid():
+    """rho = 0 for one replica gives plain SGD for it, in the same job."""
+    x, y = _data(n=16)
+    models, _ = train_population(builder, x, y, seeds=[0, 1], lr=0.1, sam_rho=[0.0, 0.05], batch_size=8, epochs=1,
+                                 progress=False)
+    plain = reference_loop(x, y, [0], optimizer="sgd", lrs=[0.1], epochs=1, batch_size=8)
+    sam = reference_loop(x, y, [1], optimizer="sgd", lrs=[0.1], epochs=1, batch_size=8, rho=0.05)
+    _assert_same(models, plain + sam)
+
+
+def test_resume_after_interruption_is_identical(tmp_path):
+    x, y = _data()
+    kw = dict(seeds=[0, 1, 2], optimizer="adam", lr=0.01, batch_size=8, epochs=3, progress=False)
+    full, hist_full = train_population(builder, x, y, **kw)
+
+    class Killed(Exception):
+        pass
+
+    def die(epoch, history):
+        if epoch == 1:
+            raise Killed
+
+    ck = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        train_population(builder, x, y, checkpoint=ck, callback=die, **kw)
+    assert ck.exists() and not list(tmp_path.glob("*.tmp*"))
+    resumed, hist = train_population(builder, x, y, checkpoint=ck, **kw)
+    assert hist.resumed_from_epoch == 2
+    _assert_same(resumed, full, atol=0)
+    assert hist.train_loss == hist_full.train_loss
+    assert hist.steps == hist_full.steps
+
+    # a finished checkpoint does nothing more; different settings are refused with a clear error
+    again, _ = train_population(builder, x, y, checkpoint=ck, **kw)
+    _assert_same(again, full, atol=0)
+    with pytest.raises(ValueError, match="different settings.*hp"):
+        train_population(builder, x, y, checkpoint=ck, **{**kw, "lr": 0.02})
+
+
+def test_diverging_replica_is_isolated():
+    x, y = _data()
+
+    def relu_builder():  # unbounded activations: a huge learning rate overflows to Inf/NaN within a few steps
+        return mlp(SIZES, "relu").double()
+
+    models, hist = train_population(relu_builder, x, y, seeds=[0, 1, 2], lr=[0.1, 1e200, 0.1], batch_size=8,
+                                    epochs=2, progress=False)
+    assert hist.diverged == [False, True, False]
+    assert all(torch.isnan(p).all() for p in models[1].parameters())
+    alone, _ = train_population(relu_builder, x, y, seeds=[0, 2], lr=0.1, batch_size=8, epochs=2, progress=False)
+    _assert_same([models[0], models[2]], alone, atol=1e-12)
+    assert math.isnan(hist.train_loss[-1][1]) and not math.isnan(hist.train_loss[-1][0])
+    ev = evaluate_population(models, x, y)
+    assert math.isnan(ev["accuracy"][1]) and 0 <= ev["accuracy"][0] <= 1
+
+
+def test_target_loss_freezes_each_replica():
+    x, y = _data(n=24)
+    target = 0.6
+    models, hist = train_population(builder, x, y, seeds=[0, 1], lr=[0.3, 0.05], batch_size=8, epochs=40,
+                                    target_loss=target, progress=False)
+    assert hist.reached_target[0], hist.to_pandas()
+    for r in range(2):
+        ep = hist.epochs_run[r]
+        losses = [row[r] for row in hist.train_loss[:ep]]
+        assert (losses[-1] <= target) == hist.reached_target[r]
+        assert all(v > target for v in losses[:-1])
+        # frozen at the epoch it reached the target: equal to a run of exactly that many epochs
+        alone, _ = train_population(builder, x, y, seeds=[r], lr=[0.3, 0.05][r], batch_size=8, epochs=ep, progress=False)
+        _assert_same([models[r]], alone, atol=1e-12)
+    ev = evaluate_population(models, x, y)
+    assert ev["loss"][0] <= target
+
+
+def test_bad_arguments():
+    x, y = _data()
+    with pytest.raises(ValueError, match="one value per replica"):
+        train_population(builder, x, y, seeds=[0, 1], lr=[0.1, 0.2, 0.3], progress=False)
+    with pytest.raises(ValueError, match="optimizer"):
+        train_population(builder, x, y, seeds=[0], optimizer="lbfgs", progress=False)
+    with pytest.raises(ValueError, match="integer class labels"):
+        train_population(builder, x, y.double(), seeds=[0], progress=False)
+    with pytest.raises(ValueError, match="sizes"):
+        mlp([5])
+
+
+def test_float32_batched_close_to_loop_on_mnist_like_data():
+    """The default float32 path (vmapped bmm) agrees with the loop up to rounding."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(64, 20, generator=g), torch.randint(0, 5, (64,), generator=g)
+
+    def b32():
+        return mlp((20, 16, 5))
+
+    models, _ = train_population(b32, x, y, seeds=[0, 1], lr=0.1, batch_size=16, epochs=2, progress=False)
+    ref = init_replicas(b32, [0, 1])
+    for r, m in enumerate(ref):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        for e in range(2):
+            order = epoch_order(r, e, 64)
+            for k in range(0, 64, 16):
+                opt.zero_grad()
+                F.cross_entropy(m(x[order[k:k + 16]]), y[order[k:k + 16]]).backward()
+                opt.step()
+    _assert_same(models, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_chunked_replicas_give_the_same_result(optimizer):
+    x, y = _data()
+    kw = dict(seeds=[0, 1, 2], optimizer=optimizer, lr=[0.05, 0.01, 0.02], sam_rho=[0.0, 0.05, 0.0], batch_size=8,
+              epochs=2, progress=False)
+    whole, h1 = train_population(builder, x, y, chunk_size=3, **kw)
+    parts, h2 = train_population(builder, x, y, chunk_size=2, **kw)
+    _assert_same(whole, parts, atol=1e-12)
+    assert h1.steps == h2.steps
