@@ -1,0 +1,143 @@
+"""``invariance_audit``: every requested measure before and after a function-preserving
+reparameterization, as a table of ratios (and a plot)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import reparam
+from .sharpness import batched_sharpness
+
+TRANSFORMS = ("dinh", "neurons", "balance", "fold_batchnorm")
+
+
+@dataclass
+class AuditResult:
+    """table: pandas DataFrame, one row per measure column, with the median/min/max over replicas of
+    ``after / before``, the mean before and after, and ``invariant`` (all ratios within ``rtol`` of 1).
+    per_replica: ``{column: (before [R], after [R])}``. transform: the :class:`fastcurv.reparam.ReparamResult`.
+    plot_path: where the figure was written (None when no path was given)."""
+
+    table: object
+    per_replica: dict
+    transform: reparam.ReparamResult
+    plot_path: str | None = None
+
+
+def _probe_inputs(data, n: int = 1024):
+    from .data import is_single_batch
+
+    if is_single_batch(data):
+        return data[0][:n]
+    xs, count = [], 0
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item["inputs"]
+        xs.append(x)
+        count += x.shape[0]
+        if count >= n:
+            break
+    return torch.cat(xs)[:n]
+
+
+def _apply(models, transform, probe, alpha, seed):
+    if callable(transform) and not isinstance(transform, str):
+        out = transform(models)
+        if isinstance(out, reparam.ReparamResult):
+            return reparam._report(models, out.models, probe, out.details)
+        return reparam._report(models, list(out), probe)
+    if transform == "dinh":
+        return reparam.rescale_layers(models, alpha=alpha, probe=probe)
+    if transform == "neurons":
+        first = dict(models[0].named_modules())[reparam.weight_layers(models[0])[-2]]
+        g = torch.Generator().manual_seed(seed)
+        s = torch.exp(torch.randn(first.weight.shape[0], generator=g, dtype=torch.float64) * abs(torch.log(torch.tensor(alpha))))
+        return reparam.rescale_neurons(models, s, probe=probe)
+    if transform == "balance":
+        return reparam.balance(models, probe=probe)
+    if transform == "fold_batchnorm":
+        return reparam.fold_batchnorm(models, probe=probe)
+    raise ValueError(f"transform must be one of {TRANSFORMS} or a callable(models) -> models, got {transform!r}")
+
+
+def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transform="dinh", alpha: float = 10.0,
+                     rtol: float = 0.05, path: str | None = None, seed: int = 0, progress=False, **kwargs) -> AuditResult:
+    """Compute ``measures`` (any :func:`fastcurv.batched_sharpness` measure) for ``models`` and for
+    their reparameterization, and tabulate the ratios.
+
+    Args:
+        transform: "dinh" (alpha-rescale the last two weight layers; default alpha = 10, the
+            seed result: lambda_max about x100, zero prediction changes), "neurons" (random
+            per-neuron scales exp(N(0, log(alpha)^2)) on the last hidden layer), "balance",
+            "fold_batchnorm", or a callable ``models -> models`` (or ReparamResult).
+        rtol: a measure counts as invariant when every finite ratio is within rtol of 1.
+        path: write a bar plot of log10(ratio) per measure (matplotlib PNG) there.
+        Other keywords (measure_options, loss, backend, max_iter, ...) go to batched_sharpness.
+    The table also has rows ``loss`` (full-data loss, must not move) and reports the transform's
+    largest output change and changed predictions on up to 1024 inputs of ``data``.
+    """
+    import pandas as pd
+
+    models = list(models)
+    probe = _probe_inputs(data)
+    tr = _apply(models, transform, probe, alpha, seed)
+    kw = dict(measures=measures, seed=seed, progress=progress, **kwargs)
+    before = batched_sharpness(models, data, **kw)
+    after = batched_sharpness(tr.models, data, **kw)
+    from .operator import HessianOperator
+
+    loss_kw = {k: v for k, v in kwargs.items() if k in ("loss", "reduction", "bn_mode")}
+    lb = HessianOperator(models, data, backend="autograd", **loss_kw).loss_and_gradient()[0]
+    la = HessianOperator(tr.models, data, backend="autograd", **loss_kw).loss_and_gradient()[0]
+    per = {"loss": (lb.double().cpu(), la.double().cpu())}
+    for col, v in before.values.items():
+        per[col] = (v.double().cpu(), after.values[col].double().cpu())
+    rows = []
+    for col, (b, a) in per.items():
+        ratio = a / b
+        fin = ratio[torch.isfinite(ratio)]
+        rows.append({
+            "measure": col,
+            "before_mean": float(b.nanmean()),
+            "after_mean": float(a.nanmean()),
+            "ratio_median": float(fin.median()) if len(fin) else float("nan"),
+            "ratio_min": float(fin.min()) if len(fin) else float("nan"),
+            "ratio_max": float(fin.max()) if len(fin) else float("nan"),
+            "invariant": bool(len(fin) and ((fin - 1).abs() <= rtol).all()),
+        })
+    table = pd.DataFrame(rows).set_index("measure")
+    table.attrs["max_output_change"] = tr.max_output_change
+    table.attrs["predictions_changed"] = int(tr.predictions_changed.sum()) if tr.predictions_changed is not None else None
+    res = AuditResult(table, per, tr)
+    if path is not None:
+        res.plot_path = _plot(table, tr, transform, path)
+    return res
+
+
+def _plot(table, tr, transform, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    vals = np.log10(table["ratio_median"].to_numpy(dtype=float))
+    lo = np.log10(table["ratio_min"].to_numpy(dtype=float))
+    hi = np.log10(table["ratio_max"].to_numpy(dtype=float))
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(table) + 2), 4))
+    colors = ["tab:green" if inv else "tab:red" for inv in table["invariant"]]
+    x = np.arange(len(table))
+    ax.bar(x, vals, color=colors)
+    ax.errorbar(x, vals, yerr=[vals - lo, hi - vals], fmt="none", ecolor="black", capsize=3)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(table.index, rotation=45, ha="right")
+    ax.set_ylabel("log10(after / before)")
+    name = transform if isinstance(transform, str) else getattr(transform, "__name__", "custom")
+    ax.set_title(f"invariance audit: {name}; max |output change| {tr.max_output_change:.1e}, "
+                 f"{int(tr.predictions_changed.sum()) if tr.predictions_changed is not None else 0} predictions changed",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,129 @@
+"""Curvature matrices other than the Hessian, as batched operators with the
+:class:`fastcurv.HessianOperator` interface (``matvec(V[R,K,P], idx)``, ``R``, ``P``, ``dtype``,
+``device``, ``failed``), so :func:`fastcurv.lanczos`, :func:`fastcurv.hutchinson`,
+:func:`fastcurv.hutchpp` and :func:`fastcurv.slq` work on them unchanged.
+
+* :class:`GGNOperator`: generalized Gauss-Newton ``G = sum_batches J^T H_out J``, J the Jacobian
+  of the model outputs w.r.t. the parameters and H_out the Hessian of the batch's loss share
+  w.r.t. the outputs (for softmax cross-entropy: ``(diag(p) - p p^T) / N``). PSD for convex losses;
+  equals the Hessian when the model is linear in its parameters or the residuals vanish.
+* :class:`EmpiricalFisherOperator`: ``F = sum_i grad s_i grad s_i^T / c`` with s_i = c * l_i sample
+  i's share of the full-data loss (c = 1/N for mean cross-entropy), i.e. ``(1/N) sum_i grad l_i
+  grad l_i^T`` for the default mean reduction and ``sum_i grad l_i grad l_i^T`` for "sum".
+
+Both cost about two passes (one jvp, one vjp) per probe and batch, vmapped over replicas.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import grad, jvp, vjp, vmap
+
+from .backends.base import Backend
+from .operator import HessianOperator
+
+
+class _JtMJBackend(Backend):
+    """``J_f^T M J_f v`` summed over batches for a per-replica map f(params) (outputs or per-sample shares)."""
+
+    def _f(self, buffers, x):
+        raise NotImplementedError
+
+    def _middle(self, f_val, jv, y):
+        raise NotImplementedError
+
+    def matvec(self, vecs, idx):
+        rs = self.replicas
+        params, buffers = rs.subset(idx)
+        tangents = {n: v for n, v in zip(rs.names, vecs)}
+        out = [torch.zeros_like(v) for v in vecs]
+        for _, x, y in self.batches:
+            def one(p, b, t):
+                f = self._f(b, x, y)
+                val, pull = vjp(f, p)
+                jv = vmap(lambda tk: jvp(f, (p,), (tk,))[1])(t)  # [K, ...]
+                mjv = vmap(lambda j: self._middle(val, j, y))(jv)
+                return vmap(lambda c: pull(c)[0])(mjv)
+
+            tk = {n: t for n, t in tangents.items()}
+            res = vmap(one, in_dims=(0, 0, 0))(params, buffers, tk)
+            for j, n in enumerate(rs.names):
+                out[j] += res[n]
+        return out
+
+
+class GGNBackend(_JtMJBackend):
+    name = "ggn"
+
+    def _f(self, b, x, y):
+        rs = self.replicas
+        return lambda p: rs.call(p, b, x)
+
+    def _middle(self, z, jv, y):
+        loss = self.loss
+        return jvp(lambda zz: grad(lambda q: loss.batch_loss(q, y))(zz), (z,), (jv,))[1]
+
+
+class FisherBackend(_JtMJBackend):
+    name = "empirical_fisher"
+
+    def _f(self, b, x, y):
+        rs, loss = self.replicas, self.loss
+
+        def shares(p):
+            z = rs.call(p, b, x)
+            return vmap(lambda zi, yi: loss.batch_loss(zi.unsqueeze(0), yi.unsqueeze(0)))(z, y)
+
+        return shares
+
+    def _middle(self, s, jv, y):
+        c = self.loss.scale(self._outputs_per_sample)
+        return jv / c
+
+    _outputs_per_sample = 1
+
+
+class _SwappedBackendOperator(HessianOperator):
+    """A HessianOperator whose products come from another backend (same data, loss, replicas)."""
+
+    backend_cls: type = Backend
+
+    def __init__(self, models, data, **kwargs):
+        kwargs.setdefault("backend", "autograd")
+        super().__init__(models, data, **kwargs)
+        self._install()
+
+    def _install(self):
+        self.backend = self.backend_cls(self.replicas, self.loss, self.batches)
+        if isinstance(self.backend, FisherBackend) and self.loss.kind == "mse":
+            _, x, _ = next(iter(self.batches))
+            with torch.no_grad():
+                out = self.replicas.forward(x[:1], torch.tensor([0], device=self.device))
+            self.backend._outputs_per_sample = out[0, 0].numel()
+        self.backend_name, self.backend_reason = self.backend_cls.name, "curvature variant"
+        self._auto = False
+
+    @classmethod
+    def like(cls, op: HessianOperator):
+        """The same replicas, data and loss as ``op`` (nothing re-read), with this curvature."""
+        new = cls.__new__(cls)
+        new.replicas, new.batches, new.loss = op.replicas, op.batches, op.loss
+        new._backend_options = {}
+        new.failed = op.failed.clone()
+        new.num_passes = new.num_matvecs = 0
+        new._install()
+        return new
+
+    def loss_and_gradient(self, idx=None):
+        return HessianOperator.loss_and_gradient(self, idx)
+
+
+class GGNOperator(_SwappedBackendOperator):
+    """Generalized Gauss-Newton matrices of R replicas (arguments as :class:`HessianOperator`)."""
+
+    backend_cls = GGNBackend
+
+
+class EmpiricalFisherOperator(_SwappedBackendOperator):
+    """Empirical Fisher matrices of R replicas (arguments as :class:`HessianOperator`)."""
+
+    backend_cls = FisherBackend

@@ -1,0 +1,142 @@
+"""Shared helpers of the measure modules: losses, gradients and accuracies of R replicas at
+arbitrary (perturbed) flat parameters ``[R, P]``, all vmapped over the replica axis.
+
+Conventions: ``theta`` is ``[Ra, P]`` in :class:`fastcurv.ReplicaSet` flat order; ``idx`` selects
+the replicas the rows belong to (None: all R, in order). Losses are the operator's full-data loss
+(``op.loss``: mean over every sample by default) or, with ``batch=i``, batch i's *share* of it, so
+the shares of all batches sum to the full-data loss. Results are float64 CPU tensors ``[Ra]``.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import grad, vmap
+
+from . import MeasureValue
+
+
+def _as_dict(rs, flat: torch.Tensor) -> dict:
+    return dict(zip(rs.names, rs.unflatten(flat)))
+
+
+def _buffers(rs, idx, buffers):
+    if buffers is not None:
+        return buffers
+    return rs.subset(None if idx is None else idx.to(rs.device))[1]
+
+
+def _batches(op, batch):
+    for i, x, y in op.batches:
+        if batch is None or i == batch:
+            yield i, x, y
+
+
+def loss_at(op, theta: torch.Tensor, idx: torch.Tensor | None = None, *, batch: int | None = None,
+            buffers: dict | None = None, output_map=None) -> torch.Tensor:
+    """Full-data loss (or batch ``batch``'s share) ``[Ra]`` at parameters ``theta`` ``[Ra, P]``.
+
+    ``output_map`` (optional) transforms the model outputs before the loss (e.g. logit normalization).
+    """
+    rs, loss = op.replicas, op.loss
+    bufs = _buffers(rs, idx, buffers)
+    total = torch.zeros(theta.shape[0], dtype=rs.dtype, device=rs.device)
+    with torch.no_grad():
+        for _, x, y in _batches(op, batch):
+            def one(t, b):
+                out = rs.call(_as_dict(rs, t), b, x)
+                if output_map is not None:
+                    out = output_map(out)
+                return loss.batch_loss(out, y)
+
+            total += vmap(one)(theta, bufs)
+    return total.to(torch.float64).cpu()
+
+
+def loss_grad_at(op, theta: torch.Tensor, idx: torch.Tensor | None = None, *, batch: int | None = None,
+                 output_map=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss ``[Ra]`` (float64, CPU) and gradient ``[Ra, P]`` (model dtype/device) at ``theta``."""
+    rs, loss = op.replicas, op.loss
+    bufs = _buffers(rs, idx, None)
+    total = torch.zeros(theta.shape[0], dtype=rs.dtype, device=rs.device)
+    g_total = torch.zeros_like(theta)
+    for _, x, y in _batches(op, batch):
+        def one(t, b):
+            out = rs.call(_as_dict(rs, t), b, x)
+            if output_map is not None:
+                out = output_map(out)
+            value = loss.batch_loss(out, y)
+            return value, value
+
+        g, value = vmap(grad(one, has_aux=True))(theta, bufs)
+        total += value.detach()
+        g_total += g.detach()
+    return total.to(torch.float64).cpu(), g_total
+
+
+def outputs_at(op, theta: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None = None,
+               buffers: dict | None = None) -> torch.Tensor:
+    """Model outputs ``[Ra, n, ...]`` at parameters ``theta`` on inputs ``x``."""
+    rs = op.replicas
+    bufs = _buffers(rs, idx, buffers)
+    with torch.no_grad():
+        return vmap(lambda t, b: rs.call(_as_dict(rs, t), b, x))(theta, bufs)
+
+
+def accuracy_at(op, theta: torch.Tensor, idx: torch.Tensor | None = None, buffers: dict | None = None) -> torch.Tensor:
+    """Fraction ``[Ra]`` (float64, CPU) of the operator's samples whose argmax output equals the label."""
+    if op.loss.kind != "cross_entropy":
+        raise ValueError(f"accuracy-based measures need a classification loss ('cross_entropy'), got {op.loss.kind!r}")
+    correct = torch.zeros(theta.shape[0], dtype=torch.float64)
+    for _, x, y in op.batches:
+        if y.is_floating_point():
+            raise ValueError("accuracy-based measures need integer class labels, got soft (floating point) targets")
+        out = outputs_at(op, theta, x, idx, buffers)
+        correct += (out.argmax(-1) == y).sum(-1).to(torch.float64).cpu()
+    return correct / op.num_samples
+
+
+def normalize_logits(z: torch.Tensor) -> torch.Tensor:
+    """Andriushchenko et al.'s logit normalization: centre, then divide by ``max(||z||_2, 1e-10)`` per sample."""
+    z = z - z.mean(-1, keepdim=True)
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-10)
+
+
+def noise(op, shape_rows: int, *, generator: torch.Generator, common: bool, kind: str = "gaussian") -> torch.Tensor:
+    """``[R, P]`` noise drawn on the CPU in float64 (same draw on every device); ``common`` gives
+    every replica the same draw. kind: "gaussian" (N(0,1)), "uniform" (U[-1,1]) or "rademacher"."""
+    R, P = shape_rows, op.P
+    rows = 1 if common else R
+    if kind == "gaussian":
+        z = torch.randn(rows, P, generator=generator, dtype=torch.float64)
+    elif kind == "uniform":
+        z = torch.rand(rows, P, generator=generator, dtype=torch.float64) * 2 - 1
+    elif kind == "rademacher":
+        z = torch.randint(0, 2, (rows, P), generator=generator).to(torch.float64) * 2 - 1
+    else:
+        raise ValueError(f"unknown noise kind {kind!r}")
+    return z.to(op.device, op.dtype).expand(R, P).clone()
+
+
+def finish(op, value: torch.Tensor, *, stderr=None, converged=None) -> MeasureValue:
+    """Wrap a result: float64 CPU, NaN for failed replicas or non-finite values (then not converged)."""
+    value = value.to(torch.float64).cpu().clone()
+    bad = op.failed.cpu() | ~torch.isfinite(value)
+    value[bad] = float("nan")
+    conv = torch.ones_like(bad) if converged is None else converged.cpu().bool().clone()
+    conv &= ~bad
+    if stderr is not None:
+        stderr = stderr.to(torch.float64).cpu().clone()
+        stderr[bad] = float("nan")
+    return MeasureValue(value, stderr, conv)
+
+
+def check_options(name: str, options: dict, allowed: tuple) -> None:
+    """Raise a clear error for an unknown option of measure ``name``."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"measure {name!r} got unknown options {unknown}; it accepts {sorted(allowed)}")
+
+
+def positive(name: str, **values) -> None:
+    for k, v in values.items():
+        if not (isinstance(v, (int, float)) and v > 0):
+            raise ValueError(f"{name}: {k} must be a positive number, got {v!r}")

@@ -1,0 +1,136 @@
+"""Relative flatness (Petzka et al., NeurIPS 2021) of one fully connected feature layer.
+
+With ``W`` (m x d, rows w_s) the weight of the chosen ``nn.Linear`` layer (default: the last one,
+which maps features to logits) and ``H_{s,s'}`` the d x d blocks of ``d^2 L / dW dW``:
+
+``kappa_Tr = sum_{s,s'} <w_s, w_s'> Tr(H_{s,s'}) = Tr((G kron I_d) H_WW)``, ``G = W W^T``.
+
+L is the operator's full-data *mean* loss (the Mason-Williams code sums per-batch values instead,
+which multiplies the result by the number of batches). With ``normalize=True`` (default, as in the
+reference code) the layer's input features phi_j are first divided by their standard deviation
+sigma_j over the data and W's columns multiplied by sigma_j (function-preserving); this is done
+analytically, ``kappa = sum_{s,s'} (sum_j W_sj W_s'j sigma_j^2)(sum_j H_(s,j),(s',j) / sigma_j^2)``.
+Features constant over the data (sigma_j = 0, e.g. dead ReLUs) are dropped from the sum: their
+column acts like a bias, and a normalization by 0 is undefined.
+
+* ``method="exact"``: the whole H_WW block from m*d Hessian-vector products (small layers).
+* ``method="hutchinson"`` (default): ``kappa ~ mean_k <G V_k, H_WW V_k>`` with Rademacher V_k
+  (``num_probes`` HVPs restricted to W), with a standard error.
+
+Invariant to layer-wise rescaling around the feature layer and, with normalization, to neuron-wise
+rescaling of the features. Units: loss units (Hessian entries times squared weights).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import register_measure
+from ._common import finish
+
+
+def feature_layer(op, layer: str | None) -> str:
+    """Name of the ``nn.Linear`` module used (default: the last one)."""
+    linears = [n for n, m in op.replicas.base.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("relative_flatness needs an nn.Linear feature layer; the model has none")
+    if layer is None:
+        return linears[-1]
+    if layer not in linears:
+        raise ValueError(f"relative_flatness: layer {layer!r} is not an nn.Linear module; choose one of {linears}")
+    return layer
+
+
+def feature_std(op, layer: str) -> torch.Tensor:
+    """``[R, d]`` standard deviation (population) of the layer's input features over the data
+    (0 for features constant over the data)."""
+    rs = op.replicas
+    module = dict(rs.base.named_modules())[layer]
+    store = {}
+    handle = module.register_forward_pre_hook(lambda _m, args: store.__setitem__("x", args[0].detach()))
+    d = module.in_features
+    s1 = torch.zeros(rs.R, d, dtype=torch.float64)
+    s2 = torch.zeros(rs.R, d, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for _, x, _y in op.batches:
+                for r in range(rs.R):
+                    rs.call({n: t[r] for n, t in rs.params.items()}, {n: t[r] for n, t in rs.buffers.items()}, x)
+                    f = store["x"].reshape(-1, d).to(torch.float64).cpu()
+                    s1[r] += f.sum(0)
+                    s2[r] += (f * f).sum(0)
+    finally:
+        handle.remove()
+    n = op.num_samples
+    var = (s2 / n - (s1 / n) ** 2).clamp_min(0)
+    return var.sqrt()
+
+
+def _block(op, layer):
+    rs = op.replicas
+    name = f"{layer}.weight"
+    j = rs.names.index(name)
+    start = sum(rs.numels[:j])
+    return start, rs.shapes[j]
+
+
+def _hvp_W(op, U: torch.Tensor, start: int) -> torch.Tensor:
+    """H_WW applied to ``U`` ``[R, K, m, d]`` (embedded into full parameter vectors)."""
+    R, K, m, d = U.shape
+    V = torch.zeros(R, K, op.P, dtype=op.dtype, device=op.device)
+    V[:, :, start:start + m * d] = U.reshape(R, K, m * d).to(op.device, op.dtype)
+    return op.matvec(V)[:, :, start:start + m * d].reshape(R, K, m, d)
+
+
+def relative_flatness_values(op, *, layer: str | None = None, normalize: bool = True, method: str = "hutchinson",
+                             num_probes: int = 100, probe_batch: int = 10, seed: int = 0, common: bool = True):
+    """``(kappa [R], stderr [R] or None)`` float64 CPU."""
+    if method not in ("exact", "hutchinson"):
+        raise ValueError(f"relative_flatness: method must be 'exact' or 'hutchinson', got {method!r}")
+    layer = feature_layer(op, layer)
+    start, (m, d) = _block(op, layer)
+    W = op.replicas.params[f"{layer}.weight"].to(torch.float64)  # [R, m, d]
+    if normalize:
+        raw = feature_std(op, layer).to(W.device)
+        keep = raw > 1e-12 * raw.amax(1, keepdim=True).clamp_min(1e-300)
+        sig = torch.where(keep, raw, torch.ones_like(raw))
+        W = W * keep.unsqueeze(1)  # constant features are dropped from the sum (see the module docstring)
+    else:
+        sig = torch.ones(op.R, d, dtype=torch.float64, device=W.device)
+    Gp = torch.einsum("rsj,rtj,rj->rst", W, W, sig**2)  # G' = W diag(sigma^2) W^T
+    if method == "exact":
+        if m * d > 4096:
+            raise ValueError(f"relative_flatness: exact method needs m*d = {m * d} HVPs; use method='hutchinson'")
+        eye = torch.eye(m * d, dtype=torch.float64).reshape(m * d, m, d)
+        cols = []
+        for chunk in eye.split(probe_batch):
+            U = chunk.unsqueeze(0).expand(op.R, -1, -1, -1)
+            cols.append(_hvp_W(op, U, start).to(torch.float64).reshape(op.R, -1, m * d))
+        H = torch.cat(cols, 1).reshape(op.R, m, d, m, d)  # H[r, s', j', s, j] (symmetric)
+        tr = torch.einsum("rsjtj,rj->rst", H, 1 / sig**2)
+        return (Gp * tr).sum((1, 2)).cpu(), None
+    if num_probes < 2:
+        raise ValueError("relative_flatness: num_probes must be at least 2")
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    done = 0
+    while done < num_probes:
+        K = min(probe_batch, num_probes - done)
+        V = torch.randint(0, 2, (1 if common else op.R, K, m, d), generator=gen).to(torch.float64) * 2 - 1
+        V = V.to(W.device).expand(op.R, K, m, d)
+        HU = _hvp_W(op, V / sig.view(op.R, 1, 1, d), start).to(torch.float64)
+        GV = torch.einsum("rst,rktj->rksj", Gp, V) / sig.view(op.R, 1, 1, d)
+        samples.append((GV * HU).sum((2, 3)).cpu())
+        done += K
+    s = torch.cat(samples, 1)
+    return s.mean(1), s.std(1) / math.sqrt(s.shape[1])
+
+
+@register_measure("relative_flatness")
+def relative_flatness(op, *, seed, common, **options):
+    """Column ``relative_flatness`` ``[R]`` (with a standard error for the Hutchinson estimator).
+    Options: layer (module name), normalize (True), method ("hutchinson" | "exact"), num_probes (100)."""
+    value, se = relative_flatness_values(op, seed=seed, common=common, **options)
+    return {"relative_flatness": finish(op, value, stderr=se)}

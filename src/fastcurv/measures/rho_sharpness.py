@@ -1,0 +1,128 @@
+"""rho-sharpness (Andriushchenko et al., ICML 2023, arXiv 2302.07011): worst-case and
+average-case, standard (c = 1) and adaptive (c = |theta| + eta), in l2 and l-infinity balls.
+
+* worst case: ``S_max = sum_B [max_{||delta / c||_p <= rho} L_B(theta + delta) - L_B(theta)]`` where
+  ``L_B`` is batch B's share of the full-data loss, i.e. the sample-weighted mean over batches of
+  the per-batch worst-case increase of the batch mean loss (the reference code's per-batch
+  protocol; with ``per_batch=False`` the maximum is taken of the full-data loss instead).
+  Solver: APGD-style projected ascent (:mod:`._ascent`), ``n_iter`` steps, momentum 0.75,
+  initial step 2 rho, one restart.
+* average case: ``S_avg = E_delta[L(theta + delta)] - L(theta)`` with, per coordinate,
+  ``delta_i = rho * c_i * xi_i``; xi ~ N(0, 1) for l2 (not normalized by sqrt(P), as in the
+  reference code) and xi ~ U[-1, 1] for l-infinity; ``n_samples`` draws.
+
+Units: loss (nats for cross-entropy) at the operator's reduction (mean by default).
+Invariance: the adaptive forms with ``eta = 0`` are invariant to positive elementwise rescaling
+symmetries (Dinh layer and neuron rescaling); the standard forms are not.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import register_measure
+from ._ascent import NORMS, apgd_ascent
+from ._common import check_options, finish, loss_at, loss_grad_at, noise, normalize_logits, positive
+
+WORST_OPTIONS = ("rho", "p", "n_iter", "momentum", "per_batch", "eta", "normalize_logits", "init")
+AVG_OPTIONS = ("rho", "p", "n_samples", "eta")
+
+
+def _scale(theta, adaptive, eta):
+    if not adaptive:
+        return None
+    return theta.abs() + eta
+
+
+def worst_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float = 0.05, p: str = "l2", n_iter: int = 20,
+                         momentum: float = 0.75, per_batch: bool = True, adaptive: bool = False, eta: float = 0.0,
+                         normalize_logits: bool = False, init: str = "random") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Worst-case rho-sharpness ``[R]`` (float64, CPU), the worst perturbations ``[R, P]`` of the
+    last batch searched, and gradient evaluations per replica (each over one batch when per_batch)."""
+    positive("rho_sharpness", rho=rho)
+    if p not in NORMS:
+        raise ValueError(f"rho_sharpness: p must be one of {NORMS}, got {p!r}")
+    rs = op.replicas
+    theta = rs.flat_params()
+    c = _scale(theta, adaptive, eta)
+    out_map = _normalize if normalize_logits else None
+    rhos = torch.full((op.R,), float(rho), dtype=torch.float64)
+    total = torch.zeros(op.R, dtype=torch.float64)
+    batches = [i for i, _, _ in op.batches] if per_batch else [None]
+    evals = 0
+    delta = None
+    for b in batches:
+        gen = torch.Generator().manual_seed(seed + 7919 * (0 if b is None else b + 1))
+        base = loss_at(op, theta, batch=b, output_map=out_map)
+
+        def objective(t, b=b):
+            return loss_grad_at(op, t, batch=b, output_map=out_map)
+
+        best, delta, n = apgd_ascent(objective, theta, rhos, p=p, c=c, n_iter=n_iter, momentum=momentum, init=init,
+                                     generator=gen, common=common)
+        total += (best - base).clamp_min(0.0)
+        evals += n
+    return total, delta, evals
+
+
+def _normalize(z):
+    return normalize_logits(z)
+
+
+def average_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float = 0.1, p: str = "l2",
+                           n_samples: int = 100, adaptive: bool = False, eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-case rho-sharpness ``[R]`` and its Monte-Carlo standard error ``[R]`` (float64, CPU)."""
+    positive("avg_rho_sharpness", rho=rho, n_samples=n_samples)
+    if p not in NORMS:
+        raise ValueError(f"avg_rho_sharpness: p must be one of {NORMS}, got {p!r}")
+    if n_samples < 2:
+        raise ValueError("avg_rho_sharpness: n_samples must be at least 2 to give a standard error")
+    theta = op.replicas.flat_params()
+    c = torch.ones_like(theta) if not adaptive else theta.abs() + eta
+    gen = torch.Generator().manual_seed(seed)
+    base = loss_at(op, theta)
+    diffs = []
+    for _ in range(n_samples):
+        xi = noise(op, op.R, generator=gen, common=common, kind="gaussian" if p == "l2" else "uniform")
+        diffs.append(loss_at(op, theta + rho * c * xi) - base)
+    d = torch.stack(diffs, 1)
+    return d.mean(1), d.std(1) / n_samples**0.5
+
+
+@register_measure("rho_sharpness")
+def rho_sharpness(op, *, seed, common, **options):
+    """Worst-case rho-sharpness, standard ball. Defaults: rho = 0.05 (SAM's training radius,
+    Foret et al. 2021), p = "l2", n_iter = 20 (Andriushchenko et al.), per-batch protocol over the
+    loader's batches (theirs: 1024 examples in batches of 128). Column ``rho_sharpness``."""
+    check_options("rho_sharpness", options, WORST_OPTIONS)
+    value, _, _ = worst_case_sharpness(op, seed=seed, common=common, **options)
+    return {"rho_sharpness": finish(op, value)}
+
+
+@register_measure("adaptive_rho_sharpness")
+def adaptive_rho_sharpness(op, *, seed, common, **options):
+    """Worst-case adaptive rho-sharpness (``||delta / |theta| ||_p <= rho``). Defaults from the
+    reference code's canonical example: p = "linf", rho = 0.001, n_iter = 20, eta = 0 (pass
+    eta = 0.01 for ASAM's ``|theta| + eta``). Column ``adaptive_rho_sharpness``."""
+    check_options("adaptive_rho_sharpness", options, WORST_OPTIONS)
+    options = {"p": "linf", "rho": 0.001, **options}
+    value, _, _ = worst_case_sharpness(op, seed=seed, common=common, adaptive=True, **options)
+    return {"adaptive_rho_sharpness": finish(op, value)}
+
+
+@register_measure("avg_rho_sharpness")
+def avg_rho_sharpness(op, *, seed, common, **options):
+    """Average-case rho-sharpness with Gaussian noise of std rho per coordinate. Defaults:
+    rho = 0.1, p = "l2", n_samples = 100 (reference default). Column ``avg_rho_sharpness``
+    with a Monte-Carlo standard error."""
+    check_options("avg_rho_sharpness", options, AVG_OPTIONS)
+    value, se = average_case_sharpness(op, seed=seed, common=common, **options)
+    return {"avg_rho_sharpness": finish(op, value, stderr=se)}
+
+
+@register_measure("adaptive_avg_rho_sharpness")
+def adaptive_avg_rho_sharpness(op, *, seed, common, **options):
+    """Average-case adaptive rho-sharpness: ``delta_i = rho |theta_i| xi_i``. Defaults: rho = 0.1,
+    p = "l2", n_samples = 100. Column ``adaptive_avg_rho_sharpness``."""
+    check_options("adaptive_avg_rho_sharpness", options, AVG_OPTIONS)
+    value, se = average_case_sharpness(op, seed=seed, common=common, adaptive=True, **options)
+    return {"adaptive_avg_rho_sharpness": finish(op, value, stderr=se)}

@@ -1,0 +1,127 @@
+"""Fisher-Rao norm, relative flatness and PAC-Bayes sigma flatness against per-model references."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from fastcurv.measures.pac_bayes import perturbation_std, sigma_search
+from fastcurv.measures.relative_flatness import relative_flatness_values
+
+from _measure_models import make_data, make_replicas, train, single_thread  # noqa: F401  (autouse fixture)
+
+
+def test_fisher_rao_equals_parameter_gradient_inner_product_for_bias_free_relu():
+    models = train(make_replicas(R=2, bias=False), make_data(), steps=30)
+    loader = make_data()
+    res = fastcurv.batched_sharpness(models, loader, measures=("fisher_rao",), progress=False)
+    x = torch.cat([b[0] for b in loader])
+    y = torch.cat([b[1] for b in loader])
+    for r, m in enumerate(models):
+        params = list(m.parameters())
+        inner = []
+        for i in range(len(y)):
+            loss = nn.functional.cross_entropy(m(x[i:i + 1]), y[i:i + 1])
+            g = torch.autograd.grad(loss, params)
+            inner.append(sum((p * gi).sum() for p, gi in zip(params, g)).item())
+        ref = math.sqrt(sum(v * v for v in inner) / len(inner))  # sqrt(mean <theta, grad l_i>^2)
+        assert float(res["fisher_rao"][r]) == pytest.approx(ref, rel=1e-9)
+
+
+def _reference_relative_flatness(model, loader, normalize):
+    """Petzka's definition on an explicitly normalized copy, with the dense W-block Hessian."""
+    m = copy.deepcopy(model)
+    x = torch.cat([b[0] for b in loader])
+    y = torch.cat([b[1] for b in loader])
+    last = m[-1]
+    if normalize:
+        feats = m[:-1](x).detach()
+        sig = feats.std(0, unbiased=False)
+        keep = sig > 0
+        sig = torch.where(keep, sig, torch.ones_like(sig))
+        with torch.no_grad():  # divide the previous layer's rows, multiply W's columns: same function
+            m[-3].weight.div_(sig.view(-1, 1))
+            m[-3].bias.div_(sig)
+            last.weight.mul_(sig.view(1, -1) * keep)  # constant (dead) features are dropped
+    feats = m[:-1](x).detach()
+    W0 = last.weight.detach().clone()
+
+    def loss_of(W):
+        return nn.functional.cross_entropy(feats @ W.T + last.bias.detach(), y)
+
+    H = torch.autograd.functional.hessian(loss_of, W0)  # [m, d, m, d]
+    k = 0.0
+    for s in range(W0.shape[0]):
+        for t in range(W0.shape[0]):
+            k += float(W0[s] @ W0[t]) * float(torch.diagonal(H[s, :, t, :]).sum())
+    return k
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_relative_flatness_exact_matches_reference_and_estimator(normalize):
+    models = train(make_replicas(R=2), make_data(), steps=50)
+    loader = make_data()
+    op = fastcurv.HessianOperator(models, loader)
+    exact, _ = relative_flatness_values(op, method="exact", normalize=normalize)
+    est, se = relative_flatness_values(op, method="hutchinson", num_probes=200, normalize=normalize)
+    for r, m in enumerate(models):
+        assert float(exact[r]) == pytest.approx(_reference_relative_flatness(m, loader, normalize), rel=1e-8)
+    assert ((est - exact).abs() <= 4 * se).all()
+    assert (se < 0.2 * exact.abs()).all()  # the estimator is informative, not just wide
+
+
+def test_relative_flatness_rejects_bad_layer():
+    models = make_replicas(R=1)
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        fastcurv.batched_sharpness(models, make_data(), measures=("relative_flatness",), progress=False,
+                                   measure_options={"relative_flatness": {"layer": "1"}})
+
+
+def test_pac_bayes_noise_is_std_sigma():
+    """Regression test: the reference code used sigma^2 as the std; fastcurv draws std sigma."""
+    theta = torch.randn(2, 50000, dtype=torch.float64)
+    sigma = torch.tensor([0.3, 0.05], dtype=torch.float64)
+    std = perturbation_std(theta, sigma, False, 1e-3)
+    u = std * torch.randn_like(theta)
+    assert u[0].std().item() == pytest.approx(0.3, rel=0.02)
+    assert u[1].std().item() == pytest.approx(0.05, rel=0.02)
+    mag = perturbation_std(theta, sigma, True, 1e-3)
+    assert torch.allclose(mag, (sigma.view(-1, 1) ** 2 * theta**2 + 1e-6).sqrt())
+
+
+class _Sign(nn.Module):
+    """logits (w x, -w x): every sample is right iff w > 0, so acc(w + u) = 1[u > -w]."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([w], dtype=torch.float64))
+
+    def forward(self, x):
+        z = self.w * x[:, 0]
+        return torch.stack([z, -z], -1)
+
+
+def test_pac_bayes_sigma_search_finds_analytic_sigma():
+    """Accuracy drop at sigma is P(u < -w) = Phi(-w / sigma): the search must return sigma with
+    Phi(-w/sigma) in [0.09, 0.11], i.e. sigma = w / z with z in [1.227, 1.341]; using sigma^2 as
+    the std would return sqrt of that (far outside)."""
+    w = 0.5
+    x = torch.ones(8, 1, dtype=torch.float64)
+    y = torch.zeros(8, dtype=torch.long)
+    op = fastcurv.HessianOperator([_Sign(w), _Sign(2 * w)], (x, y))
+    sigma, done, base = sigma_search(op, mc_samples=6000, seed=1, common=False)
+    assert (base == 1).all() and done.all()
+    for r, wr in enumerate((w, 2 * w)):
+        assert wr / 1.40 <= float(sigma[r]) <= wr / 1.18
+
+
+def test_pac_bayes_measure_columns():
+    models = train(make_replicas(R=2), make_data(), steps=200, lr=0.3)
+    loader = make_data()
+    res = fastcurv.batched_sharpness(models, loader, measures=("pac_bayes",), progress=False,
+                                     measure_options={"pac_bayes": {"mc_samples": 4, "depth": 6}})
+    for col in ("pacbayes_flatness", "pacbayes_sigma", "pacbayes_mag_flatness", "pacbayes_mag_sigma"):
+        assert col in res.values
+    assert torch.allclose(res["pacbayes_flatness"], 1 / res["pacbayes_sigma"] ** 2)

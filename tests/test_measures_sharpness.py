@@ -1,0 +1,246 @@
+"""rho-sharpness family, Keskar epsilon-sharpness, Mason-Williams sharpness and Josz's measures:
+closed forms on a quadratic and agreement with plain per-model reference implementations."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+from torch import nn
+
+import fastcurv
+from fastcurv.measures._ascent import apgd_ascent
+from fastcurv.measures.epsilon_sharpness import epsilon_sharpness_values
+from fastcurv.measures.rho_sharpness import average_case_sharpness, worst_case_sharpness
+
+from _measure_models import full_loss, make_data, make_replicas, set_flat, train, single_thread  # noqa: F401  (autouse fixture)
+
+
+def quadratic_problem(R=2):
+    """Linear bias-free models with MSE on their own outputs: L is a quadratic with minimum 0 at theta."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 4, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.8, 0.5], dtype=torch.float64)
+    models = []
+    for r in range(R):
+        torch.manual_seed(10 + r)
+        models.append(nn.Linear(4, 2, bias=False).double())
+    # targets per replica must equal that replica's outputs: use a callable loss on outputs only
+    return models, x
+
+
+def test_worst_case_l2_quadratic_closed_form():
+    models, x = quadratic_problem()
+    for m in models:
+        y = m(x).detach()
+        op = fastcurv.HessianOperator([m], (x, y), loss="mse")
+        lam = torch.linalg.eigvalsh(op.dense(0))[-1]
+        for rho in (0.1, 0.5):
+            val, delta, _ = worst_case_sharpness(op, rho=rho, p="l2", n_iter=30, per_batch=False)
+            expect = rho**2 * float(lam) / 2
+            assert float(val[0]) == pytest.approx(expect, rel=1e-4)
+            assert float(delta.norm()) == pytest.approx(rho, rel=1e-6)  # the maximum is on the sphere
+
+
+def test_average_case_quadratic_closed_forms():
+    models, x = quadratic_problem(R=1)
+    m = models[0]
+    op = fastcurv.HessianOperator([m], (x, m(x).detach()), loss="mse")
+    H = op.dense(0)
+    theta = op.replicas.flat_params()[0]
+    rho = 0.3
+    v, se = average_case_sharpness(op, rho=rho, n_samples=400)
+    assert abs(float(v[0]) - rho**2 * float(H.trace()) / 2) < 4 * float(se[0])
+    v, se = average_case_sharpness(op, rho=rho, n_samples=400, adaptive=True)
+    expect = rho**2 * float((H.diagonal() * theta**2).sum()) / 2
+    assert abs(float(v[0]) - expect) < 4 * float(se[0])
+
+
+def _reference_avg(model, loader, rho, n, seed, adaptive):
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    c = theta.abs() if adaptive else torch.ones_like(theta)
+    base = float(full_loss(model, loader))
+    g = torch.Generator().manual_seed(seed)
+    m = copy.deepcopy(model)
+    diffs = []
+    with torch.no_grad():
+        for _ in range(n):
+            z = torch.randn(1, theta.numel(), generator=g, dtype=torch.float64)[0]
+            set_flat(m, theta + rho * c * z)
+            diffs.append(float(full_loss(m, loader)) - base)
+    return np.mean(diffs)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_average_case_matches_per_model_reference(adaptive):
+    models = make_replicas()
+    loader = make_data()
+    name = "adaptive_avg_rho_sharpness" if adaptive else "avg_rho_sharpness"
+    res = fastcurv.batched_sharpness(models, loader, measures=(name,), seed=5,
+                                     measure_options={name: {"rho": 0.05, "n_samples": 20}}, progress=False)
+    for r, m in enumerate(models):
+        ref = _reference_avg(m, loader, 0.05, 20, 5, adaptive)
+        assert float(res[name][r]) == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+def _reference_pgd(model, loader, rho, steps=300, batch=None):
+    """Plain projected gradient ascent with decaying normalized steps on the l2 ball, several starts."""
+    data = loader if batch is None else [loader[batch]]
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        base = float(full_loss(m, data))
+    best = 0.0
+    for start in range(2):
+        g = torch.Generator().manual_seed(100 + start)
+        u = torch.randn(theta.numel(), generator=g, dtype=torch.float64)
+        u = 0.5 * rho * u / u.norm()
+        for t in range(steps):
+            set_flat(m, theta + u)
+            m.zero_grad()
+            loss = full_loss(m, data)
+            best = max(best, float(loss) - base)
+            gr = torch.nn.utils.parameters_to_vector(torch.autograd.grad(loss, list(m.parameters())))
+            u = u + rho * (0.5 * 0.99**t) * gr / gr.norm()
+            u = u * min(1.0, rho / float(u.norm()))
+    return best
+
+
+def test_worst_case_matches_per_model_reference():
+    models = train(make_replicas(R=2), make_data(), steps=100)
+    loader = make_data()
+    rho = 0.05  # small enough for a single maximum: local ascent and the reference must agree
+    res = fastcurv.batched_sharpness(models, loader, measures=("rho_sharpness", "josz_variation"), progress=False,
+                                     measure_options={"rho_sharpness": {"rho": rho, "n_iter": 60},
+                                                     "josz_variation": {"r": rho, "n_iter": 60}})
+    op = fastcurv.HessianOperator(models, loader)
+    val, delta, _ = worst_case_sharpness(op, rho=rho, per_batch=False, n_iter=60)
+    for r, m in enumerate(models):
+        per_batch = sum(_reference_pgd(m, loader, rho, steps=60, batch=b) * len(loader[b][0]) for b in range(2)) / 48
+        full = _reference_pgd(m, loader, rho, steps=60)
+        # a maximization: at least as good as the long plain-PGD reference ...
+        assert float(res["rho_sharpness"][r]) == pytest.approx(per_batch, rel=0.02)
+        assert float(res["josz_V"][r]) == pytest.approx(full, rel=0.02)
+        assert float(val[r]) == pytest.approx(full, rel=0.02)
+        # ... and attained by a feasible perturbation (checked with the plain model)
+        assert float(delta[r].norm()) <= rho * (1 + 1e-9)
+        mm = copy.deepcopy(m)
+        theta = torch.nn.utils.parameters_to_vector(m.parameters()).detach()
+        with torch.no_grad():
+            base = float(full_loss(mm, loader))
+            set_flat(mm, theta + delta[r])
+            assert float(full_loss(mm, loader)) - base == pytest.approx(float(val[r]), rel=1e-9)
+
+
+def test_linf_worst_case_stays_in_box_and_beats_corners():
+    models = make_replicas(R=2)
+    loader = make_data(batches=1)
+    op = fastcurv.HessianOperator(models, loader)
+    theta = op.replicas.flat_params()
+    val, delta, _ = worst_case_sharpness(op, rho=0.01, p="linf", adaptive=True, per_batch=False)
+    assert (delta.abs() <= 0.01 * theta.abs() + 1e-12).all()
+    # the sign-gradient corner is a feasible point: the search must do at least as well
+    from fastcurv.measures._common import loss_at, loss_grad_at
+    base, g = loss_grad_at(op, theta)
+    corner = loss_at(op, theta + 0.01 * theta.abs() * g.sign()) - base
+    assert (val >= corner - 1e-12).all()
+
+
+def test_keskar_matches_lbfgsb_reference():
+    models = train(make_replicas(R=2), make_data(), steps=100)
+    loader = make_data()
+    eps = 1e-2
+    res = fastcurv.batched_sharpness(models, loader, measures=("epsilon_sharpness",), progress=False,
+                                     measure_options={"epsilon_sharpness": {"eps": eps, "n_iter": 20}})
+    op = fastcurv.HessianOperator(models, loader)
+    for r, m0 in enumerate(models):
+        m = copy.deepcopy(m0)
+        theta = torch.nn.utils.parameters_to_vector(m.parameters()).detach().clone()
+        base = float(full_loss(m, loader))
+
+        def negf(y):
+            set_flat(m, theta + torch.from_numpy(y))
+            m.zero_grad()
+            loss = full_loss(m, loader)
+            loss.backward()
+            return -float(loss), -torch.nn.utils.parameters_to_vector([p.grad for p in m.parameters()]).numpy()
+
+        hw = (eps * (theta.abs() + 1)).numpy()
+        opt = scipy.optimize.minimize(negf, np.zeros_like(hw), jac=True, method="L-BFGS-B",
+                                      bounds=list(zip(-hw, hw)), options={"maxiter": 10})
+        ref = 100 * (-opt.fun - base) / (1 + base)
+        # at least as good as Keskar's 10 L-BFGS-B iterations ...
+        assert float(res["epsilon_sharpness"][r]) >= 0.97 * ref
+        # ... and attained inside the box
+        value, delta = epsilon_sharpness_values(op, eps=eps, n_iter=20)
+        assert float(value[r]) == pytest.approx(float(res["epsilon_sharpness"][r]), rel=1e-12)
+        assert (delta[r].abs() <= torch.from_numpy(hw) * (1 + 1e-9)).all()
+        with torch.no_grad():
+            set_flat(m, theta + delta[r])
+            assert 100 * (float(full_loss(m, loader)) - base) / (1 + base) == pytest.approx(float(value[r]), rel=1e-9)
+
+
+def test_mw_sharpness_matches_reference_and_perturbs_buffers():
+    models = make_replicas(R=2)
+    loader = make_data()
+    res = fastcurv.batched_sharpness(models, loader, measures=("mw_sharpness",), seed=2, progress=False,
+                                     measure_options={"mw_sharpness": {"n_samples": 10, "rho": 0.05}})
+    for r, m0 in enumerate(models):
+        m = copy.deepcopy(m0)
+        theta = torch.nn.utils.parameters_to_vector(m.parameters()).detach().clone()
+        base = float(full_loss(m, loader))
+        g = torch.Generator().manual_seed(2)
+        vals = []
+        with torch.no_grad():
+            for _ in range(10):
+                z = torch.randn(1, theta.numel(), generator=g, dtype=torch.float64)[0]
+                set_flat(m, theta + 0.05 * z / math.sqrt(theta.numel()))
+                vals.append(abs(float(full_loss(m, loader)) - base) / 0.05)
+        assert float(res["mw_sharpness"][r]) == pytest.approx(np.mean(vals), rel=1e-9)
+    # BatchNorm running statistics are perturbed too (reference behaviour): the value changes with them
+    torch.manual_seed(0)
+    bn = [nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double().eval() for _ in range(2)]
+    a = fastcurv.batched_sharpness(bn, loader, measures=("mw_sharpness",), progress=False,
+                                   measure_options={"mw_sharpness": {"n_samples": 5}})["mw_sharpness"]
+    b = fastcurv.batched_sharpness(bn, loader, measures=("mw_sharpness",), progress=False,
+                                   measure_options={"mw_sharpness": {"n_samples": 5, "perturb_buffers": False}})["mw_sharpness"]
+    assert not torch.allclose(a, b)
+
+
+def test_josz_level_distance_hits_the_level():
+    models = train(make_replicas(R=2), make_data(), steps=100)
+    loader = make_data()
+    eps = 0.05
+    res = fastcurv.batched_sharpness(models, loader, measures=("josz_level_distance",), progress=False,
+                                     measure_options={"josz_level_distance": {"eps": eps, "n_bisect": 10, "n_iter": 20}})
+    d = res["josz_d_eps"]
+    assert bool(res.converged["josz_d_eps"].all())
+    op = fastcurv.HessianOperator(models, loader)
+    from fastcurv.measures.josz import variation
+    above = variation(op, d * 1.05, n_iter=20)
+    below = variation(op, d * 0.95, n_iter=20)
+    assert (above >= eps).all() and (below < eps).all()
+
+
+def test_apgd_rejects_bad_input():
+    with pytest.raises(ValueError, match="p must be"):
+        apgd_ascent(lambda t: None, torch.zeros(1, 3), torch.ones(1), p="l1")
+    models = make_replicas(R=1)
+    with pytest.raises(ValueError, match="rho must be a positive"):
+        fastcurv.batched_sharpness(models, make_data(), measures=("rho_sharpness",), progress=False,
+                                   measure_options={"rho_sharpness": {"rho": -1.0}})
+    with pytest.raises(TypeError, match="unknown options"):
+        fastcurv.batched_sharpness(models, make_data(), measures=("rho_sharpness",), progress=False,
+                                   measure_options={"rho_sharpness": {"radius": 1.0}})
+
+
+def test_failed_replica_is_nan_and_flagged():
+    models = make_replicas(R=3)
+    with torch.no_grad():
+        models[1][0].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning):
+        res = fastcurv.batched_sharpness(models, make_data(), measures=("rho_sharpness", "avg_rho_sharpness"),
+                                         progress=False, measure_options={"avg_rho_sharpness": {"n_samples": 4}})
+    for col in ("rho_sharpness", "avg_rho_sharpness"):
+        assert torch.isnan(res[col][1]) and torch.isfinite(res[col][[0, 2]]).all()
+    assert res.flags[1] and not res.flags[0]

@@ -1,0 +1,142 @@
+"""Function-preserving reparameterizations, the invariance audit, and per-measure invariance."""
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from fastcurv import reparam
+
+from _measure_models import make_data, make_replicas, train, single_thread  # noqa: F401  (autouse fixture)
+
+
+def _x(loader):
+    return torch.cat([b[0] for b in loader])
+
+
+def test_dinh_rescaling_preserves_function_and_scales_hessian_blocks_exactly():
+    models = make_replicas(R=2)
+    loader = make_data()
+    alpha = 10.0
+    res = reparam.rescale_layers(models, alpha=alpha, layers=("2", "4"), probe=_x(loader))
+    assert res.max_output_change < 1e-12 and int(res.predictions_changed.sum()) == 0
+    assert torch.equal(models[0][2].weight, make_replicas(R=2)[0][2].weight)  # inputs untouched
+    H = fastcurv.HessianOperator(models, loader).dense(0)
+    H2 = fastcurv.HessianOperator(res.models, loader).dense(0)
+    # theta' = D theta with D = alpha on layer "2" (weight, bias), 1/alpha on "4".weight: H' = D^-1 H D^-1
+    sizes = [p.numel() for p in models[0].parameters()]
+    d = torch.cat([torch.full((n,), f, dtype=torch.float64) for n, f in zip(sizes, [1, 1, alpha, alpha, 1 / alpha, 1])])
+    assert torch.allclose(H2, H / torch.outer(d, d), rtol=1e-9, atol=1e-12)
+
+
+def test_seed_result_alpha_10_inflates_lambda_max_about_100x():
+    """Bennett's seed result: alpha = 10 multiplies lambda_max by about alpha^2 = 100 with zero
+    prediction changes. Exactly: alpha^2 lambda_max(H_bb) <= lambda_max' <= alpha^2 lambda_max, with
+    H_bb the Hessian block of the layer divided by alpha (bias-free net: the output layer)."""
+    loader = make_data(n=96)
+    models = train(make_replicas(R=2, bias=False), loader, steps=100, lr=0.3)
+    audit = fastcurv.invariance_audit(models, loader, measures=("lambda_max", "trace", "fisher_rao"), alpha=10.0,
+                                      tol=1e-7)
+    t = audit.table
+    assert t.attrs["predictions_changed"] == 0 and t.attrs["max_output_change"] < 1e-10
+    assert t.loc["fisher_rao", "invariant"] and t.loc["loss", "invariant"]
+    assert not t.loc["lambda_max", "invariant"]
+    before, after = audit.per_replica["lambda_max"]
+    for r, m in enumerate(models):
+        H = fastcurv.HessianOperator([m], loader).dense(0)
+        nb = m[-1].weight.numel()
+        lam_b = torch.linalg.eigvalsh(H[-nb:, -nb:])[-1]
+        assert 100 * lam_b * (1 - 1e-5) <= after[r] <= 100 * before[r] * (1 + 1e-5)
+    assert t.loc["lambda_max", "ratio_min"] > 10  # more than an order of magnitude; 100x when the output block dominates
+
+
+INVARIANT = ("fisher_rao", "adaptive_avg_rho_sharpness", "adaptive_rho_sharpness", "relative_flatness")
+NOT_INVARIANT = ("lambda_max", "rho_sharpness", "avg_rho_sharpness", "mw_sharpness", "epsilon_sharpness",
+                 "josz_variation", "ggn_lambda_max", "fisher_lambda_max")
+OPTIONS = {"avg_rho_sharpness": {"n_samples": 8}, "adaptive_avg_rho_sharpness": {"n_samples": 8},
+           "mw_sharpness": {"n_samples": 8, "rho": 0.5}, "adaptive_rho_sharpness": {"n_iter": 10},
+           "rho_sharpness": {"n_iter": 10}, "relative_flatness": {"method": "exact"}, "josz_variation": {"n_iter": 10}}
+
+
+@pytest.mark.parametrize("transform", ["dinh", "neurons"])
+def test_invariance_per_measure(transform, tmp_path):
+    loader = make_data()
+    models = train(make_replicas(R=2), loader, steps=100)
+    audit = fastcurv.invariance_audit(models, loader, measures=INVARIANT + NOT_INVARIANT, transform=transform,
+                                      alpha=5.0, rtol=1e-6, measure_options=OPTIONS, max_iter=60, tol=1e-6,
+                                      path=tmp_path / "audit.png")
+    t = audit.table
+    cols = {"josz_variation": "josz_V"}
+    for m in INVARIANT:
+        assert t.loc[cols.get(m, m), "invariant"], (m, t.loc[cols.get(m, m)].to_dict())
+    for m in NOT_INVARIANT:
+        assert not t.loc[cols.get(m, m), "invariant"], (m, t.loc[cols.get(m, m)].to_dict())
+    assert (tmp_path / "audit.png").stat().st_size > 1000
+
+
+def test_relative_flatness_needs_normalization_for_neuron_rescaling():
+    loader = make_data()
+    models = train(make_replicas(R=2), loader, steps=100)
+    s = torch.linspace(0.2, 5.0, 7, dtype=torch.float64)
+    new = reparam.rescale_neurons(models, s, probe=_x(loader)).models
+    vals = {}
+    for norm in (False, True):
+        opts = {"relative_flatness": {"method": "exact", "normalize": norm}}
+        a = fastcurv.batched_sharpness(models, loader, measures=("relative_flatness",), measure_options=opts, progress=False)
+        b = fastcurv.batched_sharpness(new, loader, measures=("relative_flatness",), measure_options=opts, progress=False)
+        vals[norm] = (a["relative_flatness"], b["relative_flatness"])
+    assert torch.allclose(*vals[True], rtol=1e-8)
+    assert not torch.allclose(*vals[False], rtol=1e-2)
+
+
+def test_balance_is_canonical_and_function_preserving():
+    loader = make_data()
+    models = train(make_replicas(R=2), loader, steps=50)
+    g = torch.Generator().manual_seed(0)
+    scrambled = reparam.rescale_neurons(models, torch.exp(torch.randn(7, generator=g, dtype=torch.float64)), layers=("2", "4"))
+    scrambled = reparam.rescale_neurons(scrambled.models, torch.exp(torch.randn(8, generator=g, dtype=torch.float64)),
+                                        layers=("0", "2"))
+    a = reparam.balance(models, probe=_x(loader), tol=1e-12, max_sweeps=2000)
+    b = reparam.balance(scrambled.models, probe=_x(loader), tol=1e-12, max_sweeps=2000)
+    assert a.details["converged"] and b.details["converged"]
+    assert a.max_output_change < 1e-10 and int(a.predictions_changed.sum()) == 0
+    for ma, mb in zip(a.models, b.models):
+        for pa, pb in zip(ma.parameters(), mb.parameters()):
+            assert torch.allclose(pa, pb, rtol=1e-6, atol=1e-9)
+        # balanced: incoming (weights + bias) and outgoing norms agree per hidden unit
+        for i, j in ((0, 2), (2, 4)):
+            win = ma[i].weight.pow(2).sum(1) + ma[i].bias.pow(2)
+            wout = ma[j].weight.pow(2).sum(0)
+            assert torch.allclose(win, wout, rtol=1e-6)
+    # the parameter norm did not grow (balancing minimizes it over the orbit)
+    n0 = sum(p.pow(2).sum() for p in models[0].parameters())
+    n1 = sum(p.pow(2).sum() for p in a.models[0].parameters())
+    assert n1 <= n0 + 1e-12
+
+
+def test_fold_batchnorm():
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double() for _ in range(2)]
+    for m in models:
+        m.train()
+        m(torch.randn(64, 6, dtype=torch.float64) * 3 + 1)  # non-trivial running statistics
+        m.eval()
+    loader = make_data()
+    res = reparam.fold_batchnorm(models, probe=_x(loader))
+    assert res.details["folded"] == 1
+    assert res.max_output_change < 1e-12
+    assert not any(isinstance(mod, nn.BatchNorm1d) for mod in res.models[0].modules())
+    assert any(isinstance(mod, nn.BatchNorm1d) for mod in models[0].modules())  # originals untouched
+
+
+def test_bad_inputs_are_named():
+    models = make_replicas(R=1)
+    with pytest.raises(ValueError, match="alpha must be"):
+        reparam.rescale_layers(models, alpha=0.0)
+    with pytest.raises(ValueError, match="scales has 3 entries"):
+        reparam.rescale_neurons(models, torch.ones(3))
+    with pytest.raises(ValueError, match="no module named"):
+        reparam.rescale_layers(models, layers=("0", "9"))
+    with pytest.raises(TypeError, match="list of replicas"):
+        reparam.balance(models[0])
+    with pytest.raises(ValueError, match="transform must be"):
+        fastcurv.invariance_audit(models, make_data(), transform="nope")
