@@ -4,15 +4,29 @@ import torch  # noqa: F401  (load torch before the compiled extension)
 from . import ops
 from ._ext import cpu_extension_loaded, cuda_extension_loaded, kernel_impl, set_kernel_impl, use_kernels
 from .operator import HessianOperator, hvp
+from .ops.agreement_counts import AgreementCounts, agreement_counts
+from .function import FunctionMeasuresResult, function_measures
 from .replicas import ReplicaSet
 from .sharpness import SharpnessResult, batched_sharpness
 from .solvers import hutchinson, hutchpp, lanczos, power_iteration, slq
+from . import reparam
+from .audit import AuditResult, invariance_audit
+from .curvature import EmpiricalFisherOperator, GGNOperator
 
 __version__ = "0.1.0"
 
 cpu_extension_loaded()
 
 __all__ = [
+    "AuditResult",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
+    "invariance_audit",
+    "reparam",
+    "AgreementCounts",
+    "agreement_counts",
+    "FunctionMeasuresResult",
+    "function_measures",
     "HessianOperator",
     "ReplicaSet",
     "SharpnessResult",

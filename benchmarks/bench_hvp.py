@@ -1,0 +1,57 @@
+"""pytest-benchmark suite for the Hessian-vector products (compare the min/median columns of one run).
+
+Default: a reduced W1 (R=20, B=200) that runs in about a minute on 2 cores; set
+FASTCURV_BENCH_FULL=1 for the reference workload W1 (R=100 MLPs 784-128-128-10, B=1000 MNIST).
+    python -m pytest benchmarks/bench_hvp.py -p no:cacheprovider
+"""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from hvp_json import load_batch
+
+FULL = os.environ.get("FASTCURV_BENCH_FULL") == "1"
+R, B = (100, 1000) if FULL else (20, 200)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    x, y, _ = load_batch(B)
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)) for _ in range(R)]
+    return models, x, y
+
+
+@pytest.fixture(scope="module")
+def operators(workload):
+    models, x, y = workload
+    return {b: fastcurv.HessianOperator(models, (x, y), backend=b) for b in ("fused", "func", "autograd")}
+
+
+def test_gradient_unit(benchmark, operators):
+    benchmark(operators["fused"].loss_and_gradient)
+
+
+@pytest.mark.parametrize("backend", ["fused", "func"])
+@pytest.mark.parametrize("K", [1, 8])
+def test_hvp(benchmark, operators, backend, K):
+    op = operators[backend]
+    V = torch.randn(op.R, K, op.P)
+    out = benchmark(op.matvec, V)
+    assert out.shape == V.shape
+
+
+def test_hvp_autograd_oracle(benchmark, operators):
+    op = operators["autograd"]
+    benchmark.pedantic(op.matvec, args=(torch.randn(op.R, op.P),), rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("backend", ["fused", "func"])
+def test_default_sharpness_job(benchmark, workload, backend):
+    models, x, y = workload
+    res = benchmark.pedantic(fastcurv.batched_sharpness, args=(models, (x, y)), kwargs={"backend": backend, "progress": False},
+                             rounds=1, iterations=1)
+    assert res.ok.all()

@@ -1,0 +1,149 @@
+"""Core benchmark: Hessian-vector products for R replicas, as ratios to one gradient for all R.
+
+Reference workload W1: R=100 MLPs 784-128-128-10, B=1000 MNIST images (../shared/data/mnist or
+--data; synthetic only when no file is found, and then it says so), cross-entropy.
+
+    python benchmarks/hvp_json.py --out benchmarks/results/hvp.json            # CPU, 2 cores
+    python benchmarks/hvp_json.py --device cuda --out hvp_gpu.json             # GPU
+
+Reports, from one run: one gradient for all R (the unit: the fastest of a per-model loop and the
+batched gradients), one matvec for all R per backend with
+K=1 and K=8 probes, a per-model autograd loop (double backward through a retained graph, built
+once), and the default ``batched_sharpness`` job per backend; times are the best of --repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from torch import nn
+
+import fastcurv
+
+
+def load_batch(n, data_root=None):
+    try:
+        from fastcurv.datasets import load_mnist
+
+        d = load_mnist(root=data_root, n_train=n, flatten=True)
+        return d.x_train, d.y_train, "MNIST"
+    except (FileNotFoundError, OSError, ImportError) as exc:
+        print(f"MNIST not found ({exc}); using SYNTHETIC data", file=sys.stderr)
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g), "synthetic"
+
+
+def best(fn, repeats, sync):
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def sgemm_gflops(device, sync, n=2048):
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    t = best(lambda: a @ b, 3, sync)
+    return 2 * n**3 / t / 1e9
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--replicas", type=int, default=100)
+    p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--data", default=None, help="MNIST root (default: search ../shared/data, FASTCURV_DATA)")
+    p.add_argument("--skip-slow", action="store_true", help="skip the per-model loop and the func job")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    dev = torch.device(a.device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    x, y, source = load_batch(a.batch, a.data)
+    x, y = x.to(dev), y.to(dev)
+    torch.manual_seed(0)
+    H = a.hidden
+    models = [nn.Sequential(nn.Linear(784, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 10)).to(dev) for _ in range(a.replicas)]
+    R = a.replicas
+    res = {"workload": f"R={R} MLP 784-{H}-{H}-10, B={a.batch} {source}", "device": str(dev), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "seconds": {}, "ratio_to_gradient": {}}
+    if dev.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(dev)
+    ops = {b: fastcurv.HessianOperator(models, (x, y), backend=b) for b in ("fused", "func")}
+    # the unit is the fastest way we know to get one gradient for every replica
+    params = [list(m.parameters()) for m in models]
+
+    def grad_loop():
+        for m, p in zip(models, params):
+            torch.autograd.grad(nn.functional.cross_entropy(m(x), y), p)
+
+    res["seconds"]["gradient_per_model_loop"] = best(grad_loop, a.repeats, sync)
+    res["seconds"]["gradient_batched_fused"] = best(lambda: ops["fused"].loss_and_gradient(), a.repeats, sync)
+    res["seconds"]["gradient_batched_func"] = best(lambda: ops["func"].loss_and_gradient(), a.repeats, sync)
+    unit = min(res["seconds"][k] for k in ("gradient_per_model_loop", "gradient_batched_fused", "gradient_batched_func"))
+    res["seconds"]["gradient_all_R"] = unit
+    P = ops["fused"].P
+    for K in (1, 8):
+        V = torch.randn(R, K, P, device=dev)
+        for b, op in ops.items():
+            if b == "func" and K > 1 and a.skip_slow:
+                continue
+            t = best(lambda: op.matvec(V), a.repeats, sync)
+            res["seconds"][f"hvp_{b}_K{K}"] = t
+            res["ratio_to_gradient"][f"hvp_{b}_K{K}_per_probe"] = t / K / unit
+    # flop model for one fused matvec (K probes): per linear layer (in I, out O), per sample and
+    # replica: forward tangent 2IO (+2IO when the input has a tangent), weight HVP 2IO (+2IO),
+    # input tangent 4IO when the layer is not the first; elementwise work is not counted.
+    dims = [(784, H), (H, H), (H, 10)]
+    flops_per_probe = sum((2 + 2 * (i > 0)) * I * O + (2 + 2 * (i > 0)) * I * O + (4 * I * O if i > 0 else 0) for i, (I, O) in enumerate(dims)) * a.batch * R
+    res["gflops_fused_K8"] = 8 * flops_per_probe / res["seconds"]["hvp_fused_K8"] / 1e9
+    res["sgemm_gflops"] = sgemm_gflops(dev, sync)
+    res["fused_K8_fraction_of_sgemm"] = res["gflops_fused_K8"] / res["sgemm_gflops"]
+    if not a.skip_slow:
+        graphs = []
+        for m in models:
+            params = list(m.parameters())
+            g = torch.autograd.grad(nn.functional.cross_entropy(m(x), y), params, create_graph=True)
+            graphs.append((params, g))
+        vs = [[torch.randn_like(p) for p in m.parameters()] for m in models]
+
+        def loop():
+            for (params, g), v in zip(graphs, vs):
+                torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True)
+
+        t = best(loop, a.repeats, sync)
+        res["seconds"]["hvp_per_model_autograd_loop"] = t
+        res["ratio_to_gradient"]["hvp_per_model_autograd_loop"] = t / unit
+        res["fused_K1_speedup_over_loop"] = t / res["seconds"]["hvp_fused_K1"]
+    for b in ("fused",) if a.skip_slow else ("fused", "func"):
+        t0 = time.perf_counter()
+        out = fastcurv.batched_sharpness(models, (x, y), backend=b, progress=False)
+        sync()
+        t = time.perf_counter() - t0
+        res["seconds"][f"batched_sharpness_{b}"] = t
+        res["ratio_to_gradient"][f"batched_sharpness_{b}"] = t / unit
+        res[f"batched_sharpness_{b}_matvecs"] = out.num_matvecs
+        res[f"batched_sharpness_{b}_lambda_max_iters_mean"] = float(out.iterations["lambda_max"].float().mean())
+        res[f"batched_sharpness_{b}_converged"] = int(out.converged["lambda_max"].sum())
+    if "batched_sharpness_func" in res["seconds"]:
+        res["batched_sharpness_fused_speedup_over_func"] = res["seconds"]["batched_sharpness_func"] / res["seconds"]["batched_sharpness_fused"]
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
