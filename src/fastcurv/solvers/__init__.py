@@ -2,6 +2,7 @@
 
 All take a :class:`fastcurv.HessianOperator` (anything with ``matvec(V, idx)``, ``R``, ``P``,
 ``dtype``, ``device`` and a ``failed`` mask) and return results holding ``[R]`` tensors.
+``matvec`` must return a new tensor: the solvers update its result in place.
 """
 from .lanczos import EigenResult, lanczos
 from .power import power_iteration

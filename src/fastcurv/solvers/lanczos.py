@@ -127,24 +127,25 @@ def lanczos(
         every = len(ai) == len(rows)
         pa = slot[ai].to(op.device)
         qj = Q[:, j] if every else Q[pa, j]
+        # w is ours (a fresh matvec result): update it in place, these are [R, P] tensors
         w = op.matvec(qj, idx=None if len(ai) == R else ai)
-        a = (w * qj).sum(-1)
-        w = w - a.unsqueeze(-1) * qj
+        a = torch.linalg.vecdot(w, qj)
+        w.addcmul_(a.unsqueeze(-1), qj, value=-1)
         if j > 0:
             prev = Q[:, j - 1] if every else Q[pa, j - 1]
-            w = w - beta[ai, j].to(w.dtype).to(w.device).unsqueeze(-1) * prev
+            w.addcmul_(beta[ai, j].to(w.dtype).to(w.device).unsqueeze(-1), prev, value=-1)
         basis = Q[:, : j + 1]
         wf = w if every else w.new_zeros(len(rows), P).index_copy_(0, pa, w)
-        wf = wf - torch.bmm(basis.transpose(1, 2), torch.bmm(basis, wf.unsqueeze(-1))).squeeze(-1)
+        wf.unsqueeze(-1).baddbmm_(basis.transpose(1, 2), torch.bmm(basis, wf.unsqueeze(-1)), alpha=-1)
         w = wf if every else wf.index_select(0, pa)
         b = w.norm(dim=-1)
         alpha[ai, j] = a.to(f64).cpu()
         beta[ai, j + 1] = b.to(f64).cpu()
-        newq = w / b.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-1)
+        w.div_(b.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-1))
         if every:
-            Q[:, j + 1] = newq
+            Q[:, j + 1] = w
         else:
-            Q[pa, j + 1] = newq
+            Q[pa, j + 1] = w
         iters[ai] = j + 1
         if callback is not None:
             callback(j + 1, len(ai))
