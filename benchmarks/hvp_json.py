@@ -2,9 +2,12 @@
 
 Reference workload W1: R=100 MLPs 784-128-128-10, B=1000 MNIST images (../shared/data/mnist or
 --data; synthetic only when no file is found, and then it says so), cross-entropy.
+W3 (``--workload W3``): R=20 small CNNs (two conv layers with eval BatchNorm, ReLU, max pooling,
+then a linear head) on B MNIST images 1x28x28.
 
     python benchmarks/hvp_json.py --out benchmarks/results/hvp.json            # CPU, 2 cores
     python benchmarks/hvp_json.py --device cuda --out hvp_gpu.json             # GPU
+    python benchmarks/hvp_json.py --workload W3 --out benchmarks/results/hvp_w3.json
 
 Reports, from one run: one gradient for all R (the unit: the fastest of a per-model loop and the
 batched gradients), one matvec for all R per backend with
@@ -26,16 +29,29 @@ from torch import nn
 import fastcurv
 
 
-def load_batch(n, data_root=None):
+def load_batch(n, data_root=None, flatten=True):
     try:
         from fastcurv.datasets import load_mnist
 
-        d = load_mnist(root=data_root, n_train=n, flatten=True)
+        d = load_mnist(root=data_root, n_train=n, flatten=flatten)
         return d.x_train, d.y_train, "MNIST"
     except (FileNotFoundError, OSError, ImportError) as exc:
         print(f"MNIST not found ({exc}); using SYNTHETIC data", file=sys.stderr)
         g = torch.Generator().manual_seed(0)
-        return torch.rand(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g), "synthetic"
+        x = torch.rand(n, 784, generator=g)
+        return (x if flatten else x.view(n, 1, 28, 28)), torch.randint(0, 10, (n,), generator=g), "synthetic"
+
+
+def w3_cnn():
+    """W3's small CNN: two 3x3 conv layers with BatchNorm (eval statistics), ReLU and 2x2 max
+    pooling, then a linear head (28x28 -> 8x14x14 -> 16x7x7 -> 10)."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
+
+
+# multiply-accumulates per sample of W3's parametrized layers (conv1, conv2, head), in order
+W3_MACS = [8 * 1 * 9 * 28 * 28, 16 * 8 * 9 * 14 * 14, 784 * 10]
 
 
 def best(fn, repeats, sync):
@@ -58,7 +74,9 @@ def sgemm_gflops(device, sync, n=2048):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--replicas", type=int, default=100)
+    p.add_argument("--workload", choices=("W1", "W3"), default="W1",
+                   help="W1: MLPs 784-H-H-10 (default); W3: small CNNs with BatchNorm (R=20 by default)")
+    p.add_argument("--replicas", type=int, default=None, help="R (default 100 for W1, 20 for W3)")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--device", default="cpu")
@@ -69,13 +87,20 @@ def main(argv=None):
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
-    x, y, source = load_batch(a.batch, a.data)
+    if a.replicas is None:
+        a.replicas = 100 if a.workload == "W1" else 20
+    x, y, source = load_batch(a.batch, a.data, flatten=a.workload == "W1")
     x, y = x.to(dev), y.to(dev)
     torch.manual_seed(0)
     H = a.hidden
-    models = [nn.Sequential(nn.Linear(784, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 10)).to(dev) for _ in range(a.replicas)]
+    if a.workload == "W1":
+        models = [nn.Sequential(nn.Linear(784, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 10)).to(dev) for _ in range(a.replicas)]
+        arch = f"MLP 784-{H}-{H}-10"
+    else:
+        models = [w3_cnn().to(dev).eval() for _ in range(a.replicas)]  # eval: BatchNorm running statistics
+        arch = "CNN conv8-BN-ReLU-pool-conv16-BN-ReLU-pool-linear10"
     R = a.replicas
-    res = {"workload": f"R={R} MLP 784-{H}-{H}-10, B={a.batch} {source}", "device": str(dev), "torch": torch.__version__,
+    res = {"workload": f"{a.workload}: R={R} {arch}, B={a.batch} {source}", "device": str(dev), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "seconds": {}, "ratio_to_gradient": {}}
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)
@@ -92,6 +117,7 @@ def main(argv=None):
     res["seconds"]["gradient_batched_func"] = best(lambda: ops["func"].loss_and_gradient(), a.repeats, sync)
     unit = min(res["seconds"][k] for k in ("gradient_per_model_loop", "gradient_batched_fused", "gradient_batched_func"))
     res["seconds"]["gradient_all_R"] = unit
+    res["backend_auto"] = fastcurv.HessianOperator(models, (x, y)).backend_name
     P = ops["fused"].P
     for K in (1, 8):
         V = torch.randn(R, K, P, device=dev)
@@ -104,8 +130,9 @@ def main(argv=None):
     # flop model for one fused matvec (K probes): per linear layer (in I, out O), per sample and
     # replica: forward tangent 2IO (+2IO when the input has a tangent), weight HVP 2IO (+2IO),
     # input tangent 4IO when the layer is not the first; elementwise work is not counted.
-    dims = [(784, H), (H, H), (H, 10)]
-    flops_per_probe = sum((2 + 2 * (i > 0)) * I * O + (2 + 2 * (i > 0)) * I * O + (4 * I * O if i > 0 else 0) for i, (I, O) in enumerate(dims)) * a.batch * R
+    # Conv layers (W3) count the same way with I*O replaced by their multiply-accumulates per sample.
+    macs = [784 * H, H * H, H * 10] if a.workload == "W1" else W3_MACS
+    flops_per_probe = sum((2 + 2 * (i > 0)) * m + (2 + 2 * (i > 0)) * m + (4 * m if i > 0 else 0) for i, m in enumerate(macs)) * a.batch * R
     res["gflops_fused_K8"] = 8 * flops_per_probe / res["seconds"]["hvp_fused_K8"] / 1e9
     res["sgemm_gflops"] = sgemm_gflops(dev, sync)
     res["fused_K8_fraction_of_sgemm"] = res["gflops_fused_K8"] / res["sgemm_gflops"]

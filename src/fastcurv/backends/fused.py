@@ -2,18 +2,38 @@
 
 Per batch, work that does not depend on the probe is done once and cached: layer inputs,
 activation derivatives ``sigma'(z)`` and ``sigma''(z) * g`` (g = loss gradient w.r.t. the
-activation output), loss gradients w.r.t. every layer output and the softmax probabilities. A
-matvec then costs one R-forward and one R-backward pass, with replicas and probes batched into
-the GEMMs: the first layer is a single GEMM over all replicas x probes (its input is shared), the
-others are batched matmuls over replicas with the K probes stacked with the batch rows.
+activation output), loss gradients w.r.t. every layer output, max-pooling argmax indices,
+normalized BatchNorm inputs and the softmax probabilities. A matvec then costs one R-forward and
+one R-backward pass, with replicas and probes batched into the GEMMs/convolutions.
 
-Supported: ``nn.Sequential`` (nested allowed) of Linear, ReLU, LeakyReLU, GELU (exact), Tanh,
-Sigmoid, Flatten, Dropout (eval: identity), Identity; cross-entropy with integer labels or MSE.
-Anything else: :meth:`FusedBackend.supports` says which module, and ``auto`` uses torch.func.
+Two engines share this backend:
+
+* MLP chains (Linear, activations, Flatten before the first Linear): layout ``[R, N, K, F]``; the
+  first layer is a single GEMM over all replicas x probes (its input is shared), the others are
+  batched matmuls over replicas with the K probes stacked with the batch rows; on the CPU,
+  replicas are processed in cache-sized chunks.
+* Everything else (conv nets): the sample-major layout of :class:`_MapEngine`. Features are
+  ``[N, R, C, H, W]`` (so ``[N, R*C, H, W]`` is the input of one grouped convolution with
+  ``groups = R * groups``), tangents ``[N, K, R, C, H, W]`` (the K probes fold into the batch axis
+  of the products with the weights ``W``; the products with the weight tangents put K into the
+  channels of a grouped convolution). Conv R-backward uses ``torch.nn.grad.conv2d_weight`` and
+  ``conv2d_input`` with the same grouping. After Flatten the dense head uses ``[N, R, F]`` and
+  ``[N, K, R, F]`` (Flatten is a free view). Work is chunked over samples.
+
+Supported: ``nn.Sequential`` (nested allowed) of Conv2d (bias, stride, padding incl. 'valid' and
+symmetric 'same', dilation, groups; zero padding mode), MaxPool2d (tangents gathered with the
+forward argmax, scattered back with it: exactly torch's max_pool2d backward, ties included),
+AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d/2d in eval mode (running statistics; the weight/bias
+R-op terms included), Linear, ReLU, LeakyReLU, GELU (exact), Tanh, Sigmoid, Flatten, Dropout
+(eval: identity), Identity; feature-map layers first, then Flatten, then the dense head;
+cross-entropy with integer labels or MSE. Not fused: BatchNorm with batch statistics
+(``bn_mode="batch"``), residual blocks and any custom ``forward`` (they would need torch.fx
+tracing), other modules. :meth:`FusedBackend.supports` names the module, and ``auto`` then uses
+torch.func.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +56,13 @@ _TORCH_ACTS = {
 
 @dataclass
 class _Layer:
-    kind: str  # "linear" | "act" | "flatten"
+    kind: str  # "linear" | "act" | "flatten" | "conv" | "bn" | "maxpool" | "avgpool" | "adaptive"
     weight: str | None = None
     bias: str | None = None
     act: int = 0
     slope: float = 0.0
+    name: str = ""
+    opts: dict = field(default_factory=dict)  # conv/pool hyper-parameters; bn: buffer names and eps
 
 
 def _leaves(module: nn.Module, prefix: str = ""):
@@ -51,36 +73,106 @@ def _leaves(module: nn.Module, prefix: str = ""):
         yield prefix[:-1], module
 
 
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(u) for u in v)
+
+
+_SPATIAL = ("conv", "maxpool", "avgpool", "adaptive")
+_UNSUPPORTED_HINT = ("; residual blocks and other custom forward() code are not fused (they would need "
+                     "torch.fx tracing)")
+
+
+def _parse_module(name: str, mod: nn.Module) -> tuple[_Layer | None, str]:
+    """One leaf module as a fused layer; (None, "") for an identity, (None, reason) if unsupported."""
+    if isinstance(mod, nn.Linear):
+        return _Layer("linear", f"{name}.weight", f"{name}.bias" if mod.bias is not None else None, name=name), ""
+    if type(mod) in _ACTS:
+        kind = _ACTS[type(mod)]
+        if kind == "gelu" and mod.approximate != "none":
+            return None, f"module {name!r} is GELU(approximate={mod.approximate!r}); only the exact GELU is fused"
+        slope = float(mod.negative_slope) if kind == "leaky_relu" else 0.0
+        return _Layer("act", act=activation_kind(kind), slope=slope, name=name), ""
+    if isinstance(mod, nn.Flatten):
+        if mod.start_dim != 1 or mod.end_dim != -1:
+            return None, f"module {name!r} is Flatten(start_dim={mod.start_dim}, end_dim={mod.end_dim}); only Flatten() is fused"
+        return _Layer("flatten", name=name), ""
+    if isinstance(mod, (nn.Dropout, nn.Identity)):
+        if isinstance(mod, nn.Dropout) and mod.training:
+            return None, f"module {name!r} is Dropout in training mode"
+        return None, ""
+    if type(mod) is nn.Conv2d:
+        if mod.padding_mode != "zeros":
+            return None, f"module {name!r} is Conv2d(padding_mode={mod.padding_mode!r}); only zero padding is fused"
+        k, d = _pair(mod.kernel_size), _pair(mod.dilation)
+        pad = mod.padding
+        if pad == "valid":
+            pad = (0, 0)
+        elif pad == "same":
+            if any(di * (ki - 1) % 2 for ki, di in zip(k, d)):
+                return None, f"module {name!r} is Conv2d(padding='same') with asymmetric padding; not fused"
+            pad = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
+        opts = dict(stride=_pair(mod.stride), padding=_pair(pad), dilation=d, groups=int(mod.groups))
+        return _Layer("conv", f"{name}.weight", f"{name}.bias" if mod.bias is not None else None, name=name, opts=opts), ""
+    if type(mod) is nn.MaxPool2d:
+        if mod.return_indices:
+            return None, f"module {name!r} is MaxPool2d(return_indices=True); not fused"
+        opts = dict(kernel_size=_pair(mod.kernel_size), stride=_pair(mod.stride if mod.stride is not None else mod.kernel_size),
+                    padding=_pair(mod.padding), dilation=_pair(mod.dilation), ceil_mode=bool(mod.ceil_mode))
+        return _Layer("maxpool", name=name, opts=opts), ""
+    if type(mod) is nn.AvgPool2d:
+        opts = dict(kernel_size=_pair(mod.kernel_size), stride=_pair(mod.stride if mod.stride is not None else mod.kernel_size),
+                    padding=_pair(mod.padding), ceil_mode=bool(mod.ceil_mode), count_include_pad=bool(mod.count_include_pad),
+                    divisor_override=mod.divisor_override)
+        return _Layer("avgpool", name=name, opts=opts), ""
+    if type(mod) is nn.AdaptiveAvgPool2d:
+        return _Layer("adaptive", name=name, opts=dict(output_size=mod.output_size)), ""
+    if type(mod) in (nn.BatchNorm1d, nn.BatchNorm2d):
+        if mod.training or mod.running_mean is None:
+            return None, (f"module {name!r} ({type(mod).__name__}) normalizes with batch statistics (bn_mode='batch' or "
+                          "track_running_stats=False); the fused engine supports eval-mode BatchNorm only")
+        opts = dict(mean=f"{name}.running_mean", var=f"{name}.running_var", eps=float(mod.eps),
+                    dims=1 if isinstance(mod, nn.BatchNorm1d) else 2)
+        return _Layer("bn", f"{name}.weight" if mod.affine else None, f"{name}.bias" if mod.affine else None, name=name, opts=opts), ""
+    return None, f"module {name!r} ({type(mod).__name__}) is not supported by the fused engine"
+
+
 def parse(base: nn.Module) -> tuple[list[_Layer] | None, str]:
     """The layer chain of ``base`` for the fused engine, or (None, reason)."""
     if not isinstance(base, nn.Sequential):
-        return None, f"the model is a {type(base).__name__}, not an nn.Sequential chain"
+        return None, f"the model is a {type(base).__name__}, not an nn.Sequential chain" + _UNSUPPORTED_HINT
     layers: list[_Layer] = []
     for name, mod in _leaves(base):
-        if isinstance(mod, nn.Linear):
-            layers.append(_Layer("linear", f"{name}.weight", f"{name}.bias" if mod.bias is not None else None))
-        elif type(mod) in _ACTS:
-            kind = _ACTS[type(mod)]
-            if kind == "gelu" and mod.approximate != "none":
-                return None, f"module {name!r} is GELU(approximate={mod.approximate!r}); only the exact GELU is fused"
-            slope = float(mod.negative_slope) if kind == "leaky_relu" else 0.0
-            layers.append(_Layer("act", act=activation_kind(kind), slope=slope))
-        elif isinstance(mod, nn.Flatten):
-            if mod.start_dim != 1 or mod.end_dim != -1:
-                return None, f"module {name!r} is Flatten(start_dim={mod.start_dim}, end_dim={mod.end_dim}); only Flatten() is fused"
-            layers.append(_Layer("flatten"))
-        elif isinstance(mod, (nn.Dropout, nn.Identity)):
-            if isinstance(mod, nn.Dropout) and mod.training:
-                return None, f"module {name!r} is Dropout in training mode"
-            continue
-        else:
-            return None, f"module {name!r} ({type(mod).__name__}) is not supported by the fused engine"
-    if not any(l.kind == "linear" for l in layers):
-        return None, "the model has no Linear layer"
-    first = next(i for i, l in enumerate(layers) if l.kind == "linear")
-    if any(l.kind == "flatten" for l in layers[first:]):
-        return None, "Flatten after the first Linear layer is not supported by the fused engine"
+        layer, why = _parse_module(name, mod)
+        if why:
+            return None, why
+        if layer is not None:
+            layers.append(layer)
+    if not any(l.kind in ("linear", "conv") for l in layers):
+        return None, "the model has no Linear or Conv2d layer"
+    # feature maps (conv, pooling, BatchNorm2d) come first, then Flatten, then the dense head
+    mode = "input"
+    for l in layers:
+        if l.kind in _SPATIAL or l.kind == "bn" and l.opts["dims"] == 2:
+            if mode == "dense":
+                return None, f"module {l.name!r} works on feature maps but follows Flatten/Linear; not fused"
+            mode = "spatial"
+        elif l.kind == "flatten":
+            if mode == "spatial":
+                mode = "dense"
+        elif l.kind == "linear" or l.kind == "bn":
+            if mode == "spatial":
+                return None, f"module {l.name!r} follows feature maps without a Flatten in between; not fused"
+            mode = "dense"
+    if not _is_general(layers):
+        first = next(i for i, l in enumerate(layers) if l.kind == "linear")
+        if any(l.kind == "flatten" for l in layers[first:]):
+            return None, "Flatten after the first Linear layer is not supported by the fused engine"
     return layers, ""
+
+
+def _is_general(layers) -> bool:
+    """True when the chain needs the sample-major engine (anything beyond Linear/activations/Flatten)."""
+    return any(l.kind not in ("linear", "act", "flatten") for l in layers)
 
 
 def _act_forward(z: torch.Tensor, layer: _Layer) -> torch.Tensor:
@@ -128,7 +220,10 @@ class FusedBackend(Backend):
         cache_bytes: memory for cached per-batch state (all batches together). Beyond it, the
             state is recomputed in every matvec (one extra forward+backward per batch).
         chunk_bytes: on the CPU, replicas are processed in chunks whose widest tangent
-            ``[chunk, N, K, F]`` fits in this many bytes (None: no chunking).
+            ``[chunk, N, K, F]`` fits in this many bytes (None: no chunking). MLP chains only.
+        sample_chunk_bytes: models with conv/pooling/BatchNorm layers are processed in chunks of
+            samples whose widest tangent ``[n, K, R, *feat]`` fits in this many bytes (default:
+            16 MiB on the CPU, 2 GiB on a GPU).
     """
 
     name = "fused"
@@ -140,12 +235,18 @@ class FusedBackend(Backend):
             return False, why
         if loss is not None and loss.kind not in ("cross_entropy", "mse"):
             return False, f"loss {loss.kind!r} is not fused (cross_entropy and mse are)"
-        if replicas.buffers:
-            return False, f"the model has buffers {sorted(replicas.buffers)[:3]}"
+        allowed = set()
+        for l in layers:
+            if l.kind == "bn":
+                stem = l.opts["mean"][: -len("running_mean")]
+                allowed |= {l.opts["mean"], l.opts["var"], stem + "num_batches_tracked"}
+        other = sorted(set(replicas.buffers) - allowed)
+        if other:
+            return False, f"the model has buffers other than BatchNorm running statistics: {other[:3]}"
         return True, ""
 
     def __init__(self, replicas, loss, batches, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES):
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, sample_chunk_bytes: int | None = None):
         super().__init__(replicas, loss, batches)
         ok, why = self.supports(replicas, loss)
         if not ok:
@@ -153,6 +254,8 @@ class FusedBackend(Backend):
         self.layers, _ = parse(replicas.base)
         self.cache_bytes = cache_bytes
         self.chunk_bytes = chunk_bytes
+        self.sample_chunk_bytes = sample_chunk_bytes
+        self._maps = _MapEngine(self.layers, loss) if _is_general(self.layers) else None
         self._cache: dict[int, tuple[torch.Tensor | None, _State]] = {}
         self._subset: dict[int, tuple[torch.Tensor, _State]] = {}
         self._cache_used = 0
@@ -166,6 +269,9 @@ class FusedBackend(Backend):
 
     # --- probe-independent pass --------------------------------------------------------------
     def _primal(self, x, y, idx) -> _State:
+        if self._maps is not None:
+            params, buffers = self.replicas.subset(idx)
+            return self._maps.primal(x, y, params, buffers)
         rs, st = self.replicas, _State()
         params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
         R = next(iter(params.values())).shape[0]
@@ -267,6 +373,17 @@ class FusedBackend(Backend):
         params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
         grads = [torch.zeros_like(params[n]) for n in rs.names]
         total = None
+        if self._maps is not None:
+            params, buffers = rs.subset(idx)
+            named = dict(zip(rs.names, grads))
+            for _, x, y in self.batches:
+                # in chunks of samples whose widest feature tensor [n, R, *feat] fits the budget
+                step = self._sample_step(x, self._maps.primal(x[:1], y[:1], params, buffers).widest * grads[0].shape[0] * grads[0].element_size())
+                for n0 in range(0, x.shape[0], step):
+                    st = self._maps.primal(x[n0:n0 + step], y[n0:n0 + step], params, buffers, keep_all=True)
+                    total = st.loss if total is None else total + st.loss
+                    self._maps.gradient(st, params, buffers, named)
+            return total, grads
         for _, x, y in self.batches:
             st = self._primal(x, y, idx)
             total = st.loss if total is None else total + st.loss
@@ -291,6 +408,8 @@ class FusedBackend(Backend):
         params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
         R, K = vecs[0].shape[:2]
         out = [torch.zeros_like(v) for v in vecs]
+        if self._maps is not None:
+            return self._matvec_maps(vecs, idx, out)
         # probe-major weight tangents as [R, I, K*O] (forward) and [R, O, K*I] (backward)
         dWt = {}
         for layer in self.layers:
@@ -306,6 +425,27 @@ class FusedBackend(Backend):
                 self._apply(st.narrow(c), {n: t[c] for n, t in params.items()}, [v[c] for v in vecs],
                             {w: (f[c], b[c]) for w, (f, b) in dWt.items()}, [o[c] for o in out], pos, x.shape[0])
         return out
+
+    def _matvec_maps(self, vecs, idx, out):
+        rs = self.replicas
+        params, buffers = rs.subset(idx)
+        named_v, named_o = dict(zip(rs.names, vecs)), dict(zip(rs.names, out))
+        R, K = vecs[0].shape[:2]
+        for i, x, y in self.batches:
+            st = self._state(i, x, y, idx)
+            N = x.shape[0]
+            step = self._sample_step(x, K * R * st.widest * vecs[0].element_size())
+            for n0 in range(0, N, step):
+                self._maps.apply(st.samples(slice(n0, min(N, n0 + step))), params, buffers, named_v, named_o)
+        return out
+
+    def _sample_step(self, x, per_sample_bytes: int) -> int:
+        """Samples per chunk of the conv engine: as many as keep ``per_sample_bytes`` each within
+        ``sample_chunk_bytes``."""
+        budget = self.sample_chunk_bytes
+        if budget is None:
+            budget = (16 << 20) if x.device.type == "cpu" else (2 << 30)
+        return max(1, min(x.shape[0], budget // max(per_sample_bytes, 1)))
 
     def _chunk(self, R: int, N: int, K: int, device) -> int:
         """Replicas per chunk: all on a GPU; on a CPU as many as keep one [chunk, N, K, F]
@@ -381,3 +521,432 @@ class FusedBackend(Backend):
                     rd = rd.mul_(d1.unsqueeze(2))
                 else:
                     rd = act_rop_bwd(d1.reshape(R * N, F_), d2g.reshape(R * N, F_), rz.reshape(R * N, K, F_), rd.reshape(R * N, K, F_)).view(R, N, K, F_)
+
+
+# --- the sample-major engine: conv nets, pooling, BatchNorm (eval) ----------------------------
+# Layout: a feature tensor of R replicas is [N, R, *feat] (feature maps [N, R, C, H, W], so that
+# [N, R*C, H, W] is a contiguous view and every replica's conv is one group of a grouped
+# convolution); a tangent is [N, K, R, *feat] (the K probes fold into the batch axis of the
+# products that share the weights). Replicas' inputs before the first layer with parameters are
+# shared: [N, *feat] without the replica axis. Everything has the samples first, so the work is
+# chunked over samples (contiguous views) to bound the tangents' memory.
+
+
+class _MapState:
+    """Probe-independent values of one batch for the sample-major engine.
+
+    ``t[(layer, key)]``: tensors with the samples first; those in ``shared`` have no replica
+    axis, the others have it at axis 1. ``meta[layer]``: input shapes (pooling, flatten).
+    """
+
+    def __init__(self):
+        self.t: dict = {}
+        self.shared: set = set()
+        self.meta: dict = {}
+        self.probs = None  # [N, R, C] softmax probabilities (cross-entropy)
+        self.loss = None  # [R]
+        self.widest = 1  # the largest number of features per sample and replica
+        self.nbytes = 0
+
+    def put(self, i, key, tensor, shared=False):
+        self.t[(i, key)] = tensor
+        if shared:
+            self.shared.add((i, key))
+        self.nbytes += tensor.numel() * tensor.element_size()
+
+    def get(self, i, key):
+        return self.t.get((i, key))
+
+    def _map(self, f, shared_too=False) -> "_MapState":
+        out = _MapState()
+        out.shared, out.meta, out.widest, out.loss = self.shared, self.meta, self.widest, self.loss
+        out.t = {k: (f(v) if shared_too or k not in self.shared else v) for k, v in self.t.items()}
+        out.probs = None if self.probs is None else f(self.probs)
+        return out
+
+    def select(self, pos: torch.Tensor) -> "_MapState":
+        """The replicas at positions ``pos`` (a copy of their rows)."""
+        return self._map(lambda v: v.index_select(1, pos))
+
+    def samples(self, rows: slice) -> "_MapState":
+        """Views of the samples ``rows`` (no copy)."""
+        return self._map(lambda v: v[rows], shared_too=True)
+
+
+def _rb(coef: torch.Tensor, nsp: int, tangent: bool) -> torch.Tensor:
+    """A per-replica, per-channel ``[R, C]`` (tangent: ``[R, K, C]``) coefficient shaped to
+    broadcast against ``[N, R, C, *sp]`` (tangent: ``[N, K, R, C, *sp]``)."""
+    if tangent:
+        coef = coef.transpose(0, 1)
+    return coef.reshape(1, *coef.shape, *([1] * nsp))
+
+
+class _MapEngine:
+    """Forward, backward and R-passes of the sample-major engine for one parsed chain."""
+
+    def __init__(self, layers, loss):
+        self.layers, self.loss = layers, loss
+        # layers before `start` act on the shared input (no parameters, no replica axis)
+        self.start = next(i for i, l in enumerate(layers) if l.kind in ("linear", "conv", "bn"))
+
+    # --- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def _full(a, R, shared):
+        """``[N, R*C, H, W]`` input of a grouped conv (a shared input is repeated R times)."""
+        if shared:
+            return a.unsqueeze(1).expand(a.shape[0], R, *a.shape[1:]).reshape(a.shape[0], -1, *a.shape[2:])
+        return a.reshape(a.shape[0], -1, *a.shape[3:])
+
+    @staticmethod
+    def _pool(a4, l):
+        o = l.opts
+        if l.kind == "avgpool":
+            return F.avg_pool2d(a4, o["kernel_size"], o["stride"], o["padding"], o["ceil_mode"], o["count_include_pad"], o["divisor_override"])
+        if l.kind == "adaptive":
+            return F.adaptive_avg_pool2d(a4, o["output_size"])
+        return F.max_pool2d(a4, o["kernel_size"], o["stride"], o["padding"], o["dilation"], o["ceil_mode"])
+
+    @staticmethod
+    def _pool_bwd(g4, l, in_shape):
+        """Adjoint of a (linear) average pooling: ``g4`` ``[B, C, H', W']`` -> ``[B, C, H, W]``."""
+        proxy = g4.new_zeros(()).expand(*g4.shape[:2], *in_shape)
+        o = l.opts
+        if l.kind == "avgpool":
+            return torch.ops.aten.avg_pool2d_backward(g4, proxy, o["kernel_size"], o["stride"], o["padding"], o["ceil_mode"],
+                                                      o["count_include_pad"], o["divisor_override"])
+        return torch.ops.aten._adaptive_avg_pool2d_backward(g4, proxy)
+
+    def _bn_coefs(self, l, params, buffers):
+        inv = torch.rsqrt(buffers[l.opts["var"]] + l.opts["eps"])  # [R, C]
+        mean = buffers[l.opts["mean"]]
+        s = inv if l.weight is None else params[l.weight] * inv
+        t = -mean * s if l.bias is None else params[l.bias] - mean * s
+        return s, t, inv, mean
+
+    @staticmethod
+    def _conv_io(l, W):
+        o = l.opts
+        return o["stride"], o["padding"], o["dilation"], o["groups"]
+
+    def _shared_apply(self, a, l):
+        if l.kind == "flatten":
+            return a.reshape(a.shape[0], -1)
+        if l.kind == "act":
+            return _act_forward(a, l)
+        if a.dim() != 4:
+            raise ValueError(f"module {l.name!r} ({l.kind}) needs inputs [N, C, H, W]; got {tuple(a.shape)}")
+        return self._pool(a, l)
+
+    # --- probe-independent pass -----------------------------------------------------------------
+    def primal(self, x, y, params, buffers, keep_all=False) -> _MapState:
+        """Forward and backward pass; keeps what the R-passes need (``keep_all``: every layer's
+        input and output gradient, for the parameter gradient)."""
+        st = _MapState()
+        R = next(iter(params.values())).shape[0]
+        N = x.shape[0]
+        a = x
+        for l in self.layers[: self.start]:
+            a = self._shared_apply(a, l)
+        shared = True
+        pre = {}
+        bn = {}
+        for i in range(self.start, len(self.layers)):
+            l = self.layers[i]
+            if l.kind == "conv":
+                if (a.dim() != 4 if shared else a.dim() != 5):
+                    raise ValueError(f"Conv2d {l.name!r} needs inputs [N, C, H, W]; got {tuple(a.shape)} (replica axis included: {not shared})")
+                W = params[l.weight]
+                stride, pad, dil, g = self._conv_io(l, W)
+                b = params[l.bias].reshape(-1) if l.bias is not None else None
+                if shared and g == 1:
+                    z = F.conv2d(a, W.reshape(-1, *W.shape[2:]), b, stride, pad, dil, 1)
+                else:
+                    z = F.conv2d(self._full(a, R, shared), W.reshape(-1, *W.shape[2:]), b, stride, pad, dil, R * g)
+                st.put(i, "in", a, shared)
+                a = z.view(N, R, W.shape[1], *z.shape[2:])
+                shared = False
+            elif l.kind == "linear":
+                if a.dim() != (2 if shared else 3):
+                    raise ValueError(f"Linear {l.name!r} needs inputs [N, features]; got {tuple(a.shape)} (replica axis included: {not shared})")
+                W = params[l.weight]
+                z = torch.einsum("ni,roi->nro" if shared else "nri,roi->nro", a, W)
+                if l.bias is not None:
+                    z = z + params[l.bias]
+                st.put(i, "in", a, shared)
+                a = z
+                shared = False
+            elif l.kind == "bn":
+                s, t, inv, mean = bn[i] = self._bn_coefs(l, params, buffers)
+                if shared:
+                    a = a.unsqueeze(1)
+                nsp = a.dim() - 3
+                if a.shape[2] != s.shape[1]:
+                    raise ValueError(f"BatchNorm {l.name!r} has {s.shape[1]} channels, its input {tuple(a.shape)} (replica axis at 1)")
+                if l.weight is not None:
+                    st.put(i, "xhat", (a - _rb(mean, nsp, False)) * _rb(inv, nsp, False))
+                a = a * _rb(s, nsp, False) + _rb(t, nsp, False)
+                shared = False
+            elif l.kind == "act":
+                pre[i] = a
+                a = _act_forward(a, l)
+            elif l.kind == "flatten":
+                st.meta[i] = a.shape[2:]
+                a = a.reshape(N, R, -1)
+            elif l.kind == "maxpool":
+                st.meta[i] = a.shape[3:]
+                o = l.opts
+                z, ind = F.max_pool2d(a.reshape(N, -1, *a.shape[3:]), o["kernel_size"], o["stride"], o["padding"],
+                                      o["dilation"], o["ceil_mode"], return_indices=True)
+                st.put(i, "ind", ind.view(N, R, a.shape[2], -1))
+                st.meta[(i, "out")] = z.shape[2:]
+                a = z.view(N, R, a.shape[2], *z.shape[2:])
+            else:
+                st.meta[i] = a.shape[3:]
+                z = self._pool(a.reshape(N, -1, *a.shape[3:]), l)
+                a = z.view(N, R, a.shape[2], *z.shape[2:])
+            st.widest = max(st.widest, a[0, 0].numel())
+        out = a  # [N, R, C]
+        if out.dim() != 3:
+            raise ValueError(f"the model's outputs are {tuple(out.shape)} (replica axis at 1); the fused engine needs [N, classes]")
+        if self.loss.kind == "cross_entropy":
+            sc = self.loss.scale()
+            logp = torch.log_softmax(out, dim=-1)
+            yi = y.view(N, 1, 1).expand(N, R, 1)
+            st.loss = -logp.gather(2, yi).squeeze(2).sum(0) * sc
+            st.probs = logp.exp()
+            g = st.probs.clone().scatter_add_(2, yi, torch.full_like(logp[..., :1], -1.0)).mul_(sc)
+            st.nbytes += st.probs.numel() * st.probs.element_size()
+        else:
+            sc = self.loss.scale(out.shape[-1])
+            diff = out - y.unsqueeze(1)
+            st.loss = diff.square().sum((0, 2)) * sc
+            g = 2 * sc * diff
+        for i in range(len(self.layers) - 1, self.start - 1, -1):
+            l = self.layers[i]
+            if l.kind in ("conv", "linear"):
+                a_in, first = st.get(i, "in"), (i, "in") in st.shared
+                if keep_all or not first:
+                    st.put(i, "delta", g)
+                if first:
+                    break
+                W = params[l.weight]
+                if l.kind == "linear":
+                    g = torch.einsum("nro,roi->nri", g, W)
+                else:
+                    stride, pad, dil, gr = self._conv_io(l, W)
+                    gi = torch.nn.grad.conv2d_input((N, a_in.shape[1] * a_in.shape[2], *a_in.shape[3:]), W.reshape(-1, *W.shape[2:]),
+                                                    g.reshape(N, -1, *g.shape[3:]), stride, pad, dil, R * gr)
+                    g = gi.view(a_in.shape)
+            elif l.kind == "bn":
+                if l.weight is not None or keep_all:
+                    st.put(i, "delta", g)
+                if i == self.start:
+                    break
+                s = bn[i][0]
+                g = g * _rb(s, g.dim() - 3, False)
+            elif l.kind == "act":
+                d1, d2g = act_derivs(pre[i], g, l.act, l.slope)
+                st.put(i, "d1", d1)
+                if l.act not in (activation_kind("relu"), activation_kind("leaky_relu")):
+                    st.put(i, "d2g", d2g)
+                g = d1 * g
+            elif l.kind == "flatten":
+                g = g.reshape(N, R, *st.meta[i])
+            elif l.kind == "maxpool":
+                ind = st.get(i, "ind")
+                gi = g.new_zeros(N, R, g.shape[2], st.meta[i].numel())
+                g = gi.scatter_add_(3, ind, g.reshape(N, R, g.shape[2], -1)).view(N, R, g.shape[2], *st.meta[i])
+            else:
+                C = g.shape[2]
+                g = self._pool_bwd(g.reshape(N, R * C, *g.shape[3:]), l, st.meta[i]).view(N, R, C, *st.meta[i])
+        return st
+
+    def gradient(self, st: _MapState, params, buffers, grads: dict):
+        """Add the parameter gradients of a ``keep_all`` state to ``grads`` (name -> [R, *shape])."""
+        for i in range(self.start, len(self.layers)):
+            l = self.layers[i]
+            if l.kind == "conv":
+                a, first, delta = st.get(i, "in"), (i, "in") in st.shared, st.get(i, "delta")
+                W = params[l.weight]
+                R, N = W.shape[0], delta.shape[0]
+                stride, pad, dil, g = self._conv_io(l, W)
+                inp = a if first and g == 1 else self._full(a, R, first)
+                gw = torch.nn.grad.conv2d_weight(inp, (R * W.shape[1], *W.shape[2:]), delta.reshape(N, -1, *delta.shape[3:]),
+                                                 stride, pad, dil, 1 if first and g == 1 else R * g)
+                grads[l.weight] += gw.view(W.shape)
+                if l.bias is not None:
+                    grads[l.bias] += delta.sum((0, 3, 4))
+            elif l.kind == "linear":
+                a, first, delta = st.get(i, "in"), (i, "in") in st.shared, st.get(i, "delta")
+                grads[l.weight] += torch.einsum("nro,ni->roi" if first else "nro,nri->roi", delta, a)
+                if l.bias is not None:
+                    grads[l.bias] += delta.sum(0)
+            elif l.kind == "bn" and l.weight is not None:
+                delta = st.get(i, "delta")
+                dims = (0, *range(3, delta.dim()))
+                grads[l.weight] += (delta * st.get(i, "xhat")).sum(dims)
+                grads[l.bias] += delta.sum(dims)
+
+    # --- the R-passes -------------------------------------------------------------------------
+    def apply(self, st: _MapState, params, buffers, vecs: dict, out: dict):
+        """Add one chunk's Hessian-vector products to ``out`` (name -> [R, K, *shape]);
+        ``vecs``: name -> [R, K, *shape] tangents."""
+        K = next(iter(vecs.values())).shape[1]
+        ra = None  # [N, K, R, *feat] or None (identically zero)
+        rin, rpre, bn = {}, {}, {}
+        N = None
+        for i in range(self.start, len(self.layers)):
+            l = self.layers[i]
+            if l.kind == "conv":
+                a, first = st.get(i, "in"), (i, "in") in st.shared
+                W, dW = params[l.weight], vecs[l.weight]
+                R, Co, Cig = W.shape[:3]
+                N = a.shape[0]
+                stride, pad, dil, g = self._conv_io(l, W)
+                rin[i] = ra
+                dWs = dW.view(R, K, g, Co // g, *W.shape[2:]).transpose(1, 2).reshape(-1, *W.shape[2:])
+                if first and g == 1:
+                    zb = F.conv2d(a, dWs, None, stride, pad, dil, 1)
+                else:
+                    zb = F.conv2d(self._full(a, R, first), dWs, None, stride, pad, dil, R * g)
+                zb = zb.view(N, R, g, K, Co // g, *zb.shape[2:]).permute(0, 3, 1, 2, 4, 5, 6)
+                if ra is not None:
+                    za = F.conv2d(ra.reshape(N * K, -1, *ra.shape[4:]), W.reshape(-1, *W.shape[2:]), None, stride, pad, dil, R * g)
+                    rz = za.view(N, K, R, g, Co // g, *za.shape[2:]).add_(zb)
+                else:
+                    rz = zb.contiguous()
+                rz = rz.view(N, K, R, Co, *rz.shape[5:])
+                if l.bias is not None:
+                    rz += _rb(vecs[l.bias], 2, True)
+                ra = rz
+            elif l.kind == "linear":
+                a, first = st.get(i, "in"), (i, "in") in st.shared
+                W, dW = params[l.weight], vecs[l.weight]
+                N = a.shape[0]
+                rin[i] = ra
+                rz = torch.einsum("ni,rkoi->nkro" if first else "nri,rkoi->nkro", a, dW)
+                if ra is not None:
+                    rz += torch.einsum("nkri,roi->nkro", ra, W)
+                if l.bias is not None:
+                    rz += vecs[l.bias].transpose(0, 1)
+                ra = rz
+            elif l.kind == "bn":
+                s, t, inv, mean = bn[i] = self._bn_coefs(l, params, buffers)
+                rin[i] = ra
+                rz = None
+                if ra is not None:
+                    rz = ra * _rb(s, ra.dim() - 4, False).unsqueeze(1)
+                if l.weight is not None:
+                    xhat = st.get(i, "xhat")
+                    N = xhat.shape[0]
+                    nsp = xhat.dim() - 3
+                    term = xhat.unsqueeze(1) * _rb(vecs[l.weight], nsp, True) + _rb(vecs[l.bias], nsp, True)
+                    rz = term if rz is None else rz.add_(term)
+                ra = rz
+            elif ra is None:
+                continue
+            elif l.kind == "act":
+                d1 = st.get(i, "d1").unsqueeze(1)
+                if st.get(i, "d2g") is not None:
+                    rpre[i] = ra
+                    ra = d1 * ra
+                else:
+                    ra = ra.mul_(d1)
+            elif l.kind == "flatten":
+                ra = ra.reshape(*ra.shape[:3], -1)
+            elif l.kind == "maxpool":
+                ind = st.get(i, "ind")  # [N, R, C, H'W']
+                n, k, R, C = ra.shape[:4]
+                ra = ra.reshape(n, k, R, C, -1).gather(4, ind.unsqueeze(1).expand(n, k, *ind.shape[1:]))
+                ra = ra.view(n, k, R, C, *st.meta[(i, "out")])
+            else:
+                n, k, R, C = ra.shape[:4]
+                z = self._pool(ra.reshape(n * k, R * C, *ra.shape[4:]), l)
+                ra = z.view(n, k, R, C, *z.shape[2:])
+        # loss
+        if self.loss.kind == "cross_entropy":
+            p = st.probs.unsqueeze(1)
+            rd = (ra - (p * ra).sum(-1, keepdim=True)).mul_(p).mul_(self.loss.scale())
+        else:
+            rd = ra * (2 * self.loss.scale(ra.shape[-1]))
+        for i in range(len(self.layers) - 1, self.start - 1, -1):
+            l = self.layers[i]
+            if l.kind == "conv":
+                a, first, delta, ra_in = st.get(i, "in"), (i, "in") in st.shared, st.get(i, "delta"), rin[i]
+                W, dW = params[l.weight], vecs[l.weight]
+                R, Co, Cig = W.shape[:3]
+                N = rd.shape[0]
+                stride, pad, dil, g = self._conv_io(l, W)
+                hw = rd.shape[4:]
+                o = out[l.weight].view(R, K, g, Co // g, *W.shape[2:])
+                # weight: conv-weight-gradient of (input a, output grads rd) with K in the output channels
+                go = rd.view(N, K, R, g, Co // g, *hw).permute(0, 2, 3, 1, 4, 5, 6).reshape(N, -1, *hw)
+                inp = a if first and g == 1 else self._full(a, R, first)
+                gw = torch.nn.grad.conv2d_weight(inp, (R * g * K * (Co // g), *W.shape[2:]), go, stride, pad, dil,
+                                                 1 if first and g == 1 else R * g)
+                o += gw.view(R, g, K, Co // g, *W.shape[2:]).transpose(1, 2)
+                if l.bias is not None:
+                    out[l.bias] += rd.sum((0, 4, 5)).transpose(0, 1)
+                if ra_in is not None:
+                    # (input tangent, delta) with K in the input channels
+                    ri = ra_in.view(N, K, R, g, Cig, *ra_in.shape[4:]).permute(0, 2, 3, 1, 4, 5, 6).reshape(N, -1, *ra_in.shape[4:])
+                    gw2 = torch.nn.grad.conv2d_weight(ri, (R * Co, K * Cig, *W.shape[3:]), delta.reshape(N, -1, *hw),
+                                                      stride, pad, dil, R * g)
+                    o += gw2.view(R, g, Co // g, K, Cig, *W.shape[3:]).permute(0, 3, 1, 2, 4, 5, 6)
+                if first:
+                    break
+                in_hw = a.shape[3:]
+                rg = torch.nn.grad.conv2d_input((N * K, R * g * Cig, *in_hw), W.reshape(-1, *W.shape[2:]),
+                                                rd.reshape(N * K, -1, *hw), stride, pad, dil, R * g)
+                wt = dW.view(R, K, g, Co // g, Cig, *W.shape[3:]).permute(0, 2, 3, 1, 4, 5, 6).reshape(R * Co, K * Cig, *W.shape[3:])
+                rg2 = torch.nn.grad.conv2d_input((N, R * g * K * Cig, *in_hw), wt, delta.reshape(N, -1, *hw), stride, pad, dil, R * g)
+                rd = rg.view(N, K, R, g, Cig, *in_hw).add_(rg2.view(N, R, g, K, Cig, *in_hw).permute(0, 3, 1, 2, 4, 5, 6))
+                rd = rd.view(N, K, R, g * Cig, *in_hw)
+            elif l.kind == "linear":
+                a, first, delta, ra_in = st.get(i, "in"), (i, "in") in st.shared, st.get(i, "delta"), rin[i]
+                W, dW = params[l.weight], vecs[l.weight]
+                out[l.weight] += torch.einsum("nkro,ni->rkoi" if first else "nkro,nri->rkoi", rd, a)
+                if ra_in is not None:
+                    out[l.weight] += torch.einsum("nro,nkri->rkoi", delta, ra_in)
+                if l.bias is not None:
+                    out[l.bias] += rd.sum(0).transpose(0, 1)
+                if first:
+                    break
+                rd = torch.einsum("nkro,roi->nkri", rd, W) + torch.einsum("nro,rkoi->nkri", delta, dW)
+            elif l.kind == "bn":
+                s, t, inv, mean = bn[i]
+                nsp = rd.dim() - 4
+                dims = (0, *range(4, rd.dim()))
+                delta, ra_in = st.get(i, "delta"), rin[i]
+                if l.weight is not None:
+                    hg = (rd * st.get(i, "xhat").unsqueeze(1)).sum(dims)
+                    if ra_in is not None:
+                        hg += (ra_in * delta.unsqueeze(1)).sum(dims) * inv
+                    out[l.weight] += hg.transpose(0, 1)
+                    out[l.bias] += rd.sum(dims).transpose(0, 1)
+                if i == self.start:
+                    break
+                rg = rd * _rb(s, nsp, False).unsqueeze(1)
+                if l.weight is not None:
+                    rg += delta.unsqueeze(1) * _rb(vecs[l.weight] * inv.unsqueeze(1), nsp, True)
+                rd = rg
+            elif l.kind == "act":
+                d1 = st.get(i, "d1")
+                d2g = st.get(i, "d2g")
+                n, k = rd.shape[:2]
+                if d2g is None:
+                    rd = rd.mul_(d1.unsqueeze(1))
+                else:
+                    rd = act_rop_bwd(d1.reshape(n, -1), d2g.reshape(n, -1), rpre[i].reshape(n, k, -1),
+                                     rd.reshape(n, k, -1)).view(rd.shape)
+            elif l.kind == "flatten":
+                rd = rd.reshape(*rd.shape[:3], *st.meta[i])
+            elif l.kind == "maxpool":
+                ind = st.get(i, "ind")
+                n, k, R, C = rd.shape[:4]
+                gi = rd.new_zeros(n, k, R, C, st.meta[i].numel())
+                rd = gi.scatter_add_(4, ind.unsqueeze(1).expand(n, k, *ind.shape[1:]), rd.reshape(n, k, R, C, -1))
+                rd = rd.view(n, k, R, C, *st.meta[i])
+            else:
+                n, k, R, C = rd.shape[:4]
+                rd = self._pool_bwd(rd.reshape(n * k, R * C, *rd.shape[4:]), l, st.meta[i]).view(n, k, R, C, *st.meta[i])

@@ -1,0 +1,181 @@
+"""The fused engine on conv nets (Conv2d, pooling, eval BatchNorm) against dense float64 Hessians,
+the autograd oracle and torch.func gradients."""
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from models import replicas as _replicas
+
+
+def replicas(factory, R, seed=0, dtype=torch.float64):
+    """tests/models.replicas, also for BatchNorm without affine parameters (random running stats)."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+
+    def make():
+        m = factory()
+        for b in m.modules():
+            if isinstance(b, nn.modules.batchnorm._BatchNorm) and not b.affine:
+                b.running_mean.copy_(torch.randn(b.running_mean.shape, generator=gen) * 0.3)
+                b.running_var.copy_(torch.rand(b.running_var.shape, generator=gen) + 0.5)
+                b.affine, b.weight, b.bias = True, nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
+                b._restore = True
+        return m
+
+    models = _replicas(make, R, seed, dtype)
+    for m in models:
+        for b in m.modules():
+            if getattr(b, "_restore", False):
+                b.affine, b.weight, b.bias = False, None, None
+    return models
+from oracle import dense_hessian
+
+
+def conv_net(bias=True):
+    # odd sizes, stride, padding, dilation and groups; GELU (non-zero second derivative)
+    return nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, bias=bias), nn.GELU(),
+                         nn.Conv2d(2, 2, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2, bias=bias),
+                         nn.Tanh(), nn.Flatten(), nn.LazyLinear(3, bias=bias))
+
+
+def pool_net(pool, bias=True):
+    layers = {"max": nn.MaxPool2d(3, stride=2, padding=1),  # overlapping windows, padding
+              "max_ceil": nn.MaxPool2d(2, stride=2, ceil_mode=True, dilation=1),
+              "avg": nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+              "avg_ceil": nn.AvgPool2d(2, ceil_mode=True),
+              "adaptive": nn.AdaptiveAvgPool2d((2, 3))}  # non-divisible bins
+    return nn.Sequential(nn.Conv2d(1, 3, 2, bias=bias), nn.ReLU(), layers[pool], nn.Sigmoid(), nn.Flatten(),
+                         nn.LazyLinear(3, bias=bias))
+
+
+def bn_net(bias=True, affine=True):
+    return nn.Sequential(nn.Conv2d(1, 3, 3, bias=bias), nn.BatchNorm2d(3, affine=affine), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.LazyLinear(4, bias=bias), nn.BatchNorm1d(4, affine=affine), nn.Tanh(),
+                         nn.Linear(4, 3, bias=bias))
+
+
+def bn_first_net(bias=True):
+    # BatchNorm on the shared input, then an MLP with BatchNorm1d
+    return nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 2, 3, bias=bias), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                         nn.Linear(2, 3, bias=bias))
+
+
+def _materialize(factory, shape):
+    def make():
+        m = factory()
+        m(torch.zeros(2, *shape))  # initialize lazy layers
+        return m
+    return make
+
+
+def _data(shape, n, loss, gen, C=3, dtype=torch.float64):
+    x = torch.randn(n, *shape, generator=gen, dtype=dtype)
+    y = torch.randint(0, C, (n,), generator=gen) if loss == "cross_entropy" else torch.randn(n, C, generator=gen, dtype=dtype)
+    return x, y
+
+
+def _check_dense(factory, shape, R, K, loss, seed=0, n=7, **options):
+    models = replicas(_materialize(factory, shape), R=R, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = _data(shape, n, loss, gen)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    op = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, backend_options=options or None)
+    V = torch.randn(R, K, op.P, generator=gen, dtype=torch.float64)
+    HV = op.matvec(V)
+    for r in range(R):
+        H = dense_hessian(models[r], batches, loss=loss)
+        assert H.abs().max() > 1e-3  # a non-trivial Hessian
+        torch.testing.assert_close(HV[r], V[r] @ H.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(op.matvec(V), HV, rtol=0, atol=0)  # from the cached state
+    return op
+
+
+@pytest.mark.parametrize("R,K", [(1, 1), (3, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_against_dense(R, K, bias):
+    _check_dense(lambda: conv_net(bias), (2, 5, 6), R, K, "cross_entropy")
+
+
+@pytest.mark.parametrize("pool", ["max", "max_ceil", "avg", "avg_ceil", "adaptive"])
+@pytest.mark.parametrize("R,K", [(1, 4), (3, 1)])
+def test_pooling_against_dense(pool, R, K):
+    _check_dense(lambda: pool_net(pool, bias=R == 3), (1, 6, 7), R, K, "cross_entropy" if K == 4 else "mse")
+
+
+@pytest.mark.parametrize("R,K", [(1, 1), (3, 4)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_batchnorm_eval_against_dense(R, K, affine, loss):
+    op = _check_dense(lambda: bn_net(bias=affine, affine=affine), (1, 6, 5), R, K, loss)
+    assert op.replicas.buffers  # running statistics travel with the replicas
+
+
+def test_batchnorm_on_the_input_against_dense():
+    _check_dense(bn_first_net, (1, 5, 5), 3, 2, "cross_entropy")
+
+
+def test_sample_chunks_give_the_same_products():
+    # tiny chunks: one sample at a time, and no cache (state recomputed in every matvec)
+    _check_dense(lambda: bn_net(), (1, 6, 5), 2, 3, "cross_entropy", sample_chunk_bytes=1, cache_bytes=0)
+
+
+def test_float32_against_autograd_subsets_and_gradient():
+    models = replicas(lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                                            nn.Conv2d(4, 6, 3, groups=2), nn.BatchNorm2d(6), nn.GELU(),
+                                            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5)), R=4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 1, 11, 11, generator=gen)
+    y = torch.randint(0, 5, (30,), generator=gen)
+    data = [(x[:16], y[:16]), (x[16:], y[16:])]
+    fused = fastcurv.HessianOperator(models, data, backend="fused")
+    oracle = fastcurv.HessianOperator(models, data, backend="autograd")
+    V = torch.randn(4, 3, fused.P, generator=gen)
+    ref = oracle.matvec(V)
+    torch.testing.assert_close(fused.matvec(V), ref, rtol=1e-4, atol=1e-5)
+    idx = torch.tensor([3, 1])
+    torch.testing.assert_close(fused.matvec(V[idx], idx=idx), ref[idx], rtol=1e-4, atol=1e-5)
+    func = fastcurv.HessianOperator(models, data, backend="func")
+    (l1, g1), (l2, g2) = fused.loss_and_gradient(), func.loss_and_gradient()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+    _, g3 = fused.loss_and_gradient(idx)
+    torch.testing.assert_close(g3, g2[idx], rtol=1e-4, atol=1e-6)
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3))
+
+
+def test_auto_picks_fused_for_a_small_cnn():
+    models = replicas(small_cnn, R=2)
+    data = (torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
+    op = fastcurv.HessianOperator(models, data)
+    assert op.backend_name == "fused"
+    # batch-statistics BatchNorm is not fused: auto falls back and says why
+    op2 = fastcurv.HessianOperator(models, data, bn_mode="batch")
+    assert op2.backend_name == "func" and "batch statistics" in op2.backend_reason
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+@pytest.mark.parametrize("model,words", [
+    (lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softplus(), nn.Flatten(), nn.Linear(8, 3)), ["'1'", "Softplus"]),
+    (lambda: nn.Sequential(nn.Conv2d(1, 2, 3), Residual(), nn.Flatten(), nn.Linear(8, 3)), ["'1'", "Residual"]),
+    (lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3), nn.BatchNorm2d(3)), ["'3'", "feature maps"]),
+    (lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding_mode="reflect"), nn.Flatten(), nn.Linear(8, 3)), ["padding_mode"]),
+])
+def test_unsupported_modules_are_named(model, words):
+    ok, why = fastcurv.backends.FusedBackend.supports(fastcurv.replicas.ReplicaSet(replicas(model, R=1)))
+    assert not ok and all(w in why for w in words), why
+
+
+def test_non_sequential_model_says_residuals_are_not_fused():
+    ok, why = fastcurv.backends.FusedBackend.supports(fastcurv.replicas.ReplicaSet([Residual().double()]))
+    assert not ok and "residual" in why
