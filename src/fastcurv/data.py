@@ -1,6 +1,7 @@
 """Reading the data once per matvec for all replicas, with optional caching on the device."""
 from __future__ import annotations
 
+import hashlib
 import warnings
 from typing import Iterable
 
@@ -25,6 +26,16 @@ def _split(item, i: int):
     return item[0], item[1]
 
 
+def _digest(x: torch.Tensor, y: torch.Tensor) -> str:
+    """sha1 of a batch's shapes, dtypes and bytes (for the two-pass determinism check)."""
+    h = hashlib.sha1()
+    for t in (x, y):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class Batches:
     """The batches of ``data`` (a loader or one ``(inputs, targets)`` pair), moved to ``device``.
 
@@ -36,7 +47,8 @@ class Batches:
         cache: True, False or "auto" (cache when the batches take at most ``max_cache_bytes``).
     """
 
-    def __init__(self, data, *, device, dtype, cache="auto", max_cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, data, *, device, dtype, cache="auto", max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 check_determinism: bool = False):
         if cache not in (True, False, "auto"):
             raise ValueError(f"cache_data must be True, False or 'auto', got {cache!r}")
         self.source = [tuple(data)] if is_single_batch(data) else data
@@ -44,8 +56,11 @@ class Batches:
         self.cache: list | None = [] if cache in (True, "auto") else None
         self.sizes: list[int] = []
         nbytes = 0
+        digests = []
         for i, (x, y) in enumerate(self._read()):
             self.sizes.append(x.shape[0])
+            if check_determinism:
+                digests.append(_digest(x, y))
             if self.cache is not None:
                 nbytes += x.numel() * x.element_size() + y.numel() * y.element_size()
                 if cache == "auto" and nbytes > max_cache_bytes:
@@ -57,6 +72,23 @@ class Batches:
         self.num_samples = sum(self.sizes)
         if self.num_samples == 0:
             raise ValueError("the data loader yielded only empty batches")
+        if check_determinism:
+            self._check_second_pass(digests)
+
+    def _check_second_pass(self, digests: list[str]) -> None:
+        """Read the loader again and raise if any batch differs from the first pass."""
+        n = 0
+        for i, (x, y) in enumerate(self._read()):
+            if i >= len(digests) or _digest(x, y) != digests[i]:
+                what = "an extra batch" if i >= len(digests) else f"batch {i} differs"
+                raise ValueError(
+                    f"the loader is not deterministic: {what} between two passes (shuffle=True or random "
+                    "augmentation?). The Hessian must see the same data on every matvec: use a loader without "
+                    "shuffling/augmentation, or cache_data=True without check_determinism to freeze one pass"
+                )
+            n += 1
+        if n != len(digests):
+            raise ValueError(f"the loader is not deterministic: {n} batches on the second pass, {len(digests)} on the first")
 
     def __len__(self):
         return len(self.sizes)

@@ -53,7 +53,16 @@ class HessianOperator:
             batch statistics; dropout still off). The models themselves are never modified.
         cache_data: keep the batches on the device (True/False/"auto", up to 2 GiB).
         backend_options: passed to the backend (e.g. ``{"reuse": False}`` for "func").
+        check_determinism: read the loader twice at construction and raise if the two passes
+            differ (shuffling, random augmentation): the Hessian would change between matvecs.
+        ``data`` may also be a :class:`fastcurv.data.Batches` already read (shared between operators).
+        distributed_data: ``data`` is this rank's share of the data set (e.g. a DistributedSampler
+            without shuffling): sample counts and every product / loss / gradient are summed over the
+            ranks of ``process_group`` (default group) with all_reduce, so each rank holds the
+            full-data result (exact sample weighting). Every rank must hold all R replicas.
     """
+
+    _group = None  # the process group of distributed_data=True (subclasses may skip __init__)
 
     def __init__(
         self,
@@ -67,12 +76,31 @@ class HessianOperator:
         bn_mode: str = "eval",
         cache_data="auto",
         backend_options: dict | None = None,
+        check_determinism: bool = False,
+        distributed_data: bool = False,
+        process_group=None,
     ):
         self.replicas = models if isinstance(models, ReplicaSet) else ReplicaSet(models, bn_mode=bn_mode)
         rs = self.replicas
-        self.batches = Batches(data, device=rs.device, dtype=rs.dtype, cache=cache_data)
+        if isinstance(data, Batches):  # already read (shared by the chunks of a chunked job)
+            if data.device != torch.device(rs.device) or data.dtype != rs.dtype:
+                raise ValueError(f"the Batches are on {data.device}/{data.dtype} but the models on {rs.device}/{rs.dtype}")
+            self.batches = data
+        else:
+            self.batches = Batches(data, device=rs.device, dtype=rs.dtype, cache=cache_data,
+                                   check_determinism=check_determinism)
         self.loss = Loss(loss, reduction, loss_reduction)
         self.loss.num_samples = self.batches.num_samples
+        self._group = None
+        if distributed_data:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("distributed_data=True needs an initialised torch.distributed process group")
+            self._group = process_group if process_group is not None else dist.group.WORLD
+            n = torch.tensor([float(self.batches.num_samples)], dtype=torch.float64, device=rs.device)
+            dist.all_reduce(n, group=self._group)
+            self.loss.num_samples = int(n.item())
         self._check_first_batch()
         self.backend_name, self.backend_reason = select_backend(rs, backend, self.loss)
         self._auto = backend == "auto"
@@ -139,7 +167,7 @@ class HessianOperator:
             run_idx = None if len(sub) == rs.R else sub.to(rs.device)
             vin = V3 if bool(good.all()) else V3[good.to(V3.device)]
             res = self._run(rs.unflatten(vin), run_idx)
-            flat = rs.flatten(res, lead=2)
+            flat = self._sum_over_ranks(rs.flatten(res, lead=2))
             out[good.to(V3.device)] = flat
             bad_now = ~torch.isfinite(flat.reshape(len(sub), -1)).all(dim=1).cpu()
             if bad_now.any():
@@ -177,7 +205,7 @@ class HessianOperator:
         rs, loss = self.replicas, self.loss
         if hasattr(self.backend, "loss_and_gradient"):
             total, grads = self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device))
-            return total, rs.flatten(grads)
+            return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
         params, buffers = rs.subset(idx)
         Ra = next(iter(params.values())).shape[0]
         total = torch.zeros(Ra, dtype=rs.dtype, device=rs.device)
@@ -192,7 +220,17 @@ class HessianOperator:
             total += value
             for j, n in enumerate(rs.names):
                 grads[j] += g[n]
-        return total, rs.flatten(grads)
+        return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over the ranks sharing the data (``distributed_data=True``), else ``t``."""
+        if self._group is None:
+            return t
+        import torch.distributed as dist
+
+        t = t.contiguous()
+        dist.all_reduce(t, group=self._group)
+        return t
 
     def dense(self, replica: int = 0) -> torch.Tensor:
         """The full ``[P, P]`` Hessian of one replica, column by column (small models only)."""

@@ -107,6 +107,9 @@ def batched_sharpness(
     progress: bool | None = None,
     cache_data="auto",
     measure_options: dict | None = None,
+    replica_chunk: int | None = None,
+    output: str | None = None,
+    distributed: bool = False,
     **operator_kwargs,
 ) -> SharpnessResult:
     """Curvature measures of the full-data loss for every replica at once.
@@ -128,9 +131,33 @@ def batched_sharpness(
         progress: tqdm bar (None: only on a terminal; False: off).
         measure_options: ``{measure: {option: value}}`` for registered measures (see
             :mod:`fastcurv.measures`), e.g. ``{"rho_sharpness": {"rho": 0.05}}``.
-        Other keywords (loss, reduction, backend, bn_mode, cache_data, ...) go to
-        :class:`fastcurv.HessianOperator`.
+        replica_chunk: process the replicas this many at a time (default: all at once).
+        output: a JSON-lines file (see :mod:`fastcurv.resume`) where every finished chunk is saved
+            atomically; rerunning the same call skips the replicas already saved (a different
+            configuration raises :class:`fastcurv.resume.FingerprintMismatch`).
+        distributed: shard the replicas over the ranks of the default torch.distributed group
+            (each rank a contiguous slice; results gathered on every rank, in replica order);
+            works in one process too (see :func:`fastcurv.distributed.batched_sharpness`).
+        Other keywords (loss, reduction, backend, bn_mode, cache_data, check_determinism, ...) go
+        to :class:`fastcurv.HessianOperator`.
     """
+    if operator_kwargs.get("distributed_data"):
+        if distributed:
+            raise ValueError("distributed=True (replica sharding) and distributed_data=True (data sharding) cannot be combined")
+        if output is not None:
+            raise ValueError("output= (resumable results) is not supported with distributed_data=True: every rank would write it")
+        other = [m for m in ((measures,) if isinstance(measures, str) else measures) if m not in MEASURES]
+        if other:
+            raise ValueError(f"distributed_data=True supports the measures {MEASURES}; {other} read the data themselves")
+    if distributed or output is not None or replica_chunk is not None:
+        from .distributed import batched_sharpness as _sharded
+
+        kwargs = dict(measures=measures, loss=loss, reduction=reduction, backend=backend, bn_mode=bn_mode, seed=seed,
+                      common_random_numbers=common_random_numbers, tol=tol, max_iter=max_iter, eig_solver=eig_solver,
+                      top_k=top_k, trace_method=trace_method, trace_probes=trace_probes, slq_steps=slq_steps,
+                      slq_draws=slq_draws, progress=progress, cache_data=cache_data, measure_options=measure_options,
+                      **operator_kwargs)
+        return _sharded(models, data, replica_chunk=replica_chunk, output=output, use_distributed=distributed, **kwargs)
     if isinstance(measures, str):
         measures = (measures,)
     extra = _load_measures()

@@ -1,9 +1,34 @@
 """Random probe vectors with common random numbers across replicas."""
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
+
 import torch
 
 KINDS = ("rademacher", "gaussian")
+
+# (first replica, total replicas) of the replicas being computed, set by chunked/sharded jobs
+_WINDOW: contextvars.ContextVar = contextvars.ContextVar("fastcurv_replica_window", default=None)
+
+
+@contextmanager
+def replica_window(first: int, total: int):
+    """Within this block the operator's R replicas are replicas ``first .. first+R-1`` of a job of
+    ``total``: independent probes (``common=False``) are then drawn from one stream per replica,
+    keyed by the job's generator and the replica's global number, so each replica's probes do not
+    depend on how the job was split into chunks or ranks. Common probes are unaffected."""
+    token = _WINDOW.set((int(first), int(total)))
+    try:
+        yield
+    finally:
+        _WINDOW.reset(token)
+
+
+def _draw(shape, generator, kind):
+    if kind == "rademacher":
+        return torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).to(torch.float64).mul_(2).sub_(1)
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
 
 
 def probe_vectors(R: int, K: int, P: int, *, generator: torch.Generator, kind: str = "rademacher", common: bool = True,
@@ -12,9 +37,17 @@ def probe_vectors(R: int, K: int, P: int, *, generator: torch.Generator, kind: s
 
     common=True (default) gives every replica the same K probes (common random numbers): the
     between-replica differences of an estimate then carry less noise than with independent draws.
+    Inside :func:`replica_window`, independent probes come from one stream per global replica.
     """
     if kind not in KINDS:
         raise ValueError(f"probe kind must be one of {KINDS}, got {kind!r}")
+    window = _WINDOW.get()
+    if not common and window is not None:
+        first, _ = window
+        base = int(torch.randint(0, 2**62, (1,), generator=generator))  # advances the job's stream once
+        rows = [_draw((K, P), torch.Generator().manual_seed((base + 1_000_003 * (first + r)) % 2**63), kind)
+                for r in range(R)]
+        return torch.stack(rows).to(dtype).to(device)
     shape = (1 if common else R, K, P)
     if kind == "rademacher":
         v = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).to(dtype).mul_(2).sub_(1)

@@ -1,0 +1,77 @@
+"""Worker for test_distributed.py and test_resume.py: a tiny fixed job (models and data from seeds)."""
+import os
+import sys
+
+import torch
+from torch import nn
+
+import fastcurv
+
+MEASURES = ("lambda_max", "trace", "spectrum")
+
+
+def job(R=7, seed=0):
+    """R replicas of a 5-8-3 tanh MLP in float64 and two ragged batches, all from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    models = []
+    for _ in range(R):
+        m = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        models.append(m)
+    x = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    return models, [(x[:16], y[:16]), (x[16:], y[16:])]
+
+
+KW = dict(measures=MEASURES, slq_steps=8, max_iter=40, progress=False)
+
+
+def _dist_main(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        models, data = job()
+        res = fastcurv.batched_sharpness(models, data, distributed=True, replica_chunk=2,
+                                         output=os.path.join(out_dir, "dist.jsonl"), **KW)
+        torch.save({"values": res.values, "nodes": res.spectrum.nodes, "flags": res.flags},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _data_main(rank, world, port, out_dir):
+    """Data sharding: rank k reads only batch k of the job's data (ragged shares: 16 and 14 samples)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        models, data = job(R=3)
+        out = {}
+        for backend in ("fused", "func"):
+            kw = KW if backend == "fused" else dict(KW, measures=("lambda_max",))
+            res = fastcurv.batched_sharpness(models, data[rank:rank + 1], distributed_data=True, backend=backend, **kw)
+            out[backend] = {"values": res.values, "nodes": None if res.spectrum is None else res.spectrum.nodes}
+        torch.save(out, os.path.join(out_dir, f"data_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # resumable job: python _dist_worker.py OUTPUT [slow]
+    models, data = job(R=6)
+    if len(sys.argv) > 2 and sys.argv[2] == "slow":
+        import time
+
+        import fastcurv.sharpness as S
+
+        real = S.batched_sharpness
+
+        def slow(*a, **k):  # each chunk (looked up as fastcurv.sharpness.batched_sharpness) takes >= 1 s more
+            time.sleep(1.0)
+            return real(*a, **k)
+
+        S.batched_sharpness = slow  # fastcurv.batched_sharpness (the entry point) is still the real one
+    res = fastcurv.batched_sharpness(models, data, replica_chunk=2, output=sys.argv[1], **KW)
+    torch.save(res.values, sys.argv[1] + ".pt")

@@ -1,0 +1,97 @@
+"""Replica sharding over torch.distributed: 2 CPU processes (gloo on loopback) give the results
+of the single-process run, gathered in replica order on every rank."""
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastcurv
+from fastcurv.distributed import rank_and_world, shard_range
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _dist_worker as W  # noqa: E402
+
+
+def test_shard_range_covers_replicas_contiguously():
+    for R in (0, 1, 5, 7, 64):
+        for world in (1, 2, 3, 8):
+            spans = [shard_range(R, k, world) for k in range(world)]
+            assert spans[0][0] == 0 and spans[-1][1] == R
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            sizes = [hi - lo for lo, hi in spans]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_without_process_group_runs_in_one_process():
+    assert not dist.is_initialized()
+    assert rank_and_world() == (0, 1)
+    models, data = W.job(R=3)
+    ref = fastcurv.batched_sharpness(models, data, **W.KW)
+    got = fastcurv.batched_sharpness(models, data, distributed=True, **W.KW)
+    for k in ref.values:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_gloo_processes_equal_single_process(tmp_path, monkeypatch):
+    mp.spawn(W._dist_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    models, data = W.job()
+    ref = fastcurv.batched_sharpness(models, data, **W.KW)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(got["values"]) == set(ref.values)
+        for k, v in ref.values.items():
+            assert got["values"][k].shape == v.shape == (7,)
+            torch.testing.assert_close(got["values"][k], v, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got["nodes"], ref.spectrum.nodes, rtol=1e-9, atol=1e-12)
+        assert got["flags"] == ref.flags
+    # rank 0 merged both ranks' part files into one results file, which a 1-process rerun reuses
+    assert (tmp_path / "dist.jsonl").exists() and not list(tmp_path.glob("dist.jsonl.part*"))
+    def no_compute(*a, **k):
+        raise AssertionError("every replica is saved: nothing should be recomputed")
+
+    monkeypatch.setattr(fastcurv.sharpness, "batched_sharpness", no_compute)
+    again = fastcurv.batched_sharpness(models, data, output=str(tmp_path / "dist.jsonl"), **W.KW)
+    for k, v in ref.values.items():
+        torch.testing.assert_close(again[k], v, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_data_sharded_over_two_gloo_processes_equals_full_data(tmp_path):
+    mp.spawn(W._data_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    models, data = W.job(R=3)
+    half = fastcurv.batched_sharpness(models, data[:1], backend="fused", **W.KW)
+    for backend in ("fused", "func"):
+        kw = W.KW if backend == "fused" else dict(W.KW, measures=("lambda_max",))
+        ref = fastcurv.batched_sharpness(models, data, backend=backend, **kw)
+        for k in ref.values:  # one share alone is not the answer
+            assert not torch.allclose(half[k], ref[k], rtol=1e-3)
+        for rank in (0, 1):
+            got = torch.load(tmp_path / f"data_rank{rank}.pt")[backend]
+            assert set(got["values"]) == set(ref.values)
+            for k, v in ref.values.items():
+                torch.testing.assert_close(got["values"][k], v, rtol=1e-8, atol=1e-10)
+            if ref.spectrum is not None:
+                torch.testing.assert_close(got["nodes"], ref.spectrum.nodes, rtol=1e-8, atol=1e-10)
+
+
+def test_data_sharding_needs_a_process_group_and_core_measures():
+    models, data = W.job(R=2)
+    with pytest.raises(ValueError, match="process group"):
+        fastcurv.HessianOperator(models, data, distributed_data=True)
+    with pytest.raises(ValueError, match="read the data themselves"):
+        fastcurv.batched_sharpness(models, data, distributed_data=True, measures=("rho_sharpness",), progress=False)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        fastcurv.batched_sharpness(models, data, distributed_data=True, distributed=True, progress=False)
+    with pytest.raises(ValueError, match="output="):
+        fastcurv.batched_sharpness(models, data, distributed_data=True, output="r.jsonl", progress=False)
