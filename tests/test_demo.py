@@ -29,7 +29,10 @@ def test_demo_cli_writes_report(tmp_path, capsys):
     assert table["trace"].notna().all()
     assert table["test_acc"].between(0, 1).all()
     corr = pd.read_csv(out / "correlations.csv", index_col="measure")
-    assert set(corr.index) == {"lambda_max", "trace"} and (corr["n"] == 4).all()
+    # the demo correlates curvature AND function-space measures
+    assert {"lambda_max", "trace", "weakness_rel_tau0.1", "compressed_bytes_lzma", "disagreement"} <= set(corr.index)
+    assert (corr["n"] == 4).all()
+    assert (out / "agreement_heatmap.png").is_file() and (out / "spectrum.png").is_file() and (out / "audit.csv").is_file()
     assert (out / "lambda_max_vs_test_acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["replicas"] == 4 and "torch" in cfg["versions"]

@@ -10,8 +10,10 @@ from .replicas import ReplicaSet
 from .sharpness import SharpnessResult, batched_sharpness
 from .solvers import hutchinson, hutchpp, lanczos, power_iteration, slq
 from . import reparam
+from . import distributed, resume  # replica sharding (torch.distributed) and resumable chunked jobs
 from .audit import AuditResult, invariance_audit
 from .curvature import EmpiricalFisherOperator, GGNOperator
+from .study import study  # noqa: E402  (the function; the module stays importable as fastcurv.study via sys.modules)
 
 __version__ = "0.1.0"
 
@@ -42,5 +44,6 @@ __all__ = [
     "power_iteration",
     "set_kernel_impl",
     "slq",
+    "study",
     "use_kernels",
 ]

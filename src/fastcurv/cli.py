@@ -3,7 +3,9 @@
 * ``fastcurv demo``: train a small population on the embedded digits, print its sharpness table
   and correlations, write a report folder (see :func:`fastcurv.demo.demo`).
 * ``fastcurv study``: the same pipeline on MNIST / Fashion-MNIST / digits with any settings, from
-  flags or a YAML / JSON config file (flags override the file); see :func:`fastcurv.demo.run_study`.
+  flags or a YAML / JSON config file (flags override the file); curvature measures
+  (batched_sharpness) and function-space measures (function_measures), correlations, invariance
+  audit, report folder; see :func:`fastcurv.study.study`.
 """
 from __future__ import annotations
 
@@ -59,11 +61,20 @@ def _add_study_flags(p: argparse.ArgumentParser):
     p.add_argument("--epochs", type=int, default=S, help="epochs (the maximum with --target-loss)")
     p.add_argument("--target-loss", type=float, default=S, help="stop each replica at this training loss")
     p.add_argument("--measures", type=lambda s: tuple(s.split(",")), default=S,
-                   help="comma-separated: lambda_max,trace,lambda_min,top_k")
+                   help="comma-separated, curvature: lambda_max,trace,lambda_min,top_k,spectrum (and registered "
+                        "measures, e.g. rho_sharpness); function-space: weakness,perturbation_weakness,simplicity,"
+                        "disagreement,gde,soft")
     p.add_argument("--target", choices=("test_acc", "test_loss", "gap"), default=S)
     p.add_argument("--n-boot", type=int, default=S, help="bootstrap resamples for the CI")
     p.add_argument("--checkpoint", default=S, help="training checkpoint file (resumes when it exists)")
     p.add_argument("--threads", type=int, default=S, help="torch threads (1 is fastest for tiny models)")
+    p.add_argument("--audit", dest="audit", action="store_true", default=S, help="run the invariance audit (default)")
+    p.add_argument("--no-audit", dest="audit", action="store_false", default=S, help="skip the invariance audit")
+    p.add_argument("--audit-alpha", type=float, default=S, help="alpha of the Dinh rescaling in the audit (default 10)")
+    p.add_argument("--audit-transform", choices=("dinh", "dinh_first", "neurons", "balance"), default=S,
+                   help="reparameterization audited (default dinh: last two weight layers)")
+    p.add_argument("--audit-replicas", type=int, default=S, help="replicas audited (default 8)")
+    p.add_argument("--spectrum-replicas", type=int, default=S, help="replicas drawn in spectrum.png (default 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +116,8 @@ def main(argv=None) -> int:
         extra = {} if args.epochs is None else {"epochs": args.epochs}
         demo(replicas=args.replicas, seed=args.seed, out=args.out, progress=progress, **extra)
         return 0
-    from .demo import _STUDY_ARGS, run_study
+    from .study import STUDY_ARGS as _STUDY_ARGS
+    from .study import study as run_study
 
     cfg = _load_config(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "no_progress", "version")}

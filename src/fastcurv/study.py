@@ -1,0 +1,494 @@
+"""``fastcurv.study``: train a population, compute curvature AND function-space measures, correlate, report.
+
+One call does the whole job users run ("train 100 seeds, compute every measure, tell me which
+one predicts generalization"):
+
+1. train R MLPs (seeds ``seed .. seed+R-1``) in one batched job (:func:`fastcurv.train.train_population`);
+2. curvature measures of all replicas at once (:func:`fastcurv.batched_sharpness`, Hessian of the
+   mean cross-entropy over the training set) for the requested names in ``SHARPNESS_MEASURES``
+   (or any measure registered with batched_sharpness);
+3. function-space measures (:func:`fastcurv.function_measures`, on the test inputs) for the
+   requested names in ``FUNCTION_MEASURES``;
+4. the generalization numbers (test accuracy, test loss, gap = train acc - test acc);
+5. Spearman rho (two-sided p), percentile bootstrap CI and Kendall tau-b of every measure column
+   with the target (:func:`fastcurv.stats.correlations`);
+6. the invariance audit (:func:`fastcurv.invariance_audit`, Dinh alpha-rescaling, alpha=10) on a
+   reparameterized copy of (some of) the population;
+7. an output folder: ``results.csv`` (and ``results.parquet`` when pyarrow is importable),
+   ``correlations.csv``, ``audit.csv``, ``report.md``, PNG plots (``<measure>_vs_<target>.png``,
+   ``spectrum.png`` when "spectrum" is requested, ``agreement_heatmap.png`` when "disagreement" or
+   "gde" is requested, ``audit.png``) and ``config.json`` (settings + versions; rerun with
+   ``fastcurv study --config config.json``... see :func:`rerun_config`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .demo import TARGETS, _markdown_table, _plot, _versions
+
+FUNCTION_MEASURES = ("disagreement", "gde", "soft", "weakness", "perturbation_weakness", "simplicity")
+
+# The column standing for each requested measure in the summary ("headline") table.
+HEADLINE = {
+    "lambda_max": "lambda_max",
+    "trace": "trace",
+    "lambda_min": "lambda_min",
+    "disagreement": "disagreement",
+    "weakness": "weakness_rel_tau0.1",
+    "perturbation_weakness": "perturb_sigma_star",
+    "simplicity": "compressed_bytes_lzma",
+    "soft": "js",
+}
+
+# Columns of function_measures that are not predictors of generalization (test_error IS the target).
+_NOT_PREDICTORS = ("test_error", "pacbayes_mag_sigma")
+
+
+def _split_measures(measures):
+    from .measures import load_all  # registry of extra batched_sharpness measures
+    from .sharpness import MEASURES as SHARP
+
+    measures = (measures,) if isinstance(measures, str) else tuple(measures)
+    extra = set(load_all())
+    sharp, func, unknown = [], [], []
+    for m in measures:
+        if m in FUNCTION_MEASURES:
+            func.append(m)
+        elif m in SHARP or m in extra:
+            sharp.append(m)
+        else:
+            unknown.append(m)
+    if unknown:
+        raise ValueError(f"unknown measures {unknown}; curvature (batched_sharpness): {list(SHARP) + sorted(extra)}; "
+                         f"function-space (function_measures): {list(FUNCTION_MEASURES)}")
+    return sharp, func
+
+
+def _mixed_correlations(aud, table, target, n_boot, seed):
+    """Spearman rho of each audited curvature column with ``target`` on a population where a random
+    half of the audited replicas is replaced by its reparameterized copy (the same functions, so the
+    same target values and the same function-space measures). Rows: ``<measure>`` (original) and
+    ``<measure> (half reparameterized)``."""
+    import pandas as pd
+
+    from .stats import correlations
+
+    k = len(table)
+    if k < 4:
+        return None
+    rng = np.random.default_rng(seed + 7)
+    mask = np.zeros(k, dtype=bool)
+    mask[rng.choice(k, size=k // 2, replace=False)] = True
+    df = pd.DataFrame({target: table[target].to_numpy()})
+    cols = []
+    for col, (before, after) in aud.per_replica.items():
+        if col == "loss" or col not in table.columns:
+            continue
+        b, a = before.numpy(), after.numpy()
+        df[col] = b
+        df[f"{col} (half reparameterized)"] = np.where(mask, a, b)
+        cols += [col, f"{col} (half reparameterized)"]
+    return correlations(df, target, cols, n_boot=n_boot, seed=seed) if cols else None
+
+
+def _audit_transform(name: str, alpha: float):
+    from . import reparam
+
+    if name == "dinh_first":
+        def dinh_first(models):
+            layers = tuple(reparam.weight_layers(models[0])[:2])
+            return reparam.rescale_layers(models, alpha=1.0 / float(alpha), layers=layers)
+
+        return dinh_first
+    if name in ("dinh", "neurons", "balance"):
+        return name
+    raise ValueError(f"audit_transform must be 'dinh', 'dinh_first', 'neurons' or 'balance', got {name!r}")
+
+
+def _plot_heatmap(D: torch.Tensor, seeds, out: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    A = 1.0 - D.double().numpy()
+    fig, ax = plt.subplots(figsize=(5.2, 4.4), dpi=110)
+    im = ax.imshow(A, cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="prediction agreement on the test set")
+    ax.set_xlabel("replica")
+    ax.set_ylabel("replica")
+    ax.set_title(f"pairwise agreement, R={A.shape[0]} (seeds {seeds[0]}..{seeds[-1]})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "agreement_heatmap.png")
+    plt.close(fig)
+    return "agreement_heatmap.png"
+
+
+def _plot_gde(table, out: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=110)
+    x, y = table["test_error"].to_numpy(float), table["disagreement"].to_numpy(float)
+    ax.scatter(x, y, s=16)
+    lo, hi = np.nanmin([x.min(), y.min()]), np.nanmax([x.max(), y.max()])
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+    ax.set_xlabel("test error")
+    ax.set_ylabel("mean disagreement with the other replicas")
+    ax.legend(fontsize=8)
+    ax.set_title("generalization-disagreement equality", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "disagreement_vs_test_error.png")
+    plt.close(fig)
+    return "disagreement_vs_test_error.png"
+
+
+def study(
+    *,
+    data: str = "digits",
+    data_root=None,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    hidden=(32,),
+    activation: str = "relu",
+    replicas: int = 8,
+    seed: int = 0,
+    optimizer: str = "sgd",
+    lr=0.05,
+    momentum=0.9,
+    weight_decay=0.0,
+    sam_rho=0.0,
+    batch_size: int = 32,
+    epochs: int = 15,
+    target_loss: float | None = None,
+    measures=("lambda_max", "trace", "weakness", "perturbation_weakness", "simplicity", "disagreement"),
+    target: str = "test_acc",
+    n_boot: int = 2000,
+    sharpness_batch_size: int = 1024,
+    sharpness_kwargs: dict | None = None,
+    function_kwargs: dict | None = None,
+    spectrum_replicas: int = 4,
+    audit: bool = True,
+    audit_alpha: float = 10.0,
+    audit_transform: str = "dinh",
+    audit_replicas: int | None = 8,
+    audit_measures=("lambda_max", "trace"),
+    out: str | Path | None = "fastcurv-report",
+    checkpoint: str | Path | None = None,
+    progress: bool | None = None,
+    verbose: bool = True,
+    threads: int | None = None,
+) -> dict:
+    """Train ``replicas`` MLPs, compute curvature and function-space measures, correlate, write a report.
+
+    Args:
+        data: "digits" (embedded 8x8 digits), "mnist" or "fashion-mnist" (:mod:`fastcurv.datasets`);
+            n_train / n_test: fixed random subsets drawn with ``seed`` (MNIST-like data only).
+        hidden, activation: the MLP's hidden widths (input and output widths come from the data).
+        optimizer ... target_loss, checkpoint: training settings, see :func:`fastcurv.train.train_population`.
+        measures: names from ``fastcurv.sharpness.MEASURES`` (and registered extras, e.g.
+            "rho_sharpness"), computed by :func:`fastcurv.batched_sharpness` on the training set,
+            and/or from ``FUNCTION_MEASURES``, computed by :func:`fastcurv.function_measures` on the
+            test inputs. Every per-replica column they produce is correlated with ``target``.
+        target: "test_acc", "test_loss" or "gap" (train accuracy - test accuracy).
+        n_boot: bootstrap resamples (over networks) for the Spearman CI.
+        sharpness_batch_size: batch size of the training-set loader the Hessian is averaged over.
+        sharpness_kwargs / function_kwargs: extra keywords for batched_sharpness / function_measures.
+        spectrum_replicas: replicas drawn in ``spectrum.png`` (when "spectrum" is requested).
+        audit: run :func:`fastcurv.invariance_audit` on the first ``audit_replicas`` replicas
+            (None: all) for ``audit_measures``. ``audit_transform``: "dinh" (last two weight layers
+            scaled by alpha and 1/alpha), "dinh_first" (the FIRST weight layer scaled by 1/alpha and
+            the second by alpha, which grows the Hessian block of the first layer by alpha^2),
+            "neurons" or "balance" (see :func:`fastcurv.invariance_audit`); alpha = ``audit_alpha``.
+        out: report folder (created), or None to write nothing.
+        threads: torch intra-op threads for this call (restored afterwards); None leaves it alone.
+    Returns ``{"table", "correlations", "headline", "history", "sharpness", "function", "audit",
+    "summary", "out", "files", "seconds"}``.
+    """
+    if threads is not None:
+        old = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            args = {k: v for k, v in locals().items() if k in STUDY_ARGS}
+            args["threads"] = None
+            res = study(**args)
+            return res
+        finally:
+            torch.set_num_threads(old)
+    from . import batched_sharpness, function_measures, invariance_audit
+    from .datasets import load_dataset, make_loader
+    from .stats import correlations
+    from .train import evaluate_population, mlp, train_population
+
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    sharp_m, func_m = _split_measures(measures)
+    if not sharp_m and not func_m:
+        raise ValueError("measures is empty: name at least one curvature or function-space measure")
+    if audit:
+        _audit_transform(audit_transform, audit_alpha)  # check the name before training
+    t0 = time.perf_counter()
+    config = {k: v for k, v in locals().items() if k in STUDY_ARGS}
+    config["threads"] = torch.get_num_threads()
+    config = json.loads(json.dumps(config, default=str))
+
+    kw = {"flatten": True}
+    if data.lower() not in ("digits", "sklearn-digits"):
+        kw.update(n_train=n_train, n_test=n_test, seed=seed)
+    elif n_train is not None or n_test is not None:
+        raise ValueError("n_train / n_test apply to mnist / fashion-mnist, not to the embedded digits")
+    x_tr, y_tr, x_te, y_te = load_dataset(data, data_root, **kw)
+    n_classes = int(max(y_tr.max(), y_te.max())) + 1
+    sizes = [x_tr.shape[1], *[int(h) for h in hidden], n_classes]
+    seeds = list(range(seed, seed + int(replicas)))
+
+    def builder():
+        return mlp(sizes, activation)
+
+    times = {}
+    t = time.perf_counter()
+    models, history = train_population(builder, x_tr, y_tr, seeds=seeds, optimizer=optimizer, lr=lr, momentum=momentum,
+                                       weight_decay=weight_decay, sam_rho=sam_rho, batch_size=batch_size, epochs=epochs,
+                                       target_loss=target_loss, checkpoint=checkpoint, progress=progress)
+    times["train"] = time.perf_counter() - t
+
+    import pandas as pd
+
+    ev_tr = evaluate_population(models, x_tr, y_tr)
+    ev_te = evaluate_population(models, x_te, y_te)
+    table = pd.DataFrame({
+        "seed": seeds,
+        "train_loss": ev_tr["loss"].numpy(),
+        "train_acc": ev_tr["accuracy"].numpy(),
+        "test_loss": ev_te["loss"].numpy(),
+        "test_acc": ev_te["accuracy"].numpy(),
+    })
+    table["gap"] = table["train_acc"] - table["test_acc"]
+    table["epochs"] = history.epochs_run
+    table["diverged"] = history.diverged
+    table.index.name = "replica"
+    flags = [[] for _ in seeds]
+
+    train_loader = make_loader(x_tr, y_tr, sharpness_batch_size)
+    sharp = None
+    sharp_cols: list[str] = []
+    if sharp_m:
+        t = time.perf_counter()
+        sharp = batched_sharpness(models, train_loader, measures=sharp_m, seed=seed, progress=progress,
+                                  **(sharpness_kwargs or {}))
+        times["sharpness"] = time.perf_counter() - t
+        sdf = sharp.to_pandas().reset_index(drop=True)
+        if "flags" in sdf:
+            for r, f in enumerate(sdf.pop("flags")):
+                if f:
+                    flags[r].append(str(f))
+        sdf.index.name = "replica"
+        table = table.join(sdf)
+        sharp_cols = [c for c in sharp.values]
+
+    fm = None
+    func_cols: list[str] = []
+    if func_m:
+        t = time.perf_counter()
+        fkw = dict(function_kwargs or {})
+        fkw.setdefault("num_train", len(x_tr))
+        fm = function_measures(models, make_loader(x_te, y_te, 2048), measures=func_m, seed=seed, **fkw)
+        times["function"] = time.perf_counter() - t
+        fdf = fm.to_pandas()
+        for r, f in enumerate(fdf.pop("flags")):
+            if f:
+                flags[r].append(str(f))
+        fdf = fdf.drop(columns=["ok"])
+        table = table.join(fdf)
+        func_cols = [c for c in fm.values if c not in _NOT_PREDICTORS]
+    table["flags"] = ["; ".join(f) for f in flags]
+
+    measure_cols = [c for c in sharp_cols + func_cols
+                    if pd.api.types.is_numeric_dtype(table[c]) and not c.endswith(("_stderr", "_iters", "_converged"))]
+    corr = correlations(table, target, measure_cols, n_boot=n_boot, seed=seed)
+    heads = [HEADLINE.get(m, m) for m in (*sharp_m, *func_m)]
+    heads = [h for h in heads if h in corr.index]
+    headline = corr.loc[heads]
+
+    summary = {}
+    if fm is not None and "gde_estimate" in fm.summary:
+        summary["mean_pairwise_disagreement"] = float(fm.summary["gde_estimate"])
+        if "mean_test_error" in fm.summary:
+            summary["mean_test_error"] = float(fm.summary["mean_test_error"])
+    summary["mean_test_acc"] = float(table["test_acc"].mean())
+    summary["sd_test_acc"] = float(table["test_acc"].std())
+    summary["mean_train_acc"] = float(table["train_acc"].mean())
+
+    aud = None
+    mixed = None
+    if audit and audit_measures:
+        t = time.perf_counter()
+        k = len(models) if audit_replicas is None else min(int(audit_replicas), len(models))
+        apath = None if out is None else str(Path(out) / "audit.png")
+        if out is not None:
+            Path(out).mkdir(parents=True, exist_ok=True)
+        aud = invariance_audit(models[:k], train_loader, measures=tuple(audit_measures),
+                               transform=_audit_transform(audit_transform, audit_alpha), alpha=audit_alpha,
+                               path=apath, seed=seed, progress=progress)
+        times["audit"] = time.perf_counter() - t
+        mixed = _mixed_correlations(aud, table.iloc[:k], target, n_boot, seed)
+
+    files: list[str] = []
+    if out is not None:
+        outp = Path(out)
+        outp.mkdir(parents=True, exist_ok=True)
+        table.to_csv(outp / "results.csv")
+        corr.to_csv(outp / "correlations.csv")
+        files += ["results.csv", "correlations.csv"]
+        parquet_note = ""
+        try:
+            import pyarrow  # noqa: F401
+
+            table.to_parquet(outp / "results.parquet")
+            files.append("results.parquet")
+        except ImportError:
+            parquet_note = "results.parquet skipped: pyarrow is not installed (pip install pyarrow)."
+        plots = _plot(table, list(headline.index), target, outp)  # one scatter per requested measure
+        if sharp is not None and sharp.spectrum is not None:
+            try:
+                sharp.spectrum.plot(replicas=range(min(spectrum_replicas, len(models))), path=str(outp / "spectrum.png"))
+                plots.append("spectrum.png")
+            except ImportError:
+                pass
+        if fm is not None and "disagreement" in fm.pairwise:
+            p = _plot_heatmap(fm.pairwise["disagreement"], seeds, outp)
+            if p:
+                plots.append(p)
+            if "test_error" in table and "disagreement" in table:
+                p = _plot_gde(table, outp)
+                if p:
+                    plots.append(p)
+        if aud is not None:
+            aud.table.to_csv(outp / "audit.csv")
+            files.append("audit.csv")
+            if mixed is not None:
+                mixed.to_csv(outp / "audit_mixed_correlations.csv")
+                files.append("audit_mixed_correlations.csv")
+            if aud.plot_path:
+                plots.append("audit.png")
+        files += plots
+        meta = {"config": config, "versions": _versions(), "seconds": times, "summary": summary,
+                "backend": None if sharp is None else sharp.backend,
+                "backend_reason": None if sharp is None else sharp.backend_reason}
+        (outp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        rerun = {k: v for k, v in config.items() if k not in ("out", "progress", "verbose")}
+        _write_yaml(rerun, outp / "config.yaml")
+        files += ["config.json", "config.yaml"]
+        (outp / "report.md").write_text(_report(config, sizes, seeds, len(x_tr), len(x_te), data, times, sharp, fm,
+                                                corr, headline, summary, aud, mixed, table, target, plots,
+                                                parquet_note))
+        files.append("report.md")
+    res = {"table": table, "correlations": corr, "headline": headline, "history": history, "sharpness": sharp,
+           "function": fm, "audit": aud, "audit_mixed": mixed, "summary": summary, "out": None if out is None else Path(out).resolve(),
+           "files": files, "seconds": time.perf_counter() - t0, "times": times}
+    if verbose:
+        _print(res, target)
+    return res
+
+
+STUDY_ARGS = study.__code__.co_varnames[:study.__code__.co_kwonlyargcount]
+
+
+def _write_yaml(cfg: dict, path: Path):
+    try:
+        import yaml
+
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    except ImportError:  # JSON is valid YAML
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, headline, summary, aud, mixed, table,
+            target, plots, parquet_note) -> str:
+    c = config
+    md = [
+        f"# fastcurv study: {len(seeds)} replicas of MLP {'-'.join(map(str, sizes))} on {data}",
+        "",
+        f"Training: {c['optimizer']}, lr {c['lr']}, momentum {c['momentum']}, weight decay {c['weight_decay']}, "
+        f"SAM rho {c['sam_rho']}, batch {c['batch_size']}, at most {c['epochs']} epochs"
+        + (f", stop at training loss {c['target_loss']}" if c.get("target_loss") else "")
+        + f"; {n_tr} training / {n_te} test samples (fixed subsets drawn with seed {c['seed']}). "
+        f"Seeds {seeds[0]}..{seeds[-1]} (initialization and data order).",
+        f"Train accuracy {summary['mean_train_acc']:.4f} (mean), test accuracy {summary['mean_test_acc']:.4f} "
+        f"+- {summary['sd_test_acc']:.4f} (mean +- sd over replicas).",
+        "Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + ".",
+        "",
+    ]
+    if sharp is not None:
+        md += [f"Curvature (`batched_sharpness`, backend `{sharp.backend}`): Hessian of the mean cross-entropy over "
+               f"the {n_tr} training samples; {sharp.num_matvecs} Hessian-vector products for all replicas together.", ""]
+    if fm is not None:
+        md += [f"Function-space measures (`function_measures`) on the {fm.num_examples} test inputs. Weakness "
+               "columns are OUR operationalizations of Bennett's weakness (permission-profile log-weakness at "
+               "threshold tau, bits per input; perturbation weakness = noise scale sigma* at which 1 % of the "
+               "predictions change). Simplicity columns are sizes/norms (larger = less simple).", ""]
+    md += [f"## Headline: rank correlation with `{target}`", "",
+           f"Spearman rho (two-sided p), 95 % percentile bootstrap CI ({c['n_boot']} resamples over networks), "
+           "Kendall tau-b. One column per requested measure (" +
+           ", ".join(f"{k} -> `{v}`" for k, v in HEADLINE.items() if v in headline.index) + ").", "",
+           _markdown_table(headline), ""]
+    if "mean_pairwise_disagreement" in summary:
+        md += ["## Generalization-disagreement check", "",
+               f"Mean pairwise test disagreement between replicas: {summary['mean_pairwise_disagreement']:.4f}; "
+               f"mean test error: {summary.get('mean_test_error', float('nan')):.4f} "
+               f"(ratio {summary['mean_pairwise_disagreement'] / summary.get('mean_test_error', float('nan')):.3f}; "
+               "the equality of Jiang et al. 2022 predicts 1).", ""]
+    md += [f"## All measure columns vs `{target}`", "", _markdown_table(corr), ""]
+    if aud is not None:
+        at = aud.table
+        md += [f"## Invariance audit (`{c['audit_transform']}` reparameterization, alpha = {c['audit_alpha']}, "
+               f"{len(next(iter(aud.per_replica.values()))[0])} replicas)", "",
+               f"Largest output change {at.attrs.get('max_output_change', float('nan')):.2e}, "
+               f"predictions changed: {at.attrs.get('predictions_changed')}. Function-space measures depend only on "
+               "the outputs, so they are unchanged by construction.", "", _markdown_table(at), ""]
+        if mixed is not None:
+            md += [f"Rank correlation with `{target}` when a random half of these replicas is replaced by its "
+                   "reparameterized copy (same functions, same test accuracy, same function-space measures):", "",
+                   _markdown_table(mixed), ""]
+    show = [x for x in ["seed", "train_loss", "test_acc", "gap", *[h for h in headline.index], "flags"] if x in table]
+    md += ["## Per-replica results (headline columns; all columns in results.csv)", "", _markdown_table(table[show]), ""]
+    if parquet_note:
+        md += [parquet_note, ""]
+    if plots:
+        md += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    else:
+        md += ["(matplotlib is not installed: no plots)", ""]
+    md += ["Rerun: `fastcurv study --config config.yaml --out <folder>` (settings and versions in config.json).", ""]
+    return "\n".join(md)
+
+
+def _print(res, target):
+    import pandas as pd
+
+    with pd.option_context("display.width", 140, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        print(f"Rank correlation with {target} (headline measures):")
+        print(res["headline"].to_string())
+        s = res["summary"]
+        if "mean_pairwise_disagreement" in s:
+            print(f"\nmean pairwise disagreement {s['mean_pairwise_disagreement']:.4f} vs mean test error "
+                  f"{s.get('mean_test_error', float('nan')):.4f}")
+        if res["audit"] is not None:
+            print("\ninvariance audit (alpha-rescaling):")
+            print(res["audit"].table[["before_mean", "after_mean", "ratio_median", "invariant"]].to_string())
+        if res.get("audit_mixed") is not None:
+            print("\nhalf of the audited replicas reparameterized:")
+            print(res["audit_mixed"][["n", "spearman_rho", "spearman_p"]].to_string())
+    if res["out"] is not None:
+        print(f"\nreport: {res['out'] / 'report.md'} ({len(res['files'])} files)")
+    print(f"done in {res['seconds']:.1f} s")

@@ -1,0 +1,123 @@
+"""fastcurv.study end to end on the embedded digits (few replicas, few epochs), Python and CLI."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import fastcurv
+from fastcurv.cli import main
+from fastcurv.study import HEADLINE
+
+MEASURES = ("lambda_max", "trace", "spectrum", "weakness", "perturbation_weakness", "simplicity", "disagreement", "gde")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    res = fastcurv.study(data="digits", hidden=(16,), replicas=5, epochs=3, lr=0.05, batch_size=32, measures=MEASURES,
+                         n_boot=200, audit_replicas=3, out=out, progress=False, verbose=False)
+    return res, out
+
+
+def test_all_output_files_present(small_study):
+    res, out = small_study
+    expected = ["results.csv", "correlations.csv", "audit.csv", "report.md", "config.json", "config.yaml",
+                "spectrum.png", "agreement_heatmap.png", "disagreement_vs_test_error.png", "audit.png"]
+    expected += [f"{HEADLINE[m]}_vs_test_acc.png" for m in MEASURES if m in HEADLINE]
+    try:
+        import pyarrow  # noqa: F401
+        expected.append("results.parquet")
+    except ImportError:
+        assert "results.parquet skipped" in (out / "report.md").read_text()
+    for name in expected:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+        assert name in res["files"], name
+    for name in expected:
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_correlation_table_has_requested_measures(small_study):
+    res, out = small_study
+    corr = pd.read_csv(out / "correlations.csv", index_col="measure")
+    want = {"lambda_max", "trace", "weakness_rel_tau0.1", "perturb_sigma_star", "compressed_bytes_lzma", "disagreement"}
+    assert want <= set(corr.index)
+    assert "test_error" not in corr.index  # the target itself is not a predictor
+    assert (corr["n"] == 5).all()
+    fin = corr.dropna(subset=["spearman_rho"])  # a column constant over the 5 replicas has no rank correlation
+    assert set(res["headline"].index) <= set(fin.index)
+    assert fin["spearman_rho"].between(-1, 1).all() and fin["spearman_p"].between(0, 1).all()
+    ok = corr["ci_low"].notna()
+    assert (corr.loc[ok, "ci_low"] <= corr.loc[ok, "ci_high"]).all()
+    assert list(res["headline"].index) == ["lambda_max", "trace", "weakness_rel_tau0.1", "perturb_sigma_star",
+                                           "compressed_bytes_lzma", "disagreement"]
+    report = (out / "report.md").read_text()
+    for m in want:
+        assert f"| {m} |" in report, m
+    assert "Generalization-disagreement check" in report and "Invariance audit" in report
+
+
+def test_tables_agree_across_pipelines(small_study):
+    """Test accuracy from evaluate_population and test error from the agreement-count kernels agree;
+    the summary disagreement is the mean off-diagonal of the pairwise matrix."""
+    res, out = small_study
+    table = pd.read_csv(out / "results.csv", index_col="replica")
+    assert list(table["seed"]) == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(table["test_acc"], 1.0 - table["test_error"], atol=1e-6)
+    np.testing.assert_allclose(table["gap"], table["train_acc"] - table["test_acc"], atol=1e-9)
+    D = res["function"].pairwise["disagreement"].numpy()
+    R = D.shape[0]
+    off = D[~np.eye(R, dtype=bool)].mean()
+    assert res["summary"]["mean_pairwise_disagreement"] == pytest.approx(off, rel=1e-9)
+    assert res["summary"]["mean_test_error"] == pytest.approx(table["test_error"].mean(), rel=1e-9)
+    assert (table["lambda_max"] > 0).all() and table["trace"].notna().all()
+    assert (table["lambda_max"] <= table["trace"] + 1e-6 * table["trace"].abs() + table["trace_stderr"] * 6).all()
+
+
+def test_audit_preserves_function_and_moves_curvature(small_study):
+    res, out = small_study
+    audit = pd.read_csv(out / "audit.csv", index_col="measure")
+    assert audit.loc["loss", "ratio_median"] == pytest.approx(1.0, rel=1e-4)
+    assert res["audit"].table.attrs["predictions_changed"] == 0
+    assert audit.loc["lambda_max", "ratio_median"] > 5  # alpha = 10 rescaling inflates the top eigenvalue
+    assert not bool(audit.loc["lambda_max", "invariant"])
+
+
+def test_config_reruns_through_cli(small_study, tmp_path):
+    _, out = small_study
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["replicas"] == 5 and cfg["config"]["measures"] == list(MEASURES)
+    assert "torch" in cfg["versions"] and "train" in cfg["seconds"]
+    yaml = pytest.importorskip("yaml")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved.update(replicas=3, measures=["lambda_max", "weakness"], audit=False, n_boot=50)
+    path = tmp_path / "rerun.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    out2 = tmp_path / "rerun"
+    assert main(["study", "--config", str(path), "--out", str(out2), "--no-progress", "--target", "gap"]) == 0
+    corr = pd.read_csv(out2 / "correlations.csv", index_col="measure")
+    assert {"lambda_max", "weakness_rel_tau0.1"} <= set(corr.index) and "trace" not in corr.index
+    assert (out2 / "lambda_max_vs_gap.png").is_file() and not (out2 / "audit.csv").exists()
+    t1 = pd.read_csv(out / "results.csv", index_col="replica")
+    t2 = pd.read_csv(out2 / "results.csv", index_col="replica")
+    # same settings and seeds: the first three replicas train to the same weights
+    np.testing.assert_allclose(t2["test_acc"], t1["test_acc"].iloc[:3], atol=1e-6)
+
+
+def test_bad_measure_names_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown measures.*sharpiness"):
+        fastcurv.study(data="digits", replicas=2, epochs=1, measures=["lambda_max", "sharpiness"], out=None,
+                       verbose=False, progress=False)
+    with pytest.raises(SystemExit, match="unknown measures"):
+        main(["study", "--replicas", "2", "--epochs", "1", "--measures", "weakness,nope", "--out", str(tmp_path),
+              "--no-progress"])
