@@ -3,17 +3,11 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from fastcurv.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_cli_writes_report(tmp_path, capsys):

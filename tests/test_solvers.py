@@ -1,6 +1,5 @@
 """Krylov and stochastic solvers against dense eigendecompositions and known spectra."""
 import numpy as np
-import pytest
 import torch
 from torch import nn
 

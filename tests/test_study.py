@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import fastcurv
 from fastcurv.cli import main
@@ -13,12 +12,7 @@ from fastcurv.study import HEADLINE
 MEASURES = ("lambda_max", "trace", "spectrum", "weakness", "perturbation_weakness", "simplicity", "disagreement", "gde")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

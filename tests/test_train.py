@@ -10,13 +10,7 @@ from fastcurv.train import epoch_order, evaluate_population, init_replicas, mlp,
 SIZES = (6, 5, 4, 3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest and avoids OpenMP waits on shared CI cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=21, seed=0):
