@@ -39,21 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import act_derivs, act_rop_bwd, activation_kind, softmax_ce_hvp
+from ..ops import act_derivs, act_rop_bwd, activation_kind, activation_value, softmax_ce_hvp
 from .base import Backend
 
 DEFAULT_CACHE_BYTES = 4 << 30
 DEFAULT_CHUNK_BYTES = 4 << 20
 
 _ACTS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
-_TORCH_ACTS = {
-    activation_kind("relu"): F.relu,
-    activation_kind("tanh"): torch.tanh,
-    activation_kind("sigmoid"): torch.sigmoid,
-    activation_kind("gelu"): F.gelu,
-}
-
-
 @dataclass
 class _Layer:
     kind: str  # "linear" | "act" | "flatten" | "conv" | "bn" | "maxpool" | "avgpool" | "adaptive"
@@ -175,10 +167,21 @@ def _is_general(layers) -> bool:
     return any(l.kind not in ("linear", "act", "flatten") for l in layers)
 
 
-def _act_forward(z: torch.Tensor, layer: _Layer) -> torch.Tensor:
-    if layer.act == activation_kind("leaky_relu"):
-        return F.leaky_relu(z, layer.slope)
-    return _TORCH_ACTS[layer.act](z)
+def _loss_head(loss, out: torch.Tensor, y: torch.Tensor, sample_dim: int):
+    """Per-replica loss ``[R]``, softmax probabilities (cross-entropy; else None) and the loss
+    gradient w.r.t. the outputs, for outputs ``[R, N, C]`` (sample_dim=1) or ``[N, R, C]`` (0)."""
+    shape = [1, 1, 1]
+    shape[sample_dim] = y.shape[0]
+    if loss.kind == "cross_entropy":
+        sc = loss.scale()
+        logp = torch.log_softmax(out, dim=-1)
+        yi = y.view(shape).expand(*out.shape[:2], 1)
+        probs = logp.exp()
+        delta = probs.clone().scatter_add_(2, yi, torch.full_like(logp[..., :1], -1.0)).mul_(sc)
+        return -logp.gather(2, yi).squeeze(2).sum(sample_dim) * sc, probs, delta
+    sc = loss.scale(out.shape[-1])
+    diff = out - y.unsqueeze(1 - sample_dim)
+    return diff.square().sum((sample_dim, 2)) * sc, None, 2 * sc * diff
 
 
 class _State:
@@ -290,18 +293,9 @@ class FusedBackend(Backend):
                 a = z
             else:
                 pre.append(None if shared else a)
-                a = _act_forward(a, layer)
+                a = activation_value(a, layer.act, layer.slope)
         out = a  # [R, N, C]
-        if self.loss.kind == "cross_entropy":
-            logp = torch.log_softmax(out, dim=-1)
-            st.loss = -logp[:, torch.arange(out.shape[1]), y].sum(1) * self.loss.scale()
-            st.probs = logp.exp()
-            delta = st.probs.clone()
-            delta[:, torch.arange(out.shape[1]), y] -= 1
-            delta *= self.loss.scale()
-        else:
-            st.loss = (out - y).square().sum((1, 2)) * self.loss.scale(out[0, 0].numel())
-            delta = 2 * self.loss.scale(out[0, 0].numel()) * (out - y)
+        st.loss, st.probs, delta = _loss_head(self.loss, out, y, sample_dim=1)
         # backward: deltas per linear layer, activation multipliers
         acts = iter(reversed(pre))
         lin = len(st.inputs)
@@ -632,7 +626,7 @@ class _MapEngine:
         if l.kind == "flatten":
             return a.reshape(a.shape[0], -1)
         if l.kind == "act":
-            return _act_forward(a, l)
+            return activation_value(a, l.act, l.slope)
         if a.dim() != 4:
             raise ValueError(f"module {l.name!r} ({l.kind}) needs inputs [N, C, H, W]; got {tuple(a.shape)}")
         return self._pool(a, l)
@@ -688,7 +682,7 @@ class _MapEngine:
                 shared = False
             elif l.kind == "act":
                 pre[i] = a
-                a = _act_forward(a, l)
+                a = activation_value(a, l.act, l.slope)
             elif l.kind == "flatten":
                 st.meta[i] = a.shape[2:]
                 a = a.reshape(N, R, -1)
@@ -708,19 +702,9 @@ class _MapEngine:
         out = a  # [N, R, C]
         if out.dim() != 3:
             raise ValueError(f"the model's outputs are {tuple(out.shape)} (replica axis at 1); the fused engine needs [N, classes]")
-        if self.loss.kind == "cross_entropy":
-            sc = self.loss.scale()
-            logp = torch.log_softmax(out, dim=-1)
-            yi = y.view(N, 1, 1).expand(N, R, 1)
-            st.loss = -logp.gather(2, yi).squeeze(2).sum(0) * sc
-            st.probs = logp.exp()
-            g = st.probs.clone().scatter_add_(2, yi, torch.full_like(logp[..., :1], -1.0)).mul_(sc)
+        st.loss, st.probs, g = _loss_head(self.loss, out, y, sample_dim=0)
+        if st.probs is not None:
             st.nbytes += st.probs.numel() * st.probs.element_size()
-        else:
-            sc = self.loss.scale(out.shape[-1])
-            diff = out - y.unsqueeze(1)
-            st.loss = diff.square().sum((0, 2)) * sc
-            g = 2 * sc * diff
         for i in range(len(self.layers) - 1, self.start - 1, -1):
             l = self.layers[i]
             if l.kind in ("conv", "linear"):
@@ -865,8 +849,7 @@ class _MapEngine:
                 ra = z.view(n, k, R, C, *z.shape[2:])
         # loss
         if self.loss.kind == "cross_entropy":
-            p = st.probs.unsqueeze(1)
-            rd = (ra - (p * ra).sum(-1, keepdim=True)).mul_(p).mul_(self.loss.scale())
+            rd = softmax_ce_hvp(st.probs, ra.contiguous(), self.loss.scale())  # [n, R, C] and [n, k, R, C]
         else:
             rd = ra * (2 * self.loss.scale(ra.shape[-1]))
         for i in range(len(self.layers) - 1, self.start - 1, -1):

@@ -4,7 +4,7 @@ The wrapper dispatches on the tensors' device and :func:`fastcurv.set_kernel_imp
 (compiled C++ on CPU; Triton or CUDA on GPU; the torch reference anywhere).
 """
 from .agreement_counts import AgreementCounts, agreement_counts, agreement_counts_naive, agreement_counts_onehot
-from .activation import ACTIVATIONS, act_derivs, act_derivs_reference, activation_kind
+from .activation import ACTIVATIONS, act_derivs, act_derivs_reference, activation_kind, activation_value
 from .act_rop_bwd import act_rop_bwd, act_rop_bwd_reference
 from .softmax_ce_hvp import softmax_ce_hvp, softmax_ce_hvp_reference
 
@@ -15,6 +15,7 @@ __all__ = [
     "agreement_counts_onehot",
     "ACTIVATIONS",
     "activation_kind",
+    "activation_value",
     "act_derivs",
     "act_derivs_reference",
     "act_rop_bwd",

@@ -19,6 +19,23 @@ def activation_kind(name: str) -> int:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
+def activation_value(z: torch.Tensor, kind: int, slope: float = 0.0) -> torch.Tensor:
+    """sigma(z) for an activation code (see :data:`fastcurv.ops.ACTIVATIONS`)."""
+    if kind == ACTIVATIONS["relu"]:
+        return torch.relu(z)
+    if kind == ACTIVATIONS["leaky_relu"]:
+        return torch.where(z > 0, z, z * slope)
+    if kind == ACTIVATIONS["tanh"]:
+        return torch.tanh(z)
+    if kind == ACTIVATIONS["sigmoid"]:
+        return torch.sigmoid(z)
+    if kind == ACTIVATIONS["gelu"]:
+        return torch.nn.functional.gelu(z)
+    if kind == ACTIVATIONS["identity"]:
+        return z
+    raise ValueError(f"unknown activation kind {kind}")
+
+
 def act_derivs_reference(z: torch.Tensor, g: torch.Tensor, kind: int, slope: float = 0.0):
     """``(sigma'(z), sigma''(z) * g)`` in plain torch."""
     if kind == ACTIVATIONS["relu"]:

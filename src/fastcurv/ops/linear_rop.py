@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from .. import _ext
-from .activation import ACTIVATIONS, act_derivs_reference, activation_kind
+from .activation import ACTIVATIONS, act_derivs_reference, activation_kind, activation_value
 
 
 class LinearRop(NamedTuple):
@@ -57,23 +57,6 @@ def check_linear_rop_shapes(a, ra, W, dW, b, db) -> tuple[int, int, int, int, in
         if t is not None and (t.dtype != a.dtype or t.device != a.device):
             raise TypeError(f"linear_rop: {name} is {t.dtype} on {t.device}, but a is {a.dtype} on {a.device}")
     return R, K, N, I, O
-
-
-def activation_value(z: torch.Tensor, kind: int, slope: float = 0.0) -> torch.Tensor:
-    """sigma(z) for an activation code (see :data:`fastcurv.ops.ACTIVATIONS`)."""
-    if kind == ACTIVATIONS["relu"]:
-        return torch.relu(z)
-    if kind == ACTIVATIONS["leaky_relu"]:
-        return torch.where(z > 0, z, z * slope)
-    if kind == ACTIVATIONS["tanh"]:
-        return torch.tanh(z)
-    if kind == ACTIVATIONS["sigmoid"]:
-        return torch.sigmoid(z)
-    if kind == ACTIVATIONS["gelu"]:
-        return torch.nn.functional.gelu(z)
-    if kind == ACTIVATIONS["identity"]:
-        return z
-    raise ValueError(f"unknown activation kind {kind}")
 
 
 def linear_rop_reference(
