@@ -57,3 +57,8 @@ class DenseOperator:
         out = torch.einsum("rpq,rkq->rkp", M, V3)
         self.num_matvecs += V3.shape[1]
         return out.squeeze(1) if single else out
+
+
+def ragged(x, y, sizes):
+    """Split one batch into consecutive batches of the given sizes (a ragged loader)."""
+    return list(zip(x.split(list(sizes)), y.split(list(sizes))))

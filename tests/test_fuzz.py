@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 import fastcurv  # noqa: E402
 from fastcurv.backends import BACKENDS  # noqa: E402
+from oracle import ragged  # noqa: E402
 
 ACTS = {
     "relu": nn.ReLU,
@@ -23,13 +24,6 @@ ACTS = {
 SETTINGS = dict(max_examples=8, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-
-def _split(x, y, sizes):
-    out, i = [], 0
-    for s in sizes:
-        out.append((x[i : i + s], y[i : i + s]))
-        i += s
-    return out
 
 
 @st.composite
@@ -109,7 +103,7 @@ def build(case):
         y = torch.randint(0, C, (N,), generator=g)
     else:
         y = torch.randn(N, C, generator=g, dtype=torch.float64)
-    return models, _split(x, y, case["sizes"])
+    return models, ragged(x, y, case["sizes"])
 
 
 def check_all_backends(case, K):

@@ -5,17 +5,10 @@ from torch import nn
 
 import fastcurv
 from models import cnn, mlp, replicas
-from oracle import dense_hessian
+from oracle import dense_hessian, ragged
 
 BACKENDS = ["autograd", "func", "auto"]
 
-
-def ragged(x, y, sizes):
-    out, i = [], 0
-    for s in sizes:
-        out.append((x[i : i + s], y[i : i + s]))
-        i += s
-    return out
 
 
 def check_against_dense(models, batches, backend, **kw):
