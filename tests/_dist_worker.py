@@ -28,25 +28,35 @@ def job(R=7, seed=0):
 KW = dict(measures=MEASURES, slq_steps=8, max_iter=40, progress=False)
 
 
-def _dist_main(rank, world, port, out_dir):
+def _init(rank, world, out_dir):
+    """A gloo group over a file store in ``out_dir``: unlike a TCP store, no rank hosts a server that
+    the others still talk to while they tear down."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    store = os.path.join(out_dir, "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def _dist_main(rank, world, out_dir):
+    import torch.distributed as dist
+
+    _init(rank, world, out_dir)
     try:
         models, data = job()
         res = fastcurv.batched_sharpness(models, data, distributed=True, replica_chunk=2,
                                          output=os.path.join(out_dir, "dist.jsonl"), **KW)
         torch.save({"values": res.values, "nodes": res.spectrum.nodes, "flags": res.flags},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears down while another still finishes its last collective
     finally:
         dist.destroy_process_group()
 
 
-def _data_main(rank, world, port, out_dir):
+def _data_main(rank, world, out_dir):
     """Data sharding: rank k reads only batch k of the job's data (ragged shares: 16 and 14 samples)."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    _init(rank, world, out_dir)
     try:
         models, data = job(R=3)
         out = {}
@@ -55,6 +65,7 @@ def _data_main(rank, world, port, out_dir):
             res = fastcurv.batched_sharpness(models, data[rank:rank + 1], distributed_data=True, backend=backend, **kw)
             out[backend] = {"values": res.values, "nodes": None if res.spectrum is None else res.spectrum.nodes}
         torch.save(out, os.path.join(out_dir, f"data_rank{rank}.pt"))
+        dist.barrier()  # no rank tears down while another still finishes its last collective
     finally:
         dist.destroy_process_group()
 

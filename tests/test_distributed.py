@@ -1,7 +1,6 @@
 """Replica sharding over torch.distributed: 2 CPU processes (gloo on loopback) give the results
 of the single-process run, gathered in replica order on every rank."""
 import os
-import socket
 import sys
 
 import pytest
@@ -36,15 +35,10 @@ def test_without_process_group_runs_in_one_process():
         torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_two_gloo_processes_equal_single_process(tmp_path, monkeypatch):
-    mp.spawn(W._dist_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(W._dist_main, args=(2, str(tmp_path)), nprocs=2, join=True)
     models, data = W.job()
     ref = fastcurv.batched_sharpness(models, data, **W.KW)
     for rank in (0, 1):
@@ -68,7 +62,7 @@ def test_two_gloo_processes_equal_single_process(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_data_sharded_over_two_gloo_processes_equals_full_data(tmp_path):
-    mp.spawn(W._data_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(W._data_main, args=(2, str(tmp_path)), nprocs=2, join=True)
     models, data = W.job(R=3)
     half = fastcurv.batched_sharpness(models, data[:1], backend="fused", **W.KW)
     for backend in ("fused", "func"):
