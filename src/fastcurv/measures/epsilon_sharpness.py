@@ -5,17 +5,30 @@
 
 Keskar et al. maximize with L-BFGS-B (10 iterations); fastcurv replaces it by batched projected
 sign-gradient ascent in the box (APGD, :mod:`._ascent`; ``n_iter`` steps, default 10), which
-runs all replicas in lock step. The random-subspace variant (A random P x p) is not implemented.
-Default eps = 1e-3 (one of the paper's two values, the other 5e-4). Not reparameterization-invariant:
-Dinh et al. (2017) show it can be made arbitrarily large by alpha-rescaling.
+runs all replicas in lock step. Default eps = 1e-3 (one of the paper's two values, the other
+5e-4). Not reparameterization-invariant: Dinh et al. (2017) show it can be made arbitrarily large
+by alpha-rescaling.
+
+Random-subspace variant (measure ``epsilon_sharpness_subspace``, its own name because it has its
+own options and column): ``phi = 100 * [max_{y in C_eps} L(theta + A y) - L(theta)] / (1 + L(theta))``
+with ``A`` a random ``P x p`` matrix (p = 1000, or P when P < 1000), ``y`` in ``R^p`` and
+``C_eps = {|y_i| <= eps (|(A^+ theta)_i| + 1)}``. The same ascent runs on ``y`` (the gradient in y is
+``A^T grad L``). ``A`` has i.i.d. ``N(0, 1/p)`` entries (our choice of distribution and scale, see
+:mod:`._subspace`, which also says how A is stored without R dense copies); pass ``A=`` (a tensor
+``[P, p]`` or ``[R, P, p]``) to use a given matrix: ``A = I`` gives the full-space measure exactly.
+Keskar et al.'s subspace dimension: measures.md records p = 1000 from recall (unverified against the
+paper).
 """
 from __future__ import annotations
+
+import numbers
 
 import torch
 
 from . import register_measure
 from ._ascent import apgd_ascent
 from ._common import finish, loss_at, loss_grad_at, positive
+from ._subspace import RandomSubspace
 
 
 def epsilon_sharpness_values(op, *, seed: int = 0, common: bool = True, eps: float = 1e-3, n_iter: int = 10):
@@ -34,3 +47,39 @@ def epsilon_sharpness(op, *, seed, common, eps: float = 1e-3, n_iter: int = 10):
     """Column ``epsilon_sharpness`` ``[R]`` (percent)."""
     value, _ = epsilon_sharpness_values(op, seed=seed, common=common, eps=eps, n_iter=n_iter)
     return {"epsilon_sharpness": finish(op, value)}
+
+
+def epsilon_subspace_values(op, *, seed: int = 0, common: bool = True, eps: float = 1e-3, p: int = 1000,
+                            n_iter: int = 10, A: torch.Tensor | None = None, max_matrix_bytes: int = 1 << 30):
+    """Random-subspace Keskar sharpness ``[R]`` (float64 CPU, percent), the maximizing subspace
+    coordinates ``y`` ``[R, p]`` and the :class:`~._subspace.RandomSubspace` used (so that the
+    parameter perturbation is ``subspace.matmul(y)``). ``seed`` draws the matrix (hashed per block)
+    and the ascent's random start; ``common`` gives every replica the same matrix and start."""
+    positive("epsilon_sharpness_subspace", eps=eps)
+    if A is None and not (isinstance(p, numbers.Integral) and not isinstance(p, bool) and p > 0):
+        raise ValueError(f"epsilon_sharpness_subspace: p must be a positive integer, got {p!r}")
+    theta = op.replicas.flat_params()
+    sub = RandomSubspace(op.P, min(int(p), op.P), op.R, seed=seed, common=common, device=op.device, dtype=op.dtype,
+                         max_bytes=max_matrix_bytes, A=A)
+    half = (sub.pinv_apply(theta).abs() + 1).to(op.device, op.dtype)  # box half-widths / eps
+    base = loss_at(op, theta)
+
+    def objective(y):
+        value, g = loss_grad_at(op, theta + sub.matmul(y))
+        return value, sub.rmatmul(g)
+
+    y0 = torch.zeros(op.R, sub.p, device=op.device, dtype=op.dtype)
+    best, y, _ = apgd_ascent(objective, y0, torch.full((op.R,), float(eps), dtype=torch.float64), p="linf", c=half,
+                             n_iter=n_iter, generator=torch.Generator().manual_seed(seed), common=common)
+    return 100 * (best - base).clamp_min(0.0) / (1 + base), y, sub
+
+
+@register_measure("epsilon_sharpness_subspace")
+def epsilon_sharpness_subspace(op, *, seed, common, eps: float = 1e-3, p: int = 1000, n_iter: int = 10,
+                               A: torch.Tensor | None = None, max_matrix_bytes: int = 1 << 30):
+    """Column ``epsilon_sharpness_subspace`` ``[R]`` (percent): Keskar's sharpness in a random
+    ``p``-dimensional subspace (default p = 1000, eps = 1e-3, n_iter = 10). Cost per replica:
+    ``n_iter + 1`` gradients plus ``2 (n_iter + 1) + 1`` products with the ``P x p`` matrix."""
+    value, _, _ = epsilon_subspace_values(op, seed=seed, common=common, eps=eps, p=p, n_iter=n_iter, A=A,
+                                          max_matrix_bytes=max_matrix_bytes)
+    return {"epsilon_sharpness_subspace": finish(op, value)}

@@ -4,7 +4,8 @@ passes sigma^2 as the std of ``torch.normal``; fastcurv does not).
 
 For each replica: bisect sigma on ``[0, sigma_max]`` (default 2) for at most ``depth`` (15)
 halvings; at each sigma average the accuracy over ``mc_samples`` (10) draws of ``theta + u``;
-stop when ``|acc(theta) - acc(theta + u) - target|  <= tol`` (target 0.1, tol 0.01).
+stop when ``|acc(theta) - acc(theta + u) - target|  <= tol`` (target 0.1, tol 0.01). The
+bisection is :func:`._bisect.bisect_scale`, shared with the worst-case sharpness alpha search.
 
 * isotropic: ``u ~ N(0, sigma^2 I)``; measure ``pacbayes_flatness = 1 / sigma^2``;
 * magnitude-aware: ``u_i ~ N(0, sigma'^2 theta_i^2 + eps^2)``, eps = 1e-3;
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import register_measure
+from ._bisect import bisect_scale
 from ._common import accuracy_at, finish, positive
 
 
@@ -38,26 +40,17 @@ def sigma_search(op, *, magnitude: bool = False, target: float = 0.1, tol: float
     theta = op.replicas.flat_params()
     base = accuracy_at(op, theta)
     R = op.R
-    lo = torch.zeros(R, dtype=torch.float64)
-    hi = torch.full((R,), float(sigma_max), dtype=torch.float64)
-    sigma = (lo + hi) / 2
-    done = torch.zeros(R, dtype=torch.bool)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(depth):
-        sigma = torch.where(done, sigma, (lo + hi) / 2)
+
+    def drop(sigma, active, step):  # every replica is evaluated (the draws do not depend on which are done)
         std = perturbation_std(theta, sigma, magnitude, eps)
         acc = torch.zeros(R, dtype=torch.float64)
         for _ in range(mc_samples):
             z = torch.randn(1 if common else R, op.P, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
             acc += accuracy_at(op, theta + std * z)
-        drop = base - acc / mc_samples
-        hit = (drop - target).abs() <= tol
-        done |= hit
-        too_much = drop > target
-        hi = torch.where(~done & too_much, sigma, hi)
-        lo = torch.where(~done & ~too_much, sigma, lo)
-        if bool(done.all()):
-            break
+        return base - acc / mc_samples
+
+    sigma, done = bisect_scale(drop, R, target=target, tol=tol, hi=sigma_max, depth=int(depth))
     return sigma, done, base
 
 

@@ -1,0 +1,158 @@
+"""Random subspaces ``A`` (``P x p``) for Keskar et al.'s random-subspace epsilon-sharpness,
+applied to R replicas at once without storing ``R`` dense ``P x p`` matrices.
+
+Distribution (our choice; Keskar et al. only say "a random P x p matrix" as far as our notes go):
+i.i.d. Gaussian entries ``N(0, 1/p)``. With this scale a row of ``A`` has unit expected squared
+norm, so ``A y`` with ``|y_j| <= eps`` perturbs each parameter by about ``eps``, the same per-coordinate
+scale as the full-space box (the "+1" part of the box is scale-dependent, so the scale matters).
+
+Storage: the matrix is defined block by block: rows ``[k B, (k+1) B)`` (``B = BLOCK_ROWS``) of
+replica ``r``'s matrix are ``randn(B, p) / sqrt(p)`` from a generator on the model's device seeded
+with a hash of ``(seed, r, k)`` (``r = 0`` for every replica when the draw is common). A block is therefore the
+same whether it is cached or regenerated, and replica r's matrix does not depend on the other
+replicas. The blocks are cached (one dense ``[Ra, P, p]`` tensor, Ra = 1 common or R) when that
+takes at most ``max_bytes``; otherwise every product regenerates them (cost: ``Ra P p`` normal draws
+per product; memory: one block of ``Ra * B * p`` entries). The draw depends on the device's RNG and
+the model dtype: for a bit-identical A across devices inject it (``A=`` a tensor). Inside a
+chunked or sharded job (:func:`fastcurv.solvers.probes.replica_window`) ``r`` is the replica's
+global number, so each replica's matrix does not depend on how the job was split.
+
+Pseudo-inverse ``A^+ theta`` (for the box half-widths): when ``P >= 2 p`` through the Gram matrix
+``A^T A`` (``[Ra, p, p]``; block products in the model dtype summed in float64, then a float64
+Cholesky solve; a Gaussian P x p has condition number about (1 + sqrt(p/P)) / (1 - sqrt(p/P)),
+under 6 for P >= 2p, so float32 products give the half-widths to about 1e-6; memory ``Ra p^2``
+float64, i.e. 800 MB for R = 100 per-replica matrices with p = 1000), otherwise by float64 least
+squares on the dense matrix (P < 2p: a small model). Note that p close to P makes a Gaussian A ill-conditioned and ``A^+ theta`` (hence
+the box) very large: the measure is meant for p << P.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from ..solvers.probes import _WINDOW
+
+BLOCK_ROWS = 1024
+
+
+def _block_seed(seed: int, r: int, k: int) -> int:
+    """A 62-bit generator seed for block k of replica r (stable across Python versions and runs)."""
+    digest = hashlib.blake2b(f"fastcurv-subspace:{int(seed)}:{int(r)}:{int(k)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+class RandomSubspace:
+    """The matrices ``A_r`` ``[P, p]`` of R replicas (one shared when ``common``), or injected ones.
+
+    Args:
+        P: parameters per replica. p: subspace dimension (> 0). R: replicas.
+        seed, common: the draw (see the module docstring). device, dtype: where products run.
+        max_bytes: cache the dense matrices when ``Ra * P * p * itemsize <= max_bytes``.
+        A: optional injected matrix ``[P, p]`` (shared) or ``[R, P, p]`` (per replica); then
+            ``p``, ``seed`` and ``common`` are ignored.
+    """
+
+    def __init__(self, P: int, p: int, R: int, *, seed: int = 0, common: bool = True, device=None,
+                 dtype=torch.float32, max_bytes: int = 1 << 30, A: torch.Tensor | None = None):
+        self.P, self.R, self.device, self.dtype, self.seed = P, R, device, dtype, seed
+        self._dense = None
+        if A is not None:
+            if not isinstance(A, torch.Tensor):
+                raise TypeError(f"A must be a torch.Tensor [P, p] or [R, P, p], got {type(A).__name__}")
+            if A.dim() == 2:
+                A = A.unsqueeze(0)
+            if A.dim() != 3 or A.shape[1] != P or A.shape[0] not in (1, R) or A.shape[2] < 1:
+                raise ValueError(f"A must have shape [P={P}, p] or [R={R}, P={P}, p], got {tuple(A.shape)}")
+            if not bool(torch.isfinite(A).all()):
+                raise ValueError("A has non-finite entries")
+            self.p, self.rows = A.shape[2], A.shape[0]
+            self._dense = A.to(device, dtype)
+            self.injected = True
+            return
+        if not (isinstance(p, int) and p > 0):
+            raise ValueError(f"subspace dimension p must be a positive integer, got {p!r}")
+        self.p, self.rows, self.injected = p, 1 if common else R, False
+        window = _WINDOW.get()
+        self.first = 0 if common or window is None else int(window[0])
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if self.rows * P * p * itemsize <= max_bytes:
+            self._dense = torch.cat([self._block(k) for k in range(self.num_blocks)], 1)
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.P / BLOCK_ROWS)
+
+    @property
+    def cached(self) -> bool:
+        return self._dense is not None
+
+    def _generate(self, r: int, k: int) -> torch.Tensor:
+        n = min(BLOCK_ROWS, self.P - k * BLOCK_ROWS)
+        gen = torch.Generator(device=self.device).manual_seed(_block_seed(self.seed, self.first + r, k))
+        return torch.randn(n, self.p, generator=gen, device=self.device, dtype=self.dtype) / math.sqrt(self.p)
+
+    def _block(self, k: int) -> torch.Tensor:
+        """Rows ``[k B, (k+1) B)`` of every stored matrix: ``[Ra, rows, p]``."""
+        if self._dense is not None:
+            return self._dense[:, k * BLOCK_ROWS:(k + 1) * BLOCK_ROWS]
+        return torch.stack([self._generate(r, k) for r in range(self.rows)])
+
+    def _chunks(self):
+        """``(row slice, [Ra, rows, p] block)`` covering all P rows: the whole cached matrix at once
+        (one GEMM per product), else the regenerated blocks one by one."""
+        if self._dense is not None:
+            yield slice(0, self.P), self._dense
+            return
+        for k in range(self.num_blocks):
+            Ak = self._block(k)
+            yield slice(k * BLOCK_ROWS, k * BLOCK_ROWS + Ak.shape[1]), Ak
+
+    def dense(self, r: int = 0) -> torch.Tensor:
+        """Replica ``r``'s matrix ``[P, p]`` (materialized; for tests and small models)."""
+        i = 0 if self.rows == 1 else r
+        if self._dense is not None:
+            return self._dense[i]
+        return torch.cat([self._generate(i, k) for k in range(self.num_blocks)])
+
+    def matmul(self, y: torch.Tensor) -> torch.Tensor:
+        """``A_r y_r`` for every replica: ``y`` ``[R, p]`` -> ``[R, P]``."""
+        out = torch.empty(y.shape[0], self.P, device=y.device, dtype=y.dtype)
+        for sl, Ak in self._chunks():
+            out[:, sl] = y @ Ak[0].T if self.rows == 1 else torch.einsum("rp,rnp->rn", y, Ak)
+        return out
+
+    def rmatmul(self, g: torch.Tensor) -> torch.Tensor:
+        """``A_r^T g_r`` for every replica: ``g`` ``[R, P]`` -> ``[R, p]``."""
+        out = torch.zeros(g.shape[0], self.p, device=g.device, dtype=g.dtype)
+        for sl, Ak in self._chunks():
+            out += g[:, sl] @ Ak[0] if self.rows == 1 else torch.einsum("rn,rnp->rp", g[:, sl], Ak)
+        return out
+
+    def pinv_apply(self, theta: torch.Tensor) -> torch.Tensor:
+        """``A_r^+ theta_r`` ``[R, p]`` (float64) for ``theta`` ``[R, P]``: the least-squares
+        (minimum-norm when rank-deficient) coordinates of theta in the subspace."""
+        t64 = theta.to(torch.float64)
+        if self.P >= 2 * self.p:
+            gram = torch.zeros(self.rows, self.p, self.p, dtype=torch.float64, device=theta.device)
+            rhs = torch.zeros(theta.shape[0], self.p, dtype=torch.float64, device=theta.device)
+            for sl, Ak in self._chunks():  # products in the model dtype, sums in float64
+                tk = theta[:, sl].to(Ak.dtype)
+                gram += (Ak.transpose(1, 2) @ Ak).to(torch.float64)
+                rhs += (tk @ Ak[0] if self.rows == 1 else torch.einsum("rn,rnp->rp", tk, Ak)).to(torch.float64)
+            L, info = torch.linalg.cholesky_ex(gram)
+            if bool((info != 0).any()):
+                raise ValueError("random subspace: A^T A is singular (A has dependent columns); inject a full-rank A")
+            L = L.expand(theta.shape[0], -1, -1)
+            return torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+        # P < 2p: a small model (P < 2000 for the default p); dense least squares on the CPU (gelsd
+        # handles rank-deficient injected matrices: minimum-norm solution).
+        if self.rows == 1:
+            A = self.dense(0).to(torch.float64).cpu()
+            return torch.linalg.lstsq(A, t64.T.cpu(), driver="gelsd").solution.T.to(theta.device)
+        out = torch.empty(theta.shape[0], self.p, dtype=torch.float64, device=theta.device)
+        for r in range(theta.shape[0]):
+            A = self.dense(r).to(torch.float64).cpu()
+            out[r] = torch.linalg.lstsq(A, t64[r].cpu().unsqueeze(1), driver="gelsd").solution[:, 0].to(theta.device)
+        return out
