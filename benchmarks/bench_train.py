@@ -4,8 +4,18 @@ Workload (issue 6): R=100 MLPs 784-128-128-10, 2,000 MNIST training images (from
 ``../shared/data/mnist`` or $FASTCURV_DATA; synthetic images only when no file is found, and the
 output says so), SGD with momentum 0.9, lr 0.01, batch 64, cross-entropy, float32.
 
-* batched: :func:`fastcurv.train.train_population` (one vmapped forward/backward for all R);
+* batched: :func:`fastcurv.train.train_population` with its defaults (each replica its own data
+  order; the fused MLP path of :mod:`fastcurv.train_fused`: baddbmm/bmm over the replica axis);
+* batched_shared: the same with ``shared_data_order=True`` (one data order for all replicas, the
+  first layer as one GEMM);
+* batched_vmap: ``fused=False``, the generic ``vmap(functional_call)`` path, for reference;
+* batched_intraop: ``threads=1``, the fused path without replica-parallel worker threads (torch's
+  intra-op OpenMP threads parallelize each op instead);
 * loop: each model alone with ``torch.optim.SGD`` on exactly the same batches (same seeds).
+
+All variants run interleaved in every repeat and the best of ``--repeats`` is kept, so load from
+other processes on the machine (recorded as ``loadavg``) biases the ratios as little as possible;
+``*_cpu_s`` is the process CPU time of the best run.
 
 Run as a script to write JSON (ratios measured in one run, best of ``--repeats``)::
 
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -24,7 +35,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastcurv import train
 from fastcurv.train import epoch_order, init_replicas, mlp, train_population
 
 SIZES = (784, 128, 128, 10)
@@ -47,20 +57,28 @@ def builder():
     return mlp(SIZES)
 
 
-def run_batched(x, y, R: int, epochs: int, batch_size: int = 64):
-    models, _ = train_population(builder, x, y, replicas=R, epochs=epochs, lr=0.01, momentum=0.9,
-                                 batch_size=batch_size, progress=False)
+def run_batched(x, y, R: int, epochs: int, batch_size: int = 64, **kw):
+    models, hist = train_population(builder, x, y, replicas=R, epochs=epochs, lr=0.01, momentum=0.9,
+                                    batch_size=batch_size, progress=False, **kw)
+    run_batched.engine = hist.engine
     return models
 
 
-def run_loop(x, y, R: int, epochs: int, batch_size: int = 64):
+def run_loop(x, y, R: int, epochs: int, batch_size: int = 64, shared_order: bool = False, threads=None):
+    if threads:
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run_loop(x, y, R, epochs, batch_size, shared_order)
+        finally:
+            torch.set_num_threads(old)
     models = init_replicas(builder, range(R))
     n = len(x)
     for r, m in enumerate(models):
         m.train()
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
         for e in range(epochs):
-            order = epoch_order(r, e, n)
+            order = epoch_order(0 if shared_order else r, e, n)
             for k in range(0, n, batch_size):
                 idx = order[k:k + batch_size]
                 opt.zero_grad(set_to_none=True)
@@ -69,38 +87,84 @@ def run_loop(x, y, R: int, epochs: int, batch_size: int = 64):
     return models
 
 
-def measure(R=100, epochs=1, repeats=2, n_train=2000, batch_size=64):
+def _max_diff(ma, mb):
+    return max((pa - pb).abs().max().item() for a, b in zip(ma, mb) for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+VARIANTS = {  # name -> extra train_population arguments
+    "batched": {},
+    "batched_shared": {"shared_data_order": True},
+    "batched_vmap": {"fused": False},
+    "batched_intraop": {"threads": 1},
+}
+
+
+def measure(R=100, epochs=1, repeats=2, n_train=2000, batch_size=64, variants=tuple(VARIANTS), loop_threads=()):
     x, y, source = load_data(n_train)
-    t_b, t_l = [], []
-    for _ in range(repeats):  # interleaved, best of repeats: less sensitive to other load on the machine
-        t = time.perf_counter()
-        mb = run_batched(x, y, R, epochs, batch_size)
-        t_b.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ml = run_loop(x, y, R, epochs, batch_size)
-        t_l.append(time.perf_counter() - t)
-    # the two runs train the same models: report how far apart they ended (float32 rounding only)
-    diff = max((pb - pl).abs().max().item() for a, b in zip(mb, ml) for pb, pl in zip(a.parameters(), b.parameters()))
-    return {
+    names = [*variants, "loop", *[f"loop_{t}thread" for t in loop_threads]]
+    wall = {k: [] for k in names}
+    cpu = {k: [] for k in names}
+    engines, models = {}, {}
+    load = [os.getloadavg()[0]]
+    for rep in range(repeats):  # interleaved (rotated order), best of repeats: less sensitive to other load
+        for k in names[rep % len(names):] + names[:rep % len(names)]:
+            t, c = time.perf_counter(), time.process_time()
+            if k == "loop":
+                models[k] = run_loop(x, y, R, epochs, batch_size)
+            elif k.startswith("loop_"):
+                models[k] = run_loop(x, y, R, epochs, batch_size, threads=int(k[5:-6]))
+            else:
+                models[k] = run_batched(x, y, R, epochs, batch_size, **VARIANTS[k])
+                engines[k] = run_batched.engine
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+        load.append(os.getloadavg()[0])
+    best = {k: min(range(repeats), key=wall[k].__getitem__) for k in names}
+    res = {
         "workload": f"R={R} MLP {'-'.join(map(str, SIZES))}, {n_train} {source} images, batch {batch_size}, "
                     f"{epochs} epoch(s), SGD momentum 0.9, float32",
         "data": source,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "batched_s": min(t_b),
-        "loop_s": min(t_l),
-        "speedup_loop_over_batched": min(t_l) / min(t_b),
-        "batched_all_s": t_b,
-        "loop_all_s": t_l,
-        "max_abs_param_diff_batched_vs_loop": diff,
+        "loadavg_1min": load,
+        "engines": engines,
     }
+    for k in names:
+        res[f"{k}_s"] = wall[k][best[k]]
+        res[f"{k}_cpu_s"] = cpu[k][best[k]]
+        res[f"{k}_all_s"] = wall[k]
+    for k in variants:
+        res[f"speedup_loop_over_{k}"] = res["loop_s"] / res[f"{k}_s"]
+        for t in loop_threads:
+            res[f"speedup_loop_{t}thread_over_{k}"] = res[f"loop_{t}thread_s"] / res[f"{k}_s"]
+    # the runs train the same models (float32 rounding apart); the shared-order variant against a loop
+    # with the same shared order over its first replicas
+    if "batched" in models:
+        res["max_abs_param_diff_batched_vs_loop"] = _max_diff(models["batched"], models["loop"])
+    if "batched_vmap" in models:
+        res["max_abs_param_diff_batched_vmap_vs_loop"] = _max_diff(models["batched_vmap"], models["loop"])
+    if "batched_shared" in models:
+        k = min(R, 5)
+        res[f"max_abs_param_diff_batched_shared_vs_loop_first{k}"] = _max_diff(
+            models["batched_shared"][:k], run_loop(x, y, k, epochs, batch_size, shared_order=True))
+    return res
 
 
 # ---- pytest-benchmark ---------------------------------------------------------------------
 def test_bench_train_batched(benchmark):
     x, y, _ = load_data()
     benchmark.pedantic(run_batched, args=(x, y, 100, 1), rounds=1, iterations=1)
+
+
+def test_bench_train_batched_shared_order(benchmark):
+    x, y, _ = load_data()
+    benchmark.pedantic(run_batched, args=(x, y, 100, 1), kwargs={"shared_data_order": True}, rounds=1, iterations=1)
+
+
+def test_bench_train_batched_vmap(benchmark):
+    x, y, _ = load_data()
+    benchmark.pedantic(run_batched, args=(x, y, 100, 1), kwargs={"fused": False}, rounds=1, iterations=1)
 
 
 def test_bench_train_loop(benchmark):
@@ -116,11 +180,19 @@ def main(argv=None):
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated batched variants to time against the loop (of {', '.join(VARIANTS)})")
+    ap.add_argument("--loop-threads", default="", help="also time the loop with these torch thread counts, e.g. 1")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = measure(a.replicas, a.epochs, a.repeats, a.n_train, a.batch_size)
+    variants = tuple(v for v in a.variants.split(",") if v)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    res = measure(a.replicas, a.epochs, a.repeats, a.n_train, a.batch_size, variants,
+                  tuple(int(t) for t in a.loop_threads.split(",") if t))
     text = json.dumps(res, indent=2)
     print(text)
     if a.json:

@@ -41,9 +41,10 @@ def _sam_grad(m, xb, yb, rho):
 
 
 def reference_loop(x, y, seeds, *, optimizer, lrs, epochs, batch_size, weight_decay=0.0, momentum=0.9, rho=0.0,
-                   nesterov=False):
+                   nesterov=False, data_seeds=None, build=None, loss_fn=F.cross_entropy):
     """Each replica alone, torch.optim, the same batches (epoch_order) and the same initialization."""
-    models = init_replicas(builder, seeds)
+    models = init_replicas(build or builder, seeds)
+    data_seeds = seeds if data_seeds is None else data_seeds
     for r, m in enumerate(models):
         if optimizer == "sgd":
             opt = torch.optim.SGD(m.parameters(), lr=lrs[r], momentum=momentum, weight_decay=weight_decay,
@@ -53,7 +54,7 @@ def reference_loop(x, y, seeds, *, optimizer, lrs, epochs, batch_size, weight_de
         else:
             opt = torch.optim.AdamW(m.parameters(), lr=lrs[r], weight_decay=weight_decay)
         for e in range(epochs):
-            order = epoch_order(seeds[r], e, len(x))
+            order = epoch_order(data_seeds[r], e, len(x))
             for k in range(0, len(x), batch_size):
                 idx = order[k:k + batch_size]
                 opt.zero_grad()
@@ -61,7 +62,7 @@ def reference_loop(x, y, seeds, *, optimizer, lrs, epochs, batch_size, weight_de
                     for p, g in zip(m.parameters(), _sam_grad(m, x[idx], y[idx], rho)):
                         p.grad = g
                 else:
-                    F.cross_entropy(m(x[idx]), y[idx]).backward()
+                    loss_fn(m(x[idx]), y[idx]).backward()
                 opt.step()
     return models
 
@@ -190,6 +191,8 @@ def test_bad_arguments():
         train_population(builder, x, y.double(), seeds=[0], progress=False)
     with pytest.raises(ValueError, match="sizes"):
         mlp([5])
+    with pytest.raises(ValueError, match="threads"):
+        train_population(builder, x, y, seeds=[0], threads=0, progress=False)
 
 
 def test_float32_batched_close_to_loop_on_mnist_like_data():
@@ -222,3 +225,137 @@ def test_chunked_replicas_give_the_same_result(optimizer):
     parts, h2 = train_population(builder, x, y, chunk_size=2, **kw)
     _assert_same(whole, parts, atol=1e-12)
     assert h1.steps == h2.steps
+
+
+# ---- fused MLP path (fastcurv.train_fused) against the vmap path and the loop ----------------------
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "elu", "silu", "softplus", "leaky_relu", "sigmoid"])
+def test_fused_equals_vmap_for_each_activation(activation):
+    x, y = _data()
+
+    def b():
+        return mlp(SIZES, activation).double()
+
+    kw = dict(seeds=[0, 1, 2], lr=[0.1, 0.2, 0.05], weight_decay=0.01, batch_size=8, epochs=1, progress=False)
+    fused, hf = train_population(b, x, y, **kw)
+    plain, hv = train_population(b, x, y, fused=False, **kw)
+    assert hf.engine == "fused-mlp" and hv.engine == "vmap (fused=False)"
+    _assert_same(fused, plain, atol=1e-12)
+    assert hf.train_loss[-1] == pytest.approx(hv.train_loss[-1], rel=1e-12)
+
+
+@pytest.mark.parametrize("nesterov,wd", [(False, 0.0), (True, 0.01)])
+def test_uniform_sgd_foreach_step_equals_loop(nesterov, wd):
+    """One lr/momentum/decay for all replicas takes the scalar (foreach) optimizer step."""
+    x, y = _data()
+    seeds = [4, 5]
+    models, _ = train_population(builder, x, y, seeds=seeds, lr=0.1, momentum=0.8, weight_decay=wd, nesterov=nesterov,
+                                 batch_size=8, epochs=2, progress=False)
+    ref = reference_loop(x, y, seeds, optimizer="sgd", lrs=[0.1, 0.1], momentum=0.8, weight_decay=wd,
+                         nesterov=nesterov, epochs=2, batch_size=8)
+    _assert_same(models, ref)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_shared_data_order_equals_loop(optimizer):
+    """shared_data_order: every replica sees data_seeds[0]'s batches; first layer as one GEMM."""
+    x, y = _data()
+    seeds = [3, 7, 11]
+    lrs = [0.1, 0.05, 0.2] if optimizer == "sgd" else [0.01, 0.003, 0.02]
+    models, hist = train_population(builder, x, y, seeds=seeds, optimizer=optimizer, lr=lrs, weight_decay=0.01,
+                                    batch_size=8, epochs=2, shared_data_order=True, chunk_size=2, progress=False)
+    assert hist.engine == "fused-mlp+shared-order"
+    ref = reference_loop(x, y, seeds, optimizer=optimizer, lrs=lrs, weight_decay=0.01, epochs=2, batch_size=8,
+                         data_seeds=[3, 3, 3])
+    _assert_same(models, ref)
+    # equal explicit data seeds give the same shared order; different ones contradict the option
+    same, _ = train_population(builder, x, y, seeds=seeds, data_seeds=[3, 3, 3], optimizer=optimizer, lr=lrs,
+                               weight_decay=0.01, batch_size=8, epochs=2, fused=False, progress=False)
+    _assert_same(models, same, atol=1e-12)
+    with pytest.raises(ValueError, match="shared_data_order.*data_seeds differ"):
+        train_population(builder, x, y, seeds=seeds, data_seeds=[1, 2, 3], shared_data_order=True, progress=False)
+
+
+def test_fused_mse_image_input_no_bias_equals_loop():
+    """Flatten + bias-free layers + MSE through the fused path, per-replica and shared order, against the loop."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 1, 2, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(20, 2, generator=g, dtype=torch.float64)
+
+    def b():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False),
+                                   torch.nn.Tanh()), torch.nn.Identity(), torch.nn.Linear(5, 2)).double()
+
+    for shared in (False, True):
+        models, hist = train_population(b, x, y, seeds=[0, 1], lr=0.05, loss="mse", batch_size=8, epochs=2,
+                                        shared_data_order=shared, eval_train=True, progress=False)
+        assert hist.engine.startswith("fused-mlp")
+        ref = reference_loop(x, y, [0, 1], optimizer="sgd", lrs=[0.05, 0.05], epochs=2, batch_size=8, build=b,
+                             loss_fn=F.mse_loss, data_seeds=[0, 0] if shared else None)
+        _assert_same(models, ref)
+        full = [F.mse_loss(m(x), y).item() for m in ref]
+        assert hist.train_loss[-1] == pytest.approx(full, rel=1e-10)
+
+
+def test_non_mlp_falls_back_to_vmap_and_says_why():
+    x, y = _data()
+
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(SIZES[0], SIZES[0]), torch.nn.Linear(SIZES[0], SIZES[-1])
+
+        def forward(self, x):
+            return self.b(x + torch.tanh(self.a(x)))
+
+    def res():
+        return Residual().double()
+
+    models, hist = train_population(res, x, y, seeds=[0, 1], lr=0.1, batch_size=8, epochs=1, progress=False)
+    assert hist.engine == "vmap (the model is a Residual, not a plain nn.Sequential)"
+    ref = reference_loop(x, y, [0, 1], optimizer="sgd", lrs=[0.1, 0.1], epochs=1, batch_size=8, build=res)
+    _assert_same(models, ref)
+
+    def with_norm():
+        return torch.nn.Sequential(torch.nn.Linear(SIZES[0], 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 3)).double()
+
+    _, hist = train_population(with_norm, x, y, seeds=[0], batch_size=8, epochs=1, progress=False)
+    assert "LayerNorm at 1" in hist.engine and hist.engine.startswith("vmap")
+    with pytest.raises(ValueError, match="fused=True.*LayerNorm"):
+        train_population(with_norm, x, y, seeds=[0], fused=True, progress=False)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_worker_threads_give_the_same_result(fused):
+    """threads=2 (replica groups trained by two worker threads) equals threads=1, with SAM, a diverging
+    replica and per-epoch full-loss evaluation; torch's thread count is restored afterwards."""
+    x, y = _data()
+
+    def relu_builder():
+        return mlp(SIZES, "relu").double()
+
+    kw = dict(seeds=[0, 1, 2, 3, 4], lr=[0.1, 1e200, 0.05, 0.1, 0.2], sam_rho=[0.0, 0.0, 0.05, 0.0, 0.05],
+              batch_size=8, epochs=2, eval_train=True, fused=fused, progress=False)
+    before = torch.get_num_threads()
+    one, h1 = train_population(relu_builder, x, y, threads=1, **kw)
+    two, h2 = train_population(relu_builder, x, y, threads=2, chunk_size=2, **kw)
+    assert torch.get_num_threads() == before
+    assert h2.engine.endswith("2 worker threads") and "worker" not in h1.engine
+    assert h1.diverged == h2.diverged == [False, True, False, False, False]
+    keep = [0, 2, 3, 4]
+    _assert_same([one[i] for i in keep], [two[i] for i in keep], atol=1e-12)
+    assert all(torch.isnan(p).all() for p in [*one[1].parameters(), *two[1].parameters()])
+    assert h1.steps == h2.steps
+    np_nan = [[v for v in row if not math.isnan(v)] for row in h1.train_loss]
+    assert np_nan == [pytest.approx([v for v in row if not math.isnan(v)], rel=1e-12) for row in h2.train_loss]
+
+
+def test_nonfinite_rows_check():
+    from fastcurv.train import _nonfinite_rows
+
+    a, b = torch.randn(4, 3, 5), torch.randn(4, 7)
+    a[1, 0, 0] = float("nan")
+    b[2, 3] = float("-inf")
+    b[3, :] = 3e38  # finite entries whose float32 sum overflows: not flagged
+    assert _nonfinite_rows([a, b]).tolist() == [False, True, True, False]

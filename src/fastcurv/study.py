@@ -14,7 +14,7 @@ one predicts generalization"):
    with the target (:func:`fastcurv.stats.correlations`);
 6. the invariance audit (:func:`fastcurv.invariance_audit`, Dinh alpha-rescaling, alpha=10) on a
    reparameterized copy of (some of) the population;
-7. an output folder: ``results.csv`` (and ``results.parquet`` when pyarrow is importable),
+7. an output folder: ``results.csv`` and ``results.parquet`` (the same table; pyarrow),
    ``correlations.csv``, ``audit.csv``, ``report.md``, PNG plots (``<measure>_vs_<target>.png``,
    ``spectrum.png`` when "spectrum" is requested, ``agreement_heatmap.png`` when "disagreement" or
    "gde" is requested, ``audit.png``) and ``config.json`` (settings + versions; rerun with
@@ -352,13 +352,17 @@ def study(
         corr.to_csv(outp / "correlations.csv")
         files += ["results.csv", "correlations.csv"]
         parquet_note = ""
-        try:
+        try:  # pyarrow is a dependency of fastcurv; a broken environment still keeps the CSV and says why
             import pyarrow  # noqa: F401
+        except ImportError as e:
+            parquet_note = (f"results.parquet NOT written: pyarrow, a dependency of fastcurv, cannot be imported ({e}); "
+                            "reinstall it with `pip install pyarrow`. The same table is in results.csv.")
+            import warnings
 
-            table.to_parquet(outp / "results.parquet")
+            warnings.warn(parquet_note, RuntimeWarning, stacklevel=2)
+        else:
+            table.to_parquet(outp / "results.parquet", engine="pyarrow")
             files.append("results.parquet")
-        except ImportError:
-            parquet_note = "results.parquet skipped: pyarrow is not installed (pip install pyarrow)."
         plots = _plot(table, list(headline.index), target, outp)  # one scatter per requested measure
         if sharp is not None and sharp.spectrum is not None:
             try:

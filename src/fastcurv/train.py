@@ -1,9 +1,17 @@
 """Training a population of R replicas of one architecture in ONE batched job.
 
 The R replicas' parameters are stacked along a leading axis (``torch.func.stack_module_state``) and
-one forward/backward (``torch.func.functional_call`` under ``vmap``) trains them all. Each replica
-has its own initialization seed and its own data order, and optionally its own learning rate,
-momentum, weight decay and SAM radius (a hyperparameter grid in one job).
+one forward/backward trains them all. Each replica has its own initialization seed and its own data
+order (or, with ``shared_data_order=True``, one order for all), and optionally its own learning
+rate, momentum, weight decay and SAM radius (a hyperparameter grid in one job).
+
+Engines (``history.engine`` says which ran): plain MLP chains (Linear layers and elementwise
+activations in an ``nn.Sequential``) take the fused path of :mod:`fastcurv.train_fused` (baddbmm/bmm
+over the replica axis, closed-form loss gradient, no autograd, vmap or functional_call per step);
+any other model takes the generic path, ``torch.func.functional_call`` under ``vmap`` with autograd.
+On CPU the replica groups are split over worker threads (``threads``, default torch's thread count)
+that each run a whole epoch with single-threaded torch ops, so no op waits for a thread that
+another process has descheduled.
 
 Optimizers follow ``torch.optim`` exactly (same update formulas), so a batched run equals a loop
 that trains each model with ``torch.optim.SGD`` / ``torch.optim.Adam`` / ``torch.optim.AdamW`` on the
@@ -34,7 +42,9 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -46,11 +56,14 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
+from .train_fused import plan_mlp
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "elu": nn.ELU,
                "silu": nn.SiLU, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
 _CKPT_VERSION = 1
+_FUSED_SGD = getattr(torch, "_fused_sgd_", None)  # private torch op behind SGD(fused=True); foreach ops if absent
 
 
 def mlp(sizes: Sequence[int], activation: str = "relu", *, bias: bool = True, flatten: bool = True) -> nn.Sequential:
@@ -120,7 +133,9 @@ class TrainHistory:
     the sample-weighted mean of the epoch's minibatch losses; NaN for diverged replicas).
     epochs_run, steps: per replica, epochs / optimizer steps actually taken. diverged, reached_target:
     per-replica bools. seconds: wall time of this call. resumed_from_epoch: epochs found in the
-    checkpoint (0 when starting fresh).
+    checkpoint (0 when starting fresh). engine: how the forward/backward ran, ``"fused-mlp"``
+    (:mod:`fastcurv.train_fused`, ``"+shared-order"`` when all replicas share the data order) or
+    ``"vmap (<why the fused path was not used>)"``.
     """
 
     train_loss: list = field(default_factory=list)
@@ -130,6 +145,7 @@ class TrainHistory:
     reached_target: list = field(default_factory=list)
     seconds: float = 0.0
     resumed_from_epoch: int = 0
+    engine: str = ""
 
     def final_loss(self) -> list:
         """Last finite training loss recorded for each replica (NaN if none, e.g. diverged at once)."""
@@ -223,6 +239,9 @@ def train_population(
     dtype: torch.dtype | None = None,
     callback: Callable | None = None,
     chunk_size: int | None = None,
+    shared_data_order: bool = False,
+    fused: bool | None = None,
+    threads: int | None = None,
 ) -> tuple[list[nn.Module], TrainHistory]:
     """Train R replicas of one architecture at once; returns ``(models, history)``.
 
@@ -249,6 +268,20 @@ def train_population(
         chunk_size: replicas per forward/backward/update group within a step (default: as many as
             keep about 24 MiB of parameters, gradients and optimizer state together, so the
             optimizer update runs from cache). Results do not depend on it.
+        shared_data_order: every replica sees the same minibatches (the data order of
+            ``data_seeds[0]``, default ``seeds[0]``); the replicas then differ only in initialization
+            and hyperparameters, and the fused path computes the first layer of all replicas as one
+            GEMM. Off by default (each replica has its own data order).
+        fused: use the fused MLP forward/backward (:mod:`fastcurv.train_fused`): ``None`` (default)
+            when the model is a plain MLP chain without dropout, else the generic vmap path (the
+            reason is in ``history.engine``); ``True`` raises if the model does not qualify;
+            ``False`` always uses vmap.
+        threads: replica-parallel worker threads on CPU (default ``torch.get_num_threads()``). Each
+            worker trains its share of the replica groups for a whole epoch with single-threaded
+            torch ops, so there is no per-op synchronization (intra-op OpenMP threads wait at every
+            op for the slowest thread, which is very slow when other processes share the cores);
+            torch's thread count is 1 during the call and restored after. ``1``: no worker threads,
+            torch ops use torch's own intra-op threads. Results do not depend on it.
     """
     t_start = time.perf_counter()
     if seeds is None:
@@ -261,15 +294,24 @@ def train_population(
     R = len(seeds)
     if R < 1:
         raise ValueError("need at least one replica")
+    data_seeds_given = data_seeds is not None
     data_seeds = seeds if data_seeds is None else [int(s) for s in data_seeds]
     if len(data_seeds) != R:
         raise ValueError(f"data_seeds has {len(data_seeds)} entries, expected one per replica (R={R})")
+    if shared_data_order:
+        if data_seeds_given and len(set(data_seeds)) > 1:
+            raise ValueError("shared_data_order=True needs one data order for all replicas, but data_seeds differ; "
+                             "pass equal data_seeds or leave them out (then data_seeds[0] is used)")
+        data_seeds = [data_seeds[0]] * R
+    shared = len(set(data_seeds)) == 1  # all replicas see the same minibatches
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     loss_fn = _loss_fn(loss)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"x and y must hold the same, non-zero number of samples; got {len(x)} and {len(y)}")
@@ -289,14 +331,24 @@ def train_population(
             raise NotImplementedError("batched training of models with BatchNorm is not supported (running statistics "
                                       "cannot be updated per replica under vmap); use a model without BatchNorm")
     has_dropout = any(isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 for mod in models[0].modules())
+    plan, why = None, "fused=False"
+    if fused is None or fused:
+        plan, why = plan_mlp(models[0], loss) if not has_dropout else (None, "the model has dropout")
+        if fused and plan is None:
+            raise ValueError(f"fused=True, but the model does not qualify for the fused MLP path: {why}")
+    engine = ("fused-mlp" + ("+shared-order" if shared else "")) if plan is not None else f"vmap ({why})"
 
     params, buffers = stack_module_state(models)
     names = list(params)
     params = {n: p.detach().clone().contiguous() for n, p in params.items()}
     base = copy.deepcopy(models[0]).to("meta")
+    per_thread = threading.local()  # functional_call swaps tensors into the module: one copy per worker thread
 
     def one(p, b, xb):
-        return functional_call(base, (p, b), (xb,))
+        m = getattr(per_thread, "base", None)
+        if m is None:
+            m = per_thread.base = copy.deepcopy(base)
+        return functional_call(m, (p, b), (xb,))
 
     fwd = vmap(one, in_dims=(0, 0, 0), randomness="different" if has_dropout else "error")
     fwd_shared = vmap(one, in_dims=(0, 0, None), randomness="different" if has_dropout else "error")
@@ -307,6 +359,9 @@ def train_population(
     hp = {k: _per_replica(v, R, k, dtype, device) for k, v in
           (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho))}
     use_sam = bool((hp["sam_rho"] > 0).any())
+    sgd_scalars = None  # (lr, momentum, weight_decay) when SGD's are the same for every replica
+    if optimizer == "sgd" and all(bool((hp[k] == hp[k][0]).all()) for k in ("lr", "momentum", "weight_decay")):
+        sgd_scalars = tuple(float(hp[k][0]) for k in ("lr", "momentum", "weight_decay"))
     b1, b2 = float(betas[0]), float(betas[1])
     if eval_train is None:
         eval_train = target_loss is not None
@@ -351,20 +406,30 @@ def train_population(
         losses = loss_fn(fwd(p, bufs, xb), yb)
         return torch.where(active, losses, torch.zeros_like(losses)).sum(), losses
 
-    def grads_at(p, bufs, xb, yb, active):
-        leaf = {n: t.detach().requires_grad_(True) for n, t in p.items()}
+    gbuf = {n: torch.empty_like(params[n]) for n in names} if plan is not None else None
+    fast_shared = plan is not None and shared  # xb/yb hold ONE minibatch [B, ...] for all replicas
+
+    def grads_at(p, bufs, xb, yb, active, sl):
+        if plan is not None:
+            return plan.loss_and_grads(p, xb, yb, active, loss, shared=fast_shared,
+                                       out={n: gbuf[n][sl] for n in names})
+        # ``.data`` (unlike ``.detach()``) gets its own version counter: the in-place updates other worker
+        # threads make to their groups' views of the same stacked tensors do not invalidate this graph
+        leaf = {n: t.data.requires_grad_(True) for n, t in p.items()}
         total, losses = total_loss(leaf, bufs, xb, yb, active)
         g = torch.autograd.grad(total, [leaf[n] for n in names])
         return dict(zip(names, g)), losses.detach()
 
     @torch.no_grad()
-    def full_loss(p):
-        out = torch.zeros(R, dtype=torch.float64, device=device)
-        chunk = max(1, min(N, (1 << 24) // max(1, R * int(np.prod(x.shape[1:])))))
+    def full_loss(p, bufs):
+        """Full training-set loss ``[R_c]`` float64 of the replica group ``p`` (name -> ``[R_c, ...]``)."""
+        Rc = next(iter(p.values())).shape[0]
+        out = torch.zeros(Rc, dtype=torch.float64, device=device)
+        chunk = max(1, min(N, (1 << 24) // max(1, Rc * int(np.prod(x.shape[1:])))))
         for i in range(0, N, chunk):
             xb, yb = x[i:i + chunk], y[i:i + chunk]
-            o = fwd_shared(p, buffers, xb)
-            out += loss_fn(o, yb.unsqueeze(0).expand(R, *yb.shape)).double() * len(xb)
+            o = plan.forward(p, xb, shared=True) if plan is not None else fwd_shared(p, bufs, xb)
+            out += loss_fn(o, yb.unsqueeze(0).expand(Rc, *yb.shape)).double() * len(xb)
         return out / N
 
     @torch.no_grad()
@@ -376,6 +441,21 @@ def train_population(
         """
         all_active = bool(active.all())
         steps = state["step"][sl]
+        if all_active and sgd_scalars is not None:  # one learning rate/momentum/decay for all: foreach, scalar ops
+            steps += 1
+            lr0, mom0, wd0 = sgd_scalars
+            ws, gs, bufs = [p[n] for n in names], [g[n] for n in names], [state["buf"][n][sl] for n in names]
+            if _FUSED_SGD is not None and all(t.is_contiguous() for t in gs):
+                # torch.optim.SGD(fused=True)'s kernel: one pass over w, g and buf (it needs equal, dense layouts)
+                _FUSED_SGD(ws, gs, bufs, weight_decay=wd0, momentum=mom0, lr=lr0, dampening=0.0, nesterov=nesterov,
+                           maximize=False, is_first_step=False)  # buf starts at 0: mom*0 + g = g, as torch.optim
+                return
+            if wd0:
+                gs = torch._foreach_add(gs, ws, alpha=wd0)
+            torch._foreach_mul_(bufs, mom0)
+            torch._foreach_add_(bufs, gs)
+            torch._foreach_add_(ws, torch._foreach_add(gs, bufs, alpha=mom0) if nesterov else bufs, alpha=-lr0)
+            return
         steps += active.long()
         a = active.to(dtype)
         lr_ = hp["lr"][sl] * a
@@ -420,12 +500,79 @@ def train_population(
         for n in names:
             p[n][bad] = float("nan")
 
+    workers = 1
+    if device.type == "cpu" and not has_dropout:  # dropout draws from the global RNG: keep its order fixed
+        workers = max(1, min(R, int(threads) if threads is not None else torch.get_num_threads()))
     if chunk_size is None:  # keep one group's parameters, gradients and optimizer state within ~24 MiB
         per_replica = sum(t[0].numel() for t in params.values()) * torch.finfo(dtype).bits // 8 * 3
-        chunk_size = max(1, min(R, (24 << 20) // max(1, per_replica)))
+        most = max(1, (24 << 20) // max(1, per_replica))
+        per_worker = -(-R // (workers * most))  # groups per worker; equal-sized groups balance the workers
+        chunk_size = max(1, -(-R // (workers * per_worker)))
     chunks = [slice(c, min(R, c + int(chunk_size))) for c in range(0, R, int(chunk_size))]
+    workers = min(workers, len(chunks))
+    shares = [chunks[w::workers] for w in range(workers)]  # each worker's replica groups
 
     steps_per_epoch = -(-N // batch_size)
+    nbuf = min(batch_size, N) * (1 if fast_shared else int(chunk_size))
+    xbufs = [torch.empty((nbuf, *x.shape[1:]), dtype=x.dtype, device=device) for _ in range(workers)]
+    ybufs = [torch.empty((nbuf, *y.shape[1:]), dtype=y.dtype, device=device) for _ in range(workers)]
+    history.engine = engine
+
+    def train_share(w: int, epoch: int, orders: torch.Tensor, loss_sum: torch.Tensor):
+        """One epoch for worker ``w``'s replica groups: all steps, no synchronization with other workers."""
+        xbuf, ybuf = xbufs[w], ybufs[w]
+        for k in range(steps_per_epoch):
+            if fast_shared:  # one minibatch for every replica
+                i = orders[k * batch_size:(k + 1) * batch_size]
+                nb = len(i)
+                xs = torch.index_select(x, 0, i, out=xbuf[:nb])
+                ys = torch.index_select(y, 0, i, out=ybuf[:nb])
+            for sl in shares[w]:
+                Rc = sl.stop - sl.start
+                if fast_shared:
+                    xc, yc = xs, ys
+                else:  # the group's R_c minibatches with one gather, into a preallocated buffer
+                    i = orders[sl, k * batch_size:(k + 1) * batch_size]
+                    nb = i.shape[1]
+                    xc = torch.index_select(x, 0, i.reshape(-1), out=xbuf[:Rc * nb]).view(Rc, nb, *x.shape[1:])
+                    yc = torch.index_select(y, 0, i.reshape(-1), out=ybuf[:Rc * nb]).view(Rc, nb, *y.shape[1:])
+                pc = {n: params[n][sl] for n in names}  # views: updated in place
+                bc = {n: b_[sl] for n, b_ in buffers.items()}
+                active = ~(done[sl] | diverged[sl])
+                g, losses = grads_at(pc, bc, xc, yc, active, sl)
+                bad = active & ~torch.isfinite(losses)
+                if use_sam:
+                    sq = sum(gn.reshape(Rc, -1).double().pow(2).sum(1) for gn in g.values())
+                    scale = (hp["sam_rho"][sl] / (sq.sqrt().to(dtype) + 1e-12))
+                    pert = {n: pc[n] + _bcast(scale, pc[n]) * g[n] for n in names}
+                    g, _ = grads_at(pert, bc, xc, yc, active, sl)
+                if bool(bad.any()):
+                    diverged[sl] |= bad
+                    kill(pc, bad)
+                    active = active & ~bad
+                step(pc, g, active, sl)
+                loss_sum[sl] += torch.where(active, losses.double(), torch.zeros_like(losses.double())) * nb
+
+    def full_loss_share(w: int, out: torch.Tensor):
+        for sl in shares[w]:
+            out[sl] = full_loss({n: params[n][sl] for n in names}, {n: b_[sl] for n, b_ in buffers.items()})
+
+    def run_workers(fn, *args):
+        """``fn(w, *args)`` for every worker; in threads (single-threaded torch ops each) when workers > 1."""
+        if pool is None:
+            fn(0, *args)
+            return
+        for f in [pool.submit(fn, w, *args) for w in range(workers)]:
+            f.result()
+
+    pool = None
+    old_threads = torch.get_num_threads()
+    if workers > 1:
+        # replica-parallel: each worker runs its groups with one intra-op thread for a whole epoch, so no
+        # per-op barrier waits on a thread that another process has descheduled
+        torch.set_num_threads(1)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastcurv-train")
+        history.engine = engine = f"{engine}, {workers} worker threads"
     bar = tqdm(total=epochs, initial=min(start_epoch, epochs), desc="fastcurv train", unit="epoch",
                disable={False: True, None: None, True: False}[progress], leave=False)
     try:
@@ -433,38 +580,21 @@ def train_population(
             if bool((done | diverged).all()):
                 break
             active_epoch = ~(done | diverged)
-            orders = torch.stack([epoch_order(s, epoch, N) for s in data_seeds]).to(device)  # [R, N]
+            if fast_shared:
+                orders = epoch_order(data_seeds[0], epoch, N).to(device)  # [N], the same for every replica
+            else:
+                orders = torch.stack([epoch_order(s, epoch, N) for s in data_seeds]).to(device)  # [R, N]
             loss_sum = torch.zeros(R, dtype=torch.float64, device=device)
-            for k in range(steps_per_epoch):
-                idx = orders[:, k * batch_size:(k + 1) * batch_size]
-                xb, yb = x[idx], y[idx]
-                for sl in chunks:
-                    pc = {n: params[n][sl] for n in names}  # views: updated in place
-                    bc = {n: b[sl] for n, b in buffers.items()}
-                    active = ~(done[sl] | diverged[sl])
-                    xc, yc = xb[sl], yb[sl]
-                    g, losses = grads_at(pc, bc, xc, yc, active)
-                    bad = active & ~torch.isfinite(losses)
-                    if use_sam:
-                        Rc = len(active)
-                        sq = sum(gn.reshape(Rc, -1).double().pow(2).sum(1) for gn in g.values())
-                        scale = (hp["sam_rho"][sl] / (sq.sqrt().to(dtype) + 1e-12))
-                        pert = {n: pc[n] + _bcast(scale, pc[n]) * g[n] for n in names}
-                        g, _ = grads_at(pert, bc, xc, yc, active)
-                    if bool(bad.any()):
-                        diverged[sl] |= bad
-                        kill(pc, bad)
-                        active = active & ~bad
-                    step(pc, g, active, sl)
-                    loss_sum[sl] += torch.where(active, losses.double(), torch.zeros_like(losses.double())) * idx.shape[1]
+            run_workers(train_share, epoch, orders, loss_sum)
             epochs_run += active_epoch.cpu().long()
             if eval_train:
-                ep_loss = full_loss(params)
+                ep_loss = torch.zeros(R, dtype=torch.float64, device=device)
+                run_workers(full_loss_share, ep_loss)
             else:
                 ep_loss = loss_sum / N
             ep_loss = torch.where(active_epoch & ~diverged, ep_loss, torch.full_like(ep_loss, float("nan")))
             # replicas whose parameters became non-finite without a non-finite loss
-            nonfinite = ~torch.stack([torch.isfinite(params[n].reshape(R, -1)).all(1) for n in names]).all(0)
+            nonfinite = _nonfinite_rows([params[n] for n in names])
             newly = nonfinite & ~diverged
             if bool(newly.any()):
                 diverged |= newly
@@ -495,6 +625,9 @@ def train_population(
                 callback(epoch, history)
     finally:
         bar.close()
+        if pool is not None:
+            pool.shutdown()
+            torch.set_num_threads(old_threads)
 
     history.epochs_run = epochs_run.tolist()
     history.steps = state["step"].cpu().tolist()
@@ -507,6 +640,24 @@ def train_population(
                 p.copy_(params[n][r])
             m.eval()
     return models, history
+
+
+def _nonfinite_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[R]`` bool: replica ``r`` has a NaN/Inf entry in any of the ``[R, ...]`` tensors.
+
+    A finite row sum implies finite entries (NaN and Inf propagate through sums), so one summing
+    pass clears almost every row; only rows whose sum is not finite (a NaN/Inf, or a float overflow
+    of the sum) get the exact elementwise check.
+    """
+    R = tensors[0].shape[0]
+    bad = torch.zeros(R, dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        t = t.reshape(R, -1)
+        maybe = ~torch.isfinite(t.sum(1))
+        if bool(maybe.any()):
+            rows = maybe.nonzero().squeeze(1)
+            bad[rows] |= ~torch.isfinite(t[rows]).all(1)
+    return bad
 
 
 def _to_cpu(obj):

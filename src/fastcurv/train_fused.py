@@ -1,0 +1,258 @@
+"""Fused forward/backward for R replicas of a plain MLP chain, without ``vmap``/``functional_call``.
+
+:func:`fastcurv.train.train_population` uses this path when the model is a plain chain
+(``nn.Sequential``, possibly nested, of an optional leading ``nn.Flatten``, ``nn.Linear`` layers and
+elementwise activations from ``ACTIVATION_GRADS``; ``nn.Identity`` and ``nn.Dropout(p=0)`` are
+skipped) and the loss is ``"cross_entropy"`` or ``"mse"``; anything else falls back to the generic
+``vmap`` path, and :func:`plan_mlp` says why.
+
+The replicas' parameters stay stacked (``weight [R, out, in]``, ``bias [R, out]``). One step is
+``baddbmm`` per layer forward, the loss gradient in closed form, and ``bmm`` per layer backward with
+the weight gradients written straight into preallocated contiguous ``[R, out, in]`` buffers. The
+activation derivatives are the ATen backward kernels autograd itself uses, so the gradients are the
+ones ``loss.backward()`` gives for each replica alone (up to floating-point summation order).
+
+When all replicas see the same minibatch (shared data order), the first layer is ONE GEMM
+``x [B, in] @ W^T [in, R*out]`` forward and ``dZ^T [R*out, B] @ x [B, in]`` backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+aten = torch.ops.aten
+
+
+def _relu(m):
+    return (lambda z: torch.relu(z)), (lambda g, z, a: aten.threshold_backward(g, a, 0))
+
+
+def _tanh(m):
+    return torch.tanh, (lambda g, z, a: aten.tanh_backward(g, a))
+
+
+def _sigmoid(m):
+    return torch.sigmoid, (lambda g, z, a: aten.sigmoid_backward(g, a))
+
+
+def _gelu(m):
+    ap = m.approximate
+    return (lambda z: F.gelu(z, approximate=ap)), (lambda g, z, a: aten.gelu_backward(g, z, approximate=ap))
+
+
+def _elu(m):
+    al = float(m.alpha)
+    return (lambda z: F.elu(z, al)), (lambda g, z, a: aten.elu_backward(g, al, 1, 1, False, z))
+
+
+def _silu(m):
+    return F.silu, (lambda g, z, a: aten.silu_backward(g, z))
+
+
+def _softplus(m):
+    beta, th = m.beta, m.threshold
+    return (lambda z: F.softplus(z, beta, th)), (lambda g, z, a: aten.softplus_backward(g, z, beta, th))
+
+
+def _leaky_relu(m):
+    s = float(m.negative_slope)
+    return (lambda z: F.leaky_relu(z, s)), (lambda g, z, a: aten.leaky_relu_backward(g, z, s, False))
+
+
+#: elementwise activation modules the fused path differentiates: type -> factory(module) -> (forward, backward)
+#: where ``backward(grad_out, input, output)`` is the ATen kernel autograd uses for that activation.
+ACTIVATION_GRADS = {nn.ReLU: _relu, nn.Tanh: _tanh, nn.Sigmoid: _sigmoid, nn.GELU: _gelu, nn.ELU: _elu,
+                    nn.SiLU: _silu, nn.Softplus: _softplus, nn.LeakyReLU: _leaky_relu}
+
+
+@dataclass
+class _Layer:
+    weight: str
+    bias: str | None
+    in_features: int
+    out_features: int
+    acts: list  # [(forward, backward)] applied after the linear map, in order
+
+
+@dataclass
+class MLPPlan:
+    """A recognized MLP chain: ``flatten`` (reshape each sample to a vector), then ``layers``."""
+
+    layers: list
+    flatten: bool
+    in_features: int
+
+    @property
+    def param_names(self) -> list[str]:
+        return [n for L in self.layers for n in ((L.weight, L.bias) if L.bias else (L.weight,))]
+
+    # ---- forward -------------------------------------------------------------------------
+    def _first(self, p, x, shared: bool):
+        """Pre-activation of layer 0: ``[R, B, out]`` (shared: ``x [B, in]`` -> one GEMM, a strided view)."""
+        L = self.layers[0]
+        W = p[L.weight]
+        R = W.shape[0]
+        if shared:
+            Wf = W.reshape(R * L.out_features, L.in_features)
+            if L.bias:
+                z = torch.addmm(p[L.bias].reshape(-1), x, Wf.t())
+            else:
+                z = x @ Wf.t()
+            return z.view(x.shape[0], R, L.out_features).transpose(0, 1)
+        if L.bias:
+            return torch.baddbmm(p[L.bias].unsqueeze(1), x, W.transpose(1, 2))
+        return torch.bmm(x, W.transpose(1, 2))
+
+    def _prep(self, x, shared: bool):
+        if self.flatten:
+            x = x.reshape(x.shape[0], -1) if shared else x.reshape(x.shape[0], x.shape[1], -1)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"the model's first Linear layer takes {self.in_features} features per sample, "
+                             f"the data has {x.shape[-1]}")
+        return x
+
+    def forward(self, p: dict, x: torch.Tensor, *, shared: bool = False, keep: bool = False):
+        """Outputs ``[R, B, C]`` of all replicas. ``x``: ``[R, B, ...]`` or (``shared``) ``[B, ...]``.
+
+        With ``keep`` also returns the saved tensors the backward pass needs.
+        """
+        x = self._prep(x, shared)
+        saved = []
+        h = x
+        for i, L in enumerate(self.layers):
+            if i == 0:
+                z = self._first(p, x, shared)
+            elif L.bias:
+                z = torch.baddbmm(p[L.bias].unsqueeze(1), h, p[L.weight].transpose(1, 2))
+            else:
+                z = torch.bmm(h, p[L.weight].transpose(1, 2))
+            acts = []
+            for fwd, _ in L.acts:
+                a = fwd(z)
+                acts.append((z, a))
+                z = a
+            saved.append((h, acts))
+            h = z
+        return (h, saved) if keep else h
+
+    # ---- loss and backward ---------------------------------------------------------------
+    @torch.no_grad()
+    def loss_and_grads(self, p: dict, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor, loss: str, *,
+                       shared: bool = False, out: dict | None = None):
+        """Per-replica minibatch losses ``[R]`` and gradients of ``sum_r active_r * loss_r``.
+
+        ``p``: name -> ``[R, ...]`` stacked parameters. ``x``: ``[R, B, ...]`` (or ``[B, ...]`` with
+        ``shared``), ``y``: ``[R, B]`` labels / ``[R, B, ...]`` targets (or without the leading ``R``).
+        ``active``: ``[R]`` bool, inactive replicas get zero loss weight. ``out``: optional name ->
+        preallocated contiguous ``[R, ...]`` gradient buffers (written in place and returned).
+        Returns ``(grads: dict name -> [R, ...], losses: [R])``.
+        """
+        logits, saved = self.forward(p, x, shared=shared, keep=True)
+        R, B = logits.shape[0], logits.shape[1]
+        w = active.to(logits.dtype)
+        if loss == "cross_entropy":
+            yy = (y.view(1, B, 1).expand(R, B, 1) if shared else y.reshape(R, B, 1))
+            logp = torch.log_softmax(logits, -1)
+            losses = -logp.gather(2, yy).squeeze(2).mean(1)
+            dz = logp.exp_()
+            dz.scatter_add_(2, yy, torch.full((1, 1, 1), -1.0, dtype=dz.dtype, device=dz.device).expand(R, B, 1))
+            dz.mul_((w / B).view(R, 1, 1))
+        elif loss == "mse":
+            tgt = y.to(logits.dtype)
+            tgt = tgt.reshape(1, *logits.shape[1:]) if shared else tgt.reshape(logits.shape)
+            d = logits - tgt
+            n = d[0].numel()
+            losses = d.pow(2).reshape(R, -1).mean(1)
+            dz = d.mul_((2 * w / n).view(R, 1, 1))
+        else:
+            raise ValueError(f"the fused MLP path supports cross_entropy and mse, got {loss!r}")
+        grads = {} if out is None else out
+        for i in range(len(self.layers) - 1, -1, -1):
+            L = self.layers[i]
+            h, acts = saved[i]
+            for (zin, a), (_, bwd) in zip(reversed(acts), reversed(L.acts)):
+                dz = bwd(dz, zin, a)
+            if i == 0 and shared:
+                # dz [R, B, out] -> [B, R*out]; dW [R*out, in] = dz^T @ x, one GEMM
+                dzt = dz.transpose(0, 1).reshape(B, R * L.out_features)
+                gw = grads.get(L.weight)
+                if gw is None:
+                    grads[L.weight] = gw = torch.empty_like(p[L.weight])
+                torch.mm(dzt.t(), h, out=gw.view(R * L.out_features, L.in_features))
+                if L.bias:
+                    gb = grads.get(L.bias)
+                    if gb is None:
+                        grads[L.bias] = gb = torch.empty_like(p[L.bias])
+                    torch.sum(dzt, 0, out=gb.view(-1))
+                break
+            gw = grads.get(L.weight)
+            if gw is None:
+                grads[L.weight] = gw = torch.empty_like(p[L.weight])
+            torch.bmm(dz.transpose(1, 2), h, out=gw)
+            if L.bias:
+                gb = grads.get(L.bias)
+                if gb is None:
+                    grads[L.bias] = gb = torch.empty_like(p[L.bias])
+                torch.sum(dz, 1, out=gb)
+            if i > 0:
+                dz = torch.bmm(dz, p[L.weight])
+        return grads, losses
+
+
+def _walk(module: nn.Module, prefix: str, out: list) -> str | None:
+    """Flatten nested ``nn.Sequential`` into ``[(name_prefix, leaf)]``; returns a reason when not possible."""
+    if module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None):
+        return f"module {prefix or type(module).__name__} has hooks"
+    if type(module) is nn.Sequential:
+        for name, child in module.named_children():
+            r = _walk(child, f"{prefix}{name}.", out)
+            if r:
+                return r
+        return None
+    out.append((prefix, module))
+    return None
+
+
+def plan_mlp(model: nn.Module, loss: str = "cross_entropy") -> tuple[MLPPlan | None, str]:
+    """Recognize a plain MLP chain for the fused path: ``(plan, "")`` or ``(None, reason)``."""
+    if loss not in ("cross_entropy", "mse"):
+        return None, f"loss {loss!r} is not supported by the fused MLP path"
+    if type(model) is not nn.Sequential:
+        return None, f"the model is a {type(model).__name__}, not a plain nn.Sequential"
+    leaves: list = []
+    r = _walk(model, "", leaves)
+    if r:
+        return None, r
+    if list(model.buffers()):
+        return None, "the model has buffers"
+    layers: list[_Layer] = []
+    flatten = False
+    for pos, (prefix, m) in enumerate(leaves):
+        name = prefix.rstrip(".") or type(m).__name__
+        if isinstance(m, nn.Flatten) and type(m) is nn.Flatten:
+            if layers or flatten or m.start_dim != 1 or m.end_dim != -1:
+                return None, f"nn.Flatten at {name} is not a leading Flatten(1, -1)"
+            flatten = True
+        elif type(m) is nn.Linear:
+            layers.append(_Layer(prefix + "weight", prefix + "bias" if m.bias is not None else None,
+                                 m.in_features, m.out_features, []))
+        elif type(m) in ACTIVATION_GRADS:
+            if not layers:
+                return None, f"activation {name} comes before the first Linear layer"
+            layers[-1].acts.append(ACTIVATION_GRADS[type(m)](m))
+        elif type(m) is nn.Identity or (type(m) is nn.Dropout and m.p == 0):
+            continue
+        else:
+            return None, f"{type(m).__name__} at {name} is not a Linear layer or a supported elementwise activation"
+    if not layers:
+        return None, "the model has no Linear layer"
+    for a, b in zip(layers[:-1], layers[1:]):
+        if a.out_features != b.in_features:
+            return None, f"layer widths do not chain ({a.weight}: {a.out_features} -> {b.weight}: {b.in_features})"
+    plan = MLPPlan(layers, flatten, layers[0].in_features)
+    if sorted(plan.param_names) != sorted(n for n, _ in model.named_parameters()):
+        return None, "the model has parameters outside its Linear layers"
+    return plan, ""
