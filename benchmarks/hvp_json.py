@@ -4,10 +4,14 @@ Reference workload W1: R=100 MLPs 784-128-128-10, B=1000 MNIST images (../shared
 --data; synthetic only when no file is found, and then it says so), cross-entropy.
 W3 (``--workload W3``): R=20 small CNNs (two conv layers with eval BatchNorm, ReLU, max pooling,
 then a linear head) on B MNIST images 1x28x28.
+W4 (``--workload W4``): R=20 small ResNets (conv-BN-ReLU-maxpool stem, a basic block with an
+identity skip, one with a strided 1x1-conv projection skip, global average pooling, linear head;
+eval BatchNorm) on B MNIST images: the fused engine runs them as torch.fx-traced DAGs.
 
     python benchmarks/hvp_json.py --out benchmarks/results/hvp.json            # CPU, 2 cores
     python benchmarks/hvp_json.py --device cuda --out hvp_gpu.json             # GPU
     python benchmarks/hvp_json.py --workload W3 --out benchmarks/results/hvp_w3.json
+    python benchmarks/hvp_json.py --workload W4 --batch 200 --out benchmarks/results/hvp_w4.json
 
 Reports, from one run: one gradient for all R (the unit: the fastest of a per-model loop and the
 batched gradients), one matvec for all R per backend with
@@ -54,6 +58,42 @@ def w3_cnn():
 W3_MACS = [8 * 1 * 9 * 28 * 28, 16 * 8 * 9 * 14 * 14, 784 * 10]
 
 
+class W4Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the input (or its strided 1x1-conv projection), then ReLU."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.proj = None
+        if stride != 1 or cin != cout:
+            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.b1(self.c1(x)))
+        out = self.b2(self.c2(out))
+        return torch.relu(out + (x if self.proj is None else self.proj(x)))
+
+
+class W4ResNet(nn.Module):
+    """W4's small ResNet: 28x28 -> stem 8x28x28 -> pool 8x14x14 -> block 8x14x14 -> block 16x7x7
+    -> global average pool 16 -> 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.block1, self.block2 = W4Block(8, 8), W4Block(8, 16, stride=2)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.block2(self.block1(self.stem(x)))), 1))
+
+
+# W4's conv and linear layers in forward order (stem, block1 c1/c2, block2 c1/c2/projection, head);
+# the flop model below counts the projection like a layer whose input has a tangent
+W4_MACS = [8 * 9 * 28 * 28, 8 * 8 * 9 * 196, 8 * 8 * 9 * 196, 16 * 8 * 9 * 49, 16 * 16 * 9 * 49, 16 * 8 * 49, 16 * 10]
+
+
 def best(fn, repeats, sync):
     fn()
     sync()
@@ -74,8 +114,8 @@ def sgemm_gflops(device, sync, n=2048):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=("W1", "W3"), default="W1",
-                   help="W1: MLPs 784-H-H-10 (default); W3: small CNNs with BatchNorm (R=20 by default)")
+    p.add_argument("--workload", choices=("W1", "W3", "W4"), default="W1",
+                   help="W1: MLPs 784-H-H-10 (default); W3: small CNNs with BatchNorm; W4: small ResNets (R=20 by default)")
     p.add_argument("--replicas", type=int, default=None, help="R (default 100 for W1, 20 for W3)")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--hidden", type=int, default=128)
@@ -96,9 +136,12 @@ def main(argv=None):
     if a.workload == "W1":
         models = [nn.Sequential(nn.Linear(784, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 10)).to(dev) for _ in range(a.replicas)]
         arch = f"MLP 784-{H}-{H}-10"
-    else:
+    elif a.workload == "W3":
         models = [w3_cnn().to(dev).eval() for _ in range(a.replicas)]  # eval: BatchNorm running statistics
         arch = "CNN conv8-BN-ReLU-pool-conv16-BN-ReLU-pool-linear10"
+    else:
+        models = [W4ResNet().to(dev).eval() for _ in range(a.replicas)]
+        arch = "ResNet stem8-pool, block8 (identity skip), block16/2 (1x1 projection skip), avgpool, linear10"
     R = a.replicas
     res = {"workload": f"{a.workload}: R={R} {arch}, B={a.batch} {source}", "device": str(dev), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "seconds": {}, "ratio_to_gradient": {}}
@@ -131,7 +174,7 @@ def main(argv=None):
     # replica: forward tangent 2IO (+2IO when the input has a tangent), weight HVP 2IO (+2IO),
     # input tangent 4IO when the layer is not the first; elementwise work is not counted.
     # Conv layers (W3) count the same way with I*O replaced by their multiply-accumulates per sample.
-    macs = [784 * H, H * H, H * 10] if a.workload == "W1" else W3_MACS
+    macs = {"W1": [784 * H, H * H, H * 10], "W3": W3_MACS, "W4": W4_MACS}[a.workload]
     flops_per_probe = sum((2 + 2 * (i > 0)) * m + (2 + 2 * (i > 0)) * m + (4 * m if i > 0 else 0) for i, m in enumerate(macs)) * a.batch * R
     res["gflops_fused_K8"] = 8 * flops_per_probe / res["seconds"]["hvp_fused_K8"] / 1e9
     res["sgemm_gflops"] = sgemm_gflops(dev, sync)

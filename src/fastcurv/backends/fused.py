@@ -18,18 +18,22 @@ Two engines share this backend:
   of the products with the weights ``W``; the products with the weight tangents put K into the
   channels of a grouped convolution). Conv R-backward uses ``torch.nn.grad.conv2d_weight`` and
   ``conv2d_input`` with the same grouping. After Flatten the dense head uses ``[N, R, F]`` and
-  ``[N, K, R, F]`` (Flatten is a free view). Work is chunked over samples.
+  ``[N, K, R, F]`` (Flatten is a free view). Work is chunked over samples (except with
+  batch-statistics BatchNorm, which couples the samples of a batch). Models that are not plain
+  chains run on this engine as DAGs traced by torch.fx (:mod:`.fused_graph`): residual additions,
+  shared modules, functional ReLU/flatten.
 
 Supported: ``nn.Sequential`` (nested allowed) of Conv2d (bias, stride, padding incl. 'valid' and
 symmetric 'same', dilation, groups; zero padding mode), MaxPool2d (tangents gathered with the
 forward argmax, scattered back with it: exactly torch's max_pool2d backward, ties included),
-AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d/2d in eval mode (running statistics; the weight/bias
-R-op terms included), Linear, ReLU, LeakyReLU, GELU (exact), Tanh, Sigmoid, Flatten, Dropout
+AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d/2d with running statistics (eval) or batch statistics
+(``bn_mode="batch"`` or ``track_running_stats=False``: per batch, per replica and channel; the
+R-op couples the samples), Linear, ReLU, LeakyReLU, GELU (exact), Tanh, Sigmoid, Flatten, Dropout
 (eval: identity), Identity; feature-map layers first, then Flatten, then the dense head;
-cross-entropy with integer labels or MSE. Not fused: BatchNorm with batch statistics
-(``bn_mode="batch"``), residual blocks and any custom ``forward`` (they would need torch.fx
-tracing), other modules. :meth:`FusedBackend.supports` names the module, and ``auto`` then uses
-torch.func.
+cross-entropy with integer labels or MSE. Other models (custom ``forward``, residual blocks) are
+traced by torch.fx; see :mod:`.fused_graph` for the operations it accepts. Not fused: other
+modules and operations (``torch.cat``, products, ...): :meth:`FusedBackend.supports` names the
+module or operation, and ``auto`` then uses torch.func.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import act_derivs, act_rop_bwd, activation_kind, activation_value, softmax_ce_hvp
+from ..replicas import consecutive_runs
 from .base import Backend
 
 DEFAULT_CACHE_BYTES = 4 << 30
@@ -70,8 +75,6 @@ def _pair(v):
 
 
 _SPATIAL = ("conv", "maxpool", "avgpool", "adaptive")
-_UNSUPPORTED_HINT = ("; residual blocks and other custom forward() code are not fused (they would need "
-                     "torch.fx tracing)")
 
 
 def _parse_module(name: str, mod: nn.Module) -> tuple[_Layer | None, str]:
@@ -120,8 +123,11 @@ def _parse_module(name: str, mod: nn.Module) -> tuple[_Layer | None, str]:
         return _Layer("adaptive", name=name, opts=dict(output_size=mod.output_size)), ""
     if type(mod) in (nn.BatchNorm1d, nn.BatchNorm2d):
         if mod.training or mod.running_mean is None:
-            return None, (f"module {name!r} ({type(mod).__name__}) normalizes with batch statistics (bn_mode='batch' or "
-                          "track_running_stats=False); the fused engine supports eval-mode BatchNorm only")
+            # batch statistics (bn_mode='batch' or track_running_stats=False): each batch is normalized
+            # with its own biased mean and variance per channel (running statistics neither used nor updated)
+            opts = dict(batch=True, eps=float(mod.eps), dims=1 if isinstance(mod, nn.BatchNorm1d) else 2)
+            return _Layer("bn", f"{name}.weight" if mod.affine else None, f"{name}.bias" if mod.affine else None,
+                          name=name, opts=opts), ""
         opts = dict(mean=f"{name}.running_mean", var=f"{name}.running_var", eps=float(mod.eps),
                     dims=1 if isinstance(mod, nn.BatchNorm1d) else 2)
         return _Layer("bn", f"{name}.weight" if mod.affine else None, f"{name}.bias" if mod.affine else None, name=name, opts=opts), ""
@@ -129,9 +135,15 @@ def _parse_module(name: str, mod: nn.Module) -> tuple[_Layer | None, str]:
 
 
 def parse(base: nn.Module) -> tuple[list[_Layer] | None, str]:
-    """The layer chain of ``base`` for the fused engine, or (None, reason)."""
-    if not isinstance(base, nn.Sequential):
-        return None, f"the model is a {type(base).__name__}, not an nn.Sequential chain" + _UNSUPPORTED_HINT
+    """The layers of ``base`` for the fused engine, or (None, reason): an ``nn.Sequential`` (nested
+    allowed) of ``torch.nn`` modules as a chain (a list); any other model (custom ``forward``,
+    residual blocks) traced by torch.fx into a DAG (:class:`fused_graph.Graph`)."""
+    custom = any(not type(m).__module__.startswith("torch.") for _, m in _leaves(base)) or any(
+        isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward for m in base.modules())
+    if not isinstance(base, nn.Sequential) or custom:
+        from .fused_graph import trace
+
+        return trace(base)
     layers: list[_Layer] = []
     for name, mod in _leaves(base):
         layer, why = _parse_module(name, mod)
@@ -162,9 +174,16 @@ def parse(base: nn.Module) -> tuple[list[_Layer] | None, str]:
     return layers, ""
 
 
+def _as_slice(ids: torch.Tensor):
+    """``ids`` as a slice when they are consecutive (a view instead of a copy), else ``ids``."""
+    lo = int(ids[0])
+    return slice(lo, lo + len(ids)) if int(ids[-1]) - lo + 1 == len(ids) else ids
+
+
 def _is_general(layers) -> bool:
-    """True when the chain needs the sample-major engine (anything beyond Linear/activations/Flatten)."""
-    return any(l.kind not in ("linear", "act", "flatten") for l in layers)
+    """True when the model needs the sample-major engine: a traced graph, or a chain with anything
+    beyond Linear/activations/Flatten."""
+    return hasattr(layers, "inputs") or any(l.kind not in ("linear", "act", "flatten") for l in layers)
 
 
 def _loss_head(loss, out: torch.Tensor, y: torch.Tensor, sample_dim: int):
@@ -240,7 +259,7 @@ class FusedBackend(Backend):
             return False, f"loss {loss.kind!r} is not fused (cross_entropy and mse are)"
         allowed = set()
         for l in layers:
-            if l.kind == "bn":
+            if l.kind == "bn" and not l.opts.get("batch"):
                 stem = l.opts["mean"][: -len("running_mean")]
                 allowed |= {l.opts["mean"], l.opts["var"], stem + "num_batches_tracked"}
         other = sorted(set(replicas.buffers) - allowed)
@@ -349,6 +368,14 @@ class FusedBackend(Backend):
                 self._cache_full = True
         return st
 
+    def state_bytes_per_sample(self, x, y) -> int:
+        """Bytes of cached per-batch state for ONE replica and ONE sample (what ``cache_bytes``
+        pays for), measured by running the probe-independent pass for replica 0 on the first
+        sample of ``x`` / ``y``. Every cached tensor has one row per sample, so a batch of n
+        samples and c replicas needs about ``c * n`` times this (used by :mod:`fastcurv.memory`)."""
+        idx = torch.zeros(1, dtype=torch.long, device=x.device)
+        return int(self._primal(x[:1], y[:1], idx).nbytes)
+
     def _positions(self, rows, idx):
         """Positions of replicas ``idx`` within cached ``rows`` (None = all), or None if not covered."""
         if idx is None:
@@ -397,28 +424,72 @@ class FusedBackend(Backend):
     # Tangents use the layout [R, N, K, F]: every batched matmul below then reads and writes
     # contiguous views without permuting activation-sized tensors.
     def matvec(self, vecs, idx):
+        """Products of the replicas ``idx`` (None: all); MLP chains return the flat ``[Ra, K, P]``."""
+        if self._maps is not None:
+            return self._matvec_maps(vecs, idx, [torch.zeros_like(v) for v in vecs])
         rs = self.replicas
         pos = {n: j for j, n in enumerate(rs.names)}
-        params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
         R, K = vecs[0].shape[:2]
-        out = [torch.zeros_like(v) for v in vecs]
-        if self._maps is not None:
-            return self._matvec_maps(vecs, idx, out)
-        # probe-major weight tangents as [R, I, K*O] (forward) and [R, O, K*I] (backward)
-        dWt = {}
-        for layer in self.layers:
-            if layer.kind == "linear":
-                dW = vecs[pos[layer.weight]]
-                Kd, O, I = dW.shape[1:]
-                dWt[layer.weight] = (dW.permute(0, 3, 1, 2).reshape(R, I, K * O), dW.permute(0, 2, 1, 3).reshape(R, O, K * I))
-        for i, x, y in self.batches:
-            st = self._state(i, x, y, idx)
+        flat = vecs[0].new_empty(R, K, rs.P)
+        # K = 1: the products land in their place in the flat result (strided views); K > 1: the
+        # GEMMs need [K*O, I] blocks per replica, so they go to per-parameter tensors copied once
+        out = rs.unflatten(flat) if K == 1 else [torch.empty_like(v) for v in vecs]
+        dWt = {}  # forward: [R, I, K*O] (a transposed view); backward, hidden layers: [R, O, K*I]
+        for n_lin, layer in enumerate(l for l in self.layers if l.kind == "linear"):
+            dW = vecs[pos[layer.weight]]
+            O, I = dW.shape[2:]
+            bwd = dW.permute(0, 2, 1, 3).reshape(R, O, K * I) if n_lin > 0 else None
+            dWt[layer.weight] = (dW.reshape(R, K * O, I).transpose(1, 2), bwd)
+        for b, (i, x, y) in enumerate(self.batches):
+            st, where = self._state_rows(i, x, y, idx)
             step = self._chunk(R, x.shape[0], K, x.device)
-            for c0 in range(0, R, step):
-                c = slice(c0, min(R, c0 + step))
-                self._apply(st.narrow(c), {n: t[c] for n, t in params.items()}, [v[c] for v in vecs],
-                            {w: (f[c], b[c]) for w, (f, b) in dWt.items()}, [o[c] for o in out], pos, x.shape[0])
-        return out
+            for s0, v0, n in consecutive_runs(where, R):  # state rows s0.. hold the replicas of vecs rows v0..
+                ids = None if idx is None else idx[v0:v0 + n]
+                for c in range(0, n, step):
+                    m = min(step, n - c)
+                    sv, vv = slice(s0 + c, s0 + c + m), slice(v0 + c, v0 + c + m)
+                    gid = slice(v0 + c, v0 + c + m) if ids is None else _as_slice(ids[c:c + m])
+                    self._apply(st.narrow(sv), {n_: t[gid] for n_, t in rs.params.items()}, [v[vv] for v in vecs],
+                                {w: (f[vv], None if b is None else b[vv]) for w, (f, b) in dWt.items()},
+                                [o[vv] for o in out], pos, x.shape[0], first=b == 0)
+        if K > 1:
+            for dst, o in zip(rs.unflatten(flat), out):
+                dst.copy_(o)
+        return flat
+
+    @staticmethod
+    def _gather_on_gpu(st: _State, where: torch.Tensor) -> tuple[_State, torch.Tensor | None]:
+        """On a GPU, scattered replicas are gathered into one state (a cheap copy there) instead of
+        being run as many small runs of consecutive rows, whose kernel launches would dominate."""
+        dev = st.deltas[0].device
+        if dev.type == "cuda" and sum(1 for _ in consecutive_runs(where, len(where))) > 1:
+            return st.select(where.to(dev)), None
+        return st, where
+
+    def _state_rows(self, i, x, y, idx) -> tuple[_State, torch.Tensor | None]:
+        """The cached state of batch ``i`` and the positions of replicas ``idx`` in it (None:
+        position = replica), computing (and caching, within ``cache_bytes``) what is missing."""
+        hit = self._cache.get(i)
+        if hit is not None:
+            rows, st = hit
+            if rows is None:
+                return (st, None) if idx is None else self._gather_on_gpu(st, idx)
+            if idx is not None and torch.equal(rows, idx):
+                return st, None
+            where = self._positions(rows, idx)
+            if where is not None:
+                return self._gather_on_gpu(st, where)
+        st = self._primal(x, y, idx)
+        if not self._cache_full and (hit is None or idx is None):
+            if hit is not None:
+                self._cache_used -= hit[1].nbytes
+                del self._cache[i]
+            if self._cache_used + st.nbytes <= self.cache_bytes:
+                self._cache[i] = (idx, st)
+                self._cache_used += st.nbytes
+            else:
+                self._cache_full = True
+        return st, None
 
     def _matvec_maps(self, vecs, idx, out):
         rs = self.replicas
@@ -436,6 +507,8 @@ class FusedBackend(Backend):
     def _sample_step(self, x, per_sample_bytes: int) -> int:
         """Samples per chunk of the conv engine: as many as keep ``per_sample_bytes`` each within
         ``sample_chunk_bytes``."""
+        if self._maps is not None and self._maps.coupled:
+            return x.shape[0]  # batch-statistics BatchNorm couples the samples of a batch: no chunks
         budget = self.sample_chunk_bytes
         if budget is None:
             budget = (16 << 20) if x.device.type == "cpu" else (2 << 30)
@@ -450,8 +523,9 @@ class FusedBackend(Backend):
         per = N * K * widest * self.replicas.params[self.replicas.names[0]].element_size()
         return max(1, min(R, self.chunk_bytes // max(per, 1)))
 
-    def _apply(self, st, params, vecs, dWt, out, pos, N):
-        """Accumulate one batch's Hessian-vector products of the replicas in ``st`` into ``out``."""
+    def _apply(self, st, params, vecs, dWt, out, pos, N, first):
+        """Accumulate one batch's Hessian-vector products of the replicas in ``st`` into ``out``
+        (``first``: the first batch, whose products overwrite ``out``: it is not zeroed)."""
         R, K = vecs[0].shape[:2]
         ra, rpre, rin = None, [], []
         lin = act = 0
@@ -494,12 +568,15 @@ class FusedBackend(Backend):
                 O, I = W.shape[1], W.shape[2]
                 j = pos[layer.weight]
                 rdT = rd.reshape(R, N, K * O).transpose(1, 2)  # [R, K*O, N]
-                out[j].view(R, K * O, I).baddbmm_(rdT, a.expand(R, *a.shape) if a.dim() == 2 else a)
+                out[j].view(R, K * O, I).baddbmm_(rdT, a.expand(R, *a.shape) if a.dim() == 2 else a, beta=0 if first else 1)
                 ra_in = rin[lin]
                 if ra_in is not None:
                     out[j] += torch.bmm(delta.transpose(1, 2), ra_in.view(R, N, K * I)).view(R, O, K, I).transpose(1, 2)
                 if layer.bias is not None:
-                    out[pos[layer.bias]] += rd.sum(1)
+                    if first:
+                        torch.sum(rd, 1, out=out[pos[layer.bias]])
+                    else:
+                        out[pos[layer.bias]] += rd.sum(1)
                 if a.dim() == 3:
                     rg = torch.bmm(rd.reshape(R, N * K, O), W)
                     rg.view(R, N, K * I).baddbmm_(delta, dWt[layer.weight][1])
@@ -517,7 +594,7 @@ class FusedBackend(Backend):
                     rd = act_rop_bwd(d1.reshape(R * N, F_), d2g.reshape(R * N, F_), rz.reshape(R * N, K, F_), rd.reshape(R * N, K, F_)).view(R, N, K, F_)
 
 
-# --- the sample-major engine: conv nets, pooling, BatchNorm (eval) ----------------------------
+# --- the sample-major engine: conv nets, pooling, BatchNorm, residual DAGs --------------------
 # Layout: a feature tensor of R replicas is [N, R, *feat] (feature maps [N, R, C, H, W], so that
 # [N, R*C, H, W] is a contiguous view and every replica's conv is one group of a grouped
 # convolution); a tangent is [N, K, R, *feat] (the K probes fold into the batch axis of the
@@ -576,12 +653,82 @@ def _rb(coef: torch.Tensor, nsp: int, tangent: bool) -> torch.Tensor:
 
 
 class _MapEngine:
-    """Forward, backward and R-passes of the sample-major engine for one parsed chain."""
+    """Forward, backward and R-passes of the sample-major engine over a DAG of layers.
+
+    ``layers``: the nodes in topological order, a parsed chain or a traced graph
+    (:class:`fastcurv.backends.fused_graph.Graph`, whose ``inputs[i]`` lists the nodes that node
+    ``i`` reads; -1 is the model input; a chain's node reads its predecessor). The last node is the
+    model output. ``kind == "add"`` nodes sum their inputs (residual additions). Nodes without
+    parameters whose inputs are all computed from the model input alone are "shared": evaluated
+    once without a replica axis, with zero tangents. Forward passes run in topological order;
+    backward passes in reverse order, each node adding its input gradients into its inputs' (a
+    value used twice receives the sum).
+    """
 
     def __init__(self, layers, loss):
         self.layers, self.loss = layers, loss
-        # layers before `start` act on the shared input (no parameters, no replica axis)
-        self.start = next(i for i, l in enumerate(layers) if l.kind in ("linear", "conv", "bn"))
+        n = len(layers)
+        self.inputs = [list(v) for v in getattr(layers, "inputs", [[i - 1] for i in range(n)])]
+        self.shared: list[bool] = []
+        for i, l in enumerate(layers):
+            self.shared.append(l.kind not in ("linear", "conv", "bn") and all(j < 0 or self.shared[j] for j in self.inputs[i]))
+        users: list[list[int]] = [[] for _ in range(n)]
+        for i, ins in enumerate(self.inputs):
+            for j in ins:
+                if j >= 0:
+                    users[j].append(i)
+        self.last_use = [max(u, default=n) for u in users]  # values are freed after their last reader
+        # BatchNorm with batch statistics couples the samples of a batch (no chunking over samples)
+        self.coupled = any(l.kind == "bn" and l.opts.get("batch") for l in layers)
+
+        # In-place updates of tangents (activations) only where no other node holds the tensor:
+        # forward, the input has this node as its only reader and is not an alias (an addition
+        # may return one of its inputs, Flatten returns a view of its input); backward, likewise
+        # for the node's reader (an addition hands the same gradient to all its inputs).
+        def fwd_owned(j):
+            return j >= 0 and len(users[j]) == 1 and layers[j].kind != "add" and (
+                layers[j].kind != "flatten" or fwd_owned(self.inputs[j][0]))
+
+        def bwd_owned(i):
+            if not users[i]:
+                return True
+            u = users[i][0]
+            return len(users[i]) == 1 and layers[u].kind != "add" and (layers[u].kind != "flatten" or bwd_owned(u))
+
+        self.fwd_inplace = [l.kind == "act" and fwd_owned(self.inputs[i][0]) for i, l in enumerate(layers)]
+        self.bwd_inplace = [l.kind == "act" and bwd_owned(i) for i, l in enumerate(layers)]
+
+    def _reads_shared(self, j) -> bool:
+        return j < 0 or self.shared[j]
+
+    def _acc(self, acc: dict, j: int, t):
+        """Add the gradient ``t`` of node ``j``'s output into ``acc`` (out of place: ``t`` may be
+        held elsewhere); shared nodes take none."""
+        if j < 0 or self.shared[j] or t is None:
+            return
+        acc[j] = t if j not in acc else acc[j] + t
+
+    def _free(self, vals: dict, i: int):
+        for j in set(self.inputs[i]):
+            if j >= 0 and self.last_use[j] == i:
+                vals.pop(j, None)
+
+    @staticmethod
+    def _add_values(l, terms, shared):
+        """The output of a residual addition: ``terms`` with the replica axis at 1, except where
+        ``shared`` (no replica axis)."""
+        full = [t for t, s in zip(terms, shared) if not s]
+        ref = full[0].shape
+        for t, s in zip(terms, shared):
+            if (t.shape != ref[:1] + ref[2:]) if s else (t.shape != ref):
+                raise ValueError(f"the residual addition {l.name!r} adds tensors of shapes "
+                                 f"{[tuple(u.shape) for u in terms]} (replica axis at 1 except for inputs shared by all "
+                                 f"replicas); the fused engine needs equal shapes (no broadcasting)")
+        out = None
+        for t, s in zip(terms, shared):
+            t = t.unsqueeze(1) if s else t
+            out = t if out is None else out + t
+        return out
 
     # --- helpers ------------------------------------------------------------------------------
     @staticmethod
@@ -618,6 +765,50 @@ class _MapEngine:
         return s, t, inv, mean
 
     @staticmethod
+    def _bn_batch_check(l, a, R, shared):
+        """The input of a batch-statistics BatchNorm with the replica axis (a shared input is expanded)."""
+        want = (4 if l.opts["dims"] == 2 else 2) + (0 if shared else 1)  # BatchNorm1d: [N, C]; 2d: [N, C, H, W]
+        if a.dim() != want:
+            raise ValueError(f"BatchNorm {l.name!r} got inputs {tuple(a.shape)} (replica axis included: {not shared})")
+        return a.unsqueeze(1).expand(a.shape[0], R, *a.shape[1:]) if shared else a
+
+    @staticmethod
+    def _bn_batch_rbwd(l, i, st, params, vecs, out, rin, rd):
+        """R-backward of a batch-statistics BatchNorm node. With ``out``: add the weight and bias
+        products to it; else return the R-gradient w.r.t. the node's input ``[N, K, R, C, *sp]``.
+
+        Per replica and channel, with means over samples (and positions): forward
+        ``y = gamma * xhat + beta``, ``xhat = (x - mean) * inv``; backward
+        ``gx = inv * P(gamma * g)`` with ``P(v) = v - mean(v) - xhat * mean(v * xhat)``. Its R-op
+        adds the tangents of ``inv`` (``-inv^2 * mean(xhat * dx)``), ``xhat`` (``rxh``), ``gamma``
+        and ``g`` (``rd``)."""
+        xh, inv, delta = st.get(i, "xhat").unsqueeze(1), st.get(i, "inv").unsqueeze(1), st.get(i, "delta").unsqueeze(1)
+        nsp = xh.dim() - 4
+        dims = (0, *range(4, xh.dim()))
+        rxh, m2 = rin if rin is not None else (None, None)
+        if out is not None:
+            if l.weight is not None:
+                hg = (rd * xh).sum(dims)
+                if rxh is not None:
+                    hg += (delta * rxh).sum(dims)
+                out[l.weight] += hg.transpose(0, 1)
+                out[l.bias] += rd.sum(dims).transpose(0, 1)
+            return None
+        mean = lambda t: t.mean(dims, keepdim=True)
+        gx, rgx = delta, rd
+        if l.weight is not None:
+            gamma = _rb(params[l.weight], nsp, False).unsqueeze(1)
+            gx = delta * gamma
+            rgx = rd * gamma + delta * _rb(vecs[l.weight], nsp, True)
+        mg = mean(gx * xh)
+        inner = rgx - mean(rgx) - xh * mean(rgx * xh)
+        if rxh is not None:
+            inner -= rxh * mg + xh * mean(gx * rxh)
+            pg = gx - mean(gx) - xh * mg
+            return inner.mul_(inv) - pg * (inv * inv * m2)
+        return inner.mul_(inv)
+
+    @staticmethod
     def _conv_io(l, W):
         o = l.opts
         return o["stride"], o["padding"], o["dilation"], o["groups"]
@@ -638,14 +829,25 @@ class _MapEngine:
         st = _MapState()
         R = next(iter(params.values())).shape[0]
         N = x.shape[0]
-        a = x
-        for l in self.layers[: self.start]:
-            a = self._shared_apply(a, l)
-        shared = True
+        vals = {-1: x}  # node outputs still to be read
         pre = {}
         bn = {}
-        for i in range(self.start, len(self.layers)):
-            l = self.layers[i]
+        for i, l in enumerate(self.layers):
+            ins = self.inputs[i]
+            if l.kind == "add":
+                terms = [vals[j] for j in ins]
+                if self.shared[i]:
+                    vals[i] = self._add_values(l, [t.unsqueeze(1) for t in terms], [False] * len(terms)).squeeze(1)
+                else:
+                    vals[i] = self._add_values(l, terms, [self._reads_shared(j) for j in ins])
+                    st.widest = max(st.widest, vals[i][0, 0].numel())
+                self._free(vals, i)
+                continue
+            a, shared = vals[ins[0]], self._reads_shared(ins[0])
+            if self.shared[i]:
+                vals[i] = self._shared_apply(a, l)
+                self._free(vals, i)
+                continue
             if l.kind == "conv":
                 if (a.dim() != 4 if shared else a.dim() != 5):
                     raise ValueError(f"Conv2d {l.name!r} needs inputs [N, C, H, W]; got {tuple(a.shape)} (replica axis included: {not shared})")
@@ -658,7 +860,6 @@ class _MapEngine:
                     z = F.conv2d(self._full(a, R, shared), W.reshape(-1, *W.shape[2:]), b, stride, pad, dil, R * g)
                 st.put(i, "in", a, shared)
                 a = z.view(N, R, W.shape[1], *z.shape[2:])
-                shared = False
             elif l.kind == "linear":
                 if a.dim() != (2 if shared else 3):
                     raise ValueError(f"Linear {l.name!r} needs inputs [N, features]; got {tuple(a.shape)} (replica axis included: {not shared})")
@@ -668,7 +869,15 @@ class _MapEngine:
                     z = z + params[l.bias]
                 st.put(i, "in", a, shared)
                 a = z
-                shared = False
+            elif l.kind == "bn" and l.opts.get("batch"):
+                a = self._bn_batch_check(l, a, R, shared)
+                dims = (0, *range(3, a.dim()))
+                var, mean = torch.var_mean(a, dims, correction=0, keepdim=True)
+                inv = torch.rsqrt(var + l.opts["eps"])  # [1, R, C, 1...]
+                xhat = (a - mean) * inv
+                st.put(i, "xhat", xhat)
+                st.put(i, "inv", inv)
+                a = xhat if l.weight is None else xhat * _rb(params[l.weight], a.dim() - 3, False) + _rb(params[l.bias], a.dim() - 3, False)
             elif l.kind == "bn":
                 s, t, inv, mean = bn[i] = self._bn_coefs(l, params, buffers)
                 if shared:
@@ -679,7 +888,6 @@ class _MapEngine:
                 if l.weight is not None:
                     st.put(i, "xhat", (a - _rb(mean, nsp, False)) * _rb(inv, nsp, False))
                 a = a * _rb(s, nsp, False) + _rb(t, nsp, False)
-                shared = False
             elif l.kind == "act":
                 pre[i] = a
                 a = activation_value(a, l.act, l.slope)
@@ -699,20 +907,29 @@ class _MapEngine:
                 z = self._pool(a.reshape(N, -1, *a.shape[3:]), l)
                 a = z.view(N, R, a.shape[2], *z.shape[2:])
             st.widest = max(st.widest, a[0, 0].numel())
-        out = a  # [N, R, C]
+            vals[i] = a
+            self._free(vals, i)
+        out = vals[len(self.layers) - 1]  # [N, R, C]
         if out.dim() != 3:
             raise ValueError(f"the model's outputs are {tuple(out.shape)} (replica axis at 1); the fused engine needs [N, classes]")
         st.loss, st.probs, g = _loss_head(self.loss, out, y, sample_dim=0)
         if st.probs is not None:
             st.nbytes += st.probs.numel() * st.probs.element_size()
-        for i in range(len(self.layers) - 1, self.start - 1, -1):
-            l = self.layers[i]
+        grads = {len(self.layers) - 1: g}  # node -> gradient of the loss w.r.t. its output
+        for i in range(len(self.layers) - 1, -1, -1):
+            if self.shared[i] or i not in grads:
+                continue
+            l, g = self.layers[i], grads.pop(i)
+            if l.kind == "add":
+                for j in self.inputs[i]:
+                    self._acc(grads, j, g)
+                continue
             if l.kind in ("conv", "linear"):
                 a_in, first = st.get(i, "in"), (i, "in") in st.shared
                 if keep_all or not first:
                     st.put(i, "delta", g)
                 if first:
-                    break
+                    continue
                 W = params[l.weight]
                 if l.kind == "linear":
                     g = torch.einsum("nro,roi->nri", g, W)
@@ -721,11 +938,19 @@ class _MapEngine:
                     gi = torch.nn.grad.conv2d_input((N, a_in.shape[1] * a_in.shape[2], *a_in.shape[3:]), W.reshape(-1, *W.shape[2:]),
                                                     g.reshape(N, -1, *g.shape[3:]), stride, pad, dil, R * gr)
                     g = gi.view(a_in.shape)
+            elif l.kind == "bn" and l.opts.get("batch"):
+                st.put(i, "delta", g)
+                if self._reads_shared(self.inputs[i][0]):
+                    continue
+                xhat, inv = st.get(i, "xhat"), st.get(i, "inv")
+                gx = g if l.weight is None else g * _rb(params[l.weight], g.dim() - 3, False)
+                dims = (0, *range(3, g.dim()))
+                g = (gx - gx.mean(dims, keepdim=True) - xhat * (gx * xhat).mean(dims, keepdim=True)) * inv
             elif l.kind == "bn":
                 if l.weight is not None or keep_all:
                     st.put(i, "delta", g)
-                if i == self.start:
-                    break
+                if self._reads_shared(self.inputs[i][0]):
+                    continue
                 s = bn[i][0]
                 g = g * _rb(s, g.dim() - 3, False)
             elif l.kind == "act":
@@ -743,12 +968,14 @@ class _MapEngine:
             else:
                 C = g.shape[2]
                 g = self._pool_bwd(g.reshape(N, R * C, *g.shape[3:]), l, st.meta[i]).view(N, R, C, *st.meta[i])
+            self._acc(grads, self.inputs[i][0], g)
         return st
 
     def gradient(self, st: _MapState, params, buffers, grads: dict):
         """Add the parameter gradients of a ``keep_all`` state to ``grads`` (name -> [R, *shape])."""
-        for i in range(self.start, len(self.layers)):
-            l = self.layers[i]
+        for i, l in enumerate(self.layers):
+            if self.shared[i]:
+                continue
             if l.kind == "conv":
                 a, first, delta = st.get(i, "in"), (i, "in") in st.shared, st.get(i, "delta")
                 W = params[l.weight]
@@ -776,11 +1003,22 @@ class _MapEngine:
         """Add one chunk's Hessian-vector products to ``out`` (name -> [R, K, *shape]);
         ``vecs``: name -> [R, K, *shape] tangents."""
         K = next(iter(vecs.values())).shape[1]
-        ra = None  # [N, K, R, *feat] or None (identically zero)
+        rv = {}  # node -> output tangent [N, K, R, *feat] still to be read, or None (identically zero)
         rin, rpre, bn = {}, {}, {}
         N = None
-        for i in range(self.start, len(self.layers)):
-            l = self.layers[i]
+        for i, l in enumerate(self.layers):
+            if self.shared[i]:
+                continue
+            ins = self.inputs[i]
+            if l.kind == "add":
+                ra = None
+                for j in ins:
+                    t = None if self._reads_shared(j) else rv[j]
+                    ra = t if ra is None else (ra if t is None else ra + t)
+                rv[i] = ra
+                self._free(rv, i)
+                continue
+            ra = None if self._reads_shared(ins[0]) else rv[ins[0]]
             if l.kind == "conv":
                 a, first = st.get(i, "in"), (i, "in") in st.shared
                 W, dW = params[l.weight], vecs[l.weight]
@@ -814,6 +1052,23 @@ class _MapEngine:
                 if l.bias is not None:
                     rz += vecs[l.bias].transpose(0, 1)
                 ra = rz
+            elif l.kind == "bn" and l.opts.get("batch"):
+                xh, inv = st.get(i, "xhat").unsqueeze(1), st.get(i, "inv").unsqueeze(1)
+                N = xh.shape[0]
+                nsp = xh.dim() - 4
+                dims = (0, *range(4, xh.dim()))
+                rz = None
+                if ra is not None:
+                    # tangent of the normalized input: inv * (dx - mean(dx) - xhat * mean(dx * xhat))
+                    m2 = (ra * xh).mean(dims, keepdim=True)
+                    rxh = (ra - ra.mean(dims, keepdim=True) - xh * m2).mul_(inv)
+                    rin[i] = (rxh, m2)
+                    # (a copy without affine parameters: later layers may update their input in place)
+                    rz = rxh.clone() if l.weight is None else rxh * _rb(params[l.weight], nsp, False).unsqueeze(1)
+                if l.weight is not None:
+                    term = xh * _rb(vecs[l.weight], nsp, True) + _rb(vecs[l.bias], nsp, True)
+                    rz = term if rz is None else rz.add_(term)
+                ra = rz
             elif l.kind == "bn":
                 s, t, inv, mean = bn[i] = self._bn_coefs(l, params, buffers)
                 rin[i] = ra
@@ -828,14 +1083,14 @@ class _MapEngine:
                     rz = term if rz is None else rz.add_(term)
                 ra = rz
             elif ra is None:
-                continue
+                pass
             elif l.kind == "act":
                 d1 = st.get(i, "d1").unsqueeze(1)
                 if st.get(i, "d2g") is not None:
                     rpre[i] = ra
                     ra = d1 * ra
                 else:
-                    ra = ra.mul_(d1)
+                    ra = ra.mul_(d1) if self.fwd_inplace[i] else ra * d1
             elif l.kind == "flatten":
                 ra = ra.reshape(*ra.shape[:3], -1)
             elif l.kind == "maxpool":
@@ -847,13 +1102,23 @@ class _MapEngine:
                 n, k, R, C = ra.shape[:4]
                 z = self._pool(ra.reshape(n * k, R * C, *ra.shape[4:]), l)
                 ra = z.view(n, k, R, C, *z.shape[2:])
+            rv[i] = ra
+            self._free(rv, i)
+        ra = rv.pop(len(self.layers) - 1)
         # loss
         if self.loss.kind == "cross_entropy":
             rd = softmax_ce_hvp(st.probs, ra.contiguous(), self.loss.scale())  # [n, R, C] and [n, k, R, C]
         else:
             rd = ra * (2 * self.loss.scale(ra.shape[-1]))
-        for i in range(len(self.layers) - 1, self.start - 1, -1):
-            l = self.layers[i]
+        rds = {len(self.layers) - 1: rd}  # node -> R-gradient w.r.t. its output
+        for i in range(len(self.layers) - 1, -1, -1):
+            if self.shared[i] or i not in rds:
+                continue
+            l, rd = self.layers[i], rds.pop(i)
+            if l.kind == "add":
+                for j in self.inputs[i]:
+                    self._acc(rds, j, rd)
+                continue
             if l.kind == "conv":
                 a, first, delta, ra_in = st.get(i, "in"), (i, "in") in st.shared, st.get(i, "delta"), rin[i]
                 W, dW = params[l.weight], vecs[l.weight]
@@ -877,7 +1142,7 @@ class _MapEngine:
                                                       stride, pad, dil, R * g)
                     o += gw2.view(R, g, Co // g, K, Cig, *W.shape[3:]).permute(0, 3, 1, 2, 4, 5, 6)
                 if first:
-                    break
+                    continue
                 in_hw = a.shape[3:]
                 rg = torch.nn.grad.conv2d_input((N * K, R * g * Cig, *in_hw), W.reshape(-1, *W.shape[2:]),
                                                 rd.reshape(N * K, -1, *hw), stride, pad, dil, R * g)
@@ -894,8 +1159,13 @@ class _MapEngine:
                 if l.bias is not None:
                     out[l.bias] += rd.sum(0).transpose(0, 1)
                 if first:
-                    break
+                    continue
                 rd = torch.einsum("nkro,roi->nkri", rd, W) + torch.einsum("nro,rkoi->nkri", delta, dW)
+            elif l.kind == "bn" and l.opts.get("batch"):
+                self._bn_batch_rbwd(l, i, st, params, vecs, out, rin.get(i), rd)
+                if self._reads_shared(self.inputs[i][0]):
+                    continue
+                rd = self._bn_batch_rbwd(l, i, st, params, vecs, None, rin.get(i), rd)
             elif l.kind == "bn":
                 s, t, inv, mean = bn[i]
                 nsp = rd.dim() - 4
@@ -907,8 +1177,8 @@ class _MapEngine:
                         hg += (ra_in * delta.unsqueeze(1)).sum(dims) * inv
                     out[l.weight] += hg.transpose(0, 1)
                     out[l.bias] += rd.sum(dims).transpose(0, 1)
-                if i == self.start:
-                    break
+                if self._reads_shared(self.inputs[i][0]):
+                    continue
                 rg = rd * _rb(s, nsp, False).unsqueeze(1)
                 if l.weight is not None:
                     rg += delta.unsqueeze(1) * _rb(vecs[l.weight] * inv.unsqueeze(1), nsp, True)
@@ -918,7 +1188,7 @@ class _MapEngine:
                 d2g = st.get(i, "d2g")
                 n, k = rd.shape[:2]
                 if d2g is None:
-                    rd = rd.mul_(d1.unsqueeze(1))
+                    rd = rd.mul_(d1.unsqueeze(1)) if self.bwd_inplace[i] else rd * d1.unsqueeze(1)
                 else:
                     rd = act_rop_bwd(d1.reshape(n, -1), d2g.reshape(n, -1), rpre[i].reshape(n, k, -1),
                                      rd.reshape(n, k, -1)).view(rd.shape)
@@ -933,3 +1203,4 @@ class _MapEngine:
             else:
                 n, k, R, C = rd.shape[:4]
                 rd = self._pool_bwd(rd.reshape(n * k, R * C, *rd.shape[4:]), l, st.meta[i]).view(n, k, R, C, *st.meta[i])
+            self._acc(rds, self.inputs[i][0], rd)

@@ -1,0 +1,231 @@
+"""torch.fx front end of the fused engine: models that are not plain ``nn.Sequential`` chains.
+
+:func:`trace` symbolically traces a model (``torch.fx``; modules of ``torch.nn`` are leaves, custom
+modules are traced through) into a DAG of fused layers (:class:`Graph`) that the sample-major engine
+(:class:`fastcurv.backends.fused._MapEngine`) runs. Supported nodes:
+
+* calls of the leaf modules the chain parser supports (:func:`fastcurv.backends.fused._parse_module`;
+  Dropout in eval mode and Identity are skipped). A module called twice shares its parameters:
+  both calls add into the same gradient and Hessian-vector product;
+* residual additions of two traced tensors of equal shape: ``a + b``, ``a += b``, ``torch.add(a, b)``,
+  ``a.add(b)``;
+* functional activations: ``F.relu``/``torch.relu``/``x.relu()`` (also in place), ``torch.tanh``,
+  ``torch.sigmoid``, ``F.gelu`` (exact), ``F.leaky_relu``;
+* flattening to ``[N, features]``: ``torch.flatten(x, 1)``, ``x.flatten(1)``,
+  ``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``;
+* one input (the batch) and one output (the logits ``[N, classes]``).
+
+Anything else (``torch.cat``, multiplications, attributes read in ``forward``, unsupported modules,
+control flow that fx cannot trace) makes :func:`trace` return ``(None, reason)``, the reason naming
+the node and the module or function.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..ops import activation_kind
+from .fused import _Layer, _parse_module
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_", "__add__", "__iadd__", "__radd__")
+_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", torch.tanh: "tanh",
+                  torch.sigmoid: "sigmoid", F.gelu: "gelu", F.leaky_relu: "leaky_relu"}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
+                "sigmoid_": "sigmoid"}
+
+
+class Graph(list):
+    """A traced model for the fused engine: the nodes (:class:`~fastcurv.backends.fused._Layer`, in
+    topological order; ``kind == "add"`` for residual additions) and ``inputs[i]``, the nodes
+    whose outputs node ``i`` reads (-1: the model input). The last node is the model output."""
+
+    def __init__(self, layers, inputs):
+        super().__init__(layers)
+        self.inputs = [list(v) for v in inputs]
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _describe(node: fx.Node) -> str:
+    """The operation of an fx node in words, e.g. "torch.cat (node 'cat' in module 'layer1.0' (Block))"."""
+    t = node.target
+    if node.op == "call_method":
+        what = f"the tensor method .{t}()"
+    elif node.op == "call_module":
+        what = f"module {t!r}"
+    elif node.op == "get_attr":
+        what = f"the attribute {t!r} read in forward()"
+    elif callable(t):
+        mod = getattr(t, "__module__", None) or ""
+        mod = {"_operator": "operator", "torch._C._nn": "torch.nn.functional"}.get(mod, mod)
+        what = f"{mod}.{getattr(t, '__name__', repr(t))}" if mod else getattr(t, "__name__", repr(t))
+    else:
+        what = repr(t)
+    where = ""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack and node.op != "call_module":
+        path, cls = list(stack.values())[-1]
+        where = f" in module {path!r} ({getattr(cls, '__name__', cls)})"
+    return f"{what} (node {node.name!r}{where})"
+
+
+def trace(base: nn.Module) -> tuple[Graph | None, str]:
+    """The DAG of ``base`` for the fused engine, or ``(None, reason)``."""
+    try:
+        gm = fx.symbolic_trace(base)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "not fused"
+        return None, f"torch.fx cannot trace the model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    graph = gm.graph
+    try:
+        return _convert(gm, graph), ""
+    except _Unsupported as e:
+        return None, str(e)
+
+
+def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
+    ids: dict[fx.Node, int] = {}  # fx node -> fused node (-1: the model input)
+    shape_of: dict[fx.Node, fx.Node] = {}  # `x.shape` nodes -> x
+    size0_of: dict[fx.Node, fx.Node] = {}  # `x.size(0)` / `x.shape[0]` nodes -> x
+    layers: list[_Layer] = []
+    inputs: list[list[int]] = []
+    out = None
+
+    def tensor(a, node) -> int:
+        if isinstance(a, fx.Node) and a in ids:
+            return ids[a]
+        raise _Unsupported(f"{_describe(node)} takes {a!r}, which is not a traced tensor; not fused")
+
+    def add(node, layer, srcs):
+        ids[node] = len(layers)
+        layers.append(layer)
+        inputs.append(srcs)
+
+    def check_inplace(node, src_node):
+        if len(src_node.users) > 1:
+            raise _Unsupported(f"{_describe(node)} works in place on {src_node.name!r}, which other operations also read; "
+                               "not fused")
+
+    def act_layer(node, kind, slope=0.0):
+        return _Layer("act", act=activation_kind(kind), slope=slope, name=node.name)
+
+    for node in graph.nodes:
+        op, t = node.op, node.target
+        if op != "output" and not node.users:
+            # e.g. `h.relu_()` on its own line: fx records a call whose result nobody reads
+            raise _Unsupported(f"the result of {_describe(node)} is never used (in-place updates whose result is "
+                               "dropped are not fused)")
+        if op == "placeholder":
+            if -1 in ids.values() or any(n.op == "placeholder" for n in ids):
+                raise _Unsupported(f"the model's forward() takes more than one input ({node.name!r}); not fused")
+            ids[node] = -1
+        elif op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                raise _Unsupported("the model's forward() returns a tuple, list or dict; the fused engine needs one tensor")
+            out = tensor(node.args[0], node)
+        elif op == "get_attr":
+            raise _Unsupported(f"{_describe(node)} is not supported by the fused engine (only module calls are)")
+        elif op == "call_module":
+            mod = gm.get_submodule(t)
+            if len(node.args) != 1 or node.kwargs:
+                raise _Unsupported(f"{_describe(node)} is called with {len(node.args)} arguments/keywords; not fused")
+            src = tensor(node.args[0], node)
+            layer, why = _parse_module(t, mod)
+            if why:
+                raise _Unsupported(why)
+            if getattr(mod, "inplace", False):
+                check_inplace(node, node.args[0])
+            if layer is None:  # Identity, Dropout (eval)
+                ids[node] = src
+            else:
+                add(node, layer, [src])
+        elif op in ("call_function", "call_method"):
+            args, kw = node.args, dict(node.kwargs)
+            is_method = op == "call_method"
+            if (t in _ADD_METHODS) if is_method else (t in _ADD_FUNCTIONS):
+                if kw.get("alpha", 1) != 1 or set(kw) - {"alpha"} or len(args) != 2:
+                    raise _Unsupported(f"{_describe(node)}: only a plain sum of two tensors is fused")
+                if not all(isinstance(a, fx.Node) and a in ids for a in args):
+                    raise _Unsupported(f"{_describe(node)} adds a constant or a non-tensor value; only sums of two "
+                                       "traced tensors (residual additions) are fused")
+                if t in (operator.iadd, "add_", "__iadd__"):
+                    check_inplace(node, args[0])
+                add(node, _Layer("add", name=node.name), [ids[args[0]], ids[args[1]]])
+            elif (t in _ACT_METHODS) if is_method else (t in _ACT_FUNCTIONS):
+                kind = _ACT_METHODS[t] if is_method else _ACT_FUNCTIONS[t]
+                src = tensor(args[0], node)
+                slope = 0.0
+                if kind == "gelu":
+                    if kw.pop("approximate", "none") != "none" or len(args) > 1:
+                        raise _Unsupported(f"{_describe(node)} is the tanh-approximated GELU; only the exact GELU is fused")
+                if kind == "leaky_relu":
+                    slope = float(args[1]) if len(args) > 1 else float(kw.pop("negative_slope", 0.01))
+                    args = args[:1] + args[2:]
+                inplace = kw.pop("inplace", False) or (len(args) > 1 and args[1] is True) or str(getattr(t, "__name__", t)).endswith("_")
+                if kw or len(args) > 1 and not isinstance(args[1], bool):
+                    raise _Unsupported(f"{_describe(node)} has arguments {args[1:]} {kw}; not fused")
+                if inplace:
+                    check_inplace(node, args[0])
+                add(node, act_layer(node, kind, slope), [src])
+            elif (t == "flatten") if is_method else (t is torch.flatten):
+                start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
+                end = args[2] if len(args) > 2 else kw.get("end_dim", -1)
+                if start != 1 or end != -1:
+                    raise _Unsupported(f"{_describe(node)} flattens dims {start}..{end}; only flatten(x, 1) is fused")
+                add(node, _Layer("flatten", name=node.name), [tensor(args[0], node)])
+            elif (t in ("view", "reshape")) if is_method else (t is torch.reshape):
+                shape = list(args[1:]) if is_method else list(args[1])
+                if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+                    shape = list(shape[0])
+                if len(shape) != 2 or shape[1] != -1 or size0_of.get(shape[0]) is not args[0]:
+                    raise _Unsupported(f"{_describe(node)} reshapes to {shape}; only x.view(x.size(0), -1) is fused")
+                add(node, _Layer("flatten", name=node.name), [tensor(args[0], node)])
+            elif is_method and t == "size" and len(args) == 2 and args[1] == 0 and not kw:
+                size0_of[node] = args[0]
+            elif not is_method and t is getattr and args[1] == "shape":
+                shape_of[node] = args[0]
+            elif not is_method and t is operator.getitem and args[0] in shape_of and args[1] == 0:
+                size0_of[node] = shape_of[args[0]]
+            else:
+                raise _Unsupported(f"{_describe(node)} is not supported by the fused engine")
+        else:
+            raise _Unsupported(f"{_describe(node)} is not supported by the fused engine")
+    for n in list(size0_of) + list(shape_of):
+        if any(not (u.op == "call_method" and u.target in ("view", "reshape") or u.op == "call_function"
+                    and u.target in (operator.getitem, torch.reshape)) for u in n.users):
+            raise _Unsupported(f"the batch size {_describe(n)} is used by other operations than a flattening view; not fused")
+    if out is None or out < 0:
+        raise _Unsupported("the model returns its input unchanged")
+    if out != len(layers) - 1:
+        raise _Unsupported(f"the model's output is not its last traced operation ({layers[out].name!r}); not fused")
+    _check_layout(layers, inputs)
+    return Graph(layers, inputs)
+
+
+def _check_layout(layers, inputs):
+    """Feature maps (conv, pooling, BatchNorm2d) and flat features ([N, F]: Linear, BatchNorm1d) must
+    not mix: each node's inputs are of one kind, Flatten turns maps into flat features."""
+    mode = {-1: "input"}
+    for i, l in enumerate(layers):
+        found = {mode[j] for j in inputs[i]} - {"input"}
+        if len(found) > 1:
+            raise _Unsupported(f"the addition {l.name!r} adds feature maps to flat features; not fused")
+        m = found.pop() if found else "input"
+        if l.kind in ("conv", "maxpool", "avgpool", "adaptive") or l.kind == "bn" and l.opts["dims"] == 2:
+            if m == "dense":
+                raise _Unsupported(f"module {l.name!r} works on feature maps but follows Flatten/Linear; not fused")
+            m = "spatial"
+        elif l.kind == "flatten":
+            m = "dense" if m == "spatial" else m
+        elif l.kind in ("linear", "bn"):
+            if m == "spatial":
+                raise _Unsupported(f"module {l.name!r} follows feature maps without a Flatten in between; not fused")
+            m = "dense"
+        mode[i] = m
+    if not any(l.kind in ("linear", "conv") for l in layers):
+        raise _Unsupported("the model has no Linear or Conv2d layer")

@@ -1,0 +1,333 @@
+"""The fused engine on traced (torch.fx) models: residual CNNs and MLPs against dense float64
+Hessians and the autograd backend; unsupported operations fall back and are named."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastcurv
+from fastcurv.backends import FusedBackend
+from fastcurv.backends.fused import parse
+from fastcurv.backends.fused_graph import Graph
+from fastcurv.replicas import ReplicaSet
+from models import replicas
+from oracle import dense_hessian
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus an identity skip (or a strided 1x1-conv projection), then ReLU."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.proj = None
+        if stride != 1 or cin != cout:
+            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.b1(self.c1(x)), inplace=True)
+        out = self.b2(self.c2(out))
+        out += x if self.proj is None else self.proj(x)
+        return torch.relu(out)
+
+
+class ResNet(nn.Module):
+    def __init__(self, flatten="torch", width=(2, 3)):
+        super().__init__()
+        c1, c2 = width
+        self.stem = nn.Conv2d(1, c1, 3, padding=1)
+        self.act = nn.GELU()  # non-zero second derivative before the blocks
+        self.layer1 = Block(c1, c1)  # identity skip; its output feeds two branches of the next block
+        self.layer2 = Block(c1, c2, stride=2)  # projection skip
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c2, 3)
+        self.flatten = flatten
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.act(self.stem(x))))
+        x = self.pool(x)
+        if self.flatten == "view":
+            x = x.view(x.size(0), -1)
+        elif self.flatten == "reshape":
+            x = x.reshape(x.shape[0], -1)
+        else:
+            x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+class ResMLP(nn.Module):
+    """x + f(x) twice with the same f (shared weights), after a parameter-free residual on the input,
+    then a pre-activation branch whose ReLUs read and feed values that the additions also use."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4))
+        self.g = nn.Linear(4, 4)
+        self.head = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        x = x + torch.tanh(x)  # shared by all replicas (no parameters yet)
+        h = x + self.f(x)
+        h = h + self.f(h)
+        h = h + F.relu(self.g(F.relu(h)))
+        return self.head(h)
+
+
+def _data(shape, n, loss, gen, dtype=torch.float64):
+    x = torch.randn(n, *shape, generator=gen, dtype=dtype)
+    y = torch.randint(0, 3, (n,), generator=gen) if loss == "cross_entropy" else torch.randn(n, 3, generator=gen, dtype=dtype)
+    return x, y
+
+
+def _check_dense(factory, shape, R, K, loss, seed=0, n=7, **options):
+    models = replicas(factory, R=R, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = _data(shape, n, loss, gen)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    op = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, backend_options=options or None)
+    assert isinstance(op.backend.layers, Graph)
+    V = torch.randn(R, K, op.P, generator=gen, dtype=torch.float64)
+    HV = op.matvec(V)
+    for r in range(R):
+        H = dense_hessian(models[r], batches, loss=loss)
+        assert H.abs().max() > 1e-3
+        torch.testing.assert_close(HV[r], V[r] @ H.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(op.matvec(V), HV, rtol=0, atol=0)  # from the cached state
+    return op
+
+
+@pytest.mark.parametrize("R,K,loss,width", [(1, 1, "cross_entropy", (2, 3)), (3, 4, "mse", (1, 2))])
+def test_resnet_against_dense(R, K, loss, width):
+    _check_dense(lambda: ResNet(width=width), (1, 5, 5), R, K, loss)
+
+
+@pytest.mark.parametrize("R,K,loss", [(1, 4, "mse"), (3, 1, "cross_entropy"), (3, 4, "cross_entropy")])
+def test_residual_mlp_against_dense(R, K, loss):
+    _check_dense(ResMLP, (4,), R, K, loss)
+
+
+@pytest.mark.parametrize("flatten", ["view", "reshape"])
+def test_flatten_views_and_sample_chunks(flatten):
+    # one sample per chunk and no cache: the state is recomputed in every matvec
+    _check_dense(lambda: ResNet(flatten, width=(1, 2)), (1, 4, 4), 2, 3, "cross_entropy", n=5, sample_chunk_bytes=1, cache_bytes=0)
+
+
+class SkipSequential(nn.Sequential):
+    """An nn.Sequential whose own forward adds a skip: not a plain chain, so it is traced."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+def test_sequential_subclass_with_its_own_forward_is_traced():
+    op = _check_dense(lambda: nn.Sequential(nn.Linear(4, 4), SkipSequential(nn.Sigmoid(), nn.Linear(4, 4)), nn.Linear(4, 3)),
+                      (4,), 2, 2, "cross_entropy")
+    assert [l.kind for l in op.backend.layers].count("add") == 1
+
+
+def test_float32_against_autograd_subsets_and_gradient():
+    models = replicas(ResNet, R=4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    x, y = _data((1, 8, 8), 24, "cross_entropy", gen, dtype=torch.float32)
+    data = [(x[:16], y[:16]), (x[16:], y[16:])]
+    fused = fastcurv.HessianOperator(models, data, backend="fused")
+    oracle = fastcurv.HessianOperator(models, data, backend="autograd")
+    V = torch.randn(4, 3, fused.P, generator=gen)
+    ref = oracle.matvec(V)
+    torch.testing.assert_close(fused.matvec(V), ref, rtol=1e-4, atol=1e-5)
+    idx = torch.tensor([3, 1])
+    torch.testing.assert_close(fused.matvec(V[idx], idx=idx), ref[idx], rtol=1e-4, atol=1e-5)
+    func = fastcurv.HessianOperator(models, data, backend="func")
+    (l1, g1), (l2, g2) = fused.loss_and_gradient(), func.loss_and_gradient()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_uses_the_graph_for_residuals_and_chains_stay_chains():
+    models = replicas(ResMLP, R=2)
+    op = fastcurv.HessianOperator(models, (torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])))
+    assert op.backend_name == "fused"
+    chain, _ = parse(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    assert type(chain) is list  # plain chains keep the MLP engine
+    assert FusedBackend(ReplicaSet(replicas(lambda: nn.Sequential(nn.Linear(4, 3)), R=1)), op.loss, []).layers.__class__ is list
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cat([x, self.fc(x)], 1)
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) * 2.0
+
+
+class Softplus(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.softplus(self.fc(x))
+
+
+class ReusedInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(F.relu(h, inplace=True) + h)  # the in-place ReLU changes h for the addition too
+
+
+class Skip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+class DroppedInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h.relu_()  # fx records a call whose result is unused; dropping it would silently skip the ReLU
+        return self.head(h)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, z):
+        return self.fc(x + z)
+
+
+@pytest.mark.parametrize("model,words,runs", [
+    (lambda: nn.Sequential(nn.Linear(4, 4), Concat(), nn.Linear(8, 3)), ["torch.cat", "'1'", "Concat"], True),
+    (Scaled, ["operator.mul", "'mul'"], True),
+    (Softplus, ["torch.nn.functional.softplus"], True),
+    (ReusedInPlace, ["in place"], True),
+    (TwoInputs, ["more than one input"], False),
+    (DroppedInPlace, [".relu_()", "never used"], True),
+    (lambda: nn.Sequential(Skip(), nn.Linear(4, 3), nn.BatchNorm2d(3)), ["'2'", "feature maps"], False),
+])
+def test_unsupported_ops_fall_back_with_a_reason(model, words, runs):
+    models = replicas(model, R=2)
+    ok, why = FusedBackend.supports(ReplicaSet(models))
+    assert not ok and all(w in why for w in words), why
+    if runs:  # auto falls back to torch.func and says why; backend="fused" refuses
+        gen = torch.Generator().manual_seed(0)
+        op = fastcurv.HessianOperator(models, _data((4,), 5, "cross_entropy", gen))
+        assert op.backend_name == "func" and why in op.backend_reason
+        with pytest.raises(ValueError, match="does not support"):
+            fastcurv.HessianOperator(models, _data((4,), 5, "cross_entropy", gen), backend="fused")
+
+
+def test_residual_shape_mismatch_is_reported():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 1)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(x + self.fc(x))  # broadcasts [N, 1] against [N, 4]
+
+    models = replicas(Bad, R=1)
+    op = fastcurv.HessianOperator(models, _data((4,), 5, "cross_entropy", torch.Generator().manual_seed(0)), backend="fused")
+    with pytest.raises(ValueError, match="residual addition 'add'.*equal shapes"):
+        op.matvec(torch.randn(1, 1, op.P, dtype=torch.float64))
+
+
+# --- BatchNorm with batch statistics (bn_mode="batch"): the normalization couples the samples ---
+
+def _no_affine_chain():
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, affine=False), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(8, 4), nn.BatchNorm1d(4, affine=False), nn.Tanh(), nn.Linear(4, 3))
+
+
+def _input_bn_mlp():
+    # BatchNorm on the input shared by all replicas, then a residual MLP with BatchNorm1d
+    return nn.Sequential(nn.BatchNorm1d(4), Skip(), nn.BatchNorm1d(4), nn.GELU(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("factory,shape,R,K,loss,options", [
+    (lambda: ResNet(width=(1, 2)), (1, 5, 5), 2, 3, "cross_entropy", {"sample_chunk_bytes": 1}),  # chunks are ignored: samples are coupled
+    (_no_affine_chain, (1, 6, 6), 3, 1, "mse", {}),
+    (_input_bn_mlp, (4,), 1, 4, "cross_entropy", {"cache_bytes": 0}),
+])
+def test_batch_statistics_against_dense(factory, shape, R, K, loss, options):
+    affine = all(m.affine for m in factory().modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    if affine:
+        models = replicas(factory, R=R)
+    else:  # nothing to randomize: batch statistics ignore the running buffers
+        torch.manual_seed(0)
+        models = [factory().double() for _ in range(R)]
+    gen = torch.Generator().manual_seed(0)
+    x, y = _data(shape, 8, loss, gen)
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]  # ragged: each batch has its own statistics
+    op = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, bn_mode="batch", backend_options=options)
+    V = torch.randn(R, K, op.P, generator=gen, dtype=torch.float64)
+    HV = op.matvec(V)
+    for r in range(R):
+        H = dense_hessian(models[r], batches, loss=loss, bn_mode="batch")
+        torch.testing.assert_close(HV[r], V[r] @ H.T, rtol=1e-9, atol=1e-12)
+    func = fastcurv.HessianOperator(models, batches, backend="func", loss=loss, bn_mode="batch")
+    (l1, g1), (l2, g2) = op.loss_and_gradient(), func.loss_and_gradient()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+    # the batch statistics matter: running statistics give other products
+    ev = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, bn_mode="eval")
+    assert (ev.matvec(V) - HV).abs().max() > 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bn_mode", ["eval", "batch"])
+def test_cuda_matches_cpu_on_residual_nets_and_replica_subsets(bn_mode):
+    """The fused engine on CUDA (a residual CNN in both BatchNorm modes, and an MLP chain with
+    scattered replica subsets, which the GPU path gathers) equals the CPU products; Lanczos on CUDA
+    (gathered reorthogonalization) equals Lanczos on the CPU."""
+    models = replicas(lambda: ResNet().eval(), R=3)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(10, 1, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=gen)
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    cpu = fastcurv.HessianOperator(models, batches, backend="fused", bn_mode=bn_mode)
+    gpu = fastcurv.HessianOperator([m.cuda() for m in models], batches, backend="fused", bn_mode=bn_mode)
+    V = torch.randn(3, 2, cpu.P, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(gpu.matvec(V.cuda()).cpu(), cpu.matvec(V), rtol=1e-10, atol=1e-12)
+    mlps = replicas(lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), R=6)
+    xs, ys = torch.randn(12, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen)
+    cpu = fastcurv.HessianOperator(mlps, (xs, ys), backend="fused")
+    gpu = fastcurv.HessianOperator([m.cuda() for m in mlps], (xs, ys), backend="fused")
+    W = torch.randn(6, 1, cpu.P, generator=gen, dtype=torch.float64)
+    full = cpu.matvec(W)
+    gpu.matvec(W.cuda())  # caches the state of all replicas
+    idx = torch.tensor([0, 2, 3, 5])
+    torch.testing.assert_close(gpu.matvec(W[idx].cuda(), idx=idx.cuda()).cpu(), full[idx], rtol=1e-10, atol=1e-12)
+    a = fastcurv.lanczos(cpu, k=2, tol=1e-8, max_iter=30)
+    b = fastcurv.lanczos(gpu, k=2, tol=1e-8, max_iter=30)
+    torch.testing.assert_close(b.eigenvalues, a.eigenvalues, rtol=1e-8, atol=1e-10)
