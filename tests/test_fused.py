@@ -51,6 +51,32 @@ def test_fused_float32_against_autograd_and_subsets():
     torch.testing.assert_close(fused.matvec(V[idx], idx=idx), oracle.matvec(V)[idx], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("K", [1, 3])
+def test_fused_subsets_of_replicas_in_chunks(K):
+    """Subsets (runs of consecutive replicas, out of order, single ones) read the state cached
+    for all replicas, or compute their own, in replica chunks of 1 and 2: each row equals the full
+    product's."""
+    models = replicas(lambda: chain(nn.Tanh), R=7)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(11, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (11,), generator=gen)
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    ref = fastcurv.HessianOperator(models, batches, backend="autograd")
+    V = torch.randn(7, K, ref.P, generator=gen, dtype=torch.float64)
+    full = ref.matvec(V)
+    subsets = [[0, 1, 2, 4, 5, 6], [6], [2, 3, 5], [5, 1, 2]]
+    for chunk_bytes in (1, 2 * 6 * K * 5 * 8):  # 1 and 2 replicas per chunk
+        opts = {"chunk_bytes": chunk_bytes}
+        for first in (None, torch.tensor([1, 2, 3, 5])):  # state cached for all replicas, or for a subset
+            op = fastcurv.HessianOperator(models, batches, backend="fused", backend_options=opts)
+            if first is not None:
+                op.matvec(V[first], idx=first)
+            for sub in subsets:
+                idx = torch.tensor(sub)
+                torch.testing.assert_close(op.matvec(V[idx], idx=idx), full[idx], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(op.matvec(V), full, rtol=1e-10, atol=1e-12)
+
+
 def test_fused_without_cache_recomputes_exactly():
     models = replicas(lambda: chain(nn.Tanh), R=2)
     gen = torch.Generator().manual_seed(2)

@@ -352,10 +352,10 @@ def test_worker_threads_give_the_same_result(fused):
 
 
 def test_nonfinite_rows_check():
-    from fastcurv.train import _nonfinite_rows
+    from fastcurv.replicas import nonfinite_rows
 
     a, b = torch.randn(4, 3, 5), torch.randn(4, 7)
     a[1, 0, 0] = float("nan")
     b[2, 3] = float("-inf")
     b[3, :] = 3e38  # finite entries whose float32 sum overflows: not flagged
-    assert _nonfinite_rows([a, b]).tolist() == [False, True, True, False]
+    assert nonfinite_rows([a, b]).tolist() == [False, True, True, False]

@@ -11,7 +11,7 @@ from torch.func import grad, vmap
 from .backends import BACKENDS
 from .data import Batches
 from .losses import Loss
-from .replicas import ReplicaSet
+from .replicas import ReplicaSet, nonfinite_rows
 
 BACKEND_CHOICES = ("auto", "autograd", "func", "fused")
 
@@ -60,6 +60,10 @@ class HessianOperator:
             without shuffling): sample counts and every product / loss / gradient are summed over the
             ranks of ``process_group`` (default group) with all_reduce, so each rank holds the
             full-data result (exact sample weighting). Every rank must hold all R replicas.
+        memory_budget: bytes, a size string ("2GiB") or a fraction in (0, 1] of the free memory:
+            with the fused backend, the state cache gets what the budget leaves after the
+            operator's own memory (see :func:`fastcurv.memory.operator_cache_bytes`; beyond the
+            cache, state is recomputed in every matvec). The probe vectors are the caller's.
     """
 
     _group = None  # the process group of distributed_data=True (subclasses may skip __init__)
@@ -79,6 +83,7 @@ class HessianOperator:
         check_determinism: bool = False,
         distributed_data: bool = False,
         process_group=None,
+        memory_budget=None,
     ):
         self.replicas = models if isinstance(models, ReplicaSet) else ReplicaSet(models, bn_mode=bn_mode)
         rs = self.replicas
@@ -106,6 +111,10 @@ class HessianOperator:
         self._auto = backend == "auto"
         self._backend_options = backend_options or {}
         self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **self._backend_options)
+        if memory_budget is not None and self.backend_name == "fused" and "cache_bytes" not in self._backend_options:
+            from .memory import operator_cache_bytes
+
+            self.backend.cache_bytes = operator_cache_bytes(self.backend, self.batches, memory_budget)
         self.failed = ~rs.finite.clone()
         self.num_passes = 0
         self.num_matvecs = 0
@@ -160,16 +169,20 @@ class HessianOperator:
             )
         if V3.dtype != rs.dtype or V3.device != rs.device:
             V3 = V3.to(rs.device, rs.dtype)
-        out = torch.full_like(V3, float("nan"))
         good = ~self.failed[rows]
+        every = bool(good.all())
+        out = None if every else torch.full_like(V3, float("nan"))
         if good.any():
             sub = rows[good]
             run_idx = None if len(sub) == rs.R else sub.to(rs.device)
-            vin = V3 if bool(good.all()) else V3[good.to(V3.device)]
+            vin = V3 if every else V3[good.to(V3.device)]
             res = self._run(rs.unflatten(vin), run_idx)
-            flat = self._sum_over_ranks(rs.flatten(res, lead=2))
-            out[good.to(V3.device)] = flat
-            bad_now = ~torch.isfinite(flat.reshape(len(sub), -1)).all(dim=1).cpu()
+            flat = self._sum_over_ranks(res if torch.is_tensor(res) else rs.flatten(res, lead=2))
+            if every:
+                out = flat
+            else:
+                out[good.to(V3.device)] = flat
+            bad_now = nonfinite_rows([flat]).cpu()
             if bad_now.any():
                 newly = sub[bad_now]
                 self.failed[newly] = True

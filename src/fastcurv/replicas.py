@@ -17,6 +17,39 @@ BN_MODES = ("eval", "batch")
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def nonfinite_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[R]`` bool: replica ``r`` has a NaN/Inf entry in any of the ``[R, ...]`` tensors.
+
+    A finite row sum implies finite entries (NaN and Inf propagate through sums), so one summing
+    pass clears almost every row; only rows whose sum is not finite (a NaN/Inf, or a float overflow
+    of the sum) get the exact elementwise check.
+    """
+    R = tensors[0].shape[0]
+    bad = torch.zeros(R, dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        t = t.reshape(R, -1)
+        maybe = ~torch.isfinite(t.sum(1))
+        if bool(maybe.any()):
+            rows = maybe.nonzero().squeeze(1)
+            bad[rows] |= ~torch.isfinite(t[rows]).all(1)
+    return bad
+
+
+def consecutive_runs(index: torch.Tensor | None, n: int):
+    """The runs of consecutive replicas in ``index`` (None: ``0..n-1``), as ``(first replica,
+    first position in index, length)``: replicas ``first..first+length-1`` sit at positions
+    ``position..position+length-1`` of ``index``, so both are slices (views, not copies)."""
+    if index is None:
+        yield 0, 0, n
+        return
+    v = index.tolist()
+    start = 0
+    for j in range(1, len(v) + 1):
+        if j == len(v) or v[j] != v[j - 1] + 1:
+            yield v[start], start, j - start
+            start = j
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
@@ -127,10 +160,7 @@ class ReplicaSet:
             self.buffers = {n: torch.stack([dict(m.named_buffers())[n].detach() for m in models]) for n in buffer_names}
         first = self.params[self.names[0]]
         self.dtype, self.device = first.dtype, first.device
-        finite = torch.ones(self.R, dtype=torch.bool, device=self.device)
-        for t in self.params.values():
-            finite &= torch.isfinite(t.reshape(self.R, -1)).all(dim=1)
-        self.finite = finite.cpu()
+        self.finite = ~nonfinite_rows([self.params[n] for n in self.names]).cpu()
         bad = (~self.finite).nonzero().flatten().tolist()
         if bad:
             warnings.warn(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ._heap import reusing_heap
 from .measures import load_all as _load_measures
 from .operator import HessianOperator
 from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
@@ -85,6 +86,7 @@ class _Progress:
         self.bar.close()
 
 
+@reusing_heap
 def batched_sharpness(
     models,
     data,
@@ -110,6 +112,7 @@ def batched_sharpness(
     replica_chunk: int | None = None,
     output: str | None = None,
     distributed: bool = False,
+    memory_budget=None,
     **operator_kwargs,
 ) -> SharpnessResult:
     """Curvature measures of the full-data loss for every replica at once.
@@ -138,9 +141,32 @@ def batched_sharpness(
         distributed: shard the replicas over the ranks of the default torch.distributed group
             (each rank a contiguous slice; results gathered on every rank, in replica order);
             works in one process too (see :func:`fastcurv.distributed.batched_sharpness`).
+        memory_budget: keep the memory this job allocates under a budget: bytes (int), a size
+            string ("4GiB", "512MiB") or a float in (0, 1] (that fraction of the memory free now on
+            the models' device). A cost model (:mod:`fastcurv.memory`) picks the replicas per chunk,
+            the fused backend's state cache, data caching and, only if needed, smaller batches;
+            results equal an unchunked run. On a GPU, an out-of-memory error halves the chunk and
+            retries (RuntimeWarning). ``fastcurv.memory.plan_memory`` shows the plan.
         Other keywords (loss, reduction, backend, bn_mode, cache_data, check_determinism, ...) go
         to :class:`fastcurv.HessianOperator`.
     """
+    if memory_budget is not None:
+        from .memory import SplitBatches, plan_memory
+
+        if operator_kwargs.get("distributed_data"):
+            raise ValueError("memory_budget= is not supported with distributed_data=True")
+        models = list(models)
+        plan = plan_memory(models, data, memory_budget, measures=measures, loss=loss, reduction=reduction, backend=backend,
+                           bn_mode=bn_mode, max_iter=max_iter, eig_solver=eig_solver, trace_method=trace_method,
+                           trace_probes=trace_probes, top_k=top_k, slq_steps=slq_steps, slq_draws=slq_draws,
+                           cache_data=cache_data, **operator_kwargs)
+        replica_chunk = plan.replica_chunk if replica_chunk is None else min(int(replica_chunk), plan.replica_chunk)
+        if cache_data == "auto":
+            cache_data = plan.cache_data
+        if plan.cache_bytes is not None and "cache_bytes" not in (operator_kwargs.get("backend_options") or {}):
+            operator_kwargs["backend_options"] = {**(operator_kwargs.get("backend_options") or {}), "cache_bytes": plan.cache_bytes}
+        if plan.batch_size is not None:
+            data = SplitBatches(data, plan.batch_size)
     if operator_kwargs.get("distributed_data"):
         if distributed:
             raise ValueError("distributed=True (replica sharding) and distributed_data=True (data sharding) cannot be combined")

@@ -56,6 +56,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
+from .replicas import nonfinite_rows
 from .train_fused import plan_mlp
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -594,7 +595,7 @@ def train_population(
                 ep_loss = loss_sum / N
             ep_loss = torch.where(active_epoch & ~diverged, ep_loss, torch.full_like(ep_loss, float("nan")))
             # replicas whose parameters became non-finite without a non-finite loss
-            nonfinite = _nonfinite_rows([params[n] for n in names])
+            nonfinite = nonfinite_rows([params[n] for n in names])
             newly = nonfinite & ~diverged
             if bool(newly.any()):
                 diverged |= newly
@@ -640,24 +641,6 @@ def train_population(
                 p.copy_(params[n][r])
             m.eval()
     return models, history
-
-
-def _nonfinite_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[R]`` bool: replica ``r`` has a NaN/Inf entry in any of the ``[R, ...]`` tensors.
-
-    A finite row sum implies finite entries (NaN and Inf propagate through sums), so one summing
-    pass clears almost every row; only rows whose sum is not finite (a NaN/Inf, or a float overflow
-    of the sum) get the exact elementwise check.
-    """
-    R = tensors[0].shape[0]
-    bad = torch.zeros(R, dtype=torch.bool, device=tensors[0].device)
-    for t in tensors:
-        t = t.reshape(R, -1)
-        maybe = ~torch.isfinite(t.sum(1))
-        if bool(maybe.any()):
-            rows = maybe.nonzero().squeeze(1)
-            bad[rows] |= ~torch.isfinite(t[rows]).all(1)
-    return bad
 
 
 def _to_cpu(obj):

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from ..replicas import consecutive_runs
 from .probes import probe_vectors
 
 
@@ -53,6 +54,25 @@ def _ritz_errors(theta: torch.Tensor, resid: torch.Tensor, pick: torch.Tensor) -
     return torch.minimum(resid, resid * resid / gap)
 
 
+def _capacity(R: int, steps: int, P: int, dtype, device) -> int:
+    """Basis rows to allocate per replica: all ``steps`` when that takes at most a quarter of the
+    available memory (on the CPU, pages never written are never mapped, so the unused tail costs
+    nothing), else 16 (then the basis grows by doubling, copying it each time)."""
+    from ..memory import available_memory
+
+    try:
+        room = available_memory(device)
+    except ValueError:
+        return min(steps, 16)
+    need = R * steps * P * torch.empty((), dtype=dtype).element_size()
+    return steps if need <= room // 4 else min(steps, 16)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products ``[n]`` of ``[n, P]`` tensors, without an ``[n, P]`` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def lanczos(
     op,
     *,
@@ -91,22 +111,16 @@ def lanczos(
     if v0 is None:
         g = torch.Generator().manual_seed(seed)
         v0 = probe_vectors(R, 1, P, generator=g, kind="gaussian", common=common, dtype=op.dtype, device=op.device)[:, 0]
-    q0 = v0 / v0.norm(dim=-1, keepdim=True)
-    # Q holds the Krylov bases of the replicas in `rows` (slot[r] = r's row). When fewer than 3/4
-    # of the stored rows are still active, Q is compacted to the active ones, so that the
-    # reorthogonalization (which reads the whole basis every step) shrinks with the active set.
-    cap = min(m + 1, 24)
-    Q = torch.zeros(R, cap, P, dtype=op.dtype, device=op.device)
-    Q[:, 0] = q0
-    rows = torch.arange(R)
-    slot = torch.arange(R)
+    # Q[r, :n] is replica r's Krylov basis. Rows are never moved: the active replicas are read in
+    # runs of consecutive replicas (views), so no step copies the basis.
+    Q = torch.empty(R, _capacity(R, m + 1, P, op.dtype, op.device), P, dtype=op.dtype, device=op.device)
+    Q[:, 0] = v0 / v0.norm(dim=-1, keepdim=True)
     alpha = torch.zeros(R, m, dtype=f64)
     beta = torch.zeros(R, m + 1, dtype=f64)
     eig = torch.full((R, k), float("nan"), dtype=f64)
     res = torch.full((R, k), float("nan"), dtype=f64)
     err = torch.full((R, k), float("nan"), dtype=f64)
     eigenvectors = torch.full((R, k, P), float("nan"), dtype=op.dtype, device=op.device) if return_vectors else None
-    finished: dict[int, torch.Tensor] = {}
     iters = torch.zeros(R, dtype=torch.long)
     converged = torch.zeros(R, dtype=torch.bool)
     active = ~op.failed.clone()
@@ -116,36 +130,37 @@ def lanczos(
         ai = active.nonzero().flatten()
         if len(ai) == 0:
             break
-        if len(ai) < 0.75 * len(rows):
-            Q = Q.index_select(0, slot[ai].to(op.device))
-            rows = ai.clone()
-            slot = torch.full((R,), -1, dtype=torch.long)
-            slot[rows] = torch.arange(len(rows))
         if j + 1 >= Q.shape[1]:
-            grow = min(Q.shape[1], m + 1 - Q.shape[1])
-            Q = torch.cat([Q, Q.new_zeros(Q.shape[0], grow, P)], 1)
-        every = len(ai) == len(rows)
-        pa = slot[ai].to(op.device)
-        qj = Q[:, j] if every else Q[pa, j]
+            grown = Q.new_empty(R, min(2 * Q.shape[1], m + 1), P)
+            grown[:, : j + 1] = Q[:, : j + 1]
+            Q = grown
+        every = len(ai) == R
+        ai_dev = ai.to(op.device)
+        # (rows of Q, rows of w) per group: runs of consecutive replicas are views of Q on the CPU;
+        # on a GPU one gathered copy costs less than a kernel launch per run
+        if every:
+            groups = [(slice(0, R), slice(0, R))]
+        elif Q.device.type == "cuda":
+            groups = [(ai_dev, slice(0, len(ai)))]
+        else:
+            groups = [(slice(r0, r0 + n), slice(p0, p0 + n)) for r0, p0, n in consecutive_runs(ai, R)]
+        qj = Q[:, j] if every else Q[ai_dev, j]
         # w is ours (a fresh matvec result): update it in place, these are [R, P] tensors
-        w = op.matvec(qj, idx=None if len(ai) == R else ai)
-        a = torch.linalg.vecdot(w, qj)
+        w = op.matvec(qj, idx=None if every else ai)
+        a = _rowdot(w, qj)
         w.addcmul_(a.unsqueeze(-1), qj, value=-1)
         if j > 0:
-            prev = Q[:, j - 1] if every else Q[pa, j - 1]
-            w.addcmul_(beta[ai, j].to(w.dtype).to(w.device).unsqueeze(-1), prev, value=-1)
-        basis = Q[:, : j + 1]
-        wf = w if every else w.new_zeros(len(rows), P).index_copy_(0, pa, w)
-        wf.unsqueeze(-1).baddbmm_(basis.transpose(1, 2), torch.bmm(basis, wf.unsqueeze(-1)), alpha=-1)
-        w = wf if every else wf.index_select(0, pa)
+            w.addcmul_(beta[ai, j].to(w.dtype).to(w.device).unsqueeze(-1), Q[:, j - 1] if every else Q[ai_dev, j - 1], value=-1)
+        for gq, gw in groups:  # full reorthogonalization against each replica's basis
+            # w as a row ([1, P] @ [P, j]): on the CPU this orientation runs ~6x faster than [j, P] @ [P, 1]
+            basis, wr = Q[gq, : j + 1], w[gw].unsqueeze(1)
+            wr.baddbmm_(torch.bmm(wr, basis.transpose(1, 2)), basis, alpha=-1)
         b = w.norm(dim=-1)
         alpha[ai, j] = a.to(f64).cpu()
         beta[ai, j + 1] = b.to(f64).cpu()
         w.div_(b.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-1))
-        if every:
-            Q[:, j + 1] = w
-        else:
-            Q[pa, j + 1] = w
+        for gq, gw in groups:
+            Q[gq, j + 1] = w[gw]
         iters[ai] = j + 1
         if callback is not None:
             callback(j + 1, len(ai))
@@ -168,16 +183,12 @@ def lanczos(
         stop = done | ~finite | torch.tensor(n == m).expand_as(done)
         for local in stop.nonzero().flatten().tolist():
             rr = int(ai[local])
-            sr = int(slot[rr])
             if bool(finite[local]):
                 eig[rr, :kk], res[rr, :kk], err[rr, :kk] = th[local], r[local], e[local]
                 converged[rr] = bool(done[local])
                 if return_vectors:
                     S_r = S[local][:, pick[local]]
-                    eigenvectors[rr, :kk] = S_r.T.to(op.dtype).to(op.device) @ Q[sr, :n]
-            Q[sr, n] = 0  # the next (unused) direction is not part of this replica's basis
-            if keep_basis:
-                finished[rr] = Q[sr, :n].clone()
+                    eigenvectors[rr, :kk] = S_r.T.to(op.dtype).to(op.device) @ Q[rr, :n]
             active[rr] = False
 
     failed = op.failed.clone()
@@ -186,9 +197,11 @@ def lanczos(
     out = EigenResult(eig, res, err, iters, converged, eigenvectors)
     if keep_basis:
         n_max = int(iters.max()) if len(iters) else 0
-        out.basis = torch.zeros(R, n_max, P, dtype=op.dtype, device=op.device)
-        for rr, B in finished.items():
-            out.basis[rr, : B.shape[0]] = B
+        out.basis = Q[:, :n_max]  # a view: rows past a replica's last step are zeroed below
+        for rr in range(R):
+            n_r = 0 if bool(failed[rr]) else int(iters[rr])
+            if n_r < n_max:
+                out.basis[rr, n_r:] = 0
         tri = torch.zeros(R, dtype=f64)
         for rr in range(R):
             tri[rr] = alpha[rr, : int(iters[rr])].sum()

@@ -23,10 +23,17 @@ class TraceResult:
 
 
 def _project_out(G: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
-    """``(I - Q^T Q) g`` for every probe; G ``[R, K, P]``, Q ``[R, s, P]`` orthonormal rows."""
+    """``(I - Q^T Q) g`` for every probe, in place in ``G`` ``[R, K, P]``; Q ``[R, s, P]`` has
+    orthonormal (or zero) rows."""
     if Q is None or Q.shape[1] == 0:
         return G
-    return G - torch.bmm(torch.bmm(G, Q.transpose(1, 2)), Q)
+    return G.baddbmm_(torch.bmm(G, Q.transpose(1, 2)), Q, alpha=-1)
+
+
+def _quadratic_forms(G: torch.Tensor, HG: torch.Tensor) -> torch.Tensor:
+    """``[R, K]`` float64 CPU: ``g_k^T (H g_k)`` per replica and probe, without a ``[R, K, P]`` temporary."""
+    R, K, P = G.shape
+    return torch.bmm(G.reshape(R * K, 1, P), HG.reshape(R * K, P, 1)).view(R, K).to(torch.float64).cpu()
 
 
 def hutchinson(op, *, num_probes: int = 30, probe_batch: int = 10, seed: int = 0, common: bool = True,
@@ -50,7 +57,7 @@ def hutchinson(op, *, num_probes: int = 30, probe_batch: int = 10, seed: int = 0
         K = min(probe_batch, num_probes - done)
         G = _project_out(probe_vectors(R, K, P, generator=g, kind=kind, common=common, dtype=op.dtype, device=op.device), basis)
         HG = op.matvec(G)
-        samples.append((G * HG).sum(-1).to(torch.float64).cpu())
+        samples.append(_quadratic_forms(G, HG))
         done += K
         if callback is not None:
             callback(done, R)
@@ -80,7 +87,7 @@ def hutchpp(op, *, num_matvecs: int = 30, probe_batch: int = 10, seed: int = 0, 
     Y = torch.nan_to_num(Y)
     Q = torch.linalg.qr(Y.transpose(1, 2)).Q.transpose(1, 2).contiguous()
     HQ = torch.cat([op.matvec(c) for c in Q.split(probe_batch, dim=1)], dim=1)
-    exact = (Q * HQ).sum((1, 2)).to(torch.float64).cpu()
+    exact = _quadratic_forms(Q, HQ).sum(1)
     if callback is not None:
         callback(2 * s, R)
     rest = hutchinson(op, num_probes=num_matvecs - 2 * s, probe_batch=probe_batch, seed=seed + 1, common=common,

@@ -1,0 +1,60 @@
+"""fastcurv._heap: inside heap_reuse, large tensors come from the heap (not fresh mmaps) and
+freed memory is reused; outside, glibc's behaviour is back."""
+import ctypes
+import resource
+
+import pytest
+import torch
+
+from fastcurv import _heap
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo():
+    lib = _heap._glibc()
+    lib.mallinfo2.restype = _Mallinfo2
+    return lib.mallinfo2()
+
+
+def _mmapped_bytes():
+    return _mallinfo().hblkhd
+
+
+needs_glibc = pytest.mark.skipif(_heap._glibc() is None or not hasattr(_heap._glibc(), "mallinfo2"),
+                                 reason="needs glibc >= 2.33")
+
+
+@needs_glibc
+def test_large_tensors_come_from_the_heap_inside_only(monkeypatch):
+    monkeypatch.delenv("FASTCURV_HEAP_REUSE", raising=False)
+    n = 64 << 20  # bytes: above glibc's largest mmap threshold (32 MiB)
+    before = _mmapped_bytes()
+    t = torch.empty(n, dtype=torch.uint8)
+    assert _mmapped_bytes() >= before + n  # outside: a fresh mapping
+    del t
+    with _heap.heap_reuse():
+        with _heap.heap_reuse():  # nests
+            inside = _mmapped_bytes()
+            t = torch.empty(n, dtype=torch.uint8)
+            t.fill_(1)
+            assert _mmapped_bytes() < inside + n
+            del t
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t = torch.empty(n // 2, dtype=torch.uint8)
+            t.fill_(1)  # the freed pages are reused: (almost) no page faults
+            assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < n // 2 // 4096 // 4
+            del t
+    before = _mmapped_bytes()
+    t = torch.empty(n, dtype=torch.uint8)
+    assert _mmapped_bytes() >= before + n  # restored on leaving
+
+
+def test_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("FASTCURV_HEAP_REUSE", "0")
+    assert not _heap.enabled()
+    with _heap.heap_reuse():
+        pass
