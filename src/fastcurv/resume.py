@@ -27,11 +27,13 @@ import torch
 
 from .data import Batches
 from .solvers import SpectralDensity
+from .memory import is_out_of_memory, release_cached_memory, warn_halving
 from .solvers.probes import replica_window
 
 HEADER_TAG = "sharpness-results"
 # keywords that change how the job runs but not its results (left out of the fingerprint)
 _NOT_FINGERPRINTED = ("progress", "cache_data")
+_MEMORY_OPTIONS = ("cache_bytes", "chunk_bytes", "sample_chunk_bytes")  # backend options that change memory, not results
 
 
 class FingerprintMismatch(ValueError):
@@ -80,6 +82,12 @@ def data_signature(batches: Batches) -> dict:
 def fingerprint(models, batches: Batches, kwargs: dict) -> tuple[str, dict]:
     """``(digest, config)`` identifying a job: models, data and every result-changing keyword."""
     config = {k: kwargs[k] for k in sorted(kwargs) if k not in _NOT_FINGERPRINTED}
+    if isinstance(config.get("backend_options"), dict):  # memory settings (e.g. from memory_budget=) do not change results
+        opts = {k: v for k, v in config["backend_options"].items() if k not in _MEMORY_OPTIONS}
+        if opts:
+            config["backend_options"] = opts
+        else:
+            del config["backend_options"]
     config = json.loads(json.dumps(config, default=_jsonable, sort_keys=True))
     config["R"] = len(models)
     config["models"] = models_digest(models)
@@ -249,11 +257,28 @@ def run_chunks(models, data, kwargs: dict, *, lo: int = 0, hi: int | None = None
     todo = _runs([i for i in range(lo, hi) if i not in done], chunk)
     new: list[dict] = []
     try:
-        for a, b in todo:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                with replica_window(a, R):
-                    res = batched_sharpness(models[a:b], batches, **kwargs)
+        while todo:
+            a, b = todo.pop(0)
+            oom = None
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    with replica_window(a, R):
+                        res = batched_sharpness(models[a:b], batches, **kwargs)
+            except Exception as exc:  # out of memory (GPU): halve the chunk and retry
+                if not is_out_of_memory(exc):
+                    raise
+                oom = f"{type(exc).__name__}: {str(exc)[:300]}"  # the traceback (and the chunk's tensors) go here
+            if oom is not None:
+                release_cached_memory()
+                if b - a == 1:
+                    raise RuntimeError(
+                        f"out of memory even with one replica at a time (replica {a}): {oom}. Lower the batch size, pass "
+                        "a smaller memory_budget=, or use a device with more memory")
+                chunk = max(1, (b - a) // 2)
+                warn_halving(b - a, chunk, a, oom)
+                todo = _runs([i for r0, r1 in [(a, b)] + todo for i in range(r0, r1)], chunk)
+                continue
             for w in caught:  # replica numbers in the messages count from the chunk's first replica
                 msg = f"[chunk of replicas {a}..{b - 1}; replica numbers below count from {a}] {w.message}" if a else w.message
                 warnings.warn(msg, w.category, stacklevel=2)

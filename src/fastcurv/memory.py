@@ -1,0 +1,459 @@
+"""Memory budgets for ``batched_sharpness``: a cost model, a plan, and GPU out-of-memory retries.
+
+``batched_sharpness(..., memory_budget=B)`` keeps the memory the job itself allocates (above what
+the process already holds: interpreter, torch, the caller's models and data) under ``B``:
+
+* ``B`` is an int (bytes), a string with a unit (``"4GiB"``, ``"512MiB"``, ``"2GB"``) or a float
+  in (0, 1]: that fraction of the memory free now on the models' device (CUDA:
+  ``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` of ``/proc/meminfo``, Linux only).
+* :func:`plan_memory` picks the number of replicas run at a time (``replica_chunk``), the fused
+  backend's ``cache_bytes`` (cached per-batch state beyond it is recomputed in every matvec),
+  whether the batches are kept on the device (``cache_data``), and, only when even one replica
+  does not fit, a smaller batch size (the batches are split; the loss is the same up to the
+  floating-point order of the sums).
+* The replicas then run chunk by chunk (:func:`fastcurv.resume.run_chunks`); results are those of
+  an unchunked run (each replica's solvers run on their own; probes do not depend on the split).
+* On a GPU, an out-of-memory error in a chunk empties the CUDA cache, halves the chunk and
+  retries with a ``RuntimeWarning`` naming the new size (down to one replica, then it re-raises).
+
+The cost model (:func:`estimate_bytes`) is a deliberately conservative estimate (not a proof;
+the copy counts below follow the current solvers and backends), in bytes, of the job's peak
+for a chunk of ``c`` replicas with P parameters of ``itemsize`` bytes, batches of at most ``n``
+samples (N in all), K probes per matvec and m = min(max_iter, P) + 1 stored Lanczos vectors:
+
+* vectors: ``c * P * itemsize * (stage + PARAM_COPIES)``, ``stage`` = the most ``[P]`` vectors
+  per replica alive in any solver stage: Lanczos holds ``BASIS_COPIES * m`` (its basis grows by
+  doubling, so while it grows the old and the new array coexist: fewer than 2m vectors); the
+  basis kept for trace deflation (m) stays alive through the trace stage; plus
+  ``VECTOR_COPIES * K`` around each matvec (float64 probe draws, projected probes, the
+  operator's input/output and per-parameter copies, the products);
+* cached state (fused backend): ``STATE_COPIES * cache_bytes`` (the cache plus, for the conv
+  engine, the copies of its rows kept when solvers shrink their active set; an upper bound for
+  MLPs, which read the rows in place); all of it is ``c * N * s`` with s the measured state
+  bytes per replica and sample (:meth:`FusedBackend.state_bytes_per_sample`);
+* per-batch transients: ``TRANSIENT_FACTOR * c * n * s`` for the probe-independent pass, plus
+  the R-op tangents, ``(linear/conv layers + 4)`` tensors of ``c * n * K * widest * itemsize``
+  (on the CPU the fused MLP engine bounds each by its ``chunk_bytes``, the conv engine by its
+  ``sample_chunk_bytes``); other backends (torch.func, autograd): ``AUTOGRAD_FACTOR * c * n * K``
+  times the activation bytes per sample;
+* data: the batches' bytes when they are cached (``cache_data``).
+
+Registered measures (:mod:`fastcurv.measures`) are assumed to hold at most ``VECTOR_COPIES``
+vectors per probe for batches of ``PROBE_BATCH`` probes.
+
+The plan keeps the estimate under ``SAFETY * budget``. It prefers the largest chunk whose state
+is cached whole (no recomputation); when even one replica's state does not fit, the largest
+chunk that fits with a partial cache; when one replica does not fit at all, smaller batches.
+A budget too small for one replica and one sample raises ``ValueError`` with the estimate.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+BASIS_COPIES = 2
+VECTOR_COPIES = 8
+PARAM_COPIES = 2
+STATE_COPIES = 2
+TRANSIENT_FACTOR = 2
+AUTOGRAD_FACTOR = 4
+SAFETY = 0.85
+PROBE_BATCH = 10  # probes per matvec in the trace estimators (hutchinson's probe_batch)
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+# --- budgets -------------------------------------------------------------------------------------
+def available_memory(device="cpu") -> int:
+    """Bytes free now on ``device``: ``torch.cuda.mem_get_info`` for CUDA; on the CPU the
+    ``MemAvailable`` line of ``/proc/meminfo`` (Linux). Raises ValueError where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        raise ValueError(f"cannot tell the free memory of a {device.type} device; pass memory_budget in bytes")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise ValueError("cannot read MemAvailable from /proc/meminfo (not Linux?); pass memory_budget in bytes, e.g. '4GiB'")
+
+
+def parse_budget(budget, device="cpu") -> int:
+    """``memory_budget`` in bytes.
+
+    int: bytes (> 0). str: a number with an optional unit (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB;
+    e.g. ``"4GiB"``, ``"1.5 GB"``). float in (0, 1]: that fraction of :func:`available_memory` of
+    ``device``. Anything else raises ValueError naming the problem.
+    """
+    if isinstance(budget, bool) or budget is None:
+        raise ValueError(f"memory_budget must be bytes (int), a size like '4GiB' or a fraction in (0, 1], got {budget!r}")
+    if isinstance(budget, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", budget)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"memory_budget={budget!r} is not a size: use e.g. '4GiB', '512MiB', '2GB' or bytes as an int")
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        if value < 1:
+            raise ValueError(f"memory_budget={budget!r} is less than one byte")
+        return int(value)
+    if isinstance(budget, int) or (hasattr(budget, "dtype") and getattr(budget, "ndim", 1) == 0 and "int" in str(budget.dtype)):
+        if int(budget) <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {int(budget)}")
+        return int(budget)
+    if isinstance(budget, float):
+        if not math.isfinite(budget) or not 0 < budget <= 1:
+            raise ValueError(f"a float memory_budget is a fraction of the free memory and must lie in (0, 1], got {budget!r}"
+                             " (pass bytes as an int, e.g. 4 * 2**30, or a string like '4GiB')")
+        return max(1, int(budget * available_memory(device)))
+    raise ValueError(f"memory_budget must be bytes (int), a size like '4GiB' or a fraction in (0, 1], got {type(budget).__name__}")
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as a short string in MiB / GiB."""
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# --- the cost model ------------------------------------------------------------------------------
+@dataclass
+class JobShape:
+    """What the cost model needs to know about a job (see the module docstring).
+
+    P, itemsize: parameters per replica and their bytes. batch / num_samples: the largest batch
+    and the total samples. data_bytes: all batches' bytes on the device. vectors: ``stage``, the
+    ``[P]`` vectors per replica alive in the widest solver stage. probes: K per matvec (widest).
+    state_per_sample: cached fused state bytes per replica and sample (0: not the fused backend).
+    act_per_sample: activation bytes per replica and sample. widest: the most features of one
+    layer per sample. layers: linear/conv layers. fused / gpu / conv: backend, device, engine.
+    """
+
+    P: int
+    itemsize: int
+    batch: int
+    num_samples: int
+    data_bytes: int
+    vectors: int
+    probes: int
+    state_per_sample: int
+    act_per_sample: int
+    widest: int
+    layers: int
+    fused: bool
+    gpu: bool
+    conv: bool = False
+    chunk_bytes: int = 4 << 20  # the fused MLP engine's CPU tangent chunk
+    sample_chunk_bytes: int | None = None  # the fused conv engine's tangent chunk (None: its default)
+
+
+def estimate_bytes(shape: JobShape, chunk: int, *, batch: int | None = None, cache_bytes: int | None = None,
+                   cache_data: bool = True) -> dict:
+    """Estimated peak bytes of a job of ``shape`` run ``chunk`` replicas at a time, with batches of
+    at most ``batch`` samples and the fused backend caching ``cache_bytes`` of state (None: all
+    of it). Returns the parts (``vectors``, ``cached_state``, ``batch_transient``, ``tangents``,
+    ``data``) and their ``total``."""
+    s = shape
+    n = s.batch if batch is None else min(batch, s.batch)
+    vectors = chunk * s.P * s.itemsize * (s.vectors + PARAM_COPIES)
+    if s.fused:
+        full_state = chunk * s.num_samples * s.state_per_sample
+        cached = STATE_COPIES * (full_state if cache_bytes is None else min(cache_bytes, full_state))
+        transient = TRANSIENT_FACTOR * chunk * n * s.state_per_sample
+        per_tangent = chunk * n * s.probes * s.widest * s.itemsize
+        if s.conv:
+            cap = s.sample_chunk_bytes if s.sample_chunk_bytes is not None else ((2 << 30) if s.gpu else (16 << 20))
+            per_tangent = min(per_tangent, max(cap, chunk * s.probes * s.widest * s.itemsize))
+        elif not s.gpu and s.chunk_bytes is not None:
+            per_tangent = min(per_tangent, max(s.chunk_bytes, n * s.probes * s.widest * s.itemsize))
+        tangents = (s.layers + 4) * per_tangent
+    else:
+        cached = 0
+        transient = AUTOGRAD_FACTOR * chunk * n * s.probes * s.act_per_sample
+        tangents = 0
+    data = s.data_bytes if cache_data else 0
+    parts = {"vectors": vectors, "cached_state": cached, "batch_transient": transient, "tangents": tangents, "data": data}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+@dataclass
+class MemoryPlan:
+    """How a job is run within ``budget`` bytes (see the module docstring).
+
+    replica_chunk: replicas per chunk. cache_bytes: the fused backend's state cache (None: not
+    the fused backend). cache_data: keep the batches on the device. batch_size: split batches to
+    at most this many samples (None: unchanged). estimate: the cost model's parts for this plan.
+    """
+
+    budget: int
+    replica_chunk: int
+    cache_bytes: int | None
+    cache_data: bool
+    batch_size: int | None
+    estimate: dict = field(default_factory=dict)
+    shape: JobShape | None = None
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.estimate.items() if k != "total")
+        return (f"memory plan for {format_bytes(self.budget)}: {self.replica_chunk} replicas per chunk, "
+                f"state cache {format_bytes(self.cache_bytes or 0)}, data cached: {self.cache_data}, "
+                f"batch size: {self.batch_size or 'unchanged'}; estimated peak {format_bytes(self.estimate.get('total', 0))} ({parts})")
+
+
+def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = None) -> MemoryPlan:
+    """The plan for ``R`` replicas of ``shape`` within ``budget`` bytes (rules in the module docstring)."""
+    target = SAFETY * budget
+    if cache_data is None:  # keep the batches on the device when they take at most a quarter of the budget
+        cache_data = shape.data_bytes <= target / 4
+
+    def fits(c, n, cache):
+        return estimate_bytes(shape, c, batch=n, cache_bytes=cache, cache_data=cache_data)["total"] <= target
+
+    def largest(pred):
+        lo, hi = 0, R  # pred is monotone in c: find the largest c in 1..R with pred(c), 0 if none
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if pred(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    n = shape.batch
+    c = largest(lambda c: fits(c, n, None))  # whole state cached
+    if c == 0:
+        c = largest(lambda c: fits(c, n, 0))  # state recomputed per matvec (partially cached below)
+    while c == 0 and n > 1:
+        n = max(1, n // 2)
+        c = largest(lambda c: fits(c, n, 0))
+    if c == 0:
+        need = estimate_bytes(shape, 1, batch=1, cache_bytes=0, cache_data=cache_data)
+        raise ValueError(
+            f"memory_budget={format_bytes(budget)} is too small for this job: one replica with one-sample batches "
+            f"needs about {format_bytes(need['total'] / SAFETY)} ("
+            + ", ".join(f"{k} {format_bytes(v)}" for k, v in need.items() if k != "total") + ")")
+    cache = None
+    if shape.fused:
+        spare = target - estimate_bytes(shape, c, batch=n, cache_bytes=0, cache_data=cache_data)["total"]
+        cache = int(min(max(0, spare) // STATE_COPIES, c * shape.num_samples * shape.state_per_sample))
+    est = estimate_bytes(shape, c, batch=n, cache_bytes=cache, cache_data=cache_data)
+    return MemoryPlan(budget, c, cache, bool(cache_data), None if n == shape.batch else n, est, shape)
+
+
+# --- looking at a job ----------------------------------------------------------------------------
+def _stage_vectors(P, *, measures, max_iter, eig_solver, trace_method, trace_probes, top_k, slq_steps, slq_draws):
+    """(the most [P] vectors per replica alive in any solver stage, the most probes per matvec)."""
+    from .sharpness import MEASURES
+
+    measures = (measures,) if isinstance(measures, str) else tuple(measures)
+    m = min(max_iter, P) + 1
+    deflate = "trace" in measures and trace_method in ("auto", "deflated") and eig_solver == "lanczos"
+    probes = 1
+    stages = [VECTOR_COPIES]
+    kept = 0
+    if "top_k" in measures or "lambda_max" in measures or (deflate and trace_method == "deflated"):
+        k = top_k if "top_k" in measures else 1
+        if eig_solver == "lanczos":
+            stages.append(BASIS_COPIES * m + VECTOR_COPIES + 2 * k)
+            kept = m if deflate else 0
+    if "lambda_min" in measures:
+        stages.append(kept + 2 * m + VECTOR_COPIES)
+    if "trace" in measures:
+        tp = trace_probes if trace_probes is not None else (10 if deflate else 30)
+        K = min(PROBE_BATCH, tp)
+        probes = max(probes, K)
+        if deflate or trace_method == "hutchinson":
+            stages.append(kept + VECTOR_COPIES * K)
+        else:
+            stages.append(4 * (max(6, tp) // 3) + VECTOR_COPIES * K)
+    if "spectrum" in measures:
+        stages.append(kept + 2 * (min(slq_steps, P) + 1) + VECTOR_COPIES + 2 * slq_draws)
+    if any(name not in MEASURES for name in measures):  # registered measures: K <= 10 probe batches assumed
+        probes = max(probes, PROBE_BATCH)
+        stages.append(kept + VECTOR_COPIES * PROBE_BATCH)
+    return max(stages), probes
+
+
+def _scan_data(data):
+    """(first (x, y) pair, batch sizes, bytes of all batches) of a loader or one batch."""
+    from .data import Batches, _split, is_single_batch
+
+    if isinstance(data, Batches):
+        first = next(iter(data))[1:]
+        nbytes = sum(x.numel() * x.element_size() + y.numel() * y.element_size() for _, x, y in data) if data.cached else 0
+        return first, list(data.sizes), nbytes
+    items = [tuple(data)] if is_single_batch(data) else data
+    first, sizes, nbytes = None, [], 0
+    for i, item in enumerate(items):
+        x, y = _split(item, i)
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dim() == 0:
+            raise TypeError(f"batch {i}: inputs and targets must be tensors with a batch axis")
+        if first is None:
+            first = (x[:2], y[:2])
+        sizes.append(int(x.shape[0]))
+        nbytes += x.numel() * x.element_size() + y.numel() * y.element_size()
+    if not sizes:
+        raise ValueError("the data loader yielded no batches (empty loader)")
+    return first, sizes, nbytes
+
+
+def _activation_stats(rs, x) -> tuple[int, int]:
+    """(sum of leaf-module output sizes, the widest output size) per sample, in elements (the
+    inputs carry no tangent)."""
+    total, widest = 0, 1
+    hooks = []
+
+    def hook(mod, inp, out):
+        nonlocal total, widest
+        if isinstance(out, torch.Tensor) and out.dim() > 0:
+            per = out.numel() // max(1, out.shape[0])
+            total += per
+            widest = max(widest, per)
+
+    for mod in rs.base.modules():
+        if not list(mod.children()):
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            rs.call({n: t[0] for n, t in rs.params.items()}, {n: t[0] for n, t in rs.buffers.items()}, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total, widest
+
+
+def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_entropy", reduction="mean",
+              loss_reduction="mean", backend="auto", bn_mode="eval", max_iter=100, eig_solver="lanczos",
+              trace_method="auto", trace_probes=None, top_k=5, slq_steps=60, slq_draws=1,
+              backend_options=None, **_ignored) -> tuple[JobShape, str]:
+    """The :class:`JobShape` of a ``batched_sharpness`` job and the backend it will use. Reads the
+    data once (sizes and bytes) and runs one replica on up to two samples (state and activation sizes)."""
+    from .backends.fused import FusedBackend, _is_general
+    from .data import Batches
+    from .losses import Loss
+    from .operator import select_backend
+    from .replicas import ReplicaSet
+
+    models = list(models)
+    if not models:
+        raise ValueError("models is empty: pass a list of at least one nn.Module")
+    rs = ReplicaSet(models[:1], bn_mode=bn_mode)
+    (x, y), sizes, nbytes = _scan_data(data)
+    lossobj = Loss(loss, reduction, loss_reduction)
+    lossobj.num_samples = sum(sizes)
+    x = x.to(rs.device, rs.dtype) if x.is_floating_point() else x.to(rs.device)
+    y = y.to(rs.device, rs.dtype) if y.is_floating_point() else y.to(rs.device)
+    name, _ = select_backend(rs, backend, lossobj)
+    n1 = x.shape[0]
+    act, widest = _activation_stats(rs, x)
+    state = 0
+    fused = name == "fused"
+    conv = False
+    opts = dict(backend_options or {})
+    if fused:
+        fb = FusedBackend(rs, lossobj, Batches((x, y), device=rs.device, dtype=rs.dtype, cache=True), **opts)
+        state = fb.state_bytes_per_sample(x, y)
+        conv = _is_general(fb.layers)
+        layers = sum(1 for l in fb.layers if l.kind in ("linear", "conv"))
+    else:
+        layers = sum(1 for mod in rs.base.modules() if not list(mod.children()))
+    stage, probes = _stage_vectors(rs.P, measures=measures, max_iter=max_iter, eig_solver=eig_solver,
+                                   trace_method=trace_method, trace_probes=trace_probes, top_k=top_k,
+                                   slq_steps=slq_steps, slq_draws=slq_draws)
+    itemsize = rs.dtype.itemsize
+    shape = JobShape(P=rs.P, itemsize=itemsize, batch=max(sizes), num_samples=sum(sizes), data_bytes=nbytes,
+                     vectors=stage, probes=probes, state_per_sample=state, act_per_sample=-(-act * itemsize // n1) if n1 else 0,
+                     widest=widest, layers=layers, fused=fused, gpu=rs.device.type == "cuda", conv=conv,
+                     chunk_bytes=opts.get("chunk_bytes", 4 << 20), sample_chunk_bytes=opts.get("sample_chunk_bytes"))
+    return shape, name
+
+
+def plan_memory(models, data, budget, **job) -> MemoryPlan:
+    """The :class:`MemoryPlan` for ``batched_sharpness(models, data, memory_budget=budget, **job)``
+    (``job``: its keywords; ``cache_data`` other than "auto" is kept)."""
+    models = list(models)
+    if not models:
+        raise ValueError("models is empty: pass a list of at least one nn.Module")
+    R = len(models)
+    device = next(models[0].parameters()).device
+    nbytes = parse_budget(budget, device)
+    shape, _ = job_shape(models, data, **job)
+    cache_data = job.get("cache_data", "auto")
+    return choose(shape, R, nbytes, cache_data=None if cache_data == "auto" else bool(cache_data))
+
+
+def operator_cache_bytes(backend, batches, budget, *, probes: int = PROBE_BATCH) -> int:
+    """``cache_bytes`` for a fused ``backend`` of a :class:`fastcurv.HessianOperator` with a
+    ``memory_budget``: what is left of ``SAFETY * budget`` after the operator's own memory (its
+    stacked parameters, the cached batches, one batch's transients and tangents for ``probes``
+    probes per matvec), divided by ``STATE_COPIES``. Raises ValueError when nothing is left."""
+    rs = backend.replicas
+    nbytes = parse_budget(budget, rs.device)
+    _, x, y = next(iter(batches))
+    data = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for _, a, b in batches) if batches.cached else 0
+    _, widest = _activation_stats(rs, x[:2])
+    shape = JobShape(P=rs.P, itemsize=rs.dtype.itemsize, batch=max(batches.sizes), num_samples=batches.num_samples,
+                     data_bytes=data, vectors=0, probes=probes, state_per_sample=backend.state_bytes_per_sample(x, y),
+                     act_per_sample=0, widest=widest, layers=sum(1 for l in backend.layers if l.kind in ("linear", "conv")),
+                     fused=True, gpu=rs.device.type == "cuda", conv=backend._maps is not None,
+                     chunk_bytes=backend.chunk_bytes, sample_chunk_bytes=backend.sample_chunk_bytes)
+    rest = SAFETY * nbytes - estimate_bytes(shape, rs.R, cache_bytes=0)["total"]
+    if rest < 0:
+        need = estimate_bytes(shape, rs.R, cache_bytes=0)
+        raise ValueError(f"memory_budget={format_bytes(nbytes)} is too small for this operator: it needs about "
+                         f"{format_bytes(need['total'] / SAFETY)} without any cached state ("
+                         + ", ".join(f"{k} {format_bytes(v)}" for k, v in need.items() if k != "total")
+                         + "); use fewer replicas or smaller batches")
+    return int(rest // STATE_COPIES)
+
+
+class SplitBatches:
+    """The batches of ``data`` (a loader or one ``(inputs, targets)`` pair) cut into pieces of at
+    most ``max_batch`` samples, in order; re-iterable when ``data`` is."""
+
+    def __init__(self, data, max_batch: int):
+        from .data import is_single_batch
+
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.source = [tuple(data)] if is_single_batch(data) else data
+        self.max_batch = int(max_batch)
+
+    def __iter__(self):
+        from .data import _split
+
+        for i, item in enumerate(self.source):
+            x, y = _split(item, i)
+            for a in range(0, x.shape[0], self.max_batch):
+                yield x[a:a + self.max_batch], y[a:a + self.max_batch]
+
+
+# --- out-of-memory errors ------------------------------------------------------------------------
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for ``torch.cuda.OutOfMemoryError`` and RuntimeErrors whose message says "out of memory"."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def release_cached_memory() -> None:
+    """Return the CUDA caching allocator's free blocks (after an out-of-memory error)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def warn_halving(size: int, new: int, first: int, error: str) -> None:
+    """The RuntimeWarning of an out-of-memory retry (names the new chunk size)."""
+    warnings.warn(f"out of memory on a chunk of {size} replicas (starting at replica {first}); "
+                  f"retrying with replica_chunk={new} ({error[:160]})", RuntimeWarning, stacklevel=3)
+
+
+__all__ = ["JobShape", "MemoryPlan", "SplitBatches", "available_memory", "choose", "estimate_bytes", "format_bytes",
+           "is_out_of_memory", "job_shape", "operator_cache_bytes", "parse_budget", "plan_memory"]

@@ -1,0 +1,263 @@
+"""memory_budget=: budget parsing, the plan, chunked results, GPU out-of-memory retries, peak RSS."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from fastcurv import memory
+from fastcurv.backends.fused import FusedBackend
+
+
+def _mlp(seed, d=12, h=10, c=4, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, c)).to(dtype)
+
+
+def _job(R=6, n=96, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 12, generator=g, dtype=dtype)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return [_mlp(s, dtype=dtype) for s in range(R)], (x, y)
+
+
+KW = dict(measures=("lambda_max", "trace"), max_iter=20, progress=False)
+
+
+def _close(a, b, rtol=1e-10):
+    assert set(a.values) == set(b.values)
+    for k in a.values:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=1e-12)
+    for k in a.stderr:
+        torch.testing.assert_close(a.stderr[k], b.stderr[k], rtol=rtol, atol=1e-12)
+    for k in a.iterations:
+        assert torch.equal(a.iterations[k], b.iterations[k])
+
+
+# --- parsing ---------------------------------------------------------------------------------------
+def test_parse_budget_units_and_fractions(monkeypatch):
+    assert memory.parse_budget(123456) == 123456
+    assert memory.parse_budget("4GiB") == 4 * 2**30
+    assert memory.parse_budget("512 MiB") == 512 * 2**20
+    assert memory.parse_budget("1.5GB") == 1_500_000_000
+    assert memory.parse_budget("2e6") == 2_000_000
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": 10_000)
+    assert memory.parse_budget(0.25) == 2500
+    assert memory.parse_budget(1.0) == 10_000
+
+
+@pytest.mark.parametrize("bad, what", [(0, "positive"), (-5, "positive"), (1.5, r"\(0, 1\]"), (0.0, r"\(0, 1\]"),
+                                       (float("nan"), r"\(0, 1\]"), ("lots", "not a size"), ("4 XB", "not a size"),
+                                       (True, "memory_budget"), ([1], "list"), ("0.1B", "less than one byte")])
+def test_parse_budget_rejects(bad, what):
+    with pytest.raises(ValueError, match=what):
+        memory.parse_budget(bad)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="needs /proc/meminfo (Linux)")
+def test_available_memory_reads_meminfo():
+    with open("/proc/meminfo") as f:
+        total = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemTotal:"))
+    free = memory.available_memory("cpu")
+    assert 0 < free <= total
+
+
+# --- the cost model and the plan ------------------------------------------------------------------
+def test_state_bytes_per_sample_matches_the_cache():
+    models, (x, y) = _job(R=3)
+    op = fastcurv.HessianOperator(models, (x, y), backend="fused")
+    per = op.backend.state_bytes_per_sample(x, y)
+    op.matvec(torch.randn(3, op.P, dtype=x.dtype))  # fills the cache with the whole batch's state for 3 replicas
+    assert op.backend._cache_used == 3 * x.shape[0] * per
+
+
+def test_plan_shrinks_with_the_budget_and_stays_under_it():
+    models, data = _job(R=6)
+    shape, name = memory.job_shape(models, data, max_iter=20)
+    assert name == "fused" and shape.P == sum(p.numel() for p in models[0].parameters())
+    chunks = []
+    # just enough for c = 1, 3, 6 replicas with their whole state cached, then plenty
+    budgets = [int(memory.estimate_bytes(shape, c)["total"] / memory.SAFETY) + 1 for c in (1, 3, 6)] + [10**9]
+    for budget in budgets:
+        plan = memory.choose(shape, 6, budget)
+        assert plan.estimate["total"] <= memory.SAFETY * budget
+        assert plan.estimate == memory.estimate_bytes(shape, plan.replica_chunk, batch=plan.batch_size,
+                                                      cache_bytes=plan.cache_bytes, cache_data=plan.cache_data)
+        assert plan.cache_bytes == plan.replica_chunk * shape.num_samples * shape.state_per_sample
+        chunks.append(plan.replica_chunk)
+    assert chunks == [1, 3, 6, 6]
+    # a little less than one replica with its whole state needs: partial cache, still one replica
+    plan = memory.choose(shape, 6, budgets[0] - 2000)
+    assert plan.replica_chunk == 1 and plan.cache_bytes < shape.num_samples * shape.state_per_sample
+    with pytest.raises(ValueError, match="too small for this job"):
+        memory.choose(shape, 6, 1000)
+
+
+# --- results ---------------------------------------------------------------------------------------
+def test_budget_chunks_give_the_unchunked_results(one_thread):
+    models, data = _job(R=6)
+    ref = fastcurv.batched_sharpness(models, data, **KW)
+    shape, _ = memory.job_shape(models, data, max_iter=20)
+    # a budget that fits 2 replicas at a time (3 chunks)
+    budget = int(memory.estimate_bytes(shape, 2)["total"] / memory.SAFETY) + 1
+    plan = memory.plan_memory(models, data, budget, max_iter=20)
+    assert plan.replica_chunk == 2 and plan.batch_size is None
+    got = fastcurv.batched_sharpness(models, data, memory_budget=budget, **KW)
+    _close(got, ref)
+
+
+def test_tiny_budget_splits_batches_and_caches_part_of_the_state(one_thread):
+    models, data = _job(R=4, n=120)
+    shape, _ = memory.job_shape(models, data, max_iter=20)
+    # the smallest budget whose plan splits the batches into pieces of at least 30 samples
+    budget = next(b for b in range(2_000, 10**7, 500) if _ok(shape, b) and (memory.choose(shape, 4, b).batch_size or 120) >= 30)
+    plan = memory.choose(shape, 4, budget)
+    assert plan.replica_chunk == 1 and plan.batch_size is not None and plan.batch_size < 120
+    assert plan.cache_bytes < shape.num_samples * shape.state_per_sample
+    ref = fastcurv.batched_sharpness(models, data, **KW)
+    got = fastcurv.batched_sharpness(models, data, memory_budget=budget, **KW)
+    _close(got, ref, rtol=1e-8)  # batches are summed in another order
+
+
+def _ok(shape, budget):
+    try:
+        memory.choose(shape, 4, budget)
+        return True
+    except ValueError:
+        return False
+
+
+# --- out-of-memory retries --------------------------------------------------------------------------
+def _failing_matvec(limit, error):
+    original = FusedBackend.matvec
+
+    def matvec(self, vecs, idx):
+        if self.replicas.R > limit:
+            raise error
+        return original(self, vecs, idx)
+
+    return matvec
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: out of memory")])
+def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch, error, one_thread):
+    models, data = _job(R=6)
+    ref = fastcurv.batched_sharpness(models, data, **KW)
+    monkeypatch.setattr(FusedBackend, "matvec", _failing_matvec(2, error))
+    with pytest.warns(RuntimeWarning, match="out of memory") as record:
+        got = fastcurv.batched_sharpness(models, data, replica_chunk=6, **KW)
+    sizes = [int(str(w.message).split("replica_chunk=")[1].split()[0]) for w in record if "replica_chunk=" in str(w.message)]
+    assert sizes == [3, 1]  # 6 fails, 3 fails, then one at a time
+    _close(got, ref)
+
+
+def test_out_of_memory_with_one_replica_reraises(monkeypatch):
+    models, data = _job(R=2)
+    monkeypatch.setattr(FusedBackend, "matvec", _failing_matvec(0, torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    with pytest.warns(RuntimeWarning, match="replica_chunk=1"):
+        with pytest.raises(RuntimeError, match="even with one replica at a time"):
+            fastcurv.batched_sharpness(models, data, memory_budget=10**8, **KW)
+
+
+def test_other_errors_are_not_retried(monkeypatch):
+    models, data = _job(R=4)
+    monkeypatch.setattr(FusedBackend, "matvec", _failing_matvec(0, RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        fastcurv.batched_sharpness(models, data, replica_chunk=4, **KW)
+
+
+# --- peak memory -----------------------------------------------------------------------------------
+CHILD = textwrap.dedent("""
+    import json, resource, sys
+    import torch
+    from torch import nn
+    import fastcurv
+    from fastcurv.memory import plan_memory
+    torch.set_num_threads(1)
+    budget = int(sys.argv[1]); use = sys.argv[2] == "budget"
+    def mlp(s):
+        torch.manual_seed(s)
+        return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g); y = torch.randint(0, 10, (512,), generator=g)
+    models = [mlp(s) for s in range(12)]
+    kw = dict(max_iter=30, tol=1e-6, progress=False)
+    fastcurv.batched_sharpness(models[:1], (x[:8], y[:8]), **dict(kw, max_iter=3))  # warm-up: kernels, thread pools
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+    try:  # reset the peak (VmHWM) to the current RSS, so that the peak below is the job's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = status("VmRSS")
+    except OSError:  # no reset: the peak so far
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res = fastcurv.batched_sharpness(models, (x, y), memory_budget=budget if use else None, **kw)
+    peak = max(status("VmHWM"), base)
+    plan = plan_memory(models, (x, y), budget, **kw)
+    print(json.dumps({"base": base, "peak": peak, "chunk": plan.replica_chunk, "estimate": plan.estimate["total"],
+                      "lambda_max": res["lambda_max"].tolist()}))
+""")
+
+
+def _children(budget, modes):
+    """Run the child job once per mode, concurrently; their JSON reports."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(budget), m], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for m in modes]
+    reports = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status (Linux)")
+def test_peak_rss_stays_within_the_budget():
+    """Peak RSS of the job (VmHWM, reset after the baseline) above the child's baseline RSS
+    (interpreter, torch, inputs, a one-replica warm-up) stays under the budget; without the
+    budget the same job goes over it."""
+    budget = 128 * 2**20
+    bounded, free = _children(budget, ("budget", "none"))
+    assert bounded["chunk"] < 12
+    assert bounded["peak"] - bounded["base"] <= budget, bounded
+    assert free["peak"] - free["base"] > budget, free  # the budget really constrains this job
+    torch.testing.assert_close(torch.tensor(bounded["lambda_max"]), torch.tensor(free["lambda_max"]), rtol=1e-4, atol=0)
+
+
+def test_operator_memory_budget_sets_the_state_cache(one_thread):
+    models, data = _job(R=3)
+    V = torch.randn(3, 2, sum(p.numel() for p in models[0].parameters()), dtype=torch.float64)
+    ref = fastcurv.HessianOperator(models, data, backend="fused")
+    big = fastcurv.HessianOperator(models, data, backend="fused", memory_budget="1GiB")
+    need = memory.SAFETY * 2**30 - memory.STATE_COPIES * big.backend.cache_bytes  # the operator without any cache
+    full = 3 * data[0].shape[0] * ref.backend.state_bytes_per_sample(*data)
+    # room for half of the state (each cached byte counts STATE_COPIES times)
+    small = fastcurv.HessianOperator(models, data, backend="fused", memory_budget=int((need + full) / memory.SAFETY))
+    assert abs(small.backend.cache_bytes - full // 2) <= 2 and full <= big.backend.cache_bytes
+    for op in (small, big):
+        torch.testing.assert_close(op.matvec(V), ref.matvec(V), rtol=1e-12, atol=1e-14)
+    assert small.backend._cache_used <= small.backend.cache_bytes
+    with pytest.raises(ValueError, match="too small for this operator"):
+        fastcurv.HessianOperator(models, data, backend="fused", memory_budget=1000)
+
+
+@pytest.mark.gpu
+def test_fraction_budget_on_the_gpu():
+    models, (x, y) = _job(R=6)
+    models = [m.cuda() for m in models]
+    data = (x.cuda(), y.cuda())
+    free = memory.available_memory("cuda")
+    assert memory.parse_budget(0.5, "cuda") == pytest.approx(free / 2, rel=0.05)
+    ref = fastcurv.batched_sharpness(models, data, **KW)
+    got = fastcurv.batched_sharpness(models, data, memory_budget=0.5, **KW)
+    _close(got, ref, rtol=1e-8)  # cuBLAS may pick other kernels for other batch counts
