@@ -28,7 +28,7 @@ def replicas(factory, R, seed=0, dtype=torch.float64):
             if getattr(b, "_restore", False):
                 b.affine, b.weight, b.bias = False, None, None
     return models
-from oracle import dense_hessian
+from oracle import check_fused_float32, dense_hessian
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,17 +129,7 @@ def test_float32_against_autograd_subsets_and_gradient():
     x = torch.randn(30, 1, 11, 11, generator=gen)
     y = torch.randint(0, 5, (30,), generator=gen)
     data = [(x[:16], y[:16]), (x[16:], y[16:])]
-    fused = fastcurv.HessianOperator(models, data, backend="fused")
-    oracle = fastcurv.HessianOperator(models, data, backend="autograd")
-    V = torch.randn(4, 3, fused.P, generator=gen)
-    ref = oracle.matvec(V)
-    torch.testing.assert_close(fused.matvec(V), ref, rtol=1e-4, atol=1e-5)
-    idx = torch.tensor([3, 1])
-    torch.testing.assert_close(fused.matvec(V[idx], idx=idx), ref[idx], rtol=1e-4, atol=1e-5)
-    func = fastcurv.HessianOperator(models, data, backend="func")
-    (l1, g1), (l2, g2) = fused.loss_and_gradient(), func.loss_and_gradient()
-    torch.testing.assert_close(l1, l2)
-    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+    fused, idx, g2 = check_fused_float32(models, data, gen)
     _, g3 = fused.loss_and_gradient(idx)
     torch.testing.assert_close(g3, g2[idx], rtol=1e-4, atol=1e-6)
 

@@ -11,7 +11,7 @@ from fastcurv.backends.fused import parse
 from fastcurv.backends.fused_graph import Graph
 from fastcurv.replicas import ReplicaSet
 from models import replicas
-from oracle import dense_hessian
+from oracle import check_fused_float32, dense_hessian
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,17 +135,7 @@ def test_float32_against_autograd_subsets_and_gradient():
     gen = torch.Generator().manual_seed(1)
     x, y = _data((1, 8, 8), 24, "cross_entropy", gen, dtype=torch.float32)
     data = [(x[:16], y[:16]), (x[16:], y[16:])]
-    fused = fastcurv.HessianOperator(models, data, backend="fused")
-    oracle = fastcurv.HessianOperator(models, data, backend="autograd")
-    V = torch.randn(4, 3, fused.P, generator=gen)
-    ref = oracle.matvec(V)
-    torch.testing.assert_close(fused.matvec(V), ref, rtol=1e-4, atol=1e-5)
-    idx = torch.tensor([3, 1])
-    torch.testing.assert_close(fused.matvec(V[idx], idx=idx), ref[idx], rtol=1e-4, atol=1e-5)
-    func = fastcurv.HessianOperator(models, data, backend="func")
-    (l1, g1), (l2, g2) = fused.loss_and_gradient(), func.loss_and_gradient()
-    torch.testing.assert_close(l1, l2)
-    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+    check_fused_float32(models, data, gen)
 
 
 def test_auto_uses_the_graph_for_residuals_and_chains_stay_chains():

@@ -440,7 +440,7 @@ class FusedBackend(Backend):
             O, I = dW.shape[2:]
             bwd = dW.permute(0, 2, 1, 3).reshape(R, O, K * I) if n_lin > 0 else None
             dWt[layer.weight] = (dW.reshape(R, K * O, I).transpose(1, 2), bwd)
-        for b, (i, x, y) in enumerate(self.batches):
+        for n_batch, (i, x, y) in enumerate(self.batches):
             st, where = self._state_rows(i, x, y, idx)
             step = self._chunk(R, x.shape[0], K, x.device)
             for s0, v0, n in consecutive_runs(where, R):  # state rows s0.. hold the replicas of vecs rows v0..
@@ -450,8 +450,8 @@ class FusedBackend(Backend):
                     sv, vv = slice(s0 + c, s0 + c + m), slice(v0 + c, v0 + c + m)
                     gid = slice(v0 + c, v0 + c + m) if ids is None else _as_slice(ids[c:c + m])
                     self._apply(st.narrow(sv), {n_: t[gid] for n_, t in rs.params.items()}, [v[vv] for v in vecs],
-                                {w: (f[vv], None if b is None else b[vv]) for w, (f, b) in dWt.items()},
-                                [o[vv] for o in out], pos, x.shape[0], first=b == 0)
+                                {w: (f[vv], None if g is None else g[vv]) for w, (f, g) in dWt.items()},
+                                [o[vv] for o in out], pos, x.shape[0], first=n_batch == 0)
         if K > 1:
             for dst, o in zip(rs.unflatten(flat), out):
                 dst.copy_(o)
