@@ -70,6 +70,31 @@ def _data_main(rank, world, out_dir):
         dist.destroy_process_group()
 
 
+def _failing_main(rank, world, out_dir):
+    """Replica sharding where rank 1's computation raises: each rank writes what it raised."""
+    import torch.distributed as dist
+
+    import fastcurv.sharpness as S
+
+    _init(rank, world, out_dir)
+    try:
+        if rank == 1:
+            def broken(*a, **k):
+                raise FloatingPointError("injected failure on rank 1")
+
+            S.batched_sharpness = broken  # what each chunk calls (the entry point stays the real one)
+        models, data = job()
+        try:
+            fastcurv.batched_sharpness(models, data, distributed=True, output=os.path.join(out_dir, "fail.jsonl"), **KW)
+            msg = "no error"
+        except Exception as exc:  # noqa: BLE001 - the test reads what each rank raised
+            msg = f"{type(exc).__name__}: {exc}"
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":  # resumable job: python _dist_worker.py OUTPUT [slow]
     models, data = job(R=6)
     if len(sys.argv) > 2 and sys.argv[2] == "slow":

@@ -2,6 +2,7 @@
 of the single-process run, gathered in replica order on every rank."""
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -77,6 +78,21 @@ def test_data_sharded_over_two_gloo_processes_equals_full_data(tmp_path):
                 torch.testing.assert_close(got["values"][k], v, rtol=1e-8, atol=1e-10)
             if ref.spectrum is not None:
                 torch.testing.assert_close(got["nodes"], ref.spectrum.nodes, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_a_failing_rank_makes_the_others_raise_instead_of_hang(tmp_path):
+    ctx = mp.start_processes(W._failing_main, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank still waits for the failed one after 120 s")
+    assert (tmp_path / "error1.txt").read_text() == "FloatingPointError: injected failure on rank 1"
+    other = (tmp_path / "error0.txt").read_text()
+    assert other.startswith("RuntimeError: rank 1 failed: FloatingPointError: injected failure on rank 1"), other
+    assert "saved in" in other and list(tmp_path.glob("fail.jsonl.part0"))  # rank 0's replicas are kept
 
 
 def test_data_sharding_needs_a_process_group_and_core_measures():

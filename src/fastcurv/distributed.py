@@ -54,7 +54,9 @@ def batched_sharpness(models, data, *, replica_chunk: int | None = None, output:
         device: move this rank's replicas there first (e.g. ``f"cuda:{local_rank}"`` for NCCL).
         Other keywords: those of :func:`fastcurv.batched_sharpness`.
     Returns a :class:`fastcurv.SharpnessResult` for all R replicas (None on ranks > 0 with
-    ``gather="rank0"``).
+    ``gather="rank0"``). A rank whose computation raises still joins the final gather, so the
+    other ranks raise a RuntimeError naming it (and its message) instead of waiting forever; the
+    failing rank re-raises its own error. Finished chunks stay saved in the part files.
     """
     if gather not in GATHER:
         raise ValueError(f"gather must be one of {GATHER}, got {gather!r}")
@@ -78,28 +80,42 @@ def batched_sharpness(models, data, *, replica_chunk: int | None = None, output:
     lo, hi = shard_range(R, rank, world)
     if device is not None and hi > lo:
         models[lo:hi] = [copy.deepcopy(m).to(device) for m in models[lo:hi]]
-    records, digest, config = [], None, None
-    if hi > lo or world == 1:
-        p = next(models[lo if hi > lo else 0].parameters())
-        batches = Batches(data, device=p.device, dtype=p.dtype, cache=kwargs.get("cache_data", "auto"),
-                          check_determinism=kwargs.pop("check_determinism", False))
-        own = output if (output is None or world == 1) else f"{output}.part{rank}"
-        read_also = [] if output is None else [output] + part_files(output)
-        records, digest, config = run_chunks(models, batches, kwargs, lo=lo, hi=hi, replica_chunk=replica_chunk,
-                                             output=own, read_also=read_also, batches=batches)
+    records, digest, config, error = [], None, None, None
+    try:
+        if hi > lo or world == 1:
+            p = next(models[lo if hi > lo else 0].parameters())
+            batches = Batches(data, device=p.device, dtype=p.dtype, cache=kwargs.get("cache_data", "auto"),
+                              check_determinism=kwargs.pop("check_determinism", False))
+            own = output if (output is None or world == 1) else f"{output}.part{rank}"
+            read_also = [] if output is None else [output] + part_files(output)
+            records, digest, config = run_chunks(models, batches, kwargs, lo=lo, hi=hi, replica_chunk=replica_chunk,
+                                                 output=own, read_also=read_also, batches=batches)
+    except Exception as exc:
+        if world == 1:
+            raise
+        # still join the gather below, so that the other ranks learn of it instead of waiting forever
+        error = (exc, f"{type(exc).__name__}: {str(exc)[:500]}")
     if world == 1:
-        parts = [(records, digest, config)]
-    elif gather == "all":
-        parts = [None] * world
-        dist.all_gather_object(parts, (records, digest, config), group=group)
+        parts = [(records, digest, config, None)]
     else:
-        parts = [None] * world if rank == 0 else None
-        dist.gather_object((records, digest, config), parts, dst=0, group=group)
-        if rank != 0:
-            return None
-    everything = sorted((r for recs, _, _ in parts for r in recs), key=lambda r: r["start"])
+        mine = (records, digest, config, None if error is None else error[1])
+        if gather == "all":
+            parts = [None] * world
+            dist.all_gather_object(parts, mine, group=group)
+        else:
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object(mine, parts, dst=0, group=group)
+    if error is not None:
+        raise error[0]
+    if parts is None:  # rank > 0 with gather="rank0"
+        return None
+    failed = [(k, msg) for k, (_, _, _, msg) in enumerate(parts) if msg is not None]
+    if failed:
+        saved = "" if output is None else f"; the replicas every rank finished are saved in {output}.part<rank> for a rerun"
+        raise RuntimeError("; ".join(f"rank {k} failed: {msg}" for k, msg in failed) + saved)
+    everything = sorted((r for recs, _, _, _ in parts for r in recs), key=lambda r: r["start"])
     if output is not None and rank == 0:
-        digest, config = next((d, c) for _, d, c in parts if d is not None)
+        digest, config = next((d, c) for _, d, c, _ in parts if d is not None)
         write_atomic(output, digest, config, everything)  # one file with every replica; parts no longer needed
         for path in part_files(output):
             os.remove(path)
