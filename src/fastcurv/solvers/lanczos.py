@@ -111,8 +111,8 @@ def lanczos(
     if v0 is None:
         g = torch.Generator().manual_seed(seed)
         v0 = probe_vectors(R, 1, P, generator=g, kind="gaussian", common=common, dtype=op.dtype, device=op.device)[:, 0]
-    # Q[r, :n] is replica r's Krylov basis. Rows are never moved: the active replicas are read in
-    # runs of consecutive replicas (views), so no step copies the basis.
+    # Q[r, :n] is replica r's Krylov basis. Rows are never moved: on the CPU the active replicas are
+    # read in runs of consecutive replicas (views), so no step copies the basis.
     Q = torch.empty(R, _capacity(R, m + 1, P, op.dtype, op.device), P, dtype=op.dtype, device=op.device)
     Q[:, 0] = v0 / v0.norm(dim=-1, keepdim=True)
     alpha = torch.zeros(R, m, dtype=f64)
