@@ -16,7 +16,9 @@ eval BatchNorm) on B MNIST images: the fused engine runs them as torch.fx-traced
 Reports, from one run: one gradient for all R (the unit: the fastest of a per-model loop and the
 batched gradients), one matvec for all R per backend with
 K=1 and K=8 probes, a per-model autograd loop (double backward through a retained graph, built
-once), and the default ``batched_sharpness`` job per backend; times are the best of --repeats.
+once), the func backend with its linearizations compiled (``backend_options={"compile": True}``;
+the first matvec, which compiles, is reported apart), and the default ``batched_sharpness`` job per
+backend; times are the best of --repeats.
 """
 from __future__ import annotations
 
@@ -177,6 +179,18 @@ def main(argv=None):
     macs = {"W1": [784 * H, H * H, H * 10], "W3": W3_MACS, "W4": W4_MACS}[a.workload]
     flops_per_probe = sum((2 + 2 * (i > 0)) * m + (2 + 2 * (i > 0)) * m + (4 * m if i > 0 else 0) for i, m in enumerate(macs)) * a.batch * R
     res["gflops_fused_K8"] = 8 * flops_per_probe / res["seconds"]["hvp_fused_K8"] / 1e9
+    if not a.skip_slow:  # the func backend with each batch's linearization run through torch.compile
+        opc = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"compile": True})
+        V = torch.randn(R, 1, P, device=dev)
+        t0 = time.perf_counter()
+        opc.matvec(V)
+        sync()
+        res["seconds"]["func_compile_first_matvec"] = time.perf_counter() - t0
+        for K in (1, 8):
+            V = torch.randn(R, K, P, device=dev)
+            t = best(lambda: opc.matvec(V), a.repeats, sync)
+            res["seconds"][f"hvp_func_compiled_K{K}"] = t
+            res["ratio_to_gradient"][f"hvp_func_compiled_K{K}_per_probe"] = t / K / unit
     res["sgemm_gflops"] = sgemm_gflops(dev, sync)
     res["fused_K8_fraction_of_sgemm"] = res["gflops_fused_K8"] / res["sgemm_gflops"]
     if not a.skip_slow:

@@ -186,3 +186,20 @@ def test_batch_statistics_against_finite_differences():
     for backend in ["autograd", "func"]:
         hv = fastcurv.HessianOperator(models, batches, backend=backend, bn_mode="batch").matvec(v)
         torch.testing.assert_close(hv, fd, rtol=1e-5, atol=1e-7)
+
+
+def test_func_backend_compiled_linearization_matches_eager():
+    """backend_options={"compile": True}: the torch.compile'd linearization gives the eager products."""
+    gen = torch.Generator().manual_seed(3)
+    models = []
+    for _ in range(2):
+        m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        models.append(m)
+    x, y = torch.randn(9, 5, generator=gen), torch.randint(0, 3, (9,), generator=gen)
+    eager = fastcurv.HessianOperator(models, (x, y), backend="func")
+    compiled = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"compile": True})
+    V = torch.randn(2, 2, eager.P, generator=gen)
+    torch.testing.assert_close(compiled.matvec(V), eager.matvec(V), rtol=1e-5, atol=1e-6)

@@ -33,6 +33,24 @@ def activation_bytes(replicas, x) -> int:
     return total
 
 
+def _compiled(fn):
+    """``torch.compile(fn)``, falling back to ``fn`` (with a warning) if compiling or running fails."""
+    state = {"fn": torch.compile(fn, dynamic=False)}
+
+    def apply(v):
+        try:
+            return state["fn"](v)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly instead
+            if state["fn"] is fn:
+                raise
+            warnings.warn(f"torch.compile failed on the linearized HVP ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "running it eagerly", RuntimeWarning, stacklevel=2)
+            state["fn"] = fn
+            return fn(v)
+
+    return apply
+
+
 class FuncBackend(Backend):
     """Forward-over-reverse HVPs with torch.func, batched over replicas.
 
@@ -47,12 +65,19 @@ class FuncBackend(Backend):
             ``vjp(grad)``, ``hessian``) give wrong second derivatives through batch-statistics
             BatchNorm in torch 2.13 (checked against finite differences in tests/test_operator.py);
             "forward" otherwise.
+        compile: run each linearization through ``torch.compile`` (mode "forward" with reuse).
+            Measured on W1 (CPU, 2 threads): 0.64 -> 0.38 s per matvec, but each linearization
+            (one per batch, and again when the active replicas shrink below half) costs a compile
+            of about 15 s, so it pays off only for long solves on a fixed replica set. A compile
+            that fails falls back to the eager linearization with a warning.
     """
 
     name = "func"
 
-    def __init__(self, replicas, loss, batches, reuse="auto", reuse_bytes: int = DEFAULT_REUSE_BYTES, mode="auto"):
+    def __init__(self, replicas, loss, batches, reuse="auto", reuse_bytes: int = DEFAULT_REUSE_BYTES, mode="auto",
+                 compile: bool = False):
         super().__init__(replicas, loss, batches)
+        self.compile = bool(compile)
         if mode not in ("auto", "forward", "graph"):
             raise ValueError(f"mode must be 'auto', 'forward' or 'graph', got {mode!r}")
         if mode == "auto":
@@ -122,7 +147,8 @@ class FuncBackend(Backend):
         gmap = self._grad_map(buffers, x, y)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*get_attr Node.*")
-            return linearize(gmap, params)[1]
+            fn = linearize(gmap, params)[1]
+        return _compiled(fn) if self.compile else fn
 
     def _graph_map(self, params, buffers, x, y):
         rs, loss = self.replicas, self.loss
