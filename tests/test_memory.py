@@ -159,6 +159,25 @@ def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch, error, one_thre
     _close(got, ref)
 
 
+def test_out_of_memory_in_an_unchunked_gpu_job_reruns_it_in_chunks(monkeypatch, one_thread):
+    """A plain call (no chunking asked for) on a GPU: the out-of-memory error is caught and the job
+    reruns in halves (simulated on the CPU: the models count as on a GPU, the products fail for
+    chunks above 2 replicas); CPU jobs are never retried."""
+    import fastcurv.sharpness as S
+
+    models, data = _job(R=6)
+    ref = fastcurv.batched_sharpness(models, data, **KW)
+    monkeypatch.setattr(FusedBackend, "matvec", _failing_matvec(2, torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # on the CPU: not retried
+        fastcurv.batched_sharpness(models, data, **KW)
+    monkeypatch.setattr(S, "_on_gpu", lambda models: True)
+    with pytest.warns(RuntimeWarning, match="out of memory") as record:
+        got = fastcurv.batched_sharpness(models, data, **KW)
+    sizes = [int(str(w.message).split("replica_chunk=")[1].split()[0]) for w in record if "replica_chunk=" in str(w.message)]
+    assert sizes == [3, 1]  # 6 fails, 3 fails, then one at a time
+    _close(got, ref)
+
+
 def test_out_of_memory_with_one_replica_reraises(monkeypatch):
     models, data = _job(R=2)
     monkeypatch.setattr(FusedBackend, "matvec", _failing_matvec(0, torch.cuda.OutOfMemoryError("CUDA out of memory")))

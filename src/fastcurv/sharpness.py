@@ -1,6 +1,7 @@
 """``batched_sharpness``: curvature measures for every replica in one job."""
 from __future__ import annotations
 
+import contextvars
 import time
 from dataclasses import dataclass, field
 
@@ -86,6 +87,18 @@ class _Progress:
         self.bar.close()
 
 
+# True inside a job that already handles GPU out-of-memory errors (the retry below, or its chunks)
+_RETRY_SCOPE: contextvars.ContextVar = contextvars.ContextVar("fastcurv_oom_retry", default=False)
+
+
+def _on_gpu(models) -> bool:
+    """True when the replicas' parameters are on a CUDA device (where out-of-memory is retried)."""
+    try:
+        return next(models[0].parameters()).device.type == "cuda"
+    except (TypeError, IndexError, StopIteration, AttributeError):
+        return False
+
+
 @reusing_heap
 def batched_sharpness(
     models,
@@ -149,6 +162,10 @@ def batched_sharpness(
             retries (RuntimeWarning). ``fastcurv.memory.plan_memory`` shows the plan.
         Other keywords (loss, reduction, backend, bn_mode, cache_data, check_determinism, ...) go
         to :class:`fastcurv.HessianOperator`.
+
+    On a GPU, an out-of-memory error is caught: the job runs again in chunks of half the replicas
+    (halved again while the error persists, down to one replica), with a RuntimeWarning naming the
+    chunk size; results equal an unchunked run.
     """
     if memory_budget is not None:
         from .memory import SplitBatches, plan_memory
@@ -175,15 +192,33 @@ def batched_sharpness(
         other = [m for m in ((measures,) if isinstance(measures, str) else measures) if m not in MEASURES]
         if other:
             raise ValueError(f"distributed_data=True supports the measures {MEASURES}; {other} read the data themselves")
+    kwargs = dict(measures=measures, loss=loss, reduction=reduction, backend=backend, bn_mode=bn_mode, seed=seed,
+                  common_random_numbers=common_random_numbers, tol=tol, max_iter=max_iter, eig_solver=eig_solver,
+                  top_k=top_k, trace_method=trace_method, trace_probes=trace_probes, slq_steps=slq_steps,
+                  slq_draws=slq_draws, progress=progress, cache_data=cache_data, measure_options=measure_options,
+                  **operator_kwargs)
     if distributed or output is not None or replica_chunk is not None:
         from .distributed import batched_sharpness as _sharded
 
-        kwargs = dict(measures=measures, loss=loss, reduction=reduction, backend=backend, bn_mode=bn_mode, seed=seed,
-                      common_random_numbers=common_random_numbers, tol=tol, max_iter=max_iter, eig_solver=eig_solver,
-                      top_k=top_k, trace_method=trace_method, trace_probes=trace_probes, slq_steps=slq_steps,
-                      slq_draws=slq_draws, progress=progress, cache_data=cache_data, measure_options=measure_options,
-                      **operator_kwargs)
         return _sharded(models, data, replica_chunk=replica_chunk, output=output, use_distributed=distributed, **kwargs)
+    if not _RETRY_SCOPE.get() and not operator_kwargs.get("distributed_data") and _on_gpu(models):
+        # a GPU out-of-memory error in an unchunked job: run it again in chunks of half the
+        # replicas (resume.run_chunks halves them further while the error persists)
+        from .memory import is_out_of_memory, release_cached_memory, warn_halving
+
+        token = _RETRY_SCOPE.set(True)
+        try:
+            try:
+                return batched_sharpness(models, data, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
+                if not is_out_of_memory(exc) or len(models) < 2:
+                    raise
+                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            release_cached_memory()
+            warn_halving(len(models), len(models) // 2, 0, error)
+            return batched_sharpness(models, data, replica_chunk=len(models) // 2, **kwargs)
+        finally:
+            _RETRY_SCOPE.reset(token)
     if isinstance(measures, str):
         measures = (measures,)
     extra = _load_measures()
