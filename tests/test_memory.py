@@ -280,3 +280,27 @@ def test_fraction_budget_on_the_gpu():
     ref = fastcurv.batched_sharpness(models, data, **KW)
     got = fastcurv.batched_sharpness(models, data, memory_budget=0.5, **KW)
     _close(got, ref, rtol=1e-8)  # cuBLAS may pick other kernels for other batch counts
+
+
+@pytest.mark.gpu
+def test_real_cuda_out_of_memory_is_retried_in_halves():
+    """With the CUDA allocator capped below the job's peak, the plain call hits a real
+    OutOfMemoryError, reruns in halves and gives the uncapped results."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1000, 784, generator=g).cuda(), torch.randint(0, 10, (1000,), generator=g).cuda()
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).cuda()
+              for _ in range(64)]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    ref = fastcurv.batched_sharpness(models, (x, y), progress=False)
+    peak, total = torch.cuda.max_memory_allocated(), torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(0.6 * peak / total)
+    try:
+        with pytest.warns(RuntimeWarning, match="retrying with replica_chunk=32"):
+            got = fastcurv.batched_sharpness(models, (x, y), progress=False)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    for k in ref.values:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
