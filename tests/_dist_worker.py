@@ -1,6 +1,7 @@
 """Worker for test_distributed.py and test_resume.py: a tiny fixed job (models and data from seeds)."""
 import os
 import sys
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -28,36 +29,33 @@ def job(R=7, seed=0):
 KW = dict(measures=MEASURES, slq_steps=8, max_iter=40, progress=False)
 
 
-def _init(rank, world, out_dir):
-    """A gloo group over a file store in ``out_dir``: unlike a TCP store, no rank hosts a server that
-    the others still talk to while they tear down."""
+@contextmanager
+def _group(rank, world, out_dir):
+    """A gloo group over a file store in ``out_dir`` (unlike a TCP store, no rank hosts a server
+    that the others still talk to while they tear down). A block that ends normally ends at a
+    barrier: no rank tears down while another still finishes its last collective."""
     import torch.distributed as dist
 
-    store = os.path.join(out_dir, "store")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _dist_main(rank, world, out_dir):
-    import torch.distributed as dist
-
-    _init(rank, world, out_dir)
-    try:
+    with _group(rank, world, out_dir):
         models, data = job()
         res = fastcurv.batched_sharpness(models, data, distributed=True, replica_chunk=2,
                                          output=os.path.join(out_dir, "dist.jsonl"), **KW)
         torch.save({"values": res.values, "nodes": res.spectrum.nodes, "flags": res.flags},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears down while another still finishes its last collective
-    finally:
-        dist.destroy_process_group()
 
 
 def _data_main(rank, world, out_dir):
     """Data sharding: rank k reads only batch k of the job's data (ragged shares: 16 and 14 samples)."""
-    import torch.distributed as dist
-
-    _init(rank, world, out_dir)
-    try:
+    with _group(rank, world, out_dir):
         models, data = job(R=3)
         out = {}
         for backend in ("fused", "func"):
@@ -65,19 +63,13 @@ def _data_main(rank, world, out_dir):
             res = fastcurv.batched_sharpness(models, data[rank:rank + 1], distributed_data=True, backend=backend, **kw)
             out[backend] = {"values": res.values, "nodes": None if res.spectrum is None else res.spectrum.nodes}
         torch.save(out, os.path.join(out_dir, f"data_rank{rank}.pt"))
-        dist.barrier()  # no rank tears down while another still finishes its last collective
-    finally:
-        dist.destroy_process_group()
 
 
 def _failing_main(rank, world, out_dir):
     """Replica sharding where rank 1's computation raises: each rank writes what it raised."""
-    import torch.distributed as dist
-
     import fastcurv.sharpness as S
 
-    _init(rank, world, out_dir)
-    try:
+    with _group(rank, world, out_dir):
         if rank == 1:
             def broken(*a, **k):
                 raise FloatingPointError("injected failure on rank 1")
@@ -91,8 +83,6 @@ def _failing_main(rank, world, out_dir):
             msg = f"{type(exc).__name__}: {exc}"
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
             f.write(msg)
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # resumable job: python _dist_worker.py OUTPUT [slow]

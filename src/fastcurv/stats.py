@@ -32,22 +32,22 @@ def _degenerate(x, y) -> bool:
     return x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0
 
 
-def spearman(x, y) -> tuple[float, float]:
-    """Spearman rho and its two-sided p-value (scipy); NaN when fewer than 3 finite pairs or a constant input."""
+def _rank_test(test, x, y) -> tuple[float, float]:
     x, y = _clean(x, y)
     if _degenerate(x, y):
         return float("nan"), float("nan")
-    r = _st.spearmanr(x, y)
+    r = test(x, y)
     return float(r.statistic), float(r.pvalue)
+
+
+def spearman(x, y) -> tuple[float, float]:
+    """Spearman rho and its two-sided p-value (scipy); NaN when fewer than 3 finite pairs or a constant input."""
+    return _rank_test(_st.spearmanr, x, y)
 
 
 def kendall(x, y) -> tuple[float, float]:
     """Kendall tau-b and its two-sided p-value (scipy); NaN when degenerate as in :func:`spearman`."""
-    x, y = _clean(x, y)
-    if _degenerate(x, y):
-        return float("nan"), float("nan")
-    r = _st.kendalltau(x, y)
-    return float(r.statistic), float(r.pvalue)
+    return _rank_test(_st.kendalltau, x, y)
 
 
 def bootstrap_indices(n: int, n_boot: int, seed: int = 0) -> np.ndarray:

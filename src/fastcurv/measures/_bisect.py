@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import finish
+
 
 def bisect_scale(drop_fn, R: int, *, target: float, tol: float, hi: float, depth: int,
                  skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,3 +46,16 @@ def bisect_scale(drop_fn, R: int, *, target: float, tol: float, hi: float, depth
         up = torch.where(move & too_much, scale, up)
         lo = torch.where(move & ~too_much, scale, lo)
     return scale, done
+
+
+def flatness_columns(op, prefix: str, search, scale_name: str, magnitude_aware: bool, **options) -> dict:
+    """The measure columns of a scale search: ``{prefix}_flatness`` (1/scale^2) and
+    ``{prefix}_{scale_name}``, and, with ``magnitude_aware``, the same for ``{prefix}_mag``;
+    ``search(op, magnitude=bool, **options)`` returns ``(scale [R], done [R], ...)``."""
+    out = {}
+    kinds = [(prefix, False)] + ([(f"{prefix}_mag", True)] if magnitude_aware else [])
+    for name, mag in kinds:
+        scale, done, *_ = search(op, magnitude=mag, **options)
+        out[f"{name}_flatness"] = finish(op, 1 / scale**2, converged=done)
+        out[f"{name}_{scale_name}"] = finish(op, scale, converged=done)
+    return out

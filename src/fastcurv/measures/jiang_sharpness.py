@@ -32,8 +32,8 @@ import torch
 
 from . import register_measure
 from ._ascent import apgd_ascent
-from ._bisect import bisect_scale
-from ._common import accuracy_at, check_options, finish, loss_grad_at, positive
+from ._bisect import bisect_scale, flatness_columns
+from ._common import accuracy_at, check_options, loss_grad_at, positive
 
 OPTIONS = ("target", "tol", "alpha_max", "depth", "n_iter", "eps", "init")
 
@@ -74,10 +74,5 @@ def jiang_sharpness(op, *, seed, common, magnitude_aware: bool = True, **options
     Options: target (0.1), tol (0.01), alpha_max (2), depth (15), n_iter (10), eps (1e-3), init
     ("random" or "zero"); see the module docstring."""
     check_options("jiang_sharpness", options, OPTIONS)
-    out = {}
-    kinds = [("jiang_sharpness", False)] + ([("jiang_sharpness_mag", True)] if magnitude_aware else [])
-    for name, mag in kinds:
-        alpha, done, _ = alpha_search(op, magnitude=mag, seed=seed, common=common, **options)
-        out[f"{name}_flatness"] = finish(op, 1 / alpha**2, converged=done)
-        out[f"{name}_alpha"] = finish(op, alpha, converged=done)
-    return out
+    return flatness_columns(op, "jiang_sharpness", alpha_search, "alpha", magnitude_aware, seed=seed, common=common,
+                            **options)

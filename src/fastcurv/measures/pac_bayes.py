@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from . import register_measure
-from ._bisect import bisect_scale
-from ._common import accuracy_at, finish, positive
+from ._bisect import bisect_scale, flatness_columns
+from ._common import accuracy_at, positive
 
 
 def perturbation_std(theta: torch.Tensor, sigma: torch.Tensor, magnitude: bool, eps: float) -> torch.Tensor:
@@ -59,10 +59,4 @@ def pac_bayes(op, *, seed, common, magnitude_aware: bool = True, **options):
     """Columns ``pacbayes_flatness`` (1/sigma^2), ``pacbayes_sigma`` and, with
     ``magnitude_aware=True`` (default), ``pacbayes_mag_flatness`` and ``pacbayes_mag_sigma``.
     Options: target, tol, sigma_max, depth, mc_samples, eps (see the module docstring)."""
-    out = {}
-    kinds = [("pacbayes", False)] + ([("pacbayes_mag", True)] if magnitude_aware else [])
-    for name, mag in kinds:
-        sigma, done, _ = sigma_search(op, magnitude=mag, seed=seed, common=common, **options)
-        out[f"{name}_flatness"] = finish(op, 1 / sigma**2, converged=done)
-        out[f"{name}_sigma"] = finish(op, sigma, converged=done)
-    return out
+    return flatness_columns(op, "pacbayes", sigma_search, "sigma", magnitude_aware, seed=seed, common=common, **options)
