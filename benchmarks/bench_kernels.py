@@ -34,6 +34,7 @@ from fastcurv.ops import (
     ACTIVATIONS,
     act_derivs_reference,
     act_rop_bwd_reference,
+    bn_rop_bwd_reference,
     softmax_ce_hvp_reference,
 )
 from fastcurv.ops.linear_rop import linear_rop_reference
@@ -51,8 +52,9 @@ def sizes(full: bool | None = None) -> dict:
     if full is None:
         full = os.environ.get("FASTCURV_BENCH_FULL") == "1"
     if full:
-        return dict(R=100, N=1000, H=128, C=10, K=8, I=784)
-    return dict(R=20, N=500, H=128, C=10, K=4, I=784)
+        return dict(R=100, N=1000, H=128, C=10, K=8, I=784, BN=(256, 4, 320, 196))
+    # BN: bn_rop_bwd's (N, K, G, S), a batch-statistics BatchNorm2d with 20 replicas x 16 channels of 14x14 maps
+    return dict(R=20, N=500, H=128, C=10, K=4, I=784, BN=(64, 4, 320, 196))
 
 
 def make_inputs(op: str, device: str, dtype=torch.float32, full: bool | None = None) -> tuple:
@@ -66,6 +68,10 @@ def make_inputs(op: str, device: str, dtype=torch.float32, full: bool | None = N
         return (rnd(R, N, H), rnd(R, N, H), ACTIVATIONS["tanh"], 0.0)
     if op == "act_rop_bwd":
         return (rnd(R, N * H), rnd(R, N * H), rnd(R, K, N * H), rnd(R, K, N * H))
+    if op == "bn_rop_bwd":  # xh, g, rg, inv, gamma, rgamma, rxh, m2 (input tangent and affine weights)
+        Nb, Kb, Gb, Sb = s["BN"]
+        return (rnd(Nb, Gb, Sb), rnd(Nb, Gb, Sb), rnd(Nb, Kb, Gb, Sb), rnd(Gb).abs() + 0.5, rnd(Gb), rnd(Kb, Gb),
+                rnd(Nb, Kb, Gb, Sb), rnd(Kb, Gb))
     if op == "linear_rop":  # the first hidden layer of W1: input shared by all replicas
         x = rnd(N, I)
         return (x.expand(R, N, I), None, rnd(R, H, I) / I**0.5, rnd(R, K, H, I), rnd(R, H), rnd(R, K, H), "relu", 0.0)
@@ -76,6 +82,7 @@ REFERENCES = {
     "softmax_ce_hvp": softmax_ce_hvp_reference,
     "act_derivs": act_derivs_reference,
     "act_rop_bwd": act_rop_bwd_reference,
+    "bn_rop_bwd": bn_rop_bwd_reference,
     "linear_rop": linear_rop_reference,
 }
 

@@ -12,6 +12,13 @@ TORCH_LIBRARY(fastcurv, m) {
   // Backward R-op of an element-wise activation, broadcast over K probes:
   // out[b,k,:] = d1[b,:] * rg[b,k,:] + d2g[b,:] * rz[b,k,:].
   m.def("act_rop_bwd(Tensor d1, Tensor d2g, Tensor rz, Tensor rg) -> Tensor");
+  // Input-gradient R-op of a batch-statistics BatchNorm, per group g (= replica x channel) and probe k,
+  // with means over the N*S samples: xh, g [N, G, S] (normalized input, output gradient), rg [N, K, G, S]
+  // (its tangent), inv [G] (1/sqrt(var+eps)); gamma [G], rgamma [K, G] (weight, weight tangent; both or
+  // neither); rxh [N, K, G, S], m2 [K, G] (tangent of xh, mean(dx*xh); both or neither). gx = gamma*g,
+  // rgx = gamma*rg + rgamma*g; out [N, K, G, S] = inv*(rgx - mean(rgx) - xh*mean(rgx*xh) - rxh*mean(gx*xh)
+  // - xh*mean(gx*rxh)) - inv^2*m2*(gx - mean(gx) - xh*mean(gx*xh)).
+  m.def("bn_rop_bwd(Tensor xh, Tensor g, Tensor rg, Tensor inv, Tensor? gamma, Tensor? rgamma, Tensor? rxh, Tensor? m2) -> Tensor");
   // Exact pairwise agreement counts between integer predictions preds[R, M]: out[i,j] = #{m : preds[i,m] == preds[j,m]}.
   m.def("agreement_counts(Tensor preds) -> Tensor");
 }

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import act_derivs, act_rop_bwd, activation_kind, activation_value, softmax_ce_hvp
+from ..ops import act_derivs, act_rop_bwd, activation_kind, activation_value, bn_rop_bwd, softmax_ce_hvp
 from ..replicas import consecutive_runs
 from .base import Backend
 
@@ -781,9 +781,8 @@ class _MapEngine:
         ``y = gamma * xhat + beta``, ``xhat = (x - mean) * inv``; backward
         ``gx = inv * P(gamma * g)`` with ``P(v) = v - mean(v) - xhat * mean(v * xhat)``. Its R-op
         adds the tangents of ``inv`` (``-inv^2 * mean(xhat * dx)``), ``xhat`` (``rxh``), ``gamma``
-        and ``g`` (``rd``)."""
+        and ``g`` (``rd``); computed by :func:`fastcurv.ops.bn_rop_bwd` (C++/CUDA/Triton kernel)."""
         xh, inv, delta = st.get(i, "xhat").unsqueeze(1), st.get(i, "inv").unsqueeze(1), st.get(i, "delta").unsqueeze(1)
-        nsp = xh.dim() - 4
         dims = (0, *range(4, xh.dim()))
         rxh, m2 = rin if rin is not None else (None, None)
         if out is not None:
@@ -794,19 +793,18 @@ class _MapEngine:
                 out[l.weight] += hg.transpose(0, 1)
                 out[l.bias] += rd.sum(dims).transpose(0, 1)
             return None
-        mean = lambda t: t.mean(dims, keepdim=True)
-        gx, rgx = delta, rd
+        # the fused kernel (fastcurv.ops.bn_rop_bwd) on the flat layout: groups G = R*C, positions S
+        N, K = rd.shape[:2]
+        G = xh.shape[2] * xh.shape[3]
+        S = torch.Size(xh.shape[4:]).numel()  # 1 for BatchNorm1d
+        gamma = rgamma = None
         if l.weight is not None:
-            gamma = _rb(params[l.weight], nsp, False).unsqueeze(1)
-            gx = delta * gamma
-            rgx = rd * gamma + delta * _rb(vecs[l.weight], nsp, True)
-        mg = mean(gx * xh)
-        inner = rgx - mean(rgx) - xh * mean(rgx * xh)
+            gamma = params[l.weight].reshape(G)
+            rgamma = vecs[l.weight].transpose(0, 1).reshape(K, G)  # [R, K, C] -> [K, R*C]
         if rxh is not None:
-            inner -= rxh * mg + xh * mean(gx * rxh)
-            pg = gx - mean(gx) - xh * mg
-            return inner.mul_(inv) - pg * (inv * inv * m2)
-        return inner.mul_(inv)
+            rxh, m2 = rxh.reshape(N, K, G, S), m2.reshape(K, G)
+        out = bn_rop_bwd(xh.reshape(N, G, S), delta.reshape(N, G, S), rd.reshape(N, K, G, S), inv.reshape(G), gamma, rgamma, rxh, m2)
+        return out.view(rd.shape)
 
     @staticmethod
     def _conv_io(l, W):

@@ -6,6 +6,7 @@ The wrapper dispatches on the tensors' device and :func:`fastcurv.set_kernel_imp
 from .agreement_counts import AgreementCounts, agreement_counts, agreement_counts_naive, agreement_counts_onehot
 from .activation import ACTIVATIONS, act_derivs, act_derivs_reference, activation_kind, activation_value
 from .act_rop_bwd import act_rop_bwd, act_rop_bwd_reference
+from .bn_rop_bwd import bn_rop_bwd, bn_rop_bwd_reference
 from .softmax_ce_hvp import softmax_ce_hvp, softmax_ce_hvp_reference
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "act_derivs_reference",
     "act_rop_bwd",
     "act_rop_bwd_reference",
+    "bn_rop_bwd",
+    "bn_rop_bwd_reference",
     "softmax_ce_hvp",
     "softmax_ce_hvp_reference",
 ]

@@ -17,7 +17,7 @@ except ImportError:  # triton is an optional dependency
     HAVE_TRITON = False
 
 OPS: dict[str, object] = {}
-_MODULES = ("elementwise", "agreement", "linear_rop")
+_MODULES = ("elementwise", "agreement", "linear_rop", "batchnorm")
 
 
 def register(name: str):

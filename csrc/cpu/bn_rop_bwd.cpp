@@ -1,0 +1,224 @@
+// CPU kernel of fastcurv::bn_rop_bwd: the input-gradient R-op of a batch-statistics BatchNorm.
+//
+// Layout: xh, g [N, G, S]; rg, rxh [N, K, G, S]; inv, gamma [G]; rgamma, m2 [K, G] (G = replicas x
+// channels, S = spatial positions, 1 for BatchNorm1d; means run over the N*S samples of a group).
+// With gx = gamma*g, rgx = gamma*rg + rgamma*g (gamma = 1, rgamma = 0 without affine parameters):
+//   out = inv * (rgx - mean(rgx) - xh*mean(rgx*xh) - rxh*mean(gx*xh) - xh*mean(gx*rxh))
+//         - inv^2 * m2 * (gx - mean(gx) - xh*mean(gx*xh))
+// (the rxh/m2 terms only when given). The output is affine in the inputs with per-(k, g)
+// coefficients: pass 1 computes the five sums per group, pass 2 writes
+//   out = c_rg*rg + c_g*g + c_xh*xh + c_rxh*rxh + c_0,
+// so no [N, K, G, S] intermediate is materialized. Sums are accumulated in double.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+struct BnSums {
+  // per (k, g): sum rg, sum rg*xh, sum g*rxh; per g: sum g, sum g*xh
+  std::vector<double> rg, rgxh, grxh, g, gxh;
+  BnSums(int64_t K, int64_t G) : rg(K * G, 0.0), rgxh(K * G, 0.0), grxh(K * G, 0.0), g(G, 0.0), gxh(G, 0.0) {}
+};
+
+// sum_s u[s] and sum_s u[s]*v[s] in double, over 8 independent lanes (breaks the add latency chain;
+// the compiler vectorizes the lane loop).
+template <typename T>
+inline void sum_and_dot(const T* u, const T* v, int64_t S, double& su, double& suv) {
+  constexpr int L = 8;
+  double a[L] = {0}, b[L] = {0};
+  int64_t s = 0;
+  for (; s + L <= S; s += L) {
+    for (int l = 0; l < L; ++l) {
+      a[l] += double(u[s + l]);
+      b[l] += double(u[s + l]) * double(v[s + l]);
+    }
+  }
+  double ta = 0, tb = 0;
+  for (; s < S; ++s) {
+    ta += double(u[s]);
+    tb += double(u[s]) * double(v[s]);
+  }
+  for (int l = 0; l < L; ++l) {
+    ta += a[l];
+    tb += b[l];
+  }
+  su += ta;
+  suv += tb;
+}
+
+template <typename T>
+inline double dot(const T* u, const T* v, int64_t S) {
+  constexpr int L = 8;
+  double b[L] = {0};
+  int64_t s = 0;
+  for (; s + L <= S; s += L) {
+    for (int l = 0; l < L; ++l) b[l] += double(u[s + l]) * double(v[s + l]);
+  }
+  double tb = 0;
+  for (; s < S; ++s) tb += double(u[s]) * double(v[s]);
+  for (int l = 0; l < L; ++l) tb += b[l];
+  return tb;
+}
+
+// Pass 1: parallel over blocks of channels g; each block reads the contiguous rows
+// [n, k, g0:g1, :] with the samples n as the outer loop (cache friendly, no partial sums to merge,
+// the summation order does not depend on the number of threads). Measured against blocks of samples
+// with per-thread partial sums (2 cores, float32): equal at N=256, K=4, G=320, S=196, this is 1.7x
+// faster at S=1.
+template <typename T>
+void bn_sums(const T* xh, const T* gp, const T* rg, const T* rxh, int64_t N, int64_t K, int64_t G, int64_t S, BnSums& out) {
+  const int64_t grain = std::max<int64_t>(1, 64 / std::max<int64_t>(S, 1));  // >= 64 contiguous values per row and task
+  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+    if (S == 1) {  // BatchNorm1d: element-wise accumulation along the channels (vectorizes)
+      double *sg = out.g.data(), *sgx = out.gxh.data();
+      for (int64_t n = 0; n < N; ++n) {
+        const T* x = xh + n * G;
+        const T* d = gp + n * G;
+        for (int64_t g = g0; g < g1; ++g) {
+          sg[g] += double(d[g]);
+          sgx[g] += double(d[g]) * double(x[g]);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const T* r = rg + (n * K + k) * G;
+          double *a = out.rg.data() + k * G, *b = out.rgxh.data() + k * G, *c = out.grxh.data() + k * G;
+          for (int64_t g = g0; g < g1; ++g) {
+            a[g] += double(r[g]);
+            b[g] += double(r[g]) * double(x[g]);
+          }
+          if (rxh != nullptr) {
+            const T* q = rxh + (n * K + k) * G;
+            for (int64_t g = g0; g < g1; ++g) c[g] += double(d[g]) * double(q[g]);
+          }
+        }
+      }
+      return;
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const T* xrow = xh + n * G * S;
+      const T* grow = gp + n * G * S;
+      for (int64_t g = g0; g < g1; ++g) sum_and_dot(grow + g * S, xrow + g * S, S, out.g[g], out.gxh[g]);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t row = (n * K + k) * G * S;
+        for (int64_t g = g0; g < g1; ++g) {
+          sum_and_dot(rg + row + g * S, xrow + g * S, S, out.rg[k * G + g], out.rgxh[k * G + g]);
+          if (rxh != nullptr) out.grxh[k * G + g] += dot(grow + g * S, rxh + row + g * S, S);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor bn_rop_bwd_cpu(const at::Tensor& xh, const at::Tensor& g, const at::Tensor& rg, const at::Tensor& inv,
+                          const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& rgamma,
+                          const std::optional<at::Tensor>& rxh, const std::optional<at::Tensor>& m2) {
+  const char* op = "bn_rop_bwd";
+  TORCH_CHECK(xh.dim() == 3, op, ": xh must be [N, G, S], got ", xh.sizes());
+  TORCH_CHECK(g.sizes() == xh.sizes(), op, ": g ", g.sizes(), " must have the shape of xh ", xh.sizes());
+  TORCH_CHECK(rg.dim() == 4 && rg.size(0) == xh.size(0) && rg.size(2) == xh.size(1) && rg.size(3) == xh.size(2), op,
+              ": rg must be [N, K, G, S] = [", xh.size(0), ", K, ", xh.size(1), ", ", xh.size(2), "], got ", rg.sizes());
+  const int64_t N = xh.size(0), G = xh.size(1), S = xh.size(2), K = rg.size(1);
+  TORCH_CHECK(inv.dim() == 1 && inv.size(0) == G, op, ": inv must be [G] = [", G, "], got ", inv.sizes());
+  TORCH_CHECK(gamma.has_value() == rgamma.has_value(), op, ": gamma and rgamma must be given together (affine BatchNorm) or both be None");
+  TORCH_CHECK(rxh.has_value() == m2.has_value(), op, ": rxh and m2 must be given together (input tangent) or both be None");
+  if (gamma.has_value()) {
+    TORCH_CHECK(gamma->dim() == 1 && gamma->size(0) == G, op, ": gamma must be [G] = [", G, "], got ", gamma->sizes());
+    TORCH_CHECK(rgamma->dim() == 2 && rgamma->size(0) == K && rgamma->size(1) == G, op, ": rgamma must be [K, G] = [", K, ", ", G,
+                "], got ", rgamma->sizes());
+  }
+  if (rxh.has_value()) {
+    TORCH_CHECK(rxh->sizes() == rg.sizes(), op, ": rxh ", rxh->sizes(), " must have the shape of rg ", rg.sizes());
+    TORCH_CHECK(m2->dim() == 2 && m2->size(0) == K && m2->size(1) == G, op, ": m2 must be [K, G] = [", K, ", ", G, "], got ", m2->sizes());
+  }
+  std::vector<std::pair<const char*, at::Tensor>> all = {{"g", g}, {"rg", rg}, {"inv", inv}};
+  if (gamma.has_value()) all.insert(all.end(), {{"gamma", *gamma}, {"rgamma", *rgamma}});
+  if (rxh.has_value()) all.insert(all.end(), {{"rxh", *rxh}, {"m2", *m2}});
+  TORCH_CHECK(xh.device().is_cpu(), op, ": xh must be a CPU tensor, got ", xh.device());
+  TORCH_CHECK(xh.scalar_type() == at::kFloat || xh.scalar_type() == at::kDouble, op, ": xh must be float32 or float64, got ", xh.scalar_type());
+  for (const auto& [name, t] : all) {
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == xh.scalar_type(), op, ": dtype mismatch, ", name, " is ", t.scalar_type(), " but xh is ", xh.scalar_type());
+  }
+
+  auto x = xh.contiguous(), d = g.contiguous(), r = rg.contiguous(), iv = inv.contiguous();
+  at::Tensor q = rxh.has_value() ? rxh->contiguous() : at::Tensor();
+  auto out = at::empty(rg.sizes(), rg.options());
+  if (out.numel() == 0) return out;
+  const double count = double(N * S);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_rop_bwd_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dp = d.data_ptr<scalar_t>();
+    const scalar_t* rp = r.data_ptr<scalar_t>();
+    const scalar_t* qp = q.defined() ? q.data_ptr<scalar_t>() : nullptr;
+    BnSums sums(K, G);
+    bn_sums<scalar_t>(xp, dp, rp, qp, N, K, G, S, sums);
+
+    // per-(k, g) coefficients of the affine output, stored as 5 planes [K, G]
+    std::vector<scalar_t> coef(5 * K * G);
+    scalar_t *c_rg = coef.data(), *c_g = c_rg + K * G, *c_xh = c_g + K * G, *c_rxh = c_xh + K * G, *c_0 = c_rxh + K * G;
+    auto ivc = iv.accessor<scalar_t, 1>();
+    at::Tensor ga = gamma.has_value() ? gamma->contiguous() : at::Tensor();
+    at::Tensor rga = rgamma.has_value() ? rgamma->contiguous() : at::Tensor();
+    at::Tensor m2c = m2.has_value() ? m2->contiguous() : at::Tensor();
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t j = 0; j < G; ++j) {
+        const int64_t kg = k * G + j;
+        const double gam = ga.defined() ? double(ga.data_ptr<scalar_t>()[j]) : 1.0;
+        const double rgam = rga.defined() ? double(rga.data_ptr<scalar_t>()[kg]) : 0.0;
+        const double mm = m2c.defined() ? double(m2c.data_ptr<scalar_t>()[kg]) : 0.0;
+        const double in = double(ivc[j]);
+        const double mean_g = sums.g[j] / count, mean_gxh = sums.gxh[j] / count;
+        const double A = gam * sums.rg[kg] / count + rgam * mean_g;      // mean(rgx)
+        const double B = gam * sums.rgxh[kg] / count + rgam * mean_gxh;  // mean(rgx * xh)
+        const double D = gam * sums.grxh[kg] / count;                    // mean(gx * rxh)
+        const double mg = gam * mean_gxh;                                // mean(gx * xh)
+        const double mgx = gam * mean_g;                                 // mean(gx)
+        const double i2m = in * in * mm;
+        c_rg[kg] = scalar_t(in * gam);
+        c_g[kg] = scalar_t(in * rgam - i2m * gam);
+        c_xh[kg] = scalar_t(-in * (B + D) + i2m * mg);
+        c_rxh[kg] = scalar_t(-in * mg);
+        c_0[kg] = scalar_t(-in * A + i2m * mgx);
+      }
+    }
+
+    // Pass 2: rows (n, k) of length G*S, element-wise with the group's coefficients
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    fc_parallel_rows(N * K, G * S, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / K, k = row % K;
+        const scalar_t* xr = xp + n * G * S;
+        const scalar_t* dr = dp + n * G * S;
+        const scalar_t* rr = rp + row * G * S;
+        const scalar_t* qr = qp != nullptr ? qp + row * G * S : nullptr;
+        scalar_t* o = op_ + row * G * S;
+        const scalar_t *a = c_rg + k * G, *b = c_g + k * G, *c = c_xh + k * G, *e = c_rxh + k * G, *f = c_0 + k * G;
+        if (S == 1) {  // BatchNorm1d: vectorize over the channels
+          if (qr != nullptr) {
+            for (int64_t j = 0; j < G; ++j) o[j] = a[j] * rr[j] + b[j] * dr[j] + c[j] * xr[j] + e[j] * qr[j] + f[j];
+          } else {
+            for (int64_t j = 0; j < G; ++j) o[j] = a[j] * rr[j] + b[j] * dr[j] + c[j] * xr[j] + f[j];
+          }
+          continue;
+        }
+        for (int64_t j = 0; j < G; ++j) {
+          const scalar_t ca = a[j], cb = b[j], cc = c[j], ce = e[j], cf = f[j];
+          const int64_t off = j * S;
+          if (qr != nullptr) {
+            for (int64_t s = 0; s < S; ++s) o[off + s] = ca * rr[off + s] + cb * dr[off + s] + cc * xr[off + s] + ce * qr[off + s] + cf;
+          } else {
+            for (int64_t s = 0; s < S; ++s) o[off + s] = ca * rr[off + s] + cb * dr[off + s] + cc * xr[off + s] + cf;
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcurv, CPU, m) { m.impl("bn_rop_bwd", &bn_rop_bwd_cpu); }
