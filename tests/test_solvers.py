@@ -51,6 +51,20 @@ def test_lanczos_ritz_vectors_and_per_replica_iterations():
     assert abs(float(v.norm()) - 1) < 1e-10
 
 
+def test_lanczos_reorthogonalization_in_cache_sized_groups_matches_one_pass(monkeypatch):
+    from fastcurv.solvers import _project
+
+    op = DenseOperator(random_symmetric(5, 50, 4))
+    whole = lanczos(op, k=2, tol=1e-8, max_iter=50, keep_basis=True)
+    monkeypatch.setattr(_project, "GROUP_BYTES", 1)  # every replica reorthogonalized on its own
+    grouped = lanczos(op, k=2, tol=1e-8, max_iter=50, keep_basis=True)
+    torch.testing.assert_close(grouped.eigenvalues, whole.eigenvalues, rtol=1e-12, atol=1e-12)
+    B = grouped.basis
+    for r in range(5):
+        n = int(grouped.iterations[r])
+        torch.testing.assert_close(B[r, :n] @ B[r, :n].T, torch.eye(n, dtype=B.dtype), atol=1e-10, rtol=0)
+
+
 def test_lanczos_not_converged_is_flagged():
     op = DenseOperator(random_symmetric(2, 200, 3))
     res = lanczos(op, k=1, tol=1e-12, max_iter=5)

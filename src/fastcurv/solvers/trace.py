@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._project import project_out_
 from .probes import probe_vectors
 
 
@@ -22,21 +23,24 @@ class TraceResult:
     exact_part: torch.Tensor
 
 
-def _project_out(G: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
-    """``(I - Q^T Q) g`` for every probe, in place in ``G`` ``[R, K, P]``; Q ``[R, s, P]`` has
-    orthonormal (or zero) rows."""
-    if Q is None or Q.shape[1] == 0:
-        return G
-    return G.baddbmm_(torch.bmm(G, Q.transpose(1, 2)), Q, alpha=-1)
-
-
 def _quadratic_forms(G: torch.Tensor, HG: torch.Tensor) -> torch.Tensor:
     """``[R, K]`` float64 CPU: ``g_k^T (H g_k)`` per replica and probe, without a ``[R, K, P]`` temporary."""
     R, K, P = G.shape
     return torch.bmm(G.reshape(R * K, 1, P), HG.reshape(R * K, P, 1)).view(R, K).to(torch.float64).cpu()
 
 
-def hutchinson(op, *, num_probes: int = 30, probe_batch: int = 10, seed: int = 0, common: bool = True,
+def _probe_batch(op, probe_batch: int | None) -> int:
+    """Probes per matvec. Default: 10 on a GPU, where stacking probes raises GEMM efficiency; 1 on
+    the CPU, where the cost per probe does not fall with K and a K=1 matvec reuses the memory the
+    Lanczos steps already touched (a single larger one pays first-touch page faults)."""
+    if probe_batch is None:
+        return 1 if op.device.type == "cpu" else 10
+    if probe_batch < 1:
+        raise ValueError(f"probe_batch must be at least 1, got {probe_batch}")
+    return probe_batch
+
+
+def hutchinson(op, *, num_probes: int = 30, probe_batch: int | None = None, seed: int = 0, common: bool = True,
                kind: str = "rademacher", basis: torch.Tensor | None = None, basis_trace: torch.Tensor | None = None,
                callback=None) -> TraceResult:
     """Hutchinson's estimator ``mean_j g_j^T H g_j``, optionally deflated.
@@ -45,22 +49,26 @@ def hutchinson(op, *, num_probes: int = 30, probe_batch: int = 10, seed: int = 0
     is known (``basis_trace`` ``[R]``, e.g. the Lanczos tridiagonal's trace), the estimate is
     ``basis_trace + mean_j g~_j^T H g~_j`` with ``g~ = (I - Q^T Q) g``: unbiased, and with far less
     variance when the basis holds the dominant eigenvectors. stderr = sample std / sqrt(m).
-    Probes are applied ``probe_batch`` at a time (K per matvec).
+    Probes are applied ``probe_batch`` at a time (K per matvec; default: see :func:`_probe_batch`).
     """
     if num_probes < 2:
         raise ValueError("num_probes must be at least 2 to give a standard error")
     R, P = op.R, op.P
+    probe_batch = _probe_batch(op, probe_batch)
+    block = max(probe_batch, 10)  # probes drawn and deflated together: one pass over the basis per block
     g = torch.Generator().manual_seed(seed)
     samples = []
     done = 0
     while done < num_probes:
-        K = min(probe_batch, num_probes - done)
-        G = _project_out(probe_vectors(R, K, P, generator=g, kind=kind, common=common, dtype=op.dtype, device=op.device), basis)
-        HG = op.matvec(G)
-        samples.append(_quadratic_forms(G, HG))
-        done += K
-        if callback is not None:
-            callback(done, R)
+        G = probe_vectors(R, min(block, num_probes - done), P, generator=g, kind=kind, common=common, dtype=op.dtype, device=op.device)
+        if basis is not None:
+            project_out_(basis, G)
+        for c in G.split(probe_batch, dim=1):
+            c = c.contiguous()
+            samples.append(_quadratic_forms(c, op.matvec(c)))
+            done += c.shape[1]
+            if callback is not None:
+                callback(done, R)
     s = torch.cat(samples, dim=1)
     exact = basis_trace.to(torch.float64).cpu() if basis_trace is not None else torch.zeros(R, dtype=torch.float64)
     trace = exact + s.mean(1)
@@ -69,7 +77,7 @@ def hutchinson(op, *, num_probes: int = 30, probe_batch: int = 10, seed: int = 0
     return TraceResult(trace, stderr, num_probes, s, exact)
 
 
-def hutchpp(op, *, num_matvecs: int = 30, probe_batch: int = 10, seed: int = 0, common: bool = True,
+def hutchpp(op, *, num_matvecs: int = 30, probe_batch: int | None = None, seed: int = 0, common: bool = True,
             callback=None) -> TraceResult:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021) with a budget of ``num_matvecs`` per replica.
 
@@ -80,6 +88,7 @@ def hutchpp(op, *, num_matvecs: int = 30, probe_batch: int = 10, seed: int = 0, 
     if num_matvecs < 6:
         raise ValueError("Hutch++ needs num_matvecs >= 6")
     R, P = op.R, op.P
+    probe_batch = _probe_batch(op, probe_batch)
     s = num_matvecs // 3
     g = torch.Generator().manual_seed(seed)
     S = probe_vectors(R, s, P, generator=g, kind="rademacher", common=common, dtype=op.dtype, device=op.device)
