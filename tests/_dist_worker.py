@@ -85,6 +85,33 @@ def _failing_main(rank, world, out_dir):
             f.write(msg)
 
 
+class _FailingLoader:
+    """Yields ``batches`` on its first ``passes`` passes, then raises (a read error mid-job)."""
+
+    def __init__(self, batches, passes):
+        self.batches, self.passes = batches, passes
+
+    def __iter__(self):
+        if self.passes == 0:
+            raise OSError("injected read error on rank 1")
+        self.passes -= 1
+        return iter(self.batches)
+
+
+def _data_failing_main(rank, world, out_dir, passes):
+    """Data sharding where rank 1's loader fails after ``passes`` passes: each rank writes what it raised."""
+    with _group(rank, world, out_dir):
+        models, data = job(R=3)
+        share = data[rank:rank + 1] if rank == 0 else _FailingLoader(data[1:], passes)
+        try:
+            fastcurv.batched_sharpness(models, share, distributed_data=True, cache_data=False, **KW)
+            msg = "no error"
+        except Exception as exc:  # noqa: BLE001 - the test reads what each rank raised
+            msg = f"{type(exc).__name__}: {exc}"
+        with open(os.path.join(out_dir, f"data_error{rank}.txt"), "w") as f:
+            f.write(msg)
+
+
 if __name__ == "__main__":  # resumable job: python _dist_worker.py OUTPUT [slow]
     models, data = job(R=6)
     if len(sys.argv) > 2 and sys.argv[2] == "slow":

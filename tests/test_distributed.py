@@ -95,6 +95,23 @@ def test_a_failing_rank_makes_the_others_raise_instead_of_hang(tmp_path):
     assert "saved in" in other and list(tmp_path.glob("fail.jsonl.part0"))  # rank 0's replicas are kept
 
 
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("passes", [0, 3])
+def test_a_failing_rank_in_data_sharding_makes_the_others_raise_instead_of_hang(tmp_path, passes):
+    """Rank 1's loader fails while the operator is built (0 passes) or in a later matvec (3)."""
+    ctx = mp.start_processes(W._data_failing_main, args=(2, str(tmp_path), passes), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank still waits for the failed one after 120 s")
+    assert (tmp_path / "data_error1.txt").read_text() == "OSError: injected read error on rank 1"
+    other = (tmp_path / "data_error0.txt").read_text()
+    what = "building the operator" if passes == 0 else "a Hessian-vector product"
+    assert other == f"RuntimeError: rank 1 failed in {what} (distributed_data=True): OSError: injected read error on rank 1", other
+
+
 def test_data_sharding_needs_a_process_group_and_core_measures():
     models, data = W.job(R=2)
     with pytest.raises(ValueError, match="process group"):

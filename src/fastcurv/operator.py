@@ -85,17 +85,6 @@ class HessianOperator:
         process_group=None,
         memory_budget=None,
     ):
-        self.replicas = models if isinstance(models, ReplicaSet) else ReplicaSet(models, bn_mode=bn_mode)
-        rs = self.replicas
-        if isinstance(data, Batches):  # already read (shared by the chunks of a chunked job)
-            if data.device != torch.device(rs.device) or data.dtype != rs.dtype:
-                raise ValueError(f"the Batches are on {data.device}/{data.dtype} but the models on {rs.device}/{rs.dtype}")
-            self.batches = data
-        else:
-            self.batches = Batches(data, device=rs.device, dtype=rs.dtype, cache=cache_data,
-                                   check_determinism=check_determinism)
-        self.loss = Loss(loss, reduction, loss_reduction)
-        self.loss.num_samples = self.batches.num_samples
         self._group = None
         if distributed_data:
             import torch.distributed as dist
@@ -103,18 +92,33 @@ class HessianOperator:
             if not (dist.is_available() and dist.is_initialized()):
                 raise ValueError("distributed_data=True needs an initialised torch.distributed process group")
             self._group = process_group if process_group is not None else dist.group.WORLD
-            n = torch.tensor([float(self.batches.num_samples)], dtype=torch.float64, device=rs.device)
-            dist.all_reduce(n, group=self._group)
-            self.loss.num_samples = int(n.item())
-        self._check_first_batch()
-        self.backend_name, self.backend_reason = select_backend(rs, backend, self.loss)
-        self._auto = backend == "auto"
-        self._backend_options = backend_options or {}
-        self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **self._backend_options)
-        if memory_budget is not None and self.backend_name == "fused" and "cache_bytes" not in self._backend_options:
-            from .memory import operator_cache_bytes
 
-            self.backend.cache_bytes = operator_cache_bytes(self.backend, self.batches, memory_budget)
+        def build():
+            self.replicas = models if isinstance(models, ReplicaSet) else ReplicaSet(models, bn_mode=bn_mode)
+            rs = self.replicas
+            if isinstance(data, Batches):  # already read (shared by the chunks of a chunked job)
+                if data.device != torch.device(rs.device) or data.dtype != rs.dtype:
+                    raise ValueError(f"the Batches are on {data.device}/{data.dtype} but the models on {rs.device}/{rs.dtype}")
+                self.batches = data
+            else:
+                self.batches = Batches(data, device=rs.device, dtype=rs.dtype, cache=cache_data,
+                                       check_determinism=check_determinism)
+            self.loss = Loss(loss, reduction, loss_reduction)
+            self.loss.num_samples = self.batches.num_samples  # this rank's; summed over ranks below
+            self._check_first_batch()
+            self.backend_name, self.backend_reason = select_backend(rs, backend, self.loss)
+            self._auto = backend == "auto"
+            self._backend_options = backend_options or {}
+            self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **self._backend_options)
+            if memory_budget is not None and self.backend_name == "fused" and "cache_bytes" not in self._backend_options:
+                from .memory import operator_cache_bytes
+
+                self.backend.cache_bytes = operator_cache_bytes(self.backend, self.batches, memory_budget)
+
+        self._on_all_ranks(build, "building the operator")
+        rs = self.replicas
+        n = torch.tensor([float(self.batches.num_samples)], dtype=torch.float64, device=rs.device)
+        self.loss.num_samples = int(self._sum_over_ranks(n).item())
         self.failed = ~rs.finite.clone()
         self.num_passes = 0
         self.num_matvecs = 0
@@ -176,7 +180,7 @@ class HessianOperator:
             sub = rows[good]
             run_idx = None if len(sub) == rs.R else sub.to(rs.device)
             vin = V3 if every else V3[good.to(V3.device)]
-            res = self._run(rs.unflatten(vin), run_idx)
+            res = self._on_all_ranks(lambda: self._run(rs.unflatten(vin), run_idx), "a Hessian-vector product")
             flat = self._sum_over_ranks(res if torch.is_tensor(res) else rs.flatten(res, lead=2))
             if every:
                 out = flat
@@ -217,8 +221,14 @@ class HessianOperator:
         torch.func); the cost unit of fastcurv's benchmarks."""
         rs, loss = self.replicas, self.loss
         if hasattr(self.backend, "loss_and_gradient"):
-            total, grads = self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device))
+            total, grads = self._on_all_ranks(
+                lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device)), "the gradient")
             return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
+        total, grads = self._on_all_ranks(lambda: self._loss_and_gradient_func(idx), "the gradient")
+        return self._sum_over_ranks(total), self._sum_over_ranks(grads)
+
+    def _loss_and_gradient_func(self, idx):
+        rs, loss = self.replicas, self.loss
         params, buffers = rs.subset(idx)
         Ra = next(iter(params.values())).shape[0]
         total = torch.zeros(Ra, dtype=rs.dtype, device=rs.device)
@@ -233,7 +243,35 @@ class HessianOperator:
             total += value
             for j, n in enumerate(rs.names):
                 grads[j] += g[n]
-        return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
+        return total, rs.flatten(grads)
+
+    def _on_all_ranks(self, fn, what: str):
+        """``fn()``; with data sharded over ranks, the ranks then agree that all of them succeeded
+        before any goes on to the collective that follows: if one raised, every rank raises
+        (the failing one its own error, the others ``RuntimeError: rank k failed in <what>``)
+        instead of waiting forever for it."""
+        if self._group is None:
+            return fn()
+        import torch.distributed as dist
+
+        error = None
+        try:
+            out = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            error, out = exc, None
+        world, me = dist.get_world_size(self._group), dist.get_rank(self._group)
+        device = self.replicas.device if hasattr(self, "replicas") else ("cuda" if dist.get_backend(self._group) == "nccl" else "cpu")
+        flags = torch.zeros(world, dtype=torch.float32, device=device)
+        flags[me] = error is not None
+        dist.all_reduce(flags, group=self._group)
+        if not flags.any():
+            return out
+        messages = [None] * world
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=self._group)
+        if error is not None:
+            raise error
+        k = int(flags.nonzero()[0])
+        raise RuntimeError(f"rank {k} failed in {what} (distributed_data=True): {messages[k]}")
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of ``t`` over the ranks sharing the data (``distributed_data=True``), else ``t``."""
