@@ -264,7 +264,7 @@ def _stage_vectors(P, *, measures, max_iter, eig_solver, trace_method, trace_pro
             kept = m if deflate else 0
     if "lambda_min" in measures:
         stages.append(kept + 2 * m + VECTOR_COPIES)
-    if "trace" in measures:
+    if "trace" in measures and trace_method != "exact":  # "auto" may deflate: planned as if it does
         tp = trace_probes if trace_probes is not None else (10 if deflate else 30)
         K = min(PROBE_BATCH, tp)
         probes = max(probes, K)

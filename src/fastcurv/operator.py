@@ -245,6 +245,29 @@ class HessianOperator:
                 grads[j] += g[n]
         return total, rs.flatten(grads)
 
+    def exact_trace_support(self) -> tuple[bool, str]:
+        """Whether :meth:`exact_trace` can run here, and why not (backend and model)."""
+        check = getattr(self.backend, "exact_trace_support", None)
+        if check is None:
+            return False, f"the {self.backend_name!r} backend has no exact trace (the fused engine has, for ReLU/LeakyReLU MLPs)"
+        return check()
+
+    def exact_trace(self) -> torch.Tensor:
+        """Exact Hessian trace of every replica ``[R]`` (float64, NaN for failed replicas), without
+        probes: for MLPs of Linear layers and ReLU/LeakyReLU on the fused engine, where the Hessian's
+        diagonal equals the Gauss-Newton diagonal (see :meth:`FusedBackend.exact_trace`). Raises
+        ValueError naming why elsewhere."""
+        ok, why = self.exact_trace_support()
+        if not ok:
+            raise ValueError(why)
+        good = ~self.failed
+        out = torch.full((self.R,), float("nan"), dtype=torch.float64)
+        if good.any():
+            idx = None if bool(good.all()) else good.nonzero().flatten().to(self.replicas.device)
+            tr = self._sum_over_ranks(self._on_all_ranks(lambda: self.backend.exact_trace(idx), "the exact trace"))
+            out[good] = tr.cpu()
+        return out
+
     def _on_all_ranks(self, fn, what: str):
         """``fn()``; with data sharded over ranks, the ranks then agree that all of them succeeded
         before any goes on to the collective that follows: if one raised, every rank raises

@@ -14,7 +14,7 @@ from .operator import HessianOperator
 from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
 
 MEASURES = ("lambda_max", "lambda_min", "top_k", "trace", "spectrum")
-TRACE_METHODS = ("auto", "deflated", "hutch++", "hutchinson")
+TRACE_METHODS = ("auto", "exact", "deflated", "hutch++", "hutchinson")
 
 
 @dataclass
@@ -139,10 +139,14 @@ def batched_sharpness(
             the same probes and batches, so differences between replicas are less noisy.
         tol: relative accuracy of eigenvalues. max_iter: matvecs per eigen-solve at most.
         eig_solver: "lanczos" (default) or "power" (PyHessian's rule; largest modulus).
-        trace_method: "auto" (Krylov-deflated Hutchinson reusing the lambda_max Lanczos basis when
-            there is one, else Hutch++), "deflated", "hutch++" or "hutchinson". trace_probes: the
-            number of stochastic probes (Hutch++: total matvec budget); default 10 for the
-            deflated estimator (the Krylov basis already holds the dominant part), else 30.
+        trace_method: "auto" ("exact" where it applies, else Krylov-deflated Hutchinson reusing
+            the lambda_max Lanczos basis when there is one, else Hutch++), "exact", "deflated",
+            "hutch++" or "hutchinson". "exact": no probes and a standard error of 0, for MLPs of
+            Linear layers and ReLU/LeakyReLU on the fused backend (their Hessian's diagonal is the
+            Gauss-Newton diagonal; see :meth:`HessianOperator.exact_trace`); elsewhere a ValueError
+            says why. trace_probes: the number of stochastic probes (Hutch++: total matvec
+            budget); default 10 for the deflated estimator (the Krylov basis already holds the
+            dominant part), else 30.
         slq_steps, slq_draws: SLQ Lanczos steps and start vectors.
         progress: tqdm bar (None: only on a terminal; False: off).
         measure_options: ``{measure: {option: value}}`` for registered measures (see
@@ -236,7 +240,12 @@ def batched_sharpness(
     out = SharpnessResult(backend=op.backend_name, backend_reason=op.backend_reason)
     bar = _Progress(op, progress)
     crn = common_random_numbers
-    deflate = "trace" in measures and trace_method in ("auto", "deflated") and eig_solver == "lanczos"
+    exact = False
+    if "trace" in measures and trace_method in ("auto", "exact"):
+        exact, why = op.exact_trace_support()
+        if trace_method == "exact" and not exact:
+            raise ValueError(f"trace_method='exact' is not available: {why}")
+    deflate = "trace" in measures and not exact and trace_method in ("auto", "deflated") and eig_solver == "lanczos"
     if trace_method == "deflated" and not ("lambda_max" in measures or "top_k" in measures or eig_solver == "lanczos"):
         raise ValueError("trace_method='deflated' reuses the Lanczos basis of lambda_max/top_k: request one of them")
     basis = None
@@ -272,15 +281,19 @@ def batched_sharpness(
             out.converged["lambda_min"] = low.converged
         if "trace" in measures:
             bar.stage("trace")
-            if basis is not None and basis.basis is not None:
-                tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, basis=basis.basis,
-                                basis_trace=basis.tridiag_trace, callback=bar.tick)
-            elif trace_method == "hutchinson":
-                tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, callback=bar.tick)
+            if exact:
+                out.values["trace"] = op.exact_trace()
+                out.stderr["trace"] = torch.where(op.failed, float("nan"), 0.0).to(torch.float64)
             else:
-                tr = hutchpp(op, num_matvecs=max(6, trace_probes), seed=seed + 1, common=crn, callback=bar.tick)
-            out.values["trace"] = tr.trace
-            out.stderr["trace"] = tr.stderr
+                if basis is not None and basis.basis is not None:
+                    tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, basis=basis.basis,
+                                    basis_trace=basis.tridiag_trace, callback=bar.tick)
+                elif trace_method == "hutchinson":
+                    tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, callback=bar.tick)
+                else:
+                    tr = hutchpp(op, num_matvecs=max(6, trace_probes), seed=seed + 1, common=crn, callback=bar.tick)
+                out.values["trace"] = tr.trace
+                out.stderr["trace"] = tr.stderr
         if "spectrum" in measures:
             bar.stage("spectrum")
             out.spectrum = slq(op, num_steps=slq_steps, num_draws=slq_draws, seed=seed + 2, common=crn, callback=bar.tick)

@@ -420,6 +420,75 @@ class FusedBackend(Backend):
                 lin += 1
         return total, grads
 
+    # --- the exact trace of piecewise-linear MLPs ----------------------------------------------
+    def exact_trace_support(self) -> tuple[bool, str]:
+        """Whether :meth:`exact_trace` applies, and why not."""
+        if self._maps is not None:
+            return False, "the exact trace is implemented for MLP chains (Linear and activations), not this model"
+        piecewise = (activation_kind("relu"), activation_kind("leaky_relu"))
+        curved = [l for l in self.layers if l.kind == "act" and l.act not in piecewise]
+        if curved:
+            return False, "the model has activations that are not piecewise linear (only ReLU and LeakyReLU are)"
+        return True, ""
+
+    def exact_trace(self, idx) -> torch.Tensor:
+        """Exact Hessian trace ``[Ra]`` (float64) of replicas ``idx`` (None: all), without probes.
+
+        A chain of Linear layers and ReLU/LeakyReLU is linear in any single parameter (the others
+        and the activation pattern fixed), so the second derivative of every output with respect
+        to one parameter vanishes and the Hessian's diagonal equals the Gauss-Newton diagonal:
+        ``tr H = sum_n tr(J_n^T H_n J_n) = sum_n sum_c |J_n^T a_nc|^2`` with ``H_n = A_n A_n^T`` the
+        loss Hessian in the outputs (cross-entropy: ``a_nc = sqrt(s p_c) (e_c - p)``, MSE:
+        ``sqrt(2 s) e_c``). Each ``J_n^T a_nc`` is a per-sample gradient, whose squared norm
+        for a Linear layer is ``|delta|^2 (|input|^2 + 1 if bias)``: one backward pass of the C
+        vectors ``a_nc`` through the cached state, no weight-sized products (about 0.7 gradients
+        for 784-128-128-10 with C = 10)."""
+        ok, why = self.exact_trace_support()
+        if not ok:
+            raise ValueError(why)
+        rs = self.replicas
+        params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
+        Ra = next(iter(params.values())).shape[0]
+        total = torch.zeros(Ra, dtype=torch.float64, device=rs.device)
+        for i, x, y in self.batches:
+            st, where = self._state_rows(i, x, y, idx)
+            if where is not None:
+                st = st.select(where.to(x.device))
+            N = x.shape[0]
+            C = st.deltas[-1].shape[-1]
+            step = self._chunk(Ra, N, C, x.device)
+            for r0 in range(0, Ra, step):
+                rows = slice(r0, min(Ra, r0 + step))
+                total[rows] += self._trace_rows(st.narrow(rows), {n: t[rows] for n, t in params.items()}, N, C)
+        return total
+
+    def _trace_rows(self, st, params, N, C) -> torch.Tensor:
+        """``sum_n sum_c |J_n^T a_nc|^2`` ``[R]`` for one batch's state of R replicas."""
+        R = st.deltas[-1].shape[0]
+        eye = torch.eye(C, dtype=st.deltas[-1].dtype, device=st.deltas[-1].device)
+        if self.loss.kind == "cross_entropy":
+            p = st.probs  # [R, N, C]: seed c is sqrt(s p_c) (e_c - p)
+            rd = (eye - p.unsqueeze(2)).mul_((self.loss.scale() * p).sqrt_().unsqueeze(3))
+        else:
+            rd = (eye * (2 * self.loss.scale(C)) ** 0.5).expand(R, N, C, C)
+        total = torch.zeros(R, dtype=torch.float64, device=rd.device)
+        lin, act = len(st.inputs), len(st.d1)
+        for layer in reversed(self.layers):
+            if layer.kind == "linear":
+                lin -= 1
+                a, W = st.inputs[lin], params[layer.weight]
+                sq = a.square().sum(-1)  # [N] (the shared input) or [R, N]
+                if layer.bias is not None:
+                    sq = sq + 1
+                total += (rd.square().sum((2, 3)) * sq).sum(1).to(torch.float64)
+                if a.dim() == 3:
+                    rd = torch.bmm(rd.reshape(R, N * C, -1), W).view(R, N, C, -1)
+            elif layer.kind == "act":
+                act -= 1
+                if st.d1[act] is not None:
+                    rd = rd * st.d1[act].unsqueeze(2)
+        return total
+
     # --- the matvec --------------------------------------------------------------------------
     # Tangents use the layout [R, N, K, F]: every batched matmul below then reads and writes
     # contiguous views without permuting activation-sized tensors.
