@@ -54,3 +54,17 @@ def test_power_solver_option(setup):
     for r, ev in enumerate(eigs):
         dominant = ev[np.argmax(np.abs(ev))]
         assert abs(float(res["lambda_max"][r]) - dominant) <= 1e-3 * abs(dominant)
+
+
+@pytest.mark.parametrize("start", ["gradient", "random"])
+def test_lambda_max_start_vectors_and_residual_stopping(setup, start):
+    models, batches, eigs = setup
+    res = fastcurv.batched_sharpness(models, batches, measures=("lambda_max",), eig_start=start, tol=1e-4, progress=False)
+    assert res.converged["lambda_max"].all()
+    for r, ev in enumerate(eigs):
+        lam = float(res["lambda_max"][r])
+        # Lanczos stops when the Ritz residual is within tol of theta: an eigenvalue lies that close
+        assert abs(lam - ev.max()) <= 1e-4 * abs(lam) + 1e-12
+        assert float(res.error_bounds["lambda_max"][r]) <= 1e-4 * abs(lam)
+    with pytest.raises(ValueError, match="eig_start must be"):
+        fastcurv.batched_sharpness(models, batches, eig_start="ones", progress=False)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ._heap import reusing_heap
 from .measures import load_all as _load_measures
 from .operator import HessianOperator
-from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
+from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, probe_vectors, slq
 
 MEASURES = ("lambda_max", "lambda_min", "top_k", "trace", "spectrum")
 TRACE_METHODS = ("auto", "exact", "deflated", "hutch++", "hutchinson")
@@ -100,6 +100,19 @@ def _on_gpu(models) -> bool:
 
 
 @reusing_heap
+def _gradient_start(op, seed: int, common: bool) -> torch.Tensor:
+    """Lanczos start vectors ``[R, P]``: each replica's unit loss gradient plus the random unit
+    vector Lanczos would start from (the random vector alone where the gradient is zero or not
+    finite)."""
+    g = torch.Generator().manual_seed(seed)
+    z = probe_vectors(op.R, 1, op.P, generator=g, kind="gaussian", common=common, dtype=op.dtype, device=op.device)[:, 0]
+    z = z / z.norm(dim=-1, keepdim=True)
+    _, grad = op.loss_and_gradient()
+    norm = grad.norm(dim=-1, keepdim=True)
+    usable = torch.isfinite(norm) & (norm > 0)
+    return torch.where(usable, z + grad / torch.where(usable, norm, 1.0), z)
+
+
 def batched_sharpness(
     models,
     data,
@@ -114,6 +127,7 @@ def batched_sharpness(
     tol: float = 1e-3,
     max_iter: int = 100,
     eig_solver: str = "lanczos",
+    eig_start: str = "gradient",
     top_k: int = 5,
     trace_method: str = "auto",
     trace_probes: int | None = None,
@@ -139,6 +153,10 @@ def batched_sharpness(
             the same probes and batches, so differences between replicas are less noisy.
         tol: relative accuracy of eigenvalues. max_iter: matvecs per eigen-solve at most.
         eig_solver: "lanczos" (default) or "power" (PyHessian's rule; largest modulus).
+        eig_start: start vector of the top-eigenvalue Lanczos run: "gradient" (default: each
+            replica's normalized loss gradient plus the common random unit vector; the gradient
+            tends to lie in the top eigenspace, which saves steps, and the random half keeps every
+            direction present) or "random" (the common random vector alone).
         trace_method: "auto" ("exact" where it applies, else Krylov-deflated Hutchinson reusing
             the lambda_max Lanczos basis when there is one, else Hutch++), "exact", "deflated",
             "hutch++" or "hutchinson". "exact": no probes and a standard error of 0, for MLPs of
@@ -198,6 +216,7 @@ def batched_sharpness(
             raise ValueError(f"distributed_data=True supports the measures {MEASURES}; {other} read the data themselves")
     kwargs = dict(measures=measures, loss=loss, reduction=reduction, backend=backend, bn_mode=bn_mode, seed=seed,
                   common_random_numbers=common_random_numbers, tol=tol, max_iter=max_iter, eig_solver=eig_solver,
+                  eig_start=eig_start,
                   top_k=top_k, trace_method=trace_method, trace_probes=trace_probes, slq_steps=slq_steps,
                   slq_draws=slq_draws, progress=progress, cache_data=cache_data, measure_options=measure_options,
                   **operator_kwargs)
@@ -234,6 +253,8 @@ def batched_sharpness(
         raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {trace_method!r}")
     if eig_solver not in ("lanczos", "power"):
         raise ValueError(f"eig_solver must be 'lanczos' or 'power', got {eig_solver!r}")
+    if eig_start not in ("gradient", "random"):
+        raise ValueError(f"eig_start must be 'gradient' or 'random', got {eig_start!r}")
     t0 = time.perf_counter()
     op = HessianOperator(models, data, loss=loss, reduction=reduction, backend=backend, bn_mode=bn_mode,
                          cache_data=cache_data, **operator_kwargs)
@@ -261,7 +282,9 @@ def batched_sharpness(
                     raise ValueError("top_k needs eig_solver='lanczos'")
                 top = power_iteration(op, max_iter=max_iter, tol=tol, seed=seed, common=crn, callback=bar.tick)
             else:
-                top = lanczos(op, k=k, max_iter=max_iter, tol=tol, seed=seed, common=crn, keep_basis=deflate, callback=bar.tick)
+                v0 = _gradient_start(op, seed, crn) if eig_start == "gradient" else None
+                top = lanczos(op, k=k, max_iter=max_iter, tol=tol, v0=v0, seed=seed, common=crn, keep_basis=deflate,
+                              callback=bar.tick)
                 basis = top
             if "lambda_max" in measures:
                 out.values["lambda_max"] = top.eigenvalues[:, 0]
