@@ -80,15 +80,20 @@ def test_data_sharded_over_two_gloo_processes_equals_full_data(tmp_path):
                 torch.testing.assert_close(got["nodes"], ref.spectrum.nodes, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_a_failing_rank_makes_the_others_raise_instead_of_hang(tmp_path):
-    ctx = mp.start_processes(W._failing_main, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
+def _run_two_ranks_or_fail(fn, args, seconds=120):
+    """Spawn ``fn`` on 2 ranks; fail the test (killing them) if they have not ended after ``seconds``."""
+    ctx = mp.start_processes(fn, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + seconds
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("a rank still waits for the failed one after 120 s")
+            pytest.fail(f"a rank still waits for the failed one after {seconds} s")
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_a_failing_rank_makes_the_others_raise_instead_of_hang(tmp_path):
+    _run_two_ranks_or_fail(W._failing_main, (2, str(tmp_path)))
     assert (tmp_path / "error1.txt").read_text() == "FloatingPointError: injected failure on rank 1"
     other = (tmp_path / "error0.txt").read_text()
     assert other.startswith("RuntimeError: rank 1 failed: FloatingPointError: injected failure on rank 1"), other
@@ -99,13 +104,7 @@ def test_a_failing_rank_makes_the_others_raise_instead_of_hang(tmp_path):
 @pytest.mark.parametrize("passes", [0, 3])
 def test_a_failing_rank_in_data_sharding_makes_the_others_raise_instead_of_hang(tmp_path, passes):
     """Rank 1's loader fails while the operator is built (0 passes) or in a later matvec (3)."""
-    ctx = mp.start_processes(W._data_failing_main, args=(2, str(tmp_path), passes), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("a rank still waits for the failed one after 120 s")
+    _run_two_ranks_or_fail(W._data_failing_main, (2, str(tmp_path), passes))
     assert (tmp_path / "data_error1.txt").read_text() == "OSError: injected read error on rank 1"
     other = (tmp_path / "data_error0.txt").read_text()
     what = "building the operator" if passes == 0 else "a Hessian-vector product"
