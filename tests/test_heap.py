@@ -58,3 +58,24 @@ def test_can_be_turned_off(monkeypatch):
     assert not _heap.enabled()
     with _heap.heap_reuse():
         pass
+
+
+@needs_glibc
+def test_batched_sharpness_runs_inside_heap_reuse(monkeypatch):
+    import fastcurv
+    import fastcurv.sharpness as S
+    from models import mlp, replicas
+
+    monkeypatch.delenv("FASTCURV_HEAP_REUSE", raising=False)
+    depths = []
+    real = S.HessianOperator
+
+    def recording(*a, **k):
+        depths.append(_heap._depth)
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "HessianOperator", recording)
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    fastcurv.batched_sharpness(replicas(lambda: mlp(), 2), (x, y), progress=False)
+    assert depths and depths[0] >= 1
+    assert _heap._depth == 0

@@ -99,7 +99,6 @@ def _on_gpu(models) -> bool:
         return False
 
 
-@reusing_heap
 def _gradient_start(op, seed: int, common: bool) -> torch.Tensor:
     """Lanczos start vectors ``[R, P]``: each replica's unit loss gradient plus the random unit
     vector Lanczos would start from (the random vector alone where the gradient is zero or not
@@ -113,6 +112,7 @@ def _gradient_start(op, seed: int, common: bool) -> torch.Tensor:
     return torch.where(usable, z + grad / torch.where(usable, norm, 1.0), z)
 
 
+@reusing_heap
 def batched_sharpness(
     models,
     data,
