@@ -224,6 +224,7 @@ class _State:
         out.d2g = [g(t) for t in self.d2g]
         out.deltas = [g(t) for t in self.deltas]
         out.probs = g(self.probs)
+        out.loss = g(self.loss)
         return out
 
     def narrow(self, rows: slice) -> "_State":
@@ -405,8 +406,10 @@ class FusedBackend(Backend):
                     total = st.loss if total is None else total + st.loss
                     self._maps.gradient(st, params, buffers, named)
             return total, grads
-        for _, x, y in self.batches:
-            st = self._primal(x, y, idx)
+        for i, x, y in self.batches:
+            st, where = self._state_rows(i, x, y, idx)  # cached: the matvecs that follow reuse it
+            if where is not None:
+                st = st.select(where.to(x.device))
             total = st.loss if total is None else total + st.loss
             lin = 0
             for layer in self.layers:

@@ -151,11 +151,14 @@ def lanczos(
         # w is ours (a fresh matvec result): update it in place, these are [R, P] tensors
         w = op.matvec(qj, idx=None if every else ai)
         a = _rowdot(w, qj)
-        w.addcmul_(a.unsqueeze(-1), qj, value=-1)
-        if j > 0:
-            w.addcmul_(beta[ai, j].to(w.dtype).to(w.device).unsqueeze(-1), Q[:, j - 1] if every else Q[ai_dev, j - 1], value=-1)
-        for gq, gw in groups:  # full reorthogonalization against each replica's basis
-            project_out_(Q[gq, : j + 1], w[gw].unsqueeze(1))
+        # the three-term recurrence w -= beta_j q_{j-1} + alpha_j q_j, one pass over w, then full
+        # reorthogonalization against each replica's basis
+        lo = max(j - 1, 0)
+        coef = (torch.stack([beta[ai, j].to(w.dtype).to(w.device), a], dim=-1) if j > 0 else a.unsqueeze(-1)).unsqueeze(1)
+        for gq, gw in groups:
+            wr = w[gw].unsqueeze(1)
+            wr.baddbmm_(coef[gw], Q[gq, lo : j + 1], alpha=-1)
+            project_out_(Q[gq, : j + 1], wr)
         b = w.norm(dim=-1)
         alpha[ai, j] = a.to(f64).cpu()
         beta[ai, j + 1] = b.to(f64).cpu()
