@@ -406,10 +406,8 @@ class FusedBackend(Backend):
                     total = st.loss if total is None else total + st.loss
                     self._maps.gradient(st, params, buffers, named)
             return total, grads
-        for i, x, y in self.batches:
-            st, where = self._state_rows(i, x, y, idx)  # cached: the matvecs that follow reuse it
-            if where is not None:
-                st = st.select(where.to(x.device))
+        for _, x, y in self.batches:
+            st = self._primal(x, y, idx)  # never the cache: callers may have changed the parameters
             total = st.loss if total is None else total + st.loss
             lin = 0
             for layer in self.layers:
