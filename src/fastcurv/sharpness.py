@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 from ._heap import reusing_heap
 from .measures import load_all as _load_measures
 from .operator import HessianOperator
-from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, probe_vectors, slq
+from .solvers.probes import start_vectors
+from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
 
 MEASURES = ("lambda_max", "lambda_min", "top_k", "trace", "spectrum")
 TRACE_METHODS = ("auto", "exact", "deflated", "hutch++", "hutchinson")
@@ -103,9 +104,7 @@ def _gradient_start(op, seed: int, common: bool) -> torch.Tensor:
     """Lanczos start vectors ``[R, P]``: each replica's unit loss gradient plus the random unit
     vector Lanczos would start from (the random vector alone where the gradient is zero or not
     finite)."""
-    g = torch.Generator().manual_seed(seed)
-    z = probe_vectors(op.R, 1, op.P, generator=g, kind="gaussian", common=common, dtype=op.dtype, device=op.device)[:, 0]
-    z = z / z.norm(dim=-1, keepdim=True)
+    z = start_vectors(op, seed, common)
     _, grad = op.loss_and_gradient()
     norm = grad.norm(dim=-1, keepdim=True)
     usable = torch.isfinite(norm) & (norm > 0)

@@ -778,6 +778,20 @@ class _MapEngine:
             return
         acc[j] = t if j not in acc else acc[j] + t
 
+    def _backward(self, grads: dict):
+        """Walk the graph from the output back: yield ``(node, layer, gradient of its output)`` for
+        every node that is not shared and has a gradient in ``grads`` (popped), while the loop body
+        adds the gradients of the node's inputs into ``grads``; additions pass theirs to every input."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            if self.shared[i] or i not in grads:
+                continue
+            l, g = self.layers[i], grads.pop(i)
+            if l.kind == "add":
+                for j in self.inputs[i]:
+                    self._acc(grads, j, g)
+                continue
+            yield i, l, g
+
     def _free(self, vals: dict, i: int):
         for j in set(self.inputs[i]):
             if j >= 0 and self.last_use[j] == i:
@@ -984,14 +998,7 @@ class _MapEngine:
         if st.probs is not None:
             st.nbytes += st.probs.numel() * st.probs.element_size()
         grads = {len(self.layers) - 1: g}  # node -> gradient of the loss w.r.t. its output
-        for i in range(len(self.layers) - 1, -1, -1):
-            if self.shared[i] or i not in grads:
-                continue
-            l, g = self.layers[i], grads.pop(i)
-            if l.kind == "add":
-                for j in self.inputs[i]:
-                    self._acc(grads, j, g)
-                continue
+        for i, l, g in self._backward(grads):
             if l.kind in ("conv", "linear"):
                 a_in, first = st.get(i, "in"), (i, "in") in st.shared
                 if keep_all or not first:
@@ -1179,14 +1186,7 @@ class _MapEngine:
         else:
             rd = ra * (2 * self.loss.scale(ra.shape[-1]))
         rds = {len(self.layers) - 1: rd}  # node -> R-gradient w.r.t. its output
-        for i in range(len(self.layers) - 1, -1, -1):
-            if self.shared[i] or i not in rds:
-                continue
-            l, rd = self.layers[i], rds.pop(i)
-            if l.kind == "add":
-                for j in self.inputs[i]:
-                    self._acc(rds, j, rd)
-                continue
+        for i, l, rd in self._backward(rds):
             if l.kind == "conv":
                 a, first, delta, ra_in = st.get(i, "in"), (i, "in") in st.shared, st.get(i, "delta"), rin[i]
                 W, dW = params[l.weight], vecs[l.weight]

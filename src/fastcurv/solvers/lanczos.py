@@ -8,7 +8,7 @@ import torch
 
 from ..replicas import consecutive_runs
 from ._project import project_out_
-from .probes import probe_vectors
+from .probes import start_vectors
 
 
 @dataclass
@@ -112,8 +112,7 @@ def lanczos(
     m = min(max_iter, P)
     f64 = torch.float64
     if v0 is None:
-        g = torch.Generator().manual_seed(seed)
-        v0 = probe_vectors(R, 1, P, generator=g, kind="gaussian", common=common, dtype=op.dtype, device=op.device)[:, 0]
+        v0 = start_vectors(op, seed, common)
     # Q[r, :n] is replica r's Krylov basis. Rows are never moved: on the CPU the active replicas are
     # read in runs of consecutive replicas (views), so no step copies the basis.
     Q = torch.empty(R, _capacity(R, m + 1, P, op.dtype, op.device), P, dtype=op.dtype, device=op.device)

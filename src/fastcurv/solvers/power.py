@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .lanczos import EigenResult
-from .probes import probe_vectors
+from .probes import start_vectors
 
 
 def power_iteration(op, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0, common: bool = True,
@@ -16,9 +16,7 @@ def power_iteration(op, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0
     for the same accuracy and finds the largest algebraic eigenvalue.
     """
     R, P = op.R, op.P
-    g = torch.Generator().manual_seed(seed)
-    v = probe_vectors(R, 1, P, generator=g, kind="gaussian", common=common, dtype=op.dtype, device=op.device)[:, 0]
-    v = v / v.norm(dim=-1, keepdim=True)
+    v = start_vectors(op, seed, common)
     lam = torch.full((R,), float("nan"), dtype=torch.float64)
     res = torch.full((R,), float("nan"), dtype=torch.float64)
     iters = torch.zeros(R, dtype=torch.long)

@@ -55,3 +55,11 @@ def probe_vectors(R: int, K: int, P: int, *, generator: torch.Generator, kind: s
         v = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
     v = v.to(device)
     return v.expand(R, K, P).clone() if common else v
+
+
+def start_vectors(op, seed: int, common: bool = True) -> torch.Tensor:
+    """Unit Gaussian start vectors ``[R, P]`` of the eigensolvers, drawn from ``seed`` (the same
+    vector for every replica with ``common=True``)."""
+    g = torch.Generator().manual_seed(seed)
+    v = probe_vectors(op.R, 1, op.P, generator=g, kind="gaussian", common=common, dtype=op.dtype, device=op.device)[:, 0]
+    return v / v.norm(dim=-1, keepdim=True)
