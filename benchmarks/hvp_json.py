@@ -15,7 +15,8 @@ eval BatchNorm) on B MNIST images: the fused engine runs them as torch.fx-traced
 
 Reports, from one run: one gradient for all R (the unit: the fastest of a per-model loop and the
 batched gradients), one matvec for all R per backend with
-K=1 and K=8 probes, a per-model autograd loop (double backward through a retained graph, built
+K=1 and K=8 probes (on W1 also the fused engine with ``drop_zero_columns=False``, which multiplies
+the input's all-zero pixel columns too), a per-model autograd loop (double backward through a retained graph, built
 once), the func backend with its linearizations compiled (``backend_options={"compile": True}``;
 the first matvec, which compiles, is reported apart; measured last, after the jobs), and the
 default ``batched_sharpness`` job per backend (best of --job-repeats; on ReLU MLPs the fused engine
@@ -198,6 +199,9 @@ def main(argv=None):
         for b in ("fused", "fused_deflated"):
             res[f"batched_sharpness_{b}_speedup_over_func"] = res["seconds"]["batched_sharpness_func"] / res["seconds"][f"batched_sharpness_{b}"]
     ops = {b: fastcurv.HessianOperator(models, (x, y), backend=b) for b in ("fused", "func")}
+    if a.workload == "W1":  # the same engine without skipping the input's all-zero columns
+        ops["fused_all_columns"] = fastcurv.HessianOperator(models, (x, y), backend="fused",
+                                                            backend_options={"drop_zero_columns": False})
     P = ops["fused"].P
     for K in (1, 8):
         V = torch.randn(R, K, P, device=dev)
@@ -211,7 +215,11 @@ def main(argv=None):
     # replica: forward tangent 2IO (+2IO when the input has a tangent), weight HVP 2IO (+2IO),
     # input tangent 4IO when the layer is not the first; elementwise work is not counted.
     # Conv layers (W3) count the same way with I*O replaced by their multiply-accumulates per sample.
-    macs = {"W1": [784 * H, H * H, H * 10], "W3": W3_MACS, "W4": W4_MACS}[a.workload]
+    # W1's first layer counts only the input columns the engine keeps (those not zero in every image).
+    kept = int((x != 0).any(0).sum()) if a.workload == "W1" else None
+    if kept is not None:
+        res["first_layer_inputs_kept"] = kept
+    macs = {"W1": [kept * H, H * H, H * 10], "W3": W3_MACS, "W4": W4_MACS}[a.workload]
     flops_per_probe = sum((2 + 2 * (i > 0)) * m + (2 + 2 * (i > 0)) * m + (4 * m if i > 0 else 0) for i, m in enumerate(macs)) * a.batch * R
     res["gflops_fused_K8"] = 8 * flops_per_probe / res["seconds"]["hvp_fused_K8"] / 1e9
     res["sgemm_gflops"] = sgemm_gflops(dev, sync)

@@ -112,3 +112,45 @@ def test_fused_gradient_matches_autograd(loss):
     torch.testing.assert_close(g1, g2)
     l3, g3 = fused.loss_and_gradient(torch.tensor([2, 0]))
     torch.testing.assert_close(g3, g2[[2, 0]])
+    # from the matvecs' cached state: all replicas (fills the cache), then a subset read from it
+    for idx in (None, torch.tensor([2, 0])):
+        l4, g4 = fused.loss_and_gradient(idx, reuse_state=True)
+        want = slice(None) if idx is None else idx
+        torch.testing.assert_close(l4, l2[want])
+        torch.testing.assert_close(g4, g2[want])
+    assert fused.backend._cache, "reuse_state=True did not fill the state cache"
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_fused_drops_zero_input_columns_exactly(K, monkeypatch):
+    """Input columns that are zero in a whole batch (MNIST's borders) are left out of the first
+    layer's products: different columns per batch, a batch too small to prune, replica subsets in
+    chunks of one; matvec, gradient and exact trace equal the unpruned engine's and dense Hessians."""
+    from fastcurv.backends import fused as fused_mod
+
+    models = replicas(lambda: nn.Sequential(nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3)), R=3)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (300,), generator=gen)
+    x[:140, [0, 5, 11]] = 0  # batch 1: three zero columns
+    x[140:280, 2:4] = 0  # batch 2: two others
+    batches = [(x[:140], y[:140]), (x[140:280], y[140:280]), (x[280:], y[280:])]  # batch 3: 20 rows, not pruned
+    monkeypatch.setattr(fused_mod, "ZERO_COLUMNS_MIN_ROWS", 100)
+    pruned = fastcurv.HessianOperator(models, batches, backend="fused", backend_options={"chunk_bytes": 1})
+    st = pruned.backend._primal(*batches[0], None)
+    assert st.keep is not None and st.zero.tolist() == [0, 5, 11] and st.inputs[0].shape == (140, 9)
+    assert pruned.backend._primal(*batches[2], None).keep is None
+    plain = fastcurv.HessianOperator(models, batches, backend="fused", backend_options={"drop_zero_columns": False})
+    assert plain.backend._primal(*batches[0], None).keep is None
+    V = torch.randn(3, K, pruned.P, generator=gen, dtype=torch.float64)
+    HV = pruned.matvec(V)
+    for r in range(3):
+        torch.testing.assert_close(HV[r], V[r] @ dense_hessian(models[r], batches).T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(HV, plain.matvec(V), rtol=1e-12, atol=1e-14)
+    idx = torch.tensor([2, 0])
+    torch.testing.assert_close(pruned.matvec(V[idx], idx=idx), HV[idx], rtol=1e-12, atol=1e-14)
+    for reuse in (False, True):
+        (l1, g1), (l2, g2) = pruned.loss_and_gradient(reuse_state=reuse), plain.loss_and_gradient()
+        torch.testing.assert_close(l1, l2)
+        torch.testing.assert_close(g1, g2)
+    torch.testing.assert_close(pruned.exact_trace(), plain.exact_trace())

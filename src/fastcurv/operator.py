@@ -215,14 +215,17 @@ class HessianOperator:
     def __matmul__(self, V):
         return self.matvec(V)
 
-    def loss_and_gradient(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_and_gradient(self, idx: torch.Tensor | None = None, *, reuse_state: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-data loss ``[Ra]`` and gradient ``[Ra, P]`` of replicas ``idx`` (all when None),
         computed for all of them at once (batched GEMMs with the fused engine, else vmapped
-        torch.func); the cost unit of fastcurv's benchmarks."""
+        torch.func); the cost unit of fastcurv's benchmarks. ``reuse_state=True`` lets the fused
+        engine read (and fill) the probe-independent state its matvecs cache, skipping the forward
+        pass: only for parameters unchanged since the operator was built."""
         rs, loss = self.replicas, self.loss
         if hasattr(self.backend, "loss_and_gradient"):
+            kw = {"reuse_state": True} if reuse_state and self.backend.name == "fused" else {}
             total, grads = self._on_all_ranks(
-                lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device)), "the gradient")
+                lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device), **kw), "the gradient")
             return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
         total, grads = self._on_all_ranks(lambda: self._loss_and_gradient_func(idx), "the gradient")
         return self._sum_over_ranks(total), self._sum_over_ranks(grads)

@@ -105,7 +105,7 @@ def _gradient_start(op, seed: int, common: bool) -> torch.Tensor:
     vector Lanczos would start from (the random vector alone where the gradient is zero or not
     finite)."""
     z = start_vectors(op, seed, common)
-    _, grad = op.loss_and_gradient()
+    _, grad = op.loss_and_gradient(reuse_state=True)  # the first matvec then finds the state cached
     norm = grad.norm(dim=-1, keepdim=True)
     usable = torch.isfinite(norm) & (norm > 0)
     return torch.where(usable, z + grad / torch.where(usable, norm, 1.0), z)
