@@ -79,3 +79,18 @@ def test_batched_sharpness_runs_inside_heap_reuse(monkeypatch):
     fastcurv.batched_sharpness(replicas(lambda: mlp(), 2), (x, y), progress=False)
     assert depths and depths[0] >= 1
     assert _heap._depth == 0
+
+
+@needs_glibc
+def test_every_matvec_runs_inside_heap_reuse(monkeypatch):
+    import fastcurv
+    from models import mlp, replicas
+
+    monkeypatch.delenv("FASTCURV_HEAP_REUSE", raising=False)
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    op = fastcurv.HessianOperator(replicas(lambda: mlp(), 2), (x, y), backend="func")
+    depths = []
+    real = op._run
+    monkeypatch.setattr(op, "_run", lambda *a: depths.append(_heap._depth) or real(*a))
+    op.matvec(torch.randn(2, op.P, dtype=torch.float64))
+    assert depths == [1] and _heap._depth == 0

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
+from ._heap import heap_reuse
 from .backends import BACKENDS
 from .data import Batches
 from .losses import Loss
@@ -180,7 +181,8 @@ class HessianOperator:
             sub = rows[good]
             run_idx = None if len(sub) == rs.R else sub.to(rs.device)
             vin = V3 if every else V3[good.to(V3.device)]
-            res = self._on_all_ranks(lambda: self._run(rs.unflatten(vin), run_idx), "a Hessian-vector product")
+            with heap_reuse():  # a matvec's large temporaries reuse each other's pages (see _heap)
+                res = self._on_all_ranks(lambda: self._run(rs.unflatten(vin), run_idx), "a Hessian-vector product")
             flat = self._sum_over_ranks(res if torch.is_tensor(res) else rs.flatten(res, lead=2))
             if every:
                 out = flat
