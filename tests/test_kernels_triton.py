@@ -309,3 +309,34 @@ def test_triton_kernels_compile_for_gpu(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "90"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K", [1, 3])
+def test_fused_engine_forward_through_linear_rop(device, K, monkeypatch):
+    """Under kernels 'triton' the fused MLP engine runs every Linear layer's R-forward (with the
+    activation after it) through the Triton linear_rop: a smooth activation (whose pre-activation
+    tangent the backward pass reads), ReLU, a layer without bias, an input column dropped as zero;
+    the products equal dense float64 Hessians."""
+    from torch import nn
+    from fastcurv.backends import fused as fused_mod
+    from models import replicas
+    from oracle import dense_hessian
+
+    calls = []
+    real = triton_kernels.OPS["linear_rop"]
+    monkeypatch.setitem(triton_kernels.OPS, "linear_rop", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(fused_mod, "ZERO_COLUMNS_MIN_ROWS", 8)
+    models = replicas(lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 3)), R=2)
+    g = _gen(3)
+    x = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    x[:, 1] = 0
+    y = torch.randint(0, 3, (20,), generator=g)
+    with fastcurv.use_kernels("triton"):
+        op = fastcurv.HessianOperator([m.to(device) for m in models], (x.to(device), y.to(device)), backend="fused")
+        V = torch.randn(2, K, op.P, generator=g, dtype=torch.float64)
+        HV = op.matvec(V.to(device)).cpu()
+    assert len(calls) == 3 and calls[0] == (2, 20, 5)  # one call per Linear; the zero column left out
+    for r in range(2):
+        H = dense_hessian(models[r].cpu(), [(x, y)])
+        torch.testing.assert_close(HV[r], V[r] @ H.T, rtol=1e-9, atol=1e-12)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import act_derivs, act_rop_bwd, activation_kind, activation_value, bn_rop_bwd, softmax_ce_hvp
+from ..ops.linear_rop import in_fused_engine, linear_rop
 from ..replicas import consecutive_runs
 from .base import Backend
 
@@ -660,8 +661,16 @@ class FusedBackend(Backend):
         R, K = vecs[0].shape[:2]
         ra, rpre, rin = None, [], []
         lin = act = 0
-        for layer in self.layers:
-            if layer.kind == "linear":
+        fused_act = None  # the R-op of the activation after a Linear run by the Triton linear_rop
+        triton_fwd = in_fused_engine(vecs[0].device)
+        for li, layer in enumerate(self.layers):
+            if layer.kind == "linear" and triton_fwd:
+                rin.append(ra)
+                nxt = self.layers[li + 1] if li + 1 < len(self.layers) else None
+                ra, fused_act = self._linear_rop_layer(st, lin, layer, nxt if nxt is not None and nxt.kind == "act" else None,
+                                                       ra, params, vecs, pos)
+                lin += 1
+            elif layer.kind == "linear":
                 rin.append(ra)
                 a, W = st.inputs[lin], params[layer.weight]
                 O, I = W.shape[1], W.shape[2]
@@ -681,6 +690,11 @@ class FusedBackend(Backend):
             elif layer.kind == "act":
                 d1 = st.d1[act]
                 act += 1
+                if fused_act is not None:  # applied by linear_rop's epilogue: (tangent before, after)
+                    rz, ra = fused_act
+                    fused_act = None
+                    rpre.append(None if st.d2g[act - 1] is None else rz)
+                    continue
                 if d1 is None:
                     rpre.append(None)
                     continue
@@ -729,6 +743,25 @@ class FusedBackend(Backend):
                     rd = rd.mul_(d1.unsqueeze(2))
                 else:
                     rd = act_rop_bwd(d1.reshape(R * N, F_), d2g.reshape(R * N, F_), rz.reshape(R * N, K, F_), rd.reshape(R * N, K, F_)).view(R, N, K, F_)
+
+    @staticmethod
+    def _linear_rop_layer(st, lin, layer, act, ra, params, vecs, pos):
+        """One Linear layer's R-forward (and that of the activation ``act`` after it, or None) by
+        the Triton :func:`fastcurv.ops.linear_rop.linear_rop`, in the engine's ``[R, N, K, F]``
+        layout: returns the tangent after the layer and, with ``act``, ``(rz, sigma'(z) rz)``
+        for the activation step (else None)."""
+        a, W, dW = st.inputs[lin], params[layer.weight], vecs[pos[layer.weight]]
+        R = dW.shape[0]
+        if lin == 0 and st.keep is not None:
+            W, dW = W.index_select(2, st.keep), dW.index_select(3, st.keep)
+        out = linear_rop(
+            a.expand(R, *a.shape) if a.dim() == 2 else a, None if ra is None else ra.transpose(1, 2), W, dW,
+            None if layer.bias is None else params[layer.bias], None if layer.bias is None else vecs[pos[layer.bias]],
+            None if act is None else act.act, 0.0 if act is None else act.slope)
+        rz = out.rz.transpose(1, 2).contiguous()  # [R, K, N, O] -> [R, N, K, O]
+        if act is None:
+            return rz, None
+        return rz, (rz, out.rh.transpose(1, 2).contiguous())
 
 
 # --- the sample-major engine: conv nets, pooling, BatchNorm, residual DAGs --------------------

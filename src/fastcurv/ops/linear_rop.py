@@ -113,6 +113,14 @@ def linear_rop(
     return linear_rop_reference(a, ra, W, dW, b, db, activation, slope)
 
 
+def in_fused_engine(device: torch.device) -> bool:
+    """Whether the fused engine's MLP forward R-pass runs its Linear layers through the Triton
+    :func:`linear_rop` on ``device``: only when the kernels are set to 'triton' explicitly
+    (``fastcurv.use_kernels("triton")``; CPU tensors under ``TRITON_INTERPRET=1``). Under 'auto' the
+    engine keeps its batched GEMMs, because the fused kernel has not been timed against them on a GPU."""
+    return _ext.kernel_impl() == "triton" and _use_triton(device)
+
+
 def _use_triton(device: torch.device) -> bool:
     """Triton for CUDA tensors under kernels 'auto'/'triton' (and CPU tensors under 'triton' when
     interpreting); there is no compiled C++/CUDA linear_rop, so 'ext'/'cuda'/'torch' use the reference."""
