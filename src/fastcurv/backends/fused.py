@@ -564,14 +564,14 @@ class FusedBackend(Backend):
         out = rs.unflatten(flat) if K == 1 else [torch.empty_like(v) for v in vecs]
         # forward: [R, I, K*O] (a transposed view; the first layer's is made per chunk in _apply,
         # which may keep only some of its input columns); backward, hidden layers: [R, O, K*I]
+        # (the Triton linear_rop path reads the probe directly: no forward copies)
         dWt = {}
+        triton_fwd = in_fused_engine(vecs[0].device)
         for n_lin, layer in enumerate(l for l in self.layers if l.kind == "linear"):
             dW = vecs[pos[layer.weight]]
             O, I = dW.shape[2:]
-            if n_lin > 0:
-                dWt[layer.weight] = (dW.reshape(R, K * O, I).transpose(1, 2), dW.permute(0, 2, 1, 3).reshape(R, O, K * I))
-            else:
-                dWt[layer.weight] = (None, None)
+            fwd = None if n_lin == 0 or triton_fwd else dW.reshape(R, K * O, I).transpose(1, 2)
+            dWt[layer.weight] = (fwd, dW.permute(0, 2, 1, 3).reshape(R, O, K * I) if n_lin > 0 else None)
         for n_batch, (i, x, y) in enumerate(self.batches):
             st, where = self._state_rows(i, x, y, idx)
             step = self._chunk(R, x.shape[0], K, x.device)
