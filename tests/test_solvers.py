@@ -1,4 +1,5 @@
 """Krylov and stochastic solvers against dense eigendecompositions and known spectra."""
+import pytest
 import numpy as np
 import torch
 from torch import nn
@@ -51,17 +52,32 @@ def test_lanczos_ritz_vectors_and_per_replica_iterations():
     assert abs(float(v.norm()) - 1) < 1e-10
 
 
-def test_lanczos_reorthogonalization_in_cache_sized_groups_matches_one_pass(monkeypatch):
-    from fastcurv.solvers import _project
+@pytest.mark.parametrize("P", [50, 51])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_projection_with_the_columns_cut_into_slices(P, parts):
+    """``_project_split`` (P cut into a batch of slices, leftover columns apart) equals the plain
+    Gram-Schmidt step, writing into a strided view of W."""
+    from fastcurv.solvers._project import _project_split
 
+    g = torch.Generator().manual_seed(P + parts)
+    q, _ = torch.linalg.qr(torch.randn(P, 6, generator=g, dtype=torch.float64))
+    b = q.T.contiguous()
+    W = torch.randn(3, 2, P, generator=g, dtype=torch.float64)
+    want = W[1] - (W[1] @ b.T) @ b
+    _project_split(b, W[1], parts)
+    torch.testing.assert_close(W[1], want, rtol=0, atol=1e-13)
+
+
+def test_lanczos_reorthogonalization_per_replica_matches_one_pass(monkeypatch):
     op = DenseOperator(random_symmetric(5, 50, 4))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # plain products
     whole = lanczos(op, k=2, tol=1e-8, max_iter=50, keep_basis=True)
-    monkeypatch.setattr(_project, "GROUP_BYTES", 1)  # every replica reorthogonalized on its own
-    grouped = lanczos(op, k=2, tol=1e-8, max_iter=50, keep_basis=True)
-    torch.testing.assert_close(grouped.eigenvalues, whole.eigenvalues, rtol=1e-12, atol=1e-12)
-    B = grouped.basis
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # 50 columns: 3 slices of 16 and 2 apart
+    split = lanczos(op, k=2, tol=1e-8, max_iter=50, keep_basis=True)
+    torch.testing.assert_close(split.eigenvalues, whole.eigenvalues, rtol=1e-12, atol=1e-12)
+    B = split.basis
     for r in range(5):
-        n = int(grouped.iterations[r])
+        n = int(split.iterations[r])
         torch.testing.assert_close(B[r, :n] @ B[r, :n].T, torch.eye(n, dtype=B.dtype), atol=1e-10, rtol=0)
 
 

@@ -3,22 +3,43 @@ from __future__ import annotations
 
 import torch
 
-# Bytes of basis handled per call on the CPU: small enough that the second pass over a group's
-# basis (the update) finds it still in the last-level cache after the first (the coefficients);
-# one call over all replicas reads the whole basis from memory twice.
-GROUP_BYTES = 8 << 20
-
 
 def project_out_(basis: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``W -= (W basis^T) basis`` per replica, in place, and return W: classical Gram-Schmidt of
     the rows of ``W`` ``[n, K, P]`` against the orthonormal (or zero) rows of ``basis``
-    ``[n, j, P]``. On the CPU in groups of replicas whose basis fits in cache. The vectors are
-    rows (``[K, P] @ [P, j]``): on the CPU that orientation runs ~6x faster than ``[j, P] @ [P, K]``."""
+    ``[n, j, P]``. The vectors are rows (``[K, P] @ [P, j]``): on the CPU that orientation runs ~6x
+    faster than ``[j, P] @ [P, K]``.
+
+    On the CPU one replica at a time, with P cut into one slice per thread: the second pass over
+    a replica's basis (the update) then finds it in the last-level cache after the first (the
+    coefficients), and both passes use every thread. Measured on 2 cores (P = 118k, 100 replicas,
+    5-34 basis vectors): 10-33% faster than one call for all replicas, and 1.5x faster than
+    single-replica products, which use one thread."""
     n, j, P = basis.shape
     if j == 0:
         return W
-    per = max(1, GROUP_BYTES // (j * P * basis.element_size())) if basis.device.type == "cpu" else n
-    for s in range(0, n, per):
-        b, w = basis[s : s + per], W[s : s + per]
-        w.baddbmm_(torch.bmm(w, b.transpose(1, 2)), b, alpha=-1)
+    if basis.device.type != "cpu":
+        W.baddbmm_(torch.bmm(W, basis.transpose(1, 2)), basis, alpha=-1)
+        return W
+    parts = torch.get_num_threads()
+    for r in range(n):
+        _project_split(basis[r], W[r], parts)
     return W
+
+
+def _project_split(b: torch.Tensor, w: torch.Tensor, parts: int) -> None:
+    """``w -= (w b^T) b`` for one replica (``b [j, P]``, ``w [K, P]``) with the first
+    ``parts * (P // parts)`` columns cut into ``parts`` slices that form a batch axis of the
+    products (one slice per thread), and the few columns left over done apart."""
+    P = b.shape[-1]
+    m = P // parts * parts
+    if parts < 2 or m == 0 or b.stride(-1) != 1 or w.stride(-1) != 1:
+        w.sub_((w @ b.T) @ b)
+        return
+    bs = b[:, :m].unflatten(-1, (parts, m // parts)).transpose(0, 1)  # [parts, j, P/parts]
+    ws = w[:, :m].unflatten(-1, (parts, m // parts)).transpose(0, 1)  # [parts, K, P/parts], a view of w
+    c = torch.bmm(ws, bs.transpose(1, 2)).sum(0)  # [K, j]
+    if m < P:
+        c += w[:, m:] @ b[:, m:].T
+        w[:, m:].sub_(c @ b[:, m:])
+    ws.baddbmm_(c.expand(parts, *c.shape), bs, alpha=-1)
