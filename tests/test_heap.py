@@ -82,7 +82,7 @@ def test_batched_sharpness_runs_inside_heap_reuse(monkeypatch):
 
 
 @needs_glibc
-def test_every_matvec_runs_inside_heap_reuse(monkeypatch):
+def test_every_matvec_and_gradient_runs_inside_heap_reuse(monkeypatch):
     import fastcurv
     from models import mlp, replicas
 
@@ -94,3 +94,7 @@ def test_every_matvec_runs_inside_heap_reuse(monkeypatch):
     monkeypatch.setattr(op, "_run", lambda *a: depths.append(_heap._depth) or real(*a))
     op.matvec(torch.randn(2, op.P, dtype=torch.float64))
     assert depths == [1] and _heap._depth == 0
+    real_grad = op._loss_and_gradient_func
+    monkeypatch.setattr(op, "_loss_and_gradient_func", lambda *a: depths.append(_heap._depth) or real_grad(*a))
+    op.loss_and_gradient()
+    assert depths == [1, 1] and _heap._depth == 0

@@ -4,6 +4,20 @@
 
 namespace {
 
+// The activation is a template argument, so that the switch in fc_act_derivs folds away and the
+// loops of the piecewise-linear activations vectorize (ReLU on 12.8M floats: 31 ms -> a few ms).
+template <typename scalar_t, int64_t KIND>
+void act_derivs_loop(const scalar_t* zp, const scalar_t* gp, scalar_t* d1p, scalar_t* d2p, scalar_t s, int64_t n) {
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t a, b;
+      fc_act_derivs<scalar_t>(KIND, zp[i], s, a, b);
+      d1p[i] = a;
+      d2p[i] = b * gp[i];
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> act_derivs_cpu(const at::Tensor& z, const at::Tensor& g, int64_t kind, double slope) {
   TORCH_CHECK(z.sizes() == g.sizes(), "act_derivs: z ", z.sizes(), " and g ", g.sizes(), " differ in shape");
   TORCH_CHECK(z.scalar_type() == g.scalar_type(), "act_derivs: dtype mismatch");
@@ -17,14 +31,14 @@ std::tuple<at::Tensor, at::Tensor> act_derivs_cpu(const at::Tensor& z, const at:
     scalar_t* d1p = d1.data_ptr<scalar_t>();
     scalar_t* d2p = d2g.data_ptr<scalar_t>();
     const scalar_t s = static_cast<scalar_t>(slope);
-    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        scalar_t a, b;
-        fc_act_derivs<scalar_t>(kind, zp[i], s, a, b);
-        d1p[i] = a;
-        d2p[i] = b * gp[i];
-      }
-    });
+    switch (kind) {
+      case FC_RELU: act_derivs_loop<scalar_t, FC_RELU>(zp, gp, d1p, d2p, s, n); break;
+      case FC_LEAKY_RELU: act_derivs_loop<scalar_t, FC_LEAKY_RELU>(zp, gp, d1p, d2p, s, n); break;
+      case FC_TANH: act_derivs_loop<scalar_t, FC_TANH>(zp, gp, d1p, d2p, s, n); break;
+      case FC_SIGMOID: act_derivs_loop<scalar_t, FC_SIGMOID>(zp, gp, d1p, d2p, s, n); break;
+      case FC_GELU: act_derivs_loop<scalar_t, FC_GELU>(zp, gp, d1p, d2p, s, n); break;
+      default: act_derivs_loop<scalar_t, FC_IDENTITY>(zp, gp, d1p, d2p, s, n);
+    }
   });
   return {d1, d2g};
 }

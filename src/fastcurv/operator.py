@@ -224,13 +224,14 @@ class HessianOperator:
         engine read (and fill) the probe-independent state its matvecs cache, skipping the forward
         pass: only for parameters unchanged since the operator was built."""
         rs, loss = self.replicas, self.loss
-        if hasattr(self.backend, "loss_and_gradient"):
-            kw = {"reuse_state": True} if reuse_state and self.backend.name == "fused" else {}
-            total, grads = self._on_all_ranks(
-                lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device), **kw), "the gradient")
-            return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
-        total, grads = self._on_all_ranks(lambda: self._loss_and_gradient_func(idx), "the gradient")
-        return self._sum_over_ranks(total), self._sum_over_ranks(grads)
+        with heap_reuse():
+            if hasattr(self.backend, "loss_and_gradient"):
+                kw = {"reuse_state": True} if reuse_state and self.backend.name == "fused" else {}
+                total, grads = self._on_all_ranks(
+                    lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device), **kw), "the gradient")
+                return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
+            total, grads = self._on_all_ranks(lambda: self._loss_and_gradient_func(idx), "the gradient")
+            return self._sum_over_ranks(total), self._sum_over_ranks(grads)
 
     def _loss_and_gradient_func(self, idx):
         rs, loss = self.replicas, self.loss
