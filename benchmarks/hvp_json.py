@@ -219,7 +219,7 @@ def main(argv=None):
     kept = int((x != 0).any(0).sum()) if a.workload == "W1" else None
     if kept is not None:
         res["first_layer_inputs_kept"] = kept
-    macs = {"W1": [kept * H, H * H, H * 10], "W3": W3_MACS, "W4": W4_MACS}[a.workload]
+    macs = [kept * H, H * H, H * 10] if a.workload == "W1" else {"W3": W3_MACS, "W4": W4_MACS}[a.workload]
     flops_per_probe = sum((2 + 2 * (i > 0)) * m + (2 + 2 * (i > 0)) * m + (4 * m if i > 0 else 0) for i, m in enumerate(macs)) * a.batch * R
     res["gflops_fused_K8"] = 8 * flops_per_probe / res["seconds"]["hvp_fused_K8"] / 1e9
     res["sgemm_gflops"] = sgemm_gflops(dev, sync)
