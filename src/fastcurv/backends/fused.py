@@ -583,7 +583,7 @@ class FusedBackend(Backend):
                     gid = slice(v0 + c, v0 + c + m) if ids is None else _as_slice(ids[c:c + m])
                     self._apply(st.narrow(sv), {n_: t[gid] for n_, t in rs.params.items()}, [v[vv] for v in vecs],
                                 {w: (None if f is None else f[vv], None if g is None else g[vv]) for w, (f, g) in dWt.items()},
-                                [o[vv] for o in out], pos, x.shape[0], first=n_batch == 0)
+                                [o[vv] for o in out], pos, x.shape[0], first=n_batch == 0, triton_fwd=triton_fwd)
         if K > 1:
             for dst, o in zip(rs.unflatten(flat), out):
                 dst.copy_(o)
@@ -655,14 +655,14 @@ class FusedBackend(Backend):
         per = N * K * widest * self.replicas.params[self.replicas.names[0]].element_size()
         return max(1, min(R, self.chunk_bytes // max(per, 1)))
 
-    def _apply(self, st, params, vecs, dWt, out, pos, N, first):
+    def _apply(self, st, params, vecs, dWt, out, pos, N, first, triton_fwd):
         """Accumulate one batch's Hessian-vector products of the replicas in ``st`` into ``out``
-        (``first``: the first batch, whose products overwrite ``out``: it is not zeroed)."""
+        (``first``: the first batch, whose products overwrite ``out``: it is not zeroed;
+        ``triton_fwd``: the Linear layers' R-forward runs through the Triton linear_rop)."""
         R, K = vecs[0].shape[:2]
         ra, rpre, rin = None, [], []
         lin = act = 0
         fused_act = None  # the R-op of the activation after a Linear run by the Triton linear_rop
-        triton_fwd = in_fused_engine(vecs[0].device)
         for li, layer in enumerate(self.layers):
             if layer.kind == "linear" and triton_fwd:
                 rin.append(ra)
