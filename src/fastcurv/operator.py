@@ -223,12 +223,12 @@ class HessianOperator:
         torch.func); the cost unit of fastcurv's benchmarks. ``reuse_state=True`` lets the fused
         engine read (and fill) the probe-independent state its matvecs cache, skipping the forward
         pass: only for parameters unchanged since the operator was built."""
-        rs, loss = self.replicas, self.loss
+        rs = self.replicas
         with heap_reuse():
-            if hasattr(self.backend, "loss_and_gradient"):
-                kw = {"reuse_state": True} if reuse_state and self.backend.name == "fused" else {}
+            if hasattr(self.backend, "loss_and_gradient"):  # the fused engine's batched gradient
                 total, grads = self._on_all_ranks(
-                    lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device), **kw), "the gradient")
+                    lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device), reuse_state=reuse_state),
+                    "the gradient")
                 return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
             total, grads = self._on_all_ranks(lambda: self._loss_and_gradient_func(idx), "the gradient")
             return self._sum_over_ranks(total), self._sum_over_ranks(grads)
