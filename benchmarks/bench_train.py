@@ -6,6 +6,8 @@ output says so), SGD with momentum 0.9, lr 0.01, batch 64, cross-entropy, float3
 
 * batched: :func:`fastcurv.train.train_population` with its defaults (each replica its own data
   order; the fused MLP path of :mod:`fastcurv.train_fused`: baddbmm/bmm over the replica axis);
+* batched_dense: the same with ``sparse_input=False`` (dense GEMMs for the first layer; the
+  default multiplies only MNIST's nonzero pixels, :mod:`fastcurv.ops.csr_linear`);
 * batched_shared: the same with ``shared_data_order=True`` (one data order for all replicas, the
   first layer as one GEMM);
 * batched_vmap: ``fused=False``, the generic ``vmap(functional_call)`` path, for reference;
@@ -93,6 +95,7 @@ def _max_diff(ma, mb):
 
 VARIANTS = {  # name -> extra train_population arguments
     "batched": {},
+    "batched_dense": {"sparse_input": False},
     "batched_shared": {"shared_data_order": True},
     "batched_vmap": {"fused": False},
     "batched_intraop": {"threads": 1},

@@ -21,4 +21,10 @@ TORCH_LIBRARY(fastcurv, m) {
   m.def("bn_rop_bwd(Tensor xh, Tensor g, Tensor rg, Tensor inv, Tensor? gamma, Tensor? rgamma, Tensor? rxh, Tensor? m2) -> Tensor");
   // Exact pairwise agreement counts between integer predictions preds[R, M]: out[i,j] = #{m : preds[i,m] == preds[j,m]}.
   m.def("agreement_counts(Tensor preds) -> Tensor");
+  // Linear layer on CSR input rows, R replicas: X [N, in] as (indptr [N+1] int64, indices [nnz] int32 in
+  // [0, in), values [nnz]); rows [R, B] int64 picks each replica's minibatch; weight_t [R, in, out] (W^T),
+  // bias [R, out]. Returns z [R, B, out] = X[rows[r]] @ weight_t[r] + bias[r].
+  m.def("csr_linear(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight_t, Tensor? bias) -> Tensor");
+  // Its weight gradient, written into out [R, in, out]: out[r] = X[rows[r]]^T @ grad[r], grad [R, B, out].
+  m.def("csr_linear_wgrad(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor grad, Tensor(a!) out) -> ()");
 }

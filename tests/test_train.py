@@ -359,3 +359,101 @@ def test_nonfinite_rows_check():
     b[2, 3] = float("-inf")
     b[3, :] = 3e38  # finite entries whose float32 sum overflows: not flagged
     assert nonfinite_rows([a, b]).tolist() == [False, True, True, False]
+
+
+# ---- sparse inputs: the first layer from the nonzero inputs only (fastcurv.ops.csr_linear) ---------
+
+
+def _sparse_xy(n=21, seed=0):
+    x, y = _data(n, seed)
+    x[torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1)) > 0.25] = 0
+    x[0] = 0
+    return x, y
+
+
+needs_ext = pytest.mark.skipif(not __import__("fastcurv").cpu_extension_loaded(), reason="C++ extension not built")
+
+
+@needs_ext
+@pytest.mark.parametrize("optimizer,kwargs", [
+    ("sgd", dict(lr=[0.1, 0.05, 0.2], weight_decay=0.01)),             # per-replica step
+    ("sgd", dict(lr=0.1, nesterov=True, sam_rho=0.05)),                # fused SGD kernel on the transposed layer
+    ("adam", dict(lr=[0.01, 0.003, 0.02], weight_decay=0.01)),
+])
+@pytest.mark.parametrize("shared", [False, True])
+def test_sparse_input_equals_loop(optimizer, kwargs, shared):
+    x, y = _sparse_xy()
+    seeds = [3, 7, 11]
+    models, hist = train_population(builder, x, y, seeds=seeds, optimizer=optimizer, batch_size=8, epochs=2,
+                                    shared_data_order=shared, chunk_size=2, threads=2, eval_train=True, progress=False,
+                                    **kwargs)
+    assert "+sparse-input" in hist.engine and hist.engine.endswith("2 worker threads")
+    lrs = kwargs["lr"] if isinstance(kwargs["lr"], list) else [kwargs["lr"]] * 3
+    ref = reference_loop(x, y, seeds, optimizer=optimizer, lrs=lrs, epochs=2, batch_size=8,
+                         weight_decay=kwargs.get("weight_decay", 0.0), nesterov=kwargs.get("nesterov", False),
+                         rho=kwargs.get("sam_rho", 0.0), data_seeds=[3, 3, 3] if shared else None)
+    _assert_same(models, ref)
+    full = [F.cross_entropy(m(x), y).item() for m in ref]
+    assert hist.train_loss[-1] == pytest.approx(full, rel=1e-10)
+    dense, hd = train_population(builder, x, y, seeds=seeds, optimizer=optimizer, batch_size=8, epochs=2,
+                                 shared_data_order=shared, sparse_input=False, progress=False, **kwargs)
+    assert "sparse" not in hd.engine
+    _assert_same(models, dense, atol=1e-12)
+
+
+@needs_ext
+def test_sparse_input_mse_image_input_no_bias_equals_loop():
+    g = torch.Generator().manual_seed(2)
+    x = torch.relu(torch.randn(20, 1, 2, 3, generator=g, dtype=torch.float64) - 0.8)  # about 80% zeros
+    y = torch.randn(20, 2, generator=g, dtype=torch.float64)
+
+    def b():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 5, bias=False), torch.nn.Tanh(),
+                                   torch.nn.Linear(5, 2)).double()
+
+    models, hist = train_population(b, x, y, seeds=[0, 1], lr=0.05, loss="mse", batch_size=8, epochs=2,
+                                    eval_train=True, progress=False)
+    assert "+sparse-input" in hist.engine
+    ref = reference_loop(x, y, [0, 1], optimizer="sgd", lrs=[0.05, 0.05], epochs=2, batch_size=8, build=b,
+                         loss_fn=F.mse_loss)
+    _assert_same(models, ref)
+    assert hist.train_loss[-1] == pytest.approx([F.mse_loss(m(x), y).item() for m in ref], rel=1e-10)
+
+
+@needs_ext
+def test_sparse_input_default_choice_and_errors():
+    x, y = _sparse_xy()
+    dense_x, _ = _data()
+    _, h = train_population(builder, dense_x, y, seeds=[0], batch_size=8, epochs=1, progress=False)
+    assert "sparse" not in h.engine  # every input nonzero: dense GEMMs
+    _, h = train_population(builder, dense_x, y, seeds=[0], batch_size=8, epochs=1, sparse_input=True, progress=False)
+    assert "+sparse-input (100% nonzero)" in h.engine
+    _, h = train_population(builder, x, y, seeds=[0], batch_size=8, epochs=1, progress=False)
+    assert "+sparse-input" in h.engine
+    with pytest.raises(ValueError, match="sparse_input=True, but the model does not take the fused MLP path"):
+        train_population(builder, x, y, seeds=[0], fused=False, sparse_input=True, progress=False)
+
+
+@needs_ext
+def test_sparse_input_resume_is_identical(tmp_path):
+    x, y = _sparse_xy()
+    kw = dict(seeds=[0, 1, 2], lr=0.05, batch_size=8, epochs=3, progress=False)
+    full, _ = train_population(builder, x, y, **kw)
+
+    class Killed(Exception):
+        pass
+
+    def die(epoch, history):
+        if epoch == 1:
+            raise Killed
+
+    ck = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        train_population(builder, x, y, checkpoint=ck, callback=die, **kw)
+    resumed, hist = train_population(builder, x, y, checkpoint=ck, **kw)
+    assert hist.resumed_from_epoch == 2 and "+sparse-input" in hist.engine
+    _assert_same(resumed, full, atol=0)
+    # a checkpoint of the sparse run resumes on the dense path too (same settings, same numbers up to rounding)
+    dense, _ = train_population(builder, x, y, checkpoint=ck, sparse_input=False, **{**kw, "epochs": 4})
+    ref, _ = train_population(builder, x, y, **{**kw, "epochs": 4})
+    _assert_same(dense, ref, atol=1e-12)

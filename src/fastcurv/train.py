@@ -56,8 +56,10 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
+from . import _ext
+from .ops.csr_linear import CsrRows
 from .replicas import nonfinite_rows
-from .train_fused import plan_mlp
+from .train_fused import CsrBatch, plan_mlp
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse")
@@ -65,6 +67,9 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.
                "silu": nn.SiLU, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
 _CKPT_VERSION = 1
 _FUSED_SGD = getattr(torch, "_fused_sgd_", None)  # private torch op behind SGD(fused=True); foreach ops if absent
+#: ``sparse_input=None`` multiplies only nonzero inputs when at most this fraction of the training set's
+#: entries is nonzero (MNIST: 0.19, Fashion-MNIST: 0.50); see ``benchmarks/bench_train.py --sparse-sweep``.
+SPARSE_INPUT_MAX_DENSITY = 0.3
 
 
 def mlp(sizes: Sequence[int], activation: str = "relu", *, bias: bool = True, flatten: bool = True) -> nn.Sequential:
@@ -243,6 +248,7 @@ def train_population(
     shared_data_order: bool = False,
     fused: bool | None = None,
     threads: int | None = None,
+    sparse_input: bool | None = None,
 ) -> tuple[list[nn.Module], TrainHistory]:
     """Train R replicas of one architecture at once; returns ``(models, history)``.
 
@@ -283,6 +289,11 @@ def train_population(
             op for the slowest thread, which is very slow when other processes share the cores);
             torch's thread count is 1 during the call and restored after. ``1``: no worker threads,
             torch ops use torch's own intra-op threads. Results do not depend on it.
+        sparse_input: on the fused path on CPU, keep the training set in CSR form and compute the
+            first layer's forward product and weight gradient from the nonzero inputs only
+            (:mod:`fastcurv.ops.csr_linear`; the same numbers up to summation order). ``None``
+            (default): when at most ``SPARSE_INPUT_MAX_DENSITY`` of the inputs are nonzero (MNIST: 19%);
+            ``True``: always (raises where it cannot run); ``False``: never.
     """
     t_start = time.perf_counter()
     if seeds is None:
@@ -357,6 +368,9 @@ def train_population(
     x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
     y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
     N = len(x)
+    csr = _sparse_rows(x, plan, device, sparse_input)
+    if csr is not None:
+        engine += f"+sparse-input ({csr.density:.0%} nonzero)"
     hp = {k: _per_replica(v, R, k, dtype, device) for k, v in
           (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho))}
     use_sam = bool((hp["sam_rho"] > 0).any())
@@ -403,6 +417,13 @@ def train_population(
         history.train_loss, start_epoch = [list(r) for r in h["train_loss"]], int(ck["epoch"])
         history.resumed_from_epoch = start_epoch
 
+    if csr is not None:  # the first layer's weight and everything updated with it, stored as [R, in, out]
+        w0 = plan.layers[0].weight
+        params[w0] = _transposed_storage(params[w0])
+        for group in state.values():
+            if isinstance(group, dict):
+                group[w0] = _transposed_storage(group[w0])
+
     def total_loss(p, bufs, xb, yb, active):
         losses = loss_fn(fwd(p, bufs, xb), yb)
         return torch.where(active, losses, torch.zeros_like(losses)).sum(), losses
@@ -429,8 +450,10 @@ def train_population(
         chunk = max(1, min(N, (1 << 24) // max(1, Rc * int(np.prod(x.shape[1:])))))
         for i in range(0, N, chunk):
             xb, yb = x[i:i + chunk], y[i:i + chunk]
+            if csr is not None:
+                xb = CsrBatch(csr, torch.arange(i, i + len(yb), device=device))
             o = plan.forward(p, xb, shared=True) if plan is not None else fwd_shared(p, bufs, xb)
-            out += loss_fn(o, yb.unsqueeze(0).expand(Rc, *yb.shape)).double() * len(xb)
+            out += loss_fn(o, yb.unsqueeze(0).expand(Rc, *yb.shape)).double() * len(yb)
         return out / N
 
     @torch.no_grad()
@@ -446,11 +469,15 @@ def train_population(
             steps += 1
             lr0, mom0, wd0 = sgd_scalars
             ws, gs, bufs = [p[n] for n in names], [g[n] for n in names], [state["buf"][n][sl] for n in names]
-            if _FUSED_SGD is not None and all(t.is_contiguous() for t in gs):
-                # torch.optim.SGD(fused=True)'s kernel: one pass over w, g and buf (it needs equal, dense layouts)
-                _FUSED_SGD(ws, gs, bufs, weight_decay=wd0, momentum=mom0, lr=lr0, dampening=0.0, nesterov=nesterov,
-                           maximize=False, is_first_step=False)  # buf starts at 0: mom*0 + g = g, as torch.optim
-                return
+            if _FUSED_SGD is not None:
+                # torch.optim.SGD(fused=True)'s kernel: one pass over w, g and buf (it needs equal, dense layouts;
+                # a transposed first layer is passed in its storage order)
+                same = all(w.stride() == g.stride() == b.stride() for w, g, b in zip(ws, gs, bufs))
+                dense = [[_storage_order(t) for t in ts] for ts in (ws, gs, bufs)]
+                if same and all(t.is_contiguous() for ts in dense for t in ts):
+                    _FUSED_SGD(*dense, weight_decay=wd0, momentum=mom0, lr=lr0, dampening=0.0, nesterov=nesterov,
+                               maximize=False, is_first_step=False)  # buf starts at 0: mom*0 + g = g, as torch.optim
+                    return
             if wd0:
                 gs = torch._foreach_add(gs, ws, alpha=wd0)
             torch._foreach_mul_(bufs, mom0)
@@ -514,7 +541,7 @@ def train_population(
     shares = [chunks[w::workers] for w in range(workers)]  # each worker's replica groups
 
     steps_per_epoch = -(-N // batch_size)
-    nbuf = min(batch_size, N) * (1 if fast_shared else int(chunk_size))
+    nbuf = 0 if csr is not None else min(batch_size, N) * (1 if fast_shared else int(chunk_size))
     xbufs = [torch.empty((nbuf, *x.shape[1:]), dtype=x.dtype, device=device) for _ in range(workers)]
     ybufs = [torch.empty((nbuf, *y.shape[1:]), dtype=y.dtype, device=device) for _ in range(workers)]
     history.engine = engine
@@ -526,7 +553,7 @@ def train_population(
             if fast_shared:  # one minibatch for every replica
                 i = orders[k * batch_size:(k + 1) * batch_size]
                 nb = len(i)
-                xs = torch.index_select(x, 0, i, out=xbuf[:nb])
+                xs = CsrBatch(csr, i) if csr is not None else torch.index_select(x, 0, i, out=xbuf[:nb])
                 ys = torch.index_select(y, 0, i, out=ybuf[:nb])
             for sl in shares[w]:
                 Rc = sl.stop - sl.start
@@ -535,7 +562,10 @@ def train_population(
                 else:  # the group's R_c minibatches with one gather, into a preallocated buffer
                     i = orders[sl, k * batch_size:(k + 1) * batch_size]
                     nb = i.shape[1]
-                    xc = torch.index_select(x, 0, i.reshape(-1), out=xbuf[:Rc * nb]).view(Rc, nb, *x.shape[1:])
+                    if csr is not None:
+                        xc = CsrBatch(csr, i)
+                    else:
+                        xc = torch.index_select(x, 0, i.reshape(-1), out=xbuf[:Rc * nb]).view(Rc, nb, *x.shape[1:])
                     yc = torch.index_select(y, 0, i.reshape(-1), out=ybuf[:Rc * nb]).view(Rc, nb, *y.shape[1:])
                 pc = {n: params[n][sl] for n in names}  # views: updated in place
                 bc = {n: b_[sl] for n, b_ in buffers.items()}
@@ -641,6 +671,39 @@ def train_population(
                 p.copy_(params[n][r])
             m.eval()
     return models, history
+
+
+def _sparse_rows(x: torch.Tensor, plan, device: torch.device, sparse_input: bool | None) -> CsrRows | None:
+    """The training set in CSR form when the first layer should multiply only nonzero inputs, else None."""
+    if sparse_input is False:
+        return None
+    why = None
+    if plan is None:
+        why = "the model does not take the fused MLP path"
+    elif device.type != "cpu":
+        why = f"the sparse-input kernels run on the CPU, the job is on {device}"
+    elif not _ext.has_kernel("csr_linear", "cpu"):
+        why = f"the C++ kernels are not loaded ({_ext.extension_error('_C')})"
+    elif x[0].numel() != plan.in_features:
+        why = f"samples have {x[0].numel()} features but the first layer takes {plan.in_features}"
+    if why is None:
+        density = float((x != 0).sum()) / max(1, x.numel())
+        if sparse_input or density <= SPARSE_INPUT_MAX_DENSITY:
+            return CsrRows.from_dense(x)
+        why = f"{density:.0%} of the inputs are nonzero (more than SPARSE_INPUT_MAX_DENSITY)"
+    if sparse_input:
+        raise ValueError(f"sparse_input=True, but {why}")
+    return None
+
+
+def _transposed_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t [R, out, in]`` with the same values, stored as a contiguous ``[R, in, out]`` (a transposed view)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _storage_order(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or its transpose when that is the contiguous one (elementwise updates see no difference)."""
+    return t.transpose(-2, -1) if t.dim() >= 2 and not t.is_contiguous() and t.transpose(-2, -1).is_contiguous() else t
 
 
 def _to_cpu(obj):

@@ -14,14 +14,23 @@ ones ``loss.backward()`` gives for each replica alone (up to floating-point summ
 
 When all replicas see the same minibatch (shared data order), the first layer is ONE GEMM
 ``x [B, in] @ W^T [in, R*out]`` forward and ``dZ^T [R*out, B] @ x [B, in]`` backward.
+
+Sparse inputs (MNIST's pixels are 81% zero): the minibatch can be given as a :class:`CsrBatch`, row
+ids into the training set held once in CSR form, and then the first layer's forward product and
+weight gradient multiply only the nonzero inputs (:mod:`fastcurv.ops.csr_linear`). That layer's
+weight is best stored transposed (``W = Wt.transpose(1, 2)`` with ``Wt [R, in, out]`` contiguous,
+and its gradient buffer likewise), which is how :func:`fastcurv.train.train_population` lays it out.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .ops.csr_linear import CsrRows, csr_linear, csr_linear_wgrad
 
 aten = torch.ops.aten
 
@@ -68,6 +77,13 @@ ACTIVATION_GRADS = {nn.ReLU: _relu, nn.Tanh: _tanh, nn.Sigmoid: _sigmoid, nn.GEL
                     nn.SiLU: _silu, nn.Softplus: _softplus, nn.LeakyReLU: _leaky_relu}
 
 
+class CsrBatch(NamedTuple):
+    """A minibatch as row ids into a sparse data set: ``rows [R, B]`` (or ``[B]`` with shared order)."""
+
+    X: CsrRows
+    rows: torch.Tensor
+
+
 @dataclass
 class _Layer:
     weight: str
@@ -95,6 +111,8 @@ class MLPPlan:
         L = self.layers[0]
         W = p[L.weight]
         R = W.shape[0]
+        if isinstance(x, CsrBatch):
+            return csr_linear(x.X, x.rows, W.transpose(1, 2), p[L.bias] if L.bias else None)
         if shared:
             Wf = W.reshape(R * L.out_features, L.in_features)
             if L.bias:
@@ -106,7 +124,13 @@ class MLPPlan:
             return torch.baddbmm(p[L.bias].unsqueeze(1), x, W.transpose(1, 2))
         return torch.bmm(x, W.transpose(1, 2))
 
-    def _prep(self, x, shared: bool):
+    def _prep(self, p, x, shared: bool):
+        if isinstance(x, CsrBatch):
+            if x.X.in_features != self.in_features:
+                raise ValueError(f"the model's first Linear layer takes {self.in_features} features per sample, "
+                                 f"the data has {x.X.in_features}")
+            R = p[self.layers[0].weight].shape[0]
+            return CsrBatch(x.X, x.rows.expand(R, -1)) if shared else x
         if self.flatten:
             x = x.reshape(x.shape[0], -1) if shared else x.reshape(x.shape[0], x.shape[1], -1)
         if x.shape[-1] != self.in_features:
@@ -115,11 +139,12 @@ class MLPPlan:
         return x
 
     def forward(self, p: dict, x: torch.Tensor, *, shared: bool = False, keep: bool = False):
-        """Outputs ``[R, B, C]`` of all replicas. ``x``: ``[R, B, ...]`` or (``shared``) ``[B, ...]``.
+        """Outputs ``[R, B, C]`` of all replicas. ``x``: ``[R, B, ...]`` or (``shared``) ``[B, ...]``,
+        or a :class:`CsrBatch` with ``rows [R, B]`` (``shared``: ``[B]``).
 
         With ``keep`` also returns the saved tensors the backward pass needs.
         """
-        x = self._prep(x, shared)
+        x = self._prep(p, x, shared)
         saved = []
         h = x
         for i, L in enumerate(self.layers):
@@ -145,13 +170,14 @@ class MLPPlan:
         """Per-replica minibatch losses ``[R]`` and gradients of ``sum_r active_r * loss_r``.
 
         ``p``: name -> ``[R, ...]`` stacked parameters. ``x``: ``[R, B, ...]`` (or ``[B, ...]`` with
-        ``shared``), ``y``: ``[R, B]`` labels / ``[R, B, ...]`` targets (or without the leading ``R``).
+        ``shared``) or a :class:`CsrBatch`, ``y``: ``[R, B]`` labels / ``[R, B, ...]`` targets (or without the leading ``R``).
         ``active``: ``[R]`` bool, inactive replicas get zero loss weight. ``out``: optional name ->
         preallocated contiguous ``[R, ...]`` gradient buffers (written in place and returned).
         Returns ``(grads: dict name -> [R, ...], losses: [R])``.
         """
         logits, saved = self.forward(p, x, shared=shared, keep=True)
         R, B = logits.shape[0], logits.shape[1]
+        sparse = isinstance(x, CsrBatch)
         w = active.to(logits.dtype)
         if loss == "cross_entropy":
             yy = (y.view(1, B, 1).expand(R, B, 1) if shared else y.reshape(R, B, 1))
@@ -175,6 +201,17 @@ class MLPPlan:
             h, acts = saved[i]
             for (zin, a), (_, bwd) in zip(reversed(acts), reversed(L.acts)):
                 dz = bwd(dz, zin, a)
+            if i == 0 and sparse:  # h is the CsrBatch; the gradient is written as [R, in, out]
+                gw = grads.get(L.weight)
+                if gw is None:
+                    grads[L.weight] = gw = torch.empty_like(p[L.weight])
+                csr_linear_wgrad(h.X, h.rows, dz, out=gw.transpose(1, 2))
+                if L.bias:
+                    gb = grads.get(L.bias)
+                    if gb is None:
+                        grads[L.bias] = gb = torch.empty_like(p[L.bias])
+                    torch.sum(dz, 1, out=gb)
+                break
             if i == 0 and shared:
                 # dz [R, B, out] -> [B, R*out]; dW [R*out, in] = dz^T @ x, one GEMM
                 dzt = dz.transpose(0, 1).reshape(B, R * L.out_features)

@@ -7,6 +7,7 @@ from .agreement_counts import AgreementCounts, agreement_counts, agreement_count
 from .activation import ACTIVATIONS, act_derivs, act_derivs_reference, activation_kind, activation_value
 from .act_rop_bwd import act_rop_bwd, act_rop_bwd_reference
 from .bn_rop_bwd import bn_rop_bwd, bn_rop_bwd_reference
+from .csr_linear import CsrRows, csr_linear, csr_linear_reference, csr_linear_wgrad, csr_linear_wgrad_reference
 from .softmax_ce_hvp import softmax_ce_hvp, softmax_ce_hvp_reference
 
 __all__ = [
@@ -23,6 +24,11 @@ __all__ = [
     "act_rop_bwd_reference",
     "bn_rop_bwd",
     "bn_rop_bwd_reference",
+    "CsrRows",
+    "csr_linear",
+    "csr_linear_reference",
+    "csr_linear_wgrad",
+    "csr_linear_wgrad_reference",
     "softmax_ce_hvp",
     "softmax_ce_hvp_reference",
 ]
