@@ -12,6 +12,10 @@ or as a script that prints times and speed-ups relative to 'torch' and writes JS
 
     python benchmarks/bench_kernels.py --json bench_kernels.json
 
+``--csr-sweep``: the sparse-input linear layer (``csr_linear`` forward + ``csr_linear_wgrad``) against
+the dense batched GEMMs it replaces in training (one replica group of 17, minibatch 64, 784 -> 128,
+one thread, as a training worker runs it), over input densities; it sets ``SPARSE_INPUT_MAX_DENSITY``.
+
 Default sizes (a slice of the W1 workload: R=20 replicas, N=500 rows, hidden 128, C=10, K=4) run in
 about a minute on a 2-core CPU; ``FASTCURV_BENCH_FULL=1`` (or ``--full``) uses W1 itself (R=100,
 N=1000, K=8). Timings on shared machines are noisy: compare medians from one run, never gate CI on them.
@@ -129,6 +133,67 @@ def test_kernel(benchmark, op, impl, device):
     benchmark(_synced(impls[impl], args, device))
 
 
+# ----------------------------------------------------------------------------- sparse inputs
+
+CSR_DENSITIES = (0.05, 0.1, 0.19, 0.3, 0.4, 0.5, 0.7)
+
+
+def csr_inputs(density: float, R: int = 17, B: int = 64, N: int = 2000, d_in: int = 784, d_out: int = 128):
+    """A random ``[N, d_in]`` data set with the given fraction of nonzeros, a minibatch per replica,
+    weights and output gradients; returns ``(X, rows, x_batch, wt, w, grad)``."""
+    from fastcurv.ops.csr_linear import CsrRows
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(N, d_in, generator=g)
+    x[torch.rand(N, d_in, generator=g) >= density] = 0
+    rows = torch.randint(0, N, (R, B), generator=g)
+    w = torch.randn(R, d_out, d_in, generator=g)
+    return CsrRows.from_dense(x), rows, x[rows], w.transpose(1, 2).contiguous(), w, torch.randn(R, B, d_out, generator=g)
+
+
+def csr_pair(X, rows, wt, grad, out):
+    torch.ops.fastcurv.csr_linear(X.indptr, X.indices, X.values, rows, wt, None)
+    torch.ops.fastcurv.csr_linear_wgrad(X.indptr, X.indices, X.values, rows, grad, out)
+
+
+def dense_pair(xb, w, grad, out):
+    torch.bmm(xb, w.transpose(1, 2))
+    torch.bmm(grad.transpose(1, 2), xb, out=out)
+
+
+@pytest.mark.skipif(not _ext.has_kernel("csr_linear", "cpu"), reason="C++ extension not built")
+@pytest.mark.parametrize("density", [0.19, 0.5])
+@pytest.mark.parametrize("impl", ["csr", "dense"])
+def test_csr_linear(benchmark, impl, density):
+    X, rows, xb, wt, w, grad = csr_inputs(density)
+    benchmark.group = f"csr_linear-density{density}"
+    if impl == "csr":
+        out = torch.empty_like(wt)
+        benchmark(csr_pair, X, rows, wt, grad, out)
+    else:
+        out = torch.empty_like(w)
+        benchmark(dense_pair, xb, w, grad, out)
+
+
+def csr_sweep(repeat: int) -> list[dict]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = []
+        for density in CSR_DENSITIES:
+            X, rows, xb, wt, w, grad = csr_inputs(density)
+            o1, o2 = torch.empty_like(wt), torch.empty_like(w)
+            t_csr = _time(lambda: csr_pair(X, rows, wt, grad, o1), repeat)
+            t_dense = _time(lambda: dense_pair(xb, w, grad, o2), repeat)
+            res.append(dict(op="csr_linear+wgrad", density=density, csr_ms=t_csr * 1e3, dense_ms=t_dense * 1e3,
+                            speedup=t_dense / t_csr))
+            print(f"csr_linear+wgrad density {density:4.2f}: csr {t_csr * 1e3:7.3f} ms, dense bmm {t_dense * 1e3:7.3f} ms"
+                  f"   x{t_dense / t_csr:5.2f}")
+        return res
+    finally:
+        torch.set_num_threads(old)
+
+
 # ----------------------------------------------------------------------------- script mode
 
 
@@ -147,7 +212,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results to this file")
     ap.add_argument("--full", action="store_true", help="W1 sizes (R=100, N=1000, K=8)")
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--csr-sweep", action="store_true", help="only the sparse-input layer against dense GEMMs")
     args = ap.parse_args(argv)
+    if args.csr_sweep:
+        res = csr_sweep(args.repeat)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(meta=dict(torch=torch.__version__, threads=1), results=res), f, indent=2)
+        return 0
     results = []
     for device in ["cpu"] + (["cuda"] if HAVE_CUDA else []):
         for op in REFERENCES:

@@ -15,8 +15,9 @@ eval BatchNorm) on B MNIST images: the fused engine runs them as torch.fx-traced
 
 Reports, from one run: one gradient for all R (the unit: the fastest of a per-model loop and the
 batched gradients), one matvec for all R per backend with
-K=1 and K=8 probes (on W1 also the fused engine with ``drop_zero_columns=False``, which multiplies
-the input's all-zero pixel columns too), a per-model autograd loop (double backward through a retained graph, built
+K=1 and K=8 probes (on W1 the fused engine's default multiplies only the nonzero pixels in the first
+layer, ``fastcurv.ops.csr_linear``; also timed: ``sparse_input=False``, dense GEMMs without the
+input's all-zero pixel columns, and with ``drop_zero_columns=False`` too, all columns), a per-model autograd loop (double backward through a retained graph, built
 once), the func backend with its linearizations compiled (``backend_options={"compile": True}``;
 the first matvec, which compiles, is reported apart; measured last, after the jobs), and the
 default ``batched_sharpness`` job per backend (best of --job-repeats; on ReLU MLPs the fused engine
@@ -199,9 +200,11 @@ def main(argv=None):
         for b in ("fused", "fused_deflated"):
             res[f"batched_sharpness_{b}_speedup_over_func"] = res["seconds"]["batched_sharpness_func"] / res["seconds"][f"batched_sharpness_{b}"]
     ops = {b: fastcurv.HessianOperator(models, (x, y), backend=b) for b in ("fused", "func")}
-    if a.workload == "W1":  # the same engine without skipping the input's all-zero columns
-        ops["fused_all_columns"] = fastcurv.HessianOperator(models, (x, y), backend="fused",
-                                                            backend_options={"drop_zero_columns": False})
+    if a.workload == "W1":  # the same engine with dense first-layer GEMMs: without the zero columns, and all
+        ops["fused_dense_input"] = fastcurv.HessianOperator(models, (x, y), backend="fused",
+                                                            backend_options={"sparse_input": False})
+        ops["fused_all_columns"] = fastcurv.HessianOperator(
+            models, (x, y), backend="fused", backend_options={"sparse_input": False, "drop_zero_columns": False})
     P = ops["fused"].P
     for K in (1, 8):
         V = torch.randn(R, K, P, device=dev)
@@ -215,15 +218,23 @@ def main(argv=None):
     # replica: forward tangent 2IO (+2IO when the input has a tangent), weight HVP 2IO (+2IO),
     # input tangent 4IO when the layer is not the first; elementwise work is not counted.
     # Conv layers (W3) count the same way with I*O replaced by their multiply-accumulates per sample.
-    # W1's first layer counts only the input columns the engine keeps (those not zero in every image).
-    kept = int((x != 0).any(0).sum()) if a.workload == "W1" else None
-    if kept is not None:
-        res["first_layer_inputs_kept"] = kept
-    macs = [kept * H, H * H, H * 10] if a.workload == "W1" else {"W3": W3_MACS, "W4": W4_MACS}[a.workload]
-    flops_per_probe = sum((2 + 2 * (i > 0)) * m + (2 + 2 * (i > 0)) * m + (4 * m if i > 0 else 0) for i, m in enumerate(macs)) * a.batch * R
-    res["gflops_fused_K8"] = 8 * flops_per_probe / res["seconds"]["hvp_fused_K8"] / 1e9
+    # W1's first layer counts only the multiply-adds the engine does: with the sparse input (default)
+    # the nonzero pixels of each image, with dense_input the columns not zero in every image.
     res["sgemm_gflops"] = sgemm_gflops(dev, sync)
-    res["fused_K8_fraction_of_sgemm"] = res["gflops_fused_K8"] / res["sgemm_gflops"]
+
+    def gflops(first_layer_inputs, seconds):
+        macs = [first_layer_inputs * H, H * H, H * 10] if a.workload == "W1" else {"W3": W3_MACS, "W4": W4_MACS}[a.workload]
+        per_probe = sum((2 + 2 * (i > 0)) * m + (2 + 2 * (i > 0)) * m + (4 * m if i > 0 else 0) for i, m in enumerate(macs)) * a.batch * R
+        return 8 * per_probe / seconds / 1e9
+
+    variants = {"fused": None}
+    if a.workload == "W1":
+        res["first_layer_nonzeros_per_image"] = float((x != 0).sum(1).double().mean())
+        res["first_layer_inputs_kept"] = int((x != 0).any(0).sum())
+        variants = {"fused": res["first_layer_nonzeros_per_image"], "fused_dense_input": res["first_layer_inputs_kept"]}
+    for b, first in variants.items():
+        res[f"gflops_{b}_K8"] = gflops(first, res["seconds"][f"hvp_{b}_K8"])
+        res[f"{b}_K8_fraction_of_sgemm"] = res[f"gflops_{b}_K8"] / res["sgemm_gflops"]
     if not a.skip_slow:
         graphs = []
         for m in models:

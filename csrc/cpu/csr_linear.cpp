@@ -22,6 +22,8 @@
 namespace {
 
 #define FC_ALWAYS_INLINE inline __attribute__((always_inline))
+// Lambdas are inlined too, so that their loops are compiled for the caller's target (AVX2/AVX-512).
+#define FC_LAMBDA_INLINE __attribute__((always_inline))
 
 // The vector helpers are always inlined, so the ABI of returning a vector never matters.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -55,22 +57,6 @@ FC_ALWAYS_INLINE void fwd_tile(const int32_t* idx, const S* val, int64_t nnz, co
   for (int i = 0; i < NV; ++i) zv[i] = acc[i];
 }
 
-// One output row z[0:out] from one CSR row: tiles of 8 vectors, then single vectors, then scalars.
-template <typename S, int BYTES>
-FC_ALWAYS_INLINE void fwd_row(const int32_t* idx, const S* val, int64_t nnz, const S* w, int64_t out,
-                              const S* bias, S* z) {
-  constexpr int W = Lanes<S, BYTES>::kWidth;
-  int64_t c = 0;
-  for (; c + 8 * W <= out; c += 8 * W)
-    fwd_tile<S, BYTES, 8>(idx, val, nnz, w + c, out, bias ? bias + c : nullptr, z + c);
-  for (; c + W <= out; c += W) fwd_tile<S, BYTES, 1>(idx, val, nnz, w + c, out, bias ? bias + c : nullptr, z + c);
-  for (; c < out; ++c) {
-    S acc = bias ? bias[c] : S(0);
-    for (int64_t k = 0; k < nnz; ++k) acc += val[k] * w[static_cast<int64_t>(idx[k]) * out + c];
-    z[c] = acc;
-  }
-}
-
 // o[idx_k, tile] += v_k * g[tile] for the nonzeros of one CSR row, g's tile held in NV vectors.
 template <typename S, int BYTES, int NV>
 FC_ALWAYS_INLINE void wgrad_tile(const int32_t* idx, const S* val, int64_t nnz, const S* g, int64_t ldo, S* o) {
@@ -86,17 +72,6 @@ FC_ALWAYS_INLINE void wgrad_tile(const int32_t* idx, const S* val, int64_t nnz, 
 #pragma GCC unroll 16
     for (int i = 0; i < NV; ++i) orow[i] += v * gv[i];
   }
-}
-
-// o[idx_k, :] += v_k * g for the nonzeros of one CSR row (g: that row's output gradient).
-template <typename S, int BYTES>
-FC_ALWAYS_INLINE void wgrad_row(const int32_t* idx, const S* val, int64_t nnz, const S* g, int64_t out, S* o) {
-  constexpr int W = Lanes<S, BYTES>::kWidth;
-  int64_t c = 0;
-  for (; c + 8 * W <= out; c += 8 * W) wgrad_tile<S, BYTES, 8>(idx, val, nnz, g + c, out, o + c);
-  for (; c + W <= out; c += W) wgrad_tile<S, BYTES, 1>(idx, val, nnz, g + c, out, o + c);
-  for (; c < out; ++c)
-    for (int64_t k = 0; k < nnz; ++k) o[static_cast<int64_t>(idx[k]) * out + c] += val[k] * g[c];
 }
 
 template <typename S>
@@ -117,28 +92,81 @@ struct Args {
   S* dst;         // fwd: z [R, B, out]; wgrad: out [R, in, out]
 };
 
-// fwd: z rows p in [p0, p1) of the flattened R x B; wgrad: replicas r in [p0, p1).
+// Both ops run the output columns in tiles (8 vectors, then single vectors, then scalars), each
+// tile over all rows of a replica before the next, so that the weight (gradient) rows a tile reads
+// stay in L2 even when `out` is wide (K probes x 128 outputs in the Hessian-vector products).
+
+// z rows [b0, b1) of replica r.
+template <typename S, int BYTES>
+FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t b1) {
+  constexpr int W = Lanes<S, BYTES>::kWidth;
+  const S* w = a.w + r * a.in * a.out;
+  const S* bias = a.bias ? a.bias + r * a.out : nullptr;
+  auto each_row = [&](auto&& f) FC_LAMBDA_INLINE {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row = a.rows[r * a.rs0 + b * a.rs1];
+      const int64_t k0 = a.X.indptr[row], k1 = a.X.indptr[row + 1];
+      f(a.X.indices + k0, a.X.values + k0, k1 - k0, a.dst + (r * a.B + b) * a.out);
+    }
+  };
+  int64_t c = 0;
+  for (; c + 8 * W <= a.out; c += 8 * W)
+    each_row([&](const int32_t* idx, const S* val, int64_t nnz, S* z) FC_LAMBDA_INLINE {
+      fwd_tile<S, BYTES, 8>(idx, val, nnz, w + c, a.out, bias ? bias + c : nullptr, z + c);
+    });
+  for (; c + W <= a.out; c += W)
+    each_row([&](const int32_t* idx, const S* val, int64_t nnz, S* z) FC_LAMBDA_INLINE {
+      fwd_tile<S, BYTES, 1>(idx, val, nnz, w + c, a.out, bias ? bias + c : nullptr, z + c);
+    });
+  for (; c < a.out; ++c)
+    each_row([&](const int32_t* idx, const S* val, int64_t nnz, S* z) FC_LAMBDA_INLINE {
+      S acc = bias ? bias[c] : S(0);
+      for (int64_t k = 0; k < nnz; ++k) acc += val[k] * w[static_cast<int64_t>(idx[k]) * a.out + c];
+      z[c] = acc;
+    });
+}
+
+// out[r] for replica r: zeroed, then every row's nonzeros added.
+template <typename S, int BYTES>
+FC_ALWAYS_INLINE void wgrad_replica(const Args<S>& a, int64_t r) {
+  constexpr int W = Lanes<S, BYTES>::kWidth;
+  S* o = a.dst + r * a.in * a.out;
+  std::memset(o, 0, sizeof(S) * a.in * a.out);
+  auto each_row = [&](auto&& f) FC_LAMBDA_INLINE {
+    for (int64_t b = 0; b < a.B; ++b) {
+      const int64_t row = a.rows[r * a.rs0 + b * a.rs1];
+      const int64_t k0 = a.X.indptr[row], k1 = a.X.indptr[row + 1];
+      f(a.X.indices + k0, a.X.values + k0, k1 - k0, a.w + (r * a.B + b) * a.out);
+    }
+  };
+  int64_t c = 0;
+  for (; c + 8 * W <= a.out; c += 8 * W)
+    each_row([&](const int32_t* idx, const S* val, int64_t nnz, const S* g) FC_LAMBDA_INLINE {
+      wgrad_tile<S, BYTES, 8>(idx, val, nnz, g + c, a.out, o + c);
+    });
+  for (; c + W <= a.out; c += W)
+    each_row([&](const int32_t* idx, const S* val, int64_t nnz, const S* g) FC_LAMBDA_INLINE {
+      wgrad_tile<S, BYTES, 1>(idx, val, nnz, g + c, a.out, o + c);
+    });
+  for (; c < a.out; ++c)
+    each_row([&](const int32_t* idx, const S* val, int64_t nnz, const S* g) FC_LAMBDA_INLINE {
+      for (int64_t k = 0; k < nnz; ++k) o[static_cast<int64_t>(idx[k]) * a.out + c] += val[k] * g[c];
+    });
+}
+
+// fwd: the rows p in [p0, p1) of the flattened R x B, replica by replica; wgrad: replicas [p0, p1).
 template <typename S, int BYTES>
 FC_ALWAYS_INLINE void fwd_range(const Args<S>& a, int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t r = p / a.B, b = p % a.B, row = a.rows[r * a.rs0 + b * a.rs1];
-    const int64_t k0 = a.X.indptr[row], k1 = a.X.indptr[row + 1];
-    fwd_row<S, BYTES>(a.X.indices + k0, a.X.values + k0, k1 - k0, a.w + r * a.in * a.out, a.out,
-                      a.bias ? a.bias + r * a.out : nullptr, a.dst + p * a.out);
+  for (int64_t p = p0; p < p1;) {
+    const int64_t r = p / a.B, b1 = std::min(a.B, p1 - r * a.B);
+    fwd_rows<S, BYTES>(a, r, p - r * a.B, b1);
+    p = r * a.B + b1;
   }
 }
 
 template <typename S, int BYTES>
 FC_ALWAYS_INLINE void wgrad_range(const Args<S>& a, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    S* o = a.dst + r * a.in * a.out;
-    std::memset(o, 0, sizeof(S) * a.in * a.out);
-    for (int64_t b = 0; b < a.B; ++b) {
-      const int64_t row = a.rows[r * a.rs0 + b * a.rs1];
-      const int64_t k0 = a.X.indptr[row], k1 = a.X.indptr[row + 1];
-      wgrad_row<S, BYTES>(a.X.indices + k0, a.X.values + k0, k1 - k0, a.w + (r * a.B + b) * a.out, a.out, o);
-    }
-  }
+  for (int64_t r = r0; r < r1; ++r) wgrad_replica<S, BYTES>(a, r);
 }
 
 template <typename S>

@@ -56,8 +56,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from . import _ext
-from .ops.csr_linear import CsrRows
+from .ops.csr_linear import CsrRows, sparse_rows
 from .replicas import nonfinite_rows
 from .train_fused import CsrBatch, plan_mlp
 
@@ -67,9 +66,6 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.
                "silu": nn.SiLU, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
 _CKPT_VERSION = 1
 _FUSED_SGD = getattr(torch, "_fused_sgd_", None)  # private torch op behind SGD(fused=True); foreach ops if absent
-#: ``sparse_input=None`` multiplies only nonzero inputs when at most this fraction of the training set's
-#: entries is nonzero (MNIST: 0.19, Fashion-MNIST: 0.50); see ``benchmarks/bench_train.py --sparse-sweep``.
-SPARSE_INPUT_MAX_DENSITY = 0.3
 
 
 def mlp(sizes: Sequence[int], activation: str = "relu", *, bias: bool = True, flatten: bool = True) -> nn.Sequential:
@@ -292,8 +288,9 @@ def train_population(
         sparse_input: on the fused path on CPU, keep the training set in CSR form and compute the
             first layer's forward product and weight gradient from the nonzero inputs only
             (:mod:`fastcurv.ops.csr_linear`; the same numbers up to summation order). ``None``
-            (default): when at most ``SPARSE_INPUT_MAX_DENSITY`` of the inputs are nonzero (MNIST: 19%);
-            ``True``: always (raises where it cannot run); ``False``: never.
+            (default): when at most ``SPARSE_INPUT_MAX_DENSITY`` (0.4, in that module) of the
+            inputs are nonzero (MNIST: 19%); ``True``: always (raises where it cannot run);
+            ``False``: never.
     """
     t_start = time.perf_counter()
     if seeds is None:
@@ -368,7 +365,7 @@ def train_population(
     x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
     y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
     N = len(x)
-    csr = _sparse_rows(x, plan, device, sparse_input)
+    csr = _sparse_rows(x, plan, sparse_input)
     if csr is not None:
         engine += f"+sparse-input ({csr.density:.0%} nonzero)"
     hp = {k: _per_replica(v, R, k, dtype, device) for k, v in
@@ -673,27 +670,19 @@ def train_population(
     return models, history
 
 
-def _sparse_rows(x: torch.Tensor, plan, device: torch.device, sparse_input: bool | None) -> CsrRows | None:
+def _sparse_rows(x: torch.Tensor, plan, sparse_input: bool | None) -> CsrRows | None:
     """The training set in CSR form when the first layer should multiply only nonzero inputs, else None."""
     if sparse_input is False:
         return None
-    why = None
-    if plan is None:
-        why = "the model does not take the fused MLP path"
-    elif device.type != "cpu":
-        why = f"the sparse-input kernels run on the CPU, the job is on {device}"
-    elif not _ext.has_kernel("csr_linear", "cpu"):
-        why = f"the C++ kernels are not loaded ({_ext.extension_error('_C')})"
-    elif x[0].numel() != plan.in_features:
-        why = f"samples have {x[0].numel()} features but the first layer takes {plan.in_features}"
-    if why is None:
-        density = float((x != 0).sum()) / max(1, x.numel())
-        if sparse_input or density <= SPARSE_INPUT_MAX_DENSITY:
-            return CsrRows.from_dense(x)
-        why = f"{density:.0%} of the inputs are nonzero (more than SPARSE_INPUT_MAX_DENSITY)"
-    if sparse_input:
+    csr, why = None, "the model does not take the fused MLP path"
+    if plan is not None:
+        if x[0].numel() != plan.in_features:
+            why = f"samples have {x[0].numel()} features but the first layer takes {plan.in_features}"
+        else:
+            csr, why = sparse_rows(x, sparse_input)
+    if sparse_input and csr is None:
         raise ValueError(f"sparse_input=True, but {why}")
-    return None
+    return csr
 
 
 def _transposed_storage(t: torch.Tensor) -> torch.Tensor:
