@@ -22,9 +22,11 @@ TORCH_LIBRARY(fastcurv, m) {
   // Exact pairwise agreement counts between integer predictions preds[R, M]: out[i,j] = #{m : preds[i,m] == preds[j,m]}.
   m.def("agreement_counts(Tensor preds) -> Tensor");
   // Linear layer on CSR input rows, R replicas: X [N, in] as (indptr [N+1] int64, indices [nnz] int32 in
-  // [0, in), values [nnz]); rows [R, B] int64 picks each replica's minibatch; weight_t [R, in, out] (W^T),
-  // bias [R, out]. Returns z [R, B, out] = X[rows[r]] @ weight_t[r] + bias[r].
-  m.def("csr_linear(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight_t, Tensor? bias) -> Tensor");
-  // Its weight gradient, written into out [R, in, out]: out[r] = X[rows[r]]^T @ grad[r], grad [R, B, out].
-  m.def("csr_linear_wgrad(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor grad, Tensor(a!) out) -> ()");
+  // [0, in), values [nnz]); rows [R, B] int64 picks each replica's minibatch; weight W [R, out, in], or
+  // W^T [R, in, out] with weight_t (rows contiguous, any replica stride); bias [R, out].
+  // Returns z [R, B, out] = X[rows[r]] @ W[r]^T + bias[r].
+  m.def("csr_linear(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight, Tensor? bias, bool weight_t) -> Tensor");
+  // Its weight gradient X[rows[r]]^T @ grad[r] (grad [R, B, out]) written into out, W-shaped [R, out, in] or
+  // with out_t W^T-shaped [R, in, out]; accumulate adds it to out instead of overwriting.
+  m.def("csr_linear_wgrad(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor grad, Tensor(a!) out, bool out_t, bool accumulate) -> ()");
 }

@@ -36,12 +36,23 @@ def test_csr_rows_round_trip_and_density():
         CsrRows.from_dense(x.long())
 
 
+def _layouts(w):
+    """``w [R, out, in]`` stored three ways: contiguous, as a transposed ``[R, in, out]`` storage, and
+    with a replica stride larger than a block (a slice of a wider buffer)."""
+    R, o, i = w.shape
+    wide = torch.zeros(R, o * i + 5, dtype=w.dtype)
+    strided = wide[:, 3:3 + o * i].view(R, o, i)
+    strided.copy_(w)
+    return {"contiguous": w.contiguous(), "transposed": w.transpose(1, 2).contiguous().transpose(1, 2), "strided": strided}
+
+
 @needs_ext
 @pytest.mark.parametrize("level", ["0", "1", "2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernels_match_dense_products(level, dtype, monkeypatch):
-    """Every vector variant (FASTCURV_CPU_LEVEL caps the one picked), every tile path, with and
-    without bias, per-replica and shared (stride-0) rows, against float64 dense products."""
+    """Every vector variant (FASTCURV_CPU_LEVEL caps the one picked), every tile path, both weight
+    layouts and a replica stride, with and without bias, overwriting and accumulating gradients,
+    per-replica and shared (stride-0) rows, against float64 dense products."""
     monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
     R, B, N, d = 3, 7, 12, 29
     x = _sparse_data(N, d, 0.25, dtype)
@@ -52,21 +63,28 @@ def test_kernels_match_dense_products(level, dtype, monkeypatch):
     shared = torch.randint(0, N, (B,), generator=g).expand(R, B)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for out in WIDTHS:
-        wt = torch.randn(R, d, out, generator=g, dtype=dtype)
+        w = torch.randn(R, out, d, generator=g, dtype=dtype)
         bias = torch.randn(R, out, generator=g, dtype=dtype)
         grad = torch.randn(R, B, out, generator=g, dtype=dtype)
         for rr in (rows, shared):
             xb = x.double()[rr]
-            with fastcurv.use_kernels("ext"):
-                z = csr_linear(X, rr, wt, bias)
-                z0 = csr_linear(X, rr, wt)
-                buf = torch.full((R, d, out), float("nan"), dtype=dtype)
-                gw = csr_linear_wgrad(X, rr, grad, out=buf)
-            assert gw is buf
-            want = torch.bmm(xb, wt.double())
-            torch.testing.assert_close(z.double(), want + bias.double().unsqueeze(1), **tol)
-            torch.testing.assert_close(z0.double(), want, **tol)
-            torch.testing.assert_close(gw.double(), torch.bmm(xb.transpose(1, 2), grad.double()), **tol)
+            want = torch.bmm(xb, w.double().transpose(1, 2))
+            want_g = torch.bmm(grad.double().transpose(1, 2), xb)
+            for name, wl in _layouts(w).items():
+                with fastcurv.use_kernels("ext"):
+                    z = csr_linear(X, rr, wl, bias)
+                    z0 = csr_linear(X, rr, wl)
+                torch.testing.assert_close(z.double(), want + bias.double().unsqueeze(1), **tol, msg=name)
+                torch.testing.assert_close(z0.double(), want, **tol, msg=name)
+                buf = _layouts(torch.full_like(w, float("nan")))[name]
+                start = torch.randn(R, out, d, generator=g, dtype=dtype)
+                acc = _layouts(start.clone())[name]
+                with fastcurv.use_kernels("ext"):
+                    got = csr_linear_wgrad(X, rr, grad, out=buf)
+                    csr_linear_wgrad(X, rr, grad, out=acc, accumulate=True)
+                assert got is buf
+                torch.testing.assert_close(buf.double(), want_g, **tol, msg=name)
+                torch.testing.assert_close(acc.double(), start.double() + want_g, **tol, msg=name)
 
 
 @needs_ext
@@ -74,15 +92,20 @@ def test_references_agree_with_kernels():
     x = _sparse_data(10, 17, 0.2, torch.float64)
     X = CsrRows.from_dense(x)
     rows = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(3))
-    wt, grad = torch.randn(2, 17, 6, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    w, grad = torch.randn(2, 6, 17, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
     with fastcurv.use_kernels("ext"):
-        z, gw = csr_linear(X, rows, wt), csr_linear_wgrad(X, rows, grad)
+        z, gw = csr_linear(X, rows, w), csr_linear_wgrad(X, rows, grad)
     with fastcurv.use_kernels("torch"):
-        zr, gr = csr_linear(X, rows, wt), csr_linear_wgrad(X, rows, grad)
+        zr, gr = csr_linear(X, rows, w), csr_linear_wgrad(X, rows, grad)
     torch.testing.assert_close(z, zr)
-    torch.testing.assert_close(zr, csr_linear_reference(X, rows, wt))
+    torch.testing.assert_close(zr, csr_linear_reference(X, rows, w))
     torch.testing.assert_close(gw, gr)
     torch.testing.assert_close(gr, csr_linear_wgrad_reference(X, rows, grad))
+    # an out whose rows are not contiguous in either orientation takes the reference path
+    odd = torch.zeros(2, 12, 34, dtype=torch.float64)[:, ::2, ::2]
+    with fastcurv.use_kernels("ext"):
+        csr_linear_wgrad(X, rows, grad, out=odd)
+    torch.testing.assert_close(odd, gr)
 
 
 @needs_ext
@@ -90,18 +113,19 @@ def test_bad_inputs_are_named():
     x = _sparse_data(6, 5, 0.5, torch.float32)
     X = CsrRows.from_dense(x)
     rows = torch.zeros(2, 3, dtype=torch.int64)
-    wt = torch.randn(2, 5, 4)
+    w = torch.randn(2, 4, 5)
+    ops = torch.ops.fastcurv
     with fastcurv.use_kernels("ext"):
         with pytest.raises(RuntimeError, match=r"rows must lie in \[0, 6\)"):
-            csr_linear(X, rows + 6, wt)
-        with pytest.raises(RuntimeError, match="weight_t must be a contiguous"):
-            torch.ops.fastcurv.csr_linear(X.indptr, X.indices, X.values, rows, wt.transpose(1, 2), None)
+            csr_linear(X, rows + 6, w)
+        with pytest.raises(RuntimeError, match="weight must have contiguous rows"):
+            ops.csr_linear(X.indptr, X.indices, X.values, rows, w.transpose(1, 2), None, False)
         with pytest.raises(RuntimeError, match="bias must be"):
-            csr_linear(X, rows, wt, torch.randn(2, 3))
-        with pytest.raises(RuntimeError, match="out must be a contiguous"):
-            torch.ops.fastcurv.csr_linear_wgrad(X.indptr, X.indices, X.values, rows, torch.randn(2, 3, 4),
-                                                torch.empty(2, 5, 3))
+            csr_linear(X, rows, w, torch.randn(2, 3))
+        with pytest.raises(RuntimeError, match=r"out must be \[R, 4, in\]"):
+            ops.csr_linear_wgrad(X.indptr, X.indices, X.values, rows, torch.randn(2, 3, 4), torch.empty(2, 3, 5),
+                                 False, False)
     with pytest.raises(TypeError, match="float32 values but the layer is torch.float64"):
-        csr_linear(X, rows, wt.double())
+        csr_linear(X, rows, w.double())
     with pytest.raises(ValueError, match=r"int64 \[R, B\] table"):
-        csr_linear(X, rows[0], wt)
+        csr_linear(X, rows[0], w)

@@ -2,15 +2,17 @@
 //
 // X [N, in] is given once as CSR (indptr [N+1] int64, indices [nnz] int32, values [nnz]); a
 // minibatch is a table of row ids rows [R, B] (each replica its own rows; a stride-0 first axis
-// shares them). With the weight stored transposed, wt [R, in, out]:
-//   csr_linear:        z[r, b, :]  = bias[r, :] + sum_k values[k] * wt[r, indices[k], :],  k in row rows[r, b]
-//   csr_linear_wgrad:  out[r, j, :] = sum_b sum_{k in row rows[r, b], indices[k] == j} values[k] * grad[r, b, :]
+// shares them). With W^T[r] = the transposed weight [in, out] of replica r:
+//   csr_linear:        z[r, b, :]   = bias[r, :] + sum_k values[k] * W^T[r][indices[k], :],  k in row rows[r, b]
+//   csr_linear_wgrad:  gW^T[r][j, :] = sum_b sum_{k in row rows[r, b], indices[k] == j} values[k] * grad[r, b, :]
 // i.e. X[rows[r]] @ W_r^T and X[rows[r]]^T @ grad_r, with only the nonzero inputs multiplied. MNIST
 // pixels are 81% zero, so the first layer of an MLP on MNIST does a fifth of the dense GEMM's work.
-// Each nonzero adds a scaled row of `out` contiguous numbers; the row tile being accumulated is
-// held in vector registers (z) or read-modified-written in L1/L2 (the weight gradient, whose
-// [in, out] block of a replica is 0.4 MB for 784 x 128). Written with GCC/Clang vector extensions;
-// on x86-64 the loops are compiled again for AVX2 + FMA and for AVX-512, chosen at run time.
+// Each nonzero adds a scaled row of W^T (or of the output gradient) to a row tile that is held in
+// vector registers (z) or read-modified-written in L2 (the weight gradient). Weights given as W
+// [out, in] (the Linear layout) are transposed one tile at a time into a per-thread scratch, and
+// gradients wanted in that layout are transposed out of it. Written with GCC/Clang vector
+// extensions; on x86-64 the loops are compiled again for AVX2 + FMA and for AVX-512, chosen at run
+// time.
 #include <torch/library.h>
 #include "common.h"
 
@@ -18,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -81,80 +84,165 @@ struct Csr {
   const S* values;
 };
 
-// Arguments of one call; `rows` is indexed with strides rs0 (replica) and rs1 (batch row).
+// Arguments of one call; `rows` is indexed with strides rs0 (replica) and rs1 (batch row). Weights
+// and weight gradients are per replica either W^T [in, out] ("_t", the layout the loops read) or W
+// [out, in] (transposed through a per-thread L2 scratch tile); their replica stride is free.
 template <typename S>
 struct Args {
   Csr<S> X;
   const int64_t* rows;
   int64_t rs0, rs1, B, in, out;
-  const S* w;     // fwd: weight_t [R, in, out]; wgrad: grad [R, B, out]
-  const S* bias;  // fwd only, may be null
-  S* dst;         // fwd: z [R, B, out]; wgrad: out [R, in, out]
+  const S* src;    // fwd: the weight; wgrad: grad [R, B, out] (contiguous)
+  int64_t src_rs;  // replica stride of src
+  bool src_t;      // fwd: src holds W^T
+  const S* bias;   // fwd only, may be null: [R, out] (contiguous)
+  S* dst;          // fwd: z [R, B, out] (contiguous); wgrad: the weight gradient
+  int64_t dst_rs;  // wgrad: replica stride of dst
+  bool dst_t;      // wgrad: dst holds the gradient of W^T
+  bool accumulate; // wgrad: add to dst instead of overwriting it
 };
+
+// A per-thread buffer of at least n elements (reused across calls), 64-byte aligned: rows of a tile
+// start on cache lines, so a 64-byte vector access never straddles two (which halved the speed).
+template <typename S>
+S* scratch(int64_t n) {
+  thread_local std::vector<S> buf;
+  constexpr int64_t pad = 64 / sizeof(S);
+  if (static_cast<int64_t>(buf.size()) < n + pad) buf.resize(static_cast<size_t>(n + pad));
+  const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
+  return reinterpret_cast<S*>((addr + 63) & ~std::uintptr_t(63));
+}
+
+// b[j * ldb + i] (+)= a[i * lda + j] for i < rows, j < cols: 16 rows of b at a time, each written
+// front to back. (Scalar: it moves in * out numbers per replica against nnz * out multiply-adds.)
+template <typename S, bool ADD>
+FC_ALWAYS_INLINE void transpose_blocks(const S* a, int64_t lda, S* b, int64_t ldb, int64_t rows, int64_t cols) {
+  constexpr int64_t T = 16;
+  for (int64_t j0 = 0; j0 < cols; j0 += T) {
+    const int64_t j1 = std::min(cols, j0 + T);
+    for (int64_t i = 0; i < rows; ++i) {
+      const S* ai = a + i * lda;
+      for (int64_t j = j0; j < j1; ++j) {
+        if (ADD)
+          b[j * ldb + i] += ai[j];
+        else
+          b[j * ldb + i] = ai[j];
+      }
+    }
+  }
+}
+
+template <typename S>
+FC_ALWAYS_INLINE void transpose(const S* a, int64_t lda, S* b, int64_t ldb, int64_t rows, int64_t cols, bool add) {
+  if (add)
+    transpose_blocks<S, true>(a, lda, b, ldb, rows, cols);
+  else
+    transpose_blocks<S, false>(a, lda, b, ldb, rows, cols);
+}
 
 // Both ops run the output columns in tiles (8 vectors, then single vectors, then scalars), each
 // tile over all rows of a replica before the next, so that the weight (gradient) rows a tile reads
 // stay in L2 even when `out` is wide (K probes x 128 outputs in the Hessian-vector products).
 
-// z rows [b0, b1) of replica r.
+// z[r, b, c0 + c] for rows b in [b0, b1) and c < nc, from the weight tile w (W^T rows of stride ldw).
 template <typename S, int BYTES>
-FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t b1) {
+FC_ALWAYS_INLINE void fwd_cols(const Args<S>& a, int64_t r, int64_t b0, int64_t b1, const S* w, int64_t ldw,
+                               int64_t c0, int64_t nc) {
   constexpr int W = Lanes<S, BYTES>::kWidth;
-  const S* w = a.w + r * a.in * a.out;
-  const S* bias = a.bias ? a.bias + r * a.out : nullptr;
+  const S* bias = a.bias ? a.bias + r * a.out + c0 : nullptr;
   auto each_row = [&](auto&& f) FC_LAMBDA_INLINE {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row = a.rows[r * a.rs0 + b * a.rs1];
       const int64_t k0 = a.X.indptr[row], k1 = a.X.indptr[row + 1];
-      f(a.X.indices + k0, a.X.values + k0, k1 - k0, a.dst + (r * a.B + b) * a.out);
+      f(a.X.indices + k0, a.X.values + k0, k1 - k0, a.dst + (r * a.B + b) * a.out + c0);
     }
   };
   int64_t c = 0;
-  for (; c + 8 * W <= a.out; c += 8 * W)
+  for (; c + 8 * W <= nc; c += 8 * W)
     each_row([&](const int32_t* idx, const S* val, int64_t nnz, S* z) FC_LAMBDA_INLINE {
-      fwd_tile<S, BYTES, 8>(idx, val, nnz, w + c, a.out, bias ? bias + c : nullptr, z + c);
+      fwd_tile<S, BYTES, 8>(idx, val, nnz, w + c, ldw, bias ? bias + c : nullptr, z + c);
     });
-  for (; c + W <= a.out; c += W)
+  for (; c + W <= nc; c += W)
     each_row([&](const int32_t* idx, const S* val, int64_t nnz, S* z) FC_LAMBDA_INLINE {
-      fwd_tile<S, BYTES, 1>(idx, val, nnz, w + c, a.out, bias ? bias + c : nullptr, z + c);
+      fwd_tile<S, BYTES, 1>(idx, val, nnz, w + c, ldw, bias ? bias + c : nullptr, z + c);
     });
-  for (; c < a.out; ++c)
+  for (; c < nc; ++c)
     each_row([&](const int32_t* idx, const S* val, int64_t nnz, S* z) FC_LAMBDA_INLINE {
       S acc = bias ? bias[c] : S(0);
-      for (int64_t k = 0; k < nnz; ++k) acc += val[k] * w[static_cast<int64_t>(idx[k]) * a.out + c];
+      for (int64_t k = 0; k < nnz; ++k) acc += val[k] * w[static_cast<int64_t>(idx[k]) * ldw + c];
       z[c] = acc;
     });
 }
 
-// out[r] for replica r: zeroed, then every row's nonzeros added.
+// z rows [b0, b1) of replica r.
 template <typename S, int BYTES>
-FC_ALWAYS_INLINE void wgrad_replica(const Args<S>& a, int64_t r) {
+FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t b1) {
+  const S* w = a.src + r * a.src_rs;
+  if (a.src_t) {
+    fwd_cols<S, BYTES>(a, r, b0, b1, w, a.out, 0, a.out);
+    return;
+  }
+  constexpr int64_t TW = 8 * Lanes<S, BYTES>::kWidth;
+  S* t = scratch<S>(a.in * TW);
+  for (int64_t c0 = 0; c0 < a.out; c0 += TW) {
+    const int64_t tw = std::min(TW, a.out - c0);
+    transpose<S>(w + c0 * a.in, a.in, t, tw, tw, a.in, false);
+    fwd_cols<S, BYTES>(a, r, b0, b1, t, tw, c0, tw);
+  }
+}
+
+// o[j, c] += sum_b x[b, j] grad[r, b, c0 + c] for c < nc (o: W^T rows of stride ldo).
+template <typename S, int BYTES>
+FC_ALWAYS_INLINE void wgrad_cols(const Args<S>& a, int64_t r, S* o, int64_t ldo, int64_t c0, int64_t nc) {
   constexpr int W = Lanes<S, BYTES>::kWidth;
-  S* o = a.dst + r * a.in * a.out;
-  std::memset(o, 0, sizeof(S) * a.in * a.out);
   auto each_row = [&](auto&& f) FC_LAMBDA_INLINE {
     for (int64_t b = 0; b < a.B; ++b) {
       const int64_t row = a.rows[r * a.rs0 + b * a.rs1];
       const int64_t k0 = a.X.indptr[row], k1 = a.X.indptr[row + 1];
-      f(a.X.indices + k0, a.X.values + k0, k1 - k0, a.w + (r * a.B + b) * a.out);
+      f(a.X.indices + k0, a.X.values + k0, k1 - k0, a.src + (r * a.B + b) * a.out + c0);
     }
   };
   int64_t c = 0;
-  for (; c + 8 * W <= a.out; c += 8 * W)
+  for (; c + 8 * W <= nc; c += 8 * W)
     each_row([&](const int32_t* idx, const S* val, int64_t nnz, const S* g) FC_LAMBDA_INLINE {
-      wgrad_tile<S, BYTES, 8>(idx, val, nnz, g + c, a.out, o + c);
+      wgrad_tile<S, BYTES, 8>(idx, val, nnz, g + c, ldo, o + c);
     });
-  for (; c + W <= a.out; c += W)
+  for (; c + W <= nc; c += W)
     each_row([&](const int32_t* idx, const S* val, int64_t nnz, const S* g) FC_LAMBDA_INLINE {
-      wgrad_tile<S, BYTES, 1>(idx, val, nnz, g + c, a.out, o + c);
+      wgrad_tile<S, BYTES, 1>(idx, val, nnz, g + c, ldo, o + c);
     });
-  for (; c < a.out; ++c)
+  for (; c < nc; ++c)
     each_row([&](const int32_t* idx, const S* val, int64_t nnz, const S* g) FC_LAMBDA_INLINE {
-      for (int64_t k = 0; k < nnz; ++k) o[static_cast<int64_t>(idx[k]) * a.out + c] += val[k] * g[c];
+      for (int64_t k = 0; k < nnz; ++k) o[static_cast<int64_t>(idx[k]) * ldo + c] += val[k] * g[c];
     });
 }
 
-// fwd: the rows p in [p0, p1) of the flattened R x B, replica by replica; wgrad: replicas [p0, p1).
+// Output columns per work item of the weight gradient: items (replica, column block) write disjoint
+// parts of the gradient, so they run in parallel even for one replica (one K=8 replica in a chunk).
+constexpr int64_t kWgradBlock = 128;
+
+// Columns [c0, c0 + cw) of the weight gradient of replica r.
+template <typename S, int BYTES>
+FC_ALWAYS_INLINE void wgrad_block(const Args<S>& a, int64_t r, int64_t c0, int64_t cw) {
+  S* o = a.dst + r * a.dst_rs;
+  if (a.dst_t) {
+    if (!a.accumulate)
+      for (int64_t j = 0; j < a.in; ++j) std::memset(o + j * a.out + c0, 0, sizeof(S) * cw);
+    wgrad_cols<S, BYTES>(a, r, o + c0, a.out, c0, cw);
+    return;
+  }
+  constexpr int64_t TW = 8 * Lanes<S, BYTES>::kWidth;
+  S* t = scratch<S>(a.in * TW);
+  for (int64_t c = c0; c < c0 + cw; c += TW) {
+    const int64_t tw = std::min(TW, c0 + cw - c);
+    std::memset(t, 0, sizeof(S) * a.in * tw);
+    wgrad_cols<S, BYTES>(a, r, t, tw, c, tw);
+    transpose<S>(t, tw, o + c * a.in, a.in, a.in, tw, a.accumulate);
+  }
+}
+
+// fwd: the rows p in [p0, p1) of the flattened R x B, replica by replica; wgrad: the work items
+// (replica, column block) q in [q0, q1).
 template <typename S, int BYTES>
 FC_ALWAYS_INLINE void fwd_range(const Args<S>& a, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1;) {
@@ -165,8 +253,12 @@ FC_ALWAYS_INLINE void fwd_range(const Args<S>& a, int64_t p0, int64_t p1) {
 }
 
 template <typename S, int BYTES>
-FC_ALWAYS_INLINE void wgrad_range(const Args<S>& a, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) wgrad_replica<S, BYTES>(a, r);
+FC_ALWAYS_INLINE void wgrad_range(const Args<S>& a, int64_t q0, int64_t q1) {
+  const int64_t nblk = (a.out + kWgradBlock - 1) / kWgradBlock;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t c0 = (q % nblk) * kWgradBlock;
+    wgrad_block<S, BYTES>(a, q / nblk, c0, std::min(kWgradBlock, a.out - c0));
+  }
 }
 
 template <typename S>
@@ -251,53 +343,68 @@ std::tuple<int64_t, int64_t> check_csr(const char* op, const at::Tensor& indptr,
   return {rows.size(0), rows.size(1)};
 }
 
-at::Tensor csr_linear_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
-                          const at::Tensor& rows, const at::Tensor& wt, const std::optional<at::Tensor>& bias) {
-  auto [R, B] = check_csr("csr_linear", indptr, indices, values, rows);
-  TORCH_CHECK(wt.dim() == 3 && wt.size(0) == R && wt.is_contiguous(), "csr_linear: weight_t must be a contiguous [R, in, out] = [",
-              R, ", in, out] tensor, got ", wt.sizes(), wt.is_contiguous() ? "" : " (not contiguous)");
-  TORCH_CHECK(wt.scalar_type() == values.scalar_type(), "csr_linear: weight_t is ", wt.scalar_type(), " but values are ",
+// A weight-shaped [R, d1, d2] tensor whose rows are contiguous (any replica stride).
+void check_weight(const char* op, const char* name, const at::Tensor& t, int64_t R, const at::Tensor& values) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == R, op, ": ", name, " must be [R = ", R, ", ., .], got ", t.sizes());
+  TORCH_CHECK(t.stride(2) == 1 && (t.size(1) <= 1 || t.stride(1) == t.size(2)), op, ": ", name,
+              " must have contiguous rows (strides [any, ", t.size(2), ", 1]), got strides ", t.strides());
+  TORCH_CHECK(t.scalar_type() == values.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but values are ",
               values.scalar_type());
-  const int64_t in = wt.size(1), out = wt.size(2);
+}
+
+at::Tensor csr_linear_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
+                          const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          bool weight_t) {
+  auto [R, B] = check_csr("csr_linear", indptr, indices, values, rows);
+  check_weight("csr_linear", "weight", weight, R, values);
+  const int64_t in = weight.size(weight_t ? 1 : 2), out = weight.size(weight_t ? 2 : 1);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     b = *bias;
     TORCH_CHECK(b.dim() == 2 && b.size(0) == R && b.size(1) == out && b.is_contiguous() &&
-                    b.scalar_type() == wt.scalar_type(),
+                    b.scalar_type() == weight.scalar_type(),
                 "csr_linear: bias must be a contiguous [R, out] = [", R, ", ", out, "] tensor of the weight's dtype, got ",
                 b.sizes());
   }
-  at::Tensor z = at::empty({R, B, out}, wt.options());
+  at::Tensor z = at::empty({R, B, out}, weight.options());
   if (R * B == 0 || out == 0) return z;
-  AT_DISPATCH_FLOATING_TYPES(wt.scalar_type(), "csr_linear", [&] {
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "csr_linear", [&] {
     const RangeFn<scalar_t> fn = pick_fwd<scalar_t>();
-    const Args<scalar_t> a{{indptr.data_ptr<int64_t>(), indices.data_ptr<int32_t>(), values.data_ptr<scalar_t>()},
-                           rows.data_ptr<int64_t>(), rows.stride(0), rows.stride(1), B, in, out,
-                           wt.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                           z.data_ptr<scalar_t>()};
+    Args<scalar_t> a{};
+    a.X = {indptr.data_ptr<int64_t>(), indices.data_ptr<int32_t>(), values.data_ptr<scalar_t>()};
+    a.rows = rows.data_ptr<int64_t>();
+    a.rs0 = rows.stride(0), a.rs1 = rows.stride(1), a.B = B, a.in = in, a.out = out;
+    a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t;
+    a.bias = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    a.dst = z.data_ptr<scalar_t>();
     at::parallel_for(0, R * B, 16, [&](int64_t p0, int64_t p1) { fn(a, p0, p1); });
   });
   return z;
 }
 
 void csr_linear_wgrad_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
-                          const at::Tensor& rows, const at::Tensor& grad, const at::Tensor& out) {
+                          const at::Tensor& rows, const at::Tensor& grad, const at::Tensor& out, bool out_t,
+                          bool accumulate) {
   auto [R, B] = check_csr("csr_linear_wgrad", indptr, indices, values, rows);
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == R && grad.size(1) == B && grad.is_contiguous(),
               "csr_linear_wgrad: grad must be a contiguous [R, B, out] = [", R, ", ", B, ", out] tensor, got ", grad.sizes());
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == R && out.size(2) == grad.size(2) && out.is_contiguous(),
-              "csr_linear_wgrad: out must be a contiguous [R, in, out] = [", R, ", in, ", grad.size(2), "] tensor, got ",
-              out.sizes());
-  TORCH_CHECK(grad.scalar_type() == values.scalar_type() && out.scalar_type() == values.scalar_type(),
-              "csr_linear_wgrad: values, grad and out must share one dtype");
-  const int64_t in = out.size(1), nout = out.size(2);
-  if (R == 0) return;
+  TORCH_CHECK(grad.scalar_type() == values.scalar_type(), "csr_linear_wgrad: grad is ", grad.scalar_type(),
+              " but values are ", values.scalar_type());
+  check_weight("csr_linear_wgrad", "out", out, R, values);
+  const int64_t nout = grad.size(2), in = out.size(out_t ? 1 : 2);
+  TORCH_CHECK(out.size(out_t ? 2 : 1) == nout, "csr_linear_wgrad: out must be ", out_t ? "[R, in, " : "[R, ", nout,
+              out_t ? "]" : ", in]", " for grad ", grad.sizes(), ", got ", out.sizes());
+  if (R == 0 || nout == 0) return;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "csr_linear_wgrad", [&] {
     const RangeFn<scalar_t> fn = pick_wgrad<scalar_t>();
-    const Args<scalar_t> a{{indptr.data_ptr<int64_t>(), indices.data_ptr<int32_t>(), values.data_ptr<scalar_t>()},
-                           rows.data_ptr<int64_t>(), rows.stride(0), rows.stride(1), B, in, nout,
-                           grad.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>()};
-    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) { fn(a, r0, r1); });
+    Args<scalar_t> a{};
+    a.X = {indptr.data_ptr<int64_t>(), indices.data_ptr<int32_t>(), values.data_ptr<scalar_t>()};
+    a.rows = rows.data_ptr<int64_t>();
+    a.rs0 = rows.stride(0), a.rs1 = rows.stride(1), a.B = B, a.in = in, a.out = nout;
+    a.src = grad.data_ptr<scalar_t>();
+    a.dst = out.data_ptr<scalar_t>(), a.dst_rs = out.stride(0), a.dst_t = out_t, a.accumulate = accumulate;
+    const int64_t nblk = (nout + kWgradBlock - 1) / kWgradBlock;
+    at::parallel_for(0, R * nblk, 1, [&](int64_t q0, int64_t q1) { fn(a, q0, q1); });
   });
 }
 

@@ -112,7 +112,7 @@ class MLPPlan:
         W = p[L.weight]
         R = W.shape[0]
         if isinstance(x, CsrBatch):
-            return csr_linear(x.X, x.rows, W.transpose(1, 2), p[L.bias] if L.bias else None)
+            return csr_linear(x.X, x.rows, W, p[L.bias] if L.bias else None)
         if shared:
             Wf = W.reshape(R * L.out_features, L.in_features)
             if L.bias:
@@ -201,11 +201,11 @@ class MLPPlan:
             h, acts = saved[i]
             for (zin, a), (_, bwd) in zip(reversed(acts), reversed(L.acts)):
                 dz = bwd(dz, zin, a)
-            if i == 0 and sparse:  # h is the CsrBatch; the gradient is written as [R, in, out]
+            if i == 0 and sparse:  # h is the CsrBatch
                 gw = grads.get(L.weight)
                 if gw is None:
                     grads[L.weight] = gw = torch.empty_like(p[L.weight])
-                csr_linear_wgrad(h.X, h.rows, dz, out=gw.transpose(1, 2))
+                csr_linear_wgrad(h.X, h.rows, dz, out=gw)
                 if L.bias:
                     gb = grads.get(L.bias)
                     if gb is None:

@@ -365,7 +365,7 @@ class FusedBackend(Backend):
                         W = W.index_select(2, st.keep)
                 st.inputs.append(a)
                 if st.csr is not None and len(st.inputs) == 1:  # the first layer, from the nonzero inputs
-                    z = csr_linear(st.csr, _all_rows(a.shape[0], R, a.device), W.transpose(1, 2))
+                    z = csr_linear(st.csr, _all_rows(a.shape[0], R, a.device), W)
                 else:
                     z = torch.bmm(a.expand(R, *a.shape) if shared else a, W.transpose(1, 2))
                 shared = False
@@ -488,8 +488,8 @@ class FusedBackend(Backend):
                 a, delta = st.inputs[lin], st.deltas[lin]
                 R = delta.shape[0]
                 if lin == 0 and st.csr is not None:
-                    rows = _all_rows(a.shape[0], R, a.device)
-                    grads[pos[layer.weight]] += csr_linear_wgrad(st.csr, rows, delta).transpose(1, 2)
+                    csr_linear_wgrad(st.csr, _all_rows(a.shape[0], R, a.device), delta, out=grads[pos[layer.weight]],
+                                     accumulate=True)
                 elif lin == 0 and st.keep is not None:
                     dst = grads[pos[layer.weight]]
                     _scatter_columns_(dst, st.keep, st.zero, torch.bmm(delta.transpose(1, 2), a.expand(R, *a.shape)), first=False)
@@ -696,9 +696,8 @@ class FusedBackend(Backend):
                 a, W = st.inputs[lin], params[layer.weight]
                 O, I = W.shape[1], W.shape[2]
                 fwd, _ = dWt[layer.weight]
-                if fwd is None and st.csr is not None:  # sparse input: the probe block as [R, I, K*O]
-                    dW = vecs[pos[layer.weight]]
-                    rz = csr_linear(st.csr, _all_rows(N, R, a.device), dW.permute(0, 3, 1, 2).reshape(R, I, K * O))
+                if fwd is None and st.csr is not None:  # sparse input: the probe block as [R, K*O, I] (a view at K=1)
+                    rz = csr_linear(st.csr, _all_rows(N, R, a.device), vecs[pos[layer.weight]].reshape(R, K * O, I))
                 else:
                     if fwd is None:  # the first layer: [R, I, K*O], or [R, I_kept, K*O] (the probe's kept columns)
                         dW = vecs[pos[layer.weight]]
@@ -741,10 +740,9 @@ class FusedBackend(Backend):
                 O, I = W.shape[1], W.shape[2]
                 j = pos[layer.weight]
                 rdT = rd.reshape(R, N, K * O).transpose(1, 2)  # [R, K*O, N]
-                if lin == 0 and st.csr is not None:  # [R, I, K*O] from the nonzero inputs, transposed into place
-                    g = csr_linear_wgrad(st.csr, _all_rows(N, R, a.device), rd.reshape(R, N, K * O)).transpose(1, 2)
-                    dst = out[j].view(R, K * O, I)
-                    dst.copy_(g) if first else dst.add_(g)
+                if lin == 0 and st.csr is not None:  # from the nonzero inputs, written in place
+                    csr_linear_wgrad(st.csr, _all_rows(N, R, a.device), rd.reshape(R, N, K * O),
+                                     out=out[j].view(R, K * O, I), accumulate=not first)
                 elif lin == 0 and st.keep is not None:
                     _scatter_columns_(out[j].view(R, K * O, I), st.keep, st.zero, torch.bmm(rdT, a.expand(R, *a.shape)), first)
                 else:

@@ -98,45 +98,62 @@ def _check(X: CsrRows, rows: torch.Tensor, dtype: torch.dtype) -> None:
         raise TypeError(f"X holds {X.values.dtype} values but the layer is {dtype}")
 
 
-def csr_linear_reference(X: CsrRows, rows: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None):
-    """Dense reference of :func:`csr_linear`: ``X[rows[r]] @ weight_t[r] (+ bias[r])``."""
-    x = X.to_dense()[rows]
-    z = torch.bmm(x, weight_t)
+def _kernel_layout(w: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """``w [R, out, in]`` as the kernels take it: ``(w, False)`` when its rows are contiguous, ``(w^T
+    [R, in, out], True)`` when that view's rows are (a transposed storage), else None."""
+    for t, transposed in ((w, False), (w.transpose(1, 2), True)):
+        if t.stride(2) == 1 and (t.shape[1] <= 1 or t.stride(1) == t.shape[2]):
+            return t, transposed
+    return None
+
+
+def csr_linear_reference(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """Dense reference of :func:`csr_linear`: ``X[rows[r]] @ weight[r]^T (+ bias[r])``."""
+    z = torch.bmm(X.to_dense()[rows], weight.transpose(1, 2))
     return z if bias is None else z + bias.unsqueeze(1)
 
 
 def csr_linear_wgrad_reference(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Dense reference of :func:`csr_linear_wgrad`: ``X[rows[r]]^T @ grad[r]`` -> ``[R, in, out]``."""
-    return torch.bmm(X.to_dense()[rows].transpose(1, 2), grad)
+    """Dense reference of :func:`csr_linear_wgrad`: ``grad[r]^T @ X[rows[r]]`` -> ``[R, out, in]``."""
+    return torch.bmm(grad.transpose(1, 2), X.to_dense()[rows])
 
 
-def csr_linear(X: CsrRows, rows: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``z[r] = X[rows[r]] @ weight_t[r] + bias[r]``, multiplying only the nonzero inputs.
+def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``z[r] = X[rows[r]] @ weight[r]^T + bias[r]``, multiplying only the nonzero inputs.
 
     X: the data set (:class:`CsrRows`). rows: int64 ``[R, B]`` row ids of each replica's minibatch
-    (``rows.expand(R, B)`` of a ``[B]`` table shares one minibatch). weight_t: ``[R, in, out]`` (the
-    transposed weight of a ``Linear(in, out)`` per replica). bias: ``[R, out]`` or None.
-    Returns ``[R, B, out]``.
+    (``rows.expand(R, B)`` of a ``[B]`` table shares one minibatch). weight: ``[R, out, in]``, the
+    weights of R ``Linear(in, out)`` layers; fastest when stored transposed (a ``transpose(1, 2)``
+    view of a contiguous ``[R, in, out]``), also read directly when its rows are contiguous (then
+    transposed one tile at a time inside the kernel). bias: ``[R, out]`` or None. Returns ``[R, B, out]``.
     """
-    _check(X, rows, weight_t.dtype)
-    if _ext.choose("csr_linear", weight_t.device) == "ext":
-        return torch.ops.fastcurv.csr_linear(X.indptr, X.indices, X.values, rows, weight_t.contiguous(),
-                                             None if bias is None else bias.contiguous())
-    return csr_linear_reference(X, rows, weight_t, bias)
+    _check(X, rows, weight.dtype)
+    if _ext.choose("csr_linear", weight.device) == "ext":
+        w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
+        return torch.ops.fastcurv.csr_linear(X.indptr, X.indices, X.values, rows, w,
+                                             None if bias is None else bias.contiguous(), transposed)
+    return csr_linear_reference(X, rows, weight, bias)
 
 
-def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Weight gradient of :func:`csr_linear`: ``out[r] = X[rows[r]]^T @ grad[r]``, ``[R, in, out]``.
+def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None,
+                     accumulate: bool = False) -> torch.Tensor:
+    """Weight gradient of :func:`csr_linear`: ``grad[r]^T @ X[rows[r]]``, ``[R, out, in]``.
 
-    grad: ``[R, B, out]`` gradient of the loss with respect to ``z``. ``out``: optional contiguous
-    ``[R, in, out]`` buffer written in place (and returned).
+    grad: ``[R, B, out]`` gradient of the loss with respect to ``z``. ``out``: optional ``[R, out,
+    in]`` tensor written in place (and returned); ``accumulate`` adds the gradient to it instead.
+    Written directly when ``out``'s rows, or those of its transpose, are contiguous.
     """
     _check(X, rows, grad.dtype)
     R, _, n_out = grad.shape
     if out is None:
-        out = torch.empty(R, X.in_features, n_out, dtype=grad.dtype, device=grad.device)
-    if _ext.choose("csr_linear_wgrad", grad.device) == "ext" and out.is_contiguous():
-        torch.ops.fastcurv.csr_linear_wgrad(X.indptr, X.indices, X.values, rows, grad.contiguous(), out)
-        return out
-    out.copy_(csr_linear_wgrad_reference(X, rows, grad))
-    return out
+        out = torch.empty(R, n_out, X.in_features, dtype=grad.dtype, device=grad.device)
+        accumulate = False
+    if _ext.choose("csr_linear_wgrad", grad.device) == "ext":
+        layout = _kernel_layout(out)
+        if layout is not None:
+            o, transposed = layout
+            torch.ops.fastcurv.csr_linear_wgrad(X.indptr, X.indices, X.values, rows, grad.contiguous(), o,
+                                                transposed, accumulate)
+            return out
+    g = csr_linear_wgrad_reference(X, rows, grad)
+    return out.add_(g) if accumulate else out.copy_(g)
