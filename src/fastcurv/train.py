@@ -107,7 +107,7 @@ def init_replicas(builder, seeds: Sequence[int]) -> list[nn.Module]:
     models = []
     for s in seeds:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(s))
+            _seed(int(s))
             if isinstance(builder, nn.Module):
                 m = copy.deepcopy(builder)
                 for mod in m.modules():
@@ -125,6 +125,17 @@ def init_replicas(builder, seeds: Sequence[int]) -> list[nn.Module]:
                 raise TypeError("builder must be a zero-argument callable returning an nn.Module, or an nn.Module")
         models.append(m)
     return models
+
+
+def _seed(s: int) -> None:
+    """``torch.manual_seed(s)``; on a machine without an accelerator only the CPU generator, which is
+    all that exists there (``torch.manual_seed`` also queues lazy CUDA/XPU seeding with a captured
+    traceback: 0.4 ms per call, 40% of initializing 100 small MLPs)."""
+    if torch.cuda.is_available() or getattr(torch, "xpu", None) is not None and torch.xpu.is_available() \
+            or torch.backends.mps.is_available():
+        torch.manual_seed(s)
+    else:
+        torch.default_generator.manual_seed(s)
 
 
 @dataclass

@@ -295,7 +295,7 @@ class FusedBackend(Backend):
         sparse_input: MLP chains on the CPU compute the first layer's products from the nonzero
             inputs only (:mod:`fastcurv.ops.csr_linear`), instead of dropping zero columns: None
             (default) when at most ``SPARSE_INPUT_MAX_DENSITY`` (0.4) of a batch's inputs are
-            nonzero (MNIST: 19%), True always, False never.
+            nonzero (MNIST: 19%), True whenever the C++ kernels can run, False never.
     """
 
     name = "fused"

@@ -3,8 +3,11 @@
 Inputs such as MNIST images are mostly zeros (81% of MNIST's pixels), and in an MLP the first
 layer's two products with the input, ``X @ W^T`` forward and ``dZ^T @ X`` for the weight gradient,
 are most of the work. :class:`CsrRows` holds a data set once in CSR form; a minibatch is a table of
-row ids per replica, and the kernels multiply only the nonzero inputs. The weight is taken
-transposed, ``weight_t [R, in, out]`` contiguous, so that each nonzero reads one contiguous row.
+row ids per replica, and the kernels multiply only the nonzero inputs. Each nonzero reads a row of
+the transposed weight ``[in, out]``: a weight stored that way (a ``transpose(1, 2)`` view of a
+contiguous ``[R, in, out]``, as batched training keeps its first layer) is read directly, one in the
+``Linear`` layout ``[R, out, in]`` (a probe block in the Hessian engine) is transposed one tile at a
+time inside the kernel; the weight gradient is written in either layout.
 
 Implementations: C++ (CPU, ``csrc/cpu/csr_linear.cpp``) and the dense torch reference below.
 """
