@@ -401,7 +401,8 @@ class FusedBackend(Backend):
                 g = d1 * g
         st.deltas = deltas[::-1]
         st.d1, st.d2g = d1s[::-1], d2gs[::-1]
-        st.nbytes = sum(t.numel() * t.element_size() for t in [*st.inputs[1:], *st.deltas, *[d for d in st.d1 + st.d2g if d is not None]] + ([st.probs] if st.probs is not None else []))
+        csr = [st.csr.indptr, st.csr.indices, st.csr.values] if st.csr is not None else []
+        st.nbytes = sum(t.numel() * t.element_size() for t in [*st.inputs[1:], *st.deltas, *[d for d in st.d1 + st.d2g if d is not None], *csr] + ([st.probs] if st.probs is not None else []))
         return st
 
     def _state(self, i, x, y, idx) -> _State:
