@@ -117,10 +117,8 @@ def test_per_replica_sam_grid():
     _assert_same(models, plain + sam)
 
 
-def test_resume_after_interruption_is_identical(tmp_path):
-    x, y = _data()
-    kw = dict(seeds=[0, 1, 2], optimizer="adam", lr=0.01, batch_size=8, epochs=3, progress=False)
-    full, hist_full = train_population(builder, x, y, **kw)
+def _killed_after_epoch_2_then_resumed(x, y, ck, kw):
+    """Train with a checkpoint, kill the run after its second epoch, resume it: ``(models, history)``."""
 
     class Killed(Exception):
         pass
@@ -129,11 +127,18 @@ def test_resume_after_interruption_is_identical(tmp_path):
         if epoch == 1:
             raise Killed
 
-    ck = tmp_path / "run.pt"
     with pytest.raises(Killed):
         train_population(builder, x, y, checkpoint=ck, callback=die, **kw)
-    assert ck.exists() and not list(tmp_path.glob("*.tmp*"))
-    resumed, hist = train_population(builder, x, y, checkpoint=ck, **kw)
+    assert ck.exists() and not list(ck.parent.glob("*.tmp*"))
+    return train_population(builder, x, y, checkpoint=ck, **kw)
+
+
+def test_resume_after_interruption_is_identical(tmp_path):
+    x, y = _data()
+    kw = dict(seeds=[0, 1, 2], optimizer="adam", lr=0.01, batch_size=8, epochs=3, progress=False)
+    full, hist_full = train_population(builder, x, y, **kw)
+    ck = tmp_path / "run.pt"
+    resumed, hist = _killed_after_epoch_2_then_resumed(x, y, ck, kw)
     assert hist.resumed_from_epoch == 2
     _assert_same(resumed, full, atol=0)
     assert hist.train_loss == hist_full.train_loss
@@ -439,18 +444,8 @@ def test_sparse_input_resume_is_identical(tmp_path):
     x, y = _sparse_xy()
     kw = dict(seeds=[0, 1, 2], lr=0.05, batch_size=8, epochs=3, progress=False)
     full, _ = train_population(builder, x, y, **kw)
-
-    class Killed(Exception):
-        pass
-
-    def die(epoch, history):
-        if epoch == 1:
-            raise Killed
-
     ck = tmp_path / "run.pt"
-    with pytest.raises(Killed):
-        train_population(builder, x, y, checkpoint=ck, callback=die, **kw)
-    resumed, hist = train_population(builder, x, y, checkpoint=ck, **kw)
+    resumed, hist = _killed_after_epoch_2_then_resumed(x, y, ck, kw)
     assert hist.resumed_from_epoch == 2 and "+sparse-input" in hist.engine
     _assert_same(resumed, full, atol=0)
     # a checkpoint of the sparse run resumes on the dense path too (same settings, same numbers up to rounding)

@@ -343,6 +343,17 @@ std::tuple<int64_t, int64_t> check_csr(const char* op, const at::Tensor& indptr,
   return {rows.size(0), rows.size(1)};
 }
 
+// The fields of Args that describe the data and the minibatch.
+template <typename S>
+Args<S> data_args(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values, const at::Tensor& rows,
+                  int64_t in, int64_t out) {
+  Args<S> a{};
+  a.X = {indptr.data_ptr<int64_t>(), indices.data_ptr<int32_t>(), values.data_ptr<S>()};
+  a.rows = rows.data_ptr<int64_t>();
+  a.rs0 = rows.stride(0), a.rs1 = rows.stride(1), a.B = rows.size(1), a.in = in, a.out = out;
+  return a;
+}
+
 // A weight-shaped [R, d1, d2] tensor whose rows are contiguous (any replica stride).
 void check_weight(const char* op, const char* name, const at::Tensor& t, int64_t R, const at::Tensor& values) {
   TORCH_CHECK(t.dim() == 3 && t.size(0) == R, op, ": ", name, " must be [R = ", R, ", ., .], got ", t.sizes());
@@ -370,10 +381,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& indptr, const at::Tensor& indices, c
   if (R * B == 0 || out == 0) return z;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "csr_linear", [&] {
     const RangeFn<scalar_t> fn = pick_fwd<scalar_t>();
-    Args<scalar_t> a{};
-    a.X = {indptr.data_ptr<int64_t>(), indices.data_ptr<int32_t>(), values.data_ptr<scalar_t>()};
-    a.rows = rows.data_ptr<int64_t>();
-    a.rs0 = rows.stride(0), a.rs1 = rows.stride(1), a.B = B, a.in = in, a.out = out;
+    Args<scalar_t> a = data_args<scalar_t>(indptr, indices, values, rows, in, out);
     a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t;
     a.bias = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     a.dst = z.data_ptr<scalar_t>();
@@ -397,10 +405,7 @@ void csr_linear_wgrad_cpu(const at::Tensor& indptr, const at::Tensor& indices, c
   if (R == 0 || nout == 0) return;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "csr_linear_wgrad", [&] {
     const RangeFn<scalar_t> fn = pick_wgrad<scalar_t>();
-    Args<scalar_t> a{};
-    a.X = {indptr.data_ptr<int64_t>(), indices.data_ptr<int32_t>(), values.data_ptr<scalar_t>()};
-    a.rows = rows.data_ptr<int64_t>();
-    a.rs0 = rows.stride(0), a.rs1 = rows.stride(1), a.B = B, a.in = in, a.out = nout;
+    Args<scalar_t> a = data_args<scalar_t>(indptr, indices, values, rows, in, nout);
     a.src = grad.data_ptr<scalar_t>();
     a.dst = out.data_ptr<scalar_t>(), a.dst_rs = out.stride(0), a.dst_t = out_t, a.accumulate = accumulate;
     const int64_t nblk = (nout + kWgradBlock - 1) / kWgradBlock;
