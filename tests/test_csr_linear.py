@@ -129,3 +129,36 @@ def test_bad_inputs_are_named():
         csr_linear(X, rows, w.double())
     with pytest.raises(ValueError, match=r"int64 \[R, B\] table"):
         csr_linear(X, rows[0], w)
+
+
+@needs_ext
+def test_replica_forward_takes_the_sparse_path_for_mlps():
+    """ReplicaSet.forward (used by the function measures) runs plain MLP chains on sparse inputs
+    through the fused forward with csr_linear; the outputs equal vmap over the models."""
+    from torch import nn
+    from torch.func import vmap
+
+    from fastcurv.replicas import ReplicaSet
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 3)).double() for _ in range(3)]
+    rs = ReplicaSet(models)
+    x = _sparse_data(20, 12, 0.2, torch.float64).reshape(20, 3, 4)
+    calls = []
+    orig = torch.ops.fastcurv.csr_linear
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(1)
+            return orig(*a)
+
+    want = vmap(rs.call, in_dims=(0, 0, None))(rs.params, rs.buffers, x)
+    torch.ops.fastcurv.csr_linear = Spy()
+    try:
+        got = rs.forward(x)
+        dense = rs.forward(torch.randn(20, 3, 4, dtype=torch.float64))  # dense inputs: vmap
+    finally:
+        torch.ops.fastcurv.csr_linear = orig
+    assert len(calls) == 1 and dense.shape == (3, 20, 3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rs.forward(x, torch.tensor([2, 0])), want[[2, 0]], rtol=1e-12, atol=1e-12)

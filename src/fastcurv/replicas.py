@@ -200,4 +200,29 @@ class ReplicaSet:
     def forward(self, x, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs of replicas ``idx`` (all when None) on the batch ``x``: ``[R, N, ...]``."""
         params, buffers = self.subset(idx)
+        return self.forward_with(params, buffers, x)
+
+    def forward_with(self, params: dict, buffers: dict, x) -> torch.Tensor:
+        """Outputs ``[R', N, ...]`` of stacked ``params``/``buffers`` (name -> ``[R', ...]``) on ``x``.
+
+        Plain MLP chains on sparse CPU inputs (at most 40% nonzero, e.g. MNIST) compute their first
+        layer from the nonzero inputs only (the fused MLP forward of :mod:`fastcurv.train_fused`
+        with :mod:`fastcurv.ops.csr_linear`); everything else runs ``vmap`` over ``functional_call``.
+        """
+        plan = self._mlp_plan()
+        if plan is not None and not buffers and x.dim() >= 2 and x[0].numel() == plan.in_features:
+            from .ops.csr_linear import sparse_rows
+            from .train_fused import CsrBatch
+
+            csr, _ = sparse_rows(x, None)
+            if csr is not None:
+                return plan.forward(params, CsrBatch(csr, torch.arange(len(x), device=x.device)), shared=True)
         return vmap(self.call, in_dims=(0, 0, None))(params, buffers, x)
+
+    def _mlp_plan(self):
+        """The fused MLP plan of the architecture, or None (computed once)."""
+        if not hasattr(self, "_plan"):
+            from .train_fused import plan_mlp
+
+            self._plan = plan_mlp(self.base)[0]
+        return self._plan

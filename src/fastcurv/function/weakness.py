@@ -77,10 +77,7 @@ def _perturbed_labels(rs: ReplicaSet, x: torch.Tensor, sigma: torch.Tensor, nois
             params[n] = p * (1 + s * xi)
         else:  # magnitude-aware additive noise, std sqrt(sigma^2 theta^2 + eps^2)
             params[n] = p + xi * torch.sqrt(s.square() * p.square() + eps * eps)
-    from torch.func import vmap
-
-    out = vmap(rs.call, in_dims=(0, 0, None))(params, rs.buffers, x)
-    return out.argmax(-1)
+    return rs.forward_with(params, rs.buffers, x).argmax(-1)
 
 
 def _draw(rs: ReplicaSet, seed: int, d: int) -> list:
