@@ -47,6 +47,18 @@ def test_seed_result_alpha_10_inflates_lambda_max_about_100x():
         lam_b = torch.linalg.eigvalsh(H[-nb:, -nb:])[-1]
         assert 100 * lam_b * (1 - 1e-5) <= after[r] <= 100 * before[r] * (1 + 1e-5)
     assert t.loc["lambda_max", "ratio_min"] > 10  # more than an order of magnitude; 100x when the output block dominates
+    # the curvature of the unchanged models computed once elsewhere (as the study does) is reused as is
+    pre = fastcurv.batched_sharpness(models, loader, measures=("lambda_max", "trace", "fisher_rao", "spectrum"), tol=1e-7)
+    reused = fastcurv.invariance_audit(models, loader, measures=("lambda_max", "trace", "fisher_rao"), alpha=10.0,
+                                       tol=1e-7, before=pre)
+    assert list(reused.table.index) == list(t.index)
+    assert torch.equal(reused.per_replica["lambda_max"][0], pre["lambda_max"].double().cpu())
+    torch.testing.assert_close(reused.per_replica["lambda_max"][1], after, rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="before holds results for 2 replicas, the audit has 1"):
+        fastcurv.invariance_audit(models[:1], loader, measures=("lambda_max",), before=pre)
+    with pytest.raises(ValueError, match="before has no column 'trace'"):
+        fastcurv.invariance_audit(models, loader, measures=("lambda_max", "trace"),
+                                  before=fastcurv.batched_sharpness(models, loader, measures=("lambda_max",)))
 
 
 INVARIANT = ("fisher_rao", "adaptive_avg_rho_sharpness", "adaptive_rho_sharpness", "relative_flatness")

@@ -61,7 +61,8 @@ def _apply(models, transform, probe, alpha, seed):
 
 
 def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transform="dinh", alpha: float = 10.0,
-                     rtol: float = 0.05, path: str | None = None, seed: int = 0, progress=False, **kwargs) -> AuditResult:
+                     rtol: float = 0.05, path: str | None = None, seed: int = 0, progress=False, before=None,
+                     **kwargs) -> AuditResult:
     """Compute ``measures`` (any :func:`fastcurv.batched_sharpness` measure) for ``models`` and for
     their reparameterization, and tabulate the ratios.
 
@@ -72,6 +73,8 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
             "fold_batchnorm", or a callable ``models -> models`` (or ReparamResult).
         rtol: a measure counts as invariant when every finite ratio is within rtol of 1.
         path: write a bar plot of log10(ratio) per measure (matplotlib PNG) there.
+        before: the :func:`fastcurv.batched_sharpness` result of ``models`` on ``data`` with the
+            same settings (``measures`` among its columns), reused instead of computed again.
         Other keywords (measure_options, loss, backend, max_iter, ...) go to batched_sharpness.
     The table also has rows ``loss`` (full-data loss, must not move) and reports the transform's
     largest output change and changed predictions on up to 1024 inputs of ``data``.
@@ -82,7 +85,11 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     probe = _probe_inputs(data)
     tr = _apply(models, transform, probe, alpha, seed)
     kw = dict(measures=measures, seed=seed, progress=progress, **kwargs)
-    before = batched_sharpness(models, data, **kw)
+    if before is None:
+        before = batched_sharpness(models, data, **kw)
+    elif len(next(iter(before.values.values()))) != len(models):
+        raise ValueError(f"before holds results for {len(next(iter(before.values.values())))} replicas, "
+                         f"the audit has {len(models)}")
     after = batched_sharpness(tr.models, data, **kw)
     from .operator import HessianOperator
 
@@ -90,8 +97,10 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     lb = HessianOperator(models, data, backend="autograd", **loss_kw).loss_and_gradient()[0]
     la = HessianOperator(tr.models, data, backend="autograd", **loss_kw).loss_and_gradient()[0]
     per = {"loss": (lb.double().cpu(), la.double().cpu())}
-    for col, v in before.values.items():
-        per[col] = (v.double().cpu(), after.values[col].double().cpu())
+    for col, v in after.values.items():
+        if col not in before.values:
+            raise ValueError(f"before has no column {col!r}: compute it with the audit's measures {tuple(measures)}")
+        per[col] = (before.values[col].double().cpu(), v.double().cpu())
     rows = []
     for col, (b, a) in per.items():
         ratio = a / b

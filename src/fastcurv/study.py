@@ -338,9 +338,12 @@ def study(
         apath = None if out is None else str(Path(out) / "audit.png")
         if out is not None:
             Path(out).mkdir(parents=True, exist_ok=True)
+        # the curvature of the unchanged replicas was computed above with the same settings: reused
+        reuse = sharp is not None and k == len(models) and set(audit_measures) <= set(sharp_m)
         aud = invariance_audit(models[:k], train_loader, measures=tuple(audit_measures),
                                transform=_audit_transform(audit_transform, audit_alpha), alpha=audit_alpha,
-                               path=apath, seed=seed, progress=progress)
+                               path=apath, seed=seed, progress=progress, before=sharp if reuse else None,
+                               **(sharpness_kwargs or {}))
         times["audit"] = time.perf_counter() - t
         mixed = _mixed_correlations(aud, table.iloc[:k], target, n_boot, seed)
 
