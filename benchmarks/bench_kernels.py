@@ -140,7 +140,8 @@ CSR_DENSITIES = (0.05, 0.1, 0.19, 0.3, 0.4, 0.5, 0.7)
 
 def csr_inputs(density: float, R: int = 17, B: int = 64, N: int = 2000, d_in: int = 784, d_out: int = 128):
     """A random ``[N, d_in]`` data set with the given fraction of nonzeros, a minibatch per replica,
-    weights and output gradients; returns ``(X, rows, x_batch, wt, w, grad)``."""
+    weights and output gradients; returns ``(X, rows, x_batch, w_t, w, grad)``: ``w [R, d_out, d_in]``
+    contiguous and ``w_t`` the same values stored transposed (as batched training keeps them)."""
     from fastcurv.ops.csr_linear import CsrRows
 
     g = torch.Generator().manual_seed(0)
@@ -148,12 +149,15 @@ def csr_inputs(density: float, R: int = 17, B: int = 64, N: int = 2000, d_in: in
     x[torch.rand(N, d_in, generator=g) >= density] = 0
     rows = torch.randint(0, N, (R, B), generator=g)
     w = torch.randn(R, d_out, d_in, generator=g)
-    return CsrRows.from_dense(x), rows, x[rows], w.transpose(1, 2).contiguous(), w, torch.randn(R, B, d_out, generator=g)
+    w_t = w.transpose(1, 2).contiguous().transpose(1, 2)
+    return CsrRows.from_dense(x), rows, x[rows], w_t, w, torch.randn(R, B, d_out, generator=g)
 
 
-def csr_pair(X, rows, wt, grad, out):
-    torch.ops.fastcurv.csr_linear(X.indptr, X.indices, X.values, rows, wt, None)
-    torch.ops.fastcurv.csr_linear_wgrad(X.indptr, X.indices, X.values, rows, grad, out)
+def csr_pair(X, rows, w_t, grad, out):
+    from fastcurv.ops.csr_linear import csr_linear, csr_linear_wgrad
+
+    csr_linear(X, rows, w_t)
+    csr_linear_wgrad(X, rows, grad, out=out)
 
 
 def dense_pair(xb, w, grad, out):
@@ -165,11 +169,11 @@ def dense_pair(xb, w, grad, out):
 @pytest.mark.parametrize("density", [0.19, 0.5])
 @pytest.mark.parametrize("impl", ["csr", "dense"])
 def test_csr_linear(benchmark, impl, density):
-    X, rows, xb, wt, w, grad = csr_inputs(density)
+    X, rows, xb, w_t, w, grad = csr_inputs(density)
     benchmark.group = f"csr_linear-density{density}"
     if impl == "csr":
-        out = torch.empty_like(wt)
-        benchmark(csr_pair, X, rows, wt, grad, out)
+        out = torch.empty_like(w_t)
+        benchmark(csr_pair, X, rows, w_t, grad, out)
     else:
         out = torch.empty_like(w)
         benchmark(dense_pair, xb, w, grad, out)
@@ -181,9 +185,9 @@ def csr_sweep(repeat: int) -> list[dict]:
     try:
         res = []
         for density in CSR_DENSITIES:
-            X, rows, xb, wt, w, grad = csr_inputs(density)
-            o1, o2 = torch.empty_like(wt), torch.empty_like(w)
-            t_csr = _time(lambda: csr_pair(X, rows, wt, grad, o1), repeat)
+            X, rows, xb, w_t, w, grad = csr_inputs(density)
+            o1, o2 = torch.empty_like(w_t), torch.empty_like(w)
+            t_csr = _time(lambda: csr_pair(X, rows, w_t, grad, o1), repeat)
             t_dense = _time(lambda: dense_pair(xb, w, grad, o2), repeat)
             res.append(dict(op="csr_linear+wgrad", density=density, csr_ms=t_csr * 1e3, dense_ms=t_dense * 1e3,
                             speedup=t_dense / t_csr))

@@ -20,10 +20,10 @@ import torch
 from .. import _ext
 
 #: Inputs at most this dense (fraction of nonzero entries) take the sparse path by default, in batched
-#: training and in the fused Hessian engine. ``python benchmarks/bench_kernels.py --csr-sweep`` (AVX-512,
-#: one thread, a training-sized layer): the first layer's products 3.4x faster than dense GEMMs at MNIST's
-#: 19%, 1.6x at 40%, 1.26x at 50% (Fashion-MNIST, whose training epochs gained only 5-10%), slower from
-#: about 65%.
+#: training, the fused Hessian engine and replica evaluation. ``python benchmarks/bench_kernels.py
+#: --csr-sweep`` (one thread, a training-sized layer), the first layer's products against dense GEMMs:
+#: AVX-512 3.4x faster at MNIST's 19%, 1.5x at 40%, 1.1x at 50% (Fashion-MNIST, whose training epochs
+#: gained 5-10%), slower from about 60%; AVX2 (``FASTCURV_CPU_LEVEL=1``) 2.4x, 1.2x, and 0.8x at 50%.
 SPARSE_INPUT_MAX_DENSITY = 0.4
 
 
