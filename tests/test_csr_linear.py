@@ -162,3 +162,7 @@ def test_replica_forward_takes_the_sparse_path_for_mlps():
     assert len(calls) == 1 and dense.shape == (3, 20, 3)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rs.forward(x, torch.tensor([2, 0])), want[[2, 0]], rtol=1e-12, atol=1e-12)
+    # parameters that need a gradient: the differentiable vmap path
+    params = {n: t.clone().requires_grad_(True) for n, t in rs.params.items()}
+    rs.forward_with(params, rs.buffers, x).square().sum().backward()
+    assert all(p.grad is not None for p in params.values())

@@ -207,10 +207,12 @@ class ReplicaSet:
 
         Plain MLP chains on sparse CPU inputs (at most 40% nonzero, e.g. MNIST) compute their first
         layer from the nonzero inputs only (the fused MLP forward of :mod:`fastcurv.train_fused`
-        with :mod:`fastcurv.ops.csr_linear`); everything else runs ``vmap`` over ``functional_call``.
+        with :mod:`fastcurv.ops.csr_linear`, which autograd cannot differentiate: only when nothing
+        needs a gradient); everything else runs ``vmap`` over ``functional_call``.
         """
         plan = self._mlp_plan()
-        if plan is not None and not buffers and x.dim() >= 2 and x[0].numel() == plan.in_features:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params.values()))
+        if plan is not None and not needs_grad and not buffers and x.dim() >= 2 and x[0].numel() == plan.in_features:
             from .ops.csr_linear import sparse_rows
             from .train_fused import CsrBatch
 
