@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .._heap import heap_reuse
+from .._heap import reusing_heap
 from ..replicas import ReplicaSet
 from .predictions import Accumulator
 
@@ -88,7 +88,7 @@ def _draw(rs: ReplicaSet, seed: int, d: int) -> list:
     return [torch.randn(p.shape[1:], generator=g, dtype=p.dtype).to(p.device)[None] for p in rs.params.values()]
 
 
-@heap_reuse()  # each draw's perturbed weights are R x P fresh numbers: reuse the last draw's pages
+@reusing_heap  # each draw's perturbed weights are R x P fresh numbers: reuse the last draw's pages
 def perturbation_agreement(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, sigma: torch.Tensor, *, num_draws: int,
                            seed: int, kind: str = "multiplicative", eps: float = 1e-3, targets: torch.Tensor | None = None):
     """Per replica ``(mean agreement with ref, fraction of draws with every prediction unchanged)``
