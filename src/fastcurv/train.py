@@ -549,8 +549,10 @@ def train_population(
     shares = [chunks[w::workers] for w in range(workers)]  # each worker's replica groups
 
     steps_per_epoch = -(-N // batch_size)
-    nbuf = 0 if csr is not None else min(batch_size, N) * (1 if fast_shared else int(chunk_size))
-    xbufs = [torch.empty((nbuf, *x.shape[1:]), dtype=x.dtype, device=device) for _ in range(workers)]
+    nbuf = min(batch_size, N) * (1 if fast_shared else int(chunk_size))
+    # with sparse inputs the minibatches are row ids into the CSR copy: no gathered inputs
+    xbufs = [torch.empty((0 if csr is not None else nbuf, *x.shape[1:]), dtype=x.dtype, device=device)
+             for _ in range(workers)]
     ybufs = [torch.empty((nbuf, *y.shape[1:]), dtype=y.dtype, device=device) for _ in range(workers)]
     history.engine = engine
 
