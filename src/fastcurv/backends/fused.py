@@ -357,14 +357,14 @@ class FusedBackend(Backend):
                 a = a.reshape(a.shape[0], -1) if shared else a.reshape(R, a.shape[1], -1)
             elif layer.kind == "linear":
                 W = params[layer.weight]
-                if shared:
+                if shared:  # the first layer: its input in CSR form, or without its all-zero columns
                     st.csr, _ = sparse_rows(a, self.sparse_input)
-                if shared and st.csr is None and self.drop_zero_columns:
-                    a, st.keep, st.zero = _drop_zero_columns(a)
-                    if st.keep is not None:
-                        W = W.index_select(2, st.keep)
+                    if st.csr is None and self.drop_zero_columns:
+                        a, st.keep, st.zero = _drop_zero_columns(a)
+                        if st.keep is not None:
+                            W = W.index_select(2, st.keep)
                 st.inputs.append(a)
-                if st.csr is not None and len(st.inputs) == 1:  # the first layer, from the nonzero inputs
+                if shared and st.csr is not None:  # from the nonzero inputs
                     z = csr_linear(st.csr, _all_rows(a.shape[0], R, a.device), W)
                 else:
                     z = torch.bmm(a.expand(R, *a.shape) if shared else a, W.transpose(1, 2))
