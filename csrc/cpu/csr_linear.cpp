@@ -7,9 +7,10 @@
 //   csr_linear_wgrad:  gW^T[r][j, :] = sum_b sum_{k in row rows[r, b], indices[k] == j} values[k] * grad[r, b, :]
 // i.e. X[rows[r]] @ W_r^T and X[rows[r]]^T @ grad_r, with only the nonzero inputs multiplied. MNIST
 // pixels are 81% zero, so the first layer of an MLP on MNIST does a fifth of the dense GEMM's work.
-// Each nonzero adds a scaled row of W^T (or of the output gradient) to a row tile that is held in
-// vector registers (z) or read-modified-written in L2 (the weight gradient). Weights given as W
-// [out, in] (the Linear layout) are transposed one tile at a time into a per-thread scratch, and
+// Each nonzero adds a scaled row of W^T to an output row tile held in vector registers, or a
+// scaled output-gradient row tile (in registers) to a row of the weight gradient, which is
+// read-modified-written in L1 (the input columns run in blocks, see kBlockBytes). Weights given as
+// W [out, in] (the Linear layout) are transposed one tile at a time into a per-thread scratch, and
 // gradients wanted in that layout are transposed out of it. Written with GCC/Clang vector
 // extensions; on x86-64 the loops are compiled again for AVX2 + FMA and for AVX-512, chosen at run
 // time.
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -40,41 +42,46 @@ struct Lanes {
   static FC_ALWAYS_INLINE V splat(S s) { return V{} + s; }
 };
 
-// z row tile of NV vectors: acc = init; acc += v_k * w[idx_k] over the row's nonzeros.
+// The nonzeros k in [k, kend) of one CSR row whose column is below i1 (columns ascend within a
+// row): z (NV vectors in memory) += v_k * w[idx_k]; k moves past them. z is loaded and stored
+// only if there are any.
 template <typename S, int BYTES, int NV>
-FC_ALWAYS_INLINE void fwd_tile(const int32_t* idx, const S* val, int64_t nnz, const S* w, int64_t ldw,
-                               const S* init, S* z) {
+FC_ALWAYS_INLINE void fwd_block(const int32_t* idx, const S* val, int64_t& k, int64_t kend, int64_t i1, const S* w,
+                                int64_t ldw, S* z) {
+  if (k == kend || idx[k] >= i1) return;
   using L = Lanes<S, BYTES>;
   using V = typename L::V;
+  V* zv = reinterpret_cast<V*>(z);
   V acc[NV];
 #pragma GCC unroll 16
-  for (int i = 0; i < NV; ++i) acc[i] = init ? L::load(init + i * L::kWidth) : L::zero();
-  for (int64_t k = 0; k < nnz; ++k) {
+  for (int i = 0; i < NV; ++i) acc[i] = zv[i];
+  do {
     const V* wr = reinterpret_cast<const V*>(w + static_cast<int64_t>(idx[k]) * ldw);
     const V v = L::splat(val[k]);
 #pragma GCC unroll 16
     for (int i = 0; i < NV; ++i) acc[i] += v * wr[i];
-  }
-  V* zv = reinterpret_cast<V*>(z);
+  } while (++k < kend && idx[k] < i1);
 #pragma GCC unroll 16
   for (int i = 0; i < NV; ++i) zv[i] = acc[i];
 }
 
-// o[idx_k, tile] += v_k * g[tile] for the nonzeros of one CSR row, g's tile held in NV vectors.
+// The same nonzeros: o[idx_k] (NV vectors, stride ldo) += v_k * g, g's NV vectors held in registers.
 template <typename S, int BYTES, int NV>
-FC_ALWAYS_INLINE void wgrad_tile(const int32_t* idx, const S* val, int64_t nnz, const S* g, int64_t ldo, S* o) {
+FC_ALWAYS_INLINE void wgrad_block(const int32_t* idx, const S* val, int64_t& k, int64_t kend, int64_t i1, const S* g,
+                                  S* o, int64_t ldo) {
+  if (k == kend || idx[k] >= i1) return;
   using L = Lanes<S, BYTES>;
   using V = typename L::V;
   V gv[NV];
   const V* gp = reinterpret_cast<const V*>(g);
 #pragma GCC unroll 16
   for (int i = 0; i < NV; ++i) gv[i] = gp[i];
-  for (int64_t k = 0; k < nnz; ++k) {
+  do {
     V* orow = reinterpret_cast<V*>(o + static_cast<int64_t>(idx[k]) * ldo);
     const V v = L::splat(val[k]);
 #pragma GCC unroll 16
     for (int i = 0; i < NV; ++i) orow[i] += v * gv[i];
-  }
+  } while (++k < kend && idx[k] < i1);
 }
 
 template <typename S>
@@ -102,10 +109,10 @@ struct Args {
   bool accumulate; // wgrad: add to dst instead of overwriting it
 };
 
-// A per-thread buffer of at least n elements (reused across calls), 64-byte aligned: rows of a tile
-// start on cache lines, so a 64-byte vector access never straddles two (with std::vector's 16-byte
-// alignment the weight gradient ran 1.6x slower).
-template <typename S>
+// A per-thread buffer of at least n elements (reused across calls; SLOT tells apart buffers in use
+// at once), 64-byte aligned: rows of a tile start on cache lines, so a 64-byte vector access never
+// straddles two (with std::vector's 16-byte alignment the weight gradient ran 1.6x slower).
+template <typename S, int SLOT>
 S* scratch(int64_t n) {
   thread_local std::vector<S> buf;
   constexpr int64_t pad = 64 / sizeof(S);
@@ -141,81 +148,113 @@ FC_ALWAYS_INLINE void transpose(const S* a, int64_t lda, S* b, int64_t ldb, int6
     transpose_blocks<S, false>(a, lda, b, ldb, rows, cols);
 }
 
-// Both ops run the output columns in tiles (8 vectors, then single vectors, then scalars), each
-// tile over all rows of a replica before the next, so that the weight (gradient) rows a tile reads
-// stay in L2 even when `out` is wide (K probes x 128 outputs in the Hessian-vector products).
-
-// z[r, b, c0 + c] for rows b in [b0, b1) and c < nc, from the weight tile w (W^T rows of stride ldw).
+// Both ops run the output columns in tiles of TW = 8 vectors (then single vectors, then scalars),
+// and the input columns in blocks of rows: a block of a TW-wide weight (gradient) tile stays in
+// L1 and L2's nearest lines while every minibatch row of a chunk adds its nonzeros in that block
+// (streaming the whole tile from L2 for each row ran the AVX-512 loops at a third of the FMA
+// rate, the AVX2 ones, with half-width loads, less slowed). A row's output (fwd) or gradient
+// (wgrad) tile is then loaded once per block in which the row has nonzeros. Tiles of rows more
+// than two tiles wide (K probes x O outputs in the Hessian engine) are gathered into contiguous
+// scratch first, as their long, often power-of-two strides would map them onto few cache sets.
 template <typename S, int BYTES>
-FC_ALWAYS_INLINE void fwd_cols(const Args<S>& a, int64_t r, int64_t b0, int64_t b1, const S* w, int64_t ldw,
-                               int64_t c0, int64_t nc) {
+constexpr int64_t kTileCols = 8 * Lanes<S, BYTES>::kWidth;
+// A block spans the rows of kBlockBytes of the tile's storage (rows of stride ldt: where ldt is
+// wider than the tile, its rows fill only some of L1's cache sets, so fewer of them fit). Measured
+// on Zen 4 (48 KiB L1, 1 MiB L2) over 32-128 KiB, at training (64 rows) and Hessian (1000 rows)
+// sizes: AVX-512 fastest at 64 KiB (32 KiB: 5-15% slower), AVX2 at 128 KiB (32 KiB: 10% slower).
+template <int BYTES>
+constexpr int64_t kBlockBytes = BYTES >= 64 ? 64 << 10 : 128 << 10;
+// Minibatch rows per chunk (their tile: 128 KiB for AVX-512 floats, in L2 with the weight tile).
+constexpr int64_t kRowChunk = 256;
+
+// b[i * ldb + j] (+)= a[i * lda + j] for i < rows, j < cols.
+template <typename S>
+FC_ALWAYS_INLINE void copy_rows(const S* a, int64_t lda, S* b, int64_t ldb, int64_t rows, int64_t cols, bool add) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const S* ai = a + i * lda;
+    S* bi = b + i * ldb;
+    if (add)
+      for (int64_t j = 0; j < cols; ++j) bi[j] += ai[j];
+    else
+      std::memcpy(bi, ai, sizeof(S) * cols);
+  }
+}
+
+// The blocked loops over the minibatch rows [b0, b1) of replica r and nc <= TW columns.
+// tile: rows indexed by input column (fwd: W^T, read; wgrad: the gradient of W^T, accumulated),
+// stride ldt; rowt: one row per minibatch row (fwd: z, accumulated onto its initial values;
+// wgrad: the output gradient, read), stride ldr.
+template <typename S, int BYTES, bool FWD>
+FC_ALWAYS_INLINE void blocked(const Args<S>& a, int64_t r, int64_t b0, int64_t b1, S* tile, int64_t ldt, S* rowt,
+                              int64_t ldr, int64_t nc) {
   constexpr int W = Lanes<S, BYTES>::kWidth;
-  const S* bias = a.bias ? a.bias + r * a.out + c0 : nullptr;
-  auto each_row = [&](auto&& f) FC_LAMBDA_INLINE {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t row = a.rows[r * a.rs0 + b * a.rs1];
-      const int64_t k0 = a.X.indptr[row], k1 = a.X.indptr[row + 1];
-      f(a.X.indices + k0, a.X.values + k0, k1 - k0, a.dst + (r * a.B + b) * a.out + c0);
+  const int64_t BI = std::max<int64_t>(16, kBlockBytes<BYTES> / (ldt * int64_t(sizeof(S))));
+  const int64_t n = b1 - b0;
+  int64_t* cur = scratch<int64_t, 0>(2 * n);  // per row: next nonzero, end of the row
+  auto run = [&](auto nv, int64_t c) FC_LAMBDA_INLINE {
+    constexpr int NV = decltype(nv)::value;
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t row = a.rows[r * a.rs0 + (b0 + b) * a.rs1];
+      cur[2 * b] = a.X.indptr[row], cur[2 * b + 1] = a.X.indptr[row + 1];
     }
+    for (int64_t i1 = BI; i1 - BI < a.in; i1 += BI)
+      for (int64_t b = 0; b < n; ++b) {
+        if (FWD)
+          fwd_block<S, BYTES, NV>(a.X.indices, a.X.values, cur[2 * b], cur[2 * b + 1], i1, tile + c, ldt, rowt + b * ldr + c);
+        else
+          wgrad_block<S, BYTES, NV>(a.X.indices, a.X.values, cur[2 * b], cur[2 * b + 1], i1, rowt + b * ldr + c, tile + c, ldt);
+      }
   };
   int64_t c = 0;
-  for (; c + 8 * W <= nc; c += 8 * W)
-    each_row([&](const int32_t* idx, const S* val, int64_t nnz, S* z) FC_LAMBDA_INLINE {
-      fwd_tile<S, BYTES, 8>(idx, val, nnz, w + c, ldw, bias ? bias + c : nullptr, z + c);
-    });
-  for (; c + W <= nc; c += W)
-    each_row([&](const int32_t* idx, const S* val, int64_t nnz, S* z) FC_LAMBDA_INLINE {
-      fwd_tile<S, BYTES, 1>(idx, val, nnz, w + c, ldw, bias ? bias + c : nullptr, z + c);
-    });
+  for (; c + 8 * W <= nc; c += 8 * W) run(std::integral_constant<int, 8>{}, c);
+  for (; c + W <= nc; c += W) run(std::integral_constant<int, 1>{}, c);
   for (; c < nc; ++c)
-    each_row([&](const int32_t* idx, const S* val, int64_t nnz, S* z) FC_LAMBDA_INLINE {
-      S acc = bias ? bias[c] : S(0);
-      for (int64_t k = 0; k < nnz; ++k) acc += val[k] * w[static_cast<int64_t>(idx[k]) * ldw + c];
-      z[c] = acc;
-    });
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t row = a.rows[r * a.rs0 + (b0 + b) * a.rs1];
+      const int32_t* idx = a.X.indices;
+      const S* val = a.X.values;
+      S* rc = rowt + b * ldr + c;
+      for (int64_t k = a.X.indptr[row]; k < a.X.indptr[row + 1]; ++k) {
+        if (FWD)
+          *rc += val[k] * tile[static_cast<int64_t>(idx[k]) * ldt + c];
+        else
+          tile[static_cast<int64_t>(idx[k]) * ldt + c] += val[k] * *rc;
+      }
+    }
 }
 
 // z rows [b0, b1) of replica r.
 template <typename S, int BYTES>
 FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t b1) {
-  const S* w = a.src + r * a.src_rs;
-  if (a.src_t) {
-    fwd_cols<S, BYTES>(a, r, b0, b1, w, a.out, 0, a.out);
-    return;
-  }
-  constexpr int64_t TW = 8 * Lanes<S, BYTES>::kWidth;
-  S* t = scratch<S>(a.in * TW);
+  constexpr int64_t TW = kTileCols<S, BYTES>;
+  S* w = const_cast<S*>(a.src + r * a.src_rs);  // only read
+  const bool in_place = a.out <= 2 * TW;  // rows of z and W^T at most two tiles wide: used in place
   for (int64_t c0 = 0; c0 < a.out; c0 += TW) {
     const int64_t tw = std::min(TW, a.out - c0);
-    transpose<S>(w + c0 * a.in, a.in, t, tw, tw, a.in, false);
-    fwd_cols<S, BYTES>(a, r, b0, b1, t, tw, c0, tw);
-  }
-}
-
-// o[j, c] += sum_b x[b, j] grad[r, b, c0 + c] for c < nc (o: W^T rows of stride ldo).
-template <typename S, int BYTES>
-FC_ALWAYS_INLINE void wgrad_cols(const Args<S>& a, int64_t r, S* o, int64_t ldo, int64_t c0, int64_t nc) {
-  constexpr int W = Lanes<S, BYTES>::kWidth;
-  auto each_row = [&](auto&& f) FC_LAMBDA_INLINE {
-    for (int64_t b = 0; b < a.B; ++b) {
-      const int64_t row = a.rows[r * a.rs0 + b * a.rs1];
-      const int64_t k0 = a.X.indptr[row], k1 = a.X.indptr[row + 1];
-      f(a.X.indices + k0, a.X.values + k0, k1 - k0, a.src + (r * a.B + b) * a.out + c0);
+    S* wt = w + c0;
+    int64_t ldw = a.out;
+    if (!a.src_t || !in_place) {
+      wt = scratch<S, 0>(a.in * tw), ldw = tw;
+      if (a.src_t)
+        copy_rows<S>(w + c0, a.out, wt, tw, a.in, tw, false);
+      else
+        transpose<S>(w + c0 * a.in, a.in, wt, tw, tw, a.in, false);
     }
-  };
-  int64_t c = 0;
-  for (; c + 8 * W <= nc; c += 8 * W)
-    each_row([&](const int32_t* idx, const S* val, int64_t nnz, const S* g) FC_LAMBDA_INLINE {
-      wgrad_tile<S, BYTES, 8>(idx, val, nnz, g + c, ldo, o + c);
-    });
-  for (; c + W <= nc; c += W)
-    each_row([&](const int32_t* idx, const S* val, int64_t nnz, const S* g) FC_LAMBDA_INLINE {
-      wgrad_tile<S, BYTES, 1>(idx, val, nnz, g + c, ldo, o + c);
-    });
-  for (; c < nc; ++c)
-    each_row([&](const int32_t* idx, const S* val, int64_t nnz, const S* g) FC_LAMBDA_INLINE {
-      for (int64_t k = 0; k < nnz; ++k) o[static_cast<int64_t>(idx[k]) * ldo + c] += val[k] * g[c];
-    });
+    for (int64_t s0 = b0; s0 < b1; s0 += kRowChunk) {
+      const int64_t s1 = std::min(b1, s0 + kRowChunk);
+      S* z = a.dst + (r * a.B + s0) * a.out + c0;
+      S* zt = in_place ? z : scratch<S, 1>(kRowChunk * tw);
+      const int64_t ldz = in_place ? a.out : tw;
+      for (int64_t b = 0; b < s1 - s0; ++b) {
+        if (a.bias)
+          std::memcpy(zt + b * ldz, a.bias + r * a.out + c0, sizeof(S) * tw);
+        else
+          std::memset(zt + b * ldz, 0, sizeof(S) * tw);
+      }
+      blocked<S, BYTES, true>(a, r, s0, s1, wt, ldw, zt, ldz, tw);
+      if (!in_place) copy_rows<S>(zt, tw, z, a.out, s1 - s0, tw, false);
+    }
+  }
 }
 
 // Output columns per work item of the weight gradient: items (replica, column block) write disjoint
@@ -224,21 +263,36 @@ constexpr int64_t kWgradBlock = 128;
 
 // Columns [c0, c0 + cw) of the weight gradient of replica r.
 template <typename S, int BYTES>
-FC_ALWAYS_INLINE void wgrad_block(const Args<S>& a, int64_t r, int64_t c0, int64_t cw) {
+FC_ALWAYS_INLINE void wgrad_item(const Args<S>& a, int64_t r, int64_t c0, int64_t cw) {
+  constexpr int64_t TW = kTileCols<S, BYTES>;
   S* o = a.dst + r * a.dst_rs;
-  if (a.dst_t) {
-    if (!a.accumulate)
-      for (int64_t j = 0; j < a.in; ++j) std::memset(o + j * a.out + c0, 0, sizeof(S) * cw);
-    wgrad_cols<S, BYTES>(a, r, o + c0, a.out, c0, cw);
-    return;
-  }
-  constexpr int64_t TW = 8 * Lanes<S, BYTES>::kWidth;
-  S* t = scratch<S>(a.in * TW);
+  const bool in_place = a.out <= 2 * TW;
   for (int64_t c = c0; c < c0 + cw; c += TW) {
     const int64_t tw = std::min(TW, c0 + cw - c);
-    std::memset(t, 0, sizeof(S) * a.in * tw);
-    wgrad_cols<S, BYTES>(a, r, t, tw, c, tw);
-    transpose<S>(t, tw, o + c * a.in, a.in, a.in, tw, a.accumulate);
+    S* ot = o + c;  // the gradient of W^T, accumulated in place or in a zeroed scratch
+    int64_t ldo = a.out;
+    if (a.dst_t && in_place) {
+      if (!a.accumulate)
+        for (int64_t j = 0; j < a.in; ++j) std::memset(ot + j * ldo, 0, sizeof(S) * tw);
+    } else {
+      ot = scratch<S, 0>(a.in * tw), ldo = tw;
+      std::memset(ot, 0, sizeof(S) * a.in * tw);
+    }
+    for (int64_t s0 = 0; s0 < a.B; s0 += kRowChunk) {
+      const int64_t s1 = std::min(a.B, s0 + kRowChunk);
+      S* g = const_cast<S*>(a.src + (r * a.B + s0) * a.out + c);  // only read
+      S* gt = g;
+      int64_t ldg = a.out;
+      if (!in_place) {
+        gt = scratch<S, 1>(kRowChunk * tw), ldg = tw;
+        copy_rows<S>(g, a.out, gt, tw, s1 - s0, tw, false);
+      }
+      blocked<S, BYTES, false>(a, r, s0, s1, ot, ldo, gt, ldg, tw);
+    }
+    if (!a.dst_t)
+      transpose<S>(ot, tw, o + c * a.in, a.in, a.in, tw, a.accumulate);
+    else if (!in_place)
+      copy_rows<S>(ot, tw, o + c, a.out, a.in, tw, a.accumulate);
   }
 }
 
@@ -258,7 +312,7 @@ FC_ALWAYS_INLINE void wgrad_range(const Args<S>& a, int64_t q0, int64_t q1) {
   const int64_t nblk = (a.out + kWgradBlock - 1) / kWgradBlock;
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t c0 = (q % nblk) * kWgradBlock;
-    wgrad_block<S, BYTES>(a, q / nblk, c0, std::min(kWgradBlock, a.out - c0));
+    wgrad_item<S, BYTES>(a, q / nblk, c0, std::min(kWgradBlock, a.out - c0));
   }
 }
 

@@ -21,9 +21,11 @@ from .. import _ext
 
 #: Inputs at most this dense (fraction of nonzero entries) take the sparse path by default, in batched
 #: training, the fused Hessian engine and replica evaluation. ``python benchmarks/bench_kernels.py
-#: --csr-sweep`` (one thread, a training-sized layer), the first layer's products against dense GEMMs:
-#: AVX-512 3.4x faster at MNIST's 19%, 1.5x at 40%, 1.1x at 50% (Fashion-MNIST, whose training epochs
-#: gained 5-10%), slower from about 60%; AVX2 (``FASTCURV_CPU_LEVEL=1``) 2.4x, 1.2x, and 0.8x at 50%.
+#: --csr-sweep --repeat 20`` (one thread, a training-sized layer, random sparsity), the first layer's
+#: products against dense GEMMs: AVX-512 4.1x faster at MNIST's 19%, 2.2x at 40%, 1.7x at 50%, 1.2x at
+#: 70%; AVX2 (``FASTCURV_CPU_LEVEL=1``) 2.7x, 1.35x, 1.04x and 0.78x. On Fashion-MNIST (50% nonzero)
+#: one training epoch of 100 MLPs ran 5-10% faster sparse with AVX-512 but 5-15% slower with AVX2, so
+#: it stays dense by default.
 SPARSE_INPUT_MAX_DENSITY = 0.4
 
 
