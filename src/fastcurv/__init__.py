@@ -2,6 +2,7 @@
 import torch  # noqa: F401  (load torch before the compiled extension)
 
 from . import ops
+from ._heap import heap_reuse
 from ._ext import cpu_extension_loaded, cuda_extension_loaded, kernel_impl, set_kernel_impl, use_kernels
 from .operator import HessianOperator, hvp
 from .ops.agreement_counts import AgreementCounts, agreement_counts
@@ -35,6 +36,7 @@ __all__ = [
     "batched_sharpness",
     "cpu_extension_loaded",
     "cuda_extension_loaded",
+    "heap_reuse",
     "hutchinson",
     "hutchpp",
     "hvp",
