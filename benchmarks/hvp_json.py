@@ -119,7 +119,8 @@ def best(fn, repeats, sync):
 
 def hvp_flops(macs):
     """Flops of one fused matvec per sample, replica and probe, from the multiply-accumulates per
-    sample of each layer with parameters (``macs``, in order; for a Linear layer I*O): forward
+    sample of each layer with parameters (``macs``, in order; I*O for a Linear layer, the
+    multiply-accumulates per sample for a conv layer): forward
     tangent 2 (+2 when the input has a tangent), weight HVP 2 (+2), input tangent 4 after the first
     layer, each times the layer's macs. Element-wise work is not counted."""
     return sum((4 + 4 * (i > 0)) * m + (4 * m if i > 0 else 0) for i, m in enumerate(macs))

@@ -54,7 +54,7 @@ def test_kernels_match_dense_products(shape, level, dtype, monkeypatch):
     """Every vector variant (FASTCURV_CPU_LEVEL caps the one picked), every tile path, both weight
     layouts and a replica stride, with and without bias, overwriting and accumulating gradients,
     per-replica and shared (stride-0) rows, against float64 dense products. "blocked": more input
-    columns than one block of every variant (kBlockRows) and more minibatch rows than one chunk
+    columns than one block of every variant (kBlockBytes) and more minibatch rows than one chunk
     (kRowChunk), with widths whose tiles are used in place and ones gathered into scratch."""
     monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
     R, B, N, d, widths = (3, 7, 12, 29, WIDTHS) if shape == "small" else (2, 300, 320, 1100, [13, 100, 133, 260])

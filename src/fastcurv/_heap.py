@@ -51,7 +51,10 @@ def enabled() -> bool:
 
 @contextmanager
 def heap_reuse():
-    """Within this block, freed memory stays mapped for reuse (see the module docstring). Nests."""
+    """Within this block, freed memory stays mapped for reuse (see the module docstring). Nests.
+
+    fastcurv's jobs and each matvec or gradient call enter it themselves; wrap a loop of your own
+    calls in it (``with fastcurv.heap_reuse(): ...``) so that they reuse each other's pages."""
     global _depth
     lib = _glibc() if enabled() else None
     with _lock:
