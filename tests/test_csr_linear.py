@@ -137,7 +137,7 @@ def test_bad_inputs_are_named():
 
 
 @needs_ext
-def test_replica_forward_takes_the_sparse_path_for_mlps():
+def test_replica_forward_takes_the_sparse_path_for_mlps(monkeypatch):
     """ReplicaSet.forward (used by the function measures) runs plain MLP chains on sparse inputs
     through the fused forward with csr_linear; the outputs equal vmap over the models."""
     from torch import nn
@@ -171,3 +171,15 @@ def test_replica_forward_takes_the_sparse_path_for_mlps():
     params = {n: t.clone().requires_grad_(True) for n, t in rs.params.items()}
     rs.forward_with(params, rs.buffers, x).square().sum().backward()
     assert all(p.grad is not None for p in params.values())
+    # the CSR form of the last input (x, above) is reused while that tensor is unchanged, rebuilt
+    # after an in-place change
+    built = []
+    orig_from_dense = CsrRows.from_dense
+    monkeypatch.setattr(CsrRows, "from_dense", staticmethod(lambda t: built.append(1) or orig_from_dense(t)))
+    for _ in range(2):
+        torch.testing.assert_close(rs.forward(x), want, rtol=1e-12, atol=1e-12)
+    assert built == []
+    x[0, 0, 0] = 0.5
+    torch.testing.assert_close(rs.forward(x), vmap(rs.call, in_dims=(0, 0, None))(rs.params, rs.buffers, x),
+                               rtol=1e-12, atol=1e-12)
+    assert built == [1]
