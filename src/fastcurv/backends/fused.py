@@ -648,7 +648,9 @@ class FusedBackend(Backend):
     def _matvec_maps(self, vecs, idx, out):
         rs = self.replicas
         params, buffers = rs.subset(idx)
-        named_v, named_o = dict(zip(rs.names, vecs)), dict(zip(rs.names, out))
+        # each probe tensor contiguous once per matvec: as views of the flat [R, K, P] probe block,
+        # K > 1 tangents are strided, and every sample chunk's products would copy them again
+        named_v, named_o = {n: v.contiguous() for n, v in zip(rs.names, vecs)}, dict(zip(rs.names, out))
         R, K = vecs[0].shape[:2]
         for i, x, y in self.batches:
             st = self._state(i, x, y, idx)
