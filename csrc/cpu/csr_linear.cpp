@@ -155,7 +155,8 @@ FC_ALWAYS_INLINE void transpose(const S* a, int64_t lda, S* b, int64_t ldb, int6
 // rate, the AVX2 ones, with half-width loads, less slowed). A row's output (fwd) or gradient
 // (wgrad) tile is then loaded once per block in which the row has nonzeros. Tiles of rows more
 // than two tiles wide (K probes x O outputs in the Hessian engine) are gathered into contiguous
-// scratch first, as their long, often power-of-two strides would map them onto few cache sets.
+// scratch first (the minibatch rows' tiles only when read in more than two blocks), as their long,
+// often power-of-two strides would map them onto few cache sets.
 template <typename S, int BYTES>
 constexpr int64_t kTileCols = 8 * Lanes<S, BYTES>::kWidth;
 // A block spans the rows of kBlockBytes of the tile's storage (rows of stride ldt: where ldt is
@@ -164,6 +165,17 @@ constexpr int64_t kTileCols = 8 * Lanes<S, BYTES>::kWidth;
 // sizes: AVX-512 fastest at 64 KiB (32 KiB: 5-15% slower), AVX2 at 128 KiB (32 KiB: 10% slower).
 template <int BYTES>
 constexpr int64_t kBlockBytes = BYTES >= 64 ? 64 << 10 : 128 << 10;
+template <typename S, int BYTES>
+FC_ALWAYS_INLINE int64_t block_rows(int64_t ldt) {
+  return std::max<int64_t>(16, kBlockBytes<BYTES> / (ldt * int64_t(sizeof(S))));
+}
+// Whether the minibatch rows' tiles of an output more than two tiles wide are gathered into
+// scratch: only when they are read in more than two blocks (AVX2's larger blocks cover MNIST's 784
+// inputs in two, and there the gather cost 8% of the weight gradient).
+template <typename S, int BYTES>
+FC_ALWAYS_INLINE bool gather_rows(const Args<S>& a, int64_t ldt) {
+  return a.out > 2 * kTileCols<S, BYTES> && a.in > 2 * block_rows<S, BYTES>(ldt);
+}
 // Minibatch rows per chunk (their tile: 128 KiB for AVX-512 floats, in L2 with the weight tile).
 constexpr int64_t kRowChunk = 256;
 
@@ -188,7 +200,7 @@ template <typename S, int BYTES, bool FWD>
 FC_ALWAYS_INLINE void blocked(const Args<S>& a, int64_t r, int64_t b0, int64_t b1, S* tile, int64_t ldt, S* rowt,
                               int64_t ldr, int64_t nc) {
   constexpr int W = Lanes<S, BYTES>::kWidth;
-  const int64_t BI = std::max<int64_t>(16, kBlockBytes<BYTES> / (ldt * int64_t(sizeof(S))));
+  const int64_t BI = block_rows<S, BYTES>(ldt);
   const int64_t n = b1 - b0;
   int64_t* cur = scratch<int64_t, 0>(2 * n);  // per row: next nonzero, end of the row
   auto run = [&](auto nv, int64_t c) FC_LAMBDA_INLINE {
@@ -228,7 +240,7 @@ template <typename S, int BYTES>
 FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t b1) {
   constexpr int64_t TW = kTileCols<S, BYTES>;
   S* w = const_cast<S*>(a.src + r * a.src_rs);  // only read
-  const bool in_place = a.out <= 2 * TW;  // rows of z and W^T at most two tiles wide: used in place
+  const bool in_place = a.out <= 2 * TW;  // W^T rows at most two tiles wide: read in place
   for (int64_t c0 = 0; c0 < a.out; c0 += TW) {
     const int64_t tw = std::min(TW, a.out - c0);
     S* wt = w + c0;
@@ -240,11 +252,12 @@ FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t 
       else
         transpose<S>(w + c0 * a.in, a.in, wt, tw, tw, a.in, false);
     }
+    const bool gather = gather_rows<S, BYTES>(a, ldw);
     for (int64_t s0 = b0; s0 < b1; s0 += kRowChunk) {
       const int64_t s1 = std::min(b1, s0 + kRowChunk);
       S* z = a.dst + (r * a.B + s0) * a.out + c0;
-      S* zt = in_place ? z : scratch<S, 1>(kRowChunk * tw);
-      const int64_t ldz = in_place ? a.out : tw;
+      S* zt = gather ? scratch<S, 1>(kRowChunk * tw) : z;
+      const int64_t ldz = gather ? tw : a.out;
       for (int64_t b = 0; b < s1 - s0; ++b) {
         if (a.bias)
           std::memcpy(zt + b * ldz, a.bias + r * a.out + c0, sizeof(S) * tw);
@@ -252,7 +265,7 @@ FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t 
           std::memset(zt + b * ldz, 0, sizeof(S) * tw);
       }
       blocked<S, BYTES, true>(a, r, s0, s1, wt, ldw, zt, ldz, tw);
-      if (!in_place) copy_rows<S>(zt, tw, z, a.out, s1 - s0, tw, false);
+      if (gather) copy_rows<S>(zt, tw, z, a.out, s1 - s0, tw, false);
     }
   }
 }
@@ -266,7 +279,7 @@ template <typename S, int BYTES>
 FC_ALWAYS_INLINE void wgrad_item(const Args<S>& a, int64_t r, int64_t c0, int64_t cw) {
   constexpr int64_t TW = kTileCols<S, BYTES>;
   S* o = a.dst + r * a.dst_rs;
-  const bool in_place = a.out <= 2 * TW;
+  const bool in_place = a.out <= 2 * TW;  // gradient rows at most two tiles wide: accumulated in place
   for (int64_t c = c0; c < c0 + cw; c += TW) {
     const int64_t tw = std::min(TW, c0 + cw - c);
     S* ot = o + c;  // the gradient of W^T, accumulated in place or in a zeroed scratch
@@ -278,12 +291,13 @@ FC_ALWAYS_INLINE void wgrad_item(const Args<S>& a, int64_t r, int64_t c0, int64_
       ot = scratch<S, 0>(a.in * tw), ldo = tw;
       std::memset(ot, 0, sizeof(S) * a.in * tw);
     }
+    const bool gather = gather_rows<S, BYTES>(a, ldo);
     for (int64_t s0 = 0; s0 < a.B; s0 += kRowChunk) {
       const int64_t s1 = std::min(a.B, s0 + kRowChunk);
       S* g = const_cast<S*>(a.src + (r * a.B + s0) * a.out + c);  // only read
       S* gt = g;
       int64_t ldg = a.out;
-      if (!in_place) {
+      if (gather) {
         gt = scratch<S, 1>(kRowChunk * tw), ldg = tw;
         copy_rows<S>(g, a.out, gt, tw, s1 - s0, tw, false);
       }
