@@ -15,6 +15,10 @@ or as a script that prints times and speed-ups relative to 'torch' and writes JS
 ``--csr-sweep``: the sparse-input linear layer (``csr_linear`` forward + ``csr_linear_wgrad``) against
 the dense batched GEMMs it replaces in training (one replica group of 17, minibatch 64, 784 -> 128,
 one thread, as a training worker runs it), over input densities; it sets ``SPARSE_INPUT_MAX_DENSITY``.
+``--csr-hessian``: the same pair at the fused Hessian engine's sizes (1000 MNIST images shared by
+all replicas, the probe block ``[R, K*O, 784]`` in the ``Linear`` layout and its weight HVP written
+back in it; R=20 x 4096 and R=100 x 1024 columns, W2 and W1 at K=8; torch's threads), in GFLOP/s
+of the multiply-adds done.
 
 Default sizes (a slice of the W1 workload: R=20 replicas, N=500 rows, hidden 128, C=10, K=4) run in
 about a minute on a 2-core CPU; ``FASTCURV_BENCH_FULL=1`` (or ``--full``) uses W1 itself (R=100,
@@ -198,6 +202,31 @@ def csr_sweep(repeat: int) -> list[dict]:
         torch.set_num_threads(old)
 
 
+def csr_hessian(repeat: int) -> list[dict]:
+    from fastcurv.ops.csr_linear import CsrRows, csr_linear, csr_linear_wgrad
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hvp_json import load_batch
+
+    x, _, source = load_batch(1000)
+    X = CsrRows.from_dense(x)
+    g = torch.Generator().manual_seed(0)
+    res = []
+    for R, cols in ((20, 4096), (100, 1024)):
+        rows = torch.arange(len(x)).expand(R, len(x))
+        w = torch.randn(R, cols, x.shape[1], generator=g)
+        grad = torch.randn(R, len(x), cols, generator=g)
+        out = torch.empty_like(w)
+        flops = 2 * X.values.numel() * cols * R
+        t_fwd = _time(lambda: csr_linear(X, rows, w), repeat)
+        t_wgrad = _time(lambda: csr_linear_wgrad(X, rows, grad, out=out), repeat)
+        res.append(dict(op="csr_linear (Hessian sizes)", data=source, R=R, columns=cols, fwd_ms=t_fwd * 1e3,
+                        wgrad_ms=t_wgrad * 1e3, fwd_gflops=flops / t_fwd / 1e9, wgrad_gflops=flops / t_wgrad / 1e9))
+        print(f"R={R:3d} x {cols} columns, {source}: csr_linear {t_fwd * 1e3:7.1f} ms ({flops / t_fwd / 1e9:5.1f} GFLOP/s), "
+              f"csr_linear_wgrad {t_wgrad * 1e3:7.1f} ms ({flops / t_wgrad / 1e9:5.1f} GFLOP/s)")
+    return res
+
+
 # ----------------------------------------------------------------------------- script mode
 
 
@@ -217,12 +246,14 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="W1 sizes (R=100, N=1000, K=8)")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--csr-sweep", action="store_true", help="only the sparse-input layer against dense GEMMs")
+    ap.add_argument("--csr-hessian", action="store_true", help="only the sparse-input layer at the Hessian engine's sizes")
     args = ap.parse_args(argv)
-    if args.csr_sweep:
-        res = csr_sweep(args.repeat)
+    if args.csr_sweep or args.csr_hessian:
+        res = csr_sweep(args.repeat) if args.csr_sweep else csr_hessian(args.repeat)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(meta=dict(torch=torch.__version__, threads=1), results=res), f, indent=2)
+                threads = 1 if args.csr_sweep else torch.get_num_threads()
+                json.dump(dict(meta=dict(torch=torch.__version__, threads=threads), results=res), f, indent=2)
         return 0
     results = []
     for device in ["cpu"] + (["cuda"] if HAVE_CUDA else []):
