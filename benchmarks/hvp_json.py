@@ -22,9 +22,10 @@ once), the func backend with its linearizations compiled (``backend_options={"co
 the first matvec, which compiles, is reported apart; measured last, after the jobs), and the
 default ``batched_sharpness`` job per backend (best of --job-repeats; on ReLU MLPs the fused engine
 computes the trace exactly, so the fused job is also run with func's deflated trace estimator);
-other times are the best of --repeats. All of it runs in the steady state of fastcurv's jobs
-(inside ``heap_reuse``: freed pages are reused by the next call); ``standalone_seconds`` times the
-fused gradient and matvecs as single calls, which pay a page fault per fresh 4 KiB page.
+other times are the best of --repeats, in the steady state of fastcurv's jobs (the repeats run inside
+one ``heap_reuse``: each call reuses the pages the one before freed; each job manages its own, as
+for a user); ``standalone_seconds`` times the fused gradient and matvecs as single calls, which pay
+a page fault per fresh 4 KiB page.
 ``flops_hvp_per_probe_over_gradient`` (W1) is the FLOP model's floor for the per-probe ratio: the
 fused matvec's multiply-adds per probe over those of the fused gradient (both from the nonzero
 inputs in the first layer).
@@ -32,6 +33,7 @@ inputs in the first layer).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -105,15 +107,19 @@ class W4ResNet(nn.Module):
 W4_MACS = [8 * 9 * 28 * 28, 8 * 8 * 9 * 196, 8 * 8 * 9 * 196, 16 * 8 * 9 * 49, 16 * 16 * 9 * 49, 16 * 8 * 49, 16 * 10]
 
 
-def best(fn, repeats, sync):
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def best(fn, repeats, sync, steady=True):
+    """The fastest of ``repeats`` calls of ``fn`` after one warm-up call. ``steady``: all of them
+    inside one ``fastcurv.heap_reuse``, the steady state of fastcurv's jobs, where each call reuses
+    the pages the one before freed (else single calls, which pay a page fault per fresh 4 KiB page)."""
+    with fastcurv.heap_reuse() if steady else contextlib.nullcontext():
         fn()
         sync()
-        times.append(time.perf_counter() - t)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
     return min(times)
 
 
@@ -174,123 +180,120 @@ def main(argv=None):
            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "seconds": {}, "ratio_to_gradient": {}}
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)
-    # steady state, as inside fastcurv's jobs: the pages one call frees are reused by the next
-    # (see fastcurv.heap_reuse; on leaving, each standalone call returns them and pays fresh page faults)
-    with fastcurv.heap_reuse():
-        ops = {b: fastcurv.HessianOperator(models, (x, y), backend=b) for b in ("fused", "func")}
-        # the unit is the fastest way we know to get one gradient for every replica
-        params = [list(m.parameters()) for m in models]
+    ops = {b: fastcurv.HessianOperator(models, (x, y), backend=b) for b in ("fused", "func")}
+    # the unit is the fastest way we know to get one gradient for every replica
+    params = [list(m.parameters()) for m in models]
 
-        def grad_loop():
-            for m, p in zip(models, params):
-                torch.autograd.grad(nn.functional.cross_entropy(m(x), y), p)
+    def grad_loop():
+        for m, p in zip(models, params):
+            torch.autograd.grad(nn.functional.cross_entropy(m(x), y), p)
 
-        res["seconds"]["gradient_per_model_loop"] = best(grad_loop, a.repeats, sync)
-        res["seconds"]["gradient_batched_fused"] = best(lambda: ops["fused"].loss_and_gradient(), a.repeats, sync)
-        res["seconds"]["gradient_batched_func"] = best(lambda: ops["func"].loss_and_gradient(), a.repeats, sync)
-        unit = min(res["seconds"][k] for k in ("gradient_per_model_loop", "gradient_batched_fused", "gradient_batched_func"))
-        res["seconds"]["gradient_all_R"] = unit
-        res["backend_auto"] = fastcurv.HessianOperator(models, (x, y)).backend_name
-        del ops  # their cached state is not held during the jobs
-        # the default job per backend; "fused_deflated": the fused engine with the trace estimator that
-        # func uses (Krylov-deflated probes) instead of the exact trace it picks for ReLU MLPs
-        jobs = {"fused": dict(backend="fused"), "fused_deflated": dict(backend="fused", trace_method="deflated"),
-                "func": dict(backend="func")}
-        for b, kw in jobs.items():
-            if a.skip_slow and b != "fused":
+    res["seconds"]["gradient_per_model_loop"] = best(grad_loop, a.repeats, sync)
+    res["seconds"]["gradient_batched_fused"] = best(lambda: ops["fused"].loss_and_gradient(), a.repeats, sync)
+    res["seconds"]["gradient_batched_func"] = best(lambda: ops["func"].loss_and_gradient(), a.repeats, sync)
+    unit = min(res["seconds"][k] for k in ("gradient_per_model_loop", "gradient_batched_fused", "gradient_batched_func"))
+    res["seconds"]["gradient_all_R"] = unit
+    res["backend_auto"] = fastcurv.HessianOperator(models, (x, y)).backend_name
+    del ops  # their cached state is not held during the jobs
+    # the default job per backend; "fused_deflated": the fused engine with the trace estimator that
+    # func uses (Krylov-deflated probes) instead of the exact trace it picks for ReLU MLPs
+    jobs = {"fused": dict(backend="fused"), "fused_deflated": dict(backend="fused", trace_method="deflated"),
+            "func": dict(backend="func")}
+    for b, kw in jobs.items():
+        if a.skip_slow and b != "fused":
+            continue
+        runs = []
+        for _ in range(a.job_repeats):
+            t0 = time.perf_counter()
+            out = fastcurv.batched_sharpness(models, (x, y), progress=False, **kw)
+            sync()
+            runs.append(time.perf_counter() - t0)
+        res["seconds"][f"batched_sharpness_{b}"] = min(runs)
+        res["seconds"][f"batched_sharpness_{b}_all"] = runs
+        res[f"batched_sharpness_{b}_matvecs"] = out.num_matvecs
+        res[f"batched_sharpness_{b}_lambda_max_iters_mean"] = float(out.iterations["lambda_max"].float().mean())
+        res[f"batched_sharpness_{b}_converged"] = int(out.converged["lambda_max"].sum())
+        res[f"batched_sharpness_{b}_trace_rel_stderr_median"] = float((out.stderr["trace"] / out["trace"].abs()).median())
+    # the unit again after the jobs (the fastest of both measurements), so that a slower spell of
+    # the machine during the first measurement does not flatter the jobs
+    res["seconds"]["gradient_per_model_loop_after_jobs"] = best(grad_loop, a.repeats, sync)
+    unit = min(unit, res["seconds"]["gradient_per_model_loop_after_jobs"])
+    res["seconds"]["gradient_all_R"] = unit
+    for b in jobs:
+        if f"batched_sharpness_{b}" in res["seconds"]:
+            res["ratio_to_gradient"][f"batched_sharpness_{b}"] = res["seconds"][f"batched_sharpness_{b}"] / unit
+    if "batched_sharpness_func" in res["seconds"]:
+        for b in ("fused", "fused_deflated"):
+            res[f"batched_sharpness_{b}_speedup_over_func"] = res["seconds"]["batched_sharpness_func"] / res["seconds"][f"batched_sharpness_{b}"]
+    ops = {b: fastcurv.HessianOperator(models, (x, y), backend=b) for b in ("fused", "func")}
+    if a.workload == "W1":  # the same engine with dense first-layer GEMMs: without the zero columns, and all
+        ops["fused_dense_input"] = fastcurv.HessianOperator(models, (x, y), backend="fused",
+                                                            backend_options={"sparse_input": False})
+        ops["fused_all_columns"] = fastcurv.HessianOperator(
+            models, (x, y), backend="fused", backend_options={"sparse_input": False, "drop_zero_columns": False})
+    P = ops["fused"].P
+    for K in (1, 8):
+        V = torch.randn(R, K, P, device=dev)
+        for b, op in ops.items():
+            if b == "func" and K > 1 and a.skip_slow:
                 continue
-            runs = []
-            for _ in range(a.job_repeats):
-                t0 = time.perf_counter()
-                out = fastcurv.batched_sharpness(models, (x, y), progress=False, **kw)
-                sync()
-                runs.append(time.perf_counter() - t0)
-            res["seconds"][f"batched_sharpness_{b}"] = min(runs)
-            res["seconds"][f"batched_sharpness_{b}_all"] = runs
-            res[f"batched_sharpness_{b}_matvecs"] = out.num_matvecs
-            res[f"batched_sharpness_{b}_lambda_max_iters_mean"] = float(out.iterations["lambda_max"].float().mean())
-            res[f"batched_sharpness_{b}_converged"] = int(out.converged["lambda_max"].sum())
-            res[f"batched_sharpness_{b}_trace_rel_stderr_median"] = float((out.stderr["trace"] / out["trace"].abs()).median())
-        # the unit again after the jobs (the fastest of both measurements), so that a slower spell of
-        # the machine during the first measurement does not flatter the jobs
-        res["seconds"]["gradient_per_model_loop_after_jobs"] = best(grad_loop, a.repeats, sync)
-        unit = min(unit, res["seconds"]["gradient_per_model_loop_after_jobs"])
-        res["seconds"]["gradient_all_R"] = unit
-        for b in jobs:
-            if f"batched_sharpness_{b}" in res["seconds"]:
-                res["ratio_to_gradient"][f"batched_sharpness_{b}"] = res["seconds"][f"batched_sharpness_{b}"] / unit
-        if "batched_sharpness_func" in res["seconds"]:
-            for b in ("fused", "fused_deflated"):
-                res[f"batched_sharpness_{b}_speedup_over_func"] = res["seconds"]["batched_sharpness_func"] / res["seconds"][f"batched_sharpness_{b}"]
-        ops = {b: fastcurv.HessianOperator(models, (x, y), backend=b) for b in ("fused", "func")}
-        if a.workload == "W1":  # the same engine with dense first-layer GEMMs: without the zero columns, and all
-            ops["fused_dense_input"] = fastcurv.HessianOperator(models, (x, y), backend="fused",
-                                                                backend_options={"sparse_input": False})
-            ops["fused_all_columns"] = fastcurv.HessianOperator(
-                models, (x, y), backend="fused", backend_options={"sparse_input": False, "drop_zero_columns": False})
-        P = ops["fused"].P
+            t = best(lambda: op.matvec(V), a.repeats, sync)
+            res["seconds"][f"hvp_{b}_K{K}"] = t
+            res["ratio_to_gradient"][f"hvp_{b}_K{K}_per_probe"] = t / K / unit
+    # W1's first layer counts only the multiply-adds the engine does: with the sparse input (default)
+    # the nonzero pixels of each image, with dense_input the columns not zero in every image.
+    res["sgemm_gflops"] = sgemm_gflops(dev, sync)
+
+    def gflops(first_layer_inputs, seconds):
+        macs = [first_layer_inputs * H, H * H, H * 10] if a.workload == "W1" else {"W3": W3_MACS, "W4": W4_MACS}[a.workload]
+        return 8 * hvp_flops(macs) * a.batch * R / seconds / 1e9
+
+    variants = {"fused": None}
+    if a.workload == "W1":
+        res["first_layer_nonzeros_per_image"] = float((x != 0).sum(1).double().mean())
+        res["first_layer_inputs_kept"] = int((x != 0).any(0).sum())
+        variants = {"fused": res["first_layer_nonzeros_per_image"], "fused_dense_input": res["first_layer_inputs_kept"]}
+    if a.workload == "W1":  # the gradient: forward and weight gradient per layer, input gradient after the first
+        macs = [res["first_layer_nonzeros_per_image"] * H, H * H, H * 10]
+        res["flops_hvp_per_probe_over_gradient"] = hvp_flops(macs) / gradient_flops(macs)
+    for b, first in variants.items():
+        res[f"gflops_{b}_K8"] = gflops(first, res["seconds"][f"hvp_{b}_K8"])
+        res[f"{b}_K8_fraction_of_sgemm"] = res[f"gflops_{b}_K8"] / res["sgemm_gflops"]
+    if not a.skip_slow:
+        graphs = []
+        for m in models:
+            params = list(m.parameters())
+            g = torch.autograd.grad(nn.functional.cross_entropy(m(x), y), params, create_graph=True)
+            graphs.append((params, g))
+        vs = [[torch.randn_like(p) for p in m.parameters()] for m in models]
+
+        def loop():
+            for (params, g), v in zip(graphs, vs):
+                torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True)
+
+        t = best(loop, a.repeats, sync)
+        res["seconds"]["hvp_per_model_autograd_loop"] = t
+        res["ratio_to_gradient"]["hvp_per_model_autograd_loop"] = t / unit
+        res["fused_K1_speedup_over_loop"] = t / res["seconds"]["hvp_fused_K1"]
+        del graphs, vs, loop  # 100 retained graphs: not held during the jobs
+    if not a.skip_slow:  # the func backend with each batch's linearization run through torch.compile
+        opc = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"compile": True})
+        V = torch.randn(R, 1, P, device=dev)
+        t0 = time.perf_counter()
+        opc.matvec(V)
+        sync()
+        res["seconds"]["func_compile_first_matvec"] = time.perf_counter() - t0
         for K in (1, 8):
             V = torch.randn(R, K, P, device=dev)
-            for b, op in ops.items():
-                if b == "func" and K > 1 and a.skip_slow:
-                    continue
-                t = best(lambda: op.matvec(V), a.repeats, sync)
-                res["seconds"][f"hvp_{b}_K{K}"] = t
-                res["ratio_to_gradient"][f"hvp_{b}_K{K}_per_probe"] = t / K / unit
-        # W1's first layer counts only the multiply-adds the engine does: with the sparse input (default)
-        # the nonzero pixels of each image, with dense_input the columns not zero in every image.
-        res["sgemm_gflops"] = sgemm_gflops(dev, sync)
-
-        def gflops(first_layer_inputs, seconds):
-            macs = [first_layer_inputs * H, H * H, H * 10] if a.workload == "W1" else {"W3": W3_MACS, "W4": W4_MACS}[a.workload]
-            return 8 * hvp_flops(macs) * a.batch * R / seconds / 1e9
-
-        variants = {"fused": None}
-        if a.workload == "W1":
-            res["first_layer_nonzeros_per_image"] = float((x != 0).sum(1).double().mean())
-            res["first_layer_inputs_kept"] = int((x != 0).any(0).sum())
-            variants = {"fused": res["first_layer_nonzeros_per_image"], "fused_dense_input": res["first_layer_inputs_kept"]}
-        if a.workload == "W1":  # the gradient: forward and weight gradient per layer, input gradient after the first
-            macs = [res["first_layer_nonzeros_per_image"] * H, H * H, H * 10]
-            res["flops_hvp_per_probe_over_gradient"] = hvp_flops(macs) / gradient_flops(macs)
-        for b, first in variants.items():
-            res[f"gflops_{b}_K8"] = gflops(first, res["seconds"][f"hvp_{b}_K8"])
-            res[f"{b}_K8_fraction_of_sgemm"] = res[f"gflops_{b}_K8"] / res["sgemm_gflops"]
-        if not a.skip_slow:
-            graphs = []
-            for m in models:
-                params = list(m.parameters())
-                g = torch.autograd.grad(nn.functional.cross_entropy(m(x), y), params, create_graph=True)
-                graphs.append((params, g))
-            vs = [[torch.randn_like(p) for p in m.parameters()] for m in models]
-
-            def loop():
-                for (params, g), v in zip(graphs, vs):
-                    torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True)
-
-            t = best(loop, a.repeats, sync)
-            res["seconds"]["hvp_per_model_autograd_loop"] = t
-            res["ratio_to_gradient"]["hvp_per_model_autograd_loop"] = t / unit
-            res["fused_K1_speedup_over_loop"] = t / res["seconds"]["hvp_fused_K1"]
-            del graphs, vs, loop  # 100 retained graphs: not held during the jobs
-        if not a.skip_slow:  # the func backend with each batch's linearization run through torch.compile
-            opc = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"compile": True})
-            V = torch.randn(R, 1, P, device=dev)
-            t0 = time.perf_counter()
-            opc.matvec(V)
-            sync()
-            res["seconds"]["func_compile_first_matvec"] = time.perf_counter() - t0
-            for K in (1, 8):
-                V = torch.randn(R, K, P, device=dev)
-                t = best(lambda: opc.matvec(V), a.repeats, sync)
-                res["seconds"][f"hvp_func_compiled_K{K}"] = t
-                res["ratio_to_gradient"][f"hvp_func_compiled_K{K}_per_probe"] = t / K / unit
+            t = best(lambda: opc.matvec(V), a.repeats, sync)
+            res["seconds"][f"hvp_func_compiled_K{K}"] = t
+            res["ratio_to_gradient"][f"hvp_func_compiled_K{K}_per_probe"] = t / K / unit
     # the same fused calls standalone (a user's single call): fresh pages each time
     op = fastcurv.HessianOperator(models, (x, y), backend="fused")
-    res["standalone_seconds"] = {"gradient_batched_fused": best(lambda: op.loss_and_gradient(), a.repeats, sync)}
+    res["standalone_seconds"] = {"gradient_batched_fused": best(lambda: op.loss_and_gradient(), a.repeats, sync, steady=False)}
     for K in (1, 8):
         V = torch.randn(R, K, op.P, device=dev)
-        res["standalone_seconds"][f"hvp_fused_K{K}"] = best(lambda: op.matvec(V), a.repeats, sync)
+        res["standalone_seconds"][f"hvp_fused_K{K}"] = best(lambda: op.matvec(V), a.repeats, sync, steady=False)
     del op
     unit_alone = min(res["standalone_seconds"]["gradient_batched_fused"], res["seconds"]["gradient_per_model_loop"])
     res["standalone_ratio_to_gradient"] = {f"hvp_fused_K{K}_per_probe": res["standalone_seconds"][f"hvp_fused_K{K}"] / K / unit_alone

@@ -11,8 +11,8 @@ says so), cross-entropy. Three sweeps, each point timed in one run as the best o
     python benchmarks/scaling_json.py --out benchmarks/results/scaling.json --png benchmarks/results/scaling.png
     python benchmarks/scaling_json.py --device cuda --out scaling_gpu.json --png scaling_gpu.png
 
-Everything is timed in the steady state of fastcurv's jobs (inside ``heap_reuse``, as
-``hvp_json.py``). Writes the JSON (seconds and ratios) and, with --png, one figure with the three
+Every point is timed in the steady state of fastcurv's jobs (``hvp_json.best``: the repeats run
+inside one ``heap_reuse``). Writes the JSON (seconds and ratios) and, with --png, one figure with the three
 curves.
 """
 from __future__ import annotations
@@ -108,11 +108,10 @@ def main(argv=None):
            "data": f"B={a.batch} {source}", "replicas": [], "probes": [], "width": []}
     sweeps = [("replicas", [(R, 1, 128) for R in a.replicas]), ("probes", [(a.k_replicas, K, 128) for K in a.probes]),
               ("width", [(a.width_replicas, 1, H) for H in a.widths])]
-    with fastcurv.heap_reuse():
-        for key, points in sweeps:
-            for R, K, H in points:
-                res[key].append(point(R, K, H, x, y, a.repeats, sync))
-                print(res[key][-1], flush=True)
+    for key, points in sweeps:
+        for R, K, H in points:
+            res[key].append(point(R, K, H, x, y, a.repeats, sync))
+            print(res[key][-1], flush=True)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
