@@ -31,7 +31,10 @@ needs_glibc = pytest.mark.skipif(_heap._glibc() is None or not hasattr(_heap._gl
 @needs_glibc
 def test_large_tensors_come_from_the_heap_inside_only(monkeypatch):
     monkeypatch.delenv("FASTCURV_HEAP_REUSE", raising=False)
-    n = 64 << 20  # bytes: above glibc's largest mmap threshold (32 MiB)
+    # bytes: above glibc's largest mmap threshold (32 MiB), and n // 2 above the 64 MiB limit of
+    # glibc's per-thread heaps, so that both come from the main arena even when earlier contention
+    # moved this thread to another one (there a 32 MiB block got a fresh heap: a flaky failure)
+    n = 256 << 20
     before = _mmapped_bytes()
     t = torch.empty(n, dtype=torch.uint8)
     assert _mmapped_bytes() >= before + n  # outside: a fresh mapping
