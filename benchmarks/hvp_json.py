@@ -26,6 +26,8 @@ other times are the best of --repeats, in the steady state of fastcurv's jobs (t
 one ``heap_reuse``: each call reuses the pages the one before freed; each job manages its own, as
 for a user); ``standalone_seconds`` times the fused gradient and matvecs as single calls, which pay
 a page fault per fresh 4 KiB page.
+``paired_ratio_to_gradient``: the fused matvec per probe over the fused batched gradient, the two
+timed in alternation (the separate timings above can catch the machine in different moods).
 ``flops_hvp_per_probe_over_gradient`` (W1) is the FLOP model's floor for the per-probe ratio: the
 fused matvec's multiply-adds per probe over those of the fused gradient (both from the nonzero
 inputs in the first layer).
@@ -121,6 +123,23 @@ def best(fn, repeats, sync, steady=True):
             sync()
             times.append(time.perf_counter() - t)
     return min(times)
+
+
+def best_alternating(f, g, repeats, sync):
+    """``(fastest f, fastest g)`` over ``repeats`` rounds that call ``f`` then ``g`` (after one
+    warm-up round), inside one ``heap_reuse``: a ratio of the two is not skewed by the machine
+    drifting between two separate measurements."""
+    tf, tg = [], []
+    with fastcurv.heap_reuse():
+        f(), g()
+        sync()
+        for _ in range(repeats):
+            for fn, ts in ((f, tf), (g, tg)):
+                t = time.perf_counter()
+                fn()
+                sync()
+                ts.append(time.perf_counter() - t)
+    return min(tf), min(tg)
 
 
 def hvp_flops(macs):
@@ -240,6 +259,12 @@ def main(argv=None):
             t = best(lambda: op.matvec(V), a.repeats, sync)
             res["seconds"][f"hvp_{b}_K{K}"] = t
             res["ratio_to_gradient"][f"hvp_{b}_K{K}_per_probe"] = t / K / unit
+    # the fused matvecs over the fused batched gradient, the two timed in alternation
+    res["paired_ratio_to_gradient"] = {}
+    for K in (1, 8):
+        V = torch.randn(R, K, P, device=dev)
+        tg, tm = best_alternating(lambda: ops["fused"].loss_and_gradient(), lambda: ops["fused"].matvec(V), a.repeats, sync)
+        res["paired_ratio_to_gradient"][f"hvp_fused_K{K}_per_probe_over_batched_gradient"] = tm / K / tg
     # W1's first layer counts only the multiply-adds the engine does: with the sparse input (default)
     # the nonzero pixels of each image, with dense_input the columns not zero in every image.
     res["sgemm_gflops"] = sgemm_gflops(dev, sync)
