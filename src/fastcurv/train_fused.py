@@ -196,44 +196,33 @@ class MLPPlan:
         else:
             raise ValueError(f"the fused MLP path supports cross_entropy and mse, got {loss!r}")
         grads = {} if out is None else out
+
+        def buf(name):  # the gradient buffer of parameter name: the preallocated one, or a new one
+            g = grads.get(name)
+            if g is None:
+                grads[name] = g = torch.empty_like(p[name])
+            return g
+
         for i in range(len(self.layers) - 1, -1, -1):
             L = self.layers[i]
             h, acts = saved[i]
             for (zin, a), (_, bwd) in zip(reversed(acts), reversed(L.acts)):
                 dz = bwd(dz, zin, a)
             if i == 0 and sparse:  # h is the CsrBatch
-                gw = grads.get(L.weight)
-                if gw is None:
-                    grads[L.weight] = gw = torch.empty_like(p[L.weight])
-                csr_linear_wgrad(h.X, h.rows, dz, out=gw)
+                csr_linear_wgrad(h.X, h.rows, dz, out=buf(L.weight))
                 if L.bias:
-                    gb = grads.get(L.bias)
-                    if gb is None:
-                        grads[L.bias] = gb = torch.empty_like(p[L.bias])
-                    torch.sum(dz, 1, out=gb)
+                    torch.sum(dz, 1, out=buf(L.bias))
                 break
             if i == 0 and shared:
                 # dz [R, B, out] -> [B, R*out]; dW [R*out, in] = dz^T @ x, one GEMM
                 dzt = dz.transpose(0, 1).reshape(B, R * L.out_features)
-                gw = grads.get(L.weight)
-                if gw is None:
-                    grads[L.weight] = gw = torch.empty_like(p[L.weight])
-                torch.mm(dzt.t(), h, out=gw.view(R * L.out_features, L.in_features))
+                torch.mm(dzt.t(), h, out=buf(L.weight).view(R * L.out_features, L.in_features))
                 if L.bias:
-                    gb = grads.get(L.bias)
-                    if gb is None:
-                        grads[L.bias] = gb = torch.empty_like(p[L.bias])
-                    torch.sum(dzt, 0, out=gb.view(-1))
+                    torch.sum(dzt, 0, out=buf(L.bias).view(-1))
                 break
-            gw = grads.get(L.weight)
-            if gw is None:
-                grads[L.weight] = gw = torch.empty_like(p[L.weight])
-            torch.bmm(dz.transpose(1, 2), h, out=gw)
+            torch.bmm(dz.transpose(1, 2), h, out=buf(L.weight))
             if L.bias:
-                gb = grads.get(L.bias)
-                if gb is None:
-                    grads[L.bias] = gb = torch.empty_like(p[L.bias])
-                torch.sum(dz, 1, out=gb)
+                torch.sum(dz, 1, out=buf(L.bias))
             if i > 0:
                 dz = torch.bmm(dz, p[L.weight])
         return grads, losses
