@@ -213,24 +213,22 @@ class ReplicaSet:
         """
         plan = self._mlp_plan()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params.values()))
-        if plan is not None and not needs_grad and not buffers and x.dim() >= 2 and x[0].numel() == plan.in_features:
+        if plan is not None and not needs_grad and not buffers and x.dim() >= 2:
             from .train_fused import CsrBatch
 
-            csr = self._sparse_rows(x)
+            csr = self._sparse_rows(plan, x)
             if csr is not None:
                 return plan.forward(params, CsrBatch(csr, torch.arange(len(x), device=x.device)), shared=True)
         return vmap(self.call, in_dims=(0, 0, None))(params, buffers, x)
 
-    def _sparse_rows(self, x: torch.Tensor):
-        """The CSR form of ``x`` (None when too dense), kept for the last input while that tensor
-        lives unchanged (a weak reference and its version counter): the perturbation estimators
-        evaluate the same probe inputs hundreds of times."""
-        from .ops.csr_linear import sparse_rows
-
+    def _sparse_rows(self, plan, x: torch.Tensor):
+        """The CSR form of ``x`` for the fused MLP ``plan`` (None when too dense or not its input), kept
+        for the last input while that tensor lives unchanged (a weak reference and its version
+        counter): the perturbation estimators evaluate the same probe inputs hundreds of times."""
         hit = getattr(self, "_csr_of", None)
         if hit is not None and hit[0]() is x and hit[1] == x._version:
             return hit[2]
-        csr, _ = sparse_rows(x, None)
+        csr, _ = plan.sparse_rows(x, None)
         self._csr_of = (weakref.ref(x), x._version, csr)
         return csr
 

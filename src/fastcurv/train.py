@@ -56,7 +56,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from .ops.csr_linear import CsrRows, sparse_rows
+from .ops.csr_linear import CsrRows
 from .replicas import nonfinite_rows
 from .train_fused import CsrBatch, plan_mlp
 
@@ -687,12 +687,7 @@ def _sparse_rows(x: torch.Tensor, plan, sparse_input: bool | None) -> CsrRows | 
     """The training set in CSR form when the first layer should multiply only nonzero inputs, else None."""
     if sparse_input is False:
         return None
-    csr, why = None, "the model does not take the fused MLP path"
-    if plan is not None:
-        if x[0].numel() != plan.in_features:
-            why = f"samples have {x[0].numel()} features but the first layer takes {plan.in_features}"
-        else:
-            csr, why = sparse_rows(x, sparse_input)
+    csr, why = (None, "the model does not take the fused MLP path") if plan is None else plan.sparse_rows(x, sparse_input)
     if sparse_input and csr is None:
         raise ValueError(f"sparse_input=True, but {why}")
     return csr

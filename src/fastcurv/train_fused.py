@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.csr_linear import CsrRows, csr_linear, csr_linear_wgrad
+from .ops.csr_linear import CsrRows, csr_linear, csr_linear_wgrad, sparse_rows
 
 aten = torch.ops.aten
 
@@ -123,6 +123,13 @@ class MLPPlan:
         if L.bias:
             return torch.baddbmm(p[L.bias].unsqueeze(1), x, W.transpose(1, 2))
         return torch.bmm(x, W.transpose(1, 2))
+
+    def sparse_rows(self, x: torch.Tensor, sparse_input: bool | None) -> tuple[CsrRows | None, str]:
+        """The samples ``x [N, ...]`` in CSR form when this plan's first layer should take them from
+        the nonzero inputs only (see :func:`fastcurv.ops.csr_linear.sparse_rows`), else ``(None, why not)``."""
+        if x[0].numel() != self.in_features:
+            return None, f"samples have {x[0].numel()} features but the first layer takes {self.in_features}"
+        return sparse_rows(x, sparse_input)
 
     def _prep(self, p, x, shared: bool):
         if isinstance(x, CsrBatch):
