@@ -87,9 +87,8 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     kw = dict(measures=measures, seed=seed, progress=progress, **kwargs)
     if before is None:
         before = batched_sharpness(models, data, **kw)
-    elif len(next(iter(before.values.values()))) != len(models):
-        raise ValueError(f"before holds results for {len(next(iter(before.values.values())))} replicas, "
-                         f"the audit has {len(models)}")
+    elif (n_before := len(next(iter(before.values.values())))) != len(models):
+        raise ValueError(f"before holds results for {n_before} replicas, the audit has {len(models)}")
     after = batched_sharpness(tr.models, data, **kw)
     from .operator import HessianOperator
 
