@@ -19,6 +19,16 @@ TORCH_LIBRARY(fastcurv, m) {
   // rgx = gamma*rg + rgamma*g; out [N, K, G, S] = inv*(rgx - mean(rgx) - xh*mean(rgx*xh) - rxh*mean(gx*xh)
   // - xh*mean(gx*rxh)) - inv^2*m2*(gx - mean(gx) - xh*mean(gx*xh)).
   m.def("bn_rop_bwd(Tensor xh, Tensor g, Tensor rg, Tensor inv, Tensor? gamma, Tensor? rgamma, Tensor? rxh, Tensor? m2) -> Tensor");
+  // Forward R-op of an eval BatchNorm and the derivative d1 of the activation reading its output, in place
+  // on rz [N, K, G, S] (G = replicas x channels): rz <- (scale[g]*rz + rgamma[k,g]*xh + rbeta[k,g]) * d1;
+  // returns dot [K, G] = sum over n, s of rz*delta (before the update; [0] without delta). xh, d1, delta
+  // [N, G, S]; scale [G]; rgamma, rbeta [K, G]; xh and rgamma both or neither.
+  m.def("bn_eval_rop_fwd(Tensor(a!) rz, Tensor scale, Tensor? xh, Tensor? rgamma, Tensor? rbeta, Tensor? d1, Tensor? delta) -> Tensor");
+  // Backward R-op of an eval BatchNorm behind an activation derivative d1, u = rd*d1 (rd [N, K, G, S]):
+  // returns (sum_u [K, G], sum_uxh [K, G] or [0] without xh), sums over n, s of u and u*xh; with
+  // input_grad, rd <- scale[g]*u + crg[k,g]*delta in place. xh, delta, d1 [N, G, S]; scale [G]; crg [K, G];
+  // delta and crg both or neither.
+  m.def("bn_eval_rop_bwd(Tensor(a!) rd, Tensor scale, Tensor? xh, Tensor? delta, Tensor? crg, Tensor? d1, bool input_grad) -> (Tensor, Tensor)");
   // Exact pairwise agreement counts between integer predictions preds[R, M]: out[i,j] = #{m : preds[i,m] == preds[j,m]}.
   m.def("agreement_counts(Tensor preds) -> Tensor");
   // Linear layer on CSR input rows, R replicas: X [N, in] as (indptr [N+1] int64, indices [nnz] int32 in

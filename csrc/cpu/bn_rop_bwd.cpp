@@ -23,46 +23,6 @@ struct BnSums {
   BnSums(int64_t K, int64_t G) : rg(K * G, 0.0), rgxh(K * G, 0.0), grxh(K * G, 0.0), g(G, 0.0), gxh(G, 0.0) {}
 };
 
-// sum_s u[s] and sum_s u[s]*v[s] in double, over 8 independent lanes (breaks the add latency chain;
-// the compiler vectorizes the lane loop).
-template <typename T>
-inline void sum_and_dot(const T* u, const T* v, int64_t S, double& su, double& suv) {
-  constexpr int L = 8;
-  double a[L] = {0}, b[L] = {0};
-  int64_t s = 0;
-  for (; s + L <= S; s += L) {
-    for (int l = 0; l < L; ++l) {
-      a[l] += double(u[s + l]);
-      b[l] += double(u[s + l]) * double(v[s + l]);
-    }
-  }
-  double ta = 0, tb = 0;
-  for (; s < S; ++s) {
-    ta += double(u[s]);
-    tb += double(u[s]) * double(v[s]);
-  }
-  for (int l = 0; l < L; ++l) {
-    ta += a[l];
-    tb += b[l];
-  }
-  su += ta;
-  suv += tb;
-}
-
-template <typename T>
-inline double dot(const T* u, const T* v, int64_t S) {
-  constexpr int L = 8;
-  double b[L] = {0};
-  int64_t s = 0;
-  for (; s + L <= S; s += L) {
-    for (int l = 0; l < L; ++l) b[l] += double(u[s + l]) * double(v[s + l]);
-  }
-  double tb = 0;
-  for (; s < S; ++s) tb += double(u[s]) * double(v[s]);
-  for (int l = 0; l < L; ++l) tb += b[l];
-  return tb;
-}
-
 // Pass 1: parallel over blocks of channels g; each block reads the contiguous rows
 // [n, k, g0:g1, :] with the samples n as the outer loop (cache friendly, no partial sums to merge,
 // the summation order does not depend on the number of threads). Measured against blocks of samples
@@ -70,8 +30,7 @@ inline double dot(const T* u, const T* v, int64_t S) {
 // faster at S=1.
 template <typename T>
 void bn_sums(const T* xh, const T* gp, const T* rg, const T* rxh, int64_t N, int64_t K, int64_t G, int64_t S, BnSums& out) {
-  const int64_t grain = std::max<int64_t>(1, 64 / std::max<int64_t>(S, 1));  // >= 64 contiguous values per row and task
-  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, G, fc_group_grain(S), [&](int64_t g0, int64_t g1) {
     if (S == 1) {  // BatchNorm1d: element-wise accumulation along the channels (vectorizes)
       double *sg = out.g.data(), *sgx = out.gxh.data();
       for (int64_t n = 0; n < N; ++n) {
@@ -99,12 +58,12 @@ void bn_sums(const T* xh, const T* gp, const T* rg, const T* rxh, int64_t N, int
     for (int64_t n = 0; n < N; ++n) {
       const T* xrow = xh + n * G * S;
       const T* grow = gp + n * G * S;
-      for (int64_t g = g0; g < g1; ++g) sum_and_dot(grow + g * S, xrow + g * S, S, out.g[g], out.gxh[g]);
+      for (int64_t g = g0; g < g1; ++g) fc_sum_and_dot(grow + g * S, xrow + g * S, S, out.g[g], out.gxh[g]);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t row = (n * K + k) * G * S;
         for (int64_t g = g0; g < g1; ++g) {
-          sum_and_dot(rg + row + g * S, xrow + g * S, S, out.rg[k * G + g], out.rgxh[k * G + g]);
-          if (rxh != nullptr) out.grxh[k * G + g] += dot(grow + g * S, rxh + row + g * S, S);
+          fc_sum_and_dot(rg + row + g * S, xrow + g * S, S, out.rg[k * G + g], out.rgxh[k * G + g]);
+          if (rxh != nullptr) out.grxh[k * G + g] += fc_dot(grow + g * S, rxh + row + g * S, S);
         }
       }
     }

@@ -2,9 +2,85 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <array>
+#include <optional>
+#include <type_traits>
+
 // Rows of `outer` independent lines of length `inner`, split over threads in blocks of rows.
 template <typename F>
 inline void fc_parallel_rows(int64_t outer, int64_t inner, const F& f) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(inner, 1));
   at::parallel_for(0, outer, grain, f);
+}
+
+
+// sum_s u[s] * v[s] in double, over 8 independent lanes (breaks the add latency chain; the
+// compiler vectorizes the lane loop).
+template <typename T>
+inline double fc_dot(const T* u, const T* v, int64_t S) {
+  constexpr int L = 8;
+  double b[L] = {0};
+  int64_t s = 0;
+  for (; s + L <= S; s += L) {
+    for (int l = 0; l < L; ++l) b[l] += double(u[s + l]) * double(v[s + l]);
+  }
+  double tb = 0;
+  for (; s < S; ++s) tb += double(u[s]) * double(v[s]);
+  for (int l = 0; l < L; ++l) tb += b[l];
+  return tb;
+}
+
+// su += sum_s u[s] and suv += sum_s u[s] * v[s], in double over 8 lanes.
+template <typename T>
+inline void fc_sum_and_dot(const T* u, const T* v, int64_t S, double& su, double& suv) {
+  constexpr int L = 8;
+  double a[L] = {0}, b[L] = {0};
+  int64_t s = 0;
+  for (; s + L <= S; s += L) {
+    for (int l = 0; l < L; ++l) {
+      a[l] += double(u[s + l]);
+      b[l] += double(u[s + l]) * double(v[s + l]);
+    }
+  }
+  double ta = 0, tb = 0;
+  for (; s < S; ++s) {
+    ta += double(u[s]);
+    tb += double(u[s]) * double(v[s]);
+  }
+  for (int l = 0; l < L; ++l) {
+    ta += a[l];
+    tb += b[l];
+  }
+  su += ta;
+  suv += tb;
+}
+
+// Grain of a parallel loop over the groups (replica x channel) of a [.., G, S] layout: at least 64
+// contiguous values per row and task.
+inline int64_t fc_group_grain(int64_t S) { return std::max<int64_t>(1, 64 / std::max<int64_t>(S, 1)); }
+
+// Checks an optional operand against the tensor `ref` it is used with (CPU, same dtype, given sizes).
+inline void fc_check_operand(const char* op, const char* ref_name, const at::Tensor& ref, const char* name,
+                             const std::optional<at::Tensor>& t, at::IntArrayRef sizes) {
+  TORCH_CHECK(ref.device().is_cpu(), op, ": ", ref_name, " must be a CPU tensor, got ", ref.device());
+  TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, op, ": ", ref_name,
+              " must be float32 or float64, got ", ref.scalar_type());
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->sizes() == sizes, op, ": ", name, " must be ", sizes, ", got ", t->sizes());
+  TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
+  TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": dtype mismatch, ", name, " is ", t->scalar_type(), " but ",
+              ref_name, " is ", ref.scalar_type());
+}
+
+// Calls fn(std::bool_constant<flags[0]>{}, ..., std::bool_constant<flags[N-1]>{}): runtime flags
+// turned into template arguments, so that each combination gets branch-free inner loops.
+template <int N, typename F, typename... B>
+inline void fc_dispatch_flags(std::array<bool, N> flags, const F& fn, B... b) {
+  if constexpr (sizeof...(B) == N) {
+    fn(b...);
+  } else if (flags[sizeof...(B)]) {
+    fc_dispatch_flags<N>(flags, fn, b..., std::true_type{});
+  } else {
+    fc_dispatch_flags<N>(flags, fn, b..., std::false_type{});
+  }
 }

@@ -6,6 +6,8 @@ The wrapper dispatches on the tensors' device and :func:`fastcurv.set_kernel_imp
 from .agreement_counts import AgreementCounts, agreement_counts, agreement_counts_naive, agreement_counts_onehot
 from .activation import ACTIVATIONS, act_derivs, act_derivs_reference, activation_kind, activation_value
 from .act_rop_bwd import act_rop_bwd, act_rop_bwd_reference
+from .bn_eval_rop_bwd import bn_eval_rop_bwd, bn_eval_rop_bwd_reference
+from .bn_eval_rop_fwd import bn_eval_rop_fwd, bn_eval_rop_fwd_reference
 from .bn_rop_bwd import bn_rop_bwd, bn_rop_bwd_reference
 from .csr_linear import CsrRows, csr_linear, csr_linear_reference, csr_linear_wgrad, csr_linear_wgrad_reference
 from .softmax_ce_hvp import softmax_ce_hvp, softmax_ce_hvp_reference
@@ -22,6 +24,10 @@ __all__ = [
     "act_derivs_reference",
     "act_rop_bwd",
     "act_rop_bwd_reference",
+    "bn_eval_rop_bwd",
+    "bn_eval_rop_bwd_reference",
+    "bn_eval_rop_fwd",
+    "bn_eval_rop_fwd_reference",
     "bn_rop_bwd",
     "bn_rop_bwd_reference",
     "CsrRows",

@@ -1,0 +1,120 @@
+// CPU kernel of fastcurv::bn_eval_rop_bwd: the backward R-op of an eval BatchNorm behind the
+// derivative of the activation that reads its output, in one pass (shapes and formula:
+// src/fastcurv/ops/bn_eval_rop_bwd.py). With u = rd * d1:
+//   sum_u[k, g] = sum_{n, s} u;  sum_uxh[k, g] = sum_{n, s} u * xh;
+//   rd <- scale[g] * u + crg[k, g] * delta    (only with input_grad)
+// rd [N, K, G, S]; xh, delta, d1 [N, G, S]; scale [G]; crg [K, G]. Sums accumulate in double.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+// One segment of S values of one (n, k, g): the flags say which optional inputs are given and
+// whether rd is overwritten, so that the inner loops carry no branches.
+template <typename T, bool XH, bool D1, bool IG, bool DL>
+inline void bwd_segment(T* r, const T* x, const T* d, const T* de, T a, T c, int64_t S, double& su, double& sx) {
+  constexpr int L = 8;
+  double A[L] = {0}, B[L] = {0};
+  auto step = [&](int64_t s, double& ua, double& xa) {
+    T u = r[s];
+    if constexpr (D1) u *= d[s];
+    ua += double(u);
+    if constexpr (XH) xa += double(u) * double(x[s]);
+    if constexpr (IG) {
+      T o = a * u;
+      if constexpr (DL) o += c * de[s];
+      r[s] = o;
+    }
+  };
+  int64_t s = 0;
+  for (; s + L <= S; s += L) {
+    for (int l = 0; l < L; ++l) step(s + l, A[l], B[l]);
+  }
+  double ta = 0, tb = 0;
+  for (; s < S; ++s) step(s, ta, tb);
+  for (int l = 0; l < L; ++l) {
+    ta += A[l];
+    tb += B[l];
+  }
+  su += ta;
+  sx += tb;
+}
+
+template <typename T, bool XH, bool D1, bool IG, bool DL>
+void bwd_all(T* rd, const T* scale, const T* xh, const T* de, const T* crg, const T* d1, double* su, double* sx, int64_t N,
+             int64_t K, int64_t G, int64_t S) {
+  // Threads own blocks of groups: no partial sums to merge, and the order of the sums does not
+  // depend on the number of threads.
+  at::parallel_for(0, G, fc_group_grain(S), [&](int64_t g0, int64_t g1) {
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t a = n * G * S;
+      for (int64_t k = 0; k < K; ++k) {
+        T* r = rd + (n * K + k) * G * S;
+        double *u = su + k * G, *x = sx + k * G;
+        const T* cr = DL ? crg + k * G : nullptr;
+        if (S == 1) {  // BatchNorm1d: vectorize over the groups
+          for (int64_t g = g0; g < g1; ++g) {
+            T v = r[g];
+            if constexpr (D1) v *= d1[a + g];
+            u[g] += double(v);
+            if constexpr (XH) x[g] += double(v) * double(xh[a + g]);
+            if constexpr (IG) {
+              T o = scale[g] * v;
+              if constexpr (DL) o += cr[g] * de[a + g];
+              r[g] = o;
+            }
+          }
+          continue;
+        }
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t off = a + g * S;
+          bwd_segment<T, XH, D1, IG, DL>(r + g * S, XH ? xh + off : nullptr, D1 ? d1 + off : nullptr,
+                                         DL ? de + off : nullptr, scale[g], DL ? cr[g] : T(0), S, u[g], x[g]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_eval_rop_bwd_cpu(at::Tensor& rd, const at::Tensor& scale, const std::optional<at::Tensor>& xh,
+                                                       const std::optional<at::Tensor>& delta, const std::optional<at::Tensor>& crg,
+                                                       const std::optional<at::Tensor>& d1, bool input_grad) {
+  const char* op = "bn_eval_rop_bwd";
+  TORCH_CHECK(rd.dim() == 4, op, ": rd must be [N, K, G, S], got ", rd.sizes());
+  TORCH_CHECK(!input_grad || rd.is_contiguous(), op, ": input_grad overwrites rd, which must then be contiguous");
+  const int64_t N = rd.size(0), K = rd.size(1), G = rd.size(2), S = rd.size(3);
+  TORCH_CHECK(delta.has_value() == crg.has_value(), op, ": delta and crg must be given together (affine BatchNorm) or both be None");
+  fc_check_operand(op, "rd", rd, "scale", scale, {G});
+  fc_check_operand(op, "rd", rd, "xh", xh, {N, G, S});
+  fc_check_operand(op, "rd", rd, "delta", delta, {N, G, S});
+  fc_check_operand(op, "rd", rd, "crg", crg, {K, G});
+  fc_check_operand(op, "rd", rd, "d1", d1, {N, G, S});
+  at::Tensor sum_u = at::zeros({K, G}, rd.options());
+  at::Tensor sum_uxh = xh.has_value() ? at::zeros({K, G}, rd.options()) : at::zeros({0}, rd.options());
+  if (rd.numel() == 0) return {sum_u, sum_uxh};
+  auto c = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
+  const at::Tensor sc = scale.contiguous(), x = c(xh), de = c(delta), cr = c(crg), d = c(d1);
+  at::Tensor r = input_grad ? rd : rd.contiguous();  // read-only without input_grad
+  AT_DISPATCH_FLOATING_TYPES(rd.scalar_type(), "bn_eval_rop_bwd_cpu", [&] {
+    auto p = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    std::vector<double> su(K * G, 0.0), sx(K * G, 0.0);
+    // (delta only enters the input gradient)
+    fc_dispatch_flags<4>({x.defined(), d.defined(), input_grad, input_grad && de.defined()}, [&](auto XH, auto D1, auto IG, auto DL) {
+      bwd_all<scalar_t, XH.value, D1.value, IG.value, DL.value>(r.data_ptr<scalar_t>(), p(sc), p(x), p(de), p(cr), p(d), su.data(),
+                                                                sx.data(), N, K, G, S);
+    });
+    scalar_t *up = sum_u.data_ptr<scalar_t>(), *xp = x.defined() ? sum_uxh.data_ptr<scalar_t>() : nullptr;
+    for (int64_t i = 0; i < K * G; ++i) {
+      up[i] = scalar_t(su[i]);
+      if (xp != nullptr) xp[i] = scalar_t(sx[i]);
+    }
+  });
+  return {sum_u, sum_uxh};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcurv, CPU, m) { m.impl("bn_eval_rop_bwd", &bn_eval_rop_bwd_cpu); }

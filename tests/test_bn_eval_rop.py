@@ -1,0 +1,196 @@
+"""fastcurv.ops.bn_eval_rop_fwd / bn_eval_rop_bwd, the R-ops of an eval BatchNorm fused with the
+derivative of the activation that reads its output.
+
+* The torch references against torch.func: the forward against the directional derivative (jvp)
+  of eval BatchNorm followed by ReLU, the backward against the directional derivative of their
+  vector-Jacobian product, so the formulas themselves are checked, not only their implementations.
+* The C++ CPU kernels, the Triton kernels (TRITON_INTERPRET=1 on CPU, or CUDA) and the CUDA kernels
+  (``gpu`` marker) against the references on random inputs, every combination of the optional
+  operands, and edge cases; clear errors on bad input.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcurv
+from fastcurv import _ext
+from fastcurv.ops import bn_eval_rop_bwd, bn_eval_rop_bwd_reference, bn_eval_rop_fwd, bn_eval_rop_fwd_reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_ext = pytest.mark.skipif(not (_ext.has_kernel("bn_eval_rop_fwd", "cpu") and _ext.has_kernel("bn_eval_rop_bwd", "cpu")),
+                               reason="C++ extension not built")
+# which optional operands are given: (affine: xh and rgamma / crg, rbeta, d1, delta)
+FLAGS = list(itertools.product([True, False], repeat=4))
+FLAG_IDS = ["".join(n for n, f in zip(("A", "B", "D", "G"), fl) if f) or "none" for fl in FLAGS]
+
+
+def fwd_inputs(N, K, G, S, flags, dtype=torch.float64, device="cpu", seed=0, scale=1.0):
+    """Positional arguments of bn_eval_rop_fwd: (rz, scale, xh, rgamma, rbeta, d1, delta); d1 is a
+    ReLU mask (0/1) like the engine's, with a few LeakyReLU slopes."""
+    affine, beta, act, grad = flags
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64) * scale  # noqa: E731
+    d1 = torch.where(torch.rand(N, G, S, generator=gen, dtype=torch.float64) > 0.5, 1.0, 0.1)
+    args = (rnd(N, K, G, S), rnd(G), rnd(N, G, S) if affine else None, rnd(K, G) if affine else None,
+            rnd(K, G) if beta else None, d1 if act else None, rnd(N, G, S) if grad else None)
+    return tuple(None if t is None else t.to(dtype=dtype, device=device) for t in args)
+
+
+def bwd_inputs(N, K, G, S, flags, dtype=torch.float64, device="cpu", seed=0, scale=1.0):
+    """Positional arguments of bn_eval_rop_bwd: (rd, scale, xh, delta, crg, d1)."""
+    affine, _, act, grad = flags
+    rz, sc, xh, _, crg, d1, delta = fwd_inputs(N, K, G, S, (affine, grad, act, grad), dtype, device, seed, scale)
+    return rz, sc, xh, delta, crg, d1
+
+
+def double(args):
+    return tuple(None if t is None or isinstance(t, bool) else t.double() for t in args)
+
+
+# ----------------------------------------------------------------------------- the formulas
+
+
+@pytest.mark.parametrize("S", [1, 5])
+def test_references_are_the_derivatives_of_batchnorm_relu(S):
+    """Forward: d/dt relu(BN(x + t dx; gamma + t dgamma, beta + t dbeta)). Backward: d/dt of the
+    vector-Jacobian product of the same map along the same tangents and dg; its input part is the
+    updated rd, its weight and bias parts are sum_uxh + inv * dot and sum_u."""
+    N, K, G, eps = 6, 2, 3, 1e-5
+    gen = torch.Generator().manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x, g = rnd(N, G, S), rnd(N, G, S)
+    mean, var = rnd(G) * 0.3, rnd(G).abs() + 0.5
+    gamma, beta = rnd(G), rnd(G)
+    dx, dgamma, dbeta, dg = rnd(K, N, G, S), rnd(K, G), rnd(K, G), rnd(K, N, G, S)
+
+    def f(x_, w, b):
+        return torch.relu(F.batch_norm(x_, mean, var, w, b, False, 0.0, eps))
+
+    def vjp(x_, w, b, g_):
+        return torch.func.vjp(f, x_, w, b)[1](g_)
+
+    inv = torch.rsqrt(var + eps)
+    xh = (x - mean.view(1, G, 1)) * inv.view(1, G, 1)
+    d1 = (f(x, gamma, beta) > 0).double()
+    delta = g * d1  # the loss gradient w.r.t. the BatchNorm output
+    want_f = torch.stack([torch.func.jvp(f, (x, gamma, beta), (dx[k], dgamma[k], dbeta[k]))[1] for k in range(K)], 1)
+    want_b = [torch.func.jvp(vjp, (x, gamma, beta, g), (dx[k], dgamma[k], dbeta[k], dg[k]))[1] for k in range(K)]
+    args_f = (dx.transpose(0, 1).contiguous(), gamma * inv, xh, dgamma, dbeta, d1, delta)
+    args_b = (dg.transpose(0, 1).contiguous(), gamma * inv, xh, delta, dgamma * inv, d1)
+    impls = ["torch"] + (["ext"] if _ext.has_kernel("bn_eval_rop_fwd", "cpu") else [])
+    for impl in impls:
+        with fastcurv.use_kernels(impl):
+            out, dot = bn_eval_rop_fwd(*args_f)
+            rg, sum_u, sum_uxh = bn_eval_rop_bwd(args_b[0].clone(), *args_b[1:])
+        torch.testing.assert_close(out, want_f, rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(rg, torch.stack([w[0] for w in want_b], 1), rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(sum_uxh + inv * dot, torch.stack([w[1] for w in want_b]), rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(sum_u, torch.stack([w[2] for w in want_b]), rtol=1e-11, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- C++ kernels
+
+SHAPES = [(2, 1, 3, 1), (7, 3, 4, 1), (33, 2, 70, 1), (3, 3, 2, 5), (1, 2, 3, 4), (5, 1, 6, 9), (2, 2, 5, 37)]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("flags", FLAGS, ids=FLAG_IDS)
+def test_cpu_kernels_match_references(dtype, shape, flags):
+    args = fwd_inputs(*shape, flags, dtype=dtype, seed=sum(shape))
+    want_out, want_dot = bn_eval_rop_fwd_reference(*double(args))
+    rz = args[0].clone()
+    with fastcurv.use_kernels("ext"):
+        out, dot = bn_eval_rop_fwd(rz, *args[1:], inplace=True)
+    assert out.data_ptr() == rz.data_ptr() and out.dtype == dtype
+    torch.testing.assert_close(out, want_out.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(dot, want_dot.to(dtype), **TOL[dtype])
+    with fastcurv.use_kernels("ext"):  # out of place: rz is left alone
+        out2, _ = bn_eval_rop_fwd(*args)
+    assert torch.equal(out2, out) and out2.data_ptr() != args[0].data_ptr()
+
+    args = bwd_inputs(*shape, flags, dtype=dtype, seed=sum(shape) + 1)
+    for input_grad in (True, False):
+        want = bn_eval_rop_bwd_reference(args[0].double().clone(), *double(args[1:]), input_grad=input_grad)
+        rd = args[0].clone()
+        with fastcurv.use_kernels("ext"):
+            got = bn_eval_rop_bwd(rd, *args[1:], input_grad=input_grad)
+        assert got[0] is rd
+        if not input_grad:
+            assert torch.equal(rd, args[0])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b.to(dtype), **TOL[dtype])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_kernels_edge_cases(dtype):
+    fwd, bwd = torch.ops.fastcurv.bn_eval_rop_fwd, torch.ops.fastcurv.bn_eval_rop_bwd
+    flags = (True, True, True, True)
+    # zero tangents: zero output and sums
+    rz, sc, xh, rgamma, rbeta, d1, delta = fwd_inputs(4, 2, 3, 6, flags, dtype=dtype)
+    z = torch.zeros_like
+    r = z(rz)
+    assert fwd(r, sc, xh, z(rgamma), z(rbeta), d1, delta).abs().max() == 0 and r.abs().max() == 0
+    sums = bwd(r, sc, xh, delta, z(rgamma), d1, True)
+    assert all(t.abs().max() == 0 for t in sums) and r.abs().max() == 0
+    # large values: a near-constant channel with inv = 1/sqrt(eps) and tangents ~1e4
+    args = list(fwd_inputs(6, 3, 4, 3, flags, dtype=dtype, scale=1e4, seed=3))
+    args[1] = args[1].clone()
+    args[1][1] = 1e-5 ** -0.5
+    want = bn_eval_rop_fwd_reference(*double(args))
+    r = args[0].clone()
+    dot = fwd(r, *args[1:])
+    assert torch.isfinite(r).all() and torch.isfinite(dot).all()
+    for a, b in ((r, want[0]), (dot, want[1])):
+        torch.testing.assert_close(a.double() / b.abs().max(), b / b.abs().max(), **TOL[dtype])
+    # non-contiguous operands give the contiguous result; a non-contiguous rd is read without input_grad
+    rz, sc, xh, rgamma, rbeta, d1, delta = fwd_inputs(5, 3, 4, 2, flags, dtype=dtype, seed=4)
+    t = lambda a: a.transpose(0, 1).contiguous().transpose(0, 1)  # noqa: E731
+    r1, r2 = rz.clone(), rz.clone()
+    torch.testing.assert_close(fwd(r1, sc, t(xh), t(rgamma), t(rbeta), t(d1), t(delta)), fwd(r2, sc, xh, rgamma, rbeta, d1, delta))
+    assert torch.equal(r1, r2)
+    torch.testing.assert_close(bwd(t(rz), sc, xh, None, None, d1, False), bwd(rz.clone(), sc, xh, None, None, d1, False))
+    # empty probe axis and empty batch
+    assert fwd(rz[:, :0], sc, xh, rgamma[:0], rbeta[:0], d1, delta).shape == (0, 4)
+    assert bwd(rz[:0].contiguous(), sc, xh[:0], delta[:0], rgamma, d1[:0], True)[0].abs().max() == 0
+
+
+@needs_ext
+def test_cpu_kernels_errors_name_the_problem():
+    fwd, bwd = torch.ops.fastcurv.bn_eval_rop_fwd, torch.ops.fastcurv.bn_eval_rop_bwd
+    rz, sc, xh, rgamma, rbeta, d1, delta = fwd_inputs(4, 2, 3, 2, (True, True, True, True), dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="rz must be"):
+        fwd(rz[0], sc, xh, rgamma, rbeta, d1, delta)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        fwd(rz.transpose(0, 1), sc, None, None, None, None, None)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        fwd(rz, sc[:2], xh, rgamma, rbeta, d1, delta)
+    with pytest.raises(RuntimeError, match="xh and rgamma must be given together"):
+        fwd(rz, sc, xh, None, rbeta, d1, delta)
+    with pytest.raises(RuntimeError, match="rbeta must be"):
+        fwd(rz, sc, xh, rgamma, rbeta.t(), d1, delta)
+    with pytest.raises(RuntimeError, match="dtype mismatch, d1"):
+        fwd(rz, sc, xh, rgamma, rbeta, d1.double(), delta)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        fwd(rz.half(), sc.half(), None, None, None, None, None)
+    with pytest.raises(RuntimeError, match="delta and crg must be given together"):
+        bwd(rz, sc, xh, delta, None, d1, True)
+    with pytest.raises(RuntimeError, match="input_grad overwrites rd"):
+        bwd(rz.transpose(0, 1), sc, None, None, None, None, True)
+    with pytest.raises(RuntimeError, match="xh must be"):
+        bwd(rz, sc, xh[:, :2], delta, rgamma, d1, True)
+    # the references and wrappers raise the same complaints
+    with pytest.raises(ValueError, match="rgamma must be"):
+        bn_eval_rop_fwd_reference(rz, sc, xh, rgamma[:1], rbeta, d1, delta)
+    with pytest.raises(TypeError, match="dtype mismatch, crg"):
+        bn_eval_rop_bwd_reference(rz, sc, xh, delta, rgamma.double(), d1)
+    with pytest.raises(ValueError, match="inplace needs a contiguous rz"):
+        bn_eval_rop_fwd(rz.transpose(0, 1), sc, inplace=True)
