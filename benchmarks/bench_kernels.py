@@ -42,6 +42,8 @@ from fastcurv.ops import (
     ACTIVATIONS,
     act_derivs_reference,
     act_rop_bwd_reference,
+    bn_eval_rop_bwd_reference,
+    bn_eval_rop_fwd_reference,
     bn_rop_bwd_reference,
     softmax_ce_hvp_reference,
 )
@@ -80,6 +82,15 @@ def make_inputs(op: str, device: str, dtype=torch.float32, full: bool | None = N
         Nb, Kb, Gb, Sb = s["BN"]
         return (rnd(Nb, Gb, Sb), rnd(Nb, Gb, Sb), rnd(Nb, Kb, Gb, Sb), rnd(Gb).abs() + 0.5, rnd(Gb), rnd(Kb, Gb),
                 rnd(Nb, Kb, Gb, Sb), rnd(Kb, Gb))
+    if op in ("bn_eval_rop_fwd", "bn_eval_rop_bwd"):
+        # eval BatchNorm2d + ReLU at bn_rop_bwd's sizes; in place, so scale 1 and a 0/1 mask keep repeated
+        # calls' values finite and normal
+        Nb, Kb, Gb, Sb = s["BN"]
+        mask = (rnd(Nb, Gb, Sb) > 0).to(dtype)
+        one = torch.ones(Gb, dtype=dtype, device=device)
+        if op == "bn_eval_rop_fwd":  # rz, scale, xh, rgamma, rbeta, d1, delta
+            return (rnd(Nb, Kb, Gb, Sb), one, rnd(Nb, Gb, Sb), rnd(Kb, Gb), rnd(Kb, Gb), mask, rnd(Nb, Gb, Sb))
+        return (rnd(Nb, Kb, Gb, Sb), one, rnd(Nb, Gb, Sb), rnd(Nb, Gb, Sb), rnd(Kb, Gb), mask, True)  # rd, scale, xh, delta, crg, d1
     if op == "linear_rop":  # the first hidden layer of W1: input shared by all replicas
         x = rnd(N, I)
         return (x.expand(R, N, I), None, rnd(R, H, I) / I**0.5, rnd(R, K, H, I), rnd(R, H), rnd(R, K, H), "relu", 0.0)
@@ -91,6 +102,8 @@ REFERENCES = {
     "act_derivs": act_derivs_reference,
     "act_rop_bwd": act_rop_bwd_reference,
     "bn_rop_bwd": bn_rop_bwd_reference,
+    "bn_eval_rop_fwd": bn_eval_rop_fwd_reference,
+    "bn_eval_rop_bwd": bn_eval_rop_bwd_reference,
     "linear_rop": linear_rop_reference,
 }
 
@@ -245,6 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results to this file")
     ap.add_argument("--full", action="store_true", help="W1 sizes (R=100, N=1000, K=8)")
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--ops", default=None, help=f"comma-separated subset of: {', '.join(REFERENCES)}")
     ap.add_argument("--csr-sweep", action="store_true", help="only the sparse-input layer against dense GEMMs")
     ap.add_argument("--csr-hessian", action="store_true", help="only the sparse-input layer at the Hessian engine's sizes")
     args = ap.parse_args(argv)
@@ -255,15 +269,19 @@ def main(argv=None) -> int:
                 threads = 1 if args.csr_sweep else torch.get_num_threads()
                 json.dump(dict(meta=dict(torch=torch.__version__, threads=threads), results=res), f, indent=2)
         return 0
+    ops = list(REFERENCES) if args.ops is None else args.ops.split(",")
+    unknown = sorted(set(ops) - set(REFERENCES))
+    if unknown:
+        ap.error(f"unknown ops {unknown}; choose from {list(REFERENCES)}")
     results = []
     for device in ["cpu"] + (["cuda"] if HAVE_CUDA else []):
-        for op in REFERENCES:
+        for op in ops:
             inputs = make_inputs(op, device, full=args.full or None)
             times = {name: _time(_synced(fn, inputs, device), args.repeat) for name, fn in implementations(op, device).items()}
             base = times["torch"]
             for name, t in times.items():
                 results.append(dict(op=op, device=device, impl=name, median_ms=t * 1e3, speedup_vs_torch=base / t))
-                print(f"{op:15s} {device:4s} {name:7s} {t * 1e3:9.3f} ms   x{base / t:5.2f} vs torch")
+                print(f"{op:16s} {device:4s} {name:7s} {t * 1e3:9.3f} ms   x{base / t:5.2f} vs torch")
     meta = dict(sizes=sizes(args.full or None), torch=torch.__version__, fastcurv=fastcurv.__version__,
                 threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name() if HAVE_CUDA else None)
     if args.json:

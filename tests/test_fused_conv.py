@@ -105,15 +105,24 @@ def test_pooling_against_dense(pool, R, K):
 
 
 @pytest.mark.parametrize("R,K", [(1, 1), (3, 4)])
-@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("bias,affine", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
-def test_batchnorm_eval_against_dense(R, K, affine, loss):
-    op = _check_dense(lambda: bn_net(bias=affine, affine=affine), (1, 6, 5), R, K, loss)
+def test_batchnorm_eval_against_dense(R, K, bias, affine, loss):
+    # with bias, the conv's and the linear layer's bias tangents are folded into the BatchNorm R-ops
+    op = _check_dense(lambda: bn_net(bias=bias, affine=affine), (1, 6, 5), R, K, loss)
+    assert len(op.backend._maps.bias_folded) == 2 * bias
     assert op.replicas.buffers  # running statistics travel with the replicas
 
 
 def test_batchnorm_on_the_input_against_dense():
     _check_dense(bn_first_net, (1, 5, 5), 3, 2, "cross_entropy")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_relu_on_the_input_against_dense(affine):
+    # the fused BatchNorm-ReLU R-op where the BatchNorm input has no tangent
+    _check_dense(lambda: nn.Sequential(nn.BatchNorm2d(1, affine=affine), nn.ReLU(), nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2),
+                                       nn.ReLU(), nn.Flatten(), nn.Linear(18, 3)), (1, 5, 5), 3, 2, "mse")
 
 
 def test_sample_chunks_give_the_same_products():

@@ -78,6 +78,24 @@ class ResMLP(nn.Module):
         return self.head(h)
 
 
+class SharedTangents(nn.Module):
+    """BatchNorm-ReLU pairs whose tangents other nodes read too: a BatchNorm input that a residual
+    addition also reads, a ReLU output read twice, a BatchNorm output read by two activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.c2, self.b2 = nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        y = self.c1(x)
+        h = F.relu(self.b1(y))
+        h = h + y + h
+        z = self.b2(self.c2(h))
+        return self.fc(torch.flatten(F.relu(z) + F.leaky_relu(z, 0.2), 1))
+
+
 def _data(shape, n, loss, gen, dtype=torch.float64):
     x = torch.randn(n, *shape, generator=gen, dtype=dtype)
     y = torch.randint(0, 3, (n,), generator=gen) if loss == "cross_entropy" else torch.randn(n, 3, generator=gen, dtype=dtype)
@@ -109,6 +127,12 @@ def test_resnet_against_dense(R, K, loss, width):
 @pytest.mark.parametrize("R,K,loss", [(1, 4, "mse"), (3, 1, "cross_entropy"), (3, 4, "cross_entropy")])
 def test_residual_mlp_against_dense(R, K, loss):
     _check_dense(ResMLP, (4,), R, K, loss)
+
+
+@pytest.mark.parametrize("R,K,loss", [(1, 3, "mse"), (3, 2, "cross_entropy")])
+def test_batchnorm_relu_tangents_read_elsewhere_against_dense(R, K, loss):
+    op = _check_dense(SharedTangents, (1, 4, 4), R, K, loss)
+    assert len(op.backend._maps.bn_act) == 1  # b1 with its ReLU; b2's output has two readers
 
 
 @pytest.mark.parametrize("flatten", ["view", "reshape"])

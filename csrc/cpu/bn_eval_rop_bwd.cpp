@@ -3,7 +3,8 @@
 // src/fastcurv/ops/bn_eval_rop_bwd.py). With u = rd * d1:
 //   sum_u[k, g] = sum_{n, s} u;  sum_uxh[k, g] = sum_{n, s} u * xh;
 //   rd <- scale[g] * u + crg[k, g] * delta    (only with input_grad)
-// rd [N, K, G, S]; xh, delta, d1 [N, G, S]; scale [G]; crg [K, G]. Sums accumulate in double.
+// rd [N, K, G, S]; xh, delta, d1 [N, G, S]; scale [G]; crg [K, G]. Sums run in the input type within a
+// segment of S values (16 lanes) and in double across segments.
 #include <torch/library.h>
 
 #include <vector>
@@ -13,16 +14,17 @@
 namespace {
 
 // One segment of S values of one (n, k, g): the flags say which optional inputs are given and
-// whether rd is overwritten, so that the inner loops carry no branches.
+// whether rd is overwritten, so that the inner loops carry no branches. The segment's sums run in
+// T over 16 lanes (vectorized), and are added to the double totals.
 template <typename T, bool XH, bool D1, bool IG, bool DL>
 inline void bwd_segment(T* r, const T* x, const T* d, const T* de, T a, T c, int64_t S, double& su, double& sx) {
-  constexpr int L = 8;
-  double A[L] = {0}, B[L] = {0};
-  auto step = [&](int64_t s, double& ua, double& xa) {
+  constexpr int L = 16;
+  T A[L] = {0}, B[L] = {0};
+  auto step = [&](int64_t s, T& ua, T& xa) {
     T u = r[s];
     if constexpr (D1) u *= d[s];
-    ua += double(u);
-    if constexpr (XH) xa += double(u) * double(x[s]);
+    ua += u;
+    if constexpr (XH) xa += u * x[s];
     if constexpr (IG) {
       T o = a * u;
       if constexpr (DL) o += c * de[s];
@@ -33,11 +35,11 @@ inline void bwd_segment(T* r, const T* x, const T* d, const T* de, T a, T c, int
   for (; s + L <= S; s += L) {
     for (int l = 0; l < L; ++l) step(s + l, A[l], B[l]);
   }
+  for (int l = 0; s < S; ++s, ++l) step(s, A[l], B[l]);
   double ta = 0, tb = 0;
-  for (; s < S; ++s) step(s, ta, tb);
   for (int l = 0; l < L; ++l) {
-    ta += A[l];
-    tb += B[l];
+    ta += double(A[l]);
+    tb += double(B[l]);
   }
   su += ta;
   sx += tb;

@@ -12,7 +12,7 @@
 namespace {
 
 // One (n, k) row's groups [g0, g1): the flags say which optional inputs are given, so that the
-// inner loops carry no branches. dot accumulates in double (per segment of S values, in lanes).
+// inner loops carry no branches. dot: see fc_dot.
 template <typename T, bool XH, bool RB, bool D1, bool DL>
 void fwd_row(T* r, const T* scale, const T* xh, const T* rga, const T* rbe, const T* d1, const T* de, double* dot,
              int64_t g0, int64_t g1, int64_t S) {

@@ -8,7 +8,8 @@
 // (the rxh/m2 terms only when given). The output is affine in the inputs with per-(k, g)
 // coefficients: pass 1 computes the five sums per group, pass 2 writes
 //   out = c_rg*rg + c_g*g + c_xh*xh + c_rxh*rxh + c_0,
-// so no [N, K, G, S] intermediate is materialized. Sums are accumulated in double.
+// so no [N, K, G, S] intermediate is materialized. Sums run in the input type within a segment of S
+// values (16 lanes) and in double across segments.
 #include <torch/library.h>
 
 #include <vector>

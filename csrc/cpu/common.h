@@ -14,42 +14,42 @@ inline void fc_parallel_rows(int64_t outer, int64_t inner, const F& f) {
 }
 
 
-// sum_s u[s] * v[s] in double, over 8 independent lanes (breaks the add latency chain; the
-// compiler vectorizes the lane loop).
+// sum_s u[s] * v[s]: in T over 16 independent lanes (vectorizes, and breaks the add latency
+// chain), returned in double for the caller's totals over many segments.
 template <typename T>
 inline double fc_dot(const T* u, const T* v, int64_t S) {
-  constexpr int L = 8;
-  double b[L] = {0};
+  constexpr int L = 16;
+  T b[L] = {0};
   int64_t s = 0;
   for (; s + L <= S; s += L) {
-    for (int l = 0; l < L; ++l) b[l] += double(u[s + l]) * double(v[s + l]);
+    for (int l = 0; l < L; ++l) b[l] += u[s + l] * v[s + l];
   }
+  for (int l = 0; s < S; ++s, ++l) b[l] += u[s] * v[s];
   double tb = 0;
-  for (; s < S; ++s) tb += double(u[s]) * double(v[s]);
-  for (int l = 0; l < L; ++l) tb += b[l];
+  for (int l = 0; l < L; ++l) tb += double(b[l]);
   return tb;
 }
 
-// su += sum_s u[s] and suv += sum_s u[s] * v[s], in double over 8 lanes.
+// su += sum_s u[s] and suv += sum_s u[s] * v[s], lanes as in fc_dot.
 template <typename T>
 inline void fc_sum_and_dot(const T* u, const T* v, int64_t S, double& su, double& suv) {
-  constexpr int L = 8;
-  double a[L] = {0}, b[L] = {0};
+  constexpr int L = 16;
+  T a[L] = {0}, b[L] = {0};
   int64_t s = 0;
   for (; s + L <= S; s += L) {
     for (int l = 0; l < L; ++l) {
-      a[l] += double(u[s + l]);
-      b[l] += double(u[s + l]) * double(v[s + l]);
+      a[l] += u[s + l];
+      b[l] += u[s + l] * v[s + l];
     }
   }
-  double ta = 0, tb = 0;
-  for (; s < S; ++s) {
-    ta += double(u[s]);
-    tb += double(u[s]) * double(v[s]);
+  for (int l = 0; s < S; ++s, ++l) {
+    a[l] += u[s];
+    b[l] += u[s] * v[s];
   }
+  double ta = 0, tb = 0;
   for (int l = 0; l < L; ++l) {
-    ta += a[l];
-    tb += b[l];
+    ta += double(a[l]);
+    tb += double(b[l]);
   }
   su += ta;
   suv += tb;

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import act_derivs, act_rop_bwd, activation_kind, activation_value, bn_rop_bwd, softmax_ce_hvp
+from ..ops import (act_derivs, act_rop_bwd, activation_kind, activation_value, bn_eval_rop_bwd, bn_eval_rop_fwd, bn_rop_bwd,
+                   softmax_ce_hvp)
 from ..ops.csr_linear import csr_linear, csr_linear_wgrad, sparse_rows
 from ..ops.linear_rop import in_fused_engine, linear_rop
 from ..replicas import consecutive_runs
@@ -895,8 +896,24 @@ class _MapEngine:
             u = users[i][0]
             return len(users[i]) == 1 and layers[u].kind != "add" and (layers[u].kind != "flatten" or bwd_owned(u))
 
-        self.fwd_inplace = [l.kind == "act" and fwd_owned(self.inputs[i][0]) for i, l in enumerate(layers)]
-        self.bwd_inplace = [l.kind == "act" and bwd_owned(i) for i, l in enumerate(layers)]
+        # An eval BatchNorm whose output only a first-order activation (ReLU, LeakyReLU) reads: the
+        # BatchNorm R-op kernels apply the activation's derivative too, and the activation node
+        # passes tangents through.
+        first_order = (activation_kind("relu"), activation_kind("leaky_relu"))
+        self.bn_act = {i: users[i][0] for i, l in enumerate(layers)
+                       if l.kind == "bn" and not l.opts.get("batch") and len(users[i]) == 1
+                       and layers[users[i][0]].kind == "act" and layers[users[i][0]].act in first_order}
+        self.act_fused = set(self.bn_act.values())
+        # A conv or linear bias whose output only an eval BatchNorm reads: the BatchNorm kernels take
+        # its tangent (scale * db joins the BatchNorm's shift) and give its product (the sum of the
+        # BatchNorm input's R-gradient), a pass over the tangent saved each way.
+        self.bn_bias = {users[i][0]: i for i, l in enumerate(layers)
+                        if l.kind in ("conv", "linear") and l.bias is not None and len(users[i]) == 1
+                        and layers[users[i][0]].kind == "bn" and not layers[users[i][0]].opts.get("batch")}
+        self.bias_folded = set(self.bn_bias.values())
+        self.fwd_inplace = [l.kind in ("act", "bn") and fwd_owned(self.inputs[i][0]) for i, l in enumerate(layers)]
+        self.bwd_inplace = [(l.kind == "act" and bwd_owned(i)) or (l.kind == "bn" and bwd_owned(self.bn_act.get(i, i)))
+                            for i, l in enumerate(layers)]
 
     def _reads_shared(self, j) -> bool:
         return j < 0 or self.shared[j]
@@ -977,6 +994,76 @@ class _MapEngine:
         s = inv if l.weight is None else params[l.weight] * inv
         t = -mean * s if l.bias is None else params[l.bias] - mean * s
         return s, t, inv, mean
+
+    def _bn_eval_rfwd(self, l, i, st, vecs, ra, s):
+        """R-forward of eval BatchNorm node ``i`` (and of the activation fused with it; ``ra``:
+        the input tangent, without the folded bias of the layer before, if any): returns the output
+        tangent ``[N, K, R, C, *sp]`` and, for an affine BatchNorm whose input has a tangent,
+        ``(dot, dsum)``: ``dot`` ``[R, K, C]``, the sum over samples and positions of the full input
+        tangent times ``delta`` (what the weight's product needs from it, so that it is not kept),
+        and ``dsum`` ``[R*C]``, the sum of ``delta``; computed by
+        :func:`fastcurv.ops.bn_eval_rop_fwd` (C++/CUDA/Triton kernel)."""
+        j = self.bn_act.get(i)
+        d1 = None if j is None else st.get(j, "d1")  # [N, R, C, *sp]
+        xh = st.get(i, "xhat") if l.weight is not None else None
+        if ra is None:  # a BatchNorm of the model input: only the parameter tangents
+            nsp = xh.dim() - 3
+            term = xh.unsqueeze(1) * _rb(vecs[l.weight], nsp, True) + _rb(vecs[l.bias], nsp, True)
+            return (term if d1 is None else term.mul_(d1.unsqueeze(1))), None
+        N, K, R, C = ra.shape[:4]
+        G, S = R * C, ra[0, 0, 0, 0].numel()
+        delta = st.get(i, "delta") if l.weight is not None else None
+        rz = ra.reshape(N, K, G, S)
+        fresh = rz.untyped_storage().data_ptr() != ra.untyped_storage().data_ptr()  # reshape copied
+        def flat(t):
+            return None if t is None else t.reshape(N, G, S)
+
+        def kg(p):  # [R, K, C] tangent -> [K, R*C]
+            return None if p is None else vecs[p].transpose(0, 1).reshape(K, G)
+
+        rbeta, db = kg(l.bias), kg(self.layers[self.bn_bias[i]].bias) if i in self.bn_bias else None
+        if db is not None:
+            rbeta = db * s.reshape(G) if rbeta is None else rbeta + db * s.reshape(G)
+        out, dot = bn_eval_rop_fwd(rz, s.reshape(G), flat(xh), kg(l.weight), rbeta, flat(d1), flat(delta),
+                                   inplace=rz.is_contiguous() and (self.fwd_inplace[i] or fresh))
+        if delta is None:
+            return out.view(ra.shape), None
+        dsum = delta.reshape(N, G, S).sum((0, 2))
+        if db is not None:
+            dot += db * dsum
+        return out.view(ra.shape), (dot.view(K, R, C).transpose(0, 1), dsum)
+
+    def _bn_eval_rbwd(self, l, i, st, vecs, out, rd, s, inv, dot):
+        """R-backward of eval BatchNorm node ``i`` (``rd``: the R-gradient w.r.t. the output of the
+        activation fused with it, or of the BatchNorm): adds the weight and bias products to ``out``
+        and returns the R-gradient w.r.t. the BatchNorm input (None when that input is shared);
+        computed by :func:`fastcurv.ops.bn_eval_rop_bwd` (C++/CUDA/Triton kernel)."""
+        j = self.bn_act.get(i)
+        d1 = None if j is None else st.get(j, "d1")
+        N, K, R, C = rd.shape[:4]
+        G, S = R * C, rd[0, 0, 0, 0].numel()
+        input_grad = not self._reads_shared(self.inputs[i][0])
+        xh = delta = crg = None
+        if l.weight is not None:
+            xh = st.get(i, "xhat").reshape(N, G, S)
+            if input_grad:
+                delta = st.get(i, "delta").reshape(N, G, S)
+                crg = (vecs[l.weight] * inv.unsqueeze(1)).transpose(0, 1).reshape(K, G)
+        r = rd.reshape(N, K, G, S)
+        if input_grad and not (r.is_contiguous() and self.bwd_inplace[i]):
+            r = r.clone(memory_format=torch.contiguous_format)
+        r, sum_u, sum_uxh = bn_eval_rop_bwd(r, s.reshape(G), xh, delta, crg, None if d1 is None else d1.reshape(N, G, S),
+                                            input_grad=input_grad)
+        if l.weight is not None:
+            hw = sum_uxh.view(K, R, C).transpose(0, 1)
+            out[l.weight] += hw if dot is None else hw + dot[0] * inv.unsqueeze(1)
+            out[l.bias] += sum_u.view(K, R, C).transpose(0, 1)
+        if i in self.bn_bias:  # the folded bias: the sum of the input's R-gradient scale * u + crg * delta
+            hb = sum_u * s.reshape(G)
+            if crg is not None:
+                hb += crg * dot[1]
+            out[self.layers[self.bn_bias[i]].bias] += hb.view(K, R, C).transpose(0, 1)
+        return r.view(rd.shape) if input_grad else None
 
     @staticmethod
     def _bn_batch_check(l, a, R, shared):
@@ -1209,7 +1296,7 @@ class _MapEngine:
         ``vecs``: name -> [R, K, *shape] tangents."""
         K = next(iter(vecs.values())).shape[1]
         rv = {}  # node -> output tangent [N, K, R, *feat] still to be read, or None (identically zero)
-        rin, rpre, bn = {}, {}, {}
+        rin, rpre, bn, bn_dot = {}, {}, {}, {}
         N = None
         for i, l in enumerate(self.layers):
             if self.shared[i]:
@@ -1231,19 +1318,20 @@ class _MapEngine:
                 N = a.shape[0]
                 stride, pad, dil, g = self._conv_io(l, W)
                 rin[i] = ra
-                dWs = dW.view(R, K, g, Co // g, *W.shape[2:]).transpose(1, 2).reshape(-1, *W.shape[2:])
-                if first and g == 1:
-                    zb = F.conv2d(a, dWs, None, stride, pad, dil, 1)
+                if first and g == 1:  # one plain conv: output channels in (K, R, Co) order, the tangent's layout
+                    zb = F.conv2d(a, dW.transpose(0, 1).reshape(-1, *W.shape[2:]), None, stride, pad, dil, 1)
+                    zb = zb.view(N, K, R, g, Co // g, *zb.shape[2:])
                 else:
+                    dWs = dW.view(R, K, g, Co // g, *W.shape[2:]).transpose(1, 2).reshape(-1, *W.shape[2:])
                     zb = F.conv2d(self._full(a, R, first), dWs, None, stride, pad, dil, R * g)
-                zb = zb.view(N, R, g, K, Co // g, *zb.shape[2:]).permute(0, 3, 1, 2, 4, 5, 6)
+                    zb = zb.view(N, R, g, K, Co // g, *zb.shape[2:]).permute(0, 3, 1, 2, 4, 5, 6)
                 if ra is not None:
                     za = F.conv2d(ra.reshape(N * K, -1, *ra.shape[4:]), W.reshape(-1, *W.shape[2:]), None, stride, pad, dil, R * g)
                     rz = za.view(N, K, R, g, Co // g, *za.shape[2:]).add_(zb)
                 else:
                     rz = zb.contiguous()
                 rz = rz.view(N, K, R, Co, *rz.shape[5:])
-                if l.bias is not None:
+                if l.bias is not None and i not in self.bias_folded:
                     rz += _rb(vecs[l.bias], 2, True)
                 ra = rz
             elif l.kind == "linear":
@@ -1254,7 +1342,7 @@ class _MapEngine:
                 rz = torch.einsum("ni,rkoi->nkro" if first else "nri,rkoi->nkro", a, dW)
                 if ra is not None:
                     rz += torch.einsum("nkri,roi->nkro", ra, W)
-                if l.bias is not None:
+                if l.bias is not None and i not in self.bias_folded:
                     rz += vecs[l.bias].transpose(0, 1)
                 ra = rz
             elif l.kind == "bn" and l.opts.get("batch"):
@@ -1275,19 +1363,13 @@ class _MapEngine:
                     rz = term if rz is None else rz.add_(term)
                 ra = rz
             elif l.kind == "bn":
-                s, t, inv, mean = bn[i] = self._bn_coefs(l, params, buffers)
-                rin[i] = ra
-                rz = None
-                if ra is not None:
-                    rz = ra * _rb(s, ra.dim() - 4, False).unsqueeze(1)
-                if l.weight is not None:
-                    xhat = st.get(i, "xhat")
-                    N = xhat.shape[0]
-                    nsp = xhat.dim() - 3
-                    term = xhat.unsqueeze(1) * _rb(vecs[l.weight], nsp, True) + _rb(vecs[l.bias], nsp, True)
-                    rz = term if rz is None else rz.add_(term)
-                ra = rz
-            elif ra is None:
+                bn[i] = self._bn_coefs(l, params, buffers)
+                if ra is None and l.weight is None:
+                    pass
+                else:
+                    ra, bn_dot[i] = self._bn_eval_rfwd(l, i, st, vecs, ra, bn[i][0])
+                    N = ra.shape[0]
+            elif ra is None or i in self.act_fused:
                 pass
             elif l.kind == "act":
                 d1 = st.get(i, "d1").unsqueeze(1)
@@ -1326,12 +1408,15 @@ class _MapEngine:
                 hw = rd.shape[4:]
                 o = out[l.weight].view(R, K, g, Co // g, *W.shape[2:])
                 # weight: conv-weight-gradient of (input a, output grads rd) with K in the output channels
-                go = rd.view(N, K, R, g, Co // g, *hw).permute(0, 2, 3, 1, 4, 5, 6).reshape(N, -1, *hw)
-                inp = a if first and g == 1 else self._full(a, R, first)
-                gw = torch.nn.grad.conv2d_weight(inp, (R * g * K * (Co // g), *W.shape[2:]), go, stride, pad, dil,
-                                                 1 if first and g == 1 else R * g)
-                o += gw.view(R, g, K, Co // g, *W.shape[2:]).transpose(1, 2)
-                if l.bias is not None:
+                if first and g == 1:  # one plain conv: rd's (K, R, Co) channel order as it is
+                    gw = torch.nn.grad.conv2d_weight(a, (K * R * Co, *W.shape[2:]), rd.reshape(N, -1, *hw), stride, pad, dil, 1)
+                    o += gw.view(K, R, g, Co // g, *W.shape[2:]).transpose(0, 1)
+                else:
+                    go = rd.view(N, K, R, g, Co // g, *hw).permute(0, 2, 3, 1, 4, 5, 6).reshape(N, -1, *hw)
+                    gw = torch.nn.grad.conv2d_weight(self._full(a, R, first), (R * g * K * (Co // g), *W.shape[2:]), go,
+                                                     stride, pad, dil, R * g)
+                    o += gw.view(R, g, K, Co // g, *W.shape[2:]).transpose(1, 2)
+                if l.bias is not None and i not in self.bias_folded:
                     out[l.bias] += rd.sum((0, 4, 5)).transpose(0, 1)
                 if ra_in is not None:
                     # (input tangent, delta) with K in the input channels
@@ -1354,7 +1439,7 @@ class _MapEngine:
                 out[l.weight] += torch.einsum("nkro,ni->rkoi" if first else "nkro,nri->rkoi", rd, a)
                 if ra_in is not None:
                     out[l.weight] += torch.einsum("nro,nkri->rkoi", delta, ra_in)
-                if l.bias is not None:
+                if l.bias is not None and i not in self.bias_folded:
                     out[l.bias] += rd.sum(0).transpose(0, 1)
                 if first:
                     continue
@@ -1366,21 +1451,11 @@ class _MapEngine:
                 rd = self._bn_batch_rbwd(l, i, st, params, vecs, None, rin.get(i), rd)
             elif l.kind == "bn":
                 s, t, inv, mean = bn[i]
-                nsp = rd.dim() - 4
-                dims = (0, *range(4, rd.dim()))
-                delta, ra_in = st.get(i, "delta"), rin[i]
-                if l.weight is not None:
-                    hg = (rd * st.get(i, "xhat").unsqueeze(1)).sum(dims)
-                    if ra_in is not None:
-                        hg += (ra_in * delta.unsqueeze(1)).sum(dims) * inv
-                    out[l.weight] += hg.transpose(0, 1)
-                    out[l.bias] += rd.sum(dims).transpose(0, 1)
-                if self._reads_shared(self.inputs[i][0]):
+                rd = self._bn_eval_rbwd(l, i, st, vecs, out, rd, s, inv, bn_dot.get(i))
+                if rd is None:
                     continue
-                rg = rd * _rb(s, nsp, False).unsqueeze(1)
-                if l.weight is not None:
-                    rg += delta.unsqueeze(1) * _rb(vecs[l.weight] * inv.unsqueeze(1), nsp, True)
-                rd = rg
+            elif i in self.act_fused:
+                pass
             elif l.kind == "act":
                 d1 = st.get(i, "d1")
                 d2g = st.get(i, "d2g")
