@@ -194,3 +194,155 @@ def test_cpu_kernels_errors_name_the_problem():
         bn_eval_rop_bwd_reference(rz, sc, xh, delta, rgamma.double(), d1)
     with pytest.raises(ValueError, match="inplace needs a contiguous rz"):
         bn_eval_rop_fwd(rz.transpose(0, 1), sc, inplace=True)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+def check_kernels(fwd, bwd, shape, dtype, device):
+    """fwd(rz, scale, xh, rgamma, rbeta, d1, delta) -> dot, in place on rz, and bwd(rd, scale, xh,
+    delta, crg, d1, input_grad) -> (sum_u, sum_uxh), in place on rd, against the references (in
+    float64) for every combination of the optional operands (Triton and CUDA kernels)."""
+    for flags in FLAGS:
+        args = fwd_inputs(*shape, flags, dtype=dtype, device=device, seed=sum(shape))
+        want_out, want_dot = bn_eval_rop_fwd_reference(*double(args))
+        rz = args[0].clone()
+        dot = fwd(rz, *args[1:])
+        torch.testing.assert_close(rz, want_out.to(dtype), **TOL[dtype])
+        torch.testing.assert_close(dot, want_dot.to(dtype), **TOL[dtype])
+        args = bwd_inputs(*shape, flags, dtype=dtype, device=device, seed=sum(shape) + 1)
+        for input_grad in (True, False):
+            want = bn_eval_rop_bwd_reference(args[0].double().clone(), *double(args[1:]), input_grad=input_grad)
+            rd = args[0].clone()
+            sums = bwd(rd, *args[1:], input_grad)
+            for a, b in zip((rd, *sums), want):
+                torch.testing.assert_close(a, b.to(dtype), **TOL[dtype])
+
+
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+
+
+def _triton():
+    tk = pytest.importorskip("fastcurv.triton_kernels")
+    if not tk.HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    return tk
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 3, 4, 1), (9, 2, 37, 1), (1, 2, 3, 4), (2, 2, 3, 9)], ids=lambda s: "x".join(map(str, s)))
+def test_triton_kernels_match_references(device, dtype, shape):
+    tk = _triton()
+    check_kernels(tk.bn_eval_rop_fwd, tk.bn_eval_rop_bwd, shape, dtype, device)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_dispatch_edge_cases_and_errors(device, monkeypatch):
+    tk = _triton()
+    calls = []
+    fns = {op: tk.OPS[op] for op in ("bn_eval_rop_fwd", "bn_eval_rop_bwd")}
+    for op, fn in fns.items():
+        monkeypatch.setitem(tk.OPS, op, lambda *a, _fn=fn, _op=op: calls.append(_op) or _fn(*a))
+    rz, sc, xh, rgamma, rbeta, d1, delta = fwd_inputs(4, 2, 3, 2, (True, True, True, True), dtype=torch.float32, device=device)
+    with fastcurv.use_kernels("triton"):
+        out, dot = bn_eval_rop_fwd(rz, sc, xh, rgamma, rbeta, d1, delta)
+        got = bn_eval_rop_bwd(rz.clone(), sc, xh, delta, rgamma, d1)
+    assert calls == ["bn_eval_rop_fwd", "bn_eval_rop_bwd"]
+    for a, b in zip((out, dot), bn_eval_rop_fwd_reference(rz, sc, xh, rgamma, rbeta, d1, delta)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    for a, b in zip(got, bn_eval_rop_bwd_reference(rz.clone(), sc, xh, delta, rgamma, d1)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    fwd, bwd = fns["bn_eval_rop_fwd"], fns["bn_eval_rop_bwd"]
+    # a non-contiguous rd is read without input_grad; no samples: zero sums
+    t = rz.transpose(0, 1).contiguous().transpose(0, 1)
+    for a, b in zip(bwd(t, sc, xh, None, None, d1, False), bwd(rz.clone(), sc, xh, None, None, d1, False)):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(t, rz)
+    sums = bwd(rz[:0].contiguous(), sc, xh[:0], delta[:0], rgamma, d1[:0], True)
+    assert [s.shape for s in sums] == [(2, 3), (2, 3)] and all(s.abs().max() == 0 for s in sums)
+    assert fwd(rz[:0].contiguous(), sc, None, None, None, None, delta[:0]).abs().max() == 0
+    with pytest.raises(ValueError, match="rz is written in place and must be contiguous"):
+        fwd(rz.transpose(0, 1), sc, None, None, None, None, None)
+    with pytest.raises(ValueError, match="input_grad overwrites rd"):
+        bwd(rz.transpose(0, 1), sc, None, None, None, None, True)
+    with pytest.raises(ValueError, match="xh and rgamma must be given together"):
+        fwd(rz, sc, xh, None, rbeta, d1, delta)
+    with pytest.raises(TypeError, match="dtype mismatch, crg"):
+        bwd(rz, sc, xh, delta, rgamma.double(), d1, True)
+
+
+def test_triton_kernels_compile_for_gpu(tmp_path):
+    """Without a GPU the interpreter skips Triton's compiler: compile both kernels to sm_90."""
+    _triton()
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no NVIDIA backend")
+    import subprocess
+    import sys
+
+    script = r'''
+import inspect, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from fastcurv.triton_kernels import batchnorm as bn
+target = GPUTarget("cuda", 90, 32)
+def comp(fn, dt, const):
+    sig = {n: "constexpr" if n in const else "*" + dt if n.endswith("_ptr") else "i32" for n in inspect.signature(fn.fn).parameters}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=target)
+for dt in ("fp32", "fp64"):
+    for bg, on in ((1, True), (32, True), (32, False)):  # every optional operand, or none
+        tile = dict(BLOCK_E=1024 // bg, BLOCK_G=bg, F64=dt == "fp64")
+        comp(bn._bn_eval_rop_fwd_kernel, dt, dict(HAS_XH=on, HAS_RBETA=on, HAS_D1=on, HAS_DELTA=on, **tile))
+        comp(bn._bn_eval_rop_bwd_kernel, dt, dict(HAS_XH=on, HAS_DELTA=on, HAS_D1=on, INPUT_GRAD=on, **tile))
+print("compiled")
+'''
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+
+
+def test_cuda_kernel_registered():
+    if not fastcurv.cuda_extension_loaded():
+        msg = f"fastcurv._cuda did not load: {_ext.extension_error('_cuda')}"
+        if os.environ.get("CI") or os.environ.get("FASTCURV_CUDA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    for op in ("bn_eval_rop_fwd", "bn_eval_rop_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcurv::{op}", "CUDA"), op
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 3, 4, 1), (1, 2, 3, 4), (64, 4, 40, 49), (300, 2, 130, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_kernels_match_references(dtype, shape):
+    if not (_ext.has_kernel("bn_eval_rop_fwd", "cuda") and _ext.has_kernel("bn_eval_rop_bwd", "cuda")):
+        pytest.skip(f"no CUDA kernels: {_ext.extension_error('_cuda')}")
+    fwd, bwd = torch.ops.fastcurv.bn_eval_rop_fwd, torch.ops.fastcurv.bn_eval_rop_bwd
+    check_kernels(fwd, bwd, shape, dtype, "cuda")
+    rz, sc, xh, rgamma, rbeta, d1, delta = fwd_inputs(4, 2, 3, 2, (True, True, True, True), dtype=dtype, device="cuda")
+    with fastcurv.use_kernels("cuda"):  # through the wrapper, out of place
+        got = bn_eval_rop_fwd(rz, sc, xh, rgamma, rbeta, d1, delta)
+    for a, b in zip(got, bn_eval_rop_fwd_reference(rz, sc, xh, rgamma, rbeta, d1, delta)):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    t = rz.transpose(0, 1).contiguous().transpose(0, 1)
+    for a, b in zip(bwd(t, sc, xh, None, None, d1, False), bwd(rz.clone(), sc, xh, None, None, d1, False)):
+        torch.testing.assert_close(a, b)
+    sums = bwd(rz[:0].contiguous(), sc, xh[:0], delta[:0], rgamma, d1[:0], True)
+    assert [s.shape for s in sums] == [(2, 3), (2, 3)] and all(s.abs().max() == 0 for s in sums)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        fwd(rz, sc[:1], None, None, None, None, None)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        bwd(rz, sc, xh.cpu(), None, None, None, True)
+    with pytest.raises(RuntimeError, match="input_grad overwrites rd"):
+        bwd(rz.transpose(0, 1), sc, None, None, None, None, True)
+    with pytest.raises(RuntimeError, match="dtype mismatch, d1"):
+        fwd(rz, sc, None, None, None, d1.float() if dtype == torch.float64 else d1.double(), None)

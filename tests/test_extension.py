@@ -13,8 +13,8 @@ def test_extension_loaded_in_ci():
     if not os.environ.get("CI"):
         pytest.skip("only enforced in CI (set CI=1)")
     assert fastcurv.cpu_extension_loaded(), fastcurv._ext.extension_error()
-    for op in ("softmax_ce_hvp", "act_derivs", "act_rop_bwd", "bn_rop_bwd", "agreement_counts", "csr_linear",
-               "csr_linear_wgrad"):
+    for op in ("softmax_ce_hvp", "act_derivs", "act_rop_bwd", "bn_rop_bwd", "bn_eval_rop_fwd", "bn_eval_rop_bwd",
+               "agreement_counts", "csr_linear", "csr_linear_wgrad"):
         assert fastcurv._ext.has_kernel(op, "cpu"), op
 
 

@@ -12,6 +12,10 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <sstream>
+#include <string>
 
 namespace fastcurv_cuda {
 
@@ -46,6 +50,36 @@ inline void fc_check_cuda_float(const char* op, const char* name, const Tensor& 
                   " must be float32 or float64, got ", fc_dtype_name(st));
   STD_TORCH_CHECK(st == ref.scalar_type(), op, ": dtype mismatch, ", name, " is ", fc_dtype_name(st), " but the first input is ",
                   fc_dtype_name(ref.scalar_type()));
+}
+
+// "[a, b, c]": sizes for error messages (the CPU kernels print at::IntArrayRef the same way).
+template <typename Sizes>
+inline std::string fc_sizes_str(const Sizes& sizes) {
+  std::ostringstream s;
+  s << "[";
+  const char* sep = "";
+  for (const int64_t v : sizes) {
+    s << sep << v;
+    sep = ", ";
+  }
+  s << "]";
+  return s.str();
+}
+
+// Checks an optional operand against the tensor `ref` it is used with: the given sizes, then
+// fc_check_cuda_float naming `ref` (the messages of csrc/cpu/common.h's fc_check_operand).
+inline void fc_check_cuda_operand(const char* op, const char* ref_name, const Tensor& ref, const char* name,
+                                  const std::optional<Tensor>& t, std::initializer_list<int64_t> sizes) {
+  if (!t.has_value()) return;
+  bool same = t->dim() == static_cast<int64_t>(sizes.size());
+  int64_t d = 0;
+  for (const int64_t v : sizes) same = same && t->size(d++) == v;
+  STD_TORCH_CHECK(same, op, ": ", name, " must be ", fc_sizes_str(sizes), ", got ", fc_sizes_str(t->sizes()));
+  STD_TORCH_CHECK(t->is_cuda(), op, ": ", name, " must be a CUDA tensor");
+  STD_TORCH_CHECK(t->get_device_index() == ref.get_device_index(), op, ": ", name, " is on cuda:", t->get_device_index(), " but ",
+                  ref_name, " is on cuda:", ref.get_device_index());
+  STD_TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": dtype mismatch, ", name, " is ", fc_dtype_name(t->scalar_type()),
+                  " but ", ref_name, " is ", fc_dtype_name(ref.scalar_type()));
 }
 
 // The current CUDA stream of the tensor's device (the one torch enqueues its own work on).

@@ -1,12 +1,20 @@
-"""Triton kernel of ``bn_rop_bwd``, the input-gradient R-op of a batch-statistics BatchNorm.
+"""Triton kernels of the BatchNorm R-ops.
 
-Shapes and formula: :mod:`fastcurv.ops.bn_rop_bwd` (xh, g ``[N, G, S]``; rg, rxh ``[N, K, G, S]``;
+``bn_rop_bwd``, the input-gradient R-op of a batch-statistics BatchNorm. Shapes and formula:
+:mod:`fastcurv.ops.bn_rop_bwd` (xh, g ``[N, G, S]``; rg, rxh ``[N, K, G, S]``;
 inv, gamma ``[G]``; rgamma, m2 ``[K, G]``). The output is affine in the inputs with five coefficients
 per group ``(k, g)``: a first kernel (one program per tile of groups and probe) reduces the five sums
 over the ``N * S`` samples and writes the coefficients, then an element-wise kernel writes
-``out = c_rg*rg + c_g*g + c_xh*xh + c_rxh*rxh + c_0``. For small ``S`` (BatchNorm1d) a tile holds 32
-groups, so the loads run along the contiguous group axis. float64 is computed in float64, the other
-float dtypes in float32. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests only).
+``out = c_rg*rg + c_g*g + c_xh*xh + c_rxh*rxh + c_0``.
+
+``bn_eval_rop_fwd`` and ``bn_eval_rop_bwd``, the R-ops of an eval BatchNorm fused with the derivative
+of the following activation (:mod:`fastcurv.ops.bn_eval_rop_fwd`, :mod:`fastcurv.ops.bn_eval_rop_bwd`):
+one kernel each, one program per tile of groups and probe, which updates its elements of the first
+argument in place and reduces their sums over the ``N * S`` samples (every input value read once).
+
+For small ``S`` (BatchNorm1d) a tile holds 32 groups, so the loads run along the contiguous group
+axis. float64 is computed in float64, the other float dtypes in float32. Under
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests only).
 """
 from __future__ import annotations
 
@@ -15,7 +23,16 @@ import triton
 import triton.language as tl
 
 from . import register
+from ..ops.bn_eval_rop_bwd import check_bn_eval_rop_bwd_inputs
+from ..ops.bn_eval_rop_fwd import check_bn_eval_rop_fwd_inputs
 from ..ops.bn_rop_bwd import check_bn_rop_bwd_inputs
+
+
+def _tile_shape(N, G, S):
+    """(BLOCK_G, BLOCK_E) of the per-group reductions over N * S samples: up to 32 groups per tile
+    for small S (loads along the contiguous group axis), one for larger S (loads along s)."""
+    block_g = min(32, triton.next_power_of_2(G)) if S < 8 else 1
+    return block_g, max(16, min(1024 // block_g, triton.next_power_of_2(N * S)))
 
 
 @triton.jit
@@ -131,8 +148,7 @@ def bn_rop_bwd(xh, g, rg, inv, gamma=None, rgamma=None, rxh=None, m2=None) -> to
     affine, tangent = gamma is not None, rxh is not None
     ga, rga = (gamma.contiguous(), rgamma.contiguous()) if affine else (iv, iv)  # placeholders: never read
     q, mm = (rxh.contiguous(), m2.contiguous()) if tangent else (r, iv)
-    block_g = min(32, triton.next_power_of_2(G)) if S < 8 else 1
-    block_e = max(16, min(1024 // block_g, triton.next_power_of_2(N * S)))
+    block_g, block_e = _tile_shape(N, G, S)
     _bn_rop_bwd_sums_kernel[(triton.cdiv(G, block_g), K)](x, d, r, q, iv, ga, rga, mm, coef, N, K, G, S,
                                                           HAS_AFFINE=affine, HAS_RXH=tangent, BLOCK_E=block_e,
                                                           BLOCK_G=block_g, F64=f64)
@@ -140,3 +156,133 @@ def bn_rop_bwd(xh, g, rg, inv, gamma=None, rgamma=None, rxh=None, m2=None) -> to
     _bn_rop_bwd_apply_kernel[(triton.cdiv(total, block),)](x, d, r, q, coef, out, total, K, G, S,
                                                            HAS_RXH=tangent, BLOCK=block, F64=f64)
     return out
+
+
+@triton.jit
+def _bn_eval_rop_fwd_kernel(rz_ptr, scale_ptr, xh_ptr, rgamma_ptr, rbeta_ptr, d1_ptr, delta_ptr, dot_ptr, N, K, G, S,
+                            HAS_XH: tl.constexpr, HAS_RBETA: tl.constexpr, HAS_D1: tl.constexpr,
+                            HAS_DELTA: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, F64: tl.constexpr):
+    # program (tile of BLOCK_G groups, k), tiles [BLOCK_E samples (n, s), BLOCK_G groups] as in
+    # _bn_rop_bwd_sums_kernel; dot is accumulated from rz before it is overwritten
+    k = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    jm = j < G
+    kg = k * G + j
+    NS = N * S
+    if F64:
+        dt = tl.float64
+    else:
+        dt = tl.float32
+    a = tl.load(scale_ptr + j, mask=jm, other=0.0)[None, :]
+    if HAS_XH:
+        b = tl.load(rgamma_ptr + kg, mask=jm, other=0.0)[None, :]
+    if HAS_RBETA:
+        c = tl.load(rbeta_ptr + kg, mask=jm, other=0.0)[None, :]
+    acc = tl.zeros([BLOCK_E, BLOCK_G], dtype=dt)
+    for e0 in range(0, NS, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
+        n = (e // S)[:, None]
+        s = (e % S)[:, None]
+        m = (e < NS)[:, None] & jm[None, :]
+        ia = (n * G + j[None, :]) * S + s  # xh, d1, delta
+        ib = ((n * K + k) * G + j[None, :]) * S + s  # rz
+        r = tl.load(rz_ptr + ib, mask=m, other=0.0)
+        if HAS_DELTA:
+            acc += r * tl.load(delta_ptr + ia, mask=m, other=0.0)
+        o = a * r
+        if HAS_XH:
+            o += b * tl.load(xh_ptr + ia, mask=m, other=0.0)
+        if HAS_RBETA:
+            o += c
+        if HAS_D1:
+            o *= tl.load(d1_ptr + ia, mask=m, other=0.0)
+        tl.store(rz_ptr + ib, o, mask=m)
+    if HAS_DELTA:
+        tl.store(dot_ptr + kg, tl.sum(acc, axis=0), mask=jm)
+
+
+@triton.jit
+def _bn_eval_rop_bwd_kernel(rd_ptr, scale_ptr, xh_ptr, delta_ptr, crg_ptr, d1_ptr, su_ptr, sx_ptr, N, K, G, S,
+                            HAS_XH: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_D1: tl.constexpr,
+                            INPUT_GRAD: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, F64: tl.constexpr):
+    # program (tile of BLOCK_G groups, k) as in _bn_eval_rop_fwd_kernel; rd is only read without INPUT_GRAD
+    k = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    jm = j < G
+    kg = k * G + j
+    NS = N * S
+    if F64:
+        dt = tl.float64
+    else:
+        dt = tl.float32
+    if INPUT_GRAD:
+        a = tl.load(scale_ptr + j, mask=jm, other=0.0)[None, :]
+        if HAS_DELTA:
+            c = tl.load(crg_ptr + kg, mask=jm, other=0.0)[None, :]
+    a_u = tl.zeros([BLOCK_E, BLOCK_G], dtype=dt)
+    a_uxh = tl.zeros([BLOCK_E, BLOCK_G], dtype=dt)
+    for e0 in range(0, NS, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
+        n = (e // S)[:, None]
+        s = (e % S)[:, None]
+        m = (e < NS)[:, None] & jm[None, :]
+        ia = (n * G + j[None, :]) * S + s  # xh, delta, d1
+        ib = ((n * K + k) * G + j[None, :]) * S + s  # rd
+        u = tl.load(rd_ptr + ib, mask=m, other=0.0)
+        if HAS_D1:
+            u *= tl.load(d1_ptr + ia, mask=m, other=0.0)
+        a_u += u
+        if HAS_XH:
+            a_uxh += u * tl.load(xh_ptr + ia, mask=m, other=0.0)
+        if INPUT_GRAD:
+            o = a * u
+            if HAS_DELTA:
+                o += c * tl.load(delta_ptr + ia, mask=m, other=0.0)
+            tl.store(rd_ptr + ib, o, mask=m)
+    tl.store(su_ptr + kg, tl.sum(a_u, axis=0), mask=jm)
+    if HAS_XH:
+        tl.store(sx_ptr + kg, tl.sum(a_uxh, axis=0), mask=jm)
+
+
+@register("bn_eval_rop_fwd")
+def bn_eval_rop_fwd(rz, scale, xh=None, rgamma=None, rbeta=None, d1=None, delta=None) -> torch.Tensor:
+    """Eval BatchNorm forward R-op times the activation derivative, in place on ``rz``
+    ``[N, K, G, S]`` (contiguous); arguments as :func:`fastcurv.ops.bn_eval_rop_fwd`. Returns
+    ``dot`` ``[K, G]`` of ``rz`` before the update (``[0]``-shaped without ``delta``)."""
+    N, K, G, S = check_bn_eval_rop_fwd_inputs(rz, scale, xh, rgamma, rbeta, d1, delta)
+    if not rz.is_contiguous():
+        raise ValueError("bn_eval_rop_fwd: rz is written in place and must be contiguous")
+    dot = rz.new_zeros((K, G) if delta is not None else (0,))
+    if rz.numel() == 0:
+        return dot
+    # absent operands are passed as rz: never read
+    x, rga, rbe, d, de = (rz if t is None else t.contiguous() for t in (xh, rgamma, rbeta, d1, delta))
+    block_g, block_e = _tile_shape(N, G, S)
+    _bn_eval_rop_fwd_kernel[(triton.cdiv(G, block_g), K)](
+        rz, scale.contiguous(), x, rga, rbe, d, de, dot if delta is not None else rz, N, K, G, S,
+        HAS_XH=xh is not None, HAS_RBETA=rbeta is not None, HAS_D1=d1 is not None, HAS_DELTA=delta is not None,
+        BLOCK_E=block_e, BLOCK_G=block_g, F64=rz.dtype == torch.float64)
+    return dot
+
+
+@register("bn_eval_rop_bwd")
+def bn_eval_rop_bwd(rd, scale, xh=None, delta=None, crg=None, d1=None, input_grad=True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval BatchNorm backward R-op behind an activation derivative; arguments as
+    :func:`fastcurv.ops.bn_eval_rop_bwd`. Returns ``(sum_u [K, G], sum_uxh [K, G])`` (``sum_uxh``
+    ``[0]``-shaped without ``xh``); with ``input_grad`` overwrites ``rd`` ``[N, K, G, S]`` (then
+    contiguous) with the input gradient's tangent."""
+    N, K, G, S = check_bn_eval_rop_bwd_inputs(rd, scale, xh, delta, crg, d1)
+    if input_grad and not rd.is_contiguous():
+        raise ValueError("bn_eval_rop_bwd: input_grad overwrites rd, which must then be contiguous")
+    sum_u = rd.new_zeros(K, G)
+    sum_uxh = rd.new_zeros((K, G) if xh is not None else (0,))
+    if rd.numel() == 0:
+        return sum_u, sum_uxh
+    r = rd if input_grad else rd.contiguous()
+    x, de, cr, d = (r if t is None else t.contiguous() for t in (xh, delta, crg, d1))  # r: never read
+    block_g, block_e = _tile_shape(N, G, S)
+    _bn_eval_rop_bwd_kernel[(triton.cdiv(G, block_g), K)](
+        r, scale.contiguous(), x, de, cr, d, sum_u, sum_uxh if xh is not None else sum_u, N, K, G, S,
+        HAS_XH=xh is not None, HAS_DELTA=delta is not None, HAS_D1=d1 is not None, INPUT_GRAD=input_grad,
+        BLOCK_E=block_e, BLOCK_G=block_g, F64=rd.dtype == torch.float64)
+    return sum_u, sum_uxh
