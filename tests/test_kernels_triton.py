@@ -11,6 +11,7 @@ import torch
 import fastcurv
 from fastcurv.ops import ACTIVATIONS, act_derivs_reference, act_rop_bwd_reference, softmax_ce_hvp_reference
 from fastcurv.ops.linear_rop import linear_rop, linear_rop_reference
+from triton_aot import compile_for_gpu
 
 triton_kernels = pytest.importorskip("fastcurv.triton_kernels")
 if not triton_kernels.HAVE_TRITON:
@@ -265,50 +266,17 @@ def test_half_precision_gpu(dtype):
 
 # ----------------------------------------------------------------------------- ahead-of-time GPU compilation
 
-_AOT_SCRIPT = r'''
-import inspect, sys
-import torch, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
+def test_triton_kernels_compile_for_gpu(tmp_path):
+    """The interpreter skips Triton's GPU compiler: compile the kernels to sm_90 cubins (no GPU needed)."""
+    compile_for_gpu(tmp_path, r'''
 from fastcurv.triton_kernels import elementwise as ew, linear_rop as lr
-
-target = GPUTarget("cuda", int(sys.argv[1]), 32)
-
-def sig(fn, dt, const):
-    out = {}
-    for n in inspect.signature(fn.fn).parameters:
-        if n in const: out[n] = "constexpr"
-        elif n.endswith("_ptr"): out[n] = "*" + dt
-        elif n.endswith(("_hi", "_lo")): out[n] = "fp32"
-        else: out[n] = "i32"
-    return out
-
-def comp(fn, dt, const):
-    triton.compile(ASTSource(fn=fn, signature=sig(fn, dt, const), constexprs=const), target=target)
-
 comp(ew._softmax_ce_hvp_kernel, "fp32", dict(BLOCK_R=64, BLOCK_C=16, F64=False))
 comp(ew._act_derivs_kernel, "fp64", dict(KIND=5, BLOCK=1024, F64=True))
 comp(ew._act_rop_bwd_kernel, "fp32", dict(BLOCK=1024, F64=False))
 for dt, tdt, kb, bn in (("fp32", torch.float32, 4, 32), ("fp64", torch.float64, 2, 32), ("bf16", torch.bfloat16, 1, 64)):
     comp(lr._linear_rop_kernel, dt, dict(HAS_RA=True, HAS_B=True, HAS_DB=True, KIND=3, STORE_H=True, BN=bn, BO=bn,
                                          BI=32, KB=kb, F64=dt == "fp64", PREC=lr._input_precision(tdt, False)))
-print("compiled")
-'''
-
-
-def test_triton_kernels_compile_for_gpu(tmp_path):
-    """The interpreter skips Triton's GPU compiler: compile the kernels to sm_90 cubins (no GPU needed)."""
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "90"], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+''')
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -81,16 +81,10 @@ std::tuple<Tensor, Tensor> bn_eval_rop_bwd_cuda(Tensor rd, Tensor scale, std::op
                    : empty         ? torch::stable::new_zeros(rd, {K, G})
                                    : torch::stable::new_empty(rd, {K, G});
   if (empty) return std::make_tuple(sum_u, sum_uxh);
-  auto c = [](const std::optional<Tensor>& t) -> std::optional<Tensor> {
-    if (!t.has_value()) return std::nullopt;
-    return torch::stable::contiguous(*t);
-  };
   const Tensor sc = torch::stable::contiguous(scale);
-  const std::optional<Tensor> x = c(xh), de = c(delta), cr = c(crg), d = c(d1);
+  const std::optional<Tensor> x = fc_contiguous(xh), de = fc_contiguous(delta), cr = fc_contiguous(crg), d = fc_contiguous(d1);
   const Tensor r = input_grad ? rd : torch::stable::contiguous(rd);  // read-only without input_grad
-  const int bg = S < 8 ? 32 : 1;
-  const int64_t blocks = K * ((G + bg - 1) / bg);
-  STD_TORCH_CHECK(blocks < (int64_t(1) << 31), op, ": too many groups (K * G = ", K * G, ")");
+  const auto [bg, blocks] = fc_group_blocks(op, K, G, S);
   const cudaStream_t stream = fc_stream(rd);
   fc_dispatch_float(rd.scalar_type(), op, [&](auto zero) {
     using T = decltype(zero);

@@ -77,15 +77,10 @@ Tensor bn_eval_rop_fwd_cuda(Tensor rz, Tensor scale, std::optional<Tensor> xh, s
                : empty            ? torch::stable::new_zeros(rz, {K, G})
                                   : torch::stable::new_empty(rz, {K, G});  // every entry written below
   if (empty) return dot;
-  auto c = [](const std::optional<Tensor>& t) -> std::optional<Tensor> {
-    if (!t.has_value()) return std::nullopt;
-    return torch::stable::contiguous(*t);
-  };
   const Tensor sc = torch::stable::contiguous(scale);
-  const std::optional<Tensor> x = c(xh), rga = c(rgamma), rbe = c(rbeta), d = c(d1), de = c(delta);
-  const int bg = S < 8 ? 32 : 1;
-  const int64_t blocks = K * ((G + bg - 1) / bg);
-  STD_TORCH_CHECK(blocks < (int64_t(1) << 31), op, ": too many groups (K * G = ", K * G, ")");
+  const std::optional<Tensor> x = fc_contiguous(xh), rga = fc_contiguous(rgamma), rbe = fc_contiguous(rbeta);
+  const std::optional<Tensor> d = fc_contiguous(d1), de = fc_contiguous(delta);
+  const auto [bg, blocks] = fc_group_blocks(op, K, G, S);
   const cudaStream_t stream = fc_stream(rz);
   fc_dispatch_float(rz.scalar_type(), op, [&](auto zero) {
     using T = decltype(zero);

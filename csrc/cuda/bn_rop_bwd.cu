@@ -141,9 +141,7 @@ Tensor bn_rop_bwd_cuda(Tensor xh, Tensor g, Tensor rg, Tensor inv, std::optional
   const int64_t total = r.numel();
   if (total == 0) return out;
   Tensor coef = torch::stable::new_empty(r, {5, K * G});
-  const int bg = S < 8 ? 32 : 1;
-  const int64_t blocks = K * ((G + bg - 1) / bg);
-  STD_TORCH_CHECK(blocks < (int64_t(1) << 31), op, ": too many groups (K * G = ", K * G, ")");
+  const auto [bg, blocks] = fc_group_blocks(op, K, G, S);
   const cudaStream_t stream = fc_stream(r);
   fc_dispatch_float(r.scalar_type(), op, [&](auto zero) {
     using T = decltype(zero);

@@ -15,6 +15,7 @@
 #include <initializer_list>
 #include <optional>
 #include <sstream>
+#include <utility>
 #include <string>
 
 namespace fastcurv_cuda {
@@ -111,6 +112,22 @@ inline void fc_dispatch_float(ScalarType st, const char* op, const F& f) {
     case ScalarType::Double: f(double{}); break;
     default: STD_TORCH_CHECK(false, op, ": unsupported dtype ", fc_dtype_name(st));
   }
+}
+
+// The contiguous form of an optional operand.
+inline std::optional<Tensor> fc_contiguous(const std::optional<Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return torch::stable::contiguous(*t);
+}
+
+// Launch shape of the BatchNorm kernels' per-(probe k, group g) reductions over N * S samples:
+// {groups per block, blocks}; 32 groups per block when S is small, so that a warp reads
+// consecutive groups (contiguous for BatchNorm1d), else one.
+inline std::pair<int, int64_t> fc_group_blocks(const char* op, int64_t K, int64_t G, int64_t S) {
+  const int bg = S < 8 ? 32 : 1;
+  const int64_t blocks = K * ((G + bg - 1) / bg);
+  STD_TORCH_CHECK(blocks < (int64_t(1) << 31), op, ": too many groups (K * G = ", K * G, ")");
+  return {bg, blocks};
 }
 
 // Activation kinds: keep in sync with csrc/cpu/activation.h and src/fastcurv/ops/activation.py.

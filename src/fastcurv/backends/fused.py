@@ -1015,6 +1015,7 @@ class _MapEngine:
         delta = st.get(i, "delta") if l.weight is not None else None
         rz = ra.reshape(N, K, G, S)
         fresh = rz.untyped_storage().data_ptr() != ra.untyped_storage().data_ptr()  # reshape copied
+
         def flat(t):
             return None if t is None else t.reshape(N, G, S)
 

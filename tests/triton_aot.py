@@ -1,0 +1,47 @@
+"""Ahead-of-time compilation of Triton kernels for an NVIDIA GPU on a machine without one.
+
+The interpreter (``TRITON_INTERPRET=1``, which the tests use without a GPU) skips Triton's compiler,
+so errors that only the compiler sees would otherwise go unnoticed until a GPU run.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+_PRELUDE = r'''
+import inspect, sys
+import torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+
+target = GPUTarget("cuda", int(sys.argv[1]), 32)
+
+def sig(fn, dt, const):
+    out = {}
+    for n in inspect.signature(fn.fn).parameters:
+        if n in const: out[n] = "constexpr"
+        elif n.endswith("_ptr"): out[n] = "*" + dt
+        elif n.endswith(("_hi", "_lo")): out[n] = "fp32"
+        else: out[n] = "i32"
+    return out
+
+def comp(fn, dt, const):
+    triton.compile(ASTSource(fn=fn, signature=sig(fn, dt, const), constexprs=const), target=target)
+'''
+
+
+def compile_for_gpu(tmp_path, body: str, arch: int = 90) -> None:
+    """Run ``body`` in a fresh interpreter without ``TRITON_INTERPRET``, after a prelude that defines
+    ``comp(kernel, dtype, constexprs)`` (compile one specialization for ``sm_<arch>``; pointer
+    arguments get ``dtype``, ``*_hi``/``*_lo`` fp32, the rest i32); skips when this triton has no
+    NVIDIA backend, fails with the compiler's error otherwise."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = _PRELUDE + body + '\nprint("compiled")\n'
+    proc = subprocess.run([sys.executable, "-c", script, str(arch)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
