@@ -7,6 +7,8 @@ derivative of the activation that reads its output.
 * The C++ CPU kernels, the Triton kernels (TRITON_INTERPRET=1 on CPU, or CUDA) and the CUDA kernels
   (``gpu`` marker) against the references on random inputs, every combination of the optional
   operands, and edge cases; clear errors on bad input.
+* The fused engine runs its eval BatchNorms through the ops and matches the autograd backend with
+  every kernel choice, the Triton kernels included.
 """
 import itertools
 import os
@@ -14,6 +16,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fastcurv
 from fastcurv import _ext
@@ -328,3 +331,60 @@ def test_cuda_kernels_match_references(dtype, shape):
         bwd(rz.transpose(0, 1), sc, None, None, None, None, True)
     with pytest.raises(RuntimeError, match="dtype mismatch, d1"):
         fwd(rz, sc, None, None, None, d1.float() if dtype == torch.float64 else d1.double(), None)
+
+
+# ----------------------------------------------------------------------------- the fused engine
+
+
+def _eval_bn_net():
+    # conv -> BN2d -> ReLU -> pool; linear -> BN1d (no affine) -> LeakyReLU; linear -> BN1d -> Tanh: three biases
+    # folded into the BatchNorms, two activations fused with them (not Tanh, whose second derivative is not zero)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(8, 5), nn.BatchNorm1d(5, affine=False), nn.LeakyReLU(0.2), nn.Linear(5, 4),
+                         nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
+
+
+IMPLS = ["torch", pytest.param("ext", marks=needs_ext),
+         pytest.param("triton", marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_engine_runs_eval_batchnorm_through_the_ops(impl, monkeypatch):
+    """The fused engine's eval BatchNorm R-passes go through ops.bn_eval_rop_fwd/bwd, once per
+    BatchNorm and batch each, and its products equal the autograd backend's with every kernel choice
+    (the Triton kernels under the interpreter: the path CUDA tensors take by default)."""
+    import fastcurv.backends.fused as fused
+    from oracle import ragged
+
+    if impl == "triton":
+        pytest.importorskip("fastcurv.triton_kernels")
+        from fastcurv import triton_kernels
+
+        if not triton_kernels.HAVE_TRITON:
+            pytest.skip("triton is not installed")
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    models = [_eval_bn_net().double() for _ in range(2)]
+    with torch.no_grad():  # random running statistics and affine parameters
+        for b in (b for m in models for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)):
+            b.running_mean.normal_(generator=gen)
+            b.running_var.uniform_(0.5, 1.5, generator=gen)
+            for p in (b.weight, b.bias) if b.affine else ():
+                p.normal_(generator=gen)
+    x = torch.randn(7, 1, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    batches = ragged(x, y, [4, 3])
+    calls = []
+    for name in ("bn_eval_rop_fwd", "bn_eval_rop_bwd"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _n=name, _f=real, **k: calls.append((_n, a[0].shape)) or _f(*a, **k))
+    fused_op = fastcurv.HessianOperator(models, batches, backend="fused")
+    engine = fused_op.backend._maps
+    assert len(engine.bn_act) == 2 and len(engine.bias_folded) == 3
+    V = torch.randn(2, 3, fused_op.P, generator=gen, dtype=torch.float64)
+    want = fastcurv.HessianOperator(models, batches, backend="autograd").matvec(V)
+    with fastcurv.use_kernels(impl):
+        got = fused_op.matvec(V)
+    assert sorted({c[0] for c in calls}) == ["bn_eval_rop_bwd", "bn_eval_rop_fwd"]
+    assert len(calls) == 2 * 3 * len(batches) and all(shape[1] == 3 for _, shape in calls)  # [N, K, G, S], K = 3
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
