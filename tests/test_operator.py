@@ -145,6 +145,31 @@ def test_func_reuse_matches_fresh():
     torch.testing.assert_close(a.matvec(V[[2, 0]], idx=torch.tensor([2, 0])), b.matvec(V)[[2, 0]])
 
 
+def test_func_auto_reuse_follows_the_linearization_estimate():
+    """reuse="auto" keeps the linearizations only when their estimated size fits reuse_bytes; feature
+    maps count 24 bytes per output byte, other outputs 10 (calibrated on MLPs, CNNs and ResNets)."""
+    from fastcurv.backends.func import linearization_bytes
+
+    models = replicas(lambda: cnn("max"), R=2)
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    op = fastcurv.HessianOperator(models, (x, y), backend="func")
+    # conv, BatchNorm, ReLU: [6, 2, 4, 4]; pool, flatten: [6, 2, 2, 2] / [6, 8]; linear: [6, 3]; the model: [6, 3]
+    want = 24 * 8 * (3 * 6 * 2 * 16 + 6 * 2 * 4) + 10 * 8 * (6 * 8 + 2 * 6 * 3)
+    est = linearization_bytes(op.backend.replicas, x)
+    assert est == want
+    assert op.backend.reuse  # 2 replicas x 1 batch, far below the default 4 GiB
+    for budget, reuse in ((2 * est, True), (2 * est - 1, False)):
+        o = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse_bytes": budget})
+        assert o.backend.reuse is reuse
+    # compile=True compiles the reused linearizations: a warning when there are none
+    with pytest.warns(RuntimeWarning, match="running without reuse and uncompiled"):
+        o = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse_bytes": est, "compile": True})
+    assert not o.backend.reuse
+    with pytest.warns(RuntimeWarning, match="no effect with reuse=False"):
+        fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse": False, "compile": True})
+
+
 def test_gradient_matches_autograd():
     models = replicas(lambda: mlp(nn.Tanh), R=2)
     gen = torch.Generator().manual_seed(0)

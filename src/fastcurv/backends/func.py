@@ -13,14 +13,24 @@ from .base import Backend
 DEFAULT_REUSE_BYTES = 4 << 30
 
 
-def activation_bytes(replicas, x) -> int:
-    """Bytes of all module outputs for one replica on batch ``x`` (a proxy for autograd graph size)."""
+# Bytes a linearization holds (with the matvec's temporaries) per byte of module output, measured on
+# CPU, torch 2.13 (peak RSS of one K=1 matvec over R=4-16 replicas): 10x for MLPs (784-128-128-10),
+# 22x for small CNNs and ResNets (W3, W4), whose feature maps the convolutions' backward saves again.
+LINEARIZE_BYTES_PER_OUTPUT_BYTE = 10
+LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE = 24
+
+
+def linearization_bytes(replicas, x) -> int:
+    """Estimated bytes of one replica's linearized gradient map on batch ``x``: its module outputs,
+    weighted by :data:`LINEARIZE_BYTES_PER_OUTPUT_BYTE` (feature maps, 4 or more dimensions:
+    :data:`LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE`)."""
     total = 0
 
     def hook(_m, _i, out):
         nonlocal total
         if isinstance(out, torch.Tensor):
-            total += out.numel() * out.element_size()
+            per = LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE if out.dim() >= 4 else LINEARIZE_BYTES_PER_OUTPUT_BYTE
+            total += per * out.numel() * out.element_size()
 
     handles = [m.register_forward_hook(hook) for m in replicas.base.modules()]
     try:
@@ -58,14 +68,16 @@ class FuncBackend(Backend):
         reuse: True, False or "auto". With reuse, each batch's gradient map is linearized once per
             set of active replicas and the linearization (which holds the primal forward and
             backward) is reused, so a matvec costs only the tangent passes. "auto" reuses when the
-            estimated size of these graphs fits in ``reuse_bytes``.
+            estimated size of these graphs (:func:`linearization_bytes`) fits in ``reuse_bytes``;
+            without reuse each matvec redoes the primal passes, in a fraction of the memory.
         mode: "forward" (torch.func forward-over-reverse, ``jvp(grad)``), "graph" (vmapped forward,
             then plain autograd double backward through a retained graph) or "auto": "graph" when
             BatchNorm uses batch statistics, because torch.func's nested transforms (``jvp(grad)``,
             ``vjp(grad)``, ``hessian``) give wrong second derivatives through batch-statistics
             BatchNorm in torch 2.13 (checked against finite differences in tests/test_operator.py);
             "forward" otherwise.
-        compile: run each linearization through ``torch.compile`` (mode "forward" with reuse).
+        compile: run each linearization through ``torch.compile`` (mode "forward" with reuse; a
+            warning says when reuse is off and nothing is compiled).
             Measured on W1 (CPU, 2 threads): 0.64 -> 0.38 s per matvec, but each linearization
             (one per batch, and again when the active replicas shrink below half) costs a compile
             of about 15 s, so it pays off only for long solves on a fixed replica set. A compile
@@ -90,8 +102,15 @@ class FuncBackend(Backend):
             raise ValueError(f"reuse must be True, False or 'auto', got {reuse!r}")
         if reuse == "auto":
             first = next(iter(batches))[1]
-            est = 6 * activation_bytes(replicas, first) * replicas.R * len(batches)
+            est = linearization_bytes(replicas, first) * replicas.R * len(batches)
             reuse = est <= reuse_bytes
+            if self.compile and not reuse:
+                warnings.warn(f"func backend: compile=True compiles the reused linearizations, but they would take about "
+                              f"{est / 2**30:.1f} GiB (reuse_bytes={reuse_bytes / 2**30:.1f} GiB): running without reuse and "
+                              "uncompiled; pass reuse=True or a larger reuse_bytes to compile", RuntimeWarning, stacklevel=2)
+        elif self.compile and not reuse:
+            warnings.warn("func backend: compile=True has no effect with reuse=False (it compiles the reused linearizations)",
+                          RuntimeWarning, stacklevel=2)
         self.reuse = reuse
         self._linear: dict[int, tuple[tuple, object]] = {}
 
