@@ -97,11 +97,11 @@ std::tuple<at::Tensor, at::Tensor> bn_eval_rop_bwd_cpu(at::Tensor& rd, const at:
   at::Tensor sum_u = at::zeros({K, G}, rd.options());
   at::Tensor sum_uxh = xh.has_value() ? at::zeros({K, G}, rd.options()) : at::zeros({0}, rd.options());
   if (rd.numel() == 0) return {sum_u, sum_uxh};
-  auto c = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
-  const at::Tensor sc = scale.contiguous(), x = c(xh), de = c(delta), cr = c(crg), d = c(d1);
+  const at::Tensor sc = scale.contiguous(), x = fc_contiguous(xh), de = fc_contiguous(delta), cr = fc_contiguous(crg);
+  const at::Tensor d = fc_contiguous(d1);
   at::Tensor r = input_grad ? rd : rd.contiguous();  // read-only without input_grad
   AT_DISPATCH_FLOATING_TYPES(rd.scalar_type(), "bn_eval_rop_bwd_cpu", [&] {
-    auto p = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    auto p = fc_data<scalar_t>;
     std::vector<double> su(K * G, 0.0), sx(K * G, 0.0);
     // (delta only enters the input gradient)
     fc_dispatch_flags<4>({x.defined(), d.defined(), input_grad, input_grad && de.defined()}, [&](auto XH, auto D1, auto IG, auto DL) {

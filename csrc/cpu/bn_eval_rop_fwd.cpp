@@ -77,10 +77,10 @@ at::Tensor bn_eval_rop_fwd_cpu(at::Tensor& rz, const at::Tensor& scale, const st
   fc_check_operand(op, "rz", rz, "delta", delta, {N, G, S});
   at::Tensor dot = delta.has_value() ? at::zeros({K, G}, rz.options()) : at::zeros({0}, rz.options());
   if (rz.numel() == 0) return dot;
-  auto c = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
-  const at::Tensor sc = scale.contiguous(), x = c(xh), rg = c(rgamma), rb = c(rbeta), d = c(d1), de = c(delta);
+  const at::Tensor sc = scale.contiguous(), x = fc_contiguous(xh), rg = fc_contiguous(rgamma), rb = fc_contiguous(rbeta);
+  const at::Tensor d = fc_contiguous(d1), de = fc_contiguous(delta);
   AT_DISPATCH_FLOATING_TYPES(rz.scalar_type(), "bn_eval_rop_fwd_cpu", [&] {
-    auto p = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    auto p = fc_data<scalar_t>;
     std::vector<double> acc(delta.has_value() ? K * G : 0, 0.0);
     fc_dispatch_flags<4>({x.defined(), rb.defined(), d.defined(), de.defined()}, [&](auto XH, auto RB, auto D1, auto DL) {
       fwd_all<scalar_t, XH.value, RB.value, D1.value, DL.value>(rz.data_ptr<scalar_t>(), p(sc), p(x), p(rg), p(rb), p(d),

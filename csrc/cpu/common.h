@@ -72,6 +72,13 @@ inline void fc_check_operand(const char* op, const char* ref_name, const at::Ten
               ref_name, " is ", ref.scalar_type());
 }
 
+// The contiguous form of an optional operand (undefined when absent), and its data (nullptr when undefined).
+inline at::Tensor fc_contiguous(const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); }
+template <typename T>
+inline T* fc_data(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 // Calls fn(std::bool_constant<flags[0]>{}, ..., std::bool_constant<flags[N-1]>{}): runtime flags
 // turned into template arguments, so that each combination gets branch-free inner loops.
 template <int N, typename F, typename... B>
