@@ -21,12 +21,11 @@ from torch import nn
 import fastcurv
 from fastcurv import _ext
 from fastcurv.ops import bn_eval_rop_bwd, bn_eval_rop_bwd_reference, bn_eval_rop_fwd, bn_eval_rop_fwd_reference
-from triton_aot import compile_for_gpu
+from triton_helpers import INTERPRET, TRITON_DEVICES, compile_for_gpu, triton_kernels_or_skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_ext = pytest.mark.skipif(not (_ext.has_kernel("bn_eval_rop_fwd", "cpu") and _ext.has_kernel("bn_eval_rop_bwd", "cpu")),
                                reason="C++ extension not built")
 # which optional operands are given: (affine: xh and rgamma / crg, rbeta, d1, delta)
@@ -223,30 +222,17 @@ def check_kernels(fwd, bwd, shape, dtype, device):
                 torch.testing.assert_close(a, b.to(dtype), **TOL[dtype])
 
 
-TRITON_DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
-
-
-def _triton():
-    tk = pytest.importorskip("fastcurv.triton_kernels")
-    if not tk.HAVE_TRITON:
-        pytest.skip("triton is not installed")
-    return tk
-
-
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(7, 3, 4, 1), (9, 2, 37, 1), (1, 2, 3, 4), (2, 2, 3, 9)], ids=lambda s: "x".join(map(str, s)))
 def test_triton_kernels_match_references(device, dtype, shape):
-    tk = _triton()
+    tk = triton_kernels_or_skip()
     check_kernels(tk.bn_eval_rop_fwd, tk.bn_eval_rop_bwd, shape, dtype, device)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_dispatch_edge_cases_and_errors(device, monkeypatch):
-    tk = _triton()
+    tk = triton_kernels_or_skip()
     calls = []
     fns = {op: tk.OPS[op] for op in ("bn_eval_rop_fwd", "bn_eval_rop_bwd")}
     for op, fn in fns.items():
@@ -281,7 +267,7 @@ def test_triton_dispatch_edge_cases_and_errors(device, monkeypatch):
 
 def test_triton_kernels_compile_for_gpu(tmp_path):
     """Without a GPU the interpreter skips Triton's compiler: compile both kernels to sm_90."""
-    _triton()
+    triton_kernels_or_skip()
     compile_for_gpu(tmp_path, r'''
 from fastcurv.triton_kernels import batchnorm as bn
 for dt in ("fp32", "fp64"):
@@ -357,11 +343,7 @@ def test_fused_engine_runs_eval_batchnorm_through_the_ops(impl, monkeypatch):
     from oracle import ragged
 
     if impl == "triton":
-        pytest.importorskip("fastcurv.triton_kernels")
-        from fastcurv import triton_kernels
-
-        if not triton_kernels.HAVE_TRITON:
-            pytest.skip("triton is not installed")
+        triton_kernels_or_skip()
     gen = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
     models = [_eval_bn_net().double() for _ in range(2)]

@@ -18,12 +18,11 @@ from fastcurv import _ext
 from fastcurv.ops import bn_rop_bwd, bn_rop_bwd_reference
 from models import cnn, replicas
 from oracle import ragged
-from triton_aot import compile_for_gpu
+from triton_helpers import TRITON_DEVICES, compile_for_gpu, triton_kernels_or_skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=2e-5), torch.float64: dict(rtol=1e-11, atol=1e-12)}
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_ext = pytest.mark.skipif(not _ext.has_kernel("bn_rop_bwd", "cpu"), reason="C++ extension not built")
 
 
@@ -165,25 +164,12 @@ def test_cpu_kernel_errors_name_the_problem():
 
 # ----------------------------------------------------------------------------- Triton kernel
 
-TRITON_DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
-
-
-def _triton():
-    tk = pytest.importorskip("fastcurv.triton_kernels")
-    if not tk.HAVE_TRITON:
-        pytest.skip("triton is not installed")
-    return tk
-
-
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(7, 3, 4, 1), (9, 2, 37, 1), (1, 2, 3, 4), (3, 1, 2, 5), (2, 2, 3, 9)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_triton_kernel_matches_reference(device, dtype, shape):
-    tk = _triton()
+    tk = triton_kernels_or_skip()
     for affine, tangent in [(True, True), (False, False), (False, True)]:
         args = make_inputs(*shape, dtype=dtype, device=device, affine=affine, tangent=tangent, seed=sum(shape))
         got = tk.bn_rop_bwd(*args)
@@ -193,7 +179,7 @@ def test_triton_kernel_matches_reference(device, dtype, shape):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_dispatch_and_errors(device, monkeypatch):
-    tk = _triton()
+    tk = triton_kernels_or_skip()
     calls = []
     fn = tk.OPS["bn_rop_bwd"]
     monkeypatch.setitem(tk.OPS, "bn_rop_bwd", lambda *a: calls.append(1) or fn(*a))
@@ -209,7 +195,7 @@ def test_triton_dispatch_and_errors(device, monkeypatch):
 
 def test_triton_kernels_compile_for_gpu(tmp_path):
     """Without a GPU the interpreter skips Triton's compiler: compile both kernels to sm_90."""
-    _triton()
+    triton_kernels_or_skip()
     compile_for_gpu(tmp_path, r'''
 from fastcurv.triton_kernels import batchnorm as bn
 for dt in ("fp32", "fp64"):

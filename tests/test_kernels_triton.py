@@ -11,7 +11,7 @@ import torch
 import fastcurv
 from fastcurv.ops import ACTIVATIONS, act_derivs_reference, act_rop_bwd_reference, softmax_ce_hvp_reference
 from fastcurv.ops.linear_rop import linear_rop, linear_rop_reference
-from triton_aot import compile_for_gpu
+from triton_helpers import compile_for_gpu
 
 triton_kernels = pytest.importorskip("fastcurv.triton_kernels")
 if not triton_kernels.HAVE_TRITON:

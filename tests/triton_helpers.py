@@ -1,13 +1,28 @@
-"""Ahead-of-time compilation of Triton kernels for an NVIDIA GPU on a machine without one.
-
-The interpreter (``TRITON_INTERPRET=1``, which the tests use without a GPU) skips Triton's compiler,
-so errors that only the compiler sees would otherwise go unnoticed until a GPU run.
+"""Helpers of the Triton kernel tests: the devices they run on, skipping without Triton, and
+ahead-of-time compilation for an NVIDIA GPU on a machine without one (the interpreter,
+``TRITON_INTERPRET=1``, which the tests use without a GPU, skips Triton's compiler, so errors that
+only the compiler sees would otherwise go unnoticed until a GPU run).
 """
 import os
 import subprocess
 import sys
 
 import pytest
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# CPU tensors under the interpreter; CUDA tensors on a GPU
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+
+
+def triton_kernels_or_skip():
+    """The ``fastcurv.triton_kernels`` module, or skip the test when Triton is not installed."""
+    tk = pytest.importorskip("fastcurv.triton_kernels")
+    if not tk.HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    return tk
 
 _PRELUDE = r'''
 import inspect, sys
