@@ -15,7 +15,7 @@ DEFAULT_REUSE_BYTES = 4 << 30
 
 # Bytes a linearization holds (with the matvec's temporaries) per byte of module output, measured on
 # CPU, torch 2.13 (peak RSS of one K=1 matvec over R=4-16 replicas): 10x for MLPs (784-128-128-10),
-# 22x for small CNNs and ResNets (W3, W4), whose feature maps the convolutions' backward saves again.
+# 22x for small CNNs and ResNets (W3, W4; feature maps counted at 24x, the rest at 10x).
 LINEARIZE_BYTES_PER_OUTPUT_BYTE = 10
 LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE = 24
 
