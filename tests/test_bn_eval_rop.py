@@ -99,14 +99,18 @@ def test_references_are_the_derivatives_of_batchnorm_relu(S):
 
 # ----------------------------------------------------------------------------- C++ kernels
 
-SHAPES = [(2, 1, 3, 1), (7, 3, 4, 1), (33, 2, 70, 1), (3, 3, 2, 5), (1, 2, 3, 4), (5, 1, 6, 9), (2, 2, 5, 37)]
+# the last three span several tiles of groups: 2 of 102 groups, one group per tile (S > 4096), 2 of 4096 groups
+SHAPES = [(2, 1, 3, 1), (7, 3, 4, 1), (33, 2, 70, 1), (3, 3, 2, 5), (1, 2, 3, 4), (5, 1, 6, 9), (2, 2, 5, 37),
+          (2, 2, 130, 40), (1, 2, 2, 4100), (2, 1, 4200, 1)]
 
 
 @needs_ext
+@pytest.mark.parametrize("level", ["0", "1", "2"])  # FASTCURV_CPU_LEVEL: baseline, AVX2, AVX-512 (capped by the CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("flags", FLAGS, ids=FLAG_IDS)
-def test_cpu_kernels_match_references(dtype, shape, flags):
+def test_cpu_kernels_match_references(dtype, shape, flags, level, monkeypatch):
+    monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
     args = fwd_inputs(*shape, flags, dtype=dtype, seed=sum(shape))
     want_out, want_dot = bn_eval_rop_fwd_reference(*double(args))
     rz = args[0].clone()

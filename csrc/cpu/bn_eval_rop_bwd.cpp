@@ -13,14 +13,26 @@
 
 namespace {
 
+// Values per [N, G, S] operand in a tile of groups (16 KiB of float32).
+constexpr int64_t kTileValues = 4096;
+
+template <typename T>
+struct BwdArgs {
+  T* rd;
+  const T *scale, *xh, *de, *crg, *d1;
+  double *su, *sx;
+  int64_t N, K, G, S;
+};
+
 // One segment of S values of one (n, k, g): the flags say which optional inputs are given and
 // whether rd is overwritten, so that the inner loops carry no branches. The segment's sums run in
 // T over 16 lanes (vectorized), and are added to the double totals.
 template <typename T, bool XH, bool D1, bool IG, bool DL>
-inline void bwd_segment(T* r, const T* x, const T* d, const T* de, T a, T c, int64_t S, double& su, double& sx) {
+FC_ALWAYS_INLINE void bwd_segment(T* __restrict__ r, const T* __restrict__ x, const T* __restrict__ d,
+                                   const T* __restrict__ de, T a, T c, int64_t S, double& su, double& sx) {
   constexpr int L = 16;
   T A[L] = {0}, B[L] = {0};
-  auto step = [&](int64_t s, T& ua, T& xa) {
+  auto step = [&](int64_t s, T& ua, T& xa) FC_LAMBDA_INLINE {
     T u = r[s];
     if constexpr (D1) u *= d[s];
     ua += u;
@@ -45,41 +57,66 @@ inline void bwd_segment(T* r, const T* x, const T* d, const T* de, T a, T c, int
   sx += tb;
 }
 
+// Groups [g0, g1) of every (n, k) row; always inlined into the ISA variants below. Threads own
+// blocks of groups: no partial sums to merge, and the order of the sums does not depend on the
+// number of threads. Tiles of groups keep xh, delta and d1 in L1 while every probe k reads them.
 template <typename T, bool XH, bool D1, bool IG, bool DL>
-void bwd_all(T* rd, const T* scale, const T* xh, const T* de, const T* crg, const T* d1, double* su, double* sx, int64_t N,
-             int64_t K, int64_t G, int64_t S) {
-  // Threads own blocks of groups: no partial sums to merge, and the order of the sums does not
-  // depend on the number of threads.
-  at::parallel_for(0, G, fc_group_grain(S), [&](int64_t g0, int64_t g1) {
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t a = n * G * S;
-      for (int64_t k = 0; k < K; ++k) {
-        T* r = rd + (n * K + k) * G * S;
-        double *u = su + k * G, *x = sx + k * G;
-        const T* cr = DL ? crg + k * G : nullptr;
+FC_ALWAYS_INLINE void bwd_range(const BwdArgs<T>& p, int64_t g0, int64_t g1) {
+  const int64_t G = p.G, S = p.S;
+  const int64_t tile = std::max<int64_t>(1, kTileValues / S);
+  for (int64_t n = 0; n < p.N; ++n) {
+    const int64_t na = n * G * S;
+    for (int64_t t0 = g0; t0 < g1; t0 += tile) {
+      const int64_t t1 = std::min(g1, t0 + tile);
+      for (int64_t k = 0; k < p.K; ++k) {
+        T* r = p.rd + (n * p.K + k) * G * S;
+        double *u = p.su + k * G, *x = p.sx + k * G;
+        const T* cr = DL ? p.crg + k * G : nullptr;
         if (S == 1) {  // BatchNorm1d: vectorize over the groups
-          for (int64_t g = g0; g < g1; ++g) {
+          for (int64_t g = t0; g < t1; ++g) {
             T v = r[g];
-            if constexpr (D1) v *= d1[a + g];
+            if constexpr (D1) v *= p.d1[na + g];
             u[g] += double(v);
-            if constexpr (XH) x[g] += double(v) * double(xh[a + g]);
+            if constexpr (XH) x[g] += double(v) * double(p.xh[na + g]);
             if constexpr (IG) {
-              T o = scale[g] * v;
-              if constexpr (DL) o += cr[g] * de[a + g];
+              T o = p.scale[g] * v;
+              if constexpr (DL) o += cr[g] * p.de[na + g];
               r[g] = o;
             }
           }
           continue;
         }
-        for (int64_t g = g0; g < g1; ++g) {
-          const int64_t off = a + g * S;
-          bwd_segment<T, XH, D1, IG, DL>(r + g * S, XH ? xh + off : nullptr, D1 ? d1 + off : nullptr,
-                                         DL ? de + off : nullptr, scale[g], DL ? cr[g] : T(0), S, u[g], x[g]);
+        for (int64_t g = t0; g < t1; ++g) {
+          const int64_t off = na + g * S;
+          bwd_segment<T, XH, D1, IG, DL>(r + g * S, XH ? p.xh + off : nullptr, D1 ? p.d1 + off : nullptr, DL ? p.de + off : nullptr,
+                                         p.scale[g], DL ? cr[g] : T(0), S, u[g], x[g]);
         }
       }
     }
-  });
+  }
 }
+
+template <typename T>
+using BwdFn = void (*)(const BwdArgs<T>&, int64_t, int64_t);
+
+template <typename T, bool XH, bool D1, bool IG, bool DL>
+void bwd_base(const BwdArgs<T>& p, int64_t g0, int64_t g1) { bwd_range<T, XH, D1, IG, DL>(p, g0, g1); }
+#ifdef FC_HAVE_X86_VARIANTS
+template <typename T, bool XH, bool D1, bool IG, bool DL>
+__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void bwd_avx2(const BwdArgs<T>& p, int64_t g0, int64_t g1) {
+  bwd_range<T, XH, D1, IG, DL>(p, g0, g1);
+}
+template <typename T, bool XH, bool D1, bool IG, bool DL>
+__attribute__((target("avx512f,avx512vl,fma"), optimize("fp-contract=fast"))) void bwd_avx512(const BwdArgs<T>& p, int64_t g0,
+                                                                                              int64_t g1) {
+  bwd_range<T, XH, D1, IG, DL>(p, g0, g1);
+}
+template <typename T, bool XH, bool D1, bool IG, bool DL>
+BwdFn<T> pick_bwd() { return fc_pick<BwdFn<T>>(&bwd_avx512<T, XH, D1, IG, DL>, &bwd_avx2<T, XH, D1, IG, DL>, &bwd_base<T, XH, D1, IG, DL>); }
+#else
+template <typename T, bool XH, bool D1, bool IG, bool DL>
+BwdFn<T> pick_bwd() { return &bwd_base<T, XH, D1, IG, DL>; }
+#endif
 
 std::tuple<at::Tensor, at::Tensor> bn_eval_rop_bwd_cpu(at::Tensor& rd, const at::Tensor& scale, const std::optional<at::Tensor>& xh,
                                                        const std::optional<at::Tensor>& delta, const std::optional<at::Tensor>& crg,
@@ -103,11 +140,13 @@ std::tuple<at::Tensor, at::Tensor> bn_eval_rop_bwd_cpu(at::Tensor& rd, const at:
   AT_DISPATCH_FLOATING_TYPES(rd.scalar_type(), "bn_eval_rop_bwd_cpu", [&] {
     auto p = fc_data<scalar_t>;
     std::vector<double> su(K * G, 0.0), sx(K * G, 0.0);
+    const BwdArgs<scalar_t> args{r.data_ptr<scalar_t>(), p(sc), p(x), p(de), p(cr), p(d), su.data(), sx.data(), N, K, G, S};
+    BwdFn<scalar_t> fn = nullptr;
     // (delta only enters the input gradient)
     fc_dispatch_flags<4>({x.defined(), d.defined(), input_grad, input_grad && de.defined()}, [&](auto XH, auto D1, auto IG, auto DL) {
-      bwd_all<scalar_t, XH.value, D1.value, IG.value, DL.value>(r.data_ptr<scalar_t>(), p(sc), p(x), p(de), p(cr), p(d), su.data(),
-                                                                sx.data(), N, K, G, S);
+      fn = pick_bwd<scalar_t, XH.value, D1.value, IG.value, DL.value>();
     });
+    at::parallel_for(0, G, fc_group_grain(S), [&](int64_t g0, int64_t g1) { fn(args, g0, g1); });
     scalar_t *up = sum_u.data_ptr<scalar_t>(), *xp = x.defined() ? sum_uxh.data_ptr<scalar_t>() : nullptr;
     for (int64_t i = 0; i < K * G; ++i) {
       up[i] = scalar_t(su[i]);

@@ -11,55 +11,106 @@
 
 namespace {
 
-// One (n, k) row's groups [g0, g1): the flags say which optional inputs are given, so that the
-// inner loops carry no branches. dot: see fc_dot.
+// Values per [N, G, S] operand in a tile of groups (16 KiB of float32).
+constexpr int64_t kTileValues = 4096;
+
+template <typename T>
+struct FwdArgs {
+  T* rz;
+  const T *scale, *xh, *rga, *rbe, *d1, *de;
+  double* dot;
+  int64_t N, K, G, S;
+};
+
+// One segment of S values of one (n, k, g), in one pass: the dot with delta (of rz before it is
+// overwritten) in T over 16 lanes, added to the double total, and the update.
 template <typename T, bool XH, bool RB, bool D1, bool DL>
-void fwd_row(T* r, const T* scale, const T* xh, const T* rga, const T* rbe, const T* d1, const T* de, double* dot,
-             int64_t g0, int64_t g1, int64_t S) {
-  if (S == 1) {  // BatchNorm1d: vectorize over the groups
-    for (int64_t g = g0; g < g1; ++g) {
-      const T v = r[g];
-      if constexpr (DL) dot[g] += double(v) * double(de[g]);
-      T o = scale[g] * v;
-      if constexpr (XH) o += rga[g] * xh[g];
-      if constexpr (RB) o += rbe[g];
-      if constexpr (D1) o *= d1[g];
-      r[g] = o;
-    }
-    return;
+FC_ALWAYS_INLINE void fwd_segment(T* __restrict__ r, const T* __restrict__ xh, const T* __restrict__ d1,
+                                  const T* __restrict__ de, T a, T b, T c, int64_t S, double& dot) {
+  constexpr int L = 16;
+  T D[L] = {0};
+  auto step = [&](int64_t s, T& acc) FC_LAMBDA_INLINE {
+    const T v = r[s];
+    if constexpr (DL) acc += v * de[s];
+    T o = a * v;
+    if constexpr (XH) o += b * xh[s];
+    if constexpr (RB) o += c;
+    if constexpr (D1) o *= d1[s];
+    r[s] = o;
+  };
+  int64_t s = 0;
+  for (; s + L <= S; s += L) {
+    for (int l = 0; l < L; ++l) step(s + l, D[l]);
   }
-  for (int64_t g = g0; g < g1; ++g) {
-    const int64_t off = g * S;
-    T* rr = r + off;
-    if constexpr (DL) dot[g] += fc_dot(rr, de + off, S);
-    const T a = scale[g];
-    const T b = XH ? rga[g] : T(0), c = RB ? rbe[g] : T(0);
-    for (int64_t s = 0; s < S; ++s) {
-      T o = a * rr[s];
-      if constexpr (XH) o += b * xh[off + s];
-      if constexpr (RB) o += c;
-      if constexpr (D1) o *= d1[off + s];
-      rr[s] = o;
+  for (int l = 0; s < S; ++s, ++l) step(s, D[l]);
+  if constexpr (DL) {
+    double t = 0;
+    for (int l = 0; l < L; ++l) t += double(D[l]);
+    dot += t;
+  }
+}
+
+// Groups [g0, g1) of every (n, k) row: the flags say which optional inputs are given, so that the
+// inner loops carry no branches. Always inlined into the ISA variants below. Threads own blocks of
+// groups (no partial sums to merge; the order of the sums does not depend on the number of threads);
+// each runs its groups in tiles whose xh, d1 and delta stay in L1 while every probe k reads them.
+template <typename T, bool XH, bool RB, bool D1, bool DL>
+FC_ALWAYS_INLINE void fwd_range(const FwdArgs<T>& p, int64_t g0, int64_t g1) {
+  const int64_t G = p.G, S = p.S;
+  const int64_t tile = std::max<int64_t>(1, kTileValues / S);
+  for (int64_t n = 0; n < p.N; ++n) {
+    const int64_t na = n * G * S;
+    for (int64_t t0 = g0; t0 < g1; t0 += tile) {
+      const int64_t t1 = std::min(g1, t0 + tile);
+      for (int64_t k = 0; k < p.K; ++k) {
+        T* r = p.rz + (n * p.K + k) * G * S;
+        const T* rga = XH ? p.rga + k * G : nullptr;
+        const T* rbe = RB ? p.rbe + k * G : nullptr;
+        double* dot = DL ? p.dot + k * G : nullptr;
+        if (S == 1) {  // BatchNorm1d: vectorize over the groups
+          for (int64_t g = t0; g < t1; ++g) {
+            const T v = r[g];
+            if constexpr (DL) dot[g] += double(v) * double(p.de[na + g]);
+            T o = p.scale[g] * v;
+            if constexpr (XH) o += rga[g] * p.xh[na + g];
+            if constexpr (RB) o += rbe[g];
+            if constexpr (D1) o *= p.d1[na + g];
+            r[g] = o;
+          }
+          continue;
+        }
+        double unused = 0;
+        for (int64_t g = t0; g < t1; ++g) {
+          const int64_t off = na + g * S;
+          fwd_segment<T, XH, RB, D1, DL>(r + g * S, XH ? p.xh + off : nullptr, D1 ? p.d1 + off : nullptr, DL ? p.de + off : nullptr,
+                                         p.scale[g], XH ? rga[g] : T(0), RB ? rbe[g] : T(0), S, DL ? dot[g] : unused);
+        }
+      }
     }
   }
 }
 
+template <typename T>
+using FwdFn = void (*)(const FwdArgs<T>&, int64_t, int64_t);
+
 template <typename T, bool XH, bool RB, bool D1, bool DL>
-void fwd_all(T* rz, const T* scale, const T* xh, const T* rga, const T* rbe, const T* d1, const T* de,
-             std::vector<double>& dot, int64_t N, int64_t K, int64_t G, int64_t S) {
-  // Threads own blocks of groups (no partial sums to merge; the order of the sums does not depend
-  // on the number of threads); each reads, for every (n, k), a contiguous run of its groups.
-  at::parallel_for(0, G, fc_group_grain(S), [&](int64_t g0, int64_t g1) {
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t a = n * G * S;
-      for (int64_t k = 0; k < K; ++k) {
-        fwd_row<T, XH, RB, D1, DL>(rz + (n * K + k) * G * S, scale, XH ? xh + a : nullptr, XH ? rga + k * G : nullptr,
-                                   RB ? rbe + k * G : nullptr, D1 ? d1 + a : nullptr, DL ? de + a : nullptr,
-                                   DL ? dot.data() + k * G : nullptr, g0, g1, S);
-      }
-    }
-  });
+void fwd_base(const FwdArgs<T>& p, int64_t g0, int64_t g1) { fwd_range<T, XH, RB, D1, DL>(p, g0, g1); }
+#ifdef FC_HAVE_X86_VARIANTS
+template <typename T, bool XH, bool RB, bool D1, bool DL>
+__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void fwd_avx2(const FwdArgs<T>& p, int64_t g0, int64_t g1) {
+  fwd_range<T, XH, RB, D1, DL>(p, g0, g1);
 }
+template <typename T, bool XH, bool RB, bool D1, bool DL>
+__attribute__((target("avx512f,avx512vl,fma"), optimize("fp-contract=fast"))) void fwd_avx512(const FwdArgs<T>& p, int64_t g0,
+                                                                                              int64_t g1) {
+  fwd_range<T, XH, RB, D1, DL>(p, g0, g1);
+}
+template <typename T, bool XH, bool RB, bool D1, bool DL>
+FwdFn<T> pick_fwd() { return fc_pick<FwdFn<T>>(&fwd_avx512<T, XH, RB, D1, DL>, &fwd_avx2<T, XH, RB, D1, DL>, &fwd_base<T, XH, RB, D1, DL>); }
+#else
+template <typename T, bool XH, bool RB, bool D1, bool DL>
+FwdFn<T> pick_fwd() { return &fwd_base<T, XH, RB, D1, DL>; }
+#endif
 
 at::Tensor bn_eval_rop_fwd_cpu(at::Tensor& rz, const at::Tensor& scale, const std::optional<at::Tensor>& xh,
                                const std::optional<at::Tensor>& rgamma, const std::optional<at::Tensor>& rbeta,
@@ -82,10 +133,12 @@ at::Tensor bn_eval_rop_fwd_cpu(at::Tensor& rz, const at::Tensor& scale, const st
   AT_DISPATCH_FLOATING_TYPES(rz.scalar_type(), "bn_eval_rop_fwd_cpu", [&] {
     auto p = fc_data<scalar_t>;
     std::vector<double> acc(delta.has_value() ? K * G : 0, 0.0);
+    const FwdArgs<scalar_t> args{rz.data_ptr<scalar_t>(), p(sc), p(x), p(rg), p(rb), p(d), p(de), acc.data(), N, K, G, S};
+    FwdFn<scalar_t> fn = nullptr;
     fc_dispatch_flags<4>({x.defined(), rb.defined(), d.defined(), de.defined()}, [&](auto XH, auto RB, auto D1, auto DL) {
-      fwd_all<scalar_t, XH.value, RB.value, D1.value, DL.value>(rz.data_ptr<scalar_t>(), p(sc), p(x), p(rg), p(rb), p(d),
-                                                                p(de), acc, N, K, G, S);
+      fn = pick_fwd<scalar_t, XH.value, RB.value, D1.value, DL.value>();
     });
+    at::parallel_for(0, G, fc_group_grain(S), [&](int64_t g0, int64_t g1) { fn(args, g0, g1); });
     scalar_t* dp = dot.data_ptr<scalar_t>();
     for (size_t i = 0; i < acc.size(); ++i) dp[i] = scalar_t(acc[i]);
   });

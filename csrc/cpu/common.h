@@ -2,9 +2,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <optional>
 #include <type_traits>
+
+#define FC_ALWAYS_INLINE inline __attribute__((always_inline))
+// Lambdas are inlined too, so that their loops are compiled for the caller's target (AVX2/AVX-512).
+#define FC_LAMBDA_INLINE __attribute__((always_inline))
 
 // Rows of `outer` independent lines of length `inner`, split over threads in blocks of rows.
 template <typename F>
@@ -17,7 +23,7 @@ inline void fc_parallel_rows(int64_t outer, int64_t inner, const F& f) {
 // sum_s u[s] * v[s]: in T over 16 independent lanes (vectorizes, and breaks the add latency
 // chain), returned in double for the caller's totals over many segments.
 template <typename T>
-inline double fc_dot(const T* u, const T* v, int64_t S) {
+FC_ALWAYS_INLINE double fc_dot(const T* u, const T* v, int64_t S) {
   constexpr int L = 16;
   T b[L] = {0};
   int64_t s = 0;
@@ -32,7 +38,7 @@ inline double fc_dot(const T* u, const T* v, int64_t S) {
 
 // su += sum_s u[s] and suv += sum_s u[s] * v[s], lanes as in fc_dot.
 template <typename T>
-inline void fc_sum_and_dot(const T* u, const T* v, int64_t S, double& su, double& suv) {
+FC_ALWAYS_INLINE void fc_sum_and_dot(const T* u, const T* v, int64_t S, double& su, double& suv) {
   constexpr int L = 16;
   T a[L] = {0}, b[L] = {0};
   int64_t s = 0;
@@ -89,5 +95,34 @@ inline void fc_dispatch_flags(std::array<bool, N> flags, const F& fn, B... b) {
     fc_dispatch_flags<N>(flags, fn, b..., std::true_type{});
   } else {
     fc_dispatch_flags<N>(flags, fn, b..., std::false_type{});
+  }
+}
+
+// x86-64 with GCC/Clang: kernels define AVX2 and AVX-512 clones of their range functions
+// (__attribute__((target(...))) around always-inlined loops) and pick one with fc_pick.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+#define FC_HAVE_X86_VARIANTS 1
+#endif
+
+// The x86 vector level the kernels with per-ISA variants use: 2: AVX-512, 1: AVX2 + FMA, 0: baseline;
+// FASTCURV_CPU_LEVEL caps it (the tests run every variant).
+inline int fc_x86_level() {
+  int level = 0;
+#ifdef FC_HAVE_X86_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
+  if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) level = 2;
+#endif
+  if (const char* cap = std::getenv("FASTCURV_CPU_LEVEL")) level = std::min(level, std::atoi(cap));
+  return level;
+}
+
+// One of a kernel's ISA variants by fc_x86_level() (nullptr variants fall back to the baseline).
+template <typename Fn>
+inline Fn fc_pick(Fn avx512, Fn avx2, Fn baseline) {
+  switch (fc_x86_level()) {
+    case 2: return avx512 ? avx512 : baseline;
+    case 1: return avx2 ? avx2 : baseline;
+    default: return baseline;
   }
 }

@@ -26,10 +26,6 @@
 
 namespace {
 
-#define FC_ALWAYS_INLINE inline __attribute__((always_inline))
-// Lambdas are inlined too, so that their loops are compiled for the caller's target (AVX2/AVX-512).
-#define FC_LAMBDA_INLINE __attribute__((always_inline))
-
 // The vector helpers are always inlined, so the ABI of returning a vector never matters.
 #pragma GCC diagnostic ignored "-Wpsabi"
 // BYTES-wide vectors of GCC's vector extension, allowed at any element-aligned address.
@@ -340,8 +336,7 @@ void wgrad_default(const Args<S>& a, int64_t p0, int64_t p1) { wgrad_range<S, 16
 
 // x86-64: the same loops for AVX2 + FMA (ymm) and AVX-512 (zmm), picked at run time. Contraction of
 // acc + v * w into FMAs is enabled here (ISO C++ mode turns it off by default).
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
-#define FC_HAVE_X86_VARIANTS 1
+#ifdef FC_HAVE_X86_VARIANTS
 #define FC_X86_VARIANT(NAME, BODY, BYTES, TARGET)                                                          \
   template <typename S>                                                                                    \
   __attribute__((target(TARGET), optimize("fp-contract=fast"))) void NAME(const Args<S>& a, int64_t p0, \
@@ -355,32 +350,11 @@ FC_X86_VARIANT(wgrad_avx512, wgrad_range, 64, "avx512f,avx512vl,fma")
 #undef FC_X86_VARIANT
 #endif
 
-// 2: AVX-512, 1: AVX2 + FMA, 0: baseline; FASTCURV_CPU_LEVEL caps it (the tests run every variant).
-int fc_x86_level() {
-  int level = 0;
-#ifdef FC_HAVE_X86_VARIANTS
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
-  if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) level = 2;
-#endif
-  if (const char* cap = std::getenv("FASTCURV_CPU_LEVEL")) level = std::min(level, std::atoi(cap));
-  return level;
-}
-
-template <typename S>
-RangeFn<S> pick(RangeFn<S> avx512, RangeFn<S> avx2, RangeFn<S> baseline) {
-  switch (fc_x86_level()) {
-    case 2: return avx512 ? avx512 : baseline;
-    case 1: return avx2 ? avx2 : baseline;
-    default: return baseline;
-  }
-}
-
 #ifdef FC_HAVE_X86_VARIANTS
 template <typename S>
-RangeFn<S> pick_fwd() { return pick<S>(&fwd_avx512<S>, &fwd_avx2<S>, &fwd_default<S>); }
+RangeFn<S> pick_fwd() { return fc_pick<RangeFn<S>>(&fwd_avx512<S>, &fwd_avx2<S>, &fwd_default<S>); }
 template <typename S>
-RangeFn<S> pick_wgrad() { return pick<S>(&wgrad_avx512<S>, &wgrad_avx2<S>, &wgrad_default<S>); }
+RangeFn<S> pick_wgrad() { return fc_pick<RangeFn<S>>(&wgrad_avx512<S>, &wgrad_avx2<S>, &wgrad_default<S>); }
 #else
 template <typename S>
 RangeFn<S> pick_fwd() { return &fwd_default<S>; }
