@@ -57,9 +57,9 @@ FC_ALWAYS_INLINE void bwd_segment(T* __restrict__ r, const T* __restrict__ x, co
   sx += tb;
 }
 
-// Groups [g0, g1) of every (n, k) row; always inlined into the ISA variants below. Threads own
-// blocks of groups: no partial sums to merge, and the order of the sums does not depend on the
-// number of threads. Tiles of groups keep xh, delta and d1 in L1 while every probe k reads them.
+// Groups [g0, g1) of every (n, k) row; always inlined into its ISA variants (fc_pick_range).
+// Threads own blocks of groups: no partial sums to merge, and the order of the sums does not depend
+// on the number of threads. Tiles of groups keep xh, delta and d1 in L1 while every probe k reads them.
 template <typename T, bool XH, bool D1, bool IG, bool DL>
 FC_ALWAYS_INLINE void bwd_range(const BwdArgs<T>& p, int64_t g0, int64_t g1) {
   const int64_t G = p.G, S = p.S;
@@ -96,27 +96,6 @@ FC_ALWAYS_INLINE void bwd_range(const BwdArgs<T>& p, int64_t g0, int64_t g1) {
   }
 }
 
-template <typename T>
-using BwdFn = void (*)(const BwdArgs<T>&, int64_t, int64_t);
-
-template <typename T, bool XH, bool D1, bool IG, bool DL>
-void bwd_base(const BwdArgs<T>& p, int64_t g0, int64_t g1) { bwd_range<T, XH, D1, IG, DL>(p, g0, g1); }
-#ifdef FC_HAVE_X86_VARIANTS
-template <typename T, bool XH, bool D1, bool IG, bool DL>
-__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void bwd_avx2(const BwdArgs<T>& p, int64_t g0, int64_t g1) {
-  bwd_range<T, XH, D1, IG, DL>(p, g0, g1);
-}
-template <typename T, bool XH, bool D1, bool IG, bool DL>
-__attribute__((target("avx512f,avx512vl,fma"), optimize("fp-contract=fast"))) void bwd_avx512(const BwdArgs<T>& p, int64_t g0,
-                                                                                              int64_t g1) {
-  bwd_range<T, XH, D1, IG, DL>(p, g0, g1);
-}
-template <typename T, bool XH, bool D1, bool IG, bool DL>
-BwdFn<T> pick_bwd() { return fc_pick<BwdFn<T>>(&bwd_avx512<T, XH, D1, IG, DL>, &bwd_avx2<T, XH, D1, IG, DL>, &bwd_base<T, XH, D1, IG, DL>); }
-#else
-template <typename T, bool XH, bool D1, bool IG, bool DL>
-BwdFn<T> pick_bwd() { return &bwd_base<T, XH, D1, IG, DL>; }
-#endif
 
 std::tuple<at::Tensor, at::Tensor> bn_eval_rop_bwd_cpu(at::Tensor& rd, const at::Tensor& scale, const std::optional<at::Tensor>& xh,
                                                        const std::optional<at::Tensor>& delta, const std::optional<at::Tensor>& crg,
@@ -141,10 +120,10 @@ std::tuple<at::Tensor, at::Tensor> bn_eval_rop_bwd_cpu(at::Tensor& rd, const at:
     auto p = fc_data<scalar_t>;
     std::vector<double> su(K * G, 0.0), sx(K * G, 0.0);
     const BwdArgs<scalar_t> args{r.data_ptr<scalar_t>(), p(sc), p(x), p(de), p(cr), p(d), su.data(), sx.data(), N, K, G, S};
-    BwdFn<scalar_t> fn = nullptr;
+    FcRangeFn<BwdArgs<scalar_t>> fn = nullptr;
     // (delta only enters the input gradient)
     fc_dispatch_flags<4>({x.defined(), d.defined(), input_grad, input_grad && de.defined()}, [&](auto XH, auto D1, auto IG, auto DL) {
-      fn = pick_bwd<scalar_t, XH.value, D1.value, IG.value, DL.value>();
+      fn = fc_pick_range<&bwd_range<scalar_t, XH.value, D1.value, IG.value, DL.value>, BwdArgs<scalar_t>>();
     });
     at::parallel_for(0, G, fc_group_grain(S), [&](int64_t g0, int64_t g1) { fn(args, g0, g1); });
     scalar_t *up = sum_u.data_ptr<scalar_t>(), *xp = x.defined() ? sum_uxh.data_ptr<scalar_t>() : nullptr;

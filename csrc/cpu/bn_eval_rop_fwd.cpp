@@ -51,9 +51,10 @@ FC_ALWAYS_INLINE void fwd_segment(T* __restrict__ r, const T* __restrict__ xh, c
 }
 
 // Groups [g0, g1) of every (n, k) row: the flags say which optional inputs are given, so that the
-// inner loops carry no branches. Always inlined into the ISA variants below. Threads own blocks of
-// groups (no partial sums to merge; the order of the sums does not depend on the number of threads);
-// each runs its groups in tiles whose xh, d1 and delta stay in L1 while every probe k reads them.
+// inner loops carry no branches. Always inlined into its ISA variants (fc_pick_range). Threads own
+// blocks of groups (no partial sums to merge; the order of the sums does not depend on the number
+// of threads); each runs its groups in tiles whose xh, d1 and delta stay in L1 while every probe k
+// reads them.
 template <typename T, bool XH, bool RB, bool D1, bool DL>
 FC_ALWAYS_INLINE void fwd_range(const FwdArgs<T>& p, int64_t g0, int64_t g1) {
   const int64_t G = p.G, S = p.S;
@@ -90,27 +91,6 @@ FC_ALWAYS_INLINE void fwd_range(const FwdArgs<T>& p, int64_t g0, int64_t g1) {
   }
 }
 
-template <typename T>
-using FwdFn = void (*)(const FwdArgs<T>&, int64_t, int64_t);
-
-template <typename T, bool XH, bool RB, bool D1, bool DL>
-void fwd_base(const FwdArgs<T>& p, int64_t g0, int64_t g1) { fwd_range<T, XH, RB, D1, DL>(p, g0, g1); }
-#ifdef FC_HAVE_X86_VARIANTS
-template <typename T, bool XH, bool RB, bool D1, bool DL>
-__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void fwd_avx2(const FwdArgs<T>& p, int64_t g0, int64_t g1) {
-  fwd_range<T, XH, RB, D1, DL>(p, g0, g1);
-}
-template <typename T, bool XH, bool RB, bool D1, bool DL>
-__attribute__((target("avx512f,avx512vl,fma"), optimize("fp-contract=fast"))) void fwd_avx512(const FwdArgs<T>& p, int64_t g0,
-                                                                                              int64_t g1) {
-  fwd_range<T, XH, RB, D1, DL>(p, g0, g1);
-}
-template <typename T, bool XH, bool RB, bool D1, bool DL>
-FwdFn<T> pick_fwd() { return fc_pick<FwdFn<T>>(&fwd_avx512<T, XH, RB, D1, DL>, &fwd_avx2<T, XH, RB, D1, DL>, &fwd_base<T, XH, RB, D1, DL>); }
-#else
-template <typename T, bool XH, bool RB, bool D1, bool DL>
-FwdFn<T> pick_fwd() { return &fwd_base<T, XH, RB, D1, DL>; }
-#endif
 
 at::Tensor bn_eval_rop_fwd_cpu(at::Tensor& rz, const at::Tensor& scale, const std::optional<at::Tensor>& xh,
                                const std::optional<at::Tensor>& rgamma, const std::optional<at::Tensor>& rbeta,
@@ -134,9 +114,9 @@ at::Tensor bn_eval_rop_fwd_cpu(at::Tensor& rz, const at::Tensor& scale, const st
     auto p = fc_data<scalar_t>;
     std::vector<double> acc(delta.has_value() ? K * G : 0, 0.0);
     const FwdArgs<scalar_t> args{rz.data_ptr<scalar_t>(), p(sc), p(x), p(rg), p(rb), p(d), p(de), acc.data(), N, K, G, S};
-    FwdFn<scalar_t> fn = nullptr;
+    FcRangeFn<FwdArgs<scalar_t>> fn = nullptr;
     fc_dispatch_flags<4>({x.defined(), rb.defined(), d.defined(), de.defined()}, [&](auto XH, auto RB, auto D1, auto DL) {
-      fn = pick_fwd<scalar_t, XH.value, RB.value, D1.value, DL.value>();
+      fn = fc_pick_range<&fwd_range<scalar_t, XH.value, RB.value, D1.value, DL.value>, FwdArgs<scalar_t>>();
     });
     at::parallel_for(0, G, fc_group_grain(S), [&](int64_t g0, int64_t g1) { fn(args, g0, g1); });
     scalar_t* dp = dot.data_ptr<scalar_t>();

@@ -126,3 +126,29 @@ inline Fn fc_pick(Fn avx512, Fn avx2, Fn baseline) {
     default: return baseline;
   }
 }
+
+// ISA variants of a kernel's range function F(args, begin, end) (always inlined, so that its loops
+// are compiled for each variant's target, with contraction into FMAs), and the one fc_pick chooses.
+template <auto F, typename A>
+void fc_range_base(const A& a, int64_t begin, int64_t end) { F(a, begin, end); }
+#ifdef FC_HAVE_X86_VARIANTS
+template <auto F, typename A>
+__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void fc_range_avx2(const A& a, int64_t begin, int64_t end) {
+  F(a, begin, end);
+}
+template <auto F, typename A>
+__attribute__((target("avx512f,avx512vl,fma"), optimize("fp-contract=fast"))) void fc_range_avx512(const A& a, int64_t begin,
+                                                                                                    int64_t end) {
+  F(a, begin, end);
+}
+#endif
+template <typename A>
+using FcRangeFn = void (*)(const A&, int64_t, int64_t);
+template <auto F, typename A>
+FcRangeFn<A> fc_pick_range() {
+#ifdef FC_HAVE_X86_VARIANTS
+  return fc_pick<FcRangeFn<A>>(&fc_range_avx512<F, A>, &fc_range_avx2<F, A>, &fc_range_base<F, A>);
+#else
+  return &fc_range_base<F, A>;
+#endif
+}
