@@ -94,7 +94,11 @@ def test_act_derivs_ext(device, dtype, name):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 4, 37), (1, 1, 1), (2, 1, 1025), (5, 4, 8)])
-def test_act_rop_bwd_ext(device, dtype, shape):
+@pytest.mark.parametrize("level", ["0", "1", "2"])  # FASTCURV_CPU_LEVEL of the C++ kernel's variants (capped by the CPU)
+def test_act_rop_bwd_ext(device, dtype, shape, level, monkeypatch):
+    if device != "cpu" and level != "2":
+        pytest.skip("ISA levels are a CPU matter")
+    monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
     op = _ext_op("act_rop_bwd", device)
     B, K, M = shape
     g = _gen(M)
