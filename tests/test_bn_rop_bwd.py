@@ -100,10 +100,12 @@ SHAPES = [  # (N, K, G, S): S=1 is BatchNorm1d; N=1 needs S>1 (batch statistics 
 
 
 @needs_ext
+@pytest.mark.parametrize("level", ["0", "1", "2"])  # FASTCURV_CPU_LEVEL: baseline, AVX2, AVX-512 (capped by the CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("affine,tangent", [(True, True), (True, False), (False, True), (False, False)])
-def test_cpu_kernel_matches_reference(dtype, shape, affine, tangent):
+def test_cpu_kernel_matches_reference(dtype, shape, affine, tangent, level, monkeypatch):
+    monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
     args = make_inputs(*shape, dtype=dtype, affine=affine, tangent=tangent, seed=sum(shape))
     with fastcurv.use_kernels("ext"):
         got = bn_rop_bwd(*args)

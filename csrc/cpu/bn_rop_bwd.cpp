@@ -24,51 +24,109 @@ struct BnSums {
   BnSums(int64_t K, int64_t G) : rg(K * G, 0.0), rgxh(K * G, 0.0), grxh(K * G, 0.0), g(G, 0.0), gxh(G, 0.0) {}
 };
 
-// Pass 1: parallel over blocks of channels g; each block reads the contiguous rows
-// [n, k, g0:g1, :] with the samples n as the outer loop (cache friendly, no partial sums to merge,
-// the summation order does not depend on the number of threads). Measured against blocks of samples
-// with per-thread partial sums (2 cores, float32): equal at N=256, K=4, G=320, S=196, this is 1.7x
-// faster at S=1.
 template <typename T>
-void bn_sums(const T* xh, const T* gp, const T* rg, const T* rxh, int64_t N, int64_t K, int64_t G, int64_t S, BnSums& out) {
-  at::parallel_for(0, G, fc_group_grain(S), [&](int64_t g0, int64_t g1) {
-    if (S == 1) {  // BatchNorm1d: element-wise accumulation along the channels (vectorizes)
-      double *sg = out.g.data(), *sgx = out.gxh.data();
-      for (int64_t n = 0; n < N; ++n) {
-        const T* x = xh + n * G;
-        const T* d = gp + n * G;
-        for (int64_t g = g0; g < g1; ++g) {
-          sg[g] += double(d[g]);
-          sgx[g] += double(d[g]) * double(x[g]);
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          const T* r = rg + (n * K + k) * G;
-          double *a = out.rg.data() + k * G, *b = out.rgxh.data() + k * G, *c = out.grxh.data() + k * G;
-          for (int64_t g = g0; g < g1; ++g) {
-            a[g] += double(r[g]);
-            b[g] += double(r[g]) * double(x[g]);
-          }
-          if (rxh != nullptr) {
-            const T* q = rxh + (n * K + k) * G;
-            for (int64_t g = g0; g < g1; ++g) c[g] += double(d[g]) * double(q[g]);
-          }
-        }
-      }
-      return;
-    }
+struct SumArgs {
+  const T *xh, *gp, *rg, *rxh;
+  int64_t N, K, G, S;
+  BnSums* out;
+};
+
+// Pass 1, channels [g0, g1): each block reads the contiguous rows [n, k, g0:g1, :] with the samples n
+// as the outer loop (cache friendly, no partial sums to merge, the summation order does not depend
+// on the number of threads). Measured against blocks of samples with per-thread partial sums (2
+// cores, float32): equal at N=256, K=4, G=320, S=196, this is 1.7x faster at S=1. Always inlined
+// into its ISA variants (fc_pick_range).
+template <typename T>
+FC_ALWAYS_INLINE void sums_range(const SumArgs<T>& p, int64_t g0, int64_t g1) {
+  const T *xh = p.xh, *gp = p.gp, *rg = p.rg, *rxh = p.rxh;
+  const int64_t N = p.N, K = p.K, G = p.G, S = p.S;
+  BnSums& out = *p.out;
+  if (S == 1) {  // BatchNorm1d: element-wise accumulation along the channels (vectorizes)
+    double *sg = out.g.data(), *sgx = out.gxh.data();
     for (int64_t n = 0; n < N; ++n) {
-      const T* xrow = xh + n * G * S;
-      const T* grow = gp + n * G * S;
-      for (int64_t g = g0; g < g1; ++g) fc_sum_and_dot(grow + g * S, xrow + g * S, S, out.g[g], out.gxh[g]);
+      const T* x = xh + n * G;
+      const T* d = gp + n * G;
+      for (int64_t g = g0; g < g1; ++g) {
+        sg[g] += double(d[g]);
+        sgx[g] += double(d[g]) * double(x[g]);
+      }
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t row = (n * K + k) * G * S;
+        const T* r = rg + (n * K + k) * G;
+        double *a = out.rg.data() + k * G, *b = out.rgxh.data() + k * G, *c = out.grxh.data() + k * G;
         for (int64_t g = g0; g < g1; ++g) {
-          fc_sum_and_dot(rg + row + g * S, xrow + g * S, S, out.rg[k * G + g], out.rgxh[k * G + g]);
-          if (rxh != nullptr) out.grxh[k * G + g] += fc_dot(grow + g * S, rxh + row + g * S, S);
+          a[g] += double(r[g]);
+          b[g] += double(r[g]) * double(x[g]);
+        }
+        if (rxh != nullptr) {
+          const T* q = rxh + (n * K + k) * G;
+          for (int64_t g = g0; g < g1; ++g) c[g] += double(d[g]) * double(q[g]);
         }
       }
     }
-  });
+    return;
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const T* xrow = xh + n * G * S;
+    const T* grow = gp + n * G * S;
+    for (int64_t g = g0; g < g1; ++g) fc_sum_and_dot(grow + g * S, xrow + g * S, S, out.g[g], out.gxh[g]);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t row = (n * K + k) * G * S;
+      for (int64_t g = g0; g < g1; ++g) {
+        fc_sum_and_dot(rg + row + g * S, xrow + g * S, S, out.rg[k * G + g], out.rgxh[k * G + g]);
+        if (rxh != nullptr) out.grxh[k * G + g] += fc_dot(grow + g * S, rxh + row + g * S, S);
+      }
+    }
+  }
+}
+
+template <typename T>
+struct ApplyArgs {
+  const T *xh, *gp, *rg, *rxh, *coef;  // coef: 5 planes [K, G] (c_rg, c_g, c_xh, c_rxh, c_0)
+  T* out;
+  int64_t K, G, S;
+};
+
+// out = a*r + b*d + c*x (+ e*q) + f over n values (restrict: the loop vectorizes).
+template <typename T, bool Q>
+FC_ALWAYS_INLINE void affine(T* __restrict__ o, const T* __restrict__ r, const T* __restrict__ d, const T* __restrict__ x,
+                             const T* __restrict__ q, T a, T b, T c, T e, T f, int64_t n) {
+  for (int64_t s = 0; s < n; ++s) {
+    T v = a * r[s] + b * d[s] + c * x[s] + f;
+    if constexpr (Q) v += e * q[s];
+    o[s] = v;
+  }
+}
+
+// Pass 2, rows (n, k) [begin, end) of length G*S, element-wise with the group's coefficients;
+// always inlined into its ISA variants (fc_pick_range).
+template <typename T>
+FC_ALWAYS_INLINE void apply_range(const ApplyArgs<T>& p, int64_t begin, int64_t end) {
+  const int64_t K = p.K, G = p.G, S = p.S, KG = K * G;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / K, k = row % K;
+    const T* xr = p.xh + n * G * S;
+    const T* dr = p.gp + n * G * S;
+    const T* rr = p.rg + row * G * S;
+    const T* qr = p.rxh != nullptr ? p.rxh + row * G * S : nullptr;
+    T* o = p.out + row * G * S;
+    const T *a = p.coef + k * G, *b = a + KG, *c = b + KG, *e = c + KG, *f = e + KG;
+    if (S == 1) {  // BatchNorm1d: vectorize over the channels
+      for (int64_t j = 0; j < G; ++j) {
+        T v = a[j] * rr[j] + b[j] * dr[j] + c[j] * xr[j] + f[j];
+        if (qr != nullptr) v += e[j] * qr[j];
+        o[j] = v;
+      }
+      continue;
+    }
+    for (int64_t j = 0; j < G; ++j) {
+      const int64_t off = j * S;
+      if (qr != nullptr) {
+        affine<T, true>(o + off, rr + off, dr + off, xr + off, qr + off, a[j], b[j], c[j], e[j], f[j], S);
+      } else {
+        affine<T, false>(o + off, rr + off, dr + off, xr + off, nullptr, a[j], b[j], c[j], e[j], f[j], S);
+      }
+    }
+  }
 }
 
 at::Tensor bn_rop_bwd_cpu(const at::Tensor& xh, const at::Tensor& g, const at::Tensor& rg, const at::Tensor& inv,
@@ -114,7 +172,9 @@ at::Tensor bn_rop_bwd_cpu(const at::Tensor& xh, const at::Tensor& g, const at::T
     const scalar_t* rp = r.data_ptr<scalar_t>();
     const scalar_t* qp = q.defined() ? q.data_ptr<scalar_t>() : nullptr;
     BnSums sums(K, G);
-    bn_sums<scalar_t>(xp, dp, rp, qp, N, K, G, S, sums);
+    const SumArgs<scalar_t> sargs{xp, dp, rp, qp, N, K, G, S, &sums};
+    const auto sums_fn = fc_pick_range<&sums_range<scalar_t>, SumArgs<scalar_t>>();
+    at::parallel_for(0, G, fc_group_grain(S), [&](int64_t g0, int64_t g1) { sums_fn(sargs, g0, g1); });
 
     // per-(k, g) coefficients of the affine output, stored as 5 planes [K, G]
     std::vector<scalar_t> coef(5 * K * G);
@@ -145,36 +205,10 @@ at::Tensor bn_rop_bwd_cpu(const at::Tensor& xh, const at::Tensor& g, const at::T
       }
     }
 
-    // Pass 2: rows (n, k) of length G*S, element-wise with the group's coefficients
-    scalar_t* op_ = out.data_ptr<scalar_t>();
-    fc_parallel_rows(N * K, G * S, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / K, k = row % K;
-        const scalar_t* xr = xp + n * G * S;
-        const scalar_t* dr = dp + n * G * S;
-        const scalar_t* rr = rp + row * G * S;
-        const scalar_t* qr = qp != nullptr ? qp + row * G * S : nullptr;
-        scalar_t* o = op_ + row * G * S;
-        const scalar_t *a = c_rg + k * G, *b = c_g + k * G, *c = c_xh + k * G, *e = c_rxh + k * G, *f = c_0 + k * G;
-        if (S == 1) {  // BatchNorm1d: vectorize over the channels
-          if (qr != nullptr) {
-            for (int64_t j = 0; j < G; ++j) o[j] = a[j] * rr[j] + b[j] * dr[j] + c[j] * xr[j] + e[j] * qr[j] + f[j];
-          } else {
-            for (int64_t j = 0; j < G; ++j) o[j] = a[j] * rr[j] + b[j] * dr[j] + c[j] * xr[j] + f[j];
-          }
-          continue;
-        }
-        for (int64_t j = 0; j < G; ++j) {
-          const scalar_t ca = a[j], cb = b[j], cc = c[j], ce = e[j], cf = f[j];
-          const int64_t off = j * S;
-          if (qr != nullptr) {
-            for (int64_t s = 0; s < S; ++s) o[off + s] = ca * rr[off + s] + cb * dr[off + s] + cc * xr[off + s] + ce * qr[off + s] + cf;
-          } else {
-            for (int64_t s = 0; s < S; ++s) o[off + s] = ca * rr[off + s] + cb * dr[off + s] + cc * xr[off + s] + cf;
-          }
-        }
-      }
-    });
+    // Pass 2
+    const ApplyArgs<scalar_t> aargs{xp, dp, rp, qp, coef.data(), out.data_ptr<scalar_t>(), K, G, S};
+    const auto apply_fn = fc_pick_range<&apply_range<scalar_t>, ApplyArgs<scalar_t>>();
+    fc_parallel_rows(N * K, G * S, [&](int64_t begin, int64_t end) { apply_fn(aargs, begin, end); });
   });
   return out;
 }
