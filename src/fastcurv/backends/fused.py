@@ -999,9 +999,8 @@ class _MapEngine:
         """R-forward of eval BatchNorm node ``i`` (and of the activation fused with it; ``ra``:
         the input tangent, without the folded bias of the layer before, if any): returns the output
         tangent ``[N, K, R, C, *sp]`` and, for an affine BatchNorm whose input has a tangent,
-        ``(dot, dsum)``: ``dot`` ``[R, K, C]``, the sum over samples and positions of the full input
-        tangent times ``delta`` (what the weight's product needs from it, so that it is not kept),
-        and ``dsum`` ``[R*C]``, the sum of ``delta``; computed by
+        ``dot`` ``[R, K, C]``: the sum over samples and positions of the full input tangent times
+        ``delta`` (what the weight's product needs from it, so that it is not kept); computed by
         :func:`fastcurv.ops.bn_eval_rop_fwd` (C++/CUDA/Triton kernel)."""
         j = self.bn_act.get(i)
         d1 = None if j is None else st.get(j, "d1")  # [N, R, C, *sp]
@@ -1029,10 +1028,9 @@ class _MapEngine:
                                    inplace=rz.is_contiguous() and (self.fwd_inplace[i] or fresh))
         if delta is None:
             return out.view(ra.shape), None
-        dsum = delta.reshape(N, G, S).sum((0, 2))
         if db is not None:
-            dot += db * dsum
-        return out.view(ra.shape), (dot.view(K, R, C).transpose(0, 1), dsum)
+            dot += db * st.get(i, "dsum").reshape(N, G).sum(0)
+        return out.view(ra.shape), dot.view(K, R, C).transpose(0, 1)
 
     def _bn_eval_rbwd(self, l, i, st, vecs, out, rd, s, inv, dot):
         """R-backward of eval BatchNorm node ``i`` (``rd``: the R-gradient w.r.t. the output of the
@@ -1057,12 +1055,12 @@ class _MapEngine:
                                             input_grad=input_grad)
         if l.weight is not None:
             hw = sum_uxh.view(K, R, C).transpose(0, 1)
-            out[l.weight] += hw if dot is None else hw + dot[0] * inv.unsqueeze(1)
+            out[l.weight] += hw if dot is None else hw + dot * inv.unsqueeze(1)
             out[l.bias] += sum_u.view(K, R, C).transpose(0, 1)
         if i in self.bn_bias:  # the folded bias: the sum of the input's R-gradient scale * u + crg * delta
             hb = sum_u * s.reshape(G)
             if crg is not None:
-                hb += crg * dot[1]
+                hb += crg * st.get(i, "dsum").reshape(N, G).sum(0)
             out[self.layers[self.bn_bias[i]].bias] += hb.view(K, R, C).transpose(0, 1)
         return r.view(rd.shape) if input_grad else None
 
@@ -1242,6 +1240,8 @@ class _MapEngine:
             elif l.kind == "bn":
                 if l.weight is not None or keep_all:
                     st.put(i, "delta", g)
+                if l.weight is not None and i in self.bn_bias:  # per sample: the folded bias's R-passes read its sums
+                    st.put(i, "dsum", g.reshape(*g.shape[:3], -1).sum(3))
                 if self._reads_shared(self.inputs[i][0]):
                     continue
                 s = bn[i][0]
