@@ -36,31 +36,43 @@ def _tile_shape(N, G, S):
 
 
 @triton.jit
+def _group_tile(G, BLOCK_G: tl.constexpr):
+    """This program's probe ``k`` (grid axis 1) and its ``BLOCK_G`` groups ``j`` (grid axis 0, which
+    has no 65535 limit), with their mask."""
+    k = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    return k, j, j < G
+
+
+@triton.jit
+def _sample_tile(e0, k, j, jm, N, K, G, S, BLOCK_E: tl.constexpr):
+    """The mask and offsets of the tile [BLOCK_E samples e = n * S + s from e0, the groups j]: ``ia``
+    into [N, G, S] tensors, ``ib`` into [N, K, G, S] tensors at probe ``k``."""
+    e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
+    n = (e // S)[:, None]
+    s = (e % S)[:, None]
+    m = (e < N * S)[:, None] & jm[None, :]
+    ia = (n * G + j[None, :]) * S + s
+    ib = ((n * K + k) * G + j[None, :]) * S + s
+    return m, ia, ib
+
+
+@triton.jit
 def _bn_rop_bwd_sums_kernel(xh_ptr, g_ptr, rg_ptr, rxh_ptr, inv_ptr, gamma_ptr, rgamma_ptr, m2_ptr, coef_ptr,
                             N, K, G, S, HAS_AFFINE: tl.constexpr, HAS_RXH: tl.constexpr, BLOCK_E: tl.constexpr,
                             BLOCK_G: tl.constexpr, F64: tl.constexpr):
-    # program (tile of BLOCK_G groups, k): the groups on grid axis 0, which has no 65535 limit; tiles [BLOCK_E samples (n, s), BLOCK_G groups]. BLOCK_G = 1
+    # program (tile of BLOCK_G groups, k), tiles [BLOCK_E samples (n, s), BLOCK_G groups]. BLOCK_G = 1
     # when S is large (loads contiguous along s), > 1 for small S (contiguous along the groups)
-    k = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
-    jm = j < G
+    k, j, jm = _group_tile(G, BLOCK_G)
+    dt = tl.float64 if F64 else tl.float32
     NS = N * S
-    if F64:
-        dt = tl.float64
-    else:
-        dt = tl.float32
     a_rg = tl.zeros([BLOCK_E, BLOCK_G], dtype=dt)
     a_rgxh = tl.zeros([BLOCK_E, BLOCK_G], dtype=dt)
     a_grxh = tl.zeros([BLOCK_E, BLOCK_G], dtype=dt)
     a_g = tl.zeros([BLOCK_E, BLOCK_G], dtype=dt)
     a_gxh = tl.zeros([BLOCK_E, BLOCK_G], dtype=dt)
     for e0 in range(0, NS, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
-        n = (e // S)[:, None]
-        s = (e % S)[:, None]
-        m = (e < NS)[:, None] & jm[None, :]
-        ia = (n * G + j[None, :]) * S + s  # xh, g
-        ib = ((n * K + k) * G + j[None, :]) * S + s  # rg, rxh
+        m, ia, ib = _sample_tile(e0, k, j, jm, N, K, G, S, BLOCK_E)  # ia: xh, g; ib: rg, rxh
         x = tl.load(xh_ptr + ia, mask=m, other=0.0).to(dt)
         d = tl.load(g_ptr + ia, mask=m, other=0.0).to(dt)
         r = tl.load(rg_ptr + ib, mask=m, other=0.0).to(dt)
@@ -164,28 +176,17 @@ def _bn_eval_rop_fwd_kernel(rz_ptr, scale_ptr, xh_ptr, rgamma_ptr, rbeta_ptr, d1
                             HAS_DELTA: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, F64: tl.constexpr):
     # program (tile of BLOCK_G groups, k), tiles [BLOCK_E samples (n, s), BLOCK_G groups] as in
     # _bn_rop_bwd_sums_kernel; dot is accumulated from rz before it is overwritten
-    k = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
-    jm = j < G
+    k, j, jm = _group_tile(G, BLOCK_G)
+    dt = tl.float64 if F64 else tl.float32
     kg = k * G + j
-    NS = N * S
-    if F64:
-        dt = tl.float64
-    else:
-        dt = tl.float32
     a = tl.load(scale_ptr + j, mask=jm, other=0.0)[None, :]
     if HAS_XH:
         b = tl.load(rgamma_ptr + kg, mask=jm, other=0.0)[None, :]
     if HAS_RBETA:
         c = tl.load(rbeta_ptr + kg, mask=jm, other=0.0)[None, :]
     acc = tl.zeros([BLOCK_E, BLOCK_G], dtype=dt)
-    for e0 in range(0, NS, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
-        n = (e // S)[:, None]
-        s = (e % S)[:, None]
-        m = (e < NS)[:, None] & jm[None, :]
-        ia = (n * G + j[None, :]) * S + s  # xh, d1, delta
-        ib = ((n * K + k) * G + j[None, :]) * S + s  # rz
+    for e0 in range(0, N * S, BLOCK_E):
+        m, ia, ib = _sample_tile(e0, k, j, jm, N, K, G, S, BLOCK_E)  # ia: xh, d1, delta; ib: rz
         r = tl.load(rz_ptr + ib, mask=m, other=0.0)
         if HAS_DELTA:
             acc += r * tl.load(delta_ptr + ia, mask=m, other=0.0)
@@ -206,28 +207,17 @@ def _bn_eval_rop_bwd_kernel(rd_ptr, scale_ptr, xh_ptr, delta_ptr, crg_ptr, d1_pt
                             HAS_XH: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_D1: tl.constexpr,
                             INPUT_GRAD: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, F64: tl.constexpr):
     # program (tile of BLOCK_G groups, k) as in _bn_eval_rop_fwd_kernel; rd is only read without INPUT_GRAD
-    k = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
-    jm = j < G
+    k, j, jm = _group_tile(G, BLOCK_G)
+    dt = tl.float64 if F64 else tl.float32
     kg = k * G + j
-    NS = N * S
-    if F64:
-        dt = tl.float64
-    else:
-        dt = tl.float32
     if INPUT_GRAD:
         a = tl.load(scale_ptr + j, mask=jm, other=0.0)[None, :]
         if HAS_DELTA:
             c = tl.load(crg_ptr + kg, mask=jm, other=0.0)[None, :]
     a_u = tl.zeros([BLOCK_E, BLOCK_G], dtype=dt)
     a_uxh = tl.zeros([BLOCK_E, BLOCK_G], dtype=dt)
-    for e0 in range(0, NS, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
-        n = (e // S)[:, None]
-        s = (e % S)[:, None]
-        m = (e < NS)[:, None] & jm[None, :]
-        ia = (n * G + j[None, :]) * S + s  # xh, delta, d1
-        ib = ((n * K + k) * G + j[None, :]) * S + s  # rd
+    for e0 in range(0, N * S, BLOCK_E):
+        m, ia, ib = _sample_tile(e0, k, j, jm, N, K, G, S, BLOCK_E)  # ia: xh, delta, d1; ib: rd
         u = tl.load(rd_ptr + ib, mask=m, other=0.0)
         if HAS_D1:
             u *= tl.load(d1_ptr + ia, mask=m, other=0.0)
