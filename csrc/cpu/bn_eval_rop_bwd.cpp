@@ -13,8 +13,6 @@
 
 namespace {
 
-// Values per [N, G, S] operand in a tile of groups (16 KiB of float32).
-constexpr int64_t kTileValues = 4096;
 
 template <typename T>
 struct BwdArgs {
@@ -59,41 +57,36 @@ FC_ALWAYS_INLINE void bwd_segment(T* __restrict__ r, const T* __restrict__ x, co
 
 // Groups [g0, g1) of every (n, k) row; always inlined into its ISA variants (fc_pick_range).
 // Threads own blocks of groups: no partial sums to merge, and the order of the sums does not depend
-// on the number of threads. Tiles of groups keep xh, delta and d1 in L1 while every probe k reads them.
+// on the number of threads. Tiles of groups (fc_for_group_tiles) keep xh, delta and d1 in L1 while every
+// probe k reads them.
 template <typename T, bool XH, bool D1, bool IG, bool DL>
 FC_ALWAYS_INLINE void bwd_range(const BwdArgs<T>& p, int64_t g0, int64_t g1) {
   const int64_t G = p.G, S = p.S;
-  const int64_t tile = std::max<int64_t>(1, kTileValues / S);
-  for (int64_t n = 0; n < p.N; ++n) {
+  fc_for_group_tiles(p.N, p.K, S, g0, g1, [&](int64_t n, int64_t k, int64_t t0, int64_t t1) FC_LAMBDA_INLINE {
     const int64_t na = n * G * S;
-    for (int64_t t0 = g0; t0 < g1; t0 += tile) {
-      const int64_t t1 = std::min(g1, t0 + tile);
-      for (int64_t k = 0; k < p.K; ++k) {
-        T* r = p.rd + (n * p.K + k) * G * S;
-        double *u = p.su + k * G, *x = p.sx + k * G;
-        const T* cr = DL ? p.crg + k * G : nullptr;
-        if (S == 1) {  // BatchNorm1d: vectorize over the groups
-          for (int64_t g = t0; g < t1; ++g) {
-            T v = r[g];
-            if constexpr (D1) v *= p.d1[na + g];
-            u[g] += double(v);
-            if constexpr (XH) x[g] += double(v) * double(p.xh[na + g]);
-            if constexpr (IG) {
-              T o = p.scale[g] * v;
-              if constexpr (DL) o += cr[g] * p.de[na + g];
-              r[g] = o;
-            }
-          }
-          continue;
-        }
-        for (int64_t g = t0; g < t1; ++g) {
-          const int64_t off = na + g * S;
-          bwd_segment<T, XH, D1, IG, DL>(r + g * S, XH ? p.xh + off : nullptr, D1 ? p.d1 + off : nullptr, DL ? p.de + off : nullptr,
-                                         p.scale[g], DL ? cr[g] : T(0), S, u[g], x[g]);
+    T* r = p.rd + (n * p.K + k) * G * S;
+    double *u = p.su + k * G, *x = p.sx + k * G;
+    const T* cr = DL ? p.crg + k * G : nullptr;
+    if (S == 1) {  // BatchNorm1d: vectorize over the groups
+      for (int64_t g = t0; g < t1; ++g) {
+        T v = r[g];
+        if constexpr (D1) v *= p.d1[na + g];
+        u[g] += double(v);
+        if constexpr (XH) x[g] += double(v) * double(p.xh[na + g]);
+        if constexpr (IG) {
+          T o = p.scale[g] * v;
+          if constexpr (DL) o += cr[g] * p.de[na + g];
+          r[g] = o;
         }
       }
+      return;
     }
-  }
+    for (int64_t g = t0; g < t1; ++g) {
+      const int64_t off = na + g * S;
+      bwd_segment<T, XH, D1, IG, DL>(r + g * S, XH ? p.xh + off : nullptr, D1 ? p.d1 + off : nullptr, DL ? p.de + off : nullptr,
+                                     p.scale[g], DL ? cr[g] : T(0), S, u[g], x[g]);
+    }
+  });
 }
 
 

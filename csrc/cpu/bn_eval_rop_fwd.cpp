@@ -11,8 +11,6 @@
 
 namespace {
 
-// Values per [N, G, S] operand in a tile of groups (16 KiB of float32).
-constexpr int64_t kTileValues = 4096;
 
 template <typename T>
 struct FwdArgs {
@@ -53,42 +51,36 @@ FC_ALWAYS_INLINE void fwd_segment(T* __restrict__ r, const T* __restrict__ xh, c
 // Groups [g0, g1) of every (n, k) row: the flags say which optional inputs are given, so that the
 // inner loops carry no branches. Always inlined into its ISA variants (fc_pick_range). Threads own
 // blocks of groups (no partial sums to merge; the order of the sums does not depend on the number
-// of threads); each runs its groups in tiles whose xh, d1 and delta stay in L1 while every probe k
-// reads them.
+// of threads); each runs its groups in tiles (fc_for_group_tiles) whose xh, d1 and delta stay in L1
+// while every probe k reads them.
 template <typename T, bool XH, bool RB, bool D1, bool DL>
 FC_ALWAYS_INLINE void fwd_range(const FwdArgs<T>& p, int64_t g0, int64_t g1) {
   const int64_t G = p.G, S = p.S;
-  const int64_t tile = std::max<int64_t>(1, kTileValues / S);
-  for (int64_t n = 0; n < p.N; ++n) {
+  fc_for_group_tiles(p.N, p.K, S, g0, g1, [&](int64_t n, int64_t k, int64_t t0, int64_t t1) FC_LAMBDA_INLINE {
     const int64_t na = n * G * S;
-    for (int64_t t0 = g0; t0 < g1; t0 += tile) {
-      const int64_t t1 = std::min(g1, t0 + tile);
-      for (int64_t k = 0; k < p.K; ++k) {
-        T* r = p.rz + (n * p.K + k) * G * S;
-        const T* rga = XH ? p.rga + k * G : nullptr;
-        const T* rbe = RB ? p.rbe + k * G : nullptr;
-        double* dot = DL ? p.dot + k * G : nullptr;
-        if (S == 1) {  // BatchNorm1d: vectorize over the groups
-          for (int64_t g = t0; g < t1; ++g) {
-            const T v = r[g];
-            if constexpr (DL) dot[g] += double(v) * double(p.de[na + g]);
-            T o = p.scale[g] * v;
-            if constexpr (XH) o += rga[g] * p.xh[na + g];
-            if constexpr (RB) o += rbe[g];
-            if constexpr (D1) o *= p.d1[na + g];
-            r[g] = o;
-          }
-          continue;
-        }
-        double unused = 0;
-        for (int64_t g = t0; g < t1; ++g) {
-          const int64_t off = na + g * S;
-          fwd_segment<T, XH, RB, D1, DL>(r + g * S, XH ? p.xh + off : nullptr, D1 ? p.d1 + off : nullptr, DL ? p.de + off : nullptr,
-                                         p.scale[g], XH ? rga[g] : T(0), RB ? rbe[g] : T(0), S, DL ? dot[g] : unused);
-        }
+    T* r = p.rz + (n * p.K + k) * G * S;
+    const T* rga = XH ? p.rga + k * G : nullptr;
+    const T* rbe = RB ? p.rbe + k * G : nullptr;
+    double* dot = DL ? p.dot + k * G : nullptr;
+    if (S == 1) {  // BatchNorm1d: vectorize over the groups
+      for (int64_t g = t0; g < t1; ++g) {
+        const T v = r[g];
+        if constexpr (DL) dot[g] += double(v) * double(p.de[na + g]);
+        T o = p.scale[g] * v;
+        if constexpr (XH) o += rga[g] * p.xh[na + g];
+        if constexpr (RB) o += rbe[g];
+        if constexpr (D1) o *= p.d1[na + g];
+        r[g] = o;
       }
+      return;
     }
-  }
+    double unused = 0;
+    for (int64_t g = t0; g < t1; ++g) {
+      const int64_t off = na + g * S;
+      fwd_segment<T, XH, RB, D1, DL>(r + g * S, XH ? p.xh + off : nullptr, D1 ? p.d1 + off : nullptr, DL ? p.de + off : nullptr,
+                                     p.scale[g], XH ? rga[g] : T(0), RB ? rbe[g] : T(0), S, DL ? dot[g] : unused);
+    }
+  });
 }
 
 

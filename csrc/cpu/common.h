@@ -65,6 +65,20 @@ FC_ALWAYS_INLINE void fc_sum_and_dot(const T* u, const T* v, int64_t S, double& 
 // contiguous values per row and task.
 inline int64_t fc_group_grain(int64_t S) { return std::max<int64_t>(1, 64 / std::max<int64_t>(S, 1)); }
 
+// For every sample n < N, every tile [t0, t1) of the groups [g0, g1) of a [N, G, S] layout and every
+// probe k < K, in that order: body(n, k, t0, t1). A tile spans 4096 values of each [N, G, S] operand
+// (16 KiB of float32), which stay in L1 while the K probes' rows read them.
+template <typename F>
+FC_ALWAYS_INLINE void fc_for_group_tiles(int64_t N, int64_t K, int64_t S, int64_t g0, int64_t g1, const F& body) {
+  const int64_t tile = std::max<int64_t>(1, 4096 / S);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t t0 = g0; t0 < g1; t0 += tile) {
+      const int64_t t1 = std::min(g1, t0 + tile);
+      for (int64_t k = 0; k < K; ++k) body(n, k, t0, t1);
+    }
+  }
+}
+
 // Checks an optional operand against the tensor `ref` it is used with (CPU, same dtype, given sizes).
 inline void fc_check_operand(const char* op, const char* ref_name, const at::Tensor& ref, const char* name,
                              const std::optional<at::Tensor>& t, at::IntArrayRef sizes) {
