@@ -14,26 +14,22 @@
 namespace fastcurv_cuda {
 namespace {
 
-// Block layout as in bn_eval_rop_fwd.cu: [kThreads / bg, bg] threads, bg = 1 or 32 groups per block.
+// Block layout as in bn_eval_rop_fwd.cu (fc_group_thread).
 // out is rd itself with input_grad, else nullptr (rd is then only read).
 template <typename T>
 __global__ void bn_eval_rop_bwd_kernel(const T* rd, T* out, const T* __restrict__ scale, const T* __restrict__ xh,
                                        const T* __restrict__ delta, const T* __restrict__ crg, const T* __restrict__ d1,
                                        T* __restrict__ sum_u, T* __restrict__ sum_uxh, int64_t N, int64_t K, int64_t G,
                                        int64_t S, int bg) {
-  __shared__ T sh[2][kThreads];
-  const int be = kThreads / bg;
-  const int ei = threadIdx.x / bg;
-  const int64_t tiles = (G + bg - 1) / bg;
-  const int64_t k = blockIdx.x / tiles;
-  const int64_t j = (blockIdx.x % tiles) * bg + threadIdx.x % bg;
+  const FcGroupThread t = fc_group_thread(bg, G);
+  const int64_t k = t.k, j = t.j;
   const int64_t kg = k * G + j;
   const int64_t NS = N * S;
   T su = T(0), sx = T(0);
   if (j < G) {
     const T a = scale[j];
     const T c = delta != nullptr ? crg[kg] : T(0);
-    for (int64_t e = ei; e < NS; e += be) {
+    for (int64_t e = t.ei; e < NS; e += t.be) {
       const int64_t n = e / S, s = e % S;
       const int64_t ia = (n * G + j) * S + s;  // xh, delta, d1
       const int64_t ib = ((n * K + k) * G + j) * S + s;  // rd
@@ -44,19 +40,10 @@ __global__ void bn_eval_rop_bwd_kernel(const T* rd, T* out, const T* __restrict_
       if (out != nullptr) out[ib] = delta != nullptr ? a * u + c * delta[ia] : a * u;
     }
   }
-  sh[0][threadIdx.x] = su;
-  sh[1][threadIdx.x] = sx;
-  __syncthreads();
-  for (int stride = be / 2; stride > 0; stride >>= 1) {  // be is a power of two
-    if (ei < stride) {
-      sh[0][threadIdx.x] += sh[0][threadIdx.x + stride * bg];
-      sh[1][threadIdx.x] += sh[1][threadIdx.x + stride * bg];
-    }
-    __syncthreads();
-  }
-  if (ei != 0 || j >= G) return;
-  sum_u[kg] = sh[0][threadIdx.x];
-  if (sum_uxh != nullptr) sum_uxh[kg] = sh[1][threadIdx.x];
+  T sums[2] = {su, sx};
+  if (!fc_group_sum(sums, t, bg) || j >= G) return;
+  sum_u[kg] = sums[0];
+  if (sum_uxh != nullptr) sum_uxh[kg] = sums[1];
 }
 
 std::tuple<Tensor, Tensor> bn_eval_rop_bwd_cuda(Tensor rd, Tensor scale, std::optional<Tensor> xh, std::optional<Tensor> delta,

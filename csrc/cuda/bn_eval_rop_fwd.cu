@@ -12,20 +12,15 @@
 namespace fastcurv_cuda {
 namespace {
 
-// Block of kThreads threads as a [kThreads / bg, bg] grid, bg = 1 or 32 groups per block: thread t
-// handles group j = j0 + t % bg and the samples e = t / bg, t / bg + kThreads / bg, ... (e = n * S + s).
-// bg = 32 for small S, so that a warp reads consecutive groups (contiguous for BatchNorm1d).
+// One block per probe and group, or tile of 32 groups for small S: see fc_group_blocks and
+// fc_group_thread (common.cuh).
 template <typename T>
 __global__ void bn_eval_rop_fwd_kernel(T* __restrict__ rz, const T* __restrict__ scale, const T* __restrict__ xh,
                                        const T* __restrict__ rgamma, const T* __restrict__ rbeta, const T* __restrict__ d1,
                                        const T* __restrict__ delta, T* __restrict__ dot, int64_t N, int64_t K, int64_t G,
                                        int64_t S, int bg) {
-  __shared__ T sh[kThreads];
-  const int be = kThreads / bg;
-  const int ei = threadIdx.x / bg;
-  const int64_t tiles = (G + bg - 1) / bg;
-  const int64_t k = blockIdx.x / tiles;
-  const int64_t j = (blockIdx.x % tiles) * bg + threadIdx.x % bg;
+  const FcGroupThread t = fc_group_thread(bg, G);
+  const int64_t k = t.k, j = t.j;
   const int64_t kg = k * G + j;
   const int64_t NS = N * S;
   T acc = T(0);
@@ -33,7 +28,7 @@ __global__ void bn_eval_rop_fwd_kernel(T* __restrict__ rz, const T* __restrict__
     const T a = scale[j];
     const T b = xh != nullptr ? rgamma[kg] : T(0);
     const T c = rbeta != nullptr ? rbeta[kg] : T(0);
-    for (int64_t e = ei; e < NS; e += be) {
+    for (int64_t e = t.ei; e < NS; e += t.be) {
       const int64_t n = e / S, s = e % S;
       const int64_t ia = (n * G + j) * S + s;  // xh, d1, delta
       const int64_t ib = ((n * K + k) * G + j) * S + s;  // rz
@@ -46,14 +41,9 @@ __global__ void bn_eval_rop_fwd_kernel(T* __restrict__ rz, const T* __restrict__
       rz[ib] = o;
     }
   }
-  if (dot == nullptr) return;
-  sh[threadIdx.x] = acc;
-  __syncthreads();
-  for (int stride = be / 2; stride > 0; stride >>= 1) {  // be is a power of two
-    if (ei < stride) sh[threadIdx.x] += sh[threadIdx.x + stride * bg];
-    __syncthreads();
-  }
-  if (ei == 0 && j < G) dot[kg] = sh[threadIdx.x];
+  if (dot == nullptr) return;  // (the same in every thread of the block)
+  T sums[1] = {acc};
+  if (fc_group_sum(sums, t, bg) && j < G) dot[kg] = sums[0];
 }
 
 Tensor bn_eval_rop_fwd_cuda(Tensor rz, Tensor scale, std::optional<Tensor> xh, std::optional<Tensor> rgamma,

@@ -14,24 +14,19 @@
 namespace fastcurv_cuda {
 namespace {
 
-// Block of kThreads threads as a [kThreads / bg, bg] grid, bg = 1 or 32 groups per block: thread t
-// handles group j = j0 + t % bg and the samples e = t / bg, t / bg + kThreads / bg, ... (e = n * S + s).
-// bg = 32 for small S, so that a warp reads consecutive groups (contiguous for BatchNorm1d).
+// One block per probe and group, or tile of 32 groups for small S: see fc_group_blocks and
+// fc_group_thread (common.cuh).
 template <typename T>
 __global__ void bn_rop_bwd_sums(const T* __restrict__ xh, const T* __restrict__ g, const T* __restrict__ rg,
                                 const T* __restrict__ rxh, const T* __restrict__ inv, const T* __restrict__ gamma,
                                 const T* __restrict__ rgamma, const T* __restrict__ m2, T* __restrict__ coef, int64_t N,
                                 int64_t K, int64_t G, int64_t S, int bg) {
-  __shared__ T sh[5][kThreads];
-  const int be = kThreads / bg;
-  const int ei = threadIdx.x / bg;
-  const int64_t tiles = (G + bg - 1) / bg;
-  const int64_t k = blockIdx.x / tiles;
-  const int64_t j = (blockIdx.x % tiles) * bg + threadIdx.x % bg;
+  const FcGroupThread t = fc_group_thread(bg, G);
+  const int64_t k = t.k, j = t.j;
   const int64_t NS = N * S;
   T acc[5] = {T(0), T(0), T(0), T(0), T(0)};  // sum rg, rg*xh, g*rxh, g, g*xh
   if (j < G) {
-    for (int64_t e = ei; e < NS; e += be) {
+    for (int64_t e = t.ei; e < NS; e += t.be) {
       const int64_t n = e / S, s = e % S;
       const int64_t a = (n * G + j) * S + s;            // xh, g
       const int64_t b = ((n * K + k) * G + j) * S + s;  // rg, rxh
@@ -43,19 +38,11 @@ __global__ void bn_rop_bwd_sums(const T* __restrict__ xh, const T* __restrict__ 
       acc[4] += d * x;
     }
   }
-  for (int q = 0; q < 5; ++q) sh[q][threadIdx.x] = acc[q];
-  __syncthreads();
-  for (int stride = be / 2; stride > 0; stride >>= 1) {  // be is a power of two
-    if (ei < stride) {
-      for (int q = 0; q < 5; ++q) sh[q][threadIdx.x] += sh[q][threadIdx.x + stride * bg];
-    }
-    __syncthreads();
-  }
-  if (ei != 0 || j >= G) return;
+  if (!fc_group_sum(acc, t, bg) || j >= G) return;
   const int64_t kg = k * G + j;
   const T count = T(NS);
-  const T mean_rg = sh[0][threadIdx.x] / count, mean_rgxh = sh[1][threadIdx.x] / count, mean_grxh = sh[2][threadIdx.x] / count;
-  const T mean_g = sh[3][threadIdx.x] / count, mean_gxh = sh[4][threadIdx.x] / count;
+  const T mean_rg = acc[0] / count, mean_rgxh = acc[1] / count, mean_grxh = acc[2] / count;
+  const T mean_g = acc[3] / count, mean_gxh = acc[4] / count;
   const T gam = gamma != nullptr ? gamma[j] : T(1);
   const T rgam = rgamma != nullptr ? rgamma[kg] : T(0);
   const T mm = m2 != nullptr ? m2[kg] : T(0);

@@ -130,6 +130,36 @@ inline std::pair<int, int64_t> fc_group_blocks(const char* op, int64_t K, int64_
   return {bg, blocks};
 }
 
+// A thread of such a block: the block's threads form a [kThreads / bg, bg] grid; this one handles
+// group j of probe k and its samples e = ei, ei + be, ... (e = n * S + s).
+struct FcGroupThread {
+  int be, ei;
+  int64_t k, j;
+};
+__device__ __forceinline__ FcGroupThread fc_group_thread(int bg, int64_t G) {
+  const int64_t tiles = (G + bg - 1) / bg;
+  return {kThreads / bg, static_cast<int>(threadIdx.x) / bg, static_cast<int64_t>(blockIdx.x) / tiles,
+          (static_cast<int64_t>(blockIdx.x) % tiles) * bg + threadIdx.x % bg};
+}
+
+// Sums each of the Q values acc over the be threads of the thread's group (a tree in shared memory;
+// every thread of the block must call it). Returns true in the group's thread ei == 0, whose acc
+// then holds the totals.
+template <typename T, int Q>
+__device__ __forceinline__ bool fc_group_sum(T (&acc)[Q], const FcGroupThread& t, int bg) {
+  __shared__ T sh[Q][kThreads];
+  for (int q = 0; q < Q; ++q) sh[q][threadIdx.x] = acc[q];
+  __syncthreads();
+  for (int stride = t.be / 2; stride > 0; stride >>= 1) {  // be is a power of two
+    if (t.ei < stride) {
+      for (int q = 0; q < Q; ++q) sh[q][threadIdx.x] += sh[q][threadIdx.x + stride * bg];
+    }
+    __syncthreads();
+  }
+  for (int q = 0; q < Q; ++q) acc[q] = sh[q][threadIdx.x];
+  return t.ei == 0;
+}
+
 // Activation kinds: keep in sync with csrc/cpu/activation.h and src/fastcurv/ops/activation.py.
 enum FcActivationCuda : int64_t { FCC_IDENTITY = 0, FCC_RELU = 1, FCC_LEAKY_RELU = 2, FCC_TANH = 3, FCC_SIGMOID = 4, FCC_GELU = 5 };
 
