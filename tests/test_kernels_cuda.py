@@ -1,9 +1,10 @@
 """CUDA kernels of the element-wise ops (csrc/cuda/*.cu, stable ABI).
 
 Without a GPU: the extension must load into this (possibly CPU-only) torch and register a CUDA
-kernel for every op. With a GPU (``gpu`` marker): each CUDA op against its torch reference, next to
+kernel for every op (every csrc/cuda file). With a GPU (``gpu`` marker): each CUDA op against its torch reference, next to
 the C++ CPU op, in the same parametrised test (devices/impls that are available here).
 """
+import glob
 import os
 
 import pytest
@@ -28,17 +29,25 @@ DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
 
 
+# every op with a CUDA source file (one op per file)
+ALL_CUDA_OPS = sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "*.cu")))
+
+
 def _must_have_cuda_ext() -> bool:
-    return bool(os.environ.get("CI")) or os.environ.get("FASTCURV_CUDA") == "1"
+    built = glob.glob(os.path.join(os.path.dirname(fastcurv.__file__), "_cuda*.so"))
+    return bool(built) or bool(os.environ.get("CI")) or os.environ.get("FASTCURV_CUDA") == "1"
 
 
 def test_cuda_kernels_registered():
+    """fastcurv._cuda loads (it must in CI, with FASTCURV_CUDA=1, or where it was built) and registers a
+    CUDA kernel for every op in csrc/cuda."""
+    assert {"softmax_ce_hvp", "bn_eval_rop_fwd", "agreement_counts"} <= set(ALL_CUDA_OPS), ALL_CUDA_OPS
     if not fastcurv.cuda_extension_loaded():
         msg = f"fastcurv._cuda did not load: {_ext.extension_error('_cuda')}"
         if _must_have_cuda_ext():
             pytest.fail(msg)
         pytest.skip(msg)
-    for op in CUDA_OPS:
+    for op in ALL_CUDA_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcurv::{op}", "CUDA"), op
         assert _ext.has_kernel(op, "cuda"), op
 
