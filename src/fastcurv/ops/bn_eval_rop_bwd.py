@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ._checks import check_like, check_shapes
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -41,18 +42,10 @@ def check_bn_eval_rop_bwd_inputs(rd, scale, xh=None, delta=None, crg=None, d1=No
         raise ValueError(f"{op}: scale must be [G] = [{G}], got {tuple(scale.shape)}")
     if (delta is None) != (crg is None):
         raise ValueError(f"{op}: delta and crg must be given together (affine BatchNorm) or both be None")
-    for name, t, want in (("xh", xh, (N, G, S)), ("delta", delta, (N, G, S)), ("d1", d1, (N, G, S)), ("crg", crg, (K, G))):
-        if t is not None and t.shape != want:
-            raise ValueError(f"{op}: {name} must be {list(want)}, got {tuple(t.shape)}")
+    check_shapes(op, (("xh", xh, (N, G, S)), ("delta", delta, (N, G, S)), ("d1", d1, (N, G, S)), ("crg", crg, (K, G))))
     if rd.dtype not in _FLOATS:
         raise TypeError(f"{op}: float32 or float64 tensors required, got rd of dtype {rd.dtype}")
-    for name, t in dict(scale=scale, xh=xh, delta=delta, crg=crg, d1=d1).items():
-        if t is None:
-            continue
-        if t.dtype != rd.dtype:
-            raise TypeError(f"{op}: dtype mismatch, {name} is {t.dtype} but rd is {rd.dtype}")
-        if t.device != rd.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but rd is on {rd.device}")
+    check_like(op, "rd", rd, dict(scale=scale, xh=xh, delta=delta, crg=crg, d1=d1))
     return N, K, G, S
 
 

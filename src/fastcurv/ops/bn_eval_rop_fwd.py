@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ._checks import check_like, check_shapes
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -40,19 +41,11 @@ def check_bn_eval_rop_fwd_inputs(rz, scale, xh=None, rgamma=None, rbeta=None, d1
         raise ValueError(f"{op}: scale must be [G] = [{G}], got {tuple(scale.shape)}")
     if (xh is None) != (rgamma is None):
         raise ValueError(f"{op}: xh and rgamma must be given together (affine BatchNorm) or both be None")
-    for name, t, want in (("xh", xh, (N, G, S)), ("d1", d1, (N, G, S)), ("delta", delta, (N, G, S)),
-                          ("rgamma", rgamma, (K, G)), ("rbeta", rbeta, (K, G))):
-        if t is not None and t.shape != want:
-            raise ValueError(f"{op}: {name} must be {list(want)}, got {tuple(t.shape)}")
+    check_shapes(op, (("xh", xh, (N, G, S)), ("d1", d1, (N, G, S)), ("delta", delta, (N, G, S)),
+                      ("rgamma", rgamma, (K, G)), ("rbeta", rbeta, (K, G))))
     if rz.dtype not in _FLOATS:
         raise TypeError(f"{op}: float32 or float64 tensors required, got rz of dtype {rz.dtype}")
-    for name, t in dict(scale=scale, xh=xh, rgamma=rgamma, rbeta=rbeta, d1=d1, delta=delta).items():
-        if t is None:
-            continue
-        if t.dtype != rz.dtype:
-            raise TypeError(f"{op}: dtype mismatch, {name} is {t.dtype} but rz is {rz.dtype}")
-        if t.device != rz.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but rz is on {rz.device}")
+    check_like(op, "rz", rz, dict(scale=scale, xh=xh, rgamma=rgamma, rbeta=rbeta, d1=d1, delta=delta))
     return N, K, G, S
 
 

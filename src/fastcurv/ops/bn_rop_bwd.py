@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ._checks import check_like
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -57,14 +58,7 @@ def check_bn_rop_bwd_inputs(xh, g, rg, inv, gamma=None, rgamma=None, rxh=None, m
             raise ValueError(f"{op}: m2 must be [K, G] = [{K}, {G}], got {tuple(m2.shape)}")
     if xh.dtype not in _FLOATS:
         raise TypeError(f"{op}: floating-point tensors required, got xh of dtype {xh.dtype}")
-    named = dict(g=g, rg=rg, inv=inv, gamma=gamma, rgamma=rgamma, rxh=rxh, m2=m2)
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.dtype != xh.dtype:
-            raise TypeError(f"{op}: dtype mismatch, {name} is {t.dtype} but xh is {xh.dtype}")
-        if t.device != xh.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but xh is on {xh.device}")
+    check_like(op, "xh", xh, dict(g=g, rg=rg, inv=inv, gamma=gamma, rgamma=rgamma, rxh=rxh, m2=m2))
     return N, K, G, S
 
 
