@@ -29,6 +29,14 @@ TORCH_LIBRARY(fastcurv, m) {
   // input_grad, rd <- scale[g]*u + crg[k,g]*delta in place. xh, delta, d1 [N, G, S]; scale [G]; crg [K, G];
   // delta and crg both or neither.
   m.def("bn_eval_rop_bwd(Tensor(a!) rd, Tensor scale, Tensor? xh, Tensor? delta, Tensor? crg, Tensor? d1, bool input_grad) -> (Tensor, Tensor)");
+  // Hessian-vector product through a network's last Linear layer and its loss (CPU), K probes per replica:
+  // a [R, N, I] the layer's input, ra [R, N, K, I] its tangent, weight [R, O, I], dweight [R, K, O, I] and
+  // dbias [R, K, O] the probe's blocks, delta [R, N, O] the loss gradient w.r.t. the outputs, probs [R, N, O]
+  // softmax probabilities (cross-entropy; None: squared error), d1 [R, N, I] the derivative of a piecewise-
+  // linear activation before the layer (or None). rz = a dW^T + ra W^T + db; rd = scale*p*(rz - <p, rz>)
+  // (scale*rz without probs); out_w [R, K, O, I] = rd^T a + delta^T ra, out_b [R, K, O] = sum_n rd (written,
+  // or added with accumulate); returns the input R-gradient [R, N, K, I] = (rd W + delta dW) * d1.
+  m.def("head_hvp(Tensor a, Tensor ra, Tensor weight, Tensor dweight, Tensor? dbias, Tensor? probs, Tensor delta, float scale, Tensor? d1, Tensor(a!) out_w, Tensor(b!)? out_b, bool accumulate) -> Tensor");
   // Exact pairwise agreement counts between integer predictions preds[R, M]: out[i,j] = #{m : preds[i,m] == preds[j,m]}.
   m.def("agreement_counts(Tensor preds) -> Tensor");
   // Linear layer on CSR input rows, R replicas: X [N, in] as (indptr [N+1] int64, indices [nnz] int32 in
@@ -36,6 +44,9 @@ TORCH_LIBRARY(fastcurv, m) {
   // W^T [R, in, out] with weight_t (rows contiguous, any replica stride); bias [R, out].
   // Returns z [R, B, out] = X[rows[r]] @ W[r]^T + bias[r].
   m.def("csr_linear(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight, Tensor? bias, bool weight_t) -> Tensor");
+  // The same z written into out ([R, B, out], or z^T [R, out, B] with out_t; rows contiguous, any replica
+  // stride), or added to it with accumulate (then without bias).
+  m.def("csr_linear_out(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight, Tensor? bias, bool weight_t, Tensor(a!) out, bool out_t, bool accumulate) -> ()");
   // Its weight gradient X[rows[r]]^T @ grad[r] (grad [R, B, out]) written into out, W-shaped [R, out, in] or
   // with out_t W^T-shaped [R, in, out]; accumulate adds it to out instead of overwriting.
   m.def("csr_linear_wgrad(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor grad, Tensor(a!) out, bool out_t, bool accumulate) -> ()");

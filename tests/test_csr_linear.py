@@ -4,7 +4,7 @@ import torch
 
 import fastcurv
 from fastcurv.ops.csr_linear import (CsrRows, csr_linear, csr_linear_reference, csr_linear_wgrad,
-                                     csr_linear_wgrad_reference)
+                                     csr_linear_wgrad_reference, csr_linear_wgrad_shared)
 
 needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
 
@@ -34,6 +34,10 @@ def test_csr_rows_round_trip_and_density():
     torch.testing.assert_close(CsrRows.from_dense(img).to_dense(), x, rtol=0, atol=0)
     with pytest.raises(TypeError, match="floating-point"):
         CsrRows.from_dense(x.long())
+    xt = X.transpose()  # the columns; x has an empty row (an empty column of x^T)
+    assert xt.num_rows == 11 and xt.in_features == 9 and xt.indices.dtype == torch.int32
+    torch.testing.assert_close(xt.to_dense(), x.t(), rtol=0, atol=0)
+    torch.testing.assert_close(xt.transpose().to_dense(), x, rtol=0, atol=0)
 
 
 def _layouts(w):
@@ -53,7 +57,8 @@ def _layouts(w):
 def test_kernels_match_dense_products(shape, level, dtype, monkeypatch):
     """Every vector variant (FASTCURV_CPU_LEVEL caps the one picked), every tile path, both weight
     layouts and a replica stride, with and without bias, overwriting and accumulating gradients,
-    per-replica and shared (stride-0) rows, against float64 dense products. "blocked": more input
+    per-replica and shared (stride-0) rows (and for those the weight gradient from the minibatch's
+    transpose, csr_linear_wgrad_shared), against float64 dense products. "blocked": more input
     columns than one block of every variant (kBlockBytes) and more minibatch rows than one chunk
     (kRowChunk), with widths whose tiles are used in place and ones gathered into scratch."""
     monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
@@ -90,6 +95,14 @@ def test_kernels_match_dense_products(shape, level, dtype, monkeypatch):
                 assert got is buf
                 torch.testing.assert_close(buf.double(), want_g, **tol, msg=name)
                 torch.testing.assert_close(acc.double(), start.double() + want_g, **tol, msg=name)
+                if rr is shared:
+                    Xt = CsrRows.from_dense(x[shared[0]]).transpose()
+                    buf, acc = _layouts(torch.full_like(w, float("nan")))[name], _layouts(start.clone())[name]
+                    with fastcurv.use_kernels("ext"):
+                        assert csr_linear_wgrad_shared(Xt, grad, out=buf) is buf
+                        csr_linear_wgrad_shared(Xt, grad, out=acc, accumulate=True)
+                    torch.testing.assert_close(buf.double(), want_g, **tol, msg=f"shared, {name}")
+                    torch.testing.assert_close(acc.double(), start.double() + want_g, **tol, msg=f"shared, {name}")
 
 
 @needs_ext
@@ -106,6 +119,12 @@ def test_references_agree_with_kernels():
     torch.testing.assert_close(zr, csr_linear_reference(X, rows, w))
     torch.testing.assert_close(gw, gr)
     torch.testing.assert_close(gr, csr_linear_wgrad_reference(X, rows, grad))
+    Xt, shared = CsrRows.from_dense(x[rows[0]]).transpose(), rows[0].expand(2, 5)
+    with fastcurv.use_kernels("ext"):
+        gs = csr_linear_wgrad_shared(Xt, grad)
+    with fastcurv.use_kernels("torch"):
+        torch.testing.assert_close(gs, csr_linear_wgrad_shared(Xt, grad))
+    torch.testing.assert_close(gs, csr_linear_wgrad_reference(X, shared, grad))
     # an out whose rows are not contiguous in either orientation takes the reference path
     odd = torch.zeros(2, 12, 34, dtype=torch.float64)[:, ::2, ::2]
     with fastcurv.use_kernels("ext"):
@@ -130,6 +149,13 @@ def test_bad_inputs_are_named():
         with pytest.raises(RuntimeError, match=r"out must be \[R, 4, in\]"):
             ops.csr_linear_wgrad(X.indptr, X.indices, X.values, rows, torch.randn(2, 3, 4), torch.empty(2, 3, 5),
                                  False, False)
+        with pytest.raises(RuntimeError, match="a bias cannot be accumulated"):
+            ops.csr_linear_out(X.indptr, X.indices, X.values, rows, w, torch.randn(2, 4), False, torch.empty(2, 3, 4),
+                               False, True)
+        with pytest.raises(RuntimeError, match=r"out must be \[R, out, B\] = \[2, 4, 3\]"):
+            ops.csr_linear_out(X.indptr, X.indices, X.values, rows, w, None, False, torch.empty(2, 3, 4), True, False)
+        with pytest.raises(ValueError, match="grad must be"):
+            csr_linear_wgrad_shared(X.transpose(), torch.randn(2, 3, 4))
     with pytest.raises(TypeError, match="float32 values but the layer is torch.float64"):
         csr_linear(X, rows, w.double())
     with pytest.raises(ValueError, match=r"int64 \[R, B\] table"):

@@ -184,3 +184,44 @@ def test_fused_sparse_input_against_dense(K, act):
     assert [sparse.backend._primal(*b, None).csr is not None for b in batches] == [True, True, False]
     assert dense.backend._primal(*batches[0], None).csr is None
     _same_as_plain_engine(sparse, dense, models, batches, K, gen, exact_trace=act is nn.ReLU)
+
+
+@pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("before", ["relu", "linear", "tanh"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_fused_head_kernel_against_dense(K, before, loss, monkeypatch):
+    """The last Linear layer and the loss run in the head_hvp kernel, with the ReLU before it folded
+    in (or a Linear or Tanh before it, whose R-ops the engine keeps): two batches (accumulated),
+    replica subsets in chunks of one, against dense Hessians and the engine with fused_head=False."""
+    import fastcurv.backends.fused as fused_mod
+
+    mid = {"relu": nn.ReLU(), "linear": nn.Identity(), "tanh": nn.Tanh()}[before]
+    models = replicas(lambda: nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 5), mid, nn.Linear(5, 4)), R=3)
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(30, 7, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (30,), generator=gen) if loss == "cross_entropy" else torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    batches = [(x[:17], y[:17]), (x[17:], y[17:])]
+    calls = []
+    monkeypatch.setattr(fused_mod, "head_hvp", lambda *a, **kw: calls.append(kw["d1"] is not None) or fastcurv.ops.head_hvp(*a, **kw))
+    head = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, backend_options={"chunk_bytes": 1})
+    gemm = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, backend_options={"fused_head": False})
+    assert head.backend.fused_head and not gemm.backend.fused_head
+    V = torch.randn(3, K, head.P, generator=gen, dtype=torch.float64)
+    HV = head.matvec(V)
+    assert len(calls) == 3 * 2 and set(calls) == {before == "relu"}  # 3 chunks x 2 batches
+    torch.testing.assert_close(HV, gemm.matvec(V), rtol=1e-10, atol=1e-13)
+    for r in range(3):
+        torch.testing.assert_close(HV[r], V[r] @ dense_hessian(models[r], batches, loss=loss).T, rtol=1e-9, atol=1e-12)
+    idx = torch.tensor([2, 0])
+    torch.testing.assert_close(head.matvec(V[idx], idx=idx), HV[idx], rtol=1e-12, atol=1e-14)
+
+
+def test_fused_head_applies_only_to_small_last_linears():
+    wide = replicas(lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 40)), R=2)
+    single = replicas(lambda: nn.Sequential(nn.Linear(4, 3)), R=2)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    for models in (wide, single):  # 40 outputs > HEAD_MAX_OUTPUTS; the head is the first layer
+        op = fastcurv.HessianOperator(models, (x, torch.randn(6, models[0][-1].out_features, dtype=torch.float64)),
+                                      backend="fused", loss="mse")
+        assert not op.backend.fused_head

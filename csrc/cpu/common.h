@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <cstdlib>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #define FC_ALWAYS_INLINE inline __attribute__((always_inline))
 // Lambdas are inlined too, so that their loops are compiled for the caller's target (AVX2/AVX-512).
@@ -19,6 +21,36 @@ inline void fc_parallel_rows(int64_t outer, int64_t inner, const F& f) {
   at::parallel_for(0, outer, grain, f);
 }
 
+
+// BYTES-wide vectors of GCC's vector extension, allowed at any element-aligned address. The helpers
+// are always inlined, so the ABI of returning a vector never matters (hence no -Wpsabi notes).
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename S, int BYTES>
+struct FcLanes {
+  typedef S V __attribute__((vector_size(BYTES), aligned(sizeof(S))));
+  static constexpr int kWidth = BYTES / sizeof(S);
+  static FC_ALWAYS_INLINE V load(const S* p) { return *reinterpret_cast<const V*>(p); }
+  static FC_ALWAYS_INLINE void store(S* p, V v) { *reinterpret_cast<V*>(p) = v; }
+  static FC_ALWAYS_INLINE V zero() { return V{}; }
+  static FC_ALWAYS_INLINE V splat(S s) { return V{} + s; }
+  static FC_ALWAYS_INLINE S sum(V v) {
+    S t = 0;
+    for (int l = 0; l < kWidth; ++l) t += v[l];
+    return t;
+  }
+};
+
+// A per-thread buffer of at least n elements (reused across calls; SLOT tells apart buffers in use
+// at once), 64-byte aligned: rows of a tile start on cache lines, so a 64-byte vector access never
+// straddles two (with std::vector's 16-byte alignment csr_linear's weight gradient ran 1.6x slower).
+template <typename S, int SLOT>
+S* fc_scratch(int64_t n) {
+  thread_local std::vector<S> buf;
+  constexpr int64_t pad = 64 / sizeof(S);
+  if (static_cast<int64_t>(buf.size()) < n + pad) buf.resize(static_cast<size_t>(n + pad));
+  const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
+  return reinterpret_cast<S*>((addr + 63) & ~std::uintptr_t(63));
+}
 
 // sum_s u[s] * v[s]: in T over 16 independent lanes (vectorizes, and breaks the add latency
 // chain), returned in double for the caller's totals over many segments.
@@ -164,5 +196,16 @@ FcRangeFn<A> fc_pick_range() {
   return fc_pick<FcRangeFn<A>>(&fc_range_avx512<F, A>, &fc_range_avx2<F, A>, &fc_range_base<F, A>);
 #else
   return &fc_range_base<F, A>;
+#endif
+}
+// The same with one range function per vector width, for kernels written with FcLanes: F64 (64-byte
+// vectors) for AVX-512, F32 for AVX2, F16 for the baseline (wider GCC vectors than the target has are
+// split into several registers, which for AVX2 ran a 64-byte kernel 7x slower).
+template <auto F64, auto F32, auto F16, typename A>
+FcRangeFn<A> fc_pick_range_widths() {
+#ifdef FC_HAVE_X86_VARIANTS
+  return fc_pick<FcRangeFn<A>>(&fc_range_avx512<F64, A>, &fc_range_avx2<F32, A>, &fc_range_base<F16, A>);
+#else
+  return &fc_range_base<F16, A>;
 #endif
 }

@@ -26,18 +26,6 @@
 
 namespace {
 
-// The vector helpers are always inlined, so the ABI of returning a vector never matters.
-#pragma GCC diagnostic ignored "-Wpsabi"
-// BYTES-wide vectors of GCC's vector extension, allowed at any element-aligned address.
-template <typename S, int BYTES>
-struct Lanes {
-  typedef S V __attribute__((vector_size(BYTES), aligned(sizeof(S))));
-  static constexpr int kWidth = BYTES / sizeof(S);
-  static FC_ALWAYS_INLINE V load(const S* p) { return *reinterpret_cast<const V*>(p); }
-  static FC_ALWAYS_INLINE V zero() { return V{}; }
-  static FC_ALWAYS_INLINE V splat(S s) { return V{} + s; }
-};
-
 // The nonzeros k in [k, kend) of one CSR row whose column is below i1 (columns ascend within a
 // row): z (NV vectors in memory) += v_k * w[idx_k]; k moves past them. z is loaded and stored
 // only if there are any.
@@ -45,7 +33,7 @@ template <typename S, int BYTES, int NV>
 FC_ALWAYS_INLINE void fwd_block(const int32_t* idx, const S* val, int64_t& k, int64_t kend, int64_t i1, const S* w,
                                 int64_t ldw, S* z) {
   if (k == kend || idx[k] >= i1) return;
-  using L = Lanes<S, BYTES>;
+  using L = FcLanes<S, BYTES>;
   using V = typename L::V;
   V* zv = reinterpret_cast<V*>(z);
   V acc[NV];
@@ -66,7 +54,7 @@ template <typename S, int BYTES, int NV>
 FC_ALWAYS_INLINE void wgrad_block(const int32_t* idx, const S* val, int64_t& k, int64_t kend, int64_t i1, const S* g,
                                   S* o, int64_t ldo) {
   if (k == kend || idx[k] >= i1) return;
-  using L = Lanes<S, BYTES>;
+  using L = FcLanes<S, BYTES>;
   using V = typename L::V;
   V gv[NV];
   const V* gp = reinterpret_cast<const V*>(g);
@@ -99,23 +87,11 @@ struct Args {
   int64_t src_rs;  // replica stride of src
   bool src_t;      // fwd: src holds W^T
   const S* bias;   // fwd only, may be null: [R, out] (contiguous)
-  S* dst;          // fwd: z [R, B, out] (contiguous); wgrad: the weight gradient
-  int64_t dst_rs;  // wgrad: replica stride of dst
-  bool dst_t;      // wgrad: dst holds the gradient of W^T
-  bool accumulate; // wgrad: add to dst instead of overwriting it
+  S* dst;          // fwd: z [R, B, out], or z^T [R, out, B] with dst_t; wgrad: the weight gradient
+  int64_t dst_rs;  // replica stride of dst (fwd: B * out unless dst_t)
+  bool dst_t;      // fwd: dst holds z^T; wgrad: dst holds the gradient of W^T
+  bool accumulate; // add to dst instead of overwriting it
 };
-
-// A per-thread buffer of at least n elements (reused across calls; SLOT tells apart buffers in use
-// at once), 64-byte aligned: rows of a tile start on cache lines, so a 64-byte vector access never
-// straddles two (with std::vector's 16-byte alignment the weight gradient ran 1.6x slower).
-template <typename S, int SLOT>
-S* scratch(int64_t n) {
-  thread_local std::vector<S> buf;
-  constexpr int64_t pad = 64 / sizeof(S);
-  if (static_cast<int64_t>(buf.size()) < n + pad) buf.resize(static_cast<size_t>(n + pad));
-  const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
-  return reinterpret_cast<S*>((addr + 63) & ~std::uintptr_t(63));
-}
 
 // b[j * ldb + i] (+)= a[i * lda + j] for i < rows, j < cols: 16 rows of b at a time, each written
 // front to back. (Scalar: it moves in * out numbers per replica against nnz * out multiply-adds.)
@@ -154,7 +130,7 @@ FC_ALWAYS_INLINE void transpose(const S* a, int64_t lda, S* b, int64_t ldb, int6
 // scratch first (the minibatch rows' tiles only when read in more than two blocks), as their long,
 // often power-of-two strides would map them onto few cache sets.
 template <typename S, int BYTES>
-constexpr int64_t kTileCols = 8 * Lanes<S, BYTES>::kWidth;
+constexpr int64_t kTileCols = 8 * FcLanes<S, BYTES>::kWidth;
 // A block spans the rows of kBlockBytes of the tile's storage (rows of stride ldt: where ldt is
 // wider than the tile, its rows fill only some of L1's cache sets, so fewer of them fit). Measured
 // on Zen 4 (48 KiB L1, 1 MiB L2) over 32-128 KiB, at training (64 rows) and Hessian (1000 rows)
@@ -195,10 +171,10 @@ FC_ALWAYS_INLINE void copy_rows(const S* a, int64_t lda, S* b, int64_t ldb, int6
 template <typename S, int BYTES, bool FWD>
 FC_ALWAYS_INLINE void blocked(const Args<S>& a, int64_t r, int64_t b0, int64_t b1, S* tile, int64_t ldt, S* rowt,
                               int64_t ldr, int64_t nc) {
-  constexpr int W = Lanes<S, BYTES>::kWidth;
+  constexpr int W = FcLanes<S, BYTES>::kWidth;
   const int64_t BI = block_rows<S, BYTES>(ldt);
   const int64_t n = b1 - b0;
-  int64_t* cur = scratch<int64_t, 0>(2 * n);  // per row: next nonzero, end of the row
+  int64_t* cur = fc_scratch<int64_t, 0>(2 * n);  // per row: next nonzero, end of the row
   auto run = [&](auto nv, int64_t c) FC_LAMBDA_INLINE {
     constexpr int NV = decltype(nv)::value;
     for (int64_t b = 0; b < n; ++b) {
@@ -242,26 +218,34 @@ FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t 
     S* wt = w + c0;
     int64_t ldw = a.out;
     if (!a.src_t || !in_place) {
-      wt = scratch<S, 0>(a.in * tw), ldw = tw;
+      wt = fc_scratch<S, 0>(a.in * tw), ldw = tw;
       if (a.src_t)
         copy_rows<S>(w + c0, a.out, wt, tw, a.in, tw, false);
       else
         transpose<S>(w + c0 * a.in, a.in, wt, tw, tw, a.in, false);
     }
-    const bool gather = gather_rows<S, BYTES>(a, ldw);
+    // z^T is written through a row tile too, transposed from there
+    const bool gather = a.dst_t || gather_rows<S, BYTES>(a, ldw);
     for (int64_t s0 = b0; s0 < b1; s0 += kRowChunk) {
       const int64_t s1 = std::min(b1, s0 + kRowChunk);
-      S* z = a.dst + (r * a.B + s0) * a.out + c0;
-      S* zt = gather ? scratch<S, 1>(kRowChunk * tw) : z;
+      S* z = a.dst_t ? a.dst + r * a.dst_rs + c0 * a.B + s0 : a.dst + r * a.dst_rs + s0 * a.out + c0;
+      S* zt = gather ? fc_scratch<S, 1>(kRowChunk * tw) : z;
       const int64_t ldz = gather ? tw : a.out;
+      const bool from_z = a.accumulate && !a.dst_t;  // z^T is added to in the transpose
       for (int64_t b = 0; b < s1 - s0; ++b) {
-        if (a.bias)
+        if (from_z) {
+          if (gather) std::memcpy(zt + b * ldz, z + b * a.out, sizeof(S) * tw);
+        } else if (a.bias) {
           std::memcpy(zt + b * ldz, a.bias + r * a.out + c0, sizeof(S) * tw);
-        else
+        } else {
           std::memset(zt + b * ldz, 0, sizeof(S) * tw);
+        }
       }
       blocked<S, BYTES, true>(a, r, s0, s1, wt, ldw, zt, ldz, tw);
-      if (gather) copy_rows<S>(zt, tw, z, a.out, s1 - s0, tw, false);
+      if (a.dst_t)
+        transpose<S>(zt, tw, z, a.B, s1 - s0, tw, a.accumulate);
+      else if (gather)
+        copy_rows<S>(zt, tw, z, a.out, s1 - s0, tw, false);
     }
   }
 }
@@ -284,7 +268,7 @@ FC_ALWAYS_INLINE void wgrad_item(const Args<S>& a, int64_t r, int64_t c0, int64_
       if (!a.accumulate)
         for (int64_t j = 0; j < a.in; ++j) std::memset(ot + j * ldo, 0, sizeof(S) * tw);
     } else {
-      ot = scratch<S, 0>(a.in * tw), ldo = tw;
+      ot = fc_scratch<S, 0>(a.in * tw), ldo = tw;
       std::memset(ot, 0, sizeof(S) * a.in * tw);
     }
     const bool gather = gather_rows<S, BYTES>(a, ldo);
@@ -294,7 +278,7 @@ FC_ALWAYS_INLINE void wgrad_item(const Args<S>& a, int64_t r, int64_t c0, int64_
       S* gt = g;
       int64_t ldg = a.out;
       if (gather) {
-        gt = scratch<S, 1>(kRowChunk * tw), ldg = tw;
+        gt = fc_scratch<S, 1>(kRowChunk * tw), ldg = tw;
         copy_rows<S>(g, a.out, gt, tw, s1 - s0, tw, false);
       }
       blocked<S, BYTES, false>(a, r, s0, s1, ot, ldo, gt, ldg, tw);
@@ -406,31 +390,55 @@ void check_weight(const char* op, const char* name, const at::Tensor& t, int64_t
               values.scalar_type());
 }
 
-at::Tensor csr_linear_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
-                          const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          bool weight_t) {
+// z = X[rows] W^T (+ bias) into out, or into a new [R, B, out] tensor; returns z.
+at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
+                           const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           bool weight_t, const std::optional<at::Tensor>& out, bool out_t, bool accumulate) {
   auto [R, B] = check_csr("csr_linear", indptr, indices, values, rows);
   check_weight("csr_linear", "weight", weight, R, values);
-  const int64_t in = weight.size(weight_t ? 1 : 2), out = weight.size(weight_t ? 2 : 1);
+  const int64_t in = weight.size(weight_t ? 1 : 2), nout = weight.size(weight_t ? 2 : 1);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     b = *bias;
-    TORCH_CHECK(b.dim() == 2 && b.size(0) == R && b.size(1) == out && b.is_contiguous() &&
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == R && b.size(1) == nout && b.is_contiguous() &&
                     b.scalar_type() == weight.scalar_type(),
-                "csr_linear: bias must be a contiguous [R, out] = [", R, ", ", out, "] tensor of the weight's dtype, got ",
+                "csr_linear: bias must be a contiguous [R, out] = [", R, ", ", nout, "] tensor of the weight's dtype, got ",
                 b.sizes());
   }
-  at::Tensor z = at::empty({R, B, out}, weight.options());
-  if (R * B == 0 || out == 0) return z;
+  at::Tensor z;
+  if (out.has_value()) {
+    z = *out;
+    check_weight("csr_linear", "out", z, R, values);
+    TORCH_CHECK(z.size(1) == (out_t ? nout : B) && z.size(2) == (out_t ? B : nout), "csr_linear: out must be ",
+                out_t ? "[R, out, B] = [" : "[R, B, out] = [", R, ", ", out_t ? nout : B, ", ", out_t ? B : nout, "], got ",
+                z.sizes());
+    TORCH_CHECK(!(accumulate && b.defined()), "csr_linear: a bias cannot be accumulated into out");
+  } else {
+    TORCH_CHECK(!out_t && !accumulate, "csr_linear: out_t and accumulate need an out tensor");
+    z = at::empty({R, B, nout}, weight.options());
+  }
+  if (R * B == 0 || nout == 0) return z;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "csr_linear", [&] {
     const RangeFn<scalar_t> fn = pick_fwd<scalar_t>();
-    Args<scalar_t> a = data_args<scalar_t>(indptr, indices, values, rows, in, out);
+    Args<scalar_t> a = data_args<scalar_t>(indptr, indices, values, rows, in, nout);
     a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t;
     a.bias = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    a.dst = z.data_ptr<scalar_t>();
+    a.dst = z.data_ptr<scalar_t>(), a.dst_rs = z.stride(0), a.dst_t = out_t, a.accumulate = accumulate;
     at::parallel_for(0, R * B, 16, [&](int64_t p0, int64_t p1) { fn(a, p0, p1); });
   });
   return z;
+}
+
+at::Tensor csr_linear_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
+                          const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          bool weight_t) {
+  return csr_linear_into(indptr, indices, values, rows, weight, bias, weight_t, std::nullopt, false, false);
+}
+
+void csr_linear_out_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
+                        const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        bool weight_t, at::Tensor& out, bool out_t, bool accumulate) {
+  csr_linear_into(indptr, indices, values, rows, weight, bias, weight_t, out, out_t, accumulate);
 }
 
 void csr_linear_wgrad_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
@@ -460,5 +468,6 @@ void csr_linear_wgrad_cpu(const at::Tensor& indptr, const at::Tensor& indices, c
 
 TORCH_LIBRARY_IMPL(fastcurv, CPU, m) {
   m.impl("csr_linear", &csr_linear_cpu);
+  m.impl("csr_linear_out", &csr_linear_out_cpu);
   m.impl("csr_linear_wgrad", &csr_linear_wgrad_cpu);
 }

@@ -45,7 +45,9 @@ from torch import nn
 
 from ..ops import (act_derivs, act_rop_bwd, activation_kind, activation_value, bn_eval_rop_bwd, bn_eval_rop_fwd, bn_rop_bwd,
                    softmax_ce_hvp)
-from ..ops.csr_linear import csr_linear, csr_linear_wgrad, sparse_rows
+from .. import _ext
+from ..ops.csr_linear import csr_linear, csr_linear_wgrad_shared, sparse_rows
+from ..ops.head_hvp import HEAD_MAX_OUTPUTS, head_hvp
 from ..ops.linear_rop import in_fused_engine, linear_rop
 from ..replicas import consecutive_runs
 from .base import Backend
@@ -249,8 +251,9 @@ class _State:
         # the first layer's input columns kept, and those dropped as zero in every row (or None):
         # inputs[0] is then x[:, keep] (see _drop_zero_columns)
         self.keep = self.zero = None
-        # or the first layer's input in CSR form (its products then use only the nonzero inputs)
-        self.csr = None
+        # or the first layer's input in CSR form (its products then use only the nonzero inputs), and
+        # its transpose (for the weight products)
+        self.csr = self.csr_t = None
         self.d1: list = []  # per activation: sigma'(z) [R, N, F] (None before the first linear)
         self.d2g: list = []  # per activation: sigma''(z) * g [R, N, F], or None when identically zero
         self.deltas: list = []  # per linear layer: dL/dz [R, N, O]
@@ -260,7 +263,7 @@ class _State:
 
     def _map(self, f) -> "_State":
         out = _State()
-        out.keep, out.zero, out.csr = self.keep, self.zero, self.csr
+        out.keep, out.zero, out.csr, out.csr_t = self.keep, self.zero, self.csr, self.csr_t
         shared = self.inputs[0] if self.inputs and self.inputs[0].dim() == 2 else None
         g = lambda t: None if t is None else (t if t is shared else f(t))
         out.inputs = [g(t) for t in self.inputs]
@@ -297,6 +300,9 @@ class FusedBackend(Backend):
             inputs only (:mod:`fastcurv.ops.csr_linear`), instead of dropping zero columns: None
             (default) when at most ``SPARSE_INPUT_MAX_DENSITY`` (0.4) of a batch's inputs are
             nonzero (MNIST: 19%), True whenever the C++ kernels can run, False never.
+        fused_head: MLP chains on the CPU whose last layer is a Linear with at most
+            ``HEAD_MAX_OUTPUTS`` (32) outputs run that layer and the loss in one kernel
+            (:mod:`fastcurv.ops.head_hvp`) instead of six thin GEMMs and the loss R-op.
     """
 
     name = "fused"
@@ -320,7 +326,7 @@ class FusedBackend(Backend):
 
     def __init__(self, replicas, loss, batches, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, sample_chunk_bytes: int | None = None,
-                 drop_zero_columns: bool = True, sparse_input: bool | None = None):
+                 drop_zero_columns: bool = True, sparse_input: bool | None = None, fused_head: bool = True):
         super().__init__(replicas, loss, batches)
         ok, why = self.supports(replicas, loss)
         if not ok:
@@ -332,6 +338,10 @@ class FusedBackend(Backend):
         self.drop_zero_columns = drop_zero_columns
         self.sparse_input = sparse_input
         self._maps = _MapEngine(self.layers, loss) if _is_general(self.layers) else None
+        linears = [l for l in self.layers if l.kind == "linear"]
+        # the last layer a Linear with few outputs, not the first (its input has a tangent)
+        self.fused_head = (fused_head and self._maps is None and self.layers[-1].kind == "linear" and len(linears) > 1
+                           and replicas.params[linears[-1].weight].shape[1] <= HEAD_MAX_OUTPUTS)
         self._cache: dict[int, tuple[torch.Tensor | None, _State]] = {}
         self._subset: dict[int, tuple[torch.Tensor, _State]] = {}
         self._cache_used = 0
@@ -360,6 +370,7 @@ class FusedBackend(Backend):
                 W = params[layer.weight]
                 if shared:  # the first layer: its input in CSR form, or without its all-zero columns
                     st.csr, _ = sparse_rows(a, self.sparse_input)
+                    st.csr_t = None if st.csr is None else st.csr.transpose()
                     if st.csr is None and self.drop_zero_columns:
                         a, st.keep, st.zero = _drop_zero_columns(a)
                         if st.keep is not None:
@@ -402,7 +413,7 @@ class FusedBackend(Backend):
                 g = d1 * g
         st.deltas = deltas[::-1]
         st.d1, st.d2g = d1s[::-1], d2gs[::-1]
-        csr = [st.csr.indptr, st.csr.indices, st.csr.values] if st.csr is not None else []
+        csr = [t for c in (st.csr, st.csr_t) if c is not None for t in (c.indptr, c.indices, c.values)]
         st.nbytes = sum(t.numel() * t.element_size() for t in [*st.inputs[1:], *st.deltas, *[d for d in st.d1 + st.d2g if d is not None], *csr] + ([st.probs] if st.probs is not None else []))
         return st
 
@@ -490,8 +501,7 @@ class FusedBackend(Backend):
                 a, delta = st.inputs[lin], st.deltas[lin]
                 R = delta.shape[0]
                 if lin == 0 and st.csr is not None:
-                    csr_linear_wgrad(st.csr, _all_rows(a.shape[0], R, a.device), delta, out=grads[pos[layer.weight]],
-                                     accumulate=True)
+                    csr_linear_wgrad_shared(st.csr_t, delta, out=grads[pos[layer.weight]], accumulate=True)
                 elif lin == 0 and st.keep is not None:
                     dst = grads[pos[layer.weight]]
                     _scatter_columns_(dst, st.keep, st.zero, torch.bmm(delta.transpose(1, 2), a.expand(R, *a.shape)), first=False)
@@ -590,7 +600,9 @@ class FusedBackend(Backend):
         # (the Triton linear_rop path reads the probe directly: no forward copies)
         dWt = {}
         triton_fwd = in_fused_engine(vecs[0].device)
-        for n_lin, layer in enumerate(l for l in self.layers if l.kind == "linear"):
+        # the last Linear and the loss in one kernel (head_hvp), which reads the probe block as it is
+        head = self.fused_head and not triton_fwd and _ext.choose("head_hvp", vecs[0].device) == "ext"
+        for n_lin, layer in enumerate(l for l in (self.layers[:-1] if head else self.layers) if l.kind == "linear"):
             dW = vecs[pos[layer.weight]]
             O, I = dW.shape[2:]
             fwd = None if n_lin == 0 or triton_fwd else dW.reshape(R, K * O, I).transpose(1, 2)
@@ -606,7 +618,7 @@ class FusedBackend(Backend):
                     gid = slice(v0 + c, v0 + c + m) if ids is None else _as_slice(ids[c:c + m])
                     self._apply(st.narrow(sv), {n_: t[gid] for n_, t in rs.params.items()}, [v[vv] for v in vecs],
                                 {w: (None if f is None else f[vv], None if g is None else g[vv]) for w, (f, g) in dWt.items()},
-                                [o[vv] for o in out], pos, x.shape[0], first=n_batch == 0, triton_fwd=triton_fwd)
+                                [o[vv] for o in out], pos, x.shape[0], first=n_batch == 0, triton_fwd=triton_fwd, head=head)
         if K > 1:
             for dst, o in zip(rs.unflatten(flat), out):
                 dst.copy_(o)
@@ -680,15 +692,17 @@ class FusedBackend(Backend):
         per = N * K * widest * self.replicas.params[self.replicas.names[0]].element_size()
         return max(1, min(R, self.chunk_bytes // max(per, 1)))
 
-    def _apply(self, st, params, vecs, dWt, out, pos, N, first, triton_fwd):
+    def _apply(self, st, params, vecs, dWt, out, pos, N, first, triton_fwd, head):
         """Accumulate one batch's Hessian-vector products of the replicas in ``st`` into ``out``
         (``first``: the first batch, whose products overwrite ``out``: it is not zeroed;
-        ``triton_fwd``: the Linear layers' R-forward runs through the Triton linear_rop)."""
+        ``triton_fwd``: the Linear layers' R-forward runs through the Triton linear_rop; ``head``:
+        the last Linear layer and the loss run in the head_hvp kernel)."""
         R, K = vecs[0].shape[:2]
         ra, rpre, rin = None, [], []
         lin = act = 0
         fused_act = None  # the R-op of the activation after a Linear run by the Triton linear_rop
-        for li, layer in enumerate(self.layers):
+        layers = self.layers[:-1] if head else self.layers  # with head, the backward pass starts below it
+        for li, layer in enumerate(layers):
             if layer.kind == "linear" and triton_fwd:
                 rin.append(ra)
                 nxt = self.layers[li + 1] if li + 1 < len(self.layers) else None
@@ -732,12 +746,15 @@ class FusedBackend(Backend):
                 else:
                     rpre.append(ra)
                     ra = d1.unsqueeze(2) * ra
-        C = ra.shape[-1]
-        if self.loss.kind == "cross_entropy":
-            rd = softmax_ce_hvp(st.probs.reshape(R * N, 1, C), ra.reshape(R * N, K, 1, C), self.loss.scale()).view(R, N, K, C)
+        if head:
+            rd, layers, act = self._head(st, params, vecs, out, pos, ra, act, first)
         else:
-            rd = 2 * self.loss.scale(C) * ra
-        for layer in reversed(self.layers):
+            C = ra.shape[-1]
+            if self.loss.kind == "cross_entropy":
+                rd = softmax_ce_hvp(st.probs.reshape(R * N, 1, C), ra.reshape(R * N, K, 1, C), self.loss.scale()).view(R, N, K, C)
+            else:
+                rd = 2 * self.loss.scale(C) * ra
+        for layer in reversed(layers):
             if layer.kind == "linear":
                 lin -= 1
                 a, W, delta = st.inputs[lin], params[layer.weight], st.deltas[lin]
@@ -745,8 +762,7 @@ class FusedBackend(Backend):
                 j = pos[layer.weight]
                 rdT = rd.reshape(R, N, K * O).transpose(1, 2)  # [R, K*O, N]
                 if lin == 0 and st.csr is not None:  # from the nonzero inputs, written in place
-                    csr_linear_wgrad(st.csr, _all_rows(N, R, a.device), rd.reshape(R, N, K * O),
-                                     out=out[j].view(R, K * O, I), accumulate=not first)
+                    csr_linear_wgrad_shared(st.csr_t, rd.reshape(R, N, K * O), out=out[j].view(R, K * O, I), accumulate=not first)
                 elif lin == 0 and st.keep is not None:
                     _scatter_columns_(out[j].view(R, K * O, I), st.keep, st.zero, torch.bmm(rdT, a.expand(R, *a.shape)), first)
                 else:
@@ -774,6 +790,25 @@ class FusedBackend(Backend):
                     rd = rd.mul_(d1.unsqueeze(2))
                 else:
                     rd = act_rop_bwd(d1.reshape(R * N, F_), d2g.reshape(R * N, F_), rz.reshape(R * N, K, F_), rd.reshape(R * N, K, F_)).view(R, N, K, F_)
+
+    def _head(self, st, params, vecs, out, pos, ra, act, first):
+        """The last Linear layer's products and the loss R-op by :func:`~fastcurv.ops.head_hvp.head_hvp`,
+        given the tangent ``ra`` of its input; when a piecewise-linear activation precedes it, that
+        activation's backward R-op too. Returns the R-gradient for the layers left, those layers and
+        the activation count below them."""
+        layer, lin = self.layers[-1], len(st.inputs) - 1
+        layers, d1 = self.layers[:-1], None
+        if layers[-1].kind == "act" and st.d1[act - 1] is not None and st.d2g[act - 1] is None:
+            act -= 1
+            d1, layers = st.d1[act], layers[:-1]
+        C = params[layer.weight].shape[1]
+        ce = self.loss.kind == "cross_entropy"
+        bias = None if layer.bias is None else pos[layer.bias]
+        rd, _, _ = head_hvp(st.inputs[lin], ra, params[layer.weight], vecs[pos[layer.weight]], st.deltas[lin],
+                            self.loss.scale() if ce else 2 * self.loss.scale(C), probs=st.probs if ce else None,
+                            dbias=None if bias is None else vecs[bias], d1=d1, out_w=out[pos[layer.weight]],
+                            out_b=None if bias is None else out[bias], accumulate=not first)
+        return rd, layers, act
 
     @staticmethod
     def _linear_rop_layer(st, lin, layer, act, ra, params, vecs, pos):

@@ -9,7 +9,9 @@ from .act_rop_bwd import act_rop_bwd, act_rop_bwd_reference
 from .bn_eval_rop_bwd import bn_eval_rop_bwd, bn_eval_rop_bwd_reference
 from .bn_eval_rop_fwd import bn_eval_rop_fwd, bn_eval_rop_fwd_reference
 from .bn_rop_bwd import bn_rop_bwd, bn_rop_bwd_reference
-from .csr_linear import CsrRows, csr_linear, csr_linear_reference, csr_linear_wgrad, csr_linear_wgrad_reference
+from .csr_linear import (CsrRows, csr_linear, csr_linear_reference, csr_linear_wgrad, csr_linear_wgrad_reference,
+                         csr_linear_wgrad_shared)
+from .head_hvp import head_hvp, head_hvp_reference
 from .softmax_ce_hvp import softmax_ce_hvp, softmax_ce_hvp_reference
 
 __all__ = [
@@ -35,6 +37,9 @@ __all__ = [
     "csr_linear_reference",
     "csr_linear_wgrad",
     "csr_linear_wgrad_reference",
+    "csr_linear_wgrad_shared",
+    "head_hvp",
+    "head_hvp_reference",
     "softmax_ce_hvp",
     "softmax_ce_hvp_reference",
 ]
