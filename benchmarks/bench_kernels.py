@@ -18,7 +18,9 @@ one thread, as a training worker runs it), over input densities; it sets ``SPARS
 ``--csr-hessian``: the same pair at the fused Hessian engine's sizes (1000 MNIST images shared by
 all replicas, the probe block ``[R, K*O, 784]`` in the ``Linear`` layout and its weight HVP written
 back in it; R=20 x 4096 and R=100 x 1024 columns, W2 and W1 at K=8; torch's threads), in GFLOP/s
-of the multiply-adds done.
+of the multiply-adds done, and the weight HVP from the minibatch's transpose
+(``csr_linear_wgrad_shared``, what the engine runs).
+``head_hvp``'s 'torch' column is the GEMM chain the fused engine ran before that kernel.
 
 Default sizes (a slice of the W1 workload: R=20 replicas, N=500 rows, hidden 128, C=10, K=4) run in
 about a minute on a 2-core CPU; ``FASTCURV_BENCH_FULL=1`` (or ``--full``) uses W1 itself (R=100,
@@ -91,10 +93,32 @@ def make_inputs(op: str, device: str, dtype=torch.float32, full: bool | None = N
         if op == "bn_eval_rop_fwd":  # rz, scale, xh, rgamma, rbeta, d1, delta
             return (rnd(Nb, Kb, Gb, Sb), one, rnd(Nb, Gb, Sb), rnd(Kb, Gb), rnd(Kb, Gb), mask, rnd(Nb, Gb, Sb))
         return (rnd(Nb, Kb, Gb, Sb), one, rnd(Nb, Gb, Sb), rnd(Nb, Gb, Sb), rnd(Kb, Gb), mask, True)  # rd, scale, xh, delta, crg, d1
+    if op == "head_hvp":  # W1's head (H -> C) at K probes: a, ra, weight, dweight, dbias, probs, delta, scale, d1, out_w, out_b, accumulate
+        mask = (rnd(R, N, H) > 0).to(dtype)
+        return (rnd(R, N, H), rnd(R, N, K, H), rnd(R, C, H), rnd(R, K, C, H), rnd(R, K, C), rnd(R, N, C).softmax(-1),
+                rnd(R, N, C), 1.0 / N, mask, torch.empty(R, K, C, H, dtype=dtype, device=device),
+                torch.empty(R, K, C, dtype=dtype, device=device), False)
     if op == "linear_rop":  # the first hidden layer of W1: input shared by all replicas
         x = rnd(N, I)
         return (x.expand(R, N, I), None, rnd(R, H, I) / I**0.5, rnd(R, K, H, I), rnd(R, H), rnd(R, K, H), "relu", 0.0)
     raise KeyError(op)
+
+
+def head_hvp_gemms(a, ra, W, dW, db, probs, delta, scale, d1, out_w, out_b, accumulate):
+    """What the fused engine ran before the head_hvp kernel: batched GEMMs (six per probe block, each
+    with a dimension of C), the softmax-CE R-op and the element-wise passes (written, not accumulated)."""
+    R, N, K, I = ra.shape
+    C = W.shape[1]
+    rz = torch.bmm(a, dW.reshape(R, K * C, I).transpose(1, 2)).view(R, N, K, C)
+    rz.view(R, N * K, C).baddbmm_(ra.reshape(R, N * K, I), W.transpose(1, 2))
+    rz += db.unsqueeze(1)
+    rd = softmax_ce_hvp_reference(probs, rz.transpose(1, 2), scale).transpose(1, 2).contiguous()
+    out_w.view(R, K * C, I).baddbmm_(rd.view(R, N, K * C).transpose(1, 2), a, beta=0)
+    out_w += torch.bmm(delta.transpose(1, 2), ra.reshape(R, N, K * I)).view(R, C, K, I).transpose(1, 2)
+    torch.sum(rd, 1, out=out_b)
+    rg = torch.bmm(rd.view(R, N * K, C), W)
+    rg.view(R, N, K * I).baddbmm_(delta, dW.permute(0, 2, 1, 3).reshape(R, C, K * I))
+    return rg.view(R, N, K, I).mul_(d1.unsqueeze(2))
 
 
 REFERENCES = {
@@ -105,6 +129,7 @@ REFERENCES = {
     "bn_eval_rop_fwd": bn_eval_rop_fwd_reference,
     "bn_eval_rop_bwd": bn_eval_rop_bwd_reference,
     "linear_rop": linear_rop_reference,
+    "head_hvp": head_hvp_gemms,  # the GEMM chain it replaces, not the einsum reference
 }
 
 
@@ -216,7 +241,7 @@ def csr_sweep(repeat: int) -> list[dict]:
 
 
 def csr_hessian(repeat: int) -> list[dict]:
-    from fastcurv.ops.csr_linear import CsrRows, csr_linear, csr_linear_wgrad
+    from fastcurv.ops.csr_linear import CsrRows, csr_linear, csr_linear_wgrad, csr_linear_wgrad_shared
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from hvp_json import load_batch
@@ -233,10 +258,14 @@ def csr_hessian(repeat: int) -> list[dict]:
         flops = 2 * X.values.numel() * cols * R
         t_fwd = _time(lambda: csr_linear(X, rows, w), repeat)
         t_wgrad = _time(lambda: csr_linear_wgrad(X, rows, grad, out=out), repeat)
+        Xt = X.transpose()
+        t_shared = _time(lambda: csr_linear_wgrad_shared(Xt, grad, out=out), repeat)
         res.append(dict(op="csr_linear (Hessian sizes)", data=source, R=R, columns=cols, fwd_ms=t_fwd * 1e3,
-                        wgrad_ms=t_wgrad * 1e3, fwd_gflops=flops / t_fwd / 1e9, wgrad_gflops=flops / t_wgrad / 1e9))
+                        wgrad_ms=t_wgrad * 1e3, wgrad_shared_ms=t_shared * 1e3, fwd_gflops=flops / t_fwd / 1e9,
+                        wgrad_gflops=flops / t_wgrad / 1e9, wgrad_shared_gflops=flops / t_shared / 1e9))
         print(f"R={R:3d} x {cols} columns, {source}: csr_linear {t_fwd * 1e3:7.1f} ms ({flops / t_fwd / 1e9:5.1f} GFLOP/s), "
-              f"csr_linear_wgrad {t_wgrad * 1e3:7.1f} ms ({flops / t_wgrad / 1e9:5.1f} GFLOP/s)")
+              f"csr_linear_wgrad {t_wgrad * 1e3:7.1f} ms ({flops / t_wgrad / 1e9:5.1f} GFLOP/s), "
+              f"csr_linear_wgrad_shared {t_shared * 1e3:7.1f} ms ({flops / t_shared / 1e9:5.1f} GFLOP/s)")
     return res
 
 

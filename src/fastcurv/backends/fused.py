@@ -714,19 +714,19 @@ class FusedBackend(Backend):
                 a, W = st.inputs[lin], params[layer.weight]
                 O, I = W.shape[1], W.shape[2]
                 fwd, _ = dWt[layer.weight]
+                db = None if layer.bias is None else vecs[pos[layer.bias]].reshape(R, K * O)  # the first product starts from it
                 if fwd is None and st.csr is not None:  # sparse input: the probe block as [R, K*O, I] (a view at K=1)
-                    rz = csr_linear(st.csr, _all_rows(N, R, a.device), vecs[pos[layer.weight]].reshape(R, K * O, I))
+                    rz = csr_linear(st.csr, _all_rows(N, R, a.device), vecs[pos[layer.weight]].reshape(R, K * O, I), db)
                 else:
                     if fwd is None:  # the first layer: [R, I, K*O], or [R, I_kept, K*O] (the probe's kept columns)
                         dW = vecs[pos[layer.weight]]
                         fwd = (dW.reshape(R, K * O, I) if st.keep is None else dW.index_select(3, st.keep).view(R, K * O, -1)).transpose(1, 2)
                     # an input shared by all replicas enters bmm as a stride-0 expand (no copy)
-                    rz = torch.bmm(a.expand(R, *a.shape) if a.dim() == 2 else a, fwd)
+                    a3 = a.expand(R, *a.shape) if a.dim() == 2 else a
+                    rz = torch.bmm(a3, fwd) if db is None else torch.baddbmm(db.unsqueeze(1), a3, fwd)
                 rz = rz.view(R, N, K, O)
                 if ra is not None:  # in place: these tensors are R*N*K*F large
                     rz.view(R, N * K, O).baddbmm_(ra.view(R, N * K, I), W.transpose(1, 2))
-                if layer.bias is not None:
-                    rz += vecs[pos[layer.bias]].unsqueeze(1)
                 ra = rz
                 lin += 1
             elif layer.kind == "act":
