@@ -190,17 +190,9 @@ __attribute__((target("avx512f,avx512vl,fma"), optimize("fp-contract=fast"))) vo
 #endif
 template <typename A>
 using FcRangeFn = void (*)(const A&, int64_t, int64_t);
-template <auto F, typename A>
-FcRangeFn<A> fc_pick_range() {
-#ifdef FC_HAVE_X86_VARIANTS
-  return fc_pick<FcRangeFn<A>>(&fc_range_avx512<F, A>, &fc_range_avx2<F, A>, &fc_range_base<F, A>);
-#else
-  return &fc_range_base<F, A>;
-#endif
-}
-// The same with one range function per vector width, for kernels written with FcLanes: F64 (64-byte
-// vectors) for AVX-512, F32 for AVX2, F16 for the baseline (wider GCC vectors than the target has are
-// split into several registers, which for AVX2 ran a 64-byte kernel 7x slower).
+// fc_pick_range_widths takes one range function per vector width, for kernels written with FcLanes:
+// F64 (64-byte vectors) for AVX-512, F32 for AVX2, F16 for the baseline (wider GCC vectors than the
+// target has are split into several registers, which for AVX2 ran a 64-byte kernel 7x slower).
 template <auto F64, auto F32, auto F16, typename A>
 FcRangeFn<A> fc_pick_range_widths() {
 #ifdef FC_HAVE_X86_VARIANTS
@@ -208,4 +200,8 @@ FcRangeFn<A> fc_pick_range_widths() {
 #else
   return &fc_range_base<F16, A>;
 #endif
+}
+template <auto F, typename A>
+FcRangeFn<A> fc_pick_range() {
+  return fc_pick_range_widths<F, F, F, A>();
 }

@@ -19,10 +19,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 namespace {
 
@@ -310,41 +308,15 @@ FC_ALWAYS_INLINE void wgrad_range(const Args<S>& a, int64_t q0, int64_t q1) {
   }
 }
 
+// The loops for AVX-512 (zmm), AVX2 + FMA (ymm) and the baseline, one picked at run time.
 template <typename S>
-using RangeFn = void (*)(const Args<S>&, int64_t, int64_t);
-
+using RangeFn = FcRangeFn<Args<S>>;
 template <typename S>
-void fwd_default(const Args<S>& a, int64_t p0, int64_t p1) { fwd_range<S, 16>(a, p0, p1); }
+RangeFn<S> pick_fwd() { return fc_pick_range_widths<&fwd_range<S, 64>, &fwd_range<S, 32>, &fwd_range<S, 16>, Args<S>>(); }
 template <typename S>
-void wgrad_default(const Args<S>& a, int64_t p0, int64_t p1) { wgrad_range<S, 16>(a, p0, p1); }
-
-// x86-64: the same loops for AVX2 + FMA (ymm) and AVX-512 (zmm), picked at run time. Contraction of
-// acc + v * w into FMAs is enabled here (ISO C++ mode turns it off by default).
-#ifdef FC_HAVE_X86_VARIANTS
-#define FC_X86_VARIANT(NAME, BODY, BYTES, TARGET)                                                          \
-  template <typename S>                                                                                    \
-  __attribute__((target(TARGET), optimize("fp-contract=fast"))) void NAME(const Args<S>& a, int64_t p0, \
-                                                                          int64_t p1) {                  \
-    BODY<S, BYTES>(a, p0, p1);                                                                             \
-  }
-FC_X86_VARIANT(fwd_avx2, fwd_range, 32, "avx2,fma")
-FC_X86_VARIANT(wgrad_avx2, wgrad_range, 32, "avx2,fma")
-FC_X86_VARIANT(fwd_avx512, fwd_range, 64, "avx512f,avx512vl,fma")
-FC_X86_VARIANT(wgrad_avx512, wgrad_range, 64, "avx512f,avx512vl,fma")
-#undef FC_X86_VARIANT
-#endif
-
-#ifdef FC_HAVE_X86_VARIANTS
-template <typename S>
-RangeFn<S> pick_fwd() { return fc_pick<RangeFn<S>>(&fwd_avx512<S>, &fwd_avx2<S>, &fwd_default<S>); }
-template <typename S>
-RangeFn<S> pick_wgrad() { return fc_pick<RangeFn<S>>(&wgrad_avx512<S>, &wgrad_avx2<S>, &wgrad_default<S>); }
-#else
-template <typename S>
-RangeFn<S> pick_fwd() { return &fwd_default<S>; }
-template <typename S>
-RangeFn<S> pick_wgrad() { return &wgrad_default<S>; }
-#endif
+RangeFn<S> pick_wgrad() {
+  return fc_pick_range_widths<&wgrad_range<S, 64>, &wgrad_range<S, 32>, &wgrad_range<S, 16>, Args<S>>();
+}
 
 // Checks shared by both ops (the column indices are validated once, where the CSR matrix is built);
 // returns (R, B).
