@@ -120,6 +120,24 @@ def test_kernel_edge_values():
     torch.testing.assert_close(rg, torch.einsum("rno,rkoi->rnki", x["delta"], x["dweight"]))
 
 
+@needs_ext
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_outputs_the_kernel_cannot_write_go_through_scratch(accumulate):
+    """Products wanted in layouts whose rows are not contiguous are computed into scratch and
+    written (or added) there; inputs in such layouts are copied."""
+    R, N, K, O, I = 2, 5, 3, 4, 19
+    x = inputs(R, N, K, O, I, torch.float64)
+    x["weight"] = x["weight"].mT.contiguous().mT
+    ow, ob = outputs(R, K, O, I, torch.float64)
+    ow_t, ob_s = ow.mT.contiguous().mT, torch.zeros(R, K, 2 * O, dtype=torch.float64)[..., ::2].copy_(ob)
+    ref_w, ref_b = ow.clone(), ob.clone()
+    got = head_hvp(**x, scale=0.5, out_w=ow_t, out_b=ob_s, accumulate=accumulate)
+    head_hvp_reference(**x, scale=0.5, out_w=ref_w, out_b=ref_b, accumulate=accumulate)
+    assert got[1] is ow_t and got[2] is ob_s
+    torch.testing.assert_close(ow_t, ref_w, **TOL[torch.float64])
+    torch.testing.assert_close(ob_s, ref_b, **TOL[torch.float64])
+
+
 def test_bad_inputs_are_named():
     x = inputs(2, 5, 3, 4, 6, torch.float32)
     args = lambda **kw: {**x, **kw}  # noqa: E731

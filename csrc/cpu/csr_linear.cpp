@@ -386,7 +386,6 @@ at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, 
                 z.sizes());
     TORCH_CHECK(!(accumulate && b.defined()), "csr_linear: a bias cannot be accumulated into out");
   } else {
-    TORCH_CHECK(!out_t && !accumulate, "csr_linear: out_t and accumulate need an out tensor");
     z = at::empty({R, B, nout}, weight.options());
   }
   if (R * B == 0 || nout == 0) return z;
