@@ -225,3 +225,17 @@ def test_fused_head_applies_only_to_small_last_linears():
         op = fastcurv.HessianOperator(models, (x, torch.randn(6, models[0][-1].out_features, dtype=torch.float64)),
                                       backend="fused", loss="mse")
         assert not op.backend.fused_head
+
+
+@pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+def test_state_bytes_per_sample_scales_to_batches_with_sparse_input():
+    """What the memory planner multiplies by samples: the cached state of a sparse-input batch
+    (CSR form and its transpose included) is close to n times the one-sample measurement."""
+    models = replicas(lambda: nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)), R=2, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 784, generator=gen) * (torch.rand(64, 784, generator=gen) < 0.2)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    op = fastcurv.HessianOperator(models, (x, y), backend="fused")
+    st = op.backend._primal(x, y, torch.zeros(1, dtype=torch.long))
+    assert st.csr is not None and st.csr_t is not None
+    assert op.backend.state_bytes_per_sample(x, y) * 64 == pytest.approx(st.nbytes, rel=0.3)

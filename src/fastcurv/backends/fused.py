@@ -413,8 +413,8 @@ class FusedBackend(Backend):
                 g = d1 * g
         st.deltas = deltas[::-1]
         st.d1, st.d2g = d1s[::-1], d2gs[::-1]
-        # (X^T's row pointers, one per input feature, are left out: state_bytes_per_sample scales these by samples)
-        csr = [t for c in (st.csr, st.csr_t) if c is not None for t in (c.indptr, c.indices, c.values) if t is not st.csr_t.indptr]
+        # X^T's row pointers (one per input feature) are left out: state_bytes_per_sample scales these by samples
+        csr = [] if st.csr is None else [st.csr.indptr, st.csr.indices, st.csr.values, st.csr_t.indices, st.csr_t.values]
         st.nbytes = sum(t.numel() * t.element_size() for t in [*st.inputs[1:], *st.deltas, *[d for d in st.d1 + st.d2g if d is not None], *csr] + ([st.probs] if st.probs is not None else []))
         return st
 
