@@ -157,3 +157,12 @@ def test_bad_inputs_are_named():
         with pytest.raises(RuntimeError, match="dweight .* contiguous"):
             torch.ops.fastcurv.head_hvp(x["a"], x["ra"], x["weight"], x["dweight"].mT.contiguous().mT, None, None, x["delta"],
                                         1.0, None, torch.empty(2, 3, 4, 6), None, False)
+
+
+def test_tensors_off_the_cpu_take_the_reference():
+    """The op has no GPU kernel: off the CPU (here the meta device, which keeps shapes only) it runs
+    the reference, even where compiled kernels are asked for (on a GPU, use_kernels("cuda"))."""
+    x = {k: v.to("meta") for k, v in inputs(2, 5, 3, 4, 6, torch.float32).items()}
+    with _ext.use_kernels("ext"):
+        rg, hw, hb = head_hvp(**x, scale=1.0)
+    assert rg.shape == (2, 5, 3, 6) and hw.shape == (2, 3, 4, 6) and hb.shape == (2, 3, 4) and rg.device.type == "meta"

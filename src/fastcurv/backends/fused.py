@@ -602,7 +602,8 @@ class FusedBackend(Backend):
         dWt = {}
         triton_fwd = in_fused_engine(vecs[0].device)
         # the last Linear and the loss in one kernel (head_hvp), which reads the probe block as it is
-        head = self.fused_head and not triton_fwd and _ext.choose("head_hvp", vecs[0].device) == "ext"
+        head = (self.fused_head and vecs[0].device.type == "cpu" and not triton_fwd
+                and _ext.choose("head_hvp", vecs[0].device) == "ext")
         for n_lin, layer in enumerate(l for l in (self.layers[:-1] if head else self.layers) if l.kind == "linear"):
             dW = vecs[pos[layer.weight]]
             O, I = dW.shape[2:]
