@@ -197,7 +197,7 @@ def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor |
         out = torch.empty(R, n_out, Xt.num_rows, dtype=grad.dtype, device=grad.device)
         accumulate = False
     layout = _kernel_layout(out)
-    if _ext.choose("csr_linear_out", grad.device) == "ext" and layout is not None:
+    if grad.device.type == "cpu" and _ext.choose("csr_linear_out", grad.device) == "ext" and layout is not None:
         o, transposed = layout  # the kernel writes z = X^T grad [R, in, out], here transposed unless out is
         rows = torch.arange(Xt.num_rows, device=grad.device).expand(R, Xt.num_rows)
         torch.ops.fastcurv.csr_linear_out(Xt.indptr, Xt.indices, Xt.values, rows, grad.contiguous(), None, True, o,
