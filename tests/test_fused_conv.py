@@ -181,3 +181,39 @@ def test_unsupported_modules_are_named(model, words):
 def test_non_sequential_model_names_the_unsupported_op():
     ok, why = fastcurv.backends.FusedBackend.supports(fastcurv.replicas.ReplicaSet([Concat().double()]))
     assert not ok and "torch.cat" in why, why
+
+
+@pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_net_head_kernel_against_dense(K, loss, bias, monkeypatch):
+    """A conv net's output Linear (50 inputs) and the loss run in the head_hvp kernel, on views of
+    the sample-major tensors: two batches, sample chunks of 4 (accumulated), against dense
+    Hessians and the engine with fused_head=False; a 16-input head keeps the einsums."""
+    import fastcurv.backends.fused as fused_mod
+
+    def net(width):
+        return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=bias), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(1),
+                             nn.Flatten(), nn.Linear(width, 3, bias=bias)).eval()
+
+    gen = torch.Generator().manual_seed(31)
+    y = torch.randint(0, 3, (11,), generator=gen) if loss == "cross_entropy" else torch.randn(11, 3, generator=gen, dtype=torch.float64)
+    calls = []
+    monkeypatch.setattr(fused_mod, "head_hvp", lambda *a, **kw: calls.append(1) or fastcurv.ops.head_hvp(*a, **kw))
+    for side, runs in ((5, True), (2, False)):  # 2 x 5 x 5 = 50 inputs; 2 x 2 x 2 = 8
+        models = replicas(lambda: net(2 * side * side), R=2)
+        for m in models:  # running statistics away from (0, 1)
+            m[1].running_mean.uniform_(-0.5, 0.5, generator=gen)
+            m[1].running_var.uniform_(0.5, 2.0, generator=gen)
+        x = torch.randn(11, 1, side, side, generator=gen, dtype=torch.float64)
+        batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+        calls.clear()
+        head = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, backend_options={"sample_chunk_bytes": 1})
+        gemm = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, backend_options={"fused_head": False})
+        V = torch.randn(2, K, head.P, generator=gen, dtype=torch.float64)
+        HV = head.matvec(V)
+        assert (len(calls) == 11) if runs else not calls  # one call per sample chunk (one sample each)
+        torch.testing.assert_close(HV, gemm.matvec(V), rtol=1e-10, atol=1e-13)
+        for r in range(2):
+            torch.testing.assert_close(HV[r], V[r] @ dense_hessian(models[r], batches, loss=loss).T, rtol=1e-9, atol=1e-12)

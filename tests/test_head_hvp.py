@@ -138,6 +138,21 @@ def test_outputs_the_kernel_cannot_write_go_through_scratch(accumulate):
     torch.testing.assert_close(ob_s, ref_b, **TOL[torch.float64])
 
 
+@needs_ext
+def test_sample_major_views():
+    """The conv engine passes views of its [N, R, I] / [N, K, R, I] tensors: the kernel reads them
+    at their strides and returns rg in ra's layout."""
+    R, N, K, O, I = 3, 6, 2, 5, 40
+    x = inputs(R, N, K, O, I, torch.float64)
+    views = {k: x[k].transpose(0, 1).contiguous().transpose(0, 1) for k in ("a", "delta", "probs", "d1")}
+    views["ra"] = x["ra"].permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3)
+    got = head_hvp(**{**x, **views}, scale=0.3)
+    want = head_hvp_reference(**x, scale=0.3)
+    assert got[0].stride() == views["ra"].stride()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL[torch.float64])
+
+
 def test_bad_inputs_are_named():
     x = inputs(2, 5, 3, 4, 6, torch.float32)
     args = lambda **kw: {**x, **kw}  # noqa: E731

@@ -7,7 +7,8 @@
 // the O outputs' tangent from the sample's input row and tangent row (held in registers), applies
 // the loss Hessian to them, adds the two rank-1 terms to the weight product (an [O, I] accumulator in
 // L1) and writes the input R-gradient row times the activation derivative. The weight, its probe
-// block and the accumulator stay in L1 across the samples.
+// block and the accumulator stay in L1 across the samples. Operands are read at their strides (rows
+// of the last dimension contiguous), so both fused engines' layouts pass without copies.
 #include <torch/library.h>
 #include "common.h"
 
@@ -20,7 +21,9 @@ struct HeadArgs {
   const S *a, *ra, *w, *dw, *db, *probs, *delta, *d1;
   S *out_w, *out_b, *rg;
   int64_t N, K, O, I;
-  int64_t w_r, dw_r, dw_k, db_r, db_k, ow_r, ow_k, ob_r, ob_k;  // replica / probe strides
+  // replica (_r), sample (_n) and probe (_k) strides; every row of the last dimension is contiguous
+  int64_t a_r, a_n, ra_r, ra_n, ra_k, dl_r, dl_n, p_r, p_n, d1_r, d1_n, rg_r, rg_n, rg_k;
+  int64_t w_r, dw_r, dw_k, db_r, db_k, ow_r, ow_k, ob_r, ob_k;
   S scale;
   bool accumulate;
 };
@@ -111,14 +114,13 @@ FC_ALWAYS_INLINE void head_range(const HeadArgs<S>& a, int64_t q0, int64_t q1) {
     std::memset(acc, 0, sizeof(S) * O * I);
     std::memset(accb, 0, sizeof(S) * O);
     for (int64_t n = 0; n < N; ++n) {
-      const int64_t rn = r * N + n;
-      const S* an = a.a + rn * I;
-      const S* ran = a.ra + (rn * K + k) * I;
-      const S* dl = a.delta + rn * O;
+      const S* an = a.a + r * a.a_r + n * a.a_n;
+      const S* ran = a.ra + r * a.ra_r + n * a.ra_n + k * a.ra_k;
+      const S* dl = a.delta + r * a.dl_r + n * a.dl_n;
       for (int64_t c = 0; c < O; ++c) z[c] = db ? db[c] : S(0);
       dots<S, BYTES>(an, ran, dw, w, O, I, z);
       if (a.probs) {  // cross-entropy: scale * (diag(p) - p p^T) z
-        const S* p = a.probs + rn * O;
+        const S* p = a.probs + r * a.p_r + n * a.p_n;
         S pz = 0;
         for (int64_t c = 0; c < O; ++c) pz += p[c] * z[c];
         for (int64_t c = 0; c < O; ++c) rd[c] = a.scale * p[c] * (z[c] - pz);
@@ -127,7 +129,8 @@ FC_ALWAYS_INLINE void head_range(const HeadArgs<S>& a, int64_t q0, int64_t q1) {
       }
       for (int64_t c = 0; c < O; ++c) accb[c] += rd[c];
       rank2<S, BYTES>(acc, rd, an, dl, ran, O, I);
-      combine<S, BYTES>(a.rg + (rn * K + k) * I, rd, w, dl, dw, a.d1 ? a.d1 + rn * I : nullptr, O, I);
+      combine<S, BYTES>(a.rg + r * a.rg_r + n * a.rg_n + k * a.rg_k, rd, w, dl, dw, a.d1 ? a.d1 + r * a.d1_r + n * a.d1_n : nullptr,
+                        O, I);
     }
     S* ow = a.out_w + r * a.ow_r + k * a.ow_k;
     for (int64_t j = 0; j < O * I; ++j) ow[j] = a.accumulate ? ow[j] + acc[j] : acc[j];
@@ -174,9 +177,12 @@ at::Tensor head_hvp_cpu(const at::Tensor& a, const at::Tensor& ra, const at::Ten
   check_inner(out_w, 2, "out_w");
   if (dbias.has_value()) check_inner(*dbias, 1, "dbias");
   if (out_b.has_value()) check_inner(*out_b, 1, "out_b");
-  const at::Tensor ac = a.contiguous(), rac = ra.contiguous(), dl = delta.contiguous();
-  const at::Tensor pc = fc_contiguous(probs), d1c = fc_contiguous(d1);
-  at::Tensor rg = at::empty({R, N, K, I}, a.options());
+  // rows of the last dimension contiguous (any other strides: the fused engines pass [N, K, R, I] and
+  // [R, N, K, I] layouts); the result takes ra's layout where ra is dense
+  auto rows = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor ac = rows(a), rac = rows(ra), dl = rows(delta);
+  const at::Tensor pc = probs.has_value() ? rows(*probs) : at::Tensor(), d1c = d1.has_value() ? rows(*d1) : at::Tensor();
+  at::Tensor rg = at::empty_like(rac);
   if (R * K == 0) return rg;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "head_hvp", [&] {
     using S = scalar_t;
@@ -186,6 +192,10 @@ at::Tensor head_hvp_cpu(const at::Tensor& a, const at::Tensor& ra, const at::Ten
     h.probs = fc_data<S>(pc), h.delta = dl.data_ptr<S>(), h.d1 = fc_data<S>(d1c);
     h.out_w = out_w.data_ptr<S>(), h.out_b = out_b.has_value() ? out_b->data_ptr<S>() : nullptr, h.rg = rg.data_ptr<S>();
     h.N = N, h.K = K, h.O = O, h.I = I;
+    h.a_r = ac.stride(0), h.a_n = ac.stride(1), h.ra_r = rac.stride(0), h.ra_n = rac.stride(1), h.ra_k = rac.stride(2);
+    h.dl_r = dl.stride(0), h.dl_n = dl.stride(1), h.rg_r = rg.stride(0), h.rg_n = rg.stride(1), h.rg_k = rg.stride(2);
+    h.p_r = pc.defined() ? pc.stride(0) : 0, h.p_n = pc.defined() ? pc.stride(1) : 0;
+    h.d1_r = d1c.defined() ? d1c.stride(0) : 0, h.d1_n = d1c.defined() ? d1c.stride(1) : 0;
     h.w_r = weight.stride(0), h.dw_r = dweight.stride(0), h.dw_k = dweight.stride(1);
     h.db_r = dbias.has_value() ? dbias->stride(0) : 0, h.db_k = dbias.has_value() ? dbias->stride(1) : 0;
     h.ow_r = out_w.stride(0), h.ow_k = out_w.stride(1);

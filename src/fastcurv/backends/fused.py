@@ -300,9 +300,9 @@ class FusedBackend(Backend):
             inputs only (:mod:`fastcurv.ops.csr_linear`), instead of dropping zero columns: None
             (default) when at most ``SPARSE_INPUT_MAX_DENSITY`` (0.4) of a batch's inputs are
             nonzero (MNIST: 19%), True whenever the C++ kernels can run, False never.
-        fused_head: MLP chains on the CPU whose last layer is a Linear with at most
-            ``HEAD_MAX_OUTPUTS`` (32) outputs run that layer and the loss in one kernel
-            (:mod:`fastcurv.ops.head_hvp`) instead of six thin GEMMs and the loss R-op.
+        fused_head: on the CPU, a last Linear layer with at most ``HEAD_MAX_OUTPUTS`` (32) outputs
+            runs with the loss in one kernel (:mod:`fastcurv.ops.head_hvp`) instead of six thin
+            GEMMs (einsums in conv nets, there for at least 32 inputs) and the loss R-op.
     """
 
     name = "fused"
@@ -337,7 +337,7 @@ class FusedBackend(Backend):
         self.sample_chunk_bytes = sample_chunk_bytes
         self.drop_zero_columns = drop_zero_columns
         self.sparse_input = sparse_input
-        self._maps = _MapEngine(self.layers, loss) if _is_general(self.layers) else None
+        self._maps = _MapEngine(self.layers, loss, fused_head) if _is_general(self.layers) else None
         linears = [l for l in self.layers if l.kind == "linear"]
         # the last layer a Linear with few outputs, not the first (its input has a tangent)
         self.fused_head = (fused_head and self._maps is None and self.layers[-1].kind == "linear" and len(linears) > 1
@@ -903,13 +903,16 @@ class _MapEngine:
     value used twice receives the sum).
     """
 
-    def __init__(self, layers, loss):
+    def __init__(self, layers, loss, fused_head: bool = True):
         self.layers, self.loss = layers, loss
         n = len(layers)
         self.inputs = [list(v) for v in getattr(layers, "inputs", [[i - 1] for i in range(n)])]
         self.shared: list[bool] = []
         for i, l in enumerate(layers):
             self.shared.append(l.kind not in ("linear", "conv", "bn") and all(j < 0 or self.shared[j] for j in self.inputs[i]))
+        # the output node a Linear whose input has a tangent: with few outputs, it and the loss may run in
+        # the head_hvp kernel (decided per call: outputs, device, kernels)
+        self.head = fused_head and layers[n - 1].kind == "linear" and not self._reads_shared(self.inputs[n - 1][0])
         users: list[list[int]] = [[] for _ in range(n)]
         for i, ins in enumerate(self.inputs):
             for j in ins:
@@ -1328,6 +1331,28 @@ class _MapEngine:
                 grads[l.weight] += (delta * st.get(i, "xhat")).sum(dims)
                 grads[l.bias] += delta.sum(dims)
 
+    @staticmethod
+    def _head_runs(W) -> bool:
+        """Whether the output Linear (weight ``W [R, O, I]``) runs in the head kernel: few outputs, on
+        the CPU, at least 32 inputs (W4's 16-input head ran 1.3-1.7% slower with it than with the
+        einsums; W3's 784-input one 5.6-8% faster)."""
+        return (W.shape[1] <= HEAD_MAX_OUTPUTS and W.shape[2] >= 32 and W.device.type == "cpu"
+                and _ext.choose("head_hvp", W.device) == "ext")
+
+    def _head(self, st, params, vecs, out, ra):
+        """The output Linear layer's products and the loss R-op by :func:`~fastcurv.ops.head_hvp.head_hvp`
+        (its [R, ...] operands as views of this engine's sample-major tensors), given the tangent
+        ``ra [N, K, R, I]`` of its input; returns the R-gradient w.r.t. that input, ``[N, K, R, I]``."""
+        i = len(self.layers) - 1
+        l = self.layers[i]
+        ce = self.loss.kind == "cross_entropy"
+        rg, _, _ = head_hvp(st.get(i, "in").transpose(0, 1), ra.permute(2, 0, 1, 3), params[l.weight], vecs[l.weight],
+                            st.get(i, "delta").transpose(0, 1),
+                            self.loss.scale() if ce else 2 * self.loss.scale(params[l.weight].shape[1]),
+                            probs=st.probs.transpose(0, 1) if ce else None, dbias=None if l.bias is None else vecs[l.bias],
+                            out_w=out[l.weight], out_b=None if l.bias is None else out[l.bias], accumulate=True)
+        return rg.permute(1, 2, 0, 3)
+
     # --- the R-passes -------------------------------------------------------------------------
     def apply(self, st: _MapState, params, buffers, vecs: dict, out: dict):
         """Add one chunk's Hessian-vector products to ``out`` (name -> [R, K, *shape]);
@@ -1336,6 +1361,8 @@ class _MapEngine:
         rv = {}  # node -> output tangent [N, K, R, *feat] still to be read, or None (identically zero)
         rin, rpre, bn, bn_dot = {}, {}, {}, {}
         N = None
+        last = len(self.layers) - 1
+        head = self.head and self._head_runs(params[self.layers[last].weight])
         for i, l in enumerate(self.layers):
             if self.shared[i]:
                 continue
@@ -1372,7 +1399,10 @@ class _MapEngine:
                 if l.bias is not None and i not in self.bias_folded:
                     rz += _rb(vecs[l.bias], 2, True)
                 ra = rz
+            elif l.kind == "linear" and head and i == last and ra is not None:
+                pass  # the head kernel (below) takes the tangent of its input
             elif l.kind == "linear":
+                head = head and i != last  # (no input tangent at the output node: the plain path)
                 a, first = st.get(i, "in"), (i, "in") in st.shared
                 W, dW = params[l.weight], vecs[l.weight]
                 N = a.shape[0]
@@ -1429,13 +1459,14 @@ class _MapEngine:
                 ra = z.view(n, k, R, C, *z.shape[2:])
             rv[i] = ra
             self._free(rv, i)
-        ra = rv.pop(len(self.layers) - 1)
-        # loss
-        if self.loss.kind == "cross_entropy":
-            rd = softmax_ce_hvp(st.probs, ra.contiguous(), self.loss.scale())  # [n, R, C] and [n, k, R, C]
+        ra = rv.pop(last)
+        rds = {}  # node -> R-gradient w.r.t. its output
+        if head:  # ra: the tangent of the output node's input
+            self._acc(rds, self.inputs[last][0], self._head(st, params, vecs, out, ra))
+        elif self.loss.kind == "cross_entropy":
+            rds[last] = softmax_ce_hvp(st.probs, ra.contiguous(), self.loss.scale())  # [n, R, C] and [n, k, R, C]
         else:
-            rd = ra * (2 * self.loss.scale(ra.shape[-1]))
-        rds = {len(self.layers) - 1: rd}  # node -> R-gradient w.r.t. its output
+            rds[last] = ra * (2 * self.loss.scale(ra.shape[-1]))
         for i, l, rd in self._backward(rds):
             if l.kind == "conv":
                 a, first, delta, ra_in = st.get(i, "in"), (i, "in") in st.shared, st.get(i, "delta"), rin[i]

@@ -17,9 +17,11 @@ layer's Hessian-vector products for this batch; ``rg`` is the R-gradient the bac
 on to the layers before.
 
 As GEMMs these are six products per probe with one dimension of O (10 on MNIST), where sgemm is
-slow; the C++ kernel (``csrc/cpu/head_hvp.cpp``, CPU only: on GPUs the engine keeps the GEMMs) does
-them per sample from registers and L1. The fused engine uses it for heads of at most
-``HEAD_MAX_OUTPUTS`` outputs.
+slow; the C++ kernel (``csrc/cpu/head_hvp.cpp``, CPU only: on GPUs the engines keep their GEMMs)
+does them per sample from registers and L1. It reads every operand at its strides as long as rows
+of the last dimension are contiguous (the conv engine passes views of its sample-major ``[N, R, I]``
+and ``[N, K, R, I]`` tensors) and returns ``rg`` in ``ra``'s layout. The fused engine uses it for
+heads of at most ``HEAD_MAX_OUTPUTS`` outputs.
 """
 from __future__ import annotations
 
