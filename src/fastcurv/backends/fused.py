@@ -376,13 +376,13 @@ class FusedBackend(Backend):
                         if st.keep is not None:
                             W = W.index_select(2, st.keep)
                 st.inputs.append(a)
+                b = None if layer.bias is None else params[layer.bias]  # the product starts from it
                 if shared and st.csr is not None:  # from the nonzero inputs
-                    z = csr_linear(st.csr, _all_rows(a.shape[0], R, a.device), W)
+                    z = csr_linear(st.csr, _all_rows(a.shape[0], R, a.device), W, b)
                 else:
-                    z = torch.bmm(a.expand(R, *a.shape) if shared else a, W.transpose(1, 2))
+                    a3 = a.expand(R, *a.shape) if shared else a
+                    z = torch.bmm(a3, W.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), a3, W.transpose(1, 2))
                 shared = False
-                if layer.bias is not None:
-                    z = z + params[layer.bias].unsqueeze(1)
                 a = z
             else:
                 pre.append(None if shared else a)
