@@ -226,6 +226,16 @@ def _is_general(layers) -> bool:
     return hasattr(layers, "inputs") or any(l.kind not in ("linear", "act", "flatten") for l in layers)
 
 
+def _head_products(loss, a, ra, W, dW, delta, probs, db, d1, out_w, out_b, accumulate: bool) -> torch.Tensor:
+    """The output Linear layer's products and the loss R-op by :func:`~fastcurv.ops.head_hvp.head_hvp`
+    (``[R, ...]`` operands; ``probs`` is read for cross-entropy only); returns the R-gradient w.r.t.
+    the layer's input."""
+    ce = loss.kind == "cross_entropy"
+    scale = loss.scale() if ce else 2 * loss.scale(W.shape[1])  # the loss Hessian: scale * (diag(p) - p p^T), or scale * I
+    return head_hvp(a, ra, W, dW, delta, scale, probs=probs if ce else None, dbias=db, d1=d1, out_w=out_w, out_b=out_b,
+                    accumulate=accumulate)[0]
+
+
 def _loss_head(loss, out: torch.Tensor, y: torch.Tensor, sample_dim: int):
     """Per-replica loss ``[R]``, softmax probabilities (cross-entropy; else None) and the loss
     gradient w.r.t. the outputs, for outputs ``[R, N, C]`` (sample_dim=1) or ``[N, R, C]`` (0)."""
@@ -803,13 +813,10 @@ class FusedBackend(Backend):
         if layers[-1].kind == "act" and st.d1[act - 1] is not None and st.d2g[act - 1] is None:
             act -= 1
             d1, layers = st.d1[act], layers[:-1]
-        C = params[layer.weight].shape[1]
-        ce = self.loss.kind == "cross_entropy"
         bias = None if layer.bias is None else pos[layer.bias]
-        rd, _, _ = head_hvp(st.inputs[lin], ra, params[layer.weight], vecs[pos[layer.weight]], st.deltas[lin],
-                            self.loss.scale() if ce else 2 * self.loss.scale(C), probs=st.probs if ce else None,
-                            dbias=None if bias is None else vecs[bias], d1=d1, out_w=out[pos[layer.weight]],
-                            out_b=None if bias is None else out[bias], accumulate=not first)
+        rd = _head_products(self.loss, st.inputs[lin], ra, params[layer.weight], vecs[pos[layer.weight]], st.deltas[lin],
+                            st.probs, None if bias is None else vecs[bias], d1, out[pos[layer.weight]],
+                            None if bias is None else out[bias], accumulate=not first)
         return rd, layers, act
 
     @staticmethod
@@ -1345,12 +1352,11 @@ class _MapEngine:
         ``ra [N, K, R, I]`` of its input; returns the R-gradient w.r.t. that input, ``[N, K, R, I]``."""
         i = len(self.layers) - 1
         l = self.layers[i]
-        ce = self.loss.kind == "cross_entropy"
-        rg, _, _ = head_hvp(st.get(i, "in").transpose(0, 1), ra.permute(2, 0, 1, 3), params[l.weight], vecs[l.weight],
-                            st.get(i, "delta").transpose(0, 1),
-                            self.loss.scale() if ce else 2 * self.loss.scale(params[l.weight].shape[1]),
-                            probs=st.probs.transpose(0, 1) if ce else None, dbias=None if l.bias is None else vecs[l.bias],
-                            out_w=out[l.weight], out_b=None if l.bias is None else out[l.bias], accumulate=True)
+        probs = None if st.probs is None else st.probs.transpose(0, 1)
+        rg = _head_products(self.loss, st.get(i, "in").transpose(0, 1), ra.permute(2, 0, 1, 3), params[l.weight],
+                            vecs[l.weight], st.get(i, "delta").transpose(0, 1), probs,
+                            None if l.bias is None else vecs[l.bias], None, out[l.weight],
+                            None if l.bias is None else out[l.bias], accumulate=True)
         return rg.permute(1, 2, 0, 3)
 
     # --- the R-passes -------------------------------------------------------------------------
