@@ -20,6 +20,10 @@ all replicas, the probe block ``[R, K*O, 784]`` in the ``Linear`` layout and its
 back in it; R=20 x 4096 and R=100 x 1024 columns, W2 and W1 at K=8; torch's threads), in GFLOP/s
 of the multiply-adds done, and the weight HVP from the minibatch's transpose
 (``csr_linear_wgrad_shared``, what the engine runs).
+``--relu-sweep``: a hidden Linear layer between ReLUs in the fused engine's matvec (one replica of
+W1 at K=8: 1000 samples, 128 -> 128, what one CPU chunk runs), its six products from the ReLU
+patterns (``csr_linear``, ``csr_masked_linear``, ``csr_linear_wgrad(_shared)``) against the six
+batched GEMMs, over the fraction of nonzero ReLU outputs; it sets ``HIDDEN_SPARSE_MAX_DENSITY``.
 ``head_hvp``'s 'torch' column is the GEMM chain the fused engine ran before that kernel.
 
 Default sizes (a slice of the W1 workload: R=20 replicas, N=500 rows, hidden 128, C=10, K=4) run in
@@ -221,6 +225,67 @@ def test_csr_linear(benchmark, impl, density):
         benchmark(dense_pair, xb, w, grad, out)
 
 
+RELU_DENSITIES = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def relu_layer_products(density: float, K: int = 8, N: int = 1000, F: int = 128):
+    """The six products of one hidden ``Linear(F, F)`` between ReLUs in one replica's matvec with K
+    probes, ``density`` of the ReLU outputs (before and after the layer) nonzero: returns
+    ``(sparse, dense)`` closures, the engine's sparse path and the GEMMs of its dense path."""
+    from fastcurv.ops.csr_linear import CsrRows, csr_linear, csr_linear_wgrad, csr_linear_wgrad_shared, csr_masked_linear
+
+    g = torch.Generator().manual_seed(0)
+    relu = lambda *shape: torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) < density)
+    a, delta = relu(1, N, F), relu(1, N, F)  # the layer's ReLU input; dL/dz, zero where the ReLU after it is
+    m_in, m_out = (a != 0).unsqueeze(2), (delta != 0).unsqueeze(2)
+    ra, rd = torch.randn(1, N, K, F, generator=g) * m_in, torch.randn(1, N, K, F, generator=g) * m_out
+    W, dW = torch.randn(1, F, F, generator=g), torch.randn(1, K * F, F, generator=g)  # probe block [K*O, I]
+    dWt = torch.randn(1, F, K * F, generator=g)  # the probe as [O, K*I]
+    A, At = CsrRows.from_dense(a[0]), CsrRows.from_dense(a[0].t().contiguous())
+    D = CsrRows.from_dense(delta[0], m_out[0, :, 0].expand(N, F))
+    rows, rows_t = torch.arange(N).view(1, N), torch.arange(F).view(1, F)
+    out, tmp = torch.empty(1, K * F, F), torch.empty(1, F, K * F)
+
+    def sparse():
+        rz = csr_linear(A, rows, dW)
+        csr_masked_linear(A, rows, ra, W, out=rz.view(1, N, K, F), accumulate=True)
+        csr_linear_wgrad_shared(At, rd.view(1, N, K * F), out=out, accumulate=True, rows=rows_t)
+        csr_linear_wgrad(D, rows, ra.view(1, N, K * F), out=tmp.transpose(1, 2))
+        rg = csr_linear(D, rows, dWt.transpose(1, 2))
+        csr_masked_linear(D, rows, rd, W.transpose(1, 2), out=rg.view(1, N, K, F), accumulate=True)
+
+    def dense():
+        rz = torch.bmm(a, dW.transpose(1, 2))
+        rz.view(1, N * K, F).baddbmm_(ra.view(1, N * K, F), W.transpose(1, 2))
+        out.baddbmm_(rd.view(1, N, K * F).transpose(1, 2), a)
+        torch.bmm(delta.transpose(1, 2), ra.view(1, N, K * F), out=tmp)
+        rg = torch.bmm(rd.view(1, N * K, F), W)
+        rg.view(1, N, K * F).baddbmm_(delta, dWt)
+
+    return sparse, dense
+
+
+@pytest.mark.skipif(not _ext.has_kernel("csr_masked_linear_out", "cpu"), reason="C++ extension not built")
+@pytest.mark.parametrize("density", [0.5])
+@pytest.mark.parametrize("impl", ["sparse", "dense"])
+def test_relu_layer_products(benchmark, impl, density):
+    sparse, dense = relu_layer_products(density)
+    benchmark.group = f"relu-layer-density{density}"
+    benchmark(sparse if impl == "sparse" else dense)
+
+
+def relu_sweep(repeat: int) -> list[dict]:
+    res = []
+    for density in RELU_DENSITIES:
+        sparse, dense = relu_layer_products(density)
+        t_sparse, t_dense = _time(sparse, repeat), _time(dense, repeat)
+        res.append(dict(op="hidden ReLU layer, 6 products", density=density, sparse_ms=t_sparse * 1e3,
+                        dense_ms=t_dense * 1e3, speedup=t_dense / t_sparse))
+        print(f"hidden ReLU layer density {density:4.2f}: sparse {t_sparse * 1e3:7.3f} ms, dense GEMMs {t_dense * 1e3:7.3f} ms"
+              f"   x{t_dense / t_sparse:5.2f}")
+    return res
+
+
 def csr_sweep(repeat: int) -> list[dict]:
     old = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -290,9 +355,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default=None, help=f"comma-separated subset of: {', '.join(REFERENCES)}")
     ap.add_argument("--csr-sweep", action="store_true", help="only the sparse-input layer against dense GEMMs")
     ap.add_argument("--csr-hessian", action="store_true", help="only the sparse-input layer at the Hessian engine's sizes")
+    ap.add_argument("--relu-sweep", action="store_true", help="only a hidden ReLU layer's matvec products, sparse against dense")
     args = ap.parse_args(argv)
-    if args.csr_sweep or args.csr_hessian:
-        res = csr_sweep(args.repeat) if args.csr_sweep else csr_hessian(args.repeat)
+    if args.csr_sweep or args.csr_hessian or args.relu_sweep:
+        res = csr_sweep(args.repeat) if args.csr_sweep else csr_hessian(args.repeat) if args.csr_hessian else relu_sweep(args.repeat)
         if args.json:
             with open(args.json, "w") as f:
                 threads = 1 if args.csr_sweep else torch.get_num_threads()

@@ -4,7 +4,8 @@ import torch
 
 import fastcurv
 from fastcurv.ops.csr_linear import (CsrRows, csr_linear, csr_linear_reference, csr_linear_wgrad,
-                                     csr_linear_wgrad_reference, csr_linear_wgrad_shared)
+                                     csr_linear_wgrad_reference, csr_linear_wgrad_shared, csr_masked_linear,
+                                     csr_masked_linear_reference)
 
 needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
 
@@ -105,6 +106,73 @@ def test_kernels_match_dense_products(shape, level, dtype, monkeypatch):
                     torch.testing.assert_close(acc.double(), start.double() + want_g, **tol, msg=f"shared, {name}")
 
 
+def test_masked_rows_and_pattern():
+    """from_dense with a mask stores the masked entries, zeros included; pattern() is where."""
+    x = _sparse_data(7, 9, 0.5, torch.float64)
+    mask = torch.rand(7, 9, generator=torch.Generator().manual_seed(2)) < 0.4
+    X = CsrRows.from_dense(x, mask)
+    assert X.values.numel() == int(mask.sum())
+    assert torch.equal(X.pattern(), mask) and torch.equal(CsrRows.from_dense(x).pattern(), x != 0)
+    torch.testing.assert_close(X.to_dense(), x * mask, rtol=0, atol=0)
+    torch.testing.assert_close(X.transpose().pattern(), mask.t(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        CsrRows.from_dense(x, mask.double())
+
+
+@needs_ext
+@pytest.mark.parametrize("level", ["0", "1", "2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", ["small", "blocked"])
+def test_masked_kernel_matches_dense_products(shape, level, dtype, monkeypatch):
+    """csr_masked_linear (every vector variant, tile path, weight layout; K = 1 and 3 rows per
+    pattern row; overwriting and accumulating; per-replica and shared rows; strided dense / out)
+    against float64 products of the masked dense rows. The dense rows are nonzero outside the
+    pattern too: those entries must be ignored."""
+    monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
+    R, B, N, d, widths = (3, 7, 12, 29, WIDTHS) if shape == "small" else (2, 300, 320, 1100, [13, 133, 260])
+    X = CsrRows.from_dense(_sparse_data(N, d, 0.4, dtype))
+    mask = X.pattern()
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randint(0, N, (R, B), generator=g)
+    rows[0, 0], rows[1, 2] = 0, 1  # the empty and the full row
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    if shape == "blocked" and dtype == torch.float32:
+        tol = dict(rtol=1e-4, atol=1e-4)
+    for K in (1, 3):
+        dense = torch.randn(R, B, K, d, generator=g, dtype=dtype)
+        masked = dense.double() * mask[rows].unsqueeze(2)
+        for rr, mk in ((rows, masked), (rows[:1].expand(R, B), dense.double() * mask[rows[0]].unsqueeze(1))):
+            for out in widths:
+                w = torch.randn(R, out, d, generator=g, dtype=dtype)
+                want = torch.bmm(mk.reshape(R, B * K, d), w.double().transpose(1, 2)).view(R, B, K, out)
+                for name, wl in _layouts(w).items():
+                    start = torch.randn(R, B, K, out, generator=g, dtype=dtype)
+                    wide = torch.zeros(R, B * K * out + 3, dtype=dtype)  # a replica stride beyond the rows
+                    acc = wide[:, 3:].view(R, B, K, out)
+                    acc.copy_(start)
+                    with fastcurv.use_kernels("ext"):
+                        z = csr_masked_linear(X, rr, dense, wl)
+                        assert csr_masked_linear(X, rr, dense, wl, out=acc, accumulate=True) is acc
+                    torch.testing.assert_close(z.double(), want, **tol, msg=f"K={K}, {out} outputs, {name}")
+                    torch.testing.assert_close(acc.double(), start.double() + want, **tol, msg=f"K={K}, {name}")
+
+
+@needs_ext
+def test_masked_layouts_the_kernel_cannot_read_are_copied():
+    """A dense operand or out whose rows are not contiguous goes through a copy: same result."""
+    X = CsrRows.from_dense(_sparse_data(8, 6, 0.5, torch.float64))
+    rows = torch.arange(8).view(2, 4)
+    g = torch.Generator().manual_seed(6)
+    dense = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64).transpose(1, 2)  # [2, 4, 3, 6], strided
+    w = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    want = csr_masked_linear_reference(X, rows, dense, w)
+    out = torch.ones(2, 3, 4, 5, dtype=torch.float64).transpose(1, 2)
+    with fastcurv.use_kernels("ext"):
+        torch.testing.assert_close(csr_masked_linear(X, rows, dense, w), want)
+        csr_masked_linear(X, rows, dense, w, out=out, accumulate=True)
+    torch.testing.assert_close(out, want + 1)
+
+
 @needs_ext
 def test_references_agree_with_kernels():
     x = _sparse_data(10, 17, 0.2, torch.float64)
@@ -125,6 +193,20 @@ def test_references_agree_with_kernels():
     with fastcurv.use_kernels("torch"):
         torch.testing.assert_close(gs, csr_linear_wgrad_shared(Xt, grad))
     torch.testing.assert_close(gs, csr_linear_wgrad_reference(X, shared, grad))
+    # per-replica transposes stacked in one CSR matrix, picked by a row table
+    xs = torch.stack([x[rows[0]], x[rows[1]]])  # [2, 5, 17]
+    Xts, rows_t = CsrRows.from_dense(xs.transpose(1, 2).reshape(34, 5)), torch.arange(34).view(2, 17)
+    with fastcurv.use_kernels("ext"):
+        gp = csr_linear_wgrad_shared(Xts, grad, rows=rows_t)
+    with fastcurv.use_kernels("torch"):
+        torch.testing.assert_close(gp, csr_linear_wgrad_shared(Xts, grad, rows=rows_t))
+    torch.testing.assert_close(gp, csr_linear_wgrad_reference(X, rows, grad))
+    dense = torch.randn(2, 5, 3, 17, dtype=torch.float64)
+    with fastcurv.use_kernels("ext"):
+        zm = csr_masked_linear(X, rows, dense, w)
+    with fastcurv.use_kernels("torch"):
+        torch.testing.assert_close(zm, csr_masked_linear(X, rows, dense, w))
+    torch.testing.assert_close(zm, torch.einsum("rbki,roi->rbko", dense * (x[rows] != 0).unsqueeze(2), w))
     # an out whose rows are not contiguous in either orientation takes the reference path
     odd = torch.zeros(2, 12, 34, dtype=torch.float64)[:, ::2, ::2]
     with fastcurv.use_kernels("ext"):
@@ -156,6 +238,18 @@ def test_bad_inputs_are_named():
             ops.csr_linear_out(X.indptr, X.indices, X.values, rows, w, None, False, torch.empty(2, 3, 4), True, False)
         with pytest.raises(ValueError, match="grad must be"):
             csr_linear_wgrad_shared(X.transpose(), torch.randn(2, 3, 4))
+        with pytest.raises(ValueError, match=r"rows must be \[R = 2, in\]"):
+            csr_linear_wgrad_shared(X.transpose(), torch.randn(2, 6, 4), rows=torch.zeros(3, 5, dtype=torch.int64))
+        with pytest.raises(ValueError, match=r"dense must be \[R, B, K, in\] = \[2, 3, K, 5\]"):
+            csr_masked_linear(X, rows, torch.randn(2, 3, 5), w)
+        with pytest.raises(ValueError, match=r"out must be \[2, 3, 1, 4\]"):
+            csr_masked_linear(X, rows, torch.randn(2, 3, 1, 5), w, out=torch.empty(2, 3, 4))
+        with pytest.raises(RuntimeError, match="dense's last three dims must be contiguous"):
+            ops.csr_masked_linear_out(X.indptr, X.indices, rows, torch.randn(2, 3, 5, 2).transpose(2, 3), w, False,
+                                      torch.empty(2, 3, 2, 4), False)
+        with pytest.raises(RuntimeError, match="out has 1 rows per minibatch row, dense 2"):
+            ops.csr_masked_linear_out(X.indptr, X.indices, rows, torch.randn(2, 3, 2, 5), w, False,
+                                      torch.empty(2, 3, 1, 4), False)
     with pytest.raises(TypeError, match="float32 values but the layer is torch.float64"):
         csr_linear(X, rows, w.double())
     with pytest.raises(ValueError, match=r"int64 \[R, B\] table"):

@@ -217,6 +217,54 @@ def test_fused_head_kernel_against_dense(K, before, loss, monkeypatch):
     torch.testing.assert_close(head.matvec(V[idx], idx=idx), HV[idx], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_fused_sparse_hidden_layers_against_dense(K, loss, fused_head, monkeypatch):
+    """Linear layers between ReLUs take their matvec products from the ReLU input's nonzeros and the
+    output's ReLU pattern (csr_linear, csr_masked_linear, csr_linear_wgrad(_shared)): always, by
+    density, or never; two batches (accumulated), replica subsets in chunks of one; against dense
+    Hessians and the dense engine, and the gradient from the cached state."""
+    import fastcurv.backends.fused as fused_mod
+
+    models = replicas(lambda: nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 8), nn.ReLU(), nn.Linear(8, 6),
+                                            nn.ReLU(), nn.Linear(6, 4)), R=3)
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(40, 7, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (40,), generator=gen) if loss == "cross_entropy" else torch.randn(40, 4, generator=gen, dtype=torch.float64)
+    batches = [(x[:23], y[:23]), (x[23:], y[23:])]
+    calls = []
+    monkeypatch.setattr(fused_mod, "csr_masked_linear", lambda *a, **kw: calls.append(1) or fastcurv.ops.csr_masked_linear(*a, **kw))
+    opts = dict(fused_head=fused_head, chunk_bytes=1)
+    always = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, backend_options={**opts, "sparse_hidden": True})
+    auto = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, backend_options=opts)
+    never = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, backend_options={**opts, "sparse_hidden": False})
+    st = always.backend._primal(*batches[0], None)
+    # inputs after a ReLU (the head's only without the head kernel); patterns after layers 2 and 3
+    assert [c is not None for c in st.sparse_in] == [False, True, True, not fused_head]
+    assert [c is not None for c in st.sparse_out] == [False, True, True, False]
+    torch.testing.assert_close(st.sparse_out[1].csr.to_dense().view(3, 23, 8), st.deltas[1], rtol=0, atol=0)
+    st = auto.backend._primal(*batches[0], None)
+    dens = [float((a != 0).double().mean()) for a in st.inputs[1:]]
+    want = [d <= fused_mod.HIDDEN_SPARSE_MAX_DENSITY for d in dens]
+    assert [c is not None for c in st.sparse_in[1:3]] == want[:2] and [c is not None for c in st.sparse_out[1:3]] == want[1:]
+    assert not any(never.backend._primal(*batches[0], None).sparse_in)
+    V = torch.randn(3, K, always.P, generator=gen, dtype=torch.float64)
+    HV = always.matvec(V)
+    assert len(calls) == 3 * 2 * (4 + (not fused_head))  # chunks x batches x masked products (2 in layers 2 and 3, 1 in the head)
+    for r in range(3):
+        torch.testing.assert_close(HV[r], V[r] @ dense_hessian(models[r], batches, loss=loss).T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(HV, never.matvec(V), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(auto.matvec(V), HV, rtol=1e-12, atol=1e-14)
+    idx = torch.tensor([2, 0])
+    torch.testing.assert_close(always.matvec(V[idx], idx=idx), HV[idx], rtol=1e-12, atol=1e-14)
+    (l1, g1), (l2, g2) = always.loss_and_gradient(reuse_state=True), never.loss_and_gradient()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2)
+    torch.testing.assert_close(always.exact_trace(), never.exact_trace())
+
+
 def test_fused_head_applies_only_to_small_last_linears():
     wide = replicas(lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 40)), R=2)
     single = replicas(lambda: nn.Sequential(nn.Linear(4, 3)), R=2)
@@ -228,14 +276,18 @@ def test_fused_head_applies_only_to_small_last_linears():
 
 
 @pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
-def test_state_bytes_per_sample_scales_to_batches_with_sparse_input():
+@pytest.mark.parametrize("hidden", [1, 2])
+def test_state_bytes_per_sample_scales_to_batches_with_sparse_input(hidden):
     """What the memory planner multiplies by samples: the cached state of a sparse-input batch
-    (CSR form and its transpose included) is close to n times the one-sample measurement."""
-    models = replicas(lambda: nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)), R=2, dtype=torch.float32)
+    (CSR form and its transpose included; with two hidden layers, their ReLU CSR forms too) is close
+    to n times the one-sample measurement."""
+    mid = [nn.Linear(16, 16), nn.ReLU()] * (hidden - 1)
+    models = replicas(lambda: nn.Sequential(nn.Linear(784, 16), nn.ReLU(), *mid, nn.Linear(16, 10)), R=2, dtype=torch.float32)
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(64, 784, generator=gen) * (torch.rand(64, 784, generator=gen) < 0.2)
     y = torch.randint(0, 10, (64,), generator=gen)
-    op = fastcurv.HessianOperator(models, (x, y), backend="fused")
+    op = fastcurv.HessianOperator(models, (x, y), backend="fused", backend_options={"sparse_hidden": True})
     st = op.backend._primal(x, y, torch.zeros(1, dtype=torch.long))
     assert st.csr is not None and st.csr_t is not None
+    assert sum(c is not None for c in st.sparse_in + st.sparse_out) == 2 * (hidden - 1)
     assert op.backend.state_bytes_per_sample(x, y) * 64 == pytest.approx(st.nbytes, rel=0.3)

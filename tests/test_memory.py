@@ -71,11 +71,22 @@ def test_available_memory_reads_meminfo():
 
 # --- the cost model and the plan ------------------------------------------------------------------
 def test_state_bytes_per_sample_matches_the_cache():
+    """Exact for dense state; an upper bound where hidden layers' ReLU CSR forms are cached (their
+    size depends on the data: counted as if full)."""
     models, (x, y) = _job(R=3)
-    op = fastcurv.HessianOperator(models, (x, y), backend="fused")
-    per = op.backend.state_bytes_per_sample(x, y)
-    op.matvec(torch.randn(3, op.P, dtype=x.dtype))  # fills the cache with the whole batch's state for 3 replicas
-    assert op.backend._cache_used == 3 * x.shape[0] * per
+    V = torch.randn(3, sum(p.numel() for p in models[0].parameters()), dtype=x.dtype)
+    used = {}
+    for sparse in (False, True):
+        op = fastcurv.HessianOperator(models, (x, y), backend="fused", backend_options={"sparse_hidden": sparse})
+        per = op.backend.state_bytes_per_sample(x, y)
+        op.matvec(V)  # fills the cache with the whole batch's state for 3 replicas
+        used[sparse] = op.backend._cache_used
+        st = op.backend._cache[0][1]
+        if sparse:
+            assert any(c is not None for c in st.sparse_out) and used[True] <= 3 * x.shape[0] * per
+        else:
+            assert used[False] == 3 * x.shape[0] * per
+    assert used[True] > used[False]
 
 
 def test_plan_shrinks_with_the_budget_and_stays_under_it():

@@ -5,8 +5,12 @@
 // shares them). With W^T[r] = the transposed weight [in, out] of replica r:
 //   csr_linear:        z[r, b, :]   = bias[r, :] + sum_k values[k] * W^T[r][indices[k], :],  k in row rows[r, b]
 //   csr_linear_wgrad:  gW^T[r][j, :] = sum_b sum_{k in row rows[r, b], indices[k] == j} values[k] * grad[r, b, :]
+//   csr_masked_linear: z[r, b, p, :] = sum_{k in row rows[r, b]} dense[r, b, p, indices[k]] * W^T[r][indices[k], :]
 // i.e. X[rows[r]] @ W_r^T and X[rows[r]]^T @ grad_r, with only the nonzero inputs multiplied. MNIST
 // pixels are 81% zero, so the first layer of an MLP on MNIST does a fifth of the dense GEMM's work.
+// csr_masked_linear takes only the pattern of X (its values are not read): the values come from P
+// dense rows per CSR row, e.g. the K probes' tangents of a ReLU layer's output, which are zero
+// wherever the output is.
 // Each nonzero adds a scaled row of W^T to an output row tile held in vector registers, or a
 // scaled output-gradient row tile (in registers) to a row of the weight gradient, which is
 // read-modified-written in L1 (the input columns run in blocks, see kBlockBytes). Weights given as
@@ -27,7 +31,8 @@ namespace {
 // The nonzeros k in [k, kend) of one CSR row whose column is below i1 (columns ascend within a
 // row): z (NV vectors in memory) += v_k * w[idx_k]; k moves past them. z is loaded and stored
 // only if there are any.
-template <typename S, int BYTES, int NV>
+// DENSE: val is a dense row read at the nonzeros' columns, else the CSR values.
+template <typename S, int BYTES, int NV, bool DENSE>
 FC_ALWAYS_INLINE void fwd_block(const int32_t* idx, const S* val, int64_t& k, int64_t kend, int64_t i1, const S* w,
                                 int64_t ldw, S* z) {
   if (k == kend || idx[k] >= i1) return;
@@ -39,7 +44,7 @@ FC_ALWAYS_INLINE void fwd_block(const int32_t* idx, const S* val, int64_t& k, in
   for (int i = 0; i < NV; ++i) acc[i] = zv[i];
   do {
     const V* wr = reinterpret_cast<const V*>(w + static_cast<int64_t>(idx[k]) * ldw);
-    const V v = L::splat(val[k]);
+    const V v = L::splat(DENSE ? val[idx[k]] : val[k]);
 #pragma GCC unroll 16
     for (int i = 0; i < NV; ++i) acc[i] += v * wr[i];
   } while (++k < kend && idx[k] < i1);
@@ -85,6 +90,9 @@ struct Args {
   int64_t src_rs;  // replica stride of src
   bool src_t;      // fwd: src holds W^T
   const S* bias;   // fwd only, may be null: [R, out] (contiguous)
+  const S* dense;  // masked fwd only: the values, kd rows [in] per minibatch row (B counts those rows)
+  int64_t dense_rs;  // replica stride of dense
+  int64_t kd;        // output rows per minibatch row: 1, or the masked fwd's dense rows per CSR row
   S* dst;          // fwd: z [R, B, out], or z^T [R, out, B] with dst_t; wgrad: the weight gradient
   int64_t dst_rs;  // replica stride of dst (fwd: B * out unless dst_t)
   bool dst_t;      // fwd: dst holds z^T; wgrad: dst holds the gradient of W^T
@@ -166,23 +174,27 @@ FC_ALWAYS_INLINE void copy_rows(const S* a, int64_t lda, S* b, int64_t ldb, int6
 // tile: rows indexed by input column (fwd: W^T, read; wgrad: the gradient of W^T, accumulated),
 // stride ldt; rowt: one row per minibatch row (fwd: z, accumulated onto its initial values;
 // wgrad: the output gradient, read), stride ldr.
-template <typename S, int BYTES, bool FWD>
+// DENSE (fwd only): the values of row b0 + b are a.dense's row of that index, the pattern is that of
+// CSR row rows[(b0 + b) / kd].
+template <typename S, int BYTES, bool FWD, bool DENSE = false>
 FC_ALWAYS_INLINE void blocked(const Args<S>& a, int64_t r, int64_t b0, int64_t b1, S* tile, int64_t ldt, S* rowt,
                               int64_t ldr, int64_t nc) {
   constexpr int W = FcLanes<S, BYTES>::kWidth;
   const int64_t BI = block_rows<S, BYTES>(ldt);
   const int64_t n = b1 - b0;
   int64_t* cur = fc_scratch<int64_t, 0>(2 * n);  // per row: next nonzero, end of the row
+  auto csr_row = [&](int64_t b) FC_LAMBDA_INLINE { return a.rows[r * a.rs0 + (DENSE ? (b0 + b) / a.kd : b0 + b) * a.rs1]; };
+  auto vals = [&](int64_t b) FC_LAMBDA_INLINE { return DENSE ? a.dense + r * a.dense_rs + (b0 + b) * a.in : a.X.values; };
   auto run = [&](auto nv, int64_t c) FC_LAMBDA_INLINE {
     constexpr int NV = decltype(nv)::value;
     for (int64_t b = 0; b < n; ++b) {
-      const int64_t row = a.rows[r * a.rs0 + (b0 + b) * a.rs1];
+      const int64_t row = csr_row(b);
       cur[2 * b] = a.X.indptr[row], cur[2 * b + 1] = a.X.indptr[row + 1];
     }
     for (int64_t i1 = BI; i1 - BI < a.in; i1 += BI)
       for (int64_t b = 0; b < n; ++b) {
         if (FWD)
-          fwd_block<S, BYTES, NV>(a.X.indices, a.X.values, cur[2 * b], cur[2 * b + 1], i1, tile + c, ldt, rowt + b * ldr + c);
+          fwd_block<S, BYTES, NV, DENSE>(a.X.indices, vals(b), cur[2 * b], cur[2 * b + 1], i1, tile + c, ldt, rowt + b * ldr + c);
         else
           wgrad_block<S, BYTES, NV>(a.X.indices, a.X.values, cur[2 * b], cur[2 * b + 1], i1, rowt + b * ldr + c, tile + c, ldt);
       }
@@ -192,13 +204,13 @@ FC_ALWAYS_INLINE void blocked(const Args<S>& a, int64_t r, int64_t b0, int64_t b
   for (; c + W <= nc; c += W) run(std::integral_constant<int, 1>{}, c);
   for (; c < nc; ++c)
     for (int64_t b = 0; b < n; ++b) {
-      const int64_t row = a.rows[r * a.rs0 + (b0 + b) * a.rs1];
+      const int64_t row = csr_row(b);
       const int32_t* idx = a.X.indices;
-      const S* val = a.X.values;
+      const S* val = vals(b);
       S* rc = rowt + b * ldr + c;
       for (int64_t k = a.X.indptr[row]; k < a.X.indptr[row + 1]; ++k) {
         if (FWD)
-          *rc += val[k] * tile[static_cast<int64_t>(idx[k]) * ldt + c];
+          *rc += (DENSE ? val[idx[k]] : val[k]) * tile[static_cast<int64_t>(idx[k]) * ldt + c];
         else
           tile[static_cast<int64_t>(idx[k]) * ldt + c] += val[k] * *rc;
       }
@@ -206,7 +218,7 @@ FC_ALWAYS_INLINE void blocked(const Args<S>& a, int64_t r, int64_t b0, int64_t b
 }
 
 // z rows [b0, b1) of replica r.
-template <typename S, int BYTES>
+template <typename S, int BYTES, bool DENSE>
 FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t b1) {
   constexpr int64_t TW = kTileCols<S, BYTES>;
   S* w = const_cast<S*>(a.src + r * a.src_rs);  // only read
@@ -239,7 +251,7 @@ FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t 
           std::memset(zt + b * ldz, 0, sizeof(S) * tw);
         }
       }
-      blocked<S, BYTES, true>(a, r, s0, s1, wt, ldw, zt, ldz, tw);
+      blocked<S, BYTES, true, DENSE>(a, r, s0, s1, wt, ldw, zt, ldz, tw);
       if (a.dst_t)
         transpose<S>(zt, tw, z, a.B, s1 - s0, tw, a.accumulate);
       else if (gather)
@@ -290,11 +302,11 @@ FC_ALWAYS_INLINE void wgrad_item(const Args<S>& a, int64_t r, int64_t c0, int64_
 
 // fwd: the rows p in [p0, p1) of the flattened R x B, replica by replica; wgrad: the work items
 // (replica, column block) q in [q0, q1).
-template <typename S, int BYTES>
+template <typename S, int BYTES, bool DENSE>
 FC_ALWAYS_INLINE void fwd_range(const Args<S>& a, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1;) {
     const int64_t r = p / a.B, b1 = std::min(a.B, p1 - r * a.B);
-    fwd_rows<S, BYTES>(a, r, p - r * a.B, b1);
+    fwd_rows<S, BYTES, DENSE>(a, r, p - r * a.B, b1);
     p = r * a.B + b1;
   }
 }
@@ -311,24 +323,23 @@ FC_ALWAYS_INLINE void wgrad_range(const Args<S>& a, int64_t q0, int64_t q1) {
 // The loops for AVX-512 (zmm), AVX2 + FMA (ymm) and the baseline, one picked at run time.
 template <typename S>
 using RangeFn = FcRangeFn<Args<S>>;
-template <typename S>
-RangeFn<S> pick_fwd() { return fc_pick_range_widths<&fwd_range<S, 64>, &fwd_range<S, 32>, &fwd_range<S, 16>, Args<S>>(); }
+template <typename S, bool DENSE = false>
+RangeFn<S> pick_fwd() {
+  return fc_pick_range_widths<&fwd_range<S, 64, DENSE>, &fwd_range<S, 32, DENSE>, &fwd_range<S, 16, DENSE>, Args<S>>();
+}
 template <typename S>
 RangeFn<S> pick_wgrad() {
   return fc_pick_range_widths<&wgrad_range<S, 64>, &wgrad_range<S, 32>, &wgrad_range<S, 16>, Args<S>>();
 }
 
-// Checks shared by both ops (the column indices are validated once, where the CSR matrix is built);
-// returns (R, B).
-std::tuple<int64_t, int64_t> check_csr(const char* op, const at::Tensor& indptr, const at::Tensor& indices,
-                                       const at::Tensor& values, const at::Tensor& rows) {
+// Checks of the CSR pattern and the row table, shared by all ops (the column indices are validated
+// once, where the CSR matrix is built); returns (R, B).
+std::tuple<int64_t, int64_t> check_pattern(const char* op, const at::Tensor& indptr, const at::Tensor& indices,
+                                           const at::Tensor& rows) {
   TORCH_CHECK(indptr.dim() == 1 && indptr.scalar_type() == at::kLong && indptr.is_contiguous() && indptr.numel() >= 1,
               op, ": indptr must be a contiguous int64 vector [N+1]");
   TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kInt && indices.is_contiguous(), op,
               ": indices must be a contiguous int32 vector [nnz]");
-  TORCH_CHECK(values.dim() == 1 && values.numel() == indices.numel() && values.is_contiguous(), op,
-              ": values must be a contiguous vector with one entry per index, got ", values.sizes(), " for ",
-              indices.numel(), " indices");
   TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kLong, op, ": rows must be int64 [R, B], got ",
               rows.scalar_type(), " ", rows.sizes());
   const int64_t N = indptr.numel() - 1;
@@ -342,14 +353,24 @@ std::tuple<int64_t, int64_t> check_csr(const char* op, const at::Tensor& indptr,
   return {rows.size(0), rows.size(1)};
 }
 
-// The fields of Args that describe the data and the minibatch.
+// check_pattern and the values.
+std::tuple<int64_t, int64_t> check_csr(const char* op, const at::Tensor& indptr, const at::Tensor& indices,
+                                       const at::Tensor& values, const at::Tensor& rows) {
+  auto rb = check_pattern(op, indptr, indices, rows);
+  TORCH_CHECK(values.dim() == 1 && values.numel() == indices.numel() && values.is_contiguous(), op,
+              ": values must be a contiguous vector with one entry per index, got ", values.sizes(), " for ",
+              indices.numel(), " indices");
+  return rb;
+}
+
+// The fields of Args that describe the data and the minibatch (values: null for a pattern).
 template <typename S>
-Args<S> data_args(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values, const at::Tensor& rows,
+Args<S> data_args(const at::Tensor& indptr, const at::Tensor& indices, const S* values, const at::Tensor& rows,
                   int64_t in, int64_t out) {
   Args<S> a{};
-  a.X = {indptr.data_ptr<int64_t>(), indices.data_ptr<int32_t>(), values.data_ptr<S>()};
+  a.X = {indptr.data_ptr<int64_t>(), indices.data_ptr<int32_t>(), values};
   a.rows = rows.data_ptr<int64_t>();
-  a.rs0 = rows.stride(0), a.rs1 = rows.stride(1), a.B = rows.size(1), a.in = in, a.out = out;
+  a.rs0 = rows.stride(0), a.rs1 = rows.stride(1), a.B = rows.size(1), a.in = in, a.out = out, a.kd = 1;
   return a;
 }
 
@@ -391,7 +412,7 @@ at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, 
   if (R * B == 0 || nout == 0) return z;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "csr_linear", [&] {
     const RangeFn<scalar_t> fn = pick_fwd<scalar_t>();
-    Args<scalar_t> a = data_args<scalar_t>(indptr, indices, values, rows, in, nout);
+    Args<scalar_t> a = data_args<scalar_t>(indptr, indices, values.data_ptr<scalar_t>(), rows, in, nout);
     a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t;
     a.bias = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     a.dst = z.data_ptr<scalar_t>(), a.dst_rs = z.stride(0), a.dst_t = out_t, a.accumulate = accumulate;
@@ -427,7 +448,7 @@ void csr_linear_wgrad_cpu(const at::Tensor& indptr, const at::Tensor& indices, c
   if (R == 0 || nout == 0) return;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "csr_linear_wgrad", [&] {
     const RangeFn<scalar_t> fn = pick_wgrad<scalar_t>();
-    Args<scalar_t> a = data_args<scalar_t>(indptr, indices, values, rows, in, nout);
+    Args<scalar_t> a = data_args<scalar_t>(indptr, indices, values.data_ptr<scalar_t>(), rows, in, nout);
     a.src = grad.data_ptr<scalar_t>();
     a.dst = out.data_ptr<scalar_t>(), a.dst_rs = out.stride(0), a.dst_t = out_t, a.accumulate = accumulate;
     const int64_t nblk = (nout + kWgradBlock - 1) / kWgradBlock;
@@ -435,9 +456,43 @@ void csr_linear_wgrad_cpu(const at::Tensor& indptr, const at::Tensor& indices, c
   });
 }
 
+// A [R, B, P, d] tensor whose last three dims are contiguous (any replica stride).
+void check_rows4(const char* name, const at::Tensor& t, int64_t R, int64_t B, int64_t d, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == R && t.size(1) == B && t.size(3) == d, "csr_masked_linear: ", name,
+              " must be [R = ", R, ", B = ", B, ", P, ", d, "], got ", t.sizes());
+  TORCH_CHECK(t.stride(3) == 1 && (t.size(2) <= 1 || t.stride(2) == d) && (t.size(1) <= 1 || t.stride(1) == t.size(2) * d),
+              "csr_masked_linear: ", name, "'s last three dims must be contiguous, got strides ", t.strides());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "csr_masked_linear: ", name, " is ", t.scalar_type(),
+              " but weight is ", like.scalar_type());
+}
+
+// out[r, b, p] (+)= dense[r, b, p] masked to the pattern of CSR row rows[r, b], times W[r]^T.
+void csr_masked_linear_out_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& rows,
+                               const at::Tensor& dense, const at::Tensor& weight, bool weight_t, at::Tensor& out,
+                               bool accumulate) {
+  auto [R, B] = check_pattern("csr_masked_linear", indptr, indices, rows);
+  check_weight("csr_masked_linear", "weight", weight, R, weight);
+  const int64_t in = weight.size(weight_t ? 1 : 2), nout = weight.size(weight_t ? 2 : 1);
+  check_rows4("dense", dense, R, B, in, weight);
+  const int64_t P = dense.size(2);
+  check_rows4("out", out, R, B, nout, weight);
+  TORCH_CHECK(out.size(2) == P, "csr_masked_linear: out has ", out.size(2), " rows per minibatch row, dense ", P);
+  if (R * B * P == 0 || nout == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "csr_masked_linear", [&] {
+    const RangeFn<scalar_t> fn = pick_fwd<scalar_t, true>();
+    Args<scalar_t> a = data_args<scalar_t>(indptr, indices, nullptr, rows, in, nout);
+    a.B = B * P, a.kd = P;
+    a.dense = dense.data_ptr<scalar_t>(), a.dense_rs = dense.stride(0);
+    a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t;
+    a.dst = out.data_ptr<scalar_t>(), a.dst_rs = out.stride(0), a.accumulate = accumulate;
+    at::parallel_for(0, R * a.B, 16, [&](int64_t p0, int64_t p1) { fn(a, p0, p1); });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcurv, CPU, m) {
+  m.impl("csr_masked_linear_out", &csr_masked_linear_out_cpu);
   m.impl("csr_linear", &csr_linear_cpu);
   m.impl("csr_linear_out", &csr_linear_out_cpu);
   m.impl("csr_linear_wgrad", &csr_linear_wgrad_cpu);

@@ -46,7 +46,8 @@ from torch import nn
 from ..ops import (act_derivs, act_rop_bwd, activation_kind, activation_value, bn_eval_rop_bwd, bn_eval_rop_fwd, bn_rop_bwd,
                    softmax_ce_hvp)
 from .. import _ext
-from ..ops.csr_linear import csr_linear, csr_linear_wgrad_shared, sparse_rows
+from ..ops.csr_linear import (CsrRows, csr_linear, csr_linear_wgrad, csr_linear_wgrad_shared, csr_masked_linear,
+                              sparse_rows)
 from ..ops.head_hvp import HEAD_MAX_OUTPUTS, head_hvp
 from ..ops.linear_rop import in_fused_engine, linear_rop
 from ..replicas import consecutive_runs
@@ -60,6 +61,10 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 # scattering the product back cost more than the skipped flops.
 ZERO_COLUMNS_MIN_FRACTION = 0.05
 ZERO_COLUMNS_MIN_ROWS = 128
+#: A hidden Linear layer between ReLUs takes the sparse path in the MLP engine's matvecs (CPU) when at
+#: most this fraction of its input (the ReLU output before it), or of its output's ReLU mask, is
+#: nonzero in a batch: ``python /tmp`` -- see ``benchmarks/bench_kernels.py --relu-sparse``.
+HIDDEN_SPARSE_MAX_DENSITY = 0.6
 
 _ACTS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 @dataclass
@@ -215,6 +220,40 @@ def _scatter_columns_(dst: torch.Tensor, keep: torch.Tensor, zero: torch.Tensor,
     dst.index_add_(-1, keep, src)
 
 
+@dataclass
+class _ReluCsr:
+    """A ``[R, N, F]`` tensor of R replicas stacked in one CSR matrix ``[R*N, F]`` (``rows[r]``: replica
+    r's rows), optionally with its per-replica transposes ``[R*F, N]`` (``rows_t[r]``: replica r's)."""
+
+    csr: CsrRows
+    rows: torch.Tensor
+    csr_t: CsrRows | None = None
+    rows_t: torch.Tensor | None = None
+
+    @staticmethod
+    def build(t: torch.Tensor, mask: torch.Tensor | None = None, transpose: bool = False) -> "_ReluCsr":
+        """Of ``t [R, N, F]`` (entries where ``mask`` is True, default nonzero)."""
+        R, N, F_ = t.shape
+        ar = lambda n, m: torch.arange(n * m, device=t.device).view(n, m)
+        csr_t = rows_t = None
+        if transpose:
+            mt = None if mask is None else mask.transpose(1, 2).reshape(R * F_, N)
+            csr_t, rows_t = CsrRows.from_dense(t.transpose(1, 2).reshape(R * F_, N), mt), ar(R, F_)
+        return _ReluCsr(CsrRows.from_dense(t.reshape(R * N, F_), None if mask is None else mask.reshape(R * N, F_)),
+                        ar(R, N), csr_t, rows_t)
+
+    def map_rows(self, f) -> "_ReluCsr":
+        return _ReluCsr(self.csr, f(self.rows), self.csr_t, None if self.rows_t is None else f(self.rows_t))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes that scale with the samples (the transposes' row pointers do not)."""
+        ts = [self.csr.indptr, self.csr.indices, self.csr.values]
+        if self.csr_t is not None:
+            ts += [self.csr_t.indices, self.csr_t.values]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
 def _all_rows(N: int, R: int, device) -> torch.Tensor:
     """Row ids ``[R, N]`` of a whole batch, shared by R replicas (a stride-0 expand)."""
     return torch.arange(N, device=device).expand(R, N)
@@ -267,6 +306,10 @@ class _State:
         self.d1: list = []  # per activation: sigma'(z) [R, N, F] (None before the first linear)
         self.d2g: list = []  # per activation: sigma''(z) * g [R, N, F], or None when identically zero
         self.deltas: list = []  # per linear layer: dL/dz [R, N, O]
+        # per linear layer (None: dense): its input after a ReLU in CSR form with transposes (sparse_in),
+        # and its output's ReLU pattern holding the deltas (sparse_out); see HIDDEN_SPARSE_MAX_DENSITY
+        self.sparse_in: list = []
+        self.sparse_out: list = []
         self.probs = None  # softmax probabilities [R, N, C] (cross-entropy)
         self.loss = None  # this batch's share of the loss per replica [R]
         self.nbytes = 0
@@ -280,6 +323,8 @@ class _State:
         out.d1 = [g(t) for t in self.d1]
         out.d2g = [g(t) for t in self.d2g]
         out.deltas = [g(t) for t in self.deltas]
+        out.sparse_in = [None if c is None else c.map_rows(f) for c in self.sparse_in]
+        out.sparse_out = [None if c is None else c.map_rows(f) for c in self.sparse_out]
         out.probs = g(self.probs)
         out.loss = g(self.loss)
         return out
@@ -313,6 +358,11 @@ class FusedBackend(Backend):
         fused_head: on the CPU, a last Linear layer with at most ``HEAD_MAX_OUTPUTS`` (32) outputs
             runs with the loss in one kernel (:mod:`fastcurv.ops.head_hvp`) instead of six thin
             GEMMs (einsums in conv nets, there for at least 32 inputs) and the loss R-op.
+        sparse_hidden: MLP chains on the CPU compute the matvec's products of a Linear layer between
+            ReLUs from the nonzero entries of its ReLU input, and of its output's ReLU pattern,
+            (the probe's tangents vanish where the ReLU does): None (default) where at most
+            ``HIDDEN_SPARSE_MAX_DENSITY`` (0.6) of them are nonzero in a batch (about half at
+            initialization), True always, False never.
     """
 
     name = "fused"
@@ -336,7 +386,8 @@ class FusedBackend(Backend):
 
     def __init__(self, replicas, loss, batches, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, sample_chunk_bytes: int | None = None,
-                 drop_zero_columns: bool = True, sparse_input: bool | None = None, fused_head: bool = True):
+                 drop_zero_columns: bool = True, sparse_input: bool | None = None, fused_head: bool = True,
+                 sparse_hidden: bool | None = None):
         super().__init__(replicas, loss, batches)
         ok, why = self.supports(replicas, loss)
         if not ok:
@@ -347,11 +398,18 @@ class FusedBackend(Backend):
         self.sample_chunk_bytes = sample_chunk_bytes
         self.drop_zero_columns = drop_zero_columns
         self.sparse_input = sparse_input
+        self.sparse_hidden = sparse_hidden
         self._maps = _MapEngine(self.layers, loss, fused_head) if _is_general(self.layers) else None
         linears = [l for l in self.layers if l.kind == "linear"]
         # the last layer a Linear with few outputs, not the first (its input has a tangent)
         self.fused_head = (fused_head and self._maps is None and self.layers[-1].kind == "linear" and len(linears) > 1
                            and replicas.params[linears[-1].weight].shape[1] <= HEAD_MAX_OUTPUTS)
+        # per Linear layer of an MLP chain: whether a ReLU joins it to a Linear layer before / after it
+        relu = lambda j: 0 <= j < len(self.layers) and self.layers[j].kind == "act" and self.layers[j].act == activation_kind("relu")
+        lin_at = lambda j: 0 <= j < len(self.layers) and self.layers[j].kind == "linear"
+        # (the first Linear layer's input is the data: it has no tangent, so no use for the pattern after it)
+        at = [j for j, l in enumerate(self.layers) if l.kind == "linear"]
+        self._relu_around = [(relu(j - 1) and lin_at(j - 2), n > 0 and relu(j + 1) and lin_at(j + 2)) for n, j in enumerate(at)]
         self._cache: dict[int, tuple[torch.Tensor | None, _State]] = {}
         self._subset: dict[int, tuple[torch.Tensor, _State]] = {}
         self._cache_used = 0
@@ -364,7 +422,11 @@ class FusedBackend(Backend):
         self._cache_full = False
 
     # --- probe-independent pass --------------------------------------------------------------
-    def _primal(self, x, y, idx) -> _State:
+    def _primal(self, x, y, idx, sparse_hidden: bool | None | str = None) -> _State:
+        """The probe-independent state of batch ``(x, y)`` for replicas ``idx``; ``sparse_hidden``:
+        whether to build the hidden layers' CSR forms (False: not, the gradient does not read them;
+        True: wherever they apply, whatever the density; None: this backend's setting; "bound":
+        wherever they may apply, every entry stored, for the memory planner's upper bound)."""
         if self._maps is not None:
             params, buffers = self.replicas.subset(idx)
             return self._maps.primal(x, y, params, buffers)
@@ -423,10 +485,34 @@ class FusedBackend(Backend):
                 g = d1 * g
         st.deltas = deltas[::-1]
         st.d1, st.d2g = d1s[::-1], d2gs[::-1]
+        self._relu_csr(st, self.sparse_hidden if sparse_hidden is None else sparse_hidden)
         # X^T's row pointers (one per input feature) are left out: state_bytes_per_sample scales these by samples
         csr = [] if st.csr is None else [st.csr.indptr, st.csr.indices, st.csr.values, st.csr_t.indices, st.csr_t.values]
         st.nbytes = sum(t.numel() * t.element_size() for t in [*st.inputs[1:], *st.deltas, *[d for d in st.d1 + st.d2g if d is not None], *csr] + ([st.probs] if st.probs is not None else []))
+        st.nbytes += sum(c.nbytes for c in st.sparse_in + st.sparse_out if c is not None)
         return st
+
+    def _relu_csr(self, st: _State, sparse_hidden: bool | None):
+        """Fill ``st.sparse_in`` / ``st.sparse_out``: CSR forms of the hidden Linear layers' ReLU
+        inputs and of their outputs' ReLU patterns (holding the deltas), for the matvec's sparse
+        products (:func:`~fastcurv.ops.csr_linear.csr_masked_linear` and friends), where
+        ``sparse_hidden`` allows (None: at most ``HIDDEN_SPARSE_MAX_DENSITY`` nonzero)."""
+        n = len(st.inputs)
+        st.sparse_in, st.sparse_out = [None] * n, [None] * n
+        dev = st.deltas[0].device
+        if sparse_hidden is False or dev.type != "cpu" or not _ext.has_kernel("csr_masked_linear_out", "cpu"):
+            return
+        dense = lambda m: sparse_hidden is None and float(m.sum()) > HIDDEN_SPARSE_MAX_DENSITY * m.numel()
+        pattern = (lambda t: torch.ones_like(t, dtype=torch.bool)) if sparse_hidden == "bound" else (lambda t: t != 0)
+        for lin, (before, after) in enumerate(self._relu_around):
+            if before and not (self.fused_head and lin == n - 1):  # the head kernel reads the dense input
+                mask = pattern(st.inputs[lin])
+                if not dense(mask):
+                    st.sparse_in[lin] = _ReluCsr.build(st.inputs[lin], mask, transpose=True)
+            if after:
+                mask = pattern(st.inputs[lin + 1])  # ReLU(z) != 0 exactly where the ReLU passes its gradient
+                if not dense(mask):
+                    st.sparse_out[lin] = _ReluCsr.build(st.deltas[lin], mask)
 
     def _state(self, i, x, y, idx) -> _State:
         hit = self._cache.get(i)
@@ -458,9 +544,11 @@ class FusedBackend(Backend):
         """Bytes of cached per-batch state for ONE replica and ONE sample (what ``cache_bytes``
         pays for), measured by running the probe-independent pass for replica 0 on the first
         sample of ``x`` / ``y``. Every cached tensor has one row per sample, so a batch of n
-        samples and c replicas needs about ``c * n`` times this (used by :mod:`fastcurv.memory`)."""
+        samples and c replicas needs about ``c * n`` times this (used by :mod:`fastcurv.memory`);
+        the hidden layers' CSR forms (``sparse_hidden``) are counted with every entry stored, an
+        upper bound (they are built at most ``HIDDEN_SPARSE_MAX_DENSITY`` full by default)."""
         idx = torch.zeros(1, dtype=torch.long, device=x.device)
-        return int(self._primal(x[:1], y[:1], idx).nbytes)
+        return int(self._primal(x[:1], y[:1], idx, sparse_hidden=False if self.sparse_hidden is False else "bound").nbytes)
 
     def _positions(self, rows, idx):
         """Positions of replicas ``idx`` within cached ``rows`` (None = all), or None if not covered."""
@@ -503,7 +591,7 @@ class FusedBackend(Backend):
                 if where is not None:
                     st = st.select(where.to(x.device))
             else:
-                st = self._primal(x, y, idx)
+                st = self._primal(x, y, idx, sparse_hidden=False)
             total = st.loss if total is None else total + st.loss
             lin = 0
             for layer in self.layers:
@@ -727,8 +815,11 @@ class FusedBackend(Backend):
                 O, I = W.shape[1], W.shape[2]
                 fwd, _ = dWt[layer.weight]
                 db = None if layer.bias is None else vecs[pos[layer.bias]].reshape(R, K * O)  # the first product starts from it
+                sp = st.sparse_in[lin]
                 if fwd is None and st.csr is not None:  # sparse input: the probe block as [R, K*O, I] (a view at K=1)
                     rz = csr_linear(st.csr, _all_rows(N, R, a.device), vecs[pos[layer.weight]].reshape(R, K * O, I), db)
+                elif sp is not None:  # from the ReLU input's nonzeros
+                    rz = csr_linear(sp.csr, sp.rows, fwd.transpose(1, 2), db)
                 else:
                     if fwd is None:  # the first layer: [R, I, K*O], or [R, I_kept, K*O] (the probe's kept columns)
                         dW = vecs[pos[layer.weight]]
@@ -737,7 +828,9 @@ class FusedBackend(Backend):
                     a3 = a.expand(R, *a.shape) if a.dim() == 2 else a
                     rz = torch.bmm(a3, fwd) if db is None else torch.baddbmm(db.unsqueeze(1), a3, fwd)
                 rz = rz.view(R, N, K, O)
-                if ra is not None:  # in place: these tensors are R*N*K*F large
+                if ra is not None and sp is not None:  # ra vanishes where the ReLU input does
+                    csr_masked_linear(sp.csr, sp.rows, ra, W, out=rz, accumulate=True)
+                elif ra is not None:  # in place: these tensors are R*N*K*F large
                     rz.view(R, N * K, O).baddbmm_(ra.view(R, N * K, I), W.transpose(1, 2))
                 ra = rz
                 lin += 1
@@ -773,21 +866,31 @@ class FusedBackend(Backend):
                 O, I = W.shape[1], W.shape[2]
                 j = pos[layer.weight]
                 rdT = rd.reshape(R, N, K * O).transpose(1, 2)  # [R, K*O, N]
+                sp_in, sp_out = st.sparse_in[lin], st.sparse_out[lin]
                 if lin == 0 and st.csr is not None:  # from the nonzero inputs, written in place
                     csr_linear_wgrad_shared(st.csr_t, rd.reshape(R, N, K * O), out=out[j].view(R, K * O, I), accumulate=not first)
+                elif sp_in is not None:
+                    csr_linear_wgrad_shared(sp_in.csr_t, rd.reshape(R, N, K * O), out=out[j].view(R, K * O, I),
+                                            accumulate=not first, rows=sp_in.rows_t)
                 elif lin == 0 and st.keep is not None:
                     _scatter_columns_(out[j].view(R, K * O, I), st.keep, st.zero, torch.bmm(rdT, a.expand(R, *a.shape)), first)
                 else:
                     out[j].view(R, K * O, I).baddbmm_(rdT, a.expand(R, *a.shape) if a.dim() == 2 else a, beta=0 if first else 1)
                 ra_in = rin[lin]
-                if ra_in is not None:
-                    out[j] += torch.bmm(delta.transpose(1, 2), ra_in.view(R, N, K * I)).view(R, O, K, I).transpose(1, 2)
+                if ra_in is not None:  # delta^T ra_in [R, O, K*I], from the output's ReLU pattern where sparse
+                    dra = (torch.bmm(delta.transpose(1, 2), ra_in.view(R, N, K * I)) if sp_out is None else
+                           csr_linear_wgrad(sp_out.csr, sp_out.rows, ra_in.view(R, N, K * I),
+                                            out=delta.new_empty(R, O, K * I).transpose(1, 2)).transpose(1, 2))
+                    out[j] += dra.view(R, O, K, I).transpose(1, 2)
                 if layer.bias is not None:
                     if first:
                         torch.sum(rd, 1, out=out[pos[layer.bias]])
                     else:
                         out[pos[layer.bias]] += rd.sum(1)
-                if a.dim() == 3:
+                if a.dim() == 3 and sp_out is not None:  # rd vanishes outside the output's ReLU pattern
+                    rg = csr_linear(sp_out.csr, sp_out.rows, dWt[layer.weight][1].transpose(1, 2))
+                    rd = csr_masked_linear(sp_out.csr, sp_out.rows, rd, W.transpose(1, 2), out=rg.view(R, N, K, I), accumulate=True)
+                elif a.dim() == 3:
                     rg = torch.bmm(rd.reshape(R, N * K, O), W)
                     rg.view(R, N, K * I).baddbmm_(delta, dWt[layer.weight][1])
                     rd = rg.view(R, N, K, I)

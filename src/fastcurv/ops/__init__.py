@@ -10,7 +10,7 @@ from .bn_eval_rop_bwd import bn_eval_rop_bwd, bn_eval_rop_bwd_reference
 from .bn_eval_rop_fwd import bn_eval_rop_fwd, bn_eval_rop_fwd_reference
 from .bn_rop_bwd import bn_rop_bwd, bn_rop_bwd_reference
 from .csr_linear import (CsrRows, csr_linear, csr_linear_reference, csr_linear_wgrad, csr_linear_wgrad_reference,
-                         csr_linear_wgrad_shared)
+                         csr_linear_wgrad_shared, csr_masked_linear, csr_masked_linear_reference)
 from .head_hvp import head_hvp, head_hvp_reference
 from .softmax_ce_hvp import softmax_ce_hvp, softmax_ce_hvp_reference
 
@@ -38,6 +38,8 @@ __all__ = [
     "csr_linear_wgrad",
     "csr_linear_wgrad_reference",
     "csr_linear_wgrad_shared",
+    "csr_masked_linear",
+    "csr_masked_linear_reference",
     "head_hvp",
     "head_hvp_reference",
     "softmax_ce_hvp",

@@ -43,14 +43,17 @@ class CsrRows:
     in_features: int
 
     @staticmethod
-    def from_dense(x: torch.Tensor) -> "CsrRows":
-        """CSR form of the rows of ``x [N, ...]`` (each sample flattened to one row)."""
+    def from_dense(x: torch.Tensor, mask: torch.Tensor | None = None) -> "CsrRows":
+        """CSR form of the rows of ``x [N, ...]`` (each sample flattened to one row): its nonzero
+        entries, or with ``mask`` (bool, x's shape) the entries where ``mask`` is True, zeros included."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
             raise TypeError("x must be a floating-point tensor [N, ...]")
         flat = x.detach().reshape(len(x), -1)
         if flat.shape[1] >= 2**31:
             raise ValueError(f"rows of {flat.shape[1]} features do not fit int32 column indices")
-        nz = flat != 0
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape):
+            raise ValueError(f"mask must be a bool tensor of x's shape {tuple(x.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        nz = flat != 0 if mask is None else mask.reshape(flat.shape)
         indptr = torch.zeros(len(flat) + 1, dtype=torch.int64, device=x.device)
         torch.cumsum(nz.sum(1), 0, out=indptr[1:])
         idx = nz.nonzero()  # row-major order: rows in turn, columns ascending within a row
@@ -75,6 +78,13 @@ class CsrRows:
         indptr = torch.zeros(self.in_features + 1, dtype=torch.int64, device=counts.device)
         torch.cumsum(torch.bincount(cols, minlength=self.in_features), 0, out=indptr[1:])
         return CsrRows(indptr, rows[order].contiguous(), self.values[order].contiguous(), self.num_rows)
+
+    def pattern(self) -> torch.Tensor:
+        """Where entries are stored: bool ``[N, in_features]``."""
+        m = torch.zeros(self.num_rows, self.in_features, dtype=torch.bool, device=self.indptr.device)
+        rows = torch.repeat_interleave(torch.arange(self.num_rows, device=m.device), self.indptr.diff())
+        m[rows, self.indices.long()] = True
+        return m
 
     def to_dense(self) -> torch.Tensor:
         """``X [N, in_features]``."""
@@ -151,6 +161,54 @@ def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch
     return csr_linear_reference(X, rows, weight, bias)
 
 
+def csr_masked_linear_reference(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Dense reference of :func:`csr_masked_linear`: ``(dense * mask) @ weight[r]^T``."""
+    mask = P.pattern()[rows].unsqueeze(2)  # [R, B, 1, in]
+    R, B, K, _ = dense.shape
+    return torch.bmm((dense * mask).reshape(R, B * K, -1), weight.transpose(1, 2)).view(R, B, K, -1)
+
+
+def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor,
+                      out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+    """``out[r, b, k] (+)= (dense[r, b, k] * m) @ weight[r]^T`` with ``m`` the 0/1 pattern of ``P``'s row
+    ``rows[r, b]``: a product of rows that are known to vanish outside a sparse pattern (the K probes'
+    tangents of a ReLU layer's output, zero where the output is), multiplying only inside it.
+
+    P: the patterns (:class:`CsrRows`; its values are not read). rows: int64 ``[R, B]``. dense: ``[R, B,
+    K, in]``; weight: ``[R, out, in]`` (either layout, as in :func:`csr_linear`); out: ``[R, B, K, out]``
+    or None (a new tensor); ``accumulate`` adds to ``out``. The kernel reads dense and writes out with
+    their last three dims contiguous (any replica stride); other layouts are copied.
+    """
+    _check(P, rows, weight.dtype)
+    R, B = rows.shape
+    if dense.dim() != 4 or dense.shape[:2] != (R, B) or dense.shape[3] != P.in_features or dense.dtype != weight.dtype:
+        raise ValueError(f"dense must be [R, B, K, in] = [{R}, {B}, K, {P.in_features}] of the weight's dtype {weight.dtype}, "
+                         f"got {dense.dtype} {tuple(dense.shape)}")
+    if weight.dim() != 3 or weight.shape[0] != R or weight.shape[2] != P.in_features:
+        raise ValueError(f"weight must be [R = {R}, out, in = {P.in_features}], got {tuple(weight.shape)}")
+    shape = (R, B, dense.shape[2], weight.shape[1])
+    if out is None:
+        out, accumulate = torch.empty(shape, dtype=dense.dtype, device=dense.device), False
+    elif tuple(out.shape) != shape:
+        raise ValueError(f"out must be {list(shape)}, got {tuple(out.shape)}")
+    if dense.device.type == "cpu" and _ext.choose("csr_masked_linear_out", dense.device) == "ext":
+        w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
+        o = out if _rows_contiguous(out) else torch.empty(shape, dtype=out.dtype, device=out.device)
+        d = dense if _rows_contiguous(dense) else dense.contiguous()
+        torch.ops.fastcurv.csr_masked_linear_out(P.indptr, P.indices, rows, d, w, transposed, o,
+                                                 accumulate and o is out)
+        if o is not out:
+            out.add_(o) if accumulate else out.copy_(o)
+        return out
+    z = csr_masked_linear_reference(P, rows, dense, weight)
+    return out.add_(z) if accumulate else out.copy_(z)
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """Whether ``t [R, B, K, d]``'s last three dims are contiguous (any replica stride)."""
+    return t[:1].is_contiguous() if t.shape[0] else True
+
+
 def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None,
                      accumulate: bool = False) -> torch.Tensor:
     """Weight gradient of :func:`csr_linear`: ``grad[r]^T @ X[rows[r]]``, ``[R, out, in]``.
@@ -176,9 +234,11 @@ def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: to
 
 
 def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor | None = None,
-                            accumulate: bool = False) -> torch.Tensor:
+                            accumulate: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`csr_linear_wgrad` for one minibatch ``X [B, in]`` that every replica reads (all rows
-    in order), given as ``Xt = X.transpose()``: ``grad[r]^T @ X``, ``[R, out, in]``.
+    in order), given as ``Xt = X.transpose()``: ``grad[r]^T @ X``, ``[R, out, in]``. With ``rows``
+    (int64 ``[R, in]``), replica r reads its own ``X_r^T = Xt[rows[r]]`` instead (per-replica
+    inputs, e.g. hidden layers' ReLU outputs, stacked in one CSR matrix).
 
     The kernel runs the forward product's loop over the columns of X, ``(X^T @ grad[r])^T``, so
     each tile of a weight-gradient row is summed in registers rather than read and written in L1
@@ -193,15 +253,20 @@ def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor |
     if Xt.values.dtype != grad.dtype:
         raise TypeError(f"Xt holds {Xt.values.dtype} values but grad is {grad.dtype}")
     R, _, n_out = grad.shape
+    if rows is None:
+        rows = torch.arange(Xt.num_rows, device=grad.device).expand(R, Xt.num_rows)
+    else:
+        _check(Xt, rows, grad.dtype)
+        if rows.shape[0] != R:
+            raise ValueError(f"rows must be [R = {R}, in], got {tuple(rows.shape)}")
     if out is None:
-        out = torch.empty(R, n_out, Xt.num_rows, dtype=grad.dtype, device=grad.device)
+        out = torch.empty(R, n_out, rows.shape[1], dtype=grad.dtype, device=grad.device)
         accumulate = False
     layout = _kernel_layout(out)
     if grad.device.type == "cpu" and _ext.choose("csr_linear_out", grad.device) == "ext" and layout is not None:
         o, transposed = layout  # the kernel writes z = X^T grad [R, in, out], here transposed unless out is
-        rows = torch.arange(Xt.num_rows, device=grad.device).expand(R, Xt.num_rows)
         torch.ops.fastcurv.csr_linear_out(Xt.indptr, Xt.indices, Xt.values, rows, grad.contiguous(), None, True, o,
                                           not transposed, accumulate)
         return out
-    g = torch.bmm(grad.transpose(1, 2), Xt.to_dense().t().expand(R, -1, -1))
+    g = torch.bmm(grad.transpose(1, 2), Xt.to_dense()[rows].transpose(1, 2))
     return out.add_(g) if accumulate else out.copy_(g)
