@@ -53,5 +53,8 @@ TORCH_LIBRARY(fastcurv, m) {
   // The forward product of P dense rows per minibatch row, each masked to the pattern of its CSR row (the
   // CSR values are not read): out[r, b, p] (+)= (dense[r, b, p] * 1[pattern of X row rows[r, b]]) @ W[r]^T;
   // dense [R, B, P, in], out [R, B, P, out] (last three dims contiguous, any replica stride).
+  // CSR form (indptr int64, indices int32, values) of x [G, M, F]'s nonzeros, or of the entries where mask
+  // (bool, x's shape) is true: of x.reshape(G*M, F), or with transpose of the stacked x[g]^T [G*F, M].
+  m.def("csr_from_dense(Tensor x, Tensor? mask, bool transpose) -> (Tensor, Tensor, Tensor)");
   m.def("csr_masked_linear_out(Tensor indptr, Tensor indices, Tensor rows, Tensor dense, Tensor weight, bool weight_t, Tensor(a!) out, bool accumulate) -> ()");
 }

@@ -237,12 +237,8 @@ class _ReluCsr:
         """Of ``t [R, N, F]`` (entries where ``mask`` is True, default nonzero)."""
         R, N, F_ = t.shape
         ar = lambda n, m: torch.arange(n * m, device=t.device).view(n, m)
-        csr_t = rows_t = None
-        if transpose:
-            mt = None if mask is None else mask.transpose(1, 2).reshape(R * F_, N)
-            csr_t, rows_t = CsrRows.from_dense(t.transpose(1, 2).reshape(R * F_, N), mt), ar(R, F_)
-        return _ReluCsr(CsrRows.from_dense(t.reshape(R * N, F_), None if mask is None else mask.reshape(R * N, F_)),
-                        ar(R, N), csr_t, rows_t)
+        csr_t, rows_t = (CsrRows.stacked(t, mask, transpose=True), ar(R, F_)) if transpose else (None, None)
+        return _ReluCsr(CsrRows.stacked(t, mask), ar(R, N), csr_t, rows_t)
 
     def map_rows(self, f) -> "_ReluCsr":
         return _ReluCsr(self.csr, f(self.rows), self.csr_t, None if self.rows_t is None else f(self.rows_t))

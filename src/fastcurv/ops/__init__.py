@@ -9,6 +9,7 @@ from .act_rop_bwd import act_rop_bwd, act_rop_bwd_reference
 from .bn_eval_rop_bwd import bn_eval_rop_bwd, bn_eval_rop_bwd_reference
 from .bn_eval_rop_fwd import bn_eval_rop_fwd, bn_eval_rop_fwd_reference
 from .bn_rop_bwd import bn_rop_bwd, bn_rop_bwd_reference
+from .csr_from_dense import csr_from_dense, csr_from_dense_reference
 from .csr_linear import (CsrRows, csr_linear, csr_linear_reference, csr_linear_wgrad, csr_linear_wgrad_reference,
                          csr_linear_wgrad_shared, csr_masked_linear, csr_masked_linear_reference)
 from .head_hvp import head_hvp, head_hvp_reference
@@ -33,6 +34,8 @@ __all__ = [
     "bn_rop_bwd",
     "bn_rop_bwd_reference",
     "CsrRows",
+    "csr_from_dense",
+    "csr_from_dense_reference",
     "csr_linear",
     "csr_linear_reference",
     "csr_linear_wgrad",

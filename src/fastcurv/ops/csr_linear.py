@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _ext
+from .csr_from_dense import csr_from_dense
 
 #: Inputs at most this dense (fraction of nonzero entries) take the sparse path by default, in batched
 #: training, the fused Hessian engine and replica evaluation. ``python benchmarks/bench_kernels.py
@@ -48,16 +49,17 @@ class CsrRows:
         entries, or with ``mask`` (bool, x's shape) the entries where ``mask`` is True, zeros included."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
             raise TypeError("x must be a floating-point tensor [N, ...]")
-        flat = x.detach().reshape(len(x), -1)
-        if flat.shape[1] >= 2**31:
-            raise ValueError(f"rows of {flat.shape[1]} features do not fit int32 column indices")
         if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape):
             raise ValueError(f"mask must be a bool tensor of x's shape {tuple(x.shape)}, got {mask.dtype} {tuple(mask.shape)}")
-        nz = flat != 0 if mask is None else mask.reshape(flat.shape)
-        indptr = torch.zeros(len(flat) + 1, dtype=torch.int64, device=x.device)
-        torch.cumsum(nz.sum(1), 0, out=indptr[1:])
-        idx = nz.nonzero()  # row-major order: rows in turn, columns ascending within a row
-        return CsrRows(indptr, idx[:, 1].to(torch.int32).contiguous(), flat[nz].contiguous(), flat.shape[1])
+        flat = x.reshape(len(x), -1)
+        return CsrRows.stacked(flat.unsqueeze(0), None if mask is None else mask.reshape(flat.shape).unsqueeze(0))
+
+    @staticmethod
+    def stacked(x: torch.Tensor, mask: torch.Tensor | None = None, transpose: bool = False) -> "CsrRows":
+        """One CSR matrix of G stacked matrices ``x [G, M, F]``: the rows of ``x.reshape(G*M, F)``, or
+        with ``transpose`` those of the stacked ``x[g]^T`` (``[G*F, M]``); nonzeros, or where ``mask``."""
+        indptr, indices, values = csr_from_dense(x, mask, transpose)
+        return CsrRows(indptr, indices, values, x.shape[1] if transpose else x.shape[2])
 
     @property
     def num_rows(self) -> int:
