@@ -16,8 +16,10 @@ eval BatchNorm) on B MNIST images: the fused engine runs them as torch.fx-traced
 Reports, from one run: one gradient for all R (the unit: the fastest of a per-model loop and the
 batched gradients), one matvec for all R per backend with
 K=1 and K=8 probes (on W1 the fused engine's default multiplies only the nonzero pixels in the first
-layer, ``fastcurv.ops.csr_linear``; also timed: ``sparse_input=False``, dense GEMMs without the
-input's all-zero pixel columns, and with ``drop_zero_columns=False`` too, all columns), a per-model autograd loop (double backward through a retained graph, built
+layer, ``fastcurv.ops.csr_linear``, and takes the hidden layer's products from its ReLU patterns,
+``csr_masked_linear``; also timed: ``sparse_input=False``, dense GEMMs without the
+input's all-zero pixel columns, and with ``drop_zero_columns=False`` too, all columns;
+``sparse_hidden=False``, the hidden layer's GEMMs), a per-model autograd loop (double backward through a retained graph, built
 once), the func backend with its linearizations compiled (``backend_options={"compile": True}``;
 the first matvec, which compiles, is reported apart; measured last, after the jobs; left out, with
 func's warning in ``func_compiled_skipped``, where func's linearizations would exceed its memory
@@ -32,7 +34,10 @@ a page fault per fresh 4 KiB page.
 timed in alternation (the separate timings above can catch the machine in different moods).
 ``flops_hvp_per_probe_over_gradient`` (W1) is the FLOP model's floor for the per-probe ratio: the
 fused matvec's multiply-adds per probe over those of the fused gradient (both from the nonzero
-inputs in the first layer).
+inputs in the first layer, with the hidden layer's GEMMs dense).
+``gflops_*``: the multiply-adds each variant does (W1's sparse hidden products: by the fraction of
+nonzero ReLU outputs, ``hidden_relu_density``) over its time; ``gflops_fused_K8_dense_hidden_equivalent``:
+the default's time against the dense hidden layer's multiply-adds.
 """
 from __future__ import annotations
 
@@ -253,6 +258,9 @@ def main(argv=None):
                                                             backend_options={"sparse_input": False})
         ops["fused_all_columns"] = fastcurv.HessianOperator(
             models, (x, y), backend="fused", backend_options={"sparse_input": False, "drop_zero_columns": False})
+        # and with dense GEMMs in the hidden layer (its products from the ReLU patterns are the default)
+        ops["fused_dense_hidden"] = fastcurv.HessianOperator(models, (x, y), backend="fused",
+                                                             backend_options={"sparse_hidden": False})
     P = ops["fused"].P
     for K in (1, 8):
         V = torch.randn(R, K, P, device=dev)
@@ -272,20 +280,30 @@ def main(argv=None):
     # the nonzero pixels of each image, with dense_input the columns not zero in every image.
     res["sgemm_gflops"] = sgemm_gflops(dev, sync)
 
-    def gflops(first_layer_inputs, seconds):
-        macs = [first_layer_inputs * H, H * H, H * 10] if a.workload == "W1" else {"W3": W3_MACS, "W4": W4_MACS}[a.workload]
+    def gflops(first_layer_inputs, hidden_macs, seconds):
+        macs = [first_layer_inputs * H, hidden_macs, H * 10] if a.workload == "W1" else {"W3": W3_MACS, "W4": W4_MACS}[a.workload]
         return 8 * hvp_flops(macs) * a.batch * R / seconds / 1e9
 
-    variants = {"fused": None}
+    variants = {"fused": (None, None)}
     if a.workload == "W1":
         res["first_layer_nonzeros_per_image"] = float((x != 0).sum(1).double().mean())
         res["first_layer_inputs_kept"] = int((x != 0).any(0).sum())
-        variants = {"fused": res["first_layer_nonzeros_per_image"], "fused_dense_input": res["first_layer_inputs_kept"]}
+        # the hidden layer's products from the ReLU patterns: half of its multiply-adds scale with the
+        # fraction of nonzero ReLU outputs before it, half with those after it
+        with torch.no_grad():
+            a1 = torch.stack([m[1](m[0](x)) for m in models])
+            a2 = torch.stack([m[3](m[2](a1[r])) for r, m in enumerate(models)])
+        res["hidden_relu_density"] = {"before": float((a1 != 0).double().mean()), "after": float((a2 != 0).double().mean())}
+        done = H * H * (res["hidden_relu_density"]["before"] + res["hidden_relu_density"]["after"]) / 2
+        nz, kept = res["first_layer_nonzeros_per_image"], res["first_layer_inputs_kept"]
+        variants = {"fused": (nz, done), "fused_dense_input": (kept, done), "fused_dense_hidden": (nz, H * H)}
+        # the same matvec's time against the work of the dense hidden layer's GEMMs
+        res["gflops_fused_K8_dense_hidden_equivalent"] = gflops(nz, H * H, res["seconds"]["hvp_fused_K8"])
     if a.workload == "W1":  # the gradient: forward and weight gradient per layer, input gradient after the first
         macs = [res["first_layer_nonzeros_per_image"] * H, H * H, H * 10]
         res["flops_hvp_per_probe_over_gradient"] = hvp_flops(macs) / gradient_flops(macs)
-    for b, first in variants.items():
-        res[f"gflops_{b}_K8"] = gflops(first, res["seconds"][f"hvp_{b}_K8"])
+    for b, (first, hidden) in variants.items():
+        res[f"gflops_{b}_K8"] = gflops(first, hidden, res["seconds"][f"hvp_{b}_K8"])
         res[f"{b}_K8_fraction_of_sgemm"] = res[f"gflops_{b}_K8"] / res["sgemm_gflops"]
     if not a.skip_slow:
         graphs = []

@@ -50,11 +50,14 @@ TORCH_LIBRARY(fastcurv, m) {
   // Its weight gradient X[rows[r]]^T @ grad[r] (grad [R, B, out]) written into out, W-shaped [R, out, in] or
   // with out_t W^T-shaped [R, in, out]; accumulate adds it to out instead of overwriting.
   m.def("csr_linear_wgrad(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor grad, Tensor(a!) out, bool out_t, bool accumulate) -> ()");
-  // The forward product of P dense rows per minibatch row, each masked to the pattern of its CSR row (the
-  // CSR values are not read): out[r, b, p] (+)= (dense[r, b, p] * 1[pattern of X row rows[r, b]]) @ W[r]^T;
-  // dense [R, B, P, in], out [R, B, P, out] (last three dims contiguous, any replica stride).
   // CSR form (indptr int64, indices int32, values) of x [G, M, F]'s nonzeros, or of the entries where mask
   // (bool, x's shape) is true: of x.reshape(G*M, F), or with transpose of the stacked x[g]^T [G*F, M].
   m.def("csr_from_dense(Tensor x, Tensor? mask, bool transpose) -> (Tensor, Tensor, Tensor)");
+  // The forward product of P dense rows per minibatch row, each masked to the pattern of its CSR row (the
+  // CSR values are not read): out[r, b, p] (+)= (dense[r, b, p] * 1[pattern of X row rows[r, b]]) @ W[r]^T;
+  // dense [R, B, P, in], out [R, B, P, out] (last three dims contiguous, any replica stride).
   m.def("csr_masked_linear_out(Tensor indptr, Tensor indices, Tensor rows, Tensor dense, Tensor weight, bool weight_t, Tensor(a!) out, bool accumulate) -> ()");
+  // The x86 vector level the CPU kernels with per-ISA variants run: 2 AVX-512, 1 AVX2 + FMA, 0 baseline
+  // (capped by FASTCURV_CPU_LEVEL; read at each call).
+  m.def("cpu_level() -> int");
 }

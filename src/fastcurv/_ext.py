@@ -51,6 +51,12 @@ def extension_error(name: str = "_C") -> str | None:
     return _errors.get(name)
 
 
+def cpu_level() -> int:
+    """The x86 vector level the C++ kernels run here: 2 AVX-512, 1 AVX2 + FMA, 0 baseline (capped by
+    the environment variable ``FASTCURV_CPU_LEVEL``); -1 without the C++ extension."""
+    return int(torch.ops.fastcurv.cpu_level()) if cpu_extension_loaded() else -1
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether ``torch.ops.fastcurv.<op>`` has a compiled kernel for ``device_type`` ('cpu', 'cuda').
     Memoized: the libraries load once (the op wrappers ask on every call, 1,600 times in a W1 job)."""

@@ -62,11 +62,19 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 ZERO_COLUMNS_MIN_FRACTION = 0.05
 ZERO_COLUMNS_MIN_ROWS = 128
 #: The MLP engine's matvecs (CPU) take a hidden Linear layer's products from its ReLU input's nonzeros,
-#: and from its output's ReLU pattern, where at most this fraction of them is nonzero in a batch.
-#: ``python benchmarks/bench_kernels.py --relu-sweep --repeat 15`` (one W1 replica at K=8, the six
-#: products against the GEMMs): AVX-512 2.1x faster at 50%, 1.7x at 60%, 1.4x at 70%, 0.9x at 80%;
-#: AVX2 (``FASTCURV_CPU_LEVEL=1``) 1.4x, 1.2x, 1.0x and 0.9x.
-HIDDEN_SPARSE_MAX_DENSITY = 0.6
+#: and from its output's ReLU pattern, where at most this fraction of them is nonzero in a batch, per
+#: x86 vector level of the kernels (``fastcurv._ext.cpu_level()``: 2 AVX-512, 1 AVX2, 0 baseline).
+#: ``python benchmarks/bench_kernels.py --relu-sweep --repeat 21`` (one W1 replica at K=8, the six
+#: products against the GEMMs, 2 threads): AVX-512 2.1x faster at 50% nonzero, 1.7x at 60%, 1.3x at
+#: 70%, 0.9x at 80%; AVX2 (``FASTCURV_CPU_LEVEL=1``) 1.3x, 1.1x, 1.0x, 0.9x; baseline 1.4x at 20%,
+#: 1.0x at 35%, 0.7x at 50%. In the engine, on 100 MLPs trained 5 epochs (70% and 64% of the ReLU
+#: outputs nonzero), AVX-512 K=8 matvecs took 0.80x the time with the sparse products.
+HIDDEN_SPARSE_MAX_DENSITY = {2: 0.7, 1: 0.6, 0: 0.3}
+
+
+def hidden_sparse_max_density() -> float:
+    """``HIDDEN_SPARSE_MAX_DENSITY`` at this machine's kernel level (0 without the C++ kernels)."""
+    return HIDDEN_SPARSE_MAX_DENSITY.get(_ext.cpu_level(), 0.0)
 
 _ACTS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 @dataclass
@@ -359,8 +367,8 @@ class FusedBackend(Backend):
         sparse_hidden: MLP chains on the CPU compute the matvec's products of a Linear layer between
             ReLUs from the nonzero entries of its ReLU input, and of its output's ReLU pattern,
             (the probe's tangents vanish where the ReLU does): None (default) where at most
-            ``HIDDEN_SPARSE_MAX_DENSITY`` (0.6) of them are nonzero in a batch (about half at
-            initialization), True always, False never.
+            ``HIDDEN_SPARSE_MAX_DENSITY`` of them are nonzero in a batch (0.7 with AVX-512, 0.6
+            with AVX2; about half at initialization), True always, False never.
     """
 
     name = "fused"
@@ -494,13 +502,14 @@ class FusedBackend(Backend):
         """Fill ``st.sparse_in`` / ``st.sparse_out``: CSR forms of the hidden Linear layers' ReLU
         inputs and of their outputs' ReLU patterns (holding the deltas), for the matvec's sparse
         products (:func:`~fastcurv.ops.csr_linear.csr_masked_linear` and friends), where
-        ``sparse_hidden`` allows (None: at most ``HIDDEN_SPARSE_MAX_DENSITY`` nonzero)."""
+        ``sparse_hidden`` allows (None: at most :func:`hidden_sparse_max_density` nonzero)."""
         n = len(st.inputs)
         st.sparse_in, st.sparse_out = [None] * n, [None] * n
         dev = st.deltas[0].device
         if sparse_hidden is False or dev.type != "cpu" or not _ext.has_kernel("csr_masked_linear_out", "cpu"):
             return
-        dense = lambda m: sparse_hidden is None and float(m.sum()) > HIDDEN_SPARSE_MAX_DENSITY * m.numel()
+        limit = hidden_sparse_max_density()
+        dense = lambda m: sparse_hidden is None and float(m.sum()) > limit * m.numel()
         pattern = (lambda t: torch.ones_like(t, dtype=torch.bool)) if sparse_hidden == "bound" else (lambda t: t != 0)
         for lin, (before, after) in enumerate(self._relu_around):
             if before and not (self.fused_head and lin == n - 1):  # the head kernel reads the dense input
@@ -544,7 +553,7 @@ class FusedBackend(Backend):
         sample of ``x`` / ``y``. Every cached tensor has one row per sample, so a batch of n
         samples and c replicas needs about ``c * n`` times this (used by :mod:`fastcurv.memory`);
         the hidden layers' CSR forms (``sparse_hidden``) are counted with every entry stored, an
-        upper bound (they are built at most ``HIDDEN_SPARSE_MAX_DENSITY`` full by default)."""
+        upper bound (by default they are built only where they are sparse)."""
         idx = torch.zeros(1, dtype=torch.long, device=x.device)
         return int(self._primal(x[:1], y[:1], idx, sparse_hidden=False if self.sparse_hidden is False else "bound").nbytes)
 
