@@ -679,7 +679,10 @@ class FusedBackend(Backend):
                 if layer.bias is not None:
                     sq = sq + 1
                 total += (rd.square().sum((2, 3)) * sq).sum(1).to(torch.float64)
-                if a.dim() == 3:
+                sp = st.sparse_out[lin]
+                if a.dim() == 3 and sp is not None:  # rd vanishes outside the ReLU pattern after the layer
+                    rd = csr_masked_linear(sp.csr, sp.rows, rd, W.transpose(1, 2))
+                elif a.dim() == 3:
                     rd = torch.bmm(rd.reshape(R, N * C, -1), W).view(R, N, C, -1)
             elif layer.kind == "act":
                 act -= 1
