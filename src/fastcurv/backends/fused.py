@@ -70,6 +70,9 @@ ZERO_COLUMNS_MIN_ROWS = 128
 #: 1.0x at 35%, 0.7x at 50%. In the engine, on 100 MLPs trained 5 epochs (70% and 64% of the ReLU
 #: outputs nonzero), AVX-512 K=8 matvecs took 0.80x the time with the sparse products.
 HIDDEN_SPARSE_MAX_DENSITY = {2: 0.7, 1: 0.6, 0: 0.3}
+#: ... and where the layer has at least this many inputs and outputs: narrower rows fill too little of
+#: the kernels' vector tiles (AVX-512, 50% / 70% nonzero: 1.0x / 0.6x at 32 features, 1.4x / 1.0x at 64).
+HIDDEN_SPARSE_MIN_WIDTH = 64
 
 
 def hidden_sparse_max_density() -> float:
@@ -368,7 +371,8 @@ class FusedBackend(Backend):
             ReLUs from the nonzero entries of its ReLU input, and of its output's ReLU pattern,
             (the probe's tangents vanish where the ReLU does): None (default) where at most
             ``HIDDEN_SPARSE_MAX_DENSITY`` of them are nonzero in a batch (0.7 with AVX-512, 0.6
-            with AVX2; about half at initialization), True always, False never.
+            with AVX2; about half at initialization) and the layer has at least
+            ``HIDDEN_SPARSE_MIN_WIDTH`` (64) inputs and outputs, True always, False never.
     """
 
     name = "fused"
@@ -502,7 +506,8 @@ class FusedBackend(Backend):
         """Fill ``st.sparse_in`` / ``st.sparse_out``: CSR forms of the hidden Linear layers' ReLU
         inputs and of their outputs' ReLU patterns (holding the deltas), for the matvec's sparse
         products (:func:`~fastcurv.ops.csr_linear.csr_masked_linear` and friends), where
-        ``sparse_hidden`` allows (None: at most :func:`hidden_sparse_max_density` nonzero)."""
+        ``sparse_hidden`` allows (None: at most :func:`hidden_sparse_max_density` nonzero, in layers
+        at least ``HIDDEN_SPARSE_MIN_WIDTH`` wide)."""
         n = len(st.inputs)
         st.sparse_in, st.sparse_out = [None] * n, [None] * n
         dev = st.deltas[0].device
@@ -512,6 +517,8 @@ class FusedBackend(Backend):
         dense = lambda m: sparse_hidden is None and float(m.sum()) > limit * m.numel()
         pattern = (lambda t: torch.ones_like(t, dtype=torch.bool)) if sparse_hidden == "bound" else (lambda t: t != 0)
         for lin, (before, after) in enumerate(self._relu_around):
+            if sparse_hidden is None and min(st.deltas[lin].shape[-1], st.inputs[lin].shape[-1]) < HIDDEN_SPARSE_MIN_WIDTH:
+                continue
             if before and not (self.fused_head and lin == n - 1):  # the head kernel reads the dense input
                 mask = pattern(st.inputs[lin])
                 if not dense(mask):
