@@ -516,8 +516,9 @@ class FusedBackend(Backend):
         limit = hidden_sparse_max_density()
         dense = lambda m: sparse_hidden is None and float(m.sum()) > limit * m.numel()
         pattern = (lambda t: torch.ones_like(t, dtype=torch.bool)) if sparse_hidden == "bound" else (lambda t: t != 0)
+        auto = sparse_hidden is None or sparse_hidden == "bound" and self.sparse_hidden is None
         for lin, (before, after) in enumerate(self._relu_around):
-            if sparse_hidden is None and min(st.deltas[lin].shape[-1], st.inputs[lin].shape[-1]) < HIDDEN_SPARSE_MIN_WIDTH:
+            if auto and min(st.deltas[lin].shape[-1], st.inputs[lin].shape[-1]) < HIDDEN_SPARSE_MIN_WIDTH:
                 continue
             if before and not (self.fused_head and lin == n - 1):  # the head kernel reads the dense input
                 mask = pattern(st.inputs[lin])
