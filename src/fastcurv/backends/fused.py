@@ -410,7 +410,7 @@ class FusedBackend(Backend):
         self.sparse_input = sparse_input
         self.sparse_hidden = sparse_hidden
         self._maps = _MapEngine(self.layers, loss, fused_head) if _is_general(self.layers) else None
-        linears = [l for l in self.layers if l.kind == "linear"]
+        linears = self._linears = [l for l in self.layers if l.kind == "linear"]
         # the last layer a Linear with few outputs, not the first (its input has a tangent)
         self.fused_head = (fused_head and self._maps is None and self.layers[-1].kind == "linear" and len(linears) > 1
                            and replicas.params[linears[-1].weight].shape[1] <= HEAD_MAX_OUTPUTS)
@@ -432,11 +432,10 @@ class FusedBackend(Backend):
         self._cache_full = False
 
     # --- probe-independent pass --------------------------------------------------------------
-    def _primal(self, x, y, idx, sparse_hidden: bool | None | str = None) -> _State:
+    def _primal(self, x, y, idx, sparse_hidden: bool | None = None) -> _State:
         """The probe-independent state of batch ``(x, y)`` for replicas ``idx``; ``sparse_hidden``:
         whether to build the hidden layers' CSR forms (False: not, the gradient does not read them;
-        True: wherever they apply, whatever the density; None: this backend's setting; "bound":
-        wherever they may apply, every entry stored, for the memory planner's upper bound)."""
+        True: wherever they apply, whatever the density; None: this backend's setting)."""
         if self._maps is not None:
             params, buffers = self.replicas.subset(idx)
             return self._maps.primal(x, y, params, buffers)
@@ -510,24 +509,34 @@ class FusedBackend(Backend):
         at least ``HIDDEN_SPARSE_MIN_WIDTH`` wide)."""
         n = len(st.inputs)
         st.sparse_in, st.sparse_out = [None] * n, [None] * n
-        dev = st.deltas[0].device
-        if sparse_hidden is False or dev.type != "cpu" or not _ext.has_kernel("csr_masked_linear_out", "cpu"):
+        if sparse_hidden is False or not self._sparse_hidden_runs(st.deltas[0].device):
             return
         limit = hidden_sparse_max_density()
         dense = lambda m: sparse_hidden is None and float(m.sum()) > limit * m.numel()
-        pattern = (lambda t: torch.ones_like(t, dtype=torch.bool)) if sparse_hidden == "bound" else (lambda t: t != 0)
-        auto = sparse_hidden is None or sparse_hidden == "bound" and self.sparse_hidden is None
-        for lin, (before, after) in enumerate(self._relu_around):
-            if auto and min(st.deltas[lin].shape[-1], st.inputs[lin].shape[-1]) < HIDDEN_SPARSE_MIN_WIDTH:
-                continue
-            if before and not (self.fused_head and lin == n - 1):  # the head kernel reads the dense input
-                mask = pattern(st.inputs[lin])
+        for lin, before, after in self._sparse_hidden_sites(sparse_hidden is None):
+            if before:
+                mask = st.inputs[lin] != 0
                 if not dense(mask):
                     st.sparse_in[lin] = _ReluCsr.build(st.inputs[lin], mask, transpose=True)
             if after:
-                mask = pattern(st.inputs[lin + 1])  # ReLU(z) != 0 exactly where the ReLU passes its gradient
+                mask = st.inputs[lin + 1] != 0  # ReLU(z) != 0 exactly where the ReLU passes its gradient
                 if not dense(mask):
                     st.sparse_out[lin] = _ReluCsr.build(st.deltas[lin], mask)
+
+    def _sparse_hidden_runs(self, device) -> bool:
+        return self.sparse_hidden is not False and device.type == "cpu" and _ext.has_kernel("csr_masked_linear_out", "cpu")
+
+    def _sparse_hidden_sites(self, auto: bool):
+        """``(linear layer, sparse input?, sparse output pattern?)`` where the ReLUs around a Linear
+        layer allow the sparse products (``auto``: and the layer is wide enough)."""
+        n = len(self._relu_around)
+        for lin, (before, after) in enumerate(self._relu_around):
+            i, o = self.replicas.params[self._linears[lin].weight].shape[2:0:-1]
+            if auto and min(i, o) < HIDDEN_SPARSE_MIN_WIDTH:
+                continue
+            before = before and not (self.fused_head and lin == n - 1)  # the head kernel reads the dense input
+            if before or after:
+                yield lin, before, after
 
     def _state(self, i, x, y, idx) -> _State:
         hit = self._cache.get(i)
@@ -560,10 +569,19 @@ class FusedBackend(Backend):
         pays for), measured by running the probe-independent pass for replica 0 on the first
         sample of ``x`` / ``y``. Every cached tensor has one row per sample, so a batch of n
         samples and c replicas needs about ``c * n`` times this (used by :mod:`fastcurv.memory`);
-        the hidden layers' CSR forms (``sparse_hidden``) are counted with every entry stored, an
-        upper bound (by default they are built only where they are sparse)."""
+        the hidden layers' CSR forms (``sparse_hidden``) are counted at the largest density they are
+        built at (``hidden_sparse_max_density()``, or full with ``sparse_hidden=True``)."""
         idx = torch.zeros(1, dtype=torch.long, device=x.device)
-        return int(self._primal(x[:1], y[:1], idx, sparse_hidden=False if self.sparse_hidden is False else "bound").nbytes)
+        per = self._primal(x[:1], y[:1], idx, sparse_hidden=False).nbytes
+        if self._sparse_hidden_runs(x.device):
+            # the CSR forms at the most entries they are built with: row pointers (int64), then an int32
+            # column index and a value per entry, twice for the input (it and its transpose)
+            frac = 1.0 if self.sparse_hidden else hidden_sparse_max_density()
+            item = 4 + self.replicas.params[self.replicas.names[0]].element_size()
+            for lin, before, after in self._sparse_hidden_sites(self.sparse_hidden is None):
+                i, o = self.replicas.params[self._linears[lin].weight].shape[2:0:-1]
+                per += before * (8 + 2 * frac * i * item) + after * (8 + frac * o * item)
+        return int(per)
 
     def _positions(self, rows, idx):
         """Positions of replicas ``idx`` within cached ``rows`` (None = all), or None if not covered."""
