@@ -93,6 +93,7 @@ struct Args {
   const S* dense;  // masked fwd only: the values, kd rows [in] per minibatch row (B counts those rows)
   int64_t dense_rs;  // replica stride of dense
   int64_t kd;        // output rows per minibatch row: 1, or the masked fwd's dense rows per CSR row
+  bool by_blocks;    // fwd: work items are (replica, kColBlock output columns), else rows of R x B
   S* dst;          // fwd: z [R, B, out], or z^T [R, out, B] with dst_t; wgrad: the weight gradient
   int64_t dst_rs;  // replica stride of dst (fwd: B * out unless dst_t)
   bool dst_t;      // fwd: dst holds z^T; wgrad: dst holds the gradient of W^T
@@ -217,14 +218,14 @@ FC_ALWAYS_INLINE void blocked(const Args<S>& a, int64_t r, int64_t b0, int64_t b
     }
 }
 
-// z rows [b0, b1) of replica r.
+// z rows [b0, b1), columns [c_lo, c_hi), of replica r.
 template <typename S, int BYTES, bool DENSE>
-FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t b1) {
+FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t b1, int64_t c_lo, int64_t c_hi) {
   constexpr int64_t TW = kTileCols<S, BYTES>;
   S* w = const_cast<S*>(a.src + r * a.src_rs);  // only read
   const bool in_place = a.out <= 2 * TW;  // W^T rows at most two tiles wide: read in place
-  for (int64_t c0 = 0; c0 < a.out; c0 += TW) {
-    const int64_t tw = std::min(TW, a.out - c0);
+  for (int64_t c0 = c_lo; c0 < c_hi; c0 += TW) {
+    const int64_t tw = std::min(TW, c_hi - c0);
     S* wt = w + c0;
     int64_t ldw = a.out;
     if (!a.src_t || !in_place) {
@@ -300,13 +301,25 @@ FC_ALWAYS_INLINE void wgrad_item(const Args<S>& a, int64_t r, int64_t c0, int64_
   }
 }
 
-// fwd: the rows p in [p0, p1) of the flattened R x B, replica by replica; wgrad: the work items
-// (replica, column block) q in [q0, q1).
+// Output columns per work item of the forward product split by columns (a multiple of every tile
+// width, kTileCols).
+constexpr int64_t kColBlock = 128;
+
+// fwd: the rows p in [p0, p1) of the flattened R x B, replica by replica, or with by_blocks the work
+// items (replica, kColBlock columns) p in [p0, p1); wgrad: the work items (replica, column block).
 template <typename S, int BYTES, bool DENSE>
 FC_ALWAYS_INLINE void fwd_range(const Args<S>& a, int64_t p0, int64_t p1) {
+  if (a.by_blocks) {
+    const int64_t nblk = (a.out + kColBlock - 1) / kColBlock;
+    for (int64_t q = p0; q < p1; ++q) {
+      const int64_t c0 = (q % nblk) * kColBlock;
+      fwd_rows<S, BYTES, DENSE>(a, q / nblk, 0, a.B, c0, std::min(a.out, c0 + kColBlock));
+    }
+    return;
+  }
   for (int64_t p = p0; p < p1;) {
     const int64_t r = p / a.B, b1 = std::min(a.B, p1 - r * a.B);
-    fwd_rows<S, BYTES, DENSE>(a, r, p - r * a.B, b1);
+    fwd_rows<S, BYTES, DENSE>(a, r, p - r * a.B, b1, 0, a.out);
     p = r * a.B + b1;
   }
 }
@@ -327,6 +340,21 @@ template <typename S, bool DENSE = false>
 RangeFn<S> pick_fwd() {
   return fc_pick_range_widths<&fwd_range<S, 64, DENSE>, &fwd_range<S, 32, DENSE>, &fwd_range<S, 16, DENSE>, Args<S>>();
 }
+// Runs the forward product over threads: by (replica, column block) when there are at least
+// kMinBlockItems such items (each weight tile is then transposed or gathered once, where splitting
+// the rows of one replica among threads made every thread prepare every tile: for a K=8 probe block
+// of the Hessian engine's first layer, 784 x 1024, that was 12% of the product), else by rows.
+constexpr int64_t kMinBlockItems = 8;
+template <typename S>
+void run_fwd(RangeFn<S> fn, Args<S>& a, int64_t R) {
+  const int64_t items = R * ((a.out + kColBlock - 1) / kColBlock);
+  a.by_blocks = items >= kMinBlockItems;
+  if (a.by_blocks)
+    at::parallel_for(0, items, 1, [&](int64_t p0, int64_t p1) { fn(a, p0, p1); });
+  else
+    at::parallel_for(0, R * a.B, 16, [&](int64_t p0, int64_t p1) { fn(a, p0, p1); });
+}
+
 template <typename S>
 RangeFn<S> pick_wgrad() {
   return fc_pick_range_widths<&wgrad_range<S, 64>, &wgrad_range<S, 32>, &wgrad_range<S, 16>, Args<S>>();
@@ -416,7 +444,7 @@ at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, 
     a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t;
     a.bias = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     a.dst = z.data_ptr<scalar_t>(), a.dst_rs = z.stride(0), a.dst_t = out_t, a.accumulate = accumulate;
-    at::parallel_for(0, R * B, 16, [&](int64_t p0, int64_t p1) { fn(a, p0, p1); });
+    run_fwd<scalar_t>(fn, a, R);
   });
   return z;
 }
@@ -485,7 +513,7 @@ void csr_masked_linear_out_cpu(const at::Tensor& indptr, const at::Tensor& indic
     a.dense = dense.data_ptr<scalar_t>(), a.dense_rs = dense.stride(0);
     a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t;
     a.dst = out.data_ptr<scalar_t>(), a.dst_rs = out.stride(0), a.accumulate = accumulate;
-    at::parallel_for(0, R * a.B, 16, [&](int64_t p0, int64_t p1) { fn(a, p0, p1); });
+    run_fwd<scalar_t>(fn, a, R);
   });
 }
 
