@@ -46,6 +46,15 @@ FC_ALWAYS_INLINE void for_each_bit(uint64_t bits, const F& f) {
   for (; bits; bits &= bits - 1) f(__builtin_ctzll(bits));
 }
 
+// indptr[1..rows] holds the entries per row: turned into row starts, and the column and value
+// tensors allocated for their total.
+inline void allocate_entries(int64_t* indptr, int64_t rows, const at::TensorOptions& vopt, at::Tensor& ti, at::Tensor& tv) {
+  indptr[0] = 0;
+  for (int64_t r = 0; r < rows; ++r) indptr[r + 1] += indptr[r];
+  ti = at::empty({indptr[rows]}, vopt.dtype(at::kInt));
+  tv = at::empty({indptr[rows]}, vopt);
+}
+
 template <typename S, bool MASK>
 void fill_rows(const Dense<S>& d, int64_t G, int64_t M, int64_t F, int64_t* indptr, at::Tensor& ti, at::Tensor& tv,
                const at::TensorOptions& vopt) {
@@ -60,10 +69,7 @@ void fill_rows(const Dense<S>& d, int64_t G, int64_t M, int64_t F, int64_t* indp
       indptr[r + 1] = c;
     }
   });
-  indptr[0] = 0;
-  for (int64_t r = 0; r < rows; ++r) indptr[r + 1] += indptr[r];
-  ti = at::empty({indptr[rows]}, vopt.dtype(at::kInt));
-  tv = at::empty({indptr[rows]}, vopt);
+  allocate_entries(indptr, rows, vopt, ti, tv);
   int32_t* idx = ti.data_ptr<int32_t>();
   S* val = tv.data_ptr<S>();
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
@@ -95,10 +101,7 @@ void fill_columns(const Dense<S>& d, int64_t G, int64_t M, int64_t F, int64_t* i
       }
     }
   });
-  indptr[0] = 0;
-  for (int64_t r = 0; r < rows; ++r) indptr[r + 1] += indptr[r];
-  ti = at::empty({indptr[rows]}, vopt.dtype(at::kInt));
-  tv = at::empty({indptr[rows]}, vopt);
+  allocate_entries(indptr, rows, vopt, ti, tv);
   int32_t* idx = ti.data_ptr<int32_t>();
   S* val = tv.data_ptr<S>();
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {

@@ -9,6 +9,11 @@ contiguous ``[R, in, out]``, as batched training keeps its first layer) is read 
 ``Linear`` layout ``[R, out, in]`` (a probe block in the Hessian engine) is transposed one tile at a
 time inside the kernel; the weight gradient is written in either layout.
 
+The same kernels serve hidden layers between ReLUs in the fused Hessian engine: a ReLU output is
+about half zeros, and a CSR matrix can stack R replicas' own rows (``CsrRows.stacked``, with a row
+table per replica). :func:`csr_masked_linear` multiplies dense rows that vanish outside a known
+pattern (the K probes' tangents of a ReLU output) by reading them only at a CSR row's entries.
+
 Implementations: C++ (CPU, ``csrc/cpu/csr_linear.cpp``) and the dense torch references below.
 """
 from __future__ import annotations
