@@ -272,6 +272,29 @@ def test_fused_sparse_hidden_layers_against_dense(K, loss, fused_head, monkeypat
     torch.testing.assert_close(always.exact_trace(), never.exact_trace())
 
 
+@pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+def test_fused_sparse_hidden_layers_with_empty_rows_and_no_bias():
+    """Without biases an all-zero input row leaves every ReLU output of that sample zero: empty CSR
+    rows in every pattern. The sparse products still equal the dense engine's and dense Hessians."""
+    models = replicas(lambda: nn.Sequential(nn.Linear(5, 7, bias=False), nn.ReLU(), nn.Linear(7, 6, bias=False), nn.ReLU(),
+                                            nn.Linear(6, 3, bias=False)), R=2)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    x[[0, 7]] = 0
+    y = torch.randint(0, 3, (12,), generator=gen)
+    sparse = fastcurv.HessianOperator(models, (x, y), backend="fused", backend_options={"sparse_hidden": True})
+    dense = fastcurv.HessianOperator(models, (x, y), backend="fused", backend_options={"sparse_hidden": False})
+    st = sparse.backend._primal(x, y, None)
+    assert st.sparse_in[1] is not None and st.sparse_out[1] is not None
+    assert int(st.sparse_in[1].csr.indptr[1] - st.sparse_in[1].csr.indptr[0]) == 0  # sample 0 of replica 0
+    V = torch.randn(2, 2, sparse.P, generator=gen, dtype=torch.float64)
+    HV = sparse.matvec(V)
+    torch.testing.assert_close(HV, dense.matvec(V), rtol=1e-12, atol=1e-14)
+    for r in range(2):
+        torch.testing.assert_close(HV[r], V[r] @ dense_hessian(models[r], [(x, y)]).T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(sparse.exact_trace(), dense.exact_trace())
+
+
 def test_fused_head_applies_only_to_small_last_linears():
     wide = replicas(lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 40)), R=2)
     single = replicas(lambda: nn.Sequential(nn.Linear(4, 3)), R=2)
