@@ -513,23 +513,28 @@ class FusedBackend(Backend):
         if sparse_hidden is False or not self._sparse_hidden_runs(st.deltas[0].device):
             return
         limit = hidden_sparse_max_density()
-        dense = lambda m: sparse_hidden is None and float(m.sum()) > limit * m.numel()
-        for lin, before, after in self._sparse_hidden_sites(sparse_hidden is None):
-            if before:
-                mask = st.inputs[lin] != 0
-                if not dense(mask):
-                    st.sparse_in[lin] = _ReluCsr.build(st.inputs[lin], mask, transpose=True)
-            if after:
-                mask = st.inputs[lin + 1] != 0  # ReLU(z) != 0 exactly where the ReLU passes its gradient
-                if not dense(mask):
-                    st.sparse_out[lin] = _ReluCsr.build(st.deltas[lin], mask)
+        # per Linear layer's input: its ReLU pattern and whether it is sparse enough; the pattern after
+        # one hidden layer is the one before the next, found once
+        patterns = {}
+
+        def pattern(j):
+            if j not in patterns:
+                m = st.inputs[j] != 0  # ReLU(z) != 0 exactly where the ReLU passes its gradient
+                patterns[j] = m, sparse_hidden is not None or float(m.sum()) <= limit * m.numel()
+            return patterns[j]
+
+        for lin, _, _, before, after in self._sparse_hidden_sites(sparse_hidden is None):
+            if before and pattern(lin)[1]:
+                st.sparse_in[lin] = _ReluCsr.build(st.inputs[lin], pattern(lin)[0], transpose=True)
+            if after and pattern(lin + 1)[1]:
+                st.sparse_out[lin] = _ReluCsr.build(st.deltas[lin], pattern(lin + 1)[0])
 
     def _sparse_hidden_runs(self, device) -> bool:
         return self.sparse_hidden is not False and device.type == "cpu" and _ext.has_kernel("csr_masked_linear_out", "cpu")
 
     def _sparse_hidden_sites(self, auto: bool):
-        """``(linear layer, sparse input?, sparse output pattern?)`` where the ReLUs around a Linear
-        layer allow the sparse products (``auto``: and the layer is wide enough)."""
+        """``(linear layer, inputs, outputs, sparse input?, sparse output pattern?)`` where the ReLUs
+        around a Linear layer allow the sparse products (``auto``: and the layer is wide enough)."""
         n = len(self._relu_around)
         for lin, (before, after) in enumerate(self._relu_around):
             i, o = self.replicas.params[self._linears[lin].weight].shape[2:0:-1]
@@ -537,7 +542,7 @@ class FusedBackend(Backend):
                 continue
             before = before and not (self.fused_head and lin == n - 1)  # the head kernel reads the dense input
             if before or after:
-                yield lin, before, after
+                yield lin, i, o, before, after
 
     def _state(self, i, x, y, idx) -> _State:
         hit = self._cache.get(i)
@@ -579,8 +584,7 @@ class FusedBackend(Backend):
             # column index and a value per entry, twice for the input (it and its transpose)
             frac = 1.0 if self.sparse_hidden else hidden_sparse_max_density()
             item = 4 + self.replicas.params[self.replicas.names[0]].element_size()
-            for lin, before, after in self._sparse_hidden_sites(self.sparse_hidden is None):
-                i, o = self.replicas.params[self._linears[lin].weight].shape[2:0:-1]
+            for _, i, o, before, after in self._sparse_hidden_sites(self.sparse_hidden is None):
                 per += before * (8 + 2 * frac * i * item) + after * (8 + frac * o * item)
         return int(per)
 
