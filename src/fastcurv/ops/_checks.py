@@ -1,4 +1,5 @@
-"""Input checks shared by the op wrappers and their references (messages name the op and operand)."""
+"""Input checks shared by the op wrappers and their references (messages name the op and operand), and
+the layout test the wrappers use to pass a tensor to a kernel as it is."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,22 @@ def check_shapes(op: str, operands) -> None:
     for name, t, want in operands:
         if t is not None and t.shape != tuple(want):
             raise ValueError(f"{op}: {name} must be {list(want)}, got {tuple(t.shape)}")
+
+
+def inner_contiguous(t: torch.Tensor, inner: int) -> bool:
+    """Whether the last ``inner`` dimensions of ``t`` are contiguous (the leading ones any stride), as
+    the kernels that take a free replica (and probe) stride read them."""
+    expect = 1
+    for size, stride in zip(reversed(t.shape[-inner:]), reversed(t.stride()[-inner:])):
+        if size > 1 and stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def contiguous_inner(t: torch.Tensor, inner: int) -> torch.Tensor:
+    """``t``, or a copy when its last ``inner`` dimensions are not contiguous."""
+    return t if inner_contiguous(t, inner) else t.contiguous()
 
 
 def check_like(op: str, ref_name: str, ref: torch.Tensor, operands: dict) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _ext
+from ._checks import contiguous_inner, inner_contiguous
 from .csr_from_dense import csr_from_dense
 
 #: Inputs at most this dense (fraction of nonzero entries) take the sparse path by default, in batched
@@ -200,8 +201,8 @@ def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weigh
         raise ValueError(f"out must be {list(shape)}, got {tuple(out.shape)}")
     if dense.device.type == "cpu" and _ext.choose("csr_masked_linear_out", dense.device) == "ext":
         w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
-        o = out if _rows_contiguous(out) else torch.empty(shape, dtype=out.dtype, device=out.device)
-        d = dense if _rows_contiguous(dense) else dense.contiguous()
+        o = out if inner_contiguous(out, 3) else torch.empty(shape, dtype=out.dtype, device=out.device)
+        d = contiguous_inner(dense, 3)
         torch.ops.fastcurv.csr_masked_linear_out(P.indptr, P.indices, rows, d, w, transposed, o,
                                                  accumulate and o is out)
         if o is not out:
@@ -209,11 +210,6 @@ def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weigh
         return out
     z = csr_masked_linear_reference(P, rows, dense, weight)
     return out.add_(z) if accumulate else out.copy_(z)
-
-
-def _rows_contiguous(t: torch.Tensor) -> bool:
-    """Whether ``t [R, B, K, d]``'s last three dims are contiguous (any replica stride)."""
-    return t[:1].is_contiguous() if t.shape[0] else True
 
 
 def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None,

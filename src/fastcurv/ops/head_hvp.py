@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._checks import check_like, check_shapes
+from ._checks import check_like, check_shapes, contiguous_inner, inner_contiguous
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -104,13 +104,13 @@ def head_hvp(a, ra, weight, dweight, delta, scale: float, probs=None, dbias=None
     if a.device.type != "cpu" or _ext.choose("head_hvp", a.device) != "ext":  # no GPU kernel: the reference
         return head_hvp_reference(a, ra, weight, dweight, delta, scale, probs, dbias, d1, out_w, out_b, accumulate)
     new = a.new_zeros if accumulate else a.new_empty
-    ow = new(R, K, O, I) if out_w is None or not _inner_contiguous(out_w, 2) else out_w
+    ow = new(R, K, O, I) if out_w is None or not inner_contiguous(out_w, 2) else out_w
     ob = None
     if out_b is not None or dbias is not None:
-        ob = new(R, K, O) if out_b is None or not _inner_contiguous(out_b, 1) else out_b
+        ob = new(R, K, O) if out_b is None or not inner_contiguous(out_b, 1) else out_b
     rg = torch.ops.fastcurv.head_hvp(
-        a, ra, _contiguous_inner(weight, 2), _contiguous_inner(dweight, 2),
-        None if dbias is None else _contiguous_inner(dbias, 1), probs, delta, float(scale), d1, ow,
+        a, ra, contiguous_inner(weight, 2), contiguous_inner(dweight, 2),
+        None if dbias is None else contiguous_inner(dbias, 1), probs, delta, float(scale), d1, ow,
         ob, accumulate)
     if out_w is not None and ow is not out_w:  # the kernel wrote into zeros or scratch (a layout it cannot write)
         _store(out_w, ow, accumulate)
@@ -118,16 +118,3 @@ def head_hvp(a, ra, weight, dweight, delta, scale: float, probs=None, dbias=None
         _store(out_b, ob, accumulate)
     return rg, out_w if out_w is not None else ow, out_b if out_b is not None else ob
 
-
-def _inner_contiguous(t: torch.Tensor, inner: int) -> bool:
-    """Whether the last ``inner`` dimensions of ``t`` are contiguous (the leading ones any stride)."""
-    expect = 1
-    for size, stride in zip(reversed(t.shape[-inner:]), reversed(t.stride()[-inner:])):
-        if size > 1 and stride != expect:
-            return False
-        expect *= size
-    return True
-
-
-def _contiguous_inner(t: torch.Tensor, inner: int) -> torch.Tensor:
-    return t if _inner_contiguous(t, inner) else t.contiguous()
