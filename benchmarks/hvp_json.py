@@ -35,6 +35,9 @@ timed in alternation (the separate timings above can catch the machine in differ
 ``flops_hvp_per_probe_over_gradient`` (W1) is the FLOP model's floor for the per-probe ratio: the
 fused matvec's multiply-adds per probe over those of the fused gradient (both from the nonzero
 inputs in the first layer, with the hidden layer's GEMMs dense).
+``peak_memory_MiB``: per measurement, the most memory in use during it above what was in use
+before it (``peak_memory.py``: on the CPU the resident set, on a GPU the allocator's peak); the
+operators' cached per-batch state is built inside it, a per-model loop's retained graphs too.
 ``gflops_*``: the multiply-adds each variant does (W1's sparse hidden products: by the fraction of
 nonzero ReLU outputs, ``hidden_relu_density``) over its time; ``gflops_fused_K8_dense_hidden_equivalent``:
 the default's time against the dense hidden layer's multiply-adds.
@@ -54,6 +57,9 @@ import torch
 from torch import nn
 
 import fastcurv
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peak_memory  # noqa: E402
 
 
 def load_batch(n, data_root=None, flatten=True):
@@ -207,6 +213,20 @@ def main(argv=None):
            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "seconds": {}, "ratio_to_gradient": {}}
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)
+    peaks = res["peak_memory_MiB"] = {}
+
+    def timed(name, fn, op=None):
+        """``best`` of ``fn``, its peak memory above the memory in use before it (``op``'s cached
+        per-batch state dropped first, so that its warm-up call builds it again and it counts) in
+        ``peaks[name]``. One call runs before, so that modules it loads on first use do not count."""
+        fn()
+        if op is not None:
+            op.backend.clear_cache()
+        with peak_memory.measure(dev) as peak:
+            t = best(fn, a.repeats, sync)
+        peaks[name] = peak.MiB
+        return t
+
     ops = {b: fastcurv.HessianOperator(models, (x, y), backend=b) for b in ("fused", "func")}
     # the unit is the fastest way we know to get one gradient for every replica
     params = [list(m.parameters()) for m in models]
@@ -215,9 +235,9 @@ def main(argv=None):
         for m, p in zip(models, params):
             torch.autograd.grad(nn.functional.cross_entropy(m(x), y), p)
 
-    res["seconds"]["gradient_per_model_loop"] = best(grad_loop, a.repeats, sync)
-    res["seconds"]["gradient_batched_fused"] = best(lambda: ops["fused"].loss_and_gradient(), a.repeats, sync)
-    res["seconds"]["gradient_batched_func"] = best(lambda: ops["func"].loss_and_gradient(), a.repeats, sync)
+    res["seconds"]["gradient_per_model_loop"] = timed("gradient_per_model_loop", grad_loop)
+    for b in ("fused", "func"):
+        res["seconds"][f"gradient_batched_{b}"] = timed(f"gradient_batched_{b}", ops[b].loss_and_gradient, ops[b])
     unit = min(res["seconds"][k] for k in ("gradient_per_model_loop", "gradient_batched_fused", "gradient_batched_func"))
     res["seconds"]["gradient_all_R"] = unit
     res["backend_auto"] = fastcurv.HessianOperator(models, (x, y)).backend_name
@@ -229,12 +249,15 @@ def main(argv=None):
     for b, kw in jobs.items():
         if a.skip_slow and b != "fused":
             continue
-        runs = []
+        runs, job_peaks = [], []
         for _ in range(a.job_repeats):
-            t0 = time.perf_counter()
-            out = fastcurv.batched_sharpness(models, (x, y), progress=False, **kw)
-            sync()
-            runs.append(time.perf_counter() - t0)
+            with peak_memory.measure(dev) as peak:
+                t0 = time.perf_counter()
+                out = fastcurv.batched_sharpness(models, (x, y), progress=False, **kw)
+                sync()
+                runs.append(time.perf_counter() - t0)
+            job_peaks.append(peak.MiB)
+        peaks[f"batched_sharpness_{b}"] = job_peaks[-1]  # the first run also loads modules
         res["seconds"][f"batched_sharpness_{b}"] = min(runs)
         res["seconds"][f"batched_sharpness_{b}_all"] = runs
         res[f"batched_sharpness_{b}_matvecs"] = out.num_matvecs
@@ -267,7 +290,7 @@ def main(argv=None):
         for b, op in ops.items():
             if b == "func" and K > 1 and a.skip_slow:
                 continue
-            t = best(lambda: op.matvec(V), a.repeats, sync)
+            t = timed(f"hvp_{b}_K{K}", lambda: op.matvec(V), op)
             res["seconds"][f"hvp_{b}_K{K}"] = t
             res["ratio_to_gradient"][f"hvp_{b}_K{K}_per_probe"] = t / K / unit
     # the fused matvecs over the fused batched gradient, the two timed in alternation
@@ -306,18 +329,20 @@ def main(argv=None):
         res[f"gflops_{b}_K8"] = gflops(first, hidden, res["seconds"][f"hvp_{b}_K8"])
         res[f"{b}_K8_fraction_of_sgemm"] = res[f"gflops_{b}_K8"] / res["sgemm_gflops"]
     if not a.skip_slow:
-        graphs = []
-        for m in models:
-            params = list(m.parameters())
-            g = torch.autograd.grad(nn.functional.cross_entropy(m(x), y), params, create_graph=True)
-            graphs.append((params, g))
-        vs = [[torch.randn_like(p) for p in m.parameters()] for m in models]
+        with peak_memory.measure(dev) as peak:  # its retained graphs count
+            graphs = []
+            for m in models:
+                params = list(m.parameters())
+                g = torch.autograd.grad(nn.functional.cross_entropy(m(x), y), params, create_graph=True)
+                graphs.append((params, g))
+            vs = [[torch.randn_like(p) for p in m.parameters()] for m in models]
 
-        def loop():
-            for (params, g), v in zip(graphs, vs):
-                torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True)
+            def loop():
+                for (params, g), v in zip(graphs, vs):
+                    torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True)
 
-        t = best(loop, a.repeats, sync)
+            t = best(loop, a.repeats, sync)
+        peaks["hvp_per_model_autograd_loop"] = peak.MiB
         res["seconds"]["hvp_per_model_autograd_loop"] = t
         res["ratio_to_gradient"]["hvp_per_model_autograd_loop"] = t / unit
         res["fused_K1_speedup_over_loop"] = t / res["seconds"]["hvp_fused_K1"]

@@ -30,26 +30,13 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peak_memory import reset_peak_rss, status_bytes  # noqa: E402
+
 
 def _rss() -> int:
     """Peak RSS so far (bytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _status(key: str) -> int:
-    """A size line of /proc/self/status in bytes (VmRSS: resident now; VmHWM: peak since the last reset)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(a) -> dict:
@@ -75,8 +62,8 @@ def child(a) -> dict:
 
     gc.collect()
     base_hwm = _rss()  # loading MNIST (float64 on the way) peaks above what it keeps
-    reset = _reset_peak()  # from here VmHWM is the job's own peak
-    base = _status("VmRSS")
+    reset = reset_peak_rss()  # from here VmHWM is the job's own peak
+    base = status_bytes("VmRSS")
     target = parse_budget(a.target)
     budget = parse_budget(a.budget) if a.budget else target - base
     plan = plan_memory(models, loader, budget)
@@ -90,7 +77,7 @@ def child(a) -> dict:
     t0 = time.perf_counter()
     res = fastcurv.batched_sharpness(models, loader, memory_budget=budget, progress=a.progress)
     wall = time.perf_counter() - t0
-    job_peak = _status("VmHWM") if reset else _rss()
+    job_peak = status_bytes("VmHWM") if reset else _rss()
     peak = max(base_hwm, _rss(), job_peak)  # the reset of VmHWM resets ru_maxrss too: keep the loading's peak
     iters = res.iterations["lambda_max"].double()
     out.update({"peak_rss_bytes": peak, "peak_rss_GiB": peak / 2**30, "job_peak_rss_bytes": job_peak,

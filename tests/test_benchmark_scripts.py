@@ -1,0 +1,52 @@
+"""The benchmark scripts' own machinery: peak-memory measurement and a tiny run of hvp_json."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+import peak_memory  # noqa: E402
+
+
+def _cpu_peak_measurable() -> bool:
+    return sys.platform.startswith("linux") and peak_memory.reset_peak_rss()
+
+
+@pytest.mark.skipif(not _cpu_peak_measurable(), reason="needs Linux's /proc/self/clear_refs")
+def test_peak_memory_sees_a_block_that_was_freed():
+    with peak_memory.measure(torch.device("cpu")) as quiet:
+        pass
+    with peak_memory.measure(torch.device("cpu")) as busy:
+        t = torch.ones(64 << 18)  # 64 MiB of float32, touched, then freed inside the block
+        del t
+    assert quiet.MiB is not None and busy.MiB is not None
+    assert busy.MiB >= 60, busy.MiB
+    assert quiet.MiB < 16, quiet.MiB
+
+
+@pytest.mark.gpu
+def test_peak_memory_on_cuda():
+    dev = torch.device("cuda")
+    with peak_memory.measure(dev) as busy:
+        t = torch.ones(64 << 18, device=dev)
+        del t
+    assert busy.bytes >= 64 << 20
+
+
+def test_hvp_json_tiny_run(tmp_path):
+    """The reference benchmark end to end on a tiny W1 (its slow parts skipped): every timing and
+    peak-memory entry is there and finite."""
+    out = tmp_path / "hvp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(BENCH, "hvp_json.py"), "--replicas", "2", "--batch", "64", "--repeats", "1",
+                    "--job-repeats", "1", "--skip-slow", "--out", str(out)], check=True, env=env, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    for key in ("gradient_batched_fused", "batched_sharpness_fused", "hvp_fused_K1", "hvp_fused_K8", "hvp_func_K1"):
+        assert res["seconds"][key] > 0, key
+        peak = res["peak_memory_MiB"][key]
+        assert peak is None or peak >= 0, (key, peak)
+    assert res["ratio_to_gradient"]["hvp_fused_K8_per_probe"] > 0
