@@ -332,7 +332,7 @@ def test_fused_engine_runs_eval_batchnorm_through_the_ops(impl, monkeypatch):
     """The fused engine's eval BatchNorm R-passes go through ops.bn_eval_rop_fwd/bwd, once per
     BatchNorm and batch each, and its products equal the autograd backend's with every kernel choice
     (the Triton kernels under the interpreter: the path CUDA tensors take by default)."""
-    import fastcurv.backends.fused as fused
+    import fastcurv.backends.fused.maps as fused
     from oracle import ragged
 
     if impl == "triton":

@@ -240,7 +240,7 @@ def _bn_mlp():
 def test_fused_batch_statistics_run_through_the_op(kind, monkeypatch):
     """bn_mode="batch": the fused engine's R-backward goes through ops.bn_rop_bwd, and its products
     equal the autograd backend's, with the compiled kernel and with the torch reference."""
-    import fastcurv.backends.fused as fused
+    import fastcurv.backends.fused.maps as fused
 
     gen = torch.Generator().manual_seed(2)
     if kind == "cnn":

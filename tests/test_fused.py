@@ -126,7 +126,7 @@ def test_fused_drops_zero_input_columns_exactly(K, monkeypatch):
     """Input columns that are zero in a whole batch (MNIST's borders) are left out of the first
     layer's products: different columns per batch, a batch too small to prune, replica subsets in
     chunks of one; matvec, gradient and exact trace equal the unpruned engine's and dense Hessians."""
-    from fastcurv.backends import fused as fused_mod
+    from fastcurv.backends.fused import mlp_state
 
     models = replicas(lambda: nn.Sequential(nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3)), R=3)
     gen = torch.Generator().manual_seed(11)
@@ -135,7 +135,7 @@ def test_fused_drops_zero_input_columns_exactly(K, monkeypatch):
     x[:140, [0, 5, 11]] = 0  # batch 1: three zero columns
     x[140:280, 2:4] = 0  # batch 2: two others
     batches = [(x[:140], y[:140]), (x[140:280], y[140:280]), (x[280:], y[280:])]  # batch 3: 20 rows, not pruned
-    monkeypatch.setattr(fused_mod, "ZERO_COLUMNS_MIN_ROWS", 100)
+    monkeypatch.setattr(mlp_state, "ZERO_COLUMNS_MIN_ROWS", 100)
     pruned = fastcurv.HessianOperator(models, batches, backend="fused", backend_options={"chunk_bytes": 1})
     st = pruned.backend._primal(*batches[0], None)
     assert st.keep is not None and st.zero.tolist() == [0, 5, 11] and st.inputs[0].shape == (140, 9)
@@ -194,7 +194,7 @@ def test_fused_head_kernel_against_dense(K, before, loss, monkeypatch):
     """The last Linear layer and the loss run in the head_hvp kernel, with the ReLU before it folded
     in (or a Linear or Tanh before it, whose R-ops the engine keeps): two batches (accumulated),
     replica subsets in chunks of one, against dense Hessians and the engine with fused_head=False."""
-    import fastcurv.backends.fused as fused_mod
+    import fastcurv.backends.fused.loss_head as fused_mod
 
     mid = {"relu": nn.ReLU(), "linear": nn.Identity(), "tanh": nn.Tanh()}[before]
     models = replicas(lambda: nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 5), mid, nn.Linear(5, 4)), R=3)
@@ -226,7 +226,7 @@ def test_fused_sparse_hidden_layers_against_dense(K, loss, fused_head, monkeypat
     output's ReLU pattern (csr_linear, csr_masked_linear, csr_linear_wgrad(_shared)): always, by
     density, or never; two batches (accumulated), replica subsets in chunks of one; against dense
     Hessians and the dense engine, and the gradient from the cached state."""
-    import fastcurv.backends.fused as fused_mod
+    import fastcurv.backends.fused.backend as fused_mod
 
     models = replicas(lambda: nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 8), nn.ReLU(), nn.Linear(8, 6),
                                             nn.ReLU(), nn.Linear(6, 4)), R=3)

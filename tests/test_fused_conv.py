@@ -191,7 +191,7 @@ def test_conv_net_head_kernel_against_dense(K, loss, bias, monkeypatch):
     """A conv net's output Linear (50 inputs) and the loss run in the head_hvp kernel, on views of
     the sample-major tensors: two batches, sample chunks of 4 (accumulated), against dense
     Hessians and the engine with fused_head=False; a 16-input head keeps the einsums."""
-    import fastcurv.backends.fused as fused_mod
+    import fastcurv.backends.fused.loss_head as fused_mod
 
     def net(width):
         return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=bias), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(1),

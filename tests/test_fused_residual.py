@@ -8,7 +8,7 @@ from torch import nn
 import fastcurv
 from fastcurv.backends import FusedBackend
 from fastcurv.backends.fused import parse
-from fastcurv.backends.fused_graph import Graph
+from fastcurv.backends.fused.graph import Graph
 from fastcurv.replicas import ReplicaSet
 from models import replicas
 from oracle import check_fused_float32, dense_hessian

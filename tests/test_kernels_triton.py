@@ -287,14 +287,14 @@ def test_fused_engine_forward_through_linear_rop(device, K, monkeypatch):
     tangent the backward pass reads), ReLU, a layer without bias, an input column dropped as zero;
     the products equal dense float64 Hessians."""
     from torch import nn
-    from fastcurv.backends import fused as fused_mod
+    from fastcurv.backends.fused import mlp_state
     from models import replicas
     from oracle import dense_hessian
 
     calls = []
     real = triton_kernels.OPS["linear_rop"]
     monkeypatch.setitem(triton_kernels.OPS, "linear_rop", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    monkeypatch.setattr(fused_mod, "ZERO_COLUMNS_MIN_ROWS", 8)
+    monkeypatch.setattr(mlp_state, "ZERO_COLUMNS_MIN_ROWS", 8)
     models = replicas(lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 3)), R=2)
     g = _gen(3)
     x = torch.randn(20, 6, generator=g, dtype=torch.float64)

@@ -334,7 +334,8 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
               backend_options=None, **_ignored) -> tuple[JobShape, str]:
     """The :class:`JobShape` of a ``batched_sharpness`` job and the backend it will use. Reads the
     data once (sizes and bytes) and runs one replica on up to two samples (state and activation sizes)."""
-    from .backends.fused import FusedBackend, _is_general
+    from .backends.fused import FusedBackend
+    from .backends.fused.layers import _is_general
     from .data import Batches
     from .losses import Loss
     from .operator import select_backend

@@ -2,9 +2,9 @@
 
 :func:`trace` symbolically traces a model (``torch.fx``; modules of ``torch.nn`` are leaves, custom
 modules are traced through) into a DAG of fused layers (:class:`Graph`) that the sample-major engine
-(:class:`fastcurv.backends.fused._MapEngine`) runs. Supported nodes:
+(:class:`fastcurv.backends.fused.maps._MapEngine`) runs. Supported nodes:
 
-* calls of the leaf modules the chain parser supports (:func:`fastcurv.backends.fused._parse_module`;
+* calls of the leaf modules the chain parser supports (:func:`fastcurv.backends.fused.layers._parse_module`;
   Dropout in eval mode and Identity are skipped). A module called twice shares its parameters:
   both calls add into the same gradient and Hessian-vector product;
 * residual additions of two traced tensors of equal shape: ``a + b``, ``a += b``, ``torch.add(a, b)``,
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ops import activation_kind
-from .fused import _Layer, _parse_module
+from ...ops import activation_kind
+from .layers import _Layer, _parse_module
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_", "__add__", "__iadd__", "__radd__")
@@ -39,7 +39,7 @@ _ACT_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh"
 
 
 class Graph(list):
-    """A traced model for the fused engine: the nodes (:class:`~fastcurv.backends.fused._Layer`, in
+    """A traced model for the fused engine: the nodes (:class:`~fastcurv.backends.fused.layers._Layer`, in
     topological order; ``kind == "add"`` for residual additions) and ``inputs[i]``, the nodes
     whose outputs node ``i`` reads (-1: the model input). The last node is the model output."""
 

@@ -1,0 +1,679 @@
+"""The fused backend, :class:`FusedBackend`, and its MLP engine (layout ``[R, N, K, F]``); models
+with conv, pooling or BatchNorm layers, or traced DAGs, run on :class:`.maps._MapEngine`."""
+from __future__ import annotations
+
+import torch
+
+from ...ops import act_derivs, act_rop_bwd, activation_kind, activation_value, softmax_ce_hvp
+from ... import _ext
+from ...ops.csr_linear import csr_linear, csr_linear_wgrad, csr_linear_wgrad_shared, csr_masked_linear, sparse_rows
+from ...ops.head_hvp import HEAD_MAX_OUTPUTS
+from ...ops.linear_rop import in_fused_engine, linear_rop
+from ...replicas import consecutive_runs
+from ..base import Backend
+from .layers import _is_general, parse
+from .loss_head import _head_products, _loss_head
+from .maps import _MapEngine
+from .mlp_state import _all_rows, _drop_zero_columns, _ReluCsr, _scatter_columns_, _State
+
+DEFAULT_CACHE_BYTES = 4 << 30
+DEFAULT_CHUNK_BYTES = 4 << 20
+#: The MLP engine's matvecs (CPU) take a hidden Linear layer's products from its ReLU input's nonzeros,
+#: and from its output's ReLU pattern, where at most this fraction of them is nonzero in a batch, per
+#: x86 vector level of the kernels (``fastcurv._ext.cpu_level()``: 2 AVX-512, 1 AVX2, 0 baseline).
+#: ``python benchmarks/bench_kernels.py --relu-sweep --repeat 21`` (one W1 replica at K=8, the six
+#: products against the GEMMs, 2 threads): AVX-512 2.1x faster at 50% nonzero, 1.7x at 60%, 1.3x at
+#: 70%, 0.9x at 80%; AVX2 (``FASTCURV_CPU_LEVEL=1``) 1.3x, 1.1x, 1.0x, 0.9x; baseline 1.4x at 20%,
+#: 1.0x at 35%, 0.7x at 50%. In the engine, on 100 W1 MLPs trained 5 epochs (71% and 64% of the ReLU
+#: outputs nonzero), AVX-512 K=8 matvecs took 1.04 s with the sparse products against 1.28 s with the
+#: GEMMs, and 1.12 s with a limit of 0.7 (which left the 71% input dense).
+HIDDEN_SPARSE_MAX_DENSITY = {2: 0.75, 1: 0.6, 0: 0.3}
+#: ... and where the layer has at least this many inputs and outputs: narrower rows fill too little of
+#: the kernels' vector tiles (AVX-512, 50% / 70% nonzero: 1.0x / 0.6x at 32 features, 1.4x / 1.0x at 64).
+HIDDEN_SPARSE_MIN_WIDTH = 64
+
+
+def hidden_sparse_max_density() -> float:
+    """``HIDDEN_SPARSE_MAX_DENSITY`` at this machine's kernel level (0 without the C++ kernels)."""
+    return HIDDEN_SPARSE_MAX_DENSITY.get(_ext.cpu_level(), 0.0)
+
+
+def _as_slice(ids: torch.Tensor):
+    """``ids`` as a slice when they are consecutive (a view instead of a copy), else ``ids``."""
+    lo = int(ids[0])
+    return slice(lo, lo + len(ids)) if int(ids[-1]) - lo + 1 == len(ids) else ids
+
+
+class FusedBackend(Backend):
+    """Exact HVPs by forward and backward R-passes over cached per-batch state.
+
+    Args:
+        cache_bytes: memory for cached per-batch state (all batches together). Beyond it, the
+            state is recomputed in every matvec (one extra forward+backward per batch).
+        chunk_bytes: on the CPU, replicas are processed in chunks whose widest tangent
+            ``[chunk, N, K, F]`` fits in this many bytes (None: no chunking). MLP chains only.
+        sample_chunk_bytes: models with conv/pooling/BatchNorm layers are processed in chunks of
+            samples whose widest tangent ``[n, K, R, *feat]`` fits in this many bytes (default:
+            16 MiB on the CPU, 2 GiB on a GPU).
+        drop_zero_columns: MLP chains leave the network input's columns that are zero in every
+            row of a batch out of the first layer's products (exact; see ``_drop_zero_columns``).
+        sparse_input: MLP chains on the CPU compute the first layer's products from the nonzero
+            inputs only (:mod:`fastcurv.ops.csr_linear`), instead of dropping zero columns: None
+            (default) when at most ``SPARSE_INPUT_MAX_DENSITY`` (0.4) of a batch's inputs are
+            nonzero (MNIST: 19%), True whenever the C++ kernels can run, False never.
+        fused_head: on the CPU, a last Linear layer with at most ``HEAD_MAX_OUTPUTS`` (32) outputs
+            runs with the loss in one kernel (:mod:`fastcurv.ops.head_hvp`) instead of six thin
+            GEMMs (einsums in conv nets, there for at least 32 inputs) and the loss R-op.
+        sparse_hidden: MLP chains on the CPU compute the matvec's products of a Linear layer between
+            ReLUs from the nonzero entries of its ReLU input, and of its output's ReLU pattern,
+            (the probe's tangents vanish where the ReLU does): None (default) where at most
+            ``HIDDEN_SPARSE_MAX_DENSITY`` of them are nonzero in a batch (0.75 with AVX-512, 0.6
+            with AVX2; about half at initialization) and the layer has at least
+            ``HIDDEN_SPARSE_MIN_WIDTH`` (64) inputs and outputs, True always, False never.
+    """
+
+    name = "fused"
+
+    @staticmethod
+    def supports(replicas, loss=None) -> tuple[bool, str]:
+        layers, why = parse(replicas.base)
+        if layers is None:
+            return False, why
+        if loss is not None and loss.kind not in ("cross_entropy", "mse"):
+            return False, f"loss {loss.kind!r} is not fused (cross_entropy and mse are)"
+        allowed = set()
+        for l in layers:
+            if l.kind == "bn" and not l.opts.get("batch"):
+                stem = l.opts["mean"][: -len("running_mean")]
+                allowed |= {l.opts["mean"], l.opts["var"], stem + "num_batches_tracked"}
+        other = sorted(set(replicas.buffers) - allowed)
+        if other:
+            return False, f"the model has buffers other than BatchNorm running statistics: {other[:3]}"
+        return True, ""
+
+    def __init__(self, replicas, loss, batches, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, sample_chunk_bytes: int | None = None,
+                 drop_zero_columns: bool = True, sparse_input: bool | None = None, fused_head: bool = True,
+                 sparse_hidden: bool | None = None):
+        super().__init__(replicas, loss, batches)
+        ok, why = self.supports(replicas, loss)
+        if not ok:
+            raise ValueError(f"the fused backend does not support this model: {why}")
+        self.layers, _ = parse(replicas.base)
+        self.cache_bytes = cache_bytes
+        self.chunk_bytes = chunk_bytes
+        self.sample_chunk_bytes = sample_chunk_bytes
+        self.drop_zero_columns = drop_zero_columns
+        self.sparse_input = sparse_input
+        self.sparse_hidden = sparse_hidden
+        self._maps = _MapEngine(self.layers, loss, fused_head) if _is_general(self.layers) else None
+        linears = self._linears = [l for l in self.layers if l.kind == "linear"]
+        # the last layer a Linear with few outputs, not the first (its input has a tangent)
+        self.fused_head = (fused_head and self._maps is None and self.layers[-1].kind == "linear" and len(linears) > 1
+                           and replicas.params[linears[-1].weight].shape[1] <= HEAD_MAX_OUTPUTS)
+        # per Linear layer of an MLP chain: whether a ReLU joins it to a Linear layer before / after it
+        relu = lambda j: 0 <= j < len(self.layers) and self.layers[j].kind == "act" and self.layers[j].act == activation_kind("relu")
+        lin_at = lambda j: 0 <= j < len(self.layers) and self.layers[j].kind == "linear"
+        # (the first Linear layer's input is the data: it has no tangent, so no use for the pattern after it)
+        at = [j for j, l in enumerate(self.layers) if l.kind == "linear"]
+        self._relu_around = [(relu(j - 1) and lin_at(j - 2), n > 0 and relu(j + 1) and lin_at(j + 2)) for n, j in enumerate(at)]
+        self._cache: dict[int, tuple[torch.Tensor | None, _State]] = {}
+        self._subset: dict[int, tuple[torch.Tensor, _State]] = {}
+        self._cache_used = 0
+        self._cache_full = False
+
+    def clear_cache(self):
+        self._cache.clear()
+        self._subset.clear()
+        self._cache_used = 0
+        self._cache_full = False
+
+    # --- probe-independent pass --------------------------------------------------------------
+    def _primal(self, x, y, idx, sparse_hidden: bool | None = None) -> _State:
+        """The probe-independent state of batch ``(x, y)`` for replicas ``idx``; ``sparse_hidden``:
+        whether to build the hidden layers' CSR forms (False: not, the gradient does not read them;
+        True: wherever they apply, whatever the density; None: this backend's setting)."""
+        if self._maps is not None:
+            params, buffers = self.replicas.subset(idx)
+            return self._maps.primal(x, y, params, buffers)
+        rs, st = self.replicas, _State()
+        params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
+        R = next(iter(params.values())).shape[0]
+        a, shared = x, True  # activations; shared = no replica axis yet
+        pre: list = []  # pre-activations per act layer
+        for layer in self.layers:
+            if layer.kind == "flatten":
+                a = a.reshape(a.shape[0], -1) if shared else a.reshape(R, a.shape[1], -1)
+            elif layer.kind == "linear":
+                W = params[layer.weight]
+                if shared:  # the first layer: its input in CSR form, or without its all-zero columns
+                    st.csr, _ = sparse_rows(a, self.sparse_input)
+                    st.csr_t = None if st.csr is None else st.csr.transpose()
+                    if st.csr is None and self.drop_zero_columns:
+                        a, st.keep, st.zero = _drop_zero_columns(a)
+                        if st.keep is not None:
+                            W = W.index_select(2, st.keep)
+                st.inputs.append(a)
+                b = None if layer.bias is None else params[layer.bias]  # the product starts from it
+                if shared and st.csr is not None:  # from the nonzero inputs
+                    z = csr_linear(st.csr, _all_rows(a.shape[0], R, a.device), W, b)
+                else:
+                    a3 = a.expand(R, *a.shape) if shared else a
+                    z = torch.bmm(a3, W.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), a3, W.transpose(1, 2))
+                shared = False
+                a = z
+            else:
+                pre.append(None if shared else a)
+                a = activation_value(a, layer.act, layer.slope)
+        out = a  # [R, N, C]
+        st.loss, st.probs, delta = _loss_head(self.loss, out, y, sample_dim=1)
+        # backward: deltas per linear layer, activation multipliers
+        acts = iter(reversed(pre))
+        lin = len(st.inputs)
+        g = delta
+        deltas, d1s, d2gs = [], [], []
+        for layer in reversed(self.layers):
+            if layer.kind == "linear":
+                lin -= 1
+                deltas.append(g)
+                g = torch.bmm(g, params[layer.weight]) if st.inputs[lin].dim() == 3 else None
+            elif layer.kind == "act":
+                z = next(acts)
+                if z is None:
+                    d1s.append(None)
+                    d2gs.append(None)
+                    continue
+                d1, d2g = act_derivs(z, g, layer.act, layer.slope)
+                if layer.act in (activation_kind("relu"), activation_kind("leaky_relu")):
+                    d2g = None
+                d1s.append(d1)
+                d2gs.append(d2g)
+                g = d1 * g
+        st.deltas = deltas[::-1]
+        st.d1, st.d2g = d1s[::-1], d2gs[::-1]
+        self._relu_csr(st, self.sparse_hidden if sparse_hidden is None else sparse_hidden)
+        # X^T's row pointers (one per input feature) are left out: state_bytes_per_sample scales these by samples
+        csr = [] if st.csr is None else [st.csr.indptr, st.csr.indices, st.csr.values, st.csr_t.indices, st.csr_t.values]
+        st.nbytes = sum(t.numel() * t.element_size() for t in [*st.inputs[1:], *st.deltas, *[d for d in st.d1 + st.d2g if d is not None], *csr] + ([st.probs] if st.probs is not None else []))
+        st.nbytes += sum(c.nbytes for c in st.sparse_in + st.sparse_out if c is not None)
+        return st
+
+    def _relu_csr(self, st: _State, sparse_hidden: bool | None):
+        """Fill ``st.sparse_in`` / ``st.sparse_out``: CSR forms of the hidden Linear layers' ReLU
+        inputs and of their outputs' ReLU patterns (holding the deltas), for the matvec's sparse
+        products (:func:`~fastcurv.ops.csr_linear.csr_masked_linear` and friends), where
+        ``sparse_hidden`` allows (None: at most :func:`hidden_sparse_max_density` nonzero, in layers
+        at least ``HIDDEN_SPARSE_MIN_WIDTH`` wide)."""
+        n = len(st.inputs)
+        st.sparse_in, st.sparse_out = [None] * n, [None] * n
+        if sparse_hidden is False or not self._sparse_hidden_runs(st.deltas[0].device):
+            return
+        limit = hidden_sparse_max_density()
+        # per Linear layer's input: its ReLU pattern and whether it is sparse enough; the pattern after
+        # one hidden layer is the one before the next, found once
+        patterns = {}
+
+        def pattern(j):
+            if j not in patterns:
+                m = st.inputs[j] != 0  # ReLU(z) != 0 exactly where the ReLU passes its gradient
+                patterns[j] = m, sparse_hidden is not None or float(m.sum()) <= limit * m.numel()
+            return patterns[j]
+
+        for lin, _, _, before, after in self._sparse_hidden_sites(sparse_hidden is None):
+            if before and pattern(lin)[1]:
+                st.sparse_in[lin] = _ReluCsr.build(st.inputs[lin], pattern(lin)[0], transpose=True)
+            if after and pattern(lin + 1)[1]:
+                st.sparse_out[lin] = _ReluCsr.build(st.deltas[lin], pattern(lin + 1)[0])
+
+    def _sparse_hidden_runs(self, device) -> bool:
+        return self.sparse_hidden is not False and device.type == "cpu" and _ext.has_kernel("csr_masked_linear_out", "cpu")
+
+    def _sparse_hidden_sites(self, auto: bool):
+        """``(linear layer, inputs, outputs, sparse input?, sparse output pattern?)`` where the ReLUs
+        around a Linear layer allow the sparse products (``auto``: and the layer is wide enough)."""
+        n = len(self._relu_around)
+        for lin, (before, after) in enumerate(self._relu_around):
+            i, o = self.replicas.params[self._linears[lin].weight].shape[2:0:-1]
+            if auto and min(i, o) < HIDDEN_SPARSE_MIN_WIDTH:
+                continue
+            before = before and not (self.fused_head and lin == n - 1)  # the head kernel reads the dense input
+            if before or after:
+                yield lin, i, o, before, after
+
+    def _state(self, i, x, y, idx) -> _State:
+        hit = self._cache.get(i)
+        if hit is not None:
+            rows, st = hit
+            if rows is None and idx is None or rows is not None and idx is not None and torch.equal(rows, idx):
+                return st
+            last = self._subset.get(i)
+            if last is not None and idx is not None and torch.equal(last[0], idx):
+                return last[1]
+            sub = self._positions(rows, idx)
+            if sub is not None:
+                # solvers shrink their active set over a run: keep the latest subset's rows
+                self._subset[i] = (idx, st.select(sub))
+                return self._subset[i][1]
+        st = self._primal(x, y, idx)
+        if not self._cache_full:
+            old = self._cache.pop(i, None)
+            if old is not None:
+                self._cache_used -= old[1].nbytes
+            if self._cache_used + st.nbytes <= self.cache_bytes:
+                self._cache[i] = (idx, st)
+                self._cache_used += st.nbytes
+            else:
+                self._cache_full = True
+        return st
+
+    def state_bytes_per_sample(self, x, y) -> int:
+        """Bytes of cached per-batch state for ONE replica and ONE sample (what ``cache_bytes``
+        pays for), measured by running the probe-independent pass for replica 0 on the first
+        sample of ``x`` / ``y``. Every cached tensor has one row per sample, so a batch of n
+        samples and c replicas needs about ``c * n`` times this (used by :mod:`fastcurv.memory`);
+        the hidden layers' CSR forms (``sparse_hidden``) are counted at the largest density they are
+        built at (``hidden_sparse_max_density()``, or full with ``sparse_hidden=True``)."""
+        idx = torch.zeros(1, dtype=torch.long, device=x.device)
+        per = self._primal(x[:1], y[:1], idx, sparse_hidden=False).nbytes
+        if self._sparse_hidden_runs(x.device):
+            # the CSR forms at the most entries they are built with: row pointers (int64), then an int32
+            # column index and a value per entry, twice for the input (it and its transpose)
+            frac = 1.0 if self.sparse_hidden else hidden_sparse_max_density()
+            item = 4 + self.replicas.params[self.replicas.names[0]].element_size()
+            for _, i, o, before, after in self._sparse_hidden_sites(self.sparse_hidden is None):
+                per += before * (8 + 2 * frac * i * item) + after * (8 + frac * o * item)
+        return int(per)
+
+    def _positions(self, rows, idx):
+        """Positions of replicas ``idx`` within cached ``rows`` (None = all), or None if not covered."""
+        if idx is None:
+            return None
+        if rows is None:
+            return idx
+        where = {int(r): j for j, r in enumerate(rows.tolist())}
+        if not all(int(r) in where for r in idx.tolist()):
+            return None
+        return torch.tensor([where[int(r)] for r in idx.tolist()], device=idx.device)
+
+    def loss_and_gradient(self, idx, reuse_state: bool = False):
+        """Loss ``[R]`` and per-parameter gradients ``[R, *shape]`` over all batches (batched GEMMs).
+
+        By default the forward and backward passes run afresh (callers may have changed the
+        parameters since the state was cached). ``reuse_state=True`` (MLP chains) reads the
+        matvecs' cached per-batch state instead, filling the cache where it is missing, so only
+        the weight products remain: valid while the parameters are those the operator was built
+        with (the solvers' gradient start)."""
+        rs = self.replicas
+        pos = {n: j for j, n in enumerate(rs.names)}
+        params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
+        grads = [torch.zeros_like(params[n]) for n in rs.names]
+        total = None
+        if self._maps is not None:
+            params, buffers = rs.subset(idx)
+            named = dict(zip(rs.names, grads))
+            for _, x, y in self.batches:
+                # in chunks of samples whose widest feature tensor [n, R, *feat] fits the budget
+                step = self._sample_step(x, self._maps.primal(x[:1], y[:1], params, buffers).widest * grads[0].shape[0] * grads[0].element_size())
+                for n0 in range(0, x.shape[0], step):
+                    st = self._maps.primal(x[n0:n0 + step], y[n0:n0 + step], params, buffers, keep_all=True)
+                    total = st.loss if total is None else total + st.loss
+                    self._maps.gradient(st, params, buffers, named)
+            return total, grads
+        for i, x, y in self.batches:
+            if reuse_state:
+                st, where = self._state_rows(i, x, y, idx)
+                if where is not None:
+                    st = st.select(where.to(x.device))
+            else:
+                st = self._primal(x, y, idx, sparse_hidden=False)
+            total = st.loss if total is None else total + st.loss
+            lin = 0
+            for layer in self.layers:
+                if layer.kind != "linear":
+                    continue
+                a, delta = st.inputs[lin], st.deltas[lin]
+                R = delta.shape[0]
+                if lin == 0 and st.csr is not None:
+                    csr_linear_wgrad_shared(st.csr_t, delta, out=grads[pos[layer.weight]], accumulate=True)
+                elif lin == 0 and st.keep is not None:
+                    dst = grads[pos[layer.weight]]
+                    _scatter_columns_(dst, st.keep, st.zero, torch.bmm(delta.transpose(1, 2), a.expand(R, *a.shape)), first=False)
+                else:
+                    grads[pos[layer.weight]].baddbmm_(delta.transpose(1, 2), a.expand(R, *a.shape) if a.dim() == 2 else a)
+                if layer.bias is not None:
+                    grads[pos[layer.bias]] += delta.sum(1)
+                lin += 1
+        return total, grads
+
+    # --- the exact trace of piecewise-linear MLPs ----------------------------------------------
+    def exact_trace_support(self) -> tuple[bool, str]:
+        """Whether :meth:`exact_trace` applies, and why not."""
+        if self._maps is not None:
+            return False, "the exact trace is implemented for MLP chains (Linear and activations), not this model"
+        piecewise = (activation_kind("relu"), activation_kind("leaky_relu"))
+        curved = [l for l in self.layers if l.kind == "act" and l.act not in piecewise]
+        if curved:
+            return False, "the model has activations that are not piecewise linear (only ReLU and LeakyReLU are)"
+        return True, ""
+
+    def exact_trace(self, idx) -> torch.Tensor:
+        """Exact Hessian trace ``[Ra]`` (float64) of replicas ``idx`` (None: all), without probes.
+
+        A chain of Linear layers and ReLU/LeakyReLU is linear in any single parameter (the others
+        and the activation pattern fixed), so the second derivative of every output with respect
+        to one parameter vanishes and the Hessian's diagonal equals the Gauss-Newton diagonal:
+        ``tr H = sum_n tr(J_n^T H_n J_n) = sum_n sum_c |J_n^T a_nc|^2`` with ``H_n = A_n A_n^T`` the
+        loss Hessian in the outputs (cross-entropy: ``a_nc = sqrt(s p_c) (e_c - p)``, MSE:
+        ``sqrt(2 s) e_c``). Each ``J_n^T a_nc`` is a per-sample gradient, whose squared norm
+        for a Linear layer is ``|delta|^2 (|input|^2 + 1 if bias)``: one backward pass of the C
+        vectors ``a_nc`` through the cached state, no weight-sized products (about 0.7 gradients
+        for 784-128-128-10 with C = 10)."""
+        ok, why = self.exact_trace_support()
+        if not ok:
+            raise ValueError(why)
+        rs = self.replicas
+        params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
+        Ra = next(iter(params.values())).shape[0]
+        total = torch.zeros(Ra, dtype=torch.float64, device=rs.device)
+        for i, x, y in self.batches:
+            st, where = self._state_rows(i, x, y, idx)
+            if where is not None:
+                st = st.select(where.to(x.device))
+            N = x.shape[0]
+            C = st.deltas[-1].shape[-1]
+            step = self._chunk(Ra, N, C, x.device)
+            for r0 in range(0, Ra, step):
+                rows = slice(r0, min(Ra, r0 + step))
+                total[rows] += self._trace_rows(st.narrow(rows), {n: t[rows] for n, t in params.items()}, N, C)
+        return total
+
+    def _trace_rows(self, st, params, N, C) -> torch.Tensor:
+        """``sum_n sum_c |J_n^T a_nc|^2`` ``[R]`` for one batch's state of R replicas."""
+        R = st.deltas[-1].shape[0]
+        eye = torch.eye(C, dtype=st.deltas[-1].dtype, device=st.deltas[-1].device)
+        if self.loss.kind == "cross_entropy":
+            p = st.probs  # [R, N, C]: seed c is sqrt(s p_c) (e_c - p)
+            rd = (eye - p.unsqueeze(2)).mul_((self.loss.scale() * p).sqrt_().unsqueeze(3))
+        else:
+            rd = (eye * (2 * self.loss.scale(C)) ** 0.5).expand(R, N, C, C)
+        total = torch.zeros(R, dtype=torch.float64, device=rd.device)
+        lin, act = len(st.inputs), len(st.d1)
+        for layer in reversed(self.layers):
+            if layer.kind == "linear":
+                lin -= 1
+                a, W = st.inputs[lin], params[layer.weight]
+                sq = a.square().sum(-1)  # [N] (the shared input) or [R, N]
+                if layer.bias is not None:
+                    sq = sq + 1
+                total += (rd.square().sum((2, 3)) * sq).sum(1).to(torch.float64)
+                sp = st.sparse_out[lin]
+                if a.dim() == 3 and sp is not None:  # rd vanishes outside the ReLU pattern after the layer
+                    rd = csr_masked_linear(sp.csr, sp.rows, rd, W.transpose(1, 2))
+                elif a.dim() == 3:
+                    rd = torch.bmm(rd.reshape(R, N * C, -1), W).view(R, N, C, -1)
+            elif layer.kind == "act":
+                act -= 1
+                if st.d1[act] is not None:
+                    rd = rd * st.d1[act].unsqueeze(2)
+        return total
+
+    # --- the matvec --------------------------------------------------------------------------
+    # Tangents use the layout [R, N, K, F]: every batched matmul below then reads and writes
+    # contiguous views without permuting activation-sized tensors.
+    def matvec(self, vecs, idx):
+        """Products of the replicas ``idx`` (None: all); MLP chains return the flat ``[Ra, K, P]``."""
+        if self._maps is not None:
+            return self._matvec_maps(vecs, idx, [torch.zeros_like(v) for v in vecs])
+        rs = self.replicas
+        pos = {n: j for j, n in enumerate(rs.names)}
+        R, K = vecs[0].shape[:2]
+        flat = vecs[0].new_empty(R, K, rs.P)
+        # K = 1: the products land in their place in the flat result (strided views); K > 1: the
+        # GEMMs need [K*O, I] blocks per replica, so they go to per-parameter tensors copied once
+        out = rs.unflatten(flat) if K == 1 else [torch.empty_like(v) for v in vecs]
+        # forward: [R, I, K*O] (a transposed view; the first layer's is made per chunk in _apply,
+        # which may keep only some of its input columns); backward, hidden layers: [R, O, K*I]
+        # (the Triton linear_rop path reads the probe directly: no forward copies)
+        dWt = {}
+        triton_fwd = in_fused_engine(vecs[0].device)
+        # the last Linear and the loss in one kernel (head_hvp), which reads the probe block as it is
+        head = (self.fused_head and vecs[0].device.type == "cpu" and not triton_fwd
+                and _ext.choose("head_hvp", vecs[0].device) == "ext")
+        for n_lin, layer in enumerate(l for l in (self.layers[:-1] if head else self.layers) if l.kind == "linear"):
+            dW = vecs[pos[layer.weight]]
+            O, I = dW.shape[2:]
+            fwd = None if n_lin == 0 or triton_fwd else dW.reshape(R, K * O, I).transpose(1, 2)
+            dWt[layer.weight] = (fwd, dW.permute(0, 2, 1, 3).reshape(R, O, K * I) if n_lin > 0 else None)
+        for n_batch, (i, x, y) in enumerate(self.batches):
+            st, where = self._state_rows(i, x, y, idx)
+            step = self._chunk(R, x.shape[0], K, x.device)
+            for s0, v0, n in consecutive_runs(where, R):  # state rows s0.. hold the replicas of vecs rows v0..
+                ids = None if idx is None else idx[v0:v0 + n]
+                for c in range(0, n, step):
+                    m = min(step, n - c)
+                    sv, vv = slice(s0 + c, s0 + c + m), slice(v0 + c, v0 + c + m)
+                    gid = slice(v0 + c, v0 + c + m) if ids is None else _as_slice(ids[c:c + m])
+                    self._apply(st.narrow(sv), {n_: t[gid] for n_, t in rs.params.items()}, [v[vv] for v in vecs],
+                                {w: (None if f is None else f[vv], None if g is None else g[vv]) for w, (f, g) in dWt.items()},
+                                [o[vv] for o in out], pos, x.shape[0], first=n_batch == 0, triton_fwd=triton_fwd, head=head)
+        if K > 1:
+            for dst, o in zip(rs.unflatten(flat), out):
+                dst.copy_(o)
+        return flat
+
+    @staticmethod
+    def _gather_on_gpu(st: _State, where: torch.Tensor) -> tuple[_State, torch.Tensor | None]:
+        """On a GPU, scattered replicas are gathered into one state (a cheap copy there) instead of
+        being run as many small runs of consecutive rows, whose kernel launches would dominate."""
+        dev = st.deltas[0].device
+        if dev.type == "cuda" and sum(1 for _ in consecutive_runs(where, len(where))) > 1:
+            return st.select(where.to(dev)), None
+        return st, where
+
+    def _state_rows(self, i, x, y, idx) -> tuple[_State, torch.Tensor | None]:
+        """The cached state of batch ``i`` and the positions of replicas ``idx`` in it (None:
+        position = replica), computing (and caching, within ``cache_bytes``) what is missing."""
+        hit = self._cache.get(i)
+        if hit is not None:
+            rows, st = hit
+            if rows is None:
+                return (st, None) if idx is None else self._gather_on_gpu(st, idx)
+            if idx is not None and torch.equal(rows, idx):
+                return st, None
+            where = self._positions(rows, idx)
+            if where is not None:
+                return self._gather_on_gpu(st, where)
+        st = self._primal(x, y, idx)
+        if not self._cache_full and (hit is None or idx is None):
+            if hit is not None:
+                self._cache_used -= hit[1].nbytes
+                del self._cache[i]
+            if self._cache_used + st.nbytes <= self.cache_bytes:
+                self._cache[i] = (idx, st)
+                self._cache_used += st.nbytes
+            else:
+                self._cache_full = True
+        return st, None
+
+    def _matvec_maps(self, vecs, idx, out):
+        rs = self.replicas
+        params, buffers = rs.subset(idx)
+        # each probe tensor contiguous once per matvec: as views of the flat [R, K, P] probe block,
+        # K > 1 tangents are strided, and every sample chunk's products would copy them again
+        named_v, named_o = {n: v.contiguous() for n, v in zip(rs.names, vecs)}, dict(zip(rs.names, out))
+        R, K = vecs[0].shape[:2]
+        for i, x, y in self.batches:
+            st = self._state(i, x, y, idx)
+            N = x.shape[0]
+            step = self._sample_step(x, K * R * st.widest * vecs[0].element_size())
+            for n0 in range(0, N, step):
+                self._maps.apply(st.samples(slice(n0, min(N, n0 + step))), params, buffers, named_v, named_o)
+        return out
+
+    def _sample_step(self, x, per_sample_bytes: int) -> int:
+        """Samples per chunk of the conv engine: as many as keep ``per_sample_bytes`` each within
+        ``sample_chunk_bytes``."""
+        if self._maps is not None and self._maps.coupled:
+            return x.shape[0]  # batch-statistics BatchNorm couples the samples of a batch: no chunks
+        budget = self.sample_chunk_bytes
+        if budget is None:
+            budget = (16 << 20) if x.device.type == "cpu" else (2 << 30)
+        return max(1, min(x.shape[0], budget // max(per_sample_bytes, 1)))
+
+    def _chunk(self, R: int, N: int, K: int, device) -> int:
+        """Replicas per chunk: all on a GPU; on a CPU as many as keep one [chunk, N, K, F]
+        tangent within ``chunk_bytes``, so the element-wise passes between GEMMs hit the cache."""
+        if device.type != "cpu" or self.chunk_bytes is None:
+            return R
+        widest = max(self.replicas.params[l.weight].shape[1] for l in self.layers if l.kind == "linear")
+        per = N * K * widest * self.replicas.params[self.replicas.names[0]].element_size()
+        return max(1, min(R, self.chunk_bytes // max(per, 1)))
+
+    def _apply(self, st, params, vecs, dWt, out, pos, N, first, triton_fwd, head):
+        """Accumulate one batch's Hessian-vector products of the replicas in ``st`` into ``out``
+        (``first``: the first batch, whose products overwrite ``out``: it is not zeroed;
+        ``triton_fwd``: the Linear layers' R-forward runs through the Triton linear_rop; ``head``:
+        the last Linear layer and the loss run in the head_hvp kernel)."""
+        R, K = vecs[0].shape[:2]
+        ra, rpre, rin = None, [], []
+        lin = act = 0
+        fused_act = None  # the R-op of the activation after a Linear run by the Triton linear_rop
+        layers = self.layers[:-1] if head else self.layers  # with head, the backward pass starts below it
+        for li, layer in enumerate(layers):
+            if layer.kind == "linear" and triton_fwd:
+                rin.append(ra)
+                nxt = self.layers[li + 1] if li + 1 < len(self.layers) else None
+                ra, fused_act = self._linear_rop_layer(st, lin, layer, nxt if nxt is not None and nxt.kind == "act" else None,
+                                                       ra, params, vecs, pos)
+                lin += 1
+            elif layer.kind == "linear":
+                rin.append(ra)
+                a, W = st.inputs[lin], params[layer.weight]
+                O, I = W.shape[1], W.shape[2]
+                fwd, _ = dWt[layer.weight]
+                db = None if layer.bias is None else vecs[pos[layer.bias]].reshape(R, K * O)  # the first product starts from it
+                sp = st.sparse_in[lin]
+                if fwd is None and st.csr is not None:  # sparse input: the probe block as [R, K*O, I] (a view at K=1)
+                    rz = csr_linear(st.csr, _all_rows(N, R, a.device), vecs[pos[layer.weight]].reshape(R, K * O, I), db)
+                elif sp is not None:  # from the ReLU input's nonzeros
+                    rz = csr_linear(sp.csr, sp.rows, fwd.transpose(1, 2), db)
+                else:
+                    if fwd is None:  # the first layer: [R, I, K*O], or [R, I_kept, K*O] (the probe's kept columns)
+                        dW = vecs[pos[layer.weight]]
+                        fwd = (dW.reshape(R, K * O, I) if st.keep is None else dW.index_select(3, st.keep).view(R, K * O, -1)).transpose(1, 2)
+                    # an input shared by all replicas enters bmm as a stride-0 expand (no copy)
+                    a3 = a.expand(R, *a.shape) if a.dim() == 2 else a
+                    rz = torch.bmm(a3, fwd) if db is None else torch.baddbmm(db.unsqueeze(1), a3, fwd)
+                rz = rz.view(R, N, K, O)
+                if ra is not None and sp is not None:  # ra vanishes where the ReLU input does
+                    csr_masked_linear(sp.csr, sp.rows, ra, W, out=rz, accumulate=True)
+                elif ra is not None:  # in place: these tensors are R*N*K*F large
+                    rz.view(R, N * K, O).baddbmm_(ra.view(R, N * K, I), W.transpose(1, 2))
+                ra = rz
+                lin += 1
+            elif layer.kind == "act":
+                d1 = st.d1[act]
+                act += 1
+                if fused_act is not None:  # applied by linear_rop's epilogue: (tangent before, after)
+                    rz, ra = fused_act
+                    fused_act = None
+                    rpre.append(None if st.d2g[act - 1] is None else rz)
+                    continue
+                if d1 is None:
+                    rpre.append(None)
+                    continue
+                if st.d2g[act - 1] is None:  # piecewise-linear: the pre-activation tangent is not needed later
+                    rpre.append(None)
+                    ra = ra.mul_(d1.unsqueeze(2))
+                else:
+                    rpre.append(ra)
+                    ra = d1.unsqueeze(2) * ra
+        if head:
+            rd, layers, act = self._head(st, params, vecs, out, pos, ra, act, first)
+        else:
+            C = ra.shape[-1]
+            if self.loss.kind == "cross_entropy":
+                rd = softmax_ce_hvp(st.probs.reshape(R * N, 1, C), ra.reshape(R * N, K, 1, C), self.loss.scale()).view(R, N, K, C)
+            else:
+                rd = 2 * self.loss.scale(C) * ra
+        for layer in reversed(layers):
+            if layer.kind == "linear":
+                lin -= 1
+                a, W, delta = st.inputs[lin], params[layer.weight], st.deltas[lin]
+                O, I = W.shape[1], W.shape[2]
+                j = pos[layer.weight]
+                rdT = rd.reshape(R, N, K * O).transpose(1, 2)  # [R, K*O, N]
+                sp_in, sp_out = st.sparse_in[lin], st.sparse_out[lin]
+                if lin == 0 and st.csr is not None:  # from the nonzero inputs, written in place
+                    csr_linear_wgrad_shared(st.csr_t, rd.reshape(R, N, K * O), out=out[j].view(R, K * O, I), accumulate=not first)
+                elif sp_in is not None:
+                    csr_linear_wgrad_shared(sp_in.csr_t, rd.reshape(R, N, K * O), out=out[j].view(R, K * O, I),
+                                            accumulate=not first, rows=sp_in.rows_t)
+                elif lin == 0 and st.keep is not None:
+                    _scatter_columns_(out[j].view(R, K * O, I), st.keep, st.zero, torch.bmm(rdT, a.expand(R, *a.shape)), first)
+                else:
+                    out[j].view(R, K * O, I).baddbmm_(rdT, a.expand(R, *a.shape) if a.dim() == 2 else a, beta=0 if first else 1)
+                ra_in = rin[lin]
+                if ra_in is not None:  # delta^T ra_in [R, O, K*I], from the output's ReLU pattern where sparse
+                    dra = (torch.bmm(delta.transpose(1, 2), ra_in.view(R, N, K * I)) if sp_out is None else
+                           csr_linear_wgrad(sp_out.csr, sp_out.rows, ra_in.view(R, N, K * I),
+                                            out=delta.new_empty(R, O, K * I).transpose(1, 2)).transpose(1, 2))
+                    out[j] += dra.view(R, O, K, I).transpose(1, 2)
+                if layer.bias is not None:
+                    if first:
+                        torch.sum(rd, 1, out=out[pos[layer.bias]])
+                    else:
+                        out[pos[layer.bias]] += rd.sum(1)
+                if a.dim() == 3 and sp_out is not None:  # rd vanishes outside the output's ReLU pattern
+                    rg = csr_linear(sp_out.csr, sp_out.rows, dWt[layer.weight][1].transpose(1, 2))
+                    rd = csr_masked_linear(sp_out.csr, sp_out.rows, rd, W.transpose(1, 2), out=rg.view(R, N, K, I), accumulate=True)
+                elif a.dim() == 3:
+                    rg = torch.bmm(rd.reshape(R, N * K, O), W)
+                    rg.view(R, N, K * I).baddbmm_(delta, dWt[layer.weight][1])
+                    rd = rg.view(R, N, K, I)
+            elif layer.kind == "act":
+                act -= 1
+                d1 = st.d1[act]
+                if d1 is None:
+                    continue
+                d2g, rz = st.d2g[act], rpre[act]
+                F_ = rd.shape[-1]
+                if d2g is None:
+                    rd = rd.mul_(d1.unsqueeze(2))
+                else:
+                    rd = act_rop_bwd(d1.reshape(R * N, F_), d2g.reshape(R * N, F_), rz.reshape(R * N, K, F_), rd.reshape(R * N, K, F_)).view(R, N, K, F_)
+
+    def _head(self, st, params, vecs, out, pos, ra, act, first):
+        """The last Linear layer's products and the loss R-op by :func:`~fastcurv.ops.head_hvp.head_hvp`,
+        given the tangent ``ra`` of its input; when a piecewise-linear activation precedes it, that
+        activation's backward R-op too. Returns the R-gradient for the layers left, those layers and
+        the activation count below them."""
+        layer, lin = self.layers[-1], len(st.inputs) - 1
+        layers, d1 = self.layers[:-1], None
+        if layers[-1].kind == "act" and st.d1[act - 1] is not None and st.d2g[act - 1] is None:
+            act -= 1
+            d1, layers = st.d1[act], layers[:-1]
+        bias = None if layer.bias is None else pos[layer.bias]
+        rd = _head_products(self.loss, st.inputs[lin], ra, params[layer.weight], vecs[pos[layer.weight]], st.deltas[lin],
+                            st.probs, None if bias is None else vecs[bias], d1, out[pos[layer.weight]],
+                            None if bias is None else out[bias], accumulate=not first)
+        return rd, layers, act
+
+    @staticmethod
+    def _linear_rop_layer(st, lin, layer, act, ra, params, vecs, pos):
+        """One Linear layer's R-forward (and that of the activation ``act`` after it, or None) by
+        the Triton :func:`fastcurv.ops.linear_rop.linear_rop`, in the engine's ``[R, N, K, F]``
+        layout: returns the tangent after the layer and, with ``act``, ``(rz, sigma'(z) rz)``
+        for the activation step (else None)."""
+        a, W, dW = st.inputs[lin], params[layer.weight], vecs[pos[layer.weight]]
+        R = dW.shape[0]
+        if lin == 0 and st.keep is not None:
+            W, dW = W.index_select(2, st.keep), dW.index_select(3, st.keep)
+        out = linear_rop(
+            a.expand(R, *a.shape) if a.dim() == 2 else a, None if ra is None else ra.transpose(1, 2), W, dW,
+            None if layer.bias is None else params[layer.bias], None if layer.bias is None else vecs[pos[layer.bias]],
+            None if act is None else act.act, 0.0 if act is None else act.slope)
+        rz = out.rz.transpose(1, 2).contiguous()  # [R, K, N, O] -> [R, N, K, O]
+        if act is None:
+            return rz, None
+        return rz, (rz, out.rh.transpose(1, 2).contiguous())

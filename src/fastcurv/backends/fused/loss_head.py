@@ -1,0 +1,35 @@
+"""The loss at the network's output, and the last Linear layer with the loss in the head kernel:
+shared by both engines."""
+from __future__ import annotations
+
+import torch
+
+from ...ops.head_hvp import head_hvp
+
+
+def _head_products(loss, a, ra, W, dW, delta, probs, db, d1, out_w, out_b, accumulate: bool) -> torch.Tensor:
+    """The output Linear layer's products and the loss R-op by :func:`~fastcurv.ops.head_hvp.head_hvp`
+    (``[R, ...]`` operands; ``probs`` is read for cross-entropy only); returns the R-gradient w.r.t.
+    the layer's input."""
+    ce = loss.kind == "cross_entropy"
+    scale = loss.scale() if ce else 2 * loss.scale(W.shape[1])  # the loss Hessian: scale * (diag(p) - p p^T), or scale * I
+    return head_hvp(a, ra, W, dW, delta, scale, probs=probs if ce else None, dbias=db, d1=d1, out_w=out_w, out_b=out_b,
+                    accumulate=accumulate)[0]
+
+
+def _loss_head(loss, out: torch.Tensor, y: torch.Tensor, sample_dim: int):
+    """Per-replica loss ``[R]``, softmax probabilities (cross-entropy; else None) and the loss
+    gradient w.r.t. the outputs, for outputs ``[R, N, C]`` (sample_dim=1) or ``[N, R, C]`` (0)."""
+    shape = [1, 1, 1]
+    shape[sample_dim] = y.shape[0]
+    if loss.kind == "cross_entropy":
+        sc = loss.scale()
+        logp = torch.log_softmax(out, dim=-1)
+        yi = y.view(shape).expand(*out.shape[:2], 1)
+        probs = logp.exp()
+        delta = probs.clone().scatter_add_(2, yi, torch.full_like(logp[..., :1], -1.0)).mul_(sc)
+        return -logp.gather(2, yi).squeeze(2).sum(sample_dim) * sc, probs, delta
+    sc = loss.scale(out.shape[-1])
+    diff = out - y.unsqueeze(1 - sample_dim)
+    return diff.square().sum((sample_dim, 2)) * sc, None, 2 * sc * diff
+
