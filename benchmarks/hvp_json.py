@@ -38,8 +38,11 @@ inputs in the first layer, with the hidden layer's GEMMs dense).
 ``peak_memory_MiB``: per measurement, the most memory in use during it above what was in use
 before it (``peak_memory.py``: on the CPU the resident set, on a GPU the allocator's peak); the
 operators' cached per-batch state is built inside it, a per-model loop's retained graphs too.
-``gflops_*``: the multiply-adds each variant does (W1's sparse hidden products: by the fraction of
-nonzero ReLU outputs, ``hidden_relu_density``) over its time; ``gflops_fused_K8_dense_hidden_equivalent``:
+``gflops_*``: the multiply-adds each variant does (read from its cached state,
+``engine_first_layer_inputs_and_hidden_macs``; W1's sparse hidden products: by the fraction of
+nonzero ReLU outputs, ``hidden_relu_density``) over its time, as fractions of the same run's sgemm
+(a 2048-square matmul) and, on W1, of ``bmm_gflops`` (torch.bmm on the hidden layer's K=8 shape,
+``[R, 8B, H] @ [R, H, H]``: on a GPU the engine's own GEMMs); ``gflops_fused_K8_dense_hidden_equivalent``:
 the default's time against the dense hidden layer's multiply-adds.
 """
 from __future__ import annotations
@@ -177,6 +180,27 @@ def sgemm_gflops(device, sync, n=2048):
     return 2 * n**3 / t / 1e9
 
 
+def bmm_gflops(device, sync, R, M, H):
+    """torch.bmm's GFLOP/s on ``[R, M, H] @ [R, H, H]``: at ``M = 8 * batch``, the hidden layer's
+    product with the K=8 probes' tangents stacked with the batch rows."""
+    a, b = torch.randn(R, M, H, device=device), torch.randn(R, H, H, device=device)
+    t = best(lambda: torch.bmm(a, b), 3, sync)
+    return 2 * R * M * H * H / t / 1e9
+
+
+def engine_work(op, nonzeros, kept, n_in, H, density):
+    """``(first-layer inputs per image, hidden-layer multiply-adds per image)`` that the fused W1
+    operator ``op`` does, read from its cached per-batch state: the nonzero pixels with the sparse
+    first layer (CPU), else the columns it keeps (or all ``n_in``); the hidden layer's products from
+    the ReLU pattern before it (half of them, scaled by ``density["before"]``) and after it (the other
+    half, by ``density["after"]``) where the engine built their CSR forms, else the dense ``H * H``."""
+    st = next(iter(op.backend._cache.values()))[1]
+    first = nonzeros if st.csr is not None else (n_in if st.keep is None else kept)
+    half_in = density["before"] if st.sparse_in[1] is not None else 1.0
+    half_out = density["after"] if st.sparse_out[1] is not None else 1.0
+    return first, H * H * (half_in + half_out) / 2
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=("W1", "W3", "W4"), default="W1",
@@ -299,9 +323,11 @@ def main(argv=None):
         V = torch.randn(R, K, P, device=dev)
         tg, tm = best_alternating(lambda: ops["fused"].loss_and_gradient(), lambda: ops["fused"].matvec(V), a.repeats, sync)
         res["paired_ratio_to_gradient"][f"hvp_fused_K{K}_per_probe_over_batched_gradient"] = tm / K / tg
-    # W1's first layer counts only the multiply-adds the engine does: with the sparse input (default)
-    # the nonzero pixels of each image, with dense_input the columns not zero in every image.
+    # W1's first layer counts only the multiply-adds the engine does: with the sparse input (default
+    # on the CPU) the nonzero pixels of each image, without it the columns not zero in every image.
     res["sgemm_gflops"] = sgemm_gflops(dev, sync)
+    if a.workload == "W1":  # the engine's hidden-layer GEMM at K=8 (on a GPU, what the matvec runs)
+        res["bmm_gflops"] = bmm_gflops(dev, sync, R, 8 * a.batch, H)
 
     def gflops(first_layer_inputs, hidden_macs, seconds):
         macs = [first_layer_inputs * H, hidden_macs, H * 10] if a.workload == "W1" else {"W3": W3_MACS, "W4": W4_MACS}[a.workload]
@@ -317,17 +343,21 @@ def main(argv=None):
             a1 = torch.stack([m[1](m[0](x)) for m in models])
             a2 = torch.stack([m[3](m[2](a1[r])) for r, m in enumerate(models)])
         res["hidden_relu_density"] = {"before": float((a1 != 0).double().mean()), "after": float((a2 != 0).double().mean())}
-        done = H * H * (res["hidden_relu_density"]["before"] + res["hidden_relu_density"]["after"]) / 2
         nz, kept = res["first_layer_nonzeros_per_image"], res["first_layer_inputs_kept"]
-        variants = {"fused": (nz, done), "fused_dense_input": (kept, done), "fused_dense_hidden": (nz, H * H)}
+        density = res["hidden_relu_density"]
+        variants = {b: engine_work(ops[b], nz, kept, x.shape[1], H, density)
+                    for b in ("fused", "fused_dense_input", "fused_all_columns", "fused_dense_hidden")}
+        res["engine_first_layer_inputs_and_hidden_macs"] = variants
         # the same matvec's time against the work of the dense hidden layer's GEMMs
-        res["gflops_fused_K8_dense_hidden_equivalent"] = gflops(nz, H * H, res["seconds"]["hvp_fused_K8"])
-    if a.workload == "W1":  # the gradient: forward and weight gradient per layer, input gradient after the first
-        macs = [res["first_layer_nonzeros_per_image"] * H, H * H, H * 10]
+        res["gflops_fused_K8_dense_hidden_equivalent"] = gflops(variants["fused"][0], H * H, res["seconds"]["hvp_fused_K8"])
+        # the gradient: forward and weight gradient per layer, input gradient after the first
+        macs = [variants["fused"][0] * H, H * H, H * 10]
         res["flops_hvp_per_probe_over_gradient"] = hvp_flops(macs) / gradient_flops(macs)
     for b, (first, hidden) in variants.items():
         res[f"gflops_{b}_K8"] = gflops(first, hidden, res["seconds"][f"hvp_{b}_K8"])
         res[f"{b}_K8_fraction_of_sgemm"] = res[f"gflops_{b}_K8"] / res["sgemm_gflops"]
+        if "bmm_gflops" in res:
+            res[f"{b}_K8_fraction_of_bmm"] = res[f"gflops_{b}_K8"] / res["bmm_gflops"]
     if not a.skip_slow:
         with peak_memory.measure(dev) as peak:  # its retained graphs count
             graphs = []

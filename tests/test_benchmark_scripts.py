@@ -50,3 +50,9 @@ def test_hvp_json_tiny_run(tmp_path):
         peak = res["peak_memory_MiB"][key]
         assert peak is None or peak >= 0, (key, peak)
     assert res["ratio_to_gradient"]["hvp_fused_K8_per_probe"] > 0
+    # the FLOP model counts what each variant of the engine does: fewer first-layer inputs with the
+    # sparse input or the zero columns left out, all 784 without either
+    work = res["engine_first_layer_inputs_and_hidden_macs"]
+    assert work["fused"][0] <= work["fused_dense_input"][0] <= work["fused_all_columns"][0] == 784
+    assert work["fused"][1] <= work["fused_dense_hidden"][1] == 128 * 128
+    assert 0 < res["fused_K8_fraction_of_bmm"] and res["bmm_gflops"] > 0
