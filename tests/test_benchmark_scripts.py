@@ -28,6 +28,18 @@ def test_peak_memory_sees_a_block_that_was_freed():
     assert quiet.MiB < 16, quiet.MiB
 
 
+@pytest.mark.skipif(not _cpu_peak_measurable(), reason="needs Linux's /proc/self/clear_refs")
+def test_peak_memory_counts_memory_the_allocator_held_free():
+    """Small blocks freed before the measurement stay in malloc's heap; what the block takes of them
+    again still counts (the heap is handed back to the system first)."""
+    held = [torch.ones(8 << 10) for _ in range(2048)]  # 2048 x 32 KiB: below glibc's mmap threshold
+    del held
+    with peak_memory.measure(torch.device("cpu")) as busy:
+        again = [torch.ones(8 << 10) for _ in range(2048)]
+        del again
+    assert busy.MiB >= 48, busy.MiB
+
+
 @pytest.mark.gpu
 def test_peak_memory_on_cuda():
     dev = torch.device("cuda")
