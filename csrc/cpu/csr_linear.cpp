@@ -126,6 +126,12 @@ FC_ALWAYS_INLINE void transpose_blocks(const S* a, int64_t lda, S* b, int64_t ld
 // engine, in alternation with the scalar loops: W1 matvecs 0.94x (K=1) and 0.955-0.97x (K=8), the
 // gradient 0.944x, the default job 0.96x; W2 matvecs 0.97x.
 typedef float Fc8 __attribute__((vector_size(32), aligned(4)));
+#if defined(__clang__)
+#define FC_SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else  // GCC before 12 has no __builtin_shufflevector; __builtin_shuffle with a constant mask is the same
+typedef int FcI8 __attribute__((vector_size(32)));
+#define FC_SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, FcI8{__VA_ARGS__})
+#endif
 
 template <bool ADD>
 FC_ALWAYS_INLINE void transpose8x8(const float* a, int64_t lda, float* b, int64_t ldb) {
@@ -134,20 +140,20 @@ FC_ALWAYS_INLINE void transpose8x8(const float* a, int64_t lda, float* b, int64_
   for (int k = 0; k < 8; ++k) r[k] = *reinterpret_cast<const Fc8*>(a + k * lda);
 #pragma GCC unroll 4
   for (int k = 0; k < 8; k += 2) {  // u[k]: columns 0, 1, 4, 5 of rows k, k+1 interleaved; u[k+1]: 2, 3, 6, 7
-    u[k] = __builtin_shufflevector(r[k], r[k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    u[k + 1] = __builtin_shufflevector(r[k], r[k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    u[k] = FC_SHUFFLE8(r[k], r[k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    u[k + 1] = FC_SHUFFLE8(r[k], r[k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
   }
 #pragma GCC unroll 2
   for (int h = 0; h < 8; h += 4) {  // v[h + c]: column c (low half) and c + 4 (high half) of rows h..h+3
-    v[h] = __builtin_shufflevector(u[h], u[h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-    v[h + 1] = __builtin_shufflevector(u[h], u[h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-    v[h + 2] = __builtin_shufflevector(u[h + 1], u[h + 3], 0, 1, 8, 9, 4, 5, 12, 13);
-    v[h + 3] = __builtin_shufflevector(u[h + 1], u[h + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    v[h] = FC_SHUFFLE8(u[h], u[h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    v[h + 1] = FC_SHUFFLE8(u[h], u[h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    v[h + 2] = FC_SHUFFLE8(u[h + 1], u[h + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    v[h + 3] = FC_SHUFFLE8(u[h + 1], u[h + 3], 2, 3, 10, 11, 6, 7, 14, 15);
   }
 #pragma GCC unroll 4
   for (int c = 0; c < 4; ++c) {
-    const Fc8 lo = __builtin_shufflevector(v[c], v[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    const Fc8 hi = __builtin_shufflevector(v[c], v[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    const Fc8 lo = FC_SHUFFLE8(v[c], v[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    const Fc8 hi = FC_SHUFFLE8(v[c], v[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     Fc8* bl = reinterpret_cast<Fc8*>(b + c * ldb);
     Fc8* bh = reinterpret_cast<Fc8*>(b + (c + 4) * ldb);
     if (ADD)
