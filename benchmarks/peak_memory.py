@@ -9,10 +9,7 @@ figure is the peak of live memory plus what the allocator kept, an upper bound o
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
-import sys
 from contextlib import contextmanager
 
 
@@ -32,15 +29,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def trim_heap() -> None:
-    """Return the memory glibc's malloc holds free to the system (a no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
 class Peak:
     """Filled in when its ``measure`` block ends: ``bytes`` (None where it cannot be measured) and
     ``MiB``."""
@@ -58,6 +46,8 @@ def measure(device):
     block above what was in use at its start (see the module docstring)."""
     import torch  # here: memory_json's parent process does not load torch
 
+    from fastcurv._heap import trim
+
     peak = Peak()
     gc.collect()
     if device.type == "cuda":
@@ -68,7 +58,7 @@ def measure(device):
         torch.cuda.synchronize(device)
         peak.bytes = torch.cuda.max_memory_allocated(device) - start
         return
-    trim_heap()
+    trim()
     try:
         ok, start = reset_peak_rss(), status_bytes("VmRSS")
     except (OSError, StopIteration):

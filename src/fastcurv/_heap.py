@@ -44,6 +44,14 @@ def _glibc():
     return _libc or None
 
 
+def trim() -> None:
+    """Return the memory malloc holds free to the system now (glibc's ``malloc_trim(0)``; a no-op
+    elsewhere). Leaving the outermost :func:`heap_reuse` does this."""
+    lib = _glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
 def enabled() -> bool:
     """True when :func:`heap_reuse` changes anything here (glibc, and not turned off)."""
     return os.environ.get("FASTCURV_HEAP_REUSE", "1") != "0" and _glibc() is not None
@@ -73,7 +81,7 @@ def heap_reuse():
             if lib is not None and _depth == 0:
                 lib.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
                 lib.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM)
-                lib.malloc_trim(0)
+                trim()
 
 
 def reusing_heap(fn):

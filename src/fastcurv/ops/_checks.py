@@ -12,6 +12,12 @@ def check_shapes(op: str, operands) -> None:
             raise ValueError(f"{op}: {name} must be {list(want)}, got {tuple(t.shape)}")
 
 
+def check_mask(mask, shape) -> None:
+    """``mask`` is None or a bool tensor of ``shape`` (the shape of the tensor it selects from)."""
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != shape):
+        raise ValueError(f"mask must be a bool tensor of x's shape {tuple(shape)}, got {mask.dtype} {tuple(mask.shape)}")
+
+
 def inner_contiguous(t: torch.Tensor, inner: int) -> bool:
     """Whether the last ``inner`` dimensions of ``t`` are contiguous (the leading ones any stride), as
     the kernels that take a free replica (and probe) stride read them."""

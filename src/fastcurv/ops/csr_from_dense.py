@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ._checks import check_mask
 
 
 def _check(x: torch.Tensor, mask: torch.Tensor | None) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3:
         raise TypeError(f"x must be a floating-point [G, M, F] tensor, got {getattr(x, 'dtype', type(x).__name__)} "
                         f"{tuple(getattr(x, 'shape', ()))}")
-    if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape):
-        raise ValueError(f"mask must be a bool tensor of x's shape {tuple(x.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    check_mask(mask, x.shape)
 
 
 def csr_from_dense_reference(x: torch.Tensor, mask: torch.Tensor | None = None, transpose: bool = False):

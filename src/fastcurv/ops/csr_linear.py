@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _ext
-from ._checks import contiguous_inner, inner_contiguous
+from ._checks import check_mask, contiguous_inner, inner_contiguous
 from .csr_from_dense import csr_from_dense
 
 #: Inputs at most this dense (fraction of nonzero entries) take the sparse path by default, in batched
@@ -55,8 +55,7 @@ class CsrRows:
         entries, or with ``mask`` (bool, x's shape) the entries where ``mask`` is True, zeros included."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
             raise TypeError("x must be a floating-point tensor [N, ...]")
-        if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape):
-            raise ValueError(f"mask must be a bool tensor of x's shape {tuple(x.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        check_mask(mask, x.shape)  # here: the reshape below would take a wrong shape of the same size
         flat = x.reshape(len(x), -1)
         return CsrRows.stacked(flat.unsqueeze(0), None if mask is None else mask.reshape(flat.shape).unsqueeze(0))
 
