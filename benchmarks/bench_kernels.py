@@ -24,6 +24,11 @@ of the multiply-adds done, and the weight HVP from the minibatch's transpose
 W1 at K=8: 1000 samples, 128 -> 128, what one CPU chunk runs), its six products from the ReLU
 patterns (``csr_linear``, ``csr_masked_linear``, ``csr_linear_wgrad(_shared)``) against the six
 batched GEMMs, over the fraction of nonzero ReLU outputs; it sets ``HIDDEN_SPARSE_MAX_DENSITY``.
+``--pointwise``: the conv engine's 1x1 convolutions (forward, input and weight gradient; W4's
+strided projection and bottleneck layers, replicas as groups) as matmuls against torch's
+convolutions; it backs ``POINTWISE_MAX_CHANNELS`` in ``fastcurv/backends/fused/conv.py``. Then the
+fused engine's matvecs and gradient on W4 and a small bottleneck ResNet (R=20, 200 MNIST images)
+with either, timed in alternation.
 ``head_hvp``'s 'torch' column is the GEMM chain the fused engine ran before that kernel.
 
 Default sizes (a slice of the W1 workload: R=20 replicas, N=500 rows, hidden 128, C=10, K=4) run in
@@ -334,6 +339,127 @@ def csr_hessian(repeat: int) -> list[dict]:
     return res
 
 
+# ----------------------------------------------------------------------------- 1x1 convolutions
+
+# (name, input [N, C_in, H, W], C_out, groups, stride): the conv engine's 1x1 products, replicas
+# (R=20) as groups, K=8 probes in the batch (N=32) or in the channels; W4's strided projection
+# (8 -> 16 channels per replica) and a bottleneck block's 1x1 layers (16 <-> 8)
+POINTWISE_CASES = [
+    ("W4 projection, tangent", (32, 160, 14, 14), 320, 20, 2),
+    ("W4 projection, weight tangent", (4, 160, 14, 14), 2560, 20, 2),
+    ("W4 projection, K in input channels", (4, 1280, 14, 14), 320, 20, 2),
+    ("bottleneck reduce", (32, 320, 14, 14), 160, 20, 1),
+    ("bottleneck expand", (32, 160, 14, 14), 320, 20, 1),
+    ("wide groups (torch's path)", (8, 640, 14, 14), 1280, 20, 1),
+]
+
+
+def pointwise_inputs(shape, co, groups, stride):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    w = torch.randn(co, shape[1] // groups, 1, 1, generator=g)
+    args = ((stride, stride), (0, 0), (1, 1), groups)
+    go = torch.randn(torch.nn.functional.conv2d(x, w, None, *args).shape, generator=g)
+    return x, w, go, args
+
+
+def pointwise_runs(x, w, go, args) -> dict:
+    """op -> (torch's call, the conv engine's call) for the forward, input and weight gradient."""
+    from fastcurv.backends.fused import conv
+
+    F = torch.nn.functional
+    return {"conv2d": (lambda: F.conv2d(x, w, None, *args), lambda: conv.conv2d(x, w, None, *args)),
+            "conv2d_input": (lambda: torch.nn.grad.conv2d_input(x.shape, w, go, *args),
+                             lambda: conv.conv2d_input(x.shape, w, go, *args)),
+            "conv2d_weight": (lambda: torch.nn.grad.conv2d_weight(x, w.shape, go, *args),
+                              lambda: conv.conv2d_weight(x, w.shape, go, *args))}
+
+
+@pytest.mark.parametrize("impl", ["torch", "fastcurv"])
+@pytest.mark.parametrize("case", POINTWISE_CASES[:2], ids=lambda c: c[0].split(",")[0].replace(" ", "-") + str(c[1][0]))
+def test_pointwise_conv(benchmark, case, impl):
+    runs = pointwise_runs(*pointwise_inputs(*case[1:]))
+    benchmark.group = f"1x1 conv {case[0]}"
+
+    def all_three():
+        for pair in runs.values():
+            pair[impl == "fastcurv"]()
+
+    benchmark(all_three)
+
+
+class BottleneckBlock(torch.nn.Module):
+    """1x1 conv c -> m, 3x3 conv m -> m (stride), 1x1 conv m -> cout, each with eval BatchNorm,
+    ReLU between; plus the input, or its 1x1-conv projection; then ReLU."""
+
+    def __init__(self, c, m, cout, stride=1):
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(nn.Conv2d(c, m, 1, bias=False), nn.BatchNorm2d(m), nn.ReLU(),
+                                  nn.Conv2d(m, m, 3, stride, 1, bias=False), nn.BatchNorm2d(m), nn.ReLU(),
+                                  nn.Conv2d(m, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = (None if stride == 1 and cout == c else
+                     nn.Sequential(nn.Conv2d(c, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + (x if self.skip is None else self.skip(x)))
+
+
+def bottleneck_resnet():
+    """A small bottleneck ResNet on 1x28x28: a 16-channel stem with max pooling, blocks 16 -> 8 -> 8 -> 16
+    (identity skip) and 16 -> 8 -> 8 -> 32 (stride 2, 1x1 projection skip), global average pooling, 10 classes."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                         BottleneckBlock(16, 8, 16), BottleneckBlock(16, 8, 32, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, 10))
+
+
+def pointwise_engine(repeat: int, R: int = 20, N: int = 200) -> list[dict]:
+    """The fused engine's matvecs (K=1, 8) and gradient on W4 and a bottleneck ResNet, with the 1x1
+    convolutions as matmuls against torch's convolutions, timed in alternation (best of ``repeat``)."""
+    from fastcurv.backends.fused import conv
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hvp_json import W4ResNet, load_batch
+
+    x, y, source = load_batch(N, flatten=False)
+    plain = conv._plain
+    res = []
+    for name, factory in (("W4", W4ResNet), ("bottleneck ResNet", bottleneck_resnet)):
+        torch.manual_seed(0)
+        op = fastcurv.HessianOperator([factory().eval() for _ in range(R)], (x, y), backend="fused")
+        calls = {f"matvec K={K}": (lambda V=torch.randn(R, K, op.P): op.matvec(V)) for K in (1, 8)}
+        calls["gradient"] = op.loss_and_gradient
+        with fastcurv.heap_reuse():
+            for what, call in calls.items():
+                best = {}
+                for rep in range(repeat + 1):  # the first round warms up
+                    for matmuls in (False, True):
+                        conv._plain = plain if matmuls else (lambda *a: False)
+                        t = time.perf_counter()
+                        call()
+                        if rep:
+                            best[matmuls] = min(best.get(matmuls, float("inf")), time.perf_counter() - t)
+                conv._plain = plain
+                res.append(dict(op=f"fused {what}", model=name, R=R, N=N, data=source, torch_convs_s=best[False],
+                                matmuls_s=best[True], time_ratio=best[True] / best[False]))
+                print(f"{name:18s} {what:11s} 1x1 as matmuls {best[True]:6.3f} s, torch's convolutions {best[False]:6.3f} s"
+                      f"   {best[True] / best[False]:5.3f}x the time")
+    return res
+
+
+def pointwise(repeat: int) -> list[dict]:
+    res = []
+    for name, *case in POINTWISE_CASES:
+        x, w, go, args = pointwise_inputs(*case)
+        for op, (ref, ours) in pointwise_runs(x, w, go, args).items():
+            t_ref, t_ours = _time(ref, repeat), _time(ours, repeat)
+            res.append(dict(op=op, case=name, input=list(case[0]), out_channels=case[1], groups=case[2], stride=case[3],
+                            torch_ms=t_ref * 1e3, fastcurv_ms=t_ours * 1e3, speedup=t_ref / t_ours))
+            print(f"{name:36s} {op:13s} torch {t_ref * 1e3:7.3f} ms, fastcurv {t_ours * 1e3:7.3f} ms   x{t_ref / t_ours:5.2f}")
+    return res + pointwise_engine(max(3, repeat // 3))
+
+
 # ----------------------------------------------------------------------------- script mode
 
 
@@ -356,9 +482,11 @@ def main(argv=None) -> int:
     ap.add_argument("--csr-sweep", action="store_true", help="only the sparse-input layer against dense GEMMs")
     ap.add_argument("--csr-hessian", action="store_true", help="only the sparse-input layer at the Hessian engine's sizes")
     ap.add_argument("--relu-sweep", action="store_true", help="only a hidden ReLU layer's matvec products, sparse against dense")
+    ap.add_argument("--pointwise", action="store_true", help="only the conv engine's 1x1 convolutions against torch's")
     args = ap.parse_args(argv)
-    if args.csr_sweep or args.csr_hessian or args.relu_sweep:
-        res = csr_sweep(args.repeat) if args.csr_sweep else csr_hessian(args.repeat) if args.csr_hessian else relu_sweep(args.repeat)
+    if args.csr_sweep or args.csr_hessian or args.relu_sweep or args.pointwise:
+        res = (csr_sweep(args.repeat) if args.csr_sweep else csr_hessian(args.repeat) if args.csr_hessian else
+               relu_sweep(args.repeat) if args.relu_sweep else pointwise(args.repeat))
         if args.json:
             with open(args.json, "w") as f:
                 threads = 1 if args.csr_sweep else torch.get_num_threads()

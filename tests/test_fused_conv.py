@@ -98,6 +98,37 @@ def test_conv_against_dense(R, K, bias):
     _check_dense(lambda: conv_net(bias), (2, 5, 6), R, K, "cross_entropy")
 
 
+def pointwise_net(bias=True):
+    # 1x1 convolutions (matmuls on the CPU, fastcurv.backends.fused.conv): on the shared input, then
+    # strided, grouped and dilated ones on odd sizes, between activations with curvature
+    return nn.Sequential(nn.Conv2d(2, 4, 1, bias=bias), nn.GELU(),
+                         nn.Conv2d(4, 6, 1, stride=2, groups=2, bias=bias), nn.Tanh(),
+                         nn.Conv2d(6, 3, 1, stride=(1, 2), dilation=2, bias=bias), nn.ReLU(), nn.Flatten(),
+                         nn.LazyLinear(3, bias=bias))
+
+
+@pytest.mark.parametrize("R,K", [(1, 1), (3, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_convolutions_against_dense(R, K, bias, monkeypatch):
+    loss = "cross_entropy" if bias else "mse"
+    _check_dense(lambda: pointwise_net(bias), (2, 5, 7), R, K, loss)
+    # and the engine's 1x1 products (primal, gradient, matvec) ran as matmuls, not through torch's
+    models = replicas(_materialize(lambda: pointwise_net(bias), (2, 5, 7)), R=R)
+    x, y = _data((2, 5, 7), 5, loss, torch.Generator().manual_seed(1))
+    op = fastcurv.HessianOperator(models, (x, y), backend="fused", loss=loss)  # (checks one model's forward)
+    torch_1x1 = []
+    for mod, name in [(torch.nn.functional, "conv2d"), (torch.nn.grad, "conv2d_input"), (torch.nn.grad, "conv2d_weight")]:
+        def spy(*a, _f=getattr(mod, name), _name=name, **k):
+            size = a[1].shape if torch.is_tensor(a[1]) else a[1]
+            if tuple(size[2:]) == (1, 1):
+                torch_1x1.append(_name)
+            return _f(*a, **k)
+        monkeypatch.setattr(mod, name, spy)
+    op.loss_and_gradient()
+    op.matvec(torch.randn(R, K, op.P, dtype=torch.float64))
+    assert torch_1x1 == []
+
+
 @pytest.mark.parametrize("pool", ["max", "max_ceil", "avg", "avg_ceil", "adaptive"])
 @pytest.mark.parametrize("R,K", [(1, 4), (3, 1)])
 def test_pooling_against_dense(pool, R, K):

@@ -16,8 +16,9 @@ Two engines share this backend:
   ``[N, R, C, H, W]`` (so ``[N, R*C, H, W]`` is the input of one grouped convolution with
   ``groups = R * groups``), tangents ``[N, K, R, C, H, W]`` (the K probes fold into the batch axis
   of the products with the weights ``W``; the products with the weight tangents put K into the
-  channels of a grouped convolution). Conv R-backward uses ``torch.nn.grad.conv2d_weight`` and
-  ``conv2d_input`` with the same grouping. After Flatten the dense head uses ``[N, R, F]`` and
+  channels of a grouped convolution). Conv R-backward uses the weight and input gradients of
+  convolutions with the same grouping (:mod:`.conv`: torch's, or batched matmuls for 1x1 kernels
+  with few channels per group on the CPU). After Flatten the dense head uses ``[N, R, F]`` and
   ``[N, K, R, F]`` (Flatten is a free view). Work is chunked over samples (except with
   batch-statistics BatchNorm, which couples the samples of a batch). Models that are not plain
   chains run on this engine as DAGs traced by torch.fx (:mod:`.graph`): residual additions,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ...ops import act_derivs, act_rop_bwd, activation_kind, activation_value, bn_eval_rop_bwd, bn_eval_rop_fwd, bn_rop_bwd, softmax_ce_hvp
 from ... import _ext
 from ...ops.head_hvp import HEAD_MAX_OUTPUTS
+from .conv import conv2d, conv2d_input, conv2d_weight
 from .loss_head import _head_products, _loss_head
 
 
@@ -370,9 +371,9 @@ class _MapEngine:
                 stride, pad, dil, g = self._conv_io(l, W)
                 b = params[l.bias].reshape(-1) if l.bias is not None else None
                 if shared and g == 1:
-                    z = F.conv2d(a, W.reshape(-1, *W.shape[2:]), b, stride, pad, dil, 1)
+                    z = conv2d(a, W.reshape(-1, *W.shape[2:]), b, stride, pad, dil, 1)
                 else:
-                    z = F.conv2d(self._full(a, R, shared), W.reshape(-1, *W.shape[2:]), b, stride, pad, dil, R * g)
+                    z = conv2d(self._full(a, R, shared), W.reshape(-1, *W.shape[2:]), b, stride, pad, dil, R * g)
                 st.put(i, "in", a, shared)
                 a = z.view(N, R, W.shape[1], *z.shape[2:])
             elif l.kind == "linear":
@@ -443,7 +444,7 @@ class _MapEngine:
                     g = torch.einsum("nro,roi->nri", g, W)
                 else:
                     stride, pad, dil, gr = self._conv_io(l, W)
-                    gi = torch.nn.grad.conv2d_input((N, a_in.shape[1] * a_in.shape[2], *a_in.shape[3:]), W.reshape(-1, *W.shape[2:]),
+                    gi = conv2d_input((N, a_in.shape[1] * a_in.shape[2], *a_in.shape[3:]), W.reshape(-1, *W.shape[2:]),
                                                     g.reshape(N, -1, *g.shape[3:]), stride, pad, dil, R * gr)
                     g = gi.view(a_in.shape)
             elif l.kind == "bn" and l.opts.get("batch"):
@@ -492,7 +493,7 @@ class _MapEngine:
                 R, N = W.shape[0], delta.shape[0]
                 stride, pad, dil, g = self._conv_io(l, W)
                 inp = a if first and g == 1 else self._full(a, R, first)
-                gw = torch.nn.grad.conv2d_weight(inp, (R * W.shape[1], *W.shape[2:]), delta.reshape(N, -1, *delta.shape[3:]),
+                gw = conv2d_weight(inp, (R * W.shape[1], *W.shape[2:]), delta.reshape(N, -1, *delta.shape[3:]),
                                                  stride, pad, dil, 1 if first and g == 1 else R * g)
                 grads[l.weight] += gw.view(W.shape)
                 if l.bias is not None:
@@ -560,14 +561,14 @@ class _MapEngine:
                 stride, pad, dil, g = self._conv_io(l, W)
                 rin[i] = ra
                 if first and g == 1:  # one plain conv: output channels in (K, R, Co) order, the tangent's layout
-                    zb = F.conv2d(a, dW.transpose(0, 1).reshape(-1, *W.shape[2:]), None, stride, pad, dil, 1)
+                    zb = conv2d(a, dW.transpose(0, 1).reshape(-1, *W.shape[2:]), None, stride, pad, dil, 1)
                     zb = zb.view(N, K, R, g, Co // g, *zb.shape[2:])
                 else:
                     dWs = dW.view(R, K, g, Co // g, *W.shape[2:]).transpose(1, 2).reshape(-1, *W.shape[2:])
-                    zb = F.conv2d(self._full(a, R, first), dWs, None, stride, pad, dil, R * g)
+                    zb = conv2d(self._full(a, R, first), dWs, None, stride, pad, dil, R * g)
                     zb = zb.view(N, R, g, K, Co // g, *zb.shape[2:]).permute(0, 3, 1, 2, 4, 5, 6)
                 if ra is not None:
-                    za = F.conv2d(ra.reshape(N * K, -1, *ra.shape[4:]), W.reshape(-1, *W.shape[2:]), None, stride, pad, dil, R * g)
+                    za = conv2d(ra.reshape(N * K, -1, *ra.shape[4:]), W.reshape(-1, *W.shape[2:]), None, stride, pad, dil, R * g)
                     rz = za.view(N, K, R, g, Co // g, *za.shape[2:]).add_(zb)
                 else:
                     rz = zb.contiguous()
@@ -654,11 +655,11 @@ class _MapEngine:
                 o = out[l.weight].view(R, K, g, Co // g, *W.shape[2:])
                 # weight: conv-weight-gradient of (input a, output grads rd) with K in the output channels
                 if first and g == 1:  # one plain conv: rd's (K, R, Co) channel order as it is
-                    gw = torch.nn.grad.conv2d_weight(a, (K * R * Co, *W.shape[2:]), rd.reshape(N, -1, *hw), stride, pad, dil, 1)
+                    gw = conv2d_weight(a, (K * R * Co, *W.shape[2:]), rd.reshape(N, -1, *hw), stride, pad, dil, 1)
                     o += gw.view(K, R, g, Co // g, *W.shape[2:]).transpose(0, 1)
                 else:
                     go = rd.view(N, K, R, g, Co // g, *hw).permute(0, 2, 3, 1, 4, 5, 6).reshape(N, -1, *hw)
-                    gw = torch.nn.grad.conv2d_weight(self._full(a, R, first), (R * g * K * (Co // g), *W.shape[2:]), go,
+                    gw = conv2d_weight(self._full(a, R, first), (R * g * K * (Co // g), *W.shape[2:]), go,
                                                      stride, pad, dil, R * g)
                     o += gw.view(R, g, K, Co // g, *W.shape[2:]).transpose(1, 2)
                 if l.bias is not None and i not in self.bias_folded:
@@ -666,16 +667,16 @@ class _MapEngine:
                 if ra_in is not None:
                     # (input tangent, delta) with K in the input channels
                     ri = ra_in.view(N, K, R, g, Cig, *ra_in.shape[4:]).permute(0, 2, 3, 1, 4, 5, 6).reshape(N, -1, *ra_in.shape[4:])
-                    gw2 = torch.nn.grad.conv2d_weight(ri, (R * Co, K * Cig, *W.shape[3:]), delta.reshape(N, -1, *hw),
+                    gw2 = conv2d_weight(ri, (R * Co, K * Cig, *W.shape[3:]), delta.reshape(N, -1, *hw),
                                                       stride, pad, dil, R * g)
                     o += gw2.view(R, g, Co // g, K, Cig, *W.shape[3:]).permute(0, 3, 1, 2, 4, 5, 6)
                 if first:
                     continue
                 in_hw = a.shape[3:]
-                rg = torch.nn.grad.conv2d_input((N * K, R * g * Cig, *in_hw), W.reshape(-1, *W.shape[2:]),
+                rg = conv2d_input((N * K, R * g * Cig, *in_hw), W.reshape(-1, *W.shape[2:]),
                                                 rd.reshape(N * K, -1, *hw), stride, pad, dil, R * g)
                 wt = dW.view(R, K, g, Co // g, Cig, *W.shape[3:]).permute(0, 2, 3, 1, 4, 5, 6).reshape(R * Co, K * Cig, *W.shape[3:])
-                rg2 = torch.nn.grad.conv2d_input((N, R * g * K * Cig, *in_hw), wt, delta.reshape(N, -1, *hw), stride, pad, dil, R * g)
+                rg2 = conv2d_input((N, R * g * K * Cig, *in_hw), wt, delta.reshape(N, -1, *hw), stride, pad, dil, R * g)
                 rd = rg.view(N, K, R, g, Cig, *in_hw).add_(rg2.view(N, R, g, K, Cig, *in_hw).permute(0, 3, 1, 2, 4, 5, 6))
                 rd = rd.view(N, K, R, g * Cig, *in_hw)
             elif l.kind == "linear":
