@@ -6,7 +6,7 @@ import torch
 
 import fastcurv
 from fastcurv import _ext
-from fastcurv.ops.agreement_counts import AgreementCounts, agreement_counts, agreement_counts_naive, agreement_counts_onehot
+from fastcurv.ops.agreement_counts import AgreementCounts, agreement_counts_naive, agreement_counts_onehot
 
 # (R, M, C): M not a multiple of any tile (64-bit words, 32-word chunks, 32/64 replica tiles, 128 examples).
 SHAPES = [(1, 7, 2), (1, 1, 5), (2, 1, 2), (5, 64, 2), (37, 2049, 2), (70, 4099, 10), (33, 777, 1000), (65, 130, 3)]

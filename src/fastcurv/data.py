@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import warnings
 from typing import Iterable
 
 import torch
@@ -136,7 +135,3 @@ class Batches:
     @property
     def cached(self) -> bool:
         return self.cache is not None
-
-    def warn_if_uncached(self):
-        if self.cache is None:
-            warnings.warn("batches are not cached (over the memory limit); the loader is read once per matvec", stacklevel=3)

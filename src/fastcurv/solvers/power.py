@@ -15,7 +15,7 @@ def power_iteration(op, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0
     rule); residuals are ``|Hv - lambda v|``. Prefer :func:`lanczos`: it needs far fewer matvecs
     for the same accuracy and finds the largest algebraic eigenvalue.
     """
-    R, P = op.R, op.P
+    R = op.R
     v = start_vectors(op, seed, common)
     lam = torch.full((R,), float("nan"), dtype=torch.float64)
     res = torch.full((R,), float("nan"), dtype=torch.float64)
