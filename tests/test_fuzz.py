@@ -45,6 +45,9 @@ def mlp_case(draw):
 @st.composite
 def conv_case(draw):
     channels = draw(st.integers(1, 3))
+    kernel, stride, padding = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(0, 1))
+    # an optional second conv: 1x1 (the engine's matmul path) or 3x3, grouped or not
+    second = draw(st.none() | st.tuples(st.sampled_from([1, 2]), st.booleans(), st.sampled_from([1, 3]), st.integers(1, 2)))
     bn = draw(st.booleans())
     act = draw(st.sampled_from(sorted(ACTS)))
     bias = draw(st.booleans())
@@ -52,8 +55,8 @@ def conv_case(draw):
     R = draw(st.integers(1, 3))
     sizes = draw(st.lists(st.integers(1, 4), min_size=1, max_size=2))
     seed = draw(st.integers(0, 2**16))
-    return dict(kind="conv", channels=channels, bn=bn, act=act, bias=bias, pool=pool, R=R, sizes=sizes, seed=seed,
-                loss="cross_entropy", reduction="mean")
+    return dict(kind="conv", channels=channels, kernel=kernel, stride=stride, padding=padding, second=second, bn=bn,
+                act=act, bias=bias, pool=pool, R=R, sizes=sizes, seed=seed, loss="cross_entropy", reduction="mean")
 
 
 def build(case):
@@ -74,21 +77,25 @@ def build(case):
 
         in_shape, C = (case["d_in"],), case["n_out"]
     else:
-        c = case["channels"]
+        c, side = case["channels"], 5
 
         def make():
-            layers = [nn.Conv2d(1, c, 3, padding=1, bias=case["bias"])]
+            layers = [nn.Conv2d(1, c, case["kernel"], case["stride"], case["padding"], bias=case["bias"])]
             if case["bn"]:
                 layers.append(nn.BatchNorm2d(c))
             layers.append(act())
-            side = 4
-            if case["pool"] != "none":
+            if case["second"] is not None:
+                mult, grouped, k, stride = case["second"]
+                layers += [nn.Conv2d(c, mult * c, k, stride, k // 2, groups=c if grouped else 1, bias=case["bias"]), act()]
+            features = nn.Sequential(*layers)
+            n, h = features(torch.zeros(1, 1, side, side)).shape[1:3]
+            if case["pool"] != "none" and h >= 2:
                 layers.append(nn.MaxPool2d(2) if case["pool"] == "max" else nn.AvgPool2d(2))
-                side = 2
-            layers += [nn.Flatten(), nn.Linear(c * side * side, 3, bias=case["bias"])]
+                h //= 2
+            layers += [nn.Flatten(), nn.Linear(n * h * h, 3, bias=case["bias"])]
             return nn.Sequential(*layers)
 
-        in_shape, C = (1, 4, 4), 3
+        in_shape, C = (1, side, side), 3
     models = []
     for _ in range(case["R"]):
         m = make().to(torch.float64)

@@ -5,9 +5,9 @@ A 1x1 convolution without padding is a strided subsampling of its input followed
 matrix product per group. On the CPU these run as batched matmuls when every group has few
 channels (``in/groups * out/groups <= POINTWISE_MAX_CHANNELS``): the engine stacks R replicas (and
 K probes) as groups of a handful of channels each, a shape where oneDNN's grouped convolutions ran
-1.5-12x slower than the matmuls on 2 cores (``python benchmarks/bench_kernels.py --pointwise``).
+1.2-25x slower than the matmuls on 2 cores (``python benchmarks/bench_kernels.py --pointwise``).
 The input gradient of a strided 1x1 convolution also runs as a matmul for wider groups, where it
-was 2-2.5x faster. Everything else, and every GPU tensor, goes to torch (oneDNN, cuDNN).
+was 2.2-2.7x faster. Everything else, and every GPU tensor, goes to torch (oneDNN, cuDNN).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 # in/groups * out/groups up to which 1x1 convolutions run as matmuls on the CPU: measured faster
-# at 8x16, 8x128, 64x16 and 3x16 (1.5-12x); slower at 32x64, 64x64 and 64x128 (1.1-2x)
+# at 8x16, 8x128, 64x16 and 3x16 (in x out channels per group); slower at 32x64, 64x64, 64x128
 POINTWISE_MAX_CHANNELS = 1024
 # bytes of the per-sample weight-gradient partials [n, groups, out/groups, in/groups] summed at once
 _WEIGHT_PARTIAL_BYTES = 16 << 20
@@ -32,6 +32,7 @@ def _plain(weight_shape, padding, device) -> bool:
 
 
 def _subsample(x: torch.Tensor, stride) -> torch.Tensor:
+    """The input positions a 1x1 kernel with this stride reads (a view)."""
     return x if tuple(stride) == (1, 1) else x[:, :, :: stride[0], :: stride[1]]
 
 
@@ -59,7 +60,7 @@ def conv2d_input(input_size, weight, grad_output, stride, padding, dilation, gro
     Co, (Ho, Wo) = weight.shape[0], grad_output.shape[2:]
     gi = torch.matmul(weight.reshape(groups, Co // groups, Ci // groups).transpose(1, 2),
                       grad_output.reshape(N, groups, Co // groups, Ho * Wo)).view(N, Ci, Ho, Wo)
-    if not strided and (Ho, Wo) == (H, W):
+    if not strided:
         return gi
     out = grad_output.new_zeros(N, Ci, H, W)
     out[:, :, :: stride[0], :: stride[1]] = gi
