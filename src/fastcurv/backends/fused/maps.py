@@ -445,7 +445,7 @@ class _MapEngine:
                 else:
                     stride, pad, dil, gr = self._conv_io(l, W)
                     gi = conv2d_input((N, a_in.shape[1] * a_in.shape[2], *a_in.shape[3:]), W.reshape(-1, *W.shape[2:]),
-                                                    g.reshape(N, -1, *g.shape[3:]), stride, pad, dil, R * gr)
+                                      g.reshape(N, -1, *g.shape[3:]), stride, pad, dil, R * gr)
                     g = gi.view(a_in.shape)
             elif l.kind == "bn" and l.opts.get("batch"):
                 st.put(i, "delta", g)
@@ -494,7 +494,7 @@ class _MapEngine:
                 stride, pad, dil, g = self._conv_io(l, W)
                 inp = a if first and g == 1 else self._full(a, R, first)
                 gw = conv2d_weight(inp, (R * W.shape[1], *W.shape[2:]), delta.reshape(N, -1, *delta.shape[3:]),
-                                                 stride, pad, dil, 1 if first and g == 1 else R * g)
+                                   stride, pad, dil, 1 if first and g == 1 else R * g)
                 grads[l.weight] += gw.view(W.shape)
                 if l.bias is not None:
                     grads[l.bias] += delta.sum((0, 3, 4))
@@ -660,7 +660,7 @@ class _MapEngine:
                 else:
                     go = rd.view(N, K, R, g, Co // g, *hw).permute(0, 2, 3, 1, 4, 5, 6).reshape(N, -1, *hw)
                     gw = conv2d_weight(self._full(a, R, first), (R * g * K * (Co // g), *W.shape[2:]), go,
-                                                     stride, pad, dil, R * g)
+                                       stride, pad, dil, R * g)
                     o += gw.view(R, g, K, Co // g, *W.shape[2:]).transpose(1, 2)
                 if l.bias is not None and i not in self.bias_folded:
                     out[l.bias] += rd.sum((0, 4, 5)).transpose(0, 1)
@@ -668,13 +668,13 @@ class _MapEngine:
                     # (input tangent, delta) with K in the input channels
                     ri = ra_in.view(N, K, R, g, Cig, *ra_in.shape[4:]).permute(0, 2, 3, 1, 4, 5, 6).reshape(N, -1, *ra_in.shape[4:])
                     gw2 = conv2d_weight(ri, (R * Co, K * Cig, *W.shape[3:]), delta.reshape(N, -1, *hw),
-                                                      stride, pad, dil, R * g)
+                                        stride, pad, dil, R * g)
                     o += gw2.view(R, g, Co // g, K, Cig, *W.shape[3:]).permute(0, 3, 1, 2, 4, 5, 6)
                 if first:
                     continue
                 in_hw = a.shape[3:]
                 rg = conv2d_input((N * K, R * g * Cig, *in_hw), W.reshape(-1, *W.shape[2:]),
-                                                rd.reshape(N * K, -1, *hw), stride, pad, dil, R * g)
+                                  rd.reshape(N * K, -1, *hw), stride, pad, dil, R * g)
                 wt = dW.view(R, K, g, Co // g, Cig, *W.shape[3:]).permute(0, 2, 3, 1, 4, 5, 6).reshape(R * Co, K * Cig, *W.shape[3:])
                 rg2 = conv2d_input((N, R * g * K * Cig, *in_hw), wt, delta.reshape(N, -1, *hw), stride, pad, dil, R * g)
                 rd = rg.view(N, K, R, g, Cig, *in_hw).add_(rg2.view(N, R, g, K, Cig, *in_hw).permute(0, 3, 1, 2, 4, 5, 6))
