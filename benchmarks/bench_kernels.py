@@ -433,14 +433,16 @@ def pointwise_engine(repeat: int, R: int = 20, N: int = 200) -> list[dict]:
         with fastcurv.heap_reuse():
             for what, call in calls.items():
                 best = {}
-                for rep in range(repeat + 1):  # the first round warms up
-                    for matmuls in (False, True):
-                        conv._plain = plain if matmuls else (lambda *a: False)
-                        t = time.perf_counter()
-                        call()
-                        if rep:
-                            best[matmuls] = min(best.get(matmuls, float("inf")), time.perf_counter() - t)
-                conv._plain = plain
+                try:
+                    for rep in range(repeat + 1):  # the first round warms up
+                        for matmuls in (False, True):
+                            conv._plain = plain if matmuls else (lambda *a: False)  # False: torch's convolutions
+                            t = time.perf_counter()
+                            call()
+                            if rep:
+                                best[matmuls] = min(best.get(matmuls, float("inf")), time.perf_counter() - t)
+                finally:
+                    conv._plain = plain
                 res.append(dict(op=f"fused {what}", model=name, R=R, N=N, data=source, torch_convs_s=best[False],
                                 matmuls_s=best[True], time_ratio=best[True] / best[False]))
                 print(f"{name:18s} {what:11s} 1x1 as matmuls {best[True]:6.3f} s, torch's convolutions {best[False]:6.3f} s"
