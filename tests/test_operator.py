@@ -145,10 +145,49 @@ def test_func_reuse_matches_fresh():
     torch.testing.assert_close(a.matvec(V[[2, 0]], idx=torch.tensor([2, 0])), b.matvec(V)[[2, 0]])
 
 
+@pytest.mark.parametrize("R,K,item,budget,want", [
+    (5, 4, 10, 1000, (5, 4)),  # everything fits
+    (5, 4, 10, 100, (5, 2)),  # all replicas, two probes at a time
+    (5, 4, 10, 49, (4, 1)),  # not even one probe for all replicas: one probe, four replicas
+    (5, 4, 10, 5, (1, 1)),  # not even one item: one at a time
+    (3, 1, 10, 10**9, (3, 1)),
+])
+def test_func_work_chunks(R, K, item, budget, want):
+    from fastcurv.backends.func import work_chunks
+
+    assert work_chunks(R, K, item, budget) == want
+
+
+@pytest.mark.parametrize("items", [1, 7.5])  # one replica and probe per call; two probes for all three replicas
+def test_func_without_reuse_in_chunks_matches_one_call(items, monkeypatch):
+    """Without reuse, replicas and probes run in chunks that fit work_bytes (so that many probes of
+    a large model do not exhaust memory); the products stay those of the autograd oracle."""
+    from fastcurv.backends import func
+
+    models = replicas(lambda: cnn("max"), R=3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 1, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=gen)
+    batches = ragged(x, y, [5, 4])
+    P = sum(p.numel() for p in models[0].parameters())
+    V = torch.randn(3, 3, P, generator=gen, dtype=torch.float64)
+    whole = fastcurv.HessianOperator(models, batches, backend="autograd")
+    budget = int(items * func.hvp_bytes(whole.replicas, x[:5]))
+    chunks = []
+    real = func.work_chunks
+    monkeypatch.setattr(func, "work_chunks", lambda *a: chunks.append(real(*a)) or chunks[-1])
+    split = fastcurv.HessianOperator(models, batches, backend="func", backend_options={"reuse": False, "work_bytes": budget})
+    torch.testing.assert_close(split.matvec(V), whole.matvec(V))
+    assert chunks[0] == ((1, 1) if items == 1 else (3, 2))
+    torch.testing.assert_close(split.matvec(V[[2, 0]], idx=torch.tensor([2, 0])), whole.matvec(V)[[2, 0]])
+    with pytest.raises(ValueError, match="work_bytes must be positive"):
+        fastcurv.HessianOperator(models, batches, backend="func", backend_options={"work_bytes": 0})
+
+
 def test_func_auto_reuse_follows_the_linearization_estimate():
     """reuse="auto" keeps the linearizations only when their estimated size fits reuse_bytes; feature
     maps count 24 bytes per output byte, other outputs 10 (calibrated on MLPs, CNNs and ResNets)."""
-    from fastcurv.backends.func import linearization_bytes
+    from fastcurv.backends.func import hvp_bytes, linearization_bytes
 
     models = replicas(lambda: cnn("max"), R=2)
     x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
@@ -158,6 +197,8 @@ def test_func_auto_reuse_follows_the_linearization_estimate():
     want = 24 * 8 * (3 * 6 * 2 * 16 + 6 * 2 * 4) + 10 * 8 * (6 * 8 + 2 * 6 * 3)
     est = linearization_bytes(op.backend.replicas, x)
     assert est == want
+    # without reuse, per replica and probe: 6 bytes per feature-map byte, 9 per other output byte
+    assert hvp_bytes(op.backend.replicas, x) == 6 * 8 * (3 * 6 * 2 * 16 + 6 * 2 * 4) + 9 * 8 * (6 * 8 + 2 * 6 * 3)
     assert op.backend.reuse  # 2 replicas x 1 batch, far below the default 4 GiB
     for budget, reuse in ((2 * est, True), (2 * est - 1, False)):
         o = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse_bytes": budget})

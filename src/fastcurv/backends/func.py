@@ -11,6 +11,7 @@ from torch.func import grad, jvp, linearize, vmap
 from .base import Backend
 
 DEFAULT_REUSE_BYTES = 4 << 30
+DEFAULT_WORK_BYTES = 4 << 30
 
 
 # Bytes a linearization holds (with the matvec's temporaries) per byte of module output, measured on
@@ -18,19 +19,22 @@ DEFAULT_REUSE_BYTES = 4 << 30
 # 22x for small CNNs and ResNets (W3, W4; feature maps counted at 24x, the rest at 10x).
 LINEARIZE_BYTES_PER_OUTPUT_BYTE = 10
 LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE = 24
+# Bytes one replica x probe of a matvec without reuse (vmapped jvp of grad) holds per byte of module
+# output, measured the same way (R=4-20, K=1-2): 6.5-8.4x for W1's MLP, 4.3-5.7x for W3 and a
+# three-layer CNN on 3x32x32 inputs (feature maps); rounded up.
+HVP_BYTES_PER_OUTPUT_BYTE = 9
+HVP_BYTES_PER_FEATURE_MAP_BYTE = 6
 
 
-def linearization_bytes(replicas, x) -> int:
-    """Estimated bytes of one replica's linearized gradient map on batch ``x``: its module outputs,
-    weighted by :data:`LINEARIZE_BYTES_PER_OUTPUT_BYTE` (feature maps, 4 or more dimensions:
-    :data:`LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE`)."""
+def _output_bytes(replicas, x, per_output: int, per_feature_map: int) -> int:
+    """Bytes of one replica's module outputs on batch ``x``, each weighted by ``per_output`` (or,
+    for feature maps with 4 or more dimensions, ``per_feature_map``)."""
     total = 0
 
     def hook(_m, _i, out):
         nonlocal total
         if isinstance(out, torch.Tensor):
-            per = LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE if out.dim() >= 4 else LINEARIZE_BYTES_PER_OUTPUT_BYTE
-            total += per * out.numel() * out.element_size()
+            total += (per_feature_map if out.dim() >= 4 else per_output) * out.numel() * out.element_size()
 
     handles = [m.register_forward_hook(hook) for m in replicas.base.modules()]
     try:
@@ -41,6 +45,30 @@ def linearization_bytes(replicas, x) -> int:
         for h in handles:
             h.remove()
     return total
+
+
+def linearization_bytes(replicas, x) -> int:
+    """Estimated bytes of one replica's linearized gradient map on batch ``x``: its module outputs,
+    weighted by :data:`LINEARIZE_BYTES_PER_OUTPUT_BYTE` (feature maps, 4 or more dimensions:
+    :data:`LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE`)."""
+    return _output_bytes(replicas, x, LINEARIZE_BYTES_PER_OUTPUT_BYTE, LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE)
+
+
+def hvp_bytes(replicas, x) -> int:
+    """Estimated bytes of one replica's product with one probe on batch ``x`` without reuse: its
+    module outputs, weighted by :data:`HVP_BYTES_PER_OUTPUT_BYTE` (feature maps:
+    :data:`HVP_BYTES_PER_FEATURE_MAP_BYTE`)."""
+    return _output_bytes(replicas, x, HVP_BYTES_PER_OUTPUT_BYTE, HVP_BYTES_PER_FEATURE_MAP_BYTE)
+
+
+def work_chunks(R: int, K: int, item_bytes: int, work_bytes: int) -> tuple[int, int]:
+    """``(replicas, probes)`` per vmapped call so that ``replicas * probes * item_bytes`` stays
+    within ``work_bytes``: all replicas and as many probes as fit, else one probe and as many
+    replicas as fit (at least one of each)."""
+    items = max(1, work_bytes // max(1, item_bytes))
+    if items >= R:
+        return R, max(1, min(K, items // R))
+    return items, 1
 
 
 def _compiled(fn):
@@ -70,6 +98,10 @@ class FuncBackend(Backend):
             backward) is reused, so a matvec costs only the tangent passes. "auto" reuses when the
             estimated size of these graphs (:func:`linearization_bytes`) fits in ``reuse_bytes``;
             without reuse each matvec redoes the primal passes, in a fraction of the memory.
+        work_bytes: without reuse, replicas and probes run in vmapped chunks whose estimated
+            temporaries (:func:`hvp_bytes` per replica and probe) fit in ``work_bytes`` (default
+            4 GiB): all replicas with as many probes as fit, else one probe for as many replicas as
+            fit, so that many probes or replicas of a large model do not exhaust memory.
         mode: "forward" (torch.func forward-over-reverse, ``jvp(grad)``), "graph" (vmapped forward,
             then plain autograd double backward through a retained graph) or "auto": "graph" when
             BatchNorm uses batch statistics, because torch.func's nested transforms (``jvp(grad)``,
@@ -87,8 +119,12 @@ class FuncBackend(Backend):
     name = "func"
 
     def __init__(self, replicas, loss, batches, reuse="auto", reuse_bytes: int = DEFAULT_REUSE_BYTES, mode="auto",
-                 compile: bool = False):
+                 compile: bool = False, work_bytes: int = DEFAULT_WORK_BYTES):
         super().__init__(replicas, loss, batches)
+        if work_bytes < 1:
+            raise ValueError(f"work_bytes must be positive, got {work_bytes}")
+        self.work_bytes = int(work_bytes)
+        self._hvp_bytes: dict[tuple, int] = {}  # input shape -> hvp_bytes
         self.compile = bool(compile)
         if mode not in ("auto", "forward", "graph"):
             raise ValueError(f"mode must be 'auto', 'forward' or 'graph', got {mode!r}")
@@ -208,14 +244,31 @@ class FuncBackend(Backend):
                     for j, n in enumerate(rs.names):
                         out[j][:, k] += hv[n]
             else:
-                def hvp(p, b, v):
-                    def g(q):
-                        return grad(lambda q_: self.loss.batch_loss(rs.call(q_, b, x), y))(q)
-
-                    return jvp(g, (p,), (v,))[1]
-
-                tangents = {n: v for n, v in zip(rs.names, vecs)}
-                hv = vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, 0))(params, buffers, tangents)
-                for j, n in enumerate(rs.names):
-                    out[j] += hv[n]
+                self._unreused(params, buffers, vecs, out, x, y)
         return out
+
+    def _unreused(self, params, buffers, vecs, out, x, y):
+        """Add one batch's products without reuse (jvp of grad, vmapped over replicas and probes)
+        to ``out``, in chunks of replicas and probes that fit ``work_bytes``."""
+        rs = self.replicas
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._hvp_bytes:
+            self._hvp_bytes[key] = hvp_bytes(rs, x)
+        Ra, K = vecs[0].shape[:2]
+        r_step, k_step = work_chunks(Ra, K, self._hvp_bytes[key], self.work_bytes)
+
+        def hvp(p, b, v):
+            def g(q):
+                return grad(lambda q_: self.loss.batch_loss(rs.call(q_, b, x), y))(q)
+
+            return jvp(g, (p,), (v,))[1]
+
+        batched = vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, 0))
+        for r0 in range(0, Ra, r_step):
+            rr = slice(r0, r0 + r_step)
+            p_r, b_r = {n: t[rr] for n, t in params.items()}, {n: t[rr] for n, t in buffers.items()}
+            for k0 in range(0, K, k_step):
+                kk = slice(k0, k0 + k_step)
+                hv = batched(p_r, b_r, {n: v[rr, kk] for n, v in zip(rs.names, vecs)})
+                for j, n in enumerate(rs.names):
+                    out[j][rr, kk] += hv[n]
