@@ -184,6 +184,31 @@ def test_func_without_reuse_in_chunks_matches_one_call(items, monkeypatch):
         fastcurv.HessianOperator(models, batches, backend="func", backend_options={"work_bytes": 0})
 
 
+@pytest.mark.parametrize("K", [1, 2])
+def test_func_graph_mode_without_reuse_in_replica_chunks(K, monkeypatch):
+    """Mode "graph" (batch-statistics BatchNorm) without reuse builds each batch's graph for as
+    many replicas as fit work_bytes; the products stay those of the autograd oracle."""
+    from fastcurv.backends import func
+
+    models = replicas(lambda: cnn("avg"), R=3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    data = (x, y) if K == 1 else ragged(x, y, [4, 4])  # K=1 on one batch: the single-product path
+    V = torch.randn(3, K, sum(p.numel() for p in models[0].parameters()), generator=gen, dtype=torch.float64)
+    ref = fastcurv.HessianOperator(models, data, backend="autograd", bn_mode="batch")
+    budget = int(1.5 * func.linearization_bytes(ref.replicas, x if K == 1 else x[:4]))  # one replica per graph
+    chunks = []
+    real = func.work_chunks
+    monkeypatch.setattr(func, "work_chunks", lambda *a: chunks.append(real(*a)) or chunks[-1])
+    op = fastcurv.HessianOperator(models, data, backend="func", bn_mode="batch",
+                                  backend_options={"reuse": False, "work_bytes": budget})
+    assert op.backend.mode == "graph"
+    torch.testing.assert_close(op.matvec(V), ref.matvec(V))
+    assert chunks and chunks[0] == (1, 1)
+    torch.testing.assert_close(op.matvec(V[[2, 0]], idx=torch.tensor([2, 0])), ref.matvec(V)[[2, 0]])
+
+
 def test_func_auto_reuse_follows_the_linearization_estimate():
     """reuse="auto" keeps the linearizations only when their estimated size fits reuse_bytes; feature
     maps count 24 bytes per output byte, other outputs 10 (calibrated on MLPs, CNNs and ResNets)."""

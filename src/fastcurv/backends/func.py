@@ -101,7 +101,9 @@ class FuncBackend(Backend):
         work_bytes: without reuse, replicas and probes run in vmapped chunks whose estimated
             temporaries (:func:`hvp_bytes` per replica and probe) fit in ``work_bytes`` (default
             4 GiB): all replicas with as many probes as fit, else one probe for as many replicas as
-            fit, so that many probes or replicas of a large model do not exhaust memory.
+            fit, so that many probes or replicas of a large model do not exhaust memory; in mode
+            "graph", each batch's graph is built for as many replicas as fit (at
+            :func:`linearization_bytes` each).
         mode: "forward" (torch.func forward-over-reverse, ``jvp(grad)``), "graph" (vmapped forward,
             then plain autograd double backward through a retained graph) or "auto": "graph" when
             BatchNorm uses batch statistics, because torch.func's nested transforms (``jvp(grad)``,
@@ -124,7 +126,7 @@ class FuncBackend(Backend):
         if work_bytes < 1:
             raise ValueError(f"work_bytes must be positive, got {work_bytes}")
         self.work_bytes = int(work_bytes)
-        self._hvp_bytes: dict[tuple, int] = {}  # input shape -> hvp_bytes
+        self._hvp_bytes: dict[tuple, int] = {}  # (input shape, dtype) -> hvp_bytes; ("graph", ...) -> linearization_bytes
         self.compile = bool(compile)
         if mode not in ("auto", "forward", "graph"):
             raise ValueError(f"mode must be 'auto', 'forward' or 'graph', got {mode!r}")
@@ -227,25 +229,45 @@ class FuncBackend(Backend):
 
     def matvec(self, vecs, idx):
         rs = self.replicas
-        K = vecs[0].shape[1]
+        Ra, K = vecs[0].shape[:2]
         if K == 1 and len(self.batches) == 1 and (self.reuse or self.mode == "graph"):
-            # one product: hand back its tensors (no zero fill and accumulation passes)
             (i, x, y), = self.batches
-            fn = self._linearized(i, x, y, idx) if self.reuse else self._linear_map(x, y, idx)
-            hv = fn({n: v[:, 0] for n, v in zip(rs.names, vecs)})
-            return [hv[n].unsqueeze(1) for n in rs.names]
+            if self.reuse or self._graph_chunk(x, Ra) == Ra:
+                # one product: hand back its tensors (no zero fill and accumulation passes)
+                fn = self._linearized(i, x, y, idx) if self.reuse else self._linear_map(x, y, idx)
+                hv = fn({n: v[:, 0] for n, v in zip(rs.names, vecs)})
+                return [hv[n].unsqueeze(1) for n in rs.names]
         out = [torch.zeros_like(v) for v in vecs]
         params, buffers = rs.subset(idx)
+        rows = torch.arange(rs.R, device=rs.device) if idx is None else idx
         for i, x, y in self.batches:
-            if self.reuse or self.mode == "graph":
-                fn = self._linearized(i, x, y, idx) if self.reuse else self._linear_map(x, y, idx)
-                for k in range(K):
-                    hv = fn({n: v[:, k] for n, v in zip(rs.names, vecs)})
-                    for j, n in enumerate(rs.names):
-                        out[j][:, k] += hv[n]
+            if self.reuse:
+                self._apply_per_probe(self._linearized(i, x, y, idx), vecs, out, slice(None))
+            elif self.mode == "graph":
+                # a fresh graph per batch, for as many replicas at a time as fit work_bytes
+                step = self._graph_chunk(x, Ra)
+                for r0 in range(0, Ra, step):
+                    sub = idx if step >= Ra else rows[r0 : r0 + step]
+                    self._apply_per_probe(self._linear_map(x, y, sub), vecs, out, slice(r0, r0 + step))
             else:
                 self._unreused(params, buffers, vecs, out, x, y)
         return out
+
+    def _apply_per_probe(self, fn, vecs, out, rr: slice):
+        """``out[j][rr, k] += fn(probe k)`` for every probe k of ``vecs`` (rows ``rr``)."""
+        names = self.replicas.names
+        for k in range(vecs[0].shape[1]):
+            hv = fn({n: v[rr, k] for n, v in zip(names, vecs)})
+            for j, n in enumerate(names):
+                out[j][rr, k] += hv[n]
+
+    def _graph_chunk(self, x, Ra: int) -> int:
+        """Replicas per retained graph (mode "graph" without reuse): as many as fit ``work_bytes``
+        at :func:`linearization_bytes` each."""
+        key = ("graph", tuple(x.shape), x.dtype)
+        if key not in self._hvp_bytes:
+            self._hvp_bytes[key] = linearization_bytes(self.replicas, x)
+        return work_chunks(Ra, 1, self._hvp_bytes[key], self.work_bytes)[0]
 
     def _unreused(self, params, buffers, vecs, out, x, y):
         """Add one batch's products without reuse (jvp of grad, vmapped over replicas and probes)
