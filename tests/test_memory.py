@@ -281,6 +281,26 @@ def test_operator_memory_budget_sets_the_state_cache(one_thread):
         fastcurv.HessianOperator(models, data, backend="fused", memory_budget=1000)
 
 
+def test_operator_memory_budget_caps_the_func_backend(one_thread):
+    models, data = _job(R=3)
+    V = torch.randn(3, 2, sum(p.numel() for p in models[0].parameters()), dtype=torch.float64)
+    ref = fastcurv.HessianOperator(models, data, backend="func")
+    assert ref.backend.reuse and ref.backend.work_bytes == 4 << 30  # the defaults, without a budget
+    budget = 10 << 20
+    op = fastcurv.HessianOperator(models, data, backend="func", memory_budget=budget)
+    half = int(memory.SAFETY * budget) // 2
+    assert op.backend.work_bytes == half and memory.func_bytes_caps(budget, "cpu") == {"reuse_bytes": half, "work_bytes": half}
+    torch.testing.assert_close(op.matvec(V), ref.matvec(V), rtol=1e-12, atol=1e-14)
+    # the linearizations (about 1 MiB here) no longer fit half of 2 MiB: no reuse
+    tight = fastcurv.HessianOperator(models, data, backend="func", memory_budget=2 << 20)
+    assert op.backend.reuse and not tight.backend.reuse
+    torch.testing.assert_close(tight.matvec(V), ref.matvec(V), rtol=1e-12, atol=1e-14)
+    # what the caller sets wins; a large budget keeps the defaults
+    mine = fastcurv.HessianOperator(models, data, backend="func", memory_budget=budget, backend_options={"work_bytes": 123})
+    assert mine.backend.work_bytes == 123
+    assert fastcurv.HessianOperator(models, data, backend="func", memory_budget="1TiB").backend.work_bytes == 4 << 30
+
+
 @pytest.mark.gpu
 def test_fraction_budget_on_the_gpu():
     models, (x, y) = _job(R=6)

@@ -414,6 +414,16 @@ def operator_cache_bytes(backend, batches, budget, *, probes: int = PROBE_BATCH)
     return int(rest // STATE_COPIES)
 
 
+def func_bytes_caps(budget, device) -> dict:
+    """``reuse_bytes`` and ``work_bytes`` of a func backend under ``memory_budget``: each at most
+    half of ``SAFETY * budget`` (reused linearizations and one chunk's temporaries are alive
+    together), and at most the backend's defaults."""
+    from .backends.func import DEFAULT_REUSE_BYTES, DEFAULT_WORK_BYTES
+
+    half = max(1, int(SAFETY * parse_budget(budget, device)) // 2)
+    return {"reuse_bytes": min(DEFAULT_REUSE_BYTES, half), "work_bytes": min(DEFAULT_WORK_BYTES, half)}
+
+
 class SplitBatches:
     """The batches of ``data`` (a loader or one ``(inputs, targets)`` pair) cut into pieces of at
     most ``max_batch`` samples, in order; re-iterable when ``data`` is."""

@@ -64,7 +64,9 @@ class HessianOperator:
         memory_budget: bytes, a size string ("2GiB") or a fraction in (0, 1] of the free memory:
             with the fused backend, the state cache gets what the budget leaves after the
             operator's own memory (see :func:`fastcurv.memory.operator_cache_bytes`; beyond the
-            cache, state is recomputed in every matvec). The probe vectors are the caller's.
+            cache, state is recomputed in every matvec); with the func backend, its ``reuse_bytes``
+            and ``work_bytes`` are capped (:func:`fastcurv.memory.func_bytes_caps`) unless given in
+            ``backend_options``. The probe vectors are the caller's.
     """
 
     _group = None  # the process group of distributed_data=True (subclasses may skip __init__)
@@ -110,7 +112,13 @@ class HessianOperator:
             self.backend_name, self.backend_reason = select_backend(rs, backend, self.loss)
             self._auto = backend == "auto"
             self._backend_options = backend_options or {}
-            self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **self._backend_options)
+            options = dict(self._backend_options)
+            if memory_budget is not None and self.backend_name == "func":
+                from .memory import func_bytes_caps
+
+                for key, cap in func_bytes_caps(memory_budget, rs.device).items():
+                    options.setdefault(key, cap)  # what the caller sets wins
+            self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **options)
             if memory_budget is not None and self.backend_name == "fused" and "cache_bytes" not in self._backend_options:
                 from .memory import operator_cache_bytes
 
