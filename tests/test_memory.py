@@ -124,6 +124,39 @@ def test_budget_chunks_give_the_unchunked_results(one_thread):
     _close(got, ref)
 
 
+def test_budget_bounds_the_func_backend(one_thread, monkeypatch):
+    """With the func backend, the job keeps linearizations only in what the plan leaves of the
+    budget and runs its products within the work cap; results equal the unbudgeted job's."""
+    from fastcurv.backends import func
+
+    models, data = _job(R=6)
+    kw = dict(KW, backend="func", trace_method="hutchinson", trace_probes=6)
+    ref = fastcurv.batched_sharpness(models, data, **kw)
+    made = []
+    init = func.FuncBackend.__init__
+    monkeypatch.setattr(func.FuncBackend, "__init__", lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    for budget in (10 << 20, 1 << 40):
+        made.clear()
+        plan = memory.plan_memory(models, data, budget, **{k: v for k, v in kw.items() if k != "progress"})
+        assert plan.backend == "func" and plan.cache_bytes is None
+        spare = memory.SAFETY * budget - plan.estimate["total"]
+        assert 0 < plan.func_options["reuse_bytes"] <= spare
+        assert plan.func_options == {**memory.func_bytes_caps(budget, "cpu"), "reuse_bytes": plan.func_options["reuse_bytes"]}
+        assert "func reuse_bytes" in plan.describe()
+        got = fastcurv.batched_sharpness(models, data, memory_budget=budget, **kw)
+        _close(got, ref)
+        assert made and all(b.work_bytes == plan.func_options["work_bytes"] and b.reuse for b in made)
+    # 10 MiB leaves room for the linearizations (about 2.2 MB for 6 replicas); 4 MiB does not
+    lin = func.linearization_bytes(made[0].replicas, data[0]) * 6
+    job = {k: v for k, v in kw.items() if k != "progress"}
+    assert memory.plan_memory(models, data, 10 << 20, **job).func_options["reuse_bytes"] >= lin
+    plan = memory.plan_memory(models, data, 4 << 20, **job)
+    assert plan.replica_chunk == 6 and plan.func_options["reuse_bytes"] < lin
+    made.clear()
+    _close(fastcurv.batched_sharpness(models, data, memory_budget=4 << 20, **kw), ref)
+    assert made and not any(b.reuse for b in made)
+
+
 def test_tiny_budget_splits_batches_and_caches_part_of_the_state(one_thread):
     models, data = _job(R=4, n=120)
     shape, _ = memory.job_shape(models, data, max_iter=20)

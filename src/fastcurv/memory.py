@@ -189,6 +189,8 @@ class MemoryPlan:
     replica_chunk: replicas per chunk. cache_bytes: the fused backend's state cache (None: not
     the fused backend). cache_data: keep the batches on the device. batch_size: split batches to
     at most this many samples (None: unchanged). estimate: the cost model's parts for this plan.
+    backend: the backend the job will use. func_options: for the func backend, the
+    ``reuse_bytes`` (what the plan leaves of the budget) and ``work_bytes`` it runs with.
     """
 
     budget: int
@@ -198,12 +200,16 @@ class MemoryPlan:
     batch_size: int | None
     estimate: dict = field(default_factory=dict)
     shape: JobShape | None = None
+    backend: str = ""
+    func_options: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.estimate.items() if k != "total")
+        func = "".join(f", func {k} {format_bytes(v)}" for k, v in self.func_options.items())
         return (f"memory plan for {format_bytes(self.budget)}: {self.replica_chunk} replicas per chunk, "
                 f"state cache {format_bytes(self.cache_bytes or 0)}, data cached: {self.cache_data}, "
-                f"batch size: {self.batch_size or 'unchanged'}; estimated peak {format_bytes(self.estimate.get('total', 0))} ({parts})")
+                f"batch size: {self.batch_size or 'unchanged'}{func}; estimated peak "
+                f"{format_bytes(self.estimate.get('total', 0))} ({parts})")
 
 
 def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = None) -> MemoryPlan:
@@ -384,9 +390,15 @@ def plan_memory(models, data, budget, **job) -> MemoryPlan:
     R = len(models)
     device = next(models[0].parameters()).device
     nbytes = parse_budget(budget, device)
-    shape, _ = job_shape(models, data, **job)
+    shape, name = job_shape(models, data, **job)
     cache_data = job.get("cache_data", "auto")
-    return choose(shape, R, nbytes, cache_data=None if cache_data == "auto" else bool(cache_data))
+    plan = choose(shape, R, nbytes, cache_data=None if cache_data == "auto" else bool(cache_data))
+    plan.backend = name
+    if name == "func":  # reused linearizations only in what the plan leaves; chunks within the caps
+        caps = func_bytes_caps(nbytes, device)
+        spare = max(1, int(SAFETY * nbytes - plan.estimate["total"]))
+        plan.func_options = {"reuse_bytes": min(caps["reuse_bytes"], spare), "work_bytes": caps["work_bytes"]}
+    return plan
 
 
 def operator_cache_bytes(backend, batches, budget, *, probes: int = PROBE_BATCH) -> int:

@@ -203,6 +203,8 @@ def batched_sharpness(
             cache_data = plan.cache_data
         if plan.cache_bytes is not None and "cache_bytes" not in (operator_kwargs.get("backend_options") or {}):
             operator_kwargs["backend_options"] = {**(operator_kwargs.get("backend_options") or {}), "cache_bytes": plan.cache_bytes}
+        if plan.func_options:  # what the caller sets wins
+            operator_kwargs["backend_options"] = {**plan.func_options, **(operator_kwargs.get("backend_options") or {})}
         if plan.batch_size is not None:
             data = SplitBatches(data, plan.batch_size)
     if operator_kwargs.get("distributed_data"):
