@@ -126,7 +126,8 @@ def test_budget_chunks_give_the_unchunked_results(one_thread):
 
 def test_budget_bounds_the_func_backend(one_thread, monkeypatch):
     """With the func backend, the job keeps linearizations only in what the plan leaves of the
-    budget and runs its products within the work cap; results equal the unbudgeted job's."""
+    budget and runs its products within the temporaries the plan counts; results equal the
+    unbudgeted job's."""
     from fastcurv.backends import func
 
     models, data = _job(R=6)
@@ -141,7 +142,8 @@ def test_budget_bounds_the_func_backend(one_thread, monkeypatch):
         assert plan.backend == "func" and plan.cache_bytes is None
         spare = memory.SAFETY * budget - plan.estimate["total"]
         assert 0 < plan.func_options["reuse_bytes"] <= spare
-        assert plan.func_options == {**memory.func_bytes_caps(budget, "cpu"), "reuse_bytes": plan.func_options["reuse_bytes"]}
+        assert plan.func_options["work_bytes"] == min(memory.func_bytes_caps(budget, "cpu")["work_bytes"],
+                                                      plan.estimate["batch_transient"])
         assert "func reuse_bytes" in plan.describe()
         got = fastcurv.batched_sharpness(models, data, memory_budget=budget, **kw)
         _close(got, ref)

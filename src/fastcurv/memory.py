@@ -190,7 +190,8 @@ class MemoryPlan:
     the fused backend). cache_data: keep the batches on the device. batch_size: split batches to
     at most this many samples (None: unchanged). estimate: the cost model's parts for this plan.
     backend: the backend the job will use. func_options: for the func backend, the
-    ``reuse_bytes`` (what the plan leaves of the budget) and ``work_bytes`` it runs with.
+    ``reuse_bytes`` (what the plan leaves of the budget) and ``work_bytes`` (the temporaries the
+    plan counts) it runs with.
     """
 
     budget: int
@@ -394,10 +395,13 @@ def plan_memory(models, data, budget, **job) -> MemoryPlan:
     cache_data = job.get("cache_data", "auto")
     plan = choose(shape, R, nbytes, cache_data=None if cache_data == "auto" else bool(cache_data))
     plan.backend = name
-    if name == "func":  # reused linearizations only in what the plan leaves; chunks within the caps
+    if name == "func":
+        # reused linearizations only in what the plan leaves; each vmapped chunk of products within
+        # the temporaries the plan counted (batch_transient), so that the whole stays in the budget
         caps = func_bytes_caps(nbytes, device)
         spare = max(1, int(SAFETY * nbytes - plan.estimate["total"]))
-        plan.func_options = {"reuse_bytes": min(caps["reuse_bytes"], spare), "work_bytes": caps["work_bytes"]}
+        plan.func_options = {"reuse_bytes": min(caps["reuse_bytes"], spare),
+                             "work_bytes": min(caps["work_bytes"], max(1, int(plan.estimate["batch_transient"])))}
     return plan
 
 
