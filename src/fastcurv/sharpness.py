@@ -201,10 +201,10 @@ def batched_sharpness(
         replica_chunk = plan.replica_chunk if replica_chunk is None else min(int(replica_chunk), plan.replica_chunk)
         if cache_data == "auto":
             cache_data = plan.cache_data
-        if plan.cache_bytes is not None and "cache_bytes" not in (operator_kwargs.get("backend_options") or {}):
-            operator_kwargs["backend_options"] = {**(operator_kwargs.get("backend_options") or {}), "cache_bytes": plan.cache_bytes}
-        if plan.func_options:  # what the caller sets wins
-            operator_kwargs["backend_options"] = {**plan.func_options, **(operator_kwargs.get("backend_options") or {})}
+        # the plan's backend options (fused: the state cache; func: its reuse and work bytes); the caller's win
+        planned = {"cache_bytes": plan.cache_bytes} if plan.cache_bytes is not None else plan.func_options
+        if planned:
+            operator_kwargs["backend_options"] = {**planned, **(operator_kwargs.get("backend_options") or {})}
         if plan.batch_size is not None:
             data = SplitBatches(data, plan.batch_size)
     if operator_kwargs.get("distributed_data"):

@@ -126,7 +126,7 @@ class FuncBackend(Backend):
         if work_bytes < 1:
             raise ValueError(f"work_bytes must be positive, got {work_bytes}")
         self.work_bytes = int(work_bytes)
-        self._hvp_bytes: dict[tuple, int] = {}  # (input shape, dtype) -> hvp_bytes; ("graph", ...) -> linearization_bytes
+        self._estimates: dict[tuple, int] = {}  # (estimator, input shape, dtype) -> bytes per replica
         self.compile = bool(compile)
         if mode not in ("auto", "forward", "graph"):
             raise ValueError(f"mode must be 'auto', 'forward' or 'graph', got {mode!r}")
@@ -140,7 +140,7 @@ class FuncBackend(Backend):
             raise ValueError(f"reuse must be True, False or 'auto', got {reuse!r}")
         if reuse == "auto":
             first = next(iter(batches))[1]
-            est = linearization_bytes(replicas, first) * replicas.R * len(batches)
+            est = self._per_replica(linearization_bytes, first) * replicas.R * len(batches)
             reuse = est <= reuse_bytes
             if self.compile and not reuse:
                 warnings.warn(f"func backend: compile=True compiles the reused linearizations, but they would take about "
@@ -238,19 +238,20 @@ class FuncBackend(Backend):
                 hv = fn({n: v[:, 0] for n, v in zip(rs.names, vecs)})
                 return [hv[n].unsqueeze(1) for n in rs.names]
         out = [torch.zeros_like(v) for v in vecs]
-        params, buffers = rs.subset(idx)
-        rows = torch.arange(rs.R, device=rs.device) if idx is None else idx
+        subset = None  # the active replicas' parameters, for the products without reuse
         for i, x, y in self.batches:
             if self.reuse:
                 self._apply_per_probe(self._linearized(i, x, y, idx), vecs, out, slice(None))
             elif self.mode == "graph":
                 # a fresh graph per batch, for as many replicas at a time as fit work_bytes
                 step = self._graph_chunk(x, Ra)
+                rows = torch.arange(rs.R, device=rs.device) if idx is None else idx
                 for r0 in range(0, Ra, step):
                     sub = idx if step >= Ra else rows[r0 : r0 + step]
                     self._apply_per_probe(self._linear_map(x, y, sub), vecs, out, slice(r0, r0 + step))
             else:
-                self._unreused(params, buffers, vecs, out, x, y)
+                subset = rs.subset(idx) if subset is None else subset
+                self._unreused(*subset, vecs, out, x, y)
         return out
 
     def _apply_per_probe(self, fn, vecs, out, rr: slice):
@@ -264,20 +265,22 @@ class FuncBackend(Backend):
     def _graph_chunk(self, x, Ra: int) -> int:
         """Replicas per retained graph (mode "graph" without reuse): as many as fit ``work_bytes``
         at :func:`linearization_bytes` each."""
-        key = ("graph", tuple(x.shape), x.dtype)
-        if key not in self._hvp_bytes:
-            self._hvp_bytes[key] = linearization_bytes(self.replicas, x)
-        return work_chunks(Ra, 1, self._hvp_bytes[key], self.work_bytes)[0]
+        return work_chunks(Ra, 1, self._per_replica(linearization_bytes, x), self.work_bytes)[0]
+
+    def _per_replica(self, estimate, x) -> int:
+        """``estimate(replicas, x)`` (:func:`hvp_bytes` or :func:`linearization_bytes`: one
+        replica's forward), once per estimator and input shape."""
+        key = (estimate.__name__, tuple(x.shape), x.dtype)
+        if key not in self._estimates:
+            self._estimates[key] = estimate(self.replicas, x)
+        return self._estimates[key]
 
     def _unreused(self, params, buffers, vecs, out, x, y):
         """Add one batch's products without reuse (jvp of grad, vmapped over replicas and probes)
         to ``out``, in chunks of replicas and probes that fit ``work_bytes``."""
         rs = self.replicas
-        key = (tuple(x.shape), x.dtype)
-        if key not in self._hvp_bytes:
-            self._hvp_bytes[key] = hvp_bytes(rs, x)
         Ra, K = vecs[0].shape[:2]
-        r_step, k_step = work_chunks(Ra, K, self._hvp_bytes[key], self.work_bytes)
+        r_step, k_step = work_chunks(Ra, K, self._per_replica(hvp_bytes, x), self.work_bytes)
 
         def hvp(p, b, v):
             def g(q):
