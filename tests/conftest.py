@@ -26,3 +26,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def torch_conv_calls(monkeypatch):
+    """From its first use on: a list of ``(function, kernel size)`` for every call of torch's
+    ``conv2d``, ``conv2d_input`` and ``conv2d_weight`` (the paths fastcurv's 1x1 matmuls replace)."""
+    calls = []
+
+    def start():
+        for mod, name in [(torch.nn.functional, "conv2d"), (torch.nn.grad, "conv2d_input"), (torch.nn.grad, "conv2d_weight")]:
+            def spy(*a, _f=getattr(mod, name), _name=name, **k):
+                w = a[1]  # the weight, or conv2d_weight's weight size
+                calls.append((_name, tuple(w.shape if torch.is_tensor(w) else w)[2:]))
+                return _f(*a, **k)
+
+            monkeypatch.setattr(mod, name, spy)
+        return calls
+
+    return start

@@ -109,24 +109,17 @@ def pointwise_net(bias=True):
 
 @pytest.mark.parametrize("R,K", [(1, 1), (3, 4)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_pointwise_convolutions_against_dense(R, K, bias, monkeypatch):
+def test_pointwise_convolutions_against_dense(R, K, bias, torch_conv_calls):
     loss = "cross_entropy" if bias else "mse"
     _check_dense(lambda: pointwise_net(bias), (2, 5, 7), R, K, loss)
     # and the engine's 1x1 products (primal, gradient, matvec) ran as matmuls, not through torch's
     models = replicas(_materialize(lambda: pointwise_net(bias), (2, 5, 7)), R=R)
     x, y = _data((2, 5, 7), 5, loss, torch.Generator().manual_seed(1))
     op = fastcurv.HessianOperator(models, (x, y), backend="fused", loss=loss)  # (checks one model's forward)
-    torch_1x1 = []
-    for mod, name in [(torch.nn.functional, "conv2d"), (torch.nn.grad, "conv2d_input"), (torch.nn.grad, "conv2d_weight")]:
-        def spy(*a, _f=getattr(mod, name), _name=name, **k):
-            size = a[1].shape if torch.is_tensor(a[1]) else a[1]
-            if tuple(size[2:]) == (1, 1):
-                torch_1x1.append(_name)
-            return _f(*a, **k)
-        monkeypatch.setattr(mod, name, spy)
+    calls = torch_conv_calls()
     op.loss_and_gradient()
     op.matvec(torch.randn(R, K, op.P, dtype=torch.float64))
-    assert torch_1x1 == []
+    assert [name for name, kernel in calls if kernel == (1, 1)] == []
 
 
 @pytest.mark.parametrize("pool", ["max", "max_ceil", "avg", "avg_ceil", "adaptive"])

@@ -17,25 +17,10 @@ CASES = [
 ]
 
 
-def _spy(monkeypatch):
-    """Record the kernel shapes torch's conv functions are called with."""
-    calls = []
-    for mod, name in [(F, "conv2d"), (torch.nn.grad, "conv2d_input"), (torch.nn.grad, "conv2d_weight")]:
-        f = getattr(mod, name)
-
-        def spy(*a, _f=f, _name=name, **k):
-            w = a[1]  # the weight, or conv2d_weight's weight size
-            calls.append((_name, tuple(w.shape if torch.is_tensor(w) else w)[2:]))
-            return _f(*a, **k)
-
-        monkeypatch.setattr(mod, name, spy)
-    return calls
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape,co,groups,stride", CASES)
-def test_pointwise_matches_torch(shape, co, groups, stride, bias, dtype, monkeypatch):
+def test_pointwise_matches_torch(shape, co, groups, stride, bias, dtype, torch_conv_calls):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, dtype=dtype)
     w = torch.randn(co, shape[1] // groups, 1, 1, generator=gen, dtype=dtype)
@@ -45,7 +30,7 @@ def test_pointwise_matches_torch(shape, co, groups, stride, bias, dtype, monkeyp
     go = torch.randn(z.shape, generator=gen, dtype=dtype)
     gi = torch.nn.grad.conv2d_input(x.shape, w, go, *args)
     gw = torch.nn.grad.conv2d_weight(x, w.shape, go, *args)
-    calls = _spy(monkeypatch)
+    calls = torch_conv_calls()
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(conv.conv2d(x, w, b, *args), z, **tol)
     torch.testing.assert_close(conv.conv2d_input(x.shape, w, go, *args), gi, **tol)
@@ -81,7 +66,7 @@ def test_weight_gradient_in_sample_slices(monkeypatch):
     (1, 0, (64, 32), (1, 1), {"conv2d", "conv2d_input", "conv2d_weight"}),  # wide groups
     (1, 0, (64, 32), (2, 2), {"conv2d", "conv2d_weight"}),  # wide groups; a strided input gradient is a matmul
 ])
-def test_other_convolutions_go_to_torch(kernel, padding, channels, stride, torch_ops, monkeypatch):
+def test_other_convolutions_go_to_torch(kernel, padding, channels, stride, torch_ops, torch_conv_calls):
     gen = torch.Generator().manual_seed(3)
     ci, co = channels
     x = torch.randn(2, ci, 6, 6, generator=gen)
@@ -90,7 +75,7 @@ def test_other_convolutions_go_to_torch(kernel, padding, channels, stride, torch
     z = F.conv2d(x, w, None, *args)
     go = torch.randn(z.shape, generator=gen)
     gi, gw = torch.nn.grad.conv2d_input(x.shape, w, go, *args), torch.nn.grad.conv2d_weight(x, w.shape, go, *args)
-    calls = _spy(monkeypatch)
+    calls = torch_conv_calls()
     torch.testing.assert_close(conv.conv2d(x, w, None, *args), z)
     torch.testing.assert_close(conv.conv2d_input(x.shape, w, go, *args), gi)
     torch.testing.assert_close(conv.conv2d_weight(x, w.shape, go, *args), gw)
