@@ -80,7 +80,10 @@ def test_independent_probes_do_not_depend_on_the_split():
 
 def _start(out):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, WORKER, out, "slow"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT at its default, so that the child's Python turns it into KeyboardInterrupt even when this
+    # process was started with SIGINT ignored (as a shell does for a background job)
+    return subprocess.Popen([sys.executable, WORKER, out, "slow"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_chunks(proc, out, n, timeout=60):
