@@ -145,6 +145,28 @@ def test_func_reuse_matches_fresh():
     torch.testing.assert_close(a.matvec(V[[2, 0]], idx=torch.tensor([2, 0])), b.matvec(V)[[2, 0]])
 
 
+def test_func_drops_a_linearization_before_linearizing_fewer_replicas(monkeypatch):
+    """When the active replicas fall below half of those linearized, the batch is linearized again
+    for them; the old linearization is released first, so the two never take memory together."""
+    from fastcurv.backends import func
+
+    models = replicas(lambda: mlp(nn.Tanh), R=5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=gen)
+    op = fastcurv.HessianOperator(models, [(x[:6], y[:6]), (x[6:], y[6:])], backend="func", backend_options={"reuse": True})
+    ref = fastcurv.HessianOperator(models, [(x[:6], y[:6]), (x[6:], y[6:])], backend="autograd")
+    V = torch.randn(5, 2, op.P, generator=gen, dtype=torch.float64)
+    op.matvec(V)
+    held = []
+    build = func.FuncBackend._linear_map
+    monkeypatch.setattr(func.FuncBackend, "_linear_map",
+                        lambda self, *a: held.append(sorted(self._linear)) or build(self, *a))
+    idx = torch.tensor([3, 1])
+    torch.testing.assert_close(op.matvec(V[idx], idx=idx), ref.matvec(V[idx], idx=idx))
+    assert held == [[1], [0]]  # each batch is linearized anew with only the other batch's linearization kept
+
+
 @pytest.mark.parametrize("R,K,item,budget,want", [
     (5, 4, 10, 1000, (5, 4)),  # everything fits
     (5, 4, 10, 100, (5, 2)),  # all replicas, two probes at a time
@@ -211,7 +233,7 @@ def test_func_graph_mode_without_reuse_in_replica_chunks(K, monkeypatch):
 
 def test_func_auto_reuse_follows_the_linearization_estimate():
     """reuse="auto" keeps the linearizations only when their estimated size fits reuse_bytes; feature
-    maps count 24 bytes per output byte, other outputs 10 (calibrated on MLPs, CNNs and ResNets)."""
+    maps count 27 bytes per output byte, other outputs 22 (calibrated on MLPs, CNNs and ResNets)."""
     from fastcurv.backends.func import hvp_bytes, linearization_bytes
 
     models = replicas(lambda: cnn("max"), R=2)
@@ -219,7 +241,7 @@ def test_func_auto_reuse_follows_the_linearization_estimate():
     y = torch.randint(0, 3, (6,))
     op = fastcurv.HessianOperator(models, (x, y), backend="func")
     # conv, BatchNorm, ReLU: [6, 2, 4, 4]; pool, flatten: [6, 2, 2, 2] / [6, 8]; linear: [6, 3]; the model: [6, 3]
-    want = 24 * 8 * (3 * 6 * 2 * 16 + 6 * 2 * 4) + 10 * 8 * (6 * 8 + 2 * 6 * 3)
+    want = 27 * 8 * (3 * 6 * 2 * 16 + 6 * 2 * 4) + 22 * 8 * (6 * 8 + 2 * 6 * 3)
     est = linearization_bytes(op.backend.replicas, x)
     assert est == want
     # without reuse, per replica and probe: 6 bytes per feature-map byte, 9 per other output byte

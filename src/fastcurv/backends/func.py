@@ -14,14 +14,14 @@ DEFAULT_REUSE_BYTES = 4 << 30
 DEFAULT_WORK_BYTES = 4 << 30
 
 
-# Bytes a linearization holds (with the matvec's temporaries) per byte of module output, measured on
-# CPU, torch 2.13 (peak RSS of one K=1 matvec over R=4-16 replicas): 10x for MLPs (784-128-128-10),
-# 22x for small CNNs and ResNets (W3, W4; feature maps counted at 24x, the rest at 10x).
-LINEARIZE_BYTES_PER_OUTPUT_BYTE = 10
-LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE = 24
-# Bytes one replica x probe of a matvec without reuse (vmapped jvp of grad) holds per byte of module
-# output, measured the same way (R=4-20, K=1-2): 6.5-8.4x for W1's MLP, 4.3-5.7x for W3 and a
-# three-layer CNN on 3x32x32 inputs (feature maps); rounded up.
+# Peak bytes of linearizing one batch and running one product with it, per byte of module output,
+# measured by benchmarks/func_memory.py (CPU, torch 2.13): 19-21x for MLPs (784-128-128-10, R=10-50;
+# the linearization then keeps 15x), 24-26x for W3's CNN and W4's ResNet, whose outputs are nearly
+# all feature maps (15x for a 3-layer CNN on 3x32x32 inputs); rounded up.
+LINEARIZE_BYTES_PER_OUTPUT_BYTE = 22
+LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE = 27
+# Peak bytes of one replica x probe of a matvec without reuse (vmapped jvp of grad) per byte of
+# module output, measured the same way: 4.8-6.0x for MLPs, 3.2-5.7x for the CNNs; rounded up.
 HVP_BYTES_PER_OUTPUT_BYTE = 9
 HVP_BYTES_PER_FEATURE_MAP_BYTE = 6
 
@@ -175,6 +175,9 @@ class FuncBackend(Backend):
             where = {r: j for j, r in enumerate(cached)}
             if all(r in where for r in key) and 2 * len(key) >= len(cached):
                 return self._padded(hit[1], torch.tensor([where[r] for r in key]), len(cached))
+        # the old linearization goes before the new one is built, so the two never coexist
+        hit = None
+        self._linear.pop(i, None)
         fn = self._linear_map(x, y, idx)
         self._linear[i] = (key, fn)
         return fn
