@@ -19,11 +19,8 @@ K=1 and K=8 probes (on W1 the fused engine's default multiplies only the nonzero
 layer, ``fastcurv.ops.csr_linear``, and takes the hidden layer's products from its ReLU patterns,
 ``csr_masked_linear``; also timed: ``sparse_input=False``, dense GEMMs without the
 input's all-zero pixel columns, and with ``drop_zero_columns=False`` too, all columns;
-``sparse_hidden=False``, the hidden layer's GEMMs; and ``func_reuse``, func with its linearizations
-kept, ``backend_options={"reuse": True}``, which its default does not keep on W1, their estimate
-being over 4 GiB), a per-model autograd loop (double backward through a retained graph, built
-once), the func backend with its linearizations compiled (``backend_options={"compile": True}``,
-on W1 with ``"reuse": True``;
+``sparse_hidden=False``, the hidden layer's GEMMs), a per-model autograd loop (double backward through a retained graph, built
+once), the func backend with its linearizations compiled (``backend_options={"compile": True}``;
 the first matvec, which compiles, is reported apart; measured last, after the jobs; left out, with
 func's warning in ``func_compiled_skipped``, where func's linearizations would exceed its memory
 budget, so that it does not reuse, hence not compile, them: W3 and W4 at B=200), and the
@@ -303,11 +300,7 @@ def main(argv=None):
         for b in ("fused", "fused_deflated"):
             res[f"batched_sharpness_{b}_speedup_over_func"] = res["seconds"]["batched_sharpness_func"] / res["seconds"][f"batched_sharpness_{b}"]
     ops = {b: fastcurv.HessianOperator(models, (x, y), backend=b) for b in ("fused", "func")}
-    if a.workload == "W1":
-        # func with its linearizations kept (about 3 GiB here), which its default, capped at 4 GiB by an
-        # estimate with headroom, does not keep: the faster func matvec, so the comparison is with it too
-        ops["func_reuse"] = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse": True})
-        # the same engine with dense first-layer GEMMs: without the zero columns, and all
+    if a.workload == "W1":  # the same engine with dense first-layer GEMMs: without the zero columns, and all
         ops["fused_dense_input"] = fastcurv.HessianOperator(models, (x, y), backend="fused",
                                                             backend_options={"sparse_input": False})
         ops["fused_all_columns"] = fastcurv.HessianOperator(
@@ -319,7 +312,7 @@ def main(argv=None):
     for K in (1, 8):
         V = torch.randn(R, K, P, device=dev)
         for b, op in ops.items():
-            if b.startswith("func") and K > 1 and a.skip_slow:
+            if b == "func" and K > 1 and a.skip_slow:
                 continue
             t = timed(f"hvp_{b}_K{K}", lambda: op.matvec(V), op)
             res["seconds"][f"hvp_{b}_K{K}"] = t
@@ -388,8 +381,7 @@ def main(argv=None):
     if not a.skip_slow:  # the func backend with each batch's linearization run through torch.compile
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            opts = {"compile": True, "reuse": True} if a.workload == "W1" else {"compile": True}
-            opc = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options=opts)
+            opc = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"compile": True})
         if not opc.backend.reuse:  # linearizations over func's memory budget: nothing would be compiled
             res["func_compiled_skipped"] = str(caught[-1].message) if caught else "func does not reuse linearizations here"
             opc = None

@@ -246,7 +246,7 @@ def test_func_auto_reuse_follows_the_linearization_estimate():
     assert est == want
     # without reuse, per replica and probe: 6 bytes per feature-map byte, 9 per other output byte
     assert hvp_bytes(op.backend.replicas, x) == 6 * 8 * (3 * 6 * 2 * 16 + 6 * 2 * 4) + 9 * 8 * (6 * 8 + 2 * 6 * 3)
-    assert op.backend.reuse  # 2 replicas x 1 batch, far below the default 4 GiB
+    assert op.backend.reuse  # 2 replicas x 1 batch, far below the default 8 GiB
     for budget, reuse in ((2 * est, True), (2 * est - 1, False)):
         o = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse_bytes": budget})
         assert o.backend.reuse is reuse
