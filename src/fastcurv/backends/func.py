@@ -18,12 +18,14 @@ DEFAULT_REUSE_BYTES = 8 << 30
 DEFAULT_WORK_BYTES = 4 << 30
 
 
-# Peak bytes of linearizing one batch and running one product with it, per byte of module output,
-# measured by benchmarks/func_memory.py (CPU, torch 2.13): 19-21x for MLPs (784-128-128-10, R=10-50;
-# the linearization then keeps 15x), 24-26x for W3's CNN and W4's ResNet, whose outputs are nearly
-# all feature maps (15x for a 3-layer CNN on 3x32x32 inputs); rounded up.
-LINEARIZE_BYTES_PER_OUTPUT_BYTE = 22
-LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE = 27
+# Peak bytes of linearizing one batch and running one product with it, measured by
+# benchmarks/func_memory.py and tests/test_memory.py (CPU, torch 2.13, peak RSS): a fit over MLPs
+# 784-128-128-10 (R=4-100, 300-1000 samples) gives 16x the module output bytes plus 17x the
+# parameter bytes (19-21x the outputs alone at 1000 samples, 29x at 300); W3's CNN and W4's ResNet,
+# whose outputs are nearly all feature maps, 23-26x. Rounded up, with headroom for run-to-run spread.
+LINEARIZE_BYTES_PER_OUTPUT_BYTE = 20
+LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE = 30
+LINEARIZE_BYTES_PER_PARAMETER_BYTE = 24
 # Peak bytes of one replica x probe of a matvec without reuse (vmapped jvp of grad) per byte of
 # module output, measured the same way: 4.8-6.0x for MLPs, 3.2-5.7x for the CNNs; rounded up.
 HVP_BYTES_PER_OUTPUT_BYTE = 9
@@ -52,10 +54,12 @@ def _output_bytes(replicas, x, per_output: int, per_feature_map: int) -> int:
 
 
 def linearization_bytes(replicas, x) -> int:
-    """Estimated bytes of one replica's linearized gradient map on batch ``x``: its module outputs,
-    weighted by :data:`LINEARIZE_BYTES_PER_OUTPUT_BYTE` (feature maps, 4 or more dimensions:
-    :data:`LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE`)."""
-    return _output_bytes(replicas, x, LINEARIZE_BYTES_PER_OUTPUT_BYTE, LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE)
+    """Estimated peak bytes of one replica's linearized gradient map on batch ``x`` with one product:
+    its module outputs, weighted by :data:`LINEARIZE_BYTES_PER_OUTPUT_BYTE` (feature maps, 4 or
+    more dimensions: :data:`LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE`), plus its parameters' bytes
+    weighted by :data:`LINEARIZE_BYTES_PER_PARAMETER_BYTE`."""
+    params = LINEARIZE_BYTES_PER_PARAMETER_BYTE * replicas.P * replicas.dtype.itemsize
+    return _output_bytes(replicas, x, LINEARIZE_BYTES_PER_OUTPUT_BYTE, LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE) + params
 
 
 def hvp_bytes(replicas, x) -> int:
