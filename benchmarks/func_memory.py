@@ -3,12 +3,14 @@
 For each model and replica count, one child process per case measures the peak memory (see
 ``peak_memory.measure``) of one matvec with the func backend on one batch:
 
-* ``reuse``: the first K=1 matvec with ``reuse=True`` (linearizing the batch, then one product),
-  and what the linearization still holds after it;
+* ``reuse``: the first K=1 matvec with ``reuse=True`` in mode "forward" (linearizing the batch,
+  then one product), and what the linearization still holds after it;
+* ``graph``: the same in mode "graph" (the batch's retained double-backward graph);
 * ``hvp``: one matvec with ``reuse=False`` for K=1 and K=2 probes (vmapped jvp of grad, one chunk).
 
 and divides by the replicas' module output bytes, split into feature maps (outputs with 4 or more
-dimensions) and the rest, as ``linearization_bytes`` and ``hvp_bytes`` weight them. It prints the
+dimensions) and the rest, as ``linearization_bytes``, ``graph_bytes`` and ``hvp_bytes`` weight them
+(which also count the parameters' bytes). It prints the
 ratios next to the backend's current estimates and writes them as JSON:
 
     python benchmarks/func_memory.py --out func_memory.json
@@ -66,15 +68,16 @@ def child(kind, R, n, mode):
         models.append(m.eval())
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
-    warm = fastcurv.HessianOperator(models[:1], (x[:4], y[:4]), backend="func", backend_options={"reuse": mode == "reuse"})
+    opts = {"reuse": mode != "hvp", "mode": "graph" if mode == "graph" else "forward"}
+    warm = fastcurv.HessianOperator(models[:1], (x[:4], y[:4]), backend="func", backend_options=opts)
     warm.matvec(torch.randn(1, 2, warm.replicas.P))
     del warm
-    op = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse": mode == "reuse"})
+    op = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options=opts)
     rs = op.replicas
     flat = func._output_bytes(rs, x, 1, 0) * R
     maps = func._output_bytes(rs, x, 0, 1) * R
     out = {"model": kind, "R": R, "n": n, "mode": mode, "flat_output_bytes": flat, "feature_map_bytes": maps}
-    if mode == "reuse":
+    if mode in ("reuse", "graph"):
         from fastcurv._heap import trim
 
         v = torch.randn(R, 1, rs.P)
@@ -84,7 +87,7 @@ def child(kind, R, n, mode):
             op.matvec(v)
         trim()  # what the linearization (cached in the backend) still holds
         out.update(peak=peak.bytes, held=peak_memory.status_bytes("VmRSS") - before,
-                   estimate=func.linearization_bytes(rs, x) * R)
+                   estimate=(func.graph_bytes if mode == "graph" else func.linearization_bytes)(rs, x) * R)
     else:
         for K in (1, 2):
             v = torch.randn(R, K, rs.P)
@@ -106,7 +109,7 @@ def main(argv=None):
     rows = []
     for case in a.cases:
         kind, R, n = case.split(":")
-        for mode in ("reuse", "hvp"):
+        for mode in ("reuse", "graph", "hvp"):
             p = subprocess.run([sys.executable, __file__, "--child", kind, R, n, mode], capture_output=True, text=True)
             if p.returncode:
                 print(f"{case} {mode}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
@@ -115,11 +118,11 @@ def main(argv=None):
             rows.append(r)
             out_bytes = r["flat_output_bytes"] + r["feature_map_bytes"]
             share = r["feature_map_bytes"] / out_bytes
-            if mode == "reuse":
-                print(f"{case:14s} reuse: peak {r['peak'] / 2**20:7.0f} MiB ({r['peak'] / out_bytes:5.1f}x outputs), "
+            if mode != "hvp":
+                print(f"{case:14s} {mode:6s} peak {r['peak'] / 2**20:7.0f} MiB ({r['peak'] / out_bytes:5.1f}x outputs), "
                       f"held {r['held'] / out_bytes:5.1f}x, estimate {r['estimate'] / 2**20:7.0f} MiB; feature maps {share:.0%} of outputs", flush=True)
             else:
-                print(f"{case:14s} hvp:   peak K=1 {r['peak_K1'] / 2**20:7.0f} MiB ({r['peak_K1'] / out_bytes:5.1f}x), "
+                print(f"{case:14s} hvp    peak K=1 {r['peak_K1'] / 2**20:7.0f} MiB ({r['peak_K1'] / out_bytes:5.1f}x), "
                       f"K=2 {r['peak_K2'] / 2**20:7.0f} MiB ({r['peak_K2'] / out_bytes / 2:5.1f}x per probe), "
                       f"estimate K=1 {r['estimate_K1'] / 2**20:7.0f} MiB", flush=True)
     if a.out:

@@ -306,12 +306,13 @@ FUNC_CHILD = textwrap.dedent("""
     x = torch.randn(n, *((784,) if kind == "mlp" else (1, 28, 28)), generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     models = [model(s) for s in range(R)]
-    opts = {"reuse": sys.argv[4] == "reuse"}
+    mode = sys.argv[4]
+    opts = {"reuse": mode != "hvp", "mode": "graph" if mode == "graph" else "forward"}
     warm = fastcurv.HessianOperator(models[:1], (x[:4], y[:4]), backend="func", backend_options=opts)
     warm.matvec(torch.randn(1, 2, warm.P))
     del warm
     op = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options=opts)
-    K = 1 if opts["reuse"] else 2
+    K = 2 if mode == "hvp" else 1
     v = torch.randn(R, K, op.P)
     def status(key):
         with open("/proc/self/status") as f:
@@ -321,17 +322,23 @@ FUNC_CHILD = textwrap.dedent("""
         f.write("5")
     base = status("VmRSS")
     op.matvec(v)
-    est = (func.linearization_bytes if opts["reuse"] else func.hvp_bytes)(op.replicas, x) * R * (1 if opts["reuse"] else K)
-    print(json.dumps({"peak": status("VmHWM") - base, "estimate": est}))
+    peak = status("VmHWM") - base
+    trim()
+    held = status("VmRSS") - base  # what the reused linearization or graph keeps
+    est = {"forward": func.linearization_bytes, "graph": func.graph_bytes, "hvp": func.hvp_bytes}[mode](op.replicas, x) * R * K
+    print(json.dumps({"peak": peak, "estimate": est, "held": held, "held_estimate": func.graph_held_bytes(op.replicas, x) * R}))
 """)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads /proc/self/status (Linux)")
-@pytest.mark.parametrize("case", ["mlp 8 600 reuse", "cnn 2 60 reuse", "mlp 8 600 hvp", "cnn 2 60 hvp"])
+@pytest.mark.parametrize("case", ["mlp 8 600 forward", "cnn 2 60 forward", "mlp 8 600 graph", "cnn 2 60 graph",
+                                  "mlp 8 600 hvp", "cnn 2 60 hvp"])
 def test_func_memory_estimates_bound_the_measured_peaks(case):
     """The func backend's estimates (what memory_budget= and reuse_bytes / work_bytes rely on) are
-    at least the measured peak of a first matvec: linearizing a batch and one product (reuse), or
-    two probes without reuse, for an MLP and W3's CNN (peak RSS above the start, in a child)."""
+    at least the measured peak of a first matvec: linearizing a batch and one product (mode
+    "forward"), building its retained graph and one product (mode "graph"; then also what the graph
+    keeps), or two probes without reuse, for an MLP and W3's CNN (peak RSS above the start, in a
+    child)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-c", FUNC_CHILD, *case.split()], capture_output=True, text=True, env=env,
                        timeout=300)
@@ -339,6 +346,8 @@ def test_func_memory_estimates_bound_the_measured_peaks(case):
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["peak"] > 0.25 * got["estimate"], got  # a real measurement, not a tiny fraction
     assert got["peak"] <= got["estimate"], got
+    if case.endswith("graph"):
+        assert got["held"] <= got["held_estimate"], got
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status (Linux)")
@@ -381,8 +390,9 @@ def test_operator_memory_budget_caps_the_func_backend(one_thread):
     half = int(memory.SAFETY * budget) // 2
     assert op.backend.work_bytes == half and memory.func_bytes_caps(budget, "cpu") == {"reuse_bytes": half, "work_bytes": half}
     torch.testing.assert_close(op.matvec(V), ref.matvec(V), rtol=1e-12, atol=1e-14)
-    # the linearizations (about 1 MiB here) no longer fit half of 2 MiB: no reuse
-    tight = fastcurv.HessianOperator(models, data, backend="func", memory_budget=2 << 20)
+    # a budget whose half (of 85%) is less than the retained graphs' estimate: no reuse
+    est = op.backend._reused_bytes(data[0], 1)
+    tight = fastcurv.HessianOperator(models, data, backend="func", memory_budget=int(est / memory.SAFETY))
     assert op.backend.reuse and not tight.backend.reuse
     torch.testing.assert_close(tight.matvec(V), ref.matvec(V), rtol=1e-12, atol=1e-14)
     # what the caller sets wins; a large budget keeps the defaults

@@ -182,8 +182,9 @@ def test_func_work_chunks(R, K, item, budget, want):
 
 @pytest.mark.parametrize("items", [1, 7.5])  # one replica and probe per call; two probes for all three replicas
 def test_func_without_reuse_in_chunks_matches_one_call(items, monkeypatch):
-    """Without reuse, replicas and probes run in chunks that fit work_bytes (so that many probes of
-    a large model do not exhaust memory); the products stay those of the autograd oracle."""
+    """Without reuse, in mode "forward", replicas and probes run in chunks that fit work_bytes (so
+    that many probes of a large model do not exhaust memory); the products stay those of the
+    autograd oracle."""
     from fastcurv.backends import func
 
     models = replicas(lambda: cnn("max"), R=3)
@@ -198,7 +199,8 @@ def test_func_without_reuse_in_chunks_matches_one_call(items, monkeypatch):
     chunks = []
     real = func.work_chunks
     monkeypatch.setattr(func, "work_chunks", lambda *a: chunks.append(real(*a)) or chunks[-1])
-    split = fastcurv.HessianOperator(models, batches, backend="func", backend_options={"reuse": False, "work_bytes": budget})
+    split = fastcurv.HessianOperator(models, batches, backend="func",
+                                     backend_options={"reuse": False, "work_bytes": budget, "mode": "forward"})
     torch.testing.assert_close(split.matvec(V), whole.matvec(V))
     assert chunks[0] == ((1, 1) if items == 1 else (3, 2))
     torch.testing.assert_close(split.matvec(V[[2, 0]], idx=torch.tensor([2, 0])), whole.matvec(V)[[2, 0]])
@@ -208,8 +210,8 @@ def test_func_without_reuse_in_chunks_matches_one_call(items, monkeypatch):
 
 @pytest.mark.parametrize("K", [1, 2])
 def test_func_graph_mode_without_reuse_in_replica_chunks(K, monkeypatch):
-    """Mode "graph" (batch-statistics BatchNorm) without reuse builds each batch's graph for as
-    many replicas as fit work_bytes; the products stay those of the autograd oracle."""
+    """Mode "graph" (the default; batch-statistics BatchNorm here) without reuse builds each batch's
+    graph for as many replicas as fit work_bytes; the products stay those of the autograd oracle."""
     from fastcurv.backends import func
 
     models = replicas(lambda: cnn("avg"), R=3)
@@ -219,7 +221,7 @@ def test_func_graph_mode_without_reuse_in_replica_chunks(K, monkeypatch):
     data = (x, y) if K == 1 else ragged(x, y, [4, 4])  # K=1 on one batch: the single-product path
     V = torch.randn(3, K, sum(p.numel() for p in models[0].parameters()), generator=gen, dtype=torch.float64)
     ref = fastcurv.HessianOperator(models, data, backend="autograd", bn_mode="batch")
-    budget = int(1.5 * func.linearization_bytes(ref.replicas, x if K == 1 else x[:4]))  # one replica per graph
+    budget = int(1.5 * func.graph_bytes(ref.replicas, x if K == 1 else x[:4]))  # one replica per graph
     chunks = []
     real = func.work_chunks
     monkeypatch.setattr(func, "work_chunks", lambda *a: chunks.append(real(*a)) or chunks[-1])
@@ -232,31 +234,40 @@ def test_func_graph_mode_without_reuse_in_replica_chunks(K, monkeypatch):
 
 
 def test_func_auto_reuse_follows_the_linearization_estimate():
-    """reuse="auto" keeps the linearizations only when their estimated size fits reuse_bytes; feature
-    maps count 30 bytes per output byte, other outputs 20, parameters 24 per byte (calibrated on MLPs,
-    CNNs and ResNets)."""
-    from fastcurv.backends.func import hvp_bytes, linearization_bytes
+    """reuse="auto" keeps the linearizations (mode "forward") or retained graphs (mode "graph", the
+    default) only when their estimated size fits reuse_bytes. Per byte of output, feature maps /
+    other outputs / parameters: linearizations 30 / 20 / 24, graphs at their peak 8 / 7 / 8 and once
+    built 3 / 3 / 4; without reuse, per replica and probe, 6 / 9 / 0 (calibrated on MLPs, CNNs and
+    ResNets)."""
+    from fastcurv.backends.func import graph_bytes, graph_held_bytes, hvp_bytes, linearization_bytes
 
     models = replicas(lambda: cnn("max"), R=2)
     x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (6,))
     op = fastcurv.HessianOperator(models, (x, y), backend="func")
+    rs, P = op.backend.replicas, op.P
     # conv, BatchNorm, ReLU: [6, 2, 4, 4]; pool, flatten: [6, 2, 2, 2] / [6, 8]; linear: [6, 3]; the model: [6, 3]
-    want = 30 * 8 * (3 * 6 * 2 * 16 + 6 * 2 * 4) + 20 * 8 * (6 * 8 + 2 * 6 * 3) + 24 * 8 * op.P
-    est = linearization_bytes(op.backend.replicas, x)
-    assert est == want
-    # without reuse, per replica and probe: 6 bytes per feature-map byte, 9 per other output byte
-    assert hvp_bytes(op.backend.replicas, x) == 6 * 8 * (3 * 6 * 2 * 16 + 6 * 2 * 4) + 9 * 8 * (6 * 8 + 2 * 6 * 3)
-    assert op.backend.reuse  # 2 replicas x 1 batch, far below the default 8 GiB
-    for budget, reuse in ((2 * est, True), (2 * est - 1, False)):
-        o = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse_bytes": budget})
-        assert o.backend.reuse is reuse
-    # compile=True compiles the reused linearizations: a warning when there are none
+    maps, flat = 8 * (3 * 6 * 2 * 16 + 6 * 2 * 4), 8 * (6 * 8 + 2 * 6 * 3)
+    assert linearization_bytes(rs, x) == 30 * maps + 20 * flat + 24 * 8 * P
+    assert graph_bytes(rs, x) == 8 * maps + 7 * flat + 8 * 8 * P
+    assert graph_held_bytes(rs, x) == 3 * (maps + flat) + 4 * 8 * P
+    assert hvp_bytes(rs, x) == 6 * maps + 9 * flat
+    assert op.backend.mode == "graph" and op.backend.reuse  # 2 replicas x 1 batch, far below the default 8 GiB
+    # three batches: one graph at its peak, the two others as built
+    three = fastcurv.HessianOperator(models, [(x, y)] * 3, backend="func")
+    assert three.backend._reused_bytes(x, 3) == 2 * (graph_bytes(rs, x) + 2 * graph_held_bytes(rs, x))
+    for mode, est in (("graph", 2 * graph_bytes(rs, x)), ("forward", 2 * linearization_bytes(rs, x))):
+        for budget, reuse in ((est, True), (est - 1, False)):
+            o = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse_bytes": budget, "mode": mode})
+            assert o.backend.reuse is reuse
+    # compile=True compiles the reused linearizations (mode "forward", its default): a warning when there are none
     with pytest.warns(RuntimeWarning, match="running without reuse and uncompiled"):
-        o = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse_bytes": est, "compile": True})
-    assert not o.backend.reuse
+        o = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse_bytes": est - 1, "compile": True})
+    assert o.backend.mode == "forward" and not o.backend.reuse
     with pytest.warns(RuntimeWarning, match="no effect with reuse=False"):
         fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"reuse": False, "compile": True})
+    with pytest.warns(RuntimeWarning, match="mode 'graph' runs uncompiled"):
+        fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"mode": "graph", "compile": True})
 
 
 def test_gradient_matches_autograd():

@@ -26,6 +26,15 @@ DEFAULT_WORK_BYTES = 4 << 30
 LINEARIZE_BYTES_PER_OUTPUT_BYTE = 20
 LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE = 30
 LINEARIZE_BYTES_PER_PARAMETER_BYTE = 24
+# The same for mode "graph" (a vmapped forward and a retained double-backward graph): peaks of 4.0-5.6x
+# the outputs (MLPs, W3, W4, the 3-layer CNN; R=4-50), of which the graph then keeps 1.0-2.3x;
+# rounded up, with headroom. A batch's graph is counted at its peak, the other batches' graphs at
+# what they keep.
+GRAPH_BYTES_PER_OUTPUT_BYTE = 7
+GRAPH_BYTES_PER_FEATURE_MAP_BYTE = 8
+GRAPH_BYTES_PER_PARAMETER_BYTE = 8
+GRAPH_HELD_BYTES_PER_OUTPUT_BYTE = 3
+GRAPH_HELD_BYTES_PER_PARAMETER_BYTE = 4
 # Peak bytes of one replica x probe of a matvec without reuse (vmapped jvp of grad) per byte of
 # module output, measured the same way: 4.8-6.0x for MLPs, 3.2-5.7x for the CNNs; rounded up.
 HVP_BYTES_PER_OUTPUT_BYTE = 9
@@ -60,6 +69,23 @@ def linearization_bytes(replicas, x) -> int:
     weighted by :data:`LINEARIZE_BYTES_PER_PARAMETER_BYTE`."""
     params = LINEARIZE_BYTES_PER_PARAMETER_BYTE * replicas.P * replicas.dtype.itemsize
     return _output_bytes(replicas, x, LINEARIZE_BYTES_PER_OUTPUT_BYTE, LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE) + params
+
+
+def graph_bytes(replicas, x) -> int:
+    """Estimated peak bytes of building one replica's retained double-backward graph on batch ``x``
+    (mode "graph") and one product with it: its module outputs weighted by
+    :data:`GRAPH_BYTES_PER_OUTPUT_BYTE` (feature maps: :data:`GRAPH_BYTES_PER_FEATURE_MAP_BYTE`),
+    plus its parameters' bytes weighted by :data:`GRAPH_BYTES_PER_PARAMETER_BYTE`."""
+    params = GRAPH_BYTES_PER_PARAMETER_BYTE * replicas.P * replicas.dtype.itemsize
+    return _output_bytes(replicas, x, GRAPH_BYTES_PER_OUTPUT_BYTE, GRAPH_BYTES_PER_FEATURE_MAP_BYTE) + params
+
+
+def graph_held_bytes(replicas, x) -> int:
+    """Estimated bytes that one replica's retained graph on batch ``x`` keeps once built:
+    :data:`GRAPH_HELD_BYTES_PER_OUTPUT_BYTE` per byte of module output (feature maps too), plus
+    :data:`GRAPH_HELD_BYTES_PER_PARAMETER_BYTE` per parameter byte."""
+    params = GRAPH_HELD_BYTES_PER_PARAMETER_BYTE * replicas.P * replicas.dtype.itemsize
+    return _output_bytes(replicas, x, GRAPH_HELD_BYTES_PER_OUTPUT_BYTE, GRAPH_HELD_BYTES_PER_OUTPUT_BYTE) + params
 
 
 def hvp_bytes(replicas, x) -> int:
@@ -102,25 +128,30 @@ class FuncBackend(Backend):
 
     Args:
         reuse: True, False or "auto". With reuse, each batch's gradient map is linearized once per
-            set of active replicas and the linearization (which holds the primal forward and
-            backward) is reused, so a matvec costs only the tangent passes. "auto" reuses when the
-            estimated size of these graphs (:func:`linearization_bytes`) fits in ``reuse_bytes``
-            (default :data:`DEFAULT_REUSE_BYTES`, 8 GiB);
-            without reuse each matvec redoes the primal passes, in a fraction of the memory.
+            set of active replicas (mode "graph": its double-backward graph is built and retained)
+            and reused, so a matvec costs only the tangent passes. "auto" reuses when the
+            estimated size of these graphs (mode "graph": :func:`graph_bytes` for one batch and
+            :func:`graph_held_bytes` for the others; "forward": :func:`linearization_bytes` each)
+            fits in ``reuse_bytes`` (default :data:`DEFAULT_REUSE_BYTES`, 8 GiB); without reuse
+            each matvec redoes the primal passes, in a fraction of the memory.
         work_bytes: without reuse, replicas and probes run in vmapped chunks whose estimated
             temporaries (:func:`hvp_bytes` per replica and probe) fit in ``work_bytes`` (default
             4 GiB): all replicas with as many probes as fit, else one probe for as many replicas as
             fit, so that many probes or replicas of a large model do not exhaust memory; in mode
             "graph", each batch's graph is built for as many replicas as fit (at
-            :func:`linearization_bytes` each).
-        mode: "forward" (torch.func forward-over-reverse, ``jvp(grad)``), "graph" (vmapped forward,
-            then plain autograd double backward through a retained graph) or "auto": "graph" when
-            BatchNorm uses batch statistics, because torch.func's nested transforms (``jvp(grad)``,
-            ``vjp(grad)``, ``hessian``) give wrong second derivatives through batch-statistics
-            BatchNorm in torch 2.13 (checked against finite differences in tests/test_operator.py);
-            "forward" otherwise.
+            :func:`graph_bytes` each).
+        mode: "graph" (vmapped forward, then plain autograd double backward through a retained
+            graph), "forward" (torch.func forward-over-reverse, ``jvp(grad)``, reused through
+            ``torch.func.linearize``) or "auto": "forward" with ``compile=True``, else "graph".
+            Measured on W1 with reuse (CPU, 2 threads, benchmarks/func_memory.py): the same
+            time per product, but a linearization peaks at about 20x the module outputs and keeps
+            15x, a retained graph peaks at 4-5x and keeps 1-2x; the default job took 20.1 s in
+            mode "graph" against 31.9 s (peak 3.5 against 6.2 GiB). torch.func's nested transforms
+            (``jvp(grad)``, ``vjp(grad)``, ``hessian``) also give wrong second derivatives through
+            batch-statistics BatchNorm in torch 2.13 (checked against finite differences in
+            tests/test_operator.py), so "auto" keeps "graph" there even with ``compile=True``.
         compile: run each linearization through ``torch.compile`` (mode "forward" with reuse; a
-            warning says when reuse is off and nothing is compiled).
+            warning says when there is nothing to compile: no reuse, or mode "graph").
             Measured on W1 (CPU, 2 threads): 0.64 -> 0.38 s per matvec, but each linearization
             (one per batch, and again when the active replicas shrink below half) costs a compile
             of about 15 s, so it pays off only for long solves on a fixed replica set. A compile
@@ -143,19 +174,21 @@ class FuncBackend(Backend):
             batch_bn = replicas.bn_mode == "batch" and any(
                 isinstance(m, nn.modules.batchnorm._BatchNorm) for m in replicas.base.modules()
             )
-            mode = "graph" if batch_bn else "forward"
+            mode = "forward" if self.compile and not batch_bn else "graph"
         self.mode = mode
+        if self.compile and mode == "graph":
+            warnings.warn("func backend: compile=True compiles torch.func linearizations (mode 'forward'); mode 'graph' "
+                          "runs uncompiled", RuntimeWarning, stacklevel=2)
         if reuse not in (True, False, "auto"):
             raise ValueError(f"reuse must be True, False or 'auto', got {reuse!r}")
         if reuse == "auto":
-            first = next(iter(batches))[1]
-            est = self._per_replica(linearization_bytes, first) * replicas.R * len(batches)
+            est = self._reused_bytes(next(iter(batches))[1], len(batches))
             reuse = est <= reuse_bytes
-            if self.compile and not reuse:
+            if self.compile and mode == "forward" and not reuse:
                 warnings.warn(f"func backend: compile=True compiles the reused linearizations, but they would take about "
                               f"{est / 2**30:.1f} GiB (reuse_bytes={reuse_bytes / 2**30:.1f} GiB): running without reuse and "
                               "uncompiled; pass reuse=True or a larger reuse_bytes to compile", RuntimeWarning, stacklevel=2)
-        elif self.compile and not reuse:
+        elif self.compile and mode == "forward" and not reuse:
             warnings.warn("func backend: compile=True has no effect with reuse=False (it compiles the reused linearizations)",
                           RuntimeWarning, stacklevel=2)
         self.reuse = reuse
@@ -276,12 +309,21 @@ class FuncBackend(Backend):
 
     def _graph_chunk(self, x, Ra: int) -> int:
         """Replicas per retained graph (mode "graph" without reuse): as many as fit ``work_bytes``
-        at :func:`linearization_bytes` each."""
-        return work_chunks(Ra, 1, self._per_replica(linearization_bytes, x), self.work_bytes)[0]
+        at :func:`graph_bytes` each."""
+        return work_chunks(Ra, 1, self._per_replica(graph_bytes, x), self.work_bytes)[0]
+
+    def _reused_bytes(self, x, batches: int) -> int:
+        """Estimated bytes of all replicas' reused linearizations (or retained graphs) over
+        ``batches`` batches like ``x``."""
+        if self.mode == "graph":
+            per = self._per_replica(graph_bytes, x) + (batches - 1) * self._per_replica(graph_held_bytes, x)
+        else:
+            per = batches * self._per_replica(linearization_bytes, x)
+        return per * self.replicas.R
 
     def _per_replica(self, estimate, x) -> int:
-        """``estimate(replicas, x)`` (:func:`hvp_bytes` or :func:`linearization_bytes`: one
-        replica's forward), once per estimator and input shape."""
+        """``estimate(replicas, x)`` (one of the estimators above: one replica's forward), once per
+        estimator and input shape."""
         key = (estimate.__name__, tuple(x.shape), x.dtype)
         if key not in self._estimates:
             self._estimates[key] = estimate(self.replicas, x)
