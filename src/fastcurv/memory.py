@@ -396,7 +396,7 @@ def plan_memory(models, data, budget, **job) -> MemoryPlan:
     plan = choose(shape, R, nbytes, cache_data=None if cache_data == "auto" else bool(cache_data))
     plan.backend = name
     if name == "func":
-        # reused linearizations only in what the plan leaves; each vmapped chunk of products within
+        # reused graphs (or linearizations) only in what the plan leaves; each vmapped chunk of products within
         # the temporaries the plan counted (batch_transient), so that the whole stays in the budget
         caps = func_bytes_caps(nbytes, device)
         spare = max(1, int(SAFETY * nbytes - plan.estimate["total"]))
@@ -432,7 +432,7 @@ def operator_cache_bytes(backend, batches, budget, *, probes: int = PROBE_BATCH)
 
 def func_bytes_caps(budget, device) -> dict:
     """``reuse_bytes`` and ``work_bytes`` of a func backend under ``memory_budget``: each at most
-    half of ``SAFETY * budget`` (reused linearizations and one chunk's temporaries are alive
+    half of ``SAFETY * budget`` (reused graphs or linearizations and one chunk's temporaries are alive
     together), and at most the backend's defaults."""
     from .backends.func import DEFAULT_REUSE_BYTES, DEFAULT_WORK_BYTES
 

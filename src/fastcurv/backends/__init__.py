@@ -2,7 +2,8 @@
 the full-data Hessian applied to per-parameter tangents ``[Ra, K, *shape]``.
 
 * ``autograd``: the oracle; per-replica double backward, graph rebuilt for every matvec.
-* ``func``: torch.func; vmapped over replicas, linearized once per batch and reused.
+* ``func``: vmapped over replicas; each batch's double-backward graph (or, with ``compile=True``, its torch.func
+  linearization) built once and reused.
 * ``fused``: fastcurv's R-op engine with compact per-batch caches (supported layer graphs only).
 """
 from .autograd import AutogradBackend

@@ -1,5 +1,6 @@
-"""The torch.func backend: vmap over replicas; per batch the gradient map is linearized once
-(``torch.func.linearize``) and the linearization is reused by every matvec of a solver."""
+"""The torch.func backend: vmap over replicas; per batch the gradient's double-backward graph
+(mode "graph", the default) or its ``torch.func.linearize`` linearization (mode "forward") is built
+once and reused by every matvec of a solver."""
 from __future__ import annotations
 
 import warnings
@@ -124,7 +125,8 @@ def _compiled(fn):
 
 
 class FuncBackend(Backend):
-    """Forward-over-reverse HVPs with torch.func, batched over replicas.
+    """HVPs batched over replicas with vmap: double backward through a retained graph, or torch.func's
+    forward-over-reverse.
 
     Args:
         reuse: True, False or "auto". With reuse, each batch's gradient map is linearized once per
