@@ -10,8 +10,8 @@ For each model and replica count, one child process per case measures the peak m
 
 and divides by the replicas' module output bytes, split into feature maps (outputs with 4 or more
 dimensions) and the rest, as ``linearization_bytes``, ``graph_bytes`` and ``hvp_bytes`` weight them
-(which also count the parameters' bytes). It prints the
-ratios next to the backend's current estimates and writes them as JSON:
+(the first two also count the parameters' bytes). It prints the ratios next to the backend's
+current estimates and writes them as JSON:
 
     python benchmarks/func_memory.py --out func_memory.json
     python benchmarks/func_memory.py --cases mlp:20:1000 cnn3:4:128
@@ -120,7 +120,8 @@ def main(argv=None):
             share = r["feature_map_bytes"] / out_bytes
             if mode != "hvp":
                 print(f"{case:14s} {mode:6s} peak {r['peak'] / 2**20:7.0f} MiB ({r['peak'] / out_bytes:5.1f}x outputs), "
-                      f"held {r['held'] / out_bytes:5.1f}x, estimate {r['estimate'] / 2**20:7.0f} MiB; feature maps {share:.0%} of outputs", flush=True)
+                      f"held {r['held'] / out_bytes:5.1f}x, estimate {r['estimate'] / 2**20:7.0f} MiB; "
+                      f"feature maps {share:.0%} of outputs", flush=True)
             else:
                 print(f"{case:14s} hvp    peak K=1 {r['peak_K1'] / 2**20:7.0f} MiB ({r['peak_K1'] / out_bytes:5.1f}x), "
                       f"K=2 {r['peak_K2'] / 2**20:7.0f} MiB ({r['peak_K2'] / out_bytes / 2:5.1f}x per probe), "

@@ -11,10 +11,9 @@ from torch.func import grad, jvp, linearize, vmap
 
 from .base import Backend
 
-# Linearizations are kept while their estimated size fits this: W1's 100 replicas on 1000 images
-# (4.7 GB estimated, 3.8 GiB measured) fit, and its default job, whose trace takes 10 probes per
-# matvec, needs them (measured in one run: K=8 matvecs at 2.8 gradients per probe with them, 4.8
-# without).
+# Reused graphs (or linearizations) are kept while their estimated size fits this. It keeps even
+# W1's linearizations (100 replicas, 1000 images: 5.4 GB estimated, 3.8 GiB measured; its graphs 1.9
+# GB) for compile=True; without reuse, K=8 matvecs cost 4.8 gradients per probe there instead of 2.8.
 DEFAULT_REUSE_BYTES = 8 << 30
 DEFAULT_WORK_BYTES = 4 << 30
 
@@ -136,7 +135,7 @@ class FuncBackend(Backend):
             :func:`graph_held_bytes` for the others; "forward": :func:`linearization_bytes` each)
             fits in ``reuse_bytes`` (default :data:`DEFAULT_REUSE_BYTES`, 8 GiB); without reuse
             each matvec redoes the primal passes, in a fraction of the memory.
-        work_bytes: without reuse, replicas and probes run in vmapped chunks whose estimated
+        work_bytes: without reuse, in mode "forward", replicas and probes run in vmapped chunks whose estimated
             temporaries (:func:`hvp_bytes` per replica and probe) fit in ``work_bytes`` (default
             4 GiB): all replicas with as many probes as fit, else one probe for as many replicas as
             fit, so that many probes or replicas of a large model do not exhaust memory; in mode
@@ -145,10 +144,10 @@ class FuncBackend(Backend):
         mode: "graph" (vmapped forward, then plain autograd double backward through a retained
             graph), "forward" (torch.func forward-over-reverse, ``jvp(grad)``, reused through
             ``torch.func.linearize``) or "auto": "forward" with ``compile=True``, else "graph".
-            Measured on W1 with reuse (CPU, 2 threads, benchmarks/func_memory.py): the same
-            time per product, but a linearization peaks at about 20x the module outputs and keeps
-            15x, a retained graph peaks at 4-5x and keeps 1-2x; the default job took 20.1 s in
-            mode "graph" against 31.9 s (peak 3.5 against 6.2 GiB). torch.func's nested transforms
+            Measured on W1 with reuse (CPU, 2 threads): the same time per product, but a
+            linearization peaks at about 20x the module outputs and keeps 15x, a retained graph
+            peaks at 4-5x and keeps 1-2x (benchmarks/func_memory.py); the default job took 20.1 s
+            in mode "graph" against 31.9 s (peak 3.5 against 6.2 GiB). torch.func's nested transforms
             (``jvp(grad)``, ``vjp(grad)``, ``hessian``) also give wrong second derivatives through
             batch-statistics BatchNorm in torch 2.13 (checked against finite differences in
             tests/test_operator.py), so "auto" keeps "graph" there even with ``compile=True``.
@@ -219,7 +218,8 @@ class FuncBackend(Backend):
             where = {r: j for j, r in enumerate(cached)}
             if all(r in where for r in key) and 2 * len(key) >= len(cached):
                 return self._padded(hit[1], torch.tensor([where[r] for r in key]), len(cached))
-        # the old linearization goes before the new one is built, so the two never coexist
+        # drop every reference to the old linearization before building the new one, so that the
+        # two never take memory together
         hit = None
         self._linear.pop(i, None)
         fn = self._linear_map(x, y, idx)
