@@ -14,6 +14,7 @@ from torch import nn
 import fastcurv
 from fastcurv import memory
 from fastcurv.backends.fused import FusedBackend
+from fastcurv.replicas import ReplicaSet
 
 
 def _mlp(seed, d=12, h=10, c=4, dtype=torch.float64):
@@ -125,38 +126,36 @@ def test_budget_chunks_give_the_unchunked_results(one_thread):
 
 
 def test_budget_bounds_the_func_backend(one_thread, monkeypatch):
-    """With the func backend, the job keeps linearizations only in what the plan leaves of the
-    budget and runs its products within the temporaries the plan counts; results equal the
-    unbudgeted job's."""
+    """With the func backend, the plan reuses every batch's retained graph when that fits (the
+    largest chunk that does), else reuses none and gives the products' chunks what is left;
+    results equal the unbudgeted job's."""
     from fastcurv.backends import func
 
     models, data = _job(R=6)
     kw = dict(KW, backend="func", trace_method="hutchinson", trace_probes=6)
+    job = {k: v for k, v in kw.items() if k != "progress"}
     ref = fastcurv.batched_sharpness(models, data, **kw)
+    shape, name = memory.job_shape(models, data, **job)
+    assert name == "func" and shape.func_mode == "graph" and not shape.fused
+    reuse_3 = int(memory.estimate_bytes(shape, 3)["total"] / memory.SAFETY) + 1  # 3 replicas with their graphs
+    no_reuse = int(memory.estimate_bytes(shape, 1)["total"] / memory.SAFETY) - 1  # not even 1 with its graph
     made = []
     init = func.FuncBackend.__init__
     monkeypatch.setattr(func.FuncBackend, "__init__", lambda self, *a, **k: made.append(self) or init(self, *a, **k))
-    for budget in (16 << 20, 1 << 40):
+    for budget, chunk, reuse in ((1 << 40, 6, True), (reuse_3, 3, True), (no_reuse, None, False)):
         made.clear()
-        plan = memory.plan_memory(models, data, budget, **{k: v for k, v in kw.items() if k != "progress"})
+        plan = memory.plan_memory(models, data, budget, **job)
         assert plan.backend == "func" and plan.cache_bytes is None
-        spare = memory.SAFETY * budget - plan.estimate["total"]
-        assert 0 < plan.func_options["reuse_bytes"] <= spare
-        assert plan.func_options["work_bytes"] == min(memory.func_bytes_caps(budget, "cpu")["work_bytes"],
-                                                      plan.estimate["batch_transient"])
-        assert "func reuse_bytes" in plan.describe()
-        got = fastcurv.batched_sharpness(models, data, memory_budget=budget, **kw)
-        _close(got, ref)
-        assert made and all(b.work_bytes == plan.func_options["work_bytes"] and b.reuse for b in made)
-    # 16 MiB leaves room for the linearizations (about 4.8 MB for 6 replicas); 4 MiB does not
-    lin = func.linearization_bytes(made[0].replicas, data[0]) * 6
-    job = {k: v for k, v in kw.items() if k != "progress"}
-    assert memory.plan_memory(models, data, 16 << 20, **job).func_options["reuse_bytes"] >= lin
-    plan = memory.plan_memory(models, data, 4 << 20, **job)
-    assert plan.replica_chunk == 6 and plan.func_options["reuse_bytes"] < lin
-    made.clear()
-    _close(fastcurv.batched_sharpness(models, data, memory_budget=4 << 20, **kw), ref)
-    assert made and not any(b.reuse for b in made)
+        assert plan.estimate["total"] <= memory.SAFETY * budget
+        assert plan.func_options["reuse"] is reuse and (chunk is None or plan.replica_chunk == chunk)
+        assert "func reuse" in plan.describe()
+        if not reuse:  # the products get what the rest of the plan leaves, at least one replica's graph
+            least = func.graph_bytes(made[0].replicas if made else ReplicaSet(models[:1]), data[0])
+            assert plan.func_options["work_bytes"] == plan.estimate["batch_transient"] >= least * 0.99
+        _close(fastcurv.batched_sharpness(models, data, memory_budget=budget, **kw), ref)
+        assert made and all(b.reuse is reuse for b in made)
+        if not reuse:
+            assert all(b.work_bytes == plan.func_options["work_bytes"] for b in made)
 
 
 def test_tiny_budget_splits_batches_and_caches_part_of_the_state(one_thread):
@@ -247,14 +246,14 @@ CHILD = textwrap.dedent("""
     import fastcurv
     from fastcurv.memory import plan_memory
     torch.set_num_threads(1)
-    budget = int(sys.argv[1]); use = sys.argv[2] == "budget"
+    budget = int(sys.argv[1]); use = sys.argv[2] == "budget"; backend = sys.argv[3]
     def mlp(s):
         torch.manual_seed(s)
         return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 64, generator=g); y = torch.randint(0, 10, (512,), generator=g)
     models = [mlp(s) for s in range(12)]
-    kw = dict(max_iter=30, tol=1e-6, progress=False)
+    kw = dict(max_iter=30, tol=1e-6, progress=False, backend=backend)
     fastcurv.batched_sharpness(models[:1], (x[:8], y[:8]), **dict(kw, max_iter=3))  # warm-up: kernels, thread pools
     def status(key):
         with open("/proc/self/status") as f:
@@ -273,11 +272,11 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _children(budget, modes):
+def _children(budget, modes, backend="auto"):
     """Run the child job once per mode, concurrently; their JSON reports."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(budget), m], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for m in modes]
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(budget), m, backend], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for m in modes]
     reports = []
     for p in procs:
         out, err = p.communicate(timeout=180)
@@ -360,6 +359,18 @@ def test_peak_rss_stays_within_the_budget():
     assert bounded["chunk"] < 12
     assert bounded["peak"] - bounded["base"] <= budget, bounded
     assert free["peak"] - free["base"] > budget, free  # the budget really constrains this job
+    torch.testing.assert_close(torch.tensor(bounded["lambda_max"]), torch.tensor(free["lambda_max"]), rtol=1e-4, atol=0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status (Linux)")
+def test_peak_rss_of_a_func_job_stays_within_the_budget():
+    """The same with the func backend: its plan (reused graphs, or chunks of products) keeps the
+    job's peak RSS under a budget the unbudgeted job goes over."""
+    budget = 96 * 2**20
+    bounded, free = _children(budget, ("budget", "none"), backend="func")
+    assert bounded["chunk"] < 12
+    assert bounded["peak"] - bounded["base"] <= budget, bounded
+    assert free["peak"] - free["base"] > budget, free
     torch.testing.assert_close(torch.tensor(bounded["lambda_max"]), torch.tensor(free["lambda_max"]), rtol=1e-4, atol=0)
 
 

@@ -34,15 +34,21 @@ samples (N in all), K probes per matvec and m = min(max_iter, P) + 1 stored Lanc
 * per-batch transients: ``TRANSIENT_FACTOR * c * n * s`` for the probe-independent pass, plus
   the R-op tangents, ``(linear/conv layers + 4)`` tensors of ``c * n * K * widest * itemsize``
   (on the CPU the fused MLP engine bounds each by its ``chunk_bytes``, the conv engine by its
-  ``sample_chunk_bytes``); other backends (torch.func, autograd): ``AUTOGRAD_FACTOR * c * n * K``
-  times the activation bytes per sample;
+  ``sample_chunk_bytes``); the autograd backend: ``AUTOGRAD_FACTOR * c * n * K`` times the
+  activation bytes per sample;
+* the func backend, from its own calibrated estimates (:func:`fastcurv.backends.func.memory_costs`,
+  per replica): reusing every batch's retained graph (or linearization), ``c`` times what N
+  samples' graphs keep as cached state plus one batch's graph at its peak as transient; without
+  reuse, its products in chunks of ``work_bytes``, at least one unit (one replica's graph, or in
+  mode "forward" one replica and probe) and at most all of them;
 * data: the batches' bytes when they are cached (``cache_data``).
 
 Registered measures (:mod:`fastcurv.measures`) are assumed to hold at most ``VECTOR_COPIES``
 vectors per probe for batches of ``PROBE_BATCH`` probes.
 
 The plan keeps the estimate under ``SAFETY * budget``. It prefers the largest chunk whose state
-is cached whole (no recomputation); when even one replica's state does not fit, the largest
+is cached whole (no recomputation; func: every batch's graph reused, else none, with what is left
+for the products' chunks, ``plan.func_options``); when even one replica's state does not fit, the largest
 chunk that fits with a partial cache; when one replica does not fit at all, smaller batches.
 A budget too small for one replica and one sample raises ``ValueError`` with the estimate.
 """
@@ -132,6 +138,8 @@ class JobShape:
     state_per_sample: cached fused state bytes per replica and sample (0: not the fused backend).
     act_per_sample: activation bytes per replica and sample. widest: the most features of one
     layer per sample. layers: linear/conv layers. fused / gpu / conv: backend, device, engine.
+    func_mode, func_costs: for the func backend, its mode and per-replica costs (peak, held, item:
+    bytes per sample and fixed bytes, :func:`fastcurv.backends.func.memory_costs`).
     """
 
     P: int
@@ -150,14 +158,17 @@ class JobShape:
     conv: bool = False
     chunk_bytes: int = 4 << 20  # the fused MLP engine's CPU tangent chunk
     sample_chunk_bytes: int | None = None  # the fused conv engine's tangent chunk (None: its default)
+    func_mode: str = ""  # the func backend's mode ("graph" or "forward"; "" for other backends)
+    func_costs: dict = field(default_factory=dict)  # its fastcurv.backends.func.memory_costs
 
 
 def estimate_bytes(shape: JobShape, chunk: int, *, batch: int | None = None, cache_bytes: int | None = None,
-                   cache_data: bool = True) -> dict:
+                   cache_data: bool = True, work_bytes: int | None = None) -> dict:
     """Estimated peak bytes of a job of ``shape`` run ``chunk`` replicas at a time, with batches of
     at most ``batch`` samples and the fused backend caching ``cache_bytes`` of state (None: all
-    of it). Returns the parts (``vectors``, ``cached_state``, ``batch_transient``, ``tangents``,
-    ``data``) and their ``total``."""
+    of it; the func backend: None reuses every batch's graph, 0 none, and then its products take
+    ``work_bytes``, None: the least they can, one unit at a time). Returns the parts
+    (``vectors``, ``cached_state``, ``batch_transient``, ``tangents``, ``data``) and their ``total``."""
     s = shape
     n = s.batch if batch is None else min(batch, s.batch)
     vectors = chunk * s.P * s.itemsize * (s.vectors + PARAM_COPIES)
@@ -172,6 +183,15 @@ def estimate_bytes(shape: JobShape, chunk: int, *, batch: int | None = None, cac
         elif not s.gpu and s.chunk_bytes is not None:
             per_tangent = min(per_tangent, max(s.chunk_bytes, n * s.probes * s.widest * s.itemsize))
         tangents = (s.layers + 4) * per_tangent
+    elif s.func_mode:
+        (peak_n, peak_1), (held_n, held_1), (item_n, item_1) = (s.func_costs[k] for k in ("peak", "held", "item"))
+        tangents = 0
+        if cache_bytes is None:  # reused: every batch's graph kept, one batch's built at its peak
+            cached = chunk * (held_n * s.num_samples + math.ceil(s.num_samples / n) * held_1)
+            transient = chunk * (peak_n * n + peak_1)
+        else:
+            cached = 0
+            transient = (item_n * n + item_1) if work_bytes is None else work_bytes
     else:
         cached = 0
         transient = AUTOGRAD_FACTOR * chunk * n * s.probes * s.act_per_sample
@@ -190,8 +210,8 @@ class MemoryPlan:
     the fused backend). cache_data: keep the batches on the device. batch_size: split batches to
     at most this many samples (None: unchanged). estimate: the cost model's parts for this plan.
     backend: the backend the job will use. func_options: for the func backend, the
-    ``reuse_bytes`` (what the plan leaves of the budget) and ``work_bytes`` (the temporaries the
-    plan counts) it runs with.
+    ``backend_options`` it runs with: ``reuse`` (every batch's graph kept, if that fits) and,
+    without reuse, ``work_bytes`` (what the plan leaves for the products' temporaries).
     """
 
     budget: int
@@ -206,7 +226,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.estimate.items() if k != "total")
-        func = "".join(f", func {k} {format_bytes(v)}" for k, v in self.func_options.items())
+        func = "".join(f", func {k} {v if isinstance(v, bool) else format_bytes(v)}" for k, v in self.func_options.items())
         return (f"memory plan for {format_bytes(self.budget)}: {self.replica_chunk} replicas per chunk, "
                 f"state cache {format_bytes(self.cache_bytes or 0)}, data cached: {self.cache_data}, "
                 f"batch size: {self.batch_size or 'unchanged'}{func}; estimated peak "
@@ -233,7 +253,8 @@ def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = No
         return lo
 
     n = shape.batch
-    c = largest(lambda c: fits(c, n, None))  # whole state cached
+    c = largest(lambda c: fits(c, n, None))  # whole state cached (func: every batch's graph reused)
+    reused = c > 0
     if c == 0:
         c = largest(lambda c: fits(c, n, 0))  # state recomputed per matvec (partially cached below)
     while c == 0 and n > 1:
@@ -245,12 +266,23 @@ def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = No
             f"memory_budget={format_bytes(budget)} is too small for this job: one replica with one-sample batches "
             f"needs about {format_bytes(need['total'] / SAFETY)} ("
             + ", ".join(f"{k} {format_bytes(v)}" for k, v in need.items() if k != "total") + ")")
-    cache = None
+    cache, work, func_options = None, None, {}
     if shape.fused:
         spare = target - estimate_bytes(shape, c, batch=n, cache_bytes=0, cache_data=cache_data)["total"]
         cache = int(min(max(0, spare) // STATE_COPIES, c * shape.num_samples * shape.state_per_sample))
-    est = estimate_bytes(shape, c, batch=n, cache_bytes=cache, cache_data=cache_data)
-    return MemoryPlan(budget, c, cache, bool(cache_data), None if n == shape.batch else n, est, shape)
+    elif shape.func_mode:
+        func_options = {"reuse": reused}
+        if not reused:  # the products take what is left, up to all of them in one call
+            cache = 0
+            least = estimate_bytes(shape, c, batch=n, cache_bytes=0, cache_data=cache_data)
+            item_n, item_1 = shape.func_costs["item"]
+            units = c * (shape.probes if shape.func_mode == "forward" else 1)
+            work = int(min(units * (item_n * n + item_1), least["batch_transient"] + target - least["total"]))
+            func_options["work_bytes"] = max(1, work)
+    est = estimate_bytes(shape, c, batch=n, cache_bytes=cache, cache_data=cache_data, work_bytes=work)
+    plan = MemoryPlan(budget, c, cache if shape.fused else None, bool(cache_data), None if n == shape.batch else n, est, shape)
+    plan.func_options = func_options
+    return plan
 
 
 # --- looking at a job ----------------------------------------------------------------------------
@@ -371,6 +403,12 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
         layers = sum(1 for l in fb.layers if l.kind in ("linear", "conv"))
     else:
         layers = sum(1 for mod in rs.base.modules() if not list(mod.children()))
+    func_mode, func_costs = "", {}
+    if name == "func":
+        from .backends.func import memory_costs, resolve_mode
+
+        func_mode = resolve_mode(rs, opts.get("mode", "auto"), bool(opts.get("compile", False)))
+        func_costs = memory_costs(rs, x, func_mode)
     stage, probes = _stage_vectors(rs.P, measures=measures, max_iter=max_iter, eig_solver=eig_solver,
                                    trace_method=trace_method, trace_probes=trace_probes, top_k=top_k,
                                    slq_steps=slq_steps, slq_draws=slq_draws)
@@ -378,7 +416,8 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
     shape = JobShape(P=rs.P, itemsize=itemsize, batch=max(sizes), num_samples=sum(sizes), data_bytes=nbytes,
                      vectors=stage, probes=probes, state_per_sample=state, act_per_sample=-(-act * itemsize // n1) if n1 else 0,
                      widest=widest, layers=layers, fused=fused, gpu=rs.device.type == "cuda", conv=conv,
-                     chunk_bytes=opts.get("chunk_bytes", 4 << 20), sample_chunk_bytes=opts.get("sample_chunk_bytes"))
+                     chunk_bytes=opts.get("chunk_bytes", 4 << 20), sample_chunk_bytes=opts.get("sample_chunk_bytes"),
+                     func_mode=func_mode, func_costs=func_costs)
     return shape, name
 
 
@@ -395,13 +434,6 @@ def plan_memory(models, data, budget, **job) -> MemoryPlan:
     cache_data = job.get("cache_data", "auto")
     plan = choose(shape, R, nbytes, cache_data=None if cache_data == "auto" else bool(cache_data))
     plan.backend = name
-    if name == "func":
-        # reused graphs (or linearizations) only in what the plan leaves; each vmapped chunk of products within
-        # the temporaries the plan counted (batch_transient), so that the whole stays in the budget
-        caps = func_bytes_caps(nbytes, device)
-        spare = max(1, int(SAFETY * nbytes - plan.estimate["total"]))
-        plan.func_options = {"reuse_bytes": min(caps["reuse_bytes"], spare),
-                             "work_bytes": min(caps["work_bytes"], max(1, int(plan.estimate["batch_transient"])))}
     return plan
 
 

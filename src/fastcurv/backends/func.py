@@ -95,6 +95,37 @@ def hvp_bytes(replicas, x) -> int:
     return _output_bytes(replicas, x, HVP_BYTES_PER_OUTPUT_BYTE, HVP_BYTES_PER_FEATURE_MAP_BYTE)
 
 
+def resolve_mode(replicas, mode: str, compile: bool) -> str:
+    """The mode :class:`FuncBackend` runs for ``mode`` ("auto", "forward" or "graph"): "auto" is
+    "forward" with ``compile=True`` unless BatchNorm uses batch statistics, else "graph"."""
+    if mode not in ("auto", "forward", "graph"):
+        raise ValueError(f"mode must be 'auto', 'forward' or 'graph', got {mode!r}")
+    if mode != "auto":
+        return mode
+    batch_bn = replicas.bn_mode == "batch" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in replicas.base.modules())
+    return "forward" if compile and not batch_bn else "graph"
+
+
+def memory_costs(replicas, x, mode: str) -> dict:
+    """Per replica, the estimates a memory plan needs in mode ``mode``, each as ``(bytes per sample,
+    fixed bytes)``: "peak", building one batch's reused graph (or linearization) with one product;
+    "held", what it keeps; "item", one unit of the products without reuse (mode "graph": one
+    replica's graph, for all probes; "forward": one replica and probe). From batch ``x`` and ``x``
+    twice over, which separates the two parts."""
+    if mode == "graph":
+        peak, held, item = graph_bytes, graph_held_bytes, graph_bytes
+    else:
+        peak, held, item = linearization_bytes, linearization_bytes, hvp_bytes
+    twice = torch.cat([x, x])
+
+    def split(estimate):
+        once = estimate(replicas, x)
+        per = (estimate(replicas, twice) - once) / x.shape[0]
+        return per, max(0.0, once - per * x.shape[0])
+
+    return {"peak": split(peak), "held": split(held), "item": split(item)}
+
+
 def work_chunks(R: int, K: int, item_bytes: int, work_bytes: int) -> tuple[int, int]:
     """``(replicas, probes)`` per vmapped call so that ``replicas * probes * item_bytes`` stays
     within ``work_bytes``: all replicas and as many probes as fit, else one probe and as many
@@ -169,14 +200,7 @@ class FuncBackend(Backend):
         self.work_bytes = int(work_bytes)
         self._estimates: dict[tuple, int] = {}  # (estimator, input shape, dtype) -> bytes per replica
         self.compile = bool(compile)
-        if mode not in ("auto", "forward", "graph"):
-            raise ValueError(f"mode must be 'auto', 'forward' or 'graph', got {mode!r}")
-        if mode == "auto":
-            batch_bn = replicas.bn_mode == "batch" and any(
-                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in replicas.base.modules()
-            )
-            mode = "forward" if self.compile and not batch_bn else "graph"
-        self.mode = mode
+        mode = self.mode = resolve_mode(replicas, mode, self.compile)
         if self.compile and mode == "graph":
             warnings.warn("func backend: compile=True compiles torch.func linearizations (mode 'forward'); mode 'graph' "
                           "runs uncompiled", RuntimeWarning, stacklevel=2)
