@@ -210,8 +210,8 @@ class MemoryPlan:
     the fused backend). cache_data: keep the batches on the device. batch_size: split batches to
     at most this many samples (None: unchanged). estimate: the cost model's parts for this plan.
     backend: the backend the job will use. func_options: for the func backend, the
-    ``backend_options`` it runs with: ``reuse`` (every batch's graph kept, if that fits) and,
-    without reuse, ``work_bytes`` (what the plan leaves for the products' temporaries).
+    ``backend_options`` it runs with: ``reuse`` (every batch's graph kept, if that fits) and
+    ``work_bytes`` (what the plan leaves for the temporaries of products without reuse).
     """
 
     budget: int
@@ -271,15 +271,15 @@ def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = No
         spare = target - estimate_bytes(shape, c, batch=n, cache_bytes=0, cache_data=cache_data)["total"]
         cache = int(min(max(0, spare) // STATE_COPIES, c * shape.num_samples * shape.state_per_sample))
     elif shape.func_mode:
-        func_options = {"reuse": reused}
-        if not reused:  # the products take what is left, up to all of them in one call
-            cache = 0
-            least = estimate_bytes(shape, c, batch=n, cache_bytes=0, cache_data=cache_data)
-            item_n, item_1 = shape.func_costs["item"]
-            units = c * (shape.probes if shape.func_mode == "forward" else 1)
-            work = int(min(units * (item_n * n + item_1), least["batch_transient"] + target - least["total"]))
-            func_options["work_bytes"] = max(1, work)
-    est = estimate_bytes(shape, c, batch=n, cache_bytes=cache, cache_data=cache_data, work_bytes=work)
+        # without reuse the products take what is left, up to all of them in one call (work_bytes is
+        # also set with reuse, in case the caller's backend_options turn reuse off)
+        least = estimate_bytes(shape, c, batch=n, cache_bytes=0, cache_data=cache_data)
+        item_n, item_1 = shape.func_costs["item"]
+        units = c * (shape.probes if shape.func_mode == "forward" else 1)
+        work = max(1, int(min(units * (item_n * n + item_1), least["batch_transient"] + target - least["total"])))
+        func_options = {"reuse": reused, "work_bytes": work}
+        cache = None if reused else 0
+    est = estimate_bytes(shape, c, batch=n, cache_bytes=cache, cache_data=cache_data, work_bytes=None if reused else work)
     plan = MemoryPlan(budget, c, cache if shape.fused else None, bool(cache_data), None if n == shape.batch else n, est, shape)
     plan.func_options = func_options
     return plan
