@@ -327,7 +327,7 @@ FUNC_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads /proc/self/status (Linux)")
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resets the peak RSS in /proc/self/clear_refs (Linux)")
 @pytest.mark.parametrize("case", ["mlp 8 600 forward", "cnn 2 60 forward", "mlp 8 600 graph", "cnn 2 60 graph",
                                   "mlp 8 600 hvp", "cnn 2 60 hvp"])
 def test_func_memory_estimates_bound_the_measured_peaks(case):
