@@ -74,8 +74,7 @@ def child(kind, R, n, mode):
     del warm
     op = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options=opts)
     rs = op.replicas
-    flat = func._output_bytes(rs, x, 1, 0) * R
-    maps = func._output_bytes(rs, x, 0, 1) * R
+    flat, maps = (b * R for b in func._output_parts(rs, x))
     out = {"model": kind, "R": R, "n": n, "mode": mode, "flat_output_bytes": flat, "feature_map_bytes": maps}
     if mode in ("reuse", "graph"):
         from fastcurv._heap import trim

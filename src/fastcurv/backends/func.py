@@ -18,38 +18,35 @@ DEFAULT_REUSE_BYTES = 8 << 30
 DEFAULT_WORK_BYTES = 4 << 30
 
 
+# Each estimate below weighs one replica's module outputs on a batch (feature maps, with 4 or more
+# dimensions, apart from the rest) and its parameters, as (bytes per output byte, per feature-map
+# byte, per parameter byte).
+#
 # Peak bytes of linearizing one batch and running one product with it, measured by
 # benchmarks/func_memory.py and tests/test_memory.py (CPU, torch 2.13, peak RSS): a fit over MLPs
 # 784-128-128-10 (R=4-100, 300-1000 samples) gives 16x the module output bytes plus 17x the
 # parameter bytes (19-21x the outputs alone at 1000 samples, 29x at 300); W3's CNN and W4's ResNet,
 # whose outputs are nearly all feature maps, 23-26x. Rounded up, with headroom for run-to-run spread.
-LINEARIZE_BYTES_PER_OUTPUT_BYTE = 20
-LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE = 30
-LINEARIZE_BYTES_PER_PARAMETER_BYTE = 24
+LINEARIZE_WEIGHTS = (20, 30, 24)
 # The same for mode "graph" (a vmapped forward and a retained double-backward graph): peaks of 4.0-5.6x
 # the outputs (MLPs, W3, W4, the 3-layer CNN; R=4-50), of which the graph then keeps 1.0-2.3x;
 # rounded up, with headroom. A batch's graph is counted at its peak, the other batches' graphs at
 # what they keep.
-GRAPH_BYTES_PER_OUTPUT_BYTE = 7
-GRAPH_BYTES_PER_FEATURE_MAP_BYTE = 8
-GRAPH_BYTES_PER_PARAMETER_BYTE = 8
-GRAPH_HELD_BYTES_PER_OUTPUT_BYTE = 3
-GRAPH_HELD_BYTES_PER_PARAMETER_BYTE = 4
-# Peak bytes of one replica x probe of a matvec without reuse (vmapped jvp of grad) per byte of
-# module output, measured the same way: 4.8-6.0x for MLPs, 3.2-5.7x for the CNNs; rounded up.
-HVP_BYTES_PER_OUTPUT_BYTE = 9
-HVP_BYTES_PER_FEATURE_MAP_BYTE = 6
+GRAPH_WEIGHTS = (7, 8, 8)
+GRAPH_HELD_WEIGHTS = (3, 3, 4)
+# Peak bytes of one replica x probe of a matvec without reuse (vmapped jvp of grad), measured the
+# same way: 4.8-6.0x the outputs for MLPs, 3.2-5.7x for the CNNs; rounded up.
+HVP_WEIGHTS = (9, 6, 0)
 
 
-def _output_bytes(replicas, x, per_output: int, per_feature_map: int) -> int:
-    """Bytes of one replica's module outputs on batch ``x``, each weighted by ``per_output`` (or,
-    for feature maps with 4 or more dimensions, ``per_feature_map``)."""
-    total = 0
+def _output_parts(replicas, x) -> tuple[int, int]:
+    """Bytes of one replica's module outputs on batch ``x``: (outputs with fewer than 4 dimensions,
+    feature maps with 4 or more)."""
+    parts = [0, 0]
 
     def hook(_m, _i, out):
-        nonlocal total
         if isinstance(out, torch.Tensor):
-            total += (per_feature_map if out.dim() >= 4 else per_output) * out.numel() * out.element_size()
+            parts[out.dim() >= 4] += out.numel() * out.element_size()
 
     handles = [m.register_forward_hook(hook) for m in replicas.base.modules()]
     try:
@@ -59,40 +56,36 @@ def _output_bytes(replicas, x, per_output: int, per_feature_map: int) -> int:
     finally:
         for h in handles:
             h.remove()
-    return total
+    return parts[0], parts[1]
+
+
+def _weigh(replicas, parts: tuple[int, int], weights: tuple[int, int, int]) -> int:
+    """An estimate from :func:`_output_parts` and the parameters' bytes, by ``weights``."""
+    return weights[0] * parts[0] + weights[1] * parts[1] + weights[2] * replicas.P * replicas.dtype.itemsize
 
 
 def linearization_bytes(replicas, x) -> int:
-    """Estimated peak bytes of one replica's linearized gradient map on batch ``x`` with one product:
-    its module outputs, weighted by :data:`LINEARIZE_BYTES_PER_OUTPUT_BYTE` (feature maps, 4 or
-    more dimensions: :data:`LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE`), plus its parameters' bytes
-    weighted by :data:`LINEARIZE_BYTES_PER_PARAMETER_BYTE`."""
-    params = LINEARIZE_BYTES_PER_PARAMETER_BYTE * replicas.P * replicas.dtype.itemsize
-    return _output_bytes(replicas, x, LINEARIZE_BYTES_PER_OUTPUT_BYTE, LINEARIZE_BYTES_PER_FEATURE_MAP_BYTE) + params
+    """Estimated peak bytes of one replica's linearized gradient map on batch ``x`` with one product
+    (:data:`LINEARIZE_WEIGHTS`)."""
+    return _weigh(replicas, _output_parts(replicas, x), LINEARIZE_WEIGHTS)
 
 
 def graph_bytes(replicas, x) -> int:
     """Estimated peak bytes of building one replica's retained double-backward graph on batch ``x``
-    (mode "graph") and one product with it: its module outputs weighted by
-    :data:`GRAPH_BYTES_PER_OUTPUT_BYTE` (feature maps: :data:`GRAPH_BYTES_PER_FEATURE_MAP_BYTE`),
-    plus its parameters' bytes weighted by :data:`GRAPH_BYTES_PER_PARAMETER_BYTE`."""
-    params = GRAPH_BYTES_PER_PARAMETER_BYTE * replicas.P * replicas.dtype.itemsize
-    return _output_bytes(replicas, x, GRAPH_BYTES_PER_OUTPUT_BYTE, GRAPH_BYTES_PER_FEATURE_MAP_BYTE) + params
+    (mode "graph") and one product with it (:data:`GRAPH_WEIGHTS`)."""
+    return _weigh(replicas, _output_parts(replicas, x), GRAPH_WEIGHTS)
 
 
 def graph_held_bytes(replicas, x) -> int:
-    """Estimated bytes that one replica's retained graph on batch ``x`` keeps once built:
-    :data:`GRAPH_HELD_BYTES_PER_OUTPUT_BYTE` per byte of module output (feature maps too), plus
-    :data:`GRAPH_HELD_BYTES_PER_PARAMETER_BYTE` per parameter byte."""
-    params = GRAPH_HELD_BYTES_PER_PARAMETER_BYTE * replicas.P * replicas.dtype.itemsize
-    return _output_bytes(replicas, x, GRAPH_HELD_BYTES_PER_OUTPUT_BYTE, GRAPH_HELD_BYTES_PER_OUTPUT_BYTE) + params
+    """Estimated bytes that one replica's retained graph on batch ``x`` keeps once built
+    (:data:`GRAPH_HELD_WEIGHTS`)."""
+    return _weigh(replicas, _output_parts(replicas, x), GRAPH_HELD_WEIGHTS)
 
 
 def hvp_bytes(replicas, x) -> int:
-    """Estimated bytes of one replica's product with one probe on batch ``x`` without reuse: its
-    module outputs, weighted by :data:`HVP_BYTES_PER_OUTPUT_BYTE` (feature maps:
-    :data:`HVP_BYTES_PER_FEATURE_MAP_BYTE`)."""
-    return _output_bytes(replicas, x, HVP_BYTES_PER_OUTPUT_BYTE, HVP_BYTES_PER_FEATURE_MAP_BYTE)
+    """Estimated bytes of one replica's product with one probe on batch ``x`` without reuse
+    (:data:`HVP_WEIGHTS`)."""
+    return _weigh(replicas, _output_parts(replicas, x), HVP_WEIGHTS)
 
 
 def resolve_mode(replicas, mode: str, compile: bool) -> str:
@@ -110,20 +103,14 @@ def memory_costs(replicas, x, mode: str) -> dict:
     """Per replica, the estimates a memory plan needs in mode ``mode``, each as ``(bytes per sample,
     fixed bytes)``: "peak", building one batch's reused graph (or linearization) with one product;
     "held", what it keeps; "item", one unit of the products without reuse (mode "graph": one
-    replica's graph, for all probes; "forward": one replica and probe). From batch ``x`` and ``x``
-    twice over, which separates the two parts."""
+    replica's graph, for all probes; "forward": one replica and probe). The outputs' part scales
+    with the samples of batch ``x``; the parameters' part is fixed."""
     if mode == "graph":
-        peak, held, item = graph_bytes, graph_held_bytes, graph_bytes
+        weights = {"peak": GRAPH_WEIGHTS, "held": GRAPH_HELD_WEIGHTS, "item": GRAPH_WEIGHTS}
     else:
-        peak, held, item = linearization_bytes, linearization_bytes, hvp_bytes
-    twice = torch.cat([x, x])
-
-    def split(estimate):
-        once = estimate(replicas, x)
-        per = (estimate(replicas, twice) - once) / x.shape[0]
-        return per, max(0.0, once - per * x.shape[0])
-
-    return {"peak": split(peak), "held": split(held), "item": split(item)}
+        weights = {"peak": LINEARIZE_WEIGHTS, "held": LINEARIZE_WEIGHTS, "item": HVP_WEIGHTS}
+    parts, n = _output_parts(replicas, x), x.shape[0]
+    return {k: (_weigh(replicas, parts, w[:2] + (0,)) / n, _weigh(replicas, (0, 0), w)) for k, w in weights.items()}
 
 
 def work_chunks(R: int, K: int, item_bytes: int, work_bytes: int) -> tuple[int, int]:
@@ -198,7 +185,7 @@ class FuncBackend(Backend):
         if work_bytes < 1:
             raise ValueError(f"work_bytes must be positive, got {work_bytes}")
         self.work_bytes = int(work_bytes)
-        self._estimates: dict[tuple, int] = {}  # (estimator, input shape, dtype) -> bytes per replica
+        self._outputs: dict[tuple, tuple[int, int]] = {}  # (input shape, dtype) -> _output_parts
         self.compile = bool(compile)
         mode = self.mode = resolve_mode(replicas, mode, self.compile)
         if self.compile and mode == "graph":
@@ -336,31 +323,31 @@ class FuncBackend(Backend):
     def _graph_chunk(self, x, Ra: int) -> int:
         """Replicas per retained graph (mode "graph" without reuse): as many as fit ``work_bytes``
         at :func:`graph_bytes` each."""
-        return work_chunks(Ra, 1, self._per_replica(graph_bytes, x), self.work_bytes)[0]
+        return work_chunks(Ra, 1, self._per_replica(GRAPH_WEIGHTS, x), self.work_bytes)[0]
 
     def _reused_bytes(self, x, batches: int) -> int:
         """Estimated bytes of all replicas' reused linearizations (or retained graphs) over
         ``batches`` batches like ``x``."""
         if self.mode == "graph":
-            per = self._per_replica(graph_bytes, x) + (batches - 1) * self._per_replica(graph_held_bytes, x)
+            per = self._per_replica(GRAPH_WEIGHTS, x) + (batches - 1) * self._per_replica(GRAPH_HELD_WEIGHTS, x)
         else:
-            per = batches * self._per_replica(linearization_bytes, x)
+            per = batches * self._per_replica(LINEARIZE_WEIGHTS, x)
         return per * self.replicas.R
 
-    def _per_replica(self, estimate, x) -> int:
-        """``estimate(replicas, x)`` (one of the estimators above: one replica's forward), once per
-        estimator and input shape."""
-        key = (estimate.__name__, tuple(x.shape), x.dtype)
-        if key not in self._estimates:
-            self._estimates[key] = estimate(self.replicas, x)
-        return self._estimates[key]
+    def _per_replica(self, weights, x) -> int:
+        """One replica's estimate by ``weights`` on batch ``x`` (see :func:`_weigh`); its module
+        outputs are measured once per input shape (one replica's forward)."""
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._outputs:
+            self._outputs[key] = _output_parts(self.replicas, x)
+        return _weigh(self.replicas, self._outputs[key], weights)
 
     def _unreused(self, params, buffers, vecs, out, x, y):
         """Add one batch's products without reuse (jvp of grad, vmapped over replicas and probes)
         to ``out``, in chunks of replicas and probes that fit ``work_bytes``."""
         rs = self.replicas
         Ra, K = vecs[0].shape[:2]
-        r_step, k_step = work_chunks(Ra, K, self._per_replica(hvp_bytes, x), self.work_bytes)
+        r_step, k_step = work_chunks(Ra, K, self._per_replica(HVP_WEIGHTS, x), self.work_bytes)
 
         def hvp(p, b, v):
             def g(q):
