@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #define FC_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -33,10 +34,32 @@ struct FcLanes {
   static FC_ALWAYS_INLINE void store(S* p, V v) { *reinterpret_cast<V*>(p) = v; }
   static FC_ALWAYS_INLINE V zero() { return V{}; }
   static FC_ALWAYS_INLINE V splat(S s) { return V{} + s; }
-  static FC_ALWAYS_INLINE S sum(V v) {
-    S t = 0;
-    for (int l = 0; l < kWidth; ++l) t += v[l];
-    return t;
+  // Lanes [0, W/2): a[2l] + a[2l+1]; lanes [W/2, W): the same of b.
+  static FC_ALWAYS_INLINE V fold(V a, V b) {
+    return stride2<0>(a, b, std::make_index_sequence<kWidth>{}) + stride2<1>(a, b, std::make_index_sequence<kWidth>{});
+  }
+  // z[c] += the sum of s[c]'s lanes for c < n <= W, by log2(W) rounds of fold over all W vectors at
+  // once (s is overwritten): W - 1 folds in place of W (W - 1) scalar adds in a dependent chain.
+  static FC_ALWAYS_INLINE void add_lane_sums(V* s, int n, S* z) {
+    for (int c = n; c < kWidth; ++c) s[c] = zero();
+#pragma GCC unroll 8
+    for (int m = kWidth; m > 1; m /= 2) {
+#pragma GCC unroll 16
+      for (int j = 0; j < m / 2; ++j) s[j] = fold(s[2 * j], s[2 * j + 1]);
+    }
+    for (int c = 0; c < n; ++c) z[c] += s[0][c];
+  }
+
+ private:
+  // Lanes ODD, ODD + 2, ... of the concatenation a|b.
+  template <int ODD, std::size_t... I>
+  static FC_ALWAYS_INLINE V stride2(V a, V b, std::index_sequence<I...>) {
+#if defined(__clang__) || __GNUC__ >= 12
+    return __builtin_shufflevector(a, b, (2 * I + ODD)...);
+#else
+    typedef std::conditional_t<sizeof(S) == 4, int32_t, int64_t> M __attribute__((vector_size(BYTES)));
+    return __builtin_shuffle(a, b, M{(2 * I + ODD)...});
+#endif
   }
 };
 

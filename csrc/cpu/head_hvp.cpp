@@ -3,12 +3,13 @@
 //
 // A classifier's head has few outputs (O = 10 on MNIST): as GEMMs, its six products per probe have
 // one dimension of 10, where sgemm runs at a third of its speed, and each reads or writes the
-// [N, K, I] tangents once more. Here a work item is one (replica, probe): for every sample it forms
-// the O outputs' tangent from the sample's input row and tangent row (held in registers), applies
-// the loss Hessian to them, adds the two rank-1 terms to the weight product (an [O, I] accumulator in
-// L1) and writes the input R-gradient row times the activation derivative. The weight, its probe
-// block and the accumulator stay in L1 across the samples. Operands are read at their strides (rows
-// of the last dimension contiguous), so both fused engines' layouts pass without copies.
+// [N, K, I] tangents once more. Here a work item is one (replica, probe): for every pair of samples
+// it forms the O outputs' tangents from the samples' input and tangent rows (held in registers),
+// applies the loss Hessian to them, adds the rank-1 terms to the weight product (an [O, I]
+// accumulator in L1) and writes the input R-gradient rows times the activation derivative. The
+// weight, its probe block and the accumulator stay in L1 across the samples (up to about 400 inputs
+// with AVX-512 floats), and each of their rows is read once per pair. Operands are read at their
+// strides (rows of the last dimension contiguous), so both fused engines' layouts pass without copies.
 #include <torch/library.h>
 #include "common.h"
 
@@ -28,110 +29,196 @@ struct HeadArgs {
   bool accumulate;
 };
 
-// z[c] += sum_i x[i] * u[c, i] + y[i] * v[c, i] for c < O (u, v: [O, I] rows), four rows at a time so
-// that x and y are loaded once per four.
-template <typename S, int BYTES>
-FC_ALWAYS_INLINE void dots(const S* x, const S* y, const S* u, const S* v, int64_t O, int64_t I, S* z) {
+// Per sample m < NS and row j < NR: s[m * W + j] = lane partial sums of x[m] . u[j] + y[m] . v[j] over
+// the vectors of i < Iv (u, v: rows of stride I), every row loaded once for the NS samples and every
+// sample's rows once for the NR rows.
+template <typename S, int BYTES, int NS, int NR>
+FC_ALWAYS_INLINE void dot_rows(const S* const* x, const S* const* y, const S* u, const S* v, int64_t I, int64_t Iv,
+                               typename FcLanes<S, BYTES>::V* s) {
   using L = FcLanes<S, BYTES>;
   using V = typename L::V;
   constexpr int W = L::kWidth;
-  const int64_t Iv = I / W * W;
-  int64_t c = 0;
-  for (; c + 4 <= O; c += 4) {
-    V s0 = L::zero(), s1 = L::zero(), s2 = L::zero(), s3 = L::zero();
-    const S *u0 = u + c * I, *v0 = v + c * I;
-    for (int64_t i = 0; i < Iv; i += W) {
-      const V xv = L::load(x + i), yv = L::load(y + i);
-      s0 += xv * L::load(u0 + i) + yv * L::load(v0 + i);
-      s1 += xv * L::load(u0 + I + i) + yv * L::load(v0 + I + i);
-      s2 += xv * L::load(u0 + 2 * I + i) + yv * L::load(v0 + 2 * I + i);
-      s3 += xv * L::load(u0 + 3 * I + i) + yv * L::load(v0 + 3 * I + i);
-    }
-    S t[4] = {L::sum(s0), L::sum(s1), L::sum(s2), L::sum(s3)};
-    for (int64_t i = Iv; i < I; ++i)
-      for (int j = 0; j < 4; ++j) t[j] += x[i] * u0[j * I + i] + y[i] * v0[j * I + i];
-    for (int j = 0; j < 4; ++j) z[c + j] += t[j];
-  }
-  for (; c < O; ++c) {
-    V s = L::zero();
-    const S *uc = u + c * I, *vc = v + c * I;
-    for (int64_t i = 0; i < Iv; i += W) s += L::load(x + i) * L::load(uc + i) + L::load(y + i) * L::load(vc + i);
-    S t = L::sum(s);
-    for (int64_t i = Iv; i < I; ++i) t += x[i] * uc[i] + y[i] * vc[i];
-    z[c] += t;
-  }
-}
-
-// acc[c, i] += p[c] * x[i] + q[c] * y[i] for c < O, i < I.
-template <typename S, int BYTES>
-FC_ALWAYS_INLINE void rank2(S* acc, const S* p, const S* x, const S* q, const S* y, int64_t O, int64_t I) {
-  using L = FcLanes<S, BYTES>;
-  using V = typename L::V;
-  constexpr int W = L::kWidth;
-  const int64_t Iv = I / W * W;
+  V t[NS][NR];
+#pragma GCC unroll 8
+  for (int j = 0; j < NS * NR; ++j) t[j / NR][j % NR] = L::zero();
   for (int64_t i = 0; i < Iv; i += W) {
-    const V xv = L::load(x + i), yv = L::load(y + i);
-    for (int64_t c = 0; c < O; ++c) {
-      S* ac = acc + c * I + i;
-      L::store(ac, L::load(ac) + L::splat(p[c]) * xv + L::splat(q[c]) * yv);
+    V xv[NS], yv[NS];
+#pragma GCC unroll 4
+    for (int m = 0; m < NS; ++m) xv[m] = L::load(x[m] + i), yv[m] = L::load(y[m] + i);
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const V uj = L::load(u + j * I + i), vj = L::load(v + j * I + i);
+#pragma GCC unroll 4
+      for (int m = 0; m < NS; ++m) t[m][j] += xv[m] * uj + yv[m] * vj;
     }
   }
-  for (int64_t i = Iv; i < I; ++i)
-    for (int64_t c = 0; c < O; ++c) acc[c * I + i] += p[c] * x[i] + q[c] * y[i];
+#pragma GCC unroll 8
+  for (int j = 0; j < NS * NR; ++j) s[(j / NR) * W + j % NR] = t[j / NR][j % NR];
 }
 
-// g[i] = (sum_c p[c] * u[c, i] + q[c] * v[c, i]) * d1[i] (d1 may be null: 1).
-template <typename S, int BYTES>
-FC_ALWAYS_INLINE void combine(S* g, const S* p, const S* u, const S* q, const S* v, const S* d1, int64_t O, int64_t I) {
+// z[m * O + c] += sum_i x[m][i] * u[c, i] + y[m][i] * v[c, i] for samples m < NS and c < O (u, v: [O, I]
+// rows): rows in blocks of 8 / NS, 4 / NS, ..., 1, their lanes summed W rows at a time (add_lane_sums).
+template <typename S, int BYTES, int NS>
+FC_ALWAYS_INLINE void dots(const S* const* x, const S* const* y, const S* u, const S* v, int64_t O, int64_t I, S* z) {
   using L = FcLanes<S, BYTES>;
   using V = typename L::V;
   constexpr int W = L::kWidth;
   const int64_t Iv = I / W * W;
-  for (int64_t i = 0; i < Iv; i += W) {
-    V s = L::zero();
-    for (int64_t c = 0; c < O; ++c) s += L::splat(p[c]) * L::load(u + c * I + i) + L::splat(q[c]) * L::load(v + c * I + i);
-    if (d1) s *= L::load(d1 + i);
-    L::store(g + i, s);
-  }
-  for (int64_t i = Iv; i < I; ++i) {
-    S s = 0;
-    for (int64_t c = 0; c < O; ++c) s += p[c] * u[c * I + i] + q[c] * v[c * I + i];
-    g[i] = d1 ? s * d1[i] : s;
+  for (int64_t c0 = 0; c0 < O; c0 += W) {
+    const int g = static_cast<int>(std::min<int64_t>(W, O - c0));
+    const S *uc = u + c0 * I, *vc = v + c0 * I;
+    V s[NS * W];
+    int c = 0;
+    if constexpr (NS == 1)
+      for (; c + 8 <= g; c += 8) dot_rows<S, BYTES, NS, 8>(x, y, uc + c * I, vc + c * I, I, Iv, s + c);
+    for (; c + 4 <= g; c += 4) dot_rows<S, BYTES, NS, 4>(x, y, uc + c * I, vc + c * I, I, Iv, s + c);
+    if (c + 2 <= g) dot_rows<S, BYTES, NS, 2>(x, y, uc + c * I, vc + c * I, I, Iv, s + c), c += 2;
+    if (c < g) dot_rows<S, BYTES, NS, 1>(x, y, uc + c * I, vc + c * I, I, Iv, s + c);
+    for (int m = 0; m < NS; ++m) {
+      S* zm = z + m * O + c0;
+      L::add_lane_sums(s + m * W, g, zm);
+      for (int64_t i = Iv; i < I; ++i)
+        for (int j = 0; j < g; ++j) zm[j] += x[m][i] * uc[j * I + i] + y[m][i] * vc[j * I + i];
+    }
   }
 }
 
-// Work items (replica r, probe k) = q in [q0, q1), q = r * K + k.
+// acc[c, i] += sum_m p[m * O + c] * x[m][i] + q[m][c] * y[m][i] for c < O and NI vectors of i from i0:
+// the samples' vectors held in registers while the rows of acc pass, each row read and written once
+// for the NS samples.
+template <typename S, int BYTES, int NS, int NI>
+FC_ALWAYS_INLINE void rank2_cols(S* acc, const S* p, const S* const* x, const S* const* q, const S* const* y, int64_t O,
+                                 int64_t I, int64_t i0) {
+  using L = FcLanes<S, BYTES>;
+  using V = typename L::V;
+  constexpr int W = L::kWidth;
+  V xv[NS][NI], yv[NS][NI];
+#pragma GCC unroll 8
+  for (int j = 0; j < NS * NI; ++j)
+    xv[j / NI][j % NI] = L::load(x[j / NI] + i0 + (j % NI) * W), yv[j / NI][j % NI] = L::load(y[j / NI] + i0 + (j % NI) * W);
+  for (int64_t c = 0; c < O; ++c) {
+    V pc[NS], qc[NS];
+#pragma GCC unroll 4
+    for (int m = 0; m < NS; ++m) pc[m] = L::splat(p[m * O + c]), qc[m] = L::splat(q[m][c]);
+    S* ac = acc + c * I + i0;
+#pragma GCC unroll 4
+    for (int j = 0; j < NI; ++j) {
+      V t = L::load(ac + j * W);
+#pragma GCC unroll 4
+      for (int m = 0; m < NS; ++m) t += pc[m] * xv[m][j] + qc[m] * yv[m][j];
+      L::store(ac + j * W, t);
+    }
+  }
+}
+
+template <typename S, int BYTES, int NS>
+FC_ALWAYS_INLINE void rank2(S* acc, const S* p, const S* const* x, const S* const* q, const S* const* y, int64_t O, int64_t I) {
+  constexpr int W = FcLanes<S, BYTES>::kWidth, NI = 4 / NS;
+  const int64_t Iv = I / W * W;
+  int64_t i = 0;
+  for (; i + NI * W <= Iv; i += NI * W) rank2_cols<S, BYTES, NS, NI>(acc, p, x, q, y, O, I, i);
+  for (; i < Iv; i += W) rank2_cols<S, BYTES, NS, 1>(acc, p, x, q, y, O, I, i);
+  for (; i < I; ++i)
+    for (int64_t c = 0; c < O; ++c)
+      for (int m = 0; m < NS; ++m) acc[c * I + i] += p[m * O + c] * x[m][i] + q[m][c] * y[m][i];
+}
+
+// g[m][i] = (sum_c p[m * O + c] * u[c, i] + q[m][c] * v[c, i]) * d1[m][i] for samples m < NS and NI
+// vectors of i from i0 (d1 null: 1): NS * NI independent sums, so that the adds over c do not wait
+// on each other, and each row of u and v read once for the NS samples.
+template <typename S, int BYTES, int NS, int NI>
+FC_ALWAYS_INLINE void combine_cols(S* const* g, const S* p, const S* u, const S* const* q, const S* v, const S* const* d1,
+                                   int64_t O, int64_t I, int64_t i0) {
+  using L = FcLanes<S, BYTES>;
+  using V = typename L::V;
+  constexpr int W = L::kWidth;
+  V s[NS][NI];
+#pragma GCC unroll 8
+  for (int j = 0; j < NS * NI; ++j) s[j / NI][j % NI] = L::zero();
+  for (int64_t c = 0; c < O; ++c) {
+    V pc[NS], qc[NS];
+#pragma GCC unroll 4
+    for (int m = 0; m < NS; ++m) pc[m] = L::splat(p[m * O + c]), qc[m] = L::splat(q[m][c]);
+    const S *uc = u + c * I + i0, *vc = v + c * I + i0;
+#pragma GCC unroll 4
+    for (int j = 0; j < NI; ++j) {
+      const V uj = L::load(uc + j * W), vj = L::load(vc + j * W);
+#pragma GCC unroll 4
+      for (int m = 0; m < NS; ++m) s[m][j] += pc[m] * uj + qc[m] * vj;
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NS * NI; ++j) {
+    const int m = j / NI, o = i0 + (j % NI) * W;
+    L::store(g[m] + o, d1[m] ? s[m][j % NI] * L::load(d1[m] + o) : s[m][j % NI]);
+  }
+}
+
+template <typename S, int BYTES, int NS>
+FC_ALWAYS_INLINE void combine(S* const* g, const S* p, const S* u, const S* const* q, const S* v, const S* const* d1,
+                              int64_t O, int64_t I) {
+  constexpr int W = FcLanes<S, BYTES>::kWidth, NI = 4 / NS;
+  const int64_t Iv = I / W * W;
+  int64_t i = 0;
+  for (; i + NI * W <= Iv; i += NI * W) combine_cols<S, BYTES, NS, NI>(g, p, u, q, v, d1, O, I, i);
+  for (; i < Iv; i += W) combine_cols<S, BYTES, NS, 1>(g, p, u, q, v, d1, O, I, i);
+  for (; i < I; ++i)
+    for (int m = 0; m < NS; ++m) {
+      S t = 0;
+      for (int64_t c = 0; c < O; ++c) t += p[m * O + c] * u[c * I + i] + q[m][c] * v[c * I + i];
+      g[m][i] = d1[m] ? t * d1[m][i] : t;
+    }
+}
+
+// The samples [n, n + NS) of work item (replica r, probe k): their contributions to acc ([O, I]) and
+// accb ([O]), and their rows of rg. z and rd: scratch of NS * O.
+template <typename S, int BYTES, int NS>
+FC_ALWAYS_INLINE void head_samples(const HeadArgs<S>& a, int64_t r, int64_t k, int64_t n, S* acc, S* accb, S* z, S* rd) {
+  const int64_t O = a.O, I = a.I;
+  const S* w = a.w + r * a.w_r;
+  const S* dw = a.dw + r * a.dw_r + k * a.dw_k;
+  const S* db = a.db ? a.db + r * a.db_r + k * a.db_k : nullptr;
+  const S *an[NS], *ran[NS], *dl[NS], *d1[NS];
+  S* rg[NS];
+  for (int m = 0; m < NS; ++m) {
+    an[m] = a.a + r * a.a_r + (n + m) * a.a_n;
+    ran[m] = a.ra + r * a.ra_r + (n + m) * a.ra_n + k * a.ra_k;
+    dl[m] = a.delta + r * a.dl_r + (n + m) * a.dl_n;
+    d1[m] = a.d1 ? a.d1 + r * a.d1_r + (n + m) * a.d1_n : nullptr;
+    rg[m] = a.rg + r * a.rg_r + (n + m) * a.rg_n + k * a.rg_k;
+    for (int64_t c = 0; c < O; ++c) z[m * O + c] = db ? db[c] : S(0);
+  }
+  dots<S, BYTES, NS>(an, ran, dw, w, O, I, z);
+  for (int m = 0; m < NS; ++m) {
+    const S* zm = z + m * O;
+    S* rdm = rd + m * O;
+    if (a.probs) {  // cross-entropy: scale * (diag(p) - p p^T) z
+      const S* p = a.probs + r * a.p_r + (n + m) * a.p_n;
+      S pz = 0;
+      for (int64_t c = 0; c < O; ++c) pz += p[c] * zm[c];
+      for (int64_t c = 0; c < O; ++c) rdm[c] = a.scale * p[c] * (zm[c] - pz);
+    } else {  // squared error: scale * z
+      for (int64_t c = 0; c < O; ++c) rdm[c] = a.scale * zm[c];
+    }
+    for (int64_t c = 0; c < O; ++c) accb[c] += rdm[c];
+  }
+  rank2<S, BYTES, NS>(acc, rd, an, dl, ran, O, I);
+  combine<S, BYTES, NS>(rg, rd, w, dl, dw, d1, O, I);
+}
+
+// Work items (replica r, probe k) = q in [q0, q1), q = r * K + k; samples two at a time.
 template <typename S, int BYTES>
 FC_ALWAYS_INLINE void head_range(const HeadArgs<S>& a, int64_t q0, int64_t q1) {
   const int64_t N = a.N, K = a.K, O = a.O, I = a.I;
-  S* acc = fc_scratch<S, 0>(O * I + 3 * O);
-  S *z = acc + O * I, *rd = z + O, *accb = rd + O;
+  S* acc = fc_scratch<S, 0>(O * I + 5 * O);
+  S *accb = acc + O * I, *z = accb + O, *rd = z + 2 * O;
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t r = q / K, k = q % K;
-    const S* w = a.w + r * a.w_r;
-    const S* dw = a.dw + r * a.dw_r + k * a.dw_k;
-    const S* db = a.db ? a.db + r * a.db_r + k * a.db_k : nullptr;
     std::memset(acc, 0, sizeof(S) * O * I);
     std::memset(accb, 0, sizeof(S) * O);
-    for (int64_t n = 0; n < N; ++n) {
-      const S* an = a.a + r * a.a_r + n * a.a_n;
-      const S* ran = a.ra + r * a.ra_r + n * a.ra_n + k * a.ra_k;
-      const S* dl = a.delta + r * a.dl_r + n * a.dl_n;
-      for (int64_t c = 0; c < O; ++c) z[c] = db ? db[c] : S(0);
-      dots<S, BYTES>(an, ran, dw, w, O, I, z);
-      if (a.probs) {  // cross-entropy: scale * (diag(p) - p p^T) z
-        const S* p = a.probs + r * a.p_r + n * a.p_n;
-        S pz = 0;
-        for (int64_t c = 0; c < O; ++c) pz += p[c] * z[c];
-        for (int64_t c = 0; c < O; ++c) rd[c] = a.scale * p[c] * (z[c] - pz);
-      } else {  // squared error: scale * z
-        for (int64_t c = 0; c < O; ++c) rd[c] = a.scale * z[c];
-      }
-      for (int64_t c = 0; c < O; ++c) accb[c] += rd[c];
-      rank2<S, BYTES>(acc, rd, an, dl, ran, O, I);
-      combine<S, BYTES>(a.rg + r * a.rg_r + n * a.rg_n + k * a.rg_k, rd, w, dl, dw, a.d1 ? a.d1 + r * a.d1_r + n * a.d1_n : nullptr,
-                        O, I);
-    }
+    int64_t n = 0;
+    for (; n + 2 <= N; n += 2) head_samples<S, BYTES, 2>(a, r, k, n, acc, accb, z, rd);
+    if (n < N) head_samples<S, BYTES, 1>(a, r, k, n, acc, accb, z, rd);
     S* ow = a.out_w + r * a.ow_r + k * a.ow_k;
     for (int64_t j = 0; j < O * I; ++j) ow[j] = a.accumulate ? ow[j] + acc[j] : acc[j];
     if (a.out_b) {
