@@ -157,6 +157,55 @@ def test_masked_kernel_matches_dense_products(shape, level, dtype, monkeypatch):
                     torch.testing.assert_close(acc.double(), start.double() + want, **tol, msg=f"K={K}, {name}")
 
 
+def _grouped(flat_width, G, rows_, cols_, dtype, fill, transposed=False):
+    """A ``[R=2, G, rows_, cols_]`` view into a wider ``[2, G, flat_width]`` buffer holding ``fill``
+    (the K probe blocks of a flat ``[R, K, P]`` tensor): the groups lie ``flat_width`` apart, after an
+    offset of 3; ``transposed``: each group stored as ``[cols_, rows_]``. Returns (view, buffer)."""
+    buf = torch.full((2, G, flat_width), fill, dtype=dtype)
+    block = buf[..., 3:3 + rows_ * cols_]
+    return (block.view(2, G, cols_, rows_).transpose(2, 3) if transposed else block.view(2, G, rows_, cols_)), buf
+
+
+@needs_ext
+@pytest.mark.parametrize("level", ["0", "1", "2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", ["small", "blocked"])
+def test_grouped_operands_are_read_and_written_in_place(shape, level, dtype, monkeypatch):
+    """Weights ``[R, G, out / G, in]`` (the Hessian engine's probe blocks, G = K probes P apart), in
+    both layouts, and the weight gradient of csr_linear_wgrad_shared into such a view, against
+    float64 dense products; group sizes below, at and across a tile (8 vectors: 32-128 columns), so
+    that tiles span several groups. The memory between the groups is never written."""
+    monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
+    N, d = (9, 29) if shape == "small" else (300, 1100)
+    x = _sparse_data(N, d, 0.25, dtype)
+    X, Xt, rows = CsrRows.from_dense(x), CsrRows.from_dense(x).transpose(), torch.arange(N).expand(2, N)
+    g = torch.Generator().manual_seed(3)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    if shape == "blocked" and dtype == torch.float32:
+        tol = dict(rtol=1e-4, atol=1e-4)
+    for G, og in ((3, 5), (2, 64), (3, 130), (1, 37)):
+        width = og * d + 7
+        for transposed in (False, True):
+            w, _ = _grouped(width, G, og, d, dtype, 0.0, transposed)
+            w.copy_(torch.randn(w.shape, generator=g, dtype=dtype))
+            bias = torch.randn(2, G * og, generator=g, dtype=dtype)
+            want = torch.bmm(x.double().expand(2, N, d), w.double().reshape(2, G * og, d).transpose(1, 2))
+            with fastcurv.use_kernels("ext"):
+                torch.testing.assert_close(csr_linear(X, rows, w).double(), want, **tol, msg=f"{G}x{og} {transposed}")
+                torch.testing.assert_close(csr_linear(X, rows, w, bias).double(), want + bias.double().unsqueeze(1), **tol)
+        grad = torch.randn(2, N, G * og, generator=g, dtype=dtype)
+        want_g = torch.bmm(grad.double().transpose(1, 2), x.double().expand(2, N, d)).view(2, G, og, d)
+        for accumulate in (False, True):
+            out, buf = _grouped(width, G, og, d, dtype, float("nan") if not accumulate else 2.0)
+            with fastcurv.use_kernels("ext"):
+                assert csr_linear_wgrad_shared(Xt, grad, out=out, accumulate=accumulate) is out
+            torch.testing.assert_close(out.double(), want_g + (2.0 if accumulate else 0.0), **tol)
+            gaps = torch.cat([buf[..., :3], buf[..., 3 + og * d:]], -1)
+            assert (gaps.isnan() if not accumulate else gaps == 2.0).all(), "written between the groups"
+    with pytest.raises(ValueError, match="out must be"):
+        csr_linear_wgrad_shared(Xt, grad, out=torch.empty(2, 2, G * og, d, dtype=dtype))
+
+
 @needs_ext
 def test_masked_layouts_the_kernel_cannot_read_are_copied():
     """A dense operand or out whose rows are not contiguous goes through a copy: same result."""

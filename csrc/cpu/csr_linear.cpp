@@ -78,6 +78,25 @@ struct Csr {
   const S* values;
 };
 
+// The out index c of a matrix stored in groups of `size` consecutive indices (e.g. the K probes'
+// blocks of a Hessian engine's probe tensor [K, O, in], O per group), group g = c / size at g * stride,
+// index c % size in it at (c % size) * ld (the rows of W or z^T) or at c % size (the columns of W^T,
+// then ld is the row stride). One group of size out: a plain matrix of row stride ld.
+struct Groups {
+  int64_t size, stride, ld;
+  // Offset of out index c (rows: W, z^T) or of its column (cols: W^T).
+  int64_t at(int64_t c, bool cols) const { return (c / size) * stride + (c % size) * (cols ? 1 : ld); }
+  // Calls f(c0', n) over the pieces of [c0, c0 + n) that lie in one group each.
+  template <typename F>
+  FC_ALWAYS_INLINE void pieces(int64_t c0, int64_t n, const F& f) const {
+    for (int64_t c = c0; c < c0 + n;) {
+      const int64_t m = std::min(c0 + n, (c / size + 1) * size) - c;
+      f(c, m);
+      c += m;
+    }
+  }
+};
+
 // Arguments of one call; `rows` is indexed with strides rs0 (replica) and rs1 (batch row). Weights
 // and weight gradients are per replica either W^T [in, out] ("_t", the layout the loops read) or W
 // [out, in] (transposed through a per-thread L2 scratch tile); their replica stride is free.
@@ -97,6 +116,7 @@ struct Args {
   S* dst;          // fwd: z [R, B, out], or z^T [R, out, B] with dst_t; wgrad: the weight gradient
   int64_t dst_rs;  // replica stride of dst (fwd: B * out unless dst_t)
   bool dst_t;      // fwd: dst holds z^T; wgrad: dst holds the gradient of W^T
+  Groups src_g, dst_g;  // fwd: where the out index's groups of W or W^T (src) and of z^T (dst_t) lie
   bool accumulate; // add to dst instead of overwriting it
 };
 
@@ -282,23 +302,27 @@ template <typename S, int BYTES, bool DENSE>
 FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t b1, int64_t c_lo, int64_t c_hi) {
   constexpr int64_t TW = kTileCols<S, BYTES>;
   S* w = const_cast<S*>(a.src + r * a.src_rs);  // only read
-  const bool in_place = a.out <= 2 * TW;  // W^T rows at most two tiles wide: read in place
+  const Groups& sg = a.src_g;
+  // W^T rows at most two tiles wide, of one group: read in place
+  const bool in_place = a.out <= 2 * TW && sg.size == a.out;
   for (int64_t c0 = c_lo; c0 < c_hi; c0 += TW) {
     const int64_t tw = std::min(TW, c_hi - c0);
     S* wt = w + c0;
-    int64_t ldw = a.out;
+    int64_t ldw = sg.ld;
     if (!a.src_t || !in_place) {
       wt = fc_scratch<S, 0>(a.in * tw), ldw = tw;
-      if (a.src_t)
-        copy_rows<S>(w + c0, a.out, wt, tw, a.in, tw, false);
-      else
-        transpose<S>(w + c0 * a.in, a.in, wt, tw, tw, a.in, false);
+      sg.pieces(c0, tw, [&](int64_t c, int64_t n) FC_LAMBDA_INLINE {
+        if (a.src_t)
+          copy_rows<S>(w + sg.at(c, true), sg.ld, wt + (c - c0), tw, a.in, n, false);
+        else
+          transpose<S>(w + sg.at(c, false), sg.ld, wt + (c - c0), tw, n, a.in, false);
+      });
     }
     // z^T is written through a row tile too, transposed from there
     const bool gather = a.dst_t || gather_rows<S, BYTES>(a, ldw);
     for (int64_t s0 = b0; s0 < b1; s0 += kRowChunk) {
       const int64_t s1 = std::min(b1, s0 + kRowChunk);
-      S* z = a.dst_t ? a.dst + r * a.dst_rs + c0 * a.B + s0 : a.dst + r * a.dst_rs + s0 * a.out + c0;
+      S* z = a.dst_t ? nullptr : a.dst + r * a.dst_rs + s0 * a.out + c0;  // z^T: by groups below
       S* zt = gather ? fc_scratch<S, 1>(kRowChunk * tw) : z;
       const int64_t ldz = gather ? tw : a.out;
       const bool from_z = a.accumulate && !a.dst_t;  // z^T is added to in the transpose
@@ -313,7 +337,10 @@ FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t 
       }
       blocked<S, BYTES, true, DENSE>(a, r, s0, s1, wt, ldw, zt, ldz, tw);
       if (a.dst_t)
-        transpose<S>(zt, tw, z, a.B, s1 - s0, tw, a.accumulate);
+        a.dst_g.pieces(c0, tw, [&](int64_t c, int64_t n) FC_LAMBDA_INLINE {
+          transpose<S>(zt + (c - c0), tw, a.dst + r * a.dst_rs + a.dst_g.at(c, false) + s0, a.dst_g.ld, s1 - s0, n,
+                       a.accumulate);
+        });
       else if (gather)
         copy_rows<S>(zt, tw, z, a.out, s1 - s0, tw, false);
     }
@@ -470,13 +497,36 @@ void check_weight(const char* op, const char* name, const at::Tensor& t, int64_t
               values.scalar_type());
 }
 
+// A matrix operand of the forward product (a weight, or z^T): [R, d1, d2] with contiguous rows (any
+// replica stride), or its out index in groups (the K probe blocks of a [R, K, O, in] tensor): with
+// `cols` (W^T [in, out]) [R, d1, G, d2 / G], else (W [out, in], z^T [out, B]) [R, G, d1 / G, d2]; the
+// last dimension contiguous, the others of any stride.
+struct Operand {
+  int64_t d1, d2;
+  Groups g;
+};
+Operand fwd_operand(const char* op, const char* name, const at::Tensor& t, int64_t R, const at::Tensor& values, bool cols) {
+  TORCH_CHECK(t.scalar_type() == values.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but values are ",
+              values.scalar_type());
+  if (t.dim() == 3) {
+    check_weight(op, name, t, R, values);
+    return {t.size(1), t.size(2), {cols ? t.size(2) : t.size(1), 0, t.stride(1)}};
+  }
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == R, op, ": ", name, " must be [R = ", R, ", ., .] or, in groups, [R = ", R,
+              ", ., ., .], got ", t.sizes());
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, op, ": ", name, "'s last dimension must be contiguous, got strides ",
+              t.strides());
+  if (cols) return {t.size(1), t.size(2) * t.size(3), {t.size(3), t.stride(2), t.stride(1)}};
+  return {t.size(1) * t.size(2), t.size(3), {t.size(2), t.stride(1), t.stride(2)}};
+}
+
 // z = X[rows] W^T (+ bias) into out, or into a new [R, B, out] tensor; returns z.
 at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
                            const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            bool weight_t, const std::optional<at::Tensor>& out, bool out_t, bool accumulate) {
   auto [R, B] = check_csr("csr_linear", indptr, indices, values, rows);
-  check_weight("csr_linear", "weight", weight, R, values);
-  const int64_t in = weight.size(weight_t ? 1 : 2), nout = weight.size(weight_t ? 2 : 1);
+  const Operand w = fwd_operand("csr_linear", "weight", weight, R, values, weight_t);
+  const int64_t in = weight_t ? w.d1 : w.d2, nout = weight_t ? w.d2 : w.d1;
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     b = *bias;
@@ -486,13 +536,16 @@ at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, 
                 b.sizes());
   }
   at::Tensor z;
+  Groups zg{};
   if (out.has_value()) {
     z = *out;
-    check_weight("csr_linear", "out", z, R, values);
-    TORCH_CHECK(z.size(1) == (out_t ? nout : B) && z.size(2) == (out_t ? B : nout), "csr_linear: out must be ",
-                out_t ? "[R, out, B] = [" : "[R, B, out] = [", R, ", ", out_t ? nout : B, ", ", out_t ? B : nout, "], got ",
-                z.sizes());
+    TORCH_CHECK(out_t || z.dim() == 3, "csr_linear: out must be [R, B, out], got ", z.sizes());
+    const Operand o = fwd_operand("csr_linear", "out", z, R, values, false);
+    TORCH_CHECK(o.d1 == (out_t ? nout : B) && o.d2 == (out_t ? B : nout), "csr_linear: out must be ",
+                out_t ? "[R, out, B] = [" : "[R, B, out] = [", R, ", ", out_t ? nout : B, ", ", out_t ? B : nout,
+                "] (or in groups of out), got ", z.sizes());
     TORCH_CHECK(!(accumulate && b.defined()), "csr_linear: a bias cannot be accumulated into out");
+    zg = o.g;
   } else {
     z = at::empty({R, B, nout}, weight.options());
   }
@@ -500,9 +553,9 @@ at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, 
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "csr_linear", [&] {
     const RangeFn<scalar_t> fn = pick_fwd<scalar_t>();
     Args<scalar_t> a = data_args<scalar_t>(indptr, indices, values.data_ptr<scalar_t>(), rows, in, nout);
-    a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t;
+    a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t, a.src_g = w.g;
     a.bias = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    a.dst = z.data_ptr<scalar_t>(), a.dst_rs = z.stride(0), a.dst_t = out_t, a.accumulate = accumulate;
+    a.dst = z.data_ptr<scalar_t>(), a.dst_rs = z.stride(0), a.dst_t = out_t, a.dst_g = zg, a.accumulate = accumulate;
     run_fwd<scalar_t>(fn, a, R);
   });
   return z;
@@ -571,6 +624,7 @@ void csr_masked_linear_out_cpu(const at::Tensor& indptr, const at::Tensor& indic
     a.B = B * P, a.kd = P;
     a.dense = dense.data_ptr<scalar_t>(), a.dense_rs = dense.stride(0);
     a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t;
+    a.src_g = {nout, 0, weight.stride(1)};
     a.dst = out.data_ptr<scalar_t>(), a.dst_rs = out.stride(0), a.accumulate = accumulate;
     run_fwd<scalar_t>(fn, a, R);
   });

@@ -133,7 +133,14 @@ def _check(X: CsrRows, rows: torch.Tensor, dtype: torch.dtype) -> None:
 
 def _kernel_layout(w: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """``w [R, out, in]`` as the kernels take it: ``(w, False)`` when its rows are contiguous, ``(w^T
-    [R, in, out], True)`` when that view's rows are (a transposed storage), else None."""
+    [R, in, out], True)`` when that view's rows are (a transposed storage), else None. Grouped,
+    ``w [R, G, out / G, in]`` (the forward product's operands only): ``(w, False)`` when its last
+    dimension is contiguous, ``(w^T [R, in, G, out / G], True)`` when its third is."""
+    if w.dim() == 4:
+        for t, transposed in ((w, False), (w.permute(0, 3, 1, 2), True)):
+            if t.stride(3) == 1 or t.shape[3] <= 1:
+                return t, transposed
+        return None
     for t, transposed in ((w, False), (w.transpose(1, 2), True)):
         if t.stride(2) == 1 and (t.shape[1] <= 1 or t.stride(1) == t.shape[2]):
             return t, transposed
@@ -151,6 +158,15 @@ def csr_linear_wgrad_reference(X: CsrRows, rows: torch.Tensor, grad: torch.Tenso
     return torch.bmm(grad.transpose(1, 2), X.to_dense()[rows])
 
 
+def _grouped_shape(op: str, t: torch.Tensor, name: str) -> tuple[int, int, int]:
+    """``(R, out, in)`` of a weight-shaped ``[R, out, in]`` or ``[R, G, out / G, in]`` tensor."""
+    if t.dim() == 3:
+        return tuple(t.shape)
+    if t.dim() == 4:
+        return t.shape[0], t.shape[1] * t.shape[2], t.shape[3]
+    raise ValueError(f"{op}: {name} must be [R, out, in] or, in groups, [R, G, out / G, in], got {tuple(t.shape)}")
+
+
 def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``z[r] = X[rows[r]] @ weight[r]^T + bias[r]``, multiplying only the nonzero inputs.
 
@@ -158,9 +174,15 @@ def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch
     (``rows.expand(R, B)`` of a ``[B]`` table shares one minibatch). weight: ``[R, out, in]``, the
     weights of R ``Linear(in, out)`` layers; fastest when stored transposed (a ``transpose(1, 2)``
     view of a contiguous ``[R, in, out]``), also read directly when its rows are contiguous (then
-    transposed one tile at a time inside the kernel). bias: ``[R, out]`` or None. Returns ``[R, B, out]``.
+    transposed one tile at a time inside the kernel). It may also come as ``[R, G, out / G, in]``,
+    its outputs in G groups at any stride (the K probes' blocks of a Hessian engine's ``[R, K, P]``
+    probe tensor), read directly when its last (or third) dimension is contiguous, with no copy into
+    an ``[R, out, in]`` tensor. bias: ``[R, out]`` or None. Returns ``[R, B, out]``.
     """
     _check(X, rows, weight.dtype)
+    R, n_out, n_in = _grouped_shape("csr_linear", weight, "weight")
+    if weight.dim() == 4 and _ext.choose("csr_linear", weight.device) != "ext":
+        weight = weight.reshape(R, n_out, n_in)
     if _ext.choose("csr_linear", weight.device) == "ext":
         w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
         return torch.ops.fastcurv.csr_linear(X.indptr, X.indices, X.values, rows, w,
@@ -246,7 +268,9 @@ def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor |
     each tile of a weight-gradient row is summed in registers rather than read and written in L1
     for every nonzero: 0.68-0.77x the time of :func:`csr_linear_wgrad` on 1000 MNIST images for
     128-4096 output columns (AVX-512; about the same with AVX2). grad: ``[R, B, out]``; ``out`` and
-    ``accumulate`` as in :func:`csr_linear_wgrad`.
+    ``accumulate`` as in :func:`csr_linear_wgrad`; ``out`` may also come as ``[R, G, out / G, in]``
+    (the K probes' blocks of a Hessian engine's flat product, at any stride between the groups),
+    written directly when its last dimension is contiguous.
     """
     if not isinstance(Xt, CsrRows):
         raise TypeError(f"Xt must be a CsrRows (X.transpose()), got {type(Xt).__name__}")
@@ -264,11 +288,16 @@ def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor |
     if out is None:
         out = torch.empty(R, n_out, rows.shape[1], dtype=grad.dtype, device=grad.device)
         accumulate = False
+    elif _grouped_shape("csr_linear_wgrad_shared", out, "out") != (R, n_out, rows.shape[1]):
+        raise ValueError(f"csr_linear_wgrad_shared: out must be [R, out, in] = [{R}, {n_out}, {rows.shape[1]}] "
+                         f"(or [R, G, out / G, in]), got {tuple(out.shape)}")
     layout = _kernel_layout(out)
+    if out.dim() == 4 and layout is not None and layout[1]:
+        layout = None  # the kernel writes groups of rows only
     if grad.device.type == "cpu" and _ext.choose("csr_linear_out", grad.device) == "ext" and layout is not None:
         o, transposed = layout  # the kernel writes z = X^T grad [R, in, out], here transposed unless out is
         torch.ops.fastcurv.csr_linear_out(Xt.indptr, Xt.indices, Xt.values, rows, grad.contiguous(), None, True, o,
                                           not transposed, accumulate)
         return out
-    g = torch.bmm(grad.transpose(1, 2), Xt.to_dense()[rows].transpose(1, 2))
+    g = torch.bmm(grad.transpose(1, 2), Xt.to_dense()[rows].transpose(1, 2)).view(out.shape)
     return out.add_(g) if accumulate else out.copy_(g)

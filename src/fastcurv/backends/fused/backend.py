@@ -38,6 +38,18 @@ def hidden_sparse_max_density() -> float:
     return HIDDEN_SPARSE_MAX_DENSITY.get(_ext.cpu_level(), 0.0)
 
 
+def _bmm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``dst (=|+=) a @ b`` for a product block ``dst [R, K, O, I]`` (a view of the flat ``[R, K, P]``
+    result) and ``a @ b`` of ``[R, K*O, I]``: in place where the K blocks are one matrix (K = 1),
+    else through a temporary."""
+    R, K, O, I = dst.shape
+    if K == 1:
+        dst.view(R, O, I).baddbmm_(a, b, beta=0 if first else 1)
+    else:
+        p = torch.bmm(a, b).view(R, K, O, I)
+        dst.copy_(p) if first else dst.add_(p)
+
+
 def _as_slice(ids: torch.Tensor):
     """``ids`` as a slice when they are consecutive (a view instead of a copy), else ``ids``."""
     lo = int(ids[0])
@@ -428,22 +440,14 @@ class FusedBackend(Backend):
         pos = {n: j for j, n in enumerate(rs.names)}
         R, K = vecs[0].shape[:2]
         flat = vecs[0].new_empty(R, K, rs.P)
-        # K = 1: the products land in their place in the flat result (strided views); K > 1: the
-        # GEMMs need [K*O, I] blocks per replica, so they go to per-parameter tensors copied once
-        out = rs.unflatten(flat) if K == 1 else [torch.empty_like(v) for v in vecs]
-        # forward: [R, I, K*O] (a transposed view; the first layer's is made per chunk in _apply,
-        # which may keep only some of its input columns); backward, hidden layers: [R, O, K*I]
-        # (the Triton linear_rop path reads the probe directly: no forward copies)
-        dWt = {}
+        # the products land in their place in the flat result: [R, K, O, I] views, whose K probe
+        # blocks lie P apart (the sparse kernels and head_hvp read and write such groups directly;
+        # the GEMMs of the dense paths go through a temporary)
+        out = rs.unflatten(flat)
         triton_fwd = in_fused_engine(vecs[0].device)
         # the last Linear and the loss in one kernel (head_hvp), which reads the probe block as it is
         head = (self.fused_head and vecs[0].device.type == "cpu" and not triton_fwd
                 and _ext.choose("head_hvp", vecs[0].device) == "ext")
-        for n_lin, layer in enumerate(l for l in (self.layers[:-1] if head else self.layers) if l.kind == "linear"):
-            dW = vecs[pos[layer.weight]]
-            O, I = dW.shape[2:]
-            fwd = None if n_lin == 0 or triton_fwd else dW.reshape(R, K * O, I).transpose(1, 2)
-            dWt[layer.weight] = (fwd, dW.permute(0, 2, 1, 3).reshape(R, O, K * I) if n_lin > 0 else None)
         for n_batch, (i, x, y) in enumerate(self.batches):
             st, where = self._state_rows(i, x, y, idx)
             step = self._chunk(R, x.shape[0], K, x.device)
@@ -454,11 +458,7 @@ class FusedBackend(Backend):
                     sv, vv = slice(s0 + c, s0 + c + m), slice(v0 + c, v0 + c + m)
                     gid = slice(v0 + c, v0 + c + m) if ids is None else _as_slice(ids[c:c + m])
                     self._apply(st.narrow(sv), {n_: t[gid] for n_, t in rs.params.items()}, [v[vv] for v in vecs],
-                                {w: (None if f is None else f[vv], None if g is None else g[vv]) for w, (f, g) in dWt.items()},
                                 [o[vv] for o in out], pos, x.shape[0], first=n_batch == 0, triton_fwd=triton_fwd, head=head)
-        if K > 1:
-            for dst, o in zip(rs.unflatten(flat), out):
-                dst.copy_(o)
         return flat
 
     @staticmethod
@@ -529,7 +529,7 @@ class FusedBackend(Backend):
         per = N * K * widest * self.replicas.params[self.replicas.names[0]].element_size()
         return max(1, min(R, self.chunk_bytes // max(per, 1)))
 
-    def _apply(self, st, params, vecs, dWt, out, pos, N, first, triton_fwd, head):
+    def _apply(self, st, params, vecs, out, pos, N, first, triton_fwd, head):
         """Accumulate one batch's Hessian-vector products of the replicas in ``st`` into ``out``
         (``first``: the first batch, whose products overwrite ``out``: it is not zeroed;
         ``triton_fwd``: the Linear layers' R-forward runs through the Triton linear_rop; ``head``:
@@ -548,19 +548,18 @@ class FusedBackend(Backend):
                 lin += 1
             elif layer.kind == "linear":
                 rin.append(ra)
-                a, W = st.inputs[lin], params[layer.weight]
+                a, W, dW = st.inputs[lin], params[layer.weight], vecs[pos[layer.weight]]
                 O, I = W.shape[1], W.shape[2]
-                fwd, _ = dWt[layer.weight]
                 db = None if layer.bias is None else vecs[pos[layer.bias]].reshape(R, K * O)  # the first product starts from it
                 sp = st.sparse_in[lin]
-                if fwd is None and st.csr is not None:  # sparse input: the probe block as [R, K*O, I] (a view at K=1)
-                    rz = csr_linear(st.csr, _all_rows(N, R, a.device), vecs[pos[layer.weight]].reshape(R, K * O, I), db)
+                if lin == 0 and st.csr is not None:  # sparse input; the kernels read the K probe blocks [R, K, O, I] in place
+                    rz = csr_linear(st.csr, _all_rows(N, R, a.device), dW, db)
                 elif sp is not None:  # from the ReLU input's nonzeros
-                    rz = csr_linear(sp.csr, sp.rows, fwd.transpose(1, 2), db)
+                    rz = csr_linear(sp.csr, sp.rows, dW, db)
                 else:
-                    if fwd is None:  # the first layer: [R, I, K*O], or [R, I_kept, K*O] (the probe's kept columns)
-                        dW = vecs[pos[layer.weight]]
-                        fwd = (dW.reshape(R, K * O, I) if st.keep is None else dW.index_select(3, st.keep).view(R, K * O, -1)).transpose(1, 2)
+                    # [R, I, K*O], or for the first layer [R, I_kept, K*O] (the probe's kept columns)
+                    fwd = (dW.reshape(R, K * O, I) if lin > 0 or st.keep is None
+                           else dW.index_select(3, st.keep).view(R, K * O, -1)).transpose(1, 2)
                     # an input shared by all replicas enters bmm as a stride-0 expand (no copy)
                     a3 = a.expand(R, *a.shape) if a.dim() == 2 else a
                     rz = torch.bmm(a3, fwd) if db is None else torch.baddbmm(db.unsqueeze(1), a3, fwd)
@@ -605,14 +604,13 @@ class FusedBackend(Backend):
                 rdT = rd.reshape(R, N, K * O).transpose(1, 2)  # [R, K*O, N]
                 sp_in, sp_out = st.sparse_in[lin], st.sparse_out[lin]
                 if lin == 0 and st.csr is not None:  # from the nonzero inputs, written in place
-                    csr_linear_wgrad_shared(st.csr_t, rd.reshape(R, N, K * O), out=out[j].view(R, K * O, I), accumulate=not first)
+                    csr_linear_wgrad_shared(st.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first)
                 elif sp_in is not None:
-                    csr_linear_wgrad_shared(sp_in.csr_t, rd.reshape(R, N, K * O), out=out[j].view(R, K * O, I),
-                                            accumulate=not first, rows=sp_in.rows_t)
+                    csr_linear_wgrad_shared(sp_in.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first, rows=sp_in.rows_t)
                 elif lin == 0 and st.keep is not None:
-                    _scatter_columns_(out[j].view(R, K * O, I), st.keep, st.zero, torch.bmm(rdT, a.expand(R, *a.shape)), first)
+                    _scatter_columns_(out[j], st.keep, st.zero, torch.bmm(rdT, a.expand(R, *a.shape)).view(R, K, O, -1), first)
                 else:
-                    out[j].view(R, K * O, I).baddbmm_(rdT, a.expand(R, *a.shape) if a.dim() == 2 else a, beta=0 if first else 1)
+                    _bmm_into(out[j], rdT, a.expand(R, *a.shape) if a.dim() == 2 else a, first)
                 ra_in = rin[lin]
                 if ra_in is not None:  # delta^T ra_in [R, O, K*I], from the output's ReLU pattern where sparse
                     dra = (torch.bmm(delta.transpose(1, 2), ra_in.view(R, N, K * I)) if sp_out is None else
@@ -624,12 +622,14 @@ class FusedBackend(Backend):
                         torch.sum(rd, 1, out=out[pos[layer.bias]])
                     else:
                         out[pos[layer.bias]] += rd.sum(1)
+                dW = vecs[j]
                 if a.dim() == 3 and sp_out is not None:  # rd vanishes outside the output's ReLU pattern
-                    rg = csr_linear(sp_out.csr, sp_out.rows, dWt[layer.weight][1].transpose(1, 2))
+                    # delta dW^T: the weight [R, K*I, O] as K groups [R, K, I, O], a view of the probe
+                    rg = csr_linear(sp_out.csr, sp_out.rows, dW.permute(0, 1, 3, 2))
                     rd = csr_masked_linear(sp_out.csr, sp_out.rows, rd, W.transpose(1, 2), out=rg.view(R, N, K, I), accumulate=True)
                 elif a.dim() == 3:
                     rg = torch.bmm(rd.reshape(R, N * K, O), W)
-                    rg.view(R, N, K * I).baddbmm_(delta, dWt[layer.weight][1])
+                    rg.view(R, N, K * I).baddbmm_(delta, dW.permute(0, 2, 1, 3).reshape(R, O, K * I))
                     rd = rg.view(R, N, K, I)
             elif layer.kind == "act":
                 act -= 1
