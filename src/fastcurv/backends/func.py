@@ -35,8 +35,10 @@ LINEARIZE_WEIGHTS = (20, 30, 24)
 GRAPH_WEIGHTS = (7, 8, 8)
 GRAPH_HELD_WEIGHTS = (3, 3, 4)
 # Peak bytes of one replica x probe of a matvec without reuse (vmapped jvp of grad), measured the
-# same way: 4.8-6.0x the outputs for MLPs, 3.2-5.7x for the CNNs; rounded up.
-HVP_WEIGHTS = (9, 6, 0)
+# same way: 4.8-6.0x the outputs for MLPs, 3.2-5.7x for the CNNs; rounded up. On small batches the
+# parameter-sized tangents, gradients and products dominate: 784-128-128-10 MLPs on 16 samples
+# (R=10 and 40, K=1 and 2) peaked at 3.6-5.2x the parameter bytes per replica x probe, plus 6x.
+HVP_WEIGHTS = (9, 6, 6)
 
 
 def _output_parts(replicas, x) -> tuple[int, int]:
