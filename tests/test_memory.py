@@ -237,7 +237,13 @@ def test_other_errors_are_not_retried(monkeypatch):
 
 
 # --- peak memory -----------------------------------------------------------------------------------
-CHILD = textwrap.dedent("""
+# Prepended to the child scripts below: a /proc/self/status field in bytes (VmRSS, VmHWM).
+STATUS = textwrap.dedent("""
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+""")
+CHILD = STATUS + textwrap.dedent("""
     import json, resource, sys
     import torch
     from torch import nn
@@ -253,9 +259,6 @@ CHILD = textwrap.dedent("""
     models = [mlp(s) for s in range(12)]
     kw = dict(max_iter=30, tol=1e-6, progress=False, backend=backend)
     fastcurv.batched_sharpness(models[:1], (x[:8], y[:8]), **dict(kw, max_iter=3))  # warm-up: kernels, thread pools
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
     try:  # reset the peak (VmHWM) to the current RSS, so that the peak below is the job's
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -283,7 +286,7 @@ def _children(budget, modes, backend="auto"):
     return reports
 
 
-FUNC_CHILD = textwrap.dedent("""
+FUNC_CHILD = STATUS + textwrap.dedent("""
     import json, sys
     import torch
     from torch import nn
@@ -311,9 +314,6 @@ FUNC_CHILD = textwrap.dedent("""
     op = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options=opts)
     K = 2 if mode == "hvp" else 1
     v = torch.randn(R, K, op.P)
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
     trim()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
