@@ -19,7 +19,9 @@ one thread, as a training worker runs it), over input densities; it sets ``SPARS
 all replicas, the probe block ``[R, K*O, 784]`` in the ``Linear`` layout and its weight HVP written
 back in it; R=20 x 4096 and R=100 x 1024 columns, W2 and W1 at K=8; torch's threads), in GFLOP/s
 of the multiply-adds done, and the weight HVP from the minibatch's transpose
-(``csr_linear_wgrad_shared``, what the engine runs).
+(``csr_linear_wgrad_shared``, what the engine runs); then the forward product and
+``csr_linear_wgrad_shared`` on the engine's layout, the K=8 blocks ``[R, 8, O, 784]`` of a flat
+``[R, 8, P]`` tensor read and written in place.
 ``--relu-sweep``: a hidden Linear layer between ReLUs in the fused engine's matvec (one replica of
 W1 at K=8: 1000 samples, 128 -> 128, what one CPU chunk runs), its six products from the ReLU
 patterns (``csr_linear``, ``csr_masked_linear``, ``csr_linear_wgrad(_shared)``) against the six
@@ -330,12 +332,20 @@ def csr_hessian(repeat: int) -> list[dict]:
         t_wgrad = _time(lambda: csr_linear_wgrad(X, rows, grad, out=out), repeat)
         Xt = X.transpose()
         t_shared = _time(lambda: csr_linear_wgrad_shared(Xt, grad, out=out), repeat)
+        # the engine's layout: the K=8 probe blocks of a flat [R, K, P] tensor, read and written in place
+        flat = torch.randn(R, 8, cols // 8 * x.shape[1] + 7, generator=g)
+        blocks = flat[..., 3:3 + cols // 8 * x.shape[1]].view(R, 8, cols // 8, x.shape[1])
+        t_fwd_g = _time(lambda: csr_linear(X, rows, blocks), repeat)
+        t_shared_g = _time(lambda: csr_linear_wgrad_shared(Xt, grad, out=blocks), repeat)
         res.append(dict(op="csr_linear (Hessian sizes)", data=source, R=R, columns=cols, fwd_ms=t_fwd * 1e3,
                         wgrad_ms=t_wgrad * 1e3, wgrad_shared_ms=t_shared * 1e3, fwd_gflops=flops / t_fwd / 1e9,
-                        wgrad_gflops=flops / t_wgrad / 1e9, wgrad_shared_gflops=flops / t_shared / 1e9))
+                        wgrad_gflops=flops / t_wgrad / 1e9, wgrad_shared_gflops=flops / t_shared / 1e9,
+                        fwd_probe_blocks_ms=t_fwd_g * 1e3, wgrad_shared_probe_blocks_ms=t_shared_g * 1e3))
         print(f"R={R:3d} x {cols} columns, {source}: csr_linear {t_fwd * 1e3:7.1f} ms ({flops / t_fwd / 1e9:5.1f} GFLOP/s), "
               f"csr_linear_wgrad {t_wgrad * 1e3:7.1f} ms ({flops / t_wgrad / 1e9:5.1f} GFLOP/s), "
-              f"csr_linear_wgrad_shared {t_shared * 1e3:7.1f} ms ({flops / t_shared / 1e9:5.1f} GFLOP/s)")
+              f"csr_linear_wgrad_shared {t_shared * 1e3:7.1f} ms ({flops / t_shared / 1e9:5.1f} GFLOP/s); "
+              f"on the 8 probe blocks of a flat tensor: csr_linear {t_fwd_g * 1e3:7.1f} ms, "
+              f"csr_linear_wgrad_shared {t_shared_g * 1e3:7.1f} ms")
     return res
 
 
