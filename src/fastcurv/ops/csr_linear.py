@@ -148,7 +148,9 @@ def _kernel_layout(w: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
 
 
 def csr_linear_reference(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """Dense reference of :func:`csr_linear`: ``X[rows[r]] @ weight[r]^T (+ bias[r])``."""
+    """Dense reference of :func:`csr_linear`: ``X[rows[r]] @ weight[r]^T (+ bias[r])`` (weight
+    ``[R, out, in]`` or in groups ``[R, G, out / G, in]``)."""
+    weight = weight.reshape(weight.shape[0], -1, weight.shape[-1])
     z = torch.bmm(X.to_dense()[rows], weight.transpose(1, 2))
     return z if bias is None else z + bias.unsqueeze(1)
 
@@ -180,9 +182,7 @@ def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch
     an ``[R, out, in]`` tensor. bias: ``[R, out]`` or None. Returns ``[R, B, out]``.
     """
     _check(X, rows, weight.dtype)
-    R, n_out, n_in = _grouped_shape("csr_linear", weight, "weight")
-    if weight.dim() == 4 and _ext.choose("csr_linear", weight.device) != "ext":
-        weight = weight.reshape(R, n_out, n_in)
+    _grouped_shape("csr_linear", weight, "weight")  # 3 or 4 dimensions
     if _ext.choose("csr_linear", weight.device) == "ext":
         w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
         return torch.ops.fastcurv.csr_linear(X.indptr, X.indices, X.values, rows, w,
