@@ -124,9 +124,9 @@ def test_masked_rows_and_pattern():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", ["small", "blocked"])
 def test_masked_kernel_matches_dense_products(shape, level, dtype, monkeypatch):
-    """csr_masked_linear (every vector variant, tile path, weight layout; K = 1 and 3 rows per
-    pattern row; overwriting and accumulating; per-replica and shared rows; strided dense / out)
-    against float64 products of the masked dense rows. The dense rows are nonzero outside the
+    """csr_masked_linear (every vector variant, tile path, weight layout; K = 1, 3 and 9 rows per
+    pattern row, 9 taking AVX-512's groups of four rows, some cut by the row chunks; overwriting
+    and accumulating; per-replica and shared rows; strided dense / out) against float64 products of the masked dense rows. The dense rows are nonzero outside the
     pattern too: those entries must be ignored."""
     monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
     R, B, N, d, widths = (3, 7, 12, 29, WIDTHS) if shape == "small" else (2, 300, 320, 1100, [13, 133, 260])
@@ -138,7 +138,7 @@ def test_masked_kernel_matches_dense_products(shape, level, dtype, monkeypatch):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     if shape == "blocked" and dtype == torch.float32:
         tol = dict(rtol=1e-4, atol=1e-4)
-    for K in (1, 3):
+    for K in (1, 3, 9):
         dense = torch.randn(R, B, K, d, generator=g, dtype=dtype)
         masked = dense.double() * mask[rows].unsqueeze(2)
         for rr, mk in ((rows, masked), (rows[:1].expand(R, B), dense.double() * mask[rows[0]].unsqueeze(1))):
