@@ -42,11 +42,12 @@ TORCH_LIBRARY(fastcurv, m) {
   // Linear layer on CSR input rows, R replicas: X [N, in] as (indptr [N+1] int64, indices [nnz] int32 in
   // [0, in), values [nnz]); rows [R, B] int64 picks each replica's minibatch; weight W [R, out, in], or
   // W^T [R, in, out] with weight_t (rows contiguous, any replica stride); bias [R, out].
-  // Returns z [R, B, out] = X[rows[r]] @ W[r]^T + bias[r].
-  m.def("csr_linear(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight, Tensor? bias, bool weight_t) -> Tensor");
+  // Returns z [R, B, out] = X[rows[r]] @ W[r]^T + bias[r], its column c times out_mask[r, b, c % M] when
+  // out_mask [R, B, M] (M dividing out) is given.
+  m.def("csr_linear(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight, Tensor? bias, bool weight_t, Tensor? out_mask=None) -> Tensor");
   // The same z written into out ([R, B, out], or z^T [R, out, B] with out_t; rows contiguous, any replica
-  // stride), or added to it with accumulate (then without bias).
-  m.def("csr_linear_out(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight, Tensor? bias, bool weight_t, Tensor(a!) out, bool out_t, bool accumulate) -> ()");
+  // stride), or added to it with accumulate (then without bias); out_mask multiplies the result (z only).
+  m.def("csr_linear_out(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight, Tensor? bias, bool weight_t, Tensor(a!) out, bool out_t, bool accumulate, Tensor? out_mask=None) -> ()");
   // Its weight gradient X[rows[r]]^T @ grad[r] (grad [R, B, out]) written into out, W-shaped [R, out, in] or
   // with out_t W^T-shaped [R, in, out]; accumulate adds it to out instead of overwriting.
   m.def("csr_linear_wgrad(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor grad, Tensor(a!) out, bool out_t, bool accumulate) -> ()");
@@ -55,8 +56,9 @@ TORCH_LIBRARY(fastcurv, m) {
   m.def("csr_from_dense(Tensor x, Tensor? mask, bool transpose) -> (Tensor, Tensor, Tensor)");
   // The forward product of P dense rows per minibatch row, each masked to the pattern of its CSR row (the
   // CSR values are not read): out[r, b, p] (+)= (dense[r, b, p] * 1[pattern of X row rows[r, b]]) @ W[r]^T;
-  // dense [R, B, P, in], out [R, B, P, out] (last three dims contiguous, any replica stride).
-  m.def("csr_masked_linear_out(Tensor indptr, Tensor indices, Tensor rows, Tensor dense, Tensor weight, bool weight_t, Tensor(a!) out, bool accumulate) -> ()");
+  // dense [R, B, P, in], out [R, B, P, out] (last three dims contiguous, any replica stride); the result
+  // (after accumulating) times out_mask [R, B, out] when given.
+  m.def("csr_masked_linear_out(Tensor indptr, Tensor indices, Tensor rows, Tensor dense, Tensor weight, bool weight_t, Tensor(a!) out, bool accumulate, Tensor? out_mask=None) -> ()");
   // The x86 vector level the CPU kernels with per-ISA variants run: 2 AVX-512, 1 AVX2 + FMA, 0 baseline
   // (capped by FASTCURV_CPU_LEVEL; read at each call).
   m.def("cpu_level() -> int");

@@ -41,6 +41,12 @@ def test_csr_rows_round_trip_and_density():
     torch.testing.assert_close(xt.transpose().to_dense(), x, rtol=0, atol=0)
 
 
+def _mask_values(R, B, M, dtype, g):
+    """An out_mask ``[R, B, M]`` of zeros, ones and a leaky slope (0.25), as a sliced (strided) view."""
+    m = torch.tensor([0.0, 1.0, 0.25], dtype=dtype)[torch.randint(0, 3, (R, B, M + 1), generator=g)]
+    return m[..., 1:]
+
+
 def _layouts(w):
     """``w [R, out, in]`` stored three ways: contiguous, as a transposed ``[R, in, out]`` storage, and
     with a replica stride larger than a block (a slice of a wider buffer)."""
@@ -81,12 +87,17 @@ def test_kernels_match_dense_products(shape, level, dtype, monkeypatch):
             xb = x.double()[rr]
             want = torch.bmm(xb, w.double().transpose(1, 2))
             want_g = torch.bmm(grad.double().transpose(1, 2), xb)
+            M = out // next(k for k in (4, 2, 1) if out % k == 0)  # out_mask's width: out in groups of M
+            mask = _mask_values(R, B, M, dtype, g)
             for name, wl in _layouts(w).items():
                 with fastcurv.use_kernels("ext"):
                     z = csr_linear(X, rr, wl, bias)
                     z0 = csr_linear(X, rr, wl)
+                    zm = csr_linear(X, rr, wl, bias, out_mask=mask)
                 torch.testing.assert_close(z.double(), want + bias.double().unsqueeze(1), **tol, msg=name)
                 torch.testing.assert_close(z0.double(), want, **tol, msg=name)
+                want_m = (want + bias.double().unsqueeze(1)).view(R, B, -1, M) * mask.double().unsqueeze(2)
+                torch.testing.assert_close(zm.double(), want_m.view(R, B, out), **tol, msg=f"out_mask, {name}")
                 buf = _layouts(torch.full_like(w, float("nan")))[name]
                 start = torch.randn(R, out, d, generator=g, dtype=dtype)
                 acc = _layouts(start.clone())[name]
@@ -145,16 +156,23 @@ def test_masked_kernel_matches_dense_products(shape, level, dtype, monkeypatch):
             for out in widths:
                 w = torch.randn(R, out, d, generator=g, dtype=dtype)
                 want = torch.bmm(mk.reshape(R, B * K, d), w.double().transpose(1, 2)).view(R, B, K, out)
+                omask = _mask_values(R, B, out, dtype, g).unsqueeze(2)
                 for name, wl in _layouts(w).items():
                     start = torch.randn(R, B, K, out, generator=g, dtype=dtype)
                     wide = torch.zeros(R, B * K * out + 3, dtype=dtype)  # a replica stride beyond the rows
                     acc = wide[:, 3:].view(R, B, K, out)
                     acc.copy_(start)
+                    acc_m = start.clone()
                     with fastcurv.use_kernels("ext"):
                         z = csr_masked_linear(X, rr, dense, wl)
                         assert csr_masked_linear(X, rr, dense, wl, out=acc, accumulate=True) is acc
+                        zm = csr_masked_linear(X, rr, dense, wl, out_mask=omask[:, :, 0])
+                        csr_masked_linear(X, rr, dense, wl, out=acc_m, accumulate=True, out_mask=omask[:, :, 0])
                     torch.testing.assert_close(z.double(), want, **tol, msg=f"K={K}, {out} outputs, {name}")
                     torch.testing.assert_close(acc.double(), start.double() + want, **tol, msg=f"K={K}, {name}")
+                    torch.testing.assert_close(zm.double(), want * omask.double(), **tol, msg=f"K={K}, out_mask, {name}")
+                    torch.testing.assert_close(acc_m.double(), (start.double() + want) * omask.double(), **tol,
+                                               msg=f"K={K}, accumulated, out_mask, {name}")
 
 
 def _grouped(flat_width, G, rows_, cols_, dtype, fill, transposed=False):
@@ -218,10 +236,14 @@ def test_masked_layouts_the_kernel_cannot_read_are_copied():
     w = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
     want = csr_masked_linear_reference(X, rows, dense, w)
     out = torch.ones(2, 3, 4, 5, dtype=torch.float64).transpose(1, 2)
+    mask = torch.rand(2, 4, 5, generator=g, dtype=torch.float64).round()
+    out_m = out.clone()
     with fastcurv.use_kernels("ext"):
         torch.testing.assert_close(csr_masked_linear(X, rows, dense, w), want)
         csr_masked_linear(X, rows, dense, w, out=out, accumulate=True)
+        csr_masked_linear(X, rows, dense, w, out=out_m, accumulate=True, out_mask=mask)
     torch.testing.assert_close(out, want + 1)
+    torch.testing.assert_close(out_m, (want + 1) * mask.unsqueeze(2))
 
 
 @needs_ext
@@ -258,6 +280,11 @@ def test_references_agree_with_kernels():
     with fastcurv.use_kernels("torch"):
         torch.testing.assert_close(zm, csr_masked_linear(X, rows, dense, w))
     torch.testing.assert_close(zm, torch.einsum("rbki,roi->rbko", dense * (x[rows] != 0).unsqueeze(2), w))
+    m2, m6 = torch.rand(2, 5, 2, dtype=torch.float64).round(), torch.rand(2, 5, 6, dtype=torch.float64).round()
+    for kernels in ("ext", "torch"):
+        with fastcurv.use_kernels(kernels):
+            torch.testing.assert_close(csr_linear(X, rows, w, out_mask=m2), (z.view(2, 5, 3, 2) * m2.unsqueeze(2)).view(2, 5, 6))
+            torch.testing.assert_close(csr_masked_linear(X, rows, dense, w, out_mask=m6), zm * m6.unsqueeze(2))
     # an out whose rows are not contiguous in either orientation takes the reference path
     odd = torch.zeros(2, 12, 34, dtype=torch.float64)[:, ::2, ::2]
     with fastcurv.use_kernels("ext"):
@@ -301,6 +328,15 @@ def test_bad_inputs_are_named():
         with pytest.raises(RuntimeError, match="out has 1 rows per minibatch row, dense 2"):
             ops.csr_masked_linear_out(X.indptr, X.indices, rows, torch.randn(2, 3, 2, 5), w, False,
                                       torch.empty(2, 3, 1, 4), False)
+        with pytest.raises(ValueError, match=r"out_mask must be \[R, B, M\] = \[2, 3, M\] with M dividing the 4"):
+            csr_linear(X, rows, w, out_mask=torch.ones(2, 3, 3))
+        with pytest.raises(ValueError, match=r"out_mask must be \[R, B, out\] = \[2, 3, 4\]"):
+            csr_masked_linear(X, rows, torch.randn(2, 3, 1, 5), w, out_mask=torch.ones(2, 3, 2))
+        with pytest.raises(TypeError, match="out_mask is torch.float64"):
+            csr_linear(X, rows, w, out_mask=torch.ones(2, 3, 4, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="out_mask needs z, not z"):
+            ops.csr_linear_out(X.indptr, X.indices, X.values, rows, w, None, False, torch.empty(2, 4, 3), True, False,
+                               torch.ones(2, 3, 4))
     with pytest.raises(TypeError, match="float32 values but the layer is torch.float64"):
         csr_linear(X, rows, w.double())
     with pytest.raises(ValueError, match=r"int64 \[R, B\] table"):

@@ -153,6 +153,10 @@ struct Args {
   bool dst_t;      // fwd: dst holds z^T; wgrad: dst holds the gradient of W^T
   Groups src_g, dst_g;  // fwd: where the out index's groups of W or W^T (src) and of z^T (dst_t) lie
   bool accumulate; // add to dst instead of overwriting it
+  // fwd, may be null: z's row b (after accumulating) is multiplied by row b / mask_kd of the mask,
+  // its column c by mask column c % mask_cols; the mask's rows lie mask_ld apart, replicas mask_rs
+  const S* mask;
+  int64_t mask_rs, mask_ld, mask_kd, mask_cols;
 };
 
 // b[j * ldb + i] (+)= a[i * lda + j] for i < rows, j < cols: 16 rows of b at a time, each written
@@ -361,6 +365,21 @@ FC_ALWAYS_INLINE void blocked(const Args<S>& a, int64_t r, int64_t b0, int64_t b
     }
 }
 
+// z's rows [s0, s1) of replica r, columns [c0, c0 + tw) (held at z, rows ldz apart), times a.mask.
+template <typename S>
+FC_ALWAYS_INLINE void apply_mask(const Args<S>& a, int64_t r, int64_t s0, int64_t s1, int64_t c0, int64_t tw, S* z,
+                                 int64_t ldz) {
+  for (int64_t b = s0; b < s1; ++b) {
+    const S* m = a.mask + r * a.mask_rs + (b / a.mask_kd) * a.mask_ld;
+    S* zb = z + (b - s0) * ldz - c0;
+    for (int64_t c = c0; c < c0 + tw;) {
+      const int64_t m0 = c % a.mask_cols, n = std::min(c0 + tw - c, a.mask_cols - m0);
+      for (int64_t j = 0; j < n; ++j) zb[c + j] *= m[m0 + j];
+      c += n;
+    }
+  }
+}
+
 // z rows [b0, b1), columns [c_lo, c_hi), of replica r.
 template <typename S, int BYTES, bool DENSE>
 FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t b1, int64_t c_lo, int64_t c_hi) {
@@ -400,6 +419,7 @@ FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t 
         }
       }
       blocked<S, BYTES, true, DENSE>(a, r, s0, s1, wt, ldw, zt, ldz, tw);
+      if (a.mask) apply_mask<S>(a, r, s0, s1, c0, tw, zt, ldz);
       if (a.dst_t)
         a.dst_g.pieces(c0, tw, [&](int64_t c, int64_t n) FC_LAMBDA_INLINE {
           transpose<S>(zt + (c - c0), tw, a.dst + r * a.dst_rs + a.dst_g.at(c, false) + s0, a.dst_g.ld, s1 - s0, n,
@@ -585,9 +605,25 @@ Operand fwd_operand(const char* op, const char* name, const at::Tensor& t, int64
 }
 
 // z = X[rows] W^T (+ bias) into out, or into a new [R, B, out] tensor; returns z.
+// A result mask [R, rows, M] (last dimension contiguous), M dividing nout, into a's mask fields.
+template <typename S>
+void set_mask(Args<S>& a, const char* op, const std::optional<at::Tensor>& mask, int64_t R, int64_t rows, int64_t nout,
+              int64_t kd, const at::Tensor& like) {
+  if (!mask.has_value() || !mask->defined()) return;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.dim() == 3 && m.size(0) == R && m.size(1) == rows && m.size(2) > 0 && nout % m.size(2) == 0, op,
+              ": out_mask must be [R, B, M] = [", R, ", ", rows, ", M] with M dividing ", nout, ", got ", m.sizes());
+  TORCH_CHECK(m.stride(2) == 1 || m.size(2) == 1, op, ": out_mask's last dimension must be contiguous, got strides ",
+              m.strides());
+  TORCH_CHECK(m.scalar_type() == like.scalar_type() && m.device().is_cpu(), op, ": out_mask must be a CPU tensor of ",
+              like.scalar_type(), ", got ", m.scalar_type(), " on ", m.device());
+  a.mask = m.data_ptr<S>(), a.mask_rs = m.stride(0), a.mask_ld = m.stride(1), a.mask_kd = kd, a.mask_cols = m.size(2);
+}
+
 at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
                            const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           bool weight_t, const std::optional<at::Tensor>& out, bool out_t, bool accumulate) {
+                           bool weight_t, const std::optional<at::Tensor>& out, bool out_t, bool accumulate,
+                           const std::optional<at::Tensor>& out_mask) {
   auto [R, B] = check_csr("csr_linear", indptr, indices, values, rows);
   const Operand w = fwd_operand("csr_linear", "weight", weight, R, values, weight_t);
   const int64_t in = weight_t ? w.d1 : w.d2, nout = weight_t ? w.d2 : w.d1;
@@ -620,6 +656,8 @@ at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, 
     a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t, a.src_g = w.g;
     a.bias = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     a.dst = z.data_ptr<scalar_t>(), a.dst_rs = z.stride(0), a.dst_t = out_t, a.dst_g = zg, a.accumulate = accumulate;
+    TORCH_CHECK(!(out_t && out_mask.has_value() && out_mask->defined()), "csr_linear: out_mask needs z, not z^T");
+    set_mask<scalar_t>(a, "csr_linear", out_mask, R, B, nout, 1, weight);
     run_fwd<scalar_t>(fn, a, R);
   });
   return z;
@@ -627,14 +665,15 @@ at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, 
 
 at::Tensor csr_linear_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
                           const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          bool weight_t) {
-  return csr_linear_into(indptr, indices, values, rows, weight, bias, weight_t, std::nullopt, false, false);
+                          bool weight_t, const std::optional<at::Tensor>& out_mask) {
+  return csr_linear_into(indptr, indices, values, rows, weight, bias, weight_t, std::nullopt, false, false, out_mask);
 }
 
 void csr_linear_out_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
                         const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        bool weight_t, at::Tensor& out, bool out_t, bool accumulate) {
-  csr_linear_into(indptr, indices, values, rows, weight, bias, weight_t, out, out_t, accumulate);
+                        bool weight_t, at::Tensor& out, bool out_t, bool accumulate,
+                        const std::optional<at::Tensor>& out_mask) {
+  csr_linear_into(indptr, indices, values, rows, weight, bias, weight_t, out, out_t, accumulate, out_mask);
 }
 
 void csr_linear_wgrad_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
@@ -673,7 +712,7 @@ void check_rows4(const char* name, const at::Tensor& t, int64_t R, int64_t B, in
 // out[r, b, p] (+)= dense[r, b, p] masked to the pattern of CSR row rows[r, b], times W[r]^T.
 void csr_masked_linear_out_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& rows,
                                const at::Tensor& dense, const at::Tensor& weight, bool weight_t, at::Tensor& out,
-                               bool accumulate) {
+                               bool accumulate, const std::optional<at::Tensor>& out_mask) {
   auto [R, B] = check_pattern("csr_masked_linear", indptr, indices, rows);
   check_weight("csr_masked_linear", "weight", weight, R, weight);
   const int64_t in = weight.size(weight_t ? 1 : 2), nout = weight.size(weight_t ? 2 : 1);
@@ -690,6 +729,9 @@ void csr_masked_linear_out_cpu(const at::Tensor& indptr, const at::Tensor& indic
     a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t;
     a.src_g = {nout, 0, weight.stride(1)};
     a.dst = out.data_ptr<scalar_t>(), a.dst_rs = out.stride(0), a.accumulate = accumulate;
+    TORCH_CHECK(!(out_mask.has_value() && out_mask->defined() && out_mask->size(-1) != nout),
+                "csr_masked_linear: out_mask must be [R, B, out = ", nout, "], got ", out_mask->sizes());
+    set_mask<scalar_t>(a, "csr_masked_linear", out_mask, R, B, nout, P, weight);
     run_fwd<scalar_t>(fn, a, R);
   });
 }

@@ -169,7 +169,30 @@ def _grouped_shape(op: str, t: torch.Tensor, name: str) -> tuple[int, int, int]:
     raise ValueError(f"{op}: {name} must be [R, out, in] or, in groups, [R, G, out / G, in], got {tuple(t.shape)}")
 
 
-def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _check_out_mask(op: str, mask: torch.Tensor | None, R: int, B: int, n_out: int, like: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` as the kernels read it (last dimension contiguous), checked to be ``[R, B, M]`` with M
+    dividing ``n_out`` (output column c is multiplied by ``mask[..., c % M]``), of ``like``'s dtype."""
+    if mask is None:
+        return None
+    if mask.dim() != 3 or tuple(mask.shape[:2]) != (R, B) or mask.shape[2] == 0 or n_out % mask.shape[2]:
+        raise ValueError(f"{op}: out_mask must be [R, B, M] = [{R}, {B}, M] with M dividing the {n_out} outputs, "
+                         f"got {tuple(mask.shape)}")
+    if mask.dtype != like.dtype or mask.device != like.device:
+        raise TypeError(f"{op}: out_mask is {mask.dtype} on {mask.device}, the layer {like.dtype} on {like.device}")
+    return mask if mask.stride(2) == 1 or mask.shape[2] == 1 else mask.contiguous()
+
+
+def _masked(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``z [R, B, ..., out]`` times ``mask [R, B, M]`` on its last axis in groups of M (in place)."""
+    if mask is None:
+        return z
+    R, B, M = mask.shape
+    z.view(R, B, -1, M).mul_(mask.unsqueeze(2))
+    return z
+
+
+def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               out_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``z[r] = X[rows[r]] @ weight[r]^T + bias[r]``, multiplying only the nonzero inputs.
 
     X: the data set (:class:`CsrRows`). rows: int64 ``[R, B]`` row ids of each replica's minibatch
@@ -179,15 +202,19 @@ def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch
     transposed one tile at a time inside the kernel). It may also come as ``[R, G, out / G, in]``,
     its outputs in G groups at any stride (the K probes' blocks of a Hessian engine's ``[R, K, P]``
     probe tensor), read directly when its last (or third) dimension is contiguous, with no copy into
-    an ``[R, out, in]`` tensor. bias: ``[R, out]`` or None. Returns ``[R, B, out]``.
+    an ``[R, out, in]`` tensor. bias: ``[R, out]`` or None. ``out_mask``: ``[R, B, M]`` or None; the
+    result's column c is multiplied by ``out_mask[r, b, c % M]`` (M divides out), e.g. a ReLU's 0/1
+    derivative applied to the K probes' tangents ``[R, B, K * M]``, while each tile of the result
+    is still in cache. Returns ``[R, B, out]``.
     """
     _check(X, rows, weight.dtype)
-    _grouped_shape("csr_linear", weight, "weight")  # 3 or 4 dimensions
+    R, n_out, _ = _grouped_shape("csr_linear", weight, "weight")  # 3 or 4 dimensions
+    mask = _check_out_mask("csr_linear", out_mask, R, rows.shape[1], n_out, weight)
     if _ext.choose("csr_linear", weight.device) == "ext":
         w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
         return torch.ops.fastcurv.csr_linear(X.indptr, X.indices, X.values, rows, w,
-                                             None if bias is None else bias.contiguous(), transposed)
-    return csr_linear_reference(X, rows, weight, bias)
+                                             None if bias is None else bias.contiguous(), transposed, mask)
+    return _masked(csr_linear_reference(X, rows, weight, bias), mask)
 
 
 def csr_masked_linear_reference(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -198,15 +225,17 @@ def csr_masked_linear_reference(P: CsrRows, rows: torch.Tensor, dense: torch.Ten
 
 
 def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor,
-                      out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+                      out: torch.Tensor | None = None, accumulate: bool = False,
+                      out_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``out[r, b, k] (+)= (dense[r, b, k] * m) @ weight[r]^T`` with ``m`` the 0/1 pattern of ``P``'s row
     ``rows[r, b]``: a product of rows that are known to vanish outside a sparse pattern (the K probes'
     tangents of a ReLU layer's output, zero where the output is), multiplying only inside it.
 
     P: the patterns (:class:`CsrRows`; its values are not read). rows: int64 ``[R, B]``. dense: ``[R, B,
     K, in]``; weight: ``[R, out, in]`` (either layout, as in :func:`csr_linear`); out: ``[R, B, K, out]``
-    or None (a new tensor); ``accumulate`` adds to ``out``. The kernel reads dense and writes out with
-    their last three dims contiguous (any replica stride); other layouts are copied.
+    or None (a new tensor); ``accumulate`` adds to ``out``. ``out_mask``: ``[R, B, out]`` or None; the
+    result (after accumulating) is multiplied by it, the same for all K rows. The kernel reads dense
+    and writes out with their last three dims contiguous (any replica stride); other layouts are copied.
     """
     _check(P, rows, weight.dtype)
     R, B = rows.shape
@@ -216,6 +245,9 @@ def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weigh
     if weight.dim() != 3 or weight.shape[0] != R or weight.shape[2] != P.in_features:
         raise ValueError(f"weight must be [R = {R}, out, in = {P.in_features}], got {tuple(weight.shape)}")
     shape = (R, B, dense.shape[2], weight.shape[1])
+    mask = None if out_mask is None else _check_out_mask("csr_masked_linear", out_mask, R, B, shape[3], weight)
+    if mask is not None and mask.shape[2] != shape[3]:
+        raise ValueError(f"csr_masked_linear: out_mask must be [R, B, out] = {[R, B, shape[3]]}, got {tuple(mask.shape)}")
     if out is None:
         out, accumulate = torch.empty(shape, dtype=dense.dtype, device=dense.device), False
     elif tuple(out.shape) != shape:
@@ -224,13 +256,14 @@ def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weigh
         w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
         o = out if inner_contiguous(out, 3) else torch.empty(shape, dtype=out.dtype, device=out.device)
         d = contiguous_inner(dense, 3)
-        torch.ops.fastcurv.csr_masked_linear_out(P.indptr, P.indices, rows, d, w, transposed, o,
-                                                 accumulate and o is out)
-        if o is not out:
-            out.add_(o) if accumulate else out.copy_(o)
-        return out
+        if o is out:
+            torch.ops.fastcurv.csr_masked_linear_out(P.indptr, P.indices, rows, d, w, transposed, o, accumulate, mask)
+            return out
+        torch.ops.fastcurv.csr_masked_linear_out(P.indptr, P.indices, rows, d, w, transposed, o, False, None)
+        out.add_(o) if accumulate else out.copy_(o)
+        return _masked(out, mask)
     z = csr_masked_linear_reference(P, rows, dense, weight)
-    return out.add_(z) if accumulate else out.copy_(z)
+    return _masked(out.add_(z) if accumulate else out.copy_(z), mask)
 
 
 def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None,

@@ -538,7 +538,17 @@ class FusedBackend(Backend):
         ra, rpre, rin = None, [], []
         lin = act = 0
         fused_act = None  # the R-op of the activation after a Linear run by the Triton linear_rop
+        masked = set()  # activations whose derivative a sparse kernel applied already (forward pass)
         layers = self.layers[:-1] if head else self.layers  # with head, the backward pass starts below it
+
+        def relu_mask(li: int, a: int):
+            """The 0/1 (or slope) derivative of the activation at layer ``li``, number ``a``, when it is
+            piecewise linear (its tangent is then the product's times it: the sparse kernels apply it
+            to their result in cache, in place of a pass over the tangent); else None."""
+            if 0 <= li < len(self.layers) and self.layers[li].kind == "act" and st.d2g[a] is None:
+                return st.d1[a]
+            return None
+
         for li, layer in enumerate(layers):
             if layer.kind == "linear" and triton_fwd:
                 rin.append(ra)
@@ -552,8 +562,11 @@ class FusedBackend(Backend):
                 O, I = W.shape[1], W.shape[2]
                 db = None if layer.bias is None else vecs[pos[layer.bias]].reshape(R, K * O)  # the first product starts from it
                 sp = st.sparse_in[lin]
+                mask = relu_mask(li + 1, act)
                 if lin == 0 and st.csr is not None:  # sparse input; the kernels read the K probe blocks [R, K, O, I] in place
-                    rz = csr_linear(st.csr, _all_rows(N, R, a.device), dW, db)
+                    rz = csr_linear(st.csr, _all_rows(N, R, a.device), dW, db, out_mask=mask)
+                    if mask is not None:
+                        masked.add(act)
                 elif sp is not None:  # from the ReLU input's nonzeros
                     rz = csr_linear(sp.csr, sp.rows, dW, db)
                 else:
@@ -565,7 +578,9 @@ class FusedBackend(Backend):
                     rz = torch.bmm(a3, fwd) if db is None else torch.baddbmm(db.unsqueeze(1), a3, fwd)
                 rz = rz.view(R, N, K, O)
                 if ra is not None and sp is not None:  # ra vanishes where the ReLU input does
-                    csr_masked_linear(sp.csr, sp.rows, ra, W, out=rz, accumulate=True)
+                    csr_masked_linear(sp.csr, sp.rows, ra, W, out=rz, accumulate=True, out_mask=mask)
+                    if mask is not None:
+                        masked.add(act)
                 elif ra is not None:  # in place: these tensors are R*N*K*F large
                     rz.view(R, N * K, O).baddbmm_(ra.view(R, N * K, I), W.transpose(1, 2))
                 ra = rz
@@ -583,7 +598,8 @@ class FusedBackend(Backend):
                     continue
                 if st.d2g[act - 1] is None:  # piecewise-linear: the pre-activation tangent is not needed later
                     rpre.append(None)
-                    ra = ra.mul_(d1.unsqueeze(2))
+                    if act - 1 not in masked:
+                        ra = ra.mul_(d1.unsqueeze(2))
                 else:
                     rpre.append(ra)
                     ra = d1.unsqueeze(2) * ra
@@ -595,7 +611,9 @@ class FusedBackend(Backend):
                 rd = softmax_ce_hvp(st.probs.reshape(R * N, 1, C), ra.reshape(R * N, K, 1, C), self.loss.scale()).view(R, N, K, C)
             else:
                 rd = 2 * self.loss.scale(C) * ra
-        for layer in reversed(layers):
+        masked.clear()  # now for the backward pass
+        for li in reversed(range(len(layers))):
+            layer = layers[li]
             if layer.kind == "linear":
                 lin -= 1
                 a, W, delta = st.inputs[lin], params[layer.weight], st.deltas[lin]
@@ -626,7 +644,11 @@ class FusedBackend(Backend):
                 if a.dim() == 3 and sp_out is not None:  # rd vanishes outside the output's ReLU pattern
                     # delta dW^T: the weight [R, K*I, O] as K groups [R, K, I, O], a view of the probe
                     rg = csr_linear(sp_out.csr, sp_out.rows, dW.permute(0, 1, 3, 2))
-                    rd = csr_masked_linear(sp_out.csr, sp_out.rows, rd, W.transpose(1, 2), out=rg.view(R, N, K, I), accumulate=True)
+                    mask = relu_mask(li - 1, act - 1)
+                    rd = csr_masked_linear(sp_out.csr, sp_out.rows, rd, W.transpose(1, 2), out=rg.view(R, N, K, I),
+                                           accumulate=True, out_mask=mask)
+                    if mask is not None:
+                        masked.add(act - 1)
                 elif a.dim() == 3:
                     rg = torch.bmm(rd.reshape(R, N * K, O), W)
                     rg.view(R, N, K * I).baddbmm_(delta, dW.permute(0, 2, 1, 3).reshape(R, O, K * I))
@@ -639,7 +661,8 @@ class FusedBackend(Backend):
                 d2g, rz = st.d2g[act], rpre[act]
                 F_ = rd.shape[-1]
                 if d2g is None:
-                    rd = rd.mul_(d1.unsqueeze(2))
+                    if act not in masked:
+                        rd = rd.mul_(d1.unsqueeze(2))
                 else:
                     rd = act_rop_bwd(d1.reshape(R * N, F_), d2g.reshape(R * N, F_), rz.reshape(R * N, K, F_), rd.reshape(R * N, K, F_)).view(R, N, K, F_)
 
