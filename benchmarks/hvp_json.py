@@ -233,7 +233,8 @@ def main(argv=None):
         models = [W4ResNet().to(dev).eval() for _ in range(a.replicas)]
         arch = "ResNet stem8-pool, block8 (identity skip), block16/2 (1x1 projection skip), avgpool, linear10"
     R = a.replicas
-    res = {"workload": f"{a.workload}: R={R} {arch}, B={a.batch} {source}", "device": str(dev), "torch": torch.__version__,
+    name = "W2" if a.workload == "W1" and (H, R) == (512, 20) else a.workload  # W2: W1's MLPs, wider and fewer
+    res = {"workload": f"{name}: R={R} {arch}, B={a.batch} {source}", "device": str(dev), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "seconds": {}, "ratio_to_gradient": {}}
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)

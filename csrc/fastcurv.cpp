@@ -46,8 +46,9 @@ TORCH_LIBRARY(fastcurv, m) {
   // out_mask [R, B, M] (M dividing out) is given.
   m.def("csr_linear(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight, Tensor? bias, bool weight_t, Tensor? out_mask=None) -> Tensor");
   // The same z written into out ([R, B, out], or z^T [R, out, B] with out_t; rows contiguous, any replica
-  // stride), or added to it with accumulate (then without bias); out_mask multiplies the result (z only).
-  m.def("csr_linear_out(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight, Tensor? bias, bool weight_t, Tensor(a!) out, bool out_t, bool accumulate, Tensor? out_mask=None) -> ()");
+  // stride), or added to it with accumulate (then without bias); out_mask multiplies the result (z only);
+  // weight_sums [R, out] or [R, G, out / G] (last dim contiguous) gets W[r] @ 1, written or added likewise.
+  m.def("csr_linear_out(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor weight, Tensor? bias, bool weight_t, Tensor(a!) out, bool out_t, bool accumulate, Tensor? out_mask=None, Tensor(b!)? weight_sums=None) -> ()");
   // Its weight gradient X[rows[r]]^T @ grad[r] (grad [R, B, out]) written into out, W-shaped [R, out, in] or
   // with out_t W^T-shaped [R, in, out]; accumulate adds it to out instead of overwriting.
   m.def("csr_linear_wgrad(Tensor indptr, Tensor indices, Tensor values, Tensor rows, Tensor grad, Tensor(a!) out, bool out_t, bool accumulate) -> ()");

@@ -190,8 +190,8 @@ def _grouped(flat_width, G, rows_, cols_, dtype, fill, transposed=False):
 @pytest.mark.parametrize("shape", ["small", "blocked"])
 def test_grouped_operands_are_read_and_written_in_place(shape, level, dtype, monkeypatch):
     """Weights ``[R, G, out / G, in]`` (the Hessian engine's probe blocks, G = K probes P apart), in
-    both layouts, and the weight gradient of csr_linear_wgrad_shared into such a view, against
-    float64 dense products; group sizes below, at and across a tile (8 vectors: 32-128 columns), so
+    both layouts, and the weight gradient of csr_linear_wgrad_shared into such a view (its bias
+    gradient, ``bias_out``, into ``[R, G, out / G]`` groups), against float64 dense products; group sizes below, at and across a tile (8 vectors: 32-128 columns), so
     that tiles span several groups. The memory between the groups is never written."""
     monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
     N, d = (9, 29) if shape == "small" else (300, 1100)
@@ -215,13 +215,32 @@ def test_grouped_operands_are_read_and_written_in_place(shape, level, dtype, mon
                 torch.testing.assert_close(csr_linear(X, rows, w).double(), want, **tol)
         grad = torch.randn(2, N, G * og, generator=g, dtype=dtype)
         want_g = torch.bmm(grad.double().transpose(1, 2), x.double().expand(2, N, d)).view(2, G, og, d)
+        want_b = grad.double().sum(1).view(2, G, og)
         for accumulate in (False, True):
-            out, buf = _grouped(width, G, og, d, dtype, float("nan") if not accumulate else 2.0)
+            fill = float("nan") if not accumulate else 2.0
+            for kernels in ("ext", "torch"):
+                out, buf = _grouped(width, G, og, d, dtype, fill)
+                bias_out, bias_buf = _grouped(og + 5, G, og, 1, dtype, fill)  # the bias's [R, G, og], groups apart
+                with fastcurv.use_kernels(kernels):
+                    assert csr_linear_wgrad_shared(Xt, grad, out=out, accumulate=accumulate,
+                                                   bias_out=bias_out[..., 0]) is out
+                torch.testing.assert_close(out.double(), want_g + (2.0 if accumulate else 0.0), **tol)
+                torch.testing.assert_close(bias_out[..., 0].double(), want_b + (2.0 if accumulate else 0.0), **tol,
+                                           msg=f"bias_out, {kernels}")
+                for b, n in ((buf, og * d), (bias_buf, og)):
+                    gaps = torch.cat([b[..., :3], b[..., 3 + n:]], -1)
+                    assert (gaps.isnan() if not accumulate else gaps == 2.0).all(), "written between the groups"
+        # one replica: two threads split its rows, and only the one with row 0 adds the bias gradient
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            one = torch.ones(1, G, og, dtype=dtype)
             with fastcurv.use_kernels("ext"):
-                assert csr_linear_wgrad_shared(Xt, grad, out=out, accumulate=accumulate) is out
-            torch.testing.assert_close(out.double(), want_g + (2.0 if accumulate else 0.0), **tol)
-            gaps = torch.cat([buf[..., :3], buf[..., 3 + og * d:]], -1)
-            assert (gaps.isnan() if not accumulate else gaps == 2.0).all(), "written between the groups"
+                csr_linear_wgrad_shared(Xt, grad[:1], out=torch.empty(1, G * og, d, dtype=dtype), accumulate=True,
+                                        bias_out=one)
+            torch.testing.assert_close(one.double(), want_b[:1] + 1, **tol)
+        finally:
+            torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="out must be"):
         csr_linear_wgrad_shared(Xt, grad, out=torch.empty(2, 2, G * og, d, dtype=dtype))
 

@@ -157,6 +157,12 @@ struct Args {
   // its column c by mask column c % mask_cols; the mask's rows lie mask_ld apart, replicas mask_rs
   const S* mask;
   int64_t mask_rs, mask_ld, mask_kd, mask_cols;
+  // fwd, may be null: the sums over the in rows of W^T (the bias gradient when the weight is an output
+  // gradient, as in csr_linear_wgrad_shared), written or added (accumulate) at sums_g.at(c, true) for
+  // column c, replicas sums_rs apart
+  S* sums;
+  int64_t sums_rs;
+  Groups sums_g;
 };
 
 // b[j * ldb + i] (+)= a[i * lda + j] for i < rows, j < cols: 16 rows of b at a time, each written
@@ -380,6 +386,20 @@ FC_ALWAYS_INLINE void apply_mask(const Args<S>& a, int64_t r, int64_t s0, int64_
   }
 }
 
+// a.sums of replica r, columns [c0, c0 + tw): the sums of the a.in rows of the W^T tile wt (rows ldw
+// apart), read while it is in cache.
+template <typename S>
+FC_ALWAYS_INLINE void weight_sums(const Args<S>& a, int64_t r, int64_t c0, int64_t tw, const S* wt, int64_t ldw) {
+  S* t = fc_scratch<S, 2>(tw);
+  std::memset(t, 0, sizeof(S) * tw);
+  for (int64_t i = 0; i < a.in; ++i)
+    for (int64_t j = 0; j < tw; ++j) t[j] += wt[i * ldw + j];
+  a.sums_g.pieces(c0, tw, [&](int64_t c, int64_t n) FC_LAMBDA_INLINE {
+    S* d = a.sums + r * a.sums_rs + a.sums_g.at(c, true);
+    for (int64_t j = 0; j < n; ++j) d[j] = a.accumulate ? d[j] + t[c - c0 + j] : t[c - c0 + j];
+  });
+}
+
 // z rows [b0, b1), columns [c_lo, c_hi), of replica r.
 template <typename S, int BYTES, bool DENSE>
 FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t b1, int64_t c_lo, int64_t c_hi) {
@@ -401,6 +421,7 @@ FC_ALWAYS_INLINE void fwd_rows(const Args<S>& a, int64_t r, int64_t b0, int64_t 
           transpose<S>(w + sg.at(c, false), sg.ld, wt + (c - c0), tw, n, a.in, false);
       });
     }
+    if (a.sums && b0 == 0) weight_sums<S>(a, r, c0, tw, wt, ldw);  // once per replica and tile
     // z^T is written through a row tile too, transposed from there
     const bool gather = a.dst_t || gather_rows<S, BYTES>(a, ldw);
     for (int64_t s0 = b0; s0 < b1; s0 += kRowChunk) {
@@ -623,7 +644,7 @@ void set_mask(Args<S>& a, const char* op, const std::optional<at::Tensor>& mask,
 at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
                            const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            bool weight_t, const std::optional<at::Tensor>& out, bool out_t, bool accumulate,
-                           const std::optional<at::Tensor>& out_mask) {
+                           const std::optional<at::Tensor>& out_mask, const std::optional<at::Tensor>& weight_sums) {
   auto [R, B] = check_csr("csr_linear", indptr, indices, values, rows);
   const Operand w = fwd_operand("csr_linear", "weight", weight, R, values, weight_t);
   const int64_t in = weight_t ? w.d1 : w.d2, nout = weight_t ? w.d2 : w.d1;
@@ -658,6 +679,16 @@ at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, 
     a.dst = z.data_ptr<scalar_t>(), a.dst_rs = z.stride(0), a.dst_t = out_t, a.dst_g = zg, a.accumulate = accumulate;
     TORCH_CHECK(!(out_t && out_mask.has_value() && out_mask->defined()), "csr_linear: out_mask needs z, not z^T");
     set_mask<scalar_t>(a, "csr_linear", out_mask, R, B, nout, 1, weight);
+    if (weight_sums.has_value() && weight_sums->defined()) {
+      const at::Tensor& t = *weight_sums;
+      const bool grouped = t.dim() == 3;
+      TORCH_CHECK((t.dim() == 2 || grouped) && t.size(0) == R && (grouped ? t.size(1) * t.size(2) : t.size(1)) == nout &&
+                      (t.stride(-1) == 1 || t.size(-1) <= 1) && t.scalar_type() == weight.scalar_type(),
+                  "csr_linear: weight_sums must be [R, out] = [", R, ", ", nout, "] or [R, G, out / G] of the weight's ",
+                  "dtype, its last dimension contiguous, got ", t.scalar_type(), " ", t.sizes(), " strides ", t.strides());
+      a.sums = t.data_ptr<scalar_t>(), a.sums_rs = t.stride(0);
+      a.sums_g = grouped ? Groups{t.size(2), t.stride(1), 1} : Groups{nout, 0, 1};
+    }
     run_fwd<scalar_t>(fn, a, R);
   });
   return z;
@@ -666,14 +697,15 @@ at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, 
 at::Tensor csr_linear_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
                           const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           bool weight_t, const std::optional<at::Tensor>& out_mask) {
-  return csr_linear_into(indptr, indices, values, rows, weight, bias, weight_t, std::nullopt, false, false, out_mask);
+  return csr_linear_into(indptr, indices, values, rows, weight, bias, weight_t, std::nullopt, false, false, out_mask,
+                         std::nullopt);
 }
 
 void csr_linear_out_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
                         const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         bool weight_t, at::Tensor& out, bool out_t, bool accumulate,
-                        const std::optional<at::Tensor>& out_mask) {
-  csr_linear_into(indptr, indices, values, rows, weight, bias, weight_t, out, out_t, accumulate, out_mask);
+                        const std::optional<at::Tensor>& out_mask, const std::optional<at::Tensor>& weight_sums) {
+  csr_linear_into(indptr, indices, values, rows, weight, bias, weight_t, out, out_t, accumulate, out_mask, weight_sums);
 }
 
 void csr_linear_wgrad_cpu(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,

@@ -191,6 +191,10 @@ def _masked(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return z
 
 
+def _add_or_copy(out: torch.Tensor, t: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    return out.add_(t) if accumulate else out.copy_(t)
+
+
 def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                out_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``z[r] = X[rows[r]] @ weight[r]^T + bias[r]``, multiplying only the nonzero inputs.
@@ -291,7 +295,8 @@ def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: to
 
 
 def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor | None = None,
-                            accumulate: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+                            accumulate: bool = False, rows: torch.Tensor | None = None,
+                            bias_out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`csr_linear_wgrad` for one minibatch ``X [B, in]`` that every replica reads (all rows
     in order), given as ``Xt = X.transpose()``: ``grad[r]^T @ X``, ``[R, out, in]``. With ``rows``
     (int64 ``[R, in]``), replica r reads its own ``X_r^T = Xt[rows[r]]`` instead (per-replica
@@ -303,7 +308,9 @@ def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor |
     128-4096 output columns (AVX-512; about the same with AVX2). grad: ``[R, B, out]``; ``out`` and
     ``accumulate`` as in :func:`csr_linear_wgrad`; ``out`` may also come as ``[R, G, out / G, in]``
     (the K probes' blocks of a Hessian engine's flat product, at any stride between the groups),
-    written directly when its last dimension is contiguous.
+    written directly when its last dimension is contiguous. ``bias_out``: ``[R, out]`` or ``[R, G,
+    out / G]`` (any stride between the groups), or None: also the bias gradient ``grad.sum(1)``,
+    written (or added, with ``accumulate``) from each tile of ``grad`` while the kernel has it in cache.
     """
     if not isinstance(Xt, CsrRows):
         raise TypeError(f"Xt must be a CsrRows (X.transpose()), got {type(Xt).__name__}")
@@ -324,13 +331,23 @@ def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor |
     elif _grouped_shape("csr_linear_wgrad_shared", out, "out") != (R, n_out, rows.shape[1]):
         raise ValueError(f"csr_linear_wgrad_shared: out must be [R, out, in] = [{R}, {n_out}, {rows.shape[1]}] "
                          f"(or [R, G, out / G, in]), got {tuple(out.shape)}")
+    if bias_out is not None and (bias_out.dim() not in (2, 3) or bias_out.shape[0] != R
+                                 or bias_out[0].numel() != n_out or bias_out.dtype != grad.dtype):
+        raise ValueError(f"csr_linear_wgrad_shared: bias_out must be [R, out] = [{R}, {n_out}] (or [R, G, out / G]) "
+                         f"of grad's dtype, got {bias_out.dtype} {tuple(bias_out.shape)}")
     layout = _kernel_layout(out)
     if out.dim() == 4 and layout is not None and layout[1]:
         layout = None  # the kernel writes groups of rows only
+    sums = bias_out if bias_out is None or bias_out.stride(-1) == 1 or bias_out.shape[-1] <= 1 else None
     if grad.device.type == "cpu" and _ext.choose("csr_linear_out", grad.device) == "ext" and layout is not None:
         o, transposed = layout  # the kernel writes z = X^T grad [R, in, out], here transposed unless out is
         torch.ops.fastcurv.csr_linear_out(Xt.indptr, Xt.indices, Xt.values, rows, grad.contiguous(), None, True, o,
-                                          not transposed, accumulate)
+                                          not transposed, accumulate, None, sums)
+        if sums is not bias_out:
+            _add_or_copy(bias_out, grad.sum(1).view(bias_out.shape), accumulate)
         return out
     g = torch.bmm(grad.transpose(1, 2), Xt.to_dense()[rows].transpose(1, 2)).view(out.shape)
-    return out.add_(g) if accumulate else out.copy_(g)
+    if bias_out is not None:
+        _add_or_copy(bias_out, grad.sum(1).view(bias_out.shape), accumulate)
+    return _add_or_copy(out, g, accumulate)
+

@@ -621,10 +621,14 @@ class FusedBackend(Backend):
                 j = pos[layer.weight]
                 rdT = rd.reshape(R, N, K * O).transpose(1, 2)  # [R, K*O, N]
                 sp_in, sp_out = st.sparse_in[lin], st.sparse_out[lin]
-                if lin == 0 and st.csr is not None:  # from the nonzero inputs, written in place
-                    csr_linear_wgrad_shared(st.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first)
+                bias_out = None if layer.bias is None else out[pos[layer.bias]]  # [R, K, O]: sum_n rd
+                if lin == 0 and st.csr is not None:  # from the nonzero inputs, written in place (with the bias's)
+                    csr_linear_wgrad_shared(st.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first, bias_out=bias_out)
+                    bias_out = None
                 elif sp_in is not None:
-                    csr_linear_wgrad_shared(sp_in.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first, rows=sp_in.rows_t)
+                    csr_linear_wgrad_shared(sp_in.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first, rows=sp_in.rows_t,
+                                            bias_out=bias_out)
+                    bias_out = None
                 elif lin == 0 and st.keep is not None:
                     _scatter_columns_(out[j], st.keep, st.zero, torch.bmm(rdT, a.expand(R, *a.shape)).view(R, K, O, -1), first)
                 else:
@@ -635,11 +639,11 @@ class FusedBackend(Backend):
                            csr_linear_wgrad(sp_out.csr, sp_out.rows, ra_in.view(R, N, K * I),
                                             out=delta.new_empty(R, O, K * I).transpose(1, 2)).transpose(1, 2))
                     out[j] += dra.view(R, O, K, I).transpose(1, 2)
-                if layer.bias is not None:
+                if bias_out is not None:  # not summed by the sparse kernels above
                     if first:
-                        torch.sum(rd, 1, out=out[pos[layer.bias]])
+                        torch.sum(rd, 1, out=bias_out)
                     else:
-                        out[pos[layer.bias]] += rd.sum(1)
+                        bias_out += rd.sum(1)
                 dW = vecs[j]
                 if a.dim() == 3 and sp_out is not None:  # rd vanishes outside the output's ReLU pattern
                     # delta dW^T: the weight [R, K*I, O] as K groups [R, K, I, O], a view of the probe
