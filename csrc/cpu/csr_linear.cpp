@@ -625,7 +625,6 @@ Operand fwd_operand(const char* op, const char* name, const at::Tensor& t, int64
   return {t.size(1) * t.size(2), t.size(3), {t.size(2), t.stride(1), t.stride(2)}};
 }
 
-// z = X[rows] W^T (+ bias) into out, or into a new [R, B, out] tensor; returns z.
 // A result mask [R, rows, M] (last dimension contiguous), M dividing nout, into a's mask fields.
 template <typename S>
 void set_mask(Args<S>& a, const char* op, const std::optional<at::Tensor>& mask, int64_t R, int64_t rows, int64_t nout,
@@ -640,6 +639,22 @@ void set_mask(Args<S>& a, const char* op, const std::optional<at::Tensor>& mask,
               like.scalar_type(), ", got ", m.scalar_type(), " on ", m.device());
   a.mask = m.data_ptr<S>(), a.mask_rs = m.stride(0), a.mask_ld = m.stride(1), a.mask_kd = kd, a.mask_cols = m.size(2);
 }
+
+// The weight sums' destination [R, nout] or [R, G, nout / G] (last dimension contiguous) into a's sums fields.
+template <typename S>
+void set_sums(Args<S>& a, const std::optional<at::Tensor>& sums, int64_t R, int64_t nout, const at::Tensor& like) {
+  if (!sums.has_value() || !sums->defined()) return;
+  const at::Tensor& t = *sums;
+  const bool grouped = t.dim() == 3;
+  TORCH_CHECK((t.dim() == 2 || grouped) && t.size(0) == R && (grouped ? t.size(1) * t.size(2) : t.size(1)) == nout &&
+                  (t.stride(-1) == 1 || t.size(-1) <= 1) && t.scalar_type() == like.scalar_type(),
+              "csr_linear: weight_sums must be [R, out] = [", R, ", ", nout, "] or [R, G, out / G] of the weight's ",
+              "dtype, its last dimension contiguous, got ", t.scalar_type(), " ", t.sizes(), " strides ", t.strides());
+  a.sums = t.data_ptr<S>(), a.sums_rs = t.stride(0);
+  a.sums_g = grouped ? Groups{t.size(2), t.stride(1), 1} : Groups{nout, 0, 1};
+}
+
+// z = X[rows] W^T (+ bias) into out, or into a new [R, B, out] tensor; returns z.
 
 at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
                            const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -679,16 +694,7 @@ at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, 
     a.dst = z.data_ptr<scalar_t>(), a.dst_rs = z.stride(0), a.dst_t = out_t, a.dst_g = zg, a.accumulate = accumulate;
     TORCH_CHECK(!(out_t && out_mask.has_value() && out_mask->defined()), "csr_linear: out_mask needs z, not z^T");
     set_mask<scalar_t>(a, "csr_linear", out_mask, R, B, nout, 1, weight);
-    if (weight_sums.has_value() && weight_sums->defined()) {
-      const at::Tensor& t = *weight_sums;
-      const bool grouped = t.dim() == 3;
-      TORCH_CHECK((t.dim() == 2 || grouped) && t.size(0) == R && (grouped ? t.size(1) * t.size(2) : t.size(1)) == nout &&
-                      (t.stride(-1) == 1 || t.size(-1) <= 1) && t.scalar_type() == weight.scalar_type(),
-                  "csr_linear: weight_sums must be [R, out] = [", R, ", ", nout, "] or [R, G, out / G] of the weight's ",
-                  "dtype, its last dimension contiguous, got ", t.scalar_type(), " ", t.sizes(), " strides ", t.strides());
-      a.sums = t.data_ptr<scalar_t>(), a.sums_rs = t.stride(0);
-      a.sums_g = grouped ? Groups{t.size(2), t.stride(1), 1} : Groups{nout, 0, 1};
-    }
+    set_sums<scalar_t>(a, weight_sums, R, nout, weight);
     run_fwd<scalar_t>(fn, a, R);
   });
   return z;
@@ -761,9 +767,9 @@ void csr_masked_linear_out_cpu(const at::Tensor& indptr, const at::Tensor& indic
     a.src = weight.data_ptr<scalar_t>(), a.src_rs = weight.stride(0), a.src_t = weight_t;
     a.src_g = {nout, 0, weight.stride(1)};
     a.dst = out.data_ptr<scalar_t>(), a.dst_rs = out.stride(0), a.accumulate = accumulate;
-    TORCH_CHECK(!(out_mask.has_value() && out_mask->defined() && out_mask->size(-1) != nout),
-                "csr_masked_linear: out_mask must be [R, B, out = ", nout, "], got ", out_mask->sizes());
     set_mask<scalar_t>(a, "csr_masked_linear", out_mask, R, B, nout, P, weight);
+    TORCH_CHECK(!a.mask || a.mask_cols == nout, "csr_masked_linear: out_mask must be [R, B, out = ", nout, "], got ",
+                out_mask->sizes());
     run_fwd<scalar_t>(fn, a, R);
   });
 }

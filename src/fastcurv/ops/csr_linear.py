@@ -264,10 +264,8 @@ def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weigh
             torch.ops.fastcurv.csr_masked_linear_out(P.indptr, P.indices, rows, d, w, transposed, o, accumulate, mask)
             return out
         torch.ops.fastcurv.csr_masked_linear_out(P.indptr, P.indices, rows, d, w, transposed, o, False, None)
-        out.add_(o) if accumulate else out.copy_(o)
-        return _masked(out, mask)
-    z = csr_masked_linear_reference(P, rows, dense, weight)
-    return _masked(out.add_(z) if accumulate else out.copy_(z), mask)
+        return _masked(_add_or_copy(out, o, accumulate), mask)
+    return _masked(_add_or_copy(out, csr_masked_linear_reference(P, rows, dense, weight), accumulate), mask)
 
 
 def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None,
@@ -332,7 +330,7 @@ def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor |
         raise ValueError(f"csr_linear_wgrad_shared: out must be [R, out, in] = [{R}, {n_out}, {rows.shape[1]}] "
                          f"(or [R, G, out / G, in]), got {tuple(out.shape)}")
     if bias_out is not None and (bias_out.dim() not in (2, 3) or bias_out.shape[0] != R
-                                 or bias_out[0].numel() != n_out or bias_out.dtype != grad.dtype):
+                                 or bias_out.shape[1:].numel() != n_out or bias_out.dtype != grad.dtype):
         raise ValueError(f"csr_linear_wgrad_shared: bias_out must be [R, out] = [{R}, {n_out}] (or [R, G, out / G]) "
                          f"of grad's dtype, got {bias_out.dtype} {tuple(bias_out.shape)}")
     layout = _kernel_layout(out)
