@@ -137,7 +137,8 @@ def test_masked_rows_and_pattern():
 def test_masked_kernel_matches_dense_products(shape, level, dtype, monkeypatch):
     """csr_masked_linear (every vector variant, tile path, weight layout; K = 1, 3 and 9 rows per
     pattern row, 9 taking AVX-512's groups of four rows, some cut by the row chunks; overwriting
-    and accumulating; per-replica and shared rows; strided dense / out) against float64 products of the masked dense rows. The dense rows are nonzero outside the
+    and accumulating; with and without out_mask; per-replica and shared rows; strided dense / out)
+    against float64 products of the masked dense rows. The dense rows are nonzero outside the
     pattern too: those entries must be ignored."""
     monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
     R, B, N, d, widths = (3, 7, 12, 29, WIDTHS) if shape == "small" else (2, 300, 320, 1100, [13, 133, 260])
@@ -191,8 +192,9 @@ def _grouped(flat_width, G, rows_, cols_, dtype, fill, transposed=False):
 def test_grouped_operands_are_read_and_written_in_place(shape, level, dtype, monkeypatch):
     """Weights ``[R, G, out / G, in]`` (the Hessian engine's probe blocks, G = K probes P apart), in
     both layouts, and the weight gradient of csr_linear_wgrad_shared into such a view (its bias
-    gradient, ``bias_out``, into ``[R, G, out / G]`` groups), against float64 dense products; group sizes below, at and across a tile (8 vectors: 32-128 columns), so
-    that tiles span several groups. The memory between the groups is never written."""
+    gradient, ``bias_out``, into ``[R, G, out / G]`` groups), against float64 dense products; group
+    sizes below, at and across a tile (8 vectors: 32-128 columns), so that tiles span several
+    groups. The memory between the groups is never written."""
     monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
     N, d = (9, 29) if shape == "small" else (300, 1100)
     x = _sparse_data(N, d, 0.25, dtype)

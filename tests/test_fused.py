@@ -170,9 +170,9 @@ def _same_as_plain_engine(op, plain, models, batches, K, gen, exact_trace):
 def test_fused_sparse_input_against_dense(K, act):
     """Sparse inputs (at most 40% nonzero): the first layer's products come from the nonzero inputs
     (fastcurv.ops.csr_linear, which also applies a piecewise-linear activation's derivative, 0/1 or
-    the leaky slope, to the tangent it writes); batches of different density, one too dense for the sparse path,
-    replica subsets in chunks of one; matvec, gradient and exact trace against dense Hessians and
-    the dense engine."""
+    the leaky slope, to the tangent it writes); batches of different density, one too dense for the
+    sparse path, replica subsets in chunks of one; matvec, gradient and exact trace against dense
+    Hessians and the dense engine."""
     models = replicas(lambda: nn.Sequential(nn.Linear(12, 6), act(), nn.Linear(6, 3)), R=3)
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(90, 12, generator=gen, dtype=torch.float64)

@@ -623,11 +623,12 @@ class FusedBackend(Backend):
                 sp_in, sp_out = st.sparse_in[lin], st.sparse_out[lin]
                 bias_out = None if layer.bias is None else out[pos[layer.bias]]  # [R, K, O]: sum_n rd
                 if lin == 0 and st.csr is not None:  # from the nonzero inputs, written in place (with the bias's)
-                    csr_linear_wgrad_shared(st.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first, bias_out=bias_out)
+                    csr_linear_wgrad_shared(st.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first,
+                                            bias_out=bias_out)
                     bias_out = None
                 elif sp_in is not None:
-                    csr_linear_wgrad_shared(sp_in.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first, rows=sp_in.rows_t,
-                                            bias_out=bias_out)
+                    csr_linear_wgrad_shared(sp_in.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first,
+                                            rows=sp_in.rows_t, bias_out=bias_out)
                     bias_out = None
                 elif lin == 0 and st.keep is not None:
                     _scatter_columns_(out[j], st.keep, st.zero, torch.bmm(rdT, a.expand(R, *a.shape)).view(R, K, O, -1), first)
