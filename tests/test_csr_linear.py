@@ -136,10 +136,10 @@ def test_masked_rows_and_pattern():
 @pytest.mark.parametrize("shape", ["small", "blocked"])
 def test_masked_kernel_matches_dense_products(shape, level, dtype, monkeypatch):
     """csr_masked_linear (every vector variant, tile path, weight layout; K = 1, 3 and 9 rows per
-    pattern row, 9 taking AVX-512's groups of four rows, some cut by the row chunks; overwriting
-    and accumulating; with and without out_mask; per-replica and shared rows; strided dense / out)
-    against float64 products of the masked dense rows. The dense rows are nonzero outside the
-    pattern too: those entries must be ignored."""
+    pattern row, 9 taking the groups of four (AVX-512) or two (AVX2) rows, some cut by the row
+    chunks; overwriting and accumulating; with and without out_mask; per-replica and shared rows;
+    strided dense / out) against float64 products of the masked dense rows. The dense rows are
+    nonzero outside the pattern too: those entries must be ignored."""
     monkeypatch.setenv("FASTCURV_CPU_LEVEL", level)
     R, B, N, d, widths = (3, 7, 12, 29, WIDTHS) if shape == "small" else (2, 300, 320, 1100, [13, 133, 260])
     X = CsrRows.from_dense(_sparse_data(N, d, 0.4, dtype))

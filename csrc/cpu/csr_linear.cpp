@@ -318,13 +318,14 @@ FC_ALWAYS_INLINE void blocked(const Args<S>& a, int64_t r, int64_t b0, int64_t b
     }
     for (int64_t i1 = BI; i1 - BI < a.in; i1 += BI)
       for (int64_t b = 0; b < n; ++b) {
-        // dense rows of one CSR row four at a time, a tile in 4-vector pieces (4 x 4 accumulators:
-        // AVX-512's 32 registers hold them; AVX2's 16 would not). Against one row at a time: 1.5x
-        // the multiply-add rate in a standalone loop on a 128 x 128 weight; in the Hessian engine's
-        // K=8 matvec, the two masked products took 555 -> 330 ms on W2 (512 x 512 weights) and
-        // 95 -> 84 ms on W1 (128 x 128, whose operands stream from memory at that speed)
-        if constexpr (DENSE && BYTES >= 64) {
-          constexpr int M = 4;
+        // dense rows of one CSR row four at a time with AVX-512, two with AVX2, a tile in 4-vector
+        // pieces (4 x 4 accumulators fit AVX-512's 32 registers, 2 x 4 AVX2's 16). Against one row
+        // at a time: AVX-512 1.5x the multiply-add rate in a standalone loop on a 128 x 128 weight;
+        // in the Hessian engine's K=8 matvec, the two masked products took 555 -> 330 ms on W2
+        // (512 x 512 weights) and 95 -> 84 ms on W1 (128 x 128, whose operands stream from memory
+        // at that speed). AVX2, the op alone on those weights: 1.15x and 1.85x.
+        if constexpr (DENSE && BYTES >= 32) {
+          constexpr int M = BYTES >= 64 ? 4 : 2;
           if (b + M <= n && (b0 + b) / a.kd == (b0 + b + M - 1) / a.kd) {
             // the next group's rows, dense in this block and z in this tile (a group reads its
             // rows back and forth, which the hardware prefetchers do not follow: cold, from memory,
