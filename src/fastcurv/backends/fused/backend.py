@@ -21,13 +21,16 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 #: The MLP engine's matvecs (CPU) take a hidden Linear layer's products from its ReLU input's nonzeros,
 #: and from its output's ReLU pattern, where at most this fraction of them is nonzero in a batch, per
 #: x86 vector level of the kernels (``fastcurv._ext.cpu_level()``: 2 AVX-512, 1 AVX2, 0 baseline).
-#: ``python benchmarks/bench_kernels.py --relu-sweep --repeat 21`` (one W1 replica at K=8, the six
-#: products against the GEMMs, 2 threads): AVX-512 2.1x faster at 50% nonzero, 1.7x at 60%, 1.3x at
-#: 70%, 0.9x at 80%; AVX2 (``FASTCURV_CPU_LEVEL=1``) 1.3x, 1.1x, 1.0x, 0.9x; baseline 1.4x at 20%,
-#: 1.0x at 35%, 0.7x at 50%. In the engine, on 100 W1 MLPs trained 5 epochs (71% and 64% of the ReLU
-#: outputs nonzero), AVX-512 K=8 matvecs took 1.04 s with the sparse products against 1.28 s with the
-#: GEMMs, and 1.12 s with a limit of 0.7 (which left the 71% input dense).
-HIDDEN_SPARSE_MAX_DENSITY = {2: 0.75, 1: 0.6, 0: 0.3}
+#: ``python benchmarks/bench_kernels.py --relu-sweep --repeat 31`` (one W1 replica at K=8, the six
+#: products against the GEMMs, 2 threads; the limit is where the sparse products stay about 1.1x
+#: faster): AVX-512 2.2x faster at 50% nonzero, 1.8x at 60%, 1.3-1.4x at 70%, 1.1x at 80%, 0.9x at
+#: 90%; AVX2 (``FASTCURV_CPU_LEVEL=1``) 1.5x, 1.2x, 1.0x, 0.9x at 50-80%; baseline 1.4x at 20%, 1.0x at
+#: 35%, 0.7x at 50% (the fourteenth round's kernels, which took the masked products' rows in groups;
+#: before them AVX-512 ran 1.3x at 70% and 0.9x at 80%, AVX2 1.1x at 60%, and the limits were 0.75
+#: and 0.6). In the engine, on 100 W1 MLPs trained 5 epochs (71% and 64% of the ReLU outputs
+#: nonzero), AVX-512 K=8 matvecs took 1.04 s with the sparse products against 1.28 s with the GEMMs,
+#: and 1.12 s with a limit of 0.7 (which left the 71% input dense).
+HIDDEN_SPARSE_MAX_DENSITY = {2: 0.8, 1: 0.65, 0: 0.3}
 #: ... and where the layer has at least this many inputs and outputs: narrower rows fill too little of
 #: the kernels' vector tiles (AVX-512, 50% / 70% nonzero: 1.0x / 0.6x at 32 features, 1.4x / 1.0x at 64).
 HIDDEN_SPARSE_MIN_WIDTH = 64
@@ -79,7 +82,7 @@ class FusedBackend(Backend):
         sparse_hidden: MLP chains on the CPU compute the matvec's products of a Linear layer between
             ReLUs from the nonzero entries of its ReLU input, and of its output's ReLU pattern,
             (the probe's tangents vanish where the ReLU does): None (default) where at most
-            ``HIDDEN_SPARSE_MAX_DENSITY`` of them are nonzero in a batch (0.75 with AVX-512, 0.6
+            ``HIDDEN_SPARSE_MAX_DENSITY`` of them are nonzero in a batch (0.8 with AVX-512, 0.65
             with AVX2; about half at initialization) and the layer has at least
             ``HIDDEN_SPARSE_MIN_WIDTH`` (64) inputs and outputs, True always, False never.
     """
