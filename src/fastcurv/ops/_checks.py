@@ -1,5 +1,6 @@
-"""Input checks shared by the op wrappers and their references (messages name the op and operand), and
-the layout test the wrappers use to pass a tensor to a kernel as it is."""
+"""Input checks shared by the op wrappers and their references (messages name the op and operand), the
+layout test the wrappers use to pass a tensor to a kernel as it is, and how they write a result into
+a given ``out``."""
 from __future__ import annotations
 
 import torch
@@ -43,3 +44,11 @@ def check_like(op: str, ref_name: str, ref: torch.Tensor, operands: dict) -> Non
             raise TypeError(f"{op}: dtype mismatch, {name} is {t.dtype} but {ref_name} is {ref.dtype}")
         if t.device != ref.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def store(out: torch.Tensor | None, value: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    """``value`` written into ``out`` (added with ``accumulate``) and returned; ``value`` itself when
+    ``out`` is None."""
+    if out is None:
+        return value
+    return out.add_(value) if accumulate else out.copy_(value)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _ext
-from ._checks import check_mask, contiguous_inner, inner_contiguous
+from ._checks import check_mask, contiguous_inner, inner_contiguous, store
 from .csr_from_dense import csr_from_dense
 
 #: Inputs at most this dense (fraction of nonzero entries) take the sparse path by default, in batched
@@ -191,10 +191,6 @@ def _masked(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return z
 
 
-def _add_or_copy(out: torch.Tensor, t: torch.Tensor, accumulate: bool) -> torch.Tensor:
-    return out.add_(t) if accumulate else out.copy_(t)
-
-
 def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                out_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``z[r] = X[rows[r]] @ weight[r]^T + bias[r]``, multiplying only the nonzero inputs.
@@ -249,7 +245,7 @@ def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weigh
     if weight.dim() != 3 or weight.shape[0] != R or weight.shape[2] != P.in_features:
         raise ValueError(f"weight must be [R = {R}, out, in = {P.in_features}], got {tuple(weight.shape)}")
     shape = (R, B, dense.shape[2], weight.shape[1])
-    mask = None if out_mask is None else _check_out_mask("csr_masked_linear", out_mask, R, B, shape[3], weight)
+    mask = _check_out_mask("csr_masked_linear", out_mask, R, B, shape[3], weight)
     if mask is not None and mask.shape[2] != shape[3]:
         raise ValueError(f"csr_masked_linear: out_mask must be [R, B, out] = {[R, B, shape[3]]}, got {tuple(mask.shape)}")
     if out is None:
@@ -264,8 +260,8 @@ def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weigh
             torch.ops.fastcurv.csr_masked_linear_out(P.indptr, P.indices, rows, d, w, transposed, o, accumulate, mask)
             return out
         torch.ops.fastcurv.csr_masked_linear_out(P.indptr, P.indices, rows, d, w, transposed, o, False, None)
-        return _masked(_add_or_copy(out, o, accumulate), mask)
-    return _masked(_add_or_copy(out, csr_masked_linear_reference(P, rows, dense, weight), accumulate), mask)
+        return _masked(store(out, o, accumulate), mask)
+    return _masked(store(out, csr_masked_linear_reference(P, rows, dense, weight), accumulate), mask)
 
 
 def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None,
@@ -288,8 +284,7 @@ def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: to
             torch.ops.fastcurv.csr_linear_wgrad(X.indptr, X.indices, X.values, rows, grad.contiguous(), o,
                                                 transposed, accumulate)
             return out
-    g = csr_linear_wgrad_reference(X, rows, grad)
-    return out.add_(g) if accumulate else out.copy_(g)
+    return store(out, csr_linear_wgrad_reference(X, rows, grad), accumulate)
 
 
 def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor | None = None,
@@ -342,10 +337,10 @@ def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor |
         torch.ops.fastcurv.csr_linear_out(Xt.indptr, Xt.indices, Xt.values, rows, grad.contiguous(), None, True, o,
                                           not transposed, accumulate, None, sums)
         if sums is not bias_out:
-            _add_or_copy(bias_out, grad.sum(1).view(bias_out.shape), accumulate)
+            store(bias_out, grad.sum(1).view(bias_out.shape), accumulate)
         return out
     g = torch.bmm(grad.transpose(1, 2), Xt.to_dense()[rows].transpose(1, 2)).view(out.shape)
     if bias_out is not None:
-        _add_or_copy(bias_out, grad.sum(1).view(bias_out.shape), accumulate)
-    return _add_or_copy(out, g, accumulate)
+        store(bias_out, grad.sum(1).view(bias_out.shape), accumulate)
+    return store(out, g, accumulate)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._checks import check_like, check_shapes, contiguous_inner, inner_contiguous
+from ._checks import check_like, check_shapes, contiguous_inner, inner_contiguous, store
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -76,15 +76,9 @@ def head_hvp_reference(a, ra, weight, dweight, delta, scale: float, probs=None, 
     rg = torch.einsum("rnko,roi->rnki", rd, weight) + torch.einsum("rno,rkoi->rnki", delta, dweight)
     if d1 is not None:
         rg = rg * d1.unsqueeze(2)
-    out_w = _store(out_w, hw, accumulate)
-    out_b = _store(out_b, hb, accumulate) if out_b is not None or dbias is not None else None
+    out_w = store(out_w, hw, accumulate)
+    out_b = store(out_b, hb, accumulate) if out_b is not None or dbias is not None else None
     return rg, out_w, out_b
-
-
-def _store(out, value, accumulate):
-    if out is None:
-        return value
-    return out.add_(value) if accumulate else out.copy_(value)
 
 
 def head_hvp(a, ra, weight, dweight, delta, scale: float, probs=None, dbias=None, d1=None, out_w=None, out_b=None,
@@ -113,8 +107,8 @@ def head_hvp(a, ra, weight, dweight, delta, scale: float, probs=None, dbias=None
         None if dbias is None else contiguous_inner(dbias, 1), probs, delta, float(scale), d1, ow,
         ob, accumulate)
     if out_w is not None and ow is not out_w:  # the kernel wrote into zeros or scratch (a layout it cannot write)
-        _store(out_w, ow, accumulate)
+        store(out_w, ow, accumulate)
     if out_b is not None and ob is not out_b:
-        _store(out_b, ob, accumulate)
+        store(out_b, ob, accumulate)
     return rg, out_w if out_w is not None else ow, out_b if out_b is not None else ob
 
