@@ -68,3 +68,22 @@ def test_hvp_json_tiny_run(tmp_path):
     assert work["fused"][0] <= work["fused_dense_input"][0] <= work["fused_all_columns"][0] == 784
     assert work["fused"][1] <= work["fused_dense_hidden"][1] == 128 * 128
     assert 0 < res["fused_K8_fraction_of_bmm"] and res["bmm_gflops"] > 0
+
+
+def test_sparse_hidden_json_tiny_run(tmp_path):
+    """The sparse-hidden sweep end to end on tiny MLPs: a larger bias shift opens more ReLUs, and
+    every mode's time is there."""
+    out = tmp_path / "sparse_hidden.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(BENCH, "sparse_hidden_json.py"), "--replicas", "2", "--hidden", "32",
+                    "--train", "200", "--batch", "64", "--epochs", "1", "--repeats", "1", "--shifts", "0", "2",
+                    "--out", str(out)], check=True, env=env, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    low, high = res["runs"]
+    assert len(low["relu_density"]) == 2
+    for a, b in zip(low["relu_density"], high["relu_density"]):
+        assert 0 <= a["min"] <= a["mean"] <= a["max"] <= 1
+        assert b["mean"] > a["mean"]
+    for run in res["runs"]:
+        assert set(run["seconds"]) == {"on", "off", "auto"} and min(run["seconds"].values()) > 0
+        assert run["dense_over_sparse"] > 0
