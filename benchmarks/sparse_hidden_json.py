@@ -9,7 +9,8 @@ training images with ``sparse_hidden`` on (the hidden layers' products from thei
 (a larger bias opens more ReLUs), which changes the density and nothing about the products' shapes.
 
     python benchmarks/sparse_hidden_json.py --out sparse_hidden_w1.json                     # W1 shape
-    python benchmarks/sparse_hidden_json.py --hidden 512 --replicas 20 --out sparse_hidden_w2.json
+    python benchmarks/sparse_hidden_json.py --hidden 512 --replicas 20 --shifts 0 0.3 0.45 0.6 1.2 \
+        --out sparse_hidden_w2.json                                                         # W2 shape
 
 Per shift: each hidden ReLU's fraction of nonzero outputs on the batch (mean, min and max over the
 replicas), the median of ``--repeats`` matvecs per mode, the three modes timed in alternation (one
@@ -90,7 +91,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--shifts", type=float, nargs="+", default=[0.0, 0.3, 0.6, 1.0, 1.5])
+    ap.add_argument("--shifts", type=float, nargs="+", default=[0.0, 0.3, 0.6, 0.8, 1.0, 1.5])
     ap.add_argument("--data", default=None, help="MNIST root (default: search ../shared/data, FASTCURV_DATA)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
