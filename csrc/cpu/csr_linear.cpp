@@ -656,7 +656,6 @@ void set_sums(Args<S>& a, const std::optional<at::Tensor>& sums, int64_t R, int6
 }
 
 // z = X[rows] W^T (+ bias) into out, or into a new [R, B, out] tensor; returns z.
-
 at::Tensor csr_linear_into(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
                            const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            bool weight_t, const std::optional<at::Tensor>& out, bool out_t, bool accumulate,

@@ -331,16 +331,15 @@ def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor |
     layout = _kernel_layout(out)
     if out.dim() == 4 and layout is not None and layout[1]:
         layout = None  # the kernel writes groups of rows only
-    sums = bias_out if bias_out is None or bias_out.stride(-1) == 1 or bias_out.shape[-1] <= 1 else None
+    sums = None  # where the kernel writes the bias gradient: bias_out, if it can
     if grad.device.type == "cpu" and _ext.choose("csr_linear_out", grad.device) == "ext" and layout is not None:
         o, transposed = layout  # the kernel writes z = X^T grad [R, in, out], here transposed unless out is
+        if bias_out is not None and (bias_out.stride(-1) == 1 or bias_out.shape[-1] <= 1):
+            sums = bias_out
         torch.ops.fastcurv.csr_linear_out(Xt.indptr, Xt.indices, Xt.values, rows, grad.contiguous(), None, True, o,
                                           not transposed, accumulate, None, sums)
-        if sums is not bias_out:
-            store(bias_out, grad.sum(1).view(bias_out.shape), accumulate)
-        return out
-    g = torch.bmm(grad.transpose(1, 2), Xt.to_dense()[rows].transpose(1, 2)).view(out.shape)
-    if bias_out is not None:
+    else:
+        store(out, torch.bmm(grad.transpose(1, 2), Xt.to_dense()[rows].transpose(1, 2)).view(out.shape), accumulate)
+    if bias_out is not None and sums is None:
         store(bias_out, grad.sum(1).view(bias_out.shape), accumulate)
-    return store(out, g, accumulate)
-
+    return out
