@@ -60,6 +60,14 @@ TORCH_LIBRARY(fastcurv, m) {
   // dense [R, B, P, in], out [R, B, P, out] (last three dims contiguous, any replica stride); the result
   // (after accumulating) times out_mask [R, B, out] when given.
   m.def("csr_masked_linear_out(Tensor indptr, Tensor indices, Tensor rows, Tensor dense, Tensor weight, bool weight_t, Tensor(a!) out, bool accumulate, Tensor? out_mask=None) -> ()");
+  // A convolution at chosen output positions, one set per output channel (CPU): cols [N, L, T] the input's
+  // patches (L output positions, T = C_in*kh*kw taps; rows contiguous), pos [N, G, S] int64 positions in
+  // [0, L) per output channel g, weight [G, K, T] (K weights per channel). Returns out [N, K, G, S] with
+  // out[n, k, g, s] = sum_t cols[n, pos[n, g, s], t] * weight[g, k, t].
+  m.def("sampled_conv(Tensor cols, Tensor pos, Tensor weight) -> Tensor");
+  // Its weight gradient from grad [N, K, G, S]: out [G, K, T] (contiguous) = sum_{n, s} grad[n, k, g, s] *
+  // cols[n, pos[n, g, s], t], written, or added with accumulate.
+  m.def("sampled_conv_wgrad(Tensor cols, Tensor pos, Tensor grad, Tensor(a!) out, bool accumulate) -> ()");
   // The x86 vector level the CPU kernels with per-ISA variants run: 2 AVX-512, 1 AVX2 + FMA, 0 baseline
   // (capped by FASTCURV_CPU_LEVEL; read at each call).
   m.def("cpu_level() -> int");

@@ -1,5 +1,7 @@
 """The fused engine on conv nets (Conv2d, pooling, eval BatchNorm) against dense float64 Hessians,
 the autograd oracle and torch.func gradients."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -136,6 +138,76 @@ def test_batchnorm_eval_against_dense(R, K, bias, affine, loss):
     op = _check_dense(lambda: bn_net(bias=bias, affine=affine), (1, 6, 5), R, K, loss)
     assert len(op.backend._maps.bias_folded) == 2 * bias
     assert op.replicas.buffers  # running statistics travel with the replicas
+
+
+def stem_net(act, bn, pool, bias=True):
+    """A first convolution, then element-wise layers (eval BatchNorm, an activation) and a max pooling
+    with non-overlapping windows: the stem the engine runs at the pooled resolution."""
+    acts = {"relu": nn.ReLU(), "leaky": nn.LeakyReLU(0.2), "gelu": nn.GELU(), "tanh": nn.Tanh()}
+    pools = {"2": nn.MaxPool2d(2), "3_ceil": nn.MaxPool2d(3, ceil_mode=True), "2_pad": nn.MaxPool2d(2, padding=1)}
+    layers = [nn.Conv2d(2, 3, 3, stride=(1, 2), padding=1, bias=bias)] + ([nn.BatchNorm2d(3)] if bn else [])
+    return nn.Sequential(*layers, acts[act], pools[pool], nn.Conv2d(3, 2, 2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3, bias=bias))
+
+
+def _stems(op):
+    """The pooling nodes whose stems ran at the pooled resolution in the op's cached state."""
+    return next(iter(op.backend._cache.values()))[1].stems
+
+
+@pytest.mark.parametrize("act,bn,pool,bias", [("relu", True, "2", True), ("leaky", True, "3_ceil", False),
+                                              ("gelu", True, "2_pad", True), ("tanh", False, "2", False),
+                                              ("relu", False, "3_ceil", True)])
+@pytest.mark.parametrize("R,K", [(1, 1), (3, 4)])
+def test_pooled_stem_against_dense(act, bn, pool, bias, R, K):
+    """The stem's R-passes at the pooling's winning positions (fastcurv.ops.sampled_conv) against
+    dense Hessians, on inputs with zero regions (ties in the pooling windows), and against the
+    engine at full resolution; with the C++ kernel and with the torch reference."""
+    shape = (2, 9, 12)
+
+    def net():
+        m = stem_net(act, bn, pool, bias)
+        m(torch.zeros(2, *shape))
+        return m
+
+    models = replicas(net, R=R)
+    for m in models:
+        if bn:
+            m[1].running_mean.uniform_(-0.5, 0.5)
+            m[1].running_var.uniform_(0.5, 2.0)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, *shape, generator=gen, dtype=torch.float64)
+    x[:, :, :5] = 0  # windows of equal values
+    y = torch.randint(0, 3, (9,), generator=gen)
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    V = torch.randn(R, K, sum(p.numel() for p in models[0].parameters()), generator=gen, dtype=torch.float64)
+    want = None
+    for impl, pooled in (("auto", False), ("auto", None), ("torch", True)):
+        if impl == "auto" and pooled is None and not fastcurv.cpu_extension_loaded():
+            continue
+        with fastcurv._ext.use_kernels(impl):
+            op = fastcurv.HessianOperator(models, batches, backend="fused", backend_options={"pooled_stem": pooled})
+            HV = op.matvec(V)
+        assert _stems(op) == (frozenset() if pooled is False else frozenset({3 if bn else 2}))
+        if want is None:
+            want = torch.stack([V[r] @ dense_hessian(models[r], batches).T for r in range(R)])
+        torch.testing.assert_close(HV, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("model", [
+    nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(3, stride=2), nn.Flatten(), nn.LazyLinear(3)),  # overlapping
+    nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2, dilation=2), nn.Flatten(), nn.LazyLinear(3)),  # dilated
+    nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Conv2d(2, 2, 1), nn.MaxPool2d(2), nn.Flatten(),
+                  nn.LazyLinear(3)),  # a conv whose input has a tangent
+    nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.LazyLinear(3)),
+], ids=["overlapping", "dilated", "second_conv", "avgpool"])
+def test_no_pooled_stem_where_positions_do_not_commute(model):
+    model(torch.zeros(1, 1, 9, 9))  # the lazy head's size
+    models = replicas(lambda: copy.deepcopy(model).double(), R=2)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 1, 9, 9, generator=gen, dtype=torch.float64)
+    op = fastcurv.HessianOperator(models, (x, torch.randint(0, 3, (6,), generator=gen)), backend="fused")
+    op.matvec(torch.randn(2, 1, op.P, generator=gen, dtype=torch.float64))
+    assert op.backend._maps.stems == {} and _stems(op) == frozenset()
 
 
 def test_batchnorm_on_the_input_against_dense():

@@ -13,6 +13,8 @@ from .csr_from_dense import csr_from_dense, csr_from_dense_reference
 from .csr_linear import (CsrRows, csr_linear, csr_linear_reference, csr_linear_wgrad, csr_linear_wgrad_reference,
                          csr_linear_wgrad_shared, csr_masked_linear, csr_masked_linear_reference)
 from .head_hvp import head_hvp, head_hvp_reference
+from .sampled_conv import (conv_patches, sampled_conv, sampled_conv_reference, sampled_conv_wgrad,
+                           sampled_conv_wgrad_reference)
 from .softmax_ce_hvp import softmax_ce_hvp, softmax_ce_hvp_reference
 
 __all__ = [
@@ -45,6 +47,11 @@ __all__ = [
     "csr_masked_linear_reference",
     "head_hvp",
     "head_hvp_reference",
+    "conv_patches",
+    "sampled_conv",
+    "sampled_conv_reference",
+    "sampled_conv_wgrad",
+    "sampled_conv_wgrad_reference",
     "softmax_ce_hvp",
     "softmax_ce_hvp_reference",
 ]

@@ -85,6 +85,11 @@ class FusedBackend(Backend):
             ``HIDDEN_SPARSE_MAX_DENSITY`` of them are nonzero in a batch (0.8 with AVX-512, 0.65
             with AVX2; about half at initialization) and the layer has at least
             ``HIDDEN_SPARSE_MIN_WIDTH`` (64) inputs and outputs, True always, False never.
+        pooled_stem: conv nets whose first convolution reaches a non-overlapping max pooling only
+            through eval BatchNorm and activations run the R-passes of that stem at the pooled
+            resolution, at the pooling's winning positions (:mod:`fastcurv.ops.sampled_conv`;
+            exact): None (default) where its C++ kernel runs (CPU), True always (elsewhere
+            the torch reference), False never.
     """
 
     name = "fused"
@@ -109,7 +114,7 @@ class FusedBackend(Backend):
     def __init__(self, replicas, loss, batches, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, sample_chunk_bytes: int | None = None,
                  drop_zero_columns: bool = True, sparse_input: bool | None = None, fused_head: bool = True,
-                 sparse_hidden: bool | None = None):
+                 sparse_hidden: bool | None = None, pooled_stem: bool | None = None):
         super().__init__(replicas, loss, batches)
         ok, why = self.supports(replicas, loss)
         if not ok:
@@ -121,7 +126,7 @@ class FusedBackend(Backend):
         self.drop_zero_columns = drop_zero_columns
         self.sparse_input = sparse_input
         self.sparse_hidden = sparse_hidden
-        self._maps = _MapEngine(self.layers, loss, fused_head) if _is_general(self.layers) else None
+        self._maps = _MapEngine(self.layers, loss, fused_head, pooled_stem) if _is_general(self.layers) else None
         linears = self._linears = [l for l in self.layers if l.kind == "linear"]
         # the last layer a Linear with few outputs, not the first (its input has a tangent)
         self.fused_head = (fused_head and self._maps is None and self.layers[-1].kind == "linear" and len(linears) > 1

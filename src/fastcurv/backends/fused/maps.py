@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ...ops import act_derivs, act_rop_bwd, activation_kind, activation_value, bn_eval_rop_bwd, bn_eval_rop_fwd, bn_rop_bwd, softmax_ce_hvp
 from ... import _ext
 from ...ops.head_hvp import HEAD_MAX_OUTPUTS
+from ...ops.sampled_conv import conv_patches, sampled_conv, sampled_conv_wgrad
 from .conv import conv2d, conv2d_input, conv2d_weight
 from .loss_head import _head_products, _loss_head
 
@@ -34,6 +35,12 @@ class _MapState:
         self.loss = None  # [R]
         self.widest = 1  # the largest number of features per sample and replica
         self.nbytes = 0
+        self.stems = frozenset()  # pooling nodes whose stems' values are kept at the pooled positions
+
+    def replace(self, i, key, tensor):
+        old = self.t[(i, key)]
+        self.nbytes += tensor.numel() * tensor.element_size() - old.numel() * old.element_size()
+        self.t[(i, key)] = tensor
 
     def put(self, i, key, tensor, shared=False):
         self.t[(i, key)] = tensor
@@ -46,7 +53,7 @@ class _MapState:
 
     def _map(self, f, shared_too=False) -> "_MapState":
         out = _MapState()
-        out.shared, out.meta, out.widest, out.loss = self.shared, self.meta, self.widest, self.loss
+        out.shared, out.meta, out.widest, out.loss, out.stems = self.shared, self.meta, self.widest, self.loss, self.stems
         out.t = {k: (f(v) if shared_too or k not in self.shared else v) for k, v in self.t.items()}
         out.probs = None if self.probs is None else f(self.probs)
         return out
@@ -81,8 +88,8 @@ class _MapEngine:
     value used twice receives the sum).
     """
 
-    def __init__(self, layers, loss, fused_head: bool = True):
-        self.layers, self.loss = layers, loss
+    def __init__(self, layers, loss, fused_head: bool = True, pooled_stem: bool | None = None):
+        self.layers, self.loss, self.pooled_stem = layers, loss, pooled_stem
         n = len(layers)
         self.inputs = [list(v) for v in getattr(layers, "inputs", [[i - 1] for i in range(n)])]
         self.shared: list[bool] = []
@@ -129,6 +136,25 @@ class _MapEngine:
                         if l.kind in ("conv", "linear") and l.bias is not None and len(users[i]) == 1
                         and layers[users[i][0]].kind == "bn" and not layers[users[i][0]].opts.get("batch")}
         self.bias_folded = set(self.bn_bias.values())
+        # Stems: a convolution of the model input (one group) whose output reaches a max pooling with
+        # non-overlapping windows only through eval BatchNorm and activations, each read by the next
+        # alone. Only each window's winning position reaches the pooling's output, or gets a gradient
+        # from it, and the element-wise layers commute with picking positions: the stem's R-passes
+        # can run at the pooled resolution (fastcurv.ops.sampled_conv). pool node -> [conv node, the
+        # nodes after it].
+        self.stems = {}
+        for m, l in enumerate(layers):
+            o = l.opts
+            if l.kind != "maxpool" or o["kernel_size"] != o["stride"] or o["dilation"] != (1, 1):
+                continue
+            chain, j = [], self.inputs[m][0]
+            while j >= 0 and len(users[j]) == 1 and (layers[j].kind == "act" or layers[j].kind == "bn" and not layers[j].opts.get("batch")):
+                chain.append(j)
+                j = self.inputs[j][0]
+            if j >= 0 and layers[j].kind == "conv" and len(users[j]) == 1 and self._reads_shared(self.inputs[j][0]) \
+                    and layers[j].opts["groups"] == 1:
+                self.stems[m] = [j] + chain[::-1]
+        self.stem_conv = {nodes[0]: m for m, nodes in self.stems.items()}  # conv node -> pool node
         self.fwd_inplace = [l.kind in ("act", "bn") and fwd_owned(self.inputs[i][0]) for i, l in enumerate(layers)]
         self.bwd_inplace = [(l.kind == "act" and bwd_owned(i)) or (l.kind == "bn" and bwd_owned(self.bn_act.get(i, i)))
                             for i, l in enumerate(layers)]
@@ -345,6 +371,8 @@ class _MapEngine:
         st = _MapState()
         R = next(iter(params.values())).shape[0]
         N = x.shape[0]
+        pooled = self._pooled_stems(x, keep_all)
+        at_pool = {j for m in pooled for j in self.stems[m]}  # tangents at the pooled size: not the widest
         vals = {-1: x}  # node outputs still to be read
         pre = {}
         bn = {}
@@ -422,7 +450,8 @@ class _MapEngine:
                 st.meta[i] = a.shape[3:]
                 z = self._pool(a.reshape(N, -1, *a.shape[3:]), l)
                 a = z.view(N, R, a.shape[2], *z.shape[2:])
-            st.widest = max(st.widest, a[0, 0].numel())
+            if i not in at_pool:
+                st.widest = max(st.widest, a[0, 0].numel())
             vals[i] = a
             self._free(vals, i)
         out = vals[len(self.layers) - 1]  # [N, R, C]
@@ -480,7 +509,25 @@ class _MapEngine:
                 C = g.shape[2]
                 g = self._pool_bwd(g.reshape(N, R * C, *g.shape[3:]), l, st.meta[i]).view(N, R, C, *st.meta[i])
             self._acc(grads, self.inputs[i][0], g)
+        for m in pooled:  # the stems' per-position values at the winning positions only
+            ind = st.get(m, "ind")  # [N, R, C, H'W']
+            for j in self.stems[m][1:]:
+                for key in ("xhat", "delta", "d1", "d2g"):
+                    t = st.get(j, key)
+                    if t is not None:
+                        st.replace(j, key, t.reshape(ind.shape[:3] + (-1,)).gather(3, ind).view(*ind.shape[:3], *st.meta[(m, "out")]))
+        st.stems = pooled
         return st
+
+    def _pooled_stems(self, x, keep_all: bool) -> frozenset:
+        """The pooling nodes whose stems run at the pooled resolution for inputs like ``x``: none for
+        a ``keep_all`` state (the parameter gradient reads every position) or with ``pooled_stem``
+        False; with None, where the C++ kernel runs."""
+        if keep_all or not self.stems or self.pooled_stem is False:
+            return frozenset()
+        if self.pooled_stem is None and not (x.device.type == "cpu" and _ext.choose("sampled_conv", x.device) == "ext"):
+            return frozenset()
+        return frozenset(self.stems)
 
     def gradient(self, st: _MapState, params, buffers, grads: dict):
         """Add the parameter gradients of a ``keep_all`` state to ``grads`` (name -> [R, *shape])."""
@@ -537,6 +584,7 @@ class _MapEngine:
         K = next(iter(vecs.values())).shape[1]
         rv = {}  # node -> output tangent [N, K, R, *feat] still to be read, or None (identically zero)
         rin, rpre, bn, bn_dot = {}, {}, {}, {}
+        stem_in = {}  # a pooled stem's conv node -> (patches of its input, winning positions)
         N = None
         last = len(self.layers) - 1
         head = self.head and self._head_runs(params[self.layers[last].weight])
@@ -560,19 +608,25 @@ class _MapEngine:
                 N = a.shape[0]
                 stride, pad, dil, g = self._conv_io(l, W)
                 rin[i] = ra
-                if first and g == 1:  # one plain conv: output channels in (K, R, Co) order, the tangent's layout
-                    zb = conv2d(a, dW.transpose(0, 1).reshape(-1, *W.shape[2:]), None, stride, pad, dil, 1)
-                    zb = zb.view(N, K, R, g, Co // g, *zb.shape[2:])
+                m = self.stem_conv.get(i)
+                if m in st.stems:  # the tangent at the pooling's winning positions: [N, K, R*Co, H'W']
+                    stem_in[i] = conv_patches(a, W.shape[3:], stride, pad, dil), st.get(m, "ind").reshape(N, R * Co, -1)
+                    rz = sampled_conv(*stem_in[i], dW.reshape(R, K, Co, -1).transpose(1, 2).reshape(R * Co, K, -1))
+                    rz = rz.view(N, K, R, Co, *st.meta[(m, "out")])
                 else:
-                    dWs = dW.view(R, K, g, Co // g, *W.shape[2:]).transpose(1, 2).reshape(-1, *W.shape[2:])
-                    zb = conv2d(self._full(a, R, first), dWs, None, stride, pad, dil, R * g)
-                    zb = zb.view(N, R, g, K, Co // g, *zb.shape[2:]).permute(0, 3, 1, 2, 4, 5, 6)
-                if ra is not None:
-                    za = conv2d(ra.reshape(N * K, -1, *ra.shape[4:]), W.reshape(-1, *W.shape[2:]), None, stride, pad, dil, R * g)
-                    rz = za.view(N, K, R, g, Co // g, *za.shape[2:]).add_(zb)
-                else:
-                    rz = zb.contiguous()
-                rz = rz.view(N, K, R, Co, *rz.shape[5:])
+                    if first and g == 1:  # one plain conv: output channels in (K, R, Co) order, the tangent's layout
+                        zb = conv2d(a, dW.transpose(0, 1).reshape(-1, *W.shape[2:]), None, stride, pad, dil, 1)
+                        zb = zb.view(N, K, R, g, Co // g, *zb.shape[2:])
+                    else:
+                        dWs = dW.view(R, K, g, Co // g, *W.shape[2:]).transpose(1, 2).reshape(-1, *W.shape[2:])
+                        zb = conv2d(self._full(a, R, first), dWs, None, stride, pad, dil, R * g)
+                        zb = zb.view(N, R, g, K, Co // g, *zb.shape[2:]).permute(0, 3, 1, 2, 4, 5, 6)
+                    if ra is not None:
+                        za = conv2d(ra.reshape(N * K, -1, *ra.shape[4:]), W.reshape(-1, *W.shape[2:]), None, stride, pad, dil, R * g)
+                        rz = za.view(N, K, R, g, Co // g, *za.shape[2:]).add_(zb)
+                    else:
+                        rz = zb.contiguous()
+                    rz = rz.view(N, K, R, Co, *rz.shape[5:])
                 if l.bias is not None and i not in self.bias_folded:
                     rz += _rb(vecs[l.bias], 2, True)
                 ra = rz
@@ -625,6 +679,8 @@ class _MapEngine:
                     ra = ra.mul_(d1) if self.fwd_inplace[i] else ra * d1
             elif l.kind == "flatten":
                 ra = ra.reshape(*ra.shape[:3], -1)
+            elif i in st.stems:
+                pass  # the stem's tangent is at the winning positions already
             elif l.kind == "maxpool":
                 ind = st.get(i, "ind")  # [N, R, C, H'W']
                 n, k, R, C = ra.shape[:4]
@@ -654,7 +710,10 @@ class _MapEngine:
                 hw = rd.shape[4:]
                 o = out[l.weight].view(R, K, g, Co // g, *W.shape[2:])
                 # weight: conv-weight-gradient of (input a, output grads rd) with K in the output channels
-                if first and g == 1:  # one plain conv: rd's (K, R, Co) channel order as it is
+                if i in stem_in:  # rd at the winning positions
+                    gw = sampled_conv_wgrad(*stem_in.pop(i), rd.reshape(N, K, R * Co, -1))
+                    out[l.weight] += gw.view(R, Co, K, *W.shape[2:]).transpose(1, 2)
+                elif first and g == 1:  # one plain conv: rd's (K, R, Co) channel order as it is
                     gw = conv2d_weight(a, (K * R * Co, *W.shape[2:]), rd.reshape(N, -1, *hw), stride, pad, dil, 1)
                     o += gw.view(K, R, g, Co // g, *W.shape[2:]).transpose(0, 1)
                 else:
@@ -713,6 +772,8 @@ class _MapEngine:
                                      rd.reshape(n, k, -1)).view(rd.shape)
             elif l.kind == "flatten":
                 rd = rd.reshape(*rd.shape[:3], *st.meta[i])
+            elif i in st.stems:
+                pass  # the stem takes the R-gradient at the winning positions
             elif l.kind == "maxpool":
                 ind = st.get(i, "ind")
                 n, k, R, C = rd.shape[:4]
