@@ -19,7 +19,9 @@ K=1 and K=8 probes (on W1 the fused engine's default multiplies only the nonzero
 layer, ``fastcurv.ops.csr_linear``, and takes the hidden layer's products from its ReLU patterns,
 ``csr_masked_linear``; also timed: ``sparse_input=False``, dense GEMMs without the
 input's all-zero pixel columns, and with ``drop_zero_columns=False`` too, all columns;
-``sparse_hidden=False``, the hidden layer's GEMMs), a per-model autograd loop (double backward through a retained graph, built
+``sparse_hidden=False``, the hidden layer's GEMMs; on W3 and W4 the default runs the first
+convolution's R-passes at the max pooling's winning positions, ``fastcurv.ops.sampled_conv``, also
+timed: ``pooled_stem=False``, at every position), a per-model autograd loop (double backward through a retained graph, built
 once), the func backend with its linearizations compiled (``backend_options={"compile": True}``;
 the first matvec, which compiles, is reported apart; measured last, after the jobs; left out, with
 func's warning in ``func_compiled_skipped``, where func's linearizations would exceed its memory
@@ -39,7 +41,7 @@ inputs in the first layer, with the hidden layer's GEMMs dense).
 before it (``peak_memory.py``: on the CPU the resident set, on a GPU the allocator's peak); the
 operators' cached per-batch state is built inside it, a per-model loop's retained graphs too.
 ``gflops_*``: the multiply-adds each variant does (read from its cached state,
-``engine_first_layer_inputs_and_hidden_macs``; W1's sparse hidden products: by the fraction of
+``engine_first_layer_inputs_and_hidden_macs``; W3/W4: ``first_conv_positions_done``; W1's sparse hidden products: by the fraction of
 nonzero ReLU outputs, ``hidden_relu_density``) over its time, as fractions of the same run's sgemm
 (a 2048-square matmul) and, on W1, of ``bmm_gflops`` (torch.bmm on the hidden layer's K=8 shape,
 ``[R, 8B, H] @ [R, H, H]``: on a GPU the engine's own GEMMs); ``gflops_fused_K8_dense_hidden_equivalent``:
@@ -188,6 +190,17 @@ def bmm_gflops(device, sync, R, M, H):
     return 2 * R * M * H * H / t / 1e9
 
 
+def stem_fraction(op) -> float:
+    """The fraction of the first convolution's output positions at which the fused conv engine ``op``
+    computes its R-passes (read from its cached state): the pooled positions over all where its
+    stem runs pooled (``pooled_stem``), else 1."""
+    maps, st = op.backend._maps, next(iter(op.backend._cache.values()))[1]
+    for m in st.stems:
+        if maps.stems[m][0] == 0:
+            return st.meta[(m, "out")].numel() / st.meta[m].numel()
+    return 1.0
+
+
 def engine_work(op, nonzeros, kept, n_in, H, density):
     """``(first-layer inputs per image, hidden-layer multiply-adds per image)`` that the fused W1
     operator ``op`` does, read from its cached per-batch state: the nonzero pixels with the sparse
@@ -309,6 +322,9 @@ def main(argv=None):
         # and with dense GEMMs in the hidden layer (its products from the ReLU patterns are the default)
         ops["fused_dense_hidden"] = fastcurv.HessianOperator(models, (x, y), backend="fused",
                                                              backend_options={"sparse_hidden": False})
+    else:  # the conv nets' first convolution, BatchNorm and ReLU at every position before the pooling
+        ops["fused_full_stem"] = fastcurv.HessianOperator(models, (x, y), backend="fused",
+                                                          backend_options={"pooled_stem": False})
     P = ops["fused"].P
     for K in (1, 8):
         V = torch.randn(R, K, P, device=dev)
@@ -331,10 +347,18 @@ def main(argv=None):
         res["bmm_gflops"] = bmm_gflops(dev, sync, R, 8 * a.batch, H)
 
     def gflops(first_layer_inputs, hidden_macs, seconds):
-        macs = [first_layer_inputs * H, hidden_macs, H * 10] if a.workload == "W1" else {"W3": W3_MACS, "W4": W4_MACS}[a.workload]
+        """W1: ``first_layer_inputs`` per image, ``hidden_macs``; W3/W4: ``first_layer_inputs`` the
+        fraction of the first convolution's output positions done."""
+        if a.workload == "W1":
+            macs = [first_layer_inputs * H, hidden_macs, H * 10]
+        else:
+            macs = list({"W3": W3_MACS, "W4": W4_MACS}[a.workload])
+            macs[0] *= first_layer_inputs
         return 8 * hvp_flops(macs) * a.batch * R / seconds / 1e9
 
-    variants = {"fused": (None, None)}
+    if a.workload != "W1":
+        variants = {b: (stem_fraction(ops[b]), None) for b in ("fused", "fused_full_stem")}
+        res["first_conv_positions_done"] = {b: v[0] for b, v in variants.items()}
     if a.workload == "W1":
         res["first_layer_nonzeros_per_image"] = float((x != 0).sum(1).double().mean())
         res["first_layer_inputs_kept"] = int((x != 0).any(0).sum())

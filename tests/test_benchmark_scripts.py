@@ -1,4 +1,4 @@
-"""The benchmark scripts' own machinery: peak-memory measurement and a tiny run of hvp_json."""
+"""The benchmark scripts' own machinery: peak-memory measurement and tiny runs of hvp_json (W1, W3) and sparse_hidden_json."""
 import json
 import os
 import subprocess
@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+
+import fastcurv
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
@@ -68,6 +70,23 @@ def test_hvp_json_tiny_run(tmp_path):
     assert work["fused"][0] <= work["fused_dense_input"][0] <= work["fused_all_columns"][0] == 784
     assert work["fused"][1] <= work["fused_dense_hidden"][1] == 128 * 128
     assert 0 < res["fused_K8_fraction_of_bmm"] and res["bmm_gflops"] > 0
+
+
+def test_hvp_json_tiny_w3_run(tmp_path):
+    """W3 end to end on 2 replicas and 16 images: the pooled stem and the full-resolution one are
+    both timed, and the FLOP model counts the first convolution at the positions each one does."""
+    out = tmp_path / "hvp_w3.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(BENCH, "hvp_json.py"), "--workload", "W3", "--replicas", "2", "--batch", "16",
+                    "--repeats", "1", "--job-repeats", "1", "--skip-slow", "--out", str(out)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    for key in ("hvp_fused_K8", "hvp_fused_full_stem_K8"):
+        assert res["seconds"][key] > 0, key
+    done = res["first_conv_positions_done"]
+    assert done["fused_full_stem"] == 1.0
+    assert done["fused"] == (0.25 if fastcurv.cpu_extension_loaded() else 1.0)  # 2x2 max pooling: a quarter
+    assert res["gflops_fused_K8"] > 0 and res["gflops_fused_full_stem_K8"] > 0
 
 
 def test_sparse_hidden_json_tiny_run(tmp_path):

@@ -372,7 +372,6 @@ class _MapEngine:
         R = next(iter(params.values())).shape[0]
         N = x.shape[0]
         pooled = self._pooled_stems(x, keep_all)
-        at_pool = {j for m in pooled for j in self.stems[m]}  # tangents at the pooled size: not the widest
         vals = {-1: x}  # node outputs still to be read
         pre = {}
         bn = {}
@@ -450,8 +449,7 @@ class _MapEngine:
                 st.meta[i] = a.shape[3:]
                 z = self._pool(a.reshape(N, -1, *a.shape[3:]), l)
                 a = z.view(N, R, a.shape[2], *z.shape[2:])
-            if i not in at_pool:
-                st.widest = max(st.widest, a[0, 0].numel())
+            st.widest = max(st.widest, a[0, 0].numel())
             vals[i] = a
             self._free(vals, i)
         out = vals[len(self.layers) - 1]  # [N, R, C]
