@@ -24,6 +24,7 @@ CASES = [(3, 1, 9, 7, 3, 1, 1, 1, 5, 3, 11),  # 9 taps, 11 positions (a vector t
          (2, 3, 8, 8, 3, 2, 0, 1, 4, 1, 16),  # 27 taps, stride 2
          (1, 2, 5, 6, 1, 1, 0, 1, 2, 8, 33),  # 2 taps (1x1), 33 positions
          (2, 1, 10, 9, (2, 3), 1, (1, 0), (2, 1), 3, 4, 40),  # rectangular, dilated
+         (2, 3, 6, 6, 3, 1, 1, 1, 3, 13, 21),  # 27 taps (two AVX-512 vectors), 13 probes (blocks 8 + 4 + 1)
          (1, 1, 4, 4, 1, 1, 0, 1, 1, 1, 1)]  # one tap, one position
 
 
@@ -77,6 +78,12 @@ def test_kernel_matches_reference(case, dtype, level, monkeypatch):
     wide_grad = torch.zeros(N, grad.shape[1], G, S + 3, dtype=dtype)
     wide_grad[..., :S] = grad
     torch.testing.assert_close(sampled_conv(cols, wide_pos[..., ::2], wt), want, **TOL[dtype])
+    # rows not padded (copied by the wrapper), and padding that holds NaN (masked by the kernel)
+    torch.testing.assert_close(sampled_conv(cols.contiguous(), pos, weight), want, **TOL[dtype])
+    nan_padded = torch.full((N, cols.shape[1], cols.stride(1)), float("nan"), dtype=dtype)
+    nan_padded[..., :cols.shape[2]] = cols
+    torch.testing.assert_close(sampled_conv(nan_padded[..., :cols.shape[2]], pos, weight), want, **TOL[dtype])
+    torch.testing.assert_close(sampled_conv_wgrad(nan_padded[..., :cols.shape[2]], pos, grad), want_w, **TOL[dtype])
     torch.testing.assert_close(sampled_conv_wgrad(cols, pos, wide_grad[..., :S]), want_w, **TOL[dtype])
     # written into and added to given outputs, contiguous or not
     for out in (torch.ones_like(want_w), torch.ones(want_w.shape[::-1], dtype=dtype).permute(2, 1, 0)):
@@ -128,3 +135,6 @@ def test_errors_name_the_problem(impl):
             sampled_conv(cols, pos, weight.float())
         with pytest.raises(TypeError, match="float32 or float64"):
             sampled_conv(cols.half(), pos, weight)
+    if impl == "auto":  # the kernel itself refuses rows it cannot read as whole vectors
+        with pytest.raises(RuntimeError, match=r"rows padded to 16 entries \(64 bytes"):
+            torch.ops.fastcurv.sampled_conv(cols.contiguous(), pos, weight)

@@ -12,9 +12,10 @@ The fused engine's first convolution before a non-overlapping max pooling uses t
 position that wins each pooling window reaches the rest of the network (forward) or receives a
 gradient (backward), and the element-wise layers in between (BatchNorm, activations) commute with
 picking positions, so the R-passes of that stem run at the pooled resolution from the cached winning
-positions (``pos`` = the pooling's indices, K = the probes). The C++ kernel
-(``csrc/cpu/sampled_conv.cpp``) gathers each position's patch once for all K; elsewhere the
-torch reference (a gather, then an einsum) runs.
+positions (``pos`` = the pooling's indices, K = the probes). The C++ kernels
+(``csrc/cpu/sampled_conv.cpp``) read a position's patch as one row of whole vectors (rows padded
+to 64 bytes, as :func:`conv_patches` lays them out) and use it for all K; elsewhere the torch
+reference (a gather, then an einsum) runs.
 """
 from __future__ import annotations
 
@@ -28,10 +29,36 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 def conv_patches(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """The patches of ``x [N, C_in, H, W]`` that a convolution with these settings reads, one
-    contiguous row per output position: ``[N, H_out * W_out, C_in * kh * kw]`` (taps in the order of
-    a conv weight ``[C_out, C_in, kh, kw]`` flattened)."""
-    return F.unfold(x, kernel_size, dilation, padding, stride).transpose(1, 2).contiguous()
+    """The patches of ``x [N, C_in, H, W]`` that a convolution with these settings reads, one row
+    per output position: ``[N, H_out * W_out, C_in * kh * kw]`` (taps in the order of a conv weight
+    ``[C_out, C_in, kh, kw]`` flattened), a view of rows zero-padded to 64 bytes, the layout the
+    C++ kernels read (any other layout is copied into it)."""
+    u = F.unfold(x, kernel_size, dilation, padding, stride)  # [N, T, L]
+    N, T, L = u.shape
+    out = u.new_zeros(N, L, _padded_taps(T, u.element_size()))
+    out[..., :T] = u.transpose(1, 2)
+    return out[..., :T]
+
+
+def _padded_taps(T: int, element_size: int) -> int:
+    per = 64 // element_size
+    return -(-T // per) * per
+
+
+def _kernel_rows(cols: torch.Tensor) -> torch.Tensor:
+    """``cols`` if each of its rows can be read as whole 64-byte vectors within its storage (rows
+    contiguous, padded), else such a copy."""
+    N, L, T = cols.shape
+    tp = _padded_taps(T, cols.element_size())
+    if cols.numel() == 0:
+        return cols
+    last = cols.storage_offset() + (N - 1) * cols.stride(0) + (L - 1) * cols.stride(1) + tp
+    if (cols.stride(2) == 1 and cols.stride(1) >= tp and cols.stride(0) >= 0
+            and last * cols.element_size() <= cols.untyped_storage().nbytes()):
+        return cols
+    out = cols.new_zeros(N, L, tp)
+    out[..., :T] = cols
+    return out[..., :T]
 
 
 def _check(op: str, cols, pos, weight=None, grad=None, out=None) -> tuple[int, int, int]:
@@ -94,7 +121,7 @@ def sampled_conv(cols, pos, weight) -> torch.Tensor:
     if cols.device.type != "cpu" or _ext.choose("sampled_conv", cols.device) != "ext":
         return sampled_conv_reference(cols, pos, weight)
     _check("sampled_conv", cols, pos, weight=weight)
-    return _run("sampled_conv", cols, pos, weight)
+    return _run("sampled_conv", _kernel_rows(cols), pos, weight)
 
 
 def sampled_conv_wgrad_reference(cols, pos, grad, out=None, accumulate: bool = False) -> torch.Tensor:
@@ -112,5 +139,5 @@ def sampled_conv_wgrad(cols, pos, grad, out=None, accumulate: bool = False) -> t
     G, K, T = _check("sampled_conv_wgrad", cols, pos, grad=grad, out=out)
     direct = out is not None and out.is_contiguous()
     target = out if direct else cols.new_empty(G, K, T)
-    _run("sampled_conv_wgrad", cols, pos, grad, target, accumulate and direct)
+    _run("sampled_conv_wgrad", _kernel_rows(cols), pos, grad, target, accumulate and direct)
     return target if direct or out is None else store(out, target, accumulate)
