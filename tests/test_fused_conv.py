@@ -180,17 +180,20 @@ def test_pooled_stem_against_dense(act, bn, pool, bias, R, K):
     y = torch.randint(0, 3, (9,), generator=gen)
     batches = [(x[:5], y[:5]), (x[5:], y[5:])]
     V = torch.randn(R, K, sum(p.numel() for p in models[0].parameters()), generator=gen, dtype=torch.float64)
-    want = None
+    want = want_g = None
     for impl, pooled in (("auto", False), ("auto", None), ("torch", True)):
         if impl == "auto" and pooled is None and not fastcurv.cpu_extension_loaded():
             continue
         with fastcurv._ext.use_kernels(impl):
             op = fastcurv.HessianOperator(models, batches, backend="fused", backend_options={"pooled_stem": pooled})
             HV = op.matvec(V)
+            loss, grad = op.loss_and_gradient()  # the stem's gradient from the winning positions too
         assert _stems(op) == (frozenset() if pooled is False else frozenset({3 if bn else 2}))
         if want is None:
             want = torch.stack([V[r] @ dense_hessian(models[r], batches).T for r in range(R)])
+            want_g = grad
         torch.testing.assert_close(HV, want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(grad, want_g, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("model", [

@@ -37,11 +37,6 @@ class _MapState:
         self.nbytes = 0
         self.stems = frozenset()  # pooling nodes whose stems' values are kept at the pooled positions
 
-    def replace(self, i, key, tensor):
-        old = self.t[(i, key)]
-        self.nbytes += tensor.numel() * tensor.element_size() - old.numel() * old.element_size()
-        self.t[(i, key)] = tensor
-
     def put(self, i, key, tensor, shared=False):
         self.t[(i, key)] = tensor
         if shared:
@@ -155,6 +150,7 @@ class _MapEngine:
                     and layers[j].opts["groups"] == 1:
                 self.stems[m] = [j] + chain[::-1]
         self.stem_conv = {nodes[0]: m for m, nodes in self.stems.items()}  # conv node -> pool node
+        self.stem_of = {j: m for m, nodes in self.stems.items() for j in nodes[1:]}  # element-wise node -> pool node
         self.fwd_inplace = [l.kind in ("act", "bn") and fwd_owned(self.inputs[i][0]) for i, l in enumerate(layers)]
         self.bwd_inplace = [(l.kind == "act" and bwd_owned(i)) or (l.kind == "bn" and bwd_owned(self.bn_act.get(i, i)))
                             for i, l in enumerate(layers)]
@@ -367,13 +363,14 @@ class _MapEngine:
     # --- probe-independent pass -----------------------------------------------------------------
     def primal(self, x, y, params, buffers, keep_all=False) -> _MapState:
         """Forward and backward pass; keeps what the R-passes need (``keep_all``: every layer's
-        input and output gradient, for the parameter gradient)."""
+        input and output gradient, for the parameter gradient). A pooled stem's backward runs at the
+        winning positions, and its per-position values are kept there only."""
         st = _MapState()
         R = next(iter(params.values())).shape[0]
         N = x.shape[0]
-        pooled = self._pooled_stems(x, keep_all)
+        pooled = self._pooled_stems(x)
         vals = {-1: x}  # node outputs still to be read
-        pre = {}
+        pre = {}  # activation node -> its input; a pooled stem's BatchNorm -> its input (its xhat at the winners)
         bn = {}
         for i, l in enumerate(self.layers):
             ins = self.inputs[i]
@@ -428,7 +425,9 @@ class _MapEngine:
                 nsp = a.dim() - 3
                 if a.shape[2] != s.shape[1]:
                     raise ValueError(f"BatchNorm {l.name!r} has {s.shape[1]} channels, its input {tuple(a.shape)} (replica axis at 1)")
-                if l.weight is not None:
+                if self.stem_of.get(i) in pooled:
+                    pre[i] = a
+                elif l.weight is not None:
                     st.put(i, "xhat", (a - _rb(mean, nsp, False)) * _rb(inv, nsp, False))
                 a = a * _rb(s, nsp, False) + _rb(t, nsp, False)
             elif l.kind == "act":
@@ -483,6 +482,10 @@ class _MapEngine:
                 dims = (0, *range(3, g.dim()))
                 g = (gx - gx.mean(dims, keepdim=True) - xhat * (gx * xhat).mean(dims, keepdim=True)) * inv
             elif l.kind == "bn":
+                if self.stem_of.get(i) in pooled and l.weight is not None:
+                    s, t, inv, mean = bn[i]
+                    z = self._winners(pre.pop(i), st, self.stem_of[i])
+                    st.put(i, "xhat", (z - _rb(mean, z.dim() - 3, False)) * _rb(inv, z.dim() - 3, False))
                 if l.weight is not None or keep_all:
                     st.put(i, "delta", g)
                 if l.weight is not None and i in self.bn_bias:  # per sample: the folded bias's R-passes read its sums
@@ -492,13 +495,16 @@ class _MapEngine:
                 s = bn[i][0]
                 g = g * _rb(s, g.dim() - 3, False)
             elif l.kind == "act":
-                d1, d2g = act_derivs(pre[i], g, l.act, l.slope)
+                z = self._winners(pre[i], st, self.stem_of[i]) if self.stem_of.get(i) in pooled else pre[i]
+                d1, d2g = act_derivs(z, g, l.act, l.slope)
                 st.put(i, "d1", d1)
                 if l.act not in (activation_kind("relu"), activation_kind("leaky_relu")):
                     st.put(i, "d2g", d2g)
                 g = d1 * g
             elif l.kind == "flatten":
                 g = g.reshape(N, R, *st.meta[i])
+            elif i in pooled:
+                pass  # the stem's gradient stays at the winning positions
             elif l.kind == "maxpool":
                 ind = st.get(i, "ind")
                 gi = g.new_zeros(N, R, g.shape[2], st.meta[i].numel())
@@ -507,21 +513,19 @@ class _MapEngine:
                 C = g.shape[2]
                 g = self._pool_bwd(g.reshape(N, R * C, *g.shape[3:]), l, st.meta[i]).view(N, R, C, *st.meta[i])
             self._acc(grads, self.inputs[i][0], g)
-        for m in pooled:  # the stems' per-position values at the winning positions only
-            ind = st.get(m, "ind")  # [N, R, C, H'W']
-            for j in self.stems[m][1:]:
-                for key in ("xhat", "delta", "d1", "d2g"):
-                    t = st.get(j, key)
-                    if t is not None:
-                        st.replace(j, key, t.reshape(ind.shape[:3] + (-1,)).gather(3, ind).view(*ind.shape[:3], *st.meta[(m, "out")]))
         st.stems = pooled
         return st
 
-    def _pooled_stems(self, x, keep_all: bool) -> frozenset:
-        """The pooling nodes whose stems run at the pooled resolution for inputs like ``x``: none for
-        a ``keep_all`` state (the parameter gradient reads every position) or with ``pooled_stem``
-        False; with None, where the C++ kernel runs."""
-        if keep_all or not self.stems or self.pooled_stem is False:
+    @staticmethod
+    def _winners(t, st, m):
+        """``t [N, R, C, H, W]`` at the winning positions of pooling node ``m``: ``[N, R, C, H', W']``."""
+        ind = st.get(m, "ind")  # [N, R, C, H'W']
+        return t.reshape(ind.shape[:3] + (-1,)).gather(3, ind).view(*ind.shape[:3], *st.meta[(m, "out")])
+
+    def _pooled_stems(self, x) -> frozenset:
+        """The pooling nodes whose stems run at the pooled resolution for inputs like ``x``: none
+        with ``pooled_stem`` False; with None, where the C++ kernels run."""
+        if not self.stems or self.pooled_stem is False:
             return frozenset()
         if self.pooled_stem is None and not (x.device.type == "cpu" and _ext.choose("sampled_conv", x.device) == "ext"):
             return frozenset()
@@ -537,10 +541,16 @@ class _MapEngine:
                 W = params[l.weight]
                 R, N = W.shape[0], delta.shape[0]
                 stride, pad, dil, g = self._conv_io(l, W)
-                inp = a if first and g == 1 else self._full(a, R, first)
-                gw = conv2d_weight(inp, (R * W.shape[1], *W.shape[2:]), delta.reshape(N, -1, *delta.shape[3:]),
-                                   stride, pad, dil, 1 if first and g == 1 else R * g)
-                grads[l.weight] += gw.view(W.shape)
+                m = self.stem_conv.get(i)
+                if m in st.stems:  # delta at the winning positions
+                    pos = st.get(m, "ind").reshape(N, R * W.shape[1], -1)
+                    gw = sampled_conv_wgrad(conv_patches(a, W.shape[3:], stride, pad, dil), pos, delta.reshape(N, 1, *pos.shape[1:]))
+                    grads[l.weight] += gw.view(W.shape)
+                else:
+                    inp = a if first and g == 1 else self._full(a, R, first)
+                    gw = conv2d_weight(inp, (R * W.shape[1], *W.shape[2:]), delta.reshape(N, -1, *delta.shape[3:]),
+                                       stride, pad, dil, 1 if first and g == 1 else R * g)
+                    grads[l.weight] += gw.view(W.shape)
                 if l.bias is not None:
                     grads[l.bias] += delta.sum((0, 3, 4))
             elif l.kind == "linear":
