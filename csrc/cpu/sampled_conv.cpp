@@ -127,8 +127,8 @@ FC_ALWAYS_INLINE void fwd_gather_range(const SampledArgs<S>& a, int64_t q0, int6
 
 // Weight gradient of channel g for the probes [k0, k0 + KB), vector v of the taps: sum over samples
 // and positions of grad[n, k, g, s] * (vector v of the position's row), in KB x U independent
-// accumulators (U positions at a time, so that KB * U = 8 multiply-add chains run at once), added
-// into acc[kk * W .. ] (W lanes each; the caller keeps the lanes below T).
+// accumulators (U positions at a time, so that KB * U = 8 multiply-add chains run at once), written
+// to acc[kk * W ..] (W lanes each; the caller keeps the lanes below T).
 template <typename S, int BYTES, int KB>
 FC_ALWAYS_INLINE void wgrad_taps(const SampledArgs<S>& a, int64_t g, int64_t k0, int64_t v, S* acc) {
   using L = FcLanes<S, BYTES>;

@@ -11,8 +11,8 @@ weights per channel ``weight [G, K, T]``::
 The fused engine's first convolution before a non-overlapping max pooling uses them: only the
 position that wins each pooling window reaches the rest of the network (forward) or receives a
 gradient (backward), and the element-wise layers in between (BatchNorm, activations) commute with
-picking positions, so the R-passes of that stem run at the pooled resolution from the cached winning
-positions (``pos`` = the pooling's indices, K = the probes). The C++ kernels
+picking positions, so that stem's passes run at the pooled resolution from the winning positions
+(``pos`` = the pooling's indices; K = the probes in a matvec, 1 in the parameter gradient). The C++ kernels
 (``csrc/cpu/sampled_conv.cpp``) read a position's patch as one row of whole vectors (rows padded
 to 64 bytes, as :func:`conv_patches` lays them out) and use it for all K; elsewhere the torch
 reference (a gather, then an einsum) runs.

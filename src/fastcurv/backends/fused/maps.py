@@ -134,9 +134,9 @@ class _MapEngine:
         # Stems: a convolution of the model input (one group) whose output reaches a max pooling with
         # non-overlapping windows only through eval BatchNorm and activations, each read by the next
         # alone. Only each window's winning position reaches the pooling's output, or gets a gradient
-        # from it, and the element-wise layers commute with picking positions: the stem's R-passes
-        # can run at the pooled resolution (fastcurv.ops.sampled_conv). pool node -> [conv node, the
-        # nodes after it].
+        # from it, and the element-wise layers commute with picking positions: the stem's backward
+        # passes, its R-forward and its weight products can run at the pooled resolution
+        # (fastcurv.ops.sampled_conv). pool node -> [conv node, the nodes after it].
         self.stems = {}
         for m, l in enumerate(layers):
             o = l.opts
@@ -483,7 +483,7 @@ class _MapEngine:
                 g = (gx - gx.mean(dims, keepdim=True) - xhat * (gx * xhat).mean(dims, keepdim=True)) * inv
             elif l.kind == "bn":
                 if self.stem_of.get(i) in pooled and l.weight is not None:
-                    s, t, inv, mean = bn[i]
+                    _, _, inv, mean = bn[i]
                     z = self._winners(pre.pop(i), st, self.stem_of[i])
                     st.put(i, "xhat", (z - _rb(mean, z.dim() - 3, False)) * _rb(inv, z.dim() - 3, False))
                 if l.weight is not None or keep_all:
@@ -545,12 +545,11 @@ class _MapEngine:
                 if m in st.stems:  # delta at the winning positions
                     pos = st.get(m, "ind").reshape(N, R * W.shape[1], -1)
                     gw = sampled_conv_wgrad(conv_patches(a, W.shape[3:], stride, pad, dil), pos, delta.reshape(N, 1, *pos.shape[1:]))
-                    grads[l.weight] += gw.view(W.shape)
                 else:
                     inp = a if first and g == 1 else self._full(a, R, first)
                     gw = conv2d_weight(inp, (R * W.shape[1], *W.shape[2:]), delta.reshape(N, -1, *delta.shape[3:]),
                                        stride, pad, dil, 1 if first and g == 1 else R * g)
-                    grads[l.weight] += gw.view(W.shape)
+                grads[l.weight] += gw.view(W.shape)
                 if l.bias is not None:
                     grads[l.bias] += delta.sum((0, 3, 4))
             elif l.kind == "linear":
