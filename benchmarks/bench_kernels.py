@@ -58,6 +58,9 @@ from fastcurv.ops import (
     bn_eval_rop_bwd_reference,
     bn_eval_rop_fwd_reference,
     bn_rop_bwd_reference,
+    conv_patches,
+    sampled_conv_reference,
+    sampled_conv_wgrad_reference,
     softmax_ce_hvp_reference,
 )
 from fastcurv.ops.linear_rop import linear_rop_reference
@@ -75,9 +78,10 @@ def sizes(full: bool | None = None) -> dict:
     if full is None:
         full = os.environ.get("FASTCURV_BENCH_FULL") == "1"
     if full:
-        return dict(R=100, N=1000, H=128, C=10, K=8, I=784, BN=(256, 4, 320, 196))
-    # BN: bn_rop_bwd's (N, K, G, S), a batch-statistics BatchNorm2d with 20 replicas x 16 channels of 14x14 maps
-    return dict(R=20, N=500, H=128, C=10, K=4, I=784, BN=(64, 4, 320, 196))
+        return dict(R=100, N=1000, H=128, C=10, K=8, I=784, BN=(256, 4, 320, 196), SC=(32, 160, 8))
+    # BN: bn_rop_bwd's (N, K, G, S), a batch-statistics BatchNorm2d with 20 replicas x 16 channels of 14x14 maps;
+    # SC: sampled_conv's (N, G, K), W3's first layer (20 replicas x 8 channels, 3x3 on 28x28 MNIST, 2x2 pooling)
+    return dict(R=20, N=500, H=128, C=10, K=4, I=784, BN=(64, 4, 320, 196), SC=(16, 160, 4))
 
 
 def make_inputs(op: str, device: str, dtype=torch.float32, full: bool | None = None) -> tuple:
@@ -109,6 +113,15 @@ def make_inputs(op: str, device: str, dtype=torch.float32, full: bool | None = N
         return (rnd(R, N, H), rnd(R, N, K, H), rnd(R, C, H), rnd(R, K, C, H), rnd(R, K, C), rnd(R, N, C).softmax(-1),
                 rnd(R, N, C), 1.0 / N, mask, torch.empty(R, K, C, H, dtype=dtype, device=device),
                 torch.empty(R, K, C, dtype=dtype, device=device), False)
+    if op in ("sampled_conv", "sampled_conv_wgrad"):  # cols, pos (a winner in each 2x2 window), weight or grad
+        Ns, G, Ks = s["SC"]
+        cols = conv_patches(rnd(Ns, 1, 28, 28), 3, 1, 1)
+        win = torch.randint(0, 2, (2, Ns, G, 14, 14), generator=g)
+        rows, cols_ = torch.arange(14).view(14, 1), torch.arange(14).view(1, 14)
+        pos = ((2 * rows + win[0]) * 28 + 2 * cols_ + win[1]).view(Ns, G, 196).to(device)
+        if op == "sampled_conv":
+            return (cols, pos, rnd(G, Ks, 9))
+        return (cols, pos, rnd(Ns, Ks, G, 196), torch.empty(G, Ks, 9, dtype=dtype, device=device), False)
     if op == "linear_rop":  # the first hidden layer of W1: input shared by all replicas
         x = rnd(N, I)
         return (x.expand(R, N, I), None, rnd(R, H, I) / I**0.5, rnd(R, K, H, I), rnd(R, H), rnd(R, K, H), "relu", 0.0)
@@ -141,6 +154,8 @@ REFERENCES = {
     "bn_eval_rop_bwd": bn_eval_rop_bwd_reference,
     "linear_rop": linear_rop_reference,
     "head_hvp": head_hvp_gemms,  # the GEMM chain it replaces, not the einsum reference
+    "sampled_conv": sampled_conv_reference,
+    "sampled_conv_wgrad": sampled_conv_wgrad_reference,
 }
 
 
