@@ -144,7 +144,8 @@ def stem_net(act, bn, pool, bias=True):
     """A first convolution, then element-wise layers (eval BatchNorm, an activation) and a max pooling
     with non-overlapping windows: the stem the engine runs at the pooled resolution."""
     acts = {"relu": nn.ReLU(), "leaky": nn.LeakyReLU(0.2), "gelu": nn.GELU(), "tanh": nn.Tanh()}
-    pools = {"2": nn.MaxPool2d(2), "3_ceil": nn.MaxPool2d(3, ceil_mode=True), "2_pad": nn.MaxPool2d(2, padding=1)}
+    pools = {"2": nn.MaxPool2d(2), "3_ceil": nn.MaxPool2d(3, ceil_mode=True), "2_pad": nn.MaxPool2d(2, padding=1),
+             "3_overlap": nn.MaxPool2d(3, stride=2, padding=1), "2_dilated": nn.MaxPool2d(2, dilation=2)}
     layers = [nn.Conv2d(2, 3, 3, stride=(1, 2), padding=1, bias=bias)] + ([nn.BatchNorm2d(3)] if bn else [])
     return nn.Sequential(*layers, acts[act], pools[pool], nn.Conv2d(3, 2, 2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3, bias=bias))
 
@@ -156,12 +157,14 @@ def _stems(op):
 
 @pytest.mark.parametrize("act,bn,pool,bias", [("relu", True, "2", True), ("leaky", True, "3_ceil", False),
                                               ("gelu", True, "2_pad", True), ("tanh", False, "2", False),
-                                              ("relu", False, "3_ceil", True)])
+                                              ("relu", False, "3_ceil", True), ("relu", True, "3_overlap", True),
+                                              ("gelu", False, "2_dilated", False)])
 @pytest.mark.parametrize("R,K", [(1, 1), (3, 4)])
 def test_pooled_stem_against_dense(act, bn, pool, bias, R, K):
     """The stem's R-passes at the pooling's winning positions (fastcurv.ops.sampled_conv) against
-    dense Hessians, on inputs with zero regions (ties in the pooling windows), and against the
-    engine at full resolution; with the C++ kernel and with the torch reference."""
+    dense Hessians, on inputs with zero regions (ties in the pooling windows; overlapping windows
+    that share winners), and against the engine at full resolution; with the C++ kernel and with
+    the torch reference."""
     shape = (2, 9, 12)
 
     def net():
@@ -196,21 +199,46 @@ def test_pooled_stem_against_dense(act, bn, pool, bias, R, K):
         torch.testing.assert_close(grad, want_g, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("model", [
-    nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(3, stride=2), nn.Flatten(), nn.LazyLinear(3)),  # overlapping
-    nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2, dilation=2), nn.Flatten(), nn.LazyLinear(3)),  # dilated
-    nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Conv2d(2, 2, 1), nn.MaxPool2d(2), nn.Flatten(),
-                  nn.LazyLinear(3)),  # a conv whose input has a tangent
-    nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.LazyLinear(3)),
-], ids=["overlapping", "dilated", "second_conv", "avgpool"])
-def test_no_pooled_stem_where_positions_do_not_commute(model):
-    model(torch.zeros(1, 1, 9, 9))  # the lazy head's size
+@pytest.mark.parametrize("model,stems", [
+    (nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.Flatten(), nn.LazyLinear(3)), set()),
+    (nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 1), nn.MaxPool2d(2), nn.Flatten(), nn.LazyLinear(3)),
+     set()),  # the pooled convolution's input has a tangent
+    (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.LazyLinear(3)), set()),
+    (nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.LazyLinear(3)),
+     set()),
+    (nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.LazyLinear(3)), {2}),
+], ids=["stride1", "second_conv", "groups", "avgpool", "stem"])
+def test_which_convolutions_run_as_pooled_stems(model, stems):
+    model(torch.zeros(1, 2, 9, 9))  # the lazy head's size
     models = replicas(lambda: copy.deepcopy(model).double(), R=2)
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(6, 1, 9, 9, generator=gen, dtype=torch.float64)
-    op = fastcurv.HessianOperator(models, (x, torch.randint(0, 3, (6,), generator=gen)), backend="fused")
-    op.matvec(torch.randn(2, 1, op.P, generator=gen, dtype=torch.float64))
-    assert op.backend._maps.stems == {} and _stems(op) == frozenset()
+    x = torch.randn(6, 2, 9, 9, generator=gen, dtype=torch.float64)
+    data = (x, torch.randint(0, 3, (6,), generator=gen))
+    V = torch.randn(2, 3, sum(p.numel() for p in models[0].parameters()), generator=gen, dtype=torch.float64)
+    op = fastcurv.HessianOperator(models, data, backend="fused", backend_options={"pooled_stem": True})
+    HV = op.matvec(V)
+    assert op.backend._maps.stems.keys() == stems and _stems(op) == stems
+    every = fastcurv.HessianOperator(models, data, backend="fused", backend_options={"pooled_stem": False})
+    torch.testing.assert_close(HV, every.matvec(V), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+def test_stems_with_many_taps_keep_every_position_by_default():
+    """Above STEM_MAX_TAPS (2 x 5 x 5 = 50 taps here) the default keeps every position; True pools."""
+    from fastcurv.backends.fused.maps import STEM_MAX_TAPS
+
+    assert 2 * 5 * 5 > STEM_MAX_TAPS >= 3 * 3 * 3
+    models = replicas(_materialize(lambda: nn.Sequential(nn.Conv2d(2, 2, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                                         nn.LazyLinear(3)), (2, 9, 9)), R=2)
+    gen = torch.Generator().manual_seed(5)
+    data = (torch.randn(4, 2, 9, 9, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen))
+    V = torch.randn(2, 1, sum(p.numel() for p in models[0].parameters()), generator=gen, dtype=torch.float64)
+    HV = {}
+    for pooled, want in ((None, frozenset()), (True, frozenset({2}))):
+        op = fastcurv.HessianOperator(models, data, backend="fused", backend_options={"pooled_stem": pooled})
+        HV[pooled] = op.matvec(V)
+        assert _stems(op) == want
+    torch.testing.assert_close(HV[None], HV[True], rtol=1e-10, atol=1e-13)
 
 
 def test_batchnorm_on_the_input_against_dense():

@@ -8,7 +8,7 @@ weights per channel ``weight [G, K, T]``::
     sampled_conv:       out[n, k, g, s] = sum_t cols[n, pos[n, g, s], t] * weight[g, k, t]     [N, K, G, S]
     sampled_conv_wgrad: gw[g, k, t]     = sum_{n, s} grad[n, k, g, s] * cols[n, pos[n, g, s], t]  [G, K, T]
 
-The fused engine's first convolution before a non-overlapping max pooling uses them: only the
+The fused engine's first convolution before a strided max pooling uses them: only the
 position that wins each pooling window reaches the rest of the network (forward) or receives a
 gradient (backward), and the element-wise layers in between (BatchNorm, activations) commute with
 picking positions, so that stem's passes run at the pooled resolution from the winning positions

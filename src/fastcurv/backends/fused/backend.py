@@ -85,11 +85,11 @@ class FusedBackend(Backend):
             ``HIDDEN_SPARSE_MAX_DENSITY`` of them are nonzero in a batch (0.8 with AVX-512, 0.65
             with AVX2; about half at initialization) and the layer has at least
             ``HIDDEN_SPARSE_MIN_WIDTH`` (64) inputs and outputs, True always, False never.
-        pooled_stem: conv nets whose first convolution reaches a non-overlapping max pooling only
-            through eval BatchNorm and activations run the R-passes of that stem at the pooled
+        pooled_stem: conv nets whose first convolution reaches a strided max pooling only
+            through eval BatchNorm and activations run that stem's passes at the pooled
             resolution, at the pooling's winning positions (:mod:`fastcurv.ops.sampled_conv`;
-            exact): None (default) where its C++ kernel runs (CPU), True always (elsewhere
-            the torch reference), False never.
+            exact): None (default) where its C++ kernels run (CPU) and the convolution has at most
+            ``STEM_MAX_TAPS`` (32) taps, True always (elsewhere the torch reference), False never.
     """
 
     name = "fused"

@@ -20,6 +20,14 @@ from .conv import conv2d, conv2d_input, conv2d_weight
 from .loss_head import _head_products, _loss_head
 
 
+# Taps (C_in x kh x kw) up to which a stem runs at the pooled resolution by default. Against every
+# position (R=8, 64 images, 2 threads, a stem of 16 channels and a 3x3 stride-2 pooling): 9, 25 and
+# 27 taps faster at K=1 and 8 and in the gradient (K=8 0.80-0.83x); 49 and 75 taps 0.91-0.93x at
+# K=8 but 1.0-1.1x at K=1; 98 and 147 taps 1.6-1.8x at K=1 (the patches' rows, as long as the taps,
+# then cost more than the positions saved).
+STEM_MAX_TAPS = 32
+
+
 class _MapState:
     """Probe-independent values of one batch for the sample-major engine.
 
@@ -131,16 +139,17 @@ class _MapEngine:
                         if l.kind in ("conv", "linear") and l.bias is not None and len(users[i]) == 1
                         and layers[users[i][0]].kind == "bn" and not layers[users[i][0]].opts.get("batch")}
         self.bias_folded = set(self.bn_bias.values())
-        # Stems: a convolution of the model input (one group) whose output reaches a max pooling with
-        # non-overlapping windows only through eval BatchNorm and activations, each read by the next
-        # alone. Only each window's winning position reaches the pooling's output, or gets a gradient
-        # from it, and the element-wise layers commute with picking positions: the stem's backward
-        # passes, its R-forward and its weight products can run at the pooled resolution
-        # (fastcurv.ops.sampled_conv). pool node -> [conv node, the nodes after it].
+        # Stems: a convolution of the model input (one group) whose output reaches a strided max
+        # pooling only through eval BatchNorm and activations, each read by the next alone. Only each
+        # window's winning position reaches the pooling's output, or gets a gradient from it, and the
+        # element-wise layers commute with picking positions: the stem's backward passes, its
+        # R-forward and its weight products can run at the pooled resolution, one entry per window
+        # (fastcurv.ops.sampled_conv). Where windows overlap and share a winner, its entries are
+        # summed where the full-resolution passes would sum first: every pass is linear in the
+        # gradients and tangents it carries. pool node -> [conv node, the nodes after it].
         self.stems = {}
         for m, l in enumerate(layers):
-            o = l.opts
-            if l.kind != "maxpool" or o["kernel_size"] != o["stride"] or o["dilation"] != (1, 1):
+            if l.kind != "maxpool" or l.opts["stride"] == (1, 1):  # (a stride-1 pooling keeps as many positions)
                 continue
             chain, j = [], self.inputs[m][0]
             while j >= 0 and len(users[j]) == 1 and (layers[j].kind == "act" or layers[j].kind == "bn" and not layers[j].opts.get("batch")):
@@ -368,7 +377,7 @@ class _MapEngine:
         st = _MapState()
         R = next(iter(params.values())).shape[0]
         N = x.shape[0]
-        pooled = self._pooled_stems(x)
+        pooled = self._pooled_stems(x, params)
         vals = {-1: x}  # node outputs still to be read
         pre = {}  # activation node -> its input; a pooled stem's BatchNorm -> its input (its xhat at the winners)
         bn = {}
@@ -522,13 +531,17 @@ class _MapEngine:
         ind = st.get(m, "ind")  # [N, R, C, H'W']
         return t.reshape(ind.shape[:3] + (-1,)).gather(3, ind).view(*ind.shape[:3], *st.meta[(m, "out")])
 
-    def _pooled_stems(self, x) -> frozenset:
+    def _pooled_stems(self, x, params) -> frozenset:
         """The pooling nodes whose stems run at the pooled resolution for inputs like ``x``: none
-        with ``pooled_stem`` False; with None, where the C++ kernels run."""
+        with ``pooled_stem`` False; with None, where the C++ kernels run and the convolution has at
+        most ``STEM_MAX_TAPS`` taps; with True, all."""
         if not self.stems or self.pooled_stem is False:
             return frozenset()
-        if self.pooled_stem is None and not (x.device.type == "cpu" and _ext.choose("sampled_conv", x.device) == "ext"):
-            return frozenset()
+        if self.pooled_stem is None:
+            if not (x.device.type == "cpu" and _ext.choose("sampled_conv", x.device) == "ext"):
+                return frozenset()
+            return frozenset(m for m, nodes in self.stems.items()
+                             if params[self.layers[nodes[0]].weight][0, 0].numel() <= STEM_MAX_TAPS)
         return frozenset(self.stems)
 
     def gradient(self, st: _MapState, params, buffers, grads: dict):
