@@ -141,8 +141,8 @@ def test_batchnorm_eval_against_dense(R, K, bias, affine, loss):
 
 
 def stem_net(act, bn, pool, bias=True):
-    """A first convolution, then element-wise layers (eval BatchNorm, an activation) and a max pooling
-    with non-overlapping windows: the stem the engine runs at the pooled resolution."""
+    """A first convolution, then element-wise layers (eval BatchNorm, an activation) and a strided max
+    pooling: the stem the engine runs at the pooled resolution."""
     acts = {"relu": nn.ReLU(), "leaky": nn.LeakyReLU(0.2), "gelu": nn.GELU(), "tanh": nn.Tanh()}
     pools = {"2": nn.MaxPool2d(2), "3_ceil": nn.MaxPool2d(3, ceil_mode=True), "2_pad": nn.MaxPool2d(2, padding=1),
              "3_overlap": nn.MaxPool2d(3, stride=2, padding=1), "2_dilated": nn.MaxPool2d(2, dilation=2)}
@@ -190,7 +190,7 @@ def test_pooled_stem_against_dense(act, bn, pool, bias, R, K):
         with fastcurv._ext.use_kernels(impl):
             op = fastcurv.HessianOperator(models, batches, backend="fused", backend_options={"pooled_stem": pooled})
             HV = op.matvec(V)
-            loss, grad = op.loss_and_gradient()  # the stem's gradient from the winning positions too
+            _, grad = op.loss_and_gradient()  # the stem's gradient from the winning positions too
         assert _stems(op) == (frozenset() if pooled is False else frozenset({3 if bn else 2}))
         if want is None:
             want = torch.stack([V[r] @ dense_hessian(models[r], batches).T for r in range(R)])
