@@ -46,11 +46,19 @@ def test_large_tensors_come_from_the_heap_inside_only(monkeypatch):
             t.fill_(1)
             assert _mmapped_bytes() < inside + n
             del t
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t = torch.empty(n // 2, dtype=torch.uint8)
-            t.fill_(1)  # the freed pages are reused: (almost) no page faults
-            assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < n // 2 // 4096 // 4
-            del t
+            # the freed pages are reused: (almost) no page faults. In two fresh-clone CI runs (of about
+            # thirty, both while other processes loaded the machine) the first reuse faulted on every
+            # page, for a reason not found; so up to three tries, each reusing the pages the one
+            # before freed. A heap that does not keep freed pages faults on all three.
+            for _ in range(3):
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t = torch.empty(n // 2, dtype=torch.uint8)
+                t.fill_(1)
+                faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+                del t
+                if faulted < n // 2 // 4096 // 4:
+                    break
+            assert faulted < n // 2 // 4096 // 4, f"{faulted} page faults on reusing {n // 2} freed bytes"
     before = _mmapped_bytes()
     t = torch.empty(n, dtype=torch.uint8)
     assert _mmapped_bytes() >= before + n  # restored on leaving
