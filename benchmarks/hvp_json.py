@@ -190,11 +190,12 @@ def bmm_gflops(device, sync, R, M, H):
     return 2 * R * M * H * H / t / 1e9
 
 
-def stem_fraction(op) -> float:
+def stem_fraction(op, x, y) -> float:
     """The fraction of the first convolution's output positions at which the fused conv engine ``op``
-    computes its R-passes (read from its cached state): the pooled positions over all where its
-    stem runs pooled (``pooled_stem``), else 1."""
-    maps, st = op.backend._maps, next(iter(op.backend._cache.values()))[1]
+    computes its R-passes (read from its cached state, or one sample's where nothing was cached):
+    the pooled positions over all where its stem runs pooled (``pooled_stem``), else 1."""
+    cached = next(iter(op.backend._cache.values()), None)
+    maps, st = op.backend._maps, cached[1] if cached is not None else op.backend._primal(x[:1], y[:1], None)
     for m in st.stems:
         if maps.stems[m][0] == 0:
             return st.meta[(m, "out")].numel() / st.meta[m].numel()
@@ -357,7 +358,7 @@ def main(argv=None):
         return 8 * hvp_flops(macs) * a.batch * R / seconds / 1e9
 
     if a.workload != "W1":
-        variants = {b: (stem_fraction(ops[b]), None) for b in ("fused", "fused_full_stem")}
+        variants = {b: (stem_fraction(ops[b], x, y), None) for b in ("fused", "fused_full_stem")}
         res["first_conv_positions_done"] = {b: v[0] for b, v in variants.items()}
     if a.workload == "W1":
         res["first_layer_nonzeros_per_image"] = float((x != 0).sum(1).double().mean())
