@@ -134,6 +134,9 @@ FC_ALWAYS_INLINE void fc_for_group_tiles(int64_t N, int64_t K, int64_t S, int64_
   }
 }
 
+// t, or a contiguous copy where the rows of its last dimension are not contiguous (other strides free).
+inline at::Tensor fc_rows_contiguous(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
 // Checks an optional operand against the tensor `ref` it is used with (CPU, same dtype, given sizes).
 inline void fc_check_operand(const char* op, const char* ref_name, const at::Tensor& ref, const char* name,
                              const std::optional<at::Tensor>& t, at::IntArrayRef sizes) {

@@ -266,9 +266,9 @@ at::Tensor head_hvp_cpu(const at::Tensor& a, const at::Tensor& ra, const at::Ten
   if (out_b.has_value()) check_inner(*out_b, 1, "out_b");
   // rows of the last dimension contiguous (any other strides: the fused engines pass [N, K, R, I] and
   // [R, N, K, I] layouts); the result takes ra's layout where ra is dense
-  auto rows = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
-  const at::Tensor ac = rows(a), rac = rows(ra), dl = rows(delta);
-  const at::Tensor pc = probs.has_value() ? rows(*probs) : at::Tensor(), d1c = d1.has_value() ? rows(*d1) : at::Tensor();
+  const at::Tensor ac = fc_rows_contiguous(a), rac = fc_rows_contiguous(ra), dl = fc_rows_contiguous(delta);
+  const at::Tensor pc = probs.has_value() ? fc_rows_contiguous(*probs) : at::Tensor();
+  const at::Tensor d1c = d1.has_value() ? fc_rows_contiguous(*d1) : at::Tensor();
   at::Tensor rg = at::empty_like(rac);
   if (R * K == 0) return rg;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "head_hvp", [&] {

@@ -226,13 +226,10 @@ SampledArgs<S> args_of(const at::Tensor& cols, const at::Tensor& pos, std::atomi
   return h;
 }
 
-// Rows of the last dimension contiguous (any other strides).
-at::Tensor rows(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
-
 at::Tensor sampled_conv_cpu(const at::Tensor& cols_in, const at::Tensor& pos_in, const at::Tensor& weight_in) {
   check_sampled("sampled_conv", cols_in, pos_in);
   const at::Tensor& cols = cols_in;
-  const at::Tensor pos = rows(pos_in), weight = rows(weight_in);
+  const at::Tensor pos = fc_rows_contiguous(pos_in), weight = fc_rows_contiguous(weight_in);
   const int64_t N = cols.size(0), T = cols.size(2), G = pos.size(1), Sn = pos.size(2);
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == G && weight.size(2) == T, "sampled_conv: weight must be [G, K, T] = [",
               G, ", K, ", T, "], got ", weight.sizes());
@@ -260,7 +257,7 @@ void sampled_conv_wgrad_cpu(const at::Tensor& cols_in, const at::Tensor& pos_in,
                             bool accumulate) {
   check_sampled("sampled_conv_wgrad", cols_in, pos_in);
   const at::Tensor& cols = cols_in;
-  const at::Tensor pos = rows(pos_in), grad = rows(grad_in);
+  const at::Tensor pos = fc_rows_contiguous(pos_in), grad = fc_rows_contiguous(grad_in);
   const int64_t N = cols.size(0), T = cols.size(2), G = pos.size(1), Sn = pos.size(2);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == N && grad.size(2) == G && grad.size(3) == Sn,
               "sampled_conv_wgrad: grad must be [N, K, G, S] = [", N, ", K, ", G, ", ", Sn, "], got ", grad.sizes());

@@ -33,11 +33,7 @@ def conv_patches(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1) 
     per output position: ``[N, H_out * W_out, C_in * kh * kw]`` (taps in the order of a conv weight
     ``[C_out, C_in, kh, kw]`` flattened), a view of rows zero-padded to 64 bytes, the layout the
     C++ kernels read (any other layout is copied into it)."""
-    u = F.unfold(x, kernel_size, dilation, padding, stride)  # [N, T, L]
-    N, T, L = u.shape
-    out = u.new_zeros(N, L, _padded_taps(T, u.element_size()))
-    out[..., :T] = u.transpose(1, 2)
-    return out[..., :T]
+    return _kernel_rows(F.unfold(x, kernel_size, dilation, padding, stride).transpose(1, 2))
 
 
 def _padded_taps(T: int, element_size: int) -> int:

@@ -22,7 +22,7 @@ from .loss_head import _head_products, _loss_head
 
 # Taps (C_in x kh x kw) up to which a stem runs at the pooled resolution by default. Against every
 # position (R=8, 64 images, 2 threads, a stem of 16 channels and a 3x3 stride-2 pooling): 9, 25 and
-# 27 taps faster at K=1 and 8 and in the gradient (K=8 0.80-0.83x); 49 and 75 taps 0.91-0.93x at
+# 27 taps faster at K=1 and 8 and in the gradient (K=8 0.81-0.84x); 49 and 75 taps 0.91-0.93x at
 # K=8 but 1.0-1.1x at K=1; 98 and 147 taps 1.6-1.8x at K=1 (the patches' rows, as long as the taps,
 # then cost more than the positions saved).
 STEM_MAX_TAPS = 32
