@@ -247,14 +247,14 @@ def test_csr_linear(benchmark, impl, density):
         benchmark(dense_pair, xb, w, grad, out)
 
 
-RELU_DENSITIES = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)
+RELU_DENSITIES = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
 def relu_layer_products(density: float, K: int = 8, N: int = 1000, F: int = 128):
     """The six products of one hidden ``Linear(F, F)`` between ReLUs in one replica's matvec with K
     probes, ``density`` of the ReLU outputs (before and after the layer) nonzero: returns
     ``(sparse, dense)`` closures, the engine's sparse path and the GEMMs of its dense path."""
-    from fastcurv.ops.csr_linear import CsrRows, csr_linear, csr_linear_wgrad, csr_linear_wgrad_shared, csr_masked_linear
+    from fastcurv.ops.csr_linear import CsrRows, csr_linear, csr_linear_wgrad_shared, csr_masked_linear
 
     g = torch.Generator().manual_seed(0)
     relu = lambda *shape: torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) < density)
@@ -265,6 +265,7 @@ def relu_layer_products(density: float, K: int = 8, N: int = 1000, F: int = 128)
     dWt = torch.randn(1, F, K * F, generator=g)  # the probe as [O, K*I]
     A, At = CsrRows.from_dense(a[0]), CsrRows.from_dense(a[0].t().contiguous())
     D = CsrRows.from_dense(delta[0], m_out[0, :, 0].expand(N, F))
+    Dt = CsrRows.from_dense(delta[0].t().contiguous(), m_out[0, :, 0].expand(N, F).t().contiguous())
     rows, rows_t = torch.arange(N).view(1, N), torch.arange(F).view(1, F)
     out, tmp = torch.empty(1, K * F, F), torch.empty(1, F, K * F)
 
@@ -272,7 +273,7 @@ def relu_layer_products(density: float, K: int = 8, N: int = 1000, F: int = 128)
         rz = csr_linear(A, rows, dW)
         csr_masked_linear(A, rows, ra, W, out=rz.view(1, N, K, F), accumulate=True)
         csr_linear_wgrad_shared(At, rd.view(1, N, K * F), out=out, accumulate=True, rows=rows_t)
-        csr_linear_wgrad(D, rows, ra.view(1, N, K * F), out=tmp.transpose(1, 2))
+        csr_linear_wgrad_shared(Dt, ra.view(1, N, K * F), out=tmp.transpose(1, 2), rows=rows_t)
         rg = csr_linear(D, rows, dWt.transpose(1, 2))
         csr_masked_linear(D, rows, rd, W.transpose(1, 2), out=rg.view(1, N, K, F), accumulate=True)
 

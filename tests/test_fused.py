@@ -248,7 +248,7 @@ def test_fused_sparse_hidden_layers_against_dense(K, loss, fused_head, monkeypat
     torch.testing.assert_close(st.sparse_out[1].csr.to_dense().view(3, 23, 8), st.deltas[1], rtol=0, atol=0)
     assert not any(auto.backend._primal(*batches[0], None).sparse_in)  # layers narrower than HIDDEN_SPARSE_MIN_WIDTH
     monkeypatch.setattr(fused_mod, "HIDDEN_SPARSE_MIN_WIDTH", 6)
-    for level, limit in ((0, 0.3), (1, 0.65), (2, 0.8)):  # the automatic choice, per kernel level
+    for level, limit in ((0, 0.3), (1, 0.8), (2, 1.0)):  # the automatic choice, per kernel level
         monkeypatch.setenv("FASTCURV_CPU_LEVEL", str(level))
         if fastcurv._ext.cpu_level() < level:
             continue  # this machine's kernels stop below that level

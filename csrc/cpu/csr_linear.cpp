@@ -263,11 +263,16 @@ FC_ALWAYS_INLINE void transpose(const S* a, int64_t lda, S* b, int64_t ldb, int6
 template <typename S, int BYTES>
 constexpr int64_t kTileCols = 8 * FcLanes<S, BYTES>::kWidth;
 // A block spans the rows of kBlockBytes of the tile's storage (rows of stride ldt: where ldt is
-// wider than the tile, its rows fill only some of L1's cache sets, so fewer of them fit). Measured
-// on Zen 4 (48 KiB L1, 1 MiB L2) over 32-128 KiB, at training (64 rows) and Hessian (1000 rows)
-// sizes: AVX-512 fastest at 64 KiB (32 KiB: 5-15% slower), AVX2 at 128 KiB (32 KiB: 10% slower).
+// wider than the tile, its rows fill only some of L1's cache sets, so fewer of them fit), about
+// the size of L1. Measured on Zen 5 (48 KiB L1, 1 MiB L2) over 24-128 KiB, with each call of the
+// Hessian engine's W1 K=8 matvec timed alone (one replica per call, 1000 rows): 48 KiB was the
+// fastest or within noise for every product. Against the 64 KiB (AVX-512) and 128 KiB (AVX2) used
+// before, it helps most where a row visits a large share of a block's rows (half of them, in the
+// transposed products over a ReLU layer's 50% nonzeros: 83-89 -> 66-71 ms for AVX-512 and
+// 118-125 -> 101-104 ms for AVX2), the sparse MNIST input's products moved within 5%. 32 KiB was
+// 5-10% slower than 48 KiB on those; AVX2 at 64 KiB as fast as at 48 KiB.
 template <int BYTES>
-constexpr int64_t kBlockBytes = BYTES >= 64 ? 64 << 10 : 128 << 10;
+constexpr int64_t kBlockBytes = BYTES >= 32 ? 48 << 10 : 128 << 10;
 template <typename S, int BYTES>
 FC_ALWAYS_INLINE int64_t block_rows(int64_t ldt) {
   return std::max<int64_t>(16, kBlockBytes<BYTES> / (ldt * int64_t(sizeof(S))));

@@ -6,7 +6,7 @@ import torch
 
 from ...ops import act_derivs, act_rop_bwd, activation_kind, activation_value, softmax_ce_hvp
 from ... import _ext
-from ...ops.csr_linear import csr_linear, csr_linear_wgrad, csr_linear_wgrad_shared, csr_masked_linear, sparse_rows
+from ...ops.csr_linear import csr_linear, csr_linear_wgrad_shared, csr_masked_linear, sparse_rows
 from ...ops.head_hvp import HEAD_MAX_OUTPUTS
 from ...ops.linear_rop import in_fused_engine, linear_rop
 from ...replicas import consecutive_runs
@@ -23,14 +23,14 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 #: x86 vector level of the kernels (``fastcurv._ext.cpu_level()``: 2 AVX-512, 1 AVX2, 0 baseline).
 #: ``python benchmarks/bench_kernels.py --relu-sweep --repeat 31`` (one W1 replica at K=8, the six
 #: products against the GEMMs, 2 threads; the limit is where the sparse products stay about 1.1x
-#: faster): AVX-512 2.2x faster at 50% nonzero, 1.8x at 60%, 1.3-1.4x at 70%, 1.1x at 80%, 0.9x at
-#: 90%; AVX2 (``FASTCURV_CPU_LEVEL=1``) 1.5x, 1.2x, 1.0x, 0.9x at 50-80%; baseline 1.4x at 20%, 1.0x at
-#: 35%, 0.7x at 50% (the fourteenth round's kernels, which took the masked products' rows in groups;
-#: before them AVX-512 ran 1.3x at 70% and 0.9x at 80%, AVX2 1.1x at 60%, and the limits were 0.75
-#: and 0.6). In the engine, on 100 W1 MLPs trained 5 epochs (71% and 64% of the ReLU outputs
-#: nonzero), AVX-512 K=8 matvecs took 1.04 s with the sparse products against 1.28 s with the GEMMs,
-#: and 1.12 s with a limit of 0.7 (which left the 71% input dense).
-HIDDEN_SPARSE_MAX_DENSITY = {2: 0.8, 1: 0.65, 0: 0.3}
+#: faster): AVX-512 2.5-2.6x faster at 50% nonzero, 1.7x at 80%, 1.5x at 90% and 95%, 1.1-1.35x at
+#: 100%; AVX2 (``FASTCURV_CPU_LEVEL=1``) 1.7x, 1.4x, 1.2x, 1.1x, 1.0x at 50-90%; baseline 1.4x at
+#: 20%, 1.0x at 35%, 0.7x at 50% (the seventeenth round's kernels, whose blocks fit L1; before them
+#: AVX-512 ran 1.1x at 80% and 0.9x at 90%, AVX2 1.0x at 70%, and the limits were 0.8 and 0.65).
+#: ``python benchmarks/sparse_hidden_json.py`` on 100 W1 MLPs trained 3 epochs, their biases
+#: shifted to open more ReLUs: AVX-512 1.29x at 91/82% nonzero (20 W2 MLPs, 512 wide: 1.32x at
+#: 97/89%), so it always takes the sparse products; AVX2 1.11x at 77/73%, 1.07x at 82/76%.
+HIDDEN_SPARSE_MAX_DENSITY = {2: 1.0, 1: 0.8, 0: 0.3}
 #: ... and where the layer has at least this many inputs and outputs: narrower rows fill too little of
 #: the kernels' vector tiles (AVX-512, 50% / 70% nonzero: 1.0x / 0.6x at 32 features, 1.4x / 1.0x at 64).
 HIDDEN_SPARSE_MIN_WIDTH = 64
@@ -82,8 +82,8 @@ class FusedBackend(Backend):
         sparse_hidden: MLP chains on the CPU compute the matvec's products of a Linear layer between
             ReLUs from the nonzero entries of its ReLU input, and of its output's ReLU pattern,
             (the probe's tangents vanish where the ReLU does): None (default) where at most
-            ``HIDDEN_SPARSE_MAX_DENSITY`` of them are nonzero in a batch (0.8 with AVX-512, 0.65
-            with AVX2; about half at initialization) and the layer has at least
+            ``HIDDEN_SPARSE_MAX_DENSITY`` of them are nonzero in a batch (any fraction with
+            AVX-512, 0.8 with AVX2; about half at initialization) and the layer has at least
             ``HIDDEN_SPARSE_MIN_WIDTH`` (64) inputs and outputs, True always, False never.
         pooled_stem: conv nets whose first convolution reaches a strided max pooling only
             through eval BatchNorm and activations run that stem's passes at the pooled
@@ -243,7 +243,7 @@ class FusedBackend(Backend):
             if before and pattern(lin)[1]:
                 st.sparse_in[lin] = _ReluCsr.build(st.inputs[lin], pattern(lin)[0], transpose=True)
             if after and pattern(lin + 1)[1]:
-                st.sparse_out[lin] = _ReluCsr.build(st.deltas[lin], pattern(lin + 1)[0])
+                st.sparse_out[lin] = _ReluCsr.build(st.deltas[lin], pattern(lin + 1)[0], transpose=True)
 
     def _sparse_hidden_runs(self, device) -> bool:
         return self.sparse_hidden is not False and device.type == "cpu" and _ext.has_kernel("csr_masked_linear_out", "cpu")
@@ -297,11 +297,11 @@ class FusedBackend(Backend):
         per = self._primal(x[:1], y[:1], idx, sparse_hidden=False).nbytes
         if self._sparse_hidden_runs(x.device):
             # the CSR forms at the most entries they are built with: row pointers (int64), then an int32
-            # column index and a value per entry, twice for the input (it and its transpose)
+            # column index and a value per entry, twice (each form and its transpose)
             frac = 1.0 if self.sparse_hidden else hidden_sparse_max_density()
             item = 4 + self.replicas.params[self.replicas.names[0]].element_size()
             for _, i, o, before, after in self._sparse_hidden_sites(self.sparse_hidden is None):
-                per += before * (8 + 2 * frac * i * item) + after * (8 + frac * o * item)
+                per += before * (8 + 2 * frac * i * item) + after * (8 + 2 * frac * o * item)
         return int(per)
 
     def _positions(self, rows, idx):
@@ -645,8 +645,8 @@ class FusedBackend(Backend):
                 ra_in = rin[lin]
                 if ra_in is not None:  # delta^T ra_in [R, O, K*I], from the output's ReLU pattern where sparse
                     dra = (torch.bmm(delta.transpose(1, 2), ra_in.view(R, N, K * I)) if sp_out is None else
-                           csr_linear_wgrad(sp_out.csr, sp_out.rows, ra_in.view(R, N, K * I),
-                                            out=delta.new_empty(R, O, K * I).transpose(1, 2)).transpose(1, 2))
+                           csr_linear_wgrad_shared(sp_out.csr_t, ra_in.view(R, N, K * I), rows=sp_out.rows_t,
+                                                   out=delta.new_empty(R, O, K * I).transpose(1, 2)).transpose(1, 2))
                     out[j] += dra.view(R, O, K, I).transpose(1, 2)
                 if bias_out is not None:  # not summed by the sparse kernels above
                     if first:
