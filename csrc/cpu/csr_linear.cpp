@@ -269,8 +269,9 @@ constexpr int64_t kTileCols = 8 * FcLanes<S, BYTES>::kWidth;
 // fastest or within noise for every product. Against the 64 KiB (AVX-512) and 128 KiB (AVX2) used
 // before, it helps most where a row visits a large share of a block's rows (half of them, in the
 // transposed products over a ReLU layer's 50% nonzeros: 83-89 -> 66-71 ms for AVX-512 and
-// 118-125 -> 101-104 ms for AVX2), the sparse MNIST input's products moved within 5%. 32 KiB was
-// 5-10% slower than 48 KiB on those; AVX2 at 64 KiB as fast as at 48 KiB.
+// 118-125 -> 101-104 ms for AVX2), the sparse MNIST input's products moved within 5%; at 32 KiB
+// those were up to 10% slower than at 48 KiB. AVX2 ran as fast at 64 KiB as at 48 KiB. A compile-
+// time constant: machines with a 32 KiB L1 were not measured.
 template <int BYTES>
 constexpr int64_t kBlockBytes = BYTES >= 32 ? 48 << 10 : 128 << 10;
 template <typename S, int BYTES>
