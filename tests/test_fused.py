@@ -246,6 +246,8 @@ def test_fused_sparse_hidden_layers_against_dense(K, loss, fused_head, monkeypat
     assert [c is not None for c in st.sparse_in] == [False, True, True, not fused_head]
     assert [c is not None for c in st.sparse_out] == [False, True, True, False]
     torch.testing.assert_close(st.sparse_out[1].csr.to_dense().view(3, 23, 8), st.deltas[1], rtol=0, atol=0)
+    # and its per-replica transposes (the delta^T ra product reads them)
+    torch.testing.assert_close(st.sparse_out[1].csr_t.to_dense().view(3, 8, 23), st.deltas[1].transpose(1, 2), rtol=0, atol=0)
     assert not any(auto.backend._primal(*batches[0], None).sparse_in)  # layers narrower than HIDDEN_SPARSE_MIN_WIDTH
     monkeypatch.setattr(fused_mod, "HIDDEN_SPARSE_MIN_WIDTH", 6)
     for level, limit in ((0, 0.3), (1, 0.8), (2, 1.0)):  # the automatic choice, per kernel level
