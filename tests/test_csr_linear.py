@@ -9,9 +9,10 @@ from fastcurv.ops.csr_linear import (CsrRows, csr_linear, csr_linear_reference, 
 
 needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
 
-# Output widths that reach every code path of every variant: tiles of 8 vectors, single vectors and
-# scalar tails, for 16-, 32- and 64-byte vectors of float and double.
-WIDTHS = [1, 3, 8, 13, 32, 37, 64, 133, 260]
+# Output widths that reach every code path of every variant: tiles of 8 vectors, then passes of 4, 2
+# and 1 vectors, of 32- and 16-byte vectors and scalar tails (127 takes all of them), for 16-, 32- and
+# 64-byte vectors of float and double.
+WIDTHS = [1, 3, 8, 13, 32, 37, 64, 127, 133, 260]
 
 
 def _sparse_data(n, d, density, dtype, seed=0):
