@@ -249,7 +249,7 @@ def test_fused_sparse_hidden_layers_against_dense(K, loss, fused_head, monkeypat
     # and its per-replica transposes (the delta^T ra product reads them)
     torch.testing.assert_close(st.sparse_out[1].csr_t.to_dense().view(3, 8, 23), st.deltas[1].transpose(1, 2), rtol=0, atol=0)
     assert not any(auto.backend._primal(*batches[0], None).sparse_in)  # layers narrower than HIDDEN_SPARSE_MIN_WIDTH
-    monkeypatch.setattr(fused_mod, "HIDDEN_SPARSE_MIN_WIDTH", 6)
+    monkeypatch.setattr(fused_mod, "HIDDEN_SPARSE_MIN_WIDTH", {2: 6, 1: 6, 0: 6})
     for level, limit in ((0, 0.3), (1, 0.8), (2, 1.0)):  # the automatic choice, per kernel level
         monkeypatch.setenv("FASTCURV_CPU_LEVEL", str(level))
         if fastcurv._ext.cpu_level() < level:
@@ -273,6 +273,23 @@ def test_fused_sparse_hidden_layers_against_dense(K, loss, fused_head, monkeypat
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(g1, g2)
     torch.testing.assert_close(always.exact_trace(), never.exact_trace())
+
+
+@pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+def test_fused_sparse_hidden_minimum_width_per_kernel_level(monkeypatch):
+    """By default a hidden layer 32 wide takes the sparse products with the AVX-512 kernels only
+    (HIDDEN_SPARSE_MIN_WIDTH: 32 there, 64 with AVX2 and the baseline), one 24 wide never."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 10, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (50,), generator=gen)
+    for level, width, sparse in ((2, 32, True), (2, 24, False), (1, 32, False), (0, 32, False)):
+        monkeypatch.setenv("FASTCURV_CPU_LEVEL", str(level))
+        if fastcurv._ext.cpu_level() < level:
+            continue  # this machine's kernels stop below that level
+        models = replicas(lambda: nn.Sequential(nn.Linear(10, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                                nn.Linear(width, 3)), R=2)
+        st = fastcurv.HessianOperator(models, (x, y), backend="fused").backend._primal(x, y, None)
+        assert (st.sparse_in[1] is not None, st.sparse_out[1] is not None) == (sparse, sparse), (level, width)
 
 
 @pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")

@@ -31,14 +31,24 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 #: shifted to open more ReLUs: AVX-512 1.29x at 91/82% nonzero (20 W2 MLPs, 512 wide: 1.32x at
 #: 97/89%), so it always takes the sparse products; AVX2 1.11x at 77/73%, 1.07x at 82/76%.
 HIDDEN_SPARSE_MAX_DENSITY = {2: 1.0, 1: 0.8, 0: 0.3}
-#: ... and where the layer has at least this many inputs and outputs: narrower rows fill too little of
-#: the kernels' vector tiles (AVX-512, 50% / 70% nonzero: 1.0x / 0.6x at 32 features, 1.4x / 1.0x at 64).
-HIDDEN_SPARSE_MIN_WIDTH = 64
+#: ... and where the layer has at least this many inputs and outputs, per kernel level: narrower rows
+#: fill too little of the kernels' vector tiles. The relu-sweep's products at F features
+#: (``relu_layer_products(density, F=F)``), sparse over GEMM speed at 50 / 70 / 90% nonzero, the
+#: seventeenth round's kernels: AVX-512 1.15 / 1.0 / 0.9x at 24 features, 1.2-1.9 / 1.6 / 1.4x at 32,
+#: 1.9 / 1.5 / 1.3x at 48; AVX2 0.9-1.05x at 32, 1.24 / 1.03 / 0.84x at 48, 1.26 / 1.18 / 0.98x at 64.
+#: (The kernels before it ran AVX-512 1.0 / 0.6x at 32 and 50 / 70%, and 0.3-0.4x at 24, whose
+#: columns past a vector tile ran as scalars.)
+HIDDEN_SPARSE_MIN_WIDTH = {2: 32, 1: 64, 0: 64}
 
 
 def hidden_sparse_max_density() -> float:
     """``HIDDEN_SPARSE_MAX_DENSITY`` at this machine's kernel level (0 without the C++ kernels)."""
     return HIDDEN_SPARSE_MAX_DENSITY.get(_ext.cpu_level(), 0.0)
+
+
+def hidden_sparse_min_width() -> int:
+    """``HIDDEN_SPARSE_MIN_WIDTH`` at this machine's kernel level."""
+    return HIDDEN_SPARSE_MIN_WIDTH.get(_ext.cpu_level(), HIDDEN_SPARSE_MIN_WIDTH[0])
 
 
 def _bmm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -84,7 +94,8 @@ class FusedBackend(Backend):
             (the probe's tangents vanish where the ReLU does): None (default) where at most
             ``HIDDEN_SPARSE_MAX_DENSITY`` of them are nonzero in a batch (any fraction with
             AVX-512, 0.8 with AVX2; about half at initialization) and the layer has at least
-            ``HIDDEN_SPARSE_MIN_WIDTH`` (64) inputs and outputs, True always, False never.
+            ``HIDDEN_SPARSE_MIN_WIDTH`` inputs and outputs (32 with AVX-512, 64 with AVX2), True
+            always, False never.
         pooled_stem: conv nets whose first convolution reaches a strided max pooling only
             through eval BatchNorm and activations run that stem's passes at the pooled
             resolution, at the pooling's winning positions (:mod:`fastcurv.ops.sampled_conv`;
@@ -223,7 +234,7 @@ class FusedBackend(Backend):
         inputs and of their outputs' ReLU patterns (holding the deltas), for the matvec's sparse
         products (:func:`~fastcurv.ops.csr_linear.csr_masked_linear` and friends), where
         ``sparse_hidden`` allows (None: at most :func:`hidden_sparse_max_density` nonzero, in layers
-        at least ``HIDDEN_SPARSE_MIN_WIDTH`` wide)."""
+        at least :func:`hidden_sparse_min_width` wide)."""
         n = len(st.inputs)
         st.sparse_in, st.sparse_out = [None] * n, [None] * n
         if sparse_hidden is False or not self._sparse_hidden_runs(st.deltas[0].device):
@@ -254,7 +265,7 @@ class FusedBackend(Backend):
         n = len(self._relu_around)
         for lin, (before, after) in enumerate(self._relu_around):
             i, o = self.replicas.params[self._linears[lin].weight].shape[2:0:-1]
-            if auto and min(i, o) < HIDDEN_SPARSE_MIN_WIDTH:
+            if auto and min(i, o) < hidden_sparse_min_width():
                 continue
             before = before and not (self.fused_head and lin == n - 1)  # the head kernel reads the dense input
             if before or after:
