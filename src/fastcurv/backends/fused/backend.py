@@ -252,9 +252,9 @@ class FusedBackend(Backend):
 
         for lin, _, _, before, after in self._sparse_hidden_sites(sparse_hidden is None):
             if before and pattern(lin)[1]:
-                st.sparse_in[lin] = _ReluCsr.build(st.inputs[lin], pattern(lin)[0], transpose=True)
+                st.sparse_in[lin] = _ReluCsr.build(st.inputs[lin], pattern(lin)[0])
             if after and pattern(lin + 1)[1]:
-                st.sparse_out[lin] = _ReluCsr.build(st.deltas[lin], pattern(lin + 1)[0], transpose=True)
+                st.sparse_out[lin] = _ReluCsr.build(st.deltas[lin], pattern(lin + 1)[0])
 
     def _sparse_hidden_runs(self, device) -> bool:
         return self.sparse_hidden is not False and device.type == "cpu" and _ext.has_kernel("csr_masked_linear_out", "cpu")

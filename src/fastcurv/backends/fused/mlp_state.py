@@ -43,30 +43,28 @@ def _scatter_columns_(dst: torch.Tensor, keep: torch.Tensor, zero: torch.Tensor,
 @dataclass
 class _ReluCsr:
     """A ``[R, N, F]`` tensor of R replicas stacked in one CSR matrix ``[R*N, F]`` (``rows[r]``: replica
-    r's rows), optionally with its per-replica transposes ``[R*F, N]`` (``rows_t[r]``: replica r's)."""
+    r's rows), with its per-replica transposes ``[R*F, N]`` (``rows_t[r]``: replica r's; the
+    matvec's transposed products read them)."""
 
     csr: CsrRows
     rows: torch.Tensor
-    csr_t: CsrRows | None = None
-    rows_t: torch.Tensor | None = None
+    csr_t: CsrRows
+    rows_t: torch.Tensor
 
     @staticmethod
-    def build(t: torch.Tensor, mask: torch.Tensor | None = None, transpose: bool = False) -> "_ReluCsr":
+    def build(t: torch.Tensor, mask: torch.Tensor | None = None) -> "_ReluCsr":
         """Of ``t [R, N, F]`` (entries where ``mask`` is True, default nonzero)."""
         R, N, F_ = t.shape
         ar = lambda n, m: torch.arange(n * m, device=t.device).view(n, m)
-        csr_t, rows_t = (CsrRows.stacked(t, mask, transpose=True), ar(R, F_)) if transpose else (None, None)
-        return _ReluCsr(CsrRows.stacked(t, mask), ar(R, N), csr_t, rows_t)
+        return _ReluCsr(CsrRows.stacked(t, mask), ar(R, N), CsrRows.stacked(t, mask, transpose=True), ar(R, F_))
 
     def map_rows(self, f) -> "_ReluCsr":
-        return _ReluCsr(self.csr, f(self.rows), self.csr_t, None if self.rows_t is None else f(self.rows_t))
+        return _ReluCsr(self.csr, f(self.rows), self.csr_t, f(self.rows_t))
 
     @property
     def nbytes(self) -> int:
         """Bytes that scale with the samples (the transposes' row pointers do not)."""
-        ts = [self.csr.indptr, self.csr.indices, self.csr.values]
-        if self.csr_t is not None:
-            ts += [self.csr_t.indices, self.csr_t.values]
+        ts = [self.csr.indptr, self.csr.indices, self.csr.values, self.csr_t.indices, self.csr_t.values]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -90,7 +88,7 @@ class _State:
         self.d1: list = []  # per activation: sigma'(z) [R, N, F] (None before the first linear)
         self.d2g: list = []  # per activation: sigma''(z) * g [R, N, F], or None when identically zero
         self.deltas: list = []  # per linear layer: dL/dz [R, N, O]
-        # per linear layer (None: dense): its input after a ReLU in CSR form with transposes (sparse_in),
+        # per linear layer (None: dense), in CSR form with transposes: its input after a ReLU (sparse_in),
         # and its output's ReLU pattern holding the deltas (sparse_out); see HIDDEN_SPARSE_MAX_DENSITY
         self.sparse_in: list = []
         self.sparse_out: list = []
