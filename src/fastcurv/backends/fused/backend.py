@@ -101,6 +101,10 @@ class FusedBackend(Backend):
             resolution, at the pooling's winning positions (:mod:`fastcurv.ops.sampled_conv`;
             exact): None (default) where its C++ kernels run (CPU) and the convolution has at most
             ``STEM_MAX_TAPS`` (32) taps, True always (elsewhere the torch reference), False never.
+        group_conv: conv nets run the matvec's products of a stride-1 convolution (no dilation, one
+            group per replica) in the group_conv kernels (:mod:`fastcurv.ops.group_conv`), which read
+            and write the tangents in place: None (default) on the CPU where the convolution has fewer
+            than 16 input or output channels (``NARROW_CHANNELS``), True at any width, False never.
     """
 
     name = "fused"
@@ -125,7 +129,7 @@ class FusedBackend(Backend):
     def __init__(self, replicas, loss, batches, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, sample_chunk_bytes: int | None = None,
                  drop_zero_columns: bool = True, sparse_input: bool | None = None, fused_head: bool = True,
-                 sparse_hidden: bool | None = None, pooled_stem: bool | None = None):
+                 sparse_hidden: bool | None = None, pooled_stem: bool | None = None, group_conv: bool | None = None):
         super().__init__(replicas, loss, batches)
         ok, why = self.supports(replicas, loss)
         if not ok:
@@ -137,7 +141,7 @@ class FusedBackend(Backend):
         self.drop_zero_columns = drop_zero_columns
         self.sparse_input = sparse_input
         self.sparse_hidden = sparse_hidden
-        self._maps = _MapEngine(self.layers, loss, fused_head, pooled_stem) if _is_general(self.layers) else None
+        self._maps = _MapEngine(self.layers, loss, fused_head, pooled_stem, group_conv) if _is_general(self.layers) else None
         linears = self._linears = [l for l in self.layers if l.kind == "linear"]
         # the last layer a Linear with few outputs, not the first (its input has a tangent)
         self.fused_head = (fused_head and self._maps is None and self.layers[-1].kind == "linear" and len(linears) > 1

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ...ops import act_derivs, act_rop_bwd, activation_kind, activation_value, bn_eval_rop_bwd, bn_eval_rop_fwd, bn_rop_bwd, softmax_ce_hvp
 from ... import _ext
 from ...ops.head_hvp import HEAD_MAX_OUTPUTS
+from ...ops.group_conv import flipped, group_conv, group_conv_wgrad, narrow
 from ...ops.sampled_conv import conv_patches, sampled_conv, sampled_conv_wgrad
 from .conv import conv2d, conv2d_input, conv2d_weight
 from .loss_head import _head_products, _loss_head
@@ -91,8 +92,9 @@ class _MapEngine:
     value used twice receives the sum).
     """
 
-    def __init__(self, layers, loss, fused_head: bool = True, pooled_stem: bool | None = None):
-        self.layers, self.loss, self.pooled_stem = layers, loss, pooled_stem
+    def __init__(self, layers, loss, fused_head: bool = True, pooled_stem: bool | None = None,
+                 group_conv: bool | None = None):
+        self.layers, self.loss, self.pooled_stem, self.group_conv = layers, loss, pooled_stem, group_conv
         n = len(layers)
         self.inputs = [list(v) for v in getattr(layers, "inputs", [[i - 1] for i in range(n)])]
         self.shared: list[bool] = []
@@ -360,6 +362,20 @@ class _MapEngine:
         o = l.opts
         return o["stride"], o["padding"], o["dilation"], o["groups"]
 
+    def _grouped(self, l, W, a) -> bool:
+        """Whether a convolution's R-passes run in the group_conv kernels: stride 1, no dilation,
+        one group per replica, padding below the kernel size, C++ kernels on the CPU; with
+        ``group_conv`` None only narrow groups (fewer than 16 input or output channels), with True
+        any width, with False never."""
+        stride, pad, dil, g = self._conv_io(l, W)
+        kh, kw = W.shape[3:]
+        if self.group_conv is False or not (a.device.type == "cpu" and g == 1 and tuple(stride) == (1, 1)
+                                            and tuple(dil) == (1, 1) and pad[0] < kh and pad[1] < kw):
+            return False
+        if self.group_conv is None and not narrow(W.shape[2], W.shape[1]):
+            return False
+        return _ext.choose("group_conv", a.device) == "ext"
+
     def _shared_apply(self, a, l):
         if l.kind == "flatten":
             return a.reshape(a.shape[0], -1)
@@ -576,6 +592,32 @@ class _MapEngine:
                 grads[l.weight] += (delta * st.get(i, "xhat")).sum(dims)
                 grads[l.bias] += delta.sum(dims)
 
+    def _grouped_rbwd(self, l, W, a, first, delta, ra_in, rd, out):
+        """A group_conv layer's weight and bias products, added to ``out``: ``rd^T a`` (K as
+        output channels) and ``delta^T ra`` (K as input channels), read in place."""
+        N, K, R = rd.shape[:3]
+        pad = self._conv_io(l, W)[1]
+        o = out[l.weight]  # [R, K, Co, Cig, kh, kw]
+        xa = a.unsqueeze(1).expand(N, R, *a.shape[1:]) if first else a
+        group_conv_wgrad(xa.unsqueeze(2), rd.permute(0, 2, 1, 3, 4, 5), o.unsqueeze(3), pad, accumulate=True)
+        if ra_in is not None:
+            group_conv_wgrad(ra_in.permute(0, 2, 1, 3, 4, 5), delta.unsqueeze(2), o.permute(0, 2, 1, 3, 4, 5).unsqueeze(1), pad,
+                             accumulate=True)
+
+    @staticmethod
+    def _grouped_rgrad(W, dW, delta, rd, in_hw, pad):
+        """A group_conv layer's input R-gradient ``[N, K, R, Cig, H, W]``: ``rd`` through the weight
+        and ``delta`` through the probe's weight block, each a stride-1 convolution with the kernel
+        flipped (:func:`fastcurv.ops.group_conv.flipped`)."""
+        N, K, R, Co = rd.shape[:4]
+        Cig, kh, kw = W.shape[2:]
+        pt = (kh - 1 - pad[0], kw - 1 - pad[1])
+        rg = rd.new_empty(N, K, R, Cig, *in_hw)
+        group_conv(rd.reshape(N * K, R, 1, Co, *rd.shape[4:]), flipped(W), rg.view(N * K, R, 1, Cig, *in_hw), pt)
+        wt = flipped(dW.permute(0, 2, 1, 3, 4, 5).reshape(R, Co, K * Cig, kh, kw))  # [R, K*Cig, Co, kh, kw]
+        group_conv(delta.unsqueeze(2), wt, rg.permute(0, 2, 1, 3, 4, 5), pt, accumulate=True)
+        return rg
+
     @staticmethod
     def _head_runs(W) -> bool:
         """Whether the output Linear (weight ``W [R, O, I]``) runs in the head kernel: few outputs, on
@@ -633,6 +675,14 @@ class _MapEngine:
                     stem_in[i] = conv_patches(a, W.shape[3:], stride, pad, dil), st.get(m, "ind").reshape(N, R * Co, -1)
                     rz = sampled_conv(*stem_in[i], dW.reshape(R, K, Co, -1).transpose(1, 2).reshape(R * Co, K, -1))
                     rz = rz.view(N, K, R, Co, *st.meta[(m, "out")])
+                elif self._grouped(l, W, a):  # both products written into rz by the kernels, no copies
+                    H, Wd = a.shape[-2:]
+                    rz = a.new_empty(N, K, R, Co, H + 2 * pad[0] - W.shape[3] + 1, Wd + 2 * pad[1] - W.shape[4] + 1)
+                    xa = a.unsqueeze(1).expand(N, R, *a.shape[1:]) if first else a
+                    group_conv(xa.unsqueeze(2), dW.reshape(R, K * Co, *W.shape[2:]), rz.permute(0, 2, 1, 3, 4, 5), pad)
+                    if ra is not None:
+                        group_conv(ra.reshape(N * K, R, 1, Cig, H, Wd), W, rz.view(N * K, R, 1, Co, *rz.shape[4:]), pad,
+                                   accumulate=True)
                 else:
                     if first and g == 1:  # one plain conv: output channels in (K, R, Co) order, the tangent's layout
                         zb = conv2d(a, dW.transpose(0, 1).reshape(-1, *W.shape[2:]), None, stride, pad, dil, 1)
@@ -730,7 +780,10 @@ class _MapEngine:
                 hw = rd.shape[4:]
                 o = out[l.weight].view(R, K, g, Co // g, *W.shape[2:])
                 # weight: conv-weight-gradient of (input a, output grads rd) with K in the output channels
-                if i in stem_in:  # rd at the winning positions
+                grouped = i not in stem_in and self._grouped(l, W, a)
+                if grouped:
+                    self._grouped_rbwd(l, W, a, first, delta, ra_in, rd, out)
+                elif i in stem_in:  # rd at the winning positions
                     gw = sampled_conv_wgrad(*stem_in.pop(i), rd.reshape(N, K, R * Co, -1))
                     out[l.weight] += gw.view(R, Co, K, *W.shape[2:]).transpose(1, 2)
                 elif first and g == 1:  # one plain conv: rd's (K, R, Co) channel order as it is
@@ -743,6 +796,11 @@ class _MapEngine:
                     o += gw.view(R, g, K, Co // g, *W.shape[2:]).transpose(1, 2)
                 if l.bias is not None and i not in self.bias_folded:
                     out[l.bias] += rd.sum((0, 4, 5)).transpose(0, 1)
+                if grouped:
+                    if not first:
+                        rd = self._grouped_rgrad(W, dW, delta, rd, a.shape[-2:], pad)
+                        self._acc(rds, self.inputs[i][0], rd)
+                    continue
                 if ra_in is not None:
                     # (input tangent, delta) with K in the input channels
                     ri = ra_in.view(N, K, R, g, Cig, *ra_in.shape[4:]).permute(0, 2, 3, 1, 4, 5, 6).reshape(N, -1, *ra_in.shape[4:])

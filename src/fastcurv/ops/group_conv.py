@@ -1,0 +1,132 @@
+"""Grouped stride-1 convolutions with few channels per group, and their weight gradients.
+
+Operands are 6-d views ``[B, G, C1, C2, H, W]``: B samples, G groups, and each group's channels
+split in two axes (C = C1 * C2), each with its own stride, so that the fused engine's tangents
+``[N, K, R, C, H, W]`` serve as inputs and outputs without copies (the probes K as samples of a
+replica's convolution, or as channels of its output or input)::
+
+    group_conv:        out[b, g, o, y, x]  (+)= sum_{c, ty, tx} w[g, o, c, ty, tx] * x[b, g, c, y + ty - ph, x + tx - pw]
+    group_conv_wgrad:  gw[g, o, c, ty, tx] (+)= sum_{b, y, x} grad[b, g, o, y, x] * x[b, g, c, y + ty - ph, x + tx - pw]
+
+(``o`` indexes ``out``'s and ``grad``'s channel pair ``(O1, O2)``, ``c`` x's ``(C1, C2)``; x is zero
+outside its H x W.) The input gradient of a stride-1 convolution is :func:`group_conv` of the
+output gradient with the weight flipped and its channels swapped (:func:`flipped`).
+
+The C++ kernels (``csrc/cpu/group_conv.cpp``) lay each sample's planes out zero-padded with rows
+back to back and run vectors over the flat positions. On 2 cores they beat oneDNN's grouped
+convolutions where a group has fewer than ``NARROW_CHANNELS`` (16) input or output channels (3x3
+kernels at 7x7 to 32x32: forward 1.0-4x, weight gradient 0.9-4x; ``python
+benchmarks/bench_kernels.py --ops group_conv``) and lose to its 16-channel blocked kernels beyond.
+Elsewhere the torch reference (``F.conv2d`` on contiguous copies) runs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from ._checks import check_like
+
+# channels per group (input or output, whichever is fewer) below which the kernels beat oneDNN
+NARROW_CHANNELS = 16
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _geometry(op: str, x: torch.Tensor, kh: int, kw: int, padding) -> tuple[int, int]:
+    if x.dim() != 6:
+        raise ValueError(f"{op}: x must be 6-d [B, G, C1, C2, H, W], got {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{op}: float32 or float64 tensors required, got x of dtype {x.dtype}")
+    ph, pw = padding
+    if ph < 0 or pw < 0:
+        raise ValueError(f"{op}: padding must be non-negative, got {tuple(padding)}")
+    return x.shape[4] + 2 * ph - kh + 1, x.shape[5] + 2 * pw - kw + 1
+
+
+def _check_out(op: str, name: str, x: torch.Tensor, t: torch.Tensor, Ho: int, Wo: int) -> None:
+    B, G = x.shape[:2]
+    if t.dim() != 6 or tuple(t.shape[:2]) != (B, G) or tuple(t.shape[4:]) != (Ho, Wo):
+        raise ValueError(f"{op}: {name} must be [B, G, O1, O2, H_out, W_out] = [{B}, {G}, O1, O2, {Ho}, {Wo}], got {tuple(t.shape)}")
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 6-d ``[B, G, C1, C2, H, W]`` operand as the contiguous ``[B, G*C, H, W]`` torch convolves."""
+    B, G, C1, C2, H, W = t.shape
+    return t.reshape(B, G * C1 * C2, H, W)
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def group_conv_reference(x, weight, out=None, padding=(0, 0), accumulate: bool = False) -> torch.Tensor:
+    """Pure-torch reference of :func:`group_conv`."""
+    G, O, C, kh, kw = weight.shape
+    Ho, Wo = _geometry("group_conv", x, kh, kw, padding)
+    if tuple(x.shape[1:2]) != (G,) or x.shape[2] * x.shape[3] != C:
+        raise ValueError(f"group_conv: weight must be [G, O, C, kh, kw] with G = {x.shape[1]}, C = {x.shape[2] * x.shape[3]}, got {tuple(weight.shape)}")
+    z = F.conv2d(_flat(x), weight.reshape(G * O, C, kh, kw), None, 1, tuple(padding), 1, G)
+    z = z.view(x.shape[0], G, O, Ho, Wo)
+    if out is None:
+        return z.view(x.shape[0], G, 1, O, Ho, Wo)
+    _check_out("group_conv", "out", x, out, Ho, Wo)
+    z = z.view(out.shape)
+    return out.add_(z) if accumulate else out.copy_(z)
+
+
+def group_conv(x, weight, out=None, padding=(0, 0), accumulate: bool = False) -> torch.Tensor:
+    """The grouped stride-1 convolution of ``x [B, G, C1, C2, H, W]`` with ``weight [G, O, C, kh,
+    kw]`` (C = C1 * C2), zero padding ``padding = (ph, pw)``: written into ``out [B, G, O1, O2,
+    H_out, W_out]`` (O = O1 * O2; any strides) when given, or added to it with ``accumulate``, and
+    returned (a new ``[B, G, 1, O, H_out, W_out]`` without ``out``). C++ on CPU tensors, the torch
+    reference elsewhere."""
+    if x.device.type != "cpu" or _ext.choose("group_conv", x.device) != "ext":
+        return group_conv_reference(x, weight, out, padding, accumulate)
+    G, O, C, kh, kw = weight.shape
+    Ho, Wo = _geometry("group_conv", x, kh, kw, padding)
+    if out is None:
+        out, accumulate = x.new_empty(x.shape[0], G, 1, O, Ho, Wo), False
+    _check_out("group_conv", "out", x, out, Ho, Wo)
+    check_like("group_conv", "x", x, dict(weight=weight, out=out))
+    if out.shape[-1] > 1 and out.stride(-1) != 1:
+        raise ValueError(f"group_conv: out's rows must be contiguous, got strides {out.stride()}")
+    torch.ops.fastcurv.group_conv(_rows_contiguous(x), weight, out, list(padding), accumulate)
+    return out
+
+
+def group_conv_wgrad_reference(x, grad, out, padding=(0, 0), accumulate: bool = False) -> torch.Tensor:
+    """Pure-torch reference of :func:`group_conv_wgrad`."""
+    G, O1, O2, C1, C2, kh, kw = out.shape
+    Ho, Wo = _geometry("group_conv_wgrad", x, kh, kw, padding)
+    _check_out("group_conv_wgrad", "grad", x, grad, Ho, Wo)
+    gw = torch.nn.grad.conv2d_weight(_flat(x), (G * O1 * O2, C1 * C2, kh, kw), _flat(grad), 1, tuple(padding), 1, G)
+    gw = gw.view(out.shape)
+    return out.add_(gw) if accumulate else out.copy_(gw)
+
+
+def group_conv_wgrad(x, grad, out, padding=(0, 0), accumulate: bool = False) -> torch.Tensor:
+    """The weight gradient of :func:`group_conv` from ``grad [B, G, O1, O2, H_out, W_out]``, written
+    into ``out [G, O1, O2, C1, C2, kh, kw]`` (any strides), or added to it with ``accumulate``,
+    and returned. C++ on CPU tensors, the torch reference elsewhere."""
+    if x.device.type != "cpu" or _ext.choose("group_conv_wgrad", x.device) != "ext":
+        return group_conv_wgrad_reference(x, grad, out, padding, accumulate)
+    if out.dim() != 7:
+        raise ValueError(f"group_conv_wgrad: out must be 7-d [G, O1, O2, C1, C2, kh, kw], got {tuple(out.shape)}")
+    Ho, Wo = _geometry("group_conv_wgrad", x, out.shape[5], out.shape[6], padding)
+    _check_out("group_conv_wgrad", "grad", x, grad, Ho, Wo)
+    check_like("group_conv_wgrad", "x", x, dict(grad=grad, out=out))
+    torch.ops.fastcurv.group_conv_wgrad(_rows_contiguous(x), _rows_contiguous(grad), out, list(padding), accumulate)
+    return out
+
+
+def flipped(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [G, O, C, kh, kw]`` as the weight ``[G, C, O, kh, kw]`` whose :func:`group_conv`
+    with padding ``(kh - 1 - ph, kw - 1 - pw)`` is the input gradient of a stride-1 convolution
+    with padding ``(ph, pw)`` (contiguous)."""
+    return weight.transpose(1, 2).flip(3, 4).contiguous()
+
+
+def narrow(C: int, O: int) -> bool:
+    """Whether a group with C input and O output channels runs faster in these kernels than in
+    oneDNN's (fewer than ``NARROW_CHANNELS`` of either)."""
+    return min(C, O) < NARROW_CHANNELS
