@@ -31,6 +31,8 @@ strided projection and bottleneck layers, replicas as groups) as matmuls against
 convolutions; it backs ``POINTWISE_MAX_CHANNELS`` in ``fastcurv/backends/fused/conv.py``. Then the
 fused engine's matvecs and gradient on W4 and a small bottleneck ResNet (R=20, 200 MNIST images)
 with either, timed in alternation.
+``--group-conv``: ``group_conv`` and its weight gradient against torch's grouped convolutions over
+channel counts and map sizes (it backs ``NARROW_CHANNELS``).
 ``head_hvp``'s 'torch' column is the GEMM chain the fused engine ran before that kernel.
 
 Default sizes (a slice of the W1 workload: R=20 replicas, N=500 rows, hidden 128, C=10, K=4) run in
@@ -51,6 +53,7 @@ import torch
 
 import fastcurv
 from fastcurv import _ext
+from fastcurv.ops.group_conv import group_conv_reference, group_conv_wgrad_reference
 from fastcurv.ops import (
     ACTIVATIONS,
     act_derivs_reference,
@@ -78,10 +81,12 @@ def sizes(full: bool | None = None) -> dict:
     if full is None:
         full = os.environ.get("FASTCURV_BENCH_FULL") == "1"
     if full:
-        return dict(R=100, N=1000, H=128, C=10, K=8, I=784, BN=(256, 4, 320, 196), SC=(32, 160, 8))
+        return dict(R=100, N=1000, H=128, C=10, K=8, I=784, BN=(256, 4, 320, 196), SC=(32, 160, 8), GC=(32, 20, 8, 8, 14))
     # BN: bn_rop_bwd's (N, K, G, S), a batch-statistics BatchNorm2d with 20 replicas x 16 channels of 14x14 maps;
-    # SC: sampled_conv's (N, G, K), W3's first layer (20 replicas x 8 channels, 3x3 on 28x28 MNIST, 2x2 pooling)
-    return dict(R=20, N=500, H=128, C=10, K=4, I=784, BN=(64, 4, 320, 196), SC=(16, 160, 4))
+    # SC: sampled_conv's (N, G, K), W3's first layer (20 replicas x 8 channels, 3x3 on 28x28 MNIST, 2x2 pooling);
+    # GC: group_conv's (B, G, C, O, H = W), the R-forward of W4's first residual block (4 samples x 8 probes,
+    # 20 replicas of 8 -> 8 channels, 3x3 on 14x14)
+    return dict(R=20, N=500, H=128, C=10, K=4, I=784, BN=(64, 4, 320, 196), SC=(16, 160, 4), GC=(32, 20, 8, 8, 14))
 
 
 def make_inputs(op: str, device: str, dtype=torch.float32, full: bool | None = None) -> tuple:
@@ -122,6 +127,12 @@ def make_inputs(op: str, device: str, dtype=torch.float32, full: bool | None = N
         if op == "sampled_conv":
             return (cols, pos, rnd(G, Ks, 9))
         return (cols, pos, rnd(Ns, Ks, G, 196), torch.empty(G, Ks, 9, dtype=dtype, device=device), False)
+    if op in ("group_conv", "group_conv_wgrad"):  # x [B, G, 1, C, H, W], weight or grad, out; padding 1
+        B, G, Cg, Og, Hg = s["GC"]
+        x = rnd(B, G, 1, Cg, Hg, Hg)
+        if op == "group_conv":
+            return (x, rnd(G, Og, Cg, 3, 3), torch.empty(B, G, 1, Og, Hg, Hg, dtype=dtype, device=device), [1, 1], False)
+        return (x, rnd(B, G, 1, Og, Hg, Hg), torch.empty(G, 1, Og, 1, Cg, 3, 3, dtype=dtype, device=device), [1, 1], False)
     if op == "linear_rop":  # the first hidden layer of W1: input shared by all replicas
         x = rnd(N, I)
         return (x.expand(R, N, I), None, rnd(R, H, I) / I**0.5, rnd(R, K, H, I), rnd(R, H), rnd(R, K, H), "relu", 0.0)
@@ -156,6 +167,8 @@ REFERENCES = {
     "head_hvp": head_hvp_gemms,  # the GEMM chain it replaces, not the einsum reference
     "sampled_conv": sampled_conv_reference,
     "sampled_conv_wgrad": sampled_conv_wgrad_reference,
+    "group_conv": group_conv_reference,
+    "group_conv_wgrad": group_conv_wgrad_reference,
 }
 
 
@@ -488,6 +501,44 @@ def pointwise(repeat: int) -> list[dict]:
     return res + pointwise_engine(max(3, repeat // 3))
 
 
+# ----------------------------------------------------------------------------- group_conv widths
+
+# (B, G, C, O, H = W, kernel): groups of C -> O channels, 20 replicas; the first four W4's and W3's
+# R-products (K=8 probes as samples, as output or as input channels), then wider and larger ones
+GROUP_CONV_CASES = [(32, 20, 8, 8, 14, 3), (4, 20, 8, 64, 14, 3), (4, 20, 64, 8, 14, 3), (32, 20, 8, 16, 14, 3),
+                    (32, 20, 8, 8, 7, 3), (32, 20, 4, 4, 28, 3), (32, 20, 3, 8, 32, 3), (8, 20, 8, 8, 32, 5),
+                    (32, 20, 16, 16, 7, 3), (32, 20, 16, 16, 14, 3), (8, 20, 16, 16, 28, 3), (32, 20, 32, 32, 7, 3)]
+
+
+def group_conv_sweep(repeat: int) -> list[dict]:
+    """group_conv and group_conv_wgrad against torch's grouped convolutions (``F.conv2d``,
+    ``conv2d_weight``, oneDNN on the CPU) over channel counts and map sizes, in GFLOP/s; backs
+    ``NARROW_CHANNELS`` in ``fastcurv/ops/group_conv.py``."""
+    from fastcurv.ops.group_conv import group_conv, group_conv_wgrad
+
+    F = torch.nn.functional
+    res = []
+    g = torch.Generator().manual_seed(0)
+    for B, G, C, O, H, k in GROUP_CONV_CASES:
+        p = k // 2
+        x, w = torch.randn(B, G * C, H, H, generator=g), torch.randn(G * O, C, k, k, generator=g)
+        go = torch.randn(B, G * O, H, H, generator=g)
+        x6, w5, g6 = x.view(B, G, 1, C, H, H), w.view(G, O, C, k, k), go.view(B, G, 1, O, H, H)
+        out, out_w = torch.empty_like(g6), torch.empty(G, 1, O, 1, C, k, k)
+        flops = 2 * B * G * O * C * k * k * H * H
+        runs = {"forward": (lambda: F.conv2d(x, w, None, 1, p, 1, G), lambda: group_conv(x6, w5, out, (p, p))),
+                "weight_gradient": (lambda: torch.nn.grad.conv2d_weight(x, w.shape, go, 1, p, 1, G),
+                                    lambda: group_conv_wgrad(x6, g6, out_w, (p, p)))}
+        with fastcurv.heap_reuse():
+            for op, (ref, ours) in runs.items():
+                t_ref, t_ours = _time(ref, repeat), _time(ours, repeat)
+                res.append(dict(op=op, B=B, G=G, C=C, O=O, H=H, kernel=k, torch_gflops=flops / t_ref / 1e9,
+                                fastcurv_gflops=flops / t_ours / 1e9, speedup=t_ref / t_ours))
+                print(f"B={B:2d} G={G} {C:2d} -> {O:3d} ch {H:2d}x{H:<2d} {k}x{k} {op:15s} torch {flops / t_ref / 1e9:6.1f} GFLOP/s, "
+                      f"fastcurv {flops / t_ours / 1e9:6.1f}   x{t_ref / t_ours:5.2f}")
+    return res
+
+
 # ----------------------------------------------------------------------------- script mode
 
 
@@ -511,10 +562,12 @@ def main(argv=None) -> int:
     ap.add_argument("--csr-hessian", action="store_true", help="only the sparse-input layer at the Hessian engine's sizes")
     ap.add_argument("--relu-sweep", action="store_true", help="only a hidden ReLU layer's matvec products, sparse against dense")
     ap.add_argument("--pointwise", action="store_true", help="only the conv engine's 1x1 convolutions against torch's")
+    ap.add_argument("--group-conv", action="store_true", help="only group_conv against torch's grouped convolutions, over widths")
     args = ap.parse_args(argv)
-    if args.csr_sweep or args.csr_hessian or args.relu_sweep or args.pointwise:
+    if args.csr_sweep or args.csr_hessian or args.relu_sweep or args.pointwise or args.group_conv:
         res = (csr_sweep(args.repeat) if args.csr_sweep else csr_hessian(args.repeat) if args.csr_hessian else
-               relu_sweep(args.repeat) if args.relu_sweep else pointwise(args.repeat))
+               relu_sweep(args.repeat) if args.relu_sweep else pointwise(args.repeat) if args.pointwise else
+               group_conv_sweep(args.repeat))
         if args.json:
             with open(args.json, "w") as f:
                 threads = 1 if args.csr_sweep else torch.get_num_threads()

@@ -124,6 +124,30 @@ def test_pointwise_convolutions_against_dense(R, K, bias, torch_conv_calls):
     assert [name for name, kernel in calls if kernel == (1, 1)] == []
 
 
+def narrow_net(bias=True):
+    # stride-1 convolutions with few channels (the group_conv kernels on the CPU): on the shared
+    # input, then a rectangular kernel with padding k - 1 on one side and 0 on the other, channel
+    # counts that are not multiples of 8; then a strided one (torch's)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=bias), nn.GELU(),
+                         nn.Conv2d(3, 5, (3, 2), padding=(2, 0), bias=bias), nn.Tanh(),
+                         nn.Conv2d(5, 2, 3, stride=2, bias=bias), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3, bias=bias))
+
+
+@pytest.mark.parametrize("group_conv", [None, False])
+@pytest.mark.parametrize("R,K", [(1, 1), (3, 4)])
+def test_group_conv_layers_against_dense(group_conv, R, K, torch_conv_calls):
+    from fastcurv import _ext
+
+    op = _check_dense(lambda: narrow_net(bias=K == 1), (2, 6, 5), R, K, "cross_entropy", group_conv=group_conv)
+    # in a matvec from the cached state, the stride-1 convolutions ran in the kernels (where built)
+    V = torch.randn(R, K, op.P, dtype=torch.float64)
+    calls = torch_conv_calls()
+    op.matvec(V)
+    in_torch = {k for _, k in calls}
+    assert (3, 3) in in_torch  # the strided one
+    assert ((3, 2) in in_torch) == (group_conv is False or not _ext.has_kernel("group_conv", "cpu"))
+
+
 @pytest.mark.parametrize("pool", ["max", "max_ceil", "avg", "avg_ceil", "adaptive"])
 @pytest.mark.parametrize("R,K", [(1, 4), (3, 1)])
 def test_pooling_against_dense(pool, R, K):

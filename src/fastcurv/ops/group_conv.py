@@ -13,11 +13,13 @@ outside its H x W.) The input gradient of a stride-1 convolution is :func:`group
 output gradient with the weight flipped and its channels swapped (:func:`flipped`).
 
 The C++ kernels (``csrc/cpu/group_conv.cpp``) lay each sample's planes out zero-padded with rows
-back to back and run vectors over the flat positions. On 2 cores they beat oneDNN's grouped
-convolutions where a group has fewer than ``NARROW_CHANNELS`` (16) input or output channels (3x3
-kernels at 7x7 to 32x32: forward 1.0-4x, weight gradient 0.9-4x; ``python
-benchmarks/bench_kernels.py --ops group_conv``) and lose to its 16-channel blocked kernels beyond.
-Elsewhere the torch reference (``F.conv2d`` on contiguous copies) runs.
+back to back and run vectors over the flat positions. On 2 cores (20 groups, ``python
+benchmarks/bench_kernels.py --group-conv``) they beat oneDNN's grouped convolutions where a group
+has fewer than ``NARROW_CHANNELS`` (16) input or output channels (3-8 channels, 3x3 and 5x5
+kernels on 7x7 to 32x32 maps: forward 1.06-4.1x, weight gradient 1.2-4.4x, but 0.87x at 8 -> 8
+channels on 7x7 maps) and lose to its 16-channel blocked kernels beyond (16 and 32 channels:
+forward 0.65-1.01x, weight gradient 0.46-0.75x). Elsewhere the torch reference (``F.conv2d`` on
+contiguous copies) runs.
 """
 from __future__ import annotations
 
@@ -49,6 +51,16 @@ def _check_out(op: str, name: str, x: torch.Tensor, t: torch.Tensor, Ho: int, Wo
         raise ValueError(f"{op}: {name} must be [B, G, O1, O2, H_out, W_out] = [{B}, {G}, O1, O2, {Ho}, {Wo}], got {tuple(t.shape)}")
 
 
+def _check_weight(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
+    """``weight``'s shape ``(G, O, C, kh, kw)`` after checking it against ``x``'s G and C."""
+    if x.dim() != 6:
+        raise ValueError(f"group_conv: x must be 6-d [B, G, C1, C2, H, W], got {tuple(x.shape)}")
+    G, C = x.shape[1], x.shape[2] * x.shape[3]
+    if weight.dim() != 5 or weight.shape[0] != G or weight.shape[2] != C:
+        raise ValueError(f"group_conv: weight must be [G, O, C, kh, kw] with G = {G}, C = {C}, got {tuple(weight.shape)}")
+    return tuple(weight.shape)
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """A 6-d ``[B, G, C1, C2, H, W]`` operand as the contiguous ``[B, G*C, H, W]`` torch convolves."""
     B, G, C1, C2, H, W = t.shape
@@ -61,10 +73,8 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def group_conv_reference(x, weight, out=None, padding=(0, 0), accumulate: bool = False) -> torch.Tensor:
     """Pure-torch reference of :func:`group_conv`."""
-    G, O, C, kh, kw = weight.shape
+    G, O, C, kh, kw = _check_weight(x, weight)
     Ho, Wo = _geometry("group_conv", x, kh, kw, padding)
-    if tuple(x.shape[1:2]) != (G,) or x.shape[2] * x.shape[3] != C:
-        raise ValueError(f"group_conv: weight must be [G, O, C, kh, kw] with G = {x.shape[1]}, C = {x.shape[2] * x.shape[3]}, got {tuple(weight.shape)}")
     z = F.conv2d(_flat(x), weight.reshape(G * O, C, kh, kw), None, 1, tuple(padding), 1, G)
     z = z.view(x.shape[0], G, O, Ho, Wo)
     if out is None:
@@ -82,7 +92,7 @@ def group_conv(x, weight, out=None, padding=(0, 0), accumulate: bool = False) ->
     reference elsewhere."""
     if x.device.type != "cpu" or _ext.choose("group_conv", x.device) != "ext":
         return group_conv_reference(x, weight, out, padding, accumulate)
-    G, O, C, kh, kw = weight.shape
+    G, O, C, kh, kw = _check_weight(x, weight)
     Ho, Wo = _geometry("group_conv", x, kh, kw, padding)
     if out is None:
         out, accumulate = x.new_empty(x.shape[0], G, 1, O, Ho, Wo), False
