@@ -127,12 +127,12 @@ def make_inputs(op: str, device: str, dtype=torch.float32, full: bool | None = N
         if op == "sampled_conv":
             return (cols, pos, rnd(G, Ks, 9))
         return (cols, pos, rnd(Ns, Ks, G, 196), torch.empty(G, Ks, 9, dtype=dtype, device=device), False)
-    if op in ("group_conv", "group_conv_wgrad"):  # x [B, G, 1, C, H, W], weight or grad, out; padding 1
+    if op in ("group_conv", "group_conv_wgrad"):  # x [B, G, 1, C, H, W], weight or grad, out; padding 1 on every side
         B, G, Cg, Og, Hg = s["GC"]
         x = rnd(B, G, 1, Cg, Hg, Hg)
         if op == "group_conv":
-            return (x, rnd(G, Og, Cg, 3, 3), torch.empty(B, G, 1, Og, Hg, Hg, dtype=dtype, device=device), [1, 1], False)
-        return (x, rnd(B, G, 1, Og, Hg, Hg), torch.empty(G, 1, Og, 1, Cg, 3, 3, dtype=dtype, device=device), [1, 1], False)
+            return (x, rnd(G, Og, Cg, 3, 3), torch.empty(B, G, 1, Og, Hg, Hg, dtype=dtype, device=device), [1, 1, 1, 1], False)
+        return (x, rnd(B, G, 1, Og, Hg, Hg), torch.empty(G, 1, Og, 1, Cg, 3, 3, dtype=dtype, device=device), [1, 1, 1, 1], False)
     if op == "linear_rop":  # the first hidden layer of W1: input shared by all replicas
         x = rnd(N, I)
         return (x.expand(R, N, I), None, rnd(R, H, I) / I**0.5, rnd(R, K, H, I), rnd(R, H), rnd(R, K, H), "relu", 0.0)

@@ -69,13 +69,13 @@ TORCH_LIBRARY(fastcurv, m) {
   // cols[n, pos[n, g, s], t], written, or added with accumulate.
   m.def("sampled_conv_wgrad(Tensor cols, Tensor pos, Tensor grad, Tensor(a!) out, bool accumulate) -> ()");
   // A grouped stride-1 convolution (CPU): x [B, G, C1, C2, H, W] (B samples, G groups of C = C1*C2 input
-  // channels; any strides, rows contiguous), weight [G, O, C, kh, kw]; out [B, G, O1, O2, H_out, W_out] (O =
-  // O1*O2; any strides, rows contiguous) gets, or with accumulate adds, out[b, g, o, y, x] = sum_{c, ty, tx}
-  // weight[g, o, c, ty, tx] * x[b, g, c, y + ty - pad_h, x + tx - pad_w] (zero outside x).
-  m.def("group_conv(Tensor x, Tensor weight, Tensor(a!) out, int[2] padding, bool accumulate) -> ()");
+  // channels; any strides), weight [G, O, C, kh, kw]; padding (top, bottom, left, right); out [B, G, O1, O2,
+  // H_out, W_out] (O = O1*O2; any strides) gets, or with accumulate adds, out[b, g, o, y, x] = sum_{c, ty, tx}
+  // weight[g, o, c, ty, tx] * x[b, g, c, y + ty - top, x + tx - left] (zero outside x).
+  m.def("group_conv(Tensor x, Tensor weight, Tensor(a!) out, int[4] padding, bool accumulate) -> ()");
   // Its weight gradient from grad [B, G, O1, O2, H_out, W_out]: out [G, O1, O2, C1, C2, kh, kw] (any strides)
-  // gets, or adds, sum_{b, y, x} grad[b, g, o, y, x] * x[b, g, c, y + ty - pad_h, x + tx - pad_w].
-  m.def("group_conv_wgrad(Tensor x, Tensor grad, Tensor(a!) out, int[2] padding, bool accumulate) -> ()");
+  // gets, or adds, sum_{b, y, x} grad[b, g, o, y, x] * x[b, g, c, y + ty - top, x + tx - left].
+  m.def("group_conv_wgrad(Tensor x, Tensor grad, Tensor(a!) out, int[4] padding, bool accumulate) -> ()");
   // The x86 vector level the CPU kernels with per-ISA variants run: 2 AVX-512, 1 AVX2 + FMA, 0 baseline
   // (capped by FASTCURV_CPU_LEVEL; read at each call).
   m.def("cpu_level() -> int");

@@ -1,5 +1,5 @@
-// Grouped stride-1 convolutions with few channels per group, and their weight gradients (CPU). See
-// src/fastcurv/ops/group_conv.py.
+// Grouped stride-1 convolutions with few channels per group, and their weight gradients (CPU), with
+// zero padding on each side and operands at any strides. See src/fastcurv/ops/group_conv.py.
 //
 // Each (sample, group) input block is copied once into zero-padded planes whose rows follow one
 // another without gaps: output position (y, x) of a plane is flat index q = y * RS + x (RS the padded
@@ -26,14 +26,15 @@ struct GcArgs {
   const S* w;     // forward: weight [G, O, C, kh, kw] contiguous
   const S* grad;  // weight gradient: [B, G, O1, O2, Ho, Wo]
   S* out;         // forward: [B, G, O1, O2, Ho, Wo]; weight gradient: [G, O1, O2, C1, C2, kh, kw]
-  int64_t B, G, C1, C2, H, W, O1, O2, Ho, Wo, kh, kw, ph, pw;
-  int64_t xb, xg, xc1, xc2, xh;  // x strides (columns contiguous)
-  int64_t yb, yg, yo1, yo2, yh;  // forward out / weight-gradient grad strides (columns contiguous)
+  int64_t B, G, C1, C2, H, W, O1, O2, Ho, Wo, kh, kw;
+  int64_t pt, pb, pl, pr;             // zero padding: top, bottom, left, right
+  int64_t xb, xg, xc1, xc2, xh, xw;  // x strides
+  int64_t yb, yg, yo1, yo2, yh, yw;  // forward out / weight-gradient grad strides
   int64_t wg, wo1, wo2, wc1, wc2, wty, wtx;  // weight-gradient out strides
   bool accumulate;
   int64_t C() const { return C1 * C2; }
   int64_t O() const { return O1 * O2; }
-  int64_t RS() const { return W + 2 * pw; }
+  int64_t RS() const { return W + pl + pr; }
 };
 
 // Flat geometry for vectors of VW lanes: nq vectors of positions (even), planes of PS entries.
@@ -50,6 +51,16 @@ struct Flat {
   }
 };
 
+// n entries from src at stride st to contiguous dst.
+template <typename S>
+FC_ALWAYS_INLINE void copy_row(S* dst, const S* src, int64_t n, int64_t st) {
+  if (st == 1) {
+    std::memcpy(dst, src, sizeof(S) * n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i * st];
+  }
+}
+
 // x[b, g] into C zero-padded flat planes of PS entries at dst.
 template <typename S>
 FC_ALWAYS_INLINE void pad_planes(const GcArgs<S>& a, int64_t b, int64_t g, int64_t RS, int64_t PS, S* dst) {
@@ -57,8 +68,8 @@ FC_ALWAYS_INLINE void pad_planes(const GcArgs<S>& a, int64_t b, int64_t g, int64
   for (int64_t c1 = 0; c1 < a.C1; ++c1) {
     for (int64_t c2 = 0; c2 < a.C2; ++c2) {
       const S* src = a.x + b * a.xb + g * a.xg + c1 * a.xc1 + c2 * a.xc2;
-      S* plane = dst + (c1 * a.C2 + c2) * PS + a.ph * RS + a.pw;
-      for (int64_t y = 0; y < a.H; ++y) std::memcpy(plane + y * RS, src + y * a.xh, sizeof(S) * a.W);
+      S* plane = dst + (c1 * a.C2 + c2) * PS + a.pt * RS + a.pl;
+      for (int64_t y = 0; y < a.H; ++y) copy_row(plane + y * RS, src + y * a.xh, a.W, a.xw);
     }
   }
 }
@@ -118,9 +129,11 @@ FC_ALWAYS_INLINE void fwd_range(const GcArgs<S>& a, int64_t q0, int64_t q1) {
           const S* s = src + y * RS;
           S* d = dst + y * a.yh;
           if (a.accumulate) {
-            for (int64_t x = 0; x < a.Wo; ++x) d[x] += s[x];
-          } else {
+            for (int64_t x = 0; x < a.Wo; ++x) d[x * a.yw] += s[x];
+          } else if (a.yw == 1) {
             std::memcpy(d, s, sizeof(S) * a.Wo);
+          } else {
+            for (int64_t x = 0; x < a.Wo; ++x) d[x * a.yw] = s[x];
           }
         }
       }
@@ -148,7 +161,7 @@ FC_ALWAYS_INLINE void wgrad_range(const GcArgs<S>& a, int64_t g0, int64_t g1) {
       for (int64_t o = 0; o < O; ++o) {
         const S* src = a.grad + b * a.yb + g * a.yg + (o / a.O2) * a.yo1 + (o % a.O2) * a.yo2;
         S* dst = gp + (b * nob * kOB + o) * QS;
-        for (int64_t y = 0; y < a.Ho; ++y) std::memcpy(dst + y * RS, src + y * a.yh, sizeof(S) * a.Wo);
+        for (int64_t y = 0; y < a.Ho; ++y) copy_row(dst + y * RS, src + y * a.yh, a.Wo, a.yw);
       }
     }
     for (int64_t ob = 0; ob < nob; ++ob) {
@@ -199,7 +212,6 @@ FC_ALWAYS_INLINE void wgrad_range(const GcArgs<S>& a, int64_t g0, int64_t g1) {
 void check_6d(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 6, op, ": ", name, " must be 6-d [B, G, C1, C2, H, W], got ", t.sizes());
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.size(5) <= 1 || t.stride(5) == 1, op, ": ", name, "'s rows must be contiguous, got strides ", t.strides());
 }
 
 template <typename S>
@@ -207,18 +219,19 @@ GcArgs<S> args_of(const at::Tensor& x, const at::Tensor& y, int64_t kh, int64_t 
   GcArgs<S> h{};
   h.x = x.data_ptr<S>();
   h.B = x.size(0), h.G = x.size(1), h.C1 = x.size(2), h.C2 = x.size(3), h.H = x.size(4), h.W = x.size(5);
-  h.xb = x.stride(0), h.xg = x.stride(1), h.xc1 = x.stride(2), h.xc2 = x.stride(3), h.xh = x.stride(4);
+  h.xb = x.stride(0), h.xg = x.stride(1), h.xc1 = x.stride(2), h.xc2 = x.stride(3), h.xh = x.stride(4), h.xw = x.stride(5);
   h.O1 = y.size(2), h.O2 = y.size(3), h.Ho = y.size(4), h.Wo = y.size(5);
-  h.yb = y.stride(0), h.yg = y.stride(1), h.yo1 = y.stride(2), h.yo2 = y.stride(3), h.yh = y.stride(4);
-  h.kh = kh, h.kw = kw, h.ph = padding[0], h.pw = padding[1];
+  h.yb = y.stride(0), h.yg = y.stride(1), h.yo1 = y.stride(2), h.yo2 = y.stride(3), h.yh = y.stride(4), h.yw = y.stride(5);
+  h.kh = kh, h.kw = kw, h.pt = padding[0], h.pb = padding[1], h.pl = padding[2], h.pr = padding[3];
   h.accumulate = accumulate;
   return h;
 }
 
 void check_geometry(const char* op, const at::Tensor& x, const at::Tensor& y, int64_t kh, int64_t kw, at::IntArrayRef padding) {
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op, ": padding must be two non-negative ints, got ", padding);
+  TORCH_CHECK(padding.size() == 4 && *std::min_element(padding.begin(), padding.end()) >= 0, op,
+              ": padding must be four non-negative ints (top, bottom, left, right), got ", padding);
   TORCH_CHECK(kh >= 1 && kw >= 1, op, ": the kernel must be at least 1x1, got ", kh, "x", kw);
-  const int64_t Ho = x.size(4) + 2 * padding[0] - kh + 1, Wo = x.size(5) + 2 * padding[1] - kw + 1;
+  const int64_t Ho = x.size(4) + padding[0] + padding[1] - kh + 1, Wo = x.size(5) + padding[2] + padding[3] - kw + 1;
   TORCH_CHECK(y.size(0) == x.size(0) && y.size(1) == x.size(1) && y.size(4) == Ho && y.size(5) == Wo, op,
               ": the output must be [B, G, O1, O2, H_out, W_out] = [", x.size(0), ", ", x.size(1), ", O1, O2, ", Ho, ", ", Wo,
               "] for x ", x.sizes(), ", a ", kh, "x", kw, " kernel and padding ", padding, ", got ", y.sizes());

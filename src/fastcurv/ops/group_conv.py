@@ -1,16 +1,17 @@
-"""Grouped stride-1 convolutions with few channels per group, and their weight gradients.
+"""Grouped stride-1 convolutions with few channels per group, and their input and weight gradients.
 
 Operands are 6-d views ``[B, G, C1, C2, H, W]``: B samples, G groups, and each group's channels
-split in two axes (C = C1 * C2), each with its own stride, so that the fused engine's tangents
-``[N, K, R, C, H, W]`` serve as inputs and outputs without copies (the probes K as samples of a
-replica's convolution, or as channels of its output or input)::
+split in two axes (C = C1 * C2), every axis with its own stride, so that the fused engine's
+tangents ``[N, K, R, C, H, W]`` serve as inputs and outputs without copies (the probes K as samples
+of a replica's convolution, or as channels of its output or input). The two ops are stride-1
+convolutions with zero padding ``(top, bottom, left, right)`` (or ``(ph, pw)`` on both sides)::
 
-    group_conv:        out[b, g, o, y, x]  (+)= sum_{c, ty, tx} w[g, o, c, ty, tx] * x[b, g, c, y + ty - ph, x + tx - pw]
-    group_conv_wgrad:  gw[g, o, c, ty, tx] (+)= sum_{b, y, x} grad[b, g, o, y, x] * x[b, g, c, y + ty - ph, x + tx - pw]
+    group_conv:        out[b, g, o, y, x]  (+)= sum_{c, ty, tx} w[g, o, c, ty, tx] * x[b, g, c, y + ty - top, x + tx - left]
+    group_conv_wgrad:  gw[g, o, c, ty, tx] (+)= sum_{b, y, x} grad[b, g, o, y, x] * x[b, g, c, y + ty - top, x + tx - left]
 
 (``o`` indexes ``out``'s and ``grad``'s channel pair ``(O1, O2)``, ``c`` x's ``(C1, C2)``; x is zero
 outside its H x W.) The input gradient of a stride-1 convolution is :func:`group_conv` of the
-output gradient with the weight flipped and its channels swapped (:func:`flipped`).
+output gradient with the weight flipped and its channels swapped (:func:`conv_input_grad`).
 
 The C++ kernels (``csrc/cpu/group_conv.cpp``) lay each sample's planes out zero-padded with rows
 back to back and run vectors over the flat positions. On 2 cores (20 groups, ``python
@@ -34,15 +35,25 @@ NARROW_CHANNELS = 16
 _FLOATS = (torch.float32, torch.float64)
 
 
+def _pads(padding) -> tuple[int, int, int, int]:
+    """``(ph, pw)`` or ``(top, bottom, left, right)`` as the latter."""
+    p = tuple(int(v) for v in padding)
+    if len(p) == 2:
+        p = (p[0], p[0], p[1], p[1])
+    if len(p) != 4:
+        raise ValueError(f"padding must be (ph, pw) or (top, bottom, left, right), got {tuple(padding)}")
+    return p
+
+
 def _geometry(op: str, x: torch.Tensor, kh: int, kw: int, padding) -> tuple[int, int]:
     if x.dim() != 6:
         raise ValueError(f"{op}: x must be 6-d [B, G, C1, C2, H, W], got {tuple(x.shape)}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"{op}: float32 or float64 tensors required, got x of dtype {x.dtype}")
-    ph, pw = padding
-    if ph < 0 or pw < 0:
+    t, b, l, r = padding
+    if min(padding) < 0:
         raise ValueError(f"{op}: padding must be non-negative, got {tuple(padding)}")
-    return x.shape[4] + 2 * ph - kh + 1, x.shape[5] + 2 * pw - kw + 1
+    return x.shape[4] + t + b - kh + 1, x.shape[5] + l + r - kw + 1
 
 
 def _check_out(op: str, name: str, x: torch.Tensor, t: torch.Tensor, Ho: int, Wo: int) -> None:
@@ -67,15 +78,17 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(B, G * C1 * C2, H, W)
 
 
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+def _padded(x: torch.Tensor, pads) -> torch.Tensor:
+    t, b, l, r = pads
+    return F.pad(_flat(x), (l, r, t, b))
 
 
 def group_conv_reference(x, weight, out=None, padding=(0, 0), accumulate: bool = False) -> torch.Tensor:
     """Pure-torch reference of :func:`group_conv`."""
+    pads = _pads(padding)
     G, O, C, kh, kw = _check_weight(x, weight)
-    Ho, Wo = _geometry("group_conv", x, kh, kw, padding)
-    z = F.conv2d(_flat(x), weight.reshape(G * O, C, kh, kw), None, 1, tuple(padding), 1, G)
+    Ho, Wo = _geometry("group_conv", x, kh, kw, pads)
+    z = F.conv2d(_padded(x, pads), weight.reshape(G * O, C, kh, kw), None, 1, 0, 1, G)
     z = z.view(x.shape[0], G, O, Ho, Wo)
     if out is None:
         return z.view(x.shape[0], G, 1, O, Ho, Wo)
@@ -86,30 +99,30 @@ def group_conv_reference(x, weight, out=None, padding=(0, 0), accumulate: bool =
 
 def group_conv(x, weight, out=None, padding=(0, 0), accumulate: bool = False) -> torch.Tensor:
     """The grouped stride-1 convolution of ``x [B, G, C1, C2, H, W]`` with ``weight [G, O, C, kh,
-    kw]`` (C = C1 * C2), zero padding ``padding = (ph, pw)``: written into ``out [B, G, O1, O2,
-    H_out, W_out]`` (O = O1 * O2; any strides) when given, or added to it with ``accumulate``, and
-    returned (a new ``[B, G, 1, O, H_out, W_out]`` without ``out``). C++ on CPU tensors, the torch
-    reference elsewhere."""
+    kw]`` (C = C1 * C2), zero ``padding`` ``(ph, pw)`` or ``(top, bottom, left, right)``: written
+    into ``out [B, G, O1, O2, H_out, W_out]`` (O = O1 * O2; any strides) when given, or added to it
+    with ``accumulate``, and returned (a new ``[B, G, 1, O, H_out, W_out]`` without ``out``). C++
+    on CPU tensors, the torch reference elsewhere."""
     if x.device.type != "cpu" or _ext.choose("group_conv", x.device) != "ext":
         return group_conv_reference(x, weight, out, padding, accumulate)
+    pads = _pads(padding)
     G, O, C, kh, kw = _check_weight(x, weight)
-    Ho, Wo = _geometry("group_conv", x, kh, kw, padding)
+    Ho, Wo = _geometry("group_conv", x, kh, kw, pads)
     if out is None:
         out, accumulate = x.new_empty(x.shape[0], G, 1, O, Ho, Wo), False
     _check_out("group_conv", "out", x, out, Ho, Wo)
     check_like("group_conv", "x", x, dict(weight=weight, out=out))
-    if out.shape[-1] > 1 and out.stride(-1) != 1:
-        raise ValueError(f"group_conv: out's rows must be contiguous, got strides {out.stride()}")
-    torch.ops.fastcurv.group_conv(_rows_contiguous(x), weight, out, list(padding), accumulate)
+    torch.ops.fastcurv.group_conv(x, weight, out, list(pads), accumulate)
     return out
 
 
 def group_conv_wgrad_reference(x, grad, out, padding=(0, 0), accumulate: bool = False) -> torch.Tensor:
     """Pure-torch reference of :func:`group_conv_wgrad`."""
+    pads = _pads(padding)
     G, O1, O2, C1, C2, kh, kw = out.shape
-    Ho, Wo = _geometry("group_conv_wgrad", x, kh, kw, padding)
+    Ho, Wo = _geometry("group_conv_wgrad", x, kh, kw, pads)
     _check_out("group_conv_wgrad", "grad", x, grad, Ho, Wo)
-    gw = torch.nn.grad.conv2d_weight(_flat(x), (G * O1 * O2, C1 * C2, kh, kw), _flat(grad), 1, tuple(padding), 1, G)
+    gw = torch.nn.grad.conv2d_weight(_padded(x, pads), (G * O1 * O2, C1 * C2, kh, kw), _flat(grad), 1, 0, 1, G)
     gw = gw.view(out.shape)
     return out.add_(gw) if accumulate else out.copy_(gw)
 
@@ -120,12 +133,13 @@ def group_conv_wgrad(x, grad, out, padding=(0, 0), accumulate: bool = False) -> 
     and returned. C++ on CPU tensors, the torch reference elsewhere."""
     if x.device.type != "cpu" or _ext.choose("group_conv_wgrad", x.device) != "ext":
         return group_conv_wgrad_reference(x, grad, out, padding, accumulate)
+    pads = _pads(padding)
     if out.dim() != 7:
         raise ValueError(f"group_conv_wgrad: out must be 7-d [G, O1, O2, C1, C2, kh, kw], got {tuple(out.shape)}")
-    Ho, Wo = _geometry("group_conv_wgrad", x, out.shape[5], out.shape[6], padding)
+    Ho, Wo = _geometry("group_conv_wgrad", x, out.shape[5], out.shape[6], pads)
     _check_out("group_conv_wgrad", "grad", x, grad, Ho, Wo)
     check_like("group_conv_wgrad", "x", x, dict(grad=grad, out=out))
-    torch.ops.fastcurv.group_conv_wgrad(_rows_contiguous(x), _rows_contiguous(grad), out, list(padding), accumulate)
+    torch.ops.fastcurv.group_conv_wgrad(x, grad, out, list(pads), accumulate)
     return out
 
 
@@ -140,3 +154,15 @@ def narrow(C: int, O: int) -> bool:
     """Whether a group with C input and O output channels runs faster in these kernels than in
     oneDNN's (fewer than ``NARROW_CHANNELS`` of either)."""
     return min(C, O) < NARROW_CHANNELS
+
+
+def conv_input_grad(grad, weight, out, padding=(0, 0), accumulate: bool = False) -> torch.Tensor:
+    """The input gradient ``out [B, G, C1, C2, H, W]`` (written, or added with ``accumulate``) of
+    the stride-1 convolution :func:`group_conv` with ``weight [G, O, C, kh, kw]`` and symmetric
+    ``padding (ph, pw)``, from ``grad [B, G, O1, O2, H_out, W_out]``: the :func:`group_conv` of
+    ``grad`` with the :func:`flipped` weight and padding ``(kh - 1 - ph, kw - 1 - pw)``."""
+    kh, kw = weight.shape[3:]
+    ph, pw = padding
+    if not (0 <= ph < kh and 0 <= pw < kw):
+        raise ValueError(f"conv_input_grad: padding must be below the kernel size {(kh, kw)}, got {tuple(padding)}")
+    return group_conv(grad, flipped(weight), out, (kh - 1 - ph, kw - 1 - pw), accumulate)
