@@ -53,7 +53,7 @@ import torch
 
 import fastcurv
 from fastcurv import _ext
-from fastcurv.ops.group_conv import group_conv_reference, group_conv_wgrad_reference
+from fastcurv.ops.group_conv import group_conv, group_conv_reference, group_conv_wgrad, group_conv_wgrad_reference
 from fastcurv.ops import (
     ACTIVATIONS,
     act_derivs_reference,
@@ -514,8 +514,6 @@ def group_conv_sweep(repeat: int) -> list[dict]:
     """group_conv and group_conv_wgrad against torch's grouped convolutions (``F.conv2d``,
     ``conv2d_weight``, oneDNN on the CPU) over channel counts and map sizes, in GFLOP/s; backs
     ``NARROW_CHANNELS`` in ``fastcurv/ops/group_conv.py``."""
-    from fastcurv.ops.group_conv import group_conv, group_conv_wgrad
-
     F = torch.nn.functional
     res = []
     g = torch.Generator().manual_seed(0)

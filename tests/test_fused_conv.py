@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fastcurv
+from fastcurv import _ext
 from models import replicas as _replicas
 
 
@@ -136,8 +137,6 @@ def narrow_net(bias=True):
 @pytest.mark.parametrize("group_conv", [None, False])
 @pytest.mark.parametrize("R,K", [(1, 1), (3, 4)])
 def test_group_conv_layers_against_dense(group_conv, R, K, torch_conv_calls):
-    from fastcurv import _ext
-
     op = _check_dense(lambda: narrow_net(bias=K == 1), (2, 6, 5), R, K, "cross_entropy", group_conv=group_conv)
     # in a matvec from the cached state, the stride-1 convolutions ran in the kernels (where built)
     V = torch.randn(R, K, op.P, dtype=torch.float64)

@@ -12,6 +12,8 @@ from .bn_rop_bwd import bn_rop_bwd, bn_rop_bwd_reference
 from .csr_from_dense import csr_from_dense, csr_from_dense_reference
 from .csr_linear import (CsrRows, csr_linear, csr_linear_reference, csr_linear_wgrad, csr_linear_wgrad_reference,
                          csr_linear_wgrad_shared, csr_masked_linear, csr_masked_linear_reference)
+from .group_conv import (conv_input_grad, group_conv, group_conv_reference, group_conv_wgrad,
+                         group_conv_wgrad_reference)
 from .head_hvp import head_hvp, head_hvp_reference
 from .sampled_conv import (conv_patches, sampled_conv, sampled_conv_reference, sampled_conv_wgrad,
                            sampled_conv_wgrad_reference)
@@ -45,6 +47,11 @@ __all__ = [
     "csr_linear_wgrad_shared",
     "csr_masked_linear",
     "csr_masked_linear_reference",
+    "conv_input_grad",
+    "group_conv",
+    "group_conv_reference",
+    "group_conv_wgrad",
+    "group_conv_wgrad_reference",
     "head_hvp",
     "head_hvp_reference",
     "conv_patches",
