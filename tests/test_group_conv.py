@@ -146,6 +146,8 @@ def test_errors_name_the_problem(impl):
             group_conv_wgrad(x, grad, out_w, (0, 0))
         with pytest.raises(ValueError, match="padding must be non-negative"):
             group_conv(x, w, None, (-1, 1))
+        with pytest.raises(ValueError, match=r"the 3x3 kernel is larger than the padded input \(2x7"):
+            group_conv(x[..., :2, :], w, None, (0, 0))
         with pytest.raises(TypeError, match="float32 or float64"):
             group_conv(x.half(), w, None, (1, 1))
     if impl == "auto":

@@ -53,7 +53,11 @@ def _geometry(op: str, x: torch.Tensor, kh: int, kw: int, padding) -> tuple[int,
     t, b, l, r = padding
     if min(padding) < 0:
         raise ValueError(f"{op}: padding must be non-negative, got {tuple(padding)}")
-    return x.shape[4] + t + b - kh + 1, x.shape[5] + l + r - kw + 1
+    Ho, Wo = x.shape[4] + t + b - kh + 1, x.shape[5] + l + r - kw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"{op}: the {kh}x{kw} kernel is larger than the padded input "
+                         f"({x.shape[4] + t + b}x{x.shape[5] + l + r}: {tuple(x.shape[4:])} with padding {tuple(padding)})")
+    return Ho, Wo
 
 
 def _check_out(op: str, name: str, x: torch.Tensor, t: torch.Tensor, Ho: int, Wo: int) -> None:
