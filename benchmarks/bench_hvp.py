@@ -1,7 +1,8 @@
 """pytest-benchmark suite for the Hessian-vector products (compare the min/median columns of one run).
 
-Default: a reduced W1 (R=20, B=200) that runs in about a minute on 2 cores; set
-FASTCURV_BENCH_FULL=1 for the reference workload W1 (R=100 MLPs 784-128-128-10, B=1000 MNIST).
+Two workloads: W1's MLPs, reduced by default (R=20, B=200), and W3's small CNNs (R=20, B=200, as
+in its reference runs); about two minutes on 2 cores. FASTCURV_BENCH_FULL=1 runs W1 itself (R=100
+MLPs 784-128-128-10, B=1000 MNIST). ``-k W1`` or ``-k W3`` picks one.
     python -m pytest benchmarks/bench_hvp.py -p no:cacheprovider
 """
 import os
@@ -11,16 +12,19 @@ import torch
 from torch import nn
 
 import fastcurv
-from hvp_json import load_batch
+from hvp_json import load_batch, w3_cnn
 
 FULL = os.environ.get("FASTCURV_BENCH_FULL") == "1"
 R, B = (100, 1000) if FULL else (20, 200)
 
 
-@pytest.fixture(scope="module")
-def workload():
-    x, y, _ = load_batch(B)
+@pytest.fixture(scope="module", params=["W1", "W3"])
+def workload(request):
     torch.manual_seed(0)
+    if request.param == "W3":
+        x, y, _ = load_batch(200, flatten=False)
+        return [w3_cnn().eval() for _ in range(20)], x, y
+    x, y, _ = load_batch(B)
     models = [nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)) for _ in range(R)]
     return models, x, y
 
