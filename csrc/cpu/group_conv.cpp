@@ -6,9 +6,9 @@
 // row length), and tap (ty, tx) reads flat index q + ty * RS + tx. A vector of consecutive q thus
 // spans row ends (the kw - 1 columns past each row's end are computed and dropped), so 14x14 and 7x7
 // maps fill 14 of 16 and 7 of 9 lanes where one vector per row would fill 14 and 7 of 16. The forward
-// keeps 2 vectors x 8 output channels of accumulators and reads each weight as a broadcast; the weight
-// gradient keeps 8 output channels x 3 taps of vector sums over the flat positions (the grad planes
-// zero past each row's end), summed across lanes once per block.
+// keeps 2 vectors x 8 output channels of accumulators (AVX2: 3 x 4) and reads each weight as a
+// broadcast; the weight gradient keeps 8 output channels (AVX2: 4) x 3 taps of vector sums over the
+// flat positions (the grad planes zero past each row's end), summed across lanes once per block.
 #include <torch/library.h>
 #include "common.h"
 
@@ -16,9 +16,14 @@
 
 namespace {
 
-constexpr int kOB = 8;   // output channels per block
-constexpr int kQB = 2;   // forward: vectors of positions per block
-constexpr int kTXB = 3;  // weight gradient: taps of a kernel row per block
+// Blocks of accumulators sized to the vector registers: 32 with AVX-512 (64-byte vectors), 16 with
+// AVX2 and the baseline (8 output channels there spilled: the AVX2 build lost to oneDNN at 8 channels).
+template <int BYTES>
+struct Blocks {
+  static constexpr int OB = BYTES == 64 ? 8 : 4;  // output channels per block
+  static constexpr int QB = BYTES == 64 ? 2 : 3;  // forward: vectors of positions per block
+  static constexpr int TXB = 3;                   // weight gradient: taps of a kernel row per block
+};
 
 template <typename S>
 struct GcArgs {
@@ -37,16 +42,16 @@ struct GcArgs {
   int64_t RS() const { return W + pl + pr; }
 };
 
-// Flat geometry for vectors of VW lanes: nq vectors of positions (even), planes of PS entries.
-template <int VW>
+// Flat geometry for vectors of VW lanes: nq vectors of positions (a multiple of QB), planes of PS entries.
+template <int VW, int QB>
 struct Flat {
   int64_t RS, nq, PS;
   template <typename A>
   explicit Flat(const A& a) {
     RS = a.RS();
     nq = (a.Ho * RS + VW - 1) / VW;
-    nq += nq % kQB;
-    const int64_t need = nq * VW + (a.kh - 1) * RS + a.kw + kTXB + VW;
+    nq += (QB - nq % QB) % QB;
+    const int64_t need = nq * VW + (a.kh - 1) * RS + a.kw + Blocks<64>::TXB + VW;
     PS = (need + VW - 1) / VW * VW;
   }
 };
@@ -80,50 +85,50 @@ template <typename S, int BYTES>
 FC_ALWAYS_INLINE void fwd_range(const GcArgs<S>& a, int64_t q0, int64_t q1) {
   using L = FcLanes<S, BYTES>;
   using V = typename L::V;
-  constexpr int VW = L::kWidth;
-  const Flat<VW> f(a);
-  const int64_t C = a.C(), O = a.O(), T = a.kh * a.kw, nob = (O + kOB - 1) / kOB, RS = f.RS;
+  constexpr int VW = L::kWidth, OB = Blocks<BYTES>::OB, QB = Blocks<BYTES>::QB;
+  const Flat<VW, QB> f(a);
+  const int64_t C = a.C(), O = a.O(), T = a.kh * a.kw, nob = (O + OB - 1) / OB, RS = f.RS;
   S* xp = fc_scratch<S, 0>(C * f.PS);
-  S* wp = fc_scratch<S, 1>(nob * C * T * kOB);  // [ob][c][t][kOB], zero past O
-  S* res = fc_scratch<S, 2>(kOB * f.nq * VW);   // one block's outputs, flat
+  S* wp = fc_scratch<S, 1>(nob * C * T * OB);  // [ob][c][t][OB], zero past O
+  S* res = fc_scratch<S, 2>(OB * f.nq * VW);   // one block's outputs, flat
   int64_t packed = -1;
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t g = q / a.B, b = q % a.B;
     if (g != packed) {
-      std::memset(wp, 0, sizeof(S) * nob * C * T * kOB);
+      std::memset(wp, 0, sizeof(S) * nob * C * T * OB);
       const S* wg = a.w + g * O * C * T;
       for (int64_t o = 0; o < O; ++o)
         for (int64_t c = 0; c < C; ++c)
-          for (int64_t t = 0; t < T; ++t) wp[(((o / kOB) * C + c) * T + t) * kOB + o % kOB] = wg[(o * C + c) * T + t];
+          for (int64_t t = 0; t < T; ++t) wp[(((o / OB) * C + c) * T + t) * OB + o % OB] = wg[(o * C + c) * T + t];
       packed = g;
     }
     pad_planes(a, b, g, RS, f.PS, xp);
     for (int64_t ob = 0; ob < nob; ++ob) {
-      for (int64_t v0 = 0; v0 < f.nq; v0 += kQB) {
-        V acc[kQB][kOB];
-        for (int i = 0; i < kQB; ++i)
-          for (int o = 0; o < kOB; ++o) acc[i][o] = L::zero();
+      for (int64_t v0 = 0; v0 < f.nq; v0 += QB) {
+        V acc[QB][OB];
+        for (int i = 0; i < QB; ++i)
+          for (int o = 0; o < OB; ++o) acc[i][o] = L::zero();
         for (int64_t c = 0; c < C; ++c) {
           const S* pl = xp + c * f.PS + v0 * VW;
-          const S* wc = wp + (ob * C + c) * T * kOB;
+          const S* wc = wp + (ob * C + c) * T * OB;
           for (int64_t ty = 0; ty < a.kh; ++ty) {
-            for (int64_t tx = 0; tx < a.kw; ++tx, wc += kOB) {
+            for (int64_t tx = 0; tx < a.kw; ++tx, wc += OB) {
               const S* p = pl + ty * RS + tx;
-              V xv[kQB];
-              for (int i = 0; i < kQB; ++i) xv[i] = L::load(p + i * VW);
+              V xv[QB];
+              for (int i = 0; i < QB; ++i) xv[i] = L::load(p + i * VW);
 #pragma GCC unroll 8
-              for (int o = 0; o < kOB; ++o) {
+              for (int o = 0; o < OB; ++o) {
                 const V wv = L::splat(wc[o]);
-                for (int i = 0; i < kQB; ++i) acc[i][o] += xv[i] * wv;
+                for (int i = 0; i < QB; ++i) acc[i][o] += xv[i] * wv;
               }
             }
           }
         }
-        for (int o = 0; o < kOB; ++o)
-          for (int i = 0; i < kQB; ++i) L::store(res + o * f.nq * VW + (v0 + i) * VW, acc[i][o]);
+        for (int o = 0; o < OB; ++o)
+          for (int i = 0; i < QB; ++i) L::store(res + o * f.nq * VW + (v0 + i) * VW, acc[i][o]);
       }
-      for (int64_t o = ob * kOB; o < std::min(O, (ob + 1) * kOB); ++o) {
-        const S* src = res + (o - ob * kOB) * f.nq * VW;
+      for (int64_t o = ob * OB; o < std::min(O, (ob + 1) * OB); ++o) {
+        const S* src = res + (o - ob * OB) * f.nq * VW;
         S* dst = a.out + b * a.yb + g * a.yg + (o / a.O2) * a.yo1 + (o % a.O2) * a.yo2;
         for (int64_t y = 0; y < a.Ho; ++y) {
           const S* s = src + y * RS;
@@ -147,48 +152,48 @@ template <typename S, int BYTES>
 FC_ALWAYS_INLINE void wgrad_range(const GcArgs<S>& a, int64_t g0, int64_t g1) {
   using L = FcLanes<S, BYTES>;
   using V = typename L::V;
-  constexpr int VW = L::kWidth;
-  const Flat<VW> f(a);
-  const int64_t B = a.B, C = a.C(), O = a.O(), T = a.kh * a.kw, nob = (O + kOB - 1) / kOB, RS = f.RS;
+  constexpr int VW = L::kWidth, OB = Blocks<BYTES>::OB, TXB = Blocks<BYTES>::TXB;
+  const Flat<VW, 1> f(a);
+  const int64_t B = a.B, C = a.C(), O = a.O(), T = a.kh * a.kw, nob = (O + OB - 1) / OB, RS = f.RS;
   const int64_t QS = f.nq * VW;  // a grad plane's entries
   S* xp = fc_scratch<S, 0>(B * C * f.PS);
-  S* gp = fc_scratch<S, 1>(B * nob * kOB * QS);  // [b][o][QS], zero past each row's end and past O
-  S* res = fc_scratch<S, 2>(nob * kOB * C * T);  // [o][c][t]
+  S* gp = fc_scratch<S, 1>(B * nob * OB * QS);  // [b][o][QS], zero past each row's end and past O
+  S* res = fc_scratch<S, 2>(nob * OB * C * T);  // [o][c][t]
   for (int64_t g = g0; g < g1; ++g) {
-    std::memset(gp, 0, sizeof(S) * B * nob * kOB * QS);
+    std::memset(gp, 0, sizeof(S) * B * nob * OB * QS);
     for (int64_t b = 0; b < B; ++b) {
       pad_planes(a, b, g, RS, f.PS, xp + b * C * f.PS);
       for (int64_t o = 0; o < O; ++o) {
         const S* src = a.grad + b * a.yb + g * a.yg + (o / a.O2) * a.yo1 + (o % a.O2) * a.yo2;
-        S* dst = gp + (b * nob * kOB + o) * QS;
+        S* dst = gp + (b * nob * OB + o) * QS;
         for (int64_t y = 0; y < a.Ho; ++y) copy_row(dst + y * RS, src + y * a.yh, a.Wo, a.yw);
       }
     }
     for (int64_t ob = 0; ob < nob; ++ob) {
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t ty = 0; ty < a.kh; ++ty) {
-          for (int64_t tx0 = 0; tx0 < a.kw; tx0 += kTXB) {
-            V acc[kOB][kTXB];
-            for (int o = 0; o < kOB; ++o)
-              for (int j = 0; j < kTXB; ++j) acc[o][j] = L::zero();
+          for (int64_t tx0 = 0; tx0 < a.kw; tx0 += TXB) {
+            V acc[OB][TXB];
+            for (int o = 0; o < OB; ++o)
+              for (int j = 0; j < TXB; ++j) acc[o][j] = L::zero();
             for (int64_t b = 0; b < B; ++b) {
               const S* xq = xp + (b * C + c) * f.PS + ty * RS + tx0;
-              const S* gq = gp + (b * nob + ob) * kOB * QS;
+              const S* gq = gp + (b * nob + ob) * OB * QS;
               for (int64_t v = 0; v < f.nq; ++v) {
-                V xv[kTXB];
-                for (int j = 0; j < kTXB; ++j) xv[j] = L::load(xq + v * VW + j);
+                V xv[TXB];
+                for (int j = 0; j < TXB; ++j) xv[j] = L::load(xq + v * VW + j);
 #pragma GCC unroll 8
-                for (int o = 0; o < kOB; ++o) {
+                for (int o = 0; o < OB; ++o) {
                   const V gv = L::load(gq + o * QS + v * VW);
-                  for (int j = 0; j < kTXB; ++j) acc[o][j] += gv * xv[j];
+                  for (int j = 0; j < TXB; ++j) acc[o][j] += gv * xv[j];
                 }
               }
             }
-            for (int o = 0; o < kOB; ++o) {
-              for (int j = 0; j < kTXB && tx0 + j < a.kw; ++j) {
+            for (int o = 0; o < OB; ++o) {
+              for (int j = 0; j < TXB && tx0 + j < a.kw; ++j) {
                 S s = 0;
                 for (int l = 0; l < VW; ++l) s += acc[o][j][l];
-                res[((ob * kOB + o) * C + c) * T + ty * a.kw + tx0 + j] = s;
+                res[((ob * OB + o) * C + c) * T + ty * a.kw + tx0 + j] = s;
               }
             }
           }
