@@ -164,3 +164,21 @@ def test_errors_name_the_problem(impl):
 def test_narrow_rule():
     assert narrow(8, 8) and narrow(8, 128) and narrow(64, 8) and narrow(1, 16)
     assert not narrow(16, 16) and not narrow(32, 16)
+
+
+@needs_ext
+@pytest.mark.parametrize("G", [1, 2])
+def test_weight_gradient_with_fewer_groups_than_threads(G):
+    """Each group's output channel blocks are then split over the threads (3 threads: 1 group in
+    3 parts, 2 groups in 2 parts each, of 3 blocks of 8 channels, the last partial)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        case = (2, G, 1, 3, 4, 5, 9, 7, 3, 3, (1, 1))
+        x, w, grad = _inputs(case, torch.float64)
+        with _ext.use_kernels("torch"):
+            want = group_conv_wgrad_reference(x, grad, torch.empty(G, 4, 5, 1, 3, 3, 3, dtype=torch.float64), (1, 1))
+        got = group_conv_wgrad(x, grad, torch.full_like(want, float("nan")), (1, 1))
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    finally:
+        torch.set_num_threads(old)

@@ -36,6 +36,7 @@ struct GcArgs {
   int64_t xb, xg, xc1, xc2, xh, xw;  // x strides
   int64_t yb, yg, yo1, yo2, yh, yw;  // forward out / weight-gradient grad strides
   int64_t wg, wo1, wo2, wc1, wc2, wty, wtx;  // weight-gradient out strides
+  int64_t parts;                              // weight gradient: work items per group
   bool accumulate;
   int64_t C() const { return C1 * C2; }
   int64_t O() const { return O1 * O2; }
@@ -146,10 +147,11 @@ FC_ALWAYS_INLINE void fwd_range(const GcArgs<S>& a, int64_t q0, int64_t q1) {
   }
 }
 
-// Weight gradient, work items g in [g0, g1):
+// Weight gradient, work items q in [q0, q1): group g = q / parts, its part q % parts of the output
+// channel blocks (parts > 1 where there are fewer groups than threads):
 // out[g, o, c, ty, tx] (+)= sum_{b, y, x} grad[b, g, o, y, x] * xpad[b, g, c, y + ty, x + tx].
 template <typename S, int BYTES>
-FC_ALWAYS_INLINE void wgrad_range(const GcArgs<S>& a, int64_t g0, int64_t g1) {
+FC_ALWAYS_INLINE void wgrad_range(const GcArgs<S>& a, int64_t q0, int64_t q1) {
   using L = FcLanes<S, BYTES>;
   using V = typename L::V;
   constexpr int VW = L::kWidth, OB = Blocks<BYTES>::OB, TXB = Blocks<BYTES>::TXB;
@@ -159,17 +161,24 @@ FC_ALWAYS_INLINE void wgrad_range(const GcArgs<S>& a, int64_t g0, int64_t g1) {
   S* xp = fc_scratch<S, 0>(B * C * f.PS);
   S* gp = fc_scratch<S, 1>(B * nob * OB * QS);  // [b][o][QS], zero past each row's end and past O
   S* res = fc_scratch<S, 2>(nob * OB * C * T);  // [o][c][t]
-  for (int64_t g = g0; g < g1; ++g) {
+  int64_t padded = -1;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t g = q / a.parts, part = q % a.parts;
+    const int64_t ob0 = part * nob / a.parts, ob1 = (part + 1) * nob / a.parts;
+    const int64_t o0 = ob0 * OB, o1 = std::min(O, ob1 * OB);
+    if (g != padded) {
+      for (int64_t b = 0; b < B; ++b) pad_planes(a, b, g, RS, f.PS, xp + b * C * f.PS);
+      padded = g;
+    }
     std::memset(gp, 0, sizeof(S) * B * nob * OB * QS);
     for (int64_t b = 0; b < B; ++b) {
-      pad_planes(a, b, g, RS, f.PS, xp + b * C * f.PS);
-      for (int64_t o = 0; o < O; ++o) {
+      for (int64_t o = o0; o < o1; ++o) {
         const S* src = a.grad + b * a.yb + g * a.yg + (o / a.O2) * a.yo1 + (o % a.O2) * a.yo2;
         S* dst = gp + (b * nob * OB + o) * QS;
         for (int64_t y = 0; y < a.Ho; ++y) copy_row(dst + y * RS, src + y * a.yh, a.Wo, a.yw);
       }
     }
-    for (int64_t ob = 0; ob < nob; ++ob) {
+    for (int64_t ob = ob0; ob < ob1; ++ob) {
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t ty = 0; ty < a.kh; ++ty) {
           for (int64_t tx0 = 0; tx0 < a.kw; tx0 += TXB) {
@@ -200,7 +209,7 @@ FC_ALWAYS_INLINE void wgrad_range(const GcArgs<S>& a, int64_t g0, int64_t g1) {
         }
       }
     }
-    for (int64_t o = 0; o < O; ++o) {
+    for (int64_t o = o0; o < o1; ++o) {
       for (int64_t c = 0; c < C; ++c) {
         S* d = a.out + g * a.wg + (o / a.O2) * a.wo1 + (o % a.O2) * a.wo2 + (c / a.C2) * a.wc1 + (c % a.C2) * a.wc2;
         const S* s = res + (o * C + c) * T;
@@ -292,8 +301,12 @@ void group_conv_wgrad_cpu(const at::Tensor& x, const at::Tensor& grad, at::Tenso
     h.grad = grad.data_ptr<S>(), h.out = out.data_ptr<S>();
     h.wg = out.stride(0), h.wo1 = out.stride(1), h.wo2 = out.stride(2), h.wc1 = out.stride(3), h.wc2 = out.stride(4);
     h.wty = out.stride(5), h.wtx = out.stride(6);
+    // fewer groups than threads (one replica, say): each group's output channel blocks split too (in
+    // at most as many parts as the widest blocks make, so that every variant's parts hold blocks)
+    const int64_t nob = (h.O() + Blocks<64>::OB - 1) / Blocks<64>::OB, threads = at::get_num_threads();
+    h.parts = h.G >= threads ? 1 : std::min(nob, (threads + h.G - 1) / h.G);
     const auto fn = fc_pick_range_widths<wgrad_range<S, 64>, wgrad_range<S, 32>, wgrad_range<S, 16>, GcArgs<S>>();
-    at::parallel_for(0, h.G, 1, [&](int64_t g0, int64_t g1) { fn(h, g0, g1); });
+    at::parallel_for(0, h.G * h.parts, 1, [&](int64_t q0, int64_t q1) { fn(h, q0, q1); });
   });
 }
 
