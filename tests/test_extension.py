@@ -14,7 +14,8 @@ def test_extension_loaded_in_ci():
         pytest.skip("only enforced in CI (set CI=1)")
     assert fastcurv.cpu_extension_loaded(), fastcurv._ext.extension_error()
     for op in ("softmax_ce_hvp", "act_derivs", "act_rop_bwd", "bn_rop_bwd", "bn_eval_rop_fwd", "bn_eval_rop_bwd",
-               "agreement_counts", "csr_linear", "csr_linear_wgrad", "head_hvp", "sampled_conv", "sampled_conv_wgrad"):
+               "agreement_counts", "csr_linear", "csr_linear_wgrad", "head_hvp", "sampled_conv", "sampled_conv_wgrad",
+               "group_conv", "group_conv_wgrad"):
         assert fastcurv._ext.has_kernel(op, "cpu"), op
 
 
