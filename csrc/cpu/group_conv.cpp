@@ -170,8 +170,8 @@ FC_ALWAYS_INLINE void wgrad_range(const GcArgs<S>& a, int64_t q0, int64_t q1) {
       for (int64_t b = 0; b < B; ++b) pad_planes(a, b, g, RS, f.PS, xp + b * C * f.PS);
       padded = g;
     }
-    std::memset(gp, 0, sizeof(S) * B * nob * OB * QS);
     for (int64_t b = 0; b < B; ++b) {
+      std::memset(gp + (b * nob + ob0) * OB * QS, 0, sizeof(S) * (ob1 - ob0) * OB * QS);  // this part's blocks
       for (int64_t o = o0; o < o1; ++o) {
         const S* src = a.grad + b * a.yb + g * a.yg + (o / a.O2) * a.yo1 + (o % a.O2) * a.yo2;
         S* dst = gp + (b * nob * OB + o) * QS;
@@ -241,17 +241,17 @@ GcArgs<S> args_of(const at::Tensor& x, const at::Tensor& y, int64_t kh, int64_t 
   return h;
 }
 
-void check_geometry(const char* op, const at::Tensor& x, const at::Tensor& y, int64_t kh, int64_t kw, at::IntArrayRef padding) {
+// y: the output of the forward, the output gradient of the weight gradient (named y_name)
+void check_geometry(const char* op, const at::Tensor& x, const char* y_name, const at::Tensor& y, int64_t kh, int64_t kw,
+                    at::IntArrayRef padding) {
   TORCH_CHECK(padding.size() == 4 && *std::min_element(padding.begin(), padding.end()) >= 0, op,
               ": padding must be four non-negative ints (top, bottom, left, right), got ", padding);
   TORCH_CHECK(kh >= 1 && kw >= 1, op, ": the kernel must be at least 1x1, got ", kh, "x", kw);
   const int64_t Ho = x.size(4) + padding[0] + padding[1] - kh + 1, Wo = x.size(5) + padding[2] + padding[3] - kw + 1;
   TORCH_CHECK(y.size(0) == x.size(0) && y.size(1) == x.size(1) && y.size(4) == Ho && y.size(5) == Wo, op,
-              ": the output must be [B, G, O1, O2, H_out, W_out] = [", x.size(0), ", ", x.size(1), ", O1, O2, ", Ho, ", ", Wo,
+              ": ", y_name, " must be [B, G, O1, O2, H_out, W_out] = [", x.size(0), ", ", x.size(1), ", O1, O2, ", Ho, ", ", Wo,
               "] for x ", x.sizes(), ", a ", kh, "x", kw, " kernel and padding ", padding, ", got ", y.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op, ": x must be float32 or float64, got ",
-              x.scalar_type());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": dtype mismatch, x is ", x.scalar_type(), ", the output ", y.scalar_type());
+  fc_check_operand(op, "x", x, y_name, y, y.sizes());
 }
 
 void group_conv_cpu(const at::Tensor& x, const at::Tensor& weight_in, at::Tensor& out, at::IntArrayRef padding, bool accumulate) {
@@ -259,7 +259,7 @@ void group_conv_cpu(const at::Tensor& x, const at::Tensor& weight_in, at::Tensor
   check_6d("group_conv", "out", out);
   TORCH_CHECK(weight_in.dim() == 5, "group_conv: weight must be [G, O, C, kh, kw], got ", weight_in.sizes());
   const int64_t kh = weight_in.size(3), kw = weight_in.size(4);
-  check_geometry("group_conv", x, out, kh, kw, padding);
+  check_geometry("group_conv", x, "out", out, kh, kw, padding);
   const int64_t G = x.size(1), C = x.size(2) * x.size(3), O = out.size(2) * out.size(3);
   TORCH_CHECK(weight_in.size(0) == G && weight_in.size(1) == O && weight_in.size(2) == C, "group_conv: weight must be [G, O, C, kh, kw] = [",
               G, ", ", O, ", ", C, ", kh, kw], got ", weight_in.sizes());
@@ -284,7 +284,7 @@ void group_conv_wgrad_cpu(const at::Tensor& x, const at::Tensor& grad, at::Tenso
   check_6d("group_conv_wgrad", "grad", grad);
   TORCH_CHECK(out.dim() == 7, "group_conv_wgrad: out must be 7-d [G, O1, O2, C1, C2, kh, kw], got ", out.sizes());
   const int64_t kh = out.size(5), kw = out.size(6);
-  check_geometry("group_conv_wgrad", x, grad, kh, kw, padding);
+  check_geometry("group_conv_wgrad", x, "grad", grad, kh, kw, padding);
   TORCH_CHECK(out.size(0) == x.size(1) && out.size(1) == grad.size(2) && out.size(2) == grad.size(3) && out.size(3) == x.size(2) &&
                   out.size(4) == x.size(3),
               "group_conv_wgrad: out must be [G, O1, O2, C1, C2, kh, kw] = [", x.size(1), ", ", grad.size(2), ", ", grad.size(3), ", ",
