@@ -63,8 +63,12 @@ class _MapState:
         return out
 
     def select(self, pos: torch.Tensor) -> "_MapState":
-        """The replicas at positions ``pos`` (a copy of their rows)."""
-        return self._map(lambda v: v.index_select(1, pos))
+        """The replicas at positions ``pos`` (a copy of their rows). The features are merged into one
+        axis first: torch's index_select took 8x as long on W4's int64 pooling winners ``[N, R, C,
+        HW]`` as on their ``[N, R, C*HW]`` view (17 against 2.1 ms)."""
+        def rows(v):
+            return v.index_select(1, pos) if v.dim() <= 3 else v.flatten(2).index_select(1, pos).view(v.shape[0], -1, *v.shape[2:])
+        return self._map(rows)
 
     def samples(self, rows: slice) -> "_MapState":
         """Views of the samples ``rows`` (no copy)."""
