@@ -96,6 +96,24 @@ class SharedTangents(nn.Module):
         return self.fc(torch.flatten(F.relu(z) + F.leaky_relu(z, 0.2), 1))
 
 
+class InPlaceSums(nn.Module):
+    """Tangents and gradients the engine updates in place: an addition whose output a BatchNorm
+    alone reads, an addition of an addition's output read by a GELU alone, and a value read by
+    three nodes (its gradient a sum of three terms), beside terms that other nodes also read."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        y = self.c1(x)
+        h = self.bn(y + self.c2(y))
+        z = F.gelu(h + self.c3(h) + y)
+        return self.fc(torch.flatten(F.relu(z) + z + self.c3(z), 1))
+
+
 def _data(shape, n, loss, gen, dtype=torch.float64):
     x = torch.randn(n, *shape, generator=gen, dtype=dtype)
     y = torch.randint(0, 3, (n,), generator=gen) if loss == "cross_entropy" else torch.randn(n, 3, generator=gen, dtype=dtype)
@@ -133,6 +151,11 @@ def test_residual_mlp_against_dense(R, K, loss):
 def test_batchnorm_relu_tangents_read_elsewhere_against_dense(R, K, loss):
     op = _check_dense(SharedTangents, (1, 4, 4), R, K, loss)
     assert len(op.backend._maps.bn_act) == 1  # b1 with its ReLU; b2's output has two readers
+
+
+@pytest.mark.parametrize("R,K,loss", [(1, 2, "mse"), (3, 3, "cross_entropy")])
+def test_in_place_sums_against_dense(R, K, loss):
+    _check_dense(InPlaceSums, (1, 4, 4), R, K, loss)
 
 
 @pytest.mark.parametrize("flatten", ["view", "reshape"])

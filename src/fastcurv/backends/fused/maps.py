@@ -75,6 +75,16 @@ class _MapState:
         return self._map(lambda v: v[rows], shared_too=True)
 
 
+class _Sums(dict):
+    """node -> the gradient of its output summed over its readers so far; ``fresh``: the nodes whose
+    entry is a sum made by :meth:`_MapEngine._acc`, a tensor no other node holds (later terms are
+    added into it, and the node may update it in place)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.fresh: set = set()
+
+
 def _rb(coef: torch.Tensor, nsp: int, tangent: bool) -> torch.Tensor:
     """A per-replica, per-channel ``[R, C]`` (tangent: ``[R, K, C]``) coefficient shaped to
     broadcast against ``[N, R, C, *sp]`` (tangent: ``[N, K, R, C, *sp]``)."""
@@ -167,18 +177,33 @@ class _MapEngine:
         self.stem_conv = {nodes[0]: m for m, nodes in self.stems.items()}  # conv node -> pool node
         self.stem_of = {j: m for m, nodes in self.stems.items() for j in nodes[1:]}  # element-wise node -> pool node
         self.fwd_inplace = [l.kind in ("act", "bn") and fwd_owned(self.inputs[i][0]) for i, l in enumerate(layers)]
+        # forward, a residual addition updates a term in place when it is the sole reader of it
+        self.fwd_owned = [fwd_owned(j) for j in range(n)]
+        self.sole_reader = [len(u) == 1 for u in users]
         self.bwd_inplace = [(l.kind == "act" and bwd_owned(i)) or (l.kind == "bn" and bwd_owned(self.bn_act.get(i, i)))
                             for i, l in enumerate(layers)]
 
     def _reads_shared(self, j) -> bool:
         return j < 0 or self.shared[j]
 
-    def _acc(self, acc: dict, j: int, t):
-        """Add the gradient ``t`` of node ``j``'s output into ``acc`` (out of place: ``t`` may be
-        held elsewhere); shared nodes take none."""
+    def _reads_fresh(self, i, fresh: set, j=None) -> bool:
+        """Whether node ``i`` alone reads its input ``j`` (default: its first), the output tangent of
+        an addition that no other node holds."""
+        j = self.inputs[i][0] if j is None else j
+        return j in fresh and self.sole_reader[j]
+
+    def _acc(self, acc: "_Sums", j: int, t):
+        """Add the gradient ``t`` of node ``j``'s output into ``acc``: the first sum out of place
+        (``t`` and the first term may be held elsewhere), later terms into it; shared nodes take none."""
         if j < 0 or self.shared[j] or t is None:
             return
-        acc[j] = t if j not in acc else acc[j] + t
+        if j not in acc:
+            acc[j] = t
+        elif j in acc.fresh:
+            acc[j].add_(t)
+        else:
+            acc[j] = acc[j] + t
+            acc.fresh.add(j)
 
     def _backward(self, grads: dict):
         """Walk the graph from the output back: yield ``(node, layer, gradient of its output)`` for
@@ -250,13 +275,14 @@ class _MapEngine:
         t = -mean * s if l.bias is None else params[l.bias] - mean * s
         return s, t, inv, mean
 
-    def _bn_eval_rfwd(self, l, i, st, vecs, ra, s):
+    def _bn_eval_rfwd(self, l, i, st, vecs, ra, s, owned):
         """R-forward of eval BatchNorm node ``i`` (and of the activation fused with it; ``ra``:
         the input tangent, without the folded bias of the layer before, if any): returns the output
         tangent ``[N, K, R, C, *sp]`` and, for an affine BatchNorm whose input has a tangent,
         ``dot`` ``[R, K, C]``: the sum over samples and positions of the full input tangent times
         ``delta`` (what the weight's product needs from it, so that it is not kept); computed by
-        :func:`fastcurv.ops.bn_eval_rop_fwd` (C++/CUDA/Triton kernel)."""
+        :func:`fastcurv.ops.bn_eval_rop_fwd` (C++/CUDA/Triton kernel); in place in ``ra`` when
+        ``owned`` (no other node holds it)."""
         j = self.bn_act.get(i)
         d1 = None if j is None else st.get(j, "d1")  # [N, R, C, *sp]
         xh = st.get(i, "xhat") if l.weight is not None else None
@@ -280,18 +306,19 @@ class _MapEngine:
         if db is not None:
             rbeta = db * s.reshape(G) if rbeta is None else rbeta + db * s.reshape(G)
         out, dot = bn_eval_rop_fwd(rz, s.reshape(G), flat(xh), kg(l.weight), rbeta, flat(d1), flat(delta),
-                                   inplace=rz.is_contiguous() and (self.fwd_inplace[i] or fresh))
+                                   inplace=rz.is_contiguous() and (owned or fresh))
         if delta is None:
             return out.view(ra.shape), None
         if db is not None:
             dot += db * st.get(i, "dsum").reshape(N, G).sum(0)
         return out.view(ra.shape), dot.view(K, R, C).transpose(0, 1)
 
-    def _bn_eval_rbwd(self, l, i, st, vecs, out, rd, s, inv, dot):
+    def _bn_eval_rbwd(self, l, i, st, vecs, out, rd, s, inv, dot, owned):
         """R-backward of eval BatchNorm node ``i`` (``rd``: the R-gradient w.r.t. the output of the
         activation fused with it, or of the BatchNorm): adds the weight and bias products to ``out``
         and returns the R-gradient w.r.t. the BatchNorm input (None when that input is shared);
-        computed by :func:`fastcurv.ops.bn_eval_rop_bwd` (C++/CUDA/Triton kernel)."""
+        computed by :func:`fastcurv.ops.bn_eval_rop_bwd` (C++/CUDA/Triton kernel), in place in
+        ``rd`` when ``owned`` (no other node holds it)."""
         j = self.bn_act.get(i)
         d1 = None if j is None else st.get(j, "d1")
         N, K, R, C = rd.shape[:4]
@@ -304,7 +331,7 @@ class _MapEngine:
                 delta = st.get(i, "delta").reshape(N, G, S)
                 crg = (vecs[l.weight] * inv.unsqueeze(1)).transpose(0, 1).reshape(K, G)
         r = rd.reshape(N, K, G, S)
-        if input_grad and not (r.is_contiguous() and self.bwd_inplace[i]):
+        if input_grad and not (r.is_contiguous() and owned):
             r = r.clone(memory_format=torch.contiguous_format)
         r, sum_u, sum_uxh = bn_eval_rop_bwd(r, s.reshape(G), xh, delta, crg, None if d1 is None else d1.reshape(N, G, S),
                                             input_grad=input_grad)
@@ -487,7 +514,7 @@ class _MapEngine:
         st.loss, st.probs, g = _loss_head(self.loss, out, y, sample_dim=0)
         if st.probs is not None:
             st.nbytes += st.probs.numel() * st.probs.element_size()
-        grads = {len(self.layers) - 1: g}  # node -> gradient of the loss w.r.t. its output
+        grads = _Sums({len(self.layers) - 1: g})  # node -> gradient of the loss w.r.t. its output
         for i, l, g in self._backward(grads):
             if l.kind in ("conv", "linear"):
                 a_in, first = st.get(i, "in"), (i, "in") in st.shared
@@ -650,6 +677,7 @@ class _MapEngine:
         rv = {}  # node -> output tangent [N, K, R, *feat] still to be read, or None (identically zero)
         rin, rpre, bn, bn_dot = {}, {}, {}, {}
         stem_in = {}  # a pooled stem's conv node -> (patches of its input, winning positions)
+        fresh = set()  # additions whose output tangent no other node holds
         N = None
         last = len(self.layers) - 1
         head = self.head and self._head_runs(params[self.layers[last].weight])
@@ -658,10 +686,21 @@ class _MapEngine:
                 continue
             ins = self.inputs[i]
             if l.kind == "add":
-                ra = None
+                ra, own = None, False  # own: no other node holds ra
                 for j in ins:
                     t = None if self._reads_shared(j) else rv[j]
-                    ra = t if ra is None else (ra if t is None else ra + t)
+                    if t is None:
+                        continue
+                    if ra is None:
+                        ra, own = t, self.fwd_owned[j] or self._reads_fresh(i, fresh, j)
+                    elif own:
+                        ra.add_(t)
+                    elif self.fwd_owned[j] or self._reads_fresh(i, fresh, j):
+                        ra, own = t.add_(ra), True
+                    else:
+                        ra, own = ra + t, True
+                if own:
+                    fresh.add(i)
                 rv[i] = ra
                 self._free(rv, i)
                 continue
@@ -739,7 +778,8 @@ class _MapEngine:
                 if ra is None and l.weight is None:
                     pass
                 else:
-                    ra, bn_dot[i] = self._bn_eval_rfwd(l, i, st, vecs, ra, bn[i][0])
+                    owned = self.fwd_inplace[i] or self._reads_fresh(i, fresh)
+                    ra, bn_dot[i] = self._bn_eval_rfwd(l, i, st, vecs, ra, bn[i][0], owned)
                     N = ra.shape[0]
             elif ra is None or i in self.act_fused:
                 pass
@@ -749,7 +789,7 @@ class _MapEngine:
                     rpre[i] = ra
                     ra = d1 * ra
                 else:
-                    ra = ra.mul_(d1) if self.fwd_inplace[i] else ra * d1
+                    ra = ra.mul_(d1) if self.fwd_inplace[i] or self._reads_fresh(i, fresh) else ra * d1
             elif l.kind == "flatten":
                 ra = ra.reshape(*ra.shape[:3], -1)
             elif i in st.stems:
@@ -766,7 +806,7 @@ class _MapEngine:
             rv[i] = ra
             self._free(rv, i)
         ra = rv.pop(last)
-        rds = {}  # node -> R-gradient w.r.t. its output
+        rds = _Sums()  # node -> R-gradient w.r.t. its output
         if head:  # ra: the tangent of the output node's input
             self._acc(rds, self.inputs[last][0], self._head(st, params, vecs, out, ra))
         elif self.loss.kind == "cross_entropy":
@@ -837,7 +877,8 @@ class _MapEngine:
                 rd = self._bn_batch_rbwd(l, i, st, params, vecs, None, rin.get(i), rd)
             elif l.kind == "bn":
                 s, t, inv, mean = bn[i]
-                rd = self._bn_eval_rbwd(l, i, st, vecs, out, rd, s, inv, bn_dot.get(i))
+                owned = self.bwd_inplace[i] or self.bn_act.get(i, i) in rds.fresh
+                rd = self._bn_eval_rbwd(l, i, st, vecs, out, rd, s, inv, bn_dot.get(i), owned)
                 if rd is None:
                     continue
             elif i in self.act_fused:
@@ -847,7 +888,7 @@ class _MapEngine:
                 d2g = st.get(i, "d2g")
                 n, k = rd.shape[:2]
                 if d2g is None:
-                    rd = rd.mul_(d1.unsqueeze(1)) if self.bwd_inplace[i] else rd * d1.unsqueeze(1)
+                    rd = rd.mul_(d1.unsqueeze(1)) if self.bwd_inplace[i] or i in rds.fresh else rd * d1.unsqueeze(1)
                 else:
                     rd = act_rop_bwd(d1.reshape(n, -1), d2g.reshape(n, -1), rpre[i].reshape(n, k, -1),
                                      rd.reshape(n, k, -1)).view(rd.shape)
