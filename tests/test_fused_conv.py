@@ -305,6 +305,10 @@ def test_auto_picks_fused_for_a_small_cnn():
     # batch-statistics BatchNorm is fused too (checked against dense Hessians in test_fused_residual.py)
     op2 = fastcurv.HessianOperator(models, data, bn_mode="batch")
     assert op2.backend_name == "fused"
+    # the trace estimators stack 10 probes per matvec on the CPU in the conv engine, 1 for MLP chains
+    assert op.backend.cpu_probe_batch == 10
+    mlps = replicas(lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 3)), R=2)
+    assert fastcurv.HessianOperator(mlps, data, backend="fused").backend.cpu_probe_batch == 1
 
 
 class Concat(nn.Module):

@@ -128,6 +128,33 @@ def test_deflated_trace_with_lanczos_basis_is_unbiased_and_tight():
     assert np.std(ests) < np.std(plain)
 
 
+def test_probes_per_matvec_follows_the_backend_on_the_cpu():
+    """An explicit probe_batch wins; by default a GPU stacks 10 probes per matvec, and the CPU asks
+    the operator's backend (the fused conv engine: 10; MLP chains and operators without one: 1)."""
+    from types import SimpleNamespace
+
+    from fastcurv.solvers.trace import probes_per_matvec
+
+    A = spd_with_spectrum(np.linspace(1, 2, 12), 3)
+    op = DenseOperator(A.unsqueeze(0))
+    ks = []
+    matvec = op.matvec
+    op.matvec = lambda V, idx=None: (ks.append(V.shape[1]), matvec(V, idx))[1]
+    plain = hutchinson(op, num_probes=10, seed=1)
+    assert ks == [1] * 10
+    op.backend, ks[:] = SimpleNamespace(cpu_probe_batch=10), []
+    stacked = hutchinson(op, num_probes=10, seed=1)
+    assert ks == [10]
+    torch.testing.assert_close(stacked.trace, plain.trace)  # the same probes
+    ks[:] = []
+    hutchpp(op, num_matvecs=12, probe_batch=3, seed=1)
+    assert ks == [3, 1, 3, 1, 3, 1]  # S (4 probes), Q (4 columns), the rest (4 probes)
+    assert probes_per_matvec(SimpleNamespace(device=torch.device("cuda"))) == 10
+    assert probes_per_matvec(op, 4) == 4
+    with pytest.raises(ValueError, match="probe_batch must be at least 1"):
+        probes_per_matvec(op, 0)
+
+
 def test_slq_moments():
     eigs = np.linspace(-2, 5, 50)
     A = spd_with_spectrum(eigs, 7)

@@ -16,6 +16,9 @@ class Backend:
     """
 
     name = "base"
+    #: probes per matvec the trace estimators use by default on the CPU (see
+    #: :func:`fastcurv.solvers.trace.probes_per_matvec`)
+    cpu_probe_batch = 1
 
     def __init__(self, replicas: ReplicaSet, loss: Loss, batches: Batches, **options):
         self.replicas, self.loss, self.batches = replicas, loss, batches

@@ -157,6 +157,12 @@ class FusedBackend(Backend):
         self._cache_used = 0
         self._cache_full = False
 
+    @property
+    def cpu_probe_batch(self) -> int:
+        """10 probes per trace matvec in the conv and residual graph engine, 1 for MLP chains (see
+        :func:`fastcurv.solvers.trace.probes_per_matvec`)."""
+        return 1 if self._maps is None else 10
+
     def clear_cache(self):
         self._cache.clear()
         self._subset.clear()
