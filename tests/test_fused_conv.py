@@ -297,6 +297,29 @@ def small_cnn():
     return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3))
 
 
+@pytest.mark.parametrize("factory,shape", [(lambda: bn_net(affine=False), (1, 6, 7)), (lambda: stem_net("relu", True, "2"), (2, 6, 7)),
+                                           (bn_first_net, (1, 4, 4))], ids=["bn_not_affine", "pooled_stem", "bn_first"])
+def test_gradient_from_the_state_it_caches(factory, shape):
+    """reuse_state=True builds each batch's state once, takes the gradient's weight products from it
+    and caches it for the matvecs without the output gradients only the gradient reads: the same
+    gradient as the chunked passes, the same state as a matvec builds, the same products."""
+    models = replicas(_materialize(factory, shape), R=3)
+    gen = torch.Generator().manual_seed(0)
+    x, y = _data(shape, 9, "cross_entropy", gen)
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    reused, plain = (fastcurv.HessianOperator(models, batches, backend="fused") for _ in range(2))
+    (l1, g1), (l2, g2) = reused.loss_and_gradient(reuse_state=True), plain.loss_and_gradient()
+    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-14)
+    assert sorted(reused.backend._cache) == [0, 1]
+    V = torch.randn(3, 2, reused.P, generator=gen, dtype=torch.float64)
+    HV = plain.matvec(V)  # builds and caches the states the matvecs keep
+    for i in (0, 1):
+        got, want = reused.backend._cache[i][1], plain.backend._cache[i][1]
+        assert set(got.t) == set(want.t) and got.nbytes == want.nbytes
+    torch.testing.assert_close(reused.matvec(V), HV, rtol=0, atol=0)
+
+
 def test_auto_picks_fused_for_a_small_cnn():
     models = replicas(small_cnn, R=2)
     data = (torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))

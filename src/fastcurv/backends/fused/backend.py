@@ -296,16 +296,22 @@ class FusedBackend(Backend):
                 self._subset[i] = (idx, st.select(sub))
                 return self._subset[i][1]
         st = self._primal(x, y, idx)
-        if not self._cache_full:
-            old = self._cache.pop(i, None)
-            if old is not None:
-                self._cache_used -= old[1].nbytes
-            if self._cache_used + st.nbytes <= self.cache_bytes:
-                self._cache[i] = (idx, st)
-                self._cache_used += st.nbytes
-            else:
-                self._cache_full = True
+        self._cache_put(i, idx, st)
         return st
+
+    def _cache_put(self, i, idx, st) -> None:
+        """Cache ``st``, the state of batch ``i`` for replicas ``idx``, if it fits in ``cache_bytes``
+        (replacing what was cached for that batch)."""
+        if self._cache_full:
+            return
+        old = self._cache.pop(i, None)
+        if old is not None:
+            self._cache_used -= old[1].nbytes
+        if self._cache_used + st.nbytes <= self.cache_bytes:
+            self._cache[i] = (idx, st)
+            self._cache_used += st.nbytes
+        else:
+            self._cache_full = True
 
     def state_bytes_per_sample(self, x, y) -> int:
         """Bytes of cached per-batch state for ONE replica and ONE sample (what ``cache_bytes``
@@ -340,10 +346,12 @@ class FusedBackend(Backend):
         """Loss ``[R]`` and per-parameter gradients ``[R, *shape]`` over all batches (batched GEMMs).
 
         By default the forward and backward passes run afresh (callers may have changed the
-        parameters since the state was cached). ``reuse_state=True`` (MLP chains) reads the
-        matvecs' cached per-batch state instead, filling the cache where it is missing, so only
-        the weight products remain: valid while the parameters are those the operator was built
-        with (the solvers' gradient start)."""
+        parameters since the state was cached). ``reuse_state=True`` reads the matvecs' cached
+        per-batch state instead (MLP chains), or builds it and caches it for them (conv and
+        residual graphs: the passes the first matvec would run anyway, keeping the first layers'
+        output gradients until their weight products are done), so only the weight products
+        remain: valid while the parameters are those the operator was built with (the solvers'
+        gradient start)."""
         rs = self.replicas
         pos = {n: j for j, n in enumerate(rs.names)}
         params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
@@ -352,7 +360,13 @@ class FusedBackend(Backend):
         if self._maps is not None:
             params, buffers = rs.subset(idx)
             named = dict(zip(rs.names, grads))
-            for _, x, y in self.batches:
+            for i, x, y in self.batches:
+                if reuse_state and i not in self._cache and not self._cache_full:
+                    st = self._maps.primal(x, y, params, buffers, keep_all=True)
+                    total = st.loss if total is None else total + st.loss
+                    self._maps.gradient(st, params, buffers, named)
+                    self._cache_put(i, idx, self._maps.for_matvecs(st))
+                    continue
                 # in chunks of samples whose widest feature tensor [n, R, *feat] fits the budget
                 step = self._sample_step(x, self._maps.primal(x[:1], y[:1], params, buffers).widest * grads[0].shape[0] * grads[0].element_size())
                 for n0 in range(0, x.shape[0], step):

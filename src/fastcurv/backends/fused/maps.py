@@ -592,6 +592,18 @@ class _MapEngine:
                              if params[self.layers[nodes[0]].weight][0, 0].numel() <= STEM_MAX_TAPS)
         return frozenset(self.stems)
 
+    def for_matvecs(self, st: _MapState) -> _MapState:
+        """``st``, a ``keep_all`` state, without what only :meth:`gradient` reads (the output
+        gradients of the layers that read the shared input, and of BatchNorms without affine
+        parameters), as :meth:`primal` keeps it for the matvecs; in place, and returned."""
+        for i, l in enumerate(self.layers):
+            key = (i, "delta")
+            first = l.kind in ("conv", "linear") and (i, "in") in st.shared
+            if key in st.t and (first or l.kind == "bn" and not l.opts.get("batch") and l.weight is None):
+                t = st.t.pop(key)
+                st.nbytes -= t.numel() * t.element_size()
+        return st
+
     def gradient(self, st: _MapState, params, buffers, grads: dict):
         """Add the parameter gradients of a ``keep_all`` state to ``grads`` (name -> [R, *shape])."""
         for i, l in enumerate(self.layers):
