@@ -33,10 +33,10 @@ def probes_per_matvec(op, probe_batch: int | None = None) -> int:
     """Probes per matvec. Default: 10 on a GPU, where stacking probes raises GEMM efficiency; on
     the CPU the operator's backend's ``cpu_probe_batch``: 1 for MLP chains, where a K=1 matvec
     reuses the memory the Lanczos steps already touched and a single larger one pays first-touch
-    page faults (W1's default job 4.8-5.05 s against 4.95-5.4 s with 10, although in a loop of
-    trace stages 10 probes took 1.06 s as one matvec against 1.35 s one by one); 10 in the fused
-    engine's conv and residual graphs, where the job gains (W3 3.0-3.4 -> 2.9-3.3 s, W4 5.6-5.75
-    -> 5.4-5.6 s)."""
+    page faults (W1's job with the deflated trace 7.6-7.9 s against 8.1-8.4 s with 10, although
+    in a loop of trace stages 10 probes took 1.06 s as one matvec against 1.35 s one by one); 10
+    in the fused engine's conv and residual graphs, where the job gains (W3 3.0-3.4 -> 2.9-3.3 s,
+    W4 5.6-5.75 -> 5.4-5.6 s)."""
     if probe_batch is None:
         if op.device.type != "cpu":
             return 10
