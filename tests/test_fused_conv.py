@@ -320,6 +320,28 @@ def test_gradient_from_the_state_it_caches(factory, shape):
     torch.testing.assert_close(reused.matvec(V), HV, rtol=0, atol=0)
 
 
+def test_a_replica_subset_frees_the_previous_one_before_its_copy(monkeypatch):
+    """As a solver's active replicas shrink, each subset of the cached state is copied only once the
+    previous subset is freed, so that the copy can reuse its memory."""
+    import weakref
+
+    from fastcurv.backends.fused import maps
+
+    models = replicas(_materialize(bn_net, (1, 6, 7)), R=4)
+    gen = torch.Generator().manual_seed(0)
+    x, y = _data((1, 6, 7), 6, "cross_entropy", gen)
+    op = fastcurv.HessianOperator(models, (x, y), backend="fused")
+    V = torch.randn(4, 1, op.P, generator=gen, dtype=torch.float64)
+    full = op.matvec(V)
+    op.matvec(V[[0, 1, 2]], idx=torch.tensor([0, 1, 2]))
+    previous = weakref.ref(op.backend._subset[0][1])
+    freed = []
+    select = maps._MapState.select
+    monkeypatch.setattr(maps._MapState, "select", lambda st, pos: (freed.append(previous() is None), select(st, pos))[1])
+    torch.testing.assert_close(op.matvec(V[[0, 2]], idx=torch.tensor([0, 2])), full[[0, 2]], rtol=1e-12, atol=1e-14)
+    assert freed == [True]
+
+
 def test_auto_picks_fused_for_a_small_cnn():
     models = replicas(small_cnn, R=2)
     data = (torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
