@@ -318,6 +318,11 @@ def test_gradient_from_the_state_it_caches(factory, shape):
         got, want = reused.backend._cache[i][1], plain.backend._cache[i][1]
         assert set(got.t) == set(want.t) and got.nbytes == want.nbytes
     torch.testing.assert_close(reused.matvec(V), HV, rtol=0, atol=0)
+    # without a cache: the chunked passes, nothing cached
+    uncached = fastcurv.HessianOperator(models, batches, backend="fused")
+    uncached.backend.cache_bytes = 0
+    torch.testing.assert_close(uncached.loss_and_gradient(reuse_state=True)[1], g2, rtol=1e-10, atol=1e-14)
+    assert not uncached.backend._cache
 
 
 def test_a_replica_subset_frees_the_previous_one_before_its_copy(monkeypatch):

@@ -365,7 +365,7 @@ class FusedBackend(Backend):
             params, buffers = rs.subset(idx)
             named = dict(zip(rs.names, grads))
             for i, x, y in self.batches:
-                if reuse_state and i not in self._cache and not self._cache_full:
+                if reuse_state and i not in self._cache and not self._cache_full and self.cache_bytes > 0:
                     st = self._maps.primal(x, y, params, buffers, keep_all=True)
                     total = st.loss if total is None else total + st.loss
                     self._maps.gradient(st, params, buffers, named)
