@@ -176,8 +176,6 @@ class _MapEngine:
                 self.stems[m] = [j] + chain[::-1]
         self.stem_conv = {nodes[0]: m for m, nodes in self.stems.items()}  # conv node -> pool node
         self.stem_of = {j: m for m, nodes in self.stems.items() for j in nodes[1:]}  # element-wise node -> pool node
-        self.fwd_inplace = [l.kind in ("act", "bn") and fwd_owned(self.inputs[i][0]) for i, l in enumerate(layers)]
-        # forward, a residual addition updates a term in place when it is the sole reader of it
         self.fwd_owned = [fwd_owned(j) for j in range(n)]
         self.sole_reader = [len(u) == 1 for u in users]
         self.bwd_inplace = [(l.kind == "act" and bwd_owned(i)) or (l.kind == "bn" and bwd_owned(self.bn_act.get(i, i)))
@@ -186,11 +184,11 @@ class _MapEngine:
     def _reads_shared(self, j) -> bool:
         return j < 0 or self.shared[j]
 
-    def _reads_fresh(self, i, fresh: set, j=None) -> bool:
-        """Whether node ``i`` alone reads its input ``j`` (default: its first), the output tangent of
-        an addition that no other node holds."""
-        j = self.inputs[i][0] if j is None else j
-        return j in fresh and self.sole_reader[j]
+    def _owned(self, j, fresh: set) -> bool:
+        """Forward, whether node ``j``'s output tangent is held by its one reader alone, which may then
+        update it in place: known from the graph, or at run time for an addition whose output is a
+        sum it made (in ``fresh``)."""
+        return j >= 0 and (self.fwd_owned[j] or j in fresh and self.sole_reader[j])
 
     def _acc(self, acc: "_Sums", j: int, t):
         """Add the gradient ``t`` of node ``j``'s output into ``acc``: the first sum out of place
@@ -704,10 +702,10 @@ class _MapEngine:
                     if t is None:
                         continue
                     if ra is None:
-                        ra, own = t, self.fwd_owned[j] or self._reads_fresh(i, fresh, j)
+                        ra, own = t, self._owned(j, fresh)
                     elif own:
                         ra.add_(t)
-                    elif self.fwd_owned[j] or self._reads_fresh(i, fresh, j):
+                    elif self._owned(j, fresh):
                         ra, own = t.add_(ra), True
                     else:
                         ra, own = ra + t, True
@@ -790,8 +788,7 @@ class _MapEngine:
                 if ra is None and l.weight is None:
                     pass
                 else:
-                    owned = self.fwd_inplace[i] or self._reads_fresh(i, fresh)
-                    ra, bn_dot[i] = self._bn_eval_rfwd(l, i, st, vecs, ra, bn[i][0], owned)
+                    ra, bn_dot[i] = self._bn_eval_rfwd(l, i, st, vecs, ra, bn[i][0], self._owned(ins[0], fresh))
                     N = ra.shape[0]
             elif ra is None or i in self.act_fused:
                 pass
@@ -801,7 +798,7 @@ class _MapEngine:
                     rpre[i] = ra
                     ra = d1 * ra
                 else:
-                    ra = ra.mul_(d1) if self.fwd_inplace[i] or self._reads_fresh(i, fresh) else ra * d1
+                    ra = ra.mul_(d1) if self._owned(ins[0], fresh) else ra * d1
             elif l.kind == "flatten":
                 ra = ra.reshape(*ra.shape[:3], -1)
             elif i in st.stems:
