@@ -45,11 +45,14 @@ class _MapState:
         self.widest = 1  # the largest number of features per sample and replica
         self.nbytes = 0
         self.stems = frozenset()  # pooling nodes whose stems' values are kept at the pooled positions
+        self.gradient_only: set = set()  # keys only the parameter gradient reads (kept with keep_all)
 
-    def put(self, i, key, tensor, shared=False):
+    def put(self, i, key, tensor, shared=False, gradient_only=False):
         self.t[(i, key)] = tensor
         if shared:
             self.shared.add((i, key))
+        if gradient_only:
+            self.gradient_only.add((i, key))
         self.nbytes += tensor.numel() * tensor.element_size()
 
     def get(self, i, key):
@@ -58,6 +61,7 @@ class _MapState:
     def _map(self, f, shared_too=False) -> "_MapState":
         out = _MapState()
         out.shared, out.meta, out.widest, out.loss, out.stems = self.shared, self.meta, self.widest, self.loss, self.stems
+        out.gradient_only = self.gradient_only
         out.t = {k: (f(v) if shared_too or k not in self.shared else v) for k, v in self.t.items()}
         out.probs = None if self.probs is None else f(self.probs)
         return out
@@ -517,7 +521,7 @@ class _MapEngine:
             if l.kind in ("conv", "linear"):
                 a_in, first = st.get(i, "in"), (i, "in") in st.shared
                 if keep_all or not first:
-                    st.put(i, "delta", g)
+                    st.put(i, "delta", g, gradient_only=first)
                 if first:
                     continue
                 W = params[l.weight]
@@ -542,7 +546,7 @@ class _MapEngine:
                     z = self._winners(pre.pop(i), st, self.stem_of[i])
                     st.put(i, "xhat", (z - _rb(mean, z.dim() - 3, False)) * _rb(inv, z.dim() - 3, False))
                 if l.weight is not None or keep_all:
-                    st.put(i, "delta", g)
+                    st.put(i, "delta", g, gradient_only=l.weight is None)
                 if l.weight is not None and i in self.bn_bias:  # per sample: the folded bias's R-passes read its sums
                     st.put(i, "dsum", g.reshape(*g.shape[:3], -1).sum(3))
                 if self._reads_shared(self.inputs[i][0]):
@@ -590,16 +594,15 @@ class _MapEngine:
                              if params[self.layers[nodes[0]].weight][0, 0].numel() <= STEM_MAX_TAPS)
         return frozenset(self.stems)
 
-    def for_matvecs(self, st: _MapState) -> _MapState:
+    @staticmethod
+    def for_matvecs(st: _MapState) -> _MapState:
         """``st``, a ``keep_all`` state, without what only :meth:`gradient` reads (the output
         gradients of the layers that read the shared input, and of BatchNorms without affine
         parameters), as :meth:`primal` keeps it for the matvecs; in place, and returned."""
-        for i, l in enumerate(self.layers):
-            key = (i, "delta")
-            first = l.kind in ("conv", "linear") and (i, "in") in st.shared
-            if key in st.t and (first or l.kind == "bn" and not l.opts.get("batch") and l.weight is None):
-                t = st.t.pop(key)
-                st.nbytes -= t.numel() * t.element_size()
+        for key in st.gradient_only:
+            t = st.t.pop(key)
+            st.nbytes -= t.numel() * t.element_size()
+        st.gradient_only = set()
         return st
 
     def gradient(self, st: _MapState, params, buffers, grads: dict):
