@@ -53,7 +53,6 @@ import torch
 
 import fastcurv
 from fastcurv import _ext
-from fastcurv.ops.group_conv import group_conv, group_conv_reference, group_conv_wgrad, group_conv_wgrad_reference
 from fastcurv.ops import (
     ACTIVATIONS,
     act_derivs_reference,
@@ -62,6 +61,10 @@ from fastcurv.ops import (
     bn_eval_rop_fwd_reference,
     bn_rop_bwd_reference,
     conv_patches,
+    group_conv,
+    group_conv_reference,
+    group_conv_wgrad,
+    group_conv_wgrad_reference,
     sampled_conv_reference,
     sampled_conv_wgrad_reference,
     softmax_ce_hvp_reference,
