@@ -1,4 +1,4 @@
-"""Lanczos with full reorthogonalization, one Krylov space per replica, run in lock step."""
+"""Lanczos with partial (or full) reorthogonalization, one Krylov space per replica, run in lock step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ class EigenResult:
     residuals: ``[R, k]`` Ritz residual norms ``|beta_m s_m|``; error_bounds: ``[R, k]`` the
     estimate ``min(r, r^2 / gap)`` of ``|theta - lambda|``. iterations: ``[R]`` matvecs used.
     converged: ``[R]`` bool. eigenvectors: ``[R, k, P]`` Ritz vectors when requested.
+    reorthogonalized: ``[R]`` steps whose new vector was orthogonalized against the whole basis.
     basis / tridiag_trace: the orthonormal Krylov basis ``[R, m, P]`` (zero rows past each
     replica's last step) and ``trace(Q^T H Q)`` ``[R]``, kept for trace deflation when requested.
     """
@@ -28,6 +29,7 @@ class EigenResult:
     error_bounds: torch.Tensor
     iterations: torch.Tensor
     converged: torch.Tensor
+    reorthogonalized: torch.Tensor | None = None
     eigenvectors: torch.Tensor | None = None
     basis: torch.Tensor | None = None
     tridiag_trace: torch.Tensor | None = None
@@ -69,9 +71,50 @@ def _capacity(R: int, steps: int, P: int, dtype, device) -> int:
     return steps if need <= room // 4 else min(steps, 16)
 
 
+def _omega_next(om: torch.Tensor, om_prev: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                b: torch.Tensor, eps1: float) -> torch.Tensor:
+    """Simon's estimates ``[n, j + 2]`` of ``q_{j+1} . q_k`` for the vector a step makes.
+
+    om, om_prev: ``[n, >= j + 1]`` the estimates for ``q_j`` and ``q_{j-1}``; alpha ``[n, j + 1]``,
+    beta ``[n, j + 1]`` (``beta[:, i]`` couples ``q_{i-1}`` and ``q_i``; ``beta[:, 0] = 0``) and the
+    new vector's norm b ``[n]`` before normalization, all float64. The recurrence carries the
+    three-term relation's rounding into the inner products; each term adds ``eps1 * (beta_{k+1} +
+    b)`` away from zero (Simon 1984), so the estimate errs towards reorthogonalizing."""
+    j = alpha.shape[1] - 1
+    n = om.shape[0]
+    new = torch.zeros(n, j + 2, dtype=torch.float64)
+    if j > 0:
+        below = torch.cat([torch.zeros(n, 1, dtype=torch.float64), om[:, : j - 1]], 1)  # om_{j, k-1}
+        t = (beta[:, 1 : j + 1] * om[:, 1 : j + 1] + (alpha[:, :j] - alpha[:, j : j + 1]) * om[:, :j]
+             + beta[:, :j] * below - beta[:, j : j + 1] * om_prev[:, :j])
+        t += torch.where(t >= 0, eps1, -eps1) * (beta[:, 1 : j + 1] + b.unsqueeze(1))
+        new[:, :j] = t / b.clamp_min(1e-300).unsqueeze(1)
+    new[:, j] = eps1
+    new[:, j + 1] = 1.0
+    return new
+
+
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise dot products ``[n]`` of ``[n, P]`` tensors, without an ``[n, P]`` temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _reorthogonalize(Q: torch.Tensor, w: torch.Tensor, ai: torch.Tensor, due: torch.Tensor, j: int,
+                     gather: bool | None = None) -> None:
+    """Orthogonalize the rows ``w[due]`` (replicas ``ai[due]``) against ``Q[replica, : j + 1]``,
+    in place: through views of one replica's basis at a time, or (``gather``, the default on a GPU,
+    where a launch per replica costs more than the copy) on one gathered copy of the bases."""
+    if gather is None:
+        gather = Q.device.type != "cpu"
+    if not gather:
+        for local in due.nonzero().flatten().tolist():
+            rr = int(ai[local])
+            project_out_(Q[rr : rr + 1, : j + 1], w[local : local + 1].unsqueeze(1))
+        return
+    pick = due.to(w.device)
+    sub = w[pick].unsqueeze(1)
+    project_out_(Q[ai[due].to(Q.device), : j + 1], sub)
+    w[pick] = sub.squeeze(1)
 
 
 def lanczos(
@@ -88,6 +131,7 @@ def lanczos(
     return_vectors: bool = False,
     keep_basis: bool = False,
     callback: Callable[[int, int], None] | None = None,
+    reorthogonalize: str | None = None,
 ) -> EigenResult:
     """Top-k (or bottom-k) eigenvalues of each replica's Hessian by Lanczos.
 
@@ -95,19 +139,33 @@ def lanczos(
     and stops on its own when all its k Ritz values have residual ``|beta_m s_m| <= tol * |theta|``
     (so each lies within ``tol * |theta|`` of an eigenvalue; the reported ``error_bounds``, the
     sharper estimate ``min(r, r^2 / gap)``, are usually far smaller);
-    converged replicas drop out of later matvecs. Tridiagonal eigenproblems are solved in float64;
-    every new vector is reorthogonalized against the whole basis.
+    converged replicas drop out of later matvecs. Tridiagonal eigenproblems are solved in float64.
+
+    Reorthogonalization is partial by default (Simon 1984): a recurrence on the tridiagonal
+    coefficients estimates how far each new vector has drifted from orthogonality to the basis, and
+    only when an estimate passes ``sqrt(eps)`` of the operator's dtype is that vector (and the next,
+    whose recurrence inherits the drift) orthogonalized against the replica's whole basis. The
+    basis then stays orthogonal to ``sqrt(eps)``, enough for Ritz values accurate to ``eps``
+    (no spurious copies), at a fraction of the passes over the basis that full reorthogonalization
+    makes every step. With ``keep_basis`` the default is "full": trace deflation projects probes off
+    the basis and needs it orthonormal to working precision.
 
     Args:
         op: the batched operator. k: how many eigenvalues. max_iter: matvecs per replica at most.
         tol: relative accuracy target. which: "largest" (algebraic) or "smallest".
         v0: start vectors ``[R, P]`` (default: Gaussian from ``seed``). min_iter: do at least this
         many steps (e.g. to build a basis for trace deflation). callback(step, n_active) per step.
+        reorthogonalize: "partial" or "full" (default: "full" with keep_basis, else "partial").
     """
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if k < 1:
         raise ValueError("k must be at least 1")
+    if reorthogonalize is None:
+        reorthogonalize = "full" if keep_basis else "partial"
+    if reorthogonalize not in ("partial", "full"):
+        raise ValueError(f"reorthogonalize must be 'partial' or 'full', got {reorthogonalize!r}")
+    full = reorthogonalize == "full"
     R, P = op.R, op.P
     m = min(max_iter, P)
     f64 = torch.float64
@@ -125,7 +183,16 @@ def lanczos(
     eigenvectors = torch.full((R, k, P), float("nan"), dtype=op.dtype, device=op.device) if return_vectors else None
     iters = torch.zeros(R, dtype=torch.long)
     converged = torch.zeros(R, dtype=torch.bool)
+    reorths = torch.zeros(R, dtype=torch.long)
     active = ~op.failed.clone()
+    # Simon's estimates of q_j . q_k (om) and q_{j-1} . q_k (om_prev), and the replicas whose next
+    # vector must be reorthogonalized because this one was
+    eps = torch.finfo(op.dtype).eps
+    eps1, limit = eps * P**0.5 / 2, eps**0.5
+    om = torch.zeros(R, m + 2, dtype=f64)
+    om[:, 0] = 1.0
+    om_prev = torch.zeros(R, m + 2, dtype=f64)
+    force = torch.zeros(R, dtype=torch.bool)
     sign = 1.0 if which == "largest" else -1.0
 
     for j in range(m):
@@ -150,20 +217,39 @@ def lanczos(
         # w is ours (a fresh matvec result): update it in place, these are [R, P] tensors
         w = op.matvec(qj, idx=None if every else ai)
         a = _rowdot(w, qj)
-        # the three-term recurrence w -= beta_j q_{j-1} + alpha_j q_j, one pass over w, then full
-        # reorthogonalization against each replica's basis
+        # the three-term recurrence w -= beta_j q_{j-1} + alpha_j q_j, one pass over w, then
+        # reorthogonalization against each replica's basis: every step, or where Simon's estimates
+        # say it is due
         lo = max(j - 1, 0)
         coef = (torch.stack([beta[ai, j].to(w.dtype).to(w.device), a], dim=-1) if j > 0 else a.unsqueeze(-1)).unsqueeze(1)
         for gq, gw in groups:
             wr = w[gw].unsqueeze(1)
             wr.baddbmm_(coef[gw], Q[gq, lo : j + 1], alpha=-1)
-            project_out_(Q[gq, : j + 1], wr)
+            if full:
+                project_out_(Q[gq, : j + 1], wr)
         b = w.norm(dim=-1)
         alpha[ai, j] = a.to(f64).cpu()
+        if full:
+            reorths[ai] += 1
+        else:
+            new = _omega_next(om[ai], om_prev[ai], alpha[ai, : j + 1], beta[ai, : j + 1], b.to(f64).cpu(), eps1)
+            due = force[ai] | ((new[:, :j].abs().amax(1) > limit) if j else torch.zeros_like(force[ai]))
+            if due.any():
+                b = b.clone()
+                _reorthogonalize(Q, w, ai, due, j)
+                b[due.to(b.device)] = w[due.to(w.device)].norm(dim=-1)
+                new[due, : j + 1] = eps1
+                reorths[ai[due]] += 1
+            force[ai] = due & ~force[ai]
+            om_prev[ai], om[ai, : j + 2] = om[ai], new
         beta[ai, j + 1] = b.to(f64).cpu()
-        w.div_(b.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-1))
+        # the normalized vector goes straight into the basis (one pass over w, not two)
+        den = b.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-1)
         for gq, gw in groups:
-            Q[gq, j + 1] = w[gw]
+            if isinstance(gq, slice):
+                torch.div(w[gw], den[gw], out=Q[gq, j + 1])
+            else:
+                Q[gq, j + 1] = w[gw] / den[gw]
         iters[ai] = j + 1
         if callback is not None:
             callback(j + 1, len(ai))
@@ -200,7 +286,7 @@ def lanczos(
     failed = op.failed.clone()
     eig[failed], res[failed], err[failed] = float("nan"), float("nan"), float("nan")
     converged &= ~failed
-    out = EigenResult(eig, res, err, iters, converged, eigenvectors)
+    out = EigenResult(eig, res, err, iters, converged, reorths, eigenvectors)
     if keep_basis:
         n_max = int(iters.max()) if len(iters) else 0
         out.basis = Q[:, :n_max]  # a view: rows past a replica's last step are zeroed below
