@@ -89,6 +89,33 @@ def test_fused_without_cache_recomputes_exactly():
     assert b.backend._cache == {} and a.backend._cache
 
 
+@pytest.mark.parametrize("reuse", ["activation", "linear", "conv"])
+def test_a_module_run_twice_in_a_sequential_runs_twice(reuse):
+    """nn.Sequential runs a reused module at every place it holds it (``named_children`` lists it
+    once): a shared activation instance stays in the chain, a reused Linear or Conv2d goes to the
+    graph engine, which sums both uses' products; against the dense Hessian."""
+    def factory():
+        if reuse == "activation":
+            act = nn.Tanh()
+            return nn.Sequential(nn.Linear(6, 5), act, nn.Linear(5, 5), act, nn.Linear(5, 3))
+        if reuse == "linear":
+            lin = nn.Linear(5, 5)
+            return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), lin, nn.Tanh(), lin, nn.ReLU(), nn.Linear(5, 3))
+        conv = nn.Conv2d(2, 2, 3, padding=1)
+        return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), conv, nn.ReLU(), conv, nn.Flatten(), nn.Linear(32, 3))
+
+    models = replicas(factory, R=2)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(9, *((6,) if reuse != "conv" else (1, 4, 4)), generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=gen)
+    op = fastcurv.HessianOperator(models, (x, y), backend="fused")
+    assert len(op.backend.layers) == len(models[0])
+    V = torch.randn(2, 2, op.P, generator=gen, dtype=torch.float64)
+    HV = op.matvec(V)
+    for r, m in enumerate(models):
+        torch.testing.assert_close(HV[r], V[r] @ dense_hessian(m, [(x, y)]), rtol=1e-10, atol=1e-12)
+
+
 def test_auto_prefers_fused_and_explains():
     models = replicas(lambda: chain(nn.ReLU), R=2)
     op = fastcurv.HessianOperator(models, (torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])))

@@ -23,9 +23,12 @@ class _Layer:
 
 
 def _leaves(module: nn.Module, prefix: str = ""):
+    """``(name, module)`` of a nested ``nn.Sequential``'s modules in the order it runs them, each
+    as often as it runs (``named_children`` would list a reused module once)."""
     if isinstance(module, nn.Sequential):
-        for name, child in module.named_children():
-            yield from _leaves(child, f"{prefix}{name}.")
+        for name, child in module._modules.items():
+            if child is not None:
+                yield from _leaves(child, f"{prefix}{name}.")
     else:
         yield prefix[:-1], module
 
@@ -100,12 +103,16 @@ def parse(base: nn.Module) -> tuple[list[_Layer] | None, str]:
     residual blocks) traced by torch.fx into a DAG (:class:`.graph.Graph`)."""
     custom = any(not type(m).__module__.startswith("torch.") for _, m in _leaves(base)) or any(
         isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward for m in base.modules())
-    if not isinstance(base, nn.Sequential) or custom:
+    leaves = list(_leaves(base)) if isinstance(base, nn.Sequential) else []
+    reused = len({id(m) for _, m in leaves if any(True for _ in m.parameters())}) < sum(
+        1 for _, m in leaves if any(True for _ in m.parameters()))
+    if not isinstance(base, nn.Sequential) or custom or reused:
+        # (a module with parameters run twice: the graph engine sums both uses' products)
         from .graph import trace
 
         return trace(base)
     layers: list[_Layer] = []
-    for name, mod in _leaves(base):
+    for name, mod in leaves:
         layer, why = _parse_module(name, mod)
         if why:
             return None, why
