@@ -26,6 +26,8 @@ def randomize_bn(model, gen):
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=m.running_mean.dtype) * 0.3)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=m.running_var.dtype) + 0.5)
+            if m.weight is None:  # affine=False
+                continue
             with torch.no_grad():
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=m.weight.dtype))
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype))

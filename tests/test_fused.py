@@ -114,6 +114,8 @@ def test_a_module_run_twice_in_a_sequential_runs_twice(reuse):
     HV = op.matvec(V)
     for r, m in enumerate(models):
         torch.testing.assert_close(HV[r], V[r] @ dense_hessian(m, [(x, y)]), rtol=1e-10, atol=1e-12)
+    if reuse != "activation":  # the reused weights make the model curved in them: no exact trace
+        assert op.exact_trace_support() == (False, "a module is used more than once (shared weights make the model curved in them)")
 
 
 def test_auto_prefers_fused_and_explains():

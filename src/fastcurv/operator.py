@@ -263,14 +263,16 @@ class HessianOperator:
         """Whether :meth:`exact_trace` can run here, and why not (backend and model)."""
         check = getattr(self.backend, "exact_trace_support", None)
         if check is None:
-            return False, f"the {self.backend_name!r} backend has no exact trace (the fused engine has, for ReLU/LeakyReLU MLPs)"
+            return False, (f"the {self.backend_name!r} backend has no exact trace (the fused engine has, for models piecewise "
+                           f"linear in their inputs and linear in each parameter)")
         return check()
 
     def exact_trace(self) -> torch.Tensor:
         """Exact Hessian trace of every replica ``[R]`` (float64, NaN for failed replicas), without
-        probes: for MLPs of Linear layers and ReLU/LeakyReLU on the fused engine, where the Hessian's
-        diagonal equals the Gauss-Newton diagonal (see :meth:`FusedBackend.exact_trace`). Raises
-        ValueError naming why elsewhere."""
+        probes, on the fused engine, for models whose Hessian diagonal equals the Gauss-Newton
+        diagonal: Linear and Conv2d layers, eval BatchNorm, ReLU/LeakyReLU, max and average
+        pooling, Flatten and residual additions, each module used once (see
+        :meth:`FusedBackend.exact_trace`). Raises ValueError naming why elsewhere."""
         ok, why = self.exact_trace_support()
         if not ok:
             raise ValueError(why)

@@ -407,8 +407,11 @@ class FusedBackend(Backend):
     # --- the exact trace of piecewise-linear MLPs ----------------------------------------------
     def exact_trace_support(self) -> tuple[bool, str]:
         """Whether :meth:`exact_trace` applies, and why not."""
+        names = [p for l in self.layers for p in (l.weight, l.bias) if p is not None]
+        if len(set(names)) < len(names):
+            return False, "a module is used more than once (shared weights make the model curved in them)"
         if self._maps is not None:
-            return False, "the exact trace is implemented for MLP chains (Linear and activations), not this model"
+            return self._maps.exact_trace_support()
         piecewise = (activation_kind("relu"), activation_kind("leaky_relu"))
         curved = [l for l in self.layers if l.kind == "act" and l.act not in piecewise]
         if curved:
@@ -420,7 +423,8 @@ class FusedBackend(Backend):
 
         A chain of Linear layers and ReLU/LeakyReLU is linear in any single parameter (the others
         and the activation pattern fixed), so the second derivative of every output with respect
-        to one parameter vanishes and the Hessian's diagonal equals the Gauss-Newton diagonal:
+        to one parameter vanishes and the Hessian's diagonal equals the Gauss-Newton diagonal
+        (conv nets and residual graphs: :meth:`_MapEngine.exact_trace`):
         ``tr H = sum_n tr(J_n^T H_n J_n) = sum_n sum_c |J_n^T a_nc|^2`` with ``H_n = A_n A_n^T`` the
         loss Hessian in the outputs (cross-entropy: ``a_nc = sqrt(s p_c) (e_c - p)``, MSE:
         ``sqrt(2 s) e_c``). Each ``J_n^T a_nc`` is a per-sample gradient, whose squared norm
@@ -430,6 +434,8 @@ class FusedBackend(Backend):
         ok, why = self.exact_trace_support()
         if not ok:
             raise ValueError(why)
+        if self._maps is not None:
+            return self._exact_trace_maps(idx)
         rs = self.replicas
         params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
         Ra = next(iter(params.values())).shape[0]
@@ -444,6 +450,21 @@ class FusedBackend(Backend):
             for r0 in range(0, Ra, step):
                 rows = slice(r0, min(Ra, r0 + step))
                 total[rows] += self._trace_rows(st.narrow(rows), {n: t[rows] for n, t in params.items()}, N, C)
+        return total
+
+    def _exact_trace_maps(self, idx) -> torch.Tensor:
+        """The conv engine's exact trace: each batch's cached state, in sample chunks sized for the
+        C vectors as for a C-probe matvec."""
+        params, buffers = self.replicas.subset(idx)
+        R = next(iter(params.values())).shape[0]
+        total = None
+        for i, x, y in self.batches:
+            st = self._state(i, x, y, idx)
+            N = x.shape[0]
+            step = self._sample_step(x, st.outputs * R * st.widest * x.element_size())
+            for n0 in range(0, N, step):
+                part = self._maps.exact_trace(st.samples(slice(n0, min(N, n0 + step))), params, buffers)
+                total = part if total is None else total + part
         return total
 
     def _trace_rows(self, st, params, N, C) -> torch.Tensor:

@@ -43,6 +43,7 @@ class _MapState:
         self.probs = None  # [N, R, C] softmax probabilities (cross-entropy)
         self.loss = None  # [R]
         self.widest = 1  # the largest number of features per sample and replica
+        self.outputs = 0  # the model's outputs per sample
         self.nbytes = 0
         self.stems = frozenset()  # pooling nodes whose stems' values are kept at the pooled positions
         self.gradient_only: set = set()  # keys only the parameter gradient reads (kept with keep_all)
@@ -61,6 +62,7 @@ class _MapState:
     def _map(self, f, shared_too=False) -> "_MapState":
         out = _MapState()
         out.shared, out.meta, out.widest, out.loss, out.stems = self.shared, self.meta, self.widest, self.loss, self.stems
+        out.outputs = self.outputs
         out.gradient_only = self.gradient_only
         out.t = {k: (f(v) if shared_too or k not in self.shared else v) for k, v in self.t.items()}
         out.probs = None if self.probs is None else f(self.probs)
@@ -513,6 +515,7 @@ class _MapEngine:
         out = vals[len(self.layers) - 1]  # [N, R, C]
         if out.dim() != 3:
             raise ValueError(f"the model's outputs are {tuple(out.shape)} (replica axis at 1); the fused engine needs [N, classes]")
+        st.outputs = out.shape[-1]
         st.loss, st.probs, g = _loss_head(self.loss, out, y, sample_dim=0)
         if st.probs is not None:
             st.nbytes += st.probs.numel() * st.probs.element_size()
@@ -681,6 +684,114 @@ class _MapEngine:
                             None if l.bias is None else vecs[l.bias], None, out[l.weight],
                             None if l.bias is None else out[l.bias], accumulate=True)
         return rg.permute(1, 2, 0, 3)
+
+    # --- the exact trace --------------------------------------------------------------------------
+    def exact_trace_support(self) -> tuple[bool, str]:
+        """Whether :meth:`exact_trace` applies (every node after the shared input linear in each of
+        its parameters and piecewise linear in its input), and why not."""
+        first_order = (activation_kind("relu"), activation_kind("leaky_relu"))
+        for i, l in enumerate(self.layers):
+            if self.shared[i]:
+                continue
+            if l.kind == "act" and l.act not in first_order:
+                return False, (f"the model has activations that are not piecewise linear ({l.name!r}; only ReLU and "
+                               f"LeakyReLU are)")
+            if l.kind == "bn" and l.opts.get("batch"):
+                return False, f"BatchNorm {l.name!r} uses batch statistics, with which the model is curved in its parameters"
+        return True, ""
+
+    def exact_trace(self, st: _MapState, params, buffers) -> torch.Tensor:
+        """``sum_n sum_c |J_n^T a_nc|^2`` ``[R]`` (float64) over the samples of ``st``: the exact
+        Hessian trace's share of these samples where :meth:`exact_trace_support` holds.
+
+        Convolutions, eval BatchNorm, Linear layers, residual additions, ReLU/LeakyReLU and the
+        poolings make the model linear in any single parameter (a weight shared over positions
+        included; the others and the activation and pooling patterns fixed), so the Hessian's
+        diagonal is the Gauss-Newton diagonal. One backward pass carries the C vectors ``a_nc``
+        (the loss Hessian's square-root columns, as in the MLP engine) in the probes' place, and
+        each layer adds its per-sample gradients' squared norms: a Linear layer's
+        ``|delta|^2 (|input|^2 + 1 if bias)``; a convolution's ``|delta_n^T unfold(input_n)|^2``
+        (one product per sample, replica and group); a BatchNorm's per-channel sums."""
+        last = len(self.layers) - 1
+        if self.loss.kind == "cross_entropy":
+            p = st.probs  # [N, R, C]
+            eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+            seed = (eye - p.unsqueeze(2)).mul_((self.loss.scale() * p).sqrt_().unsqueeze(3)).transpose(1, 2)
+        else:
+            ref, R, C = next(iter(st.t.values())), next(iter(params.values())).shape[0], st.outputs
+            eye = torch.eye(C, dtype=ref.dtype, device=ref.device) * (2 * self.loss.scale(C)) ** 0.5
+            seed = eye.view(1, C, 1, C).expand(ref.shape[0], C, R, C)
+        R = seed.shape[2]
+        total = torch.zeros(R, dtype=torch.float64, device=seed.device)
+
+        def add(sq):  # per-sample gradients' squares [n, C, R, ...] summed into the replicas' totals
+            total.add_(sq.sum(0).sum(0).reshape(R, -1).sum(1).to(torch.float64))
+
+        rds = _Sums({last: seed})  # node -> the C vectors' gradient w.r.t. its output [n, C, R, *feat]
+        for i, l, rd in self._backward(rds):
+            n, K = rd.shape[:2]
+            if l.kind == "conv":
+                a, first = st.get(i, "in"), (i, "in") in st.shared
+                W = params[l.weight]
+                Co, Cig = W.shape[1:3]
+                stride, pad, dil, g = self._conv_io(l, W)
+                m = self.stem_conv.get(i)
+                if m in st.stems:  # rd at the pooling's winning positions: back to every position
+                    ind = st.get(m, "ind")
+                    full = rd.new_zeros(n, K, R, Co, st.meta[m].numel())
+                    rd = full.scatter_add_(4, ind.unsqueeze(1).expand(n, K, *ind.shape[1:]), rd.reshape(n, K, R, Co, -1))
+                    rd = rd.view(n, K, R, Co, *st.meta[m])
+                if l.bias is not None:
+                    add(rd.sum((4, 5)).square())
+                T = rd.shape[4] * rd.shape[5]
+                cols = F.unfold(a.reshape(n, -1, *a.shape[-2:]), W.shape[3:], dil, pad, stride)  # [n, (R) g*Cig*kh*kw, T]
+                if first and g == 1:  # one product per sample for all replicas and vectors: [n, K*R*Co, taps]
+                    gw = torch.bmm(rd.reshape(n, -1, T), cols.transpose(1, 2)).view(n, K, R, -1)
+                else:  # per sample, replica and group: [n, R, g, K*Co/g, taps]
+                    dr = rd.reshape(n, K, R, g, Co // g, T).permute(0, 2, 3, 1, 4, 5).reshape(n, R, g, -1, T)
+                    gw = torch.matmul(dr, cols.view(n, 1 if first else R, g, -1, T).transpose(3, 4)).unsqueeze(1)
+                add(gw.square())
+                if first:
+                    continue
+                gi = conv2d_input((n * K, R * g * Cig, *a.shape[-2:]), W.reshape(-1, *W.shape[2:]),
+                                  rd.reshape(n * K, -1, *rd.shape[4:]), stride, pad, dil, R * g)
+                rd = gi.view(n, K, R, g * Cig, *a.shape[-2:])
+            elif l.kind == "linear":
+                a, first = st.get(i, "in"), (i, "in") in st.shared
+                sq = a.square().sum(-1)  # [n] or [n, R]
+                if l.bias is not None:
+                    sq = sq + 1
+                add(rd.square().sum(-1) * (sq.view(n, 1, 1) if first else sq.unsqueeze(1)))
+                if first:
+                    continue
+                rd = torch.einsum("nkro,roi->nkri", rd, params[l.weight])
+            elif l.kind == "bn":
+                s = self._bn_coefs(l, params, buffers)[0]
+                nsp = rd.dim() - 4
+                dims = tuple(range(4, rd.dim()))
+                if l.weight is not None:  # (BatchNorm1d: no positions to sum over)
+                    add((rd * st.get(i, "xhat").unsqueeze(1)).sum(dims).square() if dims else (rd * st.get(i, "xhat").unsqueeze(1)).square())
+                    add(rd.sum(dims).square() if dims else rd.square())
+                if self._reads_shared(self.inputs[i][0]):
+                    continue
+                rd = rd * _rb(s, nsp, False).unsqueeze(1)
+            elif l.kind == "act":
+                rd = rd * st.get(i, "d1").unsqueeze(1)
+            elif l.kind == "flatten":
+                rd = rd.reshape(n, K, R, *st.meta[i])
+            elif i in st.stems:
+                pass  # the stem's gradients stay at the winning positions
+            elif l.kind == "maxpool":
+                ind = st.get(i, "ind")
+                C = rd.shape[3]
+                gi = rd.new_zeros(n, K, R, C, st.meta[i].numel())
+                rd = gi.scatter_add_(4, ind.unsqueeze(1).expand(n, K, *ind.shape[1:]), rd.reshape(n, K, R, C, -1))
+                rd = rd.view(n, K, R, C, *st.meta[i])
+            else:
+                C = rd.shape[3]
+                rd = self._pool_bwd(rd.reshape(n * K, R * C, *rd.shape[4:]), l, st.meta[i]).view(n, K, R, C, *st.meta[i])
+            self._acc(rds, self.inputs[i][0], rd)
+        return total
 
     # --- the R-passes -------------------------------------------------------------------------
     def apply(self, st: _MapState, params, buffers, vecs: dict, out: dict):
