@@ -48,6 +48,17 @@ def test_hvp(benchmark, operators, backend, K):
     assert out.shape == V.shape
 
 
+@pytest.mark.parametrize("how", ["exact", "func_hutchinson_10"])
+def test_trace(benchmark, operators, how):
+    """The fused engine's exact trace (no probes) against what the func backend pays for 10 probes."""
+    if how == "exact":
+        out = benchmark(operators["fused"].exact_trace)
+    else:
+        op = operators["func"]
+        out = benchmark.pedantic(lambda: fastcurv.solvers.hutchinson(op, num_probes=10, probe_batch=10).trace, rounds=2, iterations=1)
+    assert torch.isfinite(out).all()
+
+
 def test_hvp_autograd_oracle(benchmark, operators):
     op = operators["autograd"]
     benchmark.pedantic(op.matvec, args=(torch.randn(op.R, op.P),), rounds=1, iterations=1)

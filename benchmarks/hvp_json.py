@@ -26,8 +26,10 @@ once), the func backend with its linearizations compiled (``backend_options={"co
 the first matvec, which compiles, is reported apart; measured last, after the jobs; left out, with
 func's warning in ``func_compiled_skipped``, where func's linearizations would exceed its memory
 budget, so that it does not reuse, hence not compile, them: W3 and W4 at B=200), and the
-default ``batched_sharpness`` job per backend (best of --job-repeats; on ReLU MLPs the fused engine
-computes the trace exactly, so the fused job is also run with func's deflated trace estimator);
+default ``batched_sharpness`` job per backend (best of --job-repeats; on ReLU MLPs and conv nets of
+piecewise-linear layers the fused engine computes the trace exactly, so the fused job is also run
+with func's deflated trace estimator; ``exact_trace_fused``: that exact trace alone, and
+``exact_trace_over_fused_K10_matvec`` against the one K=10 matvec of the estimator's probes);
 other times are the best of --repeats, in the steady state of fastcurv's jobs (the repeats run inside
 one ``heap_reuse``: each call reuses the pages the one before freed; each job manages its own, as
 for a user); ``standalone_seconds`` times the fused gradient and matvecs as single calls, which pay
@@ -282,7 +284,7 @@ def main(argv=None):
     res["backend_auto"] = fastcurv.HessianOperator(models, (x, y)).backend_name
     del ops  # their cached state is not held during the jobs
     # the default job per backend; "fused_deflated": the fused engine with the trace estimator that
-    # func uses (Krylov-deflated probes) instead of the exact trace it picks for ReLU MLPs
+    # func uses (Krylov-deflated probes) instead of the exact trace it picks for ReLU MLPs and conv nets
     jobs = {"fused": dict(backend="fused"), "fused_deflated": dict(backend="fused", trace_method="deflated"),
             "func": dict(backend="func")}
     for b, kw in jobs.items():
@@ -335,6 +337,15 @@ def main(argv=None):
             t = timed(f"hvp_{b}_K{K}", lambda: op.matvec(V), op)
             res["seconds"][f"hvp_{b}_K{K}"] = t
             res["ratio_to_gradient"][f"hvp_{b}_K{K}_per_probe"] = t / K / unit
+    # the exact trace (ReLU MLPs and conv nets: no probes), per gradient and against a 10-probe matvec,
+    # the deflated estimator's probes in one matvec
+    if ops["fused"].exact_trace_support()[0]:
+        res["seconds"]["exact_trace_fused"] = timed("exact_trace_fused", ops["fused"].exact_trace, ops["fused"])
+        res["ratio_to_gradient"]["exact_trace_fused"] = res["seconds"]["exact_trace_fused"] / unit
+        V = torch.randn(R, 10, P, device=dev)
+        res["seconds"]["hvp_fused_K10"] = timed("hvp_fused_K10", lambda: ops["fused"].matvec(V), ops["fused"])
+        res["exact_trace_over_fused_K10_matvec"] = res["seconds"]["exact_trace_fused"] / res["seconds"]["hvp_fused_K10"]
+        del V
     # the fused matvecs over the fused batched gradient, the two timed in alternation
     res["paired_ratio_to_gradient"] = {}
     for K in (1, 8):

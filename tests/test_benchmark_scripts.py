@@ -59,7 +59,8 @@ def test_hvp_json_tiny_run(tmp_path):
     subprocess.run([sys.executable, os.path.join(BENCH, "hvp_json.py"), "--replicas", "2", "--batch", "64", "--repeats", "1",
                     "--job-repeats", "1", "--skip-slow", "--out", str(out)], check=True, env=env, capture_output=True, timeout=300)
     res = json.loads(out.read_text())
-    for key in ("gradient_batched_fused", "batched_sharpness_fused", "hvp_fused_K1", "hvp_fused_K8", "hvp_func_K1"):
+    for key in ("gradient_batched_fused", "batched_sharpness_fused", "hvp_fused_K1", "hvp_fused_K8", "hvp_func_K1",
+                "exact_trace_fused", "hvp_fused_K10"):
         assert res["seconds"][key] > 0, key
         peak = res["peak_memory_MiB"][key]
         assert peak is None or peak >= 0, (key, peak)
@@ -81,8 +82,9 @@ def test_hvp_json_tiny_w3_run(tmp_path):
                     "--repeats", "1", "--job-repeats", "1", "--skip-slow", "--out", str(out)], check=True, env=env,
                    capture_output=True, timeout=300)
     res = json.loads(out.read_text())
-    for key in ("hvp_fused_K8", "hvp_fused_full_stem_K8"):
+    for key in ("hvp_fused_K8", "hvp_fused_full_stem_K8", "exact_trace_fused"):
         assert res["seconds"][key] > 0, key
+    assert res["batched_sharpness_fused_trace_rel_stderr_median"] == 0  # the exact trace
     done = res["first_conv_positions_done"]
     assert done["fused_full_stem"] == 1.0
     assert done["fused"] == (0.25 if fastcurv.cpu_extension_loaded() else 1.0)  # 2x2 max pooling: a quarter

@@ -753,9 +753,14 @@ class _MapEngine:
                 add(gw.square())
                 if first:
                     continue
-                gi = conv2d_input((n * K, R * g * Cig, *a.shape[-2:]), W.reshape(-1, *W.shape[2:]),
-                                  rd.reshape(n * K, -1, *rd.shape[4:]), stride, pad, dil, R * g)
-                rd = gi.view(n, K, R, g * Cig, *a.shape[-2:])
+                if self._grouped(l, W, a):  # the narrow convolutions' kernel, as in the matvec
+                    gi = rd.new_empty(n, K, R, Cig, *a.shape[-2:])
+                    conv_input_grad(rd.reshape(n * K, R, 1, Co, *rd.shape[4:]), W, gi.view(n * K, R, 1, Cig, *a.shape[-2:]), pad)
+                    rd = gi
+                else:
+                    gi = conv2d_input((n * K, R * g * Cig, *a.shape[-2:]), W.reshape(-1, *W.shape[2:]),
+                                      rd.reshape(n * K, -1, *rd.shape[4:]), stride, pad, dil, R * g)
+                    rd = gi.view(n, K, R, g * Cig, *a.shape[-2:])
             elif l.kind == "linear":
                 a, first = st.get(i, "in"), (i, "in") in st.shared
                 sq = a.square().sum(-1)  # [n] or [n, R]
