@@ -711,7 +711,8 @@ class _MapEngine:
         (the loss Hessian's square-root columns, as in the MLP engine) in the probes' place, and
         each layer adds its per-sample gradients' squared norms: a Linear layer's
         ``|delta|^2 (|input|^2 + 1 if bias)``; a convolution's ``|delta_n^T unfold(input_n)|^2``
-        (one product per sample, replica and group); a BatchNorm's per-channel sums."""
+        (one product per sample, replica and group; the narrow stride-1 ones by the ``group_conv``
+        kernels, one sample at a time); a BatchNorm's per-channel sums."""
         last = len(self.layers) - 1
         if self.loss.kind == "cross_entropy":
             p = st.probs  # [N, R, C]
@@ -743,21 +744,25 @@ class _MapEngine:
                     rd = rd.view(n, K, R, Co, *st.meta[m])
                 if l.bias is not None:
                     add(rd.sum((4, 5)).square())
-                T = rd.shape[4] * rd.shape[5]
-                cols = F.unfold(a.reshape(n, -1, *a.shape[-2:]), W.shape[3:], dil, pad, stride)  # [n, (R) g*Cig*kh*kw, T]
-                if first and g == 1:  # one product per sample for all replicas and vectors: [n, K*R*Co, taps]
-                    gw = torch.bmm(rd.reshape(n, -1, T), cols.transpose(1, 2)).view(n, K, R, -1)
-                else:  # per sample, replica and group: [n, R, g, K*Co/g, taps]
-                    dr = rd.reshape(n, K, R, g, Co // g, T).permute(0, 2, 3, 1, 4, 5).reshape(n, R, g, -1, T)
-                    gw = torch.matmul(dr, cols.view(n, 1 if first else R, g, -1, T).transpose(3, 4)).unsqueeze(1)
-                add(gw.square())
-                if first:
-                    continue
-                if self._grouped(l, W, a):  # the narrow convolutions' kernel, as in the matvec
+                if not first and self._grouped(l, W, a):  # the narrow convolutions' kernels, as in the matvec
+                    gw = W.new_empty(R, K, Co, 1, Cig, *W.shape[3:])  # one sample's weight gradients
+                    for s in range(n):
+                        group_conv_wgrad(a[s : s + 1].unsqueeze(2), rd[s : s + 1].permute(0, 2, 1, 3, 4, 5), gw, pad)
+                        total.add_(gw.view(R, -1).square().sum(1).to(torch.float64))
                     gi = rd.new_empty(n, K, R, Cig, *a.shape[-2:])
                     conv_input_grad(rd.reshape(n * K, R, 1, Co, *rd.shape[4:]), W, gi.view(n * K, R, 1, Cig, *a.shape[-2:]), pad)
                     rd = gi
                 else:
+                    T = rd.shape[4] * rd.shape[5]
+                    cols = F.unfold(a.reshape(n, -1, *a.shape[-2:]), W.shape[3:], dil, pad, stride)  # [n, (R) g*Cig*kh*kw, T]
+                    if first and g == 1:  # one product per sample for all replicas and vectors: [n, K*R*Co, taps]
+                        gw = torch.bmm(rd.reshape(n, -1, T), cols.transpose(1, 2)).view(n, K, R, -1)
+                    else:  # per sample, replica and group: [n, R, g, K*Co/g, taps]
+                        dr = rd.reshape(n, K, R, g, Co // g, T).permute(0, 2, 3, 1, 4, 5).reshape(n, R, g, -1, T)
+                        gw = torch.matmul(dr, cols.view(n, 1 if first else R, g, -1, T).transpose(3, 4)).unsqueeze(1)
+                    add(gw.square())
+                    if first:
+                        continue
                     gi = conv2d_input((n * K, R * g * Cig, *a.shape[-2:]), W.reshape(-1, *W.shape[2:]),
                                       rd.reshape(n * K, -1, *rd.shape[4:]), stride, pad, dil, R * g)
                     rd = gi.view(n, K, R, g * Cig, *a.shape[-2:])
