@@ -404,7 +404,7 @@ class FusedBackend(Backend):
                 lin += 1
         return total, grads
 
-    # --- the exact trace of piecewise-linear MLPs ----------------------------------------------
+    # --- the exact trace (piecewise-linear MLPs here; conv nets and graphs in _MapEngine) --------
     def exact_trace_support(self) -> tuple[bool, str]:
         """Whether :meth:`exact_trace` applies, and why not."""
         names = [p for l in self.layers for p in (l.weight, l.bias) if p is not None]
