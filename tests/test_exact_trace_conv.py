@@ -18,6 +18,12 @@ def stem_cnn():
                          nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
 
 
+def overlapping_stem():
+    """A stem whose max pooling windows overlap (3x3, stride 2): a position can win two windows."""
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.LeakyReLU(0.2), nn.MaxPool2d(3, 2, 1),
+                         nn.Flatten(), nn.Linear(48, 3))
+
+
 def grouped_cnn():
     """A grouped, dilated, strided conv, adaptive pooling, and a BatchNorm1d between Linear layers."""
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2),
@@ -51,7 +57,7 @@ def _data(loss, gen, n=13):
     return ragged(x, y, [8, 5])
 
 
-@pytest.mark.parametrize("factory", [stem_cnn, grouped_cnn, Residual])
+@pytest.mark.parametrize("factory", [stem_cnn, overlapping_stem, grouped_cnn, Residual])
 @pytest.mark.parametrize("loss,reduction", [("cross_entropy", "mean"), ("mse", "sum")])
 @pytest.mark.parametrize("pooled_stem", [None, False])
 def test_exact_trace_of_conv_nets_equals_dense_trace(factory, loss, reduction, pooled_stem):

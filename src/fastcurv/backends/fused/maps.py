@@ -712,7 +712,8 @@ class _MapEngine:
         each layer adds its per-sample gradients' squared norms: a Linear layer's
         ``|delta|^2 (|input|^2 + 1 if bias)``; a convolution's ``|delta_n^T unfold(input_n)|^2``
         (one product per sample, replica and group; the narrow stride-1 ones by the ``group_conv``
-        kernels, one sample at a time); a BatchNorm's per-channel sums."""
+        kernels and a pooled stem's by ``sampled_conv_wgrad`` at the winning positions, one sample
+        at a time); a BatchNorm's per-channel sums."""
         last = len(self.layers) - 1
         if self.loss.kind == "cross_entropy":
             p = st.probs  # [N, R, C]
@@ -737,11 +738,16 @@ class _MapEngine:
                 Co, Cig = W.shape[1:3]
                 stride, pad, dil, g = self._conv_io(l, W)
                 m = self.stem_conv.get(i)
-                if m in st.stems:  # rd at the pooling's winning positions: back to every position
-                    ind = st.get(m, "ind")
-                    full = rd.new_zeros(n, K, R, Co, st.meta[m].numel())
-                    rd = full.scatter_add_(4, ind.unsqueeze(1).expand(n, K, *ind.shape[1:]), rd.reshape(n, K, R, Co, -1))
-                    rd = rd.view(n, K, R, Co, *st.meta[m])
+                if m in st.stems:  # rd at the pooling's winning positions: the sampled kernel, per sample
+                    cols = conv_patches(a, W.shape[3:], stride, pad, dil)
+                    pos = st.get(m, "ind").reshape(n, R * Co, -1)
+                    g2 = rd.reshape(n, K, R * Co, -1)
+                    if l.bias is not None:  # (a winner shared by two windows holds the sum of both)
+                        add(g2.sum(3).view(n, K, R, Co).square())
+                    for s in range(n):
+                        gw = sampled_conv_wgrad(cols[s : s + 1], pos[s : s + 1], g2[s : s + 1])  # [R*Co, K, taps]
+                        total.add_(gw.view(R, -1).square().sum(1).to(torch.float64))
+                    continue
                 if l.bias is not None:
                     add(rd.sum((4, 5)).square())
                 if not first and self._grouped(l, W, a):  # the narrow convolutions' kernels, as in the matvec
