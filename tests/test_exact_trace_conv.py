@@ -25,8 +25,9 @@ def overlapping_stem():
 
 
 def grouped_cnn():
-    """A grouped, dilated, strided conv, adaptive pooling, and a BatchNorm1d between Linear layers."""
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2),
+    """Grouped convolutions (the first on the model input), one dilated and strided, adaptive
+    pooling, and a BatchNorm1d between Linear layers."""
+    return nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2),
                          nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5), nn.ReLU(),
                          nn.BatchNorm1d(5), nn.Linear(5, 3))
 
@@ -51,8 +52,8 @@ class Residual(nn.Module):
         return self.head(torch.flatten(self.pool(h), 1))
 
 
-def _data(loss, gen, n=13):
-    x = torch.randn(n, 1, 8, 8, generator=gen, dtype=torch.float64)
+def _data(loss, gen, n=13, channels=1):
+    x = torch.randn(n, channels, 8, 8, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=gen) if loss == "cross_entropy" else torch.randn(n, 3, generator=gen, dtype=torch.float64)
     return ragged(x, y, [8, 5])
 
@@ -63,7 +64,7 @@ def _data(loss, gen, n=13):
 def test_exact_trace_of_conv_nets_equals_dense_trace(factory, loss, reduction, pooled_stem):
     gen = torch.Generator().manual_seed(11)
     models = [m.eval() for m in replicas(factory, 3, seed=4)]
-    data = _data(loss, gen)
+    data = _data(loss, gen, channels=2 if factory is grouped_cnn else 1)
     op = fastcurv.HessianOperator(models, data, backend="fused", loss=loss, reduction=reduction,
                                   backend_options={"pooled_stem": pooled_stem, "sample_chunk_bytes": 1 << 12})
     assert op.exact_trace_support() == (True, "")

@@ -235,7 +235,6 @@ def lanczos(
             new = _omega_next(om[ai], om_prev[ai], alpha[ai, : j + 1], beta[ai, : j + 1], b.to(f64).cpu(), eps1)
             due = force[ai] | ((new[:, :j].abs().amax(1) > limit) if j else torch.zeros_like(force[ai]))
             if due.any():
-                b = b.clone()
                 _reorthogonalize(Q, w, ai, due, j)
                 b[due.to(b.device)] = w[due.to(w.device)].norm(dim=-1)
                 new[due, : j + 1] = eps1

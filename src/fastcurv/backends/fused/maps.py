@@ -715,15 +715,15 @@ class _MapEngine:
         kernels and a pooled stem's by ``sampled_conv_wgrad`` at the winning positions, one sample
         at a time); a BatchNorm's per-channel sums."""
         last = len(self.layers) - 1
+        R = next(iter(params.values())).shape[0]
         if self.loss.kind == "cross_entropy":
             p = st.probs  # [N, R, C]
             eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
             seed = (eye - p.unsqueeze(2)).mul_((self.loss.scale() * p).sqrt_().unsqueeze(3)).transpose(1, 2)
         else:
-            ref, R, C = next(iter(st.t.values())), next(iter(params.values())).shape[0], st.outputs
+            ref, C = next(iter(st.t.values())), st.outputs
             eye = torch.eye(C, dtype=ref.dtype, device=ref.device) * (2 * self.loss.scale(C)) ** 0.5
             seed = eye.view(1, C, 1, C).expand(ref.shape[0], C, R, C)
-        R = seed.shape[2]
         total = torch.zeros(R, dtype=torch.float64, device=seed.device)
 
         def add(sq):  # per-sample gradients' squares [n, C, R, ...] summed into the replicas' totals
@@ -782,15 +782,14 @@ class _MapEngine:
                     continue
                 rd = torch.einsum("nkro,roi->nkri", rd, params[l.weight])
             elif l.kind == "bn":
-                s = self._bn_coefs(l, params, buffers)[0]
                 nsp = rd.dim() - 4
-                dims = tuple(range(4, rd.dim()))
-                if l.weight is not None:  # (BatchNorm1d: no positions to sum over)
-                    add((rd * st.get(i, "xhat").unsqueeze(1)).sum(dims).square() if dims else (rd * st.get(i, "xhat").unsqueeze(1)).square())
-                    add(rd.sum(dims).square() if dims else rd.square())
+                if l.weight is not None:  # per channel: sums over positions (BatchNorm1d has none)
+                    gamma = rd * st.get(i, "xhat").unsqueeze(1)
+                    add((gamma.sum(tuple(range(4, rd.dim()))) if nsp else gamma).square())
+                    add((rd.sum(tuple(range(4, rd.dim()))) if nsp else rd).square())
                 if self._reads_shared(self.inputs[i][0]):
                     continue
-                rd = rd * _rb(s, nsp, False).unsqueeze(1)
+                rd = rd * _rb(self._bn_coefs(l, params, buffers)[0], nsp, False).unsqueeze(1)
             elif l.kind == "act":
                 rd = rd * st.get(i, "d1").unsqueeze(1)
             elif l.kind == "flatten":
