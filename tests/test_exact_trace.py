@@ -43,9 +43,10 @@ def test_batched_sharpness_uses_the_exact_trace_where_it_applies():
         torch.testing.assert_close(res["trace"][r], want, rtol=1e-10, atol=1e-12)
         assert float(res.stderr["trace"][r]) == 0.0
     assert torch.isnan(res["trace"][2]) and torch.isnan(res.stderr["trace"][2]) and not bool(res.ok[2])
+    assert (res.trace_method, res.trace_reason) == ("exact", "")
     # the stochastic estimators still run when asked for, with a positive standard error
     est = fastcurv.batched_sharpness(models[:2], data, backend="fused", trace_method="deflated", progress=False)
-    assert (est.stderr["trace"] > 0).all()
+    assert (est.stderr["trace"] > 0).all() and est.trace_method == "deflated"
 
 
 def test_exact_trace_is_refused_with_the_reason_elsewhere():
@@ -61,9 +62,10 @@ def test_exact_trace_is_refused_with_the_reason_elsewhere():
     relu = replicas(lambda: mlp(nn.ReLU), 2)
     with pytest.raises(ValueError, match="'func' backend has no exact trace"):
         fastcurv.batched_sharpness(relu, data, backend="func", trace_method="exact", progress=False)
-    # auto falls back to the deflated estimator on a curved model
+    # auto falls back to the deflated estimator on a curved model, and says why
     res = fastcurv.batched_sharpness(tanh, data, progress=False)
     assert (res.stderr["trace"] > 0).all()
+    assert res.trace_method == "deflated" and "not piecewise linear" in res.trace_reason
 
 
 def test_exact_trace_in_float32_and_on_replica_chunks():

@@ -1,6 +1,8 @@
 """The exact Hessian trace of conv nets and residual graphs (convolutions, eval BatchNorm,
 ReLU/LeakyReLU, poolings, residual additions: the Hessian diagonal equals the Gauss-Newton
 diagonal) against the trace of the dense float64 Hessian from plain autograd."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -85,10 +87,16 @@ def test_batched_sharpness_uses_the_exact_trace_of_conv_nets_in_float32():
     with pytest.warns(RuntimeWarning):
         res = fastcurv.batched_sharpness(models, data, backend="fused", progress=False)
     for r in (0, 2, 3):
-        want = torch.trace(dense_hessian(models[r].double(), [(x.double(), y) for x, y in data]))
+        want = torch.trace(dense_hessian(copy.deepcopy(models[r]).double(), [(x.double(), y) for x, y in data]))
         torch.testing.assert_close(res["trace"][r], want, rtol=1e-4, atol=0)
         assert float(res.stderr["trace"][r]) == 0.0
     assert torch.isnan(res["trace"][1]) and not bool(res.ok[1])
+    assert res.trace_method == "exact"
+    # in replica chunks (the sharded path, whose chunks' records are merged): the same traces
+    with pytest.warns(RuntimeWarning):
+        chunked = fastcurv.batched_sharpness(models, data, backend="fused", progress=False, replica_chunk=2)
+    torch.testing.assert_close(chunked["trace"], res["trace"], equal_nan=True, rtol=1e-6, atol=0)
+    assert chunked.trace_method == "exact"
 
 
 def test_exact_trace_of_conv_nets_is_refused_with_the_reason():
@@ -100,6 +108,7 @@ def test_exact_trace_of_conv_nets_is_refused_with_the_reason():
         op.exact_trace()
     res = fastcurv.batched_sharpness(gelu, data, progress=False)  # auto: the deflated estimator
     assert (res.stderr["trace"] > 0).all()
+    assert res.trace_method == "deflated" and "not piecewise linear" in res.trace_reason
     batch = fastcurv.HessianOperator(replicas(stem_cnn, 2), data, backend="fused", bn_mode="batch")
     assert batch.exact_trace_support() == (False, "BatchNorm '1' uses batch statistics, with which the model is curved in its parameters")
 

@@ -109,6 +109,7 @@ def _dec(d: dict) -> torch.Tensor:
 def to_record(res, start: int, stop: int) -> dict:
     """A JSON-able dict with the results of replicas ``start..stop-1`` (``res`` holds just them)."""
     rec = {"start": start, "stop": stop, "backend": res.backend, "backend_reason": res.backend_reason,
+           "trace_method": res.trace_method, "trace_reason": res.trace_reason,
            "num_matvecs": res.num_matvecs, "seconds": res.seconds, "flags": list(res.flags),
            "ok": _enc(res.ok) if res.ok is not None else None}
     for key in ("values", "stderr", "error_bounds", "iterations", "converged"):
@@ -149,6 +150,8 @@ def merge_records(records: list[dict], R: int):
     out.backend = ",".join(backends)
     out.backend_reason = records[0]["backend_reason"] if len(backends) == 1 and records else "; ".join(
         dict.fromkeys(r["backend_reason"] for r in records))
+    for key in ("trace_method", "trace_reason"):  # (files written before these were recorded lack them)
+        setattr(out, key, "; ".join(dict.fromkeys(r.get(key, "") for r in records if r.get(key))))
     out.num_matvecs = sum(r["num_matvecs"] for r in records)
     out.seconds = sum(r["seconds"] for r in records)
     return out

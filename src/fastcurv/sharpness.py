@@ -28,6 +28,9 @@ class SharpnessResult:
     ok: ``[R]`` False for replicas whose parameters or products were non-finite (their values are
     NaN). flags: one human-readable string per replica (empty when all is well).
     spectrum: the SLQ spectral density when requested.
+    trace_method: the estimator the trace came from ("exact", "deflated", "hutch++" or
+    "hutchinson"; empty without a trace); trace_reason: with ``trace_method="auto"`` and no exact
+    trace, why not (as :meth:`HessianOperator.exact_trace_support` says).
     """
 
     values: dict = field(default_factory=dict)
@@ -42,6 +45,8 @@ class SharpnessResult:
     backend_reason: str = ""
     num_matvecs: int = 0
     seconds: float = 0.0
+    trace_method: str = ""
+    trace_reason: str = ""
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.values[name]
@@ -269,6 +274,7 @@ def batched_sharpness(
         exact, why = op.exact_trace_support()
         if trace_method == "exact" and not exact:
             raise ValueError(f"trace_method='exact' is not available: {why}")
+        out.trace_reason = why
     deflate = "trace" in measures and not exact and trace_method in ("auto", "deflated") and eig_solver == "lanczos"
     if trace_method == "deflated" and not ("lambda_max" in measures or "top_k" in measures or eig_solver == "lanczos"):
         raise ValueError("trace_method='deflated' reuses the Lanczos basis of lambda_max/top_k: request one of them")
@@ -308,15 +314,19 @@ def batched_sharpness(
         if "trace" in measures:
             bar.stage("trace")
             if exact:
+                out.trace_method = "exact"
                 out.values["trace"] = op.exact_trace()
                 out.stderr["trace"] = torch.where(op.failed, float("nan"), 0.0).to(torch.float64)
             else:
                 if basis is not None and basis.basis is not None:
+                    out.trace_method = "deflated"
                     tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, basis=basis.basis,
                                     basis_trace=basis.tridiag_trace, callback=bar.tick)
                 elif trace_method == "hutchinson":
+                    out.trace_method = "hutchinson"
                     tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, callback=bar.tick)
                 else:
+                    out.trace_method = "hutch++"
                     tr = hutchpp(op, num_matvecs=max(6, trace_probes), seed=seed + 1, common=crn, callback=bar.tick)
                 out.values["trace"] = tr.trace
                 out.stderr["trace"] = tr.stderr

@@ -392,7 +392,8 @@ def study(
         files += plots
         meta = {"config": config, "versions": _versions(), "seconds": times, "summary": summary,
                 "backend": None if sharp is None else sharp.backend,
-                "backend_reason": None if sharp is None else sharp.backend_reason}
+                "backend_reason": None if sharp is None else sharp.backend_reason,
+                "trace_method": None if sharp is None else sharp.trace_method}
         (outp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         rerun = {k: v for k, v in config.items() if k not in ("out", "progress", "verbose")}
         _write_yaml(rerun, outp / "config.yaml")
@@ -438,8 +439,11 @@ def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, head
         "",
     ]
     if sharp is not None:
+        how = {"exact": "the trace exact (no probes)", "": "no trace"}.get(sharp.trace_method,
+                                                                        f"the trace estimated ({sharp.trace_method})")
         md += [f"Curvature (`batched_sharpness`, backend `{sharp.backend}`): Hessian of the mean cross-entropy over "
-               f"the {n_tr} training samples; {sharp.num_matvecs} Hessian-vector products for all replicas together.", ""]
+               f"the {n_tr} training samples; {sharp.num_matvecs} Hessian-vector products for all replicas together; "
+               f"{how}.", ""]
     if fm is not None:
         md += [f"Function-space measures (`function_measures`) on the {fm.num_examples} test inputs. Weakness "
                "columns are OUR operationalizations of Bennett's weakness (permission-profile log-weakness at "
