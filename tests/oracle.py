@@ -40,6 +40,15 @@ def dense_hessian(model: nn.Module, batches, loss="cross_entropy", reduction="me
     return torch.autograd.functional.hessian(f, flat)
 
 
+def check_exact_trace(op, models, batches, loss="cross_entropy", reduction="mean"):
+    """``op.exact_trace()`` against the trace of each model's dense float64 Hessian."""
+    assert op.exact_trace_support() == (True, "")
+    got = op.exact_trace()
+    for r, m in enumerate(models):
+        want = torch.trace(dense_hessian(m, batches, loss=loss, reduction=reduction))
+        torch.testing.assert_close(got[r], want, rtol=1e-10, atol=1e-12)
+
+
 class DenseOperator:
     """A batched operator over explicit symmetric matrices ``[R, P, P]`` (for solver tests)."""
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import fastcurv
 from models import replicas
-from oracle import dense_hessian, ragged
+from oracle import check_exact_trace, dense_hessian, ragged
 
 
 def stem_cnn():
@@ -69,11 +69,7 @@ def test_exact_trace_of_conv_nets_equals_dense_trace(factory, loss, reduction, p
     data = _data(loss, gen, channels=2 if factory is grouped_cnn else 1)
     op = fastcurv.HessianOperator(models, data, backend="fused", loss=loss, reduction=reduction,
                                   backend_options={"pooled_stem": pooled_stem, "sample_chunk_bytes": 1 << 12})
-    assert op.exact_trace_support() == (True, "")
-    got = op.exact_trace()
-    for r, m in enumerate(models):
-        want = torch.trace(dense_hessian(m, data, loss=loss, reduction=reduction))
-        torch.testing.assert_close(got[r], want, rtol=1e-10, atol=1e-12)
+    check_exact_trace(op, models, data, loss, reduction)
 
 
 def test_batched_sharpness_uses_the_exact_trace_of_conv_nets_in_float32():
