@@ -115,7 +115,49 @@ def test_a_module_run_twice_in_a_sequential_runs_twice(reuse):
     for r, m in enumerate(models):
         torch.testing.assert_close(HV[r], V[r] @ dense_hessian(m, [(x, y)]), rtol=1e-10, atol=1e-12)
     if reuse != "activation":  # the reused weights make the model curved in them: no exact trace
-        assert op.exact_trace_support() == (False, "a module is used more than once (shared weights make the model curved in them)")
+        assert op.exact_trace_support() == (False, "a parameter is used more than once (by a module run twice or tied weights), which makes the model curved in it")
+
+
+class _Tied(nn.Module):
+    """Two Linear layers sharing one weight (weight tying), each with its own bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.tanh(self.a(x)))))
+
+
+def _tied_sequential():
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    b.weight = a.weight
+    return nn.Sequential(a, nn.Tanh(), b, nn.ReLU(), nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("factory", [_Tied, _tied_sequential])
+@pytest.mark.parametrize("backend", ["fused", "func", "autograd"])
+def test_tied_weights(factory, backend):
+    """A weight two modules share is one parameter: every backend's loss, gradient and products
+    are those of the model itself (moving the model to the meta device for the functional copy
+    used to untie it, and the copy then read a meta tensor's garbage)."""
+    models = replicas(factory, R=2)
+    gen = torch.Generator().manual_seed(9)
+    x, y = torch.randn(9, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (9,), generator=gen)
+    op = fastcurv.HessianOperator(models, (x, y), backend=backend)
+    assert op.P == sum(p.numel() for p in models[0].parameters())  # the shared weight once
+    loss, grad = op.loss_and_gradient()
+    V = torch.randn(2, op.P, generator=gen, dtype=torch.float64)
+    HV = op.matvec(V)
+    for r, m in enumerate(models):
+        ref = nn.functional.cross_entropy(m(x), y)
+        torch.testing.assert_close(loss[r], ref.detach(), rtol=1e-12, atol=1e-12)
+        g = torch.cat([t.flatten() for t in torch.autograd.grad(ref, list(m.parameters()))])
+        torch.testing.assert_close(grad[r], g, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(HV[r], dense_hessian(m, [(x, y)]) @ V[r], rtol=1e-10, atol=1e-12)
+    if backend == "fused":
+        assert not op.exact_trace_support()[0]
 
 
 def test_auto_prefers_fused_and_explains():

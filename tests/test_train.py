@@ -96,6 +96,29 @@ def test_batched_equals_loop(optimizer, kwargs):
         [m[1] for m in models], [m[1] for m in init]))
 
 
+def tied_builder():
+    """An MLP whose two hidden layers share one weight (weight tying)."""
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 5), torch.nn.Tanh(),
+                            torch.nn.Linear(5, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    m[4].weight = m[2].weight
+    return m
+
+
+def test_tied_weights_train_and_evaluate_as_one_parameter():
+    """A shared weight is one parameter in batched training (against torch.optim on each model,
+    whose tie makes the gradient the sum of both uses) and in evaluation; the trained models keep
+    the tie."""
+    x, y = _data()
+    models, _ = train_population(tied_builder, x, y, seeds=[0, 1], optimizer="sgd", lr=0.1, batch_size=8, epochs=2,
+                                 progress=False)
+    ref = reference_loop(x, y, [0, 1], optimizer="sgd", lrs=[0.1, 0.1], epochs=2, batch_size=8, build=tied_builder)
+    _assert_same(models, ref)
+    assert all(m[4].weight is m[2].weight for m in models)
+    ev = evaluate_population(models, x, y)
+    for r, m in enumerate(models):
+        assert abs(float(ev["loss"][r]) - float(F.cross_entropy(m(x), y).detach())) < 1e-12
+
+
 def test_sam_equals_loop():
     x, y = _data(n=16)
     seeds = [0, 1]

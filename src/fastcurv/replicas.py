@@ -111,6 +111,32 @@ def validate_models(models: Sequence[nn.Module]) -> None:
             raise ValueError(f"replica {i} differs from replica 0: module {where} is {got}, replica 0 has {want}")
 
 
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """``{name: first name}`` for every parameter that one tensor holds under several names
+    (weight tying), the first being the name ``named_parameters()`` keeps."""
+    first: dict[int, str] = {}
+    ties = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            ties[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return ties
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the meta device (for ``functional_call``), with its tied parameters
+    still one tensor (``.to()`` gives each module its own, and ``functional_call`` would then read
+    the untied one's meta data instead of the weight passed under the first name)."""
+    base = copy.deepcopy(model)
+    ties = tied_parameters(base)
+    base = base.to("meta")
+    for name, first in ties.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(base.get_submodule(owner), attr, base.get_parameter(first))
+    return base
+
+
 def functional_base(model: nn.Module, bn_mode: str = "eval") -> nn.Module:
     """A parameter-free (meta) copy of ``model`` in the mode fastcurv evaluates it in.
 
@@ -120,7 +146,7 @@ def functional_base(model: nn.Module, bn_mode: str = "eval") -> nn.Module:
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-    base = copy.deepcopy(model).to("meta")
+    base = meta_copy(model)
     base.eval()
     if bn_mode == "batch":
         for mod in base.modules():

@@ -57,7 +57,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from .ops.csr_linear import CsrRows
-from .replicas import nonfinite_rows
+from .replicas import meta_copy, nonfinite_rows
 from .train_fused import CsrBatch, plan_mlp
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -361,7 +361,7 @@ def train_population(
     params, buffers = stack_module_state(models)
     names = list(params)
     params = {n: p.detach().clone().contiguous() for n, p in params.items()}
-    base = copy.deepcopy(models[0]).to("meta")
+    base = meta_copy(models[0])
     per_thread = threading.local()  # functional_call swaps tensors into the module: one copy per worker thread
 
     def one(p, b, xb):
@@ -724,7 +724,7 @@ def evaluate_population(models: Sequence[nn.Module], x: torch.Tensor, y: torch.T
         raise ValueError("models is empty")
     params, buffers = stack_module_state(models)
     params = {n: p.detach() for n, p in params.items()}
-    base = copy.deepcopy(models[0]).to("meta").eval()
+    base = meta_copy(models[0]).eval()
     fwd = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None))
     ref = next(iter(params.values()))
     R, N = len(models), len(x)

@@ -409,7 +409,7 @@ class FusedBackend(Backend):
         """Whether :meth:`exact_trace` applies, and why not."""
         names = [p for l in self.layers for p in (l.weight, l.bias) if p is not None]
         if len(set(names)) < len(names):
-            return False, "a module is used more than once (shared weights make the model curved in them)"
+            return False, "a parameter is used more than once (by a module run twice or tied weights), which makes the model curved in it"
         if self._maps is not None:
             return self._maps.exact_trace_support()
         piecewise = (activation_kind("relu"), activation_kind("leaky_relu"))

@@ -103,14 +103,20 @@ def parse(base: nn.Module) -> tuple[list[_Layer] | None, str]:
     residual blocks) traced by torch.fx into a DAG (:class:`.graph.Graph`)."""
     custom = any(not type(m).__module__.startswith("torch.") for _, m in _leaves(base)) or any(
         isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward for m in base.modules())
+    from ...replicas import tied_parameters
+
     leaves = list(_leaves(base)) if isinstance(base, nn.Sequential) else []
-    reused = len({id(m) for _, m in leaves if any(True for _ in m.parameters())}) < sum(
-        1 for _, m in leaves if any(True for _ in m.parameters()))
-    if not isinstance(base, nn.Sequential) or custom or reused:
-        # (a module with parameters run twice: the graph engine sums both uses' products)
+    held = [id(p) for _, m in leaves for p in m.parameters()]
+    ties = tied_parameters(base)
+    if not isinstance(base, nn.Sequential) or custom or len(set(held)) < len(held):
+        # (a parameter used twice, by a module run twice or by tied modules: the graph engine sums
+        # both uses' products, under the name the replicas stack it by)
         from .graph import trace
 
-        return trace(base)
+        layers, why = trace(base)
+        for l in layers or ():
+            l.weight, l.bias = ties.get(l.weight, l.weight), ties.get(l.bias, l.bias)
+        return layers, why
     layers: list[_Layer] = []
     for name, mod in leaves:
         layer, why = _parse_module(name, mod)
