@@ -118,3 +118,19 @@ def test_exact_trace_of_conv_nets_on_cuda_matches_the_cpu(factory):
     cpu = fastcurv.HessianOperator(models, data, backend="fused").exact_trace()
     gpu = fastcurv.HessianOperator([m.cuda() for m in models], data, backend="fused").exact_trace()
     torch.testing.assert_close(gpu, cpu, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(27, 3)),
+    lambda: nn.Sequential(nn.AvgPool2d(2), nn.GELU(), nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3, 3)),
+    lambda: nn.Sequential(nn.Flatten(), nn.BatchNorm1d(72), nn.Linear(72, 5), nn.LeakyReLU(), nn.Linear(5, 3)),
+], ids=["bn2d_first", "curved_shared_prefix", "bn1d_first"])
+def test_exact_trace_from_the_model_input(factory):
+    """A BatchNorm reading the model input (no input gradient to pass on), and a parameter-free
+    prefix that is curved (GELU) but the same for every parameter value."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(11, 2, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (11,), generator=gen)
+    data = ragged(x, y, [6, 5])
+    models = [m.eval() for m in replicas(factory, 2, seed=1)]
+    check_exact_trace(fastcurv.HessianOperator(models, data, backend="fused"), models, data)
