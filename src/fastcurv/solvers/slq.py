@@ -64,7 +64,8 @@ def slq(op, *, num_steps: int = 60, num_draws: int = 1, seed: int = 0, common: b
     """Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019; Ubaru et al. 2017).
 
     For each of ``num_draws`` Rademacher start vectors, ``num_steps`` Lanczos steps (partial
-    reorthogonalization: the basis stays orthogonal to ``sqrt(eps)``) give ``T = Y diag(theta) Y^T``: nodes ``theta``, weights ``Y[0, :]^2``.
+    reorthogonalization: the basis stays orthogonal to ``sqrt(eps)``) give
+    ``T = Y diag(theta) Y^T``: nodes ``theta``, weights ``Y[0, :]^2``.
     Costs ``num_draws * num_steps`` matvecs per replica.
     """
     R, P = op.R, op.P
