@@ -101,19 +101,18 @@ def parse(base: nn.Module) -> tuple[list[_Layer] | None, str]:
     """The layers of ``base`` for the fused engine, or (None, reason): an ``nn.Sequential`` (nested
     allowed) of ``torch.nn`` modules as a chain (a list); any other model (custom ``forward``,
     residual blocks) traced by torch.fx into a DAG (:class:`.graph.Graph`)."""
-    custom = any(not type(m).__module__.startswith("torch.") for _, m in _leaves(base)) or any(
+    leaves = list(_leaves(base))
+    custom = any(not type(m).__module__.startswith("torch.") for _, m in leaves) or any(
         isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward for m in base.modules())
-    from ...replicas import tied_parameters
-
-    leaves = list(_leaves(base)) if isinstance(base, nn.Sequential) else []
     held = [id(p) for _, m in leaves for p in m.parameters()]
-    ties = tied_parameters(base)
     if not isinstance(base, nn.Sequential) or custom or len(set(held)) < len(held):
         # (a parameter used twice, by a module run twice or by tied modules: the graph engine sums
         # both uses' products, under the name the replicas stack it by)
+        from ...replicas import tied_parameters
         from .graph import trace
 
         layers, why = trace(base)
+        ties = tied_parameters(base)
         for l in layers or ():
             l.weight, l.bias = ties.get(l.weight, l.weight), ties.get(l.bias, l.bias)
         return layers, why

@@ -272,6 +272,21 @@ class _MapEngine:
                                                       o["count_include_pad"], o["divisor_override"])
         return torch.ops.aten._adaptive_avg_pool2d_backward(g4, proxy)
 
+    def _reshape_bwd(self, i, l, st, rd):
+        """The gradient ``[N, K, R, *feat]`` of a Flatten or pooling node's output taken back to its
+        input (a pooled stem's pooling keeps it at the winning positions)."""
+        if l.kind == "flatten":
+            return rd.reshape(*rd.shape[:3], *st.meta[i])
+        if i in st.stems:
+            return rd
+        n, k, R, C = rd.shape[:4]
+        if l.kind == "maxpool":
+            ind = st.get(i, "ind")
+            gi = rd.new_zeros(n, k, R, C, st.meta[i].numel())
+            rd = gi.scatter_add_(4, ind.unsqueeze(1).expand(n, k, *ind.shape[1:]), rd.reshape(n, k, R, C, -1))
+            return rd.view(n, k, R, C, *st.meta[i])
+        return self._pool_bwd(rd.reshape(n * k, R * C, *rd.shape[4:]), l, st.meta[i]).view(n, k, R, C, *st.meta[i])
+
     def _bn_coefs(self, l, params, buffers):
         inv = torch.rsqrt(buffers[l.opts["var"]] + l.opts["eps"])  # [R, C]
         mean = buffers[l.opts["mean"]]
@@ -792,19 +807,8 @@ class _MapEngine:
                 rd = rd * _rb(self._bn_coefs(l, params, buffers)[0], nsp, False).unsqueeze(1)
             elif l.kind == "act":
                 rd = rd * st.get(i, "d1").unsqueeze(1)
-            elif l.kind == "flatten":
-                rd = rd.reshape(n, K, R, *st.meta[i])
-            elif i in st.stems:
-                pass  # the stem's gradients stay at the winning positions
-            elif l.kind == "maxpool":
-                ind = st.get(i, "ind")
-                C = rd.shape[3]
-                gi = rd.new_zeros(n, K, R, C, st.meta[i].numel())
-                rd = gi.scatter_add_(4, ind.unsqueeze(1).expand(n, K, *ind.shape[1:]), rd.reshape(n, K, R, C, -1))
-                rd = rd.view(n, K, R, C, *st.meta[i])
             else:
-                C = rd.shape[3]
-                rd = self._pool_bwd(rd.reshape(n * K, R * C, *rd.shape[4:]), l, st.meta[i]).view(n, K, R, C, *st.meta[i])
+                rd = self._reshape_bwd(i, l, st, rd)
             self._acc(rds, self.inputs[i][0], rd)
         return total
 
@@ -1030,17 +1034,6 @@ class _MapEngine:
                 else:
                     rd = act_rop_bwd(d1.reshape(n, -1), d2g.reshape(n, -1), rpre[i].reshape(n, k, -1),
                                      rd.reshape(n, k, -1)).view(rd.shape)
-            elif l.kind == "flatten":
-                rd = rd.reshape(*rd.shape[:3], *st.meta[i])
-            elif i in st.stems:
-                pass  # the stem takes the R-gradient at the winning positions
-            elif l.kind == "maxpool":
-                ind = st.get(i, "ind")
-                n, k, R, C = rd.shape[:4]
-                gi = rd.new_zeros(n, k, R, C, st.meta[i].numel())
-                rd = gi.scatter_add_(4, ind.unsqueeze(1).expand(n, k, *ind.shape[1:]), rd.reshape(n, k, R, C, -1))
-                rd = rd.view(n, k, R, C, *st.meta[i])
             else:
-                n, k, R, C = rd.shape[:4]
-                rd = self._pool_bwd(rd.reshape(n * k, R * C, *rd.shape[4:]), l, st.meta[i]).view(n, k, R, C, *st.meta[i])
+                rd = self._reshape_bwd(i, l, st, rd)
             self._acc(rds, self.inputs[i][0], rd)
