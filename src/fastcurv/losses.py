@@ -1,7 +1,8 @@
 """Loss functions and exact sample-count weighting over a whole data set.
 
 Conventions (documented in the README):
-* ``"cross_entropy"``: softmax cross-entropy on logits ``[N, C]`` with integer labels ``[N]``.
+* ``"cross_entropy"``: softmax cross-entropy on logits ``[N, C]`` with integer labels ``[N]`` or
+  class probabilities ``[N, C]`` (soft targets, as torch's ``cross_entropy`` takes them).
 * ``"mse"``: squared error, torch's ``MSELoss`` convention: ``mean`` divides by the number of
   output *entries* (N x outputs per sample), ``sum`` sums them.
 * a callable ``loss(outputs, targets) -> scalar``: its own reduction over the batch is given by

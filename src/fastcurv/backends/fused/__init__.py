@@ -31,7 +31,7 @@ AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d/2d with running statistics (eval) or b
 (``bn_mode="batch"`` or ``track_running_stats=False``: per batch, per replica and channel; the
 R-op couples the samples), Linear, ReLU, LeakyReLU, GELU (exact), Tanh, Sigmoid, Flatten, Dropout
 (eval: identity), Identity; feature-map layers first, then Flatten, then the dense head;
-cross-entropy with integer labels or MSE. Other models (custom ``forward``, residual blocks) are
+cross-entropy with integer labels or class probabilities, or MSE. Other models (custom ``forward``, residual blocks) are
 traced by torch.fx; see :mod:`.graph` for the operations it accepts. Not fused: other
 modules and operations (``torch.cat``, products, ...): :meth:`FusedBackend.supports` names the
 module or operation, and ``auto`` then uses torch.func.

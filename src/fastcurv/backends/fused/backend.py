@@ -12,7 +12,7 @@ from ...ops.linear_rop import in_fused_engine, linear_rop
 from ...replicas import consecutive_runs
 from ..base import Backend
 from .layers import _is_general, parse
-from .loss_head import _head_products, _loss_head
+from .loss_head import _head_products, _loss_head, _mass_for_trace
 from .maps import _MapEngine
 from .mlp_state import _all_rows, _drop_zero_columns, _ReluCsr, _scatter_columns_, _State
 
@@ -207,7 +207,7 @@ class FusedBackend(Backend):
                 pre.append(None if shared else a)
                 a = activation_value(a, layer.act, layer.slope)
         out = a  # [R, N, C]
-        st.loss, st.probs, delta = _loss_head(self.loss, out, y, sample_dim=1)
+        st.loss, st.probs, delta, st.mass = _loss_head(self.loss, out, y, sample_dim=1)
         # backward: deltas per linear layer, activation multipliers
         acts = iter(reversed(pre))
         lin = len(st.inputs)
@@ -472,8 +472,9 @@ class FusedBackend(Backend):
         R = st.deltas[-1].shape[0]
         eye = torch.eye(C, dtype=st.deltas[-1].dtype, device=st.deltas[-1].device)
         if self.loss.kind == "cross_entropy":
-            p = st.probs  # [R, N, C]: seed c is sqrt(s p_c) (e_c - p)
-            rd = (eye - p.unsqueeze(2)).mul_((self.loss.scale() * p).sqrt_().unsqueeze(3))
+            p = st.probs  # [R, N, C]: seed c is sqrt(s m p_c) (e_c - p), m the soft targets' mass (else 1)
+            w = p if st.mass is None else p * _mass_for_trace(st.mass).view(1, N, 1)
+            rd = (eye - p.unsqueeze(2)).mul_((self.loss.scale() * w).sqrt_().unsqueeze(3))
         else:
             rd = (eye * (2 * self.loss.scale(C)) ** 0.5).expand(R, N, C, C)
         total = torch.zeros(R, dtype=torch.float64, device=rd.device)
@@ -603,6 +604,7 @@ class FusedBackend(Backend):
         ``triton_fwd``: the Linear layers' R-forward runs through the Triton linear_rop; ``head``:
         the last Linear layer and the loss run in the head_hvp kernel)."""
         R, K = vecs[0].shape[:2]
+        head = head and st.mass is None  # the kernel has no per-sample loss Hessian scale
         ra, rpre, rin = None, [], []
         lin = act = 0
         fused_act = None  # the R-op of the activation after a Linear run by the Triton linear_rop
@@ -677,6 +679,8 @@ class FusedBackend(Backend):
             C = ra.shape[-1]
             if self.loss.kind == "cross_entropy":
                 rd = softmax_ce_hvp(st.probs.reshape(R * N, 1, C), ra.reshape(R * N, K, 1, C), self.loss.scale()).view(R, N, K, C)
+                if st.mass is not None:
+                    rd.mul_(st.mass.view(1, N, 1, 1))
             else:
                 rd = 2 * self.loss.scale(C) * ra
         masked.clear()  # now for the backward pass

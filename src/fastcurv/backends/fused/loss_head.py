@@ -18,18 +18,37 @@ def _head_products(loss, a, ra, W, dW, delta, probs, db, d1, out_w, out_b, accum
 
 
 def _loss_head(loss, out: torch.Tensor, y: torch.Tensor, sample_dim: int):
-    """Per-replica loss ``[R]``, softmax probabilities (cross-entropy; else None) and the loss
-    gradient w.r.t. the outputs, for outputs ``[R, N, C]`` (sample_dim=1) or ``[N, R, C]`` (0)."""
+    """Per-replica loss ``[R]``, softmax probabilities (cross-entropy; else None), the loss
+    gradient w.r.t. the outputs, and the soft targets' per-sample mass ``[N]`` (or None), for
+    outputs ``[R, N, C]`` (sample_dim=1) or ``[N, R, C]`` (0).
+
+    Soft cross-entropy targets ``y [N, C]`` (class probabilities, as torch's ``cross_entropy``
+    takes them) give the loss Hessian ``m_n (diag(p) - p p^T)`` with ``m_n = sum_c y_nc``: the mass
+    is returned when some row's is not exactly 1, and the engines scale each sample's loss R-op by it.
+    """
     shape = [1, 1, 1]
     shape[sample_dim] = y.shape[0]
     if loss.kind == "cross_entropy":
         sc = loss.scale()
         logp = torch.log_softmax(out, dim=-1)
-        yi = y.view(shape).expand(*out.shape[:2], 1)
         probs = logp.exp()
+        if y.is_floating_point():  # soft targets
+            yb = y.unsqueeze(1 - sample_dim)
+            mass = y.sum(-1)
+            delta = (probs * mass.view(shape) - yb).mul_(sc)
+            return -(logp * yb).sum((sample_dim, 2)) * sc, probs, delta, None if bool((mass == 1).all()) else mass
+        yi = y.view(shape).expand(*out.shape[:2], 1)
         delta = probs.clone().scatter_add_(2, yi, torch.full_like(logp[..., :1], -1.0)).mul_(sc)
-        return -logp.gather(2, yi).squeeze(2).sum(sample_dim) * sc, probs, delta
+        return -logp.gather(2, yi).squeeze(2).sum(sample_dim) * sc, probs, delta, None
     sc = loss.scale(out.shape[-1])
     diff = out - y.unsqueeze(1 - sample_dim)
-    return diff.square().sum((sample_dim, 2)) * sc, None, 2 * sc * diff
+    return diff.square().sum((sample_dim, 2)) * sc, None, 2 * sc * diff, None
 
+
+def _mass_for_trace(mass: torch.Tensor) -> torch.Tensor:
+    """The soft targets' per-sample mass ``[N]`` under the exact trace's square-root seeds, which
+    need it nonnegative."""
+    if bool((mass < 0).any()):
+        raise ValueError("the exact trace needs soft cross-entropy targets whose rows sum to a nonnegative mass; "
+                         f"found a row summing to {float(mass.min()):.3g} (use trace_method='deflated')")
+    return mass

@@ -18,7 +18,7 @@ from ...ops.head_hvp import HEAD_MAX_OUTPUTS
 from ...ops.group_conv import conv_input_grad, group_conv, group_conv_wgrad, narrow
 from ...ops.sampled_conv import conv_patches, sampled_conv, sampled_conv_wgrad
 from .conv import conv2d, conv2d_input, conv2d_weight
-from .loss_head import _head_products, _loss_head
+from .loss_head import _head_products, _loss_head, _mass_for_trace
 
 
 # Taps (C_in x kh x kw) up to which a stem runs at the pooled resolution by default. Against every
@@ -41,6 +41,7 @@ class _MapState:
         self.shared: set = set()
         self.meta: dict = {}
         self.probs = None  # [N, R, C] softmax probabilities (cross-entropy)
+        self.mass = None  # soft cross-entropy targets' per-sample sums [N], when not all 1 (else None)
         self.loss = None  # [R]
         self.widest = 1  # the largest number of features per sample and replica
         self.outputs = 0  # the model's outputs per sample
@@ -66,6 +67,7 @@ class _MapState:
         out.gradient_only = self.gradient_only
         out.t = {k: (f(v) if shared_too or k not in self.shared else v) for k, v in self.t.items()}
         out.probs = None if self.probs is None else f(self.probs)
+        out.mass = None if self.mass is None else (f(self.mass) if shared_too else self.mass)
         return out
 
     def select(self, pos: torch.Tensor) -> "_MapState":
@@ -531,7 +533,7 @@ class _MapEngine:
         if out.dim() != 3:
             raise ValueError(f"the model's outputs are {tuple(out.shape)} (replica axis at 1); the fused engine needs [N, classes]")
         st.outputs = out.shape[-1]
-        st.loss, st.probs, g = _loss_head(self.loss, out, y, sample_dim=0)
+        st.loss, st.probs, g, st.mass = _loss_head(self.loss, out, y, sample_dim=0)
         if st.probs is not None:
             st.nbytes += st.probs.numel() * st.probs.element_size()
         grads = _Sums({len(self.layers) - 1: g})  # node -> gradient of the loss w.r.t. its output
@@ -733,8 +735,9 @@ class _MapEngine:
         R = next(iter(params.values())).shape[0]
         if self.loss.kind == "cross_entropy":
             p = st.probs  # [N, R, C]
+            w = p if st.mass is None else p * _mass_for_trace(st.mass).view(-1, 1, 1)
             eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
-            seed = (eye - p.unsqueeze(2)).mul_((self.loss.scale() * p).sqrt_().unsqueeze(3)).transpose(1, 2)
+            seed = (eye - p.unsqueeze(2)).mul_((self.loss.scale() * w).sqrt_().unsqueeze(3)).transpose(1, 2)
         else:
             ref, C = next(iter(st.t.values())), st.outputs
             eye = torch.eye(C, dtype=ref.dtype, device=ref.device) * (2 * self.loss.scale(C)) ** 0.5
@@ -823,7 +826,8 @@ class _MapEngine:
         fresh = set()  # additions whose output tangent no other node holds
         N = None
         last = len(self.layers) - 1
-        head = self.head and self._head_runs(params[self.layers[last].weight])
+        # (the head kernel has no per-sample loss Hessian scale)
+        head = self.head and self._head_runs(params[self.layers[last].weight]) and st.mass is None
         for i, l in enumerate(self.layers):
             if self.shared[i]:
                 continue
@@ -953,6 +957,8 @@ class _MapEngine:
             self._acc(rds, self.inputs[last][0], self._head(st, params, vecs, out, ra))
         elif self.loss.kind == "cross_entropy":
             rds[last] = softmax_ce_hvp(st.probs, ra.contiguous(), self.loss.scale())  # [n, R, C] and [n, k, R, C]
+            if st.mass is not None:
+                rds[last].mul_(st.mass.view(-1, 1, 1, 1))
         else:
             rds[last] = ra * (2 * self.loss.scale(ra.shape[-1]))
         for i, l, rd in self._backward(rds):

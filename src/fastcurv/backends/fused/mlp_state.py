@@ -93,6 +93,7 @@ class _State:
         self.sparse_in: list = []
         self.sparse_out: list = []
         self.probs = None  # softmax probabilities [R, N, C] (cross-entropy)
+        self.mass = None  # soft cross-entropy targets' per-sample sums [N], when not all 1 (else None)
         self.loss = None  # this batch's share of the loss per replica [R]
         self.nbytes = 0
 
@@ -108,6 +109,7 @@ class _State:
         out.sparse_in = [None if c is None else c.map_rows(f) for c in self.sparse_in]
         out.sparse_out = [None if c is None else c.map_rows(f) for c in self.sparse_out]
         out.probs = g(self.probs)
+        out.mass = self.mass
         out.loss = g(self.loss)
         return out
 
