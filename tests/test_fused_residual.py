@@ -114,6 +114,25 @@ class InPlaceSums(nn.Module):
         return self.fc(torch.flatten(F.relu(z) + z + self.c3(z), 1))
 
 
+class StemIntoSum(nn.Module):
+    """A pooled stem (conv, BatchNorm or not, ReLU, max pooling) whose output a residual addition
+    adds to a branch traced before it: the addition hands both the same gradient, which the stem's
+    backward must not update in place (it passes through the pooling as it is)."""
+
+    def __init__(self, bn: bool):
+        super().__init__()
+        self.skip = nn.Conv2d(1, 4, 2, stride=2)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4) if bn else nn.Identity()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        z = self.skip(x)
+        y = self.pool(F.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(z + y, 1))
+
+
 def _data(shape, n, loss, gen, dtype=torch.float64):
     x = torch.randn(n, *shape, generator=gen, dtype=dtype)
     y = torch.randint(0, 3, (n,), generator=gen) if loss == "cross_entropy" else torch.randn(n, 3, generator=gen, dtype=dtype)
@@ -156,6 +175,13 @@ def test_batchnorm_relu_tangents_read_elsewhere_against_dense(R, K, loss):
 @pytest.mark.parametrize("R,K,loss", [(1, 2, "mse"), (3, 3, "cross_entropy")])
 def test_in_place_sums_against_dense(R, K, loss):
     _check_dense(InPlaceSums, (1, 4, 4), R, K, loss)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("pooled_stem", [None, False])
+def test_pooled_stem_read_by_an_addition_against_dense(bn, pooled_stem):
+    op = _check_dense(lambda: StemIntoSum(bn), (1, 6, 6), 2, 2, "cross_entropy", pooled_stem=pooled_stem)
+    assert op.backend._maps.stems
 
 
 @pytest.mark.parametrize("flatten", ["view", "reshape"])

@@ -142,11 +142,13 @@ class _MapEngine:
             return j >= 0 and len(users[j]) == 1 and layers[j].kind != "add" and (
                 layers[j].kind != "flatten" or fwd_owned(self.inputs[j][0]))
 
-        def bwd_owned(i):
+        def bwd_owned(i):  # (called once self.stems is known)
             if not users[i]:
                 return True
             u = users[i][0]
-            return len(users[i]) == 1 and layers[u].kind != "add" and (layers[u].kind != "flatten" or bwd_owned(u))
+            # Flatten hands back a view of its output's gradient, a pooled stem's pooling that gradient itself
+            passes = layers[u].kind == "flatten" or u in self.stems
+            return len(users[i]) == 1 and layers[u].kind != "add" and (not passes or bwd_owned(u))
 
         # An eval BatchNorm whose output only a first-order activation (ReLU, LeakyReLU) reads: the
         # BatchNorm R-op kernels apply the activation's derivative too, and the activation node
