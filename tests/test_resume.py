@@ -66,10 +66,12 @@ def test_fingerprint_mismatch_names_what_changed(tmp_path):
 def test_independent_probes_do_not_depend_on_the_split():
     models, data = W.job(R=5)
     kw = dict(W.KW, common_random_numbers=False)
+    plain = fastcurv.batched_sharpness(models, data, **kw)  # no replica_chunk: no replica window
     whole = fastcurv.batched_sharpness(models, data, replica_chunk=5, **kw)
     split = fastcurv.batched_sharpness(models, data, replica_chunk=2, **kw)
     for k, v in whole.values.items():
         torch.testing.assert_close(split[k], v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(plain[k], v, rtol=1e-10, atol=1e-12)
     # the probes really are independent: replicas 0 and 1 as a chunk of their own, with common probes, differ
     common = fastcurv.batched_sharpness(models, data, replica_chunk=2, **W.KW)
     assert not torch.allclose(common["trace"], split["trace"], rtol=1e-6)

@@ -15,9 +15,8 @@ _WINDOW: contextvars.ContextVar = contextvars.ContextVar("fastcurv_replica_windo
 @contextmanager
 def replica_window(first: int, total: int):
     """Within this block the operator's R replicas are replicas ``first .. first+R-1`` of a job of
-    ``total``: independent probes (``common=False``) are then drawn from one stream per replica,
-    keyed by the job's generator and the replica's global number, so each replica's probes do not
-    depend on how the job was split into chunks or ranks. Common probes are unaffected."""
+    ``total``: independent probes (``common=False``) are keyed by the replica's global number
+    (outside a window, by its position 0..R-1). Common probes are unaffected."""
     token = _WINDOW.set((int(first), int(total)))
     try:
         yield
@@ -37,24 +36,25 @@ def probe_vectors(R: int, K: int, P: int, *, generator: torch.Generator, kind: s
 
     common=True (default) gives every replica the same K probes (common random numbers): the
     between-replica differences of an estimate then carry less noise than with independent draws.
-    Inside :func:`replica_window`, independent probes come from one stream per global replica.
+    common=False draws each replica's probes from its own stream, keyed by ``generator`` and the
+    replica's number in the job (:func:`replica_window`; 0.. outside one), so they do not depend on
+    how the job is split into replica chunks or ranks.
     """
     if kind not in KINDS:
         raise ValueError(f"probe kind must be one of {KINDS}, got {kind!r}")
-    window = _WINDOW.get()
-    if not common and window is not None:
-        first, _ = window
+    if not common:
+        window = _WINDOW.get()
+        first = 0 if window is None else window[0]
         base = int(torch.randint(0, 2**62, (1,), generator=generator))  # advances the job's stream once
         rows = [_draw((K, P), torch.Generator().manual_seed((base + 1_000_003 * (first + r)) % 2**63), kind)
                 for r in range(R)]
         return torch.stack(rows).to(dtype).to(device)
-    shape = (1 if common else R, K, P)
+    shape = (1, K, P)
     if kind == "rademacher":
         v = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).to(dtype).mul_(2).sub_(1)
     else:
         v = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-    v = v.to(device)
-    return v.expand(R, K, P).clone() if common else v
+    return v.to(device).expand(R, K, P).clone()
 
 
 def start_vectors(op, seed: int, common: bool = True) -> torch.Tensor:
