@@ -47,6 +47,29 @@ def test_all_builtin_measures(setup, tmp_path):
     assert (tmp_path / "esd.png").stat().st_size > 1000
 
 
+def test_spectrum_with_several_draws_an_exhausted_krylov_space_and_a_sharp_replica():
+    # 60 steps on P = 155 whose Hessian's Krylov spaces are exhausted after 54-56 steps, varying by
+    # draw (each draw's quadrature is then exact); replica 1 is 40x sharper than the others, so the
+    # grid shared by all is coarse for replica 0's kernels unless they widen to its spacing
+    models = replicas(lambda: mlp(nn.Tanh, (6, 8, 8, 3)), R=3)
+    with torch.no_grad():
+        models[1][4].weight.mul_(40.0)
+        models[1][0].weight.mul_(3.0)
+    gen = torch.Generator().manual_seed(1)
+    data = (torch.randn(37, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (37,), generator=gen))
+    res = fastcurv.batched_sharpness(models, data, measures=("spectrum",), slq_steps=60, slq_draws=4, progress=False)
+    sp = res.spectrum
+    assert sp.nodes.shape[:2] == (3, 4) and sp.nodes.shape == sp.weights.shape
+    torch.testing.assert_close(sp.weights.sum(-1), torch.ones(3, 4, dtype=torch.float64))
+    for r, m in enumerate(models):
+        ev = torch.linalg.eigvalsh(dense_hessian(m, [data]))
+        assert sp.nodes[r].min() >= ev[0] - 1e-8 and sp.nodes[r].max() <= ev[-1] + 1e-8
+    grid, dens = sp.density()
+    torch.testing.assert_close(torch.trapezoid(dens, grid), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-3)
+    with pytest.warns(UserWarning, match="grid spacing"):
+        sp.density(sigma2=1e-6)
+
+
 def test_power_solver_option(setup):
     models, batches, eigs = setup
     res = fastcurv.batched_sharpness(models, batches, measures=("lambda_max",), eig_solver="power", tol=1e-6,

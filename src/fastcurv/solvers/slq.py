@@ -1,6 +1,7 @@
 """Stochastic Lanczos quadrature: the Hessian's spectral density per replica."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +19,14 @@ class SpectralDensity:
     weights: torch.Tensor
 
     def density(self, grid: torch.Tensor | None = None, sigma2: float | None = None, num_points: int = 1000):
-        """Gaussian-smoothed density on ``grid`` (default: spanning all nodes, extended by 1%).
+        """Gaussian-smoothed density on ``grid`` (default: ``num_points`` spanning all replicas'
+        nodes, extended by 1%).
 
         sigma2: kernel variance; default ``1e-5 * max(1, lambda_max - lambda_min)`` per replica
-        (Ghorbani et al.). Returns ``(grid [G], density [R, G])``, each row integrating to ~1.
+        (Ghorbani et al.), raised to the square of the grid's widest spacing where it is smaller,
+        so that every row integrates to ~1 on the grid shared by all replicas (a flat replica
+        beside one 40x sharper would otherwise fall between the grid points). Returns
+        ``(grid [G], density [R, G])``.
         """
         nodes = self.nodes.to(torch.float64)
         lo, hi = torch.nanquantile(nodes.flatten(), 0.0), torch.nanquantile(nodes.flatten(), 1.0)  # failed replicas are NaN
@@ -30,7 +35,14 @@ class SpectralDensity:
             grid = torch.linspace(float(lo) - pad, float(hi) + pad, num_points, dtype=torch.float64)
         grid = grid.to(torch.float64)
         span = (nodes.amax(dim=(1, 2)) - nodes.amin(dim=(1, 2))).clamp_min(1.0)
-        s2 = torch.full_like(span, sigma2) if sigma2 is not None else 1e-5 * span
+        dx2 = float(grid.diff().max()) ** 2 if grid.numel() > 1 else 0.0
+        if sigma2 is None:
+            s2 = (1e-5 * span).clamp_min(dx2)
+        else:
+            if sigma2 < dx2:
+                warnings.warn(f"sigma2={sigma2:.3g} is below the grid spacing squared ({dx2:.3g}): the densities will "
+                              "not integrate to 1 on this grid (pass a finer grid or a larger sigma2)", stacklevel=2)
+            s2 = torch.full_like(span, sigma2)
         diff = grid.view(1, 1, 1, -1) - nodes.unsqueeze(-1)
         kern = torch.exp(-diff**2 / (2 * s2.view(-1, 1, 1, 1))) / torch.sqrt(2 * torch.pi * s2.view(-1, 1, 1, 1))
         dens = (self.weights.to(torch.float64).unsqueeze(-1) * kern).sum(2).mean(1)
@@ -64,26 +76,28 @@ def slq(op, *, num_steps: int = 60, num_draws: int = 1, seed: int = 0, common: b
     """Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019; Ubaru et al. 2017).
 
     For each of ``num_draws`` Rademacher start vectors, ``num_steps`` Lanczos steps (partial
-    reorthogonalization: the basis stays orthogonal to ``sqrt(eps)``) give
+    reorthogonalization: the basis stays orthogonal to ``sqrt(eps)``; fewer where the Krylov space
+    is exhausted, whose quadrature is then exact) give
     ``T = Y diag(theta) Y^T``: nodes ``theta``, weights ``Y[0, :]^2``.
     Costs ``num_draws * num_steps`` matvecs per replica.
     """
     R, P = op.R, op.P
     g = torch.Generator().manual_seed(seed)
-    nodes, weights = [], []
+    runs = []
     for _ in range(num_draws):
         v0 = probe_vectors(R, 1, P, generator=g, kind="rademacher", common=common, dtype=op.dtype, device=op.device)[:, 0]
-        res = lanczos(op, k=1, max_iter=num_steps, tol=0.0, v0=v0, callback=callback)
-        m = int(res.iterations.max())
-        n_nodes = torch.full((R, m), float("nan"), dtype=torch.float64)
-        n_w = torch.zeros(R, m, dtype=torch.float64)
+        runs.append(lanczos(op, k=1, max_iter=num_steps, tol=0.0, v0=v0, callback=callback))
+    # a draw whose Krylov space is exhausted (Lanczos breakdown: its quadrature is exact) has fewer
+    # nodes; every draw is padded to the longest
+    m = max(int(res.iterations.max()) for res in runs)
+    nodes = torch.full((R, num_draws, m), float("nan"), dtype=torch.float64)
+    weights = torch.zeros(R, num_draws, m, dtype=torch.float64)
+    for d, res in enumerate(runs):
         for r in range(R):
             n = int(res.iterations[r])
             if n == 0 or bool(op.failed[r]):
                 continue
             theta, Y = torch.linalg.eigh(_tridiag(res.alphas[r, :n], res.betas[r, 1:n]))
-            n_nodes[r], n_w[r, :n] = theta[0], Y[0] ** 2  # padding nodes carry zero weight
-            n_nodes[r, :n] = theta
-        nodes.append(n_nodes)
-        weights.append(n_w)
-    return SpectralDensity(torch.stack(nodes, 1), torch.stack(weights, 1))
+            nodes[r, d], weights[r, d, :n] = theta[0], Y[0] ** 2  # padding nodes carry zero weight
+            nodes[r, d, :n] = theta
+    return SpectralDensity(nodes, weights)
