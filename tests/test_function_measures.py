@@ -71,6 +71,26 @@ def test_disagreement_gde_soft_match_direct_computation():
     assert list(df.index) == list(range(R)) and "disagreement" in df and df["ok"].all()
 
 
+def test_one_batch_with_targets_of_any_shape():
+    """One (inputs, targets) pair is one batch whatever the targets' shape: labels as a column and
+    one-hot rows are labels, soft targets are not (test_error is skipped, with a warning). Before,
+    a pair with 2-d targets was read as a loader of two input batches."""
+    models = _models(3)
+    x, y = _data(n=50)
+    ref = fastcurv.function_measures(models, (x, y), measures=("disagreement", "gde"))
+    onehot = nn.functional.one_hot(y, K).double()
+    for targets in (y[:, None], onehot, onehot.float()):
+        res = fastcurv.function_measures(models, (x, targets), measures=("disagreement", "gde"))
+        assert res.num_examples == 50
+        for k in ("disagreement", "test_error"):
+            torch.testing.assert_close(res[k], ref[k], rtol=0, atol=0)
+    soft = torch.softmax(torch.randn(50, K, dtype=torch.float64), 1)
+    with pytest.warns(RuntimeWarning, match="not class labels"):
+        res = fastcurv.function_measures(models, (x, soft), measures=("disagreement", "gde"))
+    assert res.num_examples == 50 and "test_error" not in res.values
+    torch.testing.assert_close(res["disagreement"], ref["disagreement"], rtol=0, atol=0)
+
+
 def test_permission_weakness_matches_definition_and_extremes():
     models = _models(3)
     x, y = _data(150)

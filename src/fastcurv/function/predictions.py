@@ -8,6 +8,7 @@ kept: argmax labels ``[R, M]`` in the smallest integer dtype, optionally softmax
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -68,12 +69,26 @@ def _split_item(item, i: int):
     raise TypeError(f"batch {i} is a {type(item).__name__}; the loader must yield inputs or (inputs, targets)")
 
 
+def _as_labels(y):
+    """Class labels ``[N]`` from labels as a column ``[N, 1]`` or one-hot rows ``[N, C]``; other
+    targets as they are."""
+    if y is None or y.dim() != 2:
+        return y
+    if y.shape[1] == 1 and not y.is_floating_point():
+        return y[:, 0]
+    if y.shape[1] > 1 and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all()):
+        return y.argmax(1)
+    return y
+
+
 def iterate(data):
     """Batches of ``data``: a loader, one ``(inputs, targets)`` pair, or one inputs tensor."""
     if isinstance(data, torch.Tensor):
         return [data]
+    # two tensors with as many rows: one (inputs, targets) pair, whatever the targets' shape (labels,
+    # one-hot or soft targets); otherwise a list of two input batches
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        if data[0].shape[:1] == data[1].shape[:1] and data[1].dim() <= 1:
+        if data[0].dim() > 0 and data[1].dim() > 0 and data[0].shape[0] == data[1].shape[0]:
             return [tuple(data)]
     return data
 
@@ -109,7 +124,12 @@ def collect_predictions(
             if x.shape[0] == 0:
                 continue
             x = x.to(replicas.device, replicas.dtype) if x.is_floating_point() else x.to(replicas.device)
+            y = _as_labels(y)
             if y is None or y.dim() != 1 or y.is_floating_point():
+                if y is not None and have_targets:
+                    warnings.warn(f"batch {i}'s targets {tuple(y.shape)} ({y.dtype}) are not class labels (nor one-hot "
+                                  "rows): measures that compare predictions with labels (test_error) are skipped",
+                                  RuntimeWarning, stacklevel=2)
                 have_targets = False
             elif have_targets:
                 targets.append(y.to("cpu", torch.int64))
