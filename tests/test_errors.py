@@ -68,6 +68,25 @@ def test_labels_out_of_range():
         fastcurv.HessianOperator([mlp().double()], (x, y))
 
 
+@pytest.mark.parametrize("backend", ["fused", "func", "autograd"])
+def test_labels_out_of_range_in_a_later_batch(backend):
+    x, y = data()
+    y[-1], y[1] = 7, -1
+    loader = [(x[:4], y[:4]), (x[4:], y[4:])]
+    with pytest.raises(ValueError, match=r"labels out of range: batch 0 has label -1 but the model has 3 classes"):
+        fastcurv.HessianOperator([mlp().double()], loader, backend=backend)
+    y[1] = 0
+    with pytest.raises(ValueError, match=r"labels out of range: batch 1 has label 7 but the model has 3 classes"):
+        fastcurv.HessianOperator([mlp().double()], loader, backend=backend)
+
+
+def test_targets_of_another_kind_in_a_later_batch():
+    x, y = data()
+    soft = nn.functional.one_hot(y, 3).double()
+    with pytest.raises(ValueError, match=r"batch 1's targets are float with per-sample shape \(3,\), batch 0's int"):
+        fastcurv.HessianOperator([mlp().double()], [(x[:4], y[:4]), (x[4:], soft[4:])])
+
+
 def test_nan_in_data():
     x, y = data()
     x[2, 1] = float("nan")

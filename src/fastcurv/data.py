@@ -54,10 +54,15 @@ class Batches:
         self.device, self.dtype = torch.device(device), dtype
         self.cache: list | None = [] if cache in (True, "auto") else None
         self.sizes: list[int] = []
+        # integer targets' smallest and largest value with the batches holding them, and the
+        # targets' kinds (dtype class and per-sample shape) with the first batch of each
+        self.label_range: tuple[int, int, int, int] | None = None
+        self.target_kinds: dict = {}
         nbytes = 0
         digests = []
         for i, (x, y) in enumerate(self._read()):
             self.sizes.append(x.shape[0])
+            self._note_targets(i, y)
             if check_determinism:
                 digests.append(_digest(x, y))
             if self.cache is not None:
@@ -73,6 +78,18 @@ class Batches:
             raise ValueError("the data loader yielded only empty batches")
         if check_determinism:
             self._check_second_pass(digests)
+
+    def _note_targets(self, i: int, y: torch.Tensor) -> None:
+        kind = ("float" if y.is_floating_point() else "int", tuple(y.shape[1:]))
+        self.target_kinds.setdefault(kind, i)
+        if y.is_floating_point() or y.numel() == 0:
+            return
+        lo, hi = int(y.min()), int(y.max())
+        if self.label_range is None:
+            self.label_range = (lo, i, hi, i)
+        else:
+            l0, il, h0, ih = self.label_range
+            self.label_range = (min(lo, l0), i if lo < l0 else il, max(hi, h0), i if hi > h0 else ih)
 
     def _check_second_pass(self, digests: list[str]) -> None:
         """Read the loader again and raise if any batch differs from the first pass."""

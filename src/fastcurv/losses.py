@@ -58,7 +58,8 @@ class Loss:
         return 1.0 / denom
 
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        """Raise a clear error for targets that do not fit the outputs (outputs without replica axis)."""
+        """Raise a clear error for targets that do not fit the outputs (outputs without replica axis);
+        :meth:`check_all_targets` checks the label range."""
         if self.kind == "cross_entropy":
             if targets.is_floating_point():
                 if targets.shape != outputs.shape:
@@ -68,13 +69,23 @@ class Loss:
                 raise ValueError(
                     f"cross_entropy expects logits [N, C] and integer labels [N]; got outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}"
                 )
-            C = outputs.shape[-1]
-            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= C):
-                raise ValueError(
-                    f"labels out of range: found labels in [{int(targets.min())}, {int(targets.max())}] but the model has {C} classes"
-                )
         elif self.kind == "mse" and targets.shape != outputs.shape:
             raise ValueError(f"mse expects targets shaped like the outputs {tuple(outputs.shape)}, got {tuple(targets.shape)}")
+
+    def check_all_targets(self, outputs: torch.Tensor, batches) -> None:
+        """After :meth:`check_targets` on the first batch: raise a clear error for labels out of range
+        in any batch of ``batches`` (:class:`~fastcurv.data.Batches`), or targets of another kind or
+        per-sample shape in a later batch than in the first."""
+        if len(batches.target_kinds) > 1:
+            (k0, _), (k1, i1) = list(batches.target_kinds.items())[:2]
+            raise ValueError(f"batch {i1}'s targets are {k1[0]} with per-sample shape {k1[1]}, batch 0's {k0[0]} with "
+                             f"per-sample shape {k0[1]}: every batch needs targets of one kind")
+        if self.kind == "cross_entropy" and batches.label_range is not None:
+            lo, ilo, hi, ihi = batches.label_range
+            C = outputs.shape[-1]
+            if lo < 0 or hi >= C:
+                i, v = (ilo, lo) if lo < 0 else (ihi, hi)
+                raise ValueError(f"labels out of range: batch {i} has label {v} but the model has {C} classes")
 
     def batch_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """This batch's share of the full-data loss (one replica; outputs ``[n, ...]``)."""

@@ -163,6 +163,7 @@ class HessianOperator:
             except RuntimeError as exc:
                 raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): {exc}") from exc
         self.loss.check_targets(out, y)
+        self.loss.check_all_targets(out, self.batches)
 
     # --- products ----------------------------------------------------------------------------
     def matvec(self, V: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
