@@ -197,6 +197,19 @@ def test_probes_per_matvec_follows_the_backend_on_the_cpu():
         probes_per_matvec(op, 0)
 
 
+def test_lanczos_with_fewer_distinct_eigenvalues_than_k_and_k_above_p():
+    # eigenvalues 3, 1, -2 with multiplicities: every start vector's Krylov space has dimension 3
+    A = spd_with_spectrum(np.array([3.0] * 4 + [1.0] * 3 + [-2.0] * 3), 5)
+    op = DenseOperator(A.unsqueeze(0))
+    res = lanczos(op, k=5, tol=1e-10, seed=0)
+    torch.testing.assert_close(res.eigenvalues[0, :3], torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64))
+    assert res.eigenvalues[0, 3:].isnan().all() and not bool(res.converged[0])
+    res = lanczos(op, k=3, tol=1e-10, seed=0)
+    assert bool(res.converged[0]) and int(res.iterations[0]) == 3
+    with pytest.raises(ValueError, match="k=11 eigenvalues asked of a Hessian of dimension P=10"):
+        lanczos(op, k=11)
+
+
 def test_slq_moments():
     eigs = np.linspace(-2, 5, 50)
     A = spd_with_spectrum(eigs, 7)

@@ -285,6 +285,8 @@ def batched_sharpness(
         top = None
         if "top_k" in measures or "lambda_max" in measures or (deflate and trace_method == "deflated"):
             k = top_k if "top_k" in measures else 1
+            if k > op.P:
+                raise ValueError(f"top_k={k} exceeds the number of parameters P={op.P} (the Hessian's dimension)")
             bar.stage("top eigenvalues")
             if eig_solver == "power":
                 if k > 1:

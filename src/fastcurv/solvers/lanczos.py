@@ -167,6 +167,8 @@ def lanczos(
         raise ValueError(f"reorthogonalize must be 'partial' or 'full', got {reorthogonalize!r}")
     full = reorthogonalize == "full"
     R, P = op.R, op.P
+    if k > P:
+        raise ValueError(f"k={k} eigenvalues asked of a Hessian of dimension P={P} (the models' parameter count)")
     m = min(max_iter, P)
     f64 = torch.float64
     if v0 is None:
@@ -269,9 +271,11 @@ def lanczos(
         # stop on the residual (ARPACK's test: an eigenvalue lies within r of theta); the sharper
         # estimate e can look converged while a larger eigenvalue has not yet entered the Krylov
         # space (seen on 5 of 100 untrained MLPs, errors up to 2%)
-        done = (kk == k) & ((r <= tol * scale).all(dim=1) | breakdown) & (n >= min_iter)
-        done |= breakdown & (n >= min_iter)
-        stop = done | ~finite | torch.tensor(n == m).expand_as(done)
+        # a breakdown (the start vector's Krylov space is exhausted) makes the Ritz values found exact;
+        # with fewer than k of them the others cannot be reached: stopped, not converged, NaN
+        exhausted = breakdown & (n >= min_iter)
+        done = (kk == k) & (((r <= tol * scale).all(dim=1) & (n >= min_iter)) | exhausted)
+        stop = done | exhausted | ~finite | torch.tensor(n == m).expand_as(done)
         for local in stop.nonzero().flatten().tolist():
             rr = int(ai[local])
             if bool(finite[local]):
