@@ -1,6 +1,7 @@
 """memory_budget=: budget parsing, the plan, chunked results, GPU out-of-memory retries, peak RSS."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -167,6 +168,39 @@ def test_tiny_budget_splits_batches_and_caches_part_of_the_state(one_thread):
     ref = fastcurv.batched_sharpness(models, data, **KW)
     got = fastcurv.batched_sharpness(models, data, memory_budget=budget, **KW)
     _close(got, ref, rtol=1e-8)  # batches are summed in another order
+
+
+def _bn_job(R=2, n=120):
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).double() for _ in range(R)]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    x[: n // 2] += 3.0  # the halves have other statistics: splitting the batch changes the Hessian
+    return models, (x, torch.randint(0, 3, (n,), generator=gen))
+
+
+@pytest.mark.parametrize("job", [dict(bn_mode="batch"), dict(measures=("lambda_max", "rho_sharpness"))])
+def test_budgets_never_split_batches_that_results_depend_on(one_thread, job):
+    """Batch-statistics BatchNorm and per-batch worst-case rho-sharpness depend on the batches: a
+    budget that would need them split raises instead; one that fits whole batches gives the
+    unbudgeted results."""
+    models, data = _bn_job()
+    free = dict(job, measures=job.get("measures", ("lambda_max",)))
+    shape, _ = memory.job_shape(models, data, max_iter=20, **free)
+    assert shape.whole_batches
+    plain = dataclasses.replace(shape, whole_batches="")
+    small = next(b for b in range(2_000, 10**7, 500) if _ok(plain, b))  # the plan would split the batch here
+    assert memory.choose(plain, 2, small).batch_size is not None
+    with pytest.raises(ValueError, match="so the batches are not split"):
+        memory.choose(shape, 2, small)
+    whole = next(b for b in range(small, 10**8, 500) if _ok(shape, b))
+    kw = dict(KW, **free, tol=1e-8, seed=0)
+    with pytest.raises(ValueError, match="so the batches are not split"):
+        fastcurv.batched_sharpness(models, data, memory_budget=small, **kw)
+    _close(fastcurv.batched_sharpness(models, data, memory_budget=whole, **kw), fastcurv.batched_sharpness(models, data, **kw))
+    if "measures" in job:  # per_batch=False takes the full-data worst case: splitting is allowed
+        opts = {"rho_sharpness": {"per_batch": False}}
+        assert not memory.job_shape(models, data, max_iter=20, measure_options=opts, **free)[0].whole_batches
 
 
 def _ok(shape, budget):

@@ -10,7 +10,8 @@ the process already holds: interpreter, torch, the caller's models and data) und
   backend's ``cache_bytes`` (cached per-batch state beyond it is recomputed in every matvec),
   whether the batches are kept on the device (``cache_data``), and, only when even one replica
   does not fit, a smaller batch size (the batches are split; the loss is the same up to the
-  floating-point order of the sums).
+  floating-point order of the sums). Never where results depend on the batches (batch-statistics
+  BatchNorm, per-batch worst-case rho-sharpness): then a budget too small raises a ValueError.
 * The replicas then run chunk by chunk (:func:`fastcurv.resume.run_chunks`); results are those of
   an unchunked run (each replica's solvers run on their own; probes do not depend on the split).
 * On a GPU, an out-of-memory error in a chunk empties the CUDA cache, halves the chunk and
@@ -60,6 +61,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 BASIS_COPIES = 2
 VECTOR_COPIES = 8
@@ -160,6 +162,7 @@ class JobShape:
     sample_chunk_bytes: int | None = None  # the fused conv engine's tangent chunk (None: its default)
     func_mode: str = ""  # the func backend's mode ("graph" or "forward"; "" for other backends)
     func_costs: dict = field(default_factory=dict)  # its fastcurv.backends.func.memory_costs
+    whole_batches: str = ""  # why the batches must not be split (results depend on them), or ""
 
 
 def estimate_bytes(shape: JobShape, chunk: int, *, batch: int | None = None, cache_bytes: int | None = None,
@@ -257,9 +260,15 @@ def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = No
     reused = c > 0
     if c == 0:
         c = largest(lambda c: fits(c, n, 0))  # state recomputed per matvec (partially cached below)
-    while c == 0 and n > 1:
+    while c == 0 and n > 1 and not shape.whole_batches:
         n = max(1, n // 2)
         c = largest(lambda c: fits(c, n, 0))
+    if c == 0 and shape.whole_batches:
+        need = estimate_bytes(shape, 1, batch=n, cache_bytes=0, cache_data=cache_data)
+        raise ValueError(
+            f"memory_budget={format_bytes(budget)} is too small for this job: {shape.whole_batches}, so the batches "
+            f"are not split, and one replica with batches of {n} needs about {format_bytes(need['total'] / SAFETY)}; "
+            "use a loader with smaller batches (which changes those results) or a larger budget")
     if c == 0:
         need = estimate_bytes(shape, 1, batch=1, cache_bytes=0, cache_data=cache_data)
         raise ValueError(
@@ -370,7 +379,7 @@ def _activation_stats(rs, x) -> tuple[int, int]:
 def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_entropy", reduction="mean",
               loss_reduction="mean", backend="auto", bn_mode="eval", max_iter=100, eig_solver="lanczos",
               trace_method="auto", trace_probes=None, top_k=5, slq_steps=60, slq_draws=1,
-              backend_options=None, **_ignored) -> tuple[JobShape, str]:
+              backend_options=None, measure_options=None, **_ignored) -> tuple[JobShape, str]:
     """The :class:`JobShape` of a ``batched_sharpness`` job and the backend it will use. Reads the
     data once (sizes and bytes) and runs one replica on up to two samples (state and activation sizes)."""
     from .backends.fused import FusedBackend
@@ -417,8 +426,21 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
                      vectors=stage, probes=probes, state_per_sample=state, act_per_sample=-(-act * itemsize // n1) if n1 else 0,
                      widest=widest, layers=layers, fused=fused, gpu=rs.device.type == "cuda", conv=conv,
                      chunk_bytes=opts.get("chunk_bytes", 4 << 20), sample_chunk_bytes=opts.get("sample_chunk_bytes"),
-                     func_mode=func_mode, func_costs=func_costs)
+                     func_mode=func_mode, func_costs=func_costs,
+                     whole_batches=_whole_batches(rs, bn_mode, measures, measure_options))
     return shape, name
+
+
+def _whole_batches(rs, bn_mode, measures, measure_options) -> str:
+    """Why a job's results depend on its batches (so that a memory plan must not split them), or ""."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (bn_mode == "batch" or not m.track_running_stats)
+           for m in rs.base.modules()):
+        return "batch-statistics BatchNorm (bn_mode='batch' or track_running_stats=False) normalizes each batch by its own statistics"
+    names = [m for m in ((measures,) if isinstance(measures, str) else measures)
+             if m in ("rho_sharpness", "adaptive_rho_sharpness") and (measure_options or {}).get(m, {}).get("per_batch", True)]
+    if names:
+        return f"{' and '.join(names)} take each batch's worst case (per_batch=True)"
+    return ""
 
 
 def plan_memory(models, data, budget, **job) -> MemoryPlan:

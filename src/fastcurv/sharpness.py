@@ -204,7 +204,7 @@ def batched_sharpness(
         plan = plan_memory(models, data, memory_budget, measures=measures, loss=loss, reduction=reduction, backend=backend,
                            bn_mode=bn_mode, max_iter=max_iter, eig_solver=eig_solver, trace_method=trace_method,
                            trace_probes=trace_probes, top_k=top_k, slq_steps=slq_steps, slq_draws=slq_draws,
-                           cache_data=cache_data, **operator_kwargs)
+                           cache_data=cache_data, measure_options=measure_options, **operator_kwargs)
         replica_chunk = plan.replica_chunk if replica_chunk is None else min(int(replica_chunk), plan.replica_chunk)
         if cache_data == "auto":
             cache_data = plan.cache_data
