@@ -47,10 +47,10 @@ def test_all_builtin_measures(setup, tmp_path):
     assert (tmp_path / "esd.png").stat().st_size > 1000
 
 
-def test_spectrum_with_several_draws_an_exhausted_krylov_space_and_a_sharp_replica():
-    # 60 steps on P = 155 whose Hessian's Krylov spaces are exhausted after 54-56 steps, varying by
-    # draw (each draw's quadrature is then exact); replica 1 is 40x sharper than the others, so the
-    # grid shared by all is coarse for replica 0's kernels unless they widen to its spacing
+def test_spectrum_takes_every_step_of_several_draws_beside_a_sharp_replica():
+    # 60 steps on P = 155, where the top Ritz value's residual underflows to 0 after 52-56 steps
+    # (the runs stopped there); replica 1 is 40x sharper than the others, so the grid shared by
+    # all is coarse for replica 0's kernels unless they widen to its spacing
     models = replicas(lambda: mlp(nn.Tanh, (6, 8, 8, 3)), R=3)
     with torch.no_grad():
         models[1][4].weight.mul_(40.0)
@@ -59,7 +59,7 @@ def test_spectrum_with_several_draws_an_exhausted_krylov_space_and_a_sharp_repli
     data = (torch.randn(37, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (37,), generator=gen))
     res = fastcurv.batched_sharpness(models, data, measures=("spectrum",), slq_steps=60, slq_draws=4, progress=False)
     sp = res.spectrum
-    assert sp.nodes.shape[:2] == (3, 4) and sp.nodes.shape == sp.weights.shape
+    assert sp.nodes.shape == sp.weights.shape == (3, 4, 60)
     torch.testing.assert_close(sp.weights.sum(-1), torch.ones(3, 4, dtype=torch.float64))
     for r, m in enumerate(models):
         ev = torch.linalg.eigvalsh(dense_hessian(m, [data]))

@@ -210,6 +210,23 @@ def test_lanczos_with_fewer_distinct_eigenvalues_than_k_and_k_above_p():
         lanczos(op, k=11)
 
 
+def test_slq_draws_whose_krylov_spaces_differ():
+    # eigenvectors (1,1,1)/sqrt3, (1,-1,0)/sqrt2, (1,1,-2)/sqrt6: a Rademacher start vector reaches
+    # 1, 2 or 3 of them (v1 = v2 = v3, v1 = v2 only, else), so the draws stop after different steps
+    Q = torch.tensor([[1, 1, 1], [1, -1, 0], [1, 1, -2]], dtype=torch.float64)
+    Q = Q / Q.norm(dim=1, keepdim=True)
+    A = Q.T @ torch.diag(torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64)) @ Q
+    dens = slq(DenseOperator(A.unsqueeze(0)), num_steps=3, num_draws=12, seed=0)
+    assert dens.nodes.shape == dens.weights.shape == (1, 12, 3)
+    reached = (dens.weights[0] > 1e-12).sum(1)
+    assert len(set(reached.tolist())) >= 2
+    torch.testing.assert_close(dens.weights[0].sum(1), torch.ones(12, dtype=torch.float64))
+    on = dens.weights[0] > 1e-12
+    assert all(min(abs(float(t) - e) for e in (5.0, 3.0, 1.0)) < 1e-10 for t in dens.nodes[0][on])
+    grid, d = dens.density()
+    assert abs(float(torch.trapezoid(d[0], grid)) - 1) < 1e-3
+
+
 def test_slq_moments():
     eigs = np.linspace(-2, 5, 50)
     A = spd_with_spectrum(eigs, 7)

@@ -154,7 +154,8 @@ def lanczos(
         op: the batched operator. k: how many eigenvalues. max_iter: matvecs per replica at most.
         tol: relative accuracy target. which: "largest" (algebraic) or "smallest".
         v0: start vectors ``[R, P]`` (default: Gaussian from ``seed``). min_iter: do at least this
-        many steps (e.g. to build a basis for trace deflation). callback(step, n_active) per step.
+        many steps unless the Krylov space is exhausted first (e.g. to build a basis for trace
+        deflation, or SLQ's nodes). callback(step, n_active) per step.
         reorthogonalize: "partial" or "full" (default: "full" with keep_basis, else "partial").
     """
     if which not in ("largest", "smallest"):
@@ -272,8 +273,9 @@ def lanczos(
         # estimate e can look converged while a larger eigenvalue has not yet entered the Krylov
         # space (seen on 5 of 100 untrained MLPs, errors up to 2%)
         # a breakdown (the start vector's Krylov space is exhausted) makes the Ritz values found exact;
-        # with fewer than k of them the others cannot be reached: stopped, not converged, NaN
-        exhausted = breakdown & (n >= min_iter)
+        # with fewer than k of them the others cannot be reached: stopped, not converged, NaN. (No
+        # step can follow one: the next vector would be rounding noise, not orthogonal to the basis.)
+        exhausted = breakdown
         done = (kk == k) & (((r <= tol * scale).all(dim=1) & (n >= min_iter)) | exhausted)
         stop = done | exhausted | ~finite | torch.tensor(n == m).expand_as(done)
         for local in stop.nonzero().flatten().tolist():

@@ -86,7 +86,8 @@ def slq(op, *, num_steps: int = 60, num_draws: int = 1, seed: int = 0, common: b
     runs = []
     for _ in range(num_draws):
         v0 = probe_vectors(R, 1, P, generator=g, kind="rademacher", common=common, dtype=op.dtype, device=op.device)[:, 0]
-        runs.append(lanczos(op, k=1, max_iter=num_steps, tol=0.0, v0=v0, callback=callback))
+        # every step (tol=0 alone stops once the top Ritz value's residual underflows to 0)
+        runs.append(lanczos(op, k=1, max_iter=num_steps, min_iter=num_steps, tol=0.0, v0=v0, callback=callback))
     # a draw whose Krylov space is exhausted (Lanczos breakdown: its quadrature is exact) has fewer
     # nodes; every draw is padded to the longest
     m = max(int(res.iterations.max()) for res in runs)
