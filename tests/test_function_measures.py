@@ -89,6 +89,10 @@ def test_one_batch_with_targets_of_any_shape():
         res = fastcurv.function_measures(models, (x, soft), measures=("disagreement", "gde"))
     assert res.num_examples == 50 and "test_error" not in res.values
     torch.testing.assert_close(res["disagreement"], ref["disagreement"], rtol=0, atol=0)
+    # a list of two equal input batches stays a loader of two batches
+    res = fastcurv.function_measures(models, [x[:25], x[25:]], measures=("disagreement",))
+    assert res.num_examples == 50
+    torch.testing.assert_close(res["disagreement"], ref["disagreement"], rtol=0, atol=0)
 
 
 def test_permission_weakness_matches_definition_and_extremes():

@@ -85,11 +85,14 @@ def iterate(data):
     """Batches of ``data``: a loader, one ``(inputs, targets)`` pair, or one inputs tensor."""
     if isinstance(data, torch.Tensor):
         return [data]
-    # two tensors with as many rows: one (inputs, targets) pair, whatever the targets' shape (labels,
-    # one-hot or soft targets); otherwise a list of two input batches
+    # two tensors with as many rows: a tuple is one (inputs, targets) pair whatever the targets' shape
+    # (labels, one-hot or soft targets); a list is one pair when its second tensor holds labels
+    # (integers, or one value per row), else two batches of inputs
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        if data[0].dim() > 0 and data[1].dim() > 0 and data[0].shape[0] == data[1].shape[0]:
-            return [tuple(data)]
+        x, y = data
+        if x.dim() > 0 and y.dim() > 0 and x.shape[0] == y.shape[0]:
+            if isinstance(data, tuple) or not y.is_floating_point() or y.dim() == 1:
+                return [tuple(data)]
     return data
 
 
