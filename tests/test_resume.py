@@ -58,6 +58,14 @@ def test_fingerprint_mismatch_names_what_changed(tmp_path):
     x, y = data[0]
     with pytest.raises(FingerprintMismatch, match="data"):
         fastcurv.batched_sharpness(models, [(x, y)], output=out, **W.KW)
+    # the same samples and labels, paired otherwise or batched otherwise
+    xs, ys = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    sizes = [b[0].shape[0] for b in data]
+    for other in ([(a, b) for a, b in zip(xs.split(sizes), ys.flip(0).split(sizes))],
+                  [(xs[i:i + 3], ys[i:i + 3]) for i in range(0, len(xs), 3)]):
+        with pytest.raises(FingerprintMismatch, match="data"):
+            fastcurv.batched_sharpness(models, other, output=out, **W.KW)
+    assert fastcurv.batched_sharpness(models, list(zip(xs.split(sizes), ys.split(sizes))), output=out, **W.KW).ok.all()
     (tmp_path / "junk.jsonl").write_text("hello\n")
     with pytest.raises(ValueError, match="not a fastcurv results file"):
         fastcurv.batched_sharpness(models, data, output=str(tmp_path / "junk.jsonl"), **W.KW)

@@ -63,20 +63,31 @@ def models_digest(models) -> str:
 
 
 def data_signature(batches: Batches) -> dict:
-    """Order-free summary of the data (sample count, sums and sums of squares of inputs and
-    targets, 12 significant digits): the same for a shuffled pass of the same data set."""
-    n, sx, sxx, sy, syy = 0, 0.0, 0.0, 0.0, 0.0
+    """Summary of the data that a shuffled pass of the same data set keeps: the sample count, the
+    batch sizes in order, sums and sums of squares of inputs and targets, and a sum over samples
+    that pairs each input with its target (fixed random projections ``(x_i . u)(1 + y_i . w)``),
+    which changes when the targets are permuted against the inputs (12 significant digits)."""
+    n, sx, sxx, sy, syy, pair = 0, 0.0, 0.0, 0.0, 0.0, 0.0
     shapes = set()
+    proj: dict = {}
+
+    def direction(numel, key):
+        if (key, numel) not in proj:
+            g = torch.Generator().manual_seed(7 if key == "x" else 11)
+            proj[(key, numel)] = torch.randn(numel, generator=g, dtype=torch.float64)
+        return proj[(key, numel)]
+
     for _, x, y in batches:
         n += x.shape[0]
-        xf, yf = x.to(torch.float64), y.to(torch.float64)
+        xf, yf = x.to(torch.float64).reshape(x.shape[0], -1).cpu(), y.to(torch.float64).reshape(y.shape[0], -1).cpu()
         sx += float(xf.sum())
         sxx += float(xf.square().sum())
         sy += float(yf.sum())
         syy += float(yf.square().sum())
+        pair += float(((xf @ direction(xf.shape[1], "x")) * (1 + yf @ direction(yf.shape[1], "y"))).sum())
         shapes.add((tuple(x.shape[1:]), str(x.dtype), tuple(y.shape[1:]), str(y.dtype)))
-    return {"samples": n, "inputs": [f"{sx:.12g}", f"{sxx:.12g}"], "targets": [f"{sy:.12g}", f"{syy:.12g}"],
-            "shapes": sorted(map(repr, shapes))}
+    return {"samples": n, "batches": list(batches.sizes), "inputs": [f"{sx:.12g}", f"{sxx:.12g}"],
+            "targets": [f"{sy:.12g}", f"{syy:.12g}"], "pairs": f"{pair:.12g}", "shapes": sorted(map(repr, shapes))}
 
 
 def fingerprint(models, batches: Batches, kwargs: dict) -> tuple[str, dict]:
