@@ -156,3 +156,46 @@ def test_replica_whose_products_blow_up_is_flagged():
     assert not res.ok[1] and math.isnan(res["lambda_max"][1])
     assert "non-finite Hessian products" in res.flags[1]
     assert res.ok[0] and res.ok[2] and torch.isfinite(res["lambda_max"][[0, 2]]).all()
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(eig_solver="power", trace_method="deflated"), "it needs eig_solver='lanczos'"),
+    (dict(measure_options={"rho_sharpnes": {"rho": 5.0}}), r"unknown measures \['rho_sharpnes'\]"),
+    (dict(max_iter=0), "max_iter must be at least 1"),
+    (dict(tol=-1.0), "tol must be non-negative"),
+    (dict(measures=("top_k",), top_k=70), "top_k=70 exceeds the number of parameters P=66"),
+])
+def test_bad_sharpness_arguments_are_named(kw, words):
+    x, y = data()
+    with pytest.raises(ValueError, match=words):
+        fastcurv.batched_sharpness([mlp().double()], (x, y), progress=False, **kw)
+
+
+def test_function_measures_bad_labels_and_nan_inputs():
+    x, y = data()
+    models = [mlp().double(), mlp().double()]
+    with pytest.raises(ValueError, match=r"labels out of range: batch 1 has label 1[01] but the models have 3 classes"):
+        fastcurv.function_measures(models, [(x[:6], y[:6]), (x[6:], y[6:] + 9)], measures=("gde",))
+    x[7, 1] = float("nan")
+    with pytest.raises(ValueError, match="batch 0: the inputs contain NaN or Inf"):
+        fastcurv.function_measures(models, (x, y), measures=("disagreement",))
+
+
+@pytest.mark.parametrize("backend", ["fused", "func", "autograd"])
+def test_batch_statistics_with_a_one_sample_batch(backend):
+    x, y = data()
+    ms = replicas(lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)), 2)
+    with pytest.raises(ValueError, match="batch 1 has 1 sample: batch-statistics BatchNorm"):
+        fastcurv.HessianOperator(ms, [(x[:11], y[:11]), (x[11:], y[11:])], bn_mode="batch", backend=backend)
+    fastcurv.HessianOperator(ms, [(x[:11], y[:11]), (x[11:], y[11:])], backend=backend)  # running statistics: fine
+
+
+def test_audit_refuses_a_before_computed_with_other_settings():
+    x, y = data()
+    models = replicas(mlp, 2)
+    before = fastcurv.batched_sharpness(models, (x, y), measures=("lambda_max",), reduction="sum", progress=False)
+    assert before.settings["reduction"] == "sum" and before.settings["seed"] == 0
+    with pytest.raises(ValueError, match=r"other settings than the audit's: reduction='sum' \(audit: 'mean'\)"):
+        fastcurv.invariance_audit(models, (x, y), measures=("lambda_max",), before=before)
+    same = fastcurv.invariance_audit(models, (x, y), measures=("lambda_max",), reduction="sum", before=before)
+    assert same.table.loc["lambda_max", "before_mean"] == pytest.approx(float(before["lambda_max"].mean()))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reparam
-from .sharpness import batched_sharpness
+from .sharpness import batched_sharpness, result_settings
 
 TRANSFORMS = ("dinh", "neurons", "balance", "fold_batchnorm")
 
@@ -89,6 +89,12 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
         before = batched_sharpness(models, data, **kw)
     elif (n_before := len(next(iter(before.values.values())))) != len(models):
         raise ValueError(f"before holds results for {n_before} replicas, the audit has {len(models)}")
+    else:
+        want = result_settings(kw)
+        differ = sorted(k for k in set(before.settings) | set(want) if before.settings.get(k) != want.get(k))
+        if differ:
+            raise ValueError("before was computed with other settings than the audit's: "
+                             + ", ".join(f"{k}={before.settings.get(k)!r} (audit: {want.get(k)!r})" for k in differ))
     after = batched_sharpness(tr.models, data, **kw)
     from .operator import HessianOperator
 

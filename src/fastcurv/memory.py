@@ -61,7 +61,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 BASIS_COPIES = 2
 VECTOR_COPIES = 8
@@ -427,14 +426,13 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
                      widest=widest, layers=layers, fused=fused, gpu=rs.device.type == "cuda", conv=conv,
                      chunk_bytes=opts.get("chunk_bytes", 4 << 20), sample_chunk_bytes=opts.get("sample_chunk_bytes"),
                      func_mode=func_mode, func_costs=func_costs,
-                     whole_batches=_whole_batches(rs, bn_mode, measures, measure_options))
+                     whole_batches=_whole_batches(rs, measures, measure_options))
     return shape, name
 
 
-def _whole_batches(rs, bn_mode, measures, measure_options) -> str:
+def _whole_batches(rs, measures, measure_options) -> str:
     """Why a job's results depend on its batches (so that a memory plan must not split them), or ""."""
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (bn_mode == "batch" or not m.track_running_stats)
-           for m in rs.base.modules()):
+    if rs.batch_statistics:
         return "batch-statistics BatchNorm (bn_mode='batch' or track_running_stats=False) normalizes each batch by its own statistics"
     names = [m for m in ((measures,) if isinstance(measures, str) else measures)
              if m in ("rho_sharpness", "adaptive_rho_sharpness") and (measure_options or {}).get(m, {}).get("per_batch", True)]

@@ -164,6 +164,11 @@ class HessianOperator:
                 raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): {exc}") from exc
         self.loss.check_targets(out, y)
         self.loss.check_all_targets(out, self.batches)
+        small = [i for i, n in enumerate(self.batches.sizes) if n < 2]
+        if rs.batch_statistics and small:
+            raise ValueError(f"batch {small[0]} has {self.batches.sizes[small[0]]} sample: batch-statistics BatchNorm "
+                             "(bn_mode='batch' or track_running_stats=False) needs at least 2 samples per batch, as torch "
+                             "does in training (drop the last batch, e.g. DataLoader(drop_last=True))")
 
     # --- products ----------------------------------------------------------------------------
     def matvec(self, V: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:

@@ -197,6 +197,12 @@ class ReplicaSet:
             )
 
     # --- flat layout -------------------------------------------------------------------------
+    @property
+    def batch_statistics(self) -> bool:
+        """Whether a BatchNorm normalizes each batch by its own statistics (``bn_mode='batch'``, or
+        ``track_running_stats=False``): the results then depend on the batches."""
+        return any(isinstance(m, _BN_TYPES) and not m.track_running_stats for m in self.base.modules())
+
     def flatten(self, tensors: Sequence[torch.Tensor], lead: int = 1) -> torch.Tensor:
         """Concatenate per-parameter tensors ``[*lead_dims, *shape]`` into ``[*lead_dims, P]``."""
         lead_shape = tensors[0].shape[:lead]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextvars
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 from ._heap import reusing_heap
 from .measures import load_all as _load_measures
 from .operator import HessianOperator
+from .resume import _MEMORY_OPTIONS
 from .solvers.probes import start_vectors
 from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
 
@@ -31,6 +33,8 @@ class SharpnessResult:
     trace_method: the estimator the trace came from ("exact", "deflated", "hutch++" or
     "hutchinson"; empty without a trace); trace_reason: with ``trace_method="auto"`` and no exact
     trace, why not (as :meth:`HessianOperator.exact_trace_support` says).
+    settings: the keywords of the call that change results, defaults filled in (not ``measures``,
+    ``progress``, ``cache_data`` or the chunking and output options).
     """
 
     values: dict = field(default_factory=dict)
@@ -47,6 +51,7 @@ class SharpnessResult:
     seconds: float = 0.0
     trace_method: str = ""
     trace_reason: str = ""
+    settings: dict = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.values[name]
@@ -231,7 +236,9 @@ def batched_sharpness(
     if distributed or output is not None or replica_chunk is not None:
         from .distributed import batched_sharpness as _sharded
 
-        return _sharded(models, data, replica_chunk=replica_chunk, output=output, use_distributed=distributed, **kwargs)
+        res = _sharded(models, data, replica_chunk=replica_chunk, output=output, use_distributed=distributed, **kwargs)
+        res.settings = result_settings(kwargs)
+        return res
     if not _RETRY_SCOPE.get() and not operator_kwargs.get("distributed_data") and _on_gpu(models):
         # a GPU out-of-memory error in an unchunked job: run it again in chunks of half the
         # replicas (resume.run_chunks halves them further while the error persists)
@@ -257,6 +264,13 @@ def batched_sharpness(
     if unknown:
         raise ValueError(f"unknown measures {unknown}; available: {MEASURES + tuple(sorted(extra))}")
     measure_options = measure_options or {}
+    stray = sorted(k for k in measure_options if k not in MEASURES and k not in extra)
+    if stray:
+        raise ValueError(f"measure_options names unknown measures {stray}; available: {MEASURES + tuple(sorted(extra))}")
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be non-negative, got {tol}")
     if trace_method not in TRACE_METHODS:
         raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {trace_method!r}")
     if eig_solver not in ("lanczos", "power"):
@@ -276,8 +290,8 @@ def batched_sharpness(
             raise ValueError(f"trace_method='exact' is not available: {why}")
         out.trace_reason = why
     deflate = "trace" in measures and not exact and trace_method in ("auto", "deflated") and eig_solver == "lanczos"
-    if trace_method == "deflated" and not ("lambda_max" in measures or "top_k" in measures or eig_solver == "lanczos"):
-        raise ValueError("trace_method='deflated' reuses the Lanczos basis of lambda_max/top_k: request one of them")
+    if trace_method == "deflated" and eig_solver != "lanczos":
+        raise ValueError("trace_method='deflated' reuses the Lanczos basis of lambda_max/top_k: it needs eig_solver='lanczos'")
     basis = None
     if trace_probes is None:
         trace_probes = 10 if deflate else 30
@@ -365,4 +379,21 @@ def batched_sharpness(
     out.flags = flags
     out.num_matvecs = op.num_matvecs
     out.seconds = time.perf_counter() - t0
+    out.settings = result_settings(kwargs)
+    return out
+
+
+def result_settings(kwargs: dict) -> dict:
+    """The result-changing keywords of a :func:`batched_sharpness` call with ``kwargs``, its
+    defaults filled in (for :attr:`SharpnessResult.settings`)."""
+    bound = inspect.signature(batched_sharpness).bind_partial(**kwargs)
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    args.update(args.pop("operator_kwargs", {}))
+    skip = ("models", "data", "measures", "progress", "cache_data", "replica_chunk", "output", "distributed", "memory_budget")
+    out = {k: v for k, v in args.items() if k not in skip}
+    # memory settings (e.g. from memory_budget=) do not change results
+    options = {k: v for k, v in (out.pop("backend_options", None) or {}).items() if k not in _MEMORY_OPTIONS}
+    if options:
+        out["backend_options"] = options
     return out

@@ -126,6 +126,8 @@ def collect_predictions(
             x, y = _split_item(item, i)
             if x.shape[0] == 0:
                 continue
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"batch {i}: the inputs contain NaN or Inf")
             x = x.to(replicas.device, replicas.dtype) if x.is_floating_point() else x.to(replicas.device)
             y = _as_labels(y)
             if y is None or y.dim() != 1 or y.is_floating_point():
@@ -156,6 +158,9 @@ def collect_predictions(
                 lab_b.append(out.argmax(-1).to(label_dtype(num_classes)).cpu())
                 if keep_probs:
                     prob_b.append(p.to(probs_dtype or p.dtype).cpu())
+            if have_targets and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+                raise ValueError(f"labels out of range: batch {i} has label {bad} but the models have {num_classes} classes")
             labels.append(torch.cat(lab_b))
             if keep_probs:
                 probs.append(torch.cat(prob_b))
