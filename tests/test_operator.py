@@ -333,3 +333,23 @@ def test_func_backend_compiled_linearization_matches_eager():
     compiled = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"compile": True})
     V = torch.randn(2, 2, eager.P, generator=gen)
     torch.testing.assert_close(compiled.matvec(V), eager.matvec(V), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["fused", "func", "autograd"])
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_idx_permuting_or_repeating_every_replica(backend, net):
+    """``idx`` holding every replica in another order (or one replica twice) picks those
+    replicas' Hessians row by row: a permutation of all of them was read as the natural order."""
+    models = replicas((lambda: mlp(nn.ReLU)) if net == "mlp" else cnn, 3, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=gen, dtype=torch.float64) if net == "mlp" else torch.randn(9, 1, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=gen)
+    op = fastcurv.HessianOperator(models, (x, y), backend=backend)
+    V = torch.randn(3, 2, op.P, generator=gen, dtype=torch.float64)
+    H = [dense_hessian(m, [(x, y)]) for m in models]
+    _, grad = op.loss_and_gradient()
+    for idx in ([2, 0, 1], [1, 1], [0, 1, 2]):
+        got = op.matvec(V[: len(idx)], idx=torch.tensor(idx))
+        for j, r in enumerate(idx):
+            torch.testing.assert_close(got[j], V[j] @ H[r], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(op.loss_and_gradient(torch.tensor(idx))[1], grad[idx], rtol=1e-12, atol=1e-14)

@@ -193,7 +193,8 @@ class HessianOperator:
         out = None if every else torch.full_like(V3, float("nan"))
         if good.any():
             sub = rows[good]
-            run_idx = None if len(sub) == rs.R else sub.to(rs.device)
+            natural = len(sub) == rs.R and bool((sub == torch.arange(rs.R)).all())  # (not a permutation of them)
+            run_idx = None if natural else sub.to(rs.device)
             vin = V3 if every else V3[good.to(V3.device)]
             with heap_reuse():  # a matvec's large temporaries reuse each other's pages (see _heap)
                 res = self._on_all_ranks(lambda: self._run(rs.unflatten(vin), run_idx), "a Hessian-vector product")

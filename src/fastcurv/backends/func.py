@@ -226,10 +226,11 @@ class FuncBackend(Backend):
             return hit[1]
         if hit is not None and key is not None:
             # While at least half of the cached replicas are still active, run the cached
-            # linearization with zero tangents for the others instead of tracing a new one.
+            # linearization with zero tangents for the others instead of tracing a new one
+            # (not for an idx naming a replica twice: its tangents would share one slot).
             cached = list(range(self.replicas.R)) if hit[0] is None else list(hit[0])
             where = {r: j for j, r in enumerate(cached)}
-            if all(r in where for r in key) and 2 * len(key) >= len(cached):
+            if all(r in where for r in key) and len(set(key)) == len(key) and 2 * len(key) >= len(cached):
                 return self._padded(hit[1], torch.tensor([where[r] for r in key]), len(cached))
         # drop every reference to the old linearization before building the new one, so that the
         # two never take memory together
