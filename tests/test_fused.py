@@ -412,3 +412,24 @@ def test_state_bytes_per_sample_scales_to_batches_with_sparse_input(hidden):
     assert st.csr is not None and st.csr_t is not None
     assert sum(c is not None for c in st.sparse_in + st.sparse_out) == 2 * (hidden - 1)
     assert op.backend.state_bytes_per_sample(x, y) * 64 == pytest.approx(st.nbytes, rel=0.3)
+
+
+def test_a_parameter_no_layer_reads_gets_zero_products():
+    """A parameter the model registers but never uses (a temperature applied outside it, say) has
+    zero Hessian rows; the MLP engine left its slots of the result unwritten (uninitialized memory)."""
+    def make():
+        m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        m.register_parameter("temperature", nn.Parameter(torch.ones(5)))
+        return m
+
+    models = replicas(make, 2)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (20,), generator=gen)
+    op = fastcurv.HessianOperator(models, (x, y), backend="fused")
+    H = [dense_hessian(m, [(x, y)]) for m in models]
+    for _ in range(3):
+        V = torch.randn(2, 3, op.P, generator=gen, dtype=torch.float64)
+        torch.full((2, 3, op.P), float("nan"), dtype=torch.float64).add_(1)  # freed pages full of NaN for the result
+        HV = op.matvec(V)
+        for r in range(2):
+            torch.testing.assert_close(HV[r], V[r] @ H[r], rtol=1e-10, atol=1e-12)

@@ -143,6 +143,8 @@ class FusedBackend(Backend):
         self.sparse_hidden = sparse_hidden
         self._maps = _MapEngine(self.layers, loss, fused_head, pooled_stem, group_conv) if _is_general(self.layers) else None
         linears = self._linears = [l for l in self.layers if l.kind == "linear"]
+        read = {n for l in linears for n in (l.weight, l.bias)}
+        self._unused = [j for j, n in enumerate(replicas.names) if n not in read]
         # the last layer a Linear with few outputs, not the first (its input has a tangent)
         self.fused_head = (fused_head and self._maps is None and self.layers[-1].kind == "linear" and len(linears) > 1
                            and replicas.params[linears[-1].weight].shape[1] <= HEAD_MAX_OUTPUTS)
@@ -513,6 +515,8 @@ class FusedBackend(Backend):
         # blocks lie P apart (the sparse kernels and head_hvp read and write such groups directly;
         # the GEMMs of the dense paths go through a temporary)
         out = rs.unflatten(flat)
+        for j in self._unused:  # parameters no layer reads (their Hessian rows are zero)
+            out[j].zero_()
         triton_fwd = in_fused_engine(vecs[0].device)
         # the last Linear and the loss in one kernel (head_hvp), which reads the probe block as it is
         head = (self.fused_head and vecs[0].device.type == "cpu" and not triton_fwd
