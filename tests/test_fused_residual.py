@@ -320,9 +320,12 @@ def test_residual_shape_mismatch_is_reported():
             return self.head(x + self.fc(x))  # broadcasts [N, 1] against [N, 4]
 
     models = replicas(Bad, R=1)
-    op = fastcurv.HessianOperator(models, _data((4,), 5, "cross_entropy", torch.Generator().manual_seed(0)), backend="fused")
-    with pytest.raises(ValueError, match="residual addition 'add'.*equal shapes"):
-        op.matvec(torch.randn(1, 1, op.P, dtype=torch.float64))
+    data = _data((4,), 5, "cross_entropy", torch.Generator().manual_seed(0))
+    # the engine is tried on the first samples when the operator is built
+    with pytest.raises(ValueError, match="cannot run this model on inputs.*residual addition 'add'.*equal shapes"):
+        fastcurv.HessianOperator(models, data, backend="fused")
+    op = fastcurv.HessianOperator(models, data)
+    assert op.backend_name == "func" and "residual addition 'add'" in op.backend_reason
 
 
 # --- BatchNorm with batch statistics (bn_mode="batch"): the normalization couples the samples ---
@@ -394,3 +397,80 @@ def test_cuda_matches_cpu_on_residual_nets_and_replica_subsets(bn_mode):
     a = fastcurv.lanczos(cpu, k=2, tol=1e-8, max_iter=30)
     b = fastcurv.lanczos(gpu, k=2, tol=1e-8, max_iter=30)
     torch.testing.assert_close(b.eigenvalues, a.eigenvalues, rtol=1e-8, atol=1e-10)
+
+
+class AliasInPlace(nn.Module):
+    """An in-place update of a tensor through an alias (Identity, eval Dropout, a flattening view,
+    or ``+=`` on an Identity's output) that torch applies to the tensor another operation reads."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv0, self.conv1 = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+        self.alias = nn.Dropout(0.5) if how == "dropout" else nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = self.conv0(x)
+        if self.how == "view":  # torch: h is now relu(h) too
+            return self.fc(self.relu(h.view(h.size(0), -1)) + torch.flatten(h, 1))
+        if self.how == "iadd":
+            o = self.alias(h)
+            o += self.conv1(x)  # torch.fx records an out-of-place sum
+            o = torch.tanh(o)
+        else:
+            o = self.relu(self.alias(h))
+        return self.fc(torch.flatten(o + h, 1))
+
+
+@pytest.mark.parametrize("how", ["identity", "dropout", "view", "iadd"])
+def test_in_place_updates_through_aliases_are_not_fused(how):
+    models = replicas(lambda: AliasInPlace(how), R=2)
+    x, y = _data((1, 4, 4), 6, "cross_entropy", torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="in place"):
+        fastcurv.HessianOperator(models, (x, y), backend="fused")
+    op = fastcurv.HessianOperator(models, (x, y))
+    assert op.backend_name == "func"
+    V = torch.randn(2, op.P, dtype=torch.float64)
+    for r in range(2):
+        torch.testing.assert_close(op.matvec(V)[r], dense_hessian(models[r], [(x, y)]) @ V[r], rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_that_changes_its_input_is_refused():
+    models = replicas(lambda: nn.Sequential(nn.LeakyReLU(0.1, inplace=True), nn.Linear(4, 3)), R=1)
+    x, y = _data((4,), 6, "cross_entropy", torch.Generator().manual_seed(0))
+    before = x.clone()
+    for backend in ("fused", "func", "autograd"):
+        with pytest.raises(ValueError, match="changes its input in place"):
+            fastcurv.HessianOperator(models, (x, y), backend=backend)
+    assert torch.equal(x, before)
+
+
+class SequenceMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):  # [N, T, 4] -> [N, T, 3]
+        return self.b(torch.relu(self.a(x)))
+
+
+class MapsOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):  # feature maps out
+        return torch.relu(self.c(x))
+
+
+@pytest.mark.parametrize("factory,shape,target", [(SequenceMLP, (3, 4), (3, 3)), (MapsOut, (1, 4, 4), (2, 4, 4))])
+def test_auto_falls_back_when_the_engine_cannot_take_the_shapes(factory, shape, target):
+    models = replicas(factory, R=2)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, *shape, generator=gen, dtype=torch.float64), torch.randn(5, *target, generator=gen, dtype=torch.float64)
+    op = fastcurv.HessianOperator(models, (x, y), loss="mse")
+    assert op.backend_name == "func" and "cannot run this model on inputs" in op.backend_reason
+    V = torch.randn(2, op.P, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V)[1], dense_hessian(models[1], [(x, y)], loss="mse") @ V[1], rtol=1e-10, atol=1e-12)

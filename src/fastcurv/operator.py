@@ -17,20 +17,28 @@ from .replicas import ReplicaSet, nonfinite_rows
 BACKEND_CHOICES = ("auto", "autograd", "func", "fused")
 
 
-def select_backend(replicas: ReplicaSet, requested: str, loss: Loss | None = None) -> tuple[str, str]:
+def select_backend(replicas: ReplicaSet, requested: str, loss: Loss | None = None, sample=None) -> tuple[str, str]:
     """Pick a backend name and say why. ``auto`` prefers the fused engine when it supports the
-    model, else torch.func (any model torch.func can run)."""
+    model, else torch.func (any model torch.func can run). ``sample``: a batch ``(x, y)`` on which
+    the fused engine is checked against the model's own forward and autograd."""
     if requested not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {requested!r}")
     fused = BACKENDS["fused"]
-    if requested == "fused":
+
+    def fused_ok():
         ok, why = fused.supports(replicas, loss)
+        if ok and sample is not None:
+            ok, why = fused.check_on(replicas, loss, *sample)
+        return ok, why
+
+    if requested == "fused":
+        ok, why = fused_ok()
         if not ok:
             raise ValueError(f"the fused backend does not support this model: {why}")
         return "fused", "requested"
     if requested != "auto":
         return requested, "requested"
-    ok, why = fused.supports(replicas, loss)
+    ok, why = fused_ok()
     if ok:
         return "fused", "auto: the fused R-op engine supports every layer and the loss of this model (fastest)"
     return "func", f"auto: fused engine not usable ({why}); torch.func works for any model it can trace"
@@ -108,8 +116,8 @@ class HessianOperator:
                                        check_determinism=check_determinism)
             self.loss = Loss(loss, reduction, loss_reduction)
             self.loss.num_samples = self.batches.num_samples  # this rank's; summed over ranks below
-            self._check_first_batch()
-            self.backend_name, self.backend_reason = select_backend(rs, backend, self.loss)
+            sample = self._check_first_batch()
+            self.backend_name, self.backend_reason = select_backend(rs, backend, self.loss, sample)
             self._auto = backend == "auto"
             self._backend_options = backend_options or {}
             options = dict(self._backend_options)
@@ -154,21 +162,30 @@ class HessianOperator:
         return self.batches.num_samples
 
     def _check_first_batch(self):
+        """Check the models, targets and batches on (the first samples of) the first batch, and
+        return those samples ``(x, y)``."""
         rs = self.replicas
-        _, x, y = next(iter(self.batches))
-        r = int(rs.finite.nonzero()[0]) if rs.finite.any() else 0
-        with torch.no_grad():
-            try:
-                out = rs.call({n: t[r] for n, t in rs.params.items()}, {n: t[r] for n, t in rs.buffers.items()}, x)
-            except RuntimeError as exc:
-                raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): {exc}") from exc
-        self.loss.check_targets(out, y)
-        self.loss.check_all_targets(out, self.batches)
         small = [i for i, n in enumerate(self.batches.sizes) if n < 2]
         if rs.batch_statistics and small:
             raise ValueError(f"batch {small[0]} has {self.batches.sizes[small[0]]} sample: batch-statistics BatchNorm "
                              "(bn_mode='batch' or track_running_stats=False) needs at least 2 samples per batch, as torch "
                              "does in training (drop the last batch, e.g. DataLoader(drop_last=True))")
+        _, x, y = next(iter(self.batches))
+        x, y = x[:8], y[:8]
+        r = int(rs.finite.nonzero()[0]) if rs.finite.any() else 0
+        with torch.no_grad():
+            xc = x.clone()
+            try:
+                out = rs.call({n: t[r] for n, t in rs.params.items()}, {n: t[r] for n, t in rs.buffers.items()}, xc)
+            except RuntimeError as exc:
+                raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): {exc}") from exc
+            if not torch.equal(xc, x):
+                raise ValueError("the model changes its input in place (an in-place operation on the input, such as "
+                                 "ReLU(inplace=True) as its first layer); fastcurv passes the same batches to it many "
+                                 "times: make that operation out of place")
+        self.loss.check_targets(out, y)
+        self.loss.check_all_targets(out, self.batches)
+        return x, y
 
     # --- products ----------------------------------------------------------------------------
     def matvec(self, V: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:

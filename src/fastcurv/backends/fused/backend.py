@@ -126,6 +126,39 @@ class FusedBackend(Backend):
             return False, f"the model has buffers other than BatchNorm running statistics: {other[:3]}"
         return True, ""
 
+    @staticmethod
+    def check_on(replicas, loss, x, y, samples: int = 4) -> tuple[bool, str]:
+        """Run the engine on the first ``samples`` of a batch ``(x, y)`` for one replica and compare
+        its loss and gradient with the model's own forward and autograd. Catches what the layer
+        check cannot: inputs or outputs of shapes the engine does not take, and models whose
+        eager forward differs from the traced graph (an ``x += y`` on a tensor another operation
+        also reads: torch.fx records it as an out-of-place sum). Returns ``(ok, reason)``."""
+        from ...data import Batches
+        from ...losses import Loss
+
+        n = min(samples, x.shape[0])
+        x, y = x[:n], y[:n]
+        r = int(replicas.finite.nonzero()[0]) if bool(replicas.finite.any()) else 0
+        one = Loss(loss.kind if loss.kind != "callable" else loss.fn, loss.reduction, loss.loss_reduction)
+        one.num_samples = n
+        params = {k: t[r] for k, t in replicas.params.items()}
+        buffers = {k: t[r] for k, t in replicas.buffers.items()}
+        want, grad = torch.func.grad_and_value(lambda p: one.batch_loss(replicas.call(p, buffers, x), y))(params)[::-1]
+        try:
+            engine = FusedBackend(replicas, one, Batches((x, y), device=x.device, dtype=replicas.dtype, cache=True))
+            got, grads = engine.loss_and_gradient(torch.tensor([r], device=x.device))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            return False, f"the fused engine cannot run this model on inputs {tuple(x.shape)} ({type(exc).__name__}: {str(exc)[:300]})"
+        tol = 1e-4 if replicas.dtype == torch.float32 else 1e-9
+        flat = torch.cat([grad[k].flatten() for k in replicas.names])
+        mine = torch.cat([g[0].flatten() for g in grads])
+        if not (torch.allclose(got[0], want, rtol=tol, atol=tol * float(want.abs()))
+                and torch.allclose(mine, flat, rtol=tol, atol=tol * float(flat.abs().max()))):
+            return False, (f"the fused engine's loss or gradient differs from the model's own (loss {float(got[0]):.6g} against "
+                           f"{float(want):.6g}): its forward() may update in place a tensor that another operation reads, "
+                           "which torch.fx records as an out-of-place operation")
+        return True, ""
+
     def __init__(self, replicas, loss, batches, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, sample_chunk_bytes: int | None = None,
                  drop_zero_columns: bool = True, sparse_input: bool | None = None, fused_head: bool = True,

@@ -92,6 +92,7 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
     ids: dict[fx.Node, int] = {}  # fx node -> fused node (-1: the model input)
     shape_of: dict[fx.Node, fx.Node] = {}  # `x.shape` nodes -> x
     size0_of: dict[fx.Node, fx.Node] = {}  # `x.size(0)` / `x.shape[0]` nodes -> x
+    alias_of: dict[fx.Node, fx.Node] = {}  # nodes whose result is their input or a view of it -> that input
     layers: list[_Layer] = []
     inputs: list[list[int]] = []
     out = None
@@ -107,9 +108,16 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
         inputs.append(srcs)
 
     def check_inplace(node, src_node):
-        if len(src_node.users) > 1:
-            raise _Unsupported(f"{_describe(node)} works in place on {src_node.name!r}, which other operations also read; "
-                               "not fused")
+        # the tensor it updates, and every tensor that tensor aliases (Identity and eval Dropout
+        # return their input, flattening returns a view), must have one reader each: torch updates
+        # them all (shape queries read no values)
+        n = src_node
+        while n is not None:
+            if len([u for u in n.users if u not in size0_of and u not in shape_of]) > 1:
+                what = repr(n.name) if n is src_node else f"{n.name!r} (of which {src_node.name!r} is an alias)"
+                raise _Unsupported(f"{_describe(node)} works in place on {what}, which other operations also read; "
+                                   "not fused")
+            n = alias_of.get(n)
 
     def act_layer(node, kind, slope=0.0):
         return _Layer("act", act=activation_kind(kind), slope=slope, name=node.name)
@@ -142,6 +150,7 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
                 check_inplace(node, node.args[0])
             if layer is None:  # Identity, Dropout (eval)
                 ids[node] = src
+                alias_of[node] = node.args[0]
             else:
                 add(node, layer, [src])
         elif op in ("call_function", "call_method"):
@@ -178,6 +187,7 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
                 if start != 1 or end != -1:
                     raise _Unsupported(f"{_describe(node)} flattens dims {start}..{end}; only flatten(x, 1) is fused")
                 add(node, _Layer("flatten", name=node.name), [tensor(args[0], node)])
+                alias_of[node] = args[0]
             elif (t in ("view", "reshape")) if is_method else (t is torch.reshape):
                 shape = list(args[1:]) if is_method else list(args[1])
                 if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -185,6 +195,7 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
                 if len(shape) != 2 or shape[1] != -1 or size0_of.get(shape[0]) is not args[0]:
                     raise _Unsupported(f"{_describe(node)} reshapes to {shape}; only x.view(x.size(0), -1) is fused")
                 add(node, _Layer("flatten", name=node.name), [tensor(args[0], node)])
+                alias_of[node] = args[0]
             elif is_method and t == "size" and len(args) == 2 and args[1] == 0 and not kw:
                 size0_of[node] = args[0]
             elif not is_method and t is getattr and args[1] == "shape":
