@@ -483,8 +483,10 @@ def train_population(
                 same = all(w.stride() == g.stride() == b.stride() for w, g, b in zip(ws, gs, bufs))
                 dense = [[_storage_order(t) for t in ts] for ts in (ws, gs, bufs)]
                 if same and all(t.is_contiguous() for ts in dense for t in ts):
-                    _FUSED_SGD(*dense, weight_decay=wd0, momentum=mom0, lr=lr0, dampening=0.0, nesterov=nesterov,
-                               maximize=False, is_first_step=False)  # buf starts at 0: mom*0 + g = g, as torch.optim
+                    # (plain SGD: the kernel takes no momentum buffers, and refuses them)
+                    _FUSED_SGD(dense[0], dense[1], dense[2] if mom0 else [], weight_decay=wd0, momentum=mom0, lr=lr0,
+                               dampening=0.0, nesterov=nesterov, maximize=False,
+                               is_first_step=False)  # buf starts at 0: mom*0 + g = g, as torch.optim
                     return
             if wd0:
                 gs = torch._foreach_add(gs, ws, alpha=wd0)
