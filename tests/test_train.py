@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastcurv.train import epoch_order, evaluate_population, init_replicas, mlp, train_population
 
@@ -172,6 +173,36 @@ def test_resume_after_interruption_is_identical(tmp_path):
     _assert_same(again, full, atol=0)
     with pytest.raises(ValueError, match="different settings.*hp"):
         train_population(builder, x, y, checkpoint=ck, **{**kw, "lr": 0.02})
+
+
+def test_dropout_masks_are_keyed_by_seeds_epoch_and_step(tmp_path):
+    """With dropout, the same call gives the same models, a resumed run the uninterrupted one, and
+    the global RNG is left as it was (the masks came from the global RNG before the 21st round)."""
+    x, y = _data()
+
+    def drop_builder():
+        return nn.Sequential(nn.Linear(x.shape[1], 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).double()
+
+    kw = dict(seeds=[0, 1], batch_size=8, epochs=3, progress=False)
+    state = torch.get_rng_state()
+    first, _ = train_population(drop_builder, x, y, **kw)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)
+    _assert_same(train_population(drop_builder, x, y, **kw)[0], first, atol=0)
+
+    class Killed(Exception):
+        pass
+
+    def die(epoch, history):
+        if epoch == 1:
+            raise Killed
+
+    ck = tmp_path / "drop.pt"
+    with pytest.raises(Killed):
+        train_population(drop_builder, x, y, checkpoint=ck, callback=die, **kw)
+    resumed, hist = train_population(drop_builder, x, y, checkpoint=ck, **kw)
+    assert hist.resumed_from_epoch == 2
+    _assert_same(resumed, first, atol=0)
 
 
 def test_diverging_replica_is_isolated():

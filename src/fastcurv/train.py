@@ -37,6 +37,7 @@ resumes after the last completed epoch and gives the same result as an uninterru
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -125,6 +126,20 @@ def init_replicas(builder, seeds: Sequence[int]) -> list[nn.Module]:
                 raise TypeError("builder must be a zero-argument callable returning an nn.Module, or an nn.Module")
         models.append(m)
     return models
+
+
+@contextlib.contextmanager
+def _dropout_rng(has_dropout: bool, device, key: tuple):
+    """Dropout masks of one training step drawn from a generator seeded by ``key`` (the group's
+    replica seeds, the epoch and the step), the global RNG state restored after: the same call
+    gives the same models, and a run resumed from a checkpoint the uninterrupted run's."""
+    if not has_dropout:
+        yield
+        return
+    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        _seed(seed)
+        yield
 
 
 def _seed(s: int) -> None:
@@ -582,13 +597,14 @@ def train_population(
                 pc = {n: params[n][sl] for n in names}  # views: updated in place
                 bc = {n: b_[sl] for n, b_ in buffers.items()}
                 active = ~(done[sl] | diverged[sl])
-                g, losses = grads_at(pc, bc, xc, yc, active, sl)
-                bad = active & ~torch.isfinite(losses)
-                if use_sam:
-                    sq = sum(gn.reshape(Rc, -1).double().pow(2).sum(1) for gn in g.values())
-                    scale = (hp["sam_rho"][sl] / (sq.sqrt().to(dtype) + 1e-12))
-                    pert = {n: pc[n] + _bcast(scale, pc[n]) * g[n] for n in names}
-                    g, _ = grads_at(pert, bc, xc, yc, active, sl)
+                with _dropout_rng(has_dropout, device, (*seeds[sl], epoch, k)):
+                    g, losses = grads_at(pc, bc, xc, yc, active, sl)
+                    bad = active & ~torch.isfinite(losses)
+                    if use_sam:
+                        sq = sum(gn.reshape(Rc, -1).double().pow(2).sum(1) for gn in g.values())
+                        scale = (hp["sam_rho"][sl] / (sq.sqrt().to(dtype) + 1e-12))
+                        pert = {n: pc[n] + _bcast(scale, pc[n]) * g[n] for n in names}
+                        g, _ = grads_at(pert, bc, xc, yc, active, sl)
                 if bool(bad.any()):
                     diverged[sl] |= bad
                     kill(pc, bad)
