@@ -199,3 +199,18 @@ def test_audit_refuses_a_before_computed_with_other_settings():
         fastcurv.invariance_audit(models, (x, y), measures=("lambda_max",), before=before)
     same = fastcurv.invariance_audit(models, (x, y), measures=("lambda_max",), reduction="sum", before=before)
     assert same.table.loc["lambda_max", "before_mean"] == pytest.approx(float(before["lambda_max"].mean()))
+
+
+def test_a_single_module_or_a_generator_of_models():
+    x, y = data()
+    model = mlp().double()
+    from fastcurv.train import evaluate_population
+
+    for call in (lambda m: fastcurv.invariance_audit(m, (x, y), measures=("lambda_max",)),
+                 lambda m: fastcurv.invariance_audit(m, (x, y), measures=("lambda_max",), transform="fold_batchnorm"),
+                 lambda m: evaluate_population(m, x, y),
+                 lambda m: fastcurv.batched_sharpness(m, (x, y), replica_chunk=1, progress=False)):
+        with pytest.raises(TypeError, match=r"wrap it as \[model\]"):
+            call(model)
+    res = fastcurv.batched_sharpness((m for m in replicas(mlp, 2)), (x, y), progress=False)
+    assert res["lambda_max"].shape == (2,) and res.ok.all()

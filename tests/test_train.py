@@ -205,6 +205,28 @@ def test_dropout_masks_are_keyed_by_seeds_epoch_and_step(tmp_path):
     _assert_same(resumed, first, atol=0)
 
 
+def test_bad_training_and_evaluation_input_is_named():
+    x, y = _data()
+    kw = dict(seeds=[0, 1], batch_size=8, epochs=1, progress=False)
+    for bad, words in [(dict(y=y + 3), "labels out of range: found label [3-5] but the model has 3 classes"),
+                       (dict(x=x.masked_fill(x > 2, float("nan"))), "contain NaN or Inf"),
+                       (dict(loss="mse", y=torch.randn(len(x), 4, dtype=torch.float64)), r"one target per output: targets \(4,\)"),
+                       (dict(optimizer="adam", betas=(1.5, 0.9)), r"betas must lie in \[0, 1\)"),
+                       (dict(nesterov=True, momentum=0.0), "nesterov=True needs a positive momentum")]:
+        args = dict(dict(x=x, y=y), **bad)
+        with pytest.raises(ValueError, match=words):
+            train_population(builder, args.pop("x"), args.pop("y"), **kw, **args)
+    models, _ = train_population(builder, x, y, **kw)
+    models[1].eval()  # replicas in different modes: evaluated in eval mode all the same
+    res = evaluate_population(models, x, y)
+    ref = [float(F.cross_entropy(m.eval()(x), y)) for m in models]
+    assert res["loss"].tolist() == pytest.approx(ref, rel=1e-12)
+    for bad, words in [((x[:0], y[:0]), "non-empty"), ((x.masked_fill(x > 2, float("nan")), y), "NaN or Inf"),
+                       ((x, y + 3), "labels out of range")]:
+        with pytest.raises(ValueError, match=words):
+            evaluate_population(models, *bad)
+
+
 def test_diverging_replica_is_isolated():
     x, y = _data()
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reparam
+from .replicas import validate_models
 from .sharpness import batched_sharpness, result_settings
 
 TRANSFORMS = ("dinh", "neurons", "balance", "fold_batchnorm")
@@ -81,7 +82,7 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     """
     import pandas as pd
 
-    models = list(models)
+    models = validate_models(models)
     probe = _probe_inputs(data)
     tr = _apply(models, transform, probe, alpha, seed)
     kw = dict(measures=measures, seed=seed, progress=progress, **kwargs)

@@ -55,8 +55,9 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def validate_models(models: Sequence[nn.Module]) -> None:
-    """Raise a clear error when ``models`` cannot be stacked as replicas of one architecture."""
+def validate_models(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """``models`` as a list, after raising a clear error when they cannot be stacked as replicas of
+    one architecture."""
     if isinstance(models, nn.Module):
         raise TypeError("models must be a list of nn.Module replicas, not a single module; wrap it as [model]")
     models = list(models)
@@ -109,6 +110,7 @@ def validate_models(models: Sequence[nn.Module]) -> None:
             got = types[j].__name__ if j < len(types) else "nothing"
             want = ref_types[j].__name__ if j < len(ref_types) else "nothing"
             raise ValueError(f"replica {i} differs from replica 0: module {where} is {got}, replica 0 has {want}")
+    return models
 
 
 def tied_parameters(model: nn.Module) -> dict[str, str]:
@@ -170,8 +172,7 @@ class ReplicaSet:
     """
 
     def __init__(self, models: Sequence[nn.Module], *, bn_mode: str = "eval"):
-        validate_models(models)
-        models = list(models)
+        models = validate_models(models)
         self.bn_mode = bn_mode
         self.base = functional_base(models[0], bn_mode)
         self.names = [n for n, _ in models[0].named_parameters()]

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ._heap import reusing_heap
 from .measures import load_all as _load_measures
 from .operator import HessianOperator
+from .replicas import validate_models
 from .resume import _MEMORY_OPTIONS
 from .solvers.probes import start_vectors
 from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
@@ -200,6 +201,7 @@ def batched_sharpness(
     (halved again while the error persists, down to one replica), with a RuntimeWarning naming the
     chunk size; results equal an unchunked run.
     """
+    models = validate_models(models)
     if memory_budget is not None:
         from .memory import SplitBatches, plan_memory
 

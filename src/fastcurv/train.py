@@ -222,6 +222,19 @@ def _loss_fn(name: str):
     return f
 
 
+def _check_targets(loss: str, y: torch.Tensor, out: torch.Tensor | None) -> None:
+    """Raise a clear error for targets ``y [N, ...]`` that do not fit ``loss`` (and, given the
+    outputs ``out`` of some samples, the model's outputs: the number of classes, or their shape)."""
+    if loss == "cross_entropy":
+        if y.is_floating_point() or y.dim() != 1:
+            raise ValueError(f"cross_entropy needs integer class labels y of shape [N], got {y.dtype} {tuple(y.shape)}")
+        if out is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= out.shape[-1]):
+            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            raise ValueError(f"labels out of range: found label {bad} but the model has {out.shape[-1]} classes")
+    elif out is not None and y[0].numel() != out[0].numel():
+        raise ValueError(f"mse needs one target per output: targets {tuple(y.shape[1:])} per sample, outputs {tuple(out.shape[1:])}")
+
+
 def _atomic_save(obj, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -350,8 +363,11 @@ def train_population(
     loss_fn = _loss_fn(loss)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"x and y must hold the same, non-zero number of samples; got {len(x)} and {len(y)}")
-    if loss == "cross_entropy" and (y.is_floating_point() or y.dim() != 1):
-        raise ValueError(f"cross_entropy needs integer class labels y of shape [N], got {y.dtype} {tuple(y.shape)}")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError("the inputs x contain NaN or Inf")
+    _check_targets(loss, y, None)
+    if optimizer != "sgd" and not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
 
     models = init_replicas(builder, seeds)
     ref = next(models[0].parameters(), None)
@@ -396,6 +412,10 @@ def train_population(
         engine += f"+sparse-input ({csr.density:.0%} nonzero)"
     hp = {k: _per_replica(v, R, k, dtype, device) for k, v in
           (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho))}
+    if nesterov and optimizer == "sgd" and bool((hp["momentum"] <= 0).any()):
+        raise ValueError("nesterov=True needs a positive momentum (as torch.optim.SGD)")
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # outputs of 2 samples
+        _check_targets(loss, y, one({n: t[0] for n, t in params.items()}, {n: t[0] for n, t in buffers.items()}, x[:2]))
     use_sam = bool((hp["sam_rho"] > 0).any())
     sgd_scalars = None  # (lr, momentum, weight_decay) when SGD's are the same for every replica
     if optimizer == "sgd" and all(bool((hp[k] == hp[k][0]).all()) for k in ("lr", "momentum", "weight_decay")):
@@ -737,29 +757,32 @@ def evaluate_population(models: Sequence[nn.Module], x: torch.Tensor, y: torch.T
     Returns ``{"loss": [R] float64, "accuracy": [R] float64 (fraction in [0, 1])}`` (NaN rows for
     replicas with non-finite parameters).
     """
-    models = list(models)
-    if not models:
-        raise ValueError("models is empty")
-    params, buffers = stack_module_state(models)
-    params = {n: p.detach() for n, p in params.items()}
-    base = meta_copy(models[0]).eval()
-    fwd = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None))
-    ref = next(iter(params.values()))
-    R, N = len(models), len(x)
+    from .replicas import ReplicaSet
+
+    rs = ReplicaSet(models)  # validates the list; eval mode whatever the models' own modes
+    R, N = rs.R, len(x)
+    if N == 0 or len(y) != N:
+        raise ValueError(f"evaluate_population needs a non-empty data set with one target per input; got inputs "
+                         f"{tuple(x.shape)} and targets {tuple(y.shape)}")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError("the inputs contain NaN or Inf")
+    _check_targets(loss, y, None)
     loss_fn = _loss_fn(loss)
     tot_loss = torch.zeros(R, dtype=torch.float64)
     correct = torch.zeros(R, dtype=torch.float64)
-    for i in range(0, N, batch_size):
-        xb = x[i:i + batch_size].to(ref.device, ref.dtype if x.is_floating_point() else x.dtype)
-        yb = y[i:i + batch_size].to(ref.device)
-        out = fwd(params, buffers, xb)
-        tot_loss += loss_fn(out, yb.unsqueeze(0).expand(R, *yb.shape)).double().cpu() * len(xb)
-        if loss == "cross_entropy":
-            correct += (out.argmax(-1) == yb).double().sum(1).cpu()
+    with torch.no_grad():
+        for i in range(0, N, batch_size):
+            xb = x[i:i + batch_size].to(rs.device, rs.dtype if x.is_floating_point() else x.dtype)
+            yb = y[i:i + batch_size].to(rs.device)
+            out = rs.forward(xb)
+            if i == 0:
+                _check_targets(loss, y, out[0])
+            tot_loss += loss_fn(out, yb.unsqueeze(0).expand(R, *yb.shape)).double().cpu() * len(xb)
+            if loss == "cross_entropy":
+                correct += (out.argmax(-1) == yb).double().sum(1).cpu()
     res = {"loss": tot_loss / N}
     if loss == "cross_entropy":
         acc = correct / N
-        finite = torch.tensor([all(torch.isfinite(p).all() for p in m.parameters()) for m in models])
-        acc[~finite] = float("nan")
+        acc[~rs.finite.cpu()] = float("nan")
         res["accuracy"] = acc
     return res
