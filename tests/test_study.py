@@ -133,3 +133,28 @@ def test_bad_measure_names_the_problem(tmp_path):
     with pytest.raises(SystemExit, match="unknown measures"):
         main(["study", "--replicas", "2", "--epochs", "1", "--measures", "weakness,nope", "--out", str(tmp_path),
               "--no-progress"])
+
+
+@pytest.mark.parametrize("bad,words", [
+    (dict(n_boot=0), "n_boot must be a positive integer"),
+    (dict(audit_alpha=0.0, audit_transform="dinh_first"), "audit_alpha must be a positive number"),
+    (dict(audit_measures=["bogus"]), r"unknown measures \['bogus'\]"),
+    (dict(audit_replicas=0), "audit_replicas must be a positive integer"),
+    (dict(sharpness_kwargs={"seed": 1}), r"sharpness_kwargs may not set \['seed'\]"),
+    (dict(lr="fast"), "lr must be a number"),
+    (dict(threads=0), "threads must be a positive integer"),
+    (dict(hidden="64,x"), "hidden must be positive layer widths"),
+])
+def test_bad_settings_are_named_before_training(tmp_path, bad, words):
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(ValueError, match=words):
+        fastcurv.study(data="digits", replicas=2, epochs=1, measures=["lambda_max"], out=None, verbose=False,
+                       progress=False, checkpoint=ck, **bad)
+    assert not ck.exists()  # nothing was trained
+
+
+def test_hidden_widths_as_a_string_and_numbers_as_strings(tmp_path):
+    """A config file's forms: "12,6" was read character by character (an MLP 64-1-2-,...)."""
+    fastcurv.study(data="digits", hidden="12,6", lr="0.05", replicas=2, epochs=1, measures=["lambda_max"], audit=False,
+                   out=tmp_path, verbose=False, progress=False, n_boot=10)
+    assert "MLP 64-12-6-10" in (tmp_path / "report.md").read_text()

@@ -96,6 +96,64 @@ def _mixed_correlations(aud, table, target, n_boot, seed):
     return correlations(df, target, cols, n_boot=n_boot, seed=seed) if cols else None
 
 
+def _hidden_widths(hidden) -> tuple[int, ...]:
+    """The hidden widths from an int, a sequence of ints, or a string such as "32" or "64,64"
+    (a config file's or the command line's form)."""
+    bad = ValueError(f"hidden must be positive layer widths (e.g. 32, [64, 64] or \"64,64\"; [] for none), got {hidden!r}")
+    items = hidden.replace(",", " ").split() if isinstance(hidden, str) else ([hidden] if isinstance(hidden, int) else hidden)
+    if isinstance(hidden, str) and not items:
+        raise bad
+    try:
+        widths = tuple(int(h) for h in items)
+    except (TypeError, ValueError):
+        raise bad from None
+    if any(w < 1 for w in widths) or any(isinstance(h, float) and h != int(h) for h in items):
+        raise bad
+    return widths
+
+
+def _numbers(value, name: str):
+    """A number or a list of numbers, numeric strings read as floats (YAML reads ``1e-3`` as a string)."""
+    def one(v):
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                raise ValueError(f"{name} must be a number or a list of numbers, got {value!r}") from None
+        return v
+
+    return [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
+
+
+def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replicas, sharpness_kwargs, function_kwargs,
+                    lr, replicas) -> None:
+    """Raise a clear error for study settings that would otherwise fail only after training."""
+    from .sharpness import MEASURES as SHARP
+
+    if not isinstance(replicas, (int, np.integer)) or replicas < 1:
+        raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    rates = lr if isinstance(lr, (list, tuple)) else [lr]
+    if not all(isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and v > 0 for v in rates):
+        raise ValueError(f"lr must be a positive number or a list of them (one per replica), got {lr!r}")
+    for name, kw, own in (("sharpness_kwargs", sharpness_kwargs, ("measures", "seed", "progress")),
+                          ("function_kwargs", function_kwargs, ("measures", "seed", "progress"))):
+        if kw is not None and not isinstance(kw, dict):
+            raise ValueError(f"{name} must be a dict of keywords, got {type(kw).__name__}")
+        clash = sorted(set(kw or {}) & set(own))
+        if clash:
+            raise ValueError(f"{name} may not set {clash}: study sets them (use its own measures=, seed=, progress=)")
+    if audit:
+        if not (isinstance(audit_alpha, (int, float, np.floating, np.integer)) and audit_alpha > 0):
+            raise ValueError(f"audit_alpha must be a positive number, got {audit_alpha!r}")
+        if audit_replicas is not None and (not isinstance(audit_replicas, (int, np.integer)) or audit_replicas < 1):
+            raise ValueError(f"audit_replicas must be a positive integer or None (all), got {audit_replicas!r}")
+        sharp, func = _split_measures(audit_measures)
+        if func:
+            raise ValueError(f"audit_measures must be curvature measures (batched_sharpness), got {func}; {list(SHARP)} ...")
+
+
 def _audit_transform(name: str, alpha: float):
     from . import reparam
 
@@ -217,6 +275,8 @@ def study(
     "summary", "out", "files", "seconds"}``.
     """
     if threads is not None:
+        if not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         old = torch.get_num_threads()
         torch.set_num_threads(int(threads))
         try:
@@ -236,6 +296,12 @@ def study(
     sharp_m, func_m = _split_measures(measures)
     if not sharp_m and not func_m:
         raise ValueError("measures is empty: name at least one curvature or function-space measure")
+    hidden = _hidden_widths(hidden)
+    lr, momentum, weight_decay, sam_rho, audit_alpha = (_numbers(v, k) for k, v in (
+        ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho), ("audit_alpha", audit_alpha)))
+    _check_settings(n_boot=n_boot, audit=audit, audit_alpha=audit_alpha, audit_measures=audit_measures,
+                    audit_replicas=audit_replicas, sharpness_kwargs=sharpness_kwargs, function_kwargs=function_kwargs,
+                    lr=lr, replicas=replicas)
     if audit:
         _audit_transform(audit_transform, audit_alpha)  # check the name before training
     t0 = time.perf_counter()
