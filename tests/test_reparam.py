@@ -152,3 +152,15 @@ def test_bad_inputs_are_named():
         reparam.balance(models[0])
     with pytest.raises(ValueError, match="transform must be"):
         fastcurv.invariance_audit(models, make_data(), transform="nope")
+    with pytest.raises(ValueError, match=r"scales must be \[units\] or \[R, units\] with R = 1"):
+        reparam.rescale_neurons(models, torch.ones(4, 5))
+
+
+def test_audit_warns_when_the_transform_changes_the_function():
+    """Dinh rescaling preserves ReLU networks' functions, not Tanh ones': the audit says so."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double() for _ in range(2)]
+    x = torch.randn(40, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    with pytest.warns(RuntimeWarning, match="not function-preserving"):
+        fastcurv.invariance_audit(models, (x, y), measures=("lambda_max",))

@@ -2,6 +2,7 @@
 reparameterization, as a table of ratios (and a plot)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,12 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     models = validate_models(models)
     probe = _probe_inputs(data)
     tr = _apply(models, transform, probe, alpha, seed)
+    changed = int(tr.predictions_changed.sum()) if tr.predictions_changed is not None else 0
+    if changed or tr.max_output_change > 1e-2:
+        warnings.warn(f"the transform is not function-preserving for these models: it changed {changed} predictions on "
+                      f"the probe inputs (largest output change {tr.max_output_change:.3g}), so the audit compares the "
+                      "curvature of different functions (Dinh rescaling needs ReLU-like activations; fold_batchnorm "
+                      "a BatchNorm right after its Linear or Conv2d)", RuntimeWarning, stacklevel=2)
     kw = dict(measures=measures, seed=seed, progress=progress, **kwargs)
     if before is None:
         before = batched_sharpness(models, data, **kw)

@@ -150,6 +150,8 @@ def rescale_neurons(models: Sequence[nn.Module], scales, layers: tuple[str, str]
     scales = torch.as_tensor(scales, dtype=torch.float64)
     if not torch.isfinite(scales).all() or (scales <= 0).any():
         raise ValueError("scales must be positive and finite")
+    if scales.dim() not in (1, 2) or scales.dim() == 2 and scales.shape[0] != len(models):
+        raise ValueError(f"scales must be [units] or [R, units] with R = {len(models)} replicas, got {tuple(scales.shape)}")
     new = [copy.deepcopy(m) for m in models]
     for r, m in enumerate(new):
         la, lb = _module(m, a), _module(m, b)

@@ -378,7 +378,7 @@ def study(
         fdf = fdf.drop(columns=["ok"])
         table = table.join(fdf)
         func_cols = [c for c in fm.values if c not in _NOT_PREDICTORS]
-    table["flags"] = ["; ".join(f) for f in flags]
+    table["flags"] = ["; ".join(dict.fromkeys(f)) for f in flags]  # (the same flag from two stages once)
 
     measure_cols = [c for c in sharp_cols + func_cols
                     if pd.api.types.is_numeric_dtype(table[c]) and not c.endswith(("_stderr", "_iters", "_converged"))]
@@ -497,8 +497,9 @@ def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, head
         f"Training: {c['optimizer']}, lr {c['lr']}, momentum {c['momentum']}, weight decay {c['weight_decay']}, "
         f"SAM rho {c['sam_rho']}, batch {c['batch_size']}, at most {c['epochs']} epochs"
         + (f", stop at training loss {c['target_loss']}" if c.get("target_loss") else "")
-        + f"; {n_tr} training / {n_te} test samples (fixed subsets drawn with seed {c['seed']}). "
-        f"Seeds {seeds[0]}..{seeds[-1]} (initialization and data order).",
+        + f"; {n_tr} training / {n_te} test samples"
+        + (f" (fixed subsets drawn with seed {c['seed']}). " if c.get("n_train") or c.get("n_test") else " (all of them). ")
+        + f"Seeds {seeds[0]}..{seeds[-1]} (initialization and data order).",
         f"Train accuracy {summary['mean_train_acc']:.4f} (mean), test accuracy {summary['mean_test_acc']:.4f} "
         f"+- {summary['sd_test_acc']:.4f} (mean +- sd over replicas).",
         "Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + ".",
