@@ -412,3 +412,56 @@ def test_replica_forward_takes_the_sparse_path_for_mlps(monkeypatch):
     torch.testing.assert_close(rs.forward(x), vmap(rs.call, in_dims=(0, 0, None))(rs.params, rs.buffers, x),
                                rtol=1e-12, atol=1e-12)
     assert built == [1]
+
+
+@pytest.mark.parametrize("impl", ["ext", "torch"])
+def test_shapes_are_checked_against_in_features(impl):
+    """A weight or ``out`` narrower than X's in_features, and a CsrRows built by hand with column
+    indices past in_features, are refused (the C++ kernels read and wrote out of bounds)."""
+    if impl == "ext" and not fastcurv.cpu_extension_loaded():
+        pytest.skip("C++ extension not built")
+    x = torch.zeros(4, 64)
+    x[:, -1] = 1.0
+    X, rows = CsrRows.from_dense(x), torch.arange(4).view(1, 4)
+    with fastcurv.use_kernels(impl):
+        with pytest.raises(ValueError, match="the weight takes 16 inputs but X has in_features = 64"):
+            csr_linear(X, rows, torch.randn(1, 8, 16))
+        with pytest.raises(ValueError, match=r"out must be \[R, out, in\] = \[1, 8, 64\]"):
+            csr_linear_wgrad(X, rows, torch.ones(1, 4, 8), out=torch.zeros(1, 16, 8).transpose(1, 2))
+    with pytest.raises(ValueError, match=r"column indices must lie in \[0, in_features = 4\)"):
+        CsrRows(torch.tensor([0, 1]), torch.tensor([1000], dtype=torch.int32), torch.tensor([1.0]), 4)
+    with pytest.raises(ValueError, match="indptr must rise from 0 to nnz"):
+        CsrRows(torch.tensor([0, 2]), torch.tensor([1], dtype=torch.int32), torch.tensor([1.0]), 4)
+
+
+@pytest.mark.parametrize("impl", ["ext", "torch"])
+def test_masked_linear_empty_and_aliased(impl):
+    if impl == "ext" and not fastcurv.cpu_extension_loaded():
+        pytest.skip("C++ extension not built")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=gen).clamp_min(0)
+    P, w = CsrRows.from_dense(x), torch.randn(2, 4, 5, generator=gen)
+    with fastcurv.use_kernels(impl):
+        for B, K in ((3, 0), (0, 3)):
+            rows = torch.randint(0, 6, (2, B), generator=gen)
+            z = csr_masked_linear(P, rows, torch.randn(2, B, K, 5, generator=gen), w)
+            assert z.shape == (2, B, K, 4)
+        dense = torch.randn(2, 3, 2, 5, generator=gen)
+        with pytest.raises(ValueError, match="out must not overlap dense"):
+            csr_masked_linear(P, torch.randint(0, 6, (2, 3), generator=gen), dense, torch.randn(2, 5, 5, generator=gen),
+                              out=dense)
+
+
+def test_mixed_dtypes_and_half_inputs_of_the_element_wise_ops():
+    from fastcurv.ops import act_derivs, act_derivs_reference, act_rop_bwd, activation_kind, softmax_ce_hvp
+
+    z = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="act_rop_bwd: dtype mismatch, rz is torch.float64 but rg is torch.float32"):
+        act_rop_bwd(z, z, torch.randn(3, 2, 4, dtype=torch.float64), torch.randn(3, 2, 4))
+    h = z.half()
+    d1, d2g = act_derivs(h, h, activation_kind("gelu"))  # the torch reference (the C++ kernels take float32/64)
+    r1, r2 = act_derivs_reference(h, h, activation_kind("gelu"))
+    assert d1.dtype == torch.float16 and torch.equal(d1, r1) and torch.equal(d2g, r2)
+    p = torch.softmax(torch.randn(2, 3, 4), -1).bfloat16()
+    assert softmax_ce_hvp(p, torch.randn(2, 1, 3, 4).bfloat16()).dtype == torch.bfloat16
+    assert CsrRows.from_dense(torch.randn(3, 4).half()).values.dtype == torch.float16

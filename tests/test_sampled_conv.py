@@ -138,3 +138,24 @@ def test_errors_name_the_problem(impl):
     if impl == "auto":  # the kernel itself refuses rows it cannot read as whole vectors
         with pytest.raises(RuntimeError, match=r"rows padded to 16 entries \(64 bytes"):
             torch.ops.fastcurv.sampled_conv(cols.contiguous(), pos, weight)
+
+
+@pytest.mark.parametrize("impl", ["ext", "torch"])
+def test_empty_patches_and_positions_checked_before_writing(impl):
+    """No taps: zeros; no positions (with positions to read) or a position out of range: an error,
+    with ``out`` untouched under accumulate (the C++ kernels crashed on the first two and wrote
+    part of ``out`` before raising on the third)."""
+    if impl == "ext" and not _ext.has_kernel("sampled_conv", "cpu"):
+        pytest.skip("C++ extension not built")
+    with _ext.use_kernels(impl):
+        z = sampled_conv(torch.zeros(2, 5, 0), torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(3, 1, 0))
+        assert z.shape == (2, 1, 3, 4) and not z.any()
+        with pytest.raises(ValueError, match=r"pos has entries outside \[0, 0\)"):
+            sampled_conv(torch.zeros(1, 0, 9), torch.zeros(1, 1, 1, dtype=torch.long), torch.randn(1, 1, 9))
+        cols = conv_patches(torch.randn(2, 1, 4, 4), 3, 1, 1)  # [2, 16, 9]
+        pos = torch.randint(0, 16, (2, 1, 3))
+        pos[1, 0, 2] = 16
+        out = torch.full((1, 2, 9), 5.0)
+        with pytest.raises(ValueError, match=r"pos has entries outside \[0, 16\)"):
+            sampled_conv_wgrad(cols, pos, torch.randn(2, 2, 1, 3), out, accumulate=True)
+        assert (out == 5.0).all()

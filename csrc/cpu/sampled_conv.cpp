@@ -207,6 +207,12 @@ void check_sampled(const char* op, const at::Tensor& cols, const at::Tensor& pos
   TORCH_CHECK(pos.dim() == 3 && pos.size(0) == cols.size(0), op, ": pos must be [N, G, S] with N = ", cols.size(0), ", got ",
               pos.sizes());
   TORCH_CHECK(pos.scalar_type() == at::kLong, op, ": pos must be int64, got ", pos.scalar_type());
+  // every position checked before anything is written (an output with accumulate stays untouched)
+  if (pos.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(pos);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < cols.size(1), op, ": pos has entries outside [0, ",
+                cols.size(1), ") (the patches' positions)");
+  }
   if (cols.numel() == 0) return;
   const int64_t tp = padded_taps(cols);
   const int64_t last = cols.storage_offset() + (cols.size(0) - 1) * cols.stride(0) + (cols.size(1) - 1) * cols.stride(1) + tp;
@@ -237,6 +243,7 @@ at::Tensor sampled_conv_cpu(const at::Tensor& cols_in, const at::Tensor& pos_in,
   const int64_t K = weight.size(1);
   at::Tensor out = at::empty({N, K, G, Sn}, cols.options());
   if (out.numel() == 0) return out;
+  if (T == 0) return out.zero_();  // no taps: every sum is empty
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES(cols.scalar_type(), "sampled_conv", [&] {
     using S = scalar_t;

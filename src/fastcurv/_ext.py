@@ -110,11 +110,15 @@ def use_kernels(impl: str):
         set_kernel_impl(old)
 
 
-def choose(op: str, device: torch.device) -> str:
-    """Which implementation an op wrapper should call for tensors on ``device``:
-    'ext', 'triton' or 'torch'."""
+def choose(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Which implementation an op wrapper should call for tensors on ``device`` (of ``dtype``, when
+    given): 'ext', 'triton' or 'torch'. The C++ CPU kernels take float32 and float64; other
+    floating dtypes (float16, bfloat16) run the torch reference there."""
     impl = _impl
     if impl == "torch":
+        return "torch"
+    if dtype is not None and device.type != "cuda" and dtype not in (torch.float32, torch.float64) \
+            and not (impl == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
         return "torch"
     if device.type == "cuda":
         if impl in ("auto", "triton"):

@@ -46,6 +46,19 @@ def check_like(op: str, ref_name: str, ref: torch.Tensor, operands: dict) -> Non
             raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of ``a`` and ``b`` (from their first to their last element) overlap."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(t):
+        last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def store(out: torch.Tensor | None, value: torch.Tensor, accumulate: bool) -> torch.Tensor:
     """``value`` written into ``out`` (added with ``accumulate``) and returned; ``value`` itself when
     ``out`` is None."""

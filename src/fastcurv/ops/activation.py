@@ -6,6 +6,7 @@ import math
 import torch
 
 from .. import _ext
+from ._checks import check_like
 
 # Keep in sync with csrc/cpu/activation.h (FcActivation).
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5}
@@ -68,7 +69,8 @@ def act_derivs(z: torch.Tensor, g: torch.Tensor, kind: int, slope: float = 0.0):
     z, g: same shape (any). Returns ``(d1, d2g)`` of that shape. These are the multipliers of the
     activation's R-op: forward ``a' = d1 * z'``, backward ``g_z' = d1 * g_a' + d2g * z'``.
     """
-    impl = _ext.choose("act_derivs", z.device)
+    check_like("act_derivs", "z", z, dict(g=g))
+    impl = _ext.choose("act_derivs", z.device, z.dtype)
     if impl == "ext":
         return torch.ops.fastcurv.act_derivs(z, g, int(kind), float(slope))
     if impl == "triton":

@@ -18,12 +18,12 @@ Implementations: C++ (CPU, ``csrc/cpu/csr_linear.cpp``) and the dense torch refe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import _ext
-from ._checks import check_mask, contiguous_inner, inner_contiguous, store
+from ._checks import check_mask, contiguous_inner, inner_contiguous, overlap, store
 from .csr_from_dense import csr_from_dense
 
 #: Inputs at most this dense (fraction of nonzero entries) take the sparse path by default, in batched
@@ -38,16 +38,33 @@ SPARSE_INPUT_MAX_DENSITY = 0.4
 
 @dataclass(frozen=True)
 class CsrRows:
-    """A data matrix ``X [N, in_features]`` in CSR form (validated when built).
+    """A data matrix ``X [N, in_features]`` in CSR form, validated when built (the kernels trust it;
+    ``from_dense``, ``stacked`` and ``transpose`` build valid ones and skip the check).
 
-    indptr: int64 ``[N + 1]``; indices: int32 ``[nnz]`` column of each stored value, in
-    ``[0, in_features)``; values: ``[nnz]`` floating point.
+    indptr: int64 ``[N + 1]``, non-decreasing from 0 to nnz; indices: int32 ``[nnz]`` column of each
+    stored value, in ``[0, in_features)``; values: ``[nnz]`` floating point.
     """
 
     indptr: torch.Tensor
     indices: torch.Tensor
     values: torch.Tensor
     in_features: int
+    validate: bool = field(default=True, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not self.validate:
+            return
+        ip, ix, v = self.indptr, self.indices, self.values
+        if not all(isinstance(t, torch.Tensor) for t in (ip, ix, v)) or ip.dtype != torch.int64 or ix.dtype != torch.int32 \
+                or not v.is_floating_point() or ip.dim() != 1 or ix.dim() != 1 or v.dim() != 1 or ip.numel() < 1:
+            raise ValueError("CsrRows needs indptr int64 [N + 1], indices int32 [nnz] and floating-point values [nnz]")
+        nnz = ix.numel()
+        if v.numel() != nnz or int(ip[0]) != 0 or int(ip[-1]) != nnz or bool((ip.diff() < 0).any()):
+            raise ValueError(f"CsrRows: indptr must rise from 0 to nnz = {nnz} (the indices' and values' length), "
+                             f"got {int(ip[0])} .. {int(ip[-1])} with {v.numel()} values")
+        if nnz and (int(ix.min()) < 0 or int(ix.max()) >= int(self.in_features)):
+            raise ValueError(f"CsrRows: column indices must lie in [0, in_features = {self.in_features}), "
+                             f"found {int(ix.min())} .. {int(ix.max())}")
 
     @staticmethod
     def from_dense(x: torch.Tensor, mask: torch.Tensor | None = None) -> "CsrRows":
@@ -64,7 +81,7 @@ class CsrRows:
         """One CSR matrix of G stacked matrices ``x [G, M, F]``: the rows of ``x.reshape(G*M, F)``, or
         with ``transpose`` those of the stacked ``x[g]^T`` (``[G*F, M]``); nonzeros, or where ``mask``."""
         indptr, indices, values = csr_from_dense(x, mask, transpose)
-        return CsrRows(indptr, indices, values, x.shape[1] if transpose else x.shape[2])
+        return CsrRows(indptr, indices, values, x.shape[1] if transpose else x.shape[2], validate=False)
 
     @property
     def num_rows(self) -> int:
@@ -84,7 +101,7 @@ class CsrRows:
         order = torch.argsort(cols * self.num_rows + rows, stable=True)  # by column, then row
         indptr = torch.zeros(self.in_features + 1, dtype=torch.int64, device=counts.device)
         torch.cumsum(torch.bincount(cols, minlength=self.in_features), 0, out=indptr[1:])
-        return CsrRows(indptr, rows[order].contiguous(), self.values[order].contiguous(), self.num_rows)
+        return CsrRows(indptr, rows[order].contiguous(), self.values[order].contiguous(), self.num_rows, validate=False)
 
     def pattern(self) -> torch.Tensor:
         """Where entries are stored: bool ``[N, in_features]``."""
@@ -208,7 +225,9 @@ def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch
     is still in cache. Returns ``[R, B, out]``.
     """
     _check(X, rows, weight.dtype)
-    R, n_out, _ = _grouped_shape("csr_linear", weight, "weight")  # 3 or 4 dimensions
+    R, n_out, n_in = _grouped_shape("csr_linear", weight, "weight")  # 3 or 4 dimensions
+    if n_in != X.in_features:
+        raise ValueError(f"csr_linear: the weight takes {n_in} inputs but X has in_features = {X.in_features}")
     mask = _check_out_mask("csr_linear", out_mask, R, rows.shape[1], n_out, weight)
     if _ext.choose("csr_linear", weight.device) == "ext":
         w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
@@ -221,7 +240,7 @@ def csr_masked_linear_reference(P: CsrRows, rows: torch.Tensor, dense: torch.Ten
     """Dense reference of :func:`csr_masked_linear`: ``(dense * mask) @ weight[r]^T``."""
     mask = P.pattern()[rows].unsqueeze(2)  # [R, B, 1, in]
     R, B, K, _ = dense.shape
-    return torch.bmm((dense * mask).reshape(R, B * K, -1), weight.transpose(1, 2)).view(R, B, K, -1)
+    return torch.bmm((dense * mask).reshape(R, B * K, dense.shape[3]), weight.transpose(1, 2)).view(R, B, K, weight.shape[1])
 
 
 def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor,
@@ -252,6 +271,10 @@ def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weigh
         out, accumulate = torch.empty(shape, dtype=dense.dtype, device=dense.device), False
     elif tuple(out.shape) != shape:
         raise ValueError(f"out must be {list(shape)}, got {tuple(out.shape)}")
+    elif overlap(out, dense) or overlap(out, weight):
+        raise ValueError("csr_masked_linear: out must not overlap dense or weight (it is written while they are read)")
+    if 0 in shape:  # no rows or outputs: nothing to multiply
+        return out if accumulate else out.zero_()
     if dense.device.type == "cpu" and _ext.choose("csr_masked_linear_out", dense.device) == "ext":
         w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
         o = out if inner_contiguous(out, 3) else torch.empty(shape, dtype=out.dtype, device=out.device)
@@ -273,10 +296,14 @@ def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: to
     Written directly when ``out``'s rows, or those of its transpose, are contiguous.
     """
     _check(X, rows, grad.dtype)
+    if grad.dim() != 3 or grad.shape[:2] != rows.shape:
+        raise ValueError(f"csr_linear_wgrad: grad must be [R, B, out] with [R, B] = {list(rows.shape)}, got {tuple(grad.shape)}")
     R, _, n_out = grad.shape
     if out is None:
         out = torch.empty(R, n_out, X.in_features, dtype=grad.dtype, device=grad.device)
         accumulate = False
+    elif tuple(out.shape) != (R, n_out, X.in_features):
+        raise ValueError(f"csr_linear_wgrad: out must be [R, out, in] = {[R, n_out, X.in_features]}, got {tuple(out.shape)}")
     if _ext.choose("csr_linear_wgrad", grad.device) == "ext":
         layout = _kernel_layout(out)
         if layout is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ._checks import check_like
 
 
 def softmax_ce_hvp_reference(probs: torch.Tensor, tangent: torch.Tensor, scale: float) -> torch.Tensor:
@@ -19,7 +20,8 @@ def softmax_ce_hvp(probs: torch.Tensor, tangent: torch.Tensor, scale: float = 1.
     probs: ``[B, N, C]`` softmax probabilities (B independent groups, e.g. replicas; N rows).
     tangent: ``[B, K, N, C]`` (K probes share the same probs). Returns ``[B, K, N, C]``.
     """
-    impl = _ext.choose("softmax_ce_hvp", tangent.device)
+    check_like("softmax_ce_hvp", "tangent", tangent, dict(probs=probs))
+    impl = _ext.choose("softmax_ce_hvp", tangent.device, tangent.dtype)
     if impl == "ext":
         return torch.ops.fastcurv.softmax_ce_hvp(probs, tangent, float(scale))
     if impl == "triton":
