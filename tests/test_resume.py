@@ -127,3 +127,32 @@ def test_killed_job_resumes_to_the_uninterrupted_result(tmp_path, sig):
     assert set(got) == set(ref.values)
     for k, v in ref.values.items():
         assert torch.equal(got[k], v), k
+
+
+def test_files_resume_across_the_two_entry_points(tmp_path):
+    """A file written through fastcurv.distributed.batched_sharpness (its documented route for
+    gather="rank0") resumes through fastcurv.batched_sharpness and back: the fingerprint fills in
+    the defaults (it listed every defaulted keyword as changed)."""
+    from fastcurv import distributed
+
+    models, data = W.job(R=3)
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    first = distributed.batched_sharpness(models, data, output=a, use_distributed=False, measures=("lambda_max",), progress=False)
+    again = fastcurv.batched_sharpness(models, data, output=a, measures=("lambda_max",), progress=False)
+    assert torch.equal(again["lambda_max"], first["lambda_max"])
+    fastcurv.batched_sharpness(models, data, output=b, measures=("lambda_max",), progress=False)
+    distributed.batched_sharpness(models, data, output=b, use_distributed=False, measures=("lambda_max",), progress=False)
+
+
+def test_replicas_all_nan_in_a_chunk():
+    """A chunk (or a whole job) of NaN replicas gives NaN results and flags (the fused engine's check
+    on the first batch raised on it)."""
+    models, data = W.job(R=3)
+    with torch.no_grad():
+        for p in models[0].parameters():
+            p.fill_(float("nan"))
+    for kw in (dict(replica_chunk=1), {}):
+        res = fastcurv.batched_sharpness(models, data, measures=("lambda_max", "trace"), progress=False, **kw)
+        assert res.flags[0] == "non-finite parameters" and res.ok.tolist() == [False, True, True]
+    alone = fastcurv.batched_sharpness(models[:1], data, progress=False)
+    assert alone.flags == ["non-finite parameters"] and alone["lambda_max"].isnan().all()

@@ -210,6 +210,18 @@ def test_lanczos_with_fewer_distinct_eigenvalues_than_k_and_k_above_p():
         lanczos(op, k=11)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-40, 1e-100])
+def test_lanczos_is_scale_invariant(scale):
+    """Relative stopping and breakdown tests: an operator scaled by 1e-40 gives the scaled results
+    (an absolute floor of 1e-30 stopped it after one step with a wrong value, flagged converged)."""
+    mats = random_symmetric(2, 30, 3)
+    base = [lanczos(DenseOperator(mats), k=1, which=w, tol=1e-8, seed=0) for w in ("largest", "smallest")]
+    for ref, w in zip(base, ("largest", "smallest")):
+        got = lanczos(DenseOperator(mats * scale), k=1, which=w, tol=1e-8, seed=0)
+        torch.testing.assert_close(got.eigenvalues / scale, ref.eigenvalues, rtol=1e-10, atol=0)
+        assert torch.equal(got.iterations, ref.iterations) and got.converged.all()
+
+
 def test_slq_draws_whose_krylov_spaces_differ():
     # eigenvectors (1,1,1)/sqrt3, (1,-1,0)/sqrt2, (1,1,-2)/sqrt6: a Rademacher start vector reaches
     # 1, 2 or 3 of them (v1 = v2 = v3, v1 = v2 only, else), so the draws stop after different steps

@@ -31,9 +31,6 @@ from .memory import is_out_of_memory, release_cached_memory, warn_halving
 from .solvers.probes import replica_window
 
 HEADER_TAG = "sharpness-results"
-# keywords that change how the job runs but not its results (left out of the fingerprint)
-_NOT_FINGERPRINTED = ("progress", "cache_data")
-_MEMORY_OPTIONS = ("cache_bytes", "chunk_bytes", "sample_chunk_bytes")  # backend options that change memory, not results
 
 
 class FingerprintMismatch(ValueError):
@@ -91,14 +88,12 @@ def data_signature(batches: Batches) -> dict:
 
 
 def fingerprint(models, batches: Batches, kwargs: dict) -> tuple[str, dict]:
-    """``(digest, config)`` identifying a job: models, data and every result-changing keyword."""
-    config = {k: kwargs[k] for k in sorted(kwargs) if k not in _NOT_FINGERPRINTED}
-    if isinstance(config.get("backend_options"), dict):  # memory settings (e.g. from memory_budget=) do not change results
-        opts = {k: v for k, v in config["backend_options"].items() if k not in _MEMORY_OPTIONS}
-        if opts:
-            config["backend_options"] = opts
-        else:
-            del config["backend_options"]
+    """``(digest, config)`` identifying a job: models, data and every result-changing keyword, its
+    defaults filled in (so that a job started through :func:`fastcurv.batched_sharpness` and one
+    started through :func:`fastcurv.distributed.batched_sharpness` with the same settings match)."""
+    from .sharpness import result_settings
+
+    config = result_settings(kwargs, with_measures=True)
     config = json.loads(json.dumps(config, default=_jsonable, sort_keys=True))
     config["R"] = len(models)
     config["models"] = models_digest(models)

@@ -13,11 +13,11 @@ from ._heap import reusing_heap
 from .measures import load_all as _load_measures
 from .operator import HessianOperator
 from .replicas import validate_models
-from .resume import _MEMORY_OPTIONS
 from .solvers.probes import start_vectors
 from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
 
 MEASURES = ("lambda_max", "lambda_min", "top_k", "trace", "spectrum")
+_MEMORY_OPTIONS = ("cache_bytes", "chunk_bytes", "sample_chunk_bytes")  # backend options that change memory, not results
 TRACE_METHODS = ("auto", "exact", "deflated", "hutch++", "hutchinson")
 
 
@@ -385,14 +385,19 @@ def batched_sharpness(
     return out
 
 
-def result_settings(kwargs: dict) -> dict:
+_SIGNATURE = inspect.signature(batched_sharpness)  # (taken now: tests may replace the module's function)
+
+
+def result_settings(kwargs: dict, with_measures: bool = False) -> dict:
     """The result-changing keywords of a :func:`batched_sharpness` call with ``kwargs``, its
-    defaults filled in (for :attr:`SharpnessResult.settings`)."""
-    bound = inspect.signature(batched_sharpness).bind_partial(**kwargs)
+    defaults filled in (for :attr:`SharpnessResult.settings`; ``measures`` too with
+    ``with_measures``, for the fingerprint of a resumable job)."""
+    bound = _SIGNATURE.bind_partial(**kwargs)
     bound.apply_defaults()
     args = dict(bound.arguments)
     args.update(args.pop("operator_kwargs", {}))
-    skip = ("models", "data", "measures", "progress", "cache_data", "replica_chunk", "output", "distributed", "memory_budget")
+    skip = ("models", "data", "progress", "cache_data", "replica_chunk", "output", "distributed", "memory_budget",
+            *(() if with_measures else ("measures",)))
     out = {k: v for k, v in args.items() if k not in skip}
     # memory settings (e.g. from memory_budget=) do not change results
     options = {k: v for k, v in (out.pop("backend_options", None) or {}).items() if k not in _MEMORY_OPTIONS}

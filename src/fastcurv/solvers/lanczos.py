@@ -267,8 +267,8 @@ def lanczos(
         r = (bcur.unsqueeze(1) * S[:, n - 1, :].gather(1, pick).abs())
         e = _ritz_errors(theta, r, pick)
         th = theta.gather(1, pick)
-        scale = th.abs().clamp_min(1e-30)
-        breakdown = bcur <= 1e-10 * theta.abs().max(dim=1).values.clamp_min(1e-30)
+        scale = th.abs().clamp_min(1e-300)  # (relative tests: an operator scaled by 1e-40 behaves as one by 1)
+        breakdown = bcur <= 1e-10 * theta.abs().max(dim=1).values.clamp_min(1e-300)
         # stop on the residual (ARPACK's test: an eigenvalue lies within r of theta); the sharper
         # estimate e can look converged while a larger eigenvalue has not yet entered the Krylov
         # space (seen on 5 of 100 untrained MLPs, errors up to 2%)

@@ -136,9 +136,11 @@ class FusedBackend(Backend):
         from ...data import Batches
         from ...losses import Loss
 
+        if not bool(replicas.finite.any()):
+            return True, ""  # nothing to compare: every replica's results will be NaN
         n = min(samples, x.shape[0])
         x, y = x[:n], y[:n]
-        r = int(replicas.finite.nonzero()[0]) if bool(replicas.finite.any()) else 0
+        r = int(replicas.finite.nonzero()[0])
         one = Loss(loss.kind if loss.kind != "callable" else loss.fn, loss.reduction, loss.loss_reduction)
         one.num_samples = n
         params = {k: t[r] for k, t in replicas.params.items()}
