@@ -92,6 +92,21 @@ def _failing_main(rank, world, out_dir):
             f.write(msg)
 
 
+def _mismatch_main(rank, world, out_dir, what):
+    """Data sharding where rank 1 has one replica fewer ("replicas") or another seed ("seed"): each
+    rank writes what it raised."""
+    with _group(rank, world, out_dir):
+        models, data = job(R=3 - (rank == 1 and what == "replicas"))
+        kw = dict(KW, measures=("lambda_max",), seed=5 if rank == 1 and what == "seed" else 0)
+        try:
+            fastcurv.batched_sharpness(models, data[rank:rank + 1], distributed_data=True, **kw)
+            msg = "no error"
+        except Exception as exc:  # noqa: BLE001 - the test reads what each rank raised
+            msg = f"{type(exc).__name__}: {exc}"
+        with open(os.path.join(out_dir, f"mismatch{rank}.txt"), "w") as f:
+            f.write(msg)
+
+
 class _FailingLoader:
     """Yields ``batches`` on its first ``passes`` passes, then raises (a read error mid-job)."""
 

@@ -111,6 +111,16 @@ def test_a_failing_rank_in_data_sharding_makes_the_others_raise_instead_of_hang(
     assert other == f"RuntimeError: rank 1 failed in {what} (distributed_data=True): OSError: injected read error on rank 1", other
 
 
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("what,words", [("replicas", "replicas (rank 0: 3, rank 1: 2)"), ("seed", "setting seed (rank 0: 0, rank 1: 5)")])
+def test_ranks_that_disagree_in_data_sharding_raise_instead_of_hang(tmp_path, what, words):
+    """One replica fewer on rank 1 made both ranks hang; another seed summed mismatched probes."""
+    _run_two_ranks_or_fail(W._mismatch_main, (2, str(tmp_path), what))
+    for rank in (0, 1):
+        msg = (tmp_path / f"mismatch{rank}.txt").read_text()
+        assert msg.startswith("ValueError: distributed_data=True: the ranks disagree on " + words), msg
+
+
 def test_data_sharding_needs_a_process_group_and_core_measures():
     models, data = W.job(R=2)
     with pytest.raises(ValueError, match="process group"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextvars
+import json
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -282,6 +283,8 @@ def batched_sharpness(
     t0 = time.perf_counter()
     op = HessianOperator(models, data, loss=loss, reduction=reduction, backend=backend, bn_mode=bn_mode,
                          cache_data=cache_data, **operator_kwargs)
+    settings = json.loads(json.dumps(result_settings(kwargs, with_measures=True), default=repr))
+    op.check_ranks_agree({f"setting {k}": v for k, v in settings.items()})
     out = SharpnessResult(backend=op.backend_name, backend_reason=op.backend_reason)
     bar = _Progress(op, progress)
     crn = common_random_numbers
@@ -396,7 +399,7 @@ def result_settings(kwargs: dict, with_measures: bool = False) -> dict:
     bound.apply_defaults()
     args = dict(bound.arguments)
     args.update(args.pop("operator_kwargs", {}))
-    skip = ("models", "data", "progress", "cache_data", "replica_chunk", "output", "distributed", "memory_budget",
+    skip = ("models", "data", "progress", "cache_data", "replica_chunk", "output", "distributed", "memory_budget", "process_group",
             *(() if with_measures else ("measures",)))
     out = {k: v for k, v in args.items() if k not in skip}
     # memory settings (e.g. from memory_budget=) do not change results
