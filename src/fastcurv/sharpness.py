@@ -112,15 +112,24 @@ def _on_gpu(models) -> bool:
         return False
 
 
-def _gradient_start(op, seed: int, common: bool) -> torch.Tensor:
+def _gradient_start(op, seed: int, common: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Lanczos start vectors ``[R, P]``: each replica's unit loss gradient plus the random unit
     vector Lanczos would start from (the random vector alone where the gradient is zero or not
-    finite)."""
+    finite); and the loss ``[R]``."""
     z = start_vectors(op, seed, common)
-    _, grad = op.loss_and_gradient(reuse_state=True)  # the first matvec then finds the state cached
+    loss, grad = op.loss_and_gradient(reuse_state=True)  # the first matvec then finds the state cached
     norm = grad.norm(dim=-1, keepdim=True)
     usable = torch.isfinite(norm) & (norm > 0)
-    return torch.where(usable, z + grad / torch.where(usable, norm, 1.0), z)
+    return torch.where(usable, z + grad / torch.where(usable, norm, 1.0), z), loss
+
+
+def _saturated(op, loss: torch.Tensor) -> torch.Tensor:
+    """``[R]`` bool: cross-entropy whose mean per-sample loss is below the dtype's epsilon, so that the
+    samples' probabilities of their labels round to 1 and the loss Hessian is rounding noise."""
+    if op.loss.kind != "cross_entropy":
+        return torch.zeros(op.R, dtype=torch.bool)
+    per_sample = loss.detach().double().cpu() / (op.loss.num_samples if op.loss.reduction == "sum" else 1)
+    return per_sample < torch.finfo(op.dtype).eps
 
 
 @reusing_heap
@@ -300,6 +309,7 @@ def batched_sharpness(
     basis = None
     if trace_probes is None:
         trace_probes = 10 if deflate else 30
+    saturated = torch.zeros(op.R, dtype=torch.bool)  # (known where the gradient start computes the loss)
     try:
         top = None
         if "top_k" in measures or "lambda_max" in measures or (deflate and trace_method == "deflated"):
@@ -312,7 +322,10 @@ def batched_sharpness(
                     raise ValueError("top_k needs eig_solver='lanczos'")
                 top = power_iteration(op, max_iter=max_iter, tol=tol, seed=seed, common=crn, callback=bar.tick)
             else:
-                v0 = _gradient_start(op, seed, crn) if eig_start == "gradient" else None
+                v0 = None
+                if eig_start == "gradient":
+                    v0, start_loss = _gradient_start(op, seed, crn)
+                    saturated = _saturated(op, start_loss)
                 top = lanczos(op, k=k, max_iter=max_iter, tol=tol, v0=v0, seed=seed, common=crn, keep_basis=deflate,
                               callback=bar.tick)
                 basis = top
@@ -380,6 +393,9 @@ def batched_sharpness(
             f.append("non-finite Hessian products")
         else:
             f += [f"{name} not converged" for name, c in out.converged.items() if not bool(c[r])]
+            if bool(saturated[r]):
+                f.append("loss at rounding level (every sample's label probability rounds to 1: the Hessian is "
+                         "rounding noise)")
         flags.append("; ".join(f))
     out.flags = flags
     out.num_matvecs = op.num_matvecs
