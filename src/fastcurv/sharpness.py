@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import contextvars
-import json
 import inspect
+import json
 import time
 from dataclasses import dataclass, field
 

@@ -128,8 +128,6 @@ def _numbers(value, name: str):
 def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replicas, sharpness_kwargs, function_kwargs,
                     lr, replicas) -> None:
     """Raise a clear error for study settings that would otherwise fail only after training."""
-    from .sharpness import MEASURES as SHARP
-
     if not isinstance(replicas, (int, np.integer)) or replicas < 1:
         raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
     if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
@@ -149,9 +147,10 @@ def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replica
             raise ValueError(f"audit_alpha must be a positive number, got {audit_alpha!r}")
         if audit_replicas is not None and (not isinstance(audit_replicas, (int, np.integer)) or audit_replicas < 1):
             raise ValueError(f"audit_replicas must be a positive integer or None (all), got {audit_replicas!r}")
-        sharp, func = _split_measures(audit_measures)
+        _, func = _split_measures(audit_measures)
         if func:
-            raise ValueError(f"audit_measures must be curvature measures (batched_sharpness), got {func}; {list(SHARP)} ...")
+            raise ValueError(f"audit_measures must be curvature measures (those of batched_sharpness, e.g. lambda_max, "
+                             f"trace), got the function-space measures {func}")
 
 
 def _audit_transform(name: str, alpha: float):

@@ -275,9 +275,8 @@ def lanczos(
         # a breakdown (the start vector's Krylov space is exhausted) makes the Ritz values found exact;
         # with fewer than k of them the others cannot be reached: stopped, not converged, NaN. (No
         # step can follow one: the next vector would be rounding noise, not orthogonal to the basis.)
-        exhausted = breakdown
-        done = (kk == k) & (((r <= tol * scale).all(dim=1) & (n >= min_iter)) | exhausted)
-        stop = done | exhausted | ~finite | torch.tensor(n == m).expand_as(done)
+        done = (kk == k) & (((r <= tol * scale).all(dim=1) & (n >= min_iter)) | breakdown)
+        stop = done | breakdown | ~finite | torch.tensor(n == m).expand_as(done)
         for local in stop.nonzero().flatten().tolist():
             rr = int(ai[local])
             if bool(finite[local]):
