@@ -433,9 +433,11 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
 def _whole_batches(rs, measures, measure_options) -> str:
     """Why a job's results depend on its batches (so that a memory plan must not split them), or ""."""
     if rs.batch_statistics:
-        return "batch-statistics BatchNorm (bn_mode='batch' or track_running_stats=False) normalizes each batch by its own statistics"
+        return ("batch-statistics BatchNorm (bn_mode='batch' or track_running_stats=False) normalizes each batch by its "
+                "own statistics")
+    options = measure_options or {}
     names = [m for m in ((measures,) if isinstance(measures, str) else measures)
-             if m in ("rho_sharpness", "adaptive_rho_sharpness") and (measure_options or {}).get(m, {}).get("per_batch", True)]
+             if m in ("rho_sharpness", "adaptive_rho_sharpness") and options.get(m, {}).get("per_batch", True)]
     if names:
         return f"{' and '.join(names)} take each batch's worst case (per_batch=True)"
     return ""

@@ -305,7 +305,8 @@ def batched_sharpness(
         out.trace_reason = why
     deflate = "trace" in measures and not exact and trace_method in ("auto", "deflated") and eig_solver == "lanczos"
     if trace_method == "deflated" and eig_solver != "lanczos":
-        raise ValueError("trace_method='deflated' reuses the Lanczos basis of lambda_max/top_k: it needs eig_solver='lanczos'")
+        raise ValueError("trace_method='deflated' reuses the Lanczos basis of lambda_max/top_k: "
+                         "it needs eig_solver='lanczos'")
     basis = None
     if trace_probes is None:
         trace_probes = 10 if deflate else 30
@@ -415,8 +416,8 @@ def result_settings(kwargs: dict, with_measures: bool = False) -> dict:
     bound.apply_defaults()
     args = dict(bound.arguments)
     args.update(args.pop("operator_kwargs", {}))
-    skip = ("models", "data", "progress", "cache_data", "replica_chunk", "output", "distributed", "memory_budget", "process_group",
-            *(() if with_measures else ("measures",)))
+    skip = ("models", "data", "progress", "cache_data", "replica_chunk", "output", "distributed", "memory_budget",
+            "process_group", *(() if with_measures else ("measures",)))
     out = {k: v for k, v in args.items() if k not in skip}
     # memory settings (e.g. from memory_budget=) do not change results
     options = {k: v for k, v in (out.pop("backend_options", None) or {}).items() if k not in _MEMORY_OPTIONS}

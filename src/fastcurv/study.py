@@ -100,7 +100,10 @@ def _hidden_widths(hidden) -> tuple[int, ...]:
     """The hidden widths from an int, a sequence of ints, or a string such as "32" or "64,64"
     (a config file's or the command line's form)."""
     bad = ValueError(f"hidden must be positive layer widths (e.g. 32, [64, 64] or \"64,64\"; [] for none), got {hidden!r}")
-    items = hidden.replace(",", " ").split() if isinstance(hidden, str) else ([hidden] if isinstance(hidden, int) else hidden)
+    if isinstance(hidden, str):
+        items = hidden.replace(",", " ").split()
+    else:
+        items = [hidden] if isinstance(hidden, int) else hidden
     if isinstance(hidden, str) and not items:
         raise bad
     try:
@@ -297,7 +300,8 @@ def study(
         raise ValueError("measures is empty: name at least one curvature or function-space measure")
     hidden = _hidden_widths(hidden)
     lr, momentum, weight_decay, sam_rho, audit_alpha = (_numbers(v, k) for k, v in (
-        ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho), ("audit_alpha", audit_alpha)))
+        ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho),
+        ("audit_alpha", audit_alpha)))
     _check_settings(n_boot=n_boot, audit=audit, audit_alpha=audit_alpha, audit_measures=audit_measures,
                     audit_replicas=audit_replicas, sharpness_kwargs=sharpness_kwargs, function_kwargs=function_kwargs,
                     lr=lr, replicas=replicas)

@@ -232,7 +232,8 @@ def _check_targets(loss: str, y: torch.Tensor, out: torch.Tensor | None) -> None
             bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
             raise ValueError(f"labels out of range: found label {bad} but the model has {out.shape[-1]} classes")
     elif out is not None and y[0].numel() != out[0].numel():
-        raise ValueError(f"mse needs one target per output: targets {tuple(y.shape[1:])} per sample, outputs {tuple(out.shape[1:])}")
+        raise ValueError(f"mse needs one target per output: targets {tuple(y.shape[1:])} per sample, "
+                         f"outputs {tuple(out.shape[1:])}")
 
 
 def _atomic_save(obj, path: Path):

@@ -297,7 +297,8 @@ def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: to
     """
     _check(X, rows, grad.dtype)
     if grad.dim() != 3 or grad.shape[:2] != rows.shape:
-        raise ValueError(f"csr_linear_wgrad: grad must be [R, B, out] with [R, B] = {list(rows.shape)}, got {tuple(grad.shape)}")
+        raise ValueError(f"csr_linear_wgrad: grad must be [R, B, out] with [R, B] = {list(rows.shape)}, "
+                         f"got {tuple(grad.shape)}")
     R, _, n_out = grad.shape
     if out is None:
         out = torch.empty(R, n_out, X.in_features, dtype=grad.dtype, device=grad.device)

@@ -150,15 +150,16 @@ class FusedBackend(Backend):
             engine = FusedBackend(replicas, one, Batches((x, y), device=x.device, dtype=replicas.dtype, cache=True))
             got, grads = engine.loss_and_gradient(torch.tensor([r], device=x.device))
         except (RuntimeError, ValueError, IndexError) as exc:
-            return False, f"the fused engine cannot run this model on inputs {tuple(x.shape)} ({type(exc).__name__}: {str(exc)[:300]})"
+            return False, (f"the fused engine cannot run this model on inputs {tuple(x.shape)} "
+                           f"({type(exc).__name__}: {str(exc)[:300]})")
         tol = 1e-4 if replicas.dtype == torch.float32 else 1e-9
         flat = torch.cat([grad[k].flatten() for k in replicas.names])
         mine = torch.cat([g[0].flatten() for g in grads])
         if not (torch.allclose(got[0], want, rtol=tol, atol=tol * float(want.abs()))
                 and torch.allclose(mine, flat, rtol=tol, atol=tol * float(flat.abs().max()))):
-            return False, (f"the fused engine's loss or gradient differs from the model's own (loss {float(got[0]):.6g} against "
-                           f"{float(want):.6g}): its forward() may update in place a tensor that another operation reads, "
-                           "which torch.fx records as an out-of-place operation")
+            return False, (f"the fused engine's loss or gradient differs from the model's own (loss {float(got[0]):.6g} "
+                           f"against {float(want):.6g}): its forward() may update in place a tensor that another "
+                           "operation reads, which torch.fx records as an out-of-place operation")
         return True, ""
 
     def __init__(self, replicas, loss, batches, cache_bytes: int = DEFAULT_CACHE_BYTES,
