@@ -51,6 +51,13 @@ class Batches:
         if cache not in (True, False, "auto"):
             raise ValueError(f"cache_data must be True, False or 'auto', got {cache!r}")
         self.source = [tuple(data)] if is_single_batch(data) else data
+        # a loader's batches (not a list's) are copied where moving them made no copy: a loader may
+        # refill one buffer for every batch (prefetching pipelines do), and the batches, the fused
+        # engine's cached state and func's retained graphs keep what they are given
+        self._copy = not isinstance(self.source, (list, tuple))
+        # the bytes of the cached batches that are this object's own (converted or copied), not the
+        # caller's tensors themselves
+        self.owned_bytes = 0
         self.device, self.dtype = torch.device(device), dtype
         self.cache: list | None = [] if cache in (True, "auto") else None
         self.sizes: list[int] = []
@@ -71,6 +78,10 @@ class Batches:
                     self.cache = None
                 else:
                     self.cache.append((x, y))
+                    self.owned_bytes += self._fresh_bytes
+
+        if self.cache is None:
+            self.owned_bytes = 0
         if not self.sizes:
             raise ValueError("the data loader yielded no batches (empty loader)")
         self.num_samples = sum(self.sizes)
@@ -120,6 +131,7 @@ class Batches:
                 raise TypeError(f"batch {i}: inputs and targets must be tensors, got {type(x).__name__} and {type(y).__name__}")
             if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
                 raise ValueError(f"batch {i}: inputs {tuple(x.shape)} and targets {tuple(y.shape)} disagree on the batch size")
+            x0, y0 = x, y
             if x.is_floating_point():
                 if not torch.isfinite(x).all():
                     raise ValueError(f"batch {i}: the inputs contain NaN or Inf")
@@ -132,6 +144,11 @@ class Batches:
                 y = y.to(self.device, self.dtype)
             else:
                 y = y.to(self.device)
+            if self._copy:
+                x = x.clone() if x.data_ptr() == x0.data_ptr() else x
+                y = y.clone() if y.data_ptr() == y0.data_ptr() else y
+            self._fresh_bytes = sum(t.numel() * t.element_size() for t, t0 in ((x, x0), (y, y0))
+                                    if t.data_ptr() != t0.data_ptr())
             yield x, y
 
     def __iter__(self):

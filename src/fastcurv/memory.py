@@ -407,6 +407,8 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
     if fused:
         fb = FusedBackend(rs, lossobj, Batches((x, y), device=rs.device, dtype=rs.dtype, cache=True), **opts)
         state = fb.state_bytes_per_sample(x, y)
+        if trace_method == "auto" and fb.exact_trace_support()[0]:
+            trace_method = "exact"  # what "auto" will run: no probes
         conv = _is_general(fb.layers)
         layers = sum(1 for l in fb.layers if l.kind in ("linear", "conv"))
     else:
@@ -467,7 +469,7 @@ def operator_cache_bytes(backend, batches, budget, *, probes: int = PROBE_BATCH)
     rs = backend.replicas
     nbytes = parse_budget(budget, rs.device)
     _, x, y = next(iter(batches))
-    data = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for _, a, b in batches) if batches.cached else 0
+    data = batches.owned_bytes  # (not the caller's own tensors, which the operator only reads)
     _, widest = _activation_stats(rs, x[:2])
     shape = JobShape(P=rs.P, itemsize=rs.dtype.itemsize, batch=max(batches.sizes), num_samples=batches.num_samples,
                      data_bytes=data, vectors=0, probes=probes, state_per_sample=backend.state_bytes_per_sample(x, y),

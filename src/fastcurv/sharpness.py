@@ -18,7 +18,8 @@ from .solvers.probes import start_vectors
 from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
 
 MEASURES = ("lambda_max", "lambda_min", "top_k", "trace", "spectrum")
-_MEMORY_OPTIONS = ("cache_bytes", "chunk_bytes", "sample_chunk_bytes")  # backend options that change memory, not results
+# backend options that change memory, not results (the fused engine's, then the func backend's)
+_MEMORY_OPTIONS = ("cache_bytes", "chunk_bytes", "sample_chunk_bytes", "reuse", "reuse_bytes", "work_bytes")
 TRACE_METHODS = ("auto", "exact", "deflated", "hutch++", "hutchinson")
 
 
