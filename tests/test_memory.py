@@ -536,3 +536,16 @@ def test_func_memory_options_do_not_change_the_settings(tmp_path):
     b = fastcurv.batched_sharpness(models, data, memory_budget="256MiB", **kw)
     assert a.settings == b.settings and "backend_options" not in a.settings
     torch.testing.assert_close(a["lambda_max"], b["lambda_max"], rtol=0, atol=0)
+
+
+def test_budget_values_and_memory_options_are_named():
+    import numpy as np
+
+    assert memory.format_bytes(500) == "500 B" and memory.format_bytes(5000) == "4.9 KiB"
+    assert memory.parse_budget(np.float32(0.5)) > 0  # a numpy float is a fraction too (it was refused)
+    with pytest.raises(ValueError, match="pass a fraction of the free memory as a float"):
+        memory.parse_budget("0.5")
+    models, data = _job(R=2, n=16)
+    for name in ("cache_bytes", "chunk_bytes", "sample_chunk_bytes"):
+        with pytest.raises(ValueError, match=f"backend_options {name} must be a non-negative number of bytes"):
+            fastcurv.HessianOperator(models, data, backend="fused", backend_options={name: -1})

@@ -109,13 +109,15 @@ def parse_budget(budget, device="cpu") -> int:
             raise ValueError(f"memory_budget={budget!r} is not a size: use e.g. '4GiB', '512MiB', '2GB' or bytes as an int")
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
         if value < 1:
-            raise ValueError(f"memory_budget={budget!r} is less than one byte")
+            raise ValueError(f"memory_budget={budget!r} is less than one byte (a string is a size; pass a fraction of the "
+                             "free memory as a float, e.g. 0.5)")
         return int(value)
     if isinstance(budget, int) or (hasattr(budget, "dtype") and getattr(budget, "ndim", 1) == 0 and "int" in str(budget.dtype)):
         if int(budget) <= 0:
             raise ValueError(f"memory_budget must be a positive number of bytes, got {int(budget)}")
         return int(budget)
-    if isinstance(budget, float):
+    if isinstance(budget, float) or hasattr(budget, "dtype") and getattr(budget, "ndim", 1) == 0 and "float" in str(budget.dtype):
+        budget = float(budget)
         if not math.isfinite(budget) or not 0 < budget <= 1:
             raise ValueError(f"a float memory_budget is a fraction of the free memory and must lie in (0, 1], got {budget!r}"
                              " (pass bytes as an int, e.g. 4 * 2**30, or a string like '4GiB')")
@@ -124,8 +126,12 @@ def parse_budget(budget, device="cpu") -> int:
 
 
 def format_bytes(n: float) -> str:
-    """``n`` bytes as a short string in MiB / GiB."""
-    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+    """``n`` bytes as a short string in GiB, MiB or KiB (bytes below 1 KiB)."""
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if abs(n) >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if abs(n) >= 2**10 else f"{int(n)} B"
 
 
 # --- the cost model ------------------------------------------------------------------------------

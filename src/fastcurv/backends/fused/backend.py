@@ -2,6 +2,8 @@
 with conv, pooling or BatchNorm layers, or traced DAGs, run on :class:`.maps._MapEngine`."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ...ops import act_derivs, act_rop_bwd, activation_kind, activation_value, softmax_ce_hvp
@@ -167,6 +169,9 @@ class FusedBackend(Backend):
                  drop_zero_columns: bool = True, sparse_input: bool | None = None, fused_head: bool = True,
                  sparse_hidden: bool | None = None, pooled_stem: bool | None = None, group_conv: bool | None = None):
         super().__init__(replicas, loss, batches)
+        for name, v in (("cache_bytes", cache_bytes), ("chunk_bytes", chunk_bytes), ("sample_chunk_bytes", sample_chunk_bytes)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
+                raise ValueError(f"backend_options {name} must be a non-negative number of bytes, got {v!r}")
         ok, why = self.supports(replicas, loss)
         if not ok:
             raise ValueError(f"the fused backend does not support this model: {why}")
