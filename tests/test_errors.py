@@ -214,3 +214,27 @@ def test_a_single_module_or_a_generator_of_models():
             call(model)
     res = fastcurv.batched_sharpness((m for m in replicas(mlp, 2)), (x, y), progress=False)
     assert res["lambda_max"].shape == (2,) and res.ok.all()
+
+
+class DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return {"logits": self.fc(x)}
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", lambda out, y: nn.functional.cross_entropy(out["logits"], y)])
+def test_a_model_returning_a_dict_is_named(loss):
+    x, y = data()
+    with pytest.raises(TypeError, match="the model returns a dict; fastcurv needs one tensor of outputs"):
+        fastcurv.HessianOperator(replicas(DictOut, 1), (x, y), loss=loss)
+
+
+def test_ggn_of_a_loss_without_forward_mode_is_named():
+    x, _ = data()
+    t = torch.randn(12, 3, dtype=torch.float64)
+    op = fastcurv.GGNOperator(replicas(mlp, 1), (x, t), loss=lambda out, y: nn.functional.huber_loss(out, y))
+    with pytest.raises(NotImplementedError, match="differentiates the loss in forward mode"):
+        op.matvec(torch.randn(1, op.P, dtype=torch.float64))

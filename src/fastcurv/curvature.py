@@ -45,7 +45,13 @@ class _JtMJBackend(Backend):
                 return vmap(lambda c: pull(c)[0])(mjv)
 
             tk = {n: t for n, t in tangents.items()}
-            res = vmap(one, in_dims=(0, 0, 0))(params, buffers, tk)
+            try:
+                res = vmap(one, in_dims=(0, 0, 0))(params, buffers, tk)
+            except NotImplementedError as exc:
+                raise NotImplementedError(
+                    f"the {self.name} operator differentiates the loss in forward mode, which torch does not implement "
+                    f"for an operation of this loss or model ({str(exc).splitlines()[0][:200]}); HessianOperator and "
+                    "EmpiricalFisherOperator use reverse mode only") from exc
             for j, n in enumerate(rs.names):
                 out[j] += res[n]
         return out

@@ -182,6 +182,9 @@ class HessianOperator:
                 out = rs.call({n: t[r] for n, t in rs.params.items()}, {n: t[r] for n, t in rs.buffers.items()}, xc)
             except RuntimeError as exc:
                 raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): {exc}") from exc
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"the model returns a {type(out).__name__}; fastcurv needs one tensor of outputs (wrap the "
+                                "model in a module whose forward returns the tensor the loss takes)")
             if not torch.equal(xc, x):
                 raise ValueError("the model changes its input in place (an in-place operation on the input, such as "
                                  "ReLU(inplace=True) as its first layer); fastcurv passes the same batches to it many "
