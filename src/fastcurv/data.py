@@ -67,7 +67,7 @@ class Batches:
         self.target_kinds: dict = {}
         nbytes = 0
         digests = []
-        for i, (x, y) in enumerate(self._read()):
+        for i, (x, y, fresh) in enumerate(self._read()):
             self.sizes.append(x.shape[0])
             self._note_targets(i, y)
             if check_determinism:
@@ -78,7 +78,7 @@ class Batches:
                     self.cache = None
                 else:
                     self.cache.append((x, y))
-                    self.owned_bytes += self._fresh_bytes
+                    self.owned_bytes += fresh
 
         if self.cache is None:
             self.owned_bytes = 0
@@ -105,7 +105,7 @@ class Batches:
     def _check_second_pass(self, digests: list[str]) -> None:
         """Read the loader again and raise if any batch differs from the first pass."""
         n = 0
-        for i, (x, y) in enumerate(self._read()):
+        for i, (x, y, _) in enumerate(self._read()):
             if i >= len(digests) or _digest(x, y) != digests[i]:
                 what = "an extra batch" if i >= len(digests) else f"batch {i} differs"
                 raise ValueError(
@@ -121,6 +121,8 @@ class Batches:
         return len(self.sizes)
 
     def _read(self) -> Iterable:
+        """``(inputs, targets, bytes of them that are new tensors, not the loader's)`` per batch, checked
+        and moved to the device and dtype."""
         try:
             iterator = iter(self.source)
         except TypeError:
@@ -147,16 +149,15 @@ class Batches:
             if self._copy:
                 x = x.clone() if x.data_ptr() == x0.data_ptr() else x
                 y = y.clone() if y.data_ptr() == y0.data_ptr() else y
-            self._fresh_bytes = sum(t.numel() * t.element_size() for t, t0 in ((x, x0), (y, y0))
-                                    if t.data_ptr() != t0.data_ptr())
-            yield x, y
+            fresh = sum(t.numel() * t.element_size() for t, t0 in ((x, x0), (y, y0)) if t.data_ptr() != t0.data_ptr())
+            yield x, y, fresh
 
     def __iter__(self):
         if self.cache is not None:
             yield from ((i, x, y) for i, (x, y) in enumerate(self.cache))
             return
         n = 0
-        for i, (x, y) in enumerate(self._read()):
+        for i, (x, y, _) in enumerate(self._read()):
             if i >= len(self.sizes) or x.shape[0] != self.sizes[i]:
                 raise RuntimeError(
                     "the loader yielded different batches on a later pass (sizes changed); use a deterministic loader or cache_data=True"

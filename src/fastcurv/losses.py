@@ -21,6 +21,15 @@ import torch.nn.functional as F
 REDUCTIONS = ("mean", "sum")
 
 
+def label_out_of_range(y: torch.Tensor, num_classes: int) -> int | None:
+    """A label of the integer labels ``y`` outside ``[0, num_classes)`` (the smallest if one is
+    negative, else the largest), or None."""
+    if y.numel() == 0:
+        return None
+    lo, hi = int(y.min()), int(y.max())
+    return lo if lo < 0 else hi if hi >= num_classes else None
+
+
 class Loss:
     """A loss with the weighting that turns per-batch values into the full-data loss.
 

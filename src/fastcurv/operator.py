@@ -134,9 +134,10 @@ class HessianOperator:
 
         self._on_all_ranks(build, "building the operator")
         rs = self.replicas
-        self.check_ranks_agree({"replicas": rs.R, "parameters": list(zip(rs.names, rs.shapes)), "dtype": str(rs.dtype),
-                                "backend": self.backend_name, "loss": self.loss.kind, "reduction": reduction,
-                                "bn_mode": bn_mode, "exact trace": self.exact_trace_support()[0]})
+        self.check_ranks_agree(lambda: {"replicas": rs.R, "parameters": list(zip(rs.names, rs.shapes)),
+                                        "dtype": str(rs.dtype), "backend": self.backend_name, "loss": self.loss.kind,
+                                        "reduction": reduction, "bn_mode": bn_mode,
+                                        "exact trace": self.exact_trace_support()[0]})
         n = torch.tensor([float(self.batches.num_samples)], dtype=torch.float64, device=rs.device)
         self.loss.num_samples = int(self._sum_over_ranks(n).item())
         self.failed = ~rs.finite.clone()
@@ -342,16 +343,16 @@ class HessianOperator:
         k = int(flags.nonzero()[0])
         raise RuntimeError(f"rank {k} failed in {what} (distributed_data=True): {messages[k]}")
 
-    def check_ranks_agree(self, facts: dict) -> None:
+    def check_ranks_agree(self, facts) -> None:
         """With data sharded over ranks, raise on every rank a ValueError naming what differs when
-        the ranks' ``facts`` (JSON-like values) differ: their collectives would otherwise wait forever
-        or sum mismatched results."""
+        the ranks' ``facts()`` (a dict of JSON-like values; only called then) differ: their
+        collectives would otherwise wait forever or sum mismatched results."""
         if self._group is None:
             return
         import torch.distributed as dist
 
         every = [None] * dist.get_world_size(self._group)
-        dist.all_gather_object(every, facts, group=self._group)
+        dist.all_gather_object(every, facts(), group=self._group)
         first = every[0]
         for k, other in enumerate(every[1:], start=1):
             differ = sorted(key for key in set(first) | set(other) if first.get(key) != other.get(key))

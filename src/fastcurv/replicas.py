@@ -201,8 +201,9 @@ class ReplicaSet:
     @property
     def batch_statistics(self) -> bool:
         """Whether a BatchNorm normalizes each batch by its own statistics (``bn_mode='batch'``, or
-        ``track_running_stats=False``): the results then depend on the batches."""
-        return any(isinstance(m, _BN_TYPES) and not m.track_running_stats for m in self.base.modules())
+        ``track_running_stats=False``): the results then depend on the batches. (torch's rule, as the
+        fused engine's parser reads it: training mode, or no running statistics.)"""
+        return any(isinstance(m, _BN_TYPES) and (m.training or m.running_mean is None) for m in self.base.modules())
 
     def flatten(self, tensors: Sequence[torch.Tensor], lead: int = 1) -> torch.Tensor:
         """Concatenate per-parameter tensors ``[*lead_dims, *shape]`` into ``[*lead_dims, P]``."""

@@ -293,8 +293,8 @@ def batched_sharpness(
     t0 = time.perf_counter()
     op = HessianOperator(models, data, loss=loss, reduction=reduction, backend=backend, bn_mode=bn_mode,
                          cache_data=cache_data, **operator_kwargs)
-    settings = json.loads(json.dumps(result_settings(kwargs, with_measures=True), default=repr))
-    op.check_ranks_agree({f"setting {k}": v for k, v in settings.items()})
+    op.check_ranks_agree(lambda: {f"setting {k}": v for k, v in json.loads(
+        json.dumps(result_settings(kwargs, with_measures=True), default=repr)).items()})
     out = SharpnessResult(backend=op.backend_name, backend_reason=op.backend_reason)
     bar = _Progress(op, progress)
     crn = common_random_numbers

@@ -57,6 +57,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
+from .losses import label_out_of_range
 from .ops.csr_linear import CsrRows
 from .replicas import meta_copy, nonfinite_rows
 from .train_fused import CsrBatch, plan_mlp
@@ -228,8 +229,8 @@ def _check_targets(loss: str, y: torch.Tensor, out: torch.Tensor | None) -> None
     if loss == "cross_entropy":
         if y.is_floating_point() or y.dim() != 1:
             raise ValueError(f"cross_entropy needs integer class labels y of shape [N], got {y.dtype} {tuple(y.shape)}")
-        if out is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= out.shape[-1]):
-            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        bad = None if out is None else label_out_of_range(y, out.shape[-1])
+        if bad is not None:
             raise ValueError(f"labels out of range: found label {bad} but the model has {out.shape[-1]} classes")
     elif out is not None and y[0].numel() != out[0].numel():
         raise ValueError(f"mse needs one target per output: targets {tuple(y.shape[1:])} per sample, "

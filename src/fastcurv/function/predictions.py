@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..losses import label_out_of_range
 from ..replicas import ReplicaSet
 
 
@@ -158,8 +159,8 @@ def collect_predictions(
                 lab_b.append(out.argmax(-1).to(label_dtype(num_classes)).cpu())
                 if keep_probs:
                     prob_b.append(p.to(probs_dtype or p.dtype).cpu())
-            if have_targets and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-                bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            bad = label_out_of_range(y, num_classes) if have_targets else None
+            if bad is not None:
                 raise ValueError(f"labels out of range: batch {i} has label {bad} but the models have {num_classes} classes")
             labels.append(torch.cat(lab_b))
             if keep_probs:
