@@ -143,7 +143,7 @@ class FusedBackend(Backend):
         n = min(samples, x.shape[0])
         x, y = x[:n], y[:n]
         r = int(replicas.finite.nonzero()[0])
-        one = Loss(loss.kind if loss.kind != "callable" else loss.fn, loss.reduction, loss.loss_reduction)
+        one = Loss(loss.kind, loss.reduction, loss.loss_reduction)  # (supports() took cross-entropy or MSE only)
         one.num_samples = n
         params = {k: t[r] for k, t in replicas.params.items()}
         buffers = {k: t[r] for k, t in replicas.buffers.items()}
