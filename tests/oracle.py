@@ -90,3 +90,14 @@ def check_fused_float32(models, data, gen):
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
     return fused, idx, g2
+
+
+def pairwise_ce_product(p, t):
+    """``(diag(p) - p p^T) t`` along the last dimension as ``p_i sum_j p_j (t_i - t_j)``: free of
+    cancellation, and independent of the kernels' pivoted formula."""
+    return (p.unsqueeze(-1) * p.unsqueeze(-2) * (t.unsqueeze(-1) - t.unsqueeze(-2))).sum(-1)
+
+
+def rowwise_error(got, want) -> float:
+    """The largest relative error of the rows (last dimension) of ``got`` against float64 ``want``."""
+    return float(((got.double().cpu() - want).norm(dim=-1) / want.norm(dim=-1)).max())

@@ -21,6 +21,7 @@ from fastcurv.ops import (
     softmax_ce_hvp,
     softmax_ce_hvp_reference,
 )
+from oracle import pairwise_ce_product, rowwise_error
 
 CUDA_OPS = ("softmax_ce_hvp", "act_derivs", "act_rop_bwd")
 # the C++ CPU ops always; the CUDA ones on a GPU
@@ -82,6 +83,24 @@ def test_softmax_ce_hvp_ext(device, dtype, case):
     assert torch.count_nonzero(zero) == 0
     strided = tangent.transpose(2, 3).contiguous().transpose(2, 3)
     torch.testing.assert_close(op(probs, strided, 0.25), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [11, 1000])
+def test_softmax_ce_hvp_ext_confident_rows(device, C):
+    """float32 rows with margins up to 60 keep their precision (the kernels pivot on the most
+    probable class); two tied most probable classes pivot as the reference does (the first)."""
+    op = _ext_op("softmax_ce_hvp", device)
+    g = _gen(C)
+    z = _randn(2, 6, C, dtype=torch.float64, device="cpu", gen=g)
+    z[:, :5, C // 2] += torch.tensor([0.0, 10, 20, 30, 60], dtype=torch.float64)
+    z[:, 5, C - 1] = z[:, 5, 3] = 40.0
+    p64 = z.softmax(-1)
+    t = _randn(2, 3, 6, C, dtype=torch.float64, device="cpu", gen=g)
+    p, t32 = p64.float().to(device), t.float().to(device)
+    out = op(p, t32, 0.5)
+    assert rowwise_error(out, 0.5 * pairwise_ce_product(p64.unsqueeze(1), t)) < 1e-5
+    torch.testing.assert_close(out, softmax_ce_hvp_reference(p, t32, 0.5), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,6 +11,7 @@ import torch
 import fastcurv
 from fastcurv.ops import ACTIVATIONS, act_derivs_reference, act_rop_bwd_reference, softmax_ce_hvp_reference
 from fastcurv.ops.linear_rop import linear_rop, linear_rop_reference
+from oracle import pairwise_ce_product, rowwise_error
 from triton_helpers import compile_for_gpu
 
 triton_kernels = pytest.importorskip("fastcurv.triton_kernels")
@@ -58,6 +59,20 @@ def test_softmax_ce_hvp(device, dtype, case):
     out = tk.softmax_ce_hvp(probs, tangent, 1.0 / 7.0)
     assert out.shape == tangent.shape and out.dtype == dtype and out.device == tangent.device
     torch.testing.assert_close(out, softmax_ce_hvp_reference(probs, tangent, 1.0 / 7.0), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [11, 1500])
+def test_softmax_ce_hvp_confident_rows(device, C):
+    """float32 rows with margins up to 60 keep their precision (the kernel pivots on the most
+    probable class, in one block and across blocks)."""
+    g = _gen(5)
+    z = _randn(2, 5, C, dtype=torch.float64, device="cpu", gen=g)
+    z[:, :, C // 2] += torch.tensor([0.0, 10, 20, 30, 60], dtype=torch.float64)
+    p64 = z.softmax(-1)
+    t = _randn(2, 3, 5, C, dtype=torch.float64, device="cpu", gen=g)
+    out = tk.softmax_ce_hvp(p64.float().to(device), t.float().to(device), 0.5)
+    assert rowwise_error(out, 0.5 * pairwise_ce_product(p64.unsqueeze(1), t)) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)

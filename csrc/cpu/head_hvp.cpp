@@ -192,11 +192,14 @@ FC_ALWAYS_INLINE void head_samples(const HeadArgs<S>& a, int64_t r, int64_t k, i
   for (int m = 0; m < NS; ++m) {
     const S* zm = z + m * O;
     S* rdm = rd + m * O;
-    if (a.probs) {  // cross-entropy: scale * (diag(p) - p p^T) z
+    if (a.probs) {  // cross-entropy: scale * (diag(p) - p p^T) z, pivoted on the most probable class
       const S* p = a.probs + r * a.p_r + (n + m) * a.p_n;
+      int64_t top = 0;
+      for (int64_t c = 1; c < O; ++c) top = p[c] > p[top] ? c : top;
+      const S zt = O > 0 ? zm[top] : S(0);
       S pz = 0;
-      for (int64_t c = 0; c < O; ++c) pz += p[c] * zm[c];
-      for (int64_t c = 0; c < O; ++c) rdm[c] = a.scale * p[c] * (zm[c] - pz);
+      for (int64_t c = 0; c < O; ++c) pz += p[c] * (zm[c] - zt);
+      for (int64_t c = 0; c < O; ++c) rdm[c] = a.scale * p[c] * ((zm[c] - zt) - pz);
     } else {  // squared error: scale * z
       for (int64_t c = 0; c < O; ++c) rdm[c] = a.scale * zm[c];
     }

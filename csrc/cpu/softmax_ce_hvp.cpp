@@ -24,9 +24,14 @@ at::Tensor softmax_ce_hvp_cpu(const at::Tensor& probs, const at::Tensor& tangent
         const scalar_t* prow = pp + (b * N + n) * C;
         const scalar_t* trow = tp + row * C;
         scalar_t* orow = op + row * C;
+        // pivoted on the most probable class m (see ops/softmax_ce_hvp.py): t - t_m keeps the
+        // precision that t - <p, t> loses at m once p_m rounds to 1
+        int64_t m = 0;
+        for (int64_t c = 1; c < C; ++c) m = prow[c] > prow[m] ? c : m;
+        const scalar_t tm = C > 0 ? trow[m] : scalar_t(0);
         scalar_t dot = 0;
-        for (int64_t c = 0; c < C; ++c) dot += prow[c] * trow[c];
-        for (int64_t c = 0; c < C; ++c) orow[c] = s * prow[c] * (trow[c] - dot);
+        for (int64_t c = 0; c < C; ++c) dot += prow[c] * (trow[c] - tm);
+        for (int64_t c = 0; c < C; ++c) orow[c] = s * prow[c] * ((trow[c] - tm) - dot);
       }
     });
   });

@@ -1,5 +1,6 @@
-// CUDA kernel of fastcurv::softmax_ce_hvp: out[b,k,n,:] = scale * p * (t - <p, t>),
-// p = probs[b,n,:] ([B, N, C]), t = tangent[b,k,n,:] ([B, K, N, C]). One warp per row of C classes.
+// CUDA kernel of fastcurv::softmax_ce_hvp: out[b,k,n,:] = scale * p * (w - <p, w>), w = t - t_m,
+// p = probs[b,n,:] ([B, N, C]), t = tangent[b,k,n,:] ([B, K, N, C]), m the row's most probable class
+// (the pivot that keeps confident rows precise, see src/fastcurv/ops/softmax_ce_hvp.py). One warp per row.
 #include "common.cuh"
 
 namespace fastcurv_cuda {
@@ -18,11 +19,23 @@ __global__ void softmax_ce_hvp_kernel(const T* __restrict__ probs, const T* __re
     const T* prow = probs + (b * N + n) * C;
     const T* trow = tangent + row * C;
     T* orow = out + row * C;
+    // pivot m: the row's most probable class, the first if tied (as the CPU kernel and torch's argmax)
+    T best = T(0);
+    int64_t m = C;
+    for (int64_t c = lane; c < C; c += 32)
+      if (m == C || prow[c] > best) best = prow[c], m = c;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const T ob = __shfl_xor_sync(0xffffffffu, best, off);
+      const int64_t om = __shfl_xor_sync(0xffffffffu, m, off);
+      if (om < C && (m == C || ob > best || (ob == best && om < m))) best = ob, m = om;
+    }
+    const T tm = m < C ? trow[m] : T(0);
     T dot = T(0);
-    for (int64_t c = lane; c < C; c += 32) dot += prow[c] * trow[c];
+    for (int64_t c = lane; c < C; c += 32) dot += prow[c] * (trow[c] - tm);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-    for (int64_t c = lane; c < C; c += 32) orow[c] = scale * prow[c] * (trow[c] - dot);
+    for (int64_t c = lane; c < C; c += 32) orow[c] = scale * prow[c] * ((trow[c] - tm) - dot);
   }
 }
 

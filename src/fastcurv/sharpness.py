@@ -124,13 +124,16 @@ def _gradient_start(op, seed: int, common: bool) -> tuple[torch.Tensor, torch.Te
     return torch.where(usable, z + grad / torch.where(usable, norm, 1.0), z), loss
 
 
-def _saturated(op, loss: torch.Tensor) -> torch.Tensor:
-    """``[R]`` bool: cross-entropy whose mean per-sample loss is below the dtype's epsilon, so that the
-    samples' probabilities of their labels round to 1 and the loss Hessian is rounding noise."""
+def _underflowed(op, loss: torch.Tensor) -> torch.Tensor:
+    """``[R]`` bool: cross-entropy whose mean per-sample loss is below the dtype's ``tiny / eps``
+    (about 1e-31 in float32, 1e-292 in float64): the other classes' probabilities, and with them the
+    loss Hessian, are then subnormal or zero and have lost their precision. (Above that, the
+    pivoted cross-entropy of :mod:`fastcurv.losses` keeps the Hessian of confident samples exact.)"""
     if op.loss.kind != "cross_entropy":
         return torch.zeros(op.R, dtype=torch.bool)
     per_sample = loss.detach().double().cpu() / (op.loss.num_samples if op.loss.reduction == "sum" else 1)
-    return per_sample < torch.finfo(op.dtype).eps
+    info = torch.finfo(op.dtype)
+    return per_sample < info.tiny / info.eps
 
 
 @reusing_heap
@@ -311,7 +314,7 @@ def batched_sharpness(
     basis = None
     if trace_probes is None:
         trace_probes = 10 if deflate else 30
-    saturated = torch.zeros(op.R, dtype=torch.bool)  # (known where the gradient start computes the loss)
+    underflow = torch.zeros(op.R, dtype=torch.bool)  # (known where the gradient start computes the loss)
     try:
         top = None
         if "top_k" in measures or "lambda_max" in measures or (deflate and trace_method == "deflated"):
@@ -327,7 +330,7 @@ def batched_sharpness(
                 v0 = None
                 if eig_start == "gradient":
                     v0, start_loss = _gradient_start(op, seed, crn)
-                    saturated = _saturated(op, start_loss)
+                    underflow = _underflowed(op, start_loss)
                 top = lanczos(op, k=k, max_iter=max_iter, tol=tol, v0=v0, seed=seed, common=crn, keep_basis=deflate,
                               callback=bar.tick)
                 basis = top
@@ -395,9 +398,9 @@ def batched_sharpness(
             f.append("non-finite Hessian products")
         else:
             f += [f"{name} not converged" for name, c in out.converged.items() if not bool(c[r])]
-            if bool(saturated[r]):
-                f.append("loss at rounding level (every sample's label probability rounds to 1: the Hessian is "
-                         "rounding noise)")
+            if bool(underflow[r]):
+                f.append("loss below the dtype's range (the other classes' probabilities underflow: the Hessian "
+                         "has lost its precision)")
         flags.append("; ".join(f))
     out.flags = flags
     out.num_matvecs = op.num_matvecs

@@ -4,7 +4,8 @@ For R replicas, N samples and K probes (the probe's blocks ``dW``, ``db`` of the
 bias), with the layer's input ``a`` and its tangent ``ra`` (the R-forward of the layers before)::
 
     rz[r, n, k]  = dW[r, k] a[r, n] + W[r] ra[r, n, k] + db[r, k]               (O outputs)
-    rd[r, n, k]  = scale * p * (rz - <p, rz>)    p = probs[r, n]  (softmax cross-entropy)
+    rd[r, n, k]  = scale * (diag(p) - p p^T) rz  p = probs[r, n]  (softmax cross-entropy; pivoted as
+                                                   softmax_ce_hvp.ce_hessian_product says)
                    scale * rz                    without probs    (squared error, scale = 2 / its divisor)
     out_w[r, k]  = sum_n rd[r, n, k] a[r, n]^T + delta[r, n] ra[r, n, k]^T       [O, I]
     out_b[r, k]  = sum_n rd[r, n, k]                                             [O]
@@ -29,6 +30,7 @@ import torch
 
 from .. import _ext
 from ._checks import check_like, check_shapes, contiguous_inner, inner_contiguous, store
+from .softmax_ce_hvp import ce_hessian_product
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -67,8 +69,7 @@ def head_hvp_reference(a, ra, weight, dweight, delta, scale: float, probs=None, 
     if dbias is not None:
         rz = rz + dbias.unsqueeze(1)
     if probs is not None:
-        p = probs.unsqueeze(2)
-        rd = scale * p * (rz - (p * rz).sum(-1, keepdim=True))
+        rd = scale * ce_hessian_product(probs.unsqueeze(2), rz)
     else:
         rd = scale * rz
     hw = torch.einsum("rnko,rni->rkoi", rd, a) + torch.einsum("rno,rnki->rkoi", delta, ra)

@@ -141,25 +141,39 @@ def _softmax_ce_hvp_kernel(p_ptr, t_ptr, o_ptr, rows, KN, N, C, scale_hi, scale_
         dot = tl.zeros([BLOCK_R], dtype=tl.float64)
     else:
         dot = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # the pivot: t at the row's most probable class (the first if tied), see ops/softmax_ce_hvp.py
+    best = dot - 1.0
+    tm = dot
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cols
+        m = rmask[:, None] & (c[None, :] < C)
+        p = tl.load(p_ptr + prow[:, None] + c[None, :], mask=m, other=-1.0).to(dot.dtype)
+        t = tl.load(t_ptr + trow[:, None] + c[None, :], mask=m, other=0.0).to(dot.dtype)
+        bmax = tl.max(p, axis=1)
+        first = tl.min(tl.where(p == bmax[:, None], cols[None, :], BLOCK_C), axis=1)
+        bt = tl.sum(tl.where(cols[None, :] == first[:, None], t, 0.0), axis=1)
+        tm = tl.where(bmax > best, bt, tm)
+        best = tl.maximum(best, bmax)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
         m = rmask[:, None] & (c[None, :] < C)
         p = tl.load(p_ptr + prow[:, None] + c[None, :], mask=m, other=0.0).to(dot.dtype)
         t = tl.load(t_ptr + trow[:, None] + c[None, :], mask=m, other=0.0).to(dot.dtype)
-        dot += tl.sum(p * t, axis=1)
+        dot += tl.sum(p * (t - tm[:, None]), axis=1)
     s = _scalar(scale_hi, scale_lo, F64)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
         m = rmask[:, None] & (c[None, :] < C)
         p = tl.load(p_ptr + prow[:, None] + c[None, :], mask=m, other=0.0).to(dot.dtype)
         t = tl.load(t_ptr + trow[:, None] + c[None, :], mask=m, other=0.0).to(dot.dtype)
-        out = s * p * (t - dot[:, None])
+        out = s * p * ((t - tm[:, None]) - dot[:, None])
         tl.store(o_ptr + trow[:, None] + c[None, :], out.to(o_ptr.dtype.element_ty), mask=m)
 
 
 @register("softmax_ce_hvp")
 def softmax_ce_hvp(probs: torch.Tensor, tangent: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``scale * p * (t - <p, t>)`` per row; probs ``[B, N, C]``, tangent ``[B, K, N, C]`` -> ``[B, K, N, C]``."""
+    """``scale * (diag(p) - p p^T) t`` per row, pivoted as ``ops.softmax_ce_hvp.ce_hessian_product``;
+    probs ``[B, N, C]``, tangent ``[B, K, N, C]`` -> ``[B, K, N, C]``."""
     if probs.dim() != 3 or tangent.dim() != 4:
         raise ValueError(f"softmax_ce_hvp: probs must be [B, N, C] and tangent [B, K, N, C], got "
                          f"{tuple(probs.shape)} and {tuple(tangent.shape)}")

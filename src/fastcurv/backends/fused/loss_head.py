@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...losses import cross_entropy_parts
 from ...ops.head_hvp import head_hvp
 
 
@@ -30,16 +31,12 @@ def _loss_head(loss, out: torch.Tensor, y: torch.Tensor, sample_dim: int):
     shape[sample_dim] = y.shape[0]
     if loss.kind == "cross_entropy":
         sc = loss.scale()
-        logp = torch.log_softmax(out, dim=-1)
-        probs = logp.exp()
         if y.is_floating_point():  # soft targets
-            yb = y.unsqueeze(1 - sample_dim)
+            losses, probs, delta = cross_entropy_parts(out, y.unsqueeze(1 - sample_dim).expand(out.shape))
             mass = y.sum(-1)
-            delta = (probs * mass.view(shape) - yb).mul_(sc)
-            return -(logp * yb).sum((sample_dim, 2)) * sc, probs, delta, None if bool((mass == 1).all()) else mass
-        yi = y.view(shape).expand(*out.shape[:2], 1)
-        delta = probs.clone().scatter_add_(2, yi, torch.full_like(logp[..., :1], -1.0)).mul_(sc)
-        return -logp.gather(2, yi).squeeze(2).sum(sample_dim) * sc, probs, delta, None
+            return losses.sum(sample_dim) * sc, probs, delta.mul_(sc), None if bool((mass == 1).all()) else mass
+        losses, probs, delta = cross_entropy_parts(out, y.view(shape[:2]).expand(out.shape[:2]))
+        return losses.sum(sample_dim) * sc, probs, delta.mul_(sc), None
     sc = loss.scale(out.shape[-1])
     diff = out - y.unsqueeze(1 - sample_dim)
     return diff.square().sum((sample_dim, 2)) * sc, None, 2 * sc * diff, None
