@@ -238,3 +238,20 @@ def test_ggn_of_a_loss_without_forward_mode_is_named():
     op = fastcurv.GGNOperator(replicas(mlp, 1), (x, t), loss=lambda out, y: nn.functional.huber_loss(out, y))
     with pytest.raises(NotImplementedError, match="differentiates the loss in forward mode"):
         op.matvec(torch.randn(1, op.P, dtype=torch.float64))
+
+
+def test_a_replica_mixing_dtypes_names_the_parameter():
+    model = mlp().double()
+    model[2].float()
+    with pytest.raises(ValueError, match=r"replica 0 mixes parameter dtypes: '2.weight' is torch.float32, '0.weight' torch.float64"):
+        fastcurv.HessianOperator([model], data())
+
+
+def test_batches_with_extra_elements_are_read_as_inputs_and_targets():
+    """Loaders that also yield indices: (x, y, idx) batches give the same products as (x, y)."""
+    models = replicas(mlp, R=2)
+    x, y = data()
+    V = torch.randn(2, sum(p.numel() for p in models[0].parameters()), dtype=torch.float64)
+    plain = fastcurv.HessianOperator(models, [(x, y)]).matvec(V)
+    extra = fastcurv.HessianOperator(models, [(x, y, torch.arange(len(y)))]).matvec(V)
+    torch.testing.assert_close(extra, plain)

@@ -91,3 +91,55 @@ def test_lambda_max_start_vectors_and_residual_stopping(setup, start):
         assert float(res.error_bounds["lambda_max"][r]) <= 1e-4 * abs(lam)
     with pytest.raises(ValueError, match="eig_start must be"):
         fastcurv.batched_sharpness(models, batches, eig_start="ones", progress=False)
+
+
+def test_trace_without_a_lanczos_basis_gets_the_full_hutchpp_budget(setup):
+    """measures=("trace",) on a model without an exact trace: "auto" has no Lanczos basis to
+    deflate with and runs Hutch++ on the default 30 matvecs (it took the deflated estimator's 10
+    before), as trace_method="hutch++" does; fewer than 6 are refused up front."""
+    models, batches, _ = setup  # Tanh: no exact trace
+    auto = fastcurv.batched_sharpness(models, batches, measures=("trace",), progress=False)
+    explicit = fastcurv.batched_sharpness(models, batches, measures=("trace",), trace_method="hutch++", progress=False)
+    assert auto.trace_method == explicit.trace_method == "hutch++"
+    assert auto.num_matvecs == explicit.num_matvecs == 30  # per replica
+    with pytest.raises(ValueError, match="trace_probes=4: the trace runs Hutch\\+\\+"):
+        fastcurv.batched_sharpness(models, batches, measures=("lambda_max", "trace"), trace_method="hutch++",
+                                   trace_probes=4, progress=False)
+
+
+def test_lambda_max_converged_with_top_k_and_power_iteration_negative_flag(setup):
+    """lambda_max and top_k together: both have iterations and convergence entries. Power
+    iteration converging to a negative eigenvalue (the largest in modulus) says so."""
+    models, batches, eigs = setup
+    res = fastcurv.batched_sharpness(models, batches, measures=("lambda_max", "top_k"), top_k=2, progress=False)
+    assert res.converged["lambda_max"].all() and res.converged["top_k"].all()
+    assert torch.equal(res.iterations["lambda_max"], res.iterations["top_k"])
+    neg = fastcurv.batched_sharpness(models, batches, loss=lambda out, y: -nn.functional.cross_entropy(out, y) * 5,
+                                     measures=("lambda_max",), eig_solver="power", max_iter=300, progress=False)
+    for r, ev in enumerate(eigs):
+        assert ("converged to a negative eigenvalue" in neg.flags[r]) == (float(neg["lambda_max"][r]) < 0)
+    assert any("negative eigenvalue" in f for f in neg.flags)
+
+
+def test_auto_falls_back_to_autograd_for_the_gradient_too():
+    """A model neither torch.fx nor vmap can take (data-dependent control flow): the default job
+    (its Lanczos start needs the gradient) runs on autograd with a warning, and the result says so."""
+
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(torch.relu(h) if h.sum() > -1e9 else h)
+
+    torch.manual_seed(0)
+    models = [DataDependent().double() for _ in range(2)]
+    x = torch.randn(20, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    with pytest.warns(RuntimeWarning, match="falling back to the 'autograd' backend"):
+        res = fastcurv.batched_sharpness(models, (x, y), progress=False)
+    assert res.backend == "autograd" and res.backend_reason.startswith("auto: torch.func failed")
+    ref = fastcurv.batched_sharpness(models, (x, y), backend="autograd", progress=False)
+    torch.testing.assert_close(res["lambda_max"], ref["lambda_max"])

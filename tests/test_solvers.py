@@ -269,3 +269,32 @@ def test_common_random_numbers_identical_replicas_identical_results():
     assert torch.equal(again["trace"], res["trace"])
     indep = fastcurv.batched_sharpness(twins, (x, y), progress=False, seed=3, common_random_numbers=False)
     assert abs(float(indep["trace"][0] - indep["trace"][1])) > 1e-6
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_lanczos_does_not_stop_before_the_extreme_eigenvalue_enters(which):
+    """A start vector that barely touches the extreme eigenvector (overlap 1e-3, as a gradient
+    plus random start can give): the residual test alone passes on the next eigenvalue after a few
+    steps; the minimum number of steps lets the extreme one in."""
+    sign = 1.0 if which == "largest" else -1.0
+    eigs = sign * torch.cat([torch.tensor([1.0, 0.97]), torch.linspace(0.5, -0.2, 98)])
+    gen = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(100, 100, generator=gen, dtype=torch.float64))
+    op = DenseOperator((Q @ torch.diag(eigs.double()) @ Q.T).unsqueeze(0))
+    v0 = (1e-3 * Q[:, 0] + Q[:, 1:] @ torch.randn(99, generator=gen, dtype=torch.float64) / 10).unsqueeze(0)
+    early = lanczos(op, k=1, which=which, tol=1e-2, v0=v0, min_iter=0)
+    assert bool(early.converged[0]) and abs(float(early.eigenvalues[0, 0]) - sign * 0.97) < 1e-2  # what the minimum guards against
+    res = lanczos(op, k=1, which=which, tol=1e-2, v0=v0)
+    assert bool(res.converged[0]) and abs(float(res.eigenvalues[0, 0]) - sign * 1.0) < 1e-2
+
+
+def test_lanczos_error_bounds_respect_the_dtype_and_tol_below_it_is_raised():
+    """float32 matvecs: error bounds are never below 10 eps |H| (the Ritz residual estimate alone
+    goes to 1e-13 while the true error is 1e-8), and a tol finer than that is raised to it with a warning."""
+    mats = spd_with_spectrum(torch.linspace(0.1, 2.0, 40), 0).unsqueeze(0).float()
+    op = DenseOperator(mats)
+    with pytest.warns(RuntimeWarning, match="below what torch.float32 matvecs resolve"):
+        res = lanczos(op, k=2, tol=1e-10, max_iter=40)
+    eps = torch.finfo(torch.float32).eps
+    assert (res.error_bounds >= 10 * eps * 2.0 * (1 - 1e-6)).all()
+    assert (res.eigenvalues[0].double() - torch.tensor([2.0, 2.0 - 1.9 / 39], dtype=torch.float64)).abs().max() <= res.error_bounds.max()

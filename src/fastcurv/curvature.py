@@ -119,7 +119,8 @@ class _SwappedBackendOperator(HessianOperator):
         new._install()
         return new
 
-    def loss_and_gradient(self, idx=None):
+    def loss_and_gradient(self, idx=None, *, reuse_state: bool = False):
+        """As :meth:`HessianOperator.loss_and_gradient` (by torch.func: this backend caches no state)."""
         return HessianOperator.loss_and_gradient(self, idx)
 
 

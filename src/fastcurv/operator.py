@@ -241,17 +241,22 @@ class HessianOperator:
         try:
             return self.backend.matvec(vecs, idx)
         except (RuntimeError, NotImplementedError) as exc:
-            if not (self._auto and self.backend_name == "func"):
-                raise
-            warnings.warn(
-                f"torch.func could not differentiate this model ({exc.__class__.__name__}: {str(exc)[:200]}); "
-                "falling back to the 'autograd' backend",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            self.backend_name, self.backend_reason = "autograd", f"auto: torch.func failed ({str(exc)[:120]})"
-            self.backend = BACKENDS["autograd"](self.replicas, self.loss, self.batches)
+            self._fall_back(exc)
             return self.backend.matvec(vecs, idx)
+
+    def _fall_back(self, exc: Exception) -> None:
+        """Switch ``"auto"``'s torch.func backend to autograd after torch.func failed with ``exc``
+        (re-raised otherwise)."""
+        if not (self._auto and self.backend_name == "func"):
+            raise exc
+        warnings.warn(
+            f"torch.func could not differentiate this model ({exc.__class__.__name__}: {str(exc)[:200]}); "
+            "falling back to the 'autograd' backend",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        self.backend_name, self.backend_reason = "autograd", f"auto: torch.func failed ({str(exc)[:120]})"
+        self.backend = BACKENDS["autograd"](self.replicas, self.loss, self.batches)
 
     def __matmul__(self, V):
         return self.matvec(V)
@@ -269,7 +274,11 @@ class HessianOperator:
                     lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device), reuse_state=reuse_state),
                     "the gradient")
                 return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
-            total, grads = self._on_all_ranks(lambda: self._loss_and_gradient_func(idx), "the gradient")
+            try:
+                total, grads = self._on_all_ranks(lambda: self._loss_and_gradient_func(idx), "the gradient")
+            except (RuntimeError, NotImplementedError) as exc:
+                self._fall_back(exc)
+                return self.loss_and_gradient(idx, reuse_state=reuse_state)
             return self._sum_over_ranks(total), self._sum_over_ranks(grads)
 
     def _loss_and_gradient_func(self, idx):

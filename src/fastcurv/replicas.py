@@ -71,10 +71,15 @@ def validate_models(models: Sequence[nn.Module]) -> list[nn.Module]:
         raise ValueError("replica 0 has no parameters: there is no curvature to compute")
     dtypes = {p.dtype for _, p in ref_params}
     devices = {p.device for _, p in ref_params}
+    first_name, first = ref_params[0]
     if len(dtypes) > 1:
-        raise ValueError(f"replica 0 mixes parameter dtypes {sorted(map(str, dtypes))}; convert the model to one dtype")
+        name, p = next((n, p) for n, p in ref_params if p.dtype != first.dtype)
+        raise ValueError(f"replica 0 mixes parameter dtypes: {name!r} is {p.dtype}, {first_name!r} {first.dtype}; "
+                         "convert the model to one dtype")
     if len(devices) > 1:
-        raise ValueError(f"replica 0 has parameters on several devices {sorted(map(str, devices))}; move it to one device")
+        name, p = next((n, p) for n, p in ref_params if p.device != first.device)
+        raise ValueError(f"replica 0 has parameters on several devices: {name!r} on {p.device}, {first_name!r} on "
+                         f"{first.device}; move it to one device")
     if not next(iter(dtypes)).is_floating_point:
         raise ValueError(f"parameters must be floating point, got {next(iter(dtypes))}")
     ref_types = [type(mod) for _, mod in models[0].named_modules()]

@@ -307,17 +307,23 @@ def batched_sharpness(
         if trace_method == "exact" and not exact:
             raise ValueError(f"trace_method='exact' is not available: {why}")
         out.trace_reason = why
-    deflate = "trace" in measures and not exact and trace_method in ("auto", "deflated") and eig_solver == "lanczos"
+    wants_top = "lambda_max" in measures or "top_k" in measures
+    deflate = ("trace" in measures and not exact and eig_solver == "lanczos"
+               and (trace_method == "deflated" or (trace_method == "auto" and wants_top)))
     if trace_method == "deflated" and eig_solver != "lanczos":
         raise ValueError("trace_method='deflated' reuses the Lanczos basis of lambda_max/top_k: "
                          "it needs eig_solver='lanczos'")
     basis = None
     if trace_probes is None:
         trace_probes = 10 if deflate else 30
+    if "trace" in measures and not exact and not deflate and trace_method != "hutchinson" and trace_probes < 6:
+        raise ValueError(f"trace_probes={trace_probes}: the trace runs Hutch++ here, which needs at least 6 matvecs "
+                         "(a third each to sketch, to project and to probe the rest)")
     underflow = torch.zeros(op.R, dtype=torch.bool)  # (known where the gradient start computes the loss)
+    negative = torch.zeros(op.R, dtype=torch.bool)  # power iteration's largest-modulus eigenvalue below 0
     try:
         top = None
-        if "top_k" in measures or "lambda_max" in measures or (deflate and trace_method == "deflated"):
+        if wants_top or deflate:
             k = top_k if "top_k" in measures else 1
             if k > op.P:
                 raise ValueError(f"top_k={k} exceeds the number of parameters P={op.P} (the Hessian's dimension)")
@@ -340,9 +346,12 @@ def batched_sharpness(
             if "top_k" in measures:
                 for i in range(k):
                     out.values[f"lambda_{i + 1}"] = top.eigenvalues[:, i]
-            name = "top_k" if "top_k" in measures else "lambda_max"
-            out.iterations[name] = top.iterations
-            out.converged[name] = top.converged
+            for name in ("lambda_max", "top_k"):
+                if name in measures or (name == "lambda_max" and "top_k" not in measures):
+                    out.iterations[name] = top.iterations
+                    out.converged[name] = top.converged
+            if eig_solver == "power":
+                negative = top.eigenvalues[:, 0] < 0
         if "lambda_min" in measures:
             bar.stage("bottom eigenvalue")
             low = lanczos(op, k=1, which="smallest", max_iter=max_iter, tol=tol, seed=seed + 7, common=crn, callback=bar.tick)
@@ -366,7 +375,7 @@ def batched_sharpness(
                     tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, callback=bar.tick)
                 else:
                     out.trace_method = "hutch++"
-                    tr = hutchpp(op, num_matvecs=max(6, trace_probes), seed=seed + 1, common=crn, callback=bar.tick)
+                    tr = hutchpp(op, num_matvecs=trace_probes, seed=seed + 1, common=crn, callback=bar.tick)
                 out.values["trace"] = tr.trace
                 out.stderr["trace"] = tr.stderr
         if "spectrum" in measures:
@@ -398,11 +407,15 @@ def batched_sharpness(
             f.append("non-finite Hessian products")
         else:
             f += [f"{name} not converged" for name, c in out.converged.items() if not bool(c[r])]
+            if bool(negative[r]):
+                f.append("power iteration converged to a negative eigenvalue (the largest in modulus; "
+                         "eig_solver='lanczos' finds the largest)")
             if bool(underflow[r]):
                 f.append("loss below the dtype's range (the other classes' probabilities underflow: the Hessian "
                          "has lost its precision)")
         flags.append("; ".join(f))
     out.flags = flags
+    out.backend, out.backend_reason = op.backend_name, op.backend_reason  # (auto's func may have fallen back)
     out.num_matvecs = op.num_matvecs
     out.seconds = time.perf_counter() - t0
     out.settings = result_settings(kwargs)

@@ -39,3 +39,22 @@ class AutogradBackend(Backend):
                         if h is not None:
                             out[j][local, k] += h
         return out
+
+    def loss_and_gradient(self, idx, reuse_state: bool = False):
+        """Full-data loss ``[Ra]`` and per-parameter gradients ``[Ra, ...]`` of replicas ``idx``
+        (all when None), one replica and batch at a time (``reuse_state`` is the fused engine's
+        option; nothing is cached here)."""
+        rs = self.replicas
+        rows = idx.tolist() if idx is not None else list(range(rs.R))
+        total = torch.zeros(len(rows), dtype=rs.dtype, device=rs.device)
+        grads = [rs.params[n].new_zeros(len(rows), *rs.params[n].shape[1:]) for n in rs.names]
+        for local, r in enumerate(rows):
+            params = {n: rs.params[n][r].detach().requires_grad_(True) for n in rs.names}
+            buffers = {n: b[r] for n, b in rs.buffers.items()}
+            for _, x, y in self.batches:
+                loss = self.loss.batch_loss(rs.call(params, buffers, x), y)
+                total[local] += loss.detach()
+                for j, g in enumerate(torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+                    if g is not None:
+                        grads[j][local] += g
+        return total, grads
