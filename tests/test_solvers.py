@@ -298,3 +298,11 @@ def test_lanczos_error_bounds_respect_the_dtype_and_tol_below_it_is_raised():
     eps = torch.finfo(torch.float32).eps
     assert (res.error_bounds >= 10 * eps * 2.0 * (1 - 1e-6)).all()
     assert (res.eigenvalues[0].double() - torch.tensor([2.0, 2.0 - 1.9 / 39], dtype=torch.float64)).abs().max() <= res.error_bounds.max()
+
+
+def test_lanczos_max_iter_below_the_minimum_steps_still_converges():
+    """max_iter=6 (below the default minimum of 10 steps): a replica whose residual test passes
+    within it is converged, as before the minimum."""
+    op = DenseOperator(spd_with_spectrum([5.0] + torch.linspace(1.0, 0.1, 19).tolist(), 1).unsqueeze(0))
+    res = lanczos(op, k=1, tol=1e-3, max_iter=6)
+    assert bool(res.converged[0]) and abs(float(res.eigenvalues[0, 0]) - 5.0) < 5e-3

@@ -194,7 +194,7 @@ def lanczos(
         tol = resolvable_tol(op.dtype)
     m = min(max_iter, P)
     if min_iter is None:
-        min_iter = min_iter_default(k, which)
+        min_iter = min(min_iter_default(k, which), m)  # (a max_iter below it is the caller's choice)
     f64 = torch.float64
     if v0 is None:
         v0 = start_vectors(op, seed, common)
