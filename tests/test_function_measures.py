@@ -66,7 +66,7 @@ def test_disagreement_gde_soft_match_direct_computation():
         assert res.pairwise["l2"][i, j] == pytest.approx(l2, rel=1e-9)
         assert res.pairwise["both_correct"][i, j] == int(((lab[i] == y) & (lab[j] == y)).sum())
     assert res.summary["gde_estimate"] == pytest.approx(float(D.sum() / (R * (R - 1))), abs=1e-12)
-    assert torch.equal(res.pairwise["agree"], fastcurv.agreement_counts(lab))
+    assert torch.equal(res.pairwise["agree"], fastcurv.agreement_counts(lab).double())
     df = res.to_pandas()
     assert list(df.index) == list(range(R)) and "disagreement" in df and df["ok"].all()
 
@@ -93,6 +93,18 @@ def test_one_batch_with_targets_of_any_shape():
     res = fastcurv.function_measures(models, [x[:25], x[25:]], measures=("disagreement",))
     assert res.num_examples == 50
     torch.testing.assert_close(res["disagreement"], ref["disagreement"], rtol=0, atol=0)
+
+
+def test_inputs_and_targets_of_different_lengths_are_refused():
+    """A tuple is one (inputs, targets) pair: targets for another number of rows are a ValueError
+    naming both shapes (before: read as two input batches, and a raw torch error), in a loader
+    too; a list of two batches of inputs of different sizes stays two batches."""
+    models = _models(2)
+    x, y = _data(n=50)
+    for data in ((x, y[:30]), [x, y[:30]], [(x[:20], y[:20]), (x[20:], y[:10])]):
+        with pytest.raises(ValueError, match=r"inputs \((50|30), 6\) and targets \((30|10),\) disagree on the batch size"):
+            fastcurv.function_measures(models, data, measures=("disagreement", "gde"))
+    assert fastcurv.function_measures(models, [x[:30], x[30:]], measures=("disagreement",)).num_examples == 50
 
 
 def test_permission_weakness_matches_definition_and_extremes():
@@ -132,6 +144,9 @@ def _rescale(model, alpha):
     return m
 
 
+WEIGHT_NORM_COLUMNS = ("sq_weight_norm", "pacbayes_mag_kl")  # the only columns Dinh rescaling changes
+
+
 def test_function_measures_invariant_under_rescaling_while_lambda_max_scales():
     models = _models(3, seed=3)
     x, y = _data(160, seed=4)
@@ -142,14 +157,21 @@ def test_function_measures_invariant_under_rescaling_while_lambda_max_scales():
         scaled = [_rescale(m, alpha) for m in models]
         assert torch.allclose(_logits(scaled, x), _logits(models, x), rtol=1e-9, atol=1e-9)
         res = fastcurv.function_measures(scaled, _loader(x, y), **kw)
-        function_cols = [c for c in base.values if not c.startswith(("compressed_bytes", "sq_weight_norm", "pacbayes"))]
-        assert "perturb_sigma_star" in function_cols and "js" in function_cols and "weakness_rel_tau0.1" in function_cols
-        for c in function_cols:
+        # every column but the two weight norms is unchanged, the compressed sizes included (the
+        # quantisation is per tensor, and a whole layer is scaled); the README says exactly this
+        invariant = [c for c in base.values if c not in WEIGHT_NORM_COLUMNS]
+        assert {"perturb_sigma_star", "js", "weakness_rel_tau0.1", "compressed_bytes_lzma"} <= set(invariant)
+        for c in invariant:
             assert torch.allclose(res[c], base[c], rtol=1e-7, atol=1e-10), c
+        for c in WEIGHT_NORM_COLUMNS:
+            assert not torch.allclose(res[c], base[c], rtol=1e-3), c
         assert torch.equal(res.pairwise["agree"], base.pairwise["agree"])
-        # the encoding-dependent simplicity measures do change
-        assert not torch.allclose(res["sq_weight_norm"], base["sq_weight_norm"], rtol=1e-3)
         lam[alpha] = fastcurv.batched_sharpness(scaled, (x, y), measures=("lambda_max",), progress=False)["lambda_max"]
+    # the bisected magnitude-aware sigma' (pacbayes_sigma=None) is unchanged too (up to its eps floor)
+    kw = dict(measures=("simplicity",), **FAST)
+    sigma = fastcurv.function_measures(models, (x, y), **kw)["pacbayes_mag_sigma"]
+    scaled = [_rescale(m, 10.0) for m in models]
+    torch.testing.assert_close(fastcurv.function_measures(scaled, (x, y), **kw)["pacbayes_mag_sigma"], sigma, rtol=0.05, atol=0)
     # lambda_max grows by a large factor, and between alpha = 10 and 100 by about (100 / 10)^2
     assert (lam[10.0] / lam[1.0] > 5).all(), lam
     ratio = lam[100.0] / lam[10.0]
@@ -172,7 +194,10 @@ def test_nan_replica_is_flagged_and_others_unaffected():
     for c, v in res.values.items():
         assert torch.isnan(v[1]), c
         assert torch.allclose(v[[0, 2, 3]], ref[c], rtol=1e-12, atol=1e-12, equal_nan=True), c
-    assert torch.isnan(res.pairwise["disagreement"][1]).all()
+    for name, mat in res.pairwise.items():  # every pairwise matrix, the counts included
+        assert torch.isnan(mat[1]).all() and torch.isnan(mat[:, 1]).all(), name
+        torch.testing.assert_close(mat[[0, 2, 3]][:, [0, 2, 3]], ref.pairwise[name], rtol=1e-12, atol=0)
+    assert {"agree", "both_correct", "both_wrong_same", "both_wrong_different", "js"} <= set(res.pairwise)
     assert res.summary["gde_estimate"] == pytest.approx(ref.summary["gde_estimate"])
 
 
@@ -216,6 +241,30 @@ def test_simplicity_columns():
 
     assert len(zlib.compress(quantized_bytes(const))) < len(zlib.compress(quantized_bytes(rnd))) / 5
     assert pacbayes_mag_kl(torch.ones(1, 4), torch.tensor([0.1]), 10).shape == (1,)
+
+
+def test_noise_bisection_decides_exact_ties_by_counts(monkeypatch):
+    """Accuracy is discrete, so the curve often equals the target exactly (20 of 100 against
+    0.3 - 0.1 = 0.19999999999999998): a tie counts as reached whatever the float rounding of the
+    fraction, so the bisection converges to where the curve drops to the target, not past it."""
+    from fastcurv import ReplicaSet
+    from fastcurv.function import weakness
+
+    rs = ReplicaSet(_models(2))
+    x = torch.zeros(100, 6, dtype=torch.float64)
+    ref = torch.zeros(2, 100, dtype=torch.long)
+
+    def counts(rs, x, ref, sigma, *, num_draws, **kw):  # 100 % correct below sigma = 0.1, then 84 % / 20 %
+        per_draw = torch.where(sigma < 0.1, 100, torch.tensor([84, 20])).to(torch.int64)
+        return per_draw * num_draws, torch.zeros_like(per_draw)
+
+    monkeypatch.setattr(weakness, "perturbation_counts", counts)
+    target = torch.tensor([0.94, 0.3], dtype=torch.float64) - 0.1
+    sigma, saturated = weakness.bisect_sigma(rs, x, ref, target, num_draws=8, seed=0, steps=30)
+    torch.testing.assert_close(sigma, torch.full((2,), 0.1, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert not saturated.any()
+    assert weakness.count_threshold(target, 800).tolist() == [672.0, 160.0]
+    assert weakness.count_threshold(torch.tensor([0.99]), 4096).item() == pytest.approx(4055.04)
 
 
 def test_bad_arguments():

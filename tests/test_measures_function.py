@@ -8,9 +8,10 @@ from torch import nn
 
 import fastcurv
 from fastcurv.measures.pac_bayes import perturbation_std, sigma_search
-from fastcurv.measures.relative_flatness import relative_flatness_values
+from fastcurv import reparam
+from fastcurv.measures.relative_flatness import feature_std, relative_flatness_values
 
-from _measure_models import make_data, make_replicas, train, single_thread  # noqa: F401  (autouse fixture)
+from _measure_models import make_data, make_replicas, relu_mlp, train, single_thread  # noqa: F401  (autouse fixture)
 
 
 def test_fisher_rao_equals_parameter_gradient_inner_product_for_bias_free_relu():
@@ -44,7 +45,7 @@ def _reference_relative_flatness(model, loader, normalize):
         with torch.no_grad():  # divide the previous layer's rows, multiply W's columns: same function
             m[-3].weight.div_(sig.view(-1, 1))
             m[-3].bias.div_(sig)
-            last.weight.mul_(sig.view(1, -1) * keep)  # constant (dead) features are dropped
+            last.weight.mul_(sig.view(1, -1))
     feats = m[:-1](x).detach()
     W0 = last.weight.detach().clone()
 
@@ -52,10 +53,11 @@ def _reference_relative_flatness(model, loader, normalize):
         return nn.functional.cross_entropy(feats @ W.T + last.bias.detach(), y)
 
     H = torch.autograd.functional.hessian(loss_of, W0)  # [m, d, m, d]
+    kept = keep if normalize else torch.ones(W0.shape[1], dtype=torch.bool)  # constant features are dropped
     k = 0.0
     for s in range(W0.shape[0]):
         for t in range(W0.shape[0]):
-            k += float(W0[s] @ W0[t]) * float(torch.diagonal(H[s, :, t, :]).sum())
+            k += float(W0[s, kept] @ W0[t, kept]) * float(torch.diagonal(H[s, :, t, :])[kept].sum())
     return k
 
 
@@ -70,6 +72,47 @@ def test_relative_flatness_exact_matches_reference_and_estimator(normalize):
         assert float(exact[r]) == pytest.approx(_reference_relative_flatness(m, loader, normalize), rel=1e-8)
     assert ((est - exact).abs() <= 4 * se).all()
     assert (se < 0.2 * exact.abs()).all()  # the estimator is informative, not just wide
+
+
+def test_relative_flatness_drops_a_constant_feature_and_stays_invariant_to_rescaling_it():
+    """A unit with zero incoming weights and bias 0.7 feeds the last layer a constant 0.7: its sigma
+    is 0 (not rounding noise, which once inflated kappa ~1e14), its column and its Hessian terms are
+    left out, so rescaling that unit (function-preserving) leaves kappa unchanged."""
+    models = train(make_replicas(R=2), make_data(), steps=50)
+    for m in models:
+        with torch.no_grad():
+            m[2].weight[0].zero_()
+            m[2].bias[0] = 0.7
+    loader = make_data()
+    op = fastcurv.HessianOperator(models, loader)
+    assert (feature_std(op, "4")[:, 0] == 0).all()
+    exact, _ = relative_flatness_values(op, method="exact")
+    for r, m in enumerate(models):
+        assert float(exact[r]) == pytest.approx(_reference_relative_flatness(m, loader, True), rel=1e-8)
+    est, _ = relative_flatness_values(op, num_probes=20)
+    for scale in (10.0, 0.1):
+        s = torch.ones(7, dtype=torch.float64)
+        s[0] = scale
+        new = reparam.rescale_neurons(models, s, layers=("2", "4"))
+        op2 = fastcurv.HessianOperator(new.models, loader)
+        torch.testing.assert_close(relative_flatness_values(op2, method="exact")[0], exact, rtol=1e-9, atol=0)
+        torch.testing.assert_close(relative_flatness_values(op2, num_probes=20)[0], est, rtol=1e-9, atol=0)
+
+
+def test_feature_std_is_stable_across_batches():
+    """Centred moments merged across ragged batches: equal to torch's std for varying features, and
+    exactly 0 for constants that a one-pass E[f^2] - E[f]^2 turns into ~1e-8."""
+    model = relu_mlp((6, 10, 3)).double()
+    with torch.no_grad():
+        model[0].weight[:8].zero_()
+        model[0].bias[:8] = torch.tensor([0.7, 0.1, 1 / 3, 0.9, 2.2, 123.456, 1e-5, 0.0])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(203, 6, generator=g, dtype=torch.float64) * 3 + 5
+    y = torch.randint(0, 3, (203,), generator=g)
+    op = fastcurv.HessianOperator([model], [(x[i:i + 64], y[i:i + 64]) for i in range(0, 203, 64)])
+    std = feature_std(op, "2")[0]
+    assert (std[:8] == 0).all()
+    torch.testing.assert_close(std[8:], model[:2](x).detach().std(0, unbiased=False)[8:], rtol=1e-12, atol=0)
 
 
 def test_relative_flatness_rejects_bad_layer():

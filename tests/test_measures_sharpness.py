@@ -12,7 +12,7 @@ from torch import nn
 import fastcurv
 from fastcurv.measures._ascent import apgd_ascent
 from fastcurv.measures.epsilon_sharpness import epsilon_sharpness_values
-from fastcurv.measures.rho_sharpness import average_case_sharpness, worst_case_sharpness
+from fastcurv.measures.rho_sharpness import _scale, adaptive_rho_sharpness, average_case_sharpness, worst_case_sharpness
 
 from _measure_models import full_loss, make_data, make_replicas, set_flat, train, single_thread  # noqa: F401  (autouse fixture)
 
@@ -144,6 +144,39 @@ def test_linf_worst_case_stays_in_box_and_beats_corners():
     base, g = loss_grad_at(op, theta)
     corner = loss_at(op, theta + 0.01 * theta.abs() * g.sign()) - base
     assert (val >= corner - 1e-12).all()
+
+
+def test_adaptive_rho_defaults_are_the_canonical_example():
+    """Andriushchenko et al.'s canonical example: adaptive worst-case l-inf, rho = 0.001, 20 steps,
+    logit-normalised (which changes the value, so the default must say which it is)."""
+    models = train(make_replicas(R=2), make_data(), steps=50)
+    op = fastcurv.HessianOperator(models, make_data())
+    got = adaptive_rho_sharpness(op, seed=0, common=True)["adaptive_rho_sharpness"].value
+    canonical, _, _ = worst_case_sharpness(op, adaptive=True, p="linf", rho=0.001, n_iter=20, normalize_logits=True)
+    plain, _, _ = worst_case_sharpness(op, adaptive=True, p="linf", rho=0.001, n_iter=20)
+    assert torch.equal(got, canonical)
+    assert not torch.allclose(got, plain, rtol=1e-2)
+
+
+def test_asam_scales_the_weights_only():
+    """weights_only=True: T = |theta| + eta on the parameters named ...weight, 1 on the biases (ASAM)."""
+    models = make_replicas(R=2)
+    op = fastcurv.HessianOperator(models, make_data())
+    theta = op.replicas.flat_params()
+    c = _scale(op.replicas, theta, True, 0.01, True)
+    is_weight = torch.cat([torch.full((p.numel(),), n.endswith("weight")) for n, p in models[0].named_parameters()])
+    assert torch.equal(c[:, is_weight], theta[:, is_weight].abs() + 0.01) and (c[:, ~is_weight] == 1).all()
+    kw = dict(seed=0, common=True, p="l2", rho=0.5, eta=0.01, n_iter=3, normalize_logits=False)
+
+    def value(op, **extra):
+        return adaptive_rho_sharpness(op, **kw, **extra)["adaptive_rho_sharpness"].value
+
+    assert not torch.allclose(value(op, weights_only=True), value(op), rtol=1e-3)
+    bias_free = fastcurv.HessianOperator(make_replicas(R=2, bias=False), make_data())  # every parameter is a weight
+    assert torch.equal(value(bias_free, weights_only=True), value(bias_free))
+    with pytest.raises(TypeError, match="weights_only"):
+        fastcurv.batched_sharpness(models, make_data(), measures=("rho_sharpness",), progress=False,
+                                   measure_options={"rho_sharpness": {"weights_only": True}})
 
 
 def test_keskar_matches_lbfgsb_reference():

@@ -2,6 +2,7 @@
 measure when A = I, agreement with a per-model L-BFGS-B reference in the same subspace, the cached
 and regenerated matrix agree, non-invariance under Dinh rescaling, a NaN replica stays isolated."""
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -182,6 +183,20 @@ def test_rejects_bad_input(trained):
         fastcurv.batched_sharpness(models, loader, measures=(NAME,), progress=False, measure_options={NAME: {"p": 0}})
     with pytest.raises(ValueError, match="eps must be a positive"):
         fastcurv.batched_sharpness(models, loader, measures=(NAME,), progress=False, measure_options={NAME: {"eps": 0}})
+
+
+def test_warns_when_p_is_not_small_against_the_parameter_count(trained):
+    """The default p = min(1000, P) makes A square on small models: a RuntimeWarning says so; p << P
+    and an injected A (A = I is the full-space check) do not warn."""
+    models, loader = trained
+    op = fastcurv.HessianOperator(models, loader)
+    for p in (1000, op.P // 2 + 1):
+        with pytest.warns(RuntimeWarning, match=rf"p = {min(p, op.P)} is not small against the P = {op.P}"):
+            epsilon_subspace_values(op, eps=1e-2, p=p, n_iter=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        epsilon_subspace_values(op, eps=1e-2, p=op.P // 2, n_iter=1)
+        epsilon_subspace_values(op, eps=1e-2, n_iter=1, A=torch.eye(op.P, dtype=torch.float64))
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .data import Batches
+from .measures import split_refusal
 from .resume import merge_records, part_files, run_chunks, write_atomic
 
 GATHER = ("all", "rank0")
@@ -62,14 +63,6 @@ def batched_sharpness(models, data, *, replica_chunk: int | None = None, output:
         raise ValueError(f"gather must be one of {GATHER}, got {gather!r}")
     if isinstance(models, nn.Module) or not all(isinstance(m, nn.Module) for m in models):
         raise TypeError("sharded/chunked batched_sharpness needs a list of nn.Module replicas")
-    if not kwargs.get("common_random_numbers", True):
-        from .sharpness import MEASURES
-
-        ms = kwargs.get("measures", ())
-        other = [m for m in ((ms,) if isinstance(ms, str) else ms) if m not in MEASURES]
-        if other:
-            raise ValueError(f"measures {other} with common_random_numbers=False cannot be split into chunks or ranks "
-                             "(their independent draws depend on the split): use common_random_numbers=True")
     if replica_chunk is not None and int(replica_chunk) < 1:
         raise ValueError(f"replica_chunk must be a positive number of replicas, got {replica_chunk!r}")
     models = list(models)
@@ -77,6 +70,9 @@ def batched_sharpness(models, data, *, replica_chunk: int | None = None, output:
         raise ValueError("models is empty: pass a list of at least one nn.Module")
     rank, world = rank_and_world(group, use_distributed)
     R = len(models)
+    why = split_refusal(kwargs)  # only a job that really splits the replicas is refused
+    if why is not None and (world > 1 or (replica_chunk is not None and int(replica_chunk) < R)):
+        raise ValueError(why)
     lo, hi = shard_range(R, rank, world)
     if device is not None and hi > lo:
         models[lo:hi] = [copy.deepcopy(m).to(device) for m in models[lo:hi]]

@@ -258,6 +258,7 @@ def batched_sharpness(
     if not _RETRY_SCOPE.get() and not operator_kwargs.get("distributed_data") and _on_gpu(models):
         # a GPU out-of-memory error in an unchunked job: run it again in chunks of half the
         # replicas (resume.run_chunks halves them further while the error persists)
+        from .measures import split_refusal
         from .memory import is_out_of_memory, release_cached_memory, warn_halving
 
         token = _RETRY_SCOPE.set(True)
@@ -266,6 +267,9 @@ def batched_sharpness(
                 return batched_sharpness(models, data, **kwargs)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
                 if not is_out_of_memory(exc) or len(models) < 2:
+                    raise
+                if why := split_refusal(kwargs):
+                    exc.add_note(f"not retried in smaller chunks: {why}")
                     raise
                 error = f"{type(exc).__name__}: {str(exc)[:300]}"
             release_cached_memory()
@@ -321,6 +325,7 @@ def batched_sharpness(
                          "(a third each to sketch, to project and to probe the rest)")
     underflow = torch.zeros(op.R, dtype=torch.bool)  # (known where the gradient start computes the loss)
     negative = torch.zeros(op.R, dtype=torch.bool)  # power iteration's largest-modulus eigenvalue below 0
+    untested = []  # measures' columns without a convergence test (flagged when not finite)
     try:
         top = None
         if wants_top or deflate:
@@ -391,6 +396,8 @@ def batched_sharpness(
                     out.stderr[col] = mv.stderr
                 if mv.converged is not None:
                     out.converged[col] = mv.converged
+                else:
+                    untested.append(col)
             bar.tick()
     finally:
         bar.close()
@@ -407,6 +414,7 @@ def batched_sharpness(
             f.append("non-finite Hessian products")
         else:
             f += [f"{name} not converged" for name, c in out.converged.items() if not bool(c[r])]
+            f += [f"{col} not finite" for col in untested if not bool(torch.isfinite(out.values[col][r]))]
             if bool(negative[r]):
                 f.append("power iteration converged to a negative eigenvalue (the largest in modulus; "
                          "eig_solver='lanczos' finds the largest)")

@@ -20,11 +20,12 @@ DEFAULT_MEASURES = ("disagreement", "gde", "weakness", "simplicity")
 class FunctionMeasuresResult:
     """Per-replica results of :func:`function_measures`.
 
-    values: ``{column: float64 [R]}``. pairwise: ``{name: [R, R]}`` (``disagreement``, ``js``,
-    ``tv``, ``l2`` float64; ``agree``/``both_correct``/``both_wrong_same``/
-    ``both_wrong_different`` int64 counts). summary: scalars (``gde_estimate``,
-    ``mean_test_error``, ...). ok: ``[R]`` False for replicas with non-finite weights or outputs
-    (their values and pairwise rows are NaN; they are left out of every other replica's means).
+    values: ``{column: float64 [R]}``. pairwise: ``{name: float64 [R, R]}`` (``disagreement``,
+    ``js``, ``tv``, ``l2``; and the counts ``agree``/``both_correct``/``both_wrong_same``/
+    ``both_wrong_different``, exact integers held as float64 so that they can be NaN).
+    summary: scalars (``gde_estimate``, ``mean_test_error``, ...). ok: ``[R]`` False for replicas
+    with non-finite weights or outputs (their values, and their rows and columns of every pairwise
+    matrix, are NaN; they are left out of every other replica's means).
     flags: one string per replica (empty when all is well).
     """
 
@@ -55,6 +56,7 @@ class FunctionMeasuresResult:
 
 
 def _nan_rows(mat: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``mat`` ``[R, R]`` as float64 with NaN in the rows and columns of the replicas not ``ok``."""
     mat = mat.double().clone()
     mat[~ok] = float("nan")
     mat[:, ~ok] = float("nan")
@@ -143,7 +145,7 @@ def function_measures(
 
     if "disagreement" in measures or "gde" in measures:
         D, A = pairwise.disagreement_matrix(preds.labels)
-        out.pairwise["agree"] = A
+        out.pairwise["agree"] = _nan_rows(A, ok)
         out.pairwise["disagreement"] = _nan_rows(D, ok)
         if "disagreement" in measures:
             V["disagreement"] = pairwise.mean_over_others(D, ok)
@@ -155,7 +157,7 @@ def function_measures(
                 V["test_error"] = err
                 out.summary["mean_test_error"] = float(err[ok].mean()) if ok.any() else float("nan")
                 for name in ("both_correct", "both_wrong_same", "both_wrong_different"):
-                    out.pairwise[name] = getattr(counts, name)
+                    out.pairwise[name] = _nan_rows(getattr(counts, name), ok)
     if "soft" in measures:
         mats = pairwise.soft_matrices(preds.probs, soft)
         for name, mat in mats.items():

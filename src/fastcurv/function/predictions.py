@@ -83,17 +83,21 @@ def _as_labels(y):
 
 
 def iterate(data):
-    """Batches of ``data``: a loader, one ``(inputs, targets)`` pair, or one inputs tensor."""
+    """Batches of ``data``: a loader, one ``(inputs, targets)`` pair, or one inputs tensor.
+
+    Two tensors: a tuple is one (inputs, targets) pair whatever the targets' shape (labels, one-hot
+    or soft targets; targets with another row count are refused by :func:`collect_predictions`); a
+    list is one pair when its second tensor holds labels for as many rows (integers, or one value
+    per row) or differs in its shape per example (so it cannot be a second batch of inputs), else
+    two batches of inputs.
+    """
     if isinstance(data, torch.Tensor):
         return [data]
-    # two tensors with as many rows: a tuple is one (inputs, targets) pair whatever the targets' shape
-    # (labels, one-hot or soft targets); a list is one pair when its second tensor holds labels
-    # (integers, or one value per row), else two batches of inputs
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
-        if x.dim() > 0 and y.dim() > 0 and x.shape[0] == y.shape[0]:
-            if isinstance(data, tuple) or not y.is_floating_point() or y.dim() == 1:
-                return [tuple(data)]
+        labels = x.dim() > 0 and y.dim() > 0 and x.shape[0] == y.shape[0] and (not y.is_floating_point() or y.dim() == 1)
+        if isinstance(data, tuple) or labels or x.shape[1:] != y.shape[1:]:
+            return [tuple(data)]
     return data
 
 
@@ -125,6 +129,9 @@ def collect_predictions(
     with torch.no_grad():
         for i, item in enumerate(iterate(data)):
             x, y = _split_item(item, i)
+            if y is not None and (x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]):
+                raise ValueError(f"batch {i}: inputs {tuple(x.shape)} and targets {tuple(y.shape)} disagree on the batch "
+                                 "size (two batches of inputs go in a list or a loader)")
             if x.shape[0] == 0:
                 continue
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):

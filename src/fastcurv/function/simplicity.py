@@ -3,12 +3,21 @@ not invariant to reparameterisation; reference/measures.md sections 3.14 and 5.3
 
 * ``compressed_bytes_<codec>``: bytes of the zlib/lzma-compressed weights after per-tensor 8-bit
   uniform quantisation ``q = round(255 * (w - min) / (max - min))`` (each tensor's min and max are
-  stored as two float32 next to its bytes). Fewer bytes = simpler.
+  stored as two float32 next to its bytes). Fewer bytes = simpler: the column is a size, so its
+  sign is the opposite of a "simplicity" score (measures.md section 5.3 uses -bytes).
 * ``sq_weight_norm``: ``||theta||_2^2`` over all parameters.
 * ``pacbayes_mag_kl``: the magnitude-aware PAC-Bayes KL term of Jiang et al. (2020),
   ``1/4 sum_i log[(eps^2 + (s^2 + 1) ||theta||^2 / P) / (eps^2 + s^2 (theta_i - w0_i)^2)]
   + log(m / s) + 10`` with ``s = sigma'``, P parameters, m training examples, w0 the initial
   weights (zeros when not given).
+
+Under Dinh alpha-rescaling (a whole layer's weights and biases scaled) the compressed sizes do not
+change (the quantisation is per tensor; only the two stored float32 bounds change) and neither does
+the bisected sigma' (up to its eps), while ``sq_weight_norm`` and ``pacbayes_mag_kl`` do. Neuron-wise
+rescaling changes the compressed sizes too. All parameters count as they are in the model
+(biases and BatchNorm weights included; BatchNorm is not folded into the preceding layer, as
+Dziugaite et al.'s code does before its norms: pass ``fastcurv.reparam.fold_batchnorm(models).models``
+for that).
 """
 from __future__ import annotations
 

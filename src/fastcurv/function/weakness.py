@@ -89,42 +89,62 @@ def _draw(rs: ReplicaSet, seed: int, d: int) -> list:
 
 
 @reusing_heap  # each draw's perturbed weights are R x P fresh numbers: reuse the last draw's pages
-def perturbation_agreement(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, sigma: torch.Tensor, *, num_draws: int,
-                           seed: int, kind: str = "multiplicative", eps: float = 1e-3, targets: torch.Tensor | None = None):
-    """Per replica ``(mean agreement with ref, fraction of draws with every prediction unchanged)``
-    over ``num_draws`` draws (the same draws for every call with this seed: common random numbers).
-    With ``targets``, the first value is the mean accuracy instead of the agreement."""
+def perturbation_counts(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, sigma: torch.Tensor, *, num_draws: int,
+                        seed: int, kind: str = "multiplicative", eps: float = 1e-3, targets: torch.Tensor | None = None):
+    """Per replica, over ``num_draws`` draws (the same draws for every call with this seed: common
+    random numbers), int64 ``[R]`` counts: ``(predictions equal to ref, out of num_draws * N;
+    draws with every prediction unchanged)``. With ``targets``, the first counts the correct
+    predictions instead."""
     ref = ref.to(x.device).long()
-    agree = torch.zeros(rs.R, dtype=torch.float64)
-    unchanged = torch.zeros(rs.R, dtype=torch.float64)
+    hits = torch.zeros(rs.R, dtype=torch.int64)
+    unchanged = torch.zeros(rs.R, dtype=torch.int64)
     with torch.no_grad():
         for d in range(num_draws):
             lab = _perturbed_labels(rs, x, sigma.to(x.device), _draw(rs, seed, d), kind, eps)
             same = lab == ref
-            if targets is not None:
-                agree += (lab == targets.to(x.device)[None]).double().mean(1).cpu()
-            else:
-                agree += same.double().mean(1).cpu()
-            unchanged += same.all(1).double().cpu()
-    return agree / num_draws, unchanged / num_draws
+            hits += (same if targets is None else lab == targets.to(x.device)[None]).sum(1).cpu()
+            unchanged += same.all(1).cpu()
+    return hits, unchanged
+
+
+def perturbation_agreement(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, sigma: torch.Tensor, *, num_draws: int,
+                           seed: int, kind: str = "multiplicative", eps: float = 1e-3, targets: torch.Tensor | None = None):
+    """Per replica ``(mean agreement with ref, fraction of draws with every prediction unchanged)``
+    (float64, from :func:`perturbation_counts`). With ``targets``, the first value is the mean
+    accuracy instead of the agreement."""
+    hits, unchanged = perturbation_counts(rs, x, ref, sigma, num_draws=num_draws, seed=seed, kind=kind, eps=eps,
+                                          targets=targets)
+    return hits.double() / (num_draws * x.shape[0]), unchanged.double() / num_draws
+
+
+def count_threshold(target: torch.Tensor, total: int) -> torch.Tensor:
+    """``target`` (fractions ``[R]``) as counts out of ``total``; a count within float rounding of an
+    integer is that integer, so that a curve exactly at the target is a tie whatever the rounding of
+    the fraction (0.94 - 0.1 against 84 / 100)."""
+    need = target.double().cpu() * total
+    k = need.round()
+    return torch.where((need - k).abs() <= 1e-12 * total, k, need)
 
 
 def bisect_sigma(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, target: torch.Tensor, *, num_draws: int,
                  seed: int, steps: int = 12, sigma_max: float = 8.0, kind: str = "multiplicative", eps: float = 1e-3,
-                 targets: torch.Tensor | None = None) -> torch.Tensor:
+                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per replica, the noise level where the (agreement or accuracy) curve crosses ``target``.
 
-    Geometric bisection on ``[sigma_max * 2^-20, sigma_max]``, all replicas in lock-step.
+    Geometric bisection on ``[sigma_max * 2^-20, sigma_max]``, all replicas in lock-step; a noise
+    level counts as below the crossing when the curve is strictly above the target, compared as
+    integer counts (:func:`count_threshold`), so an exact tie counts as reached.
     Returns ``(sigma [R], saturated [R] bool)``; ``saturated`` marks replicas whose crossing was
     not bracketed (still above target near ``sigma_max``, or already below near the lower end).
     """
     lo0, hi0 = sigma_max * 2.0**-20, float(sigma_max)
     lo = torch.full((rs.R,), lo0, dtype=torch.float64)
     hi = torch.full((rs.R,), hi0, dtype=torch.float64)
+    need = count_threshold(target, num_draws * x.shape[0])
     for _ in range(steps):
         mid = torch.sqrt(lo * hi)
-        val, _ = perturbation_agreement(rs, x, ref, mid, num_draws=num_draws, seed=seed, kind=kind, eps=eps, targets=targets)
-        above = val > target
+        hits, _ = perturbation_counts(rs, x, ref, mid, num_draws=num_draws, seed=seed, kind=kind, eps=eps, targets=targets)
+        above = hits > need
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)
     return torch.sqrt(lo * hi), (hi == hi0) | (lo == lo0)

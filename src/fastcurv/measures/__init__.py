@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 REGISTRY: dict[str, object] = {}
+REPLICA_NOISE: dict[str, object] = {}  # name -> bool or callable(options) -> bool (see register_measure)
 
 
 @dataclass
@@ -20,14 +21,43 @@ class MeasureValue:
     converged: torch.Tensor | None = None
 
 
-def register_measure(name: str):
-    """Decorator registering ``fn`` as measure ``name`` for ``batched_sharpness(measures=...)``."""
+def register_measure(name: str, *, replica_noise=True):
+    """Decorator registering ``fn`` as measure ``name`` for ``batched_sharpness(measures=...)``.
+
+    replica_noise: whether, with ``common_random_numbers=False``, the measure draws one noise row
+    per replica of the job it is given from a single stream, so that a replica's value depends on
+    how the replicas are split into chunks or ranks (such jobs are then refused): True (the default,
+    the safe answer for a new measure), False (it draws nothing, or keys each replica's draws by
+    its number in the whole job, as the solvers do), or a callable ``options -> bool``.
+    """
 
     def deco(fn):
         REGISTRY[name] = fn
+        REPLICA_NOISE[name] = replica_noise
         return fn
 
     return deco
+
+
+def split_refusal(kwargs: dict) -> str | None:
+    """Why the :func:`fastcurv.batched_sharpness` job with keywords ``kwargs`` cannot be split into
+    chunks or ranks (measures drawing per-replica noise with ``common_random_numbers=False``, see
+    :func:`register_measure`), or None when it can."""
+    if kwargs.get("common_random_numbers", True):
+        return None
+    load_all()
+    measures = kwargs.get("measures", ())
+    options = kwargs.get("measure_options") or {}
+    noisy = []
+    for m in (measures,) if isinstance(measures, str) else measures:
+        flag = REPLICA_NOISE.get(m, False)  # the built-in Hessian measures key their probes by replica
+        if flag(options.get(m) or {}) if callable(flag) else flag:
+            noisy.append(m)
+    if not noisy:
+        return None
+    return (f"measures {noisy} with common_random_numbers=False cannot be split into chunks or ranks (they draw one "
+            "noise row per replica of a chunk from one stream, so their values would depend on the split): use "
+            "common_random_numbers=True, or run the job unsplit")
 
 
 def load_all() -> dict:

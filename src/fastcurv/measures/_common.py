@@ -117,12 +117,13 @@ def noise(op, shape_rows: int, *, generator: torch.Generator, common: bool, kind
 
 
 def finish(op, value: torch.Tensor, *, stderr=None, converged=None) -> MeasureValue:
-    """Wrap a result: float64 CPU, NaN for failed replicas or non-finite values (then not converged)."""
+    """Wrap a result: float64 CPU, NaN for failed replicas or non-finite values (then not converged).
+    ``converged`` only for measures with a convergence test (a search's bracket, a solver's
+    residual): the others have no convergence entry, rather than one that is always True."""
     value = value.to(torch.float64).cpu().clone()
     bad = op.failed.cpu() | ~torch.isfinite(value)
     value[bad] = float("nan")
-    conv = torch.ones_like(bad) if converged is None else converged.cpu().bool().clone()
-    conv &= ~bad
+    conv = None if converged is None else converged.cpu().bool().clone() & ~bad
     if stderr is not None:
         stderr = stderr.to(torch.float64).cpu().clone()
         stderr[bad] = float("nan")

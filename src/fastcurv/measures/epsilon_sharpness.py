@@ -11,7 +11,8 @@ by alpha-rescaling.
 
 Random-subspace variant (measure ``epsilon_sharpness_subspace``, its own name because it has its
 own options and column): ``phi = 100 * [max_{y in C_eps} L(theta + A y) - L(theta)] / (1 + L(theta))``
-with ``A`` a random ``P x p`` matrix (p = 1000, or P when P < 1000), ``y`` in ``R^p`` and
+with ``A`` a random ``P x p`` matrix (p = 1000, or P when P < 1000; a RuntimeWarning when P < 2p,
+since the measure is meant for p << P), ``y`` in ``R^p`` and
 ``C_eps = {|y_i| <= eps (|(A^+ theta)_i| + 1)}``. The same ascent runs on ``y`` (the gradient in y is
 ``A^T grad L``). ``A`` has i.i.d. ``N(0, 1/p)`` entries (our choice of distribution and scale, see
 :mod:`._subspace`, which also says how A is stored without R dense copies); pass ``A=`` (a tensor
@@ -22,6 +23,7 @@ paper).
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -58,6 +60,11 @@ def epsilon_subspace_values(op, *, seed: int = 0, common: bool = True, eps: floa
     positive("epsilon_sharpness_subspace", eps=eps)
     if A is None and not (isinstance(p, numbers.Integral) and not isinstance(p, bool) and p > 0):
         raise ValueError(f"epsilon_sharpness_subspace: p must be a positive integer, got {p!r}")
+    if A is None and 2 * min(int(p), op.P) > op.P:
+        warnings.warn(f"epsilon_sharpness_subspace: p = {min(int(p), op.P)} is not small against the P = {op.P} "
+                      "parameters (P < 2p): the random matrix A is then nearly square and ill-conditioned, so the box "
+                      "eps (|A^+ theta| + 1) reflects A more than the loss; the measure is meant for p << P (pass a "
+                      "smaller p)", RuntimeWarning, stacklevel=2)
     theta = op.replicas.flat_params()
     sub = RandomSubspace(op.P, min(int(p), op.P), op.R, seed=seed, common=common, device=op.device, dtype=op.dtype,
                          max_bytes=max_matrix_bytes, A=A)

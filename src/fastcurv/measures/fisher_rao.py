@@ -1,5 +1,5 @@
-"""Fisher-Rao norm (Liang, Poggio, Rakhlin & Stokes, AISTATS 2019, arXiv 1711.01530), closed form
-for cross-entropy as in the Petzka and Mason-Williams reference code (empirical, true labels):
+"""Fisher-Rao norm (Liang, Poggio, Rakhlin & Stokes, AISTATS 2019, arXiv 1711.01530), the closed
+form for cross-entropy of the Petzka and Mason-Williams reference code (empirical, true labels):
 
 ``FR = sqrt( D^2 * (1/n) sum_i (<softmax(z_i), z_i> - z_{i, y_i})^2 )``
 
@@ -9,6 +9,13 @@ where z_i are the logits and D = L + 1 the number of weight layers (Linear/Conv 
 with biases, BatchNorm or residual connections the closed form is a proxy. It depends on the
 outputs only, hence is invariant to every function-preserving reparameterization.
 Cost: one forward pass per replica. Units: nats-scaled norm (dimensionless).
+
+Deliberate deviation from the reference code's depth factor: Mason-Williams multiply by
+``(count_layers + 1)^2`` with count_layers their number of Linear/Conv/Embedding modules (our D),
+and Petzka hard-codes 6 for the 5-layer LeNet-5; both are ``(D + 1)^2``, which does not match the
+identity above. fastcurv uses ``D^2``, so its values are ``D / (D + 1)`` times theirs (2/3 for two
+layers, 3/4 for three): a constant within one architecture, but it changes rankings across depths.
+``depth=D + 1`` reproduces the reference numbers.
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ def fisher_rao_values(op, depth: int | None = None) -> torch.Tensor:
     return (D**2 * acc / op.num_samples).sqrt()
 
 
-@register_measure("fisher_rao")
+@register_measure("fisher_rao", replica_noise=False)  # draws nothing
 def fisher_rao(op, *, seed, common, depth: int | None = None):
     """Column ``fisher_rao`` ``[R]``."""
     return {"fisher_rao": finish(op, fisher_rao_values(op, depth))}

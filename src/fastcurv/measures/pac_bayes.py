@@ -15,6 +15,12 @@ Accuracy is measured on the operator's data (the training set by convention). Th
 are reported too (columns ``pacbayes_sigma`` / ``pacbayes_mag_sigma``); "converged" is False when
 the bisection ended without reaching the tolerance. Isotropic: not invariant; magnitude-aware:
 approximately invariant to elementwise rescalings (eps breaks exactness).
+
+Parameters: every parameter is perturbed, biases and BatchNorm weights included, as they are in
+the model (Dziugaite et al.'s code first folds BatchNorm into the preceding layer and perturbs the
+weights only). BatchNorm is not folded here: for eval-mode BatchNorm after a Linear/Conv, pass
+``fastcurv.reparam.fold_batchnorm(models).models`` (the same function) to measure the folded
+network; without folding the noise also hits the BatchNorm scale, and sigma differs (several-fold).
 """
 from __future__ import annotations
 

@@ -10,8 +10,12 @@ which multiplies the result by the number of batches). With ``normalize=True`` (
 reference code) the layer's input features phi_j are first divided by their standard deviation
 sigma_j over the data and W's columns multiplied by sigma_j (function-preserving); this is done
 analytically, ``kappa = sum_{s,s'} (sum_j W_sj W_s'j sigma_j^2)(sum_j H_(s,j),(s',j) / sigma_j^2)``.
-Features constant over the data (sigma_j = 0, e.g. dead ReLUs) are dropped from the sum: their
-column acts like a bias, and a normalization by 0 is undefined.
+Features constant over the data (e.g. dead ReLUs, or units with zero incoming weights) are dropped
+from both sums, their weights and their Hessian terms: their column acts like a bias, and a
+normalization by sigma_j = 0 is undefined. A feature counts as constant when its standard deviation
+(computed centred, merged across batches) is at most 64 float epsilons of the model's dtype times
+the absolute value of its mean: rounding cannot make a constant feature vary by more. (The Mason-Williams
+code zeroes such a column but keeps its Hessian terms, which is not invariant to rescaling that unit.)
 
 * ``method="exact"``: the whole H_WW block from m*d Hessian-vector products (small layers).
 * ``method="hutchinson"`` (default): ``kappa ~ mean_k <G V_k, H_WW V_k>`` with Rademacher V_k
@@ -44,28 +48,43 @@ def feature_layer(op, layer: str | None) -> str:
 
 
 def feature_std(op, layer: str) -> torch.Tensor:
-    """``[R, d]`` standard deviation (population) of the layer's input features over the data
-    (0 for features constant over the data)."""
+    """``[R, d]`` standard deviation (population) of the layer's input features over the data, 0 for
+    features constant over the data (see the module docstring)."""
     rs = op.replicas
     module = dict(rs.base.named_modules())[layer]
     store = {}
     handle = module.register_forward_pre_hook(lambda _m, args: store.__setitem__("x", args[0].detach()))
     d = module.in_features
-    s1 = torch.zeros(rs.R, d, dtype=torch.float64)
-    s2 = torch.zeros(rs.R, d, dtype=torch.float64)
+    count = torch.zeros(rs.R, 1, dtype=torch.float64)
+    mean = torch.zeros(rs.R, d, dtype=torch.float64)
+    m2 = torch.zeros(rs.R, d, dtype=torch.float64)  # sums of squared deviations from the mean
     try:
         with torch.no_grad():
             for _, x, _y in op.batches:
                 for r in range(rs.R):
                     rs.call({n: t[r] for n, t in rs.params.items()}, {n: t[r] for n, t in rs.buffers.items()}, x)
                     f = store["x"].reshape(-1, d).to(torch.float64).cpu()
-                    s1[r] += f.sum(0)
-                    s2[r] += (f * f).sum(0)
+                    _merge_moments(count[r], mean[r], m2[r], f)
     finally:
         handle.remove()
-    n = op.num_samples
-    var = (s2 / n - (s1 / n) ** 2).clamp_min(0)
-    return var.sqrt()
+    std = (m2 / count).sqrt()
+    constant = std <= 64 * torch.finfo(op.dtype).eps * mean.abs()
+    return torch.where(constant, torch.zeros_like(std), std)
+
+
+def _merge_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, f: torch.Tensor) -> None:
+    """Fold the rows of ``f`` ``[n, d]`` into a running count, mean and sum of squared deviations
+    (in place; Chan et al.'s pairwise merge of centred batch moments, stable for constant columns)."""
+    n = f.shape[0]
+    if n == 0:
+        return
+    batch_mean = f.mean(0)
+    batch_m2 = (f - batch_mean).square().sum(0)
+    total = count + n
+    delta = batch_mean - mean
+    m2 += batch_m2 + delta.square() * (count * n / total)
+    mean += delta * (n / total)
+    count.copy_(total)
 
 
 def _block(op, layer):
@@ -93,13 +112,12 @@ def relative_flatness_values(op, *, layer: str | None = None, normalize: bool = 
     start, (m, d) = _block(op, layer)
     W = op.replicas.params[f"{layer}.weight"].to(torch.float64)  # [R, m, d]
     if normalize:
-        raw = feature_std(op, layer).to(W.device)
-        keep = raw > 1e-12 * raw.amax(1, keepdim=True).clamp_min(1e-300)
-        sig = torch.where(keep, raw, torch.ones_like(raw))
-        W = W * keep.unsqueeze(1)  # constant features are dropped from the sum (see the module docstring)
+        sig = feature_std(op, layer).to(W.device)
+        inv = torch.where(sig > 0, 1 / sig, torch.zeros_like(sig))  # 0: constant features are dropped
     else:
         sig = torch.ones(op.R, d, dtype=torch.float64, device=W.device)
-    Gp = torch.einsum("rsj,rtj,rj->rst", W, W, sig**2)  # G' = W diag(sigma^2) W^T
+        inv = sig
+    Gp = torch.einsum("rsj,rtj,rj->rst", W, W, sig**2)  # G' = W diag(sigma^2) W^T (no dropped columns)
     if method == "exact":
         if m * d > 4096:
             raise ValueError(f"relative_flatness: exact method needs m*d = {m * d} HVPs; use method='hutchinson'")
@@ -109,7 +127,7 @@ def relative_flatness_values(op, *, layer: str | None = None, normalize: bool = 
             U = chunk.unsqueeze(0).expand(op.R, -1, -1, -1)
             cols.append(_hvp_W(op, U, start).to(torch.float64).reshape(op.R, -1, m * d))
         H = torch.cat(cols, 1).reshape(op.R, m, d, m, d)  # H[r, s', j', s, j] (symmetric)
-        tr = torch.einsum("rsjtj,rj->rst", H, 1 / sig**2)
+        tr = torch.einsum("rsjtj,rj->rst", H, inv**2)
         return (Gp * tr).sum((1, 2)).cpu(), None
     if num_probes < 2:
         raise ValueError("relative_flatness: num_probes must be at least 2")
@@ -120,15 +138,20 @@ def relative_flatness_values(op, *, layer: str | None = None, normalize: bool = 
         K = min(probe_batch, num_probes - done)
         V = torch.randint(0, 2, (1 if common else op.R, K, m, d), generator=gen).to(torch.float64) * 2 - 1
         V = V.to(W.device).expand(op.R, K, m, d)
-        HU = _hvp_W(op, V / sig.view(op.R, 1, 1, d), start).to(torch.float64)
-        GV = torch.einsum("rst,rktj->rksj", Gp, V) / sig.view(op.R, 1, 1, d)
+        HU = _hvp_W(op, V * inv.view(op.R, 1, 1, d), start).to(torch.float64)
+        GV = torch.einsum("rst,rktj->rksj", Gp, V) * inv.view(op.R, 1, 1, d)
         samples.append((GV * HU).sum((2, 3)).cpu())
         done += K
     s = torch.cat(samples, 1)
     return s.mean(1), s.std(1) / math.sqrt(s.shape[1])
 
 
-@register_measure("relative_flatness")
+def _draws_probes(options: dict) -> bool:
+    """Whether the options select the Hutchinson estimator (Rademacher probes; "exact" draws nothing)."""
+    return options.get("method", "hutchinson") == "hutchinson"
+
+
+@register_measure("relative_flatness", replica_noise=_draws_probes)
 def relative_flatness(op, *, seed, common, **options):
     """Column ``relative_flatness`` ``[R]`` (with a standard error for the Hutchinson estimator).
     Options: layer (module name), normalize (True), method ("hutchinson" | "exact"), num_probes (100)."""

@@ -7,13 +7,18 @@ average-case, standard (c = 1) and adaptive (c = |theta| + eta), in l2 and l-inf
   protocol; with ``per_batch=False`` the maximum is taken of the full-data loss instead).
   Solver: APGD-style projected ascent (:mod:`._ascent`), ``n_iter`` steps, momentum 0.75,
   initial step 2 rho, one restart.
+  Adaptive: ``c = |theta| + eta`` on every parameter (``eta = 0`` by default, which keeps the
+  invariance below); ``weights_only=True`` keeps ``c = 1`` on the parameters whose name does not
+  contain "weight" (ASAM's T_theta, Kwon et al. 2021: biases unscaled).
 * average case: ``S_avg = E_delta[L(theta + delta)] - L(theta)`` with, per coordinate,
   ``delta_i = rho * c_i * xi_i``; xi ~ N(0, 1) for l2 (not normalized by sqrt(P), as in the
   reference code) and xi ~ U[-1, 1] for l-infinity; ``n_samples`` draws.
 
 Units: loss (nats for cross-entropy) at the operator's reduction (mean by default).
-Invariance: the adaptive forms with ``eta = 0`` are invariant to positive elementwise rescaling
-symmetries (Dinh layer and neuron rescaling); the standard forms are not.
+Invariance: the adaptive forms with ``eta = 0`` (and every parameter scaled) are invariant to
+positive elementwise rescaling symmetries (Dinh layer and neuron rescaling); ASAM's form is so only
+approximately, and the standard forms are not. Logit normalization acts on the outputs only, so it
+keeps the invariance.
 """
 from __future__ import annotations
 
@@ -24,18 +29,26 @@ from ._ascent import NORMS, apgd_ascent
 from ._common import check_options, finish, loss_at, loss_grad_at, noise, normalize_logits, positive
 
 WORST_OPTIONS = ("rho", "p", "n_iter", "momentum", "per_batch", "eta", "normalize_logits", "init")
+ADAPTIVE_WORST_OPTIONS = WORST_OPTIONS + ("weights_only",)
 AVG_OPTIONS = ("rho", "p", "n_samples", "eta")
 
 
-def _scale(theta, adaptive, eta):
+def _scale(rs, theta, adaptive, eta, weights_only):
+    """The perturbation scale ``c`` ``[R, P]`` (None: 1): ``|theta| + eta`` when adaptive, on the
+    parameters named "...weight..." only when ``weights_only`` (ASAM's rule; the others get 1)."""
     if not adaptive:
         return None
-    return theta.abs() + eta
+    c = theta.abs() + eta
+    if not weights_only:
+        return c
+    is_weight = torch.cat([torch.full((n,), "weight" in name, dtype=torch.bool) for name, n in zip(rs.names, rs.numels)])
+    return torch.where(is_weight.to(c.device), c, torch.ones_like(c))
 
 
 def worst_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float = 0.05, p: str = "l2", n_iter: int = 20,
                          momentum: float = 0.75, per_batch: bool = True, adaptive: bool = False, eta: float = 0.0,
-                         normalize_logits: bool = False, init: str = "random") -> tuple[torch.Tensor, torch.Tensor, int]:
+                         normalize_logits: bool = False, init: str = "random",
+                         weights_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Worst-case rho-sharpness ``[R]`` (float64, CPU), the worst perturbations ``[R, P]`` of the
     last batch searched, and gradient evaluations per replica (each over one batch when per_batch)."""
     positive("rho_sharpness", rho=rho)
@@ -43,7 +56,7 @@ def worst_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float =
         raise ValueError(f"rho_sharpness: p must be one of {NORMS}, got {p!r}")
     rs = op.replicas
     theta = rs.flat_params()
-    c = _scale(theta, adaptive, eta)
+    c = _scale(rs, theta, adaptive, eta, weights_only)
     out_map = _normalize if normalize_logits else None
     rhos = torch.full((op.R,), float(rho), dtype=torch.float64)
     total = torch.zeros(op.R, dtype=torch.float64)
@@ -68,6 +81,11 @@ def _normalize(z):
     return normalize_logits(z)
 
 
+def _random_start(options: dict) -> bool:
+    """Whether the worst-case ascent draws a random start (one noise row per replica when not common)."""
+    return options.get("init", "random") == "random"
+
+
 def average_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float = 0.1, p: str = "l2",
                            n_samples: int = 100, adaptive: bool = False, eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Average-case rho-sharpness ``[R]`` and its Monte-Carlo standard error ``[R]`` (float64, CPU)."""
@@ -88,7 +106,7 @@ def average_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float
     return d.mean(1), d.std(1) / n_samples**0.5
 
 
-@register_measure("rho_sharpness")
+@register_measure("rho_sharpness", replica_noise=_random_start)
 def rho_sharpness(op, *, seed, common, **options):
     """Worst-case rho-sharpness, standard ball. Defaults: rho = 0.05 (SAM's training radius,
     Foret et al. 2021), p = "l2", n_iter = 20 (Andriushchenko et al.), per-batch protocol over the
@@ -98,13 +116,18 @@ def rho_sharpness(op, *, seed, common, **options):
     return {"rho_sharpness": finish(op, value)}
 
 
-@register_measure("adaptive_rho_sharpness")
+@register_measure("adaptive_rho_sharpness", replica_noise=_random_start)
 def adaptive_rho_sharpness(op, *, seed, common, **options):
-    """Worst-case adaptive rho-sharpness (``||delta / |theta| ||_p <= rho``). Defaults from the
-    reference code's canonical example: p = "linf", rho = 0.001, n_iter = 20, eta = 0 (pass
-    eta = 0.01 for ASAM's ``|theta| + eta``). Column ``adaptive_rho_sharpness``."""
-    check_options("adaptive_rho_sharpness", options, WORST_OPTIONS)
-    options = {"p": "linf", "rho": 0.001, **options}
+    """Worst-case adaptive rho-sharpness (``||delta / |theta| ||_p <= rho``). Defaults: the
+    reference code's canonical example (Andriushchenko et al.'s README): p = "linf", rho = 0.001,
+    n_iter = 20, normalize_logits = True with a cross-entropy loss (the logits centred and divided
+    by their L2 norm before the cross-entropy; False for other losses), per-batch protocol over
+    the loader's batches (theirs: 1024 examples in batches of 128); plus eta = 0 (exact
+    invariance) and a random start. ASAM's adaptive sharpness (Kwon et al. 2021; ``T = |theta| +
+    eta`` on the weights, biases unscaled) is ``p="l2", eta=0.01, weights_only=True,
+    normalize_logits=False`` with their rho (0.5 on CIFAR-10). Column ``adaptive_rho_sharpness``."""
+    check_options("adaptive_rho_sharpness", options, ADAPTIVE_WORST_OPTIONS)
+    options = {"p": "linf", "rho": 0.001, "normalize_logits": op.loss.kind == "cross_entropy", **options}
     value, _, _ = worst_case_sharpness(op, seed=seed, common=common, adaptive=True, **options)
     return {"adaptive_rho_sharpness": finish(op, value)}
 
