@@ -1,4 +1,6 @@
 """Resumable chunked jobs: atomic per-chunk saves, skip-on-restart, SIGKILL and Ctrl-C."""
+import copy
+import functools
 import json
 import os
 import signal
@@ -6,10 +8,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import fastcurv
+from fastcurv import resume
 from fastcurv.resume import FingerprintMismatch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -156,3 +162,167 @@ def test_replicas_all_nan_in_a_chunk():
         assert res.flags[0] == "non-finite parameters" and res.ok.tolist() == [False, True, True]
     alone = fastcurv.batched_sharpness(models[:1], data, progress=False)
     assert alone.flags == ["non-finite parameters"] and alone["lambda_max"].isnan().all()
+
+
+def _mlp_pair():
+    """Two replicas of a 5-8-3 ReLU MLP (float64) and a copy of them with Tanh, the same weights."""
+    models, data = W.job(R=2)
+    relu = [nn.Sequential(m[0], nn.ReLU(), m[2]) for m in models]
+    tanh = [nn.Sequential(copy.deepcopy(m[0]), nn.Tanh(), copy.deepcopy(m[2])) for m in models]
+    return relu, tanh, data
+
+
+def test_module_settings_are_part_of_the_fingerprint(tmp_path):
+    """Equal weights, another activation: refused, naming the module (the ReLU results came back)."""
+    relu, tanh, data = _mlp_pair()
+    out = str(tmp_path / "r.jsonl")
+    kw = dict(measures=("lambda_max",), max_iter=20, progress=False)
+    fastcurv.batched_sharpness(relu, data, output=out, **kw)
+    with pytest.raises(FingerprintMismatch, match=r"architecture \(module 1: ReLU\(\) -> Tanh\(\)\), models"):
+        fastcurv.batched_sharpness(tanh, data, output=out, **kw)
+    a = [nn.Sequential(copy.deepcopy(m[0]), nn.Dropout(0.1), copy.deepcopy(m[2])) for m in relu]
+    b = [nn.Sequential(copy.deepcopy(m[0]), nn.Dropout(0.5), copy.deepcopy(m[2])) for m in relu]
+    assert resume.models_digest(a) != resume.models_digest(b)
+
+
+def test_callables_are_fingerprinted_by_what_they_compute(tmp_path):
+    """A loss was identified by its name: every lambda, every functools.partial, the same."""
+    d = resume.describe
+    ce = functools.partial(F.cross_entropy, label_smoothing=0.0)
+    assert d(ce) == d(functools.partial(F.cross_entropy, label_smoothing=0.0))
+    assert d(ce) != d(functools.partial(F.cross_entropy, label_smoothing=0.5))
+    assert d(lambda o, t: F.cross_entropy(o, t)) != d(lambda o, t: 3.0 * F.cross_entropy(o, t))
+
+    def scaled(s):
+        return lambda o, t: s * F.cross_entropy(o, t)
+
+    assert d(scaled(1.0)) == d(scaled(1.0)) and d(scaled(1.0)) != d(scaled(3.0))
+    assert d(nn.CrossEntropyLoss(label_smoothing=0.1)) != d(nn.CrossEntropyLoss(label_smoothing=0.2))
+    assert d({"seed": np.int64(3)}) == d({"seed": 3})
+
+    models, data = W.job(R=2)
+    out = str(tmp_path / "r.jsonl")
+    kw = dict(measures=("lambda_max",), max_iter=20, progress=False)
+    fastcurv.batched_sharpness(models, data, output=out, loss=scaled(1.0), **kw)
+    fastcurv.batched_sharpness(models, data, output=out, loss=scaled(1.0), **kw)  # the same function: resumed
+    with pytest.raises(FingerprintMismatch, match="differs in: loss"):
+        fastcurv.batched_sharpness(models, data, output=out, loss=scaled(3.0), **kw)
+
+    class Opaque:  # no stable repr: cannot be fingerprinted, so a rerun is refused, saying so
+        pass
+
+    holder = Opaque()
+    opaque = str(tmp_path / "o.jsonl")
+    fastcurv.batched_sharpness(models, data, output=opaque, loss=lambda o, t: F.cross_entropy(o, t) + 0 * id(holder), **kw)
+    with pytest.raises(FingerprintMismatch, match="loss .it cannot be fingerprinted reliably: a .*Opaque has no stable"):
+        fastcurv.batched_sharpness(models, data, output=opaque,
+                                   loss=lambda o, t: F.cross_entropy(o, t) + 0 * id(holder), **kw)
+
+
+def test_equivalent_arguments_and_memory_budgets_resume(tmp_path, monkeypatch):
+    """A measure name or a list of it, measure_options None or {}, a numpy seed, a memory budget:
+    the same job, resumed (each was refused); batches a budget splits sign as the batches given."""
+    models, data = W.job(R=2)
+    out = str(tmp_path / "r.jsonl")
+    kw = dict(max_iter=20, progress=False)
+    first = fastcurv.batched_sharpness(models, data, output=out, measures=("lambda_max",), **kw)
+    monkeypatch.setattr(fastcurv.sharpness, "batched_sharpness", lambda *a, **k: pytest.fail("recomputed"))
+    for same in (dict(measures="lambda_max", measure_options={}), dict(measures=["lambda_max"], seed=np.int64(0)),
+                 dict(measures=("lambda_max",), memory_budget="64KiB")):
+        again = fastcurv.batched_sharpness(models, data, output=out, **same, **kw)
+        assert torch.equal(again["lambda_max"], first["lambda_max"])
+    from fastcurv.data import Batches
+    from fastcurv.memory import SplitBatches
+
+    whole = Batches(data, device="cpu", dtype=torch.float64)
+    split = Batches(SplitBatches(data, 3), device="cpu", dtype=torch.float64)
+    assert split.sizes != whole.sizes and resume.data_signature(split) == resume.data_signature(whole)
+
+
+def test_damaged_results_files_are_named(tmp_path):
+    """A cut-off record: a warning naming the file and line, its replicas computed again (a raw
+    JSONDecodeError without the file's name made every saved chunk unusable); a header that is not
+    an object: 'not a fastcurv results file' (it was an AttributeError)."""
+    models, data = W.job(R=3)
+    out = tmp_path / "r.jsonl"
+    kw = dict(measures=("lambda_max",), max_iter=20, progress=False, replica_chunk=1)
+    ref = fastcurv.batched_sharpness(models, data, output=str(out), **kw)
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:-1] + [lines[-1][:40]]) + "\n")
+    with pytest.warns(RuntimeWarning, match=r"r.jsonl: line 4 is damaged .*computed again"):
+        again = fastcurv.batched_sharpness(models, data, output=str(out), **kw)
+    assert torch.equal(again["lambda_max"], ref["lambda_max"])
+    assert [json.loads(ln)["start"] for ln in out.read_text().splitlines()[1:]] == [0, 1, 2]
+    out.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="r.jsonl is not a fastcurv results file"):
+        fastcurv.batched_sharpness(models, data, output=str(out), **kw)
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):
+    """A missing folder is created (the first chunk was computed, then lost to a FileNotFoundError
+    naming the temporary file); a folder at the path is refused before computing."""
+    models, data = W.job(R=2)
+    kw = dict(measures=("lambda_max",), max_iter=20, progress=False, replica_chunk=1)
+    deep = tmp_path / "missing" / "dir" / "r.jsonl"
+    assert fastcurv.batched_sharpness(models, data, output=str(deep), **kw).ok.all() and deep.is_file()
+    monkeypatch.setattr(fastcurv.sharpness, "batched_sharpness", lambda *a, **k: pytest.fail("computed"))
+    with pytest.raises(ValueError, match="is a folder"):
+        fastcurv.batched_sharpness(models, data, output=str(tmp_path), **kw)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="a file is in the way"):
+        fastcurv.batched_sharpness(models, data, output=str(tmp_path / "afile" / "r.jsonl"), **kw)
+    with pytest.raises(ValueError, match="path .* is a folder"):
+        fastcurv.invariance_audit(models, data, measures=("lambda_max",), path=str(tmp_path))
+
+
+def test_results_are_strict_json(tmp_path):
+    """NaN results were written as the bare token NaN, which strict JSON parsers reject."""
+    models, data = W.job(R=2)
+    with torch.no_grad():
+        models[1][0].weight[0, 0] = float("nan")
+    out = tmp_path / "r.jsonl"
+    kw = dict(measures=("lambda_max",), max_iter=20, progress=False)
+    with pytest.warns(RuntimeWarning):
+        first = fastcurv.batched_sharpness(models, data, output=str(out), **kw)
+
+    def strict(c):
+        raise ValueError(f"not strict JSON: {c}")
+
+    for line in out.read_text().splitlines():
+        json.loads(line, parse_constant=strict)
+    again = fastcurv.batched_sharpness(models, data, output=str(out), **kw)
+    assert again["lambda_max"][1].isnan() and torch.equal(again["lambda_max"][:1], first["lambda_max"][:1])
+
+
+def test_invariance_audit_with_an_output_file(tmp_path):
+    """The reparameterized models' results go to a file of their own (the audit's second job
+    opened the same file and was refused: 'differs in: models')."""
+    models, data = W.job(R=2)
+    relu = [nn.Sequential(m[0], nn.ReLU(), m[2]) for m in models]
+    out = tmp_path / "audit.jsonl"
+    kw = dict(measures=("lambda_max",), max_iter=20, progress=False)
+    aud = fastcurv.invariance_audit(relu, data, output=str(out), replica_chunk=1, **kw)
+    assert out.is_file() and (tmp_path / "audit.reparam.jsonl").is_file()
+    again = fastcurv.invariance_audit(relu, data, output=str(out), replica_chunk=1, **kw)  # resumed
+    assert again.table["after_mean"].equals(aud.table["after_mean"])
+    # the models' own file is the plain job's: it resumes there too
+    plain = fastcurv.batched_sharpness(relu, data, output=str(out), replica_chunk=1, **kw)
+    assert torch.equal(plain["lambda_max"], aud.per_replica["lambda_max"][0].to(plain["lambda_max"].dtype))
+
+
+def test_interrupt_message_counts_what_the_file_holds(tmp_path, monkeypatch, capsys):
+    """Ctrl-C right after a chunk's write: the message counted the list in memory, one chunk short."""
+    models, data = W.job(R=3)
+    real, calls = resume.write_atomic, []
+
+    def write_then_interrupt(*a, **k):
+        real(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume, "write_atomic", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fastcurv.batched_sharpness(models, data, output=str(tmp_path / "r.jsonl"), replica_chunk=1,
+                                   measures=("lambda_max",), max_iter=20, progress=False)
+    assert "2 finished replicas are saved" in capsys.readouterr().err

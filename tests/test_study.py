@@ -1,9 +1,11 @@
 """fastcurv.study end to end on the embedded digits (few replicas, few epochs), Python and CLI."""
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import fastcurv
 from fastcurv.cli import main
@@ -130,9 +132,8 @@ def test_bad_measure_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown measures.*sharpiness"):
         fastcurv.study(data="digits", replicas=2, epochs=1, measures=["lambda_max", "sharpiness"], out=None,
                        verbose=False, progress=False)
-    with pytest.raises(SystemExit, match="unknown measures"):
-        main(["study", "--replicas", "2", "--epochs", "1", "--measures", "weakness,nope", "--out", str(tmp_path),
-              "--no-progress"])
+    assert main(["study", "--replicas", "2", "--epochs", "1", "--measures", "weakness,nope", "--out", str(tmp_path),
+                 "--no-progress"]) == 2
 
 
 @pytest.mark.parametrize("bad,words", [
@@ -158,3 +159,100 @@ def test_hidden_widths_as_a_string_and_numbers_as_strings(tmp_path):
     fastcurv.study(data="digits", hidden="12,6", lr="0.05", replicas=2, epochs=1, measures=["lambda_max"], audit=False,
                    out=tmp_path, verbose=False, progress=False, n_boot=10)
     assert "MLP 64-12-6-10" in (tmp_path / "report.md").read_text()
+
+
+TINY = dict(data="digits", hidden=(8,), replicas=3, epochs=1, n_boot=20, progress=False, verbose=False)
+
+
+def test_sharpness_output_with_the_audit(tmp_path):
+    """A resumable sharpness stage: the audit reused its results file and was refused after all the
+    work, leaving no report; it now has its own files, and the rerun resumes every stage."""
+    out = tmp_path / "rep"
+    kw = dict(TINY, measures=("lambda_max", "trace"), audit_replicas=2, out=out,
+              sharpness_kwargs={"output": str(out / "sharpness.jsonl"), "replica_chunk": 1})
+    first = fastcurv.study(**kw)
+    for name in ("report.md", "audit.csv", "sharpness.jsonl", "sharpness.audit.jsonl", "sharpness.audit.reparam.jsonl"):
+        assert (out / name).is_file(), name
+    again = fastcurv.study(**kw)
+    pd.testing.assert_frame_equal(again["audit"].table, first["audit"].table)
+
+
+def test_every_replica_failed_with_a_spectrum(tmp_path):
+    """All replicas diverged, "spectrum" requested: the density crashed ("quantile() input tensor
+    must be non-empty") before report.md and config.json were written."""
+    res = fastcurv.study(**dict(TINY, lr=1e20, measures=("lambda_max", "spectrum"), audit=False, out=tmp_path))
+    assert res["table"]["diverged"].all()
+    for name in ("report.md", "config.json", "config.yaml", "spectrum.png"):
+        assert (tmp_path / name).is_file(), name
+    grid, dens = res["sharpness"].spectrum.density()
+    assert grid.numel() == 0 and dens.shape == (3, 0)
+    grid, dens = res["sharpness"].spectrum.density(grid=torch.linspace(0, 1, 5))
+    assert dens.shape == (3, 5) and dens.isnan().all()
+
+
+def test_bad_paths_are_refused_before_training(tmp_path, monkeypatch):
+    """--out a file, a checkpoint folder, an audit plot folder: found after the whole run."""
+    monkeypatch.setattr("fastcurv.train.train_population", lambda *a, **k: pytest.fail("trained"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        fastcurv.study(**dict(TINY, measures=["lambda_max"], out=afile))
+    with pytest.raises(ValueError, match="checkpoint .* is a folder"):
+        fastcurv.study(**dict(TINY, measures=["lambda_max"], out=None, checkpoint=tmp_path))
+    with pytest.raises(ValueError, match="a file is in the way"):
+        fastcurv.study(**dict(TINY, measures=["lambda_max"], out=None,
+                              sharpness_kwargs={"output": str(afile / "s.jsonl")}))
+
+
+def test_config_yaml_round_trip_with_a_dtype_and_a_function(tmp_path, capsys):
+    """config.yaml stored torch.float64 as a string, and the rerun crashed after training; a Python
+    function (which no config file can hold) is now refused by the rerun before training."""
+    yaml = pytest.importorskip("yaml")
+    out = tmp_path / "a"
+    first = fastcurv.study(**dict(TINY, measures=("lambda_max", "soft"), audit=False, out=out,
+                                  function_kwargs={"probs_dtype": torch.float64}))
+    assert yaml.safe_load((out / "config.yaml").read_text())["function_kwargs"] == {"probs_dtype": "torch.float64"}
+    assert main(["study", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    again = pd.read_csv(tmp_path / "b" / "results.csv", index_col="replica")
+    np.testing.assert_allclose(again["js"], first["table"]["js"], rtol=1e-12)
+
+    fastcurv.study(**dict(TINY, measures=("lambda_max",), audit=False, out=tmp_path / "c", epochs=0,
+                          sharpness_kwargs={"loss": lambda o, t: torch.nn.functional.cross_entropy(o, t)}))
+    capsys.readouterr()
+    assert main(["study", "--config", str(tmp_path / "c" / "config.yaml"), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "sharpness_kwargs['loss'] is <not stored in a config file: function" in err and not (tmp_path / "d").exists()
+
+
+def test_a_reused_report_folder_holds_only_the_new_study(tmp_path):
+    """An earlier study's audit.csv, spectrum.png, ... stayed next to the new results; files that are
+    not a study's are kept. Also: top_k's headline row is lambda_1 (it was dropped)."""
+    for name in ("audit.csv", "spectrum.png", "trace_vs_test_acc.png", "notes.txt"):
+        (tmp_path / name).write_text("old")
+    res = fastcurv.study(**dict(TINY, measures=("top_k",), sharpness_kwargs={"top_k": 2}, audit=False, out=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(res["files"] + ["notes.txt"])
+    assert list(res["headline"].index) == ["lambda_1"]
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    """Bad config files, --out a file, --checkpoint a folder, bad demo arguments, an unknown data
+    set: each ended in a traceback (exit code 1), or listed only the IDX data sets."""
+    (tmp_path / "bad.json").write_text("{bad")
+    (tmp_path / "bad.yaml").write_text("replicas: [2\n")
+    (tmp_path / "afile").write_text("")
+    run = ["--replicas", "2", "--epochs", "1", "--measures", "lambda_max", "--no-audit", "--no-progress"]
+    cases = [
+        (["study", "--config", str(tmp_path / "bad.json")], "bad.json is not valid JSON"),
+        (["study", "--config", str(tmp_path / "bad.yaml")], r"bad.yaml is not valid YAML: .* \(line 2, column 1\)"),
+        (["study", *run, "--out", str(tmp_path / "afile")], "is a file, not a folder"),
+        (["study", *run, "--out", str(tmp_path / "r"), "--checkpoint", str(tmp_path)], "checkpoint .* is a folder"),
+        (["study", "--data", "foo", "--out", str(tmp_path / "r")], "available: 'digits', 'mnist', 'fashion-mnist'"),
+        (["demo", "--replicas", "0", "--out", str(tmp_path / "d")], "fastcurv demo: replicas must be a positive integer"),
+        (["demo", "--out", str(tmp_path / "afile"), "--no-progress"], "fastcurv demo: out .* is a file"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith(f"fastcurv {argv[0]}: ")
+        assert re.search(words, err), (argv, err)

@@ -175,6 +175,66 @@ def test_resume_after_interruption_is_identical(tmp_path):
         train_population(builder, x, y, checkpoint=ck, **{**kw, "lr": 0.02})
 
 
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    """Same parameter shapes, another activation or dropout p: refused, naming the module (it was
+    resumed, training the Tanh nets from the ReLU nets' weights)."""
+    x, y = _data()
+    kw = dict(seeds=[0, 1], batch_size=8, epochs=1, progress=False)
+    ck = tmp_path / "ck.pt"
+    train_population(lambda: mlp(SIZES, "relu").double(), x, y, checkpoint=ck, **kw)
+    with pytest.raises(ValueError, match=r"architecture \(module 2: ReLU\(\) -> Tanh\(\)\)"):
+        train_population(lambda: mlp(SIZES, "tanh").double(), x, y, checkpoint=ck, **{**kw, "epochs": 2})
+
+    def dropout(p):
+        return lambda: nn.Sequential(nn.Linear(SIZES[0], 6), nn.ReLU(), nn.Dropout(p), nn.Linear(6, SIZES[-1])).double()
+
+    ck2 = tmp_path / "drop.pt"
+    train_population(dropout(0.3), x, y, checkpoint=ck2, **kw)
+    with pytest.raises(ValueError, match=r"module 2: Dropout\(p=0.3, inplace=False\) -> Dropout\(p=0.9"):
+        train_population(dropout(0.9), x, y, checkpoint=ck2, **kw)
+
+
+def test_fewer_epochs_than_the_checkpoint_holds_raise(tmp_path):
+    """The checkpoint's longer-trained models came back for a shorter run, and a study's report
+    stated the shorter run's epoch count."""
+    x, y = _data()
+    kw = dict(seeds=[0, 1], batch_size=8, progress=False)
+    ck = tmp_path / "ck.pt"
+    train_population(builder, x, y, checkpoint=ck, epochs=2, **kw)
+    with pytest.raises(ValueError, match="holds 2 epochs, but epochs=1 was asked for"):
+        train_population(builder, x, y, checkpoint=ck, epochs=1, **kw)
+    _, hist = train_population(builder, x, y, checkpoint=ck, epochs=3, **kw)  # extending still works
+    assert hist.resumed_from_epoch == 2 and hist.epochs_run == [3, 3]
+
+
+def test_bad_checkpoint_files_are_named(tmp_path, monkeypatch):
+    """A damaged file or one that is not a checkpoint: a ValueError naming it (torch's own error
+    advised weights_only=False, which would run code from the file); a folder at the path is
+    refused before training; a missing folder is created."""
+    x, y = _data()
+    kw = dict(seeds=[0, 1], batch_size=8, epochs=1, progress=False)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match="garbage.pt cannot be read") as err:
+        train_population(builder, x, y, checkpoint=garbage, **kw)
+    assert "weights_only" not in str(err.value)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="other.pt is not a fastcurv training checkpoint"):
+        train_population(builder, x, y, checkpoint=other, **kw)
+    good = tmp_path / "good.pt"
+    train_population(builder, x, y, checkpoint=good, **kw)
+    good.write_bytes(good.read_bytes()[:100])  # cut off
+    with pytest.raises(ValueError, match="good.pt cannot be read"):
+        train_population(builder, x, y, checkpoint=good, **kw)
+    monkeypatch.setattr("fastcurv.train.init_replicas", lambda *a: pytest.fail("trained"))
+    with pytest.raises(ValueError, match="is a folder"):
+        train_population(builder, x, y, checkpoint=tmp_path, **kw)
+    monkeypatch.undo()
+    train_population(builder, x, y, checkpoint=tmp_path / "new" / "dir" / "ck.pt", **kw)
+    assert (tmp_path / "new" / "dir" / "ck.pt").is_file()
+
+
 def test_dropout_masks_are_keyed_by_seeds_epoch_and_step(tmp_path):
     """With dropout, the same call gives the same models, a resumed run the uninterrupted one, and
     the global RNG is left as it was (the masks came from the global RNG before the 21st round)."""

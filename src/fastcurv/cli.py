@@ -6,6 +6,10 @@
   flags or a YAML / JSON config file (flags override the file); curvature measures
   (batched_sharpness) and function-space measures (function_measures), correlations, invariance
   audit, report folder; see :func:`fastcurv.study.study`.
+
+A bad setting, config file or path ends the command with one line ``fastcurv <command>: <what is
+wrong>`` on stderr and exit code 2 (as argparse's own usage errors), before any training where it
+can be known then.
 """
 from __future__ import annotations
 
@@ -26,21 +30,36 @@ def _ints(text: str):
 
 
 def _load_config(path: str) -> dict:
+    """The settings in a JSON (``.json``) or YAML file; a ValueError saying what is wrong with it."""
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"fastcurv: config file {path} not found")
+        raise ValueError(f"config file {path} not found")
     text = p.read_text()
     if p.suffix.lower() == ".json":
-        cfg = json.loads(text)
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
     else:
         try:
             import yaml
         except ImportError:
-            raise SystemExit("fastcurv: reading a YAML config needs PyYAML (pip install pyyaml), or use a .json file") from None
-        cfg = yaml.safe_load(text) or {}
+            raise ValueError("reading a YAML config needs PyYAML (pip install pyyaml), or use a .json file") from None
+        try:
+            cfg = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ValueError(f"config file {path} is not valid YAML: {problem}{where}") from None
     if not isinstance(cfg, dict):
-        raise SystemExit(f"fastcurv: {path} must hold a mapping of settings, got {type(cfg).__name__}")
-    return {k.replace("-", "_"): v for k, v in cfg.items()}
+        raise ValueError(f"{path} must hold a mapping of settings, got {type(cfg).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in cfg.items()}
+
+
+def _fail(command: str, error: Exception) -> int:
+    """Print ``fastcurv <command>: <error>`` on one line to stderr; the exit code 2."""
+    print(f"fastcurv {command}: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
 
 
 def _add_study_flags(p: argparse.ArgumentParser):
@@ -110,12 +129,21 @@ def main(argv=None) -> int:
         ap.print_help()
         return 2
     progress = False if args.no_progress else None
-    if args.command == "demo":
-        from .demo import demo
+    try:
+        if args.command == "demo":
+            from .demo import demo
 
-        extra = {} if args.epochs is None else {"epochs": args.epochs}
-        demo(replicas=args.replicas, seed=args.seed, out=args.out, progress=progress, **extra)
-        return 0
+            extra = {} if args.epochs is None else {"epochs": args.epochs}
+            demo(replicas=args.replicas, seed=args.seed, out=args.out, progress=progress, **extra)
+        else:
+            _study(args, progress)
+    except (OSError, ValueError) as e:  # bad settings, config files and paths (FingerprintMismatch too)
+        return _fail(args.command, e)
+    return 0
+
+
+def _study(args, progress) -> None:
+    """``fastcurv study``: the config file's settings, overridden by the flags given."""
     from .study import STUDY_ARGS as _STUDY_ARGS
     from .study import study as run_study
 
@@ -126,12 +154,8 @@ def main(argv=None) -> int:
         cfg["hidden"] = [cfg["hidden"]]
     unknown = sorted(set(cfg) - set(_STUDY_ARGS) - {"progress"})
     if unknown:
-        raise SystemExit(f"fastcurv study: unknown setting(s) {unknown}; known: {', '.join(sorted(_STUDY_ARGS))}")
-    try:
-        run_study(progress=progress, **cfg)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"fastcurv study: {e}") from None
-    return 0
+        raise ValueError(f"unknown setting(s) {unknown}; known: {', '.join(sorted(_STUDY_ARGS))}")
+    run_study(progress=progress, **cfg)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ is one finished chunk ``{"start": a, "stop": b, ...}`` with the results of repli
 A file is always replaced whole (write to a temporary file, fsync, ``os.replace``), so it is never
 half-written. A restarted job with the same arguments skips replicas already saved; a different
 configuration (models, data, measures, solver settings, seed, ...) raises
-:class:`FingerprintMismatch`.
+:class:`FingerprintMismatch` naming what differs. The models are identified by their module
+structure (each module's class and ``extra_repr()``) and weights; callables (a ``loss=``, an
+option) by what they compute (:func:`describe`); a setting that cannot be identified reliably
+makes a rerun be refused, saying so. Values are strict JSON (NaN as null, infinities as
+"Infinity" / "-Infinity"). The output's folder is created, and checked, before any work.
 
 Results do not depend on how replicas are split (chunks, ranks): each replica runs its own
 solvers; with common random numbers every replica gets the same probes whatever its chunk, and
@@ -16,17 +20,25 @@ own stream keyed by ``seed`` and its global number (see :func:`fastcurv.solvers.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import sys
+import types
+import uuid
 import warnings
+from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 from .data import Batches
 from .solvers import SpectralDensity
+from .measures import split_refusal
 from .memory import is_out_of_memory, release_cached_memory, warn_halving
 from .solvers.probes import replica_window
 
@@ -38,19 +50,118 @@ class FingerprintMismatch(ValueError):
 
 
 # --- fingerprints --------------------------------------------------------------------------------
-def _jsonable(obj):
-    if callable(obj):
-        return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+def _unreliable(why: str) -> dict:
+    """The description of a setting that cannot be fingerprinted: unique to this call, so that a
+    rerun is refused (with ``why`` in the message) instead of silently reusing other results."""
+    return {"unreliable": why, "nonce": uuid.uuid4().hex}
+
+
+def _const_text(c) -> str:
+    """A stable text for a code object's constant (nested code by its digest, sets sorted)."""
+    if isinstance(c, types.CodeType):
+        return _code_digest(c)
+    if isinstance(c, (frozenset, set)):
+        return "{" + ",".join(sorted(map(_const_text, c))) + "}"
+    if isinstance(c, tuple):
+        return "(" + ",".join(map(_const_text, c)) + ")"
+    return repr(c)
+
+
+def _code_digest(code: types.CodeType) -> str:
+    """sha256 over a code object's bytecode, constants and the names it uses."""
+    h = hashlib.sha256(code.co_code)
+    h.update("|".join(map(_const_text, code.co_consts)).encode())
+    h.update(repr(code.co_names).encode())
+    return h.hexdigest()[:32]
+
+
+def _qualified(obj) -> str:
+    return f"{getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def _describe_callable(fn, seen: set):
+    """A callable by what it computes: a function by its code, defaults and closure values, a
+    ``functools.partial`` by its function and bound arguments, a method by its function and object,
+    another callable object by its class and attributes; builtins and classes by name."""
+    if isinstance(fn, functools.partial):
+        return {"partial": describe(fn.func, seen), "args": describe(fn.args, seen),
+                "keywords": describe(fn.keywords, seen)}
+    if isinstance(fn, types.MethodType):
+        return {"method": describe(fn.__func__, seen), "self": describe(fn.__self__, seen)}
+    if isinstance(fn, types.FunctionType):
+        cells = []
+        for cell in fn.__closure__ or ():
+            try:
+                cells.append(describe(cell.cell_contents, seen))
+            except ValueError:  # an empty cell
+                cells.append(None)
+        return {"function": _qualified(fn), "code": _code_digest(fn.__code__), "defaults": describe(fn.__defaults__, seen),
+                "kwdefaults": describe(fn.__kwdefaults__, seen), "closure": cells}
+    if isinstance(fn, (type, types.BuiltinFunctionType, types.BuiltinMethodType, types.MethodWrapperType,
+                       types.WrapperDescriptorType, types.MethodDescriptorType, np.ufunc)):
+        return _qualified(fn)  # classes and functions implemented in C: by name
+    if not hasattr(fn, "__dict__"):
+        return _unreliable(f"a {type(fn).__qualname__} object keeps its settings where fastcurv cannot read them")
+    return {"object": _qualified(type(fn)), "attributes": describe(vars(fn), seen)}
+
+
+def describe(obj, seen: set | None = None):
+    """A JSON-able description of a setting that is the same for equal settings in any run:
+    numbers (numpy scalars as Python numbers), strings, lists (tuples too), dicts, tensors by a
+    hash of their bytes, modules by their structure and state, callables by what they compute
+    (:func:`_describe_callable`), other objects by their repr. An object whose repr is not stable
+    (the default ``<... at 0x...>``) gets a description unique to this call, so that resuming with
+    it is refused with the reason named."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (torch.dtype, torch.device)):
+        return str(obj)
     if isinstance(obj, torch.Tensor):
-        return {"tensor": hashlib.sha256(obj.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()}
-    return repr(obj)
+        return {"tensor": hashlib.sha256(obj.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest(),
+                "shape": list(obj.shape), "dtype": str(obj.dtype)}
+    if id(obj) in seen:  # a function that refers to itself, a container holding itself
+        return "<recursive>"
+    seen = seen | {id(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [describe(v, seen) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): describe(v, seen) for k, v in obj.items()}
+    if isinstance(obj, nn.Module):
+        return {"module": module_structure(obj), "state": models_digest([obj])}
+    if callable(obj):
+        return _describe_callable(obj, seen)
+    text = repr(obj)
+    if " at 0x" in text:
+        return _unreliable(f"a {type(obj).__qualname__} has no stable representation")
+    return text
+
+
+def module_structure(model: nn.Module) -> list[str]:
+    """One line per submodule of ``model``: its name, class and settings as ``extra_repr()`` shows
+    them, e.g. ``"1: Tanh()"``, ``"2: Dropout(p=0.3, inplace=False)"``."""
+    return [f"{name or '(model)'}: {type(mod).__qualname__}({mod.extra_repr()})" for name, mod in model.named_modules()]
+
+
+def _module_settings(mod: nn.Module) -> dict:
+    """A module's public attributes that are numbers, strings or tuples of them (settings that
+    ``extra_repr()`` may not show, e.g. a loss module's ``label_smoothing``)."""
+    def simple(v):
+        return v is None or isinstance(v, (bool, int, float, str)) or (
+            isinstance(v, (tuple, list)) and all(simple(x) for x in v))
+
+    return {k: v for k, v in vars(mod).items() if not k.startswith("_") and k != "training" and simple(v)}
 
 
 def models_digest(models) -> str:
-    """sha256 over every replica's class, parameter and buffer names, shapes, dtypes and values."""
+    """sha256 over every replica's module structure (each module's class, ``extra_repr()`` and
+    other simple settings) and its parameter and buffer names, shapes, dtypes and values."""
     h = hashlib.sha256()
     for m in models:
-        h.update(type(m).__qualname__.encode())
+        for (_, mod), line in zip(m.named_modules(), module_structure(m)):
+            h.update(f"{type(mod).__module__}.{line} {json.dumps(_module_settings(mod), sort_keys=True)}\n".encode())
         for kind, items in (("p", m.named_parameters()), ("b", m.named_buffers())):
             for n, t in items:
                 t = t.detach().cpu().contiguous()
@@ -59,11 +170,54 @@ def models_digest(models) -> str:
     return h.hexdigest()
 
 
+def _unreliable_reasons(value) -> list[str]:
+    """The reasons of every part of a described setting that could not be fingerprinted."""
+    if isinstance(value, dict):
+        if "unreliable" in value and "nonce" in value:
+            return [value["unreliable"]]
+        return [r for v in value.values() for r in _unreliable_reasons(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _unreliable_reasons(v)]
+    return []
+
+
+def _structure_change(old: list, new: list) -> str:
+    """The first module that differs between two :func:`module_structure` listings."""
+    for a, b in zip(old, new):
+        if a != b:
+            name, _, was = a.partition(": ")
+            return f"module {name}: {was} -> {b.partition(': ')[2]}"
+    if len(old) != len(new):
+        return f"{len(old)} modules -> {len(new)}"
+    return ""
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    """The keys whose values differ between two configurations, comma-separated; an architecture
+    change names its first differing module, and a setting that cannot be fingerprinted says so."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        why = _unreliable_reasons(b)
+        if key == "architecture" and isinstance(a, list) and isinstance(b, list):
+            parts.append(f"architecture ({_structure_change(a, b)})")
+        elif why:
+            parts.append(f"{key} (it cannot be fingerprinted reliably: {'; '.join(dict.fromkeys(why))}, so a rerun "
+                         "cannot know whether it is the same)")
+        else:
+            parts.append(key)
+    return ", ".join(parts) or "unknown"
+
+
 def data_signature(batches: Batches) -> dict:
     """Summary of the data that a shuffled pass of the same data set keeps: the sample count, the
     batch sizes in order, sums and sums of squares of inputs and targets, and a sum over samples
     that pairs each input with its target (fixed random projections ``(x_i . u)(1 + y_i . w)``),
-    which changes when the targets are permuted against the inputs (12 significant digits)."""
+    which changes when the targets are permuted against the inputs (12 significant digits).
+    The batch sizes are those of the data as given: batches that ``memory_budget=`` split
+    (:class:`fastcurv.memory.SplitBatches`) count as the original ones."""
     n, sx, sxx, sy, syy, pair = 0, 0.0, 0.0, 0.0, 0.0, 0.0
     shapes = set()
     proj: dict = {}
@@ -83,33 +237,103 @@ def data_signature(batches: Batches) -> dict:
         syy += float(yf.square().sum())
         pair += float(((xf @ direction(xf.shape[1], "x")) * (1 + yf @ direction(yf.shape[1], "y"))).sum())
         shapes.add((tuple(x.shape[1:]), str(x.dtype), tuple(y.shape[1:]), str(y.dtype)))
-    return {"samples": n, "batches": list(batches.sizes), "inputs": [f"{sx:.12g}", f"{sxx:.12g}"],
+    return {"samples": n, "batches": _given_batch_sizes(batches), "inputs": [f"{sx:.12g}", f"{sxx:.12g}"],
             "targets": [f"{sy:.12g}", f"{syy:.12g}"], "pairs": f"{pair:.12g}", "shapes": sorted(map(repr, shapes))}
 
 
+def _given_batch_sizes(batches: Batches) -> list[int]:
+    """The batch sizes of the data the caller gave (before a memory plan split them)."""
+    from .data import _split
+    from .memory import SplitBatches
+
+    if not isinstance(batches.source, SplitBatches):
+        return list(batches.sizes)
+    return [_split(item, i)[0].shape[0] for i, item in enumerate(batches.source.source)]
+
+
 def fingerprint(models, batches: Batches, kwargs: dict) -> tuple[str, dict]:
-    """``(digest, config)`` identifying a job: models, data and every result-changing keyword, its
-    defaults filled in (so that a job started through :func:`fastcurv.batched_sharpness` and one
-    started through :func:`fastcurv.distributed.batched_sharpness` with the same settings match)."""
+    """``(digest, config)`` identifying a job: models (``architecture``: replica 0's
+    :func:`module_structure`, for messages; ``models``: every replica's structure and weights),
+    data and every result-changing keyword, its defaults filled in (so that a job started through
+    :func:`fastcurv.batched_sharpness` and one started through
+    :func:`fastcurv.distributed.batched_sharpness` with the same settings match), equivalent
+    forms made equal (a measure name or a list of one, ``measure_options`` None or ``{}``)."""
     from .sharpness import result_settings
 
     config = result_settings(kwargs, with_measures=True)
-    config = json.loads(json.dumps(config, default=_jsonable, sort_keys=True))
+    if isinstance(config.get("measures"), str):
+        config["measures"] = [config["measures"]]
+    config["measure_options"] = config.get("measure_options") or {}
+    config = describe(config)
     config["R"] = len(models)
+    config["architecture"] = module_structure(models[0])
     config["models"] = models_digest(models)
     config["data"] = data_signature(batches)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
     return digest, config
 
 
+# --- output paths ----------------------------------------------------------------------------------
+def prepare_file(path, what: str = "output") -> Path:
+    """Check, before any work, that a file can be written at ``path``: a folder there, or a parent
+    that is a file or not writable, raises a ValueError naming ``what``; missing parent folders are
+    created."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder; give a file path")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{what} {str(path)!r}: its folder {str(p.parent)!r} cannot be created (a file is in the "
+                         "way)") from None
+    if not os.access(p.parent, os.W_OK):
+        raise ValueError(f"{what} {str(path)!r}: the folder {str(p.parent)!r} is not writable")
+    return p
+
+
+def prepare_folder(path, what: str = "out") -> Path:
+    """Check, before any work, that ``path`` is or can be made a writable folder (created with its
+    parents); a file there raises a ValueError naming ``what``."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a file, not a folder; give a folder path")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{what} {str(path)!r} cannot be created as a folder (a file is in the way)") from None
+    if not os.access(p, os.W_OK):
+        raise ValueError(f"{what} {str(path)!r} is not writable")
+    return p
+
+
+def sibling_path(output, tag: str) -> str:
+    """``output`` with ``.tag`` before its extension: ``"run.jsonl"`` -> ``"run.<tag>.jsonl"``
+    (the results file of a related job, e.g. the audit's reparameterized models)."""
+    p = Path(output)
+    return str(p.with_name(f"{p.stem}.{tag}{p.suffix}"))
+
+
 # --- (de)serialising results ---------------------------------------------------------------------
+_NONFINITE = {"Infinity": math.inf, "-Infinity": -math.inf, None: math.nan}
+
+
 def _enc(t: torch.Tensor) -> dict:
+    """A tensor as JSON: dtype, shape and values, NaN as null and infinities as "Infinity" /
+    "-Infinity" (strict JSON: Python's bare NaN token is not)."""
     t = t.detach().cpu()
-    return {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "data": t.reshape(-1).tolist()}
+    data = t.reshape(-1).tolist()
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        data = [v if math.isfinite(v) else None if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+                for v in data]
+    return {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "data": data}
 
 
 def _dec(d: dict) -> torch.Tensor:
-    return torch.tensor(d["data"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
+    """The tensor :func:`_enc` wrote (files written before strict JSON hold bare NaN, read alike)."""
+    data = d["data"]
+    if any(v is None or isinstance(v, str) for v in data):
+        data = [_NONFINITE[v] if v is None or isinstance(v, str) else v for v in data]
+    return torch.tensor(data, dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
 
 
 def to_record(res, start: int, stop: int) -> dict:
@@ -172,6 +396,7 @@ class ResultStore:
 
     def __init__(self, path, digest: str, config: dict, read_also=()):
         self.path, self.digest, self.config = str(path), digest, config
+        prepare_file(self.path)
         self.own: list[dict] = self._load(self.path)
         self.others: list[dict] = [rec for p in read_also if os.path.abspath(p) != os.path.abspath(self.path)
                                    for rec in self._load(p)]
@@ -187,26 +412,65 @@ class ResultStore:
             head = json.loads(lines[0])
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not a fastcurv results file (bad first line: {exc})") from None
-        if head.get("fastcurv") != HEADER_TAG:
+        if not isinstance(head, dict) or head.get("fastcurv") != HEADER_TAG:
             raise ValueError(f"{path} is not a fastcurv results file; delete it or choose another output path")
         if head.get("fingerprint") != self.digest:
-            old = head.get("config", {})
-            diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+            old = head.get("config")
             raise FingerprintMismatch(
-                f"{path} was written by a job with a different configuration (differs in: {', '.join(diff) or 'unknown'}); "
+                f"{path} was written by a job with a different configuration (differs in: "
+                f"{describe_changes(old if isinstance(old, dict) else {}, self.config)}); "
                 "rerun with the same models, data and arguments to resume, or use another output path")
-        return [json.loads(ln) for ln in lines[1:]]
+        records = []
+        for number, line in enumerate(lines[1:], start=2):
+            rec, why = _parse_record(line)
+            if why:
+                warnings.warn(f"{path}: line {number} is damaged ({why}); its replicas are computed again",
+                              RuntimeWarning, stacklevel=4)
+            else:
+                records.append(rec)
+        return records
 
     @property
     def records(self) -> list[dict]:
         return self.own + self.others
 
-    def done(self) -> set[int]:
-        return {i for r in self.records for i in range(r["start"], r["stop"])}
+    def saved(self) -> set[int]:
+        """The replicas whose results are in the files now (this file read again: after an
+        interrupt it, not the list in memory, says what a rerun finds)."""
+        return {i for r in self._load(self.path) + self.others for i in range(r["start"], r["stop"])}
 
     def add(self, record: dict) -> None:
         self.own.append(record)
         write_atomic(self.path, self.digest, self.config, self.own)
+
+
+_RECORD_KEYS = ("start", "stop", "backend", "backend_reason", "num_matvecs", "seconds", "flags", "ok", "values", "stderr",
+                "error_bounds", "iterations", "converged", "spectrum")
+
+
+def _parse_record(line: str) -> tuple[dict | None, str]:
+    """``(record, "")`` for a saved chunk's line, or ``(None, why)`` when it is not one (a file
+    damaged or cut off by something other than fastcurv, whose own writes are atomic)."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"not JSON: {exc}"
+    if not isinstance(rec, dict):
+        return None, "not a record of results"
+    missing = [k for k in _RECORD_KEYS if k not in rec]
+    if missing:
+        return None, f"no {', '.join(missing)}"
+    if not (isinstance(rec["start"], int) and isinstance(rec["stop"], int) and len(rec["flags"]) == rec["stop"] - rec["start"]):
+        return None, "its replica range does not match its results"
+    try:
+        for key in ("values", "stderr", "error_bounds", "iterations", "converged"):
+            for t in rec[key].values():
+                _dec(t)
+        if rec["ok"] is not None:
+            _dec(rec["ok"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        return None, f"unreadable results: {type(exc).__name__}: {exc}"
+    return rec, ""
 
 
 def write_atomic(path: str, digest: str, config: dict, records: list[dict]) -> None:
@@ -277,6 +541,9 @@ def run_chunks(models, data, kwargs: dict, *, lo: int = 0, hi: int | None = None
             except Exception as exc:  # out of memory (GPU): halve the chunk and retry
                 if not is_out_of_memory(exc):
                     raise
+                if b - a > 1 and (why := split_refusal(kwargs)):
+                    exc.add_note(f"not retried in smaller chunks: {why}")
+                    raise
                 oom = f"{type(exc).__name__}: {str(exc)[:300]}"  # the traceback (and the chunk's tensors) go here
             if oom is not None:
                 release_cached_memory()
@@ -297,7 +564,8 @@ def run_chunks(models, data, kwargs: dict, *, lo: int = 0, hi: int | None = None
             new.append(rec)
     except KeyboardInterrupt:
         n = sum(r["stop"] - r["start"] for r in new)
-        where = f"; {len(done) + n} finished replicas are saved in {output}: rerun the same call to resume" if output else ""
+        saved_now = len(store.saved() & set(range(lo, hi))) if store is not None else 0
+        where = f"; {saved_now} finished replicas are saved in {output}: rerun the same call to resume" if output else ""
         print(f"fastcurv: interrupted after {n} new replicas{where}", file=sys.stderr)
         raise
     return sorted(saved + new, key=lambda r: r["start"]), digest, config

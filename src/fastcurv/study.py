@@ -15,10 +15,13 @@ one predicts generalization"):
 6. the invariance audit (:func:`fastcurv.invariance_audit`, Dinh alpha-rescaling, alpha=10) on a
    reparameterized copy of (some of) the population;
 7. an output folder: ``results.csv`` and ``results.parquet`` (the same table; pyarrow),
-   ``correlations.csv``, ``audit.csv``, ``report.md``, PNG plots (``<measure>_vs_<target>.png``,
-   ``spectrum.png`` when "spectrum" is requested, ``agreement_heatmap.png`` when "disagreement" or
-   "gde" is requested, ``audit.png``) and ``config.json`` (settings + versions; rerun with
-   ``fastcurv study --config config.json``... see :func:`rerun_config`).
+   ``correlations.csv``, ``audit.csv``, ``audit_mixed_correlations.csv`` (at least 4 audited
+   replicas), ``report.md``, PNG plots (``<measure>_vs_<target>.png``, ``spectrum.png`` when
+   "spectrum" is requested, ``agreement_heatmap.png`` and ``disagreement_vs_test_error.png`` when
+   "disagreement" or "gde" is requested, ``audit.png``), ``config.json`` (settings, versions,
+   times) and ``config.yaml`` (the settings alone: ``fastcurv study --config config.yaml`` reruns
+   the study). The folder is checked (a file there is refused) and created before any work; files
+   of an earlier study in it (the names above) are removed when the new one is written.
 """
 from __future__ import annotations
 
@@ -30,14 +33,17 @@ import numpy as np
 import torch
 
 from .demo import TARGETS, _markdown_table, _plot, _versions
+from .resume import prepare_file, prepare_folder, sibling_path
 
 FUNCTION_MEASURES = ("disagreement", "gde", "soft", "weakness", "perturbation_weakness", "simplicity")
 
-# The column standing for each requested measure in the summary ("headline") table.
+# The column standing for each requested measure in the summary ("headline") table; other measures
+# stand for the column of their own name ("spectrum" and "gde" have no per-replica column, so no row).
 HEADLINE = {
     "lambda_max": "lambda_max",
     "trace": "trace",
     "lambda_min": "lambda_min",
+    "top_k": "lambda_1",
     "disagreement": "disagreement",
     "weakness": "weakness_rel_tau0.1",
     "perturbation_weakness": "perturb_sigma_star",
@@ -47,6 +53,13 @@ HEADLINE = {
 
 # Columns of function_measures that are not predictors of generalization (test_error IS the target).
 _NOT_PREDICTORS = ("test_error", "pacbayes_mag_sigma")
+DATA_SETS = ("digits", "mnist", "fashion-mnist")
+# what a config file cannot hold (a Python function, an object) is written as this, and refused on a rerun
+_NOT_STORED = "<not stored in a config file: "
+# the report folder's files that a study writes (and removes from an earlier study in the same folder)
+REPORT_FILES = ("results.csv", "results.parquet", "correlations.csv", "audit.csv", "audit_mixed_correlations.csv",
+                "report.md", "config.json", "config.yaml", "spectrum.png", "agreement_heatmap.png",
+                "disagreement_vs_test_error.png", "audit.png", *(f"*_vs_{t}.png" for t in TARGETS))
 
 
 def _split_measures(measures):
@@ -72,7 +85,7 @@ def _split_measures(measures):
 def _mixed_correlations(aud, table, target, n_boot, seed):
     """Spearman rho of each audited curvature column with ``target`` on a population where a random
     half of the audited replicas is replaced by its reparameterized copy (the same functions, so the
-    same target values and the same function-space measures). Rows: ``<measure>`` (original) and
+    same target values and the same output-based function-space measures). Rows: ``<measure>`` (original) and
     ``<measure> (half reparameterized)``."""
     import pandas as pd
 
@@ -128,6 +141,59 @@ def _numbers(value, name: str):
     return [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
 
 
+def _config_value(value):
+    """``value`` as a config file (JSON / YAML) holds it: numbers, strings, lists and mappings as
+    they are (numpy scalars as numbers, tuples as lists, paths as strings), torch dtypes and
+    devices as their names (``"torch.float64"``, read back by :func:`_from_config`), anything else
+    (a function, an object) as a ``<not stored in a config file: ...>`` note that a rerun refuses."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_config_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _config_value(v) for k, v in value.items()}
+    if isinstance(value, (Path, torch.dtype, torch.device)):
+        return str(value)
+    what = " ".join(filter(None, (type(value).__name__, getattr(value, "__qualname__", None))))
+    return f"{_NOT_STORED}{what}>"
+
+
+def _from_config(value, name: str):
+    """A keyword dict's value as :func:`_config_value` wrote it, made usable again: dtype names
+    (``"torch.float64"``) become torch dtypes; a value the file could not hold raises a ValueError
+    naming ``name``."""
+    if isinstance(value, dict):
+        return {k: _from_config(v, f"{name}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_config(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str) and value.startswith(_NOT_STORED):
+        raise ValueError(f"{name} is {value}: a config file cannot hold it; pass it from Python "
+                         "(fastcurv.study(..., sharpness_kwargs=/function_kwargs=))")
+    if isinstance(value, str) and value.startswith("torch.") and isinstance(getattr(torch, value[6:], None), torch.dtype):
+        return getattr(torch, value[6:])
+    return value
+
+
+def _check_data(data) -> None:
+    """Raise a clear error for a data set name :func:`fastcurv.datasets.load_dataset` does not know."""
+    from .datasets import _ALIASES
+
+    if not isinstance(data, str) or (data.lower() not in ("digits", "sklearn-digits")
+                                     and data.lower().replace(" ", "") not in _ALIASES):
+        raise ValueError(f"unknown data set {data!r}; available: {', '.join(map(repr, DATA_SETS))}")
+
+
+def _clear_report(out: Path, keep=()) -> list[str]:
+    """Remove the files an earlier study wrote into ``out`` (``REPORT_FILES``, but not ``keep``);
+    returns their names."""
+    old = sorted({p for pattern in REPORT_FILES for p in out.glob(pattern) if p.is_file() and p.name not in keep})
+    for p in old:
+        p.unlink()
+    return [p.name for p in old]
+
+
 def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replicas, sharpness_kwargs, function_kwargs,
                     lr, replicas) -> None:
     """Raise a clear error for study settings that would otherwise fail only after training."""
@@ -178,9 +244,13 @@ def _plot_heatmap(D: torch.Tensor, seeds, out: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     A = 1.0 - D.double().numpy()
     fig, ax = plt.subplots(figsize=(5.2, 4.4), dpi=110)
     im = ax.imshow(A, cmap="viridis", interpolation="nearest")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ticks on replicas, not between them
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(im, ax=ax, label="prediction agreement on the test set")
     ax.set_xlabel("replica")
     ax.set_ylabel("replica")
@@ -264,17 +334,27 @@ def study(
         target: "test_acc", "test_loss" or "gap" (train accuracy - test accuracy).
         n_boot: bootstrap resamples (over networks) for the Spearman CI.
         sharpness_batch_size: batch size of the training-set loader the Hessian is averaged over.
-        sharpness_kwargs / function_kwargs: extra keywords for batched_sharpness / function_measures.
+        sharpness_kwargs / function_kwargs: extra keywords for batched_sharpness / function_measures
+            (also for the audit's batched_sharpness calls; with ``output=`` the audit saves its
+            results in its own file, ``.audit`` before the extension, see
+            :func:`fastcurv.invariance_audit`). Dtypes may be given by name (``"torch.float64"``,
+            as ``config.yaml`` stores them).
         spectrum_replicas: replicas drawn in ``spectrum.png`` (when "spectrum" is requested).
         audit: run :func:`fastcurv.invariance_audit` on the first ``audit_replicas`` replicas
             (None: all) for ``audit_measures``. ``audit_transform``: "dinh" (last two weight layers
             scaled by alpha and 1/alpha), "dinh_first" (the FIRST weight layer scaled by 1/alpha and
             the second by alpha, which grows the Hessian block of the first layer by alpha^2),
             "neurons" or "balance" (see :func:`fastcurv.invariance_audit`); alpha = ``audit_alpha``.
-        out: report folder (created), or None to write nothing.
+        out: report folder, or None to write nothing. Checked and created before any work (a file
+            there raises a ValueError); files of an earlier study in it are replaced or removed.
         threads: torch intra-op threads for this call (restored afterwards); None leaves it alone.
     Returns ``{"table", "correlations", "headline", "history", "sharpness", "function", "audit",
-    "summary", "out", "files", "seconds"}``.
+    "audit_mixed", "summary", "out", "files", "seconds", "times"}``. ``headline``: the correlation
+    rows of the requested measures, one per measure that has a per-replica column (``HEADLINE``'s
+    column, else the one named after the measure); "spectrum" and "gde" have none (see
+    ``spectrum.png`` and the summary's generalization-disagreement numbers). ``audit_mixed``: the
+    correlations with half of the audited replicas reparameterized (None below 4 replicas or without
+    the audit). ``times``: seconds per stage.
     """
     if threads is not None:
         if not isinstance(threads, (int, np.integer)) or threads < 1:
@@ -295,6 +375,9 @@ def study(
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    _check_data(data)
+    sharpness_kwargs = _from_config(sharpness_kwargs, "sharpness_kwargs")
+    function_kwargs = _from_config(function_kwargs, "function_kwargs")
     sharp_m, func_m = _split_measures(measures)
     if not sharp_m and not func_m:
         raise ValueError("measures is empty: name at least one curvature or function-space measure")
@@ -307,10 +390,16 @@ def study(
                     lr=lr, replicas=replicas)
     if audit:
         _audit_transform(audit_transform, audit_alpha)  # check the name before training
+    if checkpoint is not None:
+        prepare_file(checkpoint, "checkpoint")
+    if (sharpness_kwargs or {}).get("output") is not None:
+        prepare_file(sharpness_kwargs["output"], "sharpness_kwargs['output']")
+    if out is not None:
+        prepare_folder(out)
     t0 = time.perf_counter()
     config = {k: v for k, v in locals().items() if k in STUDY_ARGS}
     config["threads"] = torch.get_num_threads()
-    config = json.loads(json.dumps(config, default=str))
+    config = _config_value(config)
 
     kw = {"flatten": True}
     if data.lower() not in ("digits", "sklearn-digits"):
@@ -405,21 +494,32 @@ def study(
         t = time.perf_counter()
         k = len(models) if audit_replicas is None else min(int(audit_replicas), len(models))
         apath = None if out is None else str(Path(out) / "audit.png")
-        if out is not None:
-            Path(out).mkdir(parents=True, exist_ok=True)
         # the curvature of the unchanged replicas was computed above with the same settings: reused
         reuse = sharp is not None and k == len(models) and set(audit_measures) <= set(sharp_m)
+        akw = dict(sharpness_kwargs or {})
+        if akw.get("output") is not None:  # the audit's own results file (other replicas and measures)
+            akw["output"] = sibling_path(akw["output"], "audit")
         aud = invariance_audit(models[:k], train_loader, measures=tuple(audit_measures),
                                transform=_audit_transform(audit_transform, audit_alpha), alpha=audit_alpha,
-                               path=apath, seed=seed, progress=progress, before=sharp if reuse else None,
-                               **(sharpness_kwargs or {}))
+                               path=apath, seed=seed, progress=progress, before=sharp if reuse else None, **akw)
         times["audit"] = time.perf_counter() - t
         mixed = _mixed_correlations(aud, table.iloc[:k], target, n_boot, seed)
 
     files: list[str] = []
     if out is not None:
-        outp = Path(out)
-        outp.mkdir(parents=True, exist_ok=True)
+        outp = prepare_folder(out)
+        keep = {"audit.png"} if aud is not None and aud.plot_path else set()  # (written by this study's audit)
+        for name in _clear_report(outp, keep):
+            if verbose:
+                print(f"removed {name} of an earlier study in {outp}")
+        meta = {"config": config, "versions": _versions(), "seconds": times, "summary": summary,
+                "backend": None if sharp is None else sharp.backend,
+                "backend_reason": None if sharp is None else sharp.backend_reason,
+                "trace_method": None if sharp is None else sharp.trace_method}
+        (outp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        rerun = {k: v for k, v in config.items() if k not in ("out", "progress", "verbose")}
+        _write_yaml(rerun, outp / "config.yaml")
+        files += ["config.json", "config.yaml"]
         table.to_csv(outp / "results.csv")
         corr.to_csv(outp / "correlations.csv")
         files += ["results.csv", "correlations.csv"]
@@ -459,14 +559,6 @@ def study(
             if aud.plot_path:
                 plots.append("audit.png")
         files += plots
-        meta = {"config": config, "versions": _versions(), "seconds": times, "summary": summary,
-                "backend": None if sharp is None else sharp.backend,
-                "backend_reason": None if sharp is None else sharp.backend_reason,
-                "trace_method": None if sharp is None else sharp.trace_method}
-        (outp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        rerun = {k: v for k, v in config.items() if k not in ("out", "progress", "verbose")}
-        _write_yaml(rerun, outp / "config.yaml")
-        files += ["config.json", "config.yaml"]
         (outp / "report.md").write_text(_report(config, sizes, seeds, len(x_tr), len(x_te), data, times, sharp, fm,
                                                 corr, headline, summary, aud, mixed, table, target, plots,
                                                 parquet_note))
@@ -494,6 +586,8 @@ def _write_yaml(cfg: dict, path: Path):
 def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, headline, summary, aud, mixed, table,
             target, plots, parquet_note) -> str:
     c = config
+    asked = [c["measures"]] if isinstance(c["measures"], str) else c["measures"]
+    none = [m for m in ("spectrum", "gde") if m in asked]  # measures without a headline row
     md = [
         f"# fastcurv study: {len(seeds)} replicas of MLP {'-'.join(map(str, sizes))} on {data}",
         "",
@@ -522,7 +616,9 @@ def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, head
     md += [f"## Headline: rank correlation with `{target}`", "",
            f"Spearman rho (two-sided p), 95 % percentile bootstrap CI ({c['n_boot']} resamples over networks), "
            "Kendall tau-b. One column per requested measure (" +
-           ", ".join(f"{k} -> `{v}`" for k, v in HEADLINE.items() if v in headline.index) + ").", "",
+           ", ".join(f"{k} -> `{v}`" for k, v in HEADLINE.items() if v in headline.index) + ")"
+           + (f"; {' and '.join(none)} {'have' if len(none) > 1 else 'has'} no per-replica column" if none else "")
+           + ".", "",
            _markdown_table(headline), ""]
     if "mean_pairwise_disagreement" in summary:
         md += ["## Generalization-disagreement check", "",
@@ -536,11 +632,14 @@ def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, head
         md += [f"## Invariance audit (`{c['audit_transform']}` reparameterization, alpha = {c['audit_alpha']}, "
                f"{len(next(iter(aud.per_replica.values()))[0])} replicas)", "",
                f"Largest output change {at.attrs.get('max_output_change', float('nan')):.2e}, "
-               f"predictions changed: {at.attrs.get('predictions_changed')}. Function-space measures depend only on "
-               "the outputs, so they are unchanged by construction.", "", _markdown_table(at), ""]
+               f"predictions changed: {at.attrs.get('predictions_changed')}. Function-space measures computed from "
+               "the outputs are unchanged by construction; the simplicity columns describe the weights: "
+               "`sq_weight_norm` and `pacbayes_mag_kl` change under any rescaling, the compressed sizes under "
+               "neuron-wise rescaling.", "", _markdown_table(at), ""]
         if mixed is not None:
             md += [f"Rank correlation with `{target}` when a random half of these replicas is replaced by its "
-                   "reparameterized copy (same functions, same test accuracy, same function-space measures):", "",
+                   "reparameterized copy (same functions, same test accuracy, same output-based function-space "
+                   "measures):", "",
                    _markdown_table(mixed), ""]
     show = [x for x in ["seed", "train_loss", "test_acc", "gap", *[h for h in headline.index], "flags"] if x in table]
     md += ["## Per-replica results (headline columns; all columns in results.csv)", "", _markdown_table(table[show]), ""]

@@ -43,6 +43,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,13 +61,14 @@ from tqdm.auto import tqdm
 from .losses import label_out_of_range
 from .ops.csr_linear import CsrRows
 from .replicas import meta_copy, nonfinite_rows
+from .resume import describe_changes, module_structure, prepare_file
 from .train_fused import CsrBatch, plan_mlp
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "elu": nn.ELU,
                "silu": nn.SiLU, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
-_CKPT_VERSION = 1
+_CKPT_VERSION = 2  # 2: the fingerprint holds the architecture (module classes and settings)
 _FUSED_SGD = getattr(torch, "_fused_sgd_", None)  # private torch op behind SGD(fused=True); foreach ops if absent
 
 
@@ -246,6 +248,31 @@ def _atomic_save(obj, path: Path):
     os.replace(tmp, path)
 
 
+_CKPT_KEYS = ("fingerprint", "epoch", "params", "state", "diverged", "done", "epochs_run", "history")
+
+
+def _load_checkpoint(path: Path, device) -> dict:
+    """The training checkpoint at ``path`` (its fingerprint decoded); a ValueError naming the file
+    when it is damaged or not one (torch's own message advises ``weights_only=False``, which would
+    run arbitrary code from the file)."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}): it is damaged or not a fastcurv "
+                         "training checkpoint; delete it or use another path") from None
+    missing = [k for k in _CKPT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"{path} is not a fastcurv training checkpoint (it has no {', '.join(missing)}); "
+                         "delete it or use another path")
+    try:
+        fingerprint = json.loads(ck["fingerprint"])
+    except (TypeError, json.JSONDecodeError):
+        fingerprint = None
+    if not isinstance(fingerprint, dict):
+        raise ValueError(f"checkpoint {path} is damaged (unreadable fingerprint); delete it or use another path")
+    return {**ck, "fingerprint": fingerprint}
+
+
 def _data_digest(x: torch.Tensor, y: torch.Tensor) -> str:
     h = hashlib.sha1()
     for t in (x, y):
@@ -304,14 +331,18 @@ def train_population(
         eval_train: evaluate the full training-set loss after every epoch (default: only when
             ``target_loss`` is set; otherwise the history holds the mean minibatch loss).
         loss: "cross_entropy" (mean over the batch) or "mse" (mean over all output entries).
-        checkpoint: file written atomically after every epoch; if it exists, training resumes from
-            it (the settings must match, ``epochs`` may grow).
+        checkpoint: file written atomically after every epoch (missing folders are created; a folder
+            at the path raises before training); if it exists, training resumes from it. The
+            settings, data and architecture (module classes and settings, e.g. the activation or
+            dropout p) must match, else a ValueError names what differs; ``epochs`` may grow, but
+            not shrink below the epochs the checkpoint holds (ValueError).
         progress: tqdm bar with the mean/min/max per-replica loss (None: only on a terminal).
         device, dtype: where and in which precision to train (default: the built model's).
         callback: ``callback(epoch, history)`` after each epoch (after the checkpoint is written).
         chunk_size: replicas per forward/backward/update group within a step (default: as many as
             keep about 24 MiB of parameters, gradients and optimizer state together, so the
-            optimizer update runs from cache). Results do not depend on it.
+            optimizer update runs from cache). Results do not depend on it, except with dropout,
+            whose masks are drawn per group of replicas.
         shared_data_order: every replica sees the same minibatches (the data order of
             ``data_seeds[0]``, default ``seeds[0]``); the replicas then differ only in initialization
             and hyperparameters, and the fused path computes the first layer of all replicas as one
@@ -370,6 +401,7 @@ def train_population(
     _check_targets(loss, y, None)
     if optimizer != "sgd" and not all(0.0 <= float(b) < 1.0 for b in betas):
         raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
+    ckpt_path = prepare_file(checkpoint, "checkpoint") if checkpoint is not None else None
 
     models = init_replicas(builder, seeds)
     ref = next(models[0].parameters(), None)
@@ -444,16 +476,21 @@ def train_population(
         "hp": {k: v.double().cpu().tolist() for k, v in hp.items()}, "nesterov": bool(nesterov), "betas": [b1, b2],
         "eps": float(eps), "batch_size": int(batch_size), "target_loss": target_loss, "loss": loss,
         "eval_train": bool(eval_train), "dtype": str(dtype), "data": _data_digest(x, y),
-        "params": [[n, list(params[n].shape[1:])] for n in names],
+        "params": [[n, list(params[n].shape[1:])] for n in names], "architecture": module_structure(models[0]),
     }
-    ckpt_path = Path(checkpoint) if checkpoint is not None else None
     if ckpt_path is not None and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        old = json.loads(ck["fingerprint"])
-        if old != json.loads(json.dumps(fingerprint)):
-            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != json.loads(json.dumps(fingerprint)).get(k))
-            raise ValueError(f"checkpoint {ckpt_path} was written with different settings ({', '.join(diff)}); "
+        ck = _load_checkpoint(ckpt_path, device)
+        old, new = ck["fingerprint"], json.loads(json.dumps(fingerprint))
+        if old.get("version") != _CKPT_VERSION:
+            raise ValueError(f"checkpoint {ckpt_path} has format {old.get('version')}, this fastcurv writes "
+                             f"{_CKPT_VERSION} (which also records the architecture): use another path")
+        if old != new:
+            raise ValueError(f"checkpoint {ckpt_path} was written with different settings ({describe_changes(old, new)}); "
                              "use another path or the original settings")
+        if int(ck["epoch"]) > epochs:
+            raise ValueError(f"checkpoint {ckpt_path} holds {int(ck['epoch'])} epochs, but epochs={epochs} was asked for: "
+                             "a checkpoint can be extended, not shortened; ask for at least "
+                             f"{int(ck['epoch'])} epochs, or use another path to train {epochs} from the start")
         params = {n: ck["params"][n].to(device=device, dtype=dtype) for n in names}
         state = ck["state"]
         diverged, done = ck["diverged"].to(device), ck["done"].to(device)

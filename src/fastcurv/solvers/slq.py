@@ -26,9 +26,13 @@ class SpectralDensity:
         (Ghorbani et al.), raised to the square of the grid's widest spacing where it is smaller,
         so that every row integrates to ~1 on the grid shared by all replicas (a flat replica
         beside one 40x sharper would otherwise fall between the grid points). Returns
-        ``(grid [G], density [R, G])``.
+        ``(grid [G], density [R, G])``; failed replicas (no finite nodes) have NaN rows, and when
+        every replica failed the default grid is empty.
         """
         nodes = self.nodes.to(torch.float64)
+        if not bool(torch.isfinite(nodes).any()):  # every replica failed: nothing to smooth
+            grid = torch.zeros(0, dtype=torch.float64) if grid is None else grid.to(torch.float64)
+            return grid, torch.full((nodes.shape[0], grid.numel()), float("nan"), dtype=torch.float64)
         lo, hi = torch.nanquantile(nodes.flatten(), 0.0), torch.nanquantile(nodes.flatten(), 1.0)  # failed replicas are NaN
         if grid is None:
             pad = 0.01 * float(hi - lo) + 1e-12
@@ -49,7 +53,8 @@ class SpectralDensity:
         return grid, dens
 
     def plot(self, replicas=None, ax=None, path=None, log=True):
-        """Plot the densities of some replicas (default: up to 4) with matplotlib; save to ``path``."""
+        """Plot the densities of some replicas (default: up to 4) with matplotlib; save to ``path``.
+        Failed replicas have no curve (the title names them); with none left the axes say so."""
         import matplotlib
 
         if path is not None:
@@ -60,13 +65,20 @@ class SpectralDensity:
         rows = list(range(min(4, dens.shape[0]))) if replicas is None else list(replicas)
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 4))
-        for r in rows:
+        shown = [r for r in rows if bool(torch.isfinite(dens[r]).any())]
+        for r in shown:
             ax.plot(grid.numpy(), dens[r].clamp_min(1e-12).numpy(), label=f"replica {r}")
-        if log:
-            ax.set_yscale("log")
+        if shown:
+            if log:
+                ax.set_yscale("log")
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no spectral density: every replica shown failed", ha="center", va="center",
+                    transform=ax.transAxes)
+        if len(shown) < len(rows):
+            ax.set_title(f"no density for failed replicas {[r for r in rows if r not in shown]}", fontsize=9)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
-        ax.legend()
         if path is not None:
             ax.figure.savefig(path, dpi=120, bbox_inches="tight")
         return ax
