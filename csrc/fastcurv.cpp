@@ -4,7 +4,8 @@
 
 TORCH_LIBRARY(fastcurv, m) {
   // Hessian of softmax cross-entropy w.r.t. the logits applied to tangents:
-  // out[b,k,n,:] = scale * p * (t - <p, t>), p = probs[b,n,:], t = tangent[b,k,n,:].
+  // out[b,k,n,:] = scale * p * (w - <p, w>), w = t - t[m], p = probs[b,n,:], t = tangent[b,k,n,:], m the row's
+  // most probable class (the first if tied): scale * p * (t - <p, t>) for rows of p summing to 1.
   m.def("softmax_ce_hvp(Tensor probs, Tensor tangent, float scale) -> Tensor");
   // Activation derivatives at the pre-activation z, and the second-order term times the
   // backpropagated gradient g: returns (sigma'(z), sigma''(z) * g). kind: see ops/activation.py.

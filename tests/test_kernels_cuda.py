@@ -170,6 +170,11 @@ def test_wrappers_on_gpu(impl):
     """The fastcurv.ops wrappers give the reference result on CUDA tensors under every kernel choice."""
     if impl in ("cuda", "ext"):
         _ext_op("softmax_ce_hvp", "cuda")
+    if impl == "triton":
+        from fastcurv import triton_kernels
+
+        if not triton_kernels.available():
+            pytest.skip("Triton is not installed/usable here")
     g = _gen(5)
     p = _randn(3, 8, 10, dtype=torch.float32, device="cuda", gen=g).softmax(-1)
     t = _randn(3, 4, 8, 10, dtype=torch.float32, device="cuda", gen=g)
@@ -181,3 +186,27 @@ def test_wrappers_on_gpu(impl):
     torch.testing.assert_close(out, softmax_ce_hvp_reference(p, t, 0.5), **TOL[torch.float32])
     r1, r2 = act_derivs_reference(p[:, 0], p[:, 1], ACTIVATIONS["gelu"], 0.0)
     torch.testing.assert_close(r, act_rop_bwd_reference(r1, r2, z, z * 2), **TOL[torch.float32])
+
+
+def test_half_inputs_do_not_reach_the_cuda_kernels():
+    """The CUDA kernels take float32/float64: float16/bfloat16 CUDA tensors go to Triton or torch
+    under every kernel choice (as on CPU), not to a kernel that rejects them (no GPU needed)."""
+    if not _ext.has_kernel("act_derivs", "cuda"):
+        pytest.skip(f"no CUDA kernels: {_ext.extension_error('_cuda')}")
+    for impl in ("ext", "cuda"):
+        with fastcurv.use_kernels(impl):
+            for op in CUDA_OPS:
+                for dtype in (torch.float16, torch.bfloat16):
+                    assert _ext.choose(op, torch.device("cuda"), dtype) == "torch", (impl, op, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["auto", "ext", "cuda"])
+def test_half_wrappers_on_gpu(impl):
+    g = _gen(6)
+    z = _randn(3, 10, dtype=torch.float16, device="cuda", gen=g)
+    with fastcurv.use_kernels(impl):
+        d1, d2g = act_derivs(z, z, ACTIVATIONS["gelu"], 0.0)
+    r1, r2 = act_derivs_reference(z.float(), z.float(), ACTIVATIONS["gelu"], 0.0)
+    torch.testing.assert_close(d1.float(), r1, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(d2g.float(), r2, rtol=1e-2, atol=1e-2)

@@ -15,6 +15,7 @@ from fastcurv.measures.epsilon_sharpness import epsilon_sharpness_values
 from fastcurv.measures.rho_sharpness import _scale, adaptive_rho_sharpness, average_case_sharpness, worst_case_sharpness
 
 from _measure_models import full_loss, make_data, make_replicas, set_flat, train, single_thread  # noqa: F401  (autouse fixture)
+from models import mlp, replicas
 
 
 def quadratic_problem(R=2):
@@ -277,3 +278,29 @@ def test_failed_replica_is_nan_and_flagged():
     for col in ("rho_sharpness", "avg_rho_sharpness"):
         assert torch.isnan(res[col][1]) and torch.isfinite(res[col][[0, 2]]).all()
     assert res.flags[1] and not res.flags[0]
+
+
+def test_measures_without_a_convergence_test_have_no_convergence_entry():
+    """rho- and epsilon-sharpness run a fixed number of ascent steps: no "converged" entry (it
+    was always True, even after one step); a non-finite value is flagged by name instead."""
+    models = replicas(lambda: mlp(nn.Tanh, (5, 6, 3)), R=2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=gen)
+    res = fastcurv.batched_sharpness(models, (x, y), measures=("rho_sharpness", "josz_level_distance"), progress=False,
+                                     measure_options={"rho_sharpness": {"n_iter": 1}})
+    assert "rho_sharpness" not in res.converged and "josz_d_eps" in res.converged
+    assert res.flags == ["", ""]
+    from fastcurv.measures import REGISTRY, REPLICA_NOISE, register_measure
+    from fastcurv.measures._common import finish
+
+    @register_measure("test_half_finite", replica_noise=False)
+    def half_finite(op, *, seed, common):
+        return {"test_half_finite": finish(op, torch.tensor([1.0, float("inf")]))}
+
+    try:
+        bad = fastcurv.batched_sharpness(models, (x, y), measures=("test_half_finite",), progress=False)
+    finally:
+        REGISTRY.pop("test_half_finite"), REPLICA_NOISE.pop("test_half_finite")
+    assert "test_half_finite" not in bad.converged
+    assert bad.flags == ["", "test_half_finite not finite"] and math.isnan(float(bad["test_half_finite"][1]))

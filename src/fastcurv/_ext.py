@@ -112,8 +112,8 @@ def use_kernels(impl: str):
 
 def choose(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Which implementation an op wrapper should call for tensors on ``device`` (of ``dtype``, when
-    given): 'ext', 'triton' or 'torch'. The C++ CPU kernels take float32 and float64; other
-    floating dtypes (float16, bfloat16) run the torch reference there."""
+    given): 'ext', 'triton' or 'torch'. The C++ and CUDA kernels take float32 and float64; other
+    floating dtypes (float16, bfloat16) run Triton on a GPU where it is usable, else the torch reference."""
     impl = _impl
     if impl == "torch":
         return "torch"
@@ -128,6 +128,8 @@ def choose(op: str, device: torch.device, dtype: torch.dtype | None = None) -> s
                 return "triton"
             if impl == "triton":
                 raise RuntimeError(f"Triton kernel for {op} requested but Triton is not usable here")
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            return "torch"  # the CUDA kernels, like the C++ ones, take float32 and float64 only
         if has_kernel(op, "cuda"):
             return "ext"
         if impl in ("ext", "cuda"):
