@@ -231,11 +231,23 @@ def test_mw_sharpness_matches_reference_and_perturbs_buffers():
                 set_flat(m, theta + 0.05 * z / math.sqrt(theta.numel()))
                 vals.append(abs(float(full_loss(m, loader)) - base) / 0.05)
         assert float(res["mw_sharpness"][r]) == pytest.approx(np.mean(vals), rel=1e-9)
-    # BatchNorm running statistics are perturbed too (reference behaviour): the value changes with them
+    # BatchNorm running statistics are perturbed too, at the parameters' scale rho / sqrt(P) (reference behaviour,
+    # P the number of parameters): the value changes with them
     torch.manual_seed(0)
     bn = [nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double().eval() for _ in range(2)]
     a = fastcurv.batched_sharpness(bn, loader, measures=("mw_sharpness",), progress=False,
                                    measure_options={"mw_sharpness": {"n_samples": 5}})["mw_sharpness"]
+    m = copy.deepcopy(bn[0])
+    theta = torch.nn.utils.parameters_to_vector(m.parameters()).detach().clone()
+    bufs = {n: b.clone() for n, b in m.named_buffers() if b.is_floating_point()}
+    base, g, vals, scale = float(full_loss(m, loader)), torch.Generator().manual_seed(0), [], 0.005 / math.sqrt(theta.numel())
+    with torch.no_grad():
+        for _ in range(5):
+            set_flat(m, theta + scale * torch.randn(1, theta.numel(), generator=g, dtype=torch.float64)[0])
+            for n, b0 in bufs.items():
+                m.get_buffer(n).copy_(b0 + scale * torch.randn((1,) + tuple(b0.shape), generator=g, dtype=torch.float64)[0])
+            vals.append(abs(float(full_loss(m, loader)) - base) / 0.005)
+    assert float(a[0]) == pytest.approx(np.mean(vals), rel=1e-9)
     b = fastcurv.batched_sharpness(bn, loader, measures=("mw_sharpness",), progress=False,
                                    measure_options={"mw_sharpness": {"n_samples": 5, "perturb_buffers": False}})["mw_sharpness"]
     assert not torch.allclose(a, b)

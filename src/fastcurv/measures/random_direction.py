@@ -1,10 +1,11 @@
 """Mason-Williams et al. (TMLR 2026) "SAM sharpness": the mean absolute loss change under
 random isotropic perturbations of norm about rho, divided by rho.
 
-``S = (1/N) sum_k |L(theta + rho xi_k / sqrt(P')) - L(theta)| / rho`` with xi_k ~ N(0, I) over
-the P' perturbed entries (parameters, plus every floating-point buffer such as BatchNorm running
+``S = (1/N) sum_k |L(theta + rho xi_k / sqrt(P)) - L(theta)| / rho`` with xi_k ~ N(0, I) over the
+perturbed entries (parameters, plus every floating-point buffer such as BatchNorm running
 statistics when ``perturb_buffers=True``, as the reference code perturbs every float entry of the
-state dict). Defaults from the reference code: rho = 0.005, N = 100. Units: loss per unit of
+state dict) and P the number of *parameters* (the reference code's ``num_params``; buffers get the
+same scale). Defaults from the reference code: rho = 0.005, N = 100. Units: loss per unit of
 parameter distance. Not reparameterization-invariant (isotropic perturbation).
 """
 from __future__ import annotations
@@ -25,8 +26,7 @@ def mw_sharpness(op, *, seed, common, rho: float = 0.005, n_samples: int = 100, 
     theta = rs.flat_params()
     base = loss_at(op, theta)
     buf_names = [n for n, b in rs.buffers.items() if b.is_floating_point()] if perturb_buffers else []
-    n_entries = op.P + sum(rs.buffers[n][0].numel() for n in buf_names)
-    scale = rho / n_entries**0.5
+    scale = rho / op.P**0.5
     gen = torch.Generator().manual_seed(seed)
     rows = 1 if common else op.R
     vals = []
