@@ -210,3 +210,23 @@ def test_half_wrappers_on_gpu(impl):
     r1, r2 = act_derivs_reference(z.float(), z.float(), ACTIVATIONS["gelu"], 0.0)
     torch.testing.assert_close(d1.float(), r1, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(d2g.float(), r2, rtol=1e-2, atol=1e-2)
+
+
+def test_cuda_kernels_that_cannot_launch_count_as_absent(monkeypatch):
+    """A GPU whose driver is older than the library's static CUDA runtime (or an unsupported
+    architecture) fails every launch: the kernels then count as absent, so the wrappers take Triton
+    or torch, and extension_error says why (simulated: no GPU needed)."""
+    if not fastcurv.cuda_extension_loaded():
+        pytest.skip(f"fastcurv._cuda did not load: {_ext.extension_error('_cuda')}")
+
+    def fail():
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "_probe_launch", fail)
+    monkeypatch.setattr(_ext, "_cuda_runs", None)
+    monkeypatch.setattr(_ext, "_has_kernel", {})
+    monkeypatch.setitem(_ext._errors, "_cuda", None)
+    assert not _ext.has_kernel("softmax_ce_hvp", "cuda")
+    assert "do not run here: CUDA driver version is insufficient" in _ext.extension_error("_cuda")
+    assert _ext.has_kernel("softmax_ce_hvp", "cpu")

@@ -69,9 +69,37 @@ def has_kernel(op: str, device_type: str) -> bool:
 _has_kernel: dict[tuple[str, str], bool] = {}
 
 
+_cuda_runs: bool | None = None
+
+
+def _probe_launch() -> None:
+    """Launch one tiny CUDA kernel of fastcurv._cuda (raises RuntimeError where it cannot run)."""
+    x = torch.zeros(1, 1, 1, device="cuda")
+    torch.ops.fastcurv.act_rop_bwd(x[0], x[0], x, x)
+    torch.cuda.synchronize()
+
+
+def _cuda_kernels_run() -> bool:
+    """Whether fastcurv._cuda's kernels launch here (True without a CUDA device). The library carries
+    its own static CUDA runtime, from the toolkit it was built with, and code for sm_80 and sm_90: a
+    driver older than that runtime, or an older GPU, fails every launch. Such a library then counts
+    as absent (the wrappers take Triton or torch) and ``extension_error('_cuda')`` says why."""
+    global _cuda_runs
+    if _cuda_runs is None:
+        _cuda_runs = True
+        if torch.cuda.is_available():
+            try:
+                _probe_launch()
+            except RuntimeError as exc:
+                _cuda_runs = False
+                _errors["_cuda"] = f"{_loaded.get('_cuda')}: loaded, but its kernels do not run here: {exc}"
+    return _cuda_runs
+
+
 def _lookup_kernel(op: str, device_type: str) -> bool:
     if device_type == "cuda":
-        cuda_extension_loaded()
+        if cuda_extension_loaded() and not _cuda_kernels_run():
+            return False
     elif not cpu_extension_loaded():
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
