@@ -194,7 +194,9 @@ def lanczos(
         tol = resolvable_tol(op.dtype)
     m = min(max_iter, P)
     if min_iter is None:
-        min_iter = min(min_iter_default(k, which), m)  # (a max_iter below it is the caller's choice)
+        # (a max_iter below it is the caller's choice; a Krylov space near P's dimension is rounding
+        # noise at its end in float32, where forced steps let spurious Ritz values in)
+        min_iter = min(min_iter_default(k, which), m, max(k, P // 2))
     f64 = torch.float64
     if v0 is None:
         v0 = start_vectors(op, seed, common)
