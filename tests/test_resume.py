@@ -199,6 +199,7 @@ def test_callables_are_fingerprinted_by_what_they_compute(tmp_path):
     assert d(scaled(1.0)) == d(scaled(1.0)) and d(scaled(1.0)) != d(scaled(3.0))
     assert d(nn.CrossEntropyLoss(label_smoothing=0.1)) != d(nn.CrossEntropyLoss(label_smoothing=0.2))
     assert d({"seed": np.int64(3)}) == d({"seed": 3})
+    assert d(scaled(torch.tensor(2.0))) == d(scaled(torch.tensor(2.0))) != d(scaled(torch.tensor(3.0)))  # 0-dim crashed
 
     models, data = W.job(R=2)
     out = str(tmp_path / "r.jsonl")

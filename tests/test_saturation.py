@@ -180,3 +180,13 @@ def test_underflowing_probabilities_are_flagged():
     res = fastcurv.batched_sharpness(models, (x, torch.zeros(10, dtype=torch.long)), progress=False)
     assert res.flags[0] == ""
     assert "loss below the dtype's range" in res.flags[1]
+
+
+def test_a_moderately_confident_float16_population_is_not_flagged():
+    """float16 with per-sample losses near 0.01 (margin 5): far above float16's smallest normal
+    number, so nothing is flagged (the first underflow rule, tiny / eps = 0.06, flagged it)."""
+    models = [m.half() for m in _confident_population(CASES["mlp3"][0], 3, 5.0, torch.float32)]
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(6)).half()
+    res = fastcurv.batched_sharpness(models, (x, torch.zeros(16, dtype=torch.long)), measures=("lambda_max",),
+                                     progress=False)
+    assert res.flags == ["", ""]

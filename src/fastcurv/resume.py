@@ -120,7 +120,7 @@ def describe(obj, seen: set | None = None):
     if isinstance(obj, (torch.dtype, torch.device)):
         return str(obj)
     if isinstance(obj, torch.Tensor):
-        return {"tensor": hashlib.sha256(obj.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest(),
+        return {"tensor": hashlib.sha256(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest(),
                 "shape": list(obj.shape), "dtype": str(obj.dtype)}
     if id(obj) in seen:  # a function that refers to itself, a container holding itself
         return "<recursive>"
