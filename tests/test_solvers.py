@@ -306,3 +306,18 @@ def test_lanczos_max_iter_below_the_minimum_steps_still_converges():
     op = DenseOperator(spd_with_spectrum([5.0] + torch.linspace(1.0, 0.1, 19).tolist(), 1).unsqueeze(0))
     res = lanczos(op, k=1, tol=1e-3, max_iter=6)
     assert bool(res.converged[0]) and abs(float(res.eigenvalues[0, 0]) - 5.0) < 5e-3
+
+
+def test_float32_lanczos_stops_where_a_low_rank_krylov_space_runs_out():
+    """A rank-6 operator in float32 (as a network with all but a few ReLUs dead is): its Krylov
+    space runs out after 6 steps, and past that the coefficients are rounding noise, which
+    continuing made grow to infinity (top-3 at 5e13, SLQ nodes at +-650; a trained MLP's lambda_max
+    came back as 1e17). Breakdown is now detected at the matvecs' rounding level."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(4000, 6, generator=g, dtype=torch.float64))
+    ev = torch.tensor([1.0, 0.5, 0.3, 0.1, -0.2, -0.4], dtype=torch.float64)
+    op = DenseOperator(((U * ev) @ U.T).float().unsqueeze(0))
+    top = lanczos(op, k=3, tol=1e-3, max_iter=100)
+    assert bool(top.converged[0]) and (top.eigenvalues[0] - ev[:3]).abs().max() < 1e-5
+    nodes = slq(op, num_steps=40, num_draws=2, seed=0).nodes
+    assert float(nodes.max()) < 1 + 1e-5 and float(nodes.min()) > -0.4 - 1e-5
