@@ -52,14 +52,20 @@ def test_correlations_table_drops_nan_rows_and_skips_bookkeeping():
     df = pd.DataFrame({"lambda_max": x, "trace": -x + 0.1 * y, "trace_stderr": np.ones(30), "acc": y,
                        "ok": np.ones(30, dtype=bool)})
     df.loc[4, "lambda_max"] = np.nan
-    tab = stats.correlations(df, "acc", n_boot=200)
-    assert list(tab.index) == ["lambda_max", "trace"]
+    df["broken"] = np.nan  # a measure with no finite value does not drop every replica
+    df.loc[0, "broken"] = 1.0
+    with pytest.warns(RuntimeWarning, match=r"replicas \[4\] dropped \(not finite in \['lambda_max'\]\)"):
+        tab = stats.correlations(df, "acc", n_boot=200)
+    assert list(tab.index) == ["lambda_max", "trace", "broken"]
     keep = np.isfinite(df["lambda_max"].to_numpy())
     ref = st.spearmanr(x[keep], y[keep])
-    assert tab.loc["lambda_max", "n"] == 29
+    assert tab.loc["lambda_max", "n"] == tab.loc["trace", "n"] == 29  # the same replicas for every measure
     assert tab.loc["lambda_max", "spearman_rho"] == pytest.approx(ref.statistic)
     assert tab.loc["lambda_max", "spearman_p"] == pytest.approx(ref.pvalue)
-    assert tab.loc["trace", "kendall_tau"] == pytest.approx(st.kendalltau(df["trace"], y).statistic)
+    assert tab.loc["trace", "kendall_tau"] == pytest.approx(st.kendalltau(df["trace"][keep], y[keep]).statistic)
+    each = stats.correlations(df, "acc", ["lambda_max", "trace"], rows="each", n_boot=200)
+    assert each.loc["trace", "n"] == 30
+    assert each.loc["trace", "kendall_tau"] == pytest.approx(st.kendalltau(df["trace"], y).statistic)
     with pytest.raises(KeyError, match="target column 'gap'"):
         stats.correlations(df, "gap")
 

@@ -11,6 +11,7 @@ Rows where the measure or the target is NaN/Inf (e.g. diverged replicas) are dro
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -93,8 +94,8 @@ def bootstrap_spearman_ci(x, y, *, n_boot: int = 10_000, level: float = 0.95, se
     return float(lo), float(hi)
 
 
-def correlations(df, target: str, measures: Sequence[str] | None = None, *, n_boot: int = 10_000,
-                 level: float = 0.95, seed: int = 0):
+def correlations(df, target: str, measures: Sequence[str] | None = None, *, rows: str = "common",
+                 n_boot: int = 10_000, level: float = 0.95, seed: int = 0):
     """One row per measure: n, Spearman rho, p, bootstrap CI, Kendall tau, p (a pandas DataFrame).
 
     Args:
@@ -102,6 +103,10 @@ def correlations(df, target: str, measures: Sequence[str] | None = None, *, n_bo
         target: the generalization column (test accuracy, test loss, gap, ...).
         measures: columns to correlate (default: every numeric column except ``target`` and
             bookkeeping columns ending in ``_stderr``, ``_error``, ``_iters``, ``_converged``).
+        rows: "common" (default): every measure on the same replicas, those where the target and
+            every measure with at least 3 finite values are finite, so that the measures compare
+            like with like (a warning names the replicas dropped and the columns that dropped
+            them); "each": each measure on the replicas where it and the target are finite.
         n_boot, level, seed: bootstrap resamples, confidence level, RNG seed.
     """
     import pandas as pd
@@ -115,12 +120,31 @@ def correlations(df, target: str, measures: Sequence[str] | None = None, *, n_bo
     missing = [m for m in measures if m not in df.columns]
     if missing:
         raise KeyError(f"measure columns {missing} not in the table (columns: {list(df.columns)})")
-    rows = []
+    if rows not in ("common", "each"):
+        raise ValueError(f"rows must be 'common' or 'each', got {rows!r}")
+    keep = _common_rows(df, target, measures) if rows == "common" else np.ones(len(df), dtype=bool)
+    out = []
     for m in measures:
-        x, y = _clean(df[m].to_numpy(dtype=np.float64), df[target].to_numpy(dtype=np.float64))
+        x, y = _clean(df[m].to_numpy(dtype=np.float64)[keep], df[target].to_numpy(dtype=np.float64)[keep])
         rho, p = spearman(x, y)
         lo, hi = bootstrap_spearman_ci(x, y, n_boot=n_boot, level=level, seed=seed)
         tau, tp = kendall(x, y)
-        rows.append({"measure": m, "n": int(x.size), "spearman_rho": rho, "spearman_p": p, "ci_low": lo,
-                     "ci_high": hi, "kendall_tau": tau, "kendall_p": tp})
-    return pd.DataFrame(rows, columns=list(COLUMNS)).set_index("measure")
+        out.append({"measure": m, "n": int(x.size), "spearman_rho": rho, "spearman_p": p, "ci_low": lo,
+                    "ci_high": hi, "kendall_tau": tau, "kendall_p": tp})
+    return pd.DataFrame(out, columns=list(COLUMNS)).set_index("measure")
+
+
+def _common_rows(df, target: str, measures) -> np.ndarray:
+    """``[len(df)]`` bool: the rows where the target and every measure with at least 3 finite values
+    are finite (a measure finite on fewer cannot be correlated anyway, and would drop everything);
+    warns naming the rows dropped and the columns that dropped them."""
+    finite = {c: np.isfinite(df[c].to_numpy(dtype=np.float64)) for c in [target, *measures]}
+    deciding = [c for c, f in finite.items() if c == target or f.sum() >= 3]
+    keep = np.logical_and.reduce([finite[c] for c in deciding])
+    if not keep.all():
+        labels = list(df.index[~keep])
+        why = [c for c in deciding if not finite[c].all()]
+        warnings.warn(f"correlations on the {int(keep.sum())} replicas where every measure and the target are finite: "
+                      f"replicas {labels} dropped (not finite in {why}); rows='each' correlates each measure on its "
+                      "own finite replicas", RuntimeWarning, stacklevel=3)
+    return keep
