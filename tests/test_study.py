@@ -256,3 +256,11 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert err.startswith(f"fastcurv {argv[0]}: ")
         assert re.search(words, err), (argv, err)
+
+
+def test_the_report_says_how_many_replicas_reached_the_target_loss(tmp_path):
+    """A target loss that 1 epoch cannot reach: the report says so, and the table has the column
+    (a shrunk config's replicas were compared at the epoch limit without a word)."""
+    res = fastcurv.study(**dict(TINY, replicas=2), target_loss=1e-6, measures=["lambda_max"], audit=False, out=tmp_path)
+    assert not res["table"]["reached_target"].any()
+    assert "**2 of 2 replicas did not reach the training-loss target 1e-06** in 1 epochs" in (tmp_path / "report.md").read_text()

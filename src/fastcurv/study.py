@@ -435,6 +435,8 @@ def study(
     table["gap"] = table["train_acc"] - table["test_acc"]
     table["epochs"] = history.epochs_run
     table["diverged"] = history.diverged
+    if target_loss:
+        table["reached_target"] = history.reached_target
     table.index.name = "replica"
     flags = [[] for _ in seeds]
 
@@ -602,6 +604,15 @@ def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, head
         "Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + ".",
         "",
     ]
+    if "reached_target" in table:
+        reached, R = int(table["reached_target"].sum()), len(table)
+        if reached < R:
+            rest = table.loc[~table["reached_target"].astype(bool), "train_loss"]
+            md[-1:-1] = [f"**{R - reached} of {R} replicas did not reach the training-loss target {c['target_loss']}** "
+                         f"in {c['epochs']} epochs (their training losses {rest.min():.3g} to {rest.max():.3g}): they "
+                         "are measured as they stood at the epoch limit (column `reached_target`)."]
+        else:
+            md[-1:-1] = [f"All {R} replicas reached the training-loss target {c['target_loss']}."]
     if sharp is not None:
         how = {"exact": "the trace exact (no probes)", "": "no trace"}.get(sharp.trace_method,
                                                                         f"the trace estimated ({sharp.trace_method})")
