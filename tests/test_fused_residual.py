@@ -474,3 +474,33 @@ def test_auto_falls_back_when_the_engine_cannot_take_the_shapes(factory, shape, 
     assert op.backend_name == "func" and "cannot run this model on inputs" in op.backend_reason
     V = torch.randn(2, op.P, dtype=torch.float64)
     torch.testing.assert_close(op.matvec(V)[1], dense_hessian(models[1], [(x, y)], loss="mse") @ V[1], rtol=1e-10, atol=1e-12)
+
+
+class GlobalMean(nn.Module):
+    """A conv net whose global average pooling is written as a mean over the spatial dims."""
+
+    def __init__(self, how="method"):
+        super().__init__()
+        self.c1, self.bn, self.c2, self.fc = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+        self.how = how
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.bn(self.c1(x)))))
+        if self.how == "method":
+            return self.fc(h.mean((2, 3)))
+        if self.how == "function":
+            return self.fc(torch.mean(h, dim=(-2, -1)))
+        return self.fc(h.mean((2, 3), keepdim=True).flatten(1))
+
+
+@pytest.mark.parametrize("how", ["method", "function"])
+def test_global_average_pooling_written_as_a_mean(how):
+    """x.mean((2, 3)) is AdaptiveAvgPool2d(1) then Flatten: fused, exact against dense, with the
+    exact trace (it fell back to torch.func: 3x slower, and a stochastic trace)."""
+    op = _check_dense(lambda: GlobalMean(how), (1, 5, 5), 2, 3, "cross_entropy")
+    assert op.exact_trace_support() == (True, "")
+
+
+def test_other_means_are_not_fused():
+    ok, why = FusedBackend.supports(ReplicaSet(replicas(lambda: GlobalMean("keepdim"), R=1)))
+    assert not ok and "only x.mean((2, 3))" in why, why

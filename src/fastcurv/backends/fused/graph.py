@@ -12,7 +12,8 @@ modules are traced through) into a DAG of fused layers (:class:`Graph`) that the
 * functional activations: ``F.relu``/``torch.relu``/``x.relu()`` (also in place), ``torch.tanh``,
   ``torch.sigmoid``, ``F.gelu`` (exact), ``F.leaky_relu``;
 * flattening to ``[N, features]``: ``torch.flatten(x, 1)``, ``x.flatten(1)``,
-  ``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``;
+  ``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``; global average pooling written
+  ``x.mean((2, 3))`` or ``torch.mean(x, dim=(-2, -1))`` (AdaptiveAvgPool2d(1) then Flatten);
 * one input (the batch) and one output (the logits ``[N, classes]``).
 
 Anything else (``torch.cat``, multiplications, attributes read in ``forward``, unsupported modules,
@@ -188,6 +189,16 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
                     raise _Unsupported(f"{_describe(node)} flattens dims {start}..{end}; only flatten(x, 1) is fused")
                 add(node, _Layer("flatten", name=node.name), [tensor(args[0], node)])
                 alias_of[node] = args[0]
+            elif (t == "mean") if is_method else (t is torch.mean):
+                dims = args[1] if len(args) > 1 else kw.pop("dim", None)
+                keepdim = args[2] if len(args) > 2 else kw.pop("keepdim", False)
+                if kw or keepdim or not isinstance(dims, (tuple, list)) or sorted(d % 4 for d in dims) != [2, 3]:
+                    raise _Unsupported(f"{_describe(node)} averages dims {dims} (keepdim={keepdim}, {kw}); only "
+                                       "x.mean((2, 3)), global average pooling to [N, C], is fused")
+                # = AdaptiveAvgPool2d(1) then Flatten
+                layers.append(_Layer("adaptive", name=f"{node.name}.pool", opts=dict(output_size=1)))
+                inputs.append([tensor(args[0], node)])
+                add(node, _Layer("flatten", name=node.name), [len(layers) - 1])
             elif (t in ("view", "reshape")) if is_method else (t is torch.reshape):
                 shape = list(args[1:]) if is_method else list(args[1])
                 if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
