@@ -164,3 +164,21 @@ def test_audit_warns_when_the_transform_changes_the_function():
     y = torch.randint(0, 3, (40,))
     with pytest.warns(RuntimeWarning, match="not function-preserving"):
         fastcurv.invariance_audit(models, (x, y), measures=("lambda_max",))
+
+
+def test_a_rescaling_undone_by_batchnorm_names_it_and_the_fix():
+    """Conv -> BatchNorm -> ReLU: rescaling the conv is undone by the normalization. The transform
+    itself now warns (balance changed predictions silently), and the hint names the BatchNorm and
+    fold_batchnorm (it blamed the activations); the folded models rescale exactly."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3)).double().eval()
+              for _ in range(2)]
+    with torch.no_grad():
+        for m in models:
+            m[1].running_mean.uniform_(-1, 1), m[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(30, 1, 4, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm \('1'\).*fold_batchnorm"):
+        reparam.rescale_layers(models, alpha=10, probe=x)
+    folded = reparam.fold_batchnorm(models, probe=x).models
+    res = reparam.rescale_layers(folded, alpha=10, probe=x)
+    assert int(res.predictions_changed.sum()) == 0 and res.max_output_change < 1e-9

@@ -98,13 +98,15 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     for p in filter(None, outputs):
         prepare_file(p)
     probe = _probe_inputs(data)
-    tr = _apply(models, transform, probe, alpha, seed)
+    with warnings.catch_warnings():  # (said below, for the audit)
+        warnings.simplefilter("ignore")
+        tr = _apply(models, transform, probe, alpha, seed)
     changed = int(tr.predictions_changed.sum()) if tr.predictions_changed is not None else 0
     if changed or tr.max_output_change > 1e-2:
         warnings.warn(f"the transform is not function-preserving for these models: it changed {changed} predictions on "
                       f"the probe inputs (largest output change {tr.max_output_change:.3g}), so the audit compares the "
-                      "curvature of different functions (Dinh rescaling needs ReLU-like activations; fold_batchnorm "
-                      "a BatchNorm right after its Linear or Conv2d)", RuntimeWarning, stacklevel=2)
+                      f"curvature of different functions; {reparam.preservation_hint(models[0])}", RuntimeWarning,
+                      stacklevel=2)
     kw = dict(measures=measures, seed=seed, progress=progress, **kwargs)
     if before is None:
         before = batched_sharpness(models, data, output=outputs[0], **kw)

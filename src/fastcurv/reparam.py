@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -81,7 +82,21 @@ def _report(old, new, probe, details=None) -> ReparamResult:
             flips.append(int((ya.argmax(-1) != yb.argmax(-1)).sum()) if ya.dim() >= 2 else 0)
     res.max_output_change = max(changes)
     res.predictions_changed = torch.tensor(flips)
+    if sum(flips) or res.max_output_change > 1e-2:
+        warnings.warn(f"the transform is not function-preserving for these models: it changed {sum(flips)} predictions "
+                      f"on the probe inputs (largest output change {res.max_output_change:.3g}); "
+                      f"{preservation_hint(old[0])}", RuntimeWarning, stacklevel=3)
     return res
+
+
+def preservation_hint(model: nn.Module) -> str:
+    """Why a rescaling may not preserve ``model``'s function, and what to do about it."""
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        return (f"the model has BatchNorm ({', '.join(map(repr, bns[:3]))}{', ...' if len(bns) > 3 else ''}), which "
+                "undoes a rescaling of the layer before it: transform reparam.fold_batchnorm(models).models instead "
+                "(eval BatchNorm folded into that layer)")
+    return "rescalings preserve the function only through ReLU-like (positively homogeneous) activations"
 
 
 def _in_factor(layer_in: nn.Module, layer_out: nn.Module, s: torch.Tensor) -> torch.Tensor:
