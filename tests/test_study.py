@@ -264,3 +264,12 @@ def test_the_report_says_how_many_replicas_reached_the_target_loss(tmp_path):
     res = fastcurv.study(**dict(TINY, replicas=2), target_loss=1e-6, measures=["lambda_max"], audit=False, out=tmp_path)
     assert not res["table"]["reached_target"].any()
     assert "**2 of 2 replicas did not reach the training-loss target 1e-06** in 1 epochs" in (tmp_path / "report.md").read_text()
+
+
+def test_a_study_without_progress_bars_says_each_stage(tmp_path, capsys):
+    """In a log or a pipe (no progress bars), a study printed nothing until it finished."""
+    fastcurv.study(**dict(TINY, replicas=2, verbose=True), measures=["lambda_max", "disagreement"], audit=False,
+                   out=tmp_path)
+    out = capsys.readouterr().out
+    assert "fastcurv study: training 2 replicas (at most 1 epochs) ..." in out
+    assert out.index("curvature measures lambda_max") < out.index("function-space measures disagreement") < out.index("done in")

@@ -26,6 +26,7 @@ one predicts generalization"):
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -415,6 +416,14 @@ def study(
         return mlp(sizes, activation)
 
     times = {}
+    bars = progress or (progress is None and sys.stderr.isatty())  # tqdm's rule for progress=None
+
+    def stage(what: str) -> None:
+        """One line per stage where no progress bar shows (a log, a pipe): a long study is not silent."""
+        if verbose and not bars:
+            print(f"fastcurv study: {what} ...", flush=True)
+
+    stage(f"training {len(seeds)} replicas (at most {epochs} epochs)")
     t = time.perf_counter()
     models, history = train_population(builder, x_tr, y_tr, seeds=seeds, optimizer=optimizer, lr=lr, momentum=momentum,
                                        weight_decay=weight_decay, sam_rho=sam_rho, batch_size=batch_size, epochs=epochs,
@@ -444,6 +453,7 @@ def study(
     sharp = None
     sharp_cols: list[str] = []
     if sharp_m:
+        stage(f"curvature measures {', '.join(sharp_m)}")
         t = time.perf_counter()
         sharp = batched_sharpness(models, train_loader, measures=sharp_m, seed=seed, progress=progress,
                                   **(sharpness_kwargs or {}))
@@ -460,6 +470,7 @@ def study(
     fm = None
     func_cols: list[str] = []
     if func_m:
+        stage(f"function-space measures {', '.join(func_m)}")
         t = time.perf_counter()
         fkw = dict(function_kwargs or {})
         fkw.setdefault("num_train", len(x_tr))
@@ -493,6 +504,7 @@ def study(
     aud = None
     mixed = None
     if audit and audit_measures:
+        stage(f"invariance audit of {', '.join(audit_measures)}")
         t = time.perf_counter()
         k = len(models) if audit_replicas is None else min(int(audit_replicas), len(models))
         apath = None if out is None else str(Path(out) / "audit.png")
