@@ -87,7 +87,7 @@ class _Progress:
     def __init__(self, op, enabled):
         self.op = op
         self.bar = tqdm(total=None, unit="matvec", desc="fastcurv", disable={False: True, None: None, True: False}[enabled],
-                        leave=False, bar_format="{desc}: {n_fmt} matvecs [{elapsed}, {rate_fmt}]")
+                        leave=False, bar_format="{desc}{n_fmt} matvecs [{elapsed}, {rate_fmt}]")
         self._last = 0
 
     def stage(self, name):
