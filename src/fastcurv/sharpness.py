@@ -86,7 +86,7 @@ class SharpnessResult:
 class _Progress:
     def __init__(self, op, enabled):
         self.op = op
-        self.bar = tqdm(total=None, unit="matvec", desc="fastcurv", disable={False: True, None: None, True: False}[enabled],
+        self.bar = tqdm(total=None, unit="matvec", desc="fastcurv: ", disable={False: True, None: None, True: False}[enabled],
                         leave=False, bar_format="{desc}{n_fmt} matvecs [{elapsed}, {rate_fmt}]")
         self._last = 0
 
