@@ -75,3 +75,12 @@ def test_degenerate_inputs_give_nan():
     assert np.isnan(stats.kendall([1, 2], [2, 1])[0])
     with pytest.raises(ValueError, match="different lengths"):
         stats.spearman([1, 2, 3], [1, 2])
+
+
+def test_bootstrap_resamples_without_rank_information_count_as_zero():
+    """A column constant but for one replica: resamples without that replica are constant and count
+    as rho = 0, so the interval holds 0 as p = 0.11 says (skipping them gave [-0.77, -0.48])."""
+    acc = [0.8556, 0.8891, 0.9004, 0.9102, 0.8842, 0.2191, 0.8534, 0.8892, 0.8829, 0.9154, 0.8652, 0.0967]
+    lo, hi = stats.bootstrap_spearman_ci([0.0] * 11 + [1.0], acc, n_boot=2000)
+    rho, p = stats.spearman([0.0] * 11 + [1.0], acc)
+    assert p > 0.05 and lo < rho < hi and lo <= 0.0 <= hi

@@ -71,7 +71,10 @@ def _rowwise_spearman(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 def bootstrap_spearman_ci(x, y, *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval for Spearman rho, resampling (x, y) pairs with replacement.
 
-    Resamples whose measure or target is constant are skipped. Returns (low, high); NaN when degenerate.
+    Resamples whose measure or target is constant carry no rank information and count as rho = 0
+    (skipping them conditioned the interval on the resamples that hold the few distinct values: a
+    column constant but for one replica got rho -0.48, p 0.11 and the interval [-0.77, -0.48]).
+    Returns (low, high); NaN when degenerate.
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
@@ -86,9 +89,7 @@ def bootstrap_spearman_ci(x, y, *, n_boot: int = 10_000, level: float = 0.95, se
     for i in range(0, n_boot, chunk):
         j = idx[i:i + chunk]
         rho[i:i + chunk] = _rowwise_spearman(x[j], y[j])
-    rho = rho[np.isfinite(rho)]
-    if rho.size == 0:
-        return float("nan"), float("nan")
+    rho = np.where(np.isfinite(rho), rho, 0.0)
     a = (1 - level) / 2
     lo, hi = np.quantile(rho, [a, 1 - a])
     return float(lo), float(hi)
