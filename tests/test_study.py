@@ -273,3 +273,14 @@ def test_a_study_without_progress_bars_says_each_stage(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fastcurv study: training 2 replicas (at most 1 epochs) ..." in out
     assert out.index("curvature measures lambda_max") < out.index("function-space measures disagreement") < out.index("done in")
+
+
+def test_the_report_explains_its_columns_and_lists_a_swept_learning_rate(tmp_path):
+    """report.md had no glossary or units, and an lr sweep's learning rates were in no table."""
+    res = fastcurv.study(**dict(TINY, replicas=2), lr=[0.05, 0.1], measures=["lambda_max", "weakness"], audit=False,
+                         out=tmp_path)
+    assert res["table"]["lr"].tolist() == [0.05, 0.1]
+    assert "lr" not in res["correlations"].index  # a setting, not a measure
+    md = (tmp_path / "report.md").read_text()
+    assert "## Columns" in md and "- `lr`: learning rate" in md and "- `lambda_max`: largest eigenvalue" in md
+    assert "bits per input" in md and "- `gap`: train_acc - test_acc" in md

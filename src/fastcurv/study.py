@@ -442,6 +442,9 @@ def study(
         "test_acc": ev_te["accuracy"].numpy(),
     })
     table["gap"] = table["train_acc"] - table["test_acc"]
+    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho)):
+        if isinstance(value, (list, tuple)):  # swept: the main covariate of such a study
+            table.insert(1, name, list(value))
     table["epochs"] = history.epochs_run
     table["diverged"] = history.diverged
     if target_loss:
@@ -597,6 +600,52 @@ def _write_yaml(cfg: dict, path: Path):
         path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+# What each results column means, in its units (report.md's "Columns" section): (prefix, text)
+_GLOSSARY = (
+    ("seed", "initialization and data-order seed"),
+    ("lr", "learning rate (swept: one per replica)"), ("momentum", "momentum (swept)"),
+    ("weight_decay", "weight decay (swept)"), ("sam_rho", "SAM radius (swept)"),
+    ("train_loss", "mean cross-entropy on the training set (nats)"),
+    ("test_loss", "mean cross-entropy on the test set (nats)"),
+    ("train_acc", "training accuracy (fraction)"), ("test_acc", "test accuracy (fraction)"),
+    ("gap", "train_acc - test_acc"), ("epochs", "epochs trained"),
+    ("diverged", "training diverged (non-finite loss)"), ("reached_target", "reached the training-loss target"),
+    ("lambda_max", "largest eigenvalue of the Hessian of the mean training cross-entropy (nats per squared "
+                   "parameter unit); _error: its error bound, _iters: Lanczos steps"),
+    ("lambda_min", "smallest Hessian eigenvalue (same units)"),
+    ("lambda_", "the k-th largest Hessian eigenvalue (top_k; same units)"),
+    ("trace", "Hessian trace, the sum of its eigenvalues (same units); _stderr: its standard error (0 when exact)"),
+    ("weakness_", "permission-profile log-weakness at threshold tau (rel: relative to the top probability, abs: "
+                  "absolute), bits per input, from 0 to log2(2^K - 1) (about K for K classes)"),
+    ("mean_entropy", "mean entropy of the predicted distribution (nats)"),
+    ("perturb_weakness_sigma", "fraction of the multiplicative weight-noise draws at this sigma that leave every "
+                               "probe prediction unchanged (steps of 1 / num_draws)"),
+    ("perturb_sigma_star", "the noise scale at which prediction agreement falls to 1 - delta"),
+    ("compressed_bytes_", "size of the 8-bit quantized weights compressed (bytes; larger = less simple)"),
+    ("sq_weight_norm", "squared L2 norm of all parameters"),
+    ("pacbayes_mag_kl", "magnitude-aware PAC-Bayes KL term (Jiang et al. 2020; nats)"),
+    ("pacbayes_mag_sigma", "the noise scale that KL term uses"),
+    ("disagreement", "mean fraction of test inputs on which the replica's prediction differs from each other "
+                     "replica's"),
+    ("test_error", "1 - test accuracy on the function measures' inputs"),
+)
+
+
+def _glossary(columns) -> list[str]:
+    """report.md lines explaining the result columns present: one per glossary entry (the first
+    whose prefix a column has), a family of columns (``weakness_*``) on one line."""
+    found: dict[str, list[str]] = {}
+    for col in columns:
+        if str(col).endswith(("_error", "_iters", "_converged", "_stderr")):
+            continue
+        prefix = next((p for p, _ in _GLOSSARY if col == p or str(col).startswith(p)), None)
+        if prefix is not None:
+            found.setdefault(prefix, []).append(col)
+    text = dict(_GLOSSARY)
+    return [f"- `{cols[0] if len(cols) == 1 else prefix + '*'}`"
+            + (f" ({len(cols)} columns)" if len(cols) > 1 else "") + f": {text[prefix]}" for prefix, cols in found.items()]
+
+
 def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, headline, summary, aud, mixed, table,
             target, plots, parquet_note) -> str:
     c = config
@@ -672,6 +721,8 @@ def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, head
         md += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     else:
         md += ["(matplotlib is not installed: no plots)", ""]
+    md += ["## Columns", "", "A correlation of NaN means the column is constant over the replicas (or has fewer "
+           "than 3 finite values).", "", *_glossary(table.columns), ""]
     md += ["Rerun: `fastcurv study --config config.yaml --out <folder>` (settings and versions in config.json).", ""]
     return "\n".join(md)
 
