@@ -284,3 +284,16 @@ def test_the_report_explains_its_columns_and_lists_a_swept_learning_rate(tmp_pat
     md = (tmp_path / "report.md").read_text()
     assert "## Columns" in md and "- `lr`: learning rate" in md and "- `lambda_max`: largest eigenvalue" in md
     assert "bits per input" in md and "- `gap`: train_acc - test_acc" in md
+
+
+def test_cli_checkpoint_follows_out_and_none_turns_it_off(tmp_path, monkeypatch):
+    """A config whose checkpoint lies in its out folder: --out moves both (the checkpoint stayed in
+    the config's folder, where the next run resumed or refused it); --checkpoint none: no checkpoint."""
+    pytest.importorskip("yaml")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("data: digits\nhidden: [8]\nreplicas: 2\nepochs: 1\nmeasures: [lambda_max]\n"
+                                     "audit: false\nn_boot: 20\nout: a\ncheckpoint: a/train.ckpt\n")
+    assert main(["study", "--config", "c.yaml", "--out", "b", "--no-progress"]) == 0
+    assert (tmp_path / "b" / "train.ckpt").is_file() and not (tmp_path / "a").exists()
+    assert main(["study", "--config", "c.yaml", "--out", "d", "--checkpoint", "none", "--no-progress"]) == 0
+    assert (tmp_path / "d" / "report.md").is_file() and not list((tmp_path / "d").glob("*.ckpt"))

@@ -85,7 +85,8 @@ def _add_study_flags(p: argparse.ArgumentParser):
                         "disagreement,gde,soft")
     p.add_argument("--target", choices=("test_acc", "test_loss", "gap"), default=S)
     p.add_argument("--n-boot", type=int, default=S, help="bootstrap resamples for the CI")
-    p.add_argument("--checkpoint", default=S, help="training checkpoint file (resumes when it exists)")
+    p.add_argument("--checkpoint", default=S, help="training checkpoint file (resumes when it exists; 'none': no "
+                                                    "checkpoint). One inside the config's out folder follows --out")
     p.add_argument("--threads", type=int, default=S, help="torch threads (1 is fastest for tiny models)")
     p.add_argument("--audit", dest="audit", action="store_true", default=S, help="run the invariance audit (default)")
     p.add_argument("--no-audit", dest="audit", action="store_false", default=S, help="skip the invariance audit")
@@ -149,13 +150,30 @@ def _study(args, progress) -> None:
 
     cfg = _load_config(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "no_progress", "version")}
+    cfg["checkpoint"] = _checkpoint_under_out(cfg, flags)
     cfg.update(flags)
+    if str(cfg.get("checkpoint")).lower() in ("", "none", "off"):
+        cfg["checkpoint"] = None
     if "hidden" in cfg and isinstance(cfg["hidden"], int):
         cfg["hidden"] = [cfg["hidden"]]
     unknown = sorted(set(cfg) - set(_STUDY_ARGS) - {"progress"})
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; known: {', '.join(sorted(_STUDY_ARGS))}")
     run_study(progress=progress, **cfg)
+
+
+def _checkpoint_under_out(cfg: dict, flags: dict):
+    """The config's checkpoint, moved along when ``--out`` overrides the config's ``out`` and the
+    checkpoint lay inside that folder (``out: a`` with ``checkpoint: a/train.ckpt`` and ``--out b``
+    give ``b/train.ckpt``: the old file belongs to another study)."""
+    ck, old_out, new_out = cfg.get("checkpoint"), cfg.get("out"), flags.get("out")
+    if not ck or not old_out or new_out is None:
+        return ck
+    try:
+        inside = Path(ck).resolve().relative_to(Path(old_out).resolve())
+    except ValueError:
+        return ck
+    return str(Path(new_out) / inside)
 
 
 if __name__ == "__main__":
