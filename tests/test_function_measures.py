@@ -276,3 +276,13 @@ def test_bad_arguments():
         fastcurv.function_measures(models, (x, y), measures=("weakness",), taus=(0.0,))
     with pytest.raises(ValueError, match="no examples"):
         fastcurv.function_measures(models, [], measures=("disagreement",))
+
+
+def test_count_threshold_snaps_float32_targets_too():
+    """A float32 target (1 - delta built in float32) carries its own rounding: a tie at 90 % of 10240
+    counts as reached, as with a float64 target (it counted as above the target)."""
+    from fastcurv.function.weakness import count_threshold
+
+    for dtype in (torch.float32, torch.float64):
+        assert count_threshold(torch.full((1,), 1.0 - 0.1, dtype=dtype), 10240).item() == 9216.0
+    assert count_threshold(torch.full((1,), 1.0 - 0.01, dtype=torch.float64), 10240).item() == pytest.approx(10137.6)

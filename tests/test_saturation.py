@@ -190,3 +190,26 @@ def test_a_moderately_confident_float16_population_is_not_flagged():
     res = fastcurv.batched_sharpness(models, (x, torch.zeros(16, dtype=torch.long)), measures=("lambda_max",),
                                      progress=False)
     assert res.flags == ["", ""]
+
+
+def test_soft_targets_on_outputs_with_more_dimensions_take_classes_in_dim_1():
+    """torch's cross_entropy reads [N, C, L] outputs and soft targets with classes in dim 1; the
+    pivoted loss took the last dimension there (a Conv1d head: 17.29 against torch's 9.27)."""
+    from fastcurv.losses import Loss
+
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(5, 4, 3, generator=gen, dtype=torch.float64)
+    y = torch.rand(5, 4, 3, generator=gen, dtype=torch.float64)
+    loss = Loss("cross_entropy", reduction="sum")
+    loss.num_samples = 5
+    torch.testing.assert_close(loss.batch_loss(z, y), F.cross_entropy(z, y, reduction="sum"))
+
+
+def test_narrow_integer_labels_are_read_as_int64():
+    """uint8 labels (MNIST's raw files) failed in every backend with torch's gather error."""
+    models = _confident_population(CASES["mlp3"][0], 3, 1.0, torch.float64)
+    x = torch.randn(12, 6, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(9))
+    want = fastcurv.batched_sharpness(models, (x, y), measures=("lambda_max",), progress=False)["lambda_max"]
+    got = fastcurv.batched_sharpness(models, (x, y.to(torch.uint8)), measures=("lambda_max",), progress=False)["lambda_max"]
+    torch.testing.assert_close(got, want)

@@ -297,3 +297,9 @@ def test_cli_checkpoint_follows_out_and_none_turns_it_off(tmp_path, monkeypatch)
     assert (tmp_path / "b" / "train.ckpt").is_file() and not (tmp_path / "a").exists()
     assert main(["study", "--config", "c.yaml", "--out", "d", "--checkpoint", "none", "--no-progress"]) == 0
     assert (tmp_path / "d" / "report.md").is_file() and not list((tmp_path / "d").glob("*.ckpt"))
+
+
+def test_unknown_sharpness_keywords_are_named_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr("fastcurv.train.train_population", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=r"sharpness_kwargs has unknown keywords \['max_iters'\]"):
+        fastcurv.study(**TINY, measures=["lambda_max"], sharpness_kwargs={"max_iters": 5}, out=tmp_path)

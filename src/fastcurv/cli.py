@@ -138,7 +138,7 @@ def main(argv=None) -> int:
             demo(replicas=args.replicas, seed=args.seed, out=args.out, progress=progress, **extra)
         else:
             _study(args, progress)
-    except (OSError, ValueError) as e:  # bad settings, config files and paths (FingerprintMismatch too)
+    except (OSError, ValueError, TypeError) as e:  # bad settings, config files and paths (FingerprintMismatch too)
         return _fail(args.command, e)
     return 0
 

@@ -30,19 +30,28 @@ def label_out_of_range(y: torch.Tensor, num_classes: int) -> int | None:
 
 
 def _pivoted_softmax(logits: torch.Tensor):
-    """``(m, e, rest, d)`` for logits ``[..., C]``: ``m`` the most probable class ``[..., 1]``,
-    ``e = exp(z - z_m)`` with 0 at ``m``, ``rest = sum(e)`` ``[..., 1]`` and ``d = z_m - z`` (>= 0),
-    0 at ``m`` with no gradient there."""
+    """``(m, zm, e, rest)`` for logits ``[..., C]``: ``m`` the most probable class ``[..., 1]``, ``zm``
+    its logit, ``e = exp(z - z_m)`` with 0 at ``m`` and ``rest = sum(e)`` ``[..., 1]``."""
     m = logits.detach().argmax(-1, keepdim=True)
     zm = logits.gather(-1, m)
     e = torch.exp(logits - zm).scatter(-1, m, 0.0)
-    return m, e, e.sum(-1, keepdim=True), (zm - logits).scatter(-1, m, 0.0)
+    return m, zm, e, e.sum(-1, keepdim=True)
+
+
+def _losses(logits, targets, m, zm, rest) -> torch.Tensor:
+    """The per-sample losses ``[...]`` from :func:`_pivoted_softmax`'s parts."""
+    if targets.is_floating_point():
+        d = (zm - logits).scatter(-1, m, 0.0)  # z_m - z_c >= 0; 0, with no gradient, at m
+        return (targets * d).sum(-1) + targets.sum(-1) * torch.log1p(rest.squeeze(-1))
+    y = targets.unsqueeze(-1)
+    top = torch.where(m == y, 0.0, zm - logits.gather(-1, y))  # z_m - z_y; no gradient where y = m
+    return (top + torch.log1p(rest)).squeeze(-1)
 
 
 def cross_entropy_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample softmax cross-entropy ``[...]`` of logits ``[..., C]`` and integer labels ``[...]``
-    or class probabilities ``[..., C]`` (torch's ``cross_entropy`` conventions), written so that a
-    confident sample keeps its precision (differentiable, vmap-able).
+    or class probabilities ``[..., C]`` (classes in the last dimension), written so that a confident
+    sample keeps its precision (differentiable, vmap-able).
 
     With ``m`` a row's most probable class and ``S = sum_{j != m} exp(z_j - z_m)``, the loss is
     ``sum_c y_c (z_m - z_c) + (sum_c y_c) log1p(S)``, and the gradient at ``m`` comes out as
@@ -51,25 +60,22 @@ def cross_entropy_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     above 17 in float32), and the loss, its gradient and its Hessian are then lost to
     cancellation; in float32 they lose digits from losses of about 1e-5 on.
     """
-    _, _, rest, d = _pivoted_softmax(logits)
-    if targets.is_floating_point():
-        return (targets * d).sum(-1) + targets.sum(-1) * torch.log1p(rest.squeeze(-1))
-    return (d.gather(-1, targets.unsqueeze(-1)) + torch.log1p(rest)).squeeze(-1)
+    m, zm, _, rest = _pivoted_softmax(logits)
+    return _losses(logits, targets, m, zm, rest)
 
 
 def cross_entropy_parts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`cross_entropy_losses` ``[...]``, the probabilities ``p`` and the loss gradient
     ``(sum_c y_c) p - y`` ``[..., C]`` (``p - onehot(y)`` for labels), all to the same precision."""
-    m, e, rest, d = _pivoted_softmax(logits)
+    m, zm, e, rest = _pivoted_softmax(logits)
+    loss = _losses(logits, targets, m, zm, rest)
     probs = e.scatter(-1, m, 1.0) / (1 + rest)
     tail = rest / (1 + rest)  # 1 - p_m
     if targets.is_floating_point():
         mass = targets.sum(-1, keepdim=True)
-        loss = (targets * d).sum(-1) + mass.squeeze(-1) * torch.log1p(rest.squeeze(-1))
         grad_m = targets.scatter(-1, m, 0.0).sum(-1, keepdim=True) - mass * tail
         return loss, probs, (mass * probs - targets).scatter(-1, m, grad_m)
     y = targets.unsqueeze(-1)
-    loss = (d.gather(-1, y) + torch.log1p(rest)).squeeze(-1)
     grad = probs.scatter_add(-1, y, torch.full_like(tail, -1.0))
     return loss, probs, grad.scatter(-1, m, torch.where(m == y, -tail, probs.gather(-1, m)))
 
@@ -144,6 +150,8 @@ class Loss:
         """This batch's share of the full-data loss (one replica; outputs ``[n, ...]``)."""
         n = outputs.shape[0]
         if self.kind == "cross_entropy":
+            if outputs.dim() > 2 and targets.is_floating_point():  # torch's [N, C, ...] soft targets: classes in dim 1
+                outputs, targets = outputs.movedim(1, -1), targets.movedim(1, -1)
             return cross_entropy_losses(outputs, targets).sum() * self.scale()
         if self.kind == "mse":
             # written out: F.mse_loss(reduction="sum") under vmap triggers a torch resize warning

@@ -108,7 +108,7 @@ def _describe_callable(fn, seen: set):
 def describe(obj, seen: set | None = None):
     """A JSON-able description of a setting that is the same for equal settings in any run:
     numbers (numpy scalars as Python numbers), strings, lists (tuples too), dicts, tensors by a
-    hash of their bytes, modules by their structure and state, callables by what they compute
+    hash of their bytes (numpy arrays too), modules by their structure and state, callables by what they compute
     (:func:`_describe_callable`), other objects by their repr. An object whose repr is not stable
     (the default ``<... at 0x...>``) gets a description unique to this call, so that resuming with
     it is refused with the reason named."""
@@ -122,6 +122,11 @@ def describe(obj, seen: set | None = None):
     if isinstance(obj, torch.Tensor):
         return {"tensor": hashlib.sha256(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest(),
                 "shape": list(obj.shape), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.ndarray):  # (its repr elides the middle of large arrays)
+        if obj.dtype == object:
+            return [describe(v, seen) for v in obj.ravel().tolist()]
+        return {"array": hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest(), "shape": list(obj.shape),
+                "dtype": str(obj.dtype)}
     if id(obj) in seen:  # a function that refers to itself, a container holding itself
         return "<recursive>"
     seen = seen | {id(obj)}
@@ -136,6 +141,8 @@ def describe(obj, seen: set | None = None):
     text = repr(obj)
     if " at 0x" in text:
         return _unreliable(f"a {type(obj).__qualname__} has no stable representation")
+    if "..." in text:  # an elided repr (pandas, long containers of other libraries) hides what differs
+        return _unreliable(f"a {type(obj).__qualname__}'s representation is abbreviated")
     return text
 
 

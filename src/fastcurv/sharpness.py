@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import json
+import operator
 import time
 from dataclasses import dataclass, field
 
@@ -114,6 +115,14 @@ def _on_gpu(models) -> bool:
         return False
 
 
+def as_seed(seed) -> int:
+    """``seed`` as a Python int (numpy integers too: torch's generators take only ints)."""
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})") from None
+
+
 def _gradient_start(op, seed: int, common: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Lanczos start vectors ``[R, P]``: each replica's unit loss gradient plus the random unit
     vector Lanczos would start from (the random vector alone where the gradient is zero or not
@@ -217,6 +226,7 @@ def batched_sharpness(
     chunk size; results equal an unchunked run.
     """
     models = validate_models(models)
+    seed = as_seed(seed)
     if memory_budget is not None:
         from .memory import SplitBatches, plan_memory
 

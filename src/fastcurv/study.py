@@ -17,8 +17,8 @@ one predicts generalization"):
 7. an output folder: ``results.csv`` and ``results.parquet`` (the same table; pyarrow),
    ``correlations.csv``, ``audit.csv``, ``audit_mixed_correlations.csv`` (at least 4 audited
    replicas), ``report.md``, PNG plots (``<measure>_vs_<target>.png``, ``spectrum.png`` when
-   "spectrum" is requested, ``agreement_heatmap.png`` and ``disagreement_vs_test_error.png`` when
-   "disagreement" or "gde" is requested, ``audit.png``), ``config.json`` (settings, versions,
+   "spectrum" is requested, ``agreement_heatmap.png`` when "disagreement" or "gde" is requested,
+   ``disagreement_vs_test_error.png`` when both are, ``audit.png``), ``config.json`` (settings, versions,
    times) and ``config.yaml`` (the settings alone: ``fastcurv study --config config.yaml`` reruns
    the study). The folder is checked (a file there is refused) and created before any work; files
    of an earlier study in it (the names above) are removed when the new one is written.
@@ -195,6 +195,19 @@ def _clear_report(out: Path, keep=()) -> list[str]:
     return [p.name for p in old]
 
 
+def _keywords(name: str) -> set:
+    """The keywords ``sharpness_kwargs`` (batched_sharpness and the HessianOperator it builds) or
+    ``function_kwargs`` (function_measures) can take."""
+    import inspect
+
+    from . import batched_sharpness, function_measures
+    from .operator import HessianOperator
+
+    fns = (batched_sharpness, HessianOperator.__init__) if name == "sharpness_kwargs" else (function_measures,)
+    return {p.name for f in fns for p in inspect.signature(f).parameters.values()
+            if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD} - {"self", "models", "data"}
+
+
 def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replicas, sharpness_kwargs, function_kwargs,
                     lr, replicas) -> None:
     """Raise a clear error for study settings that would otherwise fail only after training."""
@@ -212,6 +225,9 @@ def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replica
         clash = sorted(set(kw or {}) & set(own))
         if clash:
             raise ValueError(f"{name} may not set {clash}: study sets them (use its own measures=, seed=, progress=)")
+        unknown = sorted(set(kw or {}) - _keywords(name))
+        if unknown:
+            raise ValueError(f"{name} has unknown keywords {unknown}; known: {', '.join(sorted(_keywords(name) - set(own)))}")
     if audit:
         if not (isinstance(audit_alpha, (int, float, np.floating, np.integer)) and audit_alpha > 0):
             raise ValueError(f"audit_alpha must be a positive number, got {audit_alpha!r}")

@@ -130,6 +130,9 @@ def function_measures(
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if num_draws < 1 or bisect_steps < 1:
         raise ValueError("num_draws and bisect_steps must be at least 1")
+    from ..sharpness import as_seed
+
+    seed = as_seed(seed)
     t0 = time.perf_counter()
     rs = models if isinstance(models, ReplicaSet) else ReplicaSet(models, bn_mode=bn_mode)
     R = rs.R
@@ -174,7 +177,8 @@ def function_measures(
             _, unchanged = weakness.perturbation_agreement(rs, probe, probe_ref, torch.full((R,), float(s)),
                                                            num_draws=num_draws, seed=seed)
             V[f"perturb_weakness_sigma{s:g}"] = unchanged
-        star, sat_star = weakness.bisect_sigma(rs, probe, probe_ref, torch.full((R,), 1.0 - delta), num_draws=num_draws,
+        agree = torch.full((R,), 1.0 - delta, dtype=torch.float64)
+        star, sat_star = weakness.bisect_sigma(rs, probe, probe_ref, agree, num_draws=num_draws,
                                      seed=seed + 1, steps=bisect_steps, sigma_max=sigma_max)
         V["perturb_sigma_star"] = star
         sat |= sat_star

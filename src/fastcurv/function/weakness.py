@@ -121,9 +121,10 @@ def count_threshold(target: torch.Tensor, total: int) -> torch.Tensor:
     """``target`` (fractions ``[R]``) as counts out of ``total``; a count within float rounding of an
     integer is that integer, so that a curve exactly at the target is a tie whatever the rounding of
     the fraction (0.94 - 0.1 against 84 / 100)."""
+    slack = max(1e-12, 4 * torch.finfo(target.dtype).eps) * total  # (a float32 target carries its own rounding)
     need = target.double().cpu() * total
     k = need.round()
-    return torch.where((need - k).abs() <= 1e-12 * total, k, need)
+    return torch.where((need - k).abs() <= slack, k, need)
 
 
 def bisect_sigma(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, target: torch.Tensor, *, num_draws: int,

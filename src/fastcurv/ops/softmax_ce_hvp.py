@@ -29,7 +29,8 @@ def softmax_ce_hvp_reference(probs: torch.Tensor, tangent: torch.Tensor, scale: 
 def softmax_ce_hvp(probs: torch.Tensor, tangent: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Apply ``scale * (diag(p) - p p^T)`` to each tangent row (the Hessian of cross-entropy
     with respect to the logits at softmax probabilities ``p``), pivoted on each row's most probable
-    class as :func:`ce_hessian_product` says, so that confident rows keep their precision.
+    class as :func:`ce_hessian_product` says, so that confident rows keep their precision. The
+    pivoted form equals ``diag(p) - p p^T`` for rows that sum to 1 (softmax outputs), not otherwise.
 
     probs: ``[B, N, C]`` softmax probabilities (B independent groups, e.g. replicas; N rows).
     tangent: ``[B, K, N, C]`` (K probes share the same probs). Returns ``[B, K, N, C]``.
