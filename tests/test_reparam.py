@@ -182,3 +182,15 @@ def test_a_rescaling_undone_by_batchnorm_names_it_and_the_fix():
     folded = reparam.fold_batchnorm(models, probe=x).models
     res = reparam.rescale_layers(folded, alpha=10, probe=x)
     assert int(res.predictions_changed.sum()) == 0 and res.max_output_change < 1e-9
+
+
+def test_results_print_compactly_and_folding_nothing_warns():
+    """A ReparamResult printed every model (12 models flooded the screen); folding a model without
+    BatchNorm returned it silently."""
+    models = make_replicas(R=3)
+    x = torch.randn(10, models[0][0].in_features, dtype=torch.float64)
+    res = reparam.rescale_layers(models, alpha=2.0, probe=x)
+    text = repr(res)
+    assert text.startswith("ReparamResult(R=3, max_output_change=") and "Linear" not in text
+    with pytest.warns(RuntimeWarning, match="no BatchNorm to fold"):
+        reparam.fold_batchnorm(models)

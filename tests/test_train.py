@@ -171,7 +171,7 @@ def test_resume_after_interruption_is_identical(tmp_path):
     # a finished checkpoint does nothing more; different settings are refused with a clear error
     again, _ = train_population(builder, x, y, checkpoint=ck, **kw)
     _assert_same(again, full, atol=0)
-    with pytest.raises(ValueError, match="different settings.*hp"):
+    with pytest.raises(ValueError, match=r"different settings \(lr 0\.01 -> 0\.02\)"):
         train_population(builder, x, y, checkpoint=ck, **{**kw, "lr": 0.02})
 
 

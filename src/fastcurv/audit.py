@@ -27,6 +27,10 @@ class AuditResult:
     transform: reparam.ReparamResult
     plot_path: str | None = None
 
+    def __repr__(self):
+        R = len(next(iter(self.per_replica.values()))[0]) if self.per_replica else 0
+        return f"AuditResult(R={R}, plot_path={self.plot_path!r})\n{self.table.to_string()}"
+
 
 def _probe_inputs(data, n: int = 1024):
     from .data import is_single_batch

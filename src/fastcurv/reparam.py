@@ -41,6 +41,11 @@ class ReparamResult:
     def __iter__(self):
         return iter(self.models)
 
+    def __repr__(self):
+        changed = None if self.predictions_changed is None else self.predictions_changed.tolist()
+        return (f"ReparamResult(R={len(self.models)}, max_output_change={self.max_output_change:.3g}, "
+                f"predictions_changed={changed}, details={self.details})")
+
 
 def _check_models(models):
     if isinstance(models, nn.Module):
@@ -213,6 +218,9 @@ def fold_batchnorm(models: Sequence[nn.Module], probe: torch.Tensor | None = Non
             parent = dict(m.named_modules())[parent_name] if parent_name else m
             setattr(parent, attr, nn.Identity())
         folded.append(len(todo))
+    if not any(folded):
+        warnings.warn("fold_batchnorm: the models have no BatchNorm to fold; they are returned unchanged", RuntimeWarning,
+                      stacklevel=2)
     return _report(models, new, probe, {"folded": folded[0] if folded else 0})
 
 

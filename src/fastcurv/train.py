@@ -273,6 +273,25 @@ def _load_checkpoint(path: Path, device) -> dict:
     return {**ck, "fingerprint": fingerprint}
 
 
+def _settings_change(old: dict, new: dict) -> str:
+    """What differs between two checkpoint fingerprints, the hyperparameters by name and short
+    values as ``lr [0.05] -> [0.1]`` (the architecture by its first differing module)."""
+    def flat(d):
+        return {**{k: v for k, v in d.items() if k != "hp"}, **(d.get("hp") or {})}
+
+    def show(v):  # per-replica values (float32-rounded) as one number when all agree
+        if isinstance(v, list) and v and all(isinstance(u, float) for u in v):
+            return f"{v[0]:.6g}" if len(set(v)) == 1 else "[" + ", ".join(f"{u:.6g}" for u in v) + "]"
+        return repr(v)
+
+    a, b = flat(old), flat(new)
+    parts = []
+    for key in describe_changes(a, b).split(", "):
+        x, y = (show(d[key]) if key in d else None for d in (a, b))
+        parts.append(f"{key} {x} -> {y}" if x is not None and y is not None and len(x) + len(y) <= 120 else key)
+    return ", ".join(parts)
+
+
 def _data_digest(x: torch.Tensor, y: torch.Tensor) -> str:
     h = hashlib.sha1()
     for t in (x, y):
@@ -485,7 +504,7 @@ def train_population(
             raise ValueError(f"checkpoint {ckpt_path} has format {old.get('version')}, this fastcurv writes "
                              f"{_CKPT_VERSION} (which also records the architecture): use another path")
         if old != new:
-            raise ValueError(f"checkpoint {ckpt_path} was written with different settings ({describe_changes(old, new)}); "
+            raise ValueError(f"checkpoint {ckpt_path} was written with different settings ({_settings_change(old, new)}); "
                              "use another path or the original settings")
         if int(ck["epoch"]) > epochs:
             raise ValueError(f"checkpoint {ckpt_path} holds {int(ck['epoch'])} epochs, but epochs={epochs} was asked for: "
