@@ -589,3 +589,17 @@ def test_sparse_input_resume_is_identical(tmp_path):
     dense, _ = train_population(builder, x, y, checkpoint=ck, sparse_input=False, **{**kw, "epochs": 4})
     ref, _ = train_population(builder, x, y, **{**kw, "epochs": 4})
     _assert_same(dense, ref, atol=1e-12)
+
+
+def test_evaluate_population_takes_a_loader():
+    """A DataLoader (or any iterable of batches) gives the same numbers as the tensors."""
+    torch.manual_seed(0)
+    models = [mlp([6, 8, 3]) for _ in range(2)]
+    x, y = torch.randn(50, 6), torch.randint(0, 3, (50,))
+    want = evaluate_population(models, x, y)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    got = evaluate_population(models, loader)
+    torch.testing.assert_close(got["loss"], want["loss"])
+    torch.testing.assert_close(got["accuracy"], want["accuracy"])
+    with pytest.raises(ValueError, match="labels out of range"):
+        evaluate_population(models, [(x[:10], y[:10]), (x[10:20], torch.full((10,), 7))])

@@ -808,36 +808,48 @@ def _to_cpu(obj):
 
 
 @torch.no_grad()
-def evaluate_population(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 2048,
+def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None = None, *, batch_size: int = 2048,
                         loss: str = "cross_entropy") -> dict:
-    """Per-replica loss and (for cross-entropy) accuracy on ``(x, y)``, all replicas in one pass per batch.
+    """Per-replica loss and (for cross-entropy) accuracy on ``(x, y)`` tensors, or on a loader (an
+    iterable of ``(inputs, targets)`` batches, e.g. a ``DataLoader``) given as ``x`` alone; all
+    replicas in one pass per batch.
 
     Returns ``{"loss": [R] float64, "accuracy": [R] float64 (fraction in [0, 1])}`` (NaN rows for
     replicas with non-finite parameters).
     """
+    from .data import _split
     from .replicas import ReplicaSet
 
     rs = ReplicaSet(models)  # validates the list; eval mode whatever the models' own modes
-    R, N = rs.R, len(x)
-    if N == 0 or len(y) != N:
-        raise ValueError(f"evaluate_population needs a non-empty data set with one target per input; got inputs "
-                         f"{tuple(x.shape)} and targets {tuple(y.shape)}")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError("the inputs contain NaN or Inf")
-    _check_targets(loss, y, None)
+    R = rs.R
+    if isinstance(x, torch.Tensor):
+        if y is None or len(x) == 0 or len(y) != len(x):
+            raise ValueError(f"evaluate_population needs a non-empty data set with one target per input; got inputs "
+                             f"{tuple(x.shape)} and targets {None if y is None else tuple(y.shape)}")
+        batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
+    elif y is not None:
+        raise TypeError(f"evaluate_population takes (x, y) tensors or a loader alone; got a {type(x).__name__} and targets")
+    else:
+        batches = (_split(item, i) for i, item in enumerate(x))
     loss_fn = _loss_fn(loss)
     tot_loss = torch.zeros(R, dtype=torch.float64)
     correct = torch.zeros(R, dtype=torch.float64)
+    N = 0
     with torch.no_grad():
-        for i in range(0, N, batch_size):
-            xb = x[i:i + batch_size].to(rs.device, rs.dtype if x.is_floating_point() else x.dtype)
-            yb = y[i:i + batch_size].to(rs.device)
+        for xb, yb in batches:
+            if xb.is_floating_point() and not bool(torch.isfinite(xb).all()):
+                raise ValueError("the inputs contain NaN or Inf")
+            _check_targets(loss, yb, None)
+            xb = xb.to(rs.device, rs.dtype if xb.is_floating_point() else xb.dtype)
+            yb = yb.to(rs.device)
             out = rs.forward(xb)
-            if i == 0:
-                _check_targets(loss, y, out[0])
+            _check_targets(loss, yb, out[0])
             tot_loss += loss_fn(out, yb.unsqueeze(0).expand(R, *yb.shape)).double().cpu() * len(xb)
             if loss == "cross_entropy":
                 correct += (out.argmax(-1) == yb).double().sum(1).cpu()
+            N += len(xb)
+    if N == 0:
+        raise ValueError("evaluate_population needs a non-empty data set: the loader yielded no samples")
     res = {"loss": tot_loss / N}
     if loss == "cross_entropy":
         acc = correct / N
