@@ -67,7 +67,7 @@ def test_spectrum_takes_every_step_of_several_draws_beside_a_sharp_replica():
     grid, dens = sp.density()
     torch.testing.assert_close(torch.trapezoid(dens, grid), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-3)
     with pytest.warns(UserWarning, match="grid spacing"):
-        sp.density(sigma2=1e-6)
+        sp.density(sigma2=1e-6, num_points=1000)
 
 
 def test_power_solver_option(setup):

@@ -321,3 +321,24 @@ def test_float32_lanczos_stops_where_a_low_rank_krylov_space_runs_out():
     assert bool(top.converged[0]) and (top.eigenvalues[0] - ev[:3]).abs().max() < 1e-5
     nodes = slq(op, num_steps=40, num_draws=2, seed=0).nodes
     assert float(nodes.max()) < 1 + 1e-5 and float(nodes.min()) > -0.4 - 1e-5
+
+
+def test_a_replicas_density_does_not_depend_on_the_replicas_beside_it():
+    """The default grid resolves the narrowest Ghorbani kernel, so a replica's density is the same
+    function alone and beside a 40x wider spectrum, with Ghorbani's width (a 1000-point shared grid
+    widened it: peak 22.5 alone, 10.3 beside the other)."""
+    from fastcurv.solvers.slq import SpectralDensity
+
+    gen = torch.Generator().manual_seed(0)
+    nodes = torch.sort(torch.rand(1, 2, 20, generator=gen, dtype=torch.float64) * 3).values
+    weights = torch.softmax(torch.randn(1, 2, 20, generator=gen, dtype=torch.float64), -1)
+    alone = SpectralDensity(nodes, weights)
+    both = SpectralDensity(torch.cat([nodes, nodes * 40 - 60]), torch.cat([weights, weights]))
+    g1, d1 = alone.density()
+    g2, d2 = both.density()
+    s2 = 1e-5 * max(1.0, float(nodes.max() - nodes.min()))  # Ghorbani's kernel variance
+    for g, d in ((g1, d1[0]), (g2, d2[0])):  # at grid points near 0.5 .. 2.5: the unwidened Ghorbani density
+        at = torch.stack([torch.argmin((g - v).abs()) for v in torch.linspace(0.5, 2.5, 7, dtype=torch.float64)])
+        ref = (weights[0].unsqueeze(-1) * torch.exp(-(g[at] - nodes[0].unsqueeze(-1)) ** 2 / (2 * s2))).sum(1).mean(0)
+        torch.testing.assert_close(d[at], ref / (2 * torch.pi * s2) ** 0.5, rtol=1e-9, atol=1e-12)
+    assert abs(float(torch.trapezoid(d2[0], g2)) - 1) < 1e-3 and abs(float(torch.trapezoid(d2[1], g2)) - 1) < 1e-3
