@@ -1,13 +1,15 @@
 """Krylov and stochastic solvers against dense eigendecompositions and known spectra."""
-import pytest
+import copy
+
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 import fastcurv
 from fastcurv.solvers import hutchinson, hutchpp, lanczos, power_iteration, slq
 from models import mlp, replicas
-from oracle import DenseOperator
+from oracle import DenseOperator, dense_hessian
 
 
 def spd_with_spectrum(eigs, seed):
@@ -342,3 +344,31 @@ def test_a_replicas_density_does_not_depend_on_the_replicas_beside_it():
         ref = (weights[0].unsqueeze(-1) * torch.exp(-(g[at] - nodes[0].unsqueeze(-1)) ** 2 / (2 * s2))).sum(1).mean(0)
         torch.testing.assert_close(d[at], ref / (2 * torch.pi * s2) ** 0.5, rtol=1e-9, atol=1e-12)
     assert abs(float(torch.trapezoid(d2[0], g2)) - 1) < 1e-3 and abs(float(torch.trapezoid(d2[1], g2)) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("reorthogonalize", ["partial", "full"])
+def test_lanczos_near_an_exhausted_krylov_space_stays_orthogonal(reorthogonalize):
+    """A float32 MLP whose samples are all confidently right (P = 84, spectrum [-2e-6, 0.02]): the
+    Krylov space nearly runs out, one Gram-Schmidt pass left the new vector mostly along the basis,
+    and partial reorthogonalization went on to lambda_min -8.0 (betas 200 |H|). Heavy cancellation
+    now gets a second pass."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4))
+    m = copy.deepcopy(base)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        z = base(x).topk(2, -1).values
+        margin = z[:, 0] - z[:, 1]
+        x = x[margin > margin.median() * 0.7]
+        m[-1].weight.mul_(22 / margin.median()), m[-1].bias.mul_(22 / margin.median())
+        y = m(x).argmax(-1)
+    ev = torch.linalg.eigvalsh(dense_hessian(copy.deepcopy(m).double(), [(x.double(), y)]))
+    op = fastcurv.HessianOperator([m], (x, y), backend="fused")
+    low = lanczos(op, k=1, which="smallest", max_iter=120, tol=1e-4, seed=7, reorthogonalize=reorthogonalize)
+    assert abs(float(low.eigenvalues[0, 0]) - float(ev[0])) < 1e-4 * float(ev[-1])
+    nodes = slq(op, num_steps=60, num_draws=3, seed=6).nodes
+    assert float(nodes.min()) >= float(ev[0]) - 1e-4 * float(ev[-1]) and float(nodes.max()) <= float(ev[-1]) * (1 + 1e-4)

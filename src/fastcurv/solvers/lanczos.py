@@ -255,18 +255,31 @@ def lanczos(
         for gq, gw in groups:
             wr = w[gw].unsqueeze(1)
             wr.baddbmm_(coef[gw], Q[gq, lo : j + 1], alpha=-1)
-            if full:
-                project_out_(Q[gq, : j + 1], wr)
+        if full:
+            before = w.norm(dim=-1)
+            for gq, gw in groups:
+                project_out_(Q[gq, : j + 1], w[gw].unsqueeze(1))
         b = w.norm(dim=-1)
         alpha[ai, j] = a.to(f64).cpu()
         if full:
             reorths[ai] += 1
+            again = (b < 0.5 * before).cpu()  # heavy cancellation: a second pass (see below)
+            if again.any():
+                _reorthogonalize(Q, w, ai, again, j)
+                b[again.to(b.device)] = w[again.to(w.device)].norm(dim=-1)
         else:
             new = _omega_next(om[ai], om_prev[ai], alpha[ai, : j + 1], beta[ai, : j + 1], b.to(f64).cpu(), eps1)
             due = force[ai] | ((new[:, :j].abs().amax(1) > limit) if j else torch.zeros_like(force[ai]))
             if due.any():
+                before = b.to(f64).cpu()
                 _reorthogonalize(Q, w, ai, due, j)
                 b[due.to(b.device)] = w[due.to(w.device)].norm(dim=-1)
+                # heavy cancellation: one Gram-Schmidt pass leaves its rounding along the basis, as
+                # large as what remains; a second pass removes it ("twice is enough")
+                again = due & (b.to(f64).cpu() < 0.5 * before)
+                if again.any():
+                    _reorthogonalize(Q, w, ai, again, j)
+                    b[again.to(b.device)] = w[again.to(w.device)].norm(dim=-1)
                 new[due, : j + 1] = eps1
                 reorths[ai[due]] += 1
             force[ai] = due & ~force[ai]
