@@ -63,6 +63,10 @@ def test_correlations_table_drops_nan_rows_and_skips_bookkeeping():
     assert tab.loc["lambda_max", "spearman_rho"] == pytest.approx(ref.statistic)
     assert tab.loc["lambda_max", "spearman_p"] == pytest.approx(ref.pvalue)
     assert tab.loc["trace", "kendall_tau"] == pytest.approx(st.kendalltau(df["trace"][keep], y[keep]).statistic)
+    mostly_nan = df.assign(rare=np.where(np.arange(30) < 5, x, np.nan))  # finite on 5 of 30: does not cut the others
+    with pytest.warns(RuntimeWarning):
+        tab2 = stats.correlations(mostly_nan, "acc", ["lambda_max", "trace", "rare"], n_boot=50)
+    assert tab2.loc["trace", "n"] == 29 and tab2.loc["rare", "n"] == 4  # its finite rows among the common ones
     each = stats.correlations(df, "acc", ["lambda_max", "trace"], rows="each", n_boot=200)
     assert each.loc["trace", "n"] == 30
     assert each.loc["trace", "kendall_tau"] == pytest.approx(st.kendalltau(df["trace"], y).statistic)

@@ -603,3 +603,19 @@ def test_evaluate_population_takes_a_loader():
     torch.testing.assert_close(got["accuracy"], want["accuracy"])
     with pytest.raises(ValueError, match="labels out of range"):
         evaluate_population(models, [(x[:10], y[:10]), (x[10:20], torch.full((10,), 7))])
+    one_pair = evaluate_population(models, (x, y))  # a single (x, y) pair, as elsewhere; empty batches skipped
+    torch.testing.assert_close(one_pair["loss"], want["loss"])
+    torch.testing.assert_close(evaluate_population(models, [(x[:0], y[:0]), (x, y)])["loss"], want["loss"])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_narrow_integer_labels_train_and_evaluate(dtype):
+    """MNIST's raw labels are uint8: train_population and evaluate_population failed in torch's gather."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    kw = dict(seeds=[0, 1], epochs=1, batch_size=8, progress=False)
+    models, _ = train_population(lambda: mlp([6, 8, 3]), x, y.to(dtype), **kw)
+    ref, _ = train_population(lambda: mlp([6, 8, 3]), x, y, **kw)
+    for a, b in zip(models, ref):
+        torch.testing.assert_close(list(a.parameters()), list(b.parameters()))
+    torch.testing.assert_close(evaluate_population(models, x, y.to(dtype))["accuracy"], evaluate_population(ref, x, y)["accuracy"])

@@ -144,7 +144,7 @@ class Batches:
                 if not torch.isfinite(y).all():
                     raise ValueError(f"batch {i}: the targets contain NaN or Inf")
                 y = y.to(self.device, self.dtype)
-            elif y.dtype in (torch.uint8, torch.int8, torch.int16):  # (MNIST's raw labels are uint8; gathers need int64)
+            elif y.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):  # (MNIST's raw labels are uint8; gathers take int64)
                 y = y.to(self.device, torch.int64)
             else:
                 y = y.to(self.device)

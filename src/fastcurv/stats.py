@@ -105,7 +105,7 @@ def correlations(df, target: str, measures: Sequence[str] | None = None, *, rows
         measures: columns to correlate (default: every numeric column except ``target`` and
             bookkeeping columns ending in ``_stderr``, ``_error``, ``_iters``, ``_converged``).
         rows: "common" (default): every measure on the same replicas, those where the target and
-            every measure with at least 3 finite values are finite, so that the measures compare
+            every measure finite on at least half of them are finite, so that the measures compare
             like with like (a warning names the replicas dropped and the columns that dropped
             them); "each": each measure on the replicas where it and the target are finite.
         n_boot, level, seed: bootstrap resamples, confidence level, RNG seed.
@@ -136,11 +136,13 @@ def correlations(df, target: str, measures: Sequence[str] | None = None, *, rows
 
 
 def _common_rows(df, target: str, measures) -> np.ndarray:
-    """``[len(df)]`` bool: the rows where the target and every measure with at least 3 finite values
-    are finite (a measure finite on fewer cannot be correlated anyway, and would drop everything);
-    warns naming the rows dropped and the columns that dropped them."""
+    """``[len(df)]`` bool: the rows where the target and every measure finite on at least half of
+    the replicas (and 3) are finite: a measure finite on fewer would cut every other one down to
+    its few rows (it is correlated on the common rows where it is finite); warns naming the rows
+    dropped and the columns that dropped them."""
     finite = {c: np.isfinite(df[c].to_numpy(dtype=np.float64)) for c in [target, *measures]}
-    deciding = [c for c, f in finite.items() if c == target or f.sum() >= 3]
+    enough = max(3, (len(df) + 1) // 2)
+    deciding = [c for c, f in finite.items() if c == target or f.sum() >= enough]
     keep = np.logical_and.reduce([finite[c] for c in deciding])
     if not keep.all():
         labels = list(df.index[~keep])

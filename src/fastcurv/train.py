@@ -225,6 +225,11 @@ def _loss_fn(name: str):
     return f
 
 
+def as_labels(y: torch.Tensor) -> torch.Tensor:
+    """Integer targets as int64 (MNIST's raw labels are uint8; torch's gathers take int64 only)."""
+    return y.long() if not y.is_floating_point() and y.dtype not in (torch.int64, torch.bool) else y
+
+
 def _check_targets(loss: str, y: torch.Tensor, out: torch.Tensor | None) -> None:
     """Raise a clear error for targets ``y [N, ...]`` that do not fit ``loss`` (and, given the
     outputs ``out`` of some samples, the model's outputs: the number of classes, or their shape)."""
@@ -417,6 +422,7 @@ def train_population(
         raise ValueError(f"x and y must hold the same, non-zero number of samples; got {len(x)} and {len(y)}")
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError("the inputs x contain NaN or Inf")
+    y = as_labels(y)
     _check_targets(loss, y, None)
     if optimizer != "sgd" and not all(0.0 <= float(b) < 1.0 for b in betas):
         raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
@@ -829,6 +835,8 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
         batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
     elif y is not None:
         raise TypeError(f"evaluate_population takes (x, y) tensors or a loader alone; got a {type(x).__name__} and targets")
+    elif isinstance(x, tuple) and len(x) == 2 and all(isinstance(t, torch.Tensor) for t in x):
+        return evaluate_population(models, x[0], x[1], batch_size=batch_size, loss=loss)  # one (x, y) pair
     else:
         batches = (_split(item, i) for i, item in enumerate(x))
     loss_fn = _loss_fn(loss)
@@ -837,6 +845,9 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
     N = 0
     with torch.no_grad():
         for xb, yb in batches:
+            if len(xb) == 0:
+                continue
+            yb = as_labels(yb)
             if xb.is_floating_point() and not bool(torch.isfinite(xb).all()):
                 raise ValueError("the inputs contain NaN or Inf")
             _check_targets(loss, yb, None)

@@ -29,7 +29,8 @@ class SpectralDensity:
 
         sigma2: kernel variance, absolute; default ``1e-5 * max(1, lambda_max - lambda_min)`` per
         replica, Ghorbani et al.'s (PyHessian's ``sigma_squared`` is that factor 1e-5, relative to
-        the span). Default grid: spanning all replicas' nodes, extended by 1%, with ``num_points``
+        the span). Default grid: spanning all replicas' nodes, extended by 1% and 8 standard
+        deviations of the widest kernel, with ``num_points``
         points, by default at least Ghorbani's 10,000 and enough to put 4 points within the
         narrowest kernel's standard deviation (at most ``MAX_GRID_POINTS``), so that a replica's
         density does not depend on the others beside it. Only where that cap binds (or on a grid
@@ -42,11 +43,15 @@ class SpectralDensity:
             grid = torch.zeros(0, dtype=torch.float64) if grid is None else grid.to(torch.float64)
             return grid, torch.full((nodes.shape[0], grid.numel()), float("nan"), dtype=torch.float64)
         lo, hi = torch.nanquantile(nodes.flatten(), 0.0), torch.nanquantile(nodes.flatten(), 1.0)  # failed replicas are NaN
+        if sigma2 is not None and not sigma2 > 0:
+            raise ValueError(f"sigma2 must be a positive kernel variance, got {sigma2!r}")
         span = (nodes.amax(dim=(1, 2)) - nodes.amin(dim=(1, 2))).clamp_min(1.0)
         s2 = 1e-5 * span if sigma2 is None else torch.full_like(span, float(sigma2))
         uniform = grid is None
         if grid is None:
-            pad = 0.01 * float(hi - lo) + 1e-12
+            # room for the widest kernel on both sides: a narrow spectrum (a confident model's Hessian
+            # spans 1e-5, its kernels 3e-3) lost most of its mass past the grid's ends
+            pad = 0.01 * float(hi - lo) + 8 * float(s2[torch.isfinite(s2)].max()) ** 0.5
             if num_points is None:
                 narrowest = float(s2[torch.isfinite(s2)].min()) ** 0.5
                 num_points = int(min(max(10_000, 4 * (float(hi - lo) + 2 * pad) / narrowest + 1), MAX_GRID_POINTS))
@@ -109,7 +114,7 @@ def _windowed_density(grid: torch.Tensor, nodes: torch.Tensor, weights: torch.Te
         return dens
     x0, dx = float(grid[0]), float(grid[1] - grid[0])
     sd = s2.sqrt()
-    half = int(torch.ceil(8 * sd[torch.isfinite(sd)].max() / dx)) if bool(torch.isfinite(sd).any()) else 0
+    half = min(int(torch.ceil(8 * sd[torch.isfinite(sd)].max() / dx)), G) if bool(torch.isfinite(sd).any()) else 0
     offsets = torch.arange(-half, half + 1)
     flat_nodes = nodes.reshape(R, -1)  # [R, draws * m]
     flat_w = (weights / nodes.shape[1]).reshape(R, -1)  # (the mean over draws)
