@@ -6,6 +6,8 @@ from typing import Iterable
 
 import torch
 
+from .losses import as_labels
+
 DEFAULT_CACHE_BYTES = 2 << 30  # batches are kept on the device up to this size (cache_data="auto")
 
 
@@ -144,10 +146,8 @@ class Batches:
                 if not torch.isfinite(y).all():
                     raise ValueError(f"batch {i}: the targets contain NaN or Inf")
                 y = y.to(self.device, self.dtype)
-            elif y.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):  # (MNIST's raw labels are uint8; gathers take int64)
-                y = y.to(self.device, torch.int64)
             else:
-                y = y.to(self.device)
+                y = as_labels(y).to(self.device)
             if self._copy:
                 x = x.clone() if x.data_ptr() == x0.data_ptr() else x
                 y = y.clone() if y.data_ptr() == y0.data_ptr() else y

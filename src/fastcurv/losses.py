@@ -29,6 +29,11 @@ def label_out_of_range(y: torch.Tensor, num_classes: int) -> int | None:
     return lo if lo < 0 else hi if hi >= num_classes else None
 
 
+def as_labels(y: torch.Tensor) -> torch.Tensor:
+    """Integer targets as int64 (MNIST's raw labels are uint8; torch's gathers take int64 only)."""
+    return y.long() if not y.is_floating_point() and y.dtype not in (torch.int64, torch.bool) else y
+
+
 def _pivoted_softmax(logits: torch.Tensor):
     """``(m, zm, e, rest)`` for logits ``[..., C]``: ``m`` the most probable class ``[..., 1]``, ``zm``
     its logit, ``e = exp(z - z_m)`` with 0 at ``m`` and ``rest = sum(e)`` ``[..., 1]``."""

@@ -654,7 +654,7 @@ def _glossary(columns) -> list[str]:
     for col in columns:
         if str(col).endswith(("_error", "_iters", "_converged", "_stderr")):
             continue
-        prefix = next((p for p, _ in _GLOSSARY if col == p or str(col).startswith(p)), None)
+        prefix = next((p for p, _ in _GLOSSARY if str(col).startswith(p)), None)
         if prefix is not None:
             found.setdefault(prefix, []).append(col)
     text = dict(_GLOSSARY)
