@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import warnings
 
 import torch
 
@@ -93,6 +94,8 @@ def _cuda_kernels_run() -> bool:
             except RuntimeError as exc:
                 _cuda_runs = False
                 _errors["_cuda"] = f"{_loaded.get('_cuda')}: loaded, but its kernels do not run here: {exc}"
+                warnings.warn(f"fastcurv's CUDA kernels cannot run on this GPU ({str(exc)[:200]}): the op wrappers use "
+                              "Triton or the torch references instead", RuntimeWarning, stacklevel=2)
     return _cuda_runs
 
 
