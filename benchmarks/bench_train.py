@@ -2,7 +2,9 @@
 
 Workload (issue 6): R=100 MLPs 784-128-128-10, 2,000 MNIST training images (from
 ``../shared/data/mnist`` or $FASTCURV_DATA; synthetic images only when no file is found, and the
-output says so), SGD with momentum 0.9, lr 0.01, batch 64, cross-entropy, float32.
+output says so), SGD with momentum 0.9, lr 0.01, batch 64, cross-entropy, float32. ``--model w3``:
+W3's small CNNs with BatchNorm (``benchmarks/hvp_json.py``; R=20 is W3's count) instead, trained in
+train mode (batch statistics, running statistics updated per replica) on 28x28 images.
 
 * batched: :func:`fastcurv.train.train_population` with its defaults (each replica its own data
   order; the fused MLP path of :mod:`fastcurv.train_fused`: baddbmm/bmm over the replica axis);
@@ -22,6 +24,7 @@ other processes on the machine (recorded as ``loadavg``) biases the ratios as li
 Run as a script to write JSON (ratios measured in one run, best of ``--repeats``)::
 
     python benchmarks/bench_train.py --epochs 1 --repeats 2 --json bench_train.json
+    python benchmarks/bench_train.py --model w3 --replicas 20 --variants batched,batched_intraop
 
 or with pytest-benchmark: ``pytest benchmarks/bench_train.py --benchmark-only``.
 """
@@ -38,43 +41,48 @@ import torch
 import torch.nn.functional as F
 
 from fastcurv.train import epoch_order, init_replicas, mlp, train_population
+from hvp_json import w3_cnn
 
 SIZES = (784, 128, 128, 10)
 
 
-def load_data(n_train: int = 2000):
-    """``(x [n, 784] float32, y [n] int64, source)``; synthetic only when MNIST is not found."""
+def load_data(n_train: int = 2000, flatten: bool = True):
+    """``(x [n, 784] or [n, 1, 28, 28] float32, y [n] int64, source)``; synthetic only when MNIST is not found."""
     from fastcurv import datasets
 
     try:
-        s = datasets.load_mnist(n_train=n_train, flatten=True, seed=0)
+        s = datasets.load_mnist(n_train=n_train, flatten=flatten, seed=0)
         return s.x_train, s.y_train, "mnist"
     except FileNotFoundError:
         g = torch.Generator().manual_seed(0)
         print("MNIST not found: using SYNTHETIC random images for the benchmark", file=sys.stderr)
-        return torch.rand(n_train, 784, generator=g), torch.randint(0, 10, (n_train,), generator=g), "synthetic"
+        x = torch.rand(n_train, 784, generator=g)
+        return (x if flatten else x.view(-1, 1, 28, 28)), torch.randint(0, 10, (n_train,), generator=g), "synthetic"
 
 
 def builder():
     return mlp(SIZES)
 
 
-def run_batched(x, y, R: int, epochs: int, batch_size: int = 64, **kw):
-    models, hist = train_population(builder, x, y, replicas=R, epochs=epochs, lr=0.01, momentum=0.9,
+MODELS = {"mlp": (builder, "MLP " + "-".join(map(str, SIZES))), "w3": (w3_cnn, "W3 CNN with BatchNorm")}
+
+
+def run_batched(x, y, R: int, epochs: int, batch_size: int = 64, build=builder, **kw):
+    models, hist = train_population(build, x, y, replicas=R, epochs=epochs, lr=0.01, momentum=0.9,
                                     batch_size=batch_size, progress=False, **kw)
     run_batched.engine = hist.engine
     return models
 
 
-def run_loop(x, y, R: int, epochs: int, batch_size: int = 64, shared_order: bool = False, threads=None):
+def run_loop(x, y, R: int, epochs: int, batch_size: int = 64, shared_order: bool = False, threads=None, build=builder):
     if threads:
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return run_loop(x, y, R, epochs, batch_size, shared_order)
+            return run_loop(x, y, R, epochs, batch_size, shared_order, build=build)
         finally:
             torch.set_num_threads(old)
-    models = init_replicas(builder, range(R))
+    models = init_replicas(build, range(R))
     n = len(x)
     for r, m in enumerate(models):
         m.train()
@@ -90,7 +98,9 @@ def run_loop(x, y, R: int, epochs: int, batch_size: int = 64, shared_order: bool
 
 
 def _max_diff(ma, mb):
-    return max((pa - pb).abs().max().item() for a, b in zip(ma, mb) for pa, pb in zip(a.parameters(), b.parameters()))
+    """Largest difference between the parameters (and BatchNorm statistics) of two lists of models."""
+    return max((pa - pb).abs().max().item() for a, b in zip(ma, mb)
+               for pa, pb in zip([*a.parameters(), *a.buffers()], [*b.parameters(), *b.buffers()]))
 
 
 VARIANTS = {  # name -> extra train_population arguments
@@ -102,8 +112,10 @@ VARIANTS = {  # name -> extra train_population arguments
 }
 
 
-def measure(R=100, epochs=1, repeats=2, n_train=2000, batch_size=64, variants=tuple(VARIANTS), loop_threads=()):
-    x, y, source = load_data(n_train)
+def measure(R=100, epochs=1, repeats=2, n_train=2000, batch_size=64, variants=tuple(VARIANTS), loop_threads=(),
+            model="mlp"):
+    build, arch = MODELS[model]
+    x, y, source = load_data(n_train, flatten=model == "mlp")
     names = [*variants, "loop", *[f"loop_{t}thread" for t in loop_threads]]
     wall = {k: [] for k in names}
     cpu = {k: [] for k in names}
@@ -113,18 +125,18 @@ def measure(R=100, epochs=1, repeats=2, n_train=2000, batch_size=64, variants=tu
         for k in names[rep % len(names):] + names[:rep % len(names)]:
             t, c = time.perf_counter(), time.process_time()
             if k == "loop":
-                models[k] = run_loop(x, y, R, epochs, batch_size)
+                models[k] = run_loop(x, y, R, epochs, batch_size, build=build)
             elif k.startswith("loop_"):
-                models[k] = run_loop(x, y, R, epochs, batch_size, threads=int(k[5:-6]))
+                models[k] = run_loop(x, y, R, epochs, batch_size, threads=int(k[5:-6]), build=build)
             else:
-                models[k] = run_batched(x, y, R, epochs, batch_size, **VARIANTS[k])
+                models[k] = run_batched(x, y, R, epochs, batch_size, build=build, **VARIANTS[k])
                 engines[k] = run_batched.engine
             wall[k].append(time.perf_counter() - t)
             cpu[k].append(time.process_time() - c)
         load.append(os.getloadavg()[0])
     best = {k: min(range(repeats), key=wall[k].__getitem__) for k in names}
     res = {
-        "workload": f"R={R} MLP {'-'.join(map(str, SIZES))}, {n_train} {source} images, batch {batch_size}, "
+        "workload": f"R={R} {arch}, {n_train} {source} images, batch {batch_size}, "
                     f"{epochs} epoch(s), SGD momentum 0.9, float32",
         "data": source,
         "threads": torch.get_num_threads(),
@@ -150,7 +162,7 @@ def measure(R=100, epochs=1, repeats=2, n_train=2000, batch_size=64, variants=tu
     if "batched_shared" in models:
         k = min(R, 5)
         res[f"max_abs_param_diff_batched_shared_vs_loop_first{k}"] = _max_diff(
-            models["batched_shared"][:k], run_loop(x, y, k, epochs, batch_size, shared_order=True))
+            models["batched_shared"][:k], run_loop(x, y, k, epochs, batch_size, shared_order=True, build=build))
     return res
 
 
@@ -177,6 +189,7 @@ def test_bench_train_loop(benchmark):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="mlp", help="mlp (default) or w3 (CNNs with BatchNorm)")
     ap.add_argument("--replicas", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
@@ -195,7 +208,7 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     res = measure(a.replicas, a.epochs, a.repeats, a.n_train, a.batch_size, variants,
-                  tuple(int(t) for t in a.loop_threads.split(",") if t))
+                  tuple(int(t) for t in a.loop_threads.split(",") if t), a.model)
     text = json.dumps(res, indent=2)
     print(text)
     if a.json:

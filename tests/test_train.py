@@ -1,6 +1,7 @@
 """Batched population training against a per-model loop with torch.optim (float64)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,10 +27,12 @@ def builder():
 
 
 def _sam_grad(m, xb, yb, rho):
+    """SAM's gradient; BatchNorm's running statistics come from the first (unperturbed) pass only."""
     loss = F.cross_entropy(m(xb), yb)
     grads = torch.autograd.grad(loss, list(m.parameters()))
     norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
     eps = [rho * g / (norm + 1e-12) for g in grads]
+    stats = [b.clone() for b in m.buffers()]
     with torch.no_grad():
         for p, e in zip(m.parameters(), eps):
             p.add_(e)
@@ -38,6 +41,8 @@ def _sam_grad(m, xb, yb, rho):
     with torch.no_grad():
         for p, e in zip(m.parameters(), eps):
             p.sub_(e)
+        for b, s in zip(m.buffers(), stats):
+            b.copy_(s)
     return g2
 
 
@@ -69,9 +74,10 @@ def reference_loop(x, y, seeds, *, optimizer, lrs, epochs, batch_size, weight_de
 
 
 def _assert_same(models_a, models_b, atol=1e-10):
+    """Equal parameters and buffers (BatchNorm's running statistics and batch counts)."""
     assert len(models_a) == len(models_b)
     for r, (a, b) in enumerate(zip(models_a, models_b)):
-        for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        for (n, pa), pb in zip([*a.named_parameters(), *a.named_buffers()], [*b.parameters(), *b.buffers()]):
             torch.testing.assert_close(pa, pb, atol=atol, rtol=1e-9, msg=lambda s: f"replica {r} {n}: {s}")
 
 
@@ -619,3 +625,93 @@ def test_narrow_integer_labels_train_and_evaluate(dtype):
     for a, b in zip(models, ref):
         torch.testing.assert_close(list(a.parameters()), list(b.parameters()))
     torch.testing.assert_close(evaluate_population(models, x, y.to(dtype))["accuracy"], evaluate_population(ref, x, y)["accuracy"])
+
+
+def bn_mlp():
+    return nn.Sequential(nn.Linear(SIZES[0], 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def bn_cnn():
+    """Two conv layers with BatchNorm2d (one without affine parameters), then a linear head."""
+    return nn.Sequential(nn.Unflatten(1, (1, 2, 3)), nn.Conv2d(1, 3, 2, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.Conv2d(3, 2, 2), nn.BatchNorm2d(2, affine=False, momentum=0.3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(2 * 2 * 3, 3)).double()
+
+
+@pytest.mark.parametrize("build,threads", [(bn_mlp, 1), (bn_cnn, 1), (bn_cnn, 2)])
+def test_batchnorm_models_train_as_the_loop(build, threads):
+    """BatchNorm models train with each replica's batch statistics and update its own running
+    statistics, as torch.optim on each model in train mode; a replica with SAM takes its statistics
+    from the unperturbed pass only."""
+    x, y = _data()
+    seeds = [3, 7, 11]
+    models, hist = train_population(build, x, y, seeds=seeds, lr=[0.1, 0.05, 0.2], sam_rho=[0.0, 0.0, 0.05],
+                                    weight_decay=0.01, batch_size=8, epochs=2, threads=threads, chunk_size=2,
+                                    progress=False)
+    assert hist.engine.startswith("vmap (")
+    ref = reference_loop(x, y, seeds[:2], optimizer="sgd", lrs=[0.1, 0.05], epochs=2, batch_size=8, weight_decay=0.01,
+                         build=build)
+    ref += reference_loop(x, y, seeds[2:], optimizer="sgd", lrs=[0.2], epochs=2, batch_size=8, weight_decay=0.01,
+                          rho=0.05, build=build)
+    _assert_same(models, ref)
+    init = init_replicas(build, seeds)
+    bn = [m for m in models[0].modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)][0]
+    assert bn.num_batches_tracked == 6 and not torch.allclose(bn.running_var, init[0].state_dict()[
+        [k for k in init[0].state_dict() if k.endswith("running_var")][0]])
+    assert not any(m.training for m in models)
+
+
+def test_batchnorm_replicas_that_stop_keep_their_statistics(tmp_path):
+    """A diverged replica and one that reached the target loss no longer change their running
+    statistics; the others are as if trained alone; a resumed run equals the uninterrupted one."""
+    x, y = _data(n=24)
+    kw = dict(lr=[0.3, 1e308, 0.05], batch_size=8, epochs=10, target_loss=0.6, progress=False)
+    models, hist = train_population(bn_mlp, x, y, seeds=[0, 1, 2], **kw)
+    assert hist.diverged == [False, True, False] and hist.reached_target[0], hist.to_pandas()
+    for r in (0, 2):
+        alone, _ = train_population(bn_mlp, x, y, seeds=[r], lr=kw["lr"][r], batch_size=8, epochs=hist.epochs_run[r],
+                                    progress=False)
+        _assert_same([models[r]], alone, atol=1e-12)
+    assert all(torch.isnan(p).all() for p in models[1].parameters())
+    # the full training-set loss is the eval-mode loss (running statistics)
+    ev = evaluate_population(models, x, y)
+    assert hist.train_loss[hist.epochs_run[0] - 1][0] == pytest.approx(float(ev["loss"][0]), rel=1e-12)
+
+    class Killed(Exception):
+        pass
+
+    def die(epoch, history):
+        if epoch == 1:
+            raise Killed
+
+    ck = tmp_path / "bn.pt"
+    with pytest.raises(Killed):
+        train_population(bn_mlp, x, y, seeds=[0, 1, 2], checkpoint=ck, callback=die, **kw)
+    resumed, rh = train_population(bn_mlp, x, y, seeds=[0, 1, 2], checkpoint=ck, **kw)
+    assert rh.resumed_from_epoch == 2
+    np.testing.assert_array_equal(rh.train_loss, hist.train_loss)  # (NaN where a replica no longer trains)
+    _assert_same([resumed[0], resumed[2]], [models[0], models[2]], atol=0)
+    assert all(torch.isnan(p).all() for p in resumed[1].parameters())
+
+
+def test_batchnorm_with_a_last_minibatch_of_one_is_refused_before_training():
+    x, y = _data(n=17)
+    with pytest.raises(ValueError, match=r"last minibatch of every epoch holds 1 sample \(N=17, batch_size=8\)"):
+        train_population(bn_mlp, x, y, seeds=[0], batch_size=8, progress=False)
+    _, hist = train_population(bn_cnn, x, y, seeds=[0], batch_size=8, epochs=1, progress=False)  # 2x3 maps: fine
+    assert hist.steps == [3]
+
+
+def test_full_training_loss_is_evaluated_without_dropout():
+    """eval_train's loss is the eval-mode loss (it was computed with dropout masks drawn from the
+    global RNG before the twenty-third round)."""
+    x, y = _data()
+
+    def drop_builder():
+        return nn.Sequential(nn.Linear(x.shape[1], 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).double()
+
+    state = torch.get_rng_state()
+    models, hist = train_population(drop_builder, x, y, seeds=[0, 1], batch_size=8, epochs=2, eval_train=True,
+                                    progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert hist.train_loss[-1] == pytest.approx(evaluate_population(models, x, y)["loss"].tolist(), rel=1e-12)

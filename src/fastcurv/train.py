@@ -25,13 +25,18 @@ SAM (Foret et al. 2021) with radius ``sam_rho > 0``: the gradient used by the op
 ``w + rho * g / ||g||`` (``g`` the minibatch gradient at ``w``, norm over all parameters of the
 replica); it costs a second forward/backward per step.
 
+BatchNorm: the models train in training mode, each replica normalized with its own batch statistics
+and updating its own running statistics (its rows of the stacked buffers, in place under ``vmap``);
+SAM's perturbed pass leaves them as the unperturbed pass set them, and replicas that stopped keep
+theirs. The full training-set loss is evaluated in eval mode (running statistics, no dropout).
+
 Divergence: a replica whose minibatch loss becomes NaN/Inf is marked diverged, its parameters are
 set to NaN (so later measures flag it) and it stops training; the others are unaffected.
 With ``target_loss``, a replica stops (is frozen) once its full training-set loss, evaluated at the
 end of an epoch, is at most ``target_loss``; the job ends when every replica has stopped or after
 ``epochs`` epochs.
 
-Checkpoints: with ``checkpoint=path`` the whole state (parameters, optimizer state, masks, history)
+Checkpoints: with ``checkpoint=path`` the whole state (parameters, buffers, optimizer state, masks, history)
 is written atomically at the end of every epoch; calling again with the same arguments and path
 resumes after the last completed epoch and gives the same result as an uninterrupted run.
 """
@@ -47,6 +52,7 @@ import pickle
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -431,10 +437,7 @@ def train_population(
     dtype = dtype or ref.dtype
     for m in models:
         m.to(device=device, dtype=dtype).train()
-    for mod in models[0].modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            raise NotImplementedError("batched training of models with BatchNorm is not supported (running statistics "
-                                      "cannot be updated per replica under vmap); use a model without BatchNorm")
+    has_bn = any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in models[0].modules())
     has_dropout = any(isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 for mod in models[0].modules())
     plan, why = None, "fused=False"
     if fused is None or fused:
@@ -446,17 +449,19 @@ def train_population(
     params, buffers = stack_module_state(models)
     names = list(params)
     params = {n: p.detach().clone().contiguous() for n, p in params.items()}
-    base = meta_copy(models[0])
+    # meta copies in training mode (the steps: dropout, BatchNorm with batch statistics, updating the running
+    # statistics of the replica's own buffers in place) and in eval mode (the full training-set loss)
+    bases = {True: meta_copy(models[0]).train(), False: meta_copy(models[0]).eval()}
     per_thread = threading.local()  # functional_call swaps tensors into the module: one copy per worker thread
 
-    def one(p, b, xb):
-        m = getattr(per_thread, "base", None)
+    def one(p, b, xb, training=True):
+        m = getattr(per_thread, "bases", None)
         if m is None:
-            m = per_thread.base = copy.deepcopy(base)
-        return functional_call(m, (p, b), (xb,))
+            m = per_thread.bases = copy.deepcopy(bases)
+        return functional_call(m[training], (p, b), (xb,))
 
     fwd = vmap(one, in_dims=(0, 0, 0), randomness="different" if has_dropout else "error")
-    fwd_shared = vmap(one, in_dims=(0, 0, None), randomness="different" if has_dropout else "error")
+    fwd_eval = vmap(partial(one, training=False), in_dims=(0, 0, None))
 
     x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
     y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
@@ -469,7 +474,10 @@ def train_population(
     if nesterov and optimizer == "sgd" and bool((hp["momentum"] <= 0).any()):
         raise ValueError("nesterov=True needs a positive momentum (as torch.optim.SGD)")
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # outputs of 2 samples
-        _check_targets(loss, y, one({n: t[0] for n, t in params.items()}, {n: t[0] for n, t in buffers.items()}, x[:2]))
+        _check_targets(loss, y, one({n: t[0] for n, t in params.items()}, {n: t[0] for n, t in buffers.items()}, x[:2],
+                                    training=False))
+    if has_bn:
+        _check_bn_batches(models[0], x, N, batch_size)
     use_sam = bool((hp["sam_rho"] > 0).any())
     sgd_scalars = None  # (lr, momentum, weight_decay) when SGD's are the same for every replica
     if optimizer == "sgd" and all(bool((hp[k] == hp[k][0]).all()) for k in ("lr", "momentum", "weight_decay")):
@@ -512,6 +520,8 @@ def train_population(
                              "a checkpoint can be extended, not shortened; ask for at least "
                              f"{int(ck['epoch'])} epochs, or use another path to train {epochs} from the start")
         params = {n: ck["params"][n].to(device=device, dtype=dtype) for n in names}
+        for n, b_ in ck.get("buffers", {}).items():  # running statistics (checkpoints of models without any lack them)
+            buffers[n].copy_(b_)
         state = ck["state"]
         diverged, done = ck["diverged"].to(device), ck["done"].to(device)
         epochs_run = ck["epochs_run"].cpu()
@@ -554,7 +564,7 @@ def train_population(
             xb, yb = x[i:i + chunk], y[i:i + chunk]
             if csr is not None:
                 xb = CsrBatch(csr, torch.arange(i, i + len(yb), device=device))
-            o = plan.forward(p, xb, shared=True) if plan is not None else fwd_shared(p, bufs, xb)
+            o = plan.forward(p, xb, shared=True) if plan is not None else fwd_eval(p, bufs, xb)
             out += loss_fn(o, yb.unsqueeze(0).expand(Rc, *yb.shape)).double() * len(yb)
         return out / N
 
@@ -674,8 +684,10 @@ def train_population(
                         xc = torch.index_select(x, 0, i.reshape(-1), out=xbuf[:Rc * nb]).view(Rc, nb, *x.shape[1:])
                     yc = torch.index_select(y, 0, i.reshape(-1), out=ybuf[:Rc * nb]).view(Rc, nb, *y.shape[1:])
                 pc = {n: params[n][sl] for n in names}  # views: updated in place
-                bc = {n: b_[sl] for n, b_ in buffers.items()}
+                # views that BatchNorm's running statistics update in place; ``.data`` for the reason given in grads_at
+                bc = {n: b_[sl].data for n, b_ in buffers.items()}
                 active = ~(done[sl] | diverged[sl])
+                frozen = _rows(bc, ~active)  # the buffers of replicas that do not train stay as they are
                 with _dropout_rng(has_dropout, device, (*seeds[sl], epoch, k)):
                     g, losses = grads_at(pc, bc, xc, yc, active, sl)
                     bad = active & ~torch.isfinite(losses)
@@ -683,7 +695,10 @@ def train_population(
                         sq = sum(gn.reshape(Rc, -1).double().pow(2).sum(1) for gn in g.values())
                         scale = (hp["sam_rho"][sl] / (sq.sqrt().to(dtype) + 1e-12))
                         pert = {n: pc[n] + _bcast(scale, pc[n]) * g[n] for n in names}
+                        first = _rows(bc, torch.ones_like(active))  # the perturbed pass updates no statistics
                         g, _ = grads_at(pert, bc, xc, yc, active, sl)
+                        _restore_rows(bc, first)
+                _restore_rows(bc, frozen)
                 if bool(bad.any()):
                     diverged[sl] |= bad
                     kill(pc, bad)
@@ -748,6 +763,7 @@ def train_population(
                 _atomic_save({
                     "fingerprint": json.dumps(fingerprint), "epoch": epoch + 1,
                     "params": {n: t.detach().cpu() for n, t in params.items()},
+                    "buffers": {n: t.detach().cpu() for n, t in buffers.items()},
                     "state": _to_cpu(state), "diverged": diverged.cpu(), "done": done.cpu(), "epochs_run": epochs_run,
                     "history": {"train_loss": history.train_loss},
                 }, ckpt_path)
@@ -776,8 +792,41 @@ def train_population(
         for r, m in enumerate(models):
             for n, p in m.named_parameters():
                 p.copy_(params[n][r])
+            for n, b_ in m.named_buffers():
+                b_.copy_(buffers[n][r])
             m.eval()
     return models, history
+
+
+def _rows(bufs: dict, which: torch.Tensor):
+    """``(which, copies of the rows which of every buffer)``, or None when there is nothing to keep."""
+    if not bufs or not bool(which.any()):
+        return None
+    return which, {n: b[which].clone() for n, b in bufs.items()}
+
+
+def _restore_rows(bufs: dict, kept) -> None:
+    """Write rows kept by :func:`_rows` back into the buffers ``bufs`` (views of the stacked buffers)."""
+    if kept is not None:
+        which, rows = kept
+        for n, b in bufs.items():
+            b[which] = rows[n]
+
+
+def _check_bn_batches(model: nn.Module, x: torch.Tensor, N: int, batch_size: int) -> None:
+    """Raise a ValueError before training when an epoch's last minibatch holds a single sample that a
+    BatchNorm in training mode cannot normalize (torch refuses one value per channel)."""
+    last = N % batch_size or min(N, batch_size)
+    if last != 1:
+        return
+    probe = copy.deepcopy(model).train()
+    try:
+        with torch.no_grad():
+            probe(x[:1])
+    except ValueError as e:
+        raise ValueError(f"the last minibatch of every epoch holds 1 sample (N={N}, batch_size={batch_size}), and "
+                         f"BatchNorm in training mode cannot normalize it ({e}); choose a batch_size that leaves "
+                         "more than one sample over") from None
 
 
 def _sparse_rows(x: torch.Tensor, plan, sparse_input: bool | None) -> CsrRows | None:

@@ -259,8 +259,6 @@ def plan_mlp(model: nn.Module, loss: str = "cross_entropy") -> tuple[MLPPlan | N
     r = _walk(model, "", leaves)
     if r:
         return None, r
-    if list(model.buffers()):
-        return None, "the model has buffers"
     layers: list[_Layer] = []
     flatten = False
     for pos, (prefix, m) in enumerate(leaves):
@@ -282,6 +280,8 @@ def plan_mlp(model: nn.Module, loss: str = "cross_entropy") -> tuple[MLPPlan | N
             return None, f"{type(m).__name__} at {name} is not a Linear layer or a supported elementwise activation"
     if not layers:
         return None, "the model has no Linear layer"
+    if list(model.buffers()):
+        return None, "the model has buffers"
     for a, b in zip(layers[:-1], layers[1:]):
         if a.out_features != b.in_features:
             return None, f"layer widths do not chain ({a.weight}: {a.out_features} -> {b.weight}: {b.in_features})"
