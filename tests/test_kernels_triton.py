@@ -323,3 +323,30 @@ def test_fused_engine_forward_through_linear_rop(device, K, monkeypatch):
     for r in range(2):
         H = dense_hessian(models[r].cpu(), [(x, y)])
         torch.testing.assert_close(HV[r], V[r] @ H.T, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the kernel in the interpreter")
+def test_agreement_kernel_addresses_rows_past_2_to_the_31():
+    """Rows that start past element 2**31 (R * M >= 2**31, e.g. 1000 replicas x 2.2M examples) are
+    addressed in int64: int32 offsets wrapped and the kernel read out of bounds (a segfault in the
+    interpreter, so it runs in a child process). Three rows 2**30 + 64 apart in an untouched
+    (virtual) allocation."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from fastcurv.triton_kernels.agreement import _agreement_kernel
+S, M = 2**30 + 64, 100
+big = torch.empty(3 * S, dtype=torch.uint8)
+for r, v in enumerate((1, 1, 2)):
+    big[r * S:r * S + M] = v
+big[2 * S + 7] = 1
+out = torch.zeros(3, 3, dtype=torch.int64)
+_agreement_kernel[(1, 1)](big.as_strided((3, M), (S, 1)), out, 3, M, S, BLOCK_R=4, BLOCK_M=64)
+print(out.tolist())
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == str([[100, 100, 1], [100, 100, 1], [1, 1, 100]])

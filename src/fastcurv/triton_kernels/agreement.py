@@ -2,7 +2,8 @@
 
 Each program owns a ``BLOCK_R x BLOCK_R`` tile of replica pairs and streams the examples in
 chunks of ``BLOCK_M``, comparing the two row blocks by broadcasting (a matmul whose
-multiply-add is replaced by compare-and-count). Counters are int32 (M < 2**31), output int64.
+multiply-add is replaced by compare-and-count). Counters are int32 (M < 2**31), output int64;
+addresses are int64 (R * M may pass 2**31: 1000 replicas x 2.2M examples).
 """
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ from . import register
 def _agreement_kernel(p_ptr, out_ptr, R, M, stride_r, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
-    ri = pid_i * BLOCK_R + tl.arange(0, BLOCK_R)
-    rj = pid_j * BLOCK_R + tl.arange(0, BLOCK_R)
+    ri = pid_i.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rj = pid_j.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_i, row_j = p_ptr + ri[:, None] * stride_r, p_ptr + rj[:, None] * stride_r
     acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.int32)
     for m0 in range(0, M, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         in_m = m < M
-        a = tl.load(p_ptr + ri[:, None] * stride_r + m[None, :], mask=(ri[:, None] < R) & in_m[None, :], other=0)
-        b = tl.load(p_ptr + rj[:, None] * stride_r + m[None, :], mask=(rj[:, None] < R) & in_m[None, :], other=0)
+        a = tl.load(row_i + m[None, :], mask=(ri[:, None] < R) & in_m[None, :], other=0)
+        b = tl.load(row_j + m[None, :], mask=(rj[:, None] < R) & in_m[None, :], other=0)
         eq = (a[:, None, :] == b[None, :, :]) & in_m[None, None, :]
         acc += tl.sum(eq.to(tl.int32), axis=2)
     mask = (ri[:, None] < R) & (rj[None, :] < R)
