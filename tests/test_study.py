@@ -303,3 +303,18 @@ def test_unknown_sharpness_keywords_are_named_before_training(tmp_path, monkeypa
     monkeypatch.setattr("fastcurv.train.train_population", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ValueError, match=r"sharpness_kwargs has unknown keywords \['max_iters'\]"):
         fastcurv.study(**TINY, measures=["lambda_max"], sharpness_kwargs={"max_iters": 5}, out=tmp_path)
+
+
+def test_headline_follows_the_columns_function_kwargs_ask_for(tmp_path):
+    """Other taus, codecs or divergences: each requested measure keeps a headline row (its first
+    column; they vanished from it silently), and the report's sigma* sentence uses the study's delta
+    (it always said 1 %)."""
+    res = fastcurv.study(**TINY, measures=("weakness", "perturbation_weakness", "simplicity", "soft", "disagreement"),
+                         audit=False, out=tmp_path,
+                         function_kwargs={"taus": (0.05, 0.25), "codecs": ("zlib",), "soft": ("tv",), "delta": 0.2,
+                                          "num_draws": 2, "bisect_steps": 3})
+    assert list(res["headline"].index) == ["weakness_rel_tau0.05", "perturb_sigma_star", "compressed_bytes_zlib", "tv",
+                                           "disagreement"]
+    md = (tmp_path / "report.md").read_text()
+    assert "sigma* at which 20 % of the predictions change" in md
+    assert "weakness -> `weakness_rel_tau0.05`" in md and "soft -> `tv`" in md and "no per-replica column" not in md

@@ -25,6 +25,7 @@ one predicts generalization"):
 """
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from .demo import TARGETS, _markdown_table, _plot, _versions
+from .function.pairwise import SOFT
 from .resume import prepare_file, prepare_folder, sibling_path
 
 FUNCTION_MEASURES = ("disagreement", "gde", "soft", "weakness", "perturbation_weakness", "simplicity")
@@ -368,7 +370,8 @@ def study(
     Returns ``{"table", "correlations", "headline", "history", "sharpness", "function", "audit",
     "audit_mixed", "summary", "out", "files", "seconds", "times"}``. ``headline``: the correlation
     rows of the requested measures, one per measure that has a per-replica column (``HEADLINE``'s
-    column, else the one named after the measure); "spectrum" and "gde" have none (see
+    column when it was computed, else the measure's first column, e.g. ``weakness_rel_tau0.05`` with
+    ``function_kwargs={"taus": (0.05,)}``, else the one named after the measure); "spectrum" and "gde" have none (see
     ``spectrum.png`` and the summary's generalization-disagreement numbers). ``audit_mixed``: the
     correlations with half of the audited replicas reparameterized (None below 4 replicas or without
     the audit). ``times``: seconds per stage.
@@ -507,9 +510,8 @@ def study(
     measure_cols = [c for c in sharp_cols + func_cols
                     if pd.api.types.is_numeric_dtype(table[c]) and not c.endswith(("_stderr", "_iters", "_converged"))]
     corr = correlations(table, target, measure_cols, n_boot=n_boot, seed=seed)
-    heads = [HEADLINE.get(m, m) for m in (*sharp_m, *func_m)]
-    heads = [h for h in heads if h in corr.index]
-    headline = corr.loc[heads]
+    head_of = _headline_columns((*sharp_m, *func_m), corr.index)
+    headline = corr.loc[list(dict.fromkeys(head_of.values()))]
 
     summary = {}
     if fm is not None and "gde_estimate" in fm.summary:
@@ -593,7 +595,7 @@ def study(
                 plots.append("audit.png")
         files += plots
         (outp / "report.md").write_text(_report(config, sizes, seeds, len(x_tr), len(x_te), data, times, sharp, fm,
-                                                corr, headline, summary, aud, mixed, table, target, plots,
+                                                corr, headline, head_of, summary, aud, mixed, table, target, plots,
                                                 parquet_note))
         files.append("report.md")
     res = {"table": table, "correlations": corr, "headline": headline, "history": history, "sharpness": sharp,
@@ -662,11 +664,27 @@ def _glossary(columns) -> list[str]:
             + (f" ({len(cols)} columns)" if len(cols) > 1 else "") + f": {text[prefix]}" for prefix, cols in found.items()]
 
 
-def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, headline, summary, aud, mixed, table,
-            target, plots, parquet_note) -> str:
+def _headline_columns(measures, columns) -> dict:
+    """``{measure: column}``: the correlated column standing for each requested measure in the headline,
+    ``HEADLINE``'s when it was computed, else the measure's first column (``function_kwargs`` may ask for
+    other thresholds, codecs or divergences: ``taus=(0.05,)`` gives ``weakness_rel_tau0.05``)."""
+    family = {"weakness": lambda c: c.startswith("weakness_"), "simplicity": lambda c: c.startswith("compressed_bytes_"),
+              "soft": lambda c: c in SOFT}
+    out = {}
+    for m in measures:
+        col = HEADLINE.get(m, m)
+        if col not in columns and m in family:
+            col = next((c for c in columns if family[m](str(c))), col)
+        if col in columns:
+            out[m] = col
+    return out
+
+
+def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, headline, head_of, summary, aud, mixed,
+            table, target, plots, parquet_note) -> str:
     c = config
     asked = [c["measures"]] if isinstance(c["measures"], str) else c["measures"]
-    none = [m for m in ("spectrum", "gde") if m in asked]  # measures without a headline row
+    none = [m for m in asked if m not in head_of]  # measures without a headline row ("spectrum", "gde")
     md = [
         f"# fastcurv study: {len(seeds)} replicas of MLP {'-'.join(map(str, sizes))} on {data}",
         "",
@@ -697,14 +715,18 @@ def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, head
                f"the {n_tr} training samples; {sharp.num_matvecs} Hessian-vector products for all replicas together; "
                f"{how}.", ""]
     if fm is not None:
+        from .function import function_measures
+
+        delta = (c.get("function_kwargs") or {}).get("delta", inspect.signature(function_measures).parameters["delta"].default)
         md += [f"Function-space measures (`function_measures`) on the {fm.num_examples} test inputs. Weakness "
                "columns are OUR operationalizations of Bennett's weakness (permission-profile log-weakness at "
-               "threshold tau, bits per input; perturbation weakness = noise scale sigma* at which 1 % of the "
-               "predictions change). Simplicity columns are sizes/norms (larger = less simple).", ""]
+               "threshold tau, bits per input; perturbation weakness = noise scale sigma* at which "
+               f"{100 * delta:g} % of the predictions change). Simplicity columns are sizes/norms (larger = less "
+               "simple).", ""]
     md += [f"## Headline: rank correlation with `{target}`", "",
            f"Spearman rho (two-sided p), 95 % percentile bootstrap CI ({c['n_boot']} resamples over networks), "
            "Kendall tau-b. One column per requested measure (" +
-           ", ".join(f"{k} -> `{v}`" for k, v in HEADLINE.items() if v in headline.index) + ")"
+           ", ".join(f"{k} -> `{v}`" for k, v in head_of.items()) + ")"
            + (f"; {' and '.join(none)} {'have' if len(none) > 1 else 'has'} no per-replica column" if none else "")
            + ".", "",
            _markdown_table(headline), ""]
