@@ -715,3 +715,20 @@ def test_full_training_loss_is_evaluated_without_dropout():
                                     progress=False)
     assert torch.equal(torch.get_rng_state(), state)
     assert hist.train_loss[-1] == pytest.approx(evaluate_population(models, x, y)["loss"].tolist(), rel=1e-12)
+
+
+def test_evaluate_population_gives_nan_for_replicas_with_non_finite_outputs():
+    """Finite weights whose logits overflow: NaN loss AND accuracy, with a warning naming the
+    replica (the accuracy was the argmax of Inf/NaN logits, silently)."""
+    x, y = _data()
+    models = init_replicas(builder, [0, 1, 2])
+    with torch.no_grad():  # every tanh at 1, then 1e308 * (4 + 1) in the head
+        for layer in models[2]:
+            if isinstance(layer, nn.Linear):
+                layer.weight.fill_(0.0 if layer is not models[2][-1] else 1e308)
+                layer.bias.fill_(1e3 if layer is not models[2][-1] else 1e308)
+    with pytest.warns(RuntimeWarning, match=r"replicas \[2\] have finite parameters but non-finite outputs"):
+        res = evaluate_population(models, x, y)
+    assert math.isnan(res["loss"][2]) and math.isnan(res["accuracy"][2])
+    alone = evaluate_population(models[:2], x, y)
+    assert res["loss"][:2].tolist() == alone["loss"].tolist() and res["accuracy"][:2].tolist() == alone["accuracy"].tolist()

@@ -51,6 +51,7 @@ import os
 import pickle
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from dataclasses import dataclass, field
@@ -865,7 +866,8 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
     replicas in one pass per batch.
 
     Returns ``{"loss": [R] float64, "accuracy": [R] float64 (fraction in [0, 1])}`` (NaN rows for
-    replicas with non-finite parameters).
+    replicas with non-finite parameters, and, with a warning naming them, for replicas whose outputs
+    are not finite on some input).
     """
     from .data import _split
     from .replicas import ReplicaSet
@@ -886,6 +888,7 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
     loss_fn = _loss_fn(loss)
     tot_loss = torch.zeros(R, dtype=torch.float64)
     correct = torch.zeros(R, dtype=torch.float64)
+    bad_out = torch.zeros(R, dtype=torch.bool)
     N = 0
     with torch.no_grad():
         for xb, yb in batches:
@@ -898,15 +901,20 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
             yb = yb.to(rs.device)
             out = rs.forward(xb)
             _check_targets(loss, yb, out[0])
+            bad_out |= ~torch.isfinite(out.reshape(R, -1)).all(1).cpu()
             tot_loss += loss_fn(out, yb.unsqueeze(0).expand(R, *yb.shape)).double().cpu() * len(xb)
             if loss == "cross_entropy":
                 correct += (out.argmax(-1) == yb).double().sum(1).cpu()
             N += len(xb)
     if N == 0:
         raise ValueError("evaluate_population needs a non-empty data set: the loader yielded no samples")
-    res = {"loss": tot_loss / N}
+    failed = bad_out & rs.finite.cpu()
+    if bool(failed.any()):
+        warnings.warn(f"replicas {failed.nonzero().flatten().tolist()} have finite parameters but non-finite outputs "
+                      "(NaN or Inf): their loss and accuracy are NaN", RuntimeWarning, stacklevel=2)
+    res = {"loss": (tot_loss / N).masked_fill(bad_out, float("nan"))}
     if loss == "cross_entropy":
         acc = correct / N
-        acc[~rs.finite.cpu()] = float("nan")
+        acc[~rs.finite.cpu() | bad_out] = float("nan")
         res["accuracy"] = acc
     return res
