@@ -52,6 +52,30 @@ def test_integer_dtypes(dtype):
     assert torch.equal(fastcurv.agreement_counts(p), agreement_counts_naive(p.long()))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_wide_unsigned_dtypes(dtype):
+    """Viewed bit for bit as the signed type for the kernels; the labelled counts compare values."""
+    top = {torch.uint16: 2**16 - 1, torch.uint32: 2**32 - 1, torch.uint64: 2**63 - 1}[dtype]
+    p = _preds(20, 1001, 7, seed=3)
+    p[:, :5] = top  # negative once viewed as signed
+    p[3, 5:9] = top - 1
+    ref = agreement_counts_naive(p)
+    u = p.to(dtype)
+    assert torch.equal(fastcurv.agreement_counts(u), ref)
+    assert torch.equal(_with("torch", u), ref)
+    assert torch.equal(agreement_counts_naive(u), ref)
+    assert torch.equal(agreement_counts_onehot(u[:, 9:]), agreement_counts_naive(p[:, 9:]))  # (one-hot: few classes)
+    if os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available():
+        pytest.importorskip("triton")
+        assert torch.equal(_with("triton", u[:5, :64]), agreement_counts_naive(p[:5, :64]))
+    y = p[0].clone()
+    y[-5:] = (y[-5:] + 1) % 7
+    lab, lab_ref = fastcurv.agreement_counts(u, y.to(dtype)), fastcurv.agreement_counts(p, y)
+    for a, b in zip(lab[:5], lab_ref[:5]):
+        assert torch.equal(a, b)
+    assert int(lab.correct[0]) == 1001 - 5
+
+
 def test_negative_and_extreme_values():
     g = torch.Generator().manual_seed(1)
     p = torch.randint(-4, 3, (9, 333), generator=g)
@@ -136,3 +160,13 @@ def test_gpu_kernels_match_naive(dtype):
         if triton_kernels.available():
             assert torch.equal(triton_kernels.agreement_counts(pc).cpu(), ref), ("triton", R, M, C, dtype)
         assert torch.equal(fastcurv.agreement_counts(pc).cpu(), ref)
+
+
+@pytest.mark.gpu
+def test_gpu_wide_unsigned_dtypes():
+    p = _preds(70, 4099, 10, seed=4)
+    ref = agreement_counts_naive(p)
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):
+        for impl in ("auto", "torch") + (("ext",) if _ext.has_kernel("agreement_counts", "cuda") else ()):
+            with fastcurv.use_kernels(impl):
+                assert torch.equal(fastcurv.agreement_counts(p.to(dtype).cuda()).cpu(), ref), (dtype, impl)

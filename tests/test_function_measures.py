@@ -116,7 +116,7 @@ def test_permission_weakness_matches_definition_and_extremes():
     for mode, col in (("rel", "weakness_rel_tau0.5"), ("abs", "weakness_abs_tau0.1")):
         tau = 0.5 if mode == "rel" else 0.1
         thr = tau * pmax if mode == "rel" else torch.full_like(pmax, tau)
-        a = ((p >= thr) | (p == pmax)).sum(-1).double()
+        a = ((p >= thr) | nn.functional.one_hot(p.argmax(-1), K).bool()).sum(-1).double()
         expect = torch.log2(2.0**a - 1).mean(1)
         assert torch.allclose(res[col], expect, atol=1e-12)
     ent = -(p * p.log()).sum(-1).mean(1)
@@ -286,3 +286,99 @@ def test_count_threshold_snaps_float32_targets_too():
     for dtype in (torch.float32, torch.float64):
         assert count_threshold(torch.full((1,), 1.0 - 0.1, dtype=dtype), 10240).item() == 9216.0
     assert count_threshold(torch.full((1,), 1.0 - 0.01, dtype=torch.float64), 10240).item() == pytest.approx(10137.6)
+
+
+def _tied_head(bias):
+    """A network whose outputs are softmax(bias) at every input (the last layer's weights are 0)."""
+    m = _mlp()
+    with torch.no_grad():
+        m[4].weight.zero_()
+        m[4].bias.copy_(torch.tensor(bias, dtype=torch.float64))
+    return m
+
+
+def test_permission_weakness_permits_one_argmax_class_when_maxima_tie(one_thread):
+    """Absolute threshold: the argmax class (one, as the predictions take the first) plus the
+    classes with p >= tau; relative threshold: tied maxima all pass ``p >= tau * max p``."""
+    x, y = _data(40)
+    uniform, two_tied = _tied_head([0.0] * K), _tied_head([1.0, 1.0, -10.0])  # p = 1/3 each; p ~ (0.5, 0.5, 0)
+    res = fastcurv.function_measures([uniform, two_tied], (x, y), measures=("weakness",), taus=(0.25, 0.5))
+    assert res["weakness_abs_tau0.5"].tolist() == [0.0, 0.0]  # nothing reaches 0.5: only the argmax
+    assert res["weakness_abs_tau0.25"].tolist() == pytest.approx([math.log2(2**K - 1), math.log2(3)])
+    assert res["weakness_rel_tau0.5"].tolist() == pytest.approx([math.log2(2**K - 1), math.log2(3)])
+
+
+def test_max_rows_bounds_every_forward_call_and_changes_no_result(monkeypatch, one_thread):
+    """The prediction pass and the perturbed passes (sigma*, sigma') alike: chunks of replicas and
+    of examples, with the same noise draws, give the unchunked results."""
+    from fastcurv import ReplicaSet
+
+    rows = []
+    forward_with = ReplicaSet.forward_with
+
+    def spy(self, params, buffers, x):
+        out = forward_with(self, params, buffers, x)
+        rows.append(out.shape[0] * out.shape[1])
+        return out
+
+    monkeypatch.setattr(ReplicaSet, "forward_with", spy)
+    models = _models(3, seed=11)
+    x, y = _data(60, seed=12)
+    kw = dict(measures=ALL, **{**FAST, "probe_size": 24})
+    full = fastcurv.function_measures(models, _loader(x, y, 30), **kw)
+    assert max(rows) == 3 * 30
+    for max_rows in (7, 50):  # 7: one replica on 7 examples per call; 50: two replicas on a whole batch
+        rows.clear()
+        res = fastcurv.function_measures(models, _loader(x, y, 30), max_rows=max_rows, **kw)
+        assert 0 < max(rows) <= max_rows
+        assert res.values.keys() == full.values.keys() and res.flags == full.flags
+        for c in full.values:
+            torch.testing.assert_close(res[c], full[c], rtol=1e-12, atol=1e-12, msg=c)
+        for c in full.pairwise:
+            torch.testing.assert_close(res.pairwise[c], full.pairwise[c], rtol=1e-12, atol=1e-12, msg=c)
+    # batch statistics depend on the batch: a batch (and the probe) stays whole, the results too
+    torch.manual_seed(13)
+    bn = [nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, K)).double() for _ in range(2)]
+    kw = dict(measures=("disagreement", "perturbation_weakness"), bn_mode="batch", **{**FAST, "probe_size": 24})
+    a = fastcurv.function_measures(bn, _loader(x, y, 30), **kw)
+    b = fastcurv.function_measures(bn, _loader(x, y, 30), max_rows=5, **kw)
+    for c in a.values:
+        torch.testing.assert_close(b[c], a[c], rtol=0, atol=0, msg=c)
+    with pytest.raises(ValueError, match="max_rows"):
+        fastcurv.function_measures(models, (x, y), measures=("disagreement",), max_rows=0)
+
+
+def test_single_strings_and_numbers_stand_for_one_element_sequences(one_thread):
+    models = _models(2)
+    x, y = _data(32)
+    kw = dict(num_draws=2, bisect_steps=2, probe_size=16)
+    for measure, arg, one, columns in [
+        ("soft", "soft", "js", ["js"]),
+        ("simplicity", "codecs", "zlib",
+         ["compressed_bytes_zlib", "sq_weight_norm", "pacbayes_mag_sigma", "pacbayes_mag_kl"]),
+        ("weakness", "tau_modes", "relative",
+         [f"weakness_rel_tau{t:g}" for t in (0.01, 0.05, 0.1, 0.25, 0.5)] + ["mean_entropy"]),
+        ("weakness", "taus", 0.5, ["weakness_rel_tau0.5", "weakness_abs_tau0.5", "mean_entropy"]),
+        ("perturbation_weakness", "perturb_sigmas", 0.1, ["perturb_weakness_sigma0.1", "perturb_sigma_star"]),
+    ]:
+        res = fastcurv.function_measures(models, (x, y), measures=(measure,), **{arg: one}, **kw)
+        ref = fastcurv.function_measures(models, (x, y), measures=(measure,), **{arg: (one,)}, **kw)
+        assert list(res.values) == columns, arg
+        for c in columns:
+            assert torch.equal(res[c], ref[c]), (arg, c)
+
+
+def test_probe_size_and_sigma_max_are_validated(one_thread):
+    models = _models(2)
+    x, y = _data(32)
+    kw = dict(num_draws=2, bisect_steps=2)
+    for measures in (("perturbation_weakness",), ("simplicity",)):
+        for bad in (0, -3, 2.5, None):
+            with pytest.raises(ValueError, match="probe_size must be a positive integer"):
+                fastcurv.function_measures(models, (x, y), measures=measures, probe_size=bad, **kw)
+    # no probe needed: probe_size is not used
+    res = fastcurv.function_measures(models, (x, y), measures=("simplicity",), pacbayes_sigma=0.1, probe_size=0)
+    assert res["pacbayes_mag_sigma"].tolist() == [0.1, 0.1]
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sigma_max must be positive and finite"):
+            fastcurv.function_measures(models, (x, y), measures=("perturbation_weakness",), sigma_max=bad, **kw)

@@ -1,6 +1,8 @@
 """``function_measures``: function-space measures for every replica from one pass over the data."""
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -117,9 +119,15 @@ def function_measures(
             given, else bisected magnitude-aware noise where probe accuracy drops by 0.1, or
             agreement falls to 0.9 without targets). ``num_train`` (default: examples in
             ``data``) and ``init_models`` (default: zero init) enter the KL term.
+        soft, taus, tau_modes, perturb_sigmas, codecs: sequences; a single value stands for a
+            one-element sequence (as for ``measures``).
+        probe_size: a positive integer when a probe is needed (perturbation weakness; simplicity
+            without ``pacbayes_sigma``). sigma_max: upper end of the noise bisections, > 0.
         seed: seeds the perturbation draws (the same draws for every replica shape, and for every
             bisection step: common random numbers).
-        max_rows: at most this many replica x example rows per forward call.
+        max_rows: at most this many replica x example rows per forward call, the perturbed passes
+            included (replicas and examples are chunked; the results do not depend on it). With
+            batch statistics (``bn_mode="batch"``) a batch, and the probe, is never split.
     """
     if isinstance(measures, str):
         measures = (measures,)
@@ -130,6 +138,14 @@ def function_measures(
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if num_draws < 1 or bisect_steps < 1:
         raise ValueError("num_draws and bisect_steps must be at least 1")
+    if not 0 < sigma_max < math.inf:
+        raise ValueError(f"sigma_max must be positive and finite, got {sigma_max}")
+    need_probe = "perturbation_weakness" in measures or ("simplicity" in measures and pacbayes_sigma is None)
+    if need_probe and (isinstance(probe_size, bool) or not isinstance(probe_size, numbers.Integral) or probe_size < 1):
+        raise ValueError(f"probe_size must be a positive integer for perturbation_weakness and the bisected "
+                         f"pacbayes_mag_sigma, got {probe_size!r}")
+    if isinstance(perturb_sigmas, (str, numbers.Real)):
+        perturb_sigmas = (perturb_sigmas,)
     from ..sharpness import as_seed
 
     seed = as_seed(seed)
@@ -137,9 +153,8 @@ def function_measures(
     rs = models if isinstance(models, ReplicaSet) else ReplicaSet(models, bn_mode=bn_mode)
     R = rs.R
     acc = weakness.PermissionWeakness(R, taus, tau_modes) if "weakness" in measures else None
-    need_probe = "perturbation_weakness" in measures or ("simplicity" in measures and pacbayes_sigma is None)
     preds = collect_predictions(rs, data, keep_probs="soft" in measures, probs_dtype=probs_dtype,
-                                accumulators=(acc,) if acc else (), probe_size=probe_size if need_probe else 0,
+                                accumulators=(acc,) if acc else (), probe_size=int(probe_size) if need_probe else 0,
                                 max_rows=max_rows)
     ok = preds.finite.clone()
     M = preds.num_examples
@@ -173,13 +188,13 @@ def function_measures(
     probe_ref = preds.labels[:, : probe.shape[0]] if probe is not None else None
     sat = torch.zeros(R, dtype=torch.bool)
     if "perturbation_weakness" in measures:
-        for s in perturb_sigmas:
-            _, unchanged = weakness.perturbation_agreement(rs, probe, probe_ref, torch.full((R,), float(s)),
-                                                           num_draws=num_draws, seed=seed)
+        for s in map(float, perturb_sigmas):
+            _, unchanged = weakness.perturbation_agreement(rs, probe, probe_ref, torch.full((R,), s),
+                                                           num_draws=num_draws, seed=seed, max_rows=max_rows)
             V[f"perturb_weakness_sigma{s:g}"] = unchanged
         agree = torch.full((R,), 1.0 - delta, dtype=torch.float64)
-        star, sat_star = weakness.bisect_sigma(rs, probe, probe_ref, agree, num_draws=num_draws,
-                                     seed=seed + 1, steps=bisect_steps, sigma_max=sigma_max)
+        star, sat_star = weakness.bisect_sigma(rs, probe, probe_ref, agree, num_draws=num_draws, seed=seed + 1,
+                                               steps=bisect_steps, sigma_max=sigma_max, max_rows=max_rows)
         V["perturb_sigma_star"] = star
         sat |= sat_star
     if "simplicity" in measures:
@@ -196,7 +211,8 @@ def function_measures(
             else:
                 target = torch.full((R,), 0.9, dtype=torch.float64)
             sig, sat_sig = weakness.bisect_sigma(rs, probe, probe_ref, target, num_draws=num_draws, seed=seed + 2,
-                                        steps=bisect_steps, sigma_max=sigma_max, kind="magnitude", targets=tg)
+                                                 steps=bisect_steps, sigma_max=sigma_max, kind="magnitude", targets=tg,
+                                                 max_rows=max_rows)
             sat |= sat_sig
         init = None
         if init_models is not None:

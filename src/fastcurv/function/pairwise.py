@@ -70,10 +70,11 @@ def _soft_block(pi: torch.Tensor, pj: torch.Tensor, which) -> dict:
 def soft_matrices(probs: torch.Tensor, which=SOFT, *, block: int = 32, max_elems: int = 1 << 23) -> dict:
     """Mean over examples of the soft measures for every pair: ``{name: float64 [R, R]}``.
 
-    probs: ``[R, M, K]`` softmax outputs. Work is ``R^2 M K``; it is done in blocks of ``block``
-    replicas and as many examples as keep a temporary under ``max_elems`` entries.
+    probs: ``[R, M, K]`` softmax outputs; which: names from ``SOFT`` (or one name). Work is
+    ``R^2 M K``; it is done in blocks of ``block`` replicas and as many examples as keep a temporary
+    under ``max_elems`` entries.
     """
-    which = tuple(which)
+    which = (which,) if isinstance(which, str) else tuple(which)
     bad = [w for w in which if w not in SOFT]
     if bad:
         raise ValueError(f"unknown soft measures {bad}; available: {SOFT}")

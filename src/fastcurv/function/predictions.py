@@ -1,13 +1,14 @@
 """One pass over a loader producing the predictions of all R replicas at once.
 
 The replicas are evaluated together (``ReplicaSet.forward``, vmapped over the replica axis) in
-chunks of replicas so that ``replicas x batch`` rows fit in memory. Only what the measures need is
-kept: argmax labels ``[R, M]`` in the smallest integer dtype, optionally softmax probabilities
-``[R, M, K]``, the targets when the loader has them, and streaming per-example accumulators
-(:class:`Accumulator`) that never store the probabilities.
+chunks of replicas (and of examples, for large batches) so that ``replicas x examples`` rows fit in
+memory. Only what the measures need is kept: argmax labels ``[R, M]`` in the smallest integer dtype,
+optionally softmax probabilities ``[R, M, K]``, the targets when the loader has them, and streaming
+per-example accumulators (:class:`Accumulator`) that never store the probabilities.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -24,6 +25,17 @@ def label_dtype(num_classes: int) -> torch.dtype:
     if num_classes <= 2**15:
         return torch.int16
     return torch.int32
+
+
+def row_chunks(R: int, N: int, max_rows: int, whole_batch: bool = False) -> tuple[int, int]:
+    """``(replicas, examples)`` per forward call so that one call sees at most ``max_rows``
+    replica x example rows of ``R`` replicas on ``N`` examples: all ``N`` examples and as many
+    replicas as fit, else ``max_rows`` examples of one replica. ``whole_batch`` (batch statistics,
+    which depend on the batch) keeps the ``N`` examples together whatever ``max_rows``."""
+    if isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral) or max_rows < 1:
+        raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+    n = N if whole_batch else max(1, min(N, int(max_rows)))
+    return max(1, min(R, int(max_rows) // n)), n
 
 
 class Accumulator:
@@ -118,7 +130,9 @@ def collect_predictions(
             models' dtype).
         accumulators: :class:`Accumulator` objects fed every probability chunk.
         probe_size: keep the first ``probe_size`` inputs (for perturbation measures).
-        max_rows: at most this many ``replica x example`` rows per forward call (memory bound).
+        max_rows: at most this many ``replica x example`` rows per forward call (memory bound; a
+            batch is split into chunks of examples when one replica's rows exceed it, except under
+            batch statistics).
     """
     R = replicas.R
     labels, probs, targets, probes = [], [], [], []
@@ -150,28 +164,31 @@ def collect_predictions(
                 probes.append(x[: probe_size - n_probe])
                 n_probe += probes[-1].shape[0]
             N = x.shape[0]
-            chunk = max(1, min(R, max_rows // N))
-            lab_b, prob_b = [], []
-            for r0 in range(0, R, chunk):
-                idx = torch.arange(r0, min(R, r0 + chunk), device=replicas.device)
-                out = replicas.forward(x, idx)
-                if out.dim() != 3:
-                    raise ValueError(f"models must output logits [batch, classes]; got per-replica shape {tuple(out.shape[1:])}")
-                if num_classes is None:
-                    num_classes = out.shape[-1]
-                finite[idx.cpu()] &= torch.isfinite(out).flatten(1).all(1).cpu()
-                p = torch.softmax(out.to(torch.float64) if out.dtype == torch.float64 else out.float(), dim=-1)
-                for acc in accumulators:
-                    acc.update(idx, p)
-                lab_b.append(out.argmax(-1).to(label_dtype(num_classes)).cpu())
+            chunk, n = row_chunks(R, N, max_rows, replicas.batch_statistics)
+            for m0 in range(0, N, n):
+                xb = x[m0 : m0 + n] if n < N else x
+                lab_b, prob_b = [], []
+                for r0 in range(0, R, chunk):
+                    idx = torch.arange(r0, min(R, r0 + chunk), device=replicas.device)
+                    out = replicas.forward(xb, idx)
+                    if out.dim() != 3:
+                        raise ValueError("models must output logits [batch, classes]; got per-replica shape "
+                                         f"{tuple(out.shape[1:])}")
+                    if num_classes is None:
+                        num_classes = out.shape[-1]
+                    finite[idx.cpu()] &= torch.isfinite(out).flatten(1).all(1).cpu()
+                    p = torch.softmax(out.to(torch.float64) if out.dtype == torch.float64 else out.float(), dim=-1)
+                    for acc in accumulators:
+                        acc.update(idx, p)
+                    lab_b.append(out.argmax(-1).to(label_dtype(num_classes)).cpu())
+                    if keep_probs:
+                        prob_b.append(p.to(probs_dtype or p.dtype).cpu())
+                labels.append(torch.cat(lab_b))
                 if keep_probs:
-                    prob_b.append(p.to(probs_dtype or p.dtype).cpu())
+                    probs.append(torch.cat(prob_b))
             bad = label_out_of_range(y, num_classes) if have_targets else None
             if bad is not None:
                 raise ValueError(f"labels out of range: batch {i} has label {bad} but the models have {num_classes} classes")
-            labels.append(torch.cat(lab_b))
-            if keep_probs:
-                probs.append(torch.cat(prob_b))
     if not labels:
         raise ValueError("the data yielded no examples")
     tgt = torch.cat(targets) if have_targets and targets else None

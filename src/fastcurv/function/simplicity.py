@@ -44,7 +44,9 @@ def quantized_bytes(tensors) -> bytes:
 
 
 def compressed_sizes(params: dict, finite: torch.Tensor, codecs=CODECS) -> dict:
-    """``{f"compressed_bytes_{codec}": float64 [R]}``; NaN for replicas with non-finite weights."""
+    """``{f"compressed_bytes_{codec}": float64 [R]}`` for ``codecs`` (names from ``CODECS``, or one
+    name); NaN for replicas with non-finite weights."""
+    codecs = (codecs,) if isinstance(codecs, str) else tuple(codecs)
     for c in codecs:
         if c not in CODECS:
             raise ValueError(f"unknown codec {c!r}; available: {CODECS}")

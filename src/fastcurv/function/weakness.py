@@ -4,8 +4,10 @@ networks is not published, see reference/measures.md sections 3.13 and 5.3).
 1. **Permission-profile log-weakness** (closed form of Bennett's output permission profiles).
    Class k is *permitted* at input x when ``p_k(x) >= tau * max_j p_j(x)`` (relative threshold)
    or ``p_k(x) >= tau`` (absolute threshold); the argmax class is always permitted, so the number
-   of permitted classes ``a(x) >= 1``. Score: ``W = mean_x log2(2^a(x) - 1)`` bits per input,
-   over unlabelled probe inputs, for a sweep of tau. It is 0 for a fully committed network and
+   of permitted classes ``a(x) >= 1`` (one argmax class when several tie at the maximum, as the
+   predictions take the first; with a relative threshold tied maxima all pass the threshold itself).
+   Score: ``W = mean_x log2(2^a(x) - 1)`` bits per input, over unlabelled probe inputs, for a sweep
+   of tau. It is 0 for a fully committed network and
    ``log2(2^K - 1)`` when every class is permitted everywhere (it rewards uncommitted outputs, so
    the mean prediction entropy is reported next to it).
 2. **Perturbation weakness.** Multiplicative weight noise ``theta * (1 + sigma * xi)``,
@@ -22,7 +24,7 @@ import torch
 
 from .._heap import reusing_heap
 from ..replicas import ReplicaSet
-from .predictions import Accumulator
+from .predictions import Accumulator, row_chunks
 
 
 def log2_weakness_terms(a: torch.Tensor) -> torch.Tensor:
@@ -35,6 +37,8 @@ class PermissionWeakness(Accumulator):
     """Streaming permission-profile log-weakness for several (mode, tau) pairs, plus entropy."""
 
     def __init__(self, R: int, taus=(0.01, 0.05, 0.1, 0.25, 0.5), modes=("relative", "absolute")):
+        modes = (modes,) if isinstance(modes, str) else tuple(modes)
+        taus = (taus,) if isinstance(taus, (str, int, float)) else tuple(taus)
         for m in modes:
             if m not in ("relative", "absolute"):
                 raise ValueError(f"weakness threshold mode must be 'relative' or 'absolute', got {m!r}")
@@ -51,7 +55,8 @@ class PermissionWeakness(Accumulator):
         pmax = probs.amax(-1, keepdim=True)
         for mode, tau in self.keys:
             thr = tau * pmax if mode == "relative" else torch.full_like(pmax, tau)
-            a = ((probs >= thr) | (probs == pmax)).sum(-1)  # [Rc, N], argmax always permitted
+            # [Rc, N]; plus the argmax class when below the threshold: one class even for tied maxima
+            a = (probs >= thr).sum(-1) + (pmax < thr).squeeze(-1)
             self.sums[(mode, tau)][idx] += log2_weakness_terms(a).sum(-1).cpu()
         ent = -torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs)).sum(-1)
         self.entropy[idx] += ent.double().sum(-1).cpu()
@@ -69,16 +74,20 @@ class PermissionWeakness(Accumulator):
         return out
 
 
-def _perturbed_labels(rs: ReplicaSet, x: torch.Tensor, sigma: torch.Tensor, noise: list, kind: str, eps: float):
-    """Argmax predictions ``[R, N]`` of every replica with its weights perturbed at its own ``sigma``."""
+def _perturbed_labels(rs: ReplicaSet, xs: list, sigma: torch.Tensor, noise: list, kind: str, eps: float,
+                      rows: slice) -> torch.Tensor:
+    """Argmax predictions ``[Rc, N]`` of replicas ``rows``, each with its weights perturbed at its own
+    ``sigma`` (``[R]``), on the example chunks ``xs`` (``N`` examples in all, one forward call each)."""
     params = {}
     for (n, p), xi in zip(rs.params.items(), noise):
-        s = sigma.to(p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
+        p = p[rows]
+        s = sigma[rows].to(p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
         if kind == "multiplicative":
             params[n] = p * (1 + s * xi)
         else:  # magnitude-aware additive noise, std sqrt(sigma^2 theta^2 + eps^2)
             params[n] = p + xi * torch.sqrt(s.square() * p.square() + eps * eps)
-    return rs.forward_with(params, rs.buffers, x).argmax(-1)
+    buffers = {n: b[rows] for n, b in rs.buffers.items()}
+    return torch.cat([rs.forward_with(params, buffers, x).argmax(-1) for x in xs], dim=1)
 
 
 def _draw(rs: ReplicaSet, seed: int, d: int) -> list:
@@ -88,32 +97,43 @@ def _draw(rs: ReplicaSet, seed: int, d: int) -> list:
     return [torch.randn(p.shape[1:], generator=g, dtype=p.dtype).to(p.device)[None] for p in rs.params.values()]
 
 
-@reusing_heap  # each draw's perturbed weights are R x P fresh numbers: reuse the last draw's pages
+@reusing_heap  # each draw's perturbed weights are R x P fresh numbers (in chunks): reuse the last draw's pages
 def perturbation_counts(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, sigma: torch.Tensor, *, num_draws: int,
-                        seed: int, kind: str = "multiplicative", eps: float = 1e-3, targets: torch.Tensor | None = None):
+                        seed: int, kind: str = "multiplicative", eps: float = 1e-3, targets: torch.Tensor | None = None,
+                        max_rows: int = 1 << 19):
     """Per replica, over ``num_draws`` draws (the same draws for every call with this seed: common
     random numbers), int64 ``[R]`` counts: ``(predictions equal to ref, out of num_draws * N;
     draws with every prediction unchanged)``. With ``targets``, the first counts the correct
-    predictions instead."""
+    predictions instead. x: ``[N, ...]`` probe inputs; ref: ``[R, N]`` classes; sigma: ``[R]``.
+    At most ``max_rows`` replica x example rows per forward call (:func:`row_chunks`; the draws
+    do not depend on the chunks)."""
+    R, N = rs.R, x.shape[0]
+    rc, n = row_chunks(R, N, max_rows, rs.batch_statistics)
+    xs = [x] if n >= N else list(x.split(n))  # x itself: ReplicaSet keeps its CSR form across calls
     ref = ref.to(x.device).long()
-    hits = torch.zeros(rs.R, dtype=torch.int64)
-    unchanged = torch.zeros(rs.R, dtype=torch.int64)
+    sigma = sigma.to(x.device)
+    hits = torch.zeros(R, dtype=torch.int64)
+    unchanged = torch.zeros(R, dtype=torch.int64)
     with torch.no_grad():
         for d in range(num_draws):
-            lab = _perturbed_labels(rs, x, sigma.to(x.device), _draw(rs, seed, d), kind, eps)
-            same = lab == ref
-            hits += (same if targets is None else lab == targets.to(x.device)[None]).sum(1).cpu()
-            unchanged += same.all(1).cpu()
+            noise = _draw(rs, seed, d)
+            for r0 in range(0, R, rc):
+                rows = slice(r0, min(R, r0 + rc))
+                lab = _perturbed_labels(rs, xs, sigma, noise, kind, eps, rows)
+                same = lab == ref[rows]
+                hits[rows] += (same if targets is None else lab == targets.to(x.device)[None]).sum(1).cpu()
+                unchanged[rows] += same.all(1).cpu()
     return hits, unchanged
 
 
 def perturbation_agreement(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, sigma: torch.Tensor, *, num_draws: int,
-                           seed: int, kind: str = "multiplicative", eps: float = 1e-3, targets: torch.Tensor | None = None):
+                           seed: int, kind: str = "multiplicative", eps: float = 1e-3, targets: torch.Tensor | None = None,
+                           max_rows: int = 1 << 19):
     """Per replica ``(mean agreement with ref, fraction of draws with every prediction unchanged)``
     (float64, from :func:`perturbation_counts`). With ``targets``, the first value is the mean
     accuracy instead of the agreement."""
     hits, unchanged = perturbation_counts(rs, x, ref, sigma, num_draws=num_draws, seed=seed, kind=kind, eps=eps,
-                                          targets=targets)
+                                          targets=targets, max_rows=max_rows)
     return hits.double() / (num_draws * x.shape[0]), unchanged.double() / num_draws
 
 
@@ -129,7 +149,7 @@ def count_threshold(target: torch.Tensor, total: int) -> torch.Tensor:
 
 def bisect_sigma(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, target: torch.Tensor, *, num_draws: int,
                  seed: int, steps: int = 12, sigma_max: float = 8.0, kind: str = "multiplicative", eps: float = 1e-3,
-                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 targets: torch.Tensor | None = None, max_rows: int = 1 << 19) -> tuple[torch.Tensor, torch.Tensor]:
     """Per replica, the noise level where the (agreement or accuracy) curve crosses ``target``.
 
     Geometric bisection on ``[sigma_max * 2^-20, sigma_max]``, all replicas in lock-step; a noise
@@ -138,13 +158,16 @@ def bisect_sigma(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, target: tor
     Returns ``(sigma [R], saturated [R] bool)``; ``saturated`` marks replicas whose crossing was
     not bracketed (still above target near ``sigma_max``, or already below near the lower end).
     """
+    if not 0 < sigma_max < math.inf:
+        raise ValueError(f"sigma_max must be positive and finite, got {sigma_max}")
     lo0, hi0 = sigma_max * 2.0**-20, float(sigma_max)
     lo = torch.full((rs.R,), lo0, dtype=torch.float64)
     hi = torch.full((rs.R,), hi0, dtype=torch.float64)
     need = count_threshold(target, num_draws * x.shape[0])
     for _ in range(steps):
         mid = torch.sqrt(lo * hi)
-        hits, _ = perturbation_counts(rs, x, ref, mid, num_draws=num_draws, seed=seed, kind=kind, eps=eps, targets=targets)
+        hits, _ = perturbation_counts(rs, x, ref, mid, num_draws=num_draws, seed=seed, kind=kind, eps=eps,
+                                      targets=targets, max_rows=max_rows)
         above = hits > need
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)

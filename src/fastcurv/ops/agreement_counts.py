@@ -12,7 +12,9 @@ import torch
 
 from .. import _ext
 
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
+# the kernels take signed 16/32/64-bit codes: wider unsigned ones are reinterpreted bit for bit
+_SIGNED_OF = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool, *_SIGNED_OF)
 
 
 class AgreementCounts(NamedTuple):
@@ -33,21 +35,25 @@ class AgreementCounts(NamedTuple):
     num_examples: int
 
 
-def _check_preds(preds: torch.Tensor) -> None:
+def _check_preds(preds: torch.Tensor) -> torch.Tensor:
+    """``preds`` checked, with uint16/32/64 viewed as int16/32/64 (no copy; equal codes stay equal and
+    distinct ones distinct, all that agreement needs)."""
     if not isinstance(preds, torch.Tensor):
         raise TypeError(f"preds must be a tensor of predicted classes [R, M], got {type(preds).__name__}")
     if preds.dim() != 2:
         raise ValueError(f"preds must be [R, M] (replicas x examples), got shape {tuple(preds.shape)}")
     if preds.dtype not in _INT_DTYPES:
         raise TypeError(
-            f"preds must hold integer class indices (uint8/int8/int16/int32/int64), got {preds.dtype}; "
+            f"preds must hold integer class indices (bool or 8/16/32/64-bit integers), got {preds.dtype}; "
             "take argmax of the logits first"
         )
+    signed = _SIGNED_OF.get(preds.dtype)
+    return preds if signed is None else preds.view(signed)
 
 
 def agreement_counts_naive(preds: torch.Tensor) -> torch.Tensor:
     """Reference: a loop over replicas, ``out[i, j] = (preds[i] == preds[j]).sum()`` (one row per step)."""
-    _check_preds(preds)
+    preds = _check_preds(preds)
     R = preds.shape[0]
     out = torch.empty(R, R, dtype=torch.int64, device=preds.device)
     for i in range(R):
@@ -61,7 +67,7 @@ def agreement_counts_onehot(preds: torch.Tensor, *, max_chunk_elems: int = 1 << 
     C = max - min + 1. The examples are processed in chunks of at most ``max_chunk_elems`` one-hot
     entries (and at most 2**24 examples, so float32 sums stay exact); chunk results are added in int64.
     """
-    _check_preds(preds)
+    preds = _check_preds(preds)
     R, M = preds.shape
     out = torch.zeros(R, R, dtype=torch.int64, device=preds.device)
     if R == 0 or M == 0:
@@ -79,15 +85,16 @@ def agreement_counts_onehot(preds: torch.Tensor, *, max_chunk_elems: int = 1 << 
 def agreement_counts(preds: torch.Tensor, labels: torch.Tensor | None = None):
     """Exact number of examples on which each pair of replicas predicts the same class.
 
-    preds: integer tensor ``[R, M]`` of predicted classes (any integer dtype; negative values are
-    allowed). Returns int64 ``[R, R]`` (diagonal = M).
+    preds: integer tensor ``[R, M]`` of predicted classes (bool, or any signed or unsigned 8- to
+    64-bit integer dtype; negative values are allowed). Returns int64 ``[R, R]`` (diagonal = M).
 
     labels: optional ``[M]`` true classes. Then returns :class:`AgreementCounts` with the counts of
     "both correct", "both wrong with the same class" and "both wrong with different classes" per
     pair. "Both correct" comes exactly from the agreement counts of the 0/1 correctness matrix:
     agree_corr[i, j] = both_correct + both_wrong, and both_wrong = M - c_i - c_j + both_correct.
     """
-    _check_preds(preds)
+    values = preds
+    preds = _check_preds(preds)
     if labels is None:
         return _agreement(preds)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != preds.shape[1]:
@@ -99,7 +106,7 @@ def agreement_counts(preds: torch.Tensor, labels: torch.Tensor | None = None):
         raise ValueError(f"labels are on {labels.device} but preds on {preds.device}")
     M = preds.shape[1]
     agree = _agreement(preds)
-    corr = preds.long() == labels.long()
+    corr = values.long() == labels.long()  # by value: a uint16 class 40000 equals an int64 label 40000
     c = corr.sum(1)
     agree_corr = _agreement(corr.to(torch.uint8))
     both_correct = (agree_corr - M + c[:, None] + c[None, :]) // 2
