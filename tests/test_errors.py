@@ -255,3 +255,13 @@ def test_batches_with_extra_elements_are_read_as_inputs_and_targets():
     plain = fastcurv.HessianOperator(models, [(x, y)]).matvec(V)
     extra = fastcurv.HessianOperator(models, [(x, y, torch.arange(len(y)))]).matvec(V)
     torch.testing.assert_close(extra, plain)
+
+
+def test_rescaling_a_model_with_one_weight_layer_is_named():
+    """(it failed with "not enough values to unpack")"""
+    from fastcurv import reparam
+
+    ms = replicas(lambda: nn.Sequential(nn.Flatten(), nn.Linear(5, 3)), 2)
+    for fn in (lambda: reparam.rescale_layers(ms), lambda: reparam.rescale_neurons(ms, torch.ones(3))):
+        with pytest.raises(ValueError, match=r"two consecutive weight layers, but the model has 1 \('1'\)"):
+            fn()

@@ -318,3 +318,62 @@ def test_headline_follows_the_columns_function_kwargs_ask_for(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "sigma* at which 20 % of the predictions change" in md
     assert "weakness -> `weakness_rel_tau0.05`" in md and "soft -> `tv`" in md and "no per-replica column" not in md
+
+
+def test_a_cnn_study_trains_batchnorm_and_audits_folded_copies(tmp_path, capsys):
+    """model="cnn": conv layers with BatchNorm trained in one job, measured in eval mode; the audit's
+    transform acts on BatchNorm-folded copies, so it preserves the function (a BatchNorm after the
+    rescaled conv undid the rescaling before); the printed summary names the transform."""
+    res = fastcurv.study(**dict(TINY, verbose=True, hidden=(3, 4)), model="cnn", measures=("lambda_max", "disagreement"),
+                         audit_transform="neurons", out=tmp_path)
+    assert res["history"].engine.startswith("vmap")
+    assert np.isfinite(res["table"][["test_acc", "lambda_max", "disagreement"]].to_numpy()).all()
+    at = res["audit"].table
+    assert at.attrs["predictions_changed"] == 0 and at.loc["loss", "ratio_median"] == pytest.approx(1, rel=1e-4)
+    assert not at.loc["lambda_max", "invariant"]
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# fastcurv study: 3 replicas of CNN 1x8x8 -> conv 3-4 (BatchNorm) -> 10 on digits")
+    assert "copies with each BatchNorm folded" in md
+    assert "invariance audit (neurons):" in capsys.readouterr().out
+
+
+def test_a_rerun_into_another_folder_leaves_the_first_study_s_checkpoint_alone(tmp_path, monkeypatch):
+    """config.yaml keeps out, so --out moves a checkpoint that lay inside it (the rerun trained on
+    into the first study's checkpoint, which the first study's own command then refused)."""
+    pytest.importorskip("yaml")
+    monkeypatch.chdir(tmp_path)
+    args = ["--replicas", "2", "--epochs", "1", "--hidden", "8", "--measures", "lambda_max", "--no-audit",
+            "--n-boot", "20", "--no-progress"]
+    assert main(["study", *args, "--out", "a", "--checkpoint", "a/train.ckpt"]) == 0
+    first = (tmp_path / "a" / "train.ckpt").read_bytes()
+    assert main(["study", "--config", "a/config.yaml", "--out", "b", "--epochs", "2", "--no-progress"]) == 0
+    assert (tmp_path / "b" / "train.ckpt").is_file() and (tmp_path / "a" / "train.ckpt").read_bytes() == first
+
+
+def test_settings_the_model_cannot_take_are_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr("fastcurv.train.train_population", lambda *a, **k: pytest.fail("trained"))
+    for bad, words in [(dict(hidden=[]), r"audit \('dinh'\) rescales two weight layers"),
+                       (dict(spectrum_replicas=0), "spectrum_replicas must be a positive integer"),
+                       (dict(model="resnet"), "model must be one of"),
+                       (dict(model="cnn", hidden=[]), "needs at least one conv layer")]:
+        with pytest.raises(ValueError, match=words):
+            fastcurv.study(**{**TINY, "measures": ["lambda_max"], "out": tmp_path, **bad})
+
+
+def test_the_report_says_which_replicas_diverged_and_plots_gde_around_them(tmp_path, monkeypatch):
+    """A diverged replica is named in report.md (the means silently left it out), the y = x line of
+    the disagreement plot spans the finite points (it vanished), and test_error and the soft
+    divergences are in the Columns section."""
+    import matplotlib.axes
+
+    lines = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **k: lines.append(a) or real(self, *a, **k))
+    res = fastcurv.study(**TINY, lr=[0.05, 1e30, 0.05], measures=("lambda_max", "gde", "disagreement", "soft"),
+                         audit=False, out=tmp_path)
+    assert res["table"]["diverged"].tolist() == [False, True, False]
+    md = (tmp_path / "report.md").read_text()
+    assert "**1 of 3 replicas diverged in training** (replicas [1])" in md
+    assert "- `test_error`: 1 - test accuracy" in md and "- `js`: mean Jensen-Shannon" in md
+    diagonal = [a for a in lines if len(a) >= 2 and list(a[0]) == list(a[1])]
+    assert len(diagonal) == 1 and np.isfinite(diagonal[0][0]).all()

@@ -179,6 +179,9 @@ def test_resume_after_interruption_is_identical(tmp_path):
     _assert_same(again, full, atol=0)
     with pytest.raises(ValueError, match=r"different settings \(lr 0\.01 -> 0\.02\)"):
         train_population(builder, x, y, checkpoint=ck, **{**kw, "lr": 0.02})
+    # another replica count: the shared values by count (they read "lr 0.01 -> 0.01", as if changed)
+    with pytest.raises(ValueError, match=r"lr 0\.01 x 3 -> 0\.01 x 4, momentum 0\.9 x 3 -> 0\.9 x 4"):
+        train_population(builder, x, y, checkpoint=ck, **{**kw, "seeds": [0, 1, 2, 3]})
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
@@ -732,3 +735,16 @@ def test_evaluate_population_gives_nan_for_replicas_with_non_finite_outputs():
     assert math.isnan(res["loss"][2]) and math.isnan(res["accuracy"][2])
     alone = evaluate_population(models[:2], x, y)
     assert res["loss"][:2].tolist() == alone["loss"].tolist() and res["accuracy"][:2].tolist() == alone["accuracy"].tolist()
+
+
+def test_cnn_builder():
+    """W3's architecture by its channels; pooling stops at 1x1 maps; bad shapes are named."""
+    from fastcurv.train import cnn
+
+    w3 = cnn((1, 28, 28), (8, 16), 10)
+    assert [type(m).__name__ for m in w3] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 2 + ["Flatten", "Linear"]
+    assert w3[-1].in_features == 16 * 7 * 7 and w3(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    tiny = cnn((1, 2, 3), (2, 3), 4, "tanh", batchnorm=False)
+    assert tiny(torch.zeros(5, 1, 2, 3)).shape == (5, 4) and sum(isinstance(m, nn.MaxPool2d) for m in tiny) == 1
+    with pytest.raises(ValueError, match=r"in_shape \(C, H, W\)"):
+        cnn((28, 28), (8,), 10)

@@ -69,7 +69,10 @@ def _add_study_flags(p: argparse.ArgumentParser):
     p.add_argument("--data-root", default=S, help="folder with the IDX files (default: search FASTCURV_DATA, ../shared/data, ...)")
     p.add_argument("--n-train", type=int, default=S, help="random training subset size (mnist / fashion-mnist)")
     p.add_argument("--n-test", type=int, default=S, help="random test subset size")
-    p.add_argument("--hidden", type=_ints, default=S, help="hidden widths, e.g. 512,512 (default 32)")
+    p.add_argument("--model", choices=("mlp", "cnn"), default=S,
+                   help="mlp (default) or cnn (3x3 conv layers with BatchNorm and max pooling, then a linear head)")
+    p.add_argument("--hidden", type=_ints, default=S, help="hidden widths, e.g. 512,512 (default 32); the conv channels "
+                                                          "with --model cnn, e.g. 8,16")
     p.add_argument("--activation", default=S)
     p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=S)
     p.add_argument("--lr", type=_floats, default=S, help="learning rate, or one per replica: 0.1,0.05,...")

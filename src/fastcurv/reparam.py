@@ -152,12 +152,23 @@ def rescale_layers(models: Sequence[nn.Module], alpha: float = 10.0, layers: tup
     models = _check_models(models)
     if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-    a, b = layers if layers is not None else tuple(weight_layers(models[0])[-2:])
+    a, b = _pair(models[0], layers)
     new = [copy.deepcopy(m) for m in models]
     for m in new:
         la, lb = _module(m, a), _module(m, b)
         _scale_units(la, lb, torch.full((la.weight.shape[0],), float(alpha)))
     return _report(models, new, probe, {"alpha": alpha, "layers": (a, b)})
+
+
+def _pair(model: nn.Module, layers) -> tuple[str, str]:
+    """``layers``, or the model's last two weight layers (a ValueError when it has fewer)."""
+    if layers is not None:
+        return tuple(layers)
+    found = weight_layers(model)
+    if len(found) < 2:
+        raise ValueError(f"rescaling needs two consecutive weight layers, but the model has {len(found)} "
+                         f"({', '.join(map(repr, found)) or 'none'})")
+    return tuple(found[-2:])
 
 
 def rescale_neurons(models: Sequence[nn.Module], scales, layers: tuple[str, str] | None = None,
@@ -166,7 +177,7 @@ def rescale_neurons(models: Sequence[nn.Module], scales, layers: tuple[str, str]
     and bias times ``scales[j]`` and outgoing weights divided by it. ``scales``: positive ``[units]``
     (the same for every replica) or ``[R, units]``; default layers: the last two weight layers."""
     models = _check_models(models)
-    a, b = layers if layers is not None else tuple(weight_layers(models[0])[-2:])
+    a, b = _pair(models[0], layers)
     scales = torch.as_tensor(scales, dtype=torch.float64)
     if not torch.isfinite(scales).all() or (scales <= 0).any():
         raise ValueError("scales must be positive and finite")

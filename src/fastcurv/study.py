@@ -57,6 +57,7 @@ HEADLINE = {
 # Columns of function_measures that are not predictors of generalization (test_error IS the target).
 _NOT_PREDICTORS = ("test_error", "pacbayes_mag_sigma")
 DATA_SETS = ("digits", "mnist", "fashion-mnist")
+MODELS = ("mlp", "cnn")
 # what a config file cannot hold (a Python function, an object) is written as this, and refused on a rerun
 _NOT_STORED = "<not stored in a config file: "
 # the report folder's files that a study writes (and removes from an earlier study in the same folder)
@@ -241,18 +242,33 @@ def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replica
                              f"trace), got the function-space measures {func}")
 
 
-def _audit_transform(name: str, alpha: float):
+def _audit_transform(name: str, alpha: float, fold: bool = False, seed: int = 0):
+    """The audit's transform by name: a name or callable for :func:`fastcurv.invariance_audit`;
+    ``fold``: applied to copies with every BatchNorm folded into the layer before it."""
     from . import reparam
+    from .audit import _apply
 
     if name == "dinh_first":
-        def dinh_first(models):
+        def transform(models):
             layers = tuple(reparam.weight_layers(models[0])[:2])
             return reparam.rescale_layers(models, alpha=1.0 / float(alpha), layers=layers)
+    elif name in ("dinh", "neurons", "balance"):
+        if not fold:
+            return name
 
-        return dinh_first
-    if name in ("dinh", "neurons", "balance"):
-        return name
-    raise ValueError(f"audit_transform must be 'dinh', 'dinh_first', 'neurons' or 'balance', got {name!r}")
+        def transform(models):
+            return _apply(models, name, None, alpha, seed)
+    else:
+        raise ValueError(f"audit_transform must be 'dinh', 'dinh_first', 'neurons' or 'balance', got {name!r}")
+    if not fold:
+        transform.__name__ = name
+        return transform
+
+    def folded(models):
+        return transform(reparam.fold_batchnorm(models).models)
+
+    folded.__name__ = f"fold_batchnorm + {name}"
+    return folded
 
 
 def _plot_heatmap(D: torch.Tensor, seeds, out: Path) -> str | None:
@@ -291,8 +307,10 @@ def _plot_gde(table, out: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=110)
     x, y = table["test_error"].to_numpy(float), table["disagreement"].to_numpy(float)
     ax.scatter(x, y, s=16)
-    lo, hi = np.nanmin([x.min(), y.min()]), np.nanmax([x.max(), y.max()])
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+    both = np.concatenate([x, y])
+    both = both[np.isfinite(both)]
+    if len(both):  # (replicas that failed are NaN)
+        ax.plot([both.min(), both.max()], [both.min(), both.max()], "k--", lw=0.8, label="y = x")
     ax.set_xlabel("test error")
     ax.set_ylabel("mean disagreement with the other replicas")
     ax.legend(fontsize=8)
@@ -309,6 +327,7 @@ def study(
     data_root=None,
     n_train: int | None = None,
     n_test: int | None = None,
+    model: str = "mlp",
     hidden=(32,),
     activation: str = "relu",
     replicas: int = 8,
@@ -339,12 +358,17 @@ def study(
     verbose: bool = True,
     threads: int | None = None,
 ) -> dict:
-    """Train ``replicas`` MLPs, compute curvature and function-space measures, correlate, write a report.
+    """Train ``replicas`` MLPs or CNNs, compute curvature and function-space measures, correlate, write a report.
 
     Args:
         data: "digits" (embedded 8x8 digits), "mnist" or "fashion-mnist" (:mod:`fastcurv.datasets`);
             n_train / n_test: fixed random subsets drawn with ``seed`` (MNIST-like data only).
-        hidden, activation: the MLP's hidden widths (input and output widths come from the data).
+        model: "mlp" (default) or "cnn" (:func:`fastcurv.train.cnn`: 3x3 conv layers with BatchNorm,
+            the activation and 2x2 max pooling, then a linear head; trained with batch statistics,
+            measured with running statistics; the audit transforms BatchNorm-folded copies, see
+            ``audit_transform``).
+        hidden, activation: the MLP's hidden widths, or the CNN's conv channels (input and output
+            widths come from the data).
         optimizer ... target_loss, checkpoint: training settings, see :func:`fastcurv.train.train_population`.
         measures: names from ``fastcurv.sharpness.MEASURES`` (and registered extras, e.g.
             "rho_sharpness"), computed by :func:`fastcurv.batched_sharpness` on the training set,
@@ -358,12 +382,15 @@ def study(
             results in its own file, ``.audit`` before the extension, see
             :func:`fastcurv.invariance_audit`). Dtypes may be given by name (``"torch.float64"``,
             as ``config.yaml`` stores them).
-        spectrum_replicas: replicas drawn in ``spectrum.png`` (when "spectrum" is requested).
+        spectrum_replicas: replicas drawn in ``spectrum.png`` (when "spectrum" is requested; at least 1).
         audit: run :func:`fastcurv.invariance_audit` on the first ``audit_replicas`` replicas
             (None: all) for ``audit_measures``. ``audit_transform``: "dinh" (last two weight layers
             scaled by alpha and 1/alpha), "dinh_first" (the FIRST weight layer scaled by 1/alpha and
             the second by alpha, which grows the Hessian block of the first layer by alpha^2),
             "neurons" or "balance" (see :func:`fastcurv.invariance_audit`); alpha = ``audit_alpha``.
+            Each needs two weight layers (checked before training). For a CNN the transform acts on
+            copies with each BatchNorm folded into its conv (:func:`fastcurv.reparam.fold_batchnorm`:
+            the same function in eval mode; a BatchNorm would undo the rescaling).
         out: report folder, or None to write nothing. Checked and created before any work (a file
             there raises a ValueError); files of an earlier study in it are replaced or removed.
         threads: torch intra-op threads for this call (restored afterwards); None leaves it alone.
@@ -391,7 +418,7 @@ def study(
     from . import batched_sharpness, function_measures, invariance_audit
     from .datasets import load_dataset, make_loader
     from .stats import correlations
-    from .train import evaluate_population, mlp, train_population
+    from .train import cnn, evaluate_population, mlp, train_population
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -401,7 +428,16 @@ def study(
     sharp_m, func_m = _split_measures(measures)
     if not sharp_m and not func_m:
         raise ValueError("measures is empty: name at least one curvature or function-space measure")
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     hidden = _hidden_widths(hidden)
+    if model == "cnn" and not hidden:
+        raise ValueError("model='cnn' needs at least one conv layer: give its channels as hidden (e.g. [8, 16])")
+    if not isinstance(spectrum_replicas, (int, np.integer)) or spectrum_replicas < 1:
+        raise ValueError(f"spectrum_replicas must be a positive integer, got {spectrum_replicas!r}")
+    if audit and audit_measures and len(hidden) < 1:
+        raise ValueError(f"the invariance audit ({audit_transform!r}) rescales two weight layers, but a model without "
+                         "hidden layers has one: give hidden layers, or audit=False (--no-audit)")
     lr, momentum, weight_decay, sam_rho, audit_alpha = (_numbers(v, k) for k, v in (
         ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho),
         ("audit_alpha", audit_alpha)))
@@ -421,18 +457,26 @@ def study(
     config["threads"] = torch.get_num_threads()
     config = _config_value(config)
 
-    kw = {"flatten": True}
+    kw = {"flatten": model == "mlp"}
     if data.lower() not in ("digits", "sklearn-digits"):
         kw.update(n_train=n_train, n_test=n_test, seed=seed)
     elif n_train is not None or n_test is not None:
         raise ValueError("n_train / n_test apply to mnist / fashion-mnist, not to the embedded digits")
     x_tr, y_tr, x_te, y_te = load_dataset(data, data_root, **kw)
     n_classes = int(max(y_tr.max(), y_te.max())) + 1
-    sizes = [x_tr.shape[1], *[int(h) for h in hidden], n_classes]
     seeds = list(range(seed, seed + int(replicas)))
+    if model == "mlp":
+        sizes = [x_tr.shape[1], *hidden, n_classes]
+        arch = f"MLP {'-'.join(map(str, sizes))}"
 
-    def builder():
-        return mlp(sizes, activation)
+        def builder():
+            return mlp(sizes, activation)
+    else:
+        in_shape = tuple(x_tr.shape[1:])
+        arch = f"CNN {'x'.join(map(str, in_shape))} -> conv {'-'.join(map(str, hidden))} (BatchNorm) -> {n_classes}"
+
+        def builder():
+            return cnn(in_shape, hidden, n_classes, activation)
 
     times = {}
     bars = progress or (progress is None and sys.stderr.isatty())  # tqdm's rule for progress=None
@@ -535,7 +579,8 @@ def study(
         if akw.get("output") is not None:  # the audit's own results file (other replicas and measures)
             akw["output"] = sibling_path(akw["output"], "audit")
         aud = invariance_audit(models[:k], train_loader, measures=tuple(audit_measures),
-                               transform=_audit_transform(audit_transform, audit_alpha), alpha=audit_alpha,
+                               transform=_audit_transform(audit_transform, audit_alpha, fold=model == "cnn", seed=seed),
+                               alpha=audit_alpha,
                                path=apath, seed=seed, progress=progress, before=sharp if reuse else None, **akw)
         times["audit"] = time.perf_counter() - t
         mixed = _mixed_correlations(aud, table.iloc[:k], target, n_boot, seed)
@@ -552,7 +597,8 @@ def study(
                 "backend_reason": None if sharp is None else sharp.backend_reason,
                 "trace_method": None if sharp is None else sharp.trace_method}
         (outp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        rerun = {k: v for k, v in config.items() if k not in ("out", "progress", "verbose")}
+        # (with out: a rerun given --out moves a checkpoint that lay inside this folder along, see the CLI)
+        rerun = {k: v for k, v in config.items() if k not in ("progress", "verbose")}
         _write_yaml(rerun, outp / "config.yaml")
         files += ["config.json", "config.yaml"]
         table.to_csv(outp / "results.csv")
@@ -594,13 +640,13 @@ def study(
             if aud.plot_path:
                 plots.append("audit.png")
         files += plots
-        (outp / "report.md").write_text(_report(config, sizes, seeds, len(x_tr), len(x_te), data, times, sharp, fm,
+        (outp / "report.md").write_text(_report(config, arch, seeds, len(x_tr), len(x_te), data, times, sharp, fm,
                                                 corr, headline, head_of, summary, aud, mixed, table, target, plots,
                                                 parquet_note))
         files.append("report.md")
     res = {"table": table, "correlations": corr, "headline": headline, "history": history, "sharpness": sharp,
            "function": fm, "audit": aud, "audit_mixed": mixed, "summary": summary, "out": None if out is None else Path(out).resolve(),
-           "files": files, "seconds": time.perf_counter() - t0, "times": times}
+           "files": files, "seconds": time.perf_counter() - t0, "times": times, "audit_transform": audit_transform}
     if verbose:
         _print(res, target)
     return res
@@ -646,6 +692,26 @@ _GLOSSARY = (
     ("disagreement", "mean fraction of test inputs on which the replica's prediction differs from each other "
                      "replica's"),
     ("test_error", "1 - test accuracy on the function measures' inputs"),
+    ("js", "mean Jensen-Shannon divergence between the replica's predicted distributions and each other "
+           "replica's (nats)"),
+    ("tv", "mean total-variation distance between the replica's predicted distributions and each other replica's"),
+    ("l2", "mean L2 distance between the replica's predicted distributions and each other replica's"),
+    ("ok", "the replica's measures computed without a failure"),
+    ("rho_sharpness", "worst-case rise of the training loss within an L2 ball of radius rho (nats)"),
+    ("adaptive_rho_sharpness", "worst-case loss rise within the weight-scaled ball (adaptive; nats)"),
+    ("avg_rho_sharpness", "average loss rise under Gaussian weight noise of scale rho (nats)"),
+    ("adaptive_avg_rho_sharpness", "average loss rise under weight-scaled Gaussian noise (nats)"),
+    ("mw_sharpness", "Mason-Williams: mean absolute loss change over rho per random direction"),
+    ("epsilon_sharpness", "Keskar's epsilon-sharpness: 100 x the worst loss rise in the box over (1 + loss)"),
+    ("josz_", "Josz's loss variation in an r-ball / distance to the eps level set"),
+    ("relative_flatness", "Petzka's relative flatness of the last Linear layer (kappa_Tr)"),
+    ("fisher_rao", "Fisher-Rao norm (closed form for cross-entropy)"),
+    ("pac_bayes", "PAC-Bayes flatness: 1 / sigma^2 of the largest weight noise keeping the training accuracy "
+                  "drop within target"),
+    ("jiang_sharpness", "Jiang et al.'s sharpness: 1 / alpha^2 of the largest box keeping the accuracy drop "
+                        "within target"),
+    ("ggn_", "generalized Gauss-Newton matrix: largest eigenvalue or trace (nats per squared parameter unit)"),
+    ("fisher_", "empirical Fisher: largest eigenvalue or trace (nats per squared parameter unit)"),
 )
 
 
@@ -654,7 +720,7 @@ def _glossary(columns) -> list[str]:
     whose prefix a column has), a family of columns (``weakness_*``) on one line."""
     found: dict[str, list[str]] = {}
     for col in columns:
-        if str(col).endswith(("_error", "_iters", "_converged", "_stderr")):
+        if str(col).endswith(("_error", "_iters", "_converged", "_stderr")) and col != "test_error":
             continue
         prefix = next((p for p, _ in _GLOSSARY if str(col).startswith(p)), None)
         if prefix is not None:
@@ -680,13 +746,13 @@ def _headline_columns(measures, columns) -> dict:
     return out
 
 
-def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, headline, head_of, summary, aud, mixed,
+def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headline, head_of, summary, aud, mixed,
             table, target, plots, parquet_note) -> str:
     c = config
     asked = [c["measures"]] if isinstance(c["measures"], str) else c["measures"]
     none = [m for m in asked if m not in head_of]  # measures without a headline row ("spectrum", "gde")
     md = [
-        f"# fastcurv study: {len(seeds)} replicas of MLP {'-'.join(map(str, sizes))} on {data}",
+        f"# fastcurv study: {len(seeds)} replicas of {arch} on {data}",
         "",
         f"Training: {c['optimizer']}, lr {c['lr']}, momentum {c['momentum']}, weight decay {c['weight_decay']}, "
         f"SAM rho {c['sam_rho']}, batch {c['batch_size']}, at most {c['epochs']} epochs"
@@ -708,6 +774,13 @@ def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, head
                          "are measured as they stood at the epoch limit (column `reached_target`)."]
         else:
             md[-1:-1] = [f"All {R} replicas reached the training-loss target {c['target_loss']}."]
+    failed = table.index[table["diverged"].astype(bool)].tolist()
+    if len(failed) == len(table):
+        md[-1:-1] = [f"**All {len(table)} replicas diverged in training**: there is nothing to measure; lower the "
+                     "learning rate."]
+    elif failed:
+        md[-1:-1] = [f"**{len(failed)} of {len(table)} replicas diverged in training** (replicas {failed}): their "
+                     f"measures are NaN; the means above and the correlations use the other {len(table) - len(failed)}."]
     if sharp is not None:
         how = {"exact": "the trace exact (no probes)", "": "no trace"}.get(sharp.trace_method,
                                                                         f"the trace estimated ({sharp.trace_method})")
@@ -741,6 +814,9 @@ def _report(config, sizes, seeds, n_tr, n_te, data, times, sharp, fm, corr, head
         at = aud.table
         md += [f"## Invariance audit (`{c['audit_transform']}` reparameterization, alpha = {c['audit_alpha']}, "
                f"{len(next(iter(aud.per_replica.values()))[0])} replicas)", "",
+               *(["The transform acts on copies with each BatchNorm folded into its conv layer (the same function in "
+                  "eval mode; a BatchNorm would undo a rescaling), compared with the models as trained.", ""]
+                 if c.get("model") == "cnn" else []),
                f"Largest output change {at.attrs.get('max_output_change', float('nan')):.2e}, "
                f"predictions changed: {at.attrs.get('predictions_changed')}. Function-space measures computed from "
                "the outputs are unchanged by construction; the simplicity columns describe the weights: "
@@ -776,7 +852,7 @@ def _print(res, target):
             print(f"\nmean pairwise disagreement {s['mean_pairwise_disagreement']:.4f} vs mean test error "
                   f"{s.get('mean_test_error', float('nan')):.4f}")
         if res["audit"] is not None:
-            print("\ninvariance audit (alpha-rescaling):")
+            print(f"\ninvariance audit ({res['audit_transform']}):")
             print(res["audit"].table[["before_mean", "after_mean", "ratio_median", "invariant"]].to_string())
         if res.get("audit_mixed") is not None:
             print("\nhalf of the audited replicas reparameterized:")

@@ -99,6 +99,31 @@ def mlp(sizes: Sequence[int], activation: str = "relu", *, bias: bool = True, fl
     return nn.Sequential(*layers)
 
 
+def cnn(in_shape: Sequence[int], channels: Sequence[int], num_classes: int, activation: str = "relu", *,
+        batchnorm: bool = True) -> nn.Sequential:
+    """A small CNN: for each entry ``c`` of ``channels``, ``Conv2d(prev, c, 3, padding=1)``,
+    ``BatchNorm2d(c)`` (``batchnorm=True``), the activation and ``MaxPool2d(2)`` (while the map is at
+    least 2x2); then ``Flatten`` and ``Linear(.., num_classes)``.
+
+    ``in_shape``: one input's ``(channels, height, width)``, e.g. ``(1, 28, 28)``;
+    ``cnn((1, 28, 28), (8, 16), 10)`` is the benchmarks' W3 net (28x28 -> 8x14x14 -> 16x7x7 -> 10).
+    """
+    in_shape, channels = [int(s) for s in in_shape], [int(c) for c in channels]
+    if len(in_shape) != 3 or any(s < 1 for s in in_shape) or any(c < 1 for c in channels) or int(num_classes) < 1:
+        raise ValueError(f"cnn needs in_shape (C, H, W), positive channels and num_classes; got in_shape {in_shape}, "
+                         f"channels {channels}, num_classes {num_classes}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; available: {sorted(ACTIVATIONS)}")
+    (c, h, w), layers = in_shape, []
+    for out in channels:
+        layers += [nn.Conv2d(c, out, 3, padding=1), *([nn.BatchNorm2d(out)] if batchnorm else []), ACTIVATIONS[activation]()]
+        if min(h, w) >= 2:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        c = out
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * h * w, int(num_classes)))
+
+
 def epoch_order(data_seed: int, epoch: int, n: int) -> torch.Tensor:
     """The data order (a permutation of ``range(n)``) a replica with ``data_seed`` uses in ``epoch``.
 
@@ -295,6 +320,8 @@ def _settings_change(old: dict, new: dict) -> str:
     parts = []
     for key in describe_changes(a, b).split(", "):
         x, y = (show(d[key]) if key in d else None for d in (a, b))
+        if x is not None and x == y and isinstance(a[key], list):  # one value for another number of replicas
+            x, y = (f"{show(d[key])} x {len(d[key])}" for d in (a, b))
         parts.append(f"{key} {x} -> {y}" if x is not None and y is not None and len(x) + len(y) <= 120 else key)
     return ", ".join(parts)
 
