@@ -697,10 +697,24 @@ def test_batchnorm_replicas_that_stop_keep_their_statistics(tmp_path):
     assert all(torch.isnan(p).all() for p in resumed[1].parameters())
 
 
-def test_batchnorm_with_a_last_minibatch_of_one_is_refused_before_training():
+def test_batchnorm_with_a_last_minibatch_of_one_or_a_cumulative_average_is_refused_before_training():
     x, y = _data(n=17)
     with pytest.raises(ValueError, match=r"last minibatch of every epoch holds 1 sample \(N=17, batch_size=8\)"):
         train_population(bn_mlp, x, y, seeds=[0], batch_size=8, progress=False)
+
+    def cumulative():
+        return nn.Sequential(nn.Linear(SIZES[0], 5), nn.BatchNorm1d(5, momentum=None), nn.Linear(5, 3)).double()
+
+    with pytest.raises(ValueError, match="BatchNorm '1' has momentum=None"):
+        train_population(cumulative, x, y, seeds=[0], batch_size=4, progress=False)
+
+    def batch_stats_only():  # no running statistics: trains as the loop
+        return nn.Sequential(nn.Linear(SIZES[0], 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Tanh(),
+                             nn.Linear(5, 3)).double()
+
+    models, _ = train_population(batch_stats_only, x, y, seeds=[0, 1], lr=0.1, batch_size=4, epochs=2, progress=False)
+    ref = reference_loop(x, y, [0, 1], optimizer="sgd", lrs=[0.1, 0.1], epochs=2, batch_size=4, build=batch_stats_only)
+    _assert_same(models, ref)
     _, hist = train_population(bn_cnn, x, y, seeds=[0], batch_size=8, epochs=1, progress=False)  # 2x3 maps: fine
     assert hist.steps == [3]
 

@@ -466,6 +466,12 @@ def train_population(
     for m in models:
         m.to(device=device, dtype=dtype).train()
     has_bn = any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in models[0].modules())
+    cumulative = [n for n, mod in models[0].named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                  and mod.training and mod.track_running_stats and mod.momentum is None]
+    if cumulative:
+        raise ValueError(f"BatchNorm {cumulative[0]!r} has momentum=None (a cumulative average of the batch statistics, "
+                         "weighted by the batch count torch reads as a Python number, which batched training cannot do); "
+                         "give it a momentum (torch's default: 0.1)")
     has_dropout = any(isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 for mod in models[0].modules())
     plan, why = None, "fused=False"
     if fused is None or fused:
