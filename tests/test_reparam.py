@@ -194,3 +194,56 @@ def test_results_print_compactly_and_folding_nothing_warns():
     assert text.startswith("ReparamResult(R=3, max_output_change=") and "Linear" not in text
     with pytest.warns(RuntimeWarning, match="no BatchNorm to fold"):
         reparam.fold_batchnorm(models)
+
+
+def test_audit_ratio_median_is_the_median_for_an_even_number_of_replicas():
+    """torch.median gave the lower of the two middle ratios (4 replicas: 43.62 for [43.16, 43.62,
+    46.27, 52.35], whose median is 44.95)."""
+    import numpy as np
+
+    loader = make_data()
+    models = make_replicas(R=4)
+    for i, m in enumerate(models):  # different scales: four different ratios
+        with torch.no_grad():
+            m[0].weight.mul_(1 + 0.5 * i)
+    audit = fastcurv.invariance_audit(models, loader, measures=("lambda_max", "trace"), alpha=3.0, tol=1e-8)
+    for col in ("lambda_max", "trace", "loss"):
+        before, after = audit.per_replica[col]
+        ratios = (after / before).numpy()
+        assert audit.table.loc[col, "ratio_median"] == pytest.approx(np.median(ratios), rel=1e-12)
+    before, after = audit.per_replica["trace"]
+    ratios = np.sort((after / before).numpy())
+    assert ratios[2] - ratios[1] > 1e-3 * ratios[1]  # the two middle ratios differ: the test tells them apart
+
+
+@pytest.mark.parametrize("n_measures, name", [(1, "dinh_first"), (3, "dinh_first"), (8, "dinh"),
+                                              (2, "a_custom_reparameterization_with_a_rather_long_name_" * 2)])
+def test_audit_plot_title_fits_in_the_figure(n_measures, name, tmp_path, monkeypatch):
+    """The one-line title ran past the right edge of audit.png for 3 measures or fewer
+    ("... 0 predictions cha")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from types import SimpleNamespace
+
+    from fastcurv import audit
+
+    table = pd.DataFrame({"ratio_median": [64.0] * n_measures, "ratio_min": [40.0] * n_measures,
+                          "ratio_max": [130.0] * n_measures, "invariant": [False] * n_measures},
+                         index=[f"measure_{i}" for i in range(n_measures)])
+    tr = SimpleNamespace(max_output_change=1.4e-06, predictions_changed=torch.ones(1024, dtype=torch.bool))
+    close, kept = plt.close, []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep the figure as saved
+    audit._plot(table, tr, name, tmp_path / "audit.png")
+    fig = kept[0]
+    try:
+        fig.canvas.draw()
+        title = fig.axes[0].title
+        box = title.get_window_extent(fig.canvas.get_renderer())
+        assert "1024 predictions changed" in title.get_text()
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, \
+            (box, fig.bbox)
+    finally:
+        close(fig)

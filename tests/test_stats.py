@@ -88,3 +88,82 @@ def test_bootstrap_resamples_without_rank_information_count_as_zero():
     lo, hi = stats.bootstrap_spearman_ci([0.0] * 11 + [1.0], acc, n_boot=2000)
     rho, p = stats.spearman([0.0] * 11 + [1.0], acc)
     assert p > 0.05 and lo < rho < hi and lo <= 0.0 <= hi
+
+
+def _enumerated_p(x, y):
+    """Two-sided permutation p of Spearman rho by brute force: rho of x against every ordering of y
+    (scipy's ranks, ties as mid-ranks), p = min(1, 2 min(P[rho <= obs], P[rho >= obs]))."""
+    import itertools
+
+    rx, ry = st.rankdata(x), st.rankdata(y)
+    perms = np.array(list(itertools.permutations(range(len(x)))))
+    rys = ry[perms]
+    rho = np.array([np.corrcoef(rx, ry)[0, 1]])
+    rhos = ((rys - rys.mean(1, keepdims=True)) @ (rx - rx.mean())) / np.sqrt(
+        ((rys - rys.mean(1, keepdims=True)) ** 2).sum(1) * ((rx - rx.mean()) ** 2).sum())
+    eps = 1e-12
+    return min(1.0, 2 * min(np.mean(rhos <= rho + eps), np.mean(rhos >= rho - eps))), float(rho[0])
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_spearman_p_of_a_perfect_rank_correlation_on_few_replicas_is_exact(n):
+    """The t approximation gave p = 0 (n = 3, 4) and 1.4e-24 (n = 5); Kendall's exact p on the same
+    data was 0.333 / 0.083 / 0.0167 = 2/n!, the exact permutation p of Spearman rho too."""
+    import math
+
+    df = pd.DataFrame({"test_acc": [0.90 + 0.01 * i for i in range(n)], "lambda_max": [float(n - i) for i in range(n)]})
+    tab = stats.correlations(df, "test_acc", ["lambda_max"], n_boot=200)
+    assert tab.loc["lambda_max", "spearman_rho"] == pytest.approx(-1.0)
+    assert tab.loc["lambda_max", "spearman_p"] == pytest.approx(2 / math.factorial(n), rel=1e-12)
+    assert tab.loc["lambda_max", "spearman_p"] == pytest.approx(tab.loc["lambda_max", "kendall_p"], rel=1e-12)
+
+
+@pytest.mark.parametrize("n, ties", [(4, False), (6, False), (7, True), (8, False), (8, True), (9, False), (9, True)])
+def test_spearman_p_equals_exact_enumeration_for_small_n(n, ties):
+    rng = np.random.default_rng(n + 10 * ties)
+    for _ in range(4):
+        x = rng.normal(size=n)
+        y = x + rng.normal(size=n)
+        if ties:  # tied measure values and tied targets, kept as mid-ranks
+            x = np.round(x)
+            y = np.round(2 * y) / 2
+            if np.ptp(x) == 0 or np.ptp(y) == 0:
+                continue
+        want, rho_want = _enumerated_p(x, y)
+        rho, p = stats.spearman(x, y)
+        assert rho == pytest.approx(rho_want, abs=1e-12)
+        assert p == pytest.approx(want, rel=1e-12, abs=1e-15), (x, y)
+        if n == 9 and not ties:
+            assert p != pytest.approx(st.spearmanr(x, y).pvalue, rel=1e-3)  # not the t approximation
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_spearman_exact_p_equals_scipy_permutation_test(ties):
+    def rho(a, b, axis):
+        ra = st.rankdata(a, axis=axis)
+        rb = st.rankdata(b, axis=axis)
+        ra = ra - ra.mean(axis=axis, keepdims=True)
+        rb = rb - rb.mean(axis=axis, keepdims=True)
+        return (ra * rb).sum(axis) / np.sqrt((ra * ra).sum(axis) * (rb * rb).sum(axis))
+
+    x = np.array([1.0, 0.0, -1.0, -1.0, 0.0]) if ties else np.array([0.3, -1.2, 0.8, 2.0, -0.1])
+    y = np.array([1.0, -1.0, -1.0, -1.0, 0.0]) if ties else np.array([1.1, -0.4, 0.2, 1.7, 0.5])
+    ref = st.permutation_test((x, y), rho, permutation_type="pairings", n_resamples=np.inf, vectorized=True)
+    assert stats.spearman(x, y)[1] == pytest.approx(ref.pvalue, rel=1e-12)
+    assert stats.spearman_exact_p(x, y) == pytest.approx(ref.pvalue, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [10, 100])
+def test_spearman_p_for_larger_n_is_scipys_t_approximation_never_zero(n):
+    import math
+
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=n)
+    y = 0.3 * x + rng.normal(size=n)
+    rho, p = stats.spearman(x, y)
+    ref = st.spearmanr(x, y)
+    assert rho == pytest.approx(ref.statistic, abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-12)
+    # a perfect rank correlation: scipy says p = 0; no permutation test can go below 2/n!
+    rho, p = stats.spearman(x, -x)
+    assert rho == pytest.approx(-1.0, abs=1e-12) and st.spearmanr(x, -x).pvalue < 1e-60  # 0 or 7e-64
+    assert p == pytest.approx(2 / math.factorial(n), rel=1e-9) and p > 0

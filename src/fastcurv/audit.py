@@ -56,7 +56,7 @@ def _apply(models, transform, probe, alpha, seed):
     if transform == "dinh":
         return reparam.rescale_layers(models, alpha=alpha, probe=probe)
     if transform == "neurons":
-        first = dict(models[0].named_modules())[reparam.weight_layers(models[0])[-2]]
+        first = dict(models[0].named_modules())[reparam._pair(models[0], None)[0]]
         g = torch.Generator().manual_seed(seed)
         s = torch.exp(torch.randn(first.weight.shape[0], generator=g, dtype=torch.float64) * abs(torch.log(torch.tensor(alpha))))
         return reparam.rescale_neurons(models, s, probe=probe)
@@ -141,7 +141,7 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
             "measure": col,
             "before_mean": float(b.nanmean()),
             "after_mean": float(a.nanmean()),
-            "ratio_median": float(fin.median()) if len(fin) else float("nan"),
+            "ratio_median": float(fin.quantile(0.5)) if len(fin) else float("nan"),  # (torch.median: lower middle one)
             "ratio_min": float(fin.min()) if len(fin) else float("nan"),
             "ratio_max": float(fin.max()) if len(fin) else float("nan"),
             "invariant": bool(len(fin) and ((fin - 1).abs() <= rtol).all()),
@@ -159,6 +159,8 @@ def _plot(table, tr, transform, path):
     import matplotlib
 
     matplotlib.use("Agg")
+    import textwrap
+
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -175,9 +177,10 @@ def _plot(table, tr, transform, path):
     ax.set_xticklabels(table.index, rotation=45, ha="right")
     ax.set_ylabel("log10(after / before)")
     name = transform if isinstance(transform, str) else getattr(transform, "__name__", "custom")
-    ax.set_title(f"invariance audit: {name}; max |output change| {tr.max_output_change:.1e}, "
-                 f"{int(tr.predictions_changed.sum()) if tr.predictions_changed is not None else 0} predictions changed",
-                 fontsize=9)
+    changed = int(tr.predictions_changed.sum()) if tr.predictions_changed is not None else 0
+    # two lines (on one it ran past the right edge for 3 measures or fewer), a long name wrapped
+    ax.set_title(textwrap.fill(f"invariance audit: {name}", 50) + f"\nmax |output change| {tr.max_output_change:.1e}, "
+                 f"{changed} predictions changed", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

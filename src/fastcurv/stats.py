@@ -2,7 +2,11 @@
 
 Conventions (see the project's measures reference, section 4):
 
-* Spearman rho with the two-sided p-value of ``scipy.stats.spearmanr`` (t distribution, n - 2 dof);
+* Spearman rho with a two-sided p-value: exact for n <= 9 (every permutation of the ranks, ties kept
+  as mid-ranks; twice the smaller one-sided tail, as ``scipy.stats.permutation_test``), else the t
+  approximation of ``scipy.stats.spearmanr`` (n - 2 dof), never below 2/n!, the smallest exact
+  permutation p of n pairs (the t approximation gave p = 0 for a perfect rank correlation of 3 replicas,
+  whose exact p is 1/3);
 * a percentile bootstrap confidence interval for rho, resampling networks (rows) with replacement;
 * Kendall tau-b with the p-value of ``scipy.stats.kendalltau`` (exact for small tie-free samples).
 
@@ -11,12 +15,15 @@ Rows where the measure or the target is NaN/Inf (e.g. diverged replicas) are dro
 """
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from typing import Sequence
 
 import numpy as np
 from scipy import stats as _st
 
+EXACT_SPEARMAN_N = 9  # largest n whose Spearman p enumerates all n! permutations (9! = 362,880)
 COLUMNS = ("measure", "n", "spearman_rho", "spearman_p", "ci_low", "ci_high", "kendall_tau", "kendall_p")
 
 
@@ -42,8 +49,68 @@ def _rank_test(test, x, y) -> tuple[float, float]:
 
 
 def spearman(x, y) -> tuple[float, float]:
-    """Spearman rho and its two-sided p-value (scipy); NaN when fewer than 3 finite pairs or a constant input."""
-    return _rank_test(_st.spearmanr, x, y)
+    """Spearman rho and its two-sided p-value; NaN when fewer than 3 finite pairs or a constant input.
+
+    The p-value is exact for n <= ``EXACT_SPEARMAN_N`` (:func:`spearman_exact_p`); for larger n it is
+    the t approximation of ``scipy.stats.spearmanr``, floored at 2/n! (it underestimates far tails:
+    it gave p = 0 for any perfect rank correlation)."""
+    x, y = _clean(x, y)
+    if _degenerate(x, y):
+        return float("nan"), float("nan")
+    r = _st.spearmanr(x, y)
+    if x.size <= EXACT_SPEARMAN_N:
+        return float(r.statistic), spearman_exact_p(x, y)
+    return float(r.statistic), max(float(r.pvalue), math.exp(math.log(2) - math.lgamma(x.size + 1)))
+
+
+def spearman_exact_p(x, y) -> float:
+    """Exact two-sided permutation p-value of Spearman rho for small samples (n <= 9 by default in
+    :func:`spearman`; n! permutations): y's ranks are paired with x's in every order, ties kept as
+    mid-ranks, and p = min(1, 2 min(P[S >= s], P[S <= s])) with S = sum of rank products (rho is
+    increasing in S), the two-sided p of ``scipy.stats.permutation_test(..., permutation_type="pairings")``.
+    With no ties the null is symmetric and this is P[|rho| >= |rho_observed|]."""
+    x, y = _clean(x, y)
+    if x.size > 10:
+        raise ValueError(f"exact enumeration of {x.size}! permutations is too large; use at most 10 pairs")
+    rx = np.rint(2 * _st.rankdata(x)).astype(np.int64)  # mid-ranks are multiples of 1/2: integer arithmetic
+    ry = np.rint(2 * _st.rankdata(y)).astype(np.int64)
+    cum = _spearman_null(tuple(np.sort(rx).tolist()), tuple(np.sort(ry).tolist()))
+    s = int(rx @ ry)
+    total = int(cum[-1])
+    le = int(cum[s])
+    ge = total - (int(cum[s - 1]) if s > 0 else 0)
+    return min(1.0, 2 * min(le, ge) / total)
+
+
+@functools.lru_cache(maxsize=32)
+def _spearman_null(rx: tuple, ry: tuple) -> np.ndarray:
+    """Cumulative counts ``cum[s]`` = #{permutations with sum(rx * ry[perm]) <= s} (integer ranks
+    rx, ry). Depends only on the two multisets of ranks, so tie-free columns of one length share it."""
+    a = np.asarray(rx, dtype=np.float64)
+    b = np.asarray(ry, dtype=np.float64)
+    perms = _permutations(len(a))
+    s = np.empty(len(perms), dtype=np.int64)
+    step = 65_536
+    for i in range(0, len(perms), step):  # float64 products of small integers: exact
+        s[i:i + step] = np.rint(b[perms[i:i + step]] @ a).astype(np.int64)
+    return np.cumsum(np.bincount(s, minlength=int(a @ b) + 1))
+
+
+@functools.lru_cache(maxsize=4)
+def _permutations(n: int) -> np.ndarray:
+    """``[n!, n]`` int8: every permutation of range(n) (built by inserting k at each position)."""
+    p = np.zeros((1, 0), dtype=np.int8)
+    for k in range(n):
+        m = len(p)
+        out = np.empty((m * (k + 1), k + 1), dtype=np.int8)
+        for pos in range(k + 1):
+            blk = out[pos * m:(pos + 1) * m]
+            blk[:, :pos] = p[:, :pos]
+            blk[:, pos] = k
+            blk[:, pos + 1:] = p[:, pos:]
+        p = out
+    p.flags.writeable = False
+    return p
 
 
 def kendall(x, y) -> tuple[float, float]:
@@ -98,6 +165,9 @@ def bootstrap_spearman_ci(x, y, *, n_boot: int = 10_000, level: float = 0.95, se
 def correlations(df, target: str, measures: Sequence[str] | None = None, *, rows: str = "common",
                  n_boot: int = 10_000, level: float = 0.95, seed: int = 0):
     """One row per measure: n, Spearman rho, p, bootstrap CI, Kendall tau, p (a pandas DataFrame).
+
+    Spearman's p is the exact permutation p for n <= 9 and the t approximation above (see
+    :func:`spearman`); Kendall's is scipy's (exact for small tie-free samples).
 
     Args:
         df: one row per replica (e.g. ``SharpnessResult.to_pandas()`` joined with test accuracy).
