@@ -335,6 +335,11 @@ def test_a_cnn_study_trains_batchnorm_and_audits_folded_copies(tmp_path, capsys)
     assert md.startswith("# fastcurv study: 3 replicas of CNN 1x8x8 -> conv 3-4 (BatchNorm) -> 10 on digits")
     assert "copies with each BatchNorm folded" in md
     assert "invariance audit (neurons):" in capsys.readouterr().out
+    # alpha = 1: the identity, so every ratio is 1 (the audit compared the models as trained with
+    # transformed folded copies, and reported lambda_max 0.3x "not invariant")
+    res = fastcurv.study(**dict(TINY, hidden=(3, 4)), model="cnn", measures=("lambda_max",), audit_alpha=1.0,
+                         out=None)
+    assert res["audit"].table["ratio_median"].tolist() == pytest.approx([1.0, 1.0, 1.0], rel=1e-4)
 
 
 def test_a_rerun_into_another_folder_leaves_the_first_study_s_checkpoint_alone(tmp_path, monkeypatch):

@@ -762,3 +762,24 @@ def test_cnn_builder():
     assert tiny(torch.zeros(5, 1, 2, 3)).shape == (5, 4) and sum(isinstance(m, nn.MaxPool2d) for m in tiny) == 1
     with pytest.raises(ValueError, match=r"in_shape \(C, H, W\)"):
         cnn((28, 28), (8,), 10)
+
+
+def test_full_loss_of_batch_statistics_models_does_not_depend_on_replica_groups():
+    """BatchNorm without running statistics normalizes each evaluation chunk by itself: the chunks
+    are the training minibatches' size for every replica group (they followed the group size, so
+    chunk_size and threads changed the loss, and a 1-sample chunk crashed after an epoch); the
+    single-sample check leaves the global RNG alone with dropout."""
+    x, y = _data(n=26)
+
+    def build(p=0.0):
+        return nn.Sequential(nn.Unflatten(1, (1, 2, 3)), nn.Conv2d(1, 2, 2, padding=1),
+                             nn.BatchNorm2d(2, track_running_stats=False), nn.ReLU(), nn.Dropout(p), nn.Flatten(),
+                             nn.Linear(2 * 3 * 4, 3)).double()
+
+    kw = dict(seeds=[0, 1, 2, 3], lr=0.1, batch_size=5, epochs=1, eval_train=True, progress=False)
+    _, one = train_population(build, x, y, chunk_size=1, **kw)
+    _, four = train_population(build, x, y, chunk_size=4, threads=1, **kw)
+    assert np.allclose(one.train_loss, four.train_loss, rtol=1e-12, atol=0)
+    state = torch.get_rng_state()
+    train_population(lambda: build(0.2), x, y, **kw)
+    assert torch.equal(torch.get_rng_state(), state)  # (26 = 5 * 5 + 1: the single-sample check ran)

@@ -242,33 +242,19 @@ def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replica
                              f"trace), got the function-space measures {func}")
 
 
-def _audit_transform(name: str, alpha: float, fold: bool = False, seed: int = 0):
-    """The audit's transform by name: a name or callable for :func:`fastcurv.invariance_audit`;
-    ``fold``: applied to copies with every BatchNorm folded into the layer before it."""
+def _audit_transform(name: str, alpha: float):
+    """The audit's transform by name: a name or callable for :func:`fastcurv.invariance_audit`."""
     from . import reparam
-    from .audit import _apply
 
     if name == "dinh_first":
-        def transform(models):
+        def dinh_first(models):
             layers = tuple(reparam.weight_layers(models[0])[:2])
             return reparam.rescale_layers(models, alpha=1.0 / float(alpha), layers=layers)
-    elif name in ("dinh", "neurons", "balance"):
-        if not fold:
-            return name
 
-        def transform(models):
-            return _apply(models, name, None, alpha, seed)
-    else:
-        raise ValueError(f"audit_transform must be 'dinh', 'dinh_first', 'neurons' or 'balance', got {name!r}")
-    if not fold:
-        transform.__name__ = name
-        return transform
-
-    def folded(models):
-        return transform(reparam.fold_batchnorm(models).models)
-
-    folded.__name__ = f"fold_batchnorm + {name}"
-    return folded
+        return dinh_first
+    if name in ("dinh", "neurons", "balance"):
+        return name
+    raise ValueError(f"audit_transform must be 'dinh', 'dinh_first', 'neurons' or 'balance', got {name!r}")
 
 
 def _plot_heatmap(D: torch.Tensor, seeds, out: Path) -> str | None:
@@ -365,7 +351,7 @@ def study(
             n_train / n_test: fixed random subsets drawn with ``seed`` (MNIST-like data only).
         model: "mlp" (default) or "cnn" (:func:`fastcurv.train.cnn`: 3x3 conv layers with BatchNorm,
             the activation and 2x2 max pooling, then a linear head; trained with batch statistics,
-            measured with running statistics; the audit transforms BatchNorm-folded copies, see
+            measured with running statistics; the audit compares BatchNorm-folded copies, see
             ``audit_transform``).
         hidden, activation: the MLP's hidden widths, or the CNN's conv channels (input and output
             widths come from the data).
@@ -388,9 +374,10 @@ def study(
             scaled by alpha and 1/alpha), "dinh_first" (the FIRST weight layer scaled by 1/alpha and
             the second by alpha, which grows the Hessian block of the first layer by alpha^2),
             "neurons" or "balance" (see :func:`fastcurv.invariance_audit`); alpha = ``audit_alpha``.
-            Each needs two weight layers (checked before training). For a CNN the transform acts on
+            Each needs two weight layers (checked before training). For a CNN the audit compares
             copies with each BatchNorm folded into its conv (:func:`fastcurv.reparam.fold_batchnorm`:
-            the same function in eval mode; a BatchNorm would undo the rescaling).
+            the same functions in eval mode; a BatchNorm would undo the rescaling) before and after
+            the transform.
         out: report folder, or None to write nothing. Checked and created before any work (a file
             there raises a ValueError); files of an earlier study in it are replaced or removed.
         threads: torch intra-op threads for this call (restored afterwards); None leaves it alone.
@@ -574,13 +561,17 @@ def study(
         k = len(models) if audit_replicas is None else min(int(audit_replicas), len(models))
         apath = None if out is None else str(Path(out) / "audit.png")
         # the curvature of the unchanged replicas was computed above with the same settings: reused
-        reuse = sharp is not None and k == len(models) and set(audit_measures) <= set(sharp_m)
+        audited = models[:k]
+        if model == "cnn":  # BatchNorm would undo a rescaling: the audit compares folded copies before and after
+            from .reparam import fold_batchnorm
+
+            audited = fold_batchnorm(audited).models
+        reuse = sharp is not None and k == len(models) and set(audit_measures) <= set(sharp_m) and model != "cnn"
         akw = dict(sharpness_kwargs or {})
         if akw.get("output") is not None:  # the audit's own results file (other replicas and measures)
             akw["output"] = sibling_path(akw["output"], "audit")
-        aud = invariance_audit(models[:k], train_loader, measures=tuple(audit_measures),
-                               transform=_audit_transform(audit_transform, audit_alpha, fold=model == "cnn", seed=seed),
-                               alpha=audit_alpha,
+        aud = invariance_audit(audited, train_loader, measures=tuple(audit_measures),
+                               transform=_audit_transform(audit_transform, audit_alpha), alpha=audit_alpha,
                                path=apath, seed=seed, progress=progress, before=sharp if reuse else None, **akw)
         times["audit"] = time.perf_counter() - t
         mixed = _mixed_correlations(aud, table.iloc[:k], target, n_boot, seed)
@@ -814,8 +805,9 @@ def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headl
         at = aud.table
         md += [f"## Invariance audit (`{c['audit_transform']}` reparameterization, alpha = {c['audit_alpha']}, "
                f"{len(next(iter(aud.per_replica.values()))[0])} replicas)", "",
-               *(["The transform acts on copies with each BatchNorm folded into its conv layer (the same function in "
-                  "eval mode; a BatchNorm would undo a rescaling), compared with the models as trained.", ""]
+               *(["The audit compares copies with each BatchNorm folded into its conv layer (the same functions in "
+                  "eval mode; a BatchNorm would undo a rescaling) before and after the transform; folding is itself a "
+                  "reparameterization, so `before_mean` differs from the curvature columns above.", ""]
                  if c.get("model") == "cnn" else []),
                f"Largest output change {at.attrs.get('max_output_change', float('nan')):.2e}, "
                f"predictions changed: {at.attrs.get('predictions_changed')}. Function-space measures computed from "

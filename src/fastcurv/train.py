@@ -593,7 +593,10 @@ def train_population(
         """Full training-set loss ``[R_c]`` float64 of the replica group ``p`` (name -> ``[R_c, ...]``)."""
         Rc = next(iter(p.values())).shape[0]
         out = torch.zeros(Rc, dtype=torch.float64, device=device)
-        chunk = max(1, min(N, (1 << 24) // max(1, Rc * int(np.prod(x.shape[1:])))))
+        # the fused MLP path: about 16M input entries per chunk; other models (conv activations, BatchNorm
+        # without running statistics, which normalizes each chunk by itself) in the training minibatches'
+        # size, whatever the replica groups: within a step's memory, and the same chunks for every group
+        chunk = max(1, min(N, (1 << 24) // max(1, Rc * int(np.prod(x.shape[1:]))))) if plan is not None else batch_size
         for i in range(0, N, chunk):
             xb, yb = x[i:i + chunk], y[i:i + chunk]
             if csr is not None:
@@ -855,7 +858,7 @@ def _check_bn_batches(model: nn.Module, x: torch.Tensor, N: int, batch_size: int
         return
     probe = copy.deepcopy(model).train()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # (dropout)
             probe(x[:1])
     except ValueError as e:
         raise ValueError(f"the last minibatch of every epoch holds 1 sample (N={N}, batch_size={batch_size}), and "
