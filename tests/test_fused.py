@@ -433,3 +433,19 @@ def test_a_parameter_no_layer_reads_gets_zero_products():
         HV = op.matvec(V)
         for r in range(2):
             torch.testing.assert_close(HV[r], V[r] @ H[r], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_mlp_chain_on_sequence_inputs_names_the_layer():
+    """An nn.Sequential MLP given [N, T, F] inputs falls back to func with a reason naming the Linear
+    layer and the shape (it was "too many values to unpack (expected 2)")."""
+    models = replicas(lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), R=2)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 5, 4, generator=gen, dtype=torch.float64), torch.randn(6, 5, 3, generator=gen, dtype=torch.float64)
+    op = fastcurv.HessianOperator(models, (x, y), loss="mse")
+    assert op.backend_name == "func", op.backend_reason
+    assert "Linear '0' needs inputs [N, 4]" in op.backend_reason and ", 5, 4)" in op.backend_reason, op.backend_reason
+    with pytest.raises(ValueError, match=r"Linear '0' needs inputs \[N, 4\].*got \(\d+, 5, 4\)"):
+        fastcurv.HessianOperator(models, (x, y), loss="mse", backend="fused")
+    V = torch.randn(2, op.P, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V)[0], dense_hessian(models[0], [(x, y)], loss="mse") @ V[0], rtol=1e-10, atol=1e-12)

@@ -504,3 +504,117 @@ def test_global_average_pooling_written_as_a_mean(how):
 def test_other_means_are_not_fused():
     ok, why = FusedBackend.supports(ReplicaSet(replicas(lambda: GlobalMean("keepdim"), R=1)))
     assert not ok and "only x.mean((2, 3))" in why, why
+
+
+class FlattenModuleInPlace(nn.Module):
+    """nn.Flatten returns its input (a view of it): the in-place ReLU on its output changes ``h``,
+    which ``fc2`` reads after it (hunt 18: the tracer accepted it, unlike ``h.flatten(1)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.flat = nn.Linear(4, 5, bias=False), nn.Flatten()
+        self.fc, self.fc2 = nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        f = F.relu(self.flat(h), inplace=True)  # torch: h is now relu(h) too
+        return self.fc(f) + self.fc2(h)
+
+
+class AliasedSum(nn.Module):
+    """``h += b(x)``, which torch.fx records as ``h + b(x)``: with ``how="alias"`` a Python alias
+    ``g = h`` is read after it (torch: the sum; the traced graph: the old ``h``); with ``"before"`` a
+    tanh reads ``h`` before it (the old value both ways); ``"inplace_relu"``: the same with an
+    in-place ReLU in place of the sum."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(4, 5, bias=False), nn.Linear(4, 5, bias=False)
+        self.fc, self.fc2 = nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "alias":
+            g = h
+            h += self.b(x)
+            return self.fc(torch.relu(h)) + self.fc2(torch.relu(g))
+        s = torch.tanh(h)
+        if self.how == "inplace_relu":
+            return self.fc(s) + self.fc2(F.relu(h, inplace=True))
+        h += self.b(x)
+        return self.fc(torch.relu(h)) + self.fc2(s)
+
+
+def _padded_data(n=12, zeros=8, seed=0):
+    """Cross-entropy data whose first samples are all zero (padding): through layers without bias
+    they give zero activations whatever the graph."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = _data((4,), n, "cross_entropy", gen)
+    x[:zeros] = 0
+    return x, y
+
+
+@pytest.mark.parametrize("model,words", [
+    (FlattenModuleInPlace, ["relu", "works in place on 'a' (of which 'flat' is an alias)", "module 'fc2'"]),
+    (lambda: AliasedSum("alias"), ["operator.add written '+='", "works in place on 'a'", "torch.relu (node 'relu_1')"]),
+])
+def test_in_place_updates_through_module_and_python_aliases_are_refused(model, words):
+    """The tracer refuses them, naming the nodes, whatever the data; auto falls back to func, exact
+    (the fused engine's products were wrong by 0.6 when the first samples hid the difference)."""
+    models = replicas(model, R=2)
+    ok, why = FusedBackend.supports(ReplicaSet(models))
+    assert not ok and all(w in why for w in words), why
+    x, y = _padded_data()
+    op = fastcurv.HessianOperator(models, (x, y))
+    assert op.backend_name == "func" and why in op.backend_reason
+    V = torch.randn(2, op.P, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for r in range(2):
+        torch.testing.assert_close(op.matvec(V)[r], dense_hessian(models[r], [(x, y)]) @ V[r], rtol=1e-10, atol=1e-12)
+
+
+def test_in_place_updates_read_only_before_them_are_fused():
+    """An operation that reads the tensor before the in-place update (a sum written ``+=``, a ReLU)
+    reads the old value in the model and in the traced graph: fused, exact (the in-place ReLU was
+    refused)."""
+    for how in ("before", "inplace_relu"):
+        _check_dense(lambda: AliasedSum(how), (4,), 2, 2, "cross_entropy")
+
+
+def test_resnet_sums_written_in_place_stay_fused():
+    """``out += identity`` (Block) is marked as the in-place sum it is, and fused: nothing reads the
+    old ``out`` after it. The same sum with the old value read afterwards is refused."""
+    from fastcurv.backends.fused import graph
+
+    layers, why = graph.trace(ResNet().double())
+    assert layers is not None, why
+
+    class ReadAfter(Block):
+        def forward(self, x):
+            out = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+            old = out
+            out += x
+            return torch.relu(out) + old
+
+    ok, why = FusedBackend.supports(ReplicaSet(replicas(lambda: nn.Sequential(ReadAfter(1, 1), nn.Flatten(), nn.Linear(16, 3)), R=1)))
+    assert not ok and "written '+='" in why and "in place" in why, why
+
+
+def test_check_on_looks_past_degenerate_first_samples(monkeypatch):
+    """check_on compares the engine with the model on samples spread through the batch and on random
+    inputs, not on its first 4 samples only: all-zero first samples hid an in-place sum that the
+    tracer cannot see (simulated: a tracer blind to ``+=``) and auto picked the fused engine."""
+    from fastcurv.backends.fused import graph
+
+    monkeypatch.setattr(graph, "_called_by_inplace_add", lambda: False, raising=False)
+    models = replicas(lambda: AliasedSum("alias"), R=2)
+    rs = ReplicaSet(models)
+    assert FusedBackend.supports(rs)[0]
+    x, y = _padded_data(n=40, zeros=10)
+    op = fastcurv.HessianOperator(models, (x, y))
+    assert op.backend_name == "func" and "differs from the model's own" in op.backend_reason, op.backend_reason
+    V = torch.randn(2, op.P, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(op.matvec(V)[1], dense_hessian(models[1], [(x, y)]) @ V[1], rtol=1e-10, atol=1e-12)
+    # the samples spread through the batch find it without the random inputs, the first ones do not
+    assert not FusedBackend.check_on(rs, op.loss, x, y, synthetic=0)[0]
+    assert FusedBackend.check_on(rs, op.loss, x[:10], y[:10], synthetic=0)[0]

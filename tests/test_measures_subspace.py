@@ -216,3 +216,67 @@ def test_cuda_matches_cpu_with_injected_matrix(trained):
     a, _, s1 = epsilon_subspace_values(opc, eps=1e-2, p=20, common=False)
     b, _, s2 = epsilon_subspace_values(opc, eps=1e-2, p=20, common=False, max_matrix_bytes=0)
     assert s1.cached and not s2.cached and torch.allclose(a, b, rtol=1e-10)
+
+
+def test_memory_budget_plans_the_matrix(monkeypatch):
+    """batched_sharpness(memory_budget=) counts the random matrix: cached when it takes at most a
+    quarter of the budget, else regenerated block by block (the same matrix: the same values; the
+    default 1 GiB cap cached it whatever the budget, 12x over it); a max_matrix_bytes the caller
+    gives is kept and counted."""
+    from fastcurv import memory
+
+    monkeypatch.setattr(subspace_mod, "BLOCK_ROWS", 512)
+    models = make_replicas(R=2, sizes=(6, 64, 64, 3))  # P = 4803
+    loader = make_data()
+    opts = {NAME: {"eps": 1e-2, "p": 100, "n_iter": 3}}
+    job = dict(measures=(NAME,), measure_options=opts, max_iter=20)
+    made = []
+    init = RandomSubspace.__init__
+    monkeypatch.setattr(RandomSubspace, "__init__", lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    ref = fastcurv.batched_sharpness(models, loader, progress=False, seed=1, **job)[NAME]
+    assert made[-1].cached
+    P = sum(q.numel() for q in models[0].parameters())
+    matrix = P * 100 * 8  # one shared matrix (common random numbers)
+    for budget, cached in ((int(4 * matrix / memory.SAFETY) - 64, False), (int(4 * matrix / memory.SAFETY) + 64, True)):
+        made.clear()
+        got = fastcurv.batched_sharpness(models, loader, progress=False, seed=1, memory_budget=budget, **job)[NAME]
+        assert made and all(s.cached is cached for s in made)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+        plan = memory.plan_memory(models, loader, budget, **job)
+        assert plan.estimate["total"] <= memory.SAFETY * budget
+        assert (plan.estimate["measure"] > matrix) is cached and ("subspace matrix cached" in plan.describe()) is cached
+    shape, _ = memory.job_shape(models, loader, **job)
+    assert shape.P == P and shape.matrix_p == 100 and shape.matrix_shared
+    # the caller's max_matrix_bytes: kept (cached here), and the plan counts it
+    mine = {NAME: dict(opts[NAME], max_matrix_bytes=1 << 30)}
+    plan = memory.plan_memory(models, loader, int(4 * matrix / memory.SAFETY) - 64, **dict(job, measure_options=mine))
+    assert plan.max_matrix_bytes is None and plan.estimate["measure"] > matrix
+    with pytest.raises(ValueError, match=r"too small for this job: .*measure "):
+        memory.plan_memory(models, loader, matrix, **dict(job, measure_options=mine))
+    with pytest.raises(ValueError, match="max_matrix_bytes must be a non-negative number of bytes"):
+        fastcurv.batched_sharpness(models, loader, progress=False, measures=(NAME,),
+                                   measure_options={NAME: {"max_matrix_bytes": -1}})
+
+
+def test_the_cached_matrix_is_built_in_place(monkeypatch):
+    """Building the cached matrix holds it once, plus a block (its blocks were concatenated, which
+    held it twice: the peak was 2x the matrix)."""
+    monkeypatch.setattr(subspace_mod, "BLOCK_ROWS", 32)
+    built = []  # sizes of the tensors torch.cat / torch.stack return while a subspace is built
+    for fn in ("cat", "stack"):
+        real = getattr(torch, fn)
+
+        def spy(*a, _real=real, **k):
+            out = _real(*a, **k)
+            built.append(out.numel())
+            return out
+
+        monkeypatch.setattr(torch, fn, spy)
+    for common in (True, False):
+        built.clear()
+        sub = RandomSubspace(300, 12, 3, seed=3, common=common, dtype=torch.float64)
+        lazy = RandomSubspace(300, 12, 3, seed=3, common=common, dtype=torch.float64, max_bytes=0)
+        assert sub.cached and not lazy.cached
+        assert max(built, default=0) <= 3 * 32 * 12  # nothing matrix-sized was assembled
+        for r in range(3):
+            assert torch.equal(sub.dense(r), lazy.dense(r))

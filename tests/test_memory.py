@@ -549,3 +549,158 @@ def test_budget_values_and_memory_options_are_named():
     for name in ("cache_bytes", "chunk_bytes", "sample_chunk_bytes"):
         with pytest.raises(ValueError, match=f"backend_options {name} must be a non-negative number of bytes"):
             fastcurv.HessianOperator(models, data, backend="fused", backend_options={name: -1})
+
+
+# --- the exact trace, one-pass loaders, operator budgets, whole batches (hunt 15) ---------------------
+def _relu_models(kind, C, R=2):
+    def make(s):
+        torch.manual_seed(s)
+        if kind == "mlp":
+            return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, C)).double()
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(4 * 4 * 4, C)).double()
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(96, *((12,) if kind == "mlp" else (1, 8, 8)), generator=g, dtype=torch.float64)
+    return [make(s) for s in range(R)], (x, torch.randint(0, C, (96,), generator=g))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_the_exact_trace_is_planned_for_one_vector_per_output(one_thread, monkeypatch, kind):
+    """The exact trace back-propagates C vectors per sample (C = the model's outputs) in the
+    probes' place: the plan counts its tangents as a C-probe matvec's (it planned one probe, and the
+    default job went 1.5-2.5x over its budget), and the largest tangent the job's exact trace
+    holds stays within the plan's per-tangent bound; results equal the unbudgeted job's."""
+    from fastcurv.backends.fused.maps import _MapEngine
+
+    C = 24
+    models, data = _relu_models(kind, C)
+    job = dict(measures=("trace",), max_iter=20)
+    shape, name = memory.job_shape(models, data, **job)
+    assert name == "fused" and shape.probes == C
+    assert memory.job_shape(models, data, **dict(job, trace_method="exact"))[0].probes == C
+    # a budget whose plan splits the batches
+    budget = next(b for b in range(20_000, 10**8, 5_000) if _ok(shape, b) and memory.choose(shape, 2, b).batch_size)
+    plan = memory.plan_memory(models, data, budget, **job)
+    assert plan.batch_size is not None and plan.estimate["total"] <= memory.SAFETY * budget
+    bound = plan.estimate["tangents"] / (shape.layers + 4)  # one tangent of the plan
+    held = []
+    if kind == "mlp":
+        rows = FusedBackend._trace_rows
+
+        def spy(self, st, params, N, C_):
+            widest = max([C_] + [w.shape[2] for k, w in params.items() if w.dim() == 3])  # rd: [R, N, C, features]
+            held.append(st.deltas[-1].shape[0] * N * C_ * widest * 8)
+            return rows(self, st, params, N, C_)
+
+        monkeypatch.setattr(FusedBackend, "_trace_rows", spy)
+    else:
+        trace = _MapEngine.exact_trace
+
+        def spy(self, st, params, buffers):  # tangents [n, C, R, *features]
+            R_ = next(iter(params.values())).shape[0]
+            held.append(st.probs.shape[0] * st.outputs * R_ * st.widest * 8)
+            return trace(self, st, params, buffers)
+
+        monkeypatch.setattr(_MapEngine, "exact_trace", spy)
+    got = fastcurv.batched_sharpness(models, data, memory_budget=budget, progress=False, **job)
+    assert got.trace_method == "exact" and held and max(held) <= bound, (max(held), bound)
+    monkeypatch.undo()
+    ref = fastcurv.batched_sharpness(models, data, progress=False, **job)
+    torch.testing.assert_close(got["trace"], ref["trace"], rtol=1e-10, atol=0)
+
+
+def test_the_operator_budget_counts_the_exact_trace():
+    """HessianOperator(memory_budget=): the fused state cache leaves room for the exact trace's C
+    vectors per sample where it applies (C = 24 > the 10 probes otherwise planned)."""
+    models, data = _relu_models("mlp", 24)
+    op = fastcurv.HessianOperator(models, data, backend="fused", memory_budget="64MiB")
+    least = memory.operator_least_bytes("fused", op.backend, op.batches)
+    # (3 Linear layers + 4) tangents [R = 2, n = 96, C = 24, widest = 32] of float64, not 10 probes' worth
+    assert least["tangents"] == 7 * 2 * 96 * 24 * 32 * 8
+    assert op.backend.cache_bytes == int((memory.SAFETY * 64 * 2**20 - least["total"]) // memory.STATE_COPIES)
+
+
+def _gen(data, step=16):
+    x, y = data
+    return ((x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
+
+
+class _ReadOnce:
+    """A loader whose __iter__ returns a new iterator that shares one underlying stream (re-iterable in
+    form, one-pass in fact)."""
+
+    def __init__(self, batches):
+        self.stream = iter(batches)
+
+    def __iter__(self):
+        return (b for b in self.stream)
+
+
+def test_a_one_pass_loader_with_a_budget(one_thread):
+    """memory_budget= with a generator: the plan and the job read the same batches, read once and
+    kept (the plan read the generator, and the job found it empty); a plan that would not cache a
+    re-iterable loader's batches keeps a generator's (counted in the estimate); cache_data=False
+    with a generator, and a loader that yields nothing the second time, raise saying why."""
+    models, data = _job(R=3, n=2000)
+    kw = dict(KW, seed=0)
+    ref = fastcurv.batched_sharpness(models, _gen(data), **kw)
+    _close(fastcurv.batched_sharpness(models, _gen(data), memory_budget="1GiB", **kw), ref)
+    # a budget where the batches take more than a quarter: a list's are not cached, a generator's are
+    listed = list(_gen(data))
+    shape, _ = memory.job_shape(models, listed, max_iter=20)
+    budget = int(memory.estimate_bytes(shape, 1, cache_bytes=0, cache_data=True)["total"] / memory.SAFETY) + 1
+    assert not memory.plan_memory(models, listed, budget, max_iter=20).cache_data
+    assert memory.plan_memory(models, listed, budget, max_iter=20, cache_data=True).cache_data
+    _close(fastcurv.batched_sharpness(models, _gen(data), memory_budget=budget, **kw), ref)
+    with pytest.raises(ValueError, match="cache_data=False with memory_budget= needs a re-iterable loader"):
+        fastcurv.batched_sharpness(models, _gen(data), memory_budget="1GiB", cache_data=False, **kw)
+    with pytest.raises(ValueError, match="reads the loader twice .* yielded no batches the second time"):
+        fastcurv.batched_sharpness(models, _ReadOnce(listed), memory_budget="1GiB", **kw)
+
+
+@pytest.mark.parametrize("backend", ["fused", "func", "autograd"])
+def test_operator_budget_is_checked_for_every_backend(one_thread, backend):
+    """HessianOperator(memory_budget=) refuses a budget below the operator's least memory with
+    every backend (only the fused one did; func and autograd accepted one byte), names the parts,
+    and accepts one above it with the same products."""
+    models, data = _job(R=3)
+    V = torch.randn(3, 2, sum(p.numel() for p in models[0].parameters()), dtype=torch.float64)
+    ref = fastcurv.HessianOperator(models, data, backend=backend)
+    with pytest.raises(ValueError, match=r"too small for this operator: it needs about .*\(vectors "):
+        fastcurv.HessianOperator(models, data, backend=backend, memory_budget=1)
+    least = memory.operator_least_bytes(backend, ref.backend, ref.batches)
+    assert least["total"] > 0 and least["vectors"] == memory.PARAM_COPIES * 3 * ref.P * 8
+    for budget in (1000, int(least["total"] / memory.SAFETY) - 1):
+        with pytest.raises(ValueError, match=r"too small for this operator: it needs about .*\(vectors "):
+            fastcurv.HessianOperator(models, data, backend=backend, memory_budget=budget)
+    if backend == "fused":  # the caller's cache_bytes is kept, and the budget still checked
+        with pytest.raises(ValueError, match="too small for this operator"):
+            fastcurv.HessianOperator(models, data, backend=backend, memory_budget=1, backend_options={"cache_bytes": 0})
+    fits = int(least["total"] / memory.SAFETY) + 4096
+    op = fastcurv.HessianOperator(models, data, backend=backend, memory_budget=fits)
+    torch.testing.assert_close(op.matvec(V), ref.matvec(V), rtol=1e-12, atol=1e-14)
+
+
+def test_whole_batches_error_gives_the_parts_and_useful_advice():
+    """A job whose batches stay whole (batch-statistics BatchNorm) and do not fit: the error gives
+    the estimate's parts, names the largest batch that would fit when smaller batches help, and
+    says that they cannot when even the smallest (2 samples) would not fit."""
+    models, (x, y) = _bn_job(R=2, n=64)
+    loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 64, 32)]
+    shape, _ = memory.job_shape(models, loader, max_iter=20, bn_mode="batch", measures=("lambda_max",))
+    assert shape.whole_batches and shape.batch == 32
+    need = lambda n: memory.estimate_bytes(shape, 1, batch=n, cache_bytes=0)["total"] / memory.SAFETY
+    budget = int((need(8) + need(9)) / 2)  # batches of 8 fit, 9 do not
+    with pytest.raises(ValueError, match=r"so the batches are not split") as err:
+        memory.choose(shape, 2, budget)
+    msg = str(err.value)
+    assert "(vectors " in msg and "tangents " in msg and "a loader with batches of at most 8 samples would fit" in msg
+    small = int(need(2)) - 1
+    with pytest.raises(ValueError, match=r"smaller batches cannot make it fit \(even batches of 2 need about") as err:
+        memory.choose(shape, 2, small)
+    assert "(vectors " in str(err.value) and "a loader with" not in str(err.value)
+    assert shape.min_batch == 2
+    two = dataclasses.replace(shape, batch=2)
+    with pytest.raises(ValueError, match=r"batches of 2 are the smallest this job takes\); most of the estimate is"):
+        memory.choose(two, 2, small)

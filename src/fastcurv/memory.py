@@ -11,7 +11,11 @@ the process already holds: interpreter, torch, the caller's models and data) und
   whether the batches are kept on the device (``cache_data``), and, only when even one replica
   does not fit, a smaller batch size (the batches are split; the loss is the same up to the
   floating-point order of the sums). Never where results depend on the batches (batch-statistics
-  BatchNorm, per-batch worst-case rho-sharpness): then a budget too small raises a ValueError.
+  BatchNorm, per-batch worst-case rho-sharpness): then a budget too small raises a ValueError
+  with the estimate's parts, saying whether a loader with smaller batches would fit.
+* The plan reads the data before the job does: a one-pass loader (an iterator or generator) is
+  read once for both and its batches kept (:func:`read_one_pass`; with ``cache_data=False`` it is
+  refused).
 * The replicas then run chunk by chunk (:func:`fastcurv.resume.run_chunks`); results are those of
   an unchunked run (each replica's solvers run on their own; probes do not depend on the split).
 * On a GPU, an out-of-memory error in a chunk empties the CUDA cache, halves the chunk and
@@ -20,7 +24,8 @@ the process already holds: interpreter, torch, the caller's models and data) und
 The cost model (:func:`estimate_bytes`) is a deliberately conservative estimate (not a proof;
 the copy counts below follow the current solvers and backends), in bytes, of the job's peak
 for a chunk of ``c`` replicas with P parameters of ``itemsize`` bytes, batches of at most ``n``
-samples (N in all), K probes per matvec and m = min(max_iter, P) + 1 stored Lanczos vectors:
+samples (N in all), K probes per matvec (the exact trace: K = C, the model's outputs per sample,
+the vectors it back-propagates per sample) and m = min(max_iter, P) + 1 stored Lanczos vectors:
 
 * vectors: ``c * P * itemsize * (stage + PARAM_COPIES)``, ``stage`` = the most ``[P]`` vectors
   per replica alive in any solver stage: Lanczos holds ``BASIS_COPIES * m`` (its basis grows by
@@ -42,10 +47,14 @@ samples (N in all), K probes per matvec and m = min(max_iter, P) + 1 stored Lanc
   samples' graphs keep as cached state plus one batch's graph at its peak as transient; without
   reuse, its products in chunks of ``work_bytes``, at least one unit (one replica's graph, or in
   mode "forward" one replica and probe) and at most all of them;
-* data: the batches' bytes when they are cached (``cache_data``).
+* data: the batches' bytes when they are cached (``cache_data``);
+* measure: epsilon_sharpness_subspace's random ``P x p`` matrices (:func:`matrix_bytes`): cached
+  when they take at most a quarter of the budget (or the caller's ``max_matrix_bytes``), else
+  regenerated block by block in every product (the same matrices, so the same results), plus its
+  pseudo-inverse's ``p x p`` float64 work.
 
-Registered measures (:mod:`fastcurv.measures`) are assumed to hold at most ``VECTOR_COPIES``
-vectors per probe for batches of ``PROBE_BATCH`` probes.
+Registered measures (:mod:`fastcurv.measures`) are otherwise assumed to hold at most
+``VECTOR_COPIES`` vectors per probe for batches of ``PROBE_BATCH`` probes.
 
 The plan keeps the estimate under ``SAFETY * budget``. It prefers the largest chunk whose state
 is cached whole (no recomputation; func: every batch's graph reused, else none, with what is left
@@ -55,7 +64,9 @@ A budget too small for one replica and one sample raises ``ValueError`` with the
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -168,15 +179,53 @@ class JobShape:
     func_mode: str = ""  # the func backend's mode ("graph" or "forward"; "" for other backends)
     func_costs: dict = field(default_factory=dict)  # its fastcurv.backends.func.memory_costs
     whole_batches: str = ""  # why the batches must not be split (results depend on them), or ""
+    min_batch: int = 1  # the fewest samples a batch may have (2 with batch-statistics BatchNorm)
+    # epsilon_sharpness_subspace's random P x p matrices (measures._subspace): p (0: not in the job),
+    # one matrix for all replicas (common random numbers), the caller's max_matrix_bytes (None: the
+    # plan's), and for an injected matrix A the bytes of its copy (0: used in place; None: drawn)
+    matrix_p: int = 0
+    matrix_shared: bool = True
+    matrix_max: int | None = None
+    matrix_injected: int | None = None
+
+
+def matrix_bytes(shape: JobShape, chunk: int, max_matrix_bytes: int | None = None) -> tuple[int, bool]:
+    """(peak bytes, whether the dense matrices are cached) of epsilon_sharpness_subspace's random
+    subspace (:mod:`fastcurv.measures._subspace`) for a chunk of ``chunk`` replicas: the cached
+    ``[Ra, P, p]`` matrices (Ra = 1 shared, else ``chunk``) when they fit ``max_matrix_bytes`` (the
+    caller's ``shape.matrix_max`` wins; None: the measure's 1 GiB), else one regenerated block of
+    each of the ``Ra`` matrices; plus a block being drawn, and the pseudo-inverse's work: for
+    P >= 2p per matrix a ``p x p`` block product and its float64 copy, the float64 Gram matrix and
+    its Cholesky factor (``Ra p^2 (16 + itemsize)`` bytes), else dense least squares on one float64
+    ``P x p`` matrix at a time (``4 P p`` float64: it, its factorization's copy, the matrix drawn)."""
+    from .measures._subspace import BLOCK_ROWS, DEFAULT_MAX_BYTES
+
+    s = shape
+    if not s.matrix_p:
+        return 0, False
+    p, rows = s.matrix_p, 1 if s.matrix_shared else chunk
+    block = min(BLOCK_ROWS, s.P) * p * s.itemsize
+    if s.matrix_injected is not None:  # an injected A: used as it is (or a converted copy)
+        held, cached = s.matrix_injected, True
+    else:
+        cap = s.matrix_max if s.matrix_max is not None else (max_matrix_bytes if max_matrix_bytes is not None
+                                                             else DEFAULT_MAX_BYTES)
+        dense = rows * s.P * p * s.itemsize
+        cached = dense <= cap
+        held = dense if cached else rows * block
+    work = rows * p * p * (16 + s.itemsize) if s.P >= 2 * p else 4 * s.P * p * 8
+    return held + block + work, cached
 
 
 def estimate_bytes(shape: JobShape, chunk: int, *, batch: int | None = None, cache_bytes: int | None = None,
-                   cache_data: bool = True, work_bytes: int | None = None) -> dict:
+                   cache_data: bool = True, work_bytes: int | None = None, max_matrix_bytes: int | None = None) -> dict:
     """Estimated peak bytes of a job of ``shape`` run ``chunk`` replicas at a time, with batches of
     at most ``batch`` samples and the fused backend caching ``cache_bytes`` of state (None: all
     of it; the func backend: None reuses every batch's graph, 0 none, and then its products take
-    ``work_bytes``, None: the least they can, one unit at a time). Returns the parts
-    (``vectors``, ``cached_state``, ``batch_transient``, ``tangents``, ``data``) and their ``total``."""
+    ``work_bytes``, None: the least they can, one unit at a time), and epsilon_sharpness_subspace
+    caching its matrices up to ``max_matrix_bytes`` (:func:`matrix_bytes`). Returns the parts
+    (``vectors``, ``cached_state``, ``batch_transient``, ``tangents``, ``data``, ``measure``) and
+    their ``total``."""
     s = shape
     n = s.batch if batch is None else min(batch, s.batch)
     vectors = chunk * s.P * s.itemsize * (s.vectors + PARAM_COPIES)
@@ -206,6 +255,8 @@ def estimate_bytes(shape: JobShape, chunk: int, *, batch: int | None = None, cac
         tangents = 0
     data = s.data_bytes if cache_data else 0
     parts = {"vectors": vectors, "cached_state": cached, "batch_transient": transient, "tangents": tangents, "data": data}
+    if s.matrix_p:
+        parts["measure"] = matrix_bytes(s, chunk, max_matrix_bytes)[0]
     parts["total"] = sum(parts.values())
     return parts
 
@@ -220,6 +271,8 @@ class MemoryPlan:
     backend: the backend the job will use. func_options: for the func backend, the
     ``backend_options`` it runs with: ``reuse`` (every batch's graph kept, if that fits) and
     ``work_bytes`` (what the plan leaves for the temporaries of products without reuse).
+    max_matrix_bytes: for epsilon_sharpness_subspace (without the caller's ``max_matrix_bytes``),
+    the cap on its cached random matrices (:func:`fastcurv.measures._subspace.matrix_bytes_cap`).
     """
 
     budget: int
@@ -231,24 +284,44 @@ class MemoryPlan:
     shape: JobShape | None = None
     backend: str = ""
     func_options: dict = field(default_factory=dict)
+    max_matrix_bytes: int | None = None
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.estimate.items() if k != "total")
+        parts = _parts(self.estimate)
         func = "".join(f", func {k} {v if isinstance(v, bool) else format_bytes(v)}" for k, v in self.func_options.items())
+        matrix = ""
+        if self.shape is not None and self.shape.matrix_p:
+            cached = matrix_bytes(self.shape, self.replica_chunk, self.max_matrix_bytes)[1]
+            matrix = f", subspace matrix {'cached' if cached else 'regenerated'}"
         return (f"memory plan for {format_bytes(self.budget)}: {self.replica_chunk} replicas per chunk, "
                 f"state cache {format_bytes(self.cache_bytes or 0)}, data cached: {self.cache_data}, "
-                f"batch size: {self.batch_size or 'unchanged'}{func}; estimated peak "
+                f"batch size: {self.batch_size or 'unchanged'}{func}{matrix}; estimated peak "
                 f"{format_bytes(self.estimate.get('total', 0))} ({parts})")
+
+
+def _parts(est: dict) -> str:
+    return ", ".join(f"{k} {format_bytes(v)}" for k, v in est.items() if k != "total")
 
 
 def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = None) -> MemoryPlan:
     """The plan for ``R`` replicas of ``shape`` within ``budget`` bytes (rules in the module docstring)."""
+    from .measures._subspace import DEFAULT_MAX_BYTES
+
     target = SAFETY * budget
     if cache_data is None:  # keep the batches on the device when they take at most a quarter of the budget
         cache_data = shape.data_bytes <= target / 4
+    # epsilon_sharpness_subspace's random matrices: cached when they take at most a quarter of the
+    # budget (else regenerated block by block in every product; the same matrices), unless the
+    # caller set max_matrix_bytes
+    matrix_cap = None
+    if shape.matrix_p and shape.matrix_max is None and shape.matrix_injected is None:
+        matrix_cap = int(min(DEFAULT_MAX_BYTES, target // 4))
+
+    def est(c, n, cache, **kw):
+        return estimate_bytes(shape, c, batch=n, cache_bytes=cache, cache_data=cache_data, max_matrix_bytes=matrix_cap, **kw)
 
     def fits(c, n, cache):
-        return estimate_bytes(shape, c, batch=n, cache_bytes=cache, cache_data=cache_data)["total"] <= target
+        return est(c, n, cache)["total"] <= target
 
     def largest(pred):
         lo, hi = 0, R  # pred is monotone in c: find the largest c in 1..R with pred(c), 0 if none
@@ -269,39 +342,62 @@ def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = No
         n = max(1, n // 2)
         c = largest(lambda c: fits(c, n, 0))
     if c == 0 and shape.whole_batches:
-        need = estimate_bytes(shape, 1, batch=n, cache_bytes=0, cache_data=cache_data)
+        need = est(1, n, 0)
+        # the largest batch that would fit one replica (a loader's own batches, since these are not split)
+        lo, hi = shape.min_batch - 1, n - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(1, mid, 0):
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo >= shape.min_batch:
+            advice = (f"a loader with batches of at most {lo} samples would fit (which changes those results), "
+                      "or use a larger budget")
+        else:
+            m = min(n, shape.min_batch)
+            least = est(1, m, 0)
+            big = max((k for k in least if k != "total"), key=least.get)
+            big += " (the solvers' [P] vectors, which fewer measures or a smaller max_iter reduce)" if big == "vectors" else ""
+            advice = ("smaller batches cannot make it fit ("
+                      + (f"batches of {m} are the smallest this job takes" if n <= m else
+                         f"even batches of {m} need about {format_bytes(least['total'] / SAFETY)}")
+                      + f"); most of the estimate is {big}: use a larger budget")
         raise ValueError(
             f"memory_budget={format_bytes(budget)} is too small for this job: {shape.whole_batches}, so the batches "
-            f"are not split, and one replica with batches of {n} needs about {format_bytes(need['total'] / SAFETY)}; "
-            "use a loader with smaller batches (which changes those results) or a larger budget")
+            f"are not split, and one replica with batches of {n} needs about {format_bytes(need['total'] / SAFETY)} "
+            f"({_parts(need)}); {advice}")
     if c == 0:
-        need = estimate_bytes(shape, 1, batch=1, cache_bytes=0, cache_data=cache_data)
+        need = est(1, 1, 0)
         raise ValueError(
             f"memory_budget={format_bytes(budget)} is too small for this job: one replica with one-sample batches "
-            f"needs about {format_bytes(need['total'] / SAFETY)} ("
-            + ", ".join(f"{k} {format_bytes(v)}" for k, v in need.items() if k != "total") + ")")
+            f"needs about {format_bytes(need['total'] / SAFETY)} ({_parts(need)})")
     cache, work, func_options = None, None, {}
     if shape.fused:
-        spare = target - estimate_bytes(shape, c, batch=n, cache_bytes=0, cache_data=cache_data)["total"]
+        spare = target - est(c, n, 0)["total"]
         cache = int(min(max(0, spare) // STATE_COPIES, c * shape.num_samples * shape.state_per_sample))
     elif shape.func_mode:
         # without reuse the products take what is left, up to all of them in one call (work_bytes is
         # also set with reuse, in case the caller's backend_options turn reuse off)
-        least = estimate_bytes(shape, c, batch=n, cache_bytes=0, cache_data=cache_data)
+        least = est(c, n, 0)
         item_n, item_1 = shape.func_costs["item"]
         units = c * (shape.probes if shape.func_mode == "forward" else 1)
         work = max(1, int(min(units * (item_n * n + item_1), least["batch_transient"] + target - least["total"])))
         func_options = {"reuse": reused, "work_bytes": work}
         cache = None if reused else 0
-    est = estimate_bytes(shape, c, batch=n, cache_bytes=cache, cache_data=cache_data, work_bytes=None if reused else work)
-    plan = MemoryPlan(budget, c, cache if shape.fused else None, bool(cache_data), None if n == shape.batch else n, est, shape)
+    plan = MemoryPlan(budget, c, cache if shape.fused else None, bool(cache_data), None if n == shape.batch else n,
+                      est(c, n, cache, work_bytes=None if reused else work), shape)
     plan.func_options = func_options
+    plan.max_matrix_bytes = matrix_cap
     return plan
 
 
 # --- looking at a job ----------------------------------------------------------------------------
-def _stage_vectors(P, *, measures, max_iter, eig_solver, trace_method, trace_probes, top_k, slq_steps, slq_draws):
-    """(the most [P] vectors per replica alive in any solver stage, the most probes per matvec)."""
+def _stage_vectors(P, *, measures, max_iter, eig_solver, trace_method, trace_probes, top_k, slq_steps, slq_draws,
+                   outputs=1):
+    """(the most [P] vectors per replica alive in any solver stage, the most probes per matvec).
+    ``outputs``: the model's outputs per sample (C), the vectors the exact trace back-propagates
+    per sample in the probes' place."""
     from .sharpness import MEASURES
 
     measures = (measures,) if isinstance(measures, str) else tuple(measures)
@@ -309,6 +405,10 @@ def _stage_vectors(P, *, measures, max_iter, eig_solver, trace_method, trace_pro
     deflate = "trace" in measures and trace_method in ("auto", "deflated") and eig_solver == "lanczos"
     probes = 1
     stages = [VECTOR_COPIES]
+    if "trace" in measures and trace_method == "exact":
+        # no [P] probe vectors, but one backward pass of C vectors per sample: its tangents are
+        # those of a C-probe matvec (FusedBackend.exact_trace chunks them as it chunks such a matvec)
+        probes = max(probes, int(outputs))
     kept = 0
     if "top_k" in measures or "lambda_max" in measures or (deflate and trace_method == "deflated"):
         k = top_k if "top_k" in measures else 1
@@ -356,9 +456,9 @@ def _scan_data(data):
     return first, sizes, nbytes
 
 
-def _activation_stats(rs, x) -> tuple[int, int]:
-    """(sum of leaf-module output sizes, the widest output size) per sample, in elements (the
-    inputs carry no tangent)."""
+def _activation_stats(rs, x) -> tuple[int, int, int]:
+    """(sum of leaf-module output sizes, the widest output size, the model's output size) per
+    sample, in elements (the inputs carry no tangent)."""
     total, widest = 0, 1
     hooks = []
 
@@ -374,17 +474,18 @@ def _activation_stats(rs, x) -> tuple[int, int]:
             hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            rs.call({n: t[0] for n, t in rs.params.items()}, {n: t[0] for n, t in rs.buffers.items()}, x)
+            out = rs.call({n: t[0] for n, t in rs.params.items()}, {n: t[0] for n, t in rs.buffers.items()}, x)
     finally:
         for h in hooks:
             h.remove()
-    return total, widest
+    outputs = out.numel() // max(1, out.shape[0]) if isinstance(out, torch.Tensor) and out.dim() > 0 else 1
+    return total, widest, max(1, int(outputs))
 
 
 def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_entropy", reduction="mean",
               loss_reduction="mean", backend="auto", bn_mode="eval", max_iter=100, eig_solver="lanczos",
               trace_method="auto", trace_probes=None, top_k=5, slq_steps=60, slq_draws=1,
-              backend_options=None, measure_options=None, **_ignored) -> tuple[JobShape, str]:
+              backend_options=None, measure_options=None, common_random_numbers=True, **_ignored) -> tuple[JobShape, str]:
     """The :class:`JobShape` of a ``batched_sharpness`` job and the backend it will use. Reads the
     data once (sizes and bytes) and runs one replica on up to two samples (state and activation sizes)."""
     from .backends.fused import FusedBackend
@@ -405,7 +506,7 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
     y = y.to(rs.device, rs.dtype) if y.is_floating_point() else y.to(rs.device)
     name, _ = select_backend(rs, backend, lossobj)
     n1 = x.shape[0]
-    act, widest = _activation_stats(rs, x)
+    act, widest, outputs = _activation_stats(rs, x)
     state = 0
     fused = name == "fused"
     conv = False
@@ -427,15 +528,38 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
         func_costs = memory_costs(rs, x, func_mode)
     stage, probes = _stage_vectors(rs.P, measures=measures, max_iter=max_iter, eig_solver=eig_solver,
                                    trace_method=trace_method, trace_probes=trace_probes, top_k=top_k,
-                                   slq_steps=slq_steps, slq_draws=slq_draws)
+                                   slq_steps=slq_steps, slq_draws=slq_draws, outputs=outputs)
     itemsize = rs.dtype.itemsize
     shape = JobShape(P=rs.P, itemsize=itemsize, batch=max(sizes), num_samples=sum(sizes), data_bytes=nbytes,
                      vectors=stage, probes=probes, state_per_sample=state, act_per_sample=-(-act * itemsize // n1) if n1 else 0,
                      widest=widest, layers=layers, fused=fused, gpu=rs.device.type == "cuda", conv=conv,
                      chunk_bytes=opts.get("chunk_bytes", 4 << 20), sample_chunk_bytes=opts.get("sample_chunk_bytes"),
                      func_mode=func_mode, func_costs=func_costs,
-                     whole_batches=_whole_batches(rs, measures, measure_options))
+                     whole_batches=_whole_batches(rs, measures, measure_options), min_batch=2 if rs.batch_statistics else 1)
+    _subspace_matrix(shape, rs, measures, measure_options, common_random_numbers)
     return shape, name
+
+
+def _subspace_matrix(shape: JobShape, rs, measures, measure_options, common) -> None:
+    """Fill in ``shape``'s epsilon_sharpness_subspace matrix fields (see :func:`matrix_bytes`)."""
+    name = "epsilon_sharpness_subspace"
+    if name not in ((measures,) if isinstance(measures, str) else tuple(measures)):
+        return
+    options = (measure_options or {}).get(name, {})
+    A = options.get("A")
+    if isinstance(A, torch.Tensor) and A.dim() in (2, 3):
+        shape.matrix_p = max(1, int(A.shape[-1]))
+        shape.matrix_shared = A.dim() == 2 or A.shape[0] == 1
+        same = A.dtype == rs.dtype and A.device == torch.device(rs.device)
+        shape.matrix_injected = 0 if same else A.numel() * shape.itemsize
+        return
+    p = options.get("p", 1000)
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        return  # (the measure refuses it)
+    shape.matrix_p = min(p, shape.P)
+    shape.matrix_shared = bool(common)
+    mx = options.get("max_matrix_bytes")
+    shape.matrix_max = int(mx) if isinstance(mx, numbers.Integral) and not isinstance(mx, bool) else None
 
 
 def _whole_batches(rs, measures, measure_options) -> str:
@@ -467,29 +591,110 @@ def plan_memory(models, data, budget, **job) -> MemoryPlan:
     return plan
 
 
+def read_one_pass(models, data, cache_data="auto"):
+    """``(data, cache_data)`` for a job with a memory budget, whose plan reads the data before the
+    job does. A one-pass loader (an iterator or generator: ``iter(data) is data``) is read here,
+    once, into a list of its batches on the models' device and dtype (copied where the loader's own
+    tensors could be refilled, as :class:`fastcurv.data.Batches` does), which the plan and the job
+    then both read, with ``cache_data=True`` (they stay in memory, and the plan counts them).
+    ``cache_data=False`` cannot be honoured then (every product re-reads the batches): ValueError.
+    Other data (lists, DataLoaders, one batch, :class:`~fastcurv.data.Batches`) is returned as it is."""
+    from .data import Batches, is_single_batch
+
+    if isinstance(data, Batches) or is_single_batch(data):
+        return data, cache_data
+    try:
+        one_pass = iter(data) is data
+    except TypeError:
+        return data, cache_data  # (the job names the problem)
+    if not one_pass:
+        return data, cache_data
+    if cache_data is False:
+        raise ValueError("cache_data=False with memory_budget= needs a re-iterable loader (a list of batches, a "
+                         f"DataLoader): this {type(data).__name__} can be read only once, but without caching every "
+                         "Hessian product reads the batches again; pass cache_data='auto' (its batches are then kept, "
+                         "within the budget) or a re-iterable loader")
+    p = next(models[0].parameters())
+    batches = Batches(data, device=p.device, dtype=p.dtype, cache=True)
+    return [(x, y) for _, x, y in batches], True
+
+
+def _operator_shape(name, backend, batches, probes) -> JobShape:
+    """The :class:`JobShape` of a :class:`fastcurv.HessianOperator`'s own memory (no solver
+    vectors: the probes are the caller's) with backend ``name``."""
+    rs = backend.replicas
+    _, x, y = next(iter(batches))
+    act, widest, outputs = _activation_stats(rs, x[:2])
+    n1 = min(2, x.shape[0])
+    fused = name == "fused"
+    if fused and backend.exact_trace_support()[0]:  # exact_trace() back-propagates C = outputs vectors per sample
+        probes = max(probes, outputs)
+    func_mode, func_costs = "", {}
+    if name == "func":
+        from .backends.func import memory_costs
+
+        func_mode, func_costs = backend.mode, memory_costs(rs, x[:2], backend.mode)
+    layers = (sum(1 for l in backend.layers if l.kind in ("linear", "conv")) if fused
+              else sum(1 for mod in rs.base.modules() if not list(mod.children())))
+    return JobShape(P=rs.P, itemsize=rs.dtype.itemsize, batch=max(batches.sizes), num_samples=batches.num_samples,
+                    # (the batches' bytes that are the operator's own, not the caller's tensors, which it only reads)
+                    data_bytes=batches.owned_bytes, vectors=0, probes=probes,
+                    state_per_sample=backend.state_bytes_per_sample(x, y) if fused else 0,
+                    act_per_sample=-(-act * rs.dtype.itemsize // n1) if n1 else 0, widest=widest, layers=layers,
+                    fused=fused, gpu=rs.device.type == "cuda", conv=fused and backend._maps is not None,
+                    chunk_bytes=getattr(backend, "chunk_bytes", None), sample_chunk_bytes=getattr(backend, "sample_chunk_bytes", None),
+                    func_mode=func_mode, func_costs=func_costs)
+
+
+def operator_least_bytes(name, backend, batches, *, probes: int = PROBE_BATCH) -> dict:
+    """The least a :class:`fastcurv.HessianOperator` with backend ``name`` needs (:func:`estimate_bytes`'
+    parts): its stacked parameters, the batches it owns, and one batch's transients for ``probes``
+    probes per matvec. fused: no cached state, tangents for the probes (or, where
+    :meth:`exact_trace` applies, for the model's C outputs if more); func: no reused graphs, its
+    products one unit at a time (one replica's graph; mode "forward": one replica and probe);
+    autograd: one replica, batch and probe at a time (how it always runs)."""
+    shape = _operator_shape(name, backend, batches, probes)
+    R = backend.replicas.R
+    if name in ("fused", "func"):
+        return estimate_bytes(shape, R, cache_bytes=0)
+    parts = estimate_bytes(shape, R)  # autograd: its graphs are one replica's, for one probe
+    parts["batch_transient"] = estimate_bytes(dataclasses.replace(shape, probes=1), 1)["batch_transient"]
+    parts["total"] = sum(v for k, v in parts.items() if k != "total")
+    return parts
+
+
+def _too_small_for_operator(nbytes: int, need: dict, what: str) -> ValueError:
+    return ValueError(f"memory_budget={format_bytes(nbytes)} is too small for this operator: it needs about "
+                      f"{format_bytes(need['total'] / SAFETY)} {what}({_parts(need)}); use fewer replicas, smaller "
+                      "batches or a larger budget")
+
+
 def operator_cache_bytes(backend, batches, budget, *, probes: int = PROBE_BATCH) -> int:
     """``cache_bytes`` for a fused ``backend`` of a :class:`fastcurv.HessianOperator` with a
-    ``memory_budget``: what is left of ``SAFETY * budget`` after the operator's own memory (its
-    stacked parameters, the cached batches, one batch's transients and tangents for ``probes``
-    probes per matvec), divided by ``STATE_COPIES``. Raises ValueError when nothing is left."""
-    rs = backend.replicas
-    nbytes = parse_budget(budget, rs.device)
-    _, x, y = next(iter(batches))
-    data = batches.owned_bytes  # (not the caller's own tensors, which the operator only reads)
-    _, widest = _activation_stats(rs, x[:2])
-    shape = JobShape(P=rs.P, itemsize=rs.dtype.itemsize, batch=max(batches.sizes), num_samples=batches.num_samples,
-                     data_bytes=data, vectors=0, probes=probes, state_per_sample=backend.state_bytes_per_sample(x, y),
-                     act_per_sample=0, widest=widest, layers=sum(1 for l in backend.layers if l.kind in ("linear", "conv")),
-                     fused=True, gpu=rs.device.type == "cuda", conv=backend._maps is not None,
-                     chunk_bytes=backend.chunk_bytes, sample_chunk_bytes=backend.sample_chunk_bytes)
-    rest = SAFETY * nbytes - estimate_bytes(shape, rs.R, cache_bytes=0)["total"]
+    ``memory_budget``: what is left of ``SAFETY * budget`` after the operator's own memory
+    (:func:`operator_least_bytes`: its stacked parameters, the cached batches, one batch's
+    transients and tangents for ``probes`` probes per matvec, or for the model's C outputs where
+    :meth:`exact_trace` applies, if more), divided by ``STATE_COPIES``. Raises ValueError when
+    nothing is left."""
+    nbytes = parse_budget(budget, backend.replicas.device)
+    need = operator_least_bytes("fused", backend, batches, probes=probes)
+    rest = SAFETY * nbytes - need["total"]
     if rest < 0:
-        need = estimate_bytes(shape, rs.R, cache_bytes=0)
-        raise ValueError(f"memory_budget={format_bytes(nbytes)} is too small for this operator: it needs about "
-                         f"{format_bytes(need['total'] / SAFETY)} without any cached state ("
-                         + ", ".join(f"{k} {format_bytes(v)}" for k, v in need.items() if k != "total")
-                         + "); use fewer replicas or smaller batches")
+        raise _too_small_for_operator(nbytes, need, "without any cached state ")
     return int(rest // STATE_COPIES)
+
+
+def check_operator_budget(name, backend, batches, budget, *, probes: int = PROBE_BATCH) -> int:
+    """Raise ValueError when ``budget`` (times ``SAFETY``) is less than what a
+    :class:`fastcurv.HessianOperator` with backend ``name`` needs at least
+    (:func:`operator_least_bytes`); else return the budget in bytes."""
+    nbytes = parse_budget(budget, backend.replicas.device)
+    need = operator_least_bytes(name, backend, batches, probes=probes)
+    if need["total"] > SAFETY * nbytes:
+        what = {"fused": "without any cached state ", "func": "without reused graphs, one replica's products at a time ",
+                "autograd": "running one replica, batch and probe at a time "}.get(name, "")
+        raise _too_small_for_operator(nbytes, need, what)
+    return nbytes
 
 
 def func_bytes_caps(budget, device) -> dict:
@@ -545,4 +750,6 @@ def warn_halving(size: int, new: int, first: int, error: str) -> None:
 
 
 __all__ = ["JobShape", "MemoryPlan", "SplitBatches", "available_memory", "choose", "estimate_bytes", "format_bytes",
-           "is_out_of_memory", "job_shape", "operator_cache_bytes", "parse_budget", "plan_memory"]
+           "check_operator_budget", "is_out_of_memory", "job_shape", "matrix_bytes", "operator_cache_bytes",
+           "operator_least_bytes", "parse_budget", "plan_memory",
+           "read_one_pass"]

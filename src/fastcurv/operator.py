@@ -69,12 +69,18 @@ class HessianOperator:
             without shuffling): sample counts and every product / loss / gradient are summed over the
             ranks of ``process_group`` (default group) with all_reduce, so each rank holds the
             full-data result (exact sample weighting). Every rank must hold all R replicas.
-        memory_budget: bytes, a size string ("2GiB") or a fraction in (0, 1] of the free memory:
-            with the fused backend, the state cache gets what the budget leaves after the
-            operator's own memory (see :func:`fastcurv.memory.operator_cache_bytes`; beyond the
-            cache, state is recomputed in every matvec); with the func backend, its ``reuse_bytes``
-            and ``work_bytes`` are capped (:func:`fastcurv.memory.func_bytes_caps`) unless given in
-            ``backend_options``. The probe vectors are the caller's.
+        memory_budget: bytes, a size string ("2GiB") or a fraction in (0, 1] of the free memory.
+            With every backend, a budget below what the operator needs at least
+            (:func:`fastcurv.memory.operator_least_bytes`: its stacked parameters, the batches it
+            owns, one batch's transients for 10 probes per matvec) raises a ValueError with the
+            estimate. Then, by backend: fused, the state cache gets what the budget leaves after
+            that (see :func:`fastcurv.memory.operator_cache_bytes`; beyond the cache, state is
+            recomputed in every matvec) unless ``cache_bytes`` is given in ``backend_options``;
+            func, its ``reuse_bytes`` and ``work_bytes`` are capped
+            (:func:`fastcurv.memory.func_bytes_caps`) unless given in ``backend_options``;
+            autograd, nothing is tuned (it already runs one replica, batch and probe at a time, and
+            reuses nothing): the budget is only checked. The probe vectors (and their count per
+            matvec) are the caller's.
     """
 
     _group = None  # the process group of distributed_data=True (subclasses may skip __init__)
@@ -127,10 +133,13 @@ class HessianOperator:
                 for key, cap in func_bytes_caps(memory_budget, rs.device).items():
                     options.setdefault(key, cap)  # what the caller sets wins
             self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **options)
-            if memory_budget is not None and self.backend_name == "fused" and "cache_bytes" not in self._backend_options:
-                from .memory import operator_cache_bytes
+            if memory_budget is not None:
+                from .memory import check_operator_budget, operator_cache_bytes
 
-                self.backend.cache_bytes = operator_cache_bytes(self.backend, self.batches, memory_budget)
+                if self.backend_name == "fused" and "cache_bytes" not in self._backend_options:
+                    self.backend.cache_bytes = operator_cache_bytes(self.backend, self.batches, memory_budget)
+                else:  # the same check for every backend (fused with the caller's cache_bytes, func, autograd)
+                    check_operator_budget(self.backend_name, self.backend, self.batches, memory_budget)
 
         self._on_all_ranks(build, "building the operator")
         rs = self.replicas
@@ -167,15 +176,15 @@ class HessianOperator:
 
     def _check_first_batch(self):
         """Check the models, targets and batches on (the first samples of) the first batch, and
-        return those samples ``(x, y)``."""
+        return the first batch ``(x, y)`` (the fused engine's check spreads its samples over it)."""
         rs = self.replicas
         small = [i for i, n in enumerate(self.batches.sizes) if n < 2]
         if rs.batch_statistics and small:
             raise ValueError(f"batch {small[0]} has {self.batches.sizes[small[0]]} sample: batch-statistics BatchNorm "
                              "(bn_mode='batch' or track_running_stats=False) needs at least 2 samples per batch, as torch "
                              "does in training (drop the last batch, e.g. DataLoader(drop_last=True))")
-        _, x, y = next(iter(self.batches))
-        x, y = x[:8], y[:8]
+        _, x_all, y_all = next(iter(self.batches))
+        x, y = x_all[:8], y_all[:8]
         r = int(rs.finite.nonzero()[0]) if rs.finite.any() else 0
         with torch.no_grad():
             xc = x.clone()
@@ -192,7 +201,7 @@ class HessianOperator:
                                  "times: make that operation out of place")
         self.loss.check_targets(out, y)
         self.loss.check_all_targets(out, self.batches)
-        return x, y
+        return x_all, y_all
 
     # --- products ----------------------------------------------------------------------------
     def matvec(self, V: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:

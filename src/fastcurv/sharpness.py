@@ -227,16 +227,23 @@ def batched_sharpness(
     """
     models = validate_models(models)
     seed = as_seed(seed)
+    plan = None
     if memory_budget is not None:
-        from .memory import SplitBatches, plan_memory
+        from .memory import SplitBatches, plan_memory, read_one_pass
 
         if operator_kwargs.get("distributed_data"):
             raise ValueError("memory_budget= is not supported with distributed_data=True")
         models = list(models)
+        if not models:
+            raise ValueError("models is empty: pass a list of at least one nn.Module")
+        # the plan reads the data before the job: a one-pass loader is read once, for both
+        data, cache_data = read_one_pass(models, data, cache_data)
+        loader_type = type(data).__name__
         plan = plan_memory(models, data, memory_budget, measures=measures, loss=loss, reduction=reduction, backend=backend,
                            bn_mode=bn_mode, max_iter=max_iter, eig_solver=eig_solver, trace_method=trace_method,
                            trace_probes=trace_probes, top_k=top_k, slq_steps=slq_steps, slq_draws=slq_draws,
-                           cache_data=cache_data, measure_options=measure_options, **operator_kwargs)
+                           cache_data=cache_data, measure_options=measure_options,
+                           common_random_numbers=common_random_numbers, **operator_kwargs)
         replica_chunk = plan.replica_chunk if replica_chunk is None else min(int(replica_chunk), plan.replica_chunk)
         if cache_data == "auto":
             cache_data = plan.cache_data
@@ -263,7 +270,21 @@ def batched_sharpness(
     if distributed or output is not None or replica_chunk is not None:
         from .distributed import batched_sharpness as _sharded
 
-        res = _sharded(models, data, replica_chunk=replica_chunk, output=output, use_distributed=distributed, **kwargs)
+        if plan is None:
+            res = _sharded(models, data, replica_chunk=replica_chunk, output=output, use_distributed=distributed, **kwargs)
+        else:
+            from .measures._subspace import matrix_bytes_cap
+
+            try:
+                with matrix_bytes_cap(plan.max_matrix_bytes):  # epsilon_sharpness_subspace's matrix within the plan
+                    res = _sharded(models, data, replica_chunk=replica_chunk, output=output, use_distributed=distributed,
+                                   **kwargs)
+            except ValueError as exc:
+                if "empty loader" not in str(exc):
+                    raise
+                raise ValueError("memory_budget= reads the loader twice (its plan reads the batches' sizes first), but "
+                                 f"this {loader_type} yielded no batches the second time: pass a re-iterable "
+                                 "loader (a list of batches, a DataLoader) or an iterator (read once, for both)") from exc
         res.settings = result_settings(kwargs)
         return res
     if not _RETRY_SCOPE.get() and not operator_kwargs.get("distributed_data") and _on_gpu(models):

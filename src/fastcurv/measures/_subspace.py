@@ -10,8 +10,10 @@ Storage: the matrix is defined block by block: rows ``[k B, (k+1) B)`` (``B = BL
 replica ``r``'s matrix are ``randn(B, p) / sqrt(p)`` from a generator on the model's device seeded
 with a hash of ``(seed, r, k)`` (``r = 0`` for every replica when the draw is common). A block is therefore the
 same whether it is cached or regenerated, and replica r's matrix does not depend on the other
-replicas. The blocks are cached (one dense ``[Ra, P, p]`` tensor, Ra = 1 common or R) when that
-takes at most ``max_bytes``; otherwise every product regenerates them (cost: ``Ra P p`` normal draws
+replicas. The blocks are cached (one dense ``[Ra, P, p]`` tensor, Ra = 1 common or R, filled block
+by block in place: its peak is the matrix plus one block) when that takes at most ``max_bytes``
+(default :func:`default_max_bytes`: 1 GiB, or what ``memory_budget=`` leaves it, see
+:func:`matrix_bytes_cap`); otherwise every product regenerates them (cost: ``Ra P p`` normal draws
 per product; memory: one block of ``Ra * B * p`` entries). The draw depends on the device's RNG and
 the model dtype: for a bit-identical A across devices inject it (``A=`` a tensor). Inside a
 chunked or sharded job (:func:`fastcurv.solvers.probes.replica_window`) ``r`` is the replica's
@@ -27,6 +29,8 @@ the box) very large: the measure is meant for p << P.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import math
 
@@ -35,6 +39,32 @@ import torch
 from ..solvers.probes import _WINDOW
 
 BLOCK_ROWS = 1024
+DEFAULT_MAX_BYTES = 1 << 30  # the dense matrices are cached up to this size (without a memory budget)
+# the cap a memory plan (batched_sharpness(memory_budget=...)) puts on the cached matrices; None: none
+_MAX_BYTES_CAP: contextvars.ContextVar[int | None] = contextvars.ContextVar("fastcurv_subspace_max_bytes", default=None)
+
+
+def default_max_bytes() -> int:
+    """The ``max_bytes`` of a :class:`RandomSubspace` not given one: ``DEFAULT_MAX_BYTES``, or less
+    inside :func:`matrix_bytes_cap` (a memory plan's share for the matrix)."""
+    cap = _MAX_BYTES_CAP.get()
+    return DEFAULT_MAX_BYTES if cap is None else min(DEFAULT_MAX_BYTES, cap)
+
+
+@contextlib.contextmanager
+def matrix_bytes_cap(nbytes: int | None):
+    """Within this block, random subspaces without an explicit ``max_bytes`` cache their dense
+    matrices only up to ``nbytes`` (None: the cap is left as it is), else regenerate their blocks
+    in every product (the same matrices: the results do not change). Set by ``batched_sharpness``
+    from its memory plan."""
+    if nbytes is None:
+        yield
+        return
+    token = _MAX_BYTES_CAP.set(int(nbytes))
+    try:
+        yield
+    finally:
+        _MAX_BYTES_CAP.reset(token)
 
 
 def _block_seed(seed: int, r: int, k: int) -> int:
@@ -49,13 +79,14 @@ class RandomSubspace:
     Args:
         P: parameters per replica. p: subspace dimension (> 0). R: replicas.
         seed, common: the draw (see the module docstring). device, dtype: where products run.
-        max_bytes: cache the dense matrices when ``Ra * P * p * itemsize <= max_bytes``.
+        max_bytes: cache the dense matrices when ``Ra * P * p * itemsize <= max_bytes`` (None:
+            :func:`default_max_bytes`).
         A: optional injected matrix ``[P, p]`` (shared) or ``[R, P, p]`` (per replica); then
             ``p``, ``seed`` and ``common`` are ignored.
     """
 
     def __init__(self, P: int, p: int, R: int, *, seed: int = 0, common: bool = True, device=None,
-                 dtype=torch.float32, max_bytes: int = 1 << 30, A: torch.Tensor | None = None):
+                 dtype=torch.float32, max_bytes: int | None = None, A: torch.Tensor | None = None):
         self.P, self.R, self.device, self.dtype, self.seed = P, R, device, dtype, seed
         self._dense = None
         if A is not None:
@@ -77,8 +108,15 @@ class RandomSubspace:
         window = _WINDOW.get()
         self.first = 0 if common or window is None else int(window[0])
         itemsize = torch.empty(0, dtype=dtype).element_size()
+        if max_bytes is None:
+            max_bytes = default_max_bytes()
         if self.rows * P * p * itemsize <= max_bytes:
-            self._dense = torch.cat([self._block(k) for k in range(self.num_blocks)], 1)
+            # filled block by block in place (a list of the blocks concatenated held the matrix twice)
+            dense = torch.empty(self.rows, P, p, device=device, dtype=dtype)
+            for k in range(self.num_blocks):
+                for r in range(self.rows):
+                    dense[r, k * BLOCK_ROWS:(k + 1) * BLOCK_ROWS] = self._generate(r, k)
+            self._dense = dense
 
     @property
     def num_blocks(self) -> int:
@@ -91,13 +129,17 @@ class RandomSubspace:
     def _generate(self, r: int, k: int) -> torch.Tensor:
         n = min(BLOCK_ROWS, self.P - k * BLOCK_ROWS)
         gen = torch.Generator(device=self.device).manual_seed(_block_seed(self.seed, self.first + r, k))
-        return torch.randn(n, self.p, generator=gen, device=self.device, dtype=self.dtype) / math.sqrt(self.p)
+        return torch.randn(n, self.p, generator=gen, device=self.device, dtype=self.dtype).div_(math.sqrt(self.p))
 
     def _block(self, k: int) -> torch.Tensor:
         """Rows ``[k B, (k+1) B)`` of every stored matrix: ``[Ra, rows, p]``."""
         if self._dense is not None:
             return self._dense[:, k * BLOCK_ROWS:(k + 1) * BLOCK_ROWS]
-        return torch.stack([self._generate(r, k) for r in range(self.rows)])
+        n = min(BLOCK_ROWS, self.P - k * BLOCK_ROWS)
+        out = torch.empty(self.rows, n, self.p, device=self.device, dtype=self.dtype)
+        for r in range(self.rows):
+            out[r] = self._generate(r, k)
+        return out
 
     def _chunks(self):
         """``(row slice, [Ra, rows, p] block)`` covering all P rows: the whole cached matrix at once

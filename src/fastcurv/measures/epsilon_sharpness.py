@@ -17,6 +17,9 @@ since the measure is meant for p << P), ``y`` in ``R^p`` and
 ``A^T grad L``). ``A`` has i.i.d. ``N(0, 1/p)`` entries (our choice of distribution and scale, see
 :mod:`._subspace`, which also says how A is stored without R dense copies); pass ``A=`` (a tensor
 ``[P, p]`` or ``[R, P, p]``) to use a given matrix: ``A = I`` gives the full-space measure exactly.
+``max_matrix_bytes`` (default None: 1 GiB, or under ``batched_sharpness(memory_budget=...)`` the
+share its memory plan leaves the matrix) caches the dense matrix when it fits, else regenerates its
+blocks from the seed in every product (the same matrix: the results do not change).
 Keskar et al.'s subspace dimension: measures.md records p = 1000 from recall (unverified against the
 paper).
 """
@@ -52,12 +55,16 @@ def epsilon_sharpness(op, *, seed, common, eps: float = 1e-3, n_iter: int = 10):
 
 
 def epsilon_subspace_values(op, *, seed: int = 0, common: bool = True, eps: float = 1e-3, p: int = 1000,
-                            n_iter: int = 10, A: torch.Tensor | None = None, max_matrix_bytes: int = 1 << 30):
+                            n_iter: int = 10, A: torch.Tensor | None = None, max_matrix_bytes: int | None = None):
     """Random-subspace Keskar sharpness ``[R]`` (float64 CPU, percent), the maximizing subspace
     coordinates ``y`` ``[R, p]`` and the :class:`~._subspace.RandomSubspace` used (so that the
     parameter perturbation is ``subspace.matmul(y)``). ``seed`` draws the matrix (hashed per block)
     and the ascent's random start; ``common`` gives every replica the same matrix and start."""
     positive("epsilon_sharpness_subspace", eps=eps)
+    if max_matrix_bytes is not None and (isinstance(max_matrix_bytes, bool) or not isinstance(max_matrix_bytes, numbers.Integral)
+                                         or max_matrix_bytes < 0):
+        raise ValueError(f"epsilon_sharpness_subspace: max_matrix_bytes must be a non-negative number of bytes or None, "
+                         f"got {max_matrix_bytes!r}")
     if A is None and not (isinstance(p, numbers.Integral) and not isinstance(p, bool) and p > 0):
         raise ValueError(f"epsilon_sharpness_subspace: p must be a positive integer, got {p!r}")
     if A is None and 2 * min(int(p), op.P) > op.P:
@@ -83,10 +90,12 @@ def epsilon_subspace_values(op, *, seed: int = 0, common: bool = True, eps: floa
 
 @register_measure("epsilon_sharpness_subspace")
 def epsilon_sharpness_subspace(op, *, seed, common, eps: float = 1e-3, p: int = 1000, n_iter: int = 10,
-                               A: torch.Tensor | None = None, max_matrix_bytes: int = 1 << 30):
+                               A: torch.Tensor | None = None, max_matrix_bytes: int | None = None):
     """Column ``epsilon_sharpness_subspace`` ``[R]`` (percent): Keskar's sharpness in a random
     ``p``-dimensional subspace (default p = 1000, eps = 1e-3, n_iter = 10). Cost per replica:
-    ``n_iter + 1`` gradients plus ``2 (n_iter + 1) + 1`` products with the ``P x p`` matrix."""
+    ``n_iter + 1`` gradients plus ``2 (n_iter + 1) + 1`` products with the ``P x p`` matrix.
+    ``max_matrix_bytes``: cache the dense matrix up to this size (None: 1 GiB, or what a memory
+    budget's plan leaves it; a value given here is kept, and the plan counts it)."""
     value, _, _ = epsilon_subspace_values(op, seed=seed, common=common, eps=eps, p=p, n_iter=n_iter, A=A,
                                           max_matrix_bytes=max_matrix_bytes)
     return {"epsilon_sharpness_subspace": finish(op, value)}

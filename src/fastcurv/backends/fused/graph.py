@@ -9,6 +9,12 @@ modules are traced through) into a DAG of fused layers (:class:`Graph`) that the
   both calls add into the same gradient and Hessian-vector product;
 * residual additions of two traced tensors of equal shape: ``a + b``, ``a += b``, ``torch.add(a, b)``,
   ``a.add(b)``;
+* in-place updates (``a += b``, ``a.add_(b)``, ``F.relu(a, inplace=True)``, ``ReLU(inplace=True)``, ...) of a
+  tensor that no operation after them reads, directly or through an alias (Identity, eval Dropout,
+  ``Flatten`` and the flattening views return their input or a view of it): torch.fx records the
+  update as an out-of-place operation, so a later reader would see the old value in the traced
+  graph and the new one in the model. fx records ``a += b`` as ``a + b``; :class:`_Tracer` tells
+  them apart by the bytecode that made the call;
 * functional activations: ``F.relu``/``torch.relu``/``x.relu()`` (also in place), ``torch.tanh``,
   ``torch.sigmoid``, ``F.gelu`` (exact), ``F.leaky_relu``;
 * flattening to ``[N, features]``: ``torch.flatten(x, 1)``, ``x.flatten(1)``,
@@ -22,7 +28,11 @@ the node and the module or function.
 """
 from __future__ import annotations
 
+import dis
+import functools
 import operator
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +47,40 @@ _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.rel
                   torch.sigmoid: "sigmoid", F.gelu: "gelu", F.leaky_relu: "leaky_relu"}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
                 "sigmoid_": "sigmoid"}
+
+
+_IADD = "fastcurv_inplace_add"  # node.meta key: the sum was written ``a += b``
+_SKIP_FRAMES = (os.path.dirname(os.path.abspath(fx.__file__)) + os.sep, os.path.abspath(__file__))
+
+
+@functools.lru_cache(maxsize=256)
+def _inplace_add_offsets(code) -> frozenset:
+    """Bytecode offsets of the ``+=`` instructions in ``code``."""
+    return frozenset(i.offset for i in dis.get_instructions(code)
+                     if i.opname == "INPLACE_ADD" or i.opname == "BINARY_OP" and i.argrepr == "+=")
+
+
+def _called_by_inplace_add() -> bool:
+    """Whether the frame that called into torch.fx (the model's code) is executing ``+=``."""
+    try:
+        f = sys._getframe(1)
+        while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_SKIP_FRAMES):
+            f = f.f_back
+        return f is not None and f.f_lasti in _inplace_add_offsets(f.f_code)
+    except Exception:  # noqa: BLE001 - unknown interpreter details: no mark (check_on still compares)
+        return False
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, marking the sums written ``a += b`` (``node.meta[_IADD]``): ``fx.Proxy``
+    has no ``__iadd__``, so Python runs ``a = a + b`` and fx records an out-of-place sum, while on
+    tensors torch updates ``a`` (and every alias of it) in place."""
+
+    def create_node(self, kind, target, *args, **kwargs):
+        node = super().create_node(kind, target, *args, **kwargs)
+        if kind == "call_function" and target is operator.add and _called_by_inplace_add():
+            node.meta[_IADD] = True
+        return node
 
 
 class Graph(list):
@@ -68,6 +112,8 @@ def _describe(node: fx.Node) -> str:
         what = f"{mod}.{getattr(t, '__name__', repr(t))}" if mod else getattr(t, "__name__", repr(t))
     else:
         what = repr(t)
+    if node.meta.get(_IADD):
+        what += " written '+='"
     where = ""
     stack = node.meta.get("nn_module_stack") or {}
     if stack and node.op != "call_module":
@@ -79,10 +125,11 @@ def _describe(node: fx.Node) -> str:
 def trace(base: nn.Module) -> tuple[Graph | None, str]:
     """The DAG of ``base`` for the fused engine, or ``(None, reason)``."""
     try:
-        gm = fx.symbolic_trace(base)
+        tracer = _Tracer()
+        graph = tracer.trace(base)
+        gm = fx.GraphModule(tracer.root, graph, type(base).__name__)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "not fused"
         return None, f"torch.fx cannot trace the model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    graph = gm.graph
     try:
         return _convert(gm, graph), ""
     except _Unsupported as e:
@@ -97,6 +144,7 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
     layers: list[_Layer] = []
     inputs: list[list[int]] = []
     out = None
+    order = {n: i for i, n in enumerate(graph.nodes)}
 
     def tensor(a, node) -> int:
         if isinstance(a, fx.Node) and a in ids:
@@ -109,16 +157,26 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
         inputs.append(srcs)
 
     def check_inplace(node, src_node):
-        # the tensor it updates, and every tensor that tensor aliases (Identity and eval Dropout
-        # return their input, flattening returns a view), must have one reader each: torch updates
-        # them all (shape queries read no values)
-        n = src_node
-        while n is not None:
-            if len([u for u in n.users if u not in size0_of and u not in shape_of]) > 1:
-                what = repr(n.name) if n is src_node else f"{n.name!r} (of which {src_node.name!r} is an alias)"
-                raise _Unsupported(f"{_describe(node)} works in place on {what}, which other operations also read; "
-                                   "not fused")
-            n = alias_of.get(n)
+        # torch updates the tensor `src_node` and every tensor that shares its storage: the tensors it
+        # aliases (Identity and eval Dropout return their input, Flatten and the flattening views return
+        # a view) and their other aliases. torch.fx records an out-of-place operation, so no operation
+        # after `node` may read any of them (it would read the old value in the graph, the new one in
+        # the model); shape queries read no values, and operations before `node` read the old value in both
+        root = src_node
+        while root in alias_of:
+            root = alias_of[root]
+        stack = [root]
+        while stack:
+            n = stack.pop()
+            for u in n.users:
+                if u is node or u in size0_of or u in shape_of:
+                    continue
+                if order[u] > order[node]:
+                    what = repr(src_node.name) if root is src_node else f"{root.name!r} (of which {src_node.name!r} is an alias)"
+                    raise _Unsupported(f"{_describe(node)} works in place on {what}, which another operation also reads "
+                                       f"after it ({_describe(u)}); not fused")
+                if alias_of.get(u) is n:  # a view taken before the update: its readers after it see the new value
+                    stack.append(u)
 
     def act_layer(node, kind, slope=0.0):
         return _Layer("act", act=activation_kind(kind), slope=slope, name=node.name)
@@ -154,6 +212,9 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
                 alias_of[node] = node.args[0]
             else:
                 add(node, layer, [src])
+                # nn.Flatten returns a view of its input (or the input itself), an in-place activation its input
+                if layer.kind == "flatten" or getattr(mod, "inplace", False):
+                    alias_of[node] = node.args[0]
         elif op in ("call_function", "call_method"):
             args, kw = node.args, dict(node.kwargs)
             is_method = op == "call_method"
@@ -163,9 +224,12 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
                 if not all(isinstance(a, fx.Node) and a in ids for a in args):
                     raise _Unsupported(f"{_describe(node)} adds a constant or a non-tensor value; only sums of two "
                                        "traced tensors (residual additions) are fused")
-                if t in (operator.iadd, "add_", "__iadd__"):
+                inplace = t in (operator.iadd, "add_", "__iadd__") or node.meta.get(_IADD)
+                if inplace:
                     check_inplace(node, args[0])
                 add(node, _Layer("add", name=node.name), [ids[args[0]], ids[args[1]]])
+                if inplace:  # returns its first term
+                    alias_of[node] = args[0]
             elif (t in _ACT_METHODS) if is_method else (t in _ACT_FUNCTIONS):
                 kind = _ACT_METHODS[t] if is_method else _ACT_FUNCTIONS[t]
                 src = tensor(args[0], node)
@@ -182,6 +246,8 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
                 if inplace:
                     check_inplace(node, args[0])
                 add(node, act_layer(node, kind, slope), [src])
+                if inplace:  # returns its input
+                    alias_of[node] = args[0]
             elif (t == "flatten") if is_method else (t is torch.flatten):
                 start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
                 end = args[2] if len(args) > 2 else kw.get("end_dim", -1)

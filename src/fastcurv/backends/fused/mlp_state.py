@@ -16,6 +16,15 @@ ZERO_COLUMNS_MIN_FRACTION = 0.05
 ZERO_COLUMNS_MIN_ROWS = 128
 
 
+def _check_first_input(name: str, x: torch.Tensor, features: int) -> None:
+    """Raise a ValueError naming the first Linear layer ``name`` (``features`` inputs) unless its
+    input ``x`` (the batch, after any Flatten) is ``[N, features]``: the MLP engine takes no other
+    shape (e.g. an MLP applied along a sequence axis, ``[N, T, F]``; torch.func runs those)."""
+    if x.dim() != 2 or x.shape[1] != features:
+        raise ValueError(f"Linear {name!r} needs inputs [N, {features}] (N samples, {features} features); "
+                         f"got {tuple(x.shape)}")
+
+
 def _drop_zero_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(x[:, keep], keep, zero)`` for a shared first-layer input ``x`` ``[N, I]`` whose columns
     ``zero`` are 0 in every row, or ``(x, None, None)`` when too few are (see
