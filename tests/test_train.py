@@ -641,17 +641,19 @@ def bn_cnn():
                          nn.Linear(2 * 2 * 3, 3)).double()
 
 
-@pytest.mark.parametrize("build,threads", [(bn_mlp, 1), (bn_cnn, 1), (bn_cnn, 2)])
-def test_batchnorm_models_train_as_the_loop(build, threads):
+@pytest.mark.parametrize("build,threads,fused,engine", [(bn_mlp, 1, None, "vmap"), (bn_cnn, 1, None, "per-replica"),
+                                                        (bn_cnn, 2, None, "per-replica"), (bn_cnn, 1, False, "vmap")])
+def test_batchnorm_models_train_as_the_loop(build, threads, fused, engine):
     """BatchNorm models train with each replica's batch statistics and update its own running
-    statistics, as torch.optim on each model in train mode; a replica with SAM takes its statistics
-    from the unperturbed pass only."""
+    statistics, as torch.optim on each model in train mode, through vmap and (conv nets on the CPU
+    by default) one replica at a time; a replica with SAM takes its statistics from the unperturbed
+    pass only."""
     x, y = _data()
     seeds = [3, 7, 11]
     models, hist = train_population(build, x, y, seeds=seeds, lr=[0.1, 0.05, 0.2], sam_rho=[0.0, 0.0, 0.05],
                                     weight_decay=0.01, batch_size=8, epochs=2, threads=threads, chunk_size=2,
-                                    progress=False)
-    assert hist.engine.startswith("vmap (")
+                                    fused=fused, progress=False)
+    assert hist.engine.startswith(engine + " ")
     ref = reference_loop(x, y, seeds[:2], optimizer="sgd", lrs=[0.1, 0.05], epochs=2, batch_size=8, weight_decay=0.01,
                          build=build)
     ref += reference_loop(x, y, seeds[2:], optimizer="sgd", lrs=[0.2], epochs=2, batch_size=8, weight_decay=0.01,
@@ -664,15 +666,17 @@ def test_batchnorm_models_train_as_the_loop(build, threads):
     assert not any(m.training for m in models)
 
 
-def test_batchnorm_replicas_that_stop_keep_their_statistics(tmp_path):
+@pytest.mark.parametrize("build", [bn_mlp, bn_cnn])
+def test_batchnorm_replicas_that_stop_keep_their_statistics(tmp_path, build):
     """A diverged replica and one that reached the target loss no longer change their running
-    statistics; the others are as if trained alone; a resumed run equals the uninterrupted one."""
+    statistics; the others are as if trained alone; a resumed run equals the uninterrupted one
+    (vmap, and one replica at a time)."""
     x, y = _data(n=24)
     kw = dict(lr=[0.3, 1e308, 0.05], batch_size=8, epochs=10, target_loss=0.6, progress=False)
-    models, hist = train_population(bn_mlp, x, y, seeds=[0, 1, 2], **kw)
+    models, hist = train_population(build, x, y, seeds=[0, 1, 2], **kw)
     assert hist.diverged == [False, True, False] and hist.reached_target[0], hist.to_pandas()
     for r in (0, 2):
-        alone, _ = train_population(bn_mlp, x, y, seeds=[r], lr=kw["lr"][r], batch_size=8, epochs=hist.epochs_run[r],
+        alone, _ = train_population(build, x, y, seeds=[r], lr=kw["lr"][r], batch_size=8, epochs=hist.epochs_run[r],
                                     progress=False)
         _assert_same([models[r]], alone, atol=1e-12)
     assert all(torch.isnan(p).all() for p in models[1].parameters())
@@ -689,8 +693,8 @@ def test_batchnorm_replicas_that_stop_keep_their_statistics(tmp_path):
 
     ck = tmp_path / "bn.pt"
     with pytest.raises(Killed):
-        train_population(bn_mlp, x, y, seeds=[0, 1, 2], checkpoint=ck, callback=die, **kw)
-    resumed, rh = train_population(bn_mlp, x, y, seeds=[0, 1, 2], checkpoint=ck, **kw)
+        train_population(build, x, y, seeds=[0, 1, 2], checkpoint=ck, callback=die, **kw)
+    resumed, rh = train_population(build, x, y, seeds=[0, 1, 2], checkpoint=ck, **kw)
     assert rh.resumed_from_epoch == 2
     np.testing.assert_array_equal(rh.train_loss, hist.train_loss)  # (NaN where a replica no longer trains)
     _assert_same([resumed[0], resumed[2]], [models[0], models[2]], atol=0)

@@ -401,9 +401,10 @@ def train_population(
             and hyperparameters, and the fused path computes the first layer of all replicas as one
             GEMM. Off by default (each replica has its own data order).
         fused: use the fused MLP forward/backward (:mod:`fastcurv.train_fused`): ``None`` (default)
-            when the model is a plain MLP chain without dropout, else the generic vmap path (the
-            reason is in ``history.engine``); ``True`` raises if the model does not qualify;
-            ``False`` always uses vmap.
+            when the model is a plain MLP chain without dropout, else the generic path (the reason
+            is in ``history.engine``): vmap, or for conv nets without dropout on the CPU autograd
+            one replica at a time (1.8x faster than vmap's grouped convolutions on W3's CNNs);
+            ``True`` raises if the model does not qualify; ``False`` always uses vmap.
         threads: replica-parallel worker threads on CPU (default ``torch.get_num_threads()``). Each
             worker trains its share of the replica groups for a whole epoch with single-threaded
             torch ops, so there is no per-op synchronization (intra-op OpenMP threads wait at every
@@ -478,7 +479,13 @@ def train_population(
         plan, why = plan_mlp(models[0], loss) if not has_dropout else (None, "the model has dropout")
         if fused and plan is None:
             raise ValueError(f"fused=True, but the model does not qualify for the fused MLP path: {why}")
-    engine = ("fused-mlp" + ("+shared-order" if shared else "")) if plan is not None else f"vmap ({why})"
+    # conv nets on the CPU: one replica at a time (in each worker thread) is 1.8x faster than vmap, whose batched
+    # convolutions become grouped ones (a W3 step, 10 replicas on one thread: 60 against 110 ms); MLPs gain from
+    # vmap's batched matrix products. Dropout keeps vmap, whose masks are drawn per replica group.
+    per_replica = fused is None and plan is None and device.type == "cpu" and not has_dropout and any(
+        isinstance(mod, nn.modules.conv._ConvNd) for mod in models[0].modules())
+    engine = ("fused-mlp" + ("+shared-order" if shared else "")) if plan is not None else (
+        f"{'per-replica autograd' if per_replica else 'vmap'} ({why})")
 
     params, buffers = stack_module_state(models)
     names = list(params)
@@ -583,10 +590,24 @@ def train_population(
                                        out={n: gbuf[n][sl] for n in names})
         # ``.data`` (unlike ``.detach()``) gets its own version counter: the in-place updates other worker
         # threads make to their groups' views of the same stacked tensors do not invalidate this graph
+        if per_replica:
+            return replica_grads(p, bufs, xb, yb, active)
         leaf = {n: t.data.requires_grad_(True) for n, t in p.items()}
         total, losses = total_loss(leaf, bufs, xb, yb, active)
         g = torch.autograd.grad(total, [leaf[n] for n in names])
         return dict(zip(names, g)), losses.detach()
+
+    def replica_grads(p, bufs, xb, yb, active):
+        """:func:`grads_at` one replica at a time: zero gradients and losses for the inactive ones."""
+        grads = {n: torch.zeros_like(p[n]) for n in names}
+        losses = torch.zeros(len(active), dtype=dtype, device=device)
+        for r in active.nonzero().flatten().tolist():
+            leaf = {n: t.data[r].requires_grad_(True) for n, t in p.items()}
+            lr_ = loss_fn(one(leaf, {n: b_[r] for n, b_ in bufs.items()}, xb[r]).unsqueeze(0), yb[r].unsqueeze(0))
+            for n, g in zip(names, torch.autograd.grad(lr_.sum(), [leaf[n] for n in names])):
+                grads[n][r] = g
+            losses[r] = lr_.detach()[0]
+        return grads, losses
 
     @torch.no_grad()
     def full_loss(p, bufs):
