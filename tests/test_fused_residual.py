@@ -618,3 +618,24 @@ def test_check_on_looks_past_degenerate_first_samples(monkeypatch):
     # the samples spread through the batch find it without the random inputs, the first ones do not
     assert not FusedBackend.check_on(rs, op.loss, x, y, synthetic=0)[0]
     assert FusedBackend.check_on(rs, op.loss, x[:10], y[:10], synthetic=0)[0]
+
+
+def test_the_engine_check_skips_replicas_whose_outputs_overflow():
+    """Finite weights whose outputs overflow (a too-large learning rate in a sweep) at both ends of
+    the population: the check compares the replicas where the loss is finite, the engine is fused,
+    and only those replicas get NaN rows (the check crashed on a NaN tolerance)."""
+    ms = replicas(lambda: nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)), 4, dtype=torch.float32)
+    with torch.no_grad():
+        for r in (0, 3):
+            for p in ms[r].parameters():
+                p.mul_(1e20)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 10, generator=g), torch.randint(0, 3, (64,), generator=g)
+    op = fastcurv.HessianOperator(ms, (x, y), backend="auto")
+    assert op.backend_name == "fused"
+    V = torch.randn(4, op.P, generator=g)
+    with pytest.warns(RuntimeWarning, match=r"replicas \[0, 3\] produced non-finite"):
+        HV = op.matvec(V)
+    assert torch.isfinite(HV).all(1).tolist() == [False, True, True, False]
+    ref = fastcurv.HessianOperator(ms[1:3], (x, y), backend="autograd").matvec(V[1:3])
+    torch.testing.assert_close(HV[1:3], ref, rtol=1e-4, atol=1e-5)

@@ -704,3 +704,16 @@ def test_whole_batches_error_gives_the_parts_and_useful_advice():
     two = dataclasses.replace(shape, batch=2)
     with pytest.raises(ValueError, match=r"batches of 2 are the smallest this job takes\); most of the estimate is"):
         memory.choose(two, 2, small)
+
+
+def test_a_budgeted_job_falls_back_where_the_engine_check_does():
+    """An MLP applied along [N, T, F] inputs: the plan runs the engine check as the operator does and
+    plans func (it planned the fused engine, which then failed on the inputs)."""
+    ms = [nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double() for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 5, 4, generator=g, dtype=torch.float64), torch.randn(6, 5, 3, generator=g, dtype=torch.float64)
+    kw = dict(measures=("lambda_max",), loss="mse", progress=False)
+    plain = fastcurv.batched_sharpness(ms, (x, y), **kw)
+    budget = fastcurv.batched_sharpness(ms, (x, y), memory_budget="1GiB", **kw)
+    assert plain.backend == budget.backend == "func"
+    torch.testing.assert_close(budget["lambda_max"], plain["lambda_max"])

@@ -504,7 +504,7 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
     lossobj.num_samples = sum(sizes)
     x = x.to(rs.device, rs.dtype) if x.is_floating_point() else x.to(rs.device)
     y = y.to(rs.device, rs.dtype) if y.is_floating_point() else y.to(rs.device)
-    name, _ = select_backend(rs, backend, lossobj)
+    name, _ = select_backend(rs, backend, lossobj, (x, y))  # (the engine check, as the operator runs it)
     n1 = x.shape[0]
     act, widest, outputs = _activation_stats(rs, x)
     state = 0
