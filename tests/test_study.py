@@ -321,7 +321,8 @@ def test_headline_follows_the_columns_function_kwargs_ask_for(tmp_path):
 
 
 def test_a_cnn_study_trains_batchnorm_and_audits_folded_copies(tmp_path, capsys):
-    """model="cnn": conv layers with BatchNorm trained in one job (one replica at a time per worker thread), measured in eval mode; the audit's
+    """model="cnn": conv layers with BatchNorm trained in one job (one replica at a time per worker
+    thread), measured in eval mode; the audit's
     transform acts on BatchNorm-folded copies, so it preserves the function (a BatchNorm after the
     rescaled conv undid the rescaling before); the printed summary names the transform."""
     res = fastcurv.study(**dict(TINY, verbose=True, hidden=(3, 4)), model="cnn", measures=("lambda_max", "disagreement"),
