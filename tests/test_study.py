@@ -322,9 +322,9 @@ def test_headline_follows_the_columns_function_kwargs_ask_for(tmp_path):
 
 def test_a_cnn_study_trains_batchnorm_and_audits_folded_copies(tmp_path, capsys):
     """model="cnn": conv layers with BatchNorm trained in one job (one replica at a time per worker
-    thread), measured in eval mode; the audit's
-    transform acts on BatchNorm-folded copies, so it preserves the function (a BatchNorm after the
-    rescaled conv undid the rescaling before); the printed summary names the transform."""
+    thread), measured in eval mode; the audit compares BatchNorm-folded copies before and after the
+    transform, which preserves the function (a BatchNorm after the rescaled conv would undo the
+    rescaling); the printed summary names the transform."""
     res = fastcurv.study(**dict(TINY, verbose=True, hidden=(3, 4)), model="cnn", measures=("lambda_max", "disagreement"),
                          audit_transform="neurons", out=tmp_path)
     assert res["history"].engine.startswith("per-replica autograd")
