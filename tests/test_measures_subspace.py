@@ -2,6 +2,7 @@
 measure when A = I, agreement with a per-model L-BFGS-B reference in the same subspace, the cached
 and regenerated matrix agree, non-invariance under Dinh rescaling, a NaN replica stays isolated."""
 import copy
+import dataclasses
 import warnings
 
 import numpy as np
@@ -219,16 +220,17 @@ def test_cuda_matches_cpu_with_injected_matrix(trained):
 
 
 def test_memory_budget_plans_the_matrix(monkeypatch):
-    """batched_sharpness(memory_budget=) counts the random matrix: cached when it takes at most a
-    quarter of the budget, else regenerated block by block (the same matrix: the same values; the
-    default 1 GiB cap cached it whatever the budget, 12x over it); a max_matrix_bytes the caller
-    gives is kept and counted."""
+    """batched_sharpness(memory_budget=) counts the random matrix: cached whenever the whole plan
+    fits with it cached (it was cached only up to a quarter of the budget, and a budget with plenty
+    of room made the job 2x slower), else regenerated block by block (the same matrix: the same
+    values; the default 1 GiB cap cached it whatever the budget, 12x over it); a max_matrix_bytes
+    the caller gives is kept and counted."""
     from fastcurv import memory
 
     monkeypatch.setattr(subspace_mod, "BLOCK_ROWS", 512)
     models = make_replicas(R=2, sizes=(6, 64, 64, 3))  # P = 4803
     loader = make_data()
-    opts = {NAME: {"eps": 1e-2, "p": 100, "n_iter": 3}}
+    opts = {NAME: {"eps": 1e-2, "p": 400, "n_iter": 3}}
     job = dict(measures=(NAME,), measure_options=opts, max_iter=20)
     made = []
     init = RandomSubspace.__init__
@@ -236,26 +238,84 @@ def test_memory_budget_plans_the_matrix(monkeypatch):
     ref = fastcurv.batched_sharpness(models, loader, progress=False, seed=1, **job)[NAME]
     assert made[-1].cached
     P = sum(q.numel() for q in models[0].parameters())
-    matrix = P * 100 * 8  # one shared matrix (common random numbers)
-    for budget, cached in ((int(4 * matrix / memory.SAFETY) - 64, False), (int(4 * matrix / memory.SAFETY) + 64, True)):
+    matrix = P * 400 * 8  # one shared matrix (common random numbers)
+    shape, _ = memory.job_shape(models, loader, **job)
+    assert shape.P == P and shape.matrix_p == 400 and shape.matrix_shared
+
+    def with_matrix(c, **kw):  # the estimate with the matrix cached
+        return memory.estimate_bytes(shape, c, max_matrix_bytes=1 << 40, **kw)["total"] / memory.SAFETY
+
+    fits_cached = int(with_matrix(2)) + 64  # the whole job, two replicas a chunk, with the matrix cached
+    too_small = int(with_matrix(1, cache_bytes=0)) - 64  # not even one replica with the matrix cached
+    assert matrix > fits_cached / 4  # (more than a quarter of the budget: regenerated before)
+    for budget, cached in ((too_small, False), (fits_cached, True)):
         made.clear()
         got = fastcurv.batched_sharpness(models, loader, progress=False, seed=1, memory_budget=budget, **job)[NAME]
         assert made and all(s.cached is cached for s in made)
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
         plan = memory.plan_memory(models, loader, budget, **job)
-        assert plan.estimate["total"] <= memory.SAFETY * budget
+        assert plan.estimate["total"] <= memory.SAFETY * budget and plan.batch_size is None
+        assert plan.max_matrix_bytes == (matrix if cached else 0)
         assert (plan.estimate["measure"] > matrix) is cached and ("subspace matrix cached" in plan.describe()) is cached
-    shape, _ = memory.job_shape(models, loader, **job)
-    assert shape.P == P and shape.matrix_p == 100 and shape.matrix_shared
+    assert memory.plan_memory(models, loader, fits_cached, **job).replica_chunk == 2
     # the caller's max_matrix_bytes: kept (cached here), and the plan counts it
     mine = {NAME: dict(opts[NAME], max_matrix_bytes=1 << 30)}
-    plan = memory.plan_memory(models, loader, int(4 * matrix / memory.SAFETY) - 64, **dict(job, measure_options=mine))
+    plan = memory.plan_memory(models, loader, too_small, **dict(job, measure_options=mine))
     assert plan.max_matrix_bytes is None and plan.estimate["measure"] > matrix
     with pytest.raises(ValueError, match=r"too small for this job: .*measure "):
         memory.plan_memory(models, loader, matrix, **dict(job, measure_options=mine))
     with pytest.raises(ValueError, match="max_matrix_bytes must be a non-negative number of bytes"):
         fastcurv.batched_sharpness(models, loader, progress=False, measures=(NAME,),
                                    measure_options={NAME: {"max_matrix_bytes": -1}})
+
+
+def test_the_plan_weighs_building_a_shared_matrix_per_chunk():
+    """A shared matrix cached is drawn once per chunk, regenerated in every product of a chunk: the
+    plan caches it unless that needs so many more chunks that it would be drawn more often."""
+    from fastcurv import memory
+
+    models = make_replicas(R=2, sizes=(6, 64, 64, 3))
+    shape, _ = memory.job_shape(models, make_data(), measures=(NAME,), measure_options={NAME: {"p": 400, "n_iter": 3}})
+    matrix = shape.P * 400 * 8
+    R = 12
+    budget = int(memory.estimate_bytes(shape, 1, max_matrix_bytes=1 << 40)["total"] / memory.SAFETY) + 64
+    # the plans with the matrix cached and regenerated (as a caller's max_matrix_bytes would fix it)
+    cached, regenerated = (memory.choose(dataclasses.replace(shape, matrix_max=m), R, budget) for m in (1 << 40, 0))
+    chunks = lambda plan: -(-R // plan.replica_chunk)
+    assert cached.replica_chunk < regenerated.replica_chunk and cached.batch_size is regenerated.batch_size is None
+    assert chunks(cached) <= 9 * chunks(regenerated)  # 2 (n_iter + 1) + 1 = 9 products per chunk
+    assert memory.choose(shape, R, budget).max_matrix_bytes == matrix  # cached: drawn fewer times
+    assert shape.matrix_products == 9
+    once = dataclasses.replace(shape, matrix_products=1)  # (as if each chunk made one product)
+    assert chunks(cached) > chunks(regenerated)
+    assert memory.choose(once, R, budget).max_matrix_bytes == 0
+
+
+def test_a_numpy_p_is_planned(monkeypatch):
+    """p given as a numpy integer (the measure takes any integer) is planned as the int (the plan
+    left the matrix out, and the measure cached it at 2x the budget)."""
+    from fastcurv import memory
+
+    models = make_replicas(R=2, sizes=(6, 64, 64, 3))
+    loader = make_data()
+    plans = []
+    for p in (100, np.int64(100), np.int32(100)):
+        job = dict(measures=(NAME,), measure_options={NAME: {"p": p, "n_iter": 1}})
+        shape = memory.job_shape(models, loader, **job)[0]
+        assert shape.matrix_p == 100
+        # a budget too small for the matrix cached
+        least = memory.estimate_bytes(shape, 1, cache_bytes=0, max_matrix_bytes=1 << 40)["total"]
+        budget = int(least / memory.SAFETY) - 64
+        plans.append(memory.plan_memory(models, loader, budget, **job))
+    assert plans[0].max_matrix_bytes == 0  # regenerated under this budget
+    for plan in plans[1:]:
+        assert plan.estimate == plans[0].estimate and plan.max_matrix_bytes == plans[0].max_matrix_bytes
+    made = []
+    init = RandomSubspace.__init__
+    monkeypatch.setattr(RandomSubspace, "__init__", lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    fastcurv.batched_sharpness(models, loader, progress=False, memory_budget=budget, measures=(NAME,),
+                               measure_options={NAME: {"p": np.int64(100), "n_iter": 1}})
+    assert made and not any(s.cached for s in made)
 
 
 def test_the_cached_matrix_is_built_in_place(monkeypatch):

@@ -717,3 +717,112 @@ def test_a_budgeted_job_falls_back_where_the_engine_check_does():
     budget = fastcurv.batched_sharpness(ms, (x, y), memory_budget="1GiB", **kw)
     assert plain.backend == budget.backend == "func"
     torch.testing.assert_close(budget["lambda_max"], plain["lambda_max"])
+
+
+# --- one-pass detection, a one-pass loader over the budget, jobs that cannot be split (hunt 21) -------
+class _SelfIterLoader:
+    """The "FastTensorDataLoader" pattern: __iter__ resets the position and returns self, so every
+    iter() starts a new pass (re-iterable), and it has a __len__."""
+
+    def __init__(self, data, step=16):
+        self.x, self.y = data
+        self.step, self.passes = step, 0
+
+    def __iter__(self):
+        self.i, self.passes = 0, self.passes + 1
+        return self
+
+    def __next__(self):
+        if self.i >= self.x.shape[0]:
+            raise StopIteration
+        self.i += self.step
+        return self.x[self.i - self.step:self.i], self.y[self.i - self.step:self.i]
+
+    def __len__(self):
+        return -(-self.x.shape[0] // self.step)
+
+
+def test_one_pass_loaders_are_told_by_their_type(one_thread, monkeypatch):
+    """One-pass: generators and iterators whose type has no __len__ (iter(list), map, itertools),
+    and a DataLoader's iterator; a loader whose __iter__ resets and returns self (with a __len__)
+    is re-iterable: streamed with cache_data=False and not copied with 'auto' (it was refused, or
+    read whole and kept); a DataLoader is never iterated to find out (that started its workers and
+    drew a seed from torch's generator)."""
+    import itertools
+
+    models, data = _job(R=2, n=96)
+    listed = list(_gen(data))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=16)
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", lambda self: pytest.fail("iterated"))
+    assert memory.read_one_pass(models, loader, "auto") == (loader, "auto")
+    monkeypatch.undo()
+    kw = dict(KW, seed=0)
+    ref = fastcurv.batched_sharpness(models, listed, **kw)
+    for cache_data in (False, "auto"):
+        selfiter = _SelfIterLoader(data)
+        got, _ = memory.read_one_pass(models, selfiter, cache_data)
+        assert got is selfiter and selfiter.passes == 0
+        _close(fastcurv.batched_sharpness(models, selfiter, memory_budget="1GiB", cache_data=cache_data, **kw), ref)
+        assert selfiter.passes > (2 if cache_data is False else 1)  # read by the plan and again by the job
+    with pytest.raises(ValueError, match="cache_data=False with memory_budget= needs a re-iterable loader.*__len__"):
+        fastcurv.batched_sharpness(models, iter(listed), memory_budget="1GiB", cache_data=False, **kw)
+    for one_pass in (_gen(data), iter(listed), map(lambda b: b, listed), itertools.islice(listed, 3), iter(loader)):
+        assert memory.is_one_pass(one_pass)
+    for reiterable in (listed, data, _SelfIterLoader(data), loader, range(3)):
+        assert not memory.is_one_pass(reiterable)
+
+
+def test_a_one_pass_loader_over_the_budget_is_refused_while_read(one_thread):
+    """A one-pass loader whose batches exceed what the budget allows: reading stops at the batch
+    that passes SAFETY * budget, with a ValueError saying that its batches must be kept and what to
+    do (it was read whole, 3x the budget, before the plan refused it); batches that fit the reading
+    but not the job: the plan's error names the kept batches and the same advice."""
+    models, (x, y) = _job(R=2, n=2000)
+    drawn = []
+
+    def stream(batches=50, step=200):  # 200 samples of 12 float64 + int64 labels: 20800 bytes a batch
+        for i in range(batches):
+            drawn.append(i)
+            yield x[i * step % 2000:][:step], y[i * step % 2000:][:step]
+
+    budget = int(20.5 * 20800 / memory.SAFETY)  # room for 20 batches
+    with pytest.raises(ValueError, match=r"too small for the batches of this one-pass generator: .* must be kept .*"
+                                         r"first 21 batches already take .*re-iterable loader .* or a larger budget"):
+        fastcurv.batched_sharpness(models, stream(), memory_budget=budget, **KW)
+    assert len(drawn) == 21  # not the 50 batches
+    drawn.clear()
+    with pytest.raises(ValueError, match=r"too small for this job: .*most of it is the batches, kept on the device: "
+                                         r"a one-pass loader's batches must be kept .*re-iterable loader"):
+        fastcurv.batched_sharpness(models, stream(batches=19), memory_budget=budget, **KW)
+    assert len(drawn) == 19
+    got = fastcurv.batched_sharpness(models, stream(batches=5), memory_budget="1GiB", **KW)
+    _close(got, fastcurv.batched_sharpness(models, list(stream(batches=5)), **KW))
+
+
+def test_a_job_that_cannot_be_split_is_planned_in_one_chunk(one_thread):
+    """epsilon_sharpness_subspace with common_random_numbers=False cannot be split into chunks: the
+    plan keeps all replicas in one chunk (it split them, and the job then refused its own plan),
+    with a partial state cache where the whole does not fit; a budget too small for one chunk of
+    all of them says so."""
+    models, data = _job(R=4, n=96)
+    name = "epsilon_sharpness_subspace"
+    job = dict(measures=(name,), common_random_numbers=False, measure_options={name: {"p": 20, "n_iter": 2}})
+    shape, _ = memory.job_shape(models, data, **job)
+    whole = memory.estimate_bytes(shape, 4, max_matrix_bytes=0)["total"]
+    partial = memory.estimate_bytes(shape, 4, cache_bytes=0, max_matrix_bytes=0)["total"]
+    assert partial < whole
+    budget = int((whole + partial) / 2 / memory.SAFETY)  # 4 replicas fit only with a partial state cache
+    plan = memory.plan_memory(models, data, budget, **job)
+    assert plan.replica_chunk == 4 and plan.estimate["total"] <= memory.SAFETY * budget
+    assert shape.unsplit.startswith(f"measures ['{name}'] with common_random_numbers=False cannot be split")
+    assert memory.choose(dataclasses.replace(shape, unsplit=""), 4, budget).replica_chunk < 4  # (a split plan)
+    ref = fastcurv.batched_sharpness(models, data, progress=False, **job)
+    got = fastcurv.batched_sharpness(models, data, progress=False, memory_budget=budget, **job)
+    torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=0)
+    least = memory.estimate_bytes(shape, 4, batch=1, cache_bytes=0, max_matrix_bytes=0)["total"]
+    small = int(least / memory.SAFETY) - 64
+    assert memory.estimate_bytes(shape, 1, batch=1, cache_bytes=0, max_matrix_bytes=0)["total"] < memory.SAFETY * small
+    with pytest.raises(ValueError, match=r"too small for this job: measures \['epsilon_sharpness_subspace'\] with "
+                                         r"common_random_numbers=False cannot be split into chunks or ranks, so its 4 "
+                                         r"replicas run in one chunk, and with one-sample batches they need about"):
+        fastcurv.batched_sharpness(models, data, progress=False, memory_budget=small, **job)

@@ -340,3 +340,28 @@ def test_numpy_arrays_are_fingerprinted_by_their_bytes_and_numpy_seeds_work(tmp_
     res = fastcurv.batched_sharpness(models, data, measures=("lambda_max",), max_iter=20, progress=False, seed=np.int64(3))
     ref = fastcurv.batched_sharpness(models, data, measures=("lambda_max",), max_iter=20, progress=False, seed=3)
     assert torch.equal(res["lambda_max"], ref["lambda_max"])
+
+
+def test_max_matrix_bytes_is_not_part_of_the_fingerprint(tmp_path, monkeypatch):
+    """epsilon_sharpness_subspace's max_matrix_bytes changes memory, not results (the matrix is the
+    same cached or regenerated): a rerun that adds or changes it resumes (it was refused with a
+    FingerprintMismatch in measure_options); the other options still count; a call without it
+    fingerprints as before (measure_options kept as given), so files written before resume."""
+    from fastcurv.sharpness import result_settings
+
+    models, data = W.job(R=2)
+    name = "epsilon_sharpness_subspace"
+    out = str(tmp_path / "r.jsonl")
+    kw = dict(measures=(name,), progress=False)
+    opts = {"p": 10, "n_iter": 2}
+    first = fastcurv.batched_sharpness(models, data, output=out, measure_options={name: opts}, **kw)
+    monkeypatch.setattr(fastcurv.sharpness, "batched_sharpness", lambda *a, **k: pytest.fail("recomputed"))
+    for extra in ({"max_matrix_bytes": 0}, {"max_matrix_bytes": None}, {"max_matrix_bytes": 1 << 30}):
+        again = fastcurv.batched_sharpness(models, data, output=out, measure_options={name: {**opts, **extra}}, **kw)
+        assert torch.equal(again[name], first[name]) and again.settings["measure_options"] == {name: opts}
+    with pytest.raises(FingerprintMismatch, match="measure_options"):
+        fastcurv.batched_sharpness(models, data, output=out, measure_options={name: {**opts, "n_iter": 3}}, **kw)
+    # max_matrix_bytes alone: as if no options were given
+    assert result_settings({"measure_options": {name: {"max_matrix_bytes": 0}}})["measure_options"] is None
+    given = {name: opts, "rho_sharpness": {"rho": 0.1}}
+    assert result_settings({"measure_options": given})["measure_options"] is given

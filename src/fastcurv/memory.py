@@ -13,9 +13,16 @@ the process already holds: interpreter, torch, the caller's models and data) und
   floating-point order of the sums). Never where results depend on the batches (batch-statistics
   BatchNorm, per-batch worst-case rho-sharpness): then a budget too small raises a ValueError
   with the estimate's parts, saying whether a loader with smaller batches would fit.
-* The plan reads the data before the job does: a one-pass loader (an iterator or generator) is
-  read once for both and its batches kept (:func:`read_one_pass`; with ``cache_data=False`` it is
-  refused).
+* The plan reads the data before the job does: a one-pass loader is read once for both and its
+  batches kept (:func:`read_one_pass`; with ``cache_data=False`` it is refused). One-pass means a
+  generator, or an iterator (it has ``__next__``) whose type has no ``__len__`` (``iter(list)``,
+  ``map``, ``itertools``, a DataLoader's iterator); other iterables are taken as re-iterable,
+  ``iter()`` starting a new pass (a DataLoader, a list, a loader whose ``__iter__`` resets and
+  returns ``self`` with a ``__len__``), and are not iterated to find out. Its batches are read
+  only while they take at most ``SAFETY * budget``: past that it raises a ValueError.
+* Measures that cannot be split into chunks (:func:`fastcurv.measures.split_refusal`, e.g.
+  epsilon_sharpness_subspace with ``common_random_numbers=False``) keep all replicas in one
+  chunk; the budget then goes to caches and the batch size.
 * The replicas then run chunk by chunk (:func:`fastcurv.resume.run_chunks`); results are those of
   an unchunked run (each replica's solvers run on their own; probes do not depend on the split).
 * On a GPU, an out-of-memory error in a chunk empties the CUDA cache, halves the chunk and
@@ -49,8 +56,10 @@ the vectors it back-propagates per sample) and m = min(max_iter, P) + 1 stored L
   mode "forward" one replica and probe) and at most all of them;
 * data: the batches' bytes when they are cached (``cache_data``);
 * measure: epsilon_sharpness_subspace's random ``P x p`` matrices (:func:`matrix_bytes`): cached
-  when they take at most a quarter of the budget (or the caller's ``max_matrix_bytes``), else
-  regenerated block by block in every product (the same matrices, so the same results), plus its
+  (up to the measure's 1 GiB, or the caller's ``max_matrix_bytes``) whenever the whole plan fits
+  with them cached, else regenerated block by block in every product (the same matrices, so the
+  same results; regenerating costs ``Ra P p`` normal draws per product, Ra = 1 shared or the
+  chunk's replicas: 2x the time of a job on 94k-parameter MLPs with p = 1000), plus its
   pseudo-inverse's ``p x p`` float64 work.
 
 Registered measures (:mod:`fastcurv.measures`) are otherwise assumed to hold at most
@@ -60,11 +69,18 @@ The plan keeps the estimate under ``SAFETY * budget``. It prefers the largest ch
 is cached whole (no recomputation; func: every batch's graph reused, else none, with what is left
 for the products' chunks, ``plan.func_options``); when even one replica's state does not fit, the largest
 chunk that fits with a partial cache; when one replica does not fit at all, smaller batches.
-A budget too small for one replica and one sample raises ``ValueError`` with the estimate.
+epsilon_sharpness_subspace's matrix is cached when a plan with unsplit batches fits with it cached
+(the chunk and the state cache then take what is left), else regenerated; but a shared matrix,
+drawn once per chunk when cached, is regenerated when caching it needs so many more chunks that it
+would be drawn more often than in every product (``2 (n_iter + 1) + 1`` per chunk) of the fewer chunks.
+A budget too small for one replica (all of them, when the job cannot be split) and one sample
+raises ``ValueError`` with the estimate.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import inspect
 import math
 import numbers
 import re
@@ -187,6 +203,9 @@ class JobShape:
     matrix_shared: bool = True
     matrix_max: int | None = None
     matrix_injected: int | None = None
+    matrix_products: int = 23  # products with the matrices per chunk (2 (n_iter + 1) + 1)
+    unsplit: str = ""  # why the replicas must run in one chunk (measures.split_refusal), or ""
+    one_pass: bool = False  # the batches are a one-pass loader's, kept (read_one_pass)
 
 
 def matrix_bytes(shape: JobShape, chunk: int, max_matrix_bytes: int | None = None) -> tuple[int, bool]:
@@ -272,7 +291,8 @@ class MemoryPlan:
     ``backend_options`` it runs with: ``reuse`` (every batch's graph kept, if that fits) and
     ``work_bytes`` (what the plan leaves for the temporaries of products without reuse).
     max_matrix_bytes: for epsilon_sharpness_subspace (without the caller's ``max_matrix_bytes``),
-    the cap on its cached random matrices (:func:`fastcurv.measures._subspace.matrix_bytes_cap`).
+    the cap on its cached random matrices (:func:`fastcurv.measures._subspace.matrix_bytes_cap`):
+    their dense bytes for a chunk when the plan caches them, 0 when it regenerates them.
     """
 
     budget: int
@@ -303,27 +323,61 @@ def _parts(est: dict) -> str:
     return ", ".join(f"{k} {format_bytes(v)}" for k, v in est.items() if k != "total")
 
 
+def _dense_matrix_bytes(shape: JobShape, chunk: int) -> int:
+    """Bytes of epsilon_sharpness_subspace's dense ``[Ra, P, p]`` matrices for a chunk of ``chunk`` replicas."""
+    return (1 if shape.matrix_shared else chunk) * shape.P * shape.matrix_p * shape.itemsize
+
+
 def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = None) -> MemoryPlan:
     """The plan for ``R`` replicas of ``shape`` within ``budget`` bytes (rules in the module docstring)."""
+    if not shape.matrix_p or shape.matrix_max is not None or shape.matrix_injected is not None:
+        return _choose(shape, R, budget, cache_data, None)
+    # epsilon_sharpness_subspace's random matrices: cached whenever a plan with unsplit batches fits
+    # with them cached, else regenerated block by block in every product (the same matrices)
+    plans, error = {}, None
+    for matrix in (True, False):
+        try:
+            plans[matrix] = _choose(shape, R, budget, cache_data, matrix)
+        except ValueError as exc:
+            error = exc
+    if not plans:
+        raise error  # (the regenerated matrices' error: the least the job needs)
+    if len(plans) == 1:
+        return next(iter(plans.values()))
+    cached, regenerated = plans[True], plans[False]
+    if (cached.batch_size is None) != (regenerated.batch_size is None):
+        return cached if cached.batch_size is None else regenerated  # the one that keeps the batches whole
+    # both fit: the normal draws for the matrices, built once per chunk when cached, drawn again in
+    # every product when regenerated (a shared matrix cached in far more, smaller chunks can cost more)
+    def draws(plan, per_chunk):
+        return per_chunk * (-(-R // plan.replica_chunk) if shape.matrix_shared else R)
+
+    return cached if draws(cached, 1) <= draws(regenerated, shape.matrix_products) else regenerated
+
+
+def _choose(shape: JobShape, R: int, budget: int, cache_data: bool | None, matrix: bool | None) -> MemoryPlan:
+    """:func:`choose` with epsilon_sharpness_subspace's matrices ``matrix``: True cached (chunks
+    whose dense matrices exceed the measure's 1 GiB do not fit), False regenerated, None as the
+    shape says (the caller's ``max_matrix_bytes`` or matrix, or no matrix)."""
     from .measures._subspace import DEFAULT_MAX_BYTES
 
     target = SAFETY * budget
     if cache_data is None:  # keep the batches on the device when they take at most a quarter of the budget
         cache_data = shape.data_bytes <= target / 4
-    # epsilon_sharpness_subspace's random matrices: cached when they take at most a quarter of the
-    # budget (else regenerated block by block in every product; the same matrices), unless the
-    # caller set max_matrix_bytes
-    matrix_cap = None
-    if shape.matrix_p and shape.matrix_max is None and shape.matrix_injected is None:
-        matrix_cap = int(min(DEFAULT_MAX_BYTES, target // 4))
+    matrix_cap = None if matrix is None else (DEFAULT_MAX_BYTES if matrix else 0)
+    least = R if shape.unsplit else 1  # the fewest replicas per chunk (all of them when the job cannot be split)
 
     def est(c, n, cache, **kw):
         return estimate_bytes(shape, c, batch=n, cache_bytes=cache, cache_data=cache_data, max_matrix_bytes=matrix_cap, **kw)
 
     def fits(c, n, cache):
+        if matrix and _dense_matrix_bytes(shape, c) > DEFAULT_MAX_BYTES:
+            return False
         return est(c, n, cache)["total"] <= target
 
     def largest(pred):
+        if shape.unsplit:  # one chunk of all R replicas, or nothing
+            return R if pred(R) else 0
         lo, hi = 0, R  # pred is monotone in c: find the largest c in 1..R with pred(c), 0 if none
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -332,6 +386,11 @@ def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = No
             else:
                 hi = mid - 1
         return lo
+
+    def needs(what):  # the subject of the messages below: one replica, or all of them in one chunk
+        if least == 1:
+            return f"one replica with {what} needs"
+        return f"{shape.unsplit}, so its {R} replicas run in one chunk, and with {what} they need"
 
     n = shape.batch
     c = largest(lambda c: fits(c, n, None))  # whole state cached (func: every batch's graph reused)
@@ -342,12 +401,12 @@ def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = No
         n = max(1, n // 2)
         c = largest(lambda c: fits(c, n, 0))
     if c == 0 and shape.whole_batches:
-        need = est(1, n, 0)
-        # the largest batch that would fit one replica (a loader's own batches, since these are not split)
+        need = est(least, n, 0)
+        # the largest batch that would fit (a loader's own batches, since these are not split)
         lo, hi = shape.min_batch - 1, n - 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if fits(1, mid, 0):
+            if fits(least, mid, 0):
                 lo = mid
             else:
                 hi = mid - 1
@@ -356,22 +415,34 @@ def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = No
                       "or use a larger budget")
         else:
             m = min(n, shape.min_batch)
-            least = est(1, m, 0)
-            big = max((k for k in least if k != "total"), key=least.get)
+            smallest = est(least, m, 0)
+            big = max((k for k in smallest if k != "total"), key=smallest.get)
             big += " (the solvers' [P] vectors, which fewer measures or a smaller max_iter reduce)" if big == "vectors" else ""
             advice = ("smaller batches cannot make it fit ("
                       + (f"batches of {m} are the smallest this job takes" if n <= m else
-                         f"even batches of {m} need about {format_bytes(least['total'] / SAFETY)}")
+                         f"even batches of {m} need about {format_bytes(smallest['total'] / SAFETY)}")
                       + f"); most of the estimate is {big}: use a larger budget")
         raise ValueError(
             f"memory_budget={format_bytes(budget)} is too small for this job: {shape.whole_batches}, so the batches "
-            f"are not split, and one replica with batches of {n} needs about {format_bytes(need['total'] / SAFETY)} "
+            f"are not split, and {needs(f'batches of {n}')} about {format_bytes(need['total'] / SAFETY)} "
             f"({_parts(need)}); {advice}")
     if c == 0:
-        need = est(1, 1, 0)
+        need = est(least, 1, 0)
+        big = max((k for k in need if k != "total"), key=need.get)
+        if big == "data":
+            why = "most of it is the batches, kept on the device"
+            advice = ("a one-pass loader's batches must be kept (it cannot be read again): pass a re-iterable loader "
+                      "(a list of batches, a DataLoader), whose batches need not be kept, or a larger budget"
+                      if shape.one_pass else "pass cache_data=False or 'auto' (the batches are then read in every "
+                      "Hessian product) or a larger budget")
+            what = f"; {why}: {advice}"
+        else:
+            what = f"; most of it is {big}: use a larger budget"
+        if least > 1:
+            what += " (or common_random_numbers=True, which lets the replicas be split)"
         raise ValueError(
-            f"memory_budget={format_bytes(budget)} is too small for this job: one replica with one-sample batches "
-            f"needs about {format_bytes(need['total'] / SAFETY)} ({_parts(need)})")
+            f"memory_budget={format_bytes(budget)} is too small for this job: {needs('one-sample batches')} about "
+            f"{format_bytes(need['total'] / SAFETY)} ({_parts(need)}){what}")
     cache, work, func_options = None, None, {}
     if shape.fused:
         spare = target - est(c, n, 0)["total"]
@@ -379,16 +450,17 @@ def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = No
     elif shape.func_mode:
         # without reuse the products take what is left, up to all of them in one call (work_bytes is
         # also set with reuse, in case the caller's backend_options turn reuse off)
-        least = est(c, n, 0)
+        low = est(c, n, 0)
         item_n, item_1 = shape.func_costs["item"]
         units = c * (shape.probes if shape.func_mode == "forward" else 1)
-        work = max(1, int(min(units * (item_n * n + item_1), least["batch_transient"] + target - least["total"])))
+        work = max(1, int(min(units * (item_n * n + item_1), low["batch_transient"] + target - low["total"])))
         func_options = {"reuse": reused, "work_bytes": work}
         cache = None if reused else 0
     plan = MemoryPlan(budget, c, cache if shape.fused else None, bool(cache_data), None if n == shape.batch else n,
                       est(c, n, cache, work_bytes=None if reused else work), shape)
     plan.func_options = func_options
-    plan.max_matrix_bytes = matrix_cap
+    if matrix is not None:  # the measure caches exactly what was planned (smaller chunks: smaller matrices)
+        plan.max_matrix_bytes = _dense_matrix_bytes(shape, c) if matrix else 0
     return plan
 
 
@@ -537,6 +609,12 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
                      func_mode=func_mode, func_costs=func_costs,
                      whole_batches=_whole_batches(rs, measures, measure_options), min_batch=2 if rs.batch_statistics else 1)
     _subspace_matrix(shape, rs, measures, measure_options, common_random_numbers)
+    from .measures import split_refusal
+
+    why = split_refusal({"measures": measures, "measure_options": measure_options,
+                         "common_random_numbers": common_random_numbers}) or ""
+    shape.unsplit = why.split(" (they draw")[0]  # "measures [...] with ... cannot be split into chunks or ranks"
+    shape.one_pass = isinstance(data, _KeptBatches)
     return shape, name
 
 
@@ -554,10 +632,13 @@ def _subspace_matrix(shape: JobShape, rs, measures, measure_options, common) -> 
         shape.matrix_injected = 0 if same else A.numel() * shape.itemsize
         return
     p = options.get("p", 1000)
-    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+    if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1:
         return  # (the measure refuses it)
-    shape.matrix_p = min(p, shape.P)
+    shape.matrix_p = min(int(p), shape.P)
     shape.matrix_shared = bool(common)
+    n_iter = options.get("n_iter", 10)
+    if isinstance(n_iter, numbers.Integral) and not isinstance(n_iter, bool) and n_iter >= 0:
+        shape.matrix_products = 2 * (int(n_iter) + 1) + 1
     mx = options.get("max_matrix_bytes")
     shape.matrix_max = int(mx) if isinstance(mx, numbers.Integral) and not isinstance(mx, bool) else None
 
@@ -591,32 +672,93 @@ def plan_memory(models, data, budget, **job) -> MemoryPlan:
     return plan
 
 
-def read_one_pass(models, data, cache_data="auto"):
-    """``(data, cache_data)`` for a job with a memory budget, whose plan reads the data before the
-    job does. A one-pass loader (an iterator or generator: ``iter(data) is data``) is read here,
-    once, into a list of its batches on the models' device and dtype (copied where the loader's own
-    tensors could be refilled, as :class:`fastcurv.data.Batches` does), which the plan and the job
-    then both read, with ``cache_data=True`` (they stay in memory, and the plan counts them).
-    ``cache_data=False`` cannot be honoured then (every product re-reads the batches): ValueError.
-    Other data (lists, DataLoaders, one batch, :class:`~fastcurv.data.Batches`) is returned as it is."""
+class _KeptBatches(list):
+    """The batches of a one-pass loader, read once by :func:`read_one_pass` (a list: the plan and
+    the job read it again)."""
+
+
+def is_one_pass(data) -> bool:
+    """Whether ``data`` is a one-pass loader, which :func:`read_one_pass` reads once and keeps: a
+    generator, a DataLoader's iterator, or an iterator (it has ``__next__``) whose type has no
+    ``__len__`` (``iter(list)``, ``map``, ``zip``, ``itertools``). Anything else (a list, a
+    DataLoader, one batch, a loader whose ``__iter__`` resets and returns ``self`` and that has a
+    ``__len__``) is taken as re-iterable, ``iter()`` starting a new pass. Decided from the type
+    alone: ``iter()`` is not called (on a DataLoader it would start workers and draw a seed from
+    torch's random generator)."""
     from .data import Batches, is_single_batch
 
     if isinstance(data, Batches) or is_single_batch(data):
+        return False
+    if inspect.isgenerator(data):
+        return True
+    loader_iter = getattr(getattr(torch.utils.data, "dataloader", None), "_BaseDataLoaderIter", None)
+    if loader_iter is not None and isinstance(data, loader_iter):  # (it has a __len__, but one pass)
+        return True
+    return isinstance(data, collections.abc.Iterator) and not hasattr(type(data), "__len__")
+
+
+def _kept_bytes(t, dtype, targets=False) -> int:
+    """The bytes of a batch's tensor ``t`` kept on the device as :class:`fastcurv.data.Batches`
+    converts it (floating point to ``dtype``, integer targets to int64); 0 for anything else."""
+    if not isinstance(t, torch.Tensor):
+        return 0
+    if t.is_floating_point():
+        return t.numel() * dtype.itemsize
+    if targets and t.dtype not in (torch.int64, torch.bool):
+        return t.numel() * 8
+    return t.numel() * t.element_size()
+
+
+def read_one_pass(models, data, cache_data="auto", budget=None):
+    """``(data, cache_data)`` for a job with a memory budget, whose plan reads the data before the
+    job does. A one-pass loader (:func:`is_one_pass`: a generator, or an iterator whose type has no
+    ``__len__``) is read here, once, into a list of its batches on the models' device and dtype
+    (copied where the loader's own tensors could be refilled, as :class:`fastcurv.data.Batches`
+    does), which the plan and the job then both read, with ``cache_data=True`` (they stay in
+    memory, and the plan counts them). ``cache_data=False`` cannot be honoured then (every product
+    re-reads the batches): ValueError. With ``budget``, reading stops with a ValueError once the
+    batches read take more than ``SAFETY * budget`` (they could never fit; a stream larger than the
+    machine's memory is not read whole first). Other data (lists, DataLoaders, one batch,
+    :class:`~fastcurv.data.Batches`, loaders with a ``__len__``) is returned as it is, not iterated."""
+    from .data import Batches, _split
+
+    if not is_one_pass(data):
         return data, cache_data
-    try:
-        one_pass = iter(data) is data
-    except TypeError:
-        return data, cache_data  # (the job names the problem)
-    if not one_pass:
-        return data, cache_data
+    name = type(data).__name__
     if cache_data is False:
         raise ValueError("cache_data=False with memory_budget= needs a re-iterable loader (a list of batches, a "
-                         f"DataLoader): this {type(data).__name__} can be read only once, but without caching every "
-                         "Hessian product reads the batches again; pass cache_data='auto' (its batches are then kept, "
-                         "within the budget) or a re-iterable loader")
+                         f"DataLoader): this {name} is read as a one-pass loader (a generator, or an iterator whose "
+                         "type has no __len__), but without caching every Hessian product reads the batches again; "
+                         "pass cache_data='auto' (its batches are then kept, within the budget) or a re-iterable "
+                         "loader (a loader whose __iter__ starts a new pass and returns self needs a __len__ to be "
+                         "taken as one)")
     p = next(models[0].parameters())
-    batches = Batches(data, device=p.device, dtype=p.dtype, cache=True)
-    return [(x, y) for _, x, y in batches], True
+    nbytes = None if budget is None else parse_budget(budget, p.device)
+    limit = None if nbytes is None else SAFETY * nbytes
+
+    def limited():
+        kept = 0
+        for i, item in enumerate(data):
+            if limit is not None:
+                try:
+                    x, y = _split(item, i)
+                except TypeError:
+                    yield item  # (Batches names the problem)
+                    continue
+                kept += _kept_bytes(x, p.dtype) + _kept_bytes(y, p.dtype, targets=True)
+                if kept > limit:
+                    raise ValueError(
+                        f"memory_budget={format_bytes(nbytes)} is too small for the batches of this one-pass {name}: "
+                        "a one-pass loader (a generator, or an iterator whose type has no __len__) can be read only "
+                        "once, so its batches must be kept on the device for every Hessian product, and its first "
+                        f"{i + 1} batches already take {format_bytes(kept)}, more than the budget allows "
+                        f"({SAFETY:.0%} of it, {format_bytes(limit)}); reading stopped there. Pass a re-iterable "
+                        "loader (a list of batches, a DataLoader: its batches are read again in every product when "
+                        "they do not fit) or a larger budget")
+            yield item
+
+    batches = Batches(limited(), device=p.device, dtype=p.dtype, cache=True)
+    return _KeptBatches((x, y) for _, x, y in batches), True
 
 
 def _operator_shape(name, backend, batches, probes) -> JobShape:
@@ -751,5 +893,4 @@ def warn_halving(size: int, new: int, first: int, error: str) -> None:
 
 __all__ = ["JobShape", "MemoryPlan", "SplitBatches", "available_memory", "choose", "estimate_bytes", "format_bytes",
            "check_operator_budget", "is_out_of_memory", "job_shape", "matrix_bytes", "operator_cache_bytes",
-           "operator_least_bytes", "parse_budget", "plan_memory",
-           "read_one_pass"]
+           "is_one_pass", "operator_least_bytes", "parse_budget", "plan_memory", "read_one_pass"]

@@ -21,6 +21,9 @@ from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iterat
 MEASURES = ("lambda_max", "lambda_min", "top_k", "trace", "spectrum")
 # backend options that change memory, not results (the fused engine's, then the func backend's)
 _MEMORY_OPTIONS = ("cache_bytes", "chunk_bytes", "sample_chunk_bytes", "reuse", "reuse_bytes", "work_bytes")
+# measure options that change memory, not results (epsilon_sharpness_subspace's matrix: the same cached or
+# regenerated)
+_MEASURE_MEMORY_OPTIONS = {"epsilon_sharpness_subspace": ("max_matrix_bytes",)}
 TRACE_METHODS = ("auto", "exact", "deflated", "hutch++", "hutchinson")
 
 
@@ -38,7 +41,9 @@ class SharpnessResult:
     "hutchinson"; empty without a trace); trace_reason: with ``trace_method="auto"`` and no exact
     trace, why not (as :meth:`HessianOperator.exact_trace_support` says).
     settings: the keywords of the call that change results, defaults filled in (not ``measures``,
-    ``progress``, ``cache_data`` or the chunking and output options).
+    ``progress``, ``cache_data``, the chunking and output options, or the options that change only
+    memory: ``memory_budget``, the backends' cache and chunk sizes, epsilon_sharpness_subspace's
+    ``max_matrix_bytes``).
     """
 
     values: dict = field(default_factory=dict)
@@ -237,7 +242,7 @@ def batched_sharpness(
         if not models:
             raise ValueError("models is empty: pass a list of at least one nn.Module")
         # the plan reads the data before the job: a one-pass loader is read once, for both
-        data, cache_data = read_one_pass(models, data, cache_data)
+        data, cache_data = read_one_pass(models, data, cache_data, memory_budget)
         loader_type = type(data).__name__
         plan = plan_memory(models, data, memory_budget, measures=measures, loss=loss, reduction=reduction, backend=backend,
                            bn_mode=bn_mode, max_iter=max_iter, eig_solver=eig_solver, trace_method=trace_method,
@@ -284,7 +289,9 @@ def batched_sharpness(
                     raise
                 raise ValueError("memory_budget= reads the loader twice (its plan reads the batches' sizes first), but "
                                  f"this {loader_type} yielded no batches the second time: pass a re-iterable "
-                                 "loader (a list of batches, a DataLoader) or an iterator (read once, for both)") from exc
+                                 "loader (a list of batches, a DataLoader) or a one-pass iterator (a generator, or an "
+                                 "iterator whose type has no __len__: read once, for both; an iterator with a __len__ "
+                                 "is taken as re-iterable)") from exc
         res.settings = result_settings(kwargs)
         return res
     if not _RETRY_SCOPE.get() and not operator_kwargs.get("distributed_data") and _on_gpu(models):
@@ -468,7 +475,8 @@ _SIGNATURE = inspect.signature(batched_sharpness)  # (taken now: tests may repla
 def result_settings(kwargs: dict, with_measures: bool = False) -> dict:
     """The result-changing keywords of a :func:`batched_sharpness` call with ``kwargs``, its
     defaults filled in (for :attr:`SharpnessResult.settings`; ``measures`` too with
-    ``with_measures``, for the fingerprint of a resumable job)."""
+    ``with_measures``, for the fingerprint of a resumable job); memory options left out
+    (``_MEMORY_OPTIONS`` of ``backend_options``, ``_MEASURE_MEMORY_OPTIONS`` of ``measure_options``)."""
     bound = _SIGNATURE.bind_partial(**kwargs)
     bound.apply_defaults()
     args = dict(bound.arguments)
@@ -480,4 +488,25 @@ def result_settings(kwargs: dict, with_measures: bool = False) -> dict:
     options = {k: v for k, v in (out.pop("backend_options", None) or {}).items() if k not in _MEMORY_OPTIONS}
     if options:
         out["backend_options"] = options
+    if isinstance(out.get("measure_options"), dict):
+        out["measure_options"] = _without_memory_options(out["measure_options"])
     return out
+
+
+def _without_memory_options(measure_options: dict) -> dict | None:
+    """``measure_options`` without the options that change memory only (``_MEASURE_MEMORY_OPTIONS``):
+    a measure left with none of its options is dropped, and None when none is left (as if they had
+    not been given; options without memory ones are returned as they are, so that fingerprints of
+    files written before match)."""
+    out, stripped = {}, False
+    for name, options in measure_options.items():
+        drop = _MEASURE_MEMORY_OPTIONS.get(name, ())
+        if isinstance(options, dict) and any(k in options for k in drop):
+            stripped = True
+            options = {k: v for k, v in options.items() if k not in drop}
+            if not options:
+                continue
+        out[name] = options
+    if not stripped:
+        return measure_options
+    return out or None

@@ -12,9 +12,10 @@ with a hash of ``(seed, r, k)`` (``r = 0`` for every replica when the draw is co
 same whether it is cached or regenerated, and replica r's matrix does not depend on the other
 replicas. The blocks are cached (one dense ``[Ra, P, p]`` tensor, Ra = 1 common or R, filled block
 by block in place: its peak is the matrix plus one block) when that takes at most ``max_bytes``
-(default :func:`default_max_bytes`: 1 GiB, or what ``memory_budget=`` leaves it, see
-:func:`matrix_bytes_cap`); otherwise every product regenerates them (cost: ``Ra P p`` normal draws
-per product; memory: one block of ``Ra * B * p`` entries). The draw depends on the device's RNG and
+(default :func:`default_max_bytes`: 1 GiB, or under ``memory_budget=`` the dense bytes when the
+memory plan caches the matrix and 0 when it regenerates it, see :func:`matrix_bytes_cap`);
+otherwise every product regenerates them (cost: ``Ra P p`` normal draws per product; memory: one
+block of ``Ra * B * p`` entries). The draw depends on the device's RNG and
 the model dtype: for a bit-identical A across devices inject it (``A=`` a tensor). Inside a
 chunked or sharded job (:func:`fastcurv.solvers.probes.replica_window`) ``r`` is the replica's
 global number, so each replica's matrix does not depend on how the job was split.
@@ -46,7 +47,8 @@ _MAX_BYTES_CAP: contextvars.ContextVar[int | None] = contextvars.ContextVar("fas
 
 def default_max_bytes() -> int:
     """The ``max_bytes`` of a :class:`RandomSubspace` not given one: ``DEFAULT_MAX_BYTES``, or less
-    inside :func:`matrix_bytes_cap` (a memory plan's share for the matrix)."""
+    inside :func:`matrix_bytes_cap` (a memory plan's cap: the matrix's bytes when it caches it, 0
+    when it regenerates it)."""
     cap = _MAX_BYTES_CAP.get()
     return DEFAULT_MAX_BYTES if cap is None else min(DEFAULT_MAX_BYTES, cap)
 

@@ -17,9 +17,11 @@ since the measure is meant for p << P), ``y`` in ``R^p`` and
 ``A^T grad L``). ``A`` has i.i.d. ``N(0, 1/p)`` entries (our choice of distribution and scale, see
 :mod:`._subspace`, which also says how A is stored without R dense copies); pass ``A=`` (a tensor
 ``[P, p]`` or ``[R, P, p]``) to use a given matrix: ``A = I`` gives the full-space measure exactly.
-``max_matrix_bytes`` (default None: 1 GiB, or under ``batched_sharpness(memory_budget=...)`` the
-share its memory plan leaves the matrix) caches the dense matrix when it fits, else regenerates its
-blocks from the seed in every product (the same matrix: the results do not change).
+``max_matrix_bytes`` (default None: 1 GiB; under ``batched_sharpness(memory_budget=...)`` the memory
+plan caches the matrix whenever the whole job fits with it cached, else regenerates it) caches the
+dense matrix when it fits, else regenerates its blocks from the seed in every product (the same
+matrix: the results do not change, up to the floating-point order of the products' sums; a
+resumable job's fingerprint leaves it out).
 Keskar et al.'s subspace dimension: measures.md records p = 1000 from recall (unverified against the
 paper).
 """
@@ -94,8 +96,8 @@ def epsilon_sharpness_subspace(op, *, seed, common, eps: float = 1e-3, p: int = 
     """Column ``epsilon_sharpness_subspace`` ``[R]`` (percent): Keskar's sharpness in a random
     ``p``-dimensional subspace (default p = 1000, eps = 1e-3, n_iter = 10). Cost per replica:
     ``n_iter + 1`` gradients plus ``2 (n_iter + 1) + 1`` products with the ``P x p`` matrix.
-    ``max_matrix_bytes``: cache the dense matrix up to this size (None: 1 GiB, or what a memory
-    budget's plan leaves it; a value given here is kept, and the plan counts it)."""
+    ``max_matrix_bytes``: cache the dense matrix up to this size (None: 1 GiB, or as a memory
+    budget's plan decides; a value given here is kept, and the plan counts it)."""
     value, _, _ = epsilon_subspace_values(op, seed=seed, common=common, eps=eps, p=p, n_iter=n_iter, A=A,
                                           max_matrix_bytes=max_matrix_bytes)
     return {"epsilon_sharpness_subspace": finish(op, value)}
