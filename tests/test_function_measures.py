@@ -382,3 +382,18 @@ def test_probe_size_and_sigma_max_are_validated(one_thread):
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="sigma_max must be positive and finite"):
             fastcurv.function_measures(models, (x, y), measures=("perturbation_weakness",), sigma_max=bad, **kw)
+
+
+def test_an_unbracketed_noise_bisection_flags_its_own_column(one_thread):
+    """sigma_max far below where any prediction changes: each bisection's flag names its column (one
+    flag covered both, so a proper perturb_sigma_star looked like a bound when only the PAC-Bayes
+    sigma saturated)."""
+    models = _models(2)
+    x, y = _data(32)
+    kw = dict(num_draws=2, bisect_steps=3, sigma_max=1e-9)
+    both = ["perturb_sigma_star", "pacbayes_mag_sigma"]
+    for measures, cols in [(("perturbation_weakness",), both[:1]), (("simplicity",), both[1:]),
+                           (("perturbation_weakness", "simplicity"), both)]:
+        res = fastcurv.function_measures(models, (x, y), measures=measures, **kw)
+        for flag in res.flags:
+            assert [c for c in both if f"{c}'s noise bisection not bracketed" in flag] == cols

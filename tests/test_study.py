@@ -325,15 +325,18 @@ def test_a_cnn_study_trains_batchnorm_and_audits_folded_copies(tmp_path, capsys)
     thread), measured in eval mode; the audit compares BatchNorm-folded copies before and after the
     transform, which preserves the function (a BatchNorm after the rescaled conv would undo the
     rescaling); the printed summary names the transform."""
-    res = fastcurv.study(**dict(TINY, verbose=True, hidden=(3, 4)), model="cnn", measures=("lambda_max", "disagreement"),
-                         audit_transform="neurons", out=tmp_path)
+    res = fastcurv.study(**dict(TINY, verbose=True, hidden=(3, 4), replicas=4), model="cnn",
+                         measures=("lambda_max", "disagreement"), audit_transform="neurons", out=tmp_path)
     assert res["history"].engine.startswith("per-replica autograd")
     assert np.isfinite(res["table"][["test_acc", "lambda_max", "disagreement"]].to_numpy()).all()
     at = res["audit"].table
     assert at.attrs["predictions_changed"] == 0 and at.loc["loss", "ratio_median"] == pytest.approx(1, rel=1e-4)
     assert not at.loc["lambda_max", "invariant"]
+    # its rows say the audit's values are the folded copies' (they were labelled as the results' columns)
+    assert list(res["audit_mixed"].index) == ["lambda_max (BatchNorm folded)",
+                                              "lambda_max (BatchNorm folded, half reparameterized)"]
     md = (tmp_path / "report.md").read_text()
-    assert md.startswith("# fastcurv study: 3 replicas of CNN 1x8x8 -> conv 3-4 (BatchNorm) -> 10 on digits")
+    assert md.startswith("# fastcurv study: 4 replicas of CNN 1x8x8 -> conv 3-4 (BatchNorm) -> 10 on digits")
     assert "copies with each BatchNorm folded" in md
     assert "invariance audit (neurons):" in capsys.readouterr().out
     # alpha = 1: the identity, so every ratio is 1 (the audit compared the models as trained with

@@ -3,7 +3,7 @@
 One call does the whole job users run ("train 100 seeds, compute every measure, tell me which
 one predicts generalization"):
 
-1. train R MLPs (seeds ``seed .. seed+R-1``) in one batched job (:func:`fastcurv.train.train_population`);
+1. train R MLPs or CNNs (seeds ``seed .. seed+R-1``) in one batched job (:func:`fastcurv.train.train_population`);
 2. curvature measures of all replicas at once (:func:`fastcurv.batched_sharpness`, Hessian of the
    mean cross-entropy over the training set) for the requested names in ``SHARPNESS_MEASURES``
    (or any measure registered with batched_sharpness);
@@ -86,11 +86,12 @@ def _split_measures(measures):
     return sharp, func
 
 
-def _mixed_correlations(aud, table, target, n_boot, seed):
+def _mixed_correlations(aud, table, target, n_boot, seed, folded: bool = False):
     """Spearman rho of each audited curvature column with ``target`` on a population where a random
     half of the audited replicas is replaced by its reparameterized copy (the same functions, so the
     same target values and the same output-based function-space measures). Rows: ``<measure>`` (original) and
-    ``<measure> (half reparameterized)``."""
+    ``<measure> (half reparameterized)``; ``folded`` (the audit ran on BatchNorm-folded copies):
+    ``<measure> (BatchNorm folded)`` and ``<measure> (BatchNorm folded, half reparameterized)``."""
     import pandas as pd
 
     from .stats import correlations
@@ -107,9 +108,11 @@ def _mixed_correlations(aud, table, target, n_boot, seed):
         if col == "loss" or col not in table.columns:
             continue
         b, a = before.numpy(), after.numpy()
-        df[col] = b
-        df[f"{col} (half reparameterized)"] = np.where(mask, a, b)
-        cols += [col, f"{col} (half reparameterized)"]
+        orig, half = ((f"{col} (BatchNorm folded)", f"{col} (BatchNorm folded, half reparameterized)") if folded
+                      else (col, f"{col} (half reparameterized)"))
+        df[orig] = b
+        df[half] = np.where(mask, a, b)
+        cols += [orig, half]
     return correlations(df, target, cols, n_boot=n_boot, seed=seed) if cols else None
 
 
@@ -574,7 +577,7 @@ def study(
                                transform=_audit_transform(audit_transform, audit_alpha), alpha=audit_alpha,
                                path=apath, seed=seed, progress=progress, before=sharp if reuse else None, **akw)
         times["audit"] = time.perf_counter() - t
-        mixed = _mixed_correlations(aud, table.iloc[:k], target, n_boot, seed)
+        mixed = _mixed_correlations(aud, table.iloc[:k], target, n_boot, seed, folded=model == "cnn")
 
     files: list[str] = []
     if out is not None:

@@ -186,7 +186,7 @@ def function_measures(
 
     probe = preds.probe_inputs
     probe_ref = preds.labels[:, : probe.shape[0]] if probe is not None else None
-    sat = torch.zeros(R, dtype=torch.bool)
+    sat = {}  # column -> [R] bool: its noise bisection did not bracket the crossing
     if "perturbation_weakness" in measures:
         for s in map(float, perturb_sigmas):
             _, unchanged = weakness.perturbation_agreement(rs, probe, probe_ref, torch.full((R,), s),
@@ -196,7 +196,7 @@ def function_measures(
         star, sat_star = weakness.bisect_sigma(rs, probe, probe_ref, agree, num_draws=num_draws, seed=seed + 1,
                                                steps=bisect_steps, sigma_max=sigma_max, max_rows=max_rows)
         V["perturb_sigma_star"] = star
-        sat |= sat_star
+        sat["perturb_sigma_star"] = sat_star
     if "simplicity" in measures:
         V.update(simplicity.compressed_sizes(rs.params, rs.finite, codecs))
         flat = rs.flat_params()
@@ -213,7 +213,7 @@ def function_measures(
             sig, sat_sig = weakness.bisect_sigma(rs, probe, probe_ref, target, num_draws=num_draws, seed=seed + 2,
                                                  steps=bisect_steps, sigma_max=sigma_max, kind="magnitude", targets=tg,
                                                  max_rows=max_rows)
-            sat |= sat_sig
+            sat["pacbayes_mag_sigma"] = sat_sig
         init = None
         if init_models is not None:
             init = ReplicaSet(init_models, bn_mode=bn_mode).flat_params()
@@ -231,8 +231,9 @@ def function_measures(
             f.append("non-finite parameters")
         elif not bool(ok[r]):
             f.append("non-finite outputs")
-        elif bool(sat[r]):
-            f.append(f"noise bisection not bracketed in [sigma_max * 2^-20, sigma_max={sigma_max:g}] (sigma values are bounds)")
+        else:
+            f += [f"{col}'s noise bisection not bracketed in [sigma_max * 2^-20, sigma_max={sigma_max:g}] (the value is "
+                  "a bound)" for col, hit in sat.items() if bool(hit[r])]
         flags.append("; ".join(f))
     out.flags = flags
     out.seconds = time.perf_counter() - t0
