@@ -147,7 +147,7 @@ def test_per_replica_sam_grid():
     _assert_same(models, plain + sam)
 
 
-def _killed_after_epoch_2_then_resumed(x, y, ck, kw):
+def _killed_after_epoch_2_then_resumed(x, y, ck, kw, build=builder):
     """Train with a checkpoint, kill the run after its second epoch, resume it: ``(models, history)``."""
 
     class Killed(Exception):
@@ -158,9 +158,9 @@ def _killed_after_epoch_2_then_resumed(x, y, ck, kw):
             raise Killed
 
     with pytest.raises(Killed):
-        train_population(builder, x, y, checkpoint=ck, callback=die, **kw)
+        train_population(build, x, y, checkpoint=ck, callback=die, **kw)
     assert ck.exists() and not list(ck.parent.glob("*.tmp*"))
-    return train_population(builder, x, y, checkpoint=ck, **kw)
+    return train_population(build, x, y, checkpoint=ck, **kw)
 
 
 def test_resume_after_interruption_is_identical(tmp_path):
@@ -259,17 +259,7 @@ def test_dropout_masks_are_keyed_by_seeds_epoch_and_step(tmp_path):
     torch.manual_seed(123)
     _assert_same(train_population(drop_builder, x, y, **kw)[0], first, atol=0)
 
-    class Killed(Exception):
-        pass
-
-    def die(epoch, history):
-        if epoch == 1:
-            raise Killed
-
-    ck = tmp_path / "drop.pt"
-    with pytest.raises(Killed):
-        train_population(drop_builder, x, y, checkpoint=ck, callback=die, **kw)
-    resumed, hist = train_population(drop_builder, x, y, checkpoint=ck, **kw)
+    resumed, hist = _killed_after_epoch_2_then_resumed(x, y, tmp_path / "drop.pt", kw, drop_builder)
     assert hist.resumed_from_epoch == 2
     _assert_same(resumed, first, atol=0)
 
@@ -684,17 +674,7 @@ def test_batchnorm_replicas_that_stop_keep_their_statistics(tmp_path, build):
     ev = evaluate_population(models, x, y)
     assert hist.train_loss[hist.epochs_run[0] - 1][0] == pytest.approx(float(ev["loss"][0]), rel=1e-12)
 
-    class Killed(Exception):
-        pass
-
-    def die(epoch, history):
-        if epoch == 1:
-            raise Killed
-
-    ck = tmp_path / "bn.pt"
-    with pytest.raises(Killed):
-        train_population(build, x, y, seeds=[0, 1, 2], checkpoint=ck, callback=die, **kw)
-    resumed, rh = train_population(build, x, y, seeds=[0, 1, 2], checkpoint=ck, **kw)
+    resumed, rh = _killed_after_epoch_2_then_resumed(x, y, tmp_path / "bn.pt", dict(kw, seeds=[0, 1, 2]), build)
     assert rh.resumed_from_epoch == 2
     np.testing.assert_array_equal(rh.train_loss, hist.train_loss)  # (NaN where a replica no longer trains)
     _assert_same([resumed[0], resumed[2]], [models[0], models[2]], atol=0)
