@@ -639,3 +639,21 @@ def test_the_engine_check_skips_replicas_whose_outputs_overflow():
     assert torch.isfinite(HV).all(1).tolist() == [False, True, True, False]
     ref = fastcurv.HessianOperator(ms[1:3], (x, y), backend="autograd").matvec(V[1:3])
     torch.testing.assert_close(HV[1:3], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_engine_check_finds_a_finite_replica_anywhere(monkeypatch):
+    """Overflowing replicas at both ends (here four on each side): the check still compares a
+    replica whose loss is finite (it tried four from each end, then passed the engine unchecked:
+    products 0.8 off on the healthy replicas of a model the tracer cannot see through)."""
+    from fastcurv.backends.fused import graph
+
+    monkeypatch.setattr(graph, "_called_by_inplace_add", lambda: False, raising=False)
+    ms = replicas(lambda: AliasedSum("alias"), R=10)
+    with torch.no_grad():
+        for r in (0, 1, 2, 3, 6, 7, 8, 9):
+            for p in ms[r].parameters():
+                p.mul_(1e160)  # finite weights, overflowing outputs
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    op = fastcurv.HessianOperator(ms, (x, y))
+    assert op.backend_name == "func" and "differs from the model's own (replica 4" in op.backend_reason, op.backend_reason

@@ -489,6 +489,9 @@ def train_population(
 
     params, buffers = stack_module_state(models)
     names = list(params)
+    # parameters with requires_grad=False stay as they are, as torch.optim (which sees no gradient) leaves them
+    frozen = [n for n, t in models[0].named_parameters() if not t.requires_grad]
+    trained = [n for n in names if n not in frozen]
     params = {n: p.detach().clone().contiguous() for n, p in params.items()}
     # meta copies in training mode (the steps: dropout, BatchNorm with batch statistics, updating the running
     # statistics of the replica's own buffers in place) and in eval mode (the full training-set loss)
@@ -546,6 +549,7 @@ def train_population(
         "eps": float(eps), "batch_size": int(batch_size), "target_loss": target_loss, "loss": loss,
         "eval_train": bool(eval_train), "dtype": str(dtype), "data": _data_digest(x, y),
         "params": [[n, list(params[n].shape[1:])] for n in names], "architecture": module_structure(models[0]),
+        **({"frozen": frozen} if frozen else {}),
     }
     if ckpt_path is not None and ckpt_path.exists():
         ck = _load_checkpoint(ckpt_path, device)
@@ -585,6 +589,12 @@ def train_population(
     fast_shared = plan is not None and shared  # xb/yb hold ONE minibatch [B, ...] for all replicas
 
     def grads_at(p, bufs, xb, yb, active, sl):
+        g, losses = _grads_at(p, bufs, xb, yb, active, sl)
+        for n in frozen:  # (no gradient: no SAM perturbation either)
+            g[n] = torch.zeros_like(g[n])
+        return g, losses
+
+    def _grads_at(p, bufs, xb, yb, active, sl):
         if plan is not None:
             return plan.loss_and_grads(p, xb, yb, active, loss, shared=fast_shared,
                                        out={n: gbuf[n][sl] for n in names})
@@ -638,7 +648,7 @@ def train_population(
         if all_active and sgd_scalars is not None:  # one learning rate/momentum/decay for all: foreach, scalar ops
             steps += 1
             lr0, mom0, wd0 = sgd_scalars
-            ws, gs, bufs = [p[n] for n in names], [g[n] for n in names], [state["buf"][n][sl] for n in names]
+            ws, gs, bufs = [p[n] for n in trained], [g[n] for n in trained], [state["buf"][n][sl] for n in trained]
             if _FUSED_SGD is not None:
                 # torch.optim.SGD(fused=True)'s kernel: one pass over w, g and buf (it needs equal, dense layouts;
                 # a transposed first layer is passed in its storage order)
@@ -672,7 +682,7 @@ def train_population(
             beta2 = torch.where(active, torch.full_like(a, b2), torch.ones_like(a))
             step_size = lr_ / bc1
             sqrt_bc2 = bc2.sqrt()
-        for n in names:
+        for n in trained:
             w, gn = p[n], g[n]
             if not all_active:
                 gn = torch.where(_bcast(active, gn), gn, torch.zeros_like(gn))
@@ -704,8 +714,8 @@ def train_population(
     if device.type == "cpu" and not has_dropout:  # dropout draws from the global RNG: keep its order fixed
         workers = max(1, min(R, int(threads) if threads is not None else torch.get_num_threads()))
     if chunk_size is None:  # keep one group's parameters, gradients and optimizer state within ~24 MiB
-        per_replica = sum(t[0].numel() for t in params.values()) * torch.finfo(dtype).bits // 8 * 3
-        most = max(1, (24 << 20) // max(1, per_replica))
+        replica_bytes = sum(t[0].numel() for t in params.values()) * torch.finfo(dtype).bits // 8 * 3
+        most = max(1, (24 << 20) // max(1, replica_bytes))
         per_worker = -(-R // (workers * most))  # groups per worker; equal-sized groups balance the workers
         chunk_size = max(1, -(-R // (workers * per_worker)))
     chunks = [slice(c, min(R, c + int(chunk_size))) for c in range(0, R, int(chunk_size))]
@@ -745,7 +755,7 @@ def train_population(
                 # views that BatchNorm's running statistics update in place; ``.data`` for the reason given in grads_at
                 bc = {n: b_[sl].data for n, b_ in buffers.items()}
                 active = ~(done[sl] | diverged[sl])
-                frozen = _rows(bc, ~active)  # the buffers of replicas that do not train stay as they are
+                stopped = _rows(bc, ~active)  # the buffers of replicas that do not train stay as they are
                 with _dropout_rng(has_dropout, device, (*seeds[sl], epoch, k)):
                     g, losses = grads_at(pc, bc, xc, yc, active, sl)
                     bad = active & ~torch.isfinite(losses)
@@ -756,7 +766,7 @@ def train_population(
                         first = _rows(bc, torch.ones_like(active))  # the perturbed pass updates no statistics
                         g, _ = grads_at(pert, bc, xc, yc, active, sl)
                         _restore_rows(bc, first)
-                _restore_rows(bc, frozen)
+                _restore_rows(bc, stopped)
                 if bool(bad.any()):
                     diverged[sl] |= bad
                     kill(pc, bad)

@@ -183,8 +183,8 @@ class FusedBackend(Backend):
 
         finite = replicas.finite.nonzero().flatten().tolist()
         refs = {}
-        for order in (finite, finite[::-1]):  # (up to 4 tries from each end)
-            r = next((r for r in order[:4] if reference(r) is not None), None)
+        for order in (finite, finite[::-1]):
+            r = next((r for r in order if reference(r) is not None), None)
             if r is not None:
                 refs[r] = seen[r]
         if not refs:
