@@ -386,3 +386,13 @@ def test_the_report_says_which_replicas_diverged_and_plots_gde_around_them(tmp_p
     assert "- `test_error`: 1 - test accuracy" in md and "- `js`: mean Jensen-Shannon" in md
     diagonal = [a for a in lines if len(a) >= 2 and list(a[0]) == list(a[1])]
     assert len(diagonal) == 1 and np.isfinite(diagonal[0][0]).all()
+
+
+def test_replicas_that_did_not_learn_are_flagged_and_named(tmp_path):
+    """A replica left at chance (here a learning rate of 1e-12; in sweeps, one too large that
+    collapses it to one class) is flagged and named in the report: such outliers decide rank
+    correlations on their own (they were measured without a word)."""
+    res = fastcurv.study(**TINY, lr=[0.05, 1e-12, 0.05], measures=["lambda_max"], audit=False, out=tmp_path)
+    flags = res["table"]["flags"].tolist()
+    assert "did not learn" in flags[1] and "did not learn" not in flags[0] + flags[2]
+    assert "**1 of 3 replicas did not learn** (replicas [1]" in (tmp_path / "report.md").read_text()

@@ -58,6 +58,7 @@ HEADLINE = {
 _NOT_PREDICTORS = ("test_error", "pacbayes_mag_sigma")
 DATA_SETS = ("digits", "mnist", "fashion-mnist")
 MODELS = ("mlp", "cnn")
+STALLED_MARGIN = 0.05  # training accuracy within this of chance (1 / classes): flagged "did not learn"
 # what a config file cannot hold (a Python function, an object) is written as this, and refused on a rerun
 _NOT_STORED = "<not stored in a config file: "
 # the report folder's files that a study writes (and removes from an earlier study in the same folder)
@@ -504,6 +505,12 @@ def study(
         table["reached_target"] = history.reached_target
     table.index.name = "replica"
     flags = [[] for _ in seeds]
+    # replicas that never learned (a learning rate too large that collapsed them to one class): at chance on the
+    # training set; they are measured, but can decide a rank correlation on their own
+    chance = 1.0 / n_classes
+    for r, acc in enumerate(table["train_acc"]):
+        if acc <= chance + STALLED_MARGIN:
+            flags[r].append(f"training accuracy {acc:.3f} at chance ({chance:.3f}): the replica did not learn")
 
     train_loader = make_loader(x_tr, y_tr, sharpness_batch_size)
     sharp = None
@@ -775,6 +782,11 @@ def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headl
     elif failed:
         md[-1:-1] = [f"**{len(failed)} of {len(table)} replicas diverged in training** (replicas {failed}): their "
                      f"measures are NaN; the means above and the correlations use the other {len(table) - len(failed)}."]
+    stalled = [r for r, f in zip(table.index, table["flags"]) if "did not learn" in str(f)]
+    if stalled:
+        md[-1:-1] = [f"**{len(stalled)} of {len(table)} replicas did not learn** (replicas {stalled}: training accuracy "
+                     f"within {STALLED_MARGIN} of chance, flagged): they are measured and correlated with the others, "
+                     "and a few such outliers can decide a rank correlation; a smaller learning rate trains them."]
     if sharp is not None:
         how = {"exact": "the trace exact (no probes)", "": "no trace"}.get(sharp.trace_method,
                                                                         f"the trace estimated ({sharp.trace_method})")
