@@ -20,7 +20,7 @@ the process already holds: interpreter, torch, the caller's models and data) und
   ``iter()`` starting a new pass (a DataLoader, a list, a loader whose ``__iter__`` resets and
   returns ``self`` with a ``__len__``), and are not iterated to find out. Its batches are read
   only while they take at most ``SAFETY * budget``: past that it raises a ValueError.
-* Measures that cannot be split into chunks (:func:`fastcurv.measures.split_refusal`, e.g.
+* Measures that cannot be split into chunks (:func:`fastcurv.measures.unsplittable`, e.g.
   epsilon_sharpness_subspace with ``common_random_numbers=False``) keep all replicas in one
   chunk; the budget then goes to caches and the batch size.
 * The replicas then run chunk by chunk (:func:`fastcurv.resume.run_chunks`); results are those of
@@ -204,7 +204,7 @@ class JobShape:
     matrix_max: int | None = None
     matrix_injected: int | None = None
     matrix_products: int = 23  # products with the matrices per chunk (2 (n_iter + 1) + 1)
-    unsplit: str = ""  # why the replicas must run in one chunk (measures.split_refusal), or ""
+    unsplit: str = ""  # why the replicas must run in one chunk (measures.unsplittable), or ""
     one_pass: bool = False  # the batches are a one-pass loader's, kept (read_one_pass)
 
 
@@ -609,11 +609,10 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
                      func_mode=func_mode, func_costs=func_costs,
                      whole_batches=_whole_batches(rs, measures, measure_options), min_batch=2 if rs.batch_statistics else 1)
     _subspace_matrix(shape, rs, measures, measure_options, common_random_numbers)
-    from .measures import split_refusal
+    from .measures import unsplittable
 
-    why = split_refusal({"measures": measures, "measure_options": measure_options,
-                         "common_random_numbers": common_random_numbers}) or ""
-    shape.unsplit = why.split(" (they draw")[0]  # "measures [...] with ... cannot be split into chunks or ranks"
+    shape.unsplit = unsplittable({"measures": measures, "measure_options": measure_options,
+                                  "common_random_numbers": common_random_numbers})
     shape.one_pass = isinstance(data, _KeptBatches)
     return shape, name
 
@@ -805,12 +804,6 @@ def operator_least_bytes(name, backend, batches, *, probes: int = PROBE_BATCH) -
     return parts
 
 
-def _too_small_for_operator(nbytes: int, need: dict, what: str) -> ValueError:
-    return ValueError(f"memory_budget={format_bytes(nbytes)} is too small for this operator: it needs about "
-                      f"{format_bytes(need['total'] / SAFETY)} {what}({_parts(need)}); use fewer replicas, smaller "
-                      "batches or a larger budget")
-
-
 def operator_cache_bytes(backend, batches, budget, *, probes: int = PROBE_BATCH) -> int:
     """``cache_bytes`` for a fused ``backend`` of a :class:`fastcurv.HessianOperator` with a
     ``memory_budget``: what is left of ``SAFETY * budget`` after the operator's own memory
@@ -818,25 +811,28 @@ def operator_cache_bytes(backend, batches, budget, *, probes: int = PROBE_BATCH)
     transients and tangents for ``probes`` probes per matvec, or for the model's C outputs where
     :meth:`exact_trace` applies, if more), divided by ``STATE_COPIES``. Raises ValueError when
     nothing is left."""
-    nbytes = parse_budget(budget, backend.replicas.device)
-    need = operator_least_bytes("fused", backend, batches, probes=probes)
-    rest = SAFETY * nbytes - need["total"]
-    if rest < 0:
-        raise _too_small_for_operator(nbytes, need, "without any cached state ")
-    return int(rest // STATE_COPIES)
+    nbytes, need = _checked_operator_budget("fused", backend, batches, budget, probes)
+    return int((SAFETY * nbytes - need["total"]) // STATE_COPIES)
 
 
 def check_operator_budget(name, backend, batches, budget, *, probes: int = PROBE_BATCH) -> int:
     """Raise ValueError when ``budget`` (times ``SAFETY``) is less than what a
     :class:`fastcurv.HessianOperator` with backend ``name`` needs at least
     (:func:`operator_least_bytes`); else return the budget in bytes."""
+    return _checked_operator_budget(name, backend, batches, budget, probes)[0]
+
+
+def _checked_operator_budget(name, backend, batches, budget, probes) -> tuple[int, dict]:
+    """``(budget in bytes, operator_least_bytes)``, or the ValueError of :func:`check_operator_budget`."""
     nbytes = parse_budget(budget, backend.replicas.device)
     need = operator_least_bytes(name, backend, batches, probes=probes)
     if need["total"] > SAFETY * nbytes:
         what = {"fused": "without any cached state ", "func": "without reused graphs, one replica's products at a time ",
                 "autograd": "running one replica, batch and probe at a time "}.get(name, "")
-        raise _too_small_for_operator(nbytes, need, what)
-    return nbytes
+        raise ValueError(f"memory_budget={format_bytes(nbytes)} is too small for this operator: it needs about "
+                         f"{format_bytes(need['total'] / SAFETY)} {what}({_parts(need)}); use fewer replicas, smaller "
+                         "batches or a larger budget")
+    return nbytes, need
 
 
 def func_bytes_caps(budget, device) -> dict:

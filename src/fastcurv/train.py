@@ -598,25 +598,26 @@ def train_population(
         if plan is not None:
             return plan.loss_and_grads(p, xb, yb, active, loss, shared=fast_shared,
                                        out={n: gbuf[n][sl] for n in names})
-        # ``.data`` (unlike ``.detach()``) gets its own version counter: the in-place updates other worker
-        # threads make to their groups' views of the same stacked tensors do not invalidate this graph
         if per_replica:
             return replica_grads(p, bufs, xb, yb, active)
+        # ``.data`` (unlike ``.detach()``) gets its own version counter: the in-place updates other worker
+        # threads make to their groups' views of the same stacked tensors do not invalidate this graph
         leaf = {n: t.data.requires_grad_(True) for n, t in p.items()}
         total, losses = total_loss(leaf, bufs, xb, yb, active)
         g = torch.autograd.grad(total, [leaf[n] for n in names])
         return dict(zip(names, g)), losses.detach()
 
     def replica_grads(p, bufs, xb, yb, active):
-        """:func:`grads_at` one replica at a time: zero gradients and losses for the inactive ones."""
+        """:func:`grads_at` one replica at a time (leaves from ``.data``, as there): zero gradients and
+        losses for the inactive ones."""
         grads = {n: torch.zeros_like(p[n]) for n in names}
         losses = torch.zeros(len(active), dtype=dtype, device=device)
         for r in active.nonzero().flatten().tolist():
             leaf = {n: t.data[r].requires_grad_(True) for n, t in p.items()}
-            lr_ = loss_fn(one(leaf, {n: b_[r] for n, b_ in bufs.items()}, xb[r]).unsqueeze(0), yb[r].unsqueeze(0))
-            for n, g in zip(names, torch.autograd.grad(lr_.sum(), [leaf[n] for n in names])):
+            loss_r = loss_fn(one(leaf, {n: b_[r] for n, b_ in bufs.items()}, xb[r]).unsqueeze(0), yb[r].unsqueeze(0))
+            for n, g in zip(names, torch.autograd.grad(loss_r.sum(), [leaf[n] for n in names])):
                 grads[n][r] = g
-            losses[r] = lr_.detach()[0]
+            losses[r] = loss_r.detach()[0]
         return grads, losses
 
     @torch.no_grad()

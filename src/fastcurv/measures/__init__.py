@@ -39,12 +39,12 @@ def register_measure(name: str, *, replica_noise=True):
     return deco
 
 
-def split_refusal(kwargs: dict) -> str | None:
-    """Why the :func:`fastcurv.batched_sharpness` job with keywords ``kwargs`` cannot be split into
-    chunks or ranks (measures drawing per-replica noise with ``common_random_numbers=False``, see
-    :func:`register_measure`), or None when it can."""
+def unsplittable(kwargs: dict) -> str:
+    """``"measures [...] with common_random_numbers=False cannot be split into chunks or ranks"`` for
+    the :func:`fastcurv.batched_sharpness` job with keywords ``kwargs`` when its measures draw
+    per-replica noise from one stream (see :func:`register_measure`), else ``""``."""
     if kwargs.get("common_random_numbers", True):
-        return None
+        return ""
     load_all()
     measures = kwargs.get("measures", ())
     options = kwargs.get("measure_options") or {}
@@ -53,11 +53,17 @@ def split_refusal(kwargs: dict) -> str | None:
         flag = REPLICA_NOISE.get(m, False)  # the built-in Hessian measures key their probes by replica
         if flag(options.get(m) or {}) if callable(flag) else flag:
             noisy.append(m)
-    if not noisy:
+    return f"measures {noisy} with common_random_numbers=False cannot be split into chunks or ranks" if noisy else ""
+
+
+def split_refusal(kwargs: dict) -> str | None:
+    """Why the :func:`fastcurv.batched_sharpness` job with keywords ``kwargs`` cannot be split into
+    chunks or ranks (:func:`unsplittable`, with the reason and the remedy), or None when it can."""
+    what = unsplittable(kwargs)
+    if not what:
         return None
-    return (f"measures {noisy} with common_random_numbers=False cannot be split into chunks or ranks (they draw one "
-            "noise row per replica of a chunk from one stream, so their values would depend on the split): use "
-            "common_random_numbers=True, or run the job unsplit")
+    return (f"{what} (they draw one noise row per replica of a chunk from one stream, so their values would depend on "
+            "the split): use common_random_numbers=True, or run the job unsplit")
 
 
 def load_all() -> dict:
