@@ -395,4 +395,5 @@ def test_replicas_that_did_not_learn_are_flagged_and_named(tmp_path):
     res = fastcurv.study(**TINY, lr=[0.05, 1e-12, 0.05], measures=["lambda_max"], audit=False, out=tmp_path)
     flags = res["table"]["flags"].tolist()
     assert "did not learn" in flags[1] and "did not learn" not in flags[0] + flags[2]
+    assert res["summary"]["did_not_learn"] == [1]
     assert "**1 of 3 replicas did not learn** (replicas [1]" in (tmp_path / "report.md").read_text()

@@ -392,7 +392,8 @@ def study(
     ``function_kwargs={"taus": (0.05,)}``, else the one named after the measure); "spectrum" and "gde" have none (see
     ``spectrum.png`` and the summary's generalization-disagreement numbers). ``audit_mixed``: the
     correlations with half of the audited replicas reparameterized (None below 4 replicas or without
-    the audit). ``times``: seconds per stage.
+    the audit). ``summary["did_not_learn"]``: the replicas whose training accuracy is within
+    ``STALLED_MARGIN`` of chance (flagged too). ``times``: seconds per stage.
     """
     if threads is not None:
         if not isinstance(threads, (int, np.integer)) or threads < 1:
@@ -508,9 +509,9 @@ def study(
     # replicas that never learned (a learning rate too large that collapsed them to one class): at chance on the
     # training set; they are measured, but can decide a rank correlation on their own
     chance = 1.0 / n_classes
-    for r, acc in enumerate(table["train_acc"]):
-        if acc <= chance + STALLED_MARGIN:
-            flags[r].append(f"training accuracy {acc:.3f} at chance ({chance:.3f}): the replica did not learn")
+    stalled = [r for r, acc in enumerate(table["train_acc"]) if acc <= chance + STALLED_MARGIN]
+    for r in stalled:
+        flags[r].append(f"training accuracy {table['train_acc'][r]:.3f} at chance ({chance:.3f}): the replica did not learn")
 
     train_loader = make_loader(x_tr, y_tr, sharpness_batch_size)
     sharp = None
@@ -562,6 +563,7 @@ def study(
     summary["mean_test_acc"] = float(table["test_acc"].mean())
     summary["sd_test_acc"] = float(table["test_acc"].std())
     summary["mean_train_acc"] = float(table["train_acc"].mean())
+    summary["did_not_learn"] = stalled
 
     aud = None
     mixed = None
@@ -782,7 +784,7 @@ def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headl
     elif failed:
         md[-1:-1] = [f"**{len(failed)} of {len(table)} replicas diverged in training** (replicas {failed}): their "
                      f"measures are NaN; the means above and the correlations use the other {len(table) - len(failed)}."]
-    stalled = [r for r, f in zip(table.index, table["flags"]) if "did not learn" in str(f)]
+    stalled = summary["did_not_learn"]
     if stalled:
         md[-1:-1] = [f"**{len(stalled)} of {len(table)} replicas did not learn** (replicas {stalled}: training accuracy "
                      f"within {STALLED_MARGIN} of chance, flagged): they are measured and correlated with the others, "
