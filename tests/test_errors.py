@@ -7,6 +7,7 @@ from torch import nn
 
 import fastcurv
 from models import mlp, replicas
+from fastcurv.train import evaluate_population, train_population
 
 
 def data(n=12, d=5, c=3, seed=0):
@@ -265,3 +266,62 @@ def test_rescaling_a_model_with_one_weight_layer_is_named():
     for fn in (lambda: reparam.rescale_layers(ms), lambda: reparam.rescale_neurons(ms, torch.ones(3))):
         with pytest.raises(ValueError, match=r"two consecutive weight layers, but the model has 1 \('1'\)"):
             fn()
+
+
+def test_replicas_whose_layers_are_set_up_otherwise_are_named():
+    """Every replica runs through replica 0's modules: a LeakyReLU slope, a conv stride or a
+    BatchNorm without running statistics in another replica was silently replica 0's (lambda_max
+    0.523 for 0.538 alone; 3.21 for 0.42), or a raw KeyError."""
+    x, y = data()
+    a, b = mlp(lambda: nn.LeakyReLU(0.01)).double(), mlp(lambda: nn.LeakyReLU(0.5)).double()
+    with pytest.raises(ValueError, match=r"replica 1 .*module '1' \(LeakyReLU\) has negative_slope=0.5, replica 0 "
+                                         r"has negative_slope=0.01"):
+        fastcurv.batched_sharpness([a, b], (x, y), measures=("lambda_max",))
+    with pytest.raises(ValueError, match="negative_slope"):
+        evaluate_population([a, b], x, y)
+
+    def conv(stride):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 2, 3, stride=stride), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(2, 3))
+    xi, yi = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match=r"module '0' \(Conv2d\) has stride=\(2, 2\), replica 0 has stride=\(1, 1\)"):
+        fastcurv.function_measures([conv(1), conv(2)], (xi, yi), measures=("disagreement",))
+
+    def bn(track):
+        return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=track), nn.Linear(4, 3)).double()
+    for ms in ([bn(False), bn(True)], [bn(True), bn(False)]):
+        with pytest.raises(ValueError, match="track_running_stats"):
+            fastcurv.batched_sharpness(ms, (x, y), measures=("lambda_max",))
+
+
+def test_settings_that_do_not_change_a_measurement_may_differ():
+    """A sweep over dropout rates (or BatchNorm momenta) measures as one population: in eval mode
+    neither changes the function; training such a population from one builder is refused."""
+    x, y = data()
+
+    def net(p, momentum=0.1):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, momentum=momentum), nn.ReLU(inplace=p > 0.2),
+                             nn.Dropout(p), nn.Linear(4, 3)).double()
+    ms = [net(0.1), net(0.5, momentum=0.3)]
+    got = fastcurv.batched_sharpness(ms, (x, y), measures=("lambda_max",))["lambda_max"]
+    alone = fastcurv.batched_sharpness(ms[1:], (x, y), measures=("lambda_max",))["lambda_max"]
+    assert torch.allclose(got[1:], alone, rtol=1e-8)
+    rates = iter([0.1, 0.5])
+    with pytest.raises(ValueError, match=r"module '3' \(Dropout\) has p=0.5, replica 0 has p=0.1"):
+        train_population(lambda: net(next(rates)), x, y, replicas=2, epochs=1)
+
+
+def test_a_custom_module_attribute_that_differs_is_warned_about():
+    """fastcurv cannot know whether forward() reads a custom module's attribute: it warns."""
+    class Scaled(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale, self.lin = scale, nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+    x, y = data()
+    with pytest.warns(RuntimeWarning, match=r"module '\(model\)' \(Scaled\) has scale=2.0, replica 0 has scale=1.0"):
+        fastcurv.batched_sharpness([Scaled(1.0).double(), Scaled(2.0).double()], (x, y), measures=("lambda_max",))

@@ -55,9 +55,55 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def validate_models(models: Sequence[nn.Module]) -> list[nn.Module]:
+def module_settings(mod: nn.Module) -> dict:
+    """A module's public attributes that are numbers, strings or tuples of them: its settings
+    (``negative_slope``, ``stride``, ``eps``...), including those ``extra_repr()`` does not show,
+    e.g. a loss module's ``label_smoothing``."""
+    def simple(v):
+        return v is None or isinstance(v, (bool, int, float, str)) or (
+            isinstance(v, (tuple, list)) and all(simple(x) for x in v))
+
+    return {k: v for k, v in vars(mod).items() if not k.startswith("_") and k != "training" and simple(v)}
+
+
+def _compared_settings(mod: nn.Module, training: bool) -> dict:
+    """The settings of ``mod`` that change what fastcurv computes with it. ``inplace`` never does;
+    in eval mode (every measurement) neither do dropout's ``p`` nor BatchNorm's ``momentum``, so a
+    sweep over them measures as one population."""
+    s = module_settings(mod)
+    s.pop("inplace", None)
+    if not training:
+        if isinstance(mod, nn.modules.dropout._DropoutNd):
+            s.pop("p", None)
+        if isinstance(mod, nn.modules.batchnorm._NormBase):
+            s.pop("momentum", None)
+    return s
+
+
+def _check_settings(i: int, ref: nn.Module, m: nn.Module, training: bool) -> None:
+    """Raise when replica ``i``'s built-in (torch.nn) modules are set up otherwise than replica 0's,
+    warn when a custom module's simple attributes differ: every replica runs through replica 0's
+    modules (with its own parameters and buffers), so such a setting would silently be replica 0's."""
+    for (name, a), (_, b) in zip(ref.named_modules(), m.named_modules()):
+        sa, sb = _compared_settings(a, training), _compared_settings(b, training)
+        if sa == sb:
+            continue
+        key = next(k for k in sorted(set(sa) | set(sb), key=str) if sa.get(k, "(none)") != sb.get(k, "(none)"))
+        what = (f"replica {i} differs from replica 0: module {name or '(model)'!r} ({type(b).__name__}) has "
+                f"{key}={sb.get(key, '(none)')!r}, replica 0 has {key}={sa.get(key, '(none)')!r}")
+        if type(a).__module__.startswith("torch.nn"):
+            raise ValueError(what + "; every replica runs through replica 0's modules, so the population must "
+                             "share its layers' settings (measure such replicas in separate calls)")
+        warnings.warn(what + ": every replica runs through replica 0's modules with its own parameters and buffers; "
+                      "if forward() reads this attribute, the other replicas are computed with replica 0's value",
+                      RuntimeWarning, stacklevel=4)
+
+
+def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> list[nn.Module]:
     """``models`` as a list, after raising a clear error when they cannot be stacked as replicas of
-    one architecture."""
+    one architecture: the same parameters and buffers (names, shapes, dtypes, devices), module
+    classes and built-in modules' settings (``training``: also those that matter only in training
+    mode, dropout's ``p`` and BatchNorm's ``momentum``)."""
     if isinstance(models, nn.Module):
         raise TypeError("models must be a list of nn.Module replicas, not a single module; wrap it as [model]")
     models = list(models)
@@ -115,6 +161,14 @@ def validate_models(models: Sequence[nn.Module]) -> list[nn.Module]:
             got = types[j].__name__ if j < len(types) else "nothing"
             want = ref_types[j].__name__ if j < len(ref_types) else "nothing"
             raise ValueError(f"replica {i} differs from replica 0: module {where} is {got}, replica 0 has {want}")
+        _check_settings(i, models[0], m, training)
+        ref_buffers = [(n, tuple(b.shape)) for n, b in models[0].named_buffers()]
+        buffers = [(n, tuple(b.shape)) for n, b in m.named_buffers()]
+        if buffers != ref_buffers:
+            (n0, s0), (n, s) = next(((a, b) for a, b in zip(ref_buffers + [("(none)", ())], buffers + [("(none)", ())])
+                                     if a != b))
+            raise ValueError(f"replica {i} differs from replica 0 in its buffers: {n!r} {s} where replica 0 has "
+                             f"{n0!r} {s0}")
     return models
 
 

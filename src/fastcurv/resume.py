@@ -39,6 +39,7 @@ from torch import nn
 from .data import Batches
 from .solvers import SpectralDensity
 from .measures import split_refusal
+from .replicas import module_settings
 from .memory import is_out_of_memory, release_cached_memory, warn_halving
 from .solvers.probes import replica_window
 
@@ -152,23 +153,13 @@ def module_structure(model: nn.Module) -> list[str]:
     return [f"{name or '(model)'}: {type(mod).__qualname__}({mod.extra_repr()})" for name, mod in model.named_modules()]
 
 
-def _module_settings(mod: nn.Module) -> dict:
-    """A module's public attributes that are numbers, strings or tuples of them (settings that
-    ``extra_repr()`` may not show, e.g. a loss module's ``label_smoothing``)."""
-    def simple(v):
-        return v is None or isinstance(v, (bool, int, float, str)) or (
-            isinstance(v, (tuple, list)) and all(simple(x) for x in v))
-
-    return {k: v for k, v in vars(mod).items() if not k.startswith("_") and k != "training" and simple(v)}
-
-
 def models_digest(models) -> str:
     """sha256 over every replica's module structure (each module's class, ``extra_repr()`` and
     other simple settings) and its parameter and buffer names, shapes, dtypes and values."""
     h = hashlib.sha256()
     for m in models:
         for (_, mod), line in zip(m.named_modules(), module_structure(m)):
-            h.update(f"{type(mod).__module__}.{line} {json.dumps(_module_settings(mod), sort_keys=True)}\n".encode())
+            h.update(f"{type(mod).__module__}.{line} {json.dumps(module_settings(mod), sort_keys=True)}\n".encode())
         for kind, items in (("p", m.named_parameters()), ("b", m.named_buffers())):
             for n, t in items:
                 t = t.detach().cpu().contiguous()

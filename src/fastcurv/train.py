@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 
 from .losses import as_labels, label_out_of_range
 from .ops.csr_linear import CsrRows
-from .replicas import meta_copy, nonfinite_rows
+from .replicas import meta_copy, nonfinite_rows, validate_models
 from .resume import describe_changes, module_structure, prepare_file
 from .train_fused import CsrBatch, plan_mlp
 
@@ -466,6 +466,7 @@ def train_population(
     dtype = dtype or ref.dtype
     for m in models:
         m.to(device=device, dtype=dtype).train()
+    validate_models(models, training=True)  # the builder's replicas: one architecture, one set of settings
     has_bn = any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in models[0].modules())
     cumulative = [n for n, mod in models[0].named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
                   and mod.training and mod.track_running_stats and mod.momentum is None]
