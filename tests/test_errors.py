@@ -50,6 +50,24 @@ def test_model_without_parameters():
 def test_empty_loader():
     with pytest.raises(ValueError, match="no batches"):
         fastcurv.HessianOperator([mlp().double()], [])
+    x, y = data()
+    with pytest.raises(ValueError, match="only empty batches"):
+        fastcurv.HessianOperator([mlp().double()], [(x[:0], y[:0])] * 2)
+
+
+@pytest.mark.parametrize("backend", ["fused", "func"])
+@pytest.mark.parametrize("memory_budget", [None, "64MB"])
+def test_empty_batches_among_others_are_skipped(backend, memory_budget):
+    """An off-by-one slice list ends in an empty batch: the fused engine crashed on it (a reshape
+    error; a ZeroDivisionError when it came first). Empty batches add nothing: skipped."""
+    x, y = data(n=12)
+    ms = replicas(mlp, 2)
+    want = fastcurv.batched_sharpness(ms, (x, y), measures=("lambda_max", "trace"), backend=backend, seed=0)
+    for loader in ([(x[i:i + 4], y[i:i + 4]) for i in range(0, 13, 4)], [(x[:0], y[:0]), (x, y)]):
+        got = fastcurv.batched_sharpness(ms, loader, measures=("lambda_max", "trace"), backend=backend, seed=0,
+                                         memory_budget=memory_budget)
+        assert torch.allclose(got["lambda_max"], want["lambda_max"], rtol=1e-6)
+        assert torch.allclose(got["trace"], want["trace"], rtol=1e-6)
 
 
 def test_wrong_batch_structure_and_shapes():

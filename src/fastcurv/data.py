@@ -67,6 +67,8 @@ class Batches:
         # targets' kinds (dtype class and per-sample shape) with the first batch of each
         self.label_range: tuple[int, int, int, int] | None = None
         self.target_kinds: dict = {}
+        self.skipped_empty = 0  # batches of no samples: skipped (they add nothing to any sum)
+        self._counted = False  # whether the first pass is over
         nbytes = 0
         digests = []
         for i, (x, y, fresh) in enumerate(self._read()):
@@ -82,13 +84,13 @@ class Batches:
                     self.cache.append((x, y))
                     self.owned_bytes += fresh
 
+        self._counted = True
         if self.cache is None:
             self.owned_bytes = 0
         if not self.sizes:
-            raise ValueError("the data loader yielded no batches (empty loader)")
+            raise ValueError("the data loader yielded only empty batches" if self.skipped_empty
+                             else "the data loader yielded no batches (empty loader)")
         self.num_samples = sum(self.sizes)
-        if self.num_samples == 0:
-            raise ValueError("the data loader yielded only empty batches")
         if check_determinism:
             self._check_second_pass(digests)
 
@@ -123,8 +125,9 @@ class Batches:
         return len(self.sizes)
 
     def _read(self) -> Iterable:
-        """``(inputs, targets, bytes of them that are new tensors, not the loader's)`` per batch, checked
-        and moved to the device and dtype."""
+        """``(inputs, targets, bytes of them that are new tensors, not the loader's)`` per non-empty
+        batch, checked and moved to the device and dtype (empty batches are checked, counted in
+        ``skipped_empty`` on the first pass, and skipped)."""
         try:
             iterator = iter(self.source)
         except TypeError:
@@ -135,6 +138,10 @@ class Batches:
                 raise TypeError(f"batch {i}: inputs and targets must be tensors, got {type(x).__name__} and {type(y).__name__}")
             if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
                 raise ValueError(f"batch {i}: inputs {tuple(x.shape)} and targets {tuple(y.shape)} disagree on the batch size")
+            if x.shape[0] == 0:
+                if not self._counted:
+                    self.skipped_empty += 1
+                continue
             x0, y0 = x, y
             if x.is_floating_point():
                 if not torch.isfinite(x).all():

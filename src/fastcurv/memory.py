@@ -514,17 +514,21 @@ def _scan_data(data):
         nbytes = sum(x.numel() * x.element_size() + y.numel() * y.element_size() for _, x, y in data) if data.cached else 0
         return first, list(data.sizes), nbytes
     items = [tuple(data)] if is_single_batch(data) else data
-    first, sizes, nbytes = None, [], 0
+    first, sizes, nbytes, empty = None, [], 0, 0
     for i, item in enumerate(items):
         x, y = _split(item, i)
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dim() == 0:
             raise TypeError(f"batch {i}: inputs and targets must be tensors with a batch axis")
+        if x.shape[0] == 0:
+            empty += 1
+            continue  # (Batches skips it too)
         if first is None:
             first = (x[:2], y[:2])
         sizes.append(int(x.shape[0]))
         nbytes += x.numel() * x.element_size() + y.numel() * y.element_size()
     if not sizes:
-        raise ValueError("the data loader yielded no batches (empty loader)")
+        raise ValueError("the data loader yielded only empty batches" if empty
+                         else "the data loader yielded no batches (empty loader)")
     return first, sizes, nbytes
 
 
