@@ -251,6 +251,13 @@ def test_a_model_returning_a_dict_is_named(loss):
         fastcurv.HessianOperator(replicas(DictOut, 1), (x, y), loss=loss)
 
 
+def test_a_model_returning_a_dict_is_named_by_function_measures():
+    """function_measures read the dict as logits: a raw AttributeError ('dict' has no 'dim')."""
+    x, y = data()
+    with pytest.raises(TypeError, match="the model returns a dict; fastcurv needs one tensor of outputs"):
+        fastcurv.function_measures(replicas(DictOut, 2), (x, y), measures=("disagreement",))
+
+
 def test_ggn_of_a_loss_without_forward_mode_is_named():
     x, _ = data()
     t = torch.randn(12, 3, dtype=torch.float64)
@@ -343,3 +350,96 @@ def test_a_custom_module_attribute_that_differs_is_warned_about():
     x, y = data()
     with pytest.warns(RuntimeWarning, match=r"module '\(model\)' \(Scaled\) has scale=2.0, replica 0 has scale=1.0"):
         fastcurv.batched_sharpness([Scaled(1.0).double(), Scaled(2.0).double()], (x, y), measures=("lambda_max",))
+
+
+@pytest.mark.parametrize("name, options, accepts", [
+    ("mw_sharpness", {"num_samples": 5}, "n_samples"),
+    ("rho_sharpness", {"radius": 0.1}, "rho"),
+    ("pac_bayes", {"sigma": 0.1}, "sigma_max"),
+    ("lambda_max", {"tol": 0.1}, "none"),
+])
+def test_a_misspelt_measure_option_is_refused_before_any_measure_runs(name, options, accepts):
+    """It was a TypeError from the measure itself, after every measure before it had run (their
+    results lost); options of the built-in Hessian measures were ignored."""
+    with pytest.raises(TypeError, match=rf"measure_options\['{name}'\] has unknown options \[.{list(options)[0]}.\]; "
+                                         rf"{name} accepts .*{accepts}"):
+        fastcurv.batched_sharpness(replicas(mlp, 2), data(), measures=("lambda_max", "trace", name),
+                                   measure_options={name: options})
+
+
+@pytest.mark.parametrize("backend", ["fused", "func"])
+def test_vectors_that_require_grad_nan_rows_and_bad_idx(backend):
+    """Probe vectors that require grad (H theta with theta the parameters) crashed the fused engine
+    with an autograd error; a NaN in one replica's probe marked that healthy replica failed for the
+    operator's life (later products and eigenvalues NaN); idx out of range was a raw IndexError."""
+    x, y = data()
+    ms = replicas(mlp, 2)
+    op = fastcurv.HessianOperator(ms, (x, y), backend=backend)
+    theta = torch.stack([torch.cat([p.flatten() for p in m.parameters()]) for m in ms])
+    assert theta.requires_grad
+    want = op.matvec(theta.detach())
+    assert torch.allclose(op.matvec(theta), want, rtol=1e-10)
+    bad = theta.detach().clone()
+    bad[0, 3] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"the vectors of replicas \[0\] contain NaN or Inf"):
+        got = op.matvec(bad)
+    assert torch.isnan(got[0]).all() and torch.allclose(got[1], want[1], rtol=1e-10)
+    assert not op.failed.any()
+    assert torch.allclose(op.matvec(theta.detach()), want, rtol=1e-10)
+    for idx in (torch.tensor([2]), torch.tensor([-1])):
+        with pytest.raises(ValueError, match=r"idx names replicas \[-?\d\], but there are 2"):
+            op.matvec(want[:1], idx=idx)
+    with pytest.raises(TypeError, match="integer replica indices"):
+        op.matvec(want[:1], idx=torch.tensor([0.0]))
+
+
+def test_lanczos_start_vectors_that_cannot_be_normalized():
+    """A zero v0 row (the loss gradient of a replica whose ReLUs all died) gave that replica
+    lambda_max NaN; a v0 of the wrong shape was a raw expand error."""
+    x, y = data()
+    op = fastcurv.HessianOperator(replicas(mlp, 2), (x, y))
+    want = fastcurv.lanczos(op, k=1, seed=0).eigenvalues[:, 0]
+    v0 = torch.randn(2, op.P, dtype=torch.float64)
+    v0[0] = 0
+    with pytest.warns(RuntimeWarning, match=r"v0 is zero or not finite for replicas \[0\]"):
+        got = fastcurv.lanczos(op, k=1, v0=v0, seed=0).eigenvalues[:, 0]
+    assert torch.allclose(got, want, rtol=1e-6) and not op.failed.any()
+    with pytest.raises(ValueError, match=r"v0 must be a tensor \[R, P\] = \[2, "):
+        fastcurv.lanczos(op, k=1, v0=torch.randn(3, op.P, dtype=torch.float64))
+
+
+def test_func_forward_mode_with_batch_statistics_is_refused():
+    """torch.func.linearize's second derivatives through batch-statistics BatchNorm are wrong: the
+    products were 37% off the dense Hessian (lambda_2 a copy of lambda_1), without a flag."""
+    def bn():
+        return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = data()
+    with pytest.raises(ValueError, match="mode='forward' gives wrong Hessian products through a BatchNorm"):
+        fastcurv.HessianOperator(replicas(bn, 2), (x, y), backend="func", bn_mode="batch",
+                                 backend_options={"mode": "forward"})
+    op = fastcurv.HessianOperator(replicas(bn, 2), (x, y), backend="func", bn_mode="batch",
+                                  backend_options={"compile": True})
+    assert op.backend.mode == "graph"
+
+
+def test_replica_containers():
+    """A ReplicaSet was a raw "not iterable" error in batched_sharpness; an nn.ModuleList of replicas
+    was refused as a single model with advice ("wrap it as [model]") that failed in turn."""
+    x, y = data()
+    ms = replicas(mlp, 2)
+    want = fastcurv.batched_sharpness(ms, (x, y), measures=("lambda_max",))["lambda_max"]
+    assert torch.allclose(fastcurv.batched_sharpness(nn.ModuleList(ms), (x, y), measures=("lambda_max",))["lambda_max"],
+                          want)
+    with pytest.raises(TypeError, match="a ReplicaSet is taken by HessianOperator and function_measures only"):
+        fastcurv.batched_sharpness(fastcurv.ReplicaSet(ms), (x, y), measures=("lambda_max",))
+
+
+def test_backend_options_of_another_backend_name_the_chosen_one():
+    """Options of the backend "auto" did not pick (HessianOperator's own example {"reuse": False} on
+    an MLP, which auto gives the fused engine) were a raw constructor TypeError."""
+    x, y = data()
+    with pytest.raises(TypeError, match=r"backend_options \['reuse'\] are not options of the 'fused' backend \(auto"):
+        fastcurv.HessianOperator(replicas(mlp, 2), (x, y), backend_options={"reuse": False})
+    with pytest.raises(TypeError, match=r"\['cache_bytes'\] are not options of the 'func' backend \(requested\); "
+                                        r"it takes \['reuse'"):
+        fastcurv.HessianOperator(replicas(mlp, 2), (x, y), backend="func", backend_options={"cache_bytes": 0})

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reparam
+from .memory import is_one_pass, read_one_pass
 from .replicas import validate_models
 from .resume import prepare_file, sibling_path
 from .sharpness import batched_sharpness, result_settings
@@ -33,13 +34,13 @@ class AuditResult:
 
 
 def _probe_inputs(data, n: int = 1024):
-    from .data import is_single_batch
+    from .data import _split, is_single_batch
 
     if is_single_batch(data):
         return data[0][:n]
     xs, count = [], 0
-    for item in data:
-        x = item[0] if isinstance(item, (tuple, list)) else item["inputs"]
+    for i, item in enumerate(data):
+        x, _ = _split(item, i)
         xs.append(x)
         count += x.shape[0]
         if count >= n:
@@ -101,6 +102,8 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     outputs = (None, None) if output is None else (output, sibling_path(output, "reparam"))
     for p in filter(None, outputs):
         prepare_file(p)
+    if is_one_pass(data):  # (read four times below: once, into a list of its batches)
+        data, _ = read_one_pass(models, data, kwargs.get("cache_data", "auto"), kwargs.get("memory_budget"))
     probe = _probe_inputs(data)
     with warnings.catch_warnings():  # (said below, for the audit)
         warnings.simplefilter("ignore")

@@ -1,6 +1,7 @@
 """The batched Hessian operator: R replicas x K probes per pass over the data."""
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Callable, Sequence
 
@@ -12,7 +13,7 @@ from ._heap import heap_reuse
 from .backends import BACKENDS
 from .data import Batches
 from .losses import Loss
-from .replicas import ReplicaSet, nonfinite_rows
+from .replicas import ReplicaSet, check_output, nonfinite_rows
 
 BACKEND_CHOICES = ("auto", "autograd", "func", "fused")
 
@@ -44,6 +45,20 @@ def select_backend(replicas: ReplicaSet, requested: str, loss: Loss | None = Non
     return "func", f"auto: fused engine not usable ({why}); torch.func works for any model it can trace"
 
 
+def _check_backend_options(name: str, reason: str, options: dict) -> None:
+    """Raise a TypeError naming the backend (and why it was chosen) when ``options`` holds names its
+    constructor does not take (options meant for a backend ``"auto"`` did not pick)."""
+    params = inspect.signature(BACKENDS[name].__init__).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return  # (it names unknown options itself)
+    allowed = [p.name for p in params if p.name not in ("self", "replicas", "loss", "batches")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"backend_options {unknown} are not options of the {name!r} backend ({reason}); it takes "
+                        f"{allowed}. Options of another backend need that backend named: backend='func', 'fused' "
+                        "or 'autograd'")
+
+
 class HessianOperator:
     """Full-data Hessians of R same-architecture replicas as one batched linear operator.
 
@@ -61,7 +76,8 @@ class HessianOperator:
         bn_mode: "eval" (default: BatchNorm running statistics, no dropout) or "batch" (BatchNorm
             batch statistics; dropout still off). The models themselves are never modified.
         cache_data: keep the batches on the device (True/False/"auto", up to 2 GiB).
-        backend_options: passed to the backend (e.g. ``{"reuse": False}`` for "func").
+        backend_options: passed to the backend (e.g. ``{"reuse": False}`` with ``backend="func"``); options
+            the chosen backend does not take raise a TypeError naming it.
         check_determinism: read the loader twice at construction and raise if the two passes
             differ (shuffling, random augmentation): the Hessian would change between matvecs.
         ``data`` may also be a :class:`fastcurv.data.Batches` already read (shared between operators).
@@ -132,6 +148,7 @@ class HessianOperator:
 
                 for key, cap in func_bytes_caps(memory_budget, rs.device).items():
                     options.setdefault(key, cap)  # what the caller sets wins
+            _check_backend_options(self.backend_name, self.backend_reason, self._backend_options)
             self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **options)
             if memory_budget is not None:
                 from .memory import check_operator_budget, operator_cache_bytes
@@ -192,9 +209,7 @@ class HessianOperator:
                 out = rs.call({n: t[r] for n, t in rs.params.items()}, {n: t[r] for n, t in rs.buffers.items()}, xc)
             except RuntimeError as exc:
                 raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): {exc}") from exc
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"the model returns a {type(out).__name__}; fastcurv needs one tensor of outputs (wrap the "
-                                "model in a module whose forward returns the tensor the loss takes)")
+            check_output(out)
             if not torch.equal(xc, x):
                 raise ValueError("the model changes its input in place (an in-place operation on the input, such as "
                                  "ReLU(inplace=True) as its first layer); fastcurv passes the same batches to it many "
@@ -213,15 +228,19 @@ class HessianOperator:
         """
         rs = self.replicas
         single = V.dim() == 2
-        V3 = V.unsqueeze(1) if single else V
-        rows = torch.arange(rs.R) if idx is None else idx.to("cpu", torch.long).flatten()
+        V3 = (V.unsqueeze(1) if single else V).detach()
+        rows = torch.arange(rs.R) if idx is None else self._check_idx(idx)
         if V3.dim() != 3 or V3.shape[0] != len(rows) or V3.shape[2] != rs.P:
             raise ValueError(
                 f"vectors must be [{len(rows)}, P] or [{len(rows)}, K, P] with P = {rs.P}; got {tuple(V.shape)}"
             )
         if V3.dtype != rs.dtype or V3.device != rs.device:
             V3 = V3.to(rs.device, rs.dtype)
-        good = ~self.failed[rows]
+        given_bad = nonfinite_rows([V3]).cpu() & ~self.failed[rows]
+        if given_bad.any():  # the caller's vectors, not the replicas: NaN rows, nothing recorded in failed
+            warnings.warn(f"the vectors of replicas {rows[given_bad].tolist()} contain NaN or Inf: their products are "
+                          "NaN", RuntimeWarning, stacklevel=2)
+        good = ~self.failed[rows] & ~given_bad
         every = bool(good.all())
         out = None if every else torch.full_like(V3, float("nan"))
         if good.any():
@@ -245,6 +264,17 @@ class HessianOperator:
         self.num_passes += 1
         self.num_matvecs += V3.shape[1]
         return out.squeeze(1) if single else out
+
+    def _check_idx(self, idx) -> torch.Tensor:
+        """``idx`` as a CPU int64 vector of replica indices, after checking it names replicas."""
+        rows = torch.as_tensor(idx).flatten()
+        if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise TypeError(f"idx must hold integer replica indices, got dtype {rows.dtype}")
+        rows = rows.to("cpu", torch.long)
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= self.replicas.R):
+            raise ValueError(f"idx names replicas {rows.tolist()}, but there are {self.replicas.R} (0 to "
+                             f"{self.replicas.R - 1})")
+        return rows
 
     def _run(self, vecs, idx):
         try:

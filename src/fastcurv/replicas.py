@@ -51,6 +51,14 @@ def consecutive_runs(index: torch.Tensor | None, n: int):
             start = j
 
 
+def check_output(out) -> torch.Tensor:
+    """``out``, a model's output, after raising a TypeError unless it is one tensor."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model returns a {type(out).__name__}; fastcurv needs one tensor of outputs (wrap the "
+                        "model in a module whose forward returns the tensor the loss takes)")
+    return out
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
@@ -104,6 +112,11 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
     one architecture: the same parameters and buffers (names, shapes, dtypes, devices), module
     classes and built-in modules' settings (``training``: also those that matter only in training
     mode, dropout's ``p`` and BatchNorm's ``momentum``)."""
+    if isinstance(models, ReplicaSet):
+        raise TypeError("models must be the list of nn.Module replicas here; a ReplicaSet is taken by HessianOperator "
+                        "and function_measures only")
+    if isinstance(models, nn.ModuleList):  # (it has no forward: a container of replicas, not a model)
+        models = list(models)
     if isinstance(models, nn.Module):
         raise TypeError("models must be a list of nn.Module replicas, not a single module; wrap it as [model]")
     models = list(models)
@@ -312,7 +325,7 @@ class ReplicaSet:
             csr = self._sparse_rows(plan, x)
             if csr is not None:
                 return plan.forward(params, CsrBatch(csr, torch.arange(len(x), device=x.device)), shared=True)
-        return vmap(self.call, in_dims=(0, 0, None))(params, buffers, x)
+        return check_output(vmap(self.call, in_dims=(0, 0, None))(params, buffers, x))
 
     def _sparse_rows(self, plan, x: torch.Tensor):
         """The CSR form of ``x`` for the fused MLP ``plan`` (None when too dense or not its input), kept

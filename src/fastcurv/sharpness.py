@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._heap import reusing_heap
-from .measures import load_all as _load_measures
+from .measures import accepted_options, load_all as _load_measures
 from .operator import HessianOperator
 from .replicas import validate_models
 from .solvers.probes import start_vectors
@@ -326,6 +326,12 @@ def batched_sharpness(
     stray = sorted(k for k in measure_options if k not in MEASURES and k not in extra)
     if stray:
         raise ValueError(f"measure_options names unknown measures {stray}; available: {MEASURES + tuple(sorted(extra))}")
+    for name, opts in measure_options.items():  # (refused before any measure runs, not after the ones before it)
+        allowed = accepted_options(name) if name in extra else ()
+        wrong = sorted(set(opts or {}) - set(allowed)) if allowed is not None else []
+        if wrong:
+            raise TypeError(f"measure_options[{name!r}] has unknown options {wrong}; {name} accepts "
+                             f"{sorted(allowed) or 'none (its settings are batched_sharpness arguments)'}")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     if not tol >= 0:

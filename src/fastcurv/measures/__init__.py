@@ -4,12 +4,14 @@ built-in Hessian ones. A measure is a function ``fn(op, *, seed, common, **optio
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 REGISTRY: dict[str, object] = {}
 REPLICA_NOISE: dict[str, object] = {}  # name -> bool or callable(options) -> bool (see register_measure)
+OPTIONS: dict[str, tuple] = {}  # name -> the options a measure taking **options accepts (see register_measure)
 
 
 @dataclass
@@ -21,8 +23,12 @@ class MeasureValue:
     converged: torch.Tensor | None = None
 
 
-def register_measure(name: str, *, replica_noise=True):
+def register_measure(name: str, *, replica_noise=True, options: tuple = ()):
     """Decorator registering ``fn`` as measure ``name`` for ``batched_sharpness(measures=...)``.
+
+    options: for a function that takes ``**options``, the names it accepts there (its explicit
+    keywords are read from its signature), so that a misspelt option is refused before any measure
+    runs (:func:`accepted_options`).
 
     replica_noise: whether, with ``common_random_numbers=False``, the measure draws one noise row
     per replica of the job it is given from a single stream, so that a replica's value depends on
@@ -34,9 +40,31 @@ def register_measure(name: str, *, replica_noise=True):
     def deco(fn):
         REGISTRY[name] = fn
         REPLICA_NOISE[name] = replica_noise
+        OPTIONS[name] = tuple(options)
         return fn
 
     return deco
+
+
+def keywords(fn, drop=()) -> tuple:
+    """The names of ``fn``'s parameters with defaults, but ``seed``, ``common`` and ``drop``: the
+    options a measure forwards to ``fn``."""
+    return tuple(n for n, p in inspect.signature(fn).parameters.items()
+                 if p.default is not inspect.Parameter.empty and n not in ("seed", "common", *drop))
+
+
+def accepted_options(name: str) -> tuple | None:
+    """The options measure ``name`` accepts, or None when it takes ``**options`` without saying
+    which (a measure registered elsewhere without ``options=``)."""
+    fn = REGISTRY[name]
+    params = inspect.signature(fn).parameters.values()
+    explicit = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.name not in ("op", "seed", "common")]
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        if not OPTIONS.get(name):
+            return None
+        explicit += OPTIONS[name]
+    return tuple(explicit)
 
 
 def unsplittable(kwargs: dict) -> str:

@@ -35,21 +35,21 @@ def _trace(kind, op, seed, common, num_matvecs=30):
 
 
 # replica_noise=False: the solvers key independent probes by the replica's number in the job
-@register_measure("ggn_lambda_max", replica_noise=False)
+@register_measure("ggn_lambda_max", replica_noise=False, options=("max_iter", "tol"))
 def ggn_lambda_max(op, *, seed, common, **options):
     return _lambda_max("ggn", op, seed, common, **options)
 
 
-@register_measure("ggn_trace", replica_noise=False)
+@register_measure("ggn_trace", replica_noise=False, options=("num_matvecs",))
 def ggn_trace(op, *, seed, common, **options):
     return _trace("ggn", op, seed, common, **options)
 
 
-@register_measure("fisher_lambda_max", replica_noise=False)
+@register_measure("fisher_lambda_max", replica_noise=False, options=("max_iter", "tol"))
 def fisher_lambda_max(op, *, seed, common, **options):
     return _lambda_max("fisher", op, seed, common, **options)
 
 
-@register_measure("fisher_trace", replica_noise=False)
+@register_measure("fisher_trace", replica_noise=False, options=("num_matvecs",))
 def fisher_trace(op, *, seed, common, **options):
     return _trace("fisher", op, seed, common, **options)

@@ -67,7 +67,7 @@ def alpha_search(op, *, magnitude: bool = False, target: float = 0.1, tol: float
     return alpha, done, base
 
 
-@register_measure("jiang_sharpness")
+@register_measure("jiang_sharpness", options=OPTIONS)
 def jiang_sharpness(op, *, seed, common, magnitude_aware: bool = True, **options):
     """Columns ``jiang_sharpness_flatness`` (1/alpha'^2), ``jiang_sharpness_alpha`` and, with
     ``magnitude_aware=True`` (default), ``jiang_sharpness_mag_flatness`` and ``jiang_sharpness_mag_alpha``.

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register_measure
+from . import keywords, register_measure
 from ._bisect import bisect_scale, flatness_columns
 from ._common import accuracy_at, positive
 
@@ -60,7 +60,7 @@ def sigma_search(op, *, magnitude: bool = False, target: float = 0.1, tol: float
     return sigma, done, base
 
 
-@register_measure("pac_bayes")
+@register_measure("pac_bayes", options=keywords(sigma_search, drop=("magnitude",)))
 def pac_bayes(op, *, seed, common, magnitude_aware: bool = True, **options):
     """Columns ``pacbayes_flatness`` (1/sigma^2), ``pacbayes_sigma`` and, with
     ``magnitude_aware=True`` (default), ``pacbayes_mag_flatness`` and ``pacbayes_mag_sigma``.

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from . import register_measure
+from . import keywords, register_measure
 from ._common import finish
 
 
@@ -151,7 +151,7 @@ def _draws_probes(options: dict) -> bool:
     return options.get("method", "hutchinson") == "hutchinson"
 
 
-@register_measure("relative_flatness", replica_noise=_draws_probes)
+@register_measure("relative_flatness", replica_noise=_draws_probes, options=keywords(relative_flatness_values))
 def relative_flatness(op, *, seed, common, **options):
     """Column ``relative_flatness`` ``[R]`` (with a standard error for the Hutchinson estimator).
     Options: layer (module name), normalize (True), method ("hutchinson" | "exact"), num_probes (100)."""

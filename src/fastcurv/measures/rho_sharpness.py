@@ -106,7 +106,7 @@ def average_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float
     return d.mean(1), d.std(1) / n_samples**0.5
 
 
-@register_measure("rho_sharpness", replica_noise=_random_start)
+@register_measure("rho_sharpness", replica_noise=_random_start, options=WORST_OPTIONS)
 def rho_sharpness(op, *, seed, common, **options):
     """Worst-case rho-sharpness, standard ball. Defaults: rho = 0.05 (SAM's training radius,
     Foret et al. 2021), p = "l2", n_iter = 20 (Andriushchenko et al.), per-batch protocol over the
@@ -116,7 +116,7 @@ def rho_sharpness(op, *, seed, common, **options):
     return {"rho_sharpness": finish(op, value)}
 
 
-@register_measure("adaptive_rho_sharpness", replica_noise=_random_start)
+@register_measure("adaptive_rho_sharpness", replica_noise=_random_start, options=ADAPTIVE_WORST_OPTIONS)
 def adaptive_rho_sharpness(op, *, seed, common, **options):
     """Worst-case adaptive rho-sharpness (``||delta / |theta| ||_p <= rho``). Defaults: the
     reference code's canonical example (Andriushchenko et al.'s README): p = "linf", rho = 0.001,
@@ -132,7 +132,7 @@ def adaptive_rho_sharpness(op, *, seed, common, **options):
     return {"adaptive_rho_sharpness": finish(op, value)}
 
 
-@register_measure("avg_rho_sharpness")
+@register_measure("avg_rho_sharpness", options=AVG_OPTIONS)
 def avg_rho_sharpness(op, *, seed, common, **options):
     """Average-case rho-sharpness with Gaussian noise of std rho per coordinate. Defaults:
     rho = 0.1, p = "l2", n_samples = 100 (reference default). Column ``avg_rho_sharpness``
@@ -142,7 +142,7 @@ def avg_rho_sharpness(op, *, seed, common, **options):
     return {"avg_rho_sharpness": finish(op, value, stderr=se)}
 
 
-@register_measure("adaptive_avg_rho_sharpness")
+@register_measure("adaptive_avg_rho_sharpness", options=AVG_OPTIONS)
 def adaptive_avg_rho_sharpness(op, *, seed, common, **options):
     """Average-case adaptive rho-sharpness: ``delta_i = rho |theta_i| xi_i``. Defaults: rho = 0.1,
     p = "l2", n_samples = 100. Column ``adaptive_avg_rho_sharpness``."""

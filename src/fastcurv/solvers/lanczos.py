@@ -147,6 +147,25 @@ def _second_pass(Q: torch.Tensor, w: torch.Tensor, b: torch.Tensor, before: torc
         b[again.to(b.device)] = w[again.to(w.device)].norm(dim=-1)
 
 
+def _start(op, v0, seed: int, common: bool) -> torch.Tensor:
+    """The start vectors ``[R, P]``: ``v0``, with rows that cannot be normalized (zero or not
+    finite) replaced by the random start, or the random start itself."""
+    if v0 is None:
+        return start_vectors(op, seed, common)
+    if not torch.is_tensor(v0) or tuple(v0.shape) != (op.R, op.P):
+        raise ValueError(f"v0 must be a tensor [R, P] = [{op.R}, {op.P}], got "
+                         f"{tuple(v0.shape) if torch.is_tensor(v0) else type(v0).__name__}")
+    v0 = v0.detach().to(op.device, op.dtype)
+    norm = v0.norm(dim=-1, keepdim=True)
+    usable = torch.isfinite(norm) & (norm > 0)
+    if not bool(usable.all()):
+        bad = (~usable).flatten().nonzero().flatten().tolist()
+        warnings.warn(f"v0 is zero or not finite for replicas {bad}: they start from a random vector",
+                      RuntimeWarning, stacklevel=3)
+        v0 = torch.where(usable, v0, start_vectors(op, seed, common))
+    return v0
+
+
 def lanczos(
     op,
     *,
@@ -183,7 +202,8 @@ def lanczos(
     Args:
         op: the batched operator. k: how many eigenvalues. max_iter: matvecs per replica at most.
         tol: relative accuracy target. which: "largest" (algebraic) or "smallest".
-        v0: start vectors ``[R, P]`` (default: Gaussian from ``seed``). min_iter: do at least this
+        v0: start vectors ``[R, P]`` (default: Gaussian from ``seed``; rows that are zero or not
+            finite, e.g. the loss gradient of a replica whose ReLUs all died, start from it too). min_iter: do at least this
         many steps unless the Krylov space is exhausted first (default ``min_iter_default(k, which)``:
         a residual test after few steps passes on the second eigenvalue when the start vector barely
         touches the first; or SLQ's nodes). callback(step, n_active) per step.
@@ -211,8 +231,7 @@ def lanczos(
         # noise at its end in float32, where forced steps let spurious Ritz values in)
         min_iter = min(min_iter_default(k, which), m, max(k, P // 2))
     f64 = torch.float64
-    if v0 is None:
-        v0 = start_vectors(op, seed, common)
+    v0 = _start(op, v0, seed, common)
     # Q[r, :n] is replica r's Krylov basis. Rows are never moved: on the CPU the active replicas are
     # read in runs of consecutive replicas (views), so no step copies the basis.
     Q = torch.empty(R, _capacity(R, m + 1, P, op.dtype, op.device), P, dtype=op.dtype, device=op.device)
