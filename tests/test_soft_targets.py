@@ -103,3 +103,22 @@ def test_soft_targets_in_float32_batched_sharpness():
         torch.testing.assert_close(fused["trace"][r].double(), torch.trace(H), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fused["lambda_max"][r].double(), torch.linalg.eigvalsh(H)[-1], rtol=2e-3, atol=1e-5)
     torch.testing.assert_close(fused["lambda_max"], func["lambda_max"], rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["func", "autograd"])
+def test_per_position_soft_targets_average_over_positions_as_torch_does(backend):
+    """Soft targets ``[N, C, H, W]`` (a segmentation net's): torch's mean cross-entropy divides by
+    N * H * W; fastcurv divided by N only (loss, gradient and Hessian 16x torch's here)."""
+    gen = torch.Generator().manual_seed(0)
+    models = replicas(lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 1)), 2)
+    x = torch.randn(6, 2, 4, 4, generator=gen, dtype=torch.float64)
+    t = torch.softmax(torch.randn(6, 3, 4, 4, generator=gen, dtype=torch.float64), 1)
+    op = fastcurv.HessianOperator(models, (x, t), backend=backend)
+    loss, _ = op.loss_and_gradient()
+    V = torch.randn(2, op.P, generator=gen, dtype=torch.float64)
+    HV = op.matvec(V)
+    for r, m in enumerate(models):
+        want = nn.functional.cross_entropy(m(x), t)
+        torch.testing.assert_close(loss[r], want.detach(), rtol=1e-12, atol=1e-14)
+        H = dense_hessian(m, [(x, t)], loss=nn.functional.cross_entropy)  # torch's own mean
+        torch.testing.assert_close(HV[r], V[r] @ H, rtol=1e-10, atol=1e-12)

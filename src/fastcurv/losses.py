@@ -30,8 +30,9 @@ def label_out_of_range(y: torch.Tensor, num_classes: int) -> int | None:
 
 
 def as_labels(y: torch.Tensor) -> torch.Tensor:
-    """Integer targets as int64 (MNIST's raw labels are uint8; torch's gathers take int64 only)."""
-    return y.long() if not y.is_floating_point() and y.dtype not in (torch.int64, torch.bool) else y
+    """Integer (or bool: binary) targets as int64 (MNIST's raw labels are uint8; torch's gathers take
+    int64 only)."""
+    return y.long() if not y.is_floating_point() and y.dtype != torch.int64 else y
 
 
 def _pivoted_softmax(logits: torch.Tensor):
@@ -155,9 +156,12 @@ class Loss:
         """This batch's share of the full-data loss (one replica; outputs ``[n, ...]``)."""
         n = outputs.shape[0]
         if self.kind == "cross_entropy":
+            positions = 1
             if outputs.dim() > 2 and targets.is_floating_point():  # torch's [N, C, ...] soft targets: classes in dim 1
                 outputs, targets = outputs.movedim(1, -1), targets.movedim(1, -1)
-            return cross_entropy_losses(outputs, targets).sum() * self.scale()
+                positions = outputs[0].numel() // outputs.shape[-1]  # torch's mean is over samples and positions
+            scale = self.scale() / (positions if self.reduction == "mean" else 1)
+            return cross_entropy_losses(outputs, targets).sum() * scale
         if self.kind == "mse":
             # written out: F.mse_loss(reduction="sum") under vmap triggers a torch resize warning
             return (outputs - targets).square().sum() * self.scale(outputs[0].numel())
