@@ -443,3 +443,46 @@ def test_backend_options_of_another_backend_name_the_chosen_one():
     with pytest.raises(TypeError, match=r"\['cache_bytes'\] are not options of the 'func' backend \(requested\); "
                                         r"it takes \['reuse'"):
         fastcurv.HessianOperator(replicas(mlp, 2), (x, y), backend="func", backend_options={"cache_bytes": 0})
+
+
+def test_plausible_inputs_that_were_raw_errors():
+    """bool labels (a binary task) were a raw gather() dtype error; a Dataset's single samples, numpy
+    arrays, max_iter=2.5, slq_draws=0 and a target-shape mismatch were named unclearly (the shapes
+    of the first 8 rows the check ran, not the batch's)."""
+    x, y = data(n=20)
+    two = replicas(lambda: mlp(sizes=(5, 4, 2)), 2)
+    yb = y % 2
+    want = fastcurv.batched_sharpness(two, (x, yb), measures=("lambda_max",))["lambda_max"]
+    got = fastcurv.batched_sharpness(two, (x, yb.bool()), measures=("lambda_max",))["lambda_max"]
+    assert torch.equal(got, want)
+    ms = replicas(mlp, 2)
+    with pytest.raises(ValueError, match=r"the data yields single samples \(a Dataset\?\)"):
+        fastcurv.batched_sharpness(ms, torch.utils.data.TensorDataset(x, y))
+    with pytest.raises(TypeError, match="torch.as_tensor"):
+        fastcurv.batched_sharpness(ms, (x.numpy(), y.numpy()))
+    with pytest.raises(TypeError, match="torch.as_tensor"):
+        fastcurv.batched_sharpness(ms, [(x.numpy(), y.numpy())])
+    for kw in ({"max_iter": 2.5}, {"slq_draws": 0}, {"slq_steps": 0}):
+        with pytest.raises(ValueError, match=f"{list(kw)[0]} must be a positive integer"):
+            fastcurv.batched_sharpness(ms, (x, y), measures=("lambda_max", "spectrum"), **kw)
+    op = fastcurv.HessianOperator(ms, (x, y))
+    with pytest.raises(ValueError, match="slq: num_draws must be a positive integer"):
+        fastcurv.slq(op, num_draws=0)
+    with pytest.raises(ValueError, match=r"mse expects targets shaped like the outputs \(20, 3\), got \(20,\)"):
+        fastcurv.HessianOperator(ms, (x, y.double()), loss="mse")
+
+
+def test_a_chunk_of_failed_replicas_in_a_spectrum_job():
+    """A chunk holding only failed (NaN) replicas gave SLQ nodes with no column, and merging the
+    chunks crashed (a raw 'expanded size' error) where the unchunked job gave NaN and a flag."""
+    x, y = data()
+    ms = replicas(mlp, 2)
+    with torch.no_grad():
+        ms[1][0].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning):
+        whole = fastcurv.batched_sharpness(ms, (x, y), measures=("lambda_max", "spectrum"))
+        chunked = fastcurv.batched_sharpness(ms, (x, y), measures=("lambda_max", "spectrum"), replica_chunk=1)
+    for res in (whole, chunked):
+        assert torch.isfinite(res["lambda_max"][0]) and torch.isnan(res["lambda_max"][1])
+        assert torch.isnan(res.spectrum.nodes[1]).all() and torch.isfinite(res.spectrum.nodes[0]).any()
+    torch.testing.assert_close(chunked.spectrum.nodes[0], whole.spectrum.nodes[0])

@@ -23,7 +23,9 @@ def _split(item, i: int):
                 return item[kx], item[ky]
         raise TypeError(f"batch {i} is a dict with keys {sorted(item)}; expected (inputs, targets) or keys inputs/targets")
     if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise TypeError(f"batch {i} is a {type(item).__name__}; the loader must yield (inputs, targets) pairs")
+        hint = (" (numpy arrays: pass tensors, e.g. (torch.as_tensor(x), torch.as_tensor(y)))"
+                if "numpy" in type(item).__module__ else "")
+        raise TypeError(f"batch {i} is a {type(item).__name__}; the loader must yield (inputs, targets) pairs{hint}")
     return item[0], item[1]
 
 
@@ -135,7 +137,12 @@ class Batches:
         for i, item in enumerate(iterator):
             x, y = _split(item, i)
             if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-                raise TypeError(f"batch {i}: inputs and targets must be tensors, got {type(x).__name__} and {type(y).__name__}")
+                hint = " (convert them with torch.as_tensor)" if "numpy" in type(x).__module__ + type(y).__module__ else ""
+                raise TypeError(f"batch {i}: inputs and targets must be tensors, got {type(x).__name__} and "
+                                f"{type(y).__name__}{hint}")
+            if y.dim() == 0 and x.dim() >= 1:
+                raise ValueError(f"batch {i}: the target is a single value (inputs {tuple(x.shape)}): the data yields "
+                                 "single samples (a Dataset?); batch it, e.g. DataLoader(dataset, batch_size=256)")
             if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
                 raise ValueError(f"batch {i}: inputs {tuple(x.shape)} and targets {tuple(y.shape)} disagree on the batch size")
             if x.shape[0] == 0:

@@ -214,7 +214,8 @@ class HessianOperator:
                 raise ValueError("the model changes its input in place (an in-place operation on the input, such as "
                                  "ReLU(inplace=True) as its first layer); fastcurv passes the same batches to it many "
                                  "times: make that operation out of place")
-        self.loss.check_targets(out, y)
+        # (the batch's own shapes in the message: the outputs were computed on its first rows only)
+        self.loss.check_targets(torch.empty((len(y_all), *out.shape[1:]), device="meta"), y_all)
         self.loss.check_all_targets(out, self.batches)
         return x_all, y_all
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import json
+import numbers
 import operator
 import time
 from dataclasses import dataclass, field
@@ -332,8 +333,9 @@ def batched_sharpness(
         if wrong:
             raise TypeError(f"measure_options[{name!r}] has unknown options {wrong}; {name} accepts "
                              f"{sorted(allowed) or 'none (its settings are batched_sharpness arguments)'}")
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+    for name, v in (("max_iter", max_iter), ("slq_steps", slq_steps), ("slq_draws", slq_draws)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be non-negative, got {tol}")
     if trace_method not in TRACE_METHODS:

@@ -1,6 +1,7 @@
 """Lanczos with partial (or full) reorthogonalization, one Krylov space per replica, run in lock step."""
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -213,6 +214,8 @@ def lanczos(
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if k < 1:
         raise ValueError("k must be at least 1")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if reorthogonalize is None:
         reorthogonalize = "full" if keep_basis else "partial"
     if reorthogonalize not in ("partial", "full"):

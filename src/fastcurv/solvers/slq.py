@@ -1,6 +1,7 @@
 """Stochastic Lanczos quadrature: the Hessian's spectral density per replica."""
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -141,6 +142,9 @@ def slq(op, *, num_steps: int = 60, num_draws: int = 1, seed: int = 0, common: b
     ``T = Y diag(theta) Y^T``: nodes ``theta``, weights ``Y[0, :]^2``.
     Costs ``num_draws * num_steps`` matvecs per replica.
     """
+    for name, v in (("num_steps", num_steps), ("num_draws", num_draws)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"slq: {name} must be a positive integer, got {v!r}")
     R, P = op.R, op.P
     g = torch.Generator().manual_seed(seed)
     runs = []
@@ -150,7 +154,7 @@ def slq(op, *, num_steps: int = 60, num_draws: int = 1, seed: int = 0, common: b
         runs.append(lanczos(op, k=1, max_iter=num_steps, min_iter=num_steps, tol=0.0, v0=v0, callback=callback))
     # a draw whose Krylov space is exhausted (Lanczos breakdown: its quadrature is exact) has fewer
     # nodes; every draw is padded to the longest
-    m = max(int(res.iterations.max()) for res in runs)
+    m = max(1, max(int(res.iterations.max()) for res in runs))  # (1: a NaN node where every replica failed)
     nodes = torch.full((R, num_draws, m), float("nan"), dtype=torch.float64)
     weights = torch.zeros(R, num_draws, m, dtype=torch.float64)
     for d, res in enumerate(runs):
