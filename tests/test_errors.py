@@ -180,7 +180,7 @@ def test_replica_whose_products_blow_up_is_flagged():
 @pytest.mark.parametrize("kw,words", [
     (dict(eig_solver="power", trace_method="deflated"), "it needs eig_solver='lanczos'"),
     (dict(measure_options={"rho_sharpnes": {"rho": 5.0}}), r"unknown measures \['rho_sharpnes'\]"),
-    (dict(max_iter=0), "max_iter must be at least 1"),
+    (dict(max_iter=0), "max_iter must be a positive integer"),
     (dict(tol=-1.0), "tol must be non-negative"),
     (dict(measures=("top_k",), top_k=70), "top_k=70 exceeds the number of parameters P=66"),
 ])
