@@ -167,3 +167,17 @@ def test_spearman_p_for_larger_n_is_scipys_t_approximation_never_zero(n):
     rho, p = stats.spearman(x, -x)
     assert rho == pytest.approx(-1.0, abs=1e-12) and st.spearmanr(x, -x).pvalue < 1e-60  # 0 or 7e-64
     assert p == pytest.approx(2 / math.factorial(n), rel=1e-9) and p > 0
+
+
+def test_correlations_without_numeric_measure_columns_say_so():
+    """Measure columns of 0-d tensors are object columns: correlations returned an empty table
+    without a word."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    acc, lam = rng.random(8), rng.random(8)
+    df = pd.DataFrame({"test_acc": acc, "lambda_max": [torch.tensor(v) for v in lam]})
+    with pytest.raises(ValueError, match="no numeric measure columns to correlate with 'test_acc'.*object"):
+        stats.correlations(df, "test_acc", n_boot=10)
+    got = stats.correlations(df, "test_acc", measures=["lambda_max"], n_boot=10)
+    assert got.loc["lambda_max", "n"] == 8

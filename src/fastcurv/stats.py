@@ -188,6 +188,11 @@ def correlations(df, target: str, measures: Sequence[str] | None = None, *, rows
         skip = ("_stderr", "_error", "_iters", "_converged")
         measures = [c for c in df.columns if c != target and pd.api.types.is_numeric_dtype(df[c])
                     and not pd.api.types.is_bool_dtype(df[c]) and not str(c).endswith(skip)]
+        if not measures:
+            others = [c for c in df.columns if c != target]
+            raise ValueError(f"no numeric measure columns to correlate with {target!r} (columns {others} with dtypes "
+                             f"{[str(df[c].dtype) for c in others]}; lists of 0-d tensors are object columns: convert "
+                             "them with float(), or name the columns in measures=)")
     missing = [m for m in measures if m not in df.columns]
     if missing:
         raise KeyError(f"measure columns {missing} not in the table (columns: {list(df.columns)})")
