@@ -80,9 +80,9 @@ def test_data_sharded_over_two_gloo_processes_equals_full_data(tmp_path):
                 torch.testing.assert_close(got["nodes"], ref.spectrum.nodes, rtol=1e-8, atol=1e-10)
 
 
-def _run_two_ranks_or_fail(fn, args, seconds=120):
-    """Spawn ``fn`` on 2 ranks; fail the test (killing them) if they have not ended after ``seconds``."""
-    ctx = mp.start_processes(fn, args=args, nprocs=2, join=False, start_method="spawn")
+def _run_two_ranks_or_fail(fn, args, seconds=120, nprocs=2):
+    """Spawn ``fn`` on 2 ranks (``nprocs``); fail the test (killing them) if they have not ended after ``seconds``."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + seconds
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
@@ -131,3 +131,37 @@ def test_data_sharding_needs_a_process_group_and_core_measures():
         fastcurv.batched_sharpness(models, data, distributed_data=True, distributed=True, progress=False)
     with pytest.raises(ValueError, match="output="):
         fastcurv.batched_sharpness(models, data, distributed_data=True, output="r.jsonl", progress=False)
+
+
+def _subgroup_main(rank, world, out_dir):
+    """Global ranks 1 and 2 shard a job over their own group, gathered on the group's rank 0 (global
+    rank 1); each member saves what it got (the values, None, or the error), global rank 0 waits."""
+    from fastcurv import distributed
+
+    torch.set_num_threads(1)
+    with W._group(rank, world, out_dir):
+        group = dist.new_group([1, 2])  # (every rank takes part in creating it)
+        if rank > 0:
+            models, data = W.job(R=3)
+            try:
+                res = distributed.batched_sharpness(models, data, group=group, gather="rank0", replica_chunk=1,
+                                                    output=os.path.join(out_dir, "sub.jsonl"), measures=("lambda_max",),
+                                                    max_iter=20, progress=False)
+                got = None if res is None else res["lambda_max"]
+            except Exception as exc:  # (saved, so that every rank still reaches the final barrier)
+                got = f"{type(exc).__name__}: {exc}"
+            torch.save(got, os.path.join(out_dir, f"sub{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_gather_on_rank0_of_a_group_without_global_rank_0(tmp_path):
+    """A group of global ranks 1 and 2 with gather="rank0": both members raised "Global rank 0 is
+    not part of group" after computing their replicas (the group's rank 0 was passed to
+    gather_object as the global rank). Three processes: a group of two without global rank 0."""
+    _run_two_ranks_or_fail(_subgroup_main, (3, str(tmp_path)), nprocs=3)
+    got, other = (torch.load(tmp_path / f"sub{r}.pt") for r in (1, 2))
+    models, data = W.job(R=3)
+    ref = fastcurv.batched_sharpness(models, data, measures=("lambda_max",), max_iter=20, progress=False)
+    assert other is None and isinstance(got, torch.Tensor), (got, other)
+    torch.testing.assert_close(got, ref["lambda_max"], rtol=1e-10, atol=1e-12)
+    assert (tmp_path / "sub.jsonl").is_file() and not list(tmp_path.glob("sub.jsonl.part*"))  # merged by group rank 0

@@ -365,3 +365,109 @@ def test_max_matrix_bytes_is_not_part_of_the_fingerprint(tmp_path, monkeypatch):
     assert result_settings({"measure_options": {name: {"max_matrix_bytes": 0}}})["measure_options"] is None
     given = {name: opts, "rho_sharpness": {"rho": 0.1}}
     assert result_settings({"measure_options": given})["measure_options"] is given
+
+
+# module-level settings read by the losses below (the tests change them as a user edits a script)
+LABEL_SMOOTHING = 0.0
+CLASS_WEIGHTS = torch.ones(3, dtype=torch.float64)
+
+
+def _smoothed(o, t):
+    return F.cross_entropy(o, t, label_smoothing=LABEL_SMOOTHING)
+
+
+def _scale(v):
+    return v
+
+
+def _weighted_helper(o, t):
+    return _scale(F.cross_entropy(o, t, weight=CLASS_WEIGHTS))
+
+
+class _NoRepr:
+    pass
+
+
+_OPAQUE = _NoRepr()
+
+
+def _reads_opaque(o, t):
+    return F.cross_entropy(o, t) + 0 * id(_OPAQUE)
+
+
+def test_a_loss_is_fingerprinted_with_the_module_settings_it_reads(tmp_path, monkeypatch):
+    """A loss reading a module-level ``LABEL_SMOOTHING``: a rerun after the setting changed 0.0 ->
+    0.5 resumed, mixing the two settings (replica 0 kept 1.48671 where the 0.5 run gives 1.47301,
+    0.9 % off); only the names a function reads were hashed, not their values. The same for a
+    global tensor, a helper whose body changed and (via the helper) what the helper reads; a value
+    with no stable description makes the rerun be refused, saying so. Library functions are
+    described as before (their module's globals are no settings)."""
+    d = resume.describe
+    models, data = W.job(R=2)
+    out = str(tmp_path / "r.jsonl")
+    kw = dict(measures=("lambda_max",), max_iter=20, progress=False, loss=_smoothed)
+    fastcurv.batched_sharpness(models, data, output=out, **kw)
+    fastcurv.batched_sharpness(models, data, output=out, **kw)  # the same setting: resumed
+    monkeypatch.setitem(globals(), "LABEL_SMOOTHING", 0.5)
+    with pytest.raises(FingerprintMismatch, match="differs in: loss"):
+        fastcurv.batched_sharpness(models, data, output=out, **kw)
+
+    before = d(_weighted_helper)
+    monkeypatch.setitem(globals(), "CLASS_WEIGHTS", torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64))
+    weights_changed = d(_weighted_helper)
+    monkeypatch.setitem(globals(), "_scale", lambda v: 2 * v)
+    assert len({json.dumps(x, sort_keys=True) for x in (before, weights_changed, d(_weighted_helper))}) == 3
+    assert d(_weighted_helper) == d(_weighted_helper)
+    assert d(_weighted_helper)["globals"]["F"] == {"python module": "torch.nn.functional"}  # (not its path)
+    assert resume._unreliable_reasons(d(_reads_opaque)) == ["a _NoRepr has no stable representation"]
+    assert "globals" not in d(F.cross_entropy) and not resume._unreliable_reasons(d(F.cross_entropy))
+
+
+def test_a_path_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    """``output="~/runs/r.jsonl"`` (as a config file holds it) wrote into a folder literally named
+    "~" under the current folder; a distributed job's part files and merged file alike."""
+    from fastcurv import distributed
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    models, data = W.job(R=2)
+    kw = dict(measures=("lambda_max",), max_iter=20, progress=False, replica_chunk=1)
+    first = fastcurv.batched_sharpness(models, data, output="~/runs/r.jsonl", **kw)
+    assert [c["start"] for c in chunks_in(home / "runs" / "r.jsonl")] == [0, 1]
+    again = distributed.batched_sharpness(models, data, output="~/runs/r.jsonl", use_distributed=False, **kw)
+    assert torch.equal(again["lambda_max"], first["lambda_max"])
+    assert resume.prepare_folder("~/report") == home / "report" and (home / "report").is_dir()
+    (home / "runs" / "r.jsonl.part3").write_text("")
+    assert resume.part_files("~/runs/r.jsonl") == [str(home / "runs" / "r.jsonl.part3")]
+    assert not list(cwd.iterdir())
+
+
+def test_temporary_files_are_never_read_as_part_files(tmp_path, monkeypatch):
+    """A rank killed while it rewrote ``r.jsonl.part1`` left ``r.jsonl.part1.tmp<pid>``, which the
+    part-file glob matched: cut in its header, it made every resume fail ("not a fastcurv results
+    file"). Temporary files are now hidden (``.<name>.tmp<pid>``) and removed when a write fails,
+    and only ``<output>.part<k>`` names are part files."""
+    models, data = W.job(R=2)
+    out = tmp_path / "r.jsonl"
+    kw = dict(measures=("lambda_max",), max_iter=20, progress=False, replica_chunk=1)
+    ref = fastcurv.batched_sharpness(models, data, output=str(out), **kw)
+    header, first = out.read_text().splitlines()[:2]
+    out.unlink()
+    (tmp_path / "r.jsonl.part0").write_text(header + "\n" + first + "\n")
+    for stale in ("r.jsonl.part1.tmp4242", "r.jsonl.partial", "r.jsonl.part1.bak"):
+        (tmp_path / stale).write_text(header[: len(header) // 2])
+    assert resume.part_files(str(out)) == [str(tmp_path / "r.jsonl.part0")]
+    again = fastcurv.batched_sharpness(models, data, output=str(out), **kw)
+    assert torch.equal(again["lambda_max"], ref["lambda_max"])
+
+    names = []
+    monkeypatch.setattr(resume.os, "replace", lambda a, b: names.append(os.path.basename(a)))
+    resume.write_atomic(str(tmp_path / "r.jsonl.part1"), "d", {}, [])
+    assert names == [f".r.jsonl.part1.tmp{os.getpid()}"]
+    monkeypatch.undo()
+    before = out.read_text()
+    with pytest.raises(TypeError):  # a record that cannot be written (as a full disk would stop it)
+        resume.write_atomic(str(out), "d", {}, [{"start": object()}])
+    assert out.read_text() == before and not list(tmp_path.glob(".*.tmp*"))

@@ -145,6 +145,7 @@ def test_bad_measure_names_the_problem(tmp_path):
     (dict(lr="fast"), "lr must be a number"),
     (dict(threads=0), "threads must be a positive integer"),
     (dict(hidden="64,x"), "hidden must be positive layer widths"),
+    (dict(target_loss="low"), "target_loss must be a number"),
 ])
 def test_bad_settings_are_named_before_training(tmp_path, bad, words):
     ck = tmp_path / "ck.pt"
@@ -397,3 +398,36 @@ def test_replicas_that_did_not_learn_are_flagged_and_named(tmp_path):
     assert "did not learn" in flags[1] and "did not learn" not in flags[0] + flags[2]
     assert res["summary"]["did_not_learn"] == [1]
     assert "**1 of 3 replicas did not learn** (replicas [1]" in (tmp_path / "report.md").read_text()
+
+
+def test_target_loss_as_a_config_file_string(tmp_path):
+    """YAML reads ``target_loss: 1e-3`` as the string "1e-3": the study trained an epoch, then
+    stopped with "'<=' not supported between instances of 'Tensor' and 'str'" (lr: 1e-2 worked)."""
+    res = fastcurv.study(**dict(TINY, replicas=2), target_loss="1e-3", measures=["lambda_max"], audit=False,
+                         out=tmp_path)
+    assert not res["table"]["reached_target"].any()
+    assert "did not reach the training-loss target 0.001**" in (tmp_path / "report.md").read_text()
+
+
+def test_paths_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch, capsys):
+    """A config file with ``out: ~/runs/r1`` and ``checkpoint: ~/runs/r1/train.ckpt`` (no shell
+    expands a file's "~"): the checkpoint and config files went to a folder literally named "~"
+    under the current folder, then pandas (which does expand "~") found no such folder and the
+    study failed after all its work, with no report. ``--config ~/c.yaml`` was not found either."""
+    pytest.importorskip("yaml")
+    from fastcurv.cli import _checkpoint_under_out
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    (home / "c.yaml").write_text("data: digits\nhidden: [8]\nreplicas: 2\nepochs: 1\nmeasures: [lambda_max]\n"
+                                 "audit: false\nn_boot: 20\nout: ~/runs/r1\ncheckpoint: ~/runs/r1/train.ckpt\n")
+    assert main(["study", "--config", "~/c.yaml", "--no-progress"]) == 0, capsys.readouterr().err
+    r1 = home / "runs" / "r1"
+    assert (r1 / "report.md").is_file() and (r1 / "results.csv").is_file() and (r1 / "train.ckpt").is_file()
+    assert not list(cwd.iterdir())
+    # --out moves a checkpoint that lay in the config's out folder, "~" or not
+    moved = _checkpoint_under_out({"out": "~/runs/r1", "checkpoint": str(r1 / "train.ckpt")}, {"out": "b"})
+    assert moved == "b/train.ckpt"

@@ -97,7 +97,7 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
 
     models = validate_models(models)
     if path is not None:
-        prepare_file(path, "path")
+        path = str(prepare_file(path, "path"))  # (~ expanded: matplotlib does not)
     output = kwargs.pop("output", None)
     outputs = (None, None) if output is None else (output, sibling_path(output, "reparam"))
     for p in filter(None, outputs):

@@ -9,12 +9,13 @@
 
 A bad setting, config file or path ends the command with one line ``fastcurv <command>: <what is
 wrong>`` on stderr and exit code 2 (as argparse's own usage errors), before any training where it
-can be known then.
+can be known then. Paths (flags and config files alike) may start with ``~``, the home folder.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,8 +31,9 @@ def _ints(text: str):
 
 
 def _load_config(path: str) -> dict:
-    """The settings in a JSON (``.json``) or YAML file; a ValueError saying what is wrong with it."""
-    p = Path(path)
+    """The settings in a JSON (``.json``) or YAML file (``~`` expanded); a ValueError saying what is
+    wrong with it."""
+    p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"config file {path} not found")
     text = p.read_text()
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
             from .demo import demo
 
             extra = {} if args.epochs is None else {"epochs": args.epochs}
-            demo(replicas=args.replicas, seed=args.seed, out=args.out, progress=progress, **extra)
+            demo(replicas=args.replicas, seed=args.seed, out=os.path.expanduser(args.out), progress=progress, **extra)
         else:
             _study(args, progress)
     except (OSError, ValueError, TypeError) as e:  # bad settings, config files and paths (FingerprintMismatch too)
@@ -168,12 +170,12 @@ def _study(args, progress) -> None:
 def _checkpoint_under_out(cfg: dict, flags: dict):
     """The config's checkpoint, moved along when ``--out`` overrides the config's ``out`` and the
     checkpoint lay inside that folder (``out: a`` with ``checkpoint: a/train.ckpt`` and ``--out b``
-    give ``b/train.ckpt``: the old file belongs to another study)."""
+    give ``b/train.ckpt``: the old file belongs to another study; ``~`` counts as the home folder)."""
     ck, old_out, new_out = cfg.get("checkpoint"), cfg.get("out"), flags.get("out")
     if not ck or not old_out or new_out is None:
         return ck
     try:
-        inside = Path(ck).resolve().relative_to(Path(old_out).resolve())
+        inside = Path(ck).expanduser().resolve().relative_to(Path(old_out).expanduser().resolve())
     except ValueError:
         return ck
     return str(Path(new_out) / inside)

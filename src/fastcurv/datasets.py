@@ -122,7 +122,7 @@ def default_roots(name: str = "mnist") -> list[Path]:
     roots = []
     env = os.environ.get("FASTCURV_DATA")
     if env:
-        roots += [Path(p) for p in env.split(os.pathsep) if p]
+        roots += [Path(p).expanduser() for p in env.split(os.pathsep) if p]
     roots += [_REPO_ROOT.parent / "shared" / "data", Path.cwd() / "data", Path.home() / ".cache" / "fastcurv"]
     if _canonical(name) == "fashion-mnist":
         roots.append(Path("/usr/share/datasets/fashion-mnist"))
@@ -154,9 +154,9 @@ def find_idx_files(name: str, root: str | os.PathLike | Sequence | None = None) 
     if root is None:
         roots = default_roots(name)
     elif isinstance(root, (str, os.PathLike)):
-        roots = [Path(root)]
+        roots = [Path(root).expanduser()]
     else:
-        roots = [Path(r) for r in root]
+        roots = [Path(r).expanduser() for r in root]
     looked = []
     for r in roots:
         for folder in [r / sub for sub in _FOLDERS[name]] + [r]:

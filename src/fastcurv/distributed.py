@@ -48,10 +48,12 @@ def batched_sharpness(models, data, *, replica_chunk: int | None = None, output:
         models: the full list of R replicas (the same on every rank; only this rank's slice is used).
         data: loader or one (inputs, targets) batch (each rank reads all of it).
         replica_chunk: replicas per chunk within a rank (default: the rank's whole slice).
-        output: results file (JSON lines, see :mod:`fastcurv.resume`); with several ranks, rank k
-            saves its chunks to ``output.part<k>`` and rank 0 writes the merged ``output`` at the end.
+        output: results file (JSON lines, see :mod:`fastcurv.resume`; ``~`` expanded); with several
+            ranks, rank k saves its chunks to ``output.part<k>`` and rank 0 writes the merged ``output``
+            at the end.
             A restarted job (any number of ranks) skips every replica already saved.
-        group: the process group (default: the default group). gather: "all" or "rank0".
+        group: the process group (default: the default group); ranks are those within it.
+        gather: "all" or "rank0" (the group's rank 0, whatever its global rank).
         device: move this rank's replicas there first (e.g. ``f"cuda:{local_rank}"`` for NCCL).
         Other keywords: those of :func:`fastcurv.batched_sharpness`.
     Returns a :class:`fastcurv.SharpnessResult` for all R replicas (None on ranks > 0 with
@@ -68,6 +70,8 @@ def batched_sharpness(models, data, *, replica_chunk: int | None = None, output:
     models = list(models)
     if not models:
         raise ValueError("models is empty: pass a list of at least one nn.Module")
+    if output is not None:
+        output = os.path.expanduser(os.fspath(output))
     rank, world = rank_and_world(group, use_distributed)
     R = len(models)
     why = split_refusal(kwargs)  # only a job that really splits the replicas is refused
@@ -100,7 +104,7 @@ def batched_sharpness(models, data, *, replica_chunk: int | None = None, output:
             dist.all_gather_object(parts, mine, group=group)
         else:
             parts = [None] * world if rank == 0 else None
-            dist.gather_object(mine, parts, dst=0, group=group)
+            dist.gather_object(mine, parts, group_dst=0, group=group)  # (dst= is a global rank)
     if error is not None:
         raise error[0]
     if parts is None:  # rank > 0 with gather="rank0"

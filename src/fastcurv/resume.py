@@ -4,14 +4,17 @@ each finished chunk is saved atomically to a JSON-lines file, so a killed job lo
 File layout (``output``, and ``output.part<rank>`` for ranks of a distributed job): line 1 is a
 header ``{"fastcurv": "sharpness-results", "fingerprint": ..., "config": ...}``; every later line
 is one finished chunk ``{"start": a, "stop": b, ...}`` with the results of replicas ``a..b-1``.
-A file is always replaced whole (write to a temporary file, fsync, ``os.replace``), so it is never
-half-written. A restarted job with the same arguments skips replicas already saved; a different
-configuration (models, data, measures, solver settings, seed, ...) raises
-:class:`FingerprintMismatch` naming what differs. The models are identified by their module
-structure (each module's class and ``extra_repr()``) and weights; callables (a ``loss=``, an
-option) by what they compute (:func:`describe`); a setting that cannot be identified reliably
-makes a rerun be refused, saying so. Values are strict JSON (NaN as null, infinities as
-"Infinity" / "-Infinity"). The output's folder is created, and checked, before any work.
+A file is always replaced whole (write to a hidden temporary file ``.<name>.tmp<pid>`` in the
+same folder, fsync, ``os.replace``), so it is never half-written. A restarted job with the same
+arguments skips replicas already saved; a different configuration (models, data, measures, solver
+settings, seed, ...) raises :class:`FingerprintMismatch` naming what differs. The models are
+identified by their module structure (each module's class and ``extra_repr()``) and weights;
+callables (a ``loss=``, an option) by what they compute (:func:`describe`), a function defined
+outside installed packages with the values of the module-level names it reads (a setting such as
+``LABEL_SMOOTHING = 0.1``, a class-weight tensor, a helper function and what that reads); a setting
+that cannot be identified reliably makes a rerun be refused, saying so. Paths may start with ``~``.
+Values are strict JSON (NaN as null, infinities as "Infinity" / "-Infinity"). The output's folder
+is created, and checked, before any work.
 
 Results do not depend on how replicas are split (chunks, ranks): each replica runs its own
 solvers; with common random numbers every replica gets the same probes whatever its chunk, and
@@ -20,13 +23,17 @@ own stream keyed by ``seed`` and its global number (see :func:`fastcurv.solvers.
 """
 from __future__ import annotations
 
+import dis
 import functools
 import glob
 import hashlib
 import json
 import math
 import os
+import re
+import site
 import sys
+import sysconfig
 import types
 import uuid
 import warnings
@@ -80,8 +87,41 @@ def _qualified(obj) -> str:
     return f"{getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
+def _global_names(code: types.CodeType) -> set[str]:
+    """The module-level names a code object reads (``LOAD_GLOBAL``), with those read by the
+    functions, lambdas and comprehensions nested in it."""
+    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname == "LOAD_GLOBAL"}
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _global_names(c)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _library_roots() -> tuple[str, ...]:
+    """The folders of installed code: the standard library, site-packages and fastcurv itself."""
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if paths.get(k)}
+    roots.update(getattr(site, "getsitepackages", list)())
+    if site.ENABLE_USER_SITE:
+        roots.add(site.getusersitepackages())
+    roots.add(os.path.dirname(os.path.abspath(__file__)))
+    return tuple(os.path.join(os.path.realpath(r), "") for r in roots)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_library_file(filename: str) -> bool:
+    """Whether code from ``filename`` belongs to an installed package (or Python itself): such a
+    function is described by its code alone, since its module's globals (caches, registries,
+    objects without a stable repr) are no settings of the user's and would make every rerun refused."""
+    if filename.startswith("<frozen"):
+        return True
+    return os.path.isabs(filename) and os.path.realpath(filename).startswith(_library_roots())
+
+
 def _describe_callable(fn, seen: set):
-    """A callable by what it computes: a function by its code, defaults and closure values, a
+    """A callable by what it computes: a function by its code, defaults, closure values and (for
+    a function outside installed packages) the values of the module-level names it reads, a
     ``functools.partial`` by its function and bound arguments, a method by its function and object,
     another callable object by its class and attributes; builtins and classes by name."""
     if isinstance(fn, functools.partial):
@@ -96,8 +136,13 @@ def _describe_callable(fn, seen: set):
                 cells.append(describe(cell.cell_contents, seen))
             except ValueError:  # an empty cell
                 cells.append(None)
-        return {"function": _qualified(fn), "code": _code_digest(fn.__code__), "defaults": describe(fn.__defaults__, seen),
-                "kwdefaults": describe(fn.__kwdefaults__, seen), "closure": cells}
+        out = {"function": _qualified(fn), "code": _code_digest(fn.__code__),
+               "defaults": describe(fn.__defaults__, seen), "kwdefaults": describe(fn.__kwdefaults__, seen),
+               "closure": cells}
+        if not _is_library_file(fn.__code__.co_filename):
+            out["globals"] = {n: describe(fn.__globals__[n], seen) for n in sorted(_global_names(fn.__code__))
+                              if n in fn.__globals__}  # (names not there are builtins)
+        return out
     if isinstance(fn, (type, types.BuiltinFunctionType, types.BuiltinMethodType, types.MethodWrapperType,
                        types.WrapperDescriptorType, types.MethodDescriptorType, np.ufunc)):
         return _qualified(fn)  # classes and functions implemented in C: by name
@@ -109,7 +154,8 @@ def _describe_callable(fn, seen: set):
 def describe(obj, seen: set | None = None):
     """A JSON-able description of a setting that is the same for equal settings in any run:
     numbers (numpy scalars as Python numbers), strings, lists (tuples too), dicts, tensors by a
-    hash of their bytes (numpy arrays too), modules by their structure and state, callables by what they compute
+    hash of their bytes (numpy arrays too), modules by their structure and state, Python modules (``F``
+    in ``F.cross_entropy``) by name, callables by what they compute
     (:func:`_describe_callable`), other objects by their repr. An object whose repr is not stable
     (the default ``<... at 0x...>``) gets a description unique to this call, so that resuming with
     it is refused with the reason named."""
@@ -128,6 +174,8 @@ def describe(obj, seen: set | None = None):
             return [describe(v, seen) for v in obj.ravel().tolist()]
         return {"array": hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest(), "shape": list(obj.shape),
                 "dtype": str(obj.dtype)}
+    if isinstance(obj, types.ModuleType):  # (its repr holds the path it was loaded from)
+        return {"python module": obj.__name__}
     if id(obj) in seen:  # a function that refers to itself, a container holding itself
         return "<recursive>"
     seen = seen | {id(obj)}
@@ -246,7 +294,8 @@ def _given_batch_sizes(batches: Batches) -> list[int]:
 
     if not isinstance(batches.source, SplitBatches):
         return list(batches.sizes)
-    return [_split(item, i)[0].shape[0] for i, item in enumerate(batches.source.source)]
+    sizes = (_split(item, i)[0].shape[0] for i, item in enumerate(batches.source.source))
+    return [n for n in sizes if n]  # (Batches skips empty batches)
 
 
 def fingerprint(models, batches: Batches, kwargs: dict) -> tuple[str, dict]:
@@ -273,10 +322,10 @@ def fingerprint(models, batches: Batches, kwargs: dict) -> tuple[str, dict]:
 
 # --- output paths ----------------------------------------------------------------------------------
 def prepare_file(path, what: str = "output") -> Path:
-    """Check, before any work, that a file can be written at ``path``: a folder there, or a parent
-    that is a file or not writable, raises a ValueError naming ``what``; missing parent folders are
-    created."""
-    p = Path(path)
+    """Check, before any work, that a file can be written at ``path`` (``~`` expanded: a path from a
+    config file never went through a shell) and return it: a folder there, or a parent that is a
+    file or not writable, raises a ValueError naming ``what``; missing parent folders are created."""
+    p = Path(path).expanduser()
     if p.is_dir():
         raise ValueError(f"{what} {str(path)!r} is a folder; give a file path")
     try:
@@ -290,9 +339,9 @@ def prepare_file(path, what: str = "output") -> Path:
 
 
 def prepare_folder(path, what: str = "out") -> Path:
-    """Check, before any work, that ``path`` is or can be made a writable folder (created with its
-    parents); a file there raises a ValueError naming ``what``."""
-    p = Path(path)
+    """Check, before any work, that ``path`` (``~`` expanded) is or can be made a writable folder
+    (created with its parents) and return it; a file there raises a ValueError naming ``what``."""
+    p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise ValueError(f"{what} {str(path)!r} is a file, not a folder; give a folder path")
     try:
@@ -393,8 +442,8 @@ class ResultStore:
     """
 
     def __init__(self, path, digest: str, config: dict, read_also=()):
-        self.path, self.digest, self.config = str(path), digest, config
-        prepare_file(self.path)
+        self.path, self.digest, self.config = str(prepare_file(path)), digest, config
+        read_also = [os.path.expanduser(p) for p in read_also]
         self.own: list[dict] = self._load(self.path)
         self.others: list[dict] = [rec for p in read_also if os.path.abspath(p) != os.path.abspath(self.path)
                                    for rec in self._load(p)]
@@ -472,20 +521,30 @@ def _parse_record(line: str) -> tuple[dict | None, str]:
 
 
 def write_atomic(path: str, digest: str, config: dict, records: list[dict]) -> None:
-    """Replace ``path`` by a header line and one line per record, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"fastcurv": HEADER_TAG, "fingerprint": digest, "config": config}) + "\n")
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace ``path`` by a header line and one line per record, atomically. The temporary file is
+    hidden, ``.<name>.tmp<pid>`` in the same folder (no :func:`part_files` name), and removed when
+    the write fails; only a killed process leaves one behind."""
+    folder, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"fastcurv": HEADER_TAG, "fingerprint": digest, "config": config}) + "\n")
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed (a full disk, an interrupt): no partial file stays
+            os.remove(tmp)
 
 
 def part_files(output: str) -> list[str]:
-    """The per-rank part files of a distributed job writing ``output``."""
-    return sorted(glob.glob(glob.escape(output) + ".part*"))
+    """The per-rank part files ``<output>.part<k>`` of a distributed job writing ``output`` (``~``
+    expanded); no other file whose name starts so."""
+    output = os.path.expanduser(os.fspath(output))
+    pattern = re.compile(re.escape(output) + r"\.part\d+")
+    return sorted(p for p in glob.glob(glob.escape(output) + ".part*") if pattern.fullmatch(p))
 
 
 # --- the chunked job -----------------------------------------------------------------------------
@@ -563,7 +622,8 @@ def run_chunks(models, data, kwargs: dict, *, lo: int = 0, hi: int | None = None
     except KeyboardInterrupt:
         n = sum(r["stop"] - r["start"] for r in new)
         saved_now = len(store.saved() & set(range(lo, hi))) if store is not None else 0
-        where = f"; {saved_now} finished replicas are saved in {output}: rerun the same call to resume" if output else ""
+        where = (f"; {saved_now} finished replicas are saved in {store.path}: rerun the same call to resume"
+                 if store is not None else "")
         print(f"fastcurv: interrupted after {n} new replicas{where}", file=sys.stderr)
         raise
     return sorted(saved + new, key=lambda r: r["start"]), digest, config

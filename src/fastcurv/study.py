@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -147,6 +148,21 @@ def _numbers(value, name: str):
         return v
 
     return [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
+
+
+def _target_loss(value) -> float | None:
+    """``target_loss`` as a float (numeric strings too: YAML reads ``1e-3`` as a string), or None;
+    a ValueError for anything else (NaN too)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if number == number:  # (not NaN)
+            return number
+    raise ValueError(f"target_loss must be a number (a training loss to stop at) or None, got {value!r}")
 
 
 def _config_value(value):
@@ -384,6 +400,8 @@ def study(
             the transform.
         out: report folder, or None to write nothing. Checked and created before any work (a file
             there raises a ValueError); files of an earlier study in it are replaced or removed.
+            ``~`` in ``out``, ``checkpoint``, ``data_root`` and ``sharpness_kwargs["output"]`` is
+            expanded (as a shell would; ``config.json`` / ``config.yaml`` record the expanded paths).
         threads: torch intra-op threads for this call (restored afterwards); None leaves it alone.
     Returns ``{"table", "correlations", "headline", "history", "sharpness", "function", "audit",
     "audit_mixed", "summary", "out", "files", "seconds", "times"}``. ``headline``: the correlation
@@ -433,17 +451,24 @@ def study(
     lr, momentum, weight_decay, sam_rho, audit_alpha = (_numbers(v, k) for k, v in (
         ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho),
         ("audit_alpha", audit_alpha)))
+    target_loss = _target_loss(target_loss)
     _check_settings(n_boot=n_boot, audit=audit, audit_alpha=audit_alpha, audit_measures=audit_measures,
                     audit_replicas=audit_replicas, sharpness_kwargs=sharpness_kwargs, function_kwargs=function_kwargs,
                     lr=lr, replicas=replicas)
     if audit:
         _audit_transform(audit_transform, audit_alpha)  # check the name before training
+    # paths, "~" expanded (a config file's never went through a shell), checked and created before any work
     if checkpoint is not None:
-        prepare_file(checkpoint, "checkpoint")
+        checkpoint = prepare_file(checkpoint, "checkpoint")
     if (sharpness_kwargs or {}).get("output") is not None:
-        prepare_file(sharpness_kwargs["output"], "sharpness_kwargs['output']")
+        sharpness_kwargs = {**sharpness_kwargs,
+                            "output": str(prepare_file(sharpness_kwargs["output"], "sharpness_kwargs['output']"))}
     if out is not None:
-        prepare_folder(out)
+        out = prepare_folder(out)
+    if isinstance(data_root, (str, os.PathLike)):
+        data_root = os.path.expanduser(os.fspath(data_root))
+    elif data_root is not None:  # a list of folders
+        data_root = [os.path.expanduser(os.fspath(r)) for r in data_root]
     t0 = time.perf_counter()
     config = {k: v for k, v in locals().items() if k in STUDY_ARGS}
     config["threads"] = torch.get_num_threads()
