@@ -465,3 +465,25 @@ def test_mixed_dtypes_and_half_inputs_of_the_element_wise_ops():
     p = torch.softmax(torch.randn(2, 3, 4), -1).bfloat16()
     assert softmax_ce_hvp(p, torch.randn(2, 1, 3, 4).bfloat16()).dtype == torch.bfloat16
     assert CsrRows.from_dense(torch.randn(3, 4).half()).values.dtype == torch.float16
+
+
+@needs_ext
+def test_size_one_dimensions_at_any_stride():
+    """A size-1 dimension's stride does not matter, but the C++ checks demanded 1 there: a
+    one-output ``out`` or one-input ``dense`` made as a transposed view, or a ``[1, 1, 1]`` weight of
+    stride 2, were raw C++ errors where the wrapper passed them on (the reference computed them)."""
+    g = torch.Generator().manual_seed(0)
+    R, B, K = 2, 3, 4
+    rows = torch.randint(0, 5, (R, B), generator=g)
+    for F, O in ((7, 1), (1, 3)):
+        P = CsrRows.from_dense(torch.relu(torch.randn(5, F, generator=g, dtype=torch.float64)) + (F == 1))
+        dense = torch.randn(R, B, F, K, generator=g, dtype=torch.float64).transpose(2, 3)  # strides (., K, 1, K) when F = 1
+        weight = torch.randn(R, O, F, generator=g, dtype=torch.float64)
+        out = torch.zeros(R, B, O, K, dtype=torch.float64).transpose(2, 3)
+        want = csr_masked_linear_reference(P, rows, dense, weight)
+        torch.testing.assert_close(csr_masked_linear(P, rows, dense, weight, out), want)
+        torch.testing.assert_close(out, want)
+    X = CsrRows.from_dense(torch.rand(4, 1, generator=g, dtype=torch.float64))
+    w = torch.randn(1, 1, 2, dtype=torch.float64)[:, :, ::2]  # [1, 1, 1] of strides (2, 2, 2)
+    one = torch.zeros(1, 2, dtype=torch.long)
+    torch.testing.assert_close(csr_linear(X, one, w), csr_linear_reference(X, one, w))

@@ -182,3 +182,17 @@ def test_weight_gradient_with_fewer_groups_than_threads(G):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("impl", ["ext", "torch"])
+def test_no_channels_or_no_groups(impl):
+    """C = 0 channels or G = 0 groups: the C++ kernel returned zeros, the reference raised (torch's
+    conv2d refuses them)."""
+    if impl == "ext" and not _ext.has_kernel("group_conv", "cpu"):
+        pytest.skip("C++ extension not built")
+    with _ext.use_kernels(impl):
+        z = group_conv(torch.randn(2, 2, 0, 2, 5, 5), torch.randn(2, 3, 0, 3, 3), padding=(1, 1))
+        assert z.shape == (2, 2, 1, 3, 5, 5) and not z.any()
+        assert group_conv(torch.randn(2, 0, 1, 2, 5, 5), torch.randn(0, 3, 2, 3, 3), padding=(1, 1)).shape == (2, 0, 1, 3, 5, 5)
+        out = torch.full((2, 3, 1, 0, 2, 3, 3), 1.0)
+        group_conv_wgrad(torch.randn(2, 2, 0, 2, 5, 5), torch.randn(2, 2, 3, 1, 5, 5), out, padding=(1, 1))

@@ -181,3 +181,17 @@ def test_tensors_off_the_cpu_take_the_reference():
     with _ext.use_kernels("ext"):
         rg, hw, hb = head_hvp(**x, scale=1.0)
     assert rg.shape == (2, 5, 3, 6) and hw.shape == (2, 3, 4, 6) and hb.shape == (2, 3, 4) and rg.device.type == "meta"
+
+
+@pytest.mark.parametrize("impl", ["ext", "torch"])
+def test_no_inputs(impl):
+    """A head of I = 0 inputs: the reference returned its result, the C++ layout check refused the
+    empty weight (its strides after a size-0 dimension)."""
+    if impl == "ext" and not _ext.has_kernel("head_hvp", "cpu"):
+        pytest.skip("C++ extension not built")
+    r = torch.randn
+    with _ext.use_kernels(impl):
+        got = head_hvp(r(2, 2, 0), r(2, 2, 3, 0), r(2, 4, 0), r(2, 3, 4, 0), r(2, 2, 4), 0.5)
+    want = head_hvp_reference(r(2, 2, 0), r(2, 2, 3, 0), r(2, 4, 0), r(2, 3, 4, 0), r(2, 2, 4) * 0, 0.5)
+    assert [tuple(t.shape) for t in (got if isinstance(got, tuple) else (got,)) if t is not None] == \
+        [tuple(t.shape) for t in (want if isinstance(want, tuple) else (want,)) if t is not None]

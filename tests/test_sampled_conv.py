@@ -159,3 +159,17 @@ def test_empty_patches_and_positions_checked_before_writing(impl):
         with pytest.raises(ValueError, match=r"pos has entries outside \[0, 16\)"):
             sampled_conv_wgrad(cols, pos, torch.randn(2, 2, 1, 3), out, accumulate=True)
         assert (out == 5.0).all()
+
+
+@pytest.mark.parametrize("impl", ["ext", "torch"])
+def test_no_samples(impl):
+    """N = 0 samples: the C++ kernels returned empty results, the reference raised (a reshape of 0
+    elements with -1)."""
+    if impl == "ext" and not _ext.has_kernel("sampled_conv", "cpu"):
+        pytest.skip("C++ extension not built")
+    with _ext.use_kernels(impl):
+        z = sampled_conv(torch.randn(0, 4, 5), torch.zeros(0, 2, 3, dtype=torch.long), torch.randn(2, 2, 5))
+        assert z.shape == (0, 2, 2, 3)
+        out = torch.full((2, 2, 5), 3.0)
+        sampled_conv_wgrad(torch.randn(0, 4, 5), torch.zeros(0, 2, 3, dtype=torch.long), torch.randn(0, 2, 2, 3), out)
+        assert not out.any()

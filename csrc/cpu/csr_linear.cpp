@@ -620,7 +620,7 @@ Args<S> data_args(const at::Tensor& indptr, const at::Tensor& indices, const S* 
 // A weight-shaped [R, d1, d2] tensor whose rows are contiguous (any replica stride).
 void check_weight(const char* op, const char* name, const at::Tensor& t, int64_t R, const at::Tensor& values) {
   TORCH_CHECK(t.dim() == 3 && t.size(0) == R, op, ": ", name, " must be [R = ", R, ", ., .], got ", t.sizes());
-  TORCH_CHECK(t.stride(2) == 1 && (t.size(1) <= 1 || t.stride(1) == t.size(2)), op, ": ", name,
+  TORCH_CHECK((t.size(2) <= 1 || t.stride(2) == 1) && (t.size(1) <= 1 || t.stride(1) == t.size(2)), op, ": ", name,
               " must have contiguous rows (strides [any, ", t.size(2), ", 1]), got strides ", t.strides());
   TORCH_CHECK(t.scalar_type() == values.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but values are ",
               values.scalar_type());
@@ -764,7 +764,8 @@ void csr_linear_wgrad_cpu(const at::Tensor& indptr, const at::Tensor& indices, c
 void check_rows4(const char* name, const at::Tensor& t, int64_t R, int64_t B, int64_t d, const at::Tensor& like) {
   TORCH_CHECK(t.dim() == 4 && t.size(0) == R && t.size(1) == B && t.size(3) == d, "csr_masked_linear: ", name,
               " must be [R = ", R, ", B = ", B, ", P, ", d, "], got ", t.sizes());
-  TORCH_CHECK(t.stride(3) == 1 && (t.size(2) <= 1 || t.stride(2) == d) && (t.size(1) <= 1 || t.stride(1) == t.size(2) * d),
+  TORCH_CHECK((d <= 1 || t.stride(3) == 1) && (t.size(2) <= 1 || t.stride(2) == d) &&
+                  (t.size(1) <= 1 || t.stride(1) == t.size(2) * d),
               "csr_masked_linear: ", name, "'s last three dims must be contiguous, got strides ", t.strides());
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "csr_masked_linear: ", name, " is ", t.scalar_type(),
               " but weight is ", like.scalar_type());

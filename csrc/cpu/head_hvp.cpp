@@ -233,6 +233,7 @@ FC_ALWAYS_INLINE void head_range(const HeadArgs<S>& a, int64_t q0, int64_t q1) {
 
 // [d0, d1, ...] with its last `inner` dimensions contiguous (the leading ones any stride).
 void check_inner(const at::Tensor& t, int64_t inner, const char* name) {
+  if (t.numel() == 0) return;  // (nothing is read)
   int64_t expect = 1;
   for (int64_t d = t.dim() - 1; d >= t.dim() - inner; --d) {
     TORCH_CHECK(t.size(d) <= 1 || t.stride(d) == expect, "head_hvp: ", name, " ", t.sizes(),

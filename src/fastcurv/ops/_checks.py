@@ -21,7 +21,10 @@ def check_mask(mask, shape) -> None:
 
 def inner_contiguous(t: torch.Tensor, inner: int) -> bool:
     """Whether the last ``inner`` dimensions of ``t`` are contiguous (the leading ones any stride), as
-    the kernels that take a free replica (and probe) stride read them."""
+    the kernels that take a free replica (and probe) stride read them. Size-1 dimensions' strides do
+    not matter, nor does any stride of an empty tensor."""
+    if t.numel() == 0:
+        return True
     expect = 1
     for size, stride in zip(reversed(t.shape[-inner:]), reversed(t.stride()[-inner:])):
         if size > 1 and stride != expect:

@@ -92,8 +92,11 @@ def group_conv_reference(x, weight, out=None, padding=(0, 0), accumulate: bool =
     pads = _pads(padding)
     G, O, C, kh, kw = _check_weight(x, weight)
     Ho, Wo = _geometry("group_conv", x, kh, kw, pads)
-    z = F.conv2d(_padded(x, pads), weight.reshape(G * O, C, kh, kw), None, 1, 0, 1, G)
-    z = z.view(x.shape[0], G, O, Ho, Wo)
+    if G * C == 0:  # no groups or no channels: nothing to sum (torch's conv2d refuses them)
+        z = x.new_zeros(x.shape[0], G, O, Ho, Wo)
+    else:
+        z = F.conv2d(_padded(x, pads), weight.reshape(G * O, C, kh, kw), None, 1, 0, 1, G)
+        z = z.view(x.shape[0], G, O, Ho, Wo)
     if out is None:
         return z.view(x.shape[0], G, 1, O, Ho, Wo)
     _check_out("group_conv", "out", x, out, Ho, Wo)
@@ -126,6 +129,8 @@ def group_conv_wgrad_reference(x, grad, out, padding=(0, 0), accumulate: bool = 
     G, O1, O2, C1, C2, kh, kw = out.shape
     Ho, Wo = _geometry("group_conv_wgrad", x, kh, kw, pads)
     _check_out("group_conv_wgrad", "grad", x, grad, Ho, Wo)
+    if out.numel() == 0:
+        return out
     gw = torch.nn.grad.conv2d_weight(_padded(x, pads), (G * O1 * O2, C1 * C2, kh, kw), _flat(grad), 1, 0, 1, G)
     gw = gw.view(out.shape)
     return out.add_(gw) if accumulate else out.copy_(gw)

@@ -19,6 +19,8 @@ reference (a gather, then an einsum) runs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -91,7 +93,7 @@ def _patches_at(op: str, cols, pos) -> torch.Tensor:
     N, L, T = cols.shape
     if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= L):
         raise ValueError(f"{op}: {_outside(L)}")
-    return torch.gather(cols, 1, pos.reshape(N, -1, 1).expand(-1, -1, T)).view(*pos.shape, T)
+    return torch.gather(cols, 1, pos.reshape(N, math.prod(pos.shape[1:]), 1).expand(-1, -1, T)).view(*pos.shape, T)
 
 
 def _run(op: str, *args):
