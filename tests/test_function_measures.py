@@ -397,3 +397,21 @@ def test_an_unbracketed_noise_bisection_flags_its_own_column(one_thread):
         res = fastcurv.function_measures(models, (x, y), measures=measures, **kw)
         for flag in res.flags:
             assert [c for c in both if f"{c}'s noise bisection not bracketed" in flag] == cols
+
+
+def test_compressed_sizes_of_trained_replicas_do_not_change_under_rescaling():
+    """The float32 bounds stored with each tensor's codes were compressed with them, so a Dinh
+    rescaling of trained MLPs changed the sizes by a few bytes (3523 -> 3525) though the codes stay."""
+    from fastcurv import reparam
+    from fastcurv.datasets import load_digits
+    from fastcurv.train import mlp, train_population
+
+    d = load_digits()
+    models, _ = train_population(lambda: mlp([64, 32, 32, 10]), d.x_train[:300], d.y_train[:300], replicas=4,
+                                 epochs=3, lr=0.05, progress=False)
+    new = reparam.rescale_layers(models, alpha=10, probe=d.x_test[:50]).models
+    kw = dict(measures=("simplicity",), pacbayes_sigma=0.1)
+    a = fastcurv.function_measures(models, (d.x_test[:50], d.y_test[:50]), **kw)
+    b = fastcurv.function_measures(new, (d.x_test[:50], d.y_test[:50]), **kw)
+    for c in ("compressed_bytes_zlib", "compressed_bytes_lzma"):
+        assert torch.equal(a[c], b[c]), c

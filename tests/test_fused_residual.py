@@ -445,6 +445,12 @@ def test_a_model_that_changes_its_input_is_refused():
         with pytest.raises(ValueError, match="changes its input in place"):
             fastcurv.HessianOperator(models, (x, y), backend=backend)
     assert torch.equal(x, before)
+    # an in-place ReLU on inputs >= 0 (pixels) changes no value: it was found by its values only, and
+    # torch.func then raised a raw error about aten::relu_
+    models = replicas(lambda: nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 3)), R=1)
+    for backend in ("auto", "func"):
+        with pytest.raises(ValueError, match="changes its input in place"):
+            fastcurv.HessianOperator(models, (x.abs(), y), backend=backend)
 
 
 class SequenceMLP(nn.Module):

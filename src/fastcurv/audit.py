@@ -87,9 +87,10 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
         before: the :func:`fastcurv.batched_sharpness` result of ``models`` on ``data`` with the
             same settings (``measures`` among its columns), reused instead of computed again.
         Other keywords (measure_options, loss, backend, max_iter, ...) go to batched_sharpness.
-        With ``output=`` (resumable results), the models' results are saved there and the
-        reparameterized models' in a file of their own, ``.reparam`` before the extension
-        (``audit.jsonl`` -> ``audit.reparam.jsonl``).
+        With ``output=`` (resumable results), the models' results are saved there (unless
+        ``before`` is given: nothing is computed for them then) and the reparameterized models' in
+        a file of their own, ``.reparam`` before the extension (``audit.jsonl`` ->
+        ``audit.reparam.jsonl``).
     The table also has rows ``loss`` (full-data loss, must not move) and reports the transform's
     largest output change and changed predictions on up to 1024 inputs of ``data``.
     """

@@ -205,12 +205,13 @@ class HessianOperator:
         r = int(rs.finite.nonzero()[0]) if rs.finite.any() else 0
         with torch.no_grad():
             xc = x.clone()
+            version = xc._version  # (an in-place op that leaves the values, a ReLU on pixels >= 0, moves it too)
             try:
                 out = rs.call({n: t[r] for n, t in rs.params.items()}, {n: t[r] for n, t in rs.buffers.items()}, xc)
             except RuntimeError as exc:
                 raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): {exc}") from exc
             check_output(out)
-            if not torch.equal(xc, x):
+            if xc._version != version or not torch.equal(xc, x):
                 raise ValueError("the model changes its input in place (an in-place operation on the input, such as "
                                  "ReLU(inplace=True) as its first layer); fastcurv passes the same batches to it many "
                                  "times: make that operation out of place")

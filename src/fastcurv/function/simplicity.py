@@ -2,8 +2,8 @@
 not invariant to reparameterisation; reference/measures.md sections 3.14 and 5.3).
 
 * ``compressed_bytes_<codec>``: bytes of the zlib/lzma-compressed weights after per-tensor 8-bit
-  uniform quantisation ``q = round(255 * (w - min) / (max - min))`` (each tensor's min and max are
-  stored as two float32 next to its bytes). Fewer bytes = simpler: the column is a size, so its
+  uniform quantisation ``q = round(255 * (w - min) / (max - min))``: the compressed codes plus 8
+  bytes per tensor, its min and max as two float32 stored uncompressed. Fewer bytes = simpler: the column is a size, so its
   sign is the opposite of a "simplicity" score (measures.md section 5.3 uses -bytes).
 * ``sq_weight_norm``: ``||theta||_2^2`` over all parameters.
 * ``pacbayes_mag_kl``: the magnitude-aware PAC-Bayes KL term of Jiang et al. (2020),
@@ -12,7 +12,9 @@ not invariant to reparameterisation; reference/measures.md sections 3.14 and 5.3
   weights (zeros when not given).
 
 Under Dinh alpha-rescaling (a whole layer's weights and biases scaled) the compressed sizes do not
-change (the quantisation is per tensor; only the two stored float32 bounds change) and neither does
+change (the quantisation is per tensor, so the codes stay; only the two stored float32 bounds
+change, and they are counted, not compressed: compressed with the codes, they changed the sizes by
+a few bytes) and neither does
 the bisected sigma' (up to its eps), while ``sq_weight_norm`` and ``pacbayes_mag_kl`` do. Neuron-wise
 rescaling changes the compressed sizes too. All parameters count as they are in the model
 (biases and BatchNorm weights included; BatchNorm is not folded into the preceding layer, as
@@ -24,21 +26,23 @@ from __future__ import annotations
 import lzma
 import zlib
 
-import numpy as np
 import torch
 
 CODECS = ("zlib", "lzma")
 
 
+BOUND_BYTES = 8  # per tensor: its min and max as two float32
+
+
 def quantized_bytes(tensors) -> bytes:
-    """The 8-bit per-tensor uniform quantisation of ``tensors`` (one replica), as bytes."""
+    """The 8-bit codes of the per-tensor uniform quantisation of ``tensors`` (one replica), as bytes
+    (without the bounds, ``BOUND_BYTES`` per tensor)."""
     parts = []
     for t in tensors:
         w = t.detach().double().flatten().cpu()
         lo, hi = float(w.min()), float(w.max())
         scale = (hi - lo) if hi > lo else 1.0
         q = torch.round((w - lo) / scale * 255.0).clamp_(0, 255).to(torch.uint8)
-        parts.append(np.asarray([lo, hi], dtype=np.float32).tobytes())
         parts.append(q.numpy().tobytes())
     return b"".join(parts)
 
@@ -58,7 +62,7 @@ def compressed_sizes(params: dict, finite: torch.Tensor, codecs=CODECS) -> dict:
         raw = quantized_bytes([t[r] for t in params.values()])
         for c in codecs:
             size = len(zlib.compress(raw, 9)) if c == "zlib" else len(lzma.compress(raw, preset=6))
-            out[f"compressed_bytes_{c}"][r] = size
+            out[f"compressed_bytes_{c}"][r] = size + BOUND_BYTES * len(params)
     return out
 
 
