@@ -271,6 +271,11 @@ def test_bad_training_and_evaluation_input_is_named():
                        (dict(x=x.masked_fill(x > 2, float("nan"))), "contain NaN or Inf"),
                        (dict(loss="mse", y=torch.randn(len(x), 4, dtype=torch.float64)), r"one target per output: targets \(4,\)"),
                        (dict(optimizer="adam", betas=(1.5, 0.9)), r"betas must lie in \[0, 1\)"),
+                       # NaN targets made every replica "diverge" with NaN weights, silently
+                       (dict(loss="mse", y=torch.randn(len(x), 3, dtype=torch.float64).index_fill(0, torch.tensor([5]),
+                                                                                         float("nan"))),
+                        "the targets y contain NaN or Inf"),
+                       (dict(x=x[:, :4]), r"the model cannot run on the first samples \(inputs \(2, 4\)"),
                        (dict(nesterov=True, momentum=0.0), "nesterov=True needs a positive momentum")]:
         args = dict(dict(x=x, y=y), **bad)
         with pytest.raises(ValueError, match=words):
@@ -284,6 +289,34 @@ def test_bad_training_and_evaluation_input_is_named():
                        ((x, y + 3), "labels out of range")]:
         with pytest.raises(ValueError, match=words):
             evaluate_population(models, *bad)
+    y_nan = torch.randn(len(x), 3, dtype=torch.float64)
+    y_nan[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="the targets contain NaN or Inf"):  # (it returned NaN losses)
+        evaluate_population(models, x, y_nan, loss="mse")
+
+
+class _Returns(nn.Module):
+    """A linear model whose forward returns a tuple or a dict."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.lin, self.kind = nn.Linear(SIZES[0], SIZES[-1]), kind
+
+    def forward(self, x):
+        out = self.lin(x)
+        return (out, x) if self.kind == "tuple" else {"logits": out}
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_a_model_returning_a_tuple_or_dict_gets_batched_sharpness_type_error(kind):
+    """As batched_sharpness: a TypeError naming what the model returns (training and evaluation
+    raised AttributeError: 'tuple' object has no attribute 'shape' / KeyError: 0)."""
+    x, y = _data()
+    words = f"the model returns a {kind}; fastcurv needs one tensor of outputs"
+    with pytest.raises(TypeError, match=words):
+        train_population(lambda: _Returns(kind).double(), x, y, seeds=[0, 1], epochs=1, progress=False)
+    with pytest.raises(TypeError, match=words):
+        evaluate_population([_Returns(kind).double() for _ in range(2)], x, y)
 
 
 def test_diverging_replica_is_isolated():
@@ -333,6 +366,24 @@ def test_bad_arguments():
         mlp([5])
     with pytest.raises(ValueError, match="threads"):
         train_population(builder, x, y, seeds=[0], threads=0, progress=False)
+    for bad in (0, -1, 2.5, True):  # (0 and -1 failed deep inside as 'range() arg 3 must not be zero' / IndexError)
+        with pytest.raises(ValueError, match=f"chunk_size must be a positive integer or None, got {bad}"):
+            train_population(builder, x, y, seeds=[0], chunk_size=bad, progress=False)
+    with pytest.raises(ValueError, match="target_loss must be a number"):
+        train_population(builder, x, y, seeds=[0], target_loss="1e-3", progress=False)
+
+
+@pytest.mark.parametrize("target", [np.float32(0.5), torch.tensor(0.5)])
+def test_target_loss_of_numpy_or_tensor_type_is_checkpointed(tmp_path, target):
+    """A numpy float32 or 0-dim tensor target_loss trained an epoch, then raised 'Object of type
+    float32 is not JSON serializable' writing the checkpoint; it is read as a float."""
+    x, y = _data()
+    kw = dict(seeds=[0, 1], batch_size=8, epochs=2, progress=False)
+    _, ref = train_population(builder, x, y, target_loss=0.5, **kw)
+    _, hist = train_population(builder, x, y, target_loss=target, checkpoint=tmp_path / "ck.pt", **kw)
+    assert hist.train_loss == ref.train_loss
+    _, again = train_population(builder, x, y, target_loss=0.5, checkpoint=tmp_path / "ck.pt", **kw)  # same settings
+    assert again.resumed_from_epoch == 2
 
 
 def test_float32_batched_close_to_loop_on_mnist_like_data():
@@ -794,7 +845,7 @@ def test_the_engine_history_names_is_the_one_that_runs(conv, fused, per_replica)
     _, hist = train_population(build, x, y, seeds=[0, 1, 2], batch_size=8, epochs=1, fused=fused, threads=1,
                                progress=False)
     assert hist.engine.startswith("per-replica autograd" if per_replica else "vmap")
-    assert _Counting.calls == 1 + 3 * (3 if per_replica else 1)  # the targets' check, then 3 steps
+    assert _Counting.calls == 2 + 3 * (3 if per_replica else 1)  # the training-step probe, the targets' check, 3 steps
 
 
 @pytest.mark.parametrize("build", [builder, bn_cnn])

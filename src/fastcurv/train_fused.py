@@ -236,11 +236,19 @@ class MLPPlan:
 
 
 def _walk(module: nn.Module, prefix: str, out: list) -> str | None:
-    """Flatten nested ``nn.Sequential`` into ``[(name_prefix, leaf)]``; returns a reason when not possible."""
+    """Flatten nested ``nn.Sequential`` into ``[(name_prefix, leaf)]`` in the order they run;
+    returns a reason when not possible.
+
+    Every position counts, also a module object placed at several of them (a shared activation):
+    ``named_children()`` lists each object once and dropped its later uses (one ``nn.Tanh()``
+    instance after two Linear layers planned the second as linear, silently).
+    """
     if module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None):
         return f"module {prefix or type(module).__name__} has hooks"
     if type(module) is nn.Sequential:
-        for name, child in module.named_children():
+        for name, child in module._modules.items():
+            if child is None:  # (a slot set to None: nn.Sequential skips it)
+                continue
             r = _walk(child, f"{prefix}{name}.", out)
             if r:
                 return r
@@ -261,6 +269,7 @@ def plan_mlp(model: nn.Module, loss: str = "cross_entropy") -> tuple[MLPPlan | N
         return None, r
     layers: list[_Layer] = []
     flatten = False
+    linear_at: dict = {}  # id of each Linear module -> its name
     for pos, (prefix, m) in enumerate(leaves):
         name = prefix.rstrip(".") or type(m).__name__
         if isinstance(m, nn.Flatten) and type(m) is nn.Flatten:
@@ -268,6 +277,9 @@ def plan_mlp(model: nn.Module, loss: str = "cross_entropy") -> tuple[MLPPlan | N
                 return None, f"nn.Flatten at {name} is not a leading Flatten(1, -1)"
             flatten = True
         elif type(m) is nn.Linear:
+            if id(m) in linear_at:  # its gradient would be the sum over both uses: the generic path does that
+                return None, f"Linear layer {linear_at[id(m)]} is applied more than once (at {name} too: tied weights)"
+            linear_at[id(m)] = name
             layers.append(_Layer(prefix + "weight", prefix + "bias" if m.bias is not None else None,
                                  m.in_features, m.out_features, []))
         elif type(m) in ACTIVATION_GRADS:
@@ -286,6 +298,8 @@ def plan_mlp(model: nn.Module, loss: str = "cross_entropy") -> tuple[MLPPlan | N
         if a.out_features != b.in_features:
             return None, f"layer widths do not chain ({a.weight}: {a.out_features} -> {b.weight}: {b.in_features})"
     plan = MLPPlan(layers, flatten, layers[0].in_features)
+    if len(list(model.parameters())) != len(list(model.named_parameters(remove_duplicate=False))):
+        return None, "the model shares a parameter between layers (tied weights)"
     if sorted(plan.param_names) != sorted(n for n, _ in model.named_parameters()):
         return None, "the model has parameters outside its Linear layers"
     return plan, ""
