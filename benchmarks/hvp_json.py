@@ -25,7 +25,8 @@ timed: ``pooled_stem=False``, at every position), a per-model autograd loop (dou
 once), the func backend with its linearizations compiled (``backend_options={"compile": True}``;
 the first matvec, which compiles, is reported apart; measured last, after the jobs; left out, with
 func's warning in ``func_compiled_skipped``, where func's linearizations would exceed its memory
-budget, so that it does not reuse, hence not compile, them: W3 and W4 at B=200), and the
+budget, so that it does not reuse, hence not compile, them: W3 and W4 at B=200; or where
+torch.compile failed, e.g. without a working C++ compiler, and func ran them eagerly), and the
 default ``batched_sharpness`` job per backend (best of --job-repeats; on ReLU MLPs and conv nets of
 piecewise-linear layers the fused engine computes the trace exactly, so the fused job is also run
 with func's deflated trace estimator; ``exact_trace_fused``: that exact trace alone, and
@@ -215,6 +216,35 @@ def engine_work(op, nonzeros, kept, n_in, H, density):
     half_in = density["before"] if st.sparse_in[1] is not None else 1.0
     half_out = density["after"] if st.sparse_out[1] is not None else 1.0
     return first, H * H * (half_in + half_out) / 2
+
+
+def func_compiled_times(models, x, y, repeats, sync):
+    """``(seconds, skipped)``: the func backend with each batch's linearization run through
+    torch.compile, ``seconds`` holding its first matvec (which compiles) and the best of ``repeats``
+    K=1 and K=8 matvecs, ``skipped`` None. Where nothing ran compiled, ``seconds`` is empty and
+    ``skipped`` says why: func's warning where its linearizations would exceed its memory budget,
+    so that it does not reuse, hence not compile, them; ``FuncBackend.compile_error`` where
+    torch.compile failed and func ran them eagerly."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opc = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"compile": True})
+    if not opc.backend.reuse:
+        return {}, str(caught[-1].message) if caught else "func does not reuse linearizations here"
+    R, P, dev = len(models), opc.P, x.device
+    seconds = {}
+    V = torch.randn(R, 1, P, device=dev)
+    t0 = time.perf_counter()
+    opc.matvec(V)
+    sync()
+    seconds["func_compile_first_matvec"] = time.perf_counter() - t0
+    for K in (1, 8):
+        if opc.backend.compile_error is not None:
+            break
+        V = torch.randn(R, K, P, device=dev)
+        seconds[f"hvp_func_compiled_K{K}"] = best(lambda: opc.matvec(V), repeats, sync)
+    if opc.backend.compile_error is not None:  # eager times: not reported as compiled ones
+        return {}, opc.backend.compile_error
+    return seconds, None
 
 
 def main(argv=None):
@@ -414,25 +444,14 @@ def main(argv=None):
         res["ratio_to_gradient"]["hvp_per_model_autograd_loop"] = t / unit
         res["fused_K1_speedup_over_loop"] = t / res["seconds"]["hvp_fused_K1"]
         del graphs, vs, loop  # 100 retained graphs: not held during the jobs
-    opc = None
     if not a.skip_slow:  # the func backend with each batch's linearization run through torch.compile
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            opc = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"compile": True})
-        if not opc.backend.reuse:  # linearizations over func's memory budget: nothing would be compiled
-            res["func_compiled_skipped"] = str(caught[-1].message) if caught else "func does not reuse linearizations here"
-            opc = None
-    if opc is not None:
-        V = torch.randn(R, 1, P, device=dev)
-        t0 = time.perf_counter()
-        opc.matvec(V)
-        sync()
-        res["seconds"]["func_compile_first_matvec"] = time.perf_counter() - t0
+        times, skipped = func_compiled_times(models, x, y, a.repeats, sync)
+        if skipped is not None:
+            res["func_compiled_skipped"] = skipped
+        res["seconds"].update(times)
         for K in (1, 8):
-            V = torch.randn(R, K, P, device=dev)
-            t = best(lambda: opc.matvec(V), a.repeats, sync)
-            res["seconds"][f"hvp_func_compiled_K{K}"] = t
-            res["ratio_to_gradient"][f"hvp_func_compiled_K{K}_per_probe"] = t / K / unit
+            if f"hvp_func_compiled_K{K}" in times:
+                res["ratio_to_gradient"][f"hvp_func_compiled_K{K}_per_probe"] = times[f"hvp_func_compiled_K{K}"] / K / unit
     # the same fused calls standalone (a user's single call): fresh pages each time
     op = fastcurv.HessianOperator(models, (x, y), backend="fused")
     res["standalone_seconds"] = {"gradient_batched_fused": best(lambda: op.loss_and_gradient(), a.repeats, sync, steady=False)}

@@ -1,18 +1,21 @@
 """Cost of every sharpness measure for R replicas of the reference MLP 784-128-128-10 on n MNIST
 training images, in gradient units (one unit = one ``HessianOperator.loss_and_gradient()`` call:
-loss and gradient of all R replicas over the n images), measured in one run; plus the
-invariance audit of the seed result (alpha = 10) on the same replicas. Writes JSON.
+loss and gradient of all R replicas over the n images, timed in the steady state like
+hvp_json.py's unit: the fastest of 3 calls after a warm-up, all inside one ``heap_reuse``, as a
+job's calls run; the JSON's ``gradient_unit`` says so), measured in one run; plus the invariance
+audit of the seed result (alpha = 10) on the same replicas. Writes JSON.
 
     python benchmarks/measures_json.py [--R 100] [--n 1000] [--out measures_bench.json] [--library-defaults]
                                        [--measures NAME ...] [--no-audit]
 
 Data: /work/shared/data/mnist (gzip IDX; or $FASTCURV_MNIST); synthetic Gaussian images with random
 labels when the files are absent (the JSON then says ``"data": "synthetic"``). The replicas are
-trained for ``--train-steps`` full-batch gradient steps (vmapped, seeds 0..R-1) so they sit at
-plausible points. By default the Monte-Carlo and iteration counts are reduced (see QUICK_OPTIONS,
-recorded in the JSON) to keep the run at a few minutes; --library-defaults uses the documented
-defaults of every measure instead. Cost in gradient units does not depend on this choice per
-iteration, so units per iteration are recorded too.
+trained for ``--train-steps`` (default :data:`TRAIN_STEPS`) full-batch gradient steps (vmapped,
+seeds 0..R-1) so they sit at plausible points. By default the Monte-Carlo and iteration counts are
+reduced (see QUICK_OPTIONS; each record's ``options``) to keep the run at a few minutes;
+--library-defaults uses the documented defaults of every measure instead. A measure's cost grows
+with these counts: each record also holds the median solver iterations (matvecs per replica) where
+the measure reports them (``iterations``, e.g. lambda_max's Lanczos steps).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import os
 import platform
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +36,10 @@ from torch.func import functional_call, grad, vmap
 
 import fastcurv
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hvp_json import best  # noqa: E402
+
+TRAIN_STEPS = 60
 MEASURES = ("lambda_max", "trace", "rho_sharpness", "adaptive_rho_sharpness", "avg_rho_sharpness",
             "adaptive_avg_rho_sharpness", "mw_sharpness", "epsilon_sharpness", "josz_variation", "josz_level_distance",
             "relative_flatness", "fisher_rao", "pac_bayes", "ggn_lambda_max", "ggn_trace", "fisher_lambda_max",
@@ -103,22 +111,27 @@ def loader_of(x, y, batch):
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
 
 
+GRADIENT_UNIT = "steady state: the fastest of 3 loss_and_gradient() calls after a warm-up, inside one heap_reuse"
+
+
 def gradient_unit(models, loader, repeats=3):
-    op = fastcurv.HessianOperator(models, loader)
-    op.loss_and_gradient()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        op.loss_and_gradient()
-        best = min(best, time.perf_counter() - t)
-    return best
+    """Seconds of one ``loss_and_gradient()`` for all replicas, as :data:`GRADIENT_UNIT` says
+    (``hvp_json.best``): a measure's job runs its calls inside one ``heap_reuse`` too, where each
+    call reuses the pages the one before freed (single calls, each in its own, took 1.1-2x as long)."""
+    return best(fastcurv.HessianOperator(models, loader).loss_and_gradient, repeats, lambda: None, steady=True)
 
 
-def run(R=100, n=1000, batch=250, train_steps=60, library_defaults=False, measures=MEASURES, audit_R=20, log=print,
-        with_audit=True):
+def workload(R: int, n: int, batch: int, train_steps: int = TRAIN_STEPS):
+    """``(models, loader, x, y, source)``: R reference MLPs trained for ``train_steps`` steps on the
+    first n images, and those images in batches of ``batch``."""
     x, y, source = mnist(n)
     models = train(make_models(R), x, y, train_steps)
-    loader = loader_of(x, y, batch)
+    return models, loader_of(x, y, batch), x, y, source
+
+
+def run(R=100, n=1000, batch=250, train_steps=TRAIN_STEPS, library_defaults=False, measures=MEASURES, audit_R=20,
+        log=print, with_audit=True):
+    models, loader, x, y, source = workload(R, n, batch, train_steps)
     unit = gradient_unit(models, loader)
     log(f"data: {source}; R={R}, n={n}; gradient unit {unit:.3f} s")
     options = {} if library_defaults else QUICK_OPTIONS
@@ -130,6 +143,7 @@ def run(R=100, n=1000, batch=250, train_steps=60, library_defaults=False, measur
         cols = {c: float(torch.nanmedian(v)) for c, v in res.values.items()}
         rec = {"measure": m, "seconds": sec, "gradient_units": sec / unit, "options": options.get(m, {}),
                "median_values": cols, "ok": int(res.ok.sum()),
+               "iterations": {c: float(v.double().median()) for c, v in res.iterations.items()},
                "converged": {c: int(v.sum()) for c, v in res.converged.items()}}
         records.append(rec)
         log(f"{m:28s} {sec:7.2f} s  {sec / unit:7.1f} gradient units  {cols}")
@@ -137,7 +151,8 @@ def run(R=100, n=1000, batch=250, train_steps=60, library_defaults=False, measur
         acc = float(np.mean([(m(x).argmax(-1) == y).float().mean().item() for m in models]))
     out = {
         "benchmark": "measures", "data": source, "R": R, "n": n, "batch": batch, "train_steps": train_steps,
-        "train_accuracy_mean": acc, "gradient_unit_seconds": unit, "library_defaults": library_defaults,
+        "train_accuracy_mean": acc, "gradient_unit_seconds": unit, "gradient_unit": GRADIENT_UNIT,
+        "library_defaults": library_defaults,
         "records": records,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
@@ -164,7 +179,7 @@ def main():
     ap.add_argument("--R", type=int, default=100)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=250)
-    ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--train-steps", type=int, default=TRAIN_STEPS)
     ap.add_argument("--library-defaults", action="store_true")
     ap.add_argument("--measures", nargs="*", default=list(MEASURES), help="measure names to time (default: all)")
     ap.add_argument("--no-audit", action="store_true", help="skip the alpha = 10 invariance audit")

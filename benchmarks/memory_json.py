@@ -1,6 +1,7 @@
 """Peak memory of the default job under ``memory_budget=``: R MLPs 784-128-128-10 on MNIST.
 
-The default ``batched_sharpness`` job (lambda_max by Lanczos + Krylov-deflated trace, fused
+The default ``batched_sharpness`` job (lambda_max by Lanczos, and the trace: exact on these ReLU
+MLPs, where fastcurv supports it, else Krylov-deflated; ``trace_method`` in the JSON; fused
 backend) on the MNIST training set (``--n-train``, default all 60,000; batches of
 ``--batch-size``), R = ``--replicas`` (default 100) MLPs 784-128-128-10, run in a child process so
 that its peak RSS (``ru_maxrss``) is the job's. The child loads the data and builds the models,
@@ -17,7 +18,7 @@ Reported: the process's peak RSS (``ru_maxrss``, loading included), the job's ow
 (``VmHWM`` reset after the baseline via /proc/self/clear_refs) and the baseline (bytes), the
 budget, whether the job's peak <= target and peak - baseline <= budget, wall seconds of
 the job, seconds of one gradient for all R, their ratio, matvecs per replica, the plan
-(replicas per chunk, state cache, estimated peak), and mean lambda_max / trace.
+(replicas per chunk, state cache, estimated peak), mean lambda_max / trace and the trace's method.
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def child(a) -> dict:
                 "lanczos_steps_per_replica": {"mean": float(iters.mean()), "max": int(iters.max())},
                 "operator_matvecs": res.num_matvecs,  # probe columns over all chunks (fastcurv's count)
                 "lambda_max_mean": float(res["lambda_max"].mean()), "trace_mean": float(res["trace"].mean()),
+                "trace_method": res.trace_method,
                 "all_ok": bool(res.ok.all())})
     # the unit: one full-data gradient for all R replicas (batched fused GEMMs, state not cached)
     op = fastcurv.HessianOperator(models, loader, backend="fused", backend_options={"cache_bytes": 0})

@@ -128,20 +128,39 @@ def work_chunks(R: int, K: int, item_bytes: int, work_bytes: int) -> tuple[int, 
     return items, 1
 
 
-def _compiled(fn):
-    """``torch.compile(fn)``, falling back to ``fn`` (with a warning) if compiling or running fails."""
-    state = {"fn": torch.compile(fn, dynamic=False)}
+def _compiled(build, on_fallback):
+    """``torch.compile`` of the linearization ``v -> H v`` that ``build()`` returns. If compiling or
+    running it fails, it warns, calls ``on_fallback(message)`` and from then on runs a linearization
+    built afresh, eagerly: a compile that fails midway (e.g. Inductor without a working C++ compiler)
+    can leave the linearization it was tracing unusable (torch.func's const-folded graph half set up:
+    IndexError on the next call)."""
+
+    def warn(exc):
+        msg = f"torch.compile failed on the linearized HVP ({type(exc).__name__}: {str(exc)[:200]}); running it eagerly"
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        on_fallback(msg)
+
+    fn = build()
+    state = {"compiled": True}
+    try:
+        state["fn"] = torch.compile(fn, dynamic=False)
+    except Exception as exc:  # noqa: BLE001 - torch.compile unavailable here: fn is untouched, run it eagerly
+        warn(exc)
+        state["fn"], state["compiled"] = fn, False
+    del fn
 
     def apply(v):
+        if not state["compiled"]:
+            return state["fn"](v)
         try:
             return state["fn"](v)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly instead
-            if state["fn"] is fn:
-                raise
-            warnings.warn(f"torch.compile failed on the linearized HVP ({type(exc).__name__}: {str(exc)[:200]}); "
-                          "running it eagerly", RuntimeWarning, stacklevel=2)
-            state["fn"] = fn
-            return fn(v)
+            warn(exc)
+        # (outside the handler, whose traceback holds the failed compile: it is dropped before the
+        # new linearization is built)
+        state["fn"], state["compiled"] = None, False
+        state["fn"] = build()
+        return state["fn"](v)
 
     return apply
 
@@ -179,7 +198,13 @@ class FuncBackend(Backend):
             Measured on W1 (CPU, 2 threads): 0.64 -> 0.38 s per matvec, but each linearization
             (one per batch, and again when the active replicas shrink below half) costs a compile
             of about 15 s, so it pays off only for long solves on a fixed replica set. A compile
-            that fails falls back to the eager linearization with a warning.
+            that fails (e.g. Inductor finds no working C++ compiler) warns, runs that
+            linearization eagerly (built afresh) and leaves the later ones uncompiled.
+
+    Attributes:
+        compile_error: with ``compile=True``, ``None`` while the linearizations run compiled (or
+            none has run yet); after a compile failed, its warning: that linearization and all
+            later ones run eagerly.
     """
 
     name = "func"
@@ -192,6 +217,7 @@ class FuncBackend(Backend):
         self.work_bytes = int(work_bytes)
         self._outputs: dict[tuple, tuple[int, int]] = {}  # (input shape, dtype) -> _output_parts
         self.compile = bool(compile)
+        self.compile_error: str | None = None
         mode = self.mode = resolve_mode(replicas, mode, self.compile)
         if self.compile and mode == "graph":
             warnings.warn("func backend: compile=True compiles torch.func linearizations (mode 'forward'); mode 'graph' "
@@ -266,10 +292,19 @@ class FuncBackend(Backend):
         if self.mode == "graph":
             return self._graph_map(params, buffers, x, y)
         gmap = self._grad_map(buffers, x, y)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*get_attr Node.*")
-            fn = linearize(gmap, params)[1]
-        return _compiled(fn) if self.compile else fn
+
+        def build():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*get_attr Node.*")
+                return linearize(gmap, params)[1]
+
+        if self.compile and self.compile_error is None:
+            return _compiled(build, self._compile_failed)
+        return build()
+
+    def _compile_failed(self, message: str):
+        """A compiled linearization fell back to eager: no further ones are compiled."""
+        self.compile_error = message
 
     def _graph_map(self, params, buffers, x, y):
         rs, loss = self.replicas, self.loss
