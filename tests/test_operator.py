@@ -333,6 +333,7 @@ def test_func_backend_compiled_linearization_matches_eager():
     compiled = fastcurv.HessianOperator(models, (x, y), backend="func", backend_options={"compile": True})
     V = torch.randn(2, 2, eager.P, generator=gen)
     torch.testing.assert_close(compiled.matvec(V), eager.matvec(V), rtol=1e-5, atol=1e-6)
+    assert compiled.backend.compile_error is None  # (compiled indeed, not the eager fallback)
 
 
 @pytest.mark.parametrize("backend", ["fused", "func", "autograd"])
