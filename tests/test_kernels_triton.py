@@ -172,6 +172,21 @@ def test_ops_wrappers_dispatch_to_triton(device, monkeypatch):
     torch.testing.assert_close(r, act_rop_bwd_reference(r1, r2, t[:, :, 0], t[:, :, 1]), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("impl", ["auto", "ext"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bn_rop_bwd_half_precision_takes_the_torch_reference(impl, dtype):
+    """float16/bfloat16 CPU tensors reached the C++ kernel, which rejects them ("xh must be float32
+    or float64"; with the extension not built, kernels 'ext' raised "not available"):
+    ``ops.bn_rop_bwd`` asked ``_ext.choose`` without the dtype. Now they take the torch reference."""
+    g = _gen(6)
+    N, K, G, S = 4, 2, 3, 5
+    mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    x = dict(xh=mk(N, G, S), g=mk(N, G, S), rg=mk(N, K, G, S), inv=mk(G).abs() + 0.5, gamma=mk(G), rgamma=mk(K, G))
+    with fastcurv.use_kernels(impl):
+        out = fastcurv.ops.bn_rop_bwd(**x)
+    assert torch.equal(out, fastcurv.ops.bn_rop_bwd_reference(**x))
+
+
 # ----------------------------------------------------------------------------- fused linear R-op
 
 LR_CASES = [  # (R, K, N, I, O, activation, has_ra, has_bias)
@@ -250,6 +265,49 @@ def test_linear_rop_bad_input(device):
         tlr.linear_rop(a, None, W, torch.rand(2, 1, 3, 4, device=device), activation="swish")
     with pytest.raises(ValueError, match="tile sizes"):
         tlr.linear_rop(a, None, W, torch.rand(2, 1, 3, 4, device=device), block=(32, 24, 32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tanh_keeps_relative_precision_near_zero(device, dtype):
+    """The kernels' tanh was (1 - e) / (1 + e) with e = exp(-2|z|), and 1 - e cancels for small |z|:
+    float32 gave tanh(z) = 0 for |z| < 6e-8 (relative error 1), 0.4 at 1e-7, 1.4e-3 at 1e-5; float64
+    2e-5 at 1e-12. Now it uses an accurate expm1: act_derivs' sigma''(z) g and linear_rop's
+    h = tanh(z) agree with torch to a few ulps, relative, from 1e-30 to saturation."""
+    rtol = 16 * torch.finfo(dtype).eps
+    mags = [1e-30, 1e-12, 1e-9, 1e-7, 1e-5, 1e-3, 0.1, 0.3, 0.6]
+    z = torch.tensor(mags + [-m for m in mags], dtype=dtype, device=device)
+    _, d2g = tk.act_derivs(z, torch.ones_like(z), ACTIVATIONS["tanh"], 0.0)
+    _, want = act_derivs_reference(z, torch.ones_like(z), ACTIVATIONS["tanh"], 0.0)
+    torch.testing.assert_close(d2g, want, rtol=rtol, atol=0)
+    z = torch.cat([z, torch.tensor([2.0, -5.0, 9.0, 40.0], dtype=dtype, device=device)])
+    a = (z[:, None] / 16).expand(-1, 16).reshape(1, -1, 16).contiguous()  # row n: z_n = sum of 16 z_n / 16
+    W, dW = torch.ones(1, 16, 16, dtype=dtype, device=device), torch.zeros(1, 1, 16, 16, dtype=dtype, device=device)
+    out = tlr.linear_rop(a, None, W, dW, activation="tanh", block=(16, 16, 16))
+    torch.testing.assert_close(out.h, torch.tanh(out.z), rtol=rtol, atol=0)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the kernel in the interpreter on a virtual CPU allocation")
+def test_linear_rop_addresses_rows_past_2_to_the_31():
+    """Offsets within one replica (row index * stride, for a, ra, W and dW) are int64: in int32 they
+    wrapped once they passed 2**31 elements (e.g. the fused engine's ra view, row stride K * I, with
+    N * K * I >= 2**31) and the kernel silently read other memory: here row 2 came from storage
+    element 0, z[0, 2, 0] = 1600 instead of 48. All operands are views of 3 rows 2**30 elements
+    apart from element 2**31 of an 8 GiB float16 allocation that stays virtual but for 3 pages."""
+    S = 2**30
+    try:
+        big = torch.empty(2**32 + 64, dtype=torch.float16)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve 8 GiB of virtual memory here")
+    big[:16] = 100.0  # where a wrapped offset of row 2 lands
+    for n in range(3):
+        big[2**31 + n * S:2**31 + n * S + 16] = float(n + 1)
+    rows = big.as_strided((1, 3, 16), (0, S, 1), 2**31)  # [1, 3, 16]: rows of 1s, 2s, 3s
+    probes = big.as_strided((1, 1, 3, 16), (0, 0, S, 1), 2**31)
+    out = tlr.linear_rop(rows, probes, rows, probes, block=(16, 16, 16))  # a, ra, W, dW
+    v = torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(out.z[0].float(), 16 * torch.outer(v, v), rtol=0, atol=0)
+    torch.testing.assert_close(out.rz[0, 0].float(), 32 * torch.outer(v, v), rtol=0, atol=0)
 
 
 @pytest.mark.gpu

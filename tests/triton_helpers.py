@@ -41,16 +41,34 @@ def sig(fn, dt, const):
         else: out[n] = "i32"
     return out
 
-def comp(fn, dt, const):
-    triton.compile(ASTSource(fn=fn, signature=sig(fn, dt, const), constexprs=const), target=target)
+def comp(fn, dt, const, **options):
+    return triton.compile(ASTSource(fn=fn, signature=sig(fn, dt, const), constexprs=const), target=target,
+                          options=options)
+
+def comp_launch(fn, dt, const, ints, **options):
+    """Compile as a launch with the integer arguments ``ints`` would: Triton makes those equal to 1
+    constexprs and marks those divisible by 16 (and the pointers, as fresh torch allocations are) as
+    such, which lets the compiler pipeline the loads (the largest shared memory)."""
+    const, attrs = dict(const), {}
+    for n, v in ints.items():
+        if v == 1:
+            const[n] = 1
+    s = sig(fn, dt, const)
+    for i, n in enumerate(s):
+        if s[n] != "constexpr" and (n.endswith("_ptr") or ints.get(n, 1) % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn=fn, signature=s, constexprs=const, attrs=attrs), target=target, options=options)
 '''
 
 
 def compile_for_gpu(tmp_path, body: str, arch: int = 90) -> None:
     """Run ``body`` in a fresh interpreter without ``TRITON_INTERPRET``, after a prelude that defines
-    ``comp(kernel, dtype, constexprs)`` (compile one specialization for ``sm_<arch>``; pointer
-    arguments get ``dtype``, ``*_hi``/``*_lo`` fp32, the rest i32); skips when this triton has no
-    NVIDIA backend, fails with the compiler's error otherwise."""
+    ``comp(kernel, dtype, constexprs, **options)`` (compile one specialization for ``sm_<arch>`` and
+    return it, its ``metadata.shared`` included; pointer arguments get ``dtype``, ``*_hi``/``*_lo``
+    fp32, the rest i32; ``options`` such as ``num_stages``) and ``comp_launch(kernel, dtype,
+    constexprs, ints, **options)`` (the same, specialized on the integer argument values ``ints`` as
+    a launch is); skips when this triton has no NVIDIA backend, fails with the compiler's error (or
+    the body's failed assert) otherwise."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
     except ImportError:

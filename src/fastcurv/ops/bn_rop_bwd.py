@@ -87,8 +87,9 @@ def bn_rop_bwd_reference(xh, g, rg, inv, gamma=None, rgamma=None, rxh=None, m2=N
 def bn_rop_bwd(xh, g, rg, inv, gamma=None, rgamma=None, rxh=None, m2=None) -> torch.Tensor:
     """The input-gradient R-op of a batch-statistics BatchNorm (see the module docstring for the
     shapes and the formula): C++ on CPU tensors, Triton or CUDA on GPU tensors, or the torch
-    reference, as chosen by :func:`fastcurv.set_kernel_impl`. Returns ``[N, K, G, S]``."""
-    impl = _ext.choose("bn_rop_bwd", rg.device)
+    reference, as chosen by :func:`fastcurv.set_kernel_impl`; float16/bfloat16 tensors take Triton
+    (on a GPU) or the torch reference, never the C++/CUDA kernels. Returns ``[N, K, G, S]``."""
+    impl = _ext.choose("bn_rop_bwd", rg.device, rg.dtype)
     if impl == "ext":
         return torch.ops.fastcurv.bn_rop_bwd(xh, g, rg, inv, gamma, rgamma, rxh, m2)
     if impl == "triton":

@@ -9,12 +9,17 @@ For R replicas and K probes (see :func:`fastcurv.ops.linear_rop.linear_rop_refer
 One program owns a ``[BN, BO]`` output tile of one replica and a block of ``KB`` probes. Each step
 over the input dimension loads the tiles of ``a`` and ``W`` once and uses them for all three
 products (``a W^T``, ``a dW_k^T``, ``ra_k W^T``, the last two as batched dots over the probe block).
-Inputs may be strided views (e.g. the network input expanded over R with stride 0): nothing is copied.
+Inputs may be strided views (e.g. the network input expanded over R with stride 0): nothing is copied;
+offsets are int64. All programs lie on grid axis 0 (CUDA caps axes 1 and 2 at 65535, too few for R).
+The tiles and the pipelining depth are chosen to fit the device's shared memory (:func:`launch_config`:
+the defaults with 3 stages where they fit, as always on sm_90; fewer stages or smaller tiles on
+sm_86/sm_89's 99 KiB).
 Accumulation is float32 (float64 for float64 inputs); float32 products use IEEE precision unless
 ``allow_tf32=True``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -35,16 +40,22 @@ def _linear_rop_kernel(
     HAS_RA: tl.constexpr, HAS_B: tl.constexpr, HAS_DB: tl.constexpr, KIND: tl.constexpr, STORE_H: tl.constexpr,
     BN: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, KB: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
+    # one grid axis (see _grid): the probe block varies fastest, then the output tile, then the replica
     pid = tl.program_id(0)
-    pk = tl.program_id(1)
-    r = tl.program_id(2).to(tl.int64)
+    num_k = tl.cdiv(K, KB)
     num_o = tl.cdiv(O, BO)
-    pn = pid // num_o
-    po = pid % num_o
-    rn = pn * BN + tl.arange(0, BN)
-    ro = po * BO + tl.arange(0, BO)
+    num_tiles = tl.cdiv(N, BN) * num_o
+    pk = pid % num_k
+    tile = (pid // num_k) % num_tiles
+    r = (pid // num_k // num_tiles).to(tl.int64)
+    pn = tile // num_o
+    po = tile % num_o
+    # int64 indices: index * stride and n * O pass 2**31 elements within one replica (e.g. ra is a
+    # transposed view with row stride K * I), where int32 products wrap and address the wrong memory
+    rn = (pn * BN + tl.arange(0, BN)).to(tl.int64)
+    ro = (po * BO + tl.arange(0, BO)).to(tl.int64)
     rk = (pk * KB + tl.arange(0, KB)).to(tl.int64)
-    ri = tl.arange(0, BI)
+    ri = tl.arange(0, BI).to(tl.int64)
     nm = rn < N
     om = ro < O
     km = rk < K
@@ -92,6 +103,7 @@ def _linear_rop_kernel(
 
 
 def _tiles(K: int, dtype: torch.dtype, block: Optional[tuple[int, int, int]]):
+    """The preferred tiles ``(BN, BO, BI, KB)``: ``block`` when given (checked), else the defaults."""
     kb = min(triton.next_power_of_2(max(K, 1)), 4)
     if block is not None:
         bn, bo, bi = block
@@ -103,6 +115,81 @@ def _tiles(K: int, dtype: torch.dtype, block: Optional[tuple[int, int, int]]):
         if v < 16 or v & (v - 1):
             raise ValueError(f"linear_rop: tile sizes must be powers of two >= 16, got {(bn, bo, bi)}")
     return bn, bo, bi, kb
+
+
+NUM_STAGES = 3  # Triton's default software-pipelining depth, used where the shared memory allows
+
+
+def shared_bytes(bn: int, bo: int, bi: int, kb: int, itemsize: int, num_stages: int, has_ra: bool = True) -> int:
+    """Shared memory (bytes) the compiled kernel needs for tiles ``(bn, bo, bi, kb)`` of
+    ``itemsize``-byte elements. Pipelined (``num_stages >= 2``): ``num_stages - 1`` copies of one
+    input step's tiles (a ``[bn, bi]``, W ``[bi, bo]``, dW ``[kb, bi, bo]``, ra ``[kb, bn, bi]``)
+    plus the operand broadcast over the probe block for the batched dots (a, or W for ra's dot,
+    whichever is larger). One stage: only the operands of the largest (batched) dot at a time.
+
+    An upper bound of the Triton 3.7 compiler's ``metadata.shared``, equal to it for the pipelined
+    default tiles on sm_86/sm_89 (checked for 214 tile/dtype/stage choices on sm_75 to sm_90; sm_75
+    and sm_90 often need less; ``tests/test_triton_gpu_limits.py`` compiles the kernel to check)."""
+    if num_stages <= 1:
+        return itemsize * kb * bi * (bn + bo)
+    step = bn * bi + bi * bo + kb * bi * bo + (kb * bn * bi if has_ra else 0)
+    bcast = kb * bi * (max(bn, bo) if has_ra else bn)
+    return itemsize * ((num_stages - 1) * step + bcast)
+
+
+def launch_config(K: int, dtype: torch.dtype, block: Optional[tuple[int, int, int]], max_shared: Optional[int],
+                  has_ra: bool = True) -> tuple[int, int, int, int, int]:
+    """Tiles and pipelining depth ``(BN, BO, BI, KB, num_stages)`` whose shared memory fits in
+    ``max_shared`` bytes (the device's per-block opt-in limit; ``None``: no limit, as in the
+    interpreter). Tries the preferred tiles (:func:`_tiles`) with 3, then 2 stages, then halves the
+    larger of BN and BO (not below 16; not for an explicit ``block``), then 1 stage. Raises ValueError
+    when nothing fits."""
+    bn, bo, bi, kb = _tiles(K, dtype, block)
+    size = dtype.itemsize
+
+    def fits(bn_, bo_, stages):
+        return max_shared is None or shared_bytes(bn_, bo_, bi, kb, size, stages, has_ra) <= max_shared
+
+    for stages in (NUM_STAGES, 2):
+        if fits(bn, bo, stages):
+            return bn, bo, bi, kb, stages
+    if block is None:
+        while max(bn, bo) > 16:
+            bn, bo = (bn // 2, bo) if bn >= bo else (bn, bo // 2)
+            if fits(bn, bo, 2):
+                return bn, bo, bi, kb, 2
+    if fits(bn, bo, 1):
+        return bn, bo, bi, kb, 1
+    raise ValueError(f"linear_rop: tiles {(bn, bo, bi)} with {kb} probes per block need "
+                     f"{shared_bytes(bn, bo, bi, kb, size, 1, has_ra)} bytes of shared memory, more than "
+                     f"the device's {max_shared}; pass a smaller block")
+
+
+def device_max_shared(device: torch.device) -> Optional[int]:
+    """The per-block shared memory (bytes, opt-in maximum) of a CUDA ``device``, which Triton checks
+    the compiled kernel against at launch; ``None`` for other devices (the interpreter has no limit)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_max_shared(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_max_shared(index: int) -> int:
+    optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    if optin:
+        return int(optin)
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+MAX_GRID = 2**31 - 1  # CUDA's grid axis 0 limit (axes 1 and 2 stop at 65535, too few for R or N)
+
+
+def _grid(R: int, K: int, N: int, O: int, bn: int, bo: int, kb: int) -> tuple[int]:
+    """The launch grid: one axis of ``R * tiles * probe blocks`` programs (see the kernel)."""
+    n = R * triton.cdiv(N, bn) * triton.cdiv(O, bo) * triton.cdiv(K, kb)
+    if n > MAX_GRID:
+        raise ValueError(f"linear_rop: {n} programs (R={R}, K={K}, N={N}, O={O}) exceed CUDA's grid limit {MAX_GRID}")
+    return (n,)
 
 
 def _input_precision(dtype: torch.dtype, allow_tf32: bool):
@@ -143,7 +230,7 @@ def linear_rop(
         from ..ops.linear_rop import linear_rop_reference
 
         return linear_rop_reference(a, ra, W, dW, b, db, activation, slope)
-    bn, bo, bi, kb = _tiles(K, a.dtype, block)
+    bn, bo, bi, kb, stages = launch_config(K, a.dtype, block, device_max_shared(a.device), ra is not None)
     hi, lo = split_f32(float(slope))
     ra_ = ra if ra is not None else a  # placeholders for absent inputs (never read)
     b_ = b if b is not None else a
@@ -151,13 +238,12 @@ def linear_rop(
     sra = ra.stride() if ra is not None else (0, 0, 0, 0)
     sb = b.stride() if b is not None else (0, 0)
     sdb = db.stride() if db is not None else (0, 0, 0)
-    grid = (triton.cdiv(N, bn) * triton.cdiv(O, bo), triton.cdiv(K, kb), R)
-    _linear_rop_kernel[grid](
+    _linear_rop_kernel[_grid(R, K, N, O, bn, bo, kb)](
         a, ra_, W, dW, b_, db_, z, rz, h, rh,
         N, I, O, K, hi, lo,
         *a.stride(), *sra, *W.stride(), *dW.stride(), *sb, *sdb,
         HAS_RA=ra is not None, HAS_B=b is not None, HAS_DB=db is not None, KIND=kind, STORE_H=store_h,
         BN=bn, BO=bo, BI=bi, KB=kb, F64=a.dtype == torch.float64,
-        PREC=_input_precision(a.dtype, allow_tf32),
+        PREC=_input_precision(a.dtype, allow_tf32), num_stages=stages,
     )
     return LinearRop(z, rz, h, rh)
