@@ -9,7 +9,10 @@
   equals the Hessian when the model is linear in its parameters or the residuals vanish.
 * :class:`EmpiricalFisherOperator`: ``F = sum_i grad s_i grad s_i^T / c`` with s_i = c * l_i sample
   i's share of the full-data loss (c = 1/N for mean cross-entropy), i.e. ``(1/N) sum_i grad l_i
-  grad l_i^T`` for the default mean reduction and ``sum_i grad l_i grad l_i^T`` for "sum".
+  grad l_i^T`` for the default mean reduction and ``sum_i grad l_i grad l_i^T`` for "sum". For mean
+  MSE, c = 1/(N C) (torch's mean runs over the C outputs too) and l_i is sample i's *summed* squared
+  error: ``F = (1/(N C)) sum_i grad l_i grad l_i^T``, the scale at which the Fisher of a Gaussian
+  model with variance 1/2 equals the GGN.
 
 Both cost about two passes (one jvp, one vjp) per probe and batch, vmapped over replicas.
 """

@@ -401,9 +401,11 @@ def batched_sharpness(
             for name in ("lambda_max", "top_k"):
                 if name in measures or (name == "lambda_max" and "top_k" not in measures):
                     out.iterations[name] = top.iterations
-                    out.converged[name] = top.converged
-            if eig_solver == "power":
-                negative = top.eigenvalues[:, 0] < 0
+                    # lambda_max by its own column's test (top-k's lower columns may not have converged)
+                    own = name == "lambda_max" and top.column_converged is not None
+                    out.converged[name] = top.column_converged[:, 0].clone() if own else top.converged
+            if eig_solver == "power":  # (a value it stopped at without converging is flagged not converged alone)
+                negative = (top.eigenvalues[:, 0] < 0) & top.converged
         if "lambda_min" in measures:
             bar.stage("bottom eigenvalue")
             low = lanczos(op, k=1, which="smallest", max_iter=max_iter, tol=tol, seed=seed + 7, common=crn, callback=bar.tick)

@@ -20,7 +20,9 @@ class EigenResult:
     eigenvalues: ``[R, k]`` (largest first for which="largest", smallest first for "smallest").
     residuals: ``[R, k]`` Ritz residual norms ``|beta_m s_m|``; error_bounds: ``[R, k]`` the
     estimate ``min(r, r^2 / gap)`` of ``|theta - lambda|``. iterations: ``[R]`` matvecs used.
-    converged: ``[R]`` bool. eigenvectors: ``[R, k, P]`` Ritz vectors when requested.
+    converged: ``[R]`` bool, all k columns. column_converged: ``[R, k]`` bool, each column's own test
+    (its residual, after the steps one eigenvalue needs): the top eigenvalue of a top-k run may have
+    converged while the others have not. eigenvectors: ``[R, k, P]`` Ritz vectors when requested.
     reorthogonalized: ``[R]`` steps whose new vector was orthogonalized against the whole basis.
     basis / tridiag_trace: the orthonormal Krylov basis ``[R, m, P]`` (zero rows past each
     replica's last step) and ``trace(Q^T H Q)`` ``[R]``, kept for trace deflation when requested.
@@ -37,6 +39,7 @@ class EigenResult:
     tridiag_trace: torch.Tensor | None = None
     alphas: torch.Tensor | None = None
     betas: torch.Tensor | None = None
+    column_converged: torch.Tensor | None = None
 
 
 def _tridiag(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -247,6 +250,8 @@ def lanczos(
     eigenvectors = torch.full((R, k, P), float("nan"), dtype=op.dtype, device=op.device) if return_vectors else None
     iters = torch.zeros(R, dtype=torch.long)
     converged = torch.zeros(R, dtype=torch.bool)
+    col_conv = torch.zeros(R, k, dtype=torch.bool)
+    min_iter_one = min(min_iter, min_iter_default(1, which))  # (a column's own test: the steps one eigenvalue needs)
     reorths = torch.zeros(R, dtype=torch.long)
     active = ~op.failed.clone()
     # Simon's estimates of q_j . q_k (om) and q_{j-1} . q_k (om_prev), and the replicas whose next
@@ -348,13 +353,18 @@ def lanczos(
         # up to the residual, now at rounding level; with fewer than k of them the others cannot be
         # reached: stopped, not converged, NaN. (No step can follow one: the next vector would be
         # rounding noise, not orthogonal to the basis.)
-        done = (kk == k) & (r <= tol * scale).all(dim=1) & ((n >= min_iter) | breakdown)
+        # (at a breakdown the residuals are at the matvecs' rounding level, which a Ritz value of 0, the
+        # bottom of a rank-deficient Hessian, can never be tol times: the rounding floor then counts)
+        passed = (r <= tol * scale) | (breakdown.unsqueeze(1) & (r <= floor))
+        done = (kk == k) & passed.all(dim=1) & ((n >= min_iter) | breakdown)
+        col_done = passed & ((n >= min_iter_one) | breakdown).unsqueeze(1)
         stop = done | breakdown | ~finite | torch.tensor(n == m).expand_as(done)
         for local in stop.nonzero().flatten().tolist():
             rr = int(ai[local])
             if bool(finite[local]):
                 eig[rr, :kk], res[rr, :kk], err[rr, :kk] = th[local], r[local], e[local]
                 converged[rr] = bool(done[local])
+                col_conv[rr, :kk] = col_done[local]
                 if return_vectors:
                     S_r = S[local][:, pick[local]]
                     eigenvectors[rr, :kk] = S_r.T.to(op.dtype).to(op.device) @ Q[rr, :n]
@@ -363,7 +373,8 @@ def lanczos(
     failed = op.failed.clone()
     eig[failed], res[failed], err[failed] = float("nan"), float("nan"), float("nan")
     converged &= ~failed
-    out = EigenResult(eig, res, err, iters, converged, reorths, eigenvectors)
+    col_conv &= ~failed.unsqueeze(1)
+    out = EigenResult(eig, res, err, iters, converged, reorths, eigenvectors, column_converged=col_conv)
     if keep_basis:
         n_max = int(iters.max()) if len(iters) else 0
         out.basis = Q[:, :n_max]  # a view: rows past a replica's last step are zeroed below

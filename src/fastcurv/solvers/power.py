@@ -7,13 +7,19 @@ from .lanczos import EigenResult
 from .probes import start_vectors
 
 
+STOP_RESIDUAL = 0.5  # a stop whose residual |Hv - lambda v| exceeds this fraction of |lambda| is no eigenvalue
+
+
 def power_iteration(op, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0, common: bool = True,
                     return_vectors: bool = False, callback=None) -> EigenResult:
     """Eigenvalue of largest *modulus* per replica: ``v <- Hv/|Hv|``, ``lambda = v^T H v``.
 
     A replica stops when ``|lambda_t - lambda_{t-1}| <= tol * (|lambda_{t-1}| + 1e-6)`` (PyHessian's
-    rule); residuals are ``|Hv - lambda v|``. Prefer :func:`lanczos`: it needs far fewer matvecs
-    for the same accuracy and finds the largest algebraic eigenvalue.
+    rule), or when ``Hv = 0`` (v is then an eigenvector of eigenvalue 0); residuals are ``|Hv -
+    lambda v|``. A replica that stopped with a residual above ``STOP_RESIDUAL * |lambda|`` is not
+    reported converged: with two extreme eigenvalues of nearly equal modulus and opposite signs the
+    estimate stops moving between them, at no eigenvalue. Prefer :func:`lanczos`: it needs far
+    fewer matvecs for the same accuracy and finds the largest algebraic eigenvalue.
     """
     R = op.R
     v = start_vectors(op, seed, common)
@@ -33,11 +39,13 @@ def power_iteration(op, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0
         r = (w - new.to(w.dtype).to(w.device).unsqueeze(-1) * va).norm(dim=-1).to(torch.float64).cpu()
         old = lam[ai]
         ok = torch.isfinite(new) & ~op.failed[ai]
-        done = ok & (t > 0) & ((new - old).abs() <= tol * (old.abs() + 1e-6))
+        wn = w.norm(dim=-1, keepdim=True)
+        zero = (wn[:, 0] == 0).cpu()  # Hv = 0: an eigenvector of eigenvalue 0
+        done = ok & (((t > 0) & ((new - old).abs() <= tol * (old.abs() + 1e-6))) | zero)
         lam[ai], res[ai] = new, r
         iters[ai] = t + 1
-        converged[ai] = done
-        v[dev_ai] = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        converged[ai] = done & (r <= STOP_RESIDUAL * new.abs())
+        v[dev_ai] = w / wn.clamp_min(torch.finfo(w.dtype).tiny)  # (1e-300 is 0 in float32: 0 / 0 for Hv = 0)
         active[ai[done | ~ok]] = False
         if callback is not None:
             callback(t + 1, len(ai))
