@@ -221,10 +221,6 @@ def test_audit_ratio_median_is_the_median_for_an_even_number_of_replicas():
 def test_audit_plot_title_fits_in_the_figure(n_measures, name, tmp_path, monkeypatch):
     """The one-line title ran past the right edge of audit.png for 3 measures or fewer
     ("... 0 predictions cha")."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
     from types import SimpleNamespace
 
@@ -234,19 +230,27 @@ def test_audit_plot_title_fits_in_the_figure(n_measures, name, tmp_path, monkeyp
                           "ratio_max": [130.0] * n_measures, "invariant": [False] * n_measures},
                          index=[f"measure_{i}" for i in range(n_measures)])
     tr = SimpleNamespace(max_output_change=1.4e-06, predictions_changed=torch.ones(1024, dtype=torch.bool))
-    close, kept = plt.close, []
-    monkeypatch.setattr(plt, "close", kept.append)  # keep the figure as saved
-    audit._plot(table, tr, name, tmp_path / "audit.png")
-    fig = kept[0]
-    try:
-        fig.canvas.draw()
-        title = fig.axes[0].title
-        box = title.get_window_extent(fig.canvas.get_renderer())
-        assert "1024 predictions changed" in title.get_text()
-        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, \
-            (box, fig.bbox)
-    finally:
-        close(fig)
+    fig = _saved_figure(monkeypatch, lambda: audit._plot(table, tr, name, tmp_path / "audit.png"))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    title = fig.axes[0].title
+    box = title.get_window_extent(canvas.get_renderer())
+    assert "1024 predictions changed" in title.get_text()
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, \
+        (box, fig.bbox)
+
+
+def _saved_figure(monkeypatch, draw):
+    """The figure ``draw()`` saves (the last one), as it was saved."""
+    import matplotlib.figure
+
+    saved, real = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: saved.append(self) or real(self, *a, **k))
+    draw()
+    return saved[-1]
 
 
 def test_audit_of_dict_batches_and_of_a_one_pass_generator():
@@ -262,3 +266,74 @@ def test_audit_of_dict_batches_and_of_a_one_pass_generator():
         for col in ("lambda_max", "loss"):
             for a, b in zip(got.per_replica[col], want.per_replica[col]):
                 assert torch.allclose(a, b, rtol=1e-6)
+
+
+def test_audit_plot_marks_ratios_that_changed_sign_or_are_undefined(tmp_path, monkeypatch):
+    """audit.png plotted log10 of the ratios: a ratio <= 0 (a measure that changed sign, e.g.
+    avg_rho_sharpness with ratios -10.75 to 16.08) or an undefined one (no finite ratio) became NaN,
+    so its whisker vanished and a negative or NaN median drew no bar at all: the least invariant
+    measures looked like invariant ones at log10 = 0. Each now gets a labelled mark reaching the axis bottom."""
+    import warnings
+
+    import numpy as np
+    import pandas as pd
+    from types import SimpleNamespace
+
+    from fastcurv import audit
+
+    nan = float("nan")
+    table = pd.DataFrame({"ratio_median": [1.0, 80.0, 1.25, -3.0, nan], "ratio_min": [1.0, 40.0, -10.75, -8.0, nan],
+                          "ratio_max": [1.0, 130.0, 16.08, 2.0, nan], "invariant": [True, False, False, False, False]},
+                         index=["loss", "lambda_max", "some_negative", "median_negative", "undefined"])
+    tr = SimpleNamespace(max_output_change=1e-7, predictions_changed=torch.zeros(8, dtype=torch.bool))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig = _saved_figure(monkeypatch, lambda: audit._plot(table, tr, "dinh", tmp_path / "audit.png"))
+    ax = fig.axes[0]
+    bottom = ax.get_ylim()[0]
+    texts = {round(t.get_position()[0]): " ".join(t.get_text().split()) for t in ax.texts}
+    assert texts == {2: "sign change (ratios -10.8 to 16.1)", 3: "sign change (ratios -8 to 2)",
+                     4: "undefined (no finite ratio)"}
+    # the lower whisker of the measure that changed sign on some replicas runs to the axis bottom
+    whiskers = [seg for c in ax.collections for seg in c.get_segments()]
+    some = [s for s in whiskers if np.allclose(s[:, 0], 2)]
+    assert len(some) == 1 and some[0][:, 1].min() == pytest.approx(bottom)
+    assert some[0][:, 1].max() == pytest.approx(np.log10(16.08))
+    # a hatched bar down to the axis bottom where the median has no log
+    hatched = {round(p.get_x() + p.get_width() / 2): p for p in ax.patches if p.get_hatch()}
+    assert sorted(hatched) == [3, 4] and all(p.get_height() == pytest.approx(bottom) for p in hatched.values())
+    assert np.log10(130.0) < ax.get_ylim()[1]
+    assert not caught, [str(w.message) for w in caught]  # (log10 of the ratios <= 0 warned, the only sign of them)
+
+
+@pytest.fixture
+def svg_backend():
+    """matplotlib's backend set to "svg" (a stand-in for an interactive or notebook one), restored afterwards."""
+    import matplotlib
+
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")
+    yield matplotlib
+    matplotlib.use(old)
+
+
+def test_the_audit_plot_keeps_the_backend_and_leaves_no_figure(svg_backend, tmp_path):
+    """invariance_audit(path=...) switched the whole process to the Agg backend (matplotlib.use: a
+    notebook's plt.show() stopped working), and a plot whose saving failed left its figure open."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from types import SimpleNamespace
+
+    from fastcurv import audit
+
+    open_before = plt.get_fignums()
+    res = fastcurv.invariance_audit(make_replicas(R=2), make_data(), measures=("lambda_max",), alpha=3.0,
+                                    path=tmp_path / "audit.png", max_iter=5)
+    assert res.plot_path and (tmp_path / "audit.png").is_file()
+    assert svg_backend.get_backend() == "svg" and plt.get_fignums() == open_before
+    table = pd.DataFrame({"ratio_median": [9.0], "ratio_min": [8.0], "ratio_max": [10.0], "invariant": [False]},
+                         index=["lambda_max"])
+    tr = SimpleNamespace(max_output_change=0.0, predictions_changed=None)
+    with pytest.raises(FileNotFoundError):
+        audit._plot(table, tr, "dinh", tmp_path / "no such folder" / "audit.png")
+    assert plt.get_fignums() == open_before

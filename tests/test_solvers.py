@@ -387,3 +387,39 @@ def test_density_of_a_narrow_spectrum_is_fast_and_integrates_to_one(span):
     torch.testing.assert_close(torch.trapezoid(dens, grid), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="sigma2 must be a positive"):
         SpectralDensity(nodes, torch.full((2, 1, 20), 0.05, dtype=torch.float64)).density(sigma2=0.0)
+
+
+@pytest.fixture
+def svg_backend():
+    """matplotlib's backend set to "svg" (a stand-in for an interactive or notebook one), restored afterwards."""
+    import matplotlib
+
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")
+    yield matplotlib
+    matplotlib.use(old)
+
+
+def test_plotting_a_density_to_a_file_leaves_no_figure_and_keeps_the_backend(svg_backend, tmp_path):
+    """plot(path=...) switched the whole process to the Agg backend (matplotlib.use: a notebook's
+    plt.show() and inline figures stopped working) and left its pyplot figure open (one more per call,
+    and per study with "spectrum"; matplotlib warns at 20). Replica indices out of range raised torch's
+    IndexError, and a negative one drew the last replica labelled "replica -1"."""
+    import matplotlib.pyplot as plt
+
+    from fastcurv.solvers.slq import SpectralDensity
+
+    sd = SpectralDensity(torch.linspace(0.1, 2.0, 10, dtype=torch.float64).view(1, 1, 10).repeat(2, 1, 1),
+                         torch.full((2, 1, 10), 0.1, dtype=torch.float64))
+    open_before = plt.get_fignums()
+    for i in range(2):
+        ax = sd.plot(replicas=[0, -1], path=tmp_path / f"esd{i}.png")
+    assert svg_backend.get_backend() == "svg"
+    assert plt.get_fignums() == open_before
+    assert (tmp_path / "esd1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["replica 0", "replica 1"]
+    with pytest.raises(ValueError, match="replica 5 is out of range: the density has 2 replicas"):
+        sd.plot(replicas=[5], path=tmp_path / "bad.png")
+    ax = sd.plot()  # without a path: a pyplot figure, to show (the caller's to close)
+    assert plt.get_fignums() == [*open_before, ax.figure.number]
+    plt.close(ax.figure)

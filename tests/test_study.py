@@ -431,3 +431,168 @@ def test_paths_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch, capsys
     # --out moves a checkpoint that lay in the config's out folder, "~" or not
     moved = _checkpoint_under_out({"out": "~/runs/r1", "checkpoint": str(r1 / "train.ckpt")}, {"out": "b"})
     assert moved == "b/train.ckpt"
+
+
+def test_every_registered_measure_gets_a_headline_row():
+    """A curvature measure whose columns are not named after it (pac_bayes -> pacbayes_flatness, ...,
+    jiang_sharpness -> jiang_sharpness_flatness, josz_variation -> josz_V, josz_level_distance ->
+    josz_d_eps) got no headline row and no scatter plot, and report.md said it "has no per-replica
+    column". Every measure batched_sharpness knows (built-in and registered) now has a row, its own column."""
+    from fastcurv.measures import load_all
+    from fastcurv.sharpness import MEASURES as SHARP
+    from fastcurv.study import _headline_columns
+    from fastcurv.train import mlp
+
+    torch.manual_seed(0)
+    models = [mlp([4, 3, 3], "relu") for _ in range(2)]
+    data = (torch.randn(12, 4), torch.randint(0, 3, (12,)))
+    every = tuple(m for m in [*SHARP, *sorted(load_all())] if m != "spectrum")  # (a density: no column)
+    cheap = {"pac_bayes": {"mc_samples": 1, "depth": 2}, "jiang_sharpness": {"depth": 2, "n_iter": 1},
+             "josz_level_distance": {"max_doublings": 1, "n_bisect": 1, "n_iter": 1},
+             "epsilon_sharpness_subspace": {"p": 4}}
+    other = {"josz_variation": {"r": [0.01, 0.1]}, "pac_bayes": {"magnitude_aware": False, "mc_samples": 1, "depth": 2},
+             "jiang_sharpness": {"magnitude_aware": False, "depth": 2, "n_iter": 1}}
+    want = {"pac_bayes": "pacbayes_flatness", "jiang_sharpness": "jiang_sharpness_flatness",
+            "josz_variation": "josz_V", "josz_level_distance": "josz_d_eps"}
+    for measures, options in ((every, cheap), (tuple(other), other)):
+        res = fastcurv.batched_sharpness(models, data, measures=measures, max_iter=4, top_k=2, progress=False,
+                                         measure_options=options)
+        columns = list(res.values)
+        head = _headline_columns(measures, columns)
+        assert list(head) == list(measures), (set(measures) - set(head), columns)
+        assert len(set(head.values())) == len(measures) and set(head.values()) <= set(columns)
+        expect = {**want, "josz_variation": "josz_V_r=0.01"} if options is other else want
+        assert {m: head[m] for m in want if m in measures} == {m: expect[m] for m in want if m in measures}
+
+
+def test_pac_bayes_with_simplicity_and_the_columns_they_explain(tmp_path):
+    """pac_bayes and simplicity both wrote a column pacbayes_mag_sigma (two different sigmas), and
+    the study crashed joining the tables after all the measuring ("columns overlap"); the study table
+    now calls simplicity's pacbayes_mag_kl_sigma. report.md explained pacbayes_mag_sigma as
+    simplicity's KL sigma and none of pac_bayes's columns; the pac_bayes and josz_variation
+    measures had no headline row or plot."""
+    res = fastcurv.study(**TINY, measures=("lambda_max", "pac_bayes", "josz_variation", "simplicity"), audit=False,
+                         out=tmp_path, sharpness_kwargs={"max_iter": 4, "measure_options": {"pac_bayes": {
+                             "mc_samples": 2, "depth": 3}}}, function_kwargs={"bisect_steps": 3, "num_draws": 2})
+    table = res["table"]
+    np.testing.assert_array_equal(table["pacbayes_mag_sigma"], res["sharpness"].values["pacbayes_mag_sigma"].numpy())
+    np.testing.assert_array_equal(table["pacbayes_mag_kl_sigma"], res["function"].values["pacbayes_mag_sigma"].numpy())
+    assert "pacbayes_mag_sigma" in res["correlations"].index  # (simplicity's sigma is no predictor)
+    assert "pacbayes_mag_kl_sigma" not in res["correlations"].index
+    assert list(res["headline"].index) == ["lambda_max", "pacbayes_flatness", "josz_V", "compressed_bytes_lzma"]
+    assert {"pacbayes_flatness_vs_test_acc.png", "josz_V_vs_test_acc.png"} <= set(res["files"])
+    md = (tmp_path / "report.md").read_text()
+    assert "pac_bayes -> `pacbayes_flatness`, josz_variation -> `josz_V`" in md and "no per-replica column" not in md
+    glossary = {line.split("`")[1]: line for line in md[md.index("## Columns"):].splitlines() if line.startswith("- `")}
+    for col in ("pacbayes_flatness", "pacbayes_sigma", "pacbayes_mag_flatness", "pacbayes_mag_sigma"):
+        assert f"`{col}`: pac_bayes" in glossary[col], glossary.get(col)
+    assert "simplicity: the noise scale sigma' its magnitude-aware PAC-Bayes" in glossary["pacbayes_mag_kl_sigma"]
+    assert "Josz's loss variation" in glossary["josz_V"]
+
+
+def test_the_glossary_gives_each_jiang_sharpness_column_its_meaning():
+    """jiang_sharpness_alpha was folded into one `jiang_sharpness*` line describing 1 / alpha^2 (the
+    _flatness column); the josz columns shared one line for two different measures."""
+    from fastcurv.study import _glossary
+
+    lines = _glossary(["jiang_sharpness_flatness", "jiang_sharpness_alpha", "jiang_sharpness_mag_flatness",
+                       "jiang_sharpness_mag_alpha", "josz_V", "josz_d_eps"])
+    assert [line.split("`")[1] for line in lines] == ["jiang_sharpness_flatness", "jiang_sharpness_alpha",
+                                                       "jiang_sharpness_mag_flatness", "jiang_sharpness_mag_alpha",
+                                                       "josz_V", "josz_d_eps"]
+    assert "1 / alpha^2" in lines[0] and "half-width alpha" in lines[1] and "1 / alpha'^2" in lines[2]
+    assert "distance to the eps level set" in lines[5]
+
+
+def test_a_population_perfect_on_its_test_set_gets_its_report(tmp_path, monkeypatch, capsys):
+    """A mean test error of 0 (a small n_test, a well-trained population): report.md divided the
+    disagreement by it and the study ended in ZeroDivisionError after all the work, with no report.
+    A study without a headline measure (only "gde") printed "Empty DataFrame" and reported "One
+    column per requested measure ()"."""
+    real = fastcurv.function_measures
+
+    def perfect(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.summary.update(gde_estimate=0.0, mean_test_error=0.0)
+        return res
+
+    monkeypatch.setattr(fastcurv, "function_measures", perfect)
+    res = fastcurv.study(**dict(TINY, verbose=True), measures=("gde",), audit=False, out=tmp_path)
+    assert res["summary"]["mean_test_error"] == 0.0 and len(res["headline"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "mean test error: 0.0000 (ratio undefined: mean test error 0 and no disagreement;" in md
+    assert "No headline: gde has no per-replica column" in md and "requested measure ()" not in md
+    printed = capsys.readouterr().out
+    assert "No headline: no requested measure has a per-replica column" in printed and "Empty DataFrame" not in printed
+    from fastcurv.study import _gde_ratio
+
+    assert _gde_ratio(0.02, 0.0) == "ratio infinite: mean test error 0" and _gde_ratio(0.02, 0.04) == "ratio 0.500"
+
+
+@pytest.fixture
+def svg_backend():
+    """matplotlib's backend set to "svg" (a stand-in for an interactive or notebook one), restored afterwards."""
+    import matplotlib
+
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")
+    yield matplotlib
+    matplotlib.use(old)
+
+
+def test_a_study_leaves_no_figure_open_and_keeps_the_backend(svg_backend, tmp_path):
+    """Each study switched the whole process to the Agg backend (matplotlib.use: a notebook's
+    plt.show() and inline figures stopped working afterwards) and left spectrum.png's pyplot figure
+    open (one more per study; matplotlib warns at 20)."""
+    import matplotlib.pyplot as plt
+
+    open_before = plt.get_fignums()
+    res = fastcurv.study(**TINY, measures=("lambda_max", "spectrum", "disagreement", "gde"), audit_replicas=2,
+                         out=tmp_path, sharpness_kwargs={"max_iter": 4})
+    assert {"spectrum.png", "agreement_heatmap.png", "disagreement_vs_test_error.png", "audit.png",
+            "lambda_max_vs_test_acc.png"} <= set(res["files"])
+    assert svg_backend.get_backend() == "svg"
+    assert plt.get_fignums() == open_before
+
+
+def test_scatter_plots_in_a_study_mark_the_replicas_its_correlations_left_out(tmp_path, monkeypatch):
+    """One replica's lambda_max not finite (Hessian products that overflowed): the correlations
+    left that replica out (n = 3), but disagreement_vs_test_acc.png drew it among the others, titled R=4."""
+    import functools
+
+    import matplotlib.figure
+
+    real = fastcurv.batched_sharpness
+
+    @functools.wraps(real)  # (study checks sharpness_kwargs against its signature)
+    def overflowed(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.values["lambda_max"][1] = float("nan")
+        return res
+
+    monkeypatch.setattr(fastcurv, "batched_sharpness", overflowed)
+    titles, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: titles.append(self.axes[0].get_title()) or save(self, *a, **k))
+    with pytest.warns(RuntimeWarning, match=r"replicas \[1\] dropped"):
+        res = fastcurv.study(**dict(TINY, replicas=4), measures=("lambda_max", "disagreement"), audit=False,
+                             out=tmp_path, sharpness_kwargs={"max_iter": 4})
+    assert res["correlations"].loc["disagreement", "n"] == 3
+    assert "disagreement vs test_acc (R=3 correlated; 1 left out: hollow)" in titles
+    assert "lambda_max vs test_acc (R=3)" in titles
+
+
+def test_a_one_replica_report_and_a_gde_plot_without_finite_points(tmp_path):
+    """One replica: report.md said "test accuracy x +- nan"; every test error and disagreement NaN:
+    the generalization-disagreement plot called legend() with nothing labelled (a matplotlib warning)."""
+    import warnings
+
+    from fastcurv.study import _plot_gde
+
+    res = fastcurv.study(**dict(TINY, replicas=1), measures=("lambda_max",), audit=False, out=tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert f"test accuracy {res['summary']['mean_test_acc']:.4f} (one replica)." in md and "+- nan" not in md
+    table = pd.DataFrame({"test_error": [np.nan, np.nan], "disagreement": [np.nan, np.nan]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _plot_gde(table, tmp_path) == "disagreement_vs_test_error.png"

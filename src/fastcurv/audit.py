@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import reparam
@@ -83,7 +84,10 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
             "fold_batchnorm", or a callable ``models -> models`` (or ReparamResult).
         rtol: a measure counts as invariant when every finite ratio is within rtol of 1.
         path: write a bar plot of log10(ratio) per measure (matplotlib PNG) there (checked before
-            any work: missing folders are created, a folder at the path raises a ValueError).
+            any work: missing folders are created, a folder at the path raises a ValueError); a
+            measure whose ratios reach 0 or below (it changed sign) or have no finite value gets a
+            hatched bar or a whisker down to the axis bottom labelled "sign change" / "undefined".
+            The process's matplotlib backend is left alone.
         before: the :func:`fastcurv.batched_sharpness` result of ``models`` on ``data`` with the
             same settings (``measures`` among its columns), reused instead of computed again.
         Other keywords (measure_options, loss, backend, max_iter, ...) go to batched_sharpness.
@@ -159,23 +163,57 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     return res
 
 
-def _plot(table, tr, transform, path):
-    import matplotlib
+def _ratio_status(median: float, low: float) -> str:
+    """How a measure's after/before ratios show on a log axis: "ok" (all finite ratios > 0),
+    "sign change" (the median > 0 but some ratio <= 0: the measure changed sign on some replicas),
+    "negative" (the median ratio <= 0) or "undefined" (no finite ratio, e.g. before = 0)."""
+    if not np.isfinite(median):
+        return "undefined"
+    if median <= 0:
+        return "negative"
+    return "sign change" if low <= 0 else "ok"
 
-    matplotlib.use("Agg")
+
+def _plot(table, tr, transform, path):
+    """Bar plot of log10(median after/before) per measure with min-max whiskers, written to ``path``.
+
+    A ratio <= 0 or undefined has no log: such measures (the least invariant) get a hatched bar down
+    to the axis bottom labelled "sign change" or "undefined", and a lower whisker <= 0 runs to the
+    axis bottom with an arrow. Built as a ``matplotlib.figure.Figure`` (no pyplot state, the
+    process's backend untouched)."""
     import textwrap
 
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from matplotlib.figure import Figure
 
-    vals = np.log10(table["ratio_median"].to_numpy(dtype=float))
-    lo = np.log10(table["ratio_min"].to_numpy(dtype=float))
-    hi = np.log10(table["ratio_max"].to_numpy(dtype=float))
-    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(table) + 2), 4))
-    colors = ["tab:green" if inv else "tab:red" for inv in table["invariant"]]
+    med, low, high = (table[c].to_numpy(dtype=float) for c in ("ratio_median", "ratio_min", "ratio_max"))
+    status = [_ratio_status(m, lo) for m, lo in zip(med, low)]
+    with np.errstate(divide="ignore", invalid="ignore"):  # (ratios <= 0 and NaN: handled below)
+        logs = [np.log10(np.where(v > 0, v, np.nan)) for v in (med, low, high)]
+    vals, lo, hi = logs
+    finite = np.concatenate([v[np.isfinite(v)] for v in logs] + [np.zeros(1)])
+    span = max(finite.max() - finite.min(), 1.0)
+    # room below the lowest finite log for the marks of ratios <= 0 or undefined (whose logs are -inf or NaN)
+    bottom = finite.min() - (0.1 if all(st == "ok" for st in status) else 1.5) * span
+    top = finite.max() + 0.15 * span
+    fig = Figure(figsize=(max(5, 0.8 * len(table) + 2), 4))
+    ax = fig.subplots()
     x = np.arange(len(table))
-    ax.bar(x, vals, color=colors)
-    ax.errorbar(x, vals, yerr=[vals - lo, hi - vals], fmt="none", ecolor="black", capsize=3)
+    for i, (inv, st) in enumerate(zip(table["invariant"], status)):
+        color = "tab:green" if inv else "tab:red"
+        if st == "ok" or st == "sign change":
+            ax.bar(i, vals[i], color=color)
+            down = vals[i] - (lo[i] if st == "ok" else bottom)
+            ax.errorbar(i, vals[i], yerr=[[down], [hi[i] - vals[i] if np.isfinite(hi[i]) else 0.0]], fmt="none",
+                        ecolor="black", capsize=3)
+        else:  # no log: a hatched bar over the whole lower axis, and the reason written on it
+            ax.bar(i, bottom, color="none", edgecolor="tab:red" if st == "negative" else "grey", hatch="//")
+        if st != "ok":
+            ax.plot([i], [bottom], marker="v", color="black", clip_on=False)
+            what = ("undefined\n(no finite ratio)" if st == "undefined"
+                    else f"{'sign change' if low[i] < 0 else 'ratio 0'}\n(ratios {low[i]:.3g} to {high[i]:.3g})")
+            ax.text(i, bottom + 0.06 * (top - bottom), what, ha="center", va="bottom", fontsize=7, rotation=90,
+                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+    ax.set_ylim(bottom, top)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x)
     ax.set_xticklabels(table.index, rotation=45, ha="right")
@@ -187,5 +225,4 @@ def _plot(table, tr, transform, path):
                  f"{changed} predictions changed", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return str(path)

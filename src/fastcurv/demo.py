@@ -32,28 +32,50 @@ def _versions() -> dict:
             "pandas": pandas.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
 
 
-def _plot(df, measures, target, out: Path) -> list[str]:
-    try:
-        import matplotlib
+def _plot(df, measures, target, out: Path, correlated=None) -> list[str]:
+    """``<measure>_vs_<target>.png`` in ``out`` for each of ``measures`` (columns of ``df``); returns
+    the file names ([] without matplotlib).
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    correlated: the measure columns a :func:`fastcurv.stats.correlations` with ``rows="common"`` ran
+    on; the replicas it left out (some deciding measure not finite) are drawn hollow and grey, and
+    the title says how many were correlated. None: every replica where the measure and the target
+    are finite counts. Figures are ``matplotlib.figure.Figure`` objects (no pyplot state, the
+    process's backend untouched)."""
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
         return []
+    import warnings
+
+    from .stats import _common_rows
+
+    finite = np.isfinite(df[target].to_numpy(float))
+    if correlated is None:
+        used = np.ones(len(df), dtype=bool)
+    else:
+        with warnings.catch_warnings():  # (correlations warned about the dropped replicas already)
+            warnings.simplefilter("ignore")
+            used = _common_rows(df, target, list(correlated))
     files = []
     for m in measures:
-        fig, ax = plt.subplots(figsize=(4.2, 3.4), dpi=110)
-        ok = np.isfinite(df[m].to_numpy(float)) & np.isfinite(df[target].to_numpy(float))
-        ax.scatter(df.loc[ok, m], df.loc[ok, target], s=22)
+        fig = Figure(figsize=(4.2, 3.4), dpi=110)
+        ax = fig.subplots()
+        ok = np.isfinite(df[m].to_numpy(float)) & finite
+        kept, left = ok & used, ok & ~used
+        ax.scatter(df.loc[kept, m], df.loc[kept, target], s=22)
+        if left.any():
+            ax.scatter(df.loc[left, m], df.loc[left, target], s=22, facecolors="none", edgecolors="grey",
+                       label="not correlated (another measure not finite)")
+            ax.legend(fontsize=6)
         for r in df.index[ok]:
             ax.annotate(str(df.loc[r, "seed"]), (df.loc[r, m], df.loc[r, target]), fontsize=6, alpha=0.6)
         ax.set_xlabel(m)
         ax.set_ylabel(target)
-        ax.set_title(f"{m} vs {target} (R={int(ok.sum())})", fontsize=9)
+        count = f"R={int(kept.sum())}" + (f" correlated; {int(left.sum())} left out: hollow" if left.any() else "")
+        ax.set_title(f"{m} vs {target} ({count})", fontsize=9)
         fig.tight_layout()
         name = f"{m}_vs_{target}.png"
         fig.savefig(out / name)
-        plt.close(fig)
         files.append(name)
     return files
 

@@ -42,12 +42,17 @@ from .resume import prepare_file, prepare_folder, sibling_path
 FUNCTION_MEASURES = ("disagreement", "gde", "soft", "weakness", "perturbation_weakness", "simplicity")
 
 # The column standing for each requested measure in the summary ("headline") table; other measures
-# stand for the column of their own name ("spectrum" and "gde" have no per-replica column, so no row).
+# stand for the column of their own name, or their first column named ``<measure>_*`` ("spectrum"
+# and "gde" have no per-replica column, so no row).
 HEADLINE = {
     "lambda_max": "lambda_max",
     "trace": "trace",
     "lambda_min": "lambda_min",
     "top_k": "lambda_1",
+    "pac_bayes": "pacbayes_flatness",
+    "jiang_sharpness": "jiang_sharpness_flatness",
+    "josz_variation": "josz_V",
+    "josz_level_distance": "josz_d_eps",
     "disagreement": "disagreement",
     "weakness": "weakness_rel_tau0.1",
     "perturbation_weakness": "perturb_sigma_star",
@@ -57,6 +62,10 @@ HEADLINE = {
 
 # Columns of function_measures that are not predictors of generalization (test_error IS the target).
 _NOT_PREDICTORS = ("test_error", "pacbayes_mag_sigma")
+# function_measures columns renamed in the study table: simplicity's noise scale of its KL term would
+# clash with the pac_bayes curvature measure's column of the same name, another sigma (the largest
+# magnitude-aware weight noise keeping the training accuracy)
+FUNCTION_RENAMES = {"pacbayes_mag_sigma": "pacbayes_mag_kl_sigma"}
 DATA_SETS = ("digits", "mnist", "fashion-mnist")
 MODELS = ("mlp", "cnn")
 STALLED_MARGIN = 0.05  # training accuracy within this of chance (1 / classes): flagged "did not learn"
@@ -277,18 +286,25 @@ def _audit_transform(name: str, alpha: float):
     raise ValueError(f"audit_transform must be 'dinh', 'dinh_first', 'neurons' or 'balance', got {name!r}")
 
 
-def _plot_heatmap(D: torch.Tensor, seeds, out: Path) -> str | None:
+def _figure(**kw):
+    """``(figure, axes)``: a ``matplotlib.figure.Figure`` for a file (no pyplot state to close, the
+    process's backend untouched), or None without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return None
+    fig = Figure(**kw)
+    return fig, fig.subplots()
+
+
+def _plot_heatmap(D: torch.Tensor, seeds, out: Path) -> str | None:
+    made = _figure(figsize=(5.2, 4.4), dpi=110)
+    if made is None:
+        return None
+    fig, ax = made
     from matplotlib.ticker import MaxNLocator
 
     A = 1.0 - D.double().numpy()
-    fig, ax = plt.subplots(figsize=(5.2, 4.4), dpi=110)
     im = ax.imshow(A, cmap="viridis", interpolation="nearest")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ticks on replicas, not between them
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -298,32 +314,28 @@ def _plot_heatmap(D: torch.Tensor, seeds, out: Path) -> str | None:
     ax.set_title(f"pairwise agreement, R={A.shape[0]} (seeds {seeds[0]}..{seeds[-1]})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "agreement_heatmap.png")
-    plt.close(fig)
     return "agreement_heatmap.png"
 
 
 def _plot_gde(table, out: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    made = _figure(figsize=(4.2, 3.6), dpi=110)
+    if made is None:
         return None
-    fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=110)
+    fig, ax = made
     x, y = table["test_error"].to_numpy(float), table["disagreement"].to_numpy(float)
     ax.scatter(x, y, s=16)
     both = np.concatenate([x, y])
     both = both[np.isfinite(both)]
     if len(both):  # (replicas that failed are NaN)
         ax.plot([both.min(), both.max()], [both.min(), both.max()], "k--", lw=0.8, label="y = x")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no finite test error or disagreement", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("test error")
     ax.set_ylabel("mean disagreement with the other replicas")
-    ax.legend(fontsize=8)
     ax.set_title("generalization-disagreement equality", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "disagreement_vs_test_error.png")
-    plt.close(fig)
     return "disagreement_vs_test_error.png"
 
 
@@ -407,8 +419,14 @@ def study(
     "audit_mixed", "summary", "out", "files", "seconds", "times"}``. ``headline``: the correlation
     rows of the requested measures, one per measure that has a per-replica column (``HEADLINE``'s
     column when it was computed, else the measure's first column, e.g. ``weakness_rel_tau0.05`` with
-    ``function_kwargs={"taus": (0.05,)}``, else the one named after the measure); "spectrum" and "gde" have none (see
-    ``spectrum.png`` and the summary's generalization-disagreement numbers). ``audit_mixed``: the
+    ``function_kwargs={"taus": (0.05,)}``, else the one named after the measure, else its first column
+    named ``<measure>_*``; ``pac_bayes`` -> ``pacbayes_flatness``, ``jiang_sharpness`` ->
+    ``jiang_sharpness_flatness``, ``josz_variation`` -> ``josz_V``, ``josz_level_distance`` ->
+    ``josz_d_eps``); "spectrum" and "gde" have none (see
+    ``spectrum.png`` and the summary's generalization-disagreement numbers). ``table``: the
+    per-replica columns of training, batched_sharpness and function_measures, but simplicity's
+    ``pacbayes_mag_sigma`` is ``pacbayes_mag_kl_sigma`` there (``FUNCTION_RENAMES``: the pac_bayes
+    curvature measure has a column ``pacbayes_mag_sigma`` of its own, another sigma). ``audit_mixed``: the
     correlations with half of the audited replicas reparameterized (None below 4 replicas or without
     the audit). ``summary["did_not_learn"]``: the replicas whose training accuracy is within
     ``STALLED_MARGIN`` of chance (flagged too). ``times``: seconds per stage.
@@ -568,10 +586,12 @@ def study(
         fdf = fm.to_pandas()
         for r, f in enumerate(fdf.pop("flags")):
             if f:
+                for old, new in FUNCTION_RENAMES.items():  # (the flags name the columns as the table does)
+                    f = str(f).replace(f"{old}'s", f"{new}'s")
                 flags[r].append(str(f))
-        fdf = fdf.drop(columns=["ok"])
+        fdf = fdf.drop(columns=["ok"]).rename(columns=FUNCTION_RENAMES)
         table = table.join(fdf)
-        func_cols = [c for c in fm.values if c not in _NOT_PREDICTORS]
+        func_cols = [FUNCTION_RENAMES.get(c, c) for c in fm.values if c not in _NOT_PREDICTORS]
     table["flags"] = ["; ".join(dict.fromkeys(f)) for f in flags]  # (the same flag from two stages once)
 
     measure_cols = [c for c in sharp_cols + func_cols
@@ -644,9 +664,10 @@ def study(
         else:
             table.to_parquet(outp / "results.parquet", engine="pyarrow")
             files.append("results.parquet")
-        plots = _plot(table, list(headline.index), target, outp)  # one scatter per requested measure
+        # one scatter per requested measure, the replicas its correlation left out drawn hollow
+        plots = _plot(table, list(headline.index), target, outp, correlated=measure_cols)
         if sharp is not None and sharp.spectrum is not None:
-            try:
+            try:  # (a file-only figure: nothing left open)
                 sharp.spectrum.plot(replicas=range(min(spectrum_replicas, len(models))), path=str(outp / "spectrum.png"))
                 plots.append("spectrum.png")
             except ImportError:
@@ -715,8 +736,11 @@ _GLOSSARY = (
     ("perturb_sigma_star", "the noise scale at which prediction agreement falls to 1 - delta"),
     ("compressed_bytes_", "size of the 8-bit quantized weights compressed (bytes; larger = less simple)"),
     ("sq_weight_norm", "squared L2 norm of all parameters"),
-    ("pacbayes_mag_kl", "magnitude-aware PAC-Bayes KL term (Jiang et al. 2020; nats)"),
-    ("pacbayes_mag_sigma", "the noise scale that KL term uses"),
+    # (before pacbayes_mag_kl, a prefix of its name; function_measures calls it pacbayes_mag_sigma)
+    ("pacbayes_mag_kl_sigma", "simplicity: the noise scale sigma' its magnitude-aware PAC-Bayes KL term uses "
+                              "(function_measures' pacbayes_mag_sigma: function_kwargs' pacbayes_sigma, or bisected "
+                              "where the accuracy on the probe test inputs drops by 0.1)"),
+    ("pacbayes_mag_kl", "simplicity: magnitude-aware PAC-Bayes KL term (Jiang et al. 2020; nats)"),
     ("disagreement", "mean fraction of test inputs on which the replica's prediction differs from each other "
                      "replica's"),
     ("test_error", "1 - test accuracy on the function measures' inputs"),
@@ -731,13 +755,26 @@ _GLOSSARY = (
     ("adaptive_avg_rho_sharpness", "average loss rise under weight-scaled Gaussian noise (nats)"),
     ("mw_sharpness", "Mason-Williams: mean absolute loss change over rho per random direction"),
     ("epsilon_sharpness", "Keskar's epsilon-sharpness: 100 x the worst loss rise in the box over (1 + loss)"),
-    ("josz_", "Josz's loss variation in an r-ball / distance to the eps level set"),
+    ("josz_V", "Josz's loss variation: the largest training-loss rise within an L2 ball of radius r (nats; "
+               "josz_V_r=<r>: one column per radius)"),
+    ("josz_d_eps", "Josz's distance to the eps level set: the smallest radius at which the training loss can rise "
+                   "by eps"),
     ("relative_flatness", "Petzka's relative flatness of the last Linear layer (kappa_Tr)"),
     ("fisher_rao", "Fisher-Rao norm (closed form for cross-entropy)"),
-    ("pac_bayes", "PAC-Bayes flatness: 1 / sigma^2 of the largest weight noise keeping the training accuracy "
-                  "drop within target"),
-    ("jiang_sharpness", "Jiang et al.'s sharpness: 1 / alpha^2 of the largest box keeping the accuracy drop "
-                        "within target"),
+    ("pacbayes_flatness", "pac_bayes: PAC-Bayes flatness, 1 / sigma^2 of the largest isotropic Gaussian weight "
+                          "noise (std sigma) keeping the mean training-accuracy drop within target"),
+    ("pacbayes_sigma", "pac_bayes: that largest noise scale sigma"),
+    ("pacbayes_mag_flatness", "pac_bayes, magnitude-aware: 1 / sigma'^2 of the largest weight noise of std "
+                              "sqrt(sigma'^2 theta^2 + eps^2) keeping the training-accuracy drop within target"),
+    ("pacbayes_mag_sigma", "pac_bayes, magnitude-aware: that largest relative noise scale sigma'"),
+    ("jiang_sharpness_flatness", "jiang_sharpness: Jiang et al.'s sharpness flatness, 1 / alpha^2 of the largest "
+                                 "box |u_i| <= alpha whose worst-case perturbation keeps the training-accuracy drop "
+                                 "within target"),
+    ("jiang_sharpness_alpha", "jiang_sharpness: that largest box half-width alpha"),
+    ("jiang_sharpness_mag_flatness", "jiang_sharpness, magnitude-aware: 1 / alpha'^2 of the largest box "
+                                     "|u_i| <= alpha' |theta_i| + eps keeping the training-accuracy drop within "
+                                     "target"),
+    ("jiang_sharpness_mag_alpha", "jiang_sharpness, magnitude-aware: that largest relative half-width alpha'"),
     ("ggn_", "generalized Gauss-Newton matrix: largest eigenvalue or trace (nats per squared parameter unit)"),
     ("fisher_", "empirical Fisher: largest eigenvalue or trace (nats per squared parameter unit)"),
 )
@@ -761,14 +798,17 @@ def _glossary(columns) -> list[str]:
 def _headline_columns(measures, columns) -> dict:
     """``{measure: column}``: the correlated column standing for each requested measure in the headline,
     ``HEADLINE``'s when it was computed, else the measure's first column (``function_kwargs`` may ask for
-    other thresholds, codecs or divergences: ``taus=(0.05,)`` gives ``weakness_rel_tau0.05``)."""
+    other thresholds, codecs or divergences: ``taus=(0.05,)`` gives ``weakness_rel_tau0.05``; a list of
+    josz radii ``josz_V_r=<r>``), else its own name, else the first column named ``<measure>_*`` (a
+    measure registered with batched_sharpness that writes, e.g., ``<measure>_flatness``)."""
     family = {"weakness": lambda c: c.startswith("weakness_"), "simplicity": lambda c: c.startswith("compressed_bytes_"),
-              "soft": lambda c: c in SOFT}
+              "soft": lambda c: c in SOFT, "josz_variation": lambda c: c.startswith("josz_V_r=")}
     out = {}
     for m in measures:
         col = HEADLINE.get(m, m)
-        if col not in columns and m in family:
-            col = next((c for c in columns if family[m](str(c))), col)
+        if col not in columns:
+            own = family.get(m) or (lambda c, m=m: c.startswith(f"{m}_"))
+            col = next((c for c in columns if own(str(c))), col)
         if col in columns:
             out[m] = col
     return out
@@ -789,7 +829,7 @@ def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headl
         + (f" (fixed subsets drawn with seed {c['seed']}). " if c.get("n_train") or c.get("n_test") else " (all of them). ")
         + f"Seeds {seeds[0]}..{seeds[-1]} (initialization and data order).",
         f"Train accuracy {summary['mean_train_acc']:.4f} (mean), test accuracy {summary['mean_test_acc']:.4f} "
-        f"+- {summary['sd_test_acc']:.4f} (mean +- sd over replicas).",
+        + (f"+- {summary['sd_test_acc']:.4f} (mean +- sd over replicas)." if len(seeds) > 1 else "(one replica)."),
         "Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + ".",
         "",
     ]
@@ -829,19 +869,19 @@ def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headl
                "threshold tau, bits per input; perturbation weakness = noise scale sigma* at which "
                f"{100 * delta:g} % of the predictions change). Simplicity columns are sizes/norms (larger = less "
                "simple).", ""]
+    no_row = f"{' and '.join(none)} {'have' if len(none) > 1 else 'has'} no per-replica column"
     md += [f"## Headline: rank correlation with `{target}`", "",
            f"Spearman rho (two-sided p), 95 % percentile bootstrap CI ({c['n_boot']} resamples over networks), "
-           "Kendall tau-b. One column per requested measure (" +
-           ", ".join(f"{k} -> `{v}`" for k, v in head_of.items()) + ")"
-           + (f"; {' and '.join(none)} {'have' if len(none) > 1 else 'has'} no per-replica column" if none else "")
-           + ".", "",
-           _markdown_table(headline), ""]
+           "Kendall tau-b. "
+           + ("One column per requested measure (" + ", ".join(f"{k} -> `{v}`" for k, v in head_of.items()) + ")"
+              + (f"; {no_row}" if none else "") + "." if head_of
+              else f"No headline: {no_row} (see the sections below)."), "",
+           *([_markdown_table(headline), ""] if head_of else [])]
     if "mean_pairwise_disagreement" in summary:
+        d, e = summary["mean_pairwise_disagreement"], summary.get("mean_test_error", float("nan"))
         md += ["## Generalization-disagreement check", "",
-               f"Mean pairwise test disagreement between replicas: {summary['mean_pairwise_disagreement']:.4f}; "
-               f"mean test error: {summary.get('mean_test_error', float('nan')):.4f} "
-               f"(ratio {summary['mean_pairwise_disagreement'] / summary.get('mean_test_error', float('nan')):.3f}; "
-               "the equality of Jiang et al. 2022 predicts 1).", ""]
+               f"Mean pairwise test disagreement between replicas: {d:.4f}; mean test error: {e:.4f} "
+               f"({_gde_ratio(d, e)}; the equality of Jiang et al. 2022 predicts 1).", ""]
     md += [f"## All measure columns vs `{target}`", "", _markdown_table(corr), ""]
     if aud is not None:
         at = aud.table
@@ -875,12 +915,26 @@ def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headl
     return "\n".join(md)
 
 
+def _gde_ratio(disagreement: float, test_error: float) -> str:
+    """"ratio <disagreement / test error>" for report.md, in words where the test error is 0 or NaN
+    (a population perfect on a small test set; the division raised ZeroDivisionError)."""
+    if disagreement != disagreement or test_error != test_error:
+        return "ratio undefined: not finite"
+    if test_error == 0:
+        return ("ratio undefined: mean test error 0 and no disagreement" if disagreement == 0
+                else "ratio infinite: mean test error 0")
+    return f"ratio {disagreement / test_error:.3f}"
+
+
 def _print(res, target):
     import pandas as pd
 
     with pd.option_context("display.width", 140, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
-        print(f"Rank correlation with {target} (headline measures):")
-        print(res["headline"].to_string())
+        if len(res["headline"]):
+            print(f"Rank correlation with {target} (headline measures):")
+            print(res["headline"].to_string())
+        else:
+            print(f"No headline: no requested measure has a per-replica column to correlate with {target}.")
         s = res["summary"]
         if "mean_pairwise_disagreement" in s:
             print(f"\nmean pairwise disagreement {s['mean_pairwise_disagreement']:.4f} vs mean test error "

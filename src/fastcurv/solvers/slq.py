@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -75,17 +76,25 @@ class SpectralDensity:
 
     def plot(self, replicas=None, ax=None, path=None, log=True):
         """Plot the densities of some replicas (default: up to 4) with matplotlib; save to ``path``.
-        Failed replicas have no curve (the title names them); with none left the axes say so."""
-        import matplotlib
+        Failed replicas have no curve (the title names them); with none left the axes say so.
 
-        if path is not None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        replicas: indices into the R replicas (negative ones count from the end), checked.
+        ax: axes to draw into (not closed); None: a new figure, a pyplot one when ``path`` is None
+        (for display), else a file-only ``matplotlib.figure.Figure`` that no pyplot state holds
+        (nothing to close; the process's matplotlib backend is never changed). Returns the axes.
+        """
         grid, dens = self.density()
-        rows = list(range(min(4, dens.shape[0]))) if replicas is None else list(replicas)
+        R = dens.shape[0]
+        rows = list(range(min(4, R))) if replicas is None else [_replica_index(r, R) for r in replicas]
         if ax is None:
-            _, ax = plt.subplots(figsize=(6, 4))
+            if path is None:
+                import matplotlib.pyplot as plt
+
+                _, ax = plt.subplots(figsize=(6, 4))
+            else:
+                from matplotlib.figure import Figure
+
+                ax = Figure(figsize=(6, 4)).subplots()
         shown = [r for r in rows if bool(torch.isfinite(dens[r]).any())]
         for r in shown:
             ax.plot(grid.numpy(), dens[r].clamp_min(1e-12).numpy(), label=f"replica {r}")
@@ -103,6 +112,17 @@ class SpectralDensity:
         if path is not None:
             ax.figure.savefig(path, dpi=120, bbox_inches="tight")
         return ax
+
+
+def _replica_index(r, R: int) -> int:
+    """Replica ``r`` (an int, a 0-d tensor or array; negative counts from the end) as an index in ``0..R-1``."""
+    try:
+        i = operator.index(r)  # (not int(): 1.5 is no index)
+    except TypeError:
+        raise ValueError(f"plot: replicas must be integer indices, got {r!r}") from None
+    if not -R <= i < R:
+        raise ValueError(f"plot: replica {i} is out of range: the density has {R} replicas (0..{R - 1})")
+    return i % R
 
 
 def _windowed_density(grid: torch.Tensor, nodes: torch.Tensor, weights: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
