@@ -663,3 +663,61 @@ def test_the_engine_check_finds_a_finite_replica_anywhere(monkeypatch):
     x, y = torch.randn(40, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
     op = fastcurv.HessianOperator(ms, (x, y))
     assert op.backend_name == "func" and "differs from the model's own (replica 4" in op.backend_reason, op.backend_reason
+
+
+class TutorialCNN(nn.Module):
+    """The classic tutorial CNN: functional pooling and ``x.view(-1, features)``."""
+
+    def __init__(self, flatten="features"):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 3, 3), nn.Conv2d(3, 4, 3)
+        self.f, self.o = nn.Linear(16, 5), nn.Linear(5, 3)
+        self.flatten = flatten
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.c1(x)), (2, 2))
+        h = F.relu(self.c2(h))
+        h = F.avg_pool2d(h, 2, stride=1) if self.flatten == "features" else F.adaptive_avg_pool2d(h, 2)
+        h = h.view(-1, 16) if self.flatten == "features" else h.view(x.size(0), -1)  # (x: the input's batch size)
+        return self.o(F.relu(self.f(h)))
+
+
+@pytest.mark.parametrize("flatten", ["features", "input_size"])
+def test_functional_pooling_and_tutorial_views_are_fused(flatten):
+    """F.max_pool2d / F.avg_pool2d / F.adaptive_avg_pool2d, x.view(-1, 16) and h.view(x.size(0), -1)
+    sent such CNNs to torch.func (3x slower, no exact trace)."""
+    models = replicas(lambda: TutorialCNN(flatten), R=2)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 1, 12, 12, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    op = fastcurv.HessianOperator(models, (x, y))
+    assert op.backend_name == "fused", op.backend_reason
+    V = torch.randn(2, 2, op.P, generator=g, dtype=torch.float64)
+    HV, tr = op.matvec(V), op.exact_trace()
+    for r in range(2):
+        H = dense_hessian(models[r], [(x, y)])
+        torch.testing.assert_close(HV[r], V[r] @ H, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(tr[r], H.trace(), rtol=1e-10, atol=1e-12)
+
+
+class MixesSamples(nn.Module):
+    """``view(-1, 2 * features)`` pairs up samples; a later ``view(-1, features)`` splits them again:
+    each view alone reads as a flatten, together they mix samples in the Linear between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.mix, self.o = nn.Conv2d(1, 2, 3), nn.Linear(16, 16), nn.Linear(8, 3)
+
+    def forward(self, x):  # 8 features per sample
+        h = F.relu(self.c(x)).view(-1, 16)
+        return self.o(F.relu(self.mix(h)).view(-1, 8))
+
+
+def test_a_view_that_mixes_samples_is_not_fused_wrongly():
+    models = replicas(MixesSamples, R=2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    op = fastcurv.HessianOperator(models, (x, y))
+    assert op.backend_name != "fused"
+    V = torch.randn(2, op.P, generator=g, dtype=torch.float64)
+    for r in range(2):
+        torch.testing.assert_close(op.matvec(V)[r], dense_hessian(models[r], [(x, y)]) @ V[r], rtol=1e-10, atol=1e-12)

@@ -16,9 +16,11 @@ modules are traced through) into a DAG of fused layers (:class:`Graph`) that the
   graph and the new one in the model. fx records ``a += b`` as ``a + b``; :class:`_Tracer` tells
   them apart by the bytecode that made the call;
 * functional activations: ``F.relu``/``torch.relu``/``x.relu()`` (also in place), ``torch.tanh``,
-  ``torch.sigmoid``, ``F.gelu`` (exact), ``F.leaky_relu``;
+  ``torch.sigmoid``, ``F.gelu`` (exact), ``F.leaky_relu``; functional pooling ``F.max_pool2d``,
+  ``F.avg_pool2d``, ``F.adaptive_avg_pool2d`` (as the modules they equal);
 * flattening to ``[N, features]``: ``torch.flatten(x, 1)``, ``x.flatten(1)``,
-  ``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``; global average pooling written
+  ``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)`` (the batch size read off any traced
+  tensor, e.g. the input), ``x.view(-1, features)``; global average pooling written
   ``x.mean((2, 3))`` or ``torch.mean(x, dim=(-2, -1))`` (AdaptiveAvgPool2d(1) then Flatten);
 * one input (the batch) and one output (the logits ``[N, classes]``).
 
@@ -45,6 +47,13 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_", "__add__", "__iadd__", "__radd__")
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", torch.tanh: "tanh",
                   torch.sigmoid: "sigmoid", F.gelu: "gelu", F.leaky_relu: "leaky_relu"}
+# functional pooling: the module it equals, and the functional's parameters after the input in order
+_POOL_FUNCTIONS = {
+    F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                  "divisor_override")),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
                 "sigmoid_": "sigmoid"}
 
@@ -120,6 +129,25 @@ def _describe(node: fx.Node) -> str:
         path, cls = list(stack.values())[-1]
         where = f" in module {path!r} ({getattr(cls, '__name__', cls)})"
     return f"{what} (node {node.name!r}{where})"
+
+
+def _pool_layer(node: fx.Node, args, kw) -> _Layer:
+    """The fused layer of a functional pooling call: the one its module (``nn.MaxPool2d``, ...) with
+    the same settings parses to."""
+    cls, names = _POOL_FUNCTIONS[node.target]
+    opts = dict(zip(names, args[1:]))
+    if len(args) - 1 > len(names) or set(kw) - set(names) or any(isinstance(v, fx.Node) for v in (*opts.values(),
+                                                                                                   *kw.values())):
+        raise _Unsupported(f"{_describe(node)} has arguments {args[1:]} {kw}; not fused")
+    opts.update(kw)
+    if opts.pop("return_indices", False):
+        raise _Unsupported(f"{_describe(node)} returns indices; not fused")
+    if opts.get("stride") is None:  # (the functional's default, the module's: the kernel size)
+        opts.pop("stride", None)
+    layer, why = _parse_module(node.name, cls(**opts))
+    if why:
+        raise _Unsupported(why)
+    return layer
 
 
 def trace(base: nn.Module) -> tuple[Graph | None, str]:
@@ -265,12 +293,20 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
                 layers.append(_Layer("adaptive", name=f"{node.name}.pool", opts=dict(output_size=1)))
                 inputs.append([tensor(args[0], node)])
                 add(node, _Layer("flatten", name=node.name), [len(layers) - 1])
+            elif not is_method and t in _POOL_FUNCTIONS:
+                add(node, _pool_layer(node, args, kw), [tensor(args[0], node)])
             elif (t in ("view", "reshape")) if is_method else (t is torch.reshape):
                 shape = list(args[1:]) if is_method else list(args[1])
                 if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
                     shape = list(shape[0])
-                if len(shape) != 2 or shape[1] != -1 or size0_of.get(shape[0]) is not args[0]:
-                    raise _Unsupported(f"{_describe(node)} reshapes to {shape}; only x.view(x.size(0), -1) is fused")
+                # [N, -1] with N read off any traced tensor (every supported layer keeps the batch axis), or
+                # [-1, features] (the classic x.view(-1, 16 * 5 * 5): a model that runs on its data has
+                # features = the per-sample size there, and the engine check compares it with the model)
+                batch_first = len(shape) == 2 and shape[1] == -1 and size0_of.get(shape[0]) in ids
+                features_last = len(shape) == 2 and shape[0] == -1 and isinstance(shape[1], int) and shape[1] > 0
+                if not (batch_first or features_last):
+                    raise _Unsupported(f"{_describe(node)} reshapes to {shape}; only x.view(x.size(0), -1) and "
+                                       "x.view(-1, features) are fused")
                 add(node, _Layer("flatten", name=node.name), [tensor(args[0], node)])
                 alias_of[node] = args[0]
             elif is_method and t == "size" and len(args) == 2 and args[1] == 0 and not kw:
