@@ -123,6 +123,9 @@ def set_kernel_impl(impl: str) -> None:
     'auto' (default): compiled C++ on CPU tensors; on CUDA tensors Triton when installed, else
     the CUDA extension, else torch. 'ext': compiled kernels (C++ on CPU, CUDA on GPU).
     'triton' / 'cuda': force that GPU path. 'torch': the pure-torch references everywhere.
+
+    The choice is process-wide: it holds for every thread, and it is not safe to change it from
+    several threads at once (each sees the others' choice; see :func:`use_kernels`).
     """
     global _impl
     if impl not in _IMPLS:
@@ -132,7 +135,12 @@ def set_kernel_impl(impl: str) -> None:
 
 @contextlib.contextmanager
 def use_kernels(impl: str):
-    """Context manager form of :func:`set_kernel_impl`."""
+    """Context manager form of :func:`set_kernel_impl`: the previous choice is restored on leaving.
+
+    Process-wide, not per thread: while the block runs, the choice holds for every thread, and
+    blocks in several threads at once see each other's choice and can leave the wrong one behind
+    (thread A's block restores what it saw on entering, which may be thread B's). Choose the
+    kernels once, or from one thread at a time."""
     old = _impl
     set_kernel_impl(impl)
     try:

@@ -7,7 +7,13 @@ reused one 1-2 ms). Inside :func:`heap_reuse`, malloc takes every block from the
 freed memory there, so later tensors reuse pages already mapped; on leaving, the mmap limit is
 restored and ``malloc_trim(0)`` returns the freed memory to the system. Peak memory is unchanged
 (live tensors are the same), but glibc's adaptive mmap threshold stays fixed afterwards.
-Set ``FASTCURV_HEAP_REUSE=0`` to turn it off.
+
+What is restored: the process's own mmap limit and trim threshold as glibc read them at start-up
+(``GLIBC_TUNABLES=glibc.malloc.mmap_max=...:glibc.malloc.trim_threshold=...``, else
+``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_``), else glibc's defaults (65536 mappings, 128 KiB).
+glibc has no getter for these settings, so values set later by ``mallopt`` calls (the
+application's or another library's) are not seen and are replaced: set ``FASTCURV_HEAP_REUSE=0``
+to keep them (fastcurv then leaves malloc alone).
 """
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX
 _KEEP_TOP = 2**31 - 1  # bytes: do not trim the top of the heap while inside
 _GLIBC_TRIM = 128 * 1024  # glibc's default M_TRIM_THRESHOLD
+# the settings heap_reuse changes: (mallopt parameter, glibc's tunable, its environment alias, glibc's default)
+_SETTINGS = ((_M_MMAP_MAX, "glibc.malloc.mmap_max", "MALLOC_MMAP_MAX_", _GLIBC_MMAP_MAX),
+             (_M_TRIM_THRESHOLD, "glibc.malloc.trim_threshold", "MALLOC_TRIM_THRESHOLD_", _GLIBC_TRIM))
+_INT_MAX = 2**31 - 1  # (mallopt takes an int)
 _lock = threading.Lock()
 _depth = 0
 _libc = None
@@ -42,6 +52,60 @@ def _glibc():
             except OSError:
                 pass
     return _libc or None
+
+
+def _startup_environ() -> dict[str, str]:
+    """The environment the process started with, which is what glibc read its malloc settings from
+    (``/proc/self/environ``; ``os.environ`` where that cannot be read). Later changes to
+    ``os.environ`` do not reach glibc's settings."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return dict(os.environ)
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def _glibc_number(text: str) -> int | None:
+    """A tunable's value read as glibc reads it (decimal, ``0x`` hex or ``0`` octal), capped at
+    mallopt's int, or None when it is not a non-negative number (glibc ignores it then)."""
+    text = text.strip()
+    try:
+        if text[:2].lower() == "0x":
+            value = int(text[2:], 16)
+        elif len(text) > 1 and text[0] == "0":
+            value = int(text[1:], 8)
+        else:
+            value = int(text, 10)
+    except ValueError:
+        return None
+    return min(value, _INT_MAX) if value >= 0 else None
+
+
+def startup_settings(environ: dict[str, str] | None = None) -> dict[int, int]:
+    """``{mallopt parameter: value}`` of the settings :func:`heap_reuse` changes, as the process had
+    them at start-up: from ``GLIBC_TUNABLES`` (which takes precedence, as in glibc), else the
+    ``MALLOC_*_`` alias, else glibc's default. ``environ``: the start-up environment (default:
+    :func:`_startup_environ`)."""
+    env = _startup_environ() if environ is None else environ
+    tunables = {}
+    for item in env.get("GLIBC_TUNABLES", "").split(":"):
+        name, sep, value = item.partition("=")
+        if sep:
+            tunables[name.strip()] = value
+    out = {}
+    for param, tunable, alias, default in _SETTINGS:
+        value = None
+        if tunable in tunables:
+            value = _glibc_number(tunables[tunable])
+        if value is None and alias in env:
+            value = _glibc_number(env[alias])
+        out[param] = default if value is None else value
+    return out
+
+
+_restore: dict[int, int] | None = None  # startup_settings(), read once (on first use)
 
 
 def trim() -> None:
@@ -66,11 +130,13 @@ def heap_reuse():
     pages. Memory freed inside stays with the process until the outermost block exits, so wrap
     loops, not a whole program: one block around a benchmark of many different jobs grew to 24 GB
     where each job alone peaked at 13 GB."""
-    global _depth
+    global _depth, _restore
     lib = _glibc() if enabled() else None
     with _lock:
         _depth += 1
         if lib is not None and _depth == 1:
+            if _restore is None:
+                _restore = startup_settings()
             lib.mallopt(_M_MMAP_MAX, 0)
             lib.mallopt(_M_TRIM_THRESHOLD, _KEEP_TOP)
     try:
@@ -79,8 +145,8 @@ def heap_reuse():
         with _lock:
             _depth -= 1
             if lib is not None and _depth == 0:
-                lib.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
-                lib.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM)
+                for param, value in (_restore or {}).items():  # the process's own settings (module docstring)
+                    lib.mallopt(param, value)
                 trim()
 
 

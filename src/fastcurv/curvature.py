@@ -119,6 +119,7 @@ class _SwappedBackendOperator(HessianOperator):
         new._backend_options = {}
         new.failed = op.failed.clone()
         new.num_passes = new.num_matvecs = 0
+        new._lock = op._guard()  # (they share the replicas' functional module: one computation at a time)
         new._install()
         return new
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 from typing import Callable, Sequence
 
@@ -97,6 +98,12 @@ class HessianOperator:
             autograd, nothing is tuned (it already runs one replica, batch and probe at a time, and
             reuses nothing): the budget is only checked. The probe vectors (and their count per
             matvec) are the caller's.
+
+    Threads: an operator may be shared by several threads; its computations (:meth:`matvec`,
+    :meth:`loss_and_gradient`, :meth:`exact_trace`, :meth:`dense`) then run one at a time, under
+    a lock of the operator (the replicas' module is swapped in and out during a product, and the
+    products, counters and :attr:`failed` are the operator's state). For products in parallel,
+    build one operator per thread.
     """
 
     _group = None  # the process group of distributed_data=True (subclasses may skip __init__)
@@ -170,6 +177,12 @@ class HessianOperator:
         self.num_passes = 0
         self.num_matvecs = 0
 
+    def _guard(self) -> threading.RLock:
+        """The operator's lock (re-entrant: :meth:`dense` calls :meth:`matvec`). Made on first use, so that
+        operators built without ``__init__`` (``like()`` in :mod:`fastcurv.curvature`) have one too;
+        ``dict.setdefault`` is atomic, so two threads asking first get the same lock."""
+        return self.__dict__.get("_lock") or self.__dict__.setdefault("_lock", threading.RLock())
+
     # --- shape facts -------------------------------------------------------------------------
     @property
     def R(self) -> int:
@@ -228,44 +241,45 @@ class HessianOperator:
         axis holds those replicas only. Returns the same shape. Replicas whose parameters or
         products are non-finite get NaN rows and are recorded in :attr:`failed`.
         """
-        rs = self.replicas
-        single = V.dim() == 2
-        V3 = (V.unsqueeze(1) if single else V).detach()
-        rows = torch.arange(rs.R) if idx is None else self._check_idx(idx)
-        if V3.dim() != 3 or V3.shape[0] != len(rows) or V3.shape[2] != rs.P:
-            raise ValueError(
-                f"vectors must be [{len(rows)}, P] or [{len(rows)}, K, P] with P = {rs.P}; got {tuple(V.shape)}"
-            )
-        if V3.dtype != rs.dtype or V3.device != rs.device:
-            V3 = V3.to(rs.device, rs.dtype)
-        given_bad = nonfinite_rows([V3]).cpu() & ~self.failed[rows]
-        if given_bad.any():  # the caller's vectors, not the replicas: NaN rows, nothing recorded in failed
-            warnings.warn(f"the vectors of replicas {rows[given_bad].tolist()} contain NaN or Inf: their products are "
-                          "NaN", RuntimeWarning, stacklevel=2)
-        good = ~self.failed[rows] & ~given_bad
-        every = bool(good.all())
-        out = None if every else torch.full_like(V3, float("nan"))
-        if good.any():
-            sub = rows[good]
-            natural = len(sub) == rs.R and bool((sub == torch.arange(rs.R)).all())  # (not a permutation of them)
-            run_idx = None if natural else sub.to(rs.device)
-            vin = V3 if every else V3[good.to(V3.device)]
-            with heap_reuse():  # a matvec's large temporaries reuse each other's pages (see _heap)
-                res = self._on_all_ranks(lambda: self._run(rs.unflatten(vin), run_idx), "a Hessian-vector product")
-            flat = self._sum_over_ranks(res if torch.is_tensor(res) else rs.flatten(res, lead=2))
-            if every:
-                out = flat
-            else:
-                out[good.to(V3.device)] = flat
-            bad_now = nonfinite_rows([flat]).cpu()
-            if bad_now.any():
-                newly = sub[bad_now]
-                self.failed[newly] = True
-                out[torch.isin(rows, newly).to(out.device)] = float("nan")
-                warnings.warn(f"replicas {newly.tolist()} produced non-finite Hessian products: flagged, results NaN", RuntimeWarning, stacklevel=2)
-        self.num_passes += 1
-        self.num_matvecs += V3.shape[1]
-        return out.squeeze(1) if single else out
+        with self._guard():  # one computation at a time (see Threads in the class docstring)
+            rs = self.replicas
+            single = V.dim() == 2
+            V3 = (V.unsqueeze(1) if single else V).detach()
+            rows = torch.arange(rs.R) if idx is None else self._check_idx(idx)
+            if V3.dim() != 3 or V3.shape[0] != len(rows) or V3.shape[2] != rs.P:
+                raise ValueError(
+                    f"vectors must be [{len(rows)}, P] or [{len(rows)}, K, P] with P = {rs.P}; got {tuple(V.shape)}"
+                )
+            if V3.dtype != rs.dtype or V3.device != rs.device:
+                V3 = V3.to(rs.device, rs.dtype)
+            given_bad = nonfinite_rows([V3]).cpu() & ~self.failed[rows]
+            if given_bad.any():  # the caller's vectors, not the replicas: NaN rows, nothing recorded in failed
+                warnings.warn(f"the vectors of replicas {rows[given_bad].tolist()} contain NaN or Inf: their products are "
+                              "NaN", RuntimeWarning, stacklevel=2)
+            good = ~self.failed[rows] & ~given_bad
+            every = bool(good.all())
+            out = None if every else torch.full_like(V3, float("nan"))
+            if good.any():
+                sub = rows[good]
+                natural = len(sub) == rs.R and bool((sub == torch.arange(rs.R)).all())  # (not a permutation of them)
+                run_idx = None if natural else sub.to(rs.device)
+                vin = V3 if every else V3[good.to(V3.device)]
+                with heap_reuse():  # a matvec's large temporaries reuse each other's pages (see _heap)
+                    res = self._on_all_ranks(lambda: self._run(rs.unflatten(vin), run_idx), "a Hessian-vector product")
+                flat = self._sum_over_ranks(res if torch.is_tensor(res) else rs.flatten(res, lead=2))
+                if every:
+                    out = flat
+                else:
+                    out[good.to(V3.device)] = flat
+                bad_now = nonfinite_rows([flat]).cpu()
+                if bad_now.any():
+                    newly = sub[bad_now]
+                    self.failed[newly] = True
+                    out[torch.isin(rows, newly).to(out.device)] = float("nan")
+                    warnings.warn(f"replicas {newly.tolist()} produced non-finite Hessian products: flagged, results NaN", RuntimeWarning, stacklevel=2)
+            self.num_passes += 1
+            self.num_matvecs += V3.shape[1]
+            return out.squeeze(1) if single else out
 
     def _check_idx(self, idx) -> torch.Tensor:
         """``idx`` as a CPU int64 vector of replica indices, after checking it names replicas."""
@@ -308,19 +322,20 @@ class HessianOperator:
         torch.func); the cost unit of fastcurv's benchmarks. ``reuse_state=True`` lets the fused
         engine read (and fill) the probe-independent state its matvecs cache, skipping the forward
         pass: only for parameters unchanged since the operator was built."""
-        rs = self.replicas
-        with heap_reuse():
-            if hasattr(self.backend, "loss_and_gradient"):  # the fused engine's batched gradient
-                total, grads = self._on_all_ranks(
-                    lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device), reuse_state=reuse_state),
-                    "the gradient")
-                return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
-            try:
-                total, grads = self._on_all_ranks(lambda: self._loss_and_gradient_func(idx), "the gradient")
-            except (RuntimeError, NotImplementedError) as exc:
-                self._fall_back(exc)
-                return self.loss_and_gradient(idx, reuse_state=reuse_state)
-            return self._sum_over_ranks(total), self._sum_over_ranks(grads)
+        with self._guard():  # one computation at a time (see Threads in the class docstring)
+            rs = self.replicas
+            with heap_reuse():
+                if hasattr(self.backend, "loss_and_gradient"):  # the fused engine's batched gradient
+                    total, grads = self._on_all_ranks(
+                        lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device), reuse_state=reuse_state),
+                        "the gradient")
+                    return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
+                try:
+                    total, grads = self._on_all_ranks(lambda: self._loss_and_gradient_func(idx), "the gradient")
+                except (RuntimeError, NotImplementedError) as exc:
+                    self._fall_back(exc)
+                    return self.loss_and_gradient(idx, reuse_state=reuse_state)
+                return self._sum_over_ranks(total), self._sum_over_ranks(grads)
 
     def _loss_and_gradient_func(self, idx):
         rs, loss = self.replicas, self.loss
@@ -354,16 +369,17 @@ class HessianOperator:
         diagonal: Linear and Conv2d layers, eval BatchNorm, ReLU/LeakyReLU, max and average
         pooling, Flatten and residual additions, each module used once (see
         :meth:`FusedBackend.exact_trace`). Raises ValueError naming why elsewhere."""
-        ok, why = self.exact_trace_support()
-        if not ok:
-            raise ValueError(why)
-        good = ~self.failed
-        out = torch.full((self.R,), float("nan"), dtype=torch.float64)
-        if good.any():
-            idx = None if bool(good.all()) else good.nonzero().flatten().to(self.replicas.device)
-            tr = self._sum_over_ranks(self._on_all_ranks(lambda: self.backend.exact_trace(idx), "the exact trace"))
-            out[good] = tr.cpu()
-        return out
+        with self._guard():  # one computation at a time (see Threads in the class docstring)
+            ok, why = self.exact_trace_support()
+            if not ok:
+                raise ValueError(why)
+            good = ~self.failed
+            out = torch.full((self.R,), float("nan"), dtype=torch.float64)
+            if good.any():
+                idx = None if bool(good.all()) else good.nonzero().flatten().to(self.replicas.device)
+                tr = self._sum_over_ranks(self._on_all_ranks(lambda: self.backend.exact_trace(idx), "the exact trace"))
+                out[good] = tr.cpu()
+            return out
 
     def _on_all_ranks(self, fn, what: str):
         """``fn()``; with data sharded over ranks, the ranks then agree that all of them succeeded
@@ -424,15 +440,16 @@ class HessianOperator:
 
     def dense(self, replica: int = 0) -> torch.Tensor:
         """The full ``[P, P]`` Hessian of one replica, column by column (small models only)."""
-        rs = self.replicas
-        if rs.P > 20000:
-            raise ValueError(f"dense Hessian of P = {rs.P} parameters is too large; use matvec-based solvers")
-        cols = []
-        eye = torch.eye(rs.P, dtype=rs.dtype, device=rs.device)
-        idx = torch.tensor([replica])
-        for chunk in eye.split(64):
-            cols.append(self.matvec(chunk.unsqueeze(0), idx=idx)[0])
-        return torch.cat(cols).T.contiguous()
+        with self._guard():  # one computation at a time (see Threads in the class docstring)
+            rs = self.replicas
+            if rs.P > 20000:
+                raise ValueError(f"dense Hessian of P = {rs.P} parameters is too large; use matvec-based solvers")
+            cols = []
+            eye = torch.eye(rs.P, dtype=rs.dtype, device=rs.device)
+            idx = torch.tensor([replica])
+            for chunk in eye.split(64):
+                cols.append(self.matvec(chunk.unsqueeze(0), idx=idx)[0])
+            return torch.cat(cols).T.contiguous()
 
 
 def hvp(models, data, vectors: torch.Tensor, **kwargs) -> torch.Tensor:

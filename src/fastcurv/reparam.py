@@ -1,7 +1,8 @@
 """Function-preserving reparameterizations of ReLU networks (Dinh et al. 2017), for showing which
 measures survive them, and a canonical (balanced) form.
 
-Every transform takes a list of replicas (``nn.Module``), never modifies them, and returns a
+Every transform takes a list of replicas (``nn.Module``), never modifies them (the probe runs
+them in eval mode, then gives every submodule its own mode back), and returns a
 :class:`ReparamResult` with the new models and, when a ``probe`` batch of inputs is given, the
 largest absolute change of any output and the number of changed argmax predictions on it.
 
@@ -14,6 +15,7 @@ taken as the chain (right for ``nn.Sequential`` MLPs/CNNs).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -71,6 +73,22 @@ def _module(model, name):
     return m
 
 
+@contextlib.contextmanager
+def _evaluating(*models: nn.Module):
+    """Put ``models`` in eval mode for the block, then give every submodule back its own training flag
+    (also after an exception): ``model.train(flag)`` would set one flag for all of them, switching
+    back on, e.g., a Dropout the caller had put in eval mode inside a training model."""
+    modes = [[(m, m.training) for m in model.modules()] for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for saved in modes:
+            for m, flag in saved:
+                m.training = flag
+
+
 def _report(old, new, probe, details=None) -> ReparamResult:
     res = ReparamResult(new, details=details or {})
     if probe is None:
@@ -78,11 +96,9 @@ def _report(old, new, probe, details=None) -> ReparamResult:
     changes, flips = [], []
     with torch.no_grad():
         for a, b in zip(old, new):
-            was_a, was_b = a.training, b.training
-            a.eval(), b.eval()
             p = probe.to(next(a.parameters()).device, next(a.parameters()).dtype) if probe.is_floating_point() else probe
-            ya, yb = a(p), b(p)
-            a.train(was_a), b.train(was_b)
+            with _evaluating(a, b):  # (``a`` is the caller's model: its modes stay as they were)
+                ya, yb = a(p), b(p)
             changes.append(float((ya - yb).abs().max()))
             flips.append(int((ya.argmax(-1) != yb.argmax(-1)).sum()) if ya.dim() >= 2 else 0)
     res.max_output_change = max(changes)

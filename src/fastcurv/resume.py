@@ -23,6 +23,8 @@ own stream keyed by ``seed`` and its global number (see :func:`fastcurv.solvers.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dis
 import functools
 import glob
@@ -34,6 +36,7 @@ import re
 import site
 import sys
 import sysconfig
+import threading
 import types
 import uuid
 import warnings
@@ -547,6 +550,99 @@ def part_files(output: str) -> list[str]:
     return sorted(p for p in glob.glob(glob.escape(output) + ".part*") if pattern.fullmatch(p))
 
 
+# --- the warnings of a chunk ---------------------------------------------------------------------
+# A chunk's warnings are recorded and re-emitted with its first replica's number (the messages count
+# replicas from the chunk's first). ``warnings.catch_warnings`` cannot do this in a thread: it swaps the
+# process's warnings state for the whole chunk, so chunked jobs in two threads left the state of one
+# behind (every later warning swallowed), and the warnings of every other thread were taken meanwhile.
+# Instead, while any chunk records, two inert hooks stand in the process's warnings state: a filter
+# entry that says "always" only in a context (thread) where a chunk records, and a ``showwarning`` that
+# keeps the warnings raised in such a context and passes all others on unchanged. The last chunk to
+# finish takes both out again; between chunks the state is exactly as it was.
+_RECORD: contextvars.ContextVar = contextvars.ContextVar("fastcurv_chunk_warnings", default=None)
+_hooks_lock = threading.Lock()
+_recorders = 0  # chunks recording now, in all threads
+
+
+class _WhereRecording:
+    """The module pattern of the filter entry :data:`_ALWAYS`: matches in a recording context only."""
+
+    def match(self, module: str) -> bool:
+        return _RECORD.get() is not None
+
+    def __repr__(self):
+        return "<fastcurv: only where a chunk of replicas records its warnings>"
+
+
+_ALWAYS = ("always", None, Warning, _WhereRecording(), 0)
+
+
+class _ShowOrRecord:
+    """``warnings.showwarning`` while chunks record: keeps a warning raised where a chunk records
+    (in that chunk's list), passes any other to the hook it replaced, ``previous``."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None):
+        caught = _RECORD.get()
+        if caught is None:
+            self.previous(message, category, filename, lineno, file, line)
+        else:
+            caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+
+def _put_hooks() -> None:
+    """Count one more recording chunk; put the hooks in place where they are not (first chunk)."""
+    global _recorders
+    with _hooks_lock:
+        _recorders += 1
+        if not isinstance(warnings.showwarning, _ShowOrRecord):
+            warnings.showwarning = _ShowOrRecord(warnings.showwarning)
+        if not any(f is _ALWAYS for f in warnings.filters):
+            warnings.filters.insert(0, _ALWAYS)
+
+
+def _take_hooks() -> None:
+    """Count one recording chunk less; the last one takes the hooks out where they still stand. (A
+    hook that another caller put over them meanwhile stays, and so do they under it: they pass every
+    warning on.)"""
+    global _recorders
+    with _hooks_lock:
+        _recorders -= 1
+        if _recorders:
+            return
+        while isinstance(warnings.showwarning, _ShowOrRecord):
+            warnings.showwarning = warnings.showwarning.previous
+        while any(f is _ALWAYS for f in warnings.filters):
+            warnings.filters.remove(_ALWAYS)
+
+
+@contextlib.contextmanager
+def _recording_warnings():
+    """Record the warnings raised in this thread (this context) within the block, each one (filters
+    apply when they are re-emitted), into the list it yields; other threads' warnings are shown as
+    usual. Nests (an inner block's warnings are its own). Thread-safe, unlike
+    ``warnings.catch_warnings(record=True)``, but a ``catch_warnings`` block in another thread that
+    overlaps it still takes over the whole process's warnings state meanwhile."""
+    caught: list = []
+    _put_hooks()
+    token = _RECORD.set(caught)
+    try:
+        yield caught
+    finally:
+        _RECORD.reset(token)
+        _take_hooks()
+
+
+def _reemit(caught: list, a: int, b: int) -> None:
+    """Emit the warnings recorded in the chunk of replicas ``[a, b)`` (as raised by run_chunks' caller),
+    their replica numbers said to count from ``a``."""
+    for w in caught:
+        msg = f"[chunk of replicas {a}..{b - 1}; replica numbers below count from {a}] {w.message}" if a else w.message
+        warnings.warn(msg, w.category, stacklevel=3)
+
+
 # --- the chunked job -----------------------------------------------------------------------------
 def _runs(indices: list[int], chunk: int) -> list[tuple[int, int]]:
     """Contiguous ``[a, b)`` ranges of at most ``chunk`` replicas covering ``indices`` (sorted)."""
@@ -566,7 +662,9 @@ def run_chunks(models, data, kwargs: dict, *, lo: int = 0, hi: int | None = None
     With ``output``, finished chunks are saved as they finish and chunks already in ``output`` (or
     ``read_also``) are skipped. Returns ``(records, digest, config)``: the records of ``[lo, hi)``
     (saved and new) in replica order, and the job's fingerprint (None without ``output``).
-    Ctrl-C stops after saving every finished chunk, then re-raises KeyboardInterrupt.
+    Ctrl-C stops after saving every finished chunk, then re-raises KeyboardInterrupt. The
+    warnings of each chunk are re-emitted after it, also when it fails (before its error goes on),
+    but not when it ran out of memory and is retried in halves (the retry raises them again).
     """
     from .sharpness import batched_sharpness
 
@@ -589,22 +687,23 @@ def run_chunks(models, data, kwargs: dict, *, lo: int = 0, hi: int | None = None
     try:
         while todo:
             a, b = todo.pop(0)
-            oom = None
+            oom, caught = None, []
             try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    with replica_window(a, R):
-                        res = batched_sharpness(models[a:b], batches, **kwargs)
-            except Exception as exc:  # out of memory (GPU): halve the chunk and retry
-                if not is_out_of_memory(exc):
-                    raise
-                if b - a > 1 and (why := split_refusal(kwargs)):
-                    exc.add_note(f"not retried in smaller chunks: {why}")
+                with _recording_warnings() as caught, replica_window(a, R):
+                    res = batched_sharpness(models[a:b], batches, **kwargs)
+            except BaseException as exc:  # out of memory (GPU): halve the chunk and retry
+                retry = isinstance(exc, Exception) and is_out_of_memory(exc)
+                why = split_refusal(kwargs) if retry and b - a > 1 else None
+                if not retry or why:
+                    _reemit(caught, a, b)  # what the failing chunk warned of goes before its error
+                    if why:
+                        exc.add_note(f"not retried in smaller chunks: {why}")
                     raise
                 oom = f"{type(exc).__name__}: {str(exc)[:300]}"  # the traceback (and the chunk's tensors) go here
             if oom is not None:
                 release_cached_memory()
                 if b - a == 1:
+                    _reemit(caught, a, b)
                     raise RuntimeError(
                         f"out of memory even with one replica at a time (replica {a}): {oom}. Lower the batch size, pass "
                         "a smaller memory_budget=, or use a device with more memory")
@@ -612,9 +711,7 @@ def run_chunks(models, data, kwargs: dict, *, lo: int = 0, hi: int | None = None
                 warn_halving(b - a, chunk, a, oom)
                 todo = _runs([i for r0, r1 in [(a, b)] + todo for i in range(r0, r1)], chunk)
                 continue
-            for w in caught:  # replica numbers in the messages count from the chunk's first replica
-                msg = f"[chunk of replicas {a}..{b - 1}; replica numbers below count from {a}] {w.message}" if a else w.message
-                warnings.warn(msg, w.category, stacklevel=2)
+            _reemit(caught, a, b)
             rec = to_record(res, a, b)
             if store is not None:
                 store.add(rec)

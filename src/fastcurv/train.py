@@ -33,8 +33,10 @@ theirs. The full training-set loss is evaluated in eval mode (running statistics
 Random numbers: dropout, in ``nn.Dropout`` modules or drawn any other way in ``forward`` (a probe
 step before training watches torch's generators), is drawn per step from a generator keyed by the
 replica group's seeds, the epoch and the step: the global RNG is left alone and a call is
-reproducible. Parameters the forward pass does not use (an auxiliary head) stay as they are, as
-with ``requires_grad=False``, as torch.optim (which sees no gradient for them) leaves them.
+reproducible. Calls in several threads at once get the same models as alone: the sections that seed
+torch's global generator (initialization, dropout) hold one lock, so they do not interleave.
+Parameters the forward pass does not use (an auxiliary head) stay as they are, as with
+``requires_grad=False``, as torch.optim (which sees no gradient for them) leaves them.
 
 Divergence: a replica whose minibatch loss becomes NaN/Inf is marked diverged, its parameters are
 set to NaN (so later measures flag it) and it stops training; the others are unaffected.
@@ -141,15 +143,32 @@ def epoch_order(data_seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+# Held around every section that seeds torch's global generators and restores them after (fork_rng): those
+# sections are not atomic, and two train_population calls in two threads drew each other's random numbers
+# (initial weights 0.6-0.8 off). Only the calling thread takes it, never while it waits for the worker threads
+# (which take it only for dropout, and dropout runs without worker threads): no deadlock.
+_GLOBAL_RNG_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _seeded_section(devices: list):
+    """``torch.random.fork_rng(devices)`` under :data:`_GLOBAL_RNG_LOCK`: the global generators may be
+    seeded inside, and no other fastcurv section seeds or restores them meanwhile."""
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
+        yield
+
+
 def init_replicas(builder, seeds: Sequence[int]) -> list[nn.Module]:
     """One model per seed: ``builder()`` (a zero-argument callable) under ``torch.manual_seed(seed)``.
 
     ``builder`` may also be an ``nn.Module`` template: each replica is a deep copy whose submodules'
     ``reset_parameters()`` are called under the seed. The global RNG state is left unchanged.
+    Thread-safe with other fastcurv calls (they do not seed the global RNG meanwhile), not with
+    the caller's own draws from it in other threads.
     """
     models = []
     for s in seeds:
-        with torch.random.fork_rng(devices=[]):
+        with _seeded_section([]):
             _seed(int(s))
             if isinstance(builder, nn.Module):
                 m = copy.deepcopy(builder)
@@ -179,7 +198,7 @@ def _dropout_rng(has_dropout: bool, device, key: tuple):
         yield
         return
     seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with _seeded_section([device] if device.type == "cuda" else []):
         _seed(seed)
         yield
 
@@ -295,7 +314,7 @@ def _probe_training_step(model: nn.Module, xb: torch.Tensor) -> tuple[bool, list
     """
     probe = copy.deepcopy(model).train()
     devices = [xb.device] if xb.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with _seeded_section(devices):  # (another call's draws meanwhile would read as this model's)
         before = _rng_states(devices)
         try:
             out = probe(xb)
@@ -471,7 +490,11 @@ def train_population(
             torch ops, so there is no per-op synchronization (intra-op OpenMP threads wait at every
             op for the slowest thread, which is very slow when other processes share the cores);
             torch's thread count is 1 during the call and restored after. ``1``: no worker threads,
-            torch ops use torch's own intra-op threads. Results do not depend on it.
+            torch ops use torch's own intra-op threads. Results do not depend on it. torch's thread
+            count is a process-wide setting (threads started meanwhile take it), so calls with worker
+            threads are not safe in several threads at once: each restores the count it saw on
+            entering, and overlapping calls can leave the process at 1 thread. Run those one at a
+            time (their results would be right: see Random numbers in the module docstring).
         sparse_input: on the fused path on CPU, keep the training set in CSR form and compute the
             first layer's forward product and weight gradient from the nonzero inputs only
             (:mod:`fastcurv.ops.csr_linear`; the same numbers up to summation order). ``None``
@@ -598,7 +621,7 @@ def train_population(
     if eval_train is None or target_loss is not None:  # (the stop test needs the full training-set loss)
         eval_train = bool(eval_train) or target_loss is not None
     rng_devices = [device] if device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):  # outputs of 2 samples
+    with torch.no_grad(), _seeded_section(rng_devices):  # outputs of 2 samples
         before = _rng_states(rng_devices)
         _check_targets(loss, y, one({n: t[0] for n, t in params.items()}, {n: t[0] for n, t in buffers.items()}, x[:2],
                                     training=False))
@@ -1019,7 +1042,7 @@ def _check_bn_batches(model: nn.Module, x: torch.Tensor, N: int, batch_size: int
         return
     probe = copy.deepcopy(model).train()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # (dropout)
+        with torch.no_grad(), _seeded_section([x.device] if x.device.type == "cuda" else []):  # (dropout)
             probe(x[:1])
     except ValueError as e:
         raise ValueError(f"the last minibatch of every epoch holds 1 sample (N={N}, batch_size={batch_size}), and "
