@@ -415,6 +415,8 @@ def study(
             ``~`` in ``out``, ``checkpoint``, ``data_root`` and ``sharpness_kwargs["output"]`` is
             expanded (as a shell would; ``config.json`` / ``config.yaml`` record the expanded paths).
         threads: torch intra-op threads for this call (restored afterwards); None leaves it alone.
+            torch's thread count is process-wide: overlapping calls with ``threads`` in several
+            Python threads can leave the process at another count.
     Returns ``{"table", "correlations", "headline", "history", "sharpness", "function", "audit",
     "audit_mixed", "summary", "out", "files", "seconds", "times"}``. ``headline``: the correlation
     rows of the requested measures, one per measure that has a per-replica column (``HEADLINE``'s
