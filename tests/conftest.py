@@ -45,3 +45,14 @@ def torch_conv_calls(monkeypatch):
         return calls
 
     return start
+
+
+@pytest.fixture
+def svg_backend():
+    """matplotlib's backend set to "svg" (a stand-in for an interactive or notebook one), restored afterwards."""
+    import matplotlib
+
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")
+    yield matplotlib
+    matplotlib.use(old)

@@ -306,17 +306,6 @@ def test_audit_plot_marks_ratios_that_changed_sign_or_are_undefined(tmp_path, mo
     assert not caught, [str(w.message) for w in caught]  # (log10 of the ratios <= 0 warned, the only sign of them)
 
 
-@pytest.fixture
-def svg_backend():
-    """matplotlib's backend set to "svg" (a stand-in for an interactive or notebook one), restored afterwards."""
-    import matplotlib
-
-    old = matplotlib.get_backend()
-    matplotlib.use("svg")
-    yield matplotlib
-    matplotlib.use(old)
-
-
 def test_the_audit_plot_keeps_the_backend_and_leaves_no_figure(svg_backend, tmp_path):
     """invariance_audit(path=...) switched the whole process to the Agg backend (matplotlib.use: a
     notebook's plt.show() stopped working), and a plot whose saving failed left its figure open."""

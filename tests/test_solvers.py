@@ -389,17 +389,6 @@ def test_density_of_a_narrow_spectrum_is_fast_and_integrates_to_one(span):
         SpectralDensity(nodes, torch.full((2, 1, 20), 0.05, dtype=torch.float64)).density(sigma2=0.0)
 
 
-@pytest.fixture
-def svg_backend():
-    """matplotlib's backend set to "svg" (a stand-in for an interactive or notebook one), restored afterwards."""
-    import matplotlib
-
-    old = matplotlib.get_backend()
-    matplotlib.use("svg")
-    yield matplotlib
-    matplotlib.use(old)
-
-
 def test_plotting_a_density_to_a_file_leaves_no_figure_and_keeps_the_backend(svg_backend, tmp_path):
     """plot(path=...) switched the whole process to the Agg backend (matplotlib.use: a notebook's
     plt.show() and inline figures stopped working) and left its pyplot figure open (one more per call,

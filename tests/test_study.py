@@ -529,17 +529,6 @@ def test_a_population_perfect_on_its_test_set_gets_its_report(tmp_path, monkeypa
     assert _gde_ratio(0.02, 0.0) == "ratio infinite: mean test error 0" and _gde_ratio(0.02, 0.04) == "ratio 0.500"
 
 
-@pytest.fixture
-def svg_backend():
-    """matplotlib's backend set to "svg" (a stand-in for an interactive or notebook one), restored afterwards."""
-    import matplotlib
-
-    old = matplotlib.get_backend()
-    matplotlib.use("svg")
-    yield matplotlib
-    matplotlib.use(old)
-
-
 def test_a_study_leaves_no_figure_open_and_keeps_the_backend(svg_backend, tmp_path):
     """Each study switched the whole process to the Agg backend (matplotlib.use: a notebook's
     plt.show() and inline figures stopped working afterwards) and left spectrum.png's pyplot figure
