@@ -214,7 +214,7 @@ class HessianOperator:
                              "(bn_mode='batch' or track_running_stats=False) needs at least 2 samples per batch, as torch "
                              "does in training (drop the last batch, e.g. DataLoader(drop_last=True))")
         _, x_all, y_all = next(iter(self.batches))
-        x, y = x_all[:8], y_all[:8]
+        x = x_all[:8]
         r = int(rs.finite.nonzero()[0]) if rs.finite.any() else 0
         with torch.no_grad():
             xc = x.clone()

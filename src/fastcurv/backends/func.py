@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch import nn
 from torch.func import grad, jvp, linearize, vmap
 
 from .base import Backend
