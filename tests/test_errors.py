@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the problem; one bad replica never loses the others."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -486,3 +487,62 @@ def test_a_chunk_of_failed_replicas_in_a_spectrum_job():
         assert torch.isfinite(res["lambda_max"][0]) and torch.isnan(res["lambda_max"][1])
         assert torch.isnan(res.spectrum.nodes[1]).all() and torch.isfinite(res.spectrum.nodes[0]).any()
     torch.testing.assert_close(chunked.spectrum.nodes[0], whole.spectrum.nodes[0])
+
+
+def test_a_model_whose_outputs_are_not_one_row_per_sample_is_named():
+    """The first-batch check compared the targets with a stand-in of one row per target (this
+    round's batch-shape message), so a model averaging over the batch ran on silently (lambda_max of
+    a meaningless loss) and one returning two rows per sample hit a raw torch error."""
+    class BatchMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(x).mean(0, keepdim=True)
+
+    x, y = data(n=16)
+    with pytest.raises(ValueError, match=r"returns outputs \(1, 3\) for inputs \(8, 5\).*one output row per sample"):
+        fastcurv.batched_sharpness(replicas(BatchMean, 2), (x, torch.randn(16, 3, dtype=torch.float64)), loss="mse",
+                                   measures=("lambda_max",))
+
+
+def test_settings_that_torch_modules_do_not_read_may_differ():
+    """A tag such as ``m.seed = s`` on an nn.Sequential, or a dropout sweep of attention layers (their
+    dropout does nothing in eval mode), was refused by this round's first settings check."""
+    x, y = data()
+    ms = replicas(mlp, 3)
+    for s, m in enumerate(ms):
+        m.seed = s
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastcurv.batched_sharpness(ms, (x, y), measures=("lambda_max",))
+
+    class Attn(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.att, self.o = nn.MultiheadAttention(5, 1, dropout=p, batch_first=True), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = x.unsqueeze(1)
+            return self.o(self.att(h, h, h, need_weights=False)[0][:, 0])
+
+    models = [Attn(p).double() for p in (0.0, 0.1, 0.3)]
+    res = fastcurv.function_measures(models, (x, y), measures=("disagreement",))
+    assert torch.isfinite(res["disagreement"]).all()
+
+
+def test_a_custom_attribute_that_differs_is_warned_about_once():
+    class Scaled(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale, self.lin = scale, nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    x, y = data()
+    with pytest.warns(RuntimeWarning) as caught:
+        fastcurv.HessianOperator([Scaled(1.0).double(), Scaled(2.0).double(), Scaled(3.0).double()], (x, y))
+    said = [str(w.message) for w in caught if "attribute 'scale'" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("replicas [1, 2] differ from replica 0")

@@ -228,6 +228,10 @@ class HessianOperator:
                 raise ValueError("the model changes its input in place (an in-place operation on the input, such as "
                                  "ReLU(inplace=True) as its first layer); fastcurv passes the same batches to it many "
                                  "times: make that operation out of place")
+        if out.dim() == 0 or out.shape[0] != x.shape[0]:
+            raise ValueError(f"the model returns outputs {tuple(out.shape)} for inputs {tuple(x.shape)}: fastcurv needs "
+                             "one output row per sample (a model that averages or reshapes across the batch mixes "
+                             "samples)")
         # (the batch's own shapes in the message: the outputs were computed on its first rows only)
         self.loss.check_targets(torch.empty((len(y_all), *out.shape[1:]), device="meta"), y_all)
         self.loss.check_all_targets(out, self.batches)

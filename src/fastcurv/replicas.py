@@ -6,6 +6,7 @@ parameter entries in ``model.parameters()`` order, each parameter flattened row-
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 import weakref
 from typing import Sequence
@@ -74,13 +75,30 @@ def module_settings(mod: nn.Module) -> dict:
     return {k: v for k, v in vars(mod).items() if not k.startswith("_") and k != "training" and simple(v)}
 
 
+def _builtin_settings(mod: nn.Module) -> set | None:
+    """The names of a torch.nn module's constructor arguments (the settings its forward reads), or
+    None for a module defined elsewhere (any attribute may be one)."""
+    if not type(mod).__module__.startswith("torch.nn"):
+        return None
+    try:
+        return set(inspect.signature(type(mod).__init__).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def _compared_settings(mod: nn.Module, training: bool) -> dict:
-    """The settings of ``mod`` that change what fastcurv computes with it. ``inplace`` never does;
-    in eval mode (every measurement) neither do dropout's ``p`` nor BatchNorm's ``momentum``, so a
-    sweep over them measures as one population."""
+    """The settings of ``mod`` that change what fastcurv computes with it: for a torch.nn module its
+    constructor's (a tag such as ``model.seed = 3`` on an ``nn.Sequential`` changes nothing), for
+    another module every simple attribute. ``inplace`` never does; in eval mode (every measurement)
+    neither do dropout rates (``nn.Dropout``'s ``p``, ``dropout`` of attention and recurrent layers)
+    nor BatchNorm's ``momentum``, so a sweep over them measures as one population."""
     s = module_settings(mod)
+    own = _builtin_settings(mod)
+    if own is not None:
+        s = {k: v for k, v in s.items() if k in own}
     s.pop("inplace", None)
     if not training:
+        s.pop("dropout", None)
         if isinstance(mod, nn.modules.dropout._DropoutNd):
             s.pop("p", None)
         if isinstance(mod, nn.modules.batchnorm._NormBase):
@@ -88,21 +106,33 @@ def _compared_settings(mod: nn.Module, training: bool) -> dict:
     return s
 
 
-def _check_settings(i: int, ref: nn.Module, m: nn.Module, training: bool) -> None:
-    """Raise when replica ``i``'s built-in (torch.nn) modules are set up otherwise than replica 0's,
-    warn when a custom module's simple attributes differ: every replica runs through replica 0's
-    modules (with its own parameters and buffers), so such a setting would silently be replica 0's."""
+def _setting_differences(ref: nn.Module, m: nn.Module, training: bool):
+    """``(module name, module, key, replica 0's value, this replica's value)`` for the first setting
+    that differs in each module of ``m`` from ``ref`` (see :func:`_compared_settings`)."""
     for (name, a), (_, b) in zip(ref.named_modules(), m.named_modules()):
         sa, sb = _compared_settings(a, training), _compared_settings(b, training)
-        if sa == sb:
-            continue
-        key = next(k for k in sorted(set(sa) | set(sb), key=str) if sa.get(k, "(none)") != sb.get(k, "(none)"))
-        what = (f"replica {i} differs from replica 0: module {name or '(model)'!r} ({type(b).__name__}) has "
-                f"{key}={sb.get(key, '(none)')!r}, replica 0 has {key}={sa.get(key, '(none)')!r}")
-        if type(a).__module__.startswith("torch.nn"):
-            raise ValueError(what + "; every replica runs through replica 0's modules, so the population must "
-                             "share its layers' settings (measure such replicas in separate calls)")
-        warnings.warn(what + ": every replica runs through replica 0's modules with its own parameters and buffers; "
+        if sa != sb:
+            key = next(k for k in sorted(set(sa) | set(sb), key=str) if sa.get(k, "(none)") != sb.get(k, "(none)"))
+            yield name or "(model)", b, key, sa.get(key, "(none)"), sb.get(key, "(none)")
+
+
+def _check_settings(models: list, training: bool) -> None:
+    """Raise when a replica's torch.nn modules are set up otherwise than replica 0's; warn (once per
+    module and attribute) when a custom module's simple attributes differ: every replica runs
+    through replica 0's modules (with its own parameters and buffers), so such a setting would
+    silently be replica 0's."""
+    custom: dict = {}
+    for i, m in enumerate(models[1:], start=1):
+        for name, mod, key, v0, v in _setting_differences(models[0], m, training):
+            what = f"module {name!r} ({type(mod).__name__}) has {key}={v!r}, replica 0 has {key}={v0!r}"
+            if _builtin_settings(mod) is not None:
+                raise ValueError(f"replica {i} differs from replica 0: {what}; every replica runs through replica "
+                                 "0's modules, so the population must share its layers' settings (measure such "
+                                 "replicas in separate calls)")
+            custom.setdefault((name, key), (i, what, []))[2].append(i)
+    for (name, key), (i, what, which) in custom.items():
+        warnings.warn(f"replicas {which} differ from replica 0 in module {name!r}'s attribute {key!r} (replica {i}: "
+                      f"{what}): every replica runs through replica 0's modules with its own parameters and buffers; "
                       "if forward() reads this attribute, the other replicas are computed with replica 0's value",
                       RuntimeWarning, stacklevel=4)
 
@@ -174,8 +204,9 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
             got = types[j].__name__ if j < len(types) else "nothing"
             want = ref_types[j].__name__ if j < len(ref_types) else "nothing"
             raise ValueError(f"replica {i} differs from replica 0: module {where} is {got}, replica 0 has {want}")
-        _check_settings(i, models[0], m, training)
-        ref_buffers = [(n, tuple(b.shape)) for n, b in models[0].named_buffers()]
+    _check_settings(models, training)
+    ref_buffers = [(n, tuple(b.shape)) for n, b in models[0].named_buffers()]
+    for i, m in enumerate(models[1:], start=1):
         buffers = [(n, tuple(b.shape)) for n, b in m.named_buffers()]
         if buffers != ref_buffers:
             (n0, s0), (n, s) = next(((a, b) for a, b in zip(ref_buffers + [("(none)", ())], buffers + [("(none)", ())])

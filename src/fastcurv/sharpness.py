@@ -152,6 +152,15 @@ def _underflowed(op, loss: torch.Tensor) -> torch.Tensor:
     return per_sample < torch.finfo(op.dtype).tiny
 
 
+def _count(name: str, v) -> int:
+    """``v`` as a positive int (a whole float such as a JSON config's ``100.0`` too); a ValueError else."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
 @reusing_heap
 def batched_sharpness(
     models,
@@ -333,9 +342,8 @@ def batched_sharpness(
         if wrong:
             raise TypeError(f"measure_options[{name!r}] has unknown options {wrong}; {name} accepts "
                              f"{sorted(allowed) or 'none (its settings are batched_sharpness arguments)'}")
-    for name, v in (("max_iter", max_iter), ("slq_steps", slq_steps), ("slq_draws", slq_draws)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    max_iter, slq_steps, slq_draws = (_count(n, v) for n, v in (("max_iter", max_iter), ("slq_steps", slq_steps),
+                                                                ("slq_draws", slq_draws)))
     if not tol >= 0:
         raise ValueError(f"tol must be non-negative, got {tol}")
     if trace_method not in TRACE_METHODS:
