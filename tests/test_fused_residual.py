@@ -721,3 +721,52 @@ def test_a_view_that_mixes_samples_is_not_fused_wrongly():
     V = torch.randn(2, op.P, generator=g, dtype=torch.float64)
     for r in range(2):
         torch.testing.assert_close(op.matvec(V)[r], dense_hessian(models[r], [(x, y)]) @ V[r], rtol=1e-10, atol=1e-12)
+
+
+class KeywordInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(input=self.conv(x))
+        h = torch.reshape(input=torch.tanh(input=h), shape=(x.shape[0], -1))
+        return self.fc(torch.flatten(input=h, start_dim=1))
+
+
+def test_calls_that_pass_the_tensor_by_keyword_are_fused():
+    """torch.relu(input=h), torch.flatten(input=h, start_dim=1), torch.reshape(input=h, shape=...):
+    the tracer read args[0] and crashed with a raw IndexError under backend="auto"."""
+    models = replicas(KeywordInputs, R=2)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    op = fastcurv.HessianOperator(models, (x, y))
+    assert op.backend_name == "fused", op.backend_reason
+    V = torch.randn(2, op.P, generator=g, dtype=torch.float64)
+    for r in range(2):
+        torch.testing.assert_close(op.matvec(V)[r], dense_hessian(models[r], [(x, y)]) @ V[r], rtol=1e-10, atol=1e-12)
+
+
+def test_models_the_engine_check_cannot_run_fall_back_with_the_reason():
+    """A weight-normalized Linear (a parametrization: the fused engine looked up '0.weight', KeyError),
+    and a model whose own forward runs on some batch sizes only (x.view(-1, 32) groups 4 samples: the
+    check's 34 samples raised), crashed the operator under "auto" instead of falling back."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    wn = nn.Sequential(weight_norm(nn.Linear(4, 5)), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    op = fastcurv.HessianOperator([wn], (x, y))
+    assert op.backend_name == "func" and "parametrized" in op.backend_reason
+
+    class Groups(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.o = nn.Linear(8, 8), nn.Linear(32, 12)
+
+        def forward(self, x):
+            return self.o(torch.relu(self.fc(x)).view(-1, 32)).view(-1, 3)
+
+    xs, ys = torch.randn(40, 8, dtype=torch.float64), torch.randint(0, 3, (40,))
+    op = fastcurv.HessianOperator(replicas(Groups, R=2), (xs, ys))
+    assert op.backend_name == "func" and "may mix samples" in op.backend_reason

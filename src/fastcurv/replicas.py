@@ -203,7 +203,11 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
             where = repr(names[j]) if j < len(names) else "(end)"
             got = types[j].__name__ if j < len(types) else "nothing"
             want = ref_types[j].__name__ if j < len(ref_types) else "nothing"
-            raise ValueError(f"replica {i} differs from replica 0: module {where} is {got}, replica 0 has {want}")
+            same_name = j < len(types) and j < len(ref_types) and got == want
+            hint = (" (two classes of one name: torch.nn.utils.parametrize, e.g. weight norm, makes a class per "
+                    "module; remove the parametrizations before measuring, "
+                    "torch.nn.utils.parametrize.remove_parametrizations)") if same_name else ""
+            raise ValueError(f"replica {i} differs from replica 0: module {where} is {got}, replica 0 has {want}{hint}")
     _check_settings(models, training)
     ref_buffers = [(n, tuple(b.shape)) for n, b in models[0].named_buffers()]
     for i, m in enumerate(models[1:], start=1):

@@ -71,6 +71,10 @@ def _as_slice(ids: torch.Tensor):
     return slice(lo, lo + len(ids)) if int(ids[-1]) - lo + 1 == len(ids) else ids
 
 
+class _NoReference(Exception):
+    """The model's own forward failed on the engine check's samples (the reason)."""
+
+
 class FusedBackend(Backend):
     """Exact HVPs by forward and backward R-passes over cached per-batch state.
 
@@ -125,7 +129,8 @@ class FusedBackend(Backend):
                 allowed |= {l.opts["mean"], l.opts["var"], stem + "num_batches_tracked"}
         other = sorted(set(replicas.buffers) - allowed)
         if other:
-            return False, f"the model has buffers other than BatchNorm running statistics: {other[:3]}"
+            return False, (f"the model has buffers the fused layers do not read: {other[:3]} (other than the running "
+                           "statistics of the BatchNorm layers forward() calls)")
         return True, ""
 
     @staticmethod
@@ -176,24 +181,31 @@ class FusedBackend(Backend):
             if r not in seen:
                 params = {k: t[r] for k, t in replicas.params.items()}
                 buffers = {k: t[r] for k, t in replicas.buffers.items()}
-                want, grad = torch.func.grad_and_value(lambda p: one.batch_loss(replicas.call(p, buffers, xs), ys))(params)[::-1]
+                try:
+                    want, grad = torch.func.grad_and_value(lambda p: one.batch_loss(replicas.call(p, buffers, xs), ys))(params)[::-1]
+                except RuntimeError as exc:  # e.g. a model that groups samples runs on some batch sizes only
+                    raise _NoReference(f"the model's own forward fails on {tuple(xs.shape)} samples the engine check "
+                                       f"takes ({str(exc)[:200]}): it may mix samples") from exc
                 flat = torch.cat([grad[k].flatten() for k in replicas.names])
                 seen[r] = (want, flat) if bool(torch.isfinite(want)) and bool(torch.isfinite(flat).all()) else None
             return seen[r]
 
         finite = replicas.finite.nonzero().flatten().tolist()
         refs = {}
-        for order in (finite, finite[::-1]):
-            r = next((r for r in order if reference(r) is not None), None)
-            if r is not None:
-                refs[r] = seen[r]
+        try:
+            for order in (finite, finite[::-1]):
+                r = next((r for r in order if reference(r) is not None), None)
+                if r is not None:
+                    refs[r] = seen[r]
+        except _NoReference as exc:
+            return False, str(exc)
         if not refs:
             return True, ""  # every replica's loss overflows on these samples: nothing to compare
         rows = sorted(refs)
         try:
             engine = FusedBackend(replicas, one, Batches((xs, ys), device=x.device, dtype=replicas.dtype, cache=True))
             got, grads = engine.loss_and_gradient(torch.tensor(rows, device=x.device))
-        except (RuntimeError, ValueError, IndexError) as exc:
+        except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
             return False, (f"the fused engine cannot run this model on inputs {tuple(xs.shape)} "
                            f"({type(exc).__name__}: {str(exc)[:300]})")
         tol = 1e-4 if replicas.dtype == torch.float32 else 1e-9
@@ -203,8 +215,10 @@ class FusedBackend(Backend):
             if not (torch.allclose(got[i], want, rtol=tol, atol=tol * float(want.abs()))
                     and torch.allclose(mine, flat, rtol=tol, atol=tol * float(flat.abs().max()))):
                 return False, (f"the fused engine's loss or gradient differs from the model's own (replica {r}: loss "
-                               f"{float(got[i]):.6g} against {float(want):.6g}): its forward() may update in place a "
-                               "tensor that another operation reads, which torch.fx records as an out-of-place operation")
+                               f"{float(got[i]):.6g} against {float(want):.6g}, gradients up to "
+                               f"{float((mine - flat).abs().max()):.3g} apart): its forward() may update in place a "
+                               "tensor that another operation reads, which torch.fx records as an out-of-place operation, "
+                               "or compute part of its output without a gradient (torch.no_grad, detach)")
         return True, ""
 
     def __init__(self, replicas, loss, batches, cache_bytes: int = DEFAULT_CACHE_BYTES,

@@ -162,6 +162,8 @@ def trace(base: nn.Module) -> tuple[Graph | None, str]:
         return _convert(gm, graph), ""
     except _Unsupported as e:
         return None, str(e)
+    except Exception as e:  # noqa: BLE001 - a call this front end misreads is not fused either (named)
+        return None, f"the fused engine could not read the traced model ({type(e).__name__}: {str(e)[:200]})"
 
 
 def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
@@ -246,6 +248,10 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
         elif op in ("call_function", "call_method"):
             args, kw = node.args, dict(node.kwargs)
             is_method = op == "call_method"
+            if not is_method and "input" in kw:  # torch.relu(input=h), torch.flatten(input=h, start_dim=1)
+                args = (kw.pop("input"), *args)
+            if not is_method and t is torch.reshape and "shape" in kw:
+                args = (*args, kw.pop("shape"))
             if (t in _ADD_METHODS) if is_method else (t in _ADD_FUNCTIONS):
                 if kw.get("alpha", 1) != 1 or set(kw) - {"alpha"} or len(args) != 2:
                     raise _Unsupported(f"{_describe(node)}: only a plain sum of two tensors is fused")
