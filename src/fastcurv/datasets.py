@@ -10,8 +10,18 @@ a root folder:
 * the root itself holding the four files.
 
 Roots searched when none is given, in order: ``$FASTCURV_DATA``, ``../shared/data`` next to the
-repository (``<repo>/../shared/data``), ``./data``, ``~/.cache/fastcurv``, and (Fashion-MNIST only)
-Debian's ``/usr/share/datasets/fashion-mnist`` from the package ``dataset-fashion-mnist``.
+repository (``<repo>/../shared/data``; only when running from a source checkout or an editable
+install, since an installed package has no repository), ``./data``, ``~/.cache/fastcurv`` (skipped
+when there is no home directory), and (Fashion-MNIST only) Debian's
+``/usr/share/datasets/fashion-mnist`` from the package ``dataset-fashion-mnist``. A folder holding
+only some of the four files is skipped with a warning naming the missing ones (and named in the
+error when nothing complete is found).
+
+Both data sets use the same four file names, so the files are also identified by content: every
+``.gz`` file, and every uncompressed label file, is hashed (md5) once as it is read and compared
+with the published checksums of MNIST and Fashion-MNIST (those torchvision holds). Files of the
+*other* data set (or a standard file under another file's name) raise a ValueError; files with an
+unknown checksum (your own data, a re-compressed file, an uncompressed image file) are accepted.
 
 :func:`load_digits` is the embedded default: scikit-learn's bundled 8x8 digits (1,797 images
 shipped inside scikit-learn), no files needed.
@@ -19,8 +29,12 @@ shipped inside scikit-learn), no files needed.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
+import sys
+import warnings
+import zlib
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -51,7 +65,31 @@ _FOLDERS = {
 _ALIASES = {"mnist": "mnist", "fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist",
             "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]  # src/fastcurv/datasets.py -> the repository
+_HERE = Path(__file__).resolve()
+# src/fastcurv/datasets.py -> the repository; None for an installed package (site-packages/fastcurv/)
+_REPO_ROOT = _HERE.parents[2] if _HERE.parent.parent.name == "src" else None
+
+# published md5s (torchvision's MNIST / FashionMNIST resources): of the .gz files and of their
+# decompressed contents, as {md5: (data set, file stem)}
+_MD5 = {
+    "f68b3c2dcbeaaa9fbdd348bbdeb94873": ("mnist", "train-images-idx3-ubyte"),
+    "d53e105ee54ea40749a09fcbcd1e9432": ("mnist", "train-labels-idx1-ubyte"),
+    "9fb629c4189551a2d022fa330f9573f3": ("mnist", "t10k-images-idx3-ubyte"),
+    "ec29112dd5afa0611ce80d1b7f02629c": ("mnist", "t10k-labels-idx1-ubyte"),
+    "6bbc9ace898e44ae57da46a324031adb": ("mnist", "train-images-idx3-ubyte"),
+    "a25bea736e30d166cdddb491f175f624": ("mnist", "train-labels-idx1-ubyte"),
+    "2646ac647ad5339dbf082846283269ea": ("mnist", "t10k-images-idx3-ubyte"),
+    "27ae3e4e09519cfbb04c329615203637": ("mnist", "t10k-labels-idx1-ubyte"),
+    "8d4fb7e6c68d591d4c3dfef9ec88bf0d": ("fashion-mnist", "train-images-idx3-ubyte"),
+    "25c81989df183df01b3e8a0aad5dffbe": ("fashion-mnist", "train-labels-idx1-ubyte"),
+    "bef4ecab320f06d8554ea6380940ec79": ("fashion-mnist", "t10k-images-idx3-ubyte"),
+    "bb300cfdad3c16e7a12a480ee83cd310": ("fashion-mnist", "t10k-labels-idx1-ubyte"),
+    "f4a8712d7a061bf5bd6d2ca38dc4d50a": ("fashion-mnist", "train-images-idx3-ubyte"),
+    "9018921c3c673c538a1fc5bad174d6f9": ("fashion-mnist", "train-labels-idx1-ubyte"),
+    "8181f5470baa50b63fa0f6fddb340f0a": ("fashion-mnist", "t10k-images-idx3-ubyte"),
+    "15d484375f8d13e6eb1aabb0c3f46965": ("fashion-mnist", "t10k-labels-idx1-ubyte"),
+}
+_PRETTY = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 
 
 class Splits(NamedTuple):
@@ -74,16 +112,25 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     The header is 2 zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
     0x0D float32, 0x0E float64), the number of dimensions, then each dimension as a big-endian
-    int32. Raises ValueError naming the file when the header or the size is wrong.
+    int32. Raises ValueError naming the file when the header or the size is wrong, or when the
+    gzip stream is damaged.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise ValueError(f"{path}: corrupt gzip stream ({e})") from None
+    return _parse_idx(_decompress(path.read_bytes(), path), path)
+
+
+def _decompress(raw: bytes, path: Path) -> bytes:
+    """``raw`` gunzipped when it starts with the gzip magic bytes, else unchanged."""
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error (a damaged deflate stream) is no OSError
+        raise ValueError(f"{path}: corrupt gzip stream ({e})") from None
+
+
+def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
+    """The array stored in the uncompressed IDX bytes ``raw`` (``path`` only names the file in errors)."""
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
@@ -122,11 +169,25 @@ def default_roots(name: str = "mnist") -> list[Path]:
     roots = []
     env = os.environ.get("FASTCURV_DATA")
     if env:
-        roots += [Path(p).expanduser() for p in env.split(os.pathsep) if p]
-    roots += [_REPO_ROOT.parent / "shared" / "data", Path.cwd() / "data", Path.home() / ".cache" / "fastcurv"]
+        roots += [_expand(p) for p in env.split(os.pathsep) if p]
+    if _REPO_ROOT is not None:
+        roots.append(_REPO_ROOT.parent / "shared" / "data")
+    roots.append(Path.cwd() / "data")
+    try:
+        roots.append(Path.home() / ".cache" / "fastcurv")
+    except RuntimeError:  # no $HOME and no passwd entry (env -i jobs, containers with random uids)
+        pass
     if _canonical(name) == "fashion-mnist":
         roots.append(Path("/usr/share/datasets/fashion-mnist"))
     return roots
+
+
+def _expand(p: str | os.PathLike) -> Path:
+    """``p`` with ``~`` expanded; unchanged when there is no home directory to expand it to."""
+    try:
+        return Path(p).expanduser()
+    except RuntimeError:
+        return Path(p)
 
 
 def _canonical(name: str) -> str:
@@ -143,27 +204,54 @@ def _file_in(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _missing(folder: Path, found: dict[str, Path | None]) -> list[str] | None:
+    """What ``folder`` lacks of the four files, when it holds some of them (or something in a file's
+    place: a folder, a broken link); None when it holds none of them."""
+    notes, anything = [], False
+    for k, stem in FILES.items():
+        if found[k] is not None:
+            anything = True
+            continue
+        note = f"{stem}(.gz)"
+        for cand in (folder / f"{stem}.gz", folder / stem):
+            if os.path.lexists(cand):
+                anything = True
+                note += f" ({cand.name} is {'a broken link' if not cand.exists() else 'not a file'})"
+        notes.append(note)
+    return notes if anything else None
+
+
 def find_idx_files(name: str, root: str | os.PathLike | Sequence | None = None) -> dict[str, Path]:
     """Paths of the four IDX files of ``name`` ("mnist" or "fashion-mnist").
 
     ``root``: a folder (any layout listed in the module docstring), a list of folders, or None for
-    :func:`default_roots`. Raises FileNotFoundError listing every place looked at and where to put
-    the files when they are not all found.
+    :func:`default_roots`. The first folder holding all four files wins; a folder looked at before it
+    that holds only some of them is named in a warning with the missing files. Raises
+    FileNotFoundError listing every place looked at (and what the incomplete ones lack) and where to
+    put the files when they are not all found. The files' content is checked by :func:`load_idx_dataset`.
     """
     name = _canonical(name)
     if root is None:
         roots = default_roots(name)
     elif isinstance(root, (str, os.PathLike)):
-        roots = [Path(root).expanduser()]
+        roots = [_expand(root)]
     else:
-        roots = [Path(r).expanduser() for r in root]
-    looked = []
+        roots = [_expand(r) for r in root]
+    looked, partial = [], []
     for r in roots:
         for folder in [r / sub for sub in _FOLDERS[name]] + [r]:
-            looked.append(folder)
+            if str(folder) in looked:
+                continue
+            looked.append(str(folder))
             found = {k: _file_in(folder, stem) for k, stem in FILES.items()}
             if all(found.values()):
+                if partial:
+                    warnings.warn(f"{name}: skipping {_describe(partial)}; loading the files in {folder} instead",
+                                  stacklevel=_outside_level())
                 return found
+            missing = _missing(folder, found)
+            if missing:
+                partial.append((folder, missing))
     pretty = "fashion-mnist" if name == "fashion-mnist" else "mnist"
     tv = "FashionMNIST" if name == "fashion-mnist" else "MNIST"
     hint = (
@@ -174,44 +262,140 @@ def find_idx_files(name: str, root: str | os.PathLike | Sequence | None = None) 
     if name == "fashion-mnist":
         hint += (" On Debian/Ubuntu, `apt-get install dataset-fashion-mnist` installs them in "
                  "/usr/share/datasets/fashion-mnist/, which is searched by default.")
-    unique = list(dict.fromkeys(str(p) for p in looked))
-    raise FileNotFoundError(hint + " Looked in: " + "; ".join(unique))
+    if partial:
+        hint += f" Incomplete: {_describe(partial)}."
+    raise FileNotFoundError(hint + " Looked in: " + "; ".join(looked))
+
+
+def _describe(partial: list[tuple[Path, list[str]]]) -> str:
+    return "; ".join(f"{folder}, which holds only some of the four files (missing: {', '.join(missing)})"
+                     for folder, missing in partial)
+
+
+def _outside_level() -> int:
+    """warnings.warn's stacklevel of the first caller outside this module (the user's line)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _identify(key: str, raw: bytes) -> tuple[str, str] | None:
+    """(data set, file stem) of the standard file whose md5 ``raw`` (a file's bytes as stored) has; None
+    when unknown or not hashed. Hashes .gz files and uncompressed label files; uncompressed image files
+    are not hashed (about 60 ms for MNIST's train images, more than the rest of a subset's load)."""
+    if raw[:2] != b"\x1f\x8b" and key.endswith("images"):
+        return None
+    return _MD5.get(hashlib.md5(raw).hexdigest())
+
+
+def _check_identity(name: str, files: dict[str, Path], known: dict[str, tuple[str, str] | None]) -> None:
+    """Raise when a file found for ``name`` is, by its md5, a standard file of the other data set, or
+    another standard file than the one its name says."""
+    wrong = {k: v for k, v in known.items() if v is not None and v != (name, FILES[k])}
+    if not wrong:
+        return
+    what = "; ".join(f"{files[k]} is {_PRETTY[v[0]]}'s {v[1]}" for k, v in wrong.items())
+    other = "fashion-mnist" if name == "mnist" else "mnist"
+    if all(v[0] != name for v in wrong.values()) and len(wrong) == sum(v is not None for v in known.values()):
+        raise ValueError(f"{_PRETTY[name]} requested, but the files in {files['train_images'].parent} are "
+                         f"{_PRETTY[other]}'s (by their md5). Both data sets use the same file names: point root / "
+                         f"FASTCURV_DATA at the folder holding {_PRETTY[name]}, or at a parent with {name}/ and "
+                         f"{other}/ subfolders")
+    raise ValueError(f"the {_PRETTY[name]} files found are mixed up (by their md5: {what})")
 
 
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
-def _subset(n_total: int, n: int | None, seed: int, what: str) -> torch.Tensor | None:
+def _subset(n_total: int, n: int | None, seed: int, what: str) -> np.ndarray | None:
+    """Sorted indices of a random subset of ``n`` of ``n_total`` samples drawn with ``seed`` (None: all)."""
     if n is None:
         return None
-    if not isinstance(n, (int, np.integer)) or n < 1:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{what} must be a positive integer or None, got {n!r}")
     if n > n_total:
         raise ValueError(f"{what}={n} is larger than the {n_total} samples available")
     g = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(n_total, generator=g)[:n].sort().values
+    return torch.randperm(n_total, generator=g)[:n].sort().values.numpy()
 
 
-def _finish(x_tr, y_tr, x_te, y_te, *, n_train, n_test, seed, normalize, flatten, dtype, scale) -> Splits:
-    x_tr = torch.from_numpy(np.asarray(x_tr, dtype=np.float64) / scale)
-    x_te = torch.from_numpy(np.asarray(x_te, dtype=np.float64) / scale)
+def _chunks(x: np.ndarray, elements: int = 1 << 18):
+    """``x`` in slices of whole rows of about ``elements`` values (bounds the temporaries' memory)."""
+    rows = max(1, elements // max(1, x[0].size)) if len(x) else 1
+    for i in range(0, len(x), rows):
+        yield slice(i, i + rows), x[i:i + rows]
+
+
+def _pixel_stats(x: np.ndarray, scale: float) -> tuple[float, float]:
+    """Mean and (unbiased) standard deviation of all of ``x / scale``, without a float copy of ``x``.
+
+    Integer pixels: exact integer sums; float pixels: two passes in float64.
+    """
+    n = x.size
+    if n < 2:
+        raise ValueError(f"normalize needs at least 2 training pixels, got {n}")
+    if np.issubdtype(x.dtype, np.integer):
+        s1 = s2 = 0  # Python ints: exact
+        for _, c in _chunks(x):
+            c = c.astype(np.int64)
+            s1, s2 = s1 + int(c.sum()), s2 + int((c * c).sum())
+        return s1 / (n * scale), ((n * s2 - s1 * s1) / (n * (n - 1))) ** 0.5 / scale
+    mean = sum(float((c.astype(np.float64) / scale).sum()) for _, c in _chunks(x)) / n
+    ss = sum(float(np.square(c.astype(np.float64) / scale - mean).sum()) for _, c in _chunks(x))
+    return mean, (ss / (n - 1)) ** 0.5
+
+
+def _to_float(x: np.ndarray, scale: float, stats: tuple[float, float] | None, dtype: torch.dtype) -> torch.Tensor:
+    """``x / scale`` (then ``(. - mean) / std`` with ``stats``) as a ``dtype`` tensor, computed in float64
+    a slice at a time, so the only full-size array is the result."""
+    out = torch.empty(x.shape, dtype=dtype)
+    for sl, c in _chunks(x):
+        c = torch.from_numpy(c.astype(np.float64) / scale)
+        if stats is not None:
+            c = (c - stats[0]) / stats[1]
+        out[sl] = c
+    return out
+
+
+def _finish(x_tr, y_tr, x_te, y_te, *, n_train, n_test, seed, normalize, flatten, dtype, scales) -> Splits:
+    """Subsets, then pixels divided by ``scales`` (train's, test's; to [0, 1]) and normalized, as ``dtype``,
+    then the layout. Only the kept rows are converted to float; normalize's statistics are those of the
+    whole training split."""
+    stats = _pixel_stats(x_tr, scales[0]) if normalize else None
+    tr = _subset(len(y_tr), n_train, seed, "n_train")
+    te = _subset(len(y_te), n_test, seed + 1, "n_test")
+    if tr is not None:
+        x_tr, y_tr = x_tr[tr], y_tr[tr]
+    if te is not None:
+        x_te, y_te = x_te[te], y_te[te]
+    x_tr, x_te = _to_float(x_tr, scales[0], stats, dtype), _to_float(x_te, scales[1], stats, dtype)
     y_tr = torch.from_numpy(np.asarray(y_tr).astype(np.int64))
     y_te = torch.from_numpy(np.asarray(y_te).astype(np.int64))
-    if normalize:
-        # statistics of the whole training split (before any subsetting), one scalar each
-        mean, std = x_tr.mean(), x_tr.std()
-        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
-    idx = _subset(len(y_tr), n_train, seed, "n_train")
-    if idx is not None:
-        x_tr, y_tr = x_tr[idx], y_tr[idx]
-    idx = _subset(len(y_te), n_test, seed + 1, "n_test")
-    if idx is not None:
-        x_te, y_te = x_te[idx], y_te[idx]
     if flatten:
         x_tr, x_te = x_tr.reshape(len(x_tr), -1), x_te.reshape(len(x_te), -1)
     else:
         x_tr, x_te = x_tr.unsqueeze(1), x_te.unsqueeze(1)
-    return Splits(x_tr.to(dtype).contiguous(), y_tr, x_te.to(dtype).contiguous(), y_te)
+    return Splits(x_tr.contiguous(), y_tr, x_te.contiguous(), y_te)
+
+
+def _check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (e.g. torch.float32), got {dtype!r}")
+
+
+def _pixel_scale(x: np.ndarray, path: Path) -> float:
+    """What brings the images of file ``path`` to [0, 1]: 255 for integer pixels (checked to be in
+    0..255), 1 for float pixels (used as stored, checked to be in [0, 1])."""
+    if x.dtype == np.uint8:
+        return 255.0
+    if np.issubdtype(x.dtype, np.integer):
+        lo, hi, scale, what = 0, 255, 255.0, "integer pixels must be in 0..255 (they are divided by 255)"
+    else:
+        lo, hi, scale, what = 0.0, 1.0, 1.0, "float pixels are used as stored and must be in [0, 1]"
+    if x.size and not (x.min() >= lo and x.max() <= hi):  # NaN fails both comparisons
+        raise ValueError(f"{path}: {what}; this {x.dtype} file holds values in [{x.min()}, {x.max()}]")
+    return scale
 
 
 def load_idx_dataset(
@@ -232,18 +416,39 @@ def load_idx_dataset(
         n_train / n_test: keep a random subset of this size (None: all), chosen by ``seed``
             (a fixed subset for a fixed seed; sorted by original index).
         normalize: subtract the mean and divide by the standard deviation of the whole training
-            split (pixel values, one scalar each); otherwise pixels are in [0, 1].
+            split (pixel values, one scalar each); otherwise pixels are in [0, 1]: integer pixels
+            (uint8 in the standard files) are divided by 255, float pixels are used as stored and
+            must lie in [0, 1].
         flatten: images as ``[N, 784]`` instead of ``[N, 1, 28, 28]``.
+
+    The files are checked against the published md5s (see the module docstring): files of the
+    other data set raise a ValueError, files of unknown md5 (custom data) are accepted. Train and
+    test images must have the same size.
     """
-    files = find_idx_files(name, root)
-    arrays = {k: read_idx(p) for k, p in files.items()}
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    _check_dtype(dtype)
+    canon = _canonical(name)
+    files = find_idx_files(canon, root)
+    arrays, known = {}, {}
+    for k, p in files.items():
+        raw = p.read_bytes()
+        known[k] = _identify(k, raw)
+        arrays[k] = _parse_idx(_decompress(raw, p), p)
+        del raw
+    _check_identity(canon, files, known)
     for split in ("train", "test"):
         xi, yi = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if xi.ndim != 3 or yi.ndim != 1 or len(xi) != len(yi):
             raise ValueError(f"{files[split + '_images']}: expected images [N, H, W] and labels [N], got {xi.shape} and {yi.shape}")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise ValueError(f"train and test images differ in size: {files['train_images']} holds "
+                         f"{arrays['train_images'].shape[1:]} images, {files['test_images']} "
+                         f"{arrays['test_images'].shape[1:]}")
+    scales = tuple(_pixel_scale(arrays[k], files[k]) for k in ("train_images", "test_images"))
     return _finish(arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"],
-                   n_train=n_train, n_test=n_test, seed=seed, normalize=normalize, flatten=flatten, dtype=dtype,
-                   scale=255.0)
+                   n_train=n_train, n_test=n_test, seed=int(seed), normalize=normalize, flatten=flatten, dtype=dtype,
+                   scales=scales)
 
 
 def load_mnist(root=None, **kwargs) -> Splits:
@@ -272,24 +477,30 @@ def load_digits(
     """
     from sklearn.datasets import load_digits as _sk_digits
 
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    _check_dtype(dtype)
+    if not isinstance(test_fraction, (int, float, np.floating)) or not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
     d = _sk_digits()
     x, y = d.images, d.target
     n = len(y)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(split_seed))).numpy()
     n_test = int(round(n * test_fraction))
+    if not 0 < n_test < n:
+        raise ValueError(f"test_fraction={test_fraction} leaves {n - n_test} train and {n_test} test samples of {n}; "
+                         f"both splits need at least one (use {1 / n:.2g} <= test_fraction <= {1 - 1 / n:.4g})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(split_seed))).numpy()
     te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
     return _finish(x[tr], y[tr], x[te], y[te], n_train=None, n_test=None, seed=0, normalize=normalize,
-                   flatten=flatten, dtype=dtype, scale=16.0)
+                   flatten=flatten, dtype=dtype, scales=(16.0, 16.0))
 
 
 def load_dataset(name: str, root=None, **kwargs) -> Splits:
-    """By name: "digits" (embedded), "mnist" or "fashion-mnist"."""
+    """By name: "digits" (embedded; ``root`` must be None), "mnist" or "fashion-mnist"."""
     if name.lower() in ("digits", "sklearn-digits"):
         extra = set(kwargs) - {"normalize", "flatten", "dtype", "test_fraction", "split_seed"}
         if extra:
             raise ValueError(f"options {sorted(extra)} do not apply to the digits data set")
+        if root is not None:
+            raise ValueError(f"the digits data set is embedded and reads no files; got root={root!r}")
         return load_digits(**kwargs)
     return load_idx_dataset(name, root, **kwargs)
 
