@@ -546,3 +546,35 @@ def test_a_custom_attribute_that_differs_is_warned_about_once():
         fastcurv.HessianOperator([Scaled(1.0).double(), Scaled(2.0).double(), Scaled(3.0).double()], (x, y))
     said = [str(w.message) for w in caught if "attribute 'scale'" in str(w.message)]
     assert len(said) == 1 and said[0].startswith("replicas [1, 2] differ from replica 0")
+
+
+@pytest.mark.parametrize("backend", ["fused", "func", "autograd"])
+def test_a_nan_probe_entry_a_dead_unit_drops_is_still_reported(backend):
+    """A dead ReLU's derivative drops a NaN in its incoming weights' probe entries: with the NaN
+    check run only on rows whose products came out non-finite (this round's first form), func and
+    autograd returned a finite product without a word."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        m[0].bias[2] = -100.0  # hidden unit 2 dead on every sample
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    op = fastcurv.HessianOperator([m], (x, y), backend=backend)
+    V = torch.randn(1, op.P, dtype=torch.float64)
+    V[0, 8:12] = float("nan")  # unit 2's incoming weights
+    with pytest.warns(RuntimeWarning, match=r"the vectors of replicas \[0\] contain NaN or Inf"):
+        assert torch.isnan(op.matvec(V)).all()
+    assert not op.failed.any()
+
+
+def test_torch_modules_set_up_otherwise_beyond_their_constructor_names():
+    """RNNs take *args (mode and batch_first are no constructor names), a Transformer layer keeps its
+    activation as a function: comparing constructor names only (this round's first form) let a
+    relu RNN or a gelu layer run through replica 0's tanh / relu (lambda_max 1.484 for 1.149)."""
+    torch.manual_seed(0)
+    x, y = data()
+    with pytest.raises(ValueError, match="mode='RNN_RELU', replica 0 has mode='RNN_TANH'"):
+        fastcurv.HessianOperator([nn.RNN(5, 3, nonlinearity=n).double() for n in ("tanh", "relu")], (x, y),
+                                 loss=lambda out, t: out[0].square().mean())
+    layers = [nn.TransformerEncoderLayer(4, 1, 8, dropout=0.0, activation=a) for a in ("relu", "gelu")]
+    with pytest.raises(ValueError, match="activation"):
+        fastcurv.replicas.validate_models(layers)

@@ -6,7 +6,7 @@ parameter entries in ``model.parameters()`` order, each parameter flattened row-
 from __future__ import annotations
 
 import copy
-import inspect
+import types
 import warnings
 import weakref
 from typing import Sequence
@@ -75,27 +75,25 @@ def module_settings(mod: nn.Module) -> dict:
     return {k: v for k, v in vars(mod).items() if not k.startswith("_") and k != "training" and simple(v)}
 
 
-def _builtin_settings(mod: nn.Module) -> set | None:
-    """The names of a torch.nn module's constructor arguments (the settings its forward reads), or
-    None for a module defined elsewhere (any attribute may be one)."""
-    if not type(mod).__module__.startswith("torch.nn"):
-        return None
-    try:
-        return set(inspect.signature(type(mod).__init__).parameters)
-    except (TypeError, ValueError):
-        return set()
+# torch.nn containers: their forward reads no attribute (a tag such as ``model.seed = 3`` changes nothing)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+def _is_torch_module(mod: nn.Module) -> bool:
+    return type(mod).__module__.startswith("torch.nn")
 
 
 def _compared_settings(mod: nn.Module, training: bool) -> dict:
-    """The settings of ``mod`` that change what fastcurv computes with it: for a torch.nn module its
-    constructor's (a tag such as ``model.seed = 3`` on an ``nn.Sequential`` changes nothing), for
-    another module every simple attribute. ``inplace`` never does; in eval mode (every measurement)
-    neither do dropout rates (``nn.Dropout``'s ``p``, ``dropout`` of attention and recurrent layers)
-    nor BatchNorm's ``momentum``, so a sweep over them measures as one population."""
+    """The settings of ``mod`` that change what fastcurv computes with it: every simple attribute and
+    the functions it holds (by name: a Transformer layer's ``activation``), but none of a torch.nn
+    container's. ``inplace`` never does; in eval mode (every measurement) neither do dropout rates
+    (``nn.Dropout``'s ``p``, ``dropout`` of attention and recurrent layers) nor BatchNorm's
+    ``momentum``, so a sweep over them measures as one population."""
+    if isinstance(mod, _CONTAINERS) and _is_torch_module(mod):
+        return {}
     s = module_settings(mod)
-    own = _builtin_settings(mod)
-    if own is not None:
-        s = {k: v for k, v in s.items() if k in own}
+    s.update({k: f"{getattr(v, '__module__', '')}.{v.__qualname__}" for k, v in vars(mod).items()
+              if not k.startswith("_") and isinstance(v, (types.FunctionType, types.BuiltinFunctionType))})
     s.pop("inplace", None)
     if not training:
         s.pop("dropout", None)
@@ -125,7 +123,7 @@ def _check_settings(models: list, training: bool) -> None:
     for i, m in enumerate(models[1:], start=1):
         for name, mod, key, v0, v in _setting_differences(models[0], m, training):
             what = f"module {name!r} ({type(mod).__name__}) has {key}={v!r}, replica 0 has {key}={v0!r}"
-            if _builtin_settings(mod) is not None:
+            if _is_torch_module(mod):
                 raise ValueError(f"replica {i} differs from replica 0: {what}; every replica runs through replica "
                                  "0's modules, so the population must share its layers' settings (measure such "
                                  "replicas in separate calls)")
