@@ -339,20 +339,6 @@ def test_settings_that_do_not_change_a_measurement_may_differ():
         train_population(lambda: net(next(rates)), x, y, replicas=2, epochs=1)
 
 
-def test_a_custom_module_attribute_that_differs_is_warned_about():
-    """fastcurv cannot know whether forward() reads a custom module's attribute: it warns."""
-    class Scaled(nn.Module):
-        def __init__(self, scale):
-            super().__init__()
-            self.scale, self.lin = scale, nn.Linear(5, 3)
-
-        def forward(self, x):
-            return self.lin(x) * self.scale
-    x, y = data()
-    with pytest.warns(RuntimeWarning, match=r"module '\(model\)' \(Scaled\) has scale=2.0, replica 0 has scale=1.0"):
-        fastcurv.batched_sharpness([Scaled(1.0).double(), Scaled(2.0).double()], (x, y), measures=("lambda_max",))
-
-
 @pytest.mark.parametrize("name, options, accepts", [
     ("mw_sharpness", {"num_samples": 5}, "n_samples"),
     ("rho_sharpness", {"radius": 0.1}, "rho"),
@@ -532,20 +518,24 @@ def test_settings_that_torch_modules_do_not_read_may_differ():
     assert torch.isfinite(res["disagreement"]).all()
 
 
+class Scaled(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale, self.lin = scale, nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
 def test_a_custom_attribute_that_differs_is_warned_about_once():
-    class Scaled(nn.Module):
-        def __init__(self, scale):
-            super().__init__()
-            self.scale, self.lin = scale, nn.Linear(5, 3)
-
-        def forward(self, x):
-            return self.lin(x) * self.scale
-
+    """fastcurv cannot know whether forward() reads a custom module's attribute: one warning names
+    the replicas that differ."""
     x, y = data()
     with pytest.warns(RuntimeWarning) as caught:
         fastcurv.HessianOperator([Scaled(1.0).double(), Scaled(2.0).double(), Scaled(3.0).double()], (x, y))
     said = [str(w.message) for w in caught if "attribute 'scale'" in str(w.message)]
     assert len(said) == 1 and said[0].startswith("replicas [1, 2] differ from replica 0")
+    assert "module '(model)' (Scaled) has scale=2.0, replica 0 has scale=1.0" in said[0]
 
 
 @pytest.mark.parametrize("backend", ["fused", "func", "autograd"])
