@@ -770,3 +770,31 @@ def test_models_the_engine_check_cannot_run_fall_back_with_the_reason():
     xs, ys = torch.randn(40, 8, dtype=torch.float64), torch.randint(0, 3, (40,))
     op = fastcurv.HessianOperator(replicas(Groups, R=2), (xs, ys))
     assert op.backend_name == "func" and "may mix samples" in op.backend_reason
+
+
+class EvalDropout(nn.Module):
+    def __init__(self, default_training=False):
+        super().__init__()
+        self.fc, self.o = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.default_training = default_training
+
+    def forward(self, x):
+        h = F.dropout(F.relu(self.fc(x)), 0.5, training=self.training).contiguous()
+        if self.default_training:
+            h = F.dropout(h, p=0.2)  # (F.dropout's default training=True: it drops in eval mode too)
+        return self.o(h)
+
+
+def test_eval_mode_functional_dropout_and_contiguous_are_identities():
+    """F.dropout(h, p, training=self.training) and .contiguous() sent models to torch.func; in eval mode
+    they are identities. F.dropout with its default training=True draws random numbers: refused."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    models = [m.eval() for m in replicas(EvalDropout, R=2)]
+    op = fastcurv.HessianOperator(models, (x, y))
+    assert op.backend_name == "fused", op.backend_reason
+    V = torch.randn(2, op.P, generator=g, dtype=torch.float64)
+    for r in range(2):
+        torch.testing.assert_close(op.matvec(V)[r], dense_hessian(models[r], [(x, y)]) @ V[r], rtol=1e-10, atol=1e-12)
+    graph, why = fastcurv.backends.fused.graph.trace(EvalDropout(default_training=True).eval())
+    assert graph is None and "draws random numbers" in why

@@ -15,6 +15,8 @@ modules are traced through) into a DAG of fused layers (:class:`Graph`) that the
   update as an out-of-place operation, so a later reader would see the old value in the traced
   graph and the new one in the model. fx records ``a += b`` as ``a + b``; :class:`_Tracer` tells
   them apart by the bytecode that made the call;
+* ``F.dropout(x, p, training=self.training)`` in eval mode (training False, or p = 0) and
+  ``x.contiguous()``: identities;
 * functional activations: ``F.relu``/``torch.relu``/``x.relu()`` (also in place), ``torch.tanh``,
   ``torch.sigmoid``, ``F.gelu`` (exact), ``F.leaky_relu``; functional pooling ``F.max_pool2d``,
   ``F.avg_pool2d``, ``F.adaptive_avg_pool2d`` (as the modules they equal);
@@ -299,6 +301,17 @@ def _convert(gm: fx.GraphModule, graph: fx.Graph) -> Graph:
                 layers.append(_Layer("adaptive", name=f"{node.name}.pool", opts=dict(output_size=1)))
                 inputs.append([tensor(args[0], node)])
                 add(node, _Layer("flatten", name=node.name), [len(layers) - 1])
+            elif not is_method and t in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
+                p = args[1] if len(args) > 1 else kw.get("p", 0.5)
+                training = args[2] if len(args) > 2 else kw.get("training", True)
+                if training is not False and p != 0:
+                    raise _Unsupported(f"{_describe(node)} drops with p={p} (training={training}: F.dropout's default "
+                                       "is True, also in eval mode); not fused, as it draws random numbers")
+                ids[node] = tensor(args[0], node)  # (an identity: training=False, as self.training reads in eval mode)
+                alias_of[node] = args[0]
+            elif is_method and t == "contiguous" and len(args) == 1 and not kw:
+                ids[node] = tensor(args[0], node)  # (the same values; a copy or the tensor itself)
+                alias_of[node] = args[0]
             elif not is_method and t in _POOL_FUNCTIONS:
                 add(node, _pool_layer(node, args, kw), [tensor(args[0], node)])
             elif (t in ("view", "reshape")) if is_method else (t is torch.reshape):
