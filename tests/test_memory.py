@@ -826,3 +826,15 @@ def test_a_job_that_cannot_be_split_is_planned_in_one_chunk(one_thread):
                                          r"common_random_numbers=False cannot be split into chunks or ranks, so its 4 "
                                          r"replicas run in one chunk, and with one-sample batches they need about"):
         fastcurv.batched_sharpness(models, data, progress=False, memory_budget=small, **job)
+
+
+@pytest.mark.parametrize("y", [torch.tensor([True, False, True]), torch.tensor([1, 0, 2], dtype=torch.uint8),
+                               torch.tensor([1, 0, 2])])
+def test_a_one_pass_loaders_targets_are_counted_as_the_job_keeps_them(y):
+    """read_one_pass counts the bytes of the batches it keeps as Batches converts them: labels become
+    int64 (bool labels too, since this round; they were counted at one byte each)."""
+    from fastcurv.data import Batches
+    from fastcurv.memory import _kept_bytes
+
+    kept = Batches((torch.zeros(3, 2), y), device="cpu", dtype=torch.float32).cache[0][1]
+    assert _kept_bytes(y, torch.float32, targets=True) == kept.numel() * kept.element_size()

@@ -707,7 +707,7 @@ def _kept_bytes(t, dtype, targets=False) -> int:
         return 0
     if t.is_floating_point():
         return t.numel() * dtype.itemsize
-    if targets and t.dtype not in (torch.int64, torch.bool):
+    if targets and t.dtype != torch.int64:  # (losses.as_labels: uint8, int32 and bool labels become int64)
         return t.numel() * 8
     return t.numel() * t.element_size()
 
