@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextvars
 import inspect
 import json
-import numbers
 import operator
 import time
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from ._heap import reusing_heap
 from .measures import accepted_options, load_all as _load_measures
 from .operator import HessianOperator
 from .replicas import validate_models
+from .solvers.lanczos import count
 from .solvers.probes import start_vectors
 from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
 
@@ -150,15 +150,6 @@ def _underflowed(op, loss: torch.Tensor) -> torch.Tensor:
         return torch.zeros(op.R, dtype=torch.bool)
     per_sample = loss.detach().double().cpu() / (op.loss.num_samples if op.loss.reduction == "sum" else 1)
     return per_sample < torch.finfo(op.dtype).tiny
-
-
-def _count(name: str, v) -> int:
-    """``v`` as a positive int (a whole float such as a JSON config's ``100.0`` too); a ValueError else."""
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
 
 
 @reusing_heap
@@ -342,8 +333,10 @@ def batched_sharpness(
         if wrong:
             raise TypeError(f"measure_options[{name!r}] has unknown options {wrong}; {name} accepts "
                              f"{sorted(allowed) or 'none (its settings are batched_sharpness arguments)'}")
-    max_iter, slq_steps, slq_draws = (_count(n, v) for n, v in (("max_iter", max_iter), ("slq_steps", slq_steps),
-                                                                ("slq_draws", slq_draws)))
+    # (whole floats too: a JSON config's 100.0)
+    max_iter, slq_steps, slq_draws = (count(n, int(v) if isinstance(v, float) and v.is_integer() else v)
+                                      for n, v in (("max_iter", max_iter), ("slq_steps", slq_steps),
+                                                   ("slq_draws", slq_draws)))
     if not tol >= 0:
         raise ValueError(f"tol must be non-negative, got {tol}")
     if trace_method not in TRACE_METHODS:

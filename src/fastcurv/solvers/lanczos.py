@@ -122,6 +122,13 @@ def _reorthogonalize(Q: torch.Tensor, w: torch.Tensor, ai: torch.Tensor, due: to
     w[pick] = sub.squeeze(1)
 
 
+def count(name: str, v) -> int:
+    """``v``, a positive integer, as an int; a ValueError naming ``name`` else."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
 def min_iter_default(k: int, which: str = "largest") -> int:
     """The fewest Lanczos steps before a replica may stop: 10 per wanted eigenvalue, 30 per one at
     the bottom of the spectrum, where eigenvalues crowd. A residual test only shows that *some*
@@ -217,8 +224,7 @@ def lanczos(
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if k < 1:
         raise ValueError("k must be at least 1")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    max_iter = count("max_iter", max_iter)
     if reorthogonalize is None:
         reorthogonalize = "full" if keep_basis else "partial"
     if reorthogonalize not in ("partial", "full"):

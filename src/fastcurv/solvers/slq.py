@@ -1,14 +1,13 @@
 """Stochastic Lanczos quadrature: the Hessian's spectral density per replica."""
 from __future__ import annotations
 
-import numbers
 import operator
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .lanczos import _tridiag, lanczos
+from .lanczos import _tridiag, count, lanczos
 from .probes import probe_vectors
 
 
@@ -162,9 +161,7 @@ def slq(op, *, num_steps: int = 60, num_draws: int = 1, seed: int = 0, common: b
     ``T = Y diag(theta) Y^T``: nodes ``theta``, weights ``Y[0, :]^2``.
     Costs ``num_draws * num_steps`` matvecs per replica.
     """
-    for name, v in (("num_steps", num_steps), ("num_draws", num_draws)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"slq: {name} must be a positive integer, got {v!r}")
+    num_steps, num_draws = count("slq: num_steps", num_steps), count("slq: num_draws", num_draws)
     R, P = op.R, op.P
     g = torch.Generator().manual_seed(seed)
     runs = []
