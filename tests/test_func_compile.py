@@ -34,6 +34,16 @@ def _fallback_warnings(caught):
     return [str(w.message) for w in caught if "running it eagerly" in str(w.message)]
 
 
+def _eager_product_with_one_warning(op, V, want):
+    """``op.matvec(V)`` equals the eager product ``want`` (to float32 rounding), with one fallback warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = op.matvec(V)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    said = _fallback_warnings(caught)
+    assert len(said) == 1, said
+
+
 def test_compile_failing_after_tracing_falls_back_to_a_fresh_linearization(problem, monkeypatch, dynamo_reset):
     """A compiler backend that fails after Dynamo traced the linearization (what Inductor does
     without a working C++ compiler). The fallback used to run the very linearization Dynamo had
@@ -52,11 +62,7 @@ def test_compile_failing_after_tracing_falls_back_to_a_fresh_linearization(probl
 
     monkeypatch.setattr(torch, "compile", compile_with_failing_backend)
     op = _compiled_op(models, batches)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = op.matvec(V)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert len(_fallback_warnings(caught)) == 1, _fallback_warnings(caught)
+    _eager_product_with_one_warning(op, V, want)
     assert "simulated: no working C++ compiler" in op.backend.compile_error
     assert len(compiled) == 1  # the second batch's linearization ran eagerly from the start
     torch.testing.assert_close(op.matvec(V), want, rtol=1e-5, atol=1e-6)
@@ -72,11 +78,7 @@ def test_torch_compile_raising_falls_back(problem, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", unavailable)
     op = _compiled_op(models, batches)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = op.matvec(V)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert len(_fallback_warnings(caught)) == 1
+    _eager_product_with_one_warning(op, V, want)
     assert "not supported here" in op.backend.compile_error
 
 
