@@ -104,11 +104,12 @@ def _compared_settings(mod: nn.Module, training: bool) -> dict:
     return s
 
 
-def _setting_differences(ref: nn.Module, m: nn.Module, training: bool):
+def _setting_differences(ref: list[tuple[str, dict]], m: nn.Module, training: bool):
     """``(module name, module, key, replica 0's value, this replica's value)`` for the first setting
-    that differs in each module of ``m`` from ``ref`` (see :func:`_compared_settings`)."""
-    for (name, a), (_, b) in zip(ref.named_modules(), m.named_modules()):
-        sa, sb = _compared_settings(a, training), _compared_settings(b, training)
+    that differs in each module of ``m`` from replica 0's, ``ref`` (its modules' names and
+    :func:`_compared_settings`)."""
+    for (name, sa), (_, b) in zip(ref, m.named_modules()):
+        sb = _compared_settings(b, training)
         if sa != sb:
             key = next(k for k in sorted(set(sa) | set(sb), key=str) if sa.get(k, "(none)") != sb.get(k, "(none)"))
             yield name or "(model)", b, key, sa.get(key, "(none)"), sb.get(key, "(none)")
@@ -120,8 +121,9 @@ def _check_settings(models: list, training: bool) -> None:
     through replica 0's modules (with its own parameters and buffers), so such a setting would
     silently be replica 0's."""
     custom: dict = {}
+    ref = [(name, _compared_settings(a, training)) for name, a in models[0].named_modules()]
     for i, m in enumerate(models[1:], start=1):
-        for name, mod, key, v0, v in _setting_differences(models[0], m, training):
+        for name, mod, key, v0, v in _setting_differences(ref, m, training):
             what = f"module {name!r} ({type(mod).__name__}) has {key}={v!r}, replica 0 has {key}={v0!r}"
             if _is_torch_module(mod):
                 raise ValueError(f"replica {i} differs from replica 0: {what}; every replica runs through replica "
