@@ -326,3 +326,221 @@ def test_the_audit_plot_keeps_the_backend_and_leaves_no_figure(svg_backend, tmp_
     with pytest.raises(FileNotFoundError):
         audit._plot(table, tr, "dinh", tmp_path / "no such folder" / "audit.png")
     assert plt.get_fignums() == open_before
+
+
+def _wn_mlp():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 4, bias=False), nn.ReLU(),
+                      nn.Linear(4, 3, bias=False)).double()
+    torch.nn.utils.parametrizations.weight_norm(m[2])
+    return m
+
+
+def test_parametrized_layers_are_refused():
+    """On a weight_norm (or spectral_norm, ...) layer ``layer.weight`` is recomputed at each access, so
+    the in-place rescaling scaled a temporary: rescale_layers(alpha=10) reported an output change of 0
+    with layer '2' unchanged, and the audit labelled lambda_max and trace invariant (ratio 1.0, for a
+    transform that should move them ~100x). Old-style torch.nn.utils.weight_norm failed with torch's
+    raw deepcopy RuntimeError."""
+    import warnings
+
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    for call in (lambda ms: reparam.rescale_layers(ms, alpha=10, probe=x), lambda ms: reparam.balance(ms),
+                 lambda ms: reparam.rescale_neurons(ms, torch.ones(4)),
+                 lambda ms: fastcurv.invariance_audit(ms, (x, y), measures=("lambda_max",))):
+        with pytest.raises(ValueError, match=r"layer '2' has a parametrized \(_WeightNorm\) weight.*"
+                                             r"remove_parametrizations\(layer, 'weight'\)"):
+            call([_wn_mlp()])
+    bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)).double()
+    torch.nn.utils.parametrizations.spectral_norm(bn[0])
+    with pytest.raises(ValueError, match=r"layer '0' has a parametrized \(_SpectralNorm\) weight"):
+        reparam.fold_batchnorm([bn])
+    old = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (old-style weight_norm is deprecated)
+        torch.nn.utils.weight_norm(old[4])
+    with pytest.raises(ValueError, match=r"layer '4' has a computed \(old-style.*remove_weight_norm"):
+        reparam.rescale_layers([old])
+    with pytest.raises(ValueError, match="cannot be copied.*remove_weight_norm"):  # (layers '0' and '2' are plain)
+        reparam.rescale_layers([old], layers=("0", "2"))
+
+
+def _bn_mlp(seed):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        m[1].running_mean.normal_(), m[1].running_var.uniform_(0.5, 2)
+    return m
+
+
+def test_folding_under_batch_statistics_is_caught():
+    """The function check ran in eval mode whatever the audit's bn_mode: fold_batchnorm under
+    bn_mode="batch" reported an output change of 1e-16 and no warning, while the function the
+    measures see changed (the audit's loss row moved by 1-10%, lambda_max by a factor 0.15-0.53)."""
+    models = [_bn_mlp(0), _bn_mlp(1)]
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    with pytest.raises(ValueError, match="with bn_mode='batch' each BatchNorm normalizes by the batch's own"):
+        fastcurv.invariance_audit(models, (x, y), measures=("lambda_max",), transform="fold_batchnorm", bn_mode="batch")
+    with pytest.raises(ValueError, match="fold only for bn_mode='eval'"):
+        reparam.fold_batchnorm(models, bn_mode="batch")
+    # a custom transform that folds: the probe runs with batch statistics, and the loss row is checked
+    with pytest.warns(RuntimeWarning, match=r"not function-preserving.*full-data loss moved on replicas \[0, 1\]"):
+        fastcurv.invariance_audit(models, [(x[:20], y[:20]), (x[20:], y[20:])], measures=("lambda_max",),
+                                  transform=lambda ms: reparam.fold_batchnorm(ms), bn_mode="batch", max_iter=5)
+    assert reparam.fold_batchnorm(models, probe=x).function_changed is False  # (in eval mode folding is exact)
+
+
+def _tanh_net(seed, bias0=50.0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        m[4].bias.copy_(torch.tensor([bias0, 0.0, 0.0]))  # (no argmax flips: only the output change tells)
+    return m
+
+
+def test_a_nan_replica_first_does_not_hide_the_change():
+    """max() over the replicas' changes returned NaN when the NaN replica came first (nan > 1e-2 is
+    False): max_output_change NaN and no warning, where the same replica last gave 0.586 and the warning."""
+    good = [_tanh_net(0), _tanh_net(1)]
+    bad = _tanh_net(2)
+    with torch.no_grad():
+        bad[0].weight[0, 0] = float("nan")
+    x = torch.randn(64, 5, dtype=torch.float64)
+    results = []
+    for models, where in ((good + [bad], 2), ([bad] + good, 0)):
+        with pytest.warns(RuntimeWarning, match=rf"not function-preserving.*replicas \[{where}\] had non-finite"):
+            res = reparam.rescale_layers(models, alpha=10, probe=x)
+        assert res.details["nonfinite_replicas"] == [where] and res.function_changed
+        results.append(res)
+    assert results[0].max_output_change == results[1].max_output_change > 0.1
+
+
+def test_fold_refuses_a_batchnorm_that_does_not_follow_its_layer():
+    """fold_batchnorm folded a BatchNorm that follows a ReLU (Linear -> ReLU -> BatchNorm) into the
+    Linear before the ReLU: the output changed by 0.175, silently without probe=, and with one the
+    warning advised fold_batchnorm, the transform that had just failed."""
+    m = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.BatchNorm1d(6), nn.Linear(6, 3)).double().eval()
+    with pytest.raises(ValueError, match=r"BatchNorm '2' follows ReLU '1', not a Linear/Conv"):
+        reparam.fold_batchnorm([m])
+
+    class Functional(nn.Module):  # registration order conv, bn; forward puts a ReLU between them
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn, self.out = nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(self.bn(torch.relu(self.fc(x))))
+
+    x = torch.randn(20, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"BatchNorm 'bn' is registered after 'fc' but in forward does not take its "
+                                         "output as is"):
+        reparam.fold_batchnorm([Functional().double()], probe=x)
+    # Identity and Dropout between a layer and its BatchNorm are fine; the hint for a fold names the fold
+    ok = nn.Sequential(nn.Linear(5, 6), nn.Identity(), nn.Dropout(0.3), nn.BatchNorm1d(6), nn.ReLU(),
+                       nn.Linear(6, 3)).double()
+    res = reparam.fold_batchnorm([ok], probe=x)
+    assert res.details["folded"] == 1 and res.max_output_change < 1e-12
+    assert reparam.preservation_hint(ok, fold=True).startswith("fold_batchnorm folds each BatchNorm")
+
+
+def test_an_in_place_custom_transform_is_refused():
+    """A callable transform that rescaled the given models in place made the audit compare each model
+    with itself: lambda_max "invariant" (ratio 1.0) under a Dinh rescaling, with "before" values
+    [24.2, 14.2] computed on the rescaled models where the untouched ones give [0.61, 0.63]."""
+    models = make_replicas(R=2)
+    x, y = _x(make_data()), torch.cat([b[1] for b in make_data()])
+
+    def in_place(ms):
+        with torch.no_grad():
+            for m in ms:
+                m[2].weight.mul_(10), m[2].bias.mul_(10), m[4].weight.div_(10)
+        return ms
+
+    with pytest.raises(ValueError, match=r"changed the models it was given in place \(replica 0: parameter '2.weight', "
+                                         r"parameter '2.bias', parameter '4.weight'\)"):
+        fastcurv.invariance_audit(models, (x, y), measures=("lambda_max",), transform=in_place)
+    # a transform of copies is audited against the untouched models
+    fresh = make_replicas(R=2)
+    audit = fastcurv.invariance_audit(fresh, (x, y), measures=("lambda_max",), tol=1e-8,
+                                      transform=lambda ms: in_place([__import__("copy").deepcopy(m) for m in ms]))
+    want = fastcurv.batched_sharpness(make_replicas(R=2), (x, y), measures=("lambda_max",), tol=1e-8)["lambda_max"]
+    torch.testing.assert_close(audit.per_replica["lambda_max"][0], want.double(), rtol=1e-6, atol=0)
+    assert not audit.table.loc["lambda_max", "invariant"]
+
+
+def test_the_function_check_is_relative_to_the_output_scale():
+    """The check was absolute (an output moving by more than 0.01): a Tanh regression net with outputs
+    of about 1e-3 whose outputs the Dinh transform moved by 8e-4 (78% relative) passed silently, and
+    the audit compared different functions (loss ratio 0.79, lambda_max x3.0)."""
+    import warnings
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 5, dtype=torch.float64)
+    small = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    with torch.no_grad():
+        small[4].weight.mul_(3e-3), small[4].bias.zero_()
+    with pytest.warns(RuntimeWarning, match="not function-preserving"):
+        res = reparam.rescale_layers([small], alpha=10, probe=x)
+    assert res.max_output_change < 1e-2 and res.relative_output_change > 0.1 and res.function_changed
+    # function-preserving transforms in float32 stay quiet (rounding is far below the tolerance)
+    models = [m.float() for m in train(make_replicas(R=2), make_data(), steps=50)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe = _x(make_data()).float()
+        for res in (reparam.rescale_layers(models, alpha=10, probe=probe), reparam.balance(models, probe=probe)):
+            assert res.function_changed is False and res.relative_output_change < 1e-5
+
+
+def test_the_audit_says_when_the_transform_changed_nothing():
+    """The audit ignored every warning of the transform: fold_batchnorm's "no BatchNorm to fold" was
+    swallowed on a BatchNorm-free MLP, and every measure, lambda_max included, came out invariant."""
+    models = make_replicas(R=2)
+    loader = make_data()
+    with pytest.raises(ValueError, match="no BatchNorm to fold, so the audit would compare them with themselves"):
+        fastcurv.invariance_audit(models, loader, measures=("lambda_max",), transform="fold_batchnorm")
+    with pytest.warns(RuntimeWarning, match="left every parameter and buffer of the models unchanged"):
+        fastcurv.invariance_audit(models, loader, measures=("lambda_max",), transform=lambda ms: ms, max_iter=5)
+
+
+def test_the_audit_loss_row_uses_the_audits_loss_settings():
+    """The loss row forwarded only loss/reduction/bn_mode: with a callable loss and
+    loss_reduction="sum" it showed a loss of about 136 where the measures' loss is 2.12 (64x, the batch size)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
+    models = [nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2)).double() for _ in range(2)]
+
+    def loss(out, t):
+        return ((out - t) ** 2).sum()
+
+    audit = fastcurv.invariance_audit(models, (x, y), measures=("lambda_max",), loss=loss, loss_reduction="sum",
+                                      max_iter=5)
+    want = fastcurv.HessianOperator(models, (x, y), loss=loss, loss_reduction="sum").loss_and_gradient()[0]
+    torch.testing.assert_close(audit.per_replica["loss"][0], want.double(), rtol=1e-12, atol=0)
+
+
+def test_rescaling_diagnosis_names_skip_connections_and_needs_no_probe_for_known_activations():
+    """On a ReLU residual net the warning blamed "ReLU-like activations" (there were only ReLUs) and
+    never named the skip connection; without probe=, a GELU between the rescaled layers changed the
+    outputs by 0.14 silently."""
+    import warnings
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.a, self.b, self.out = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.inp(x))
+            return self.out(torch.relu(h + self.b(torch.relu(self.a(h)))))
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 5, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="probably not consecutive in forward: a skip/residual connection"):
+        reparam.rescale_layers([Res().double()], alpha=10, probe=x)
+    gelu = nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    with pytest.warns(RuntimeWarning, match=r"not function-preserving.*pass probe=.*GELU '1' is not positively "
+                                            "homogeneous"):
+        reparam.rescale_layers([gelu], alpha=10, layers=("0", "2"))
+    with warnings.catch_warnings():  # the default pair ('2', '4') has only a ReLU between them
+        warnings.simplefilter("error")
+        reparam.rescale_layers([gelu], alpha=10)

@@ -2,6 +2,8 @@
 reparameterization, as a table of ratios (and a plot)."""
 from __future__ import annotations
 
+import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -49,24 +51,86 @@ def _probe_inputs(data, n: int = 1024):
     return torch.cat(xs)[:n]
 
 
-def _apply(models, transform, probe, alpha, seed):
+def _fingerprint(models) -> list[dict]:
+    """Per model, ``{"parameter 'name'" / "buffer 'name'": [3] float64}``: the sum, the sum of squares
+    and a position-weighted sum of each tensor's entries (a change in place almost surely moves one)."""
+    prints = []
+    with torch.no_grad():
+        for m in models:
+            found = {}
+            for kind, named in (("parameter", m.named_parameters()), ("buffer", m.named_buffers())):
+                for name, t in named:
+                    v = t.detach().reshape(-1).double()
+                    pos = torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device)
+                    found[f"{kind} {name!r}"] = torch.stack([v.sum(), v.pow(2).sum(), (v * pos).sum()]).cpu()
+            prints.append(found)
+    return prints
+
+
+def _check_untouched(models, prints) -> None:
+    """A ValueError when ``models`` no longer match their fingerprints ``prints`` (taken before the
+    transform): the audit would measure the transformed models as the "before"."""
+    for r, (was, now) in enumerate(zip(prints, _fingerprint(models))):
+        changed = [k for k in {**was, **now} if k not in was or k not in now
+                   or not torch.allclose(was[k], now[k], rtol=0, atol=0, equal_nan=True)]
+        if changed:
+            raise ValueError(f"the transform changed the models it was given in place (replica {r}: "
+                             f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}), so they no longer are "
+                             "the models to audit (and stay changed): make it transform copies, e.g. "
+                             "[copy.deepcopy(m) for m in models], and reload your models")
+
+
+def _unchanged(models, new) -> bool:
+    """Whether every transformed replica has exactly the original's parameters and buffers."""
+    for a, b in zip(models, new):
+        sa, sb = a.state_dict(), b.state_dict()
+        if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k].to(sa[k].device))
+                                         for k in sa):
+            return False
+    return True
+
+
+def _apply(models, transform, probe, alpha, seed, bn_mode):
     if callable(transform) and not isinstance(transform, str):
+        prints = _fingerprint(models)
         out = transform(models)
-        if isinstance(out, reparam.ReparamResult):
-            return reparam._report(models, out.models, probe, out.details)
-        return reparam._report(models, list(out), probe)
+        _check_untouched(models, prints)
+        new, details = (out.models, out.details) if isinstance(out, reparam.ReparamResult) else (list(out), {})
+        return reparam._report(models, new, probe, details, bn_mode=bn_mode)
     if transform == "dinh":
-        return reparam.rescale_layers(models, alpha=alpha, probe=probe)
+        return reparam.rescale_layers(models, alpha=alpha, probe=probe, bn_mode=bn_mode)
     if transform == "neurons":
         first = dict(models[0].named_modules())[reparam._pair(models[0], None)[0]]
         g = torch.Generator().manual_seed(seed)
         s = torch.exp(torch.randn(first.weight.shape[0], generator=g, dtype=torch.float64) * abs(torch.log(torch.tensor(alpha))))
-        return reparam.rescale_neurons(models, s, probe=probe)
+        return reparam.rescale_neurons(models, s, probe=probe, bn_mode=bn_mode)
     if transform == "balance":
-        return reparam.balance(models, probe=probe)
+        return reparam.balance(models, probe=probe, bn_mode=bn_mode)
     if transform == "fold_batchnorm":
-        return reparam.fold_batchnorm(models, probe=probe)
+        return reparam.fold_batchnorm(models, probe=probe, bn_mode=bn_mode)
     raise ValueError(f"transform must be one of {TRANSFORMS} or a callable(models) -> models, got {transform!r}")
+
+
+def _hint(models, transform, tr, bn_mode) -> str:
+    """:func:`fastcurv.reparam.preservation_hint` for the transform the audit ran."""
+    if transform == "fold_batchnorm":
+        return reparam.preservation_hint(models[0], fold=True, bn_mode=bn_mode)
+    layers = tr.details.get("layers")
+    pairs = [tuple(layers)] if layers else reparam._pairs(models[0], None) if transform == "balance" else None
+    return reparam.preservation_hint(models[0], pairs, bn_mode=bn_mode)
+
+
+def _loss_moved(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype) -> list[int]:
+    """Replicas whose full-data loss moved by more than the output tolerance (relative), of those
+    whose loss was finite before."""
+    rtol = reparam._output_rtol(dtype)
+    return [r for r, (b, a) in enumerate(zip(before.tolist(), after.tolist()))
+            if math.isfinite(b) and not abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-12]
+
+
+# HessianOperator keywords that set the loss the measures see (the audit's loss row uses them all)
+_LOSS_KEYWORDS = ("loss", "reduction", "loss_reduction", "bn_mode", "cache_data", "distributed_data", "process_group",
+                  "memory_budget")
 
 
 def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transform="dinh", alpha: float = 10.0,
@@ -81,7 +145,10 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
             changes; growing the first layers' blocks instead gave 59-134x, which brackets Bennett's
             "about x100": see :func:`fastcurv.reparam.rescale_layers` and the README), "neurons" (random
             per-neuron scales exp(N(0, log(alpha)^2)) on the last hidden layer), "balance",
-            "fold_batchnorm", or a callable ``models -> models`` (or ReparamResult).
+            "fold_batchnorm" (a ValueError when there is no BatchNorm to fold, or with
+            ``bn_mode="batch"``, which no fold preserves), or a callable ``models -> models`` (or
+            ReparamResult) that returns new models: one that changes the given models in place raises
+            a ValueError (their parameters and buffers are compared before and after it).
         rtol: a measure counts as invariant when every finite ratio is within rtol of 1.
         path: write a bar plot of log10(ratio) per measure (matplotlib PNG) there (checked before
             any work: missing folders are created, a folder at the path raises a ValueError); a
@@ -95,8 +162,12 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
         ``before`` is given: nothing is computed for them then) and the reparameterized models' in
         a file of their own, ``.reparam`` before the extension (``audit.jsonl`` ->
         ``audit.reparam.jsonl``).
-    The table also has rows ``loss`` (full-data loss, must not move) and reports the transform's
-    largest output change and changed predictions on up to 1024 inputs of ``data``.
+    The table also has rows ``loss`` (full-data loss under the audit's loss settings, must not move)
+    and reports the transform's largest output change and changed predictions on up to 1024 inputs
+    of ``data``, run with the audit's ``bn_mode``. A RuntimeWarning says the transform is not
+    function-preserving when a prediction flips, an output moves by more than
+    ``reparam.OUTPUT_RTOL`` (1e-3) of its replica's largest output, or a replica's loss moves by
+    more than that (relative); another warns when the transform left every parameter unchanged.
     """
     import pandas as pd
 
@@ -110,14 +181,30 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     if is_one_pass(data):  # (read four times below: once, into a list of its batches)
         data, _ = read_one_pass(models, data, kwargs.get("cache_data", "auto"), kwargs.get("memory_budget"))
     probe = _probe_inputs(data)
-    with warnings.catch_warnings():  # (said below, for the audit)
-        warnings.simplefilter("ignore")
-        tr = _apply(models, transform, probe, alpha, seed)
-    changed = int(tr.predictions_changed.sum()) if tr.predictions_changed is not None else 0
-    if changed or tr.max_output_change > 1e-2:
-        warnings.warn(f"the transform is not function-preserving for these models: it changed {changed} predictions on "
-                      f"the probe inputs (largest output change {tr.max_output_change:.3g}), so the audit compares the "
-                      f"curvature of different functions; {reparam.preservation_hint(models[0])}", RuntimeWarning,
+    bn_mode = kwargs.get("bn_mode", "eval")
+    if transform == "fold_batchnorm" and not reparam._fold_plan(models[0]):
+        raise ValueError("transform='fold_batchnorm': the models have no BatchNorm to fold, so the audit would compare "
+                         "them with themselves (every measure invariant)")
+    with warnings.catch_warnings():  # (said below, for the audit, with the loss; the transform's other warnings pass)
+        warnings.filterwarnings("ignore", message=re.escape(reparam.NOT_PRESERVING))
+        tr = _apply(models, transform, probe, alpha, seed, bn_mode)
+    if _unchanged(models, tr.models):
+        warnings.warn("the transform left every parameter and buffer of the models unchanged: the audit compares them "
+                      "with themselves, so every measure comes out invariant", RuntimeWarning, stacklevel=2)
+    from .operator import HessianOperator
+
+    loss_kw = {k: v for k, v in kwargs.items() if k in _LOSS_KEYWORDS}
+    lb = HessianOperator(models, data, backend="autograd", **loss_kw).loss_and_gradient()[0]
+    la = HessianOperator(tr.models, data, backend="autograd", **loss_kw).loss_and_gradient()[0]
+    moved = _loss_moved(lb, la, next(models[0].parameters()).dtype)
+    if tr.function_changed or moved:
+        found = [reparam.change_summary(tr)] if tr.function_changed else []
+        if moved:
+            ratios = ", ".join(f"{float(la[r] / lb[r]):.4g}" for r in moved[:3])
+            found.append(f"the full-data loss moved on replicas {moved} (after / before {ratios}"
+                         f"{', ...' if len(moved) > 3 else ''})")
+        warnings.warn(f"{reparam.NOT_PRESERVING} for these models: {'; '.join(found)}, so the audit compares the "
+                      f"curvature of different functions; {_hint(models, transform, tr, bn_mode)}", RuntimeWarning,
                       stacklevel=2)
     kw = dict(measures=measures, seed=seed, progress=progress, **kwargs)
     if before is None:
@@ -131,11 +218,6 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
             raise ValueError("before was computed with other settings than the audit's: "
                              + ", ".join(f"{k}={before.settings.get(k)!r} (audit: {want.get(k)!r})" for k in differ))
     after = batched_sharpness(tr.models, data, output=outputs[1], **kw)
-    from .operator import HessianOperator
-
-    loss_kw = {k: v for k, v in kwargs.items() if k in ("loss", "reduction", "bn_mode")}
-    lb = HessianOperator(models, data, backend="autograd", **loss_kw).loss_and_gradient()[0]
-    la = HessianOperator(tr.models, data, backend="autograd", **loss_kw).loss_and_gradient()[0]
     per = {"loss": (lb.double().cpu(), la.double().cpu())}
     for col, v in after.values.items():
         if col not in before.values:
