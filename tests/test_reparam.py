@@ -148,7 +148,7 @@ def test_bad_inputs_are_named():
         reparam.rescale_neurons(models, torch.ones(3))
     with pytest.raises(ValueError, match="no module named"):
         reparam.rescale_layers(models, layers=("0", "9"))
-    with pytest.raises(TypeError, match="list of replicas"):
+    with pytest.raises(TypeError, match=r"not a single module; wrap it as \[model\]"):
         reparam.balance(models[0])
     with pytest.raises(ValueError, match="transform must be"):
         fastcurv.invariance_audit(models, make_data(), transform="nope")
@@ -544,3 +544,63 @@ def test_rescaling_diagnosis_names_skip_connections_and_needs_no_probe_for_known
     with warnings.catch_warnings():  # the default pair ('2', '4') has only a ReLU between them
         warnings.simplefilter("error")
         reparam.rescale_layers([gelu], alpha=10)
+
+
+def test_the_audit_refuses_bad_data_with_batched_sharpness_messages():
+    """The audit read its probe inputs before any check: a Dataset of single samples was concatenated
+    into one [N*d] "batch" (RuntimeError: mat1 and mat2 shapes cannot be multiplied) and an empty
+    loader gave torch.cat's "expected a non-empty list of Tensors"; it now says what batched_sharpness
+    says."""
+    models = make_replicas(R=2)
+    x, y = make_data()[0]
+    for data, words in [(torch.utils.data.TensorDataset(x, y), r"the data yields single samples \(a Dataset\?\)"),
+                        ([], r"the data loader yielded no batches \(empty loader\)"),
+                        ([(x[:0], y[:0])], "the data loader yielded only empty batches")]:
+        for fn in (fastcurv.batched_sharpness, fastcurv.invariance_audit):
+            with pytest.raises(ValueError, match=words):
+                fn(models, data, measures=("lambda_max",))
+
+
+def test_the_transforms_take_a_module_list_and_name_entries_that_are_not_modules():
+    """rescale_layers / balance / fold_batchnorm refused an nn.ModuleList of replicas as "a single
+    nn.Module; wrap it as [model]" (which would make the list one replica), a str entry raised
+    AttributeError 'str' object has no attribute 'named_modules', and a ReplicaSet "'ReplicaSet'
+    object is not iterable": they now read a ModuleList as its modules and say what the other entry
+    points say."""
+    from fastcurv.replicas import ReplicaSet
+
+    models, bn = make_replicas(R=2), [_bn_mlp(0), _bn_mlp(1)]
+    for fn, ms in [(lambda m: reparam.rescale_layers(m, alpha=3.0), models), (reparam.balance, models),
+                   (reparam.fold_batchnorm, bn)]:
+        got, want = fn(nn.ModuleList(ms)).models, fn(ms).models
+        assert len(got) == 2
+        for a, b in zip(got, want):
+            for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+                assert torch.equal(p, q), n
+        with pytest.raises(TypeError, match="replica 1 is a str, not an nn.Module"):
+            fn([ms[0], "oops"])
+        with pytest.raises(TypeError, match="a ReplicaSet is taken by HessianOperator"):
+            fn(ReplicaSet(ms))
+    with pytest.raises(ValueError, match="models is empty"):
+        reparam.rescale_layers([])
+
+
+def test_a_cnn_study_with_batch_statistics_is_refused_before_training(monkeypatch):
+    """study(model="cnn", sharpness_kwargs={"bn_mode": "batch"}) trained, then folded every BatchNorm
+    into its conv with the running statistics for the audit: copies that are not the measured
+    functions (batch statistics), so the audit compared other functions' curvature (fold_batchnorm
+    now raises for bn_mode="batch", but only after all the training). It is refused before training;
+    without the audit it trains."""
+    class Trained(Exception):
+        pass
+
+    def trained(*a, **k):
+        raise Trained
+
+    monkeypatch.setattr("fastcurv.train.train_population", trained)
+    kw = dict(data="digits", model="cnn", hidden=(3, 4), replicas=2, epochs=1, n_boot=20, progress=False,
+              verbose=False, measures=("lambda_max",), sharpness_kwargs={"bn_mode": "batch"})
+    with pytest.raises(ValueError, match=r"model='cnn' with sharpness_kwargs bn_mode='batch'.*audit=False"):
+        fastcurv.study(**kw)
+    with pytest.raises(Trained):
+        fastcurv.study(**kw, audit=False)

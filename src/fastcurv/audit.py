@@ -36,14 +36,15 @@ class AuditResult:
         return f"AuditResult(R={R}, plot_path={self.plot_path!r})\n{self.table.to_string()}"
 
 
-def _probe_inputs(data, n: int = 1024):
-    from .data import _split, is_single_batch
+def _probe_inputs(models, data, n: int = 1024) -> torch.Tensor:
+    """The first ``n`` inputs of ``data`` (``[<= n, ...]``, on the models' device and in their dtype), after
+    a pass over ``data`` (not kept) that raises batched_sharpness's errors for bad data (a Dataset of
+    single samples, an empty loader, ...)."""
+    from .data import Batches
 
-    if is_single_batch(data):
-        return data[0][:n]
+    ref = next(models[0].parameters())
     xs, count = [], 0
-    for i, item in enumerate(data):
-        x, _ = _split(item, i)
+    for _, x, _ in Batches(data, device=ref.device, dtype=ref.dtype, cache=False):
         xs.append(x)
         count += x.shape[0]
         if count >= n:
@@ -137,7 +138,8 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
                      rtol: float = 0.05, path: str | None = None, seed: int = 0, progress=False, before=None,
                      **kwargs) -> AuditResult:
     """Compute ``measures`` (any :func:`fastcurv.batched_sharpness` measure) for ``models`` and for
-    their reparameterization, and tabulate the ratios.
+    their reparameterization, and tabulate the ratios. ``models`` and ``data`` are checked as
+    batched_sharpness checks them, before any measure is computed (the same errors).
 
     Args:
         transform: "dinh" (alpha-rescale the last two weight layers; default alpha = 10: lambda_max
@@ -178,9 +180,9 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     outputs = (None, None) if output is None else (output, sibling_path(output, "reparam"))
     for p in filter(None, outputs):
         prepare_file(p)
-    if is_one_pass(data):  # (read four times below: once, into a list of its batches)
+    if is_one_pass(data):  # (read several times below: once, into a list of its batches)
         data, _ = read_one_pass(models, data, kwargs.get("cache_data", "auto"), kwargs.get("memory_budget"))
-    probe = _probe_inputs(data)
+    probe = _probe_inputs(models, data)
     bn_mode = kwargs.get("bn_mode", "eval")
     if transform == "fold_batchnorm" and not reparam._fold_plan(models[0]):
         raise ValueError("transform='fold_batchnorm': the models have no BatchNorm to fold, so the audit would compare "

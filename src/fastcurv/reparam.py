@@ -1,14 +1,15 @@
 """Function-preserving reparameterizations of ReLU networks (Dinh et al. 2017), for showing which
 measures survive them, and a canonical (balanced) form.
 
-Every transform takes a list of replicas (``nn.Module``), never modifies them (the probe runs
-them in eval mode, then gives every submodule its own mode back), and returns a
-:class:`ReparamResult` with the new models and, when a ``probe`` batch of inputs is given, the
-largest absolute and relative change of any output and the number of changed argmax predictions on
-it. A transform warns (RuntimeWarning, "the transform is not function-preserving ...") when a
-prediction flips or an output moves by more than ``OUTPUT_RTOL`` (1e-3) of that replica's largest
-output magnitude on the probe; ``bn_mode`` says how the probe runs BatchNorm ("eval": running
-statistics; "batch": each batch's own, as ``batched_sharpness(bn_mode="batch")``).
+Every transform takes a list of replicas (``nn.Module``; an ``nn.ModuleList`` reads as the list of
+its modules), never modifies them (the probe runs them in eval mode, then gives every submodule its
+own mode back), and returns a :class:`ReparamResult` with the new models and, when a ``probe``
+batch of inputs is given, the largest absolute and relative change of any output and the number of
+changed argmax predictions on it. A transform warns (RuntimeWarning, "the transform is not
+function-preserving ...") when a prediction flips or an output moves by more than ``OUTPUT_RTOL``
+(1e-3) of that replica's largest output magnitude on the probe; ``bn_mode`` says how the probe runs
+BatchNorm ("eval": running statistics; "batch": each batch's own, as
+``batched_sharpness(bn_mode="batch")``).
 
 Layers are named by module name (``model.named_modules()``), in forward order; a pair
 ``(a, b)`` must be consecutive weight layers (Linear/Conv) with only a positively homogeneous
@@ -35,7 +36,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from .replicas import BN_MODES, functional_base
+from .replicas import BN_MODES, ReplicaSet, functional_base
 
 _WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -79,12 +80,23 @@ class ReparamResult:
                 f"details={self.details})")
 
 
-def _check_models(models):
+def _check_models(models) -> list[nn.Module]:
+    """``models`` as a list of modules, with the entry points' messages (:func:`fastcurv.replicas.validate_models`)
+    for what is not one: an ``nn.ModuleList`` reads as the list of its modules. The replicas' architectures
+    are not compared here, and module hooks are allowed (the probe runs each model as it is)."""
+    if isinstance(models, ReplicaSet):
+        raise TypeError("models must be the list of nn.Module replicas here; a ReplicaSet is taken by HessianOperator "
+                        "and function_measures only")
+    if isinstance(models, nn.ModuleList):  # (it has no forward: a container of replicas, not a model)
+        models = list(models)
     if isinstance(models, nn.Module):
-        raise TypeError("pass a list of replicas, not a single nn.Module; wrap it as [model]")
+        raise TypeError("models must be a list of nn.Module replicas, not a single module; wrap it as [model]")
     models = list(models)
     if not models:
-        raise ValueError("models is empty")
+        raise ValueError("models is empty: pass a list of at least one nn.Module")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"replica {i} is a {type(m).__name__}, not an nn.Module")
     return models
 
 

@@ -477,6 +477,11 @@ def study(
                     lr=lr, replicas=replicas)
     if audit:
         _audit_transform(audit_transform, audit_alpha)  # check the name before training
+        if audit_measures and model == "cnn" and (sharpness_kwargs or {}).get("bn_mode", "eval") == "batch":
+            raise ValueError("model='cnn' with sharpness_kwargs bn_mode='batch': the audit compares copies with each "
+                             "BatchNorm folded into its conv, which are the measured functions only with running "
+                             "statistics (bn_mode='eval'); no fold reproduces batch statistics. Use bn_mode='eval', "
+                             "or audit=False (--no-audit)")
     # paths, "~" expanded (a config file's never went through a shell), checked and created before any work
     if checkpoint is not None:
         checkpoint = prepare_file(checkpoint, "checkpoint")
@@ -624,7 +629,7 @@ def study(
         if model == "cnn":  # BatchNorm would undo a rescaling: the audit compares folded copies before and after
             from .reparam import fold_batchnorm
 
-            audited = fold_batchnorm(audited).models
+            audited = fold_batchnorm(audited, bn_mode=(sharpness_kwargs or {}).get("bn_mode", "eval")).models
         reuse = sharp is not None and k == len(models) and set(audit_measures) <= set(sharp_m) and model != "cnn"
         akw = dict(sharpness_kwargs or {})
         if akw.get("output") is not None:  # the audit's own results file (other replicas and measures)
