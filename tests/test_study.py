@@ -585,3 +585,22 @@ def test_a_one_replica_report_and_a_gde_plot_without_finite_points(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _plot_gde(table, tmp_path) == "disagreement_vs_test_error.png"
+
+
+def test_a_study_without_matplotlib_writes_its_report_without_plots(tmp_path, monkeypatch):
+    """matplotlib is the optional ``[plot]`` extra. The audit's plot imported it unguarded, so a
+    study with the audit computed everything, then died with a raw ModuleNotFoundError and left the
+    report folder empty; every other plot is skipped without it. A direct
+    ``invariance_audit(path=...)`` says so before any work."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    res = fastcurv.study(**dict(TINY, replicas=2), measures=["lambda_max"], out=tmp_path)
+    assert (tmp_path / "results.csv").exists() and not list(tmp_path.glob("*.png"))
+    assert res["audit"] is not None
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 3)) for _ in range(2)]
+    with pytest.raises(ImportError, match=r"fastcurv\[plot\]"):
+        fastcurv.invariance_audit(models, (torch.randn(8, 4), torch.randint(0, 3, (8,))), path=tmp_path / "a.png")

@@ -175,6 +175,11 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
 
     models = validate_models(models)
     if path is not None:
+        try:
+            import matplotlib  # noqa: F401  (checked before the work, not after it)
+        except ImportError as e:
+            raise ImportError("invariance_audit(path=...) plots with matplotlib, which is not installed: "
+                              "pip install 'fastcurv[plot]', or pass path=None") from e
         path = str(prepare_file(path, "path"))  # (~ expanded: matplotlib does not)
     output = kwargs.pop("output", None)
     outputs = (None, None) if output is None else (output, sibling_path(output, "reparam"))

@@ -623,7 +623,7 @@ def study(
         stage(f"invariance audit of {', '.join(audit_measures)}")
         t = time.perf_counter()
         k = len(models) if audit_replicas is None else min(int(audit_replicas), len(models))
-        apath = None if out is None else str(Path(out) / "audit.png")
+        apath = None if out is None or _figure() is None else str(Path(out) / "audit.png")
         # the curvature of the unchanged replicas was computed above with the same settings: reused
         audited = models[:k]
         if model == "cnn":  # BatchNorm would undo a rescaling: the audit compares folded copies before and after
