@@ -16,10 +16,10 @@ import copy
 import os
 
 import torch.distributed as dist
-from torch import nn
 
 from .data import Batches
 from .measures import split_refusal
+from .replicas import validate_models
 from .resume import merge_records, part_files, run_chunks, write_atomic
 
 GATHER = ("all", "rank0")
@@ -45,7 +45,8 @@ def batched_sharpness(models, data, *, replica_chunk: int | None = None, output:
     """:func:`fastcurv.batched_sharpness` with the replicas sharded over the ranks of ``group``.
 
     Args:
-        models: the full list of R replicas (the same on every rank; only this rank's slice is used).
+        models: the full list of R replicas (the same on every rank; only this rank's slice is used),
+            in any form :func:`fastcurv.batched_sharpness` takes (a list, an ``nn.ModuleList``, a generator).
         data: loader or one (inputs, targets) batch (each rank reads all of it).
         replica_chunk: replicas per chunk within a rank (default: the rank's whole slice).
         output: results file (JSON lines, see :mod:`fastcurv.resume`; ``~`` expanded); with several
@@ -56,20 +57,23 @@ def batched_sharpness(models, data, *, replica_chunk: int | None = None, output:
         gather: "all" or "rank0" (the group's rank 0, whatever its global rank).
         device: move this rank's replicas there first (e.g. ``f"cuda:{local_rank}"`` for NCCL).
         Other keywords: those of :func:`fastcurv.batched_sharpness`.
-    Returns a :class:`fastcurv.SharpnessResult` for all R replicas (None on ranks > 0 with
-    ``gather="rank0"``). A rank whose computation raises still joins the final gather, so the
-    other ranks raise a RuntimeError naming it (and its message) instead of waiting forever; the
-    failing rank re-raises its own error. Finished chunks stay saved in the part files.
+    Returns a :class:`fastcurv.SharpnessResult` for all R replicas, its ``settings`` filled in as
+    :func:`fastcurv.batched_sharpness` fills them (None on ranks > 0 with ``gather="rank0"``). A
+    rank whose computation raises still joins the final gather, so the other ranks raise a
+    RuntimeError naming it (and its message) instead of waiting forever; the failing rank re-raises
+    its own error. Finished chunks stay saved in the part files.
     """
+    from .sharpness import result_settings
+    from .solvers.probes import as_seed
+
     if gather not in GATHER:
         raise ValueError(f"gather must be one of {GATHER}, got {gather!r}")
-    if isinstance(models, nn.Module) or not all(isinstance(m, nn.Module) for m in models):
-        raise TypeError("sharded/chunked batched_sharpness needs a list of nn.Module replicas")
+    models = validate_models(models)  # (what batched_sharpness takes: a list, an nn.ModuleList, a generator)
     if replica_chunk is not None and int(replica_chunk) < 1:
         raise ValueError(f"replica_chunk must be a positive number of replicas, got {replica_chunk!r}")
-    models = list(models)
-    if not models:
-        raise ValueError("models is empty: pass a list of at least one nn.Module")
+    if "seed" in kwargs:
+        kwargs["seed"] = as_seed(kwargs["seed"])
+    settings = result_settings(kwargs)  # (before check_determinism is taken out of kwargs below)
     if output is not None:
         output = os.path.expanduser(os.fspath(output))
     rank, world = rank_and_world(group, use_distributed)
@@ -119,7 +123,9 @@ def batched_sharpness(models, data, *, replica_chunk: int | None = None, output:
         write_atomic(output, digest, config, everything)  # one file with every replica; parts no longer needed
         for path in part_files(output):
             os.remove(path)
-    return merge_records(everything, R)
+    res = merge_records(everything, R)
+    res.settings = settings
+    return res
 
 
 __all__ = ["batched_sharpness", "rank_and_world", "shard_range"]

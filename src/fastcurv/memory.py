@@ -563,17 +563,16 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
               trace_method="auto", trace_probes=None, top_k=5, slq_steps=60, slq_draws=1,
               backend_options=None, measure_options=None, common_random_numbers=True, **_ignored) -> tuple[JobShape, str]:
     """The :class:`JobShape` of a ``batched_sharpness`` job and the backend it will use. Reads the
-    data once (sizes and bytes) and runs one replica on up to two samples (state and activation sizes)."""
+    data once (sizes and bytes) and runs one replica on up to two samples (state and activation sizes).
+    ``models`` are checked as ``batched_sharpness`` checks them (:func:`fastcurv.replicas.validate_models`)."""
     from .backends.fused import FusedBackend
     from .backends.fused.layers import _is_general
     from .data import Batches
     from .losses import Loss
     from .operator import select_backend
-    from .replicas import ReplicaSet
+    from .replicas import ReplicaSet, validate_models
 
-    models = list(models)
-    if not models:
-        raise ValueError("models is empty: pass a list of at least one nn.Module")
+    models = validate_models(models)  # (a single model would be planned as its layers)
     rs = ReplicaSet(models[:1], bn_mode=bn_mode)
     (x, y), sizes, nbytes = _scan_data(data)
     lossobj = Loss(loss, reduction, loss_reduction)
@@ -661,10 +660,11 @@ def _whole_batches(rs, measures, measure_options) -> str:
 
 def plan_memory(models, data, budget, **job) -> MemoryPlan:
     """The :class:`MemoryPlan` for ``batched_sharpness(models, data, memory_budget=budget, **job)``
-    (``job``: its keywords; ``cache_data`` other than "auto" is kept)."""
-    models = list(models)
-    if not models:
-        raise ValueError("models is empty: pass a list of at least one nn.Module")
+    (``job``: its keywords; ``cache_data`` other than "auto" is kept). ``models`` are checked as
+    ``batched_sharpness`` checks them: a single model, say, is refused, not planned as its layers."""
+    from .replicas import validate_models
+
+    models = validate_models(models)
     R = len(models)
     device = next(models[0].parameters()).device
     nbytes = parse_budget(budget, device)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextvars
 import inspect
 import json
-import operator
 import time
 from dataclasses import dataclass, field
 
@@ -15,8 +14,8 @@ from ._heap import reusing_heap
 from .measures import accepted_options, load_all as _load_measures
 from .operator import HessianOperator
 from .replicas import validate_models
-from .solvers.lanczos import count
-from .solvers.probes import start_vectors
+from .solvers.lanczos import whole_count
+from .solvers.probes import as_seed, start_vectors
 from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
 
 MEASURES = ("lambda_max", "lambda_min", "top_k", "trace", "spectrum")
@@ -121,14 +120,6 @@ def _on_gpu(models) -> bool:
         return False
 
 
-def as_seed(seed) -> int:
-    """``seed`` as a Python int (numpy integers too: torch's generators take only ints)."""
-    try:
-        return operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})") from None
-
-
 def _gradient_start(op, seed: int, common: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Lanczos start vectors ``[R, P]``: each replica's unit loss gradient plus the random unit
     vector Lanczos would start from (the random vector alone where the gradient is zero or not
@@ -191,7 +182,10 @@ def batched_sharpness(
             spectral density, in ``result.spectrum``).
         seed: seeds every probe; with ``common_random_numbers=True`` (default) every replica gets
             the same probes and batches, so differences between replicas are less noisy.
-        tol: relative accuracy of eigenvalues. max_iter: matvecs per eigen-solve at most.
+        tol: relative accuracy of eigenvalues. max_iter: matvecs per eigen-solve at most. Both
+            apply to the Hessian's eigen-solves (lambda_max, lambda_min, top_k), not to registered
+            measures: ``ggn_lambda_max`` and ``fisher_lambda_max`` take their own in
+            ``measure_options`` (default ``{"max_iter": 100, "tol": 1e-3}``).
         eig_solver: "lanczos" (default) or "power" (PyHessian's rule; largest modulus).
         eig_start: start vector of the top-eigenvalue Lanczos run: "gradient" (default: each
             replica's normalized loss gradient plus the common random unit vector; the gradient
@@ -239,9 +233,6 @@ def batched_sharpness(
 
         if operator_kwargs.get("distributed_data"):
             raise ValueError("memory_budget= is not supported with distributed_data=True")
-        models = list(models)
-        if not models:
-            raise ValueError("models is empty: pass a list of at least one nn.Module")
         # the plan reads the data before the job: a one-pass loader is read once, for both
         data, cache_data = read_one_pass(models, data, cache_data, memory_budget)
         loader_type = type(data).__name__
@@ -293,8 +284,7 @@ def batched_sharpness(
                                  "loader (a list of batches, a DataLoader) or a one-pass iterator (a generator, or an "
                                  "iterator whose type has no __len__: read once, for both; an iterator with a __len__ "
                                  "is taken as re-iterable)") from exc
-        res.settings = result_settings(kwargs)
-        return res
+        return res  # (its settings filled in by the sharded function, from the same keywords)
     if not _RETRY_SCOPE.get() and not operator_kwargs.get("distributed_data") and _on_gpu(models):
         # a GPU out-of-memory error in an unchunked job: run it again in chunks of half the
         # replicas (resume.run_chunks halves them further while the error persists)
@@ -334,9 +324,8 @@ def batched_sharpness(
             raise TypeError(f"measure_options[{name!r}] has unknown options {wrong}; {name} accepts "
                              f"{sorted(allowed) or 'none (its settings are batched_sharpness arguments)'}")
     # (whole floats too: a JSON config's 100.0)
-    max_iter, slq_steps, slq_draws = (count(n, int(v) if isinstance(v, float) and v.is_integer() else v)
-                                      for n, v in (("max_iter", max_iter), ("slq_steps", slq_steps),
-                                                   ("slq_draws", slq_draws)))
+    max_iter, slq_steps, slq_draws = (whole_count(n, v) for n, v in (("max_iter", max_iter), ("slq_steps", slq_steps),
+                                                                      ("slq_draws", slq_draws)))
     if not tol >= 0:
         raise ValueError(f"tol must be non-negative, got {tol}")
     if trace_method not in TRACE_METHODS:
@@ -399,8 +388,8 @@ def batched_sharpness(
             if "top_k" in measures:
                 for i in range(k):
                     out.values[f"lambda_{i + 1}"] = top.eigenvalues[:, i]
-            for name in ("lambda_max", "top_k"):
-                if name in measures or (name == "lambda_max" and "top_k" not in measures):
+            for name in ("lambda_max", "top_k"):  # (none for a run made only as the deflated trace's basis)
+                if name in measures:
                     out.iterations[name] = top.iterations
                     # lambda_max by its own column's test (top-k's lower columns may not have converged)
                     own = name == "lambda_max" and top.column_converged is not None

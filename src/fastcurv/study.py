@@ -418,7 +418,8 @@ def study(
             torch's thread count is process-wide: overlapping calls with ``threads`` in several
             Python threads can leave the process at another count.
     Returns ``{"table", "correlations", "headline", "history", "sharpness", "function", "audit",
-    "audit_mixed", "summary", "out", "files", "seconds", "times"}``. ``headline``: the correlation
+    "audit_mixed", "summary", "out", "files", "seconds", "times", "audit_transform"}``
+    (``audit_transform``: the transform's name, as given). ``headline``: the correlation
     rows of the requested measures, one per measure that has a per-replica column (``HEADLINE``'s
     column when it was computed, else the measure's first column, e.g. ``weakness_rel_tau0.05`` with
     ``function_kwargs={"taus": (0.05,)}``, else the one named after the measure, else its first column

@@ -1081,15 +1081,16 @@ def _to_cpu(obj):
 @torch.no_grad()
 def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None = None, *, batch_size: int = 2048,
                         loss: str = "cross_entropy") -> dict:
-    """Per-replica loss and (for cross-entropy) accuracy on ``(x, y)`` tensors, or on a loader (an
-    iterable of ``(inputs, targets)`` batches, e.g. a ``DataLoader``) given as ``x`` alone; all
-    replicas in one pass per batch.
+    """Per-replica loss and (for cross-entropy) accuracy on ``(x, y)`` tensors, on one batch given
+    as ``x`` alone (``(inputs, targets)`` or ``[inputs, targets]``), or on a loader (an iterable of
+    ``(inputs, targets)`` batches, e.g. a ``DataLoader``) given as ``x`` alone; all replicas in one
+    pass per batch.
 
     Returns ``{"loss": [R] float64, "accuracy": [R] float64 (fraction in [0, 1])}`` (NaN rows for
     replicas with non-finite parameters, and, with a warning naming them, for replicas whose outputs
     are not finite on some input).
     """
-    from .data import _split
+    from .data import _split, is_single_batch
     from .replicas import ReplicaSet
 
     rs = ReplicaSet(models)  # validates the list; eval mode whatever the models' own modes
@@ -1101,8 +1102,8 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
         batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
     elif y is not None:
         raise TypeError(f"evaluate_population takes (x, y) tensors or a loader alone; got a {type(x).__name__} and targets")
-    elif isinstance(x, tuple) and len(x) == 2 and all(isinstance(t, torch.Tensor) for t in x):
-        return evaluate_population(models, x[0], x[1], batch_size=batch_size, loss=loss)  # one (x, y) pair
+    elif is_single_batch(x):  # one (x, y) pair, a tuple or a list, as the other entry points take it
+        return evaluate_population(models, x[0], x[1], batch_size=batch_size, loss=loss)
     else:
         batches = (_split(item, i) for i, item in enumerate(x))
     loss_fn = _loss_fn(loss)

@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .._heap import reusing_heap
+from ..operator import as_replica_set
 from ..ops.agreement_counts import agreement_counts
 from ..replicas import ReplicaSet
+from ..solvers.lanczos import whole_count
+from ..solvers.probes import as_seed
 from . import pairwise, simplicity, weakness
 from .predictions import collect_predictions
 
@@ -84,7 +87,7 @@ def function_measures(
     pacbayes_sigma: float | None = None,
     num_train: int | None = None,
     init_models=None,
-    bn_mode: str = "eval",
+    bn_mode: str | None = None,
     seed: int = 0,
     probs_dtype: torch.dtype | None = None,
     max_rows: int = 1 << 19,
@@ -118,11 +121,17 @@ def function_measures(
             ``pacbayes_mag_kl`` and the ``pacbayes_mag_sigma`` it uses (``pacbayes_sigma`` when
             given, else bisected magnitude-aware noise where probe accuracy drops by 0.1, or
             agreement falls to 0.9 without targets). ``num_train`` (default: examples in
-            ``data``) and ``init_models`` (default: zero init) enter the KL term.
+            ``data``) and ``init_models`` (default: zero init; a list of R replicas or a
+            ReplicaSet) enter the KL term.
         soft, taus, tau_modes, perturb_sigmas, codecs: sequences; a single value stands for a
             one-element sequence (as for ``measures``).
         probe_size: a positive integer when a probe is needed (perturbation weakness; simplicity
             without ``pacbayes_sigma``). sigma_max: upper end of the noise bisections, > 0.
+            num_draws, bisect_steps, probe_size: positive integers (whole floats, a JSON or YAML
+            config's ``8.0``, too).
+        bn_mode: "eval" (BatchNorm running statistics) or "batch" (each batch's statistics), as in
+            :class:`fastcurv.HessianOperator`; default (None): "eval" for a list, a ReplicaSet's
+            own mode for a ReplicaSet (another mode than its own raises a ValueError).
         seed: seeds the perturbation draws (the same draws for every replica shape, and for every
             bisection step: common random numbers).
         max_rows: at most this many replica x example rows per forward call, the perturbed passes
@@ -136,21 +145,20 @@ def function_measures(
         raise ValueError(f"unknown measures {unknown}; available: {MEASURES}")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if num_draws < 1 or bisect_steps < 1:
-        raise ValueError("num_draws and bisect_steps must be at least 1")
+    num_draws, bisect_steps = whole_count("num_draws", num_draws), whole_count("bisect_steps", bisect_steps)
     if not 0 < sigma_max < math.inf:
         raise ValueError(f"sigma_max must be positive and finite, got {sigma_max}")
     need_probe = "perturbation_weakness" in measures or ("simplicity" in measures and pacbayes_sigma is None)
+    if isinstance(probe_size, float) and probe_size.is_integer():
+        probe_size = int(probe_size)
     if need_probe and (isinstance(probe_size, bool) or not isinstance(probe_size, numbers.Integral) or probe_size < 1):
         raise ValueError(f"probe_size must be a positive integer for perturbation_weakness and the bisected "
                          f"pacbayes_mag_sigma, got {probe_size!r}")
     if isinstance(perturb_sigmas, (str, numbers.Real)):
         perturb_sigmas = (perturb_sigmas,)
-    from ..sharpness import as_seed
-
     seed = as_seed(seed)
     t0 = time.perf_counter()
-    rs = models if isinstance(models, ReplicaSet) else ReplicaSet(models, bn_mode=bn_mode)
+    rs = as_replica_set(models, bn_mode)
     R = rs.R
     acc = weakness.PermissionWeakness(R, taus, tau_modes) if "weakness" in measures else None
     preds = collect_predictions(rs, data, keep_probs="soft" in measures, probs_dtype=probs_dtype,
@@ -215,8 +223,8 @@ def function_measures(
                                                  max_rows=max_rows)
             sat["pacbayes_mag_sigma"] = sat_sig
         init = None
-        if init_models is not None:
-            init = ReplicaSet(init_models, bn_mode=bn_mode).flat_params()
+        if init_models is not None:  # (only their parameters are read: no BatchNorm mode to match)
+            init = (init_models if isinstance(init_models, ReplicaSet) else ReplicaSet(init_models)).flat_params()
         V["pacbayes_mag_sigma"] = sig
         V["pacbayes_mag_kl"] = simplicity.pacbayes_mag_kl(flat, sig, num_train or M, init)
 

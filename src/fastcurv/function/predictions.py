@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..losses import label_out_of_range
+from ..operator import as_replica_set
 from ..replicas import ReplicaSet
 
 
@@ -117,6 +118,7 @@ def collect_predictions(
     replicas: ReplicaSet,
     data,
     *,
+    bn_mode: str | None = None,
     keep_probs: bool = False,
     probs_dtype: torch.dtype | None = None,
     accumulators: tuple = (),
@@ -126,6 +128,10 @@ def collect_predictions(
     """Evaluate every replica on every batch of ``data`` once.
 
     Args:
+        replicas: a :class:`ReplicaSet`, or a list of R replicas of one architecture (stacked here).
+        data: a loader yielding inputs or ``(inputs, targets)``, or one such batch (see :func:`iterate`).
+        bn_mode: "eval" or "batch", as in :func:`fastcurv.function_measures` (default: "eval" for a
+            list, a ReplicaSet's own mode for a ReplicaSet).
         keep_probs: also store softmax probabilities ``[R, M, K]`` (``probs_dtype``; default: the
             models' dtype).
         accumulators: :class:`Accumulator` objects fed every probability chunk.
@@ -134,6 +140,7 @@ def collect_predictions(
             batch is split into chunks of examples when one replica's rows exceed it, except under
             batch statistics).
     """
+    replicas = as_replica_set(replicas, bn_mode)
     R = replicas.R
     labels, probs, targets, probes = [], [], [], []
     finite = torch.ones(R, dtype=torch.bool)

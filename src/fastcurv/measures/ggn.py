@@ -2,7 +2,9 @@
 (:mod:`fastcurv.curvature`), with the same solvers as the Hessian measures.
 
 Measures: ``ggn_lambda_max``, ``ggn_trace``, ``fisher_lambda_max``, ``fisher_trace``. Options:
-``max_iter`` (100), ``tol`` (1e-3) for Lanczos; ``num_matvecs`` (30) for Hutch++.
+``max_iter`` (100), ``tol`` (1e-3) for Lanczos; ``num_matvecs`` (30) for Hutch++. These are set
+in ``measure_options`` only: ``batched_sharpness``'s own ``tol`` and ``max_iter`` (the Hessian's
+eigen-solves) do not reach them, e.g. ``measure_options={"ggn_lambda_max": {"tol": 1e-4}}``.
 Units: those of the Hessian (loss per squared parameter unit). Not reparameterization-invariant.
 """
 from __future__ import annotations

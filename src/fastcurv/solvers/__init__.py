@@ -2,7 +2,8 @@
 
 All take a :class:`fastcurv.HessianOperator` (anything with ``matvec(V, idx)``, ``R``, ``P``,
 ``dtype``, ``device`` and a ``failed`` mask) and return results holding ``[R]`` tensors.
-``matvec`` must return a new tensor: the solvers update its result in place.
+``matvec`` must return a new tensor: the solvers update its result in place. ``seed`` takes any
+integer, numpy's too (:func:`probes.as_seed`).
 """
 from .lanczos import EigenResult, lanczos
 from .power import power_iteration

@@ -10,7 +10,7 @@ import torch
 
 from ..replicas import consecutive_runs
 from ._project import project_out_
-from .probes import start_vectors
+from .probes import as_seed, start_vectors
 
 
 @dataclass
@@ -129,6 +129,11 @@ def count(name: str, v) -> int:
     return int(v)
 
 
+def whole_count(name: str, v) -> int:
+    """As :func:`count`, also taking a whole float (a JSON or YAML config's ``100.0``)."""
+    return count(name, int(v) if isinstance(v, float) and v.is_integer() else v)
+
+
 def min_iter_default(k: int, which: str = "largest") -> int:
     """The fewest Lanczos steps before a replica may stop: 10 per wanted eigenvalue, 30 per one at
     the bottom of the spectrum, where eigenvalues crowd. A residual test only shows that *some*
@@ -225,6 +230,7 @@ def lanczos(
     if k < 1:
         raise ValueError("k must be at least 1")
     max_iter = count("max_iter", max_iter)
+    seed = as_seed(seed)
     if reorthogonalize is None:
         reorthogonalize = "full" if keep_basis else "partial"
     if reorthogonalize not in ("partial", "full"):

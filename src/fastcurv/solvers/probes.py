@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextvars
+import operator
 from contextlib import contextmanager
 
 import torch
@@ -22,6 +23,15 @@ def replica_window(first: int, total: int):
         yield
     finally:
         _WINDOW.reset(token)
+
+
+def as_seed(seed) -> int:
+    """``seed`` as a Python int (numpy integers too, e.g. a seed taken from a numpy grid: torch's
+    generators take only ints); a TypeError naming it else."""
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})") from None
 
 
 def _draw(shape, generator, kind):
@@ -60,6 +70,6 @@ def probe_vectors(R: int, K: int, P: int, *, generator: torch.Generator, kind: s
 def start_vectors(op, seed: int, common: bool = True) -> torch.Tensor:
     """Unit Gaussian start vectors ``[R, P]`` of the eigensolvers, drawn from ``seed`` (the same
     vector for every replica with ``common=True``)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(as_seed(seed))
     v = probe_vectors(op.R, 1, op.P, generator=g, kind="gaussian", common=common, dtype=op.dtype, device=op.device)[:, 0]
     return v / v.norm(dim=-1, keepdim=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .lanczos import _tridiag, count, lanczos
-from .probes import probe_vectors
+from .probes import as_seed, probe_vectors
 
 
 #: The most points a default density grid takes (beyond it, narrow kernels are widened to its spacing).
@@ -163,7 +163,7 @@ def slq(op, *, num_steps: int = 60, num_draws: int = 1, seed: int = 0, common: b
     """
     num_steps, num_draws = count("slq: num_steps", num_steps), count("slq: num_draws", num_draws)
     R, P = op.R, op.P
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(as_seed(seed))
     runs = []
     for _ in range(num_draws):
         v0 = probe_vectors(R, 1, P, generator=g, kind="rademacher", common=common, dtype=op.dtype, device=op.device)[:, 0]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._project import project_out_
-from .probes import probe_vectors
+from .probes import as_seed, probe_vectors
 
 
 @dataclass
@@ -62,7 +62,7 @@ def hutchinson(op, *, num_probes: int = 30, probe_batch: int | None = None, seed
     R, P = op.R, op.P
     probe_batch = probes_per_matvec(op, probe_batch)
     block = max(probe_batch, 10)  # probes drawn and deflated together: one pass over the basis per block
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(as_seed(seed))
     samples = []
     done = 0
     while done < num_probes:
@@ -93,6 +93,7 @@ def hutchpp(op, *, num_matvecs: int = 30, probe_batch: int | None = None, seed: 
     """
     if num_matvecs < 6:
         raise ValueError("Hutch++ needs num_matvecs >= 6")
+    seed = as_seed(seed)
     R, P = op.R, op.P
     probe_batch = probes_per_matvec(op, probe_batch)
     s = num_matvecs // 3
