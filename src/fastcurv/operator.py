@@ -12,9 +12,11 @@ from torch.func import grad, vmap
 
 from ._heap import heap_reuse
 from .backends import BACKENDS
+from .backends.base import read_batches
+from .backends.func import torch_func_failed
 from .data import Batches
 from .losses import Loss
-from .replicas import ReplicaSet, check_output, nonfinite_rows
+from .replicas import BN_MODES, ReplicaSet, check_output, nonfinite_rows
 
 BACKEND_CHOICES = ("auto", "autograd", "func", "fused")
 
@@ -60,6 +62,22 @@ def _check_backend_options(name: str, reason: str, options: dict) -> None:
                         "or 'autograd'")
 
 
+def as_replica_set(models, bn_mode: str | None = None) -> ReplicaSet:
+    """``models`` (a list of replicas, or a :class:`ReplicaSet`) as a ReplicaSet evaluated in
+    ``bn_mode``. A ReplicaSet is returned as it is: its BatchNorm mode was fixed when it was built,
+    so ``bn_mode`` must be None or that mode (another raises a ValueError). A list is stacked with
+    ``bn_mode`` ("eval" when None). An unknown ``bn_mode`` raises a ValueError either way."""
+    if bn_mode is not None and bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    if isinstance(models, ReplicaSet):
+        if bn_mode is not None and bn_mode != models.bn_mode:
+            raise ValueError(f"bn_mode={bn_mode!r}, but the ReplicaSet was built with bn_mode={models.bn_mode!r} (a "
+                             "ReplicaSet's BatchNorm mode is fixed when it is built): pass the list of models, or "
+                             f"build the ReplicaSet with ReplicaSet(models, bn_mode={bn_mode!r})")
+        return models
+    return ReplicaSet(models, bn_mode="eval" if bn_mode is None else bn_mode)
+
+
 class HessianOperator:
     """Full-data Hessians of R same-architecture replicas as one batched linear operator.
 
@@ -74,8 +92,10 @@ class HessianOperator:
         reduction: "mean" (default, over all samples of ``data``) or "sum".
         loss_reduction: reduction of a callable loss over its batch ("mean" or "sum").
         backend: "auto", "autograd", "func" or "fused" (see :mod:`fastcurv.backends`).
-        bn_mode: "eval" (default: BatchNorm running statistics, no dropout) or "batch" (BatchNorm
-            batch statistics; dropout still off). The models themselves are never modified.
+        bn_mode: "eval" (BatchNorm running statistics, no dropout) or "batch" (BatchNorm batch
+            statistics; dropout still off). The models themselves are never modified. Default
+            (None): "eval" for a list, a ReplicaSet's own mode for a ReplicaSet (another mode than
+            a ReplicaSet's own raises a ValueError: it is fixed when the ReplicaSet is built).
         cache_data: keep the batches on the device (True/False/"auto", up to 2 GiB).
         backend_options: passed to the backend (e.g. ``{"reuse": False}`` with ``backend="func"``); options
             the chosen backend does not take raise a TypeError naming it.
@@ -117,7 +137,7 @@ class HessianOperator:
         reduction: str = "mean",
         loss_reduction: str = "mean",
         backend: str = "auto",
-        bn_mode: str = "eval",
+        bn_mode: str | None = None,
         cache_data="auto",
         backend_options: dict | None = None,
         check_determinism: bool = False,
@@ -134,7 +154,7 @@ class HessianOperator:
             self._group = process_group if process_group is not None else dist.group.WORLD
 
         def build():
-            self.replicas = models if isinstance(models, ReplicaSet) else ReplicaSet(models, bn_mode=bn_mode)
+            self.replicas = as_replica_set(models, bn_mode)
             rs = self.replicas
             if isinstance(data, Batches):  # already read (shared by the chunks of a chunked job)
                 if data.device != torch.device(rs.device) or data.dtype != rs.dtype:
@@ -169,7 +189,7 @@ class HessianOperator:
         rs = self.replicas
         self.check_ranks_agree(lambda: {"replicas": rs.R, "parameters": list(zip(rs.names, rs.shapes)),
                                         "dtype": str(rs.dtype), "backend": self.backend_name, "loss": self.loss.kind,
-                                        "reduction": reduction, "bn_mode": bn_mode,
+                                        "reduction": reduction, "bn_mode": rs.bn_mode,
                                         "exact trace": self.exact_trace_support()[0]})
         n = torch.tensor([float(self.batches.num_samples)], dtype=torch.float64, device=rs.device)
         self.loss.num_samples = int(self._sum_over_ranks(n).item())
@@ -312,7 +332,7 @@ class HessianOperator:
     def _fall_back(self, exc: Exception) -> None:
         """Switch ``"auto"``'s torch.func backend to autograd after torch.func failed with ``exc``
         (re-raised otherwise)."""
-        if not (self._auto and self.backend_name == "func"):
+        if not (self._auto and self.backend_name == "func" and torch_func_failed(exc)):
             raise exc
         warnings.warn(
             f"torch.func could not differentiate this model ({exc.__class__.__name__}: {str(exc)[:200]}); "
@@ -353,7 +373,7 @@ class HessianOperator:
         Ra = next(iter(params.values())).shape[0]
         total = torch.zeros(Ra, dtype=rs.dtype, device=rs.device)
         grads = [torch.zeros_like(params[n]) for n in rs.names]
-        for _, x, y in self.batches:
+        for _, x, y in read_batches(self.batches):
 
             def one(p, b):
                 value = loss.batch_loss(rs.call(p, b, x), y)

@@ -137,11 +137,62 @@ def _check_settings(models: list, training: bool) -> None:
                       RuntimeWarning, stacklevel=4)
 
 
+# (module attribute, what it holds): the hooks that observe or change what a module computes
+_HOOK_KINDS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+               ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
+
+
+def _describe_hook(hook) -> tuple[str, str]:
+    """``(what hook is, what to do about it before measuring)``: torch's reparametrizing hooks
+    (pruning, the old weight and spectral norm) are named with their removers; anything else is
+    removed by its handle."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    kind = type(hook).__name__
+    if isinstance(hook, prune.BasePruningMethod):
+        t = hook._tensor_name
+        return (f"{kind} of torch.nn.utils.prune, which computes {t!r} from {t + '_orig'!r} and {t + '_mask'!r}",
+                f"make the pruning permanent first with torch.nn.utils.prune.remove(module, {t!r}) (the pruned "
+                "entries become zeros of a plain parameter)")
+    if isinstance(hook, WeightNorm):
+        return (f"torch.nn.utils.weight_norm's, which computes {hook.name!r}",
+                "remove it first with torch.nn.utils.remove_weight_norm(module)")
+    if isinstance(hook, SpectralNorm):
+        return (f"torch.nn.utils.spectral_norm's, which computes {hook.name!r}",
+                "remove it first with torch.nn.utils.remove_spectral_norm(module)")
+    return (f"the hook {getattr(hook, '__qualname__', kind)}",
+            "remove the hooks before measuring (handle.remove() on the handle their register_*_hook call returned), "
+            "or do what they do in the model's forward()")
+
+
+def _check_hooks(models: list) -> None:
+    """Raise a ValueError naming the first module hook (forward, forward pre-, backward or backward
+    pre-hook) on any replica's modules. fastcurv runs every replica through one functional copy of
+    replica 0's modules: another replica's hooks would be ignored and replica 0's applied to every
+    replica, and the fused engines run no hooks at all, so even hooks alike on every replica are
+    refused. (Global hooks, ``torch.nn.modules.module.register_module_forward_hook``, are not
+    looked at: they apply to every module call alike.)"""
+    for i, m in enumerate(models):
+        for name, mod in m.named_modules():
+            for attr, kind in _HOOK_KINDS:
+                hooks = getattr(mod, attr, None)
+                if hooks:
+                    what, remedy = _describe_hook(next(iter(hooks.values())))
+                    raise ValueError(
+                        f"replica {i} has a {kind} on module {name or '(model)'!r} ({type(mod).__name__}): {what}. "
+                        "fastcurv does not support module hooks (every replica runs through one copy of replica 0's "
+                        "modules, so another replica's hooks would be ignored and replica 0's applied to every "
+                        f"replica, and the fused engines run none): {remedy}")
+
+
 def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> list[nn.Module]:
     """``models`` as a list, after raising a clear error when they cannot be stacked as replicas of
     one architecture: the same parameters and buffers (names, shapes, dtypes, devices), module
     classes and built-in modules' settings (``training``: also those that matter only in training
-    mode, dropout's ``p`` and BatchNorm's ``momentum``)."""
+    mode, dropout's ``p`` and BatchNorm's ``momentum``), and no module hooks on any replica (see
+    :func:`_check_hooks`: they would not run faithfully)."""
     if isinstance(models, ReplicaSet):
         raise TypeError("models must be the list of nn.Module replicas here; a ReplicaSet is taken by HessianOperator "
                         "and function_measures only")
@@ -155,6 +206,7 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise TypeError(f"replica {i} is a {type(m).__name__}, not an nn.Module")
+    _check_hooks(models)
     ref_params = list(models[0].named_parameters())
     if not ref_params:
         raise ValueError("replica 0 has no parameters: there is no curvature to compute")
@@ -233,11 +285,32 @@ def tied_parameters(model: nn.Module) -> dict[str, str]:
     return ties
 
 
+def _computed_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(module name, module, attribute)`` for each tensor a module of ``model`` holds as a plain
+    attribute (neither parameter nor buffer) that autograd computed, i.e. not a graph leaf."""
+    return [(name or "(model)", mod, k) for name, mod in model.named_modules() for k, v in vars(mod).items()
+            if isinstance(v, torch.Tensor) and v.grad_fn is not None]
+
+
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` on the meta device (for ``functional_call``), with its tied parameters
     still one tensor (``.to()`` gives each module its own, and ``functional_call`` would then read
-    the untied one's meta data instead of the weight passed under the first name)."""
-    base = copy.deepcopy(model)
+    the untied one's meta data instead of the weight passed under the first name).
+
+    A module holding a tensor that autograd computed as a plain attribute (neither parameter nor
+    buffer; deepcopy refuses it) raises a ValueError naming it."""
+    try:
+        base = copy.deepcopy(model)
+    except RuntimeError as exc:
+        computed = _computed_attributes(model)
+        if not computed:
+            raise
+        name, mod, attr = computed[0]
+        raise ValueError(f"module {name!r} ({type(mod).__name__}) holds {attr!r} as a tensor computed by autograd, "
+                         "neither a parameter nor a buffer, which cannot be copied (a hook's output, as "
+                         "torch.nn.utils.prune and weight_norm set?): make it a parameter or buffer, compute it in "
+                         "forward(), or remove the reparametrization (torch.nn.utils.prune.remove, "
+                         "torch.nn.utils.remove_weight_norm)") from exc
     ties = tied_parameters(base)
     base = base.to("meta")
     for name, first in ties.items():

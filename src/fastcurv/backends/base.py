@@ -8,6 +8,39 @@ from ..losses import Loss
 from ..replicas import ReplicaSet
 
 
+# The attribute set on an exception known not to say that torch.func cannot run the model (its
+# value says why), so that "auto" does not fall back to autograd on it (see
+# :func:`fastcurv.backends.func.torch_func_failed`).
+NOT_TORCH_FUNC = "_fastcurv_not_torch_func"
+
+
+def mark_not_torch_func(exc: BaseException, why: str) -> None:
+    """Mark ``exc`` as raised for a reason other than torch.func's transforms (``why``; the first
+    mark stays)."""
+    if getattr(exc, NOT_TORCH_FUNC, None) is None:
+        try:
+            setattr(exc, NOT_TORCH_FUNC, why)
+        except AttributeError:  # (an exception class with __slots__: it stays unmarked)
+            pass
+
+
+def read_batches(batches: Batches):
+    """``iter(batches)``, with every exception raised while reading them marked as a data error
+    (:func:`mark_not_torch_func`): the loader's own (a DataLoader worker killed) and fastcurv's
+    check that the loader yields the same batches on every pass. What the caller runs on each batch
+    is not marked."""
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            mark_not_torch_func(exc, "raised while reading the data")
+            raise
+        yield item
+
+
 class Backend:
     """Computes full-data Hessian-vector products for replicas of one architecture.
 

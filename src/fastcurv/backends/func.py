@@ -8,7 +8,8 @@ import warnings
 import torch
 from torch.func import grad, jvp, linearize, vmap
 
-from .base import Backend
+from ..memory import is_out_of_memory
+from .base import NOT_TORCH_FUNC, Backend, mark_not_torch_func, read_batches
 
 # Reused graphs (or linearizations) are kept while their estimated size fits this. It keeps even
 # W1's linearizations (100 replicas, 1000 images: 5.4 GB estimated, 3.8 GiB measured; its graphs 1.9
@@ -127,6 +128,19 @@ def work_chunks(R: int, K: int, item_bytes: int, work_bytes: int) -> tuple[int, 
     return items, 1
 
 
+def torch_func_failed(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while torch.func computed a product or gradient, may say that
+    torch.func cannot run the model, so that ``backend="auto"`` falls back to autograd: a
+    RuntimeError or NotImplementedError, but not an out-of-memory error (on a GPU the job is rerun
+    in chunks of half the replicas), one raised while reading the data (the loader's own, or
+    fastcurv's "the loader yielded ... on a later pass": :func:`~.base.read_batches` marks them)
+    nor one raised after this backend had finished a product (torch.func evidently runs the model:
+    :meth:`FuncBackend.matvec` marks them)."""
+    if not isinstance(exc, (RuntimeError, NotImplementedError)) or is_out_of_memory(exc):
+        return False
+    return getattr(exc, NOT_TORCH_FUNC, None) is None
+
+
 def _compiled(build, on_fallback):
     """``torch.compile`` of the linearization ``v -> H v`` that ``build()`` returns. If compiling or
     running it fails, it warns, calls ``on_fallback(message)`` and from then on runs a linearization
@@ -235,6 +249,7 @@ class FuncBackend(Backend):
                           RuntimeWarning, stacklevel=2)
         self.reuse = reuse
         self._linear: dict[int, tuple[tuple, object]] = {}
+        self.products_done = 0  # matvecs finished (after one, errors are not torch.func's: torch_func_failed)
 
     def clear_cache(self):
         self._linear.clear()
@@ -326,10 +341,20 @@ class FuncBackend(Backend):
         return apply
 
     def matvec(self, vecs, idx):
+        try:
+            out = self._matvec(vecs, idx)
+        except Exception as exc:
+            if self.products_done:
+                mark_not_torch_func(exc, "raised after torch.func had computed this operator's products")
+            raise
+        self.products_done += 1
+        return out
+
+    def _matvec(self, vecs, idx):
         rs = self.replicas
         Ra, K = vecs[0].shape[:2]
         if K == 1 and len(self.batches) == 1 and (self.reuse or self.mode == "graph"):
-            (i, x, y), = self.batches
+            (i, x, y), = read_batches(self.batches)
             if self.reuse or self._graph_chunk(x, Ra) == Ra:
                 # one product: hand back its tensors (no zero fill and accumulation passes)
                 fn = self._linearized(i, x, y, idx) if self.reuse else self._linear_map(x, y, idx)
@@ -337,7 +362,7 @@ class FuncBackend(Backend):
                 return [hv[n].unsqueeze(1) for n in rs.names]
         out = [torch.zeros_like(v) for v in vecs]
         subset = None  # the active replicas' parameters, for the products without reuse
-        for i, x, y in self.batches:
+        for i, x, y in read_batches(self.batches):
             if self.reuse:
                 self._apply_per_probe(self._linearized(i, x, y, idx), vecs, out, slice(None))
             elif self.mode == "graph":
