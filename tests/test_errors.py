@@ -259,14 +259,6 @@ def test_a_model_returning_a_dict_is_named_by_function_measures():
         fastcurv.function_measures(replicas(DictOut, 2), (x, y), measures=("disagreement",))
 
 
-def test_ggn_of_a_loss_without_forward_mode_is_named():
-    x, _ = data()
-    t = torch.randn(12, 3, dtype=torch.float64)
-    op = fastcurv.GGNOperator(replicas(mlp, 1), (x, t), loss=lambda out, y: nn.functional.huber_loss(out, y))
-    with pytest.raises(NotImplementedError, match="differentiates the loss in forward mode"):
-        op.matvec(torch.randn(1, op.P, dtype=torch.float64))
-
-
 def test_a_replica_mixing_dtypes_names_the_parameter():
     model = mlp().double()
     model[2].float()

@@ -12,7 +12,12 @@
   grad l_i^T`` for the default mean reduction and ``sum_i grad l_i grad l_i^T`` for "sum". For mean
   MSE, c = 1/(N C) (torch's mean runs over the C outputs too) and l_i is sample i's *summed* squared
   error: ``F = (1/(N C)) sum_i grad l_i grad l_i^T``, the scale at which the Fisher of a Gaussian
-  model with variance 1/2 equals the GGN.
+  model with variance 1/2 equals the GGN (l_i is then that model's negative log-likelihood of
+  sample i, up to a constant; curvlinops' ``EFLinearOperator`` takes the same scale for a mean
+  ``MSELoss``). A callable loss is known only by its values: l_i is its value on sample i alone and
+  c = 1/N (mean ``loss_reduction``) or 1, so ``loss=nn.MSELoss()`` or ``F.mse_loss``, whose value on
+  one sample is the *mean* over its C outputs, give 1/C of ``"mse"``'s empirical Fisher (the loss,
+  gradient, Hessian and GGN agree).
 
 Both cost about two passes (one jvp, one vjp) per probe and batch, vmapped over replicas.
 """
@@ -27,6 +32,9 @@ from .operator import HessianOperator
 
 class _JtMJBackend(Backend):
     """``J_f^T M J_f v`` summed over batches for a per-replica map f(params) (outputs or per-sample shares)."""
+
+    #: what ``J_f v`` differentiates in forward mode (for the error when torch cannot)
+    forward_mode_of = "the model's outputs"
 
     def _f(self, buffers, x):
         raise NotImplementedError
@@ -52,9 +60,9 @@ class _JtMJBackend(Backend):
                 res = vmap(one, in_dims=(0, 0, 0))(params, buffers, tk)
             except NotImplementedError as exc:
                 raise NotImplementedError(
-                    f"the {self.name} operator differentiates the loss in forward mode, which torch does not implement "
-                    f"for an operation of this loss or model ({str(exc).splitlines()[0][:200]}); HessianOperator and "
-                    "EmpiricalFisherOperator use reverse mode only") from exc
+                    f"the {self.name} operator differentiates {self.forward_mode_of} in forward mode, which torch does "
+                    f"not implement for an operation of this model or loss ({str(exc).splitlines()[0][:200]}); "
+                    "HessianOperator uses reverse mode only") from exc
             for j, n in enumerate(rs.names):
                 out[j] += res[n]
         return out
@@ -68,12 +76,18 @@ class GGNBackend(_JtMJBackend):
         return lambda p: rs.call(p, b, x)
 
     def _middle(self, z, jv, y):
+        """``H_out jv``: the Hessian of the batch's loss share w.r.t. the outputs ``z`` times ``jv``
+        (both shaped like the outputs), by reverse over reverse: ``grad(<grad loss(z), jv>)`` is
+        ``H_out^T jv = H_out jv``. (Forward over reverse fails on torch's own losses:
+        ``F.mse_loss``'s backward writes into the target's zero tangent.)"""
         loss = self.loss
-        return jvp(lambda zz: grad(lambda q: loss.batch_loss(q, y))(zz), (z,), (jv,))[1]
+        dz = grad(lambda q: loss.batch_loss(q, y))
+        return grad(lambda zz: (dz(zz) * jv).sum())(z)
 
 
 class FisherBackend(_JtMJBackend):
     name = "empirical_fisher"
+    forward_mode_of = "the model's outputs and the per-sample losses"
 
     def _f(self, b, x, y):
         rs, loss = self.replicas, self.loss

@@ -128,8 +128,8 @@ class Batches:
 
     def _read(self) -> Iterable:
         """``(inputs, targets, bytes of them that are new tensors, not the loader's)`` per non-empty
-        batch, checked and moved to the device and dtype (empty batches are checked, counted in
-        ``skipped_empty`` on the first pass, and skipped)."""
+        batch, checked, detached (no autograd graph) and moved to the device and dtype (empty
+        batches are checked, counted in ``skipped_empty`` on the first pass, and skipped)."""
         try:
             iterator = iter(self.source)
         except TypeError:
@@ -149,6 +149,10 @@ class Batches:
                 if not self._counted:
                     self.skipped_empty += 1
                 continue
+            # data, not part of a graph: targets made by a teacher net (y = teacher(x)) or inputs that
+            # require grad would otherwise carry their graph into every product (and the fused
+            # engine's in-place writes, which autograd refuses on tensors that require grad)
+            x, y = x.detach(), y.detach()
             x0, y0 = x, y
             if x.is_floating_point():
                 if not torch.isfinite(x).all():

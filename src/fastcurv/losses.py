@@ -18,6 +18,21 @@ from typing import Callable
 import torch
 
 REDUCTIONS = ("mean", "sum")
+LOSS_NAMES = ("cross_entropy", "mse")
+# other spellings of the names (after lower-casing and "-" -> "_")
+_ALIASES = {"ce": "cross_entropy", "crossentropy": "cross_entropy"}
+
+
+def canonical_name(name: str) -> str:
+    """The loss name ``name`` in its one canonical spelling, one of ``LOSS_NAMES`` ("MSE" -> "mse",
+    "ce", "cross-entropy" or "CrossEntropy" -> "cross_entropy"): every entry point and the resume
+    fingerprints read names through this, so they take the same spellings and count them as the
+    same loss. A ValueError for any other name."""
+    key = name.lower().replace("-", "_") if isinstance(name, str) else None
+    key = _ALIASES.get(key, key)
+    if key not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}: use 'cross_entropy', 'mse' or a callable(outputs, targets)")
+    return key
 
 
 def label_out_of_range(y: torch.Tensor, num_classes: int) -> int | None:
@@ -99,11 +114,7 @@ class Loss:
         if loss_reduction not in REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
         if isinstance(loss, str):
-            key = loss.lower().replace("-", "_")
-            aliases = {"ce": "cross_entropy", "crossentropy": "cross_entropy", "cross_entropy": "cross_entropy", "mse": "mse"}
-            if key not in aliases:
-                raise ValueError(f"unknown loss {loss!r}: use 'cross_entropy', 'mse' or a callable(outputs, targets)")
-            self.kind, self.fn = aliases[key], None
+            self.kind, self.fn = canonical_name(loss), None
         elif callable(loss):
             self.kind, self.fn = "callable", loss
         else:

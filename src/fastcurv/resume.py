@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .data import Batches
+from .losses import canonical_name
 from .solvers import SpectralDensity
 from .measures import split_refusal
 from .replicas import module_settings
@@ -307,10 +308,13 @@ def fingerprint(models, batches: Batches, kwargs: dict) -> tuple[str, dict]:
     data and every result-changing keyword, its defaults filled in (so that a job started through
     :func:`fastcurv.batched_sharpness` and one started through
     :func:`fastcurv.distributed.batched_sharpness` with the same settings match), equivalent
-    forms made equal (a measure name or a list of one, ``measure_options`` None or ``{}``)."""
+    forms made equal (a measure name or a list of one, ``measure_options`` None or ``{}``, a loss
+    name's spellings: "MSE" and "mse")."""
     from .sharpness import result_settings
 
     config = result_settings(kwargs, with_measures=True)
+    if isinstance(config.get("loss"), str):
+        config["loss"] = canonical_name(config["loss"])
     if isinstance(config.get("measures"), str):
         config["measures"] = [config["measures"]]
     config["measure_options"] = config.get("measure_options") or {}

@@ -74,7 +74,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from .losses import as_labels, label_out_of_range
+from .losses import as_labels, canonical_name, label_out_of_range
 from .ops.csr_linear import CsrRows
 from .replicas import check_output, meta_copy, nonfinite_rows, validate_models
 from .resume import describe_changes, module_structure, prepare_file
@@ -535,7 +535,9 @@ def train_population(
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     target_loss = _as_target(target_loss)
+    loss = canonical_name(loss)
     loss_fn = _loss_fn(loss)
+    x, y = x.detach(), y.detach()  # data, not part of a graph (targets from a teacher net)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"x and y must hold the same, non-zero number of samples; got {len(x)} and {len(y)}")
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
@@ -1106,6 +1108,7 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
         return evaluate_population(models, x[0], x[1], batch_size=batch_size, loss=loss)
     else:
         batches = (_split(item, i) for i, item in enumerate(x))
+    loss = canonical_name(loss)
     loss_fn = _loss_fn(loss)
     tot_loss = torch.zeros(R, dtype=torch.float64)
     correct = torch.zeros(R, dtype=torch.float64)

@@ -53,6 +53,11 @@ def hidden_sparse_min_width() -> int:
     return HIDDEN_SPARSE_MIN_WIDTH.get(_ext.cpu_level(), HIDDEN_SPARSE_MIN_WIDTH[0])
 
 
+#: the dtypes the fused engine runs (its C++ kernels take these two; float16 and bfloat16 models use
+#: torch.func)
+FUSED_DTYPES = (torch.float32, torch.float64)
+
+
 def _bmm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
     """``dst (=|+=) a @ b`` for a product block ``dst [R, K, O, I]`` (a view of the flat ``[R, K, P]``
     result) and ``a @ b`` of ``[R, K*O, I]``: in place where the K blocks are one matrix (K = 1),
@@ -122,6 +127,11 @@ class FusedBackend(Backend):
             return False, why
         if loss is not None and loss.kind not in ("cross_entropy", "mse"):
             return False, f"loss {loss.kind!r} is not fused (cross_entropy and mse are)"
+        if replicas.dtype not in FUSED_DTYPES:
+            # (its kernels take float32 and float64, and its self-check could not tell a wrong graph
+            # from half precision's rounding)
+            return False, (f"the model is {replicas.dtype}; the fused engine runs float32 and float64 models "
+                           "(torch.func runs any dtype)")
         allowed = set()
         for l in layers:
             if l.kind == "bn" and not l.opts.get("batch"):
@@ -199,8 +209,9 @@ class FusedBackend(Backend):
                     refs[r] = seen[r]
         except _NoReference as exc:
             return False, str(exc)
-        if not refs:
-            return True, ""  # every replica's loss overflows on these samples: nothing to compare
+        if not refs:  # (this passed unchecked before: an engine nothing had compared ran, or crashed)
+            return False, (f"every replica's loss or gradient overflows (Inf or NaN) on the {n} samples of the engine "
+                           "check, so the engine could not be compared with the model's own forward and autograd")
         rows = sorted(refs)
         try:
             engine = FusedBackend(replicas, one, Batches((xs, ys), device=x.device, dtype=replicas.dtype, cache=True))
@@ -208,7 +219,7 @@ class FusedBackend(Backend):
         except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
             return False, (f"the fused engine cannot run this model on inputs {tuple(xs.shape)} "
                            f"({type(exc).__name__}: {str(exc)[:300]})")
-        tol = 1e-4 if replicas.dtype == torch.float32 else 1e-9
+        tol = 1e-4 if replicas.dtype == torch.float32 else 1e-9  # (supports() took float32 and float64 only)
         for i, r in enumerate(rows):
             want, flat = refs[r]
             mine = torch.cat([g[i].flatten() for g in grads])
