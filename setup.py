@@ -3,7 +3,10 @@
 * ``fastcurv._C``: C++ CPU kernels registered as ``torch.ops.fastcurv.*`` (always built).
 * ``fastcurv._cuda``: CUDA kernels for the same ops, written against torch's stable ABI so that
   they compile with nvcc even next to a CPU-only torch. Built when ``csrc/cuda`` has sources and
-  nvcc is found; ``FASTCURV_CUDA=0`` skips it, ``FASTCURV_CUDA=1`` makes a missing nvcc an error.
+  nvcc is found, and optional then: where nvcc cannot build them (too old for sm_90, say) a message
+  says so and the package is built with the CPU kernels only. ``FASTCURV_CUDA=0`` (or false, off,
+  no) skips them; ``FASTCURV_CUDA=1`` (or true, on, yes) makes a missing nvcc or a failed CUDA
+  build an error. Any other value is refused.
 """
 import glob
 import os
@@ -44,12 +47,66 @@ def _cuda_root():
 _major, _minor = (int(v) for v in torch.__version__.split(".")[:2])
 TARGET = f"-DTORCH_TARGET_VERSION=0x{_major:02x}{_minor:02x}000000000000"
 
+# The spellings of fastcurv._ext.env_flag (this file cannot import the package it builds).
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def _cuda_mode(raw):
+    """FASTCURV_CUDA's value (None: unset) -> 'auto', 'on' or 'off' (any case); a RuntimeError naming
+    the accepted spellings for any other."""
+    value = (raw or "").strip().lower()
+    if not value or value == "auto":
+        return "auto"
+    if value in _ON or value in _OFF:
+        return "on" if value in _ON else "off"
+    raise RuntimeError(f"FASTCURV_CUDA={raw!r} is not understood: {'/'.join(_ON)} builds the CUDA kernels "
+                       f"(an error where they cannot be built), {'/'.join(_OFF)} skips them, unset (or auto) builds "
+                       "them where nvcc is found and can compile them")
+
+
+class _BuildExt(BuildExtension):
+    """torch's BuildExtension; in FASTCURV_CUDA's auto mode a failure of the optional
+    ``fastcurv._cuda`` (an nvcc too old for sm_90, a toolkit that does not match torch's) prints
+    why and leaves the package with its CPU kernels only."""
+
+    cuda_mode = "auto"
+
+    def build_extensions(self):
+        self._built_any = False
+        try:
+            super().build_extensions()
+        except Exception as exc:  # torch's CUDA checks, before any extension is built (nvcc's version)
+            cuda = [e for e in self.extensions if e.name == "fastcurv._cuda"]
+            if self.cuda_mode != "auto" or not cuda or self._built_any:
+                raise
+            self._skip(cuda[0], exc)
+            super().build_extensions()
+
+    def build_extension(self, ext):
+        self._built_any = True
+        if ext.name != "fastcurv._cuda" or self.cuda_mode != "auto":
+            return super().build_extension(ext)
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            self._skip(ext, exc)
+
+    def _skip(self, ext, exc):
+        """Leave ``ext`` out of the build (and of its outputs), saying why and what FASTCURV_CUDA does."""
+        self.extensions = [e for e in self.extensions if e is not ext]
+        why = " ".join(str(exc).split())[:500]
+        print(f"fastcurv: skipping the CUDA kernels: building {ext.name} failed ({type(exc).__name__}: {why}). "
+              "The CPU kernels are built; on a GPU the ops run Triton or the torch "
+              "references. FASTCURV_CUDA=0 skips the CUDA kernels without trying, FASTCURV_CUDA=1 makes this failure "
+              "an error.", flush=True)
+
+
 cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
-want_cuda = os.environ.get("FASTCURV_CUDA", "auto")
-if cuda_sources and want_cuda != "0":
+_BuildExt.cuda_mode = want_cuda = _cuda_mode(os.environ.get("FASTCURV_CUDA"))
+if cuda_sources and want_cuda != "off":
     root = _cuda_root()
     if root is None:
-        if want_cuda == "1":
+        if want_cuda == "on":
             raise RuntimeError("FASTCURV_CUDA=1 but no CUDA toolkit (nvcc + include/cuda_runtime.h) was found")
         print("fastcurv: nvcc not found, skipping the CUDA kernels")
     else:
@@ -60,6 +117,7 @@ if cuda_sources and want_cuda != "0":
             CppExtension(
                 "fastcurv._cuda",
                 cuda_sources,
+                optional=want_cuda == "auto",  # (an --inplace build then copies it only when built)
                 include_dirs=[os.path.join(root, "include")],
                 library_dirs=[os.path.join(root, "lib64")],
                 libraries=["cudart_static", "dl", "rt", "pthread"],
@@ -77,4 +135,4 @@ if cuda_sources and want_cuda != "0":
             )
         )
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": _BuildExt})

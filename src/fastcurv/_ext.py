@@ -3,6 +3,11 @@
 ``torch.ops.fastcurv.*`` is registered by ``fastcurv._C`` (C++ CPU kernels) and, when it was
 built, ``fastcurv._cuda`` (CUDA kernels). Every op also has a pure-torch reference in
 ``fastcurv.ops``; :func:`set_kernel_impl` selects which one the wrappers call.
+
+It also reads fastcurv's run-time environment variables, each checked, a bad value refused with a
+RuntimeWarning naming the accepted ones: ``FASTCURV_KERNELS`` (the initial kernel choice, read at
+import), ``FASTCURV_CPU_LEVEL`` (caps the x86 vector level of the C++ kernels, which read it at
+every call) and, through :func:`env_flag`, the on/off switch ``FASTCURV_HEAP_REUSE``.
 """
 from __future__ import annotations
 
@@ -17,7 +22,47 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _loaded: dict[str, str | None] = {}
 _errors: dict[str, str] = {}
 _IMPLS = ("auto", "ext", "torch", "triton", "cuda")
-_impl = os.environ.get("FASTCURV_KERNELS", "auto")
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")  # setup.py's FASTCURV_CUDA takes the same
+_warned: set[tuple[str, str]] = set()  # (variable, value) pairs already refused with a warning
+
+
+def _refuse(name: str, value: str, why: str) -> None:
+    """Warn, once per value, that the environment variable ``name`` has a value fastcurv does not accept."""
+    if (name, value) not in _warned:
+        _warned.add((name, value))
+        warnings.warn(f"{name}={value!r} {why}", RuntimeWarning, stacklevel=3)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The on/off environment variable ``name``: '1', 'true', 'on', 'yes' or '0', 'false', 'off', 'no'
+    (any case, spaces around ignored); unset or empty gives ``default``, any other value ``default``
+    with a RuntimeWarning (once per value) naming the accepted spellings."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    if value:
+        _refuse(name, raw, f"is not an on/off value ({'/'.join(_ON)} or {'/'.join(_OFF)}): ignored, "
+                           f"{name} stays {'on' if default else 'off'}")
+    return default
+
+
+def _startup_impl() -> str:
+    """The kernel choice ``FASTCURV_KERNELS`` asks for at import (any case): one of ``_IMPLS``, else
+    'auto' with a RuntimeWarning."""
+    raw = os.environ.get("FASTCURV_KERNELS", "")
+    value = raw.strip().lower()
+    if not value:
+        return "auto"
+    if value not in _IMPLS:
+        _refuse("FASTCURV_KERNELS", raw, f"is not one of {', '.join(_IMPLS)}: ignored, the kernels are chosen as 'auto'")
+        return "auto"
+    return value
+
+
+_impl = _startup_impl()
 
 
 def _load(name: str) -> bool:
@@ -32,8 +77,18 @@ def _load(name: str) -> bool:
         torch.ops.load_library(paths[0])
         _loaded[name] = paths[0]
     except OSError as exc:  # wrong torch ABI, missing symbols
-        _errors[name] = f"{paths[0]}: {exc}"
-    return _loaded[name] is not None
+        # torch wraps the loader's message ("undefined symbol: ...") as "Could not load this library"
+        reason = str(exc.__cause__ or exc)
+        _errors[name] = reason if paths[0] in reason else f"{paths[0]}: {reason}"
+        what = "C++ CPU" if name == "_C" else "CUDA"
+        warnings.warn(f"fastcurv's {what} kernels did not load ({_errors[name]}): the op wrappers use "
+                      f"{'the torch references' if name == '_C' else 'Triton or the torch references'} instead. "
+                      "Rebuild fastcurv against the torch installed here (pip install --no-build-isolation ...)",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    if name == "_C":
+        _check_cpu_level()
+    return True
 
 
 def cpu_extension_loaded() -> bool:
@@ -54,8 +109,29 @@ def extension_error(name: str = "_C") -> str | None:
 
 def cpu_level() -> int:
     """The x86 vector level the C++ kernels run here: 2 AVX-512, 1 AVX2 + FMA, 0 baseline (capped by
-    the environment variable ``FASTCURV_CPU_LEVEL``); -1 without the C++ extension."""
-    return int(torch.ops.fastcurv.cpu_level()) if cpu_extension_loaded() else -1
+    the environment variable ``FASTCURV_CPU_LEVEL``: 0, 1 or 2); -1 without the C++ extension."""
+    if not cpu_extension_loaded():
+        return -1
+    _check_cpu_level()
+    return max(0, int(torch.ops.fastcurv.cpu_level()))  # a negative cap runs the baseline loops
+
+
+_CPU_LEVELS = ("0", "1", "2")
+_cpu_level_seen: str | None = None  # the last FASTCURV_CPU_LEVEL checked
+
+
+def _check_cpu_level() -> None:
+    """Warn (once per value) when ``FASTCURV_CPU_LEVEL`` is set to anything but 0, 1 or 2. The C++
+    kernels read it themselves at every call, with C's ``atoi``: 'avx2' or -1 run the baseline loops."""
+    global _cpu_level_seen
+    raw = os.environ.get("FASTCURV_CPU_LEVEL")
+    if raw is None or raw == _cpu_level_seen:
+        return
+    _cpu_level_seen = raw
+    if raw.strip() not in _CPU_LEVELS:
+        runs = max(0, int(torch.ops.fastcurv.cpu_level()))
+        _refuse("FASTCURV_CPU_LEVEL", raw, f"is not one of {', '.join(_CPU_LEVELS)} (the highest x86 vector level of the "
+                                           f"C++ kernels: 0 baseline, 1 AVX2 + FMA, 2 AVX-512): they run level {runs}")
 
 
 def has_kernel(op: str, device_type: str) -> bool:
@@ -175,6 +251,7 @@ def choose(op: str, device: torch.device, dtype: torch.dtype | None = None) -> s
             raise RuntimeError(f"CUDA kernel for {op} requested but fastcurv._cuda is not built/loaded: {extension_error('_cuda')}")
         return "torch"
     if device.type == "cpu" and impl != "triton" and has_kernel(op, "cpu"):
+        _check_cpu_level()  # (cheap while the variable is unchanged)
         return "ext"
     if impl == "ext":
         raise RuntimeError(f"compiled kernel for {op} requested but not available: {extension_error('_C')}")

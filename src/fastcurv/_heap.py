@@ -13,7 +13,7 @@ What is restored: the process's own mmap limit and trim threshold as glibc read 
 ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_``), else glibc's defaults (65536 mappings, 128 KiB).
 glibc has no getter for these settings, so values set later by ``mallopt`` calls (the
 application's or another library's) are not seen and are replaced: set ``FASTCURV_HEAP_REUSE=0``
-to keep them (fastcurv then leaves malloc alone).
+(or false, off, no) to keep them (fastcurv then leaves malloc alone).
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import sys
 import threading
 import functools
 from contextlib import contextmanager
+
+from ._ext import env_flag
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX
@@ -117,8 +119,10 @@ def trim() -> None:
 
 
 def enabled() -> bool:
-    """True when :func:`heap_reuse` changes anything here (glibc, and not turned off)."""
-    return os.environ.get("FASTCURV_HEAP_REUSE", "1") != "0" and _glibc() is not None
+    """True when :func:`heap_reuse` changes anything here (glibc, and not turned off by
+    ``FASTCURV_HEAP_REUSE`` = 0, false, off or no; another value than these and 1, true, on, yes
+    leaves it on, with a RuntimeWarning)."""
+    return env_flag("FASTCURV_HEAP_REUSE", True) and _glibc() is not None
 
 
 @contextmanager

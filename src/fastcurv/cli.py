@@ -30,10 +30,26 @@ def _ints(text: str):
     return [int(v) for v in str(text).split(",") if v.strip()]
 
 
+_PATH_SETTINGS = ("out", "checkpoint", "data_root")  # study settings that are paths
+
+
+def _expand(path):
+    """``path`` with a leading ``~`` or ``~user`` expanded (other values unchanged); a ValueError when
+    that user, or the home folder, is unknown (``Path.expanduser`` raises a RuntimeError)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).startswith("~"):
+        return path
+    try:
+        return str(Path(path).expanduser())
+    except RuntimeError:
+        user = str(path)[1:].split("/", 1)[0].split(os.sep, 1)[0]
+        who = f"no user {user!r} on this system" if user else "no home folder is known ($HOME unset)"
+        raise ValueError(f"cannot expand '~' in {str(path)!r}: {who}") from None
+
+
 def _load_config(path: str) -> dict:
     """The settings in a JSON (``.json``) or YAML file (``~`` expanded); a ValueError saying what is
     wrong with it."""
-    p = Path(path).expanduser()
+    p = Path(_expand(path))
     if not p.is_file():
         raise ValueError(f"config file {path} not found")
     text = p.read_text()
@@ -140,7 +156,7 @@ def main(argv=None) -> int:
             from .demo import demo
 
             extra = {} if args.epochs is None else {"epochs": args.epochs}
-            demo(replicas=args.replicas, seed=args.seed, out=os.path.expanduser(args.out), progress=progress, **extra)
+            demo(replicas=args.replicas, seed=args.seed, out=_expand(args.out), progress=progress, **extra)
         else:
             _study(args, progress)
     except (OSError, ValueError, TypeError) as e:  # bad settings, config files and paths (FingerprintMismatch too)
@@ -155,6 +171,9 @@ def _study(args, progress) -> None:
 
     cfg = _load_config(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "no_progress", "version")}
+    for settings in (cfg, flags):  # an unknown '~user' fails here, in one line (the study expands them itself)
+        for key in _PATH_SETTINGS:
+            _expand(settings.get(key))
     cfg["checkpoint"] = _checkpoint_under_out(cfg, flags)
     cfg.update(flags)
     if str(cfg.get("checkpoint")).lower() in ("", "none", "off"):

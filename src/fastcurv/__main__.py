@@ -1,0 +1,7 @@
+"""``python -m fastcurv``: the ``fastcurv`` command line (see :mod:`fastcurv.cli`)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
