@@ -471,3 +471,20 @@ def test_temporary_files_are_never_read_as_part_files(tmp_path, monkeypatch):
     with pytest.raises(TypeError):  # a record that cannot be written (as a full disk would stop it)
         resume.write_atomic(str(out), "d", {}, [{"start": object()}])
     assert out.read_text() == before and not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_a_tilde_path_of_an_unknown_user_is_named_before_any_work(tmp_path, monkeypatch):
+    """``output="~nosuchuser/r.jsonl"`` from the Python API raised pathlib's bare RuntimeError
+    ("Could not determine home directory") for files and folders, and a distributed job's
+    ``os.path.expanduser`` left the ``~`` in (a folder literally named ``~nosuchuser``)."""
+    from fastcurv import distributed
+
+    monkeypatch.chdir(tmp_path)
+    models, data = W.job(R=2)
+    kw = dict(measures=("lambda_max",), max_iter=20, progress=False)
+    for run in (fastcurv.batched_sharpness, lambda *a, **k: distributed.batched_sharpness(*a, use_distributed=False, **k)):
+        with pytest.raises(ValueError, match="no user 'nosuchuser_fc25'"):
+            run(models, data, output="~nosuchuser_fc25/r.jsonl", **kw)
+    with pytest.raises(ValueError, match="no user 'nosuchuser_fc25'"):
+        resume.prepare_folder("~nosuchuser_fc25/report")
+    assert not list(tmp_path.iterdir())

@@ -35,15 +35,12 @@ _PATH_SETTINGS = ("out", "checkpoint", "data_root")  # study settings that are p
 
 def _expand(path):
     """``path`` with a leading ``~`` or ``~user`` expanded (other values unchanged); a ValueError when
-    that user, or the home folder, is unknown (``Path.expanduser`` raises a RuntimeError)."""
+    that user, or the home folder, is unknown."""
     if not isinstance(path, (str, os.PathLike)) or not str(path).startswith("~"):
         return path
-    try:
-        return str(Path(path).expanduser())
-    except RuntimeError:
-        user = str(path)[1:].split("/", 1)[0].split(os.sep, 1)[0]
-        who = f"no user {user!r} on this system" if user else "no home folder is known ($HOME unset)"
-        raise ValueError(f"cannot expand '~' in {str(path)!r}: {who}") from None
+    from .resume import expand_path
+
+    return expand_path(path)
 
 
 def _load_config(path: str) -> dict:

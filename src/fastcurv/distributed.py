@@ -20,7 +20,7 @@ import torch.distributed as dist
 from .data import Batches
 from .measures import split_refusal
 from .replicas import validate_models
-from .resume import merge_records, part_files, run_chunks, write_atomic
+from .resume import expand_path, merge_records, part_files, run_chunks, write_atomic
 
 GATHER = ("all", "rank0")
 
@@ -75,7 +75,7 @@ def batched_sharpness(models, data, *, replica_chunk: int | None = None, output:
         kwargs["seed"] = as_seed(kwargs["seed"])
     settings = result_settings(kwargs)  # (before check_determinism is taken out of kwargs below)
     if output is not None:
-        output = os.path.expanduser(os.fspath(output))
+        output = expand_path(output)
     rank, world = rank_and_world(group, use_distributed)
     R = len(models)
     why = split_refusal(kwargs)  # only a job that really splits the replicas is refused

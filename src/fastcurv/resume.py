@@ -328,11 +328,26 @@ def fingerprint(models, batches: Batches, kwargs: dict) -> tuple[str, dict]:
 
 
 # --- output paths ----------------------------------------------------------------------------------
+def expand_path(path) -> str:
+    """``path`` (a str or os.PathLike) with a leading ``~`` or ``~user`` expanded. A ValueError when
+    that user, or the home folder, is unknown: ``Path.expanduser`` raises a bare RuntimeError there,
+    and ``os.path.expanduser`` leaves the ``~`` in, which would make a folder named ``~user``."""
+    path = os.fspath(path)
+    if not str(path).startswith("~"):
+        return path
+    try:
+        return str(Path(path).expanduser())
+    except RuntimeError:
+        user = str(path)[1:].split("/", 1)[0].split(os.sep, 1)[0]
+        who = f"no user {user!r} on this system" if user else "no home folder is known ($HOME unset)"
+        raise ValueError(f"cannot expand '~' in {str(path)!r}: {who}") from None
+
+
 def prepare_file(path, what: str = "output") -> Path:
     """Check, before any work, that a file can be written at ``path`` (``~`` expanded: a path from a
     config file never went through a shell) and return it: a folder there, or a parent that is a
     file or not writable, raises a ValueError naming ``what``; missing parent folders are created."""
-    p = Path(path).expanduser()
+    p = Path(expand_path(path))
     if p.is_dir():
         raise ValueError(f"{what} {str(path)!r} is a folder; give a file path")
     try:
@@ -348,7 +363,7 @@ def prepare_file(path, what: str = "output") -> Path:
 def prepare_folder(path, what: str = "out") -> Path:
     """Check, before any work, that ``path`` (``~`` expanded) is or can be made a writable folder
     (created with its parents) and return it; a file there raises a ValueError naming ``what``."""
-    p = Path(path).expanduser()
+    p = Path(expand_path(path))
     if p.exists() and not p.is_dir():
         raise ValueError(f"{what} {str(path)!r} is a file, not a folder; give a folder path")
     try:
@@ -450,7 +465,7 @@ class ResultStore:
 
     def __init__(self, path, digest: str, config: dict, read_also=()):
         self.path, self.digest, self.config = str(prepare_file(path)), digest, config
-        read_also = [os.path.expanduser(p) for p in read_also]
+        read_also = [expand_path(p) for p in read_also]
         self.own: list[dict] = self._load(self.path)
         self.others: list[dict] = [rec for p in read_also if os.path.abspath(p) != os.path.abspath(self.path)
                                    for rec in self._load(p)]
@@ -549,7 +564,7 @@ def write_atomic(path: str, digest: str, config: dict, records: list[dict]) -> N
 def part_files(output: str) -> list[str]:
     """The per-rank part files ``<output>.part<k>`` of a distributed job writing ``output`` (``~``
     expanded); no other file whose name starts so."""
-    output = os.path.expanduser(os.fspath(output))
+    output = expand_path(output)
     pattern = re.compile(re.escape(output) + r"\.part\d+")
     return sorted(p for p in glob.glob(glob.escape(output) + ".part*") if pattern.fullmatch(p))
 

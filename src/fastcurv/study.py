@@ -37,7 +37,7 @@ import torch
 
 from .demo import TARGETS, _markdown_table, _plot, _versions
 from .function.pairwise import SOFT
-from .resume import prepare_file, prepare_folder, sibling_path
+from .resume import expand_path, prepare_file, prepare_folder, sibling_path
 
 FUNCTION_MEASURES = ("disagreement", "gde", "soft", "weakness", "perturbation_weakness", "simplicity")
 
@@ -492,9 +492,9 @@ def study(
     if out is not None:
         out = prepare_folder(out)
     if isinstance(data_root, (str, os.PathLike)):
-        data_root = os.path.expanduser(os.fspath(data_root))
+        data_root = expand_path(data_root)
     elif data_root is not None:  # a list of folders
-        data_root = [os.path.expanduser(os.fspath(r)) for r in data_root]
+        data_root = [expand_path(r) for r in data_root]
     t0 = time.perf_counter()
     config = {k: v for k, v in locals().items() if k in STUDY_ARGS}
     config["threads"] = torch.get_num_threads()
