@@ -74,7 +74,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from .losses import as_labels, canonical_name, label_out_of_range
+from .losses import Loss, as_labels, canonical_name, label_out_of_range
 from .ops.csr_linear import CsrRows
 from .replicas import check_output, meta_copy, nonfinite_rows, validate_models
 from .resume import describe_changes, module_structure, prepare_file
@@ -277,8 +277,10 @@ def _loss_fn(name: str):
             R, b = y.shape
             return F.cross_entropy(out.reshape(R * b, -1), y.reshape(-1), reduction="none").view(R, b).mean(1)
     elif name == "mse":
-        def f(out, y):
-            return ((out - y.reshape(out.shape).to(out.dtype)) ** 2).reshape(out.shape[0], -1).mean(1)
+        def f(out, y):  # out, y [R, b, ...] of one shape (_check_targets)
+            if y.shape != out.shape:  # (a reshape paired outputs with the wrong targets before the 25th round)
+                raise ValueError(f"mse expects targets shaped like the outputs {tuple(out.shape)}, got {tuple(y.shape)}")
+            return ((out - y.to(out.dtype)) ** 2).reshape(out.shape[0], -1).mean(1)
     else:
         raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
     return f
@@ -334,25 +336,43 @@ def _probe_training_step(model: nn.Module, xb: torch.Tensor) -> tuple[bool, list
 
 def _check_targets(loss: str, y: torch.Tensor, out: torch.Tensor | None) -> None:
     """Raise a clear error for targets ``y [N, ...]`` that do not fit ``loss`` (and, given the
-    outputs ``out`` of some samples, the model's outputs: the number of classes, or their shape)."""
+    outputs ``out [n, ...]`` of the first ``n`` samples, the model's outputs: the number of classes,
+    or their shape).
+
+    MSE targets must be shaped like the outputs, the rule (and message) of the operators'
+    :meth:`~fastcurv.losses.Loss.check_targets`: ``[N, 1]`` for a one-output model, not ``[N]``.
+    Until the twenty-fifth round only the number of targets per sample was compared, and
+    channels-last targets ``[N, H, W, C]`` were reshaped onto ``[N, C, H, W]`` outputs, pairing
+    outputs with the wrong targets, silently."""
     if loss == "cross_entropy":
         if y.is_floating_point() or y.dim() != 1:
             raise ValueError(f"cross_entropy needs integer class labels y of shape [N], got {y.dtype} {tuple(y.shape)}")
         bad = None if out is None else label_out_of_range(y, out.shape[-1])
         if bad is not None:
             raise ValueError(f"labels out of range: found label {bad} but the model has {out.shape[-1]} classes")
-    elif out is not None and y[0].numel() != out[0].numel():
-        raise ValueError(f"mse needs one target per output: targets {tuple(y.shape[1:])} per sample, "
-                         f"outputs {tuple(out.shape[1:])}")
+    elif out is not None:
+        try:
+            Loss("mse").check_targets(out, y[:len(out)])
+        except ValueError as exc:
+            raise ValueError(f"{exc} (one target per output: targets {tuple(y.shape[1:])} per sample, outputs "
+                             f"{tuple(out.shape[1:])}, in the same layout)") from None
 
 
 def _atomic_save(obj, path: Path):
+    """``torch.save(obj)`` to ``path`` atomically: through a hidden temporary file ``.<name>.tmp<pid>``
+    in the same folder, fsync, ``os.replace``, as :func:`fastcurv.resume.write_atomic`. The temporary
+    file is removed when the write fails (a full disk, Ctrl-C) and the error re-raised; until the
+    twenty-fifth round a failed write left it behind, as large as the checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # the write failed: no partial file stays
+            tmp.unlink()
 
 
 _CKPT_KEYS = ("fingerprint", "epoch", "params", "state", "diverged", "done", "epochs_run", "history")
@@ -448,7 +468,8 @@ def train_population(
         builder: zero-argument callable returning a fresh model (e.g. ``lambda: mlp([784, 128, 10])``),
             or a template module (re-initialized per seed, see :func:`init_replicas`).
         x, y: the whole training set, ``[N, ...]`` inputs and ``[N]`` int64 labels (cross-entropy)
-            or ``[N, ...]`` float targets (MSE). Moved to ``device``/``dtype`` once.
+            or float targets shaped like the outputs (MSE: ``[N, 1]`` for one output, else a
+            ValueError, as the operators). Moved to ``device``/``dtype`` once.
         replicas / seeds: R, or the initialization seed of each replica (default ``range(R)``).
         data_seeds: per-replica seeds of the data order (default: ``seeds``); see :func:`epoch_order`.
         optimizer: "sgd", "adam" or "adamw". lr, momentum, weight_decay, sam_rho: a number, or one
@@ -471,7 +492,9 @@ def train_population(
         device, dtype: where and in which precision to train (default: the built model's). The
             optimizer's coefficients (lr, momentum, betas, weight decay, SAM radius) stay in float32
             for half-precision parameters, as torch.optim's.
-        callback: ``callback(epoch, history)`` after each epoch (after the checkpoint is written).
+        callback: ``callback(epoch, history)`` after each epoch (after the checkpoint is written);
+            ``history`` holds the epochs so far: ``train_loss`` and the per-replica ``epochs_run``,
+            ``steps``, ``diverged`` and ``reached_target`` as of that epoch (``to_pandas()`` works).
         chunk_size: replicas per forward/backward/update group within a step (default: as many as
             keep about 24 MiB of parameters, gradients and optimizer state together, so the
             optimizer update runs from cache); a positive integer. Results do not depend on it,
@@ -941,17 +964,26 @@ def train_population(
         for f in [pool.submit(fn, w, *args) for w in range(workers)]:
             f.result()
 
-    pool = None
+    def fill_history():
+        """The per-replica fields of ``history`` as of now (copies: the callback may keep them)."""
+        history.epochs_run = epochs_run.tolist()
+        history.steps = state["step"].cpu().tolist()
+        history.diverged = diverged.cpu().tolist()
+        history.reached_target = done.cpu().tolist()
+
+    pool = bar = None
     old_threads = torch.get_num_threads()
-    if workers > 1:
-        # replica-parallel: each worker runs its groups with one intra-op thread for a whole epoch, so no
-        # per-op barrier waits on a thread that another process has descheduled
-        torch.set_num_threads(1)
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastcurv-train")
-        history.engine = engine = f"{engine}, {workers} worker threads"
-    bar = tqdm(total=epochs, initial=min(start_epoch, epochs), desc="fastcurv train", unit="epoch",
-               disable={False: True, None: None, True: False}[progress], leave=False)
+    # everything from the thread count's change on inside the try: an exception or Ctrl-C before it (creating the
+    # pool or the bar) left the process at 1 torch thread until the twenty-fifth round
     try:
+        if workers > 1:
+            # replica-parallel: each worker runs its groups with one intra-op thread for a whole epoch, so no
+            # per-op barrier waits on a thread that another process has descheduled
+            torch.set_num_threads(1)
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastcurv-train")
+            history.engine = engine = f"{engine}, {workers} worker threads"
+        bar = tqdm(total=epochs, initial=min(start_epoch, epochs), desc="fastcurv train", unit="epoch",
+                   disable={False: True, None: None, True: False}[progress], leave=False)
         for epoch in range(start_epoch, epochs):
             if bool((done | diverged).all()):
                 break
@@ -999,17 +1031,20 @@ def train_population(
             bar.set_postfix(post)
             bar.update(1)
             if callback is not None:
+                # (until the twenty-fifth round the callback saw these fields empty, and to_pandas() raised)
+                fill_history()
                 callback(epoch, history)
     finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown()
-            torch.set_num_threads(old_threads)
+        try:
+            if bar is not None:
+                bar.close()
+            if pool is not None:
+                pool.shutdown()  # (waits for the workers' current epoch: a second Ctrl-C may land here)
+        finally:
+            if workers > 1:
+                torch.set_num_threads(old_threads)
 
-    history.epochs_run = epochs_run.tolist()
-    history.steps = state["step"].cpu().tolist()
-    history.diverged = diverged.cpu().tolist()
-    history.reached_target = done.cpu().tolist()
+    fill_history()
     history.seconds = time.perf_counter() - t_start
     with torch.no_grad():
         for r, m in enumerate(models):
@@ -1086,7 +1121,7 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
     """Per-replica loss and (for cross-entropy) accuracy on ``(x, y)`` tensors, on one batch given
     as ``x`` alone (``(inputs, targets)`` or ``[inputs, targets]``), or on a loader (an iterable of
     ``(inputs, targets)`` batches, e.g. a ``DataLoader``) given as ``x`` alone; all replicas in one
-    pass per batch.
+    pass per batch. MSE targets must be shaped like the outputs (as for training and the operators).
 
     Returns ``{"loss": [R] float64, "accuracy": [R] float64 (fraction in [0, 1])}`` (NaN rows for
     replicas with non-finite parameters, and, with a warning naming them, for replicas whose outputs

@@ -177,7 +177,8 @@ class MLPPlan:
         """Per-replica minibatch losses ``[R]`` and gradients of ``sum_r active_r * loss_r``.
 
         ``p``: name -> ``[R, ...]`` stacked parameters. ``x``: ``[R, B, ...]`` (or ``[B, ...]`` with
-        ``shared``) or a :class:`CsrBatch`, ``y``: ``[R, B]`` labels / ``[R, B, ...]`` targets (or without the leading ``R``).
+        ``shared``) or a :class:`CsrBatch`, ``y``: ``[R, B]`` labels / MSE targets ``[R, B, C]``
+        shaped like the outputs (or without the leading ``R``; other shapes: ValueError).
         ``active``: ``[R]`` bool, inactive replicas get zero loss weight. ``out``: optional name ->
         preallocated contiguous ``[R, ...]`` gradient buffers (written in place and returned).
         Returns ``(grads: dict name -> [R, ...], losses: [R])``.
@@ -195,7 +196,10 @@ class MLPPlan:
             dz.mul_((w / B).view(R, 1, 1))
         elif loss == "mse":
             tgt = y.to(logits.dtype)
-            tgt = tgt.reshape(1, *logits.shape[1:]) if shared else tgt.reshape(logits.shape)
+            want = logits.shape[1:] if shared else logits.shape
+            if tgt.shape != want:  # (a reshape paired outputs with the wrong targets before the 25th round)
+                raise ValueError(f"mse expects targets shaped like the outputs {tuple(want)}, got {tuple(tgt.shape)}")
+            tgt = tgt.unsqueeze(0) if shared else tgt
             d = logits - tgt
             n = d[0].numel()
             losses = d.pow(2).reshape(R, -1).mean(1)
