@@ -1,5 +1,8 @@
 """Shared helpers of the measure modules: losses, gradients and accuracies of R replicas at
-arbitrary (perturbed) flat parameters ``[R, P]``, all vmapped over the replica axis.
+arbitrary (perturbed) flat parameters ``[R, P]``, all batched over the replica axis: the
+gradient-free forwards (:func:`outputs_at`, :func:`loss_at`, :func:`accuracy_at`) through
+:meth:`fastcurv.ReplicaSet.forward_with` (a sparse first layer on MNIST-like inputs), the
+gradients by ``vmap(grad(...))``.
 
 Conventions: ``theta`` is ``[Ra, P]`` in :class:`fastcurv.ReplicaSet` flat order; ``idx`` selects
 the replicas the rows belong to (None: all R, in order). Losses are the operator's full-data loss
@@ -34,20 +37,22 @@ def loss_at(op, theta: torch.Tensor, idx: torch.Tensor | None = None, *, batch: 
             buffers: dict | None = None, output_map=None) -> torch.Tensor:
     """Full-data loss (or batch ``batch``'s share) ``[Ra]`` at parameters ``theta`` ``[Ra, P]``.
 
-    ``output_map`` (optional) transforms the model outputs before the loss (e.g. logit normalization).
+    ``output_map`` (optional) transforms one replica's outputs ``[n, ...]`` before the loss (e.g.
+    logit normalization). The outputs come from :func:`outputs_at` (the sparse first layer where it
+    applies), the loss is then vmapped over the replicas.
     """
     rs, loss = op.replicas, op.loss
     bufs = _buffers(rs, idx, buffers)
     total = torch.zeros(theta.shape[0], dtype=rs.dtype, device=rs.device)
+
+    def one(out, y):
+        if output_map is not None:
+            out = output_map(out)
+        return loss.batch_loss(out, y)
+
     with torch.no_grad():
         for _, x, y in _batches(op, batch):
-            def one(t, b):
-                out = rs.call(_as_dict(rs, t), b, x)
-                if output_map is not None:
-                    out = output_map(out)
-                return loss.batch_loss(out, y)
-
-            total += vmap(one)(theta, bufs)
+            total += vmap(one, in_dims=(0, None))(outputs_at(op, theta, x, buffers=bufs), y)
     return total.to(torch.float64).cpu()
 
 
@@ -74,11 +79,16 @@ def loss_grad_at(op, theta: torch.Tensor, idx: torch.Tensor | None = None, *, ba
 
 def outputs_at(op, theta: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None = None,
                buffers: dict | None = None) -> torch.Tensor:
-    """Model outputs ``[Ra, n, ...]`` at parameters ``theta`` on inputs ``x``."""
+    """Model outputs ``[Ra, n, ...]`` at parameters ``theta`` on inputs ``x`` (no gradient).
+
+    Runs :meth:`fastcurv.ReplicaSet.forward_with`: plain MLP chains on sparse CPU inputs (MNIST)
+    compute their first layer from the nonzero inputs only (several times faster than the dense
+    product); everything else runs ``vmap`` over ``functional_call``. Same outputs up to float rounding.
+    """
     rs = op.replicas
     bufs = _buffers(rs, idx, buffers)
     with torch.no_grad():
-        return vmap(lambda t, b: rs.call(_as_dict(rs, t), b, x))(theta, bufs)
+        return rs.forward_with(_as_dict(rs, theta), bufs, x)
 
 
 def accuracy_at(op, theta: torch.Tensor, idx: torch.Tensor | None = None, buffers: dict | None = None) -> torch.Tensor:
