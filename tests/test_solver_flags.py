@@ -85,3 +85,62 @@ def test_lambda_max_keeps_its_own_convergence_beside_top_k():
     assert float(res["lambda_max"][0]) == pytest.approx(10.0, rel=1e-10)
     assert bool(res.converged["lambda_max"][0]) and not bool(res.converged["top_k"][0])
     assert res.flags == ["top_k not converged"]
+
+
+def _tanh_mlp(sizes, seed, index):
+    """Replica ``index`` of 40 float64 tanh MLPs drawn from ``seed``, and 32 random samples."""
+    torch.manual_seed(seed)
+    models = [nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.Tanh(), nn.Linear(sizes[1], sizes[2])).double()
+              for _ in range(40)]
+    g = torch.Generator().manual_seed(seed + 1000)
+    x = torch.randn(32, sizes[0], generator=g, dtype=torch.float64)
+    return models[index], (x, torch.randint(0, sizes[2], (32,), generator=g))
+
+
+def _dense_spectrum(model, data):
+    return torch.linalg.eigvalsh(fastcurv.HessianOperator([model], data).dense(0).double())
+
+
+def test_top_k_of_a_model_with_fewer_parameters_than_the_minimum_steps():
+    """P = 51, top_k=5 (minimum 50 steps): the minimum was capped at P/2 = 25, and a start vector
+    with almost no component along the third eigenvector stopped converged after 25 steps with
+    it skipped: lambda_3..5 9.3%, 5.2% and 4.4% off (9 of 1600 such runs on these MLPs)."""
+    model, data = _tanh_mlp((4, 6, 3), 1, 16)
+    res = fastcurv.batched_sharpness([model], data, measures=("top_k",), top_k=5, seed=32, progress=False)
+    got = torch.stack([res[f"lambda_{i + 1}"][0] for i in range(5)])
+    true = _dense_spectrum(model, data).flip(0)[:5]
+    assert bool(res.converged["top_k"][0]) and float(((got - true).abs() / true).max()) < 1e-6
+
+
+def test_lambda_min_of_a_model_with_fewer_parameters_than_the_minimum_steps():
+    """P = 27 (minimum 30 steps): capped at P/2 = 13, lambda_min stopped converged after 14 steps
+    at -0.1710 for -0.1816 (5.8% off; 12 of 1600 such runs on these MLPs)."""
+    model, data = _tanh_mlp((2, 4, 3), 0, 36)
+    res = fastcurv.batched_sharpness([model], data, measures=("lambda_min",), seed=24, progress=False)
+    true = float(_dense_spectrum(model, data)[0])
+    assert bool(res.converged["lambda_min"][0]) and abs(float(res["lambda_min"][0]) - true) < 1e-6 * abs(true)
+
+
+def test_an_eigenvalue_that_did_not_converge_has_no_error_bound():
+    """P = 147, max_iter=15 with tol=1e-8: lambda_max stopped at 0.5870 (the second eigenvalue; the
+    first, 0.6520, had not entered the Krylov space), not converged, and reported the Ritz estimate
+    min(r, r^2/gap) = 2.3e-6 as its error bound: 28,000x below the true error. Such estimates were
+    below the error in 7-63% of unconverged runs. Now inf; a converged column keeps its bound, also
+    in a top-k run whose lower columns did not converge."""
+    model, data = _tanh_mlp((8, 12, 3), 0, 7)
+    true = float(_dense_spectrum(model, data)[-1])
+    res = fastcurv.batched_sharpness([model], data, measures=("lambda_max",), seed=7, max_iter=15, tol=1e-8,
+                                     progress=False)
+    assert not bool(res.converged["lambda_max"][0]) and abs(float(res["lambda_max"][0]) - true) > 0.05
+    assert float(res.error_bounds["lambda_max"][0]) == float("inf")
+    assert res.to_pandas()["lambda_max_error"][0] == float("inf")
+    ok = fastcurv.batched_sharpness([model], data, measures=("lambda_max",), seed=0, progress=False)
+    err, bound = abs(float(ok["lambda_max"][0]) - true), float(ok.error_bounds["lambda_max"][0])
+    assert bool(ok.converged["lambda_max"][0]) and err <= bound < 1e-3 * true
+
+    g = torch.Generator().manual_seed(0)
+    m, loss = quad(torch.cat([torch.tensor([10.0]), torch.rand(299, generator=g, dtype=torch.float64)]))
+    top = fastcurv.solvers.lanczos(fastcurv.HessianOperator([m], ONE, loss=loss), k=5, max_iter=40)
+    assert top.column_converged[0].tolist() == [True] + [False] * 4
+    assert abs(float(top.eigenvalues[0, 0]) - 10.0) <= float(top.error_bounds[0, 0]) < 1e-6
+    assert torch.isinf(top.error_bounds[0, 1:]).all()
