@@ -144,3 +144,19 @@ def test_an_eigenvalue_that_did_not_converge_has_no_error_bound():
     assert top.column_converged[0].tolist() == [True] + [False] * 4
     assert abs(float(top.eigenvalues[0, 0]) - 10.0) <= float(top.error_bounds[0, 0]) < 1e-6
     assert torch.isinf(top.error_bounds[0, 1:]).all()
+
+
+def test_power_iteration_that_did_not_converge_has_no_error_bound():
+    """Power iteration reported its residual as the error bound whether or not it converged (the
+    residual bounds the distance to *some* eigenvalue, not to the one wanted); now inf unconverged,
+    as Lanczos' bounds. A converged run keeps its residual, which bounds its error."""
+    g = torch.Generator().manual_seed(0)
+    spectrum = torch.cat([torch.tensor([10.0, 9.9]), torch.rand(98, generator=g, dtype=torch.float64)])
+    m, loss = quad(spectrum)
+    op = fastcurv.HessianOperator([m], ONE, loss=loss)
+    slow = fastcurv.solvers.power_iteration(op, max_iter=3, tol=1e-12)
+    assert not bool(slow.converged[0]) and float(slow.error_bounds[0, 0]) == float("inf")
+    assert torch.isfinite(slow.residuals[0, 0])
+    done = fastcurv.solvers.power_iteration(op, max_iter=2000, tol=1e-10)
+    assert bool(done.converged[0])
+    assert abs(float(done.eigenvalues[0, 0]) - 10.0) <= float(done.error_bounds[0, 0]) < 1e-2

@@ -16,7 +16,8 @@ def power_iteration(op, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0
 
     A replica stops when ``|lambda_t - lambda_{t-1}| <= tol * (|lambda_{t-1}| + 1e-6)`` (PyHessian's
     rule), or when ``Hv = 0`` (v is then an eigenvector of eigenvalue 0); residuals are ``|Hv -
-    lambda v|``. A replica that stopped with a residual above ``STOP_RESIDUAL * |lambda|`` is not
+    lambda v|``; ``error_bounds`` the residual where the replica converged, ``inf`` where it did not
+    (the residual then bounds the distance to some eigenvalue, not to the wanted one). A replica that stopped with a residual above ``STOP_RESIDUAL * |lambda|`` is not
     reported converged: with two extreme eigenvalues of nearly equal modulus and opposite signs the
     estimate stops moving between them, at no eigenvalue. Prefer :func:`lanczos`: it needs far
     fewer matvecs for the same accuracy and finds the largest algebraic eigenvalue.
@@ -51,7 +52,8 @@ def power_iteration(op, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0
             callback(t + 1, len(ai))
     lam[op.failed], res[op.failed] = float("nan"), float("nan")
     converged &= ~op.failed
-    out = EigenResult(lam.unsqueeze(1), res.unsqueeze(1), res.unsqueeze(1).clone(), iters, converged)
+    bounds = torch.where(converged | lam.isnan(), res, torch.full_like(res, float("inf")))  # (as lanczos': no bound unconverged)
+    out = EigenResult(lam.unsqueeze(1), res.unsqueeze(1), bounds.unsqueeze(1), iters, converged)
     if return_vectors:
         out.eigenvectors = v.unsqueeze(1)
     return out
