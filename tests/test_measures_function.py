@@ -168,3 +168,28 @@ def test_pac_bayes_measure_columns():
     for col in ("pacbayes_flatness", "pacbayes_sigma", "pacbayes_mag_flatness", "pacbayes_mag_sigma"):
         assert col in res.values
     assert torch.allclose(res["pacbayes_flatness"], 1 / res["pacbayes_sigma"] ** 2)
+
+
+class _TiedDecoder(nn.Module):
+    """Input embedding and output decoder sharing one weight, as in language models."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid, self.dec = nn.Embedding(6, 4), nn.Linear(12, 4), nn.Linear(4, 6, bias=False)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.mid(self.emb(x).flatten(1))))
+
+
+def test_relative_flatness_of_a_tied_feature_layer_is_named():
+    """A last Linear whose weight is tied to an embedding failed with a raw "'dec.weight' is not in
+    list"; now a ValueError naming the layer and the weight's owner. Another layer can be chosen."""
+    torch.manual_seed(0)
+    models = [_TiedDecoder() for _ in range(2)]
+    data = (torch.randint(0, 6, (10, 3)), torch.randint(0, 6, (10,)))
+    op = fastcurv.HessianOperator(models, data)
+    with pytest.raises(ValueError, match=r"layer 'dec' shares its weight with 'emb.weight'"):
+        relative_flatness_values(op)
+    kappa, _ = relative_flatness_values(op, layer="mid", method="exact")
+    assert torch.isfinite(kappa).all()

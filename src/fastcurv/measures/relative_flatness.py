@@ -90,6 +90,11 @@ def _merge_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, f:
 def _block(op, layer):
     rs = op.replicas
     name = f"{layer}.weight"
+    if name not in rs.names:  # a tied weight: named_parameters lists it under its first owner only
+        first = {id(t): n for n, t in reversed(list(rs.base.named_parameters(remove_duplicate=False)))}
+        owner = first.get(id(dict(rs.base.named_modules())[layer].weight), "another module")
+        raise ValueError(f"relative_flatness: layer {layer!r} shares its weight with {owner!r} (tied weights); the "
+                         "measure needs a feature layer with a weight of its own: choose one with layer=")
     j = rs.names.index(name)
     start = sum(rs.numels[:j])
     return start, rs.shapes[j]
