@@ -183,3 +183,20 @@ def test_study_docstring_names_every_returned_key():
                     if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "res"
                     and isinstance(node.value, ast.Dict))
     assert listed == returned
+
+
+def test_a_loss_name_is_one_setting_in_any_spelling():
+    """batched_sharpness(loss="MSE").settings recorded "MSE" as it was spelt, so an invariance audit
+    with loss="mse" refused that result as its before ("before was computed with other settings than
+    the audit's: loss='MSE' (audit: 'mse')"), for the same loss. Now settings hold the canonical name."""
+    ms, (x, _) = replicas(lambda: mlp(nn.ReLU), 2), data()  # (ReLU: the audit's rescaling preserves them)
+    t = torch.randn(len(x), 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    job = dict(measures=("lambda_max",), max_iter=8, backend="autograd", progress=False)
+    before = fastcurv.batched_sharpness(ms, (x, t), loss="MSE", **job)
+    assert before.settings == fastcurv.batched_sharpness(ms, (x, t), loss="mse", **job).settings
+    assert before.settings["loss"] == "mse"
+    ce = fastcurv.batched_sharpness(ms, data(), loss="Cross-Entropy", **job).settings["loss"]
+    assert ce == "cross_entropy"
+    audit = fastcurv.invariance_audit(ms, (x, t), measures=("lambda_max",), loss="mse", before=before, max_iter=8,
+                                      backend="autograd", progress=False)
+    assert "lambda_max" in audit.table.index

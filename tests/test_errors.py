@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the problem; one bad replica never loses the others."""
+import io
 import math
 import warnings
 
@@ -409,7 +410,8 @@ def test_replica_containers():
     want = fastcurv.batched_sharpness(ms, (x, y), measures=("lambda_max",))["lambda_max"]
     assert torch.allclose(fastcurv.batched_sharpness(nn.ModuleList(ms), (x, y), measures=("lambda_max",))["lambda_max"],
                           want)
-    with pytest.raises(TypeError, match="a ReplicaSet is taken by HessianOperator and function_measures only"):
+    with pytest.raises(TypeError, match=r"a ReplicaSet is taken by HessianOperator \(and GGNOperator, "
+                                        r"EmpiricalFisherOperator\), function_measures and collect_predictions only"):
         fastcurv.batched_sharpness(fastcurv.ReplicaSet(ms), (x, y), measures=("lambda_max",))
 
 
@@ -560,3 +562,113 @@ def test_torch_modules_set_up_otherwise_beyond_their_constructor_names():
     layers = [nn.TransformerEncoderLayer(4, 1, 8, dropout=0.0, activation=a) for a in ("relu", "gelu")]
     with pytest.raises(ValueError, match="activation"):
         fastcurv.replicas.validate_models(layers)
+
+
+def test_function_measures_refuses_one_output_models():
+    """Regressors (one output) got constants without a word: the argmax and softmax of one output are
+    constant, so three regressors whose outputs differ by 1.7 on average had disagreement, JS/TV and
+    gde_estimate 0, every weakness 0 and perturbation weakness 1. Now a ValueError says why."""
+    torch.manual_seed(0)
+    ms = replicas(lambda: mlp(sizes=(5, 7, 1)), 3)
+    x, _ = data()
+    for measures in ("disagreement", ("soft", "weakness"), "perturbation_weakness"):
+        with pytest.raises(ValueError, match=r"output 1 value per example \(a regressor\?\).*need K >= 2 outputs"):
+            fastcurv.function_measures(ms, x, measures=measures, probe_size=8)
+    with pytest.raises(ValueError, match="a regressor"):
+        fastcurv.function.collect_predictions(ms, x)
+    fastcurv.function_measures(replicas(lambda: mlp(sizes=(5, 7, 2)), 2), x, measures="disagreement")  # K = 2 runs
+
+
+def _sgd_step(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def test_an_operator_refuses_to_run_once_its_models_changed():
+    """HessianOperator kept the weights it was built with: after SGD steps on the models, Lanczos on
+    the kept operator still gave the first lambda_max ([0.80, 0.53, 0.70] where the trained models had
+    [1.12, 0.71, 0.79] in the hunt's example), silently. Now its products, loss and gradient raise a
+    RuntimeError naming the changed tensor (and "auto" does not take it for a torch.func failure)."""
+    x, y = data()
+    ms = replicas(lambda: mlp(nn.Softplus), 2)  # (not the fused engine's: "auto" takes func)
+    ops = [fastcurv.HessianOperator(ms, (x, y), backend=b) for b in ("func", "autograd", "auto")]
+    assert ops[2].backend_name == "func"
+    ops.append(fastcurv.curvature.GGNOperator.like(ops[0]))
+    ops.append(fastcurv.curvature.EmpiricalFisherOperator(ms, (x, y)))
+    V = torch.randn(2, ops[0].P, dtype=torch.float64)
+    before = ops[0].matvec(V)
+    for op in ops:
+        op.loss_and_gradient()
+    _sgd_step(ms[1], x, y)
+    for op in ops:
+        with pytest.raises(RuntimeError, match=r"the models changed since this \w+ was built \(parameter '0.weight' "
+                                               r"of replica 1 was modified in place"):
+            op.matvec(V)
+        with pytest.raises(RuntimeError, match="build a new"):
+            op.loss_and_gradient()
+    assert ops[2].backend_name == "func"  # ("auto" did not take the error for a torch.func failure)
+    fresh = fastcurv.HessianOperator(ms, (x, y), backend="func").matvec(V)
+    assert torch.allclose(fresh[0], before[0]) and not torch.allclose(fresh[1], before[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("change", ["double", "load_state_dict", "batchnorm_forward", "replica_set"])
+def test_the_changes_an_operator_sees(change):
+    """The other ways models change under a kept operator: new tensors (``.double()``), a state dict
+    loaded in place, BatchNorm running statistics updated by a training-mode forward (seen through
+    ``num_batches_tracked``), and a ReplicaSet whose models changed before an operator or
+    function_measures took it. None of them raised before (the old weights' results)."""
+    x, y = data()
+    ms = [nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)) for _ in range(2)]
+    if change != "double":
+        ms = [m.double().eval() for m in ms]
+    x32 = x.float() if change == "double" else x
+    rs = fastcurv.ReplicaSet(ms)
+    op = fastcurv.HessianOperator(rs, (x32, y), backend="func")
+    if change == "double":
+        ms[0].double()
+    elif change == "load_state_dict":
+        ms[1].load_state_dict(ms[0].state_dict())
+    elif change == "batchnorm_forward":
+        ms[0].train()(x)
+    else:
+        _sgd_step(ms[0], x, y)
+        with pytest.raises(ValueError, match="the models changed since this ReplicaSet was built"):
+            fastcurv.HessianOperator(rs, (x, y))
+        with pytest.raises(ValueError, match="the models changed since this ReplicaSet was built"):
+            fastcurv.function_measures(rs, x, measures="disagreement")
+        buf = io.BytesIO()  # (the weak references it keeps to the models are not pickled)
+        torch.save(rs, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False).flat_params(), rs.flat_params())
+    with pytest.raises(RuntimeError, match="the models changed since this HessianOperator was built"):
+        op.loss_and_gradient()
+
+
+def test_ggn_and_fisher_refuse_a_backend():
+    """GGNOperator / EmpiricalFisherOperator took backend= and backend_options= and dropped them
+    unread (their products always come from their own jvp/vjp engine): backend="fused" ran the same
+    torch.func products as any other. Now anything but "autograd" (the default) or "auto" is refused."""
+    from fastcurv.curvature import EmpiricalFisherOperator, GGNOperator
+
+    x, y = data()
+    ms = replicas(mlp, 2)
+    for cls in (GGNOperator, EmpiricalFisherOperator):
+        for backend in ("fused", "func"):
+            with pytest.raises(ValueError, match=rf"{cls.__name__} takes no backend \(got backend='{backend}'\): its "
+                                                 "products come from its own torch.func jvp/vjp engine"):
+                cls(ms, (x, y), backend=backend)
+        with pytest.raises(ValueError, match=r"takes no backend_options \(got \['reuse'\]\)"):
+            cls(ms, (x, y), backend_options={"reuse": False})
+        V = torch.randn(2, sum(p.numel() for p in ms[0].parameters()), dtype=torch.float64)
+        assert torch.equal(cls(ms, (x, y), backend="auto").matvec(V), cls(ms, (x, y)).matvec(V))
+
+
+def test_models_made_under_inference_mode_are_still_taken():
+    """Parameters made under torch.inference_mode have no version counter: watching them for changes
+    (the check above) must not refuse such models, which evaluate_population and function_measures take."""
+    with torch.inference_mode():
+        ms = replicas(mlp, 2)
+    x, y = data()
+    assert torch.isfinite(evaluate_population(ms, x, y)["loss"]).all()
+    assert fastcurv.ReplicaSet(ms).changed_since_built() is None

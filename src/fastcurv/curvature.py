@@ -110,9 +110,15 @@ class _SwappedBackendOperator(HessianOperator):
 
     backend_cls: type = Backend
 
-    def __init__(self, models, data, **kwargs):
-        kwargs.setdefault("backend", "autograd")
-        super().__init__(models, data, **kwargs)
+    def __init__(self, models, data, *, backend: str = "autograd", backend_options: dict | None = None, **kwargs):
+        name = type(self).__name__
+        if backend not in ("autograd", "auto"):
+            raise ValueError(f"{name} takes no backend (got backend={backend!r}): its products come from its own "
+                             "torch.func jvp/vjp engine, whatever HessianOperator's backends; leave backend out")
+        if backend_options:
+            raise ValueError(f"{name} takes no backend_options (got {sorted(backend_options)}): its products come "
+                             "from its own torch.func jvp/vjp engine, which has none")
+        super().__init__(models, data, backend="autograd", **kwargs)
         self._install()
 
     def _install(self):
@@ -143,12 +149,18 @@ class _SwappedBackendOperator(HessianOperator):
 
 
 class GGNOperator(_SwappedBackendOperator):
-    """Generalized Gauss-Newton matrices of R replicas (arguments as :class:`HessianOperator`)."""
+    """Generalized Gauss-Newton matrices of R replicas (arguments as :class:`HessianOperator`, but
+    its products come from its own torch.func jvp/vjp engine: ``backend`` other than "autograd" (the
+    default) or "auto", and any ``backend_options``, raise a ValueError). Like the Hessian operator,
+    it holds the weights it was built with and refuses to run once the models changed."""
 
     backend_cls = GGNBackend
 
 
 class EmpiricalFisherOperator(_SwappedBackendOperator):
-    """Empirical Fisher matrices of R replicas (arguments as :class:`HessianOperator`)."""
+    """Empirical Fisher matrices of R replicas (arguments as :class:`HessianOperator`, but its
+    products come from its own torch.func jvp/vjp engine: ``backend`` other than "autograd" (the
+    default) or "auto", and any ``backend_options``, raise a ValueError). Like the Hessian operator,
+    it holds the weights it was built with and refuses to run once the models changed."""
 
     backend_cls = FisherBackend

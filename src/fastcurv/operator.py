@@ -12,7 +12,7 @@ from torch.func import grad, vmap
 
 from ._heap import heap_reuse
 from .backends import BACKENDS
-from .backends.base import read_batches
+from .backends.base import mark_not_torch_func, read_batches
 from .backends.func import torch_func_failed
 from .data import Batches
 from .losses import Loss
@@ -65,8 +65,10 @@ def _check_backend_options(name: str, reason: str, options: dict) -> None:
 def as_replica_set(models, bn_mode: str | None = None) -> ReplicaSet:
     """``models`` (a list of replicas, or a :class:`ReplicaSet`) as a ReplicaSet evaluated in
     ``bn_mode``. A ReplicaSet is returned as it is: its BatchNorm mode was fixed when it was built,
-    so ``bn_mode`` must be None or that mode (another raises a ValueError). A list is stacked with
-    ``bn_mode`` ("eval" when None). An unknown ``bn_mode`` raises a ValueError either way."""
+    so ``bn_mode`` must be None or that mode (another raises a ValueError), and its models must not
+    have changed since it was built (:meth:`ReplicaSet.changed_since_built`; else a ValueError: its
+    copies would be the old weights). A list is stacked with ``bn_mode`` ("eval" when None). An
+    unknown ``bn_mode`` raises a ValueError either way."""
     if bn_mode is not None and bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     if isinstance(models, ReplicaSet):
@@ -74,6 +76,11 @@ def as_replica_set(models, bn_mode: str | None = None) -> ReplicaSet:
             raise ValueError(f"bn_mode={bn_mode!r}, but the ReplicaSet was built with bn_mode={models.bn_mode!r} (a "
                              "ReplicaSet's BatchNorm mode is fixed when it is built): pass the list of models, or "
                              f"build the ReplicaSet with ReplicaSet(models, bn_mode={bn_mode!r})")
+        changed = models.changed_since_built()
+        if changed:
+            raise ValueError(f"the models changed since this ReplicaSet was built ({changed} was modified or replaced): "
+                             "it holds copies of the old weights; build a new ReplicaSet from the models (or pass the "
+                             "list of models)")
         return models
     return ReplicaSet(models, bn_mode="eval" if bn_mode is None else bn_mode)
 
@@ -118,6 +125,16 @@ class HessianOperator:
             autograd, nothing is tuned (it already runs one replica, batch and probe at a time, and
             reuses nothing): the budget is only checked. The probe vectors (and their count per
             matvec) are the caller's.
+
+    Snapshot: the operator holds copies of the weights (and buffers) the models had when it was
+    built (through its :class:`ReplicaSet`), and does not follow later changes. To keep it from
+    silently giving the old models' curvature, every product, loss, gradient and trace first checks
+    the models' parameters and buffers (:meth:`ReplicaSet.changed_since_built`: version counters and
+    storage, a few microseconds per replica) and raises a RuntimeError when one was modified in
+    place (an optimizer step, ``load_state_dict``, a training-mode BatchNorm forward) or replaced
+    since: build a new operator for the new weights (as when tracking sharpness during training).
+    Writes through ``p.data`` are not seen. fastcurv's own measures never change the models (they
+    perturb copies).
 
     Threads: an operator may be shared by several threads; its computations (:meth:`matvec`,
     :meth:`loss_and_gradient`, :meth:`exact_trace`, :meth:`dense`) then run one at a time, under
@@ -294,7 +311,7 @@ class HessianOperator:
                 run_idx = None if natural else sub.to(rs.device)
                 vin = V3 if every else V3[good.to(V3.device)]
                 with heap_reuse():  # a matvec's large temporaries reuse each other's pages (see _heap)
-                    res = self._on_all_ranks(lambda: self._run(rs.unflatten(vin), run_idx), "a Hessian-vector product")
+                    res = self._compute(lambda: self._run(rs.unflatten(vin), run_idx), "a Hessian-vector product")
                 flat = self._sum_over_ranks(res if torch.is_tensor(res) else rs.flatten(res, lead=2))
                 if every:
                     out = flat
@@ -356,12 +373,12 @@ class HessianOperator:
             rs = self.replicas
             with heap_reuse():
                 if hasattr(self.backend, "loss_and_gradient"):  # the fused engine's batched gradient
-                    total, grads = self._on_all_ranks(
+                    total, grads = self._compute(
                         lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device), reuse_state=reuse_state),
                         "the gradient")
                     return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
                 try:
-                    total, grads = self._on_all_ranks(lambda: self._loss_and_gradient_func(idx), "the gradient")
+                    total, grads = self._compute(lambda: self._loss_and_gradient_func(idx), "the gradient")
                 except (RuntimeError, NotImplementedError) as exc:
                     self._fall_back(exc)
                     return self.loss_and_gradient(idx, reuse_state=reuse_state)
@@ -407,9 +424,26 @@ class HessianOperator:
             out = torch.full((self.R,), float("nan"), dtype=torch.float64)
             if good.any():
                 idx = None if bool(good.all()) else good.nonzero().flatten().to(self.replicas.device)
-                tr = self._sum_over_ranks(self._on_all_ranks(lambda: self.backend.exact_trace(idx), "the exact trace"))
+                tr = self._sum_over_ranks(self._compute(lambda: self.backend.exact_trace(idx), "the exact trace"))
                 out[good] = tr.cpu()
             return out
+
+    def _compute(self, fn, what: str):
+        """``fn()`` on every rank (:meth:`_on_all_ranks`), after checking that the models did not change
+        since the operator was built (see Snapshot in the class docstring)."""
+        def checked():
+            changed = self.replicas.changed_since_built()
+            if changed:
+                exc = RuntimeError(
+                    f"the models changed since this {type(self).__name__} was built ({changed} was modified in "
+                    "place or replaced, e.g. by an optimizer step): the operator holds copies of the weights it was "
+                    f"built with and would give the old models' results; build a new {type(self).__name__} for "
+                    "the current weights")
+                mark_not_torch_func(exc, "the models changed")  # (auto must not fall back to autograd on it)
+                raise exc
+            return fn()
+
+        return self._on_all_ranks(checked, what)
 
     def _on_all_ranks(self, fn, what: str):
         """``fn()``; with data sharded over ranks, the ranks then agree that all of them succeeded

@@ -195,7 +195,7 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
     :func:`_check_hooks`: they would not run faithfully)."""
     if isinstance(models, ReplicaSet):
         raise TypeError("models must be the list of nn.Module replicas here; a ReplicaSet is taken by HessianOperator "
-                        "and function_measures only")
+                        "(and GGNOperator, EmpiricalFisherOperator), function_measures and collect_predictions only")
     if isinstance(models, nn.ModuleList):  # (it has no forward: a container of replicas, not a model)
         models = list(models)
     if isinstance(models, nn.Module):
@@ -349,6 +349,11 @@ class ReplicaSet:
         buffers: ``{name: [R, *shape]}`` the buffers the functional model uses.
         finite: ``[R]`` bool, False for replicas whose parameters contain NaN or Inf.
         R, P: number of replicas and of parameter entries per replica.
+
+    ``params`` and ``buffers`` are copies of the models' tensors when the set is built: the set does
+    not follow later changes of the models. It remembers which tensors it copied, so that
+    :meth:`changed_since_built` can tell (and the operators built on it refuse to run) once the
+    models were changed in place (an optimizer step) or given new tensors.
     """
 
     def __init__(self, models: Sequence[nn.Module], *, bn_mode: str = "eval"):
@@ -366,6 +371,7 @@ class ReplicaSet:
             }
             buffer_names = [n for n, b in self.base.named_buffers() if b is not None]
             self.buffers = {n: torch.stack([dict(m.named_buffers())[n].detach() for m in models]) for n in buffer_names}
+        self._sources = self._watch(models, buffer_names)
         first = self.params[self.names[0]]
         self.dtype, self.device = first.dtype, first.device
         self.finite = ~nonfinite_rows([self.params[n] for n in self.names]).cpu()
@@ -376,6 +382,39 @@ class ReplicaSet:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    # --- the models it was built from -----------------------------------------------------------
+    def _watch(self, models: list, buffer_names: list) -> list:
+        """``(weak reference, version counter, data pointer, description)`` of every parameter and used
+        buffer of ``models`` (weak: the set does not keep the models alive)."""
+        out = []
+        for r, m in enumerate(models):
+            tensors = [("parameter", n, t) for n, t in m.named_parameters() if n in self.params]
+            buffers = dict(m.named_buffers())
+            tensors += [("buffer", n, buffers[n]) for n in buffer_names]
+            # (inference tensors, made under torch.inference_mode, have no version counter: not watched)
+            out += [(weakref.ref(t), t._version, t.data_ptr(), f"{kind} {n!r} of replica {r}") for kind, n, t in tensors
+                    if not t.is_inference()]
+        return out
+
+    def __getstate__(self):
+        """For pickling (``torch.save``) and ``copy.deepcopy``: weak references do not pickle, and a
+        copy watches no models (a snapshot of the weights it holds)."""
+        return {**self.__dict__, "_sources": []}
+
+    def changed_since_built(self) -> str | None:
+        """The first parameter or buffer of the models this set was built from that changed since
+        (e.g. "parameter '0.weight' of replica 2"), or None. Changed: modified in place (its
+        version counter moved: an optimizer step, ``load_state_dict``, ``copy_`` under no_grad, a
+        training-mode BatchNorm forward through its ``num_batches_tracked``) or given another
+        storage (``.to()``, ``.double()``, ``p.data = ...``). Writes through ``p.data`` (which has
+        its own version counter) are not seen, nor are models since deleted. Costs a few
+        microseconds per replica."""
+        for ref, version, ptr, what in getattr(self, "_sources", ()):
+            t = ref()
+            if t is not None and (t._version != version or t.data_ptr() != ptr):
+                return what
+        return None
 
     # --- flat layout -------------------------------------------------------------------------
     @property

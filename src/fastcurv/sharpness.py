@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._heap import reusing_heap
+from .losses import canonical_name
 from .measures import accepted_options, load_all as _load_measures
 from .operator import HessianOperator
 from .replicas import validate_models
@@ -484,6 +485,8 @@ def result_settings(kwargs: dict, with_measures: bool = False) -> dict:
     skip = ("models", "data", "progress", "cache_data", "replica_chunk", "output", "distributed", "memory_budget",
             "process_group", *(() if with_measures else ("measures",)))
     out = {k: v for k, v in args.items() if k not in skip}
+    if isinstance(out.get("loss"), str):  # ("MSE" and "mse" are one loss: one spelling in settings and fingerprints)
+        out["loss"] = canonical_name(out["loss"])
     # memory settings (e.g. from memory_budget=) do not change results
     options = {k: v for k, v in (out.pop("backend_options", None) or {}).items() if k not in _MEMORY_OPTIONS}
     if options:

@@ -96,7 +96,9 @@ def function_measures(
 
     Args:
         models: list of R replicas of one architecture (or a :class:`fastcurv.ReplicaSet`) whose
-            outputs are logits ``[batch, K]``.
+            outputs are logits ``[batch, K]`` with K >= 2 classes: every measure compares predicted
+            classes, so models with one output (regressors) raise a ValueError on the first forward,
+            before any measure runs.
         data: a loader yielding inputs or ``(inputs, targets)``, or one such batch. Use the test
             set (targets optional: disagreement needs none).
         measures: any of

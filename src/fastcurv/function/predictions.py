@@ -128,7 +128,9 @@ def collect_predictions(
     """Evaluate every replica on every batch of ``data`` once.
 
     Args:
-        replicas: a :class:`ReplicaSet`, or a list of R replicas of one architecture (stacked here).
+        replicas: a :class:`ReplicaSet`, or a list of R replicas of one architecture (stacked here),
+            whose outputs are logits ``[batch, K]`` with K >= 2 (else a ValueError on the first
+            forward: one output, a regressor's, has no classes to compare).
         data: a loader yielding inputs or ``(inputs, targets)``, or one such batch (see :func:`iterate`).
         bn_mode: "eval" or "batch", as in :func:`fastcurv.function_measures` (default: "eval" for a
             list, a ReplicaSet's own mode for a ReplicaSet).
@@ -181,6 +183,12 @@ def collect_predictions(
                     if out.dim() != 3:
                         raise ValueError("models must output logits [batch, classes]; got per-replica shape "
                                          f"{tuple(out.shape[1:])}")
+                    if out.shape[-1] < 2:
+                        k = out.shape[-1]
+                        raise ValueError(f"the models output {k} value{'s' * (k != 1)} per example (a regressor?): "
+                                         "function-space measures compare predicted classes (argmax and softmax of "
+                                         "logits [batch, K]), which need K >= 2 outputs; with one output every "
+                                         "replica predicts the same class and every measure is a constant")
                     if num_classes is None:
                         num_classes = out.shape[-1]
                     finite[idx.cpu()] &= torch.isfinite(out).flatten(1).all(1).cpu()
