@@ -34,7 +34,7 @@ class SharpnessResult:
 
     values: ``{column: [R] tensor}`` (``lambda_max``, ``trace``, ``lambda_1..k`` for top_k, ...).
     stderr: standard errors of stochastic estimates (``trace``). error_bounds: eigenvalue error
-    estimates. iterations: matvecs per replica for each solver. converged: ``[R]`` bool per solver.
+    estimates (``inf`` where the eigensolver did not converge). iterations: matvecs per replica for each solver. converged: ``[R]`` bool per solver.
     ok: ``[R]`` False for replicas whose parameters or products were non-finite (their values are
     NaN). flags: one human-readable string per replica (empty when all is well).
     spectrum: the SLQ spectral density when requested.

@@ -732,7 +732,7 @@ _GLOSSARY = (
     ("gap", "train_acc - test_acc"), ("epochs", "epochs trained"),
     ("diverged", "training diverged (non-finite loss)"), ("reached_target", "reached the training-loss target"),
     ("lambda_max", "largest eigenvalue of the Hessian of the mean training cross-entropy (nats per squared "
-                   "parameter unit); _error: its error bound, _iters: Lanczos steps"),
+                   "parameter unit); _error: its error bound (inf where not converged), _iters: Lanczos steps"),
     ("lambda_min", "smallest Hessian eigenvalue (same units)"),
     ("lambda_", "the k-th largest Hessian eigenvalue (top_k; same units)"),
     ("trace", "Hessian trace, the sum of its eigenvalues (same units); _stderr: its standard error (0 when exact)"),
