@@ -94,3 +94,32 @@ def test_compile_that_works_leaves_no_error(problem, dynamo_reset):
         op = _compiled_op(models, batch)
         torch.testing.assert_close(op.matvec(V), want, rtol=1e-5, atol=1e-6)
     assert op.backend.compile_error is None
+
+
+def test_compile_on_a_model_forward_mode_gets_wrong_falls_back_to_graph_mode(monkeypatch):
+    """compile=True runs mode "forward", whose linearization torch 2.13 gets wrong through LayerNorm;
+    called as ``F.layer_norm`` no module type names it, and the products were 17% off the dense
+    Hessian, silently. The first (compiled) linearization is now checked against mode "graph": a
+    warning, mode "graph" from then on, and the exact products. (torch.compile is replaced by the
+    identity here: the check is on what the compiled wrapper runs.)"""
+
+    class FunctionalLayerNorm(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.rand(n) + 0.5), nn.Parameter(torch.randn(n))
+
+        def forward(self, h):
+            return nn.functional.layer_norm(h, self.weight.shape, self.weight, self.bias)
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 5), FunctionalLayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double() for _ in range(2)]
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    V = torch.randn(2, 2, sum(p.numel() for p in models[0].parameters()), dtype=torch.float64)
+    want = fastcurv.HessianOperator(models, (x, y), backend="autograd").matvec(V)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    op = _compiled_op(models, (x, y))
+    assert op.backend.mode == "forward"
+    with pytest.warns(RuntimeWarning, match="mode 'forward' gives Hessian products .* off mode 'graph'"):
+        got = op.matvec(V)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert op.backend.mode == "graph" and op.backend.forward_error and op.backend.compile_error is None

@@ -1,7 +1,10 @@
 """The interface every HVP backend implements."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data import Batches
 from ..losses import Loss
@@ -22,6 +25,25 @@ def mark_not_torch_func(exc: BaseException, why: str) -> None:
             setattr(exc, NOT_TORCH_FUNC, why)
         except AttributeError:  # (an exception class with __slots__: it stays unmarked)
             pass
+
+
+@contextlib.contextmanager
+def math_attention():
+    """Within it, ``F.scaled_dot_product_attention`` runs its math kernel and ``nn.MultiheadAttention``
+    / ``nn.TransformerEncoderLayer`` keep off their fused inference fast path; both settings are
+    restored afterwards. The fused attention kernels (flash, memory-efficient) have no double
+    backward and the fast path no backward at all, so Hessian products through attention raise
+    torch's "derivative for aten::_scaled_dot_product_... is not implemented" without it. The
+    backends enter it once per product or gradient call (about 25 us; models without attention run
+    as before). Both settings are process-wide: another thread's attention meanwhile runs the math
+    kernel too (the same values, slower)."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def read_batches(batches: Batches):

@@ -6,10 +6,11 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import nn
 from torch.func import grad, jvp, linearize, vmap
 
 from ..memory import is_out_of_memory
-from .base import NOT_TORCH_FUNC, Backend, mark_not_torch_func, read_batches
+from .base import NOT_TORCH_FUNC, Backend, mark_not_torch_func, math_attention, read_batches
 
 # Reused graphs (or linearizations) are kept while their estimated size fits this. It keeps even
 # W1's linearizations (100 replicas, 1000 images: 5.4 GB estimated, 3.8 GiB measured; its graphs 1.9
@@ -39,6 +40,12 @@ GRAPH_HELD_WEIGHTS = (3, 3, 4)
 # parameter-sized tangents, gradients and products dominate: 784-128-128-10 MLPs on 16 samples
 # (R=10 and 40, K=1 and 2) peaked at 3.6-5.2x the parameter bytes per replica x probe, plus 6x.
 HVP_WEIGHTS = (9, 6, 6)
+
+# Layers through which mode "forward" (torch.func.linearize) is known to go wrong: see forward_mode_hazard.
+_LINEARIZE_BROKEN = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm)
+# Relative tolerance of mode "forward"'s check against mode "graph" (see product_error); 0.1 for other
+# dtypes (16-bit). The failures seen measure 0.06 to 1 (or NaN, or raise); float32 rounding about 1e-6.
+FORWARD_CHECK_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
 
 
 def _output_parts(replicas, x) -> tuple[int, int]:
@@ -90,18 +97,53 @@ def hvp_bytes(replicas, x) -> int:
     return _weigh(replicas, _output_parts(replicas, x), HVP_WEIGHTS)
 
 
+def _uses_batch_statistics(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a BatchNorm (any ``_BatchNorm``: SyncBatchNorm and the lazy ones too) that
+    normalizes with batch statistics."""
+    return isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or mod.running_mean is None)
+
+
+def forward_mode_hazard(replicas) -> str | None:
+    """The first module of ``replicas``' model through which mode "forward" is known to give wrong
+    Hessian products (torch 2.13), described for an error message, or None.
+
+    torch.func's nested transforms give wrong second derivatives through batch-statistics BatchNorm
+    (37% off, checked against finite differences in tests/test_operator.py), and
+    ``torch.func.linearize`` of the vmapped gradient (with reuse) through LayerNorm (10% off the dense
+    Hessian), affine InstanceNorm (15%) and circular padding (100%; NaN compiled); through GroupNorm its
+    second product raises, and through RMSNorm every product drifts further off (float32: 1e-4 after
+    200 products; tests/test_func_layers.py). These are refused by type, with or without reuse (for
+    simplicity: without reuse, ``vmap(jvp(grad))``, only batch-statistics BatchNorm was seen wrong);
+    the products of any other model are checked once against mode "graph"
+    (:meth:`FuncBackend._check_forward`)."""
+    if replicas.batch_statistics:
+        return ("a BatchNorm that normalizes with batch statistics (bn_mode='batch' or track_running_stats=False; "
+                "torch.func's second derivatives through it are wrong)")
+    for name, mod in replicas.base.named_modules():
+        if _uses_batch_statistics(mod):
+            return (f"a BatchNorm ({type(mod).__name__} {name!r}) that normalizes with batch statistics "
+                    "(bn_mode='batch' or track_running_stats=False; torch.func's second derivatives through it are wrong)")
+        circular = isinstance(mod, nn.modules.conv._ConvNd) and mod.padding_mode == "circular"
+        if circular or isinstance(mod, _LINEARIZE_BROKEN):
+            what = f"{type(mod).__name__} {name!r}" + (" with padding_mode='circular'" if circular else "")
+            return f"{what} (torch.func.linearize's second derivatives through it are wrong or fail)"
+    return None
+
+
 def resolve_mode(replicas, mode: str, compile: bool) -> str:
     """The mode :class:`FuncBackend` runs for ``mode`` ("auto", "forward" or "graph"): "auto" is
-    "forward" with ``compile=True`` unless BatchNorm uses batch statistics, else "graph"."""
+    "forward" with ``compile=True`` unless the model has a layer of :func:`forward_mode_hazard`, else
+    "graph". ``mode="forward"`` with such a layer raises a ValueError naming it."""
     if mode not in ("auto", "forward", "graph"):
         raise ValueError(f"mode must be 'auto', 'forward' or 'graph', got {mode!r}")
-    batch_bn = replicas.batch_statistics
-    if mode == "forward" and batch_bn:  # (torch.func.linearize's second derivatives through it are wrong: 37% here)
-        raise ValueError("mode='forward' gives wrong Hessian products through a BatchNorm that normalizes with batch "
-                         "statistics (bn_mode='batch' or track_running_stats=False): use mode='graph' (or 'auto')")
+    if mode == "graph":
+        return mode
+    hazard = forward_mode_hazard(replicas)
+    if mode == "forward" and hazard:
+        raise ValueError(f"mode='forward' gives wrong Hessian products through {hazard}: use mode='graph' (or 'auto')")
     if mode != "auto":
         return mode
-    return "forward" if compile and not batch_bn else "graph"
+    return "forward" if compile and not hazard else "graph"
 
 
 def memory_costs(replicas, x, mode: str) -> dict:
@@ -126,6 +168,26 @@ def work_chunks(R: int, K: int, item_bytes: int, work_bytes: int) -> tuple[int, 
     if items >= R:
         return R, max(1, min(K, items // R))
     return items, 1
+
+
+def product_error(got: dict, want: dict) -> float:
+    """How far the Hessian products ``got`` are from ``want`` (``{name: tensor}``, one replica's):
+    the largest over the parameter tensors of ``|got - want|`` relative to ``|want|`` on that tensor
+    or, where larger, to a tenth of ``|want|`` over all (a tensor whose products are about zero, such
+    as a bias that a normalization cancels, then compares only its rounding). ``inf`` where ``got``
+    is not finite but ``want`` is; 0 where ``want`` is not finite (nothing to compare against)."""
+    total = torch.sqrt(sum(want[n].double().square().sum() for n in want))
+    if not bool(torch.isfinite(total)):
+        return 0.0
+    worst = 0.0
+    for n, w in want.items():
+        g = got[n].double()
+        if not bool(torch.isfinite(g).all()):
+            return float("inf")
+        scale = max(float(w.double().norm()), 0.1 * float(total))
+        diff = float((g - w.double()).norm())
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return worst
 
 
 def torch_func_failed(exc: BaseException) -> bool:
@@ -202,10 +264,15 @@ class FuncBackend(Backend):
             Measured on W1 with reuse (CPU, 2 threads): the same time per product, but a
             linearization peaks at about 20x the module outputs and keeps 15x, a retained graph
             peaks at 4-5x and keeps 1-2x (benchmarks/func_memory.py); the default job took 20.1 s
-            in mode "graph" against 31.9 s (peak 3.5 against 6.2 GiB). torch.func's nested transforms
-            (``jvp(grad)``, ``vjp(grad)``, ``hessian``) also give wrong second derivatives through
-            batch-statistics BatchNorm in torch 2.13 (checked against finite differences in
-            tests/test_operator.py), so "auto" keeps "graph" there even with ``compile=True``.
+            in mode "graph" against 31.9 s (peak 3.5 against 6.2 GiB). Mode "forward" gives wrong
+            products through some layers in torch 2.13 (batch-statistics BatchNorm, LayerNorm,
+            GroupNorm, RMSNorm, InstanceNorm, circular padding: :func:`forward_mode_hazard`):
+            "auto" keeps "graph" there even with ``compile=True``, and ``mode="forward"`` raises a
+            ValueError naming the layer. For any other model its first product (on the first
+            batch read) is checked against mode "graph" for one replica and probe (the linearization
+            applied twice: torch constant-folds it on its first run); when they differ beyond
+            :data:`FORWARD_CHECK_TOL` or mode "forward" raises, a warning names why and the backend
+            runs mode "graph" from then on (``forward_error``).
         compile: run each linearization through ``torch.compile`` (mode "forward" with reuse; a
             warning says when there is nothing to compile: no reuse, or mode "graph").
             Measured on W1 (CPU, 2 threads): 0.64 -> 0.38 s per matvec, but each linearization
@@ -218,6 +285,11 @@ class FuncBackend(Backend):
         compile_error: with ``compile=True``, ``None`` while the linearizations run compiled (or
             none has run yet); after a compile failed, its warning: that linearization and all
             later ones run eagerly.
+        forward_error: ``None`` unless mode "forward" failed its check against mode "graph" (or
+            raised) and the backend switched to mode "graph": then its warning.
+
+    Products and gradients run under :func:`~.base.math_attention` (attention's fused kernels
+    have no double backward).
     """
 
     name = "func"
@@ -231,10 +303,15 @@ class FuncBackend(Backend):
         self._outputs: dict[tuple, tuple[int, int]] = {}  # (input shape, dtype) -> _output_parts
         self.compile = bool(compile)
         self.compile_error: str | None = None
+        self.forward_error: str | None = None
+        self._forward_checked = False
+        requested = mode
         mode = self.mode = resolve_mode(replicas, mode, self.compile)
         if self.compile and mode == "graph":
+            hazard = forward_mode_hazard(replicas) if requested == "auto" else None
+            why = f" (mode 'forward' gives wrong products through {hazard})" if hazard else ""
             warnings.warn("func backend: compile=True compiles torch.func linearizations (mode 'forward'); mode 'graph' "
-                          "runs uncompiled", RuntimeWarning, stacklevel=2)
+                          f"runs uncompiled{why}", RuntimeWarning, stacklevel=2)
         if reuse not in (True, False, "auto"):
             raise ValueError(f"reuse must be True, False or 'auto', got {reuse!r}")
         if reuse == "auto":
@@ -316,6 +393,56 @@ class FuncBackend(Backend):
             return _compiled(build, self._compile_failed)
         return build()
 
+    def _check_forward(self, i, x, y, idx):
+        """In mode "forward", before its first product: compare it on batch ``i`` (``x``, ``y``)
+        with mode "graph" for the first active replica and one fixed random probe, and switch to
+        mode "graph" (:meth:`_to_graph`) when they differ beyond :data:`FORWARD_CHECK_TOL` or
+        mode "forward" raises (torch.func's linearization goes wrong through some layers that
+        :func:`forward_mode_hazard` cannot name, e.g. ``F.layer_norm`` called in ``forward``).
+        With reuse, the batch's linearization for ``idx`` is built here (compiled with
+        ``compile=True``: a compile's own wrong products count too) and kept for the product; the
+        check then costs one mode-"graph" product for one replica and two tangent passes for all
+        (0.11 s once, about 3 products, for 4 MLPs 784-128-128-10 on 500 images)."""
+        if self.mode != "forward" or self._forward_checked:
+            return
+        rs = self.replicas
+        first = idx[:1] if idx is not None else torch.zeros(1, dtype=torch.long, device=rs.device)
+        gen = torch.Generator().manual_seed(0)
+        probe = {n: torch.randn((1, *s), generator=gen, dtype=rs.dtype).to(rs.device) for n, s in zip(rs.names, rs.shapes)}
+        # (mode "graph" raising is not this check's business: its error goes on to the caller)
+        want = self._graph_map(*rs.subset(first), x, y)(probe)
+        try:
+            if self.reuse:
+                Ra = rs.R if idx is None else len(idx)
+                v = {n: torch.cat([p, p.new_zeros((Ra - 1, *p.shape[1:]))]) for n, p in probe.items()}
+                fn = self._linearized(i, x, y, idx)
+                # twice: torch runs a linearization's graph as traced first, then constant-folded
+                got = [{n: t[:1] for n, t in fn(v).items()} for _ in range(2)]
+            else:
+                params, buffers = rs.subset(first)
+                hv = self._hvp_map(x, y)(params, buffers, {n: p.unsqueeze(1) for n, p in probe.items()})
+                got = [{n: t[:, 0] for n, t in hv.items()}]
+        except Exception as exc:  # noqa: BLE001 - any failure of torch.func's forward mode: run mode "graph"
+            if is_out_of_memory(exc):
+                raise
+            self._to_graph(f"raised {type(exc).__name__}: {str(exc)[:200]}")
+            return
+        self._forward_checked = True
+        err = max(product_error(g, want) for g in got)
+        tol = FORWARD_CHECK_TOL.get(rs.dtype, 0.1)
+        if err == float("inf"):
+            self._to_graph("gives non-finite Hessian products where mode 'graph' gives finite ones")
+        elif not err <= tol:
+            self._to_graph(f"gives Hessian products {err:.1e} off mode 'graph' (relative; tolerance {tol:g} for {rs.dtype})")
+
+    def _to_graph(self, why: str):
+        """Mode "forward" failed its check (``why``): warn and run mode "graph" from now on."""
+        msg = (f"func backend: mode 'forward' {why} on this model (torch.func's linearization goes wrong through some "
+               "layers); running mode 'graph' instead (the same products, uncompiled)")
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)
+        self.mode, self.forward_error, self._forward_checked = "graph", msg, True
+        self._linear.clear()
+
     def _compile_failed(self, message: str):
         """A compiled linearization fell back to eager: no further ones are compiled."""
         self.compile_error = message
@@ -342,7 +469,8 @@ class FuncBackend(Backend):
 
     def matvec(self, vecs, idx):
         try:
-            out = self._matvec(vecs, idx)
+            with math_attention():
+                out = self._matvec(vecs, idx)
         except Exception as exc:
             if self.products_done:
                 mark_not_torch_func(exc, "raised after torch.func had computed this operator's products")
@@ -355,6 +483,7 @@ class FuncBackend(Backend):
         Ra, K = vecs[0].shape[:2]
         if K == 1 and len(self.batches) == 1 and (self.reuse or self.mode == "graph"):
             (i, x, y), = read_batches(self.batches)
+            self._check_forward(i, x, y, idx)
             if self.reuse or self._graph_chunk(x, Ra) == Ra:
                 # one product: hand back its tensors (no zero fill and accumulation passes)
                 fn = self._linearized(i, x, y, idx) if self.reuse else self._linear_map(x, y, idx)
@@ -363,6 +492,7 @@ class FuncBackend(Backend):
         out = [torch.zeros_like(v) for v in vecs]
         subset = None  # the active replicas' parameters, for the products without reuse
         for i, x, y in read_batches(self.batches):
+            self._check_forward(i, x, y, idx)
             if self.reuse:
                 self._apply_per_probe(self._linearized(i, x, y, idx), vecs, out, slice(None))
             elif self.mode == "graph":
@@ -407,12 +537,10 @@ class FuncBackend(Backend):
             self._outputs[key] = _output_parts(self.replicas, x)
         return _weigh(self.replicas, self._outputs[key], weights)
 
-    def _unreused(self, params, buffers, vecs, out, x, y):
-        """Add one batch's products without reuse (jvp of grad, vmapped over replicas and probes)
-        to ``out``, in chunks of replicas and probes that fit ``work_bytes``."""
+    def _hvp_map(self, x, y):
+        """``(params [Ra, ...], buffers [Ra, ...], tangents [Ra, K, ...]) -> products [Ra, K, ...]``
+        on batch ``(x, y)`` without reuse: ``jvp`` of ``grad``, vmapped over probes and replicas."""
         rs = self.replicas
-        Ra, K = vecs[0].shape[:2]
-        r_step, k_step = work_chunks(Ra, K, self._per_replica(HVP_WEIGHTS, x), self.work_bytes)
 
         def hvp(p, b, v):
             def g(q):
@@ -420,7 +548,15 @@ class FuncBackend(Backend):
 
             return jvp(g, (p,), (v,))[1]
 
-        batched = vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, 0))
+        return vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, 0))
+
+    def _unreused(self, params, buffers, vecs, out, x, y):
+        """Add one batch's products without reuse (jvp of grad, vmapped over replicas and probes)
+        to ``out``, in chunks of replicas and probes that fit ``work_bytes``."""
+        rs = self.replicas
+        Ra, K = vecs[0].shape[:2]
+        r_step, k_step = work_chunks(Ra, K, self._per_replica(HVP_WEIGHTS, x), self.work_bytes)
+        batched = self._hvp_map(x, y)
         for r0 in range(0, Ra, r_step):
             rr = slice(r0, r0 + r_step)
             p_r, b_r = {n: t[rr] for n, t in params.items()}, {n: t[rr] for n, t in buffers.items()}

@@ -1,0 +1,218 @@
+"""The func backend on layers beyond conv nets: mode "forward" (torch.func.linearize, what
+``compile=True`` selects) through the layers torch 2.13 gets wrong, and attention."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import fastcurv
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is fastest (as conftest's one_thread, for the module's fixtures too)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _replicas(make, R=2, dtype=torch.float64):
+    models = []
+    for r in range(R):
+        torch.manual_seed(r)
+        models.append(make().to(dtype).eval())
+    return models
+
+
+def _images(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(6, 2, 4, 4, generator=gen, dtype=dtype), torch.randint(0, 3, (6,), generator=gen)
+
+
+def _oracle(models, data, V, **kw):
+    """The autograd backend's products (plain double backward per replica: exact)."""
+    return fastcurv.HessianOperator(models, data, backend="autograd", **kw).matvec(V)
+
+
+def _probes(op, K=2):
+    return torch.randn(op.R, K, op.P, generator=torch.Generator().manual_seed(1), dtype=op.dtype)
+
+
+class FunctionalLayerNorm(nn.Module):
+    """LayerNorm by ``F.layer_norm`` in ``forward``: no nn.LayerNorm for the up-front refusal to see."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(n) + 0.5), nn.Parameter(torch.randn(n))
+
+    def forward(self, h):
+        return F.layer_norm(h, self.weight.shape, self.weight, self.bias)
+
+
+class FunctionalGroupNorm(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c))
+
+    def forward(self, h):
+        return F.group_norm(h, 2, self.weight, self.bias)
+
+
+class CircularPad(nn.Module):
+    def forward(self, h):
+        return F.pad(h, (1, 1, 1, 1), mode="circular")
+
+
+def _conv_net(*mid, flat=32, **conv):
+    return lambda: nn.Sequential(nn.Conv2d(2, 4, 3, **conv), *mid, nn.Tanh(), nn.Flatten(), nn.Linear(flat, 3))
+
+
+def _mlp(*mid):
+    return lambda: nn.Sequential(nn.Flatten(), nn.Linear(32, 5), *mid, nn.Tanh(), nn.Linear(5, 3))
+
+
+KNOWN = {  # layer -> (model, the name the error gives)
+    "LayerNorm": (_mlp(nn.LayerNorm(5)), "LayerNorm '2'"),
+    "GroupNorm": (_conv_net(nn.GroupNorm(2, 4), flat=16), "GroupNorm '1'"),
+    "InstanceNorm2d": (_conv_net(nn.InstanceNorm2d(4, affine=True), flat=16), "InstanceNorm2d '1'"),
+    "RMSNorm": (_mlp(nn.RMSNorm(5)), "RMSNorm '2'"),
+    "SyncBatchNorm": (_conv_net(nn.SyncBatchNorm(4, track_running_stats=False), flat=16), "SyncBatchNorm '1'"),
+    "circular": (_conv_net(padding=1, padding_mode="circular", flat=64), "Conv2d '0' with padding_mode='circular'"),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(KNOWN))
+def test_forward_mode_is_refused_through_layers_torch_gets_wrong(layer):
+    """Mode "forward" (``compile=True``'s default) through these layers gave Hessian products off the
+    dense Hessian by 10% (LayerNorm), 15% (affine InstanceNorm), 16% (SyncBatchNorm without running
+    statistics), 100% (circular padding; NaN compiled), raised torch's raw "The size of tensor a (2)
+    must match ..." (GroupNorm) or drifted further off with every product (RMSNorm: 1e-4 in float32
+    after 200), silently. Now ``mode="forward"`` raises naming the layer, and ``compile=True`` runs
+    mode "graph" with a warning naming it, with the exact products."""
+    make, named = KNOWN[layer]
+    models, data = _replicas(make), _images()
+    with pytest.raises(ValueError, match=f"mode='forward' gives wrong Hessian products through .*{named}"):
+        fastcurv.HessianOperator(models, data, backend="func", backend_options={"mode": "forward"})
+    with pytest.warns(RuntimeWarning, match=f"mode 'graph' runs uncompiled \\(mode 'forward' .*{named}"):
+        op = fastcurv.HessianOperator(models, data, backend="func", backend_options={"compile": True})
+    assert op.backend.mode == "graph"
+    V = _probes(op)
+    torch.testing.assert_close(op.matvec(V), _oracle(models, data, V), rtol=1e-9, atol=1e-12)
+
+
+def test_eval_batchnorm_and_other_paddings_keep_forward_mode():
+    """The refusal is by layer: eval-mode (Sync)BatchNorm and reflect padding, exact in mode
+    "forward", keep it (and its products match the oracle)."""
+    make = _conv_net(nn.SyncBatchNorm(4), padding=1, padding_mode="reflect", flat=64)
+    models, data = _replicas(make), _images()
+    op = fastcurv.HessianOperator(models, data, backend="func", backend_options={"mode": "forward"})
+    V = _probes(op)
+    torch.testing.assert_close(op.matvec(V), _oracle(models, data, V), rtol=1e-9, atol=1e-12)
+    assert op.backend.mode == "forward" and op.backend.forward_error is None
+
+
+UNNAMED = {  # layers the refusal cannot see (functional calls): the check against mode "graph" catches them
+    "F.layer_norm": (_mlp(FunctionalLayerNorm(5)), "gives Hessian products .* off mode 'graph'"),
+    "F.pad circular": (lambda: nn.Sequential(CircularPad(), *_conv_net(flat=64)()), "gives (non-finite )?Hessian products"),
+    "F.group_norm": (_conv_net(FunctionalGroupNorm(4), flat=16), "raised RuntimeError: The size of tensor"),
+}
+
+
+@pytest.mark.parametrize("case, R", [("F.layer_norm", 2), ("F.pad circular", 1), ("F.group_norm", 1)])
+def test_forward_mode_checked_against_graph_mode(case, R):
+    """The same torch bug through layers called functionally, which no module type names: mode
+    "forward" was 17% (F.layer_norm) or 100% (circular F.pad; NaN here) off the dense Hessian, or
+    raised a raw RuntimeError on its second product (F.group_norm). Its first product is now checked against mode
+    "graph"; on a mismatch (or an error) a warning says why and the backend runs mode "graph", with
+    the exact products."""
+    make, said = UNNAMED[case]
+    models, data = _replicas(make, R=R), _images()
+    op = fastcurv.HessianOperator(models, data, backend="func", backend_options={"mode": "forward", "reuse": True})
+    V = _probes(op)
+    with pytest.warns(RuntimeWarning, match=f"mode 'forward' {said}.*running mode 'graph' instead"):
+        got = op.matvec(V)
+    assert op.backend.mode == "graph" and "running mode 'graph'" in op.backend.forward_error
+    want = _oracle(models, data, V)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(op.matvec(V), want, rtol=1e-9, atol=1e-12)
+
+
+def test_forward_mode_check_in_float32():
+    """The check's float32 tolerance (1e-3) catches F.layer_norm's 6% error there too."""
+    models, data = _replicas(_mlp(FunctionalLayerNorm(5)), dtype=torch.float32), _images(torch.float32)
+    op = fastcurv.HessianOperator(models, data, backend="func", backend_options={"mode": "forward"})
+    V = _probes(op)
+    with pytest.warns(RuntimeWarning, match="off mode 'graph' \\(relative; tolerance 0.001 for torch.float32\\)"):
+        got = op.matvec(V)
+    torch.testing.assert_close(got, _oracle(models, data, V), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, reuse", [(torch.float32, True), (torch.float64, True), (torch.float64, False)])
+def test_forward_mode_check_passes_where_forward_mode_is_right(dtype, reuse):
+    """No false alarm: on a model mode "forward" gets right (an MLP with eval BatchNorm and GELU), it
+    stays in mode "forward" without a warning, with the oracle's products: one probe (checked on the
+    single-product path), a subset of replicas, then two probes."""
+    models, data = _replicas(_mlp(nn.BatchNorm1d(5), nn.GELU()), R=3, dtype=dtype), _images(dtype)
+    op = fastcurv.HessianOperator(models, data, backend="func", backend_options={"mode": "forward", "reuse": reuse})
+    V = _probes(op)
+    want = _oracle(models, data, V)
+    idx = torch.tensor([2, 0])
+    tol = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-12}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        torch.testing.assert_close(op.matvec(V[:, 0]), want[:, 0], **tol)
+        torch.testing.assert_close(op.matvec(V[idx], idx=idx), want[idx], **tol)
+        torch.testing.assert_close(op.matvec(V), want, **tol)
+    assert op.backend.mode == "forward" and op.backend.forward_error is None
+
+
+def _transformer():
+    """A TransformerEncoderLayer (d_model 8, 2 heads) on sequences of 3, then a Linear head."""
+    return nn.Sequential(nn.TransformerEncoderLayer(8, 2, dim_feedforward=4, dropout=0.0, batch_first=True),
+                         nn.Flatten(), nn.Linear(24, 2))
+
+
+def _dense_hessian(model, x, y):
+    """The float64 Hessian of the mean cross-entropy by plain autograd, under the math attention kernel."""
+    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()])
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def loss(v):
+        params = dict(zip(names, v.split([s.numel() for s in shapes])))
+        params = {n: t.view(s) for (n, t), s in zip(params.items(), shapes)}
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.autograd.functional.hessian(loss, flat)
+
+
+@pytest.fixture(scope="module")
+def transformer_problem():
+    models = _replicas(_transformer)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 3, 8, generator=gen, dtype=torch.float64), torch.randint(0, 2, (5,), generator=gen)
+    return models, (x, y), [_dense_hessian(m, x, y) for m in models]
+
+
+@pytest.mark.parametrize("backend", ["func", "autograd", "auto"])
+def test_transformer_encoder_layer(backend, transformer_problem):
+    """nn.TransformerEncoderLayer (scaled_dot_product_attention) failed in every backend with torch's
+    raw "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented" (autograd, auto) or "... aten::_transformer_encoder_layer_fwd ..." (func: the
+    inference fast path, taken under vmap): fused attention kernels have no double backward. The
+    products and gradients now run under the math kernel with the fast path off: the products equal
+    the dense float64 Hessian's, and both settings are restored afterwards."""
+    models, data, dense = transformer_problem
+    op = fastcurv.HessianOperator(models, data, backend=backend)
+    V = _probes(op, K=3)
+    got = op.matvec(V)
+    for r in range(2):
+        torch.testing.assert_close(got[r], V[r] @ dense[r], rtol=1e-9, atol=1e-11)
+    assert torch.backends.mha.get_fastpath_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    loss, grad = op.loss_and_gradient()
+    assert torch.isfinite(grad).all() and grad.shape == (2, op.P)
