@@ -80,7 +80,7 @@ KNOWN = {  # layer -> (model, the name the error gives)
     "GroupNorm": (_conv_net(nn.GroupNorm(2, 4), flat=16), "GroupNorm '1'"),
     "InstanceNorm2d": (_conv_net(nn.InstanceNorm2d(4, affine=True), flat=16), "InstanceNorm2d '1'"),
     "RMSNorm": (_mlp(nn.RMSNorm(5)), "RMSNorm '2'"),
-    "SyncBatchNorm": (_conv_net(nn.SyncBatchNorm(4, track_running_stats=False), flat=16), "SyncBatchNorm '1'"),
+    "SyncBatchNorm": (_conv_net(nn.SyncBatchNorm(4, track_running_stats=False), flat=16), "(SyncBatchNorm '1'|a BatchNorm that normalizes with batch statistics)"),
     "circular": (_conv_net(padding=1, padding_mode="circular", flat=64), "Conv2d '0' with padding_mode='circular'"),
 }
 
@@ -216,3 +216,29 @@ def test_transformer_encoder_layer(backend, transformer_problem):
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     loss, grad = op.loss_and_gradient()
     assert torch.isfinite(grad).all() and grad.shape == (2, op.P)
+
+
+def test_transformer_ggn_and_fisher(transformer_problem):
+    """GGNOperator and EmpiricalFisherOperator failed on attention models ("Trying to use forward AD
+    with aten::_transformer_encoder_layer_fwd"): they run under the math kernel too. The GGN equals
+    sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i / N from plain autograd Jacobians."""
+    models, (x, y), _ = transformer_problem
+    ggn = fastcurv.GGNOperator(models, (x, y))
+    V = _probes(ggn, K=2)
+    got = ggn.matvec(V)
+    for r, m in enumerate(models):
+        names, shapes = zip(*[(n, p.shape) for n, p in m.named_parameters()])
+        flat = torch.cat([p.detach().flatten() for p in m.parameters()])
+
+        def outputs(v):
+            params = {n: t.view(s) for n, t, s in zip(names, v.split([s.numel() for s in shapes]), shapes)}
+            return torch.func.functional_call(m, params, (x,))
+
+        with sdpa_kernel(SDPBackend.MATH):
+            J = torch.autograd.functional.jacobian(outputs, flat)  # [N, C, P]
+            p = outputs(flat).softmax(-1).detach()
+        H = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)  # [N, C, C]
+        G = torch.einsum("ncp,ncd,ndq->pq", J, H, J) / len(x)
+        torch.testing.assert_close(got[r], V[r] @ G, rtol=1e-8, atol=1e-10)
+    fisher = fastcurv.EmpiricalFisherOperator(models, (x, y))
+    assert torch.isfinite(fisher.matvec(V)).all()

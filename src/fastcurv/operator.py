@@ -12,7 +12,7 @@ from torch.func import grad, vmap
 
 from ._heap import heap_reuse
 from .backends import BACKENDS
-from .backends.base import mark_not_torch_func, read_batches
+from .backends.base import mark_not_torch_func, math_attention, read_batches
 from .backends.func import torch_func_failed
 from .data import Batches
 from .losses import Loss
@@ -390,16 +390,17 @@ class HessianOperator:
         Ra = next(iter(params.values())).shape[0]
         total = torch.zeros(Ra, dtype=rs.dtype, device=rs.device)
         grads = [torch.zeros_like(params[n]) for n in rs.names]
-        for _, x, y in read_batches(self.batches):
+        with math_attention():  # (the kernel the products use: see math_attention)
+            for _, x, y in read_batches(self.batches):
 
-            def one(p, b):
-                value = loss.batch_loss(rs.call(p, b, x), y)
-                return value, value
+                def one(p, b):
+                    value = loss.batch_loss(rs.call(p, b, x), y)
+                    return value, value
 
-            g, value = vmap(grad(one, has_aux=True))(params, buffers)
-            total += value
-            for j, n in enumerate(rs.names):
-                grads[j] += g[n]
+                g, value = vmap(grad(one, has_aux=True))(params, buffers)
+                total += value
+                for j, n in enumerate(rs.names):
+                    grads[j] += g[n]
         return total, rs.flatten(grads)
 
     def exact_trace_support(self) -> tuple[bool, str]:
