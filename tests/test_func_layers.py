@@ -242,3 +242,46 @@ def test_transformer_ggn_and_fisher(transformer_problem):
         torch.testing.assert_close(got[r], V[r] @ G, rtol=1e-8, atol=1e-10)
     fisher = fastcurv.EmpiricalFisherOperator(models, (x, y))
     assert torch.isfinite(fisher.matvec(V)).all()
+
+
+def test_math_attention_in_two_threads_keeps_the_math_kernel_and_restores_the_settings():
+    """Each context saved and restored the process-wide attention settings itself: thread A leaving
+    while thread B was still differentiating switched the fused kernels back on under B's product
+    (torch's "derivative for ..._flash_attention_for_cpu_backward is not implemented"), and B then
+    restored A's "math only" for good (the fast path and the flash / memory-efficient kernels off
+    for the rest of the process). The contexts now share one reference count."""
+    import threading
+
+    from fastcurv.backends.base import math_attention
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen, errors = {}, []
+
+    def a():
+        with math_attention():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with math_attention():
+            b_in.set()
+            a_out.wait(10)  # A has left: the math kernel must still be the only one
+            seen["flash"] = torch.backends.cuda.flash_sdp_enabled()
+            seen["fastpath"] = torch.backends.mha.get_fastpath_enabled()
+            q = torch.randn(2, 1, 3, 4, dtype=torch.float64, requires_grad=True)
+            try:
+                g, = torch.autograd.grad(F.scaled_dot_product_attention(q, q, q).sum(), q, create_graph=True)
+                torch.autograd.grad(g.sum(), q)
+            except RuntimeError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and seen == {"flash": False, "fastpath": False}
+    assert torch.backends.mha.get_fastpath_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()

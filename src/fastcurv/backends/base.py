@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -27,23 +28,40 @@ def mark_not_torch_func(exc: BaseException, why: str) -> None:
             pass
 
 
+_ATTENTION_LOCK = threading.Lock()
+_attention_state = {"users": 0, "fastpath": None, "kernel": None}
+
+
 @contextlib.contextmanager
 def math_attention():
     """Within it, ``F.scaled_dot_product_attention`` runs its math kernel and ``nn.MultiheadAttention``
-    / ``nn.TransformerEncoderLayer`` keep off their fused inference fast path; both settings are
-    restored afterwards. The fused attention kernels (flash, memory-efficient) have no double
-    backward and the fast path no backward at all, so Hessian products through attention raise
-    torch's "derivative for aten::_scaled_dot_product_... is not implemented" without it. The
-    backends enter it once per product or gradient call (about 25 us; models without attention run
-    as before). Both settings are process-wide: another thread's attention meanwhile runs the math
-    kernel too (the same values, slower)."""
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    / ``nn.TransformerEncoderLayer`` keep off their fused inference fast path. The fused attention
+    kernels (flash, memory-efficient) have no double backward and the fast path no backward at all,
+    so Hessian products through attention raise torch's "derivative for
+    aten::_scaled_dot_product_... is not implemented" without it. The backends enter it once per
+    product or gradient call (about 25 us; models without attention run as before). Both settings
+    are process-wide, so the contexts of all threads share one reference count: the first to enter
+    sets them, the last to leave restores what was there before (a per-thread save and restore let
+    a thread that left first switch the fused kernels back on under another's product, and the
+    last one then left them off for good). Meanwhile other threads' attention runs the math kernel
+    too (the same values, slower)."""
+    st = _attention_state
+    with _ATTENTION_LOCK:
+        if st["users"] == 0:
+            st["fastpath"] = torch.backends.mha.get_fastpath_enabled()
+            st["kernel"] = sdpa_kernel(SDPBackend.MATH)
+            st["kernel"].__enter__()
+            torch.backends.mha.set_fastpath_enabled(False)
+        st["users"] += 1
     try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
+        yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+        with _ATTENTION_LOCK:
+            st["users"] -= 1
+            if st["users"] == 0:
+                torch.backends.mha.set_fastpath_enabled(st["fastpath"])
+                kernel, st["kernel"] = st["kernel"], None
+                kernel.__exit__(None, None, None)
 
 
 def read_batches(batches: Batches):
