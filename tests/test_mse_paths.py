@@ -238,3 +238,28 @@ def test_a_job_resumes_under_another_spelling_of_its_loss(tmp_path):
     first = fastcurv.batched_sharpness(models, (x, y), loss="mse", **kw)
     again = fastcurv.batched_sharpness(models, (x, y), loss="MSE", **kw)
     torch.testing.assert_close(again["lambda_max"], first["lambda_max"])
+
+
+def test_a_results_file_written_with_the_loss_as_spelled_resumes(tmp_path, monkeypatch):
+    """Files written before the twenty-fifth round hold the loss name as given ("MSE") in their
+    config and fingerprint; once names were made canonical, the very call that wrote one raised
+    FingerprintMismatch ("differs in: loss"). Such a file is read back, not computed again."""
+    import hashlib
+    import json
+
+    x, y = _regression()
+    models = [_mlp(0), _mlp(1)]
+    out = tmp_path / "run.jsonl"
+    kw = dict(measures=("lambda_max",), output=out, progress=False)
+    first = fastcurv.batched_sharpness(models, (x, y), loss="MSE", **kw)
+    head, *rest = out.read_text().splitlines()
+    head = json.loads(head)
+    head["config"]["loss"] = "MSE"  # as the earlier rounds wrote it
+    head["fingerprint"] = hashlib.sha256(json.dumps(head["config"], sort_keys=True).encode()).hexdigest()[:32]
+    out.write_text("\n".join([json.dumps(head), *rest]) + "\n")
+    backend = type(fastcurv.HessianOperator(models, (x, y), loss="mse").backend)
+    monkeypatch.setattr(backend, "matvec", lambda *a, **k: pytest.fail("a finished job was computed again"))
+    again = fastcurv.batched_sharpness(models, (x, y), loss="MSE", **kw)
+    torch.testing.assert_close(again["lambda_max"], first["lambda_max"])
+    with pytest.raises(fastcurv.resume.FingerprintMismatch, match="loss"):
+        fastcurv.batched_sharpness(models, (x, y), loss="cross_entropy", **kw)

@@ -327,6 +327,19 @@ def fingerprint(models, batches: Batches, kwargs: dict) -> tuple[str, dict]:
     return digest, config
 
 
+def _same_but_loss_spelling(old, digest: str) -> bool:
+    """Whether a results file's ``config`` is this job's but for its loss name's spelling: files
+    written before the twenty-fifth round hold the name as given ("MSE", "ce"), not
+    :func:`fastcurv.losses.canonical_name`'s, in their config and fingerprint."""
+    if not isinstance(old, dict) or not isinstance(old.get("loss"), str):
+        return False
+    try:
+        config = {**old, "loss": canonical_name(old["loss"])}
+    except ValueError:
+        return False
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32] == digest
+
+
 # --- output paths ----------------------------------------------------------------------------------
 def expand_path(path) -> str:
     """``path`` (a str or os.PathLike) with a leading ``~`` or ``~user`` expanded. A ValueError when
@@ -483,7 +496,7 @@ class ResultStore:
             raise ValueError(f"{path} is not a fastcurv results file (bad first line: {exc})") from None
         if not isinstance(head, dict) or head.get("fastcurv") != HEADER_TAG:
             raise ValueError(f"{path} is not a fastcurv results file; delete it or choose another output path")
-        if head.get("fingerprint") != self.digest:
+        if head.get("fingerprint") != self.digest and not _same_but_loss_spelling(head.get("config"), self.digest):
             old = head.get("config")
             raise FingerprintMismatch(
                 f"{path} was written by a job with a different configuration (differs in: "
