@@ -7,7 +7,7 @@ built, ``fastcurv._cuda`` (CUDA kernels). Every op also has a pure-torch referen
 It also reads fastcurv's run-time environment variables, each checked, a bad value refused with a
 RuntimeWarning naming the accepted ones: ``FASTCURV_KERNELS`` (the initial kernel choice, read at
 import), ``FASTCURV_CPU_LEVEL`` (caps the x86 vector level of the C++ kernels, which read it at
-every call) and, through :func:`env_flag`, the on/off switch ``FASTCURV_HEAP_REUSE``.
+every call) and, through :func:`env_flag` (kept in ``_heap``, which loads with the standard library alone), the on/off switch ``FASTCURV_HEAP_REUSE``.
 """
 from __future__ import annotations
 
@@ -18,37 +18,12 @@ import warnings
 
 import torch
 
+from ._heap import _refuse, env_flag  # noqa: F401  (env_flag: fastcurv._ext.env_flag, as documented)
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _loaded: dict[str, str | None] = {}
 _errors: dict[str, str] = {}
 _IMPLS = ("auto", "ext", "torch", "triton", "cuda")
-_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")  # setup.py's FASTCURV_CUDA takes the same
-_warned: set[tuple[str, str]] = set()  # (variable, value) pairs already refused with a warning
-
-
-def _refuse(name: str, value: str, why: str) -> None:
-    """Warn, once per value, that the environment variable ``name`` has a value fastcurv does not accept."""
-    if (name, value) not in _warned:
-        _warned.add((name, value))
-        warnings.warn(f"{name}={value!r} {why}", RuntimeWarning, stacklevel=3)
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """The on/off environment variable ``name``: '1', 'true', 'on', 'yes' or '0', 'false', 'off', 'no'
-    (any case, spaces around ignored); unset or empty gives ``default``, any other value ``default``
-    with a RuntimeWarning (once per value) naming the accepted spellings."""
-    raw = os.environ.get(name, "")
-    value = raw.strip().lower()
-    if value in _ON:
-        return True
-    if value in _OFF:
-        return False
-    if value:
-        _refuse(name, raw, f"is not an on/off value ({'/'.join(_ON)} or {'/'.join(_OFF)}): ignored, "
-                           f"{name} stays {'on' if default else 'off'}")
-    return default
-
-
 def _startup_impl() -> str:
     """The kernel choice ``FASTCURV_KERNELS`` asks for at import (any case): one of ``_IMPLS``, else
     'auto' with a RuntimeWarning."""

@@ -22,10 +22,36 @@ import ctypes.util
 import os
 import sys
 import threading
+import warnings
 import functools
 from contextlib import contextmanager
 
-from ._ext import env_flag
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")  # setup.py's FASTCURV_CUDA takes the same
+_warned: set[tuple[str, str]] = set()  # (variable, value) pairs already refused with a warning
+
+
+def _refuse(name: str, value: str, why: str) -> None:
+    """Warn, once per value, that the environment variable ``name`` has a value fastcurv does not accept."""
+    if (name, value) not in _warned:
+        _warned.add((name, value))
+        warnings.warn(f"{name}={value!r} {why}", RuntimeWarning, stacklevel=3)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The on/off environment variable ``name``: '1', 'true', 'on', 'yes' or '0', 'false', 'off', 'no'
+    (any case, spaces around ignored); unset or empty gives ``default``, any other value ``default``
+    with a RuntimeWarning (once per value) naming the accepted spellings."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    if value:
+        _refuse(name, raw, f"is not an on/off value ({'/'.join(_ON)} or {'/'.join(_OFF)}): ignored, "
+                           f"{name} stays {'on' if default else 'off'}")
+    return default
+
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX
