@@ -16,12 +16,34 @@ def is_single_batch(data) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
 
 
+# the key pairs a dict batch is read by, (inputs key, targets key), first match first
+DICT_KEYS = (("inputs", "targets"), ("x", "y"), ("input", "target"), ("image", "label"))
+
+
+def split_dict(item: dict, i: int, *, targets_optional: bool = False):
+    """``(inputs, targets)`` of dict batch ``i``: the values of the first pair of :data:`DICT_KEYS`
+    it holds both keys of (other keys are ignored). ``targets_optional`` (``function_measures``,
+    whose targets are optional): a dict holding one inputs key alone gives ``(inputs, None)``.
+    Anything else raises a TypeError naming the keys; in particular a dict that mixes two pairs
+    (``{"x", "label"}``) is refused rather than read without its labels."""
+    for kx, ky in DICT_KEYS:
+        if kx in item and ky in item:
+            return item[kx], item[ky]
+    if targets_optional and len(item) == 1:
+        key = next(iter(item))
+        if any(key == kx for kx, _ in DICT_KEYS):
+            return item[key], None
+    pairs = ", ".join(f"{kx}/{ky}" for kx, ky in DICT_KEYS)
+    alone = f" (or one inputs key alone: {', '.join(kx for kx, _ in DICT_KEYS)})" if targets_optional else ""
+    raise TypeError(f"batch {i} is a dict with keys {sorted(item, key=str)}; expected (inputs, targets) or a dict with "
+                    f"one of the key pairs {pairs}{alone}")
+
+
 def _split(item, i: int):
+    """``(inputs, targets)`` of loader item ``i``: a pair (tuple or list; further entries are
+    ignored) or a dict (:func:`split_dict`); else a TypeError."""
     if isinstance(item, dict):
-        for kx, ky in (("inputs", "targets"), ("x", "y"), ("input", "target"), ("image", "label")):
-            if kx in item and ky in item:
-                return item[kx], item[ky]
-        raise TypeError(f"batch {i} is a dict with keys {sorted(item)}; expected (inputs, targets) or keys inputs/targets")
+        return split_dict(item, i)
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         hint = (" (numpy arrays: pass tensors, e.g. (torch.as_tensor(x), torch.as_tensor(y)))"
                 if "numpy" in type(item).__module__ else "")

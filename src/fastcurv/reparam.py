@@ -36,7 +36,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from .replicas import BN_MODES, ReplicaSet, functional_base
+from .replicas import BN_MODES, REPLICA_SET_NOT_TAKEN, ReplicaSet, functional_base
 
 _WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -85,8 +85,7 @@ def _check_models(models) -> list[nn.Module]:
     for what is not one: an ``nn.ModuleList`` reads as the list of its modules. The replicas' architectures
     are not compared here, and module hooks are allowed (the probe runs each model as it is)."""
     if isinstance(models, ReplicaSet):
-        raise TypeError("models must be the list of nn.Module replicas here; a ReplicaSet is taken by HessianOperator "
-                        "and function_measures only")
+        raise TypeError(REPLICA_SET_NOT_TAKEN)
     if isinstance(models, nn.ModuleList):  # (it has no forward: a container of replicas, not a model)
         models = list(models)
     if isinstance(models, nn.Module):

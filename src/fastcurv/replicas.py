@@ -16,7 +16,12 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 BN_MODES = ("eval", "batch")
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# every BatchNorm: BatchNorm1d/2d/3d, SyncBatchNorm (DDP checkpoints, convert_sync_batchnorm) and the lazy ones
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+# the TypeError of an entry point that takes a list of models only, given a ReplicaSet
+REPLICA_SET_NOT_TAKEN = ("models must be the list of nn.Module replicas here; a ReplicaSet is taken by HessianOperator "
+                         "(and GGNOperator, EmpiricalFisherOperator), function_measures and collect_predictions only")
 
 
 def nonfinite_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -187,15 +192,48 @@ def _check_hooks(models: list) -> None:
                         f"replica, and the fused engines run none): {remedy}")
 
 
+class _ValidatedModels(list):
+    """The list :func:`validate_models` returns: it remembers the models it was checked with (by
+    identity) and whether the training-mode settings were compared too, so that the entry points'
+    nested calls (``batched_sharpness`` validates, then the ReplicaSet it builds would validate the
+    same list again; chunked jobs validate each chunk's slice) skip a second pass over every
+    replica's modules. A slice of such a list, taken while it still holds the models it checked,
+    counts as checked too (replicas that all match replica 0 match each other)."""
+
+    def __init__(self, models: list, training: bool):
+        super().__init__(models)
+        self.checked = (tuple(map(id, models)), training)
+
+    def __getitem__(self, index):
+        got = super().__getitem__(index)
+        if isinstance(index, slice) and got and _validated(self, False):
+            return _ValidatedModels(got, self.checked[1])
+        return got
+
+
+def _validated(models, training: bool) -> bool:
+    """Whether ``models`` is a list :func:`validate_models` returned, still holding the very models
+    it checked (with the training-mode settings compared when ``training``)."""
+    if type(models) is not _ValidatedModels:
+        return False
+    ids, was_training = models.checked
+    return ids == tuple(map(id, models)) and (was_training or not training)
+
+
 def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> list[nn.Module]:
     """``models`` as a list, after raising a clear error when they cannot be stacked as replicas of
     one architecture: the same parameters and buffers (names, shapes, dtypes, devices), module
     classes and built-in modules' settings (``training``: also those that matter only in training
     mode, dropout's ``p`` and BatchNorm's ``momentum``), and no module hooks on any replica (see
-    :func:`_check_hooks`: they would not run faithfully)."""
+    :func:`_check_hooks`: they would not run faithfully).
+
+    The list returned remembers that it was checked: given back here while it holds the same models
+    (and ``training`` asks for no more than was checked), it is returned at once, so that the
+    ReplicaSet an entry point builds from the list it validated does not check it again."""
     if isinstance(models, ReplicaSet):
-        raise TypeError("models must be the list of nn.Module replicas here; a ReplicaSet is taken by HessianOperator "
-                        "(and GGNOperator, EmpiricalFisherOperator), function_measures and collect_predictions only")
+        raise TypeError(REPLICA_SET_NOT_TAKEN)
+    if _validated(models, training):
+        return models
     if isinstance(models, nn.ModuleList):  # (it has no forward: a container of replicas, not a model)
         models = list(models)
     if isinstance(models, nn.Module):
@@ -269,7 +307,7 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
                                      if a != b))
             raise ValueError(f"replica {i} differs from replica 0 in its buffers: {n!r} {s} where replica 0 has "
                              f"{n0!r} {s0}")
-    return models
+    return _ValidatedModels(models, training)
 
 
 def tied_parameters(model: nn.Module) -> dict[str, str]:
@@ -323,8 +361,15 @@ def functional_base(model: nn.Module, bn_mode: str = "eval") -> nn.Module:
     """A parameter-free (meta) copy of ``model`` in the mode fastcurv evaluates it in.
 
     ``bn_mode='eval'``: everything in eval mode (BatchNorm running statistics, no dropout).
-    ``bn_mode='batch'``: BatchNorm normalizes with the statistics of each batch (running
-    statistics are neither used nor updated); dropout stays off. The user's models are not touched.
+    ``bn_mode='batch'``: every BatchNorm (any ``_BatchNorm``: BatchNorm1d/2d/3d, SyncBatchNorm, the
+    lazy ones) normalizes with the statistics of each batch (running statistics are neither used
+    nor updated); dropout stays off. The user's models are not touched.
+
+    The batch-statistics BatchNorms stay in eval mode with their running statistics removed, which
+    torch normalizes by the batch's statistics just as in training mode (``F.batch_norm`` with
+    ``training=True``), but without touching a process group: in training mode a SyncBatchNorm
+    gathers the statistics of every rank once torch.distributed is initialised (where fastcurv's
+    ranks each hold other replicas), and raises on CPU inputs.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
@@ -333,7 +378,6 @@ def functional_base(model: nn.Module, bn_mode: str = "eval") -> nn.Module:
     if bn_mode == "batch":
         for mod in base.modules():
             if isinstance(mod, _BN_TYPES):
-                mod.train()
                 mod.track_running_stats = False
                 mod.running_mean = None
                 mod.running_var = None
@@ -365,13 +409,15 @@ class ReplicaSet:
         self.numels = [int(torch.Size(s).numel()) for s in self.shapes]
         self.P = sum(self.numels)
         self.R = len(models)
+        # each model's name -> tensor maps, built once (looking each name up in a fresh walk of the
+        # model made building the set quadratic in the number of parameter tensors)
+        named = [dict(m.named_parameters()) for m in models]
+        named_buffers = [dict(m.named_buffers()) for m in models]
         with torch.no_grad():
-            self.params = {
-                n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]) for n in self.names
-            }
+            self.params = {n: torch.stack([d[n].detach() for d in named]) for n in self.names}
             buffer_names = [n for n, b in self.base.named_buffers() if b is not None]
-            self.buffers = {n: torch.stack([dict(m.named_buffers())[n].detach() for m in models]) for n in buffer_names}
-        self._sources = self._watch(models, buffer_names)
+            self.buffers = {n: torch.stack([d[n].detach() for d in named_buffers]) for n in buffer_names}
+        self._sources = self._watch(named, named_buffers, buffer_names)
         first = self.params[self.names[0]]
         self.dtype, self.device = first.dtype, first.device
         self.finite = ~nonfinite_rows([self.params[n] for n in self.names]).cpu()
@@ -384,13 +430,13 @@ class ReplicaSet:
             )
 
     # --- the models it was built from -----------------------------------------------------------
-    def _watch(self, models: list, buffer_names: list) -> list:
+    def _watch(self, named: list[dict], named_buffers: list[dict], buffer_names: list) -> list:
         """``(weak reference, version counter, data pointer, description)`` of every parameter and used
-        buffer of ``models`` (weak: the set does not keep the models alive)."""
+        buffer of the models (``named``/``named_buffers``: each model's name -> tensor; weak: the set
+        does not keep the models alive)."""
         out = []
-        for r, m in enumerate(models):
-            tensors = [("parameter", n, t) for n, t in m.named_parameters() if n in self.params]
-            buffers = dict(m.named_buffers())
+        for r, (params, buffers) in enumerate(zip(named, named_buffers)):
+            tensors = [("parameter", n, params[n]) for n in self.names]
             tensors += [("buffer", n, buffers[n]) for n in buffer_names]
             # (inference tensors, made under torch.inference_mode, have no version counter: not watched)
             out += [(weakref.ref(t), t._version, t.data_ptr(), f"{kind} {n!r} of replica {r}") for kind, n, t in tensors
@@ -419,9 +465,10 @@ class ReplicaSet:
     # --- flat layout -------------------------------------------------------------------------
     @property
     def batch_statistics(self) -> bool:
-        """Whether a BatchNorm normalizes each batch by its own statistics (``bn_mode='batch'``, or
-        ``track_running_stats=False``): the results then depend on the batches. (torch's rule, as the
-        fused engine's parser reads it: training mode, or no running statistics.)"""
+        """Whether a BatchNorm (any ``_BatchNorm``, SyncBatchNorm included) normalizes each batch by
+        its own statistics (``bn_mode='batch'``, or ``track_running_stats=False``): the results then
+        depend on the batches. (torch's rule, as the fused engine's parser reads it: training mode,
+        or no running statistics.)"""
         return any(isinstance(m, _BN_TYPES) and (m.training or m.running_mean is None) for m in self.base.modules())
 
     def flatten(self, tensors: Sequence[torch.Tensor], lead: int = 1) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data import split_dict
 from ..losses import label_out_of_range
 from ..operator import as_replica_set
 from ..replicas import ReplicaSet
@@ -69,14 +70,14 @@ class Predictions:
 
 
 def _split_item(item, i: int):
-    """``(inputs, targets or None)`` from a loader item: a tensor, a tuple/list, or a dict."""
+    """``(inputs, targets or None)`` from a loader item: a tensor, a tuple/list, or a dict, read by
+    the operators' rule (:func:`fastcurv.data.split_dict`: a known key pair; here also one inputs
+    key alone), so that a dict they refuse (``{"x", "label"}``) is refused here with their message
+    rather than read without its labels."""
     if isinstance(item, torch.Tensor):
         return item, None
     if isinstance(item, dict):
-        for kx, ky in (("inputs", "targets"), ("x", "y"), ("input", "target"), ("image", "label")):
-            if kx in item:
-                return item[kx], item.get(ky)
-        raise TypeError(f"batch {i} is a dict with keys {sorted(item)}; expected inputs/targets (or x/y)")
+        return split_dict(item, i, targets_optional=True)
     if isinstance(item, (tuple, list)) and len(item) >= 1 and isinstance(item[0], torch.Tensor):
         y = item[1] if len(item) > 1 else None
         return item[0], y
