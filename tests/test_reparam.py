@@ -604,3 +604,19 @@ def test_a_cnn_study_with_batch_statistics_is_refused_before_training(monkeypatc
         fastcurv.study(**kw)
     with pytest.raises(Trained):
         fastcurv.study(**kw, audit=False)
+
+
+def test_fold_batchnorm_folds_a_sync_batchnorm():
+    """fold_batchnorm knew BatchNorm1d/2d/3d only: a SyncBatchNorm model got "no BatchNorm to fold"
+    and came back unchanged. Now folded: the same eval-mode function without the BatchNorm."""
+    torch.manual_seed(0)
+    models = []
+    for _ in range(2):
+        m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.SyncBatchNorm(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2)).double()
+        m[1].running_mean.uniform_(-1, 1), m[1].running_var.uniform_(0.5, 2), m[1].weight.data.uniform_(0.5, 2)
+        models.append(m.eval())
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    folded = reparam.fold_batchnorm(models).models
+    for m, f in zip(models, folded):
+        assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in f.modules())
+        torch.testing.assert_close(f(x), m(x))

@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 from .replicas import BN_MODES, REPLICA_SET_NOT_TAKEN, ReplicaSet, functional_base
 
 _WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN = (nn.modules.batchnorm._BatchNorm,)  # every BatchNorm: 1d/2d/3d, SyncBatchNorm, lazy
 # modules that are not positively homogeneous (f(s x) != s f(x) for s > 0) or that mix units: a rescaling of
 # the layer before them changes the function (Hardtanh covers ReLU6)
 _NOT_HOMOGENEOUS = tuple(getattr(nn, n) for n in (

@@ -700,7 +700,7 @@ def run_chunks(models, data, kwargs: dict, *, lo: int = 0, hi: int | None = None
     """
     from .sharpness import batched_sharpness
 
-    models = list(models)
+    models = models if isinstance(models, list) else list(models)  # (a validated list stays marked checked)
     R = len(models)
     hi = R if hi is None else hi
     if batches is None:
