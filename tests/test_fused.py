@@ -10,6 +10,14 @@ from oracle import dense_hessian
 ACTS = [nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid]
 
 
+@pytest.fixture(autouse=True)
+def _batches_unjoined(monkeypatch):
+    """The MLP engine joins small consecutive batches into one unit of work (``JOIN_ROWS``); these
+    tests check how each batch's products and state accumulate, so they keep every batch its own
+    unit (the joins are tested in ``tests/test_fused_batches.py``)."""
+    monkeypatch.setattr("fastcurv.backends.fused.backend.JOIN_ROWS", 1)
+
+
 def chain(act, bias=True):
     return nn.Sequential(nn.Flatten(), nn.Linear(6, 5, bias=bias), act(), nn.Dropout(0.3),
                          nn.Sequential(nn.Linear(5, 4, bias=bias), nn.Linear(4, 4, bias=bias)), act(), nn.Linear(4, 3, bias=bias))

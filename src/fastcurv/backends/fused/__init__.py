@@ -11,7 +11,8 @@ Two engines share this backend:
 * MLP chains (Linear, activations, Flatten before the first Linear; :mod:`.backend`, its state in
   :mod:`.mlp_state`): layout ``[R, N, K, F]``; the first layer is a single GEMM over all replicas
   x probes (its input is shared), the others are batched matmuls over replicas with the K probes
-  stacked with the batch rows; on the CPU, replicas are processed in cache-sized chunks.
+  stacked with the batch rows; on the CPU, replicas are processed in cache-sized chunks;
+  consecutive small batches run joined into blocks (:mod:`.blocks`).
 * Everything else (conv nets): the sample-major layout of :class:`.maps._MapEngine`. Features are
   ``[N, R, C, H, W]`` (so ``[N, R*C, H, W]`` is the input of one grouped convolution with
   ``groups = R * groups``), tangents ``[N, K, R, C, H, W]`` (the K probes fold into the batch axis

@@ -2,6 +2,7 @@
 with conv, pooling or BatchNorm layers, or traced DAGs, run on :class:`.maps._MapEngine`."""
 from __future__ import annotations
 
+import itertools
 import numbers
 
 import torch
@@ -13,6 +14,7 @@ from ...ops.head_hvp import HEAD_MAX_OUTPUTS
 from ...ops.linear_rop import in_fused_engine, linear_rop
 from ...replicas import consecutive_runs
 from ..base import Backend
+from .blocks import JOIN_MAX_BYTES, JOIN_PROBES, JOIN_ROWS, first_pass, later_pass
 from .layers import _is_general, parse
 from .loss_head import _head_products, _loss_head, _mass_for_trace
 from .maps import _MapEngine
@@ -85,9 +87,12 @@ class FusedBackend(Backend):
 
     Args:
         cache_bytes: memory for cached per-batch state (all batches together). Beyond it, the
-            state is recomputed in every matvec (one extra forward+backward per batch).
+            state is recomputed in every matvec (one extra forward+backward per batch). MLP
+            chains join consecutive batches into blocks of up to ``JOIN_ROWS`` (512) samples where
+            what a block adds fits a quarter of it (:meth:`_join_rows`; 0: no joins).
         chunk_bytes: on the CPU, replicas are processed in chunks whose widest tangent
-            ``[chunk, N, K, F]`` fits in this many bytes (None: no chunking). MLP chains only.
+            ``[chunk, N, K, F]`` fits in this many bytes (None: no chunking), and the exact trace in
+            chunks of replicas and samples whose widest tensor does. MLP chains only.
         sample_chunk_bytes: models with conv/pooling/BatchNorm layers are processed in chunks of
             samples whose widest tangent ``[n, K, R, *feat]`` fits in this many bytes (default:
             16 MiB on the CPU, 2 GiB on a GPU).
@@ -267,6 +272,10 @@ class FusedBackend(Backend):
         self._subset: dict[int, tuple[torch.Tensor, _State]] = {}
         self._cache_used = 0
         self._cache_full = False
+        # the MLP engine's blocks (lists of consecutive batch indices joined into one unit of work),
+        # once a whole pass has made them (see _blocks)
+        self._groups: list[list[int]] | None = None
+        self._building: list[list[int]] | None = None
 
     @property
     def cpu_probe_batch(self) -> int:
@@ -279,6 +288,61 @@ class FusedBackend(Backend):
         self._subset.clear()
         self._cache_used = 0
         self._cache_full = False
+        self._groups = None  # (the cache's keys are blocks: they are made again with it)
+
+    # --- the MLP engine's units of work --------------------------------------------------------
+    def _blocks(self):
+        """``(block, x, y)``: the MLP engine's units of work, consecutive batches of the loader joined
+        into blocks of at most :meth:`_join_rows` samples (:mod:`.blocks`; a batch of more stays
+        alone), which amortize the fixed cost of a pass over a batch. The state cache is keyed by
+        block. The first whole pass makes the blocks; later passes join the same batches."""
+        if self._groups is not None:
+            yield from later_pass(self.batches, self._groups)
+            return
+        groups: list[list[int]] = []
+        self._building = groups  # (read by _joined during this pass)
+        if len(self.batches) == 1:
+            yield from first_pass(self.batches, 1, groups)
+        else:
+            it = iter(self.batches)
+            head = next(it)
+            yield from first_pass(itertools.chain([head], it), self._join_rows(head[1], head[2]), groups)
+        self._groups, self._building = groups, None
+
+    def _join_rows(self, x, y) -> int:
+        """The most samples per block (at most ``JOIN_ROWS``), given the first batch ``(x, y)``: where
+        a block of n samples adds at most ``min(JOIN_MAX_BYTES, cache_bytes / 4)`` bytes, counted as
+        its state for all replicas twice (cached, and the probe-independent pass's temporaries; per
+        :meth:`state_bytes_per_sample`), its inputs' copy, and a matvec's ``layers + 4`` tangents for
+        ``JOIN_PROBES`` probes (on the CPU each within ``chunk_bytes``, as the replica chunks keep them).
+        A memory plan (:mod:`fastcurv.memory`) counts the state cache twice, and the MLP engine reads
+        the cached rows in place (no second copy): its quarter is what a block may add. No state
+        cache (``cache_bytes = 0``): no joins."""
+        budget = min(JOIN_MAX_BYTES, self.cache_bytes // 4)
+        if budget <= 0:
+            return 1
+        R, item = self.replicas.R, self.replicas.params[self.replicas.names[0]].element_size()
+        state = self.state_bytes_per_sample(x, y)
+        row = x[0].numel() * x.element_size()
+        widest = max(self.replicas.params[l.weight].shape[1] for l in self._linears)
+
+        def adds(n: int) -> int:
+            one = n * JOIN_PROBES * widest * item  # one replica's tangent
+            tangent = R * one
+            if x.device.type == "cpu" and self.chunk_bytes is not None:
+                tangent = min(tangent, max(self.chunk_bytes, one))
+            return 2 * R * n * state + n * row + (len(self._linears) + 4) * tangent
+
+        lo, hi = 1, JOIN_ROWS  # the largest n <= JOIN_ROWS with adds(n) <= budget (adds grows with n)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if adds(mid) <= budget else (lo, mid - 1)
+        return lo
+
+    def _joined(self, i: int) -> bool:
+        """Whether block ``i`` joins several batches (its inputs are then a copy of theirs)."""
+        groups = self._groups if self._groups is not None else self._building
+        return groups is not None and i < len(groups) and len(groups[i]) > 1
 
     # --- probe-independent pass --------------------------------------------------------------
     def _primal(self, x, y, idx, sparse_hidden: bool | None = None) -> _State:
@@ -490,7 +554,7 @@ class FusedBackend(Backend):
                     total = st.loss if total is None else total + st.loss
                     self._maps.gradient(st, params, buffers, named)
             return total, grads
-        for i, x, y in self.batches:
+        for i, x, y in self._blocks():
             if reuse_state:
                 st, where = self._state_rows(i, x, y, idx)
                 if where is not None:
@@ -542,7 +606,10 @@ class FusedBackend(Backend):
         ``sqrt(2 s) e_c``). Each ``J_n^T a_nc`` is a per-sample gradient, whose squared norm
         for a Linear layer is ``|delta|^2 (|input|^2 + 1 if bias)``: one backward pass of the C
         vectors ``a_nc`` through the cached state, no weight-sized products (about 0.7 gradients
-        for 784-128-128-10 with C = 10)."""
+        for 784-128-128-10 with C = 10). Where the classes outnumber the widths below the head,
+        the per-sample Gram matrices of those vectors are propagated instead (:meth:`_trace_gram`,
+        chosen by :meth:`_gram_trace`). On the CPU the work goes in chunks of replicas and samples
+        whose widest tensor fits ``chunk_bytes`` (:meth:`_trace_steps`)."""
         ok, why = self.exact_trace_support()
         if not ok:
             raise ValueError(why)
@@ -552,17 +619,66 @@ class FusedBackend(Backend):
         params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
         Ra = next(iter(params.values())).shape[0]
         total = torch.zeros(Ra, dtype=torch.float64, device=rs.device)
-        for i, x, y in self.batches:
+        for i, x, y in self._blocks():
             st, where = self._state_rows(i, x, y, idx)
             if where is not None:
                 st = st.select(where.to(x.device))
             N = x.shape[0]
             C = st.deltas[-1].shape[-1]
-            step = self._chunk(Ra, N, C, x.device)
-            for r0 in range(0, Ra, step):
-                rows = slice(r0, min(Ra, r0 + step))
-                total[rows] += self._trace_rows(st.narrow(rows), {n: t[rows] for n, t in params.items()}, N, C)
+            r_step, n_step = self._trace_steps(Ra, N, C, x)
+            for r0 in range(0, Ra, r_step):
+                rows = slice(r0, min(Ra, r0 + r_step))
+                sub, sub_params = st.narrow(rows), {n: t[rows] for n, t in params.items()}
+                for n0 in range(0, N, n_step):
+                    n1 = min(N, n0 + n_step)
+                    part = sub if n1 - n0 == N else sub.samples(slice(n0, n1))
+                    total[rows] += self._trace_rows(part, sub_params, n1 - n0, C)
         return total
+
+    def _trace_widths(self) -> list[tuple[int, int]]:
+        """``(outputs, inputs)`` of each Linear layer, first to last."""
+        return [tuple(self.replicas.params[l.weight].shape[1:]) for l in self._linears]
+
+    def _gram_trace(self, C: int) -> bool:
+        """Whether the exact trace propagates each sample's Gram matrix ``J^T H_n J`` (``[H, H]``
+        at a layer of width H; :meth:`_trace_gram`) instead of the C columns of ``J^T A_n``
+        (``[C, H]``): where its multiply-adds per sample are fewer than 2/3 of theirs. The
+        columns cost ``C^2 H`` through the head (H its inputs) and ``C O I`` through each Linear
+        layer below it but the first; the Gram matrices ``C H^2`` at the head and ``O I (O + I)``
+        per layer below it (the last step only a diagonal, ``O^2 I``), so they win when the classes
+        outnumber the widths (64-64-64-500: 18M against 2.5M; W1's 784-128-128-10: 0.18M against
+        2.3M). Measured (one thread, ReLU MLPs at initialization, the columns' sparse ReLU products
+        on): the Gram form 0.87x the columns' time at a count ratio of 1.56 (64-128-128-200),
+        0.7x at 1.56 (64-64-64-100), 0.56x at 2.5 (64-128-128-300), 0.2x at 7 (64-64-64-500);
+        1.3x at 1.17 (64-256-256-300), 2.6x at 0.78 (784-128-128-100). The last layer must be the
+        Linear head."""
+        if self.layers[-1].kind != "linear":
+            return False
+        w = self._trace_widths()
+        L, I = len(w), w[-1][1]
+        columns = C * C + (C * C * I if L > 1 else 0) + sum(C * o * i for o, i in w[1:-1])
+        gram = C + (C * I * (I if L > 2 else 1) if L > 1 else 0)
+        gram += sum(o * i * (o + i) if l > 1 else o * o * i for l, (o, i) in enumerate(w[:-1]) if l > 0)
+        return 3 * gram < 2 * columns
+
+    def _trace_steps(self, R: int, N: int, C: int, x) -> tuple[int, int]:
+        """``(replicas, samples)`` per chunk of the exact trace for a block of N samples: on the CPU
+        as many as keep its widest tensor (per replica and sample: C vectors of the widest layer, or
+        for the Gram form the largest of its matrices) within ``chunk_bytes``, replicas first;
+        elsewhere all replicas, and samples up to the loader's largest batch (what the trace held
+        before batches were joined)."""
+        if x.device.type != "cpu" or self.chunk_bytes is None:
+            return R, min(N, max(self.batches.sizes))
+        w = self._trace_widths()
+        if self._gram_trace(C):
+            per = max([C * w[-1][1], w[-1][1] ** 2] + [max(o, i) * i for o, i in w[1:-1]])
+        else:
+            per = C * max(o for o, _ in w)
+        per *= self.replicas.params[self.replicas.names[0]].element_size()
+        budget = self.chunk_bytes
+        if N * per <= budget:
+            return max(1, min(R, budget // (N * per))), N
+        return 1, max(1, min(N, budget // max(per, 1)))
 
     def _exact_trace_maps(self, idx) -> torch.Tensor:
         """The conv engine's exact trace: each batch's cached state, in sample chunks sized for the
@@ -580,7 +696,9 @@ class FusedBackend(Backend):
         return total
 
     def _trace_rows(self, st, params, N, C) -> torch.Tensor:
-        """``sum_n sum_c |J_n^T a_nc|^2`` ``[R]`` for one batch's state of R replicas."""
+        """``sum_n sum_c |J_n^T a_nc|^2`` ``[R]`` for the state of R replicas and N samples."""
+        if self._gram_trace(C):
+            return self._trace_gram(st, params, N, C)
         R = st.deltas[-1].shape[0]
         eye = torch.eye(C, dtype=st.deltas[-1].dtype, device=st.deltas[-1].device)
         if self.loss.kind == "cross_entropy":
@@ -610,6 +728,76 @@ class FusedBackend(Backend):
                     rd = rd * st.d1[act].unsqueeze(2)
         return total
 
+    def _trace_gram(self, st, params, N, C) -> torch.Tensor:
+        """:meth:`_trace_rows` by Gram matrices: per sample ``M = J^T H_n J`` at each layer's output
+        (``sum_c |J^T a_nc|^2 = tr M``), started at the head's input from the loss Hessian and
+        propagated down as ``D M D`` through each activation (D its derivative) and ``W^T M W``
+        through each Linear layer; the last step only its diagonal.
+
+        Cross-entropy's ``H_n = s m (diag(p) - p p^T)`` annihilates constant vectors, so with ``k``
+        the most probable class and ``q`` the probabilities without it (``q_k = 0``), ``W^T H_n W =
+        s m (V^T diag(q) V - (V^T q)(V^T q)^T)`` where ``V = W - 1 w_k^T``: every term scales with
+        ``1 - p_k = sum(q)``, so a confident sample keeps its relative precision (``W^T diag(p) W -
+        (W^T p)(W^T p)^T`` would cancel to rounding where ``p_k`` rounds to 1)."""
+        R = st.deltas[-1].shape[0]
+        head = self._linears[-1]
+        W = params[head.weight]  # [R, C, I]
+        I = W.shape[2]
+        lin, act = len(st.inputs) - 1, len(st.d1)
+        full = lin >= 2  # the matrices below the head, else (two Linear layers) their diagonals
+        if self.loss.kind == "cross_entropy":
+            p = st.probs  # [R, N, C]
+            k = p.argmax(-1, keepdim=True)
+            q = p.scatter(-1, k, 0.0)
+            scale = torch.full((1, 1), self.loss.scale(), dtype=p.dtype, device=p.device)  # s m [1, N] (or [1, 1])
+            if st.mass is not None:
+                scale = scale * _mass_for_trace(st.mass).view(1, N)
+            r = q.sum(-1)
+            head_trace = scale * ((1 + p.gather(-1, k).squeeze(-1)) * r - q.square().sum(-1))  # tr H_n [R, N]
+            M = None
+            if lin > 0:
+                V = W.unsqueeze(1) - torch.gather(W, 1, k.expand(R, N, I)).unsqueeze(2)  # [R, N, C, I]
+                u = torch.bmm(q.view(R * N, 1, C), V.view(R * N, C, I)).view(R, N, I) * scale.sqrt().unsqueeze(-1)
+                X = V.mul_((scale.unsqueeze(-1) * q).sqrt_().unsqueeze(-1)).view(R * N, C, I)
+                if full:
+                    M = torch.bmm(X.transpose(1, 2), X).baddbmm_(u.view(R * N, I, 1), u.view(R * N, 1, I), alpha=-1).view(R, N, I, I)
+                else:
+                    M = X.square().sum(1).view(R, N, I) - u.square()
+        else:
+            s2 = 2 * self.loss.scale(C)  # H_n = 2 s I
+            head_trace = torch.full((1, 1), s2 * C, dtype=W.dtype, device=W.device)
+            M = None
+            if lin > 0:
+                M = s2 * (torch.bmm(W.transpose(1, 2), W).unsqueeze(1) if full else W.square().sum(1).unsqueeze(1))  # [R, 1, ...]
+
+        def norms(lin):  # |input|^2 (+ 1 for the bias) [N] or [R, N]
+            sq = st.inputs[lin].square().sum(-1)
+            return sq + 1 if self._linears[lin].bias is not None else sq
+
+        total = (head_trace * norms(lin)).sum(-1).to(torch.float64).expand(R).clone()
+        for layer in reversed(self.layers[:-1]):
+            if layer.kind == "act":
+                act -= 1
+                d = st.d1[act]
+                if d is not None:
+                    M = M * (d.unsqueeze(3) * d.unsqueeze(2) if full else d.square())
+            elif layer.kind == "linear":
+                lin -= 1
+                tr = M.diagonal(dim1=2, dim2=3).sum(-1) if full else M.sum(-1)  # [R, N] (or [R, 1]: MSE, unmasked)
+                total += (tr * norms(lin)).sum(-1).to(torch.float64).expand(R)
+                if lin == 0:
+                    break
+                Wl = params[layer.weight]  # [R, O, I]
+                O, I = Wl.shape[1:]
+                n = M.shape[1]
+                T = torch.bmm(M.reshape(R, n * O, O), Wl).view(R, n, O, I)  # M W
+                full = lin >= 2
+                if full:  # W^T M W = (M W)^T W, M symmetric
+                    M = torch.bmm(T.transpose(2, 3).reshape(R, n * I, O), Wl).view(R, n, I, I)
+                else:
+                    M = (T * Wl.unsqueeze(1)).sum(2)
+        return total
+
     # --- the matvec --------------------------------------------------------------------------
     # Tangents use the layout [R, N, K, F]: every batched matmul below then reads and writes
     # contiguous views without permuting activation-sized tensors.
@@ -631,7 +819,7 @@ class FusedBackend(Backend):
         # the last Linear and the loss in one kernel (head_hvp), which reads the probe block as it is
         head = (self.fused_head and vecs[0].device.type == "cpu" and not triton_fwd
                 and _ext.choose("head_hvp", vecs[0].device) == "ext")
-        for n_batch, (i, x, y) in enumerate(self.batches):
+        for n_batch, (i, x, y) in enumerate(self._blocks()):
             st, where = self._state_rows(i, x, y, idx)
             step = self._chunk(R, x.shape[0], K, x.device)
             for s0, v0, n in consecutive_runs(where, R):  # state rows s0.. hold the replicas of vecs rows v0..
@@ -667,6 +855,8 @@ class FusedBackend(Backend):
             if where is not None:
                 return self._gather_on_gpu(st, where)
         st = self._primal(x, y, idx)
+        if self._joined(i):  # its inputs are the block's own copy (the cache pays for it)
+            st.nbytes += st.inputs[0].numel() * st.inputs[0].element_size()
         if not self._cache_full and (hit is None or idx is None):
             if hit is not None:
                 self._cache_used -= hit[1].nbytes

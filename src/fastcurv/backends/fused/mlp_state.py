@@ -130,3 +130,22 @@ class _State:
         """The state of the replicas at positions ``pos`` (a copy of their rows)."""
         return self._map(lambda t: t.index_select(0, pos))
 
+    def samples(self, s: slice) -> "_State":
+        """Views of the samples ``s`` (a slice of the sample axis), for the exact trace's sample
+        chunks: what it reads, i.e. the layer inputs, derivatives, deltas, probabilities, the
+        soft targets' mass, and the hidden layers' ReLU patterns for their forward products
+        (``sparse_out``'s rows ``s``, without the transposes). The first layer's CSR forms, the
+        ReLU inputs' CSR forms and the loss are left out (None)."""
+        out = _State()
+        out.keep, out.zero = self.keep, self.zero
+        g = lambda t: None if t is None else (t[s] if t.dim() == 2 and t is self.inputs[0] else t[:, s])
+        out.inputs = [g(t) for t in self.inputs]
+        out.d1 = [g(t) for t in self.d1]
+        out.d2g = [g(t) for t in self.d2g]
+        out.deltas = [g(t) for t in self.deltas]
+        out.sparse_in = [None] * len(self.sparse_in)
+        out.sparse_out = [None if c is None else _ReluCsr(c.csr, c.rows[:, s].contiguous(), None, None) for c in self.sparse_out]
+        out.probs = g(self.probs)
+        out.mass = None if self.mass is None else self.mass[s]
+        return out
+
