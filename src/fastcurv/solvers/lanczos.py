@@ -211,6 +211,8 @@ def lanczos(
     sharper estimate ``min(r, r^2 / gap)``, are usually far smaller; ``inf`` for a column that did
     not converge);
     converged replicas drop out of later matvecs. Tridiagonal eigenproblems are solved in float64.
+    One start vector per replica finds each distinct eigenvalue once: an eigenvalue of multiplicity
+    m > 1 fills one column of a top-k, not m (see the README's Lanczos notes).
 
     Reorthogonalization is partial by default (Simon 1984): a recurrence on the tridiagonal
     coefficients estimates how far each new vector has drifted from orthogonality to the basis, and
