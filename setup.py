@@ -4,7 +4,9 @@
 * ``fastcurv._cuda``: CUDA kernels for the same ops, written against torch's stable ABI so that
   they compile with nvcc even next to a CPU-only torch. Built when ``csrc/cuda`` has sources and
   nvcc is found, and optional then: where nvcc cannot build them (too old for sm_90, say) a message
-  says so and the package is built with the CPU kernels only. ``FASTCURV_CUDA=0`` (or false, off,
+  says so (shown by pip only with -v) and the package is built with the CPU kernels only. Why they
+  were left out is kept in the package as ``fastcurv/_cuda_build.txt``, which
+  ``fastcurv._ext.extension_error('_cuda')`` reports. ``FASTCURV_CUDA=0`` (or false, off,
   no) skips them; ``FASTCURV_CUDA=1`` (or true, on, yes) makes a missing nvcc or a failed CUDA
   build an error. Any other value is refused.
 """
@@ -64,6 +66,11 @@ def _cuda_mode(raw):
                        "them where nvcc is found and can compile them")
 
 
+def _text(output):
+    """A subprocess error's captured output as text ('' when none was captured)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+
+
 class _BuildExt(BuildExtension):
     """torch's BuildExtension; in FASTCURV_CUDA's auto mode a failure of the optional
     ``fastcurv._cuda`` (an nvcc too old for sm_90, a toolkit that does not match torch's) prints
@@ -71,8 +78,13 @@ class _BuildExt(BuildExtension):
 
     cuda_mode = "auto"
 
+    # why fastcurv._cuda is not built (None: it is), kept in the package as fastcurv/_cuda_build.txt for
+    # fastcurv._ext.extension_error('_cuda'): pip shows a build's output only with -v
+    cuda_note = None
+
     def build_extensions(self):
         self._built_any = False
+        self._write_note()
         try:
             super().build_extensions()
         except Exception as exc:  # torch's CUDA checks, before any extension is built (nvcc's version)
@@ -91,24 +103,44 @@ class _BuildExt(BuildExtension):
         except Exception as exc:
             self._skip(ext, exc)
 
+    def _write_note(self):
+        """Write ``cuda_note`` into the package being built (build_lib, or the sources for an in-place
+        build) as _cuda_build.txt, or remove a stale one when there is no note."""
+        folder = os.path.dirname(self.get_ext_fullpath("fastcurv._C"))
+        path = os.path.join(folder, "_cuda_build.txt")
+        if self.cuda_note is None:
+            if os.path.exists(path):
+                os.remove(path)
+            return
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.cuda_note + "\n")
+
     def _skip(self, ext, exc):
         """Leave ``ext`` out of the build (and of its outputs), saying why and what FASTCURV_CUDA does."""
         self.extensions = [e for e in self.extensions if e is not ext]
-        why = " ".join(str(exc).split())[:500]
-        print(f"fastcurv: skipping the CUDA kernels: building {ext.name} failed ({type(exc).__name__}: {why}). "
-              "The CPU kernels are built; on a GPU the ops run Triton or the torch "
-              "references. FASTCURV_CUDA=0 skips the CUDA kernels without trying, FASTCURV_CUDA=1 makes this failure "
-              "an error.", flush=True)
+        # (torch's "Error compiling objects" carries the compiler's output in its cause, when captured)
+        causes = list({id(c): c for c in (exc, exc.__cause__, exc.__context__) if c is not None}.values())
+        why = " ".join(" ".join(str(c) + " " + _text(getattr(c, "output", None)) for c in causes).split())[:500]
+        self.cuda_note = (f"skipping the CUDA kernels: building {ext.name} failed ({type(exc).__name__}: {why}). "
+                          "The CPU kernels are built; on a GPU the ops run Triton or the torch references. "
+                          "FASTCURV_CUDA=0 skips the CUDA kernels without trying, FASTCURV_CUDA=1 makes this failure "
+                          "an error.")
+        print(f"fastcurv: {self.cuda_note}", flush=True)
+        self._write_note()
 
 
 cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
 _BuildExt.cuda_mode = want_cuda = _cuda_mode(os.environ.get("FASTCURV_CUDA"))
+if cuda_sources and want_cuda == "off":
+    _BuildExt.cuda_note = "FASTCURV_CUDA=0 skipped the CUDA kernels"
 if cuda_sources and want_cuda != "off":
     root = _cuda_root()
     if root is None:
         if want_cuda == "on":
             raise RuntimeError("FASTCURV_CUDA=1 but no CUDA toolkit (nvcc + include/cuda_runtime.h) was found")
-        print("fastcurv: nvcc not found, skipping the CUDA kernels")
+        _BuildExt.cuda_note = "nvcc not found (CUDA_HOME, /usr/local/cuda, PATH), skipping the CUDA kernels"
+        print(f"fastcurv: {_BuildExt.cuda_note}")
     else:
         # CPU builds of torch set CUDA_HOME to None; the stable-ABI sources only need nvcc and cudart.
         cpp_extension.CUDA_HOME = root

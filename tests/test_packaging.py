@@ -269,7 +269,48 @@ def test_failed_cuda_build_is_skipped_in_auto_mode(monkeypatch, setup_tree, capf
     out = capfd.readouterr().out
     assert "skipping the CUDA kernels" in out and "FASTCURV_CUDA=0" in out and "FASTCURV_CUDA=1" in out
     assert not cmd.extensions and not cmd.get_outputs()
-    assert not list((setup_tree / "lib").rglob("_cuda*"))
+    assert not list((setup_tree / "lib").rglob("_cuda*.so"))
+
+
+@needs_source
+def test_skipped_cuda_build_keeps_its_reason_in_the_package(monkeypatch, setup_tree, tmp_path):
+    """pip hides a successful build's output (without -v), so the skip message was never seen and nothing of
+    it was kept: extension_error('_cuda') said only "was the package built?". The reason is now written
+    into the built package (_cuda_build.txt), which extension_error('_cuda') reports."""
+    _build_cuda_only(monkeypatch, setup_tree, None)
+    note = setup_tree / "lib" / "fastcurv" / "_cuda_build.txt"
+    assert re.search("skipping the CUDA kernels: building fastcurv._cuda failed .*Error compiling objects.*"
+                     "FASTCURV_CUDA=1", note.read_text())
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    shutil.copy2(note, pkg / note.name)
+    monkeypatch.setattr(_ext, "_HERE", str(pkg))
+    monkeypatch.setattr(_ext, "_loaded", {})
+    monkeypatch.setattr(_ext, "_errors", {})
+    assert "the build said: skipping the CUDA kernels" in _ext.extension_error("_cuda")
+
+
+def test_the_library_built_for_this_python_is_loaded_not_the_first_by_name(monkeypatch, tmp_path):
+    """_load took sorted(glob("_C*.so"))[0]: a stale build for Python 3.10 next to this interpreter's (3.11)
+    sorted first, was tried alone and failed, and the C++ kernels counted as absent; rebuilding did not help.
+    Only the files named with this interpreter's EXTENSION_SUFFIXES are tried, its exact suffix first."""
+    import importlib.machinery
+
+    own = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in ("_C.cpython-30-x86_64-linux-gnu.so", own, "_C.so"):
+        (tmp_path / name).write_bytes(b"stub")
+    tried = []
+    monkeypatch.setattr(_ext.torch.ops, "load_library", tried.append)
+    monkeypatch.setattr(_ext, "_HERE", str(tmp_path))
+    monkeypatch.setattr(_ext, "_loaded", {})
+    monkeypatch.setattr(_ext, "_errors", {})
+    monkeypatch.setattr(_ext, "_check_cpu_level", lambda: None)
+    assert _ext._load("_C") and tried == [str(tmp_path / own)]
+    (tmp_path / own).unlink()
+    (tmp_path / "_C.so").unlink()
+    monkeypatch.setattr(_ext, "_loaded", {})
+    assert not _ext._load("_C") and tried == [str(tmp_path / own)]  # the other Python's file: never tried
+    assert "only builds for other interpreters (_C.cpython-30-x86_64-linux-gnu.so)" in _ext.extension_error()
 
 
 @needs_source

@@ -1,4 +1,6 @@
 """Function-preserving reparameterizations, the invariance audit, and per-measure invariance."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -620,3 +622,82 @@ def test_fold_batchnorm_folds_a_sync_batchnorm():
     for m, f in zip(models, folded):
         assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in f.modules())
         torch.testing.assert_close(f(x), m(x))
+
+
+def test_audit_loss_that_became_infinite_counts_as_moved():
+    """A finite loss that became +inf counted as unmoved (|inf - b| <= rtol * inf reads inf <= inf), so a
+    transform that sent the full-data loss from 1.09 to inf outside the probe passed without a warning."""
+    from fastcurv.audit import _loss_moved
+
+    inf, nan = float("inf"), float("nan")
+    assert _loss_moved(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([inf, nan, 2.0]), torch.float32) == [0, 1]
+    assert _loss_moved(torch.tensor([inf, nan]), torch.tensor([inf, 1.0]), torch.float32) == []  # not finite before
+
+
+def test_bn_mode_none_reads_as_eval_in_the_transforms_and_the_audit():
+    """bn_mode=None runs in batched_sharpness (= "eval") but the transforms and the audit refused it, so a
+    study with sharpness_kwargs={"bn_mode": None} trained and measured, then failed in its audit."""
+    models = make_replicas(R=1)
+    x = torch.randn(20, models[0][0].in_features, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    assert reparam.rescale_layers(models, alpha=2.0, probe=x, bn_mode=None).max_output_change < 1e-9
+    res = fastcurv.invariance_audit(models, (x, y), measures=("trace",), bn_mode=None)
+    assert res.table.loc["loss", "invariant"]
+    bn = [nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).eval()]
+    assert reparam.fold_batchnorm(bn, bn_mode=None).details["folded"] == 1
+    with pytest.raises(ValueError, match="bn_mode must be one of"):
+        reparam.balance(models, bn_mode="train")
+
+
+class _PadConv(nn.Module):
+    """A conv with hand-made "same" padding (as TF ports write it); ``relu=True`` applies F.relu after it."""
+
+    def __init__(self, relu=False):
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(3, 4, 3), relu
+
+    def forward(self, x):
+        y = self.conv(nn.functional.pad(x, (1, 1, 1, 1)))
+        return nn.functional.relu(y) if self.relu else y
+
+
+def _padconv_model(relu=False):
+    m = nn.Sequential(_PadConv(relu), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3)).double().eval()
+    with torch.no_grad():
+        m[1].running_mean.normal_(), m[1].running_var.uniform_(0.5, 2)
+    return m
+
+
+def test_fold_after_a_custom_module_ending_in_its_conv_is_checked_with_the_probe():
+    """A BatchNorm after a custom module whose forward ends in its conv was refused ("folding it would change
+    the function"), although the fold is exact: nothing was carried out of a non-Sequential module. Its last
+    layer is now a candidate, folded when the probe shows the BatchNorm taking that conv's output; the same
+    module with F.relu after the conv (the unsafe case) is still refused, and without a probe it asks for one."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    res = reparam.fold_batchnorm([_padconv_model()], probe=x)
+    assert res.details["folded"] == 1 and res.max_output_change < 1e-12
+    with pytest.raises(ValueError, match="pass probe="):
+        reparam.fold_batchnorm([_padconv_model()])
+    with pytest.raises(ValueError, match="does not take its output as is"):
+        reparam.fold_batchnorm([_padconv_model(relu=True)], probe=x)
+    with pytest.raises(ValueError, match="does not take its output as is"):
+        fastcurv.invariance_audit([_padconv_model(relu=True)], (x, torch.randint(0, 3, (16,))),
+                                  transform="fold_batchnorm", measures=("trace",))
+
+
+def test_audit_loss_row_reads_a_shuffled_loader_once():
+    """With DataLoader(shuffle=True, drop_last=True) the before and after losses came from two passes that
+    dropped different samples: an exact Dinh rescaling was reported "not function-preserving" (loss ratio
+    1.006), blaming a skip connection, although the probe saw output changes of 1.5e-7."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(300, 10), torch.randint(0, 3, (300,))
+    models = [nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)) for _ in range(2)]
+    dl = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, drop_last=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*function-preserving")
+        res = fastcurv.invariance_audit(models, dl, measures=("trace",))
+    assert res.table.loc["loss", "ratio_min"] == pytest.approx(1, abs=1e-5)
+    assert res.table.loc["loss", "ratio_max"] == pytest.approx(1, abs=1e-5)

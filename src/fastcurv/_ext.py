@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.machinery
 import os
 import warnings
 
@@ -40,21 +41,55 @@ def _startup_impl() -> str:
 _impl = _startup_impl()
 
 
+# why setup.py left the CUDA kernels out (written into the package by the build; pip hides its output)
+CUDA_BUILD_NOTE = "_cuda_build.txt"
+
+
+def _candidates(name: str) -> list[str]:
+    """The files of library ``name`` this interpreter can load, in its own order of preference
+    (``importlib.machinery.EXTENSION_SUFFIXES``: ``.cpython-311-x86_64-linux-gnu.so``, ``.abi3.so``,
+    ``.so``): a build for another Python next to it (an in-place build's leftover) is never tried."""
+    paths = [os.path.join(_HERE, name + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    return [p for p in dict.fromkeys(paths) if os.path.isfile(p)]
+
+
+def _missing(name: str) -> str:
+    """Why library ``name`` has no file to load: other interpreters' builds found, and for ``_cuda`` the
+    reason the build recorded for leaving it out."""
+    others = sorted(glob.glob(os.path.join(_HERE, f"{name}*.so")) + glob.glob(os.path.join(_HERE, f"{name}*.pyd")))
+    text = f"no compiled library {name} for this Python ({name}{importlib.machinery.EXTENSION_SUFFIXES[0]}) next to {_HERE}"
+    if others:
+        text += (f"; only builds for other interpreters ({', '.join(map(os.path.basename, others))}): rebuild fastcurv "
+                 "with this Python")
+    else:
+        text += " (was the package built?)"
+    note = os.path.join(_HERE, CUDA_BUILD_NOTE)
+    if name == "_cuda" and os.path.isfile(note):
+        with open(note, encoding="utf-8") as f:
+            text += f"; the build said: {f.read().strip()}"
+    return text
+
+
 def _load(name: str) -> bool:
     if name in _loaded:
         return _loaded[name] is not None
-    paths = sorted(glob.glob(os.path.join(_HERE, f"{name}*.so")) + glob.glob(os.path.join(_HERE, f"{name}*.pyd")))
+    paths = _candidates(name)
     _loaded[name] = None
     if not paths:
-        _errors[name] = f"no compiled library {name}*.so next to {_HERE} (was the package built?)"
+        _errors[name] = _missing(name)
         return False
-    try:
-        torch.ops.load_library(paths[0])
-        _loaded[name] = paths[0]
-    except OSError as exc:  # wrong torch ABI, missing symbols
-        # torch wraps the loader's message ("undefined symbol: ...") as "Could not load this library"
-        reason = str(exc.__cause__ or exc)
-        _errors[name] = reason if paths[0] in reason else f"{paths[0]}: {reason}"
+    failed = []
+    for path in paths:
+        try:
+            torch.ops.load_library(path)
+            _loaded[name] = path
+            break
+        except OSError as exc:  # wrong torch ABI, missing symbols
+            # torch wraps the loader's message ("undefined symbol: ...") as "Could not load this library"
+            reason = str(exc.__cause__ or exc)
+            failed.append(reason if path in reason else f"{path}: {reason}")
+    if _loaded[name] is None:
+        _errors[name] = "; ".join(failed)
         what = "C++ CPU" if name == "_C" else "CUDA"
         warnings.warn(f"fastcurv's {what} kernels did not load ({_errors[name]}): the op wrappers use "
                       f"{'the torch references' if name == '_C' else 'Triton or the torch references'} instead. "

@@ -123,10 +123,30 @@ def _hint(models, transform, tr, bn_mode) -> str:
 
 def _loss_moved(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype) -> list[int]:
     """Replicas whose full-data loss moved by more than the output tolerance (relative), of those
-    whose loss was finite before."""
+    whose loss was finite before (a finite loss that became inf or NaN moved)."""
     rtol = reparam._output_rtol(dtype)
     return [r for r, (b, a) in enumerate(zip(before.tolist(), after.tolist()))
-            if math.isfinite(b) and not abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-12]
+            if math.isfinite(b) and not (math.isfinite(a) and abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-12)]
+
+
+def _frozen(models, data, loss_kw):
+    """``data`` read once into a list of its batches (on the models' device), for the loss row: a loader
+    read twice can give other batches each pass (``shuffle=True`` with ``drop_last=True``, random
+    augmentation), and the before / after losses must see the same ones. Lists, tuples and one batch
+    are returned as they are; so is a loader with ``cache_data=False`` (read twice then) and a
+    DataLoader that reads its dataset in order (``shuffle=False``: the same batches every pass; it is
+    not held in memory for this)."""
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    from .data import is_single_batch
+
+    if isinstance(data, (list, tuple)) or is_single_batch(data) or loss_kw.get("cache_data", "auto") is False:
+        return data
+    if isinstance(data, DataLoader) and isinstance(data.sampler, SequentialSampler):
+        return data
+    frozen, _ = read_one_pass(models, (item for item in data), "auto", loss_kw.get("memory_budget"))
+    loss_kw["cache_data"] = True
+    return frozen
 
 
 # HessianOperator keywords that set the loss the measures see (the audit's loss row uses them all)
@@ -164,7 +184,9 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
         ``before`` is given: nothing is computed for them then) and the reparameterized models' in
         a file of their own, ``.reparam`` before the extension (``audit.jsonl`` ->
         ``audit.reparam.jsonl``).
-    The table also has rows ``loss`` (full-data loss under the audit's loss settings, must not move)
+    ``bn_mode=None`` reads as "eval", as in batched_sharpness.
+    The table also has rows ``loss`` (full-data loss under the audit's loss settings, must not move;
+    a loader is read once for it, so the losses before and after are over the same batches)
     and reports the transform's largest output change and changed predictions on up to 1024 inputs
     of ``data``, run with the audit's ``bn_mode``. A RuntimeWarning says the transform is not
     function-preserving when a prediction flips, an output moves by more than
@@ -188,7 +210,7 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     if is_one_pass(data):  # (read several times below: once, into a list of its batches)
         data, _ = read_one_pass(models, data, kwargs.get("cache_data", "auto"), kwargs.get("memory_budget"))
     probe = _probe_inputs(models, data)
-    bn_mode = kwargs.get("bn_mode", "eval")
+    bn_mode = reparam._check_bn_mode(kwargs.get("bn_mode"))
     if transform == "fold_batchnorm" and not reparam._fold_plan(models[0]):
         raise ValueError("transform='fold_batchnorm': the models have no BatchNorm to fold, so the audit would compare "
                          "them with themselves (every measure invariant)")
@@ -201,8 +223,9 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     from .operator import HessianOperator
 
     loss_kw = {k: v for k, v in kwargs.items() if k in _LOSS_KEYWORDS}
-    lb = HessianOperator(models, data, backend="autograd", **loss_kw).loss_and_gradient()[0]
-    la = HessianOperator(tr.models, data, backend="autograd", **loss_kw).loss_and_gradient()[0]
+    loss_data = _frozen(models, data, loss_kw)
+    lb = HessianOperator(models, loss_data, backend="autograd", **loss_kw).loss_and_gradient()[0]
+    la = HessianOperator(tr.models, loss_data, backend="autograd", **loss_kw).loss_and_gradient()[0]
     moved = _loss_moved(lb, la, next(models[0].parameters()).dtype)
     if tr.function_changed or moved:
         found = [reparam.change_summary(tr)] if tr.function_changed else []

@@ -8,7 +8,7 @@ batch of inputs is given, the largest absolute and relative change of any output
 changed argmax predictions on it. A transform warns (RuntimeWarning, "the transform is not
 function-preserving ...") when a prediction flips or an output moves by more than ``OUTPUT_RTOL``
 (1e-3) of that replica's largest output magnitude on the probe; ``bn_mode`` says how the probe runs
-BatchNorm ("eval": running statistics; "batch": each batch's own, as
+BatchNorm ("eval", or None: running statistics; "batch": each batch's own, as
 ``batched_sharpness(bn_mode="batch")``).
 
 Layers are named by module name (``model.named_modules()``), in forward order; a pair
@@ -99,9 +99,13 @@ def _check_models(models) -> list[nn.Module]:
     return models
 
 
-def _check_bn_mode(bn_mode):
+def _check_bn_mode(bn_mode) -> str:
+    """``bn_mode``, with None read as "eval" (as batched_sharpness and the operators read it)."""
+    if bn_mode is None:
+        return "eval"
     if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        raise ValueError(f"bn_mode must be one of {BN_MODES} or None (= 'eval'), got {bn_mode!r}")
+    return bn_mode
 
 
 def weight_layers(model: nn.Module) -> list[str]:
@@ -332,7 +336,7 @@ def rescale_layers(models: Sequence[nn.Module], alpha: float = 10.0, layers: tup
     no prediction changed in either case. ``bn_mode``: how the probe runs BatchNorm (module docstring).
     """
     models = _check_models(models)
-    _check_bn_mode(bn_mode)
+    bn_mode = _check_bn_mode(bn_mode)
     if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
     a, b = _pair(models[0], layers)
@@ -360,7 +364,7 @@ def rescale_neurons(models: Sequence[nn.Module], scales, layers: tuple[str, str]
     and bias times ``scales[j]`` and outgoing weights divided by it. ``scales``: positive ``[units]``
     (the same for every replica) or ``[R, units]``; default layers: the last two weight layers."""
     models = _check_models(models)
-    _check_bn_mode(bn_mode)
+    bn_mode = _check_bn_mode(bn_mode)
     a, b = _pair(models[0], layers)
     scales = torch.as_tensor(scales, dtype=torch.float64)
     if not torch.isfinite(scales).all() or (scales <= 0).any():
@@ -378,21 +382,32 @@ def rescale_neurons(models: Sequence[nn.Module], scales, layers: tuple[str, str]
 
 
 def _fold_plan(model: nn.Module) -> list[tuple[str, str]]:
-    """``(batchnorm, layer)`` names: each BatchNorm with the Linear/Conv whose output it takes, read
-    from registration order (exact inside ``nn.Sequential``; inside other modules, whose forward may
-    combine their children otherwise, children are read in order and nothing is carried in or out).
-    A ValueError names a BatchNorm that follows anything else (an activation, pooling, a block)."""
-    plan = []
+    """``(batchnorm, layer)`` names: each BatchNorm with the Linear/Conv whose output it takes
+    (:func:`_fold_walk`)."""
+    return _fold_walk(model)[0]
+
+
+def _fold_walk(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(plan, unverified)``. plan: ``(batchnorm, layer)`` names, each BatchNorm with the Linear/Conv
+    whose output it takes, read from registration order (exact inside ``nn.Sequential``; inside other
+    modules, whose forward may combine their children otherwise, children are read in order and nothing
+    is carried in). A module that is no Sequential carries out its last registered child only when that
+    is a weight layer (e.g. a wrapper whose ``forward`` ends in its conv), as a candidate: the pairs
+    built on one are also listed in ``unverified``, to be confirmed in forward with a probe
+    (:func:`_check_fold_in_forward`; its forward may apply an activation after the layer). A ValueError
+    names a BatchNorm that follows anything else (an activation, pooling, a block)."""
+    plan, unverified = [], []
 
     def walk(mod, name, prev, last):
-        """``(prev, last)`` after ``mod``: the weight layer whose output the next module takes (or None),
-        and the last module seen (for the message)."""
+        """``(prev, last)`` after ``mod``: ``(name, layer, verified)`` of the weight layer whose output the
+        next module takes (or None), and the last module seen (for the message)."""
         if isinstance(mod, _BN):
             if prev is None:
                 where = f"follows {type(last[1]).__name__} {last[0]!r}" if last else "has no Linear/Conv before it"
                 raise ValueError(f"BatchNorm {name!r} {where}, not a Linear/Conv: folding it into an earlier layer "
                                  "would change the function; fold_batchnorm folds only a BatchNorm that directly "
-                                 "follows a Linear/Conv")
+                                 "follows a Linear/Conv (or a module whose last registered child is one and whose "
+                                 "forward returns that layer's output, checked with probe=)")
             if prev[1].weight.shape[0] != mod.num_features:
                 raise ValueError(f"BatchNorm {name!r} does not follow a Linear/Conv with {mod.num_features} outputs "
                                  f"({prev[0]!r} has {prev[1].weight.shape[0]})")
@@ -400,9 +415,11 @@ def _fold_plan(model: nn.Module) -> list[tuple[str, str]]:
                 raise ValueError(f"BatchNorm {name!r} has no running statistics to fold")
             _check_plain_weights(prev[0], prev[1])
             plan.append((name, prev[0]))
+            if not prev[2]:
+                unverified.append((name, prev[0]))
             return None, (name, mod)
         if isinstance(mod, _WEIGHT):
-            return (name, mod), (name, mod)
+            return (name, mod, True), (name, mod)
         if isinstance(mod, _PASS_THROUGH):
             return prev, last
         children = list(mod.named_children())
@@ -412,21 +429,27 @@ def _fold_plan(model: nn.Module) -> list[tuple[str, str]]:
         inner = prev if sequential else None
         for child_name, child in children:
             inner, last = walk(child, f"{name}.{child_name}" if name else child_name, inner, last)
-        return (inner if sequential else None), (last if sequential else (name, mod))
+        if sequential:
+            return inner, last
+        # (its forward may not end in that layer: a candidate, for the probe to confirm)
+        return (None if inner is None else (inner[0], inner[1], False)), (name, mod)
 
     walk(model, "", None, None)
-    return plan
+    return plan, unverified
 
 
-def _check_fold_in_forward(model: nn.Module, plan, probe) -> None:
+def _check_fold_in_forward(model: nn.Module, plan, probe, unverified=()) -> None:
     """A ValueError when, running ``probe``, a planned BatchNorm does not take its layer's output as is
-    (a function called in ``forward`` between them, or an in-place one: the tensor's version moved)."""
+    (a function called in ``forward`` between them, or an in-place one: the tensor's version moved), or
+    its layer runs more than once (the fold would change its other outputs too). The pairs in
+    ``unverified`` (read from registration order out of a custom module) must also be reached."""
     mods = dict(model.named_modules())
-    outs, ins, hooks = {}, {}, []
+    outs, ins, hooks, calls = {}, {}, [], {}
 
     def saver(store, name, pick):
         def hook(*args):  # (returns None: a hook's return value would replace the inputs or outputs)
             t = pick(args)
+            calls[id(store), name] = calls.get((id(store), name), 0) + 1
             if name not in store and isinstance(t, torch.Tensor):
                 store[name] = (t, t._version)
         return hook
@@ -443,11 +466,18 @@ def _check_fold_in_forward(model: nn.Module, plan, probe) -> None:
         for h in hooks:
             h.remove()
     for bn_name, layer_name in plan:
+        if bn_name not in ins and (bn_name, layer_name) in unverified:
+            raise ValueError(f"BatchNorm {bn_name!r} did not run on the probe, so whether it takes the output of "
+                             f"{layer_name!r} (the last layer of the module before it) is unknown: folding it could "
+                             "change the function")
         if bn_name in ins and (layer_name not in outs or outs[layer_name][0] is not ins[bn_name][0]
                                or outs[layer_name][1] != ins[bn_name][1]):
             raise ValueError(f"BatchNorm {bn_name!r} is registered after {layer_name!r} but in forward does not take "
                              "its output as is (something is computed between them): folding it would change the "
                              "function")
+        if calls.get((id(outs), layer_name), 0) > 1:
+            raise ValueError(f"layer {layer_name!r} runs {calls[id(outs), layer_name]} times in forward, but only one "
+                             f"of its outputs goes through BatchNorm {bn_name!r}: folding it would change the others")
 
 
 def fold_batchnorm(models: Sequence[nn.Module], probe: torch.Tensor | None = None, *,
@@ -458,18 +488,27 @@ def fold_batchnorm(models: Sequence[nn.Module], probe: torch.Tensor | None = Non
 
     A BatchNorm must directly follow its Linear/Conv (only Identity or Dropout between them, read
     from registration order, exact for ``nn.Sequential``; with a probe, also checked in forward):
-    one after an activation, pooling or a block raises a ValueError. ``bn_mode="batch"`` raises:
+    one after an activation, pooling or a block raises a ValueError. One after a custom module
+    whose last registered child is a Linear/Conv (a wrapper such as ``conv(F.pad(x))``) is folded
+    only with a probe, which must show the BatchNorm taking that layer's output (a ValueError
+    without one). ``bn_mode=None`` reads as "eval". ``bn_mode="batch"`` raises:
     BatchNorm with each batch's statistics is no fixed affine map, so no fold preserves it."""
     models = _check_models(models)
-    _check_bn_mode(bn_mode)
+    bn_mode = _check_bn_mode(bn_mode)
     if bn_mode == "batch":
         raise ValueError("fold_batchnorm folds the running statistics; with bn_mode='batch' each BatchNorm normalizes "
                          "by the batch's own statistics, which no fold into the layer before reproduces: fold only "
                          "for bn_mode='eval'")
-    plans = [_fold_plan(m) for m in models]
+    walks = [_fold_walk(m) for m in models]
+    plans, unverified = [w[0] for w in walks], walks[0][1]
+    if unverified and probe is None:
+        raise ValueError(f"BatchNorm {unverified[0][0]!r} follows a module whose last registered layer is "
+                         f"{unverified[0][1]!r}, but whether its forward returns that layer's output (rather than, "
+                         "e.g., an activation of it) cannot be read from the modules: pass probe= (a batch of inputs) "
+                         "to check it in forward before folding")
     new = _copies(models)
     if probe is not None and plans[0]:
-        _check_fold_in_forward(new[0], plans[0], probe)
+        _check_fold_in_forward(new[0], plans[0], probe, unverified)
     for m, plan in zip(new, plans):
         mods = dict(m.named_modules())
         for bn_name, layer_name in plan:
@@ -502,7 +541,7 @@ def balance(models: Sequence[nn.Module], layers: Sequence[str] | None = None, *,
     over the rescaling orbit, so two replicas that differ by a rescaling get the same parameters.
     ``details["sweeps"]`` and ``details["converged"]`` report the iteration."""
     models = _check_models(models)
-    _check_bn_mode(bn_mode)
+    bn_mode = _check_bn_mode(bn_mode)
     chain = _pairs(models[0], layers)
     new = _copies(models, sorted({n for pair in chain for n in pair}))
     sweeps_used, ok = 0, True
