@@ -200,3 +200,16 @@ def test_a_loss_name_is_one_setting_in_any_spelling():
     audit = fastcurv.invariance_audit(ms, (x, t), measures=("lambda_max",), loss="mse", before=before, max_iter=8,
                                       backend="autograd", progress=False)
     assert "lambda_max" in audit.table.index
+
+
+def test_bn_mode_none_is_the_eval_setting(tmp_path):
+    """bn_mode=None means "eval" for a list of models, but a job started with it was another setting:
+    its results file did not resume with bn_mode="eval", and an audit's ``before`` differed."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)) for _ in range(2)]
+    data = (torch.randn(10, 4), torch.randint(0, 2, (10,)))
+    kw = dict(measures=("lambda_max",), progress=False, output=tmp_path / "r.jsonl")
+    first = fastcurv.batched_sharpness(models, data, bn_mode=None, **kw)
+    again = fastcurv.batched_sharpness(models, data, bn_mode="eval", **kw)
+    assert first.settings == again.settings and first.settings["bn_mode"] == "eval"
+    torch.testing.assert_close(again["lambda_max"], first["lambda_max"])

@@ -487,6 +487,8 @@ def result_settings(kwargs: dict, with_measures: bool = False) -> dict:
     out = {k: v for k, v in args.items() if k not in skip}
     if isinstance(out.get("loss"), str):  # ("MSE" and "mse" are one loss: one spelling in settings and fingerprints)
         out["loss"] = canonical_name(out["loss"])
+    if "bn_mode" in out and out["bn_mode"] is None:  # (None is "eval" for a list of models: one setting)
+        out["bn_mode"] = "eval"
     # memory settings (e.g. from memory_budget=) do not change results
     options = {k: v for k, v in (out.pop("backend_options", None) or {}).items() if k not in _MEMORY_OPTIONS}
     if options:
