@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn.modules.lazy import LazyModuleMixin
 
 BN_MODES = ("eval", "batch")
 # every BatchNorm: BatchNorm1d/2d/3d, SyncBatchNorm (DDP checkpoints, convert_sync_batchnorm) and the lazy ones
@@ -142,6 +143,14 @@ def _check_settings(models: list, training: bool) -> None:
                       RuntimeWarning, stacklevel=4)
 
 
+_MISSING = object()  # (a dict key that is gone)
+
+
+def _NO_MODULE():
+    """A submodule slot that held None (as a weak reference's call gives)."""
+    return None
+
+
 # (module attribute, what it holds): the hooks that observe or change what a module computes
 _HOOK_KINDS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
                ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
@@ -172,19 +181,35 @@ def _describe_hook(hook) -> tuple[str, str]:
             "or do what they do in the model's forward()")
 
 
+def _is_lazy_init_hook(mod: nn.Module, hook) -> bool:
+    """Whether ``hook`` is torch's own lazy-initialization pre-hook of ``mod`` (a ``LazyLinear``...):
+    ``LazyModuleMixin._infer_parameters``, which stays registered until the first forward even when
+    ``load_state_dict`` materialized the parameters, and then does nothing but turn the module into
+    its non-lazy class (``cls_to_become``)."""
+    return (isinstance(mod, LazyModuleMixin) and getattr(hook, "__self__", None) is mod
+            and getattr(hook, "__func__", None) is getattr(type(mod), "_infer_parameters", None))
+
+
 def _check_hooks(models: list) -> None:
     """Raise a ValueError naming the first module hook (forward, forward pre-, backward or backward
     pre-hook) on any replica's modules. fastcurv runs every replica through one functional copy of
     replica 0's modules: another replica's hooks would be ignored and replica 0's applied to every
     replica, and the fused engines run no hooks at all, so even hooks alike on every replica are
     refused. (Global hooks, ``torch.nn.modules.module.register_module_forward_hook``, are not
-    looked at: they apply to every module call alike.)"""
+    looked at: they apply to every module call alike.) torch's own lazy-initialization hook of a
+    lazy module (``LazyLinear``...) is no hook of the user's: it is ignored once the parameters are
+    materialized (by ``load_state_dict``), and a lazy module still uninitialized raises a ValueError
+    asking for one forward pass first."""
     for i, m in enumerate(models):
         for name, mod in m.named_modules():
+            if isinstance(mod, LazyModuleMixin) and mod.has_uninitialized_params():
+                raise ValueError(f"replica {i}'s module {name or '(model)'!r} ({type(mod).__name__}) is a lazy module "
+                                 "whose parameters are not initialized yet: run one forward pass (model(x)) or "
+                                 "load_state_dict to materialize them before measuring")
             for attr, kind in _HOOK_KINDS:
-                hooks = getattr(mod, attr, None)
+                hooks = [h for h in getattr(mod, attr, {}).values() if not _is_lazy_init_hook(mod, h)]
                 if hooks:
-                    what, remedy = _describe_hook(next(iter(hooks.values())))
+                    what, remedy = _describe_hook(hooks[0])
                     raise ValueError(
                         f"replica {i} has a {kind} on module {name or '(model)'!r} ({type(mod).__name__}): {what}. "
                         "fastcurv does not support module hooks (every replica runs through one copy of replica 0's "
@@ -395,9 +420,9 @@ class ReplicaSet:
         R, P: number of replicas and of parameter entries per replica.
 
     ``params`` and ``buffers`` are copies of the models' tensors when the set is built: the set does
-    not follow later changes of the models. It remembers which tensors it copied, so that
-    :meth:`changed_since_built` can tell (and the operators built on it refuse to run) once the
-    models were changed in place (an optimizer step) or given new tensors.
+    not follow later changes of the models. It remembers which tensors (and submodules) it copied,
+    so that :meth:`changed_since_built` can tell (and the operators built on it refuse to run) once
+    the models were changed in place (an optimizer step) or given new tensors or layers.
     """
 
     def __init__(self, models: Sequence[nn.Module], *, bn_mode: str = "eval"):
@@ -417,7 +442,7 @@ class ReplicaSet:
             self.params = {n: torch.stack([d[n].detach() for d in named]) for n in self.names}
             buffer_names = [n for n, b in self.base.named_buffers() if b is not None]
             self.buffers = {n: torch.stack([d[n].detach() for d in named_buffers]) for n in buffer_names}
-        self._sources = self._watch(named, named_buffers, buffer_names)
+        self._sources = self._watch(models, named, named_buffers, buffer_names)
         first = self.params[self.names[0]]
         self.dtype, self.device = first.dtype, first.device
         self.finite = ~nonfinite_rows([self.params[n] for n in self.names]).cpu()
@@ -430,37 +455,79 @@ class ReplicaSet:
             )
 
     # --- the models it was built from -----------------------------------------------------------
-    def _watch(self, named: list[dict], named_buffers: list[dict], buffer_names: list) -> list:
-        """``(weak reference, version counter, data pointer, description)`` of every parameter and used
-        buffer of the models (``named``/``named_buffers``: each model's name -> tensor; weak: the set
-        does not keep the models alive)."""
-        out = []
-        for r, (params, buffers) in enumerate(zip(named, named_buffers)):
-            tensors = [("parameter", n, params[n]) for n in self.names]
-            tensors += [("buffer", n, buffers[n]) for n in buffer_names]
-            # (inference tensors, made under torch.inference_mode, have no version counter: not watched)
-            out += [(weakref.ref(t), t._version, t.data_ptr(), f"{kind} {n!r} of replica {r}") for kind, n, t in tensors
-                    if not t.is_inference()]
-        return out
+    def _watch(self, models: list, named: list[dict], named_buffers: list[dict], buffer_names: list) -> tuple:
+        """What :meth:`changed_since_built` compares, all held weakly (the set does not keep the models
+        alive): ``(links, tensors)``.
+
+        ``links``: ``(parent, child name, child, description)`` for every submodule of every model
+        (a layer swapped for another is seen there, even when the old one died with its weights).
+        ``tensors``: ``[tensor, owning module, "_parameters" or "_buffers", key, version counter,
+        data pointer, "params" or "buffers", name, replica, description]`` of every parameter and used
+        buffer (``named``/``named_buffers``: each model's name -> tensor), a list so that the data
+        pointer can be updated when the storage moved without a change (``share_memory()``)."""
+        links, tensors = [], []
+        for r, (model, params, buffers) in enumerate(zip(models, named, named_buffers)):
+            for path, mod in model.named_modules():
+                for cname, child in mod._modules.items():
+                    where = f"{path}.{cname}" if path else cname
+                    links.append((weakref.ref(mod), cname, _NO_MODULE if child is None else weakref.ref(child),
+                                  f"module {where!r} of replica {r}"))
+            watched = [("parameter", "_parameters", "params", n, params[n]) for n in self.names]
+            watched += [("buffer", "_buffers", "buffers", n, buffers[n]) for n in buffer_names]
+            for kind, table, stacked, n, t in watched:
+                owner, _, key = n.rpartition(".")
+                # (inference tensors, made under torch.inference_mode, have no version counter)
+                version = None if t.is_inference() else t._version
+                tensors.append([weakref.ref(t), weakref.ref(model.get_submodule(owner)), table, key, version,
+                                t.data_ptr(), stacked, n, r, f"{kind} {n!r} of replica {r}"])
+        return links, tensors
 
     def __getstate__(self):
         """For pickling (``torch.save``) and ``copy.deepcopy``: weak references do not pickle, and a
         copy watches no models (a snapshot of the weights it holds)."""
-        return {**self.__dict__, "_sources": []}
+        return {**self.__dict__, "_sources": ((), ())}
 
     def changed_since_built(self) -> str | None:
-        """The first parameter or buffer of the models this set was built from that changed since
-        (e.g. "parameter '0.weight' of replica 2"), or None. Changed: modified in place (its
+        """The first parameter, buffer or submodule of the models this set was built from that changed
+        since (e.g. "parameter '0.weight' of replica 2"), or None. Changed: modified in place (its
         version counter moved: an optimizer step, ``load_state_dict``, ``copy_`` under no_grad, a
-        training-mode BatchNorm forward through its ``num_batches_tracked``) or given another
-        storage (``.to()``, ``.double()``, ``p.data = ...``). Writes through ``p.data`` (which has
-        its own version counter) are not seen, nor are models since deleted. Costs a few
-        microseconds per replica."""
-        for ref, version, ptr, what in getattr(self, "_sources", ()):
-            t = ref()
-            if t is not None and (t._version != version or t.data_ptr() != ptr):
+        training-mode BatchNorm forward through its ``num_batches_tracked``), replaced by another
+        tensor (``load_state_dict(..., assign=True)``, a new ``nn.Parameter`` assigned, a layer
+        swapped for another module), or holding other values in another storage (``.double()``,
+        ``p.data = ...``; storage moved with the values kept, as ``share_memory()`` does, is no
+        change). In-place writes through ``p.data`` (which has its own version counter) are not seen,
+        nor are models since deleted. Costs about a microsecond per tensor and submodule of each replica."""
+        links, tensors = getattr(self, "_sources", ((), ()))
+        for parent_ref, cname, child_ref, what in links:
+            parent = parent_ref()
+            if parent is not None and parent._modules.get(cname, _MISSING) is not child_ref():
                 return what
+        for rec in tensors:
+            tensor_ref, owner_ref, table, key, version, ptr, stacked, name, r, what = rec
+            owner = owner_ref()
+            if owner is None:  # (its model was deleted, or the module swapped: a link tells)
+                continue
+            t = tensor_ref()
+            if t is None or getattr(owner, table).get(key, _MISSING) is not t:
+                return what
+            if version is not None and t._version != version:
+                return what
+            if t.data_ptr() != ptr:
+                if not self._holds_copy_of(t, getattr(self, stacked)[name][r]):
+                    return what
+                rec[5] = t.data_ptr()  # the same values elsewhere: no need to compare them again
         return None
+
+    @staticmethod
+    def _holds_copy_of(t: torch.Tensor, copied: torch.Tensor) -> bool:
+        """Whether the model's tensor ``t`` still holds exactly the values the set copied (NaN where NaN)."""
+        if t.shape != copied.shape or t.dtype != copied.dtype or t.device != copied.device:
+            return False
+        with torch.no_grad():
+            same = torch.eq(t, copied)
+            if t.is_floating_point() or t.is_complex():
+                same |= t.isnan() & copied.isnan()
+            return bool(same.all())
 
     # --- flat layout -------------------------------------------------------------------------
     @property
@@ -506,14 +573,18 @@ class ReplicaSet:
     def forward_with(self, params: dict, buffers: dict, x) -> torch.Tensor:
         """Outputs ``[R', N, ...]`` of stacked ``params``/``buffers`` (name -> ``[R', ...]``) on ``x``.
 
-        Plain MLP chains on sparse CPU inputs (at most 40% nonzero, e.g. MNIST) compute their first
+        Plain MLP chains on sparse CPU inputs (at most 40% nonzero, e.g. MNIST; samples that are rows
+        ``x [N, F]``, or any ``x [N, ...]`` when the chain starts with ``nn.Flatten()``) compute their first
         layer from the nonzero inputs only (the fused MLP forward of :mod:`fastcurv.train_fused`
         with :mod:`fastcurv.ops.csr_linear`, which autograd cannot differentiate: only when nothing
         needs a gradient); everything else runs ``vmap`` over ``functional_call``.
         """
         plan = self._mlp_plan()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params.values()))
-        if plan is not None and not needs_grad and not buffers and x.dim() >= 2:
+        # the sparse path flattens each sample to one row and returns [R', N, C]: the model's own output
+        # shape only when it flattens the samples too (a leading Flatten(1, -1)) or they are rows already
+        # (an MLP given x [N, 1, F] outputs [N, 1, C], which the loss must see unchanged)
+        if plan is not None and not needs_grad and not buffers and (x.dim() == 2 or (plan.flatten and x.dim() >= 2)):
             from .train_fused import CsrBatch
 
             csr = self._sparse_rows(plan, x)

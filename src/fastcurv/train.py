@@ -560,6 +560,9 @@ def train_population(
     target_loss = _as_target(target_loss)
     loss = canonical_name(loss)
     loss_fn = _loss_fn(loss)
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        hint = " (convert them with torch.as_tensor)" if "numpy" in type(x).__module__ + type(y).__module__ else ""
+        raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}{hint}")
     x, y = x.detach(), y.detach()  # data, not part of a graph (targets from a teacher net)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"x and y must hold the same, non-zero number of samples; got {len(x)} and {len(y)}")

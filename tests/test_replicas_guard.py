@@ -1,0 +1,194 @@
+"""ReplicaSet's gradient-free forward on inputs with singleton axes, its check of the models' hooks
+on lazy modules, and its "models changed since built" guard (replaced tensors and layers, storage
+moved by share_memory()); train_population given numpy arrays."""
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastcurv
+from fastcurv.measures._common import loss_at
+from fastcurv.replicas import ReplicaSet
+from fastcurv.train import train_population
+
+
+def _mlps(R: int = 2, F: int = 20, C: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    return [nn.Sequential(nn.Linear(F, 6), nn.ReLU(), nn.Linear(6, C)) for _ in range(R)]
+
+
+def _sparse_signals(N: int = 24, F: int = 20, seed: int = 1):
+    """``x [N, 1, F]``: sparse signals with one channel (few enough nonzeros for the CSR path)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, 1, F, generator=g) * (torch.rand(N, 1, F, generator=g) < 0.15)
+
+
+# --- singleton input axes on the sparse MLP forward ----------------------------------------------
+def test_sparse_forward_keeps_singleton_axis_of_mlp_without_flatten():
+    """An MLP without Flatten on ``x [N, 1, F]`` outputs ``[N, 1, C]``. The sparse CSR forward
+    used to flatten every sample to one row and return ``[R, N, C]``, so the MSE loss against
+    ``[N, 1, C]`` targets was broadcast to ``[N, N, C]``: loss_at gave about 40x the loss
+    (43.2 instead of 1.08 in the report's case)."""
+    models = _mlps()
+    x = _sparse_signals()
+    y = torch.randn(len(x), 1, 3)
+    op = fastcurv.HessianOperator(models, (x, y), loss="mse", backend="autograd")
+    with torch.no_grad():
+        out = op.replicas.forward(x)
+        want = torch.stack([nn.functional.mse_loss(m(x), y) for m in models]).double()
+    assert out.shape == (2, len(x), 1, 3)
+    torch.testing.assert_close(loss_at(op, op.replicas.flat_params()).double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_forward_still_flattens_behind_a_leading_flatten():
+    """With a leading ``nn.Flatten()`` the model's own output is ``[N, C]``, which the sparse path
+    gives (it stays in use there): the same outputs as the dense functional forward."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(20, 6), nn.ReLU(), nn.Linear(6, 3)) for _ in range(2)]
+    x = _sparse_signals()
+    rs = ReplicaSet(models)
+    with torch.no_grad():
+        out = rs.forward(x)
+        want = torch.stack([m(x) for m in models])
+    assert rs._sparse_rows(rs._mlp_plan(), x) is not None  # (the CSR path is the one tested)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sharpness_with_singleton_axis_matches_the_flat_data():
+    """rho_sharpness and epsilon_sharpness of an MLP given ``x [N, 1, F]`` and MSE targets
+    ``[N, 1, C]`` equal those of the same models on the flat ``[N, F]``/``[N, C]`` data. Through the
+    sparse forward's broadcast losses they came out 0.0 for every replica (0.02 and 0.16 are
+    right)."""
+    models = _mlps()
+    x = _sparse_signals(N=32)
+    y = torch.randn(len(x), 1, 3)
+    measures = ["rho_sharpness", "epsilon_sharpness"]
+    kw = dict(loss="mse", measures=measures, progress=False, backend="autograd", seed=0,
+              measure_options={"rho_sharpness": {"n_iter": 5}, "epsilon_sharpness": {"n_iter": 3}})
+    got = fastcurv.batched_sharpness(models, (x, y), **kw).values
+    want = fastcurv.batched_sharpness(models, (x[:, 0], y[:, 0]), **kw).values
+    for name in measures:
+        assert bool((want[name] > 1e-3).all()), name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+# --- lazy modules ---------------------------------------------------------------------------------
+def test_lazy_modules_materialized_by_load_state_dict_are_measured():
+    """LazyLinear replicas rebuilt from checkpoints with load_state_dict (no forward yet) keep torch's
+    own lazy-initialization pre-hook; the hook check refused them, telling the user to remove a
+    handle they never had. They measure as the plain Linear models with the same weights."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    src = [nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)) for _ in range(2)]
+    lazy = []
+    for s in src:
+        m = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.LazyLinear(3))
+        m.load_state_dict(s.state_dict())
+        lazy.append(m)
+    kw = dict(measures=["lambda_max"], progress=False)
+    want = fastcurv.batched_sharpness(src, (x, y), **kw).values["lambda_max"]
+    got = fastcurv.batched_sharpness(lazy, (x, y), **kw).values["lambda_max"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_uninitialized_lazy_module_asks_for_a_forward_pass():
+    """A lazy module whose parameters are still uninitialized is named, with the remedy (one
+    forward pass), rather than reported as a hook to remove."""
+    models = [nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.Linear(5, 3))]
+    with pytest.raises(ValueError, match=r"module '0' \(LazyLinear\) is a lazy module .*run one forward pass"):
+        ReplicaSet(models)
+
+
+def test_user_hook_on_a_lazy_module_is_still_refused():
+    """Only torch's lazy-initialization hook is passed over: a hook of the user's on the same
+    lazy module is still refused."""
+    m = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.Linear(5, 3))
+    m(torch.randn(2, 4))
+    m.load_state_dict(m.state_dict())
+    m[0].register_forward_hook(lambda mod, args, out: out * 2)
+    with pytest.raises(ValueError, match="forward hook on module '0'"):
+        ReplicaSet([m])
+
+
+# --- the "models changed" guard -------------------------------------------------------------------
+def _operator(models):
+    torch.manual_seed(3)
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    return fastcurv.HessianOperator(models, (x, y), backend="autograd")
+
+
+def _models(R: int = 2):
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)) for _ in range(R)]
+
+
+_NEW = [nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).state_dict() for _ in range(2)]
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda ms: [m.load_state_dict(s, assign=True) for m, s in zip(ms, _NEW)], "parameter '0.weight' of replica 0"),
+    (lambda ms: [setattr(m[2], "weight", nn.Parameter(torch.randn(3, 8))) for m in ms],
+     "parameter '2.weight' of replica 0"),
+    (lambda ms: [m.__setitem__(2, nn.Linear(8, 3)) for m in ms], "module '2' of replica 0"),
+    (lambda ms: ms[1].__setitem__(1, nn.ReLU()), "module '1' of replica 1"),
+])
+def test_guard_sees_replaced_parameters_and_layers(change, what):
+    """Parameters replaced by new tensors (load_state_dict(assign=True), a new nn.Parameter, a
+    swapped layer) were not seen once the old tensor died: the operator silently gave the old
+    weights' loss (1.2426 / 1.0201 against 1.1727 / 1.1449 in the report's case)."""
+    models = _models()
+    op = _operator(models)
+    change(models)
+    with pytest.raises(RuntimeError, match=f"models changed .*{what}"):
+        op.loss_and_gradient()
+
+
+def test_guard_ignores_share_memory_but_sees_new_values():
+    """``model.share_memory()`` moves every tensor's storage without changing a value or a version
+    counter: it raised "the models changed". The values are now compared when only the storage
+    moved, so the operator runs, and other values in another storage are still a change."""
+    models = _models()
+    op = _operator(models)
+    want = op.loss_and_gradient()[0]
+    for m in models:
+        m.share_memory()
+    torch.testing.assert_close(op.loss_and_gradient()[0], want)
+    assert op.replicas.changed_since_built() is None
+    models[1][2].bias.data = models[1][2].bias.data + 1  # (no version counter moves)
+    with pytest.raises(RuntimeError, match="parameter '2.bias' of replica 1"):
+        op.loss_and_gradient()
+
+
+def test_guard_sees_dtype_conversion():
+    """``.double()`` keeps each parameter object and its version counter; the new storage holds
+    values of another dtype, which is a change."""
+    models = _models()
+    rs = ReplicaSet(models)
+    models[0].double()
+    assert rs.changed_since_built() == "parameter '0.weight' of replica 0"
+
+
+def test_guard_cost_stays_small():
+    """The check runs before every product: a few lookups per tensor and submodule. 1000 replicas
+    of a 6-tensor MLP take about 2 ms; the bound is generous (it catches a walk that would grow
+    with more than the number of tensors)."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+              for _ in range(1000)]
+    rs = ReplicaSet(models)
+    assert rs.changed_since_built() is None
+    t = time.perf_counter()
+    for _ in range(5):
+        rs.changed_since_built()
+    assert (time.perf_counter() - t) / 5 < 0.03
+
+
+# --- train_population with numpy data -------------------------------------------------------------
+def test_train_population_numpy_data_raises_a_clear_type_error():
+    """numpy inputs failed with a raw AttributeError ('numpy.ndarray' object has no attribute
+    'detach'); they get the TypeError batched_sharpness gives, naming torch.as_tensor."""
+    x, y = np.random.randn(8, 5).astype(np.float32), np.random.randint(0, 3, 8)
+    with pytest.raises(TypeError, match="x and y must be tensors, got ndarray and ndarray.*torch.as_tensor"):
+        train_population(lambda: nn.Sequential(nn.Linear(5, 3)), x, y, replicas=2, epochs=1, progress=False)
