@@ -129,12 +129,14 @@ class HessianOperator:
     Snapshot: the operator holds copies of the weights (and buffers) the models had when it was
     built (through its :class:`ReplicaSet`), and does not follow later changes. To keep it from
     silently giving the old models' curvature, every product, loss, gradient and trace first checks
-    the models' parameters and buffers (:meth:`ReplicaSet.changed_since_built`: version counters and
-    storage, a few microseconds per replica) and raises a RuntimeError when one was modified in
-    place (an optimizer step, ``load_state_dict``, a training-mode BatchNorm forward) or replaced
-    since: build a new operator for the new weights (as when tracking sharpness during training).
-    Writes through ``p.data`` are not seen. fastcurv's own measures never change the models (they
-    perturb copies).
+    the models' parameters and buffers (:meth:`ReplicaSet.changed_since_built`: version counters,
+    storage and the identity of each tensor and submodule, about a microsecond per tensor and
+    submodule of each replica) and raises a RuntimeError when one was modified in place (an
+    optimizer step, ``load_state_dict``, a training-mode BatchNorm forward) or replaced since (a new
+    ``nn.Parameter``, ``load_state_dict(assign=True)``, a swapped layer, ``p.data = ...`` with other
+    values): build a new operator for the new weights (as when tracking sharpness during training).
+    In-place writes through ``p.data`` are not seen; ``share_memory()`` is not a change. fastcurv's
+    own measures never change the models (they perturb copies).
 
     Threads: an operator may be shared by several threads; its computations (:meth:`matvec`,
     :meth:`loss_and_gradient`, :meth:`exact_trace`, :meth:`dense`) then run one at a time, under
