@@ -173,3 +173,30 @@ def test_exact_trace_by_gram_matrices_keeps_confident_samples_precise():
     for r, m in enumerate(models):
         want = torch.trace(dense_hessian(m.double(), [(x.double(), y)]))
         torch.testing.assert_close(got[r], want, rtol=2e-4, atol=0)
+
+
+@pytest.mark.parametrize("sizes", [(784, 10), (784, 1024, 10)])
+def test_gram_trace_of_shallow_mlps_runs_in_whole_chunks(sizes, monkeypatch):
+    """The Gram form's chunks were sized for an ``[I, I]`` matrix per sample, which it builds only
+    below two Linear layers: a logistic regression on 784 inputs (and a 784-1024-10 MLP) ran the
+    exact trace one replica and one sample at a time (295 ms against 7.4 ms before the Gram form,
+    on 4 replicas and 2048 samples). Now one chunk holds what fits of the tensors it does build;
+    the trace is unchanged (the column form's, per replica)."""
+    from fastcurv.backends.fused.backend import FusedBackend
+
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(256, 784, generator=gen), torch.randint(0, 10, (256,), generator=gen)
+    layers = [nn.Linear(sizes[0], sizes[1])] + ([nn.ReLU(), nn.Linear(sizes[1], sizes[2])] if len(sizes) == 3 else [])
+    models = []
+    for r in range(4):
+        torch.manual_seed(r)
+        models.append(nn.Sequential(*[type(m)(*m.weight.shape[::-1]) if isinstance(m, nn.Linear) else m for m in layers]))
+    op = fastcurv.HessianOperator(models, [(x, y)], backend="fused", backend_options={"chunk_bytes": 4 << 20})
+    assert op.backend._gram_trace(10)
+    R_step, N_step = op.backend._trace_steps(4, 256, 10, x)
+    # one Linear layer: the probabilities alone (40 bytes a sample); two: V [10, 1024] (40 KB a sample)
+    assert (R_step, N_step) == (4, 256) if len(sizes) == 2 else (R_step, N_step) == (1, (4 << 20) // 40960)
+    got = op.exact_trace()
+    monkeypatch.setattr(FusedBackend, "_gram_trace", lambda self, C: False)
+    whole = fastcurv.HessianOperator(models, [(x, y)], backend="fused", backend_options={"chunk_bytes": None})
+    torch.testing.assert_close(got, whole.exact_trace(), rtol=1e-4, atol=0)

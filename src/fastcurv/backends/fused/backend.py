@@ -670,8 +670,9 @@ class FusedBackend(Backend):
         if x.device.type != "cpu" or self.chunk_bytes is None:
             return R, min(N, max(self.batches.sizes))
         w = self._trace_widths()
-        if self._gram_trace(C):
-            per = max([C * w[-1][1], w[-1][1] ** 2] + [max(o, i) * i for o, i in w[1:-1]])
+        if self._gram_trace(C):  # what _trace_gram builds: the probabilities alone for one Linear layer,
+            I = w[-1][1]         # V [C, I] and a diagonal for two, matrices [I, I] and [O, I] below
+            per = C if len(w) == 1 else C * I if len(w) == 2 else max([C * I, I * I] + [max(o, i) * i for o, i in w[1:-1]])
         else:
             per = C * max(o for o, _ in w)
         per *= self.replicas.params[self.replicas.names[0]].element_size()
