@@ -213,8 +213,8 @@ def test_models_are_validated_once_per_call(monkeypatch):
     again (70-110 ms at R=128-256). The list validate_models returns is not checked again, unless
     its models were replaced or training-mode settings are asked for."""
     calls = []
-    check = replicas._check_hooks
-    monkeypatch.setattr(replicas, "_check_hooks", lambda models: calls.append(len(models)) or check(models))
+    check = replicas._check_settings  # (runs on a full validation only)
+    monkeypatch.setattr(replicas, "_check_settings", lambda models, training: calls.append(len(models)) or check(models, training))
     torch.manual_seed(0)
     ms = [nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)) for _ in range(3)]
     x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
@@ -222,7 +222,8 @@ def test_models_are_validated_once_per_call(monkeypatch):
     assert calls == [3]
 
     checked = validate_models(ms)
-    assert validate_models(checked) is checked and len(calls) == 2
+    again = validate_models(checked)  # (a new list: callers may write into the list they get)
+    assert again is not checked and list(again) == list(checked) and len(calls) == 2
     ReplicaSet(checked[1:])  # (a slice of checked models is checked)
     assert len(calls) == 2
     changed = validate_models(ms)

@@ -1,6 +1,8 @@
 """ReplicaSet's gradient-free forward on inputs with singleton axes, its check of the models' hooks
 on lazy modules, and its "models changed since built" guard (replaced tensors and layers, storage
-moved by share_memory()); train_population given numpy arrays."""
+moved by share_memory(), swap-based and no-op conversions), pickling after a sparse forward, lazy
+replicas run once, the list validate_models returns; train_population given numpy arrays."""
+import io
 import time
 
 import numpy as np
@@ -10,7 +12,7 @@ from torch import nn
 
 import fastcurv
 from fastcurv.measures._common import loss_at
-from fastcurv.replicas import ReplicaSet
+from fastcurv.replicas import ReplicaSet, _validated, validate_models
 from fastcurv.train import train_population
 
 
@@ -183,6 +185,128 @@ def test_guard_cost_stays_small():
     for _ in range(5):
         rs.changed_since_built()
     assert (time.perf_counter() - t) / 5 < 0.03
+
+
+@pytest.fixture
+def future_flags():
+    """Restores torch's ``__future__`` conversion settings a test turns on."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+
+
+def test_swap_conversions_of_the_models_work_while_an_operator_lives(future_flags):
+    """The guard held weak references to the models' tensors, which ``torch.utils.swap_tensors``
+    refuses: with ``set_swap_module_params_on_conversion(True)``, ``load_state_dict`` and
+    ``.double()`` raised "Cannot swap t1 because it has weakref associated with it" while an
+    operator lived. They run now, and the operator still sees the new values."""
+    models = _models()
+    op = _operator(models)
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    models[1].load_state_dict({k: v + 0.01 for k, v in models[1].state_dict().items()})
+    models[0].double()
+    with pytest.raises(RuntimeError, match="models changed .*replica 0"):
+        op.loss_and_gradient()
+
+
+def test_noop_conversion_giving_new_parameter_objects_is_no_change(future_flags):
+    """With ``set_overwrite_module_params_on_conversion(True)``, ``model.to("cpu")`` on CPU models
+    gives every parameter a new object with the same values: the operator refused to run ("the
+    models changed"). It runs now, and follows the new tensors (a later step on them is seen)."""
+    models = _models()
+    op = _operator(models)
+    want = op.loss_and_gradient()[0]
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    for m in models:
+        m.to("cpu")
+    torch.testing.assert_close(op.loss_and_gradient()[0], want)
+    with torch.no_grad():
+        models[1][0].weight.mul_(2)
+    with pytest.raises(RuntimeError, match="parameter '0.weight' of replica 1"):
+        op.loss_and_gradient()
+
+
+def test_replica_set_pickles_after_a_sparse_forward():
+    """After a forward on sparse inputs the set caches the fused MLP plan (local closures) and the
+    input's CSR form (a weak reference): ``torch.save`` raised "Can't pickle local object". The
+    caches are left out of the pickled state, and the loaded copy computes the same outputs."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
+    x = torch.rand(30, 20) * (torch.rand(30, 20) > 0.8)
+    rs = ReplicaSet(models)
+    want = rs.forward(x)
+    assert hasattr(rs, "_plan") and rs._plan is not None  # (the sparse path ran)
+    buf = io.BytesIO()
+    torch.save(rs, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False).forward(x), want)
+
+
+def test_lazy_replica_run_once_matches_one_materialized_by_load_state_dict():
+    """One forward on replica 0 turns its LazyLinear into Linear (and sets ``in_features``, 0 in
+    the replicas materialized by ``load_state_dict``): every entry point refused the population
+    ("module '0' is LazyLinear, replica 0 has Linear"). It is measured as before the forward."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    plain = [nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)) for _ in range(2)]
+    lazy = [nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.LazyLinear(3)) for _ in range(2)]
+    for m, p in zip(lazy, plain):
+        m.load_state_dict(p.state_dict())
+    with torch.no_grad():
+        lazy[0].eval()(x)
+    assert type(lazy[0][0]) is nn.Linear and type(lazy[1][0]) is nn.LazyLinear
+    got = fastcurv.batched_sharpness(lazy, (x, y), measures=("lambda_max",), max_iter=50, seed=0)
+    want = fastcurv.batched_sharpness(plain, (x, y), measures=("lambda_max",), max_iter=50, seed=0)
+    torch.testing.assert_close(got.values["lambda_max"], want.values["lambda_max"])
+
+
+# --- the list validate_models returns -------------------------------------------------------------
+def test_hook_added_after_validation_is_refused():
+    """A validated list skipped every check while it held the same models: a forward hook added
+    afterwards (tripling replica 1's output) was silently ignored. The hooks are checked again."""
+    ms = validate_models(_models())
+    ms[1][2].register_forward_hook(lambda mod, args, out: 3 * out)
+    with pytest.raises(ValueError, match="replica 1 has a forward hook"):
+        validate_models(ms)
+
+
+def test_validated_list_knows_its_models_not_their_ids():
+    """The list remembered its models by id, which a new model reuses once the checked one is freed
+    (CPython gives the freed address to the next object of its size): a model of another
+    architecture then counted as checked, and failed later with a raw "stack expects each tensor to
+    be equal size". It holds weak references now: the new model is checked."""
+    ms = validate_models(_models())
+    layers = [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)]
+    freed = id(ms[1])
+    ms[1] = None
+    kept = []  # (models that did not get the freed id stay alive, so the next one may)
+    for _ in range(200):
+        m = nn.Sequential(*layers)
+        if id(m) == freed:
+            break
+        kept.append(m)
+    else:
+        pytest.skip("CPython did not reuse the freed model's id")
+    ms[1] = m
+    with pytest.raises(ValueError, match=r"parameter '2.weight' has shape \(4, 8\), replica 0 has \(3, 8\)"):
+        validate_models(ms)
+
+
+def test_validated_list_given_back_is_a_new_list():
+    """Given a validated list, validate_models returned the caller's own list, into which
+    ``distributed.batched_sharpness(device=...)`` wrote its device copies: the caller's list no longer
+    held their models. A new list is returned, still counted as checked."""
+    models = _models()
+    ms = validate_models(models)
+    again = validate_models(ms)
+    assert again is not ms and all(a is b for a, b in zip(again, models))
+    assert _validated(again, False)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    fastcurv.distributed.batched_sharpness(ms, (x, y), measures=("lambda_max",), max_iter=5, device="cpu",
+                                           use_distributed=False)
+    assert all(a is b for a, b in zip(ms, models))
 
 
 # --- train_population with numpy data -------------------------------------------------------------

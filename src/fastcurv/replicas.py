@@ -85,6 +85,10 @@ def module_settings(mod: nn.Module) -> dict:
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 
+# torch.nn layers with lazy forms (LazyLinear, LazyConvNd, LazyBatchNorm, LazyInstanceNorm derive from them)
+_LAZY_FORMS = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase)
+
+
 def _is_torch_module(mod: nn.Module) -> bool:
     return type(mod).__module__.startswith("torch.nn")
 
@@ -94,10 +98,16 @@ def _compared_settings(mod: nn.Module, training: bool) -> dict:
     the functions it holds (by name: a Transformer layer's ``activation``), but none of a torch.nn
     container's. ``inplace`` never does; in eval mode (every measurement) neither do dropout rates
     (``nn.Dropout``'s ``p``, ``dropout`` of attention and recurrent layers) nor BatchNorm's
-    ``momentum``, so a sweep over them measures as one population."""
+    ``momentum``, so a sweep over them measures as one population. The input sizes of torch's
+    layers that have lazy forms (``in_features``, ``in_channels``, ``num_features``) are left to the
+    parameter and buffer shapes, which hold them: a lazy layer materialized by ``load_state_dict``
+    keeps 0 there until its first forward."""
     if isinstance(mod, _CONTAINERS) and _is_torch_module(mod):
         return {}
     s = module_settings(mod)
+    if _is_torch_module(mod) and isinstance(mod, _LAZY_FORMS):
+        for k in ("in_features", "in_channels", "num_features"):
+            s.pop(k, None)
     s.update({k: f"{getattr(v, '__module__', '')}.{v.__qualname__}" for k, v in vars(mod).items()
               if not k.startswith("_") and isinstance(v, (types.FunctionType, types.BuiltinFunctionType))})
     s.pop("inplace", None)
@@ -217,17 +227,24 @@ def _check_hooks(models: list) -> None:
                         f"replica, and the fused engines run none): {remedy}")
 
 
-class _ValidatedModels(list):
-    """The list :func:`validate_models` returns: it remembers the models it was checked with (by
-    identity) and whether the training-mode settings were compared too, so that the entry points'
-    nested calls (``batched_sharpness`` validates, then the ReplicaSet it builds would validate the
-    same list again; chunked jobs validate each chunk's slice) skip a second pass over every
-    replica's modules. A slice of such a list, taken while it still holds the models it checked,
-    counts as checked too (replicas that all match replica 0 match each other)."""
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter, None for an inference tensor (made under ``torch.inference_mode``,
+    which has none)."""
+    return None if t.is_inference() else t._version
 
-    def __init__(self, models: list, training: bool):
+
+class _ValidatedModels(list):
+    """The list :func:`validate_models` returns: it remembers the models it was checked with (weak
+    references, so that a freed model whose id another one reuses is not taken for it) and whether
+    the training-mode settings were compared too, so that the entry points' nested calls
+    (``batched_sharpness`` validates, then the ReplicaSet it builds would validate the same list
+    again; chunked jobs validate each chunk's slice) skip a second pass over every replica's
+    parameters. A slice of such a list, taken while it still holds the models it checked, counts as
+    checked too (replicas that all match replica 0 match each other)."""
+
+    def __init__(self, models: list, training: bool, checked: tuple | None = None):
         super().__init__(models)
-        self.checked = (tuple(map(id, models)), training)
+        self.checked = checked if checked is not None else (tuple(map(weakref.ref, models)), training)
 
     def __getitem__(self, index):
         got = super().__getitem__(index)
@@ -236,29 +253,44 @@ class _ValidatedModels(list):
         return got
 
 
+def _module_class(mod: nn.Module) -> type:
+    """``mod``'s class as the replicas are compared by: an initialized lazy module counts as the
+    class torch turns it into at its first forward (``LazyLinear`` -> ``Linear``), so that a replica
+    run once is not taken for another architecture than one materialized by ``load_state_dict``."""
+    if isinstance(mod, LazyModuleMixin) and getattr(mod, "cls_to_become", None) is not None \
+            and not mod.has_uninitialized_params():
+        return mod.cls_to_become
+    return type(mod)
+
+
 def _validated(models, training: bool) -> bool:
     """Whether ``models`` is a list :func:`validate_models` returned, still holding the very models
     it checked (with the training-mode settings compared when ``training``)."""
     if type(models) is not _ValidatedModels:
         return False
-    ids, was_training = models.checked
-    return ids == tuple(map(id, models)) and (was_training or not training)
+    refs, was_training = models.checked
+    return (len(refs) == len(models) and all(ref() is m for ref, m in zip(refs, models))
+            and (was_training or not training))
 
 
 def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> list[nn.Module]:
-    """``models`` as a list, after raising a clear error when they cannot be stacked as replicas of
-    one architecture: the same parameters and buffers (names, shapes, dtypes, devices), module
-    classes and built-in modules' settings (``training``: also those that matter only in training
-    mode, dropout's ``p`` and BatchNorm's ``momentum``), and no module hooks on any replica (see
-    :func:`_check_hooks`: they would not run faithfully).
+    """``models`` as a new list, after raising a clear error when they cannot be stacked as replicas
+    of one architecture: the same parameters and buffers (names, shapes, dtypes, devices), module
+    classes (an initialized lazy module counting as the class it becomes after its first forward,
+    e.g. ``LazyLinear`` as ``Linear``) and built-in modules' settings (``training``: also those that
+    matter only in training mode, dropout's ``p`` and BatchNorm's ``momentum``), and no module hooks
+    on any replica (see :func:`_check_hooks`: they would not run faithfully).
 
     The list returned remembers that it was checked: given back here while it holds the same models
-    (and ``training`` asks for no more than was checked), it is returned at once, so that the
-    ReplicaSet an entry point builds from the list it validated does not check it again."""
+    (and ``training`` asks for no more than was checked), only the hooks are checked again (a hook
+    can be added to a model at any time), so that the ReplicaSet an entry point builds from the
+    list it validated does not walk every replica's parameters again. The caller's list is never
+    returned itself (callers may write into the list they get)."""
     if isinstance(models, ReplicaSet):
         raise TypeError(REPLICA_SET_NOT_TAKEN)
     if _validated(models, training):
-        return models
+        _check_hooks(models)
+        return _ValidatedModels(models, training, models.checked)
     if isinstance(models, nn.ModuleList):  # (it has no forward: a container of replicas, not a model)
         models = list(models)
     if isinstance(models, nn.Module):
@@ -286,7 +318,7 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
                          f"{first.device}; move it to one device")
     if not next(iter(dtypes)).is_floating_point:
         raise ValueError(f"parameters must be floating point, got {next(iter(dtypes))}")
-    ref_types = [type(mod) for _, mod in models[0].named_modules()]
+    ref_types = [_module_class(mod) for _, mod in models[0].named_modules()]
     for i, m in enumerate(models[1:], start=1):
         params = list(m.named_parameters())
         for (n0, p0), (n, p) in zip(ref_params, params):
@@ -307,7 +339,7 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
             raise ValueError(
                 f"replica {i} differs from replica 0: {len(params)} parameters vs {len(ref_params)} (first unmatched: {extra!r})"
             )
-        types = [type(mod) for _, mod in m.named_modules()]
+        types = [_module_class(mod) for _, mod in m.named_modules()]
         if types != ref_types:
             for j, (a, b) in enumerate(zip(ref_types, types)):
                 if a is not b:
@@ -456,15 +488,19 @@ class ReplicaSet:
 
     # --- the models it was built from -----------------------------------------------------------
     def _watch(self, models: list, named: list[dict], named_buffers: list[dict], buffer_names: list) -> tuple:
-        """What :meth:`changed_since_built` compares, all held weakly (the set does not keep the models
-        alive): ``(links, tensors)``.
+        """What :meth:`changed_since_built` compares: ``(links, tensors)``. The models' modules are held
+        weakly (the set does not keep the models alive), their tensors not at all: a weak reference
+        to a tensor makes ``torch.utils.swap_tensors`` refuse it, and so the users' own swap-based
+        conversions (``load_state_dict``, ``.double()`` under
+        ``torch.__future__.set_swap_module_params_on_conversion(True)``).
 
         ``links``: ``(parent, child name, child, description)`` for every submodule of every model
         (a layer swapped for another is seen there, even when the old one died with its weights).
-        ``tensors``: ``[tensor, owning module, "_parameters" or "_buffers", key, version counter,
-        data pointer, "params" or "buffers", name, replica, description]`` of every parameter and used
-        buffer (``named``/``named_buffers``: each model's name -> tensor), a list so that the data
-        pointer can be updated when the storage moved without a change (``share_memory()``)."""
+        ``tensors``: ``[id of the tensor, owning module, "_parameters" or "_buffers", key, version
+        counter, data pointer, "params" or "buffers", name, replica, description]`` of every parameter
+        and used buffer (``named``/``named_buffers``: each model's name -> tensor), a list so that the
+        record can follow a tensor that holds the same values elsewhere (``share_memory()``, or a new
+        tensor object from a no-op conversion)."""
         links, tensors = [], []
         for r, (model, params, buffers) in enumerate(zip(models, named, named_buffers)):
             for path, mod in model.named_modules():
@@ -476,46 +512,59 @@ class ReplicaSet:
             watched += [("buffer", "_buffers", "buffers", n, buffers[n]) for n in buffer_names]
             for kind, table, stacked, n, t in watched:
                 owner, _, key = n.rpartition(".")
-                # (inference tensors, made under torch.inference_mode, have no version counter)
-                version = None if t.is_inference() else t._version
-                tensors.append([weakref.ref(t), weakref.ref(model.get_submodule(owner)), table, key, version,
+                tensors.append([id(t), weakref.ref(model.get_submodule(owner)), table, key, _version(t),
                                 t.data_ptr(), stacked, n, r, f"{kind} {n!r} of replica {r}"])
         return links, tensors
 
     def __getstate__(self):
         """For pickling (``torch.save``) and ``copy.deepcopy``: weak references do not pickle, and a
-        copy watches no models (a snapshot of the weights it holds)."""
-        return {**self.__dict__, "_sources": ((), ())}
+        copy watches no models (a snapshot of the weights it holds). The caches of the sparse-input
+        forward (the fused MLP plan's closures, the last input's CSR form) are dropped too: they are
+        rebuilt when needed."""
+        state = {**self.__dict__, "_sources": ((), ())}
+        state.pop("_plan", None)
+        state.pop("_csr_of", None)
+        return state
 
     def changed_since_built(self) -> str | None:
         """The first parameter, buffer or submodule of the models this set was built from that changed
         since (e.g. "parameter '0.weight' of replica 2"), or None. Changed: modified in place (its
         version counter moved: an optimizer step, ``load_state_dict``, ``copy_`` under no_grad, a
-        training-mode BatchNorm forward through its ``num_batches_tracked``), replaced by another
-        tensor (``load_state_dict(..., assign=True)``, a new ``nn.Parameter`` assigned, a layer
-        swapped for another module), or holding other values in another storage (``.double()``,
-        ``p.data = ...``; storage moved with the values kept, as ``share_memory()`` does, is no
-        change). In-place writes through ``p.data`` (which has its own version counter) are not seen,
-        nor are models since deleted. Costs about a microsecond per tensor and submodule of each replica."""
+        training-mode BatchNorm forward through its ``num_batches_tracked``), replaced by a tensor
+        holding other values (``load_state_dict(..., assign=True)``, a new ``nn.Parameter`` assigned,
+        a layer swapped for another module), or holding other values in another storage
+        (``.double()``, ``p.data = ...``). A tensor replaced by one of the same values, or whose
+        storage moved with the values kept (``share_memory()``, a no-op ``.to()`` under
+        ``torch.__future__.set_overwrite_module_params_on_conversion(True)``), is no change.
+
+        Not seen: writes that torch's version counters do not see and that keep the storage, i.e.
+        fused optimizers (``torch.optim`` with ``fused=True``), ``torch.distributed`` collectives into
+        the parameters (a ``broadcast``, weight averaging), writes through numpy views
+        (``p.detach().numpy()``) or through ``p.data`` (which has its own version counter); nor
+        models since deleted. Costs about a microsecond per tensor and submodule of each replica."""
         links, tensors = getattr(self, "_sources", ((), ()))
         for parent_ref, cname, child_ref, what in links:
             parent = parent_ref()
             if parent is not None and parent._modules.get(cname, _MISSING) is not child_ref():
                 return what
         for rec in tensors:
-            tensor_ref, owner_ref, table, key, version, ptr, stacked, name, r, what = rec
+            tensor_id, owner_ref, table, key, version, ptr, stacked, name, r, what = rec
             owner = owner_ref()
             if owner is None:  # (its model was deleted, or the module swapped: a link tells)
                 continue
-            t = tensor_ref()
-            if t is None or getattr(owner, table).get(key, _MISSING) is not t:
+            t = getattr(owner, table).get(key, _MISSING)
+            if not isinstance(t, torch.Tensor):
                 return what
-            if version is not None and t._version != version:
-                return what
-            if t.data_ptr() != ptr:
-                if not self._holds_copy_of(t, getattr(self, stacked)[name][r]):
+            if id(t) == tensor_id and t.data_ptr() == ptr:
+                if version is not None and _version(t) != version:
                     return what
-                rec[5] = t.data_ptr()  # the same values elsewhere: no need to compare them again
+                continue
+            # another tensor object, or the storage moved: a change only if the values did (a tensor
+            # whose id is reused by another holds other values, or equal ones, which change nothing)
+            if (id(t) == tensor_id and version is not None and _version(t) != version) \
+                    or not self._holds_copy_of(t, getattr(self, stacked)[name][r]):
+                return what
+            rec[0], rec[4], rec[5] = id(t), _version(t), t.data_ptr()  # the same values: follow this tensor
         return None
 
     @staticmethod
