@@ -701,3 +701,111 @@ def test_audit_loss_row_reads_a_shuffled_loader_once():
         res = fastcurv.invariance_audit(models, dl, measures=("trace",))
     assert res.table.loc["loss", "ratio_min"] == pytest.approx(1, abs=1e-5)
     assert res.table.loc["loss", "ratio_max"] == pytest.approx(1, abs=1e-5)
+
+
+def test_audit_with_a_shuffled_loader_too_large_for_the_budget_reads_it_twice():
+    """The loss row read every shuffled DataLoader whole into memory: with a memory_budget that
+    batched_sharpness runs within, the audit failed with "too small for the batches of this one-pass
+    generator" (a generator the caller never passed). Now such a loader is read twice, streamed."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4000, 200), torch.randint(0, 3, (4000,))  # 3.1 MiB of inputs
+    models = [nn.Sequential(nn.Linear(200, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
+    dl = DataLoader(TensorDataset(x, y), batch_size=200, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*function-preserving|.*loss moved")
+        res = fastcurv.invariance_audit(models, dl, measures=("lambda_max",), max_iter=2, memory_budget="2MiB")
+    assert res.table.loc["loss", "ratio_max"] == pytest.approx(1, abs=1e-5)  # (drop_last=False: the same samples)
+
+
+class _Noisy(torch.utils.data.Dataset):
+    """Random augmentation: other inputs at every read."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.3 * torch.randn_like(self.x[i]), self.y[i]
+
+
+class _RandomHalf(torch.utils.data.Sampler):
+    """A batch sampler: a random half of 120 samples per pass."""
+
+    def __iter__(self):
+        idx = torch.randperm(120)[:60].tolist()
+        return iter([idx[i:i + 20] for i in range(0, 60, 20)])
+
+    def __len__(self):
+        return 3
+
+
+def test_audit_loss_row_with_a_random_batch_sampler_or_an_augmented_dataset():
+    """The loss row read a DataLoader twice whenever its sampler was a SequentialSampler, which it also is
+    with a custom batch_sampler: an exact Dinh rescaling (output change 9e-8) over a random half per pass
+    was reported "not function-preserving" (loss ratios 1.003, 0.996); the same with shuffle=False over a
+    randomly augmented dataset. Now such a batch_sampler is read once (no warning), and a loss moved by
+    augmentation (undetectable) only says so, as the probe saw no change."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(120, 6), torch.randint(0, 3, (120,))
+    models = [nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+              for _ in range(2)]
+    kw = dict(measures=("lambda_max",), max_iter=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*function-preserving|.*loss moved")
+        res = fastcurv.invariance_audit(models, DataLoader(TensorDataset(x, y), batch_sampler=_RandomHalf()), **kw)
+    assert res.table.loc["loss", "ratio_max"] == pytest.approx(1, abs=1e-5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastcurv.invariance_audit(models, DataLoader(_Noisy(x, y), batch_size=40), **kw)
+    said = [str(w.message) for w in caught if "loss moved" in str(w.message)]
+    assert len(said) == 1 and "changed no output on the probe" in said[0] and "random augmentation" in said[0]
+    assert not any(reparam.NOT_PRESERVING in str(w.message) for w in caught)
+
+
+def test_audit_accepts_batches():
+    """invariance_audit on a fastcurv.data.Batches (which batched_sharpness takes) failed with "TypeError:
+    batch 0: inputs and targets must be tensors, got int and Tensor": its (index, x, y) were read as pairs."""
+    from fastcurv.data import Batches
+
+    models = make_replicas(R=2)
+    x, y = torch.randn(30, models[0][0].in_features, dtype=torch.float64), torch.randint(0, 3, (30,))
+    res = fastcurv.invariance_audit(models, Batches((x, y), device="cpu", dtype=torch.float64),
+                                    measures=("trace",))
+    assert res.table.loc["loss", "ratio_max"] == pytest.approx(1, abs=1e-9)
+    assert res.transform.max_output_change < 1e-9
+
+
+class _LinActBN(nn.Module):
+    """A Linear then a BatchNorm, registered in that order, with an activation between them in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(6, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(torch.relu(self.lin(x)))
+
+
+def test_fold_inside_a_custom_module_without_probe_warns():
+    """Without a probe, fold_batchnorm folded a BatchNorm registered after a Linear inside a custom module
+    whose forward applies ReLU between them: another function (outputs 0.42 off, 2 of 50 predictions
+    flipped), silently. Now it warns, naming the BatchNorm and asking for probe=; inside nn.Sequential the
+    fold stays silent."""
+    torch.manual_seed(0)
+    m = nn.Sequential(_LinActBN(), nn.Linear(8, 3)).double().eval()
+    with torch.no_grad():
+        m[0].bn.running_mean.uniform_(-1, 1), m[0].bn.running_var.uniform_(0.5, 2)
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm '0\.bn' folded unverified.*pass probe="):
+        reparam.fold_batchnorm([m])
+    with pytest.raises(ValueError, match="does not take its output as is"):
+        reparam.fold_batchnorm([m], probe=torch.randn(10, 6, dtype=torch.float64))
+    seq = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reparam.fold_batchnorm([seq]).details["folded"] == 1

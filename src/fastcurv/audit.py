@@ -39,13 +39,15 @@ class AuditResult:
 def _probe_inputs(models, data, n: int = 1024) -> torch.Tensor:
     """The first ``n`` inputs of ``data`` (``[<= n, ...]``, on the models' device and in their dtype), after
     a pass over ``data`` (not kept) that raises batched_sharpness's errors for bad data (a Dataset of
-    single samples, an empty loader, ...)."""
+    single samples, an empty loader, ...). A :class:`fastcurv.data.Batches` (already read and
+    checked) is iterated as it is."""
     from .data import Batches
 
     ref = next(models[0].parameters())
     xs, count = [], 0
-    for _, x, _ in Batches(data, device=ref.device, dtype=ref.dtype, cache=False):
-        xs.append(x)
+    batches = data if isinstance(data, Batches) else Batches(data, device=ref.device, dtype=ref.dtype, cache=False)
+    for _, x, _ in batches:
+        xs.append(x.to(ref.device, ref.dtype) if x.is_floating_point() else x.to(ref.device))
         count += x.shape[0]
         if count >= n:
             break
@@ -129,24 +131,53 @@ def _loss_moved(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype) -
             if math.isfinite(b) and not (math.isfinite(a) and abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-12)]
 
 
+def _in_order(data) -> bool:
+    """Whether ``data`` is a DataLoader that batches its dataset in order (the default BatchSampler over
+    a SequentialSampler: ``shuffle=False``, no custom sampler or batch_sampler), so that every pass
+    gives the same samples in the same batches (unless its dataset itself is random)."""
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+    return (isinstance(data, DataLoader) and type(data.batch_sampler) is BatchSampler
+            and type(data.batch_sampler.sampler) is SequentialSampler)
+
+
+def _probe_summary(tr) -> str:
+    """The probe's findings of a transform ``tr`` that changed nothing there, in words."""
+    n = len(tr.predictions_changed) if tr.predictions_changed is not None else 0
+    return (f"largest output change {tr.max_output_change:.2g}, no prediction changed on {n} replica"
+            f"{'s' if n != 1 else ''}")
+
+
 def _frozen(models, data, loss_kw):
-    """``data`` read once into a list of its batches (on the models' device), for the loss row: a loader
-    read twice can give other batches each pass (``shuffle=True`` with ``drop_last=True``, random
-    augmentation), and the before / after losses must see the same ones. Lists, tuples and one batch
-    are returned as they are; so is a loader with ``cache_data=False`` (read twice then) and a
-    DataLoader that reads its dataset in order (``shuffle=False``: the same batches every pass; it is
-    not held in memory for this)."""
-    from torch.utils.data import DataLoader, SequentialSampler
+    """``(data, frozen)``: ``data`` read once into a list of its batches (on the models' device), for the
+    loss row, and whether it was: a loader read twice can give other batches each pass
+    (``shuffle=True`` with ``drop_last=True``, a random sampler or batch_sampler), and the before /
+    after losses must see the same ones. Lists, tuples, one batch and a
+    :class:`fastcurv.data.Batches` are returned as they are (frozen); so is a DataLoader that
+    batches its dataset in order (:func:`_in_order`: not held in memory for this). A loader with
+    ``cache_data=False``, or whose batches do not fit ``memory_budget``, is also returned as it is,
+    not frozen (read twice then). A loader not frozen under ``memory_budget`` is streamed
+    (``loss_kw["cache_data"]`` set to False): the operator's "auto" cache is not fitted to the budget."""
+    from .data import Batches, is_single_batch
 
-    from .data import is_single_batch
-
-    if isinstance(data, (list, tuple)) or is_single_batch(data) or loss_kw.get("cache_data", "auto") is False:
-        return data
-    if isinstance(data, DataLoader) and isinstance(data.sampler, SequentialSampler):
-        return data
-    frozen, _ = read_one_pass(models, (item for item in data), "auto", loss_kw.get("memory_budget"))
+    if isinstance(data, (list, tuple, Batches)) or is_single_batch(data):
+        return data, True
+    budget = loss_kw.get("memory_budget")
+    if _in_order(data):
+        if budget is not None:
+            loss_kw["cache_data"] = False
+        return data, True
+    if loss_kw.get("cache_data", "auto") is False:
+        return data, False
+    try:
+        frozen, _ = read_one_pass(models, (item for item in data), "auto", budget)
+    except ValueError as e:
+        if not str(e).startswith("memory_budget="):  # (not the budget: bad data, said as batched_sharpness says it)
+            raise
+        loss_kw["cache_data"] = False  # (too large to keep within the budget: read twice, as the measures read it)
+        return data, False
     loss_kw["cache_data"] = True
-    return frozen
+    return frozen, True
 
 
 # HessianOperator keywords that set the loss the measures see (the audit's loss row uses them all)
@@ -185,13 +216,19 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
         a file of their own, ``.reparam`` before the extension (``audit.jsonl`` ->
         ``audit.reparam.jsonl``).
     ``bn_mode=None`` reads as "eval", as in batched_sharpness.
-    The table also has rows ``loss`` (full-data loss under the audit's loss settings, must not move;
-    a loader is read once for it, so the losses before and after are over the same batches)
+    The table also has rows ``loss`` (full-data loss under the audit's loss settings, must not move)
     and reports the transform's largest output change and changed predictions on up to 1024 inputs
-    of ``data``, run with the audit's ``bn_mode``. A RuntimeWarning says the transform is not
-    function-preserving when a prediction flips, an output moves by more than
-    ``reparam.OUTPUT_RTOL`` (1e-3) of its replica's largest output, or a replica's loss moves by
-    more than that (relative); another warns when the transform left every parameter unchanged.
+    of ``data`` (the probe), run with the audit's ``bn_mode``. For the loss row a loader is read
+    once into memory, so the losses before and after are over the same batches, except a DataLoader
+    that batches its dataset in order (``shuffle=False``, no custom sampler: read twice) and a
+    loader whose batches do not fit ``memory_budget`` or with ``cache_data=False`` (read twice; a
+    loader giving other batches each pass cannot be compared sample for sample, so its loss row is
+    not checked). A RuntimeWarning says the transform is not function-preserving when on the probe
+    a prediction flips or an output moves by more than ``reparam.OUTPUT_RTOL`` (1e-3) of its
+    replica's largest output (the primary check). When only a replica's loss moves by more than
+    that (relative), a milder RuntimeWarning says so: a dataset with random augmentation (other
+    data each pass, which cannot be detected) moves it as well. Another warns when the transform
+    left every parameter unchanged.
     """
     import pandas as pd
 
@@ -223,19 +260,26 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     from .operator import HessianOperator
 
     loss_kw = {k: v for k, v in kwargs.items() if k in _LOSS_KEYWORDS}
-    loss_data = _frozen(models, data, loss_kw)
+    loss_data, frozen = _frozen(models, data, loss_kw)
     lb = HessianOperator(models, loss_data, backend="autograd", **loss_kw).loss_and_gradient()[0]
     la = HessianOperator(tr.models, loss_data, backend="autograd", **loss_kw).loss_and_gradient()[0]
-    moved = _loss_moved(lb, la, next(models[0].parameters()).dtype)
-    if tr.function_changed or moved:
-        found = [reparam.change_summary(tr)] if tr.function_changed else []
-        if moved:
-            ratios = ", ".join(f"{float(la[r] / lb[r]):.4g}" for r in moved[:3])
-            found.append(f"the full-data loss moved on replicas {moved} (after / before {ratios}"
-                         f"{', ...' if len(moved) > 3 else ''})")
+    # (a loader read twice may give other batches: its losses cannot be compared sample for sample)
+    moved = _loss_moved(lb, la, next(models[0].parameters()).dtype) if frozen else []
+    if moved:
+        ratios = ", ".join(f"{float(la[r] / lb[r]):.4g}" for r in moved[:3])
+        moved_text = (f"the full-data loss moved on replicas {moved} (after / before {ratios}"
+                      f"{', ...' if len(moved) > 3 else ''})")
+    if tr.function_changed:
+        found = [reparam.change_summary(tr)] + ([moved_text] if moved else [])
         warnings.warn(f"{reparam.NOT_PRESERVING} for these models: {'; '.join(found)}, so the audit compares the "
                       f"curvature of different functions; {_hint(models, transform, tr, bn_mode)}", RuntimeWarning,
                       stacklevel=2)
+    elif moved:  # (the probe, the primary check, saw no change: the loss row alone is weaker evidence)
+        warnings.warn(f"{moved_text}, although the transform changed no output on the probe ({_probe_summary(tr)}): "
+                      "a loader that yields other data each pass (random augmentation in its dataset) moves the loss "
+                      "by itself, and the two losses then say nothing; otherwise the transform may change the "
+                      f"function away from the probe's inputs ({_hint(models, transform, tr, bn_mode)})",
+                      RuntimeWarning, stacklevel=2)
     kw = dict(measures=measures, seed=seed, progress=progress, **kwargs)
     if before is None:
         before = batched_sharpness(models, data, output=outputs[0], **kw)

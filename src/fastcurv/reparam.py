@@ -387,20 +387,23 @@ def _fold_plan(model: nn.Module) -> list[tuple[str, str]]:
     return _fold_walk(model)[0]
 
 
-def _fold_walk(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """``(plan, unverified)``. plan: ``(batchnorm, layer)`` names, each BatchNorm with the Linear/Conv
+def _fold_walk(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(plan, unverified, in_custom)``. plan: ``(batchnorm, layer)`` names, each BatchNorm with the Linear/Conv
     whose output it takes, read from registration order (exact inside ``nn.Sequential``; inside other
     modules, whose forward may combine their children otherwise, children are read in order and nothing
     is carried in). A module that is no Sequential carries out its last registered child only when that
     is a weight layer (e.g. a wrapper whose ``forward`` ends in its conv), as a candidate: the pairs
     built on one are also listed in ``unverified``, to be confirmed in forward with a probe
-    (:func:`_check_fold_in_forward`; its forward may apply an activation after the layer). A ValueError
+    (:func:`_check_fold_in_forward`; its forward may apply an activation after the layer). in_custom:
+    the other pairs whose BatchNorm is a child of a module that is no Sequential (their registration
+    order says nothing about its forward, which may put an activation between them). A ValueError
     names a BatchNorm that follows anything else (an activation, pooling, a block)."""
-    plan, unverified = [], []
+    plan, unverified, in_custom = [], [], []
 
-    def walk(mod, name, prev, last):
+    def walk(mod, name, prev, last, in_seq=True):
         """``(prev, last)`` after ``mod``: ``(name, layer, verified)`` of the weight layer whose output the
-        next module takes (or None), and the last module seen (for the message)."""
+        next module takes (or None), and the last module seen (for the message). in_seq: whether
+        ``mod``'s parent is an ``nn.Sequential`` (or ``mod`` is the model)."""
         if isinstance(mod, _BN):
             if prev is None:
                 where = f"follows {type(last[1]).__name__} {last[0]!r}" if last else "has no Linear/Conv before it"
@@ -417,6 +420,8 @@ def _fold_walk(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str,
             plan.append((name, prev[0]))
             if not prev[2]:
                 unverified.append((name, prev[0]))
+            elif not in_seq:
+                in_custom.append((name, prev[0]))
             return None, (name, mod)
         if isinstance(mod, _WEIGHT):
             return (name, mod, True), (name, mod)
@@ -428,14 +433,14 @@ def _fold_walk(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str,
         sequential = isinstance(mod, nn.Sequential)
         inner = prev if sequential else None
         for child_name, child in children:
-            inner, last = walk(child, f"{name}.{child_name}" if name else child_name, inner, last)
+            inner, last = walk(child, f"{name}.{child_name}" if name else child_name, inner, last, sequential)
         if sequential:
             return inner, last
         # (its forward may not end in that layer: a candidate, for the probe to confirm)
         return (None if inner is None else (inner[0], inner[1], False)), (name, mod)
 
     walk(model, "", None, None)
-    return plan, unverified
+    return plan, unverified, in_custom
 
 
 def _check_fold_in_forward(model: nn.Module, plan, probe, unverified=()) -> None:
@@ -491,8 +496,12 @@ def fold_batchnorm(models: Sequence[nn.Module], probe: torch.Tensor | None = Non
     one after an activation, pooling or a block raises a ValueError. One after a custom module
     whose last registered child is a Linear/Conv (a wrapper such as ``conv(F.pad(x))``) is folded
     only with a probe, which must show the BatchNorm taking that layer's output (a ValueError
-    without one). ``bn_mode=None`` reads as "eval". ``bn_mode="batch"`` raises:
-    BatchNorm with each batch's statistics is no fixed affine map, so no fold preserves it."""
+    without one). One inside a custom module (a BatchNorm registered after a Linear/Conv in a module
+    that is no ``nn.Sequential``, e.g. a ResNet block) is folded without a probe with a
+    RuntimeWarning naming it: the module's forward may put an activation between them, which only
+    ``probe=`` checks (:func:`fastcurv.invariance_audit` always passes one). ``bn_mode=None`` reads
+    as "eval". ``bn_mode="batch"`` raises: BatchNorm with each batch's statistics is no fixed affine
+    map, so no fold preserves it."""
     models = _check_models(models)
     bn_mode = _check_bn_mode(bn_mode)
     if bn_mode == "batch":
@@ -500,12 +509,19 @@ def fold_batchnorm(models: Sequence[nn.Module], probe: torch.Tensor | None = Non
                          "by the batch's own statistics, which no fold into the layer before reproduces: fold only "
                          "for bn_mode='eval'")
     walks = [_fold_walk(m) for m in models]
-    plans, unverified = [w[0] for w in walks], walks[0][1]
+    plans, unverified, in_custom = [w[0] for w in walks], walks[0][1], walks[0][2]
     if unverified and probe is None:
         raise ValueError(f"BatchNorm {unverified[0][0]!r} follows a module whose last registered layer is "
                          f"{unverified[0][1]!r}, but whether its forward returns that layer's output (rather than, "
                          "e.g., an activation of it) cannot be read from the modules: pass probe= (a batch of inputs) "
                          "to check it in forward before folding")
+    if in_custom and probe is None:
+        names = ", ".join(repr(bn) for bn, _ in in_custom[:3]) + (", ..." if len(in_custom) > 3 else "")
+        warnings.warn(f"fold_batchnorm: BatchNorm {names} folded unverified: inside a module that is no nn.Sequential "
+                      f"it is paired with the layer registered before it ({in_custom[0][1]!r} for {in_custom[0][0]!r}), "
+                      "but that module's forward may compute something between them (an activation), and the fold "
+                      "then changes the function; pass probe= (a batch of inputs) to verify it in forward",
+                      RuntimeWarning, stacklevel=2)
     new = _copies(models)
     if probe is not None and plans[0]:
         _check_fold_in_forward(new[0], plans[0], probe, unverified)
