@@ -809,3 +809,24 @@ def test_fold_inside_a_custom_module_without_probe_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert reparam.fold_batchnorm([seq]).details["folded"] == 1
+
+
+def test_audit_loss_row_of_an_uncached_batches_over_a_shuffled_loader():
+    """A fastcurv.data.Batches was taken as frozen, but one that does not cache reads its loader
+    again on every pass: over a shuffled loader with drop_last the before / after losses covered
+    other samples, and a function-preserving Dinh rescaling got "the full-data loss moved"."""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fastcurv.data import Batches
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double() for _ in range(2)]
+    ds = TensorDataset(torch.randn(50, 4), torch.randint(0, 3, (50,)))
+    loader = DataLoader(ds, batch_size=16, shuffle=True, drop_last=True)
+    data = Batches(loader, device="cpu", dtype=torch.float64, cache=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fastcurv.invariance_audit(models, data, measures=("trace",), transform="dinh", alpha=10, seed=0)
+    assert not [w for w in seen if "loss moved" in str(w.message)]

@@ -152,15 +152,18 @@ def _frozen(models, data, loss_kw):
     """``(data, frozen)``: ``data`` read once into a list of its batches (on the models' device), for the
     loss row, and whether it was: a loader read twice can give other batches each pass
     (``shuffle=True`` with ``drop_last=True``, a random sampler or batch_sampler), and the before /
-    after losses must see the same ones. Lists, tuples, one batch and a
-    :class:`fastcurv.data.Batches` are returned as they are (frozen); so is a DataLoader that
+    after losses must see the same ones. Lists, tuples, one batch and a caching
+    :class:`fastcurv.data.Batches` are returned as they are (frozen; a Batches that does not cache,
+    as it is, not frozen); so is a DataLoader that
     batches its dataset in order (:func:`_in_order`: not held in memory for this). A loader with
     ``cache_data=False``, or whose batches do not fit ``memory_budget``, is also returned as it is,
     not frozen (read twice then). A loader not frozen under ``memory_budget`` is streamed
     (``loss_kw["cache_data"]`` set to False): the operator's "auto" cache is not fitted to the budget."""
     from .data import Batches, is_single_batch
 
-    if isinstance(data, (list, tuple, Batches)) or is_single_batch(data):
+    if isinstance(data, Batches):  # (one that does not cache reads its loader again on every pass)
+        return data, data.cached
+    if isinstance(data, (list, tuple)) or is_single_batch(data):
         return data, True
     budget = loss_kw.get("memory_budget")
     if _in_order(data):
