@@ -97,12 +97,6 @@ def hvp_bytes(replicas, x) -> int:
     return _weigh(replicas, _output_parts(replicas, x), HVP_WEIGHTS)
 
 
-def _uses_batch_statistics(mod: nn.Module) -> bool:
-    """Whether ``mod`` is a BatchNorm (any ``_BatchNorm``: SyncBatchNorm and the lazy ones too) that
-    normalizes with batch statistics."""
-    return isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or mod.running_mean is None)
-
-
 def forward_mode_hazard(replicas) -> str | None:
     """The first module of ``replicas``' model through which mode "forward" is known to give wrong
     Hessian products (torch 2.13), described for an error message, or None.
@@ -120,9 +114,6 @@ def forward_mode_hazard(replicas) -> str | None:
         return ("a BatchNorm that normalizes with batch statistics (bn_mode='batch' or track_running_stats=False; "
                 "torch.func's second derivatives through it are wrong)")
     for name, mod in replicas.base.named_modules():
-        if _uses_batch_statistics(mod):
-            return (f"a BatchNorm ({type(mod).__name__} {name!r}) that normalizes with batch statistics "
-                    "(bn_mode='batch' or track_running_stats=False; torch.func's second derivatives through it are wrong)")
         circular = isinstance(mod, nn.modules.conv._ConvNd) and mod.padding_mode == "circular"
         if circular or isinstance(mod, _LINEARIZE_BROKEN):
             what = f"{type(mod).__name__} {name!r}" + (" with padding_mode='circular'" if circular else "")

@@ -31,6 +31,7 @@ import math
 import torch
 from torch import nn
 
+from ..replicas import tied_parameters
 from . import keywords, register_measure
 from ._common import finish
 
@@ -91,8 +92,7 @@ def _block(op, layer):
     rs = op.replicas
     name = f"{layer}.weight"
     if name not in rs.names:  # a tied weight: named_parameters lists it under its first owner only
-        first = {id(t): n for n, t in reversed(list(rs.base.named_parameters(remove_duplicate=False)))}
-        owner = first.get(id(dict(rs.base.named_modules())[layer].weight), "another module")
+        owner = tied_parameters(rs.base).get(name, "another module")
         raise ValueError(f"relative_flatness: layer {layer!r} shares its weight with {owner!r} (tied weights); the "
                          "measure needs a feature layer with a weight of its own: choose one with layer=")
     j = rs.names.index(name)
