@@ -8,7 +8,6 @@ per-example accumulators (:class:`Accumulator`) that never store the probabiliti
 """
 from __future__ import annotations
 
-import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ from ..data import split_dict
 from ..losses import label_out_of_range
 from ..operator import as_replica_set
 from ..replicas import ReplicaSet
+from ..solvers.lanczos import count
 
 
 def label_dtype(num_classes: int) -> torch.dtype:
@@ -34,10 +34,9 @@ def row_chunks(R: int, N: int, max_rows: int, whole_batch: bool = False) -> tupl
     replica x example rows of ``R`` replicas on ``N`` examples: all ``N`` examples and as many
     replicas as fit, else ``max_rows`` examples of one replica. ``whole_batch`` (batch statistics,
     which depend on the batch) keeps the ``N`` examples together whatever ``max_rows``."""
-    if isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral) or max_rows < 1:
-        raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
-    n = N if whole_batch else max(1, min(N, int(max_rows)))
-    return max(1, min(R, int(max_rows) // n)), n
+    max_rows = count("max_rows", max_rows)
+    n = N if whole_batch else max(1, min(N, max_rows))
+    return max(1, min(R, max_rows // n)), n
 
 
 class Accumulator:
