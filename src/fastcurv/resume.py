@@ -323,8 +323,13 @@ def fingerprint(models, batches: Batches, kwargs: dict) -> tuple[str, dict]:
     config["architecture"] = module_structure(models[0])
     config["models"] = models_digest(models)
     config["data"] = data_signature(batches)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
+    digest = _config_digest(config)
     return digest, config
+
+
+def _config_digest(config: dict) -> str:
+    """The fingerprint of a job's (JSON-able) ``config``."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _same_but_loss_spelling(old, digest: str) -> bool:
@@ -337,7 +342,7 @@ def _same_but_loss_spelling(old, digest: str) -> bool:
         config = {**old, "loss": canonical_name(old["loss"])}
     except ValueError:
         return False
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32] == digest
+    return _config_digest(config) == digest
 
 
 # --- output paths ----------------------------------------------------------------------------------
