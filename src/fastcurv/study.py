@@ -286,12 +286,20 @@ def _audit_transform(name: str, alpha: float):
     raise ValueError(f"audit_transform must be 'dinh', 'dinh_first', 'neurons' or 'balance', got {name!r}")
 
 
-def _figure(**kw):
-    """``(figure, axes)``: a ``matplotlib.figure.Figure`` for a file (no pyplot state to close, the
-    process's backend untouched), or None without matplotlib."""
+def _figure_class():
+    """``matplotlib.figure.Figure``, or None without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
+        return None
+    return Figure
+
+
+def _figure(**kw):
+    """``(figure, axes)``: a ``matplotlib.figure.Figure`` for a file (no pyplot state to close, the
+    process's backend untouched), or None without matplotlib."""
+    Figure = _figure_class()
+    if Figure is None:
         return None
     fig = Figure(**kw)
     return fig, fig.subplots()
@@ -624,7 +632,7 @@ def study(
         stage(f"invariance audit of {', '.join(audit_measures)}")
         t = time.perf_counter()
         k = len(models) if audit_replicas is None else min(int(audit_replicas), len(models))
-        apath = None if out is None or _figure() is None else str(Path(out) / "audit.png")
+        apath = None if out is None or _figure_class() is None else str(Path(out) / "audit.png")
         # the curvature of the unchanged replicas was computed above with the same settings: reused
         audited = models[:k]
         if model == "cnn":  # BatchNorm would undo a rescaling: the audit compares folded copies before and after
