@@ -560,23 +560,33 @@ def _parse_record(line: str) -> tuple[dict | None, str]:
     return rec, ""
 
 
-def write_atomic(path: str, digest: str, config: dict, records: list[dict]) -> None:
-    """Replace ``path`` by a header line and one line per record, atomically. The temporary file is
-    hidden, ``.<name>.tmp<pid>`` in the same folder (no :func:`part_files` name), and removed when
-    the write fails; only a killed process leaves one behind."""
+def replace_atomically(path, write) -> None:
+    """Replace ``path`` by what ``write(f)`` writes to a binary file ``f``, atomically: through a hidden
+    temporary file ``.<name>.tmp<pid>`` in the same folder (no :func:`part_files` name), fsync and
+    ``os.replace``. The temporary file is removed when the write fails (a full disk, an interrupt)
+    and the error goes on; only a killed process leaves one behind."""
     folder, name = os.path.split(os.fspath(path))
     tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps({"fastcurv": HEADER_TAG, "fingerprint": digest, "config": config}) + "\n")
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):  # the write failed (a full disk, an interrupt): no partial file stays
+        if os.path.exists(tmp):  # the write failed: no partial file stays
             os.remove(tmp)
+
+
+def write_atomic(path: str, digest: str, config: dict, records: list[dict]) -> None:
+    """Replace ``path`` by a header line and one line per record, atomically
+    (:func:`replace_atomically`)."""
+    def write(f):
+        f.write((json.dumps({"fastcurv": HEADER_TAG, "fingerprint": digest, "config": config}) + "\n").encode())
+        for rec in records:
+            f.write((json.dumps(rec) + "\n").encode())
+
+    replace_atomically(path, write)
 
 
 def part_files(output: str) -> list[str]:

@@ -77,7 +77,7 @@ from tqdm.auto import tqdm
 from .losses import Loss, as_labels, canonical_name, label_out_of_range
 from .ops.csr_linear import CsrRows
 from .replicas import check_output, meta_copy, nonfinite_rows, validate_models
-from .resume import describe_changes, module_structure, prepare_file
+from .resume import describe_changes, module_structure, prepare_file, replace_atomically
 from .train_fused import CsrBatch, plan_mlp
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -359,20 +359,11 @@ def _check_targets(loss: str, y: torch.Tensor, out: torch.Tensor | None) -> None
 
 
 def _atomic_save(obj, path: Path):
-    """``torch.save(obj)`` to ``path`` atomically: through a hidden temporary file ``.<name>.tmp<pid>``
-    in the same folder, fsync, ``os.replace``, as :func:`fastcurv.resume.write_atomic`. The temporary
-    file is removed when the write fails (a full disk, Ctrl-C) and the error re-raised; until the
-    twenty-fifth round a failed write left it behind, as large as the checkpoint."""
+    """``torch.save(obj)`` to ``path`` atomically (:func:`fastcurv.resume.replace_atomically`: a
+    failed write, a full disk or Ctrl-C, leaves no temporary file; until the twenty-fifth round it
+    left one behind, as large as the checkpoint)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # the write failed: no partial file stays
-            tmp.unlink()
+    replace_atomically(path, lambda f: torch.save(obj, f))
 
 
 _CKPT_KEYS = ("fingerprint", "epoch", "params", "state", "diverged", "done", "epochs_run", "history")
