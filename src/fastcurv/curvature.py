@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .backends.base import Backend, math_attention
+from .backends.base import Backend
 from .operator import HessianOperator
 
 
@@ -43,10 +43,6 @@ class _JtMJBackend(Backend):
         raise NotImplementedError
 
     def matvec(self, vecs, idx):
-        with math_attention():  # (attention's fused kernels have no forward-mode or double derivative)
-            return self._matvec(vecs, idx)
-
-    def _matvec(self, vecs, idx):
         rs = self.replicas
         params, buffers = rs.subset(idx)
         tangents = {n: v for n, v in zip(rs.names, vecs)}

@@ -392,17 +392,16 @@ class HessianOperator:
         Ra = next(iter(params.values())).shape[0]
         total = torch.zeros(Ra, dtype=rs.dtype, device=rs.device)
         grads = [torch.zeros_like(params[n]) for n in rs.names]
-        with math_attention():  # (the kernel the products use: see math_attention)
-            for _, x, y in read_batches(self.batches):
+        for _, x, y in read_batches(self.batches):
 
-                def one(p, b):
-                    value = loss.batch_loss(rs.call(p, b, x), y)
-                    return value, value
+            def one(p, b):
+                value = loss.batch_loss(rs.call(p, b, x), y)
+                return value, value
 
-                g, value = vmap(grad(one, has_aux=True))(params, buffers)
-                total += value
-                for j, n in enumerate(rs.names):
-                    grads[j] += g[n]
+            g, value = vmap(grad(one, has_aux=True))(params, buffers)
+            total += value
+            for j, n in enumerate(rs.names):
+                grads[j] += g[n]
         return total, rs.flatten(grads)
 
     def exact_trace_support(self) -> tuple[bool, str]:
@@ -433,7 +432,9 @@ class HessianOperator:
 
     def _compute(self, fn, what: str):
         """``fn()`` on every rank (:meth:`_on_all_ranks`), after checking that the models did not change
-        since the operator was built (see Snapshot in the class docstring)."""
+        since the operator was built (see Snapshot in the class docstring), under
+        :func:`~fastcurv.backends.base.math_attention` (attention's fused kernels have no double or
+        forward-mode derivative: every backend's products and gradients go through here)."""
         def checked():
             changed = self.replicas.changed_since_built()
             if changed:
@@ -444,7 +445,8 @@ class HessianOperator:
                     "the current weights")
                 mark_not_torch_func(exc, "the models changed")  # (auto must not fall back to autograd on it)
                 raise exc
-            return fn()
+            with math_attention():
+                return fn()
 
         return self._on_all_ranks(checked, what)
 

@@ -3,22 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, math_attention
+from .base import Backend
 
 
 class AutogradBackend(Backend):
     """For each replica and batch: build the loss graph, take the gradient with
     ``create_graph=True``, then one more backward per probe. Nothing is reused between matvecs.
-    Products and gradients run under :func:`~.base.math_attention` (attention's fused kernels have
-    no double backward)."""
+    :class:`~fastcurv.HessianOperator` runs products and gradients under
+    :func:`~.base.math_attention` (attention's fused kernels have no double backward)."""
 
     name = "autograd"
 
     def matvec(self, vecs, idx):
-        with math_attention():
-            return self._matvec(vecs, idx)
-
-    def _matvec(self, vecs, idx):
         rs = self.replicas
         rows = idx.tolist() if idx is not None else list(range(rs.R))
         K = vecs[0].shape[1]
@@ -50,10 +46,6 @@ class AutogradBackend(Backend):
         """Full-data loss ``[Ra]`` and per-parameter gradients ``[Ra, ...]`` of replicas ``idx``
         (all when None), one replica and batch at a time (``reuse_state`` is the fused engine's
         option; nothing is cached here)."""
-        with math_attention():
-            return self._loss_and_gradient(idx)
-
-    def _loss_and_gradient(self, idx):
         rs = self.replicas
         rows = idx.tolist() if idx is not None else list(range(rs.R))
         total = torch.zeros(len(rows), dtype=rs.dtype, device=rs.device)

@@ -38,8 +38,9 @@ def math_attention():
     / ``nn.TransformerEncoderLayer`` keep off their fused inference fast path. The fused attention
     kernels (flash, memory-efficient) have no double backward and the fast path no backward at all,
     so Hessian products through attention raise torch's "derivative for
-    aten::_scaled_dot_product_... is not implemented" without it. The backends enter it once per
-    product or gradient call (about 25 us; models without attention run as before). Both settings
+    aten::_scaled_dot_product_... is not implemented" without it. :class:`~fastcurv.HessianOperator`
+    enters it once per product, gradient or trace call of any backend (about 25 us; models without
+    attention run as before). Both settings
     are process-wide, so the contexts of all threads share one reference count: the first to enter
     sets them, the last to leave restores what was there before (a per-thread save and restore let
     a thread that left first switch the fused kernels back on under another's product, and the

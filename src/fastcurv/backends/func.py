@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import grad, jvp, linearize, vmap
 
 from ..memory import is_out_of_memory
-from .base import NOT_TORCH_FUNC, Backend, mark_not_torch_func, math_attention, read_batches
+from .base import NOT_TORCH_FUNC, Backend, mark_not_torch_func, read_batches
 
 # Reused graphs (or linearizations) are kept while their estimated size fits this. It keeps even
 # W1's linearizations (100 replicas, 1000 images: 5.4 GB estimated, 3.8 GiB measured; its graphs 1.9
@@ -279,8 +279,8 @@ class FuncBackend(Backend):
         forward_error: ``None`` unless mode "forward" failed its check against mode "graph" (or
             raised) and the backend switched to mode "graph": then its warning.
 
-    Products and gradients run under :func:`~.base.math_attention` (attention's fused kernels
-    have no double backward).
+    :class:`~fastcurv.HessianOperator` runs products and gradients under
+    :func:`~.base.math_attention` (attention's fused kernels have no double backward).
     """
 
     name = "func"
@@ -460,8 +460,7 @@ class FuncBackend(Backend):
 
     def matvec(self, vecs, idx):
         try:
-            with math_attention():
-                out = self._matvec(vecs, idx)
+            out = self._matvec(vecs, idx)
         except Exception as exc:
             if self.products_done:
                 mark_not_torch_func(exc, "raised after torch.func had computed this operator's products")
