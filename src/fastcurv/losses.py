@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 REDUCTIONS = ("mean", "sum")
 LOSS_NAMES = ("cross_entropy", "mse")
@@ -23,15 +24,20 @@ LOSS_NAMES = ("cross_entropy", "mse")
 _ALIASES = {"ce": "cross_entropy", "crossentropy": "cross_entropy"}
 
 
-def canonical_name(name: str) -> str:
+def canonical_name(name: str, *, callable_ok: bool = True) -> str:
     """The loss name ``name`` in its one canonical spelling, one of ``LOSS_NAMES`` ("MSE" -> "mse",
     "ce", "cross-entropy" or "CrossEntropy" -> "cross_entropy"): every entry point and the resume
     fingerprints read names through this, so they take the same spellings and count them as the
-    same loss. A ValueError for any other name."""
+    same loss. A ValueError for any other name; its message offers a callable loss only with
+    ``callable_ok`` (the entry points that take one: the operators and sharpness functions, not
+    training and :func:`~fastcurv.train.evaluate_population`)."""
     key = name.lower().replace("-", "_") if isinstance(name, str) else None
     key = _ALIASES.get(key, key)
     if key not in LOSS_NAMES:
-        raise ValueError(f"unknown loss {name!r}: use 'cross_entropy', 'mse' or a callable(outputs, targets)")
+        if callable_ok:
+            raise ValueError(f"unknown loss {name!r}: use 'cross_entropy', 'mse' or a callable(outputs, targets)")
+        what = "a callable loss is not supported here" if callable(name) else f"unknown loss {name!r}"
+        raise ValueError(f"{what}: use 'cross_entropy' or 'mse'")
     return key
 
 
@@ -99,6 +105,27 @@ def cross_entropy_parts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[to
     y = targets.unsqueeze(-1)
     grad = probs.scatter_add(-1, y, torch.full_like(tail, -1.0))
     return loss, probs, grad.scatter(-1, m, torch.where(m == y, -tail, probs.gather(-1, m)))
+
+
+def replica_mean_losses(kind: str, outputs: torch.Tensor, targets: torch.Tensor, *, precise: bool = True) -> torch.Tensor:
+    """Each replica's mean loss ``[R]`` for outputs ``[R, b, ...]`` and targets ``[R, b, ...]`` of a
+    named loss ``kind`` (canonical, see :func:`canonical_name`), the loss of
+    :func:`~fastcurv.train.train_population` and :func:`~fastcurv.train.evaluate_population`.
+
+    ``"cross_entropy"``: logits ``[R, b, C]`` and integer labels ``[R, b]``, the mean over the
+    samples: with ``precise``, :func:`cross_entropy_losses` (a confident sample keeps its digits,
+    as in the operators); else torch's ``F.cross_entropy``, which training's minibatch steps use
+    (the formula of the fused engine's step and of a torch.optim loop). ``"mse"``: targets shaped
+    like the outputs (:meth:`Loss.check_targets`), the mean over every output entry.
+    """
+    if kind == "cross_entropy":
+        if precise:
+            return cross_entropy_losses(outputs, targets).mean(-1)
+        R, b = targets.shape
+        return F.cross_entropy(outputs.reshape(R * b, -1), targets.reshape(-1), reduction="none").view(R, b).mean(1)
+    if kind == "mse":
+        return ((outputs - targets.to(outputs.dtype)) ** 2).reshape(outputs.shape[0], -1).mean(1)
+    raise ValueError(f"replica_mean_losses takes a loss name of {LOSS_NAMES}, got {kind!r}")
 
 
 class Loss:

@@ -5,13 +5,15 @@ one forward/backward trains them all. Each replica has its own initialization se
 order (or, with ``shared_data_order=True``, one order for all), and optionally its own learning
 rate, momentum, weight decay and SAM radius (a hyperparameter grid in one job).
 
-Engines (``history.engine`` says which ran): plain MLP chains (Linear layers and elementwise
-activations in an ``nn.Sequential``) take the fused path of :mod:`fastcurv.train_fused` (baddbmm/bmm
-over the replica axis, closed-form loss gradient, no autograd, vmap or functional_call per step);
-any other model takes the generic path, ``torch.func.functional_call`` under ``vmap`` with autograd.
-On CPU the replica groups are split over worker threads (``threads``, default torch's thread count)
-that each run a whole epoch with single-threaded torch ops, so no op waits for a thread that
-another process has descheduled.
+Engines (``history.engine`` says which ran, in the form given in :class:`TrainHistory`): plain MLP
+chains (Linear layers and elementwise activations in an ``nn.Sequential``) take the fused path of
+:mod:`fastcurv.train_fused` (baddbmm/bmm over the replica axis, closed-form loss gradient, no
+autograd, vmap or functional_call per step); conv nets without random draws on the CPU take
+autograd one replica at a time; any other model takes ``torch.func.functional_call`` under ``vmap``
+with autograd. On CPU the replica groups are split over worker threads (``threads``, default
+torch's thread count) that each run a whole epoch with single-threaded torch ops, so no op waits
+for a thread that another process has descheduled; models that draw random numbers in training
+mode (dropout) run without worker threads.
 
 Optimizers follow ``torch.optim`` exactly (same update formulas), so a batched run equals a loop
 that trains each model with ``torch.optim.SGD`` / ``torch.optim.Adam`` / ``torch.optim.AdamW`` on the
@@ -69,68 +71,20 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from .losses import Loss, as_labels, canonical_name, label_out_of_range
+from .architectures import ACTIVATIONS, cnn, mlp  # noqa: F401  (fastcurv.train.mlp, cnn, ACTIVATIONS, as documented)
+from .losses import Loss, as_labels, canonical_name, label_out_of_range, replica_mean_losses
 from .ops.csr_linear import CsrRows
 from .replicas import check_output, meta_copy, nonfinite_rows, validate_models
 from .resume import describe_changes, module_structure, prepare_file, replace_atomically
 from .train_fused import CsrBatch, plan_mlp
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-LOSSES = ("cross_entropy", "mse")
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "elu": nn.ELU,
-               "silu": nn.SiLU, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
 _CKPT_VERSION = 2  # 2: the fingerprint holds the architecture (module classes and settings)
 _FUSED_SGD = getattr(torch, "_fused_sgd_", None)  # private torch op behind SGD(fused=True); foreach ops if absent
-
-
-def mlp(sizes: Sequence[int], activation: str = "relu", *, bias: bool = True, flatten: bool = True) -> nn.Sequential:
-    """A multilayer perceptron ``Linear(sizes[0], sizes[1]), act, ..., Linear(sizes[-2], sizes[-1])``.
-
-    ``sizes``: layer widths including input and output, e.g. ``(784, 128, 128, 10)``.
-    ``activation``: one of ``ACTIVATIONS`` (none after the last layer). ``flatten``: start with
-    ``nn.Flatten()`` so image batches ``[N, 1, 28, 28]`` work as well as ``[N, 784]``.
-    """
-    sizes = [int(s) for s in sizes]
-    if len(sizes) < 2 or any(s < 1 for s in sizes):
-        raise ValueError(f"sizes must list at least an input and an output width, all positive; got {sizes}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; available: {sorted(ACTIVATIONS)}")
-    layers: list[nn.Module] = [nn.Flatten()] if flatten else []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b, bias=bias))
-        if i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
-
-
-def cnn(in_shape: Sequence[int], channels: Sequence[int], num_classes: int, activation: str = "relu", *,
-        batchnorm: bool = True) -> nn.Sequential:
-    """A small CNN: for each entry ``c`` of ``channels``, ``Conv2d(prev, c, 3, padding=1)``,
-    ``BatchNorm2d(c)`` (``batchnorm=True``), the activation and ``MaxPool2d(2)`` (while the map is at
-    least 2x2); then ``Flatten`` and ``Linear(.., num_classes)``.
-
-    ``in_shape``: one input's ``(channels, height, width)``, e.g. ``(1, 28, 28)``;
-    ``cnn((1, 28, 28), (8, 16), 10)`` is the benchmarks' W3 net (28x28 -> 8x14x14 -> 16x7x7 -> 10).
-    """
-    in_shape, channels = [int(s) for s in in_shape], [int(c) for c in channels]
-    if len(in_shape) != 3 or any(s < 1 for s in in_shape) or any(c < 1 for c in channels) or int(num_classes) < 1:
-        raise ValueError(f"cnn needs in_shape (C, H, W), positive channels and num_classes; got in_shape {in_shape}, "
-                         f"channels {channels}, num_classes {num_classes}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; available: {sorted(ACTIVATIONS)}")
-    (c, h, w), layers = in_shape, []
-    for out in channels:
-        layers += [nn.Conv2d(c, out, 3, padding=1), *([nn.BatchNorm2d(out)] if batchnorm else []), ACTIVATIONS[activation]()]
-        if min(h, w) >= 2:
-            layers.append(nn.MaxPool2d(2))
-            h, w = h // 2, w // 2
-        c = out
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * h * w, int(num_classes)))
 
 
 def epoch_order(data_seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -144,8 +98,8 @@ def epoch_order(data_seed: int, epoch: int, n: int) -> torch.Tensor:
 
 
 # Held around every section that seeds torch's global generators and restores them after (fork_rng): those
-# sections are not atomic, and two train_population calls in two threads drew each other's random numbers
-# (initial weights 0.6-0.8 off). Only the calling thread takes it, never while it waits for the worker threads
+# sections are not atomic, and without it two train_population calls in two threads draw each other's random
+# numbers (initial weights 0.6-0.8 off). Only the calling thread takes it, never while it waits for the worker threads
 # (which take it only for dropout, and dropout runs without worker threads): no deadlock.
 _GLOBAL_RNG_LOCK = threading.RLock()
 
@@ -223,9 +177,12 @@ class TrainHistory:
     replica in the epochs after it reached ``target_loss``: :meth:`final_loss` skips those).
     epochs_run, steps: per replica, epochs / optimizer steps actually taken. diverged, reached_target:
     per-replica bools. seconds: wall time of this call. resumed_from_epoch: epochs found in the
-    checkpoint (0 when starting fresh). engine: how the forward/backward ran, ``"fused-mlp"``
-    (:mod:`fastcurv.train_fused`, ``"+shared-order"`` when all replicas share the data order) or
-    ``"vmap (<why the fused path was not used>)"``.
+    checkpoint (0 when starting fresh). engine: how the forward/backward ran, as
+    ``<path>[+sparse-input (<d>% nonzero)][, <n> worker threads]``, where ``<path>`` is
+    ``fused-mlp`` (:mod:`fastcurv.train_fused`; ``fused-mlp+shared-order`` when all replicas share
+    the data order), ``per-replica autograd (<why not fused>)`` or ``vmap (<why not fused>)``;
+    ``+sparse-input`` when the first layer multiplies the nonzero inputs only (``sparse_input``),
+    and the worker threads when there are more than one (``threads``).
     """
 
     train_loss: list = field(default_factory=list)
@@ -271,19 +228,16 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _loss_fn(name: str):
-    if name == "cross_entropy":
-        def f(out, y):  # out [R, b, C], y [R, b] -> [R]
-            R, b = y.shape
-            return F.cross_entropy(out.reshape(R * b, -1), y.reshape(-1), reduction="none").view(R, b).mean(1)
-    elif name == "mse":
-        def f(out, y):  # out, y [R, b, ...] of one shape (_check_targets)
-            if y.shape != out.shape:  # (a reshape paired outputs with the wrong targets before the 25th round)
-                raise ValueError(f"mse expects targets shaped like the outputs {tuple(out.shape)}, got {tuple(y.shape)}")
-            return ((out - y.to(out.dtype)) ** 2).reshape(out.shape[0], -1).mean(1)
-    else:
-        raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
-    return f
+def _flag(value, name: str, none_ok: bool = False) -> bool | None:
+    """A yes/no option as a Python bool (``np.bool_`` and the integers 0 and 1 are read as bools;
+    ``None`` kept where ``none_ok``); a ValueError for anything else, e.g. a per-replica list, whose
+    truth value would silently switch the option on for every replica."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    allowed = "True, False or None" if none_ok else "True or False"
+    raise ValueError(f"{name} must be {allowed} (one setting for all replicas), got {value!r}")
 
 
 def _as_target(target_loss) -> float | None:
@@ -339,29 +293,31 @@ def _check_targets(loss: str, y: torch.Tensor, out: torch.Tensor | None) -> None
     outputs ``out [n, ...]`` of the first ``n`` samples, the model's outputs: the number of classes,
     or their shape).
 
-    MSE targets must be shaped like the outputs, the rule (and message) of the operators'
-    :meth:`~fastcurv.losses.Loss.check_targets`: ``[N, 1]`` for a one-output model, not ``[N]``.
-    Until the twenty-fifth round only the number of targets per sample was compared, and
-    channels-last targets ``[N, H, W, C]`` were reshaped onto ``[N, C, H, W]`` outputs, pairing
-    outputs with the wrong targets, silently."""
-    if loss == "cross_entropy":
-        if y.is_floating_point() or y.dim() != 1:
-            raise ValueError(f"cross_entropy needs integer class labels y of shape [N], got {y.dtype} {tuple(y.shape)}")
-        bad = None if out is None else label_out_of_range(y, out.shape[-1])
-        if bad is not None:
-            raise ValueError(f"labels out of range: found label {bad} but the model has {out.shape[-1]} classes")
-    elif out is not None:
-        try:
-            Loss("mse").check_targets(out, y[:len(out)])
-        except ValueError as exc:
-            raise ValueError(f"{exc} (one target per output: targets {tuple(y.shape[1:])} per sample, outputs "
-                             f"{tuple(out.shape[1:])}, in the same layout)") from None
+    Training and evaluation take integer class labels ``[N]`` for cross-entropy (no soft targets);
+    the shape rules are the operators' (:meth:`~fastcurv.losses.Loss.check_targets`): logits
+    ``[N, C]``, and MSE targets shaped like the outputs, ``[N, 1]`` for a one-output model, not
+    ``[N]``, and in the outputs' layout (channels-last targets of ``[N, C, H, W]`` outputs would
+    pair outputs with the wrong targets)."""
+    if loss == "cross_entropy" and (y.is_floating_point() or y.dim() != 1):
+        raise ValueError(f"cross_entropy needs integer class labels y of shape [N], got {y.dtype} {tuple(y.shape)}")
+    if out is None:
+        return
+    try:
+        Loss(loss).check_targets(out, y[:len(out)])
+    except ValueError as exc:
+        if loss != "mse":
+            raise
+        raise ValueError(f"{exc} (one target per output: targets {tuple(y.shape[1:])} per sample, outputs "
+                         f"{tuple(out.shape[1:])}, in the same layout)") from None
+    bad = label_out_of_range(y, out.shape[-1]) if loss == "cross_entropy" else None
+    if bad is not None:
+        raise ValueError(f"labels out of range: found label {bad} but the model has {out.shape[-1]} classes")
 
 
 def _atomic_save(obj, path: Path):
-    """``torch.save(obj)`` to ``path`` atomically (:func:`fastcurv.resume.replace_atomically`: a
-    failed write, a full disk or Ctrl-C, leaves no temporary file; until the twenty-fifth round it
-    left one behind, as large as the checkpoint)."""
+    """``torch.save(obj)`` to ``path`` atomically (:func:`fastcurv.resume.replace_atomically`): a
+    failed write, a full disk or Ctrl-C, leaves no temporary file behind (one as large as the
+    checkpoint)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(path, lambda f: torch.save(obj, f))
 
@@ -464,7 +420,12 @@ def train_population(
         replicas / seeds: R, or the initialization seed of each replica (default ``range(R)``).
         data_seeds: per-replica seeds of the data order (default: ``seeds``); see :func:`epoch_order`.
         optimizer: "sgd", "adam" or "adamw". lr, momentum, weight_decay, sam_rho: a number, or one
-            value per replica (a hyperparameter grid). ``momentum`` is Adam's unused for Adam/AdamW.
+            value per replica (a hyperparameter grid). ``momentum`` is ignored by Adam/AdamW (they
+            use ``betas``; a warning when it differs across the replicas).
+        nesterov: Nesterov momentum for SGD (ignored by Adam/AdamW; needs momentum > 0), one
+            setting for all replicas.
+        betas, eps: Adam/AdamW's moment coefficients (each in [0, 1)) and the term added to the
+            denominator, as ``torch.optim.Adam``'s; ignored by SGD.
         batch_size: minibatch size (the last batch of an epoch is smaller when it does not divide N).
         epochs: number of epochs (the maximum when ``target_loss`` is set).
         target_loss: stop each replica once its full training-set loss (evaluated after every
@@ -473,7 +434,12 @@ def train_population(
         eval_train: evaluate the full training-set loss after every epoch for the history (always
             when ``target_loss`` is set; by default only then); otherwise the history holds the
             epoch's mean minibatch loss.
-        loss: "cross_entropy" (mean over the batch) or "mse" (mean over all output entries).
+        loss: "cross_entropy" (mean over the batch) or "mse" (mean over all output entries), by
+            name (the spellings of :func:`fastcurv.losses.canonical_name`; no callable loss). The
+            full training-set cross-entropy (history, ``target_loss``) is
+            :func:`fastcurv.losses.cross_entropy_losses`', which keeps the digits of confident
+            samples (torch's ``F.cross_entropy`` loses them in float32 from losses of about 1e-5
+            on); the minibatch steps take torch's formula (that of a ``torch.optim`` loop).
         checkpoint: file written atomically after every epoch (missing folders are created; a folder
             at the path raises before training); if it exists, training resumes from it. The
             settings, data and architecture (module classes and settings, e.g. the activation or
@@ -508,15 +474,25 @@ def train_population(
             count is a process-wide setting (threads started meanwhile take it), so calls with worker
             threads are not safe in several threads at once: each restores the count it saw on
             entering, and overlapping calls can leave the process at 1 thread. Run those one at a
-            time (their results would be right: see Random numbers in the module docstring).
+            time (their results would be right: see Random numbers in the module docstring). Models
+            that draw random numbers in training mode (e.g. dropout) run without worker threads,
+            whatever ``threads`` says: their draws are keyed per step in one order.
         sparse_input: on the fused path on CPU, keep the training set in CSR form and compute the
             first layer's forward product and weight gradient from the nonzero inputs only
             (:mod:`fastcurv.ops.csr_linear`; the same numbers up to summation order). ``None``
             (default): when at most ``SPARSE_INPUT_MAX_DENSITY`` (0.4, in that module) of the
             inputs are nonzero (MNIST: 19%); ``True``: always (raises where it cannot run);
             ``False``: never.
+
+    The yes/no options (``nesterov``, ``eval_train``, ``progress``, ``shared_data_order``, ``fused``,
+    ``sparse_input``) take True or False (or None where it has a meaning above), one setting for
+    all replicas; ``np.bool_``, 0 and 1 are read as bools, and anything else (e.g. a per-replica
+    list) is a ValueError.
     """
     t_start = time.perf_counter()
+    nesterov, shared_data_order = _flag(nesterov, "nesterov"), _flag(shared_data_order, "shared_data_order")
+    eval_train, progress = _flag(eval_train, "eval_train", True), _flag(progress, "progress", True)
+    fused, sparse_input = _flag(fused, "fused", True), _flag(sparse_input, "sparse_input", True)
     if seeds is None:
         if replicas is None:
             raise ValueError("give replicas=R or seeds=[...]")
@@ -549,8 +525,7 @@ def train_population(
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     target_loss = _as_target(target_loss)
-    loss = canonical_name(loss)
-    loss_fn = _loss_fn(loss)
+    loss = canonical_name(loss, callable_ok=False)
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         hint = " (convert them with torch.as_tensor)" if "numpy" in type(x).__module__ + type(y).__module__ else ""
         raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}{hint}")
@@ -630,13 +605,17 @@ def train_population(
     csr = _sparse_rows(x, plan, sparse_input)
     if csr is not None:
         engine += f"+sparse-input ({csr.density:.0%} nonzero)"
-    # the optimizer's coefficients in at least float32 (bfloat16 rounded momentum 0.999 and Adam's beta2 to 1.0),
+    # the optimizer's coefficients in at least float32 (bfloat16 rounds momentum 0.999 and Adam's beta2 to 1.0),
     # as torch.optim computes its updates of half-precision parameters
     hdt = torch.promote_types(dtype, torch.float32)
     hp = {k: _per_replica(v, R, k, hdt, device) for k, v in
           (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho))}
     if nesterov and optimizer == "sgd" and bool((hp["momentum"] <= 0).any()):
         raise ValueError("nesterov=True needs a positive momentum (as torch.optim.SGD)")
+    if optimizer != "sgd" and bool((hp["momentum"] != hp["momentum"][0]).any()):
+        shown = ", ".join(f"{v:.6g}" for v in hp["momentum"].tolist())
+        warnings.warn(f"momentum differs across the replicas ({shown}), but optimizer={optimizer!r} does not use "
+                      "momentum (it uses betas): the replicas do not differ in it", UserWarning, stacklevel=2)
     if eval_train is None or target_loss is not None:  # (the stop test needs the full training-set loss)
         eval_train = bool(eval_train) or target_loss is not None
     rng_devices = [device] if device.type == "cuda" else []
@@ -704,8 +683,13 @@ def train_population(
             if isinstance(group, dict):
                 group[w0] = _transposed_storage(group[w0])
 
+    # the minibatch steps take torch's cross-entropy (precise=False), the formula of the fused engine's step and of a
+    # torch.optim loop, so every engine trains as that loop; the full training-set loss (history, target_loss) and
+    # evaluate_population take the precise one, which keeps the digits of confident samples
+    step_loss = partial(replica_mean_losses, loss, precise=False)
+
     def total_loss(p, bufs, xb, yb, active):
-        losses = loss_fn(fwd(p, bufs, xb), yb)
+        losses = step_loss(fwd(p, bufs, xb), yb)
         return torch.where(active, losses, torch.zeros_like(losses)).sum(), losses
 
     gbuf = {n: torch.empty_like(params[n]) for n in names} if plan is not None else None
@@ -737,7 +721,7 @@ def train_population(
         losses = torch.zeros(len(active), dtype=dtype, device=device)
         for r in active.nonzero().flatten().tolist():
             leaf = {n: t.data[r].requires_grad_(True) for n, t in p.items()}
-            loss_r = loss_fn(one(leaf, {n: b_[r] for n, b_ in bufs.items()}, xb[r]).unsqueeze(0), yb[r].unsqueeze(0))
+            loss_r = step_loss(one(leaf, {n: b_[r] for n, b_ in bufs.items()}, xb[r]).unsqueeze(0), yb[r].unsqueeze(0))
             for n, g in zip(names, torch.autograd.grad(loss_r.sum(), [leaf[n] for n in names], allow_unused=True)):
                 if g is not None:  # (None: a parameter this replica's forward does not use keeps a zero gradient)
                     grads[n][r] = g
@@ -758,7 +742,7 @@ def train_population(
             if csr is not None:
                 xb = CsrBatch(csr, torch.arange(i, i + len(yb), device=device))
             o = plan.forward(p, xb, shared=True) if plan is not None else fwd_eval(p, bufs, xb)
-            out += loss_fn(o, yb.unsqueeze(0).expand(Rc, *yb.shape)).double() * len(yb)
+            out += replica_mean_losses(loss, o, yb.unsqueeze(0).expand(Rc, *yb.shape)).double() * len(yb)
         return out / N
 
     @torch.no_grad()
@@ -824,9 +808,8 @@ def train_population(
         bytes. A parameter whose replicas hold a multiple of 64 elements each gets one tensor for the
         group (no tail: every element vectorized, whatever the grouping); any other gets one tensor per
         replica (the same tail in every replica). Either way an element's result does not depend on
-        the replica groups (``chunk_size``) or threads. (Until the twenty-fourth round every parameter
-        got one tensor for the group: the last replica's tail depended on the grouping, 6e-8 apart in
-        float32.)
+        the replica groups (``chunk_size``) or threads. (One tensor for the group for every parameter
+        would put the last replica's tail wherever the grouping ends: 6e-8 apart in float32.)
         """
         key = (sl.start, sl.stop)
         if key not in sgd_views:
@@ -886,7 +869,8 @@ def train_population(
     if device.type == "cpu" and not has_dropout:  # dropout draws from the global RNG: keep its order fixed
         workers = max(1, min(R, int(threads) if threads is not None else torch.get_num_threads()))
     if chunk_size is None:  # keep one group's parameters, gradients and optimizer state within ~24 MiB
-        replica_bytes = sum(t[0].numel() for t in params.values()) * torch.finfo(dtype).bits // 8 * 3
+        copies = 3 if optimizer == "sgd" else 4  # w, g and SGD's buf, or Adam's m and v
+        replica_bytes = sum(t[0].numel() for t in params.values()) * torch.finfo(dtype).bits // 8 * copies
         most = max(1, (24 << 20) // max(1, replica_bytes))
         per_worker = -(-R // (workers * most))  # groups per worker; equal-sized groups balance the workers
         chunk_size = max(1, -(-R // (workers * per_worker)))
@@ -967,8 +951,8 @@ def train_population(
 
     pool = bar = None
     old_threads = torch.get_num_threads()
-    # everything from the thread count's change on inside the try: an exception or Ctrl-C before it (creating the
-    # pool or the bar) left the process at 1 torch thread until the twenty-fifth round
+    # everything from the thread count's change on inside the try: an exception or Ctrl-C while the pool or the bar
+    # is created must not leave the process at 1 torch thread
     try:
         if workers > 1:
             # replica-parallel: each worker runs its groups with one intra-op thread for a whole epoch, so no
@@ -1025,8 +1009,7 @@ def train_population(
             bar.set_postfix(post)
             bar.update(1)
             if callback is not None:
-                # (until the twenty-fifth round the callback saw these fields empty, and to_pandas() raised)
-                fill_history()
+                fill_history()  # (the per-replica fields as of this epoch: to_pandas() needs them)
                 callback(epoch, history)
     finally:
         try:
@@ -1116,6 +1099,9 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
     as ``x`` alone (``(inputs, targets)`` or ``[inputs, targets]``), or on a loader (an iterable of
     ``(inputs, targets)`` batches, e.g. a ``DataLoader``) given as ``x`` alone; all replicas in one
     pass per batch. MSE targets must be shaped like the outputs (as for training and the operators).
+    ``loss``: "cross_entropy" (integer labels) or "mse", by name (no callable loss); the
+    cross-entropy is :func:`fastcurv.losses.cross_entropy_losses`', the operators', which keeps the
+    digits of confident samples where torch's ``F.cross_entropy`` loses them.
 
     Returns ``{"loss": [R] float64, "accuracy": [R] float64 (fraction in [0, 1])}`` (NaN rows for
     replicas with non-finite parameters, and, with a warning naming them, for replicas whose outputs
@@ -1137,37 +1123,35 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
         return evaluate_population(models, x[0], x[1], batch_size=batch_size, loss=loss)
     else:
         batches = (_split(item, i) for i, item in enumerate(x))
-    loss = canonical_name(loss)
-    loss_fn = _loss_fn(loss)
+    loss = canonical_name(loss, callable_ok=False)
     tot_loss = torch.zeros(R, dtype=torch.float64)
     correct = torch.zeros(R, dtype=torch.float64)
     bad_out = torch.zeros(R, dtype=torch.bool)
     N = 0
-    with torch.no_grad():
-        for xb, yb in batches:
-            if len(xb) == 0:
-                continue
-            yb = as_labels(yb)
-            if xb.is_floating_point() and not bool(torch.isfinite(xb).all()):
-                raise ValueError("the inputs contain NaN or Inf")
-            if yb.is_floating_point() and not bool(torch.isfinite(yb).all()):
-                raise ValueError("the targets contain NaN or Inf")
-            xb = xb.to(rs.device, rs.dtype if xb.is_floating_point() else xb.dtype)
-            yb = yb.to(rs.device)
-            try:
-                out = rs.forward(xb)
-            except RuntimeError as exc:  # (torch's vmap error names flags the caller cannot set)
-                if "randomness" not in str(exc):
-                    raise
-                raise ValueError("the model draws random numbers in eval mode (e.g. F.dropout(..., training=True)): "
-                                 "evaluate_population needs a deterministic eval-mode forward") from exc
-            check_output(out)
-            _check_targets(loss, yb, out[0])
-            bad_out |= ~torch.isfinite(out.reshape(R, -1)).all(1).cpu()
-            tot_loss += loss_fn(out, yb.unsqueeze(0).expand(R, *yb.shape)).double().cpu() * len(xb)
-            if loss == "cross_entropy":
-                correct += (out.argmax(-1) == yb).double().sum(1).cpu()
-            N += len(xb)
+    for xb, yb in batches:
+        if len(xb) == 0:
+            continue
+        yb = as_labels(yb)
+        if xb.is_floating_point() and not bool(torch.isfinite(xb).all()):
+            raise ValueError("the inputs contain NaN or Inf")
+        if yb.is_floating_point() and not bool(torch.isfinite(yb).all()):
+            raise ValueError("the targets contain NaN or Inf")
+        xb = xb.to(rs.device, rs.dtype if xb.is_floating_point() else xb.dtype)
+        yb = yb.to(rs.device)
+        try:
+            out = rs.forward(xb)
+        except RuntimeError as exc:  # (torch's vmap error names flags the caller cannot set)
+            if "randomness" not in str(exc):
+                raise
+            raise ValueError("the model draws random numbers in eval mode (e.g. F.dropout(..., training=True)): "
+                             "evaluate_population needs a deterministic eval-mode forward") from exc
+        check_output(out)
+        _check_targets(loss, yb, out[0])
+        bad_out |= ~torch.isfinite(out.reshape(R, -1)).all(1).cpu()
+        tot_loss += replica_mean_losses(loss, out, yb.unsqueeze(0).expand(R, *yb.shape)).double().cpu() * len(xb)
+        if loss == "cross_entropy":
+            correct += (out.argmax(-1) == yb).double().sum(1).cpu()
+        N += len(xb)
     if N == 0:
         raise ValueError("evaluate_population needs a non-empty data set: the loader yielded no samples")
     failed = bad_out & rs.finite.cpu()
