@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import Loss
 from .ops.csr_linear import CsrRows, csr_linear, csr_linear_wgrad, sparse_rows
 
 aten = torch.ops.aten
@@ -196,9 +197,7 @@ class MLPPlan:
             dz.mul_((w / B).view(R, 1, 1))
         elif loss == "mse":
             tgt = y.to(logits.dtype)
-            want = logits.shape[1:] if shared else logits.shape
-            if tgt.shape != want:  # (a reshape paired outputs with the wrong targets before the 25th round)
-                raise ValueError(f"mse expects targets shaped like the outputs {tuple(want)}, got {tuple(tgt.shape)}")
+            Loss("mse").check_targets(logits[0] if shared else logits, tgt)  # a reshape would mispair them
             tgt = tgt.unsqueeze(0) if shared else tgt
             d = logits - tgt
             n = d[0].numel()
