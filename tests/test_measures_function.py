@@ -31,6 +31,82 @@ def test_fisher_rao_equals_parameter_gradient_inner_product_for_bias_free_relu()
         assert float(res["fisher_rao"][r]) == pytest.approx(ref, rel=1e-9)
 
 
+def _gradient_identity(model, x, y):
+    """``sqrt((1/n) sum_i <theta, grad l_i>^2)`` with l_i torch's cross-entropy of sample i alone (for
+    per-position outputs its mean over the positions): the value the closed form must equal on a
+    bias-free ReLU network."""
+    params = list(model.parameters())
+    inner = []
+    for i in range(len(x)):
+        g = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+        inner.append(sum((p * gi).sum() for p, gi in zip(params, g)).item())
+    return math.sqrt(sum(v * v for v in inner) / len(inner))
+
+
+def _fisher_rao(models, data, **options):
+    return fastcurv.batched_sharpness(models, data, measures=("fisher_rao",), progress=False,
+                                      measure_options={"fisher_rao": options})["fisher_rao"]
+
+
+def test_fisher_rao_with_soft_targets_of_mass_two():
+    """Soft-target rows of mass m = 2 (supported: the loss Hessian is m (diag p - p p^T)): dl/dz is
+    m p - y, but the closed form used p - y, so <dl/dz, z> lacked a (m - 1) <p, z>: 0.8528 and
+    0.2345 against the identity's 0.7815 and 0.1595 (9% and 47% off)."""
+    torch.manual_seed(0)
+    models = [relu_mlp((6, 4, 3), bias=False).double() for _ in range(2)]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    y = 2.0 * torch.softmax(torch.randn(20, 3, generator=g, dtype=torch.float64), 1)
+    got = _fisher_rao(models, [(x[:12], y[:12]), (x[12:], y[12:])])
+    for r, m in enumerate(models):
+        assert float(got[r]) == pytest.approx(_gradient_identity(m, x, y), rel=1e-10)
+
+
+def test_fisher_rao_of_per_position_outputs_takes_the_classes_from_dim_1():
+    """Outputs [N, C, H, W] with class probabilities [N, C, H, W] (the cross-entropy's classes in
+    dim 1): the closed form took the last axis (W) as the classes and failed with a raw "size of
+    tensor a (2) must match ... b (3)". Now l_i is sample i's loss, the mean over its positions (as
+    the operator's per-sample loss): the identity holds, and FR^2 = theta^T F theta with F the
+    empirical Fisher; with reduction="sum" l_i is the sum over the H*W = 15 positions."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(2, 4, 1, bias=False), nn.ReLU(), nn.Conv2d(4, 3, 1, bias=False)).double()
+              for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2, 3, 5, generator=g, dtype=torch.float64)
+    y = torch.softmax(3 * torch.randn(16, 3, 3, 5, generator=g, dtype=torch.float64), 1)
+    loader = [(x[:10], y[:10]), (x[10:], y[10:])]
+    got = _fisher_rao(models, loader)
+    fisher = fastcurv.EmpiricalFisherOperator(models, loader)
+    theta = fisher.replicas.flat_params()
+    quadratic = (theta * fisher.matvec(theta.unsqueeze(1))[:, 0]).sum(-1)
+    for r, m in enumerate(models):
+        assert float(got[r]) == pytest.approx(_gradient_identity(m, x, y), rel=1e-10)
+        assert float(got[r]) ** 2 == pytest.approx(float(quadratic[r]), rel=1e-10)
+    summed = fastcurv.batched_sharpness(models, loader, measures=("fisher_rao",), reduction="sum",
+                                        progress=False)["fisher_rao"]
+    torch.testing.assert_close(summed, 15 * got, rtol=1e-12, atol=0)
+
+
+def test_fisher_rao_depth_counts_a_shared_layer_each_time_it_runs():
+    """Linear - ReLU - shared - ReLU - shared - ReLU - Linear (bias-free) applies 4 weight layers
+    from 3 modules; D counted the modules (module.modules() lists a module once), 3/4 of the
+    identity's value (0.02276 against 0.03035). Now the calls are counted; depth= still overrides."""
+    torch.manual_seed(0)
+
+    def net():
+        shared = nn.Linear(4, 4, bias=False)
+        return nn.Sequential(nn.Linear(6, 4, bias=False), nn.ReLU(), shared, nn.ReLU(), shared, nn.ReLU(),
+                             nn.Linear(4, 3, bias=False)).double()
+
+    models = [net() for _ in range(2)]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (20,), generator=g)
+    got = _fisher_rao(models, (x, y))
+    for r, m in enumerate(models):
+        assert float(got[r]) == pytest.approx(_gradient_identity(m, x, y), rel=1e-10)
+    torch.testing.assert_close(_fisher_rao(models, (x, y), depth=3), 0.75 * got, rtol=1e-12, atol=0)
+
+
 def _reference_relative_flatness(model, loader, normalize):
     """Petzka's definition on an explicitly normalized copy, with the dense W-block Hessian."""
     m = copy.deepcopy(model)

@@ -316,3 +316,90 @@ def test_measures_without_a_convergence_test_have_no_convergence_entry():
         REGISTRY.pop("test_half_finite"), REPLICA_NOISE.pop("test_half_finite")
     assert "test_half_finite" not in bad.converged
     assert bad.flags == ["", "test_half_finite not finite"] and math.isnan(float(bad["test_half_finite"][1]))
+
+
+class _ChannelsFirst(nn.Module):
+    def forward(self, z):
+        return z.movedim(-1, 1)
+
+
+def _per_position_problem():
+    """Two per-pixel MLPs (Linear layers on channels-last inputs [N, H, W, 2], classes moved to dim 1)
+    with logits [N, 3, H, W] and soft per-position targets [N, 3, H, W]."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3), _ChannelsFirst()).double() for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 5, 2, generator=g, dtype=torch.float64)
+    y = torch.softmax(3 * torch.randn(16, 3, 3, 5, generator=g, dtype=torch.float64), 1)
+    return models, (x, y)
+
+
+def test_logit_normalization_of_per_position_outputs_is_over_the_classes():
+    """adaptive_rho_sharpness normalizes the logits by default (cross-entropy). For outputs
+    [N, C, H, W] the cross-entropy's classes are dim 1, but the logits were centred and scaled
+    over the last axis (W): [0.00232, 0.00612] against [0.00340, 0.01169] over the classes, 1.5-1.9x
+    too low. Now the same as a callable loss that normalizes over dim 1; other losses, whose outputs
+    of more than two dimensions have no known class axis, are refused."""
+    models, data = _per_position_problem()
+
+    def over_classes(out, t):
+        out = out - out.mean(1, keepdim=True)
+        return nn.functional.cross_entropy(out / out.norm(dim=1, keepdim=True).clamp_min(1e-10), t)
+
+    opts = {"adaptive_rho_sharpness": {"rho": 0.05, "init": "zero", "n_iter": 5}}
+
+    def value(**kw):
+        return fastcurv.batched_sharpness(models, data, measures=("adaptive_rho_sharpness",), measure_options=opts,
+                                          progress=False, **kw)["adaptive_rho_sharpness"]
+
+    torch.testing.assert_close(value(), value(loss=over_classes), rtol=1e-9, atol=1e-14)
+    opts["adaptive_rho_sharpness"]["normalize_logits"] = True
+    with pytest.raises(ValueError, match=r"no known class axis with a mse loss"):
+        value(loss="mse")
+
+
+def test_standard_rho_sharpness_refuses_the_adaptive_options():
+    """eta is the offset of the adaptive scale |theta| + eta: rho_sharpness and avg_rho_sharpness
+    accepted it and ignored it (eta = 100 gave the default values). Now refused as an unknown option,
+    while the adaptive measures take it and it changes their value."""
+    models, loader = make_replicas(R=2), make_data()
+    for name in ("rho_sharpness", "avg_rho_sharpness"):
+        with pytest.raises(TypeError, match=rf"measure_options\['{name}'\] has unknown options \['eta'\]"):
+            fastcurv.batched_sharpness(models, loader, measures=(name,), progress=False,
+                                       measure_options={name: {"eta": 100.0}})
+    op = fastcurv.HessianOperator(models, loader)
+    with pytest.raises(ValueError, match="standard ball takes neither"):
+        worst_case_sharpness(op, eta=0.1)
+    with pytest.raises(ValueError, match="standard ball takes neither"):
+        average_case_sharpness(op, eta=0.1, n_samples=2)
+    for name in ("adaptive_rho_sharpness", "adaptive_avg_rho_sharpness"):
+        opts = {"n_iter": 2} if name == "adaptive_rho_sharpness" else {"n_samples": 4}
+        a, b = (fastcurv.batched_sharpness(models, loader, measures=(name,), progress=False,
+                                           measure_options={name: {**opts, "eta": eta}})[name] for eta in (0.0, 0.5))
+        assert not torch.allclose(a, b, rtol=1e-3)
+
+
+def test_l2_ascent_moves_on_a_confident_float32_model():
+    """A confident model (mean loss 5e-28, gradient entries about 1e-25): torch's float32 norm of the
+    gradient underflowed to 0 and the ascent's clamp_min(1e-300) is 0 in float32, so the direction
+    was g / 0 and the ascent never left its start: rho_sharpness 3.5e-29 against float64's 1.9e-26
+    for the same weights. The rows are now scaled before their norm: float32 matches float64."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    m64 = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        z = m64(x)
+        top = z.topk(2, -1).values
+        margin = top[:, 0] - top[:, 1]
+        keep = margin > margin.median()
+        x, y = x[keep], z[keep].argmax(-1)  # every sample right, by a margin of at least 60 after scaling:
+        m64[2].weight.mul_(60 / margin[keep].min())
+        m64[2].bias.mul_(60 / margin[keep].min())
+    m32 = copy.deepcopy(m64).float()
+    opts = {"rho_sharpness": {"rho": 0.01}, "josz_variation": {"r": 0.01}}
+    values = [fastcurv.batched_sharpness([m], (xx, y), measures=("rho_sharpness", "josz_variation"), progress=False,
+                                         measure_options=opts) for m, xx in ((m32, x.float()), (m64, x))]
+    for col in ("rho_sharpness", "josz_V"):
+        assert float(values[1][col][0]) > 1e-27  # (a loss increase far above the float32 range's bottom)
+        assert float(values[0][col][0]) == pytest.approx(float(values[1][col][0]), rel=1e-3, abs=0)

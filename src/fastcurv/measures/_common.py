@@ -105,9 +105,13 @@ def accuracy_at(op, theta: torch.Tensor, idx: torch.Tensor | None = None, buffer
 
 
 def normalize_logits(z: torch.Tensor) -> torch.Tensor:
-    """Andriushchenko et al.'s logit normalization: centre, then divide by ``max(||z||_2, 1e-10)`` per sample."""
-    z = z - z.mean(-1, keepdim=True)
-    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-10)
+    """Andriushchenko et al.'s logit normalization of one replica's outputs ``[n, C, ...]``: centre,
+    then divide by ``max(||z||_2, 1e-10)``, over the classes, dim 1 (torch's and the cross-entropy's
+    class axis: per sample for ``[n, C]``, per position for ``[n, C, H, W]``)."""
+    if z.dim() < 2:
+        raise ValueError(f"normalize_logits needs outputs [n, C, ...] (classes in dim 1), got shape {tuple(z.shape)}")
+    z = z - z.mean(1, keepdim=True)
+    return z / z.norm(dim=1, keepdim=True).clamp_min(1e-10)
 
 
 def noise(op, shape_rows: int, *, generator: torch.Generator, common: bool, kind: str = "gaussian") -> torch.Tensor:

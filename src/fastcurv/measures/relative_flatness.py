@@ -5,8 +5,9 @@ which maps features to logits) and ``H_{s,s'}`` the d x d blocks of ``d^2 L / dW
 
 ``kappa_Tr = sum_{s,s'} <w_s, w_s'> Tr(H_{s,s'}) = Tr((G kron I_d) H_WW)``, ``G = W W^T``.
 
-L is the operator's full-data *mean* loss (the Mason-Williams code sums per-batch values instead,
-which multiplies the result by the number of batches). With ``normalize=True`` (default, as in the
+L is the operator's full-data loss: the mean over the samples by default, their sum (N times
+larger) with ``reduction="sum"`` (the Mason-Williams code sums per-batch mean values instead, which
+multiplies the mean's result by the number of batches). With ``normalize=True`` (default, as in the
 reference code) the layer's input features phi_j are first divided by their standard deviation
 sigma_j over the data and W's columns multiplied by sigma_j (function-preserving); this is done
 analytically, ``kappa = sum_{s,s'} (sum_j W_sj W_s'j sigma_j^2)(sum_j H_(s,j),(s',j) / sigma_j^2)``.

@@ -9,7 +9,8 @@ average-case, standard (c = 1) and adaptive (c = |theta| + eta), in l2 and l-inf
   initial step 2 rho, one restart.
   Adaptive: ``c = |theta| + eta`` on every parameter (``eta = 0`` by default, which keeps the
   invariance below); ``weights_only=True`` keeps ``c = 1`` on the parameters whose name does not
-  contain "weight" (ASAM's T_theta, Kwon et al. 2021: biases unscaled).
+  contain "weight" (ASAM's T_theta, Kwon et al. 2021: biases unscaled). The standard measures
+  refuse ``eta`` and ``weights_only`` (they had accepted eta and ignored it).
 * average case: ``S_avg = E_delta[L(theta + delta)] - L(theta)`` with, per coordinate,
   ``delta_i = rho * c_i * xi_i``; xi ~ N(0, 1) for l2 (not normalized by sqrt(P), as in the
   reference code) and xi ~ U[-1, 1] for l-infinity; ``n_samples`` draws.
@@ -17,8 +18,10 @@ average-case, standard (c = 1) and adaptive (c = |theta| + eta), in l2 and l-inf
 Units: loss (nats for cross-entropy) at the operator's reduction (mean by default).
 Invariance: the adaptive forms with ``eta = 0`` (and every parameter scaled) are invariant to
 positive elementwise rescaling symmetries (Dinh layer and neuron rescaling); ASAM's form is so only
-approximately, and the standard forms are not. Logit normalization acts on the outputs only, so it
-keeps the invariance.
+approximately, and the standard forms are not. Logit normalization (``normalize_logits``: the
+logits centred and divided by their L2 norm over the classes, dim 1 of per-sample outputs
+``[n, C, ...]``, per position for ``[n, C, H, W]``) acts on the outputs only, so it keeps the
+invariance.
 """
 from __future__ import annotations
 
@@ -28,15 +31,19 @@ from . import register_measure
 from ._ascent import NORMS, apgd_ascent
 from ._common import check_options, finish, loss_at, loss_grad_at, noise, normalize_logits, positive
 
-WORST_OPTIONS = ("rho", "p", "n_iter", "momentum", "per_batch", "eta", "normalize_logits", "init")
-ADAPTIVE_WORST_OPTIONS = WORST_OPTIONS + ("weights_only",)
-AVG_OPTIONS = ("rho", "p", "n_samples", "eta")
+# eta (the adaptive scale's offset) and weights_only exist for the adaptive forms only: the standard ones refuse them
+WORST_OPTIONS = ("rho", "p", "n_iter", "momentum", "per_batch", "normalize_logits", "init")
+ADAPTIVE_WORST_OPTIONS = WORST_OPTIONS + ("eta", "weights_only")
+AVG_OPTIONS = ("rho", "p", "n_samples")
+ADAPTIVE_AVG_OPTIONS = AVG_OPTIONS + ("eta",)
 
 
 def _scale(rs, theta, adaptive, eta, weights_only):
     """The perturbation scale ``c`` ``[R, P]`` (None: 1): ``|theta| + eta`` when adaptive, on the
     parameters named "...weight..." only when ``weights_only`` (ASAM's rule; the others get 1)."""
     if not adaptive:
+        if eta or weights_only:
+            raise ValueError("eta and weights_only shape the adaptive scale |theta| + eta: the standard ball takes neither")
         return None
     c = theta.abs() + eta
     if not weights_only:
@@ -57,7 +64,7 @@ def worst_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float =
     rs = op.replicas
     theta = rs.flat_params()
     c = _scale(rs, theta, adaptive, eta, weights_only)
-    out_map = _normalize if normalize_logits else None
+    out_map = _logit_normalization(op.loss.kind) if normalize_logits else None
     rhos = torch.full((op.R,), float(rho), dtype=torch.float64)
     total = torch.zeros(op.R, dtype=torch.float64)
     batches = [i for i, _, _ in op.batches] if per_batch else [None]
@@ -77,8 +84,17 @@ def worst_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float =
     return total, delta, evals
 
 
-def _normalize(z):
-    return normalize_logits(z)
+def _logit_normalization(loss_kind: str):
+    """The output map of ``normalize_logits=True``: one replica's outputs ``[n, C, ...]`` normalized
+    over their class axis, dim 1 (for per-position outputs ``[n, C, H, W]``, where the cross-entropy
+    takes its classes, not the last axis). Other losses than cross-entropy have a class axis only in
+    outputs ``[n, C]``."""
+    def normalize(z):
+        if z.dim() > 2 and loss_kind != "cross_entropy":
+            raise ValueError(f"normalize_logits: outputs {tuple(z.shape)} have no known class axis with a {loss_kind} "
+                             "loss (cross-entropy takes dim 1): normalize inside the loss instead")
+        return normalize_logits(z)
+    return normalize
 
 
 def _random_start(options: dict) -> bool:
@@ -95,7 +111,8 @@ def average_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float
     if n_samples < 2:
         raise ValueError("avg_rho_sharpness: n_samples must be at least 2 to give a standard error")
     theta = op.replicas.flat_params()
-    c = torch.ones_like(theta) if not adaptive else theta.abs() + eta
+    c = _scale(op.replicas, theta, adaptive, eta, False)
+    c = torch.ones_like(theta) if c is None else c
     gen = torch.Generator().manual_seed(seed)
     base = loss_at(op, theta)
     diffs = []
@@ -134,18 +151,20 @@ def adaptive_rho_sharpness(op, *, seed, common, **options):
 
 @register_measure("avg_rho_sharpness", options=AVG_OPTIONS)
 def avg_rho_sharpness(op, *, seed, common, **options):
-    """Average-case rho-sharpness with Gaussian noise of std rho per coordinate. Defaults:
-    rho = 0.1, p = "l2", n_samples = 100 (reference default). Column ``avg_rho_sharpness``
-    with a Monte-Carlo standard error."""
+    """Average-case rho-sharpness: ``delta_i = rho xi_i`` per coordinate, xi ~ N(0, 1) with p = "l2"
+    (Gaussian noise of std rho) and U[-1, 1] with p = "linf". Defaults: rho = 0.1, p = "l2",
+    n_samples = 100 (reference default). Column ``avg_rho_sharpness`` with a Monte-Carlo standard
+    error."""
     check_options("avg_rho_sharpness", options, AVG_OPTIONS)
     value, se = average_case_sharpness(op, seed=seed, common=common, **options)
     return {"avg_rho_sharpness": finish(op, value, stderr=se)}
 
 
-@register_measure("adaptive_avg_rho_sharpness", options=AVG_OPTIONS)
+@register_measure("adaptive_avg_rho_sharpness", options=ADAPTIVE_AVG_OPTIONS)
 def adaptive_avg_rho_sharpness(op, *, seed, common, **options):
-    """Average-case adaptive rho-sharpness: ``delta_i = rho |theta_i| xi_i``. Defaults: rho = 0.1,
-    p = "l2", n_samples = 100. Column ``adaptive_avg_rho_sharpness``."""
-    check_options("adaptive_avg_rho_sharpness", options, AVG_OPTIONS)
+    """Average-case adaptive rho-sharpness: ``delta_i = rho (|theta_i| + eta) xi_i``, xi as for
+    :func:`avg_rho_sharpness`. Defaults: rho = 0.1, p = "l2", n_samples = 100, eta = 0. Column
+    ``adaptive_avg_rho_sharpness``."""
+    check_options("adaptive_avg_rho_sharpness", options, ADAPTIVE_AVG_OPTIONS)
     value, se = average_case_sharpness(op, seed=seed, common=common, adaptive=True, **options)
     return {"adaptive_avg_rho_sharpness": finish(op, value, stderr=se)}
