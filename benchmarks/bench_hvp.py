@@ -59,6 +59,13 @@ def test_trace(benchmark, operators, how):
     assert torch.isfinite(out).all()
 
 
+def test_models_changed_guard(benchmark, operators):
+    """The check, before every product, that the models did not change since the operator was built
+    (compare with ``test_hvp[fused-1]``: it is part of each product's time)."""
+    rs = operators["fused"].replicas
+    assert benchmark(rs.changed_since_built) is None
+
+
 def test_hvp_autograd_oracle(benchmark, operators):
     op = operators["autograd"]
     benchmark.pedantic(op.matvec, args=(torch.randn(op.R, op.P),), rounds=1, iterations=1)

@@ -1,11 +1,11 @@
-"""The compiled CPU kernels: loaded (in CI), and equal to their torch references."""
+"""The compiled CPU kernels: loaded (in CI), and equal to their torch references; the kernel choice."""
 import os
 
 import pytest
 import torch
 
 import fastcurv
-from fastcurv import ops
+from fastcurv import _ext, ops
 from fastcurv.ops.activation import ACTIVATIONS
 
 
@@ -92,3 +92,39 @@ def test_kernel_choice_switch():
         assert fastcurv._ext.choose("softmax_ce_hvp", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError):
         fastcurv.set_kernel_impl("fortran")
+
+
+@pytest.fixture
+def cuda_library(monkeypatch):
+    """``set(loaded, why)``: fastcurv._cuda simulated as loaded (as after a ``FASTCURV_CUDA=1`` build;
+    with no CUDA device its kernels count as running), or as absent for the reason ``why``."""
+    if not fastcurv.cpu_extension_loaded():
+        pytest.skip("C++ extension not built")
+    monkeypatch.setattr(_ext, "_has_kernel", {})
+    monkeypatch.setattr(_ext, "_cuda_runs", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (no probe launch)
+
+    def set_state(loaded: bool, why: str | None = None):
+        _ext._has_kernel.clear()
+        monkeypatch.setitem(_ext._loaded, "_cuda", "/site-packages/fastcurv/_cuda.abi3.so" if loaded else None)
+        monkeypatch.setitem(_ext._errors, "_cuda", why)
+
+    return set_state
+
+
+@pytest.mark.parametrize("impl", ["ext", "cuda"])
+def test_an_op_with_no_cuda_kernel_runs_its_reference_on_cuda_tensors(cuda_library, impl):
+    """Under 'ext' / 'cuda', an op with no CUDA kernel (csr_linear, csr_linear_wgrad) on CUDA tensors
+    raised "CUDA kernel for csr_linear requested but fastcurv._cuda is not built/loaded: None" where
+    fastcurv._cuda was loaded: the op simply has none. It runs its torch reference now, as the other
+    CPU-only ops do; an op whose CUDA library is missing still raises, with the reason."""
+    cuda = torch.device("cuda")
+    cuda_library(loaded=True)
+    assert fastcurv.cuda_extension_loaded()
+    with fastcurv.use_kernels(impl):
+        for op in ("csr_linear", "csr_linear_wgrad"):
+            assert _ext.choose(op, cuda) == "torch", op
+        assert _ext.choose("csr_linear", torch.device("cpu")) == "ext"
+    cuda_library(loaded=False, why="no compiled library _cuda (the build said: nvcc not found)")
+    with fastcurv.use_kernels(impl), pytest.raises(RuntimeError, match="act_rop_bwd .* not usable: .*nvcc not found"):
+        _ext.choose("act_rop_bwd", cuda)

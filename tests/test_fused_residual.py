@@ -1,5 +1,7 @@
 """The fused engine on traced (torch.fx) models: residual CNNs and MLPs against dense float64
 Hessians and the autograd backend; unsupported operations fall back and are named."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -371,32 +373,42 @@ def test_batch_statistics_against_dense(factory, shape, R, K, loss, options):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["auto", "cuda"])
 @pytest.mark.parametrize("bn_mode", ["eval", "batch"])
-def test_cuda_matches_cpu_on_residual_nets_and_replica_subsets(bn_mode):
+def test_cuda_matches_cpu_on_residual_nets_and_replica_subsets(bn_mode, kernels):
     """The fused engine on CUDA (a residual CNN in both BatchNorm modes, and an MLP chain with
     scattered replica subsets, which the GPU path gathers) equals the CPU products; Lanczos on CUDA
-    (gathered reorthogonalization) equals Lanczos on the CPU."""
-    models = replicas(lambda: ResNet().eval(), R=3)
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(10, 1, 8, 8, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 3, (10,), generator=gen)
-    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
-    cpu = fastcurv.HessianOperator(models, batches, backend="fused", bn_mode=bn_mode)
-    gpu = fastcurv.HessianOperator([m.cuda() for m in models], batches, backend="fused", bn_mode=bn_mode)
-    V = torch.randn(3, 2, cpu.P, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(gpu.matvec(V.cuda()).cpu(), cpu.matvec(V), rtol=1e-10, atol=1e-12)
-    mlps = replicas(lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), R=6)
-    xs, ys = torch.randn(12, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen)
-    cpu = fastcurv.HessianOperator(mlps, (xs, ys), backend="fused")
-    gpu = fastcurv.HessianOperator([m.cuda() for m in mlps], (xs, ys), backend="fused")
-    W = torch.randn(6, 1, cpu.P, generator=gen, dtype=torch.float64)
-    full = cpu.matvec(W)
-    gpu.matvec(W.cuda())  # caches the state of all replicas
-    idx = torch.tensor([0, 2, 3, 5])
-    torch.testing.assert_close(gpu.matvec(W[idx].cuda(), idx=idx.cuda()).cpu(), full[idx], rtol=1e-10, atol=1e-12)
-    a = fastcurv.lanczos(cpu, k=2, tol=1e-8, max_iter=30)
-    b = fastcurv.lanczos(gpu, k=2, tol=1e-8, max_iter=30)
-    torch.testing.assert_close(b.eigenvalues, a.eigenvalues, rtol=1e-8, atol=1e-10)
+    (gathered reorthogonalization) equals Lanczos on the CPU. Under the default kernel choice
+    ("auto") the element-wise ops run Triton on a GPU where it is installed; "cuda" runs the CUDA
+    kernels (fastcurv._cuda) instead, which no other test runs end to end. The GPU operator gets
+    copies of the models, so that the CPU operator's stay on the CPU: the test moved the CPU
+    operator's own models, which then refused to run ("the models changed"), before anything was
+    compared."""
+    if kernels == "cuda" and not fastcurv.cuda_extension_loaded():
+        pytest.skip(f"fastcurv._cuda did not load: {fastcurv._ext.extension_error('_cuda')}")
+    with fastcurv.use_kernels(kernels):
+        models = replicas(lambda: ResNet().eval(), R=3)
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(10, 1, 8, 8, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (10,), generator=gen)
+        batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+        cpu = fastcurv.HessianOperator(models, batches, backend="fused", bn_mode=bn_mode)
+        gpu = fastcurv.HessianOperator([copy.deepcopy(m).cuda() for m in models], batches, backend="fused",
+                                       bn_mode=bn_mode)
+        V = torch.randn(3, 2, cpu.P, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(gpu.matvec(V.cuda()).cpu(), cpu.matvec(V), rtol=1e-10, atol=1e-12)
+        mlps = replicas(lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), R=6)
+        xs, ys = torch.randn(12, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen)
+        cpu = fastcurv.HessianOperator(mlps, (xs, ys), backend="fused")
+        gpu = fastcurv.HessianOperator([copy.deepcopy(m).cuda() for m in mlps], (xs, ys), backend="fused")
+        W = torch.randn(6, 1, cpu.P, generator=gen, dtype=torch.float64)
+        full = cpu.matvec(W)
+        gpu.matvec(W.cuda())  # caches the state of all replicas
+        idx = torch.tensor([0, 2, 3, 5])
+        torch.testing.assert_close(gpu.matvec(W[idx].cuda(), idx=idx.cuda()).cpu(), full[idx], rtol=1e-10, atol=1e-12)
+        a = fastcurv.lanczos(cpu, k=2, tol=1e-8, max_iter=30)
+        b = fastcurv.lanczos(gpu, k=2, tol=1e-8, max_iter=30)
+        torch.testing.assert_close(b.eigenvalues, a.eigenvalues, rtol=1e-8, atol=1e-10)
 
 
 class AliasInPlace(nn.Module):

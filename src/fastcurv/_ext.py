@@ -209,6 +209,9 @@ def set_kernel_impl(impl: str) -> None:
     'auto' (default): compiled C++ on CPU tensors; on CUDA tensors Triton when installed, else
     the CUDA extension, else torch. 'ext': compiled kernels (C++ on CPU, CUDA on GPU).
     'triton' / 'cuda': force that GPU path. 'torch': the pure-torch references everywhere.
+    An op with no GPU kernel at all (the CSR ops, ``head_hvp``, ``sampled_conv``, ``group_conv``)
+    runs its torch reference on CUDA tensors under every choice; under 'ext' / 'cuda' an op that
+    has a CUDA kernel raises a RuntimeError saying why when ``fastcurv._cuda`` cannot run it.
 
     The choice is process-wide: it holds for every thread, and it is not safe to change it from
     several threads at once (each sees the others' choice; see :func:`use_kernels`).
@@ -252,14 +255,15 @@ def choose(op: str, device: torch.device, dtype: torch.dtype | None = None) -> s
             if triton_kernels.available() and triton_kernels.supports(op):
                 return "triton"
             if impl == "triton":
-                raise RuntimeError(f"Triton kernel for {op} requested but Triton is not usable here")
+                why = "Triton is not usable here" if triton_kernels.supports(op) else "fastcurv has none for it"
+                raise RuntimeError(f"Triton kernel for {op} requested but {why}")
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             return "torch"  # the CUDA kernels, like the C++ ones, take float32 and float64 only
         if has_kernel(op, "cuda"):
             return "ext"
-        if impl in ("ext", "cuda"):
-            raise RuntimeError(f"CUDA kernel for {op} requested but fastcurv._cuda is not built/loaded: {extension_error('_cuda')}")
-        return "torch"
+        if impl in ("ext", "cuda") and not (cuda_extension_loaded() and _cuda_kernels_run()):
+            raise RuntimeError(f"CUDA kernel for {op} requested but fastcurv._cuda is not usable: {extension_error('_cuda')}")
+        return "torch"  # (also an op with no CUDA kernel, e.g. csr_linear, under 'ext' / 'cuda': its reference)
     if device.type == "cpu" and impl != "triton" and has_kernel(op, "cpu"):
         _check_cpu_level()  # (cheap while the variable is unchanged)
         return "ext"

@@ -303,10 +303,11 @@ def _in_factor(layer_in: nn.Module, layer_out: nn.Module, s: torch.Tensor) -> to
 
 
 def _scale_units(layer_in: nn.Module, layer_out: nn.Module, s: torch.Tensor) -> None:
-    """In place: unit j of layer_in's output scaled by s_j (weights and bias), layer_out's inputs by 1/s_j."""
+    """In place: unit j of layer_in's output scaled by s_j (weights and bias), layer_out's inputs by 1/s_j.
+    ``s``: ``[units]`` on any device (the callers build it on the CPU), moved to the weights' device and dtype."""
     if isinstance(layer_out, nn.modules.conv._ConvNd) and layer_out.groups != 1:
         raise ValueError("grouped convolutions are not supported by unit rescaling")
-    s = s.to(layer_in.weight.dtype)
+    s = s.to(device=layer_in.weight.device, dtype=layer_in.weight.dtype)
     with torch.no_grad():
         shape = (-1,) + (1,) * (layer_in.weight.dim() - 1)
         layer_in.weight.mul_(s.view(shape))

@@ -535,7 +535,10 @@ class ReplicaSet:
         a layer swapped for another module), or holding other values in another storage
         (``.double()``, ``p.data = ...``). A tensor replaced by one of the same values, or whose
         storage moved with the values kept (``share_memory()``, a no-op ``.to()`` under
-        ``torch.__future__.set_overwrite_module_params_on_conversion(True)``), is no change.
+        ``torch.__future__.set_overwrite_module_params_on_conversion(True)``, a move to another device
+        such as ``model.cuda()``: the set keeps its own copies where it was built), is no change; the
+        values are compared only when the storage moved (across devices: one copy of the tensor, the
+        first time the check sees it moved), and the check then follows the moved tensor.
 
         Not seen: writes that torch's version counters do not see and that keep the storage, i.e.
         fused optimizers (``torch.optim`` with ``fused=True``), ``torch.distributed`` collectives into
@@ -569,10 +572,15 @@ class ReplicaSet:
 
     @staticmethod
     def _holds_copy_of(t: torch.Tensor, copied: torch.Tensor) -> bool:
-        """Whether the model's tensor ``t`` still holds exactly the values the set copied (NaN where NaN)."""
-        if t.shape != copied.shape or t.dtype != copied.dtype or t.device != copied.device:
+        """Whether the model's tensor ``t`` still holds exactly the values the set copied (NaN where NaN),
+        on any device: a model moved to another device (``.cuda()`` after the set was built on the CPU)
+        holds a copy when the values came along. A meta tensor holds no values, so no copy."""
+        if t.shape != copied.shape or t.dtype != copied.dtype:
+            return False
+        if t.device != copied.device and "meta" in (t.device.type, copied.device.type):
             return False
         with torch.no_grad():
+            t = t.to(copied.device)  # (across devices once per move: the record then follows the moved tensor)
             same = torch.eq(t, copied)
             if t.is_floating_point() or t.is_complex():
                 same |= t.isnan() & copied.isnan()

@@ -14,7 +14,8 @@ about half zeros, and a CSR matrix can stack R replicas' own rows (``CsrRows.sta
 table per replica). :func:`csr_masked_linear` multiplies dense rows that vanish outside a known
 pattern (the K probes' tangents of a ReLU output) by reading them only at a CSR row's entries.
 
-Implementations: C++ (CPU, ``csrc/cpu/csr_linear.cpp``) and the dense torch references below.
+Implementations: C++ (CPU, ``csrc/cpu/csr_linear.cpp``) and the dense torch references below, which
+GPU tensors take under every kernel choice (there is no GPU kernel).
 """
 from __future__ import annotations
 
@@ -229,7 +230,7 @@ def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch
     if n_in != X.in_features:
         raise ValueError(f"csr_linear: the weight takes {n_in} inputs but X has in_features = {X.in_features}")
     mask = _check_out_mask("csr_linear", out_mask, R, rows.shape[1], n_out, weight)
-    if _ext.choose("csr_linear", weight.device) == "ext":
+    if weight.device.type == "cpu" and _ext.choose("csr_linear", weight.device) == "ext":  # (no GPU kernel)
         w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
         return torch.ops.fastcurv.csr_linear(X.indptr, X.indices, X.values, rows, w,
                                              None if bias is None else bias.contiguous(), transposed, mask)
@@ -305,7 +306,7 @@ def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: to
         accumulate = False
     elif tuple(out.shape) != (R, n_out, X.in_features):
         raise ValueError(f"csr_linear_wgrad: out must be [R, out, in] = {[R, n_out, X.in_features]}, got {tuple(out.shape)}")
-    if _ext.choose("csr_linear_wgrad", grad.device) == "ext":
+    if grad.device.type == "cpu" and _ext.choose("csr_linear_wgrad", grad.device) == "ext":  # (no GPU kernel)
         layout = _kernel_layout(out)
         if layout is not None:
             o, transposed = layout
