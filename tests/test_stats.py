@@ -181,3 +181,97 @@ def test_correlations_without_numeric_measure_columns_say_so():
         stats.correlations(df, "test_acc", n_boot=10)
     got = stats.correlations(df, "test_acc", measures=["lambda_max"], n_boot=10)
     assert got.loc["lambda_max", "n"] == 8
+
+
+def test_correlations_give_benjamini_yekutieli_adjusted_p_values_next_to_the_p_values():
+    """A study correlates 20-30 columns with one target and reported raw p-values only: a p = 0.005
+    among 20 columns read as stronger than it is. The table now has spearman_p_by / kendall_p_by,
+    scipy's Benjamini-Yekutieli adjustment over its rows with a p-value (a constant column has none:
+    NaN, not counted in the family)."""
+    rng = np.random.default_rng(4)
+    acc = rng.random(12)
+    df = pd.DataFrame({"acc": acc, "const": np.ones(12)})
+    for i in range(6):
+        df[f"m{i}"] = (6 - i) * 0.1 * acc + rng.random(12)
+    tab = stats.correlations(df, "acc", n_boot=20)
+    cols = list(tab.columns)
+    assert cols.index("spearman_p_by") == cols.index("spearman_p") + 1
+    assert cols.index("kendall_p_by") == cols.index("kendall_p") + 1
+    assert np.isnan(tab.loc["const", "spearman_p"]) and np.isnan(tab.loc["const", "spearman_p_by"])
+    for col in ("spearman_p", "kendall_p"):
+        tested = tab[col].dropna()
+        assert len(tested) == 6
+        want = st.false_discovery_control(tested.to_numpy(), method="by")
+        np.testing.assert_allclose(tab.loc[tested.index, f"{col}_by"], want, rtol=1e-12)
+        assert (tab.loc[tested.index, f"{col}_by"] >= tested).all()
+
+
+def _factorial_grid():
+    """A 3 x 2 x 2 grid of (lr, wd, sam) with two seeds per cell (24 replicas), and a measure and a
+    target that depend on the settings and on noise, with a NaN measure value and a tied target pair."""
+    import itertools
+
+    rng = np.random.default_rng(7)
+    rows = [dict(lr=lr, wd=wd, sam=sam) for lr, wd, sam, _ in itertools.product([0.01, 0.1, 1.0], [0.0, 1e-3],
+                                                                                  [0.0, 0.05], range(2))]
+    df = pd.DataFrame(rows).sample(frac=1.0, random_state=3).reset_index(drop=True)  # (replicas in any order)
+    df["gap"] = np.round(0.1 * np.log10(df["lr"]) + 20 * df["wd"] + rng.normal(0, 0.05, len(df)), 2)
+    df["sharp"] = -df["gap"] + rng.normal(0, 0.05, len(df))
+    df["noise"] = rng.random(len(df))
+    df.loc[5, "sharp"] = np.nan
+    return df
+
+
+def _psi_by_hand(df, measure, target, hyper):
+    """psi_h: for each setting of the other hyperparameters, scipy's Kendall tau on those replicas."""
+    import itertools
+
+    psi = {}
+    for h in hyper:
+        others = [g for g in hyper if g != h]
+        taus = []
+        for values in itertools.product(*(sorted(set(df[g])) for g in others)):
+            mask = np.ones(len(df), dtype=bool)
+            for g, v in zip(others, values):
+                mask &= (df[g] == v).to_numpy()
+            x, y = df.loc[mask, measure].to_numpy(), df.loc[mask, target].to_numpy()
+            ok = np.isfinite(x) & np.isfinite(y)
+            tau = st.kendalltau(x[ok], y[ok]).statistic
+            if np.isfinite(tau):
+                taus.append(tau)
+        psi[h] = np.mean(taus)
+    return psi, np.mean(list(psi.values()))
+
+
+def test_granulated_kendall_equals_scipy_kendalltau_per_group():
+    """Jiang et al.'s granulated Kendall Psi (measures reference section 4): psi_h = the mean tau over
+    the groups of replicas that differ only in h; Psi = the mean psi_h."""
+    df = _factorial_grid()
+    hyper = ["lr", "wd", "sam"]
+    tab = stats.granulated_kendall(df, "gap", hyper, ["sharp", "noise"])
+    assert list(tab.columns) == ["psi_lr", "psi_wd", "psi_sam", "Psi"] and list(tab.index) == ["sharp", "noise"]
+    assert tab.attrs["groups"] == {"lr": 4, "wd": 6, "sam": 6}
+    for m in ("sharp", "noise"):
+        psi, Psi = _psi_by_hand(df, m, "gap", hyper)
+        for h in hyper:
+            assert tab.loc[m, f"psi_{h}"] == pytest.approx(psi[h], abs=1e-12), (m, h)
+        assert tab.loc[m, "Psi"] == pytest.approx(Psi, abs=1e-12)
+    assert tab.loc["sharp", "Psi"] < -0.3  # (the measure tracks the gap within the groups, with the opposite sign)
+    # one hyperparameter: one group of all the replicas, Psi = their tau
+    one = stats.granulated_kendall(df[df["wd"].eq(0.0) & df["sam"].eq(0.0)], "gap", ["lr"], ["noise"])
+    sub = df[df["wd"].eq(0.0) & df["sam"].eq(0.0)]
+    assert one.loc["noise", "Psi"] == pytest.approx(st.kendalltau(sub["noise"], sub["gap"]).statistic, abs=1e-12)
+    assert one.attrs["groups"] == {"lr": 1}
+
+
+def test_granulated_kendall_refuses_what_is_not_a_grid():
+    df = _factorial_grid()
+    with pytest.raises(ValueError, match=r"not a full grid: 11 of its 12 .*'lr': 1.0, 'wd': 0.001, 'sam': 0.05"):
+        stats.granulated_kendall(df[~(df["lr"].eq(1.0) & df["wd"].eq(1e-3) & df["sam"].eq(0.05))], "gap",
+                                 ["lr", "wd", "sam"], ["sharp"])
+    with pytest.raises(ValueError, match=r"hyperparameters \['wd'\] take one value each \(\{'wd': 0.0\}\)"):
+        stats.granulated_kendall(df[df["wd"].eq(0.0)], "gap", ["lr", "wd"], ["sharp"])
+    with pytest.raises(ValueError, match="at least one hyperparameter"):
+        stats.granulated_kendall(df, "gap", [], ["sharp"])
+    with pytest.raises(KeyError, match="momentum"):
+        stats.granulated_kendall(df, "gap", ["momentum"], ["sharp"])

@@ -281,7 +281,7 @@ def test_the_report_explains_its_columns_and_lists_a_swept_learning_rate(tmp_pat
     res = fastcurv.study(**dict(TINY, replicas=2), lr=[0.05, 0.1], measures=["lambda_max", "weakness"], audit=False,
                          out=tmp_path)
     assert res["table"]["lr"].tolist() == [0.05, 0.1]
-    assert "lr" not in res["correlations"].index  # a setting, not a measure
+    assert res["correlations"].loc["lr", "kind"] == "hyperparameter"  # a setting, correlated as a baseline
     md = (tmp_path / "report.md").read_text()
     assert "## Columns" in md and "- `lr`: learning rate" in md and "- `lambda_max`: largest eigenvalue" in md
     assert "bits per input" in md and "- `gap`: train_acc - test_acc" in md
@@ -567,8 +567,9 @@ def test_scatter_plots_in_a_study_mark_the_replicas_its_correlations_left_out(tm
         res = fastcurv.study(**dict(TINY, replicas=4), measures=("lambda_max", "disagreement"), audit=False,
                              out=tmp_path, sharpness_kwargs={"max_iter": 4})
     assert res["correlations"].loc["disagreement", "n"] == 3
-    assert "disagreement vs test_acc (R=3 correlated; 1 left out: hollow)" in titles
-    assert "lambda_max vs test_acc (R=3)" in titles
+    first_lines = [t.split("\n")[0] for t in titles]
+    assert "disagreement vs test_acc (R=3 correlated; 1 left out: hollow)" in first_lines
+    assert "lambda_max vs test_acc (R=3)" in first_lines
 
 
 def test_a_one_replica_report_and_a_gde_plot_without_finite_points(tmp_path):
@@ -604,3 +605,135 @@ def test_a_study_without_matplotlib_writes_its_report_without_plots(tmp_path, mo
     models = [torch.nn.Sequential(torch.nn.Linear(4, 3)) for _ in range(2)]
     with pytest.raises(ImportError, match=r"fastcurv\[plot\]"):
         fastcurv.invariance_audit(models, (torch.randn(8, 4), torch.randint(0, 3, (8,))), path=tmp_path / "a.png")
+
+
+def test_equal_gaps_are_equal_numbers(tmp_path, monkeypatch):
+    """target="gap": gap = train_acc - test_acc subtracted two rounded fractions, so replicas with the
+    same gap got different floats (1773/2000 - 880/1000 and 191/2000 - 89/1000, both 13/2000, were
+    0.00649999999999995 and 0.006500000000000006), and Spearman / Kendall ranked them by that
+    rounding noise instead of counting a tie (in the hunt's 8-replica lr sweep: lambda_max's rho
+    -0.071 instead of +0.012, disagreement's -0.238 instead of -0.299). Here the data are 2,000 /
+    1,000 samples (the digits repeated) and the accuracies those counts."""
+    from fractions import Fraction
+
+    import fastcurv.datasets
+    import fastcurv.train
+    from scipy import stats as st
+
+    real_load, real_eval = fastcurv.datasets.load_dataset, fastcurv.train.evaluate_population
+
+    def load(*args, **kwargs):
+        x_tr, y_tr, x_te, y_te = real_load(*args, **kwargs)
+        return (torch.cat([x_tr, x_tr])[:2000], torch.cat([y_tr, y_tr])[:2000],
+                torch.cat([x_te] * 3)[:1000], torch.cat([y_te] * 3)[:1000])
+
+    correct = {2000: [1800, 1773, 191], 1000: [900, 880, 89]}
+
+    def evaluate(models, x, y, **kwargs):
+        res = real_eval(models, x, y, **kwargs)
+        res["accuracy"] = torch.tensor(correct[len(x)], dtype=torch.float64) / len(x)
+        return res
+
+    monkeypatch.setattr(fastcurv.datasets, "load_dataset", load)
+    monkeypatch.setattr(fastcurv.train, "evaluate_population", evaluate)
+    res = fastcurv.study(**TINY, target="gap", measures=["lambda_max"], audit=False, out=None,
+                         sharpness_kwargs={"max_iter": 4})
+    gap = res["table"]["gap"]
+    assert gap[1] == gap[2] == float(Fraction(1773, 2000) - Fraction(880, 1000)) and gap[0] == 0.0
+    lam = res["table"]["lambda_max"].to_numpy()
+    tied = st.kendalltau(lam, [0.0, 0.0065, 0.0065]).statistic  # tau-b with the tie
+    assert res["correlations"].loc["lambda_max", "kendall_tau"] == pytest.approx(tied, abs=1e-12)
+
+
+def test_a_sweep_given_as_a_numpy_array_or_a_tensor_is_a_sweep(tmp_path):
+    """np.logspace / a tensor as lr, weight_decay, ...: train_population applied one value per replica,
+    but the study's table had no column, report.md and config.yaml said "<not stored in a config
+    file: ndarray>" (so the documented rerun failed), and lr=np.array(...) was refused ("lr must be a
+    positive number or a list of them")."""
+    yaml = pytest.importorskip("yaml")
+    out = tmp_path / "a"
+    lr, wd = np.array([0.02, 0.05, 0.1]), torch.tensor([0.0, 0.5, 0.25], dtype=torch.float64)
+    res = fastcurv.study(**TINY, lr=lr, weight_decay=wd, momentum=np.float64(0.8), measures=["lambda_max"],
+                         audit=False, out=out, sharpness_kwargs={"max_iter": 4})
+    assert res["table"]["lr"].tolist() == [0.02, 0.05, 0.1] and res["table"]["weight_decay"].tolist() == [0, 0.5, 0.25]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lr"] == [0.02, 0.05, 0.1] and saved["weight_decay"] == [0.0, 0.5, 0.25] and saved["momentum"] == 0.8
+    md = (out / "report.md").read_text()
+    assert "lr [0.02, 0.05, 0.1], momentum 0.8, weight decay [0.0, 0.5, 0.25]" in md and "not stored" not in md
+    assert main(["study", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    again = pd.read_csv(tmp_path / "b" / "results.csv", index_col="replica")
+    np.testing.assert_allclose(again["test_acc"], res["table"]["test_acc"], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="lr must be a number or a list of numbers"):
+        fastcurv.study(**TINY, lr=np.ones((3, 1)), measures=["lambda_max"], out=None)
+
+
+def test_target_loss_zero_counts_as_set(tmp_path):
+    """target_loss=0.0 was tested for truth: the study dropped the reached_target column and the
+    report's lines about the target (training itself stopped at 0.0 correctly)."""
+    res = fastcurv.study(**dict(TINY, replicas=2), target_loss=0.0, measures=["lambda_max"], audit=False,
+                         out=tmp_path, sharpness_kwargs={"max_iter": 4})
+    assert res["table"]["reached_target"].tolist() == [False, False]
+    md = (tmp_path / "report.md").read_text()
+    assert "stop at training loss 0.0" in md and "**2 of 2 replicas did not reach the training-loss target 0.0**" in md
+
+
+def test_a_swept_grid_gets_baselines_granulated_kendall_models_and_coloured_plots(tmp_path, monkeypatch):
+    """A 2 x 2 grid of lr and weight decay: the swept hyperparameters are correlated with the target
+    next to the measures (kind "hyperparameter"), Jiang et al.'s granulated Kendall Psi is in the
+    results, granulated_kendall.csv and the report, the trained models come back (they were not
+    returned), and the scatter plots are coloured by the sweep (a colour bar) with rho in the title."""
+    import matplotlib.figure
+
+    from fastcurv.stats import granulated_kendall
+    from fastcurv.train import evaluate_population
+
+    saved, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: saved.append(self) or save(self, *a, **k))
+    res = fastcurv.study(**dict(TINY, replicas=4), lr=[0.02, 0.2, 0.02, 0.2], weight_decay=[0.0, 0.0, 0.01, 0.01],
+                         measures=["lambda_max", "disagreement"], audit=False, out=tmp_path,
+                         sharpness_kwargs={"max_iter": 4})
+    corr, table = res["correlations"], res["table"]
+    assert corr["kind"].to_dict() == {"lambda_max": "measure", "disagreement": "measure", "lr": "hyperparameter",
+                                      "weight_decay": "hyperparameter"}
+    assert corr.loc["lr", "spearman_rho"] == pytest.approx(_spearman_rho(table["lr"], table["test_acc"]), abs=1e-12)
+    assert "kind" not in res["headline"].columns and list(res["headline"].index) == ["lambda_max", "disagreement"]
+    psi = res["granulated_kendall"]
+    pd.testing.assert_frame_equal(psi, granulated_kendall(table, "test_acc", ["lr", "weight_decay"],
+                                                          ["lambda_max", "disagreement"]))
+    assert list(psi.columns) == ["psi_lr", "psi_weight_decay", "Psi"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "granulated_kendall.csv", index_col="measure"), psi,
+                                  check_exact=False, rtol=1e-12)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Granulated Kendall coefficient" in md and "| lr | hyperparameter |" in md and "kendall_p_by" in md
+    models = res["models"]
+    assert len(models) == 4
+    np.testing.assert_allclose(evaluate_population(models, *_digits_test())["accuracy"].numpy(), table["test_acc"],
+                               rtol=0, atol=0)
+    lam = next(f for f in saved if f.axes[0].get_xlabel() == "lambda_max")
+    assert len(lam.axes) == 2 and lam.axes[1].get_ylabel() == "lr (also swept: weight_decay)"  # the colour bar
+    rho, p = corr.loc["lambda_max", ["spearman_rho", "spearman_p"]]
+    assert lam.axes[0].get_title().split("\n")[1] == f"Spearman rho {rho:+.2f} (p {p:.2g})"
+
+
+def _spearman_rho(x, y):
+    from scipy import stats as st
+
+    return st.spearmanr(x, y).statistic
+
+
+def _digits_test():
+    from fastcurv.datasets import load_dataset
+
+    _, _, x_te, y_te = load_dataset("digits", None, flatten=True)
+    return x_te, y_te
+
+
+def test_a_sweep_that_is_not_a_grid_says_why_it_has_no_granulated_kendall(tmp_path):
+    res = fastcurv.study(**TINY, lr=[0.02, 0.2, 0.02], weight_decay=[0.0, 0.0, 0.01], momentum=[0.9, 0.9, 0.9],
+                         measures=["lambda_max"], audit=False, out=tmp_path, sharpness_kwargs={"max_iter": 4})
+    assert res["granulated_kendall"] is None
+    note = res["granulated_kendall_note"]
+    assert "not a full grid: 3 of its 4 combinations" in note and "left out: momentum" in note
+    assert f"Psi {note}" in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "granulated_kendall.csv").exists()

@@ -8,7 +8,11 @@ Conventions (see the project's measures reference, section 4):
   permutation p of n pairs (the t approximation gave p = 0 for a perfect rank correlation of 3 replicas,
   whose exact p is 1/3);
 * a percentile bootstrap confidence interval for rho, resampling networks (rows) with replacement;
-* Kendall tau-b with the p-value of ``scipy.stats.kendalltau`` (exact for small tie-free samples).
+* Kendall tau-b with the p-value of ``scipy.stats.kendalltau`` (exact for small tie-free samples);
+* Benjamini-Yekutieli adjusted p-values (``scipy.stats.false_discovery_control(method="by")``, valid
+  under any dependence between the columns) over the rows of a correlations table;
+* Jiang et al.'s granulated Kendall coefficient Psi over a hyperparameter grid
+  (:func:`granulated_kendall`).
 
 Rows where the measure or the target is NaN/Inf (e.g. diverged replicas) are dropped pairwise and
 ``n`` reports how many were used.
@@ -24,7 +28,8 @@ import numpy as np
 from scipy import stats as _st
 
 EXACT_SPEARMAN_N = 9  # largest n whose Spearman p enumerates all n! permutations (9! = 362,880)
-COLUMNS = ("measure", "n", "spearman_rho", "spearman_p", "ci_low", "ci_high", "kendall_tau", "kendall_p")
+COLUMNS = ("measure", "n", "spearman_rho", "spearman_p", "spearman_p_by", "ci_low", "ci_high", "kendall_tau",
+           "kendall_p", "kendall_p_by")
 
 
 def _clean(x, y):
@@ -162,12 +167,28 @@ def bootstrap_spearman_ci(x, y, *, n_boot: int = 10_000, level: float = 0.95, se
     return float(lo), float(hi)
 
 
+def by_adjusted(p) -> np.ndarray:
+    """Benjamini-Yekutieli adjusted p-values (``scipy.stats.false_discovery_control(method="by")``:
+    false discovery rate control under any dependence between the tests) of the finite entries of
+    ``p``; NaN entries (a constant column: no test) stay NaN and are not counted in the family."""
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        out[ok] = _st.false_discovery_control(p[ok], method="by")
+    return out
+
+
 def correlations(df, target: str, measures: Sequence[str] | None = None, *, rows: str = "common",
                  n_boot: int = 10_000, level: float = 0.95, seed: int = 0):
-    """One row per measure: n, Spearman rho, p, bootstrap CI, Kendall tau, p (a pandas DataFrame).
+    """One row per measure: n, Spearman rho, p, its BY-adjusted p, bootstrap CI, Kendall tau, p, its
+    BY-adjusted p (a pandas DataFrame, columns ``COLUMNS``).
 
     Spearman's p is the exact permutation p for n <= 9 and the t approximation above (see
-    :func:`spearman`); Kendall's is scipy's (exact for small tie-free samples).
+    :func:`spearman`); Kendall's is scipy's (exact for small tie-free samples). ``spearman_p_by`` and
+    ``kendall_p_by`` correct for testing many columns at once: Benjamini-Yekutieli adjusted p-values
+    (:func:`by_adjusted`) over the rows of this table with a p-value (the family is the table:
+    correlating more columns raises every adjusted p), each p-value column on its own.
 
     Args:
         df: one row per replica (e.g. ``SharpnessResult.to_pandas()`` joined with test accuracy).
@@ -207,7 +228,10 @@ def correlations(df, target: str, measures: Sequence[str] | None = None, *, rows
         tau, tp = kendall(x, y)
         out.append({"measure": m, "n": int(x.size), "spearman_rho": rho, "spearman_p": p, "ci_low": lo,
                     "ci_high": hi, "kendall_tau": tau, "kendall_p": tp})
-    return pd.DataFrame(out, columns=list(COLUMNS)).set_index("measure")
+    tab = pd.DataFrame(out, columns=list(COLUMNS)).set_index("measure")
+    tab["spearman_p_by"] = by_adjusted(tab["spearman_p"])
+    tab["kendall_p_by"] = by_adjusted(tab["kendall_p"])
+    return tab
 
 
 def _common_rows(df, target: str, measures) -> np.ndarray:
@@ -226,3 +250,89 @@ def _common_rows(df, target: str, measures) -> np.ndarray:
                       f"replicas {labels} dropped (not finite in {why}); rows='each' correlates each measure on its "
                       "own finite replicas", RuntimeWarning, stacklevel=3)
     return keep
+
+
+def granulated_kendall(df, target: str, hyperparameters: Sequence[str], measures: Sequence[str] | None = None):
+    """Jiang et al.'s (ICLR 2020) granulated Kendall coefficient of each measure with ``target``.
+
+    For each hyperparameter ``h`` the replicas are grouped by their values of the OTHER
+    hyperparameters, so that the replicas of a group differ only in ``h`` (and in their seed, which
+    is not a hyperparameter); ``psi_h`` is the mean over the groups of Kendall's tau-b between the
+    measure and the target within the group, and ``Psi`` is the mean of the ``psi_h``. With one
+    hyperparameter there is one group, all the replicas, and ``Psi = psi_h`` is their tau. Unlike a
+    pooled correlation, Psi does not credit a measure for merely tracking a hyperparameter that
+    moves the target through some other route.
+
+    Within a group, the rows where the measure or the target is not finite are left out; a group
+    with fewer than 2 finite pairs, or a constant measure or target among them, has no tau and is
+    left out of the mean (``psi_h`` NaN when no group has one, and then ``Psi`` NaN too). Tau-b
+    equals the pair-sign average of the reference (tau-a) when there are no ties.
+
+    Args:
+        df: one row per replica, with the hyperparameter, target and measure columns.
+        target: the generalization column.
+        hyperparameters: the swept hyperparameter columns. They must form a full grid: every
+            combination of their values is present (more than one replica per combination is fine),
+            and each takes at least two values; otherwise a ValueError says which is not.
+        measures: the measure columns (default: every numeric column but the target, the
+            hyperparameters and bookkeeping columns, as in :func:`correlations`).
+    Returns a DataFrame indexed by measure with the columns ``psi_<h>`` (one per hyperparameter, in
+    the order given) and ``Psi``; ``attrs["groups"]``: ``{h: number of groups}``.
+    """
+    import itertools
+
+    import pandas as pd
+
+    hyper = list(hyperparameters) if not isinstance(hyperparameters, str) else [hyperparameters]
+    if not hyper:
+        raise ValueError("granulated Kendall needs at least one hyperparameter column")
+    missing = [c for c in [target, *hyper] if c not in df.columns]
+    if missing:
+        raise KeyError(f"columns {missing} not in the table (columns: {list(df.columns)})")
+    if len(set(hyper)) < len(hyper) or target in hyper:
+        raise ValueError(f"hyperparameters must be distinct columns other than the target, got {hyper}")
+    if measures is None:
+        skip = ("_stderr", "_error", "_iters", "_converged")
+        measures = [c for c in df.columns if c != target and c not in hyper and pd.api.types.is_numeric_dtype(df[c])
+                    and not pd.api.types.is_bool_dtype(df[c]) and not str(c).endswith(skip)]
+    settings = df[hyper]
+    if settings.isna().any().any():
+        raise ValueError(f"hyperparameter columns {[h for h in hyper if settings[h].isna().any()]} hold missing values")
+    levels = {h: [v.item() if isinstance(v, np.generic) else v for v in pd.unique(settings[h])] for h in hyper}
+    single = {h: v[0] for h, v in levels.items() if len(v) < 2}
+    if single:
+        raise ValueError(f"hyperparameters {list(single)} take one value each ({single}): psi needs replicas that "
+                         "differ in the hyperparameter; leave them out")
+    present = {tuple(v.item() if isinstance(v, np.generic) else v for v in row)
+               for row in settings.drop_duplicates().itertuples(index=False)}
+    grid = list(itertools.product(*levels.values()))
+    if len(present) < len(grid):
+        gap = next(c for c in grid if c not in present)
+        raise ValueError(f"the sweep of {hyper} is not a full grid: {len(present)} of its {len(grid)} combinations "
+                         f"have replicas (no replica has {dict(zip(hyper, gap))}); psi compares replicas that differ "
+                         "in one hyperparameter only, so every combination is needed")
+    y_all = df[target].to_numpy(dtype=np.float64)
+    groups = {}
+    for h in hyper:
+        others = [g for g in hyper if g != h]
+        groups[h] = (list(settings.groupby(others, sort=False).indices.values()) if others
+                     else [np.arange(len(df))])
+    rows = []
+    for m in measures:
+        x_all = df[m].to_numpy(dtype=np.float64)
+        psi = {f"psi_{h}": _mean_tau(x_all, y_all, groups[h]) for h in hyper}
+        rows.append({"measure": m, **psi, "Psi": float(np.mean(list(psi.values())))})
+    out = pd.DataFrame(rows, columns=["measure", *(f"psi_{h}" for h in hyper), "Psi"]).set_index("measure")
+    out.attrs["groups"] = {h: len(g) for h, g in groups.items()}
+    return out
+
+
+def _mean_tau(x, y, groups) -> float:
+    """The mean Kendall tau-b of ``(x[g], y[g])`` over the index arrays ``groups`` that have one
+    (at least 2 finite pairs, neither constant); NaN when none has."""
+    taus = []
+    for g in groups:
+        xg, yg = _clean(x[g], y[g])
+        if xg.size >= 2 and np.ptp(xg) > 0 and np.ptp(yg) > 0:
+            taus.append(float(_st.kendalltau(xg, yg).statistic))
+    return float(np.mean(taus)) if taus else float("nan")
