@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import reparam
+from ._figures import figure_class, file_figure
 from .memory import is_one_pass, read_one_pass
 from .replicas import validate_models
 from .resume import prepare_file, sibling_path
@@ -237,11 +238,9 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
 
     models = validate_models(models)
     if path is not None:
-        try:
-            import matplotlib  # noqa: F401  (checked before the work, not after it)
-        except ImportError as e:
+        if figure_class() is None:  # (checked before the work, not after it)
             raise ImportError("invariance_audit(path=...) plots with matplotlib, which is not installed: "
-                              "pip install 'fastcurv[plot]', or pass path=None") from e
+                              "pip install 'fastcurv[plot]', or pass path=None")
         path = str(prepare_file(path, "path"))  # (~ expanded: matplotlib does not)
     output = kwargs.pop("output", None)
     outputs = (None, None) if output is None else (output, sibling_path(output, "reparam"))
@@ -342,8 +341,6 @@ def _plot(table, tr, transform, path):
     process's backend untouched)."""
     import textwrap
 
-    from matplotlib.figure import Figure
-
     med, low, high = (table[c].to_numpy(dtype=float) for c in ("ratio_median", "ratio_min", "ratio_max"))
     status = [_ratio_status(m, lo) for m, lo in zip(med, low)]
     with np.errstate(divide="ignore", invalid="ignore"):  # (ratios <= 0 and NaN: handled below)
@@ -354,8 +351,7 @@ def _plot(table, tr, transform, path):
     # room below the lowest finite log for the marks of ratios <= 0 or undefined (whose logs are -inf or NaN)
     bottom = finite.min() - (0.1 if all(st == "ok" for st in status) else 1.5) * span
     top = finite.max() + 0.15 * span
-    fig = Figure(figsize=(max(5, 0.8 * len(table) + 2), 4))
-    ax = fig.subplots()
+    fig, ax = file_figure(figsize=(max(5, 0.8 * len(table) + 2), 4))  # (matplotlib checked before the work)
     x = np.arange(len(table))
     for i, (inv, st) in enumerate(zip(table["invariant"], status)):
         color = "tab:green" if inv else "tab:red"
