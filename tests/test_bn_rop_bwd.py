@@ -17,12 +17,14 @@ from fastcurv import _ext
 from fastcurv.ops import bn_rop_bwd, bn_rop_bwd_reference
 from models import cnn, replicas
 from oracle import ragged
-from triton_helpers import TRITON_DEVICES, compile_for_gpu, triton_kernels_or_skip
+from triton_helpers import BN_MULTI_TILE, TRITON_DEVICES, compile_for_gpu, triton_kernels_or_skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=2e-5), torch.float64: dict(rtol=1e-11, atol=1e-12)}
-needs_ext = pytest.mark.skipif(not _ext.has_kernel("bn_rop_bwd", "cpu"), reason="C++ extension not built")
+# (the reason says why: no library, or one that failed to load, e.g. built against another torch)
+needs_ext = pytest.mark.skipif(not _ext.has_kernel("bn_rop_bwd", "cpu"),
+                               reason=f"C++ kernel bn_rop_bwd not loaded: {_ext.extension_error() or 'not in fastcurv._C'}")
 
 
 def make_inputs(N, K, G, S, dtype=torch.float64, device="cpu", affine=True, tangent=True, seed=0, scale=1.0):
@@ -167,15 +169,30 @@ def test_cpu_kernel_errors_name_the_problem():
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(7, 3, 4, 1), (9, 2, 37, 1), (1, 2, 3, 4), (3, 1, 2, 5), (2, 2, 3, 9)],
+@pytest.mark.parametrize("shape", [(7, 3, 4, 1), (9, 2, 37, 1), (1, 2, 3, 4), (3, 1, 2, 5), (2, 2, 3, 9), *BN_MULTI_TILE],
                          ids=lambda s: "x".join(map(str, s)))
 def test_triton_kernel_matches_reference(device, dtype, shape):
+    """Every combination of the affine parameters and the input tangent. The BN_MULTI_TILE shapes
+    reduce over more than one tile of samples: without them, a kernel that summed the first tile
+    only (``for e0 in range(0, NS, BLOCK_E)`` -> ``range(0, BLOCK_E, BLOCK_E)`` in
+    _bn_rop_bwd_sums_kernel) passed every test, with errors of 0.04 to 1 on (40, 2, 37, 1)."""
     tk = triton_kernels_or_skip()
-    for affine, tangent in [(True, True), (False, False), (False, True)]:
+    for affine, tangent in [(True, True), (True, False), (False, False), (False, True)]:
         args = make_inputs(*shape, dtype=dtype, device=device, affine=affine, tangent=tangent, seed=sum(shape))
         got = tk.bn_rop_bwd(*args)
         want = bn_rop_bwd_reference(*(None if t is None else t.double() for t in args))
         torch.testing.assert_close(got, want.to(dtype), **TOL[dtype])
+
+
+def test_multi_tile_shapes_take_several_tiles():
+    """BN_MULTI_TILE (also used by test_bn_eval_rop.py) still spans several tiles of samples, the
+    last one ragged, with the kernels' current tile sizes."""
+    triton_kernels_or_skip()
+    from fastcurv.triton_kernels.batchnorm import _tile_shape
+
+    for N, K, G, S in BN_MULTI_TILE:
+        block_e = _tile_shape(N, G, S)[1]
+        assert block_e < N * S and (N * S) % block_e != 0, (N, K, G, S, block_e)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

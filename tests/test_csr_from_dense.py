@@ -6,7 +6,7 @@ import fastcurv
 from fastcurv.ops import csr_from_dense, csr_from_dense_reference
 from fastcurv.ops.csr_linear import CsrRows
 
-needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not loaded (fastcurv._ext.extension_error() says why)")
 
 
 def _relu_like(G, M, F, dtype, seed=0):

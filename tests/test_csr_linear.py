@@ -7,7 +7,7 @@ from fastcurv.ops.csr_linear import (CsrRows, csr_linear, csr_linear_reference, 
                                      csr_linear_wgrad_reference, csr_linear_wgrad_shared, csr_masked_linear,
                                      csr_masked_linear_reference)
 
-needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not loaded (fastcurv._ext.extension_error() says why)")
 
 # Output widths that reach every code path of every variant: tiles of 8 vectors, then passes of 4, 2
 # and 1 vectors, of 32- and 16-byte vectors and scalar tails (127 takes all of them), for 16-, 32- and
@@ -419,7 +419,7 @@ def test_shapes_are_checked_against_in_features(impl):
     """A weight or ``out`` narrower than X's in_features, and a CsrRows built by hand with column
     indices past in_features, are refused (the C++ kernels read and wrote out of bounds)."""
     if impl == "ext" and not fastcurv.cpu_extension_loaded():
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not loaded (fastcurv._ext.extension_error() says why)")
     x = torch.zeros(4, 64)
     x[:, -1] = 1.0
     X, rows = CsrRows.from_dense(x), torch.arange(4).view(1, 4)
@@ -437,7 +437,7 @@ def test_shapes_are_checked_against_in_features(impl):
 @pytest.mark.parametrize("impl", ["ext", "torch"])
 def test_masked_linear_empty_and_aliased(impl):
     if impl == "ext" and not fastcurv.cpu_extension_loaded():
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not loaded (fastcurv._ext.extension_error() says why)")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=gen).clamp_min(0)
     P, w = CsrRows.from_dense(x), torch.randn(2, 4, 5, generator=gen)

@@ -19,7 +19,7 @@ def test_extension_loaded_in_ci():
         assert fastcurv._ext.has_kernel(op, "cpu"), op
 
 
-needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not loaded (fastcurv._ext.extension_error() says why)")
 
 
 @needs_ext
@@ -99,7 +99,7 @@ def cuda_library(monkeypatch):
     """``set(loaded, why)``: fastcurv._cuda simulated as loaded (as after a ``FASTCURV_CUDA=1`` build;
     with no CUDA device its kernels count as running), or as absent for the reason ``why``."""
     if not fastcurv.cpu_extension_loaded():
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not loaded (fastcurv._ext.extension_error() says why)")
     monkeypatch.setattr(_ext, "_has_kernel", {})
     monkeypatch.setattr(_ext, "_cuda_runs", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (no probe launch)

@@ -20,7 +20,7 @@ from fastcurv.ops.group_conv import (conv_input_grad, group_conv, group_conv_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-needs_ext = pytest.mark.skipif(not _ext.has_kernel("group_conv", "cpu"), reason="C++ extension not built")
+needs_ext = pytest.mark.skipif(not _ext.has_kernel("group_conv", "cpu"), reason="C++ extension not loaded (fastcurv._ext.extension_error() says why)")
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-11, atol=1e-11)}
 
 # (B, G, C1, C2, O1, O2, H, W, kh, kw, padding (ph, pw) or (top, bottom, left, right))
@@ -132,7 +132,7 @@ def test_kernel_edge_values():
 @pytest.mark.parametrize("impl", ["torch", "auto"])
 def test_errors_name_the_problem(impl):
     if impl == "auto" and not _ext.has_kernel("group_conv", "cpu"):
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not loaded (fastcurv._ext.extension_error() says why)")
     x, w, grad = _inputs(CASES[0], torch.float64)
     out_w = torch.zeros(2, 1, 5, 1, 3, 3, 3, dtype=torch.float64)
     with _ext.use_kernels(impl):
@@ -189,7 +189,7 @@ def test_no_channels_or_no_groups(impl):
     """C = 0 channels or G = 0 groups: the C++ kernel returned zeros, the reference raised (torch's
     conv2d refuses them)."""
     if impl == "ext" and not _ext.has_kernel("group_conv", "cpu"):
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not loaded (fastcurv._ext.extension_error() says why)")
     with _ext.use_kernels(impl):
         z = group_conv(torch.randn(2, 2, 0, 2, 5, 5), torch.randn(2, 3, 0, 3, 3), padding=(1, 1))
         assert z.shape == (2, 2, 1, 3, 5, 5) and not z.any()

@@ -18,7 +18,7 @@ from fastcurv.ops import head_hvp, head_hvp_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-needs_ext = pytest.mark.skipif(not _ext.has_kernel("head_hvp", "cpu"), reason="C++ extension not built")
+needs_ext = pytest.mark.skipif(not _ext.has_kernel("head_hvp", "cpu"), reason="C++ extension not loaded (fastcurv._ext.extension_error() says why)")
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
@@ -188,7 +188,7 @@ def test_no_inputs(impl):
     """A head of I = 0 inputs: the reference returned its result, the C++ layout check refused the
     empty weight (its strides after a size-0 dimension)."""
     if impl == "ext" and not _ext.has_kernel("head_hvp", "cpu"):
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not loaded (fastcurv._ext.extension_error() says why)")
     r = torch.randn
     with _ext.use_kernels(impl):
         got = head_hvp(r(2, 2, 0), r(2, 2, 3, 0), r(2, 4, 0), r(2, 3, 4, 0), r(2, 2, 4), 0.5)

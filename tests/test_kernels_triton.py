@@ -62,15 +62,21 @@ def test_softmax_ce_hvp(device, dtype, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("C", [11, 1500])
-def test_softmax_ce_hvp_confident_rows(device, C):
+@pytest.mark.parametrize("C, confident", [(11, 5), (1500, 750), (1500, 1497)])
+def test_softmax_ce_hvp_confident_rows(device, C, confident):
     """float32 rows with margins up to 60 keep their precision (the kernel pivots on the most
-    probable class, in one block and across blocks)."""
+    probable class, in one block and across blocks).
+
+    With C = 1500 the kernel loops over blocks of 1024 classes: class 750 is in the first block,
+    class 1497 in the second, so only the latter checks the search across blocks. A kernel that
+    looked for the pivot in the first block only (mutation ``range(0, C, BLOCK_C)`` ->
+    ``range(0, BLOCK_C, BLOCK_C)`` in the pivot loop of ``_softmax_ce_hvp_kernel``) passed the
+    750 case but gives a row-wise relative error of 1.0 here."""
     g = _gen(5)
-    z = _randn(2, 5, C, dtype=torch.float64, device="cpu", gen=g)
-    z[:, :, C // 2] += torch.tensor([0.0, 10, 20, 30, 60], dtype=torch.float64)
+    z = _randn(1, 5, C, dtype=torch.float64, device="cpu", gen=g)
+    z[:, :, confident] += torch.tensor([0.0, 10, 20, 30, 60], dtype=torch.float64)
     p64 = z.softmax(-1)
-    t = _randn(2, 3, 5, C, dtype=torch.float64, device="cpu", gen=g)
+    t = _randn(1, 2, 5, C, dtype=torch.float64, device="cpu", gen=g)
     out = tk.softmax_ce_hvp(p64.float().to(device), t.float().to(device), 0.5)
     assert rowwise_error(out, 0.5 * pairwise_ce_product(p64.unsqueeze(1), t)) < 1e-5
 

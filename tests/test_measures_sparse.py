@@ -16,7 +16,7 @@ from fastcurv.replicas import ReplicaSet
 from _measure_models import single_thread  # noqa: F401  (autouse fixture)
 
 load_all()
-needs_csr = pytest.mark.skipif(not _ext.has_kernel("csr_linear", "cpu"), reason="C++ extension not built")
+needs_csr = pytest.mark.skipif(not _ext.has_kernel("csr_linear", "cpu"), reason="C++ extension not loaded (fastcurv._ext.extension_error() says why)")
 
 
 def sparse_data(n=60, d=50, k=4, density=0.2, seed=0, dtype=torch.float32):

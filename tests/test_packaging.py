@@ -23,7 +23,7 @@ from fastcurv.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 needs_source = pytest.mark.skipif(not (ROOT / "setup.py").is_file(), reason="needs the source tree")
-needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not loaded (fastcurv._ext.extension_error() says why)")
 
 
 @pytest.fixture(scope="module")

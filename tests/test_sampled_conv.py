@@ -16,7 +16,7 @@ from fastcurv.ops import conv_patches, sampled_conv, sampled_conv_reference, sam
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-needs_ext = pytest.mark.skipif(not _ext.has_kernel("sampled_conv", "cpu"), reason="C++ extension not built")
+needs_ext = pytest.mark.skipif(not _ext.has_kernel("sampled_conv", "cpu"), reason="C++ extension not loaded (fastcurv._ext.extension_error() says why)")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 # (N, C_in, H, W, kernel, stride, padding, dilation, G, K, S)
@@ -110,7 +110,7 @@ def test_kernel_edge_values():
 @pytest.mark.parametrize("impl", ["torch", "auto"])
 def test_errors_name_the_problem(impl):
     if impl == "auto" and not _ext.has_kernel("sampled_conv", "cpu"):
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not loaded (fastcurv._ext.extension_error() says why)")
     x, cols, pos, weight, grad = _inputs(CASES[0], torch.float64)
     L = cols.shape[1]
     with _ext.use_kernels(impl):
@@ -146,7 +146,7 @@ def test_empty_patches_and_positions_checked_before_writing(impl):
     with ``out`` untouched under accumulate (the C++ kernels crashed on the first two and wrote
     part of ``out`` before raising on the third)."""
     if impl == "ext" and not _ext.has_kernel("sampled_conv", "cpu"):
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not loaded (fastcurv._ext.extension_error() says why)")
     with _ext.use_kernels(impl):
         z = sampled_conv(torch.zeros(2, 5, 0), torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(3, 1, 0))
         assert z.shape == (2, 1, 3, 4) and not z.any()
@@ -166,7 +166,7 @@ def test_no_samples(impl):
     """N = 0 samples: the C++ kernels returned empty results, the reference raised (a reshape of 0
     elements with -1)."""
     if impl == "ext" and not _ext.has_kernel("sampled_conv", "cpu"):
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not loaded (fastcurv._ext.extension_error() says why)")
     with _ext.use_kernels(impl):
         z = sampled_conv(torch.randn(0, 4, 5), torch.zeros(0, 2, 3, dtype=torch.long), torch.randn(2, 2, 5))
         assert z.shape == (0, 2, 2, 3)

@@ -15,7 +15,7 @@ from fastcurv.ops.head_hvp import head_hvp, head_hvp_reference
 from models import mlp, replicas
 from oracle import dense_hessian, pairwise_ce_product, rowwise_error
 
-needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not loaded (fastcurv._ext.extension_error() says why)")
 
 
 def _targets(gen, N, C, soft):

@@ -563,7 +563,7 @@ def _sparse_xy(n=21, seed=0):
     return x, y
 
 
-needs_ext = pytest.mark.skipif(not __import__("fastcurv").cpu_extension_loaded(), reason="C++ extension not built")
+needs_ext = pytest.mark.skipif(not __import__("fastcurv").cpu_extension_loaded(), reason="C++ extension not loaded (fastcurv._ext.extension_error() says why)")
 
 
 @needs_ext

@@ -14,7 +14,7 @@ from fastcurv.train import evaluate_population, mlp, train_population
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not built")
+needs_ext = pytest.mark.skipif(not fastcurv.cpu_extension_loaded(), reason="C++ extension not loaded (fastcurv._ext.extension_error() says why)")
 
 
 def _data(n=16, d=6, classes=3, seed=0):

@@ -15,6 +15,10 @@ TRITON_DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
+# BatchNorm shapes [N, K, G, S] whose per-group reductions over the N * S samples take more than one
+# tile, the last one ragged (triton_kernels.batchnorm._tile_shape): for small S a tile holds 32
+# groups and 32 samples (40 here); for S >= 8 one group and 1024 samples (1500 here)
+BN_MULTI_TILE = [(40, 2, 37, 1), (5, 1, 2, 300)]
 
 
 def triton_kernels_or_skip():
