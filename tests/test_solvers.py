@@ -212,10 +212,13 @@ def test_lanczos_with_fewer_distinct_eigenvalues_than_k_and_k_above_p():
         lanczos(op, k=11)
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e-40, 1e-100])
+@pytest.mark.parametrize("scale", [1.0, 1e-40, 1e-100, 1e-170])
 def test_lanczos_is_scale_invariant(scale):
     """Relative stopping and breakdown tests: an operator scaled by 1e-40 gives the scaled results
-    (an absolute floor of 1e-30 stopped it after one step with a wrong value, flagged converged)."""
+    (an absolute floor of 1e-30 stopped it after one step with a wrong value, flagged converged).
+    At 1e-170 torch's float64 norm of a matvec (entries 1e-170, squares below the smallest
+    subnormal) was 0: both runs stopped "converged" after one step at the start vector's Rayleigh
+    quotient (-0.78 for lambda_max 7.0 and for lambda_min -7.3)."""
     mats = random_symmetric(2, 30, 3)
     base = [lanczos(DenseOperator(mats), k=1, which=w, tol=1e-8, seed=0) for w in ("largest", "smallest")]
     for ref, w in zip(base, ("largest", "smallest")):
@@ -412,3 +415,94 @@ def test_plotting_a_density_to_a_file_leaves_no_figure_and_keeps_the_backend(svg
     ax = sd.plot()  # without a path: a pyplot figure, to show (the caller's to close)
     assert plt.get_fignums() == [*open_before, ax.figure.number]
     plt.close(ax.figure)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 1e-24, 1e-170, 1e25, 1e200])
+def test_row_norms_neither_underflow_nor_overflow(dtype, scale):
+    """torch's norm squares the entries in their own dtype: in float32 it returned 0 for entries
+    of 1e-24 (a confident model's Hv, so Lanczos and power iteration stopped "converged" after one
+    step) and inf for entries of 1e25; in float64 0 for entries of 1e-170."""
+    from fastcurv.solvers._norms import row_norms
+
+    if scale * 4 > torch.finfo(dtype).max or scale / 4 < torch.finfo(dtype).tiny:
+        pytest.skip("entries outside the dtype's normal range")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 500, generator=g, dtype=torch.float64)
+    base[1] = 0.0
+    base[2, 1:] = 0.0  # one nonzero entry
+    w = (base * scale).to(dtype)
+    want = torch.linalg.vector_norm(w.double() / scale, dim=-1) * scale
+    got = row_norms(w)
+    assert got.dtype == dtype and got.shape == (3,)
+    torch.testing.assert_close(got.double(), want, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    assert row_norms(w, keepdim=True).shape == (3, 1) and row_norms(w.unsqueeze(1)).shape == (3, 1)
+    w[0, 7] = float("inf")
+    assert row_norms(w)[0] == float("inf")
+
+
+def _confident_mlp(target_margin):
+    """A float32 ReLU MLP 6-8-3 and 40 samples labelled by its own argmax, all with nearly the same
+    margin (0.264-0.274: about 10 samples carry the curvature, so the Hessian has several well
+    separated eigenvalues), its head scaled so the median margin becomes ``target_margin``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 6, generator=g)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        out = m(x)
+        top2 = out.topk(2, dim=1).values
+        margin = top2[:, 0] - top2[:, 1]
+        keep = (margin - margin.median()).abs().argsort()[:40]
+        c = target_margin / float(margin.median())
+        m[-1].weight.mul_(c)
+        m[-1].bias.mul_(c)
+    return m, x[keep], out[keep].argmax(1)
+
+
+def test_solvers_on_a_confident_float32_model_match_float64(one_thread, recwarn):
+    """A float32 MLP with per-sample loss 2e-27 (far above the 1.2e-38 where the loss underflows;
+    the Hessian's products match float64 to 1e-5): its Hv entries, at most 3e-24, have squares
+    below float32's smallest subnormal, and torch's float32 norm returned 0. Lanczos read that as
+    an exhausted Krylov space: lambda_max 3.7e-24 for 7.0e-23 (top-2's second NaN), lambda_min
+    +3.7e-24 for -1.15e-27 "converged", power iteration 3.7e-24 "converged" after one step, SLQ's
+    largest node 3.0e-24; the gradient start (entries up to 1e-25, norm 2e-25) was taken for a
+    zero vector. Now every solver matches the float64 run of the same weights."""
+    m32, x, y = _confident_mlp(62.0)
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        m = copy.deepcopy(m32).to(dtype)
+        op = fastcurv.HessianOperator([m], (x.to(dtype), y))
+        loss, grad = op.loss_and_gradient()
+        runs[dtype] = dict(
+            loss=float(loss),
+            top=lanczos(op, k=2, tol=1e-4),
+            bottom=lanczos(op, k=1, which="smallest", tol=1e-4),
+            grad_start=lanczos(op, k=1, tol=1e-4, v0=grad),
+            power=power_iteration(op, tol=1e-4),
+            slq=slq(op, num_steps=20).nodes.max(),
+        )
+    r32, r64 = runs[torch.float32], runs[torch.float64]
+    assert 1e-28 < r64["loss"] < 1e-26
+    assert not [w for w in recwarn.list if "v0 is zero" in str(w.message)]
+    lmax = float(r64["top"].eigenvalues[0, 0])
+    assert 6e-23 < lmax < 8e-23
+    for key in ("top", "bottom", "grad_start", "power"):
+        assert r32[key].converged.all() and r64[key].converged.all(), key
+        torch.testing.assert_close(r32[key].eigenvalues, r64[key].eigenvalues, rtol=1e-4, atol=1e-5 * lmax, msg=key)
+    torch.testing.assert_close(r32["slq"], r64["slq"], rtol=1e-4, atol=0)
+
+
+def test_power_iteration_stops_on_an_absolute_change_below_1e_minus_6(one_thread):
+    """The documented rule (PyHessian's): stop when the estimate moves by at most
+    ``tol * (|lambda| + 1e-6)``, absolute below |lambda| = 1e-6. On the confident MLP above
+    (lambda_max 7.0e-23, float64) it stops after two steps whatever ``tol``, 13% low, reported
+    converged; its error bound, the residual, covers the error. (The README said "stopped moving
+    by `tol`".)"""
+    m, x, y = _confident_mlp(62.0)
+    op = fastcurv.HessianOperator([m.double()], (x.double(), y))
+    for tol in (1e-2, 1e-12):
+        res = power_iteration(op, tol=tol)
+        assert int(res.iterations[0]) == 2 and bool(res.converged[0])
+        err = 7.0167e-23 - float(res.eigenvalues[0, 0])
+        assert 0.1 * 7.0167e-23 < err <= float(res.error_bounds[0, 0])

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ..replicas import consecutive_runs
+from ._norms import row_norms
 from ._project import project_out_
 from .probes import as_seed, start_vectors
 
@@ -165,7 +166,7 @@ def _second_pass(Q: torch.Tensor, w: torch.Tensor, b: torch.Tensor, before: torc
     again = done & (b < 0.5 * before).cpu()
     if again.any():
         _reorthogonalize(Q, w, ai, again, j)
-        b[again.to(b.device)] = w[again.to(w.device)].norm(dim=-1)
+        b[again.to(b.device)] = row_norms(w[again.to(w.device)])
 
 
 def _start(op, v0, seed: int, common: bool) -> torch.Tensor:
@@ -177,7 +178,7 @@ def _start(op, v0, seed: int, common: bool) -> torch.Tensor:
         raise ValueError(f"v0 must be a tensor [R, P] = [{op.R}, {op.P}], got "
                          f"{tuple(v0.shape) if torch.is_tensor(v0) else type(v0).__name__}")
     v0 = v0.detach().to(op.device, op.dtype)
-    norm = v0.norm(dim=-1, keepdim=True)
+    norm = row_norms(v0, keepdim=True)  # (a confident model's gradient, entries 1e-25, is no zero vector)
     usable = torch.isfinite(norm) & (norm > 0)
     if not bool(usable.all()):
         bad = (~usable).flatten().nonzero().flatten().tolist()
@@ -264,7 +265,7 @@ def lanczos(
     # Q[r, :n] is replica r's Krylov basis. Rows are never moved: on the CPU the active replicas are
     # read in runs of consecutive replicas (views), so no step copies the basis.
     Q = torch.empty(R, _capacity(R, m + 1, P, op.dtype, op.device), P, dtype=op.dtype, device=op.device)
-    Q[:, 0] = v0 / v0.norm(dim=-1, keepdim=True)
+    Q[:, 0] = v0 / row_norms(v0, keepdim=True)
     alpha = torch.zeros(R, m, dtype=f64)
     beta = torch.zeros(R, m + 1, dtype=f64)
     eig = torch.full((R, k), float("nan"), dtype=f64)
@@ -319,10 +320,11 @@ def lanczos(
             wr = w[gw].unsqueeze(1)
             wr.baddbmm_(coef[gw], Q[gq, lo : j + 1], alpha=-1)
         if full:
-            before = w.norm(dim=-1)
+            before = row_norms(w)
             for gq, gw in groups:
                 project_out_(Q[gq, : j + 1], w[gw].unsqueeze(1))
-        b = w.norm(dim=-1)
+        # (row_norms: torch's float32 norm of a confident model's Hv, entries 1e-24, is 0, a false breakdown)
+        b = row_norms(w)
         alpha[ai, j] = a.to(f64).cpu()
         if full:
             reorths[ai] += 1
@@ -333,7 +335,7 @@ def lanczos(
             if due.any():
                 before = b.clone()
                 _reorthogonalize(Q, w, ai, due, j)
-                b[due.to(b.device)] = w[due.to(w.device)].norm(dim=-1)
+                b[due.to(b.device)] = row_norms(w[due.to(w.device)])
                 _second_pass(Q, w, b, before, ai, due, j)
                 new[due, : j + 1] = eps1
                 reorths[ai[due]] += 1
