@@ -188,3 +188,21 @@ def test_deflated_trace_is_exact_on_a_whole_krylov_space_and_tight_on_most_of_it
     assert most.trace_method == "deflated" and most.iterations["lambda_max"].tolist() == [16, 16, 16]
     err, se = (most["trace"] - want).abs(), most.stderr["trace"]
     assert (err <= 3 * se).all() and (se <= 0.05 * want).all(), (err, se, want)
+
+
+def test_gradient_start_is_taken_on_a_confident_float32_model():
+    """The default Lanczos start is each replica's unit loss gradient plus a random unit vector. On a
+    confident float32 model (per-sample loss about 1e-27, gradient entries up to 1e-25) torch's norm
+    of the gradient underflowed to 0, and the start silently fell back to the random vector alone."""
+    from fastcurv.sharpness import _gradient_start
+    from fastcurv.solvers.probes import start_vectors
+    from test_solvers import _confident_mlp
+
+    m, x, y = _confident_mlp(62.0)
+    op = fastcurv.HessianOperator([m], (x, y), backend="autograd")
+    v, loss = _gradient_start(op, 0, True)
+    z = start_vectors(op, 0, True)
+    g = op.loss_and_gradient()[1].double()
+    assert float(loss) < 1e-20 and float(g.abs().max()) > 0
+    d = v.double() - z.double()  # the gradient's unit vector, when it was taken
+    assert torch.allclose(d, g / g.norm(), atol=1e-5)

@@ -15,6 +15,7 @@ from .losses import canonical_name
 from .measures import accepted_options, load_all as _load_measures
 from .operator import HessianOperator
 from .replicas import validate_models
+from .solvers._norms import row_norms
 from .solvers.lanczos import whole_count
 from .solvers.probes import as_seed, start_vectors
 from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
@@ -127,7 +128,7 @@ def _gradient_start(op, seed: int, common: bool) -> tuple[torch.Tensor, torch.Te
     finite); and the loss ``[R]``."""
     z = start_vectors(op, seed, common)
     loss, grad = op.loss_and_gradient(reuse_state=True)  # the first matvec then finds the state cached
-    norm = grad.norm(dim=-1, keepdim=True)
+    norm = row_norms(grad, keepdim=True)  # (a confident float32 model's gradient: torch's norm underflowed to 0)
     usable = torch.isfinite(norm) & (norm > 0)
     return torch.where(usable, z + grad / torch.where(usable, norm, 1.0), z), loss
 

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ..solvers._norms import row_norms
+
 NORMS = ("l2", "linf")
 
 
@@ -24,26 +26,17 @@ def _checkpoints(n_iter: int) -> list[int]:
     return sorted({math.ceil(q * n_iter) for q in p[1:] if q <= 1 and math.ceil(q * n_iter) > 0})
 
 
-def _row_norms(v: torch.Tensor) -> torch.Tensor:
-    """``||v_r||_2`` ``[R, 1]`` of the rows of ``v`` ``[R, P]`` without underflow: torch's norm squares
-    the entries unscaled, so in float32 entries below about 1e-19 lose digits and below about 4e-23
-    square to 0 (a confident model's gradient). The rows are scaled by their largest entry first."""
-    s = v.abs().amax(-1, keepdim=True)
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return s * (v / s).norm(dim=-1, keepdim=True)
-
-
 def _project(u, rho, p):
     r = rho.view(-1, 1)
     if p == "l2":
-        n = _row_norms(u)
+        n = row_norms(u, keepdim=True)
         return u * torch.clamp(r / n.clamp_min(torch.finfo(u.dtype).tiny), max=1.0)
     return torch.maximum(torch.minimum(u, r), -r)
 
 
 def _direction(g, p):
     if p == "l2":
-        return g / _row_norms(g).clamp_min(torch.finfo(g.dtype).tiny)  # (a zero row stays 0)
+        return g / row_norms(g, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)  # (a zero row stays 0)
     return g.sign()
 
 
