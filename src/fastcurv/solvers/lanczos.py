@@ -25,7 +25,10 @@ class EigenResult:
     (``column_converged``), ``inf`` for the others: before convergence a Ritz value can sit on the
     second eigenvalue while the first has not entered the Krylov space, with a small residual and a
     large gap to the other Ritz values (measured errors up to 28,000x that estimate, and above r in
-    60% of runs stopped after 3 steps); NaN beside a NaN eigenvalue. iterations: ``[R]`` matvecs used.
+    60% of runs stopped after 3 steps); the gap is to the other Ritz values, so a converged column
+    whose eigenvalue has a twin the Krylov space has not separated yet (closer than about
+    ``sqrt(tol)`` relative) can be off by more than the estimate, though within ``tol``: ``residuals``
+    is the conservative bound there; NaN beside a NaN eigenvalue. iterations: ``[R]`` matvecs used.
     converged: ``[R]`` bool, all k columns. column_converged: ``[R, k]`` bool, each column's own test
     (its residual, after the steps one eigenvalue needs): the top eigenvalue of a top-k run may have
     converged while the others have not. eigenvectors: ``[R, k, P]`` Ritz vectors when requested.
