@@ -222,8 +222,16 @@ def _factorial_grid():
     return df
 
 
+def _tau_by_hand(x, y):
+    """Jiang et al.'s tau: concordant minus discordant pairs over all pairs (ties count 0)."""
+    import itertools
+
+    pairs = list(itertools.combinations(range(len(x)), 2))
+    return sum(np.sign(x[i] - x[j]) * np.sign(y[i] - y[j]) for i, j in pairs) / len(pairs)
+
+
 def _psi_by_hand(df, measure, target, hyper):
-    """psi_h: for each setting of the other hyperparameters, scipy's Kendall tau on those replicas."""
+    """psi_h: for each setting of the other hyperparameters, the pair-sign tau on those replicas."""
     import itertools
 
     psi = {}
@@ -236,9 +244,8 @@ def _psi_by_hand(df, measure, target, hyper):
                 mask &= (df[g] == v).to_numpy()
             x, y = df.loc[mask, measure].to_numpy(), df.loc[mask, target].to_numpy()
             ok = np.isfinite(x) & np.isfinite(y)
-            tau = st.kendalltau(x[ok], y[ok]).statistic
-            if np.isfinite(tau):
-                taus.append(tau)
+            if ok.sum() >= 2:
+                taus.append(_tau_by_hand(x[ok], y[ok]))
         psi[h] = np.mean(taus)
     return psi, np.mean(list(psi.values()))
 
@@ -260,8 +267,25 @@ def test_granulated_kendall_equals_scipy_kendalltau_per_group():
     # one hyperparameter: one group of all the replicas, Psi = their tau
     one = stats.granulated_kendall(df[df["wd"].eq(0.0) & df["sam"].eq(0.0)], "gap", ["lr"], ["noise"])
     sub = df[df["wd"].eq(0.0) & df["sam"].eq(0.0)]
-    assert one.loc["noise", "Psi"] == pytest.approx(st.kendalltau(sub["noise"], sub["gap"]).statistic, abs=1e-12)
+    assert one.loc["noise", "Psi"] == pytest.approx(_tau_by_hand(sub["noise"].to_numpy(), sub["gap"].to_numpy()), abs=1e-12)
     assert one.attrs["groups"] == {"lr": 1}
+
+
+def test_granulated_kendall_counts_ties_and_constant_groups_as_the_paper_does():
+    """Jiang et al.'s tau is the pair-sign average: a tied pair counts 0, so a group where the measure
+    is constant has tau 0 and still counts in psi. The first version dropped such groups and took
+    tau-b: a measure that ignores wd in three of four lr groups got psi_wd 1.0 for the paper's 0.25,
+    and one that ignores wd everywhere psi_wd NaN (Psi NaN) for 0 (Psi 0.5)."""
+    df = pd.DataFrame({"lr": np.repeat([0.01, 0.1, 1.0, 10.0], 2), "wd": np.tile([0.0, 1e-3], 4)})
+    df["gap"] = df["wd"] * 100 + np.log10(df["lr"])  # (lr and wd both raise the gap)
+    df["some"] = np.where(df["lr"].eq(0.01), df["gap"], df["lr"])  # tracks wd in one lr group only
+    df["none"] = df["lr"]  # ignores wd entirely
+    tab = stats.granulated_kendall(df, "gap", ["lr", "wd"], ["some", "none"])
+    assert tab.loc["some", "psi_wd"] == pytest.approx(0.25, abs=1e-12)
+    assert tab.loc["none", "psi_wd"] == 0.0 and tab.loc["none", "psi_lr"] == 1.0
+    assert tab.loc["none", "Psi"] == pytest.approx(0.5, abs=1e-12)
+    # a tie inside a group counts 0 (tau-b would rescale it away)
+    assert stats.pair_sign_tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / 3, abs=1e-12)
 
 
 def test_granulated_kendall_refuses_what_is_not_a_grid():

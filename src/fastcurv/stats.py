@@ -257,16 +257,18 @@ def granulated_kendall(df, target: str, hyperparameters: Sequence[str], measures
 
     For each hyperparameter ``h`` the replicas are grouped by their values of the OTHER
     hyperparameters, so that the replicas of a group differ only in ``h`` (and in their seed, which
-    is not a hyperparameter); ``psi_h`` is the mean over the groups of Kendall's tau-b between the
-    measure and the target within the group, and ``Psi`` is the mean of the ``psi_h``. With one
-    hyperparameter there is one group, all the replicas, and ``Psi = psi_h`` is their tau. Unlike a
-    pooled correlation, Psi does not credit a measure for merely tracking a hyperparameter that
-    moves the target through some other route.
+    is not a hyperparameter); ``psi_h`` is the mean over the groups of the paper's Kendall tau
+    between the measure and the target within the group, the average over the group's pairs of
+    ``sign(d measure) * sign(d target)`` (tau-a: a tied pair counts 0, a constant measure or target
+    gives 0), and ``Psi`` is the mean of the ``psi_h``. With one hyperparameter there is one group,
+    all the replicas, and ``Psi = psi_h`` is their tau. Unlike a pooled correlation, Psi does not
+    credit a measure for merely tracking a hyperparameter that moves the target through some other
+    route. (Tau-b, :func:`correlations`' column, rescales for ties: a measure that ignores ``h`` in
+    three of four groups would get ``psi_h`` 1 instead of 0.25 if those groups were dropped.)
 
     Within a group, the rows where the measure or the target is not finite are left out; a group
-    with fewer than 2 finite pairs, or a constant measure or target among them, has no tau and is
-    left out of the mean (``psi_h`` NaN when no group has one, and then ``Psi`` NaN too). Tau-b
-    equals the pair-sign average of the reference (tau-a) when there are no ties.
+    with fewer than 2 finite pairs has no tau and is left out of the mean (``psi_h`` NaN when no
+    group has one, and then ``Psi`` NaN too).
 
     Args:
         df: one row per replica, with the hyperparameter, target and measure columns.
@@ -327,12 +329,16 @@ def granulated_kendall(df, target: str, hyperparameters: Sequence[str], measures
     return out
 
 
+def pair_sign_tau(x, y) -> float:
+    """Jiang et al.'s Kendall tau of ``x`` and ``y`` ``[n]`` (n >= 2): the average over the pairs
+    ``i < j`` of ``sign(x_i - x_j) * sign(y_i - y_j)`` (tau-a; a tied pair counts 0)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    i, j = np.triu_indices(x.size, 1)
+    return float(np.mean(np.sign(x[i] - x[j]) * np.sign(y[i] - y[j])))
+
+
 def _mean_tau(x, y, groups) -> float:
-    """The mean Kendall tau-b of ``(x[g], y[g])`` over the index arrays ``groups`` that have one
-    (at least 2 finite pairs, neither constant); NaN when none has."""
-    taus = []
-    for g in groups:
-        xg, yg = _clean(x[g], y[g])
-        if xg.size >= 2 and np.ptp(xg) > 0 and np.ptp(yg) > 0:
-            taus.append(float(_st.kendalltau(xg, yg).statistic))
+    """The mean :func:`pair_sign_tau` of ``(x[g], y[g])`` over the index arrays ``groups`` with at
+    least 2 finite pairs; NaN when none has."""
+    taus = [pair_sign_tau(xg, yg) for xg, yg in (_clean(x[g], y[g]) for g in groups) if xg.size >= 2]
     return float(np.mean(taus)) if taus else float("nan")
