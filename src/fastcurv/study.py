@@ -44,7 +44,8 @@ import torch
 
 from .resume import expand_path, prepare_file, prepare_folder, sibling_path
 from .study_config import (MODELS, STALLED_MARGIN, _audit_transform, _check_data, _check_settings, _config_value,
-                           _from_config, _hidden_widths, _numbers, _split_measures, _target_loss, _write_yaml)
+                           _from_config, _hidden_widths, _integers, _numbers, _split_measures, _target_loss,
+                           _write_yaml)
 from .study_config import DATA_SETS, FUNCTION_MEASURES  # noqa: F401  (re-exported)
 from .study_report import (TARGETS, _clear_report, _figure_class, _headline_columns, _plot, _plot_gde, _plot_heatmap,
                            _print, _report, _versions)
@@ -134,7 +135,8 @@ def study(
     momentum=0.9,
     weight_decay=0.0,
     sam_rho=0.0,
-    batch_size: int = 32,
+    batch_size: int | list = 32,
+    label_noise=0.0,
     epochs: int = 15,
     target_loss: float | None = None,
     measures=("lambda_max", "trace", "weakness", "perturbation_weakness", "simplicity", "disagreement"),
@@ -167,11 +169,17 @@ def study(
         hidden, activation: the MLP's hidden widths, or the CNN's conv channels (input and output
             widths come from the data).
         optimizer ... target_loss, checkpoint: training settings, see :func:`fastcurv.train.train_population`.
-            ``lr``, ``momentum``, ``weight_decay`` and ``sam_rho`` may be one number or one per
-            replica (a list, tuple, 1-d numpy array or tensor, e.g. ``np.logspace(-3, -1, 8)``): such
-            a sweep gets a column in the table, a row among the correlations (kind "hyperparameter":
-            a baseline for the measures), the granulated Kendall coefficient (two or more swept, or
-            one) and the colours of the scatter plots. ``target_loss=0.0`` counts as set (the
+            ``lr``, ``momentum``, ``weight_decay``, ``sam_rho``, ``batch_size`` and ``label_noise``
+            may be one number or one per replica (a list, tuple, 1-d numpy array or tensor, e.g.
+            ``np.logspace(-3, -1, 8)``): such a sweep gets a column in the table, a row among the
+            correlations (kind "hyperparameter": a baseline for the measures), the granulated
+            Kendall coefficient (two or more swept, or one) and the colours of the scatter plots.
+            ``batch_size``: positive integers; every batch size trains the same ``epochs`` (smaller
+            batches take more steps). ``label_noise``: fractions in [0, 1) of each replica's
+            training labels replaced by wrong ones, drawn with its seed
+            (:func:`fastcurv.train.noisy_labels`); ``train_acc``, ``train_loss`` and ``gap`` are on the
+            clean labels, and the table's ``noisy_train_acc`` (with label noise) is the accuracy on
+            the labels each replica was trained on. ``target_loss=0.0`` counts as set (the
             ``reached_target`` column and the report's lines); None is unset.
         measures: names from ``fastcurv.sharpness.MEASURES`` (and registered extras, e.g.
             "rho_sharpness"), computed by :func:`fastcurv.batched_sharpness` on the training set,
@@ -247,7 +255,7 @@ def study(
     from . import batched_sharpness, function_measures, invariance_audit
     from .datasets import load_dataset, make_loader
     from .stats import correlations
-    from .train import cnn, evaluate_population, mlp, train_population
+    from .train import _batch_sizes, _label_noise, cnn, evaluate_population, mlp, noisy_labels, train_population
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -274,6 +282,9 @@ def study(
     _check_settings(n_boot=n_boot, audit=audit, audit_alpha=audit_alpha, audit_measures=audit_measures,
                     audit_replicas=audit_replicas, sharpness_kwargs=sharpness_kwargs, function_kwargs=function_kwargs,
                     lr=lr, replicas=replicas)
+    batch_size, label_noise = _integers(batch_size, "batch_size"), _numbers(label_noise, "label_noise")
+    _batch_sizes(batch_size, int(replicas))  # (clear errors before any work: a length, a fraction, a float)
+    noise = _label_noise(label_noise, int(replicas))
     if audit:
         _audit_transform(audit_transform, audit_alpha)  # check the name before training
         if audit_measures and model == "cnn" and (sharpness_kwargs or {}).get("bn_mode", "eval") == "batch":
@@ -331,7 +342,8 @@ def study(
     t = time.perf_counter()
     models, history = train_population(builder, x_tr, y_tr, seeds=seeds, optimizer=optimizer, lr=lr, momentum=momentum,
                                        weight_decay=weight_decay, sam_rho=sam_rho, batch_size=batch_size, epochs=epochs,
-                                       target_loss=target_loss, checkpoint=checkpoint, progress=progress)
+                                       target_loss=target_loss, checkpoint=checkpoint, progress=progress,
+                                       label_noise=label_noise)
     times["train"] = time.perf_counter() - t
 
     import pandas as pd
@@ -347,7 +359,12 @@ def study(
     })
     table["gap"] = _exact_gap(table["train_acc"], table["test_acc"], len(x_tr), len(x_te))
     swept = []  # the hyperparameters given one per replica: the main covariates of such a study
-    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho)):
+    if any(noise):  # the accuracy on the labels each replica was trained on (memorization of the wrong ones)
+        table["noisy_train_acc"] = [
+            float(evaluate_population(models[r:r + 1], x_tr, noisy_labels(y_tr, f, s, n_classes))["accuracy"][0])
+            for r, (f, s) in enumerate(zip(noise, seeds))]
+    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho),
+                        ("batch_size", batch_size), ("label_noise", label_noise)):
         if isinstance(value, (list, tuple)):
             table.insert(1, name, list(value))
             swept.append(name)

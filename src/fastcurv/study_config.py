@@ -93,6 +93,31 @@ def _numbers(value, name: str):
     return value
 
 
+def _integers(value, name: str):
+    """An integer or a list of integers (``batch_size``: one per replica is a sweep), in the forms
+    :func:`_numbers` reads: a 1-d numpy array or tensor as a list of Python ints, a numpy integer as
+    an int, a string of digits (a config file's) as an int. Anything else is returned as it is, for
+    :func:`fastcurv.train.train_population`'s checks to name (a float, a bool, a fraction)."""
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().numpy()
+        if isinstance(v, np.ndarray):
+            if v.ndim > 1:
+                raise ValueError(f"{name} must be an integer or a list of integers (one per replica), got an array "
+                                 f"of shape {v.shape}")
+            return v.tolist()
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, str) and v.strip().lstrip("+").isdigit():
+            return int(v)
+        return v
+
+    value = one(value)
+    if isinstance(value, (list, tuple)):
+        return [one(v) for v in value]
+    return value
+
+
 def _target_loss(value) -> float | None:
     """``target_loss`` as a float (numeric strings too: YAML reads ``1e-3`` as a string), or None;
     a ValueError for anything else (NaN too)."""

@@ -107,6 +107,10 @@ _GLOSSARY = (
     ("seed", "initialization and data-order seed"),
     ("lr", "learning rate (swept: one per replica)"), ("momentum", "momentum (swept)"),
     ("weight_decay", "weight decay (swept)"), ("sam_rho", "SAM radius (swept)"),
+    ("batch_size", "minibatch size (swept; every batch size trains the same epochs, a smaller one more steps)"),
+    ("label_noise", "fraction of the replica's training labels replaced by wrong ones, drawn with its seed (swept)"),
+    ("noisy_train_acc", "training accuracy on the replica's own noisy labels, those it was trained on (fraction; "
+                        "train_acc, train_loss and gap use the clean labels)"),
     ("train_loss", "mean cross-entropy on the training set (nats)"),
     ("test_loss", "mean cross-entropy on the test set (nats)"),
     ("train_acc", "training accuracy (fraction)"), ("test_acc", "test accuracy (fraction)"),
@@ -203,6 +207,11 @@ def _headline_columns(measures, columns) -> dict:
     return out
 
 
+def _any_noise(value) -> bool:
+    """Whether a study's ``label_noise`` setting (a number or one per replica) corrupts any labels."""
+    return any(value) if isinstance(value, (list, tuple)) else bool(value)
+
+
 def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headline, head_of, summary, aud, mixed,
             table, target, plots, parquet_note, granulated=None, granulated_note=None) -> str:
     """The text of report.md from the study's settings (``config``, as config.json holds them) and results."""
@@ -214,6 +223,8 @@ def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headl
         "",
         f"Training: {c['optimizer']}, lr {c['lr']}, momentum {c['momentum']}, weight decay {c['weight_decay']}, "
         f"SAM rho {c['sam_rho']}, batch {c['batch_size']}, at most {c['epochs']} epochs"
+        + (f", label noise {c['label_noise']} (fraction of each replica's training labels replaced by wrong ones; "
+           "train_acc, train_loss and gap on the clean labels)" if _any_noise(c.get("label_noise")) else "")
         + (f", stop at training loss {c['target_loss']}" if c.get("target_loss") is not None else "")
         + f"; {n_tr} training / {n_te} test samples"
         + (f" (fixed subsets drawn with seed {c['seed']}). " if c.get("n_train") or c.get("n_test") else " (all of them). ")

@@ -3,7 +3,9 @@
 The R replicas' parameters are stacked along a leading axis (``torch.func.stack_module_state``) and
 one forward/backward trains them all. Each replica has its own initialization seed and its own data
 order (or, with ``shared_data_order=True``, one order for all), and optionally its own learning
-rate, momentum, weight decay and SAM radius (a hyperparameter grid in one job).
+rate, momentum, weight decay, SAM radius, batch size and label-noise fraction (a hyperparameter
+grid in one job). Replicas with different batch sizes train in one group per batch size, the
+groups epoch by epoch together (see ``batch_size`` in :func:`train_population`).
 
 Engines (``history.engine`` says which ran, in the form given in :class:`TrainHistory`): plain MLP
 chains (Linear layers and elementwise activations in an ``nn.Sequential``) take the fused path of
@@ -49,6 +51,9 @@ end of an epoch, is at most ``target_loss``; the job ends when every replica has
 Checkpoints: with ``checkpoint=path`` the whole state (parameters, buffers, optimizer state, masks, history)
 is written atomically at the end of every epoch; calling again with the same arguments and path
 resumes after the last completed epoch and gives the same result as an uninterrupted run.
+
+Label noise (``label_noise``): each replica trains on its own copy of the labels with a fraction
+replaced by wrong ones (:func:`noisy_labels`, keyed by the replica's seed).
 """
 from __future__ import annotations
 
@@ -66,7 +71,9 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -174,9 +181,12 @@ class TrainHistory:
 
     train_loss: one ``[R]`` list per completed epoch (full training-set loss when evaluated, else
     the sample-weighted mean of the epoch's minibatch losses; NaN for diverged replicas, and for a
-    replica in the epochs after it reached ``target_loss``: :meth:`final_loss` skips those).
-    epochs_run, steps: per replica, epochs / optimizer steps actually taken. diverged, reached_target:
-    per-replica bools. seconds: wall time of this call. resumed_from_epoch: epochs found in the
+    replica in the epochs after it reached ``target_loss``: :meth:`final_loss` skips those). With
+    several batch sizes the rows are still epochs, of every replica: all batch sizes train the same
+    epochs, each with its own number of steps; there are no per-step rows. epochs_run, steps: per
+    replica, epochs / optimizer steps actually taken (``ceil(N / batch_size)`` steps per epoch).
+    batch_size: per replica, its minibatch size. diverged, reached_target: per-replica bools.
+    seconds: wall time of this call. resumed_from_epoch: epochs found in the
     checkpoint (0 when starting fresh). engine: how the forward/backward ran, as
     ``<path>[+sparse-input (<d>% nonzero)][, <n> worker threads]``, where ``<path>`` is
     ``fused-mlp`` (:mod:`fastcurv.train_fused`; ``fused-mlp+shared-order`` when all replicas share
@@ -193,6 +203,7 @@ class TrainHistory:
     seconds: float = 0.0
     resumed_from_epoch: int = 0
     engine: str = ""
+    batch_size: list = field(default_factory=list)
 
     def final_loss(self) -> list:
         """Last finite training loss recorded for each replica (NaN if none, e.g. diverged at once)."""
@@ -206,11 +217,15 @@ class TrainHistory:
         return out
 
     def to_pandas(self):
-        """One row per replica: final train loss, epochs, steps, diverged, reached_target."""
+        """One row per replica: final train loss, epochs, steps, batch size (when the replicas' batch sizes
+        differ), diverged, reached_target."""
         import pandas as pd
 
-        return pd.DataFrame({"train_loss": self.final_loss(), "epochs": self.epochs_run, "steps": self.steps,
-                             "diverged": self.diverged, "reached_target": self.reached_target}).rename_axis("replica")
+        cols = {"train_loss": self.final_loss(), "epochs": self.epochs_run, "steps": self.steps}
+        if len(self.batch_size) == len(self.steps) and len(set(self.batch_size)) > 1:
+            cols["batch_size"] = self.batch_size
+        cols.update(diverged=self.diverged, reached_target=self.reached_target)
+        return pd.DataFrame(cols).rename_axis("replica")
 
 
 def _per_replica(value, R: int, name: str, dtype, device) -> torch.Tensor:
@@ -222,6 +237,81 @@ def _per_replica(value, R: int, name: str, dtype, device) -> torch.Tensor:
     if not torch.isfinite(t).all() or (t < 0).any():
         raise ValueError(f"{name} must be finite and non-negative, got {t.tolist()}")
     return t.to(device=device, dtype=dtype)
+
+
+def _per_replica_list(value, R: int, name: str, what: str) -> list:
+    """``value`` as a list of R items: one value (a Python or numpy scalar, a 0-d array or tensor) for every
+    replica, or a list, tuple, 1-d numpy array or tensor of R of them; a ValueError naming ``name`` for
+    another length or shape (``what``: the values it takes, for the message)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if value.ndim > 1:
+            raise ValueError(f"{name} must be {what}, or one per replica (R={R}); got an array of shape "
+                             f"{tuple(value.shape)}")
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        return [value] * R
+    if len(value) != R:
+        raise ValueError(f"{name} has {len(value)} entries, expected one per replica (R={R})")
+    return list(value)
+
+
+def _batch_sizes(value, R: int) -> list[int]:
+    """``batch_size`` as one positive int per replica (see :func:`train_population`); a ValueError naming
+    the option for another length, a non-integer (a float such as 32.0 or a bool too) or a value below 1."""
+    what = "a positive integer"
+    items = _per_replica_list(value, R, "batch_size", what)
+    for v in items:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+            why = "not positive" if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) \
+                else "not an integer"
+            raise ValueError(f"batch_size must be {what} or one per replica (R={R}); got {value!r} ({v!r} is {why})")
+    return [int(v) for v in items]
+
+
+def _label_noise(value, R: int) -> list[float]:
+    """``label_noise`` as one fraction in [0, 1) per replica (see :func:`train_population`); a ValueError
+    naming the option for another length, a value that is not a number, or one outside [0, 1)."""
+    what = "a fraction in [0, 1)"
+    items = _per_replica_list(value, R, "label_noise", what)
+    for v in items:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) < 1.0:
+            raise ValueError(f"label_noise must be {what} (of the training labels replaced by wrong ones) or one per "
+                             f"replica (R={R}); got {value!r}")
+    return [float(v) for v in items]
+
+
+def noisy_labels(y: torch.Tensor, fraction: float, seed: int, num_classes: int) -> torch.Tensor:
+    """The labels a replica with initialization seed ``seed`` trains on with ``label_noise=fraction``
+    (:func:`train_population`): a copy of the class labels ``y [N]`` (integers in ``[0, num_classes)``)
+    where the nearest integer to ``fraction * N`` samples, chosen uniformly at random, carry a label
+    drawn uniformly from the ``num_classes - 1`` wrong classes (so exactly that fraction is wrong).
+
+    A pure function of (labels, fraction, seed, num_classes): the samples are the first ones of a
+    random permutation of ``range(N)`` and each sample's wrong label is drawn once, both from a
+    generator keyed by ``seed``, so for one seed a larger fraction corrupts a superset of the
+    samples a smaller one does, with the same wrong labels (nested noise levels). Returned on ``y``'s
+    device, with its dtype.
+    """
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"label_noise needs integer class labels y of shape [N], got "
+                         f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+    fraction = _label_noise(fraction, 1)[0]
+    out = y.detach().cpu().clone()
+    k = int(math.floor(fraction * len(y) + 0.5))
+    if k == 0:
+        return out.to(y.device)
+    if num_classes < 2:
+        raise ValueError(f"label_noise needs at least 2 classes (a wrong label to draw), got num_classes={num_classes}")
+    bad = out[(out < 0) | (out >= num_classes)]
+    if len(bad):
+        raise ValueError(f"labels out of range: found label {int(bad[0])} but there are {num_classes} classes")
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x1ABE1]).generate_state(2, dtype=np.uint64)
+    g = torch.Generator().manual_seed(int(state[0] & np.uint64(2**63 - 1)))
+    order = torch.randperm(len(out), generator=g)
+    shift = torch.randint(1, num_classes, (len(out),), generator=g)  # 1..C-1: never the label itself
+    pick = order[:k]
+    out[pick] = (out[pick] + shift[pick].to(out.dtype)) % num_classes
+    return out.to(y.device)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -393,7 +483,7 @@ def train_population(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     sam_rho=0.0,
-    batch_size: int = 64,
+    batch_size: int | Sequence[int] = 64,
     epochs: int = 10,
     target_loss: float | None = None,
     eval_train: bool | None = None,
@@ -408,6 +498,7 @@ def train_population(
     fused: bool | None = None,
     threads: int | None = None,
     sparse_input: bool | None = None,
+    label_noise=0.0,
 ) -> tuple[list[nn.Module], TrainHistory]:
     """Train R replicas of one architecture at once; returns ``(models, history)``.
 
@@ -426,7 +517,19 @@ def train_population(
             setting for all replicas.
         betas, eps: Adam/AdamW's moment coefficients (each in [0, 1)) and the term added to the
             denominator, as ``torch.optim.Adam``'s; ignored by SGD.
-        batch_size: minibatch size (the last batch of an epoch is smaller when it does not divide N).
+        batch_size: minibatch size, one positive integer for all replicas or one per replica (a list,
+            tuple, 1-d numpy array or tensor of R integers: a batch-size sweep). The last batch of an
+            epoch is smaller when it does not divide N. Replicas with different batch sizes train in
+            separate groups, one per batch size, for the same ``epochs``, so a smaller batch takes more
+            steps (``ceil(N / batch_size)`` per epoch: the convention of Keskar et al.'s sweeps; the
+            steps taken are in ``history.steps``). A replica trains as it would in a call where every
+            replica has its batch size: its initialization, data order and label noise are keyed by
+            its own seeds, and the engine choices that depend on the population (shared data order,
+            one SGD setting for all) are the whole population's, so its result does not depend on
+            which other batch sizes are swept (bit for bit, except where ``chunk_size`` says results
+            depend on the grouping: dropout, and shared_data_order's float rounding). The groups
+            advance epoch by epoch together: one history row, checkpoint, callback and progress-bar
+            step per epoch for all replicas.
         epochs: number of epochs (the maximum when ``target_loss`` is set).
         target_loss: stop each replica once its full training-set loss (evaluated after every
             epoch, whatever ``eval_train`` says) is <= this. A number (numpy scalars and one-element
@@ -444,7 +547,9 @@ def train_population(
             at the path raises before training); if it exists, training resumes from it. The
             settings, data and architecture (module classes and settings, e.g. the activation or
             dropout p) must match, else a ValueError names what differs; ``epochs`` may grow, but
-            not shrink below the epochs the checkpoint holds (ValueError).
+            not shrink below the epochs the checkpoint holds (ValueError). With several batch sizes the
+            one file holds every group's state, in replica order; a resumed call must ask for the same
+            per-replica batch sizes (and label noise), else the ValueError names them.
         progress: tqdm bar with the mean/min/max per-replica loss (None: only on a terminal).
         device, dtype: where and in which precision to train (default: the built model's). The
             optimizer's coefficients (lr, momentum, betas, weight decay, SAM radius) stay in float32
@@ -454,8 +559,12 @@ def train_population(
             ``steps``, ``diverged`` and ``reached_target`` as of that epoch (``to_pandas()`` works).
         chunk_size: replicas per forward/backward/update group within a step (default: as many as
             keep about 24 MiB of parameters, gradients and optimizer state together, so the
-            optimizer update runs from cache); a positive integer. Results do not depend on it,
-            except with dropout, whose masks are drawn per group of replicas.
+            optimizer update runs from cache); a positive integer. Groups are formed within each batch
+            size. Results do not depend on it (nor on ``threads``, which sets its default; nor on when
+            the other replicas of a group stop), except with dropout, whose masks are drawn per group
+            of replicas, and with ``shared_data_order`` on the fused MLP path, whose first layer is one
+            matrix product for the group, rounded by the group's size (about 1e-7 in float32 for small
+            layers, none seen at MNIST sizes).
         shared_data_order: every replica sees the same minibatches (the data order of
             ``data_seeds[0]``, default ``seeds[0]``); the replicas then differ only in initialization
             and hyperparameters, and the fused path computes the first layer of all replicas as one
@@ -483,6 +592,18 @@ def train_population(
             (default): when at most ``SPARSE_INPUT_MAX_DENSITY`` (0.4, in that module) of the
             inputs are nonzero (MNIST: 19%); ``True``: always (raises where it cannot run);
             ``False``: never.
+        label_noise: the fraction of each replica's training labels replaced by wrong ones (symmetric
+            label noise, for randomization sweeps in the manner of Zhang et al. 2017): one number in
+            [0, 1) for all replicas, or one per replica (a list, tuple, 1-d array or tensor). Replica r
+            trains on ``noisy_labels(y, label_noise[r], seeds[r], C)`` (:func:`noisy_labels`; C the
+            model's number of outputs): the nearest integer to ``label_noise[r] * N`` samples, drawn
+            with a generator keyed by the replica's initialization seed, each get a label drawn
+            uniformly from the C - 1 wrong classes (so exactly that fraction is wrong; Zhang et al.'s
+            "corrupted with probability p to a uniform label" leaves p/C of them right, a wrong
+            fraction of p (C - 1) / C). The same labels whatever the grouping, batch sizes or engine.
+            Cross-entropy with integer labels only (else a ValueError). The history's training loss
+            and ``target_loss`` are on the noisy labels (those trained on);
+            :func:`evaluate_population` scores the labels it is given (pass the clean ones).
 
     The yes/no options (``nesterov``, ``eval_train``, ``progress``, ``shared_data_order``, ``fused``,
     ``sparse_input``) take True or False (or None where it has a meaning above), one setting for
@@ -515,8 +636,8 @@ def train_population(
     shared = len(set(data_seeds)) == 1  # all replicas see the same minibatches
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_sizes = _batch_sizes(batch_size, R)
+    noise = _label_noise(label_noise, R)
     if not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
     if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
@@ -526,6 +647,9 @@ def train_population(
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     target_loss = _as_target(target_loss)
     loss = canonical_name(loss, callable_ok=False)
+    if any(noise) and loss != "cross_entropy":
+        raise ValueError(f"label_noise replaces class labels: it needs loss='cross_entropy' with integer labels, got "
+                         f"loss={loss!r}")
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         hint = " (convert them with torch.as_tensor)" if "numpy" in type(x).__module__ + type(y).__module__ else ""
         raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}{hint}")
@@ -562,7 +686,8 @@ def train_population(
     y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
     N = len(x)
     if has_bn:
-        _check_bn_batches(models[0], x, N, batch_size)
+        for b in sorted(set(batch_sizes)):
+            _check_bn_batches(models[0], x, N, b)
     draws_random, unused = _probe_training_step(models[0], x[:2])
     has_dropout = any(isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 for mod in models[0].modules())
     no_fused = "the model has dropout" if has_dropout else "the model draws random numbers in training mode"
@@ -621,16 +746,25 @@ def train_population(
     rng_devices = [device] if device.type == "cuda" else []
     with torch.no_grad(), _seeded_section(rng_devices):  # outputs of 2 samples
         before = _rng_states(rng_devices)
-        _check_targets(loss, y, one({n: t[0] for n, t in params.items()}, {n: t[0] for n, t in buffers.items()}, x[:2],
-                                    training=False))
+        out0 = one({n: t[0] for n, t in params.items()}, {n: t[0] for n, t in buffers.items()}, x[:2], training=False)
+        _check_targets(loss, y, out0)
         if eval_train and _rng_states(rng_devices) != before:
             raise ValueError("the model draws random numbers in eval mode (e.g. F.dropout(..., training=True)): the "
                              "full training-set loss (eval_train, target_loss) needs a deterministic eval-mode forward")
     use_sam = bool((hp["sam_rho"] > 0).any())
-    sgd_scalars = None  # (lr, momentum, weight_decay) when SGD's are the same for every replica
+    # (lr, momentum, weight_decay) when SGD's are the same for every replica of the population (of every batch-size
+    # group, also where one group alone would have one setting: its replicas train as in a call with one batch size)
+    sgd_scalars = None
     if optimizer == "sgd" and all(bool((hp[k] == hp[k][0]).all()) for k in ("lr", "momentum", "weight_decay")):
         sgd_scalars = tuple(float(hp[k][0]) for k in ("lr", "momentum", "weight_decay"))
     b1, b2 = float(betas[0]), float(betas[1])
+    labels = None  # with label noise: each replica's training labels [R, N], in a narrow integer type
+    if any(noise):
+        num_classes = int(out0.shape[-1])
+        narrow = torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
+        y_cpu = y.cpu()
+        labels = torch.stack([noisy_labels(y_cpu, f, s, num_classes).to(narrow) for f, s in zip(noise, seeds)]
+                             ).to(device)
 
     # optimizer state (zeros, so the first SGD step gives buf = g as torch.optim does)
     state = {"step": torch.zeros(R, dtype=torch.int64, device=device)}
@@ -642,16 +776,17 @@ def train_population(
     diverged = torch.zeros(R, dtype=torch.bool, device=device)
     done = torch.zeros(R, dtype=torch.bool, device=device)
     epochs_run = torch.zeros(R, dtype=torch.int64)
-    history = TrainHistory()
+    history = TrainHistory(batch_size=list(batch_sizes))
     start_epoch = 0
 
     fingerprint = {
         "version": _CKPT_VERSION, "seeds": seeds, "data_seeds": data_seeds, "optimizer": optimizer,
         "hp": {k: v.double().cpu().tolist() for k, v in hp.items()}, "nesterov": bool(nesterov), "betas": [b1, b2],
-        "eps": float(eps), "batch_size": int(batch_size), "target_loss": target_loss, "loss": loss,
+        "eps": float(eps), "batch_size": batch_sizes[0] if len(set(batch_sizes)) == 1 else batch_sizes,
+        "target_loss": target_loss, "loss": loss,
         "eval_train": bool(eval_train), "dtype": str(dtype), "data": _data_digest(x, y),
         "params": [[n, list(params[n].shape[1:])] for n in names], "architecture": module_structure(models[0]),
-        **({"frozen": frozen} if frozen else {}),
+        **({"frozen": frozen} if frozen else {}), **({"label_noise": noise} if any(noise) else {}),
     }
     if ckpt_path is not None and ckpt_path.exists():
         ck = _load_checkpoint(ckpt_path, device)
@@ -676,13 +811,6 @@ def train_population(
         history.train_loss, start_epoch = [list(r) for r in h["train_loss"]], int(ck["epoch"])
         history.resumed_from_epoch = start_epoch
 
-    if csr is not None:  # the first layer's weight and everything updated with it, stored as [R, in, out]
-        w0 = plan.layers[0].weight
-        params[w0] = _transposed_storage(params[w0])
-        for group in state.values():
-            if isinstance(group, dict):
-                group[w0] = _transposed_storage(group[w0])
-
     # the minibatch steps take torch's cross-entropy (precise=False), the formula of the fused engine's step and of a
     # torch.optim loop, so every engine trains as that loop; the full training-set loss (history, target_loss) and
     # evaluate_population take the precise one, which keeps the digits of confident samples
@@ -692,263 +820,387 @@ def train_population(
         losses = step_loss(fwd(p, bufs, xb), yb)
         return torch.where(active, losses, torch.zeros_like(losses)).sum(), losses
 
-    gbuf = {n: torch.empty_like(params[n]) for n in names} if plan is not None else None
     fast_shared = plan is not None and shared  # xb/yb hold ONE minibatch [B, ...] for all replicas
+    # worker threads at most (dropout draws from the global RNG: its order is kept fixed, in the calling thread)
+    most_workers = 1
+    if device.type == "cpu" and not has_dropout:
+        most_workers = max(1, min(R, int(threads) if threads is not None else torch.get_num_threads()))
 
-    def grads_at(p, bufs, xb, yb, active, sl):
-        g, losses = _grads_at(p, bufs, xb, yb, active, sl)
-        for n in frozen:  # (no gradient: no SAM perturbation either)
-            g[n] = torch.zeros_like(p[n])
-        return g, losses
+    def make_group(idx: list[int], batch_size: int, pop: dict) -> SimpleNamespace:
+        """The replicas ``idx`` (sorted), which all train with ``batch_size``, as one training group: their
+        rows of the population's tensors and settings in ``pop`` (the tensors themselves when ``idx`` is
+        every replica), and the functions that train them for an epoch. Inside, ``R``, ``seeds``,
+        ``params``, ``state``, ``hp``, ``diverged``, ... are the group's (rows in the order of ``idx``)."""
+        whole = idx == list(range(len(pop["seeds"])))
+        pick = torch.tensor(idx, dtype=torch.long)
 
-    def _grads_at(p, bufs, xb, yb, active, sl):
-        if plan is not None:
-            return plan.loss_and_grads(p, xb, yb, active, loss, shared=fast_shared,
-                                       out={n: gbuf[n][sl] for n in names})
-        if per_replica:
-            return replica_grads(p, bufs, xb, yb, active)
-        # ``.data`` (unlike ``.detach()``) gets its own version counter: the in-place updates other worker
-        # threads make to their groups' views of the same stacked tensors do not invalidate this graph
-        leaf = {n: t.data.requires_grad_(True) for n, t in p.items()}
-        total, losses = total_loss(leaf, bufs, xb, yb, active)
-        g = torch.autograd.grad(total, [leaf[n] for n in names], allow_unused=True)  # (None: unused, in frozen)
-        return dict(zip(names, g)), losses.detach()
+        def rows(t):
+            if whole or t is None:
+                return t
+            if isinstance(t, dict):
+                return {k: rows(v) for k, v in t.items()}
+            if isinstance(t, list):
+                return [t[i] for i in idx]
+            return t[pick.to(t.device)]
 
-    def replica_grads(p, bufs, xb, yb, active):
-        """:func:`grads_at` one replica at a time (leaves from ``.data``, as there): zero gradients and
-        losses for the inactive ones."""
-        grads = {n: torch.zeros_like(p[n]) for n in names}
-        losses = torch.zeros(len(active), dtype=dtype, device=device)
-        for r in active.nonzero().flatten().tolist():
-            leaf = {n: t.data[r].requires_grad_(True) for n, t in p.items()}
-            loss_r = step_loss(one(leaf, {n: b_[r] for n, b_ in bufs.items()}, xb[r]).unsqueeze(0), yb[r].unsqueeze(0))
-            for n, g in zip(names, torch.autograd.grad(loss_r.sum(), [leaf[n] for n in names], allow_unused=True)):
-                if g is not None:  # (None: a parameter this replica's forward does not use keeps a zero gradient)
-                    grads[n][r] = g
-            losses[r] = loss_r.detach()[0]
-        return grads, losses
+        R = len(idx)
+        seeds, data_seeds, params, buffers, state, hp, diverged, done, epochs_run, labels = (rows(pop[k]) for k in (
+            "seeds", "data_seeds", "params", "buffers", "state", "hp", "diverged", "done", "epochs_run", "labels"))
+        if csr is not None:  # the first layer's weight and everything updated with it, stored as [R, in, out]
+            w0 = plan.layers[0].weight
+            params[w0] = _transposed_storage(params[w0])
+            for group in state.values():
+                if isinstance(group, dict):
+                    group[w0] = _transposed_storage(group[w0])
 
-    @torch.no_grad()
-    def full_loss(p, bufs):
-        """Full training-set loss ``[R_c]`` float64 of the replica group ``p`` (name -> ``[R_c, ...]``)."""
-        Rc = next(iter(p.values())).shape[0]
-        out = torch.zeros(Rc, dtype=torch.float64, device=device)
-        # the fused MLP path: about 16M input entries per chunk; other models (conv activations, BatchNorm
-        # without running statistics, which normalizes each chunk by itself) in the training minibatches'
-        # size, whatever the replica groups: within a step's memory, and the same chunks for every group
-        chunk = max(1, min(N, (1 << 24) // max(1, Rc * int(np.prod(x.shape[1:]))))) if plan is not None else batch_size
-        for i in range(0, N, chunk):
-            xb, yb = x[i:i + chunk], y[i:i + chunk]
-            if csr is not None:
-                xb = CsrBatch(csr, torch.arange(i, i + len(yb), device=device))
-            o = plan.forward(p, xb, shared=True) if plan is not None else fwd_eval(p, bufs, xb)
-            out += replica_mean_losses(loss, o, yb.unsqueeze(0).expand(Rc, *yb.shape)).double() * len(yb)
-        return out / N
+        gbuf = {n: torch.empty_like(params[n]) for n in names} if plan is not None else None
 
-    @torch.no_grad()
-    def step(p, g, active, sl):
-        """One optimizer step, in place, for the replicas in ``active``; the others keep parameters and state.
+        def grads_at(p, bufs, xb, yb, active, sl):
+            g, losses = _grads_at(p, bufs, xb, yb, active, sl)
+            for n in frozen:  # (no gradient: no SAM perturbation either)
+                g[n] = torch.zeros_like(p[n])
+            return g, losses
 
-        Inactive replicas get identity coefficients (learning rate 0, momentum/beta 1, gradient
-        scale 0) instead of a masked copy, so the common all-active case costs no extra passes.
-        """
-        all_active = bool(active.all())
-        steps = state["step"][sl]
-        if all_active and sgd_scalars is not None:  # one learning rate/momentum/decay for all: foreach, scalar ops
-            steps += 1
-            sgd_uniform(p, g, sl)
-            return
-        steps += active.long()
-        a = active.to(hdt)
-        lr_ = hp["lr"][sl] * a
-        wd = hp["weight_decay"][sl] * a
-        wd_any = bool((wd != 0).any())
-        momentum_ = hp["momentum"][sl]
-        if optimizer == "sgd":
-            mom = torch.where(active, momentum_, torch.ones_like(momentum_))
-        else:
-            t = steps.double()  # (the bias corrections in float64, as torch.optim's Python numbers)
-            bc1 = torch.where(steps > 0, 1 - b1 ** t, torch.ones_like(t))
-            bc2 = torch.where(steps > 0, 1 - b2 ** t, torch.ones_like(t))
-            beta1 = torch.where(active, torch.full_like(a, b1), torch.ones_like(a))
-            beta2 = torch.where(active, torch.full_like(a, b2), torch.ones_like(a))
-            step_size = (lr_ / bc1).to(hdt)
-            sqrt_bc2 = bc2.sqrt().to(hdt)
-        for n in trained:
-            w, gn = p[n], g[n]
-            if not all_active:
-                gn = torch.where(_bcast(active, gn), gn, torch.zeros_like(gn))
+        def _grads_at(p, bufs, xb, yb, active, sl):
+            if plan is not None:
+                return plan.loss_and_grads(p, xb, yb, active, loss, shared=fast_shared,
+                                           out={n: gbuf[n][sl] for n in names})
+            if per_replica:
+                return replica_grads(p, bufs, xb, yb, active)
+            # ``.data`` (unlike ``.detach()``) gets its own version counter: the in-place updates other worker
+            # threads make to their groups' views of the same stacked tensors do not invalidate this graph
+            leaf = {n: t.data.requires_grad_(True) for n, t in p.items()}
+            total, losses = total_loss(leaf, bufs, xb, yb, active)
+            g = torch.autograd.grad(total, [leaf[n] for n in names], allow_unused=True)  # (None: unused, in frozen)
+            return dict(zip(names, g)), losses.detach()
+
+        def replica_grads(p, bufs, xb, yb, active):
+            """:func:`grads_at` one replica at a time (leaves from ``.data``, as there): zero gradients and
+            losses for the inactive ones."""
+            grads = {n: torch.zeros_like(p[n]) for n in names}
+            losses = torch.zeros(len(active), dtype=dtype, device=device)
+            for r in active.nonzero().flatten().tolist():
+                leaf = {n: t.data[r].requires_grad_(True) for n, t in p.items()}
+                loss_r = step_loss(one(leaf, {n: b_[r] for n, b_ in bufs.items()}, xb[r]).unsqueeze(0),
+                                   yb[r].unsqueeze(0))
+                for n, g in zip(names, torch.autograd.grad(loss_r.sum(), [leaf[n] for n in names], allow_unused=True)):
+                    if g is not None:  # (None: a parameter this replica's forward does not use keeps a zero gradient)
+                        grads[n][r] = g
+                losses[r] = loss_r.detach()[0]
+            return grads, losses
+
+        @torch.no_grad()
+        def full_loss(p, bufs, sl):
+            """Full training-set loss ``[R_c]`` float64 of the replica group ``sl`` (parameters ``p``, name ->
+            ``[R_c, ...]``), on each replica's own labels with label noise."""
+            Rc = next(iter(p.values())).shape[0]
+            out = torch.zeros(Rc, dtype=torch.float64, device=device)
+            # the fused MLP path: about 16M input entries per chunk; other models (conv activations, BatchNorm
+            # without running statistics, which normalizes each chunk by itself) in the training minibatches'
+            # size, whatever the replica groups: within a step's memory, and the same chunks for every group
+            chunk = (max(1, min(N, (1 << 24) // max(1, Rc * int(np.prod(x.shape[1:])))))
+                     if plan is not None else batch_size)
+            for i in range(0, N, chunk):
+                xb, yb = x[i:i + chunk], y[i:i + chunk]
+                if csr is not None:
+                    xb = CsrBatch(csr, torch.arange(i, i + len(yb), device=device))
+                if plan is None:
+                    o = fwd_eval(p, bufs, xb)
+                elif csr is not None:
+                    o = plan.forward(p, xb, shared=True)
+                else:  # one product per replica (a view of the inputs for each): one GEMM for the group rounded
+                    # by the group's size (1e-7 in float32 for small layers), and a replica's full loss, so its stop at
+                    # target_loss, depended on the replicas it was grouped with (chunk_size, batch-size groups)
+                    o = plan.forward(p, xb.expand(Rc, *xb.shape), shared=False)
+                target = yb.unsqueeze(0).expand(Rc, *yb.shape) if labels is None else labels[sl, i:i + chunk].long()
+                out += replica_mean_losses(loss, o, target).double() * len(yb)
+            return out / N
+
+        @torch.no_grad()
+        def step(p, g, active, sl):
+            """One optimizer step, in place, for the replicas in ``active``; the others keep parameters and state.
+
+            Inactive replicas get identity coefficients (learning rate 0, momentum/beta 1, gradient
+            scale 0) instead of a masked copy, so the common all-active case costs no extra passes.
+            """
+            all_active = bool(active.all())
+            steps = state["step"][sl]
+            if all_active and sgd_scalars is not None:  # one learning rate/momentum/decay for all: foreach, scalar ops
+                steps += 1
+                sgd_uniform(p, g, sl)
+                return
+            steps += active.long()
+            if sgd_scalars is not None:
+                # the same kernel for the active replicas whatever the others do, their rows kept as they were: the
+                # coefficient path below rounds otherwise (3e-8 in float32), and a replica's result changed when
+                # another in its group stopped at target_loss (so with chunk_size, and with the batch-size groups)
+                rows = {(k, n): src[n][sl] for k, src in (("w", params), ("buf", state["buf"])) for n in trained}
+                kept = _rows(rows, ~active)
+                sgd_uniform(p, g, sl)
+                _restore_rows(rows, kept)
+                return
+            a = active.to(hdt)
+            lr_ = hp["lr"][sl] * a
+            wd = hp["weight_decay"][sl] * a
+            wd_any = bool((wd != 0).any())
+            momentum_ = hp["momentum"][sl]
             if optimizer == "sgd":
-                if wd_any:
-                    gn = gn.addcmul(w, _bcast(wd, w))
-                buf = state["buf"][n][sl]
-                buf.mul_(_bcast(mom, w)).add_(gn)
-                d = gn.addcmul(buf, _bcast(momentum_, w)) if nesterov else buf
-                w.addcmul_(d, _bcast(lr_, w), value=-1)
+                mom = torch.where(active, momentum_, torch.ones_like(momentum_))
             else:
-                if optimizer == "adam" and wd_any:
-                    gn = gn.addcmul(w, _bcast(wd, w))
-                elif optimizer == "adamw" and wd_any:
-                    w.mul_(_bcast(1 - lr_ * wd, w))
-                m, v = state["m"][n][sl], state["v"][n][sl]
-                m.mul_(_bcast(beta1, w)).add_(gn * _bcast(1 - beta1, w))
-                v.mul_(_bcast(beta2, w)).addcmul_(gn, gn * _bcast(1 - beta2, w))
-                denom = v.sqrt().div_(_bcast(sqrt_bc2, w)).add_(eps)
-                w.sub_(m.div(denom).mul_(_bcast(step_size, w)))
+                t = steps.double()  # (the bias corrections in float64, as torch.optim's Python numbers)
+                bc1 = torch.where(steps > 0, 1 - b1 ** t, torch.ones_like(t))
+                bc2 = torch.where(steps > 0, 1 - b2 ** t, torch.ones_like(t))
+                beta1 = torch.where(active, torch.full_like(a, b1), torch.ones_like(a))
+                beta2 = torch.where(active, torch.full_like(a, b2), torch.ones_like(a))
+                step_size = (lr_ / bc1).to(hdt)
+                sqrt_bc2 = bc2.sqrt().to(hdt)
+            for n in trained:
+                w, gn = p[n], g[n]
+                if not all_active:
+                    gn = torch.where(_bcast(active, gn), gn, torch.zeros_like(gn))
+                if optimizer == "sgd":
+                    if wd_any:
+                        gn = gn.addcmul(w, _bcast(wd, w))
+                    buf = state["buf"][n][sl]
+                    buf.mul_(_bcast(mom, w)).add_(gn)
+                    d = gn.addcmul(buf, _bcast(momentum_, w)) if nesterov else buf
+                    w.addcmul_(d, _bcast(lr_, w), value=-1)
+                else:
+                    if optimizer == "adam" and wd_any:
+                        gn = gn.addcmul(w, _bcast(wd, w))
+                    elif optimizer == "adamw" and wd_any:
+                        w.mul_(_bcast(1 - lr_ * wd, w))
+                    m, v = state["m"][n][sl], state["v"][n][sl]
+                    m.mul_(_bcast(beta1, w)).add_(gn * _bcast(1 - beta1, w))
+                    v.mul_(_bcast(beta2, w)).addcmul_(gn, gn * _bcast(1 - beta2, w))
+                    denom = v.sqrt().div_(_bcast(sqrt_bc2, w)).add_(eps)
+                    w.sub_(m.div(denom).mul_(_bcast(step_size, w)))
 
-    sgd_views: dict = {}  # replica group -> its per-replica views for the fused SGD kernel (see fused_sgd_views)
+        sgd_views: dict = {}  # replica group -> its per-replica views for the fused SGD kernel (see fused_sgd_views)
 
-    def fused_sgd_views(sl):
-        """``[ws, gs, bufs]`` for torch's fused SGD kernel on replica group ``sl`` (in storage order: the
-        transposed first layer as ``[in, out]``), or None where it cannot run. Built once per group: the
-        fused path's gradients live in fixed buffers (``gbuf``).
+        def fused_sgd_views(sl):
+            """``[ws, gs, bufs]`` for torch's fused SGD kernel on replica group ``sl`` (in storage order: the
+            transposed first layer as ``[in, out]``), or None where it cannot run. Built once per group: the
+            fused path's gradients live in fixed buffers (``gbuf``).
 
-        The kernel rounds its vectorized body and its scalar tail (a tensor's last ``numel % vector
-        width`` elements) differently, and splits a tensor among torch's threads at multiples of 64
-        bytes. A parameter whose replicas hold a multiple of 64 elements each gets one tensor for the
-        group (no tail: every element vectorized, whatever the grouping); any other gets one tensor per
-        replica (the same tail in every replica). Either way an element's result does not depend on
-        the replica groups (``chunk_size``) or threads. (One tensor for the group for every parameter
-        would put the last replica's tail wherever the grouping ends: 6e-8 apart in float32.)
-        """
-        key = (sl.start, sl.stop)
-        if key not in sgd_views:
-            views = None
-            if _FUSED_SGD is not None and plan is not None:
-                views = [[_storage_order(t) for n in trained
-                          for t in ([src[n][sl]] if src[n][0].numel() % 64 == 0 else src[n][sl].unbind(0))]
-                         for src in (params, gbuf, state["buf"])]
-                if not all(w.shape == g.shape == b.shape and all(t.is_contiguous() for t in (w, g, b))
-                           for w, g, b in zip(*views)):
-                    views = None
-            sgd_views[key] = views
-        return sgd_views[key]
+            The kernel rounds its vectorized body and its scalar tail (a tensor's last ``numel % vector
+            width`` elements) differently, and splits a tensor among torch's threads at multiples of 64
+            bytes. A parameter whose replicas hold a multiple of 64 elements each gets one tensor for the
+            group (no tail: every element vectorized, whatever the grouping); any other gets one tensor per
+            replica (the same tail in every replica). Either way an element's result does not depend on
+            the replica groups (``chunk_size``, batch sizes) or threads. (One tensor for the group for every
+            parameter would put the last replica's tail wherever the grouping ends: 6e-8 apart in float32.)
+            """
+            key = (sl.start, sl.stop)
+            if key not in sgd_views:
+                views = None
+                if _FUSED_SGD is not None and plan is not None:
+                    views = [[_storage_order(t) for n in trained
+                              for t in ([src[n][sl]] if src[n][0].numel() % 64 == 0 else src[n][sl].unbind(0))]
+                             for src in (params, gbuf, state["buf"])]
+                    if not all(w.shape == g.shape == b.shape and all(t.is_contiguous() for t in (w, g, b))
+                               for w, g, b in zip(*views)):
+                        views = None
+                sgd_views[key] = views
+            return sgd_views[key]
 
-    def sgd_uniform(p, g, sl):
-        """The SGD step of replica group ``sl`` (parameters ``p``, gradients ``g``: views of its rows)
-        with one lr/momentum/weight decay for all: torch's fused SGD kernel on the fused MLP path (one
-        pass over w, g and buf), else torch.optim.SGD's foreach ops; either way each element's result
-        depends on its replica's values only."""
-        if not trained:  # (every parameter frozen or unused; torch's list ops refuse empty lists)
-            return
-        lr0, mom0, wd0 = sgd_scalars
-        views = fused_sgd_views(sl)
-        if views is not None:
-            ws, gs, bufs = views
-            # (plain SGD: the kernel takes no momentum buffers, and refuses them)
-            _FUSED_SGD(ws, gs, bufs if mom0 else [], weight_decay=wd0, momentum=mom0, lr=lr0, dampening=0.0,
-                       nesterov=nesterov, maximize=False, is_first_step=False)  # buf starts at 0: mom*0 + g = g
-            return
-        ws, gs = [p[n] for n in trained], [g[n] for n in trained]
-        own = plan is not None  # g: the fused path's own gradient buffers, free to update in place
-        if wd0:
-            if own:
-                torch._foreach_add_(gs, ws, alpha=wd0)
-            else:
-                gs = torch._foreach_add(gs, ws, alpha=wd0)
-        d = gs
-        if mom0:
-            bufs = [state["buf"][n][sl] for n in trained]
-            torch._foreach_mul_(bufs, mom0)
-            torch._foreach_add_(bufs, gs)
-            if not nesterov:
-                d = bufs
-            elif own:
-                torch._foreach_add_(gs, bufs, alpha=mom0)
-            else:
-                d = torch._foreach_add(gs, bufs, alpha=mom0)
-        torch._foreach_add_(ws, d, alpha=-lr0)
+        def sgd_uniform(p, g, sl):
+            """The SGD step of replica group ``sl`` (parameters ``p``, gradients ``g``: views of its rows)
+            with one lr/momentum/weight decay for all: torch's fused SGD kernel on the fused MLP path (one
+            pass over w, g and buf), else torch.optim.SGD's foreach ops; either way each element's result
+            depends on its replica's values only."""
+            if not trained:  # (every parameter frozen or unused; torch's list ops refuse empty lists)
+                return
+            lr0, mom0, wd0 = sgd_scalars
+            views = fused_sgd_views(sl)
+            if views is not None:
+                ws, gs, bufs = views
+                # (plain SGD: the kernel takes no momentum buffers, and refuses them)
+                _FUSED_SGD(ws, gs, bufs if mom0 else [], weight_decay=wd0, momentum=mom0, lr=lr0, dampening=0.0,
+                           nesterov=nesterov, maximize=False, is_first_step=False)  # buf starts at 0: mom*0 + g = g
+                return
+            ws, gs = [p[n] for n in trained], [g[n] for n in trained]
+            own = plan is not None  # g: the fused path's own gradient buffers, free to update in place
+            if wd0:
+                if own:
+                    torch._foreach_add_(gs, ws, alpha=wd0)
+                else:
+                    gs = torch._foreach_add(gs, ws, alpha=wd0)
+            d = gs
+            if mom0:
+                bufs = [state["buf"][n][sl] for n in trained]
+                torch._foreach_mul_(bufs, mom0)
+                torch._foreach_add_(bufs, gs)
+                if not nesterov:
+                    d = bufs
+                elif own:
+                    torch._foreach_add_(gs, bufs, alpha=mom0)
+                else:
+                    d = torch._foreach_add(gs, bufs, alpha=mom0)
+            torch._foreach_add_(ws, d, alpha=-lr0)
 
-    @torch.no_grad()
-    def kill(p, bad):
-        """Set the parameters of replicas ``bad`` to NaN, in place (``p`` may hold views)."""
-        for n in names:
-            p[n][bad] = float("nan")
+        @torch.no_grad()
+        def kill(p, bad):
+            """Set the parameters of replicas ``bad`` to NaN, in place (``p`` may hold views)."""
+            for n in names:
+                p[n][bad] = float("nan")
 
-    workers = 1
-    if device.type == "cpu" and not has_dropout:  # dropout draws from the global RNG: keep its order fixed
-        workers = max(1, min(R, int(threads) if threads is not None else torch.get_num_threads()))
-    if chunk_size is None:  # keep one group's parameters, gradients and optimizer state within ~24 MiB
-        copies = 3 if optimizer == "sgd" else 4  # w, g and SGD's buf, or Adam's m and v
-        replica_bytes = sum(t[0].numel() for t in params.values()) * torch.finfo(dtype).bits // 8 * copies
-        most = max(1, (24 << 20) // max(1, replica_bytes))
-        per_worker = -(-R // (workers * most))  # groups per worker; equal-sized groups balance the workers
-        chunk_size = max(1, -(-R // (workers * per_worker)))
-    chunks = [slice(c, min(R, c + int(chunk_size))) for c in range(0, R, int(chunk_size))]
-    workers = min(workers, len(chunks))
-    shares = [chunks[w::workers] for w in range(workers)]  # each worker's replica groups
+        workers = min(most_workers, R)
+        size = chunk_size
+        if size is None:  # keep one group's parameters, gradients and optimizer state within ~24 MiB
+            copies = 3 if optimizer == "sgd" else 4  # w, g and SGD's buf, or Adam's m and v
+            replica_bytes = sum(t[0].numel() for t in params.values()) * torch.finfo(dtype).bits // 8 * copies
+            most = max(1, (24 << 20) // max(1, replica_bytes))
+            per_worker = -(-R // (workers * most))  # groups per worker; equal-sized groups balance the workers
+            size = max(1, -(-R // (workers * per_worker)))
+        chunks = [slice(c, min(R, c + int(size))) for c in range(0, R, int(size))]
+        workers = min(workers, len(chunks))
+        shares = [chunks[w::workers] for w in range(workers)]  # each worker's replica groups
 
-    steps_per_epoch = -(-N // batch_size)
-    nbuf = min(batch_size, N) * (1 if fast_shared else int(chunk_size))
-    # with sparse inputs the minibatches are row ids into the CSR copy: no gathered inputs
-    xbufs = [torch.empty((0 if csr is not None else nbuf, *x.shape[1:]), dtype=x.dtype, device=device)
-             for _ in range(workers)]
-    ybufs = [torch.empty((nbuf, *y.shape[1:]), dtype=y.dtype, device=device) for _ in range(workers)]
-    history.engine = engine
+        steps_per_epoch = -(-N // batch_size)
+        nbuf = min(batch_size, N) * (1 if fast_shared else int(size))
+        # with sparse inputs the minibatches are row ids into the CSR copy: no gathered inputs
+        xbufs = [torch.empty((0 if csr is not None else nbuf, *x.shape[1:]), dtype=x.dtype, device=device)
+                 for _ in range(workers)]
+        ybufs = [torch.empty((nbuf, *y.shape[1:]), dtype=y.dtype, device=device) for _ in range(workers)]
 
-    def train_share(w: int, epoch: int, orders: torch.Tensor, loss_sum: torch.Tensor):
-        """One epoch for worker ``w``'s replica groups: all steps, no synchronization with other workers."""
-        xbuf, ybuf = xbufs[w], ybufs[w]
-        for k in range(steps_per_epoch):
-            if fast_shared:  # one minibatch for every replica
-                i = orders[k * batch_size:(k + 1) * batch_size]
-                nb = len(i)
-                xs = CsrBatch(csr, i) if csr is not None else torch.index_select(x, 0, i, out=xbuf[:nb])
-                ys = torch.index_select(y, 0, i, out=ybuf[:nb])
+        def train_share(w: int, epoch: int, orders: torch.Tensor, loss_sum: torch.Tensor):
+            """One epoch for worker ``w``'s replica groups: all steps, no synchronization with other workers."""
+            xbuf, ybuf = xbufs[w], ybufs[w]
+            for k in range(steps_per_epoch):
+                if fast_shared:  # one minibatch for every replica
+                    i = orders[k * batch_size:(k + 1) * batch_size]
+                    nb = len(i)
+                    xs = CsrBatch(csr, i) if csr is not None else torch.index_select(x, 0, i, out=xbuf[:nb])
+                    ys = torch.index_select(y, 0, i, out=ybuf[:nb]) if labels is None else None
+                for sl in shares[w]:
+                    Rc = sl.stop - sl.start
+                    if fast_shared:  # (with label noise each replica's own labels of the one minibatch: [R_c, B])
+                        xc, yc = xs, ys if labels is None else torch.index_select(labels[sl], 1, i).long()
+                    else:  # the group's R_c minibatches with one gather, into a preallocated buffer
+                        i = orders[sl, k * batch_size:(k + 1) * batch_size]
+                        nb = i.shape[1]
+                        if csr is not None:
+                            xc = CsrBatch(csr, i)
+                        else:
+                            xc = torch.index_select(x, 0, i.reshape(-1), out=xbuf[:Rc * nb]).view(Rc, nb, *x.shape[1:])
+                        if labels is None:
+                            yc = torch.index_select(y, 0, i.reshape(-1), out=ybuf[:Rc * nb]).view(Rc, nb, *y.shape[1:])
+                        else:
+                            yc = torch.gather(labels[sl], 1, i).long()
+                    pc = {n: params[n][sl] for n in names}  # views: updated in place
+                    # views that BatchNorm's running statistics update in place; ``.data`` for the reason given in
+                    # grads_at
+                    bc = {n: b_[sl].data for n, b_ in buffers.items()}
+                    active = ~(done[sl] | diverged[sl])
+                    stopped = _rows(bc, ~active)  # the buffers of replicas that do not train stay as they are
+                    with _dropout_rng(has_dropout, device, (*seeds[sl], epoch, k)):
+                        g, losses = grads_at(pc, bc, xc, yc, active, sl)
+                        bad = active & ~torch.isfinite(losses)
+                        if use_sam:
+                            sq = sum(gn.reshape(Rc, -1).double().pow(2).sum(1) for gn in g.values())
+                            scale = (hp["sam_rho"][sl] / (sq.sqrt().to(hdt) + 1e-12)).to(dtype)
+                            pert = {n: pc[n] + _bcast(scale, pc[n]) * g[n] for n in names}
+                            first = _rows(bc, torch.ones_like(active))  # the perturbed pass updates no statistics
+                            g, _ = grads_at(pert, bc, xc, yc, active, sl)
+                            _restore_rows(bc, first)
+                    _restore_rows(bc, stopped)
+                    if bool(bad.any()):
+                        diverged[sl] |= bad
+                        kill(pc, bad)
+                        active = active & ~bad
+                    step(pc, g, active, sl)
+                    loss_sum[sl] += torch.where(active, losses.double(), torch.zeros_like(losses.double())) * nb
+
+        def full_loss_share(w: int, out: torch.Tensor):
             for sl in shares[w]:
-                Rc = sl.stop - sl.start
-                if fast_shared:
-                    xc, yc = xs, ys
-                else:  # the group's R_c minibatches with one gather, into a preallocated buffer
-                    i = orders[sl, k * batch_size:(k + 1) * batch_size]
-                    nb = i.shape[1]
-                    if csr is not None:
-                        xc = CsrBatch(csr, i)
-                    else:
-                        xc = torch.index_select(x, 0, i.reshape(-1), out=xbuf[:Rc * nb]).view(Rc, nb, *x.shape[1:])
-                    yc = torch.index_select(y, 0, i.reshape(-1), out=ybuf[:Rc * nb]).view(Rc, nb, *y.shape[1:])
-                pc = {n: params[n][sl] for n in names}  # views: updated in place
-                # views that BatchNorm's running statistics update in place; ``.data`` for the reason given in grads_at
-                bc = {n: b_[sl].data for n, b_ in buffers.items()}
-                active = ~(done[sl] | diverged[sl])
-                stopped = _rows(bc, ~active)  # the buffers of replicas that do not train stay as they are
-                with _dropout_rng(has_dropout, device, (*seeds[sl], epoch, k)):
-                    g, losses = grads_at(pc, bc, xc, yc, active, sl)
-                    bad = active & ~torch.isfinite(losses)
-                    if use_sam:
-                        sq = sum(gn.reshape(Rc, -1).double().pow(2).sum(1) for gn in g.values())
-                        scale = (hp["sam_rho"][sl] / (sq.sqrt().to(hdt) + 1e-12)).to(dtype)
-                        pert = {n: pc[n] + _bcast(scale, pc[n]) * g[n] for n in names}
-                        first = _rows(bc, torch.ones_like(active))  # the perturbed pass updates no statistics
-                        g, _ = grads_at(pert, bc, xc, yc, active, sl)
-                        _restore_rows(bc, first)
-                _restore_rows(bc, stopped)
-                if bool(bad.any()):
-                    diverged[sl] |= bad
-                    kill(pc, bad)
-                    active = active & ~bad
-                step(pc, g, active, sl)
-                loss_sum[sl] += torch.where(active, losses.double(), torch.zeros_like(losses.double())) * nb
+                out[sl] = full_loss({n: params[n][sl] for n in names}, {n: b_[sl] for n, b_ in buffers.items()}, sl)
 
-    def full_loss_share(w: int, out: torch.Tensor):
-        for sl in shares[w]:
-            out[sl] = full_loss({n: params[n][sl] for n in names}, {n: b_[sl] for n, b_ in buffers.items()})
+        epoch_state: dict = {}  # the epoch under way: active replicas, minibatch loss sums, full losses
 
-    def run_workers(fn, *args):
-        """``fn(w, *args)`` for every worker; in threads (single-threaded torch ops each) when workers > 1."""
+        def live() -> bool:
+            """Whether a replica of the group still trains (not diverged, not stopped at ``target_loss``)."""
+            return not bool((done | diverged).all())
+
+        def train_tasks(epoch: int) -> list:
+            """The epoch's training, one task per worker (to run in any order, in parallel)."""
+            epoch_state["active"] = ~(done | diverged)
+            if fast_shared:
+                orders = epoch_order(data_seeds[0], epoch, N).to(device)  # [N], the same for every replica
+            else:
+                orders = torch.stack([epoch_order(s, epoch, N) for s in data_seeds]).to(device)  # [R, N]
+            epoch_state["loss_sum"] = loss_sum = torch.zeros(R, dtype=torch.float64, device=device)
+            return [partial(train_share, w, epoch, orders, loss_sum) for w in range(workers)]
+
+        def eval_tasks() -> list:
+            """After the training tasks: the full training-set losses, one task per worker (none without
+            ``eval_train``)."""
+            epochs_run.add_(epoch_state["active"].cpu().long())
+            if not eval_train:
+                return []
+            epoch_state["loss"] = out = torch.zeros(R, dtype=torch.float64, device=device)
+            return [partial(full_loss_share, w, out) for w in range(workers)]
+
+        def end_epoch() -> torch.Tensor:
+            """After the evaluation tasks: mark the diverged and stopped replicas; the epoch's losses ``[R]``
+            (NaN for the replicas that did not train in it or diverged)."""
+            nonlocal diverged, done
+            active_epoch = epoch_state["active"]
+            ep_loss = epoch_state["loss"] if eval_train else epoch_state["loss_sum"] / N
+            ep_loss = torch.where(active_epoch & ~diverged, ep_loss, torch.full_like(ep_loss, float("nan")))
+            # replicas whose parameters became non-finite without a non-finite loss
+            nonfinite = nonfinite_rows([params[n] for n in names])
+            newly = nonfinite & ~diverged
+            if bool(newly.any()):
+                diverged |= newly
+                kill(params, newly)
+            if eval_train:
+                newly = ~torch.isfinite(ep_loss) & active_epoch & ~diverged
+                diverged |= newly
+                kill(params, newly)
+            if target_loss is not None:
+                done |= active_epoch & ~diverged & (ep_loss <= target_loss)
+            return ep_loss
+
+        def tensors() -> dict:
+            """The group's training state as of now (the checkpoint's entries, its rows in the order of ``idx``)."""
+            return {"params": params, "buffers": buffers, "state": state, "diverged": diverged, "done": done,
+                    "epochs_run": epochs_run}
+
+        return SimpleNamespace(idx=idx, workers=workers, live=live, train_tasks=train_tasks, eval_tasks=eval_tasks,
+                               end_epoch=end_epoch, tensors=tensors)
+
+    # one group per batch size (in the order of first appearance): each trains as a call with that batch size would
+    by_size: dict = {}
+    for r, b in enumerate(batch_sizes):
+        by_size.setdefault(b, []).append(r)
+    pop = {"seeds": seeds, "data_seeds": data_seeds, "params": params, "buffers": buffers, "state": state, "hp": hp,
+           "diverged": diverged, "done": done, "epochs_run": epochs_run, "labels": labels}
+    groups = [make_group(idx, b, pop) for b, idx in by_size.items()]
+    del pop, params, buffers, state, labels  # (with several groups, each holds its own rows: no second copy)
+
+    def merged(get):
+        """``get(group.tensors())`` of every group as one population's rows, on the CPU, in replica order."""
+        return _merge_rows([(g.idx, get(g.tensors())) for g in groups], R)
+
+    def run_tasks(tasks: list) -> None:
+        """Run the tasks, in the worker threads when there are several (each waits for all)."""
         if pool is None:
-            fn(0, *args)
+            for task in tasks:
+                task()
             return
-        for f in [pool.submit(fn, w, *args) for w in range(workers)]:
+        for f in [pool.submit(task) for task in tasks]:
             f.result()
 
     def fill_history():
         """The per-replica fields of ``history`` as of now (copies: the callback may keep them)."""
-        history.epochs_run = epochs_run.tolist()
-        history.steps = state["step"].cpu().tolist()
-        history.diverged = diverged.cpu().tolist()
-        history.reached_target = done.cpu().tolist()
+        history.epochs_run = merged(lambda t: t["epochs_run"]).tolist()
+        history.steps = merged(lambda t: t["state"]["step"]).tolist()
+        history.diverged = merged(lambda t: t["diverged"]).tolist()
+        history.reached_target = merged(lambda t: t["done"]).tolist()
 
+    history.engine = engine
+    workers = min(most_workers, sum(g.workers for g in groups))
     pool = bar = None
     old_threads = torch.get_num_threads()
     # everything from the thread count's change on inside the try: an exception or Ctrl-C while the pool or the bar
@@ -963,49 +1215,28 @@ def train_population(
         bar = tqdm(total=epochs, initial=min(start_epoch, epochs), desc="fastcurv train", unit="epoch",
                    disable={False: True, None: None, True: False}[progress], leave=False)
         for epoch in range(start_epoch, epochs):
-            if bool((done | diverged).all()):
+            live = [g for g in groups if g.live()]
+            if not live:
                 break
-            active_epoch = ~(done | diverged)
-            if fast_shared:
-                orders = epoch_order(data_seeds[0], epoch, N).to(device)  # [N], the same for every replica
-            else:
-                orders = torch.stack([epoch_order(s, epoch, N) for s in data_seeds]).to(device)  # [R, N]
-            loss_sum = torch.zeros(R, dtype=torch.float64, device=device)
-            run_workers(train_share, epoch, orders, loss_sum)
-            epochs_run += active_epoch.cpu().long()
-            if eval_train:
-                ep_loss = torch.zeros(R, dtype=torch.float64, device=device)
-                run_workers(full_loss_share, ep_loss)
-            else:
-                ep_loss = loss_sum / N
-            ep_loss = torch.where(active_epoch & ~diverged, ep_loss, torch.full_like(ep_loss, float("nan")))
-            # replicas whose parameters became non-finite without a non-finite loss
-            nonfinite = nonfinite_rows([params[n] for n in names])
-            newly = nonfinite & ~diverged
-            if bool(newly.any()):
-                diverged |= newly
-                kill(params, newly)
-            if eval_train:
-                newly = ~torch.isfinite(ep_loss) & active_epoch & ~diverged
-                diverged |= newly
-                kill(params, newly)
-            if target_loss is not None:
-                done |= active_epoch & ~diverged & (ep_loss <= target_loss)
-            history.train_loss.append(ep_loss.cpu().tolist())
+            run_tasks([task for g in live for task in g.train_tasks(epoch)])  # (all batch sizes' groups at once)
+            run_tasks([task for g in live for task in g.eval_tasks()])
+            ep_loss = torch.full((R,), float("nan"), dtype=torch.float64)  # a group that has stopped: NaN
+            for g in live:
+                ep_loss[g.idx] = g.end_epoch().cpu()
+            history.train_loss.append(ep_loss.tolist())
             if ckpt_path is not None:
                 _atomic_save({
                     "fingerprint": json.dumps(fingerprint), "epoch": epoch + 1,
-                    "params": {n: t.detach().cpu() for n, t in params.items()},
-                    "buffers": {n: t.detach().cpu() for n, t in buffers.items()},
-                    "state": _to_cpu(state), "diverged": diverged.cpu(), "done": done.cpu(), "epochs_run": epochs_run,
+                    **{k: merged(itemgetter(k)) for k in ("params", "buffers", "state", "diverged", "done",
+                                                          "epochs_run")},
                     "history": {"train_loss": history.train_loss},
                 }, ckpt_path)
             alive = ep_loss[torch.isfinite(ep_loss)]
-            post = {"alive": f"{int((~diverged).sum())}/{R}"}
+            post = {"alive": f"{R - sum(int(g.tensors()['diverged'].sum()) for g in groups)}/{R}"}
             if len(alive):
                 post.update(loss_mean=f"{alive.mean():.4g}", min=f"{alive.min():.3g}", max=f"{alive.max():.3g}")
             if target_loss is not None:
-                post["done"] = int(done.sum())
+                post["done"] = sum(int(g.tensors()["done"].sum()) for g in groups)
             bar.set_postfix(post)
             bar.update(1)
             if callback is not None:
@@ -1024,14 +1255,15 @@ def train_population(
     fill_history()
     history.seconds = time.perf_counter() - t_start
     with torch.no_grad():
-        for r, m in enumerate(models):
-            for n, p in m.named_parameters():
-                p.copy_(params[n][r])
-            for n, b_ in m.named_buffers():
-                b_.copy_(buffers[n][r])
-            m.eval()
+        for g in groups:
+            t = g.tensors()
+            for j, r in enumerate(g.idx):
+                for n, p in models[r].named_parameters():
+                    p.copy_(t["params"][n][j])
+                for n, b_ in models[r].named_buffers():
+                    b_.copy_(t["buffers"][n][j])
+                models[r].eval()
     return models, history
-
 
 def _rows(bufs: dict, which: torch.Tensor):
     """``(which, copies of the rows which of every buffer)``, or None when there is nothing to keep."""
@@ -1082,6 +1314,21 @@ def _transposed_storage(t: torch.Tensor) -> torch.Tensor:
 def _storage_order(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or its transpose when that is the contiguous one (elementwise updates see no difference)."""
     return t.transpose(-2, -1) if t.dim() >= 2 and not t.is_contiguous() and t.transpose(-2, -1).is_contiguous() else t
+
+
+def _merge_rows(parts: list, R: int):
+    """The rows of replica groups ``parts = [(replica indices, rows)]`` as one population's, on the CPU:
+    ``rows`` a tensor ``[R_g, ...]`` or a dict of them (nested); row ``j`` of a group goes to replica
+    ``indices[j]``. A single group of every replica in order is returned as it is (on the CPU)."""
+    if len(parts) == 1 and parts[0][0] == list(range(R)):
+        return _to_cpu(parts[0][1])
+    first = parts[0][1]
+    if isinstance(first, dict):
+        return {k: _merge_rows([(i, rows[k]) for i, rows in parts], R) for k in first}
+    out = torch.empty((R, *first.shape[1:]), dtype=first.dtype)
+    for i, rows in parts:
+        out[torch.tensor(i, dtype=torch.long)] = rows.detach().cpu()
+    return out
 
 
 def _to_cpu(obj):

@@ -179,7 +179,8 @@ class MLPPlan:
 
         ``p``: name -> ``[R, ...]`` stacked parameters. ``x``: ``[R, B, ...]`` (or ``[B, ...]`` with
         ``shared``) or a :class:`CsrBatch`, ``y``: ``[R, B]`` labels / MSE targets ``[R, B, C]``
-        shaped like the outputs (or without the leading ``R``; other shapes: ValueError).
+        shaped like the outputs (or without the leading ``R``; other shapes: ValueError); with
+        ``shared``, labels may be ``[B]`` (the same for every replica) or ``[R, B]`` (each its own).
         ``active``: ``[R]`` bool, inactive replicas get zero loss weight. ``out``: optional name ->
         preallocated contiguous ``[R, ...]`` gradient buffers (written in place and returned).
         Returns ``(grads: dict name -> [R, ...], losses: [R])``.
@@ -189,7 +190,8 @@ class MLPPlan:
         sparse = isinstance(x, CsrBatch)
         w = active.to(logits.dtype)
         if loss == "cross_entropy":
-            yy = (y.view(1, B, 1).expand(R, B, 1) if shared else y.reshape(R, B, 1))
+            # (shared inputs with per-replica labels, label noise: y [R, B])
+            yy = y.view(1, B, 1).expand(R, B, 1) if shared and y.dim() == 1 else y.reshape(R, B, 1)
             logp = torch.log_softmax(logits, -1)
             losses = -logp.gather(2, yy).squeeze(2).mean(1)
             dz = logp.exp_()
