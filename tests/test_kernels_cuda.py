@@ -6,6 +6,7 @@ the C++ CPU op, in the same parametrised test (devices/impls that are available 
 """
 import glob
 import os
+import shutil
 
 import pytest
 import torch
@@ -34,12 +35,23 @@ TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-12
 ALL_CUDA_OPS = sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "*.cu")))
 
 
+def _cuda_toolkit_found() -> bool:
+    """Whether setup.py finds a CUDA toolkit to build fastcurv._cuda with (its search: CUDA_HOME,
+    /usr/local/cuda, the folder of the nvcc on PATH, each holding include/cuda_runtime.h). An editable
+    install's build note (``_cuda_build.txt``) stays in the build's temporary folder, so this does not
+    rely on it."""
+    nvcc = shutil.which("nvcc")
+    roots = (os.environ.get("CUDA_HOME"), "/usr/local/cuda",
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None)
+    return any(r and os.path.exists(os.path.join(r, "include", "cuda_runtime.h")) for r in roots)
+
+
 def _must_have_cuda_ext() -> bool:
     """Whether fastcurv._cuda has to load here: where it was built, with FASTCURV_CUDA=1, and in CI
-    unless the build found no CUDA toolkit to compile it with (a machine without nvcc)."""
+    where a CUDA toolkit is found to compile it with (not on a machine without nvcc)."""
     built = glob.glob(os.path.join(os.path.dirname(fastcurv.__file__), "_cuda*.so"))
-    no_toolkit = "nvcc not found" in (_ext.extension_error("_cuda") or "")
-    return bool(built) or os.environ.get("FASTCURV_CUDA") == "1" or (bool(os.environ.get("CI")) and not no_toolkit)
+    ci = bool(os.environ.get("CI")) and _cuda_toolkit_found()
+    return bool(built) or os.environ.get("FASTCURV_CUDA") == "1" or ci
 
 
 def test_cuda_kernels_registered():

@@ -403,3 +403,14 @@ def test_l2_ascent_moves_on_a_confident_float32_model():
     for col in ("rho_sharpness", "josz_V"):
         assert float(values[1][col][0]) > 1e-27  # (a loss increase far above the float32 range's bottom)
         assert float(values[0][col][0]) == pytest.approx(float(values[1][col][0]), rel=1e-3, abs=0)
+
+
+def test_ascent_direction_of_a_float16_gradient_below_finfo_tiny_has_unit_norm():
+    """The l2 ascent step divides by the gradient's norm; clamped at float16's smallest normal
+    number (6.1e-5), a row of norm 5e-6 (subnormal, representable) got a "unit" direction of norm
+    0.08."""
+    from fastcurv.measures._ascent import _direction
+
+    g = torch.tensor([[3e-6, 4e-6]], dtype=torch.float16)
+    assert float(_direction(g, "l2").float().norm()) == pytest.approx(1.0, abs=1e-2)  # (subnormal: few digits)
+    assert float(_direction(torch.zeros(1, 2, dtype=torch.float16), "l2").abs().sum()) == 0.0

@@ -36,7 +36,8 @@ def _project(u, rho, p):
 
 def _direction(g, p):
     if p == "l2":
-        return g / row_norms(g, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)  # (a zero row stays 0)
+        n = row_norms(g, keepdim=True)
+        return g / torch.where(n > 0, n, 1.0)  # (a zero row stays 0; a float16 norm may be subnormal, below finfo.tiny)
     return g.sign()
 
 

@@ -51,7 +51,7 @@ def power_iteration(op, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0
         lam[ai], res[ai] = new, r
         iters[ai] = t + 1
         converged[ai] = done & (r <= STOP_RESIDUAL * new.abs())
-        v[dev_ai] = w / wn.clamp_min(torch.finfo(w.dtype).tiny)  # (1e-300 is 0 in float32: 0 / 0 for Hv = 0)
+        v[dev_ai] = w / torch.where(wn > 0, wn, 1.0)  # (Hv = 0 stays 0; a float16 norm may be subnormal, below finfo.tiny)
         active[ai[done | ~ok]] = False
         if callback is not None:
             callback(t + 1, len(ai))
