@@ -737,3 +737,27 @@ def test_a_sweep_that_is_not_a_grid_says_why_it_has_no_granulated_kendall(tmp_pa
     assert "not a full grid: 3 of its 4 combinations" in note and "left out: momentum" in note
     assert f"Psi {note}" in (tmp_path / "report.md").read_text()
     assert not (tmp_path / "granulated_kendall.csv").exists()
+
+
+def test_adjusted_p_values_of_measures_do_not_depend_on_the_swept_hyperparameters():
+    """The study correlates the swept hyperparameters too, as baselines; Benjamini-Yekutieli over all
+    rows made a measure's adjusted p depend on which settings were swept (lambda_max 0.5 -> 0.926 in
+    a 4-replica study with lr and momentum swept). Each kind is now its own family."""
+    import pandas as pd
+    import scipy.stats as st
+
+    from fastcurv.stats import correlations
+    from fastcurv.study import _by_kind
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"lr": np.repeat([0.01, 0.1, 1.0], 4), "momentum": np.tile([0.0, 0.9], 6)})
+    df["gap"] = np.log10(df["lr"]) + rng.normal(0, 0.3, len(df))
+    df["a"] = df["gap"] + rng.normal(0, 0.5, len(df))
+    df["b"] = rng.random(len(df))
+    corr = _by_kind(correlations(df, "gap", ["a", "b", "lr", "momentum"], n_boot=50), ["lr", "momentum"])
+    assert corr["kind"].tolist() == ["measure", "measure", "hyperparameter", "hyperparameter"]
+    alone = correlations(df, "gap", ["a", "b"], n_boot=50)
+    for col in ("spearman_p_by", "kendall_p_by"):
+        np.testing.assert_allclose(corr.loc[["a", "b"], col], alone[col], rtol=1e-12)
+        hyp = corr.loc[["lr", "momentum"], col.removesuffix("_by")].to_numpy()
+        np.testing.assert_allclose(corr.loc[["lr", "momentum"], col], st.false_discovery_control(hyp, method="by"))

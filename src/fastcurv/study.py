@@ -59,6 +59,23 @@ _NOT_PREDICTORS = ("test_error", "pacbayes_mag_sigma")
 FUNCTION_RENAMES = {"pacbayes_mag_sigma": "pacbayes_mag_kl_sigma"}
 
 
+def _by_kind(corr, swept):
+    """``corr`` (:func:`fastcurv.stats.correlations`' table) with a first column ``kind``
+    ("hyperparameter" for the ``swept`` rows, else "measure") and its Benjamini-Yekutieli columns
+    adjusted within each kind: the measures form one family, so a measure's adjusted p does not
+    depend on which settings were swept (over all rows, lambda_max's 0.5 became 0.926 in a
+    4-replica study with lr and momentum swept)."""
+    from .stats import by_adjusted
+
+    corr = corr.copy()
+    corr.insert(0, "kind", ["hyperparameter" if m in swept else "measure" for m in corr.index])
+    for kind in ("measure", "hyperparameter"):
+        rows = corr["kind"] == kind
+        for col in ("spearman_p", "kendall_p"):
+            corr.loc[rows, f"{col}_by"] = by_adjusted(corr.loc[rows, col].to_numpy(dtype=float))
+    return corr
+
+
 def _mixed_correlations(aud, table, target, n_boot, seed, folded: bool = False):
     """Spearman rho of each audited curvature column with ``target`` on a population where a random
     half of the audited replicas is replaced by its reparameterized copy (the same functions, so the
@@ -221,7 +238,8 @@ def study(
     ``models``: the R trained models, in seed order, for follow-up measures without retraining).
     ``correlations``: one row per correlated column, its ``kind`` "measure" or "hyperparameter" (a swept setting, as a
     baseline), with :func:`fastcurv.stats.correlations`' columns (``spearman_p_by`` /
-    ``kendall_p_by``: Benjamini-Yekutieli adjusted over all its rows). ``granulated_kendall``:
+    ``kendall_p_by``: Benjamini-Yekutieli adjusted within each kind: over the measure rows, and
+    separately over the hyperparameter rows). ``granulated_kendall``:
     :func:`fastcurv.stats.granulated_kendall` of the measure columns over the swept hyperparameters
     that take two values or more (None without such a sweep, or when it is not a full grid:
     ``granulated_kendall_note`` then says why; the note also names swept hyperparameters left out
@@ -422,8 +440,7 @@ def study(
     measure_cols = [c for c in sharp_cols + func_cols
                     if pd.api.types.is_numeric_dtype(table[c]) and not c.endswith(("_stderr", "_iters", "_converged"))]
     # the swept hyperparameters are correlated too, as baselines a measure has to beat
-    corr = correlations(table, target, measure_cols + swept, n_boot=n_boot, seed=seed)
-    corr.insert(0, "kind", ["hyperparameter" if m in swept else "measure" for m in corr.index])
+    corr = _by_kind(correlations(table, target, measure_cols + swept, n_boot=n_boot, seed=seed), swept)
     head_of = _headline_columns((*sharp_m, *func_m), measure_cols)
     headline = corr.loc[list(dict.fromkeys(head_of.values()))].drop(columns="kind")
     granulated, granulated_note = _granulated(table, target, measure_cols, swept)

@@ -285,8 +285,9 @@ def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headl
                f"({_gde_ratio(d, e)}; the equality of Jiang et al. 2022 predicts 1).", ""]
     hyper = corr.index[corr["kind"] == "hyperparameter"].tolist()
     md += [f"## All measure columns vs `{target}`" + (" (and the swept hyperparameters)" if hyper else ""), "",
-           "`spearman_p_by` / `kendall_p_by`: the p-values adjusted for testing every row of this table "
-           "(Benjamini-Yekutieli: false discovery rate under any dependence between the columns)."
+           "`spearman_p_by` / `kendall_p_by`: the p-values adjusted for testing every measure row of this table "
+           "(Benjamini-Yekutieli: false discovery rate under any dependence between the columns; the "
+           "hyperparameter rows, if any, are adjusted among themselves)."
            + (f" Rows of kind `hyperparameter` ({', '.join(hyper)}) are the swept settings themselves, "
               "correlated as baselines: a measure predicts more than the sweep only where it beats them (see also "
               "the granulated Kendall coefficient)." if hyper else ""), "",
@@ -296,7 +297,7 @@ def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headl
         if granulated is not None:
             hs = [col[4:] for col in granulated.columns if col.startswith("psi_")]
             groups = granulated.attrs.get("groups", {})
-            md += [f"`psi_<h>`: the mean Kendall tau-b of the measure with `{target}` over the groups of replicas that "
+            md += [f"`psi_<h>`: the mean Kendall tau (the pair-sign average: a tied pair counts 0) of the measure with `{target}` over the groups of replicas that "
                    "differ only in the hyperparameter h (and their seeds) ("
                    + ", ".join(f"{h}: {groups.get(h, '?')} groups" for h in hs) + "); `Psi`: the mean of the psi. "
                    "Unlike the pooled correlations above, it does not credit a measure for following a "
