@@ -761,3 +761,20 @@ def test_adjusted_p_values_of_measures_do_not_depend_on_the_swept_hyperparameter
         np.testing.assert_allclose(corr.loc[["a", "b"], col], alone[col], rtol=1e-12)
         hyp = corr.loc[["lr", "momentum"], col.removesuffix("_by")].to_numpy()
         np.testing.assert_allclose(corr.loc[["lr", "momentum"], col], st.false_discovery_control(hyp, method="by"))
+
+
+def test_cli_takes_batch_size_and_label_noise_sweeps(monkeypatch):
+    """``--batch-size`` took one int only (a batch-size sweep ran from Python or a config file alone)
+    and there was no ``--label-noise``: both take one value or one per replica."""
+    import sys
+
+    from fastcurv.cli import main
+
+    study_module = sys.modules["fastcurv.study"]  # (fastcurv.study, the attribute, is the function)
+
+    seen = {}
+    monkeypatch.setattr(study_module, "study", lambda progress, **cfg: seen.update(cfg))
+    assert main(["study", "--batch-size", "32,32,128,128", "--label-noise", "0,0.2,0,0.2", "--no-progress"]) == 0
+    assert seen["batch_size"] == [32, 32, 128, 128] and seen["label_noise"] == [0.0, 0.2, 0.0, 0.2]
+    assert main(["study", "--batch-size", "64", "--label-noise", "0.1", "--no-progress"]) == 0
+    assert seen["batch_size"] == 64 and seen["label_noise"] == 0.1

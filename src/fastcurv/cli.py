@@ -30,6 +30,12 @@ def _ints(text: str):
     return [int(v) for v in str(text).split(",") if v.strip()]
 
 
+def _int_or_ints(text: str):
+    """'32' -> 32; '32,128' -> [32, 128] (one value per replica)."""
+    vals = _ints(text)
+    return vals[0] if len(vals) == 1 else vals
+
+
 _PATH_SETTINGS = ("out", "checkpoint", "data_root")  # study settings that are paths
 
 
@@ -94,7 +100,9 @@ def _add_study_flags(p: argparse.ArgumentParser):
     p.add_argument("--momentum", type=_floats, default=S)
     p.add_argument("--weight-decay", type=_floats, default=S)
     p.add_argument("--sam-rho", type=_floats, default=S, help="SAM radius (0: plain optimizer)")
-    p.add_argument("--batch-size", type=int, default=S)
+    p.add_argument("--batch-size", type=_int_or_ints, default=S, help="minibatch size, or one per replica: 32,32,512,512")
+    p.add_argument("--label-noise", type=_floats, default=S,
+                   help="fraction of each replica's training labels made wrong, or one per replica: 0,0.2")
     p.add_argument("--epochs", type=int, default=S, help="epochs (the maximum with --target-loss)")
     p.add_argument("--target-loss", type=float, default=S, help="stop each replica at this training loss")
     p.add_argument("--measures", type=lambda s: tuple(s.split(",")), default=S,
