@@ -329,3 +329,19 @@ def test_a_replica_does_not_depend_on_when_its_group_mates_stop():
     assert len(set(ha.epochs_run)) == 4  # (they stop in four different epochs)
     assert all(_same(u, v) for u, v in zip(_flat(a), _flat(b)))
     assert np.array_equal(np.array(ha.train_loss), np.array(hb.train_loss), equal_nan=True)
+
+
+def test_label_noise_given_as_float32_resumes_and_int8_labels_are_not_overflowed(tmp_path):
+    """The checkpoint recorded the raw fractions, so 0.1 given as a float32 (0.10000000149) was
+    refused on resume ("label_noise 0.1 x 2 -> 0.1 x 2") though the labels are the same: it records
+    how many labels each replica has wrong. And ``noisy_labels`` added the shift in the labels' dtype:
+    int8 labels of 100 classes overflowed (136 of 1000 labels differed from int64's)."""
+    x, y = _data()
+    path = tmp_path / "n.pt"
+    train_population(_mlp, x, y, seeds=[0, 1], label_noise=0.1, epochs=1, checkpoint=path, progress=False)
+    train_population(_mlp, x, y, seeds=[0, 1], label_noise=np.float32(0.1), epochs=2, checkpoint=path, progress=False)
+    yy = torch.randint(0, 100, (1000,), generator=torch.Generator().manual_seed(0))
+    want = noisy_labels(yy, 0.5, 3, 100)
+    got = noisy_labels(yy.to(torch.int8), 0.5, 3, 100)
+    assert got.dtype == torch.int8 and torch.equal(got.long(), want)
+    assert int((want != yy).sum()) == 500

@@ -194,8 +194,8 @@ def study(
             ``batch_size``: positive integers; every batch size trains the same ``epochs`` (smaller
             batches take more steps). ``label_noise``: fractions in [0, 1) of each replica's
             training labels replaced by wrong ones, drawn with its seed
-            (:func:`fastcurv.train.noisy_labels`); ``train_acc``, ``train_loss`` and ``gap`` are on the
-            clean labels, and the table's ``noisy_train_acc`` (with label noise) is the accuracy on
+            (:func:`fastcurv.train.noisy_labels`); ``train_acc``, ``train_loss``, ``gap`` and the
+            curvature measures are on the clean labels, and the table's ``noisy_train_acc`` (with label noise) is the accuracy on
             the labels each replica was trained on. ``target_loss=0.0`` counts as set (the
             ``reached_target`` column and the report's lines); None is unset.
         measures: names from ``fastcurv.sharpness.MEASURES`` (and registered extras, e.g.

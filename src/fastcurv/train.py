@@ -280,6 +280,11 @@ def _label_noise(value, R: int) -> list[float]:
     return [float(v) for v in items]
 
 
+def _noisy_count(fraction: float, n: int) -> int:
+    """How many of ``n`` labels ``label_noise=fraction`` makes wrong: the nearest integer to ``fraction * n``."""
+    return int(math.floor(fraction * n + 0.5))
+
+
 def noisy_labels(y: torch.Tensor, fraction: float, seed: int, num_classes: int) -> torch.Tensor:
     """The labels a replica with initialization seed ``seed`` trains on with ``label_noise=fraction``
     (:func:`train_population`): a copy of the class labels ``y [N]`` (integers in ``[0, num_classes)``)
@@ -297,7 +302,7 @@ def noisy_labels(y: torch.Tensor, fraction: float, seed: int, num_classes: int) 
                          f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
     fraction = _label_noise(fraction, 1)[0]
     out = y.detach().cpu().clone()
-    k = int(math.floor(fraction * len(y) + 0.5))
+    k = _noisy_count(fraction, len(y))
     if k == 0:
         return out.to(y.device)
     if num_classes < 2:
@@ -310,7 +315,7 @@ def noisy_labels(y: torch.Tensor, fraction: float, seed: int, num_classes: int) 
     order = torch.randperm(len(out), generator=g)
     shift = torch.randint(1, num_classes, (len(out),), generator=g)  # 1..C-1: never the label itself
     pick = order[:k]
-    out[pick] = (out[pick] + shift[pick].to(out.dtype)) % num_classes
+    out[pick] = ((out[pick].long() + shift[pick]) % num_classes).to(out.dtype)  # (int8 labels + shift could overflow)
     return out.to(y.device)
 
 
@@ -786,7 +791,7 @@ def train_population(
         "target_loss": target_loss, "loss": loss,
         "eval_train": bool(eval_train), "dtype": str(dtype), "data": _data_digest(x, y),
         "params": [[n, list(params[n].shape[1:])] for n in names], "architecture": module_structure(models[0]),
-        **({"frozen": frozen} if frozen else {}), **({"label_noise": noise} if any(noise) else {}),
+        **({"frozen": frozen} if frozen else {}), **({"label_noise_samples": [_noisy_count(f, len(y)) for f in noise]} if any(noise) else {}),  # (what the labels depend on)
     }
     if ckpt_path is not None and ckpt_path.exists():
         ck = _load_checkpoint(ckpt_path, device)
