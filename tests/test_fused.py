@@ -1,4 +1,6 @@
 """The fused R-op engine against dense float64 Hessians and the autograd oracle."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -307,6 +309,7 @@ def test_fused_sparse_hidden_layers_against_dense(K, loss, fused_head, monkeypat
     density, or never; two batches (accumulated), replica subsets in chunks of one; against dense
     Hessians and the dense engine, and the gradient from the cached state."""
     import fastcurv.backends.fused.backend as fused_mod
+    import fastcurv.backends.fused.mlp_matvec as matvec_mod
 
     models = replicas(lambda: nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 8), nn.ReLU(), nn.Linear(8, 6),
                                             nn.ReLU(), nn.Linear(6, 4)), R=3)
@@ -315,7 +318,7 @@ def test_fused_sparse_hidden_layers_against_dense(K, loss, fused_head, monkeypat
     y = torch.randint(0, 4, (40,), generator=gen) if loss == "cross_entropy" else torch.randn(40, 4, generator=gen, dtype=torch.float64)
     batches = [(x[:23], y[:23]), (x[23:], y[23:])]
     calls = []
-    monkeypatch.setattr(fused_mod, "csr_masked_linear", lambda *a, **kw: calls.append(1) or fastcurv.ops.csr_masked_linear(*a, **kw))
+    monkeypatch.setattr(matvec_mod, "csr_masked_linear", lambda *a, **kw: calls.append(1) or fastcurv.ops.csr_masked_linear(*a, **kw))
     opts = dict(fused_head=fused_head, chunk_bytes=1)
     always = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, backend_options={**opts, "sparse_hidden": True})
     auto = fastcurv.HessianOperator(models, batches, backend="fused", loss=loss, backend_options=opts)
@@ -457,3 +460,85 @@ def test_mlp_chain_on_sequence_inputs_names_the_layer():
         fastcurv.HessianOperator(models, (x, y), loss="mse", backend="fused")
     V = torch.randn(2, op.P, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(op.matvec(V)[0], dense_hessian(models[0], [(x, y)], loss="mse") @ V[0], rtol=1e-10, atol=1e-12)
+
+
+def _large_output_regression(n=20, features=60, seed=0):
+    """Two float32 MLPs with outputs up to about 2e4 (a regression with unnormalized targets), the
+    first fitted to 0.01: the targets are its float64 outputs plus noise. Hidden activations about
+    1e3 through last-layer weights about 10, on sparse inputs: the engine's first layer (CSR
+    products) and autograd's (a dense GEMM) round differently, and the outputs' rounding (about
+    1e-3) then differs too."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, features, generator=gen) * (torch.rand(n, features, generator=gen) < 0.2)
+    models = [nn.Sequential(nn.Linear(features, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
+    with torch.no_grad():
+        for m in models:
+            m[0].bias.fill_(1e3)
+            m[2].weight.normal_(generator=gen).mul_(10.0)
+        t = copy.deepcopy(models[0]).double()(x.double())
+    return models, x, (t + 0.01 * torch.randn(t.shape, generator=gen, dtype=torch.float64)).float()
+
+
+def test_engine_check_accepts_a_float32_regression_with_large_outputs():
+    """The engine check compared float32 against float32 to within 1e-4 of the largest gradient
+    entry. With outputs around 1e4, float32 rounds every residual to about 1e-3: here the model's own
+    float32 loss is 1.7% off float64 and its gradient 54% (the engine's: 1.3% and 54%; their products
+    1.5e-7), and the check found a correct engine's loss 3.91186 against 3.90978 and its gradient 0.06
+    apart. ``backend="fused"`` raised, blaming in-place updates, and "auto" fell back to torch.func.
+    The check now compares in float64."""
+    models, x, y = _large_output_regression()
+    op = fastcurv.HessianOperator(models, (x, y), loss="mse")
+    assert op.backend_name == "fused", op.backend_reason
+    fused = fastcurv.HessianOperator(models, (x, y), loss="mse", backend="fused")
+    V = torch.randn(2, fused.P, generator=torch.Generator().manual_seed(1))
+    want = fastcurv.HessianOperator(models, (x, y), loss="mse", backend="func").matvec(V)
+    torch.testing.assert_close(fused.matvec(V), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def _wrong_loss_gradient(monkeypatch, error):
+    """Make both engines (the MLP chain's and the conv engine's) wrong: their loss gradient w.r.t.
+    the outputs ``1 + error`` times too large."""
+    import fastcurv.backends.fused.backend as backend_mod
+    import fastcurv.backends.fused.maps as maps_mod
+
+    real = backend_mod._loss_head
+
+    def wrong(*a, **kw):
+        loss, probs, delta, mass = real(*a, **kw)
+        return loss, probs, delta * (1 + error), mass
+
+    monkeypatch.setattr(backend_mod, "_loss_head", wrong)
+    monkeypatch.setattr(maps_mod, "_loss_head", wrong)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_engine_check_still_catches_a_wrong_engine(model, dtype, monkeypatch):
+    """The engine check still refuses an engine whose gradient is 1e-3 too large (both engines):
+    above float32's tolerance (1e-4 of the largest gradient entry), so the float64 comparison that a
+    float32 disagreement now leads to runs, and refuses it too."""
+    if model == "mlp":
+        models = replicas(lambda: chain(nn.Tanh), R=2, dtype=dtype)
+        x = torch.randn(12, 6, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    else:
+        models = replicas(lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)), R=2, dtype=dtype)
+        x = torch.randn(12, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(3))
+    assert fastcurv.HessianOperator(models, (x, y)).backend_name == "fused"
+    _wrong_loss_gradient(monkeypatch, 1e-3)
+    op = fastcurv.HessianOperator(models, (x, y))
+    assert op.backend_name == "func" and "differs from the model's own (replica 0, in torch.float64" in op.backend_reason, op.backend_reason
+    with pytest.raises(ValueError, match="differs from the model's own"):
+        fastcurv.HessianOperator(models, (x, y), backend="fused")
+
+
+def test_engine_check_in_float64_catches_a_slightly_wrong_engine(monkeypatch):
+    """Where float32 rounding makes the engine check compare again in float64 (outputs around 1e4),
+    that comparison still refuses an engine whose gradient is 1e-5 too large: less than the
+    float32 disagreement itself, a hundred times float64's tolerance (1e-7)."""
+    models, x, y = _large_output_regression()
+    _wrong_loss_gradient(monkeypatch, 1e-5)
+    op = fastcurv.HessianOperator(models, (x, y), loss="mse")
+    assert op.backend_name == "func" and "(replica 0, in torch.float64" in op.backend_reason, op.backend_reason
+    assert "apart, 1e-05 of the largest entry" in op.backend_reason, op.backend_reason

@@ -421,3 +421,21 @@ def test_conv_net_head_kernel_against_dense(K, loss, bias, monkeypatch):
         torch.testing.assert_close(HV, gemm.matvec(V), rtol=1e-10, atol=1e-13)
         for r in range(2):
             torch.testing.assert_close(HV[r], V[r] @ dense_hessian(models[r], batches, loss=loss).T, rtol=1e-9, atol=1e-12)
+
+
+def test_sample_chunks_default_to_default_sample_chunk_bytes(monkeypatch):
+    """Without ``sample_chunk_bytes`` the conv engine's sample chunks fit
+    ``backend.default_sample_chunk_bytes`` of the device (16 MiB on the CPU, 2 GiB on a GPU): the
+    one figure that the memory plan reads too (it restated the numbers)."""
+    import fastcurv.backends.fused.backend as backend_mod
+
+    assert backend_mod.default_sample_chunk_bytes("cpu") == 16 << 20
+    assert backend_mod.default_sample_chunk_bytes(torch.device("cuda", 0)) == 2 << 30
+    models = replicas(lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)), R=2)
+    x, y = torch.randn(10, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    op = fastcurv.HessianOperator(models, (x, y), backend="fused")
+    assert op.backend._sample_step(x, 1 << 20) == 10
+    monkeypatch.setattr(backend_mod, "default_sample_chunk_bytes", lambda device: 3 << 20)
+    assert op.backend._sample_step(x, 1 << 20) == 3
+    op = fastcurv.HessianOperator(models, (x, y), backend="fused", backend_options={"sample_chunk_bytes": 2 << 20})
+    assert op.backend._sample_step(x, 1 << 20) == 2

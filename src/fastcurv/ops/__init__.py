@@ -19,12 +19,17 @@ from .sampled_conv import (conv_patches, sampled_conv, sampled_conv_reference, s
                            sampled_conv_wgrad_reference)
 from .softmax_ce_hvp import softmax_ce_hvp, softmax_ce_hvp_reference
 
+#: The piecewise-linear activations' codes (ReLU, LeakyReLU): ``sigma''(z) = 0``, so their R-op needs
+#: no ``sigma''(z) * g`` term, and a model of them and linear layers has an exact trace.
+PIECEWISE_LINEAR = frozenset({activation_kind("relu"), activation_kind("leaky_relu")})
+
 __all__ = [
     "AgreementCounts",
     "agreement_counts",
     "agreement_counts_naive",
     "agreement_counts_onehot",
     "ACTIVATIONS",
+    "PIECEWISE_LINEAR",
     "activation_kind",
     "activation_value",
     "act_derivs",

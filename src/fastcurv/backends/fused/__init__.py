@@ -9,11 +9,14 @@ one R-backward pass, with replicas and probes batched into the GEMMs/convolution
 Two engines share this backend:
 
 * MLP chains (Linear, activations, Flatten before the first Linear; :mod:`.backend`, its state in
-  :mod:`.mlp_state`): layout ``[R, N, K, F]``; the first layer is a single GEMM over all replicas
-  x probes (its input is shared), the others are batched matmuls over replicas with the K probes
-  stacked with the batch rows; on the CPU, replicas are processed in cache-sized chunks;
-  consecutive small batches run joined into blocks (:mod:`.blocks`).
-* Everything else (conv nets): the sample-major layout of :class:`.maps._MapEngine`. Features are
+  :mod:`.mlp_state`, its matvec in :mod:`.mlp_matvec`, its exact trace in :mod:`.mlp_trace`):
+  layout ``[R, N, K, F]``; the first layer is a single GEMM over all replicas x probes (its input
+  is shared), the others are batched matmuls over replicas with the K probes stacked with the
+  batch rows; on the CPU, replicas are processed in cache-sized chunks; consecutive small batches
+  run joined into blocks (:mod:`.blocks`).
+* Everything else (conv nets): the sample-major layout of :class:`.maps._MapEngine` (its state in
+  :mod:`.map_state`, convolution and pooling helpers in :mod:`.map_conv`, exact trace in
+  :mod:`.map_trace`). Features are
   ``[N, R, C, H, W]`` (so ``[N, R*C, H, W]`` is the input of one grouped convolution with
   ``groups = R * groups``), tangents ``[N, K, R, C, H, W]`` (the K probes fold into the batch axis
   of the products with the weights ``W``; the products with the weight tangents put K into the
@@ -35,7 +38,8 @@ R-op couples the samples), Linear, ReLU, LeakyReLU, GELU (exact), Tanh, Sigmoid,
 cross-entropy with integer labels or class probabilities, or MSE. Other models (custom ``forward``, residual blocks) are
 traced by torch.fx; see :mod:`.graph` for the operations it accepts. Not fused: other
 modules and operations (``torch.cat``, products, ...): :meth:`FusedBackend.supports` names the
-module or operation, and ``auto`` then uses torch.func.
+module or operation, and ``auto`` then uses torch.func. :meth:`FusedBackend.check_on` (:mod:`.engine_check`)
+then compares the engine's loss and gradient with the model's own on samples of the data.
 """
 from __future__ import annotations
 

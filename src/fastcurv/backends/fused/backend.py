@@ -7,18 +7,19 @@ import numbers
 
 import torch
 
-from ...ops import act_derivs, act_rop_bwd, activation_kind, activation_value, softmax_ce_hvp
+from ...ops import PIECEWISE_LINEAR, act_derivs, activation_kind, activation_value
 from ... import _ext
-from ...ops.csr_linear import csr_linear, csr_linear_wgrad_shared, csr_masked_linear, sparse_rows
+from ...ops.csr_linear import csr_linear, csr_linear_wgrad_shared, sparse_rows
 from ...ops.head_hvp import HEAD_MAX_OUTPUTS
-from ...ops.linear_rop import in_fused_engine, linear_rop
 from ...replicas import consecutive_runs
 from ..base import Backend
 from .blocks import JOIN_MAX_BYTES, JOIN_PROBES, JOIN_ROWS, first_pass, later_pass
 from .layers import _is_general, parse
-from .loss_head import _head_products, _loss_head, _mass_for_trace
+from .loss_head import _loss_head
 from .maps import _MapEngine
+from .mlp_matvec import _MlpMatvec
 from .mlp_state import _all_rows, _check_first_input, _drop_zero_columns, _ReluCsr, _scatter_columns_, _State
+from .mlp_trace import _MlpExactTrace
 
 DEFAULT_CACHE_BYTES = 4 << 30
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -55,34 +56,18 @@ def hidden_sparse_min_width() -> int:
     return HIDDEN_SPARSE_MIN_WIDTH.get(_ext.cpu_level(), HIDDEN_SPARSE_MIN_WIDTH[0])
 
 
+def default_sample_chunk_bytes(device) -> int:
+    """The conv engine's default ``sample_chunk_bytes`` on ``device`` (a ``torch.device`` or its
+    name): 16 MiB on the CPU, 2 GiB on a GPU."""
+    return (16 << 20) if torch.device(device).type == "cpu" else (2 << 30)
+
+
 #: the dtypes the fused engine runs (its C++ kernels take these two; float16 and bfloat16 models use
 #: torch.func)
 FUSED_DTYPES = (torch.float32, torch.float64)
 
 
-def _bmm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """``dst (=|+=) a @ b`` for a product block ``dst [R, K, O, I]`` (a view of the flat ``[R, K, P]``
-    result) and ``a @ b`` of ``[R, K*O, I]``: in place where the K blocks are one matrix (K = 1),
-    else through a temporary."""
-    R, K, O, I = dst.shape
-    if K == 1:
-        dst.view(R, O, I).baddbmm_(a, b, beta=0 if first else 1)
-    else:
-        p = torch.bmm(a, b).view(R, K, O, I)
-        dst.copy_(p) if first else dst.add_(p)
-
-
-def _as_slice(ids: torch.Tensor):
-    """``ids`` as a slice when they are consecutive (a view instead of a copy), else ``ids``."""
-    lo = int(ids[0])
-    return slice(lo, lo + len(ids)) if int(ids[-1]) - lo + 1 == len(ids) else ids
-
-
-class _NoReference(Exception):
-    """The model's own forward failed on the engine check's samples (the reason)."""
-
-
-class FusedBackend(Backend):
+class FusedBackend(_MlpMatvec, _MlpExactTrace, Backend):
     """Exact HVPs by forward and backward R-passes over cached per-batch state.
 
     Args:
@@ -94,8 +79,8 @@ class FusedBackend(Backend):
             ``[chunk, N, K, F]`` fits in this many bytes (None: no chunking), and the exact trace in
             chunks of replicas and samples whose widest tensor does. MLP chains only.
         sample_chunk_bytes: models with conv/pooling/BatchNorm layers are processed in chunks of
-            samples whose widest tangent ``[n, K, R, *feat]`` fits in this many bytes (default:
-            16 MiB on the CPU, 2 GiB on a GPU).
+            samples whose widest tangent ``[n, K, R, *feat]`` fits in this many bytes (None:
+            :func:`default_sample_chunk_bytes`, 16 MiB on the CPU, 2 GiB on a GPU).
         drop_zero_columns: MLP chains leave the network input's columns that are zero in every
             row of a batch out of the first layer's products (exact; see ``_drop_zero_columns``).
         sparse_input: MLP chains on the CPU compute the first layer's products from the nonzero
@@ -133,13 +118,12 @@ class FusedBackend(Backend):
         if loss is not None and loss.kind not in ("cross_entropy", "mse"):
             return False, f"loss {loss.kind!r} is not fused (cross_entropy and mse are)"
         if replicas.dtype not in FUSED_DTYPES:
-            # (its kernels take float32 and float64, and its self-check could not tell a wrong graph
-            # from half precision's rounding)
+            # (its kernels take float32 and float64)
             return False, (f"the model is {replicas.dtype}; the fused engine runs float32 and float64 models "
                            "(torch.func runs any dtype)")
         allowed = set()
         for l in layers:
-            if l.kind == "bn" and not l.opts.get("batch"):
+            if l.kind == "bn" and not l.batch_stats:
                 stem = l.opts["mean"][: -len("running_mean")]
                 allowed |= {l.opts["mean"], l.opts["var"], stem + "num_batches_tracked"}
         other = sorted(set(replicas.buffers) - allowed)
@@ -161,81 +145,16 @@ class FusedBackend(Backend):
         evenly spaced through it, ``samples`` in all; and ``synthetic`` random inputs (a fixed seed,
         the samples' mean and standard deviation; floating-point inputs only), since real samples
         can hide a difference (e.g. all-zero padding samples through layers without bias give zero
-        activations both ways). Cost: the engine's and autograd's forward and backward passes over
+        activations both ways). The comparison runs in the model's dtype; a float32 model that
+        disagrees is compared again in float64 (:mod:`.engine_check`): two correct float32
+        computations can differ by more than any fixed tolerance (a float32 MSE regression with
+        outputs around 1e4 rounds every residual to about 1e-3), a wrong graph by far more than
+        float64's rounding. Cost: the engine's and autograd's forward and backward passes over
         ``samples + synthetic`` samples, for two replicas (W1, 100 MLPs 784-128-128-10, one thread:
-        4 ms, a hundredth of one matvec)."""
-        from ...data import Batches
-        from ...losses import Loss
+        4 ms, a hundredth of one matvec; twice where the float64 comparison runs)."""
+        from .engine_check import check_engine
 
-        if not bool(replicas.finite.any()):
-            return True, ""  # nothing to compare: every replica's results will be NaN
-        N = x.shape[0]
-        if N <= samples:
-            idx = torch.arange(N)
-        else:
-            head = min(8, samples)
-            idx = torch.cat([torch.arange(head), torch.linspace(head, N - 1, samples - head).round().long()]).unique()
-        xs, ys = x[idx.to(x.device)], y[idx.to(y.device)]
-        if synthetic > 0 and xs.is_floating_point() and xs.numel() > 0:
-            xf = xs.double()
-            scale, shift = (float(xf.std()) if xf.numel() > 1 else 0.0), float(xf.mean())
-            scale = scale if scale == scale and 0 < scale < float("inf") else 1.0
-            shift = shift if abs(shift) < float("inf") else 0.0
-            gen = torch.Generator().manual_seed(0)  # not the global generator: the caller's draws stay as they were
-            z = torch.randn(synthetic, *x.shape[1:], generator=gen, dtype=torch.float64) * scale + shift
-            xs = torch.cat([xs, z.to(device=x.device, dtype=x.dtype)])
-            ys = torch.cat([ys, ys[torch.arange(synthetic, device=ys.device) % len(idx)]])
-        n = xs.shape[0]
-        one = Loss(loss.kind, loss.reduction, loss.loss_reduction)  # (supports() took cross-entropy or MSE only)
-        one.num_samples = n
-        # the model's own loss and gradient for the first and the last replica where they are finite (a replica
-        # with finite weights may still overflow: there is nothing to compare on it)
-        seen = {}
-
-        def reference(r):
-            if r not in seen:
-                params = {k: t[r] for k, t in replicas.params.items()}
-                buffers = {k: t[r] for k, t in replicas.buffers.items()}
-                try:
-                    want, grad = torch.func.grad_and_value(lambda p: one.batch_loss(replicas.call(p, buffers, xs), ys))(params)[::-1]
-                except RuntimeError as exc:  # e.g. a model that groups samples runs on some batch sizes only
-                    raise _NoReference(f"the model's own forward fails on {tuple(xs.shape)} samples the engine check "
-                                       f"takes ({str(exc)[:200]}): it may mix samples") from exc
-                flat = torch.cat([grad[k].flatten() for k in replicas.names])
-                seen[r] = (want, flat) if bool(torch.isfinite(want)) and bool(torch.isfinite(flat).all()) else None
-            return seen[r]
-
-        finite = replicas.finite.nonzero().flatten().tolist()
-        refs = {}
-        try:
-            for order in (finite, finite[::-1]):
-                r = next((r for r in order if reference(r) is not None), None)
-                if r is not None:
-                    refs[r] = seen[r]
-        except _NoReference as exc:
-            return False, str(exc)
-        if not refs:  # (this passed unchecked before: an engine nothing had compared ran, or crashed)
-            return False, (f"every replica's loss or gradient overflows (Inf or NaN) on the {n} samples of the engine "
-                           "check, so the engine could not be compared with the model's own forward and autograd")
-        rows = sorted(refs)
-        try:
-            engine = FusedBackend(replicas, one, Batches((xs, ys), device=x.device, dtype=replicas.dtype, cache=True))
-            got, grads = engine.loss_and_gradient(torch.tensor(rows, device=x.device))
-        except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
-            return False, (f"the fused engine cannot run this model on inputs {tuple(xs.shape)} "
-                           f"({type(exc).__name__}: {str(exc)[:300]})")
-        tol = 1e-4 if replicas.dtype == torch.float32 else 1e-9  # (supports() took float32 and float64 only)
-        for i, r in enumerate(rows):
-            want, flat = refs[r]
-            mine = torch.cat([g[i].flatten() for g in grads])
-            if not (torch.allclose(got[i], want, rtol=tol, atol=tol * float(want.abs()))
-                    and torch.allclose(mine, flat, rtol=tol, atol=tol * float(flat.abs().max()))):
-                return False, (f"the fused engine's loss or gradient differs from the model's own (replica {r}: loss "
-                               f"{float(got[i]):.6g} against {float(want):.6g}, gradients up to "
-                               f"{float((mine - flat).abs().max()):.3g} apart): its forward() may update in place a "
-                               "tensor that another operation reads, which torch.fx records as an out-of-place operation, "
-                               "or compute part of its output without a gradient (torch.no_grad, detach)")
-        return True, ""
+        return check_engine(replicas, loss, x, y, samples, synthetic)
 
     def __init__(self, replicas, loss, batches, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, sample_chunk_bytes: int | None = None,
@@ -257,6 +176,7 @@ class FusedBackend(Backend):
         self.sparse_hidden = sparse_hidden
         self._maps = _MapEngine(self.layers, loss, fused_head, pooled_stem, group_conv) if _is_general(self.layers) else None
         linears = self._linears = [l for l in self.layers if l.kind == "linear"]
+        self._widest = max((replicas.params[l.weight].shape[1] for l in linears), default=0)  # Linear outputs
         read = {n for l in linears for n in (l.weight, l.bias)}
         self._unused = [j for j, n in enumerate(replicas.names) if n not in read]
         # the last layer a Linear with few outputs, not the first (its input has a tangent)
@@ -324,7 +244,7 @@ class FusedBackend(Backend):
         R, item = self.replicas.R, self.replicas.params[self.replicas.names[0]].element_size()
         state = self.state_bytes_per_sample(x, y)
         row = x[0].numel() * x.element_size()
-        widest = max(self.replicas.params[l.weight].shape[1] for l in self._linears)
+        widest = self._widest
 
         def adds(n: int) -> int:
             one = n * JOIN_PROBES * widest * item  # one replica's tangent
@@ -352,8 +272,8 @@ class FusedBackend(Backend):
         if self._maps is not None:
             params, buffers = self.replicas.subset(idx)
             return self._maps.primal(x, y, params, buffers)
-        rs, st = self.replicas, _State()
-        params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
+        st = _State()
+        params = self.replicas.subset(idx)[0]
         R = next(iter(params.values())).shape[0]
         a, shared = x, True  # activations; shared = no replica axis yet
         pre: list = []  # pre-activations per act layer
@@ -401,7 +321,7 @@ class FusedBackend(Backend):
                     d2gs.append(None)
                     continue
                 d1, d2g = act_derivs(z, g, layer.act, layer.slope)
-                if layer.act in (activation_kind("relu"), activation_kind("leaky_relu")):
+                if layer.act in PIECEWISE_LINEAR:
                     d2g = None
                 d1s.append(d1)
                 d2gs.append(d2g)
@@ -534,17 +454,16 @@ class FusedBackend(Backend):
         gradient start)."""
         rs = self.replicas
         pos = {n: j for j, n in enumerate(rs.names)}
-        params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
+        params, buffers = rs.subset(idx)
         grads = [torch.zeros_like(params[n]) for n in rs.names]
         total = None
         if self._maps is not None:
-            params, buffers = rs.subset(idx)
             named = dict(zip(rs.names, grads))
             for i, x, y in self.batches:
                 if reuse_state and i not in self._cache and not self._cache_full and self.cache_bytes > 0:
                     st = self._maps.primal(x, y, params, buffers, keep_all=True)
                     total = st.loss if total is None else total + st.loss
-                    self._maps.gradient(st, params, buffers, named)
+                    self._maps.gradient(st, params, named)
                     self._cache_put(i, idx, self._maps.for_matvecs(st))
                     continue
                 # in chunks of samples whose widest feature tensor [n, R, *feat] fits the budget
@@ -552,7 +471,7 @@ class FusedBackend(Backend):
                 for n0 in range(0, x.shape[0], step):
                     st = self._maps.primal(x[n0:n0 + step], y[n0:n0 + step], params, buffers, keep_all=True)
                     total = st.loss if total is None else total + st.loss
-                    self._maps.gradient(st, params, buffers, named)
+                    self._maps.gradient(st, params, named)
             return total, grads
         for i, x, y in self._blocks():
             if reuse_state:
@@ -580,7 +499,7 @@ class FusedBackend(Backend):
                 lin += 1
         return total, grads
 
-    # --- the exact trace (piecewise-linear MLPs here; conv nets and graphs in _MapEngine) --------
+    # --- the exact trace (piecewise-linear MLPs: .mlp_trace; conv nets and graphs in _MapEngine) ---
     def exact_trace_support(self) -> tuple[bool, str]:
         """Whether :meth:`exact_trace` applies, and why not."""
         names = [p for l in self.layers for p in (l.weight, l.bias) if p is not None]
@@ -588,8 +507,7 @@ class FusedBackend(Backend):
             return False, "a parameter is used more than once (by a module run twice or tied weights), which makes the model curved in it"
         if self._maps is not None:
             return self._maps.exact_trace_support()
-        piecewise = (activation_kind("relu"), activation_kind("leaky_relu"))
-        curved = [l for l in self.layers if l.kind == "act" and l.act not in piecewise]
+        curved = [l for l in self.layers if l.kind == "act" and l.act not in PIECEWISE_LINEAR]
         if curved:
             return False, "the model has activations that are not piecewise linear (only ReLU and LeakyReLU are)"
         return True, ""
@@ -613,73 +531,7 @@ class FusedBackend(Backend):
         ok, why = self.exact_trace_support()
         if not ok:
             raise ValueError(why)
-        if self._maps is not None:
-            return self._exact_trace_maps(idx)
-        rs = self.replicas
-        params = rs.params if idx is None else {n: t[idx] for n, t in rs.params.items()}
-        Ra = next(iter(params.values())).shape[0]
-        total = torch.zeros(Ra, dtype=torch.float64, device=rs.device)
-        for i, x, y in self._blocks():
-            st, where = self._state_rows(i, x, y, idx)
-            if where is not None:
-                st = st.select(where.to(x.device))
-            N = x.shape[0]
-            C = st.deltas[-1].shape[-1]
-            r_step, n_step = self._trace_steps(Ra, N, C, x)
-            for r0 in range(0, Ra, r_step):
-                rows = slice(r0, min(Ra, r0 + r_step))
-                sub, sub_params = st.narrow(rows), {n: t[rows] for n, t in params.items()}
-                for n0 in range(0, N, n_step):
-                    n1 = min(N, n0 + n_step)
-                    part = sub if n1 - n0 == N else sub.samples(slice(n0, n1))
-                    total[rows] += self._trace_rows(part, sub_params, n1 - n0, C)
-        return total
-
-    def _trace_widths(self) -> list[tuple[int, int]]:
-        """``(outputs, inputs)`` of each Linear layer, first to last."""
-        return [tuple(self.replicas.params[l.weight].shape[1:]) for l in self._linears]
-
-    def _gram_trace(self, C: int) -> bool:
-        """Whether the exact trace propagates each sample's Gram matrix ``J^T H_n J`` (``[H, H]``
-        at a layer of width H; :meth:`_trace_gram`) instead of the C columns of ``J^T A_n``
-        (``[C, H]``): where its multiply-adds per sample are fewer than 2/3 of theirs. The
-        columns cost ``C^2 H`` through the head (H its inputs) and ``C O I`` through each Linear
-        layer below it but the first; the Gram matrices ``C H^2`` at the head and ``O I (O + I)``
-        per layer below it (the last step only a diagonal, ``O^2 I``), so they win when the classes
-        outnumber the widths (64-64-64-500: 18M against 2.5M; W1's 784-128-128-10: 0.18M against
-        2.3M). Measured (one thread, ReLU MLPs at initialization, the columns' sparse ReLU products
-        on): the Gram form 0.87x the columns' time at a count ratio of 1.56 (64-128-128-200),
-        0.7x at 1.56 (64-64-64-100), 0.56x at 2.5 (64-128-128-300), 0.2x at 7 (64-64-64-500);
-        1.3x at 1.17 (64-256-256-300), 2.6x at 0.78 (784-128-128-100). The last layer must be the
-        Linear head."""
-        if self.layers[-1].kind != "linear":
-            return False
-        w = self._trace_widths()
-        L, I = len(w), w[-1][1]
-        columns = C * C + (C * C * I if L > 1 else 0) + sum(C * o * i for o, i in w[1:-1])
-        gram = C + (C * I * (I if L > 2 else 1) if L > 1 else 0)
-        gram += sum(o * i * (o + i) if l > 1 else o * o * i for l, (o, i) in enumerate(w[:-1]) if l > 0)
-        return 3 * gram < 2 * columns
-
-    def _trace_steps(self, R: int, N: int, C: int, x) -> tuple[int, int]:
-        """``(replicas, samples)`` per chunk of the exact trace for a block of N samples: on the CPU
-        as many as keep its widest tensor (per replica and sample: C vectors of the widest layer, or
-        for the Gram form the largest of its matrices) within ``chunk_bytes``, replicas first;
-        elsewhere all replicas, and samples up to the loader's largest batch (what the trace held
-        before batches were joined)."""
-        if x.device.type != "cpu" or self.chunk_bytes is None:
-            return R, min(N, max(self.batches.sizes))
-        w = self._trace_widths()
-        if self._gram_trace(C):  # what _trace_gram builds: the probabilities alone for one Linear layer,
-            I = w[-1][1]         # V [C, I] and a diagonal for two, matrices [I, I] and [O, I] below
-            per = C if len(w) == 1 else C * I if len(w) == 2 else max([C * I, I * I] + [max(o, i) * i for o, i in w[1:-1]])
-        else:
-            per = C * max(o for o, _ in w)
-        per *= self.replicas.params[self.replicas.names[0]].element_size()
-        budget = self.chunk_bytes
-        if N * per <= budget:
-            return max(1, min(R, budget // (N * per))), N
-        return 1, max(1, min(N, budget // max(per, 1)))
+        return self._exact_trace_maps(idx) if self._maps is not None else self._exact_trace_mlp(idx)
 
     def _exact_trace_maps(self, idx) -> torch.Tensor:
         """The conv engine's exact trace: each batch's cached state, in sample chunks sized for the
@@ -696,142 +548,12 @@ class FusedBackend(Backend):
                 total = part if total is None else total + part
         return total
 
-    def _trace_rows(self, st, params, N, C) -> torch.Tensor:
-        """``sum_n sum_c |J_n^T a_nc|^2`` ``[R]`` for the state of R replicas and N samples."""
-        if self._gram_trace(C):
-            return self._trace_gram(st, params, N, C)
-        R = st.deltas[-1].shape[0]
-        eye = torch.eye(C, dtype=st.deltas[-1].dtype, device=st.deltas[-1].device)
-        if self.loss.kind == "cross_entropy":
-            p = st.probs  # [R, N, C]: seed c is sqrt(s m p_c) (e_c - p), m the soft targets' mass (else 1)
-            w = p if st.mass is None else p * _mass_for_trace(st.mass).view(1, N, 1)
-            rd = (eye - p.unsqueeze(2)).mul_((self.loss.scale() * w).sqrt_().unsqueeze(3))
-        else:
-            rd = (eye * (2 * self.loss.scale(C)) ** 0.5).expand(R, N, C, C)
-        total = torch.zeros(R, dtype=torch.float64, device=rd.device)
-        lin, act = len(st.inputs), len(st.d1)
-        for layer in reversed(self.layers):
-            if layer.kind == "linear":
-                lin -= 1
-                a, W = st.inputs[lin], params[layer.weight]
-                sq = a.square().sum(-1)  # [N] (the shared input) or [R, N]
-                if layer.bias is not None:
-                    sq = sq + 1
-                total += (rd.square().sum((2, 3)) * sq).sum(1).to(torch.float64)
-                sp = st.sparse_out[lin]
-                if a.dim() == 3 and sp is not None:  # rd vanishes outside the ReLU pattern after the layer
-                    rd = csr_masked_linear(sp.csr, sp.rows, rd, W.transpose(1, 2))
-                elif a.dim() == 3:
-                    rd = torch.bmm(rd.reshape(R, N * C, -1), W).view(R, N, C, -1)
-            elif layer.kind == "act":
-                act -= 1
-                if st.d1[act] is not None:
-                    rd = rd * st.d1[act].unsqueeze(2)
-        return total
-
-    def _trace_gram(self, st, params, N, C) -> torch.Tensor:
-        """:meth:`_trace_rows` by Gram matrices: per sample ``M = J^T H_n J`` at each layer's output
-        (``sum_c |J^T a_nc|^2 = tr M``), started at the head's input from the loss Hessian and
-        propagated down as ``D M D`` through each activation (D its derivative) and ``W^T M W``
-        through each Linear layer; the last step only its diagonal.
-
-        Cross-entropy's ``H_n = s m (diag(p) - p p^T)`` annihilates constant vectors, so with ``k``
-        the most probable class and ``q`` the probabilities without it (``q_k = 0``), ``W^T H_n W =
-        s m (V^T diag(q) V - (V^T q)(V^T q)^T)`` where ``V = W - 1 w_k^T``: every term scales with
-        ``1 - p_k = sum(q)``, so a confident sample keeps its relative precision (``W^T diag(p) W -
-        (W^T p)(W^T p)^T`` would cancel to rounding where ``p_k`` rounds to 1)."""
-        R = st.deltas[-1].shape[0]
-        head = self._linears[-1]
-        W = params[head.weight]  # [R, C, I]
-        I = W.shape[2]
-        lin, act = len(st.inputs) - 1, len(st.d1)
-        full = lin >= 2  # the matrices below the head, else (two Linear layers) their diagonals
-        if self.loss.kind == "cross_entropy":
-            p = st.probs  # [R, N, C]
-            k = p.argmax(-1, keepdim=True)
-            q = p.scatter(-1, k, 0.0)
-            scale = torch.full((1, 1), self.loss.scale(), dtype=p.dtype, device=p.device)  # s m [1, N] (or [1, 1])
-            if st.mass is not None:
-                scale = scale * _mass_for_trace(st.mass).view(1, N)
-            r = q.sum(-1)
-            head_trace = scale * ((1 + p.gather(-1, k).squeeze(-1)) * r - q.square().sum(-1))  # tr H_n [R, N]
-            M = None
-            if lin > 0:
-                V = W.unsqueeze(1) - torch.gather(W, 1, k.expand(R, N, I)).unsqueeze(2)  # [R, N, C, I]
-                u = torch.bmm(q.view(R * N, 1, C), V.view(R * N, C, I)).view(R, N, I) * scale.sqrt().unsqueeze(-1)
-                X = V.mul_((scale.unsqueeze(-1) * q).sqrt_().unsqueeze(-1)).view(R * N, C, I)
-                if full:
-                    M = torch.bmm(X.transpose(1, 2), X).baddbmm_(u.view(R * N, I, 1), u.view(R * N, 1, I), alpha=-1).view(R, N, I, I)
-                else:
-                    M = X.square().sum(1).view(R, N, I) - u.square()
-        else:
-            s2 = 2 * self.loss.scale(C)  # H_n = 2 s I
-            head_trace = torch.full((1, 1), s2 * C, dtype=W.dtype, device=W.device)
-            M = None
-            if lin > 0:
-                M = s2 * (torch.bmm(W.transpose(1, 2), W).unsqueeze(1) if full else W.square().sum(1).unsqueeze(1))  # [R, 1, ...]
-
-        def norms(lin):  # |input|^2 (+ 1 for the bias) [N] or [R, N]
-            sq = st.inputs[lin].square().sum(-1)
-            return sq + 1 if self._linears[lin].bias is not None else sq
-
-        total = (head_trace * norms(lin)).sum(-1).to(torch.float64).expand(R).clone()
-        for layer in reversed(self.layers[:-1]):
-            if layer.kind == "act":
-                act -= 1
-                d = st.d1[act]
-                if d is not None:
-                    M = M * (d.unsqueeze(3) * d.unsqueeze(2) if full else d.square())
-            elif layer.kind == "linear":
-                lin -= 1
-                tr = M.diagonal(dim1=2, dim2=3).sum(-1) if full else M.sum(-1)  # [R, N] (or [R, 1]: MSE, unmasked)
-                total += (tr * norms(lin)).sum(-1).to(torch.float64).expand(R)
-                if lin == 0:
-                    break
-                Wl = params[layer.weight]  # [R, O, I]
-                O, I = Wl.shape[1:]
-                n = M.shape[1]
-                T = torch.bmm(M.reshape(R, n * O, O), Wl).view(R, n, O, I)  # M W
-                full = lin >= 2
-                if full:  # W^T M W = (M W)^T W, M symmetric
-                    M = torch.bmm(T.transpose(2, 3).reshape(R, n * I, O), Wl).view(R, n, I, I)
-                else:
-                    M = (T * Wl.unsqueeze(1)).sum(2)
-        return total
-
-    # --- the matvec --------------------------------------------------------------------------
-    # Tangents use the layout [R, N, K, F]: every batched matmul below then reads and writes
-    # contiguous views without permuting activation-sized tensors.
+    # --- the matvec (MLP chains: .mlp_matvec; conv nets and graphs in _MapEngine) -------------------
     def matvec(self, vecs, idx):
         """Products of the replicas ``idx`` (None: all); MLP chains return the flat ``[Ra, K, P]``."""
         if self._maps is not None:
             return self._matvec_maps(vecs, idx, [torch.zeros_like(v) for v in vecs])
-        rs = self.replicas
-        pos = {n: j for j, n in enumerate(rs.names)}
-        R, K = vecs[0].shape[:2]
-        flat = vecs[0].new_empty(R, K, rs.P)
-        # the products land in their place in the flat result: [R, K, O, I] views, whose K probe
-        # blocks lie P apart (the sparse kernels and head_hvp read and write such groups directly;
-        # the GEMMs of the dense paths go through a temporary)
-        out = rs.unflatten(flat)
-        for j in self._unused:  # parameters no layer reads (their Hessian rows are zero)
-            out[j].zero_()
-        triton_fwd = in_fused_engine(vecs[0].device)
-        # the last Linear and the loss in one kernel (head_hvp), which reads the probe block as it is
-        head = (self.fused_head and vecs[0].device.type == "cpu" and not triton_fwd
-                and _ext.choose("head_hvp", vecs[0].device) == "ext")
-        for n_batch, (i, x, y) in enumerate(self._blocks()):
-            st, where = self._state_rows(i, x, y, idx)
-            step = self._chunk(R, x.shape[0], K, x.device)
-            for s0, v0, n in consecutive_runs(where, R):  # state rows s0.. hold the replicas of vecs rows v0..
-                ids = None if idx is None else idx[v0:v0 + n]
-                for c in range(0, n, step):
-                    m = min(step, n - c)
-                    sv, vv = slice(s0 + c, s0 + c + m), slice(v0 + c, v0 + c + m)
-                    gid = slice(v0 + c, v0 + c + m) if ids is None else _as_slice(ids[c:c + m])
-                    self._apply(st.narrow(sv), {n_: t[gid] for n_, t in rs.params.items()}, [v[vv] for v in vecs],
-                                [o[vv] for o in out], pos, x.shape[0], first=n_batch == 0, triton_fwd=triton_fwd, head=head)
-        return flat
+        return self._matvec_mlp(vecs, idx)
 
     @staticmethod
     def _gather_on_gpu(st: _State, where: torch.Tensor) -> tuple[_State, torch.Tensor | None]:
@@ -858,15 +580,8 @@ class FusedBackend(Backend):
         st = self._primal(x, y, idx)
         if self._joined(i):  # its inputs are the block's own copy (the cache pays for it)
             st.nbytes += st.inputs[0].numel() * st.inputs[0].element_size()
-        if not self._cache_full and (hit is None or idx is None):
-            if hit is not None:
-                self._cache_used -= hit[1].nbytes
-                del self._cache[i]
-            if self._cache_used + st.nbytes <= self.cache_bytes:
-                self._cache[i] = (idx, st)
-                self._cache_used += st.nbytes
-            else:
-                self._cache_full = True
+        if hit is None or idx is None:  # (a subset's state does not replace what is cached for another)
+            self._cache_put(i, idx, st)
         return st, None
 
     def _matvec_maps(self, vecs, idx, out):
@@ -889,196 +604,6 @@ class FusedBackend(Backend):
         ``sample_chunk_bytes``."""
         if self._maps is not None and self._maps.coupled:
             return x.shape[0]  # batch-statistics BatchNorm couples the samples of a batch: no chunks
-        budget = self.sample_chunk_bytes
-        if budget is None:
-            budget = (16 << 20) if x.device.type == "cpu" else (2 << 30)
+        budget = default_sample_chunk_bytes(x.device) if self.sample_chunk_bytes is None else self.sample_chunk_bytes
         return max(1, min(x.shape[0], budget // max(per_sample_bytes, 1)))
 
-    def _chunk(self, R: int, N: int, K: int, device) -> int:
-        """Replicas per chunk: all on a GPU; on a CPU as many as keep one [chunk, N, K, F]
-        tangent within ``chunk_bytes``, so the element-wise passes between GEMMs hit the cache."""
-        if device.type != "cpu" or self.chunk_bytes is None:
-            return R
-        widest = max(self.replicas.params[l.weight].shape[1] for l in self.layers if l.kind == "linear")
-        per = N * K * widest * self.replicas.params[self.replicas.names[0]].element_size()
-        return max(1, min(R, self.chunk_bytes // max(per, 1)))
-
-    def _apply(self, st, params, vecs, out, pos, N, first, triton_fwd, head):
-        """Accumulate one batch's Hessian-vector products of the replicas in ``st`` into ``out``
-        (``first``: the first batch, whose products overwrite ``out``: it is not zeroed;
-        ``triton_fwd``: the Linear layers' R-forward runs through the Triton linear_rop; ``head``:
-        the last Linear layer and the loss run in the head_hvp kernel)."""
-        R, K = vecs[0].shape[:2]
-        head = head and st.mass is None  # the kernel has no per-sample loss Hessian scale
-        ra, rpre, rin = None, [], []
-        lin = act = 0
-        fused_act = None  # the R-op of the activation after a Linear run by the Triton linear_rop
-        masked = set()  # activations whose derivative a sparse kernel applied already (forward pass)
-        layers = self.layers[:-1] if head else self.layers  # with head, the backward pass starts below it
-
-        def relu_mask(li: int, a: int):
-            """The 0/1 (or slope) derivative of the activation at layer ``li``, number ``a``, when it is
-            piecewise linear (its tangent is then the product's times it: the sparse kernels apply it
-            to their result in cache, in place of a pass over the tangent); else None."""
-            if 0 <= li < len(self.layers) and self.layers[li].kind == "act" and st.d2g[a] is None:
-                return st.d1[a]
-            return None
-
-        for li, layer in enumerate(layers):
-            if layer.kind == "linear" and triton_fwd:
-                rin.append(ra)
-                nxt = self.layers[li + 1] if li + 1 < len(self.layers) else None
-                ra, fused_act = self._linear_rop_layer(st, lin, layer, nxt if nxt is not None and nxt.kind == "act" else None,
-                                                       ra, params, vecs, pos)
-                lin += 1
-            elif layer.kind == "linear":
-                rin.append(ra)
-                a, W, dW = st.inputs[lin], params[layer.weight], vecs[pos[layer.weight]]
-                O, I = W.shape[1], W.shape[2]
-                db = None if layer.bias is None else vecs[pos[layer.bias]].reshape(R, K * O)  # the first product starts from it
-                sp = st.sparse_in[lin]
-                mask = relu_mask(li + 1, act)
-                if lin == 0 and st.csr is not None:  # sparse input; the kernels read the K probe blocks [R, K, O, I] in place
-                    rz = csr_linear(st.csr, _all_rows(N, R, a.device), dW, db, out_mask=mask)
-                    if mask is not None:
-                        masked.add(act)
-                elif sp is not None:  # from the ReLU input's nonzeros
-                    rz = csr_linear(sp.csr, sp.rows, dW, db)
-                else:
-                    # [R, I, K*O], or for the first layer [R, I_kept, K*O] (the probe's kept columns)
-                    fwd = (dW.reshape(R, K * O, I) if lin > 0 or st.keep is None
-                           else dW.index_select(3, st.keep).view(R, K * O, -1)).transpose(1, 2)
-                    # an input shared by all replicas enters bmm as a stride-0 expand (no copy)
-                    a3 = a.expand(R, *a.shape) if a.dim() == 2 else a
-                    rz = torch.bmm(a3, fwd) if db is None else torch.baddbmm(db.unsqueeze(1), a3, fwd)
-                rz = rz.view(R, N, K, O)
-                if ra is not None and sp is not None:  # ra vanishes where the ReLU input does
-                    csr_masked_linear(sp.csr, sp.rows, ra, W, out=rz, accumulate=True, out_mask=mask)
-                    if mask is not None:
-                        masked.add(act)
-                elif ra is not None:  # in place: these tensors are R*N*K*F large
-                    rz.view(R, N * K, O).baddbmm_(ra.view(R, N * K, I), W.transpose(1, 2))
-                ra = rz
-                lin += 1
-            elif layer.kind == "act":
-                d1 = st.d1[act]
-                act += 1
-                if fused_act is not None:  # applied by linear_rop's epilogue: (tangent before, after)
-                    rz, ra = fused_act
-                    fused_act = None
-                    rpre.append(None if st.d2g[act - 1] is None else rz)
-                    continue
-                if d1 is None:
-                    rpre.append(None)
-                    continue
-                if st.d2g[act - 1] is None:  # piecewise-linear: the pre-activation tangent is not needed later
-                    rpre.append(None)
-                    if act - 1 not in masked:
-                        ra = ra.mul_(d1.unsqueeze(2))
-                else:
-                    rpre.append(ra)
-                    ra = d1.unsqueeze(2) * ra
-        if head:
-            rd, layers, act = self._head(st, params, vecs, out, pos, ra, act, first)
-        else:
-            C = ra.shape[-1]
-            if self.loss.kind == "cross_entropy":
-                rd = softmax_ce_hvp(st.probs.reshape(R * N, 1, C), ra.reshape(R * N, K, 1, C), self.loss.scale()).view(R, N, K, C)
-                if st.mass is not None:
-                    rd.mul_(st.mass.view(1, N, 1, 1))
-            else:
-                rd = 2 * self.loss.scale(C) * ra
-        masked.clear()  # now for the backward pass
-        for li in reversed(range(len(layers))):
-            layer = layers[li]
-            if layer.kind == "linear":
-                lin -= 1
-                a, W, delta = st.inputs[lin], params[layer.weight], st.deltas[lin]
-                O, I = W.shape[1], W.shape[2]
-                j = pos[layer.weight]
-                rdT = rd.reshape(R, N, K * O).transpose(1, 2)  # [R, K*O, N]
-                sp_in, sp_out = st.sparse_in[lin], st.sparse_out[lin]
-                bias_out = None if layer.bias is None else out[pos[layer.bias]]  # [R, K, O]: sum_n rd
-                if lin == 0 and st.csr is not None:  # from the nonzero inputs, written in place (with the bias's)
-                    csr_linear_wgrad_shared(st.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first,
-                                            bias_out=bias_out)
-                    bias_out = None
-                elif sp_in is not None:
-                    csr_linear_wgrad_shared(sp_in.csr_t, rd.reshape(R, N, K * O), out=out[j], accumulate=not first,
-                                            rows=sp_in.rows_t, bias_out=bias_out)
-                    bias_out = None
-                elif lin == 0 and st.keep is not None:
-                    _scatter_columns_(out[j], st.keep, st.zero, torch.bmm(rdT, a.expand(R, *a.shape)).view(R, K, O, -1), first)
-                else:
-                    _bmm_into(out[j], rdT, a.expand(R, *a.shape) if a.dim() == 2 else a, first)
-                ra_in = rin[lin]
-                if ra_in is not None:  # delta^T ra_in [R, O, K*I], from the output's ReLU pattern where sparse
-                    dra = (torch.bmm(delta.transpose(1, 2), ra_in.view(R, N, K * I)) if sp_out is None else
-                           csr_linear_wgrad_shared(sp_out.csr_t, ra_in.view(R, N, K * I), rows=sp_out.rows_t,
-                                                   out=delta.new_empty(R, O, K * I).transpose(1, 2)).transpose(1, 2))
-                    out[j] += dra.view(R, O, K, I).transpose(1, 2)
-                if bias_out is not None:  # not summed by the sparse kernels above
-                    if first:
-                        torch.sum(rd, 1, out=bias_out)
-                    else:
-                        bias_out += rd.sum(1)
-                dW = vecs[j]
-                if a.dim() == 3 and sp_out is not None:  # rd vanishes outside the output's ReLU pattern
-                    # delta dW^T: the weight [R, K*I, O] as K groups [R, K, I, O], a view of the probe
-                    rg = csr_linear(sp_out.csr, sp_out.rows, dW.permute(0, 1, 3, 2))
-                    mask = relu_mask(li - 1, act - 1)
-                    rd = csr_masked_linear(sp_out.csr, sp_out.rows, rd, W.transpose(1, 2), out=rg.view(R, N, K, I),
-                                           accumulate=True, out_mask=mask)
-                    if mask is not None:
-                        masked.add(act - 1)
-                elif a.dim() == 3:
-                    rg = torch.bmm(rd.reshape(R, N * K, O), W)
-                    rg.view(R, N, K * I).baddbmm_(delta, dW.permute(0, 2, 1, 3).reshape(R, O, K * I))
-                    rd = rg.view(R, N, K, I)
-            elif layer.kind == "act":
-                act -= 1
-                d1 = st.d1[act]
-                if d1 is None:
-                    continue
-                d2g, rz = st.d2g[act], rpre[act]
-                F_ = rd.shape[-1]
-                if d2g is None:
-                    if act not in masked:
-                        rd = rd.mul_(d1.unsqueeze(2))
-                else:
-                    rd = act_rop_bwd(d1.reshape(R * N, F_), d2g.reshape(R * N, F_), rz.reshape(R * N, K, F_), rd.reshape(R * N, K, F_)).view(R, N, K, F_)
-
-    def _head(self, st, params, vecs, out, pos, ra, act, first):
-        """The last Linear layer's products and the loss R-op by :func:`~fastcurv.ops.head_hvp.head_hvp`,
-        given the tangent ``ra`` of its input; when a piecewise-linear activation precedes it, that
-        activation's backward R-op too. Returns the R-gradient for the layers left, those layers and
-        the activation count below them."""
-        layer, lin = self.layers[-1], len(st.inputs) - 1
-        layers, d1 = self.layers[:-1], None
-        if layers[-1].kind == "act" and st.d1[act - 1] is not None and st.d2g[act - 1] is None:
-            act -= 1
-            d1, layers = st.d1[act], layers[:-1]
-        bias = None if layer.bias is None else pos[layer.bias]
-        rd = _head_products(self.loss, st.inputs[lin], ra, params[layer.weight], vecs[pos[layer.weight]], st.deltas[lin],
-                            st.probs, None if bias is None else vecs[bias], d1, out[pos[layer.weight]],
-                            None if bias is None else out[bias], accumulate=not first)
-        return rd, layers, act
-
-    @staticmethod
-    def _linear_rop_layer(st, lin, layer, act, ra, params, vecs, pos):
-        """One Linear layer's R-forward (and that of the activation ``act`` after it, or None) by
-        the Triton :func:`fastcurv.ops.linear_rop.linear_rop`, in the engine's ``[R, N, K, F]``
-        layout: returns the tangent after the layer and, with ``act``, ``(rz, sigma'(z) rz)``
-        for the activation step (else None)."""
-        a, W, dW = st.inputs[lin], params[layer.weight], vecs[pos[layer.weight]]
-        R = dW.shape[0]
-        if lin == 0 and st.keep is not None:
-            W, dW = W.index_select(2, st.keep), dW.index_select(3, st.keep)
-        out = linear_rop(
-            a.expand(R, *a.shape) if a.dim() == 2 else a, None if ra is None else ra.transpose(1, 2), W, dW,
-            None if layer.bias is None else params[layer.bias], None if layer.bias is None else vecs[pos[layer.bias]],
-            None if act is None else act.act, 0.0 if act is None else act.slope)
-        rz = out.rz.transpose(1, 2).contiguous()  # [R, K, N, O] -> [R, N, K, O]
-        if act is None:
-            return rz, None
-        return rz, (rz, out.rh.transpose(1, 2).contiguous())

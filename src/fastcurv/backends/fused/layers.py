@@ -13,13 +13,18 @@ _ACTS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.Tanh: 
 
 @dataclass
 class _Layer:
-    kind: str  # "linear" | "act" | "flatten" | "conv" | "bn" | "maxpool" | "avgpool" | "adaptive"
+    kind: str  # "linear" | "act" | "flatten" | "conv" | "bn" | "maxpool" | "avgpool" | "adaptive" | "add" (graphs)
     weight: str | None = None
     bias: str | None = None
     act: int = 0
     slope: float = 0.0
     name: str = ""
     opts: dict = field(default_factory=dict)  # conv/pool hyper-parameters; bn: buffer names and eps
+
+    @property
+    def batch_stats(self) -> bool:
+        """A BatchNorm normalizing each batch by its own statistics (its R-op couples the samples)."""
+        return self.kind == "bn" and bool(self.opts.get("batch"))
 
 
 def _leaves(module: nn.Module, prefix: str = ""):

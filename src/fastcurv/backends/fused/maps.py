@@ -12,96 +12,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...ops import act_derivs, act_rop_bwd, activation_kind, activation_value, bn_eval_rop_bwd, bn_eval_rop_fwd, bn_rop_bwd, softmax_ce_hvp
+from ...ops import PIECEWISE_LINEAR, act_derivs, act_rop_bwd, activation_value, bn_eval_rop_bwd, bn_eval_rop_fwd, bn_rop_bwd
 from ... import _ext
 from ...ops.head_hvp import HEAD_MAX_OUTPUTS
-from ...ops.group_conv import conv_input_grad, group_conv, group_conv_wgrad, narrow
+from ...ops.group_conv import group_conv
 from ...ops.sampled_conv import conv_patches, sampled_conv, sampled_conv_wgrad
 from .conv import conv2d, conv2d_input, conv2d_weight
-from .loss_head import _head_products, _loss_head, _mass_for_trace
+from .loss_head import _head_products, _loss_head, loss_rop
+from .map_conv import STEM_MAX_TAPS, _conv_io, _MapConv
+from .map_state import _MapState, _rb, _Sums
+from .map_trace import _MapExactTrace
+
+# (STEM_MAX_TAPS and _MapState live in .map_conv and .map_state; tests and docs name them here)
+__all__ = ["STEM_MAX_TAPS", "_MapEngine", "_MapState"]
 
 
-# Taps (C_in x kh x kw) up to which a stem runs at the pooled resolution by default. Against every
-# position (R=8, 64 images, 2 threads, a stem of 16 channels and a 3x3 stride-2 pooling): 9, 25 and
-# 27 taps faster at K=1 and 8 and in the gradient (K=8 0.81-0.84x); 49 and 75 taps 0.91-0.93x at
-# K=8 but 1.0-1.1x at K=1; 98 and 147 taps 1.6-1.8x at K=1 (the patches' rows, as long as the taps,
-# then cost more than the positions saved).
-STEM_MAX_TAPS = 32
-
-
-class _MapState:
-    """Probe-independent values of one batch for the sample-major engine.
-
-    ``t[(layer, key)]``: tensors with the samples first; those in ``shared`` have no replica
-    axis, the others have it at axis 1. ``meta[layer]``: input shapes (pooling, flatten).
-    """
-
-    def __init__(self):
-        self.t: dict = {}
-        self.shared: set = set()
-        self.meta: dict = {}
-        self.probs = None  # [N, R, C] softmax probabilities (cross-entropy)
-        self.mass = None  # soft cross-entropy targets' per-sample sums [N], when not all 1 (else None)
-        self.loss = None  # [R]
-        self.widest = 1  # the largest number of features per sample and replica
-        self.outputs = 0  # the model's outputs per sample
-        self.nbytes = 0
-        self.stems = frozenset()  # pooling nodes whose stems' values are kept at the pooled positions
-        self.gradient_only: set = set()  # keys only the parameter gradient reads (kept with keep_all)
-
-    def put(self, i, key, tensor, shared=False, gradient_only=False):
-        self.t[(i, key)] = tensor
-        if shared:
-            self.shared.add((i, key))
-        if gradient_only:
-            self.gradient_only.add((i, key))
-        self.nbytes += tensor.numel() * tensor.element_size()
-
-    def get(self, i, key):
-        return self.t.get((i, key))
-
-    def _map(self, f, shared_too=False) -> "_MapState":
-        out = _MapState()
-        out.shared, out.meta, out.widest, out.loss, out.stems = self.shared, self.meta, self.widest, self.loss, self.stems
-        out.outputs = self.outputs
-        out.gradient_only = self.gradient_only
-        out.t = {k: (f(v) if shared_too or k not in self.shared else v) for k, v in self.t.items()}
-        out.probs = None if self.probs is None else f(self.probs)
-        out.mass = None if self.mass is None else (f(self.mass) if shared_too else self.mass)
-        return out
-
-    def select(self, pos: torch.Tensor) -> "_MapState":
-        """The replicas at positions ``pos`` (a copy of their rows). The features are merged into one
-        axis first: torch's index_select took 8x as long on W4's int64 pooling winners ``[N, R, C,
-        HW]`` as on their ``[N, R, C*HW]`` view (17 against 2.1 ms)."""
-        def rows(v):
-            return v.index_select(1, pos) if v.dim() <= 3 else v.flatten(2).index_select(1, pos).view(v.shape[0], -1, *v.shape[2:])
-        return self._map(rows)
-
-    def samples(self, rows: slice) -> "_MapState":
-        """Views of the samples ``rows`` (no copy)."""
-        return self._map(lambda v: v[rows], shared_too=True)
-
-
-class _Sums(dict):
-    """node -> the gradient of its output summed over its readers so far; ``fresh``: the nodes whose
-    entry is a sum made by :meth:`_MapEngine._acc`, a tensor no other node holds (later terms are
-    added into it, and the node may update it in place)."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.fresh: set = set()
-
-
-def _rb(coef: torch.Tensor, nsp: int, tangent: bool) -> torch.Tensor:
-    """A per-replica, per-channel ``[R, C]`` (tangent: ``[R, K, C]``) coefficient shaped to
-    broadcast against ``[N, R, C, *sp]`` (tangent: ``[N, K, R, C, *sp]``)."""
-    if tangent:
-        coef = coef.transpose(0, 1)
-    return coef.reshape(1, *coef.shape, *([1] * nsp))
-
-
-class _MapEngine:
+class _MapEngine(_MapConv, _MapExactTrace):
     """Forward, backward and R-passes of the sample-major engine over a DAG of layers.
 
     ``layers``: the nodes in topological order, a parsed chain or a traced graph
@@ -132,7 +58,7 @@ class _MapEngine:
                     users[j].append(i)
         self.last_use = [max(u, default=n) for u in users]  # values are freed after their last reader
         # BatchNorm with batch statistics couples the samples of a batch (no chunking over samples)
-        self.coupled = any(l.kind == "bn" and l.opts.get("batch") for l in layers)
+        self.coupled = any(l.batch_stats for l in layers)
 
         # In-place updates of tangents (activations) only where no other node holds the tensor:
         # forward, the input has this node as its only reader and is not an alias (an addition
@@ -153,17 +79,16 @@ class _MapEngine:
         # An eval BatchNorm whose output only a first-order activation (ReLU, LeakyReLU) reads: the
         # BatchNorm R-op kernels apply the activation's derivative too, and the activation node
         # passes tangents through.
-        first_order = (activation_kind("relu"), activation_kind("leaky_relu"))
         self.bn_act = {i: users[i][0] for i, l in enumerate(layers)
-                       if l.kind == "bn" and not l.opts.get("batch") and len(users[i]) == 1
-                       and layers[users[i][0]].kind == "act" and layers[users[i][0]].act in first_order}
+                       if l.kind == "bn" and not l.batch_stats and len(users[i]) == 1
+                       and layers[users[i][0]].kind == "act" and layers[users[i][0]].act in PIECEWISE_LINEAR}
         self.act_fused = set(self.bn_act.values())
         # A conv or linear bias whose output only an eval BatchNorm reads: the BatchNorm kernels take
         # its tangent (scale * db joins the BatchNorm's shift) and give its product (the sum of the
         # BatchNorm input's R-gradient), a pass over the tangent saved each way.
         self.bn_bias = {users[i][0]: i for i, l in enumerate(layers)
                         if l.kind in ("conv", "linear") and l.bias is not None and len(users[i]) == 1
-                        and layers[users[i][0]].kind == "bn" and not layers[users[i][0]].opts.get("batch")}
+                        and layers[users[i][0]].kind == "bn" and not layers[users[i][0]].batch_stats}
         self.bias_folded = set(self.bn_bias.values())
         # Stems: a convolution of the model input (one group) whose output reaches a strided max
         # pooling only through eval BatchNorm and activations, each read by the next alone. Only each
@@ -178,7 +103,7 @@ class _MapEngine:
             if l.kind != "maxpool" or l.opts["stride"] == (1, 1):  # (a stride-1 pooling keeps as many positions)
                 continue
             chain, j = [], self.inputs[m][0]
-            while j >= 0 and len(users[j]) == 1 and (layers[j].kind == "act" or layers[j].kind == "bn" and not layers[j].opts.get("batch")):
+            while j >= 0 and len(users[j]) == 1 and (layers[j].kind == "act" or layers[j].kind == "bn" and not layers[j].batch_stats):
                 chain.append(j)
                 j = self.inputs[j][0]
             if j >= 0 and layers[j].kind == "conv" and len(users[j]) == 1 and self._reads_shared(self.inputs[j][0]) \
@@ -248,48 +173,6 @@ class _MapEngine:
             t = t.unsqueeze(1) if s else t
             out = t if out is None else out + t
         return out
-
-    # --- helpers ------------------------------------------------------------------------------
-    @staticmethod
-    def _full(a, R, shared):
-        """``[N, R*C, H, W]`` input of a grouped conv (a shared input is repeated R times)."""
-        if shared:
-            return a.unsqueeze(1).expand(a.shape[0], R, *a.shape[1:]).reshape(a.shape[0], -1, *a.shape[2:])
-        return a.reshape(a.shape[0], -1, *a.shape[3:])
-
-    @staticmethod
-    def _pool(a4, l):
-        o = l.opts
-        if l.kind == "avgpool":
-            return F.avg_pool2d(a4, o["kernel_size"], o["stride"], o["padding"], o["ceil_mode"], o["count_include_pad"], o["divisor_override"])
-        if l.kind == "adaptive":
-            return F.adaptive_avg_pool2d(a4, o["output_size"])
-        return F.max_pool2d(a4, o["kernel_size"], o["stride"], o["padding"], o["dilation"], o["ceil_mode"])
-
-    @staticmethod
-    def _pool_bwd(g4, l, in_shape):
-        """Adjoint of a (linear) average pooling: ``g4`` ``[B, C, H', W']`` -> ``[B, C, H, W]``."""
-        proxy = g4.new_zeros(()).expand(*g4.shape[:2], *in_shape)
-        o = l.opts
-        if l.kind == "avgpool":
-            return torch.ops.aten.avg_pool2d_backward(g4, proxy, o["kernel_size"], o["stride"], o["padding"], o["ceil_mode"],
-                                                      o["count_include_pad"], o["divisor_override"])
-        return torch.ops.aten._adaptive_avg_pool2d_backward(g4, proxy)
-
-    def _reshape_bwd(self, i, l, st, rd):
-        """The gradient ``[N, K, R, *feat]`` of a Flatten or pooling node's output taken back to its
-        input (a pooled stem's pooling keeps it at the winning positions)."""
-        if l.kind == "flatten":
-            return rd.reshape(*rd.shape[:3], *st.meta[i])
-        if i in st.stems:
-            return rd
-        n, k, R, C = rd.shape[:4]
-        if l.kind == "maxpool":
-            ind = st.get(i, "ind")
-            gi = rd.new_zeros(n, k, R, C, st.meta[i].numel())
-            rd = gi.scatter_add_(4, ind.unsqueeze(1).expand(n, k, *ind.shape[1:]), rd.reshape(n, k, R, C, -1))
-            return rd.view(n, k, R, C, *st.meta[i])
-        return self._pool_bwd(rd.reshape(n * k, R * C, *rd.shape[4:]), l, st.meta[i]).view(n, k, R, C, *st.meta[i])
 
     def _bn_coefs(self, l, params, buffers):
         inv = torch.rsqrt(buffers[l.opts["var"]] + l.opts["eps"])  # [R, C]
@@ -377,10 +260,10 @@ class _MapEngine:
             raise ValueError(f"BatchNorm {l.name!r} got inputs {tuple(a.shape)} (replica axis included: {not shared})")
         return a.unsqueeze(1).expand(a.shape[0], R, *a.shape[1:]) if shared else a
 
-    @staticmethod
-    def _bn_batch_rbwd(l, i, st, params, vecs, out, rin, rd):
-        """R-backward of a batch-statistics BatchNorm node. With ``out``: add the weight and bias
-        products to it; else return the R-gradient w.r.t. the node's input ``[N, K, R, C, *sp]``.
+    def _bn_batch_rbwd(self, l, i, st, params, vecs, out, rin, rd):
+        """R-backward of a batch-statistics BatchNorm node: adds the weight and bias products to
+        ``out`` and returns the R-gradient w.r.t. the node's input ``[N, K, R, C, *sp]`` (None when
+        that input is shared).
 
         Per replica and channel, with means over samples (and positions): forward
         ``y = gamma * xhat + beta``, ``xhat = (x - mean) * inv``; backward
@@ -390,13 +273,13 @@ class _MapEngine:
         xh, inv, delta = st.get(i, "xhat").unsqueeze(1), st.get(i, "inv").unsqueeze(1), st.get(i, "delta").unsqueeze(1)
         dims = (0, *range(4, xh.dim()))
         rxh, m2 = rin if rin is not None else (None, None)
-        if out is not None:
-            if l.weight is not None:
-                hg = (rd * xh).sum(dims)
-                if rxh is not None:
-                    hg += (delta * rxh).sum(dims)
-                out[l.weight] += hg.transpose(0, 1)
-                out[l.bias] += rd.sum(dims).transpose(0, 1)
+        if l.weight is not None:
+            hg = (rd * xh).sum(dims)
+            if rxh is not None:
+                hg += (delta * rxh).sum(dims)
+            out[l.weight] += hg.transpose(0, 1)
+            out[l.bias] += rd.sum(dims).transpose(0, 1)
+        if self._reads_shared(self.inputs[i][0]):
             return None
         # the fused kernel (fastcurv.ops.bn_rop_bwd) on the flat layout: groups G = R*C, positions S
         N, K = rd.shape[:2]
@@ -408,28 +291,8 @@ class _MapEngine:
             rgamma = vecs[l.weight].transpose(0, 1).reshape(K, G)  # [R, K, C] -> [K, R*C]
         if rxh is not None:
             rxh, m2 = rxh.reshape(N, K, G, S), m2.reshape(K, G)
-        out = bn_rop_bwd(xh.reshape(N, G, S), delta.reshape(N, G, S), rd.reshape(N, K, G, S), inv.reshape(G), gamma, rgamma, rxh, m2)
-        return out.view(rd.shape)
-
-    @staticmethod
-    def _conv_io(l, W):
-        o = l.opts
-        return o["stride"], o["padding"], o["dilation"], o["groups"]
-
-    def _grouped(self, l, W, a) -> bool:
-        """Whether a convolution's R-passes run in the group_conv kernels: stride 1, no dilation,
-        one group per replica, padding below the kernel size, C++ kernels on the CPU; with
-        ``group_conv`` None only narrow groups (fewer than 16 input or output channels), with True
-        any width, with False never. (Strided convolutions as sums of stride-1 ones over the
-        stride's phases ran 1.5-3.5x slower than torch's on W4's 8 -> 16 channels, 14x14 -> 7x7.)"""
-        stride, pad, dil, g = self._conv_io(l, W)
-        kh, kw = W.shape[3:]
-        if self.group_conv is False or not (a.device.type == "cpu" and g == 1 and tuple(stride) == (1, 1)
-                                            and tuple(dil) == (1, 1) and pad[0] < kh and pad[1] < kw):
-            return False
-        if self.group_conv is None and not narrow(W.shape[2], W.shape[1]):
-            return False
-        return _ext.choose("group_conv", a.device) == "ext"
+        rg = bn_rop_bwd(xh.reshape(N, G, S), delta.reshape(N, G, S), rd.reshape(N, K, G, S), inv.reshape(G), gamma, rgamma, rxh, m2)
+        return rg.view(rd.shape)
 
     def _shared_apply(self, a, l):
         if l.kind == "flatten":
@@ -472,7 +335,7 @@ class _MapEngine:
                 if (a.dim() != 4 if shared else a.dim() != 5):
                     raise ValueError(f"Conv2d {l.name!r} needs inputs [N, C, H, W]; got {tuple(a.shape)} (replica axis included: {not shared})")
                 W = params[l.weight]
-                stride, pad, dil, g = self._conv_io(l, W)
+                stride, pad, dil, g = _conv_io(l)
                 b = params[l.bias].reshape(-1) if l.bias is not None else None
                 if shared and g == 1:
                     z = conv2d(a, W.reshape(-1, *W.shape[2:]), b, stride, pad, dil, 1)
@@ -489,7 +352,7 @@ class _MapEngine:
                     z = z + params[l.bias]
                 st.put(i, "in", a, shared)
                 a = z
-            elif l.kind == "bn" and l.opts.get("batch"):
+            elif l.batch_stats:
                 a = self._bn_batch_check(l, a, R, shared)
                 dims = (0, *range(3, a.dim()))
                 var, mean = torch.var_mean(a, dims, correction=0, keepdim=True)
@@ -550,11 +413,11 @@ class _MapEngine:
                 if l.kind == "linear":
                     g = torch.einsum("nro,roi->nri", g, W)
                 else:
-                    stride, pad, dil, gr = self._conv_io(l, W)
+                    stride, pad, dil, gr = _conv_io(l)
                     gi = conv2d_input((N, a_in.shape[1] * a_in.shape[2], *a_in.shape[3:]), W.reshape(-1, *W.shape[2:]),
                                       g.reshape(N, -1, *g.shape[3:]), stride, pad, dil, R * gr)
                     g = gi.view(a_in.shape)
-            elif l.kind == "bn" and l.opts.get("batch"):
+            elif l.batch_stats:
                 st.put(i, "delta", g)
                 if self._reads_shared(self.inputs[i][0]):
                     continue
@@ -579,7 +442,7 @@ class _MapEngine:
                 z = self._winners(pre[i], st, self.stem_of[i]) if self.stem_of.get(i) in pooled else pre[i]
                 d1, d2g = act_derivs(z, g, l.act, l.slope)
                 st.put(i, "d1", d1)
-                if l.act not in (activation_kind("relu"), activation_kind("leaky_relu")):
+                if l.act not in PIECEWISE_LINEAR:
                     st.put(i, "d2g", d2g)
                 g = d1 * g
             elif l.kind == "flatten":
@@ -598,25 +461,6 @@ class _MapEngine:
         return st
 
     @staticmethod
-    def _winners(t, st, m):
-        """``t [N, R, C, H, W]`` at the winning positions of pooling node ``m``: ``[N, R, C, H', W']``."""
-        ind = st.get(m, "ind")  # [N, R, C, H'W']
-        return t.reshape(ind.shape[:3] + (-1,)).gather(3, ind).view(*ind.shape[:3], *st.meta[(m, "out")])
-
-    def _pooled_stems(self, x, params) -> frozenset:
-        """The pooling nodes whose stems run at the pooled resolution for inputs like ``x``: none
-        with ``pooled_stem`` False; with None, where the C++ kernels run and the convolution has at
-        most ``STEM_MAX_TAPS`` taps; with True, all."""
-        if not self.stems or self.pooled_stem is False:
-            return frozenset()
-        if self.pooled_stem is None:
-            if not (x.device.type == "cpu" and _ext.choose("sampled_conv", x.device) == "ext"):
-                return frozenset()
-            return frozenset(m for m, nodes in self.stems.items()
-                             if params[self.layers[nodes[0]].weight][0, 0].numel() <= STEM_MAX_TAPS)
-        return frozenset(self.stems)
-
-    @staticmethod
     def for_matvecs(st: _MapState) -> _MapState:
         """``st``, a ``keep_all`` state, without what only :meth:`gradient` reads (the output
         gradients of the layers that read the shared input, and of BatchNorms without affine
@@ -627,7 +471,7 @@ class _MapEngine:
         st.gradient_only = set()
         return st
 
-    def gradient(self, st: _MapState, params, buffers, grads: dict):
+    def gradient(self, st: _MapState, params, grads: dict):
         """Add the parameter gradients of a ``keep_all`` state to ``grads`` (name -> [R, *shape])."""
         for i, l in enumerate(self.layers):
             if self.shared[i]:
@@ -636,7 +480,7 @@ class _MapEngine:
                 a, first, delta = st.get(i, "in"), (i, "in") in st.shared, st.get(i, "delta")
                 W = params[l.weight]
                 R, N = W.shape[0], delta.shape[0]
-                stride, pad, dil, g = self._conv_io(l, W)
+                stride, pad, dil, g = _conv_io(l)
                 m = self.stem_conv.get(i)
                 if m in st.stems:  # delta at the winning positions
                     pos = st.get(m, "ind").reshape(N, R * W.shape[1], -1)
@@ -659,30 +503,6 @@ class _MapEngine:
                 grads[l.weight] += (delta * st.get(i, "xhat")).sum(dims)
                 grads[l.bias] += delta.sum(dims)
 
-    def _grouped_rbwd(self, l, W, a, first, delta, ra_in, rd, out):
-        """A group_conv layer's weight and bias products, added to ``out``: ``rd^T a`` (K as
-        output channels) and ``delta^T ra`` (K as input channels), read in place."""
-        N, K, R = rd.shape[:3]
-        pad = self._conv_io(l, W)[1]
-        o = out[l.weight]  # [R, K, Co, Cig, kh, kw]
-        xa = a.unsqueeze(1).expand(N, R, *a.shape[1:]) if first else a
-        group_conv_wgrad(xa.unsqueeze(2), rd.permute(0, 2, 1, 3, 4, 5), o.unsqueeze(3), pad, accumulate=True)
-        if ra_in is not None:
-            group_conv_wgrad(ra_in.permute(0, 2, 1, 3, 4, 5), delta.unsqueeze(2), o.permute(0, 2, 1, 3, 4, 5).unsqueeze(1), pad,
-                             accumulate=True)
-
-    @staticmethod
-    def _grouped_rgrad(W, dW, delta, rd, in_hw, pad):
-        """A group_conv layer's input R-gradient ``[N, K, R, Cig, H, W]``: ``rd`` through the weight
-        and ``delta`` through the probe's weight block (K as input channels), written in place."""
-        N, K, R, Co = rd.shape[:4]
-        Cig, kh, kw = W.shape[2:]
-        rg = rd.new_empty(N, K, R, Cig, *in_hw)
-        conv_input_grad(rd.reshape(N * K, R, 1, Co, *rd.shape[4:]), W, rg.view(N * K, R, 1, Cig, *in_hw), pad)
-        wt = dW.permute(0, 2, 1, 3, 4, 5).reshape(R, Co, K * Cig, kh, kw)  # the probe's block as a conv from (K, Cig)
-        conv_input_grad(delta.unsqueeze(2), wt, rg.permute(0, 2, 1, 3, 4, 5), pad, accumulate=True)
-        return rg
-
     @staticmethod
     def _head_runs(W) -> bool:
         """Whether the output Linear (weight ``W [R, O, I]``) runs in the head kernel: few outputs, on
@@ -704,119 +524,6 @@ class _MapEngine:
                             None if l.bias is None else out[l.bias], accumulate=True)
         return rg.permute(1, 2, 0, 3)
 
-    # --- the exact trace --------------------------------------------------------------------------
-    def exact_trace_support(self) -> tuple[bool, str]:
-        """Whether :meth:`exact_trace` applies (every node after the shared input linear in each of
-        its parameters and piecewise linear in its input), and why not."""
-        first_order = (activation_kind("relu"), activation_kind("leaky_relu"))
-        for i, l in enumerate(self.layers):
-            if self.shared[i]:
-                continue
-            if l.kind == "act" and l.act not in first_order:
-                return False, (f"the model has activations that are not piecewise linear ({l.name!r}; only ReLU and "
-                               f"LeakyReLU are)")
-            if l.kind == "bn" and l.opts.get("batch"):
-                return False, f"BatchNorm {l.name!r} uses batch statistics, with which the model is curved in its parameters"
-        return True, ""
-
-    def exact_trace(self, st: _MapState, params, buffers) -> torch.Tensor:
-        """``sum_n sum_c |J_n^T a_nc|^2`` ``[R]`` (float64) over the samples of ``st``: the exact
-        Hessian trace's share of these samples where :meth:`exact_trace_support` holds.
-
-        Convolutions, eval BatchNorm, Linear layers, residual additions, ReLU/LeakyReLU and the
-        poolings make the model linear in any single parameter (a weight shared over positions
-        included; the others and the activation and pooling patterns fixed), so the Hessian's
-        diagonal is the Gauss-Newton diagonal. One backward pass carries the C vectors ``a_nc``
-        (the loss Hessian's square-root columns, as in the MLP engine) in the probes' place, and
-        each layer adds its per-sample gradients' squared norms: a Linear layer's
-        ``|delta|^2 (|input|^2 + 1 if bias)``; a convolution's ``|delta_n^T unfold(input_n)|^2``
-        (one product per sample, replica and group; the narrow stride-1 ones by the ``group_conv``
-        kernels and a pooled stem's by ``sampled_conv_wgrad`` at the winning positions, one sample
-        at a time); a BatchNorm's per-channel sums."""
-        last = len(self.layers) - 1
-        R = next(iter(params.values())).shape[0]
-        if self.loss.kind == "cross_entropy":
-            p = st.probs  # [N, R, C]
-            w = p if st.mass is None else p * _mass_for_trace(st.mass).view(-1, 1, 1)
-            eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
-            seed = (eye - p.unsqueeze(2)).mul_((self.loss.scale() * w).sqrt_().unsqueeze(3)).transpose(1, 2)
-        else:
-            ref, C = next(iter(st.t.values())), st.outputs
-            eye = torch.eye(C, dtype=ref.dtype, device=ref.device) * (2 * self.loss.scale(C)) ** 0.5
-            seed = eye.view(1, C, 1, C).expand(ref.shape[0], C, R, C)
-        total = torch.zeros(R, dtype=torch.float64, device=seed.device)
-
-        def add(sq):  # per-sample gradients' squares [n, C, R, ...] summed into the replicas' totals
-            total.add_(sq.sum(0).sum(0).reshape(R, -1).sum(1).to(torch.float64))
-
-        rds = _Sums({last: seed})  # node -> the C vectors' gradient w.r.t. its output [n, C, R, *feat]
-        for i, l, rd in self._backward(rds):
-            n, K = rd.shape[:2]
-            if l.kind == "conv":
-                a, first = st.get(i, "in"), (i, "in") in st.shared
-                W = params[l.weight]
-                Co, Cig = W.shape[1:3]
-                stride, pad, dil, g = self._conv_io(l, W)
-                m = self.stem_conv.get(i)
-                if m in st.stems:  # rd at the pooling's winning positions: the sampled kernel, per sample
-                    cols = conv_patches(a, W.shape[3:], stride, pad, dil)
-                    pos = st.get(m, "ind").reshape(n, R * Co, -1)
-                    g2 = rd.reshape(n, K, R * Co, -1)
-                    if l.bias is not None:  # (a winner shared by two windows holds the sum of both)
-                        add(g2.sum(3).view(n, K, R, Co).square())
-                    for s in range(n):
-                        gw = sampled_conv_wgrad(cols[s : s + 1], pos[s : s + 1], g2[s : s + 1])  # [R*Co, K, taps]
-                        total.add_(gw.view(R, -1).square().sum(1).to(torch.float64))
-                    continue
-                if l.bias is not None:
-                    add(rd.sum((4, 5)).square())
-                if not first and self._grouped(l, W, a):  # the narrow convolutions' kernels, as in the matvec
-                    gw = W.new_empty(R, K, Co, 1, Cig, *W.shape[3:])  # one sample's weight gradients
-                    for s in range(n):
-                        group_conv_wgrad(a[s : s + 1].unsqueeze(2), rd[s : s + 1].permute(0, 2, 1, 3, 4, 5), gw, pad)
-                        total.add_(gw.view(R, -1).square().sum(1).to(torch.float64))
-                    gi = rd.new_empty(n, K, R, Cig, *a.shape[-2:])
-                    conv_input_grad(rd.reshape(n * K, R, 1, Co, *rd.shape[4:]), W, gi.view(n * K, R, 1, Cig, *a.shape[-2:]), pad)
-                    rd = gi
-                else:
-                    T = rd.shape[4] * rd.shape[5]
-                    cols = F.unfold(a.reshape(n, -1, *a.shape[-2:]), W.shape[3:], dil, pad, stride)  # [n, (R) g*Cig*kh*kw, T]
-                    if first and g == 1:  # one product per sample for all replicas and vectors: [n, K*R*Co, taps]
-                        gw = torch.bmm(rd.reshape(n, -1, T), cols.transpose(1, 2)).view(n, K, R, -1)
-                    else:  # per sample, replica and group: [n, R, g, K*Co/g, taps]
-                        dr = rd.reshape(n, K, R, g, Co // g, T).permute(0, 2, 3, 1, 4, 5).reshape(n, R, g, -1, T)
-                        gw = torch.matmul(dr, cols.view(n, 1 if first else R, g, -1, T).transpose(3, 4)).unsqueeze(1)
-                    add(gw.square())
-                    if first:
-                        continue
-                    gi = conv2d_input((n * K, R * g * Cig, *a.shape[-2:]), W.reshape(-1, *W.shape[2:]),
-                                      rd.reshape(n * K, -1, *rd.shape[4:]), stride, pad, dil, R * g)
-                    rd = gi.view(n, K, R, g * Cig, *a.shape[-2:])
-            elif l.kind == "linear":
-                a, first = st.get(i, "in"), (i, "in") in st.shared
-                sq = a.square().sum(-1)  # [n] or [n, R]
-                if l.bias is not None:
-                    sq = sq + 1
-                add(rd.square().sum(-1) * (sq.view(n, 1, 1) if first else sq.unsqueeze(1)))
-                if first:
-                    continue
-                rd = torch.einsum("nkro,roi->nkri", rd, params[l.weight])
-            elif l.kind == "bn":
-                nsp = rd.dim() - 4
-                if l.weight is not None:  # per channel: sums over positions (BatchNorm1d has none)
-                    gamma = rd * st.get(i, "xhat").unsqueeze(1)
-                    add((gamma.sum(tuple(range(4, rd.dim()))) if nsp else gamma).square())
-                    add((rd.sum(tuple(range(4, rd.dim()))) if nsp else rd).square())
-                if self._reads_shared(self.inputs[i][0]):
-                    continue
-                rd = rd * _rb(self._bn_coefs(l, params, buffers)[0], nsp, False).unsqueeze(1)
-            elif l.kind == "act":
-                rd = rd * st.get(i, "d1").unsqueeze(1)
-            else:
-                rd = self._reshape_bwd(i, l, st, rd)
-            self._acc(rds, self.inputs[i][0], rd)
-        return total
-
     # --- the R-passes -------------------------------------------------------------------------
     def apply(self, st: _MapState, params, buffers, vecs: dict, out: dict):
         """Add one chunk's Hessian-vector products to ``out`` (name -> [R, K, *shape]);
@@ -826,7 +533,6 @@ class _MapEngine:
         rin, rpre, bn, bn_dot = {}, {}, {}, {}
         stem_in = {}  # a pooled stem's conv node -> (patches of its input, winning positions)
         fresh = set()  # additions whose output tangent no other node holds
-        N = None
         last = len(self.layers) - 1
         # (the head kernel has no per-sample loss Hessian scale)
         head = self.head and self._head_runs(params[self.layers[last].weight]) and st.mass is None
@@ -859,7 +565,7 @@ class _MapEngine:
                 W, dW = params[l.weight], vecs[l.weight]
                 R, Co, Cig = W.shape[:3]
                 N = a.shape[0]
-                stride, pad, dil, g = self._conv_io(l, W)
+                stride, pad, dil, g = _conv_io(l)
                 rin[i] = ra
                 m = self.stem_conv.get(i)
                 if m in st.stems:  # the tangent at the pooling's winning positions: [N, K, R*Co, H'W']
@@ -897,7 +603,6 @@ class _MapEngine:
                 head = head and i != last  # (no input tangent at the output node: the plain path)
                 a, first = st.get(i, "in"), (i, "in") in st.shared
                 W, dW = params[l.weight], vecs[l.weight]
-                N = a.shape[0]
                 rin[i] = ra
                 rz = torch.einsum("ni,rkoi->nkro" if first else "nri,rkoi->nkro", a, dW)
                 if ra is not None:
@@ -905,9 +610,8 @@ class _MapEngine:
                 if l.bias is not None and i not in self.bias_folded:
                     rz += vecs[l.bias].transpose(0, 1)
                 ra = rz
-            elif l.kind == "bn" and l.opts.get("batch"):
+            elif l.batch_stats:
                 xh, inv = st.get(i, "xhat").unsqueeze(1), st.get(i, "inv").unsqueeze(1)
-                N = xh.shape[0]
                 nsp = xh.dim() - 4
                 dims = (0, *range(4, xh.dim()))
                 rz = None
@@ -928,7 +632,6 @@ class _MapEngine:
                     pass
                 else:
                     ra, bn_dot[i] = self._bn_eval_rfwd(l, i, st, vecs, ra, bn[i][0], self._owned(ins[0], fresh))
-                    N = ra.shape[0]
             elif ra is None or i in self.act_fused:
                 pass
             elif l.kind == "act":
@@ -957,19 +660,15 @@ class _MapEngine:
         rds = _Sums()  # node -> R-gradient w.r.t. its output
         if head:  # ra: the tangent of the output node's input
             self._acc(rds, self.inputs[last][0], self._head(st, params, vecs, out, ra))
-        elif self.loss.kind == "cross_entropy":
-            rds[last] = softmax_ce_hvp(st.probs, ra.contiguous(), self.loss.scale())  # [n, R, C] and [n, k, R, C]
-            if st.mass is not None:
-                rds[last].mul_(st.mass.view(-1, 1, 1, 1))
         else:
-            rds[last] = ra * (2 * self.loss.scale(ra.shape[-1]))
+            rds[last] = loss_rop(self.loss, st.probs, st.mass, ra, sample_dim=0)
         for i, l, rd in self._backward(rds):
             if l.kind == "conv":
                 a, first, delta, ra_in = st.get(i, "in"), (i, "in") in st.shared, st.get(i, "delta"), rin[i]
                 W, dW = params[l.weight], vecs[l.weight]
                 R, Co, Cig = W.shape[:3]
                 N = rd.shape[0]
-                stride, pad, dil, g = self._conv_io(l, W)
+                stride, pad, dil, g = _conv_io(l)
                 hw = rd.shape[4:]
                 o = out[l.weight].view(R, K, g, Co // g, *W.shape[2:])
                 # weight: conv-weight-gradient of (input a, output grads rd) with K in the output channels
@@ -1020,13 +719,12 @@ class _MapEngine:
                 if first:
                     continue
                 rd = torch.einsum("nkro,roi->nkri", rd, W) + torch.einsum("nro,rkoi->nkri", delta, dW)
-            elif l.kind == "bn" and l.opts.get("batch"):
-                self._bn_batch_rbwd(l, i, st, params, vecs, out, rin.get(i), rd)
-                if self._reads_shared(self.inputs[i][0]):
+            elif l.batch_stats:
+                rd = self._bn_batch_rbwd(l, i, st, params, vecs, out, rin.get(i), rd)
+                if rd is None:
                     continue
-                rd = self._bn_batch_rbwd(l, i, st, params, vecs, None, rin.get(i), rd)
             elif l.kind == "bn":
-                s, t, inv, mean = bn[i]
+                s, _, inv, _ = bn[i]
                 owned = self.bwd_inplace[i] or self.bn_act.get(i, i) in rds.fresh
                 rd = self._bn_eval_rbwd(l, i, st, vecs, out, rd, s, inv, bn_dot.get(i), owned)
                 if rd is None:
