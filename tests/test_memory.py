@@ -833,8 +833,74 @@ def test_a_job_that_cannot_be_split_is_planned_in_one_chunk(one_thread):
 def test_a_one_pass_loaders_targets_are_counted_as_the_job_keeps_them(y):
     """read_one_pass counts the bytes of the batches it keeps as Batches converts them: labels become
     int64 (bool labels too, since this round; they were counted at one byte each)."""
-    from fastcurv.data import Batches
-    from fastcurv.memory import _kept_bytes
+    from fastcurv.data import Batches, _kept_bytes
 
     kept = Batches((torch.zeros(3, 2), y), device="cpu", dtype=torch.float32).cache[0][1]
     assert _kept_bytes(y, torch.float32, targets=True) == kept.numel() * kept.element_size()
+
+
+def _conv_job(R=2, n=12):
+    g = torch.Generator().manual_seed(3)
+    models = []
+    for s in range(R):
+        torch.manual_seed(s)
+        models.append(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double())
+    return models, (torch.randn(n, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
+
+
+def test_the_cost_model_takes_the_fused_engines_defaults_from_the_backend(monkeypatch):
+    """The cost model restated the fused backend's defaults (the MLP engine's 4 MiB CPU tangent
+    chunk at two places, the conv engine's 16 MiB CPU / 2 GiB GPU sample chunk), so a change to the
+    engine would have left the memory plan's estimate stale. It reads them from the backend now
+    (``DEFAULT_CHUNK_BYTES``, ``default_sample_chunk_bytes``)."""
+    from fastcurv.backends.fused import backend as B
+
+    models, data = _conv_job()
+    shape, name = memory.job_shape(models, data, max_iter=20)
+    assert name == "fused" and shape.conv and shape.sample_chunk_bytes is None
+    default = B.default_sample_chunk_bytes(torch.device("cpu"))
+    assert memory.estimate_bytes(shape, 2) == memory.estimate_bytes(dataclasses.replace(shape, sample_chunk_bytes=default), 2)
+    mlp_shape, _ = memory.job_shape(*_job(R=2), max_iter=20)
+    assert mlp_shape.chunk_bytes == B.DEFAULT_CHUNK_BYTES
+    # an engine with other defaults: the estimate and a shape's default follow
+    monkeypatch.setattr(B, "default_sample_chunk_bytes", lambda device: 1)
+    monkeypatch.setattr(B, "DEFAULT_CHUNK_BYTES", 12345)
+    tight = memory.estimate_bytes(shape, 2)
+    assert tight == memory.estimate_bytes(dataclasses.replace(shape, sample_chunk_bytes=1), 2)
+    assert tight["tangents"] < memory.estimate_bytes(dataclasses.replace(shape, sample_chunk_bytes=default), 2)["tangents"]
+    bare = memory.JobShape(P=1, itemsize=8, batch=1, num_samples=1, data_bytes=0, vectors=1, probes=1,
+                           state_per_sample=0, act_per_sample=0, widest=1, layers=1, fused=True, gpu=False)
+    assert bare.chunk_bytes == 12345
+
+
+def test_largest_true_bisects_a_monotone_predicate():
+    """The plan's bisection ("the largest n with a monotone predicate") was written out twice (the
+    replicas per chunk, the largest batch that fits): one helper now, whose ``lo`` is never
+    tested (0: none fits; or a floor taken as fitting)."""
+    from fastcurv.memory_model import largest_true
+
+    calls = []
+    assert largest_true(0, 100, lambda n: calls.append(n) or n <= 37) == 37
+    assert 0 not in calls and len(calls) <= 7
+    assert largest_true(0, 100, lambda n: False) == 0 and largest_true(5, 100, lambda n: False) == 5
+    assert largest_true(0, 100, lambda n: True) == 100 and largest_true(3, 3, lambda n: 1 / 0) == 3
+
+
+def test_the_plan_reads_a_loader_as_the_job_does():
+    """The plan's scan of the data (``_scan_data``) re-implemented the walk of ``Batches`` with
+    checks of its own: numpy batches got "must be tensors with a batch axis" without the hint that
+    ``Batches`` gives, data that is no loader a bare "'int' object is not iterable", and batches
+    whose inputs and targets disagree on the batch size were planned (the job refused them only
+    after). It walks the loader as ``Batches`` does now (``fastcurv.data.LoaderPass``)."""
+    import numpy as np
+
+    models, _ = _job(R=2)
+    with pytest.raises(TypeError, match="convert them with torch.as_tensor"):
+        memory.plan_memory(models, [(np.zeros((4, 12)), np.zeros(4, dtype=np.int64))], "1GiB", max_iter=5)
+    with pytest.raises(TypeError, match="data must be a loader"):
+        memory.plan_memory(models, 5, "1GiB", max_iter=5)
+    with pytest.raises(ValueError, match=r"batch 1: inputs \(4, 12\) and targets \(3,\) disagree on the batch size"):
+        memory.plan_memory(models, [(torch.zeros(4, 12), torch.zeros(4, dtype=torch.long)),
+                                    (torch.zeros(4, 12), torch.zeros(3, dtype=torch.long))], "1GiB", max_iter=5)
+    with pytest.raises(ValueError, match="only empty batches"):
+        memory.plan_memory(models, [(torch.zeros(0, 12), torch.zeros(0, dtype=torch.long))], "1GiB", max_iter=5)

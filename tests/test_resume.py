@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastcurv
-from fastcurv import resume
+from fastcurv import fingerprint, paths, resume, results_file
 from fastcurv.resume import FingerprintMismatch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -232,12 +232,40 @@ def test_equivalent_arguments_and_memory_budgets_resume(tmp_path, monkeypatch):
                  dict(measures=("lambda_max",), memory_budget="64KiB")):
         again = fastcurv.batched_sharpness(models, data, output=out, **same, **kw)
         assert torch.equal(again["lambda_max"], first["lambda_max"])
-    from fastcurv.data import Batches
-    from fastcurv.memory import SplitBatches
+    from fastcurv.data import Batches, SplitBatches
 
     whole = Batches(data, device="cpu", dtype=torch.float64)
     split = Batches(SplitBatches(data, 3), device="cpu", dtype=torch.float64)
     assert split.sizes != whole.sizes and resume.data_signature(split) == resume.data_signature(whole)
+
+
+class _CountingLoader:
+    """A re-iterable loader that counts its passes."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def test_split_batches_sign_as_given_without_another_pass_over_the_loader():
+    """The fingerprint of batches that a memory plan split (SplitBatches) read the caller's loader
+    once more, only for the sizes of its batches as given (resume re-walked it as Batches does): one
+    more pass over a DataLoader per job. SplitBatches keeps the sizes of the pass it made."""
+    from fastcurv.data import Batches, SplitBatches
+
+    _, ((x0, y0), (x1, y1)) = W.job(R=1)
+    loader = _CountingLoader([(x0, y0), (x0[:0], y0[:0]), (x1, y1)])  # (an empty batch: skipped, as Batches does)
+    split = Batches(SplitBatches(loader, 3), device="cpu", dtype=torch.float64)
+    assert loader.passes == 1 and split.sizes == [3] * 5 + [1] + [3] * 4 + [2]
+    signature = resume.data_signature(split)
+    assert loader.passes == 1 and signature["batches"] == [16, 14]
+    assert signature == resume.data_signature(Batches([(x0, y0), (x1, y1)], device="cpu", dtype=torch.float64))
 
 
 def test_damaged_results_files_are_named(tmp_path):
@@ -314,7 +342,7 @@ def test_invariance_audit_with_an_output_file(tmp_path):
 def test_interrupt_message_counts_what_the_file_holds(tmp_path, monkeypatch, capsys):
     """Ctrl-C right after a chunk's write: the message counted the list in memory, one chunk short."""
     models, data = W.job(R=3)
-    real, calls = resume.write_atomic, []
+    real, calls = results_file.write_atomic, []
 
     def write_then_interrupt(*a, **k):
         real(*a, **k)
@@ -322,7 +350,7 @@ def test_interrupt_message_counts_what_the_file_holds(tmp_path, monkeypatch, cap
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(resume, "write_atomic", write_then_interrupt)
+    monkeypatch.setattr(results_file, "write_atomic", write_then_interrupt)  # (where ResultStore.add reads it)
     with pytest.raises(KeyboardInterrupt):
         fastcurv.batched_sharpness(models, data, output=str(tmp_path / "r.jsonl"), replica_chunk=1,
                                    measures=("lambda_max",), max_iter=20, progress=False)
@@ -419,8 +447,8 @@ def test_a_loss_is_fingerprinted_with_the_module_settings_it_reads(tmp_path, mon
     assert len({json.dumps(x, sort_keys=True) for x in (before, weights_changed, d(_weighted_helper))}) == 3
     assert d(_weighted_helper) == d(_weighted_helper)
     assert d(_weighted_helper)["globals"]["F"] == {"python module": "torch.nn.functional"}  # (not its path)
-    assert resume._unreliable_reasons(d(_reads_opaque)) == ["a _NoRepr has no stable representation"]
-    assert "globals" not in d(F.cross_entropy) and not resume._unreliable_reasons(d(F.cross_entropy))
+    assert fingerprint._unreliable_reasons(d(_reads_opaque)) == ["a _NoRepr has no stable representation"]
+    assert "globals" not in d(F.cross_entropy) and not fingerprint._unreliable_reasons(d(F.cross_entropy))
 
 
 def test_a_path_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
@@ -463,7 +491,7 @@ def test_temporary_files_are_never_read_as_part_files(tmp_path, monkeypatch):
     assert torch.equal(again["lambda_max"], ref["lambda_max"])
 
     names = []
-    monkeypatch.setattr(resume.os, "replace", lambda a, b: names.append(os.path.basename(a)))
+    monkeypatch.setattr(paths.os, "replace", lambda a, b: names.append(os.path.basename(a)))
     resume.write_atomic(str(tmp_path / "r.jsonl.part1"), "d", {}, [])
     assert names == [f".r.jsonl.part1.tmp{os.getpid()}"]
     monkeypatch.undo()

@@ -1,7 +1,16 @@
-"""Reading the data once per matvec for all replicas, with optional caching on the device."""
+"""Reading the data: once per matvec for all replicas, with optional caching on the device.
+
+:class:`Batches` holds a job's batches; :class:`LoaderPass` is the one walk over a loader that it,
+:class:`SplitBatches` and the memory plan's scan (:mod:`fastcurv.memory_job`) share (split each
+item, check it, skip empty batches). A job with a memory budget reads one-pass loaders (generators,
+iterators) once and keeps their batches (:func:`is_one_pass`, :func:`read_one_pass`), and runs the
+batches split when the plan says so (:class:`SplitBatches`).
+"""
 from __future__ import annotations
 
+import collections.abc
 import hashlib
+import inspect
 from typing import Iterable
 
 import torch
@@ -51,6 +60,57 @@ def _split(item, i: int):
     return item[0], item[1]
 
 
+def _as_loader(data):
+    """``data`` as a loader: one ``(inputs, targets)`` pair becomes a list of that one batch."""
+    return [tuple(data)] if is_single_batch(data) else data
+
+
+def _checked(item, i: int):
+    """``(inputs, targets)`` of loader item ``i`` (:func:`_split`), checked: tensors (not numpy
+    arrays), with a batch axis and the same batch size (else a TypeError or ValueError naming it)."""
+    x, y = _split(item, i)
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        hint = " (convert them with torch.as_tensor)" if "numpy" in type(x).__module__ + type(y).__module__ else ""
+        raise TypeError(f"batch {i}: inputs and targets must be tensors, got {type(x).__name__} and "
+                        f"{type(y).__name__}{hint}")
+    if y.dim() == 0 and x.dim() >= 1:
+        raise ValueError(f"batch {i}: the target is a single value (inputs {tuple(x.shape)}): the data yields "
+                         "single samples (a Dataset?); batch it, e.g. DataLoader(dataset, batch_size=256)")
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"batch {i}: inputs {tuple(x.shape)} and targets {tuple(y.shape)} disagree on the batch size")
+    return x, y
+
+
+class LoaderPass:
+    """One pass over a loader's batches, the walk that :class:`Batches`, :class:`SplitBatches` and
+    the memory plan's scan share: iterating yields ``(i, inputs, targets)`` for every non-empty
+    batch, ``i`` its place in the loader, each split (:func:`_split`) and checked (:func:`_checked`)
+    but as the loader gave it (not detached, moved or converted). Empty batches are skipped (they add
+    nothing to any sum) and counted in ``empty``."""
+
+    def __init__(self, source):
+        self.source = source
+        self.empty = 0
+
+    def __iter__(self):
+        try:
+            iterator = iter(self.source)
+        except TypeError:
+            raise TypeError("data must be a loader (iterable of (inputs, targets)) or one (inputs, targets) pair, got "
+                            f"{type(self.source).__name__}") from None
+        for i, item in enumerate(iterator):
+            x, y = _checked(item, i)
+            if x.shape[0] == 0:
+                self.empty += 1
+                continue
+            yield i, x, y
+
+    def no_batches(self) -> ValueError:
+        """The error of a pass that found no non-empty batch."""
+        return ValueError("the data loader yielded only empty batches" if self.empty
+                          else "the data loader yielded no batches (empty loader)")
+
+
 def _digest(x: torch.Tensor, y: torch.Tensor) -> str:
     """sha1 of a batch's shapes, dtypes and bytes (for the two-pass determinism check)."""
     h = hashlib.sha1()
@@ -76,7 +136,7 @@ class Batches:
                  check_determinism: bool = False):
         if cache not in (True, False, "auto"):
             raise ValueError(f"cache_data must be True, False or 'auto', got {cache!r}")
-        self.source = [tuple(data)] if is_single_batch(data) else data
+        self.source = _as_loader(data)
         # a loader's batches (not a list's) are copied where moving them made no copy: a loader may
         # refill one buffer for every batch (prefetching pipelines do), and the batches, the fused
         # engine's cached state and func's retained graphs keep what they are given
@@ -91,11 +151,11 @@ class Batches:
         # targets' kinds (dtype class and per-sample shape) with the first batch of each
         self.label_range: tuple[int, int, int, int] | None = None
         self.target_kinds: dict = {}
-        self.skipped_empty = 0  # batches of no samples: skipped (they add nothing to any sum)
-        self._counted = False  # whether the first pass is over
+        self.skipped_empty = 0  # batches of no samples in the first pass: skipped (they add nothing to any sum)
         nbytes = 0
         digests = []
-        for i, (x, y, fresh) in enumerate(self._read()):
+        walk = LoaderPass(self.source)
+        for i, (x, y, fresh) in enumerate(self._read(walk)):
             self.sizes.append(x.shape[0])
             self._note_targets(i, y)
             if check_determinism:
@@ -108,12 +168,11 @@ class Batches:
                     self.cache.append((x, y))
                     self.owned_bytes += fresh
 
-        self._counted = True
+        self.skipped_empty = walk.empty
         if self.cache is None:
             self.owned_bytes = 0
         if not self.sizes:
-            raise ValueError("the data loader yielded only empty batches" if self.skipped_empty
-                             else "the data loader yielded no batches (empty loader)")
+            raise walk.no_batches()
         self.num_samples = sum(self.sizes)
         if check_determinism:
             self._check_second_pass(digests)
@@ -148,29 +207,11 @@ class Batches:
     def __len__(self):
         return len(self.sizes)
 
-    def _read(self) -> Iterable:
+    def _read(self, walk: LoaderPass | None = None) -> Iterable:
         """``(inputs, targets, bytes of them that are new tensors, not the loader's)`` per non-empty
-        batch, checked, detached (no autograd graph) and moved to the device and dtype (empty
-        batches are checked, counted in ``skipped_empty`` on the first pass, and skipped)."""
-        try:
-            iterator = iter(self.source)
-        except TypeError:
-            raise TypeError(f"data must be a loader (iterable of (inputs, targets)) or one (inputs, targets) pair, got {type(self.source).__name__}") from None
-        for i, item in enumerate(iterator):
-            x, y = _split(item, i)
-            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-                hint = " (convert them with torch.as_tensor)" if "numpy" in type(x).__module__ + type(y).__module__ else ""
-                raise TypeError(f"batch {i}: inputs and targets must be tensors, got {type(x).__name__} and "
-                                f"{type(y).__name__}{hint}")
-            if y.dim() == 0 and x.dim() >= 1:
-                raise ValueError(f"batch {i}: the target is a single value (inputs {tuple(x.shape)}): the data yields "
-                                 "single samples (a Dataset?); batch it, e.g. DataLoader(dataset, batch_size=256)")
-            if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
-                raise ValueError(f"batch {i}: inputs {tuple(x.shape)} and targets {tuple(y.shape)} disagree on the batch size")
-            if x.shape[0] == 0:
-                if not self._counted:
-                    self.skipped_empty += 1
-                continue
+        batch of ``walk`` (a new :class:`LoaderPass` over the source when None: it checks the batches
+        and skips empty ones), detached (no autograd graph) and moved to the device and dtype."""
+        for i, x, y in LoaderPass(self.source) if walk is None else walk:
             # data, not part of a graph: targets made by a teacher net (y = teacher(x)) or inputs that
             # require grad would otherwise carry their graph into every product (and the fused
             # engine's in-place writes, which autograd refuses on tensors that require grad)
@@ -212,3 +253,122 @@ class Batches:
     @property
     def cached(self) -> bool:
         return self.cache is not None
+
+
+# --- loaders for a job with a memory budget --------------------------------------------------------
+class _KeptBatches(list):
+    """The batches of a one-pass loader, read once by :func:`read_one_pass` (a list: the plan and
+    the job read it again)."""
+
+
+def is_one_pass(data) -> bool:
+    """Whether ``data`` is a one-pass loader, which :func:`read_one_pass` reads once and keeps: a
+    generator, a DataLoader's iterator, or an iterator (it has ``__next__``) whose type has no
+    ``__len__`` (``iter(list)``, ``map``, ``zip``, ``itertools``). Anything else (a list, a
+    DataLoader, one batch, a loader whose ``__iter__`` resets and returns ``self`` and that has a
+    ``__len__``) is taken as re-iterable, ``iter()`` starting a new pass. Decided from the type
+    alone: ``iter()`` is not called (on a DataLoader it would start workers and draw a seed from
+    torch's random generator)."""
+    if isinstance(data, Batches) or is_single_batch(data):
+        return False
+    if inspect.isgenerator(data):
+        return True
+    loader_iter = getattr(getattr(torch.utils.data, "dataloader", None), "_BaseDataLoaderIter", None)
+    if loader_iter is not None and isinstance(data, loader_iter):  # (it has a __len__, but one pass)
+        return True
+    return isinstance(data, collections.abc.Iterator) and not hasattr(type(data), "__len__")
+
+
+def _kept_bytes(t, dtype, targets=False) -> int:
+    """The bytes of a batch's tensor ``t`` kept on the device as :class:`Batches` converts it
+    (floating point to ``dtype``, integer targets to int64); 0 for anything else."""
+    if not isinstance(t, torch.Tensor):
+        return 0
+    if t.is_floating_point():
+        return t.numel() * dtype.itemsize
+    if targets and t.dtype != torch.int64:  # (losses.as_labels: uint8, int32 and bool labels become int64)
+        return t.numel() * 8
+    return t.numel() * t.element_size()
+
+
+def read_one_pass(models, data, cache_data="auto", budget=None):
+    """``(data, cache_data)`` for a job with a memory budget, whose plan reads the data before the
+    job does. A one-pass loader (:func:`is_one_pass`: a generator, or an iterator whose type has no
+    ``__len__``) is read here, once, into a list of its batches on the models' device and dtype
+    (copied where the loader's own tensors could be refilled, as :class:`Batches` does), which the
+    plan and the job then both read, with ``cache_data=True`` (they stay in memory, and the plan
+    counts them). ``cache_data=False`` cannot be honoured then (every product re-reads the
+    batches): ValueError. With ``budget``, reading stops with a ValueError once the batches read
+    take more than ``SAFETY * budget`` (:data:`fastcurv.memory_model.SAFETY`; they could never fit;
+    a stream larger than the machine's memory is not read whole first). Other data (lists,
+    DataLoaders, one batch, :class:`Batches`, loaders with a ``__len__``) is returned as it is, not
+    iterated."""
+    from .memory import format_bytes, parse_budget  # (memory imports this module)
+    from .memory_model import SAFETY
+
+    if not is_one_pass(data):
+        return data, cache_data
+    name = type(data).__name__
+    if cache_data is False:
+        raise ValueError("cache_data=False with memory_budget= needs a re-iterable loader (a list of batches, a "
+                         f"DataLoader): this {name} is read as a one-pass loader (a generator, or an iterator whose "
+                         "type has no __len__), but without caching every Hessian product reads the batches again; "
+                         "pass cache_data='auto' (its batches are then kept, within the budget) or a re-iterable "
+                         "loader (a loader whose __iter__ starts a new pass and returns self needs a __len__ to be "
+                         "taken as one)")
+    p = next(models[0].parameters())
+    nbytes = None if budget is None else parse_budget(budget, p.device)
+    limit = None if nbytes is None else SAFETY * nbytes
+
+    def limited():
+        kept = 0
+        for i, item in enumerate(data):
+            if limit is not None:
+                try:
+                    x, y = _split(item, i)
+                except TypeError:
+                    yield item  # (Batches names the problem)
+                    continue
+                kept += _kept_bytes(x, p.dtype) + _kept_bytes(y, p.dtype, targets=True)
+                if kept > limit:
+                    raise ValueError(
+                        f"memory_budget={format_bytes(nbytes)} is too small for the batches of this one-pass {name}: "
+                        "a one-pass loader (a generator, or an iterator whose type has no __len__) can be read only "
+                        "once, so its batches must be kept on the device for every Hessian product, and its first "
+                        f"{i + 1} batches already take {format_bytes(kept)}, more than the budget allows "
+                        f"({SAFETY:.0%} of it, {format_bytes(limit)}); reading stopped there. Pass a re-iterable "
+                        "loader (a list of batches, a DataLoader: its batches are read again in every product when "
+                        "they do not fit) or a larger budget")
+            yield item
+
+    batches = Batches(limited(), device=p.device, dtype=p.dtype, cache=True)
+    return _KeptBatches((x, y) for _, x, y in batches), True
+
+
+class SplitBatches:
+    """The batches of ``data`` (a loader or one ``(inputs, targets)`` pair) cut into pieces of at
+    most ``max_batch`` samples, in order; re-iterable when ``data`` is. Each pass walks ``data``
+    once (:class:`LoaderPass`: checked, empty batches skipped); :meth:`given_sizes` are the sizes of
+    the batches as given, before the cuts."""
+
+    def __init__(self, data, max_batch: int):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.source = _as_loader(data)
+        self.max_batch = int(max_batch)
+        self._given: list[int] | None = None  # the batch sizes of the last whole pass
+
+    def __iter__(self):
+        sizes = []
+        for _, x, y in LoaderPass(self.source):
+            sizes.append(int(x.shape[0]))
+            for a in range(0, x.shape[0], self.max_batch):
+                yield x[a:a + self.max_batch], y[a:a + self.max_batch]
+        self._given = sizes
+
+    def given_sizes(self) -> list[int]:
+        """The sizes of ``data``'s non-empty batches, before the cuts: those of the last whole pass
+        (a :class:`Batches` over this object makes one), else of a new pass over ``data``."""
+        if self._given is None:
+            self._given = [int(x.shape[0]) for _, x, _ in LoaderPass(self.source)]
+        return list(self._given)
