@@ -12,9 +12,9 @@ import torch
 
 from . import reparam
 from ._figures import figure_class, file_figure
-from .memory import is_one_pass, read_one_pass
+from .data import is_one_pass, read_one_pass
 from .replicas import validate_models
-from .resume import prepare_file, sibling_path
+from .paths import prepare_file, sibling_path
 from .sharpness import batched_sharpness, result_settings
 
 TRANSFORMS = ("dinh", "neurons", "balance", "fold_batchnorm")

@@ -44,7 +44,7 @@ def _expand(path):
     that user, or the home folder, is unknown."""
     if not isinstance(path, (str, os.PathLike)) or not str(path).startswith("~"):
         return path
-    from .resume import expand_path
+    from .paths import expand_path
 
     return expand_path(path)
 

@@ -20,7 +20,9 @@ import torch.distributed as dist
 from .data import Batches
 from .measures import split_refusal
 from .replicas import validate_models
-from .resume import expand_path, merge_records, part_files, run_chunks, write_atomic
+from .paths import expand_path
+from .results_file import merge_records, part_files, write_atomic
+from .resume import run_chunks
 
 GATHER = ("all", "rank0")
 

@@ -190,14 +190,14 @@ class HessianOperator:
             self._backend_options = backend_options or {}
             options = dict(self._backend_options)
             if memory_budget is not None and self.backend_name == "func":
-                from .memory import func_bytes_caps
+                from .memory_job import func_bytes_caps
 
                 for key, cap in func_bytes_caps(memory_budget, rs.device).items():
                     options.setdefault(key, cap)  # what the caller sets wins
             _check_backend_options(self.backend_name, self.backend_reason, self._backend_options)
             self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **options)
             if memory_budget is not None:
-                from .memory import check_operator_budget, operator_cache_bytes
+                from .memory_job import check_operator_budget, operator_cache_bytes
 
                 if self.backend_name == "fused" and "cache_bytes" not in self._backend_options:
                     self.backend.cache_bytes = operator_cache_bytes(self.backend, self.batches, memory_budget)

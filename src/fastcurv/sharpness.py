@@ -231,7 +231,8 @@ def batched_sharpness(
     seed = as_seed(seed)
     plan = None
     if memory_budget is not None:
-        from .memory import SplitBatches, plan_memory, read_one_pass
+        from .data import SplitBatches, read_one_pass
+        from .memory_job import plan_memory
 
         if operator_kwargs.get("distributed_data"):
             raise ValueError("memory_budget= is not supported with distributed_data=True")

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .resume import expand_path, prepare_file, prepare_folder, sibling_path
+from .paths import expand_path, prepare_file, prepare_folder, sibling_path
 from .study_config import (MODELS, STALLED_MARGIN, _audit_transform, _check_data, _check_settings, _config_value,
                            _from_config, _hidden_widths, _integers, _numbers, _split_measures, _target_loss,
                            _write_yaml)

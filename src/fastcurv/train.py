@@ -86,7 +86,8 @@ from .architectures import ACTIVATIONS, cnn, mlp  # noqa: F401  (fastcurv.train.
 from .losses import Loss, as_labels, canonical_name, label_out_of_range, replica_mean_losses
 from .ops.csr_linear import CsrRows
 from .replicas import check_output, meta_copy, nonfinite_rows, validate_models
-from .resume import describe_changes, module_structure, prepare_file, replace_atomically
+from .fingerprint import describe_changes, module_structure
+from .paths import prepare_file, replace_atomically
 from .train_fused import CsrBatch, plan_mlp
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -410,7 +411,7 @@ def _check_targets(loss: str, y: torch.Tensor, out: torch.Tensor | None) -> None
 
 
 def _atomic_save(obj, path: Path):
-    """``torch.save(obj)`` to ``path`` atomically (:func:`fastcurv.resume.replace_atomically`): a
+    """``torch.save(obj)`` to ``path`` atomically (:func:`fastcurv.paths.replace_atomically`): a
     failed write, a full disk or Ctrl-C, leaves no temporary file behind (one as large as the
     checkpoint)."""
     path.parent.mkdir(parents=True, exist_ok=True)
