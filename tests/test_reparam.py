@@ -5,12 +5,12 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 import fastcurv
 from fastcurv import reparam
 
 from _measure_models import make_data, make_replicas, train, single_thread  # noqa: F401  (autouse fixture)
+from fake_device import OnOtherDevice
 
 
 def _x(loader):
@@ -834,43 +834,17 @@ def test_audit_loss_row_of_an_uncached_batches_over_a_shuffled_loader():
     assert not [w for w in seen if "loss moved" in str(w.message)]
 
 
-class _OnOtherDevice(torch.Tensor):
-    """A tensor that says it is on "cuda" but holds CPU values (as torch's FakeTensor says it is on a
-    device it is not): another device with no GPU. Ops on it run on its values and give such
-    tensors; like CUDA it refuses ops that mix it with CPU tensors of more than 0 dimensions; only
-    ``.to("cpu")`` gives the values back as a CPU tensor."""
-
-    @staticmethod
-    def __new__(cls, values):
-        t = torch.Tensor._make_wrapper_subclass(cls, values.shape, dtype=values.dtype, device="cuda")
-        t.values = values
-        return t
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.ops.aten._to_copy.default:
-            device = kwargs.pop("device", None)
-            values = func(args[0].values, **kwargs)
-            return values if device is not None and torch.device(device).type == "cpu" else cls(values)
-        if any(isinstance(t, torch.Tensor) and not isinstance(t, cls) and t.dim() > 0
-               for t in pytree.tree_leaves((args, kwargs))):
-            raise RuntimeError(f"Expected all tensors to be on the same device ({func}: cuda and cpu)")
-        args, kwargs = pytree.tree_map_only(cls, lambda t: t.values, (args, kwargs))
-        return pytree.tree_map_only(torch.Tensor, cls, func(*args, **kwargs))
-
-
 def test_unit_scales_go_to_the_device_of_the_weights():
     """The rescalings moved their per-unit scales to the weights' dtype but not to their device: the
     scales are built on the CPU, so ``invariance_audit`` (its default "dinh", and "neurons"),
     ``rescale_layers`` and ``rescale_neurons`` raised "Expected all tensors to be on the same device"
     on CUDA models. Without a GPU the other direction shows the same in ``_scale_units``, which they
-    all call: scales that say they are on "cuda" (``_OnOtherDevice``) for CPU layers now give the
+    all call: scales that say they are on "cuda" (``OnOtherDevice``) for CPU layers now give the
     result of CPU scales."""
     scales = torch.tensor([0.5, 2.0, 3.0, 1.0, 0.25, 4.0, 1.5, 8.0], dtype=torch.float64)
     want, got = make_replicas(R=1)[0], make_replicas(R=1)[0]  # Linear 6-8, ReLU, Linear 8-7, ...
     reparam._scale_units(want[0], want[2], scales)
-    reparam._scale_units(got[0], got[2], _OnOtherDevice(scales))
+    reparam._scale_units(got[0], got[2], OnOtherDevice(scales))
     for (name, p), q in zip(got.named_parameters(), want.parameters()):
         assert p.device.type == "cpu" and torch.equal(p, q), name
     assert not torch.equal(want[0].weight, make_replicas(R=1)[0][0].weight)

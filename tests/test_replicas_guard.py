@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 import fastcurv
 from fastcurv.measures._common import loss_at
 from fastcurv.replicas import ReplicaSet, _validated, validate_models
 from fastcurv.train import train_population
+from fake_device import OnOtherDevice
 
 
 def _mlps(R: int = 2, F: int = 20, C: int = 3, seed: int = 0):
@@ -213,37 +213,11 @@ def test_noop_conversion_giving_new_parameter_objects_is_no_change(future_flags)
         op.loss_and_gradient()
 
 
-class _OnOtherDevice(torch.Tensor):
-    """A tensor that says it is on "cuda" but holds CPU values (as torch's FakeTensor says it is on a
-    device it is not): a device move with no GPU. Ops on it run on its values and give such tensors;
-    like CUDA it refuses ops that mix it with CPU tensors of more than 0 dimensions; only
-    ``.to("cpu")`` gives the values back as a CPU tensor."""
-
-    @staticmethod
-    def __new__(cls, values):
-        t = torch.Tensor._make_wrapper_subclass(cls, values.shape, dtype=values.dtype, device="cuda")
-        t.values = values
-        return t
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.ops.aten._to_copy.default:
-            device = kwargs.pop("device", None)
-            values = func(args[0].values, **kwargs)
-            return values if device is not None and torch.device(device).type == "cpu" else cls(values)
-        if any(isinstance(t, torch.Tensor) and not isinstance(t, cls) and t.dim() > 0
-               for t in pytree.tree_leaves((args, kwargs))):
-            raise RuntimeError(f"Expected all tensors to be on the same device ({func}: cuda and cpu)")
-        args, kwargs = pytree.tree_map_only(cls, lambda t: t.values, (args, kwargs))
-        return pytree.tree_map_only(torch.Tensor, cls, func(*args, **kwargs))
-
-
 def _move_to_other_device(model: nn.Module) -> None:
-    """Every parameter of ``model`` replaced by an ``_OnOtherDevice`` of its values."""
+    """Every parameter of ``model`` replaced by an ``OnOtherDevice`` of its values."""
     for layer in model.modules():
         for key, p in layer._parameters.items():
-            layer._parameters[key] = _OnOtherDevice(p.detach().clone())
+            layer._parameters[key] = OnOtherDevice(p.detach().clone())
 
 
 def test_guard_takes_a_move_to_another_device_with_the_values_for_no_change():
@@ -252,7 +226,7 @@ def test_guard_takes_a_move_to_another_device_with_the_values_for_no_change():
     any tensor on another device for changed, and the CPU operator refused to run ("the models
     changed"; the GPU test that builds one operator per device failed so). The values are now compared
     across devices: the operator runs, and other values on the other device are still a change. No
-    GPU needed: the moved parameters are tensors that say they are on "cuda" (``_OnOtherDevice``); a
+    GPU needed: the moved parameters are tensors that say they are on "cuda" (``OnOtherDevice``); a
     meta tensor holds no values, so a move to "meta" stays a change."""
     models = _models()
     op = _operator(models)
@@ -262,7 +236,7 @@ def test_guard_takes_a_move_to_another_device_with_the_values_for_no_change():
     assert models[0][0].weight.device.type == "cuda"
     assert op.replicas.changed_since_built() is None
     torch.testing.assert_close(op.loss_and_gradient()[0], want)
-    models[1][2]._parameters["bias"] = _OnOtherDevice(models[1][2].bias.values + 1e-3)
+    models[1][2]._parameters["bias"] = OnOtherDevice(models[1][2].bias.values + 1e-3)
     with pytest.raises(RuntimeError, match="parameter '2.bias' of replica 1"):
         op.loss_and_gradient()
     models = _models()
