@@ -36,10 +36,9 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from .replicas import BN_MODES, REPLICA_SET_NOT_TAKEN, ReplicaSet, functional_base
+from .replicas import BN_MODES, functional_base, model_list
 
 _WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.modules.batchnorm._BatchNorm,)  # every BatchNorm: 1d/2d/3d, SyncBatchNorm, lazy
 # modules that are not positively homogeneous (f(s x) != s f(x) for s > 0) or that mix units: a rescaling of
 # the layer before them changes the function (Hardtanh covers ReLU6)
 _NOT_HOMOGENEOUS = tuple(getattr(nn, n) for n in (
@@ -78,25 +77,6 @@ class ReparamResult:
         return (f"ReparamResult(R={len(self.models)}, max_output_change={self.max_output_change:.3g}, "
                 f"relative_output_change={self.relative_output_change:.3g}, predictions_changed={changed}, "
                 f"details={self.details})")
-
-
-def _check_models(models) -> list[nn.Module]:
-    """``models`` as a list of modules, with the entry points' messages (:func:`fastcurv.replicas.validate_models`)
-    for what is not one: an ``nn.ModuleList`` reads as the list of its modules. The replicas' architectures
-    are not compared here, and module hooks are allowed (the probe runs each model as it is)."""
-    if isinstance(models, ReplicaSet):
-        raise TypeError(REPLICA_SET_NOT_TAKEN)
-    if isinstance(models, nn.ModuleList):  # (it has no forward: a container of replicas, not a model)
-        models = list(models)
-    if isinstance(models, nn.Module):
-        raise TypeError("models must be a list of nn.Module replicas, not a single module; wrap it as [model]")
-    models = list(models)
-    if not models:
-        raise ValueError("models is empty: pass a list of at least one nn.Module")
-    for i, m in enumerate(models):
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"replica {i} is a {type(m).__name__}, not an nn.Module")
-    return models
 
 
 def _check_bn_mode(bn_mode) -> str:
@@ -336,7 +316,7 @@ def rescale_layers(models: Sequence[nn.Module], alpha: float = 10.0, layers: tup
     shrinking the *first* layer instead (``alpha=0.1, layers=(first two weight layers)``) gave 66x;
     no prediction changed in either case. ``bn_mode``: how the probe runs BatchNorm (module docstring).
     """
-    models = _check_models(models)
+    models = model_list(models)  # (architectures not compared; module hooks allowed: each model runs as it is)
     bn_mode = _check_bn_mode(bn_mode)
     if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
@@ -364,7 +344,7 @@ def rescale_neurons(models: Sequence[nn.Module], scales, layers: tuple[str, str]
     """Per-neuron rescaling: hidden unit j between ``layers = (first, second)`` gets incoming weights
     and bias times ``scales[j]`` and outgoing weights divided by it. ``scales``: positive ``[units]``
     (the same for every replica) or ``[R, units]``; default layers: the last two weight layers."""
-    models = _check_models(models)
+    models = model_list(models)  # (architectures not compared; module hooks allowed: each model runs as it is)
     bn_mode = _check_bn_mode(bn_mode)
     a, b = _pair(models[0], layers)
     scales = torch.as_tensor(scales, dtype=torch.float64)
@@ -405,7 +385,7 @@ def _fold_walk(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str,
         """``(prev, last)`` after ``mod``: ``(name, layer, verified)`` of the weight layer whose output the
         next module takes (or None), and the last module seen (for the message). in_seq: whether
         ``mod``'s parent is an ``nn.Sequential`` (or ``mod`` is the model)."""
-        if isinstance(mod, _BN):
+        if isinstance(mod, _BatchNorm):  # (every BatchNorm: 1d/2d/3d, SyncBatchNorm, lazy)
             if prev is None:
                 where = f"follows {type(last[1]).__name__} {last[0]!r}" if last else "has no Linear/Conv before it"
                 raise ValueError(f"BatchNorm {name!r} {where}, not a Linear/Conv: folding it into an earlier layer "
@@ -503,7 +483,7 @@ def fold_batchnorm(models: Sequence[nn.Module], probe: torch.Tensor | None = Non
     ``probe=`` checks (:func:`fastcurv.invariance_audit` always passes one). ``bn_mode=None`` reads
     as "eval". ``bn_mode="batch"`` raises: BatchNorm with each batch's statistics is no fixed affine
     map, so no fold preserves it."""
-    models = _check_models(models)
+    models = model_list(models)  # (architectures not compared; module hooks allowed: each model runs as it is)
     bn_mode = _check_bn_mode(bn_mode)
     if bn_mode == "batch":
         raise ValueError("fold_batchnorm folds the running statistics; with bn_mode='batch' each BatchNorm normalizes "
@@ -557,7 +537,7 @@ def balance(models: Sequence[nn.Module], layers: Sequence[str] | None = None, *,
     over the chain ``layers`` until ``max |log s| <= tol``. The result minimizes ``||theta||^2``
     over the rescaling orbit, so two replicas that differ by a rescaling get the same parameters.
     ``details["sweeps"]`` and ``details["converged"]`` report the iteration."""
-    models = _check_models(models)
+    models = model_list(models)  # (architectures not compared; module hooks allowed: each model runs as it is)
     bn_mode = _check_bn_mode(bn_mode)
     chain = _pairs(models[0], layers)
     new = _copies(models, sorted({n for pair in chain for n in pair}))

@@ -273,6 +273,26 @@ def _validated(models, training: bool) -> bool:
             and (was_training or not training))
 
 
+def model_list(models) -> list[nn.Module]:
+    """``models`` as a new list of modules, with the entry points' errors for what is not one: a
+    ``ReplicaSet``, a single module, an empty list, an entry that is not a module. An
+    ``nn.ModuleList`` reads as the list of its modules (it has no forward: a container of replicas,
+    not a model)."""
+    if isinstance(models, ReplicaSet):
+        raise TypeError(REPLICA_SET_NOT_TAKEN)
+    if isinstance(models, nn.ModuleList):
+        models = list(models)
+    if isinstance(models, nn.Module):
+        raise TypeError("models must be a list of nn.Module replicas, not a single module; wrap it as [model]")
+    models = list(models)
+    if not models:
+        raise ValueError("models is empty: pass a list of at least one nn.Module")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"replica {i} is a {type(m).__name__}, not an nn.Module")
+    return models
+
+
 def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> list[nn.Module]:
     """``models`` as a new list, after raising a clear error when they cannot be stacked as replicas
     of one architecture: the same parameters and buffers (names, shapes, dtypes, devices), module
@@ -291,16 +311,7 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
     if _validated(models, training):
         _check_hooks(models)
         return _ValidatedModels(models, training, models.checked)
-    if isinstance(models, nn.ModuleList):  # (it has no forward: a container of replicas, not a model)
-        models = list(models)
-    if isinstance(models, nn.Module):
-        raise TypeError("models must be a list of nn.Module replicas, not a single module; wrap it as [model]")
-    models = list(models)
-    if not models:
-        raise ValueError("models is empty: pass a list of at least one nn.Module")
-    for i, m in enumerate(models):
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"replica {i} is a {type(m).__name__}, not an nn.Module")
+    models = model_list(models)
     _check_hooks(models)
     ref_params = list(models[0].named_parameters())
     if not ref_params:
@@ -579,12 +590,8 @@ class ReplicaSet:
             return False
         if t.device != copied.device and "meta" in (t.device.type, copied.device.type):
             return False
-        with torch.no_grad():
-            t = t.to(copied.device)  # (across devices once per move: the record then follows the moved tensor)
-            same = torch.eq(t, copied)
-            if t.is_floating_point() or t.is_complex():
-                same |= t.isnan() & copied.isnan()
-            return bool(same.all())
+        with torch.no_grad():  # (across devices: one copy per move; the record then follows the moved tensor)
+            return torch.allclose(t.to(copied.device), copied, rtol=0, atol=0, equal_nan=True)
 
     # --- flat layout -------------------------------------------------------------------------
     @property

@@ -206,9 +206,7 @@ def correlations(df, target: str, measures: Sequence[str] | None = None, *, rows
     if target not in df.columns:
         raise KeyError(f"target column {target!r} not in the table (columns: {list(df.columns)})")
     if measures is None:
-        skip = ("_stderr", "_error", "_iters", "_converged")
-        measures = [c for c in df.columns if c != target and pd.api.types.is_numeric_dtype(df[c])
-                    and not pd.api.types.is_bool_dtype(df[c]) and not str(c).endswith(skip)]
+        measures = _default_measures(df, {target})
         if not measures:
             others = [c for c in df.columns if c != target]
             raise ValueError(f"no numeric measure columns to correlate with {target!r} (columns {others} with dtypes "
@@ -250,6 +248,16 @@ def _common_rows(df, target: str, measures) -> np.ndarray:
                       f"replicas {labels} dropped (not finite in {why}); rows='each' correlates each measure on its "
                       "own finite replicas", RuntimeWarning, stacklevel=3)
     return keep
+
+
+def _default_measures(df, exclude) -> list:
+    """The measure columns of ``df`` by default: every numeric, non-bool column not in ``exclude`` and
+    not bookkeeping (a measure's ``_stderr``, ``_error``, ``_iters`` or ``_converged`` column)."""
+    import pandas as pd
+
+    skip = ("_stderr", "_error", "_iters", "_converged")
+    return [c for c in df.columns if c not in exclude and pd.api.types.is_numeric_dtype(df[c])
+            and not pd.api.types.is_bool_dtype(df[c]) and not str(c).endswith(skip)]
 
 
 def granulated_kendall(df, target: str, hyperparameters: Sequence[str], measures: Sequence[str] | None = None):
@@ -294,9 +302,7 @@ def granulated_kendall(df, target: str, hyperparameters: Sequence[str], measures
     if len(set(hyper)) < len(hyper) or target in hyper:
         raise ValueError(f"hyperparameters must be distinct columns other than the target, got {hyper}")
     if measures is None:
-        skip = ("_stderr", "_error", "_iters", "_converged")
-        measures = [c for c in df.columns if c != target and c not in hyper and pd.api.types.is_numeric_dtype(df[c])
-                    and not pd.api.types.is_bool_dtype(df[c]) and not str(c).endswith(skip)]
+        measures = _default_measures(df, {target, *hyper})
     settings = df[hyper]
     if settings.isna().any().any():
         raise ValueError(f"hyperparameter columns {[h for h in hyper if settings[h].isna().any()]} hold missing values")

@@ -262,9 +262,9 @@ def _batch_sizes(value, R: int) -> list[int]:
     what = "a positive integer"
     items = _per_replica_list(value, R, "batch_size", what)
     for v in items:
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
-            why = "not positive" if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) \
-                else "not an integer"
+        is_int = isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        if not is_int or v < 1:
+            why = "not positive" if is_int else "not an integer"
             raise ValueError(f"batch_size must be {what} or one per replica (R={R}); got {value!r} ({v!r} is {why})")
     return [int(v) for v in items]
 
@@ -308,9 +308,9 @@ def noisy_labels(y: torch.Tensor, fraction: float, seed: int, num_classes: int) 
         return out.to(y.device)
     if num_classes < 2:
         raise ValueError(f"label_noise needs at least 2 classes (a wrong label to draw), got num_classes={num_classes}")
-    bad = out[(out < 0) | (out >= num_classes)]
-    if len(bad):
-        raise ValueError(f"labels out of range: found label {int(bad[0])} but there are {num_classes} classes")
+    bad = label_out_of_range(out, num_classes)
+    if bad is not None:
+        raise ValueError(f"labels out of range: found label {bad} but there are {num_classes} classes")
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x1ABE1]).generate_state(2, dtype=np.uint64)
     g = torch.Generator().manual_seed(int(state[0] & np.uint64(2**63 - 1)))
     order = torch.randperm(len(out), generator=g)
@@ -931,16 +931,13 @@ def train_population(
             """
             all_active = bool(active.all())
             steps = state["step"][sl]
-            if all_active and sgd_scalars is not None:  # one learning rate/momentum/decay for all: foreach, scalar ops
-                steps += 1
-                sgd_uniform(p, g, sl)
-                return
-            steps += active.long()
-            if sgd_scalars is not None:
+            steps += 1 if all_active else active.long()
+            if sgd_scalars is not None:  # one learning rate/momentum/decay for all: foreach, scalar ops
                 # the same kernel for the active replicas whatever the others do, their rows kept as they were: the
                 # coefficient path below rounds otherwise (3e-8 in float32), and a replica's result changed when
                 # another in its group stopped at target_loss (so with chunk_size, and with the batch-size groups)
-                rows = {(k, n): src[n][sl] for k, src in (("w", params), ("buf", state["buf"])) for n in trained}
+                rows = {} if all_active else {(k, n): src[n][sl] for k, src in (("w", params), ("buf", state["buf"]))
+                                              for n in trained}
                 kept = _rows(rows, ~active)
                 sgd_uniform(p, g, sl)
                 _restore_rows(rows, kept)
@@ -1141,7 +1138,6 @@ def train_population(
         def eval_tasks() -> list:
             """After the training tasks: the full training-set losses, one task per worker (none without
             ``eval_train``)."""
-            epochs_run.add_(epoch_state["active"].cpu().long())
             if not eval_train:
                 return []
             epoch_state["loss"] = out = torch.zeros(R, dtype=torch.float64, device=device)
@@ -1152,6 +1148,7 @@ def train_population(
             (NaN for the replicas that did not train in it or diverged)."""
             nonlocal diverged, done
             active_epoch = epoch_state["active"]
+            epochs_run.add_(active_epoch.cpu().long())
             ep_loss = epoch_state["loss"] if eval_train else epoch_state["loss_sum"] / N
             ep_loss = torch.where(active_epoch & ~diverged, ep_loss, torch.full_like(ep_loss, float("nan")))
             # replicas whose parameters became non-finite without a non-finite loss

@@ -91,9 +91,13 @@ class SpectralDensity:
 
                 _, ax = plt.subplots(figsize=(6, 4))
             else:
-                from matplotlib.figure import Figure
+                from .._figures import file_figure
 
-                ax = Figure(figsize=(6, 4)).subplots()
+                made = file_figure(figsize=(6, 4))
+                if made is None:
+                    raise ModuleNotFoundError("No module named 'matplotlib' (SpectralDensity.plot(path=...) needs it: "
+                                              "pip install 'fastcurv[plot]')")
+                ax = made[1]
         shown = [r for r in rows if bool(torch.isfinite(dens[r]).any())]
         for r in shown:
             ax.plot(grid.numpy(), dens[r].clamp_min(1e-12).numpy(), label=f"replica {r}")

@@ -11,6 +11,7 @@ from ...ops import PIECEWISE_LINEAR, act_derivs, activation_kind, activation_val
 from ... import _ext
 from ...ops.csr_linear import csr_linear, csr_linear_wgrad_shared, sparse_rows
 from ...ops.head_hvp import HEAD_MAX_OUTPUTS
+from ...memory_model import largest_true
 from ...replicas import consecutive_runs
 from ..base import Backend
 from .blocks import JOIN_MAX_BYTES, JOIN_PROBES, JOIN_ROWS, first_pass, later_pass
@@ -253,11 +254,7 @@ class FusedBackend(_MlpMatvec, _MlpExactTrace, Backend):
                 tangent = min(tangent, max(self.chunk_bytes, one))
             return 2 * R * n * state + n * row + (len(self._linears) + 4) * tangent
 
-        lo, hi = 1, JOIN_ROWS  # the largest n <= JOIN_ROWS with adds(n) <= budget (adds grows with n)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if adds(mid) <= budget else (lo, mid - 1)
-        return lo
+        return largest_true(1, JOIN_ROWS, lambda n: adds(n) <= budget)  # (adds grows with n)
 
     def _joined(self, i: int) -> bool:
         """Whether block ``i`` joins several batches (its inputs are then a copy of theirs)."""
