@@ -151,7 +151,6 @@ class Batches:
         # targets' kinds (dtype class and per-sample shape) with the first batch of each
         self.label_range: tuple[int, int, int, int] | None = None
         self.target_kinds: dict = {}
-        self.skipped_empty = 0  # batches of no samples in the first pass: skipped (they add nothing to any sum)
         nbytes = 0
         digests = []
         walk = LoaderPass(self.source)
@@ -168,7 +167,7 @@ class Batches:
                     self.cache.append((x, y))
                     self.owned_bytes += fresh
 
-        self.skipped_empty = walk.empty
+        self.skipped_empty = walk.empty  # batches of no samples in the first pass: skipped (they add nothing to any sum)
         if self.cache is None:
             self.owned_bytes = 0
         if not self.sizes:

@@ -119,13 +119,12 @@ def _exact_gap(train_acc, test_acc, n_train: int, n_test: int) -> np.ndarray:
     return (c_train * n_test - c_test * n_train) / (n_train * n_test)
 
 
-def _granulated(table, target: str, measure_cols, swept):
-    """``(granulated Kendall table or None, note or None)`` for the swept hyperparameters that take
-    two values or more (:func:`fastcurv.stats.granulated_kendall`); None and no note without such a
-    sweep; None and the reason when the sweep is not a grid."""
+def _granulated(table, target: str, measure_cols, swept, varying):
+    """``(granulated Kendall table or None, note or None)`` for the swept hyperparameters ``varying``,
+    those of ``swept`` that take two values or more (:func:`fastcurv.stats.granulated_kendall`); None
+    and no note without such a sweep; None and the reason when the sweep is not a grid."""
     from .stats import granulated_kendall
 
-    varying = [h for h in swept if table[h].nunique() > 1]
     if not varying or not measure_cols:
         return None, None
     constant = [h for h in swept if h not in varying]
@@ -443,7 +442,8 @@ def study(
     corr = _by_kind(correlations(table, target, measure_cols + swept, n_boot=n_boot, seed=seed), swept)
     head_of = _headline_columns((*sharp_m, *func_m), measure_cols)
     headline = corr.loc[list(dict.fromkeys(head_of.values()))].drop(columns="kind")
-    granulated, granulated_note = _granulated(table, target, measure_cols, swept)
+    varying = [h for h in swept if table[h].nunique() > 1]  # (the swept hyperparameters that take two values or more)
+    granulated, granulated_note = _granulated(table, target, measure_cols, swept, varying)
 
     summary = {}
     if fm is not None and "gde_estimate" in fm.summary:
@@ -461,7 +461,7 @@ def study(
         stage(f"invariance audit of {', '.join(audit_measures)}")
         t = time.perf_counter()
         k = len(models) if audit_replicas is None else min(int(audit_replicas), len(models))
-        apath = None if out is None or _figure_class() is None else str(Path(out) / "audit.png")
+        apath = None if out is None or _figure_class() is None else str(out / "audit.png")
         # the curvature of the unchanged replicas was computed above with the same settings: reused
         audited = models[:k]
         if model == "cnn":  # BatchNorm would undo a rescaling: the audit compares folded copies before and after
@@ -480,25 +480,24 @@ def study(
 
     files: list[str] = []
     if out is not None:
-        outp = out  # (checked and created before any work)
         keep = {"audit.png"} if aud is not None and aud.plot_path else set()  # (written by this study's audit)
-        for name in _clear_report(outp, keep):
+        for name in _clear_report(out, keep):
             if verbose:
-                print(f"removed {name} of an earlier study in {outp}")
+                print(f"removed {name} of an earlier study in {out}")
         meta = {"config": config, "versions": _versions(), "seconds": times, "summary": summary,
                 "backend": None if sharp is None else sharp.backend,
                 "backend_reason": None if sharp is None else sharp.backend_reason,
                 "trace_method": None if sharp is None else sharp.trace_method}
-        (outp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         # (with out: a rerun given --out moves a checkpoint that lay inside this folder along, see the CLI)
         rerun = {k: v for k, v in config.items() if k not in ("progress", "verbose")}
-        _write_yaml(rerun, outp / "config.yaml")
+        _write_yaml(rerun, out / "config.yaml")
         files += ["config.json", "config.yaml"]
-        table.to_csv(outp / "results.csv")
-        corr.to_csv(outp / "correlations.csv")
+        table.to_csv(out / "results.csv")
+        corr.to_csv(out / "correlations.csv")
         files += ["results.csv", "correlations.csv"]
         if granulated is not None:
-            granulated.to_csv(outp / "granulated_kendall.csv")
+            granulated.to_csv(out / "granulated_kendall.csv")
             files.append("granulated_kendall.csv")
         parquet_note = ""
         try:  # pyarrow is a dependency of fastcurv; a broken environment still keeps the CSV and says why
@@ -510,41 +509,41 @@ def study(
 
             warnings.warn(parquet_note, RuntimeWarning, stacklevel=2)
         else:
-            table.to_parquet(outp / "results.parquet", engine="pyarrow")
+            table.to_parquet(out / "results.parquet", engine="pyarrow")
             files.append("results.parquet")
         # one scatter per requested measure, the replicas its correlation left out drawn hollow
-        plots = _plot(table, list(headline.index), target, outp, correlated=measure_cols,
-                      color_by=[h for h in swept if table[h].nunique() > 1], corr=corr)
+        plots = _plot(table, list(headline.index), target, out, correlated=measure_cols,
+                      color_by=varying, corr=corr)
         if sharp is not None and sharp.spectrum is not None:
             try:  # (a file-only figure: nothing left open)
-                sharp.spectrum.plot(replicas=range(min(spectrum_replicas, len(models))), path=str(outp / "spectrum.png"))
+                sharp.spectrum.plot(replicas=range(min(spectrum_replicas, len(models))), path=str(out / "spectrum.png"))
                 plots.append("spectrum.png")
             except ImportError:
                 pass
         if fm is not None and "disagreement" in fm.pairwise:
-            p = _plot_heatmap(fm.pairwise["disagreement"], seeds, outp)
+            p = _plot_heatmap(fm.pairwise["disagreement"], seeds, out)
             if p:
                 plots.append(p)
             if "test_error" in table and "disagreement" in table:
-                p = _plot_gde(table, outp)
+                p = _plot_gde(table, out)
                 if p:
                     plots.append(p)
         if aud is not None:
-            aud.table.to_csv(outp / "audit.csv")
+            aud.table.to_csv(out / "audit.csv")
             files.append("audit.csv")
             if mixed is not None:
-                mixed.to_csv(outp / "audit_mixed_correlations.csv")
+                mixed.to_csv(out / "audit_mixed_correlations.csv")
                 files.append("audit_mixed_correlations.csv")
             if aud.plot_path:
                 plots.append("audit.png")
         files += plots
-        (outp / "report.md").write_text(_report(config, arch, seeds, len(x_tr), len(x_te), data, times, sharp, fm,
+        (out / "report.md").write_text(_report(config, arch, seeds, len(x_tr), len(x_te), data, times, sharp, fm,
                                                 corr, headline, head_of, summary, aud, mixed, table, target, plots,
                                                 parquet_note, granulated, granulated_note))
         files.append("report.md")
     res = {"table": table, "correlations": corr, "headline": headline, "granulated_kendall": granulated,
            "granulated_kendall_note": granulated_note, "models": models, "history": history, "sharpness": sharp,
-           "function": fm, "audit": aud, "audit_mixed": mixed, "summary": summary, "out": None if out is None else Path(out).resolve(),
+           "function": fm, "audit": aud, "audit_mixed": mixed, "summary": summary, "out": None if out is None else out.resolve(),
            "files": files, "seconds": time.perf_counter() - t0, "times": times, "audit_transform": audit_transform}
     if verbose:
         _print(res, target)

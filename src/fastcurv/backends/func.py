@@ -401,7 +401,8 @@ class FuncBackend(Backend):
         gen = torch.Generator().manual_seed(0)
         probe = {n: torch.randn((1, *s), generator=gen, dtype=rs.dtype).to(rs.device) for n, s in zip(rs.names, rs.shapes)}
         # (mode "graph" raising is not this check's business: its error goes on to the caller)
-        want = self._graph_map(*rs.subset(first), x, y)(probe)
+        params, buffers = rs.subset(first)
+        want = self._graph_map(params, buffers, x, y)(probe)
         try:
             if self.reuse:
                 Ra = rs.R if idx is None else len(idx)
@@ -410,7 +411,6 @@ class FuncBackend(Backend):
                 # twice: torch runs a linearization's graph as traced first, then constant-folded
                 got = [{n: t[:1] for n, t in fn(v).items()} for _ in range(2)]
             else:
-                params, buffers = rs.subset(first)
                 hv = self._hvp_map(x, y)(params, buffers, {n: p.unsqueeze(1) for n, p in probe.items()})
                 got = [{n: t[:, 0] for n, t in hv.items()}]
         except Exception as exc:  # noqa: BLE001 - any failure of torch.func's forward mode: run mode "graph"

@@ -57,8 +57,8 @@ def weight_depth(op) -> int:
         params = {n: t[0] for n, t in rs.params.items()}
         buffers = {n: t[0].clone() for n, t in rs.buffers.items()}  # (batch statistics may update them in place)
         with torch.no_grad():
-            # one plain forward (not ReplicaSet.call's vmapped one): the measure's own forwards may run without
-            # the modules (the sparse MLP path), and a hook sees every call of a module listed twice
+            # one plain forward of replica 0, outside ReplicaSet.call (what its vmapped forwards run, which the
+            # measure's own sparse MLP path avoids): a hook sees every call of a module listed twice
             functional_call(rs.base, (params, buffers), (x,))
     finally:
         for h in hooks:

@@ -37,9 +37,7 @@ def row_norms(w: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
     sub = w.reshape(-1, w.shape[-1])
     if not bool(rows.all()):
         sub = sub[rows]
-    flat = n.flatten()  # (a copy: n is not changed in place)
-    flat[rows] = _careful_norms(sub).to(w.dtype)
-    n = flat.view(n.shape)
+    n.view(-1)[rows] = _careful_norms(sub).to(w.dtype)  # (n: torch's fresh result, contiguous)
     return n if keepdim else n.squeeze(-1)
 
 
