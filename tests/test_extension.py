@@ -128,3 +128,34 @@ def test_an_op_with_no_cuda_kernel_runs_its_reference_on_cuda_tensors(cuda_libra
     cuda_library(loaded=False, why="no compiled library _cuda (the build said: nvcc not found)")
     with fastcurv.use_kernels(impl), pytest.raises(RuntimeError, match="act_rop_bwd .* not usable: .*nvcc not found"):
         _ext.choose("act_rop_bwd", cuda)
+
+
+@pytest.mark.parametrize("impl", ["ext", "cuda"])
+def test_a_cpu_only_op_runs_its_reference_off_the_cpu_without_the_cuda_library(cuda_library, impl):
+    """The ops with only a C++ kernel (``CPU_ONLY_OPS``) run their torch reference on any other device
+    under every kernel choice, also where fastcurv._cuda is missing: choose() raised "CUDA kernel for
+    head_hvp requested but fastcurv._cuda is not usable" there (and "compiled kernel ... not
+    available" on a 'meta' tensor), which every wrapper avoided by a device test of its own."""
+    cuda_library(loaded=False, why="no compiled library _cuda")
+    with fastcurv.use_kernels(impl):
+        for op in sorted(_ext.CPU_ONLY_OPS):
+            for device in ("cuda", "meta"):
+                assert _ext.choose(op, torch.device(device)) == "torch", (op, device)
+            assert _ext.choose(op, torch.device("cpu")) == "ext", op
+
+
+def test_cpu_only_ops_are_those_without_a_cuda_or_triton_kernel():
+    """``CPU_ONLY_OPS`` is the ops the schema defines less those csrc/cuda registers and cpu_level,
+    none of them with a Triton kernel: an op given a CUDA kernel later must leave the list."""
+    import re
+    from pathlib import Path
+
+    from fastcurv import triton_kernels
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    if not csrc.is_dir():
+        pytest.skip("no csrc next to the tests (an installed copy)")
+    defined = set(re.findall(r'm\.def\("(\w+)\(', (csrc / "fastcurv.cpp").read_text()))
+    on_cuda = {m for f in (csrc / "cuda").glob("*.cu") for m in re.findall(r'm\.impl\("(\w+)"', f.read_text())}
+    assert on_cuda and _ext.CPU_ONLY_OPS == defined - on_cuda - {"cpu_level"}
+    assert not any(triton_kernels.supports(op) for op in _ext.CPU_ONLY_OPS)

@@ -238,12 +238,19 @@ def use_kernels(impl: str):
         set_kernel_impl(old)
 
 
+# The ops whose only compiled kernel is the C++ one (no source in csrc/cuda, no Triton kernel): on
+# any other device their torch reference runs, whatever the kernel choice.
+CPU_ONLY_OPS = frozenset({"head_hvp", "csr_linear", "csr_linear_out", "csr_linear_wgrad", "csr_masked_linear_out",
+                          "csr_from_dense", "sampled_conv", "sampled_conv_wgrad", "group_conv", "group_conv_wgrad"})
+
+
 def choose(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Which implementation an op wrapper should call for tensors on ``device`` (of ``dtype``, when
     given): 'ext', 'triton' or 'torch'. The C++ and CUDA kernels take float32 and float64; other
-    floating dtypes (float16, bfloat16) run Triton on a GPU where it is usable, else the torch reference."""
+    floating dtypes (float16, bfloat16) run Triton on a GPU where it is usable, else the torch
+    reference, as do the ops of ``CPU_ONLY_OPS`` off the CPU."""
     impl = _impl
-    if impl == "torch":
+    if impl == "torch" or (op in CPU_ONLY_OPS and device.type != "cpu"):
         return "torch"
     if dtype is not None and device.type != "cuda" and dtype not in (torch.float32, torch.float64) \
             and not (impl == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):

@@ -41,7 +41,7 @@ def csr_from_dense(x: torch.Tensor, mask: torch.Tensor | None = None, transpose:
     _check(x, mask)
     if max(x.shape[1] if transpose else x.shape[2], 1) >= 2**31:
         raise ValueError("the columns do not fit int32 column indices")
-    if x.device.type == "cpu" and _ext.choose("csr_from_dense", x.device, x.dtype) == "ext":
+    if _ext.choose("csr_from_dense", x.device, x.dtype) == "ext":
         x = x.detach() if x.stride(2) == 1 else x.detach().contiguous()
         if mask is not None and mask.stride(2) != 1:
             mask = mask.contiguous()
