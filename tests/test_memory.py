@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fastcurv
-from fastcurv import memory
+from fastcurv import memory, memory_budget
 from fastcurv.backends.fused import FusedBackend
 from fastcurv.replicas import ReplicaSet
 
@@ -50,7 +50,7 @@ def test_parse_budget_units_and_fractions(monkeypatch):
     assert memory.parse_budget("512 MiB") == 512 * 2**20
     assert memory.parse_budget("1.5GB") == 1_500_000_000
     assert memory.parse_budget("2e6") == 2_000_000
-    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": 10_000)
+    monkeypatch.setattr(memory_budget, "available_memory", lambda device="cpu": 10_000)
     assert memory.parse_budget(0.25) == 2500
     assert memory.parse_budget(1.0) == 10_000
 

@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 
 from .losses import as_labels
+from .memory_budget import format_bytes, parse_budget
 
 DEFAULT_CACHE_BYTES = 2 << 30  # batches are kept on the device up to this size (cache_data="auto")
 
@@ -302,7 +303,6 @@ def read_one_pass(models, data, cache_data="auto", budget=None):
     a stream larger than the machine's memory is not read whole first). Other data (lists,
     DataLoaders, one batch, :class:`Batches`, loaders with a ``__len__``) is returned as it is, not
     iterated."""
-    from .memory import format_bytes, parse_budget  # (memory imports this module)
     from .memory_model import SAFETY
 
     if not is_one_pass(data):

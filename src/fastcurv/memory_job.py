@@ -4,9 +4,9 @@ two samples to fill a :class:`~fastcurv.memory_model.JobShape`, :func:`plan_memo
 plan, and the ``operator_*`` functions size an operator's own memory (its least bytes, its fused
 state cache, the func backend's caps).
 
-Budgets are parsed by :func:`fastcurv.memory.parse_budget`, imported where used (that module
-re-exports this one's names), and so are the backends, the operator and the measures: they import
-:mod:`fastcurv.memory`, so module-level imports of them would be cycles.
+The backends, the operator and the measures are imported where used: they import
+:mod:`fastcurv.memory`, which re-exports this module's names, so module-level imports of them would
+be cycles.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numbers
 import torch
 
 from .data import Batches, LoaderPass, _as_loader, _KeptBatches
+from .memory_budget import format_bytes, parse_budget
 from .memory_model import (BASIS_COPIES, PROBE_BATCH, SAFETY, STATE_COPIES, VECTOR_COPIES, JobShape, MemoryPlan,
                            _parts, choose, estimate_bytes)
 
@@ -222,7 +223,6 @@ def plan_memory(models, data, budget, **job) -> MemoryPlan:
     """The :class:`~fastcurv.memory_model.MemoryPlan` for ``batched_sharpness(models, data, memory_budget=budget, **job)``
     (``job``: its keywords; ``cache_data`` other than "auto" is kept). ``models`` are checked as
     ``batched_sharpness`` checks them: a single model, say, is refused, not planned as its layers."""
-    from .memory import parse_budget
     from .replicas import validate_models
 
     models = validate_models(models)
@@ -288,7 +288,6 @@ def check_operator_budget(name, backend, batches, budget, *, probes: int = PROBE
 
 def _checked_operator_budget(name, backend, batches, budget, probes) -> tuple[int, dict]:
     """``(budget in bytes, operator_least_bytes)``, or the ValueError of :func:`check_operator_budget`."""
-    from .memory import format_bytes, parse_budget
 
     nbytes = parse_budget(budget, backend.replicas.device)
     need = operator_least_bytes(name, backend, batches, probes=probes)
@@ -306,7 +305,6 @@ def func_bytes_caps(budget, device) -> dict:
     half of ``SAFETY * budget`` (reused graphs or linearizations and one chunk's temporaries are alive
     together), and at most the backend's defaults."""
     from .backends.func import DEFAULT_REUSE_BYTES, DEFAULT_WORK_BYTES
-    from .memory import parse_budget
 
     half = max(1, int(SAFETY * parse_budget(budget, device)) // 2)
     return {"reuse_bytes": min(DEFAULT_REUSE_BYTES, half), "work_bytes": min(DEFAULT_WORK_BYTES, half)}

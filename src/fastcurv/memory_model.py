@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .memory_budget import format_bytes
+
 BASIS_COPIES = 2
 VECTOR_COPIES = 8
 PARAM_COPIES = 2
@@ -198,7 +200,6 @@ class MemoryPlan:
     max_matrix_bytes: int | None = None
 
     def describe(self) -> str:
-        from .memory import format_bytes
 
         parts = _parts(self.estimate)
         func = "".join(f", func {k} {v if isinstance(v, bool) else format_bytes(v)}" for k, v in self.func_options.items())
@@ -214,7 +215,6 @@ class MemoryPlan:
 
 def _parts(est: dict) -> str:
     """An estimate's parts as text: ``"vectors 1.2 MiB, cached_state ..."``."""
-    from .memory import format_bytes
 
     return ", ".join(f"{k} {format_bytes(v)}" for k, v in est.items() if k != "total")
 
@@ -256,7 +256,6 @@ def _choose(shape: JobShape, R: int, budget: int, cache_data: bool | None, matri
     whose dense matrices exceed the measure's 1 GiB do not fit), False regenerated, None as the
     shape says (the caller's ``max_matrix_bytes`` or matrix, or no matrix)."""
     from .measures._subspace import DEFAULT_MAX_BYTES
-    from .memory import format_bytes
 
     target = SAFETY * budget
     if cache_data is None:  # keep the batches on the device when they take at most a quarter of the budget

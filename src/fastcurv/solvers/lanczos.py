@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from ..memory_budget import available_memory
 from ..replicas import consecutive_runs
 from ._norms import row_norms
 from ._project import project_out_
@@ -75,8 +76,6 @@ def _capacity(R: int, steps: int, P: int, dtype, device) -> int:
     """Basis rows to allocate per replica: all ``steps`` when that takes at most a quarter of the
     available memory (on the CPU, pages never written are never mapped, so the unused tail costs
     nothing), else 16 (then the basis grows by doubling, copying it each time)."""
-    from ..memory import available_memory
-
     try:
         room = available_memory(device)
     except ValueError:
