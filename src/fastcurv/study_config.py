@@ -61,22 +61,27 @@ def _hidden_widths(hidden) -> tuple[int, ...]:
     return widths
 
 
+def _python(v, bad: ValueError):
+    """``v`` with numpy and torch values as Python ones: a 1-d array or tensor (``np.logspace(...)``:
+    a sweep) as a list of Python numbers, a 0-d one or a numpy number as a Python number; ``bad``
+    raised for an array of more dimensions."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        if v.ndim > 1:
+            raise bad
+        return v.tolist()  # (Python numbers; a list for a 1-d array)
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def _numbers(value, name: str):
     """A number or a list of numbers: numeric strings read as floats (YAML reads ``1e-3`` as a
-    string), a 1-d numpy array or tensor (``np.logspace(...)``: a sweep) as a list of Python
-    numbers, a 0-d one or a numpy number as a Python number, so that the table, the report and
-    the config files see the sweep as they see a list."""
+    string), arrays and tensors by :func:`_python`, so that the table, the report and the config
+    files see the sweep as they see a list."""
     bad = ValueError(f"{name} must be a number or a list of numbers (one per replica), got {value!r}")
 
     def one(v):
-        if isinstance(v, torch.Tensor):
-            v = v.detach().cpu().numpy()
-        if isinstance(v, np.ndarray):
-            if v.ndim > 1:
-                raise bad
-            return v.tolist()  # (Python numbers; a list for a 1-d array)
-        if isinstance(v, np.generic):
-            return v.item()
+        v = _python(v, bad)
         if isinstance(v, str):
             try:
                 return float(v)
@@ -94,28 +99,18 @@ def _numbers(value, name: str):
 
 
 def _integers(value, name: str):
-    """An integer or a list of integers (``batch_size``: one per replica is a sweep), in the forms
-    :func:`_numbers` reads: a 1-d numpy array or tensor as a list of Python ints, a numpy integer as
-    an int, a string of digits (a config file's) as an int. Anything else is returned as it is, for
-    :func:`fastcurv.train.train_population`'s checks to name (a float, a bool, a fraction)."""
+    """An integer or a list of integers (``batch_size``: one per replica is a sweep): arrays and
+    tensors by :func:`_python`, a string of digits (a config file's) as an int. Anything else is
+    returned as it is, for :func:`fastcurv.train.train_population`'s checks to name (a float, a
+    bool, a fraction)."""
+    bad = ValueError(f"{name} must be an integer or a list of integers (one per replica), got {value!r}")
+
     def one(v):
-        if isinstance(v, torch.Tensor):
-            v = v.detach().cpu().numpy()
-        if isinstance(v, np.ndarray):
-            if v.ndim > 1:
-                raise ValueError(f"{name} must be an integer or a list of integers (one per replica), got an array "
-                                 f"of shape {v.shape}")
-            return v.tolist()
-        if isinstance(v, np.generic):
-            return v.item()
-        if isinstance(v, str) and v.strip().lstrip("+").isdigit():
-            return int(v)
-        return v
+        v = _python(v, bad)
+        return int(v) if isinstance(v, str) and v.strip().lstrip("+").isdigit() else v
 
     value = one(value)
-    if isinstance(value, (list, tuple)):
-        return [one(v) for v in value]
-    return value
+    return [one(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _target_loss(value) -> float | None:
