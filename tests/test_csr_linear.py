@@ -487,3 +487,24 @@ def test_size_one_dimensions_at_any_stride():
     w = torch.randn(1, 1, 2, dtype=torch.float64)[:, :, ::2]  # [1, 1, 1] of strides (2, 2, 2)
     one = torch.zeros(1, 2, dtype=torch.long)
     torch.testing.assert_close(csr_linear(X, one, w), csr_linear_reference(X, one, w))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs_the_references(dtype):
+    """float16 / bfloat16 sparse products run the torch references, as the README says: the wrappers
+    asked for the C++ kernels without the dtype and raised torch's raw '"csr_linear" not
+    implemented for 'Half'' (an MNIST-like half-precision MLP crashed evaluate_population, training
+    and the perturbation measures)."""
+    x = _sparse_data(10, 17, 0.2, torch.float32)
+    X, Xh = CsrRows.from_dense(x), CsrRows.from_dense(x.to(dtype))
+    rows = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(3))
+    w, grad, dense = torch.randn(2, 6, 17), torch.randn(2, 5, 6), torch.randn(2, 5, 3, 17)
+    w, grad, dense = (t.to(dtype).float() for t in (w, grad, dense))  # (exact in both dtypes)
+    with fastcurv.use_kernels("ext"):
+        got = (csr_linear(Xh, rows, w.to(dtype)), csr_linear_wgrad(Xh, rows, grad.to(dtype)),
+               csr_masked_linear(Xh, rows, dense.to(dtype), w.to(dtype)))
+        want = (csr_linear(X, rows, w), csr_linear_wgrad(X, rows, grad), csr_masked_linear(X, rows, dense, w))
+    for g, r in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), r, rtol=2e-2, atol=2e-2)

@@ -140,6 +140,17 @@ def test_power_iteration_matches_dominant_eigenvalue():
     assert abs(float(res.eigenvalues[0, 0]) - 10.0) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hutchpp_of_a_half_precision_operator(dtype):
+    """Hutch++ of a float16 / bfloat16 operator (a half-precision model's Hessian): its QR raised
+    torch's raw '"geqrf_cpu" not implemented for 'Half'' (``measures=("trace",)``, ``ggn_trace``,
+    ``trace_method="hutch++"``). It runs in float32 now, the sketch's basis cast back."""
+    A = spd_with_spectrum(np.linspace(1.0, 2.0, 12), 0).unsqueeze(0).to(dtype)
+    got = hutchpp(DenseOperator(A), num_matvecs=12, seed=0).trace
+    want = hutchpp(DenseOperator(A.double()), num_matvecs=12, seed=0).trace  # the same probes in float64
+    assert abs(float(got[0]) - float(want[0])) < 0.03 * float(want[0])
+
+
 def test_hutchinson_and_hutchpp_errors_within_stderr_and_hutchpp_better():
     eigs = 1.0 / np.arange(1, 201) ** 2
     A = spd_with_spectrum(eigs, 5)

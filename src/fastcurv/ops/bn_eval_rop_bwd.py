@@ -70,7 +70,7 @@ def bn_eval_rop_bwd(rd, scale, xh=None, delta=None, crg=None, d1=None,
     module docstring for the shapes and the formula): C++ on CPU tensors, Triton or CUDA on GPU
     tensors, or the torch reference, as chosen by :func:`fastcurv.set_kernel_impl`. Returns
     ``(rd, sum_u [K, G], sum_uxh [K, G])``, ``rd`` overwritten when ``input_grad``."""
-    impl = _ext.choose("bn_eval_rop_bwd", rd.device)
+    impl = _ext.choose("bn_eval_rop_bwd", rd.device, rd.dtype)
     if impl == "torch":
         return bn_eval_rop_bwd_reference(rd, scale, xh, delta, crg, d1, input_grad)
     if input_grad and not rd.is_contiguous():

@@ -72,7 +72,7 @@ def bn_eval_rop_fwd(rz, scale, xh=None, rgamma=None, rbeta=None, d1=None, delta=
     (see the module docstring for the shapes and the formula): C++ on CPU tensors, Triton or CUDA
     on GPU tensors, or the torch reference, as chosen by :func:`fastcurv.set_kernel_impl`.
     Returns ``(out [N, K, G, S], dot [K, G])``; ``out`` is ``rz`` itself when ``inplace``."""
-    impl = _ext.choose("bn_eval_rop_fwd", rz.device)
+    impl = _ext.choose("bn_eval_rop_fwd", rz.device, rz.dtype)
     if impl == "torch":
         return bn_eval_rop_fwd_reference(rz, scale, xh, rgamma, rbeta, d1, delta, inplace)
     if inplace and not rz.is_contiguous():

@@ -230,7 +230,7 @@ def csr_linear(X: CsrRows, rows: torch.Tensor, weight: torch.Tensor, bias: torch
     if n_in != X.in_features:
         raise ValueError(f"csr_linear: the weight takes {n_in} inputs but X has in_features = {X.in_features}")
     mask = _check_out_mask("csr_linear", out_mask, R, rows.shape[1], n_out, weight)
-    if _ext.choose("csr_linear", weight.device) == "ext":
+    if _ext.choose("csr_linear", weight.device, weight.dtype) == "ext":
         w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
         return torch.ops.fastcurv.csr_linear(X.indptr, X.indices, X.values, rows, w,
                                              None if bias is None else bias.contiguous(), transposed, mask)
@@ -276,7 +276,7 @@ def csr_masked_linear(P: CsrRows, rows: torch.Tensor, dense: torch.Tensor, weigh
         raise ValueError("csr_masked_linear: out must not overlap dense or weight (it is written while they are read)")
     if 0 in shape:  # no rows or outputs: nothing to multiply
         return out if accumulate else out.zero_()
-    if _ext.choose("csr_masked_linear_out", dense.device) == "ext":
+    if _ext.choose("csr_masked_linear_out", dense.device, dense.dtype) == "ext":
         w, transposed = _kernel_layout(weight) or (weight.contiguous(), False)
         o = out if inner_contiguous(out, 3) else torch.empty(shape, dtype=out.dtype, device=out.device)
         d = contiguous_inner(dense, 3)
@@ -306,7 +306,7 @@ def csr_linear_wgrad(X: CsrRows, rows: torch.Tensor, grad: torch.Tensor, out: to
         accumulate = False
     elif tuple(out.shape) != (R, n_out, X.in_features):
         raise ValueError(f"csr_linear_wgrad: out must be [R, out, in] = {[R, n_out, X.in_features]}, got {tuple(out.shape)}")
-    if _ext.choose("csr_linear_wgrad", grad.device) == "ext":
+    if _ext.choose("csr_linear_wgrad", grad.device, grad.dtype) == "ext":
         layout = _kernel_layout(out)
         if layout is not None:
             o, transposed = layout
@@ -361,7 +361,7 @@ def csr_linear_wgrad_shared(Xt: CsrRows, grad: torch.Tensor, out: torch.Tensor |
     if out.dim() == 4 and layout is not None and layout[1]:
         layout = None  # the kernel writes groups of rows only
     sums = None  # where the kernel writes the bias gradient: bias_out, if it can
-    if _ext.choose("csr_linear_out", grad.device) == "ext" and layout is not None:
+    if _ext.choose("csr_linear_out", grad.device, grad.dtype) == "ext" and layout is not None:
         o, transposed = layout  # the kernel writes z = X^T grad [R, in, out], here transposed unless out is
         if bias_out is not None and (bias_out.stride(-1) == 1 or bias_out.shape[-1] <= 1):
             sums = bias_out

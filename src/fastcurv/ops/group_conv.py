@@ -110,7 +110,7 @@ def group_conv(x, weight, out=None, padding=(0, 0), accumulate: bool = False) ->
     into ``out [B, G, O1, O2, H_out, W_out]`` (O = O1 * O2; any strides) when given, or added to it
     with ``accumulate``, and returned (a new ``[B, G, 1, O, H_out, W_out]`` without ``out``). C++
     on CPU tensors, the torch reference elsewhere."""
-    if _ext.choose("group_conv", x.device) != "ext":
+    if _ext.choose("group_conv", x.device, x.dtype) != "ext":
         return group_conv_reference(x, weight, out, padding, accumulate)
     pads = _pads(padding)
     G, O, C, kh, kw = _check_weight(x, weight)
@@ -140,7 +140,7 @@ def group_conv_wgrad(x, grad, out, padding=(0, 0), accumulate: bool = False) -> 
     """The weight gradient of :func:`group_conv` from ``grad [B, G, O1, O2, H_out, W_out]``, written
     into ``out [G, O1, O2, C1, C2, kh, kw]`` (any strides), or added to it with ``accumulate``,
     and returned. C++ on CPU tensors, the torch reference elsewhere."""
-    if _ext.choose("group_conv_wgrad", x.device) != "ext":
+    if _ext.choose("group_conv_wgrad", x.device, x.dtype) != "ext":
         return group_conv_wgrad_reference(x, grad, out, padding, accumulate)
     pads = _pads(padding)
     if out.dim() != 7:

@@ -96,7 +96,7 @@ def head_hvp(a, ra, weight, dweight, delta, scale: float, probs=None, dbias=None
     neither it nor dbias is given).
     """
     R, N, K, O, I = check_head_hvp_inputs(a, ra, weight, dweight, delta, probs, dbias, d1, out_w, out_b)
-    if _ext.choose("head_hvp", a.device) != "ext":
+    if _ext.choose("head_hvp", a.device, a.dtype) != "ext":
         return head_hvp_reference(a, ra, weight, dweight, delta, scale, probs, dbias, d1, out_w, out_b, accumulate)
     new = a.new_zeros if accumulate else a.new_empty
     ow = new(R, K, O, I) if out_w is None or not inner_contiguous(out_w, 2) else out_w

@@ -116,7 +116,7 @@ def sampled_conv(cols, pos, weight) -> torch.Tensor:
     """The convolution at positions ``pos [N, G, S]`` of each output channel, for K weights per
     channel ``weight [G, K, T]``, from the patches ``cols [N, L, T]``: ``[N, K, G, S]`` (module
     docstring). C++ on CPU tensors, the torch reference elsewhere."""
-    if _ext.choose("sampled_conv", cols.device) != "ext":
+    if _ext.choose("sampled_conv", cols.device, cols.dtype) != "ext":
         return sampled_conv_reference(cols, pos, weight)
     _check("sampled_conv", cols, pos, weight=weight)
     return _run("sampled_conv", _kernel_rows(cols), pos, weight)
@@ -132,7 +132,7 @@ def sampled_conv_wgrad(cols, pos, grad, out=None, accumulate: bool = False) -> t
     """The weight gradient ``[G, K, T]`` of :func:`sampled_conv` from ``grad [N, K, G, S]``, written
     into ``out`` when given (added to it with ``accumulate``) and returned. C++ on CPU tensors, the
     torch reference elsewhere."""
-    if _ext.choose("sampled_conv_wgrad", cols.device) != "ext":
+    if _ext.choose("sampled_conv_wgrad", cols.device, cols.dtype) != "ext":
         return sampled_conv_wgrad_reference(cols, pos, grad, out, accumulate)
     G, K, T = _check("sampled_conv_wgrad", cols, pos, grad=grad, out=out)
     direct = out is not None and out.is_contiguous()

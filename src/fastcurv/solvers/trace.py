@@ -101,7 +101,8 @@ def hutchpp(op, *, num_matvecs: int = 30, probe_batch: int | None = None, seed: 
     S = probe_vectors(R, s, P, generator=g, kind="rademacher", common=common, dtype=op.dtype, device=op.device)
     Y = torch.cat([op.matvec(c) for c in S.split(probe_batch, dim=1)], dim=1)
     Y = torch.nan_to_num(Y)
-    Q = torch.linalg.qr(Y.transpose(1, 2)).Q.transpose(1, 2).contiguous()
+    work = torch.promote_types(Y.dtype, torch.float32)  # (torch has no QR of float16 / bfloat16)
+    Q = torch.linalg.qr(Y.transpose(1, 2).to(work)).Q.transpose(1, 2).to(Y.dtype).contiguous()
     HQ = torch.cat([op.matvec(c) for c in Q.split(probe_batch, dim=1)], dim=1)
     exact = _quadratic_forms(Q, HQ).sum(1)
     if callback is not None:
