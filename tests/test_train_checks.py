@@ -185,11 +185,12 @@ def test_full_training_and_evaluation_losses_keep_the_digits_of_confident_float3
 
 def test_the_model_builders_live_in_architectures_and_stay_importable_from_train():
     """mlp, cnn and ACTIVATIONS moved to fastcurv.architectures; fastcurv.train re-exports the same objects
-    (tests, benchmarks, the study and users import them from there)."""
+    (tests, benchmarks, the study and users import them from there), and the names others import from
+    fastcurv.train stay there since its parts moved to fastcurv.train_* modules."""
     import fastcurv.architectures as arch
     import fastcurv.train as train_mod
 
     assert train_mod.mlp is arch.mlp and train_mod.cnn is arch.cnn and train_mod.ACTIVATIONS is arch.ACTIVATIONS
-    for name in ("train_population", "evaluate_population", "init_replicas", "epoch_order", "TrainHistory",
-                 "OPTIMIZERS", "_dropout_rng"):
+    for name in ("train_population", "evaluate_population", "init_replicas", "epoch_order", "noisy_labels",
+                 "TrainHistory", "OPTIMIZERS", "_dropout_rng", "_GLOBAL_RNG_LOCK", "_batch_sizes", "_label_noise"):
         assert hasattr(train_mod, name), name

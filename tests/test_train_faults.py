@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import stack_module_state
 
 import fastcurv
-import fastcurv.train as train_mod
+import fastcurv.train_loop as train_loop
 from fastcurv.train import evaluate_population, mlp, train_population
 from fastcurv.train_fused import plan_mlp
 
@@ -135,7 +135,7 @@ def test_interruption_while_the_workers_start_restores_the_thread_count(monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, failing, interrupted)
+    monkeypatch.setattr(train_loop, failing, interrupted)  # (the epoch loop creates the pool and the bar)
     x, y = _classes()
     torch.set_num_threads(2)  # (the one_thread fixture restores its own count after)
     with pytest.raises(KeyboardInterrupt):

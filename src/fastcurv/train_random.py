@@ -1,0 +1,96 @@
+"""The random numbers of :func:`fastcurv.train.train_population`: the replicas' initialization
+(:func:`init_replicas`) and the dropout draws of each training step (:func:`_dropout_rng`), both
+from torch's global generators seeded inside a section that restores them after, under one lock
+(:data:`_GLOBAL_RNG_LOCK`) so calls in several threads do not draw each other's numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import threading
+from typing import Sequence
+
+import torch
+from torch import nn
+
+# Held around every section that seeds torch's global generators and restores them after (fork_rng): those
+# sections are not atomic, and without it two train_population calls in two threads draw each other's random
+# numbers (initial weights 0.6-0.8 off). Only the calling thread takes it, never while it waits for the worker threads
+# (which take it only for dropout, and dropout runs without worker threads): no deadlock.
+_GLOBAL_RNG_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _seeded_section(devices: list):
+    """``torch.random.fork_rng(devices)`` under :data:`_GLOBAL_RNG_LOCK`: the global generators may be
+    seeded inside, and no other fastcurv section seeds or restores them meanwhile."""
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _rng_devices(device: torch.device) -> list:
+    """The accelerators whose generators a section on ``device`` forks: ``[device]`` for CUDA, else none."""
+    return [device] if device.type == "cuda" else []
+
+
+def _seed(s: int) -> None:
+    """``torch.manual_seed(s)``; on a machine without an accelerator only the CPU generator, which is
+    all that exists there (``torch.manual_seed`` also queues lazy CUDA/XPU seeding with a captured
+    traceback: 0.4 ms per call, 40% of initializing 100 small MLPs)."""
+    if torch.cuda.is_available() or getattr(torch, "xpu", None) is not None and torch.xpu.is_available() \
+            or torch.backends.mps.is_available():
+        torch.manual_seed(s)
+    else:
+        torch.default_generator.manual_seed(s)
+
+
+def init_replicas(builder, seeds: Sequence[int]) -> list[nn.Module]:
+    """One model per seed: ``builder()`` (a zero-argument callable) under ``torch.manual_seed(seed)``.
+
+    ``builder`` may also be an ``nn.Module`` template: each replica is a deep copy whose submodules'
+    ``reset_parameters()`` are called under the seed. The global RNG state is left unchanged.
+    Thread-safe with other fastcurv calls (they do not seed the global RNG meanwhile), not with
+    the caller's own draws from it in other threads.
+    """
+    models = []
+    for s in seeds:
+        with _seeded_section([]):
+            _seed(int(s))
+            if isinstance(builder, nn.Module):
+                m = copy.deepcopy(builder)
+                for mod in m.modules():
+                    own = list(mod.parameters(recurse=False))
+                    if own and not hasattr(mod, "reset_parameters"):
+                        raise ValueError(f"cannot re-initialize {type(mod).__name__}: it has no reset_parameters(); "
+                                         "pass a builder function instead of a module")
+                    if own:
+                        mod.reset_parameters()
+            elif callable(builder):
+                m = builder()
+                if not isinstance(m, nn.Module):
+                    raise TypeError(f"builder() returned a {type(m).__name__}, not an nn.Module")
+            else:
+                raise TypeError("builder must be a zero-argument callable returning an nn.Module, or an nn.Module")
+        models.append(m)
+    return models
+
+
+@contextlib.contextmanager
+def _dropout_rng(has_dropout: bool, device, key: tuple):
+    """Dropout masks of one training step drawn from a generator seeded by ``key`` (the group's
+    replica seeds, the epoch and the step), the global RNG state restored after: the same call
+    gives the same models, and a run resumed from a checkpoint the uninterrupted run's."""
+    if not has_dropout:
+        yield
+        return
+    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
+    with _seeded_section(_rng_devices(device)):
+        _seed(seed)
+        yield
+
+
+def _rng_states(devices: list) -> tuple:
+    """The states of torch's default generators, the CPU one and those of the CUDA ``devices``, as bytes."""
+    states = [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
+    return tuple(t.cpu().numpy().tobytes() for t in states)
