@@ -145,7 +145,8 @@ class GroupOptimizer:
         key = (sl.start, sl.stop)
         if key not in self._sgd_views:
             views = None
-            if _FUSED_SGD is not None and self.gbuf is not None:
+            # (torch's CPU kernel leaves the vectorized body of float16 / bfloat16 tensors unchanged)
+            if _FUSED_SGD is not None and self.gbuf is not None and self.params[self.trained[0]].dtype in (torch.float32, torch.float64):
                 views = [[_storage_order(t) for n in self.trained
                           for t in ([src[n][sl]] if src[n][0].numel() % 64 == 0 else src[n][sl].unbind(0))]
                          for src in (self.params, self.gbuf, self.state["buf"])]
