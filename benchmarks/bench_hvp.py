@@ -60,8 +60,12 @@ def test_trace(benchmark, operators, how):
 
 
 def test_models_changed_guard(benchmark, operators):
-    """The check, before every product, that the models did not change since the operator was built
-    (compare with ``test_hvp[fused-1]``: it is part of each product's time)."""
+    """The check, before every product, that the models did not change since the operator was built:
+    the identity, storage and version of each tensor, and an exact comparison of its values with the
+    operator's copy (one ``memcmp`` per tensor on the CPU), which sees the writes no version counter
+    does (``p.data``, fused optimizers). Compare with ``test_hvp[fused-1]``: it is part of each
+    product's time (2% of it for R=10 and 256 samples on one thread; 0.14% before the values were
+    compared)."""
     rs = operators["fused"].replicas
     assert benchmark(rs.changed_since_built) is None
 

@@ -1,6 +1,7 @@
 """ReplicaSet's gradient-free forward on inputs with singleton axes, its check of the models' hooks
 on lazy modules, and its "models changed since built" guard (replaced tensors and layers, storage
-moved by share_memory(), swap-based and no-op conversions, a move to another device), pickling
+moved by share_memory(), swap-based and no-op conversions, a move to another device, writes no
+version counter sees: p.data, numpy views, fused optimizers), pickling
 after a sparse forward, lazy replicas run once, the list validate_models returns; train_population given numpy arrays."""
 import io
 
@@ -259,6 +260,108 @@ def test_operator_built_on_the_cpu_runs_after_its_models_moved_to_the_gpu():
         models[1][2].bias.add_(1)
     with pytest.raises(RuntimeError, match="parameter '2.bias' of replica 1"):
         op.loss_and_gradient()
+
+
+
+# --- writes no version counter sees ----------------------------------------------------------------
+def _fused_step(make):
+    """A change: one step of the optimizer ``make(params)`` on each model's loss."""
+    def step(models):
+        torch.manual_seed(4)
+        x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+        for m in models:
+            opt = make(m.parameters())
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+    return step
+
+
+def _no_grad_data_mul(models):
+    with torch.no_grad():
+        models[1][2].weight.data.mul_(3)
+
+
+def _write_through_numpy(models):
+    models[0][0].weight.detach().numpy()[:] = 0.0
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda ms: ms[0][0].weight.data.add_(0.5), "parameter '0.weight' of replica 0"),
+    (lambda ms: ms[1][2].bias.data.copy_(torch.tensor([1.0, -1.0, 2.0])), "parameter '2.bias' of replica 1"),
+    (_no_grad_data_mul, "parameter '2.weight' of replica 1"),
+    (_write_through_numpy, "parameter '0.weight' of replica 0"),
+    (_fused_step(lambda p: torch.optim.Adam(p, lr=0.1, fused=True)), "parameter '0.weight' of replica 0"),
+    (_fused_step(lambda p: torch.optim.AdamW(p, lr=0.1, fused=True)), "parameter '0.weight' of replica 0"),
+    (_fused_step(lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, fused=True)), "parameter '0.weight' of replica 0"),
+    (_fused_step(lambda p: torch.optim.Adam(p, lr=0.1, foreach=True)), "parameter '0.weight' of replica 0"),
+    (_fused_step(lambda p: torch.optim.SGD(p, lr=0.5, foreach=True)), "parameter '0.weight' of replica 0"),
+], ids=["data.add_", "data.copy_", "no_grad data.mul_", "numpy view", "Adam fused", "AdamW fused", "SGD fused", "Adam foreach", "SGD foreach"])
+def test_guard_sees_writes_no_version_counter_sees(change, what):
+    """Writes through ``p.data`` (under no_grad or not), through a numpy view, and the steps of
+    torch's fused optimizers (``fused=True``) change the values in the same storage without moving
+    the tensor's version counter: the guard did not see them, and the kept operator silently gave
+    the old weights' products (max |kept - fresh| 0.36 against |fresh| 0.72 after
+    ``p.data.add_(0.5)``, 0.30 of 0.56 after one fused Adam step, 0.06 of 0.51 after a fused SGD
+    step). The values are now compared with the operator's copies. (The foreach optimizers move
+    the counters: they were seen already.)"""
+    models = _models()
+    op = _operator(models)
+    V = torch.randn(2, op.P)
+    op.matvec(V)
+    change(models)
+    with pytest.raises(RuntimeError, match=f"models changed .*{what} was modified in place.*write through .data"):
+        op.matvec(V)
+
+
+def test_guard_sees_a_weight_given_a_transposed_view_of_its_storage():
+    """``w.data = w.data.t()`` on a square weight keeps the parameter object, its storage and its
+    version counter, and the shape: the guard saw no change while the model computed with the
+    transposed weight (the kept operator's loss of replica 1, 1.1001, against the model's 1.1020)."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)) for _ in range(2)]
+    op = _operator(models)
+    w = models[1][0].weight
+    w.data = w.data.t()
+    with pytest.raises(RuntimeError, match="parameter '0.weight' of replica 1"):
+        op.loss_and_gradient()
+
+
+def test_guard_sees_a_buffer_written_through_data():
+    """A BatchNorm's running mean written through ``.data`` (no version counter moves) gave the old
+    statistics' loss silently (1.1410 against the model's 1.1412); it is seen now, and named."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).eval() for _ in range(2)]
+    op = _operator(models)
+    op.loss_and_gradient()
+    models[1][1].running_mean.data[3] = 2.0
+    with pytest.raises(RuntimeError, match="buffer '1.running_mean' of replica 1"):
+        op.loss_and_gradient()
+
+
+def test_guard_takes_equal_values_in_other_bytes_for_no_change(monkeypatch):
+    """The values are compared byte for byte first; other bytes of equal values (-0.0 for 0.0, a NaN
+    of a replica whose weights are NaN) are no change: the operator still runs, on the CPU path and
+    on the batched one of the other devices (run here on the CPU), which compares NaN with itself
+    (unequal) and confirms by value. A change of another replica is still named on both paths,
+    also when some replicas' models are gone (their rows are left out of the comparison)."""
+    models = _models(3)
+    with torch.no_grad():
+        models[0][2].bias.zero_()
+        models[1][0].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        op = _operator(models)
+    models[0][2].bias.data.neg_()  # (0.0 -> -0.0: other bytes, the same values)
+    assert torch.signbit(models[0][2].bias).all()
+    first_rewritten = ReplicaSet._first_rewritten
+    for batched in (False, True):
+        monkeypatch.setattr(ReplicaSet, "_first_rewritten", lambda self, kept: first_rewritten(self, kept, batched))
+        assert op.replicas.changed_since_built() is None
+        op.loss_and_gradient()
+    del models[0]  # (replica 0's model is gone: rows 1 and 2 are compared)
+    models[1][2].bias.data[1] += 1e-6
+    for batched in (False, True):
+        monkeypatch.setattr(ReplicaSet, "_first_rewritten", lambda self, kept: first_rewritten(self, kept, batched))
+        assert op.replicas.changed_since_built() == "parameter '2.bias' of replica 2"
 
 
 def test_replica_set_pickles_after_a_sparse_forward():

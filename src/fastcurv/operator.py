@@ -129,14 +129,18 @@ class HessianOperator:
     Snapshot: the operator holds copies of the weights (and buffers) the models had when it was
     built (through its :class:`ReplicaSet`), and does not follow later changes. To keep it from
     silently giving the old models' curvature, every product, loss, gradient and trace first checks
-    the models' parameters and buffers (:meth:`ReplicaSet.changed_since_built`: version counters,
-    storage and the identity of each tensor and submodule, about a microsecond per tensor and
-    submodule of each replica) and raises a RuntimeError when one was modified in place (an
-    optimizer step, ``load_state_dict``, a training-mode BatchNorm forward) or replaced since (a new
+    the models' parameters and buffers (:meth:`ReplicaSet.changed_since_built`: the identity,
+    storage and version counter of each tensor and submodule, and an exact comparison of each
+    tensor's values with the operator's copy) and raises a RuntimeError when one was modified in
+    place (an optimizer step, fused ``fused=True`` ones included, ``load_state_dict``, a write
+    through ``p.data`` or a numpy view, a training-mode BatchNorm forward) or replaced since (a new
     ``nn.Parameter``, ``load_state_dict(assign=True)``, a swapped layer, ``p.data = ...`` with other
     values): build a new operator for the new weights (as when tracking sharpness during training).
-    In-place writes through ``p.data`` are not seen; ``share_memory()`` is not a change. fastcurv's
-    own measures never change the models (they perturb copies).
+    Not seen: a write made while a product runs (models trained by another thread meanwhile), and
+    models deleted since. ``share_memory()`` and moving the models to another device are no change.
+    The check costs one read of the weights and of the copies: for 10 MLPs 784-128-128-10 on one
+    CPU thread, 0.2-0.4 ms, 2% of a one-probe product on 256 samples (0.3% with 8 probes).
+    fastcurv's own measures never change the models (they perturb copies).
 
     Threads: an operator may be shared by several threads; its computations (:meth:`matvec`,
     :meth:`loss_and_gradient`, :meth:`exact_trace`, :meth:`dense`) then run one at a time, under
@@ -440,9 +444,10 @@ class HessianOperator:
             if changed:
                 exc = RuntimeError(
                     f"the models changed since this {type(self).__name__} was built ({changed} was modified in "
-                    "place or replaced, e.g. by an optimizer step): the operator holds copies of the weights it was "
-                    f"built with and would give the old models' results; build a new {type(self).__name__} for "
-                    "the current weights")
+                    "place, e.g. by an optimizer step or a write through .data, or replaced): the operator holds "
+                    "copies of the weights it was built with and would give the old models' results; build a new "
+                    f"{type(self).__name__} for the current weights (and do not train the models while it runs "
+                    "a product: a write during one is not seen)")
                 mark_not_torch_func(exc, "the models changed")  # (auto must not fall back to autograd on it)
                 raise exc
             with math_attention():
