@@ -414,3 +414,23 @@ def test_ascent_direction_of_a_float16_gradient_below_finfo_tiny_has_unit_norm()
     g = torch.tensor([[3e-6, 4e-6]], dtype=torch.float16)
     assert float(_direction(g, "l2").float().norm()) == pytest.approx(1.0, abs=1e-2)  # (subnormal: few digits)
     assert float(_direction(torch.zeros(1, 2, dtype=torch.float16), "l2").abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("which", ["spectral_norm", "orthogonal"])
+def test_relative_flatness_on_a_parametrized_feature_layer_names_the_parametrization(which):
+    """relative_flatness took any feature-layer weight missing from the parameters for a tied weight:
+    for a last Linear under ``spectral_norm`` it said "layer '2' shares its weight with 'another
+    module' (tied weights)", though nothing is tied. It now says the weight is computed by a
+    parametrization, names its parameters and gives the remedy; the unparametrized layer 0 still works."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    getattr(parametrizations, which)(m[2])
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    with pytest.raises(ValueError, match=r"the weight of layer '2' is computed by a parametrization .*"
+                                         r"'2\.parametrizations\.weight\.original'.*remove_parametrizations"):
+        fastcurv.batched_sharpness([m], (x, y), measures=("relative_flatness",), progress=False)
+    res = fastcurv.batched_sharpness([m], (x, y), measures=("relative_flatness",), progress=False,
+                                     measure_options={"relative_flatness": {"layer": "0", "method": "exact"}})
+    assert torch.isfinite(res["relative_flatness"]).all()

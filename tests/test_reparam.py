@@ -866,3 +866,33 @@ def test_audit_of_cuda_models_matches_the_cpu(transform):
     for col in ("ratio_min", "ratio_max"):
         torch.testing.assert_close(torch.tensor(gpu[col].to_numpy(float)), torch.tensor(cpu[col].to_numpy(float)),
                                    rtol=1e-6, atol=1e-9)
+
+
+class _TupleOut(nn.Module):
+    """A ReLU MLP whose forward returns ``(logits, their sum)`` or ``{"logits": logits}``."""
+
+    def __init__(self, as_dict=False):
+        super().__init__()
+        self.as_dict = as_dict
+        self.m = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        z = self.m(x)
+        return {"logits": z} if self.as_dict else (z, z.sum())
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_model_returning_a_tuple_or_dict_gets_the_clear_type_error(as_dict):
+    """The probe's forward (``reparam._outputs``) returned the model's output unchecked, so
+    ``invariance_audit`` and every transform given ``probe=`` raised torch's raw "isfinite():
+    argument 'input' (position 1) must be Tensor, not tuple"; they now raise the TypeError every
+    other entry point raises (``replicas.check_output``), in both BatchNorm modes."""
+    torch.manual_seed(0)
+    models = [_TupleOut(as_dict) for _ in range(2)]
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    words = f"the model returns a {'dict' if as_dict else 'tuple'}; fastcurv needs one tensor of outputs"
+    with pytest.raises(TypeError, match=words):
+        fastcurv.invariance_audit(models, (x, y), measures=("lambda_max",))
+    for bn_mode in ("eval", "batch"):
+        with pytest.raises(TypeError, match=words):
+            reparam.rescale_layers(models, alpha=2.0, layers=("m.0", "m.2"), probe=x, bn_mode=bn_mode)

@@ -36,7 +36,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from .replicas import BN_MODES, functional_base, model_list
+from .replicas import BN_MODES, check_output, functional_base, model_list
 
 _WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # modules that are not positively homogeneous (f(s x) != s f(x) for s > 0) or that mix units: a rescaling of
@@ -155,14 +155,15 @@ def _evaluating(*models: nn.Module):
 
 def _outputs(model: nn.Module, x, bn_mode: str) -> torch.Tensor:
     """``model(x)`` as fastcurv's measures see it: eval mode, BatchNorm with its running statistics
-    ("eval") or with the batch's own statistics ("batch"); the model's modes and buffers unchanged."""
+    ("eval") or with the batch's own statistics ("batch"); the model's modes and buffers unchanged.
+    A model returning anything but one tensor (a tuple, a dict) raises :func:`check_output`'s TypeError."""
     if bn_mode == "batch":
         base = functional_base(model, "batch")  # (a meta copy: no running statistics to use or update)
         keep = {n for n, _ in base.named_buffers()}
         tensors = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n in keep}}
-        return functional_call(base, tensors, (x,))
+        return check_output(functional_call(base, tensors, (x,)))
     with _evaluating(model):  # (the caller's model: its modes stay as they were)
-        return model(x)
+        return check_output(model(x))
 
 
 def _output_rtol(dtype: torch.dtype) -> float:

@@ -16,7 +16,8 @@ by block in place: its peak is the matrix plus one block) when that takes at mos
 memory plan caches the matrix and 0 when it regenerates it, see :func:`matrix_bytes_cap`);
 otherwise every product regenerates them (cost: ``Ra P p`` normal draws per product; memory: one
 block of ``Ra * B * p`` entries). The draw depends on the device's RNG and
-the model dtype: for a bit-identical A across devices inject it (``A=`` a tensor). Inside a
+the dtype it is drawn in (the model's; float32 for float16/bfloat16 models, which the measures
+run in float32): for a bit-identical A across devices and dtypes inject it (``A=`` a tensor). Inside a
 chunked or sharded job (:func:`fastcurv.solvers.probes.replica_window`) ``r`` is the replica's
 global number, so each replica's matrix does not depend on how the job was split.
 

@@ -34,13 +34,14 @@ import torch
 
 from . import register_measure
 from ._ascent import apgd_ascent
-from ._common import finish, loss_at, loss_grad_at, positive
+from ._common import finish, loss_at, loss_grad_at, positive, working_precision
 from ._subspace import RandomSubspace
 
 
 def epsilon_sharpness_values(op, *, seed: int = 0, common: bool = True, eps: float = 1e-3, n_iter: int = 10):
     """Keskar sharpness ``[R]`` (float64 CPU, percent) and the maximizing perturbations ``[R, P]``."""
     positive("epsilon_sharpness", eps=eps)
+    op = working_precision(op)  # (float16/bfloat16 models: perturbed and evaluated in float32)
     theta = op.replicas.flat_params()
     base = loss_at(op, theta)
     best, delta, _ = apgd_ascent(lambda t: loss_grad_at(op, t), theta, torch.full((op.R,), float(eps), dtype=torch.float64),
@@ -74,6 +75,7 @@ def epsilon_subspace_values(op, *, seed: int = 0, common: bool = True, eps: floa
                       "parameters (P < 2p): the random matrix A is then nearly square and ill-conditioned, so the box "
                       "eps (|A^+ theta| + 1) reflects A more than the loss; the measure is meant for p << P (pass a "
                       "smaller p)", RuntimeWarning, stacklevel=2)
+    op = working_precision(op)  # (float16/bfloat16 models: perturbed and evaluated in float32)
     theta = op.replicas.flat_params()
     sub = RandomSubspace(op.P, min(int(p), op.P), op.R, seed=seed, common=common, device=op.device, dtype=op.dtype,
                          max_bytes=max_matrix_bytes, A=A)

@@ -33,7 +33,7 @@ import torch
 from . import register_measure
 from ._ascent import apgd_ascent
 from ._bisect import bisect_scale, flatness_columns
-from ._common import accuracy_at, check_options, loss_grad_at, positive
+from ._common import accuracy_at, check_options, loss_grad_at, positive, working_precision
 
 OPTIONS = ("target", "tol", "alpha_max", "depth", "n_iter", "eps", "init")
 
@@ -46,6 +46,7 @@ def alpha_search(op, *, magnitude: bool = False, target: float = 0.1, tol: float
     positive("jiang_sharpness", target=target, tol=tol, alpha_max=alpha_max, depth=depth, n_iter=n_iter)
     if magnitude and not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"jiang_sharpness: eps must be a non-negative number, got {eps!r}")
+    op = working_precision(op)  # (float16/bfloat16 models: perturbed and evaluated in float32)
     theta = op.replicas.flat_params()
     base = accuracy_at(op, theta)
     ones = torch.ones(op.R, dtype=torch.float64)

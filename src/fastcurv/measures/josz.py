@@ -16,11 +16,12 @@ import torch
 
 from . import register_measure
 from ._ascent import apgd_ascent
-from ._common import finish, loss_at, loss_grad_at, positive
+from ._common import finish, loss_at, loss_grad_at, positive, working_precision
 
 
 def variation(op, radii: torch.Tensor, *, seed: int = 0, common: bool = True, n_iter: int = 20) -> torch.Tensor:
     """``V_r`` ``[R]`` for per-replica radii ``radii`` ``[R]``."""
+    op = working_precision(op)  # (float16/bfloat16 models: perturbed and evaluated in float32)
     theta = op.replicas.flat_params()
     base = loss_at(op, theta)
     best, _, _ = apgd_ascent(lambda t: loss_grad_at(op, t), theta, radii.to(torch.float64), p="l2", n_iter=n_iter,
@@ -44,6 +45,7 @@ def level_distance(op, *, eps: float = 0.1, r_init: float = 0.1, max_doublings: 
                    n_iter: int = 10, seed: int = 0, common: bool = True):
     """``(d_eps [R], bracketed [R])``; every V_r evaluation costs ``n_iter + 1`` gradients per replica."""
     positive("josz_level_distance", eps=eps, r_init=r_init)
+    op = working_precision(op)  # (once for every radius searched)
     R = op.R
     lo = torch.zeros(R, dtype=torch.float64)
     hi = torch.full((R,), float(r_init), dtype=torch.float64)

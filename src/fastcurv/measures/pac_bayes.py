@@ -28,7 +28,7 @@ import torch
 
 from . import keywords, register_measure
 from ._bisect import bisect_scale, flatness_columns
-from ._common import accuracy_at, positive
+from ._common import accuracy_at, positive, working_precision
 
 
 def perturbation_std(theta: torch.Tensor, sigma: torch.Tensor, magnitude: bool, eps: float) -> torch.Tensor:
@@ -43,6 +43,7 @@ def sigma_search(op, *, magnitude: bool = False, target: float = 0.1, tol: float
                  depth: int = 15, mc_samples: int = 10, eps: float = 1e-3, seed: int = 0, common: bool = True):
     """Per-replica sigma ``[R]``, whether the tolerance was met ``[R]`` and the base accuracy ``[R]``."""
     positive("pac_bayes", target=target, tol=tol, sigma_max=sigma_max, depth=depth, mc_samples=mc_samples)
+    op = working_precision(op)  # (float16/bfloat16 models: perturbed and evaluated in float32)
     theta = op.replicas.flat_params()
     base = accuracy_at(op, theta)
     R = op.R

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import register_measure
-from ._common import finish, loss_at, positive
+from ._common import finish, loss_at, positive, working_precision
 
 
 @register_measure("mw_sharpness")
@@ -22,6 +22,7 @@ def mw_sharpness(op, *, seed, common, rho: float = 0.005, n_samples: int = 100, 
     positive("mw_sharpness", rho=rho, n_samples=n_samples)
     if n_samples < 2:
         raise ValueError("mw_sharpness: n_samples must be at least 2")
+    op = working_precision(op)  # (float16/bfloat16 models: perturbed and evaluated in float32)
     rs = op.replicas
     theta = rs.flat_params()
     base = loss_at(op, theta)

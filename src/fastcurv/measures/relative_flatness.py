@@ -31,6 +31,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..replicas import tied_parameters
 from . import keywords, register_measure
@@ -90,8 +91,18 @@ def _merge_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, f:
 
 
 def _block(op, layer):
+    """``(offset of the layer's weight in the flat parameters, its shape (m, d))``; a ValueError when
+    the weight is no parameter of its own (computed by a parametrization, or tied to another's)."""
     rs = op.replicas
     name = f"{layer}.weight"
+    module = rs.base.get_submodule(layer)
+    if parametrize.is_parametrized(module, "weight"):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        own = [n for n in rs.names if n.startswith(f"{layer}.parametrizations.weight.")]
+        raise ValueError(f"relative_flatness: the weight of layer {layer!r} is computed by a parametrization ({kinds}, "
+                         f"from the parameters {own}), not a parameter the measure can take the Hessian block of: "
+                         f"remove it (torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule({layer!r}), "
+                         "'weight'), which keeps the current weight) or choose another layer with layer=")
     if name not in rs.names:  # a tied weight: named_parameters lists it under its first owner only
         owner = tied_parameters(rs.base).get(name, "another module")
         raise ValueError(f"relative_flatness: layer {layer!r} shares its weight with {owner!r} (tied weights); the "

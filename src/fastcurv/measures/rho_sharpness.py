@@ -29,7 +29,7 @@ import torch
 
 from . import register_measure
 from ._ascent import NORMS, apgd_ascent
-from ._common import check_options, finish, loss_at, loss_grad_at, noise, normalize_logits, positive
+from ._common import check_options, finish, loss_at, loss_grad_at, noise, normalize_logits, positive, working_precision
 
 # eta (the adaptive scale's offset) and weights_only exist for the adaptive forms only: the standard ones refuse them
 WORST_OPTIONS = ("rho", "p", "n_iter", "momentum", "per_batch", "normalize_logits", "init")
@@ -61,6 +61,7 @@ def worst_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float =
     positive("rho_sharpness", rho=rho)
     if p not in NORMS:
         raise ValueError(f"rho_sharpness: p must be one of {NORMS}, got {p!r}")
+    op = working_precision(op)  # (float16/bfloat16 models: perturbed and evaluated in float32)
     rs = op.replicas
     theta = rs.flat_params()
     c = _scale(rs, theta, adaptive, eta, weights_only)
@@ -110,6 +111,7 @@ def average_case_sharpness(op, *, seed: int = 0, common: bool = True, rho: float
         raise ValueError(f"avg_rho_sharpness: p must be one of {NORMS}, got {p!r}")
     if n_samples < 2:
         raise ValueError("avg_rho_sharpness: n_samples must be at least 2 to give a standard error")
+    op = working_precision(op)  # (float16/bfloat16 models: perturbed and evaluated in float32)
     theta = op.replicas.flat_params()
     c = _scale(op.replicas, theta, adaptive, eta, False)
     c = torch.ones_like(theta) if c is None else c
