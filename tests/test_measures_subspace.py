@@ -13,7 +13,7 @@ import torch
 import fastcurv
 import fastcurv.measures._subspace as subspace_mod
 from fastcurv.measures._ascent import apgd_ascent
-from fastcurv.measures._subspace import RandomSubspace
+from fastcurv.measures._subspace import BLOCK_ROWS, RandomSubspace
 from fastcurv.measures.epsilon_sharpness import epsilon_sharpness_values, epsilon_subspace_values
 from fastcurv.reparam import rescale_layers
 
@@ -340,3 +340,23 @@ def test_the_cached_matrix_is_built_in_place(monkeypatch):
         assert max(built, default=0) <= 3 * 32 * 12  # nothing matrix-sized was assembled
         for r in range(3):
             assert torch.equal(sub.dense(r), lazy.dense(r))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_plan_sizes_a_half_precision_models_matrix_in_float32(dtype):
+    """A float16 / bfloat16 model's matrix is drawn in float32 (the perturbation measures run such
+    models in float32), so the plan sizes it at 4 bytes an entry: it counted 2 (half the matrix).
+    A float32 model's is unchanged, and an injected float32 matrix needs no converted copy."""
+    from fastcurv import memory
+
+    models = [m.to(dtype) for m in make_replicas(R=2, sizes=(6, 16, 3))]
+    x, y = make_data()[0]
+    data = [(x.to(dtype), y)]
+    shape, _ = memory.job_shape(models, data, measures=(NAME,), measure_options={NAME: {"p": 8}})
+    assert memory.matrix_bytes(shape, 2)[1] and shape.matrix_shared
+    held = memory.matrix_bytes(shape, 2)[0] - memory.matrix_bytes(dataclasses.replace(shape, matrix_max=0), 2)[0]
+    block = min(BLOCK_ROWS, shape.P) * 8 * 4
+    assert held == shape.P * 8 * 4 - block  # (cached: the whole matrix held instead of one regenerated block)
+    A = torch.randn(shape.P, 8)
+    shape, _ = memory.job_shape(models, data, measures=(NAME,), measure_options={NAME: {"A": A}})
+    assert shape.matrix_injected == 0

@@ -191,8 +191,9 @@ def _subspace_matrix(shape: JobShape, rs, measures, measure_options, common) -> 
     if isinstance(A, torch.Tensor) and A.dim() in (2, 3):
         shape.matrix_p = max(1, int(A.shape[-1]))
         shape.matrix_shared = A.dim() == 2 or A.shape[0] == 1
-        same = A.dtype == rs.dtype and A.device == torch.device(rs.device)
-        shape.matrix_injected = 0 if same else A.numel() * shape.itemsize
+        # (the measure works in at least float32: memory_model._matrix_itemsize)
+        same = A.dtype == torch.promote_types(rs.dtype, torch.float32) and A.device == torch.device(rs.device)
+        shape.matrix_injected = 0 if same else A.numel() * max(shape.itemsize, 4)
         return
     p = options.get("p", 1000)
     if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1:

@@ -112,7 +112,7 @@ def matrix_bytes(shape: JobShape, chunk: int, max_matrix_bytes: int | None = Non
     if not s.matrix_p:
         return 0, False
     p, rows = s.matrix_p, 1 if s.matrix_shared else chunk
-    block = min(BLOCK_ROWS, s.P) * p * s.itemsize
+    block = min(BLOCK_ROWS, s.P) * p * _matrix_itemsize(s)
     if s.matrix_injected is not None:  # an injected A: used as it is (or a converted copy)
         held, cached = s.matrix_injected, True
     else:
@@ -121,7 +121,7 @@ def matrix_bytes(shape: JobShape, chunk: int, max_matrix_bytes: int | None = Non
         dense = _dense_matrix_bytes(s, chunk)
         cached = dense <= cap
         held = dense if cached else rows * block
-    work = rows * p * p * (16 + s.itemsize) if s.P >= 2 * p else 4 * s.P * p * 8
+    work = rows * p * p * (16 + _matrix_itemsize(s)) if s.P >= 2 * p else 4 * s.P * p * 8
     return held + block + work, cached
 
 
@@ -221,7 +221,13 @@ def _parts(est: dict) -> str:
 
 def _dense_matrix_bytes(shape: JobShape, chunk: int) -> int:
     """Bytes of epsilon_sharpness_subspace's dense ``[Ra, P, p]`` matrices for a chunk of ``chunk`` replicas."""
-    return (1 if shape.matrix_shared else chunk) * shape.P * shape.matrix_p * shape.itemsize
+    return (1 if shape.matrix_shared else chunk) * shape.P * shape.matrix_p * _matrix_itemsize(shape)
+
+
+def _matrix_itemsize(shape: JobShape) -> int:
+    """Bytes per entry of epsilon_sharpness_subspace's matrices: the model's, at least float32's (the
+    perturbation measures run float16 / bfloat16 models in float32)."""
+    return max(shape.itemsize, 4)
 
 
 def choose(shape: JobShape, R: int, budget: int, *, cache_data: bool | None = None) -> MemoryPlan:
