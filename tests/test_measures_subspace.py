@@ -358,3 +358,27 @@ def test_the_plan_sizes_a_half_precision_models_matrix_in_float32(dtype):
     A = torch.randn(shape.P, 8)
     shape, _ = memory.job_shape(models, data, measures=(NAME,), measure_options={NAME: {"A": A}})
     assert shape.matrix_injected == 0
+
+
+@pytest.mark.parametrize("common", [True, False])
+def test_a_nan_replica_of_a_small_model_loses_only_its_own_result(common):
+    """A replica with NaN weights (a diverged one from train_population) among good ones, on a model
+    with P < 2p (dense least squares: any model under 2000 parameters at the default p): gelsd
+    refused the NaN right-hand side with torch's raw INTERNAL ASSERT and no replica got a result.
+    The NaN replica now gets NaN and a flag, the others their results alone."""
+    good = make_replicas(R=3, sizes=(6, 8, 3))
+    bad = copy.deepcopy(good[1])
+    with torch.no_grad():
+        bad[0].weight.fill_(float("nan"))
+    kw = dict(measures=(NAME,), progress=False, common_random_numbers=common)
+    data = make_data()
+    alone = fastcurv.batched_sharpness(good, data, **kw)[NAME]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fastcurv.batched_sharpness([good[0], bad, good[1], good[2]], data, **kw)
+    got = res[NAME]
+    assert torch.isnan(got[1]) and res.ok.tolist() == [True, False, True, True]
+    if common:  # (per-replica draws are keyed by the position)
+        torch.testing.assert_close(got[[0, 2, 3]], alone, rtol=1e-12, atol=0)
+    else:
+        assert torch.isfinite(got[[0, 2, 3]]).all()

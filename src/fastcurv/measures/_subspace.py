@@ -192,12 +192,17 @@ class RandomSubspace:
             L = L.expand(theta.shape[0], -1, -1)
             return torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
         # P < 2p: a small model (P < 2000 for the default p); dense least squares on the CPU (gelsd
-        # handles rank-deficient injected matrices: minimum-norm solution).
+        # handles rank-deficient injected matrices: minimum-norm solution). gelsd refuses a non-finite
+        # right-hand side with an internal assert: a replica with NaN weights gets NaN coordinates.
+        out = torch.full((theta.shape[0], self.p), float("nan"), dtype=torch.float64, device=theta.device)
+        good = torch.isfinite(t64).all(1).cpu()
         if self.rows == 1:
-            A = self.dense(0).to(torch.float64).cpu()
-            return torch.linalg.lstsq(A, t64.T.cpu(), driver="gelsd").solution.T.to(theta.device)
-        out = torch.empty(theta.shape[0], self.p, dtype=torch.float64, device=theta.device)
-        for r in range(theta.shape[0]):
+            if bool(good.any()):
+                A = self.dense(0).to(torch.float64).cpu()
+                solved = torch.linalg.lstsq(A, t64.cpu()[good].T, driver="gelsd").solution.T
+                out[good.to(theta.device)] = solved.to(theta.device)
+            return out
+        for r in good.nonzero().flatten().tolist():
             A = self.dense(r).to(torch.float64).cpu()
             out[r] = torch.linalg.lstsq(A, t64[r].cpu().unsqueeze(1), driver="gelsd").solution[:, 0].to(theta.device)
         return out
