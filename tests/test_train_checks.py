@@ -194,3 +194,23 @@ def test_the_model_builders_live_in_architectures_and_stay_importable_from_train
     for name in ("train_population", "evaluate_population", "init_replicas", "epoch_order", "noisy_labels",
                  "TrainHistory", "OPTIMIZERS", "_dropout_rng", "_GLOBAL_RNG_LOCK", "_batch_sizes", "_label_noise"):
         assert hasattr(train_mod, name), name
+
+
+def test_evaluate_population_names_inputs_the_model_cannot_take():
+    """Inputs of the wrong width, or uint8 token ids for an nn.Embedding, raised torch's raw RuntimeError
+    from evaluate_population ("Expected size for first two dimensions of batch2 tensor to be: [2, 7]
+    but got: [2, 5]", naming neither the model nor the inputs), where training and the operators give
+    "the model cannot run on the first batch (inputs shape, dtype): ..."."""
+    y = torch.randint(0, 3, (10,))
+    linear = [nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"cannot run on the first batch \(inputs \(10, 7\), torch.float32\)"):
+        evaluate_population(linear, torch.randn(10, 7), y)
+    with pytest.raises(ValueError, match=r"cannot run on the batch starting at sample 4 \(inputs \(6, 7\)"):
+        evaluate_population(linear, [(torch.randn(4, 5), y[:4]), (torch.randn(6, 7), y[4:])])
+    embedding = [nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)) for _ in range(2)]
+    ids = torch.randint(0, 10, (10, 3))
+    with pytest.raises(ValueError, match=r"the model cannot run on the first batch \(inputs \(10, 3\), torch.uint8\)"):
+        evaluate_population(embedding, ids.to(torch.uint8), y)
+    with pytest.raises(ValueError, match=r"cannot run on the first batch .*index out of range"):
+        evaluate_population(embedding, ids + 10, y)
+    assert evaluate_population(embedding, ids, y)["loss"].isfinite().all()

@@ -101,8 +101,8 @@ class TrainHistory:
     seconds: wall time of this call. resumed_from_epoch: epochs found in the
     checkpoint (0 when starting fresh). engine: how the forward/backward ran, as
     ``<path>[+sparse-input (<d>% nonzero)][, <n> worker threads]``, where ``<path>`` is
-    ``fused-mlp`` (:mod:`fastcurv.train_fused`; ``fused-mlp+shared-order`` when all replicas share
-    the data order), ``per-replica autograd (<why not fused>)`` or ``vmap (<why not fused>)``;
+    ``fused-mlp`` (:mod:`fastcurv.train_fused`; ``fused-mlp+shared-order`` with
+    ``shared_data_order=True``), ``per-replica autograd (<why not fused>)`` or ``vmap (<why not fused>)``;
     ``+sparse-input`` when the first layer multiplies the nonzero inputs only (``sparse_input``),
     and the worker threads when there are more than one (``threads``).
     """
@@ -197,8 +197,8 @@ def train_population(
             steps (``ceil(N / batch_size)`` per epoch: the convention of Keskar et al.'s sweeps; the
             steps taken are in ``history.steps``). A replica trains as it would in a call where every
             replica has its batch size: its initialization, data order and label noise are keyed by
-            its own seeds, and the engine choices that depend on the population (shared data order,
-            one SGD setting for all) are the whole population's, so its result does not depend on
+            its own seeds, and the engine choices that depend on the population (``shared_data_order``'s
+            one data order, one SGD setting for all) are the whole population's, so its result does not depend on
             which other batch sizes are swept (bit for bit, except where ``chunk_size`` says results
             depend on the grouping: dropout, and shared_data_order's float rounding). The groups
             advance epoch by epoch together: one history row, checkpoint, callback and progress-bar
@@ -234,14 +234,20 @@ def train_population(
             keep about 24 MiB of parameters, gradients and optimizer state together, so the
             optimizer update runs from cache); a positive integer. Groups are formed within each batch
             size. Results do not depend on it (nor on ``threads``, which sets its default; nor on when
-            the other replicas of a group stop), except with dropout, whose masks are drawn per group
+            the other replicas of a group stop; the full training-set loss, so the stops at
+            ``target_loss``, included: until the twenty-seventh round its chunks of the training set
+            shrank with the group's size, and the loss moved by 1e-7 in float32), except with dropout, whose masks are drawn per group
             of replicas, and with ``shared_data_order`` on the fused MLP path, whose first layer is one
             matrix product for the group, rounded by the group's size (about 1e-7 in float32 for small
             layers, none seen at MNIST sizes).
         shared_data_order: every replica sees the same minibatches (the data order of
             ``data_seeds[0]``, default ``seeds[0]``); the replicas then differ only in initialization
             and hyperparameters, and the fused path computes the first layer of all replicas as one
-            GEMM. Off by default (each replica has its own data order).
+            GEMM. Off by default (each replica has its own data order). Only this flag takes that GEMM:
+            equal ``data_seeds`` without it, and a replica trained alone, keep each replica's own
+            products, so a replica trained alone is its population twin bit for bit (until the
+            twenty-seventh round a lone replica took the shared-order GEMM, rounded differently: 1e-16
+            after 3 epochs in float64, a different model after 40 chaotic ones).
         fused: use the fused MLP forward/backward (:mod:`fastcurv.train_fused`): ``None`` (default)
             when the model is a plain MLP chain without dropout, else the generic path (the reason
             is in ``history.engine``): vmap, or for conv nets without dropout on the CPU autograd

@@ -7,6 +7,7 @@ gradients of a training step and the full training-set loss.
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from functools import partial
 
@@ -15,12 +16,19 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .losses import replica_mean_losses
+from .losses import cross_entropy_losses, replica_mean_losses
 from .ops.csr_linear import CsrRows
 from .replicas import check_output, meta_copy, validate_models
 from .train_fused import CsrBatch, plan_mlp
 from .train_options import TrainOptions, _check_targets
 from .train_random import _rng_devices, _rng_states, _seeded_section
+
+#: the full training-set loss on the fused MLP path takes the training set in chunks of about
+#: ``FULL_LOSS_ROW_ENTRIES`` entries (rows x the widest layer) for each replica, a bound that does not depend on
+#: the number of replicas, so neither do the chunks nor a replica's loss; and the replicas in blocks of about
+#: ``FULL_LOSS_ENTRIES`` entries in all (the memory; small chunks of many replicas run from cache)
+FULL_LOSS_ROW_ENTRIES = 1 << 21
+FULL_LOSS_ENTRIES = 1 << 24
 
 
 def place_replicas(models: list[nn.Module], device, dtype) -> tuple[torch.device, torch.dtype]:
@@ -163,30 +171,63 @@ class Engine:
     def full_loss(self, p: dict, bufs: dict, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Full training-set loss ``[R_c]`` float64 (eval mode) of the replicas with parameters ``p`` and
         buffers ``bufs`` (name -> ``[R_c, ...]``), on their own labels ``labels [R_c, N]`` with label noise,
-        else on ``y``; off the fused path in chunks of the training minibatches' size ``batch_size``."""
+        else on ``y``.
+
+        A replica's loss does not depend on the replicas it is evaluated with (``chunk_size``, the
+        population, the batch-size groups), bit for bit: the training set is split into the same row
+        chunks whatever ``R_c`` (:meth:`_loss_chunks`), each replica's outputs are its own products, and
+        the per-sample losses are summed in float64. (Until the twenty-seventh round the fused path's chunk
+        was 2^24 // (R_c * features) rows averaged in float32: the same parameters got losses 1e-7 apart
+        under chunk_size 1 and 4, which flipped stops at ``target_loss``.)"""
         x, y, N, plan, csr = self.x, self.y, len(self.x), self.plan, self.csr
         Rc = next(iter(p.values())).shape[0]
         out = torch.zeros(Rc, dtype=torch.float64, device=self.device)
-        # the fused MLP path: about 16M input entries per chunk; other models (conv activations, BatchNorm
-        # without running statistics, which normalizes each chunk by itself) in the training minibatches'
-        # size, whatever the replica groups: within a step's memory, and the same chunks for every group
-        chunk = (max(1, min(N, (1 << 24) // max(1, Rc * int(np.prod(x.shape[1:])))))
-                 if plan is not None else batch_size)
-        for i in range(0, N, chunk):
-            xb, yb = x[i:i + chunk], y[i:i + chunk]
-            if csr is not None:
-                xb = CsrBatch(csr, torch.arange(i, i + len(yb), device=self.device))
-            if plan is None:
-                o = self._fwd_eval(p, bufs, xb)
-            elif csr is not None:
-                o = plan.forward(p, xb, shared=True)
-            else:  # one product per replica (a view of the inputs for each): one GEMM for the group rounded
-                # by the group's size (1e-7 in float32 for small layers), and a replica's full loss, so its stop at
-                # target_loss, depended on the replicas it was grouped with (chunk_size, batch-size groups)
-                o = plan.forward(p, xb.expand(Rc, *xb.shape), shared=False)
-            target = yb.unsqueeze(0).expand(Rc, *yb.shape) if labels is None else labels[:, i:i + chunk].long()
-            out += replica_mean_losses(self.loss, o, target).double() * len(yb)
+        rows, block = self._loss_chunks(batch_size)
+        for a in range(0, Rc, block):
+            pb = {n: t[a:a + block] for n, t in p.items()}
+            bb = {n: t[a:a + block] for n, t in bufs.items()}
+            Rb = next(iter(pb.values())).shape[0]
+            for i in range(0, N, rows):
+                xb, yb = x[i:i + rows], y[i:i + rows]
+                if plan is None:
+                    o = self._fwd_eval(pb, bb, xb)
+                elif csr is not None:
+                    o = plan.forward(pb, CsrBatch(csr, torch.arange(i, i + len(yb), device=self.device)), shared=True)
+                else:  # one product per replica (a view of the inputs for each), not the shared-order GEMM, whose
+                    # rounding depends on the group's size
+                    o = plan.forward(pb, xb.expand(Rb, *xb.shape), shared=False)
+                target = (yb.unsqueeze(0).expand(Rb, *yb.shape) if labels is None
+                          else labels[a:a + Rb, i:i + rows].long())
+                out[a:a + Rb] += summed_losses(self.loss, o, target)
         return out / N
+
+    def _loss_chunks(self, batch_size: int) -> tuple[int, int]:
+        """``(rows, replicas)``: the full training-set loss takes the training set in chunks of ``rows``
+        samples, and the replicas in blocks of at most ``replicas``. On the fused MLP path a chunk holds
+        about ``FULL_LOSS_ROW_ENTRIES`` entries of the widest layer input or output for each replica,
+        whatever the number of replicas, and a block as many replicas as keep ``FULL_LOSS_ENTRIES`` in
+        all (at least one; MNIST's 784 inputs: 2674 rows, 8 replicas); other models (conv
+        activations, BatchNorm without running statistics, which normalizes each chunk by itself) take
+        chunks of the training minibatches' size ``batch_size`` (within a step's memory) and all replicas."""
+        if self.plan is None:
+            return batch_size, 1 << 62
+        widest = max([int(np.prod(self.x.shape[1:]))] + [L.out_features for L in self.plan.layers])
+        rows = max(1, min(len(self.x), FULL_LOSS_ROW_ENTRIES // widest))
+        return rows, max(1, FULL_LOSS_ENTRIES // (rows * widest))
+
+
+def summed_losses(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each replica's sum over the samples of its per-sample loss, ``[R]`` float64, for outputs
+    ``[R, b, ...]`` and targets ``[R, b, ...]`` of the named loss ``kind`` (the precise cross-entropy,
+    :func:`~fastcurv.losses.cross_entropy_losses`, or the MSE averaged over a sample's outputs): the
+    per-sample losses in the outputs' dtype, their sum in float64, so the total over a data set barely
+    depends on how it is split into chunks (to float64 rounding) and not at all on the other replicas."""
+    if kind == "cross_entropy":
+        return cross_entropy_losses(outputs, targets).double().sum(1)
+    if kind == "mse":  # (the sum over a sample's outputs, divided by their number)
+        per_entry = (outputs - targets.to(outputs.dtype)) ** 2
+        return per_entry.reshape(len(outputs), -1).double().sum(1) / math.prod(outputs.shape[2:])
+    raise ValueError(f"summed_losses takes 'cross_entropy' or 'mse', got {kind!r}")
 
 
 def _check_bn_batches(model: nn.Module, x: torch.Tensor, N: int, batch_size: int) -> None:
@@ -221,9 +262,8 @@ def _probe_training_step(model: nn.Module, xb: torch.Tensor) -> tuple[bool, list
         before = _rng_states(devices)
         try:
             out = probe(xb)
-        except RuntimeError as exc:
-            raise ValueError(f"the model cannot run on the first samples (inputs {tuple(xb.shape)}, {xb.dtype}): "
-                             f"{exc}") from exc
+        except (RuntimeError, IndexError) as exc:  # (IndexError: token ids beyond an nn.Embedding's table)
+            raise model_cannot_run("the first samples", xb, exc) from exc
         draws_random = _rng_states(devices) != before
     check_output(out)
     wanted = [(n, p) for n, p in probe.named_parameters() if p.requires_grad]
@@ -233,6 +273,13 @@ def _probe_training_step(model: nn.Module, xb: torch.Tensor) -> tuple[bool, list
         return draws_random, [n for n, _ in wanted]
     grads = torch.autograd.grad(out.sum(), [p for _, p in wanted], allow_unused=True)
     return draws_random, [n for (n, _), g in zip(wanted, grads) if g is None]
+
+
+def model_cannot_run(where: str, xb: torch.Tensor, exc: Exception) -> ValueError:
+    """The ValueError for a model that raised ``exc`` (torch's RuntimeError or IndexError) on ``where``
+    (e.g. "the first batch"), the inputs ``xb``: "the model cannot run on <where> (inputs <shape>,
+    <dtype>): <torch's message>", the wording of training's check and of the operators'."""
+    return ValueError(f"the model cannot run on {where} (inputs {tuple(xb.shape)}, {xb.dtype}): {exc}")
 
 
 def _sparse_rows(x: torch.Tensor, plan, sparse_input: bool | None) -> CsrRows | None:

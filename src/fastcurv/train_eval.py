@@ -9,8 +9,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .losses import as_labels, canonical_name, replica_mean_losses
+from .losses import as_labels, canonical_name
 from .replicas import ReplicaSet, check_output
+from .train_engine import model_cannot_run, summed_losses
 from .train_options import _check_targets
 
 
@@ -23,7 +24,11 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
     pass per batch. MSE targets must be shaped like the outputs (as for training and the operators).
     ``loss``: "cross_entropy" (integer labels) or "mse", by name (no callable loss); the
     cross-entropy is :func:`fastcurv.losses.cross_entropy_losses`', the operators', which keeps the
-    digits of confident samples where torch's ``F.cross_entropy`` loses them.
+    digits of confident samples where torch's ``F.cross_entropy`` loses them. The per-sample losses
+    are summed in float64 (:func:`~fastcurv.train_engine.summed_losses`), as for training's full
+    training-set loss, which this then matches to float64 rounding whatever ``batch_size``. A
+    ValueError "the model cannot run on the first batch (inputs shape, dtype): ..." for inputs the
+    model cannot take (a wrong width, uint8 token ids), as training's check.
 
     Returns ``{"loss": [R] float64, "accuracy": [R] float64 (fraction in [0, 1])}`` (NaN rows for
     replicas with non-finite parameters, and, with a warning naming them, for replicas whose outputs
@@ -61,15 +66,19 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
         yb = yb.to(rs.device)
         try:
             out = rs.forward(xb)
-        except RuntimeError as exc:  # (torch's vmap error names flags the caller cannot set)
-            if "randomness" not in str(exc):
+        except (RuntimeError, IndexError) as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
                 raise
-            raise ValueError("the model draws random numbers in eval mode (e.g. F.dropout(..., training=True)): "
-                             "evaluate_population needs a deterministic eval-mode forward") from exc
+            if "randomness" in str(exc):  # (torch's vmap error names flags the caller cannot set)
+                raise ValueError("the model draws random numbers in eval mode (e.g. F.dropout(..., training=True)): "
+                                 "evaluate_population needs a deterministic eval-mode forward") from exc
+            # inputs the model cannot take (a wrong width, uint8 token ids): vmap's raw message names neither
+            where = "the first batch" if N == 0 else f"the batch starting at sample {N}"
+            raise model_cannot_run(where, xb, exc) from exc
         check_output(out)
         _check_targets(loss, yb, out[0])
         bad_out |= ~torch.isfinite(out.reshape(R, -1)).all(1).cpu()
-        tot_loss += replica_mean_losses(loss, out, yb.unsqueeze(0).expand(R, *yb.shape)).double().cpu() * len(xb)
+        tot_loss += summed_losses(loss, out, yb.unsqueeze(0).expand(R, *yb.shape)).cpu()
         if loss == "cross_entropy":
             correct += (out.argmax(-1) == yb).double().sum(1).cpu()
         N += len(xb)

@@ -24,8 +24,10 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 class TrainOptions:
     """The arguments of :func:`~fastcurv.train.train_population` after :func:`parse_options` (see there for
     their meaning): lists of R per-replica values, flags as bools, ``x``/``y`` the checked training set
-    (detached, labels as integers, still on the caller's device). ``shared``: every replica sees the
-    same minibatches (one data seed for all); ``eval_train``: the full training-set loss is evaluated
+    (detached, labels as integers, still on the caller's device). ``shared``: ``shared_data_order``,
+    every replica sees the same minibatches (one data seed for all, the fused path's one GEMM; equal
+    ``data_seeds`` without it, a lone replica included, keep each replica's own products, so a replica
+    trains as in any population); ``eval_train``: the full training-set loss is evaluated
     after every epoch (asked for, or needed by ``target_loss``). ``lr``, ``momentum``,
     ``weight_decay`` and ``sam_rho`` are as given (:func:`replica_hyperparameters` checks them)."""
 
@@ -96,7 +98,7 @@ def parse_options(args: dict) -> TrainOptions:
         raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
     checkpoint = prepare_file(args["checkpoint"], "checkpoint") if args["checkpoint"] is not None else None
     return TrainOptions(
-        seeds=seeds, data_seeds=data_seeds, shared=len(set(data_seeds)) == 1, optimizer=optimizer,
+        seeds=seeds, data_seeds=data_seeds, shared=shared_data_order, optimizer=optimizer,
         batch_sizes=batch_sizes, noise=noise, epochs=epochs, threads=threads, chunk_size=chunk_size,
         target_loss=target_loss, loss=loss, eval_train=bool(eval_train) or target_loss is not None,
         nesterov=nesterov, progress=progress, fused=fused, sparse_input=sparse_input, betas=betas, eps=args["eps"],
