@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrizations as _parametrizations
 
 BN_MODES = ("eval", "batch")
 # every BatchNorm: BatchNorm1d/2d/3d, SyncBatchNorm (DDP checkpoints, convert_sync_batchnorm) and the lazy ones
@@ -440,10 +441,68 @@ def _computed_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
             if isinstance(v, torch.Tensor) and v.grad_fn is not None]
 
 
+# torch's weight-norm parametrization (torch.nn.utils.parametrizations.weight_norm); None where torch has none
+_TORCH_WEIGHT_NORM = getattr(_parametrizations, "_WeightNorm", None)
+
+
+class PlainWeightNorm(nn.Module):
+    """torch's weight-norm parametrization (``torch.nn.utils.parametrizations.weight_norm``) in
+    plain differentiable ops: ``weight = v * (g / norm)``, the 2-norm of ``v`` over every dimension
+    but ``dim`` (kept as size 1), or over all of ``v`` for ``dim == -1`` (what torch stores for
+    ``dim=None``; torch reads -1 as "all", not as the last dimension, and any other negative
+    ``dim`` counts from the end). The values (to rounding) and parameter layout of torch's:
+    ``forward(g, v)`` with ``g`` = ``original0``, ``v`` = ``original1``.
+
+    Why: torch computes ``dim=0`` and ``dim=v.dim()-1`` through the fused
+    ``aten::_weight_norm_interface``, whose backward formula reads the norms it saved without
+    differentiating through them, so its double backward misses that path: Hessian-vector products
+    come out wrong and not symmetric (and it has no forward-mode derivative). The plain ops here
+    are differentiated correctly twice, in either mode."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # (not torch.norm_except_dim: vmap has no batching rule for it, and its forward-mode
+        # derivative for dim=-1 has the wrong shape)
+        if self.dim == -1 or v.dim() == 0:
+            norm = torch.linalg.vector_norm(v)
+        else:
+            keep = self.dim % v.dim()
+            others = [d for d in range(v.dim()) if d != keep]
+            norm = torch.linalg.vector_norm(v, dim=others, keepdim=True) if others else v.abs()
+        return v * (g / norm)
+
+
+def _is_torch_weight_norm(mod: nn.Module) -> bool:
+    """Whether ``mod`` is torch's weight-norm parametrization computing torch's ``forward`` (a
+    subclass with a forward of its own is left alone: it computes something else)."""
+    return (_TORCH_WEIGHT_NORM is not None and isinstance(mod, _TORCH_WEIGHT_NORM)
+            and type(mod).forward is _TORCH_WEIGHT_NORM.forward)
+
+
+def _plain_weight_norms(model: nn.Module) -> None:
+    """Replace, in place, every torch weight-norm parametrization in ``model``'s
+    ``parametrizations[...]`` lists with a :class:`PlainWeightNorm` of the same ``dim`` (see there
+    for why). ``model`` is fastcurv's own copy: the parameters and their names stay as they are."""
+    for mod in model.modules():
+        plists = getattr(mod, "parametrizations", None)
+        if not isinstance(plists, nn.ModuleDict):
+            continue
+        for plist in plists.values():
+            for i, p in enumerate(list(plist)):
+                if _is_torch_weight_norm(p):
+                    dim = -1 if p.dim is None else p.dim
+                    plist[i] = PlainWeightNorm(dim)
+
+
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` on the meta device (for ``functional_call``), with its tied parameters
     still one tensor (``.to()`` gives each module its own, and ``functional_call`` would then read
-    the untied one's meta data instead of the weight passed under the first name).
+    the untied one's meta data instead of the weight passed under the first name), and torch's
+    weight-norm parametrizations (``torch.nn.utils.parametrizations.weight_norm``) computed by
+    :class:`PlainWeightNorm`, whose second derivatives are right where torch's are not.
 
     A module holding a tensor that autograd computed as a plain attribute (neither parameter nor
     buffer; deepcopy refuses it) raises a ValueError naming it."""
@@ -459,6 +518,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
                          "torch.nn.utils.prune and weight_norm set?): make it a parameter or buffer, compute it in "
                          "forward(), or remove the reparametrization (torch.nn.utils.prune.remove, "
                          "torch.nn.utils.remove_weight_norm)") from exc
+    _plain_weight_norms(base)
     ties = tied_parameters(base)
     base = base.to("meta")
     for name, first in ties.items():
