@@ -166,7 +166,7 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
     elif name == "func":
         from .backends.func import resolve_mode
 
-        func_mode = resolve_mode(rs, opts.get("mode", "auto"), bool(opts.get("compile", False)))
+        func_mode = resolve_mode(rs, opts.get("mode", "auto"), bool(opts.get("compile", False)), x)
     fields, outputs = _model_fields(rs, fb, x, y, func_mode)
     stage, probes = _stage_vectors(rs.P, measures=measures, max_iter=max_iter, eig_solver=eig_solver,
                                    trace_method=trace_method, trace_probes=trace_probes, top_k=top_k,

@@ -3,14 +3,16 @@
 once and reused by every matvec of a solver."""
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
 from torch import nn
 from torch.func import grad, jvp, linearize, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..memory import is_out_of_memory
-from .base import NOT_TORCH_FUNC, Backend, mark_not_torch_func, read_batches
+from .base import NOT_TORCH_FUNC, Backend, mark_not_torch_func, math_attention, read_batches
 
 # Reused graphs (or linearizations) are kept while their estimated size fits this. It keeps even
 # W1's linearizations (100 replicas, 1000 images: 5.4 GB estimated, 3.8 GiB measured; its graphs 1.9
@@ -43,9 +45,24 @@ HVP_WEIGHTS = (9, 6, 6)
 
 # Layers through which mode "forward" (torch.func.linearize) is known to go wrong: see forward_mode_hazard.
 _LINEARIZE_BROKEN = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm)
+# The aten ops behind LayerNorm, GroupNorm and (where fused) RMSNorm, which a forward pass shows however
+# they are called (see traced_hazard). Instance norm runs as batch norm with batch statistics (its
+# ``training`` argument), which counts too; unfused RMSNorm as ops with an in-place add_.
+_LINEARIZE_BROKEN_OPS = ("aten::native_layer_norm", "aten::native_group_norm", "aten::_fused_rms_norm")
+# In-place ops that linearize's re-running on every product leaves right: applied again to their own
+# result they change nothing (see traced_hazard).
+_IDEMPOTENT_INPLACE = ("aten::relu_", "aten::hardtanh_", "aten::clamp_", "aten::clamp_min_", "aten::clamp_max_",
+                       "aten::fill_", "aten::zero_")
 # Relative tolerance of mode "forward"'s check against mode "graph" (see product_error); 0.1 for other
 # dtypes (16-bit). The failures seen measure 0.06 to 1 (or NaN, or raise); float32 rounding about 1e-6.
 FORWARD_CHECK_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
+def _call_first(replicas, x):
+    """The first replica's outputs on batch ``x`` (no gradients)."""
+    with torch.no_grad():
+        p, b = replicas.subset(torch.tensor([0], device=replicas.device))
+        return replicas.call({n: t[0] for n, t in p.items()}, {n: t[0] for n, t in b.items()}, x)
 
 
 def _output_parts(replicas, x) -> tuple[int, int]:
@@ -59,9 +76,7 @@ def _output_parts(replicas, x) -> tuple[int, int]:
 
     handles = [m.register_forward_hook(hook) for m in replicas.base.modules()]
     try:
-        with torch.no_grad():
-            p, b = replicas.subset(torch.tensor([0], device=replicas.device))
-            replicas.call({n: t[0] for n, t in p.items()}, {n: t[0] for n, t in b.items()}, x)
+        _call_first(replicas, x)
     finally:
         for h in handles:
             h.remove()
@@ -97,19 +112,21 @@ def hvp_bytes(replicas, x) -> int:
     return _weigh(replicas, _output_parts(replicas, x), HVP_WEIGHTS)
 
 
-def forward_mode_hazard(replicas) -> str | None:
-    """The first module of ``replicas``' model through which mode "forward" is known to give wrong
-    Hessian products (torch 2.13), described for an error message, or None.
+def forward_mode_hazard(replicas, x=None) -> str | None:
+    """What in ``replicas``' model mode "forward" is known to give wrong Hessian products through
+    (torch 2.13), described for an error message, or None: a module by its type and, given a batch
+    ``x``, an aten op that one forward pass of the first replica on ``x`` runs
+    (:func:`traced_hazard`: the same layers called functionally, and in-place writes).
 
     torch.func's nested transforms give wrong second derivatives through batch-statistics BatchNorm
     (37% off, checked against finite differences in tests/test_operator.py), and
     ``torch.func.linearize`` of the vmapped gradient (with reuse) through LayerNorm (10% off the dense
-    Hessian), affine InstanceNorm (15%) and circular padding (100%; NaN compiled); through GroupNorm its
-    second product raises, and through RMSNorm every product drifts further off (float32: 1e-4 after
-    200 products; tests/test_func_layers.py). These are refused by type, with or without reuse (for
-    simplicity: without reuse, ``vmap(jvp(grad))``, only batch-statistics BatchNorm was seen wrong);
-    the products of any other model are checked once against mode "graph"
-    (:meth:`FuncBackend._check_forward`)."""
+    Hessian), affine InstanceNorm (15%) and circular padding (100%, NaN, or right by chance:
+    uninitialized memory); through GroupNorm its second product raises, and through RMSNorm every
+    product drifts further off (float32: 1e-4 after 200 products; tests/test_func_layers.py). These
+    are refused, with or without reuse (for simplicity: without reuse, ``vmap(jvp(grad))``, only
+    batch-statistics BatchNorm was seen wrong); the first products of any other model are checked
+    against mode "graph" (:meth:`FuncBackend._check_forward`)."""
     if replicas.batch_statistics:
         return ("a BatchNorm that normalizes with batch statistics (bn_mode='batch' or track_running_stats=False; "
                 "torch.func's second derivatives through it are wrong)")
@@ -118,23 +135,141 @@ def forward_mode_hazard(replicas) -> str | None:
         if circular or isinstance(mod, _LINEARIZE_BROKEN):
             what = f"{type(mod).__name__} {name!r}" + (" with padding_mode='circular'" if circular else "")
             return f"{what} (torch.func.linearize's second derivatives through it are wrong or fail)"
+    return None if x is None else traced_hazard(replicas, x)
+
+
+def traced_hazard(replicas, x) -> str | None:
+    """The first aten op that one forward pass of the first replica on batch ``x`` runs and that
+    mode "forward" (``torch.func.linearize``) is known to get wrong, described with the module it
+    ran in, or None. It sees the ops however the model calls them (``F.layer_norm``, ``F.pad``, a
+    tensor method), which module types cannot:
+
+    - the normalizations of :data:`_LINEARIZE_BROKEN_OPS`, and batch norm with batch statistics
+      (instance norm runs as one);
+    - in-place writes (torch 2.13). ``linearize`` traces the product and computes once, at its first
+      run, every value that depends on the parameters only (constant folding); in-place ops, which
+      it never folds, run at every product, after those values were computed. A write into a view
+      (circular padding: ``new_empty`` filled through slices; ``h[:, 1:] = ...``) is therefore
+      missed by the folded values that read the tensor it writes: they read the memory before the
+      write, uninitialized in circular padding's case, so the products are 100% off, NaN, or right
+      when that memory happens to hold the right values (in 1 of 50 and 16 of 200 tries in one
+      process: a first-product check cannot be relied on). Any other in-place op is re-applied to its folded result at every
+      product: ``h += r`` (a residual block) gave the right first product, then 71% and 100% off;
+      RMSNorm's ``add_`` of its epsilon drifts. Only ops that change nothing when re-applied
+      (:data:`_IDEMPOTENT_INPLACE`, e.g. ``nn.ReLU(inplace=True)``) pass, on a tensor that is not a
+      view and of which no view was taken before.
+
+    Costs one forward pass of one replica, under a dispatch mode (``FuncBackend`` runs it once, at
+    construction, where mode "forward" would run)."""
+    stack, names = [], {m: n for n, m in replicas.base.named_modules()}
+
+    def where() -> str:
+        mod = stack[-1] if stack else replicas.base
+        return f"{f'module {names[mod]!r}' if names.get(mod) else 'the model'} ({type(mod).__name__})"
+
+    owner = threading.get_ident()  # (the hooks also fire in other threads' forward passes of the model)
+
+    def enter(mod, _inputs):
+        if threading.get_ident() == owner:
+            stack.append(mod)
+
+    def leave(_mod, _inputs, _output):
+        if threading.get_ident() == owner:
+            stack.pop()
+
+    handles = [h for mod in names for h in (mod.register_forward_pre_hook(enter), mod.register_forward_hook(leave))]
+    try:
+        with math_attention(), _HazardScan(where) as scan:
+            _call_first(replicas, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return scan.found
+
+
+def _argument(func, args, kwargs, name: str):
+    """The value of aten op ``func``'s argument ``name`` in a call with ``args``/``kwargs`` (None
+    where it has none or it is left at its default)."""
+    for i, spec in enumerate(func._schema.arguments):
+        if spec.name == name:
+            return kwargs.get(name, args[i] if i < len(args) else None)
     return None
 
 
-def resolve_mode(replicas, mode: str, compile: bool) -> str:
+def _op_hazard(func, args, kwargs, viewed: dict) -> str | None:
+    """Why mode "forward" goes wrong through aten op ``func`` called with ``args``/``kwargs`` (see
+    :func:`traced_hazard`), or None; ``viewed`` holds the storages the forward took views of so far
+    (by data pointer)."""
+    name = func._schema.name
+    if name in _LINEARIZE_BROKEN_OPS:
+        return f"{name} (torch.func.linearize's second derivatives through it are wrong or fail)"
+    if "batch_norm" in name and (name.endswith("_with_update") or _argument(func, args, kwargs, "training")):
+        return f"{name} with batch statistics (torch.func's second derivatives through it are wrong)"
+    written = [_argument(func, args, kwargs, a.name) for a in func._schema.arguments
+               if a.alias_info is not None and a.alias_info.is_write]
+    t = next((w for w in written if isinstance(w, torch.Tensor)), None)
+    if t is None:
+        return None
+    dense = t.layout == torch.strided
+    if dense and (t._is_view() or t.untyped_storage().data_ptr() in viewed):
+        return (f"the in-place {name} into a view (torch.func.linearize computes the values read from the tensor it "
+                "writes before the write: its products read stale or uninitialized memory)")
+    if name not in _IDEMPOTENT_INPLACE or not dense:
+        return (f"the in-place {name} (torch.func.linearize re-applies it to its precomputed values at every product: "
+                "the products drift)")
+    return None
+
+
+class _HazardScan(TorchDispatchMode):
+    """Within it, the first aten op for which :func:`_op_hazard` gives a reason is kept in ``found``,
+    with where ``where()`` says it ran."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where, self.found, self.viewed = where, None, {}
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # (torch otherwise wraps __torch_dispatch__ in torch._dynamo.disable, whose first use imports
+        # torch._dynamo: 1.4 s; the scan never runs compiled)
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.found is None:
+            why = _op_hazard(func, args, kwargs, self.viewed)
+            if why is not None:
+                self.found = f"{why}, called in {self.where()}"
+        out = func(*args, **kwargs)
+        # a view op (its result aliases an argument, unwritten): the schema says so, as the results'
+        # _is_view() does not under a dispatch mode
+        if any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor) and o.layout == torch.strided:
+                    # (the storage object is kept: a freed one's address could come back as another tensor's)
+                    storage = o.untyped_storage()
+                    self.viewed[storage.data_ptr()] = storage
+        return out
+
+
+def resolve_mode(replicas, mode: str, compile: bool, x=None) -> str:
     """The mode :class:`FuncBackend` runs for ``mode`` ("auto", "forward" or "graph"): "auto" is
-    "forward" with ``compile=True`` unless the model has a layer of :func:`forward_mode_hazard`, else
-    "graph". ``mode="forward"`` with such a layer raises a ValueError naming it."""
+    "forward" with ``compile=True`` unless :func:`forward_mode_hazard` (given batch ``x``, also its
+    forward pass) names something mode "forward" gets wrong, else "graph". ``mode="forward"`` with
+    such a hazard raises a ValueError naming it."""
+    return _resolve(replicas, mode, compile, x)[0]
+
+
+def _resolve(replicas, mode: str, compile: bool, x=None) -> tuple[str, str | None]:
+    """:func:`resolve_mode`'s mode and the hazard that kept "auto" off mode "forward" (or None)."""
     if mode not in ("auto", "forward", "graph"):
         raise ValueError(f"mode must be 'auto', 'forward' or 'graph', got {mode!r}")
-    if mode == "graph":
-        return mode
-    hazard = forward_mode_hazard(replicas)
+    if mode == "graph" or (mode == "auto" and not compile):
+        return "graph", None
+    hazard = forward_mode_hazard(replicas, x)
     if mode == "forward" and hazard:
         raise ValueError(f"mode='forward' gives wrong Hessian products through {hazard}: use mode='graph' (or 'auto')")
-    if mode != "auto":
-        return mode
-    return "forward" if compile and not hazard else "graph"
+    return ("graph", hazard) if hazard else ("forward", None)
 
 
 def memory_costs(replicas, x, mode: str) -> dict:
@@ -256,14 +391,16 @@ class FuncBackend(Backend):
             linearization peaks at about 20x the module outputs and keeps 15x, a retained graph
             peaks at 4-5x and keeps 1-2x (benchmarks/func_memory.py); the default job took 20.1 s
             in mode "graph" against 31.9 s (peak 3.5 against 6.2 GiB). Mode "forward" gives wrong
-            products through some layers in torch 2.13 (batch-statistics BatchNorm, LayerNorm,
-            GroupNorm, RMSNorm, InstanceNorm, circular padding: :func:`forward_mode_hazard`):
-            "auto" keeps "graph" there even with ``compile=True``, and ``mode="forward"`` raises a
-            ValueError naming the layer. For any other model its first product (on the first
-            batch read) is checked against mode "graph" for one replica and probe (the linearization
-            applied twice: torch constant-folds it on its first run); when they differ beyond
-            :data:`FORWARD_CHECK_TOL` or mode "forward" raises, a warning names why and the backend
-            runs mode "graph" from then on (``forward_error``).
+            products through some layers and ops in torch 2.13 (batch-statistics BatchNorm,
+            LayerNorm, GroupNorm, RMSNorm, InstanceNorm, circular padding, in-place writes such as
+            ``h += r``: :func:`forward_mode_hazard`, which runs one forward pass of one replica on
+            the first batch under a dispatch mode where mode "forward" would run): "auto" keeps
+            "graph" there even with ``compile=True``, and ``mode="forward"`` raises a ValueError
+            naming the layer or op. For any other model its first product (on the first batch
+            read) is checked against mode "graph" for one replica and probe (the linearization
+            applied twice: a re-applied in-place op shows from the second product); when they
+            differ beyond :data:`FORWARD_CHECK_TOL` or mode "forward" raises, a warning names why
+            and the backend runs mode "graph" from then on (``forward_error``).
         compile: run each linearization through ``torch.compile`` (mode "forward" with reuse; a
             warning says when there is nothing to compile: no reuse, or mode "graph").
             Measured on W1 (CPU, 2 threads): 0.64 -> 0.38 s per matvec, but each linearization
@@ -296,17 +433,20 @@ class FuncBackend(Backend):
         self.compile_error: str | None = None
         self.forward_error: str | None = None
         self._forward_checked = False
-        requested = mode
-        mode = self.mode = resolve_mode(replicas, mode, self.compile)
+        # the first batch's inputs, read only where needed: the hazard scan's forward pass where mode
+        # "forward" may run, the size estimates for reuse="auto"
+        scan = mode == "forward" or (mode == "auto" and self.compile)
+        x0 = next(iter(batches))[1] if scan or reuse == "auto" else None
+        mode, hazard = _resolve(replicas, mode, self.compile, x0)
+        self.mode = mode
         if self.compile and mode == "graph":
-            hazard = forward_mode_hazard(replicas) if requested == "auto" else None
             why = f" (mode 'forward' gives wrong products through {hazard})" if hazard else ""
             warnings.warn("func backend: compile=True compiles torch.func linearizations (mode 'forward'); mode 'graph' "
                           f"runs uncompiled{why}", RuntimeWarning, stacklevel=2)
         if reuse not in (True, False, "auto"):
             raise ValueError(f"reuse must be True, False or 'auto', got {reuse!r}")
         if reuse == "auto":
-            est = self._reused_bytes(next(iter(batches))[1], len(batches))
+            est = self._reused_bytes(x0, len(batches))
             reuse = est <= reuse_bytes
             if self.compile and mode == "forward" and not reuse:
                 warnings.warn(f"func backend: compile=True compiles the reused linearizations, but they would take about "
@@ -388,8 +528,10 @@ class FuncBackend(Backend):
         """In mode "forward", before its first product: compare it on batch ``i`` (``x``, ``y``)
         with mode "graph" for the first active replica and one fixed random probe, and switch to
         mode "graph" (:meth:`_to_graph`) when they differ beyond :data:`FORWARD_CHECK_TOL` or
-        mode "forward" raises (torch.func's linearization goes wrong through some layers that
-        :func:`forward_mode_hazard` cannot name, e.g. ``F.layer_norm`` called in ``forward``).
+        mode "forward" raises: a second line of defence behind :func:`forward_mode_hazard`, for
+        what torch.func's linearization gets wrong that it does not know. (It cannot be the first:
+        a linearization that reads uninitialized memory, as circular padding's, passes it when the
+        memory happens to hold the right values.)
         With reuse, the batch's linearization for ``idx`` is built here (compiled with
         ``compile=True``: a compile's own wrong products count too) and kept for the product; the
         check then costs one mode-"graph" product for one replica and two tangent passes for all
@@ -408,7 +550,8 @@ class FuncBackend(Backend):
                 Ra = rs.R if idx is None else len(idx)
                 v = {n: torch.cat([p, p.new_zeros((Ra - 1, *p.shape[1:]))]) for n, p in probe.items()}
                 fn = self._linearized(i, x, y, idx)
-                # twice: torch runs a linearization's graph as traced first, then constant-folded
+                # twice: an in-place op that linearize re-applies to its folded values at every
+                # product (one the scan does not know) shows from the second product on
                 got = [{n: t[:1] for n, t in fn(v).items()} for _ in range(2)]
             else:
                 hv = self._hvp_map(x, y)(params, buffers, {n: p.unsqueeze(1) for n, p in probe.items()})
