@@ -213,3 +213,47 @@ def test_bn_mode_none_is_the_eval_setting(tmp_path):
     again = fastcurv.batched_sharpness(models, data, bn_mode="eval", **kw)
     assert first.settings == again.settings and first.settings["bn_mode"] == "eval"
     torch.testing.assert_close(again["lambda_max"], first["lambda_max"])
+
+
+def test_every_result_field_is_described_in_its_class_docstring():
+    """SharpnessResult's docstring said nothing of backend_reason, num_matvecs (shown in the repr as
+    ``matvecs=``, and larger the more chunks a job is split into) or seconds, FunctionMeasuresResult's
+    nothing of num_examples or seconds."""
+    for cls in (fastcurv.SharpnessResult, fastcurv.FunctionMeasuresResult):
+        doc = inspect.getdoc(cls)
+        assert [f for f in cls.__dataclass_fields__ if f"{f}:" not in doc] == [], cls.__name__
+    doc = " ".join(inspect.getdoc(fastcurv.SharpnessResult).split())
+    assert "sums it over its chunks" in doc and "not a cost per replica" in doc
+
+
+def test_every_argument_of_function_measures_is_documented():
+    """probs_dtype (the dtype of the probabilities "soft" keeps) was not in the docstring."""
+    doc = inspect.getdoc(fastcurv.function_measures)
+    assert [p for p in inspect.signature(fastcurv.function_measures).parameters if p not in doc] == []
+
+
+def test_the_ggn_and_fisher_operators_document_their_own_matrix():
+    """GGNOperator and EmpiricalFisherOperator inherited HessianOperator's method docstrings: dense
+    "The full [P, P] Hessian of one replica", matvec "Hessian-vector products", exact_trace "Exact
+    Hessian trace", though they compute the GGN / empirical Fisher (whose dense(0) is not the
+    Hessian) and exact_trace always raises, saying the fused engine had it."""
+    from fastcurv.curvature import EmpiricalFisherOperator
+
+    ms, d = replicas(lambda: mlp(nn.ReLU), 1), data()
+    for cls, words in ((GGNOperator, "generalized Gauss-Newton"), (EmpiricalFisherOperator, "empirical Fisher")):
+        for method in ("dense", "matvec", "exact_trace"):
+            doc = inspect.getdoc(getattr(cls, method))
+            assert words.lower() in doc.lower(), (cls.__name__, method)
+            assert "Hessian-vector" not in doc and "Exact Hessian" not in doc
+        op = cls(ms, d)
+        assert op.dense(0).shape == (op.P, op.P) and not op.exact_trace_support()[0]
+        with pytest.raises(ValueError, match=f"{cls.__name__} has no exact trace"):
+            op.exact_trace()
+
+
+def test_every_registered_measure_has_a_docstring():
+    """ggn_lambda_max, ggn_trace, fisher_lambda_max and fisher_trace had none (their options were
+    only in the module docstring)."""
+    from fastcurv.measures import load_all
+
+    assert sorted(name for name, fn in load_all().items() if not inspect.getdoc(fn)) == []

@@ -466,3 +466,38 @@ def test_compressed_sizes_of_trained_replicas_do_not_change_under_rescaling():
     b = fastcurv.function_measures(new, (d.x_test[:50], d.y_test[:50]), **kw)
     for c in ("compressed_bytes_zlib", "compressed_bytes_lzma"):
         assert torch.equal(a[c], b[c]), c
+
+
+@pytest.mark.parametrize("sigma", [0.0, -0.05, float("nan"), float("inf"), True])
+def test_a_pacbayes_sigma_that_is_not_a_positive_number_is_refused(sigma):
+    """pacbayes_sigma was taken unchecked: 0 gave pacbayes_mag_kl = inf, a negative or NaN sigma
+    NaN, with ok=True and no flag (the KL term's log(m / sigma) needs sigma > 0)."""
+    with pytest.raises(ValueError, match="pacbayes_sigma must be positive and finite"):
+        fastcurv.function_measures(_models(2), _data(20), measures="simplicity", pacbayes_sigma=sigma)
+
+
+def test_num_train_is_a_positive_integer_and_zero_is_not_the_test_set_size():
+    """num_train=0 silently became the test set's size M (``num_train or M``), and -100 gave a NaN
+    KL term with ok=True. Now both are refused; a whole float is taken (the study's JSON configs),
+    and None still means M."""
+    ms, data = _models(2), _data(20)
+    kw = dict(measures="simplicity", pacbayes_sigma=0.05)
+    for bad in (0, -100, 2.5):
+        with pytest.raises(ValueError, match=f"num_train must be a positive integer, got {bad}"):
+            fastcurv.function_measures(ms, data, num_train=bad, **kw)
+    default = fastcurv.function_measures(ms, data, **kw)["pacbayes_mag_kl"]
+    torch.testing.assert_close(fastcurv.function_measures(ms, data, num_train=20.0, **kw)["pacbayes_mag_kl"], default)
+    assert not torch.allclose(fastcurv.function_measures(ms, data, num_train=1000, **kw)["pacbayes_mag_kl"], default)
+
+
+def test_inputs_the_model_cannot_take_are_named():
+    """function_measures on inputs the model cannot take raised torch's vmapped bmm error ("Expected
+    size for first two dimensions of batch2 tensor ...") or an embedding's index-dtype error, naming
+    neither the model nor the inputs; batched_sharpness and training say which inputs."""
+    with pytest.raises(ValueError, match=r"the model cannot run on the first batch \(inputs \(10, 7\), torch.float64\)"):
+        fastcurv.function_measures(_models(2), (torch.randn(10, 7, dtype=torch.float64), torch.zeros(10, dtype=torch.long)))
+    torch.manual_seed(0)
+    emb = [nn.Sequential(nn.Embedding(9, 4), nn.Flatten(), nn.Linear(8, 3)) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"cannot run on the first batch \(inputs \(5, 2\), torch.uint8\)"):
+        fastcurv.function_measures(emb, torch.randint(0, 9, (5, 2), dtype=torch.uint8), measures="disagreement")
+    assert fastcurv.function_measures(emb, torch.randint(0, 9, (5, 2)), measures="disagreement").ok.all()

@@ -206,7 +206,7 @@ def test_probes_per_matvec_follows_the_backend_on_the_cpu():
     assert ks == [3, 1, 3, 1, 3, 1]  # S (4 probes), Q (4 columns), the rest (4 probes)
     assert probes_per_matvec(SimpleNamespace(device=torch.device("cuda"))) == 10
     assert probes_per_matvec(op, 4) == 4
-    with pytest.raises(ValueError, match="probe_batch must be at least 1"):
+    with pytest.raises(ValueError, match="probe_batch must be a positive integer, got 0"):
         probes_per_matvec(op, 0)
 
 

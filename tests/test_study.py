@@ -778,3 +778,16 @@ def test_cli_takes_batch_size_and_label_noise_sweeps(monkeypatch):
     assert seen["batch_size"] == [32, 32, 128, 128] and seen["label_noise"] == [0.0, 0.2, 0.0, 0.2]
     assert main(["study", "--batch-size", "64", "--label-noise", "0.1", "--no-progress"]) == 0
     assert seen["batch_size"] == 64 and seen["label_noise"] == 0.1
+
+
+def test_cli_measures_may_have_spaces_after_the_commas(monkeypatch):
+    """``--measures "lambda_max, trace"`` failed with "unknown measures [' trace']", while the other
+    comma lists (--lr, --hidden, --batch-size) drop the spaces."""
+    import sys
+
+    from fastcurv.cli import main
+
+    seen = {}
+    monkeypatch.setattr(sys.modules["fastcurv.study"], "study", lambda progress, **cfg: seen.update(cfg))
+    assert main(["study", "--measures", "lambda_max, trace ,gde", "--no-progress"]) == 0
+    assert seen["measures"] == ("lambda_max", "trace", "gde")

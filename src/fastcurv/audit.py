@@ -15,7 +15,7 @@ from ._figures import figure_class, file_figure
 from .data import is_one_pass, read_one_pass
 from .replicas import validate_models
 from .paths import prepare_file, sibling_path
-from .sharpness import batched_sharpness, result_settings
+from .sharpness import batched_sharpness, result_settings, reuse_refusal
 
 TRANSFORMS = ("dinh", "neurons", "balance", "fold_batchnorm")
 
@@ -213,7 +213,12 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
             hatched bar or a whisker down to the axis bottom labelled "sign change" / "undefined".
             The process's matplotlib backend is left alone.
         before: the :func:`fastcurv.batched_sharpness` result of ``models`` on ``data`` with the
-            same settings (``measures`` among its columns), reused instead of computed again.
+            same settings (``measures`` among its columns), reused instead of computed again. Its
+            solver runs must be those the audit's ``measures`` make
+            (:attr:`fastcurv.SharpnessResult.estimator`): the measure set chooses them (``top_k``
+            sets the top-eigenvalue Lanczos run's k, and lambda_max or top_k beside the trace switch
+            ``trace_method="auto"`` from Hutch++ to the deflated estimator), and ratios of two
+            estimators would show their difference; a ValueError says which differ otherwise.
         Other keywords (measure_options, loss, backend, max_iter, ...) go to batched_sharpness.
         With ``output=`` (resumable results), the models' results are saved there (unless
         ``before`` is given: nothing is computed for them then) and the reparameterized models' in
@@ -293,6 +298,7 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
         if differ:
             raise ValueError("before was computed with other settings than the audit's: "
                              + ", ".join(f"{k}={before.settings.get(k)!r} (audit: {want.get(k)!r})" for k in differ))
+        _check_reusable(before, measures)
     after = batched_sharpness(tr.models, data, output=outputs[1], **kw)
     per = {"loss": (lb.double().cpu(), la.double().cpu())}
     for col, v in after.values.items():
@@ -319,6 +325,22 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
     if path is not None:
         res.plot_path = _plot(table, tr, transform, path)
     return res
+
+
+def _check_reusable(before, measures) -> None:
+    """A ValueError when ``before`` lacks a column of the built-in ``measures`` or came from other
+    solver runs than the audit's ``measures`` make (:func:`fastcurv.sharpness.reuse_refusal`): the
+    ratios would then hold the two estimators' difference (a no-op transform read as "not invariant",
+    trace ratios 0.77-1.5), not the transform's effect."""
+    measures = (measures,) if isinstance(measures, str) else tuple(measures)
+    columns = {"lambda_max": "lambda_max", "lambda_min": "lambda_min", "trace": "trace", "top_k": "lambda_1"}
+    missing = [columns[m] for m in measures if m in columns and columns[m] not in before.values]
+    if missing:  # (said as for the registered measures' columns, found missing after the audit's run)
+        raise ValueError(f"before has no column {missing[0]!r}: compute it with the audit's measures {measures}")
+    why = reuse_refusal(before, measures)
+    if why:
+        raise ValueError(f"before cannot be reused: {why}; compute it with the audit's measures {measures} "
+                         "(batched_sharpness(models, data, measures=...)), or leave before out")
 
 
 def _ratio_status(median: float, low: float) -> str:

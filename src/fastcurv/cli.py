@@ -30,6 +30,11 @@ def _ints(text: str):
     return [int(v) for v in str(text).split(",") if v.strip()]
 
 
+def _names(text: str) -> tuple:
+    """'lambda_max, trace' -> ('lambda_max', 'trace'): spaces around the names dropped, as the other lists'."""
+    return tuple(v.strip() for v in str(text).split(",") if v.strip())
+
+
 def _int_or_ints(text: str):
     """'32' -> 32; '32,128' -> [32, 128] (one value per replica)."""
     vals = _ints(text)
@@ -105,7 +110,7 @@ def _add_study_flags(p: argparse.ArgumentParser):
                    help="fraction of each replica's training labels made wrong, or one per replica: 0,0.2")
     p.add_argument("--epochs", type=int, default=S, help="epochs (the maximum with --target-loss)")
     p.add_argument("--target-loss", type=float, default=S, help="stop each replica at this training loss")
-    p.add_argument("--measures", type=lambda s: tuple(s.split(",")), default=S,
+    p.add_argument("--measures", type=_names, default=S,
                    help="comma-separated, curvature: lambda_max,trace,lambda_min,top_k,spectrum (and registered "
                         "measures, e.g. rho_sharpness); function-space: weakness,perturbation_weakness,simplicity,"
                         "disagreement,gde,soft")

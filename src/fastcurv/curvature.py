@@ -23,6 +23,8 @@ Both cost about two passes (one jvp, one vjp) per probe and batch, vmapped over 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
@@ -105,10 +107,46 @@ class FisherBackend(_JtMJBackend):
     _outputs_per_sample = 1
 
 
+def _documented(method, doc: str):
+    """``method`` (a :class:`HessianOperator` method) under the docstring ``doc``: an operator of
+    another matrix inherits its code, not its words about the Hessian."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return method(self, *args, **kwargs)
+
+    wrapper.__doc__ = doc
+    return wrapper
+
+
+_MATVEC_DOC = """{Matrix}-vector products for every replica and probe.
+
+        V: ``[R, P]`` or ``[R, K, P]``; with ``idx`` (a 1-D index tensor of replicas) the leading
+        axis holds those replicas only. Returns the same shape. Replicas whose parameters or
+        products are non-finite get NaN rows and are recorded in :attr:`failed`.
+        """
+_DENSE_DOC = """The full ``[P, P]`` {matrix} of one replica, column by column (small models only:
+        P at most 20000)."""
+_EXACT_TRACE_DOC = """Not available: the exact trace without probes is the Hessian's (on the fused engine);
+        this operator's always raises a ValueError. Estimate the {matrix}'s trace with
+        :func:`fastcurv.hutchpp` (or the ``{prefix}_trace`` measure of :func:`fastcurv.batched_sharpness`)."""
+
+
+def _with_docs(cls):
+    """``cls`` with :meth:`matvec`, :meth:`dense` and :meth:`exact_trace` documented for its own
+    matrix (``cls.matrix``, ``cls.prefix``), not the Hessian."""
+    words = dict(matrix=cls.matrix, Matrix=cls.matrix[0].upper() + cls.matrix[1:], prefix=cls.prefix)
+    cls.matvec = _documented(HessianOperator.matvec, _MATVEC_DOC.format(**words))
+    cls.dense = _documented(HessianOperator.dense, _DENSE_DOC.format(**words))
+    cls.exact_trace = _documented(HessianOperator.exact_trace, _EXACT_TRACE_DOC.format(**words))
+    return cls
+
+
 class _SwappedBackendOperator(HessianOperator):
     """A HessianOperator whose products come from another backend (same data, loss, replicas)."""
 
     backend_cls: type = Backend
+    matrix = "curvature matrix"  # (in the docstrings and errors)
+    prefix = ""
 
     def __init__(self, models, data, *, backend: str = "autograd", backend_options: dict | None = None, **kwargs):
         name = type(self).__name__
@@ -147,7 +185,14 @@ class _SwappedBackendOperator(HessianOperator):
         """As :meth:`HessianOperator.loss_and_gradient` (by torch.func: this backend caches no state)."""
         return HessianOperator.loss_and_gradient(self, idx)
 
+    def exact_trace_support(self) -> tuple[bool, str]:
+        """``(False, why)``: :meth:`exact_trace` is the Hessian's, not this operator's."""
+        return False, (f"the {type(self).__name__} has no exact trace (the fused engine's exact trace is the "
+                       f"Hessian's): estimate the {self.matrix}'s trace with fastcurv.hutchpp or the "
+                       f"{self.prefix}_trace measure")
 
+
+@_with_docs
 class GGNOperator(_SwappedBackendOperator):
     """Generalized Gauss-Newton matrices of R replicas (arguments as :class:`HessianOperator`, but
     its products come from its own torch.func jvp/vjp engine: ``backend`` other than "autograd" (the
@@ -155,8 +200,10 @@ class GGNOperator(_SwappedBackendOperator):
     it holds the weights it was built with and refuses to run once the models changed."""
 
     backend_cls = GGNBackend
+    matrix, prefix = "generalized Gauss-Newton matrix", "ggn"
 
 
+@_with_docs
 class EmpiricalFisherOperator(_SwappedBackendOperator):
     """Empirical Fisher matrices of R replicas (arguments as :class:`HessianOperator`, but its
     products come from its own torch.func jvp/vjp engine: ``backend`` other than "autograd" (the
@@ -164,3 +211,4 @@ class EmpiricalFisherOperator(_SwappedBackendOperator):
     it holds the weights it was built with and refuses to run once the models changed."""
 
     backend_cls = FisherBackend
+    matrix, prefix = "empirical Fisher matrix", "fisher"

@@ -52,7 +52,7 @@ def _dec(d: dict) -> torch.Tensor:
 def to_record(res, start: int, stop: int) -> dict:
     """A JSON-able dict with the results of replicas ``start..stop-1`` (``res`` holds just them)."""
     rec = {"start": start, "stop": stop, "backend": res.backend, "backend_reason": res.backend_reason,
-           "trace_method": res.trace_method, "trace_reason": res.trace_reason,
+           "trace_method": res.trace_method, "trace_reason": res.trace_reason, "estimator": res.estimator,
            "num_matvecs": res.num_matvecs, "seconds": res.seconds, "flags": list(res.flags),
            "ok": _enc(res.ok) if res.ok is not None else None}
     for key in ("values", "stderr", "error_bounds", "iterations", "converged"):
@@ -95,6 +95,12 @@ def merge_records(records: list[dict], R: int):
         dict.fromkeys(r["backend_reason"] for r in records))
     for key in ("trace_method", "trace_reason"):  # (files written before these were recorded lack them)
         setattr(out, key, "; ".join(dict.fromkeys(r.get(key, "") for r in records if r.get(key))))
+    # the solver runs the measure set chose: one record's when all agree, else unknown (None; files
+    # written before they were recorded lack them)
+    estimators = [r.get("estimator") for r in records]
+    agree = bool(estimators) and all(e is not None and e == estimators[0] for e in estimators)
+    out.estimator = estimators[0] if agree else None
+    # (summed over the chunks: batched products as issued, see SharpnessResult.num_matvecs)
     out.num_matvecs = sum(r["num_matvecs"] for r in records)
     out.seconds = sum(r["seconds"] for r in records)
     return out

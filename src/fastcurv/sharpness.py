@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextvars
 import inspect
 import json
+import numbers
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -16,7 +18,7 @@ from .measures import accepted_options, load_all as _load_measures
 from .operator import HessianOperator
 from .replicas import validate_models
 from .solvers._norms import row_norms
-from .solvers.lanczos import whole_count
+from .solvers.lanczos import whole, whole_count
 from .solvers.probes import as_seed, start_vectors
 from .solvers import SpectralDensity, hutchinson, hutchpp, lanczos, power_iteration, slq
 
@@ -42,6 +44,25 @@ class SharpnessResult:
     trace_method: the estimator the trace came from ("exact", "deflated", "hutch++" or
     "hutchinson"; empty without a trace); trace_reason: with ``trace_method="auto"`` and no exact
     trace, why not (as :meth:`HessianOperator.exact_trace_support` says).
+    backend: the backend that computed the products ("fused", "func", "autograd"; a chunked job's
+    chunks joined by commas where they differ); backend_reason: why it was chosen (or why "auto"
+    fell back), as :class:`HessianOperator` says it.
+    num_matvecs: the operator's products as the solvers issued them: one batched product of K
+    vectors counts K, however many replicas it covers (every replica still running, all at once);
+    a chunked job (``replica_chunk``, ``output=``, ``distributed``, the chunks ``memory_budget``
+    plans or the GPU out-of-memory retry makes) sums it over its chunks, so the same job counts
+    more the more chunks it is split into: a figure of the job's sequential work, not a cost per
+    replica (that is ``iterations``, which does not depend on the chunking).
+    seconds: wall-clock time of the computation (a chunked job: summed over its chunks).
+    estimator: the solver runs the measure set chose, which change the values of the columns they
+    give (the same settings with other measures can give other values): ``top_eigen_k`` (the k of
+    the top-eigenvalue run giving lambda_max, lambda_1..k and the deflated trace's basis: ``top_k``
+    when "top_k" is measured, else 1) and ``top_eigen_basis_kept`` (whether that run kept its basis
+    for the trace, with full reorthogonalization), present when that run was made;
+    ``trace_estimator`` (as ``trace_method``) and ``trace_probes`` (its probes or matvec budget,
+    None for the exact trace), present with a trace. :func:`fastcurv.invariance_audit` refuses a
+    ``before`` whose runs differ from those its own measures make. None when unknown (a result
+    read from a results file written before fastcurv recorded it, or from chunks that differ).
     settings: the keywords of the call that change results, defaults filled in (not ``measures``,
     ``progress``, ``cache_data``, the chunking and output options, or the options that change only
     memory: ``memory_budget``, the backends' cache and chunk sizes, epsilon_sharpness_subspace's
@@ -62,6 +83,7 @@ class SharpnessResult:
     seconds: float = 0.0
     trace_method: str = ""
     trace_reason: str = ""
+    estimator: dict | None = None
     settings: dict = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -181,7 +203,11 @@ def batched_sharpness(
         models: list of R replicas of one architecture. data: loader or one (inputs, targets) batch.
         measures: any of "lambda_max" (top Hessian eigenvalue), "lambda_min", "top_k" (the
             ``top_k`` largest, columns lambda_1..), "trace" (with a standard error), "spectrum" (SLQ
-            spectral density, in ``result.spectrum``).
+            spectral density, in ``result.spectrum``). The set chooses the solver runs, so a
+            column's value can depend on the other measures (within the solvers' accuracy): with
+            "top_k", lambda_max is the top of a k-eigenvalue Lanczos run; with lambda_max or top_k,
+            ``trace_method="auto"`` deflates the trace with that run's basis (else Hutch++). The
+            result's ``estimator`` records the runs.
         seed: seeds every probe; with ``common_random_numbers=True`` (default) every replica gets
             the same probes and batches, so differences between replicas are less noisy.
         tol: relative accuracy of eigenvalues. max_iter: matvecs per eigen-solve at most. Both
@@ -206,7 +232,12 @@ def batched_sharpness(
         slq_steps, slq_draws: SLQ Lanczos steps and start vectors.
         progress: tqdm bar (None: only on a terminal; False: off).
         measure_options: ``{measure: {option: value}}`` for registered measures (see
-            :mod:`fastcurv.measures`), e.g. ``{"rho_sharpness": {"rho": 0.05}}``.
+            :mod:`fastcurv.measures`), e.g. ``{"rho_sharpness": {"rho": 0.05}}``. An option whose
+            default is an integer (``n_iter``, ``n_samples``, ``num_matvecs``, ...) takes a whole
+            float too (``5.0``); another float there raises a ValueError naming it.
+        Counts (``max_iter``, ``top_k``, ``trace_probes``, ``slq_steps``, ``slq_draws``) are
+        positive integers; whole floats (a JSON or YAML config's ``100.0``) are taken as integers,
+        anything else raises a ValueError naming the argument.
         replica_chunk: process the replicas this many at a time (default: all at once).
         output: a JSON-lines file (see :mod:`fastcurv.resume`) where every finished chunk is saved
             atomically; rerunning the same call skips the replicas already saved (a different
@@ -229,6 +260,9 @@ def batched_sharpness(
     """
     models = validate_models(models)
     seed = as_seed(seed)
+    # whole floats (a JSON config's 100.0) as ints from here on, in settings and fingerprints too (checked below)
+    max_iter, top_k, trace_probes, slq_steps, slq_draws = map(whole, (max_iter, top_k, trace_probes, slq_steps,
+                                                                      slq_draws))
     plan = None
     if memory_budget is not None:
         from .data import SplitBatches, read_one_pass
@@ -326,9 +360,15 @@ def batched_sharpness(
         if wrong:
             raise TypeError(f"measure_options[{name!r}] has unknown options {wrong}; {name} accepts "
                              f"{sorted(allowed) or 'none (its settings are batched_sharpness arguments)'}")
+    measure_options = {name: _whole_options(name, extra[name], opts) if name in extra else opts
+                       for name, opts in measure_options.items()}
     # (whole floats too: a JSON config's 100.0)
     max_iter, slq_steps, slq_draws = (whole_count(n, v) for n, v in (("max_iter", max_iter), ("slq_steps", slq_steps),
                                                                       ("slq_draws", slq_draws)))
+    if "top_k" in measures:
+        top_k = whole_count("top_k", top_k)
+    if "trace" in measures and trace_probes is not None:
+        trace_probes = whole_count("trace_probes", trace_probes)
     if not tol >= 0:
         raise ValueError(f"tol must be non-negative, got {tol}")
     if trace_method not in TRACE_METHODS:
@@ -351,12 +391,12 @@ def batched_sharpness(
         if trace_method == "exact" and not exact:
             raise ValueError(f"trace_method='exact' is not available: {why}")
         out.trace_reason = why
-    wants_top = "lambda_max" in measures or "top_k" in measures
-    deflate = ("trace" in measures and not exact and eig_solver == "lanczos"
-               and (trace_method == "deflated" or (trace_method == "auto" and wants_top)))
     if trace_method == "deflated" and eig_solver != "lanczos":
         raise ValueError("trace_method='deflated' reuses the Lanczos basis of lambda_max/top_k: "
                          "it needs eig_solver='lanczos'")
+    out.estimator = estimator_plan(measures, exact=exact, eig_solver=eig_solver, trace_method=trace_method,
+                                   top_k=top_k, trace_probes=trace_probes)
+    deflate = out.estimator.get("top_eigen_basis_kept", False)
     basis = None
     if trace_probes is None:
         trace_probes = 10 if deflate else 30
@@ -368,8 +408,8 @@ def batched_sharpness(
     untested = []  # measures' columns without a convergence test (flagged when not finite)
     try:
         top = None
-        if wants_top or deflate:
-            k = top_k if "top_k" in measures else 1
+        if "top_eigen_k" in out.estimator:  # (lambda_max, top_k or the deflated trace's basis)
+            k = out.estimator["top_eigen_k"]
             if k > op.P:
                 raise ValueError(f"top_k={k} exceeds the number of parameters P={op.P} (the Hessian's dimension)")
             bar.stage("top eigenvalues")
@@ -517,3 +557,101 @@ def _without_memory_options(measure_options: dict) -> dict | None:
     if not stripped:
         return measure_options
     return out or None
+
+
+def estimator_plan(measures, *, exact: bool, eig_solver: str = "lanczos", trace_method: str = "auto", top_k: int = 5,
+                   trace_probes: int | None = None) -> dict:
+    """The solver runs a :func:`batched_sharpness` job with ``measures`` makes, as recorded in
+    :attr:`SharpnessResult.estimator`: with lambda_max or top_k (or a deflated trace) the
+    top-eigenvalue run's ``top_eigen_k`` and ``top_eigen_basis_kept``, and with a trace its
+    ``trace_estimator`` and ``trace_probes``. ``exact``: whether the exact trace is used
+    (``trace_method`` "auto" or "exact" on a model that has it)."""
+    measures = (measures,) if isinstance(measures, str) else tuple(measures)
+    wants_top = "lambda_max" in measures or "top_k" in measures
+    trace = "trace" in measures
+    deflate = (trace and not exact and eig_solver == "lanczos"
+               and (trace_method == "deflated" or (trace_method == "auto" and wants_top)))
+    plan = {}
+    if wants_top or deflate:
+        plan["top_eigen_k"] = top_k if "top_k" in measures else 1
+        plan["top_eigen_basis_kept"] = deflate
+    if trace:
+        plan["trace_estimator"] = ("exact" if exact else "deflated" if deflate
+                                   else "hutchinson" if trace_method == "hutchinson" else "hutch++")
+        plan["trace_probes"] = None if exact else trace_probes if trace_probes is not None else 10 if deflate else 30
+    return plan
+
+
+def reuse_refusal(before: SharpnessResult, measures) -> str:
+    """Why ``before`` cannot stand for the results of a job with ``measures`` and ``before``'s
+    settings: the solver runs those measures make (:func:`estimator_plan`, the exact trace used
+    where ``before``'s trace was exact: the same models) differ from those that gave ``before``'s
+    columns (a top-k run's lambda_max, a deflated trace where the other job runs Hutch++, ...), so
+    their values differ by the estimators' error; "" when they are the same. (``before``'s settings
+    are compared by the caller.)"""
+    defaults = {k: _SIGNATURE.parameters[k].default for k in ("eig_solver", "trace_method", "top_k", "trace_probes")}
+    settings = {**defaults, **(before.settings or {})}
+    recorded = before.estimator
+    exact = recorded is not None and recorded.get("trace_estimator") == "exact"
+    plan = estimator_plan(measures, exact=exact, eig_solver=settings["eig_solver"],
+                          trace_method=settings["trace_method"], top_k=settings["top_k"],
+                          trace_probes=settings["trace_probes"])
+    if not plan:
+        return ""
+    if recorded is None:
+        return ("it does not record which solver runs gave its values (a result read from a results file written "
+                "before fastcurv recorded them, or joined from chunks that ran different ones)")
+    differ = [k for k in plan if recorded.get(k, "none") != plan[k]]
+    if not differ:
+        return ""
+    return ("its values come from other solver runs than the measures " + repr(tuple(measures)) + " make: "
+            + ", ".join(f"{k}={recorded.get(k, 'none')!r} (these measures: {plan[k]!r})" for k in differ)
+            + " (the measure set decides them: top_k sets the Lanczos run's k, and lambda_max or top_k beside "
+            "the trace switch trace_method='auto' from Hutch++ to the deflated estimator)")
+
+
+def _takes_integer(p: inspect.Parameter) -> bool:
+    """Whether the parameter ``p`` takes an integer, by its default (an int, not a bool), or by its
+    annotation where the default is None (``int | None``)."""
+    if p.default is None:
+        return str(p.annotation).replace(" ", "") in ("int|None", "Optional[int]", "None|int")
+    return isinstance(p.default, int) and not isinstance(p.default, bool)
+
+
+def _integer_options(name: str, fn) -> set:
+    """The options of registered measure ``name`` (function ``fn``) that take integers, by their
+    defaults: ``fn``'s own keywords, and for those it takes through ``**options`` the functions of
+    its module that name them (e.g. pac_bayes's ``sigma_search``; an option counts when all of
+    them take an integer)."""
+    own = inspect.signature(fn).parameters
+    module = sys.modules.get(fn.__module__)
+    helpers = [f for f in vars(module).values()
+               if inspect.isfunction(f) and f.__module__ == fn.__module__] if module else []
+    found = set()
+    for option in accepted_options(name) or ():
+        if option in own:
+            params = [own[option]]
+        else:
+            params = [inspect.signature(f).parameters[option] for f in helpers
+                      if option in inspect.signature(f).parameters
+                      and inspect.signature(f).parameters[option].default is not inspect.Parameter.empty]
+        if params and all(_takes_integer(p) for p in params):
+            found.add(option)
+    return found
+
+
+def _whole_options(name: str, fn, options: dict | None) -> dict | None:
+    """``options`` of measure ``name`` with its integer options given as whole floats (a JSON or
+    YAML config's ``5.0``) as ints (:func:`fastcurv.solvers.lanczos.whole`); a ValueError naming
+    the option for another float there (the measures check their own ranges)."""
+    if not options:
+        return options
+    ints = _integer_options(name, fn)
+    out = dict(options)
+    for option in ints & set(out):
+        v = out[option]
+        if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):
+            out[option] = whole(v)
+            if not isinstance(out[option], int):
+                raise ValueError(f"measure_options[{name!r}][{option!r}] must be an integer, got {v!r}")
+    return out

@@ -271,6 +271,7 @@ def study(
             torch.set_num_threads(old)
     from . import batched_sharpness, function_measures, invariance_audit
     from .datasets import load_dataset, make_loader
+    from .sharpness import reuse_refusal
     from .stats import correlations
     from .train import _batch_sizes, _label_noise, cnn, evaluate_population, mlp, noisy_labels, train_population
 
@@ -462,13 +463,16 @@ def study(
         t = time.perf_counter()
         k = len(models) if audit_replicas is None else min(int(audit_replicas), len(models))
         apath = None if out is None or _figure_class() is None else str(out / "audit.png")
-        # the curvature of the unchanged replicas was computed above with the same settings: reused
+        # the curvature of the unchanged replicas was computed above with the same settings: reused where
+        # the audit's measures make the same solver runs (top_k among the study's measures, or
+        # audit_measures without lambda_max, change the estimators: the audit computes its own then)
         audited = models[:k]
         if model == "cnn":  # BatchNorm would undo a rescaling: the audit compares folded copies before and after
             from .reparam import fold_batchnorm
 
             audited = fold_batchnorm(audited, bn_mode=(sharpness_kwargs or {}).get("bn_mode", "eval")).models
-        reuse = sharp is not None and k == len(models) and set(audit_measures) <= set(sharp_m) and model != "cnn"
+        reuse = (sharp is not None and k == len(models) and set(audit_measures) <= set(sharp_m) and model != "cnn"
+                 and not reuse_refusal(sharp, tuple(audit_measures)))
         akw = dict(sharpness_kwargs or {})
         if akw.get("output") is not None:  # the audit's own results file (other replicas and measures)
             akw["output"] = sibling_path(akw["output"], "audit")

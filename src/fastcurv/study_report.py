@@ -259,7 +259,8 @@ def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headl
         how = {"exact": "the trace exact (no probes)", "": "no trace"}.get(sharp.trace_method,
                                                                         f"the trace estimated ({sharp.trace_method})")
         md += [f"Curvature (`batched_sharpness`, backend `{sharp.backend}`): Hessian of the mean cross-entropy over "
-               f"the {n_tr} training samples; {sharp.num_matvecs} Hessian-vector products for all replicas together; "
+               f"the {n_tr} training samples; {sharp.num_matvecs} batched Hessian-vector products (each for every replica "
+               f"still running; summed over chunks); "
                f"{how}.", ""]
     if fm is not None:
         from .function import function_measures

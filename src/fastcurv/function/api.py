@@ -32,6 +32,8 @@ class FunctionMeasuresResult:
     with non-finite weights or outputs (their values, and their rows and columns of every pairwise
     matrix, are NaN; they are left out of every other replica's means).
     flags: one string per replica (empty when all is well).
+    num_examples: M, the examples of ``data`` the measures were computed on.
+    seconds: wall-clock time of the computation.
     """
 
     values: dict = field(default_factory=dict)
@@ -66,6 +68,16 @@ def _nan_rows(mat: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     mat[~ok] = float("nan")
     mat[:, ~ok] = float("nan")
     return mat
+
+
+def _as_float(v) -> float:
+    """``v`` (a number or a one-element tensor or array) as a float; NaN for anything else (a bool too)."""
+    if isinstance(v, bool):
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        return math.nan
 
 
 @reusing_heap  # one heap_reuse for the whole job (leaving it trims the heap: 12 ms each time)
@@ -121,10 +133,11 @@ def function_measures(
             where agreement falls to ``1 - delta``).
             "simplicity": ``compressed_bytes_<codec>`` (8-bit quantised weights), ``sq_weight_norm``,
             ``pacbayes_mag_kl`` and the ``pacbayes_mag_sigma`` it uses (``pacbayes_sigma`` when
-            given, else bisected magnitude-aware noise where probe accuracy drops by 0.1, or
-            agreement falls to 0.9 without targets). ``num_train`` (default: examples in
-            ``data``) and ``init_models`` (default: zero init; a list of R replicas or a
-            ReplicaSet) enter the KL term.
+            given: finite and > 0, else a ValueError; else bisected magnitude-aware noise where
+            probe accuracy drops by 0.1, or agreement falls to 0.9 without targets). ``num_train``
+            (the training set's size, an integer >= 1, whole floats too, else a ValueError;
+            default None: the examples in ``data``) and ``init_models`` (default: zero init; a list
+            of R replicas or a ReplicaSet) enter the KL term.
         soft, taus, tau_modes, perturb_sigmas, codecs: sequences; a single value stands for a
             one-element sequence (as for ``measures``).
         probe_size: a positive integer when a probe is needed (perturbation weakness; simplicity
@@ -136,6 +149,9 @@ def function_measures(
             own mode for a ReplicaSet (another mode than its own raises a ValueError).
         seed: seeds the perturbation draws (the same draws for every replica shape, and for every
             bisection step: common random numbers).
+        probs_dtype: the dtype of the softmax probabilities "soft" keeps (``[R, M, K]``; default:
+            float64 for float64 models, else float32): e.g. ``torch.float16`` halves their memory,
+            at the cost of the precision of JS, TV and L2. The other measures keep none.
         max_rows: at most this many replica x example rows per forward call, the perturbed passes
             included (replicas and examples are chunked; the results do not depend on it). With
             batch statistics (``bn_mode="batch"``) a batch, and the probe, is never split.
@@ -158,6 +174,10 @@ def function_measures(
                          f"pacbayes_mag_sigma, got {probe_size!r}")
     if isinstance(perturb_sigmas, (str, numbers.Real)):
         perturb_sigmas = (perturb_sigmas,)
+    if pacbayes_sigma is not None and not 0 < _as_float(pacbayes_sigma) < math.inf:  # (0 gave an inf KL term, < 0 NaN)
+        raise ValueError(f"pacbayes_sigma must be positive and finite (or None: bisected), got {pacbayes_sigma!r}")
+    if num_train is not None:  # (0 fell back to the test set's size; a negative one gave a NaN KL term)
+        num_train = whole_count("num_train", num_train)
     seed = as_seed(seed)
     t0 = time.perf_counter()
     rs = as_replica_set(models, bn_mode)
@@ -228,7 +248,7 @@ def function_measures(
         if init_models is not None:  # (only their parameters are read: no BatchNorm mode to match)
             init = (init_models if isinstance(init_models, ReplicaSet) else ReplicaSet(init_models)).flat_params()
         V["pacbayes_mag_sigma"] = sig
-        V["pacbayes_mag_kl"] = simplicity.pacbayes_mag_kl(flat, sig, num_train or M, init)
+        V["pacbayes_mag_kl"] = simplicity.pacbayes_mag_kl(flat, sig, M if num_train is None else num_train, init)
 
     for name in V:
         V[name] = V[name].double().cpu()

@@ -114,6 +114,23 @@ def iterate(data):
     return data
 
 
+def _forward(replicas: ReplicaSet, x: torch.Tensor, idx: torch.Tensor, first: bool) -> torch.Tensor:
+    """``replicas.forward(x, idx)``; on the ``first`` call a RuntimeError other than running out of
+    memory becomes the ValueError the operators raise for inputs the model cannot take (torch's own
+    message, a vmapped bmm's shapes or an embedding's index dtype, names neither)."""
+    if not first:
+        return replicas.forward(x, idx)
+    from ..memory import is_out_of_memory
+
+    try:
+        return replicas.forward(x, idx)
+    except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise
+        raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): "
+                         f"{exc}") from exc
+
+
 def collect_predictions(
     replicas: ReplicaSet,
     data,
@@ -134,8 +151,8 @@ def collect_predictions(
         data: a loader yielding inputs or ``(inputs, targets)``, or one such batch (see :func:`iterate`).
         bn_mode: "eval" or "batch", as in :func:`fastcurv.function_measures` (default: "eval" for a
             list, a ReplicaSet's own mode for a ReplicaSet).
-        keep_probs: also store softmax probabilities ``[R, M, K]`` (``probs_dtype``; default: the
-            models' dtype).
+        keep_probs: also store softmax probabilities ``[R, M, K]`` (``probs_dtype``; default:
+            float64 for float64 models, else float32).
         accumulators: :class:`Accumulator` objects fed every probability chunk.
         probe_size: keep the first ``probe_size`` inputs (for perturbation measures).
         max_rows: at most this many ``replica x example`` rows per forward call (memory bound; a
@@ -179,7 +196,7 @@ def collect_predictions(
                 lab_b, prob_b = [], []
                 for r0 in range(0, R, chunk):
                     idx = torch.arange(r0, min(R, r0 + chunk), device=replicas.device)
-                    out = replicas.forward(xb, idx)
+                    out = _forward(replicas, xb, idx, first=not labels and not lab_b)
                     if out.dim() != 3:
                         raise ValueError("models must output logits [batch, classes]; got per-replica shape "
                                          f"{tuple(out.shape[1:])}")

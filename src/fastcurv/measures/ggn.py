@@ -37,21 +37,31 @@ def _trace(kind, op, seed, common, num_matvecs=30):
 
 
 # replica_noise=False: the solvers key independent probes by the replica's number in the job
-@register_measure("ggn_lambda_max", replica_noise=False, options=("max_iter", "tol"))
-def ggn_lambda_max(op, *, seed, common, **options):
-    return _lambda_max("ggn", op, seed, common, **options)
+@register_measure("ggn_lambda_max", replica_noise=False)
+def ggn_lambda_max(op, *, seed, common, max_iter: int = 100, tol: float = 1e-3):
+    """Column ``ggn_lambda_max``: the top eigenvalue of each replica's generalized Gauss-Newton
+    matrix (:class:`fastcurv.GGNOperator`) by Lanczos, with ``max_iter`` matvecs at most and
+    relative accuracy ``tol`` (options of its own, not batched_sharpness's)."""
+    return _lambda_max("ggn", op, seed, common, max_iter=max_iter, tol=tol)
 
 
-@register_measure("ggn_trace", replica_noise=False, options=("num_matvecs",))
-def ggn_trace(op, *, seed, common, **options):
-    return _trace("ggn", op, seed, common, **options)
+@register_measure("ggn_trace", replica_noise=False)
+def ggn_trace(op, *, seed, common, num_matvecs: int = 30):
+    """Column ``ggn_trace`` (with a standard error): the trace of each replica's generalized
+    Gauss-Newton matrix by Hutch++ with a budget of ``num_matvecs`` matvecs (at least 6)."""
+    return _trace("ggn", op, seed, common, num_matvecs=num_matvecs)
 
 
-@register_measure("fisher_lambda_max", replica_noise=False, options=("max_iter", "tol"))
-def fisher_lambda_max(op, *, seed, common, **options):
-    return _lambda_max("fisher", op, seed, common, **options)
+@register_measure("fisher_lambda_max", replica_noise=False)
+def fisher_lambda_max(op, *, seed, common, max_iter: int = 100, tol: float = 1e-3):
+    """Column ``fisher_lambda_max``: the top eigenvalue of each replica's empirical Fisher matrix
+    (:class:`fastcurv.EmpiricalFisherOperator`) by Lanczos, with ``max_iter`` matvecs at most and
+    relative accuracy ``tol`` (options of its own, not batched_sharpness's)."""
+    return _lambda_max("fisher", op, seed, common, max_iter=max_iter, tol=tol)
 
 
-@register_measure("fisher_trace", replica_noise=False, options=("num_matvecs",))
-def fisher_trace(op, *, seed, common, **options):
-    return _trace("fisher", op, seed, common, **options)
+@register_measure("fisher_trace", replica_noise=False)
+def fisher_trace(op, *, seed, common, num_matvecs: int = 30):
+    """Column ``fisher_trace`` (with a standard error): the trace of each replica's empirical
+    Fisher matrix by Hutch++ with a budget of ``num_matvecs`` matvecs (at least 6)."""
+    return _trace("fisher", op, seed, common, num_matvecs=num_matvecs)

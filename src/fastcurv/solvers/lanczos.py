@@ -1,6 +1,7 @@
 """Lanczos with partial (or full) reorthogonalization, one Krylov space per replica, run in lock step."""
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -137,9 +138,19 @@ def count(name: str, v) -> int:
     return int(v)
 
 
+def whole(v):
+    """``v`` as an int when it is a whole float (a JSON or YAML config's ``100.0``; numpy's too),
+    else ``v`` as it is."""
+    if (isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and math.isfinite(v)
+            and float(v).is_integer()):
+        return int(v)
+    return v
+
+
 def whole_count(name: str, v) -> int:
-    """As :func:`count`, also taking a whole float (a JSON or YAML config's ``100.0``)."""
-    return count(name, int(v) if isinstance(v, float) and v.is_integer() else v)
+    """As :func:`count`, also taking a whole float (a JSON or YAML config's ``100.0``): the rule
+    for every count fastcurv takes (other floats raise the ValueError naming ``name``)."""
+    return count(name, whole(v))
 
 
 def min_iter_default(k: int, which: str = "largest") -> int:
@@ -227,7 +238,8 @@ def lanczos(
     the basis and needs it orthonormal to working precision.
 
     Args:
-        op: the batched operator. k: how many eigenvalues. max_iter: matvecs per replica at most.
+        op: the batched operator. k: how many eigenvalues. max_iter: matvecs per replica at most
+        (both positive integers; whole floats such as ``100.0`` too, else a ValueError naming them).
         tol: relative accuracy target. which: "largest" (algebraic) or "smallest".
         v0: start vectors ``[R, P]`` (default: Gaussian from ``seed``; rows that are zero or not
             finite, e.g. the loss gradient of a replica whose ReLUs all died, start from it too). min_iter: do at least this
@@ -239,9 +251,7 @@ def lanczos(
     """
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
-    if k < 1:
-        raise ValueError("k must be at least 1")
-    max_iter = count("max_iter", max_iter)
+    k, max_iter = whole_count("k", k), whole_count("max_iter", max_iter)
     seed = as_seed(seed)
     if reorthogonalize is None:
         reorthogonalize = "full" if keep_basis else "partial"

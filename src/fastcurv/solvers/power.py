@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._norms import row_norms
-from .lanczos import EigenResult
+from .lanczos import EigenResult, whole_count
 from .probes import start_vectors
 
 
@@ -25,7 +25,11 @@ def power_iteration(op, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0
     reported converged: with two extreme eigenvalues of nearly equal modulus and opposite signs the
     estimate stops moving between them, at no eigenvalue. Prefer :func:`lanczos`: it needs far
     fewer matvecs for the same accuracy and finds the largest algebraic eigenvalue.
+
+    max_iter: matvecs per replica at most, a positive integer (a whole float such as ``100.0``
+    too; anything else raises a ValueError: 0 gave NaN eigenvalues).
     """
+    max_iter = whole_count("max_iter", max_iter)
     R = op.R
     v = start_vectors(op, seed, common)
     lam = torch.full((R,), float("nan"), dtype=torch.float64)

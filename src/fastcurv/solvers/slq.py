@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lanczos import _tridiag, count, lanczos
+from .lanczos import _tridiag, lanczos, whole_count
 from .probes import as_seed, probe_vectors
 
 
@@ -163,9 +163,10 @@ def slq(op, *, num_steps: int = 60, num_draws: int = 1, seed: int = 0, common: b
     reorthogonalization: the basis stays orthogonal to ``sqrt(eps)``; fewer where the Krylov space
     is exhausted, whose quadrature is then exact) give
     ``T = Y diag(theta) Y^T``: nodes ``theta``, weights ``Y[0, :]^2``.
-    Costs ``num_draws * num_steps`` matvecs per replica.
+    Costs ``num_draws * num_steps`` matvecs per replica. Both are positive integers (whole floats
+    such as ``60.0`` too; anything else raises a ValueError naming it).
     """
-    num_steps, num_draws = count("slq: num_steps", num_steps), count("slq: num_draws", num_draws)
+    num_steps, num_draws = whole_count("slq: num_steps", num_steps), whole_count("slq: num_draws", num_draws)
     R, P = op.R, op.P
     g = torch.Generator().manual_seed(as_seed(seed))
     runs = []

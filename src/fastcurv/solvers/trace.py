@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._project import project_out_
+from .lanczos import whole_count
 from .probes import as_seed, probe_vectors
 
 
@@ -41,9 +42,7 @@ def probes_per_matvec(op, probe_batch: int | None = None) -> int:
         if op.device.type != "cpu":
             return 10
         return getattr(getattr(op, "backend", None), "cpu_probe_batch", 1)
-    if probe_batch < 1:
-        raise ValueError(f"probe_batch must be at least 1, got {probe_batch}")
-    return probe_batch
+    return whole_count("probe_batch", probe_batch)
 
 
 def hutchinson(op, *, num_probes: int = 30, probe_batch: int | None = None, seed: int = 0, common: bool = True,
@@ -56,9 +55,11 @@ def hutchinson(op, *, num_probes: int = 30, probe_batch: int | None = None, seed
     ``basis_trace + mean_j g~_j^T H g~_j`` with ``g~ = (I - Q^T Q) g``: unbiased, and with far less
     variance when the basis holds the dominant eigenvectors. stderr = sample std / sqrt(m).
     Probes are applied ``probe_batch`` at a time (K per matvec; default: see :func:`probes_per_matvec`).
+    Counts are integers (whole floats such as ``30.0`` too; anything else raises a ValueError naming it).
     """
+    num_probes = whole_count("num_probes", num_probes)
     if num_probes < 2:
-        raise ValueError("num_probes must be at least 2 to give a standard error")
+        raise ValueError(f"num_probes must be at least 2 to give a standard error, got {num_probes}")
     R, P = op.R, op.P
     probe_batch = probes_per_matvec(op, probe_batch)
     block = max(probe_batch, 10)  # probes drawn and deflated together: one pass over the basis per block
@@ -89,10 +90,12 @@ def hutchpp(op, *, num_matvecs: int = 30, probe_batch: int | None = None, seed: 
 
     A third of the budget sketches ``Y = H S``; ``Q = orth(Y)``; a third gives ``trace(Q^T H Q)``
     exactly; the last third runs Hutchinson on ``(I - QQ^T) H (I - QQ^T)``. The standard error
-    is that of the stochastic part.
+    is that of the stochastic part. ``num_matvecs``: an integer >= 6 (a whole float such as ``30.0``
+    too; anything else raises a ValueError naming it).
     """
+    num_matvecs = whole_count("num_matvecs", num_matvecs)
     if num_matvecs < 6:
-        raise ValueError("Hutch++ needs num_matvecs >= 6")
+        raise ValueError(f"Hutch++ needs num_matvecs >= 6, got {num_matvecs}")
     seed = as_seed(seed)
     R, P = op.R, op.P
     probe_batch = probes_per_matvec(op, probe_batch)
