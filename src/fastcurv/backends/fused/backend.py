@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+from collections.abc import Iterator
 
 import torch
 
@@ -14,7 +15,7 @@ from ...ops.head_hvp import HEAD_MAX_OUTPUTS
 from ...memory_model import largest_true
 from ...replicas import consecutive_runs
 from ..base import Backend
-from .blocks import JOIN_MAX_BYTES, JOIN_PROBES, JOIN_ROWS, first_pass, later_pass
+from .blocks import JOIN_MAX_BYTES, JOIN_PROBES, JOIN_ROWS, Block, first_pass, later_pass
 from .layers import _is_general, parse
 from .loss_head import _loss_head
 from .maps import _MapEngine
@@ -196,7 +197,6 @@ class FusedBackend(_MlpMatvec, _MlpExactTrace, Backend):
         # the MLP engine's blocks (lists of consecutive batch indices joined into one unit of work),
         # once a whole pass has made them (see _blocks)
         self._groups: list[list[int]] | None = None
-        self._building: list[list[int]] | None = None
 
     @property
     def cpu_probe_batch(self) -> int:
@@ -212,23 +212,23 @@ class FusedBackend(_MlpMatvec, _MlpExactTrace, Backend):
         self._groups = None  # (the cache's keys are blocks: they are made again with it)
 
     # --- the MLP engine's units of work --------------------------------------------------------
-    def _blocks(self):
-        """``(block, x, y)``: the MLP engine's units of work, consecutive batches of the loader joined
-        into blocks of at most :meth:`_join_rows` samples (:mod:`.blocks`; a batch of more stays
-        alone), which amortize the fixed cost of a pass over a batch. The state cache is keyed by
-        block. The first whole pass makes the blocks; later passes join the same batches."""
+    def _blocks(self) -> Iterator[Block]:
+        """The MLP engine's units of work (:class:`.blocks.Block`), consecutive batches of the loader
+        joined into blocks of at most :meth:`_join_rows` samples (a batch of more stays alone), which
+        amortize the fixed cost of a pass over a batch. The state cache is keyed by block. The first
+        whole pass makes the blocks; later passes join the same batches, where they read the data
+        (a block whose state is cached is not joined again)."""
         if self._groups is not None:
             yield from later_pass(self.batches, self._groups)
             return
         groups: list[list[int]] = []
-        self._building = groups  # (read by _joined during this pass)
         if len(self.batches) == 1:
             yield from first_pass(self.batches, 1, groups)
         else:
             it = iter(self.batches)
             head = next(it)
             yield from first_pass(itertools.chain([head], it), self._join_rows(head[1], head[2]), groups)
-        self._groups, self._building = groups, None
+        self._groups = groups
 
     def _join_rows(self, x, y) -> int:
         """The most samples per block (at most ``JOIN_ROWS``), given the first batch ``(x, y)``: where
@@ -255,11 +255,6 @@ class FusedBackend(_MlpMatvec, _MlpExactTrace, Backend):
             return 2 * R * n * state + n * row + (len(self._linears) + 4) * tangent
 
         return largest_true(1, JOIN_ROWS, lambda n: adds(n) <= budget)  # (adds grows with n)
-
-    def _joined(self, i: int) -> bool:
-        """Whether block ``i`` joins several batches (its inputs are then a copy of theirs)."""
-        groups = self._groups if self._groups is not None else self._building
-        return groups is not None and i < len(groups) and len(groups[i]) > 1
 
     # --- probe-independent pass --------------------------------------------------------------
     def _primal(self, x, y, idx, sparse_hidden: bool | None = None) -> _State:
@@ -470,13 +465,13 @@ class FusedBackend(_MlpMatvec, _MlpExactTrace, Backend):
                     total = st.loss if total is None else total + st.loss
                     self._maps.gradient(st, params, named)
             return total, grads
-        for i, x, y in self._blocks():
+        for blk in self._blocks():
             if reuse_state:
-                st, where = self._state_rows(i, x, y, idx)
+                st, where = self._state_rows(blk, idx)
                 if where is not None:
-                    st = st.select(where.to(x.device))
+                    st = st.select(where.to(blk.device))
             else:
-                st = self._primal(x, y, idx, sparse_hidden=False)
+                st = self._primal(*blk.data(), idx, sparse_hidden=False)
             total = st.loss if total is None else total + st.loss
             lin = 0
             for layer in self.layers:
@@ -561,9 +556,11 @@ class FusedBackend(_MlpMatvec, _MlpExactTrace, Backend):
             return st.select(where.to(dev)), None
         return st, where
 
-    def _state_rows(self, i, x, y, idx) -> tuple[_State, torch.Tensor | None]:
-        """The cached state of batch ``i`` and the positions of replicas ``idx`` in it (None:
-        position = replica), computing (and caching, within ``cache_bytes``) what is missing."""
+    def _state_rows(self, blk: Block, idx) -> tuple[_State, torch.Tensor | None]:
+        """The cached state of block ``blk`` and the positions of replicas ``idx`` in it (None:
+        position = replica), computing (and caching, within ``cache_bytes``) what is missing: only
+        then are the block's batches joined."""
+        i = blk.index
         hit = self._cache.get(i)
         if hit is not None:
             rows, st = hit
@@ -574,8 +571,8 @@ class FusedBackend(_MlpMatvec, _MlpExactTrace, Backend):
             where = self._positions(rows, idx)
             if where is not None:
                 return self._gather_on_gpu(st, where)
-        st = self._primal(x, y, idx)
-        if self._joined(i):  # its inputs are the block's own copy (the cache pays for it)
+        st = self._primal(*blk.data(), idx)
+        if blk.joined:  # its inputs are the block's own copy (the cache pays for it)
             st.nbytes += st.inputs[0].numel() * st.inputs[0].element_size()
         if hit is None or idx is None:  # (a subset's state does not replace what is cached for another)
             self._cache_put(i, idx, st)

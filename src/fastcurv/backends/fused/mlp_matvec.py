@@ -58,9 +58,9 @@ class _MlpMatvec:
         # the last Linear and the loss in one kernel (head_hvp), which reads the probe block as it is
         head = (self.fused_head and vecs[0].device.type == "cpu" and not triton_fwd
                 and _ext.choose("head_hvp", vecs[0].device) == "ext")
-        for n_batch, (i, x, y) in enumerate(self._blocks()):
-            st, where = self._state_rows(i, x, y, idx)
-            step = self._chunk(R, x.shape[0], K, x.device)
+        for n_batch, blk in enumerate(self._blocks()):
+            st, where = self._state_rows(blk, idx)
+            step = self._chunk(R, blk.rows, K, blk.device)
             for s0, v0, n in consecutive_runs(where, R):  # state rows s0.. hold the replicas of vecs rows v0..
                 ids = None if idx is None else idx[v0:v0 + n]
                 for c in range(0, n, step):
@@ -68,7 +68,7 @@ class _MlpMatvec:
                     sv, vv = slice(s0 + c, s0 + c + m), slice(v0 + c, v0 + c + m)
                     gid = slice(v0 + c, v0 + c + m) if ids is None else _as_slice(ids[c:c + m])
                     self._apply(st.narrow(sv), {n_: t[gid] for n_, t in rs.params.items()}, [v[vv] for v in vecs],
-                                [o[vv] for o in out], pos, x.shape[0], first=n_batch == 0, triton_fwd=triton_fwd, head=head)
+                                [o[vv] for o in out], pos, blk.rows, first=n_batch == 0, triton_fwd=triton_fwd, head=head)
         return flat
 
     def _chunk(self, R: int, N: int, K: int, device) -> int:

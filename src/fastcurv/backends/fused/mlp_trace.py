@@ -19,13 +19,13 @@ class _MlpExactTrace:
         params = self.replicas.subset(idx)[0]
         Ra = next(iter(params.values())).shape[0]
         total = torch.zeros(Ra, dtype=torch.float64, device=self.replicas.device)
-        for i, x, y in self._blocks():
-            st, where = self._state_rows(i, x, y, idx)
+        for blk in self._blocks():
+            st, where = self._state_rows(blk, idx)
             if where is not None:
-                st = st.select(where.to(x.device))
-            N = x.shape[0]
+                st = st.select(where.to(blk.device))
+            N = blk.rows
             C = st.deltas[-1].shape[-1]
-            r_step, n_step = self._trace_steps(Ra, N, C, x)
+            r_step, n_step = self._trace_steps(Ra, N, C, blk)
             for r0 in range(0, Ra, r_step):
                 rows = slice(r0, min(Ra, r0 + r_step))
                 sub, sub_params = st.narrow(rows), {n: t[rows] for n, t in params.items()}
@@ -62,7 +62,8 @@ class _MlpExactTrace:
         return 3 * gram < 2 * columns
 
     def _trace_steps(self, R: int, N: int, C: int, x) -> tuple[int, int]:
-        """``(replicas, samples)`` per chunk of the exact trace for a block of N samples: on the CPU
+        """``(replicas, samples)`` per chunk of the exact trace for a block of N samples (``x``: its
+        inputs, or the :class:`~.blocks.Block`; only its ``device`` is read): on the CPU
         as many as keep its widest tensor (per replica and sample: C vectors of the widest layer, or
         for the Gram form the largest of its matrices) within ``chunk_bytes``, replicas first;
         elsewhere all replicas, and samples up to the loader's largest batch (what the trace held
