@@ -82,7 +82,7 @@ class _MapConv:
             return False
         if self.group_conv is None and not narrow(W.shape[2], W.shape[1]):
             return False
-        return _ext.choose("group_conv", a.device) == "ext"
+        return _ext.choose("group_conv", a.device, a.dtype) == "ext"
 
     @staticmethod
     def _winners(t, st, m):
@@ -97,7 +97,7 @@ class _MapConv:
         if not self.stems or self.pooled_stem is False:
             return frozenset()
         if self.pooled_stem is None:
-            if not (x.device.type == "cpu" and _ext.choose("sampled_conv", x.device) == "ext"):
+            if _ext.choose("sampled_conv", x.device, x.dtype) != "ext":
                 return frozenset()
             return frozenset(m for m, nodes in self.stems.items()
                              if params[self.layers[nodes[0]].weight][0, 0].numel() <= STEM_MAX_TAPS)

@@ -508,8 +508,8 @@ class _MapEngine(_MapConv, _MapExactTrace):
         """Whether the output Linear (weight ``W [R, O, I]``) runs in the head kernel: few outputs, on
         the CPU, at least 32 inputs (W4's 16-input head ran 1.3-1.7% slower with it than with the
         einsums; W3's 784-input one 5.6-8% faster)."""
-        return (W.shape[1] <= HEAD_MAX_OUTPUTS and W.shape[2] >= 32 and W.device.type == "cpu"
-                and _ext.choose("head_hvp", W.device) == "ext")
+        return (W.shape[1] <= HEAD_MAX_OUTPUTS and W.shape[2] >= 32
+                and _ext.choose("head_hvp", W.device, W.dtype) == "ext")
 
     def _head(self, st, params, vecs, out, ra):
         """The output Linear layer's products and the loss R-op by :func:`~fastcurv.ops.head_hvp.head_hvp`

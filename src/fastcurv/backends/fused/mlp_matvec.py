@@ -56,8 +56,7 @@ class _MlpMatvec:
             out[j].zero_()
         triton_fwd = in_fused_engine(vecs[0].device)
         # the last Linear and the loss in one kernel (head_hvp), which reads the probe block as it is
-        head = (self.fused_head and vecs[0].device.type == "cpu" and not triton_fwd
-                and _ext.choose("head_hvp", vecs[0].device) == "ext")
+        head = self.fused_head and not triton_fwd and _ext.choose("head_hvp", vecs[0].device, vecs[0].dtype) == "ext"
         for n_batch, blk in enumerate(self._blocks()):
             st, where = self._state_rows(blk, idx)
             step = self._chunk(R, blk.rows, K, blk.device)
