@@ -246,3 +246,22 @@ def test_reparam_refuses_a_replica_set_with_the_shared_message():
     with pytest.raises(TypeError) as err:
         validate_models(ReplicaSet(ms))
     assert str(err.value) == REPLICA_SET_NOT_TAKEN
+
+
+def test_two_layer_classes_of_one_name_are_named_as_such():
+    """A layer class defined anew for every model (inside the function that builds it) makes
+    replicas of two classes of one name. The hint blamed torch.nn.utils.parametrize and told the
+    user to remove the parametrizations, which the model did not have (parametrized modules now
+    compare as their original classes, see tests/test_parametrized.py)."""
+    def build(seed):
+        class Scale(nn.Module):
+            def forward(self, x):
+                return 2 * x
+
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(5, 4), Scale(), nn.Linear(4, 3))
+
+    with pytest.raises(ValueError, match=r"module '1' is Scale, replica 0 has Scale \(two classes of one name: a class "
+                                         r"defined anew for each model") as err:
+        validate_models([build(0), build(1)])
+    assert "parametriz" not in str(err.value)

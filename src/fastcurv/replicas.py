@@ -11,6 +11,7 @@ import sys
 import types
 import warnings
 import weakref
+from enum import Enum
 from typing import Sequence
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrizations as _parametrizations
+from torch.nn.utils import parametrize
 
 BN_MODES = ("eval", "batch")
 # every BatchNorm: BatchNorm1d/2d/3d, SyncBatchNorm (DDP checkpoints, convert_sync_batchnorm) and the lazy ones
@@ -100,8 +102,9 @@ def _compared_settings(mod: nn.Module, training: bool) -> dict:
     """The settings of ``mod`` that change what fastcurv computes with it: every simple attribute and
     the functions it holds (by name: a Transformer layer's ``activation``), but none of a torch.nn
     container's. ``inplace`` never does; in eval mode (every measurement) neither do dropout rates
-    (``nn.Dropout``'s ``p``, ``dropout`` of attention and recurrent layers) nor BatchNorm's
-    ``momentum``, so a sweep over them measures as one population. The input sizes of torch's
+    (``nn.Dropout``'s ``p``, ``dropout`` of attention and recurrent layers), BatchNorm's
+    ``momentum`` nor spectral norm's ``n_power_iterations`` (its eval-mode forward runs no power
+    iteration), so a sweep over them measures as one population. The input sizes of torch's
     layers that have lazy forms (``in_features``, ``in_channels``, ``num_features``) are left to the
     parameter and buffer shapes, which hold them: a lazy layer materialized by ``load_state_dict``
     keeps 0 there until its first forward."""
@@ -120,6 +123,8 @@ def _compared_settings(mod: nn.Module, training: bool) -> dict:
             s.pop("p", None)
         if isinstance(mod, nn.modules.batchnorm._NormBase):
             s.pop("momentum", None)
+        if _TORCH_SPECTRAL_NORM is not None and isinstance(mod, _TORCH_SPECTRAL_NORM):
+            s.pop("n_power_iterations", None)  # (the power iterations run in training mode only)
     return s
 
 
@@ -299,11 +304,105 @@ class _ValidatedModels(list):
 def _module_class(mod: nn.Module) -> type:
     """``mod``'s class as the replicas are compared by: an initialized lazy module counts as the
     class torch turns it into at its first forward (``LazyLinear`` -> ``Linear``), so that a replica
-    run once is not taken for another architecture than one materialized by ``load_state_dict``."""
+    run once is not taken for another architecture than one materialized by ``load_state_dict``; a
+    parametrized module as its original class (``ParametrizedLinear`` -> ``Linear``: torch makes a
+    class of its own for every parametrized module, so two replicas' never share one; their
+    parametrizations are compared by :func:`_check_parametrizations`)."""
     if isinstance(mod, LazyModuleMixin) and getattr(mod, "cls_to_become", None) is not None \
             and not mod.has_uninitialized_params():
         return mod.cls_to_become
-    return type(mod)
+    cls = type(mod)
+    if _is_parametrized_class(cls) and parametrize.is_parametrized(mod):
+        return cls.__bases__[0]
+    return cls
+
+
+def _is_parametrized_class(cls: type) -> bool:
+    """Whether ``cls`` is a class ``torch.nn.utils.parametrize`` made for one module when it
+    registered the module's first parametrization (``ParametrizedLinear``: the module's original
+    class, its only base, with a property for each parametrized tensor)."""
+    return (cls.__module__ == parametrize.__name__ and len(cls.__bases__) == 1
+            and cls.__name__ == f"Parametrized{cls.__bases__[0].__name__}")
+
+
+def _parametrization_settings(p: nn.Module, training: bool) -> dict:
+    """What defines the function of the parametrization module ``p`` besides its class and its
+    buffers: its settings (:func:`_compared_settings`: weight norm's ``dim``; spectral norm's ``dim``
+    and ``eps``, and ``n_power_iterations`` when ``training``, the only mode whose forward runs the
+    power iterations), its enumerated ones (orthogonal's ``orthogonal_map``, by name) and, for
+    torch's orthogonal parametrization, ``use_trivialization`` (whether it holds a ``base``)."""
+    s = _compared_settings(p, training)
+    s.update({k: v.name for k, v in vars(p).items() if not k.startswith("_") and isinstance(v, Enum)})
+    if _TORCH_ORTHOGONAL is not None and isinstance(p, _TORCH_ORTHOGONAL):
+        s["use_trivialization"] = "base" in p._buffers
+    return s
+
+
+def _parametrizations_of(mod: nn.Module, training: bool) -> dict:
+    """``{tensor name: (number of original tensors, ((class, settings), ...))}``: the
+    parametrizations of ``mod``'s tensors (``torch.nn.utils.parametrize``), in the order torch
+    applies them, with :func:`_parametrization_settings`; ``{}`` for a module without any."""
+    if not parametrize.is_parametrized(mod):
+        return {}
+    return {t: (plist.ntensors, tuple((_module_class(p), _parametrization_settings(p, training)) for p in plist))
+            for t, plist in mod.parametrizations.items()}
+
+
+def _describe_chain(chain: tuple) -> str:
+    """A tensor's parametrizations (see :func:`_parametrizations_of`) in words, e.g.
+    ``_WeightNorm(dim=0) then _SpectralNorm(dim=0, eps=1e-12)``."""
+    return " then ".join(f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in sorted(s.items()))})"
+                         for cls, s in chain[1])
+
+
+def _describe_tensors(parametrized: dict) -> str:
+    """A module's parametrized tensors (:func:`_parametrizations_of`) in words, e.g.
+    ``'weight' (by _WeightNorm(dim=0))``, or ``nothing``."""
+    return ", ".join(f"{t!r} (by {_describe_chain(c)})" for t, c in parametrized.items()) or "nothing"
+
+
+def _chain_difference(a: tuple, b: tuple) -> str:
+    """The first difference between two tensors' parametrizations (see :func:`_parametrizations_of`),
+    ``b`` another replica's and ``a`` replica 0's, in words."""
+    if len(a[1]) != len(b[1]):
+        return (f"is computed by {len(b[1])} parametrizations, {_describe_chain(b)}, where replica 0's by "
+                f"{len(a[1])}, {_describe_chain(a)}")
+    for j, ((ca, sa), (cb, sb)) in enumerate(zip(a[1], b[1])):
+        if ca is not cb:
+            hint = (" (two classes of one name: a parametrization class defined anew for each model; define it "
+                    "once)") if ca.__name__ == cb.__name__ else ""
+            return f"parametrization {j} is {cb.__name__} where replica 0's is {ca.__name__}{hint}"
+        if sa != sb:
+            key = next(k for k in sorted(set(sa) | set(sb), key=str) if sa.get(k, "(none)") != sb.get(k, "(none)"))
+            return (f"parametrization {j} ({cb.__name__}) has {key}={sb.get(key, '(none)')!r} where replica 0's has "
+                    f"{key}={sa.get(key, '(none)')!r}")
+    return f"parametrizations are computed from {b[0]} tensors where replica 0's are from {a[0]}"
+
+
+def _check_parametrizations(ref: dict, m: nn.Module, i: int, training: bool) -> None:
+    """Raise a ValueError naming the first module of replica ``i``, ``m``, whose parametrizations
+    (``torch.nn.utils.parametrize``: weight norm, spectral norm, orthogonal, the user's own) differ
+    from replica 0's, ``ref`` (module name -> :func:`_parametrizations_of`, parametrized modules
+    only), and how: other parametrized tensors, other parametrization classes or order, other
+    settings. Every replica runs through replica 0's parametrizations. Modules of names replica 0
+    lacks are left to the comparison of the module classes."""
+    mods = dict(m.named_modules())
+    names = list(ref) + [n for n, mod in mods.items() if n not in ref and parametrize.is_parametrized(mod)]
+    for name in names:
+        a, mod = ref.get(name, {}), mods.get(name)
+        if mod is None:
+            continue
+        b = _parametrizations_of(mod, training)
+        if a == b:
+            continue
+        where = f"replica {i} differs from replica 0: module {name or '(model)'!r} ({_module_class(mod).__name__})"
+        tail = ("; every replica runs through replica 0's parametrizations, so they must match (measure such replicas "
+                "in separate calls)")
+        if list(a) != list(b):
+            raise ValueError(f"{where} parametrizes {_describe_tensors(b)} where replica 0's parametrizes "
+                             f"{_describe_tensors(a)}{tail}")
+        t = next(t for t in a if a[t] != b[t])
+        raise ValueError(f"{where}: its {t!r} {_chain_difference(a[t], b[t])}{tail}")
 
 
 def _validated(models, training: bool) -> bool:
@@ -340,9 +439,13 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
     """``models`` as a new list, after raising a clear error when they cannot be stacked as replicas
     of one architecture: the same parameters and buffers (names, shapes, dtypes, devices), module
     classes (an initialized lazy module counting as the class it becomes after its first forward,
-    e.g. ``LazyLinear`` as ``Linear``) and built-in modules' settings (``training``: also those that
-    matter only in training mode, dropout's ``p`` and BatchNorm's ``momentum``), and no module hooks
-    on any replica (see :func:`_check_hooks`: they would not run faithfully).
+    e.g. ``LazyLinear`` as ``Linear``; a parametrized module as its original class, e.g.
+    ``ParametrizedLinear`` as ``Linear``), parametrizations (``torch.nn.utils.parametrize``: weight
+    norm, spectral norm, orthogonal or the user's own; the same tensors, parametrization classes in
+    the same order and settings, see :func:`_check_parametrizations`) and built-in modules'
+    settings (``training``: also those that matter only in training mode, dropout's ``p``,
+    BatchNorm's ``momentum`` and spectral norm's ``n_power_iterations``), and no module hooks on any
+    replica (see :func:`_check_hooks`: they would not run faithfully).
 
     The list returned remembers that it was checked: given back here while it holds the same models
     (and ``training`` asks for no more than was checked), only the hooks are checked again (a hook
@@ -373,7 +476,10 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
     if not next(iter(dtypes)).is_floating_point:
         raise ValueError(f"parameters must be floating point, got {next(iter(dtypes))}")
     ref_types = [_module_class(mod) for _, mod in models[0].named_modules()]
+    ref_parametrized = {name: _parametrizations_of(mod, training) for name, mod in models[0].named_modules()
+                        if parametrize.is_parametrized(mod)}
     for i, m in enumerate(models[1:], start=1):
+        _check_parametrizations(ref_parametrized, m, i, training)
         params = list(m.named_parameters())
         for (n0, p0), (n, p) in zip(ref_params, params):
             if n0 != n:
@@ -405,9 +511,8 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
             got = types[j].__name__ if j < len(types) else "nothing"
             want = ref_types[j].__name__ if j < len(ref_types) else "nothing"
             same_name = j < len(types) and j < len(ref_types) and got == want
-            hint = (" (two classes of one name: torch.nn.utils.parametrize, e.g. weight norm, makes a class per "
-                    "module; remove the parametrizations before measuring, "
-                    "torch.nn.utils.parametrize.remove_parametrizations)") if same_name else ""
+            hint = (" (two classes of one name: a class defined anew for each model, e.g. inside the function that "
+                    "builds it; define it once)") if same_name else ""
             raise ValueError(f"replica {i} differs from replica 0: module {where} is {got}, replica 0 has {want}{hint}")
     _check_settings(models, training)
     ref_buffers = [(n, tuple(b.shape)) for n, b in models[0].named_buffers()]
@@ -443,6 +548,9 @@ def _computed_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 # torch's weight-norm parametrization (torch.nn.utils.parametrizations.weight_norm); None where torch has none
 _TORCH_WEIGHT_NORM = getattr(_parametrizations, "_WeightNorm", None)
+# torch's spectral-norm and orthogonal parametrizations (their settings compared specially); None where torch has none
+_TORCH_SPECTRAL_NORM = getattr(_parametrizations, "_SpectralNorm", None)
+_TORCH_ORTHOGONAL = getattr(_parametrizations, "_Orthogonal", None)
 
 
 class PlainWeightNorm(nn.Module):
@@ -482,27 +590,74 @@ def _is_torch_weight_norm(mod: nn.Module) -> bool:
             and type(mod).forward is _TORCH_WEIGHT_NORM.forward)
 
 
-def _plain_weight_norms(model: nn.Module) -> None:
+class InPlaceSpectralNorm(_TORCH_SPECTRAL_NORM or nn.Module):
+    """torch's spectral-norm parametrization (``torch.nn.utils.parametrizations.spectral_norm``)
+    whose training-mode power iterations write the singular-vector estimates ``_u``/``_v`` into
+    their buffers with ``copy_`` rather than through ``F.normalize(..., out=...)``: ``vmap`` (the
+    training engine's) has no batching rule for ``out=`` ops. The same values as torch's, bit for
+    bit, written in place just as torch writes them (so into the replica's own rows of the stacked
+    buffers); the forward, the settings and the buffers are torch's. Eval mode (every measurement)
+    runs no power iteration: the weight is ``W / (u . W v)`` with the stored ``u``, ``v``, which are
+    buffers, not parameters: derivatives are taken with respect to ``original`` with ``u``, ``v``
+    held fixed, as torch's own gradients are (its power iterations run under ``no_grad``)."""
+
+    @torch.no_grad()
+    def _power_method(self, weight_mat: torch.Tensor, n_power_iterations: int) -> None:
+        for _ in range(n_power_iterations):
+            self._u.copy_(nn.functional.normalize(torch.mv(weight_mat, self._v), dim=0, eps=self.eps))
+            self._v.copy_(nn.functional.normalize(torch.mv(weight_mat.H, self._u), dim=0, eps=self.eps))
+
+
+def _uncached_getter(tensor_name: str):
+    """The getter of a parametrized tensor that computes it at every access (``parametrizations[name]()``)."""
+    def get(self) -> torch.Tensor:
+        return self.parametrizations[tensor_name]()
+    return get
+
+
+def _uncached_class(mod: nn.Module) -> type:
+    """A subclass of the parametrized module ``mod``'s class (``ParametrizedLinear``, of the same name)
+    whose parametrized tensors are computed at every access. torch's getters read and fill
+    ``torch.nn.utils.parametrize``'s cache inside ``parametrize.cached()``, under a key of the module
+    the parametrization was registered on, which the class is shared with: a copy would read the
+    user's model's cached weight (computed from other parameters) and leave its own (a vmap-batched
+    or meta tensor) for the user's model to read."""
+    cls = type(mod)
+    props = {t: property(_uncached_getter(t), getattr(cls, t).fset) for t in mod.parametrizations}
+    # (torch's module and name, as the class it refines: the fused engines' parsers read them)
+    return type(cls.__name__, (cls,), {**props, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def _replace_parametrizations(model: nn.Module) -> None:
     """Replace, in place, every torch weight-norm parametrization in ``model``'s
-    ``parametrizations[...]`` lists with a :class:`PlainWeightNorm` of the same ``dim`` (see there
-    for why). ``model`` is fastcurv's own copy: the parameters and their names stay as they are."""
+    ``parametrizations[...]`` lists with a :class:`PlainWeightNorm` of the same ``dim``, turn every
+    torch spectral-norm one into an :class:`InPlaceSpectralNorm` (see there for why), and give every
+    parametrized module a class of its own that never caches (:func:`_uncached_class`). ``model`` is
+    fastcurv's own copy: the parameters, buffers and their names stay as they are."""
     for mod in model.modules():
         plists = getattr(mod, "parametrizations", None)
         if not isinstance(plists, nn.ModuleDict):
             continue
+        if parametrize.is_parametrized(mod) and _is_parametrized_class(type(mod)):
+            mod.__class__ = _uncached_class(mod)
         for plist in plists.values():
             for i, p in enumerate(list(plist)):
                 if _is_torch_weight_norm(p):
                     dim = -1 if p.dim is None else p.dim
                     plist[i] = PlainWeightNorm(dim)
+                elif _TORCH_SPECTRAL_NORM is not None and type(p) is _TORCH_SPECTRAL_NORM:
+                    p.__class__ = InPlaceSpectralNorm  # (the copy's own module: its state stays as it is)
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` on the meta device (for ``functional_call``), with its tied parameters
     still one tensor (``.to()`` gives each module its own, and ``functional_call`` would then read
-    the untied one's meta data instead of the weight passed under the first name), and torch's
+    the untied one's meta data instead of the weight passed under the first name), torch's
     weight-norm parametrizations (``torch.nn.utils.parametrizations.weight_norm``) computed by
-    :class:`PlainWeightNorm`, whose second derivatives are right where torch's are not.
+    :class:`PlainWeightNorm`, whose second derivatives are right where torch's are not, its
+    spectral-norm ones by :class:`InPlaceSpectralNorm`, whose training-mode power iterations run
+    under ``vmap``, and every parametrized tensor computed afresh at each access, also inside the
+    user's ``torch.nn.utils.parametrize.cached()`` (see :func:`_uncached_class`).
 
     A module holding a tensor that autograd computed as a plain attribute (neither parameter nor
     buffer; deepcopy refuses it) raises a ValueError naming it."""
@@ -518,7 +673,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
                          "torch.nn.utils.prune and weight_norm set?): make it a parameter or buffer, compute it in "
                          "forward(), or remove the reparametrization (torch.nn.utils.prune.remove, "
                          "torch.nn.utils.remove_weight_norm)") from exc
-    _plain_weight_norms(base)
+    _replace_parametrizations(base)
     ties = tied_parameters(base)
     base = base.to("meta")
     for name, first in ties.items():
