@@ -48,8 +48,8 @@ _SPATIAL = ("conv", "maxpool", "avgpool", "adaptive")
 def _parse_module(name: str, mod: nn.Module) -> tuple[_Layer | None, str]:
     """One leaf module as a fused layer; (None, "") for an identity, (None, reason) if unsupported."""
     if getattr(mod, "parametrizations", None):  # (its weight is computed from other parameters)
-        return None, (f"module {name!r} is parametrized ({', '.join(mod.parametrizations)}: e.g. weight norm); "
-                      "not fused")
+        return None, (f"module {name!r} is parametrized ({', '.join(mod.parametrizations)} computed from other "
+                      "parameters, e.g. by weight_norm, spectral_norm or orthogonal); not fused")
     if isinstance(mod, nn.Linear):
         return _Layer("linear", f"{name}.weight", f"{name}.bias" if mod.bias is not None else None, name=name), ""
     if type(mod) in _ACTS:
