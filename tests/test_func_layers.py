@@ -217,6 +217,22 @@ def test_in_place_relu_is_refused_only_after_a_view():
         fastcurv.HessianOperator(_replicas(viewed), data, backend="func", backend_options={"mode": "forward"})
 
 
+class _InPlaceClamp(nn.Module):
+    def forward(self, h):
+        return h.clamp_(-1.0, 1.0)
+
+
+def test_in_place_clamp_is_refused():
+    """``h.clamp_(-1, 1)`` (an in-place hardtanh written as clamp_) was let through as an op that
+    re-running cannot change, but its derivative at the bounds, where the re-run finds the clamped
+    values, lets the tangents through: mode "forward" was 108% off mode "graph" with no warning
+    (the numeric check saw a first batch with nothing clamped)."""
+    models = _replicas(lambda: nn.Sequential(nn.Linear(8, 6), _InPlaceClamp(), nn.Linear(6, 3)))
+    data = (5 * torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    with pytest.raises(ValueError, match="the in-place aten::clamp_ .*module '1' \\(_InPlaceClamp\\)"):
+        fastcurv.HessianOperator(models, data, backend="func", backend_options={"mode": "forward"})
+
+
 UNSEEN = {  # with the scan switched off (as for an op it does not know), the check against mode "graph" catches them
     "F.layer_norm": (_mlp(FunctionalLayerNorm(5)), "gives Hessian products .* off mode 'graph'"),
     "F.group_norm": (_conv_net(FunctionalGroupNorm(4), flat=16), "raised RuntimeError: The size of tensor"),
