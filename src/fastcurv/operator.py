@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import grad, vmap
+from torch.func import grad
 
 from ._heap import heap_reuse
 from .backends import BACKENDS
@@ -16,7 +16,7 @@ from .backends.base import mark_not_torch_func, math_attention, read_batches
 from .backends.func import torch_func_failed
 from .data import Batches
 from .losses import Loss
-from .replicas import BN_MODES, ReplicaSet, check_output, nonfinite_rows
+from .replicas import BN_MODES, ReplicaSet, nonfinite_rows
 
 BACKEND_CHOICES = ("auto", "autograd", "func", "fused")
 
@@ -249,7 +249,10 @@ class HessianOperator:
 
     def _check_first_batch(self):
         """Check the models, targets and batches on (the first samples of) the first batch, and
-        return the first batch ``(x, y)`` (the fused engine's check spreads its samples over it)."""
+        return the first batch ``(x, y)`` (the fused engine's check spreads its samples over it). A
+        model that changes its input, or one of its buffers, in its (eval-mode) forward raises a
+        ValueError (:meth:`ReplicaSet.checked_call`): every product runs it again on the same batches
+        and the operator's copies of the buffers."""
         rs = self.replicas
         small = [i for i, n in enumerate(self.batches.sizes) if n < 2]
         if rs.batch_statistics and small:
@@ -258,19 +261,11 @@ class HessianOperator:
                              "does in training (drop the last batch, e.g. DataLoader(drop_last=True))")
         _, x_all, y_all = next(iter(self.batches))
         x = x_all[:8]
-        r = int(rs.finite.nonzero()[0]) if rs.finite.any() else 0
         with torch.no_grad():
-            xc = x.clone()
-            version = xc._version  # (an in-place op that leaves the values, a ReLU on pixels >= 0, moves it too)
-            try:
-                out = rs.call({n: t[r] for n, t in rs.params.items()}, {n: t[r] for n, t in rs.buffers.items()}, xc)
+            try:  # (on copies of the inputs and buffers: a ValueError for a model that changes either in place)
+                out = rs.checked_call(x)
             except RuntimeError as exc:
                 raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): {exc}") from exc
-            check_output(out)
-            if xc._version != version or not torch.equal(xc, x):
-                raise ValueError("the model changes its input in place (an in-place operation on the input, such as "
-                                 "ReLU(inplace=True) as its first layer); fastcurv passes the same batches to it many "
-                                 "times: make that operation out of place")
         if out.dim() == 0 or out.shape[0] != x.shape[0]:
             raise ValueError(f"the model returns outputs {tuple(out.shape)} for inputs {tuple(x.shape)}: fastcurv needs "
                              "one output row per sample (a model that averages or reshapes across the batch mixes "
@@ -398,11 +393,11 @@ class HessianOperator:
         grads = [torch.zeros_like(params[n]) for n in rs.names]
         for _, x, y in read_batches(self.batches):
 
-            def one(p, b):
-                value = loss.batch_loss(rs.call(p, b, x), y)
+            def one(p, b, xr):
+                value = loss.batch_loss(rs.call(p, b, xr), y)
                 return value, value
 
-            g, value = vmap(grad(one, has_aux=True))(params, buffers)
+            g, value = rs.vmapped(grad(one, has_aux=True), params, buffers, x)  # (x batched where the model needs it)
             total += value
             for j, n in enumerate(rs.names):
                 grads[j] += g[n]

@@ -9,7 +9,9 @@ changed argmax predictions on it. A transform warns (RuntimeWarning, "the transf
 function-preserving ...") when a prediction flips or an output moves by more than ``OUTPUT_RTOL``
 (1e-3) of that replica's largest output magnitude on the probe; ``bn_mode`` says how the probe runs
 BatchNorm ("eval", or None: running statistics; "batch": each batch's own, as
-``batched_sharpness(bn_mode="batch")``).
+``batched_sharpness(bn_mode="batch")``). The probe runs on copies of the caller's tensor: a model
+that changes its input in place raises the operators' ValueError
+(:data:`fastcurv.replicas.INPUT_CHANGED`), as every measurement of it would.
 
 Layers are named by module name (``model.named_modules()``), in forward order; a pair
 ``(a, b)`` must be consecutive weight layers (Linear/Conv) with only a positively homogeneous
@@ -36,7 +38,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from .replicas import BN_MODES, check_output, functional_base, model_list
+from .replicas import BN_MODES, check_output, functional_base, model_list, run_on_copy
 
 _WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # modules that are not positively homogeneous (f(s x) != s f(x) for s > 0) or that mix units: a rescaling of
@@ -200,7 +202,9 @@ def _report(old, new, probe, details=None, *, pairs=None, fold=False, bn_mode="e
         for r, (a, b) in enumerate(zip(old, new)):
             ref = next(a.parameters())
             p = probe.to(ref.device, ref.dtype) if probe.is_floating_point() else probe.to(ref.device)
-            ya, yb = _outputs(a, p, bn_mode), _outputs(b, p, bn_mode)
+            # (each on a copy of the probe: a model that changes its input in place raises INPUT_CHANGED, rather
+            # than running b on the probe a changed and reporting a spurious change of the function)
+            ya, yb = (run_on_copy(lambda pc, m=m: _outputs(m, pc, bn_mode), p) for m in (a, b))
             if not torch.isfinite(ya).all():  # (broken before the transform: nothing to compare)
                 bad.append(r)
                 changes.append(math.nan), relative.append(math.nan), flips.append(0)
@@ -447,8 +451,8 @@ def _check_fold_in_forward(model: nn.Module, plan, probe, unverified=()) -> None
             hooks.append(mods[bn_name].register_forward_pre_hook(
                 saver(ins, bn_name, lambda a: a[1][0] if a[1] else None)))
         ref = next(model.parameters())
-        with torch.no_grad(), _evaluating(model):
-            model(probe.to(ref.device, ref.dtype) if probe.is_floating_point() else probe.to(ref.device))
+        with torch.no_grad(), _evaluating(model):  # (on a copy of the probe, which the caller's model must not change)
+            run_on_copy(model, probe.to(ref.device, ref.dtype) if probe.is_floating_point() else probe.to(ref.device))
     finally:
         for h in hooks:
             h.remove()

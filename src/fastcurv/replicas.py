@@ -75,6 +75,75 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+#: the ValueError of every entry point for a model that changes its input in place (:func:`run_on_copy`)
+INPUT_CHANGED = ("the model changes its input in place (an in-place operation on the input, such as ReLU(inplace=True) "
+                 "as its first layer, or x -= mean); fastcurv passes the same batches to it many times (and would "
+                 "change the caller's data): make that operation out of place (x = x - mean)")
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values, NaN equal to NaN (True on the meta device, which
+    holds none)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if "meta" in (a.device.type, b.device.type):
+        return True
+    with torch.no_grad():
+        return torch.equal(a, b) or ((a.is_floating_point() or a.is_complex())
+                                     and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+
+
+def run_on_copy(run, x):
+    """``run(c)`` on a copy ``c`` of the tensor ``x`` (anything else is passed as it is), after raising
+    the ValueError :data:`INPUT_CHANGED` when ``run`` changed ``c`` in place: its version counter moved
+    (also for an in-place op that left the values, a ReLU on pixels >= 0: it would change other
+    inputs) or its values did (writes no version counter sees). The one check, shared by every path
+    that runs a model more than once on the same input tensor (the operators, the function-space
+    measures, training, the reparametrization probe)."""
+    if not isinstance(x, torch.Tensor):
+        return run(x)
+    xc = x.clone()
+    version = _version(xc)
+    out = run(xc)
+    if _version(xc) != version or not _same_values(xc, x):
+        raise ValueError(INPUT_CHANGED)
+    return out
+
+
+def vmap_replicas(fn, params, buffers, x, batched: bool = False):
+    """``(outputs, batched)``: ``vmap(fn)(params, buffers, x)`` over the replica axis of ``params`` and
+    ``buffers`` (pytrees of ``[R', ...]`` tensors), every replica on the same input tensor ``x``.
+
+    ``x`` is passed unbatched (``in_dims=None``) unless ``batched``. Where that fails, it is passed
+    batched, as ``x.expand(R', *x.shape)`` (a view: no copy), and ``batched`` comes back True, for the
+    caller to pass from then on. Why: a model that fills a tensor it allocates from its input
+    (``out = x.new_zeros(...); out[:, :k] = ...``, ``torch.zeros_like(x)``) cannot run on an
+    unbatched input: that tensor has no replica axis, and vmap cannot write each replica's values
+    into it ("vmap: inplace arithmetic ... is not possible"); from a batched input it gets one per
+    replica, and each replica computes what its own ``model(x)`` does. When the batched input fails
+    too, the first error is raised (a model that cannot take ``x``). Out-of-memory errors are raised
+    as they are."""
+    from torch.utils._pytree import tree_leaves
+
+    if not batched or not isinstance(x, torch.Tensor):
+        try:
+            return vmap(fn, in_dims=(0, 0, None))(params, buffers, x), batched
+        except RuntimeError as exc:
+            if not isinstance(x, torch.Tensor) or isinstance(exc, torch.OutOfMemoryError) \
+                    or "out of memory" in str(exc).lower():
+                raise
+            first = exc
+    else:
+        first = None
+    R = tree_leaves(params)[0].shape[0]
+    try:
+        return vmap(fn, in_dims=(0, 0, 0))(params, buffers, x.expand(R, *x.shape)), True
+    except RuntimeError:
+        if first is None:
+            raise
+    raise first
+
+
 def module_settings(mod: nn.Module) -> dict:
     """A module's public attributes that are numbers, strings or tuples of them: its settings
     (``negative_slope``, ``stride``, ``eps``...), including those ``extra_repr()`` does not show,
@@ -943,7 +1012,8 @@ class ReplicaSet:
         ``x [N, F]``, or any ``x [N, ...]`` when the chain starts with ``nn.Flatten()``) compute their first
         layer from the nonzero inputs only (the fused MLP forward of :mod:`fastcurv.train_fused`
         with :mod:`fastcurv.ops.csr_linear`, which autograd cannot differentiate: only when nothing
-        needs a gradient); everything else runs ``vmap`` over ``functional_call``.
+        needs a gradient); everything else runs ``vmap`` over ``functional_call``, with ``x`` shared by
+        the replicas, or batched for a model that cannot run so (:meth:`vmapped`).
         """
         plan = self._mlp_plan()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params.values()))
@@ -956,7 +1026,42 @@ class ReplicaSet:
             csr = self._sparse_rows(plan, x)
             if csr is not None:
                 return plan.forward(params, CsrBatch(csr, torch.arange(len(x), device=x.device)), shared=True)
-        return check_output(vmap(self.call, in_dims=(0, 0, None))(params, buffers, x))
+        return check_output(self.vmapped(self.call, params, buffers, x))
+
+    def vmapped(self, fn, params, buffers, x):
+        """:func:`vmap_replicas` of ``fn(params, buffers, x)`` (a function of one replica, e.g. of
+        :meth:`call`) over the replica axis, ``x`` shared by the replicas, or batched once the set's
+        model has needed it (remembered by the set: the perturbation measures run it hundreds of
+        times)."""
+        out, self._batched_input = vmap_replicas(fn, params, buffers, x, getattr(self, "_batched_input", False))
+        return out
+
+    def checked_call(self, x, r: int | None = None) -> torch.Tensor:
+        """Replica ``r``'s outputs (default: the first replica with finite parameters) on ``x`` (a few
+        samples), computed on copies of ``x`` and of the replica's buffers, after a ValueError when the
+        forward changed either in place: fastcurv evaluates the replicas many times on the same
+        inputs, and with the same buffers (the set's stacked copies, which its vmapped forwards would
+        write into), as fixed functions. A model that changes its input would see other data at every
+        pass, and change the caller's (:func:`run_on_copy`); one that updates a buffer in its
+        eval-mode forward (a call counter, a quantization observer's min/max, an average updated
+        whatever the mode) would be another function at every pass, and its copies no longer the
+        models' buffers (which :meth:`changed_since_built` then reports as a change of the models).
+        The entry points call it on their first batch. torch's own errors (inputs the model cannot
+        take) propagate as they are; a model that returns no tensor raises :func:`check_output`'s."""
+        if r is None:
+            r = int(self.finite.nonzero()[0]) if self.finite.any() else 0
+        params = {n: t[r] for n, t in self.params.items()}
+        buffers = {n: t[r].clone() for n, t in self.buffers.items()}
+        versions = {n: _version(b) for n, b in buffers.items()}
+        out = check_output(run_on_copy(lambda xc: self.call(params, buffers, xc), x))
+        for n, b in buffers.items():
+            if _version(b) != versions[n] or not _same_values(b, self.buffers[n][r]):
+                raise ValueError(
+                    f"the model updates its buffer {n!r} in forward in eval mode (a call counter, a quantization "
+                    "observer's statistics, an average updated whatever the mode): fastcurv evaluates each replica as "
+                    "one fixed function, many times, with the buffers the models hold; make the update conditional "
+                    "on training (if self.training: ...), or keep that state out of the model's buffers")
+        return out
 
     def _sparse_rows(self, plan, x: torch.Tensor):
         """The CSR form of ``x`` for the fused MLP ``plan`` (None when too dense or not its input), kept

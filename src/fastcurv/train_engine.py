@@ -18,7 +18,7 @@ from torch.func import functional_call, vmap
 
 from .losses import cross_entropy_losses, replica_mean_losses
 from .ops.csr_linear import CsrRows
-from .replicas import check_output, meta_copy, validate_models
+from .replicas import check_output, meta_copy, run_on_copy, validate_models, vmap_replicas
 from .train_fused import CsrBatch, plan_mlp
 from .train_options import TrainOptions, _check_targets
 from .train_random import _rng_devices, _rng_states, _seeded_section
@@ -61,6 +61,14 @@ class Engine:
     ``fast_shared`` (the fused path with one minibatch ``[B, ...]`` for all replicas), ``name``
     (``history.engine`` without the worker threads). ``names``: the parameters' names; ``frozen``, those
     that are not trained (``requires_grad=False`` or unused by the forward pass); ``trained``, the others.
+
+    A model that changes its input in place (``x -= mean``, ``ReLU(inplace=True)`` first) is refused
+    with the operators' ValueError (:data:`~fastcurv.replicas.INPUT_CHANGED`, raised by the probe
+    step, which runs on a copy of the first samples): torch.optim trains it on gathered minibatches
+    (copies), but training runs the model more than once on the same tensors (SAM's two passes on
+    one minibatch, the full training-set loss on the training set itself, the checks), so each
+    would see data the previous one changed, and every fastcurv measurement of the trained
+    population refuses the model too. Making it out of place (``x = x - mean``) computes the same.
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, opts: TrainOptions, device, dtype):
@@ -68,7 +76,7 @@ class Engine:
         if any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in model.modules()):
             for b in sorted(set(opts.batch_sizes)):
                 _check_bn_batches(model, x, len(x), b)
-        draws_random, unused = _probe_training_step(model, x[:2])
+        draws_random, unused = _probe_training_step(model, x[:2])  # (on a copy: ValueError if the model changes it)
         has_dropout = any(isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 for mod in model.modules())
         no_fused = "the model has dropout" if has_dropout else "the model draws random numbers in training mode"
         # random draws outside nn.Dropout modules (F.dropout, noise) are keyed per step as dropout is
@@ -96,7 +104,7 @@ class Engine:
         self._bases = {True: meta_copy(model).train(), False: meta_copy(model).eval()}
         self._per_thread = threading.local()  # functional_call swaps tensors into the module: one copy per thread
         self._fwd = vmap(self.forward, in_dims=(0, 0, 0), randomness="different" if has_dropout else "error")
-        self._fwd_eval = vmap(partial(self.forward, training=False), in_dims=(0, 0, None))
+        self._batched_input = False  # (the eval forward needs its inputs batched per replica: vmap_replicas)
         self.csr = _sparse_rows(x, plan, opts.sparse_input)
         if self.csr is not None:
             self.name += f"+sparse-input ({self.csr.density:.0%} nonzero)"
@@ -115,13 +123,16 @@ class Engine:
 
     def check_outputs(self, model: nn.Module, eval_train: bool) -> torch.Tensor:
         """``model``'s eval-mode outputs on the first 2 samples, ``[2, ...]``, after a ValueError when the
-        targets do not fit them, or when the eval forward draws random numbers and ``eval_train`` needs a
-        deterministic one."""
+        targets do not fit them, when the model changes its input in place, or when the eval forward draws
+        random numbers and ``eval_train`` needs a deterministic one. Run on copies of the samples and of the
+        model's buffers: the check changes neither (an eval-mode buffer update, a call counter, stays out of
+        the replica that is trained)."""
         devices = _rng_devices(self.device)
+        params = dict(model.named_parameters())
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
         with torch.no_grad(), _seeded_section(devices):
             before = _rng_states(devices)
-            out0 = self.forward(dict(model.named_parameters()), dict(model.named_buffers()), self.x[:2],
-                                training=False)
+            out0 = run_on_copy(lambda xc: self.forward(params, buffers, xc, training=False), self.x[:2])
             _check_targets(self.loss, self.y, out0)
             if eval_train and _rng_states(devices) != before:
                 raise ValueError("the model draws random numbers in eval mode (e.g. F.dropout(..., training=True)): "
@@ -190,7 +201,7 @@ class Engine:
             for i in range(0, N, rows):
                 xb, yb = x[i:i + rows], y[i:i + rows]
                 if plan is None:
-                    o = self._fwd_eval(pb, bb, xb)
+                    o = self._forward_eval(pb, bb, xb)
                 elif csr is not None:
                     o = plan.forward(pb, CsrBatch(csr, torch.arange(i, i + len(yb), device=self.device)), shared=True)
                 else:  # one product per replica (a view of the inputs for each), not the shared-order GEMM, whose
@@ -200,6 +211,14 @@ class Engine:
                           else labels[a:a + Rb, i:i + rows].long())
                 out[a:a + Rb] += summed_losses(self.loss, o, target)
         return out / N
+
+    def _forward_eval(self, p: dict, b: dict, xb: torch.Tensor) -> torch.Tensor:
+        """Eval-mode outputs ``[R_c, n, ...]`` of the replicas ``p``/``b`` (name -> ``[R_c, ...]``) on the
+        samples ``xb`` that all of them share, vmapped (:func:`~fastcurv.replicas.vmap_replicas`: ``xb``
+        batched per replica once the model needed it, a model that fills a tensor it allocates from its
+        input, ``x.new_zeros(...)``)."""
+        out, self._batched_input = vmap_replicas(partial(self.forward, training=False), p, b, xb, self._batched_input)
+        return out
 
     def _loss_chunks(self, batch_size: int) -> tuple[int, int]:
         """``(rows, replicas)``: the full training-set loss takes the training set in chunks of ``rows``
@@ -239,7 +258,7 @@ def _check_bn_batches(model: nn.Module, x: torch.Tensor, N: int, batch_size: int
     probe = copy.deepcopy(model).train()
     try:
         with torch.no_grad(), _seeded_section(_rng_devices(x.device)):  # (dropout)
-            probe(x[:1])
+            probe(x[:1].clone())  # (a copy: the probe step that follows refuses a model that changes its input)
     except ValueError as e:
         raise ValueError(f"the last minibatch of every epoch holds 1 sample (N={N}, batch_size={batch_size}), and "
                          f"BatchNorm in training mode cannot normalize it ({e}); choose a batch_size that leaves "
@@ -254,14 +273,16 @@ def _probe_training_step(model: nn.Module, xb: torch.Tensor) -> tuple[bool, list
     form: ``nn.Dropout``, ``F.dropout`` in ``forward``, noise injection), which the training steps
     must then key as they key dropout masks. unused: the names of the trainable parameters that get
     no gradient (not used by the forward pass: torch.optim skips them, and so does training).
-    The global RNG is left as it was.
+    The global RNG is left as it was, and ``xb`` too: the forward runs on a copy, and a model that
+    changes its input in place raises the ValueError :data:`~fastcurv.replicas.INPUT_CHANGED`
+    (see :class:`Engine`).
     """
     probe = copy.deepcopy(model).train()
     devices = _rng_devices(xb.device)
     with _seeded_section(devices):  # (another call's draws meanwhile would read as this model's)
         before = _rng_states(devices)
         try:
-            out = probe(xb)
+            out = run_on_copy(probe, xb)
         except (RuntimeError, IndexError) as exc:  # (IndexError: token ids beyond an nn.Embedding's table)
             raise model_cannot_run("the first samples", xb, exc) from exc
         draws_random = _rng_states(devices) != before

@@ -131,6 +131,23 @@ def _forward(replicas: ReplicaSet, x: torch.Tensor, idx: torch.Tensor, first: bo
                          f"{exc}") from exc
 
 
+def _check_model(replicas: ReplicaSet, x: torch.Tensor) -> None:
+    """One replica's forward on copies of the first samples of the first batch ``x`` and of its
+    buffers (:meth:`ReplicaSet.checked_call`): a ValueError for a model that changes its input or a
+    buffer in place, which the chunks of replicas, of examples and the perturbed passes would each
+    see changed (and the caller's data with them), as the operators raise; a RuntimeError other than
+    running out of memory (inputs the model cannot take) becomes their ValueError."""
+    from ..memory import is_out_of_memory
+
+    try:
+        replicas.checked_call(x[:8])
+    except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise
+        raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): "
+                         f"{exc}") from exc
+
+
 def collect_predictions(
     replicas: ReplicaSet,
     data,
@@ -158,6 +175,10 @@ def collect_predictions(
         max_rows: at most this many ``replica x example`` rows per forward call (memory bound; a
             batch is split into chunks of examples when one replica's rows exceed it, except under
             batch statistics).
+
+    A model that changes its input in place (``x -= mean``), or updates a buffer in its eval-mode
+    forward, raises a ValueError on the first batch, as the operators do (each chunk of replicas and
+    each perturbed pass would see other data, or another function).
     """
     replicas = as_replica_set(replicas, bn_mode)
     R = replicas.R
@@ -166,6 +187,7 @@ def collect_predictions(
     have_targets = True
     num_classes = None
     n_probe = 0
+    checked = False
     with torch.no_grad():
         for i, item in enumerate(iterate(data)):
             x, y = _split_item(item, i)
@@ -177,6 +199,9 @@ def collect_predictions(
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise ValueError(f"batch {i}: the inputs contain NaN or Inf")
             x = x.to(replicas.device, replicas.dtype) if x.is_floating_point() else x.to(replicas.device)
+            if not checked:
+                _check_model(replicas, x)
+                checked = True
             y = _as_labels(y)
             if y is None or y.dim() != 1 or y.is_floating_point():
                 if y is not None and have_targets:

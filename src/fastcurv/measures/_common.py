@@ -128,14 +128,15 @@ def loss_grad_at(op, theta: torch.Tensor, idx: torch.Tensor | None = None, *, ba
     total = torch.zeros(theta.shape[0], dtype=rs.dtype, device=rs.device)
     g_total = torch.zeros_like(theta)
     for _, x, y in _batches(op, batch):
-        def one(t, b):
-            out = rs.call(_as_dict(rs, t), b, x)
+        def one(t, b, xr):
+            out = rs.call(_as_dict(rs, t), b, xr)
             if output_map is not None:
                 out = output_map(out)
             value = loss.batch_loss(out, y)
             return value, value
 
-        g, value = vmap(grad(one, has_aux=True))(theta, bufs)
+        # (x shared by the replicas, or batched for a model that fills a tensor allocated from it: ReplicaSet.vmapped)
+        g, value = rs.vmapped(grad(one, has_aux=True), theta, bufs, x)
         total += value.detach()
         g_total += g.detach()
     return total.to(torch.float64).cpu(), g_total

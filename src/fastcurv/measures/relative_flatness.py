@@ -56,7 +56,8 @@ def feature_std(op, layer: str) -> torch.Tensor:
     rs = op.replicas
     module = dict(rs.base.named_modules())[layer]
     store = {}
-    handle = module.register_forward_pre_hook(lambda _m, args: store.__setitem__("x", args[0].detach()))
+    # (a copy: a model that changed that tensor in place after the layer read it would change the features)
+    handle = module.register_forward_pre_hook(lambda _m, args: store.__setitem__("x", args[0].detach().clone()))
     d = module.in_features
     count = torch.zeros(rs.R, 1, dtype=torch.float64)
     mean = torch.zeros(rs.R, d, dtype=torch.float64)
