@@ -278,3 +278,31 @@ def test_a_model_filling_a_tensor_from_its_input_trains_with_eval_train():
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     final = torch.tensor(hist.train_loss[-1], dtype=torch.float64)  # (the last epoch's, [R])
     torch.testing.assert_close(final, evaluate_population(models, x, y)["loss"], rtol=1e-13, atol=0)
+
+
+class _MaxNormEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.l = nn.Embedding(10, 4, max_norm=0.5), nn.Linear(4, 3)
+
+    def forward(self, t):
+        return self.l(self.e(t).mean(1))
+
+
+@pytest.mark.parametrize("backend", ["auto", "func", "autograd"])
+def test_a_model_that_writes_its_parameters_in_forward_is_named(backend):
+    """``nn.Embedding(max_norm=...)`` renormalizes the rows it looks up in place at every forward: the
+    operator's own copy of the weights changed under it, and the value check of the models guard
+    then blamed the user's untouched models ("the models changed since this HessianOperator was
+    built ... build a new HessianOperator", which could never help). The first-batch check now
+    names the parameter the forward writes, and the remedy."""
+    torch.manual_seed(0)
+    models = [_MaxNormEmbedding().double() for _ in range(2)]
+    with torch.no_grad():
+        for m in models:
+            m.e.weight.mul_(3.0)  # (rows longer than max_norm: the forward renormalizes them)
+    before = [m.e.weight.clone() for m in models]
+    t, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="writes into its parameter 'e.weight' in forward .*max_norm"):
+        fastcurv.HessianOperator(models, (t, y), backend=backend)
+    assert all(torch.equal(m.e.weight, w) for m, w in zip(models, before))

@@ -1038,8 +1038,9 @@ class ReplicaSet:
 
     def checked_call(self, x, r: int | None = None) -> torch.Tensor:
         """Replica ``r``'s outputs (default: the first replica with finite parameters) on ``x`` (a few
-        samples), computed on copies of ``x`` and of the replica's buffers, after a ValueError when the
-        forward changed either in place: fastcurv evaluates the replicas many times on the same
+        samples), computed on copies of ``x`` and of the replica's parameters and buffers, after a
+        ValueError when the forward changed one of them in place (a parameter: ``nn.Embedding``'s
+        ``max_norm`` renormalization): fastcurv evaluates the replicas many times on the same
         inputs, and with the same buffers (the set's stacked copies, which its vmapped forwards would
         write into), as fixed functions. A model that changes its input would see other data at every
         pass, and change the caller's (:func:`run_on_copy`); one that updates a buffer in its
@@ -1050,10 +1051,18 @@ class ReplicaSet:
         take) propagate as they are; a model that returns no tensor raises :func:`check_output`'s."""
         if r is None:
             r = int(self.finite.nonzero()[0]) if self.finite.any() else 0
-        params = {n: t[r] for n, t in self.params.items()}
+        params = {n: t[r].clone() for n, t in self.params.items()}
         buffers = {n: t[r].clone() for n, t in self.buffers.items()}
         versions = {n: _version(b) for n, b in buffers.items()}
+        param_versions = {n: _version(p) for n, p in params.items()}
         out = check_output(run_on_copy(lambda xc: self.call(params, buffers, xc), x))
+        for n, p in params.items():
+            if _version(p) != param_versions[n] or not _same_values(p, self.params[n][r]):
+                raise ValueError(
+                    f"the model writes into its parameter {n!r} in forward (nn.Embedding(max_norm=...) renormalizes "
+                    "the rows it looks up in place): fastcurv evaluates each replica as one fixed function, many "
+                    "times, at the weights the models hold; renormalize the weights once beforehand and build the "
+                    "model without the in-place write (max_norm=None)")
         for n, b in buffers.items():
             if _version(b) != versions[n] or not _same_values(b, self.buffers[n][r]):
                 raise ValueError(
