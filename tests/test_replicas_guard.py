@@ -452,3 +452,28 @@ def test_train_population_numpy_data_raises_a_clear_type_error():
     x, y = np.random.randn(8, 5).astype(np.float32), np.random.randint(0, 3, 8)
     with pytest.raises(TypeError, match="x and y must be tensors, got ndarray and ndarray.*torch.as_tensor"):
         train_population(lambda: nn.Sequential(nn.Linear(5, 3)), x, y, replicas=2, epochs=1, progress=False)
+
+
+def test_a_parameter_whose_storage_was_freed_is_a_change_not_a_crash():
+    """A parameter whose storage was freed under it after the build (``untyped_storage().resize_(0)``,
+    as FSDP does) killed the process with SIGSEGV at the next product: the value comparison read the
+    freed memory. It is reported as a change now. (In a subprocess: the old code would take pytest
+    down with it.)"""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, fastcurv
+        from torch import nn
+        models = [nn.Sequential(nn.Linear(4, 3)) for _ in range(2)]
+        op = fastcurv.HessianOperator(models, (torch.randn(6, 4), torch.randint(0, 3, (6,))), backend="autograd")
+        models[0][0].weight.untyped_storage().resize_(0)
+        try:
+            op.matvec(torch.randn(2, op.P))
+        except RuntimeError as e:
+            print("RAISED", e)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, (run.returncode, run.stderr[-500:])
+    assert "RAISED the models changed" in run.stdout and "'0.weight' of replica 0" in run.stdout

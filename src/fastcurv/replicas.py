@@ -93,6 +93,16 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
                                      and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
 
 
+def _in_storage(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` lies inside its storage: False for a tensor whose storage was
+    freed or shrunk under it (``untyped_storage().resize_(0)``, as FSDP does), which reading (a value
+    comparison, even ``torch.equal``) would crash the process on."""
+    if t.numel() == 0 or t.device.type == "meta" or t.layout != torch.strided:
+        return True
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.untyped_storage().nbytes() >= (last + 1) * t.element_size()
+
+
 def run_on_copy(run, x):
     """``run(c)`` on a copy ``c`` of the tensor ``x`` (anything else is passed as it is), after raising
     the ValueError :data:`INPUT_CHANGED` when ``run`` changed ``c`` in place: its version counter moved
@@ -901,7 +911,7 @@ class ReplicaSet:
             if owner is None:  # (its model was deleted, or the module swapped: a link tells)
                 continue
             t = getattr(owner, table).get(key, _MISSING)
-            if not isinstance(t, torch.Tensor):
+            if not isinstance(t, torch.Tensor) or not _in_storage(t):
                 return what
             if id(t) == tensor_id and t.data_ptr() == ptr:
                 if version is not None and _version(t) != version:
