@@ -477,3 +477,34 @@ def test_a_parameter_whose_storage_was_freed_is_a_change_not_a_crash():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, (run.returncode, run.stderr[-500:])
     assert "RAISED the models changed" in run.stdout and "'0.weight' of replica 0" in run.stdout
+
+
+def test_models_checked_once_checks_before_the_first_product_and_on_leaving():
+    """Within ``models_checked_once`` (batched_sharpness runs its job in one) the models are checked
+    before the first product only (the check reads every weight: up to half a product on deep nets
+    of small layers), and once more on leaving: a change made inside the block raises there, so a
+    run's results never silently mix weights; outside it every product checks."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double() for _ in range(2)]
+    op = fastcurv.HessianOperator(models, (torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))))
+    calls = []
+    real = op.replicas.changed_since_built
+    op.replicas.changed_since_built = lambda: calls.append(1) or real()
+    V = torch.randn(2, op.P, dtype=torch.float64)
+    with op.models_checked_once():
+        for _ in range(4):
+            op.matvec(V)
+        with op.models_checked_once():  # (nested: part of the outer block)
+            op.matvec(V)
+    assert len(calls) == 2  # the first product, and leaving the block
+    op.matvec(V)
+    op.matvec(V)
+    assert len(calls) == 4  # outside, every product
+    with pytest.raises(RuntimeError, match="models changed since this HessianOperator was built, while a run of its"):
+        with op.models_checked_once():
+            op.matvec(V)
+            with torch.no_grad():
+                models[1][0].weight.data.add_(1.0)
+            op.matvec(V)  # (not checked: inside the block)
+    with pytest.raises(RuntimeError, match="models changed since this HessianOperator was built \\("):
+        op.matvec(V)

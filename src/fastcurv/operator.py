@@ -1,6 +1,7 @@
 """The batched Hessian operator: R replicas x K probes per pass over the data."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import warnings
@@ -226,6 +227,44 @@ class HessianOperator:
         ``dict.setdefault`` is atomic, so two threads asking first get the same lock."""
         return self.__dict__.get("_lock") or self.__dict__.setdefault("_lock", threading.RLock())
 
+    @contextlib.contextmanager
+    def models_checked_once(self):
+        """Within it, this thread's computations check that the models did not change (see Snapshot)
+        before the first of them only, and once more on leaving (a RuntimeError then: the models
+        changed while the block ran, so its results mix weights). For a solver's run of products,
+        which nothing outside the block can interleave with; :func:`fastcurv.batched_sharpness` runs
+        its job in one. The check reads every weight once: on a deep net of small layers it costs up
+        to half of a product on few samples, repeated before every product otherwise. Nested blocks
+        are part of the outermost; other threads keep their own checks."""
+        scope = self._scope()
+        if getattr(scope, "active", False):
+            yield
+            return
+        scope.active, scope.checked = True, False
+        try:
+            yield
+        finally:
+            ran, scope.active, scope.checked = scope.checked, False, False
+        if ran:
+            self._check_models(", while a run of its products went on")
+
+    def _scope(self) -> threading.local:
+        """This operator's per-thread state of :meth:`models_checked_once` (made on first use, as :meth:`_guard`)."""
+        return self.__dict__.get("_checks") or self.__dict__.setdefault("_checks", threading.local())
+
+    def _check_models(self, when: str = "") -> None:
+        """RuntimeError when the models changed since the operator was built (see Snapshot)."""
+        changed = self.replicas.changed_since_built()
+        if changed:
+            exc = RuntimeError(
+                f"the models changed since this {type(self).__name__} was built{when} ({changed} was modified in "
+                "place, e.g. by an optimizer step or a write through .data, or replaced): the operator holds "
+                "copies of the weights it was built with and would give the old models' results; build a new "
+                f"{type(self).__name__} for the current weights (and do not train the models while it runs "
+                "a product: a write during one is not seen)")
+            mark_not_torch_func(exc, "the models changed")  # (auto must not fall back to autograd on it)
+            raise exc
+
     # --- shape facts -------------------------------------------------------------------------
     @property
     def R(self) -> int:
@@ -435,16 +474,10 @@ class HessianOperator:
         :func:`~fastcurv.backends.base.math_attention` (attention's fused kernels have no double or
         forward-mode derivative: every backend's products and gradients go through here)."""
         def checked():
-            changed = self.replicas.changed_since_built()
-            if changed:
-                exc = RuntimeError(
-                    f"the models changed since this {type(self).__name__} was built ({changed} was modified in "
-                    "place, e.g. by an optimizer step or a write through .data, or replaced): the operator holds "
-                    "copies of the weights it was built with and would give the old models' results; build a new "
-                    f"{type(self).__name__} for the current weights (and do not train the models while it runs "
-                    "a product: a write during one is not seen)")
-                mark_not_torch_func(exc, "the models changed")  # (auto must not fall back to autograd on it)
-                raise exc
+            scope = self._scope()
+            if not (getattr(scope, "active", False) and scope.checked):
+                self._check_models()
+                scope.checked = True  # (read only within models_checked_once)
             with math_attention():
                 return fn()
 
