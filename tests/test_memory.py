@@ -904,3 +904,26 @@ def test_the_plan_reads_a_loader_as_the_job_does():
                                     (torch.zeros(4, 12), torch.zeros(3, dtype=torch.long))], "1GiB", max_iter=5)
     with pytest.raises(ValueError, match="only empty batches"):
         memory.plan_memory(models, [(torch.zeros(0, 12), torch.zeros(0, dtype=torch.long))], "1GiB", max_iter=5)
+
+
+def test_the_plan_reads_the_subspace_options_as_whole_floats_too(one_thread):
+    """epsilon_sharpness_subspace takes whole floats for its counts (a JSON config's p=2000.0), but
+    the plan skipped any p, n_iter or max_matrix_bytes that was not an int: with p=2000.0 it left
+    the P x p matrix out (matrix_p 0; on a P = 12210 MLP a 96 MB matrix missing from a 150 MB
+    budget, then cached under the default 1 GiB cap). A measure's entry None (no options) raised
+    AttributeError in the plan; it is the defaults."""
+    from fastcurv.memory_job import job_shape
+
+    models, data = _job(R=2, n=16)
+    name, fields = "epsilon_sharpness_subspace", ("matrix_p", "matrix_shared", "matrix_products", "matrix_max")
+
+    def matrix(options):
+        shape, _ = job_shape(models, data, measures=(name, "rho_sharpness"), measure_options=options)
+        return {f: getattr(shape, f) for f in fields}
+
+    ints = matrix({name: {"p": 20, "n_iter": 3, "max_matrix_bytes": 4096}})
+    assert ints == {"matrix_p": 20, "matrix_shared": True, "matrix_products": 9, "matrix_max": 4096}
+    assert matrix({name: {"p": 20.0, "n_iter": 3.0, "max_matrix_bytes": 4096.0}}) == ints
+    P = sum(t.numel() for t in models[0].parameters())  # (the default p=1000, at most P)
+    assert matrix({name: None, "rho_sharpness": None}) == matrix({}) == {**ints, "matrix_p": min(1000, P),
+                                                                         "matrix_products": 23, "matrix_max": None}

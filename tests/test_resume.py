@@ -516,3 +516,40 @@ def test_a_tilde_path_of_an_unknown_user_is_named_before_any_work(tmp_path, monk
     with pytest.raises(ValueError, match="no user 'nosuchuser_fc25'"):
         resume.prepare_folder("~nosuchuser_fc25/report")
     assert not list(tmp_path.iterdir())
+
+
+
+def test_a_file_written_with_a_whole_float_count_resumes(tmp_path, monkeypatch, one_thread):
+    """Files written before the twenty-seventh round hold a count given as a whole float
+    (``max_iter=20.0``, a JSON config's) as that float in their config and fingerprint; once counts
+    were read as ints, resuming one raised FingerprintMismatch "differs in: unknown" (20.0 == 20),
+    with ``max_iter=20.0`` or ``20`` alike, and its saved chunks were lost. Such a file resumes, and
+    a mismatch names a value that differs only in its type."""
+    import hashlib
+
+    models, data = W.job(R=3)
+    out = tmp_path / "r.jsonl"
+    kw = dict(measures=("lambda_max",), progress=False, replica_chunk=2, output=str(out))
+    first = fastcurv.batched_sharpness(models, data, max_iter=20, **kw)
+    head, first_chunk, _ = out.read_text().splitlines()
+    head = json.loads(head)
+    # as the code before the twenty-seventh round wrote it for max_iter=20.0 (checked against it: nothing else differs)
+    head["config"]["max_iter"] = 20.0
+    head["fingerprint"] = hashlib.sha256(json.dumps(head["config"], sort_keys=True).encode()).hexdigest()[:32]
+    old_file = json.dumps(head) + "\n" + first_chunk + "\n"  # interrupted after its first chunk
+    chunks = []
+    real = fastcurv.sharpness.batched_sharpness
+    monkeypatch.setattr(fastcurv.sharpness, "batched_sharpness",
+                        lambda models, *a, **k: chunks.append(len(models)) or real(models, *a, **k))
+    for max_iter in (20.0, 20):
+        out.write_text(old_file)
+        chunks.clear()
+        again = fastcurv.batched_sharpness(models, data, max_iter=max_iter, **kw)
+        assert chunks == [1]  # the last replica's chunk alone
+        assert torch.equal(again["lambda_max"], first["lambda_max"])
+    out.write_text(old_file)
+    with pytest.raises(FingerprintMismatch, match=r"differs in: max_iter \(20.0 -> 20\), seed\)"):
+        fastcurv.batched_sharpness(models, data, max_iter=20, seed=1, **kw)
+    old, new = {"measure_options": {"m": {"p": 2.0}}, "R": 2}, {"measure_options": {"m": {"p": 2}}, "R": 2}
+    assert fingerprint.describe_changes(old, new, types=True) == "measure_options (m.p: 2.0 -> 2)"
+    assert fingerprint.describe_changes(old, new) == "unknown"  # (checkpoints compare values: 2.0 is 2 there)

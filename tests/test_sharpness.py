@@ -206,3 +206,21 @@ def test_gradient_start_is_taken_on_a_confident_float32_model():
     assert float(loss) < 1e-20 and float(g.abs().max()) > 0
     d = v.double() - z.double()  # the gradient's unit vector, when it was taken
     assert torch.allclose(d, g / g.norm(), atol=1e-5)
+
+
+def test_a_measure_entry_of_none_is_no_options(setup, tmp_path, one_thread):
+    """``measure_options={"mw_sharpness": None}`` (a YAML config's empty ``mw_sharpness:`` entry)
+    passed the option checks, which read None as no options, then raised Python's raw "argument
+    after ** must be a mapping, not NoneType" at the measure's call; also in a chunked job. Now it
+    is no options everywhere, and an entry that is no mapping is refused naming it."""
+    models, batches, _ = setup
+    kw = dict(measures=("mw_sharpness",), progress=False)
+    ref = fastcurv.batched_sharpness(models, batches, measure_options={"mw_sharpness": {"n_samples": 100}}, **kw)
+    for extra in ({}, dict(replica_chunk=2, output=str(tmp_path / "r.jsonl"))):
+        got = fastcurv.batched_sharpness(models, batches, measure_options={"mw_sharpness": None}, **kw, **extra)
+        torch.testing.assert_close(got["mw_sharpness"], ref["mw_sharpness"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"measure_options\['mw_sharpness'\] must be a dict \{option: value\} "
+                                         r"\(or None: no options\), got 5 \(int\)"):
+        fastcurv.batched_sharpness(models, batches, measure_options={"mw_sharpness": 5}, **kw)
+    with pytest.raises(ValueError, match=r"measure_options must be a dict \{measure: \{option: value\}\}, got a list"):
+        fastcurv.batched_sharpness(models, batches, measure_options=["mw_sharpness"], **kw)

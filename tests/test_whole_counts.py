@@ -108,3 +108,64 @@ def test_power_iteration_refuses_zero_iterations(op):
     """power_iteration(max_iter=0) returned NaN eigenvalues without an error."""
     with pytest.raises(ValueError, match="max_iter must be a positive integer, got 0"):
         power_iteration(op, max_iter=0)
+
+
+@pytest.fixture
+def user_measure():
+    """A measure registered as a user would (annotations as objects: this module has no ``from
+    __future__ import annotations``), recording the options it receives; unregistered after."""
+    from typing import Optional
+
+    from fastcurv.measures import OPTIONS, REGISTRY, REPLICA_NOISE, MeasureValue, register_measure
+
+    seen = {}
+
+    @register_measure("test_user_options", replica_noise=False)
+    def measure(op, *, seed, common, scale: float = 1, count: int = 2, maybe: Optional[int] = None, plain=3,
+                ratio=1.0, flag: bool = False):
+        seen.update(scale=scale, count=count, maybe=maybe, plain=plain, ratio=ratio, flag=flag)
+        return {"test_user_options": MeasureValue(torch.full((op.R,), float(scale), dtype=torch.float64))}
+
+    yield seen
+    for table in (REGISTRY, REPLICA_NOISE, OPTIONS):
+        table.pop("test_user_options", None)
+
+
+def test_a_user_measures_float_option_with_an_int_default_is_left_alone(job, user_measure):
+    """``scale: float = 1`` (a float option whose default is written as 1) was taken for an
+    integer from its default alone: 0.5 was refused ("must be an integer") and 2.0 reached the
+    measure as the int 2. An option is an integer by its annotation when it has one (``int``,
+    ``Optional[int]``: as an object, not only as text), by its int default when it has none."""
+    def run(**options):
+        fastcurv.batched_sharpness(*job, measures=("test_user_options",), progress=False,
+                                   measure_options={"test_user_options": options})
+        return {k: (user_measure[k], type(user_measure[k])) for k in options}
+
+    assert run(scale=0.5, ratio=2.0) == {"scale": (0.5, float), "ratio": (2.0, float)}
+    assert run(scale=2.0) == {"scale": (2.0, float)}
+    assert run(count=3.0, maybe=4.0, plain=5.0) == {"count": (3, int), "maybe": (4, int), "plain": (5, int)}
+    assert run(flag=True) == {"flag": (True, bool)}
+    for option in ("count", "maybe", "plain"):
+        with pytest.raises(ValueError, match=rf"measure_options\['test_user_options'\]\['{option}'\] must be an "
+                                             "integer, got 2.5"):
+            run(**{option: 2.5})
+
+
+def test_the_built_in_measures_integer_options():
+    """Every count of the built-in measures is an integer option (whole floats taken, others
+    refused), and nothing else is (rho, eps, r, eta, tol, ... reach the measures as given)."""
+    from fastcurv.sharpness import _integer_options, _load_measures
+
+    expected = {
+        "adaptive_avg_rho_sharpness": {"n_samples"}, "adaptive_rho_sharpness": {"n_iter"},
+        "avg_rho_sharpness": {"n_samples"}, "epsilon_sharpness": {"n_iter"},
+        "epsilon_sharpness_subspace": {"max_matrix_bytes", "n_iter", "p"}, "fisher_lambda_max": {"max_iter"},
+        "fisher_rao": {"depth"}, "fisher_trace": {"num_matvecs"}, "ggn_lambda_max": {"max_iter"},
+        "ggn_trace": {"num_matvecs"}, "jiang_sharpness": {"depth", "n_iter"},
+        "josz_level_distance": {"max_doublings", "n_bisect", "n_iter"}, "josz_variation": {"n_iter"},
+        "mw_sharpness": {"n_samples"}, "pac_bayes": {"depth", "mc_samples"},
+        "relative_flatness": {"num_probes", "probe_batch"}, "rho_sharpness": {"n_iter"},
+    }
+    measures = _load_measures()
+    assert {name for name, fn in measures.items() if fn.__module__.startswith("fastcurv.measures.")} == set(expected)
+    assert {name: _integer_options(name, measures[name]) for name in expected} == expected

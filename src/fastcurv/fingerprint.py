@@ -16,6 +16,7 @@ import dis
 import functools
 import hashlib
 import json
+import math
 import os
 import site
 import sysconfig
@@ -211,13 +212,32 @@ def _structure_change(old: list, new: list) -> str:
     return ""
 
 
-def describe_changes(old: dict, new: dict) -> str:
+def _type_change(a, b, where: str = "") -> str:
+    """For values equal by ``==`` (JSON-like: dicts, lists, scalars), the first place where their
+    types differ, as ``"[where: ]50.0 -> 50"`` (a float for an int, True for 1), or "" (none: the
+    same values, that a fingerprint spells alike)."""
+    if type(a) is not type(b):
+        return f"{where}: {a!r} -> {b!r}" if where else f"{a!r} -> {b!r}"
+    if isinstance(a, dict):
+        pairs = [(a[k], b[k], f"{where}.{k}" if where else str(k)) for k in a]
+    elif isinstance(a, (list, tuple)):
+        pairs = [(u, v, f"{where}[{i}]") for i, (u, v) in enumerate(zip(a, b))]
+    else:
+        return ""
+    return next((found for u, v, w in pairs if (found := _type_change(u, v, w))), "")
+
+
+def describe_changes(old: dict, new: dict, *, types: bool = False) -> str:
     """The keys whose values differ between two configurations, comma-separated; an architecture
-    change names its first differing module, and a setting that cannot be fingerprinted says so."""
+    change names its first differing module, and a setting that cannot be fingerprinted says so.
+    ``types``: also name values equal by ``==`` but of another type, which a fingerprint's digest
+    spells otherwise (``"max_iter (50.0 -> 50)"``; a results file's mismatch said "unknown")."""
     parts = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if a == b:
+            if types and (change := _type_change(a, b)):
+                parts.append(f"{key} ({change})")
             continue
         why = _unreliable_reasons(b)
         if key == "architecture" and isinstance(a, list) and isinstance(b, list):
@@ -297,14 +317,26 @@ def _config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _same_but_loss_spelling(old, digest: str) -> bool:
-    """Whether a results file's ``config`` is this job's but for its loss name's spelling: files
-    written before the twenty-fifth round hold the name as given ("MSE", "ce"), not
-    :func:`fastcurv.losses.canonical_name`'s, in their config and fingerprint."""
-    if not isinstance(old, dict) or not isinstance(old.get("loss"), str):
+# the counts batched_sharpness takes whole floats for, written as ints in configs since the 27th round
+_COUNT_KEYS = ("max_iter", "top_k", "trace_probes", "slq_steps", "slq_draws")
+
+
+def same_job_written_before(old, digest: str) -> bool:
+    """Whether a results file's ``config`` is this job's (``digest``) as an earlier fastcurv wrote
+    it: files written before the twenty-fifth round hold the loss name as given ("MSE", "ce"), not
+    :func:`fastcurv.losses.canonical_name`'s, and those written before the twenty-seventh a count
+    given as a whole float (``max_iter=50.0``, a JSON config's) as that float, where the settings now
+    hold the int; each in their config and fingerprint. Nothing else is read otherwise."""
+    if not isinstance(old, dict):
         return False
-    try:
-        config = {**old, "loss": canonical_name(old["loss"])}
-    except ValueError:
-        return False
+    config = dict(old)
+    if isinstance(config.get("loss"), str):
+        try:
+            config["loss"] = canonical_name(config["loss"])
+        except ValueError:
+            pass  # (not a loss name fastcurv knows: a file of another job)
+    for key in _COUNT_KEYS:
+        v = config.get(key)
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            config[key] = int(v)
     return _config_digest(config) == digest

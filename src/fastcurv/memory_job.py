@@ -19,6 +19,7 @@ from .data import Batches, LoaderPass, _as_loader, _KeptBatches
 from .memory_budget import format_bytes, parse_budget
 from .memory_model import (BASIS_COPIES, PROBE_BATCH, SAFETY, STATE_COPIES, VECTOR_COPIES, JobShape, MemoryPlan,
                            _parts, choose, estimate_bytes)
+from .solvers.lanczos import whole
 
 
 def _stage_vectors(P, *, measures, max_iter, eig_solver, trace_method, trace_probes, top_k, slq_steps, slq_draws,
@@ -186,7 +187,7 @@ def _subspace_matrix(shape: JobShape, rs, measures, measure_options, common) -> 
     name = "epsilon_sharpness_subspace"
     if name not in ((measures,) if isinstance(measures, str) else tuple(measures)):
         return
-    options = (measure_options or {}).get(name, {})
+    options = (measure_options or {}).get(name) or {}
     A = options.get("A")
     if isinstance(A, torch.Tensor) and A.dim() in (2, 3):
         shape.matrix_p = max(1, int(A.shape[-1]))
@@ -195,15 +196,14 @@ def _subspace_matrix(shape: JobShape, rs, measures, measure_options, common) -> 
         same = A.dtype == torch.promote_types(rs.dtype, torch.float32) and A.device == torch.device(rs.device)
         shape.matrix_injected = 0 if same else A.numel() * max(shape.itemsize, 4)
         return
-    p = options.get("p", 1000)
+    # whole floats (a JSON config's p=2000.0) as the measure takes them (batched_sharpness's _whole_options)
+    p, n_iter, mx = (whole(options.get(k, d)) for k, d in (("p", 1000), ("n_iter", 10), ("max_matrix_bytes", None)))
     if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1:
         return  # (the measure refuses it)
     shape.matrix_p = min(int(p), shape.P)
     shape.matrix_shared = bool(common)
-    n_iter = options.get("n_iter", 10)
     if isinstance(n_iter, numbers.Integral) and not isinstance(n_iter, bool) and n_iter >= 0:
         shape.matrix_products = 2 * (int(n_iter) + 1) + 1
-    mx = options.get("max_matrix_bytes")
     shape.matrix_max = int(mx) if isinstance(mx, numbers.Integral) and not isinstance(mx, bool) else None
 
 
@@ -214,7 +214,7 @@ def _whole_batches(rs, measures, measure_options) -> str:
                 "own statistics")
     options = measure_options or {}
     names = [m for m in ((measures,) if isinstance(measures, str) else measures)
-             if m in ("rho_sharpness", "adaptive_rho_sharpness") and options.get(m, {}).get("per_batch", True)]
+             if m in ("rho_sharpness", "adaptive_rho_sharpness") and (options.get(m) or {}).get("per_batch", True)]
     if names:
         return f"{' and '.join(names)} take each batch's worst case (per_batch=True)"
     return ""

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from .fingerprint import _same_but_loss_spelling, describe_changes
+from .fingerprint import describe_changes, same_job_written_before
 from .paths import expand_path, prepare_file, replace_atomically
 from .solvers import SpectralDensity
 
@@ -133,11 +133,11 @@ class ResultStore:
             raise ValueError(f"{path} is not a fastcurv results file (bad first line: {exc})") from None
         if not isinstance(head, dict) or head.get("fastcurv") != HEADER_TAG:
             raise ValueError(f"{path} is not a fastcurv results file; delete it or choose another output path")
-        if head.get("fingerprint") != self.digest and not _same_but_loss_spelling(head.get("config"), self.digest):
+        if head.get("fingerprint") != self.digest and not same_job_written_before(head.get("config"), self.digest):
             old = head.get("config")
             raise FingerprintMismatch(
                 f"{path} was written by a job with a different configuration (differs in: "
-                f"{describe_changes(old if isinstance(old, dict) else {}, self.config)}); "
+                f"{describe_changes(old if isinstance(old, dict) else {}, self.config, types=True)}); "
                 "rerun with the same models, data and arguments to resume, or use another output path")
         records = []
         for number, line in enumerate(lines[1:], start=2):

@@ -7,6 +7,7 @@ import json
 import numbers
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -232,9 +233,12 @@ def batched_sharpness(
         slq_steps, slq_draws: SLQ Lanczos steps and start vectors.
         progress: tqdm bar (None: only on a terminal; False: off).
         measure_options: ``{measure: {option: value}}`` for registered measures (see
-            :mod:`fastcurv.measures`), e.g. ``{"rho_sharpness": {"rho": 0.05}}``. An option whose
-            default is an integer (``n_iter``, ``n_samples``, ``num_matvecs``, ...) takes a whole
-            float too (``5.0``); another float there raises a ValueError naming it.
+            :mod:`fastcurv.measures`), e.g. ``{"rho_sharpness": {"rho": 0.05}}``. An option declared an
+            integer (annotated ``int``, ``int | None`` or ``Optional[int]``, or unannotated with an
+            int default: ``n_iter``, ``n_samples``, ``num_matvecs``, ...) takes a whole float too
+            (``5.0``, given on as ``5``); another float there raises a ValueError naming it. Other
+            options reach the measure as given (``scale: float = 1`` takes 0.5 and 2.0). A measure's
+            entry None (a YAML config's empty entry) is no options.
         Counts (``max_iter``, ``top_k``, ``trace_probes``, ``slq_steps``, ``slq_draws``) are
         positive integers; whole floats (a JSON or YAML config's ``100.0``) are taken as integers,
         anything else raises a ValueError naming the argument.
@@ -263,6 +267,7 @@ def batched_sharpness(
     # whole floats (a JSON config's 100.0) as ints from here on, in settings and fingerprints too (checked below)
     max_iter, top_k, trace_probes, slq_steps, slq_draws = map(whole, (max_iter, top_k, trace_probes, slq_steps,
                                                                       slq_draws))
+    measure_options = _option_dicts(measure_options)  # (here: the plan, chunks and measures see the same)
     plan = None
     if memory_budget is not None:
         from .data import SplitBatches, read_one_pass
@@ -610,19 +615,27 @@ def reuse_refusal(before: SharpnessResult, measures) -> str:
             "the trace switch trace_method='auto' from Hutch++ to the deflated estimator)")
 
 
+# the annotations declaring an integer, as text (``from __future__ import annotations`` keeps them so; str()
+# of ``int | None`` and ``typing.Optional[int]`` gives them so), spaces and "typing." removed
+_INT_ANNOTATIONS = ("int", "int|None", "None|int", "Optional[int]", "Union[int,None]", "Union[None,int]")
+
+
 def _takes_integer(p: inspect.Parameter) -> bool:
-    """Whether the parameter ``p`` takes an integer, by its default (an int, not a bool), or by its
-    annotation where the default is None (``int | None``)."""
-    if p.default is None:
-        return str(p.annotation).replace(" ", "") in ("int|None", "Optional[int]", "None|int")
+    """Whether the parameter ``p`` takes an integer: by its annotation when it has one (``int``,
+    ``int | None``, ``Optional[int]``; any other annotation, ``float`` included, is not an integer,
+    whatever the default: ``scale: float = 1`` takes 0.5), else by its default (an int, not a bool)."""
+    ann = p.annotation
+    if ann is not inspect.Parameter.empty:
+        text = ann.__name__ if isinstance(ann, type) else str(ann)
+        return text.replace(" ", "").replace("typing.", "") in _INT_ANNOTATIONS
     return isinstance(p.default, int) and not isinstance(p.default, bool)
 
 
 def _integer_options(name: str, fn) -> set:
     """The options of registered measure ``name`` (function ``fn``) that take integers, by their
-    defaults: ``fn``'s own keywords, and for those it takes through ``**options`` the functions of
-    its module that name them (e.g. pac_bayes's ``sigma_search``; an option counts when all of
-    them take an integer)."""
+    annotations or defaults (:func:`_takes_integer`): ``fn``'s own keywords, and for those it takes
+    through ``**options`` the functions of its module that name them (e.g. pac_bayes's
+    ``sigma_search``; an option counts when all of them take an integer)."""
     own = inspect.signature(fn).parameters
     module = sys.modules.get(fn.__module__)
     helpers = [f for f in vars(module).values()
@@ -638,6 +651,24 @@ def _integer_options(name: str, fn) -> set:
         if params and all(_takes_integer(p) for p in params):
             found.add(option)
     return found
+
+
+def _option_dicts(measure_options) -> dict | None:
+    """``measure_options`` with every measure's entry a dict: None (a YAML config's empty
+    ``mw_sharpness:`` entry) as no options; a ValueError naming an entry, or the whole argument,
+    that is not a mapping."""
+    if measure_options is None:
+        return None
+    if not isinstance(measure_options, Mapping):
+        raise ValueError(f"measure_options must be a dict {{measure: {{option: value}}}}, got a "
+                         f"{type(measure_options).__name__}")
+    out = {}
+    for name, options in measure_options.items():
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(f"measure_options[{name!r}] must be a dict {{option: value}} (or None: no options), got "
+                             f"{options!r:.80} ({type(options).__name__})")
+        out[name] = dict(options or {})
+    return out
 
 
 def _whole_options(name: str, fn, options: dict | None) -> dict | None:
