@@ -100,7 +100,8 @@ def _activation_stats(rs, x) -> tuple[int, int, int]:
             hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            out = rs.call({n: t[0] for n, t in rs.params.items()}, {n: t[0] for n, t in rs.buffers.items()}, x)
+            # (copies of the buffers: a forward that updates one must not write into the set's)
+            out = rs.call({n: t[0] for n, t in rs.params.items()}, {n: t[0].clone() for n, t in rs.buffers.items()}, x)
     finally:
         for h in hooks:
             h.remove()

@@ -80,6 +80,8 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
         xb = xb.to(rs.device, rs.dtype if xb.is_floating_point() else xb.dtype)
         yb = yb.to(rs.device)
         try:
+            if N == 0:  # one replica on copies of the first samples and of its buffers: a model that writes
+                rs.checked_call(xb[:8])  # into its input or buffers (ValueError) would shift the caller's data
             out = rs.forward(xb)
         except (RuntimeError, IndexError) as exc:
             if isinstance(exc, torch.OutOfMemoryError):

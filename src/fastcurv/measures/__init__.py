@@ -28,7 +28,10 @@ def register_measure(name: str, *, replica_noise=True, options: tuple = ()):
 
     options: for a function that takes ``**options``, the names it accepts there (its explicit
     keywords are read from its signature), so that a misspelt option is refused before any measure
-    runs (:func:`accepted_options`).
+    runs (:func:`accepted_options`). An option annotated ``int``, ``int | None`` or
+    ``Optional[int]`` (or unannotated with an int default) is an integer option:
+    ``batched_sharpness`` gives it whole floats (``5.0``, a config's) as ints and refuses other
+    floats; any other option (``scale: float = 1``) reaches the measure as given.
 
     replica_noise: whether, with ``common_random_numbers=False``, the measure draws one noise row
     per replica of the job it is given from a single stream, so that a replica's value depends on
