@@ -508,3 +508,17 @@ def test_models_checked_once_checks_before_the_first_product_and_on_leaving():
             op.matvec(V)  # (not checked: inside the block)
     with pytest.raises(RuntimeError, match="models changed since this HessianOperator was built \\("):
         op.matvec(V)
+
+
+def test_batched_sharpness_checks_the_models_once_per_job(monkeypatch):
+    """batched_sharpness runs its products in ``models_checked_once``: the models are checked before
+    the first product and after the last, not before each of its dozens (each check reads every
+    weight)."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double() for _ in range(2)]
+    calls = []
+    real = ReplicaSet.changed_since_built
+    monkeypatch.setattr(ReplicaSet, "changed_since_built", lambda self: calls.append(1) or real(self))
+    res = fastcurv.batched_sharpness(models, (torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))),
+                                     measures=("lambda_max", "trace"), trace_method="hutch++", progress=False)
+    assert res.num_matvecs > 20 and len(calls) <= 3, (res.num_matvecs, len(calls))

@@ -245,8 +245,8 @@ class HessianOperator:
             yield
         finally:
             ran, scope.active, scope.checked = scope.checked, False, False
-        if ran:
-            self._check_models(", while a run of its products went on")
+        if ran:  # (on every rank, as the products: a rank that raised alone would leave the others waiting)
+            self._on_all_ranks(lambda: self._check_models(", while a run of its products went on"), "the models check")
 
     def _scope(self) -> threading.local:
         """This operator's per-thread state of :meth:`models_checked_once` (made on first use, as :meth:`_guard`)."""

@@ -412,80 +412,83 @@ def batched_sharpness(
     negative = torch.zeros(op.R, dtype=torch.bool)  # power iteration's largest-modulus eigenvalue below 0
     untested = []  # measures' columns without a convergence test (flagged when not finite)
     try:
-        top = None
-        if "top_eigen_k" in out.estimator:  # (lambda_max, top_k or the deflated trace's basis)
-            k = out.estimator["top_eigen_k"]
-            if k > op.P:
-                raise ValueError(f"top_k={k} exceeds the number of parameters P={op.P} (the Hessian's dimension)")
-            bar.stage("top eigenvalues")
-            if eig_solver == "power":
-                if k > 1:
-                    raise ValueError("top_k needs eig_solver='lanczos'")
-                top = power_iteration(op, max_iter=max_iter, tol=tol, seed=seed, common=crn, callback=bar.tick)
-            else:
-                v0 = None
-                if eig_start == "gradient":
-                    v0, start_loss = _gradient_start(op, seed, crn)
-                    underflow = _underflowed(op, start_loss)
-                top = lanczos(op, k=k, max_iter=max_iter, tol=tol, v0=v0, seed=seed, common=crn, keep_basis=deflate,
-                              callback=bar.tick)
-                basis = top
-            if "lambda_max" in measures:
-                out.values["lambda_max"] = top.eigenvalues[:, 0]
-                out.error_bounds["lambda_max"] = top.error_bounds[:, 0]
-            if "top_k" in measures:
-                for i in range(k):
-                    out.values[f"lambda_{i + 1}"] = top.eigenvalues[:, i]
-            for name in ("lambda_max", "top_k"):  # (none for a run made only as the deflated trace's basis)
-                if name in measures:
-                    out.iterations[name] = top.iterations
-                    # lambda_max by its own column's test (top-k's lower columns may not have converged)
-                    own = name == "lambda_max" and top.column_converged is not None
-                    out.converged[name] = top.column_converged[:, 0].clone() if own else top.converged
-            if eig_solver == "power":  # (a value it stopped at without converging is flagged not converged alone)
-                negative = (top.eigenvalues[:, 0] < 0) & top.converged
-        if "lambda_min" in measures:
-            bar.stage("bottom eigenvalue")
-            low = lanczos(op, k=1, which="smallest", max_iter=max_iter, tol=tol, seed=seed + 7, common=crn, callback=bar.tick)
-            out.values["lambda_min"] = low.eigenvalues[:, 0]
-            out.error_bounds["lambda_min"] = low.error_bounds[:, 0]
-            out.iterations["lambda_min"] = low.iterations
-            out.converged["lambda_min"] = low.converged
-        if "trace" in measures:
-            bar.stage("trace")
-            if exact:
-                out.trace_method = "exact"
-                out.values["trace"] = op.exact_trace()
-                out.stderr["trace"] = torch.where(op.failed, float("nan"), 0.0).to(torch.float64)
-            else:
-                if basis is not None and basis.basis is not None:
-                    out.trace_method = "deflated"
-                    tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, basis=basis.basis,
-                                    basis_trace=basis.tridiag_trace, callback=bar.tick)
-                elif trace_method == "hutchinson":
-                    out.trace_method = "hutchinson"
-                    tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, callback=bar.tick)
+        # the models checked before the first product and after the last, not before each (the check
+        # reads every weight: on a deep net of small layers up to half a product on few samples)
+        with op.models_checked_once():
+            top = None
+            if "top_eigen_k" in out.estimator:  # (lambda_max, top_k or the deflated trace's basis)
+                k = out.estimator["top_eigen_k"]
+                if k > op.P:
+                    raise ValueError(f"top_k={k} exceeds the number of parameters P={op.P} (the Hessian's dimension)")
+                bar.stage("top eigenvalues")
+                if eig_solver == "power":
+                    if k > 1:
+                        raise ValueError("top_k needs eig_solver='lanczos'")
+                    top = power_iteration(op, max_iter=max_iter, tol=tol, seed=seed, common=crn, callback=bar.tick)
                 else:
-                    out.trace_method = "hutch++"
-                    tr = hutchpp(op, num_matvecs=trace_probes, seed=seed + 1, common=crn, callback=bar.tick)
-                out.values["trace"] = tr.trace
-                out.stderr["trace"] = tr.stderr
-        if "spectrum" in measures:
-            bar.stage("spectrum")
-            out.spectrum = slq(op, num_steps=slq_steps, num_draws=slq_draws, seed=seed + 2, common=crn, callback=bar.tick)
-        for name in measures:
-            if name in MEASURES:
-                continue
-            bar.stage(name)
-            for col, mv in extra[name](op, seed=seed, common=crn, **measure_options.get(name, {})).items():
-                out.values[col] = mv.value
-                if mv.stderr is not None:
-                    out.stderr[col] = mv.stderr
-                if mv.converged is not None:
-                    out.converged[col] = mv.converged
+                    v0 = None
+                    if eig_start == "gradient":
+                        v0, start_loss = _gradient_start(op, seed, crn)
+                        underflow = _underflowed(op, start_loss)
+                    top = lanczos(op, k=k, max_iter=max_iter, tol=tol, v0=v0, seed=seed, common=crn, keep_basis=deflate,
+                                  callback=bar.tick)
+                    basis = top
+                if "lambda_max" in measures:
+                    out.values["lambda_max"] = top.eigenvalues[:, 0]
+                    out.error_bounds["lambda_max"] = top.error_bounds[:, 0]
+                if "top_k" in measures:
+                    for i in range(k):
+                        out.values[f"lambda_{i + 1}"] = top.eigenvalues[:, i]
+                for name in ("lambda_max", "top_k"):  # (none for a run made only as the deflated trace's basis)
+                    if name in measures:
+                        out.iterations[name] = top.iterations
+                        # lambda_max by its own column's test (top-k's lower columns may not have converged)
+                        own = name == "lambda_max" and top.column_converged is not None
+                        out.converged[name] = top.column_converged[:, 0].clone() if own else top.converged
+                if eig_solver == "power":  # (a value it stopped at without converging is flagged not converged alone)
+                    negative = (top.eigenvalues[:, 0] < 0) & top.converged
+            if "lambda_min" in measures:
+                bar.stage("bottom eigenvalue")
+                low = lanczos(op, k=1, which="smallest", max_iter=max_iter, tol=tol, seed=seed + 7, common=crn, callback=bar.tick)
+                out.values["lambda_min"] = low.eigenvalues[:, 0]
+                out.error_bounds["lambda_min"] = low.error_bounds[:, 0]
+                out.iterations["lambda_min"] = low.iterations
+                out.converged["lambda_min"] = low.converged
+            if "trace" in measures:
+                bar.stage("trace")
+                if exact:
+                    out.trace_method = "exact"
+                    out.values["trace"] = op.exact_trace()
+                    out.stderr["trace"] = torch.where(op.failed, float("nan"), 0.0).to(torch.float64)
                 else:
-                    untested.append(col)
-            bar.tick()
+                    if basis is not None and basis.basis is not None:
+                        out.trace_method = "deflated"
+                        tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, basis=basis.basis,
+                                        basis_trace=basis.tridiag_trace, callback=bar.tick)
+                    elif trace_method == "hutchinson":
+                        out.trace_method = "hutchinson"
+                        tr = hutchinson(op, num_probes=trace_probes, seed=seed + 1, common=crn, callback=bar.tick)
+                    else:
+                        out.trace_method = "hutch++"
+                        tr = hutchpp(op, num_matvecs=trace_probes, seed=seed + 1, common=crn, callback=bar.tick)
+                    out.values["trace"] = tr.trace
+                    out.stderr["trace"] = tr.stderr
+            if "spectrum" in measures:
+                bar.stage("spectrum")
+                out.spectrum = slq(op, num_steps=slq_steps, num_draws=slq_draws, seed=seed + 2, common=crn, callback=bar.tick)
+            for name in measures:
+                if name in MEASURES:
+                    continue
+                bar.stage(name)
+                for col, mv in extra[name](op, seed=seed, common=crn, **measure_options.get(name, {})).items():
+                    out.values[col] = mv.value
+                    if mv.stderr is not None:
+                        out.stderr[col] = mv.stderr
+                    if mv.converged is not None:
+                        out.converged[col] = mv.converged
+                    else:
+                        untested.append(col)
+                bar.tick()
     finally:
         bar.close()
     out.ok = ~op.failed
