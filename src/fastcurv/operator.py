@@ -140,8 +140,10 @@ class HessianOperator:
     Not seen: a write made while a product runs (models trained by another thread meanwhile), and
     models deleted since. ``share_memory()`` and moving the models to another device are no change.
     The check costs one read of the weights and of the copies: for 10 MLPs 784-128-128-10 on one
-    CPU thread, 0.2-0.4 ms, 2% of a one-probe product on 256 samples (0.3% with 8 probes).
-    fastcurv's own measures never change the models (they perturb copies).
+    CPU thread, 0.2-0.4 ms, 2% of a one-probe product on 256 samples (0.3% with 8 probes), but up
+    to half a product on a deep net of small layers and few samples: a run of products in
+    :meth:`models_checked_once` (as ``batched_sharpness`` runs its job) checks before the first and
+    after the last only. fastcurv's own measures never change the models (they perturb copies).
 
     Threads: an operator may be shared by several threads; its computations (:meth:`matvec`,
     :meth:`loss_and_gradient`, :meth:`exact_trace`, :meth:`dense`) then run one at a time, under
