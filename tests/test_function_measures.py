@@ -501,3 +501,24 @@ def test_inputs_the_model_cannot_take_are_named():
     with pytest.raises(ValueError, match=r"cannot run on the first batch \(inputs \(5, 2\), torch.uint8\)"):
         fastcurv.function_measures(emb, torch.randint(0, 9, (5, 2), dtype=torch.uint8), measures="disagreement")
     assert fastcurv.function_measures(emb, torch.randint(0, 9, (5, 2)), measures="disagreement").ok.all()
+
+
+def test_batch_statistics_perturbation_compares_with_the_probes_own_statistics(one_thread):
+    """With bn_mode="batch" the perturbed passes normalize the probe by its own statistics (one
+    batch), but compared with the labels of the pass over the data, which normalized each batch by
+    its own: with a probe of 4 loader batches, even sigma = 1e-9 'changed' predictions, so
+    perturb_weakness_sigma1e-09 was [0, 0, 1] (for 1) and perturb_sigma_star sat at the bisection's
+    lower end for two replicas (7.8e-6, flagged 'not bracketed', for 0.0085 and 0.0117). The
+    reference labels are now the probe's own under its statistics: the measures equal those of the
+    probe given as the data."""
+    torch.manual_seed(5)
+    bn = [nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, K)).double() for _ in range(3)]
+    x, y = _data(256, seed=6)
+    kw = dict(measures=("perturbation_weakness",), bn_mode="batch", perturb_sigmas=(1e-9, 0.05), num_draws=4,
+              bisect_steps=8, probe_size=128)
+    got = fastcurv.function_measures(bn, _loader(x, y, 32), **kw)
+    want = fastcurv.function_measures(bn, (x[:128], y[:128]), **kw)  # (the probe is the one batch)
+    assert torch.equal(got["perturb_weakness_sigma1e-09"], torch.ones(3, dtype=torch.float64))
+    for c in want.values:
+        assert torch.equal(got[c], want[c]), c
+    assert got.flags == want.flags == ["", "", ""]

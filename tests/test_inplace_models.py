@@ -306,3 +306,97 @@ def test_a_model_that_writes_its_parameters_in_forward_is_named(backend):
     with pytest.raises(ValueError, match="writes into its parameter 'e.weight' in forward .*max_norm"):
         fastcurv.HessianOperator(models, (t, y), backend=backend)
     assert all(torch.equal(m.e.weight, w) for m, w in zip(models, before))
+
+
+def _prealloc_pair(R=2, n=16):
+    """Prealloc models, their torch.cat twins (the float64 oracle: the same function), data as two
+    batches, and probes ``[R, 2, P]``."""
+    x, y = _data(n)
+    models = _models(Prealloc, R=R)
+    twins = _twins(models, lambda: Prealloc(fill=False))
+    batches = [(x[: n // 2], y[: n // 2]), (x[n // 2:], y[n // 2:])]
+    P = sum(p.numel() for p in models[0].parameters())
+    V = torch.randn(R, 2, P, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return models, twins, (x, y), batches, V
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+@pytest.mark.parametrize("two_batches", [False, True])
+def test_func_backend_products_of_a_model_filling_a_tensor_from_its_input(reuse, two_batches):
+    """The func backend's products (mode "graph", with and without reuse) on a model that fills a
+    tensor it allocates from its input (``x.new_zeros``) raised torch's raw 'vmap: inplace
+    arithmetic ... please file a bug report': its vmapped forward and gradient maps took the input
+    unbatched. They now take it batched where the model needs it (ReplicaSet.vmapped), and give the
+    products of the same model written with torch.cat (float64, to rounding)."""
+    models, twins, one, batches, V = _prealloc_pair()
+    data = batches if two_batches else one
+    op = fastcurv.HessianOperator(models, data, backend="func", backend_options=dict(mode="graph", reuse=reuse))
+    ref = fastcurv.HessianOperator(twins, data, backend="autograd")
+    torch.testing.assert_close(op.matvec(V), ref.matvec(V), rtol=1e-12, atol=1e-14)
+    idx = torch.tensor([1])  # (one probe of one replica: the single-product path)
+    torch.testing.assert_close(op.matvec(V[1:, 0], idx), ref.matvec(V[1:, 0], idx), rtol=1e-12, atol=1e-14)
+    assert op.backend_name == "func"
+
+
+def test_func_backend_forward_mode_on_a_model_filling_a_tensor_from_its_input(monkeypatch):
+    """Mode "forward" refuses such a model by name (its slice writes are in-place copies into a view,
+    which ``torch.func.linearize`` gets wrong). Its products without reuse (``vmap(jvp(grad))``, which
+    the refusal covers only for simplicity) raised torch's raw vmap error where the scan is bypassed;
+    they now take the input batched and give the torch.cat model's products (float64, to rounding)."""
+    models, twins, data, _, V = _prealloc_pair()
+    with pytest.raises(ValueError, match="copy_ into a view"):
+        fastcurv.HessianOperator(models, data, backend="func", backend_options=dict(mode="forward", reuse=False))
+    import fastcurv.backends.func as func_backend
+
+    monkeypatch.setattr(func_backend, "traced_hazard", lambda replicas, x: None)
+    op = fastcurv.HessianOperator(models, data, backend="func", backend_options=dict(mode="forward", reuse=False))
+    want = fastcurv.HessianOperator(twins, data, backend="autograd").matvec(V)
+    torch.testing.assert_close(op.matvec(V), want, rtol=1e-12, atol=1e-14)
+    assert op.backend.mode == "forward" and op.backend.forward_error is None
+
+
+@pytest.mark.parametrize("cls", ["GGNOperator", "EmpiricalFisherOperator"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_ggn_and_fisher_products_of_a_model_filling_a_tensor_from_its_input(cls, loss):
+    """The GGN and empirical-Fisher operators raised torch's raw 'vmap: inplace arithmetic ...'
+    on a model that fills a tensor it allocates from its input (their vmapped jvp/vjp closures took
+    the input unbatched). They now give the products of the same model written with torch.cat
+    (float64, to rounding), checked also against the dense J^T H_out J of replica 0 (GGN)."""
+    models, twins, _, batches, V = _prealloc_pair()
+    if loss == "mse":
+        batches = [(x, torch.nn.functional.one_hot(y, 3).double()) for x, y in batches]
+    Op = getattr(fastcurv.curvature, cls)
+    op, ref = Op(models, batches, loss=loss), Op(twins, batches, loss=loss)
+    got = op.matvec(V)
+    torch.testing.assert_close(got, ref.matvec(V), rtol=1e-12, atol=1e-14)
+    if cls == "GGNOperator" and loss == "cross_entropy":  # (an oracle outside the GGN engine)
+        m = twins[0]
+        names = [n for n, _ in m.named_parameters()]
+        shapes = [p.shape for _, p in m.named_parameters()]
+        theta = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+        def f(t, x):
+            parts = dict(zip(names, (c.reshape(s) for c, s in zip(t.split([s.numel() for s in shapes]), shapes))))
+            return torch.func.functional_call(m, parts, (x,))
+
+        G = torch.zeros(len(theta), len(theta), dtype=torch.float64)
+        N = sum(len(x) for x, _ in batches)
+        for x, y in batches:
+            J = torch.autograd.functional.jacobian(lambda t: f(t, x), theta).reshape(len(x), 3, -1)
+            p = f(theta, x).softmax(1)
+            H = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / N
+            G += torch.einsum("nap,nab,nbq->pq", J, H, J)
+        torch.testing.assert_close(got[0], V[0] @ G.T, rtol=1e-10, atol=1e-13)
+
+
+def test_evaluate_population_refuses_a_model_that_changes_its_input():
+    """evaluate_population ran a model that writes into its input (``x -= 0.5``) on the caller's
+    tensor: every chunk of replicas saw other data, and the caller's x came back shifted by 0.5. It
+    raises the ValueError of the other entry points now, the caller's data untouched."""
+    torch.manual_seed(0)
+    models = [Shift() for _ in range(2)]
+    x, y = torch.rand(10, 4), torch.randint(0, 3, (10,))
+    keep = x.clone()
+    with pytest.raises(ValueError, match="changes its input"):
+        evaluate_population(models, x, y)
+    assert torch.equal(x, keep)

@@ -19,7 +19,9 @@
   one sample is the *mean* over its C outputs, give 1/C of ``"mse"``'s empirical Fisher (the loss,
   gradient, Hessian and GGN agree).
 
-Both cost about two passes (one jvp, one vjp) per probe and batch, vmapped over replicas.
+Both cost about two passes (one jvp, one vjp) per probe and batch, vmapped over replicas (the inputs
+shared by them, or batched for a model that fills a tensor it allocates from its input:
+:meth:`fastcurv.ReplicaSet.vmapped`).
 """
 from __future__ import annotations
 
@@ -50,16 +52,17 @@ class _JtMJBackend(Backend):
         tangents = {n: v for n, v in zip(rs.names, vecs)}
         out = [torch.zeros_like(v) for v in vecs]
         for _, x, y in self.batches:
-            def one(p, b, t):
-                f = self._f(b, x, y)
+            def one(pt, b, xr):
+                p, t = pt
+                f = self._f(b, xr, y)
                 val, pull = vjp(f, p)
                 jv = vmap(lambda tk: jvp(f, (p,), (tk,))[1])(t)  # [K, ...]
                 mjv = vmap(lambda j: self._middle(val, j, y))(jv)
                 return vmap(lambda c: pull(c)[0])(mjv)
 
-            tk = {n: t for n, t in tangents.items()}
             try:
-                res = vmap(one, in_dims=(0, 0, 0))(params, buffers, tk)
+                # (x shared by the replicas, or batched for a model that fills a tensor allocated from it)
+                res = rs.vmapped(one, (params, tangents), buffers, x)
             except NotImplementedError as exc:
                 raise NotImplementedError(
                     f"the {self.name} operator differentiates {self.forward_mode_of} in forward mode, which torch does "

@@ -418,7 +418,10 @@ class FuncBackend(Backend):
             raised) and the backend switched to mode "graph": then its warning.
 
     :class:`~fastcurv.HessianOperator` runs products and gradients under
-    :func:`~.base.math_attention` (attention's fused kernels have no double backward).
+    :func:`~.base.math_attention` (attention's fused kernels have no double backward). Every
+    vmapped map takes the batch's inputs shared by the replicas, or, for a model that fills a tensor
+    it allocates from its input (``x.new_zeros(...)`` written through slices), batched as a view
+    (:meth:`~fastcurv.ReplicaSet.vmapped`, remembered by the replica set after its first failure).
     """
 
     name = "func"
@@ -466,10 +469,11 @@ class FuncBackend(Backend):
     def _grad_map(self, buffers, x, y):
         rs, loss = self.replicas, self.loss
 
-        def one(p, b):
-            return loss.batch_loss(rs.call(p, b, x), y)
+        def one(p, b, xr):
+            return loss.batch_loss(rs.call(p, b, xr), y)
 
-        return lambda params: vmap(grad(one))(params, buffers)
+        # (x shared by the replicas, or batched for a model that fills a tensor allocated from it: ReplicaSet.vmapped)
+        return lambda params: rs.vmapped(grad(one), params, buffers, x)
 
     def _linearized(self, i, x, y, idx):
         key = tuple(idx.tolist()) if idx is not None else None
@@ -586,10 +590,10 @@ class FuncBackend(Backend):
         rs, loss = self.replicas, self.loss
         leaves = [params[n].detach().requires_grad_(True) for n in rs.names]
 
-        def one(p, b):
-            return loss.batch_loss(rs.call(p, b, x), y)
+        def one(p, b, xr):
+            return loss.batch_loss(rs.call(p, b, xr), y)
 
-        total = vmap(one)(dict(zip(rs.names, leaves)), buffers).sum()
+        total = rs.vmapped(one, dict(zip(rs.names, leaves)), buffers, x).sum()
         grads = torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True)
         used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
 
@@ -673,16 +677,19 @@ class FuncBackend(Backend):
 
     def _hvp_map(self, x, y):
         """``(params [Ra, ...], buffers [Ra, ...], tangents [Ra, K, ...]) -> products [Ra, K, ...]``
-        on batch ``(x, y)`` without reuse: ``jvp`` of ``grad``, vmapped over probes and replicas."""
+        on batch ``(x, y)`` without reuse: ``jvp`` of ``grad``, vmapped over probes and replicas (``x``
+        shared by the replicas, or batched for a model that needs it: ReplicaSet.vmapped)."""
         rs = self.replicas
 
-        def hvp(p, b, v):
+        def hvp(p, b, v, xr):
             def g(q):
-                return grad(lambda q_: self.loss.batch_loss(rs.call(q_, b, x), y))(q)
+                return grad(lambda q_: self.loss.batch_loss(rs.call(q_, b, xr), y))(q)
 
             return jvp(g, (p,), (v,))[1]
 
-        return vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, 0))
+        per_replica = vmap(hvp, in_dims=(None, None, 0, None))
+        return lambda params, buffers, v: rs.vmapped(lambda pv, b, xr: per_replica(pv[0], b, pv[1], xr),
+                                                     (params, v), buffers, x)
 
     def _unreused(self, params, buffers, vecs, out, x, y):
         """Add one batch's products without reuse (jvp of grad, vmapped over replicas and probes)

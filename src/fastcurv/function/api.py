@@ -146,7 +146,9 @@ def function_measures(
             config's ``8.0``, too).
         bn_mode: "eval" (BatchNorm running statistics) or "batch" (each batch's statistics), as in
             :class:`fastcurv.HessianOperator`; default (None): "eval" for a list, a ReplicaSet's
-            own mode for a ReplicaSet (another mode than its own raises a ValueError).
+            own mode for a ReplicaSet (another mode than its own raises a ValueError). With
+            "batch", the perturbed passes run the probe as one batch (its own statistics) and
+            compare with the unperturbed predictions under the same statistics.
         seed: seeds the perturbation draws (the same draws for every replica shape, and for every
             bisection step: common random numbers).
         probs_dtype: the dtype of the softmax probabilities "soft" keeps (``[R, M, K]``; default:
@@ -155,6 +157,13 @@ def function_measures(
         max_rows: at most this many replica x example rows per forward call, the perturbed passes
             included (replicas and examples are chunked; the results do not depend on it). With
             batch statistics (``bn_mode="batch"``) a batch, and the probe, is never split.
+
+    Half precision: the perturbed passes (perturbation weakness, the bisected ``pacbayes_mag_sigma``)
+    run float16/bfloat16 models on float32 copies of their parameters, buffers and probe inputs
+    (the models are not changed), compared with the float32 forward's own predictions on the probe
+    (:func:`fastcurv.function.weakness.working_precision`): in their own dtype the noise rounded
+    away below the rounding unit. Their values are those of the same weights as float32 models;
+    the other measures evaluate the models in their own dtype.
     """
     if isinstance(measures, str):
         measures = (measures,)
@@ -216,14 +225,21 @@ def function_measures(
 
     probe = preds.probe_inputs
     probe_ref = preds.labels[:, : probe.shape[0]] if probe is not None else None
+    # the replicas the perturbed passes run: float16/bfloat16 ones as float32 copies (weakness.working_precision),
+    # compared with the float32 forward's own labels (the half-precision ones differ where logits nearly tie);
+    # with batch statistics, compared with the labels under the probe's statistics, which the perturbed passes
+    # use (the pass over the data normalized each batch by its own)
+    prs, probe = (rs, probe) if probe is None else weakness.working_precision(rs, probe)
+    if probe is not None and (prs is not rs or rs.batch_statistics):
+        probe_ref = weakness.reference_labels(prs, probe, max_rows)
     sat = {}  # column -> [R] bool: its noise bisection did not bracket the crossing
     if "perturbation_weakness" in measures:
         for s in map(float, perturb_sigmas):
-            _, unchanged = weakness.perturbation_agreement(rs, probe, probe_ref, torch.full((R,), s),
+            _, unchanged = weakness.perturbation_agreement(prs, probe, probe_ref, torch.full((R,), s),
                                                            num_draws=num_draws, seed=seed, max_rows=max_rows)
             V[f"perturb_weakness_sigma{s:g}"] = unchanged
         agree = torch.full((R,), 1.0 - delta, dtype=torch.float64)
-        star, sat_star = weakness.bisect_sigma(rs, probe, probe_ref, agree, num_draws=num_draws, seed=seed + 1,
+        star, sat_star = weakness.bisect_sigma(prs, probe, probe_ref, agree, num_draws=num_draws, seed=seed + 1,
                                                steps=bisect_steps, sigma_max=sigma_max, max_rows=max_rows)
         V["perturb_sigma_star"] = star
         sat["perturb_sigma_star"] = sat_star
@@ -240,7 +256,7 @@ def function_measures(
                 target = base - 0.1
             else:
                 target = torch.full((R,), 0.9, dtype=torch.float64)
-            sig, sat_sig = weakness.bisect_sigma(rs, probe, probe_ref, target, num_draws=num_draws, seed=seed + 2,
+            sig, sat_sig = weakness.bisect_sigma(prs, probe, probe_ref, target, num_draws=num_draws, seed=seed + 2,
                                                  steps=bisect_steps, sigma_max=sigma_max, kind="magnitude", targets=tg,
                                                  max_rows=max_rows)
             sat["pacbayes_mag_sigma"] = sat_sig

@@ -15,9 +15,14 @@ networks is not published, see reference/measures.md sections 3.13 and 5.3).
    fraction of ``num_draws`` draws that leave *every* probe prediction unchanged, and ``sigma*``
    is the noise level, found by bisection in log space, at which the mean agreement of the
    perturbed predictions with the replica's own falls to ``1 - delta``.
+
+Half precision: the perturbed passes run float16/bfloat16 models in float32
+(:func:`working_precision`), as the loss-based perturbation measures do
+(:func:`fastcurv.measures._common.working_precision`).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -74,6 +79,44 @@ class PermissionWeakness(Accumulator):
         return out
 
 
+def working_precision(rs: ReplicaSet, x: torch.Tensor | None = None):
+    """``(rs, x)`` as they are for float32 and float64 models; for float16/bfloat16 ones a copy of the
+    replica set in float32 (``torch.promote_types(dtype, float32)``: its parameters and floating
+    buffers converted, exactly; the models are not touched) and ``x`` (probe inputs, or None)
+    converted if floating. In the models' own dtype the multiplicative noise ``theta * (1 + sigma *
+    xi)`` rounded back to ``theta`` below the rounding unit (bfloat16: every draw at sigma = 5e-4 left
+    the weights unchanged: ``perturb_weakness_sigma0.0005`` 1.0 where float32 gives 0.5), and ``perturb_sigma_star``
+    came out 11-18% low. Idempotent: a float32 set comes back as it is."""
+    wide = torch.promote_types(rs.dtype, torch.float32)
+    if wide != rs.dtype:
+        rs_wide = copy.copy(rs)  # (ReplicaSet.__getstate__: a copy watches no models, drops the sparse-forward caches)
+        rs_wide.params = {n: t.to(wide) for n, t in rs.params.items()}
+        rs_wide.buffers = {n: t.to(wide) if t.is_floating_point() else t for n, t in rs.buffers.items()}
+        rs_wide.dtype = wide
+        rs = rs_wide
+    if x is not None and x.is_floating_point() and x.dtype != rs.dtype:
+        x = x.to(rs.dtype)
+    return rs, x
+
+
+def reference_labels(rs: ReplicaSet, x: torch.Tensor, max_rows: int = 1 << 19) -> torch.Tensor:
+    """Argmax predictions ``[R, N]`` (int64, CPU) of the unperturbed replicas on probe inputs ``x`` in
+    their :func:`working_precision`: what the perturbed passes' predictions are compared with (a
+    half-precision forward's own labels can differ from the float32 forward's where logits nearly
+    tie, which would count as changed by the noise at any sigma)."""
+    rs, x = working_precision(rs, x)
+    R, N = rs.R, x.shape[0]
+    rc, n = row_chunks(R, N, max_rows, rs.batch_statistics)
+    xs = [x] if n >= N else list(x.split(n))
+    with torch.no_grad():
+        rows = []
+        for r0 in range(0, R, rc):
+            idx = torch.arange(r0, min(R, r0 + rc), device=rs.device)
+            params, buffers = rs.subset(idx)
+            rows.append(torch.cat([rs.forward_with(params, buffers, xc).argmax(-1) for xc in xs], dim=1))
+    return torch.cat(rows).cpu()
+
+
 def _perturbed_labels(rs: ReplicaSet, xs: list, sigma: torch.Tensor, noise: list, kind: str, eps: float,
                       rows: slice) -> torch.Tensor:
     """Argmax predictions ``[Rc, N]`` of replicas ``rows``, each with its weights perturbed at its own
@@ -104,9 +147,12 @@ def perturbation_counts(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, sigm
     """Per replica, over ``num_draws`` draws (the same draws for every call with this seed: common
     random numbers), int64 ``[R]`` counts: ``(predictions equal to ref, out of num_draws * N;
     draws with every prediction unchanged)``. With ``targets``, the first counts the correct
-    predictions instead. x: ``[N, ...]`` probe inputs; ref: ``[R, N]`` classes; sigma: ``[R]``.
+    predictions instead. x: ``[N, ...]`` probe inputs; ref: ``[R, N]`` classes, the unperturbed
+    predictions in the working precision (:func:`reference_labels`); sigma: ``[R]``. The replicas
+    are perturbed and run in their :func:`working_precision` (float32 for float16/bfloat16 models).
     At most ``max_rows`` replica x example rows per forward call (:func:`row_chunks`; the draws
     do not depend on the chunks)."""
+    rs, x = working_precision(rs, x)
     R, N = rs.R, x.shape[0]
     rc, n = row_chunks(R, N, max_rows, rs.batch_statistics)
     xs = [x] if n >= N else list(x.split(n))  # x itself: ReplicaSet keeps its CSR form across calls
@@ -132,6 +178,7 @@ def perturbation_agreement(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, s
     """Per replica ``(mean agreement with ref, fraction of draws with every prediction unchanged)``
     (float64, from :func:`perturbation_counts`). With ``targets``, the first value is the mean
     accuracy instead of the agreement."""
+    rs, x = working_precision(rs, x)  # (once, not per call of perturbation_counts)
     hits, unchanged = perturbation_counts(rs, x, ref, sigma, num_draws=num_draws, seed=seed, kind=kind, eps=eps,
                                           targets=targets, max_rows=max_rows)
     return hits.double() / (num_draws * x.shape[0]), unchanged.double() / num_draws
@@ -157,9 +204,11 @@ def bisect_sigma(rs: ReplicaSet, x: torch.Tensor, ref: torch.Tensor, target: tor
     integer counts (:func:`count_threshold`), so an exact tie counts as reached.
     Returns ``(sigma [R], saturated [R] bool)``; ``saturated`` marks replicas whose crossing was
     not bracketed (still above target near ``sigma_max``, or already below near the lower end).
+    The replicas run in their :func:`working_precision`; ``ref`` as for :func:`perturbation_counts`.
     """
     if not 0 < sigma_max < math.inf:
         raise ValueError(f"sigma_max must be positive and finite, got {sigma_max}")
+    rs, x = working_precision(rs, x)  # (once, not per step)
     lo0, hi0 = sigma_max * 2.0**-20, float(sigma_max)
     lo = torch.full((rs.R,), lo0, dtype=torch.float64)
     hi = torch.full((rs.R,), hi0, dtype=torch.float64)
