@@ -1046,6 +1046,16 @@ class ReplicaSet:
         out, self._batched_input = vmap_replicas(fn, params, buffers, x, getattr(self, "_batched_input", False))
         return out
 
+    def in_dtype(self, dtype: torch.dtype) -> "ReplicaSet":
+        """A copy of this set with its parameters and floating buffers in floating dtype ``dtype`` (the
+        models are not touched; the copy watches no models and has no sparse-forward caches: see
+        ``__getstate__``). The perturbation measures run float16/bfloat16 replicas in float32 on it."""
+        wide = copy.copy(self)
+        wide.params = {n: t.to(dtype) for n, t in self.params.items()}
+        wide.buffers = {n: t.to(dtype) if t.is_floating_point() else t for n, t in self.buffers.items()}
+        wide.dtype = dtype
+        return wide
+
     def checked_call(self, x, r: int | None = None) -> torch.Tensor:
         """Replica ``r``'s outputs (default: the first replica with finite parameters) on ``x`` (a few
         samples), computed on copies of ``x`` and of the replica's parameters and buffers, after a

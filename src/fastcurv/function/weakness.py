@@ -22,7 +22,6 @@ Half precision: the perturbed passes run float16/bfloat16 models in float32
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -89,11 +88,7 @@ def working_precision(rs: ReplicaSet, x: torch.Tensor | None = None):
     came out 11-18% low. Idempotent: a float32 set comes back as it is."""
     wide = torch.promote_types(rs.dtype, torch.float32)
     if wide != rs.dtype:
-        rs_wide = copy.copy(rs)  # (ReplicaSet.__getstate__: a copy watches no models, drops the sparse-forward caches)
-        rs_wide.params = {n: t.to(wide) for n, t in rs.params.items()}
-        rs_wide.buffers = {n: t.to(wide) if t.is_floating_point() else t for n, t in rs.buffers.items()}
-        rs_wide.dtype = wide
-        rs = rs_wide
+        rs = rs.in_dtype(wide)
     if x is not None and x.is_floating_point() and x.dtype != rs.dtype:
         x = x.to(rs.dtype)
     return rs, x

@@ -15,8 +15,6 @@ evaluated in float32 (see there).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch.func import grad, vmap
 
@@ -45,12 +43,7 @@ class Widened:
 
     def __init__(self, op, dtype: torch.dtype):
         self.source, self.loss, self.failed = op, op.loss, op.failed
-        rs = op.replicas
-        wide = copy.copy(rs)  # (ReplicaSet.__getstate__: a copy watches no models and drops the sparse-forward caches)
-        wide.params = {n: t.to(dtype) for n, t in rs.params.items()}
-        wide.buffers = {n: t.to(dtype) if t.is_floating_point() else t for n, t in rs.buffers.items()}
-        wide.dtype = dtype
-        self.replicas = wide
+        self.replicas = op.replicas.in_dtype(dtype)
         self.batches = _WidenedBatches(op.batches, dtype)
 
     R = property(lambda self: self.replicas.R)
