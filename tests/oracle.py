@@ -101,3 +101,22 @@ def pairwise_ce_product(p, t):
 def rowwise_error(got, want) -> float:
     """The largest relative error of the rows (last dimension) of ``got`` against float64 ``want``."""
     return float(((got.double().cpu() - want).norm(dim=-1) / want.norm(dim=-1)).max())
+
+
+def sgd_loop(build, x, y, seeds, *, lr=0.1, epochs=2, batch_size=16, momentum=0.9, weight_decay=0.0):
+    """Each replica alone, trained by torch.optim.SGD with cross-entropy on the batches
+    train_population gives it (``epoch_order`` of its seed), the model as built (training mode): the
+    reference the training tests compare with."""
+    from fastcurv.train import epoch_order, init_replicas
+
+    models = init_replicas(build, seeds)
+    for s, m in zip(seeds, models):
+        opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        for e in range(epochs):
+            order = epoch_order(s, e, len(x))
+            for k in range(0, len(x), batch_size):
+                i = order[k:k + batch_size]
+                opt.zero_grad()
+                nn.functional.cross_entropy(m(x[i]), y[i]).backward()
+                opt.step()
+    return models

@@ -14,7 +14,9 @@ from fastcurv.function import collect_predictions
 from fastcurv.measures._common import loss_grad_at
 from fastcurv.replicas import ReplicaSet
 from fastcurv.reparam import fold_batchnorm, rescale_layers
-from fastcurv.train import epoch_order, evaluate_population, init_replicas, train_population
+from fastcurv.train import evaluate_population, train_population
+
+from oracle import sgd_loop
 
 
 class Shift(nn.Module):
@@ -125,20 +127,6 @@ def test_function_measures_refuse_a_model_that_changes_its_input():
     assert torch.equal(res["test_error"], want) and torch.equal(x, before)
 
 
-def _torch_loop(build, x, y, seeds, lr=0.1, epochs=2, bs=16):
-    models = init_replicas(build, seeds)
-    for s, m in zip(seeds, models):
-        opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
-        for e in range(epochs):
-            order = epoch_order(s, e, len(x))
-            for k in range(0, len(x), bs):
-                i = order[k:k + bs]
-                opt.zero_grad()
-                F.cross_entropy(m(x[i]), y[i]).backward()
-                opt.step()
-    return models
-
-
 @pytest.mark.parametrize("eval_train", [False, True])
 def test_train_population_refuses_a_model_that_changes_its_input(eval_train):
     """train_population trained a model that centres its inputs in place (``x -= 0.5``) on data its
@@ -189,7 +177,7 @@ def test_training_checks_do_not_run_the_models_buffers():
     build = lambda: Counted(always=True).double()  # noqa: E731
     got, _ = train_population(build, x, y, seeds=[0, 1], lr=0.1, batch_size=16, epochs=2, progress=False,
                               eval_train=False)
-    want = _torch_loop(build, x, y, [0, 1])
+    want = sgd_loop(build, x, y, [0, 1])
     for g, w in zip(got, want):
         assert float(g.calls) == float(w.calls) == 6
         for (n, a), (_, b) in zip(g.named_parameters(), w.named_parameters()):

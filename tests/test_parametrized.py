@@ -21,6 +21,8 @@ from fastcurv.replicas import InPlaceSpectralNorm, PlainWeightNorm, ReplicaSet, 
 from fastcurv.train import train_population
 from fastcurv.train_eval import evaluate_population
 
+from oracle import sgd_loop
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 _G = "0.parametrizations.weight.original0"
@@ -266,24 +268,6 @@ def test_function_measures_of_parametrized_replicas_are_each_replicas_own():
                                            msg=f"{kind} {key} {r}")
 
 
-def _sgd_loop(build, x, y, seeds, *, lr, epochs, batch_size):
-    """Each replica alone with torch.optim.SGD (momentum 0.9) on train_population's batches, the
-    model in training mode as torch trains it (spectral norm's power iteration at every forward)."""
-    from fastcurv.train import epoch_order, init_replicas
-
-    models = init_replicas(build, seeds)
-    for s, m in zip(seeds, models):
-        opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
-        for e in range(epochs):
-            order = epoch_order(s, e, len(x))
-            for k in range(0, len(x), batch_size):
-                i = order[k:k + batch_size]
-                opt.zero_grad()
-                F.cross_entropy(m(x[i]), y[i]).backward()
-                opt.step()
-    return models
-
-
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 @pytest.mark.parametrize("arch, fused, engine", [("mlp", None, "vmap"), ("conv", None, "per-replica autograd"),
                                                  ("conv", False, "vmap")])
@@ -302,7 +286,7 @@ def test_parametrized_replicas_train_as_torch_optim(kind, arch, fused, engine):
     kw = dict(lr=0.1, epochs=2, batch_size=8)
     models, history = train_population(build, x, y, seeds=[0, 1, 2], fused=fused, progress=False, **kw)
     assert history.engine.startswith(engine)
-    for m, ref in zip(models, _sgd_loop(build, x, y, [0, 1, 2], **kw)):
+    for m, ref in zip(models, sgd_loop(build, x, y, [0, 1, 2], **kw)):
         for (n, t), (n_ref, t_ref) in zip(m.state_dict().items(), ref.state_dict().items()):
             assert n == n_ref
             torch.testing.assert_close(t, t_ref, rtol=1e-12, atol=1e-14, msg=n)
@@ -315,7 +299,7 @@ def test_spectral_norm_trains_one_replica_under_vmap():
     kw = dict(lr=0.1, epochs=1, batch_size=10)
     (m,), history = train_population(lambda: _mlp("spectral_norm"), x, y, seeds=[4], progress=False, **kw)
     assert history.engine.startswith("vmap")
-    (ref,) = _sgd_loop(lambda: _mlp("spectral_norm"), x, y, [4], **kw)
+    (ref,) = sgd_loop(lambda: _mlp("spectral_norm"), x, y, [4], **kw)
     for (n, t), (_, t_ref) in zip(m.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(t, t_ref, rtol=1e-12, atol=1e-14, msg=n)
 

@@ -14,6 +14,8 @@ import fastcurv.train_engine as train_engine
 from fastcurv.train import epoch_order, evaluate_population, init_replicas, train_population
 from fastcurv.train_fused import plan_mlp
 
+from oracle import sgd_loop
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -24,21 +26,6 @@ def _data(n=24, d=6, classes=3, seed=0, dtype=torch.float64):
 
 def _flat(models):
     return torch.cat([t.detach().reshape(-1) for m in models for t in m.state_dict().values()])
-
-
-def _sgd_loop(build, x, y, seeds, *, lr, epochs, batch_size, momentum=0.9, weight_decay=0.0):
-    """Each replica alone with torch.optim.SGD on train_population's batches."""
-    models = init_replicas(build, seeds)
-    for s, m in zip(seeds, models):
-        opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-        for e in range(epochs):
-            order = epoch_order(s, e, len(x))
-            for k in range(0, len(x), batch_size):
-                i = order[k:k + batch_size]
-                opt.zero_grad()
-                F.cross_entropy(m(x[i]), y[i]).backward()
-                opt.step()
-    return models
 
 
 def test_a_module_used_twice_in_a_sequential_is_planned_at_every_use():
@@ -77,7 +64,7 @@ def test_a_module_used_twice_in_a_sequential_is_planned_at_every_use():
     assert plan is None and "Linear layer 0 is applied more than once" in why
     got, h = train_population(tied, x, y, **kw)
     assert h.engine.startswith("vmap (Linear layer 0 is applied more than once")
-    torch.testing.assert_close(_flat(got), _flat(_sgd_loop(tied, x, y, [0, 1], lr=0.1, epochs=2, batch_size=16)),
+    torch.testing.assert_close(_flat(got), _flat(sgd_loop(tied, x, y, [0, 1], lr=0.1, epochs=2, batch_size=16)),
                                rtol=1e-9, atol=1e-10)
 
 
@@ -216,7 +203,7 @@ def test_parameters_the_forward_does_not_use_stay_as_they_are(conv):
     models, h = train_population(build, x, y, seeds=[0, 1], lr=0.1, weight_decay=0.01, batch_size=8, epochs=2,
                                  progress=False)
     assert h.engine.startswith("per-replica autograd" if conv else "vmap")
-    ref = _sgd_loop(build, x, y, [0, 1], lr=0.1, weight_decay=0.01, epochs=2, batch_size=8)
+    ref = sgd_loop(build, x, y, [0, 1], lr=0.1, weight_decay=0.01, epochs=2, batch_size=8)
     torch.testing.assert_close(_flat(models), _flat(ref), rtol=1e-9, atol=1e-10)
     init = init_replicas(build, [0, 1])
     assert all(torch.equal(a.aux.weight, b.aux.weight) for a, b in zip(models, init))

@@ -103,6 +103,19 @@ def _in_storage(t: torch.Tensor) -> bool:
     return t.untyped_storage().nbytes() >= (last + 1) * t.element_size()
 
 
+# checked_call's errors for a forward that writes into a parameter or a buffer of the replica
+_WRITTEN_IN_FORWARD = {
+    "params": ("the model writes into its parameter {!r} in forward (nn.Embedding(max_norm=...) renormalizes the rows "
+               "it looks up in place): fastcurv evaluates each replica as one fixed function, many times, at the "
+               "weights the models hold; renormalize the weights once beforehand and build the model without the "
+               "in-place write (max_norm=None)"),
+    "buffers": ("the model updates its buffer {!r} in forward in eval mode (a call counter, a quantization observer's "
+                "statistics, an average updated whatever the mode): fastcurv evaluates each replica as one fixed "
+                "function, many times, with the buffers the models hold; make the update conditional on training "
+                "(if self.training: ...), or keep that state out of the model's buffers"),
+}
+
+
 def run_on_copy(run, x):
     """``run(c)`` on a copy ``c`` of the tensor ``x`` (anything else is passed as it is), after raising
     the ValueError :data:`INPUT_CHANGED` when ``run`` changed ``c`` in place: its version counter moved
@@ -1071,25 +1084,13 @@ class ReplicaSet:
         take) propagate as they are; a model that returns no tensor raises :func:`check_output`'s."""
         if r is None:
             r = int(self.finite.nonzero()[0]) if self.finite.any() else 0
-        params = {n: t[r].clone() for n, t in self.params.items()}
-        buffers = {n: t[r].clone() for n, t in self.buffers.items()}
-        versions = {n: _version(b) for n, b in buffers.items()}
-        param_versions = {n: _version(p) for n, p in params.items()}
-        out = check_output(run_on_copy(lambda xc: self.call(params, buffers, xc), x))
-        for n, p in params.items():
-            if _version(p) != param_versions[n] or not _same_values(p, self.params[n][r]):
-                raise ValueError(
-                    f"the model writes into its parameter {n!r} in forward (nn.Embedding(max_norm=...) renormalizes "
-                    "the rows it looks up in place): fastcurv evaluates each replica as one fixed function, many "
-                    "times, at the weights the models hold; renormalize the weights once beforehand and build the "
-                    "model without the in-place write (max_norm=None)")
-        for n, b in buffers.items():
-            if _version(b) != versions[n] or not _same_values(b, self.buffers[n][r]):
-                raise ValueError(
-                    f"the model updates its buffer {n!r} in forward in eval mode (a call counter, a quantization "
-                    "observer's statistics, an average updated whatever the mode): fastcurv evaluates each replica as "
-                    "one fixed function, many times, with the buffers the models hold; make the update conditional "
-                    "on training (if self.training: ...), or keep that state out of the model's buffers")
+        copies = {kind: {n: t[r].clone() for n, t in getattr(self, kind).items()} for kind in ("params", "buffers")}
+        versions = {(kind, n): _version(t) for kind, ts in copies.items() for n, t in ts.items()}
+        out = check_output(run_on_copy(lambda xc: self.call(copies["params"], copies["buffers"], xc), x))
+        for kind, ts in copies.items():
+            for n, t in ts.items():
+                if _version(t) != versions[(kind, n)] or not _same_values(t, getattr(self, kind)[n][r]):
+                    raise ValueError(_WRITTEN_IN_FORWARD[kind].format(n))
         return out
 
     def _sparse_rows(self, plan, x: torch.Tensor):
