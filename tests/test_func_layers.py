@@ -116,25 +116,6 @@ KNOWN = {  # layer -> (model, the name the error gives)
 }
 
 
-@pytest.mark.parametrize("layer", sorted(KNOWN))
-def test_forward_mode_is_refused_through_layers_torch_gets_wrong(layer):
-    """Mode "forward" (``compile=True``'s default) through these layers gave Hessian products off the
-    dense Hessian by 10% (LayerNorm), 15% (affine InstanceNorm), 16% (SyncBatchNorm without running
-    statistics), 100% (circular padding; NaN compiled), raised torch's raw "The size of tensor a (2)
-    must match ..." (GroupNorm) or drifted further off with every product (RMSNorm: 1e-4 in float32
-    after 200), silently. Now ``mode="forward"`` raises naming the layer, and ``compile=True`` runs
-    mode "graph" with a warning naming it, with the exact products."""
-    make, named = KNOWN[layer]
-    models, data = _replicas(make), _images()
-    with pytest.raises(ValueError, match=f"mode='forward' gives wrong Hessian products through .*{named}"):
-        fastcurv.HessianOperator(models, data, backend="func", backend_options={"mode": "forward"})
-    with pytest.warns(RuntimeWarning, match=f"mode 'graph' runs uncompiled \\(mode 'forward' .*{named}"):
-        op = fastcurv.HessianOperator(models, data, backend="func", backend_options={"compile": True})
-    assert op.backend.mode == "graph"
-    V = _probes(op)
-    torch.testing.assert_close(op.matvec(V), _oracle(models, data, V), rtol=1e-9, atol=1e-12)
-
-
 def test_eval_batchnorm_and_other_paddings_keep_forward_mode():
     """The refusal is by layer: eval-mode (Sync)BatchNorm and reflect padding, exact in mode
     "forward", keep it (and its products match the oracle)."""
@@ -161,10 +142,15 @@ TRACED = {  # what no module type names: the hazard scan's forward pass sees the
 }
 
 
-@pytest.mark.parametrize("case", list(TRACED))
-def test_forward_mode_is_refused_through_ops_a_forward_pass_shows(case):
-    """Mode "forward" through these (torch.func.linearize of the vmapped gradient, with reuse) was
-    only checked numerically at its first product, and the check could pass by chance: circular
+@pytest.mark.parametrize("case", sorted(KNOWN) + list(TRACED))
+def test_forward_mode_is_refused_through_layers_and_ops_torch_gets_wrong(case):
+    """Mode "forward" (``compile=True``'s default) through these layers gave Hessian products off the
+    dense Hessian by 10% (LayerNorm), 15% (affine InstanceNorm), 16% (SyncBatchNorm without running
+    statistics), 100% (circular padding; NaN compiled), raised torch's raw "The size of tensor a (2)
+    must match ..." (GroupNorm) or drifted further off with every product (RMSNorm: 1e-4 in float32
+    after 200), silently; they are refused by module type. Through the ops no module type names
+    (torch.func.linearize of the vmapped gradient, with reuse) it was only checked numerically at
+    its first product, and the check could pass by chance: circular
     ``F.pad`` fills a ``new_empty`` tensor through slices, and linearize's constant folding
     computes what reads it before those in-place writes run, from uninitialized memory: 90-140% off
     or NaN, but exact in 1 of 50 and 16 of 200 tries in one process (the memory held the right values),
@@ -177,9 +163,9 @@ def test_forward_mode_is_refused_through_ops_a_forward_pass_shows(case):
     op before anything runs: ``mode="forward"`` raises naming it and the module it ran in,
     ``compile=True`` runs mode "graph" with a warning naming it, with the exact products (three
     times: in-place drift would show)."""
-    make, named = TRACED[case]
+    make, named = {**KNOWN, **TRACED}[case]
     models, data = _replicas(make), _images()
-    with pytest.raises(ValueError, match=f"mode='forward' gives wrong Hessian products through {named}"):
+    with pytest.raises(ValueError, match=f"mode='forward' gives wrong Hessian products through .*{named}"):
         fastcurv.HessianOperator(models, data, backend="func", backend_options={"mode": "forward"})
     with pytest.warns(RuntimeWarning, match=f"mode 'graph' runs uncompiled \\(mode 'forward' .*{named}"):
         op = fastcurv.HessianOperator(models, data, backend="func", backend_options={"compile": True})
