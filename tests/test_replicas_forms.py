@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import fastcurv
-from fastcurv import reparam, replicas
+from fastcurv import model_checks, reparam
 from fastcurv.function.predictions import collect_predictions
 from fastcurv.replicas import REPLICA_SET_NOT_TAKEN, ReplicaSet, validate_models
 
@@ -213,8 +213,8 @@ def test_models_are_validated_once_per_call(monkeypatch):
     again (70-110 ms at R=128-256). The list validate_models returns is not checked again, unless
     its models were replaced or training-mode settings are asked for."""
     calls = []
-    check = replicas._check_settings  # (runs on a full validation only)
-    monkeypatch.setattr(replicas, "_check_settings", lambda models, training: calls.append(len(models)) or check(models, training))
+    check = model_checks._check_settings  # (runs on a full validation only)
+    monkeypatch.setattr(model_checks, "_check_settings", lambda models, training: calls.append(len(models)) or check(models, training))
     torch.manual_seed(0)
     ms = [nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)) for _ in range(3)]
     x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))

@@ -12,7 +12,8 @@ from torch import nn
 
 import fastcurv
 from fastcurv.measures._common import loss_at
-from fastcurv.replicas import ReplicaSet, _validated, validate_models
+from fastcurv.model_checks import _validated
+from fastcurv.replicas import ReplicaSet, validate_models
 from fastcurv.train import train_population
 from fake_device import OnOtherDevice
 
