@@ -128,7 +128,7 @@ _GLOSSARY = (
                                "probe prediction unchanged (steps of 1 / num_draws)"),
     ("perturb_sigma_star", "the noise scale at which prediction agreement falls to 1 - delta"),
     ("compressed_bytes_", "size of the 8-bit quantized weights compressed (bytes; larger = less simple)"),
-    ("sq_weight_norm", "squared L2 norm of all parameters"),
+    ("sq_weight_norm", "squared L2 norm of all parameters (a parametrized layer's original tensors)"),
     # (before pacbayes_mag_kl, a prefix of its name; function_measures calls it pacbayes_mag_sigma)
     ("pacbayes_mag_kl_sigma", "simplicity: the noise scale sigma' its magnitude-aware PAC-Bayes KL term uses "
                               "(function_measures' pacbayes_mag_sigma: function_kwargs' pacbayes_sigma, or bisected "

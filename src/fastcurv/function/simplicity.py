@@ -5,7 +5,9 @@ not invariant to reparameterisation; reference/measures.md sections 3.14 and 5.3
   uniform quantisation ``q = round(255 * (w - min) / (max - min))``: the compressed codes plus 8
   bytes per tensor, its min and max as two float32 stored uncompressed. Fewer bytes = simpler: the column is a size, so its
   sign is the opposite of a "simplicity" score (measures.md section 5.3 uses -bytes).
-* ``sq_weight_norm``: ``||theta||_2^2`` over all parameters.
+* ``sq_weight_norm``: ``||theta||_2^2`` over all parameters, as the model holds them: a
+  parametrized layer's original tensors (weight norm's ``g`` and ``v``, ``original`` of
+  spectral norm), not the weight they compute, as for every measure here and the Hessian.
 * ``pacbayes_mag_kl``: the magnitude-aware PAC-Bayes KL term of Jiang et al. (2020),
   ``1/4 sum_i log[(eps^2 + (s^2 + 1) ||theta||^2 / P) / (eps^2 + s^2 (theta_i - w0_i)^2)]
   + log(m / s) + 10`` with ``s = sigma'``, P parameters, m training examples, w0 the initial
