@@ -434,3 +434,30 @@ def test_relative_flatness_on_a_parametrized_feature_layer_names_the_parametriza
     res = fastcurv.batched_sharpness([m], (x, y), measures=("relative_flatness",), progress=False,
                                      measure_options={"relative_flatness": {"layer": "0", "method": "exact"}})
     assert torch.isfinite(res["relative_flatness"]).all()
+
+
+def test_keskar_normalization_of_a_negative_loss_is_nan_and_warned():
+    """Keskar's ``/(1 + L)`` assumes L >= 0. A Poisson NLL (log-rate outputs) is negative near its fit:
+    epsilon_sharpness was -0.74, -4.37, -8.63 (full loss -1.60, -1.26, -1.17) with no flag, and it
+    explodes as L -> -1. Now: NaN where 1 + L <= 0, a warning naming the replicas, and the values of a
+    replica with a positive loss unchanged."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    x = torch.randn(32, 5, dtype=torch.float64)
+    t = torch.poisson(torch.full((32, 2), 4.0, dtype=torch.float64))
+    models = []
+    for s, shift in enumerate((1.386, 1.486, -3.0)):  # (the last: far from the rates, a positive loss)
+        torch.manual_seed(s)
+        m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+        with torch.no_grad():
+            m[2].bias.fill_(shift)
+        models.append(m)
+    loss = lambda z, y: F.poisson_nll_loss(z, y, log_input=True)  # noqa: E731
+    base, _ = fastcurv.HessianOperator(models, (x, t), loss=loss).loss_and_gradient()
+    assert base[0] < -1 and base[1] < -1 and base[2] > 0
+    with pytest.warns(RuntimeWarning, match=r"negative for replicas \[0, 1\]"):
+        r = fastcurv.batched_sharpness(models, (x, t), loss=loss, measures=("epsilon_sharpness",), progress=False)
+    value = r["epsilon_sharpness"]
+    assert math.isnan(value[0]) and math.isnan(value[1])
+    alone = fastcurv.batched_sharpness(models[2:], (x, t), loss=loss, measures=("epsilon_sharpness",), progress=False)
+    assert value[2] > 0 and float(value[2]) == pytest.approx(float(alone["epsilon_sharpness"][0]), rel=1e-9)

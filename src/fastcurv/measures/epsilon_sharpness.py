@@ -1,7 +1,10 @@
 """Keskar et al. (ICLR 2017, arXiv 1609.04836, Metric 2.1) epsilon-sharpness, full space (A = I):
 
 ``phi = 100 * [max_{y in C_eps} L(theta + y) - L(theta)] / (1 + L(theta))``, with the box
-``C_eps = {|y_i| <= eps (|theta_i| + 1)}``. Units: percent of ``1 + L``.
+``C_eps = {|y_i| <= eps (|theta_i| + 1)}``. Units: percent of ``1 + L``. The normalization assumes
+a non-negative loss, as cross-entropy and MSE are: for a loss that can go negative (a Poisson or
+Gaussian negative log-likelihood with its constants dropped) a replica with ``1 + L <= 0`` gets NaN,
+and one with ``-1 < L < 0`` its value inflated by ``1 / (1 + L)``; both with a RuntimeWarning.
 
 Keskar et al. maximize with L-BFGS-B (10 iterations); fastcurv replaces it by batched projected
 sign-gradient ascent in the box (APGD, :mod:`._ascent`; ``n_iter`` steps, default 10), which
@@ -47,7 +50,21 @@ def epsilon_sharpness_values(op, *, seed: int = 0, common: bool = True, eps: flo
     best, delta, _ = apgd_ascent(lambda t: loss_grad_at(op, t), theta, torch.full((op.R,), float(eps), dtype=torch.float64),
                              p="linf", c=theta.abs() + 1, n_iter=n_iter, generator=torch.Generator().manual_seed(seed),
                              common=common)
-    return 100 * (best - base).clamp_min(0.0) / (1 + base), delta
+    return _keskar_percent("epsilon_sharpness", best, base), delta
+
+
+def _keskar_percent(name: str, best: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``100 (best - base)_+ / (1 + base)`` ``[R]``, NaN where ``1 + base <= 0`` (the normalization
+    assumes a non-negative loss: there it would flip the sign or divide by zero), with a
+    RuntimeWarning naming the replicas whose loss is negative."""
+    negative = (base < 0).nonzero().flatten().tolist()
+    if negative:
+        warnings.warn(f"{name}: the loss is negative for replicas {negative[:10]}{' ...' if len(negative) > 10 else ''} "
+                      "(min {:.4g}); Keskar's normalization by 1 + L assumes L >= 0: the value is inflated by "
+                      "1 / (1 + L) where -1 < L < 0, and NaN where L <= -1".format(base.min().item()),
+                      RuntimeWarning, stacklevel=3)
+    value = 100 * (best - base).clamp_min(0.0) / (1 + base)
+    return value.masked_fill(1 + base <= 0, float("nan"))
 
 
 @register_measure("epsilon_sharpness")
@@ -89,7 +106,7 @@ def epsilon_subspace_values(op, *, seed: int = 0, common: bool = True, eps: floa
     y0 = torch.zeros(op.R, sub.p, device=op.device, dtype=op.dtype)
     best, y, _ = apgd_ascent(objective, y0, torch.full((op.R,), float(eps), dtype=torch.float64), p="linf", c=half,
                              n_iter=n_iter, generator=torch.Generator().manual_seed(seed), common=common)
-    return 100 * (best - base).clamp_min(0.0) / (1 + base), y, sub
+    return _keskar_percent("epsilon_sharpness_subspace", best, base), y, sub
 
 
 @register_measure("epsilon_sharpness_subspace")
