@@ -1,7 +1,7 @@
 """The ``fastcurv`` command line.
 
-* ``fastcurv demo``: train a small population on the embedded digits, print its sharpness table
-  and correlations, write a report folder (see :func:`fastcurv.demo.demo`).
+* ``fastcurv demo``: train a small population on the embedded digits, print its headline
+  correlations and invariance audit, write a report folder (see :func:`fastcurv.demo.demo`).
 * ``fastcurv study``: the same pipeline on MNIST / Fashion-MNIST / digits with any settings, from
   flags or a YAML / JSON config file (flags override the file); curvature measures
   (batched_sharpness) and function-space measures (function_measures), correlations, invariance
@@ -10,6 +10,10 @@
 A bad setting, config file or path ends the command with one line ``fastcurv <command>: <what is
 wrong>`` on stderr and exit code 2 (as argparse's own usage errors), before any training where it
 can be known then. Paths (flags and config files alike) may start with ``~``, the home folder.
+Relative paths in a config file are relative to the config file's folder; those given as flags,
+to the current folder (the ``config.yaml`` a study writes holds absolute paths). With ``--out``
+overriding a config's ``out``, its ``checkpoint`` and ``sharpness_kwargs["output"]`` move along
+when they lay inside the config's ``out`` folder (they belong to that study).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ def _int_or_ints(text: str):
 
 
 _PATH_SETTINGS = ("out", "checkpoint", "data_root")  # study settings that are paths
+_NO_CHECKPOINT = ("", "none", "off", "no", "false")  # checkpoint values meaning "no checkpoint"
 
 
 def _expand(path):
@@ -54,9 +59,27 @@ def _expand(path):
     return expand_path(path)
 
 
+def _yaml_loader():
+    """PyYAML's SafeLoader reading numbers as YAML 1.2 does: PyYAML (YAML 1.1) reads ``1e-3`` and
+    ``1.0e3`` (no dot, or no exponent sign) as strings, which reached ``sharpness_kwargs`` /
+    ``function_kwargs`` / ``measure_options`` as strings and failed after training."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # (appended after PyYAML's own resolvers: an int stays an int, what YAML 1.1 reads as a float is unchanged)
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
+                                 list("-+0123456789."))
+    return Loader
+
+
 def _load_config(path: str) -> dict:
-    """The settings in a JSON (``.json``) or YAML file (``~`` expanded); a ValueError saying what is
-    wrong with it."""
+    """The settings in a JSON (``.json``) or YAML file (``~`` expanded; numbers read as YAML 1.2
+    reads them: ``1e-3`` is a number); a ValueError saying what is wrong with it."""
     p = Path(_expand(path))
     if not p.is_file():
         raise ValueError(f"config file {path} not found")
@@ -72,7 +95,7 @@ def _load_config(path: str) -> dict:
         except ImportError:
             raise ValueError("reading a YAML config needs PyYAML (pip install pyyaml), or use a .json file") from None
         try:
-            cfg = yaml.safe_load(text) or {}
+            cfg = yaml.load(text, Loader=_yaml_loader()) or {}
         except yaml.YAMLError as e:
             mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -90,7 +113,8 @@ def _fail(command: str, error: Exception) -> int:
 
 def _add_study_flags(p: argparse.ArgumentParser):
     S = argparse.SUPPRESS  # absent flags do not override the config file
-    p.add_argument("--config", help="YAML or JSON file with study settings (flags override it)")
+    p.add_argument("--config", help="YAML or JSON file with study settings (flags override it; its relative paths "
+                                    "are relative to its folder)")
     p.add_argument("--data", default=S, help="digits (embedded, default), mnist or fashion-mnist")
     p.add_argument("--data-root", default=S, help="folder with the IDX files (default: search FASTCURV_DATA, ../shared/data, ...)")
     p.add_argument("--n-train", type=int, default=S, help="random training subset size (mnist / fashion-mnist)")
@@ -116,8 +140,9 @@ def _add_study_flags(p: argparse.ArgumentParser):
                         "disagreement,gde,soft")
     p.add_argument("--target", choices=("test_acc", "test_loss", "gap"), default=S)
     p.add_argument("--n-boot", type=int, default=S, help="bootstrap resamples for the CI")
-    p.add_argument("--checkpoint", default=S, help="training checkpoint file (resumes when it exists; 'none': no "
-                                                    "checkpoint). One inside the config's out folder follows --out")
+    p.add_argument("--checkpoint", default=S, help="training checkpoint file (resumes when it exists; 'none' or "
+                                                    "'off': no checkpoint). One inside the config's out folder follows "
+                                                    "--out")
     p.add_argument("--threads", type=int, default=S, help="torch threads (1 is fastest for tiny models)")
     p.add_argument("--audit", dest="audit", action="store_true", default=S, help="run the invariance audit (default)")
     p.add_argument("--no-audit", dest="audit", action="store_false", default=S, help="skip the invariance audit")
@@ -133,14 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="store_true", help="print the version and exit")
     sub = ap.add_subparsers(dest="command")
 
-    d = sub.add_parser("demo", help="train a small population on the embedded digits, print its sharpness table")
+    d = sub.add_parser("demo", help="train a small population on the embedded digits, print its headline "
+                                    "correlations and audit, write a report folder")
     d.add_argument("--replicas", type=int, default=8, help="number of replicas R (default 8)")
     d.add_argument("--seed", type=int, default=0, help="first seed; replicas use seed..seed+R-1")
     d.add_argument("--out", default="fastcurv-demo", help="report folder (default ./fastcurv-demo)")
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default 15)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    s = sub.add_parser("study", help="train, measure, correlate and report (flags or --config file)")
+    s = sub.add_parser("study", help="train, measure, correlate and report (flags or --config file)",
+                       description="Train, measure, correlate and report, from flags or a YAML / JSON --config file "
+                                   "(flags override it). Relative paths in a config file (out, checkpoint, "
+                                   "data_root, sharpness_kwargs.output) are relative to the config file's folder; "
+                                   "those given as flags, to the current folder. The config.yaml a study writes "
+                                   "holds absolute paths: `fastcurv study --config DIR/config.yaml --out NEW` reruns "
+                                   "it from anywhere, and a checkpoint or results file (sharpness_kwargs.output) that "
+                                   "lay inside the config's out folder moves into NEW. checkpoint: none / off / no / "
+                                   "false is no checkpoint.")
     s.add_argument("--replicas", type=int, default=argparse.SUPPRESS)
     s.add_argument("--seed", type=int, default=argparse.SUPPRESS)
     s.add_argument("--out", default=argparse.SUPPRESS, help="report folder (default ./fastcurv-report)")
@@ -164,9 +198,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "demo":
             from .demo import demo
+            from .study_config import _seed
 
             extra = {} if args.epochs is None else {"epochs": args.epochs}
-            demo(replicas=args.replicas, seed=args.seed, out=_expand(args.out), progress=progress, **extra)
+            demo(replicas=args.replicas, seed=_seed(args.seed), out=_expand(args.out), progress=progress, **extra)
         else:
             _study(args, progress)
     except (OSError, ValueError, TypeError) as e:  # bad settings, config files and paths (FingerprintMismatch too)
@@ -175,39 +210,118 @@ def main(argv=None) -> int:
 
 
 def _study(args, progress) -> None:
-    """``fastcurv study``: the config file's settings, overridden by the flags given."""
+    """``fastcurv study``: the config file's settings (its relative paths against its folder),
+    overridden by the flags given."""
     from .study import STUDY_ARGS as _STUDY_ARGS
     from .study import study as run_study
+    from .study_config import _measure_names, _seed, _switch
 
     cfg = _load_config(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "no_progress", "version")}
     for settings in (cfg, flags):  # an unknown '~user' fails here, in one line (the study expands them itself)
         for key in _PATH_SETTINGS:
             _expand(settings.get(key))
-    cfg["checkpoint"] = _checkpoint_under_out(cfg, flags)
+        _expand(_output(settings))
+    for settings in (cfg, flags):
+        if "checkpoint" in settings and _no_checkpoint(settings["checkpoint"]):
+            settings["checkpoint"] = None
+    if args.config:
+        cfg = _config_paths(cfg, Path(_expand(args.config)).parent)
+    if "out" in flags:  # files of the config's study move along with its out folder
+        if cfg.get("checkpoint") is not None:
+            cfg["checkpoint"] = _moved_under_out(cfg["checkpoint"], cfg, flags)
+        if _output(cfg) is not None:
+            cfg["sharpness_kwargs"] = {**cfg["sharpness_kwargs"], "output": _moved_under_out(_output(cfg), cfg, flags)}
+    if "progress" in cfg:  # a config's progress; --no-progress wins
+        _switch(cfg["progress"], "progress", none_ok=True)
+        config_progress = cfg.pop("progress")
+        progress = config_progress if progress is None else progress
     cfg.update(flags)
-    if str(cfg.get("checkpoint")).lower() in ("", "none", "off"):
-        cfg["checkpoint"] = None
     if "hidden" in cfg and isinstance(cfg["hidden"], int):
         cfg["hidden"] = [cfg["hidden"]]
-    unknown = sorted(set(cfg) - set(_STUDY_ARGS) - {"progress"})
+    unknown = sorted(set(cfg) - set(_STUDY_ARGS))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; known: {', '.join(sorted(_STUDY_ARGS))}")
-    run_study(progress=progress, **cfg)
+    # (checked here too until fastcurv.study itself normalizes them: a negative seed failed after training,
+    # audit_measures: trace audited t, r, a, c, e, verbose: "false" printed)
+    if "seed" in cfg:
+        cfg["seed"] = _seed(cfg["seed"])
+    if "audit_measures" in cfg:
+        cfg["audit_measures"] = list(_measure_names(cfg["audit_measures"], "audit_measures"))
+    if "verbose" in cfg:
+        _switch(cfg["verbose"], "verbose")
+    _run_keeping_no_empty_out(run_study, cfg, progress)
+
+
+def _run_keeping_no_empty_out(run_study, cfg: dict, progress) -> None:
+    """``run_study(progress=progress, **cfg)``; when it fails and its out folder did not exist
+    before and is still empty (a setting, the data or a path refused before any work), that folder
+    is removed again instead of being left behind."""
+    out = cfg.get("out", "fastcurv-report")
+    folder = Path(_expand(out)) if isinstance(out, (str, os.PathLike)) else None
+    new = folder is not None and not folder.exists()
+    try:
+        run_study(progress=progress, **cfg)
+    except BaseException:
+        if new and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _output(settings: dict):
+    """The settings' ``sharpness_kwargs["output"]`` (a resumable results file), or None."""
+    kw = settings.get("sharpness_kwargs")
+    return kw.get("output") if isinstance(kw, dict) else None
+
+
+def _no_checkpoint(value) -> bool:
+    """Whether a checkpoint setting means "no checkpoint": None, False (YAML reads an unquoted
+    ``off`` / ``no`` / ``false`` as False), or one of the strings in ``_NO_CHECKPOINT``."""
+    if value is None or value is False:
+        return True
+    if value is True:
+        raise ValueError("checkpoint must be a file path, or none / off for no checkpoint, got true")
+    return isinstance(value, str) and value.strip().lower() in _NO_CHECKPOINT
+
+
+def _config_paths(cfg: dict, folder: Path) -> dict:
+    """``cfg`` with its relative paths (out, checkpoint, data_root, each of a data_root list,
+    sharpness_kwargs' output; ``~`` expanded) joined to ``folder``, the config file's folder: the
+    file means the same from any working directory."""
+    def join(v):
+        if not isinstance(v, (str, os.PathLike)) or str(v) == "":
+            return v
+        p = Path(_expand(v))
+        return str(p if p.is_absolute() else folder / p)
+
+    cfg = dict(cfg)
+    for key in _PATH_SETTINGS:
+        if cfg.get(key) is not None:
+            cfg[key] = [join(v) for v in cfg[key]] if isinstance(cfg[key], list) else join(cfg[key])
+    if _output(cfg) is not None:
+        cfg["sharpness_kwargs"] = {**cfg["sharpness_kwargs"], "output": join(_output(cfg))}
+    return cfg
+
+
+def _moved_under_out(path, cfg: dict, flags: dict):
+    """``path`` (a file of the config's study: its checkpoint or ``sharpness_kwargs["output"]``),
+    moved along when ``--out`` overrides the config's ``out`` and the file lay inside that folder
+    (``out: a`` with ``checkpoint: a/train.ckpt`` and ``--out b`` give ``b/train.ckpt``: the old
+    file belongs to another study, which the rerun would resume, refuse or overwrite; ``~`` counts
+    as the home folder). Other paths, and values that are not paths, are returned as they are."""
+    old_out, new_out = cfg.get("out"), flags.get("out")
+    if not isinstance(path, (str, os.PathLike)) or not str(path) or not old_out or new_out is None:
+        return path
+    try:
+        inside = Path(path).expanduser().resolve().relative_to(Path(old_out).expanduser().resolve())
+    except ValueError:
+        return path
+    return str(Path(new_out) / inside)
 
 
 def _checkpoint_under_out(cfg: dict, flags: dict):
-    """The config's checkpoint, moved along when ``--out`` overrides the config's ``out`` and the
-    checkpoint lay inside that folder (``out: a`` with ``checkpoint: a/train.ckpt`` and ``--out b``
-    give ``b/train.ckpt``: the old file belongs to another study; ``~`` counts as the home folder)."""
-    ck, old_out, new_out = cfg.get("checkpoint"), cfg.get("out"), flags.get("out")
-    if not ck or not old_out or new_out is None:
-        return ck
-    try:
-        inside = Path(ck).expanduser().resolve().relative_to(Path(old_out).expanduser().resolve())
-    except ValueError:
-        return ck
-    return str(Path(new_out) / inside)
+    """The config's checkpoint, moved along with ``--out`` (:func:`_moved_under_out`)."""
+    return _moved_under_out(cfg.get("checkpoint"), cfg, flags)
 
 
 if __name__ == "__main__":

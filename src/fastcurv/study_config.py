@@ -1,11 +1,18 @@
-"""The settings of :func:`fastcurv.study.study`: parsing (config-file forms: numeric strings, dtype
-names, numpy arrays and tensors as lists) and validation before any work, and the config files
-(``config.json`` / ``config.yaml``) a study writes so that ``fastcurv study --config`` reruns it.
+"""The settings of :func:`fastcurv.study.study`: parsing (config-file forms: numeric strings, also
+inside ``sharpness_kwargs`` / ``function_kwargs`` / ``measure_options`` where a number goes, dtype
+names, numpy arrays and tensors as lists, a seed given as ``"3"`` or ``3.0``, one measure name for
+a list) and validation before any work (the values inside the keyword dicts, the on/off switches),
+and the config files (``config.json`` / ``config.yaml``, the latter with absolute paths) a study
+writes so that ``fastcurv study --config`` reruns it from any folder.
 """
 from __future__ import annotations
 
 import inspect
 import json
+import math
+import numbers
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -74,11 +81,17 @@ def _python(v, bad: ValueError):
     return v.item() if isinstance(v, np.generic) else v
 
 
+# the numeric settings that may be given one per replica (a sweep)
+SWEEPABLE = ("lr", "momentum", "weight_decay", "sam_rho", "label_noise")
+
+
 def _numbers(value, name: str):
     """A number or a list of numbers: numeric strings read as floats (YAML reads ``1e-3`` as a
     string), arrays and tensors by :func:`_python`, so that the table, the report and the config
-    files see the sweep as they see a list."""
-    bad = ValueError(f"{name} must be a number or a list of numbers (one per replica), got {value!r}")
+    files see the sweep as they see a list. The error for another value offers the list form only
+    for the settings in ``SWEEPABLE`` (``audit_alpha`` is one number)."""
+    what = "a number or a list of numbers (one per replica)" if name in SWEEPABLE else "a number"
+    bad = ValueError(f"{name} must be {what}, got {value!r}")
 
     def one(v):
         v = _python(v, bad)
@@ -115,7 +128,8 @@ def _integers(value, name: str):
 
 def _target_loss(value) -> float | None:
     """``target_loss`` as a float (numeric strings too: YAML reads ``1e-3`` as a string), or None;
-    a ValueError for anything else (NaN too)."""
+    a ValueError for anything else (NaN too, and a negative number: the cross-entropy the study
+    trains on is never below 0, so no replica could reach it)."""
     if value is None:
         return None
     if isinstance(value, (str, int, float, np.integer, np.floating)) and not isinstance(value, bool):
@@ -123,9 +137,49 @@ def _target_loss(value) -> float | None:
             number = float(value)
         except ValueError:
             number = float("nan")
+        if number < 0:
+            raise ValueError(f"target_loss must be >= 0 (a training cross-entropy to stop at), got {value!r}")
         if number == number:  # (not NaN)
             return number
     raise ValueError(f"target_loss must be a number (a training loss to stop at) or None, got {value!r}")
+
+
+def _seed(value) -> int:
+    """``seed`` as a non-negative int: a Python or numpy integer, a whole float or a string of
+    digits (a config file's ``3.0`` / ``"3"``); a ValueError for anything else. A negative seed
+    trained (torch takes it), then the bootstrap and the function-space measures (numpy's
+    generators) failed after all the work."""
+    v = value.strip() if isinstance(value, str) else value
+    if isinstance(v, str) and v.lstrip("+").isdigit():
+        v = int(v)
+    if isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer():
+        v = int(v)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {value!r}")
+    return int(v)
+
+
+def _switch(value, name: str, none_ok: bool = False) -> None:
+    """Raise a ValueError unless ``value`` is True or False (or None with ``none_ok``): these
+    settings were used for their truth only, so a config file's ``"false"`` (a string) ran the audit."""
+    if isinstance(value, (bool, np.bool_)) or (none_ok and value is None):
+        return
+    also = " or None" if none_ok else ""
+    raise ValueError(f"{name} must be true or false{also}, got {value!r} ({type(value).__name__})")
+
+
+def _measure_names(value, name: str = "measures") -> tuple:
+    """``value``, one measure name or several (a list, tuple), as a tuple of names: a single name
+    given as a string was iterated character by character (``audit_measures: trace`` audited
+    t, r, a, c, e after all the work)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a measure name or a list of them, got {value!r}") from None
 
 
 def _config_value(value):
@@ -150,17 +204,192 @@ def _config_value(value):
 def _from_config(value, name: str):
     """A keyword dict's value as :func:`_config_value` wrote it, made usable again: dtype names
     (``"torch.float64"``) become torch dtypes; a value the file could not hold raises a ValueError
-    naming ``name``."""
+    naming ``name``. For ``sharpness_kwargs`` / ``function_kwargs`` (and the options of
+    ``measure_options``' registered measures) a numeric string where the parameter takes a number
+    (annotated ``int`` / ``float``, or with a number as default) becomes that number: YAML reads
+    ``1e-3`` as a string, which failed after training (``'>=' not supported between 'str' and
+    'int'``)."""
+    value = _stored(value, name)
+    if name in _KWARG_DICTS and isinstance(value, dict):
+        value = _with_numbers(value, _numeric_parameters(name))
+        options = value.get("measure_options") if name == "sharpness_kwargs" else None
+        if isinstance(options, dict):
+            from .measures import load_all
+
+            registry = load_all()
+            value["measure_options"] = {m: _with_numbers(o, _option_kinds(m)) if m in registry and isinstance(o, dict)
+                                        else o for m, o in options.items()}
+    return value
+
+
+def _stored(value, name: str):
+    """:func:`_from_config`'s first step: dtype names as dtypes, the refusal of values not stored."""
     if isinstance(value, dict):
-        return {k: _from_config(v, f"{name}[{k!r}]") for k, v in value.items()}
+        return {k: _stored(v, f"{name}[{k!r}]") for k, v in value.items()}
     if isinstance(value, list):
-        return [_from_config(v, f"{name}[{i}]") for i, v in enumerate(value)]
+        return [_stored(v, f"{name}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, str) and value.startswith(_NOT_STORED):
         raise ValueError(f"{name} is {value}: a config file cannot hold it; pass it from Python "
                          "(fastcurv.study(..., sharpness_kwargs=/function_kwargs=))")
     if isinstance(value, str) and value.startswith("torch.") and isinstance(getattr(torch, value[6:], None), torch.dtype):
         return getattr(torch, value[6:])
     return value
+
+
+_KWARG_DICTS = ("sharpness_kwargs", "function_kwargs")
+# a number as YAML 1.2 writes it (ints too); YAML 1.1, PyYAML's, reads "1e-3" and "1.0e3" as strings
+_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+def _numeric_parameters(name: str) -> dict:
+    """``{parameter: "int" | "float" | "floats"}`` of the functions ``name`` (``sharpness_kwargs`` /
+    ``function_kwargs``) passes its keywords to: those that take numbers (see
+    :func:`_numeric_parameters_of`)."""
+    from . import batched_sharpness, function_measures
+    from .operator import HessianOperator
+
+    fns = (batched_sharpness, HessianOperator.__init__) if name == "sharpness_kwargs" else (function_measures,)
+    return _numeric_parameters_of(fns)
+
+
+def _numeric_parameters_of(fns) -> dict:
+    """``{parameter: kind}`` of the parameters of ``fns`` that take numbers (:func:`_number_kind`)."""
+    return {p.name: kind for f in fns for p in inspect.signature(f).parameters.values()
+            if (kind := _number_kind(p)) is not None}
+
+
+def _number_kind(p: inspect.Parameter) -> str | None:
+    """"int" or "float" for a parameter annotated with ``int`` and / or ``float`` alone (``None``
+    allowed), or unannotated with such a number as default; "floats" (one number or a list) for one
+    unannotated with a tuple of numbers as default; else None."""
+    ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+    words = set(re.findall(r"[A-Za-z_]+", ann if p.annotation is not p.empty else ""))
+    default = p.default
+    if words and words <= {"int", "float", "None", "Optional"} and words & {"int", "float"}:
+        return "float" if "float" in words else "int"
+    if words:
+        return None
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return "float" if isinstance(default, float) else "int"
+    if (isinstance(default, tuple) and default
+            and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in default)):
+        return "floats"
+    return None
+
+
+def _option_kinds(measure: str) -> dict:
+    """``{option: kind}`` of the numeric options of registered measure ``measure``: its own keywords
+    (:func:`_number_kind`), and for those it takes through ``**options`` the functions of its module
+    that take them with a default (e.g. rho_sharpness's ``rho`` from ``worst_case_sharpness``),
+    when all of them take a number."""
+    import sys
+
+    from .measures import REGISTRY, accepted_options
+
+    fn = REGISTRY[measure]
+    own = inspect.signature(fn).parameters
+    module = sys.modules.get(fn.__module__)
+    helpers = [f for f in vars(module).values() if inspect.isfunction(f) and f.__module__ == fn.__module__] \
+        if module else []
+    kinds = {}
+    for option in accepted_options(measure) or ():
+        if option in own:
+            params = [own[option]]
+        else:
+            params = [inspect.signature(f).parameters[option] for f in helpers
+                      if option in inspect.signature(f).parameters
+                      and inspect.signature(f).parameters[option].default is not inspect.Parameter.empty]
+        found = [_number_kind(p) for p in params]
+        if found and None not in found:
+            kinds[option] = "float" if "float" in found else found[0]
+    return kinds
+
+
+def _with_numbers(kw: dict, kinds: dict) -> dict:
+    """``kw`` with the numeric strings of its numeric parameters (``kinds``) as numbers: ``"100"``
+    as 100, ``"1e-3"`` as 0.001 (each item of a "floats" list too); other values unchanged (the
+    checks name them)."""
+    def number(v):
+        if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):
+            return int(v) if v.strip().lstrip("+-").isdigit() else float(v)
+        return v
+
+    out = dict(kw)
+    for key, kind in kinds.items():
+        if key in out:
+            v = out[key]
+            out[key] = [number(x) for x in v] if kind == "floats" and isinstance(v, (list, tuple)) else number(v)
+    return out
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_kwarg_values(kw: dict, name: str) -> None:
+    """Raise a clear error, before training, for a value in ``sharpness_kwargs`` / ``function_kwargs``
+    that batched_sharpness / function_measures would refuse only when they run: a non-number where a
+    number goes, a count below 1, a tolerance or radius out of range, an unknown choice, and
+    ``measure_options`` naming unknown measures or options (their ranges the measures check)."""
+    def bad(key, what):
+        return ValueError(f"{name}[{key!r}] must be {what}, got {kw[key]!r}")
+
+    for key, kind in _numeric_parameters(name).items():
+        v = kw.get(key)
+        if key not in kw or v is None:
+            continue
+        items = v if kind == "floats" and isinstance(v, (list, tuple)) else [v]
+        if not all(_is_number(x) for x in items):
+            raise bad(key, "a number or a list of numbers" if kind == "floats" else "a number")
+    for key in ("max_iter", "slq_steps", "slq_draws", "top_k", "trace_probes", "num_draws", "bisect_steps"):
+        v = kw.get(key)
+        if v is not None and (not math.isfinite(v) or v < 1 or float(v) != int(v)):
+            raise bad(key, "a positive integer")
+    if kw.get("tol") is not None and not kw["tol"] >= 0:
+        raise bad("tol", "non-negative")
+    if kw.get("delta") is not None and not 0 < kw["delta"] < 1:
+        raise bad("delta", "in (0, 1)")
+    for key in ("sigma_max", "pacbayes_sigma"):
+        if kw.get(key) is not None and not 0 < kw[key] < math.inf:
+            raise bad(key, "positive and finite")
+    from .model_copy import BN_MODES
+    from .operator import BACKEND_CHOICES
+    from .sharpness import TRACE_METHODS
+
+    choices = {"eig_solver": ("lanczos", "power"), "eig_start": ("gradient", "random"),
+               "trace_method": TRACE_METHODS, "backend": BACKEND_CHOICES, "bn_mode": BN_MODES}
+    for key, allowed in choices.items():
+        if key not in kw or (key == "bn_mode" and kw[key] is None):  # (bn_mode None: the models' own mode)
+            continue
+        if not (isinstance(kw[key], str) and kw[key] in allowed):
+            raise bad(key, f"one of {tuple(allowed)}")
+    if name == "sharpness_kwargs" and kw.get("measure_options") is not None:
+        _check_measure_options(kw["measure_options"])
+
+
+def _check_measure_options(options) -> None:
+    """``sharpness_kwargs["measure_options"]``: a dict ``{registered measure: {option: value} or
+    None}``, its options among those the measure accepts, its typed options numbers."""
+    from .measures import accepted_options, load_all
+
+    registry = load_all()
+    if not isinstance(options, dict):
+        raise ValueError(f"sharpness_kwargs['measure_options'] must be a dict {{measure: {{option: value}}}}, got "
+                         f"{options!r}")
+    for m, opts in options.items():
+        where = f"sharpness_kwargs['measure_options'][{m!r}]"
+        if m not in registry:
+            raise ValueError(f"{where}: {m!r} is not a measure that takes options; those that do: {sorted(registry)}")
+        if opts is not None and not isinstance(opts, dict):
+            raise ValueError(f"{where} must be a dict {{option: value}} (or empty), got {opts!r}")
+        allowed = accepted_options(m)
+        wrong = sorted(set(opts or {}) - set(allowed)) if allowed is not None else []
+        if wrong:
+            raise ValueError(f"{where} has unknown options {wrong}; {m} accepts {sorted(allowed)}")
+        for key in _option_kinds(m):
+            v = (opts or {}).get(key)
+            if v is not None and not all(_is_number(x) for x in (v if isinstance(v, (list, tuple)) else [v])):
+                raise ValueError(f"{where}[{key!r}] must be a number, got {v!r}")
 
 
 def _check_data(data) -> None:
@@ -184,8 +413,13 @@ def _keywords(name: str) -> set:
 
 
 def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replicas, sharpness_kwargs, function_kwargs,
-                    lr, replicas) -> None:
-    """Raise a clear error for study settings that would otherwise fail only after training."""
+                    lr, replicas, verbose=True, progress=None) -> None:
+    """Raise a clear error for study settings that would otherwise fail only after training (or do
+    what was not asked: ``audit="false"``, a string, ran the audit). ``audit_measures`` must be
+    normalized first (:func:`_measure_names`): a single name given as a string is refused here."""
+    _switch(audit, "audit")
+    _switch(verbose, "verbose")
+    _switch(progress, "progress", none_ok=True)
     if not isinstance(replicas, (int, np.integer)) or replicas < 1:
         raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
     if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
@@ -203,11 +437,15 @@ def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replica
         unknown = sorted(set(kw or {}) - _keywords(name))
         if unknown:
             raise ValueError(f"{name} has unknown keywords {unknown}; known: {', '.join(sorted(_keywords(name) - set(own)))}")
+        _check_kwarg_values(kw or {}, name)
     if audit:
         if not (isinstance(audit_alpha, (int, float, np.floating, np.integer)) and audit_alpha > 0):
             raise ValueError(f"audit_alpha must be a positive number, got {audit_alpha!r}")
         if audit_replicas is not None and (not isinstance(audit_replicas, (int, np.integer)) or audit_replicas < 1):
             raise ValueError(f"audit_replicas must be a positive integer or None (all), got {audit_replicas!r}")
+        if isinstance(audit_measures, str):
+            raise ValueError(f"audit_measures must be a list of measure names, got the string {audit_measures!r}: "
+                             f"give [{audit_measures!r}]")
         _, func = _split_measures(audit_measures)
         if func:
             raise ValueError(f"audit_measures must be curvature measures (those of batched_sharpness, e.g. lambda_max, "
@@ -229,7 +467,30 @@ def _audit_transform(name: str, alpha: float):
     raise ValueError(f"audit_transform must be 'dinh', 'dinh_first', 'neurons' or 'balance', got {name!r}")
 
 
+PATH_SETTINGS = ("out", "checkpoint", "data_root")  # study settings that are paths (and sharpness_kwargs' output)
+
+
+def _absolute_paths(cfg: dict) -> dict:
+    """``cfg`` (study settings as :func:`_config_value` writes them) with its relative paths
+    (:data:`PATH_SETTINGS`, each of a ``data_root`` list, ``sharpness_kwargs["output"]``) made
+    absolute against the current folder, so that the config file reruns the study from any folder
+    (``fastcurv study`` reads a config file's relative paths against the file's own folder)."""
+    def absolute(v):
+        return str(Path(v).absolute()) if isinstance(v, (str, os.PathLike)) and v != "" else v
+
+    out = dict(cfg)
+    for key in PATH_SETTINGS:
+        if key in out:
+            out[key] = [absolute(v) for v in out[key]] if isinstance(out[key], list) else absolute(out[key])
+    if isinstance(out.get("sharpness_kwargs"), dict) and "output" in out["sharpness_kwargs"]:
+        out["sharpness_kwargs"] = {**out["sharpness_kwargs"], "output": absolute(out["sharpness_kwargs"]["output"])}
+    return out
+
+
 def _write_yaml(cfg: dict, path: Path):
+    """``cfg`` as the YAML file ``path`` (JSON, which is YAML, without PyYAML), its paths absolute
+    (:func:`_absolute_paths`)."""
+    cfg = _absolute_paths(cfg)
     try:
         import yaml
 

@@ -335,7 +335,9 @@ def _report(config, arch, seeds, n_tr, n_te, data, times, sharp, fm, corr, headl
         md += ["(matplotlib is not installed: no plots)", ""]
     md += ["## Columns", "", "A correlation of NaN means the column is constant over the replicas (or has fewer "
            "than 3 finite values).", "", *_glossary(table.columns), ""]
-    md += ["Rerun: `fastcurv study --config config.yaml --out <folder>` (settings and versions in config.json).", ""]
+    md += ["Rerun: `fastcurv study --config config.yaml --out <folder>`, from any folder (config.yaml holds absolute "
+           "paths; a checkpoint or results file inside this folder moves into <folder>); settings and versions in "
+           "config.json.", ""]
     return "\n".join(md)
 
 
@@ -351,7 +353,8 @@ def _gde_ratio(disagreement: float, test_error: float) -> str:
 
 
 def _print(res, target):
-    """The study's summary on stdout (``verbose=True``): headline, granulated Kendall, audit, report path."""
+    """The study's summary on stdout (``verbose=True``): headline, granulated Kendall (or why it is
+    missing), audit, report path."""
     import pandas as pd
 
     with pd.option_context("display.width", 140, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
@@ -360,9 +363,14 @@ def _print(res, target):
             print(res["headline"].to_string())
         else:
             print(f"No headline: no requested measure has a per-replica column to correlate with {target}.")
+        note = res.get("granulated_kendall_note")
         if res.get("granulated_kendall") is not None:
             print(f"\ngranulated Kendall coefficient with {target} (Jiang et al.):")
             print(res["granulated_kendall"].to_string())
+            if note:
+                print(note)
+        elif note:  # (a sweep that is not a full grid: the report says why there is no Psi, so does the summary)
+            print(f"\ngranulated Kendall coefficient (Psi) {note}")
         s = res["summary"]
         if "mean_pairwise_disagreement" in s:
             print(f"\nmean pairwise disagreement {s['mean_pairwise_disagreement']:.4f} vs mean test error "
