@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import reparam
+from .ambient import resetting_ambient
 from ._figures import figure_class, file_figure
 from .data import is_one_pass, read_one_pass
 from .replicas import validate_models
@@ -189,6 +190,7 @@ _LOSS_KEYWORDS = ("loss", "reduction", "loss_reduction", "bn_mode", "cache_data"
                   "memory_budget")
 
 
+@resetting_ambient
 def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transform="dinh", alpha: float = 10.0,
                      rtol: float = 0.05, path: str | None = None, seed: int = 0, progress=False, before=None,
                      **kwargs) -> AuditResult:
@@ -224,7 +226,8 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
         ``before`` is given: nothing is computed for them then) and the reparameterized models' in
         a file of their own, ``.reparam`` before the extension (``audit.jsonl`` ->
         ``audit.reparam.jsonl``).
-    ``bn_mode=None`` reads as "eval", as in batched_sharpness.
+    ``bn_mode=None`` reads as "eval", as in batched_sharpness. The caller's grad mode, inference
+    mode, autocast and anomaly detection change nothing (:mod:`fastcurv.ambient`).
     The table also has rows ``loss`` (full-data loss under the audit's loss settings, must not move)
     and reports the transform's largest output change and changed predictions on up to 1024 inputs
     of ``data`` (the probe), run with the audit's ``bn_mode``. For the loss row a loader is read
@@ -263,7 +266,7 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
         tr = _apply(models, transform, probe, alpha, seed, bn_mode)
     if _unchanged(models, tr.models):
         warnings.warn("the transform left every parameter and buffer of the models unchanged: the audit compares them "
-                      "with themselves, so every measure comes out invariant", RuntimeWarning, stacklevel=2)
+                      "with themselves, so every measure comes out invariant", RuntimeWarning, stacklevel=3)
     from .operator import HessianOperator
 
     loss_kw = {k: v for k, v in kwargs.items() if k in _LOSS_KEYWORDS}
@@ -280,13 +283,13 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
         found = [reparam.change_summary(tr)] + ([moved_text] if moved else [])
         warnings.warn(f"{reparam.NOT_PRESERVING} for these models: {'; '.join(found)}, so the audit compares the "
                       f"curvature of different functions; {_hint(models, transform, tr, bn_mode)}", RuntimeWarning,
-                      stacklevel=2)
+                      stacklevel=3)
     elif moved:  # (the probe, the primary check, saw no change: the loss row alone is weaker evidence)
         warnings.warn(f"{moved_text}, although the transform changed no output on the probe ({_probe_summary(tr)}): "
                       "a loader that yields other data each pass (random augmentation in its dataset) moves the loss "
                       "by itself, and the two losses then say nothing; otherwise the transform may change the "
                       f"function away from the probe's inputs ({_hint(models, transform, tr, bn_mode)})",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     kw = dict(measures=measures, seed=seed, progress=progress, **kwargs)
     if before is None:
         before = batched_sharpness(models, data, output=outputs[0], **kw)

@@ -7,8 +7,8 @@
   of the model outputs w.r.t. the parameters and H_out the Hessian of the batch's loss share
   w.r.t. the outputs (for softmax cross-entropy: ``(diag(p) - p p^T) / N``). PSD for convex losses;
   equals the Hessian when the model is linear in its parameters or the residuals vanish.
-* :class:`EmpiricalFisherOperator`: ``F = sum_i grad s_i grad s_i^T / c`` with s_i = c * l_i sample
-  i's share of the full-data loss (c = 1/N for mean cross-entropy), i.e. ``(1/N) sum_i grad l_i
+* :class:`EmpiricalFisherOperator`: ``F = sum_i grad s_i grad s_i^T / c_i`` with s_i = c_i * l_i sample
+  i's share of the full-data loss (c_i = 1/N for mean cross-entropy), i.e. ``(1/N) sum_i grad l_i
   grad l_i^T`` for the default mean reduction and ``sum_i grad l_i grad l_i^T`` for "sum". For mean
   MSE, c = 1/(N C) (torch's mean runs over the C outputs too) and l_i is sample i's *summed* squared
   error: ``F = (1/(N C)) sum_i grad l_i grad l_i^T``, the scale at which the Fisher of a Gaussian
@@ -17,7 +17,12 @@
   ``MSELoss``). A callable loss is known only by its values: l_i is its value on sample i alone and
   c = 1/N (mean ``loss_reduction``) or 1, so ``loss=nn.MSELoss()`` or ``F.mse_loss``, whose value on
   one sample is the *mean* over its C outputs, give 1/C of ``"mse"``'s empirical Fisher (the loss,
-  gradient, Hessian and GGN agree).
+  gradient, Hessian and GGN agree). torch's ``CrossEntropyLoss`` / ``NLLLoss`` with class weights
+  ``w`` or ``ignore_index`` and integer labels (see :mod:`fastcurv.losses`): L = (1/W) sum_i w[y_i]
+  l_i, so c_i = w[y_i] / W (w[y_i] for "sum"; 0 for an ignored label) and ``F = (1/W) sum_i
+  w[y_i] grad l_i grad l_i^T``, the class weights acting as sample weights (l_i torch's unweighted
+  loss of sample i; for labels ``[N, ...]``, w[y_i] sums over its positions and l_i is their
+  weighted mean).
 
 Both cost about two passes (one jvp, one vjp) per probe and batch, vmapped over replicas (the inputs
 shared by them, or batched for a model that fills a tensor it allocates from its input:
@@ -30,6 +35,7 @@ import functools
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from .ambient import resetting_ambient
 from .backends.base import Backend
 from .operator import HessianOperator
 
@@ -104,8 +110,15 @@ class FisherBackend(_JtMJBackend):
         return shares
 
     def _middle(self, s, jv, y):
-        c = self.loss.scale(self._outputs_per_sample)
-        return jv / c
+        """``jv / c_i`` per sample, c_i sample i's coefficient in the full-data loss
+        (:meth:`~fastcurv.losses.Loss.sample_coefficients`): ``s_i = c_i l_i``, so that
+        ``sum_i grad s_i grad s_i^T / c_i = sum_i c_i grad l_i grad l_i^T``. A sample of c_i = 0 (its
+        labels all ignored, or of class weight 0) has no share and adds nothing."""
+        c = self.loss.sample_coefficients(y, self._outputs_per_sample)
+        if not isinstance(c, torch.Tensor):
+            return jv / c
+        c = c.to(jv.dtype)
+        return torch.where(c > 0, jv / torch.where(c > 0, c, 1), 0)
 
     _outputs_per_sample = 1
 
@@ -151,6 +164,7 @@ class _SwappedBackendOperator(HessianOperator):
     matrix = "curvature matrix"  # (in the docstrings and errors)
     prefix = ""
 
+    @resetting_ambient
     def __init__(self, models, data, *, backend: str = "autograd", backend_options: dict | None = None, **kwargs):
         name = type(self).__name__
         if backend not in ("autograd", "auto"):

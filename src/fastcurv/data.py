@@ -15,6 +15,7 @@ from typing import Iterable
 
 import torch
 
+from .ambient import outside_inference
 from .losses import as_labels
 from .memory_budget import format_bytes, parse_budget
 
@@ -59,6 +60,14 @@ def _split(item, i: int):
                 if "numpy" in type(item).__module__ else "")
         raise TypeError(f"batch {i} is a {type(item).__name__}; the loader must yield (inputs, targets) pairs{hint}")
     return item[0], item[1]
+
+
+def target_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :class:`Batches` keeps floating targets in for a model of floating ``dtype``: its
+    own, and float32 for float16 and bfloat16 models, whose targets are not rounded (a regression
+    target of 10.01 is 10.0 in bfloat16): torch's dtype promotion then computes their loss in
+    float32, as it does for ``F.mse_loss(bf16 outputs, f32 targets)``."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _as_loader(data):
@@ -127,7 +136,11 @@ class Batches:
 
     The first pass (done at construction) validates every batch, counts the samples and, when
     ``cache`` allows, keeps the batches on the device so that later passes do not re-read the
-    loader. Iterating yields ``(index, inputs, targets)``.
+    loader. Iterating yields ``(index, inputs, targets)``: floating inputs in ``dtype``, floating
+    targets in :func:`target_dtype` (float32 for a half-precision model), integer targets as int64.
+
+    The first pass also notes what the losses check or count: the kinds of the targets, the range of
+    integer targets (``label_range``) and how often each value occurs (``label_counts``).
 
     Args:
         cache: True, False or "auto" (cache when the batches take at most ``max_cache_bytes``).
@@ -152,6 +165,10 @@ class Batches:
         # targets' kinds (dtype class and per-sample shape) with the first batch of each
         self.label_range: tuple[int, int, int, int] | None = None
         self.target_kinds: dict = {}
+        # {value: (count, first batch holding it)} of the integer targets (every entry, all positions
+        # of [N, ...] labels), for the class-weighted means of torch's CrossEntropyLoss / NLLLoss; None
+        # once there are more than MAX_LABEL_VALUES distinct values (targets that are no class labels)
+        self.label_counts: dict[int, tuple[int, int]] | None = {}
         nbytes = 0
         digests = []
         walk = LoaderPass(self.source)
@@ -177,7 +194,11 @@ class Batches:
         if check_determinism:
             self._check_second_pass(digests)
 
+    #: the most distinct integer target values counted in ``label_counts``
+    MAX_LABEL_VALUES = 1 << 16
+
     def _note_targets(self, i: int, y: torch.Tensor) -> None:
+        """Note batch ``i``'s targets ``y``: their kind, and integer targets' range and counts."""
         kind = ("float" if y.is_floating_point() else "int", tuple(y.shape[1:]))
         self.target_kinds.setdefault(kind, i)
         if y.is_floating_point() or y.numel() == 0:
@@ -188,6 +209,21 @@ class Batches:
         else:
             l0, il, h0, ih = self.label_range
             self.label_range = (min(lo, l0), i if lo < l0 else il, max(hi, h0), i if hi > h0 else ih)
+        self._count_labels(i, y)
+
+    def _count_labels(self, i: int, y: torch.Tensor) -> None:
+        """Add batch ``i``'s integer targets ``y`` to ``label_counts`` (until there are too many values)."""
+        if self.label_counts is None:
+            return
+        values, counts = torch.unique(y, return_counts=True)
+        if len(values) > self.MAX_LABEL_VALUES:
+            self.label_counts = None
+            return
+        for v, n in zip(values.tolist(), counts.tolist()):
+            total, first = self.label_counts.get(v, (0, i))
+            self.label_counts[v] = (total + n, first)
+        if len(self.label_counts) > self.MAX_LABEL_VALUES:
+            self.label_counts = None
 
     def _check_second_pass(self, digests: list[str]) -> None:
         """Read the loader again and raise if any batch differs from the first pass."""
@@ -210,13 +246,15 @@ class Batches:
     def _read(self, walk: LoaderPass | None = None) -> Iterable:
         """``(inputs, targets, bytes of them that are new tensors, not the loader's)`` per non-empty
         batch of ``walk`` (a new :class:`LoaderPass` over the source when None: it checks the batches
-        and skips empty ones), detached (no autograd graph) and moved to the device and dtype."""
+        and skips empty ones), detached (no autograd graph) and moved to the device and dtype (floating
+        targets to :func:`target_dtype`)."""
         for i, x, y in LoaderPass(self.source) if walk is None else walk:
             # data, not part of a graph: targets made by a teacher net (y = teacher(x)) or inputs that
             # require grad would otherwise carry their graph into every product (and the fused
             # engine's in-place writes, which autograd refuses on tensors that require grad)
             x, y = x.detach(), y.detach()
             x0, y0 = x, y
+            x, y = outside_inference(x), outside_inference(y)  # (autograd cannot save inference tensors)
             if x.is_floating_point():
                 if not torch.isfinite(x).all():
                     raise ValueError(f"batch {i}: the inputs contain NaN or Inf")
@@ -226,7 +264,7 @@ class Batches:
             if y.is_floating_point():
                 if not torch.isfinite(y).all():
                     raise ValueError(f"batch {i}: the targets contain NaN or Inf")
-                y = y.to(self.device, self.dtype)
+                y = y.to(self.device, target_dtype(self.dtype))
             else:
                 y = as_labels(y).to(self.device)
             if self._copy:
@@ -281,11 +319,12 @@ def is_one_pass(data) -> bool:
 
 def _kept_bytes(t, dtype, targets=False) -> int:
     """The bytes of a batch's tensor ``t`` kept on the device as :class:`Batches` converts it
-    (floating point to ``dtype``, integer targets to int64); 0 for anything else."""
+    (floating inputs to ``dtype``, floating targets to :func:`target_dtype`, integer targets to
+    int64); 0 for anything else."""
     if not isinstance(t, torch.Tensor):
         return 0
     if t.is_floating_point():
-        return t.numel() * dtype.itemsize
+        return t.numel() * (target_dtype(dtype) if targets else dtype).itemsize
     if targets and t.dtype != torch.int64:  # (losses.as_labels: uint8, int32 and bool labels become int64)
         return t.numel() * 8
     return t.numel() * t.element_size()
@@ -295,10 +334,10 @@ def read_one_pass(models, data, cache_data="auto", budget=None):
     """``(data, cache_data)`` for a job with a memory budget, whose plan reads the data before the
     job does. A one-pass loader (:func:`is_one_pass`: a generator, or an iterator whose type has no
     ``__len__``) is read here, once, into a list of its batches on the models' device and dtype
-    (copied where the loader's own tensors could be refilled, as :class:`Batches` does), which the
-    plan and the job then both read, with ``cache_data=True`` (they stay in memory, and the plan
-    counts them). ``cache_data=False`` cannot be honoured then (every product re-reads the
-    batches): ValueError. With ``budget``, reading stops with a ValueError once the batches read
+    (converted and copied where the loader's own tensors could be refilled, as :class:`Batches`
+    does), which the plan and the job then both read, with ``cache_data=True`` (they stay in
+    memory, and the plan counts them). ``cache_data=False`` cannot be honoured then (every product
+    re-reads the batches): ValueError. With ``budget``, reading stops with a ValueError once the batches read
     take more than ``SAFETY * budget`` (:data:`fastcurv.memory_model.SAFETY`; they could never fit;
     a stream larger than the machine's memory is not read whole first). Other data (lists,
     DataLoaders, one batch, :class:`Batches`, loaders with a ``__len__``) is returned as it is, not

@@ -17,6 +17,7 @@ import os
 
 import torch.distributed as dist
 
+from .ambient import resetting_ambient
 from .data import Batches
 from .measures import split_refusal
 from .replicas import validate_models
@@ -42,6 +43,7 @@ def shard_range(R: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
+@resetting_ambient
 def batched_sharpness(models, data, *, replica_chunk: int | None = None, output: str | None = None,
                       group=None, gather: str = "all", device=None, use_distributed: bool = True, **kwargs):
     """:func:`fastcurv.batched_sharpness` with the replicas sharded over the ranks of ``group``.

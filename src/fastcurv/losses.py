@@ -5,17 +5,32 @@ Conventions (documented in the README):
   class probabilities ``[N, C]`` (soft targets, as torch's ``cross_entropy`` takes them).
 * ``"mse"``: squared error, torch's ``MSELoss`` convention: ``mean`` divides by the number of
   output *entries* (N x outputs per sample), ``sum`` sums them.
-* a callable ``loss(outputs, targets) -> scalar``: its own reduction over the batch is given by
-  ``loss_reduction`` ("mean" over samples, the default, as torch's losses do; or "sum").
+* a callable ``loss(outputs, targets) -> scalar``: its own reduction over the batch is
+  ``loss_reduction``, "mean" over the batch's samples or "sum". A torch loss module (``nn.MSELoss()``,
+  ...) states its own in its ``.reduction`` ("batchmean" is a mean; "none" is refused), which
+  ``loss_reduction`` may repeat but not contradict; a plain callable is a "mean" unless told. A
+  mean callable's value times the batch size is taken as the batch's sum of per-sample losses, so
+  the result is independent of the batching only for a loss that is a mean over the samples.
+* torch's ``nn.CrossEntropyLoss`` and ``nn.NLLLoss`` modules (and ``F.cross_entropy``,
+  ``F.nll_loss`` or a ``functools.partial`` of them with keyword arguments, taken as the module)
+  with integer labels: their "mean" divides by the summed class weights of the labels that are not
+  ``ignore_index``, ``W = sum_i weight[y_i]`` (the count of those labels without ``weight``), not
+  by the batch size. They are evaluated summed, ``sum_i weight[y_i] l_i``, and divided by W counted
+  over the whole data set when it is read (:meth:`Loss.check_all_targets`): the full-data loss is
+  torch's on all the data in one batch, whatever the batching, and a batch whose labels are all
+  ignored adds 0. With ``reduction="sum"`` the full-data loss is torch's summed one.
 
 The full-data loss is L = (1/N) * sum_i l_i for ``reduction="mean"`` (N = all samples of the
-loader, so a ragged last batch is weighted exactly) and sum_i l_i for ``reduction="sum"``.
+loader, so a ragged last batch is weighted exactly; W for the torch classification modules above)
+and sum_i l_i for ``reduction="sum"``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 REDUCTIONS = ("mean", "sum")
@@ -128,30 +143,119 @@ def replica_mean_losses(kind: str, outputs: torch.Tensor, targets: torch.Tensor,
     raise ValueError(f"replica_mean_losses takes a loss name of {LOSS_NAMES}, got {kind!r}")
 
 
+# the torch losses whose "mean" divides by the summed class weights of the labels not ignored
+_CLASS_LOSSES = ((F.cross_entropy, nn.CrossEntropyLoss), (F.nll_loss, nn.NLLLoss))
+_MODULE_REDUCTIONS = {"mean": "mean", "batchmean": "mean", "sum": "sum"}  # a torch loss module's .reduction
+
+
+def _as_module(loss):
+    """``F.cross_entropy`` / ``F.nll_loss``, or a ``functools.partial`` of one with keyword
+    arguments only, as the equivalent torch module (whose weight, ignore_index and reduction
+    :class:`Loss` then reads); any other callable as it is."""
+    fn, kwargs = (loss.func, loss.keywords) if isinstance(loss, functools.partial) and not loss.args else (loss, {})
+    cls = next((c for f, c in _CLASS_LOSSES if fn is f), None)
+    if cls is None:
+        return loss
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise TypeError(f"loss=functools.partial({fn.__name__}, ...): {exc}") from None
+
+
+def _class_loss(module) -> nn.Module | None:
+    """``module`` if it is torch's ``CrossEntropyLoss`` or ``NLLLoss`` with torch's own forward
+    (a subclass that overrides it is an unknown callable), else None."""
+    for _, cls in _CLASS_LOSSES:
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return module
+    return None
+
+
+def _resolved_reduction(module, loss_reduction: str | None) -> str:
+    """A callable's reduction over its batch: a torch loss module's own ``.reduction`` (which
+    ``loss_reduction`` may repeat but not contradict), else ``loss_reduction`` ("mean" when None)."""
+    own = getattr(module, "reduction", None) if isinstance(module, nn.modules.loss._Loss) else None
+    if own is None:
+        return loss_reduction or "mean"
+    name = type(module).__name__
+    if own not in _MODULE_REDUCTIONS:
+        hint = " (per-sample losses)" if own == "none" else ""
+        raise ValueError(f"loss={name}(reduction={own!r}) does not reduce its batch to a scalar{hint}: pass "
+                         f"{name}(reduction='mean') or {name}(reduction='sum')")
+    own = _MODULE_REDUCTIONS[own]
+    if loss_reduction is not None and loss_reduction != own:
+        raise ValueError(f"loss_reduction={loss_reduction!r} contradicts the loss module's own reduction "
+                         f"({name}.reduction is {module.reduction!r}): pass loss_reduction=None (read from the "
+                         "module) or a module with the reduction you mean")
+    return own
+
+
 class Loss:
     """A loss with the weighting that turns per-batch values into the full-data loss.
 
     ``kind`` is "cross_entropy", "mse" or "callable"; :meth:`batch_loss` returns the batch's
     contribution to the full-data loss, so summing it over batches gives L exactly.
+
+    ``loss_reduction`` (callables only) is how the callable reduces its batch, "mean" or "sum":
+    None (the default) takes a torch loss module's own ``.reduction`` and "mean" for a plain
+    callable; one that contradicts the module's raises a ValueError, as does "sum" with a named
+    loss (whose convention is fixed: ``reduction`` chooses the full-data mean or sum; "mean", the
+    entry points' former default, is accepted and means nothing there). A loss class
+    instead of an instance (``nn.CrossEntropyLoss``) raises a TypeError.
+
+    torch's ``CrossEntropyLoss`` / ``NLLLoss`` (see the module docstring) with integer labels and a
+    "mean" reduction need W, the class weights of the labels summed over the whole data:
+    :meth:`check_all_targets` counts it from the data's labels (which also checks their range,
+    ``ignore_index`` excepted) before :meth:`batch_loss` can run.
     """
 
-    def __init__(self, loss: str | Callable = "cross_entropy", reduction: str = "mean", loss_reduction: str = "mean"):
+    def __init__(self, loss: str | Callable = "cross_entropy", reduction: str = "mean", loss_reduction: str | None = None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if loss_reduction not in REDUCTIONS:
-            raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
+        if loss_reduction is not None and loss_reduction not in REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {REDUCTIONS} (or None: a loss module's own), got {loss_reduction!r}")
+        self._classes = None  # torch's CrossEntropyLoss / NLLLoss: evaluated summed, divided by the data's W
         if isinstance(loss, str):
             self.kind, self.fn = canonical_name(loss), None
+            if loss_reduction == "sum":
+                raise ValueError(f"loss_reduction='sum' describes a callable loss's own reduction over its batch; the "
+                                 f"named loss {self.kind!r} has a fixed one: pass reduction='sum' for the summed "
+                                 "full-data loss, or a callable with loss_reduction='sum'")
+            loss_reduction = None
+        elif isinstance(loss, type):
+            raise TypeError(f"loss={loss.__name__} is a class, not a loss: pass an instance, e.g. "
+                            f"loss={loss.__name__}()")
         elif callable(loss):
-            self.kind, self.fn = "callable", loss
+            self.kind, self.fn = "callable", _as_module(loss)
+            loss_reduction = _resolved_reduction(self.fn, loss_reduction)
+            self._classes = _class_loss(self.fn)
         else:
             raise TypeError(f"loss must be a name or a callable, got {type(loss).__name__}")
         self.reduction = reduction
         self.loss_reduction = loss_reduction
-        self.num_samples: int | None = None
+        self._num_samples: int | None = None
+        # W of the class losses' mean (check_all_targets), and the sample count it was counted with
+        self.class_weight_total: float | None = None
+        self._counted_samples: int | None = None
 
     def __repr__(self):
         return f"Loss({self.kind}, reduction={self.reduction})"
+
+    @property
+    def num_samples(self) -> int | None:
+        """N, the samples of the whole data set (set by the operator)."""
+        return self._num_samples
+
+    @num_samples.setter
+    def num_samples(self, n: int) -> None:
+        if self.class_weight_total is not None and n != self._counted_samples:
+            # (distributed_data=True: the operator sums N over the ranks, but W is this rank's)
+            raise ValueError(f"{type(self.fn).__name__}'s mean divides by the class weights of the labels summed over "
+                             "the whole data set, counted on this process's data only: it cannot be summed over the "
+                             "ranks of distributed_data=True. Pass the module with its own reduction='sum' and "
+                             "reduction='sum' (the summed loss; divide by your own W), or loss='cross_entropy' (no "
+                             "class weights, no ignored labels)")
+        self._num_samples = n
 
     def scale(self, outputs_per_sample: int = 1) -> float:
         """Factor from a *summed* per-entry loss to the batch's share of the full-data loss."""
@@ -159,6 +263,35 @@ class Loss:
             return 1.0
         denom = self.num_samples * (outputs_per_sample if self.kind == "mse" else 1)
         return 1.0 / denom
+
+    def _weighted_by_class(self, targets: torch.Tensor) -> bool:
+        """Whether a batch with ``targets`` is torch's class-weighted mean, divided by the data's W."""
+        return self._classes is not None and self.loss_reduction == "mean" and not targets.is_floating_point()
+
+    def _class_total(self) -> float:
+        """What the class losses' summed value is divided by for the batch's share: W, or 1 for
+        ``reduction="sum"``."""
+        if self.reduction == "sum":
+            return 1.0
+        if self.class_weight_total is None:
+            raise RuntimeError(f"{type(self.fn).__name__}'s mean needs the class weights of all the labels (W): "
+                               "Loss.check_all_targets counts them from the data before the first batch_loss")
+        return self.class_weight_total
+
+    def sample_coefficients(self, targets: torch.Tensor, outputs_per_sample: int = 1) -> float | torch.Tensor:
+        """c_i of the full-data loss ``L = sum_i c_i l_i`` with l_i sample i's loss, for a batch with
+        ``targets`` (the empirical Fisher is ``sum_i c_i grad l_i grad l_i^T``): the constant
+        :meth:`scale`, or, for torch's class-weighted losses, ``[n]`` of ``W_i / W`` (``W_i`` for
+        ``reduction="sum"``), W_i the class weights of sample i's labels that are not ignored (0 for a
+        sample whose labels are all ignored; l_i is the weighted mean over its labels)."""
+        if not self._weighted_by_class(targets):
+            return self.scale(outputs_per_sample)
+        m = self._classes
+        keep = targets != m.ignore_index
+        w = keep.to(torch.float64)
+        if m.weight is not None:
+            w = w * m.weight.detach().to(targets.device, torch.float64)[targets.clamp(min=0) * keep]
+        return w.reshape(w.shape[0], -1).sum(1) / self._class_total()
 
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Raise a clear error for targets that do not fit the outputs (outputs without replica axis);
@@ -174,11 +307,17 @@ class Loss:
                 )
         elif self.kind == "mse" and targets.shape != outputs.shape:
             raise ValueError(f"mse expects targets shaped like the outputs {tuple(outputs.shape)}, got {tuple(targets.shape)}")
+        elif self._classes is not None and not targets.is_floating_point():
+            want = (outputs.shape[0], *outputs.shape[2:])
+            if outputs.dim() < 2 or tuple(targets.shape) != want:
+                raise ValueError(f"{type(self.fn).__name__} expects outputs [N, C, ...] and integer labels [N, ...] (the "
+                                 f"classes in dim 1); got outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}")
 
     def check_all_targets(self, outputs: torch.Tensor, batches) -> None:
         """After :meth:`check_targets` on the first batch: raise a clear error for labels out of range
         in any batch of ``batches`` (:class:`~fastcurv.data.Batches`), or targets of another kind or
-        per-sample shape in a later batch than in the first."""
+        per-sample shape in a later batch than in the first. For torch's class-weighted losses with
+        integer labels, also count W (``class_weight_total``) from the batches' labels."""
         if len(batches.target_kinds) > 1:
             (k0, _), (k1, i1) = list(batches.target_kinds.items())[:2]
             raise ValueError(f"batch {i1}'s targets are {k1[0]} with per-sample shape {k1[1]}, batch 0's {k0[0]} with "
@@ -189,6 +328,44 @@ class Loss:
             if lo < 0 or hi >= C:
                 i, v = (ilo, lo) if lo < 0 else (ihi, hi)
                 raise ValueError(f"labels out of range: batch {i} has label {v} but the model has {C} classes")
+        if self._classes is not None and batches.label_range is not None:
+            self._count_classes(outputs.shape[1], batches)
+
+    def _count_classes(self, C: int, batches) -> None:
+        """The label check of torch's ``CrossEntropyLoss`` / ``NLLLoss`` (``ignore_index`` excepted)
+        over ``batches.label_counts``, and their mean's W (``class_weight_total``)."""
+        m, name = self._classes, type(self.fn).__name__
+        counts = batches.label_counts
+        if counts is None:
+            raise ValueError(f"loss={name}(): the data holds more than {batches.MAX_LABEL_VALUES} distinct integer "
+                             f"target values, too many to be class labels of the model's {C} classes")
+        ignore = m.ignore_index
+        bad = [(v, i) for v, (_, i) in counts.items() if v != ignore and not 0 <= v < C]
+        if bad:
+            v, i = min(bad) if min(bad)[0] < 0 else max(bad)
+            raise ValueError(f"labels out of range: batch {i} has label {v} but the model has {C} classes "
+                             f"({name}'s ignore_index is {ignore})")
+        if m.weight is not None and m.weight.numel() != C:
+            raise ValueError(f"{name}'s weight has {m.weight.numel()} entries but the model has {C} classes")
+        if self.loss_reduction != "mean" or self.reduction == "sum":
+            return
+        w = m.weight.detach().double().cpu().tolist() if m.weight is not None else [1.0] * C
+        total = float(sum(n * w[v] for v, (n, _) in counts.items() if v != ignore))
+        if not total > 0:
+            raise ValueError(f"{name}'s mean divides by the class weights of the labels that are not ignore_index "
+                             f"({ignore}), and they sum to {total:g} over the whole data set: torch's mean is NaN (no "
+                             "labels, or only labels of weight 0)")
+        self.class_weight_total = total
+        self._counted_samples = batches.num_samples
+
+    def _summed(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """torch's class-weighted loss with ``reduction="sum"``: ``sum_i weight[y_i] l_i`` over the
+        labels that are not ``ignore_index``."""
+        m = self._classes
+        if isinstance(m, nn.CrossEntropyLoss):
+            return F.cross_entropy(outputs, targets, weight=m.weight, ignore_index=m.ignore_index, reduction="sum",
+                                   label_smoothing=m.label_smoothing)
+        return F.nll_loss(outputs, targets, weight=m.weight, ignore_index=m.ignore_index, reduction="sum")
 
     def batch_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """This batch's share of the full-data loss (one replica; outputs ``[n, ...]``)."""
@@ -203,6 +380,8 @@ class Loss:
         if self.kind == "mse":
             # written out: F.mse_loss(reduction="sum") under vmap triggers a torch resize warning
             return (outputs - targets).square().sum() * self.scale(outputs[0].numel())
+        if self._weighted_by_class(targets):
+            return self._summed(outputs, targets) / self._class_total()
         value = self.fn(outputs, targets)
         if value.dim() != 0:
             raise ValueError(f"a callable loss must return a scalar; got shape {tuple(value.shape)}")

@@ -15,7 +15,7 @@ import numbers
 
 import torch
 
-from .data import Batches, LoaderPass, _as_loader, _KeptBatches
+from .data import Batches, LoaderPass, _as_loader, _KeptBatches, target_dtype
 from .memory_budget import format_bytes, parse_budget
 from .memory_model import (BASIS_COPIES, PROBE_BATCH, SAFETY, STATE_COPIES, VECTOR_COPIES, JobShape, MemoryPlan,
                            _parts, choose, estimate_bytes)
@@ -138,7 +138,7 @@ def _model_fields(rs, fused_backend, x, y, func_mode: str = "") -> tuple[dict, i
 
 
 def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_entropy", reduction="mean",
-              loss_reduction="mean", backend="auto", bn_mode="eval", max_iter=100, eig_solver="lanczos",
+              loss_reduction=None, backend="auto", bn_mode="eval", max_iter=100, eig_solver="lanczos",
               trace_method="auto", trace_probes=None, top_k=5, slq_steps=60, slq_draws=1,
               backend_options=None, measure_options=None, common_random_numbers=True, **_ignored) -> tuple[JobShape, str]:
     """The :class:`~fastcurv.memory_model.JobShape` of a ``batched_sharpness`` job and the backend it
@@ -157,7 +157,7 @@ def job_shape(models, data, *, measures=("lambda_max", "trace"), loss="cross_ent
     lossobj = Loss(loss, reduction, loss_reduction)
     lossobj.num_samples = sum(sizes)
     x = x.to(rs.device, rs.dtype) if x.is_floating_point() else x.to(rs.device)
-    y = y.to(rs.device, rs.dtype) if y.is_floating_point() else y.to(rs.device)
+    y = y.to(rs.device, target_dtype(rs.dtype)) if y.is_floating_point() else y.to(rs.device)
     name, _ = select_backend(rs, backend, lossobj, (x, y))  # (the engine check, as the operator runs it)
     opts = dict(backend_options or {})
     fb, func_mode = None, ""
@@ -209,7 +209,10 @@ def _subspace_matrix(shape: JobShape, rs, measures, measure_options, common) -> 
 
 
 def _whole_batches(rs, measures, measure_options) -> str:
-    """Why a job's results depend on its batches (so that a memory plan must not split them), or ""."""
+    """Why a job's results depend on its batches (so that a memory plan must not split them), or "".
+    The loss is none: every batch's share is a sum of per-sample terms (a callable's "mean" is taken
+    as one over the samples, see :mod:`fastcurv.losses`; torch's class-weighted ``CrossEntropyLoss``
+    and ``NLLLoss`` are summed and divided by their W, counted over all the data)."""
     if rs.batch_statistics:
         return ("batch-statistics BatchNorm (bn_mode='batch' or track_running_stats=False) normalizes each batch by its "
                 "own statistics")

@@ -150,9 +150,36 @@ def _is_lazy_init_hook(mod: nn.Module, hook) -> bool:
             and getattr(hook, "__func__", None) is getattr(type(mod), "_infer_parameters", None))
 
 
-def _check_hooks(models: list) -> None:
+# (tensor attribute, what it holds): the gradient hooks of a parameter (``Tensor.register_hook``,
+# ``register_post_accumulate_grad_hook``), which change or observe what an optimizer sees
+_TENSOR_HOOK_KINDS = (("_backward_hooks", "gradient hook (Tensor.register_hook)"),
+                      ("_post_accumulate_grad_hooks", "post-accumulate-grad hook"))
+
+
+def _check_tensor_hooks(models: list) -> None:
+    """Raise a ValueError naming the first parameter of any replica that has a gradient hook
+    (``p.register_hook(...)``, e.g. a mask keeping part of a weight fixed, or
+    ``p.register_post_accumulate_grad_hook(...)``). Training computes the gradients of stacked copies
+    of the parameters (closed-form on the fused path), where no such hook runs: the replicas would
+    train as if it were not there (a masked row moved by 0.03 in one SGD epoch). The measures do
+    not look at them: a gradient hook changes what an optimizer sees, not the loss whose curvature
+    is measured, and every backend differentiates copies of the parameters, which have none."""
+    for i, m in enumerate(models):
+        for name, p in m.named_parameters():
+            for attr, kind in _TENSOR_HOOK_KINDS:
+                if getattr(p, attr, None):
+                    raise ValueError(
+                        f"replica {i}'s parameter {name!r} has a {kind}: train_population does not run gradient "
+                        "hooks (it differentiates stacked copies of the parameters), so the replicas would train "
+                        "as if it were not there. Remove it (handle.remove() on the handle its register call "
+                        "returned) and train without it, or train with a torch.optim loop; requires_grad_(False) "
+                        "keeps a whole parameter fixed")
+
+
+def _check_hooks(models: list, training: bool = False) -> None:
     """Raise a ValueError naming the first module hook (forward, forward pre-, backward or backward
-    pre-hook) on any replica's modules. fastcurv runs every replica through one functional copy of
+    pre-hook) on any replica's modules, and with ``training`` the first parameter gradient hook
+    (:func:`_check_tensor_hooks`). fastcurv runs every replica through one functional copy of
     replica 0's modules: another replica's hooks would be ignored and replica 0's applied to every
     replica, and the fused engines run no hooks at all, so even hooks alike on every replica are
     refused. (Global hooks, ``torch.nn.modules.module.register_module_forward_hook``, are not
@@ -175,6 +202,8 @@ def _check_hooks(models: list) -> None:
                         "fastcurv does not support module hooks (every replica runs through one copy of replica 0's "
                         "modules, so another replica's hooks would be ignored and replica 0's applied to every "
                         f"replica, and the fused engines run none): {remedy}")
+    if training:
+        _check_tensor_hooks(models)
 
 
 class _ValidatedModels(list):
@@ -343,7 +372,8 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
     the same order and settings, see :func:`_check_parametrizations`) and built-in modules'
     settings (``training``: also those that matter only in training mode, dropout's ``p``,
     BatchNorm's ``momentum`` and spectral norm's ``n_power_iterations``), and no module hooks on any
-    replica (see :func:`_check_hooks`: they would not run faithfully).
+    replica (see :func:`_check_hooks`: they would not run faithfully); with ``training``, no
+    gradient hooks on parameters either (:func:`_check_tensor_hooks`: training would not run them).
 
     The list returned remembers that it was checked: given back here while it holds the same models
     (and ``training`` asks for no more than was checked), only the hooks are checked again (a hook
@@ -355,10 +385,10 @@ def validate_models(models: Sequence[nn.Module], *, training: bool = False) -> l
     if isinstance(models, ReplicaSet):
         raise TypeError(REPLICA_SET_NOT_TAKEN)
     if _validated(models, training):
-        _check_hooks(models)
+        _check_hooks(models, training)
         return _ValidatedModels(models, training, models.checked)
     models = model_list(models)
-    _check_hooks(models)
+    _check_hooks(models, training)
     ref_params = list(models[0].named_parameters())
     if not ref_params:
         raise ValueError("replica 0 has no parameters: there is no curvature to compute")

@@ -1,6 +1,7 @@
 """fastcurv's functional copy of a model (:func:`functional_base`, :func:`meta_copy`): on the meta
 device, in the mode fastcurv evaluates it in, its parametrizations in forms that ``vmap`` and
-second derivatives handle (:class:`PlainWeightNorm`, :class:`InPlaceSpectralNorm`) and never cached.
+second derivatives handle (:class:`PlainWeightNorm`, :class:`InPlaceSpectralNorm`) and never cached,
+and (for measuring) its embeddings' backward-only settings off (:func:`_differentiate_embeddings`).
 """
 from __future__ import annotations
 
@@ -159,6 +160,33 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return base
 
 
+def _differentiate_embeddings(model: nn.Module) -> None:
+    """Make every ``nn.Embedding`` / ``nn.EmbeddingBag`` of ``model`` (fastcurv's own copy) take the
+    derivatives of the function it computes, in place: settings that change torch's backward formula
+    and not the outputs are turned off.
+
+    - ``scale_grad_by_freq``: torch divides each row's gradient by its token's count in the batch,
+      which is no gradient: differentiated twice, its "Hessian" is not symmetric (37% off the loss's
+      products, lambda_max 2% low, with ``ok=True``, before the twenty-eighth round).
+    - ``nn.Embedding``'s ``padding_idx``: torch zeroes the padding row's gradient, so its rows and
+      columns of the Hessian vanished (lambda_max 7% low), though the row is a parameter (counted in
+      P, frozen or not) and every padding token's embedding. (``nn.EmbeddingBag`` leaves the
+      padding entries out of its bags, in the forward too: its ``padding_idx`` stays.)
+    - ``sparse``: a sparse gradient, which ``vmap`` cannot batch; the values are the dense ones.
+
+    Only modules computing torch's own ``forward`` (a subclass with a forward of its own may read
+    these settings in it). Training keeps torch's semantics: it steps on its own copy
+    (:func:`meta_copy`)."""
+    for mod in model.modules():
+        cls = next((c for c in (nn.Embedding, nn.EmbeddingBag) if isinstance(mod, c)), None)
+        if cls is None or type(mod).forward is not cls.forward:
+            continue
+        mod.scale_grad_by_freq = False
+        mod.sparse = False
+        if cls is nn.Embedding:
+            mod.padding_idx = None
+
+
 def functional_base(model: nn.Module, bn_mode: str = "eval") -> nn.Module:
     """A parameter-free (meta) copy of ``model`` in the mode fastcurv evaluates it in.
 
@@ -172,11 +200,16 @@ def functional_base(model: nn.Module, bn_mode: str = "eval") -> nn.Module:
     ``training=True``), but without touching a process group: in training mode a SyncBatchNorm
     gathers the statistics of every rank once torch.distributed is initialised (where fastcurv's
     ranks each hold other replicas), and raises on CPU inputs.
+
+    Its embeddings are differentiated as the functions they compute (:func:`_differentiate_embeddings`:
+    no ``scale_grad_by_freq``, no ``padding_idx`` in ``nn.Embedding``, dense gradients): the same
+    outputs, and the derivatives of the loss with respect to every parameter.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     base = meta_copy(model)
     base.eval()
+    _differentiate_embeddings(base)
     if bn_mode == "batch":
         for mod in base.modules():
             if isinstance(mod, _BN_TYPES):

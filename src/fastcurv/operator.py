@@ -12,12 +12,17 @@ from torch import nn
 from torch.func import grad
 
 from ._heap import heap_reuse
+from .ambient import resetting_ambient
 from .backends import BACKENDS
 from .backends.base import mark_not_torch_func, math_attention, read_batches
 from .backends.func import torch_func_failed
 from .data import Batches
 from .losses import Loss
+from .model_run import VmapUnsupportedError, model_cannot_run
 from .replicas import BN_MODES, ReplicaSet, nonfinite_rows
+
+# the errors on which backend="auto" may fall back from torch.func to autograd (_fall_back decides)
+_FALLBACK_ERRORS = (RuntimeError, NotImplementedError, VmapUnsupportedError)
 
 BACKEND_CHOICES = ("auto", "autograd", "func", "fused")
 
@@ -98,7 +103,8 @@ class HessianOperator:
         data: a loader yielding ``(inputs, targets)`` or one ``(inputs, targets)`` batch.
         loss: "cross_entropy" (default), "mse", or a callable ``loss(outputs, targets)``.
         reduction: "mean" (default, over all samples of ``data``) or "sum".
-        loss_reduction: reduction of a callable loss over its batch ("mean" or "sum").
+        loss_reduction: reduction of a callable loss over its batch ("mean" or "sum"; None, the
+            default: a torch loss module's own ``.reduction``, "mean" for a plain callable).
         backend: "auto", "autograd", "func" or "fused" (see :mod:`fastcurv.backends`).
         bn_mode: "eval" (BatchNorm running statistics, no dropout) or "batch" (BatchNorm batch
             statistics; dropout still off). The models themselves are never modified. Default
@@ -154,6 +160,7 @@ class HessianOperator:
 
     _group = None  # the process group of distributed_data=True (subclasses may skip __init__)
 
+    @resetting_ambient
     def __init__(
         self,
         models: Sequence[nn.Module] | ReplicaSet,
@@ -161,7 +168,7 @@ class HessianOperator:
         *,
         loss: str | Callable = "cross_entropy",
         reduction: str = "mean",
-        loss_reduction: str = "mean",
+        loss_reduction: str | None = None,
         backend: str = "auto",
         bn_mode: str | None = None,
         cache_data="auto",
@@ -192,7 +199,8 @@ class HessianOperator:
             self.loss = Loss(loss, reduction, loss_reduction)
             self.loss.num_samples = self.batches.num_samples  # this rank's; summed over ranks below
             sample = self._check_first_batch()
-            self.backend_name, self.backend_reason = select_backend(rs, backend, self.loss, sample)
+            with self._inputs_named():  # (the fused engine's check and the func backend's estimates run the model)
+                self.backend_name, self.backend_reason = select_backend(rs, backend, self.loss, sample)
             self._auto = backend == "auto"
             self._backend_options = backend_options or {}
             options = dict(self._backend_options)
@@ -202,7 +210,8 @@ class HessianOperator:
                 for key, cap in func_bytes_caps(memory_budget, rs.device).items():
                     options.setdefault(key, cap)  # what the caller sets wins
             _check_backend_options(self.backend_name, self.backend_reason, self._backend_options)
-            self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **options)
+            with self._inputs_named():
+                self.backend = BACKENDS[self.backend_name](rs, self.loss, self.batches, **options)
             if memory_budget is not None:
                 from .memory_job import check_operator_budget, operator_cache_bytes
 
@@ -293,7 +302,10 @@ class HessianOperator:
         return the first batch ``(x, y)`` (the fused engine's check spreads its samples over it). A
         model that changes its input, or one of its buffers, in its (eval-mode) forward raises a
         ValueError (:meth:`ReplicaSet.checked_call`): every product runs it again on the same batches
-        and the operator's copies of the buffers."""
+        and the operator's copies of the buffers. Inputs it cannot take (torch's RuntimeError, or an
+        embedding's IndexError for token ids out of range) raise "the model cannot run on the first
+        batch (inputs <the batch's shape>, <dtype>): ..."; in a later sample, the first product or
+        gradient names the batch (:meth:`_inputs_named`)."""
         rs = self.replicas
         small = [i for i, n in enumerate(self.batches.sizes) if n < 2]
         if rs.batch_statistics and small:
@@ -305,8 +317,8 @@ class HessianOperator:
         with torch.no_grad():
             try:  # (on copies of the inputs and buffers: a ValueError for a model that changes either in place)
                 out = rs.checked_call(x)
-            except RuntimeError as exc:
-                raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): {exc}") from exc
+            except (RuntimeError, IndexError) as exc:  # (IndexError: token ids beyond an nn.Embedding's table)
+                raise model_cannot_run("the first batch", x_all, exc) from exc
         if out.dim() == 0 or out.shape[0] != x.shape[0]:
             raise ValueError(f"the model returns outputs {tuple(out.shape)} for inputs {tuple(x.shape)}: fastcurv needs "
                              "one output row per sample (a model that averages or reshapes across the batch mixes "
@@ -317,6 +329,7 @@ class HessianOperator:
         return x_all, y_all
 
     # --- products ----------------------------------------------------------------------------
+    @resetting_ambient
     def matvec(self, V: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Hessian-vector products for every replica and probe.
 
@@ -343,7 +356,7 @@ class HessianOperator:
                 given = nonfinite_rows([V3]).cpu() & good
                 if given.any():
                     warnings.warn(f"the vectors of replicas {rows[given].tolist()} contain NaN or Inf: their products "
-                                  "are NaN", RuntimeWarning, stacklevel=2)
+                                  "are NaN", RuntimeWarning, stacklevel=3)
                     good &= ~given
             every = bool(good.all())
             out = None if every else torch.full_like(V3, float("nan"))
@@ -365,7 +378,7 @@ class HessianOperator:
                     self.failed[newly] = True
                     out[torch.isin(rows, newly).to(out.device)] = float("nan")
                     warnings.warn(f"replicas {newly.tolist()} produced non-finite Hessian products: flagged, results NaN",
-                                  RuntimeWarning, stacklevel=2)
+                                  RuntimeWarning, stacklevel=3)
             self.num_passes += 1
             self.num_matvecs += V3.shape[1]
             return out.squeeze(1) if single else out
@@ -384,7 +397,7 @@ class HessianOperator:
     def _run(self, vecs, idx):
         try:
             return self.backend.matvec(vecs, idx)
-        except (RuntimeError, NotImplementedError) as exc:
+        except _FALLBACK_ERRORS as exc:
             self._fall_back(exc)
             return self.backend.matvec(vecs, idx)
 
@@ -397,20 +410,28 @@ class HessianOperator:
             f"torch.func could not differentiate this model ({exc.__class__.__name__}: {str(exc)[:200]}); "
             "falling back to the 'autograd' backend",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
-        self.backend_name, self.backend_reason = "autograd", f"auto: torch.func failed ({str(exc)[:120]})"
+        # (extending the reason: the fused engine's, which names the module it does not support, stays)
+        self.backend_name = "autograd"
+        self.backend_reason = f"{self.backend_reason}; then torch.func failed ({str(exc)[:160]}): autograd"
         self.backend = BACKENDS["autograd"](self.replicas, self.loss, self.batches)
 
     def __matmul__(self, V):
         return self.matvec(V)
 
+    @resetting_ambient
     def loss_and_gradient(self, idx: torch.Tensor | None = None, *, reuse_state: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-data loss ``[Ra]`` and gradient ``[Ra, P]`` of replicas ``idx`` (all when None),
         computed for all of them at once (batched GEMMs with the fused engine, else vmapped
         torch.func); the cost unit of fastcurv's benchmarks. ``reuse_state=True`` lets the fused
         engine read (and fill) the probe-independent state its matvecs cache, skipping the forward
-        pass: only for parameters unchanged since the operator was built."""
+        pass: only for parameters unchanged since the operator was built.
+
+        A replica whose loss is not finite (NaN or Inf, with finite parameters: e.g. a callable
+        loss's mean over a batch whose every target is ignored, torch's 0/0) is recorded in
+        :attr:`failed`, with a warning, and its gradient row is NaN: its products would be finite
+        but belong to no loss (see :meth:`_flag_nonfinite_loss`)."""
         with self._guard():  # one computation at a time (see Threads in the class docstring)
             rs = self.replicas
             with heap_reuse():
@@ -418,19 +439,72 @@ class HessianOperator:
                     total, grads = self._compute(
                         lambda: self.backend.loss_and_gradient(None if idx is None else idx.to(rs.device), reuse_state=reuse_state),
                         "the gradient")
-                    return self._sum_over_ranks(total), self._sum_over_ranks(rs.flatten(grads))
+                    return self._flag_nonfinite_loss(idx, self._sum_over_ranks(total),
+                                                     self._sum_over_ranks(rs.flatten(grads)))
                 try:
                     total, grads = self._compute(lambda: self._loss_and_gradient_func(idx), "the gradient")
-                except (RuntimeError, NotImplementedError) as exc:
+                except _FALLBACK_ERRORS as exc:
                     self._fall_back(exc)
                     return self.loss_and_gradient(idx, reuse_state=reuse_state)
-                return self._sum_over_ranks(total), self._sum_over_ranks(grads)
+                return self._flag_nonfinite_loss(idx, self._sum_over_ranks(total), self._sum_over_ranks(grads))
+
+    def _flag_nonfinite_loss(self, idx, total: torch.Tensor, grads: torch.Tensor):
+        """``(total, grads)`` of :meth:`loss_and_gradient` for replicas ``idx``, after recording in
+        :attr:`failed` (with a warning) those whose loss ``total [Ra]`` is not finite, their gradient
+        rows ``grads [Ra, P]`` set to NaN, as for non-finite parameters; ``nonfinite_loss`` (``[R]``
+        bool, made at the first such replica) says which failed so. Such a loss may still have
+        finite Hessian products (a NaN batch mean, of a batch whose every target is ignored, adds a
+        NaN loss but nothing to the derivatives), which belonged to no loss and were reported ok
+        before the twenty-eighth round."""
+        rows = torch.arange(self.R) if idx is None else self._check_idx(idx)
+        bad = ~torch.isfinite(total).cpu() & ~self.failed[rows]
+        if bool(bad.any()):
+            newly = rows[bad]
+            self.failed[newly] = True
+            # (set here, not in __init__: operators made by like() skip it)
+            self.__dict__.setdefault("nonfinite_loss", torch.zeros(self.R, dtype=torch.bool))[newly] = True
+            grads = grads.clone()
+            grads[bad.to(grads.device)] = float("nan")
+            warnings.warn(f"replicas {newly.tolist()} have a non-finite loss (NaN or Inf, with finite parameters; a "
+                          "callable loss's mean over a batch whose every target it ignores is NaN): flagged, results "
+                          "NaN", RuntimeWarning, stacklevel=4)
+        return total, grads
+
+    @contextlib.contextmanager
+    def _inputs_named(self):
+        """Within it, an IndexError (an embedding's "index out of range in self": token ids beyond its
+        table, in a sample past those the first batch's check ran) becomes the ValueError "the model
+        cannot run on batch i (inputs <shape>, <dtype>): ..." naming the first batch the model cannot
+        run on (:meth:`_bad_inputs`: one replica's forward per batch, until one raises); where every
+        batch runs, the IndexError goes on as it is."""
+        try:
+            yield
+        except IndexError as exc:
+            bad = self._bad_inputs()
+            if bad is None:
+                raise
+            raise bad from exc
+
+    def _bad_inputs(self) -> ValueError | None:
+        """:func:`~fastcurv.model_run.model_cannot_run`'s ValueError for the first batch on which one
+        replica's forward (on copies of its inputs and buffers) raises, or None."""
+        rs = self.replicas
+        r = int(rs.finite.nonzero()[0]) if rs.finite.any() else 0
+        params = {n: t[r] for n, t in rs.params.items()}
+        with torch.no_grad():
+            for i, x, _ in read_batches(self.batches):
+                try:
+                    rs.call(params, {n: t[r].clone() for n, t in rs.buffers.items()}, x.clone())
+                except (RuntimeError, IndexError) as err:
+                    return model_cannot_run("the first batch" if i == 0 else f"batch {i}", x, err)
+        return None
 
     def _loss_and_gradient_func(self, idx):
         rs, loss = self.replicas, self.loss
         params, buffers = rs.subset(idx)
         Ra = next(iter(params.values())).shape[0]
-        total = torch.zeros(Ra, dtype=rs.dtype, device=rs.device)
+        # (summed in float32 at least: a float16 model's losses above 65504 summed to Inf)
+        total = torch.zeros(Ra, dtype=torch.promote_types(rs.dtype, torch.float32), device=rs.device)
         grads = [torch.zeros_like(params[n]) for n in rs.names]
         for _, x, y in read_batches(self.batches):
 
@@ -452,6 +526,7 @@ class HessianOperator:
                            f"linear in their inputs and linear in each parameter)")
         return check()
 
+    @resetting_ambient
     def exact_trace(self) -> torch.Tensor:
         """Exact Hessian trace of every replica ``[R]`` (float64, NaN for failed replicas), without
         probes, on the fused engine, for models whose Hessian diagonal equals the Gauss-Newton
@@ -474,13 +549,15 @@ class HessianOperator:
         """``fn()`` on every rank (:meth:`_on_all_ranks`), after checking that the models did not change
         since the operator was built (see Snapshot in the class docstring), under
         :func:`~fastcurv.backends.base.math_attention` (attention's fused kernels have no double or
-        forward-mode derivative: every backend's products and gradients go through here)."""
+        forward-mode derivative: every backend's products and gradients go through here). An
+        IndexError there becomes the ValueError naming the batch the model cannot run on
+        (:meth:`_inputs_named`)."""
         def checked():
             scope = self._scope()
             if not (getattr(scope, "active", False) and scope.checked):
                 self._check_models()
                 scope.checked = True  # (read only within models_checked_once)
-            with math_attention():
+            with math_attention(), self._inputs_named():
                 return fn()
 
         return self._on_all_ranks(checked, what)
@@ -542,6 +619,7 @@ class HessianOperator:
         dist.all_reduce(t, group=self._group)
         return t
 
+    @resetting_ambient
     def dense(self, replica: int = 0) -> torch.Tensor:
         """The full ``[P, P]`` Hessian of one replica, column by column (small models only)."""
         with self._guard():  # one computation at a time (see Threads in the class docstring)

@@ -329,7 +329,7 @@ def rescale_layers(models: Sequence[nn.Module], alpha: float = 10.0, layers: tup
     new = _copies(models, (a, b))
     for m in new:
         la, lb = _module(m, a), _module(m, b)
-        _scale_units(la, lb, torch.full((la.weight.shape[0],), float(alpha)))
+        _scale_units(la, lb, torch.full((la.weight.shape[0],), float(alpha), dtype=torch.float64))
     return _report(models, new, probe, {"alpha": alpha, "layers": (a, b)}, pairs=[(a, b)], bn_mode=bn_mode)
 
 

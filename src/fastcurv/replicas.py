@@ -374,12 +374,15 @@ class ReplicaSet:
     def _sparse_rows(self, plan, x: torch.Tensor):
         """The CSR form of ``x`` for the fused MLP ``plan`` (None when too dense or not its input), kept
         for the last input while that tensor lives unchanged (a weak reference and its version
-        counter): the perturbation estimators evaluate the same probe inputs hundreds of times."""
+        counter): the perturbation estimators evaluate the same probe inputs hundreds of times. An
+        inference tensor (made under ``torch.inference_mode``) has no version counter: its CSR form is
+        made anew each time (it cannot be told unchanged)."""
         hit = getattr(self, "_csr_of", None)
-        if hit is not None and hit[0]() is x and hit[1] == x._version:
+        version = _version(x)
+        if hit is not None and hit[0]() is x and version is not None and hit[1] == version:
             return hit[2]
         csr, _ = plan.sparse_rows(x, None)
-        self._csr_of = (weakref.ref(x), x._version, csr)
+        self._csr_of = (weakref.ref(x), version, csr)
         return csr
 
     def _mlp_plan(self):

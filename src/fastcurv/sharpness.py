@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._heap import reusing_heap
+from .ambient import resetting_ambient
 from .losses import canonical_name
 from .measures import accepted_options, load_all as _load_measures
 from .operator import HessianOperator
@@ -168,6 +169,7 @@ def _underflowed(op, loss: torch.Tensor) -> torch.Tensor:
     return per_sample < torch.finfo(op.dtype).tiny
 
 
+@resetting_ambient  # grad on, autocast and anomaly detection off (see fastcurv.ambient)
 @reusing_heap
 def batched_sharpness(
     models,
@@ -261,6 +263,11 @@ def batched_sharpness(
     On a GPU, an out-of-memory error is caught: the job runs again in chunks of half the replicas
     (halved again while the error persists, down to one replica), with a RuntimeWarning naming the
     chunk size; results equal an unchunked run.
+
+    Called inside ``torch.no_grad()``, ``torch.inference_mode()``, ``torch.autocast(...)`` or anomaly
+    detection, the job computes as outside: grad mode on, in the models' own dtype (fastcurv leaves
+    autocast regions), anomaly detection off; the caller's settings are left as they were
+    (:mod:`fastcurv.ambient`).
     """
     models = validate_models(models)
     seed = as_seed(seed)
@@ -501,7 +508,9 @@ def batched_sharpness(
         if not bool(finite[r]):
             f.append("non-finite parameters")
         elif bool(op.failed[r]):
-            f.append("non-finite Hessian products")
+            nonfinite_loss = getattr(op, "nonfinite_loss", None)  # (set by the operator at the first such replica)
+            f.append("non-finite loss" if nonfinite_loss is not None and bool(nonfinite_loss[r])
+                     else "non-finite Hessian products")
         else:
             f += [f"{name} not converged" for name, c in out.converged.items() if not bool(c[r])]
             f += [f"{col} not finite" for col in untested if not bool(torch.isfinite(out.values[col][r]))]

@@ -42,10 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .ambient import resetting_ambient
 from .paths import expand_path, prepare_file, prepare_folder, sibling_path
-from .study_config import (MODELS, STALLED_MARGIN, _audit_transform, _check_data, _check_settings, _config_value,
-                           _from_config, _hidden_widths, _integers, _numbers, _split_measures, _target_loss,
-                           _write_yaml)
+from .study_config import (MODELS, STALLED_MARGIN, _absolute_paths, _audit_transform, _check_data, _check_settings,
+                           _config_value, _from_config, _hidden_widths, _integers, _measure_names, _numbers, _seed,
+                           _split_measures, _target_loss, _write_yaml)
 from .study_config import DATA_SETS, FUNCTION_MEASURES  # noqa: F401  (re-exported)
 from .study_report import (TARGETS, _clear_report, _figure_class, _headline_columns, _plot, _plot_gde, _plot_heatmap,
                            _print, _report, _versions)
@@ -135,6 +136,7 @@ def _granulated(table, target: str, measure_cols, swept, varying):
         return None, f"not computed: {e}" + (f" ({left})" if left else "")
 
 
+@resetting_ambient
 def study(
     *,
     data: str = "digits",
@@ -256,6 +258,9 @@ def study(
     correlations with half of the audited replicas reparameterized (None below 4 replicas or without
     the audit). ``summary["did_not_learn"]``: the replicas whose training accuracy is within
     ``STALLED_MARGIN`` of chance (flagged too). ``times``: seconds per stage.
+
+    The caller's grad mode, inference mode, autocast and anomaly detection change nothing
+    (:mod:`fastcurv.ambient`).
     """
     if threads is not None:
         if not isinstance(threads, (int, np.integer)) or threads < 1:
@@ -278,6 +283,8 @@ def study(
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     _check_data(data)
+    seed = _seed(seed)  # (a negative seed failed in numpy after the training)
+    audit_measures = _measure_names(audit_measures, "audit_measures")  # (one name: not its letters)
     sharpness_kwargs = _from_config(sharpness_kwargs, "sharpness_kwargs")
     function_kwargs = _from_config(function_kwargs, "function_kwargs")
     sharp_m, func_m = _split_measures(measures)
@@ -299,7 +306,7 @@ def study(
     target_loss = _target_loss(target_loss)
     _check_settings(n_boot=n_boot, audit=audit, audit_alpha=audit_alpha, audit_measures=audit_measures,
                     audit_replicas=audit_replicas, sharpness_kwargs=sharpness_kwargs, function_kwargs=function_kwargs,
-                    lr=lr, replicas=replicas)
+                    lr=lr, replicas=replicas, verbose=verbose, progress=progress)
     batch_size, label_noise = _integers(batch_size, "batch_size"), _numbers(label_noise, "label_noise")
     _batch_sizes(batch_size, int(replicas))  # (clear errors before any work: a length, a fraction, a float)
     noise = _label_noise(label_noise, int(replicas))
@@ -325,7 +332,7 @@ def study(
     t0 = time.perf_counter()
     config = {k: v for k, v in locals().items() if k in STUDY_ARGS}
     config["threads"] = torch.get_num_threads()
-    config = _config_value(config)
+    config = _config_value(_absolute_paths(config))
 
     kw = {"flatten": model == "mlp"}
     if data.lower() not in ("digits", "sklearn-digits"):
@@ -511,7 +518,7 @@ def study(
                             "reinstall it with `pip install pyarrow`. The same table is in results.csv.")
             import warnings
 
-            warnings.warn(parquet_note, RuntimeWarning, stacklevel=2)
+            warnings.warn(parquet_note, RuntimeWarning, stacklevel=3)
         else:
             table.to_parquet(out / "results.parquet", engine="pyarrow")
             files.append("results.parquet")
@@ -554,4 +561,5 @@ def study(
     return res
 
 
-STUDY_ARGS = study.__code__.co_varnames[:study.__code__.co_kwonlyargcount]
+_CODE = study.__wrapped__.__code__  # (study's own, not its ambient_reset wrapper's)
+STUDY_ARGS = _CODE.co_varnames[:_CODE.co_kwonlyargcount]

@@ -36,7 +36,8 @@ theirs. The full training-set loss is evaluated in eval mode (running statistics
 
 Random numbers: dropout, in ``nn.Dropout`` modules or drawn any other way in ``forward`` (a probe
 step before training watches torch's generators), is drawn per step from a generator keyed by the
-replica group's seeds, the epoch and the step: the global RNG is left alone and a call is
+replica group's seeds, the epoch and the step: the global RNG is left alone (the CPU generator and
+those of every accelerator device, which the initialization seeds too) and a call is
 reproducible. Calls in several threads at once get the same models as alone: the sections that seed
 torch's global generator (initialization, dropout) hold one lock, so they do not interleave.
 Parameters the forward pass does not use (an auxiliary head) stay as they are, as with
@@ -74,6 +75,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .ambient import outside_inference, resetting_ambient
 from .architectures import ACTIVATIONS, cnn, mlp  # noqa: F401  (fastcurv.train.mlp, cnn, ACTIVATIONS, as documented)
 from .train_checkpoint import resume, run_fingerprint
 from .train_data import epoch_order, noisy_labels, replica_labels  # noqa: F401  (epoch_order: fastcurv.train's API)
@@ -140,6 +142,7 @@ class TrainHistory:
         return pd.DataFrame(cols).rename_axis("replica")
 
 
+@resetting_ambient  # training differentiates whatever the caller's grad mode (see fastcurv.ambient)
 def train_population(
     builder,
     x: torch.Tensor,
@@ -288,12 +291,22 @@ def train_population(
     ``sparse_input``) take True or False (or None where it has a meaning above), one setting for
     all replicas; ``np.bool_``, 0 and 1 are read as bools, and anything else (e.g. a per-replica
     list) is a ValueError.
+
+    Gradient hooks on parameters (``p.register_hook``, ``register_post_accumulate_grad_hook``) raise a
+    ValueError, as module hooks do: training differentiates stacked copies of the parameters, where
+    they would not run.
+    Called inside ``torch.no_grad()``, ``torch.inference_mode()``, ``torch.autocast(...)`` or anomaly
+    detection, training runs as outside: grad mode on, in the models' own dtype (fastcurv leaves
+    autocast regions), anomaly detection off; the caller's settings are left as they were
+    (:mod:`fastcurv.ambient`).
     """
     t_start = time.perf_counter()
     opts = parse_options(locals())
     models = init_replicas(builder, opts.seeds)
     device, dtype = place_replicas(models, device, dtype)
-    x, y = (t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in (opts.x, opts.y))
+    # (a copy of data made under torch.inference_mode, which has no version counter and cannot be saved for backward)
+    x, y = (outside_inference(t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+            for t in (opts.x, opts.y))
     engine = Engine(models[0], x, y, opts, device, dtype)
     # the optimizer's coefficients in at least float32 (bfloat16 rounds momentum 0.999 and Adam's beta2 to 1.0),
     # as torch.optim computes its updates of half-precision parameters

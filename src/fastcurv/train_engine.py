@@ -275,11 +275,14 @@ def _probe_training_step(model: nn.Module, xb: torch.Tensor) -> tuple[bool, list
     no gradient (not used by the forward pass: torch.optim skips them, and so does training).
     The global RNG is left as it was, and ``xb`` too: the forward runs on a copy, and a model that
     changes its input in place raises the ValueError :data:`~fastcurv.replicas.INPUT_CHANGED`
-    (see :class:`Engine`).
+    (see :class:`Engine`). The forward runs with grad mode on whatever the caller's: under the
+    caller's ``torch.no_grad`` every parameter read as unused, and training returned the models as
+    initialized.
     """
     probe = copy.deepcopy(model).train()
     devices = _rng_devices(xb.device)
-    with _seeded_section(devices):  # (another call's draws meanwhile would read as this model's)
+    # (the section: another call's draws meanwhile would read as this model's; grad on: the caller's no_grad)
+    with _seeded_section(devices), torch.enable_grad():
         before = _rng_states(devices)
         try:
             out = run_on_copy(probe, xb)
@@ -290,7 +293,7 @@ def _probe_training_step(model: nn.Module, xb: torch.Tensor) -> tuple[bool, list
     wanted = [(n, p) for n, p in probe.named_parameters() if p.requires_grad]
     if not wanted:
         return draws_random, []
-    if not out.requires_grad:
+    if not out.requires_grad:  # (none of them used: e.g. the only trainable one is an unused head)
         return draws_random, [n for n, _ in wanted]
     grads = torch.autograd.grad(out.sum(), [p for _, p in wanted], allow_unused=True)
     return draws_random, [n for (n, _), g in zip(wanted, grads) if g is None]

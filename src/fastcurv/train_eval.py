@@ -9,12 +9,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .ambient import outside_inference, resetting_ambient
 from .losses import as_labels, canonical_name
 from .replicas import ReplicaSet, check_output
 from .train_engine import model_cannot_run, summed_losses
 from .train_options import _check_targets
 
 
+@resetting_ambient  # inference mode and autocast off (see fastcurv.ambient); no graph below
 @torch.no_grad()
 def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None = None, *, batch_size: int = 2048,
                         loss: str = "cross_entropy") -> dict:
@@ -48,6 +50,9 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
     Returns ``{"loss": [R] float64, "accuracy": [R] float64 (fraction in [0, 1])}`` (NaN rows for
     replicas with non-finite parameters, and, with a warning naming them, for replicas whose outputs
     are not finite on some input).
+
+    Called inside ``torch.inference_mode()`` or ``torch.autocast(...)``, and on data made under
+    inference mode, the same numbers as outside (the models' own dtype; :mod:`fastcurv.ambient`).
     """
     from .data import _split, is_single_batch
 
@@ -77,8 +82,9 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
             raise ValueError("the inputs contain NaN or Inf")
         if yb.is_floating_point() and not bool(torch.isfinite(yb).all()):
             raise ValueError("the targets contain NaN or Inf")
-        xb = xb.to(rs.device, rs.dtype if xb.is_floating_point() else xb.dtype)
-        yb = yb.to(rs.device)
+        # (data made under torch.inference_mode: a copy, as the operators take it)
+        xb = outside_inference(xb.to(rs.device, rs.dtype if xb.is_floating_point() else xb.dtype))
+        yb = outside_inference(yb.to(rs.device))
         try:
             if N == 0:  # one replica on copies of the first samples and of its buffers: a model that writes
                 rs.checked_call(xb[:8])  # into its input or buffers (ValueError) would shift the caller's data
@@ -104,7 +110,8 @@ def evaluate_population(models: Sequence[nn.Module], x, y: torch.Tensor | None =
     failed = bad_out & rs.finite.cpu()
     if bool(failed.any()):
         warnings.warn(f"replicas {failed.nonzero().flatten().tolist()} have finite parameters but non-finite outputs "
-                      "(NaN or Inf): their loss and accuracy are NaN", RuntimeWarning, stacklevel=2)
+                      "(NaN or Inf): their loss and accuracy are NaN", RuntimeWarning,
+                      stacklevel=4)  # (past the decorators' wrappers: the caller's line)
     res = {"loss": (tot_loss / N).masked_fill(bad_out, float("nan"))}
     if loss == "cross_entropy":
         acc = correct / N

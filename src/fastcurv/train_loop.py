@@ -1,7 +1,8 @@
 """The epoch loop of :func:`fastcurv.train.train_population` (:func:`run_epochs`): every replica
 group's epoch in worker threads (:func:`worker_limit` of them at most), then the history row, the
 checkpoint, the progress bar and the callback, once per epoch for all groups; and the history's
-per-replica fields (:func:`fill_history`).
+per-replica fields (:func:`fill_history`). The model's errors in an epoch are named
+(:func:`_model_tasks`): a model vmap cannot batch, inputs it cannot take.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .model_run import model_cannot_run, vmap_error
 from .train_checkpoint import save_checkpoint
 from .train_group import ReplicaGroup, merged_rows
 from .train_options import TrainOptions
@@ -51,8 +53,8 @@ def run_epochs(groups: list[ReplicaGroup], opts: TrainOptions, history, start_ep
             live = [g for g in groups if g.live()]
             if not live:
                 break
-            _run_tasks(pool, [task for g in live for task in g.train_tasks(epoch)])  # (all batch sizes' groups at once)
-            _run_tasks(pool, [task for g in live for task in g.eval_tasks()])
+            _model_tasks(pool, [task for g in live for task in g.train_tasks(epoch)], live)  # (all groups at once)
+            _model_tasks(pool, [task for g in live for task in g.eval_tasks()], live)
             ep_loss = torch.full((R,), float("nan"), dtype=torch.float64)  # a group that has stopped: NaN
             for g in live:
                 ep_loss[g.idx] = g.end_epoch().cpu()
@@ -83,6 +85,46 @@ def _run_tasks(pool: ThreadPoolExecutor | None, tasks: list) -> None:
         return
     for f in [pool.submit(task) for task in tasks]:
         f.result()
+
+
+def _model_tasks(pool: ThreadPoolExecutor | None, tasks: list, groups: list[ReplicaGroup]) -> None:
+    """:func:`_run_tasks` of the ``groups``' epoch tasks, with the model's errors named: where vmap
+    cannot batch the model (training's vmapped steps: ``nn.LSTM``'s "Batching rule not implemented for
+    aten::lstm.input", a sparse embedding's gradient), :class:`~fastcurv.model_run.VmapUnsupportedError`
+    naming the module (:func:`~fastcurv.model_run.vmap_error`); an IndexError (token ids beyond an
+    embedding's table, past the first samples the checks before training run), the ValueError naming
+    the first training samples the model cannot run on (:func:`_bad_samples`). Both were torch's raw
+    errors before the twenty-eighth round."""
+    try:
+        _run_tasks(pool, tasks)
+    except IndexError as exc:
+        bad = _bad_samples(groups[0])
+        if bad is None:
+            raise
+        raise bad from exc
+    except (RuntimeError, NotImplementedError) as exc:
+        e = groups[0].engine
+        err = None if e.plan is not None or e.per_replica else vmap_error(exc, e._bases[True])
+        if err is None:
+            raise
+        raise err from exc
+
+
+@torch.no_grad()
+def _bad_samples(group: ReplicaGroup) -> ValueError | None:
+    """The ValueError "the model cannot run on the training samples i to j (inputs ...): ..." for the
+    first of the training set's chunks of ``group.batch_size`` samples on which the eval-mode forward
+    of the group's first replica (on copies of its buffers) raises, or None."""
+    e = group.engine
+    params = {n: t[0] for n, t in group.params.items()}
+    buffers = {n: t[0].clone() for n, t in group.buffers.items()}
+    for i in range(0, len(e.x), group.batch_size):
+        xb = e.x[i:i + group.batch_size]
+        try:
+            e.forward(params, buffers, xb, training=False)
+        except (RuntimeError, IndexError) as exc:
+            return model_cannot_run(f"the training samples {i} to {i + len(xb) - 1}", xb, exc)
+    return None
 
 
 def _progress_fields(ep_loss: torch.Tensor, groups: list[ReplicaGroup], R: int, target_loss: float | None) -> dict:

@@ -161,7 +161,7 @@ def replica_hyperparameters(opts: TrainOptions, hdt: torch.dtype, device) -> dic
     if opts.optimizer != "sgd" and bool((hp["momentum"] != hp["momentum"][0]).any()):
         shown = ", ".join(f"{v:.6g}" for v in hp["momentum"].tolist())
         warnings.warn(f"momentum differs across the replicas ({shown}), but optimizer={opts.optimizer!r} does not use "
-                      "momentum (it uses betas): the replicas do not differ in it", UserWarning, stacklevel=3)
+                      "momentum (it uses betas): the replicas do not differ in it", UserWarning, stacklevel=4)
     return hp
 
 

@@ -2,6 +2,10 @@
 (:func:`init_replicas`) and the dropout draws of each training step (:func:`_dropout_rng`), both
 from torch's global generators seeded inside a section that restores them after, under one lock
 (:data:`_GLOBAL_RNG_LOCK`) so calls in several threads do not draw each other's numbers.
+
+Seeding reaches the CPU generator and, on a machine with an accelerator (CUDA, XPU or MPS), the
+generators of all its devices (a builder may build on any of them); the section restores all of
+these (:func:`_reseeding_section`).
 """
 from __future__ import annotations
 
@@ -34,28 +38,57 @@ def _rng_devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 
 
+def _accelerator() -> tuple[str, list[int]] | None:
+    """``(device type, device indices)`` of this machine's accelerator whose generators :func:`_seed`
+    seeds (every device of CUDA, XPU or MPS), None on a machine without one."""
+    if torch.cuda.is_available():
+        return "cuda", list(range(torch.cuda.device_count()))
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return "xpu", list(range(xpu.device_count()))
+    if torch.backends.mps.is_available():
+        return "mps", [0]
+    return None
+
+
+@contextlib.contextmanager
+def _reseeding_section():
+    """A section in which :func:`_seed` may be called: under :data:`_GLOBAL_RNG_LOCK`, every
+    generator it seeds (the CPU one and each device of the accelerator, :func:`_accelerator`)
+    restored after. (On a machine whose CUDA is not initialized yet, reading the CUDA generators
+    initializes it; seeding without it would queue a seed that torch applies at that later
+    initialization, replacing the caller's own ``torch.manual_seed``.)"""
+    acc = _accelerator()
+    kind, devices = acc if acc is not None else (None, [])
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices, device_type=kind):
+        yield
+
+
 def _seed(s: int) -> None:
-    """``torch.manual_seed(s)``; on a machine without an accelerator only the CPU generator, which is
-    all that exists there (``torch.manual_seed`` also queues lazy CUDA/XPU seeding with a captured
-    traceback: 0.4 ms per call, 40% of initializing 100 small MLPs)."""
-    if torch.cuda.is_available() or getattr(torch, "xpu", None) is not None and torch.xpu.is_available() \
-            or torch.backends.mps.is_available():
-        torch.manual_seed(s)
-    else:
-        torch.default_generator.manual_seed(s)
+    """Seed the CPU generator and every device of the accelerator (:func:`_accelerator`) with ``s``,
+    the generators :func:`_reseeding_section` restores; call it inside one. (Not
+    ``torch.manual_seed``, which also seeds device types the section does not restore, and on a
+    machine without an accelerator queues lazy CUDA/XPU seeding with a captured traceback: 0.4 ms
+    per call, 40% of initializing 100 small MLPs.)"""
+    torch.default_generator.manual_seed(s)
+    acc = _accelerator()
+    if acc is not None:
+        module = torch.get_device_module(acc[0])
+        (getattr(module, "manual_seed_all", None) or module.manual_seed)(s)  # (MPS: one device, manual_seed)
 
 
 def init_replicas(builder, seeds: Sequence[int]) -> list[nn.Module]:
     """One model per seed: ``builder()`` (a zero-argument callable) under ``torch.manual_seed(seed)``.
 
     ``builder`` may also be an ``nn.Module`` template: each replica is a deep copy whose submodules'
-    ``reset_parameters()`` are called under the seed. The global RNG state is left unchanged.
+    ``reset_parameters()`` are called under the seed. The global RNG state is left unchanged: the
+    CPU generator and those of the accelerator's devices (:func:`_reseeding_section`).
     Thread-safe with other fastcurv calls (they do not seed the global RNG meanwhile), not with
     the caller's own draws from it in other threads.
     """
     models = []
     for s in seeds:
-        with _seeded_section([]):
+        with _reseeding_section():
             _seed(int(s))
             if isinstance(builder, nn.Module):
                 m = copy.deepcopy(builder)
@@ -85,7 +118,7 @@ def _dropout_rng(has_dropout: bool, device, key: tuple):
         yield
         return
     seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
-    with _seeded_section(_rng_devices(device)):
+    with _reseeding_section():  # (the training device's generator among those restored)
         _seed(seed)
         yield
 

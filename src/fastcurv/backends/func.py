@@ -12,6 +12,7 @@ from torch.func import grad, jvp, linearize, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..memory import is_out_of_memory
+from ..model_run import VmapUnsupportedError
 from .base import NOT_TORCH_FUNC, Backend, mark_not_torch_func, math_attention, read_batches
 
 # Reused graphs (or linearizations) are kept while their estimated size fits this. It keeps even
@@ -320,12 +321,14 @@ def product_error(got: dict, want: dict) -> float:
 def torch_func_failed(exc: BaseException) -> bool:
     """Whether ``exc``, raised while torch.func computed a product or gradient, may say that
     torch.func cannot run the model, so that ``backend="auto"`` falls back to autograd: a
+    :class:`~fastcurv.model_run.VmapUnsupportedError` (vmap cannot batch a module of the model), a
     RuntimeError or NotImplementedError, but not an out-of-memory error (on a GPU the job is rerun
     in chunks of half the replicas), one raised while reading the data (the loader's own, or
     fastcurv's "the loader yielded ... on a later pass": :func:`~.base.read_batches` marks them)
     nor one raised after this backend had finished a product (torch.func evidently runs the model:
     :meth:`FuncBackend.matvec` marks them)."""
-    if not isinstance(exc, (RuntimeError, NotImplementedError)) or is_out_of_memory(exc):
+    vmap_error = isinstance(exc, VmapUnsupportedError)
+    if not (vmap_error or isinstance(exc, (RuntimeError, NotImplementedError))) or is_out_of_memory(exc):
         return False
     return getattr(exc, NOT_TORCH_FUNC, None) is None
 

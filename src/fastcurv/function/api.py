@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._heap import reusing_heap
+from ..ambient import resetting_ambient
 from ..operator import as_replica_set
 from ..ops.agreement_counts import agreement_counts
 from ..replicas import ReplicaSet
@@ -80,6 +81,7 @@ def _as_float(v) -> float:
         return math.nan
 
 
+@resetting_ambient  # inference mode and autocast off (see fastcurv.ambient)
 @reusing_heap  # one heap_reuse for the whole job (leaving it trims the heap: 12 ms each time)
 def function_measures(
     models,
@@ -164,6 +166,12 @@ def function_measures(
     (:func:`fastcurv.function.weakness.working_precision`): in their own dtype the noise rounded
     away below the rounding unit. Their values are those of the same weights as float32 models;
     the other measures evaluate the models in their own dtype.
+
+    Called inside ``torch.no_grad()``, ``torch.inference_mode()``, ``torch.autocast(...)`` or anomaly
+    detection, the measures are computed as outside: grad mode on, in the models' own dtype (fastcurv leaves
+    autocast regions), anomaly detection off; the caller's settings are left as they were
+    (:mod:`fastcurv.ambient`).
+    Data made under ``torch.inference_mode`` is taken as any other.
     """
     if isinstance(measures, str):
         measures = (measures,)
@@ -235,7 +243,8 @@ def function_measures(
     sat = {}  # column -> [R] bool: its noise bisection did not bracket the crossing
     if "perturbation_weakness" in measures:
         for s in map(float, perturb_sigmas):
-            _, unchanged = weakness.perturbation_agreement(prs, probe, probe_ref, torch.full((R,), s),
+            _, unchanged = weakness.perturbation_agreement(prs, probe, probe_ref,
+                                                           torch.full((R,), s, dtype=torch.float64),
                                                            num_draws=num_draws, seed=seed, max_rows=max_rows)
             V[f"perturb_weakness_sigma{s:g}"] = unchanged
         agree = torch.full((R,), 1.0 - delta, dtype=torch.float64)

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ambient import resetting_ambient
 from ..data import split_dict
 from ..losses import label_out_of_range
+from ..model_run import model_cannot_run
 from ..operator import as_replica_set
 from ..replicas import ReplicaSet
 from ..solvers.lanczos import count
@@ -114,21 +116,21 @@ def iterate(data):
     return data
 
 
-def _forward(replicas: ReplicaSet, x: torch.Tensor, idx: torch.Tensor, first: bool) -> torch.Tensor:
-    """``replicas.forward(x, idx)``; on the ``first`` call a RuntimeError other than running out of
-    memory becomes the ValueError the operators raise for inputs the model cannot take (torch's own
-    message, a vmapped bmm's shapes or an embedding's index dtype, names neither)."""
-    if not first:
-        return replicas.forward(x, idx)
+def _forward(replicas: ReplicaSet, x: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:
+    """``replicas.forward(x, idx)`` on (a chunk of) batch ``batch``; a RuntimeError other than
+    running out of memory, or an IndexError (token ids beyond an embedding's table), becomes the
+    ValueError the operators raise for inputs the model cannot take, naming the batch ("the first
+    batch", "batch 3"): torch's own message (a vmapped bmm's shapes, an embedding's index dtype or
+    "index out of range in self") names neither. (A model vmap cannot batch raises
+    :class:`~fastcurv.model_run.VmapUnsupportedError`, which blames no input.)"""
     from ..memory import is_out_of_memory
 
     try:
         return replicas.forward(x, idx)
-    except RuntimeError as exc:
+    except (RuntimeError, IndexError) as exc:
         if is_out_of_memory(exc):
             raise
-        raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): "
-                         f"{exc}") from exc
+        raise model_cannot_run("the first batch" if batch == 0 else f"batch {batch}", x, exc) from exc
 
 
 def _check_model(replicas: ReplicaSet, x: torch.Tensor) -> None:
@@ -136,18 +138,19 @@ def _check_model(replicas: ReplicaSet, x: torch.Tensor) -> None:
     buffers (:meth:`ReplicaSet.checked_call`): a ValueError for a model that changes its input or a
     buffer in place, which the chunks of replicas, of examples and the perturbed passes would each
     see changed (and the caller's data with them), as the operators raise; a RuntimeError other than
-    running out of memory (inputs the model cannot take) becomes their ValueError."""
+    running out of memory, or an IndexError (token ids beyond an embedding's table: inputs the model
+    cannot take) becomes their ValueError."""
     from ..memory import is_out_of_memory
 
     try:
         replicas.checked_call(x[:8])
-    except RuntimeError as exc:
+    except (RuntimeError, IndexError) as exc:
         if is_out_of_memory(exc):
             raise
-        raise ValueError(f"the model cannot run on the first batch (inputs {tuple(x.shape)}, {x.dtype}): "
-                         f"{exc}") from exc
+        raise model_cannot_run("the first batch", x, exc) from exc
 
 
+@resetting_ambient
 def collect_predictions(
     replicas: ReplicaSet,
     data,
@@ -221,7 +224,7 @@ def collect_predictions(
                 lab_b, prob_b = [], []
                 for r0 in range(0, R, chunk):
                     idx = torch.arange(r0, min(R, r0 + chunk), device=replicas.device)
-                    out = _forward(replicas, xb, idx, first=not labels and not lab_b)
+                    out = _forward(replicas, xb, idx, i)
                     if out.dim() != 3:
                         raise ValueError("models must output logits [batch, classes]; got per-replica shape "
                                          f"{tuple(out.shape[1:])}")

@@ -9,6 +9,11 @@ the replicas the rows belong to (None: all R, in order). Losses are the operator
 (``op.loss``: mean over every sample by default) or, with ``batch=i``, batch i's *share* of it, so
 the shares of all batches sum to the full-data loss. Results are float64 CPU tensors ``[Ra]``.
 
+The forwards and gradients run vmapped over the replicas (:func:`fastcurv.model_run.vmap_replicas`):
+a model vmap cannot batch (``nn.LSTM``, ``nn.GRU``: no batching rule for their kernels) raises its
+:class:`~fastcurv.model_run.VmapUnsupportedError` naming the module; such models have only the
+Hessian operator's ``backend="autograd"``.
+
 Half precision: every measure that evaluates the loss at perturbed weights first takes
 :func:`working_precision` of its operator, so that float16/bfloat16 models are perturbed and
 evaluated in float32 (see there).

@@ -37,7 +37,8 @@ def josz_variation(op, *, seed, common, r=0.05, n_iter: int = 20):
     for rr in radii:
         positive("josz_variation", r=rr)
         col = "josz_V" if len(radii) == 1 else f"josz_V_r={rr:g}"
-        out[col] = finish(op, variation(op, torch.full((op.R,), float(rr)), seed=seed, common=common, n_iter=n_iter))
+        radii_r = torch.full((op.R,), float(rr), dtype=torch.float64)  # (not the default dtype: bfloat16 rounds 0.05)
+        out[col] = finish(op, variation(op, radii_r, seed=seed, common=common, n_iter=n_iter))
     return out
 
 

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from ..ambient import resetting_ambient
 from ..memory_budget import available_memory
 from ..replicas import consecutive_runs
 from ._norms import row_norms
@@ -196,11 +197,12 @@ def _start(op, v0, seed: int, common: bool) -> torch.Tensor:
     if not bool(usable.all()):
         bad = (~usable).flatten().nonzero().flatten().tolist()
         warnings.warn(f"v0 is zero or not finite for replicas {bad}: they start from a random vector",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
         v0 = torch.where(usable, v0, start_vectors(op, seed, common))
     return v0
 
 
+@resetting_ambient
 def lanczos(
     op,
     *,
@@ -263,7 +265,7 @@ def lanczos(
         raise ValueError(f"k={k} eigenvalues asked of a Hessian of dimension P={P} (the models' parameter count)")
     if 0 < tol < resolvable_tol(op.dtype):
         warnings.warn(f"tol={tol:g} is below what {op.dtype} matvecs resolve; using {resolvable_tol(op.dtype):.2g} "
-                      "(10 eps; float64 models reach finer tolerances)", RuntimeWarning, stacklevel=2)
+                      "(10 eps; float64 models reach finer tolerances)", RuntimeWarning, stacklevel=3)
         tol = resolvable_tol(op.dtype)
     m = min(max_iter, P)
     if min_iter is None:

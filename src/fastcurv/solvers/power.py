@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ambient import resetting_ambient
 from ._norms import row_norms
 from .lanczos import EigenResult, whole_count
 from .probes import start_vectors
@@ -11,6 +12,7 @@ from .probes import start_vectors
 STOP_RESIDUAL = 0.5  # a stop whose residual |Hv - lambda v| exceeds this fraction of |lambda| is no eigenvalue
 
 
+@resetting_ambient
 def power_iteration(op, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0, common: bool = True,
                     return_vectors: bool = False, callback=None) -> EigenResult:
     """Eigenvalue of largest *modulus* per replica: ``v <- Hv/|Hv|``, ``lambda = v^T H v``.

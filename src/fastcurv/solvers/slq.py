@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ambient import resetting_ambient
 from .lanczos import _tridiag, lanczos, whole_count
 from .probes import as_seed, probe_vectors
 
@@ -156,6 +157,7 @@ def _windowed_density(grid: torch.Tensor, nodes: torch.Tensor, weights: torch.Te
     return dens
 
 
+@resetting_ambient
 def slq(op, *, num_steps: int = 60, num_draws: int = 1, seed: int = 0, common: bool = True, callback=None) -> SpectralDensity:
     """Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019; Ubaru et al. 2017).
 

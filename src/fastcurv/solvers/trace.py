@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ambient import resetting_ambient
 from ._project import project_out_
 from .lanczos import whole_count
 from .probes import as_seed, probe_vectors
@@ -45,6 +46,7 @@ def probes_per_matvec(op, probe_batch: int | None = None) -> int:
     return whole_count("probe_batch", probe_batch)
 
 
+@resetting_ambient
 def hutchinson(op, *, num_probes: int = 30, probe_batch: int | None = None, seed: int = 0, common: bool = True,
                kind: str = "rademacher", basis: torch.Tensor | None = None, basis_trace: torch.Tensor | None = None,
                callback=None) -> TraceResult:
@@ -84,6 +86,7 @@ def hutchinson(op, *, num_probes: int = 30, probe_batch: int | None = None, seed
     return TraceResult(trace, stderr, num_probes, s, exact)
 
 
+@resetting_ambient
 def hutchpp(op, *, num_matvecs: int = 30, probe_batch: int | None = None, seed: int = 0, common: bool = True,
             callback=None) -> TraceResult:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021) with a budget of ``num_matvecs`` per replica.
