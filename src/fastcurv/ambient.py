@@ -1,8 +1,8 @@
 """The torch settings fastcurv computes under, whatever the caller's: :func:`ambient_reset`.
 
-fastcurv differentiates on its own (Hessian and gradient products, training), runs its own linear
-algebra (Lanczos in float64, batched products of the models' dtype) and flags a replica whose
-numbers turn NaN while the others go on. Four torch settings of the caller would reach into that:
+fastcurv differentiates on its own (Hessian and gradient products, training) and runs its own linear
+algebra (Lanczos in float64, batched products of the models' dtype). Three torch settings of the
+calling thread would reach into that:
 
 * grad mode off (``torch.no_grad()``, ``torch.set_grad_enabled(False)``, ``torch.inference_mode()``,
   an eval loop's or a ``@torch.no_grad()`` callback's): the backends that build autograd graphs
@@ -11,36 +11,30 @@ numbers turn NaN while the others go on. Four torch settings of the caller would
 * inference mode: tensors made inside cannot be saved for backward;
 * autocast (``torch.autocast(...)``, a mixed-precision loop's region): the models and fastcurv's
   own products ran in bfloat16/float16 (results up to 2x off, flagged nowhere), and its float64
-  tridiagonal products were refused with a dtype error;
-* anomaly detection (``torch.autograd.set_detect_anomaly(True)``): the NaN that one non-finite
-  replica's backward pass produces, which fastcurv flags for that replica alone, became an error
-  of the whole call.
+  tridiagonal products were refused with a dtype error.
 
-Inside :func:`ambient_reset` grad mode is on, inference mode is off, autocast is off on every
-device type and anomaly detection is off; leaving it brings the caller's settings back. So
-fastcurv computes in the models' own dtype whatever autocast region it is called from, and the
-entry points (``batched_sharpness``, ``function_measures``, ``invariance_audit``, the solvers,
-``train_population``, ``evaluate_population``, ``study``, the operators' products) give inside
-``torch.no_grad()``, ``torch.inference_mode()``, ``torch.autocast`` or anomaly detection what they
-give outside.
+Inside :func:`ambient_reset` grad mode is on, inference mode is off and autocast is off on every
+device type; leaving it brings the caller's settings back. So fastcurv computes in the models' own
+dtype whatever autocast region it is called from, and the entry points (``batched_sharpness``,
+``function_measures``, ``invariance_audit``, the solvers, ``train_population``,
+``evaluate_population``, ``study``, the operators' products) give inside ``torch.no_grad()``,
+``torch.inference_mode()`` or ``torch.autocast`` what they give outside. These are settings of the
+calling thread (threads fastcurv starts begin with torch's defaults, which are these).
 
-Grad mode, inference mode and autocast are settings of the calling thread (threads fastcurv starts
-begin with torch's defaults, which are these); anomaly detection is the process's: while any
-fastcurv call runs, it is off in every thread, and the last call to leave turns it back on.
+Anomaly detection (``torch.autograd.set_detect_anomaly``) is left as the caller set it: it is one
+setting of the whole process, which a call in one thread cannot turn off without turning it off
+for every other thread too. Under it, the NaN that a non-finite replica's backward pass produces
+raises, as anomaly detection is meant to, instead of being flagged for that replica alone.
 """
 from __future__ import annotations
 
 import functools
-import threading
 from contextlib import ExitStack, contextmanager
 
 import torch
 
 # the device types torch.autocast takes (is_autocast_enabled raises for others, and for some of these on older torch)
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "privateuseone")
-_lock = threading.Lock()
-_depth = 0  # ambient_reset blocks open, in every thread (anomaly detection is process-wide)
-_anomaly = (False, True)  # (enabled, check_nan) as the outermost block found them
 
 
 def _autocast_on() -> list[str]:
@@ -56,37 +50,15 @@ def _autocast_on() -> list[str]:
 
 
 @contextmanager
-def _anomaly_off():
-    """Anomaly detection off while any such block is open (in any thread: it is one process-wide
-    setting), the setting the outermost block found restored when the last one closes."""
-    global _depth, _anomaly
-    with _lock:
-        _depth += 1
-        if _depth == 1:
-            _anomaly = (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled())
-            if _anomaly[0]:
-                torch.set_anomaly_enabled(False)
-    try:
-        yield
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0 and _anomaly[0]:
-                torch.set_anomaly_enabled(*_anomaly)
-
-
-@contextmanager
 def ambient_reset():
-    """Within this block grad mode is on, inference mode off, autocast off (every device type) and
-    anomaly detection off; the caller's settings come back on leaving (see the module docstring).
-    Nests."""
+    """Within this block grad mode is on, inference mode off and autocast off (every device type);
+    the caller's settings come back on leaving (see the module docstring). Nests."""
     with ExitStack() as stack:
         if torch.is_inference_mode_enabled():
             stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         for device in _autocast_on():
             stack.enter_context(torch.autocast(device_type=device, enabled=False))
-        stack.enter_context(_anomaly_off())
         yield
 
 

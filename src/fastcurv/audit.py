@@ -227,7 +227,7 @@ def invariance_audit(models, data, *, measures=("lambda_max", "trace"), transfor
         a file of their own, ``.reparam`` before the extension (``audit.jsonl`` ->
         ``audit.reparam.jsonl``).
     ``bn_mode=None`` reads as "eval", as in batched_sharpness. The caller's grad mode, inference
-    mode, autocast and anomaly detection change nothing (:mod:`fastcurv.ambient`).
+    mode and autocast change nothing (:mod:`fastcurv.ambient`).
     The table also has rows ``loss`` (full-data loss under the audit's loss settings, must not move)
     and reports the transform's largest output change and changed predictions on up to 1024 inputs
     of ``data`` (the probe), run with the audit's ``bn_mode``. For the loss row a loader is read

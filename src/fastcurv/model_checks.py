@@ -156,20 +156,23 @@ _TENSOR_HOOK_KINDS = (("_backward_hooks", "gradient hook (Tensor.register_hook)"
                       ("_post_accumulate_grad_hooks", "post-accumulate-grad hook"))
 
 
-def _check_tensor_hooks(models: list) -> None:
+def _check_tensor_hooks(models: list, template: bool = False) -> None:
     """Raise a ValueError naming the first parameter of any replica that has a gradient hook
     (``p.register_hook(...)``, e.g. a mask keeping part of a weight fixed, or
     ``p.register_post_accumulate_grad_hook(...)``). Training computes the gradients of stacked copies
     of the parameters (closed-form on the fused path), where no such hook runs: the replicas would
     train as if it were not there (a masked row moved by 0.03 in one SGD epoch). The measures do
     not look at them: a gradient hook changes what an optimizer sees, not the loss whose curvature
-    is measured, and every backend differentiates copies of the parameters, which have none."""
+    is measured, and every backend differentiates copies of the parameters, which have none.
+    ``template``: ``models`` is ``[the template module]`` train_population copies per replica
+    (``copy.deepcopy`` drops tensor hooks: its copies have none to find)."""
     for i, m in enumerate(models):
         for name, p in m.named_parameters():
             for attr, kind in _TENSOR_HOOK_KINDS:
                 if getattr(p, attr, None):
                     raise ValueError(
-                        f"replica {i}'s parameter {name!r} has a {kind}: train_population does not run gradient "
+                        f"{'the template model' if template else f'replica {i}'}'s parameter {name!r} has a {kind}: "
+                        "train_population does not run gradient "
                         "hooks (it differentiates stacked copies of the parameters), so the replicas would train "
                         "as if it were not there. Remove it (handle.remove() on the handle its register call "
                         "returned) and train without it, or train with a torch.optim loop; requires_grad_(False) "

@@ -38,6 +38,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from .ambient import resetting_ambient
 from .replicas import BN_MODES, check_output, functional_base, model_list, run_on_copy
 
 _WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -195,7 +196,7 @@ def _report(old, new, probe, details=None, *, pairs=None, fold=False, bn_mode="e
     if probe is None:
         if pairs and _blockers(old[0], pairs):
             warnings.warn(f"{NOT_PRESERVING} for these models (seen from their modules; pass probe= to measure the "
-                          f"change): {preservation_hint(old[0], pairs, bn_mode=bn_mode)}", RuntimeWarning, stacklevel=3)
+                          f"change): {preservation_hint(old[0], pairs, bn_mode=bn_mode)}", RuntimeWarning, stacklevel=4)
         return res
     changes, relative, flips, bad = [], [], [], []
     with torch.no_grad():
@@ -223,7 +224,7 @@ def _report(old, new, probe, details=None, *, pairs=None, fold=False, bn_mode="e
     res.function_changed = bool(sum(flips)) or res.relative_output_change > _output_rtol(ya.dtype)
     if res.function_changed:
         warnings.warn(f"{NOT_PRESERVING} for these models: {change_summary(res)}; "
-                      f"{preservation_hint(old[0], pairs, fold=fold, bn_mode=bn_mode)}", RuntimeWarning, stacklevel=3)
+                      f"{preservation_hint(old[0], pairs, fold=fold, bn_mode=bn_mode)}", RuntimeWarning, stacklevel=4)
     return res
 
 
@@ -310,6 +311,7 @@ def _pairs(model, layers):
     return [(names[i], names[i + 1]) for i in range(len(names) - 1)]
 
 
+@resetting_ambient
 def rescale_layers(models: Sequence[nn.Module], alpha: float = 10.0, layers: tuple[str, str] | None = None,
                    probe: torch.Tensor | None = None, *, bn_mode: str = "eval") -> ReparamResult:
     """Dinh et al.'s alpha-rescaling: ``W1, b1 <- alpha W1, alpha b1`` and ``W2 <- W2 / alpha`` for the
@@ -344,6 +346,7 @@ def _pair(model: nn.Module, layers) -> tuple[str, str]:
     return tuple(found[-2:])
 
 
+@resetting_ambient
 def rescale_neurons(models: Sequence[nn.Module], scales, layers: tuple[str, str] | None = None,
                     probe: torch.Tensor | None = None, *, bn_mode: str = "eval") -> ReparamResult:
     """Per-neuron rescaling: hidden unit j between ``layers = (first, second)`` gets incoming weights
@@ -471,6 +474,7 @@ def _check_fold_in_forward(model: nn.Module, plan, probe, unverified=()) -> None
                              f"of its outputs goes through BatchNorm {bn_name!r}: folding it would change the others")
 
 
+@resetting_ambient
 def fold_batchnorm(models: Sequence[nn.Module], probe: torch.Tensor | None = None, *,
                    bn_mode: str = "eval") -> ReparamResult:
     """Fold every eval-mode BatchNorm into the Linear/Conv directly before it and replace the
@@ -507,7 +511,7 @@ def fold_batchnorm(models: Sequence[nn.Module], probe: torch.Tensor | None = Non
                       f"it is paired with the layer registered before it ({in_custom[0][1]!r} for {in_custom[0][0]!r}), "
                       "but that module's forward may compute something between them (an activation), and the fold "
                       "then changes the function; pass probe= (a batch of inputs) to verify it in forward",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     new = _copies(models)
     if probe is not None and plans[0]:
         _check_fold_in_forward(new[0], plans[0], probe, unverified)
@@ -531,10 +535,11 @@ def fold_batchnorm(models: Sequence[nn.Module], probe: torch.Tensor | None = Non
     folded = len(plans[0])
     if not folded:
         warnings.warn("fold_batchnorm: the models have no BatchNorm to fold; they are returned unchanged", RuntimeWarning,
-                      stacklevel=2)
+                      stacklevel=3)
     return _report(models, new, probe, {"folded": folded}, fold=True, bn_mode=bn_mode)
 
 
+@resetting_ambient
 def balance(models: Sequence[nn.Module], layers: Sequence[str] | None = None, *, tol: float = 1e-6,
             max_sweeps: int = 200, probe: torch.Tensor | None = None, bn_mode: str = "eval") -> ReparamResult:
     """Canonical form under per-neuron rescaling: every hidden unit gets equal incoming norm

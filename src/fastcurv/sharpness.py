@@ -169,7 +169,7 @@ def _underflowed(op, loss: torch.Tensor) -> torch.Tensor:
     return per_sample < torch.finfo(op.dtype).tiny
 
 
-@resetting_ambient  # grad on, autocast and anomaly detection off (see fastcurv.ambient)
+@resetting_ambient  # grad on, inference mode and autocast off (see fastcurv.ambient)
 @reusing_heap
 def batched_sharpness(
     models,
@@ -264,10 +264,9 @@ def batched_sharpness(
     (halved again while the error persists, down to one replica), with a RuntimeWarning naming the
     chunk size; results equal an unchunked run.
 
-    Called inside ``torch.no_grad()``, ``torch.inference_mode()``, ``torch.autocast(...)`` or anomaly
-    detection, the job computes as outside: grad mode on, in the models' own dtype (fastcurv leaves
-    autocast regions), anomaly detection off; the caller's settings are left as they were
-    (:mod:`fastcurv.ambient`).
+    Called inside ``torch.no_grad()``, ``torch.inference_mode()`` or ``torch.autocast(...)``, the job
+    computes as outside: grad mode on, in the models' own dtype (fastcurv leaves autocast regions);
+    the caller's settings are left as they were (:mod:`fastcurv.ambient`).
     """
     models = validate_models(models)
     seed = as_seed(seed)

@@ -259,7 +259,7 @@ def study(
     the audit). ``summary["did_not_learn"]``: the replicas whose training accuracy is within
     ``STALLED_MARGIN`` of chance (flagged too). ``times``: seconds per stage.
 
-    The caller's grad mode, inference mode, autocast and anomaly detection change nothing
+    The caller's grad mode, inference mode and autocast change nothing
     (:mod:`fastcurv.ambient`).
     """
     if threads is not None:

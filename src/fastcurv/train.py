@@ -77,6 +77,7 @@ from torch import nn
 
 from .ambient import outside_inference, resetting_ambient
 from .architectures import ACTIVATIONS, cnn, mlp  # noqa: F401  (fastcurv.train.mlp, cnn, ACTIVATIONS, as documented)
+from .model_checks import _check_tensor_hooks
 from .train_checkpoint import resume, run_fingerprint
 from .train_data import epoch_order, noisy_labels, replica_labels  # noqa: F401  (epoch_order: fastcurv.train's API)
 from .train_engine import Engine, place_replicas
@@ -295,13 +296,14 @@ def train_population(
     Gradient hooks on parameters (``p.register_hook``, ``register_post_accumulate_grad_hook``) raise a
     ValueError, as module hooks do: training differentiates stacked copies of the parameters, where
     they would not run.
-    Called inside ``torch.no_grad()``, ``torch.inference_mode()``, ``torch.autocast(...)`` or anomaly
-    detection, training runs as outside: grad mode on, in the models' own dtype (fastcurv leaves
-    autocast regions), anomaly detection off; the caller's settings are left as they were
-    (:mod:`fastcurv.ambient`).
+    Called inside ``torch.no_grad()``, ``torch.inference_mode()`` or ``torch.autocast(...)``,
+    training runs as outside: grad mode on, in the models' own dtype (fastcurv leaves autocast
+    regions); the caller's settings are left as they were (:mod:`fastcurv.ambient`).
     """
     t_start = time.perf_counter()
     opts = parse_options(locals())
+    if isinstance(builder, nn.Module):  # (its copies have no gradient hooks: deepcopy drops them)
+        _check_tensor_hooks([builder], template=True)
     models = init_replicas(builder, opts.seeds)
     device, dtype = place_replicas(models, device, dtype)
     # (a copy of data made under torch.inference_mode, which has no version counter and cannot be saved for backward)

@@ -167,10 +167,9 @@ def function_measures(
     away below the rounding unit. Their values are those of the same weights as float32 models;
     the other measures evaluate the models in their own dtype.
 
-    Called inside ``torch.no_grad()``, ``torch.inference_mode()``, ``torch.autocast(...)`` or anomaly
-    detection, the measures are computed as outside: grad mode on, in the models' own dtype (fastcurv leaves
-    autocast regions), anomaly detection off; the caller's settings are left as they were
-    (:mod:`fastcurv.ambient`).
+    Called inside ``torch.no_grad()``, ``torch.inference_mode()`` or ``torch.autocast(...)``, the
+    measures are computed as outside: grad mode on, in the models' own dtype (fastcurv leaves
+    autocast regions); the caller's settings are left as they were (:mod:`fastcurv.ambient`).
     Data made under ``torch.inference_mode`` is taken as any other.
     """
     if isinstance(measures, str):
