@@ -1,5 +1,5 @@
 """``fastcurv study`` config files and the study settings checked before training: reruns into
-another folder, YAML numbers, relative paths, switches, seeds (tiny studies on the embedded digits)."""
+another folder, YAML numbers, relative paths (against the current folder), switches, seeds (tiny studies on the embedded digits)."""
 import json
 import sys
 
@@ -22,6 +22,24 @@ FAST = ["--no-progress", "--threads", "1"]
 def no_training(monkeypatch):
     """Training fails the test: the settings must be refused before it."""
     monkeypatch.setattr("fastcurv.train.train_population", lambda *a, **k: pytest.fail("trained"))
+
+
+class _Trained(Exception):
+    """Raised by the ``training_seeds`` fixture's train_population: the settings reached training."""
+
+
+@pytest.fixture
+def training_seeds(monkeypatch):
+    """Training records its seeds, then stops the study (raising :class:`_Trained`): a list, filled
+    when the settings got through every check before training."""
+    seen = []
+
+    def train(*a, seeds, **k):
+        seen.extend(seeds)
+        raise _Trained
+
+    monkeypatch.setattr("fastcurv.train.train_population", train)
+    return seen
 
 
 @pytest.fixture
@@ -110,19 +128,14 @@ def test_values_in_keyword_dicts_are_checked_before_training(no_training, kw, wo
 def test_audit_measures_given_as_one_name(tmp_path, monkeypatch):
     """``audit_measures: trace`` was split into characters after training and all the measures
     ("unknown measures ['t', 'r', 'a', 'c', 'e']"). The CLI audits trace; from Python the name is
-    audited too, or (until fastcurv.study normalizes it) refused before training."""
+    audited too (a list of one)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.yaml").write_text(TINY_YAML + "out: r\naudit_measures: trace\n")
     assert main(["study", "--config", "c.yaml", *FAST]) == 0
     audit = (tmp_path / "r" / "audit.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in audit[1:]] == ["loss", "trace"]  # (the loss row: a function check)
-    ck = tmp_path / "ck.pt"
-    try:
-        res = fastcurv.study(**TINY, measures=["lambda_max"], audit_measures="trace", out=None, checkpoint=ck)
-    except ValueError as e:
-        assert "audit_measures" in str(e) and not ck.exists()
-    else:
-        assert list(res["audit"].table.index) == ["loss", "trace"]
+    res = fastcurv.study(**TINY, measures=["lambda_max"], audit_measures="trace", out=None)
+    assert list(res["audit"].table.index) == ["loss", "trace"]
 
 
 def test_a_negative_seed_is_refused_before_any_work(tmp_path, monkeypatch, no_training, capsys):
@@ -136,15 +149,18 @@ def test_a_negative_seed_is_refused_before_any_work(tmp_path, monkeypatch, no_tr
     assert "seed must be a non-negative integer, got -1" in capsys.readouterr().err
 
 
-def test_a_config_seed_as_a_string_or_a_whole_float(tmp_path, study_call, capsys):
+def test_a_config_seed_as_a_string_or_a_whole_float(tmp_path, monkeypatch, training_seeds, capsys):
     """A JSON config's ``"seed": "3"`` failed with "can only concatenate str (not "int") to str",
-    ``1.0`` with "'float' object cannot be interpreted as an integer"."""
-    for value, expected in (("3", 3), (1.0, 1)):
-        (tmp_path / "c.json").write_text(json.dumps({"seed": value}))
-        assert main(["study", "--config", str(tmp_path / "c.json"), *FAST]) == 0
-        assert study_call["seed"] == expected and type(study_call["seed"]) is int
+    ``1.0`` with "'float' object cannot be interpreted as an integer" (the study reads them now)."""
+    monkeypatch.chdir(tmp_path)
+    for value, expected in (("3", [3, 4]), (1.0, [1, 2])):
+        (tmp_path / "c.json").write_text(json.dumps({"seed": value, "replicas": 2, "out": "r"}))
+        with pytest.raises(_Trained):
+            main(["study", "--config", "c.json", *FAST])
+        assert training_seeds == expected and all(type(s) is int for s in training_seeds)
+        training_seeds.clear()
     (tmp_path / "c.json").write_text(json.dumps({"seed": 1.5}))
-    assert main(["study", "--config", str(tmp_path / "c.json"), *FAST]) == 2
+    assert main(["study", "--config", "c.json", *FAST]) == 2
     assert "seed must be a non-negative integer, got 1.5" in capsys.readouterr().err
     assert [study_config._seed(s) for s in (0, 7, "12", 4.0)] == [0, 7, 12, 4]
     for bad in (-1, True, 2.5, "x", None):
@@ -161,9 +177,15 @@ def test_progress_in_a_config_file(tmp_path, study_call, capsys):
     path.write_text("progress: true\n")
     assert main(["study", "--config", str(path)]) == 0 and study_call["progress"] is True
     assert main(["study", "--config", str(path), "--no-progress"]) == 0 and study_call["progress"] is False
-    path.write_text("progress: 'no'\n")
-    assert main(["study", "--config", str(path)]) == 2
-    assert "progress must be true or false or None, got 'no'" in capsys.readouterr().err
+    path.write_text("progress: 0\n")  # (0 and 1 are bools, as in train_population)
+    assert main(["study", "--config", str(path)]) == 0 and study_call["progress"] is False
+    for word in ("'no'", "'false'"):
+        path.write_text(f"progress: {word}\n")
+        assert main(["study", "--config", str(path)]) == 2
+        assert f"progress must be True, False or None (one setting for all replicas), got {word}" in \
+            capsys.readouterr().err
+        assert main(["study", "--config", str(path), "--no-progress"]) == 2  # (refused though the flag wins)
+        capsys.readouterr()
 
 
 @pytest.mark.parametrize("word", ["off", "no", "false", "none", "Off", "'off'"])
@@ -177,16 +199,31 @@ def test_checkpoint_off_no_false_is_no_checkpoint(tmp_path, study_call, word):
     assert study_call["checkpoint"] is None
 
 
-def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, monkeypatch, study_call):
-    """They were read against the working directory of the rerun (undocumented)."""
+def test_relative_paths_in_a_config_file_are_relative_to_the_current_folder(tmp_path, monkeypatch, study_call):
+    """They were read against the config file's folder, as no config file written before assumed (see
+    the next test); flags and config files alike are read against the current folder again."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "c.yaml").write_text(f"out: rep\ncheckpoint: rep/t.ckpt\ndata_root: [data, {tmp_path}]\n"
                                              "sharpness_kwargs:\n  output: ../run.jsonl\n")
     assert main(["study", "--config", "cfg/c.yaml", "--checkpoint", "flag.ckpt", *FAST]) == 0
-    assert study_call["out"] == "cfg/rep" and study_call["checkpoint"] == "flag.ckpt"  # (a flag: the current folder)
-    assert study_call["data_root"] == ["cfg/data", str(tmp_path)]
-    assert study_call["sharpness_kwargs"] == {"output": "cfg/../run.jsonl"}
+    assert study_call["out"] == "rep" and study_call["checkpoint"] == "flag.ckpt"
+    assert study_call["data_root"] == ["data", str(tmp_path)]
+    assert study_call["sharpness_kwargs"] == {"output": "../run.jsonl"}
+
+
+def test_a_config_yaml_of_an_earlier_version_reruns_into_its_folder(tmp_path, monkeypatch, study_call):
+    """Earlier versions wrote config.yaml with the paths as typed: ``--out rep --checkpoint
+    rep/train.ckpt``, run in a project folder, wrote ``out: rep`` into rep/config.yaml. Read against
+    the file's folder, ``fastcurv study --config rep/config.yaml`` from the project folder trained
+    again from scratch into rep/rep (checkpoint rep/rep/train.ckpt) instead of resuming in rep."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "config.yaml").write_text(TINY_YAML + "out: rep\ncheckpoint: rep/train.ckpt\n")
+    assert main(["study", "--config", "rep/config.yaml", *FAST]) == 0
+    assert study_call["out"] == "rep" and study_call["checkpoint"] == "rep/train.ckpt"
+    assert main(["study", "--config", "rep/config.yaml", "--out", "rep2", *FAST]) == 0
+    assert study_call["out"] == "rep2" and study_call["checkpoint"] == "rep2/train.ckpt"
 
 
 def test_a_study_s_config_yaml_reruns_from_its_own_folder(tmp_path, monkeypatch):
@@ -213,25 +250,39 @@ def test_switches_must_be_true_or_false(tmp_path, monkeypatch, no_training, caps
     """A JSON config's ``"audit": "false"`` (a string, true to Python) ran the audit and wrote its
     files; now it is refused before any work, as ``"replicas": "8"`` is."""
     monkeypatch.chdir(tmp_path)
-    for setting in ({"audit": "false"}, {"verbose": "no"}, {"progress": 0}):
+    for setting in ({"audit": "false"}, {"verbose": "no"}, {"progress": "off"}, {"audit": 2}):
         (tmp_path / "c.json").write_text(json.dumps({**setting, "out": "r"}))
         assert main(["study", "--config", "c.json", *FAST]) == 2
         name = next(iter(setting))
-        assert f"{name} must be true or false" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="audit must be true or false, got 'false'"):
+        assert f"{name} must be True" in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="audit must be True or False .*, got 'false'"):
         fastcurv.study(**{**TINY, "audit": "false"}, measures=["lambda_max"], out=None)
     base = dict(n_boot=10, audit=False, audit_alpha=10.0, audit_measures=["trace"], audit_replicas=None,
                 sharpness_kwargs=None, function_kwargs=None, lr=0.1, replicas=2)
     study_config._check_settings(**base, verbose=False, progress=None)
-    with pytest.raises(ValueError, match="verbose must be true or false"):
+    with pytest.raises(ValueError, match="verbose must be True or False"):
         study_config._check_settings(**base, verbose="no")
 
 
+@pytest.mark.parametrize("switch", [{"verbose": 0}, {"audit": 0}, {"progress": 0}, {"audit": 1, "verbose": 1}])
+def test_switches_given_as_0_or_1_are_bools(switch, training_seeds):
+    """``study(verbose=0)``, ``audit=0``, ``progress=0`` were refused ("must be true or false, got 0"),
+    though train_population, which study calls, reads 0 and 1 (and numpy bools) as bools."""
+    with pytest.raises(_Trained):
+        fastcurv.study(**{**TINY, "measures": ["lambda_max"], "out": None, **switch})
+    assert training_seeds == [0, 1]
+
+
 def test_a_study_that_fails_before_any_work_leaves_no_empty_out_folder(tmp_path, monkeypatch, no_training):
-    """The --out folder, created before the checks that need the data, stayed behind empty."""
+    """The --out folder, created before the checks that need the data, stayed behind empty; then
+    (``--out new/r``) its parent ``new``, also created by the study, did."""
     monkeypatch.chdir(tmp_path)
     assert main(["study", "--n-train", "10", "--out", "new/r", *FAST]) == 2  # (n_train: mnist only)
-    assert not (tmp_path / "new" / "r").exists()
+    assert not (tmp_path / "new").exists()  # (new/ too: it stayed behind, empty)
+    (tmp_path / "kept").mkdir()
+    assert main(["study", "--n-train", "10", "--out", "kept/a/b", *FAST]) == 2
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "a").exists()
     (tmp_path / "old").mkdir()
     assert main(["study", "--n-train", "10", "--out", "old", *FAST]) == 2
     assert (tmp_path / "old").is_dir()  # (the user's folder stays)
@@ -266,8 +317,10 @@ def test_the_summary_says_why_there_is_no_granulated_kendall(capsys):
 
 
 def test_help_states_the_path_rule(capsys):
-    """Which folder a config file's relative paths are read against was not said anywhere."""
+    """Which folder a config file's relative paths are read against was not said anywhere (it is the
+    current folder, as for flags)."""
     with pytest.raises(SystemExit):
         main(["study", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "relative to the config file's folder" in text and "moves into NEW" in text
+    assert "in a config file as in flags, are relative to the current folder" in text and "moves into NEW" in text
+    assert "config file's folder" not in text

@@ -10,8 +10,8 @@
 A bad setting, config file or path ends the command with one line ``fastcurv <command>: <what is
 wrong>`` on stderr and exit code 2 (as argparse's own usage errors), before any training where it
 can be known then. Paths (flags and config files alike) may start with ``~``, the home folder.
-Relative paths in a config file are relative to the config file's folder; those given as flags,
-to the current folder (the ``config.yaml`` a study writes holds absolute paths). With ``--out``
+Relative paths, in a config file as in flags, are relative to the current folder (as in the config
+files of earlier versions; the ``config.yaml`` a study writes holds absolute paths). With ``--out``
 overriding a config's ``out``, its ``checkpoint`` and ``sharpness_kwargs["output"]`` move along
 when they lay inside the config's ``out`` folder (they belong to that study).
 """
@@ -45,7 +45,6 @@ def _int_or_ints(text: str):
     return vals[0] if len(vals) == 1 else vals
 
 
-_PATH_SETTINGS = ("out", "checkpoint", "data_root")  # study settings that are paths
 _NO_CHECKPOINT = ("", "none", "off", "no", "false")  # checkpoint values meaning "no checkpoint"
 
 
@@ -113,8 +112,8 @@ def _fail(command: str, error: Exception) -> int:
 
 def _add_study_flags(p: argparse.ArgumentParser):
     S = argparse.SUPPRESS  # absent flags do not override the config file
-    p.add_argument("--config", help="YAML or JSON file with study settings (flags override it; its relative paths "
-                                    "are relative to its folder)")
+    p.add_argument("--config", help="YAML or JSON file with study settings (flags override it; its relative paths, "
+                                    "as the flags', are relative to the current folder)")
     p.add_argument("--data", default=S, help="digits (embedded, default), mnist or fashion-mnist")
     p.add_argument("--data-root", default=S, help="folder with the IDX files (default: search FASTCURV_DATA, ../shared/data, ...)")
     p.add_argument("--n-train", type=int, default=S, help="random training subset size (mnist / fashion-mnist)")
@@ -168,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("study", help="train, measure, correlate and report (flags or --config file)",
                        description="Train, measure, correlate and report, from flags or a YAML / JSON --config file "
-                                   "(flags override it). Relative paths in a config file (out, checkpoint, "
-                                   "data_root, sharpness_kwargs.output) are relative to the config file's folder; "
-                                   "those given as flags, to the current folder. The config.yaml a study writes "
+                                   "(flags override it). Relative paths (out, checkpoint, data_root, "
+                                   "sharpness_kwargs.output), in a config file as in flags, are relative to the "
+                                   "current folder. The config.yaml a study writes "
                                    "holds absolute paths: `fastcurv study --config DIR/config.yaml --out NEW` reruns "
                                    "it from anywhere, and a checkpoint or results file (sharpness_kwargs.output) that "
                                    "lay inside the config's out folder moves into NEW. checkpoint: none / off / no / "
@@ -210,31 +209,26 @@ def main(argv=None) -> int:
 
 
 def _study(args, progress) -> None:
-    """``fastcurv study``: the config file's settings (its relative paths against its folder),
-    overridden by the flags given."""
+    """``fastcurv study``: the config file's settings overridden by the flags given (relative paths
+    in both against the current folder); :func:`fastcurv.study.study` checks and normalizes them."""
     from .study import STUDY_ARGS as _STUDY_ARGS
     from .study import study as run_study
-    from .study_config import _measure_names, _seed, _switch
+    from .study_config import _flag, _map_paths
 
     cfg = _load_config(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "no_progress", "version")}
     for settings in (cfg, flags):  # an unknown '~user' fails here, in one line (the study expands them itself)
-        for key in _PATH_SETTINGS:
-            _expand(settings.get(key))
-        _expand(_output(settings))
+        _map_paths(settings, _expand)
     for settings in (cfg, flags):
         if "checkpoint" in settings and _no_checkpoint(settings["checkpoint"]):
             settings["checkpoint"] = None
-    if args.config:
-        cfg = _config_paths(cfg, Path(_expand(args.config)).parent)
     if "out" in flags:  # files of the config's study move along with its out folder
         if cfg.get("checkpoint") is not None:
             cfg["checkpoint"] = _moved_under_out(cfg["checkpoint"], cfg, flags)
         if _output(cfg) is not None:
             cfg["sharpness_kwargs"] = {**cfg["sharpness_kwargs"], "output": _moved_under_out(_output(cfg), cfg, flags)}
-    if "progress" in cfg:  # a config's progress; --no-progress wins
-        _switch(cfg["progress"], "progress", none_ok=True)
-        config_progress = cfg.pop("progress")
+    if "progress" in cfg:  # a config's progress (checked here: --no-progress wins, and the study never sees it)
+        config_progress = _flag(cfg.pop("progress"), "progress", none_ok=True)
         progress = config_progress if progress is None else progress
     cfg.update(flags)
     if "hidden" in cfg and isinstance(cfg["hidden"], int):
@@ -242,29 +236,27 @@ def _study(args, progress) -> None:
     unknown = sorted(set(cfg) - set(_STUDY_ARGS))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; known: {', '.join(sorted(_STUDY_ARGS))}")
-    # (checked here too until fastcurv.study itself normalizes them: a negative seed failed after training,
-    # audit_measures: trace audited t, r, a, c, e, verbose: "false" printed)
-    if "seed" in cfg:
-        cfg["seed"] = _seed(cfg["seed"])
-    if "audit_measures" in cfg:
-        cfg["audit_measures"] = list(_measure_names(cfg["audit_measures"], "audit_measures"))
-    if "verbose" in cfg:
-        _switch(cfg["verbose"], "verbose")
     _run_keeping_no_empty_out(run_study, cfg, progress)
 
 
 def _run_keeping_no_empty_out(run_study, cfg: dict, progress) -> None:
-    """``run_study(progress=progress, **cfg)``; when it fails and its out folder did not exist
-    before and is still empty (a setting, the data or a path refused before any work), that folder
-    is removed again instead of being left behind."""
+    """``run_study(progress=progress, **cfg)``; when it fails, the folders it created for its out
+    folder (those that did not exist before: ``--out new/r`` creates ``new`` and ``new/r``) are
+    removed again, deepest first, where still empty (a setting, the data or a path refused before
+    any work), instead of being left behind."""
     out = cfg.get("out", "fastcurv-report")
-    folder = Path(_expand(out)) if isinstance(out, (str, os.PathLike)) else None
-    new = folder is not None and not folder.exists()
+    folder = Path(_expand(out)) if isinstance(out, (str, os.PathLike)) and str(out) != "" else None
+    new = []  # the folders that do not exist yet, deepest first
+    while folder is not None and not folder.exists() and folder != folder.parent:
+        new.append(folder)
+        folder = folder.parent
     try:
         run_study(progress=progress, **cfg)
     except BaseException:
-        if new and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        for f in new:
+            if not f.is_dir() or any(f.iterdir()):
+                break
+            f.rmdir()
         raise
 
 
@@ -282,25 +274,6 @@ def _no_checkpoint(value) -> bool:
     if value is True:
         raise ValueError("checkpoint must be a file path, or none / off for no checkpoint, got true")
     return isinstance(value, str) and value.strip().lower() in _NO_CHECKPOINT
-
-
-def _config_paths(cfg: dict, folder: Path) -> dict:
-    """``cfg`` with its relative paths (out, checkpoint, data_root, each of a data_root list,
-    sharpness_kwargs' output; ``~`` expanded) joined to ``folder``, the config file's folder: the
-    file means the same from any working directory."""
-    def join(v):
-        if not isinstance(v, (str, os.PathLike)) or str(v) == "":
-            return v
-        p = Path(_expand(v))
-        return str(p if p.is_absolute() else folder / p)
-
-    cfg = dict(cfg)
-    for key in _PATH_SETTINGS:
-        if cfg.get(key) is not None:
-            cfg[key] = [join(v) for v in cfg[key]] if isinstance(cfg[key], list) else join(cfg[key])
-    if _output(cfg) is not None:
-        cfg["sharpness_kwargs"] = {**cfg["sharpness_kwargs"], "output": join(_output(cfg))}
-    return cfg
 
 
 def _moved_under_out(path, cfg: dict, flags: dict):

@@ -19,7 +19,8 @@
   one sample is the *mean* over its C outputs, give 1/C of ``"mse"``'s empirical Fisher (the loss,
   gradient, Hessian and GGN agree). torch's ``CrossEntropyLoss`` / ``NLLLoss`` with class weights
   ``w`` or ``ignore_index`` and integer labels (see :mod:`fastcurv.losses`): L = (1/W) sum_i w[y_i]
-  l_i, so c_i = w[y_i] / W (w[y_i] for "sum"; 0 for an ignored label) and ``F = (1/W) sum_i
+  l_i, so c_i = w[y_i] / W (w[y_i] for "sum"; a module with its own ``reduction="sum"``: w[y_i] / N,
+  or w[y_i] with ``reduction="sum"``; 0 for an ignored label) and ``F = (1/W) sum_i
   w[y_i] grad l_i grad l_i^T``, the class weights acting as sample weights (l_i torch's unweighted
   loss of sample i; for labels ``[N, ...]``, w[y_i] sums over its positions and l_i is their
   weighted mean).

@@ -66,7 +66,9 @@ def target_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype :class:`Batches` keeps floating targets in for a model of floating ``dtype``: its
     own, and float32 for float16 and bfloat16 models, whose targets are not rounded (a regression
     target of 10.01 is 10.0 in bfloat16): torch's dtype promotion then computes their loss in
-    float32, as it does for ``F.mse_loss(bf16 outputs, f32 targets)``."""
+    float32, as it does for ``F.mse_loss(bf16 outputs, f32 targets)``. Also the working precision
+    of the perturbation measures for such models (``working_precision`` of
+    :mod:`fastcurv.measures._common` and :mod:`fastcurv.function.weakness`)."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -131,6 +133,45 @@ def _digest(x: torch.Tensor, y: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+class ClassCounts:
+    """Integer labels counted per class (:meth:`Batches.class_counts`): ``per_class`` ``[C]`` (int64,
+    on the batches' device) counts the labels in ``[0, C)``, ``ignore_index`` included when it lies
+    there; ``ignored`` the labels equal to ``ignore_index`` (0 for an index outside the range that
+    no label takes); ``bad`` is ``(label, batch)`` for a label outside ``[0, C)`` other than
+    ``ignore_index``, the smallest if one is negative, else the largest (with the first batch
+    holding it), or None."""
+
+    def __init__(self, per_class: torch.Tensor, ignored: int, bad: tuple[int, int] | None):
+        self.per_class, self.ignored, self.bad = per_class, ignored, bad
+
+    @classmethod
+    def of(cls, batches, C: int, ignore: int) -> "ClassCounts":
+        per_class = None
+        index, ignored, lows, highs = [], [], [], []
+        for i, _, y in batches:
+            if y.is_floating_point():
+                continue
+            index.append(i)
+            y = y.reshape(-1)
+            inside = (y >= 0) & (y < C)
+            # (the labels outside [0, C) go to one bin more, C: bincount takes no negatives)
+            n = torch.bincount(torch.where(inside, y, C), minlength=C + 1)[:C]
+            per_class = n if per_class is None else per_class + n
+            ignored.append((y == ignore).sum())
+            bad = ~inside & (y != ignore)
+            lows.append(torch.where(bad, y, torch.iinfo(y.dtype).max).min())
+            highs.append(torch.where(bad, y, torch.iinfo(y.dtype).min).max())
+        if per_class is None:
+            raise ValueError("the data holds no integer labels to count")
+        lo, hi = torch.stack(lows).cpu(), torch.stack(highs).cpu()
+        bad = None  # (argmin / argmax: the first batch holding the label)
+        if int(lo.min()) < 0:
+            bad = (int(lo.min()), index[int(lo.argmin())])
+        elif int(hi.max()) >= C:
+            bad = (int(hi.max()), index[int(hi.argmax())])
+        return cls(per_class, int(torch.stack(ignored).sum()), bad)
+
+
 class Batches:
     """The batches of ``data`` (a loader or one ``(inputs, targets)`` pair), moved to ``device``.
 
@@ -139,8 +180,9 @@ class Batches:
     loader. Iterating yields ``(index, inputs, targets)``: floating inputs in ``dtype``, floating
     targets in :func:`target_dtype` (float32 for a half-precision model), integer targets as int64.
 
-    The first pass also notes what the losses check or count: the kinds of the targets, the range of
-    integer targets (``label_range``) and how often each value occurs (``label_counts``).
+    The first pass also notes what the losses check: the kinds of the targets and the range of
+    integer targets (``label_range``); :meth:`class_counts` counts the labels of each class, for the
+    losses that need it, in a pass of its own.
 
     Args:
         cache: True, False or "auto" (cache when the batches take at most ``max_cache_bytes``).
@@ -165,10 +207,7 @@ class Batches:
         # targets' kinds (dtype class and per-sample shape) with the first batch of each
         self.label_range: tuple[int, int, int, int] | None = None
         self.target_kinds: dict = {}
-        # {value: (count, first batch holding it)} of the integer targets (every entry, all positions
-        # of [N, ...] labels), for the class-weighted means of torch's CrossEntropyLoss / NLLLoss; None
-        # once there are more than MAX_LABEL_VALUES distinct values (targets that are no class labels)
-        self.label_counts: dict[int, tuple[int, int]] | None = {}
+        self._class_counts: dict = {}  # class_counts' results, by (num_classes, ignore_index)
         nbytes = 0
         digests = []
         walk = LoaderPass(self.source)
@@ -194,11 +233,8 @@ class Batches:
         if check_determinism:
             self._check_second_pass(digests)
 
-    #: the most distinct integer target values counted in ``label_counts``
-    MAX_LABEL_VALUES = 1 << 16
-
     def _note_targets(self, i: int, y: torch.Tensor) -> None:
-        """Note batch ``i``'s targets ``y``: their kind, and integer targets' range and counts."""
+        """Note batch ``i``'s targets ``y``: their kind, and integer targets' range."""
         kind = ("float" if y.is_floating_point() else "int", tuple(y.shape[1:]))
         self.target_kinds.setdefault(kind, i)
         if y.is_floating_point() or y.numel() == 0:
@@ -209,21 +245,17 @@ class Batches:
         else:
             l0, il, h0, ih = self.label_range
             self.label_range = (min(lo, l0), i if lo < l0 else il, max(hi, h0), i if hi > h0 else ih)
-        self._count_labels(i, y)
 
-    def _count_labels(self, i: int, y: torch.Tensor) -> None:
-        """Add batch ``i``'s integer targets ``y`` to ``label_counts`` (until there are too many values)."""
-        if self.label_counts is None:
-            return
-        values, counts = torch.unique(y, return_counts=True)
-        if len(values) > self.MAX_LABEL_VALUES:
-            self.label_counts = None
-            return
-        for v, n in zip(values.tolist(), counts.tolist()):
-            total, first = self.label_counts.get(v, (0, i))
-            self.label_counts[v] = (total + n, first)
-        if len(self.label_counts) > self.MAX_LABEL_VALUES:
-            self.label_counts = None
+    def class_counts(self, num_classes: int, ignore_index: int) -> "ClassCounts":
+        """The integer targets (every entry: all positions of ``[N, ...]`` labels) counted per class
+        of ``num_classes`` (:class:`ClassCounts`), for the class-weighted means of torch's
+        ``CrossEntropyLoss`` / ``NLLLoss``: one pass over the batches (the cached ones, else the
+        loader again), counted on the device (``torch.bincount``, one transfer at the end), and kept
+        for the next call with the same arguments."""
+        key = (int(num_classes), int(ignore_index))
+        if key not in self._class_counts:
+            self._class_counts[key] = ClassCounts.of(self, *key)
+        return self._class_counts[key]
 
     def _check_second_pass(self, digests: list[str]) -> None:
         """Read the loader again and raise if any batch differs from the first pass."""

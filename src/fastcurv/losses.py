@@ -16,9 +16,12 @@ Conventions (documented in the README):
   with integer labels: their "mean" divides by the summed class weights of the labels that are not
   ``ignore_index``, ``W = sum_i weight[y_i]`` (the count of those labels without ``weight``), not
   by the batch size. They are evaluated summed, ``sum_i weight[y_i] l_i``, and divided by W counted
-  over the whole data set when it is read (:meth:`Loss.check_all_targets`): the full-data loss is
-  torch's on all the data in one batch, whatever the batching, and a batch whose labels are all
-  ignored adds 0. With ``reduction="sum"`` the full-data loss is torch's summed one.
+  over the whole data set when it is read (:meth:`Loss.check_all_targets`; with
+  ``distributed_data=True`` summed over the ranks, as N is): the full-data loss is torch's on all
+  the data in one batch, whatever the batching, and a batch whose labels are all ignored adds 0.
+  With ``reduction="sum"`` the full-data loss is torch's summed one. A module with its own
+  ``reduction="sum"`` is the callable sum ``sum_i weight[y_i] l_i`` (divided by N for
+  ``reduction="mean"``), its class weights acting as sample weights in the empirical Fisher too.
 
 The full-data loss is L = (1/N) * sum_i l_i for ``reduction="mean"`` (N = all samples of the
 loader, so a ragged last batch is weighted exactly; W for the torch classification modules above)
@@ -27,6 +30,7 @@ and sum_i l_i for ``reduction="sum"``.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import torch
@@ -205,8 +209,9 @@ class Loss:
 
     torch's ``CrossEntropyLoss`` / ``NLLLoss`` (see the module docstring) with integer labels and a
     "mean" reduction need W, the class weights of the labels summed over the whole data:
-    :meth:`check_all_targets` counts it from the data's labels (which also checks their range,
-    ``ignore_index`` excepted) before :meth:`batch_loss` can run.
+    :meth:`check_all_targets` counts it from the data's labels (and checks their range,
+    ``ignore_index`` excepted), and :meth:`set_class_weight_total` sets the total (over the ranks
+    of ``distributed_data=True``), before :meth:`batch_loss` can run.
     """
 
     def __init__(self, loss: str | Callable = "cross_entropy", reduction: str = "mean", loss_reduction: str | None = None):
@@ -234,9 +239,7 @@ class Loss:
         self.reduction = reduction
         self.loss_reduction = loss_reduction
         self._num_samples: int | None = None
-        # W of the class losses' mean (check_all_targets), and the sample count it was counted with
-        self.class_weight_total: float | None = None
-        self._counted_samples: int | None = None
+        self.class_weight_total: float | None = None  # W of the class losses' mean (check_all_targets)
 
     def __repr__(self):
         return f"Loss({self.kind}, reduction={self.reduction})"
@@ -248,13 +251,6 @@ class Loss:
 
     @num_samples.setter
     def num_samples(self, n: int) -> None:
-        if self.class_weight_total is not None and n != self._counted_samples:
-            # (distributed_data=True: the operator sums N over the ranks, but W is this rank's)
-            raise ValueError(f"{type(self.fn).__name__}'s mean divides by the class weights of the labels summed over "
-                             "the whole data set, counted on this process's data only: it cannot be summed over the "
-                             "ranks of distributed_data=True. Pass the module with its own reduction='sum' and "
-                             "reduction='sum' (the summed loss; divide by your own W), or loss='cross_entropy' (no "
-                             "class weights, no ignored labels)")
         self._num_samples = n
 
     def scale(self, outputs_per_sample: int = 1) -> float:
@@ -265,25 +261,32 @@ class Loss:
         return 1.0 / denom
 
     def _weighted_by_class(self, targets: torch.Tensor) -> bool:
-        """Whether a batch with ``targets`` is torch's class-weighted mean, divided by the data's W."""
-        return self._classes is not None and self.loss_reduction == "mean" and not targets.is_floating_point()
+        """Whether a batch with ``targets`` is one of torch's class-weighted losses (integer labels):
+        evaluated summed, times :meth:`_class_scale`, with per-sample coefficients of their class
+        weights, whatever the module's own reduction."""
+        return self._classes is not None and not targets.is_floating_point()
 
-    def _class_total(self) -> float:
-        """What the class losses' summed value is divided by for the batch's share: W, or 1 for
-        ``reduction="sum"``."""
-        if self.reduction == "sum":
-            return 1.0
-        if self.class_weight_total is None:
+    def _class_scale(self) -> float:
+        """The factor from the class losses' summed value ``sum_i weight[y_i] l_i`` to the batch's
+        share of the full-data loss: 1/W for their own mean with ``reduction="mean"``, else
+        :meth:`scale` (their own sum: 1/N for "mean"; 1 for ``reduction="sum"``)."""
+        if self.loss_reduction == "sum" or self.reduction == "sum":
+            return self.scale()
+        W = self.class_weight_total
+        if W is None:
             raise RuntimeError(f"{type(self.fn).__name__}'s mean needs the class weights of all the labels (W): "
                                "Loss.check_all_targets counts them from the data before the first batch_loss")
-        return self.class_weight_total
+        # (a rank of distributed_data=True may hold no weighted label: its shares are NaN until the sum over
+        # the ranks, set_class_weight_total, comes)
+        return 1.0 / W if W > 0 else float("nan")
 
     def sample_coefficients(self, targets: torch.Tensor, outputs_per_sample: int = 1) -> float | torch.Tensor:
         """c_i of the full-data loss ``L = sum_i c_i l_i`` with l_i sample i's loss, for a batch with
         ``targets`` (the empirical Fisher is ``sum_i c_i grad l_i grad l_i^T``): the constant
-        :meth:`scale`, or, for torch's class-weighted losses, ``[n]`` of ``W_i / W`` (``W_i`` for
-        ``reduction="sum"``), W_i the class weights of sample i's labels that are not ignored (0 for a
-        sample whose labels are all ignored; l_i is the weighted mean over its labels)."""
+        :meth:`scale`, or, for torch's class-weighted losses, ``[n]`` of ``W_i`` times
+        :meth:`_class_scale` (``W_i / W`` for their mean, ``W_i / N`` or ``W_i`` for their own sum),
+        W_i the class weights of sample i's labels that are not ignored (0 for a sample whose labels
+        are all ignored; l_i is the weighted mean over its labels)."""
         if not self._weighted_by_class(targets):
             return self.scale(outputs_per_sample)
         m = self._classes
@@ -291,7 +294,7 @@ class Loss:
         w = keep.to(torch.float64)
         if m.weight is not None:
             w = w * m.weight.detach().to(targets.device, torch.float64)[targets.clamp(min=0) * keep]
-        return w.reshape(w.shape[0], -1).sum(1) / self._class_total()
+        return w.reshape(w.shape[0], -1).sum(1) * self._class_scale()
 
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Raise a clear error for targets that do not fit the outputs (outputs without replica axis);
@@ -317,7 +320,8 @@ class Loss:
         """After :meth:`check_targets` on the first batch: raise a clear error for labels out of range
         in any batch of ``batches`` (:class:`~fastcurv.data.Batches`), or targets of another kind or
         per-sample shape in a later batch than in the first. For torch's class-weighted losses with
-        integer labels, also count W (``class_weight_total``) from the batches' labels."""
+        integer labels, also count W (``class_weight_total``) from the batches' labels: this process's
+        share, checked to be above 0 by :meth:`set_class_weight_total` once summed over the ranks."""
         if len(batches.target_kinds) > 1:
             (k0, _), (k1, i1) = list(batches.target_kinds.items())[:2]
             raise ValueError(f"batch {i1}'s targets are {k1[0]} with per-sample shape {k1[1]}, batch 0's {k0[0]} with "
@@ -332,31 +336,50 @@ class Loss:
             self._count_classes(outputs.shape[1], batches)
 
     def _count_classes(self, C: int, batches) -> None:
-        """The label check of torch's ``CrossEntropyLoss`` / ``NLLLoss`` (``ignore_index`` excepted)
-        over ``batches.label_counts``, and their mean's W (``class_weight_total``)."""
+        """The label check of torch's ``CrossEntropyLoss`` / ``NLLLoss`` (``ignore_index`` excepted),
+        and for their mean with ``reduction="mean"`` this process's W (``class_weight_total``, the
+        class weights of its labels that are not ignored). The labels are counted per class
+        (:meth:`~fastcurv.data.Batches.class_counts`, a pass over the batches) only where the range
+        of the labels (``batches.label_range``) does not tell: class weights, or an ``ignore_index``
+        within that range; else W is the number of labels."""
         m, name = self._classes, type(self.fn).__name__
-        counts = batches.label_counts
-        if counts is None:
-            raise ValueError(f"loss={name}(): the data holds more than {batches.MAX_LABEL_VALUES} distinct integer "
-                             f"target values, too many to be class labels of the model's {C} classes")
-        ignore = m.ignore_index
-        bad = [(v, i) for v, (_, i) in counts.items() if v != ignore and not 0 <= v < C]
-        if bad:
-            v, i = min(bad) if min(bad)[0] < 0 else max(bad)
-            raise ValueError(f"labels out of range: batch {i} has label {v} but the model has {C} classes "
-                             f"({name}'s ignore_index is {ignore})")
         if m.weight is not None and m.weight.numel() != C:
             raise ValueError(f"{name}'s weight has {m.weight.numel()} entries but the model has {C} classes")
-        if self.loss_reduction != "mean" or self.reduction == "sum":
-            return
-        w = m.weight.detach().double().cpu().tolist() if m.weight is not None else [1.0] * C
-        total = float(sum(n * w[v] for v, (n, _) in counts.items() if v != ignore))
+        ignore = m.ignore_index
+        lo, ilo, hi, ihi = batches.label_range
+        mean = self.loss_reduction == "mean" and self.reduction == "mean"
+        total = None
+        if (m.weight is not None and mean) or lo <= ignore <= hi:
+            counts = batches.class_counts(C, ignore)
+            bad = counts.bad
+            if mean:
+                per_class = counts.per_class.double()
+                if m.weight is not None:
+                    per_class = per_class * m.weight.detach().to(per_class.device, torch.float64)
+                if 0 <= ignore < C:
+                    per_class[ignore] = 0
+                total = float(per_class.sum())
+        else:  # no label is ignore_index: the range tells the rest
+            bad = (lo, ilo) if lo < 0 else (hi, ihi) if hi >= C else None
+            shape = next(k for k in batches.target_kinds if k[0] == "int")[1]
+            total = float(batches.num_samples * math.prod(shape))
+        if bad is not None:
+            raise ValueError(f"labels out of range: batch {bad[1]} has label {bad[0]} but the model has {C} classes "
+                             f"({name}'s ignore_index is {ignore})")
+        if mean:
+            self.class_weight_total = total
+
+    def set_class_weight_total(self, total: float) -> None:
+        """Set W (``class_weight_total``) to ``total``, the class weights of the labels summed over the
+        whole data set (:class:`~fastcurv.HessianOperator` sums what :meth:`check_all_targets` counted
+        on each rank of ``distributed_data=True``); a ValueError where it is not above 0 (torch's mean
+        would be NaN)."""
         if not total > 0:
-            raise ValueError(f"{name}'s mean divides by the class weights of the labels that are not ignore_index "
-                             f"({ignore}), and they sum to {total:g} over the whole data set: torch's mean is NaN (no "
-                             "labels, or only labels of weight 0)")
-        self.class_weight_total = total
-        self._counted_samples = batches.num_samples
+            m = self._classes
+            raise ValueError(f"{type(self.fn).__name__}'s mean divides by the class weights of the labels that are "
+                             f"not ignore_index ({m.ignore_index}), and they sum to {total:g} over the whole data "
+                             "set: torch's mean is NaN (no labels, or only labels of weight 0)")
+        self.class_weight_total = float(total)
 
     def _summed(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """torch's class-weighted loss with ``reduction="sum"``: ``sum_i weight[y_i] l_i`` over the
@@ -381,7 +404,7 @@ class Loss:
             # written out: F.mse_loss(reduction="sum") under vmap triggers a torch resize warning
             return (outputs - targets).square().sum() * self.scale(outputs[0].numel())
         if self._weighted_by_class(targets):
-            return self._summed(outputs, targets) / self._class_total()
+            return self._summed(outputs, targets) * self._class_scale()
         value = self.fn(outputs, targets)
         if value.dim() != 0:
             raise ValueError(f"a callable loss must return a scalar; got shape {tuple(value.shape)}")

@@ -2,7 +2,7 @@
 vmap cannot batch raises :class:`VmapUnsupportedError` naming the module), on a copy of its input
 checked for in-place changes (:func:`run_on_copy`, :data:`INPUT_CHANGED`), its output checked to be
 one tensor (:func:`check_output`), and the errors of a forward that writes into its parameters or
-buffers, or that cannot take its inputs (:func:`model_cannot_run`).
+buffers, or that cannot take its inputs (:func:`model_cannot_run`, :func:`first_input_failing`).
 """
 from __future__ import annotations
 
@@ -48,6 +48,20 @@ def model_cannot_run(where: str, x, exc: Exception) -> ValueError:
     out of range in self", names neither the data nor the batch)."""
     what = f"{tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
     return ValueError(f"the model cannot run on {where} (inputs {what}): {exc}")
+
+
+def first_input_failing(run, inputs) -> ValueError | None:
+    """:func:`model_cannot_run`'s ValueError for the first of ``inputs``, ``(where, x)`` pairs, on
+    which ``run(x)`` (a forward of one replica, under ``torch.no_grad``) raises a RuntimeError or an
+    IndexError, or None where every one runs: how the entry points name the batch (or the samples)
+    that a model failed on, its error having come from a computation over all of them."""
+    with torch.no_grad():
+        for where, x in inputs:
+            try:
+                run(x)
+            except (RuntimeError, IndexError) as exc:
+                return model_cannot_run(where, x, exc)
+    return None
 
 
 class VmapUnsupportedError(ValueError):

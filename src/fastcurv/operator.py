@@ -18,7 +18,7 @@ from .backends.base import mark_not_torch_func, math_attention, read_batches
 from .backends.func import torch_func_failed
 from .data import Batches
 from .losses import Loss
-from .model_run import VmapUnsupportedError, model_cannot_run
+from .model_run import VmapUnsupportedError, first_input_failing, model_cannot_run
 from .replicas import BN_MODES, ReplicaSet, nonfinite_rows
 
 # the errors on which backend="auto" may fall back from torch.func to autograd (_fall_back decides)
@@ -228,6 +228,9 @@ class HessianOperator:
                                         "exact trace": self.exact_trace_support()[0]})
         n = torch.tensor([float(self.batches.num_samples)], dtype=torch.float64, device=rs.device)
         self.loss.num_samples = int(self._sum_over_ranks(n).item())
+        if self.loss.class_weight_total is not None:  # W of a class-weighted mean: summed over the ranks as N is
+            w = torch.tensor([self.loss.class_weight_total], dtype=torch.float64, device=rs.device)
+            self.loss.set_class_weight_total(self._sum_over_ranks(w).item())
         self.failed = ~rs.finite.clone()
         self.num_passes = 0
         self.num_matvecs = 0
@@ -487,17 +490,17 @@ class HessianOperator:
 
     def _bad_inputs(self) -> ValueError | None:
         """:func:`~fastcurv.model_run.model_cannot_run`'s ValueError for the first batch on which one
-        replica's forward (on copies of its inputs and buffers) raises, or None."""
+        replica's forward (on copies of its inputs and buffers) raises, or None
+        (:func:`~fastcurv.model_run.first_input_failing`)."""
         rs = self.replicas
         r = int(rs.finite.nonzero()[0]) if rs.finite.any() else 0
         params = {n: t[r] for n, t in rs.params.items()}
-        with torch.no_grad():
-            for i, x, _ in read_batches(self.batches):
-                try:
-                    rs.call(params, {n: t[r].clone() for n, t in rs.buffers.items()}, x.clone())
-                except (RuntimeError, IndexError) as err:
-                    return model_cannot_run("the first batch" if i == 0 else f"batch {i}", x, err)
-        return None
+
+        def run(x):
+            rs.call(params, {n: t[r].clone() for n, t in rs.buffers.items()}, x.clone())
+
+        return first_input_failing(run, (("the first batch" if i == 0 else f"batch {i}", x)
+                                         for i, x, _ in read_batches(self.batches)))
 
     def _loss_and_gradient_func(self, idx):
         rs, loss = self.replicas, self.loss

@@ -31,6 +31,8 @@ _MEMORY_OPTIONS = ("cache_bytes", "chunk_bytes", "sample_chunk_bytes", "reuse", 
 # regenerated)
 _MEASURE_MEMORY_OPTIONS = {"epsilon_sharpness_subspace": ("max_matrix_bytes",)}
 TRACE_METHODS = ("auto", "exact", "deflated", "hutch++", "hutchinson")
+EIG_SOLVERS = ("lanczos", "power")
+EIG_STARTS = ("gradient", "random")
 
 
 @dataclass
@@ -384,9 +386,9 @@ def batched_sharpness(
         raise ValueError(f"tol must be non-negative, got {tol}")
     if trace_method not in TRACE_METHODS:
         raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {trace_method!r}")
-    if eig_solver not in ("lanczos", "power"):
+    if eig_solver not in EIG_SOLVERS:
         raise ValueError(f"eig_solver must be 'lanczos' or 'power', got {eig_solver!r}")
-    if eig_start not in ("gradient", "random"):
+    if eig_start not in EIG_STARTS:
         raise ValueError(f"eig_start must be 'gradient' or 'random', got {eig_start!r}")
     t0 = time.perf_counter()
     op = HessianOperator(models, data, loss=loss, reduction=reduction, backend=backend, bn_mode=bn_mode,

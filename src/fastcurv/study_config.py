@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .train_options import _flag
+
 # the measures function_measures computes (on the test inputs); every other name goes to batched_sharpness
 FUNCTION_MEASURES = ("disagreement", "gde", "soft", "weakness", "perturbation_weakness", "simplicity")
 DATA_SETS = ("digits", "mnist", "fashion-mnist")
@@ -157,15 +159,6 @@ def _seed(value) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 0:
         raise ValueError(f"seed must be a non-negative integer, got {value!r}")
     return int(v)
-
-
-def _switch(value, name: str, none_ok: bool = False) -> None:
-    """Raise a ValueError unless ``value`` is True or False (or None with ``none_ok``): these
-    settings were used for their truth only, so a config file's ``"false"`` (a string) ran the audit."""
-    if isinstance(value, (bool, np.bool_)) or (none_ok and value is None):
-        return
-    also = " or None" if none_ok else ""
-    raise ValueError(f"{name} must be true or false{also}, got {value!r} ({type(value).__name__})")
 
 
 def _measure_names(value, name: str = "measures") -> tuple:
@@ -354,9 +347,9 @@ def _check_kwarg_values(kw: dict, name: str) -> None:
             raise bad(key, "positive and finite")
     from .model_copy import BN_MODES
     from .operator import BACKEND_CHOICES
-    from .sharpness import TRACE_METHODS
+    from .sharpness import EIG_SOLVERS, EIG_STARTS, TRACE_METHODS
 
-    choices = {"eig_solver": ("lanczos", "power"), "eig_start": ("gradient", "random"),
+    choices = {"eig_solver": EIG_SOLVERS, "eig_start": EIG_STARTS,
                "trace_method": TRACE_METHODS, "backend": BACKEND_CHOICES, "bn_mode": BN_MODES}
     for key, allowed in choices.items():
         if key not in kw or (key == "bn_mode" and kw[key] is None):  # (bn_mode None: the models' own mode)
@@ -417,9 +410,9 @@ def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replica
     """Raise a clear error for study settings that would otherwise fail only after training (or do
     what was not asked: ``audit="false"``, a string, ran the audit). ``audit_measures`` must be
     normalized first (:func:`_measure_names`): a single name given as a string is refused here."""
-    _switch(audit, "audit")
-    _switch(verbose, "verbose")
-    _switch(progress, "progress", none_ok=True)
+    _flag(audit, "audit")  # (0 / 1 and numpy bools are bools, as in train_population)
+    _flag(verbose, "verbose")
+    _flag(progress, "progress", none_ok=True)
     if not isinstance(replicas, (int, np.integer)) or replicas < 1:
         raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
     if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
@@ -470,21 +463,30 @@ def _audit_transform(name: str, alpha: float):
 PATH_SETTINGS = ("out", "checkpoint", "data_root")  # study settings that are paths (and sharpness_kwargs' output)
 
 
-def _absolute_paths(cfg: dict) -> dict:
-    """``cfg`` (study settings as :func:`_config_value` writes them) with its relative paths
-    (:data:`PATH_SETTINGS`, each of a ``data_root`` list, ``sharpness_kwargs["output"]``) made
-    absolute against the current folder, so that the config file reruns the study from any folder
-    (``fastcurv study`` reads a config file's relative paths against the file's own folder)."""
-    def absolute(v):
-        return str(Path(v).absolute()) if isinstance(v, (str, os.PathLike)) and v != "" else v
-
+def _map_paths(cfg: dict, fn) -> dict:
+    """``cfg`` (study settings) with ``fn`` applied to each of its paths: the settings in
+    :data:`PATH_SETTINGS` that are not None (each folder of a ``data_root`` list) and
+    ``sharpness_kwargs["output"]``. The one walker over a study's paths (:func:`_absolute_paths`,
+    the CLI's ``~`` checks)."""
     out = dict(cfg)
     for key in PATH_SETTINGS:
-        if key in out:
-            out[key] = [absolute(v) for v in out[key]] if isinstance(out[key], list) else absolute(out[key])
-    if isinstance(out.get("sharpness_kwargs"), dict) and "output" in out["sharpness_kwargs"]:
-        out["sharpness_kwargs"] = {**out["sharpness_kwargs"], "output": absolute(out["sharpness_kwargs"]["output"])}
+        if out.get(key) is not None:
+            out[key] = [fn(v) for v in out[key]] if isinstance(out[key], list) else fn(out[key])
+    kw = out.get("sharpness_kwargs")
+    if isinstance(kw, dict) and kw.get("output") is not None:
+        out["sharpness_kwargs"] = {**kw, "output": fn(kw["output"])}
     return out
+
+
+def _absolute_paths(cfg: dict) -> dict:
+    """``cfg`` (study settings as :func:`_config_value` writes them, ``~`` already expanded) with its
+    relative paths (:func:`_map_paths`) made absolute against the current folder, so that the config
+    file reruns the study from any folder (``fastcurv study`` reads a config file's relative paths,
+    as its flags, against the current folder)."""
+    def absolute(v):
+        return str(Path(v).absolute()) if isinstance(v, (str, os.PathLike)) and str(v) != "" else v
+
+    return _map_paths(cfg, absolute)
 
 
 def _write_yaml(cfg: dict, path: Path):

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .model_run import model_cannot_run, vmap_error
+from .model_run import first_input_failing, vmap_error
 from .train_checkpoint import save_checkpoint
 from .train_group import ReplicaGroup, merged_rows
 from .train_options import TrainOptions
@@ -110,21 +110,17 @@ def _model_tasks(pool: ThreadPoolExecutor | None, tasks: list, groups: list[Repl
         raise err from exc
 
 
-@torch.no_grad()
 def _bad_samples(group: ReplicaGroup) -> ValueError | None:
     """The ValueError "the model cannot run on the training samples i to j (inputs ...): ..." for the
     first of the training set's chunks of ``group.batch_size`` samples on which the eval-mode forward
-    of the group's first replica (on copies of its buffers) raises, or None."""
-    e = group.engine
+    of the group's first replica (on copies of its buffers) raises, or None
+    (:func:`~fastcurv.model_run.first_input_failing`)."""
+    e, size = group.engine, group.batch_size
     params = {n: t[0] for n, t in group.params.items()}
     buffers = {n: t[0].clone() for n, t in group.buffers.items()}
-    for i in range(0, len(e.x), group.batch_size):
-        xb = e.x[i:i + group.batch_size]
-        try:
-            e.forward(params, buffers, xb, training=False)
-        except (RuntimeError, IndexError) as exc:
-            return model_cannot_run(f"the training samples {i} to {i + len(xb) - 1}", xb, exc)
-    return None
+    chunks = ((f"the training samples {i} to {min(i + size, len(e.x)) - 1}", e.x[i:i + size])
+              for i in range(0, len(e.x), size))
+    return first_input_failing(lambda x: e.forward(params, buffers, x, training=False), chunks)
 
 
 def _progress_fields(ep_loss: torch.Tensor, groups: list[ReplicaGroup], R: int, target_loss: float | None) -> dict:

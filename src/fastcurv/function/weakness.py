@@ -27,6 +27,7 @@ import math
 import torch
 
 from .._heap import reusing_heap
+from ..data import target_dtype
 from ..replicas import ReplicaSet
 from .predictions import Accumulator, row_chunks
 
@@ -80,13 +81,13 @@ class PermissionWeakness(Accumulator):
 
 def working_precision(rs: ReplicaSet, x: torch.Tensor | None = None):
     """``(rs, x)`` as they are for float32 and float64 models; for float16/bfloat16 ones a copy of the
-    replica set in float32 (``torch.promote_types(dtype, float32)``: its parameters and floating
+    replica set in float32 (:func:`~fastcurv.data.target_dtype`: its parameters and floating
     buffers converted, exactly; the models are not touched) and ``x`` (probe inputs, or None)
     converted if floating. In the models' own dtype the multiplicative noise ``theta * (1 + sigma *
     xi)`` rounded back to ``theta`` below the rounding unit (bfloat16: every draw at sigma = 5e-4 left
     the weights unchanged: ``perturb_weakness_sigma0.0005`` 1.0 where float32 gives 0.5), and ``perturb_sigma_star``
     came out 11-18% low. Idempotent: a float32 set comes back as it is."""
-    wide = torch.promote_types(rs.dtype, torch.float32)
+    wide = target_dtype(rs.dtype)
     if wide != rs.dtype:
         rs = rs.in_dtype(wide)
     if x is not None and x.is_floating_point() and x.dtype != rs.dtype:

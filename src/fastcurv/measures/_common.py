@@ -23,18 +23,19 @@ from __future__ import annotations
 import torch
 from torch.func import grad, vmap
 
+from ..data import target_dtype
 from . import MeasureValue
 
 
 def working_precision(op):
     """``op`` itself for float32 and float64 models; for float16/bfloat16 ones a :class:`Widened`
-    view of it in float32 (``torch.promote_types(dtype, float32)``): the parameters, the floating
+    view of it in float32 (:func:`~fastcurv.data.target_dtype`): the parameters, the floating
     buffers, inputs and targets converted (exactly), so that the perturbation, the forwards and the
     loss's sums run in float32. In the model's own dtype a perturbation below its rounding unit
     (6.6e-4 against bfloat16's 2e-3 at |theta| = 0.3) left the weights unchanged, and a loss
     increase was a difference of two half-precision losses near 1 (one unit: 7.8e-3 in bfloat16):
     the measures returned 0 or one rounding unit. The view is idempotent (a view is returned as is)."""
-    wide = torch.promote_types(op.dtype, torch.float32)
+    wide = target_dtype(op.dtype)
     return op if wide == op.dtype else Widened(op, wide)
 
 
