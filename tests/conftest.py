@@ -19,13 +19,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread is fastest and avoids OpenMP waits on shared CI cores."""
+def _single_thread():
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest and avoids OpenMP waits on shared CI cores."""
+    yield from _single_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module, its module-scoped fixtures too (``pytestmark =
+    pytest.mark.usefixtures("one_thread_module")``)."""
+    yield from _single_thread()
 
 
 @pytest.fixture

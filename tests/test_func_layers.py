@@ -11,13 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fastcurv
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest (as conftest's one_thread, for the module's fixtures too)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # (its module-scoped fixtures too)
 
 
 def _replicas(make, R=2, dtype=torch.float64):

@@ -16,13 +16,7 @@ from fastcurv.train_eval import evaluate_population
 from fastcurv.train_random import init_replicas
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest (as conftest's one_thread, for the module's fixtures too)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # (its module-scoped fixtures too)
 
 
 class EmbMLP(nn.Module):

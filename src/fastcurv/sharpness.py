@@ -644,26 +644,27 @@ def _takes_integer(p: inspect.Parameter) -> bool:
     return isinstance(p.default, int) and not isinstance(p.default, bool)
 
 
-def _integer_options(name: str, fn) -> set:
-    """The options of registered measure ``name`` (function ``fn``) that take integers, by their
-    annotations or defaults (:func:`_takes_integer`): ``fn``'s own keywords, and for those it takes
-    through ``**options`` the functions of its module that name them (e.g. pac_bayes's
-    ``sigma_search``; an option counts when all of them take an integer)."""
+def option_parameters(name: str, fn) -> dict:
+    """``{option: [inspect.Parameter]}`` for the options of registered measure ``name`` (function
+    ``fn``): ``fn``'s own keyword, or for an option it takes through ``**options`` the parameters
+    (with a default) of the functions of its module that name it (e.g. pac_bayes's ``sigma_search``).
+    What the options take is read from these (:func:`_integer_options`,
+    ``study_config._option_kinds``)."""
     own = inspect.signature(fn).parameters
     module = sys.modules.get(fn.__module__)
-    helpers = [f for f in vars(module).values()
+    helpers = [inspect.signature(f).parameters for f in vars(module).values()
                if inspect.isfunction(f) and f.__module__ == fn.__module__] if module else []
-    found = set()
-    for option in accepted_options(name) or ():
-        if option in own:
-            params = [own[option]]
-        else:
-            params = [inspect.signature(f).parameters[option] for f in helpers
-                      if option in inspect.signature(f).parameters
-                      and inspect.signature(f).parameters[option].default is not inspect.Parameter.empty]
-        if params and all(_takes_integer(p) for p in params):
-            found.add(option)
-    return found
+    return {option: [own[option]] if option in own else
+            [h[option] for h in helpers if option in h and h[option].default is not inspect.Parameter.empty]
+            for option in accepted_options(name) or ()}
+
+
+def _integer_options(name: str, fn) -> set:
+    """The options of registered measure ``name`` (function ``fn``) that take integers, by their
+    annotations or defaults (:func:`_takes_integer`) in :func:`option_parameters` (an option counts
+    when all of them take an integer)."""
+    return {option for option, params in option_parameters(name, fn).items()
+            if params and all(_takes_integer(p) for p in params)}
 
 
 def _option_dicts(measure_options) -> dict | None:

@@ -275,23 +275,11 @@ def _option_kinds(measure: str) -> dict:
     (:func:`_number_kind`), and for those it takes through ``**options`` the functions of its module
     that take them with a default (e.g. rho_sharpness's ``rho`` from ``worst_case_sharpness``),
     when all of them take a number."""
-    import sys
+    from .measures import REGISTRY
+    from .sharpness import option_parameters
 
-    from .measures import REGISTRY, accepted_options
-
-    fn = REGISTRY[measure]
-    own = inspect.signature(fn).parameters
-    module = sys.modules.get(fn.__module__)
-    helpers = [f for f in vars(module).values() if inspect.isfunction(f) and f.__module__ == fn.__module__] \
-        if module else []
     kinds = {}
-    for option in accepted_options(measure) or ():
-        if option in own:
-            params = [own[option]]
-        else:
-            params = [inspect.signature(f).parameters[option] for f in helpers
-                      if option in inspect.signature(f).parameters
-                      and inspect.signature(f).parameters[option].default is not inspect.Parameter.empty]
+    for option, params in option_parameters(measure, REGISTRY[measure]).items():
         found = [_number_kind(p) for p in params]
         if found and None not in found:
             kinds[option] = "float" if "float" in found else found[0]
