@@ -256,8 +256,9 @@ def test_switches_must_be_true_or_false(tmp_path, monkeypatch, no_training, caps
         name = next(iter(setting))
         assert f"{name} must be True" in capsys.readouterr().err
         assert not (tmp_path / "r").exists()
-    with pytest.raises(ValueError, match="audit must be True or False .*, got 'false'"):
-        fastcurv.study(**{**TINY, "audit": "false"}, measures=["lambda_max"], out=None)
+    for hidden in (TINY["hidden"], []):  # (a model without hidden layers got the audit's layer error)
+        with pytest.raises(ValueError, match="audit must be True or False .*, got 'false'"):
+            fastcurv.study(**{**TINY, "audit": "false", "hidden": hidden}, measures=["lambda_max"], out=None)
     base = dict(n_boot=10, audit=False, audit_alpha=10.0, audit_measures=["trace"], audit_replicas=None,
                 sharpness_kwargs=None, function_kwargs=None, lr=0.1, replicas=2)
     study_config._check_settings(**base, verbose=False, progress=None)

@@ -297,9 +297,6 @@ def study(
         raise ValueError("model='cnn' needs at least one conv layer: give its channels as hidden (e.g. [8, 16])")
     if not isinstance(spectrum_replicas, (int, np.integer)) or spectrum_replicas < 1:
         raise ValueError(f"spectrum_replicas must be a positive integer, got {spectrum_replicas!r}")
-    if audit and audit_measures and len(hidden) < 1:
-        raise ValueError(f"the invariance audit ({audit_transform!r}) rescales two weight layers, but a model without "
-                         "hidden layers has one: give hidden layers, or audit=False (--no-audit)")
     lr, momentum, weight_decay, sam_rho, audit_alpha = (_numbers(v, k) for k, v in (
         ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("sam_rho", sam_rho),
         ("audit_alpha", audit_alpha)))
@@ -311,6 +308,9 @@ def study(
     _batch_sizes(batch_size, int(replicas))  # (clear errors before any work: a length, a fraction, a float)
     noise = _label_noise(label_noise, int(replicas))
     if audit:
+        if audit_measures and len(hidden) < 1:
+            raise ValueError(f"the invariance audit ({audit_transform!r}) rescales two weight layers, but a model "
+                             "without hidden layers has one: give hidden layers, or audit=False (--no-audit)")
         _audit_transform(audit_transform, audit_alpha)  # check the name before training
         if audit_measures and model == "cnn" and (sharpness_kwargs or {}).get("bn_mode", "eval") == "batch":
             raise ValueError("model='cnn' with sharpness_kwargs bn_mode='batch': the audit compares copies with each "
