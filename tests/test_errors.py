@@ -673,3 +673,15 @@ def test_models_made_under_inference_mode_are_still_taken():
     x, y = data()
     assert torch.isfinite(evaluate_population(ms, x, y)["loss"]).all()
     assert fastcurv.ReplicaSet(ms).changed_since_built() is None
+
+
+def test_an_unknown_batched_sharpness_keyword_is_named_with_a_close_spelling():
+    """A misspelt keyword (``max_iters``) or one only the solvers take (``probe_batch``) raised
+    "HessianOperator.__init__() got an unexpected keyword argument", naming a class the caller never
+    called and no spelling it meant."""
+    x, y = data()
+    with pytest.raises(TypeError, match=r"batched_sharpness\(\) got unexpected keyword arguments \['max_iters'\].*"
+                                        r"did you mean 'max_iter'"):
+        fastcurv.batched_sharpness([mlp()], (x, y), progress=False, max_iters=3)
+    with pytest.raises(TypeError, match=r"\['probe_batch'\]"):
+        fastcurv.batched_sharpness([mlp()], (x, y), progress=False, probe_batch=3)

@@ -148,6 +148,23 @@ def _on_gpu(models) -> bool:
         return False
 
 
+def _check_operator_keywords(operator_kwargs: dict) -> None:
+    """Raise a TypeError naming :func:`batched_sharpness` (and a close spelling) for the keywords in
+    ``operator_kwargs`` that :class:`HessianOperator` does not take either (torch's message named
+    ``HessianOperator.__init__``, which the caller never called)."""
+    taken = inspect.signature(HessianOperator.__init__).parameters
+    unknown = sorted(set(operator_kwargs) - set(taken))
+    if unknown:
+        import difflib
+
+        known = set(inspect.signature(batched_sharpness).parameters) | set(taken)
+        known -= {"self", "models", "data", "operator_kwargs"}
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hint = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+        raise TypeError(f"batched_sharpness() got unexpected keyword arguments {unknown} (it takes its own settings "
+                        f"and HessianOperator's){': ' + hint if hint else ''}")
+
+
 def _gradient_start(op, seed: int, common: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Lanczos start vectors ``[R, P]``: each replica's unit loss gradient plus the random unit
     vector Lanczos would start from (the random vector alone where the gradient is zero or not
@@ -270,6 +287,7 @@ def batched_sharpness(
     computes as outside: grad mode on, in the models' own dtype (fastcurv leaves autocast regions);
     the caller's settings are left as they were (:mod:`fastcurv.ambient`).
     """
+    _check_operator_keywords(operator_kwargs)
     models = validate_models(models)
     seed = as_seed(seed)
     # whole floats (a JSON config's 100.0) as ints from here on, in settings and fingerprints too (checked below)
