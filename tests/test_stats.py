@@ -1,4 +1,5 @@
 """fastcurv.stats against scipy directly."""
+import math
 import numpy as np
 import pandas as pd
 import pytest
@@ -299,3 +300,51 @@ def test_granulated_kendall_refuses_what_is_not_a_grid():
         stats.granulated_kendall(df, "gap", [], ["sharp"])
     with pytest.raises(KeyError, match="momentum"):
         stats.granulated_kendall(df, "gap", ["momentum"], ["sharp"])
+
+
+@pytest.mark.parametrize("n", [4, 6, 8])
+def test_kendall_p_with_ties_on_few_replicas_is_the_exact_permutation_p(n):
+    """scipy's kendalltau takes its normal approximation whenever there is a tie: on 6 replicas with
+    accuracies 3 x 0.8 and 3 x 0.9, a measure separating them perfectly got p = 0.0495, below every p
+    a permutation test can give (exact 0.1, Spearman's p in the same row). Now the exact p for n <= 9,
+    checked against a brute-force enumeration with tau-b."""
+    import itertools
+
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=n)
+    y = np.repeat([0.8, 0.9], n // 2)[np.argsort(np.argsort(x))]  # (ties: two accuracy levels)
+    tau, p = stats.kendall(x, y)
+    taus = np.array([st.kendalltau(x, y[list(q)]).statistic for q in itertools.permutations(range(n))])
+    le, ge = (taus <= tau + 1e-12).mean(), (taus >= tau - 1e-12).mean()
+    assert p == pytest.approx(min(1.0, 2 * min(le, ge)), rel=1e-12)
+    assert p >= 2 / math.factorial(n)
+    if n == 6:
+        assert p == pytest.approx(0.1) and st.kendalltau(x, y).pvalue < 0.05
+
+
+def test_granulated_kendall_leaves_out_groups_that_no_longer_differ_in_the_hyperparameter():
+    """Every lr=1.0 replica diverged (NaN measure): the groups along lr held only lr=0.1 replicas,
+    which differ in their seed alone, and their tau was reported as psi_lr = 1.0. Such a group has
+    no tau along lr: psi_lr NaN when none is left, while psi_wd still counts."""
+    df = pd.DataFrame({"lr": [0.1, 0.1, 1.0, 1.0] * 2, "wd": [0.0] * 4 + [1e-4] * 4,
+                       "m": [1.0, 2.0, np.nan, np.nan, 1.5, 2.5, np.nan, np.nan],
+                       "acc": [0.5, 0.6, 0.1, 0.1, 0.55, 0.7, 0.1, 0.1]})
+    out = stats.granulated_kendall(df, "acc", ["lr", "wd"], measures="m")
+    assert np.isnan(out.loc["m", "psi_lr"]) and out.loc["m", "psi_wd"] == 1.0  # (the lr=0.1 group: concordant)
+
+
+def test_pair_sign_tau_and_string_measures_are_checked():
+    """pair_sign_tau used the first len(x) entries of a longer y (1.0 for [1,2,3] against
+    [1,2,3,0]); a single measure name was split into letters (a KeyError listing 'l', 'a', ...);
+    n_boot=2000.0 (a config file's) raised numpy's raw TypeError."""
+    with pytest.raises(ValueError, match="lengths 3 and 4"):
+        stats.pair_sign_tau([1, 2, 3], [1, 2, 3, 0])
+    with pytest.raises(ValueError, match="n >= 2"):
+        stats.pair_sign_tau([1.0], [2.0])
+    x, y = _xy(n=12)
+    df = pd.DataFrame({"lam": x, "acc": y})
+    one = stats.correlations(df, "acc", "lam", n_boot=200.0)
+    ref = stats.correlations(df, "acc", ["lam"], n_boot=200)
+    assert list(one.index) == ["lam"] and one.equals(ref)
+    with pytest.raises(ValueError, match="n_boot must be a positive integer"):
+        stats.correlations(df, "acc", "lam", n_boot=2.5)

@@ -8,7 +8,9 @@ Conventions (see the project's measures reference, section 4):
   permutation p of n pairs (the t approximation gave p = 0 for a perfect rank correlation of 3 replicas,
   whose exact p is 1/3);
 * a percentile bootstrap confidence interval for rho, resampling networks (rows) with replacement;
-* Kendall tau-b with the p-value of ``scipy.stats.kendalltau`` (exact for small tie-free samples);
+* Kendall tau-b with a two-sided p-value: exact for n <= 9 (every permutation, ties kept, as for
+  Spearman), else ``scipy.stats.kendalltau``'s (its normal approximation, which it takes whenever
+  there is a tie, gave 0.0495 for an exact 0.1 on 6 replicas with tied accuracies);
 * Benjamini-Yekutieli adjusted p-values (``scipy.stats.false_discovery_control(method="by")``, valid
   under any dependence between the columns) over the rows of a correlations table;
 * Jiang et al.'s granulated Kendall coefficient Psi over a hyperparameter grid
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from typing import Sequence
 
@@ -119,8 +122,49 @@ def _permutations(n: int) -> np.ndarray:
 
 
 def kendall(x, y) -> tuple[float, float]:
-    """Kendall tau-b and its two-sided p-value (scipy); NaN when degenerate as in :func:`spearman`."""
-    return _rank_test(_st.kendalltau, x, y)
+    """Kendall tau-b and its two-sided p-value; NaN when degenerate as in :func:`spearman`. The
+    p-value is exact for n <= ``EXACT_SPEARMAN_N`` (:func:`kendall_exact_p`), else scipy's."""
+    x, y = _clean(x, y)
+    if _degenerate(x, y):
+        return float("nan"), float("nan")
+    r = _st.kendalltau(x, y)
+    return float(r.statistic), kendall_exact_p(x, y) if x.size <= EXACT_SPEARMAN_N else float(r.pvalue)
+
+
+def kendall_exact_p(x, y) -> float:
+    """Exact two-sided permutation p-value of Kendall tau-b for small samples (n! permutations): y
+    paired with x in every order, ties kept, and p = min(1, 2 min(P[S >= s], P[S <= s])) with S the
+    concordant minus the discordant pairs (tau-b is S over a denominator no pairing changes), as
+    :func:`spearman_exact_p` does for Spearman."""
+    x, y = _clean(x, y)
+    if x.size > 10:
+        raise ValueError(f"exact enumeration of {x.size}! permutations is too large; use at most 10 pairs")
+    rx, ry = _st.rankdata(x), _st.rankdata(y)
+    i, j = np.triu_indices(x.size, 1)
+    s = int(np.sign(rx[i] - rx[j]) @ np.sign(ry[i] - ry[j]))
+    null = _kendall_null(tuple(np.sort(rx).tolist()), tuple(np.sort(ry).tolist()))
+    offset = len(null) // 2  # (S runs from -n(n-1)/2 to n(n-1)/2)
+    le, ge = int(null[:offset + s + 1].sum()), int(null[offset + s:].sum())
+    return min(1.0, 2 * min(le, ge) / int(null.sum()))
+
+
+@functools.lru_cache(maxsize=32)
+def _kendall_null(rx: tuple, ry: tuple) -> np.ndarray:
+    """Counts ``null[S + n(n-1)/2]`` of the permutations of ``ry`` against ``rx`` (both sorted
+    ranks) with concordant minus discordant pairs S. Depends only on the two multisets of ranks."""
+    a, b = np.asarray(rx), np.asarray(ry)
+    n = len(a)
+    perms = _permutations(n)
+    i, j = np.triu_indices(n, 1)
+    sx = np.sign(a[i] - a[j]).astype(np.int64)
+    pairs = n * (n - 1) // 2
+    counts = np.zeros(2 * pairs + 1, dtype=np.int64)
+    step = 65_536
+    for k in range(0, len(perms), step):
+        v = b[perms[k:k + step]]
+        s = np.sign(v[:, i] - v[:, j]).astype(np.int64) @ sx
+        counts += np.bincount(s + pairs, minlength=2 * pairs + 1)
+    return counts
 
 
 def bootstrap_indices(n: int, n_boot: int, seed: int = 0) -> np.ndarray:
@@ -150,8 +194,10 @@ def bootstrap_spearman_ci(x, y, *, n_boot: int = 10_000, level: float = 0.95, se
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be positive, got {n_boot}")
+    if isinstance(n_boot, float) and n_boot.is_integer():  # (a config file's 2000.0)
+        n_boot = int(n_boot)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
     x, y = _clean(x, y)
     if _degenerate(x, y):
         return float("nan"), float("nan")
@@ -205,6 +251,8 @@ def correlations(df, target: str, measures: Sequence[str] | None = None, *, rows
 
     if target not in df.columns:
         raise KeyError(f"target column {target!r} not in the table (columns: {list(df.columns)})")
+    if isinstance(measures, str):  # (one column: not its letters)
+        measures = [measures]
     if measures is None:
         measures = _default_measures(df, {target})
         if not measures:
@@ -275,8 +323,10 @@ def granulated_kendall(df, target: str, hyperparameters: Sequence[str], measures
     three of four groups would get ``psi_h`` 1 instead of 0.25 if those groups were dropped.)
 
     Within a group, the rows where the measure or the target is not finite are left out; a group
-    with fewer than 2 finite pairs has no tau and is left out of the mean (``psi_h`` NaN when no
-    group has one, and then ``Psi`` NaN too).
+    whose remaining rows do not take two values of ``h`` (fewer than 2 rows, or replicas that
+    diverged at every other value) has no tau along ``h`` and is left out of the mean (``psi_h`` NaN
+    when no group has one, and then ``Psi`` NaN too; before, the tau of the remaining seed pairs was
+    reported as ``psi_h``).
 
     Args:
         df: one row per replica, with the hyperparameter, target and measure columns.
@@ -301,8 +351,13 @@ def granulated_kendall(df, target: str, hyperparameters: Sequence[str], measures
         raise KeyError(f"columns {missing} not in the table (columns: {list(df.columns)})")
     if len(set(hyper)) < len(hyper) or target in hyper:
         raise ValueError(f"hyperparameters must be distinct columns other than the target, got {hyper}")
+    if isinstance(measures, str):  # (one column: not its letters)
+        measures = [measures]
     if measures is None:
         measures = _default_measures(df, {target, *hyper})
+    missing = [m for m in measures if m not in df.columns]
+    if missing:
+        raise KeyError(f"measure columns {missing} not in the table (columns: {list(df.columns)})")
     settings = df[hyper]
     if settings.isna().any().any():
         raise ValueError(f"hyperparameter columns {[h for h in hyper if settings[h].isna().any()]} hold missing values")
@@ -320,6 +375,7 @@ def granulated_kendall(df, target: str, hyperparameters: Sequence[str], measures
                          f"have replicas (no replica has {dict(zip(hyper, gap))}); psi compares replicas that differ "
                          "in one hyperparameter only, so every combination is needed")
     y_all = df[target].to_numpy(dtype=np.float64)
+    codes = {h: pd.factorize(settings[h])[0] for h in hyper}
     groups = {}
     for h in hyper:
         others = [g for g in hyper if g != h]
@@ -328,7 +384,7 @@ def granulated_kendall(df, target: str, hyperparameters: Sequence[str], measures
     rows = []
     for m in measures:
         x_all = df[m].to_numpy(dtype=np.float64)
-        psi = {f"psi_{h}": _mean_tau(x_all, y_all, groups[h]) for h in hyper}
+        psi = {f"psi_{h}": _mean_tau(x_all, y_all, groups[h], codes[h]) for h in hyper}
         rows.append({"measure": m, **psi, "Psi": float(np.mean(list(psi.values())))})
     out = pd.DataFrame(rows, columns=["measure", *(f"psi_{h}" for h in hyper), "Psi"]).set_index("measure")
     out.attrs["groups"] = {h: len(g) for h, g in groups.items()}
@@ -338,13 +394,19 @@ def granulated_kendall(df, target: str, hyperparameters: Sequence[str], measures
 def pair_sign_tau(x, y) -> float:
     """Jiang et al.'s Kendall tau of ``x`` and ``y`` ``[n]`` (n >= 2): the average over the pairs
     ``i < j`` of ``sign(x_i - x_j) * sign(y_i - y_j)`` (tau-a; a tied pair counts 0)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape or x.size < 2:
+        raise ValueError(f"pair_sign_tau needs two sequences of one length n >= 2, got lengths {x.size} and {y.size}")
     i, j = np.triu_indices(x.size, 1)
     return float(np.mean(np.sign(x[i] - x[j]) * np.sign(y[i] - y[j])))
 
 
-def _mean_tau(x, y, groups) -> float:
-    """The mean :func:`pair_sign_tau` of ``(x[g], y[g])`` over the index arrays ``groups`` with at
-    least 2 finite pairs; NaN when none has."""
-    taus = [pair_sign_tau(xg, yg) for xg, yg in (_clean(x[g], y[g]) for g in groups) if xg.size >= 2]
+def _mean_tau(x, y, groups, h) -> float:
+    """The mean :func:`pair_sign_tau` of ``(x[g], y[g])`` over the index arrays ``groups`` whose
+    finite pairs take at least 2 values of the hyperparameter ``h`` (``[n]`` codes); NaN when none do."""
+    taus = []
+    for g in groups:
+        keep = np.isfinite(x[g]) & np.isfinite(y[g])
+        if np.unique(h[g][keep]).size >= 2:
+            taus.append(pair_sign_tau(x[g][keep], y[g][keep]))
     return float(np.mean(taus)) if taus else float("nan")
