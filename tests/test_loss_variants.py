@@ -408,3 +408,31 @@ def test_labels_are_counted_only_for_a_loss_that_needs_it(monkeypatch):
     assert calls == {"unique": 0, "bincount": 0}
     fastcurv.HessianOperator([model], data, loss=nn.CrossEntropyLoss(weight=WEIGHT))
     assert calls == {"unique": 0, "bincount": 3}
+
+
+def test_torchs_cross_entropy_module_gets_the_named_losses_measure_defaults():
+    """adaptive_rho_sharpness normalizes the logits by default with a cross-entropy loss; it read
+    only the name, so nn.CrossEntropyLoss() (the same loss, the same lambda_max) got the other
+    default and values 2.2-4x lower. The measures that need the named loss say so."""
+    x, y = _data()
+    models = [_mlp(1), _mlp(2)]
+    named = fastcurv.batched_sharpness(models, (x, y), measures=("adaptive_rho_sharpness",), progress=False)
+    module = fastcurv.batched_sharpness(models, (x, y), loss=nn.CrossEntropyLoss(), measures=("adaptive_rho_sharpness",),
+                                        progress=False)
+    assert torch.allclose(module["adaptive_rho_sharpness"], named["adaptive_rho_sharpness"], rtol=1e-6, atol=0)
+    for measure in ("fisher_rao", "jiang_sharpness"):
+        with pytest.raises(ValueError, match="pass loss='cross_entropy'"):
+            fastcurv.batched_sharpness(models, (x, y), loss=nn.CrossEntropyLoss(), measures=(measure,), progress=False)
+
+
+def test_empirical_fisher_of_class_weights_with_label_smoothing_is_refused():
+    """torch weighs a sample's label-smoothing term by every class's weight, not by its label's: the
+    loss is no sum of w[y_i] times a per-sample loss, and the Fisher built as one was 5-6% off its
+    documented formula (samples of a weight-0 label left out although their smoothing term counts)."""
+    x, y = _data()
+    loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64), label_smoothing=0.1)
+    op = EmpiricalFisherOperator([_mlp()], (x, y), loss=loss)
+    with pytest.raises(ValueError, match="both class weights and label_smoothing"):
+        op.matvec(torch.ones(1, op.P, dtype=torch.float64))
+    EmpiricalFisherOperator([_mlp()], (x, y), loss=nn.CrossEntropyLoss(label_smoothing=0.1)).matvec(
+        torch.ones(1, op.P, dtype=torch.float64))  # (either alone is a per-sample weighted sum)

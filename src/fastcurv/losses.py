@@ -245,6 +245,12 @@ class Loss:
         return f"Loss({self.kind}, reduction={self.reduction})"
 
     @property
+    def softmax_classes(self) -> bool:
+        """Whether the loss is a softmax cross-entropy over the classes in dim 1 of the outputs: the
+        named ``"cross_entropy"``, or torch's ``CrossEntropyLoss`` module (or ``F.cross_entropy``)."""
+        return self.kind == "cross_entropy" or isinstance(self._classes, nn.CrossEntropyLoss)
+
+    @property
     def num_samples(self) -> int | None:
         """N, the samples of the whole data set (set by the operator)."""
         return self._num_samples
@@ -290,6 +296,12 @@ class Loss:
         if not self._weighted_by_class(targets):
             return self.scale(outputs_per_sample)
         m = self._classes
+        if m.weight is not None and getattr(m, "label_smoothing", 0.0) > 0:
+            # (torch weighs the smoothing term of sample i by every class's weight, not by w[y_i]: the loss is
+            # no sum of w[y_i] times a per-sample loss, and F would be no Fisher of it)
+            raise ValueError("the empirical Fisher of a CrossEntropyLoss with both class weights and label_smoothing "
+                             "is not defined here: torch weighs sample i's smoothing term by every class's weight, "
+                             "so the loss is no per-sample weighted sum; drop one of them, or use the GGN")
         keep = targets != m.ignore_index
         w = keep.to(torch.float64)
         if m.weight is not None:
