@@ -158,7 +158,7 @@ def outputs_at(op, theta: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | Non
 def accuracy_at(op, theta: torch.Tensor, idx: torch.Tensor | None = None, buffers: dict | None = None) -> torch.Tensor:
     """Fraction ``[Ra]`` (float64, CPU) of the operator's samples whose argmax output equals the label."""
     if op.loss.kind != "cross_entropy":
-        raise ValueError(f"accuracy-based measures need the named classification loss loss='cross_entropy', got "
+        raise ValueError(f"accuracy-based measures need a classification loss, the named loss='cross_entropy'; got "
                          f"{op.loss.kind!r}" + (" (a torch CrossEntropyLoss/NLLLoss module is a callable to them: pass "
                                                 "loss='cross_entropy')" if op.loss._classes is not None else ""))
     correct = torch.zeros(theta.shape[0], dtype=torch.float64)
