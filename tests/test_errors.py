@@ -685,3 +685,15 @@ def test_an_unknown_batched_sharpness_keyword_is_named_with_a_close_spelling():
         fastcurv.batched_sharpness([mlp()], (x, y), progress=False, max_iters=3)
     with pytest.raises(TypeError, match=r"\['probe_batch'\]"):
         fastcurv.batched_sharpness([mlp()], (x, y), progress=False, probe_batch=3)
+
+
+def test_the_sharded_jobs_own_keywords_pass_the_keyword_check():
+    """distributed.batched_sharpness takes group, gather and device (NCCL's device=f"cuda:{rank}");
+    the check of unknown keywords refused them for a distributed=True job, which ran before."""
+    x, y = data()
+    ms = [mlp().double() for _ in range(2)]
+    res = fastcurv.batched_sharpness(ms, (x, y), progress=False, measures=("lambda_max",), distributed=True,
+                                     gather="rank0", device="cpu", group=None)
+    assert torch.isfinite(res["lambda_max"]).all()
+    with pytest.raises(TypeError, match=r"\['gather'\]"):  # (an unsharded job has no use for it)
+        fastcurv.batched_sharpness(ms, (x, y), progress=False, gather="rank0")

@@ -250,6 +250,12 @@ class Loss:
         named ``"cross_entropy"``, or torch's ``CrossEntropyLoss`` module (or ``F.cross_entropy``)."""
         return self.kind == "cross_entropy" or isinstance(self._classes, nn.CrossEntropyLoss)
 
+    def named_hint(self) -> str:
+        """For the measures that need the named ``loss="cross_entropy"``: a note telling a torch
+        ``CrossEntropyLoss`` / ``NLLLoss`` module's user to pass the name, else ""."""
+        return (" (a torch CrossEntropyLoss/NLLLoss module is a callable to them: pass loss='cross_entropy')"
+                if self._classes is not None else "")
+
     @property
     def num_samples(self) -> int | None:
         """N, the samples of the whole data set (set by the operator)."""

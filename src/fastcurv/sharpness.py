@@ -148,16 +148,22 @@ def _on_gpu(models) -> bool:
         return False
 
 
-def _check_operator_keywords(operator_kwargs: dict) -> None:
+def _check_operator_keywords(operator_kwargs: dict, sharded: bool) -> None:
     """Raise a TypeError naming :func:`batched_sharpness` (and a close spelling) for the keywords in
     ``operator_kwargs`` that :class:`HessianOperator` does not take either (torch's message named
-    ``HessianOperator.__init__``, which the caller never called)."""
-    taken = inspect.signature(HessianOperator.__init__).parameters
-    unknown = sorted(set(operator_kwargs) - set(taken))
+    ``HessianOperator.__init__``, which the caller never called); a ``sharded`` job (``distributed``,
+    ``output=``, ``replica_chunk``) also takes :func:`fastcurv.distributed.batched_sharpness`'s own
+    (``group``, ``gather``, ``device``)."""
+    taken = set(inspect.signature(HessianOperator.__init__).parameters)
+    if sharded:
+        from .distributed import batched_sharpness as _sharded
+
+        taken |= set(inspect.signature(_sharded).parameters) - {"use_distributed", "kwargs"}
+    unknown = sorted(set(operator_kwargs) - taken)
     if unknown:
         import difflib
 
-        known = set(inspect.signature(batched_sharpness).parameters) | set(taken)
+        known = set(inspect.signature(batched_sharpness).parameters) | taken
         known -= {"self", "models", "data", "operator_kwargs"}
         close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
         hint = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
@@ -287,7 +293,7 @@ def batched_sharpness(
     computes as outside: grad mode on, in the models' own dtype (fastcurv leaves autocast regions);
     the caller's settings are left as they were (:mod:`fastcurv.ambient`).
     """
-    _check_operator_keywords(operator_kwargs)
+    _check_operator_keywords(operator_kwargs, sharded=distributed or output is not None or replica_chunk is not None)
     models = validate_models(models)
     seed = as_seed(seed)
     # whole floats (a JSON config's 100.0) as ints from here on, in settings and fingerprints too (checked below)

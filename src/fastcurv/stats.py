@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import warnings
 from typing import Sequence
 
 import numpy as np
 from scipy import stats as _st
+
+from .solvers.lanczos import whole_count
 
 EXACT_SPEARMAN_N = 9  # largest n whose Spearman p enumerates all n! permutations (9! = 362,880)
 COLUMNS = ("measure", "n", "spearman_rho", "spearman_p", "spearman_p_by", "ci_low", "ci_high", "kendall_tau",
@@ -46,14 +47,6 @@ def _clean(x, y):
 
 def _degenerate(x, y) -> bool:
     return x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0
-
-
-def _rank_test(test, x, y) -> tuple[float, float]:
-    x, y = _clean(x, y)
-    if _degenerate(x, y):
-        return float("nan"), float("nan")
-    r = test(x, y)
-    return float(r.statistic), float(r.pvalue)
 
 
 def spearman(x, y) -> tuple[float, float]:
@@ -148,7 +141,7 @@ def kendall_exact_p(x, y) -> float:
     return min(1.0, 2 * min(le, ge) / int(null.sum()))
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=256)  # (one per pattern of ties: a table's tied columns each have theirs)
 def _kendall_null(rx: tuple, ry: tuple) -> np.ndarray:
     """Counts ``null[S + n(n-1)/2]`` of the permutations of ``ry`` against ``rx`` (both sorted
     ranks) with concordant minus discordant pairs S. Depends only on the two multisets of ranks."""
@@ -194,10 +187,7 @@ def bootstrap_spearman_ci(x, y, *, n_boot: int = 10_000, level: float = 0.95, se
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    if isinstance(n_boot, float) and n_boot.is_integer():  # (a config file's 2000.0)
-        n_boot = int(n_boot)
-    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    n_boot = whole_count("n_boot", n_boot)  # (a config file's 2000.0 too)
     x, y = _clean(x, y)
     if _degenerate(x, y):
         return float("nan"), float("nan")

@@ -159,8 +159,7 @@ def accuracy_at(op, theta: torch.Tensor, idx: torch.Tensor | None = None, buffer
     """Fraction ``[Ra]`` (float64, CPU) of the operator's samples whose argmax output equals the label."""
     if op.loss.kind != "cross_entropy":
         raise ValueError(f"accuracy-based measures need a classification loss, the named loss='cross_entropy'; got "
-                         f"{op.loss.kind!r}" + (" (a torch CrossEntropyLoss/NLLLoss module is a callable to them: pass "
-                                                "loss='cross_entropy')" if op.loss._classes is not None else ""))
+                         f"{op.loss.kind!r}{op.loss.named_hint()}")
     correct = torch.zeros(theta.shape[0], dtype=torch.float64)
     for _, x, y in op.batches:
         if y.is_floating_point():

@@ -79,8 +79,7 @@ def fisher_rao_values(op, depth: int | None = None) -> torch.Tensor:
     """``[R]`` float64 CPU Fisher-Rao norms over the operator's data."""
     if op.loss.kind != "cross_entropy":
         raise ValueError(f"fisher_rao: the closed form is for the named loss='cross_entropy', the operator's loss is "
-                         f"{op.loss.kind!r}" + (" (a torch CrossEntropyLoss/NLLLoss module is a callable to it: pass "
-                                                "loss='cross_entropy')" if op.loss._classes is not None else ""))
+                         f"{op.loss.kind!r}{op.loss.named_hint()}")
     D = weight_depth(op) if depth is None else int(depth)
     if D < 1:
         raise ValueError("fisher_rao: no Linear/Conv layer runs in the model's forward; pass depth= explicitly")

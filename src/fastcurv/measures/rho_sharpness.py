@@ -140,8 +140,8 @@ def adaptive_rho_sharpness(op, *, seed, common, **options):
     """Worst-case adaptive rho-sharpness (``||delta / |theta| ||_p <= rho``). Defaults: the
     reference code's canonical example (Andriushchenko et al.'s README): p = "linf", rho = 0.001,
     n_iter = 20, normalize_logits = True with a cross-entropy loss, named or torch's module (the
-    logits centred and divided by their L2 norm before the cross-entropy; False for other losses), per-batch protocol over
-    the loader's batches (theirs: 1024 examples in batches of 128); plus eta = 0 (exact
+    logits centred and divided by their L2 norm before the cross-entropy; False for other losses),
+    per-batch protocol over the loader's batches (theirs: 1024 examples in batches of 128); plus eta = 0 (exact
     invariance) and a random start. ASAM's adaptive sharpness (Kwon et al. 2021; ``T = |theta| +
     eta`` on the weights, biases unscaled) is ``p="l2", eta=0.01, weights_only=True,
     normalize_logits=False`` with their rho (0.5 on CIFAR-10). Column ``adaptive_rho_sharpness``."""
