@@ -415,7 +415,7 @@ def test_paths_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch, capsys
     under the current folder, then pandas (which does expand "~") found no such folder and the
     study failed after all its work, with no report. ``--config ~/c.yaml`` was not found either."""
     pytest.importorskip("yaml")
-    from fastcurv.cli import _checkpoint_under_out
+    from fastcurv.cli import _moved_under_out
 
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     home.mkdir()
@@ -429,7 +429,8 @@ def test_paths_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch, capsys
     assert (r1 / "report.md").is_file() and (r1 / "results.csv").is_file() and (r1 / "train.ckpt").is_file()
     assert not list(cwd.iterdir())
     # --out moves a checkpoint that lay in the config's out folder, "~" or not
-    moved = _checkpoint_under_out({"out": "~/runs/r1", "checkpoint": str(r1 / "train.ckpt")}, {"out": "b"})
+    cfg = {"out": "~/runs/r1", "checkpoint": str(r1 / "train.ckpt")}
+    moved = _moved_under_out(cfg["checkpoint"], cfg, {"out": "b"})
     assert moved == "b/train.ckpt"
 
 

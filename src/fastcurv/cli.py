@@ -66,12 +66,13 @@ def _yaml_loader():
 
     import yaml
 
+    from .study_config import _NUMBER
+
     class Loader(yaml.SafeLoader):
         pass
 
     # (appended after PyYAML's own resolvers: an int stays an int, what YAML 1.1 reads as a float is unchanged)
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                 re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(f"^(?:{_NUMBER.pattern})$"),
                                  list("-+0123456789."))
     return Loader
 
@@ -290,11 +291,6 @@ def _moved_under_out(path, cfg: dict, flags: dict):
     except ValueError:
         return path
     return str(Path(new_out) / inside)
-
-
-def _checkpoint_under_out(cfg: dict, flags: dict):
-    """The config's checkpoint, moved along with ``--out`` (:func:`_moved_under_out`)."""
-    return _moved_under_out(cfg.get("checkpoint"), cfg, flags)
 
 
 if __name__ == "__main__":

@@ -396,8 +396,8 @@ def _keywords(name: str) -> set:
 def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replicas, sharpness_kwargs, function_kwargs,
                     lr, replicas, verbose=True, progress=None) -> None:
     """Raise a clear error for study settings that would otherwise fail only after training (or do
-    what was not asked: ``audit="false"``, a string, ran the audit). ``audit_measures`` must be
-    normalized first (:func:`_measure_names`): a single name given as a string is refused here."""
+    what was not asked: ``audit="false"``, a string, ran the audit). ``audit_measures`` as
+    :func:`_measure_names` normalized it (a tuple of names)."""
     _flag(audit, "audit")  # (0 / 1 and numpy bools are bools, as in train_population)
     _flag(verbose, "verbose")
     _flag(progress, "progress", none_ok=True)
@@ -424,9 +424,6 @@ def _check_settings(*, n_boot, audit, audit_alpha, audit_measures, audit_replica
             raise ValueError(f"audit_alpha must be a positive number, got {audit_alpha!r}")
         if audit_replicas is not None and (not isinstance(audit_replicas, (int, np.integer)) or audit_replicas < 1):
             raise ValueError(f"audit_replicas must be a positive integer or None (all), got {audit_replicas!r}")
-        if isinstance(audit_measures, str):
-            raise ValueError(f"audit_measures must be a list of measure names, got the string {audit_measures!r}: "
-                             f"give [{audit_measures!r}]")
         _, func = _split_measures(audit_measures)
         if func:
             raise ValueError(f"audit_measures must be curvature measures (those of batched_sharpness, e.g. lambda_max, "
@@ -478,9 +475,8 @@ def _absolute_paths(cfg: dict) -> dict:
 
 
 def _write_yaml(cfg: dict, path: Path):
-    """``cfg`` as the YAML file ``path`` (JSON, which is YAML, without PyYAML), its paths absolute
-    (:func:`_absolute_paths`)."""
-    cfg = _absolute_paths(cfg)
+    """``cfg`` (settings whose paths :func:`fastcurv.study.study` made absolute, :func:`_absolute_paths`)
+    as the YAML file ``path`` (JSON, which is YAML, without PyYAML)."""
     try:
         import yaml
 
